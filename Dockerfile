@@ -1,0 +1,18 @@
+# One image for every clapq process (api, worker, migrate, beat); the command picks the role.
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
+# CUDA build of torch for GPU workers; the project's range admits it.
+ARG TORCH="torch==2.13.0"
+RUN pip install ${TORCH}
+WORKDIR /app
+COPY pyproject.toml README.md alembic.ini ./
+COPY clapq ./clapq
+COPY api ./api
+COPY worker ./worker
+COPY migrations ./migrations
+RUN pip install .
+RUN useradd --create-home clapq && mkdir -p /data && chown clapq /data
+USER clapq
+ENV CLAPQ_DATA_DIR=/data CLAPQ_BLOB_DIR=/data/blobs HF_HOME=/models
+EXPOSE 8000
+CMD ["clapq", "api"]

@@ -1,0 +1,29 @@
+# `make up` and `make test` are the README's two commands; .ci/run calls `make test`.
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+# The CPU build is on disk on our machines; on a GPU box use e.g. TORCH="torch==2.13.0 --index-url ..."
+TORCH ?= torch==2.13.0
+# The whole suite must finish (or be killed) well inside CI's 90 minutes.
+TEST_TIMEOUT ?= 3600
+
+.PHONY: up test install clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+up: $(VENV)/.installed
+	$(VENV)/bin/clapq up $(ARGS)
+
+# pytest's exit code 5 (no tests ran) counts as a failure here.
+test: $(VENV)/.installed
+	@rc=0; timeout -k 60 $(TEST_TIMEOUT) $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV)

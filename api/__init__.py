@@ -1,0 +1,39 @@
+"""The clapq HTTP API: a Flask app factory that does no work at import (and never imports torch)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Flask
+
+from clapq.blobs import BlobStore
+from clapq.queue import make_celery
+from clapq.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    from api import auth, batches, db, errors, health, items, jobs, libraries, openapi, search
+    from api.uploads import StreamingRequest
+
+    settings = (settings or Settings.from_env()).require_urls()
+    app = Flask(__name__)
+    app.request_class = StreamingRequest
+    app.json.sort_keys = False
+    app.config.update(
+        CLAPQ=settings,
+        # 413 before the body is read when Content-Length says too much; chunked bodies stop at the limit
+        MAX_CONTENT_LENGTH=settings.max_request_bytes,
+        MAX_FORM_MEMORY_SIZE=16 * 1024 * 1024,
+        MAX_FORM_PARTS=settings.max_files_per_batch + 16,
+    )
+    app.extensions["clapq_blobs"] = BlobStore(settings.blob_dir)
+    app.extensions["clapq_celery"] = make_celery(settings)
+    errors.register(app)
+    app.teardown_appcontext(db.close_db)
+
+    v1 = Blueprint("v1", __name__, url_prefix="/v1")
+    v1.before_request(auth.require_tenant)
+    for module in (libraries, batches, jobs, items, search):
+        v1.register_blueprint(module.bp)
+    app.register_blueprint(v1)
+    app.register_blueprint(health.bp)
+    app.register_blueprint(openapi.bp)
+    return app

@@ -1,0 +1,90 @@
+"""Upload a batch of files into a library: stream to the blob store, commit rows, then enqueue."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Blueprint, current_app, g, request
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+
+from api.db import db
+from api.errors import ApiError, bad_request
+from api.lookup import owned
+from api.uploads import display_name
+from clapq.blobs import StorageFull
+from clapq.models import Item, Job, Library
+from clapq.queue import enqueue_items
+
+bp = Blueprint("batches", __name__)
+log = logging.getLogger(__name__)
+
+
+def _metadata_field(filenames: set[str]) -> dict:
+    raw = request.form.get("metadata")
+    if raw is None or raw.strip() == "":
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError as exc:
+        raise bad_request(f"'metadata' is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
+        raise bad_request("'metadata' must be a JSON object mapping filename -> object")
+    unknown = sorted(set(meta) - filenames)
+    if unknown:
+        raise bad_request(f"'metadata' names files not in this batch: {unknown[:5]}")
+    return meta
+
+
+@bp.post("/libraries/<lib_id>/batches")
+def upload_batch(lib_id: str):
+    lib = owned(Library, lib_id, "library")  # before the body is read
+    settings = current_app.config["CLAPQ"]
+    if not (request.content_type or "").startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", "send multipart/form-data with one or more 'files' parts")
+    try:
+        try:
+            files = request.files.getlist("files")
+        except StorageFull:
+            raise ApiError(507, "insufficient_storage", "the upload area is full; try again later") from None
+        if not files:
+            raise bad_request("no files: send each file as a multipart part named 'files'")
+        if len(files) > settings.max_files_per_batch:
+            raise ApiError(413, "too_many_files", f"{len(files)} files in one batch; the limit is "
+                           f"{settings.max_files_per_batch} (CLAPQ_MAX_FILES_PER_BATCH)")
+        raw_names = [f.filename or "" for f in files]
+        meta = _metadata_field(set(raw_names))
+        session = db()
+        job = Job(tenant_id=g.tenant_id, library_id=lib.id, kind="upload")
+        session.add(job)
+        session.flush()
+        out, new_ids = [], []
+        for f, raw in zip(files, raw_names):
+            try:
+                sha = f.stream.commit()
+            except StorageFull:
+                raise ApiError(507, "insufficient_storage", "the upload area is full; try again later") from None
+            row = dict(tenant_id=g.tenant_id, library_id=lib.id, job_id=job.id, sha256=sha,
+                       filename=display_name(raw), size_bytes=f.stream.size, meta=meta.get(raw, {}))
+            new_id = session.scalar(
+                insert(Item).values(**row).on_conflict_do_nothing(index_elements=["library_id", "sha256"])
+                .returning(Item.id)
+            )
+            if new_id is not None:
+                new_ids.append(new_id)
+                out.append({"id": str(new_id), "filename": row["filename"], "status": "queued"})
+            else:  # same bytes already in this library: one item
+                dup = session.execute(
+                    select(Item.id, Item.status).where(Item.library_id == lib.id, Item.sha256 == sha)
+                ).one()
+                out.append({"id": str(dup.id), "filename": row["filename"], "status": dup.status,
+                            "duplicate_of": str(dup.id)})
+        session.commit()
+    finally:
+        request.discard_uploads()
+    try:
+        enqueue_items(current_app.extensions["clapq_celery"], new_ids, settings.items_per_task)
+    except Exception:  # rows are committed: the sweeper re-enqueues pending items
+        log.exception("enqueue failed; items stay queued for the sweeper", extra={"job_id": str(job.id)})
+    return {"job_id": str(job.id), "items": out}, 202

@@ -1,0 +1,62 @@
+"""Items: one audio file, its metadata, its pooled vector and its original bytes."""
+
+from __future__ import annotations
+
+from flask import Blueprint, current_app, send_file
+from sqlalchemy import select
+
+from api.db import db
+from api.errors import ApiError, not_found
+from api.lookup import owned
+from api.models_info import describe
+from clapq.blobs import BlobStore
+from clapq.models import Embedding, Item, Library
+
+bp = Blueprint("items", __name__)
+
+# Only audio types we recognise are ever sent as such; anything else is a download.
+SAFE_TYPES = {
+    "wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg",
+    "aiff": "audio/aiff", "mov": "audio/mp4", "matroska": "audio/x-matroska",
+}
+
+
+def item_json(item: Item) -> dict:
+    return {
+        "id": str(item.id), "library_id": str(item.library_id), "job_id": str(item.job_id),
+        "filename": item.filename, "sha256": item.sha256, "size_bytes": item.size_bytes,
+        "duration_s": item.duration_s, "sample_rate": item.sample_rate, "channels": item.channels,
+        "format": item.audio_format, "metadata": item.meta or {}, "status": item.status,
+        "error": item.error, "attempts": item.attempts,
+    }
+
+
+@bp.get("/items/<item_id>")
+def get_item(item_id: str):
+    return item_json(owned(Item, item_id, "item"))
+
+
+@bp.get("/items/<item_id>/embedding")
+def get_embedding(item_id: str):
+    item = owned(Item, item_id, "item")
+    lib = db().get(Library, item.library_id)
+    vec = db().scalar(select(Embedding.vector).where(Embedding.item_id == item.id,
+                                                     Embedding.model_id == lib.model_id))
+    if vec is None:
+        raise ApiError(409, "not_embedded", f"the item has no embedding yet (status {item.status!r})")
+    model = describe(lib.model_id)
+    return {"item_id": str(item.id), "model": model, "dim": len(vec), "vector": [float(x) for x in vec]}
+
+
+@bp.get("/items/<item_id>/audio")
+def get_audio(item_id: str):
+    item = owned(Item, item_id, "item")
+    path = BlobStore(current_app.config["CLAPQ"].blob_dir).path_for(item.sha256)
+    if not path.is_file():
+        raise not_found("audio")
+    fmt = (item.audio_format or "").split(",")[0]
+    response = send_file(path, mimetype=SAFE_TYPES.get(fmt, "application/octet-stream"),
+                         as_attachment=True, download_name=item.filename, conditional=True, etag=item.sha256)
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    return response

@@ -1,0 +1,65 @@
+"""Libraries: named collections, each bound to one embedding model."""
+
+from __future__ import annotations
+
+from flask import Blueprint, g, request
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from api.db import db
+from api.errors import ApiError, bad_request
+from api.lookup import owned
+from api.models_info import describe, serving_model_id
+from clapq.models import Item, Library
+
+bp = Blueprint("libraries", __name__)
+
+
+def library_json(lib: Library, item_count: int | None = None) -> dict:
+    out = {"id": str(lib.id), "name": lib.name, "model": describe(lib.model_id),
+           "created_at": lib.created_at.isoformat() if lib.created_at else None}
+    if item_count is not None:
+        out["item_count"] = item_count
+    return out
+
+
+@bp.post("/libraries")
+def create_library():
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise bad_request("send a JSON object like {\"name\": \"my sounds\"}")
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise bad_request("'name' must be a non-empty string of at most 200 characters")
+    lib = Library(tenant_id=g.tenant_id, name=name.strip(), model_id=serving_model_id())
+    session = db()
+    session.add(lib)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise ApiError(409, "conflict", f"a library named {name.strip()!r} already exists") from None
+    session.refresh(lib)
+    return library_json(lib, 0), 201
+
+
+@bp.get("/libraries")
+def list_libraries():
+    counts = (
+        select(Item.library_id, func.count().label("n")).where(Item.tenant_id == g.tenant_id)
+        .group_by(Item.library_id).subquery()
+    )
+    rows = db().execute(
+        select(Library, func.coalesce(counts.c.n, 0))
+        .outerjoin(counts, counts.c.library_id == Library.id)
+        .where(Library.tenant_id == g.tenant_id)
+        .order_by(Library.created_at, Library.name)
+    ).all()
+    return {"libraries": [library_json(lib, n) for lib, n in rows]}
+
+
+@bp.get("/libraries/<lib_id>")
+def get_library(lib_id: str):
+    lib = owned(Library, lib_id, "library")
+    n = db().scalar(select(func.count()).select_from(Item).where(Item.library_id == lib.id))
+    return library_json(lib, n)

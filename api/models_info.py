@@ -1,0 +1,37 @@
+"""The model this deployment serves, fingerprinted without torch and registered once per process."""
+
+from __future__ import annotations
+
+import functools
+
+from flask import current_app
+
+from api.db import db
+from api.errors import ApiError
+from clapq.checkpoint import Checkpoint, ModelUnavailable, register_model, resolve
+from clapq.models import EmbeddingModel
+
+
+def serving_checkpoint() -> Checkpoint:
+    try:
+        return resolve(current_app.config["CLAPQ"].model)
+    except ModelUnavailable as exc:
+        raise ApiError(503, "model_unavailable", str(exc)) from None
+
+
+@functools.lru_cache(maxsize=8)
+def _model_id(name: str, weights_sha256: str, url: str) -> int:
+    from clapq.db import session_scope
+
+    with session_scope(url) as s:
+        return register_model(s, resolve(name))
+
+
+def serving_model_id() -> int:
+    ckpt = serving_checkpoint()
+    return _model_id(ckpt.name, ckpt.weights_sha256, current_app.config["CLAPQ"].database_url)
+
+
+def describe(model_id: int) -> dict:
+    m = db().get(EmbeddingModel, model_id)
+    return {"id": m.id, "name": m.name, "weights_sha256": m.weights_sha256, "dim": m.dim}

@@ -1,0 +1,107 @@
+"""The OpenAPI 3.1 description of the HTTP API, served at /openapi.json."""
+
+from __future__ import annotations
+
+from flask import Blueprint
+
+bp = Blueprint("openapi", __name__)
+
+_ERR = {"$ref": "#/components/responses/Error"}
+_ID = {"type": "string", "format": "uuid"}
+
+
+def _path_id(name: str) -> dict:
+    return {"name": name, "in": "path", "required": True, "schema": _ID}
+
+
+def _ok(desc: str, schema: dict | None = None, code: str = "200") -> dict:
+    body = {"description": desc}
+    if schema:
+        body["content"] = {"application/json": {"schema": schema}}
+    return {code: body, "400": _ERR, "401": _ERR, "404": _ERR}
+
+
+SEARCH_RESULT = {
+    "type": "object",
+    "properties": {
+        "model": {"$ref": "#/components/schemas/Model"},
+        "results": {"type": "array", "items": {"type": "object", "properties": {
+            "item_id": _ID, "filename": {"type": "string"}, "score": {"type": "number"},
+            "metadata": {"type": "object"}}}},
+    },
+}
+
+SPEC = {
+    "openapi": "3.1.0",
+    "info": {"title": "clapq", "version": "0.1.0",
+             "description": "Self-hosted semantic search for audio libraries (LAION-CLAP + pgvector)."},
+    "security": [{"bearer": []}],
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "properties": {"error": {"type": "object", "properties": {
+                "code": {"type": "string"}, "message": {"type": "string"}, "status": {"type": "integer"}}}}},
+            "Model": {"type": "object", "properties": {
+                "id": {"type": "integer"}, "name": {"type": "string"},
+                "weights_sha256": {"type": "string"}, "dim": {"type": "integer"}}},
+            "Library": {"type": "object", "properties": {
+                "id": _ID, "name": {"type": "string"}, "model": {"$ref": "#/components/schemas/Model"},
+                "item_count": {"type": "integer"}}},
+            "Job": {"type": "object", "properties": {
+                "id": _ID, "status": {"enum": ["queued", "running", "done", "done_with_errors", "failed",
+                                                "cancelled"]},
+                "counts": {"type": "object"}, "progress": {"type": "number"}, "errors": {"type": "array"}}},
+            "Item": {"type": "object", "properties": {
+                "id": _ID, "filename": {"type": "string"}, "sha256": {"type": "string"},
+                "duration_s": {"type": ["number", "null"]}, "sample_rate": {"type": ["integer", "null"]},
+                "channels": {"type": ["integer", "null"]}, "metadata": {"type": "object"},
+                "status": {"type": "string"}, "error": {"type": ["string", "null"]}}},
+        },
+        "responses": {"Error": {"description": "error envelope", "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
+    },
+    "paths": {
+        "/healthz": {"get": {"security": [], "responses": {"200": {"description": "alive"}}}},
+        "/readyz": {"get": {"security": [], "responses": {"200": {"description": "ready"},
+                                                          "503": {"description": "not ready"}}}},
+        "/v1/libraries": {
+            "get": {"responses": _ok("the tenant's libraries")},
+            "post": {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}},
+                "responses": {**_ok("created", {"$ref": "#/components/schemas/Library"}, "201"), "409": _ERR}},
+        },
+        "/v1/libraries/{library_id}": {"get": {"parameters": [_path_id("library_id")],
+                                               "responses": _ok("the library", {"$ref": "#/components/schemas/Library"})}},
+        "/v1/libraries/{library_id}/batches": {"post": {
+            "parameters": [_path_id("library_id")],
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["files"], "properties": {
+                    "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "metadata": {"type": "string", "description": "JSON object: filename -> object"}}}}}},
+            "responses": {**_ok("accepted", None, "202"), "413": _ERR, "415": _ERR, "507": _ERR}}},
+        "/v1/jobs/{job_id}": {"get": {"parameters": [_path_id("job_id")],
+                                      "responses": _ok("the job", {"$ref": "#/components/schemas/Job"})}},
+        "/v1/items/{item_id}": {"get": {"parameters": [_path_id("item_id")],
+                                        "responses": _ok("the item", {"$ref": "#/components/schemas/Item"})}},
+        "/v1/items/{item_id}/embedding": {"get": {"parameters": [_path_id("item_id")],
+                                                  "responses": {**_ok("the pooled vector"), "409": _ERR}}},
+        "/v1/items/{item_id}/audio": {"get": {"parameters": [_path_id("item_id")],
+                                              "responses": _ok("the original file")}},
+        "/v1/search": {
+            "get": {"parameters": [
+                {"name": "library_id", "in": "query", "required": True, "schema": _ID},
+                {"name": "q", "in": "query", "required": True, "schema": {"type": "string"}},
+                {"name": "k", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+                "responses": {**_ok("results, best first", SEARCH_RESULT), "409": _ERR}},
+            "post": {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["library_id", "text"], "properties": {
+                    "library_id": _ID, "text": {"type": "string"}, "k": {"type": "integer", "minimum": 1}}}}}},
+                "responses": {**_ok("results, best first", SEARCH_RESULT), "409": _ERR}},
+        },
+    },
+}
+
+
+@bp.get("/openapi.json")
+def openapi():
+    return SPEC

@@ -1,0 +1,103 @@
+"""Content-addressed blob store on a local directory: files are named by their sha256."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+
+class StorageFull(OSError):
+    """The upload area has no space left."""
+
+
+class BlobWriter:
+    """A file-like sink that hashes while it writes to a temporary file in the store."""
+
+    def __init__(self, store: "BlobStore") -> None:
+        self._store = store
+        fd, name = tempfile.mkstemp(prefix="upload-", dir=store.tmp_dir)
+        self._file: BinaryIO = os.fdopen(fd, "w+b")
+        self.tmp_path = Path(name)
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self.sha256: str | None = None
+
+    # werkzeug's multipart parser needs write(), seek() and read() on the stream
+    def write(self, data: bytes) -> int:
+        try:
+            n = self._file.write(data)
+        except OSError as exc:
+            self.discard()
+            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+                raise StorageFull("no space left in the upload area") from exc
+            raise
+        self._hash.update(data)
+        self.size += len(data)
+        return n
+
+    def seek(self, *args) -> int:
+        return self._file.seek(*args)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def read(self, *args) -> bytes:
+        return self._file.read(*args)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self._file.closed
+
+    def close(self) -> None:
+        self._file.close()
+
+    def commit(self) -> str:
+        """Fsync, then move into place under its hash; returns the sha256."""
+        if self.sha256 is not None:
+            return self.sha256
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        digest = self._hash.hexdigest()
+        final = self._store.path_for(digest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # same filesystem: an atomic rename, so a reader never sees half a blob
+        os.replace(self.tmp_path, final)
+        self.sha256 = digest
+        return digest
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+class BlobStore:
+    """Blobs live at ROOT/ab/cd/<sha256>; user filenames never reach a path."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def path_for(self, sha256: str) -> Path:
+        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+            raise ValueError("not a sha256 hex digest")
+        return self.root / sha256[:2] / sha256[2:4] / sha256
+
+    def exists(self, sha256: str) -> bool:
+        return self.path_for(sha256).is_file()
+
+    def writer(self) -> BlobWriter:
+        return BlobWriter(self)
+
+    def put_bytes(self, data: bytes) -> str:
+        w = self.writer()
+        w.write(data)
+        return w.commit()

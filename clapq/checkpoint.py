@@ -1,0 +1,114 @@
+"""Find a CLAP checkpoint on disk (local directory or HF hub cache) and fingerprint it, without torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+class ModelUnavailable(RuntimeError):
+    """No checkpoint could be found or fetched; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    name: str
+    path: Path
+    weights_sha256: str
+    dim: int
+
+
+_cache: dict[str, Checkpoint] = {}
+_lock = threading.Lock()
+
+
+def _how_to_fix(name: str) -> str:
+    return (
+        f"cannot load the CLAP model {name!r}. Point CLAPQ_MODEL at a local directory holding a "
+        "HF-format CLAP checkpoint (config.json, model.safetensors, preprocessor_config.json and the "
+        "tokenizer files), e.g. one saved with `ClapModel.save_pretrained()` or copied from a machine "
+        "with network access (`huggingface-cli download laion/clap-htsat-unfused --local-dir DIR`)."
+    )
+
+
+def _fetch(name: str) -> Path:
+    """A hub id: use the local HF cache, downloading only if the network allows."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:  # pragma: no cover - installed with transformers
+        raise ModelUnavailable(_how_to_fix(name)) from exc
+    patterns = ["*.json", "*.txt", "*.safetensors", "*.model"]
+    last: Exception | None = None
+    for local_only in (True, False):
+        try:
+            path = Path(snapshot_download(name, allow_patterns=patterns, local_files_only=local_only))
+        except Exception as exc:  # offline, unknown repo, no cache: all mean "not available"
+            last = exc
+            continue
+        if (path / "config.json").is_file():
+            return path
+    raise ModelUnavailable(f"{_how_to_fix(name)} ({type(last).__name__}: {last})")
+
+
+def _weights_hash(path: Path) -> str:
+    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not files:
+        raise ModelUnavailable(f"no weights (*.safetensors or *.bin) in {path}. " + _how_to_fix(str(path)))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def resolve(name: str) -> Checkpoint:
+    """The checkpoint named by CLAPQ_MODEL, fingerprinted once per process."""
+    with _lock:
+        if name in _cache:
+            return _cache[name]
+        local = Path(os.path.expanduser(name))
+        if local.is_dir():
+            path = local.resolve()
+            if not (path / "config.json").is_file():
+                raise ModelUnavailable(f"{path} has no config.json. " + _how_to_fix(name))
+        elif name.startswith((".", "/", "~")):
+            raise ModelUnavailable(f"directory {name} does not exist. " + _how_to_fix(name))
+        else:
+            path = _fetch(name)
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(f"unreadable config.json in {path}: {exc}") from exc
+        if config.get("model_type") != "clap":
+            raise ModelUnavailable(f"{name} is not a CLAP checkpoint (model_type={config.get('model_type')!r})")
+        dim = int(config.get("projection_dim", 512))
+        ckpt = Checkpoint(name=name, path=path, weights_sha256=_weights_hash(path), dim=dim)
+        _cache[name] = ckpt
+        return ckpt
+
+
+def register_model(session, ckpt: Checkpoint) -> int:
+    """The models row for this checkpoint, created on first use; every vector references it."""
+    from sqlalchemy import select
+    from sqlalchemy.dialects.postgresql import insert
+
+    from clapq.models import EmbeddingModel
+
+    session.execute(
+        insert(EmbeddingModel)
+        .values(name=ckpt.name, weights_sha256=ckpt.weights_sha256, dim=ckpt.dim)
+        .on_conflict_do_nothing(index_elements=["name", "weights_sha256"])
+    )
+    return session.scalar(
+        select(EmbeddingModel.id).where(
+            EmbeddingModel.name == ckpt.name, EmbeddingModel.weights_sha256 == ckpt.weights_sha256
+        )
+    )

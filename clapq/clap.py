@@ -1,0 +1,82 @@
+"""The production CLAP loader and text tower (imports torch: load lazily, after fork)."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import torch
+from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
+from transformers.utils import logging as hf_logging
+
+from clapq.checkpoint import Checkpoint, ModelUnavailable
+
+# LAION trained the text tower on 77-token captions; longer queries are cut there.
+TEXT_MAX_TOKENS = 77
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """Half precision on a GPU (bf16 where supported), fp32 on the CPU."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def pooled(output) -> torch.Tensor:
+    """transformers 5 returns a ModelOutput whose pooler_output is the vector; 4.x a tensor."""
+    return output.pooler_output if hasattr(output, "pooler_output") else output
+
+
+class LoadedClap:
+    """A CLAP checkpoint loaded once per process: model, tokenizer and feature-extractor settings."""
+
+    def __init__(self, ckpt: Checkpoint, device: str = "auto", *, text_only: bool = False) -> None:
+        self.ckpt = ckpt
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(self.device)
+        hf_logging.disable_progress_bar()
+        try:
+            model = ClapModel.from_pretrained(ckpt.path)
+            self.tokenizer = AutoTokenizer.from_pretrained(ckpt.path)
+            self.feature_extractor = ClapFeatureExtractor.from_pretrained(ckpt.path)
+        except (OSError, ValueError) as exc:
+            raise ModelUnavailable(f"cannot load CLAP checkpoint from {ckpt.path}: {exc}") from exc
+        if text_only:
+            # the API embeds queries only; drop the audio tower to halve its memory
+            model.audio_model = None
+            model.audio_projection = None
+        model.eval()
+        self.model = model.to(self.device, dtype=self.dtype)
+        self.fusion = bool(getattr(model.config.audio_config, "enable_fusion", False))
+        self._lock = threading.Lock()
+
+    @torch.inference_mode()
+    def embed_text(self, texts: list[str]) -> np.ndarray:
+        """L2-normalised text vectors, float32, one row per text."""
+        tokens = self.tokenizer(
+            texts, padding=True, truncation=True, max_length=TEXT_MAX_TOKENS, return_tensors="pt"
+        )
+        tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+        with self._lock:
+            out = pooled(self.model.get_text_features(**tokens))
+        out = torch.nn.functional.normalize(out.float(), dim=-1)
+        return out.cpu().numpy().astype(np.float32)
+
+
+_loaded: dict[tuple, LoadedClap] = {}
+_load_lock = threading.Lock()
+
+
+def get_clap(ckpt: Checkpoint, device: str = "auto", *, text_only: bool = False) -> LoadedClap:
+    """The process-wide model for this checkpoint, loaded on first use."""
+    key = (ckpt.path, ckpt.weights_sha256, device, text_only)
+    with _load_lock:
+        if key not in _loaded:
+            _loaded[key] = LoadedClap(ckpt, device, text_only=text_only)
+        return _loaded[key]

@@ -1,0 +1,258 @@
+"""The `clapq` command: up (all-in-one), api, worker, migrate, keys create."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from clapq.settings import Settings
+
+
+def _fail(message: str, code: int = 2) -> None:
+    print(f"clapq: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def _check_model(settings: Settings) -> None:
+    from clapq.checkpoint import ModelUnavailable, resolve
+
+    try:
+        resolve(settings.model)
+    except ModelUnavailable as exc:
+        _fail(str(exc))
+
+
+def cmd_migrate(args) -> None:
+    from clapq.db import migrate
+
+    migrate(Settings.from_env().require_urls().database_url)
+    print("migrations applied", file=sys.stderr)
+
+
+def cmd_api(args) -> None:
+    settings = Settings.from_env().require_urls()
+    _check_model(settings)
+    host = os.environ.get("CLAPQ_HOST", "0.0.0.0")
+    port = os.environ.get("CLAPQ_PORT", "8000")
+    workers = os.environ.get("CLAPQ_API_WORKERS", "2")
+    argv = ["gunicorn", "api.wsgi:app", "--bind", f"{host}:{port}", "--workers", workers,
+            "--threads", os.environ.get("CLAPQ_API_THREADS", "4"), "--timeout", "300",
+            "--graceful-timeout", "20", "--access-logfile", "-"]
+    from gunicorn.app.wsgiapp import run
+
+    sys.argv = argv
+    run()
+
+
+def cmd_worker(args) -> None:
+    settings = Settings.from_env().require_urls()
+    _check_model(settings)
+    from worker.celery_app import app
+
+    concurrency = os.environ.get("CLAPQ_WORKER_CONCURRENCY", "1")
+    app.worker_main(["worker", "--loglevel", settings.log_level, "--pool", "prefork",
+                     "--concurrency", concurrency, "--queues", "embed",
+                     "--without-gossip", "--without-mingle", "--hostname", f"clapq@{os.uname().nodename}.%i"])
+
+
+def _database_url(settings: Settings, data_dir: Path, stack: list) -> str:
+    if settings.database_url:
+        return settings.database_url
+    from clapq.embedded import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(data_dir / "pg")
+    url = pg.start()
+    stack.append(pg.stop)
+    return url
+
+
+def cmd_keys_create(args) -> None:
+    from clapq.db import migrate, session_scope
+    from clapq.keys import create_key
+
+    settings = Settings.from_env(data_dir=args.data_dir)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    stack: list = []
+    try:
+        url = _database_url(settings, settings.data_dir, stack)
+        migrate(url)
+        with session_scope(url) as s:
+            key = create_key(s, args.tenant)
+        print(key)
+    finally:
+        for stop in reversed(stack):
+            stop()
+
+
+def _default_key(url: str, data_dir: Path) -> str:
+    """The local owner's key, kept (0600) in the data directory so every start can show it."""
+    from clapq.db import session_scope
+    from clapq.keys import create_key, tenant_for_key
+
+    path = data_dir / "api_key"
+    if path.is_file():
+        key = path.read_text().strip()
+        with session_scope(url) as s:
+            if tenant_for_key(s, key) is not None:
+                return key
+    with session_scope(url) as s:
+        key = create_key(s, "default")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def _wait_http(url: str, procs: list[subprocess.Popen], timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                raise RuntimeError(f"{' '.join(p.args[-2:])} exited with {p.returncode} during start-up")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the API did not answer on {url} within {timeout:.0f} s")
+
+
+def _terminate(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def cmd_up(args) -> None:
+    from clapq.db import migrate
+    from clapq.embedded import EmbeddedRedis
+
+    settings = Settings.from_env(data_dir=args.data_dir)
+    _check_model(settings)
+    data_dir = settings.data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    stack: list = []
+    procs: list[subprocess.Popen] = []
+    stopping = {"flag": False}
+
+    def _on_signal(signum, frame):
+        stopping["flag"] = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    try:
+        db_url = _database_url(settings, data_dir, stack)
+        redis_url = settings.redis_url
+        if not redis_url:
+            redis = EmbeddedRedis(data_dir / "redis")
+            redis_url = redis.start()
+            stack.append(redis.stop)
+        migrate(db_url)
+        key = _default_key(db_url, data_dir)
+        env = dict(os.environ, DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_DATA_DIR=str(data_dir),
+                   CLAPQ_BLOB_DIR=str(settings.blob_dir if settings.blob_dir.is_absolute() else data_dir / "blobs"),
+                   CLAPQ_MODEL=settings.model, CLAPQ_HOST=args.host, CLAPQ_PORT=str(args.port))
+        exe = [sys.executable, "-m", "clapq.cli"]
+        for role in ("worker", "beat", "api"):
+            # each child gets its own process group so a terminal Ctrl-C reaches only us, and we stop them in order
+            procs.append(subprocess.Popen(exe + [role], env=env, stdin=subprocess.DEVNULL, start_new_session=True))
+        base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
+        _wait_http(base + "/healthz", procs)
+        print(f"clapq is up: {base}\nAPI key: {key}\ndata: {data_dir}\nCtrl-C stops everything.", flush=True)
+        while not stopping["flag"]:
+            for p in procs:
+                if p.poll() is not None:
+                    raise RuntimeError(f"`clapq {p.args[-1]}` exited with {p.returncode}")
+            time.sleep(0.5)
+    except RuntimeError as exc:
+        print(f"clapq: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    finally:
+        _terminate(list(reversed(procs)))
+        for stop in reversed(stack):
+            stop()
+        print("clapq stopped", file=sys.stderr)
+
+
+def cmd_beat(args) -> None:
+    settings = Settings.from_env().require_urls()
+    from worker.sweeper import run_forever
+
+    run_forever(settings)
+
+
+def cmd_upload(args) -> None:
+    from clapq.client import connect, upload_folder
+
+    settings = Settings.from_env(data_dir=args.data_dir)
+    if not args.folder.is_dir():
+        _fail(f"{args.folder} is not a directory")
+    raise SystemExit(upload_folder(connect(args.url, args.key, settings.data_dir), args.folder, args.library,
+                                   wait=not args.no_wait))
+
+
+def cmd_search(args) -> None:
+    from clapq.client import connect, search
+
+    settings = Settings.from_env(data_dir=args.data_dir)
+    search(connect(args.url, args.key, settings.data_dir), args.library, args.text, args.k)
+
+
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--library", required=True, help="library name (created if missing) or id")
+    p.add_argument("--url", default=None, help="API base URL (default $CLAPQ_URL or http://127.0.0.1:8000)")
+    p.add_argument("--key", default=None, help="API key (default $CLAPQ_API_KEY or the data dir's owner key)")
+    p.add_argument("--data-dir", type=Path, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clapq", description="Semantic search for audio libraries.")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start everything on this machine (embedded Postgres + Redis, worker, API)")
+    up.add_argument("--data-dir", type=Path, default=None, help="where data lives (default ~/.local/share/clapq)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("api", help="the HTTP API under gunicorn (configured from the environment)").set_defaults(func=cmd_api)
+    sub.add_parser("worker", help="an embedding worker (Celery)").set_defaults(func=cmd_worker)
+    sub.add_parser("beat", help="the maintenance loop (re-enqueues stranded items)").set_defaults(func=cmd_beat)
+    sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser("create", help="print a new API key for a tenant (created if new)")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--data-dir", type=Path, default=None)
+    create.set_defaults(func=cmd_keys_create)
+    upload = sub.add_parser("upload", help="upload every audio file under a folder and wait for the job")
+    upload.add_argument("folder", type=Path)
+    upload.add_argument("--no-wait", action="store_true")
+    _client_args(upload)
+    upload.set_defaults(func=cmd_upload)
+    search = sub.add_parser("search", help="search a library by text")
+    search.add_argument("text")
+    search.add_argument("-k", type=int, default=10)
+    _client_args(search)
+    search.set_defaults(func=cmd_search)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""`clapq upload` and `clapq search`: a small HTTP client for people with a folder of audio."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+
+AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".aif", ".aiff", ".aifc", ".ogg", ".oga", ".opus", ".mp3", ".m4a",
+                  ".aac", ".alac", ".caf", ".wma", ".mp4", ".mkv", ".webm", ".mov", ".w64", ".au", ".snd"}
+BATCH_FILES = 100
+BATCH_BYTES = 256 << 20
+
+
+class Client:
+    def __init__(self, url: str, key: str) -> None:
+        self.url = url.rstrip("/")
+        self.s = requests.Session()
+        self.s.headers["Authorization"] = f"Bearer {key}"
+
+    def call(self, method: str, path: str, **kw) -> dict:
+        r = self.s.request(method, self.url + path, timeout=kw.pop("timeout", 600), **kw)
+        if r.status_code >= 400:
+            try:
+                msg = r.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                msg = r.text[:300]
+            raise SystemExit(f"clapq: {method} {path} failed ({r.status_code}): {msg}")
+        return r.json()
+
+    def library(self, name: str) -> dict:
+        """The library with this name (or id), created if missing."""
+        for lib in self.call("GET", "/v1/libraries")["libraries"]:
+            if name in (lib["name"], lib["id"]):
+                return lib
+        return self.call("POST", "/v1/libraries", json={"name": name})
+
+
+def audio_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+
+
+def batches(paths: list[Path]) -> Iterator[list[Path]]:
+    batch, size = [], 0
+    for p in paths:
+        n = p.stat().st_size
+        if batch and (len(batch) >= BATCH_FILES or size + n > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(p)
+        size += n
+    if batch:
+        yield batch
+
+
+def upload_folder(client: Client, folder: Path, library: str, wait: bool = True) -> int:
+    lib = client.library(library)
+    paths = audio_files(folder)
+    if not paths:
+        raise SystemExit(f"clapq: no audio files under {folder}")
+    jobs = []
+    for batch in batches(paths):
+        rel = [p.relative_to(folder).as_posix() for p in batch]
+        files = [("files", (r, open(p, "rb"))) for r, p in zip(rel, batch)]
+        # the folder layout is kept as metadata; the stored filename is the base name only
+        meta = json.dumps({r: {"path": r} for r in rel})
+        try:
+            jobs.append(client.call("POST", f"/v1/libraries/{lib['id']}/batches", files=files,
+                                    data={"metadata": meta})["job_id"])
+        finally:
+            for _, (_, fh) in files:
+                fh.close()
+        print(f"uploaded {len(batch)} files (job {jobs[-1]})", file=sys.stderr)
+    failed = 0
+    while wait and jobs:
+        states = [client.call("GET", f"/v1/jobs/{j}") for j in jobs]
+        done = sum(s["counts"]["done"] + s["counts"]["failed"] for s in states)
+        total = sum(s["counts"]["total"] for s in states)
+        print(f"\r{done}/{total} files processed", end="", file=sys.stderr)
+        if all(s["status"] not in ("queued", "running") for s in states):
+            print(file=sys.stderr)
+            for s in states:
+                failed += len(s["errors"])
+                for e in s["errors"]:
+                    print(f"failed: {e['filename']}: {e['error']}", file=sys.stderr)
+            break
+        time.sleep(1.0)
+    print(json.dumps({"library_id": lib["id"], "jobs": jobs, "files": len(paths), "failed": failed}))
+    return 1 if failed else 0
+
+
+def search(client: Client, library: str, text: str, k: int) -> None:
+    lib = client.library(library)
+    res = client.call("POST", "/v1/search", json={"library_id": lib["id"], "text": text, "k": k})
+    for r in res["results"]:
+        print(f"{r['score']:.4f}  {r['filename']}  {r['item_id']}")
+
+
+def connect(url: str | None, key: str | None, data_dir: Path) -> Client:
+    url = url or os.environ.get("CLAPQ_URL") or "http://127.0.0.1:8000"
+    key = key or os.environ.get("CLAPQ_API_KEY")
+    if not key and (data_dir / "api_key").is_file():
+        key = (data_dir / "api_key").read_text().strip()
+    if not key:
+        raise SystemExit("clapq: no API key: pass --key, set CLAPQ_API_KEY, or run `clapq keys create`")
+    return Client(url, key)

@@ -1,0 +1,52 @@
+"""The Celery app (Redis broker) shared by the API, which enqueues, and the worker, which consumes."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from clapq.settings import Settings
+
+EMBED_TASK = "clapq.embed_items"
+EMBED_QUEUE = "embed"
+
+# Longer than any task may run (hard limit below), so Redis never hands a
+# running task to a second worker; a duplicate would be harmless anyway.
+VISIBILITY_TIMEOUT_S = 3 * 3600
+TASK_HARD_LIMIT_S = 2 * 3600
+TASK_SOFT_LIMIT_S = TASK_HARD_LIMIT_S - 60
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("clapq", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        result_backend=None,
+        task_default_queue=EMBED_QUEUE,
+        task_routes={EMBED_TASK: {"queue": EMBED_QUEUE}},
+        task_time_limit=TASK_HARD_LIMIT_S,
+        task_soft_time_limit=TASK_SOFT_LIMIT_S,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        # pool children load the model before they report ready (see worker.tasks._warm_up)
+        worker_proc_alive_timeout=600,
+        worker_send_task_events=False,
+        enable_utc=True,
+    )
+    return app
+
+
+def chunks(ids: list, size: int) -> list[list]:
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
+
+
+def enqueue_items(app: Celery, item_ids: list, per_task: int) -> int:
+    """Send one task per chunk of items; call only after the rows are committed."""
+    n = 0
+    for chunk in chunks([str(i) for i in item_ids], max(1, per_task)):
+        app.send_task(EMBED_TASK, args=[chunk], queue=EMBED_QUEUE)
+        n += 1
+    return n

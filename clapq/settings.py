@@ -1,0 +1,76 @@
+"""One settings object, read from the environment, used by API, worker, CLI and tests."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+DEFAULT_MODEL = "laion/clap-htsat-unfused"
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"clapq: {name} must be an integer, got {raw!r}") from None
+
+
+def default_data_dir() -> Path:
+    """Where the embedded mode keeps Postgres, Redis and blobs unless told otherwise."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "clapq"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    database_url: str | None
+    redis_url: str | None
+    data_dir: Path
+    blob_dir: Path
+    model: str
+    device: str
+    batch_size: int
+    items_per_task: int
+    max_request_bytes: int
+    max_files_per_batch: int
+    max_query_chars: int
+    max_k: int
+    max_attempts: int
+    log_level: str
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
+        env = dict(os.environ if env is None else env)
+        data_dir = Path(overrides.pop("data_dir", None) or env.get("CLAPQ_DATA_DIR") or default_data_dir())
+        values = dict(
+            database_url=env.get("DATABASE_URL") or None,
+            redis_url=env.get("REDIS_URL") or None,
+            data_dir=data_dir,
+            blob_dir=Path(env.get("CLAPQ_BLOB_DIR") or data_dir / "blobs"),
+            model=env.get("CLAPQ_MODEL") or DEFAULT_MODEL,
+            device=env.get("CLAPQ_DEVICE") or "auto",
+            batch_size=_int(env, "CLAPQ_BATCH_SIZE", 16),
+            items_per_task=_int(env, "CLAPQ_ITEMS_PER_TASK", 16),
+            max_request_bytes=_int(env, "CLAPQ_MAX_REQUEST_BYTES", 2 * 1024**3),
+            max_files_per_batch=_int(env, "CLAPQ_MAX_FILES_PER_BATCH", 1000),
+            max_query_chars=_int(env, "CLAPQ_MAX_QUERY_CHARS", 1000),
+            max_k=_int(env, "CLAPQ_MAX_K", 1000),
+            max_attempts=_int(env, "CLAPQ_MAX_ATTEMPTS", 3),
+            log_level=env.get("CLAPQ_LOG_LEVEL") or "INFO",
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    def require_urls(self) -> "Settings":
+        """Production processes are configured only from the environment."""
+        missing = [n for n, v in (("DATABASE_URL", self.database_url), ("REDIS_URL", self.redis_url)) if not v]
+        if missing:
+            raise SystemExit(
+                f"clapq: {' and '.join(missing)} must be set for this command "
+                "(or use `clapq up` for the embedded all-in-one mode)"
+            )
+        return self

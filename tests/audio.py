@@ -1,0 +1,25 @@
+"""Generated test audio: tones, noise and sweeps of any length, rate and channel count."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+
+def signal(seconds: float, rate: int, channels: int = 1, freq: float = 440.0, seed: int = 0) -> np.ndarray:
+    """A tone plus a little noise; each channel slightly different."""
+    n = max(1, int(round(seconds * rate)))
+    t = np.arange(n) / rate
+    rng = np.random.default_rng(seed)
+    cols = [0.4 * np.sin(2 * np.pi * freq * (1 + 0.1 * c) * t) + 0.05 * rng.standard_normal(n)
+            for c in range(channels)]
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+def write(path: Path, seconds: float, rate: int = 48_000, channels: int = 1, freq: float = 440.0,
+          seed: int = 0, subtype: str | None = None) -> Path:
+    path = Path(path)
+    sf.write(str(path), signal(seconds, rate, channels, freq, seed), rate, subtype=subtype)
+    return path

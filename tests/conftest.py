@@ -1,0 +1,159 @@
+"""Real parts for every test: embedded Postgres+pgvector (Alembic-migrated), Redis, a Celery worker
+process and a tiny random CLAP saved to disk and loaded through the production loader."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from clapq.db import dispose_engines, migrate, session_scope
+from clapq.embedded import EmbeddedPostgres, EmbeddedRedis
+from clapq.keys import create_key
+from clapq.settings import Settings
+from tests.tinyclap import build_tiny_clap
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_clap(tmp_path_factory.mktemp("model") / "tiny-clap")
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory):
+    """Postgres and Redis for the whole session, stopped in the finalizer."""
+    base = tmp_path_factory.mktemp("services")
+    os.chmod(base, 0o755)
+    pg = EmbeddedPostgres(base / "pg")
+    redis = EmbeddedRedis(base / "redis")
+    try:
+        db_url = pg.start()
+        redis_url = redis.start()
+        migrate(db_url)
+        yield {"database_url": db_url, "redis_url": redis_url, "pg": pg, "redis": redis, "base": base}
+    finally:
+        dispose_engines()
+        redis.stop()
+        pg.stop()
+
+
+def make_env(services, tiny_model, blob_dir: Path, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
+    env.update(DATABASE_URL=services["database_url"], REDIS_URL=services["redis_url"],
+               CLAPQ_MODEL=str(tiny_model), CLAPQ_BLOB_DIR=str(blob_dir), CLAPQ_DATA_DIR=str(blob_dir.parent),
+               CLAPQ_BATCH_SIZE="4", CLAPQ_ITEMS_PER_TASK="4", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=str(ROOT))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture(scope="session")
+def env(services, tiny_model, tmp_path_factory) -> dict[str, str]:
+    blob_dir = tmp_path_factory.mktemp("data") / "blobs"
+    return make_env(services, tiny_model, blob_dir)
+
+
+@pytest.fixture(scope="session")
+def settings(env) -> Settings:
+    return Settings.from_env(env)
+
+
+class WorkerProcess:
+    """`clapq worker` as a real child process with its own process group."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env, self.log_path = env, log_path
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> "WorkerProcess":
+        self.log = open(self.log_path, "ab")
+        start = self.log_path.stat().st_size
+        self.proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "worker"], env=self.env,
+                                     stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.output()[-3000:]}")
+            if b" ready." in self.log_path.read_bytes()[start:]:
+                return self
+            time.sleep(0.2)
+        raise RuntimeError(f"worker not ready:\n{self.output()[-3000:]}")
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(timeout)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        finally:
+            try:  # children of a SIGTERMed parent must not outlive the test either
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.log.close()
+            self.proc = None
+
+
+@pytest.fixture(scope="session")
+def worker(env, tmp_path_factory):
+    w = WorkerProcess(env, tmp_path_factory.mktemp("worker") / "worker.log")
+    try:
+        yield w.start()
+    finally:
+        w.stop()
+
+
+@pytest.fixture(scope="session")
+def app(settings):
+    from api import create_app
+
+    app = create_app(settings)
+    app.config["TESTING"] = True
+    return app
+
+
+@pytest.fixture()
+def client(app):
+    return app.test_client()
+
+
+@pytest.fixture()
+def new_key(settings):
+    """A factory for fresh tenants: every test owns its rows, so tests never see each other's data."""
+
+    def make(name: str | None = None) -> str:
+        with session_scope(settings.database_url) as s:
+            return create_key(s, name or f"tenant-{uuid.uuid4().hex[:12]}")
+
+    return make
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def wait_job(client, key: str, job_id: str, timeout: float = 180.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}", headers=auth(key)).get_json()
+        if job["status"] in ("done", "done_with_errors", "failed", "cancelled"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} did not finish: {job}")

@@ -1,0 +1,113 @@
+"""Every client error is a 4xx with the same envelope and a message that names the limit."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import pytest
+
+from tests.conftest import auth
+
+
+def err(r, status):
+    assert r.status_code == status, (r.status_code, r.get_data(as_text=True)[:500])
+    body = r.get_json()
+    assert set(body) == {"error"} and body["error"]["message"] and body["error"]["code"]
+    return body["error"]
+
+
+@pytest.fixture()
+def lib(client, new_key):
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "l"}, headers=auth(key)).get_json()
+    return key, lib["id"]
+
+
+def test_library_validation(client, new_key):
+    key = new_key()
+    err(client.post("/v1/libraries", data="nope", headers=auth(key)), 400)
+    err(client.post("/v1/libraries", json={"name": ""}, headers=auth(key)), 400)
+    err(client.post("/v1/libraries", json={"name": 5}, headers=auth(key)), 400)
+    assert client.post("/v1/libraries", json={"name": "x"}, headers=auth(key)).status_code == 201
+    err(client.post("/v1/libraries", json={"name": "x"}, headers=auth(key)), 409)
+    err(client.get("/v1/libraries/not-a-uuid", headers=auth(key)), 404)
+    err(client.get(f"/v1/libraries/{uuid.uuid4()}", headers=auth(key)), 404)
+    err(client.get(f"/v1/jobs/{uuid.uuid4()}", headers=auth(key)), 404)
+    err(client.get(f"/v1/items/{uuid.uuid4()}", headers=auth(key)), 404)
+    err(client.delete("/v1/libraries", headers=auth(key)), 405)
+
+
+def test_upload_validation(client, lib, settings):
+    key, lib_id = lib
+    url = f"/v1/libraries/{lib_id}/batches"
+    err(client.post(url, json={"files": []}, headers=auth(key)), 415)
+    err(client.post(url, data={"other": "x"}, headers=auth(key), content_type="multipart/form-data"), 400)
+    e = err(client.post(url, headers=auth(key), content_type="multipart/form-data",
+                        data={"files": [(io.BytesIO(b"x"), "a.wav")], "metadata": "{bad"}), 400)
+    assert "metadata" in e["message"]
+    e = err(client.post(url, headers=auth(key), content_type="multipart/form-data",
+                        data={"files": [(io.BytesIO(b"x"), "a.wav")], "metadata": '{"b.wav": {}}'}), 400)
+    assert "b.wav" in e["message"]
+    many = [(io.BytesIO(b"%d" % i), f"{i}.wav") for i in range(settings.max_files_per_batch + 1)]
+    e = err(client.post(url, headers=auth(key), content_type="multipart/form-data", data={"files": many}), 413)
+    assert str(settings.max_files_per_batch) in e["message"]
+
+
+def test_filenames_are_sanitised(client, lib):
+    key, lib_id = lib
+    names = ["../../etc/passwd.wav", "a\x00b.wav", "x" * 400 + ".wav", "/abs/dir/n.wav", ".."]
+    data = {"files": [(io.BytesIO(b"bytes %d" % i), n) for i, n in enumerate(names)]}
+    r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), data=data,
+                    content_type="multipart/form-data")
+    assert r.status_code == 202
+    shown = [i["filename"] for i in r.get_json()["items"]]
+    assert shown[0] == "passwd.wav" and shown[1] == "ab.wav" and shown[3] == "n.wav" and shown[4] == "unnamed"
+    assert len(shown[2]) <= 200 and shown[2].endswith(".wav")
+    assert all("/" not in n and "\\" not in n and "\x00" not in n for n in shown)
+
+
+def test_search_validation(client, lib, settings):
+    key, lib_id = lib
+    err(client.get("/v1/search", query_string={"q": "x"}, headers=auth(key)), 400)
+    err(client.get("/v1/search", query_string={"library_id": lib_id}, headers=auth(key)), 400)
+    e = err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "x", "k": settings.max_k + 1},
+                       headers=auth(key)), 400)
+    assert str(settings.max_k) in e["message"]
+    err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "x", "k": "ten"}, headers=auth(key)), 400)
+    err(client.post("/v1/search", json={"library_id": lib_id, "text": "x", "k": True}, headers=auth(key)), 400)
+    e = err(client.post("/v1/search", json={"library_id": lib_id, "text": "x" * (settings.max_query_chars + 1)},
+                        headers=auth(key)), 400)
+    assert str(settings.max_query_chars) in e["message"]
+    err(client.post("/v1/search", data="[]", headers=auth(key), content_type="application/json"), 400)
+    r = client.get("/v1/search", query_string={"library_id": lib_id, "q": "empty library"}, headers=auth(key))
+    assert r.status_code == 200 and r.get_json()["results"] == []
+
+
+def test_body_over_limit_is_413(settings, new_key):
+    import dataclasses
+
+    from api import create_app
+
+    small = create_app(dataclasses.replace(settings, max_request_bytes=1000)).test_client()
+    key = new_key()
+    lib_id = small.post("/v1/libraries", json={"name": "s"}, headers=auth(key)).get_json()["id"]
+    data = {"files": [(io.BytesIO(b"x" * 5000), "big.wav")]}
+    e = err(small.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), data=data,
+                       content_type="multipart/form-data"), 413)
+    assert "1000" in e["message"]
+    # a chunked body (no Content-Length; gunicorn marks it terminated) is cut off at the limit too
+    e = err(small.post(f"/v1/libraries/{lib_id}/batches", headers={**auth(key), "Transfer-Encoding": "chunked"},
+                       environ_overrides={"wsgi.input_terminated": True},
+                       input_stream=io.BytesIO(b"--b\r\n" + b"x" * 5000),
+                       content_type="multipart/form-data; boundary=b"), 413)
+    assert "1000" in e["message"]
+
+
+def test_health_and_openapi(client):
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.get_json()
+    assert ready.get_json()["checks"] == {"postgres": "ok", "redis": "ok", "model": "ok"}
+    spec = client.get("/openapi.json").get_json()
+    assert spec["openapi"].startswith("3.") and "/v1/search" in spec["paths"]

@@ -1,0 +1,192 @@
+"""The README's first command: `clapq up` starts everything, serves a user, persists, and stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import requests
+
+from clapq.embedded import free_port
+from tests.audio import write
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(tiny_model, **extra) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CLAPQ_") and k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(CLAPQ_MODEL=str(tiny_model), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT),
+               CLAPQ_BATCH_SIZE="4", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    return env
+
+
+def _leftovers(data_dir: Path) -> list[str]:
+    """Processes still running that belong to this data directory (postgres, redis, our children)."""
+    found = []
+    for p in psutil.process_iter(attrs=("pid", "cmdline", "environ")):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+            env = p.info["environ"] or {}
+        except (psutil.Error, TypeError):
+            continue
+        if str(data_dir) in cmd or env.get("CLAPQ_DATA_DIR") == str(data_dir):
+            found.append(f"{p.info['pid']}: {cmd[:120]}")
+    return found
+
+
+class Up:
+    def __init__(self, data_dir: Path, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.log = log
+        self.out = open(log, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(data_dir),
+                                      "--port", str(self.port)], env=env, stdout=self.out,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def wait_ready(self, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text(errors="replace")
+            if "clapq is up:" in text:
+                return text.split("API key: ")[-1].split()[0]
+            assert self.proc.poll() is None, text[-3000:]
+            time.sleep(0.2)
+        raise AssertionError(self.log.read_text()[-3000:])
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            try:
+                self.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.out.close()
+        return self.proc.returncode
+
+
+@pytest.fixture()
+def up_runner(tmp_path, tiny_model):
+    started: list[Up] = []
+
+    def start(data_dir: Path) -> Up:
+        u = Up(data_dir, _env(tiny_model, CLAPQ_MAX_REQUEST_BYTES=str(16 << 20)), tmp_path / f"up{len(started)}.log")
+        started.append(u)
+        return u
+
+    yield start
+    for u in started:
+        u.stop()
+
+
+def _wait_job(base, h, job_id, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = requests.get(f"{base}/v1/jobs/{job_id}", headers=h, timeout=10).json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(job)
+
+
+def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
+    data_dir = tmp_path / "data"
+    up = up_runner(data_dir)
+    key = up.wait_ready()
+    base, h = f"http://127.0.0.1:{up.port}", {"Authorization": f"Bearer {key}"}
+    assert requests.get(f"{base}/readyz", timeout=10).status_code == 200
+
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "field recordings"}, headers=h, timeout=30).json()
+    files = [write(tmp_path / f"f{i}.wav", 1.5 + i, 44_100, 2, freq=250 * (i + 1), seed=i) for i in range(3)]
+    with_bad = [("files", (p.name, p.read_bytes(), "audio/wav")) for p in files]
+    with_bad.append(("files", ("notes.mp3", b"this is a text file, not audio", "audio/mpeg")))
+    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", files=with_bad, headers=h, timeout=60)
+    assert r.status_code == 202, r.text
+    job = _wait_job(base, h, r.json()["job_id"])
+    assert job["status"] == "done_with_errors" and job["counts"]["done"] == 3
+    assert job["errors"][0]["filename"] == "notes.mp3"
+    res = requests.get(f"{base}/v1/search", params={"library_id": lib["id"], "q": "birdsong", "k": 2},
+                       headers=h, timeout=60).json()
+    assert len(res["results"]) == 2 and res["results"][0]["score"] >= res["results"][1]["score"]
+
+    # a chunked upload over the limit is refused with 413, through the real server
+    def body():
+        yield b"--b\r\nContent-Disposition: form-data; name=\"files\"; filename=\"x.wav\"\r\n\r\n"
+        for _ in range(64):
+            yield b"\0" * (1 << 20)
+
+    try:
+        r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", data=body(), timeout=60,
+                          headers={**h, "Content-Type": "multipart/form-data; boundary=b"})
+        assert r.status_code == 413 and str(16 << 20) in r.json()["error"]["message"], r.text
+    except requests.ConnectionError:
+        pass  # the server may close the connection while we are still sending: also a refusal
+    assert requests.get(f"{base}/v1/libraries/{lib['id']}", headers=h, timeout=10).json()["item_count"] == 4
+
+    # the README's folder flow: `clapq upload DIR` then `clapq search`
+    folder = tmp_path / "folder"
+    (folder / "rain").mkdir(parents=True)
+    write(folder / "rain" / "heavy.flac", 2.0, 48_000, 1, freq=900, seed=7)
+    write(folder / "drone.wav", 12.0, 22_050, 1, freq=60, seed=8)
+    (folder / "readme.txt").write_text("not audio, skipped by suffix")
+    cli = [sys.executable, "-m", "clapq.cli"]
+    out = subprocess.run(cli + ["upload", str(folder), "--library", "folder lib", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["files"] == 2 and summary["failed"] == 0
+    out = subprocess.run(cli + ["search", "heavy rain", "--library", "folder lib", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and sorted(line.split()[1] for line in out.stdout.splitlines()) == \
+        ["drone.wav", "heavy.flac"], out.stdout + out.stderr
+
+    # `keys create` works while `up` runs on the same data directory
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "keys", "create", "--tenant", "second",
+                          "--data-dir", str(data_dir)], env=_env(tiny_model), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    key2 = out.stdout.strip()
+    assert key2.startswith("cq_") and "\n" not in key2
+    h2 = {"Authorization": f"Bearer {key2}"}
+    assert requests.get(f"{base}/v1/libraries/{lib['id']}", headers=h2, timeout=10).status_code == 404
+
+    assert up.stop() == 0
+    assert _leftovers(data_dir) == []
+
+    # `keys create` without `up` starts and stops the embedded Postgres itself
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "keys", "create", "--tenant", "third",
+                          "--data-dir", str(data_dir)], env=_env(tiny_model), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip().startswith("cq_"), out.stderr
+    assert _leftovers(data_dir) == []
+
+    # data persists across restarts, and the same owner key is shown again
+    up2 = up_runner(data_dir)
+    assert up2.wait_ready() == key
+    base2 = f"http://127.0.0.1:{up2.port}"
+    libs = requests.get(f"{base2}/v1/libraries", headers=h, timeout=10).json()["libraries"]
+    assert [(x["name"], x["item_count"]) for x in libs] == [("field recordings", 4), ("folder lib", 2)]
+    res2 = requests.get(f"{base2}/v1/search", params={"library_id": lib["id"], "q": "birdsong", "k": 2},
+                        headers=h, timeout=60).json()
+    assert res2["results"] == res["results"]
+    assert up2.stop() == 0
+    assert _leftovers(data_dir) == []
+
+
+@pytest.mark.parametrize("model", ["/nonexistent/clap", "laion/clap-htsat-unfused"])
+def test_no_model_means_a_clear_error(tmp_path, model):
+    env = _env("x", CLAPQ_MODEL=model, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(tmp_path / "d")],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "CLAPQ_MODEL" in out.stderr and "local directory" in out.stderr
+    assert "Traceback" not in out.stderr

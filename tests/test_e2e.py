@@ -1,0 +1,125 @@
+"""End to end: upload a mixed batch through the API, a real worker embeds it, search it by text."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+import torch
+
+from tests.audio import write
+from tests.conftest import auth, wait_job
+
+# name, seconds, rate, channels, soundfile subtype
+BATCH = [
+    ("tone_a.wav", 3.5, 48_000, 1, "PCM_16"),
+    ("tone_b.flac", 7.0, 44_100, 2, "PCM_24"),
+    ("short.wav", 0.4, 8_000, 1, "PCM_16"),
+    ("exact10.wav", 10.0, 22_050, 2, "FLOAT"),
+    ("long.flac", 23.0, 16_000, 1, "PCM_16"),
+]
+
+
+def reference_vector(model_dir, path) -> np.ndarray:
+    """The path a user writes by hand: ClapProcessor + ClapModel.get_audio_features, input at 48 kHz."""
+    from transformers import ClapModel, ClapProcessor
+
+    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    mono = data.mean(axis=1)
+    audio = soxr.resample(mono, rate, 48_000, quality="HQ") if rate != 48_000 else mono
+    processor = ClapProcessor.from_pretrained(model_dir)
+    model = ClapModel.from_pretrained(model_dir).eval()
+    inputs = processor(audio=audio, sampling_rate=48_000, truncation="rand_trunc", padding="repeatpad",
+                       return_tensors="pt")
+    with torch.inference_mode():
+        out = model.get_audio_features(**inputs)
+    vec = getattr(out, "pooler_output", out)[0].numpy()
+    return vec / np.linalg.norm(vec)
+
+
+def upload(client, key, lib_id, paths, metadata=None):
+    data = {"files": [(io.BytesIO(p.read_bytes()), p.name) for p in paths]}
+    if metadata is not None:
+        import json
+
+        data["metadata"] = json.dumps(metadata)
+    return client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), data=data,
+                       content_type="multipart/form-data")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("corpus")
+    paths = [write(d / name, secs, rate, ch, freq=200 + 150 * i, seed=i, subtype=sub)
+             for i, (name, secs, rate, ch, sub) in enumerate(BATCH)]
+    corrupt = d / "corrupt.wav"
+    corrupt.write_bytes(b"RIFF\x10\x00\x00\x00WAVEfmt " + b"\xff" * 40)
+    return paths, corrupt
+
+
+def test_upload_poll_search(client, new_key, worker, corpus, tiny_model):
+    paths, corrupt = corpus
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "sfx"}, headers=auth(key))
+    assert lib.status_code == 201, lib.get_json()
+    lib = lib.get_json()
+    assert lib["model"]["dim"] == 512
+
+    r = upload(client, key, lib["id"], paths + [corrupt], metadata={"tone_a.wav": {"tag": "a"}})
+    assert r.status_code == 202, r.get_json()
+    body = r.get_json()
+    assert [i["filename"] for i in body["items"]] == [p.name for p in paths] + ["corrupt.wav"]
+    job = wait_job(client, key, body["job_id"])
+    assert job["status"] == "done_with_errors", job
+    assert job["counts"]["done"] == len(paths) and job["counts"]["failed"] == 1
+    assert job["errors"][0]["filename"] == "corrupt.wav" and job["errors"][0]["error"]
+
+    ids = {i["filename"]: i["id"] for i in body["items"]}
+    vectors = {}
+    for name, secs, rate, ch, _ in BATCH:
+        item = client.get(f"/v1/items/{ids[name]}", headers=auth(key)).get_json()
+        assert item["status"] == "done" and item["error"] is None
+        assert item["sample_rate"] == rate and item["channels"] == ch
+        assert item["duration_s"] == pytest.approx(secs, abs=1e-3)
+        emb = client.get(f"/v1/items/{ids[name]}/embedding", headers=auth(key)).get_json()
+        assert emb["dim"] == 512 and emb["model"]["id"] == lib["model"]["id"]
+        vectors[name] = np.array(emb["vector"], dtype=np.float32)
+        assert np.linalg.norm(vectors[name]) == pytest.approx(1.0, abs=1e-4)
+    assert client.get(f"/v1/items/{ids['tone_a.wav']}", headers=auth(key)).get_json()["metadata"] == {"tag": "a"}
+    bad = client.get(f"/v1/items/{ids['corrupt.wav']}", headers=auth(key)).get_json()
+    assert bad["status"] == "failed" and bad["error"]
+    assert client.get(f"/v1/items/{ids['corrupt.wav']}/embedding", headers=auth(key)).status_code == 409
+
+    # the stored vector of a clip of 10 s or less equals the hand-written reference path
+    for name in ("tone_a.wav", "short.wav", "exact10.wav", "tone_b.flac"):
+        ref = reference_vector(tiny_model, next(p for p in paths if p.name == name))
+        assert float(ref @ vectors[name]) >= 0.9999, name
+
+    audio = client.get(f"/v1/items/{ids['tone_b.flac']}/audio", headers=auth(key))
+    assert audio.status_code == 200 and audio.data == paths[1].read_bytes()
+    assert audio.headers["Content-Type"] == "audio/flac"
+    assert "attachment" in audio.headers["Content-Disposition"]
+
+    # text search: best first, score = cosine similarity with the text tower's vector
+    from clapq.checkpoint import resolve
+    from clapq.clap import get_clap
+
+    qvec = get_clap(resolve(str(tiny_model)), "cpu", text_only=True).embed_text(["a calm sine tone"])[0]
+    expected = sorted(((float(qvec @ v), n) for n, v in vectors.items()), reverse=True)
+    res = client.get("/v1/search", query_string={"library_id": lib["id"], "q": "a calm sine tone", "k": 3},
+                     headers=auth(key)).get_json()
+    assert [r["filename"] for r in res["results"]] == [n for _, n in expected[:3]]
+    for r, (score, _) in zip(res["results"], expected):
+        assert r["score"] == pytest.approx(score, abs=1e-4)
+    res2 = client.post("/v1/search", json={"library_id": lib["id"], "text": "a calm sine tone", "k": 10},
+                       headers=auth(key)).get_json()
+    assert len(res2["results"]) == len(paths)  # failed items are not searchable
+    assert res2["results"][:3] == res["results"]
+
+    # the same bytes again: one item, reported as a duplicate, nothing re-embedded
+    again = upload(client, key, lib["id"], paths[:1]).get_json()
+    assert again["items"][0]["duplicate_of"] == ids["tone_a.wav"]
+    assert wait_job(client, key, again["job_id"])["status"] == "done"

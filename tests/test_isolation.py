@@ -1,0 +1,65 @@
+"""Tenant isolation: another tenant's ids are 404 everywhere, and never appear in search."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.audio import write
+from tests.conftest import auth, wait_job
+from tests.test_e2e import upload
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("iso")
+    return [write(d / f"a{i}.wav", 2.0 + i, 48_000, 1, freq=300 + 90 * i, seed=10 + i) for i in range(3)]
+
+
+def test_other_tenant_sees_nothing(client, new_key, worker, files):
+    a, b = new_key(), new_key()
+    lib_a = client.post("/v1/libraries", json={"name": "mine"}, headers=auth(a)).get_json()
+    up = upload(client, a, lib_a["id"], files).get_json()
+    assert wait_job(client, a, up["job_id"])["status"] == "done"
+    item = up["items"][0]["id"]
+
+    for path in (f"/v1/libraries/{lib_a['id']}", f"/v1/jobs/{up['job_id']}", f"/v1/items/{item}",
+                 f"/v1/items/{item}/audio", f"/v1/items/{item}/embedding"):
+        r = client.get(path, headers=auth(b))
+        assert r.status_code == 404, path
+        assert r.get_json()["error"]["code"] == "not_found"
+        assert client.get(path, headers=auth(a)).status_code == 200, path
+    assert client.get("/v1/libraries", headers=auth(b)).get_json()["libraries"] == []
+    r = client.post(f"/v1/libraries/{lib_a['id']}/batches", headers=auth(b),
+                    data={"files": [(open(files[0], "rb"), "x.wav")]}, content_type="multipart/form-data")
+    assert r.status_code == 404
+    r = client.get("/v1/search", query_string={"library_id": lib_a["id"], "q": "tone"}, headers=auth(b))
+    assert r.status_code == 404
+
+    # B uploads the very same bytes into its own library: B sees only its own items
+    lib_b = client.post("/v1/libraries", json={"name": "mine"}, headers=auth(b)).get_json()
+    up_b = upload(client, b, lib_b["id"], files[:1]).get_json()
+    assert "duplicate_of" not in up_b["items"][0]
+    assert wait_job(client, b, up_b["job_id"])["status"] == "done"
+    res = client.get("/v1/search", query_string={"library_id": lib_b["id"], "q": "tone", "k": 50},
+                     headers=auth(b)).get_json()["results"]
+    assert [r["item_id"] for r in res] == [up_b["items"][0]["id"]]
+
+
+def test_unknown_and_revoked_keys_get_the_same_401(client, settings, new_key):
+    from sqlalchemy import func, update
+
+    from clapq.db import session_scope
+    from clapq.keys import hash_key
+    from clapq.models import ApiKey
+
+    key = new_key()
+    assert client.get("/v1/libraries", headers=auth(key)).status_code == 200
+    with session_scope(settings.database_url) as s:
+        s.execute(update(ApiKey).where(ApiKey.key_hash == hash_key(key)).values(revoked_at=func.now()))
+        stored = s.query(ApiKey.key_hash).all()
+    assert all(key not in h for (h,) in stored)  # only hashes are stored
+    revoked = client.get("/v1/libraries", headers=auth(key))
+    unknown = client.get("/v1/libraries", headers=auth("cq_not-a-key"))
+    missing = client.get("/v1/libraries")
+    assert revoked.status_code == unknown.status_code == missing.status_code == 401
+    assert revoked.get_json() == unknown.get_json()

@@ -1,0 +1,1 @@
+"""The clapq embedding worker (Celery). Nothing here imports torch at import time."""

@@ -1,0 +1,82 @@
+"""Celery tasks: ids in, state re-read from Postgres, idempotent writes, acks late."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+
+from celery import shared_task
+from celery.signals import worker_process_init
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from clapq.blobs import BlobStore
+from clapq.checkpoint import register_model, resolve
+from clapq.db import session_scope
+from clapq.queue import EMBED_TASK
+from clapq.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def _runtime():
+    """Settings, model and embedder for this process, built on first use (after the fork)."""
+    from clapq.clap import get_clap
+    from worker.embedder import AudioEmbedder
+
+    settings = Settings.from_env()
+    ckpt = resolve(settings.model)
+    embedder = AudioEmbedder(get_clap(ckpt, settings.device))
+    with session_scope(settings.database_url) as s:
+        model_id = register_model(s, ckpt)
+    log.info("model loaded", extra={"model": ckpt.name, "model_id": model_id, "device": str(embedder.clap.device)})
+    return settings, embedder, model_id
+
+
+@worker_process_init.connect
+def _warm_up(**_) -> None:
+    """Load the model in each pool child as it starts (after the fork), not on the first task."""
+    try:
+        _runtime()
+    except Exception:  # the first task will raise the same error, on its items
+        log.exception("model warm-up failed")
+
+
+@shared_task(
+    name=EMBED_TASK,
+    bind=True,
+    acks_late=True,
+    autoretry_for=(OperationalError, DBAPIError, ConnectionError),
+    retry_backoff=2,
+    retry_backoff_max=120,
+    max_retries=8,
+)
+def embed_items(self, item_ids: list[str]) -> dict:
+    """Embed a chunk of items; safe to run twice (unique keys + upserts)."""
+    from worker import pipeline, store
+
+    settings, embedder, model_id = _runtime()
+    ids = [uuid.UUID(i) for i in item_ids]
+    with session_scope(settings.database_url) as s:
+        claimed = store.claim(s, ids, model_id, settings.max_attempts)
+    if not claimed:
+        return {"claimed": 0}
+    blobs = BlobStore(settings.blob_dir)
+    counts = {"claimed": len(claimed), "done": 0, "failed": 0}
+
+    def on_done(finished) -> None:
+        # one transaction per model batch: all finished items' rows together
+        with session_scope(settings.database_url) as s:
+            for d, vectors in finished:
+                store.write_item(s, d.item, d.info, d.spans, vectors)
+        counts["done"] += len(finished)
+
+    def on_failed(d) -> None:
+        with session_scope(settings.database_url) as s:
+            store.record_failure(s, d.item.id, d.error, d.info)
+        counts["failed"] += 1
+        log.info("item failed", extra={"item_id": str(d.item.id), "error": d.error})
+
+    pipeline.run(claimed, blobs, embedder, settings.batch_size, on_done, on_failed)
+    return counts
