@@ -6,7 +6,7 @@ import json
 import logging
 
 from flask import Blueprint, current_app, g, request
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 
 from api.db import db
@@ -37,10 +37,19 @@ def _metadata_field(filenames: set[str]) -> dict:
     return meta
 
 
+def _backpressure(settings) -> None:
+    """Refuse new work while the backlog is over its bound, rather than let the queue grow without limit."""
+    pending = db().scalar(select(func.count()).select_from(Item).where(Item.status.in_(("queued", "running"))))
+    if pending >= settings.max_pending:
+        raise ApiError(429, "busy", f"{pending} files are waiting to be embedded (limit {settings.max_pending}, "
+                       "CLAPQ_MAX_PENDING); retry later", {"Retry-After": "60"})
+
+
 @bp.post("/libraries/<lib_id>/batches")
 def upload_batch(lib_id: str):
     lib = owned(Library, lib_id, "library")  # before the body is read
     settings = current_app.config["CLAPQ"]
+    _backpressure(settings)
     if not (request.content_type or "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with one or more 'files' parts")
     try:
@@ -55,6 +64,10 @@ def upload_batch(lib_id: str):
                            f"{settings.max_files_per_batch} (CLAPQ_MAX_FILES_PER_BATCH)")
         raw_names = [f.filename or "" for f in files]
         meta = _metadata_field(set(raw_names))
+        too_big = [n for f, n in zip(files, raw_names) if f.stream.size > settings.max_file_bytes]
+        if too_big:
+            raise ApiError(413, "file_too_large", f"{display_name(too_big[0])!r} is larger than the per-file limit "
+                           f"of {settings.max_file_bytes} bytes (CLAPQ_MAX_FILE_BYTES)")
         session = db()
         job = Job(tenant_id=g.tenant_id, library_id=lib.id, kind="upload")
         session.add(job)
@@ -80,6 +93,7 @@ def upload_batch(lib_id: str):
                 ).one()
                 out.append({"id": str(dup.id), "filename": row["filename"], "status": dup.status,
                             "duplicate_of": str(dup.id)})
+                job.duplicates += 1
         session.commit()
     finally:
         request.discard_uploads()

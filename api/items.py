@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, current_app, send_file
+from flask import Blueprint, current_app, request, send_file
 from sqlalchemy import select
 
 from api.db import db
@@ -10,7 +10,7 @@ from api.errors import ApiError, not_found
 from api.lookup import owned
 from api.models_info import describe
 from clapq.blobs import BlobStore
-from clapq.models import Embedding, Item, Library
+from clapq.models import Embedding, Item, Library, Segment
 
 bp = Blueprint("items", __name__)
 
@@ -46,6 +46,24 @@ def get_embedding(item_id: str):
         raise ApiError(409, "not_embedded", f"the item has no embedding yet (status {item.status!r})")
     model = describe(lib.model_id)
     return {"item_id": str(item.id), "model": model, "dim": len(vec), "vector": [float(x) for x in vec]}
+
+
+@bp.get("/items/<item_id>/segments")
+def get_segments(item_id: str):
+    """The item's embedded windows, in time order; `?vectors=1` includes each vector (for export)."""
+    item = owned(Item, item_id, "item")
+    lib = db().get(Library, item.library_id)
+    with_vectors = request.args.get("vectors", "0").lower() in ("1", "true", "yes")
+    cols = [Segment.window_index, Segment.start_s, Segment.end_s] + ([Segment.vector] if with_vectors else [])
+    rows = db().execute(select(*cols).where(Segment.item_id == item.id, Segment.model_id == lib.model_id)
+                        .order_by(Segment.window_index)).all()
+    segments = []
+    for row in rows:
+        seg = {"index": row.window_index, "start_s": round(row.start_s, 6), "end_s": round(row.end_s, 6)}
+        if with_vectors:
+            seg["vector"] = [float(x) for x in row.vector]
+        segments.append(seg)
+    return {"item_id": str(item.id), "status": item.status, "model": describe(lib.model_id), "segments": segments}
 
 
 @bp.get("/items/<item_id>/audio")

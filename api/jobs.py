@@ -1,59 +1,154 @@
-"""Jobs: one upload batch; status and counts are derived from its items' states in Postgres."""
+"""Jobs: one upload batch; status, counts, progress and ETA are derived from its items in Postgres."""
 
 from __future__ import annotations
 
-from flask import Blueprint
-from sqlalchemy import func, select
+import datetime as dt
+import logging
+
+from flask import Blueprint, current_app, g, request
+from sqlalchemy import and_, func, or_, select, update
 
 from api.db import db
+from api.errors import ApiError, bad_request
+from api.items import item_json
 from api.lookup import owned
+from api.pages import cursor_arg, encode_cursor, limit_arg
 from clapq.models import Item, Job
+from clapq.queue import enqueue_items
 
 bp = Blueprint("jobs", __name__)
+log = logging.getLogger(__name__)
 
 MAX_ERRORS_SHOWN = 100
+STATES = ("queued", "running", "done", "failed", "cancelled")
 
 
 def job_status(counts: dict, cancelled: bool) -> str:
     pending = counts["queued"] + counts["running"]
-    if cancelled and pending == 0:
-        return "cancelled"
     if pending:
         return "queued" if counts["running"] == 0 and counts["done"] + counts["failed"] == 0 else "running"
+    if cancelled or (counts["cancelled"] and not counts["done"]):
+        return "cancelled"
     if counts["total"] and counts["failed"] == counts["total"]:
         return "failed"
-    if counts["failed"]:
-        return "done_with_errors"
-    if counts["cancelled"]:
-        return "cancelled"
-    return "done"
+    return "done_with_errors" if counts["failed"] else "done"
 
 
-def job_json(job: Job) -> dict:
+def job_json(job: Job, with_errors: bool = True) -> dict:
     session = db()
-    counts = {s: 0 for s in ("queued", "running", "done", "failed", "cancelled")}
-    for status, n in session.execute(
-        select(Item.status, func.count()).where(Item.job_id == job.id).group_by(Item.status)
+    counts = {s: 0 for s in STATES}
+    first_start = last_finish = None
+    for status, n, started, finished in session.execute(
+        select(Item.status, func.count(), func.min(Item.started_at), func.max(Item.finished_at))
+        .where(Item.job_id == job.id).group_by(Item.status)
     ):
         counts[status] = n
-    counts["total"] = sum(counts.values())
-    finished = counts["done"] + counts["failed"] + counts["cancelled"]
-    errors = session.execute(
-        select(Item.id, Item.filename, Item.error)
-        .where(Item.job_id == job.id, Item.status == "failed")
-        .order_by(Item.created_at, Item.id).limit(MAX_ERRORS_SHOWN)
-    ).all()
-    return {
+        first_start = min(filter(None, (first_start, started)), default=None)
+        last_finish = max(filter(None, (last_finish, finished)), default=None)
+    counts["done"] += job.duplicates  # re-uploaded bytes: already embedded, nothing to do
+    counts["total"] = sum(counts[s] for s in STATES)
+    counts["duplicates"] = job.duplicates
+    finished_n = counts["done"] - job.duplicates + counts["failed"] + counts["cancelled"]
+    remaining = counts["queued"] + counts["running"]
+    eta = None
+    if remaining and finished_n and first_start is not None:
+        elapsed = (dt.datetime.now(dt.timezone.utc) - first_start).total_seconds()
+        eta = round(remaining * elapsed / finished_n, 1)
+    out = {
         "id": str(job.id),
         "library_id": str(job.library_id),
         "status": job_status(counts, job.cancelled),
         "counts": counts,
-        "progress": round(finished / counts["total"], 4) if counts["total"] else 1.0,
-        "errors": [{"item_id": str(i), "filename": f, "error": e} for i, f, e in errors],
+        "progress": round(1 - remaining / counts["total"], 4) if counts["total"] else 1.0,
+        "eta_s": eta,
         "created_at": job.created_at.isoformat() if job.created_at else None,
+        "finished_at": last_finish.isoformat() if last_finish is not None and not remaining else None,
     }
+    if with_errors:
+        errors = session.execute(
+            select(Item.id, Item.filename, Item.error)
+            .where(Item.job_id == job.id, Item.status == "failed")
+            .order_by(Item.created_at, Item.id).limit(MAX_ERRORS_SHOWN)
+        ).all()
+        out["errors"] = [{"item_id": str(i), "filename": f, "error": e} for i, f, e in errors]
+    return out
+
+
+def _after(model, cursor, newest_first: bool):
+    if cursor is None:
+        return True
+    when, row_id = cursor
+    if newest_first:
+        return or_(model.created_at < when, and_(model.created_at == when, model.id < row_id))
+    return or_(model.created_at > when, and_(model.created_at == when, model.id > row_id))
+
+
+@bp.get("/jobs")
+def list_jobs():
+    limit, cursor = limit_arg(20), cursor_arg()
+    rows = db().scalars(
+        select(Job).where(Job.tenant_id == g.tenant_id, _after(Job, cursor, True))
+        .order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    ).all()
+    page = rows[:limit]
+    nxt = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return {"jobs": [job_json(j, with_errors=False) for j in page], "next_cursor": nxt}
 
 
 @bp.get("/jobs/<job_id>")
 def get_job(job_id: str):
     return job_json(owned(Job, job_id, "job"))
+
+
+@bp.get("/jobs/<job_id>/items")
+def job_items(job_id: str):
+    job = owned(Job, job_id, "job")
+    status = request.args.get("status")
+    if status is not None and status not in STATES:
+        raise bad_request(f"'status' must be one of {', '.join(STATES)}")
+    limit, cursor = limit_arg(100), cursor_arg()
+    q = select(Item).where(Item.job_id == job.id, _after(Item, cursor, False))
+    if status:
+        q = q.where(Item.status == status)
+    rows = db().scalars(q.order_by(Item.created_at, Item.id).limit(limit + 1)).all()
+    page = rows[:limit]
+    nxt = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    return {"items": [item_json(i) for i in page], "next_cursor": nxt}
+
+
+@bp.post("/jobs/<job_id>/cancel")
+def cancel_job(job_id: str):
+    """Queued items are cancelled now; running chunks finish (nothing is left half-written)."""
+    job = owned(Job, job_id, "job")
+    session = db()
+    pending = session.scalar(select(func.count()).select_from(Item)
+                             .where(Item.job_id == job.id, Item.status.in_(("queued", "running"))))
+    if not pending:
+        raise ApiError(409, "conflict", "the job has already finished; nothing to cancel")
+    job.cancelled = True
+    session.execute(update(Item).where(Item.job_id == job.id, Item.status == "queued")
+                    .values(status="cancelled", finished_at=func.now()))
+    session.commit()
+    return job_json(job)
+
+
+@bp.post("/jobs/<job_id>/retry")
+def retry_job(job_id: str):
+    """Re-queue only the failed items (and, after a cancel, the cancelled ones), with fresh attempts."""
+    job = owned(Job, job_id, "job")
+    session = db()
+    states = ("failed", "cancelled") if job.cancelled else ("failed",)
+    ids = list(session.scalars(
+        update(Item).where(Item.job_id == job.id, Item.status.in_(states))
+        .values(status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
+                updated_at=func.now())
+        .returning(Item.id)
+    ))
+    job.cancelled = False
+    session.commit()
+    if ids:
+        try:
+            enqueue_items(current_app.extensions["clapq_celery"], ids, current_app.config["CLAPQ"].items_per_task)
+        except Exception:  # committed: the sweeper delivers them
+            log.exception("enqueue failed; the sweeper will deliver", extra={"job_id": str(job.id)})
+    return {**job_json(job), "requeued": len(ids)}, 202

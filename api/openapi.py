@@ -85,6 +85,9 @@ SPEC = {
                                         "responses": _ok("the item", {"$ref": "#/components/schemas/Item"})}},
         "/v1/items/{item_id}/embedding": {"get": {"parameters": [_path_id("item_id")],
                                                   "responses": {**_ok("the pooled vector"), "409": _ERR}}},
+        "/v1/items/{item_id}/segments": {"get": {"parameters": [
+            _path_id("item_id"), {"name": "vectors", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}}],
+            "responses": _ok("the item's windows: index, start_s, end_s (and vector)")}},
         "/v1/items/{item_id}/audio": {"get": {"parameters": [_path_id("item_id")],
                                               "responses": _ok("the original file")}},
         "/v1/search": {

@@ -36,6 +36,7 @@ def cmd_migrate(args) -> None:
 
 
 def cmd_api(args) -> None:
+    os.environ["CLAPQ_PROCESS"] = "clapq-api"
     settings = Settings.from_env().require_urls()
     _check_model(settings)
     host = os.environ.get("CLAPQ_HOST", "0.0.0.0")
@@ -51,6 +52,7 @@ def cmd_api(args) -> None:
 
 
 def cmd_worker(args) -> None:
+    os.environ["CLAPQ_PROCESS"] = "clapq-worker"
     settings = Settings.from_env().require_urls()
     _check_model(settings)
     from worker.celery_app import app
@@ -189,6 +191,7 @@ def cmd_up(args) -> None:
 
 
 def cmd_beat(args) -> None:
+    os.environ["CLAPQ_PROCESS"] = "clapq-beat"
     settings = Settings.from_env().require_urls()
     from worker.sweeper import run_forever
 

@@ -30,7 +30,9 @@ def get_engine(url: str) -> Engine:
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            engine = create_engine(normalise_url(url), pool_pre_ping=True, pool_size=5, max_overflow=5)
+            # the application name lets operators (and the fault tests) tell api, worker and beat apart
+            engine = create_engine(normalise_url(url), pool_pre_ping=True, pool_size=5, max_overflow=5,
+                                   connect_args={"application_name": os.environ.get("CLAPQ_PROCESS", "clapq")})
             _engines[key] = engine
         return engine
 

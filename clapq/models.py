@@ -78,11 +78,14 @@ class Library(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_tenant_created", "tenant_id", "created_at"),)
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=_uuid)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     library_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("libraries.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(20), default="upload")
     cancelled: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # files of this batch whose bytes were already in the library: counted as done, not re-embedded
+    duplicates: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -106,6 +109,8 @@ class Item(Base):
     status: Mapped[str] = mapped_column(String(16), default="queued")
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # the Celery task that holds the item; a redelivery of that same task may take it back at once
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
     duration_s: Mapped[float | None] = mapped_column(Float)
     sample_rate: Mapped[int | None] = mapped_column(Integer)
     channels: Mapped[int | None] = mapped_column(Integer)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
 from pathlib import Path
 
 DEFAULT_MODEL = "laion/clap-htsat-unfused"
@@ -40,6 +41,15 @@ class Settings:
     max_query_chars: int
     max_k: int
     max_attempts: int
+    decoders: int
+    decode_timeout_s: int
+    max_duration_s: int
+    scratch_dir: Path
+    heartbeat_s: int
+    stale_after_s: int
+    sweep_interval_s: int
+    max_pending: int
+    max_file_bytes: int
     log_level: str
 
     @classmethod
@@ -60,6 +70,15 @@ class Settings:
             max_query_chars=_int(env, "CLAPQ_MAX_QUERY_CHARS", 1000),
             max_k=_int(env, "CLAPQ_MAX_K", 1000),
             max_attempts=_int(env, "CLAPQ_MAX_ATTEMPTS", 3),
+            decoders=_int(env, "CLAPQ_DECODERS", 2),
+            decode_timeout_s=_int(env, "CLAPQ_DECODE_TIMEOUT_S", 600),
+            max_duration_s=_int(env, "CLAPQ_MAX_DURATION_S", 4 * 3600),
+            scratch_dir=Path(env.get("CLAPQ_SCRATCH_DIR") or Path(tempfile.gettempdir()) / "clapq-scratch"),
+            heartbeat_s=_int(env, "CLAPQ_HEARTBEAT_S", 15),
+            stale_after_s=_int(env, "CLAPQ_STALE_AFTER_S", 120),
+            sweep_interval_s=_int(env, "CLAPQ_SWEEP_INTERVAL_S", 30),
+            max_pending=_int(env, "CLAPQ_MAX_PENDING", 200_000),
+            max_file_bytes=_int(env, "CLAPQ_MAX_FILE_BYTES", 2 * 1024**3),
             log_level=env.get("CLAPQ_LOG_LEVEL") or "INFO",
         )
         values.update(overrides)

@@ -49,7 +49,7 @@ def make_env(services, tiny_model, blob_dir: Path, **extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
     env.update(DATABASE_URL=services["database_url"], REDIS_URL=services["redis_url"],
                CLAPQ_MODEL=str(tiny_model), CLAPQ_BLOB_DIR=str(blob_dir), CLAPQ_DATA_DIR=str(blob_dir.parent),
-               CLAPQ_BATCH_SIZE="4", CLAPQ_ITEMS_PER_TASK="4", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               CLAPQ_BATCH_SIZE="4", CLAPQ_ITEMS_PER_TASK="4", CLAPQ_DECODE_TIMEOUT_S="10", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=str(ROOT))
     env.update({k: str(v) for k, v in extra.items()})
     return env

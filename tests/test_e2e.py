@@ -6,11 +6,9 @@ import io
 
 import numpy as np
 import pytest
-import soundfile as sf
-import soxr
-import torch
 
 from tests.audio import write
+from tests.reference import audio_48k, load_reference, reference_embed
 from tests.conftest import auth, wait_job
 
 # name, seconds, rate, channels, soundfile subtype
@@ -24,20 +22,7 @@ BATCH = [
 
 
 def reference_vector(model_dir, path) -> np.ndarray:
-    """The path a user writes by hand: ClapProcessor + ClapModel.get_audio_features, input at 48 kHz."""
-    from transformers import ClapModel, ClapProcessor
-
-    data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-    mono = data.mean(axis=1)
-    audio = soxr.resample(mono, rate, 48_000, quality="HQ") if rate != 48_000 else mono
-    processor = ClapProcessor.from_pretrained(model_dir)
-    model = ClapModel.from_pretrained(model_dir).eval()
-    inputs = processor(audio=audio, sampling_rate=48_000, truncation="rand_trunc", padding="repeatpad",
-                       return_tensors="pt")
-    with torch.inference_mode():
-        out = model.get_audio_features(**inputs)
-    vec = getattr(out, "pooler_output", out)[0].numpy()
-    return vec / np.linalg.norm(vec)
+    return reference_embed(load_reference(model_dir), audio_48k(path))
 
 
 def upload(client, key, lib_id, paths, metadata=None):

@@ -11,6 +11,9 @@ import soxr
 
 TARGET_RATE = 48_000
 BLOCK_FRAMES = 1 << 16
+# Full scale is 1.0; float files scaled like int16/int32 (32768, 2**31) still decode. Beyond this a float
+# file is garbage, and from about 1e17 the float32 log-mel overflows and the model returns NaN.
+MAX_ABS_SAMPLE = 1e10
 
 
 class DecodeError(ValueError):
@@ -39,17 +42,43 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
     info.sample_rate, info.channels, info.format = f.samplerate, f.channels, f.format.lower()
 
     def gen() -> Iterator[np.ndarray]:
+        done = 0
         with f:
             while True:
                 try:
                     block = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
                 except Exception as exc:
-                    raise DecodeError(f"corrupt {info.format} data: {exc}") from exc
+                    # libsndfile gives up on a whole block when the file is truncated or damaged (a cut
+                    # FLAC: "lost sync"); FFmpeg reads up to the damage, so let it go on from frame `done`
+                    reason = f"corrupt {info.format} data ({_short(exc)})"
+                    yield from _av_resume(path, info, done, reason)
+                    return
                 if not len(block):
                     return
+                done += block.shape[0]
                 yield block.T  # (channels, frames)
 
     return gen()
+
+
+def _av_resume(path: Path, info: AudioInfo, skip: int, reason: str) -> Iterator[np.ndarray]:
+    """PyAV's blocks of the same file after its first `skip` frames; `reason` if it cannot agree."""
+    other = AudioInfo(0, 0)
+    try:
+        blocks = _av_blocks(path, other)
+    except DecodeError:
+        raise DecodeError(reason) from None
+    if (other.sample_rate, other.channels) != (info.sample_rate, info.channels):
+        raise DecodeError(reason)
+    try:
+        for block in blocks:
+            if skip >= block.shape[1]:
+                skip -= block.shape[1]
+                continue
+            yield block[:, skip:]
+            skip = 0
+    except DecodeError:
+        raise DecodeError(reason) from None
 
 
 def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
@@ -72,46 +101,93 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
     resampler = av.AudioResampler(format="fltp")  # any sample format -> float planar, same rate/layout
 
     def gen() -> Iterator[np.ndarray]:
+        # packet by packet, like the ffmpeg CLI: a damaged packet (the cut end of a truncated file) is
+        # skipped, not the end of the file; only a file that is mostly damage fails
+        good = bad = 0
+        error: Exception | None = None
         try:
-            for frame in container.decode(stream):
-                for out in resampler.resample(frame):
-                    yield out.to_ndarray().astype(np.float32, copy=False)
-        except av.error.FFmpegError as exc:
-            raise DecodeError(f"corrupt {info.format} data ({_short(exc)})") from exc
+            for packet in container.demux(stream):
+                try:
+                    frames = packet.decode()
+                except av.error.FFmpegError as exc:
+                    if isinstance(exc, MemoryError):
+                        raise
+                    bad, error = bad + 1, exc
+                    continue
+                good += packet.size > 0
+                for frame in frames:
+                    for out in resampler.resample(frame):
+                        yield out.to_ndarray().astype(np.float32, copy=False)
+        except av.error.FFmpegError as exc:  # the demuxer stopped (a cut container): the end of the data
+            if isinstance(exc, MemoryError):
+                raise
+            bad, error = bad + 1, exc
         finally:
             container.close()
+        if bad > good:
+            raise DecodeError(f"corrupt {info.format} data ({_short(error)})")
 
     return gen()
 
 
 def _short(exc: Exception) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    """One line for the user; FFmpeg errors without the errno and the server-side path."""
+    import av
+
+    text = exc.strerror if isinstance(exc, av.error.FFmpegError) and exc.strerror else str(exc)
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-def decode(path: Path | str, *, max_duration_s: float | None = None) -> tuple[np.ndarray, AudioInfo]:
-    """Mono float32 samples at 48 kHz and what the file was; raises DecodeError with a reason."""
+def stream(path: Path | str, info: AudioInfo, *, max_duration_s: float | None = None) -> Iterator[np.ndarray]:
+    """Mono float32 blocks at 48 kHz, filling `info` as it goes; memory bounded by the block size."""
     path = Path(path)
-    if path.stat().st_size == 0:
+    if path.is_file() and path.stat().st_size == 0:
         raise DecodeError("the file is empty (0 bytes)")
-    info = AudioInfo(0, 0)
     blocks = _soundfile_blocks(path, info) or _av_blocks(path, info)
     if not 1 <= info.sample_rate <= 1_000_000:
         raise DecodeError(f"unsupported sample rate {info.sample_rate}")
     resampler = None
     if info.sample_rate != TARGET_RATE:
         resampler = soxr.ResampleStream(info.sample_rate, TARGET_RATE, 1, dtype="float32", quality="HQ")
-    out: list[np.ndarray] = []
+    produced = 0
     for block in blocks:
-        mono = block.mean(axis=0, dtype=np.float32) if block.shape[0] > 1 else block[0]
-        if not np.isfinite(mono).all():
+        if not np.isfinite(block).all():
             raise DecodeError("the audio contains NaN or infinite samples")
+        peak = float(np.abs(block).max(initial=0.0))
+        if peak > MAX_ABS_SAMPLE:  # float garbage: finite, but the log-mel would overflow to NaN vectors
+            raise DecodeError(f"the audio has samples far outside the normal range (peak {peak:.3g}); "
+                              "the file is probably corrupt")
+        mono = block.mean(axis=0, dtype=np.float32) if block.shape[0] > 1 else block[0]
         info.frames += mono.shape[0]
         if max_duration_s is not None and info.frames > max_duration_s * info.sample_rate:
             raise DecodeError(f"the audio is longer than the limit of {max_duration_s:g} s")
-        out.append(resampler.resample_chunk(mono) if resampler else np.ascontiguousarray(mono))
+        out = resampler.resample_chunk(mono) if resampler else np.ascontiguousarray(mono, dtype=np.float32)
+        produced += out.shape[0]
+        if out.size:
+            yield out
     if resampler is not None:
-        out.append(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
-    samples = np.concatenate(out) if out else np.zeros(0, np.float32)
-    if info.frames == 0 or samples.size == 0:
+        tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
+        produced += tail.shape[0]
+        if tail.size:
+            yield tail
+    if info.frames == 0 or produced == 0:
         raise DecodeError("the file contains no audio samples")
-    return samples.astype(np.float32, copy=False), info
+
+
+def decode(path: Path | str, *, max_duration_s: float | None = None) -> tuple[np.ndarray, AudioInfo]:
+    """The whole file as mono float32 at 48 kHz, and what the file was; raises DecodeError with a reason."""
+    info = AudioInfo(0, 0)
+    samples = np.concatenate(list(stream(path, info, max_duration_s=max_duration_s)))
+    return samples, info
+
+
+def decode_to_file(path: Path | str, out_path: Path | str, *,
+                   max_duration_s: float | None = None) -> tuple[AudioInfo, int]:
+    """Stream the decoded 48 kHz mono samples to a raw float32 file; returns the info and sample count."""
+    info = AudioInfo(0, 0)
+    n = 0
+    with open(out_path, "wb") as out:
+        for block in stream(path, info, max_duration_s=max_duration_s):
+            out.write(block.tobytes())
+            n += block.shape[0]
+    return info, n

@@ -5,15 +5,19 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import logging
+import os
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 
 from clapq.blobs import BlobStore
-from worker.audio import AudioInfo, DecodeError, decode
+from worker.audio import AudioInfo, DecodeError
+from worker.decoder import DecoderPool
 from worker.embedder import AudioEmbedder
-from worker.windows import cut
+from worker.windows import HOP_S, WINDOW_S, read_window, spans
 
 log = logging.getLogger(__name__)
 
@@ -22,79 +26,112 @@ log = logging.getLogger(__name__)
 class Decoded:
     item: object
     info: AudioInfo | None = None
-    spans: list[tuple[float, float]] = dataclasses.field(default_factory=list)
-    waves: list[np.ndarray] = dataclasses.field(default_factory=list)
+    raw_path: Path | None = None  # 48 kHz mono float32, written by the decoder child
+    n: int = 0
+    windows: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
     error: str | None = None
 
+    @property
+    def spans(self) -> list[tuple[float, float]]:
+        return [(s, e) for _, s, e in self.windows]
 
-def _read(blobs: BlobStore, item, rate: int, max_duration_s: float | None) -> Decoded:
+    def cleanup(self) -> None:
+        if self.raw_path is not None:
+            self.raw_path.unlink(missing_ok=True)
+
+
+@dataclasses.dataclass
+class Options:
+    batch_size: int = 16
+    decoders: int = 2
+    decode_timeout_s: float = 600.0
+    max_duration_s: float | None = None
+    scratch_dir: Path = Path(tempfile.gettempdir())
+    window_s: float = WINDOW_S
+    hop_s: float = HOP_S
+
+
+def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options) -> Decoded:
+    path = blobs.path_for(item.sha256)
+    if not path.exists():
+        return Decoded(item, error="the uploaded file is missing from the blob store")
+    fd, raw = tempfile.mkstemp(prefix="decoded-", suffix=".f32", dir=opts.scratch_dir)
+    os.close(fd)
+    d = Decoded(item, raw_path=Path(raw))
     try:
-        path = blobs.path_for(item.sha256)
-        if not path.is_file():
-            return Decoded(item, error="the uploaded file is missing from the blob store")
-        samples, info = decode(path, max_duration_s=max_duration_s)
-        windows = cut(samples, rate)
-        return Decoded(item, info, [(w.start_s, w.end_s) for w in windows], [w.samples for w in windows])
+        with pool.checkout() as decoder:
+            d.info, d.n = decoder.decode(path, d.raw_path, opts.decode_timeout_s, opts.max_duration_s)
     except DecodeError as exc:
-        return Decoded(item, error=str(exc))
-    except MemoryError:
-        return Decoded(item, error="the file is too large to decode in memory")
+        d.cleanup()
+        d.error = str(exc)
+        return d
+    d.windows = spans(d.n, rate, int(round(opts.window_s * rate)), int(round(opts.hop_s * rate)))
+    return d
 
 
-def read_ahead(blobs: BlobStore, items: list, rate: int, depth: int = 2,
-               max_duration_s: float | None = None) -> Iterator[Decoded]:
-    """Decode files on threads, at most `depth` ahead of the consumer, in input order."""
-    with cf.ThreadPoolExecutor(max_workers=max(1, depth), thread_name_prefix="decode") as pool:
-        pending: list[cf.Future] = []
+def read_ahead(pool: DecoderPool, blobs: BlobStore, items: list, rate: int, opts: Options) -> Iterator[Decoded]:
+    """Decode files in child processes, a bounded number ahead of the model, in input order."""
+    depth = max(1, pool.size)
+    with cf.ThreadPoolExecutor(max_workers=depth, thread_name_prefix="decode") as threads:
         it = iter(items)
-        for item in it:
-            pending.append(pool.submit(_read, blobs, item, rate, max_duration_s))
-            if len(pending) >= depth:
-                break
+        pending = [threads.submit(_read, pool, blobs, item, rate, opts) for item in
+                   (next(it, None) for _ in range(depth)) if item is not None]
         while pending:
             done = pending.pop(0).result()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.submit(_read, blobs, nxt, rate, max_duration_s))
+                pending.append(threads.submit(_read, pool, blobs, nxt, rate, opts))
             yield done
 
 
-def run(
-    items: list,
-    blobs: BlobStore,
-    embedder: AudioEmbedder,
-    batch_size: int,
-    on_done: Callable[[list[tuple[Decoded, np.ndarray]]], None],
-    on_failed: Callable[[Decoded], None],
-    max_duration_s: float | None = None,
-) -> None:
+def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedder, opts: Options,
+        on_done: Callable[[list[tuple[Decoded, np.ndarray]]], None],
+        on_failed: Callable[[Decoded], None]) -> None:
     """Pack windows from many files into full batches; hand finished items to the writer."""
+    window = embedder.window_samples
     queue: list[tuple[Decoded, int]] = []  # (file, window index) waiting for the model
     results: dict[uuid.UUID, list] = {}
-    remaining: dict[uuid.UUID, int] = {}
+    seen: list[Decoded] = []
 
     def flush() -> None:
-        batch, rest = queue[:batch_size], queue[batch_size:]
-        queue[:] = rest
-        vectors = embedder.embed(np.stack([d.waves[i] for d, i in batch]))
+        batch, queue[:] = queue[:opts.batch_size], queue[opts.batch_size:]
+        waves = np.zeros((opts.batch_size, window), np.float32)
+        for row, (d, i) in enumerate(batch):
+            waves[row] = read_window(d.raw_path, d.n, d.windows[i][0], window)
+        # always a full batch (zero rows pad the last one): the same shapes every time, so a
+        # file's vectors never depend on what else was in its batch
+        vectors = embedder.embed(waves)[: len(batch)]
         finished = []
         for (d, i), vec in zip(batch, vectors):
-            results[d.item.id][i] = vec
-            remaining[d.item.id] -= 1
-            if remaining[d.item.id] == 0:
+            slots = results.get(d.item.id)
+            if slots is None:  # the item already failed on another window
+                continue
+            if not np.isfinite(vec).all():
+                # Postgres would reject the vector and with it the whole batch's transaction: fail this file alone
+                results.pop(d.item.id)
+                d.error = "the model produced non-finite values for this audio"
+                on_failed(d)
+                d.cleanup()
+                continue
+            slots[i] = vec
+            if all(v is not None for v in slots):
                 finished.append((d, np.stack(results.pop(d.item.id))))
-                d.waves.clear()  # free the audio as soon as its vectors exist
+                d.cleanup()
         if finished:
             on_done(finished)
 
-    for d in read_ahead(blobs, items, embedder.rate, max_duration_s=max_duration_s):
-        if d.error:
-            on_failed(d)
-            continue
-        results[d.item.id] = [None] * len(d.waves)
-        remaining[d.item.id] = len(d.waves)
-        queue.extend((d, i) for i in range(len(d.waves)))
-        while len(queue) >= batch_size:
+    try:
+        for d in read_ahead(pool, blobs, items, embedder.rate, opts):
+            if d.error:
+                on_failed(d)
+                continue
+            seen.append(d)
+            results[d.item.id] = [None] * len(d.windows)
+            queue.extend((d, i) for i in range(len(d.windows)))
+            while len(queue) >= opts.batch_size:
+                flush()
+        while queue:
             flush()
-    while queue:
-        flush()
+    finally:  # scratch files never outlive the task, whatever happened
+        for d in seen:
+            d.cleanup()

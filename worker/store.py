@@ -6,7 +6,7 @@ import dataclasses
 import uuid
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -21,13 +21,19 @@ class Claimed:
     model_id: int
 
 
-def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: int) -> list[Claimed]:
-    """Mark pending items running (attempts counted here, in Postgres) and return them."""
+def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: int, task_id: str,
+          stale_after_s: float) -> list[Claimed]:
+    """Mark pending items running (attempts counted here, in Postgres) and return them.
+
+    A running item is taken only by a redelivery of the task that holds it, or once its
+    heartbeat is older than `stale_after_s` (its worker is gone)."""
+    stale = Item.updated_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, stale_after_s)
     rows = session.execute(
         select(Item, Job.cancelled, Library.model_id)
         .join(Job, Job.id == Item.job_id)
         .join(Library, Library.id == Item.library_id)
-        .where(Item.id.in_(ids), Item.status.in_(("queued", "running")))
+        .where(Item.id.in_(ids),
+               or_(Item.status == "queued", and_(Item.status == "running", or_(Item.claimed_by == task_id, stale))))
         .with_for_update(of=Item, skip_locked=True)
     ).all()
     claimed = []
@@ -41,9 +47,22 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
             item.status, item.finished_at = "failed", func.now()
             item.error = "the library is bound to a different model than this worker serves"
         else:
-            item.status, item.attempts, item.started_at = "running", item.attempts + 1, func.now()
+            item.status, item.attempts, item.claimed_by = "running", item.attempts + 1, task_id
+            item.started_at = item.updated_at = func.now()
             claimed.append(Claimed(item.id, item.sha256, item.library_id, lib_model))
     return claimed
+
+
+def heartbeat(session: Session, ids: list[uuid.UUID], task_id: str) -> None:
+    """Tell the sweeper these items are still being worked on."""
+    session.execute(update(Item).where(Item.id.in_(ids), Item.status == "running", Item.claimed_by == task_id)
+                    .values(updated_at=func.now()))
+
+
+def release(session: Session, item_ids: list[uuid.UUID], reason: str) -> None:
+    """Hand unfinished items back after an unexpected error; the sweeper retries them (attempts bound it)."""
+    session.execute(update(Item).where(Item.id.in_(item_ids), Item.status == "running")
+                    .values(status="queued", error=reason[:2000]))
 
 
 def record_failure(session: Session, item_id: uuid.UUID, reason: str, info=None) -> None:

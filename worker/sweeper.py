@@ -9,12 +9,10 @@ from sqlalchemy import func, select, update
 
 from clapq.db import session_scope
 from clapq.models import Item
-from clapq.queue import EMBED_QUEUE, TASK_HARD_LIMIT_S, enqueue_items, make_celery
+from clapq.queue import EMBED_QUEUE, enqueue_items, make_celery
 from clapq.settings import Settings
 
 log = logging.getLogger(__name__)
-
-QUEUED_GRACE_S = 60
 
 
 def _queue_depth(app) -> int:
@@ -22,7 +20,7 @@ def _queue_depth(app) -> int:
         return int(conn.default_channel.client.llen(EMBED_QUEUE))
 
 
-def sweep_once(settings: Settings, app, queued_grace_s: float = QUEUED_GRACE_S) -> int:
+def sweep_once(settings: Settings, app) -> int:
     """One pass; returns how many items were re-enqueued."""
     now = func.now()
 
@@ -30,28 +28,32 @@ def sweep_once(settings: Settings, app, queued_grace_s: float = QUEUED_GRACE_S) 
         return Item.updated_at < now - func.make_interval(0, 0, 0, 0, 0, 0, seconds)
 
     with session_scope(settings.database_url) as s:
-        # running past the hard time limit: its worker is gone
+        # running, but no heartbeat for a while: its worker is gone (killed, lost, shut down)
         ids = list(s.scalars(select(Item.id).where(Item.status == "running",
-                                                   older_than(TASK_HARD_LIMIT_S + 300)).limit(10_000)))
+                                                   older_than(settings.stale_after_s)).limit(10_000)
+                             .with_for_update(skip_locked=True)))
         # queued rows are only orphans when the broker holds nothing: a lost message,
         # a Redis restart that lost its data, or an enqueue that failed after the commit
         if _queue_depth(app) == 0:
             ids += list(s.scalars(select(Item.id).where(Item.status == "queued",
-                                                        older_than(queued_grace_s)).limit(10_000)))
+                                                        older_than(settings.stale_after_s)).limit(10_000)
+                             .with_for_update(skip_locked=True)))
         if ids:
-            s.execute(update(Item).where(Item.id.in_(ids)).values(updated_at=now))
+            # back to queued, so the new task's claim takes them (attempts still count every try)
+            s.execute(update(Item).where(Item.id.in_(ids), Item.status.in_(("queued", "running")))
+                      .values(status="queued", updated_at=now))
     if ids:
         enqueue_items(app, ids, settings.items_per_task)
         log.warning("re-enqueued stranded items", extra={"count": len(ids)})
     return len(ids)
 
 
-def run_forever(settings: Settings, interval_s: float = 30.0) -> None:
+def run_forever(settings: Settings) -> None:
     app = make_celery(settings)
-    logging.basicConfig(level=settings.log_level)
+    log.info("sweeper started", extra={"interval_s": settings.sweep_interval_s})
     while True:
         try:
             sweep_once(settings, app)
-        except Exception:  # keep sweeping through transient outages
+        except Exception:  # keep sweeping through transient outages (Redis or Postgres restarting)
             log.exception("sweep failed")
-        time.sleep(interval_s)
+        time.sleep(settings.sweep_interval_s)

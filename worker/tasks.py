@@ -18,6 +18,9 @@ from clapq.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# only these are worth retrying: the database or the network went away for a moment
+TRANSIENT = (OperationalError, DBAPIError, ConnectionError)
+
 
 @functools.lru_cache(maxsize=1)
 def _runtime():
@@ -47,7 +50,7 @@ def _warm_up(**_) -> None:
     name=EMBED_TASK,
     bind=True,
     acks_late=True,
-    autoretry_for=(OperationalError, DBAPIError, ConnectionError),
+    autoretry_for=TRANSIENT,
     retry_backoff=2,
     retry_backoff_max=120,
     max_retries=8,
@@ -55,14 +58,21 @@ def _warm_up(**_) -> None:
 def embed_items(self, item_ids: list[str]) -> dict:
     """Embed a chunk of items; safe to run twice (unique keys + upserts)."""
     from worker import pipeline, store
+    from worker.decoder import get_pool
+    from worker.heartbeat import beating
 
     settings, embedder, model_id = _runtime()
     ids = [uuid.UUID(i) for i in item_ids]
     with session_scope(settings.database_url) as s:
-        claimed = store.claim(s, ids, model_id, settings.max_attempts)
+        claimed = store.claim(s, ids, model_id, settings.max_attempts, self.request.id or "local",
+                              settings.stale_after_s)
     if not claimed:
         return {"claimed": 0}
     blobs = BlobStore(settings.blob_dir)
+    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
+    opts = pipeline.Options(batch_size=settings.batch_size, decoders=settings.decoders,
+                            decode_timeout_s=settings.decode_timeout_s, max_duration_s=settings.max_duration_s,
+                            scratch_dir=settings.scratch_dir)
     counts = {"claimed": len(claimed), "done": 0, "failed": 0}
 
     def on_done(finished) -> None:
@@ -78,5 +88,13 @@ def embed_items(self, item_ids: list[str]) -> dict:
         counts["failed"] += 1
         log.info("item failed", extra={"item_id": str(d.item.id), "error": d.error})
 
-    pipeline.run(claimed, blobs, embedder, settings.batch_size, on_done, on_failed)
+    try:
+        with beating(settings.database_url, [c.id for c in claimed], self.request.id or "local", settings.heartbeat_s):
+            pipeline.run(claimed, blobs, get_pool(settings.decoders), embedder, opts, on_done, on_failed)
+    except TRANSIENT:
+        raise  # Celery retries the task with backoff; the writes are idempotent
+    except Exception as exc:
+        with session_scope(settings.database_url) as s:
+            store.release(s, [c.id for c in claimed], f"worker error: {type(exc).__name__}: {exc}")
+        raise
     return counts

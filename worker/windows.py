@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
+from pathlib import Path
 
 import numpy as np
 
 from worker.features import repeat_pad
 
-
-@dataclasses.dataclass(frozen=True)
-class Window:
-    index: int
-    start_s: float
-    end_s: float
-    samples: np.ndarray  # exactly window_samples long
+WINDOW_S = 10.0
+HOP_S = 5.0
 
 
 def window_starts(n: int, window: int, hop: int) -> list[int]:
@@ -27,13 +22,24 @@ def window_starts(n: int, window: int, hop: int) -> list[int]:
     return starts
 
 
-def cut(samples: np.ndarray, rate: int, window_s: float = 10.0, hop_s: float = 5.0) -> list[Window]:
-    """All windows of one file; no randomness, nothing depends on other files."""
-    window, hop = int(round(window_s * rate)), int(round(hop_s * rate))
-    n = samples.shape[0]
+def spans(n: int, rate: int, window: int, hop: int) -> list[tuple[int, float, float]]:
+    """(start sample, start_s, end_s) of every window of an n-sample file."""
     if n <= window:
-        return [Window(0, 0.0, n / rate, repeat_pad(samples, window))]
-    return [
-        Window(i, s / rate, (s + window) / rate, samples[s : s + window])
-        for i, s in enumerate(window_starts(n, window, hop))
-    ]
+        return [(0, 0.0, n / rate)]
+    return [(s, s / rate, (s + window) / rate) for s in window_starts(n, window, hop)]
+
+
+def window_samples(samples: np.ndarray, start: int, window: int) -> np.ndarray:
+    """One model input: the window at `start`, or the whole short file repeat-padded."""
+    if samples.shape[0] <= window:
+        return repeat_pad(samples, window)
+    return samples[start : start + window]
+
+
+def read_window(raw_path: Path, n: int, start: int, window: int) -> np.ndarray:
+    """The same, read from a raw float32 file without loading the rest of it."""
+    count = min(n, window)
+    data = np.fromfile(raw_path, dtype=np.float32, count=count, offset=4 * start)
+    if data.shape[0] != count:
+        raise OSError(f"short read from {raw_path}")
+    return repeat_pad(data, window) if n <= window else data

@@ -1,0 +1,40 @@
+"""Keyset pagination: an opaque cursor naming the last row seen, and a bounded limit."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import uuid
+
+from flask import request
+
+from api.errors import bad_request
+
+MAX_LIMIT = 500
+
+
+def limit_arg(default: int = 50) -> int:
+    raw = request.args.get("limit", default)
+    try:
+        n = int(raw)
+    except (TypeError, ValueError):
+        raise bad_request("'limit' must be an integer") from None
+    if not 1 <= n <= MAX_LIMIT:
+        raise bad_request(f"'limit' must be between 1 and {MAX_LIMIT}")
+    return n
+
+
+def encode_cursor(created_at: dt.datetime, row_id: uuid.UUID) -> str:
+    return base64.urlsafe_b64encode(f"{created_at.isoformat()}|{row_id}".encode()).decode().rstrip("=")
+
+
+def cursor_arg() -> tuple[dt.datetime, uuid.UUID] | None:
+    raw = request.args.get("cursor")
+    if not raw:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
+        when, _, row_id = text.partition("|")
+        return dt.datetime.fromisoformat(when), uuid.UUID(row_id)
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("'cursor' is not a cursor this API returned") from None

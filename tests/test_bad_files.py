@@ -1,0 +1,204 @@
+"""A corpus of bad and odd inputs: each one either embeds sanely or fails alone with a reason a person
+can read, decided per case below. Checked on `worker.audio.decode` directly (so a failure points at
+the decoder) and as one batch through the API and a real worker (so it points at the rest)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.audio import write
+from tests.conftest import auth, wait_job
+from tests.make_audio import make, png_bytes, tone, tone_and_chirp, wav_bytes, wav_claiming
+from tests.test_formats import upload
+from worker.audio import TARGET_RATE, DecodeError, decode, decode_to_file
+
+
+@dataclasses.dataclass
+class Case:
+    filename: str
+    data: bytes
+    # "done": embeds; duration/rate/channels, when given, are what the item must record.
+    # "failed": fails with an error containing `reason` (case-insensitive).
+    outcome: str
+    reason: str = ""
+    duration: tuple[float, float] | None = None  # inclusive range, seconds
+    rate: int | None = None
+    channels: int | None = None
+    why: str = ""
+
+
+def _float_wav(x: np.ndarray, rate: int) -> bytes:
+    return wav_bytes(x, rate, subtype="FLOAT")
+
+
+def _cut(data: bytes, fraction: float = 0.5) -> bytes:
+    return data[: int(len(data) * fraction)]
+
+
+def build_cases(tmp: Path) -> list[Case]:
+    full_wav = wav_bytes(tone_and_chirp(2.0, 44_100, 2), 44_100)  # 44-byte header, 4 bytes a frame
+    full_flac = make("flac_s16", tmp, seconds=2.0).read_bytes()
+    full_mp3 = make("mp3", tmp, seconds=2.0).read_bytes()
+    nan = tone(1.0, 48_000, 1)
+    nan[1000] = np.nan
+    inf = tone(1.0, 48_000, 2)
+    inf[2000, 1] = np.inf
+    huge = tone(1.0, 48_000, 1) * np.float32(1e30)  # finite: a float file of garbage
+    half_wav_frames = (len(full_wav) // 2 - 44) // 4
+    return [
+        Case("empty.wav", b"", "failed", "empty", why="nothing to decode"),
+        Case("truncated.wav", _cut(full_wav), "done", rate=44_100, channels=2,
+             duration=(half_wav_frames / 44_100 - 1e-6, half_wav_frames / 44_100 + 1e-6),
+             why="a cut download: the first half is good audio"),
+        Case("truncated.flac", _cut(full_flac), "done", rate=44_100, channels=2, duration=(0.5, 1.5),
+             why="libsndfile loses sync at the cut; FFmpeg reads up to it"),
+        Case("truncated.mp3", _cut(full_mp3), "done", rate=44_100, channels=2, duration=(0.8, 1.05),
+             why="MP3 is a run of frames: every whole one decodes"),
+        Case("text.wav", b"this is a shopping list, not audio\n" * 30, "failed", "not a readable audio file"),
+        Case("text.mp3", b"Lorem ipsum dolor sit amet, not audio either\n" * 30, "failed",
+             "not a readable audio file"),
+        Case("image.wav", png_bytes(8, 8), "failed", "no audio stream", why="FFmpeg sees a PNG image"),
+        Case("image.mp3", png_bytes(9, 9), "failed", "no audio stream"),
+        Case("claims_4gb.wav", wav_claiming(tone(1.0, 16_000, 1), 16_000), "done", rate=16_000, channels=1,
+             duration=(1.0, 1.0), why="the header lies; the data that is there is 1 s of good audio"),
+        Case("nan.wav", _float_wav(nan, 48_000), "failed", "NaN"),
+        Case("inf.wav", _float_wav(inf, 48_000), "failed", "NaN or infinite"),
+        Case("huge_floats.wav", _float_wav(huge, 48_000), "failed", "outside the normal range",
+             why="finite, but the log-mel would overflow and the model would return NaN"),
+        Case("silence.wav", wav_bytes(np.zeros((96_000, 1), np.float32), 48_000), "done", rate=48_000,
+             channels=1, duration=(2.0, 2.0), why="silence is a sound a library can hold"),
+        Case("one_sample.wav", wav_bytes(np.full((1, 1), 0.25, np.float32), 48_000), "done", rate=48_000,
+             channels=1, duration=(1 / 48_000, 1 / 48_000), why="repeat-padded to a window like any short clip"),
+        Case("one_sample_44k.wav", wav_bytes(np.full((1, 1), 0.25, np.float32), 44_100), "done", rate=44_100,
+             channels=1, duration=(1 / 44_100, 1 / 44_100), why="one sample through the resampler"),
+        Case("eight_channels.wav", wav_bytes(tone(1.0, 48_000, 8), 48_000), "done", rate=48_000, channels=8,
+             duration=(1.0, 1.0)),
+        Case("rate_8k.wav", wav_bytes(tone(1.0, 8_000, 1), 8_000), "done", rate=8_000, channels=1,
+             duration=(1.0, 1.0)),
+        Case("rate_192k.wav", wav_bytes(tone(1.0, 192_000, 2), 192_000, "PCM_24"), "done", rate=192_000,
+             channels=2, duration=(1.0, 1.0)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[list[Case], dict[str, Path], list[Path]]:
+    d = tmp_path_factory.mktemp("bad")
+    cases = build_cases(tmp_path_factory.mktemp("sources"))
+    paths = {}
+    for c in cases:
+        paths[c.filename] = d / c.filename
+        paths[c.filename].write_bytes(c.data)
+    good = [write(d / "good_a.wav", 3.0, 44_100, 2, freq=330.0), write(d / "good_b.flac", 2.0, 22_050, 1, freq=660.0)]
+    return cases, paths, good
+
+
+# the cases by name, for parametrize (test_case_list_is_complete keeps it in step with build_cases)
+CASE_NAMES = [
+    "empty.wav", "truncated.wav", "truncated.flac", "truncated.mp3", "text.wav", "text.mp3", "image.wav",
+    "image.mp3", "claims_4gb.wav", "nan.wav", "inf.wav", "huge_floats.wav", "silence.wav", "one_sample.wav",
+    "one_sample_44k.wav", "eight_channels.wav", "rate_8k.wav", "rate_192k.wav",
+]
+
+
+def test_case_list_is_complete(corpus):
+    assert [c.filename for c in corpus[0]] == CASE_NAMES
+    assert len({c.data for c in corpus[0]}) == len(CASE_NAMES)  # no two share bytes: none is a duplicate
+
+
+@pytest.mark.parametrize("filename", CASE_NAMES)
+def test_decode_directly(corpus, filename, tmp_path):
+    cases, paths, _ = corpus
+    case = next(c for c in cases if c.filename == filename)
+    path = tmp_path / "blob"  # as the worker sees it: no extension
+    path.write_bytes(case.data)
+    if case.outcome == "failed":
+        for run in (lambda: decode(path), lambda: decode_to_file(path, tmp_path / "raw.f32")):
+            with pytest.raises(DecodeError) as err:  # and nothing else: the worker only catches DecodeError
+                run()
+            message = str(err.value)
+            assert case.reason.lower() in message.lower(), message
+            assert str(tmp_path) not in message and "\n" not in message  # no server paths, one line
+        return
+    tracemalloc.start()
+    try:
+        samples, info = decode(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert samples.dtype == np.float32 and samples.ndim == 1 and samples.size >= 1
+    assert np.isfinite(samples).all()
+    assert info.sample_rate == case.rate and info.channels == case.channels, info
+    lo, hi = case.duration
+    assert lo - 1e-9 <= info.duration_s <= hi + 1e-9, info
+    assert abs(samples.shape[0] - info.duration_s * TARGET_RATE) <= 2
+    # bounded by the data, whatever the header claims (4 GB here would be 8 GB of float32 at 48 kHz)
+    assert peak < 64 * 2**20, peak
+
+
+def test_truncated_keeps_what_precedes_the_cut(corpus, tmp_path):
+    """The readable part of a truncated file is the start of the original, sample for sample."""
+    cases, paths, _ = corpus
+    for name in ("truncated.wav", "truncated.flac"):
+        cut, _ = decode(paths[name])
+        full = tmp_path / name
+        sf.write(str(full), tone_and_chirp(2.0, 44_100, 2), 44_100, subtype="PCM_16")
+        whole, _ = decode(full)
+        n = cut.shape[0] - 200  # the resampler's last few outputs see the cut
+        np.testing.assert_allclose(cut[:n], whole[:n], atol=1e-4)
+
+
+def test_bad_batch_through_the_api(client, new_key, worker, corpus):
+    cases, paths, good = corpus
+    responses = []
+
+    def call(method, url, **kw):
+        r = getattr(client, method)(url, **kw)
+        responses.append((method, url, r.status_code))
+        return r
+
+    key = new_key()
+    lib = call("post", "/v1/libraries", json={"name": "bad files"}, headers=auth(key)).get_json()
+    files = [paths[c.filename] for c in cases] + good
+    r = upload(client, key, lib["id"], files)
+    responses.append(("post", "batches", r.status_code))
+    assert r.status_code == 202, r.get_json()
+    body = r.get_json()
+    assert [i["filename"] for i in body["items"]] == [p.name for p in files]
+    assert not any("duplicate_of" in i for i in body["items"])
+    ids = {i["filename"]: i["id"] for i in body["items"]}
+
+    job = wait_job(client, key, body["job_id"])
+    expected_failed = sorted(c.filename for c in cases if c.outcome == "failed")
+    assert job["status"] == "done_with_errors", job
+    assert job["counts"]["failed"] == len(expected_failed), job
+    assert job["counts"]["done"] == len(files) - len(expected_failed), job
+    assert sorted(e["filename"] for e in job["errors"]) == expected_failed
+    assert all(e["error"] and e["error"].strip() for e in job["errors"])
+
+    outcome = {c.filename: c for c in cases}
+    outcome.update({p.name: Case(p.name, b"", "done") for p in good})
+    for filename, case in outcome.items():
+        item = call("get", f"/v1/items/{ids[filename]}", headers=auth(key)).get_json()
+        emb = call("get", f"/v1/items/{ids[filename]}/embedding", headers=auth(key))
+        call("get", f"/v1/items/{ids[filename]}/audio", headers=auth(key))
+        assert item["status"] == case.outcome, (filename, item)
+        if case.outcome == "failed":
+            assert case.reason.lower() in (item["error"] or "").lower(), (filename, item)
+            assert emb.status_code == 409
+            continue
+        assert item["error"] is None, item
+        vec = np.array(emb.get_json()["vector"], dtype=np.float64)
+        assert np.isfinite(vec).all() and np.linalg.norm(vec) == pytest.approx(1.0, abs=1e-4), filename
+        if case.rate is not None:
+            assert item["sample_rate"] == case.rate and item["channels"] == case.channels, item
+            lo, hi = case.duration
+            assert lo - 1e-6 <= item["duration_s"] <= hi + 1e-6, item
+
+    assert call("get", "/readyz").status_code == 200
+    assert all(code < 500 for *_, code in responses), [r for r in responses if r[2] >= 500]

@@ -1,0 +1,178 @@
+"""The embedding engine: timed segments, per-window parity, determinism, and decoder isolation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from clapq.blobs import BlobStore
+from tests.audio import write
+from tests.conftest import auth, wait_job
+from tests.reference import audio_48k, load_reference, reference_embed
+from tests.test_e2e import upload
+from worker.audio import DecodeError
+from worker.decoder import DecoderProcess
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    return load_reference(tiny_model)
+
+
+def test_long_file_segments_match_reference_windows(client, new_key, worker, tmp_path, reference):
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "long"}, headers=auth(key)).get_json()
+    path = write(tmp_path / "long.flac", 23.0, 16_000, 2, freq=330, seed=3)
+    up = upload(client, key, lib["id"], [path]).get_json()
+    assert wait_job(client, key, up["job_id"])["status"] == "done"
+    item_id = up["items"][0]["id"]
+    segs = client.get(f"/v1/items/{item_id}/segments?vectors=1", headers=auth(key)).get_json()["segments"]
+    # 10 s windows every 5 s, the last one ending at the end of the file
+    assert [(s["start_s"], s["end_s"]) for s in segs] == [(0.0, 10.0), (5.0, 15.0), (10.0, 20.0), (13.0, 23.0)]
+    assert "vector" not in client.get(f"/v1/items/{item_id}/segments", headers=auth(key)).get_json()["segments"][0]
+
+    audio = audio_48k(path)
+    vecs = np.array([s["vector"] for s in segs], dtype=np.float32)
+    for s, v in zip(segs, vecs):
+        start = int(round(s["start_s"] * 48_000))
+        ref = reference_embed(reference, audio[start : start + 480_000])
+        assert float(ref @ v) >= 0.9999, s
+    pooled = np.array(client.get(f"/v1/items/{item_id}/embedding", headers=auth(key)).get_json()["vector"])
+    mean = vecs.mean(axis=0)
+    np.testing.assert_allclose(pooled, mean / np.linalg.norm(mean), atol=1e-5)
+
+
+def test_same_file_same_vectors_whatever_the_batch(client, new_key, worker, tmp_path):
+    """Bit-for-bit: alone, with other files around it, in another order, in another library."""
+    key = new_key()
+    target = write(tmp_path / "target.wav", 12.5, 44_100, 2, freq=500, seed=42)
+    others = [write(tmp_path / f"o{i}.wav", 1.0 + 3 * i, 48_000, 1, freq=100 * (i + 2), seed=i) for i in range(5)]
+    seen = []
+    for n, batch in enumerate([[target], others[:3] + [target] + others[3:], [others[4], target]]):
+        lib = client.post("/v1/libraries", json={"name": f"d{n}"}, headers=auth(key)).get_json()
+        up = upload(client, key, lib["id"], batch).get_json()
+        assert wait_job(client, key, up["job_id"])["status"] == "done"
+        tid = next(i["id"] for i in up["items"] if i["filename"] == "target.wav")
+        segs = client.get(f"/v1/items/{tid}/segments?vectors=1", headers=auth(key)).get_json()["segments"]
+        seen.append(np.array([s["vector"] for s in segs], dtype=np.float32))
+    assert seen[0].shape == (2, 512)  # 0-10 s and 2.5-12.5 s
+    assert all(np.array_equal(seen[0], s) for s in seen[1:])
+
+
+@pytest.fixture()
+def fifo(tmp_path):
+    path = tmp_path / "hangs.wav"
+    os.mkfifo(path)  # opening it for reading blocks forever: a decoder that hangs
+    return path
+
+
+def test_decoder_hang_is_killed_and_the_next_file_decodes(fifo, tmp_path):
+    good = write(tmp_path / "good.wav", 1.0)
+    d = DecoderProcess()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DecodeError, match="longer than 2 s"):
+            d.decode(fifo, tmp_path / "out1.f32", timeout_s=2, max_duration_s=None)
+        assert time.monotonic() - t0 < 30
+        info, n = d.decode(good, tmp_path / "out2.f32", timeout_s=60, max_duration_s=None)
+        assert n == 48_000 and info.sample_rate == 48_000
+    finally:
+        d.close()
+
+
+def test_decoder_crash_fails_only_that_file(fifo, tmp_path):
+    good = write(tmp_path / "good.wav", 1.0)
+    d = DecoderProcess()
+    try:
+        d.decode(good, tmp_path / "warm.f32", timeout_s=60, max_duration_s=None)
+        pid = d.proc.pid
+        threading.Timer(1.0, os.kill, (pid, 11)).start()  # the codec segfaults mid-file
+        with pytest.raises(DecodeError, match=r"crashed.*signal 11"):
+            d.decode(fifo, tmp_path / "out.f32", timeout_s=60, max_duration_s=None)
+        info, n = d.decode(good, tmp_path / "again.f32", timeout_s=60, max_duration_s=None)
+        assert n == 48_000 and d.proc.pid != pid
+    finally:
+        d.close()
+
+
+def test_hanging_file_fails_alone_in_a_job(client, new_key, worker, settings, tmp_path):
+    """Through the real worker: the hung item fails with a reason, its neighbour is embedded."""
+    from clapq.db import session_scope
+    from clapq.models import Item, Job
+    from clapq.queue import enqueue_items
+
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "poison"}, headers=auth(key)).get_json()
+    good = write(tmp_path / "good.wav", 2.0, seed=5)
+    up = upload(client, key, lib["id"], [good]).get_json()
+    assert wait_job(client, key, up["job_id"])["status"] == "done"
+    blobs = BlobStore(settings.blob_dir)
+    sha = uuid.uuid4().hex + uuid.uuid4().hex
+    os.mkfifo(blobs.path_for(sha).parent.mkdir(parents=True, exist_ok=True) or blobs.path_for(sha))
+    good2 = write(tmp_path / "good2.wav", 3.0, seed=6)
+    sha2 = blobs.put_bytes(good2.read_bytes())
+    with session_scope(settings.database_url) as s:
+        lib_row_tenant = s.get(Item, uuid.UUID(up["items"][0]["id"])).tenant_id
+        job = Job(tenant_id=lib_row_tenant, library_id=uuid.UUID(lib["id"]))
+        s.add(job)
+        s.flush()
+        ids = []
+        for name, h in (("hangs.wav", sha), ("good2.wav", sha2)):
+            item = Item(tenant_id=lib_row_tenant, library_id=job.library_id, job_id=job.id, sha256=h,
+                        filename=name, size_bytes=0)
+            s.add(item)
+            s.flush()
+            ids.append(item.id)
+        job_id = str(job.id)
+    from clapq.queue import make_celery
+
+    enqueue_items(make_celery(settings), ids, 4)
+    done = wait_job(client, key, job_id, timeout=240)
+    assert done["status"] == "done_with_errors", done
+    assert done["counts"]["done"] == 1 and done["counts"]["failed"] == 1
+    assert "longer than" in done["errors"][0]["error"] and done["errors"][0]["filename"] == "hangs.wav"
+    assert client.get("/readyz").status_code == 200
+
+
+def test_two_hour_file_streams_with_bounded_memory(tmp_path, tiny_model):
+    """A 2-hour file is decoded and embedded without ever holding it whole at 48 kHz (1.4 GB)."""
+    path = tmp_path / "two_hours.wav"
+    with sf.SoundFile(str(path), "w", samplerate=8_000, channels=1, subtype="PCM_16") as f:
+        block = (0.3 * np.sin(2 * np.pi * 220 * np.arange(8_000 * 60) / 8_000)).astype(np.float32)
+        for _ in range(120):
+            f.write(block)
+    script = f"""
+import resource, sys, uuid, numpy as np
+from pathlib import Path
+from clapq.blobs import BlobStore
+from clapq.checkpoint import resolve
+from clapq.clap import get_clap
+from worker import pipeline
+from worker.decoder import get_pool
+from worker.embedder import AudioEmbedder
+from worker.store import Claimed
+blobs = BlobStore({str(tmp_path / 'blobs')!r})
+w = blobs.writer(); w.write(Path({str(path)!r}).read_bytes()); sha = w.commit()
+emb = AudioEmbedder(get_clap(resolve({str(tiny_model)!r}), "cpu"))
+out = []
+opts = pipeline.Options(batch_size=16, scratch_dir=Path({str(tmp_path)!r}))
+pipeline.run([Claimed(uuid.uuid4(), sha, None, 1)], blobs, get_pool(1), emb, opts,
+             lambda fin: out.extend(fin), lambda d: sys.exit("failed: " + d.error))
+d, vecs = out[0]
+print(len(d.windows), d.windows[-1][2], d.info.duration_s, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    windows, last_end, duration, maxrss_kb = r.stdout.split()
+    assert int(windows) == 1439 and float(last_end) == pytest.approx(7200.0) and float(duration) == 7200.0
+    assert int(maxrss_kb) < 900 * 1024, f"peak RSS {int(maxrss_kb) // 1024} MB"  # 48 kHz float32 whole: 1382 MB
+    assert not list(tmp_path.glob("decoded-*.f32"))  # scratch files removed

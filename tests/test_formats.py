@@ -1,0 +1,156 @@
+"""Every format clapq claims to read decodes to the right 48 kHz mono signal, through both decoders,
+and a batch of one file per format embeds end to end through the API and a real worker."""
+
+from __future__ import annotations
+
+import io
+import shutil
+
+import numpy as np
+import pytest
+import soxr
+
+import worker.audio as audio
+from tests.conftest import auth, wait_job
+from tests.make_audio import FORMATS, Unavailable, make, tone_and_chirp
+
+SECONDS = 1.5
+FREQ = 440.0
+LOSSY_SLACK_S = 0.03  # encoder padding: AAC pads to a 1024-sample frame, Vorbis/PyAV keeps its last granule
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, object]:
+    """name -> Path of one file per format, or the reason it cannot be written here."""
+    d = tmp_path_factory.mktemp("formats")
+    out: dict[str, object] = {}
+    for name in FORMATS:
+        try:
+            out[name] = make(name, d, SECONDS, FREQ)
+        except Unavailable as exc:
+            out[name] = str(exc)
+    return out
+
+
+def upload(client, key, lib_id, paths):
+    """One multipart batch, as in test_e2e."""
+    data = {"files": [(io.BytesIO(p.read_bytes()), p.name) for p in paths]}
+    return client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), data=data,
+                       content_type="multipart/form-data")
+
+
+def blob_copy(path, tmp_path):
+    """The worker decodes blobs named by sha256, without an extension: so do these tests."""
+    dst = tmp_path / "blob"
+    shutil.copyfile(path, dst)
+    return dst
+
+
+def source_at_48k(fmt) -> np.ndarray:
+    """What the decoder should give for the generated file: its mono mix, resampled to 48 kHz."""
+    mono = tone_and_chirp(SECONDS, fmt.rate, fmt.channels, FREQ).mean(axis=1)
+    return soxr.resample(mono, fmt.rate, audio.TARGET_RATE, quality="HQ") if fmt.rate != audio.TARGET_RATE else mono
+
+
+def best_correlation(x: np.ndarray, ref: np.ndarray, max_lag: int) -> tuple[float, int]:
+    """Normalised correlation of x against ref at the best lag in [-max_lag, max_lag] (codec delay)."""
+    n = 1 << int(np.ceil(np.log2(len(x) + len(ref))))
+    xc = np.fft.irfft(np.fft.rfft(x, n) * np.conj(np.fft.rfft(ref, n)), n)
+    lags = np.r_[np.arange(0, max_lag + 1), np.arange(-max_lag, 0)]
+    lag = int(lags[np.argmax(xc[lags])])
+    a, b = (x[lag:], ref) if lag >= 0 else (x, ref[-lag:])
+    m = min(len(a), len(b))
+    a, b = a[:m].astype(np.float64), b[:m].astype(np.float64)
+    return float(a @ b / np.sqrt((a @ a) * (b @ b))), lag
+
+
+def expected_rates(fmt) -> set[int]:
+    # Opus always decodes at 48 kHz; libsndfile reports the encoder's input rate from the header, FFmpeg 48 kHz
+    return {fmt.rate, 48_000} if "opus" in fmt.name else {fmt.rate}
+
+
+def check_decoded(fmt, samples: np.ndarray, info: audio.AudioInfo) -> None:
+    assert samples.dtype == np.float32 and samples.ndim == 1
+    assert np.isfinite(samples).all()
+    assert info.sample_rate in expected_rates(fmt), info
+    assert info.channels == fmt.channels, info
+    assert info.format, info
+    slack = LOSSY_SLACK_S if fmt.lossy else 1e-6
+    assert info.duration_s == pytest.approx(SECONDS, abs=slack), info
+    # 48 kHz output: as many samples as the original duration says (soxr rounds)
+    assert abs(samples.shape[0] - info.duration_s * audio.TARGET_RATE) <= 2
+
+    # the dominant frequency survives (FFT bin = 0.67 Hz for 1.5 s)
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
+    dominant = np.argmax(spectrum) * audio.TARGET_RATE / len(samples)
+    assert dominant == pytest.approx(FREQ, abs=2.0), (fmt.name, dominant)
+
+    # the whole waveform (tone + chirp) lines up with the source, after at most 50 ms of codec delay
+    ref = source_at_48k(fmt)
+    corr, lag = best_correlation(samples, ref, max_lag=audio.TARGET_RATE // 20)
+    assert corr >= (0.99 if fmt.lossy else 0.999), (fmt.name, corr, lag)
+    if not fmt.lossy:
+        assert lag == 0
+        # mono is the mean of the channels (not the first one, not the sum)
+        rms, ref_rms = np.sqrt(np.mean(samples ** 2)), np.sqrt(np.mean(ref ** 2))
+        assert rms == pytest.approx(ref_rms, rel=0.01), (fmt.name, rms, ref_rms)
+
+
+def get(files, name):
+    value = files[name]
+    if isinstance(value, str):
+        pytest.skip(value)
+    return value
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_decode(files, name, tmp_path):
+    fmt = FORMATS[name]
+    samples, info = audio.decode(blob_copy(get(files, name), tmp_path))
+    check_decoded(fmt, samples, info)
+
+    # the streaming variants the worker uses give the same samples
+    raw = tmp_path / "out.f32"
+    info2, n = audio.decode_to_file(blob_copy(get(files, name), tmp_path), raw)
+    assert info2 == info and n == samples.shape[0]
+    np.testing.assert_array_equal(np.fromfile(raw, dtype=np.float32), samples)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_decode_with_ffmpeg_only(files, name, tmp_path, monkeypatch):
+    """Where libsndfile is older (no MP3/Opus) PyAV decodes those: it must agree on everything."""
+    fmt = FORMATS[name]
+    monkeypatch.setattr(audio, "_soundfile_blocks", lambda path, info: None)
+    samples, info = audio.decode(blob_copy(get(files, name), tmp_path))
+    check_decoded(fmt, samples, info)
+
+
+def test_video_streams_are_ignored(files):
+    """The MP4 and MKV files really carry a video stream (and it is not the first stream in MP4)."""
+    import av
+
+    for name in ("mp4_aac_video", "mkv_flac_video"):
+        with av.open(str(get(files, name))) as c:
+            assert [s.type for s in c.streams].count("video") == 1 and len(c.streams.audio) == 1
+
+
+def test_every_format_in_one_batch(client, new_key, worker, files):
+    paths = {name: p for name, p in files.items() if not isinstance(p, str)}
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "formats"}, headers=auth(key)).get_json()
+    r = upload(client, key, lib["id"], list(paths.values()))
+    assert r.status_code == 202, r.get_json()
+    body = r.get_json()
+    assert len(body["items"]) == len(paths) and not any("duplicate_of" in i for i in body["items"])
+    job = wait_job(client, key, body["job_id"])
+    assert job["status"] == "done", job
+    ids = {i["filename"]: i["id"] for i in body["items"]}
+    for name, path in paths.items():
+        fmt = FORMATS[name]
+        item = client.get(f"/v1/items/{ids[path.name]}", headers=auth(key)).get_json()
+        assert item["status"] == "done" and item["error"] is None, item
+        assert item["sample_rate"] in expected_rates(fmt) and item["channels"] == fmt.channels, item
+        assert item["duration_s"] == pytest.approx(SECONDS, abs=LOSSY_SLACK_S if fmt.lossy else 1e-3), item
+        assert item["format"], item
+        vec = np.array(client.get(f"/v1/items/{ids[path.name]}/embedding", headers=auth(key)).get_json()["vector"])
+        assert np.isfinite(vec).all() and np.linalg.norm(vec) == pytest.approx(1.0, abs=1e-4)

@@ -1,0 +1,134 @@
+"""Decode in child processes, so a file that crashes or hangs a codec fails alone, not the worker."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import queue
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from worker.audio import AudioInfo, DecodeError
+
+
+def _child(conn: Connection) -> None:
+    """Child loop: decode one file at a time to a raw float32 file; EOF on the pipe means exit."""
+    from worker.audio import decode_to_file
+
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return
+        if job is None:
+            return
+        src, dst, max_duration_s = job
+        try:
+            info, n = decode_to_file(src, dst, max_duration_s=max_duration_s)
+            conn.send(("ok", dataclasses.asdict(info), n))
+        except DecodeError as exc:
+            conn.send(("error", str(exc), 0))
+        except MemoryError:
+            conn.send(("error", "the file needs more memory to decode than the decoder may use", 0))
+        except Exception as exc:  # an unexpected codec error is still this file's error
+            conn.send(("error", f"decoder error: {type(exc).__name__}: {str(exc)[:200]}", 0))
+
+
+class DecoderProcess:
+    """One long-lived child; restarted after a crash or a timeout."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.conn: Connection | None = None
+
+    def _start(self) -> None:
+        # A fresh interpreter (no torch, no threads, no inherited state), started with subprocess
+        # because Celery's pool children are daemonic and multiprocessing refuses them children.
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker.decoder", str(theirs.fileno())],
+                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.conn = Connection(ours.detach())
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.conn is not None:
+            self.conn.close()
+        self.proc = self.conn = None
+
+    def close(self) -> None:
+        if self.alive():
+            with contextlib.suppress(OSError):
+                self.conn.send(None)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)
+        self.kill()
+
+    def decode(self, src: Path, dst: Path, timeout_s: float, max_duration_s: float | None) -> tuple[AudioInfo, int]:
+        """Decode src into dst; raises DecodeError for bad files, crashed or hung decoders."""
+        if not self.alive():
+            self._start()
+        self.conn.send((str(src), str(dst), max_duration_s))
+        if not self.conn.poll(timeout_s):
+            self.kill()
+            raise DecodeError(f"decoding took longer than {timeout_s:g} s (CLAPQ_DECODE_TIMEOUT_S); gave up")
+        try:
+            status, payload, n = self.conn.recv()
+        except (EOFError, OSError):
+            code = self.proc.wait(5) if self.proc is not None else None
+            self.kill()
+            how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+            raise DecodeError(f"the decoder crashed on this file ({how})") from None
+        if status != "ok":
+            raise DecodeError(payload)
+        return AudioInfo(**payload), n
+
+
+class DecoderPool:
+    """A fixed set of decoder children shared by the threads of this worker process."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: queue.Queue[DecoderProcess] = queue.Queue()
+        for _ in range(size):
+            self._free.put(DecoderProcess())
+
+    @contextlib.contextmanager
+    def checkout(self) -> Iterator[DecoderProcess]:
+        d = self._free.get()
+        try:
+            yield d
+        finally:
+            self._free.put(d)
+
+    def close(self) -> None:
+        while not self._free.empty():
+            self._free.get_nowait().close()
+
+
+_pools: dict[int, DecoderPool] = {}
+_lock = threading.Lock()
+
+
+def get_pool(size: int) -> DecoderPool:
+    """The process-wide pool (children are started lazily, on first use)."""
+    with _lock:
+        if size not in _pools:
+            _pools[size] = DecoderPool(size)
+            atexit.register(_pools[size].close)
+        return _pools[size]
+
+
+if __name__ == "__main__":
+    _child(Connection(int(sys.argv[1])))

@@ -1,0 +1,36 @@
+"""A background thread that keeps a task's claimed items fresh while it works on them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+
+from clapq.db import session_scope
+
+log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def beating(url: str, ids: list[uuid.UUID], task_id: str, interval_s: float) -> Iterator[None]:
+    from worker.store import heartbeat
+
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval_s):
+            try:
+                with session_scope(url) as s:
+                    heartbeat(s, ids, task_id)
+            except Exception:  # a missed beat only risks a harmless duplicate run
+                log.warning("heartbeat failed", exc_info=True)
+
+    t = threading.Thread(target=loop, name="heartbeat", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(5)
