@@ -10,7 +10,7 @@ from clapq.settings import Settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    from api import auth, batches, db, errors, health, items, jobs, libraries, openapi, search
+    from api import auth, batches, db, errors, health, items, jobs, libraries, metrics, openapi, search
     from api.uploads import StreamingRequest
 
     settings = (settings or Settings.from_env()).require_urls()
@@ -36,4 +36,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(v1)
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
+    app.register_blueprint(metrics.bp)
+    metrics.register(app)
     return app

@@ -1,4 +1,4 @@
-"""Liveness (/healthz, cheap) and readiness (/readyz: Postgres, Redis, model) probes."""
+"""Liveness (/healthz, cheap) and readiness (/readyz: Postgres, Redis, a live worker, model) probes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from sqlalchemy import text
 
 from api.db import db
 from clapq.checkpoint import ModelUnavailable, resolve
+from clapq.presence import live_workers
 
 bp = Blueprint("health", __name__)
 
@@ -31,6 +32,11 @@ def readyz():
             checks["redis"] = "ok"
     except Exception as exc:
         checks["redis"] = f"error: {type(exc).__name__}"
+    try:
+        n = live_workers(current_app.extensions["clapq_celery"])
+        checks["workers"] = "ok" if n else "error: no live worker (start `clapq worker`)"
+    except Exception as exc:
+        checks["workers"] = f"error: {type(exc).__name__}"
     try:
         resolve(settings.model)
         checks["model"] = "ok"

@@ -193,6 +193,9 @@ def cmd_up(args) -> None:
 def cmd_beat(args) -> None:
     os.environ["CLAPQ_PROCESS"] = "clapq-beat"
     settings = Settings.from_env().require_urls()
+    from clapq import logs
+
+    logs.configure(settings.log_level)
     from worker.sweeper import run_forever
 
     run_forever(settings)

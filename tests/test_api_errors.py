@@ -104,10 +104,16 @@ def test_body_over_limit_is_413(settings, new_key):
     assert "1000" in e["message"]
 
 
-def test_health_and_openapi(client):
+def test_health_metrics_and_openapi(client, worker):
     assert client.get("/healthz").get_json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.get_json()
-    assert ready.get_json()["checks"] == {"postgres": "ok", "redis": "ok", "model": "ok"}
+    assert ready.get_json()["checks"] == {"postgres": "ok", "redis": "ok", "workers": "ok", "model": "ok"}
+    m = client.get("/metrics")
+    assert m.status_code == 200 and m.mimetype == "text/plain"
+    body = m.get_data(as_text=True)
+    for name in ("clapq_items{state=\"done\"}", "clapq_queue_depth", "clapq_workers_live 1.0",
+                 "clapq_embed_batch_seconds_bucket", "clapq_windows_total", "clapq_http_request_duration_seconds"):
+        assert name in body, name
     spec = client.get("/openapi.json").get_json()
     assert spec["openapi"].startswith("3.") and "/v1/search" in spec["paths"]

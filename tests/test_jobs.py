@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 
 from tests.audio import write
 from tests.conftest import auth, wait_job
@@ -52,6 +53,10 @@ def test_retry_failed_and_cancel(client, new_key, worker, tmp_path, settings):
     assert job["status"] == "done_with_errors"
     failed = client.get(f"/v1/jobs/{up['job_id']}/items?status=failed", headers=auth(key)).get_json()["items"]
     assert [i["filename"] for i in failed] == ["bad.wav"] and failed[0]["attempts"] == 1
+    # the worker's log is structured JSON that names the tenant, job, item and task
+    lines = [json.loads(x) for x in worker.output().splitlines() if x.startswith("{")]
+    hit = [x for x in lines if x.get("msg") == "item failed" and x.get("item_id") == failed[0]["id"]]
+    assert hit and hit[0]["job_id"] == up["job_id"] and hit[0]["task_id"] and hit[0]["tenant_id"]
     r = client.post(f"/v1/jobs/{up['job_id']}/retry", headers=auth(key))
     assert r.status_code == 202 and r.get_json()["requeued"] == 1
     again = wait_job(client, key, up["job_id"])

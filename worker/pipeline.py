@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -86,7 +87,8 @@ def read_ahead(pool: DecoderPool, blobs: BlobStore, items: list, rate: int, opts
 
 def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedder, opts: Options,
         on_done: Callable[[list[tuple[Decoded, np.ndarray]]], None],
-        on_failed: Callable[[Decoded], None]) -> None:
+        on_failed: Callable[[Decoded], None],
+        on_batch: Callable[[int, float], None] | None = None) -> None:
     """Pack windows from many files into full batches; hand finished items to the writer."""
     window = embedder.window_samples
     queue: list[tuple[Decoded, int]] = []  # (file, window index) waiting for the model
@@ -100,7 +102,10 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
             waves[row] = read_window(d.raw_path, d.n, d.windows[i][0], window)
         # always a full batch (zero rows pad the last one): the same shapes every time, so a
         # file's vectors never depend on what else was in its batch
+        t0 = time.perf_counter()
         vectors = embedder.embed(waves)[: len(batch)]
+        if on_batch is not None:
+            on_batch(len(batch), time.perf_counter() - t0)
         finished = []
         for (d, i), vec in zip(batch, vectors):
             slots = results.get(d.item.id)

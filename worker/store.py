@@ -19,6 +19,8 @@ class Claimed:
     sha256: str
     library_id: uuid.UUID
     model_id: int
+    job_id: uuid.UUID | None = None
+    tenant_id: uuid.UUID | None = None
 
 
 def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: int, task_id: str,
@@ -49,7 +51,7 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
         else:
             item.status, item.attempts, item.claimed_by = "running", item.attempts + 1, task_id
             item.started_at = item.updated_at = func.now()
-            claimed.append(Claimed(item.id, item.sha256, item.library_id, lib_model))
+            claimed.append(Claimed(item.id, item.sha256, item.library_id, lib_model, item.job_id, item.tenant_id))
     return claimed
 
 

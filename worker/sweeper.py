@@ -29,21 +29,26 @@ def sweep_once(settings: Settings, app) -> int:
 
     with session_scope(settings.database_url) as s:
         # running, but no heartbeat for a while: its worker is gone (killed, lost, shut down)
-        ids = list(s.scalars(select(Item.id).where(Item.status == "running",
+        lost = list(s.scalars(select(Item.id).where(Item.status == "running",
                                                    older_than(settings.stale_after_s)).limit(10_000)
                              .with_for_update(skip_locked=True)))
         # queued rows are only orphans when the broker holds nothing: a lost message,
         # a Redis restart that lost its data, or an enqueue that failed after the commit
+        orphans = []
         if _queue_depth(app) == 0:
-            ids += list(s.scalars(select(Item.id).where(Item.status == "queued",
+            orphans = list(s.scalars(select(Item.id).where(Item.status == "queued",
                                                         older_than(settings.stale_after_s)).limit(10_000)
                              .with_for_update(skip_locked=True)))
+        ids = lost + orphans
         if ids:
             # back to queued, so the new task's claim takes them (attempts still count every try)
             s.execute(update(Item).where(Item.id.in_(ids), Item.status.in_(("queued", "running")))
                       .values(status="queued", updated_at=now))
     if ids:
-        enqueue_items(app, ids, settings.items_per_task)
+        # Items whose worker died go one per task: if one of them is what kills workers, it can
+        # only take itself down from now on, and its attempts run out while the others finish.
+        enqueue_items(app, lost, 1)
+        enqueue_items(app, orphans, settings.items_per_task)
         log.warning("re-enqueued stranded items", extra={"count": len(ids)})
     return len(ids)
 

@@ -10,6 +10,7 @@ from celery import shared_task
 from celery.signals import worker_process_init
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from clapq import metrics
 from clapq.blobs import BlobStore
 from clapq.checkpoint import register_model, resolve
 from clapq.db import session_scope
@@ -81,16 +82,20 @@ def embed_items(self, item_ids: list[str]) -> dict:
             for d, vectors in finished:
                 store.write_item(s, d.item, d.info, d.spans, vectors)
         counts["done"] += len(finished)
+        metrics.record_items(self.app, done=len(finished))
 
     def on_failed(d) -> None:
         with session_scope(settings.database_url) as s:
             store.record_failure(s, d.item.id, d.error, d.info)
         counts["failed"] += 1
-        log.info("item failed", extra={"item_id": str(d.item.id), "error": d.error})
+        metrics.record_items(self.app, failed=1)
+        log.info("item failed", extra={"item_id": str(d.item.id), "job_id": str(d.item.job_id),
+                                       "tenant_id": str(d.item.tenant_id), "error": d.error})
 
     try:
         with beating(settings.database_url, [c.id for c in claimed], self.request.id or "local", settings.heartbeat_s):
-            pipeline.run(claimed, blobs, get_pool(settings.decoders), embedder, opts, on_done, on_failed)
+            pipeline.run(claimed, blobs, get_pool(settings.decoders), embedder, opts, on_done, on_failed,
+                         on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs))
     except TRANSIENT:
         raise  # Celery retries the task with backoff; the writes are idempotent
     except Exception as exc:

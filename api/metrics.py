@@ -1,0 +1,83 @@
+"""GET /metrics in Prometheus format: items by state, queue depth, embed throughput, latencies."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from flask import Blueprint, Flask, Response, current_app, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from sqlalchemy import func, select
+
+from clapq import metrics
+from clapq.db import session_scope
+from clapq.models import Item
+from clapq.presence import live_workers
+from clapq.queue import EMBED_QUEUE
+
+bp = Blueprint("metrics", __name__)
+
+REQUEST_SECONDS = Histogram("clapq_http_request_duration_seconds", "HTTP request latency",
+                            ["method", "endpoint", "status"],
+                            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+
+
+class StateCollector:
+    """Read at scrape time from Postgres and Redis, so every API process reports the same truth."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+
+    def collect(self):
+        settings = self.app.config["CLAPQ"]
+        celery = self.app.extensions["clapq_celery"]
+        items = GaugeMetricFamily("clapq_items", "Items by state", labels=["state"])
+        with session_scope(settings.database_url) as s:
+            counts = dict(s.execute(select(Item.status, func.count()).group_by(Item.status)).all())
+        for state in ("queued", "running", "done", "failed", "cancelled"):
+            items.add_metric([state], counts.get(state, 0))
+        yield items
+        with celery.connection_for_write() as conn:
+            depth = conn.default_channel.client.llen(EMBED_QUEUE)
+        yield GaugeMetricFamily("clapq_queue_depth", "Tasks waiting in the broker", value=depth)
+        yield GaugeMetricFamily("clapq_workers_live", "Workers with a fresh presence key", value=live_workers(celery))
+        m = metrics.read(celery)
+        for name, help_ in (("windows_total", "Audio windows embedded"), ("items_done_total", "Items embedded"),
+                            ("items_failed_total", "Items failed")):
+            c = CounterMetricFamily(f"clapq_{name[:-6]}", help_)
+            c.add_metric([], m.get(name, 0.0))
+            yield c
+        h = HistogramMetricFamily("clapq_embed_batch_seconds", "Model time per batch of windows")
+        buckets = [(str(b), m.get(f"batch_le_{b}", 0.0)) for b in metrics.BATCH_BUCKETS]
+        buckets.append(("+Inf", m.get("batches_total", 0.0)))
+        h.add_metric([], buckets, m.get("batch_seconds_sum", 0.0))
+        yield h
+
+
+def register(app: Flask) -> None:
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # gunicorn workers share one view of the latencies
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry.register(REQUEST_SECONDS)
+    registry.register(StateCollector(app))
+    app.extensions["clapq_metrics"] = registry
+
+    @app.before_request
+    def _start_timer():
+        g._t0 = time.perf_counter()
+
+    @app.after_request
+    def _observe(response):
+        if "_t0" in g:
+            REQUEST_SECONDS.labels(request.method, request.url_rule.rule if request.url_rule else "unmatched",
+                                   str(response.status_code)).observe(time.perf_counter() - g._t0)
+        return response
+
+
+@bp.get("/metrics")
+def metrics_endpoint():
+    return Response(generate_latest(current_app.extensions["clapq_metrics"]), mimetype=CONTENT_TYPE_LATEST)

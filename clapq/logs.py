@@ -1,0 +1,63 @@
+"""Structured JSON logs carrying tenant, job, item and task ids, for every clapq process."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sys
+
+# attributes every LogRecord has; anything else on a record came from `extra=` and is logged
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class ContextFilter(logging.Filter):
+    """Adds the Celery task id and the HTTP request's tenant when there is one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            from celery import current_task
+
+            if current_task and current_task.request.id and not hasattr(record, "task_id"):
+                record.task_id = current_task.request.id
+        except Exception:  # noqa: S110 - logging must never fail the caller
+            pass
+        try:
+            from flask import g, has_request_context
+
+            if has_request_context() and "tenant_id" in g and not hasattr(record, "tenant_id"):
+                record.tenant_id = str(g.tenant_id)
+        except Exception:  # noqa: S110
+            pass
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "process": os.environ.get("CLAPQ_PROCESS", "clapq"),
+            "pid": record.process,
+        }
+        for k, v in vars(record).items():
+            if k not in _STANDARD and not k.startswith("_"):
+                out[k] = v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure(level: str = "INFO", fmt: str | None = None) -> None:
+    """JSON to stderr by default; CLAPQ_LOG_FORMAT=text for people reading a terminal."""
+    fmt = fmt or os.environ.get("CLAPQ_LOG_FORMAT", "json")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,52 @@
+"""Live-worker keys in Redis (with a TTL), so /readyz can tell that someone will do the work."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+PREFIX = "clapq:workers:"
+TTL_S = 30
+_stop = threading.Event()
+_state: dict = {}
+
+
+def _key(hostname: str) -> str:
+    return f"{PREFIX}{hostname}:{os.getpid()}"
+
+
+def start(app, hostname: str, interval_s: float = 10.0) -> None:
+    _state["key"] = _key(hostname)
+    info = json.dumps({"hostname": hostname, "pid": os.getpid(), "started": time.time()})
+
+    def loop() -> None:
+        while True:
+            try:
+                with app.connection_for_write() as conn:
+                    conn.default_channel.client.set(_state["key"], info, ex=TTL_S)
+            except Exception:  # Redis away: the key expires and /readyz says so
+                log.warning("presence update failed", exc_info=True)
+            if _stop.wait(interval_s):
+                return
+
+    threading.Thread(target=loop, name="presence", daemon=True).start()
+
+
+def stop(app) -> None:
+    _stop.set()
+    if "key" in _state:
+        try:
+            with app.connection_for_write() as conn:
+                conn.default_channel.client.delete(_state["key"])
+        except Exception:  # noqa: S110 - it expires anyway
+            pass
+
+
+def live_workers(app) -> int:
+    with app.connection_for_write() as conn:
+        return sum(1 for _ in conn.default_channel.client.scan_iter(match=PREFIX + "*", count=100))

@@ -1,0 +1,247 @@
+"""Fault injection with real processes: kill, stop and cut off workers, Redis and Postgres mid-job;
+every file still ends embedded exactly once (or failed with a reason) and the job says so."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select, text
+
+from clapq.db import get_engine, session_scope
+from clapq.embedded import EmbeddedRedis
+from clapq.models import Embedding, Item, Segment
+from tests.audio import signal as tone
+from tests.conftest import WorkerProcess, auth, make_env
+
+pytestmark = pytest.mark.slow
+
+FAST_RECOVERY = dict(CLAPQ_HEARTBEAT_S="1", CLAPQ_STALE_AFTER_S="4", CLAPQ_SWEEP_INTERVAL_S="1",
+                     CLAPQ_ITEMS_PER_TASK="8")
+
+
+class Beat:
+    """`clapq beat`: the sweeper loop, as a real process."""
+
+    def __init__(self, env, log_path):
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "beat"], env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture()
+def stack(services, tiny_model, tmp_path):
+    """A private Redis, worker(s) and sweeper, so killing them cannot disturb other tests."""
+    redis = EmbeddedRedis(tmp_path / "redis")
+    redis.start()
+    env = make_env(services, tiny_model, tmp_path / "blobs", REDIS_URL=redis.url, **FAST_RECOVERY)
+    from api import create_app
+    from clapq.settings import Settings
+
+    settings = Settings.from_env(env)
+    st = {"env": env, "redis": redis, "settings": settings, "workers": [], "beat": None, "tmp": tmp_path,
+          "client": create_app(settings).test_client()}
+
+    def worker() -> WorkerProcess:
+        w = WorkerProcess(env, tmp_path / f"worker{len(st['workers'])}.log").start()
+        st["workers"].append(w)
+        return w
+
+    def beat() -> Beat:
+        st["beat"] = Beat(env, tmp_path / "beat.log")
+        return st["beat"]
+
+    st["worker"], st["start_beat"] = worker, beat
+    try:
+        yield st
+    finally:
+        for w in st["workers"]:
+            w.stop(signal.SIGKILL)
+        if st["beat"]:
+            st["beat"].stop()
+        redis.stop()
+
+
+def make_batch(n: int, seconds: float = 0.5) -> list[tuple[io.BytesIO, str]]:
+    import soundfile as sf
+
+    out = []
+    for i in range(n):
+        buf = io.BytesIO()
+        sf.write(buf, tone(seconds, 16_000, 1, freq=100 + 7 * i, seed=i), 16_000, format="WAV")
+        out.append((io.BytesIO(buf.getvalue()), f"f{i:03d}.wav"))
+    return out
+
+
+def start_job(st, n: int, key: str | None = None) -> tuple[str, str, str]:
+    from tests.conftest import auth as _auth
+
+    with session_scope(st["settings"].database_url) as s:
+        from clapq.keys import create_key
+
+        key = key or create_key(s, f"faults-{uuid.uuid4().hex[:8]}")
+    c = st["client"]
+    lib = c.post("/v1/libraries", json={"name": "faults"}, headers=_auth(key)).get_json()
+    r = c.post(f"/v1/libraries/{lib['id']}/batches", headers=_auth(key), data={"files": make_batch(n)},
+               content_type="multipart/form-data")
+    assert r.status_code == 202, r.get_json()
+    return key, lib["id"], r.get_json()["job_id"]
+
+
+def job(st, key, job_id) -> dict:
+    return st["client"].get(f"/v1/jobs/{job_id}", headers=auth(key)).get_json()
+
+
+def wait_until(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def wait_finished(st, key, job_id, timeout=240) -> dict:
+    return wait_until(lambda: (j := job(st, key, job_id))["status"] not in ("queued", "running") and j,
+                      timeout, f"job {job_id} to finish: {job(st, key, job_id)}")
+
+
+def assert_exactly_once(st, job_id: str, n: int) -> None:
+    """Every item done, with exactly one pooled vector and exactly its one segment: no duplicates."""
+    with session_scope(st["settings"].database_url) as s:
+        jid = uuid.UUID(job_id)
+        items = s.scalars(select(Item).where(Item.job_id == jid)).all()
+        assert len(items) == n and {i.status for i in items} == {"done"}
+        ids = [i.id for i in items]
+        seg = dict(s.execute(select(Segment.item_id, func.count()).where(Segment.item_id.in_(ids))
+                             .group_by(Segment.item_id)).all())
+        emb = dict(s.execute(select(Embedding.item_id, func.count()).where(Embedding.item_id.in_(ids))
+                             .group_by(Embedding.item_id)).all())
+    assert set(seg.values()) == {1} and len(seg) == n
+    assert set(emb.values()) == {1} and len(emb) == n
+
+
+def test_sigkill_worker_mid_job(stack):
+    w = stack["worker"]()
+    stack["start_beat"]()
+    key, _, job_id = start_job(stack, 200)
+    wait_until(lambda: job(stack, key, job_id)["counts"]["done"] >= 30, 120, "some progress")
+    w.stop(signal.SIGKILL)  # the whole worker, pool children and decoders included
+    before = job(stack, key, job_id)["counts"]
+    assert before["done"] < 200
+    stack["worker"]()
+    assert wait_finished(stack, key, job_id)["status"] == "done"
+    assert_exactly_once(stack, job_id, 200)
+
+
+def test_sigterm_worker_keeps_finished_work(stack):
+    w = stack["worker"]()
+    stack["start_beat"]()
+    key, _, job_id = start_job(stack, 120)
+    wait_until(lambda: job(stack, key, job_id)["counts"]["done"] >= 20, 120, "some progress")
+    w.stop(signal.SIGTERM)  # warm shutdown: the running chunk finishes and is acked
+    done_at_stop = job(stack, key, job_id)["counts"]["done"]
+    assert done_at_stop >= 20
+    stack["worker"]()
+    assert wait_finished(stack, key, job_id)["status"] == "done"
+    assert_exactly_once(stack, job_id, 120)
+
+
+def test_redis_restarted_empty_mid_job(stack):
+    stack["worker"]()
+    stack["start_beat"]()
+    key, _, job_id = start_job(stack, 120)
+    wait_until(lambda: job(stack, key, job_id)["counts"]["done"] >= 10, 120, "some progress")
+    redis: EmbeddedRedis = stack["redis"]
+    redis.proc.kill()  # no shutdown, no save
+    redis.proc.wait()
+    shutil.rmtree(redis.data_dir)  # and its data is gone
+    assert job(stack, key, job_id)["counts"]["done"] < 120
+    redis.start()  # same port, empty
+    assert wait_finished(stack, key, job_id, timeout=300)["status"] == "done"
+    assert_exactly_once(stack, job_id, 120)
+
+
+def test_enqueue_fails_after_commit(stack):
+    """The API's broker is unreachable when it enqueues: the rows are committed, the sweeper delivers."""
+    from api import create_app
+
+    stack["worker"]()
+    stack["start_beat"]()
+    broken = dataclasses.replace(stack["settings"], redis_url="redis://127.0.0.1:9/0")
+    stack["client"] = create_app(broken).test_client()
+    key, _, job_id = start_job(stack, 12)
+    assert job(stack, key, job_id)["status"] == "queued"
+    assert wait_finished(stack, key, job_id, timeout=120)["status"] == "done"
+    assert_exactly_once(stack, job_id, 12)
+
+
+def test_postgres_connections_dropped_mid_write(stack):
+    stack["worker"]()
+    stack["start_beat"]()
+    key, _, job_id = start_job(stack, 120)
+    wait_until(lambda: job(stack, key, job_id)["counts"]["done"] >= 10, 120, "some progress")
+    engine = get_engine(stack["settings"].database_url)
+    killed = 0
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline and job(stack, key, job_id)["status"] == "running":
+        with engine.begin() as conn:
+            killed += conn.execute(text("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                        "WHERE application_name = 'clapq-worker'")).scalar()
+        time.sleep(0.3)
+    assert killed > 0
+    assert wait_finished(stack, key, job_id, timeout=300)["status"] == "done"
+    assert_exactly_once(stack, job_id, 120)
+
+
+def test_poison_file_that_kills_its_worker_fails_after_the_attempt_limit(stack):
+    """A file on which the worker dies every time: failed after CLAPQ_MAX_ATTEMPTS, the rest completes."""
+    from clapq.blobs import BlobStore
+
+    settings = stack["settings"]
+    key, lib_id, job_id = start_job(stack, 6)
+    # one of the items' blobs becomes a file whose read never returns; each time a worker is
+    # busy with it we kill that worker outright, as a crash in the native code would
+    with session_scope(settings.database_url) as s:
+        poison = s.scalars(select(Item).where(Item.job_id == uuid.UUID(job_id)).order_by(Item.filename)).first()
+        poison_id, sha = poison.id, poison.sha256
+    path = BlobStore(settings.blob_dir).path_for(sha)
+    path.unlink()
+    os.mkfifo(path)
+    stack["start_beat"]()
+    kills = 0
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        with session_scope(settings.database_url) as s:
+            item = s.get(Item, poison_id)
+            status, attempts = item.status, item.attempts
+        if status == "failed":
+            break
+        if not stack["workers"] or stack["workers"][-1].proc is None:
+            stack["worker"]()
+        if status == "running" and attempts > kills:
+            stack["workers"][-1].stop(signal.SIGKILL)
+            kills += 1
+        time.sleep(0.3)
+    final = job(stack, key, job_id)
+    assert final["status"] == "done_with_errors", final
+    assert final["counts"]["done"] == 5 and final["counts"]["failed"] == 1
+    err = final["errors"][0]["error"]
+    assert "gave up after 3 attempts" in err, err
+    assert kills == 3
