@@ -10,7 +10,7 @@ from clapq.settings import Settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    from api import auth, batches, db, errors, health, items, jobs, libraries, metrics, openapi, search
+    from api import auth, batches, db, errors, health, items, jobs, libraries, metrics, openapi, search, tagging
     from api.uploads import StreamingRequest
 
     settings = (settings or Settings.from_env()).require_urls()
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     v1 = Blueprint("v1", __name__, url_prefix="/v1")
     v1.before_request(auth.require_tenant)
-    for module in (libraries, batches, jobs, items, search):
+    for module in (libraries, batches, jobs, items, search, tagging):
         v1.register_blueprint(module.bp)
     app.register_blueprint(v1)
     app.register_blueprint(health.bp)

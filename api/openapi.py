@@ -31,6 +31,16 @@ SEARCH_RESULT = {
     },
 }
 
+CLASSIFY = {"type": "object", "required": ["labels"], "properties": {
+    "labels": {"type": "array", "items": {"type": "string"}}, "template": {"type": "string"},
+    "top": {"type": "integer", "minimum": 1}}}
+
+SEARCH_BODY = {"type": "object", "properties": {
+    "library_id": _ID, "library_ids": {"type": "array", "items": _ID}, "text": {"type": "string"},
+    "item_id": _ID, "k": {"type": "integer", "minimum": 1}, "offset": {"type": "integer", "minimum": 0},
+    "min_score": {"type": "number"}, "mode": {"enum": ["items", "segments"]},
+    "filter": {"type": "object", "description": '{"metadata": {key: value | {"in": [...]}}, "duration_s": {"min", "max"}}'}}}
+
 SPEC = {
     "openapi": "3.1.0",
     "info": {"title": "clapq", "version": "0.1.0",
@@ -79,6 +89,31 @@ SPEC = {
                     "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                     "metadata": {"type": "string", "description": "JSON object: filename -> object"}}}}}},
             "responses": {**_ok("accepted", None, "202"), "413": _ERR, "415": _ERR, "507": _ERR}}},
+        "/v1/jobs": {"get": {"parameters": [
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+            {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
+            "responses": _ok("the tenant's jobs, newest first")}},
+        "/v1/jobs/{job_id}/items": {"get": {"parameters": [
+            _path_id("job_id"),
+            {"name": "status", "in": "query", "schema": {"enum": ["queued", "running", "done", "failed", "cancelled"]}},
+            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+            {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
+            "responses": _ok("a page of the job's items")}},
+        "/v1/jobs/{job_id}/cancel": {"post": {"parameters": [_path_id("job_id")],
+                                              "responses": {**_ok("cancelled"), "409": _ERR}}},
+        "/v1/jobs/{job_id}/retry": {"post": {"parameters": [_path_id("job_id")],
+                                             "responses": _ok("failed items re-queued", None, "202")}},
+        "/v1/libraries/{library_id}/classify": {"post": {"parameters": [_path_id("library_id")],
+                                                         "requestBody": {"required": True, "content": {
+                                                             "application/json": {"schema": CLASSIFY}}},
+                                                         "responses": _ok("top labels per item")}},
+        "/v1/items/{item_id}/classify": {"post": {"parameters": [_path_id("item_id")],
+                                                  "requestBody": {"required": True, "content": {
+                                                      "application/json": {"schema": CLASSIFY}}},
+                                                  "responses": {**_ok("top labels"), "409": _ERR}}},
+        "/v1/items/{item_id}/duplicates": {"get": {"parameters": [
+            _path_id("item_id"), {"name": "threshold", "in": "query", "schema": {"type": "number"}}],
+            "responses": {**_ok("exact and near duplicates"), "409": _ERR}}},
         "/v1/jobs/{job_id}": {"get": {"parameters": [_path_id("job_id")],
                                       "responses": _ok("the job", {"$ref": "#/components/schemas/Job"})}},
         "/v1/items/{item_id}": {"get": {"parameters": [_path_id("item_id")],
@@ -96,9 +131,11 @@ SPEC = {
                 {"name": "q", "in": "query", "required": True, "schema": {"type": "string"}},
                 {"name": "k", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
                 "responses": {**_ok("results, best first", SEARCH_RESULT), "409": _ERR}},
-            "post": {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "type": "object", "required": ["library_id", "text"], "properties": {
-                    "library_id": _ID, "text": {"type": "string"}, "k": {"type": "integer", "minimum": 1}}}}}},
+            "post": {"requestBody": {"required": True, "content": {
+                "application/json": {"schema": SEARCH_BODY},
+                "multipart/form-data": {"schema": {"type": "object", "properties": {
+                    "audio": {"type": "string", "format": "binary"}, "library_id": _ID,
+                    "k": {"type": "integer"}, "mode": {"type": "string"}, "filter": {"type": "string"}}}}}},
                 "responses": {**_ok("results, best first", SEARCH_RESULT), "409": _ERR}},
         },
     },

@@ -1,72 +1,218 @@
-"""Search a library by text: embed the query with the library's model, order by cosine distance."""
+"""Search by text, by an uploaded clip or by an existing item; results are items (with the best
+segment's time span) or segments, filtered by libraries and metadata, best first."""
 
 from __future__ import annotations
 
+import json
+import uuid
+
 from flask import Blueprint, current_app, g, request
-from sqlalchemy import select, text
+from sqlalchemy import and_, or_, select, text
+from sqlalchemy.dialects.postgresql import JSONB
 
 from api.db import db
 from api.errors import ApiError, bad_request
 from api.lookup import owned
-from api.models_info import describe, serving_checkpoint, serving_model_id
-from clapq.models import Embedding, Item, Library
+from api.models_info import describe, serving_model_id
+from api.query import audio_vector, item_vector, text_vectors
+from clapq.models import Embedding, Item, Library, Segment
 
 bp = Blueprint("search", __name__)
 
-
-def embed_query(q: str):
-    """The API's own text tower, loaded lazily on the first search (never at start-up)."""
-    from clapq.clap import get_clap
-
-    settings = current_app.config["CLAPQ"]
-    return get_clap(serving_checkpoint(), settings.device, text_only=True).embed_text([q])[0]
+MAX_CANDIDATES = 20_000
 
 
-def _params() -> tuple[str | None, str | None, object]:
+def _int(raw, name: str, lo: int, hi: int, default: int) -> int:
+    if raw is None or raw == "":
+        return default
+    if isinstance(raw, bool) or isinstance(raw, float) and raw != int(raw):
+        raise bad_request(f"'{name}' must be an integer")
+    try:
+        v = int(raw)
+    except (TypeError, ValueError):
+        raise bad_request(f"'{name}' must be an integer") from None
+    if not lo <= v <= hi:
+        raise bad_request(f"'{name}' must be between {lo} and {hi}")
+    return v
+
+
+def _params() -> dict:
+    """The same parameters from a query string, a JSON body or a multipart form."""
     if request.method == "GET":
-        return request.args.get("library_id"), request.args.get("q"), request.args.get("k", 10)
+        p = {k: request.args.get(k) for k in ("q", "k", "offset", "min_score", "mode", "item_id", "filter")}
+        p["library_ids"] = request.args.getlist("library_id")
+        return p
+    if (request.content_type or "").startswith("multipart/form-data"):
+        f = request.form
+        p = {k: f.get(k) for k in ("q", "text", "k", "offset", "min_score", "mode", "item_id", "filter")}
+        p["q"] = p.pop("text") or p["q"]
+        p["library_ids"] = f.getlist("library_id")
+        p["audio"] = request.files.get("audio")
+        return p
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise bad_request("send a JSON object like {\"library_id\": ..., \"text\": ..., \"k\": 10}")
-    return body.get("library_id"), body.get("text", body.get("q")), body.get("k", 10)
+        raise bad_request('send a JSON object like {"library_id": ..., "text": ..., "k": 10}')
+    p = {k: body.get(k) for k in ("k", "offset", "min_score", "mode", "item_id", "filter")}
+    p["q"] = body.get("text", body.get("q"))
+    ids = body.get("library_ids", [])
+    if body.get("library_id") is not None:
+        ids = [body["library_id"], *ids] if isinstance(ids, list) else ids
+    p["library_ids"] = ids
+    return p
+
+
+def _filters(raw) -> list:
+    """metadata equality / `in` on JSON keys, and a duration range: {"metadata": {...}, "duration_s": {...}}."""
+    if raw in (None, ""):
+        return []
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except ValueError:
+            raise bad_request("'filter' is not valid JSON") from None
+    if not isinstance(raw, dict) or set(raw) - {"metadata", "duration_s"}:
+        raise bad_request("'filter' may have 'metadata' and 'duration_s'")
+    conds = []
+    for key, want in (raw.get("metadata") or {}).items():
+        if isinstance(want, dict):
+            if set(want) != {"in"} or not isinstance(want["in"], list) or not want["in"]:
+                raise bad_request(f"metadata filter on {key!r}: use a value or {{\"in\": [values]}}")
+            conds.append(or_(*[Item.meta.op("@>")(_jsonb({key: v})) for v in want["in"]]))
+        else:
+            conds.append(Item.meta.op("@>")(_jsonb({key: want})))
+    dur = raw.get("duration_s") or {}
+    if not isinstance(dur, dict) or set(dur) - {"min", "max"}:
+        raise bad_request("'duration_s' filter takes 'min' and/or 'max' seconds")
+    for bound, op in (("min", "__ge__"), ("max", "__le__")):
+        if bound in dur:
+            if not isinstance(dur[bound], (int, float)) or isinstance(dur[bound], bool):
+                raise bad_request(f"duration_s.{bound} must be a number")
+            conds.append(getattr(Item.duration_s, op)(float(dur[bound])))
+    return conds
+
+
+def _jsonb(value: dict):
+    from sqlalchemy import cast, literal
+
+    return cast(literal(json.dumps(value)), JSONB)
 
 
 @bp.route("/search", methods=["GET", "POST"])
 def search():
     settings = current_app.config["CLAPQ"]
-    lib_id, q, k_raw = _params()
-    if not lib_id:
-        raise bad_request("'library_id' is required")
-    lib = owned(Library, lib_id, "library")
-    if not isinstance(q, str) or not q.strip():
-        raise bad_request("the query text ('q' or 'text') is required")
-    if len(q) > settings.max_query_chars:
-        raise bad_request(f"the query is {len(q)} characters; the limit is {settings.max_query_chars}")
-    try:
-        k = int(k_raw)
-        if isinstance(k_raw, bool) or isinstance(k_raw, float) and k_raw != k:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise bad_request("'k' must be an integer") from None
-    if not 1 <= k <= settings.max_k:
-        raise bad_request(f"'k' must be between 1 and {settings.max_k}")
-    if lib.model_id != serving_model_id():
-        raise ApiError(409, "model_mismatch", "this library was embedded with another model than the API serves")
-    vec = embed_query(q.strip())
+    p = _params()
+    lib_ids = p["library_ids"]
+    if not isinstance(lib_ids, list) or not lib_ids:
+        raise bad_request("'library_id' (or 'library_ids') is required")
+    libs = [owned(Library, i, "library") for i in lib_ids]
+    model_id = serving_model_id()
+    if any(lib.model_id != model_id for lib in libs):
+        raise ApiError(409, "model_mismatch", "a library was embedded with another model than the API serves; "
+                       "vectors of two models are never compared")
+    k = _int(p.get("k"), "k", 1, settings.max_k, 10)
+    offset = _int(p.get("offset"), "offset", 0, 10 * settings.max_k, 0)
+    mode = p.get("mode") or "items"
+    if mode not in ("items", "segments"):
+        raise bad_request("'mode' must be 'items' or 'segments'")
+    min_score = p.get("min_score")
+    if min_score not in (None, ""):
+        try:
+            min_score = float(min_score)
+        except (TypeError, ValueError):
+            raise bad_request("'min_score' must be a number between -1 and 1") from None
+        if not -1.0 <= min_score <= 1.0:
+            raise bad_request("'min_score' must be a number between -1 and 1")
+    else:
+        min_score = None
+    conds = _filters(p.get("filter"))
+
+    q, audio, item_id = p.get("q"), p.get("audio"), p.get("item_id")
+    given = [x for x in (q, audio, item_id) if x not in (None, "")]
+    if len(given) != 1:
+        raise bad_request("give exactly one of: text ('q' or 'text'), an 'audio' clip, or an 'item_id'")
+    exclude = None
+    if audio is not None:
+        vec = audio_vector(audio)
+    elif item_id not in (None, ""):
+        item, vec = item_vector(str(item_id))
+        exclude = item.id
+    else:
+        if not isinstance(q, str) or not q.strip():
+            raise bad_request("the query text must be a non-empty string")
+        if len(q) > settings.max_query_chars:
+            raise bad_request(f"the query is {len(q)} characters; the limit is {settings.max_query_chars}")
+        vec = text_vectors([q.strip()])[0]
+
+    lib_uuids = [lib.id for lib in libs]
+    if exclude is not None and mode == "items":
+        # "more like this": whole item against whole items (pooled vectors), so that the same bytes
+        # elsewhere score 1; the span shown is the other item's segment closest to this item
+        rows = _nearest_items(vec, lib_uuids, model_id, conds, exclude, offset + k, min_score)
+    else:
+        rows = _nearest(vec, lib_uuids, model_id, conds, exclude, mode, offset + k, min_score)
+    results = []
+    for r in rows[offset : offset + k]:
+        res = {"item_id": str(r.item_id), "library_id": str(r.library_id), "filename": r.filename,
+               "score": round(1.0 - float(r.d), 6), "metadata": r.meta or {}}
+        span = {"start_s": round(r.start_s, 3), "end_s": round(r.end_s, 3)}
+        results.append({**res, **span} if mode == "segments" else {**res, "segment": span})
+    return {"model": describe(model_id), "mode": mode, "k": k, "offset": offset, "results": results}
+
+
+def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude, mode: str, want: int,
+             min_score: float | None) -> list:
+    """Nearest segments through the HNSW index (iterative scans keep filtered queries returning rows);
+    for items, segments are grouped to each item's best one, widening the candidate set until enough
+    distinct items are found or the library is exhausted."""
     session = db()
-    # Iterative scans keep the HNSW index returning rows until k pass the library filter.
-    session.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
-    session.execute(text(f"SET LOCAL hnsw.ef_search = {min(1000, max(100, 2 * k))}"))
+    distance = Segment.vector.cosine_distance(vec)
+    where = [Segment.library_id.in_(lib_ids), Segment.model_id == model_id, Item.tenant_id == g.tenant_id,
+             Item.status == "done", *conds]
+    if exclude is not None:
+        where.append(Segment.item_id != exclude)
+    if min_score is not None:
+        where.append(distance <= 1.0 - min_score)
+    n = want if mode == "segments" else min(MAX_CANDIDATES, want * 4)
+    while True:
+        session.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
+        session.execute(text(f"SET LOCAL hnsw.ef_search = {min(1000, max(100, n))}"))
+        rows = session.execute(
+            select(Segment.item_id, Segment.library_id, Segment.start_s, Segment.end_s, Item.filename, Item.meta,
+                   distance.label("d"))
+            .join(Item, Item.id == Segment.item_id).where(and_(*where)).order_by(distance).limit(n)
+        ).all()
+        session.rollback()
+        if mode == "segments":
+            return rows
+        best: dict = {}
+        for r in rows:  # rows come best first: the first row of an item is its best segment
+            best.setdefault(r.item_id, r)
+        if len(best) >= want or len(rows) < n or n >= MAX_CANDIDATES:
+            return list(best.values())
+        n = min(MAX_CANDIDATES, n * 4)
+
+
+def _nearest_items(vec, lib_ids, model_id: int, conds: list, exclude, want: int, min_score: float | None) -> list:
+    session = db()
     distance = Embedding.vector.cosine_distance(vec)
-    rows = session.execute(
-        select(Item.id, Item.filename, Item.meta, distance.label("d"))
-        .join(Item, Item.id == Embedding.item_id)
-        .where(Embedding.library_id == lib.id, Embedding.model_id == lib.model_id, Item.tenant_id == g.tenant_id)
-        .order_by(distance).limit(k)
+    where = [Embedding.library_id.in_(lib_ids), Embedding.model_id == model_id, Item.tenant_id == g.tenant_id,
+             Item.status == "done", Embedding.item_id != exclude, *conds]
+    if min_score is not None:
+        where.append(distance <= 1.0 - min_score)
+    session.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
+    session.execute(text(f"SET LOCAL hnsw.ef_search = {min(1000, max(100, want))}"))
+    hits = session.execute(
+        select(Embedding.item_id, Embedding.library_id, Item.filename, Item.meta, distance.label("d"))
+        .join(Item, Item.id == Embedding.item_id).where(and_(*where)).order_by(distance).limit(want)
     ).all()
+    seg_d = Segment.vector.cosine_distance(vec)
+    spans: dict = {}
+    for r in session.execute(select(Segment.item_id, Segment.start_s, Segment.end_s)
+                             .where(Segment.item_id.in_([h.item_id for h in hits]), Segment.model_id == model_id)
+                             .order_by(seg_d)):
+        spans.setdefault(r.item_id, r)  # best first: keep each item's closest segment
     session.rollback()
-    return {
-        "model": describe(lib.model_id),
-        "results": [{"item_id": str(i), "filename": f, "score": round(1.0 - float(d), 6), "metadata": m or {}}
-                    for i, f, m, d in rows],
-    }
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(**h._asdict(), start_s=spans[h.item_id].start_s, end_s=spans[h.item_id].end_s)
+            for h in hits if h.item_id in spans]

@@ -93,12 +93,18 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model):
     from clapq.clap import get_clap
 
     qvec = get_clap(resolve(str(tiny_model)), "cpu", text_only=True).embed_text(["a calm sine tone"])[0]
-    expected = sorted(((float(qvec @ v), n) for n, v in vectors.items()), reverse=True)
+    best = {}
+    for name in vectors:  # an item scores as its best-matching segment
+        segs = client.get(f"/v1/items/{ids[name]}/segments?vectors=1", headers=auth(key)).get_json()["segments"]
+        best[name] = max((float(qvec @ np.array(sg["vector"], dtype=np.float32)), sg["start_s"], sg["end_s"])
+                         for sg in segs)
+    expected = sorted(((b[0], n) for n, b in best.items()), reverse=True)
     res = client.get("/v1/search", query_string={"library_id": lib["id"], "q": "a calm sine tone", "k": 3},
                      headers=auth(key)).get_json()
     assert [r["filename"] for r in res["results"]] == [n for _, n in expected[:3]]
-    for r, (score, _) in zip(res["results"], expected):
+    for r, (score, name) in zip(res["results"], expected):
         assert r["score"] == pytest.approx(score, abs=1e-4)
+        assert (r["segment"]["start_s"], r["segment"]["end_s"]) == pytest.approx(best[name][1:], abs=1e-3)
     res2 = client.post("/v1/search", json={"library_id": lib["id"], "text": "a calm sine tone", "k": 10},
                        headers=auth(key)).get_json()
     assert len(res2["results"]) == len(paths)  # failed items are not searchable

@@ -1,0 +1,101 @@
+"""Query vectors for search and tagging: text (cached in Redis), an uploaded clip, or a stored item."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from flask import current_app
+
+from api.db import db
+from api.errors import ApiError, bad_request
+from api.lookup import owned
+from api.models_info import serving_checkpoint
+from clapq.models import Embedding, Item, Library
+
+log = logging.getLogger(__name__)
+
+TEXT_CACHE_TTL_S = 7 * 24 * 3600
+
+
+def _clap(text_only: bool):
+    """The API's own model, loaded lazily in this process on first use (never at start-up), so a
+    search never waits behind bulk ingest in the workers' queue."""
+    from clapq.clap import get_clap
+
+    return get_clap(serving_checkpoint(), current_app.config["CLAPQ"].device, text_only=text_only)
+
+
+def _redis():
+    return current_app.extensions["clapq_celery"].connection_for_write()
+
+
+def text_vectors(texts: list[str]) -> np.ndarray:
+    """One unit vector per text; each is computed once per model and then served from Redis."""
+    ckpt = serving_checkpoint()
+    keys = [f"clapq:text:{ckpt.weights_sha256[:16]}:{hashlib.sha256(t.encode()).hexdigest()}" for t in texts]
+    found: list[bytes | None] = [None] * len(texts)
+    try:
+        with _redis() as conn:
+            found = conn.default_channel.client.mget(keys)
+    except Exception:  # the cache is an optimisation: Redis away means compute
+        log.warning("text cache unavailable", exc_info=True)
+    missing = [i for i, v in enumerate(found) if v is None]
+    out = np.zeros((len(texts), 512), np.float32)
+    for i, v in enumerate(found):
+        if v is not None:
+            out[i] = np.frombuffer(v, np.float32)
+    if missing:
+        vecs = _clap(text_only=True).embed_text([texts[i] for i in missing])
+        for i, v in zip(missing, vecs):
+            out[i] = v
+        try:
+            with _redis() as conn:
+                pipe = conn.default_channel.client.pipeline(transaction=False)
+                for i in missing:
+                    pipe.set(keys[i], out[i].tobytes(), ex=TEXT_CACHE_TTL_S)
+                pipe.execute()
+        except Exception:
+            log.warning("text cache write failed", exc_info=True)
+    return out
+
+
+def audio_vector(upload) -> np.ndarray:
+    """Embed an uploaded clip like a stored item: decoded in a killable child, windows, normalised mean."""
+    from worker.audio import DecodeError
+    from worker.decoder import get_pool
+    from worker.embedder import AudioEmbedder
+    from worker.windows import read_window, spans
+
+    settings = current_app.config["CLAPQ"]
+    with tempfile.TemporaryDirectory(prefix="clapq-query-") as tmp:
+        src, raw = Path(tmp) / "clip", Path(tmp) / "clip.f32"
+        upload.save(src)
+        try:
+            with get_pool(1).checkout() as decoder:
+                _, n = decoder.decode(src, raw, min(60, settings.decode_timeout_s), 600)
+        except DecodeError as exc:
+            raise bad_request(f"the 'audio' clip could not be decoded: {exc}") from None
+        emb = current_app.extensions.setdefault("clapq_audio_embedder", {})
+        if "e" not in emb:
+            emb["e"] = AudioEmbedder(_clap(text_only=False))
+        e = emb["e"]
+        windows = [read_window(raw, n, s, e.window_samples) for s, _, _ in
+                   spans(n, e.rate, e.window_samples, e.window_samples // 2)]
+    vecs = np.concatenate([e.embed(np.stack(windows[i : i + 16])) for i in range(0, len(windows), 16)])
+    mean = vecs.mean(axis=0)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+
+
+def item_vector(raw_id: str) -> tuple[Item, np.ndarray]:
+    """A stored item's pooled vector ("more like this"); the item must be the caller's and embedded."""
+    item = owned(Item, raw_id, "item")
+    lib = db().get(Library, item.library_id)
+    vec = db().scalar(Embedding.__table__.select().with_only_columns(Embedding.vector)
+                      .where(Embedding.item_id == item.id, Embedding.model_id == lib.model_id))
+    if vec is None:
+        raise ApiError(409, "not_embedded", f"item {item.id} has no embedding yet (status {item.status!r})")
+    return item, np.asarray(vec, dtype=np.float32)

@@ -1,0 +1,103 @@
+"""Zero-shot tagging with text labels, and near-duplicate lookup by vector and by sha256."""
+
+from __future__ import annotations
+
+import numpy as np
+from flask import Blueprint, g, request
+from sqlalchemy import select
+
+from api.db import db
+from api.errors import bad_request
+from api.lookup import owned
+from api.pages import cursor_arg, encode_cursor, limit_arg
+from api.query import item_vector, text_vectors
+from clapq.models import Embedding, Item, Library
+
+bp = Blueprint("tagging", __name__)
+
+MAX_LABELS = 200
+DEFAULT_TEMPLATE = "This is a sound of {label}."
+
+
+def _labels() -> tuple[list[str], np.ndarray, int]:
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        raise bad_request('send a JSON object like {"labels": ["dog", "rain"], "template": "This is a sound of {label}."}')
+    labels = body.get("labels")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+        raise bad_request("'labels' must be a non-empty list of strings")
+    if len(labels) > MAX_LABELS:
+        raise bad_request(f"{len(labels)} labels; the limit is {MAX_LABELS}")
+    template = body.get("template", DEFAULT_TEMPLATE)
+    if not isinstance(template, str) or "{label}" not in template or len(template) > 500:
+        raise bad_request("'template' must be a string containing '{label}'")
+    top = body.get("top", min(3, len(labels)))
+    if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= len(labels):
+        raise bad_request(f"'top' must be an integer between 1 and {len(labels)}")
+    return labels, text_vectors([template.replace("{label}", x.strip()) for x in labels]), top
+
+
+def _tags(vec: np.ndarray, labels: list[str], label_vecs: np.ndarray, top: int) -> list[dict]:
+    scores = label_vecs @ np.asarray(vec, dtype=np.float32)
+    order = np.argsort(-scores, kind="stable")[:top]
+    return [{"label": labels[i], "score": round(float(scores[i]), 6)} for i in order]
+
+
+@bp.post("/libraries/<lib_id>/classify")
+def classify_library(lib_id: str):
+    lib = owned(Library, lib_id, "library")
+    labels, label_vecs, top = _labels()
+    limit, cursor = limit_arg(100), cursor_arg()
+    q = (select(Item.id, Item.filename, Item.created_at, Embedding.vector)
+         .join(Embedding, Embedding.item_id == Item.id)
+         .where(Item.library_id == lib.id, Embedding.model_id == lib.model_id, Item.tenant_id == g.tenant_id))
+    if cursor is not None:
+        when, row_id = cursor
+        q = q.where((Item.created_at > when) | ((Item.created_at == when) & (Item.id > row_id)))
+    rows = db().execute(q.order_by(Item.created_at, Item.id).limit(limit + 1)).all()
+    page = rows[:limit]
+    return {
+        "items": [{"item_id": str(r.id), "filename": r.filename, "labels": _tags(r.vector, labels, label_vecs, top)}
+                  for r in page],
+        "next_cursor": encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None,
+    }
+
+
+@bp.post("/items/<item_id>/classify")
+def classify_item(item_id: str):
+    item, vec = item_vector(item_id)
+    labels, label_vecs, top = _labels()
+    return {"item_id": str(item.id), "labels": _tags(vec, labels, label_vecs, top)}
+
+
+@bp.get("/items/<item_id>/duplicates")
+def duplicates(item_id: str):
+    """Exact copies (same sha256) in any of the caller's libraries, and items within `threshold` cosine."""
+    try:
+        threshold = float(request.args.get("threshold", 0.95))
+    except ValueError:
+        raise bad_request("'threshold' must be a number between -1 and 1") from None
+    if not -1.0 <= threshold <= 1.0:
+        raise bad_request("'threshold' must be a number between -1 and 1")
+    limit = limit_arg(50)
+    item, vec = item_vector(item_id)
+    session = db()
+    exact = session.execute(select(Item.id, Item.library_id, Item.filename)
+                            .where(Item.tenant_id == g.tenant_id, Item.sha256 == item.sha256, Item.id != item.id)
+                            .order_by(Item.created_at)).all()
+    lib = session.get(Library, item.library_id)
+    distance = Embedding.vector.cosine_distance(vec)
+    near = session.execute(
+        select(Item.id, Item.library_id, Item.filename, distance.label("d"))
+        .join(Item, Item.id == Embedding.item_id)
+        .join(Library, Library.id == Embedding.library_id)
+        .where(Library.tenant_id == g.tenant_id, Embedding.model_id == lib.model_id, Item.id != item.id,
+               distance <= 1.0 - threshold)
+        .order_by(distance).limit(limit)
+    ).all()
+    return {
+        "item_id": str(item.id), "sha256": item.sha256, "threshold": threshold,
+        "exact": [{"item_id": str(r.id), "library_id": str(r.library_id), "filename": r.filename} for r in exact],
+        "near": [{"item_id": str(r.id), "library_id": str(r.library_id), "filename": r.filename,
+                  "score": round(1.0 - float(r.d), 6)} for r in near],
+    }

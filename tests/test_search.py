@@ -1,0 +1,186 @@
+"""Search forms, filters, pagination, tagging and duplicates, checked against brute force on a small library."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from tests.audio import write
+from tests.conftest import auth, wait_job
+from tests.test_e2e import upload
+
+N = 12
+
+
+@pytest.fixture(scope="module")
+def lib(app, worker, tmp_path_factory, settings):
+    """A library of N files (two long ones) with metadata, plus a copy of one file in a second library."""
+    from clapq.db import session_scope
+    from clapq.keys import create_key
+
+    client = app.test_client()
+    with session_scope(settings.database_url) as s:
+        key = create_key(s, "search-owner")
+    d = tmp_path_factory.mktemp("search")
+    paths = [write(d / f"s{i:02d}.wav", 23.0 if i in (3, 7) else 1.0 + 0.5 * i, 48_000, 1,
+                   freq=150 + 90 * i, seed=100 + i) for i in range(N)]
+    meta = {p.name: {"category": ["rain", "dog", "car"][i % 3], "rank": i} for i, p in enumerate(paths)}
+    a = client.post("/v1/libraries", json={"name": "a"}, headers=auth(key)).get_json()
+    b = client.post("/v1/libraries", json={"name": "b"}, headers=auth(key)).get_json()
+    up = upload(client, key, a["id"], paths, metadata=meta).get_json()
+    up_b = upload(client, key, b["id"], [paths[5]]).get_json()
+    assert wait_job(client, key, up["job_id"])["status"] == "done"
+    assert wait_job(client, key, up_b["job_id"])["status"] == "done"
+    ids = {i["filename"]: i["id"] for i in up["items"]}
+    segs = {}
+    for name, item_id in ids.items():
+        got = client.get(f"/v1/items/{item_id}/segments?vectors=1", headers=auth(key)).get_json()["segments"]
+        segs[item_id] = [(s["start_s"], s["end_s"], np.array(s["vector"], np.float32)) for s in got]
+    return {"key": key, "a": a["id"], "b": b["id"], "ids": ids, "copy": up_b["items"][0]["id"], "segs": segs,
+            "meta": {ids[n]: m for n, m in meta.items()}}
+
+
+def qvec(text: str, tiny_model) -> np.ndarray:
+    from clapq.checkpoint import resolve
+    from clapq.clap import get_clap
+
+    return get_clap(resolve(str(tiny_model)), "cpu", text_only=True).embed_text([text])[0]
+
+
+def brute_items(lib, v, keep=lambda item_id: True):
+    best = [(max(float(v @ s[2]) for s in segs), item_id) for item_id, segs in lib["segs"].items() if keep(item_id)]
+    return sorted(best, reverse=True)
+
+
+def test_text_search_filters_and_pages_match_brute_force(client, lib, tiny_model):
+    h, v = auth(lib["key"]), qvec("dog barking", tiny_model)
+    expected = brute_items(lib, v)
+    got = client.post("/v1/search", json={"library_id": lib["a"], "text": "dog barking", "k": N},
+                      headers=h).get_json()["results"]
+    assert [r["item_id"] for r in got] == [i for _, i in expected]
+    for r, (score, _) in zip(got, expected):
+        assert r["score"] == pytest.approx(score, abs=1e-4)
+    # pages concatenate to the same order
+    pages = []
+    for off in range(0, N, 5):
+        pages += client.get("/v1/search", query_string={"library_id": lib["a"], "q": "dog barking", "k": 5,
+                                                        "offset": off}, headers=h).get_json()["results"]
+    assert [r["item_id"] for r in pages] == [i for _, i in expected]
+    # metadata equality, `in`, duration range, min_score
+    flt = {"metadata": {"category": "dog"}}
+    got = client.post("/v1/search", json={"library_id": lib["a"], "text": "dog barking", "k": 50, "filter": flt},
+                      headers=h).get_json()["results"]
+    assert [r["item_id"] for r in got] == [i for _, i in brute_items(lib, v, lambda i: lib["meta"][i]["category"] == "dog")]
+    flt = {"metadata": {"rank": {"in": [1, 2, 9]}}, "duration_s": {"min": 1.5, "max": 5.0}}
+    got = client.get("/v1/search", query_string={"library_id": lib["a"], "q": "dog barking", "k": 50,
+                                                 "filter": json.dumps(flt)}, headers=h).get_json()["results"]
+    assert sorted(r["metadata"]["rank"] for r in got) == [1, 2]  # rank 9 lasts 5.5 s
+    cut = (expected[3][0] + expected[4][0]) / 2
+    got = client.post("/v1/search", json={"library_id": lib["a"], "text": "dog barking", "k": 50,
+                                          "min_score": cut}, headers=h).get_json()["results"]
+    assert len(got) == 4 and all(r["score"] >= cut - 1e-6 for r in got)
+    # several libraries at once: the copy in library b appears too
+    both = client.post("/v1/search", json={"library_ids": [lib["a"], lib["b"]], "text": "dog barking", "k": 50},
+                       headers=h).get_json()["results"]
+    assert len(both) == N + 1 and lib["copy"] in {r["item_id"] for r in both}
+    for bad in ({"mode": "x"}, {"offset": -1}, {"min_score": 2}, {"filter": {"metadata": {"a": {"nin": [1]}}}},
+                {"filter": {"duration_s": {"min": "long"}}}, {"item_id": lib["copy"]}):
+        r = client.post("/v1/search", json={"library_id": lib["a"], "text": "x", **bad}, headers=h)
+        assert r.status_code == 400, (bad, r.get_json())
+
+
+def test_segment_mode_returns_the_stored_windows(client, lib, tiny_model):
+    h, v = auth(lib["key"]), qvec("engine idling", tiny_model)
+    got = client.post("/v1/search", json={"library_id": lib["a"], "text": "engine idling", "k": 20,
+                                          "mode": "segments"}, headers=h).get_json()["results"]
+    flat = sorted(((float(v @ s[2]), i, s[0], s[1]) for i, segs in lib["segs"].items() for s in segs), reverse=True)
+    assert [(r["item_id"], r["start_s"], r["end_s"]) for r in got] == [(i, a, b) for _, i, a, b in flat[:20]]
+    long_id = lib["ids"]["s03.wav"]
+    spans = [(r["start_s"], r["end_s"]) for r in got if r["item_id"] == long_id]
+    assert set(spans) <= {(s[0], s[1]) for s in lib["segs"][long_id]}
+
+
+def test_more_like_this_and_query_by_clip(client, lib, tmp_path):
+    h = auth(lib["key"])
+    src = lib["ids"]["s05.wav"]
+    got = client.post("/v1/search", json={"library_ids": [lib["a"], lib["b"]], "item_id": src, "k": 3},
+                      headers=h).get_json()["results"]
+    assert got[0]["item_id"] == lib["copy"] and got[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert src not in {r["item_id"] for r in got}
+    # the same bytes as a clip: its own item comes first with score ~1
+    clip = write(tmp_path / "q.wav", 1.0 + 0.5 * 5, 48_000, 1, freq=150 + 90 * 5, seed=105)
+    r = client.post("/v1/search", data={"library_id": lib["a"], "k": "2", "audio": (open(clip, "rb"), "q.wav")},
+                    headers=h, content_type="multipart/form-data")
+    assert r.status_code == 200, r.get_json()
+    top = r.get_json()["results"][0]
+    assert top["item_id"] == src and top["score"] == pytest.approx(1.0, abs=1e-4)
+    r = client.post("/v1/search", data={"library_id": lib["a"], "audio": (io.BytesIO(b"not audio"), "q.wav")},
+                    headers=h, content_type="multipart/form-data")
+    assert r.status_code == 400 and "decoded" in r.get_json()["error"]["message"]
+
+
+def test_classify_and_duplicates(client, lib, tiny_model):
+    h = auth(lib["key"])
+    labels = ["rain", "dog", "car horn", "violin"]
+    r = client.post(f"/v1/libraries/{lib['a']}/classify", json={"labels": labels, "top": 4, "limit": 5},
+                    headers=h).get_json()
+    assert len(r["items"]) == N
+    from clapq.checkpoint import resolve
+    from clapq.clap import get_clap
+
+    lv = get_clap(resolve(str(tiny_model)), "cpu", text_only=True).embed_text(
+        [f"This is a sound of {x}." for x in labels])
+    emb = {i: np.array(client.get(f"/v1/items/{i}/embedding", headers=h).get_json()["vector"], np.float32)
+           for i in lib["ids"].values()}
+    for it in r["items"]:
+        scores = lv @ emb[it["item_id"]]
+        assert [x["label"] for x in it["labels"]] == [labels[j] for j in np.argsort(-scores, kind="stable")]
+        assert [x["score"] for x in it["labels"]] == pytest.approx(sorted(scores, reverse=True), abs=1e-4)
+    one = client.post(f"/v1/items/{lib['ids']['s00.wav']}/classify", json={"labels": labels, "top": 2},
+                      headers=h).get_json()
+    assert len(one["labels"]) == 2
+    assert client.post(f"/v1/libraries/{lib['a']}/classify", json={"labels": []}, headers=h).status_code == 400
+    assert client.post(f"/v1/libraries/{lib['a']}/classify", json={"labels": ["a"], "template": "no slot"},
+                       headers=h).status_code == 400
+
+    d = client.get(f"/v1/items/{lib['ids']['s05.wav']}/duplicates?threshold=0.999", headers=h).get_json()
+    assert [x["item_id"] for x in d["exact"]] == [lib["copy"]]
+    assert lib["copy"] in [x["item_id"] for x in d["near"]]
+
+
+def test_text_embedding_is_cached(client, lib, settings):
+    import hashlib
+
+    from api.query import text_vectors  # noqa: F401  (the cache key layout is the API's)
+    from clapq.queue import make_celery
+
+    text = "a unique query for the cache test"
+    client.get("/v1/search", query_string={"library_id": lib["a"], "q": text}, headers=auth(lib["key"]))
+    with make_celery(settings).connection_for_write() as conn:
+        keys = list(conn.default_channel.client.scan_iter(
+            match=f"clapq:text:*:{hashlib.sha256(text.encode()).hexdigest()}"))
+    assert len(keys) == 1
+
+
+def test_isolation_for_every_query_form(client, lib, new_key, tmp_path):
+    other = auth(new_key())
+    mine = client.post("/v1/libraries", json={"name": "o"}, headers=other).get_json()
+    src = lib["ids"]["s01.wav"]
+    for body in ({"library_id": lib["a"], "text": "x"}, {"library_id": mine["id"], "item_id": src},
+                 {"library_ids": [mine["id"], lib["a"]], "text": "x"}):
+        assert client.post("/v1/search", json=body, headers=other).status_code == 404, body
+    clip = write(tmp_path / "c.wav", 1.0)
+    r = client.post("/v1/search", data={"library_id": lib["a"], "audio": (open(clip, "rb"), "c.wav")},
+                    headers=other, content_type="multipart/form-data")
+    assert r.status_code == 404
+    for path in (f"/v1/items/{src}/duplicates", f"/v1/items/{src}/segments"):
+        assert client.get(path, headers=other).status_code == 404
+    assert client.post(f"/v1/items/{src}/classify", json={"labels": ["a"]}, headers=other).status_code == 404
+    assert client.post(f"/v1/libraries/{lib['a']}/classify", json={"labels": ["a"]},
+                       headers=other).status_code == 404
+    # and the owner's vectors never show up in the other tenant's results
+    assert client.post("/v1/search", json={"library_id": mine["id"], "text": "x", "k": 100},
+                       headers=other).get_json()["results"] == []
