@@ -174,8 +174,10 @@ def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
         where.append(distance <= 1.0 - min_score)
     n = want if mode == "segments" else min(MAX_CANDIDATES, want * 4)
     while True:
+        # iterative scans fetch past ef_search as needed; above ~200 the planner starts choosing exact
+        # scans on its own (48 ms instead of 2.5 ms at 100k: benchmarks/search_scale.md)
         session.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
-        session.execute(text(f"SET LOCAL hnsw.ef_search = {min(1000, max(100, n))}"))
+        session.execute(text(f"SET LOCAL hnsw.ef_search = {min(200, max(100, n))}"))
         rows = session.execute(
             select(Segment.item_id, Segment.library_id, Segment.start_s, Segment.end_s, Item.filename, Item.meta,
                    distance.label("d"))
@@ -200,7 +202,7 @@ def _nearest_items(vec, lib_ids, model_id: int, conds: list, exclude, want: int,
     if min_score is not None:
         where.append(distance <= 1.0 - min_score)
     session.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
-    session.execute(text(f"SET LOCAL hnsw.ef_search = {min(1000, max(100, want))}"))
+    session.execute(text(f"SET LOCAL hnsw.ef_search = {min(200, max(100, want))}"))
     hits = session.execute(
         select(Embedding.item_id, Embedding.library_id, Item.filename, Item.meta, distance.label("d"))
         .join(Item, Item.id == Embedding.item_id).where(and_(*where)).order_by(distance).limit(want)

@@ -50,6 +50,7 @@ class Settings:
     sweep_interval_s: int
     max_pending: int
     max_file_bytes: int
+    compile_model: bool
     log_level: str
 
     @classmethod
@@ -79,6 +80,7 @@ class Settings:
             sweep_interval_s=_int(env, "CLAPQ_SWEEP_INTERVAL_S", 30),
             max_pending=_int(env, "CLAPQ_MAX_PENDING", 200_000),
             max_file_bytes=_int(env, "CLAPQ_MAX_FILE_BYTES", 2 * 1024**3),
+            compile_model=(env.get("CLAPQ_COMPILE") or "0").lower() in ("1", "true", "yes"),
             log_level=env.get("CLAPQ_LOG_LEVEL") or "INFO",
         )
         values.update(overrides)

@@ -176,3 +176,12 @@ print(len(d.windows), d.windows[-1][2], d.info.duration_s, resource.getrusage(re
     assert int(windows) == 1439 and float(last_end) == pytest.approx(7200.0) and float(duration) == 7200.0
     assert int(maxrss_kb) < 900 * 1024, f"peak RSS {int(maxrss_kb) // 1024} MB"  # 48 kHz float32 whole: 1382 MB
     assert not list(tmp_path.glob("decoded-*.f32"))  # scratch files removed
+
+
+def test_duration_limit_fails_the_item_with_the_limit_named(tmp_path):
+    from worker.audio import decode
+
+    path = write(tmp_path / "three.wav", 3.0, 8_000)
+    with pytest.raises(DecodeError, match="longer than the limit of 2 s"):
+        decode(path, max_duration_s=2)
+    assert decode(path, max_duration_s=4)[1].duration_s == 3.0

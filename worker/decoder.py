@@ -112,6 +112,12 @@ class DecoderPool:
         finally:
             self._free.put(d)
 
+    def warm(self) -> None:
+        """Start every child now (interpreter + codec imports take a second), not on the first file."""
+        for d in list(self._free.queue):
+            if not d.alive():
+                d._start()
+
     def close(self) -> None:
         while not self._free.empty():
             self._free.get_nowait().close()

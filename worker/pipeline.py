@@ -50,6 +50,10 @@ class Options:
     scratch_dir: Path = Path(tempfile.gettempdir())
     window_s: float = WINDOW_S
     hop_s: float = HOP_S
+    # files decoding ahead of the model: on a GPU a full batch, so the decoders (child processes) work
+    # on the next batch while the GPU runs this one; on a CPU the model already uses every core, and
+    # deep read-ahead only steals from it (measured: BENCHMARKS.md)
+    read_ahead: int = 0
 
 
 def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options) -> Decoded:
@@ -72,7 +76,7 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options) -
 
 def read_ahead(pool: DecoderPool, blobs: BlobStore, items: list, rate: int, opts: Options) -> Iterator[Decoded]:
     """Decode files in child processes, a bounded number ahead of the model, in input order."""
-    depth = max(1, pool.size)
+    depth = max(1, pool.size, opts.read_ahead)
     with cf.ThreadPoolExecutor(max_workers=depth, thread_name_prefix="decode") as threads:
         it = iter(items)
         pending = [threads.submit(_read, pool, blobs, item, rate, opts) for item in
@@ -91,6 +95,8 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
         on_batch: Callable[[int, float], None] | None = None) -> None:
     """Pack windows from many files into full batches; hand finished items to the writer."""
     window = embedder.window_samples
+    if opts.read_ahead == 0 and embedder.clap.device.type == "cuda":
+        opts = dataclasses.replace(opts, read_ahead=opts.batch_size)
     queue: list[tuple[Decoded, int]] = []  # (file, window index) waiting for the model
     results: dict[uuid.UUID, list] = {}
     seen: list[Decoded] = []

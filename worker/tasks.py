@@ -31,10 +31,19 @@ def _runtime():
 
     settings = Settings.from_env()
     ckpt = resolve(settings.model)
-    embedder = AudioEmbedder(get_clap(ckpt, settings.device))
+    embedder = AudioEmbedder(get_clap(ckpt, settings.device), compile_model=settings.compile_model)
     with session_scope(settings.database_url) as s:
         model_id = register_model(s, ckpt)
-    log.info("model loaded", extra={"model": ckpt.name, "model_id": model_id, "device": str(embedder.clap.device)})
+    import numpy as np
+    import torch
+
+    from worker.decoder import get_pool
+
+    # warm-up: the first forward pass builds kernels and buffers; do it before the first real batch
+    embedder.embed(np.zeros((settings.batch_size, embedder.window_samples), np.float32))
+    get_pool(settings.decoders).warm()
+    log.info("model loaded", extra={"model": ckpt.name, "model_id": model_id, "device": str(embedder.clap.device),
+                                    "torch_threads": torch.get_num_threads()})
     return settings, embedder, model_id
 
 

@@ -1,0 +1,307 @@
+"""Engine throughput, three ways in one run on one machine, with the full-size default CLAP (random weights).
+
+  raw        the model's batched forward on precomputed features (the ceiling)
+  reference  what a user writes by hand: ClapProcessor + ClapModel, one file at a time, one INSERT per file
+  clapq      upload through the HTTP API -> worker -> vectors in Postgres, first upload byte to job `done`
+
+Prints a table, clapq/raw and clapq/reference, peak RSS of API and worker, and writes JSON to
+benchmarks/results/engine_<host>.json. Usage: python benchmarks/engine.py --clips 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def build_full_model(path: Path) -> Path:
+    """The default ClapConfig (HTSAT-tiny audio tower + RoBERTa-base text tower), random weights."""
+    from transformers import ClapConfig, ClapFeatureExtractor, ClapModel, ClapProcessor
+
+    from tests.tinyclap import _tokenizer
+
+    if (path / "model.safetensors").exists():
+        return path
+    torch.manual_seed(0)
+    model = ClapModel(ClapConfig()).eval()
+    model.save_pretrained(path)
+    fe = ClapFeatureExtractor(truncation="rand_trunc", padding="repeatpad")
+    ClapProcessor(feature_extractor=fe, tokenizer=_tokenizer()).save_pretrained(path)
+    return path
+
+
+def make_clips(folder: Path, n: int, rate: int = 44_100) -> list[Path]:
+    """10 s stereo clips at 44.1 kHz (so every path pays for a resample, as real libraries do)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    t = np.arange(10 * rate) / rate
+    out = []
+    for i in range(n):
+        x = 0.3 * np.sin(2 * np.pi * (80 + 13 * i) * t)[:, None] + 0.05 * rng.standard_normal((t.size, 2))
+        p = folder / f"clip{i:04d}.wav"
+        sf.write(str(p), x.astype(np.float32), rate, subtype="PCM_16")
+        out.append(p)
+    return out
+
+
+def rss_peak_mb(pid: int) -> float:
+    """VmHWM of a process and all its descendants' largest (the pool child holds the model)."""
+    import psutil
+
+    best = 0.0
+    try:
+        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return 0.0
+    for p in procs:
+        try:
+            for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    best = max(best, int(line.split()[1]) / 1024)
+        except OSError:
+            pass
+    return best
+
+
+def bench_raw(model_dir: Path, n: int, batch: int) -> dict:
+    from transformers import ClapFeatureExtractor, ClapModel
+
+    fe = ClapFeatureExtractor.from_pretrained(model_dir)
+    model = ClapModel.from_pretrained(model_dir).eval()
+    rng = np.random.default_rng(1)
+    feats = fe([rng.standard_normal(480_000).astype(np.float32) * 0.1 for _ in range(batch)],
+               sampling_rate=48_000, return_tensors="pt")["input_features"]
+    with torch.inference_mode():
+        model.get_audio_features(input_features=feats)  # warm-up
+        t0 = time.perf_counter()
+        done = 0
+        while done < n:
+            model.get_audio_features(input_features=feats)
+            done += batch
+        secs = time.perf_counter() - t0
+    return {"clips": done, "seconds": secs, "clips_per_s": done / secs}
+
+
+def bench_speedups(model_dir: Path, batch: int, reps: int = 3) -> dict:
+    """CPU variants of the audio tower against fp32 eager: clips/s and the worst cosine to eager."""
+    import copy
+
+    from transformers import ClapFeatureExtractor, ClapModel
+
+    fe = ClapFeatureExtractor.from_pretrained(model_dir)
+    base = ClapModel.from_pretrained(model_dir).eval()
+    rng = np.random.default_rng(2)
+    feats = fe([rng.standard_normal(480_000).astype(np.float32) * 0.1 for _ in range(batch)],
+               sampling_rate=48_000, return_tensors="pt")["input_features"]
+
+    def run(fn):
+        with torch.inference_mode():
+            out = fn(feats)  # warm-up (and compilation)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                out = fn(feats)
+            secs = (time.perf_counter() - t0) / reps
+        v = getattr(out, "pooler_output", out).float()
+        return torch.nn.functional.normalize(v, dim=-1), batch / secs
+
+    ref, eager_cps = run(lambda x: base.get_audio_features(input_features=x))
+    out = {"eager_fp32": {"clips_per_s": eager_cps, "min_cosine": 1.0}}
+
+    def variant(name, fn):
+        try:
+            v, cps = run(fn)
+            out[name] = {"clips_per_s": cps, "min_cosine": float((v * ref).sum(-1).min())}
+        except Exception as exc:  # a variant this torch build cannot do is reported, not fatal
+            out[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+
+    def bf16(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return base.get_audio_features(input_features=x)
+
+    variant("autocast_bf16", bf16)
+    cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
+    variant("channels_last", lambda x: cl.get_audio_features(input_features=x.contiguous(
+        memory_format=torch.channels_last)))
+    q = copy.deepcopy(base)
+    q.audio_model = torch.ao.quantization.quantize_dynamic(q.audio_model, {torch.nn.Linear}, dtype=torch.qint8)
+    q.audio_projection = torch.ao.quantization.quantize_dynamic(q.audio_projection, {torch.nn.Linear},
+                                                                dtype=torch.qint8)
+    variant("int8_dynamic_linear", lambda x: q.get_audio_features(input_features=x))
+    compiled = torch.compile(copy.deepcopy(base).audio_model)
+    proj = base.audio_projection
+    variant("torch_compile", lambda x: torch.nn.functional.normalize(
+        proj(compiled(input_features=x).pooler_output), dim=-1))
+    return out
+
+
+def bench_reference(model_dir: Path, clips: list[Path], db_url: str) -> dict:
+    """Hand-written: one file at a time through ClapProcessor + ClapModel, one INSERT per file."""
+    import psycopg2
+    import soxr
+    from transformers import ClapModel, ClapProcessor
+
+    processor = ClapProcessor.from_pretrained(model_dir)
+    model = ClapModel.from_pretrained(model_dir).eval()
+    conn = psycopg2.connect(db_url.replace("postgresql+psycopg2", "postgresql"))
+    with conn, conn.cursor() as cur:
+        cur.execute("CREATE EXTENSION IF NOT EXISTS vector; DROP TABLE IF EXISTS ref_vectors; "
+                    "CREATE TABLE ref_vectors (name text primary key, v vector(512))")
+    t0 = time.perf_counter()
+    for p in clips:
+        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
+        audio = soxr.resample(data.mean(axis=1), rate, 48_000, quality="HQ")
+        inputs = processor(audio=audio, sampling_rate=48_000, truncation="rand_trunc", padding="repeatpad",
+                           return_tensors="pt")
+        with torch.inference_mode():
+            out = model.get_audio_features(**inputs)
+        v = getattr(out, "pooler_output", out)[0].numpy()
+        with conn, conn.cursor() as cur:
+            cur.execute("INSERT INTO ref_vectors VALUES (%s, %s)", (p.name, "[" + ",".join(map(str, v)) + "]"))
+    secs = time.perf_counter() - t0
+    conn.close()
+    return {"clips": len(clips), "seconds": secs, "clips_per_s": len(clips) / secs}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_clapq(model_dir: Path, clips: list[Path], db_url: str, redis_url: str, work: Path,
+                batch_size: int) -> dict:
+    import requests
+
+    from clapq.db import session_scope
+    from clapq.keys import create_key
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
+    port = _free_port()
+    env.update(DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_MODEL=str(model_dir), CLAPQ_DATA_DIR=str(work),
+               CLAPQ_BLOB_DIR=str(work / "blobs"), CLAPQ_BATCH_SIZE=str(batch_size), CLAPQ_ITEMS_PER_TASK="32",
+               CLAPQ_PORT=str(port), CLAPQ_HOST="127.0.0.1", CLAPQ_API_WORKERS="1", HF_HUB_OFFLINE="1",
+               CLAPQ_LOG_LEVEL="WARNING", CLAPQ_COMPILE=os.environ.get("CLAPQ_COMPILE", "0"))
+    cli = [sys.executable, "-m", "clapq.cli"]
+    logs = open(work / "clapq.log", "ab")
+    worker = subprocess.Popen(cli + ["worker"], env=env, stdout=logs, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    api = subprocess.Popen(cli + ["api"], env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with session_scope(db_url) as s:
+            key = create_key(s, f"bench-{time.time_ns()}")
+        h = {"Authorization": f"Bearer {key}"}
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # API up and a worker with the model loaded
+            try:
+                r = requests.get(base + "/readyz", timeout=5)
+                if r.status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        # the pool child loads (and warms, and maybe compiles) the model after the worker reports ready
+        time.sleep(float(os.environ.get("CLAPQ_BENCH_WARMUP_S", "5")))
+        lib = requests.post(base + "/v1/libraries", json={"name": "bench"}, headers=h, timeout=300).json()
+        t0 = time.perf_counter()
+        jobs = []
+        for i in range(0, len(clips), 32):
+            files = [("files", (p.name, p.read_bytes(), "audio/wav")) for p in clips[i : i + 32]]
+            r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", files=files, headers=h, timeout=600)
+            r.raise_for_status()
+            jobs.append(r.json()["job_id"])
+        uploaded = time.perf_counter() - t0
+        while True:
+            states = [requests.get(f"{base}/v1/jobs/{j}", headers=h, timeout=60).json() for j in jobs]
+            if all(s["status"] not in ("queued", "running") for s in states):
+                break
+            time.sleep(0.2)
+        secs = time.perf_counter() - t0
+        assert all(s["status"] == "done" for s in states), states
+        return {"clips": len(clips), "seconds": secs, "clips_per_s": len(clips) / secs, "upload_seconds": uploaded,
+                "worker_peak_rss_mb": rss_peak_mb(worker.pid), "api_peak_rss_mb": rss_peak_mb(api.pid)}
+    finally:
+        for p in (api, worker):
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(60)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(p.pid, signal.SIGKILL)
+        logs.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clips", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "clapq-bench-full-clap")
+    ap.add_argument("--only", default="raw,reference,clapq")
+    ap.add_argument("--tag", default="", help="suffix for the results file name")
+    args = ap.parse_args()
+    from clapq.db import migrate
+    from clapq.embedded import EmbeddedPostgres, EmbeddedRedis
+
+    model_dir = build_full_model(args.model_dir)
+    work = Path(tempfile.mkdtemp(prefix="clapq-bench-"))
+    os.chmod(work, 0o755)
+    clips = make_clips(work / "clips", args.clips)
+    pg, redis = EmbeddedPostgres(work / "pg"), EmbeddedRedis(work / "redis")
+    results: dict = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, torch "
+                                f"{torch.__version__}, threads {torch.get_num_threads()}",
+                     "clips": args.clips, "batch": args.batch, "clip_seconds": 10}
+    try:
+        db_url, redis_url = pg.start(), redis.start()
+        migrate(db_url)
+        only = args.only.split(",")
+        if "raw" in only:
+            results["raw"] = bench_raw(model_dir, args.clips, args.batch)
+        if "speedups" in only:
+            results["speedups"] = bench_speedups(model_dir, args.batch)
+        if "reference" in only:
+            results["reference"] = bench_reference(model_dir, clips, db_url)
+        if "clapq" in only:
+            results["clapq"] = bench_clapq(model_dir, clips, db_url, redis_url, work, args.batch)
+    finally:
+        redis.stop()
+        pg.stop()
+    print(f"\n{results['machine']}; {args.clips} clips of 10 s, batch {args.batch}")
+    print(f"{'path':<10} {'clips/s':>9} {'seconds':>9}")
+    for name in ("raw", "reference", "clapq"):
+        if name in results:
+            print(f"{name:<10} {results[name]['clips_per_s']:>9.2f} {results[name]['seconds']:>9.1f}")
+    for name, v in results.get("speedups", {}).items():
+        print(f"  cpu variant {name:<22} " + (f"{v['clips_per_s']:6.2f} clips/s  min cos {v['min_cosine']:.5f}"
+                                              if "error" not in v else v["error"]))
+    if "clapq" in results:
+        c = results["clapq"]["clips_per_s"]
+        for name in ("raw", "reference"):
+            if name in results:
+                results[f"clapq_over_{name}"] = c / results[name]["clips_per_s"]
+                print(f"clapq/{name}: {results[f'clapq_over_{name}']:.2f}")
+        print(f"upload (all requests returned) after {results['clapq']['upload_seconds']:.1f} s")
+        print(f"peak RSS: worker {results['clapq']['worker_peak_rss_mb']:.0f} MB, "
+              f"api {results['clapq']['api_peak_rss_mb']:.0f} MB")
+    out = ROOT / "benchmarks" / "results" / f"engine{args.tag}_{platform.node()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
