@@ -44,7 +44,6 @@ class Decoded:
 @dataclasses.dataclass
 class Options:
     batch_size: int = 16
-    decoders: int = 2
     decode_timeout_s: float = 600.0
     max_duration_s: float | None = None
     scratch_dir: Path = Path(tempfile.gettempdir())
@@ -103,6 +102,10 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
 
     def flush() -> None:
         batch, queue[:] = queue[:opts.batch_size], queue[opts.batch_size:]
+        # windows of a file that already failed (its scratch file is gone) are dropped, not read
+        batch = [(d, i) for d, i in batch if d.item.id in results]
+        if not batch:
+            return
         waves = np.zeros((opts.batch_size, window), np.float32)
         for row, (d, i) in enumerate(batch):
             waves[row] = read_window(d.raw_path, d.n, d.windows[i][0], window)
@@ -115,7 +118,7 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
         finished = []
         for (d, i), vec in zip(batch, vectors):
             slots = results.get(d.item.id)
-            if slots is None:  # the item already failed on another window
+            if slots is None:  # the item failed on another window of this batch
                 continue
             if not np.isfinite(vec).all():
                 # Postgres would reject the vector and with it the whole batch's transaction: fail this file alone

@@ -80,7 +80,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
         return {"claimed": 0}
     blobs = BlobStore(settings.blob_dir)
     settings.scratch_dir.mkdir(parents=True, exist_ok=True)
-    opts = pipeline.Options(batch_size=settings.batch_size, decoders=settings.decoders,
+    opts = pipeline.Options(batch_size=settings.batch_size,
                             decode_timeout_s=settings.decode_timeout_s, max_duration_s=settings.max_duration_s,
                             scratch_dir=settings.scratch_dir)
     counts = {"claimed": len(claimed), "done": 0, "failed": 0}
