@@ -6,11 +6,12 @@ from flask import Blueprint, current_app, request, send_file
 from sqlalchemy import select
 
 from api.db import db
-from api.errors import ApiError, not_found
+from api.errors import not_found
 from api.lookup import owned
 from api.models_info import describe
+from api.query import item_vector
 from clapq.blobs import BlobStore
-from clapq.models import Embedding, Item, Library, Segment
+from clapq.models import Item, Library, Segment
 
 bp = Blueprint("items", __name__)
 
@@ -38,13 +39,8 @@ def get_item(item_id: str):
 
 @bp.get("/items/<item_id>/embedding")
 def get_embedding(item_id: str):
-    item = owned(Item, item_id, "item")
-    lib = db().get(Library, item.library_id)
-    vec = db().scalar(select(Embedding.vector).where(Embedding.item_id == item.id,
-                                                     Embedding.model_id == lib.model_id))
-    if vec is None:
-        raise ApiError(409, "not_embedded", f"the item has no embedding yet (status {item.status!r})")
-    model = describe(lib.model_id)
+    item, vec = item_vector(item_id)
+    model = describe(db().get(Library, item.library_id).model_id)
     return {"item_id": str(item.id), "model": model, "dim": len(vec), "vector": [float(x) for x in vec]}
 
 

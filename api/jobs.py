@@ -6,13 +6,13 @@ import datetime as dt
 import logging
 
 from flask import Blueprint, current_app, g, request
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import func, select, update
 
 from api.db import db
 from api.errors import ApiError, bad_request
 from api.items import item_json
 from api.lookup import owned
-from api.pages import cursor_arg, encode_cursor, limit_arg
+from api.pages import after_cursor, cursor_arg, limit_arg, page_of
 from clapq.models import Item, Job
 from clapq.queue import enqueue_items
 
@@ -74,24 +74,14 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
     return out
 
 
-def _after(model, cursor, newest_first: bool):
-    if cursor is None:
-        return True
-    when, row_id = cursor
-    if newest_first:
-        return or_(model.created_at < when, and_(model.created_at == when, model.id < row_id))
-    return or_(model.created_at > when, and_(model.created_at == when, model.id > row_id))
-
-
 @bp.get("/jobs")
 def list_jobs():
     limit, cursor = limit_arg(20), cursor_arg()
     rows = db().scalars(
-        select(Job).where(Job.tenant_id == g.tenant_id, _after(Job, cursor, True))
+        select(Job).where(Job.tenant_id == g.tenant_id, after_cursor(Job, cursor, newest_first=True))
         .order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     ).all()
-    page = rows[:limit]
-    nxt = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    page, nxt = page_of(rows, limit)
     return {"jobs": [job_json(j, with_errors=False) for j in page], "next_cursor": nxt}
 
 
@@ -107,12 +97,11 @@ def job_items(job_id: str):
     if status is not None and status not in STATES:
         raise bad_request(f"'status' must be one of {', '.join(STATES)}")
     limit, cursor = limit_arg(100), cursor_arg()
-    q = select(Item).where(Item.job_id == job.id, _after(Item, cursor, False))
+    q = select(Item).where(Item.job_id == job.id, after_cursor(Item, cursor))
     if status:
         q = q.where(Item.status == status)
     rows = db().scalars(q.order_by(Item.created_at, Item.id).limit(limit + 1)).all()
-    page = rows[:limit]
-    nxt = encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None
+    page, nxt = page_of(rows, limit)
     return {"items": [item_json(i) for i in page], "next_cursor": nxt}
 
 

@@ -7,6 +7,7 @@ import datetime as dt
 import uuid
 
 from flask import request
+from sqlalchemy import and_, or_
 
 from api.errors import bad_request
 
@@ -38,3 +39,19 @@ def cursor_arg() -> tuple[dt.datetime, uuid.UUID] | None:
         return dt.datetime.fromisoformat(when), uuid.UUID(row_id)
     except (ValueError, UnicodeDecodeError):
         raise bad_request("'cursor' is not a cursor this API returned") from None
+
+
+def after_cursor(model, cursor: tuple[dt.datetime, uuid.UUID] | None, newest_first: bool = False):
+    """Rows after the cursor in (created_at, id) order (descending when newest_first)."""
+    if cursor is None:
+        return True
+    when, row_id = cursor
+    if newest_first:
+        return or_(model.created_at < when, and_(model.created_at == when, model.id < row_id))
+    return or_(model.created_at > when, and_(model.created_at == when, model.id > row_id))
+
+
+def page_of(rows: list, limit: int) -> tuple[list, str | None]:
+    """Split `limit + 1` fetched rows into the page and the cursor for the next one."""
+    page = rows[:limit]
+    return page, encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from flask import current_app
+from sqlalchemy import select
 
 from api.db import db
 from api.errors import ApiError, bad_request
@@ -94,8 +95,8 @@ def item_vector(raw_id: str) -> tuple[Item, np.ndarray]:
     """A stored item's pooled vector ("more like this"); the item must be the caller's and embedded."""
     item = owned(Item, raw_id, "item")
     lib = db().get(Library, item.library_id)
-    vec = db().scalar(Embedding.__table__.select().with_only_columns(Embedding.vector)
-                      .where(Embedding.item_id == item.id, Embedding.model_id == lib.model_id))
+    vec = db().scalar(select(Embedding.vector).where(Embedding.item_id == item.id,
+                                                     Embedding.model_id == lib.model_id))
     if vec is None:
         raise ApiError(409, "not_embedded", f"item {item.id} has no embedding yet (status {item.status!r})")
     return item, np.asarray(vec, dtype=np.float32)

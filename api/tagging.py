@@ -9,7 +9,7 @@ from sqlalchemy import select
 from api.db import db
 from api.errors import bad_request
 from api.lookup import owned
-from api.pages import cursor_arg, encode_cursor, limit_arg
+from api.pages import after_cursor, cursor_arg, limit_arg, page_of
 from api.query import item_vector, text_vectors
 from clapq.models import Embedding, Item, Library
 
@@ -48,18 +48,18 @@ def classify_library(lib_id: str):
     lib = owned(Library, lib_id, "library")
     labels, label_vecs, top = _labels()
     limit, cursor = limit_arg(100), cursor_arg()
-    q = (select(Item.id, Item.filename, Item.created_at, Embedding.vector)
-         .join(Embedding, Embedding.item_id == Item.id)
-         .where(Item.library_id == lib.id, Embedding.model_id == lib.model_id, Item.tenant_id == g.tenant_id))
-    if cursor is not None:
-        when, row_id = cursor
-        q = q.where((Item.created_at > when) | ((Item.created_at == when) & (Item.id > row_id)))
-    rows = db().execute(q.order_by(Item.created_at, Item.id).limit(limit + 1)).all()
-    page = rows[:limit]
+    rows = db().execute(
+        select(Item.id, Item.filename, Item.created_at, Embedding.vector)
+        .join(Embedding, Embedding.item_id == Item.id)
+        .where(Item.library_id == lib.id, Embedding.model_id == lib.model_id, Item.tenant_id == g.tenant_id,
+               after_cursor(Item, cursor))
+        .order_by(Item.created_at, Item.id).limit(limit + 1)
+    ).all()
+    page, nxt = page_of(rows, limit)
     return {
         "items": [{"item_id": str(r.id), "filename": r.filename, "labels": _tags(r.vector, labels, label_vecs, top)}
                   for r in page],
-        "next_cursor": encode_cursor(page[-1].created_at, page[-1].id) if len(rows) > limit else None,
+        "next_cursor": nxt,
     }
 
 

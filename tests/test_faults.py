@@ -13,7 +13,6 @@ import sys
 import time
 import uuid
 
-import numpy as np
 import pytest
 from sqlalchemy import func, select, text
 
@@ -122,6 +121,15 @@ def wait_finished(st, key, job_id, timeout=240) -> dict:
                       timeout, f"job {job_id} to finish: {job(st, key, job_id)}")
 
 
+def job_under_way(st, n: int, done_at_least: int) -> tuple[str, str]:
+    """A worker and the sweeper running, and an n-file job that has embedded some of its files."""
+    st["worker"]()
+    st["start_beat"]()
+    key, _, job_id = start_job(st, n)
+    wait_until(lambda: job(st, key, job_id)["counts"]["done"] >= done_at_least, 120, "some progress")
+    return key, job_id
+
+
 def assert_exactly_once(st, job_id: str, n: int) -> None:
     """Every item done, with exactly one pooled vector and exactly its one segment: no duplicates."""
     with session_scope(st["settings"].database_url) as s:
@@ -138,11 +146,8 @@ def assert_exactly_once(st, job_id: str, n: int) -> None:
 
 
 def test_sigkill_worker_mid_job(stack):
-    w = stack["worker"]()
-    stack["start_beat"]()
-    key, _, job_id = start_job(stack, 200)
-    wait_until(lambda: job(stack, key, job_id)["counts"]["done"] >= 30, 120, "some progress")
-    w.stop(signal.SIGKILL)  # the whole worker, pool children and decoders included
+    key, job_id = job_under_way(stack, 200, 30)
+    stack["workers"][-1].stop(signal.SIGKILL)  # the whole worker, pool children and decoders included
     before = job(stack, key, job_id)["counts"]
     assert before["done"] < 200
     stack["worker"]()
@@ -151,11 +156,8 @@ def test_sigkill_worker_mid_job(stack):
 
 
 def test_sigterm_worker_keeps_finished_work(stack):
-    w = stack["worker"]()
-    stack["start_beat"]()
-    key, _, job_id = start_job(stack, 120)
-    wait_until(lambda: job(stack, key, job_id)["counts"]["done"] >= 20, 120, "some progress")
-    w.stop(signal.SIGTERM)  # warm shutdown: the running chunk finishes and is acked
+    key, job_id = job_under_way(stack, 120, 20)
+    stack["workers"][-1].stop(signal.SIGTERM)  # warm shutdown: the running chunk finishes and is acked
     done_at_stop = job(stack, key, job_id)["counts"]["done"]
     assert done_at_stop >= 20
     stack["worker"]()
@@ -164,10 +166,7 @@ def test_sigterm_worker_keeps_finished_work(stack):
 
 
 def test_redis_restarted_empty_mid_job(stack):
-    stack["worker"]()
-    stack["start_beat"]()
-    key, _, job_id = start_job(stack, 120)
-    wait_until(lambda: job(stack, key, job_id)["counts"]["done"] >= 10, 120, "some progress")
+    key, job_id = job_under_way(stack, 120, 10)
     redis: EmbeddedRedis = stack["redis"]
     redis.proc.kill()  # no shutdown, no save
     redis.proc.wait()
@@ -193,10 +192,7 @@ def test_enqueue_fails_after_commit(stack):
 
 
 def test_postgres_connections_dropped_mid_write(stack):
-    stack["worker"]()
-    stack["start_beat"]()
-    key, _, job_id = start_job(stack, 120)
-    wait_until(lambda: job(stack, key, job_id)["counts"]["done"] >= 10, 120, "some progress")
+    key, job_id = job_under_way(stack, 120, 10)
     engine = get_engine(stack["settings"].database_url)
     killed = 0
     deadline = time.monotonic() + 8

@@ -154,7 +154,6 @@ def test_classify_and_duplicates(client, lib, tiny_model):
 def test_text_embedding_is_cached(client, lib, settings):
     import hashlib
 
-    from api.query import text_vectors  # noqa: F401  (the cache key layout is the API's)
     from clapq.queue import make_celery
 
     text = "a unique query for the cache test"

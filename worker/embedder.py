@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from clapq.clap import LoadedClap, pooled
+from clapq.clap import LoadedClap
 from worker.features import LogMel
 
 

@@ -23,13 +23,18 @@ class Claimed:
     tenant_id: uuid.UUID | None = None
 
 
+def silent_for(seconds: float):
+    """Items whose row (heartbeat, claim or enqueue) has not been touched for `seconds`."""
+    return Item.updated_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+
+
 def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: int, task_id: str,
           stale_after_s: float) -> list[Claimed]:
     """Mark pending items running (attempts counted here, in Postgres) and return them.
 
     A running item is taken only by a redelivery of the task that holds it, or once its
     heartbeat is older than `stale_after_s` (its worker is gone)."""
-    stale = Item.updated_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, stale_after_s)
+    stale = silent_for(stale_after_s)
     rows = session.execute(
         select(Item, Job.cancelled, Library.model_id)
         .join(Job, Job.id == Item.job_id)

@@ -11,6 +11,7 @@ from clapq.db import session_scope
 from clapq.models import Item
 from clapq.queue import EMBED_QUEUE, enqueue_items, make_celery
 from clapq.settings import Settings
+from worker.store import silent_for
 
 log = logging.getLogger(__name__)
 
@@ -22,28 +23,23 @@ def _queue_depth(app) -> int:
 
 def sweep_once(settings: Settings, app) -> int:
     """One pass; returns how many items were re-enqueued."""
-    now = func.now()
-
-    def older_than(seconds: float):
-        return Item.updated_at < now - func.make_interval(0, 0, 0, 0, 0, 0, seconds)
-
     with session_scope(settings.database_url) as s:
         # running, but no heartbeat for a while: its worker is gone (killed, lost, shut down)
         lost = list(s.scalars(select(Item.id).where(Item.status == "running",
-                                                   older_than(settings.stale_after_s)).limit(10_000)
+                                                   silent_for(settings.stale_after_s)).limit(10_000)
                              .with_for_update(skip_locked=True)))
         # queued rows are only orphans when the broker holds nothing: a lost message,
         # a Redis restart that lost its data, or an enqueue that failed after the commit
         orphans = []
         if _queue_depth(app) == 0:
             orphans = list(s.scalars(select(Item.id).where(Item.status == "queued",
-                                                        older_than(settings.stale_after_s)).limit(10_000)
+                                                        silent_for(settings.stale_after_s)).limit(10_000)
                              .with_for_update(skip_locked=True)))
         ids = lost + orphans
         if ids:
             # back to queued, so the new task's claim takes them (attempts still count every try)
             s.execute(update(Item).where(Item.id.in_(ids), Item.status.in_(("queued", "running")))
-                      .values(status="queued", updated_at=now))
+                      .values(status="queued", updated_at=func.now()))
     if ids:
         # Items whose worker died go one per task: if one of them is what kills workers, it can
         # only take itself down from now on, and its attempts run out while the others finish.

@@ -29,15 +29,9 @@ def spans(n: int, rate: int, window: int, hop: int) -> list[tuple[int, float, fl
     return [(s, s / rate, (s + window) / rate) for s in window_starts(n, window, hop)]
 
 
-def window_samples(samples: np.ndarray, start: int, window: int) -> np.ndarray:
-    """One model input: the window at `start`, or the whole short file repeat-padded."""
-    if samples.shape[0] <= window:
-        return repeat_pad(samples, window)
-    return samples[start : start + window]
-
-
 def read_window(raw_path: Path, n: int, start: int, window: int) -> np.ndarray:
-    """The same, read from a raw float32 file without loading the rest of it."""
+    """One model input, read from a raw float32 file without loading the rest of it: the window at
+    `start`, or the whole short file repeat-padded."""
     count = min(n, window)
     data = np.fromfile(raw_path, dtype=np.float32, count=count, offset=4 * start)
     if data.shape[0] != count:
