@@ -69,7 +69,7 @@ def audio_vector(upload) -> np.ndarray:
     from worker.audio import DecodeError
     from worker.decoder import get_pool
     from worker.embedder import AudioEmbedder
-    from worker.windows import read_window, spans
+    from worker.windows import pooled, read_window, spans
 
     settings = current_app.config["CLAPQ"]
     with tempfile.TemporaryDirectory(prefix="clapq-query-") as tmp:
@@ -87,8 +87,7 @@ def audio_vector(upload) -> np.ndarray:
         windows = [read_window(raw, n, s, e.window_samples) for s, _, _ in
                    spans(n, e.rate, e.window_samples, e.window_samples // 2)]
     vecs = np.concatenate([e.embed(np.stack(windows[i : i + 16])) for i in range(0, len(windows), 16)])
-    mean = vecs.mean(axis=0)
-    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
+    return pooled(vecs)
 
 
 def item_vector(raw_id: str) -> tuple[Item, np.ndarray]:

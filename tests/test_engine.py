@@ -185,3 +185,65 @@ def test_duration_limit_fails_the_item_with_the_limit_named(tmp_path):
     with pytest.raises(DecodeError, match="longer than the limit of 2 s"):
         decode(path, max_duration_s=2)
     assert decode(path, max_duration_s=4)[1].duration_s == 3.0
+
+
+def test_a_batch_is_written_with_one_statement_exactly_and_reruns_drop_stale_windows(settings):
+    """Every finished item of a model batch goes to Postgres in one statement; float32 values
+    round-trip bit for bit; a re-run with fewer windows leaves no stale segment behind."""
+    from sqlalchemy import event, select
+
+    from clapq.db import get_engine, session_scope
+    from clapq.models import Embedding, EmbeddingModel, Item, Job, Library, Segment, Tenant
+    from worker.audio import AudioInfo
+    from worker.store import Claimed, write_items
+    from worker.windows import pooled
+
+    with session_scope(settings.database_url) as s:
+        tenant = Tenant(name=f"batch-{uuid.uuid4()}")
+        model = EmbeddingModel(name="batch-write-test", weights_sha256=uuid.uuid4().hex * 2, dim=512)
+        s.add_all([tenant, model])
+        s.flush()
+        lib = Library(tenant_id=tenant.id, name="l", model_id=model.id)
+        s.add(lib)
+        s.flush()
+        job = Job(tenant_id=tenant.id, library_id=lib.id)
+        s.add(job)
+        s.flush()
+        items = [Item(tenant_id=tenant.id, library_id=lib.id, job_id=job.id, sha256=f"{i:064x}",
+                      filename=f"{i}.wav", size_bytes=1, status="running") for i in range(3)]
+        s.add_all(items)
+        s.flush()
+        claimed = [Claimed(it.id, it.sha256, lib.id, model.id, job.id, tenant.id) for it in items]
+
+    rng = np.random.default_rng(7)
+    windows = [1, 4, 2]
+    vectors = [rng.standard_normal((n, 512)).astype(np.float32) for n in windows]
+    spans = [[(5.0 * w, 5.0 * w + 10.0) for w in range(n)] for n in windows]
+    info = AudioInfo(sample_rate=44_100, channels=2, frames=25 * 44_100, format="WAV")
+    statements = []
+
+    def count(*_args, **_kw):
+        statements.append(1)
+
+    engine = get_engine(settings.database_url)
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        with session_scope(settings.database_url) as s:
+            assert write_items(s, [(c, info, sp, v) for c, sp, v in zip(claimed, spans, vectors)]) == 7
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert len(statements) == 1
+
+    # the second item is re-run with two windows instead of four
+    with session_scope(settings.database_url) as s:
+        write_items(s, [(claimed[1], info, spans[1][:2], vectors[1][:2])])
+    with session_scope(settings.database_url) as s:
+        for c, n, sp, v in zip(claimed, [1, 2, 2], spans, vectors):
+            rows = s.execute(select(Segment.window_index, Segment.start_s, Segment.end_s, Segment.vector)
+                             .where(Segment.item_id == c.id).order_by(Segment.window_index)).all()
+            assert [(r.window_index, r.start_s, r.end_s) for r in rows] == [(w, *sp[w]) for w in range(n)]
+            assert np.array_equal(np.stack([np.asarray(r.vector, np.float32) for r in rows]), v[:n])
+            stored = np.asarray(s.scalar(select(Embedding.vector).where(Embedding.item_id == c.id)), np.float32)
+            assert np.array_equal(stored, pooled(v[:n]))
+            item = s.get(Item, c.id)
+            assert (item.status, item.duration_s, item.sample_rate, item.channels) == ("done", 25.0, 44_100, 2)

@@ -6,11 +6,10 @@ import dataclasses
 import uuid
 
 import numpy as np
-from sqlalchemy import and_, func, or_, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from clapq.models import Embedding, Item, Job, Library, Segment
+from clapq.models import Item, Job, Library
 
 
 @dataclasses.dataclass
@@ -79,37 +78,80 @@ def record_failure(session: Session, item_id: uuid.UUID, reason: str, info=None)
     session.execute(update(Item).where(Item.id == item_id, Item.status == "running").values(**values))
 
 
-def write_item(session: Session, item: Claimed, info, spans: list[tuple[float, float]], vectors: np.ndarray) -> None:
-    """Upsert all segments and the pooled vector of one item, then mark it done."""
-    seg_rows = [
-        dict(item_id=item.id, model_id=item.model_id, library_id=item.library_id,
-             window_index=i, start_s=s, end_s=e, vector=vectors[i])
-        for i, (s, e) in enumerate(spans)
-    ]
-    stmt = insert(Segment).values(seg_rows)
-    session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["item_id", "model_id", "window_index"],
-            set_={"start_s": stmt.excluded.start_s, "end_s": stmt.excluded.end_s, "vector": stmt.excluded.vector},
-        )
-    )
-    # a re-run with fewer windows (changed settings) must not leave stale ones
-    session.execute(
-        Segment.__table__.delete().where(
-            Segment.item_id == item.id, Segment.model_id == item.model_id, Segment.window_index >= len(spans)
-        )
-    )
-    mean = vectors.mean(axis=0)
-    mean = mean / max(float(np.linalg.norm(mean)), 1e-12)
-    emb = insert(Embedding).values(item_id=item.id, model_id=item.model_id, library_id=item.library_id, vector=mean)
-    session.execute(
-        emb.on_conflict_do_update(index_elements=["item_id", "model_id"], set_={"vector": emb.excluded.vector})
-    )
-    session.execute(
-        update(Item)
-        .where(Item.id == item.id)
-        .values(
-            status="done", error=None, finished_at=func.now(), duration_s=info.duration_s,
-            sample_rate=info.sample_rate, channels=info.channels, audio_format=info.format[:32],
-        )
-    )
+# One statement per model batch: every finished item's segments, stale-window clean-up, pooled
+# vector and status, as data-modifying CTEs over arrays (one round trip, one plan, whatever the
+# batch holds). The sub-statements touch disjoint rows, so one snapshot serves them all.
+_WRITE_BATCH = text("""
+WITH seg_in AS (
+    SELECT * FROM unnest(CAST(:seg_item AS uuid[]), CAST(:seg_index AS int[]), CAST(:seg_start AS float8[]),
+                         CAST(:seg_end AS float8[]), CAST(:seg_vector AS text[]))
+           AS t(item_id, window_index, start_s, end_s, vector)
+), item_in AS (
+    SELECT * FROM unnest(CAST(:item AS uuid[]), CAST(:library AS uuid[]), CAST(:windows AS int[]),
+                         CAST(:pooled AS text[]), CAST(:duration AS float8[]), CAST(:sample_rate AS int[]),
+                         CAST(:channels AS int[]), CAST(:format AS text[]))
+           AS t(item_id, library_id, windows, pooled, duration_s, sample_rate, channels, audio_format)
+), seg AS (
+    INSERT INTO segments (item_id, model_id, library_id, window_index, start_s, end_s, vector)
+    SELECT s.item_id, :model, i.library_id, s.window_index, s.start_s, s.end_s, CAST(s.vector AS vector)
+    FROM seg_in s JOIN item_in i USING (item_id)
+    ON CONFLICT (item_id, model_id, window_index)
+    DO UPDATE SET start_s = excluded.start_s, end_s = excluded.end_s, vector = excluded.vector
+    RETURNING 1
+), stale AS (
+    -- a re-run with fewer windows (changed settings) must not leave the old ones behind
+    DELETE FROM segments s USING item_in i
+    WHERE s.item_id = i.item_id AND s.model_id = :model AND s.window_index >= i.windows
+    RETURNING 1
+), pooled AS (
+    INSERT INTO embeddings (item_id, model_id, library_id, vector)
+    SELECT item_id, :model, library_id, CAST(pooled AS vector) FROM item_in
+    ON CONFLICT (item_id, model_id) DO UPDATE SET vector = excluded.vector
+    RETURNING 1
+), done AS (
+    UPDATE items SET status = 'done', error = NULL, finished_at = now(), updated_at = now(),
+                     duration_s = i.duration_s, sample_rate = i.sample_rate, channels = i.channels,
+                     audio_format = i.audio_format
+    FROM item_in i WHERE items.id = i.item_id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM seg) AS segments, (SELECT count(*) FROM done) AS items
+""")
+
+
+def _literal(vector: np.ndarray) -> str:
+    """pgvector's text form; Python's shortest float repr reads back to the same float32."""
+    return "[" + ",".join(map(repr, vector.tolist())) + "]"
+
+
+def write_items(session: Session, finished: list[tuple[Claimed, object, list[tuple[float, float]], np.ndarray]]) -> int:
+    """Upsert the segments and pooled vectors of finished items and mark them done, in one statement.
+
+    `finished` holds (item, audio info, window spans, window vectors) per item; all items of one
+    call share a model (a task serves one). Returns the number of segment rows written."""
+    from worker.windows import pooled  # (imports torch: only ever after the fork)
+
+    if not finished:
+        return 0
+    models = {item.model_id for item, *_ in finished}
+    if len(models) != 1:
+        raise ValueError(f"one batch write serves one model, got {sorted(models)}")
+    seg = dict(seg_item=[], seg_index=[], seg_start=[], seg_end=[], seg_vector=[])
+    per_item = dict(item=[], library=[], windows=[], pooled=[], duration=[], sample_rate=[], channels=[], format=[])
+    for item, info, item_spans, vectors in finished:
+        for i, ((start, end), vec) in enumerate(zip(item_spans, vectors, strict=True)):
+            seg["seg_item"].append(str(item.id))
+            seg["seg_index"].append(i)
+            seg["seg_start"].append(start)
+            seg["seg_end"].append(end)
+            seg["seg_vector"].append(_literal(vec))
+        per_item["item"].append(str(item.id))
+        per_item["library"].append(str(item.library_id))
+        per_item["windows"].append(len(item_spans))
+        per_item["pooled"].append(_literal(pooled(vectors)))
+        per_item["duration"].append(info.duration_s)
+        per_item["sample_rate"].append(info.sample_rate)
+        per_item["channels"].append(info.channels)
+        per_item["format"].append(info.format[:32])
+    row = session.execute(_WRITE_BATCH, dict(model=models.pop(), **seg, **per_item)).one()
+    return row.segments

@@ -86,10 +86,9 @@ def embed_items(self, item_ids: list[str]) -> dict:
     counts = {"claimed": len(claimed), "done": 0, "failed": 0}
 
     def on_done(finished) -> None:
-        # one transaction per model batch: all finished items' rows together
+        # one statement per model batch: all finished items' rows together
         with session_scope(settings.database_url) as s:
-            for d, vectors in finished:
-                store.write_item(s, d.item, d.info, d.spans, vectors)
+            store.write_items(s, [(d.item, d.info, d.spans, vectors) for d, vectors in finished])
         counts["done"] += len(finished)
         metrics.record_items(self.app, done=len(finished))
 

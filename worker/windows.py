@@ -37,3 +37,9 @@ def read_window(raw_path: Path, n: int, start: int, window: int) -> np.ndarray:
     if data.shape[0] != count:
         raise OSError(f"short read from {raw_path}")
     return repeat_pad(data, window) if n <= window else data
+
+
+def pooled(vectors: np.ndarray) -> np.ndarray:
+    """A file's vector: the L2-normalised mean of its windows' vectors."""
+    mean = vectors.mean(axis=0)
+    return (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
