@@ -8,6 +8,7 @@ from sqlalchemy import text
 from api.db import db
 from clapq.checkpoint import ModelUnavailable, resolve
 from clapq.presence import live_workers
+from clapq.queue import redis_client
 
 bp = Blueprint("health", __name__)
 
@@ -27,9 +28,8 @@ def readyz():
     except Exception as exc:  # report, don't raise: this endpoint's job is to say what is down
         checks["postgres"] = f"error: {type(exc).__name__}"
     try:
-        with current_app.extensions["clapq_celery"].connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=2)
-            checks["redis"] = "ok"
+        redis_client(current_app.extensions["clapq_celery"]).ping()
+        checks["redis"] = "ok"
     except Exception as exc:
         checks["redis"] = f"error: {type(exc).__name__}"
     try:

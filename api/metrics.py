@@ -14,7 +14,7 @@ from clapq import metrics
 from clapq.db import session_scope
 from clapq.models import Item
 from clapq.presence import live_workers
-from clapq.queue import EMBED_QUEUE
+from clapq.queue import EMBED_QUEUE, redis_client
 
 bp = Blueprint("metrics", __name__)
 
@@ -38,8 +38,7 @@ class StateCollector:
         for state in ("queued", "running", "done", "failed", "cancelled"):
             items.add_metric([state], counts.get(state, 0))
         yield items
-        with celery.connection_for_write() as conn:
-            depth = conn.default_channel.client.llen(EMBED_QUEUE)
+        depth = redis_client(celery).llen(EMBED_QUEUE)
         yield GaugeMetricFamily("clapq_queue_depth", "Tasks waiting in the broker", value=depth)
         yield GaugeMetricFamily("clapq_workers_live", "Workers with a fresh presence key", value=live_workers(celery))
         m = metrics.read(celery)

@@ -33,5 +33,11 @@ def serving_model_id() -> int:
 
 
 def describe(model_id: int) -> dict:
+    """A model row as the API shows it (rows never change, so each process reads one once)."""
+    return dict(_describe(model_id, current_app.config["CLAPQ"].database_url))
+
+
+@functools.lru_cache(maxsize=64)
+def _describe(model_id: int, url: str) -> tuple:
     m = db().get(EmbeddingModel, model_id)
-    return {"id": m.id, "name": m.name, "weights_sha256": m.weights_sha256, "dim": m.dim}
+    return tuple({"id": m.id, "name": m.name, "weights_sha256": m.weights_sha256, "dim": m.dim}.items())

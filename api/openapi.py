@@ -25,6 +25,8 @@ SEARCH_RESULT = {
     "type": "object",
     "properties": {
         "model": {"$ref": "#/components/schemas/Model"},
+        "plan": {"type": "string", "enum": ["exact", "index"],
+                 "description": "exact: every window the filters leave was compared; index: the HNSW index"},
         "results": {"type": "array", "items": {"type": "object", "properties": {
             "item_id": _ID, "filename": {"type": "string"}, "score": {"type": "number"},
             "metadata": {"type": "object"}}}},

@@ -15,6 +15,7 @@ from api.db import db
 from api.errors import ApiError, bad_request
 from api.lookup import owned
 from api.models_info import serving_checkpoint
+from clapq.queue import redis_client
 from clapq.models import Embedding, Item, Library
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def _clap(text_only: bool):
 
 
 def _redis():
-    return current_app.extensions["clapq_celery"].connection_for_write()
+    return redis_client(current_app.extensions["clapq_celery"])
 
 
 def text_vectors(texts: list[str]) -> np.ndarray:
@@ -40,8 +41,7 @@ def text_vectors(texts: list[str]) -> np.ndarray:
     keys = [f"clapq:text:{ckpt.weights_sha256[:16]}:{hashlib.sha256(t.encode()).hexdigest()}" for t in texts]
     found: list[bytes | None] = [None] * len(texts)
     try:
-        with _redis() as conn:
-            found = conn.default_channel.client.mget(keys)
+        found = _redis().mget(keys)
     except Exception:  # the cache is an optimisation: Redis away means compute
         log.warning("text cache unavailable", exc_info=True)
     missing = [i for i, v in enumerate(found) if v is None]
@@ -54,11 +54,10 @@ def text_vectors(texts: list[str]) -> np.ndarray:
         for i, v in zip(missing, vecs):
             out[i] = v
         try:
-            with _redis() as conn:
-                pipe = conn.default_channel.client.pipeline(transaction=False)
-                for i in missing:
-                    pipe.set(keys[i], out[i].tobytes(), ex=TEXT_CACHE_TTL_S)
-                pipe.execute()
+            pipe = _redis().pipeline(transaction=False)
+            for i in missing:
+                pipe.set(keys[i], out[i].tobytes(), ex=TEXT_CACHE_TTL_S)
+            pipe.execute()
         except Exception:
             log.warning("text cache write failed", exc_info=True)
     return out

@@ -4,10 +4,12 @@ segment's time span) or segments, filtered by libraries and metadata, best first
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 
 from flask import Blueprint, current_app, g, request
-from sqlalchemy import and_, or_, select, text
+from sqlalchemy import and_, case, func, or_, select, text
 from sqlalchemy.dialects.postgresql import JSONB
 
 from api.db import db
@@ -18,6 +20,13 @@ from api.query import audio_vector, item_vector, text_vectors
 from clapq.models import Embedding, Item, Library, Segment
 
 bp = Blueprint("search", __name__)
+
+
+@bp.after_request
+def _server_timing(response):
+    if "server_timing" in g:
+        response.headers["Server-Timing"] = g.server_timing
+    return response
 
 MAX_CANDIDATES = 20_000
 
@@ -131,6 +140,7 @@ def search():
     if len(given) != 1:
         raise bad_request("give exactly one of: text ('q' or 'text'), an 'audio' clip, or an 'item_id'")
     exclude = None
+    t0 = time.perf_counter()
     if audio is not None:
         vec = audio_vector(audio)
     elif item_id not in (None, ""):
@@ -143,26 +153,66 @@ def search():
             raise bad_request(f"the query is {len(q)} characters; the limit is {settings.max_query_chars}")
         vec = text_vectors([q.strip()])[0]
 
+    t1 = time.perf_counter()
     lib_uuids = [lib.id for lib in libs]
+    exact = _few_windows(lib_uuids, conds, settings.exact_search_max_windows, p.get("filter"))
+    plan = "exact" if exact else "index"
     if exclude is not None and mode == "items":
         # "more like this": whole item against whole items (pooled vectors), so that the same bytes
         # elsewhere score 1; the span shown is the other item's segment closest to this item
-        rows = _nearest_items(vec, lib_uuids, model_id, conds, exclude, offset + k, min_score)
+        rows = _nearest_items(vec, lib_uuids, model_id, conds, exclude, offset + k, min_score, exact)
     else:
-        rows = _nearest(vec, lib_uuids, model_id, conds, exclude, mode, offset + k, min_score)
+        rows = _nearest(vec, lib_uuids, model_id, conds, exclude, mode, offset + k, min_score, exact)
+    # where the time went, for clients and operators (https://www.w3.org/TR/server-timing/)
+    g.server_timing = f"query;dur={(t1 - t0) * 1000:.1f}, search;dur={(time.perf_counter() - t1) * 1000:.1f}"
     results = []
     for r in rows[offset : offset + k]:
         res = {"item_id": str(r.item_id), "library_id": str(r.library_id), "filename": r.filename,
                "score": round(1.0 - float(r.d), 6), "metadata": r.meta or {}}
         span = {"start_s": round(r.start_s, 3), "end_s": round(r.end_s, 3)}
         results.append({**res, **span} if mode == "segments" else {**res, "segment": span})
-    return {"model": describe(model_id), "mode": mode, "k": k, "offset": offset, "results": results}
+    return {"model": describe(model_id), "mode": mode, "k": k, "offset": offset, "plan": plan, "results": results}
+
+
+# plan decisions per (tenant, libraries, filter), reused for a short while: counting up to 5,000
+# items costs ~2 ms, a quarter of an unfiltered search, and a stale answer only picks the slower of
+# two correct plans
+PLAN_TTL_S = 30.0
+_plans: dict[tuple, tuple[float, bool]] = {}
+_plans_lock = threading.Lock()
+
+
+def _few_windows(lib_ids: list[uuid.UUID], conds: list, limit: int, raw_filter) -> bool:
+    """Whether the libraries and filters leave at most `limit` windows, counted from the items'
+    durations (10 s windows every 5 s) over at most `limit + 1` items, so the check stays cheap
+    (the GIN index on metadata finds filtered items) however large the library is."""
+    if limit <= 0:
+        return False
+    key = (g.tenant_id, tuple(sorted(lib_ids)), json.dumps(raw_filter, sort_keys=True, default=str), limit)
+    now = time.monotonic()
+    with _plans_lock:
+        hit = _plans.get(key)
+    if hit is not None and hit[0] > now:
+        return hit[1]
+    windows = case((Item.duration_s <= 10.0, 1), else_=func.ceil((Item.duration_s - 10.0) / 5.0) + 1)
+    matching = (select(windows.label("w")).where(Item.library_id.in_(lib_ids), Item.tenant_id == g.tenant_id,
+                                                 Item.status == "done", *conds)
+                .limit(limit + 1).subquery())
+    few = db().scalar(select(func.coalesce(func.sum(matching.c.w), 0))) <= limit
+    with _plans_lock:
+        if len(_plans) > 10_000:
+            _plans.clear()
+        _plans[key] = (now + PLAN_TTL_S, few)
+    return few
 
 
 def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude, mode: str, want: int,
-             min_score: float | None) -> list:
-    """Nearest segments through the HNSW index (iterative scans keep filtered queries returning rows);
-    for items, segments are grouped to each item's best one, widening the candidate set until enough
+             min_score: float | None, exact: bool) -> list:
+    """Nearest segments, best first. Where the libraries and filters leave few windows, every one is
+    compared (exact: recall 1.0, ~6 us a window); otherwise through the HNSW index, with iterative
+    scans so that filtered queries still return rows. The planner is not left to choose between the
+    two: its estimates for JSON filters are often 100x off (benchmarks/search_scale.md).
+    For items, segments are grouped to each item's best one, widening the candidate set until enough
     distinct items are found or the library is exhausted."""
     session = db()
     distance = Segment.vector.cosine_distance(vec)
@@ -174,15 +224,12 @@ def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
         where.append(distance <= 1.0 - min_score)
     n = want if mode == "segments" else min(MAX_CANDIDATES, want * 4)
     while True:
-        # iterative scans fetch past ef_search as needed; above ~200 the planner starts choosing exact
-        # scans on its own (48 ms instead of 2.5 ms at 100k: benchmarks/search_scale.md)
-        session.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
-        session.execute(text(f"SET LOCAL hnsw.ef_search = {min(200, max(100, n))}"))
-        rows = session.execute(
+        if not exact:
+            _scan_settings(session, n)
+        rows = session.execute(_best_first(
             select(Segment.item_id, Segment.library_id, Segment.start_s, Segment.end_s, Item.filename, Item.meta,
-                   distance.label("d"))
-            .join(Item, Item.id == Segment.item_id).where(and_(*where)).order_by(distance).limit(n)
-        ).all()
+                   distance.label("d")).join(Item, Item.id == Segment.item_id).where(and_(*where)),
+            distance, n, exact)).all()
         session.rollback()
         if mode == "segments":
             return rows
@@ -194,19 +241,36 @@ def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
         n = min(MAX_CANDIDATES, n * 4)
 
 
-def _nearest_items(vec, lib_ids, model_id: int, conds: list, exclude, want: int, min_score: float | None) -> list:
+def _scan_settings(session, n: int) -> None:
+    """For this transaction, in one round trip: iterative index scans (filtered queries keep fetching
+    until they have rows), and ef_search for n rows, capped at 200: above that the planner starts
+    choosing exact scans on its own (48 ms instead of 2.5 ms at 100k: benchmarks/search_scale.md)."""
+    session.execute(text("SELECT set_config('hnsw.iterative_scan', 'strict_order', true), "
+                         "set_config('hnsw.ef_search', :ef, true)"), {"ef": str(min(200, max(100, n)))})
+
+
+def _best_first(matches, distance, n: int, exact: bool):
+    """The n best rows of `matches`: every distance computed (a materialised CTE, which no index can
+    order), or the HNSW index's order."""
+    if not exact:
+        return matches.order_by(distance).limit(n)
+    every = matches.cte("matches").prefix_with("MATERIALIZED")
+    return select(every).order_by(every.c.d).limit(n)
+
+
+def _nearest_items(vec, lib_ids, model_id: int, conds: list, exclude, want: int, min_score: float | None,
+                   exact: bool) -> list:
     session = db()
     distance = Embedding.vector.cosine_distance(vec)
     where = [Embedding.library_id.in_(lib_ids), Embedding.model_id == model_id, Item.tenant_id == g.tenant_id,
              Item.status == "done", Embedding.item_id != exclude, *conds]
     if min_score is not None:
         where.append(distance <= 1.0 - min_score)
-    session.execute(text("SET LOCAL hnsw.iterative_scan = strict_order"))
-    session.execute(text(f"SET LOCAL hnsw.ef_search = {min(200, max(100, want))}"))
-    hits = session.execute(
+    if not exact:
+        _scan_settings(session, want)
+    hits = session.execute(_best_first(
         select(Embedding.item_id, Embedding.library_id, Item.filename, Item.meta, distance.label("d"))
-        .join(Item, Item.id == Embedding.item_id).where(and_(*where)).order_by(distance).limit(want)
-    ).all()
+        .join(Item, Item.id == Embedding.item_id).where(and_(*where)), distance, want, exact)).all()
     seg_d = Segment.vector.cosine_distance(vec)
     spans: dict = {}
     for r in session.execute(select(Segment.item_id, Segment.start_s, Segment.end_s)

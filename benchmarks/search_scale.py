@@ -110,6 +110,26 @@ def scalar(cur, sql: str, params=None):
     return cur.fetchone()[0]
 
 
+def start_tuned(pgdata: Path, shared_buffers: int):
+    """The embedded Postgres with room for a large HNSW index in shared_buffers and no checkpoints
+    in the middle of a bulk load; returns (server, url)."""
+    from clapq.embedded import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(pgdata)
+    conn = connect(pg.start())
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f"ALTER SYSTEM SET shared_buffers = '{pg_mem(shared_buffers)}'")
+        cur.execute("ALTER SYSTEM SET max_wal_size = '8GB'")
+        cur.execute("ALTER SYSTEM SET checkpoint_timeout = '30min'")
+    conn.close()
+    pg.stop()
+    pg = EmbeddedPostgres(pgdata)
+    url = pg.start()
+    log(f"embedded Postgres in {pgdata} (shared_buffers {pg_mem(shared_buffers)})")
+    return pg, url
+
+
 # ----------------------------------------------------------------------------- synthetic data
 
 class Synth:
@@ -446,7 +466,6 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _term)
 
     from clapq.db import migrate
-    from clapq.embedded import EmbeddedPostgres
 
     pg = None
     tmp = None
@@ -457,20 +476,7 @@ def main() -> int:
             url = args.database_url
         else:
             tmp = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="clapq-bench-"))
-            pgdata = tmp / "pgdata"
-            pg = EmbeddedPostgres(pgdata)
-            url = pg.start()
-            conn = connect(url)
-            conn.autocommit = True
-            with conn.cursor() as cur:
-                cur.execute(f"ALTER SYSTEM SET shared_buffers = '{pg_mem(sb)}'")
-                cur.execute("ALTER SYSTEM SET max_wal_size = '8GB'")
-                cur.execute("ALTER SYSTEM SET checkpoint_timeout = '30min'")
-            conn.close()
-            pg.stop()
-            pg = EmbeddedPostgres(pgdata)
-            url = pg.start()
-            log(f"embedded Postgres in {pgdata} (shared_buffers {pg_mem(sb)})")
+            pg, url = start_tuned(tmp / "pgdata", sb)
         migrate(url)
         conn = connect(url)
         conn.autocommit = True

@@ -55,6 +55,8 @@ def cmd_worker(args) -> None:
     os.environ["CLAPQ_PROCESS"] = "clapq-worker"
     settings = Settings.from_env().require_urls()
     _check_model(settings)
+    if settings.worker_nice > 0:  # the pool children inherit it
+        os.nice(settings.worker_nice)
     from worker.celery_app import app
 
     concurrency = os.environ.get("CLAPQ_WORKER_CONCURRENCY", "1")

@@ -8,6 +8,8 @@ import os
 import threading
 import time
 
+from clapq.queue import redis_client
+
 log = logging.getLogger(__name__)
 
 PREFIX = "clapq:workers:"
@@ -27,8 +29,7 @@ def start(app, hostname: str, interval_s: float = 10.0) -> None:
     def loop() -> None:
         while True:
             try:
-                with app.connection_for_write() as conn:
-                    conn.default_channel.client.set(_state["key"], info, ex=TTL_S)
+                redis_client(app).set(_state["key"], info, ex=TTL_S)
             except Exception:  # Redis away: the key expires and /readyz says so
                 log.warning("presence update failed", exc_info=True)
             if _stop.wait(interval_s):
@@ -41,12 +42,10 @@ def stop(app) -> None:
     _stop.set()
     if "key" in _state:
         try:
-            with app.connection_for_write() as conn:
-                conn.default_channel.client.delete(_state["key"])
+            redis_client(app).delete(_state["key"])
         except Exception:  # noqa: S110 - it expires anyway
             pass
 
 
 def live_workers(app) -> int:
-    with app.connection_for_write() as conn:
-        return sum(1 for _ in conn.default_channel.client.scan_iter(match=PREFIX + "*", count=100))
+    return sum(1 for _ in redis_client(app).scan_iter(match=PREFIX + "*", count=100))

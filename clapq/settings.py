@@ -20,6 +20,17 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
         raise SystemExit(f"clapq: {name} must be an integer, got {raw!r}") from None
 
 
+def _bool(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = (env.get(name) or "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise SystemExit(f"clapq: {name} must be 1 or 0, got {raw!r}")
+
+
 def default_data_dir() -> Path:
     """Where the embedded mode keeps Postgres, Redis and blobs unless told otherwise."""
     base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
@@ -40,6 +51,7 @@ class Settings:
     max_files_per_batch: int
     max_query_chars: int
     max_k: int
+    exact_search_max_windows: int
     max_attempts: int
     decoders: int
     decode_timeout_s: int
@@ -51,6 +63,8 @@ class Settings:
     max_pending: int
     max_file_bytes: int
     compile_model: bool
+    worker_nice: int
+    preload_text: bool
     log_level: str
 
     @classmethod
@@ -70,6 +84,8 @@ class Settings:
             max_files_per_batch=_int(env, "CLAPQ_MAX_FILES_PER_BATCH", 1000),
             max_query_chars=_int(env, "CLAPQ_MAX_QUERY_CHARS", 1000),
             max_k=_int(env, "CLAPQ_MAX_K", 1000),
+            # filters (and libraries) that leave at most this many windows are searched exactly
+            exact_search_max_windows=_int(env, "CLAPQ_EXACT_SEARCH_MAX_WINDOWS", 5000),
             max_attempts=_int(env, "CLAPQ_MAX_ATTEMPTS", 3),
             decoders=_int(env, "CLAPQ_DECODERS", 2),
             decode_timeout_s=_int(env, "CLAPQ_DECODE_TIMEOUT_S", 600),
@@ -80,7 +96,12 @@ class Settings:
             sweep_interval_s=_int(env, "CLAPQ_SWEEP_INTERVAL_S", 30),
             max_pending=_int(env, "CLAPQ_MAX_PENDING", 200_000),
             max_file_bytes=_int(env, "CLAPQ_MAX_FILE_BYTES", 2 * 1024**3),
-            compile_model=(env.get("CLAPQ_COMPILE") or "0").lower() in ("1", "true", "yes"),
+            # ingest runs at a lower CPU priority than the API, so a search's text tower is not
+            # starved by bulk embedding on the same machine (benchmarks/search_http.py)
+            worker_nice=_int(env, "CLAPQ_WORKER_NICE", 19),
+            # each API process loads its text tower in the background at start, not on the first search
+            preload_text=_bool(env, "CLAPQ_PRELOAD_TEXT", True),
+            compile_model=_bool(env, "CLAPQ_COMPILE", False),
             log_level=env.get("CLAPQ_LOG_LEVEL") or "INFO",
         )
         values.update(overrides)

@@ -114,9 +114,18 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     job = _wait_job(base, h, r.json()["job_id"])
     assert job["status"] == "done_with_errors" and job["counts"]["done"] == 3
     assert job["errors"][0]["filename"] == "notes.mp3"
-    res = requests.get(f"{base}/v1/search", params={"library_id": lib["id"], "q": "birdsong", "k": 2},
-                       headers=h, timeout=60).json()
+    r = requests.get(f"{base}/v1/search", params={"library_id": lib["id"], "q": "birdsong", "k": 2},
+                     headers=h, timeout=60)
+    res = r.json()
     assert len(res["results"]) == 2 and res["results"][0]["score"] >= res["results"][1]["score"]
+    assert "query;dur=" in r.headers["Server-Timing"] and "search;dur=" in r.headers["Server-Timing"]
+    # ingest yields the CPU to the API's text tower: workers (and their decoders) run niced
+    nices = {}
+    for proc in psutil.process_iter(attrs=("cmdline", "environ", "nice")):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if (proc.info["environ"] or {}).get("CLAPQ_DATA_DIR") == str(data_dir) and "clapq.cli" in cmd:
+            nices.setdefault(cmd.split("clapq.cli")[-1].split()[0], set()).add(proc.info["nice"])
+    assert nices.get("worker") == {19} and nices.get("api") == {0}, nices
 
     # a chunked upload over the limit is refused with 413, through the real server
     def body():

@@ -19,3 +19,8 @@ def test_migrations_match_models_and_index_vectors(services):
             "SELECT indexname, indexdef FROM pg_indexes WHERE indexname LIKE '%vector_hnsw'")).all())
     assert set(defs) == {"ix_embeddings_vector_hnsw", "ix_segments_vector_hnsw"}
     assert all("USING hnsw" in d and "vector_cosine_ops" in d for d in defs.values())
+    # migration 0003's denser graphs (recall 0.98 instead of 0.956 at 1M: benchmarks/search_scale.md)
+    assert all("m='24'" in d and "ef_construction='128'" in d for d in defs.values()), defs
+    with engine.connect() as conn:
+        gin = conn.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_items_metadata'"))
+    assert "USING gin" in gin and "jsonb_path_ops" in gin

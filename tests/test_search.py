@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -55,11 +56,18 @@ def brute_items(lib, v, keep=lambda item_id: True):
     return sorted(best, reverse=True)
 
 
-def test_text_search_filters_and_pages_match_brute_force(client, lib, tiny_model):
+@pytest.mark.parametrize("plan", ["exact", "index"])
+def test_text_search_filters_and_pages_match_brute_force(client, app, lib, tiny_model, plan, monkeypatch):
+    """Both plans give the brute-force answer here: every window compared, or the HNSW index (which
+    the app picks when filters leave more windows than CLAPQ_EXACT_SEARCH_MAX_WINDOWS)."""
+    limit = 5000 if plan == "exact" else 0
+    monkeypatch.setitem(app.config, "CLAPQ", dataclasses.replace(app.config["CLAPQ"], exact_search_max_windows=limit))
     h, v = auth(lib["key"]), qvec("dog barking", tiny_model)
     expected = brute_items(lib, v)
-    got = client.post("/v1/search", json={"library_id": lib["a"], "text": "dog barking", "k": N},
-                      headers=h).get_json()["results"]
+    body = client.post("/v1/search", json={"library_id": lib["a"], "text": "dog barking", "k": N},
+                       headers=h).get_json()
+    assert body["plan"] == plan
+    got = body["results"]
     assert [r["item_id"] for r in got] == [i for _, i in expected]
     for r, (score, _) in zip(got, expected):
         assert r["score"] == pytest.approx(score, abs=1e-4)

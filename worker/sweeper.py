@@ -9,7 +9,7 @@ from sqlalchemy import func, select, update
 
 from clapq.db import session_scope
 from clapq.models import Item
-from clapq.queue import EMBED_QUEUE, enqueue_items, make_celery
+from clapq.queue import EMBED_QUEUE, enqueue_items, make_celery, redis_client
 from clapq.settings import Settings
 from worker.store import silent_for
 
@@ -17,8 +17,7 @@ log = logging.getLogger(__name__)
 
 
 def _queue_depth(app) -> int:
-    with app.connection_for_write() as conn:
-        return int(conn.default_channel.client.llen(EMBED_QUEUE))
+    return int(redis_client(app).llen(EMBED_QUEUE))
 
 
 def sweep_once(settings: Settings, app) -> int:
