@@ -222,7 +222,11 @@ def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
         where.append(Segment.item_id != exclude)
     if min_score is not None:
         where.append(distance <= 1.0 - min_score)
-    n = want if mode == "segments" else min(MAX_CANDIDATES, want * 4)
+    # items: without filters, ask for as many windows as the index visits anyway (ef_search >= 100),
+    # so one round usually finds `want` distinct items: 40 windows cost the same as 100 but often held
+    # too few items and ran again. With filters every row asked for costs more index to walk
+    # (iterative scan), so start at 4 windows an item (benchmarks/search_http.py)
+    n = want if mode == "segments" else min(MAX_CANDIDATES, want * 4 if conds else max(100, want * 4))
     while True:
         if not exact:
             _scan_settings(session, n)

@@ -79,6 +79,19 @@ def rss_peak_mb(pid: int) -> float:
     return best
 
 
+def wait_idle(pid: int, timeout: float = 300) -> None:
+    """Until a process tree stops using CPU (the API processes preload their text towers at start)."""
+    import psutil
+
+    deadline, quiet = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline and quiet < 2:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        t0 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+        time.sleep(1.0)
+        t1 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+        quiet = quiet + 1 if t1 - t0 < 0.1 else 0
+
+
 def bench_raw(model_dir: Path, n: int, batch: int) -> dict:
     from transformers import ClapFeatureExtractor, ClapModel
 
@@ -185,7 +198,7 @@ def _free_port() -> int:
 
 
 def bench_clapq(model_dir: Path, clips: list[Path], db_url: str, redis_url: str, work: Path,
-                batch_size: int) -> dict:
+                batch_size: int, per_upload: int = 32) -> dict:
     import requests
 
     from clapq.db import session_scope
@@ -216,13 +229,15 @@ def bench_clapq(model_dir: Path, clips: list[Path], db_url: str, redis_url: str,
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
-        # the pool child loads (and warms, and maybe compiles) the model after the worker reports ready
-        time.sleep(float(os.environ.get("CLAPQ_BENCH_WARMUP_S", "5")))
+        # the pool child loads (and warms, and maybe compiles) the model after the worker reports ready,
+        # and each API process preloads its text tower: start timing on a quiet machine
+        wait_idle(worker.pid)
+        wait_idle(api.pid)
         lib = requests.post(base + "/v1/libraries", json={"name": "bench"}, headers=h, timeout=300).json()
         t0 = time.perf_counter()
         jobs = []
-        for i in range(0, len(clips), 32):
-            files = [("files", (p.name, p.read_bytes(), "audio/wav")) for p in clips[i : i + 32]]
+        for i in range(0, len(clips), per_upload):
+            files = [("files", (p.name, p.read_bytes(), "audio/wav")) for p in clips[i : i + per_upload]]
             r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", files=files, headers=h, timeout=600)
             r.raise_for_status()
             jobs.append(r.json()["job_id"])
@@ -253,6 +268,7 @@ def main() -> None:
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "clapq-bench-full-clap")
     ap.add_argument("--only", default="raw,reference,clapq")
     ap.add_argument("--tag", default="", help="suffix for the results file name")
+    ap.add_argument("--files-per-upload", type=int, default=32, help="files per batch upload (one job each)")
     args = ap.parse_args()
     from clapq.db import migrate
     from clapq.embedded import EmbeddedPostgres, EmbeddedRedis
@@ -276,7 +292,8 @@ def main() -> None:
         if "reference" in only:
             results["reference"] = bench_reference(model_dir, clips, db_url)
         if "clapq" in only:
-            results["clapq"] = bench_clapq(model_dir, clips, db_url, redis_url, work, args.batch)
+            results["clapq"] = bench_clapq(model_dir, clips, db_url, redis_url, work, args.batch,
+                                           args.files_per_upload)
     finally:
         redis.stop()
         pg.stop()
