@@ -56,12 +56,17 @@ def brute_items(lib, v, keep=lambda item_id: True):
     return sorted(best, reverse=True)
 
 
-@pytest.mark.parametrize("plan", ["exact", "index"])
-def test_text_search_filters_and_pages_match_brute_force(client, app, lib, tiny_model, plan, monkeypatch):
-    """Both plans give the brute-force answer here: every window compared, or the HNSW index (which
-    the app picks when filters leave more windows than CLAPQ_EXACT_SEARCH_MAX_WINDOWS)."""
-    limit = 5000 if plan == "exact" else 0
+@pytest.fixture(params=["exact", "index"])
+def plan(request, app, monkeypatch):
+    """Run a test under both search plans: every window compared, or the HNSW index (which the app
+    picks when the filters leave more windows than CLAPQ_EXACT_SEARCH_MAX_WINDOWS); on this small
+    library both must give the brute-force answer."""
+    limit = 5000 if request.param == "exact" else 0
     monkeypatch.setitem(app.config, "CLAPQ", dataclasses.replace(app.config["CLAPQ"], exact_search_max_windows=limit))
+    return request.param
+
+
+def test_text_search_filters_and_pages_match_brute_force(client, lib, tiny_model, plan):
     h, v = auth(lib["key"]), qvec("dog barking", tiny_model)
     expected = brute_items(lib, v)
     body = client.post("/v1/search", json={"library_id": lib["a"], "text": "dog barking", "k": N},
@@ -100,10 +105,12 @@ def test_text_search_filters_and_pages_match_brute_force(client, app, lib, tiny_
         assert r.status_code == 400, (bad, r.get_json())
 
 
-def test_segment_mode_returns_the_stored_windows(client, lib, tiny_model):
+def test_segment_mode_returns_the_stored_windows(client, lib, tiny_model, plan):
     h, v = auth(lib["key"]), qvec("engine idling", tiny_model)
-    got = client.post("/v1/search", json={"library_id": lib["a"], "text": "engine idling", "k": 20,
-                                          "mode": "segments"}, headers=h).get_json()["results"]
+    body = client.post("/v1/search", json={"library_id": lib["a"], "text": "engine idling", "k": 20,
+                                           "mode": "segments"}, headers=h).get_json()
+    assert body["plan"] == plan
+    got = body["results"]
     flat = sorted(((float(v @ s[2]), i, s[0], s[1]) for i, segs in lib["segs"].items() for s in segs), reverse=True)
     assert [(r["item_id"], r["start_s"], r["end_s"]) for r in got] == [(i, a, b) for _, i, a, b in flat[:20]]
     long_id = lib["ids"]["s03.wav"]
@@ -111,11 +118,13 @@ def test_segment_mode_returns_the_stored_windows(client, lib, tiny_model):
     assert set(spans) <= {(s[0], s[1]) for s in lib["segs"][long_id]}
 
 
-def test_more_like_this_and_query_by_clip(client, lib, tmp_path):
+def test_more_like_this_and_query_by_clip(client, lib, tmp_path, plan):
     h = auth(lib["key"])
     src = lib["ids"]["s05.wav"]
-    got = client.post("/v1/search", json={"library_ids": [lib["a"], lib["b"]], "item_id": src, "k": 3},
-                      headers=h).get_json()["results"]
+    body = client.post("/v1/search", json={"library_ids": [lib["a"], lib["b"]], "item_id": src, "k": 3},
+                       headers=h).get_json()
+    assert body["plan"] == plan
+    got = body["results"]
     assert got[0]["item_id"] == lib["copy"] and got[0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert src not in {r["item_id"] for r in got}
     # the same bytes as a clip: its own item comes first with score ~1
