@@ -21,14 +21,15 @@ from clapq.models import Embedding, Item, Library, Segment
 
 bp = Blueprint("search", __name__)
 
+MAX_CANDIDATES = 20_000
+
 
 @bp.after_request
 def _server_timing(response):
+    """Where a search's time went, for clients and operators (https://www.w3.org/TR/server-timing/)."""
     if "server_timing" in g:
         response.headers["Server-Timing"] = g.server_timing
     return response
-
-MAX_CANDIDATES = 20_000
 
 
 def _int(raw, name: str, lo: int, hi: int, default: int) -> int:
@@ -163,7 +164,6 @@ def search():
         rows = _nearest_items(vec, lib_uuids, model_id, conds, exclude, offset + k, min_score, exact)
     else:
         rows = _nearest(vec, lib_uuids, model_id, conds, exclude, mode, offset + k, min_score, exact)
-    # where the time went, for clients and operators (https://www.w3.org/TR/server-timing/)
     g.server_timing = f"query;dur={(t1 - t0) * 1000:.1f}, search;dur={(time.perf_counter() - t1) * 1000:.1f}"
     results = []
     for r in rows[offset : offset + k]:
