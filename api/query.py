@@ -35,10 +35,15 @@ def _redis():
     return redis_client(current_app.extensions["clapq_celery"])
 
 
+def text_cache_key(ckpt, text: str) -> str:
+    """Where a query's text vector is cached: per model (weights hash) and text."""
+    return f"clapq:text:{ckpt.weights_sha256[:16]}:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
 def text_vectors(texts: list[str]) -> np.ndarray:
     """One unit vector per text; each is computed once per model and then served from Redis."""
     ckpt = serving_checkpoint()
-    keys = [f"clapq:text:{ckpt.weights_sha256[:16]}:{hashlib.sha256(t.encode()).hexdigest()}" for t in texts]
+    keys = [text_cache_key(ckpt, t) for t in texts]
     found: list[bytes | None] = [None] * len(texts)
     try:
         found = _redis().mget(keys)

@@ -18,6 +18,7 @@ from api.lookup import owned
 from api.models_info import describe, serving_model_id
 from api.query import audio_vector, item_vector, text_vectors
 from clapq.models import Embedding, Item, Library, Segment
+from worker.windows import HOP_S, WINDOW_S
 
 bp = Blueprint("search", __name__)
 
@@ -184,7 +185,7 @@ _plans_lock = threading.Lock()
 
 def _few_windows(lib_ids: list[uuid.UUID], conds: list, limit: int, raw_filter) -> bool:
     """Whether the libraries and filters leave at most `limit` windows, counted from the items'
-    durations (10 s windows every 5 s) over at most `limit + 1` items, so the check stays cheap
+    durations (the engine's windows and hop) over at most `limit + 1` items, so the check stays cheap
     (the GIN index on metadata finds filtered items) however large the library is."""
     if limit <= 0:
         return False
@@ -194,7 +195,7 @@ def _few_windows(lib_ids: list[uuid.UUID], conds: list, limit: int, raw_filter) 
         hit = _plans.get(key)
     if hit is not None and hit[0] > now:
         return hit[1]
-    windows = case((Item.duration_s <= 10.0, 1), else_=func.ceil((Item.duration_s - 10.0) / 5.0) + 1)
+    windows = case((Item.duration_s <= WINDOW_S, 1), else_=func.ceil((Item.duration_s - WINDOW_S) / HOP_S) + 1)
     matching = (select(windows.label("w")).where(Item.library_id.in_(lib_ids), Item.tenant_id == g.tenant_id,
                                                  Item.status == "done", *conds)
                 .limit(limit + 1).subquery())
@@ -228,12 +229,10 @@ def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
     # (iterative scan), so start at 4 windows an item (benchmarks/search_http.py)
     n = want if mode == "segments" else min(MAX_CANDIDATES, want * 4 if conds else max(100, want * 4))
     while True:
-        if not exact:
-            _scan_settings(session, n)
-        rows = session.execute(_best_first(
-            select(Segment.item_id, Segment.library_id, Segment.start_s, Segment.end_s, Item.filename, Item.meta,
-                   distance.label("d")).join(Item, Item.id == Segment.item_id).where(and_(*where)),
-            distance, n, exact)).all()
+        rows = _best_first(
+            session, select(Segment.item_id, Segment.library_id, Segment.start_s, Segment.end_s, Item.filename,
+                            Item.meta, distance.label("d")).join(Item, Item.id == Segment.item_id).where(and_(*where)),
+            distance, n, exact)
         session.rollback()
         if mode == "segments":
             return rows
@@ -245,21 +244,19 @@ def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
         n = min(MAX_CANDIDATES, n * 4)
 
 
-def _scan_settings(session, n: int) -> None:
-    """For this transaction, in one round trip: iterative index scans (filtered queries keep fetching
-    until they have rows), and ef_search for n rows, capped at 200: above that the planner starts
-    choosing exact scans on its own (48 ms instead of 2.5 ms at 100k: benchmarks/search_scale.md)."""
+def _best_first(session, matches, distance, n: int, exact: bool) -> list:
+    """The n best rows of `matches`, in this transaction.
+
+    exact: every distance is computed (a materialised CTE, which no index can order). Otherwise the
+    HNSW index orders them, with iterative scans (filtered queries keep fetching until they have rows)
+    and ef_search for n rows capped at 200: above that the planner starts choosing exact scans on its
+    own (48 ms instead of 2.5 ms at 100k: benchmarks/search_scale.md). Both settings go in one round trip."""
+    if exact:
+        every = matches.cte("matches").prefix_with("MATERIALIZED")
+        return session.execute(select(every).order_by(every.c.d).limit(n)).all()
     session.execute(text("SELECT set_config('hnsw.iterative_scan', 'strict_order', true), "
                          "set_config('hnsw.ef_search', :ef, true)"), {"ef": str(min(200, max(100, n)))})
-
-
-def _best_first(matches, distance, n: int, exact: bool):
-    """The n best rows of `matches`: every distance computed (a materialised CTE, which no index can
-    order), or the HNSW index's order."""
-    if not exact:
-        return matches.order_by(distance).limit(n)
-    every = matches.cte("matches").prefix_with("MATERIALIZED")
-    return select(every).order_by(every.c.d).limit(n)
+    return session.execute(matches.order_by(distance).limit(n)).all()
 
 
 def _nearest_items(vec, lib_ids, model_id: int, conds: list, exclude, want: int, min_score: float | None,
@@ -270,11 +267,9 @@ def _nearest_items(vec, lib_ids, model_id: int, conds: list, exclude, want: int,
              Item.status == "done", Embedding.item_id != exclude, *conds]
     if min_score is not None:
         where.append(distance <= 1.0 - min_score)
-    if not exact:
-        _scan_settings(session, want)
-    hits = session.execute(_best_first(
-        select(Embedding.item_id, Embedding.library_id, Item.filename, Item.meta, distance.label("d"))
-        .join(Item, Item.id == Embedding.item_id).where(and_(*where)), distance, want, exact)).all()
+    hits = _best_first(
+        session, select(Embedding.item_id, Embedding.library_id, Item.filename, Item.meta, distance.label("d"))
+        .join(Item, Item.id == Embedding.item_id).where(and_(*where)), distance, want, exact)
     seg_d = Segment.vector.cosine_distance(vec)
     spans: dict = {}
     for r in session.execute(select(Segment.item_id, Segment.start_s, Segment.end_s)

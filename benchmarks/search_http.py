@@ -25,7 +25,6 @@ Prints tables and writes JSON to benchmarks/results/search_http_<N>.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -48,6 +47,7 @@ from benchmarks.search_scale import (  # noqa: E402
     CATEGORIES,
     FILTERS,
     Synth,
+    build_memory,
     connect,
     copy_items,
     copy_segments,
@@ -161,6 +161,7 @@ def main() -> int:
     import requests
     import torch
 
+    from api.query import text_cache_key
     from clapq.checkpoint import register_model, resolve
     from clapq.clap import get_clap
     from clapq.db import migrate, session_scope
@@ -230,8 +231,7 @@ def main() -> int:
         log(f"{'regenerated' if reuse else 'loaded'} {syn.n_items} items, {n} segments in {load_s:.0f}s")
         build_s = None
         if not reuse:
-            mwm = min(max(int(n * (8 + 4 * 512 + 2.5 * HNSW_OPTIONS["m"] * 10 + 64) * 1.3), 1 << 30), 4 << 30)
-            cur.execute(f"SET maintenance_work_mem = '{pg_mem(mwm)}'")
+            cur.execute(f"SET maintenance_work_mem = '{pg_mem(build_memory(n, HNSW_OPTIONS['m']))}'")
             cur.execute(f"SET max_parallel_maintenance_workers = {args.parallel_workers}")
             cur.execute(f"ALTER TABLE segments SET (parallel_workers = {args.parallel_workers})")
             t0 = time.perf_counter()
@@ -263,8 +263,7 @@ def main() -> int:
         texts = [f"bench query {i}" for i in range(args.queries)]
         rc = redis.Redis.from_url(redis_url)
         for t, q in zip(texts, Q):
-            rc.set(f"clapq:text:{ckpt.weights_sha256[:16]}:{hashlib.sha256(t.encode()).hexdigest()}",
-                   q.astype(np.float32).tobytes())
+            rc.set(text_cache_key(ckpt, t), q.astype(np.float32).tobytes())
 
         first = np.cumsum(syn.counts) - syn.counts
         cats = list(CATEGORIES)

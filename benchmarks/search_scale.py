@@ -110,6 +110,13 @@ def scalar(cur, sql: str, params=None):
     return cur.fetchone()[0]
 
 
+def build_memory(n: int, m: int) -> int:
+    """maintenance_work_mem for an in-memory HNSW build of n vectors: each element's vector and
+    neighbour lists plus 30% headroom, between 1 and 4 GB."""
+    graph_bytes = int(n * (8 + 4 * DIM + (2 * m + m // 2) * 10 + 64) * 1.3)
+    return min(max(graph_bytes, 1 << 30), 4 << 30)
+
+
 def start_tuned(pgdata: Path, shared_buffers: int):
     """The embedded Postgres with room for a large HNSW index in shared_buffers and no checkpoints
     in the middle of a bulk load; returns (server, url)."""
@@ -453,10 +460,7 @@ def main() -> int:
     exact_q = args.exact_queries if args.exact_queries is not None else (m_q if n <= 200_000 else 40)
     exact_q = min(exact_q, m_q)
     # HNSW graph in memory ~ (vector + neighbour lists) per element; leave 30% headroom
-    graph_bytes = int(n * (8 + 4 * DIM + (2 * args.m + args.m // 2) * 10 + 64) * 1.3)
-    mwm = graph_bytes if args.maintenance_work_mem == "auto" else parse_bytes(args.maintenance_work_mem)
-    if args.maintenance_work_mem == "auto":
-        mwm = min(max(mwm, 1 << 30), 4 << 30)
+    mwm = build_memory(n, args.m) if args.maintenance_work_mem == "auto" else parse_bytes(args.maintenance_work_mem)
     sb = (min(max(1 << 30, int(n * 2600 * 1.2)), 3 << 30) if args.shared_buffers == "auto"
           else parse_bytes(args.shared_buffers))
 

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel, ClapProcessor
 
 from tests.tinyclap import build_tiny_clap
-from worker.features import LogMel, repeat_pad
+from worker.features import LogMel
+from worker.windows import repeat_pad
 
 SR = 48_000
 N = 480_000  # nb_max_samples: 10 s at 48 kHz

@@ -69,18 +69,3 @@ class LogMel(torch.nn.Module):
         db = 10.0 * torch.log10(mel.clamp_min(MEL_FLOOR))
         out = db.transpose(1, 2).unsqueeze(1).float()  # (B, 1, frames, n_mels)
         return out.repeat(1, FUSION_CHANNELS, 1, 1) if self.fusion else out.contiguous()
-
-
-def repeat_pad(wave: np.ndarray, max_length: int) -> np.ndarray:
-    """Reference "repeatpad": tile int(max_length / len) times, then zero-pad the tail to max_length."""
-    if wave.ndim != 1:
-        raise ValueError(f"expected a 1-D waveform, got shape {wave.shape}")
-    n = int(wave.shape[0])
-    if n == 0:
-        raise ValueError("cannot pad an empty waveform")
-    if n > max_length:
-        raise ValueError(f"waveform has {n} samples, more than max_length={max_length}")
-    if n == max_length:
-        return wave
-    tiled = np.tile(wave, int(max_length / n))
-    return np.pad(tiled, (0, max_length - tiled.shape[0]), mode="constant", constant_values=0)

@@ -10,6 +10,7 @@ from sqlalchemy import and_, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from clapq.models import Item, Job, Library
+from worker.windows import pooled
 
 
 @dataclasses.dataclass
@@ -129,8 +130,6 @@ def write_items(session: Session, finished: list[tuple[Claimed, object, list[tup
 
     `finished` holds (item, audio info, window spans, window vectors) per item; all items of one
     call share a model (a task serves one). Returns the number of segment rows written."""
-    from worker.windows import pooled  # (imports torch: only ever after the fork)
-
     if not finished:
         return 0
     models = {item.model_id for item, *_ in finished}

@@ -1,4 +1,6 @@
-"""Deterministic windows: short files repeat-padded as LAION does, long files cut with a fixed hop."""
+"""Deterministic windows: short files repeat-padded as LAION does, long files cut with a fixed hop.
+
+Numpy only (no torch), so the API and the database layer can use it before any fork."""
 
 from __future__ import annotations
 
@@ -6,10 +8,23 @@ from pathlib import Path
 
 import numpy as np
 
-from worker.features import repeat_pad
-
 WINDOW_S = 10.0
 HOP_S = 5.0
+
+
+def repeat_pad(wave: np.ndarray, max_length: int) -> np.ndarray:
+    """Reference "repeatpad": tile int(max_length / len) times, then zero-pad the tail to max_length."""
+    if wave.ndim != 1:
+        raise ValueError(f"expected a 1-D waveform, got shape {wave.shape}")
+    n = int(wave.shape[0])
+    if n == 0:
+        raise ValueError("cannot pad an empty waveform")
+    if n > max_length:
+        raise ValueError(f"waveform has {n} samples, more than max_length={max_length}")
+    if n == max_length:
+        return wave
+    tiled = np.tile(wave, int(max_length / n))
+    return np.pad(tiled, (0, max_length - tiled.shape[0]), mode="constant", constant_values=0)
 
 
 def window_starts(n: int, window: int, hop: int) -> list[int]:
