@@ -154,3 +154,22 @@ def test_every_format_in_one_batch(client, new_key, worker, files):
         assert item["format"], item
         vec = np.array(client.get(f"/v1/items/{ids[path.name]}/embedding", headers=auth(key)).get_json()["vector"])
         assert np.isfinite(vec).all() and np.linalg.norm(vec) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("channels", [2, 3, 6])
+def test_downmix_is_the_channel_mean(channels):
+    """The mono mix is the mean of the channels for soundfile's strided blocks and PyAV's planar ones;
+    for stereo bit for bit (what earlier versions stored), otherwise to float32 rounding."""
+    rng = np.random.default_rng(channels)
+    interleaved = rng.standard_normal((70_000, channels)).astype(np.float32)
+    for block in (interleaved.T, np.ascontiguousarray(interleaved.T)):
+        mono = audio._downmix(block)
+        assert mono.dtype == np.float32 and mono.shape == (70_000,)
+        expected = block.mean(axis=0, dtype=np.float32)
+        if channels == 2:
+            np.testing.assert_array_equal(mono, expected)
+        else:
+            np.testing.assert_allclose(mono, expected, rtol=0, atol=1e-6)
+    single = interleaved[:, :1].T
+    np.testing.assert_array_equal(audio._downmix(single), single[0])
+

@@ -138,6 +138,18 @@ def _short(exc: Exception) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
+def _downmix(block: np.ndarray) -> np.ndarray:
+    """(channels, frames) -> (frames,) float32, the channels' mean.
+
+    A matrix-vector product with 1/channels weights: numpy's `mean(axis=0)` over the strided
+    (channels, frames) view soundfile gives costs ~1 ms per 64k-frame block, the product ~25 us. For
+    stereo the two agree bit for bit (halving is exact)."""
+    channels = block.shape[0]
+    if channels == 1:
+        return block[0]
+    return np.full(channels, 1.0 / channels, np.float32) @ block
+
+
 def stream(path: Path | str, info: AudioInfo, *, max_duration_s: float | None = None) -> Iterator[np.ndarray]:
     """Mono float32 blocks at 48 kHz, filling `info` as it goes; memory bounded by the block size."""
     path = Path(path)
@@ -157,7 +169,7 @@ def stream(path: Path | str, info: AudioInfo, *, max_duration_s: float | None = 
         if peak > MAX_ABS_SAMPLE:  # float garbage: finite, but the log-mel would overflow to NaN vectors
             raise DecodeError(f"the audio has samples far outside the normal range (peak {peak:.3g}); "
                               "the file is probably corrupt")
-        mono = block.mean(axis=0, dtype=np.float32) if block.shape[0] > 1 else block[0]
+        mono = _downmix(block)
         info.frames += mono.shape[0]
         if max_duration_s is not None and info.frames > max_duration_s * info.sample_rate:
             raise DecodeError(f"the audio is longer than the limit of {max_duration_s:g} s")
