@@ -6,13 +6,17 @@
              (the jobs' last finished_at: when the last item was written, Postgres now(); the benchmark
              polls once a second, as `clapq upload --wait` does, so its requests take no CPU from the worker)
 
-Prints a table, clapq/raw and clapq/reference, peak RSS of API and worker, and writes JSON to
-benchmarks/results/engine_<host>.json. Usage: python benchmarks/engine.py --clips 64
+The three are timed in turn, `--rounds` times, on one warm service (the model loaded once in this
+process, the worker and API started once), so each round's ratios compare runs a few seconds apart;
+the summary is the median of the rounds. Prints a table, clapq/raw and clapq/reference, peak RSS of
+API and worker, and writes JSON to benchmarks/results/engine_<host>.json.
+Usage: python benchmarks/engine.py --clips 48 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -95,23 +99,44 @@ def wait_idle(pid: int, timeout: float = 300) -> None:
         quiet = quiet + 1 if t1 - t0 < 0.1 else 0
 
 
-def bench_raw(model_dir: Path, n: int, batch: int) -> dict:
-    from transformers import ClapFeatureExtractor, ClapModel
+class Raw:
+    """The model's batched forward on precomputed features, loaded once and timed as often as asked."""
 
-    fe = ClapFeatureExtractor.from_pretrained(model_dir)
-    model = ClapModel.from_pretrained(model_dir).eval()
-    rng = np.random.default_rng(1)
-    feats = fe([rng.standard_normal(480_000).astype(np.float32) * 0.1 for _ in range(batch)],
-               sampling_rate=48_000, return_tensors="pt")["input_features"]
-    with torch.inference_mode():
-        model.get_audio_features(input_features=feats)  # warm-up
-        t0 = time.perf_counter()
-        done = 0
-        while done < n:
-            model.get_audio_features(input_features=feats)
-            done += batch
-        secs = time.perf_counter() - t0
-    return {"clips": done, "seconds": secs, "clips_per_s": done / secs}
+    def __init__(self, model_dir: Path, batch: int) -> None:
+        from transformers import ClapFeatureExtractor, ClapModel
+
+        fe = ClapFeatureExtractor.from_pretrained(model_dir)
+        self.model = ClapModel.from_pretrained(model_dir).eval()
+        rng = np.random.default_rng(1)
+        self.batch = batch
+        self.feats = fe([rng.standard_normal(480_000).astype(np.float32) * 0.1 for _ in range(batch)],
+                        sampling_rate=48_000, return_tensors="pt")["input_features"]
+        with torch.inference_mode():
+            self.model.get_audio_features(input_features=self.feats)  # warm-up
+
+    def run(self, n: int) -> dict:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            done = 0
+            while done < n:
+                self.model.get_audio_features(input_features=self.feats)
+                done += self.batch
+            secs = time.perf_counter() - t0
+        return {"clips": done, "seconds": secs, "clips_per_s": done / secs}
+
+
+def wait_quiet(timeout: float = 120, busy_cores: float = 0.15) -> None:
+    """Until the whole machine is idle for two seconds running (after a run, Postgres and the service
+    finish their own work: autovacuum, acks, the last polls), so no path is timed beside another's tail."""
+    import psutil
+
+    deadline, quiet = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline and quiet < 2:
+        t0 = psutil.cpu_times()
+        time.sleep(1.0)
+        t1 = psutil.cpu_times()
+        busy = sum(getattr(t1, f) - getattr(t0, f) for f in ("user", "nice", "system", "irq", "softirq"))
+        quiet = quiet + 1 if busy < busy_cores else 0
 
 
 def bench_speedups(model_dir: Path, batch: int, reps: int = 3) -> dict:
@@ -200,43 +225,66 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def bench_clapq(model_dir: Path, clips: list[Path], db_url: str, redis_url: str, work: Path,
-                batch_size: int, per_upload: int = 32) -> dict:
-    import requests
+class Service:
+    """`clapq worker` + `clapq api` on the embedded Postgres and Redis, started once for every timed run."""
 
-    from clapq.db import session_scope
-    from clapq.keys import create_key
+    def __init__(self, model_dir: Path, db_url: str, redis_url: str, work: Path, batch_size: int) -> None:
+        self.db_url, self.work = db_url, work
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
+        port = _free_port()
+        env.update(DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_MODEL=str(model_dir), CLAPQ_DATA_DIR=str(work),
+                   CLAPQ_BLOB_DIR=str(work / "blobs"), CLAPQ_BATCH_SIZE=str(batch_size),
+                   CLAPQ_ITEMS_PER_TASK="32", CLAPQ_PORT=str(port), CLAPQ_HOST="127.0.0.1",
+                   CLAPQ_API_WORKERS="1", HF_HUB_OFFLINE="1", CLAPQ_LOG_LEVEL="WARNING",
+                   CLAPQ_COMPILE=os.environ.get("CLAPQ_COMPILE", "0"))
+        self.env, self.base = env, f"http://127.0.0.1:{port}"
+        self.procs: list[subprocess.Popen] = []
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
-    port = _free_port()
-    env.update(DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_MODEL=str(model_dir), CLAPQ_DATA_DIR=str(work),
-               CLAPQ_BLOB_DIR=str(work / "blobs"), CLAPQ_BATCH_SIZE=str(batch_size), CLAPQ_ITEMS_PER_TASK="32",
-               CLAPQ_PORT=str(port), CLAPQ_HOST="127.0.0.1", CLAPQ_API_WORKERS="1", HF_HUB_OFFLINE="1",
-               CLAPQ_LOG_LEVEL="WARNING", CLAPQ_COMPILE=os.environ.get("CLAPQ_COMPILE", "0"))
-    cli = [sys.executable, "-m", "clapq.cli"]
-    logs = open(work / "clapq.log", "ab")
-    worker = subprocess.Popen(cli + ["worker"], env=env, stdout=logs, stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    api = subprocess.Popen(cli + ["api"], env=env, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        with session_scope(db_url) as s:
-            key = create_key(s, f"bench-{time.time_ns()}")
-        h = {"Authorization": f"Bearer {key}"}
+    def __enter__(self) -> "Service":
+        import requests
+
+        from clapq.db import session_scope
+        from clapq.keys import create_key
+
+        cli = [sys.executable, "-m", "clapq.cli"]
+        self.logs = open(self.work / "clapq.log", "ab")
+        for cmd in ("worker", "api"):
+            self.procs.append(subprocess.Popen(cli + [cmd], env=self.env, stdout=self.logs,
+                                               stderr=subprocess.STDOUT, start_new_session=True))
+        self.worker, self.api = self.procs
+        with session_scope(self.db_url) as s:
+            self.headers = {"Authorization": f"Bearer {create_key(s, f'bench-{time.time_ns()}')}"}
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # API up and a worker with the model loaded
             try:
-                r = requests.get(base + "/readyz", timeout=5)
-                if r.status_code == 200:
+                if requests.get(self.base + "/readyz", timeout=5).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+                p.wait(60)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(p.pid, signal.SIGKILL)
+        self.logs.close()
+
+    def run(self, clips: list[Path], per_upload: int = 32) -> dict:
+        """Upload `clips` into a new library and time first upload byte -> the last item written."""
+        import requests
+
         # the pool child loads (and warms, and maybe compiles) the model after the worker reports ready,
         # and each API process preloads its text tower: start timing on a quiet machine
-        wait_idle(worker.pid)
-        wait_idle(api.pid)
-        lib = requests.post(base + "/v1/libraries", json={"name": "bench"}, headers=h, timeout=300).json()
+        wait_idle(self.worker.pid)
+        wait_idle(self.api.pid)
+        wait_quiet()
+        base, h = self.base, self.headers
+        lib = requests.post(base + "/v1/libraries", json={"name": f"bench-{time.time_ns()}"}, headers=h,
+                            timeout=300).json()
         wall0, t0 = time.time(), time.perf_counter()
         jobs = []
         for i in range(0, len(clips), per_upload):
@@ -254,21 +302,20 @@ def bench_clapq(model_dir: Path, clips: list[Path], db_url: str, redis_url: str,
         last = max(datetime.datetime.fromisoformat(s["finished_at"]).timestamp() for s in states)
         secs = last - wall0
         return {"clips": len(clips), "seconds": secs, "clips_per_s": len(clips) / secs, "upload_seconds": uploaded,
-                "worker_peak_rss_mb": rss_peak_mb(worker.pid), "api_peak_rss_mb": rss_peak_mb(api.pid)}
-    finally:
-        for p in (api, worker):
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-                p.wait(60)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(p.pid, signal.SIGKILL)
-        logs.close()
+                "worker_peak_rss_mb": rss_peak_mb(self.worker.pid), "api_peak_rss_mb": rss_peak_mb(self.api.pid)}
+
+
+def _median(xs: list[float]) -> float:
+    return float(np.median(xs)) if xs else float("nan")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clips", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="raw, reference and clapq are timed this many times, in turn, on one warm service; "
+                         "the ratios are each round's, summarised by their median (this VM drifts by 10%%)")
     ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "clapq-bench-full-clap")
     ap.add_argument("--only", default="raw,reference,clapq")
     ap.add_argument("--tag", default="", help="suffix for the results file name")
@@ -284,40 +331,57 @@ def main() -> None:
     pg, redis = EmbeddedPostgres(work / "pg"), EmbeddedRedis(work / "redis")
     results: dict = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, torch "
                                 f"{torch.__version__}, threads {torch.get_num_threads()}",
-                     "clips": args.clips, "batch": args.batch, "clip_seconds": 10}
+                     "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "rounds": []}
+    paths = [p for p in ("raw", "reference", "clapq") if p in args.only.split(",")]
     try:
         db_url, redis_url = pg.start(), redis.start()
         migrate(db_url)
-        only = args.only.split(",")
-        if "raw" in only:
-            results["raw"] = bench_raw(model_dir, args.clips, args.batch)
-        if "speedups" in only:
+        if "speedups" in args.only.split(","):
             results["speedups"] = bench_speedups(model_dir, args.batch)
-        if "reference" in only:
-            results["reference"] = bench_reference(model_dir, clips, db_url)
-        if "clapq" in only:
-            results["clapq"] = bench_clapq(model_dir, clips, db_url, redis_url, work, args.batch,
-                                           args.files_per_upload)
+        raw = Raw(model_dir, args.batch) if "raw" in paths else None
+        with contextlib.ExitStack() as stack:
+            service = (stack.enter_context(Service(model_dir, db_url, redis_url, work, args.batch))
+                       if "clapq" in paths else None)
+            for r in range(args.rounds if paths else 0):
+                one: dict = {}
+                if raw is not None:
+                    wait_quiet()
+                    one["raw"] = raw.run(args.clips)
+                if "reference" in paths:
+                    wait_quiet()
+                    one["reference"] = bench_reference(model_dir, clips, db_url)
+                if service is not None:
+                    one["clapq"] = service.run(clips, args.files_per_upload)
+                    for name in ("raw", "reference"):
+                        if name in one:
+                            one[f"clapq_over_{name}"] = one["clapq"]["clips_per_s"] / one[name]["clips_per_s"]
+                results["rounds"].append(one)
+                print(f"round {r + 1}: " + "  ".join(
+                    f"{k} {v['clips_per_s']:.2f} clips/s" if isinstance(v, dict) else f"{k} {v:.2f}"
+                    for k, v in one.items()), flush=True)
     finally:
         redis.stop()
         pg.stop()
-    print(f"\n{results['machine']}; {args.clips} clips of 10 s, batch {args.batch}")
-    print(f"{'path':<10} {'clips/s':>9} {'seconds':>9}")
-    for name in ("raw", "reference", "clapq"):
-        if name in results:
-            print(f"{name:<10} {results[name]['clips_per_s']:>9.2f} {results[name]['seconds']:>9.1f}")
+    rounds = results["rounds"]
+    print(f"\n{results['machine']}; {args.clips} clips of 10 s, batch {args.batch}, {len(rounds)} rounds")
+    if paths:
+        print(f"{'path':<10} {'median clips/s':>15} {'min':>7} {'max':>7}")
+    for name in paths:
+        cps = [one[name]["clips_per_s"] for one in rounds]
+        results[name] = {"clips_per_s": _median(cps), "min": min(cps), "max": max(cps)}
+        print(f"{name:<10} {_median(cps):>15.2f} {min(cps):>7.2f} {max(cps):>7.2f}")
     for name, v in results.get("speedups", {}).items():
         print(f"  cpu variant {name:<22} " + (f"{v['clips_per_s']:6.2f} clips/s  min cos {v['min_cosine']:.5f}"
                                               if "error" not in v else v["error"]))
-    if "clapq" in results:
-        c = results["clapq"]["clips_per_s"]
+    if "clapq" in paths:
         for name in ("raw", "reference"):
-            if name in results:
-                results[f"clapq_over_{name}"] = c / results[name]["clips_per_s"]
-                print(f"clapq/{name}: {results[f'clapq_over_{name}']:.2f}")
-        print(f"upload (all requests returned) after {results['clapq']['upload_seconds']:.1f} s")
-        print(f"peak RSS: worker {results['clapq']['worker_peak_rss_mb']:.0f} MB, "
-              f"api {results['clapq']['api_peak_rss_mb']:.0f} MB")
+            if name in paths:
+                ratios = [one[f"clapq_over_{name}"] for one in rounds]
+                results[f"clapq_over_{name}"] = _median(ratios)
+                print(f"clapq/{name}: median {_median(ratios):.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
+        last = rounds[-1]["clapq"]
+        print(f"upload (all requests returned) after {_median([o['clapq']['upload_seconds'] for o in rounds]):.1f} s")
+        print(f"peak RSS: worker {last['worker_peak_rss_mb']:.0f} MB, api {last['api_peak_rss_mb']:.0f} MB")
     out = ROOT / "benchmarks" / "results" / f"engine{args.tag}_{platform.node()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

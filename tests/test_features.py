@@ -110,6 +110,21 @@ def test_logmel_matches_feature_extractor(tiny, batch, fusion: bool) -> None:
     assert err[ref > -80.0].max() < 0.25
 
 
+@pytest.mark.parametrize("fusion", [False, True])
+def test_logmel_row_by_row_equals_one_pass(tiny, batch, fusion: bool, monkeypatch) -> None:
+    """On a CPU the log-mel runs one window at a time (cache-sized): the values are exactly those of
+    one pass over the whole batch, so neither the batch nor its size changes a window's features."""
+    import worker.features as features
+
+    lm = LogMel(tiny[fusion]["processor"].feature_extractor, fusion)
+    x = torch.from_numpy(batch)
+    rows = lm(x)
+    monkeypatch.setattr(features, "CPU_ROWS", len(batch))
+    whole = lm(x)
+    assert torch.equal(rows, whole)
+    assert torch.equal(lm(x[2:3]), whole[2:3])
+
+
 def test_logmel_short_clip_end_to_end(tiny) -> None:
     fe = tiny[False]["processor"].feature_extractor
     clip = _noise(3.3, seed=5)
