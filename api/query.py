@@ -28,29 +28,33 @@ def _clap(text_only: bool):
     search never waits behind bulk ingest in the workers' queue."""
     from clapq.clap import get_clap
 
-    return get_clap(serving_checkpoint(), current_app.config["CLAPQ"].device, text_only=text_only)
+    settings = current_app.config["CLAPQ"]
+    return get_clap(serving_checkpoint(), settings.device, text_only=text_only,
+                    text_int8=text_only and settings.text_int8)
 
 
 def _redis():
     return redis_client(current_app.extensions["clapq_celery"])
 
 
-def text_cache_key(ckpt, text: str) -> str:
-    """Where a query's text vector is cached: per model (weights hash) and text."""
-    return f"clapq:text:{ckpt.weights_sha256[:16]}:{hashlib.sha256(text.encode()).hexdigest()}"
+def text_cache_key(ckpt, text: str, int8: bool = False) -> str:
+    """Where a query's text vector is cached: per model (weights hash), text tower precision and text."""
+    tower = ckpt.weights_sha256[:16] + (":int8" if int8 else "")
+    return f"clapq:text:{tower}:{hashlib.sha256(text.encode()).hexdigest()}"
 
 
 def text_vectors(texts: list[str]) -> np.ndarray:
     """One unit vector per text; each is computed once per model and then served from Redis."""
     ckpt = serving_checkpoint()
-    keys = [text_cache_key(ckpt, t) for t in texts]
+    int8 = current_app.config["CLAPQ"].text_int8
+    keys = [text_cache_key(ckpt, t, int8) for t in texts]
     found: list[bytes | None] = [None] * len(texts)
     try:
         found = _redis().mget(keys)
     except Exception:  # the cache is an optimisation: Redis away means compute
         log.warning("text cache unavailable", exc_info=True)
     missing = [i for i, v in enumerate(found) if v is None]
-    out = np.zeros((len(texts), 512), np.float32)
+    out = np.zeros((len(texts), ckpt.dim), np.float32)
     for i, v in enumerate(found):
         if v is not None:
             out[i] = np.frombuffer(v, np.float32)

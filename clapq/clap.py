@@ -33,10 +33,24 @@ def pooled(output) -> torch.Tensor:
     return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
+def quantize_text_int8(model: ClapModel) -> None:
+    """int8 dynamic quantisation of the text tower's and text projection's Linear layers (CPU only):
+    ~3x faster text queries at cosine >= 0.999 to fp32 (BENCHMARKS.md). Query vectors are never
+    stored, so turning it on or off changes no stored data."""
+    import warnings
+
+    with warnings.catch_warnings():  # torch.ao's eager quantisation API is deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        quantize = torch.ao.quantization.quantize_dynamic
+        model.text_model = quantize(model.text_model, {torch.nn.Linear}, dtype=torch.qint8)
+        model.text_projection = quantize(model.text_projection, {torch.nn.Linear}, dtype=torch.qint8)
+
+
 class LoadedClap:
     """A CLAP checkpoint loaded once per process: model, tokenizer and feature-extractor settings."""
 
-    def __init__(self, ckpt: Checkpoint, device: str = "auto", *, text_only: bool = False) -> None:
+    def __init__(self, ckpt: Checkpoint, device: str = "auto", *, text_only: bool = False,
+                 text_int8: bool = False) -> None:
         self.ckpt = ckpt
         self.device = pick_device(device)
         self.dtype = pick_dtype(self.device)
@@ -53,12 +67,23 @@ class LoadedClap:
             model.audio_projection = None
         model.eval()
         self.model = model.to(self.device, dtype=self.dtype)
+        # int8 kernels exist for the CPU only; on a GPU the text tower runs in half precision anyway
+        self.text_int8 = text_int8 and self.device.type == "cpu"
+        if self.text_int8:
+            quantize_text_int8(self.model)
         self.fusion = bool(getattr(model.config.audio_config, "enable_fusion", False))
         self._lock = threading.Lock()
 
-    @torch.inference_mode()
     def embed_text(self, texts: list[str]) -> np.ndarray:
         """L2-normalised text vectors, float32, one row per text."""
+        if self.text_int8 and len(texts) > 1:
+            # dynamic int8 scales each activation by its batch's range: one text at a time, so a text's
+            # vector never depends on the texts it was asked with
+            return np.concatenate([self._embed_text([t]) for t in texts])
+        return self._embed_text(texts)
+
+    @torch.inference_mode()
+    def _embed_text(self, texts: list[str]) -> np.ndarray:
         tokens = self.tokenizer(
             texts, padding=True, truncation=True, max_length=TEXT_MAX_TOKENS, return_tensors="pt"
         )
@@ -73,10 +98,11 @@ _loaded: dict[tuple, LoadedClap] = {}
 _load_lock = threading.Lock()
 
 
-def get_clap(ckpt: Checkpoint, device: str = "auto", *, text_only: bool = False) -> LoadedClap:
+def get_clap(ckpt: Checkpoint, device: str = "auto", *, text_only: bool = False,
+             text_int8: bool = False) -> LoadedClap:
     """The process-wide model for this checkpoint, loaded on first use."""
-    key = (ckpt.path, ckpt.weights_sha256, device, text_only)
+    key = (ckpt.path, ckpt.weights_sha256, device, text_only, text_int8)
     with _load_lock:
         if key not in _loaded:
-            _loaded[key] = LoadedClap(ckpt, device, text_only=text_only)
+            _loaded[key] = LoadedClap(ckpt, device, text_only=text_only, text_int8=text_int8)
         return _loaded[key]

@@ -63,6 +63,7 @@ class Settings:
     max_pending: int
     max_file_bytes: int
     compile_model: bool
+    text_int8: bool
     worker_nice: int
     preload_text: bool
     log_level: str
@@ -102,6 +103,8 @@ class Settings:
             # each API process loads its text tower in the background at start, not on the first search
             preload_text=_bool(env, "CLAPQ_PRELOAD_TEXT", True),
             compile_model=_bool(env, "CLAPQ_COMPILE", False),
+            # the API's text tower in int8 on a CPU: ~3x faster uncached text queries, cosine >= 0.999
+            text_int8=_bool(env, "CLAPQ_TEXT_INT8", False),
             log_level=env.get("CLAPQ_LOG_LEVEL") or "INFO",
         )
         values.update(overrides)

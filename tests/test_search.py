@@ -51,6 +51,45 @@ def qvec(text: str, tiny_model) -> np.ndarray:
     return get_clap(resolve(str(tiny_model)), "cpu", text_only=True).embed_text([text])[0]
 
 
+def test_int8_text_tower_is_close_to_fp32_and_served_when_asked(app, lib, tiny_model, monkeypatch):
+    """CLAPQ_TEXT_INT8: the API's text tower has int8 Linear layers, its query vectors stay within
+    cosine 0.99 of fp32 ones (>= 0.999 on the full-size model, BENCHMARKS.md), search ranks by them,
+    and they are cached apart from fp32 vectors."""
+    import torch
+
+    from api.query import _redis, text_cache_key
+    from clapq.checkpoint import resolve
+    from clapq.clap import get_clap
+
+    ckpt = resolve(str(tiny_model))
+    texts = ["dog barking", "rain on a window", "a car passes by"]
+    fp32 = get_clap(ckpt, "cpu", text_only=True).embed_text(texts)
+    int8_tower = get_clap(ckpt, "cpu", text_only=True, text_int8=True)
+    assert int8_tower.text_int8
+    linears = [m for m in int8_tower.model.text_model.modules() if isinstance(m, torch.nn.Linear)]
+    quantized = [m for m in int8_tower.model.text_model.modules()
+                 if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert quantized and not linears
+    int8 = int8_tower.embed_text(texts)
+    np.testing.assert_allclose(np.linalg.norm(int8, axis=1), 1.0, atol=1e-5)
+    assert (int8 * fp32).sum(1).min() >= 0.99
+    assert not np.array_equal(int8, fp32)
+    # dynamic int8 scales by the batch's range: each text is embedded alone, whatever it is asked with
+    np.testing.assert_array_equal(int8_tower.embed_text(texts[1:2]), int8[1:2])
+
+    monkeypatch.setitem(app.config, "CLAPQ", dataclasses.replace(app.config["CLAPQ"], text_int8=True))
+    client = app.test_client()
+    body = client.post("/v1/search", json={"library_id": lib["a"], "text": texts[0], "k": 3},
+                       headers=auth(lib["key"])).get_json()
+    expected = brute_items(lib, int8[0])[:3]
+    assert [r["item_id"] for r in body["results"]] == [i for _, i in expected]
+    for r, (score, _) in zip(body["results"], expected):
+        assert r["score"] == pytest.approx(score, abs=1e-4)
+    with app.app_context():
+        cached = _redis().get(text_cache_key(ckpt, texts[0], int8=True))
+    np.testing.assert_array_equal(np.frombuffer(cached, np.float32), int8[0])
+
+
 def brute_items(lib, v, keep=lambda item_id: True):
     best = [(max(float(v @ s[2]) for s in segs), item_id) for item_id, segs in lib["segs"].items() if keep(item_id)]
     return sorted(best, reverse=True)
