@@ -35,3 +35,27 @@ def test_compose_services_and_commands():
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert (ROOT / "Dockerfile").is_file()
+
+
+def _variables_read() -> set[str]:
+    """Every CLAPQ_* environment variable the code reads (CLAPQ_PROCESS is set by the CLI itself)."""
+    import re
+
+    names = set()
+    for pkg in ("clapq", "api", "worker"):
+        for path in (ROOT / pkg).glob("*.py"):
+            names |= set(re.findall(r'"(CLAPQ_[A-Z0-9_]+)"', path.read_text()))
+    return names - {"CLAPQ_PROCESS"}
+
+
+def test_every_setting_is_documented_and_compose_sets_only_real_ones():
+    names = _variables_read()
+    assert {"CLAPQ_MODEL", "CLAPQ_TEXT_INT8", "CLAPQ_WORKER_NICE"} <= names
+    readme = (ROOT / "README.md").read_text()
+    undocumented = sorted(n for n in names if f"`{n}`" not in readme)
+    assert not undocumented, f"README's configuration table lacks {undocumented}"
+    spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    for name, service in spec["services"].items():
+        unknown = sorted(k for k in service.get("environment", {}) if k.startswith("CLAPQ_") and k not in names)
+        assert not unknown, f"docker-compose service {name} sets {unknown}, which clapq never reads"
+
