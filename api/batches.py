@@ -6,7 +6,7 @@ import json
 import logging
 
 from flask import Blueprint, current_app, g, request
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from api.db import db
@@ -19,6 +19,9 @@ from clapq.queue import enqueue_items
 
 bp = Blueprint("batches", __name__)
 log = logging.getLogger(__name__)
+
+# re-uploaded bytes whose item ended in one of these states are embedded again; others are duplicates
+RETRIED_ON_REUPLOAD = ("failed", "cancelled")
 
 
 def _metadata_field(filenames: set[str]) -> dict:
@@ -91,6 +94,16 @@ def upload_batch(lib_id: str):
                 dup = session.execute(
                     select(Item.id, Item.status).where(Item.library_id == lib.id, Item.sha256 == sha)
                 ).one()
+                if dup.status in RETRIED_ON_REUPLOAD:
+                    # it failed (or was cancelled) before: uploading it again is a retry, tracked by this
+                    # job, so the job reports its new outcome instead of counting it done unseen
+                    session.execute(update(Item).where(Item.id == dup.id).values(
+                        job_id=job.id, status="queued", attempts=0, error=None, finished_at=None,
+                        claimed_by=None, updated_at=func.now()))
+                    new_ids.append(dup.id)
+                    out.append({"id": str(dup.id), "filename": row["filename"], "status": "queued",
+                                "retry_of": dup.status})
+                    continue
                 out.append({"id": str(dup.id), "filename": row["filename"], "status": dup.status,
                             "duplicate_of": str(dup.id)})
                 job.duplicates += 1

@@ -77,13 +77,20 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
                 fh.close()
         print(f"uploaded {len(batch)} files (job {jobs[-1]})", file=sys.stderr)
     failed = 0
+    # on a terminal one line that updates in place; in a log, a line each time the count moves
+    tty, shown = sys.stderr.isatty(), None
     while wait and jobs:
         states = [client.call("GET", f"/v1/jobs/{j}") for j in jobs]
         done = sum(s["counts"]["done"] + s["counts"]["failed"] for s in states)
         total = sum(s["counts"]["total"] for s in states)
-        print(f"\r{done}/{total} files processed", end="", file=sys.stderr)
+        if tty:
+            print(f"\r{done}/{total} files processed", end="", file=sys.stderr)
+        elif done != shown:
+            print(f"{done}/{total} files processed", file=sys.stderr)
+        shown = done
         if all(s["status"] not in ("queued", "running") for s in states):
-            print(file=sys.stderr)
+            if tty:
+                print(file=sys.stderr)
             for s in states:
                 failed += len(s["errors"])
                 for e in s["errors"]:

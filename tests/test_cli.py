@@ -153,6 +153,9 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["files"] == 2 and summary["failed"] == 0
+    # not a terminal: progress is whole lines (no carriage returns), the last one the final count
+    progress = [line for line in out.stderr.splitlines() if line.endswith("files processed")]
+    assert "\r" not in out.stderr and progress and progress[-1] == "2/2 files processed", out.stderr
     out = subprocess.run(cli + ["search", "heavy rain", "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and sorted(line.split()[1] for line in out.stdout.splitlines()) == \

@@ -1,4 +1,5 @@
-"""Job semantics: duplicates count as done, cancel, retry-failed, listing and paging, backpressure."""
+"""Job semantics: duplicates count as done (a failed file uploaded again is retried), cancel, retry-failed,
+listing and paging, backpressure."""
 
 from __future__ import annotations
 
@@ -40,6 +41,33 @@ def test_duplicates_count_as_done_and_jobs_page(client, new_key, worker, tmp_pat
     assert sorted(i["id"] for i in items["items"] + rest["items"]) == sorted(i["id"] for i in first["items"])
     assert rest["next_cursor"] is None
     assert client.get(f"/v1/jobs/{first['job_id']}/items?status=bogus", headers=auth(key)).status_code == 400
+
+
+def test_uploading_a_failed_file_again_retries_it_in_the_new_job(client, new_key, worker, tmp_path):
+    """Not a silent "duplicate, done": the new job tracks the file again and reports how it ended."""
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "again"}, headers=auth(key)).get_json()
+    bad = tmp_path / "broken.wav"
+    bad.write_bytes(b"still not audio")
+    good = write(tmp_path / "fine.wav", 1.0, seed=4)
+    first = upload(client, key, lib["id"], [bad, good]).get_json()
+    assert wait_job(client, key, first["job_id"])["status"] == "done_with_errors"
+    bad_id = first["items"][0]["id"]
+
+    second = upload(client, key, lib["id"], [bad, good]).get_json()
+    retried, dup = second["items"]
+    assert retried == {"id": bad_id, "filename": "broken.wav", "status": "queued", "retry_of": "failed"}
+    assert dup["duplicate_of"] == first["items"][1]["id"]
+    job = wait_job(client, key, second["job_id"])
+    assert job["status"] == "done_with_errors", job
+    assert job["counts"]["failed"] == 1 and job["counts"]["duplicates"] == 1 and job["counts"]["total"] == 2
+    assert [e["item_id"] for e in job["errors"]] == [bad_id]
+    assert "not a readable audio file" in job["errors"][0]["error"]
+    item = client.get(f"/v1/items/{bad_id}", headers=auth(key)).get_json()
+    assert item["status"] == "failed" and item["attempts"] == 1 and item["job_id"] == second["job_id"]
+    # the file now belongs to the newer job; the first keeps the file that worked
+    old = client.get(f"/v1/jobs/{first['job_id']}", headers=auth(key)).get_json()
+    assert old["status"] == "done" and old["counts"]["total"] == 1
 
 
 def test_retry_failed_and_cancel(client, new_key, worker, tmp_path, settings):
