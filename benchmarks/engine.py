@@ -2,6 +2,8 @@
 
   raw        the model's batched forward on precomputed features (the ceiling)
   reference  what a user writes by hand: ClapProcessor + ClapModel, one file at a time, one INSERT per file
+  pipeline   the worker's engine in this process (decoder children, full batches, log-mel + model on the
+             device), vectors collected instead of written: no HTTP, queue or database (optional)
   clapq      upload through the HTTP API -> worker -> vectors in Postgres, first upload byte to job `done`
              (the jobs' last finished_at: when the last item was written, Postgres now(); the benchmark
              polls once a second, as `clapq upload --wait` does, so its requests take no CPU from the worker)
@@ -16,6 +18,7 @@ Usage: python benchmarks/engine.py --clips 48 --rounds 3
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import contextlib
 import datetime
 import json
@@ -99,20 +102,31 @@ def wait_idle(pid: int, timeout: float = 300) -> None:
         quiet = quiet + 1 if t1 - t0 < 0.1 else 0
 
 
-class Raw:
-    """The model's batched forward on precomputed features, loaded once and timed as often as asked."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def __init__(self, model_dir: Path, batch: int) -> None:
+
+class Raw:
+    """The model's batched forward on precomputed features, loaded once and timed as often as asked:
+    on the device and in the precision the worker uses (fp32 on a CPU, bf16/fp16 on a GPU)."""
+
+    def __init__(self, model_dir: Path, batch: int, device: torch.device) -> None:
         from transformers import ClapFeatureExtractor, ClapModel
 
+        from clapq.clap import pick_dtype
+
         fe = ClapFeatureExtractor.from_pretrained(model_dir)
-        self.model = ClapModel.from_pretrained(model_dir).eval()
+        dtype = pick_dtype(device)
+        self.device, self.batch = device, batch
+        self.model = ClapModel.from_pretrained(model_dir).eval().to(device, dtype=dtype)
         rng = np.random.default_rng(1)
-        self.batch = batch
         self.feats = fe([rng.standard_normal(480_000).astype(np.float32) * 0.1 for _ in range(batch)],
-                        sampling_rate=48_000, return_tensors="pt")["input_features"]
+                        sampling_rate=48_000, return_tensors="pt")["input_features"].to(device, dtype=dtype)
         with torch.inference_mode():
-            self.model.get_audio_features(input_features=self.feats)  # warm-up
+            for _ in range(1 if device.type == "cpu" else 3):  # warm-up (GPU: kernel selection)
+                self.model.get_audio_features(input_features=self.feats)
+        _sync(device)
 
     def run(self, n: int) -> dict:
         with torch.inference_mode():
@@ -121,15 +135,67 @@ class Raw:
             while done < n:
                 self.model.get_audio_features(input_features=self.feats)
                 done += self.batch
+            _sync(self.device)
             secs = time.perf_counter() - t0
         return {"clips": done, "seconds": secs, "clips_per_s": done / secs}
 
 
-def wait_quiet(timeout: float = 120, busy_cores: float = 0.15) -> None:
+class Pipeline:
+    """The worker's engine in this process, without HTTP, queue or database: decoder children read
+    ahead, windows are packed into full batches, log-mel and audio tower run on the device; vectors
+    are collected, not written. What is left of clapq/raw once the service's own costs are taken out,
+    and runnable where no Postgres or Redis is (the GPU machine: numpy, torch, transformers, soundfile
+    and soxr are all it needs)."""
+
+    def __init__(self, model_dir: Path, batch: int, device: torch.device, decoders: int) -> None:
+        from clapq.checkpoint import resolve
+        from clapq.clap import get_clap
+        from worker.decoder import DecoderPool
+        from worker.embedder import AudioEmbedder
+
+        self.embedder = AudioEmbedder(get_clap(resolve(str(model_dir)), str(device)))
+        self.embedder.embed(np.zeros((batch, self.embedder.window_samples), np.float32))  # warm-up
+        self.pool = DecoderPool(decoders)
+        self.pool.warm()
+        self.batch = batch
+
+    def run(self, clips: list[Path], scratch: Path) -> dict:
+        import types
+        import uuid
+
+        from worker import pipeline
+
+        files = {f"{i:064x}": p for i, p in enumerate(clips)}  # the blob store's sha256 -> path, for these files
+        blobs = types.SimpleNamespace(path_for=files.__getitem__)
+        items = [types.SimpleNamespace(id=uuid.uuid4(), sha256=sha) for sha in files]
+        done: list = []
+
+        def failed(d) -> None:
+            raise RuntimeError(f"{d.item.sha256}: {d.error}")
+
+        scratch.mkdir(parents=True, exist_ok=True)
+        opts = pipeline.Options(batch_size=self.batch, scratch_dir=scratch)
+        t0 = time.perf_counter()
+        pipeline.run(items, blobs, self.pool, self.embedder, opts, done.extend, failed)
+        secs = time.perf_counter() - t0
+        assert len(done) == len(clips), (len(done), len(clips))
+        return {"clips": len(clips), "seconds": secs, "clips_per_s": len(clips) / secs}
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+QUIET_TIMEOUT_S = 120.0
+
+
+def wait_quiet(busy_cores: float | None = None) -> None:
     """Until the whole machine is idle for two seconds running (after a run, Postgres and the service
-    finish their own work: autovacuum, acks, the last polls), so no path is timed beside another's tail."""
+    finish their own work: autovacuum, acks, the last polls), so no path is timed beside another's tail;
+    at most QUIET_TIMEOUT_S (--quiet-timeout)."""
     import psutil
 
+    timeout = QUIET_TIMEOUT_S
+    busy_cores = busy_cores if busy_cores is not None else max(0.15, 0.03 * (os.cpu_count() or 1))
     deadline, quiet = time.monotonic() + timeout, 0
     while time.monotonic() < deadline and quiet < 2:
         t0 = psutil.cpu_times()
@@ -191,14 +257,15 @@ def bench_speedups(model_dir: Path, batch: int, reps: int = 3) -> dict:
     return out
 
 
-def bench_reference(model_dir: Path, clips: list[Path], db_url: str) -> dict:
-    """Hand-written: one file at a time through ClapProcessor + ClapModel, one INSERT per file."""
+def bench_reference(model_dir: Path, clips: list[Path], db_url: str, device: torch.device) -> dict:
+    """Hand-written: one file at a time through ClapProcessor + ClapModel (`.to(device)`, fp32, as
+    the model card shows), one INSERT per file."""
     import psycopg2
     import soxr
     from transformers import ClapModel, ClapProcessor
 
     processor = ClapProcessor.from_pretrained(model_dir)
-    model = ClapModel.from_pretrained(model_dir).eval()
+    model = ClapModel.from_pretrained(model_dir).eval().to(device)
     conn = psycopg2.connect(db_url.replace("postgresql+psycopg2", "postgresql"))
     with conn, conn.cursor() as cur:
         cur.execute("CREATE EXTENSION IF NOT EXISTS vector; DROP TABLE IF EXISTS ref_vectors; "
@@ -210,8 +277,8 @@ def bench_reference(model_dir: Path, clips: list[Path], db_url: str) -> dict:
         inputs = processor(audio=audio, sampling_rate=48_000, truncation="rand_trunc", padding="repeatpad",
                            return_tensors="pt")
         with torch.inference_mode():
-            out = model.get_audio_features(**inputs)
-        v = getattr(out, "pooler_output", out)[0].numpy()
+            out = model.get_audio_features(**{k: v.to(device) for k, v in inputs.items()})
+        v = getattr(out, "pooler_output", out)[0].float().cpu().numpy()
         with conn, conn.cursor() as cur:
             cur.execute("INSERT INTO ref_vectors VALUES (%s, %s)", (p.name, "[" + ",".join(map(str, v)) + "]"))
     secs = time.perf_counter() - t0
@@ -228,7 +295,8 @@ def _free_port() -> int:
 class Service:
     """`clapq worker` + `clapq api` on the embedded Postgres and Redis, started once for every timed run."""
 
-    def __init__(self, model_dir: Path, db_url: str, redis_url: str, work: Path, batch_size: int) -> None:
+    def __init__(self, model_dir: Path, db_url: str, redis_url: str, work: Path, batch_size: int,
+                 device: torch.device, decoders: int) -> None:
         self.db_url, self.work = db_url, work
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
         port = _free_port()
@@ -236,6 +304,7 @@ class Service:
                    CLAPQ_BLOB_DIR=str(work / "blobs"), CLAPQ_BATCH_SIZE=str(batch_size),
                    CLAPQ_ITEMS_PER_TASK="32", CLAPQ_PORT=str(port), CLAPQ_HOST="127.0.0.1",
                    CLAPQ_API_WORKERS="1", HF_HUB_OFFLINE="1", CLAPQ_LOG_LEVEL="WARNING",
+                   CLAPQ_DEVICE=str(device), CLAPQ_DECODERS=str(decoders),
                    CLAPQ_COMPILE=os.environ.get("CLAPQ_COMPILE", "0"))
         self.env, self.base = env, f"http://127.0.0.1:{port}"
         self.procs: list[subprocess.Popen] = []
@@ -273,7 +342,7 @@ class Service:
                 os.killpg(p.pid, signal.SIGKILL)
         self.logs.close()
 
-    def run(self, clips: list[Path], per_upload: int = 32) -> dict:
+    def run(self, clips: list[Path], per_upload: int = 32, upload_threads: int = 1) -> dict:
         """Upload `clips` into a new library and time first upload byte -> the last item written."""
         import requests
 
@@ -285,13 +354,17 @@ class Service:
         base, h = self.base, self.headers
         lib = requests.post(base + "/v1/libraries", json={"name": f"bench-{time.time_ns()}"}, headers=h,
                             timeout=300).json()
-        wall0, t0 = time.time(), time.perf_counter()
-        jobs = []
-        for i in range(0, len(clips), per_upload):
-            files = [("files", (p.name, p.read_bytes(), "audio/wav")) for p in clips[i : i + per_upload]]
+        def post(chunk: list[Path]) -> str:
+            files = [("files", (p.name, p.read_bytes(), "audio/wav")) for p in chunk]
             r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", files=files, headers=h, timeout=600)
             r.raise_for_status()
-            jobs.append(r.json()["job_id"])
+            return r.json()["job_id"]
+
+        chunks = [clips[i : i + per_upload] for i in range(0, len(clips), per_upload)]
+        wall0, t0 = time.time(), time.perf_counter()
+        # one request at a time on a CPU; a GPU consumes clips faster than one client sends them
+        with cf.ThreadPoolExecutor(max_workers=upload_threads) as pool:
+            jobs = list(pool.map(post, chunks))
         uploaded = time.perf_counter() - t0
         while True:  # the clock stops at the last item's finished_at, so polling is rare and coarse
             time.sleep(1.0)
@@ -310,6 +383,7 @@ def _median(xs: list[float]) -> float:
 
 
 def main() -> None:
+    global QUIET_TIMEOUT_S
     ap = argparse.ArgumentParser()
     ap.add_argument("--clips", type=int, default=64)
     ap.add_argument("--batch", type=int, default=16)
@@ -320,48 +394,74 @@ def main() -> None:
     ap.add_argument("--only", default="raw,reference,clapq")
     ap.add_argument("--tag", default="", help="suffix for the results file name")
     ap.add_argument("--files-per-upload", type=int, default=32, help="files per batch upload (one job each)")
+    ap.add_argument("--device", default=os.environ.get("CLAPQ_DEVICE", "auto"),
+                    help="cpu, cuda, ... (default $CLAPQ_DEVICE or auto): raw, reference and the worker use it")
+    ap.add_argument("--decoders", type=int, default=None,
+                    help="decoder children per worker (default 2 on a CPU, all cores but two on a GPU)")
+    ap.add_argument("--upload-threads", type=int, default=None,
+                    help="concurrent upload requests (default 1 on a CPU, 4 on a GPU)")
+    ap.add_argument("--quiet-timeout", type=float, default=QUIET_TIMEOUT_S,
+                    help="longest wait for an idle machine before each timed path, seconds")
     args = ap.parse_args()
-    from clapq.db import migrate
-    from clapq.embedded import EmbeddedPostgres, EmbeddedRedis
+    QUIET_TIMEOUT_S = args.quiet_timeout
+    from clapq.clap import pick_device
 
+    device = pick_device(args.device)
+    gpu = device.type == "cuda"
+    decoders = args.decoders or (max(2, (os.cpu_count() or 4) - 2) if gpu else 2)
+    upload_threads = args.upload_threads or (4 if gpu else 1)
     model_dir = build_full_model(args.model_dir)
     work = Path(tempfile.mkdtemp(prefix="clapq-bench-"))
     os.chmod(work, 0o755)
     clips = make_clips(work / "clips", args.clips)
-    pg, redis = EmbeddedPostgres(work / "pg"), EmbeddedRedis(work / "redis")
     results: dict = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, torch "
-                                f"{torch.__version__}, threads {torch.get_num_threads()}",
+                                f"{torch.__version__}, threads {torch.get_num_threads()}"
+                                + (f", {torch.cuda.get_device_name(device)}" if gpu else ""),
+                     "device": str(device), "decoders": decoders, "upload_threads": upload_threads,
                      "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "rounds": []}
-    paths = [p for p in ("raw", "reference", "clapq") if p in args.only.split(",")]
-    try:
-        db_url, redis_url = pg.start(), redis.start()
-        migrate(db_url)
+    paths = [p for p in ("raw", "pipeline", "reference", "clapq") if p in args.only.split(",")]
+    with contextlib.ExitStack() as stack:
+        db_url = redis_url = None
+        if {"reference", "clapq"} & set(paths):  # Postgres and Redis only where a path writes
+            from clapq.db import migrate
+            from clapq.embedded import EmbeddedPostgres, EmbeddedRedis
+
+            pg, redis = EmbeddedPostgres(work / "pg"), EmbeddedRedis(work / "redis")
+            db_url = pg.start()
+            stack.callback(pg.stop)
+            redis_url = redis.start()
+            stack.callback(redis.stop)
+            migrate(db_url)
         if "speedups" in args.only.split(","):
             results["speedups"] = bench_speedups(model_dir, args.batch)
-        raw = Raw(model_dir, args.batch) if "raw" in paths else None
-        with contextlib.ExitStack() as stack:
-            service = (stack.enter_context(Service(model_dir, db_url, redis_url, work, args.batch))
-                       if "clapq" in paths else None)
-            for r in range(args.rounds if paths else 0):
-                one: dict = {}
-                if raw is not None:
-                    wait_quiet()
-                    one["raw"] = raw.run(args.clips)
-                if "reference" in paths:
-                    wait_quiet()
-                    one["reference"] = bench_reference(model_dir, clips, db_url)
-                if service is not None:
-                    one["clapq"] = service.run(clips, args.files_per_upload)
-                    for name in ("raw", "reference"):
-                        if name in one:
-                            one[f"clapq_over_{name}"] = one["clapq"]["clips_per_s"] / one[name]["clips_per_s"]
-                results["rounds"].append(one)
-                print(f"round {r + 1}: " + "  ".join(
-                    f"{k} {v['clips_per_s']:.2f} clips/s" if isinstance(v, dict) else f"{k} {v:.2f}"
-                    for k, v in one.items()), flush=True)
-    finally:
-        redis.stop()
-        pg.stop()
+        raw = Raw(model_dir, args.batch, device) if "raw" in paths else None
+        engine = Pipeline(model_dir, args.batch, device, decoders) if "pipeline" in paths else None
+        if engine is not None:
+            stack.callback(engine.close)
+        service = (stack.enter_context(Service(model_dir, db_url, redis_url, work, args.batch, device,
+                                               decoders)) if "clapq" in paths else None)
+        for r in range(args.rounds if paths else 0):
+            one: dict = {}
+            if raw is not None:
+                wait_quiet()
+                one["raw"] = raw.run(args.clips)
+            if engine is not None:
+                wait_quiet()
+                one["pipeline"] = engine.run(clips, work / "scratch")
+                if "raw" in one:
+                    one["pipeline_over_raw"] = one["pipeline"]["clips_per_s"] / one["raw"]["clips_per_s"]
+            if "reference" in paths:
+                wait_quiet()
+                one["reference"] = bench_reference(model_dir, clips, db_url, device)
+            if service is not None:
+                one["clapq"] = service.run(clips, args.files_per_upload, upload_threads)
+                for name in ("raw", "reference"):
+                    if name in one:
+                        one[f"clapq_over_{name}"] = one["clapq"]["clips_per_s"] / one[name]["clips_per_s"]
+            results["rounds"].append(one)
+            print(f"round {r + 1}: " + "  ".join(
+                f"{k} {v['clips_per_s']:.2f} clips/s" if isinstance(v, dict) else f"{k} {v:.2f}"
+                for k, v in one.items()), flush=True)
     rounds = results["rounds"]
     print(f"\n{results['machine']}; {args.clips} clips of 10 s, batch {args.batch}, {len(rounds)} rounds")
     if paths:
@@ -373,6 +473,10 @@ def main() -> None:
     for name, v in results.get("speedups", {}).items():
         print(f"  cpu variant {name:<22} " + (f"{v['clips_per_s']:6.2f} clips/s  min cos {v['min_cosine']:.5f}"
                                               if "error" not in v else v["error"]))
+    if {"raw", "pipeline"} <= set(paths):
+        ratios = [one["pipeline_over_raw"] for one in rounds]
+        results["pipeline_over_raw"] = _median(ratios)
+        print(f"pipeline/raw: median {_median(ratios):.2f} (rounds: {', '.join(f'{x:.2f}' for x in ratios)})")
     if "clapq" in paths:
         for name in ("raw", "reference"):
             if name in paths:
