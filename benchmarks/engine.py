@@ -397,7 +397,8 @@ def main() -> None:
     ap.add_argument("--device", default=os.environ.get("CLAPQ_DEVICE", "auto"),
                     help="cpu, cuda, ... (default $CLAPQ_DEVICE or auto): raw, reference and the worker use it")
     ap.add_argument("--decoders", type=int, default=None,
-                    help="decoder children per worker (default 2 on a CPU, all cores but two on a GPU)")
+                    help="decoder children per worker (default as `clapq worker`: 2 on a CPU, all cores but one "
+                         "on a GPU)")
     ap.add_argument("--upload-threads", type=int, default=None,
                     help="concurrent upload requests (default 1 on a CPU, 4 on a GPU)")
     ap.add_argument("--quiet-timeout", type=float, default=QUIET_TIMEOUT_S,
@@ -408,7 +409,9 @@ def main() -> None:
 
     device = pick_device(args.device)
     gpu = device.type == "cuda"
-    decoders = args.decoders or (max(2, (os.cpu_count() or 4) - 2) if gpu else 2)
+    from worker.decoder import pool_size
+
+    decoders = pool_size(args.decoders or 0, device.type)  # what `clapq worker` would start here
     upload_threads = args.upload_threads or (4 if gpu else 1)
     model_dir = build_full_model(args.model_dir)
     work = Path(tempfile.mkdtemp(prefix="clapq-bench-"))

@@ -28,7 +28,7 @@ run)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     # 1024 clips: ~1 s a round at the 1,000 clips/s target; batch 256 keeps the GPU busy; decoders
-    # default to all cores but two. A short wait for an idle machine: this one is not shared.
+    # default to all cores but one, as `clapq worker` on a GPU. A short wait for an idle machine.
     python3 benchmarks/engine.py --device cuda --only raw,pipeline --clips "${CLIPS:-1024}" \
         --batch "${BATCH:-256}" --rounds "${ROUNDS:-3}" --quiet-timeout 5 --tag _gpu
     cp benchmarks/results/engine_gpu_*.json "${OUT:-/tmp}/" 2>/dev/null || true

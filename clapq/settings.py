@@ -88,7 +88,8 @@ class Settings:
             # filters (and libraries) that leave at most this many windows are searched exactly
             exact_search_max_windows=_int(env, "CLAPQ_EXACT_SEARCH_MAX_WINDOWS", 5000),
             max_attempts=_int(env, "CLAPQ_MAX_ATTEMPTS", 3),
-            decoders=_int(env, "CLAPQ_DECODERS", 2),
+            # 0: chosen by the worker for its device (worker.decoder.pool_size)
+            decoders=_int(env, "CLAPQ_DECODERS", 0),
             decode_timeout_s=_int(env, "CLAPQ_DECODE_TIMEOUT_S", 600),
             max_duration_s=_int(env, "CLAPQ_MAX_DURATION_S", 4 * 3600),
             scratch_dir=Path(env.get("CLAPQ_SCRATCH_DIR") or Path(tempfile.gettempdir()) / "clapq-scratch"),

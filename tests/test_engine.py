@@ -247,3 +247,15 @@ def test_a_batch_is_written_with_one_statement_exactly_and_reruns_drop_stale_win
             assert np.array_equal(stored, pooled(v[:n]))
             item = s.get(Item, c.id)
             assert (item.status, item.duration_s, item.sample_rate, item.channels) == ("done", 25.0, 44_100, 2)
+
+
+def test_decoder_pool_size_follows_the_device():
+    """Two decoders beside a CPU model (it uses every core); beside a GPU, enough to feed it."""
+    from worker.decoder import pool_size
+
+    assert pool_size(5, "cuda", cpu_count=16) == 5 and pool_size(5, "cpu") == 5  # CLAPQ_DECODERS wins
+    assert pool_size(0, "cpu", cpu_count=64) == 2
+    assert pool_size(0, "cuda", cpu_count=16, worker_processes=1) == 15
+    assert pool_size(0, "cuda", cpu_count=16, worker_processes=4) == 3
+    assert pool_size(0, "cuda", cpu_count=2, worker_processes=1) == 2
+

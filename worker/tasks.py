@@ -37,11 +37,11 @@ def _runtime():
     import numpy as np
     import torch
 
-    from worker.decoder import get_pool
+    from worker.decoder import get_pool, pool_size
 
     # warm-up: the first forward pass builds kernels and buffers; do it before the first real batch
     embedder.embed(np.zeros((settings.batch_size, embedder.window_samples), np.float32))
-    get_pool(settings.decoders).warm()
+    get_pool(pool_size(settings.decoders, embedder.clap.device.type)).warm()
     log.info("model loaded", extra={"model": ckpt.name, "model_id": model_id, "device": str(embedder.clap.device),
                                     "torch_threads": torch.get_num_threads()})
     return settings, embedder, model_id
@@ -68,7 +68,7 @@ def _warm_up(**_) -> None:
 def embed_items(self, item_ids: list[str]) -> dict:
     """Embed a chunk of items; safe to run twice (unique keys + upserts)."""
     from worker import pipeline, store
-    from worker.decoder import get_pool
+    from worker.decoder import get_pool, pool_size
     from worker.heartbeat import beating
 
     settings, embedder, model_id = _runtime()
@@ -102,7 +102,8 @@ def embed_items(self, item_ids: list[str]) -> dict:
 
     try:
         with beating(settings.database_url, [c.id for c in claimed], self.request.id or "local", settings.heartbeat_s):
-            pipeline.run(claimed, blobs, get_pool(settings.decoders), embedder, opts, on_done, on_failed,
+            pipeline.run(claimed, blobs, get_pool(pool_size(settings.decoders, embedder.clap.device.type)),
+                         embedder, opts, on_done, on_failed,
                          on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs))
     except TRANSIENT:
         raise  # Celery retries the task with backoff; the writes are idempotent
