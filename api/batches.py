@@ -75,38 +75,53 @@ def upload_batch(lib_id: str):
         job = Job(tenant_id=g.tenant_id, library_id=lib.id, kind="upload")
         session.add(job)
         session.flush()
-        out, new_ids = [], []
-        for f, raw in zip(files, raw_names):
+        shas = []
+        for f in files:
             try:
-                sha = f.stream.commit()
+                shas.append(f.stream.commit())
             except StorageFull:
                 raise ApiError(507, "insufficient_storage", "the upload area is full; try again later") from None
-            row = dict(tenant_id=g.tenant_id, library_id=lib.id, job_id=job.id, sha256=sha,
-                       filename=display_name(raw), size_bytes=f.stream.size, meta=meta.get(raw, {}))
-            new_id = session.scalar(
-                insert(Item).values(**row).on_conflict_do_nothing(index_elements=["library_id", "sha256"])
-                .returning(Item.id)
-            )
-            if new_id is not None:
-                new_ids.append(new_id)
-                out.append({"id": str(new_id), "filename": row["filename"], "status": "queued"})
-            else:  # same bytes already in this library: one item
-                dup = session.execute(
-                    select(Item.id, Item.status).where(Item.library_id == lib.id, Item.sha256 == sha)
-                ).one()
-                if dup.status in RETRIED_ON_REUPLOAD:
-                    # it failed (or was cancelled) before: uploading it again is a retry, tracked by this
-                    # job, so the job reports its new outcome instead of counting it done unseen
-                    session.execute(update(Item).where(Item.id == dup.id).values(
-                        job_id=job.id, status="queued", attempts=0, error=None, finished_at=None,
-                        claimed_by=None, updated_at=func.now()))
-                    new_ids.append(dup.id)
-                    out.append({"id": str(dup.id), "filename": row["filename"], "status": "queued",
-                                "retry_of": dup.status})
-                    continue
-                out.append({"id": str(dup.id), "filename": row["filename"], "status": dup.status,
-                            "duplicate_of": str(dup.id)})
+        # one row per distinct bytes (the first file that has them), all in one statement
+        rows: dict[str, dict] = {}
+        for f, raw, sha in zip(files, raw_names, shas):
+            rows.setdefault(sha, dict(tenant_id=g.tenant_id, library_id=lib.id, job_id=job.id, sha256=sha,
+                                      filename=display_name(raw), size_bytes=f.stream.size, meta=meta.get(raw, {})))
+        created = dict(session.execute(
+            insert(Item).values(list(rows.values()))
+            .on_conflict_do_nothing(index_elements=["library_id", "sha256"]).returning(Item.sha256, Item.id)
+        ).all())
+        # the rest were already in this library: one item per bytes
+        existing = {r.sha256: r for r in session.execute(
+            select(Item.sha256, Item.id, Item.status)
+            .where(Item.library_id == lib.id, Item.sha256.in_([sha for sha in rows if sha not in created]))
+        )} if len(created) < len(rows) else {}
+        retried = {r.id for r in existing.values() if r.status in RETRIED_ON_REUPLOAD}
+        if retried:
+            # they failed (or were cancelled) before: uploading them again is a retry, tracked by this
+            # job, so the job reports their new outcome instead of counting them done unseen
+            session.execute(update(Item).where(Item.id.in_(retried)).values(
+                job_id=job.id, status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
+                updated_at=func.now()))
+        out, new_ids, seen = [], [], set()
+        for raw, sha in zip(raw_names, shas):
+            old = existing.get(sha)
+            item_id = created[sha] if old is None else old.id
+            entry = {"id": str(item_id), "filename": display_name(raw)}
+            if sha in seen:  # the same bytes twice in this batch
+                entry.update(status="queued" if old is None or old.id in retried else old.status,
+                             duplicate_of=str(item_id))
                 job.duplicates += 1
+            elif old is None:
+                entry["status"] = "queued"
+                new_ids.append(item_id)
+            elif old.id in retried:
+                entry.update(status="queued", retry_of=old.status)
+                new_ids.append(item_id)
+            else:
+                entry.update(status=old.status, duplicate_of=str(item_id))
+                job.duplicates += 1
+            seen.add(sha)
+            out.append(entry)
         session.commit()
     finally:
         request.discard_uploads()

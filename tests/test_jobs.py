@@ -54,13 +54,15 @@ def test_uploading_a_failed_file_again_retries_it_in_the_new_job(client, new_key
     assert wait_job(client, key, first["job_id"])["status"] == "done_with_errors"
     bad_id = first["items"][0]["id"]
 
-    second = upload(client, key, lib["id"], [bad, good]).get_json()
-    retried, dup = second["items"]
+    second = upload(client, key, lib["id"], [bad, good, bad]).get_json()
+    retried, dup, again = second["items"]
     assert retried == {"id": bad_id, "filename": "broken.wav", "status": "queued", "retry_of": "failed"}
-    assert dup["duplicate_of"] == first["items"][1]["id"]
+    assert dup["duplicate_of"] == first["items"][1]["id"] and dup["status"] == "done"
+    # the same bytes twice in one batch: one retry, then a duplicate of it
+    assert again == {"id": bad_id, "filename": "broken.wav", "status": "queued", "duplicate_of": bad_id}
     job = wait_job(client, key, second["job_id"])
     assert job["status"] == "done_with_errors", job
-    assert job["counts"]["failed"] == 1 and job["counts"]["duplicates"] == 1 and job["counts"]["total"] == 2
+    assert job["counts"]["failed"] == 1 and job["counts"]["duplicates"] == 2 and job["counts"]["total"] == 3
     assert [e["item_id"] for e in job["errors"]] == [bad_id]
     assert "not a readable audio file" in job["errors"][0]["error"]
     item = client.get(f"/v1/items/{bad_id}", headers=auth(key)).get_json()
