@@ -59,9 +59,8 @@ def cmd_worker(args) -> None:
         os.nice(settings.worker_nice)
     from worker.celery_app import app
 
-    concurrency = os.environ.get("CLAPQ_WORKER_CONCURRENCY", "1")
     app.worker_main(["worker", "--loglevel", settings.log_level, "--pool", "prefork",
-                     "--concurrency", concurrency, "--queues", "embed",
+                     "--concurrency", str(settings.worker_concurrency), "--queues", "embed",
                      "--without-gossip", "--without-mingle", "--hostname", f"clapq@{os.uname().nodename}.%i"])
 
 

@@ -54,6 +54,7 @@ class Settings:
     exact_search_max_windows: int
     max_attempts: int
     decoders: int
+    worker_concurrency: int
     decode_timeout_s: int
     max_duration_s: int
     scratch_dir: Path
@@ -90,6 +91,7 @@ class Settings:
             max_attempts=_int(env, "CLAPQ_MAX_ATTEMPTS", 3),
             # 0: chosen by the worker for its device (worker.decoder.pool_size)
             decoders=_int(env, "CLAPQ_DECODERS", 0),
+            worker_concurrency=_int(env, "CLAPQ_WORKER_CONCURRENCY", 1),
             decode_timeout_s=_int(env, "CLAPQ_DECODE_TIMEOUT_S", 600),
             max_duration_s=_int(env, "CLAPQ_MAX_DURATION_S", 4 * 3600),
             scratch_dir=Path(env.get("CLAPQ_SCRATCH_DIR") or Path(tempfile.gettempdir()) / "clapq-scratch"),

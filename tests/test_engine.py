@@ -255,7 +255,6 @@ def test_decoder_pool_size_follows_the_device():
 
     assert pool_size(5, "cuda", cpu_count=16) == 5 and pool_size(5, "cpu") == 5  # CLAPQ_DECODERS wins
     assert pool_size(0, "cpu", cpu_count=64) == 2
-    assert pool_size(0, "cuda", cpu_count=16, worker_processes=1) == 15
-    assert pool_size(0, "cuda", cpu_count=16, worker_processes=4) == 3
-    assert pool_size(0, "cuda", cpu_count=2, worker_processes=1) == 2
-
+    assert pool_size(0, "cuda", 1, cpu_count=16) == 15
+    assert pool_size(0, "cuda", 4, cpu_count=16) == 3
+    assert pool_size(0, "cuda", 1, cpu_count=2) == 2

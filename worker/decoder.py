@@ -124,8 +124,7 @@ class DecoderPool:
             self._free.get_nowait().close()
 
 
-def pool_size(configured: int, device_type: str, cpu_count: int | None = None,
-              worker_processes: int | None = None) -> int:
+def pool_size(configured: int, device_type: str, worker_processes: int = 1, cpu_count: int | None = None) -> int:
     """Decoder children per worker process: CLAPQ_DECODERS if set; else 2 beside a CPU model, which
     already uses every core (more only steal from it, BENCHMARKS.md); beside a GPU model, the cores
     this process's share of the machine has but one (one 10 s clip takes ~11 ms of a core to decode,
@@ -135,9 +134,6 @@ def pool_size(configured: int, device_type: str, cpu_count: int | None = None,
     if device_type != "cuda":
         return 2
     cores = cpu_count if cpu_count is not None else (os.cpu_count() or 2)
-    if worker_processes is None:
-        raw = os.environ.get("CLAPQ_WORKER_CONCURRENCY", "1")
-        worker_processes = int(raw) if raw.isdigit() else 1
     return max(2, cores // max(1, worker_processes) - 1)
 
 

@@ -25,7 +25,7 @@ TRANSIENT = (OperationalError, DBAPIError, ConnectionError)
 
 @functools.lru_cache(maxsize=1)
 def _runtime():
-    """Settings, model and embedder for this process, built on first use (after the fork)."""
+    """Settings, model, embedder and decoder pool for this process, built on first use (after the fork)."""
     from clapq.clap import get_clap
     from worker.embedder import AudioEmbedder
 
@@ -41,10 +41,11 @@ def _runtime():
 
     # warm-up: the first forward pass builds kernels and buffers; do it before the first real batch
     embedder.embed(np.zeros((settings.batch_size, embedder.window_samples), np.float32))
-    get_pool(pool_size(settings.decoders, embedder.clap.device.type)).warm()
+    decoders = get_pool(pool_size(settings.decoders, embedder.clap.device.type, settings.worker_concurrency))
+    decoders.warm()
     log.info("model loaded", extra={"model": ckpt.name, "model_id": model_id, "device": str(embedder.clap.device),
                                     "torch_threads": torch.get_num_threads()})
-    return settings, embedder, model_id
+    return settings, embedder, model_id, decoders
 
 
 @worker_process_init.connect
@@ -68,10 +69,9 @@ def _warm_up(**_) -> None:
 def embed_items(self, item_ids: list[str]) -> dict:
     """Embed a chunk of items; safe to run twice (unique keys + upserts)."""
     from worker import pipeline, store
-    from worker.decoder import get_pool, pool_size
     from worker.heartbeat import beating
 
-    settings, embedder, model_id = _runtime()
+    settings, embedder, model_id, decoders = _runtime()
     ids = [uuid.UUID(i) for i in item_ids]
     with session_scope(settings.database_url) as s:
         claimed = store.claim(s, ids, model_id, settings.max_attempts, self.request.id or "local",
@@ -102,8 +102,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
 
     try:
         with beating(settings.database_url, [c.id for c in claimed], self.request.id or "local", settings.heartbeat_s):
-            pipeline.run(claimed, blobs, get_pool(pool_size(settings.decoders, embedder.clap.device.type)),
-                         embedder, opts, on_done, on_failed,
+            pipeline.run(claimed, blobs, decoders, embedder, opts, on_done, on_failed,
                          on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs))
     except TRANSIENT:
         raise  # Celery retries the task with backoff; the writes are idempotent
