@@ -81,20 +81,21 @@ def upload_batch(lib_id: str):
                 shas.append(f.stream.commit())
             except StorageFull:
                 raise ApiError(507, "insufficient_storage", "the upload area is full; try again later") from None
+        names = [display_name(raw) for raw in raw_names]
         # one row per distinct bytes (the first file that has them), all in one statement
         rows: dict[str, dict] = {}
-        for f, raw, sha in zip(files, raw_names, shas):
+        for f, raw, name, sha in zip(files, raw_names, names, shas):
             rows.setdefault(sha, dict(tenant_id=g.tenant_id, library_id=lib.id, job_id=job.id, sha256=sha,
-                                      filename=display_name(raw), size_bytes=f.stream.size, meta=meta.get(raw, {})))
+                                      filename=name, size_bytes=f.stream.size, meta=meta.get(raw, {})))
         created = dict(session.execute(
             insert(Item).values(list(rows.values()))
             .on_conflict_do_nothing(index_elements=["library_id", "sha256"]).returning(Item.sha256, Item.id)
         ).all())
         # the rest were already in this library: one item per bytes
+        missing = [sha for sha in rows if sha not in created]
         existing = {r.sha256: r for r in session.execute(
-            select(Item.sha256, Item.id, Item.status)
-            .where(Item.library_id == lib.id, Item.sha256.in_([sha for sha in rows if sha not in created]))
-        )} if len(created) < len(rows) else {}
+            select(Item.sha256, Item.id, Item.status).where(Item.library_id == lib.id, Item.sha256.in_(missing))
+        )} if missing else {}
         retried = {r.id for r in existing.values() if r.status in RETRIED_ON_REUPLOAD}
         if retried:
             # they failed (or were cancelled) before: uploading them again is a retry, tracked by this
@@ -103,10 +104,10 @@ def upload_batch(lib_id: str):
                 job_id=job.id, status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
                 updated_at=func.now()))
         out, new_ids, seen = [], [], set()
-        for raw, sha in zip(raw_names, shas):
+        for name, sha in zip(names, shas):
             old = existing.get(sha)
             item_id = created[sha] if old is None else old.id
-            entry = {"id": str(item_id), "filename": display_name(raw)}
+            entry = {"id": str(item_id), "filename": name}
             if sha in seen:  # the same bytes twice in this batch
                 entry.update(status="queued" if old is None or old.id in retried else old.status,
                              duplicate_of=str(item_id))

@@ -30,7 +30,15 @@ def _clap(text_only: bool):
 
     settings = current_app.config["CLAPQ"]
     return get_clap(serving_checkpoint(), settings.device, text_only=text_only,
-                    text_int8=text_only and settings.text_int8)
+                    text_int8=text_only and _text_int8())
+
+
+def _text_int8() -> bool:
+    """Whether this API's text tower is int8 (CLAPQ_TEXT_INT8 on a CPU): its vectors are cached apart."""
+    from clapq.clap import text_int8_applies
+
+    settings = current_app.config["CLAPQ"]
+    return text_int8_applies(settings.text_int8, settings.device)
 
 
 def _redis():
@@ -46,8 +54,7 @@ def text_cache_key(ckpt, text: str, int8: bool = False) -> str:
 def text_vectors(texts: list[str]) -> np.ndarray:
     """One unit vector per text; each is computed once per model and then served from Redis."""
     ckpt = serving_checkpoint()
-    int8 = current_app.config["CLAPQ"].text_int8
-    keys = [text_cache_key(ckpt, t, int8) for t in texts]
+    keys = [text_cache_key(ckpt, t, _text_int8()) for t in texts]
     found: list[bytes | None] = [None] * len(texts)
     try:
         found = _redis().mget(keys)

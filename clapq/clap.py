@@ -33,6 +33,12 @@ def pooled(output) -> torch.Tensor:
     return output.pooler_output if hasattr(output, "pooler_output") else output
 
 
+def text_int8_applies(text_int8: bool, device: str) -> bool:
+    """Whether an int8 text tower was asked for and can run: int8 kernels exist for the CPU only (on a
+    GPU the tower runs in half precision anyway)."""
+    return text_int8 and pick_device(device).type == "cpu"
+
+
 def quantize_text_int8(model: ClapModel) -> None:
     """int8 dynamic quantisation of the text tower's and text projection's Linear layers (CPU only):
     ~3x faster text queries at cosine >= 0.999 to fp32 (BENCHMARKS.md). Query vectors are never
@@ -67,8 +73,7 @@ class LoadedClap:
             model.audio_projection = None
         model.eval()
         self.model = model.to(self.device, dtype=self.dtype)
-        # int8 kernels exist for the CPU only; on a GPU the text tower runs in half precision anyway
-        self.text_int8 = text_int8 and self.device.type == "cpu"
+        self.text_int8 = text_int8_applies(text_int8, device)
         if self.text_int8:
             quantize_text_int8(self.model)
         self.fusion = bool(getattr(model.config.audio_config, "enable_fusion", False))
