@@ -89,17 +89,24 @@ def rss_peak_mb(pid: int) -> float:
     return best
 
 
+def _until_quiet(cpu_seconds, busy: float, timeout: float) -> None:
+    """Until `cpu_seconds()` grows by less than `busy` a second for two seconds running, or `timeout`."""
+    deadline, quiet = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline and quiet < 2:
+        t0 = cpu_seconds()
+        time.sleep(1.0)
+        quiet = quiet + 1 if cpu_seconds() - t0 < busy else 0
+
+
 def wait_idle(pid: int, timeout: float = 300) -> None:
     """Until a process tree stops using CPU (the API processes preload their text towers at start)."""
     import psutil
 
-    deadline, quiet = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline and quiet < 2:
+    def tree() -> float:
         procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        t0 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
-        time.sleep(1.0)
-        t1 = sum(p.cpu_times().user + p.cpu_times().system for p in procs)
-        quiet = quiet + 1 if t1 - t0 < 0.1 else 0
+        return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+
+    _until_quiet(tree, 0.1, timeout)
 
 
 def _sync(device: torch.device) -> None:
@@ -188,21 +195,17 @@ class Pipeline:
 QUIET_TIMEOUT_S = 120.0
 
 
-def wait_quiet(busy_cores: float | None = None) -> None:
+def wait_quiet() -> None:
     """Until the whole machine is idle for two seconds running (after a run, Postgres and the service
     finish their own work: autovacuum, acks, the last polls), so no path is timed beside another's tail;
     at most QUIET_TIMEOUT_S (--quiet-timeout)."""
     import psutil
 
-    timeout = QUIET_TIMEOUT_S
-    busy_cores = busy_cores if busy_cores is not None else max(0.15, 0.03 * (os.cpu_count() or 1))
-    deadline, quiet = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline and quiet < 2:
-        t0 = psutil.cpu_times()
-        time.sleep(1.0)
-        t1 = psutil.cpu_times()
-        busy = sum(getattr(t1, f) - getattr(t0, f) for f in ("user", "nice", "system", "irq", "softirq"))
-        quiet = quiet + 1 if busy < busy_cores else 0
+    def machine() -> float:
+        t = psutil.cpu_times()
+        return t.user + t.nice + t.system + t.irq + t.softirq
+
+    _until_quiet(machine, max(0.15, 0.03 * (os.cpu_count() or 1)), QUIET_TIMEOUT_S)
 
 
 def bench_speedups(model_dir: Path, batch: int, reps: int = 3) -> dict:
@@ -331,6 +334,10 @@ class Service:
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
+        # the pool child loads (and warms, and maybe compiles) the model after the worker reports ready,
+        # and each API process preloads its text tower: wait for both once, before the first run
+        wait_idle(self.worker.pid)
+        wait_idle(self.api.pid)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -346,14 +353,11 @@ class Service:
         """Upload `clips` into a new library and time first upload byte -> the last item written."""
         import requests
 
-        # the pool child loads (and warms, and maybe compiles) the model after the worker reports ready,
-        # and each API process preloads its text tower: start timing on a quiet machine
-        wait_idle(self.worker.pid)
-        wait_idle(self.api.pid)
         wait_quiet()
         base, h = self.base, self.headers
         lib = requests.post(base + "/v1/libraries", json={"name": f"bench-{time.time_ns()}"}, headers=h,
                             timeout=300).json()
+
         def post(chunk: list[Path]) -> str:
             files = [("files", (p.name, p.read_bytes(), "audio/wav")) for p in chunk]
             r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", files=files, headers=h, timeout=600)
@@ -411,7 +415,7 @@ def main() -> None:
     gpu = device.type == "cuda"
     from worker.decoder import pool_size
 
-    decoders = pool_size(args.decoders or 0, device.type)  # what `clapq worker` would start here
+    decoders = pool_size(args.decoders or 0, device.type)  # what `clapq worker` (one process) would start
     upload_threads = args.upload_threads or (4 if gpu else 1)
     model_dir = build_full_model(args.model_dir)
     work = Path(tempfile.mkdtemp(prefix="clapq-bench-"))

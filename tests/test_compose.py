@@ -58,4 +58,3 @@ def test_every_setting_is_documented_and_compose_sets_only_real_ones():
     for name, service in spec["services"].items():
         unknown = sorted(k for k in service.get("environment", {}) if k.startswith("CLAPQ_") and k not in names)
         assert not unknown, f"docker-compose service {name} sets {unknown}, which clapq never reads"
-

@@ -172,4 +172,3 @@ def test_downmix_is_the_channel_mean(channels):
             np.testing.assert_allclose(mono, expected, rtol=0, atol=1e-6)
     single = interleaved[:, :1].T
     np.testing.assert_array_equal(audio._downmix(single), single[0])
-
