@@ -29,32 +29,34 @@ def _clap(text_only: bool):
     from clapq.clap import get_clap
 
     settings = current_app.config["CLAPQ"]
-    return get_clap(serving_checkpoint(), settings.device, text_only=text_only,
-                    text_int8=text_only and _text_int8())
+    return get_clap(serving_checkpoint(), settings.device, settings.precision, text_only=text_only,
+                    text_int8=text_only and settings.text_int8)
 
 
-def _text_int8() -> bool:
-    """Whether this API's text tower is int8 (CLAPQ_TEXT_INT8 on a CPU): its vectors are cached apart."""
-    from clapq.clap import text_int8_applies
+def _text_precision() -> str:
+    """The arithmetic of this API's text tower (int8, bf16, fp16, fp32): each kind's vectors are cached
+    apart."""
+    from clapq.clap import model_precision
 
     settings = current_app.config["CLAPQ"]
-    return text_int8_applies(settings.text_int8, settings.device)
+    return model_precision(settings.device, settings.precision, settings.text_int8)
 
 
 def _redis():
     return redis_client(current_app.extensions["clapq_celery"])
 
 
-def text_cache_key(ckpt, text: str, int8: bool = False) -> str:
+def text_cache_key(ckpt, text: str, precision: str = "fp32") -> str:
     """Where a query's text vector is cached: per model (weights hash), text tower precision and text."""
-    tower = ckpt.weights_sha256[:16] + (":int8" if int8 else "")
+    tower = ckpt.weights_sha256[:16] + ("" if precision == "fp32" else f":{precision}")
     return f"clapq:text:{tower}:{hashlib.sha256(text.encode()).hexdigest()}"
 
 
 def text_vectors(texts: list[str]) -> np.ndarray:
     """One unit vector per text; each is computed once per model and then served from Redis."""
     ckpt = serving_checkpoint()
-    keys = [text_cache_key(ckpt, t, _text_int8()) for t in texts]
+    precision = _text_precision()
+    keys = [text_cache_key(ckpt, t, precision) for t in texts]
     found: list[bytes | None] = [None] * len(texts)
     try:
         found = _redis().mget(keys)

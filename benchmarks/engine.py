@@ -116,15 +116,15 @@ def _sync(device: torch.device) -> None:
 
 class Raw:
     """The model's batched forward on precomputed features, loaded once and timed as often as asked:
-    on the device and in the precision the worker uses (fp32 on a CPU, bf16/fp16 on a GPU)."""
+    on the device and in the precision the worker uses (clapq.clap.pick_dtype)."""
 
-    def __init__(self, model_dir: Path, batch: int, device: torch.device) -> None:
+    def __init__(self, model_dir: Path, batch: int, device: torch.device, precision: str) -> None:
         from transformers import ClapFeatureExtractor, ClapModel
 
         from clapq.clap import pick_dtype
 
         fe = ClapFeatureExtractor.from_pretrained(model_dir)
-        dtype = pick_dtype(device)
+        dtype = pick_dtype(device, precision)
         self.device, self.batch = device, batch
         self.model = ClapModel.from_pretrained(model_dir).eval().to(device, dtype=dtype)
         rng = np.random.default_rng(1)
@@ -154,13 +154,13 @@ class Pipeline:
     and runnable where no Postgres or Redis is (the GPU machine: numpy, torch, transformers, soundfile
     and soxr are all it needs)."""
 
-    def __init__(self, model_dir: Path, batch: int, device: torch.device, decoders: int) -> None:
+    def __init__(self, model_dir: Path, batch: int, device: torch.device, precision: str, decoders: int) -> None:
         from clapq.checkpoint import resolve
         from clapq.clap import get_clap
         from worker.decoder import DecoderPool
         from worker.embedder import AudioEmbedder
 
-        self.embedder = AudioEmbedder(get_clap(resolve(str(model_dir)), str(device)))
+        self.embedder = AudioEmbedder(get_clap(resolve(str(model_dir)), str(device), precision))
         self.embedder.embed(np.zeros((batch, self.embedder.window_samples), np.float32))  # warm-up
         self.pool = DecoderPool(decoders)
         self.pool.warm()
@@ -245,6 +245,9 @@ def bench_speedups(model_dir: Path, batch: int, reps: int = 3) -> dict:
             return base.get_audio_features(input_features=x)
 
     variant("autocast_bf16", bf16)
+    half = copy.deepcopy(base).to(torch.bfloat16)  # what CLAPQ_PRECISION=bf16 (auto where native) loads
+    variant("bf16_weights", lambda x: half.get_audio_features(input_features=x.to(torch.bfloat16)))
+    del half
     cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
     variant("channels_last", lambda x: cl.get_audio_features(input_features=x.contiguous(
         memory_format=torch.channels_last)))
@@ -260,15 +263,16 @@ def bench_speedups(model_dir: Path, batch: int, reps: int = 3) -> dict:
     return out
 
 
-def bench_reference(model_dir: Path, clips: list[Path], db_url: str, device: torch.device) -> dict:
+def bench_reference(model_dir: Path, clips: list[Path], db_url: str, device: torch.device,
+                    dtype: torch.dtype = torch.float32) -> dict:
     """Hand-written: one file at a time through ClapProcessor + ClapModel (`.to(device)`, fp32, as
-    the model card shows), one INSERT per file."""
+    the model card shows; or in `dtype`, to compare at equal arithmetic), one INSERT per file."""
     import psycopg2
     import soxr
     from transformers import ClapModel, ClapProcessor
 
     processor = ClapProcessor.from_pretrained(model_dir)
-    model = ClapModel.from_pretrained(model_dir).eval().to(device)
+    model = ClapModel.from_pretrained(model_dir).eval().to(device, dtype=dtype)
     conn = psycopg2.connect(db_url.replace("postgresql+psycopg2", "postgresql"))
     with conn, conn.cursor() as cur:
         cur.execute("CREATE EXTENSION IF NOT EXISTS vector; DROP TABLE IF EXISTS ref_vectors; "
@@ -280,7 +284,8 @@ def bench_reference(model_dir: Path, clips: list[Path], db_url: str, device: tor
         inputs = processor(audio=audio, sampling_rate=48_000, truncation="rand_trunc", padding="repeatpad",
                            return_tensors="pt")
         with torch.inference_mode():
-            out = model.get_audio_features(**{k: v.to(device) for k, v in inputs.items()})
+            out = model.get_audio_features(**{k: v.to(device, dtype=dtype if v.is_floating_point() else None)
+                                              for k, v in inputs.items()})
         v = getattr(out, "pooler_output", out)[0].float().cpu().numpy()
         with conn, conn.cursor() as cur:
             cur.execute("INSERT INTO ref_vectors VALUES (%s, %s)", (p.name, "[" + ",".join(map(str, v)) + "]"))
@@ -299,7 +304,7 @@ class Service:
     """`clapq worker` + `clapq api` on the embedded Postgres and Redis, started once for every timed run."""
 
     def __init__(self, model_dir: Path, db_url: str, redis_url: str, work: Path, batch_size: int,
-                 device: torch.device, decoders: int) -> None:
+                 device: torch.device, precision: str, decoders: int) -> None:
         self.db_url, self.work = db_url, work
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
         port = _free_port()
@@ -307,7 +312,7 @@ class Service:
                    CLAPQ_BLOB_DIR=str(work / "blobs"), CLAPQ_BATCH_SIZE=str(batch_size),
                    CLAPQ_ITEMS_PER_TASK="32", CLAPQ_PORT=str(port), CLAPQ_HOST="127.0.0.1",
                    CLAPQ_API_WORKERS="1", HF_HUB_OFFLINE="1", CLAPQ_LOG_LEVEL="WARNING",
-                   CLAPQ_DEVICE=str(device), CLAPQ_DECODERS=str(decoders),
+                   CLAPQ_DEVICE=str(device), CLAPQ_PRECISION=precision, CLAPQ_DECODERS=str(decoders),
                    CLAPQ_COMPILE=os.environ.get("CLAPQ_COMPILE", "0"))
         self.env, self.base = env, f"http://127.0.0.1:{port}"
         self.procs: list[subprocess.Popen] = []
@@ -400,6 +405,12 @@ def main() -> None:
     ap.add_argument("--files-per-upload", type=int, default=32, help="files per batch upload (one job each)")
     ap.add_argument("--device", default=os.environ.get("CLAPQ_DEVICE", "auto"),
                     help="cpu, cuda, ... (default $CLAPQ_DEVICE or auto): raw, reference and the worker use it")
+    ap.add_argument("--precision", default=os.environ.get("CLAPQ_PRECISION", "auto"),
+                    help="auto, fp32, bf16, fp16 (default $CLAPQ_PRECISION or auto, as the worker): raw, pipeline "
+                         "and the worker use it")
+    ap.add_argument("--reference-precision", choices=("fp32", "same"), default="fp32",
+                    help="fp32: the reference as the model card writes it (default); same: in --precision, "
+                         "to see what the engine gains at equal arithmetic")
     ap.add_argument("--decoders", type=int, default=None,
                     help="decoder children per worker (default as `clapq worker`: 2 on a CPU, all cores but one "
                          "on a GPU)")
@@ -409,9 +420,11 @@ def main() -> None:
                     help="longest wait for an idle machine before each timed path, seconds")
     args = ap.parse_args()
     QUIET_TIMEOUT_S = args.quiet_timeout
-    from clapq.clap import pick_device
+    from clapq.clap import dtype_name, pick_device, pick_dtype
 
     device = pick_device(args.device)
+    dtype = pick_dtype(device, args.precision)
+    ref_dtype = dtype if args.reference_precision == "same" else torch.float32
     gpu = device.type == "cuda"
     from worker.decoder import pool_size
 
@@ -424,7 +437,8 @@ def main() -> None:
     results: dict = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, torch "
                                 f"{torch.__version__}, threads {torch.get_num_threads()}"
                                 + (f", {torch.cuda.get_device_name(device)}" if gpu else ""),
-                     "device": str(device), "decoders": decoders, "upload_threads": upload_threads,
+                     "device": str(device), "precision": dtype_name(dtype),
+                     "reference_precision": dtype_name(ref_dtype), "decoders": decoders, "upload_threads": upload_threads,
                      "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "rounds": []}
     paths = [p for p in ("raw", "pipeline", "reference", "clapq") if p in args.only.split(",")]
     with contextlib.ExitStack() as stack:
@@ -441,12 +455,12 @@ def main() -> None:
             migrate(db_url)
         if "speedups" in args.only.split(","):
             results["speedups"] = bench_speedups(model_dir, args.batch)
-        raw = Raw(model_dir, args.batch, device) if "raw" in paths else None
-        engine = Pipeline(model_dir, args.batch, device, decoders) if "pipeline" in paths else None
+        raw = Raw(model_dir, args.batch, device, args.precision) if "raw" in paths else None
+        engine = Pipeline(model_dir, args.batch, device, args.precision, decoders) if "pipeline" in paths else None
         if engine is not None:
             stack.callback(engine.close)
         service = (stack.enter_context(Service(model_dir, db_url, redis_url, work, args.batch, device,
-                                               decoders)) if "clapq" in paths else None)
+                                               args.precision, decoders)) if "clapq" in paths else None)
         for r in range(args.rounds if paths else 0):
             one: dict = {}
             if raw is not None:
@@ -459,7 +473,7 @@ def main() -> None:
                     one["pipeline_over_raw"] = one["pipeline"]["clips_per_s"] / one["raw"]["clips_per_s"]
             if "reference" in paths:
                 wait_quiet()
-                one["reference"] = bench_reference(model_dir, clips, db_url, device)
+                one["reference"] = bench_reference(model_dir, clips, db_url, device, ref_dtype)
             if service is not None:
                 one["clapq"] = service.run(clips, args.files_per_upload, upload_threads)
                 for name in ("raw", "reference"):
@@ -470,7 +484,8 @@ def main() -> None:
                 f"{k} {v['clips_per_s']:.2f} clips/s" if isinstance(v, dict) else f"{k} {v:.2f}"
                 for k, v in one.items()), flush=True)
     rounds = results["rounds"]
-    print(f"\n{results['machine']}; {args.clips} clips of 10 s, batch {args.batch}, {len(rounds)} rounds")
+    print(f"\n{results['machine']}; {args.clips} clips of 10 s, batch {args.batch}, {len(rounds)} rounds; "
+          f"model in {results['precision']}, reference in {results['reference_precision']}")
     if paths:
         print(f"{'path':<10} {'median clips/s':>15} {'min':>7} {'max':>7}")
     for name in paths:

@@ -163,11 +163,12 @@ def main() -> int:
 
     from api.query import text_cache_key
     from clapq.checkpoint import register_model, resolve
-    from clapq.clap import get_clap
+    from clapq.clap import get_clap, model_precision
     from clapq.db import migrate, session_scope
     from clapq.embedded import EmbeddedRedis
     from clapq.keys import create_key
     from clapq.models import HNSW_OPTIONS
+    from clapq.settings import Settings
 
     def _term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -262,8 +263,10 @@ def main() -> int:
         Q = syn.queries(args.queries)
         texts = [f"bench query {i}" for i in range(args.queries)]
         rc = redis.Redis.from_url(redis_url)
+        api_settings = Settings.from_env(env)  # the cache key names the API's text tower precision
+        tower = model_precision(api_settings.device, api_settings.precision, api_settings.text_int8)
         for t, q in zip(texts, Q):
-            rc.set(text_cache_key(ckpt, t), q.astype(np.float32).tobytes())
+            rc.set(text_cache_key(ckpt, t, tower), q.astype(np.float32).tobytes())
 
         first = np.cumsum(syn.counts) - syn.counts
         cats = list(CATEGORIES)

@@ -21,11 +21,35 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(device: torch.device) -> torch.dtype:
-    """Half precision on a GPU (bf16 where supported), fp32 on the CPU."""
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). There a bf16 model runs ~1.6x
+    faster than fp32 (BENCHMARKS.md); without them torch emulates bf16 and it runs ~7x slower."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def pick_dtype(device: torch.device, precision: str = "auto", *, cpu_bf16: bool | None = None) -> torch.dtype:
+    """The model's precision (CLAPQ_PRECISION). auto: half precision on a GPU (bf16 where supported);
+    on a CPU bf16 where it multiplies bf16 natively (cpu_has_bf16, or as given), else fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native = cpu_has_bf16() if cpu_bf16 is None else cpu_bf16
+        return torch.bfloat16 if device.type == "cpu" and native else torch.float32
+    if precision not in PRECISIONS:
+        raise ValueError(f"CLAPQ_PRECISION must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("CLAPQ_PRECISION=fp16 needs a GPU; on a CPU use bf16 or fp32")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bf16; set CLAPQ_PRECISION to fp16 or fp32")
+    return PRECISIONS[precision]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, d in PRECISIONS.items() if d == dtype)
 
 
 def pooled(output) -> torch.Tensor:
@@ -37,6 +61,14 @@ def text_int8_applies(text_int8: bool, device: str) -> bool:
     """Whether an int8 text tower was asked for and can run: int8 kernels exist for the CPU only (on a
     GPU the tower runs in half precision anyway)."""
     return text_int8 and pick_device(device).type == "cpu"
+
+
+def model_precision(device: str, precision: str, text_int8: bool = False) -> str:
+    """A loaded model's arithmetic, "int8" (text tower only), "bf16", "fp16" or "fp32": the one rule
+    for the loader and for the API's cache of query vectors, which keeps each kind's vectors apart."""
+    if text_int8_applies(text_int8, device):
+        return "int8"  # quantised from the fp32 tower
+    return dtype_name(pick_dtype(pick_device(device), precision))
 
 
 def quantize_text_int8(model: ClapModel) -> None:
@@ -55,11 +87,13 @@ def quantize_text_int8(model: ClapModel) -> None:
 class LoadedClap:
     """A CLAP checkpoint loaded once per process: model, tokenizer and feature-extractor settings."""
 
-    def __init__(self, ckpt: Checkpoint, device: str = "auto", *, text_only: bool = False,
-                 text_int8: bool = False) -> None:
+    def __init__(self, ckpt: Checkpoint, device: str = "auto", precision: str = "auto", *,
+                 text_only: bool = False, text_int8: bool = False) -> None:
         self.ckpt = ckpt
         self.device = pick_device(device)
-        self.dtype = pick_dtype(self.device)
+        self.precision = model_precision(device, precision, text_int8)
+        self.text_int8 = self.precision == "int8"
+        self.dtype = torch.float32 if self.text_int8 else PRECISIONS[self.precision]
         hf_logging.disable_progress_bar()
         try:
             model = ClapModel.from_pretrained(ckpt.path)
@@ -73,7 +107,6 @@ class LoadedClap:
             model.audio_projection = None
         model.eval()
         self.model = model.to(self.device, dtype=self.dtype)
-        self.text_int8 = text_int8_applies(text_int8, device)
         if self.text_int8:
             quantize_text_int8(self.model)
         self.fusion = bool(getattr(model.config.audio_config, "enable_fusion", False))
@@ -103,11 +136,11 @@ _loaded: dict[tuple, LoadedClap] = {}
 _load_lock = threading.Lock()
 
 
-def get_clap(ckpt: Checkpoint, device: str = "auto", *, text_only: bool = False,
+def get_clap(ckpt: Checkpoint, device: str = "auto", precision: str = "auto", *, text_only: bool = False,
              text_int8: bool = False) -> LoadedClap:
     """The process-wide model for this checkpoint, loaded on first use."""
-    key = (ckpt.path, ckpt.weights_sha256, device, text_only, text_int8)
+    key = (ckpt.path, ckpt.weights_sha256, device, precision, text_only, text_int8)
     with _load_lock:
         if key not in _loaded:
-            _loaded[key] = LoadedClap(ckpt, device, text_only=text_only, text_int8=text_int8)
+            _loaded[key] = LoadedClap(ckpt, device, precision, text_only=text_only, text_int8=text_int8)
         return _loaded[key]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import uuid
 
 import numpy as np
 import pytest
@@ -63,8 +64,8 @@ def test_int8_text_tower_is_close_to_fp32_and_served_when_asked(app, lib, tiny_m
 
     ckpt = resolve(str(tiny_model))
     texts = ["dog barking", "rain on a window", "a car passes by"]
-    fp32 = get_clap(ckpt, "cpu", text_only=True).embed_text(texts)
-    int8_tower = get_clap(ckpt, "cpu", text_only=True, text_int8=True)
+    fp32 = get_clap(ckpt, "cpu", "fp32", text_only=True).embed_text(texts)
+    int8_tower = get_clap(ckpt, "cpu", "bf16", text_only=True, text_int8=True)  # int8 wins over bf16
     assert int8_tower.text_int8
     linears = [m for m in int8_tower.model.text_model.modules() if isinstance(m, torch.nn.Linear)]
     quantized = [m for m in int8_tower.model.text_model.modules()
@@ -86,8 +87,34 @@ def test_int8_text_tower_is_close_to_fp32_and_served_when_asked(app, lib, tiny_m
     for r, (score, _) in zip(body["results"], expected):
         assert r["score"] == pytest.approx(score, abs=1e-4)
     with app.app_context():
-        cached = _redis().get(text_cache_key(ckpt, texts[0], int8=True))
+        cached = _redis().get(text_cache_key(ckpt, texts[0], "int8"))
     np.testing.assert_array_equal(np.frombuffer(cached, np.float32), int8[0])
+
+
+def test_text_vectors_are_cached_per_text_tower_precision(app, lib, tiny_model, monkeypatch):
+    """CLAPQ_PRECISION: the API's text tower runs in the precision asked for, and the query vectors of
+    a bf16 tower and an fp32 one are cached under different keys, each holding its own tower's vector."""
+    import torch
+
+    from api.query import _redis, text_cache_key
+    from clapq.checkpoint import resolve
+    from clapq.clap import get_clap
+
+    ckpt = resolve(str(tiny_model))
+    text = f"wind through trees {uuid.uuid4().hex[:6]}"
+    towers = {p: get_clap(ckpt, "cpu", p, text_only=True) for p in ("fp32", "bf16")}
+    assert towers["bf16"].model.text_model.dtype == torch.bfloat16
+    vecs = {p: t.embed_text([text])[0] for p, t in towers.items()}
+    assert not np.array_equal(vecs["fp32"], vecs["bf16"]) and float(vecs["fp32"] @ vecs["bf16"]) >= 0.999
+    client = app.test_client()
+    for p in ("fp32", "bf16"):
+        monkeypatch.setitem(app.config, "CLAPQ", dataclasses.replace(app.config["CLAPQ"], device="cpu", precision=p))
+        r = client.post("/v1/search", json={"library_id": lib["a"], "text": text, "k": 1}, headers=auth(lib["key"]))
+        assert r.status_code == 200, r.get_json()
+    with app.app_context():
+        for p in ("fp32", "bf16"):
+            cached = _redis().get(text_cache_key(ckpt, text, p))
+            np.testing.assert_array_equal(np.frombuffer(cached, np.float32), vecs[p])
 
 
 def brute_items(lib, v, keep=lambda item_id: True):

@@ -31,7 +31,8 @@ def _runtime():
 
     settings = Settings.from_env()
     ckpt = resolve(settings.model)
-    embedder = AudioEmbedder(get_clap(ckpt, settings.device), compile_model=settings.compile_model)
+    embedder = AudioEmbedder(get_clap(ckpt, settings.device, settings.precision),
+                             compile_model=settings.compile_model)
     with session_scope(settings.database_url) as s:
         model_id = register_model(s, ckpt)
     import numpy as np
@@ -44,6 +45,7 @@ def _runtime():
     decoders = get_pool(pool_size(settings.decoders, embedder.clap.device.type, settings.worker_concurrency))
     decoders.warm()
     log.info("model loaded", extra={"model": ckpt.name, "model_id": model_id, "device": str(embedder.clap.device),
+                                    "precision": embedder.clap.precision,
                                     "torch_threads": torch.get_num_threads()})
     return settings, embedder, model_id, decoders
 
