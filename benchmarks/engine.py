@@ -247,7 +247,6 @@ def bench_speedups(model_dir: Path, batch: int, reps: int = 3) -> dict:
     variant("autocast_bf16", bf16)
     half = copy.deepcopy(base).to(torch.bfloat16)  # what CLAPQ_PRECISION=bf16 (auto where native) loads
     variant("bf16_weights", lambda x: half.get_audio_features(input_features=x.to(torch.bfloat16)))
-    del half
     cl = copy.deepcopy(base).to(memory_format=torch.channels_last)
     variant("channels_last", lambda x: cl.get_audio_features(input_features=x.contiguous(
         memory_format=torch.channels_last)))
@@ -420,7 +419,7 @@ def main() -> None:
                     help="longest wait for an idle machine before each timed path, seconds")
     args = ap.parse_args()
     QUIET_TIMEOUT_S = args.quiet_timeout
-    from clapq.clap import dtype_name, pick_device, pick_dtype
+    from clapq.clap import cpu_has_bf16, dtype_name, pick_device, pick_dtype
 
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.precision)
@@ -434,7 +433,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="clapq-bench-"))
     os.chmod(work, 0o755)
     clips = make_clips(work / "clips", args.clips)
-    results: dict = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu, torch "
+    results: dict = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu "
+                                f"(native bf16: {'yes' if cpu_has_bf16() else 'no'}), torch "
                                 f"{torch.__version__}, threads {torch.get_num_threads()}"
                                 + (f", {torch.cuda.get_device_name(device)}" if gpu else ""),
                      "device": str(device), "precision": dtype_name(dtype),

@@ -84,6 +84,17 @@ def quantize_text_int8(model: ClapModel) -> None:
         model.text_projection = quantize(model.text_projection, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+def _own_buffers(model: torch.nn.Module) -> None:
+    """Copy the integer buffers (position indices, counters) that a cast to bf16 leaves as views of the
+    checkpoint's memory map: while one view lives, the whole map stays mapped, and after the cast has
+    read every fp32 weight that is the size of the checkpoint again in the process's RSS (measured: a
+    bf16 worker at 1.2 GB instead of 0.6 GB)."""
+    for module in model.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if not buf.is_floating_point():
+                setattr(module, name, buf.clone())
+
+
 class LoadedClap:
     """A CLAP checkpoint loaded once per process: model, tokenizer and feature-extractor settings."""
 
@@ -107,6 +118,7 @@ class LoadedClap:
             model.audio_projection = None
         model.eval()
         self.model = model.to(self.device, dtype=self.dtype)
+        _own_buffers(self.model)
         if self.text_int8:
             quantize_text_int8(self.model)
         self.fusion = bool(getattr(model.config.audio_config, "enable_fusion", False))

@@ -305,3 +305,17 @@ def test_each_precision_is_deterministic_and_matches_the_fp32_reference(tiny_mod
     seen = [emb.embed(np.stack(b))[[i for i, w in enumerate(b) if w is target][0]] for b in batches]
     assert all(np.array_equal(seen[0], v) for v in seen[1:])
     assert float(reference_embed(reference, target) @ seen[0]) >= 0.9999
+
+
+def test_a_bf16_model_keeps_no_view_of_the_checkpoint_file(tiny_model):
+    """After the cast nothing may point into the checkpoint's memory map, or the whole fp32 file stays
+    mapped and counted in the process's memory (clapq.clap._own_buffers)."""
+    from clapq.checkpoint import resolve
+    from clapq.clap import LoadedClap
+
+    clap = LoadedClap(resolve(str(tiny_model)), "cpu", "bf16")
+    maps = [line.split() for line in open("/proc/self/maps") if line.rstrip().endswith(".safetensors")]
+    spans = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps]
+    tensors = list(clap.model.parameters()) + list(clap.model.buffers())
+    inside = [t.shape for t in tensors if any(lo <= t.untyped_storage().data_ptr() < hi for lo, hi in spans)]
+    assert not inside
