@@ -98,15 +98,28 @@ def _until_quiet(cpu_seconds, busy: float, timeout: float) -> None:
         quiet = quiet + 1 if cpu_seconds() - t0 < busy else 0
 
 
-def wait_idle(pid: int, timeout: float = 300) -> None:
-    """Until a process tree stops using CPU (the API processes preload their text towers at start)."""
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a process and its living descendants."""
     import psutil
 
-    def tree() -> float:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-        return sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+    total = 0.0
+    for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
 
-    _until_quiet(tree, 0.1, timeout)
+
+def machine_cpu_s() -> float:
+    import psutil
+
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + t.irq + t.softirq
+
+
+def wait_idle(pid: int, timeout: float = 300) -> None:
+    """Until a process tree stops using CPU (the API processes preload their text towers at start)."""
+    _until_quiet(lambda: tree_cpu_s(pid), 0.1, timeout)
 
 
 def _sync(device: torch.device) -> None:
@@ -199,13 +212,7 @@ def wait_quiet() -> None:
     """Until the whole machine is idle for two seconds running (after a run, Postgres and the service
     finish their own work: autovacuum, acks, the last polls), so no path is timed beside another's tail;
     at most QUIET_TIMEOUT_S (--quiet-timeout)."""
-    import psutil
-
-    def machine() -> float:
-        t = psutil.cpu_times()
-        return t.user + t.nice + t.system + t.irq + t.softirq
-
-    _until_quiet(machine, max(0.15, 0.03 * (os.cpu_count() or 1)), QUIET_TIMEOUT_S)
+    _until_quiet(machine_cpu_s, max(0.15, 0.03 * (os.cpu_count() or 1)), QUIET_TIMEOUT_S)
 
 
 def bench_speedups(model_dir: Path, batch: int, reps: int = 3) -> dict:
@@ -369,6 +376,7 @@ class Service:
             return r.json()["job_id"]
 
         chunks = [clips[i : i + per_upload] for i in range(0, len(clips), per_upload)]
+        cpu0 = {"api": tree_cpu_s(self.api.pid), "worker": tree_cpu_s(self.worker.pid), "machine": machine_cpu_s()}
         wall0, t0 = time.time(), time.perf_counter()
         # one request at a time on a CPU; a GPU consumes clips faster than one client sends them
         with cf.ThreadPoolExecutor(max_workers=upload_threads) as pool:
@@ -380,9 +388,14 @@ class Service:
             if all(s["status"] not in ("queued", "running") for s in states):
                 break
         assert all(s["status"] == "done" for s in states), states
+        # where the cores went, per clip (up to a second of idle polling after the end is included)
+        cpu = {"api": tree_cpu_s(self.api.pid), "worker": tree_cpu_s(self.worker.pid), "machine": machine_cpu_s()}
+        cpu = {k: cpu[k] - cpu0[k] for k in cpu}
+        cpu["other"] = cpu["machine"] - cpu["api"] - cpu["worker"]  # Postgres, Redis, this client, the OS
         last = max(datetime.datetime.fromisoformat(s["finished_at"]).timestamp() for s in states)
         secs = last - wall0
         return {"clips": len(clips), "seconds": secs, "clips_per_s": len(clips) / secs, "upload_seconds": uploaded,
+                "cpu_ms_per_clip": {k: 1000 * v / len(clips) for k, v in cpu.items()},
                 "worker_peak_rss_mb": rss_peak_mb(self.worker.pid), "api_peak_rss_mb": rss_peak_mb(self.api.pid)}
 
 
@@ -508,6 +521,8 @@ def main() -> None:
         last = rounds[-1]["clapq"]
         print(f"upload (all requests returned) after {_median([o['clapq']['upload_seconds'] for o in rounds]):.1f} s")
         print(f"peak RSS: worker {last['worker_peak_rss_mb']:.0f} MB, api {last['api_peak_rss_mb']:.0f} MB")
+        per = {k: _median([o["clapq"]["cpu_ms_per_clip"][k] for o in rounds]) for k in last["cpu_ms_per_clip"]}
+        print("CPU ms per clip in clapq: " + ", ".join(f"{k} {v:.1f}" for k, v in per.items()))
     out = ROOT / "benchmarks" / "results" / f"engine{args.tag}_{platform.node()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))

@@ -13,7 +13,10 @@ import requests
 
 AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".aif", ".aiff", ".aifc", ".ogg", ".oga", ".opus", ".mp3", ".m4a",
                   ".aac", ".alac", ".caf", ".wma", ".mp4", ".mkv", ".webm", ".mov", ".w64", ".au", ".snd"}
-BATCH_FILES = 100
+# A multiple of the worker's batch (16 windows on a CPU) and of its task size (16 files): a task's last
+# batch is padded to full size, so with short files a request of 100 would leave its last batch 3/4
+# padding.
+BATCH_FILES = 128
 BATCH_BYTES = 256 << 20
 
 
@@ -46,6 +49,8 @@ def audio_files(folder: Path) -> list[Path]:
 
 
 def batches(paths: list[Path]) -> Iterator[list[Path]]:
+    """Upload requests of BATCH_FILES files, split before one would pass BATCH_BYTES (a single larger
+    file goes alone)."""
     batch, size = [], 0
     for p in paths:
         n = p.stat().st_size

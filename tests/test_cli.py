@@ -202,3 +202,20 @@ def test_no_model_means_a_clear_error(tmp_path, model):
     assert out.returncode == 2
     assert "CLAPQ_MODEL" in out.stderr and "local directory" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+
+def test_upload_requests_fill_whole_worker_batches(tmp_path, monkeypatch):
+    """`clapq upload` sends 128 files a request (whole batches of 16 for the worker, no padded one per
+    request with short files), and splits before a request would pass the byte limit."""
+    from clapq import client
+
+    paths = []
+    for i in range(300):
+        p = tmp_path / f"{i:03d}.wav"
+        p.write_bytes(b"x" * 10)
+        paths.append(p)
+    assert [len(b) for b in client.batches(paths)] == [128, 128, 44]
+    assert [p for b in client.batches(paths) for p in b] == paths
+    monkeypatch.setattr(client, "BATCH_BYTES", 25)  # two 10-byte files fit, a third does not
+    assert [len(b) for b in client.batches(paths[:7])] == [2, 2, 2, 1]
