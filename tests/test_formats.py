@@ -172,3 +172,22 @@ def test_downmix_is_the_channel_mean(channels):
             np.testing.assert_allclose(mono, expected, rtol=0, atol=1e-6)
     single = interleaved[:, :1].T
     np.testing.assert_array_equal(audio._downmix(single), single[0])
+
+
+@pytest.mark.parametrize("name", [n for n, f in FORMATS.items() if f.sf and f.sf[1] == "PCM_16"])
+def test_16_bit_pcm_blocks_equal_libsndfile_floats(files, name, tmp_path):
+    """16-bit PCM is read as integers and scaled by the decoder itself: the blocks must be bit for bit
+    what libsndfile's own float conversion gives, extremes included."""
+    import soundfile as sf
+
+    path = blob_copy(get(files, name), tmp_path)
+    info = audio.AudioInfo(0, 0)
+    blocks = audio._soundfile_blocks(path, info)
+    ours = np.concatenate([b.T for b in blocks])
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ours, sf.read(str(path), dtype="float32", always_2d=True)[0])
+    extremes = tmp_path / "extremes.wav"
+    sf.write(str(extremes), np.array([[-32768], [32767], [0], [1], [-1]], np.int16), 8_000, subtype="PCM_16")
+    got = next(audio._soundfile_blocks(extremes, audio.AudioInfo(0, 0)))[0]
+    np.testing.assert_array_equal(got, sf.read(str(extremes), dtype="float32")[0])
+    np.testing.assert_array_equal(got, np.array([-1.0, 32767 / 32768, 0.0, 2**-15, -(2**-15)], np.float32))

