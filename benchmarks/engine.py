@@ -266,6 +266,9 @@ def bench_speedups(model_dir: Path, batch: int, reps: int = 3) -> dict:
     proj = base.audio_projection
     variant("torch_compile", lambda x: torch.nn.functional.normalize(
         proj(compiled(input_features=x).pooler_output), dim=-1))
+    compiled_half = torch.compile(half.audio_model)  # CLAPQ_COMPILE=1 on a bf16 model
+    variant("bf16_weights_compile", lambda x: torch.nn.functional.normalize(
+        half.audio_projection(compiled_half(input_features=x.to(torch.bfloat16)).pooler_output), dim=-1))
     return out
 
 
