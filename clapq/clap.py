@@ -25,7 +25,7 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). There a bf16 model runs ~1.6x
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). There a bf16 model runs ~1.9x
     faster than fp32 (BENCHMARKS.md); without them torch emulates bf16 and it runs ~7x slower."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)

@@ -117,7 +117,7 @@ class Settings:
             preload_text=_bool(env, "CLAPQ_PRELOAD_TEXT", True),
             compile_model=_bool(env, "CLAPQ_COMPILE", False),
             # the models' arithmetic: auto = bf16 on a GPU or a CPU that multiplies bf16 natively, else
-            # fp32 (clapq.clap.pick_dtype); bf16 is ~1.6x faster there at cosine >= 0.9999 to fp32
+            # fp32 (clapq.clap.pick_dtype); bf16 is ~1.9x faster there at cosine >= 0.9999 to fp32
             precision=_choice(env, "CLAPQ_PRECISION", ("auto", "fp32", "bf16", "fp16"), "auto"),
             # the API's text tower in int8 on a CPU: ~3x faster uncached text queries, cosine >= 0.999
             text_int8=_bool(env, "CLAPQ_TEXT_INT8", False),
