@@ -33,6 +33,12 @@ class ContextFilter(logging.Filter):
         return True
 
 
+def _extras(record: logging.LogRecord) -> dict:
+    """What the caller passed in `extra=` (and the ContextFilter added), as JSON-safe values."""
+    return {k: v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+            for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
@@ -43,12 +49,22 @@ class JsonFormatter(logging.Formatter):
             "process": os.environ.get("CLAPQ_PROCESS", "clapq"),
             "pid": record.process,
         }
-        for k, v in vars(record).items():
-            if k not in _STANDARD and not k.startswith("_"):
-                out[k] = v if isinstance(v, (str, int, float, bool, type(None))) else str(v)
+        out.update(_extras(record))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)
+
+
+class TextFormatter(logging.Formatter):
+    """One line for a terminal: time, level, logger, message, then the extras as key=value."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        extras = _extras(record)
+        return line + "".join(f" {k}={v}" for k, v in extras.items()) if extras else line
 
 
 def configure(level: str = "INFO", fmt: str | None = None) -> None:
@@ -56,8 +72,7 @@ def configure(level: str = "INFO", fmt: str | None = None) -> None:
     fmt = fmt or os.environ.get("CLAPQ_LOG_FORMAT", "json")
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
