@@ -265,10 +265,13 @@ def test_precision_rule_and_its_errors():
     it; explicit choices are honoured, impossible ones refused with a sentence."""
     import torch
 
-    from clapq.clap import model_precision, pick_dtype
+    from clapq.clap import cpu_has_bf16, model_precision, pick_dtype
     from clapq.settings import Settings
 
     cpu = torch.device("cpu")
+    flags = {f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split(":")[1].split()}
+    assert cpu_has_bf16() == bool({"avx512_bf16", "amx_bf16"} & flags)  # torch's probe agrees with the kernel's
+    assert pick_dtype(cpu) == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
     assert pick_dtype(cpu, "auto", cpu_bf16=True) == torch.bfloat16
     assert pick_dtype(cpu, "auto", cpu_bf16=False) == torch.float32
     assert pick_dtype(cpu, "bf16", cpu_bf16=False) == torch.bfloat16  # asked for: emulated, but honoured
