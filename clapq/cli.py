@@ -19,13 +19,31 @@ def _fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+# pick_dtype in a child interpreter: `clapq worker` must not import torch before Celery forks
+_PRECISION_CHECK = """import sys
+from clapq.clap import pick_device, pick_dtype
+try:
+    pick_dtype(pick_device(sys.argv[1]), sys.argv[2])
+except ValueError as exc:
+    sys.exit(str(exc))
+"""
+
+
 def _check_model(settings: Settings) -> None:
+    """Stop with a sentence, before anything starts, when the model cannot be loaded as configured: no
+    checkpoint, or an explicit CLAPQ_PRECISION this machine cannot run (fp16 on a CPU, bf16 on a GPU
+    without it; `auto` always has an answer)."""
     from clapq.checkpoint import ModelUnavailable, resolve
 
     try:
         resolve(settings.model)
     except ModelUnavailable as exc:
         _fail(str(exc))
+    if settings.precision != "auto":
+        r = subprocess.run([sys.executable, "-c", _PRECISION_CHECK, settings.device, settings.precision],
+                           capture_output=True, text=True)
+        if r.returncode:
+            _fail((r.stderr.strip().splitlines() or ["cannot check CLAPQ_PRECISION"])[-1])
 
 
 def cmd_migrate(args) -> None:

@@ -204,6 +204,16 @@ def test_no_model_means_a_clear_error(tmp_path, model):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("cmd", ["up", "worker", "api"])
+def test_a_precision_the_machine_cannot_run_stops_at_start(tmp_path, tiny_model, cmd):
+    env = _env(tiny_model, CLAPQ_PRECISION="fp16", CLAPQ_DEVICE="cpu", DATABASE_URL="postgresql://nowhere/x",
+               REDIS_URL="redis://nowhere:1/0")
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", cmd] + (["--data-dir", str(tmp_path)] if cmd == "up"
+                                                                      else []),
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip() == "clapq: CLAPQ_PRECISION=fp16 needs a GPU; on a CPU use bf16 or fp32"
+
 
 def test_upload_requests_fill_whole_worker_batches(tmp_path, monkeypatch):
     """`clapq upload` sends 128 files a request (whole batches of 16 for the worker, no padded one per
