@@ -372,9 +372,12 @@ class Service:
         lib = requests.post(base + "/v1/libraries", json={"name": f"bench-{time.time_ns()}"}, headers=h,
                             timeout=300).json()
 
+        from clapq.client import multipart_body
+
         def post(chunk: list[Path]) -> str:
-            files = [("files", (p.name, p.read_bytes(), "audio/wav")) for p in chunk]
-            r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", files=files, headers=h, timeout=600)
+            with multipart_body(chunk[0].parent, chunk) as body:  # streamed from disk, as `clapq upload` does
+                r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", data=body, timeout=600,
+                                  headers={**h, "Content-Type": body.content_type})
             r.raise_for_status()
             return r.json()["job_id"]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import requests
+from requests_toolbelt import MultipartEncoder
 
 AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".aif", ".aiff", ".aifc", ".ogg", ".oga", ".opus", ".mp3", ".m4a",
                   ".aac", ".alac", ".caf", ".wma", ".mp4", ".mkv", ".webm", ".mov", ".w64", ".au", ".snd"}
@@ -27,7 +29,13 @@ class Client:
         self.s.headers["Authorization"] = f"Bearer {key}"
 
     def call(self, method: str, path: str, **kw) -> dict:
-        r = self.s.request(method, self.url + path, timeout=kw.pop("timeout", 600), **kw)
+        try:
+            r = self.s.request(method, self.url + path, timeout=kw.pop("timeout", 600), **kw)
+        except requests.ConnectionError as exc:
+            raise SystemExit(f"clapq: cannot reach the clapq API at {self.url} (is `clapq up` or `clapq api` "
+                             f"running there? set CLAPQ_URL or --url): {_reason(exc)}") from None
+        except requests.Timeout:
+            raise SystemExit(f"clapq: {method} {path} got no answer from {self.url} in time") from None
         if r.status_code >= 400:
             try:
                 msg = r.json()["error"]["message"]
@@ -42,6 +50,26 @@ class Client:
             if name in (lib["name"], lib["id"]):
                 return lib
         return self.call("POST", "/v1/libraries", json={"name": name})
+
+
+def _reason(exc: Exception) -> str:
+    """The innermost cause of a requests error, in one line (not urllib3's retry wrapper)."""
+    while exc.__context__ is not None or (exc.args and isinstance(exc.args[0], Exception)):
+        exc = exc.__context__ or exc.args[0]
+    return str(exc).splitlines()[0][:200] or type(exc).__name__
+
+
+@contextlib.contextmanager
+def multipart_body(folder: Path, batch: list[Path]) -> Iterator[MultipartEncoder]:
+    """One upload request, streamed from the files as it is sent: the folder layout as 'metadata' (the
+    stored filename is the base name only), then each file as a 'files' part. The files are closed on
+    leaving."""
+    rel = [p.relative_to(folder).as_posix() for p in batch]
+    meta = json.dumps({r: {"path": r} for r in rel})
+    with contextlib.ExitStack() as files:
+        yield MultipartEncoder(fields=[("metadata", meta)] + [
+            ("files", (r, files.enter_context(open(p, "rb")), "application/octet-stream"))
+            for r, p in zip(rel, batch)])
 
 
 def audio_files(folder: Path) -> list[Path]:
@@ -70,16 +98,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
         raise SystemExit(f"clapq: no audio files under {folder}")
     jobs = []
     for batch in batches(paths):
-        rel = [p.relative_to(folder).as_posix() for p in batch]
-        files = [("files", (r, open(p, "rb"))) for r, p in zip(rel, batch)]
-        # the folder layout is kept as metadata; the stored filename is the base name only
-        meta = json.dumps({r: {"path": r} for r in rel})
-        try:
-            jobs.append(client.call("POST", f"/v1/libraries/{lib['id']}/batches", files=files,
-                                    data={"metadata": meta})["job_id"])
-        finally:
-            for _, (_, fh) in files:
-                fh.close()
+        with multipart_body(folder, batch) as body:
+            jobs.append(client.call("POST", f"/v1/libraries/{lib['id']}/batches", data=body,
+                                    headers={"Content-Type": body.content_type})["job_id"])
         print(f"uploaded {len(batch)} files (job {jobs[-1]})", file=sys.stderr)
     failed = 0
     # on a terminal one line that updates in place; in a log, a line each time the count moves

@@ -229,3 +229,54 @@ def test_upload_requests_fill_whole_worker_batches(tmp_path, monkeypatch):
     assert [p for b in client.batches(paths) for p in b] == paths
     monkeypatch.setattr(client, "BATCH_BYTES", 25)  # two 10-byte files fit, a third does not
     assert [len(b) for b in client.batches(paths[:7])] == [2, 2, 2, 1]
+
+
+def test_upload_bodies_stream_from_disk_and_parse_as_sent(tmp_path):
+    """`clapq upload` sends each request from the files as it goes (a 2 GB recording never sits in the
+    client's memory), with a Content-Length, and the body is the multipart form the API reads."""
+    import io
+    import tracemalloc
+
+    from werkzeug.formparser import parse_form_data
+
+    from clapq import client
+
+    (tmp_path / "sub").mkdir()
+    small = tmp_path / "sub" / "a.wav"
+    small.write_bytes(b"RIFF small")
+    big = tmp_path / "big.wav"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)  # 64 MiB of zeros, sparse on disk
+    with client.multipart_body(tmp_path, [small, big]) as body:
+        tracemalloc.start()
+        sent = io.BytesIO()
+        total = 0
+        while chunk := body.read(1 << 16):
+            total += len(chunk)
+            if total < (1 << 20):  # keep only the start: the form header, the metadata and the small file
+                sent.write(chunk)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert total == body.len and peak < (4 << 20), peak  # streamed, not built in memory
+        handles = [fh for _, (_, fh, _) in body.fields[1:]]
+    assert all(fh.closed for fh in handles)
+    head = sent.getvalue()
+    assert b'name="metadata"' in head and b'filename="sub/a.wav"' in head and b"RIFF small" in head
+    with client.multipart_body(tmp_path, [small]) as body:
+        environ = {"REQUEST_METHOD": "POST", "CONTENT_TYPE": body.content_type, "CONTENT_LENGTH": str(body.len),
+                   "wsgi.input": io.BytesIO(body.read())}
+    _, form, files = parse_form_data(environ)
+    assert json.loads(form["metadata"]) == {"sub/a.wav": {"path": "sub/a.wav"}}
+    assert files["files"].filename == "sub/a.wav" and files["files"].read() == b"RIFF small"
+
+
+@pytest.mark.parametrize("cmd", [["upload", "FOLDER", "--library", "x"], ["search", "--library", "x", "a dog"]])
+def test_client_commands_say_when_the_api_is_not_there(tmp_path, tiny_model, cmd):
+    port = free_port()  # nothing listens there
+    argv = [str(tmp_path) if a == "FOLDER" else a for a in cmd]
+    (tmp_path / "a.wav").write_bytes(b"RIFF")
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", *argv, "--url", f"http://127.0.0.1:{port}",
+                          "--key", "cq_x"], env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert f"cannot reach the clapq API at http://127.0.0.1:{port}" in out.stderr
+    assert "Connection refused" in out.stderr
