@@ -36,7 +36,7 @@ def _clap(text_only: bool):
 def _text_precision() -> str:
     """The arithmetic of this API's text tower (int8, bf16, fp16, fp32): each kind's vectors are cached
     apart."""
-    from clapq.clap import model_precision
+    from clapq.precision import model_precision
 
     settings = current_app.config["CLAPQ"]
     return model_precision(settings.device, settings.precision, settings.text_int8)

@@ -129,12 +129,12 @@ def _sync(device: torch.device) -> None:
 
 class Raw:
     """The model's batched forward on precomputed features, loaded once and timed as often as asked:
-    on the device and in the precision the worker uses (clapq.clap.pick_dtype)."""
+    on the device and in the precision the worker uses (clapq.precision.pick_dtype)."""
 
     def __init__(self, model_dir: Path, batch: int, device: torch.device, precision: str) -> None:
         from transformers import ClapFeatureExtractor, ClapModel
 
-        from clapq.clap import pick_dtype
+        from clapq.precision import pick_dtype
 
         fe = ClapFeatureExtractor.from_pretrained(model_dir)
         dtype = pick_dtype(device, precision)
@@ -438,7 +438,7 @@ def main() -> None:
                     help="longest wait for an idle machine before each timed path, seconds")
     args = ap.parse_args()
     QUIET_TIMEOUT_S = args.quiet_timeout
-    from clapq.clap import cpu_has_bf16, dtype_name, pick_device, pick_dtype
+    from clapq.precision import cpu_has_bf16, dtype_name, pick_device, pick_dtype
 
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.precision)

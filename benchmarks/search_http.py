@@ -163,11 +163,12 @@ def main() -> int:
 
     from api.query import text_cache_key
     from clapq.checkpoint import register_model, resolve
-    from clapq.clap import get_clap, model_precision
+    from clapq.clap import get_clap
     from clapq.db import migrate, session_scope
     from clapq.embedded import EmbeddedRedis
     from clapq.keys import create_key
     from clapq.models import HNSW_OPTIONS
+    from clapq.precision import model_precision
     from clapq.settings import Settings
 
     def _term(signum, frame):

@@ -3,8 +3,8 @@
 
     python benchmarks/text_tower.py [--model-dir DIR] [--queries 40]
 
-Loads the full-size default CLAP text tower (RoBERTa-base, random weights, built by engine.py) twice
-through the production loader, fp32, bf16 and int8, and times one-query embeddings (tokenizer +
+Loads the full-size default CLAP text tower (RoBERTa-base, random weights, built by engine.py) three
+times through the production loader, fp32, bf16 and int8, and times one-query embeddings (tokenizer +
 get_text_features + normalisation: what an uncached text search pays) in alternation, so all see the
 same machine. Reports p50/p95 ms per query and the worst cosine of each tower's vectors to fp32's.
 Prints a table and writes JSON to benchmarks/results/text_tower_<host>.json.
@@ -64,7 +64,7 @@ def main() -> None:
             v = tower.embed_text([t])
             ms[name].append((time.perf_counter() - t0) * 1000)
             vecs[name].append(v[0])
-    from clapq.clap import cpu_has_bf16
+    from clapq.precision import cpu_has_bf16
 
     out = {"machine": f"{platform.node()} {platform.machine()} (native bf16: {'yes' if cpu_has_bf16() else 'no'}), "
                       f"torch {torch.__version__}, threads {torch.get_num_threads()}",

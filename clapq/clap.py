@@ -10,65 +10,15 @@ from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
 from transformers.utils import logging as hf_logging
 
 from clapq.checkpoint import Checkpoint, ModelUnavailable
+from clapq.precision import PRECISIONS, model_precision, pick_device
 
 # LAION trained the text tower on 77-token captions; longer queries are cut there.
 TEXT_MAX_TOKENS = 77
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX). There a bf16 model runs ~1.9x
-    faster than fp32 (BENCHMARKS.md); without them torch emulates bf16 and it runs ~7x slower."""
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def pick_dtype(device: torch.device, precision: str = "auto", *, cpu_bf16: bool | None = None) -> torch.dtype:
-    """The model's precision (CLAPQ_PRECISION). auto: half precision on a GPU (bf16 where supported);
-    on a CPU bf16 where it multiplies bf16 natively (cpu_has_bf16, or as given), else fp32."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        native = cpu_has_bf16() if cpu_bf16 is None else cpu_bf16
-        return torch.bfloat16 if device.type == "cpu" and native else torch.float32
-    if precision not in PRECISIONS:
-        raise ValueError(f"CLAPQ_PRECISION must be one of auto, {', '.join(PRECISIONS)}; got {precision!r}")
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("CLAPQ_PRECISION=fp16 needs a GPU; on a CPU use bf16 or fp32")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("this GPU has no bf16; set CLAPQ_PRECISION to fp16 or fp32")
-    return PRECISIONS[precision]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, d in PRECISIONS.items() if d == dtype)
-
-
 def pooled(output) -> torch.Tensor:
     """transformers 5 returns a ModelOutput whose pooler_output is the vector; 4.x a tensor."""
     return output.pooler_output if hasattr(output, "pooler_output") else output
-
-
-def text_int8_applies(text_int8: bool, device: str) -> bool:
-    """Whether an int8 text tower was asked for and can run: int8 kernels exist for the CPU only (on a
-    GPU the tower runs in half precision anyway)."""
-    return text_int8 and pick_device(device).type == "cpu"
-
-
-def model_precision(device: str, precision: str, text_int8: bool = False) -> str:
-    """A loaded model's arithmetic, "int8" (text tower only), "bf16", "fp16" or "fp32": the one rule
-    for the loader and for the API's cache of query vectors, which keeps each kind's vectors apart."""
-    if text_int8_applies(text_int8, device):
-        return "int8"  # quantised from the fp32 tower
-    return dtype_name(pick_dtype(pick_device(device), precision))
 
 
 def quantize_text_int8(model: ClapModel) -> None:

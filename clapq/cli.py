@@ -19,9 +19,10 @@ def _fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-# pick_dtype in a child interpreter: `clapq worker` must not import torch before Celery forks
+# pick_dtype in a child interpreter (torch only, no transformers: a second or two): `clapq worker`
+# must not import torch before Celery forks
 _PRECISION_CHECK = """import sys
-from clapq.clap import pick_device, pick_dtype
+from clapq.precision import pick_device, pick_dtype
 try:
     pick_dtype(pick_device(sys.argv[1]), sys.argv[2])
 except ValueError as exc:
@@ -31,19 +32,22 @@ except ValueError as exc:
 
 def _check_model(settings: Settings) -> None:
     """Stop with a sentence, before anything starts, when the model cannot be loaded as configured: no
-    checkpoint, or an explicit CLAPQ_PRECISION this machine cannot run (fp16 on a CPU, bf16 on a GPU
-    without it; `auto` always has an answer)."""
+    checkpoint, or an explicit CLAPQ_DEVICE / CLAPQ_PRECISION this machine cannot run (a GPU that is
+    not there, fp16 on a CPU, bf16 on a GPU without it; `auto` for both always has an answer)."""
     from clapq.checkpoint import ModelUnavailable, resolve
 
     try:
         resolve(settings.model)
     except ModelUnavailable as exc:
         _fail(str(exc))
-    if settings.precision != "auto":
-        r = subprocess.run([sys.executable, "-c", _PRECISION_CHECK, settings.device, settings.precision],
-                           capture_output=True, text=True)
+    if (settings.device, settings.precision) != ("auto", "auto"):
+        try:
+            r = subprocess.run([sys.executable, "-c", _PRECISION_CHECK, settings.device, settings.precision],
+                               capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            _fail(f"checking CLAPQ_DEVICE={settings.device} took over 5 minutes (is the GPU driver hung?)")
         if r.returncode:
-            _fail((r.stderr.strip().splitlines() or ["cannot check CLAPQ_PRECISION"])[-1])
+            _fail((r.stderr.strip().splitlines() or ["cannot check CLAPQ_DEVICE and CLAPQ_PRECISION"])[-1])
 
 
 def cmd_migrate(args) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import requests
 from requests_toolbelt import MultipartEncoder
+from urllib3.exceptions import NewConnectionError
 
 AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".aif", ".aiff", ".aifc", ".ogg", ".oga", ".opus", ".mp3", ".m4a",
                   ".aac", ".alac", ".caf", ".wma", ".mp4", ".mkv", ".webm", ".mov", ".w64", ".au", ".snd"}
@@ -32,8 +33,12 @@ class Client:
         try:
             r = self.s.request(method, self.url + path, timeout=kw.pop("timeout", 600), **kw)
         except requests.ConnectionError as exc:
-            raise SystemExit(f"clapq: cannot reach the clapq API at {self.url} (is `clapq up` or `clapq api` "
-                             f"running there? set CLAPQ_URL or --url): {_reason(exc)}") from None
+            if _causes(exc, NewConnectionError):  # refused, no such host: nothing was sent
+                raise SystemExit(f"clapq: cannot reach the clapq API at {self.url} (is `clapq up` or `clapq "
+                                 f"api` running there? set CLAPQ_URL or --url): {_reason(exc)}") from None
+            raise SystemExit(f"clapq: the connection to {self.url} was lost during {method} {path} (the API "
+                             f"restarted, or refused a request over its size limit while it was being sent): "
+                             f"{_reason(exc)}") from None
         except requests.Timeout:
             raise SystemExit(f"clapq: {method} {path} got no answer from {self.url} in time") from None
         if r.status_code >= 400:
@@ -52,11 +57,26 @@ class Client:
         return self.call("POST", "/v1/libraries", json={"name": name})
 
 
-def _reason(exc: Exception) -> str:
-    """The innermost cause of a requests error, in one line (not urllib3's retry wrapper)."""
-    while exc.__context__ is not None or (exc.args and isinstance(exc.args[0], Exception)):
-        exc = exc.__context__ or exc.args[0]
-    return str(exc).splitlines()[0][:200] or type(exc).__name__
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """A requests error and what it wraps: urllib3's errors hold their cause in args, not __cause__."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        inner = exc.__cause__ or exc.__context__
+        if inner is None:
+            inner = next((a for a in reversed(getattr(exc, "args", ())) if isinstance(a, BaseException)), None)
+        exc = inner
+
+
+def _causes(exc: BaseException, kind: type) -> bool:
+    return any(isinstance(e, kind) for e in _chain(exc))
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause, in one line (not urllib3's retry wrapper)."""
+    inner = list(_chain(exc))[-1]
+    return (str(inner).splitlines() or [""])[0][:200] or type(inner).__name__
 
 
 @contextlib.contextmanager
@@ -96,11 +116,19 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     paths = audio_files(folder)
     if not paths:
         raise SystemExit(f"clapq: no audio files under {folder}")
-    jobs = []
+    jobs, sent = [], 0
     for batch in batches(paths):
-        with multipart_body(folder, batch) as body:
-            jobs.append(client.call("POST", f"/v1/libraries/{lib['id']}/batches", data=body,
-                                    headers={"Content-Type": body.content_type})["job_id"])
+        try:
+            with multipart_body(folder, batch) as body:
+                jobs.append(client.call("POST", f"/v1/libraries/{lib['id']}/batches", data=body,
+                                        headers={"Content-Type": body.content_type})["job_id"])
+        except SystemExit:
+            if jobs:  # say what is already in, and that running the command again resumes
+                print(f"clapq: {sent} of {len(paths)} files were uploaded (jobs {', '.join(jobs)}); run the "
+                      "same command again for the rest: files already stored count as duplicates, not twice",
+                      file=sys.stderr)
+            raise
+        sent += len(batch)
         print(f"uploaded {len(batch)} files (job {jobs[-1]})", file=sys.stderr)
     failed = 0
     # on a terminal one line that updates in place; in a log, a line each time the count moves

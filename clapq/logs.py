@@ -63,8 +63,15 @@ class TextFormatter(logging.Formatter):
 
     def formatMessage(self, record: logging.LogRecord) -> str:
         line = super().formatMessage(record)
-        extras = _extras(record)
-        return line + "".join(f" {k}={v}" for k, v in extras.items()) if extras else line
+        return line + "".join(f" {k}={_plain(v)}" for k, v in _extras(record).items())
+
+
+def _plain(value) -> str:
+    """A value as one token: quoted (JSON) when it is empty or holds spaces, quotes, '=' or newlines."""
+    text = str(value)
+    if text and not any(c.isspace() or c in '"=' for c in text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
 
 
 def configure(level: str = "INFO", fmt: str | None = None) -> None:

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 
 DEFAULT_MODEL = "laion/clap-htsat-unfused"
+# CLAPQ_PRECISION's explicit values (clapq.precision maps them to torch dtypes), besides "auto"
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
 
 
 def _int(env: dict[str, str], name: str, default: int) -> int:
@@ -116,9 +118,10 @@ class Settings:
             # each API process loads its text tower in the background at start, not on the first search
             preload_text=_bool(env, "CLAPQ_PRELOAD_TEXT", True),
             compile_model=_bool(env, "CLAPQ_COMPILE", False),
-            # the models' arithmetic: auto = bf16 on a GPU or a CPU that multiplies bf16 natively, else
-            # fp32 (clapq.clap.pick_dtype); bf16 is ~1.9x faster there at cosine >= 0.9999 to fp32
-            precision=_choice(env, "CLAPQ_PRECISION", ("auto", "fp32", "bf16", "fp16"), "auto"),
+            # the models' arithmetic: auto = half precision on a GPU (bf16, or fp16 where bf16 is not
+            # native), bf16 on a CPU that multiplies it natively, else fp32 (clapq.precision.pick_dtype);
+            # bf16 is ~1.9x faster on such a CPU at cosine >= 0.9999 to fp32
+            precision=_choice(env, "CLAPQ_PRECISION", ("auto", *PRECISION_NAMES), "auto"),
             # the API's text tower in int8 on a CPU: ~3x faster uncached text queries, cosine >= 0.999
             text_int8=_bool(env, "CLAPQ_TEXT_INT8", False),
             log_level=env.get("CLAPQ_LOG_LEVEL") or "INFO",

@@ -161,6 +161,23 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert out.returncode == 0 and sorted(line.split()[1] for line in out.stdout.splitlines()) == \
         ["drone.wav", "heavy.flac"], out.stdout + out.stderr
 
+    # a request the API refuses midway (over CLAPQ_MAX_REQUEST_BYTES): the command says why and how much
+    # is already in (128 copies of one clip went first, as one item), and fails
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    clip = write(partial / "c000.wav", 0.2, 8_000, 1, freq=300, seed=7).read_bytes()
+    for i in range(1, 128):
+        (partial / f"c{i:03d}.wav").write_bytes(clip)
+    with open(partial / "zz_long.wav", "wb") as f:
+        f.truncate(20 << 20)  # alone in the second request, over the 16 MiB limit
+    out = subprocess.run(cli + ["upload", str(partial), "--library", "partial", "--url", base, "--key", key,
+                                "--no-wait"], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert "128 of 129 files were uploaded (jobs " in out.stderr, out.stderr
+    assert ("failed (413)" in out.stderr or "was lost during POST" in out.stderr), out.stderr
+    libs = requests.get(f"{base}/v1/libraries", headers=h, timeout=10).json()["libraries"]
+    assert [x["item_count"] for x in libs if x["name"] == "partial"] == [1]
+
     # `keys create` works while `up` runs on the same data directory
     out = subprocess.run([sys.executable, "-m", "clapq.cli", "keys", "create", "--tenant", "second",
                           "--data-dir", str(data_dir)], env=_env(tiny_model), capture_output=True, text=True,
@@ -186,7 +203,8 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert up2.wait_ready() == key
     base2 = f"http://127.0.0.1:{up2.port}"
     libs = requests.get(f"{base2}/v1/libraries", headers=h, timeout=10).json()["libraries"]
-    assert [(x["name"], x["item_count"]) for x in libs] == [("field recordings", 4), ("folder lib", 2)]
+    assert [(x["name"], x["item_count"]) for x in libs] == [("field recordings", 4), ("folder lib", 2),
+                                                            ("partial", 1)]
     res2 = requests.get(f"{base2}/v1/search", params={"library_id": lib["id"], "q": "birdsong", "k": 2},
                         headers=h, timeout=60).json()
     assert res2["results"] == res["results"]
@@ -205,14 +223,23 @@ def test_no_model_means_a_clear_error(tmp_path, model):
 
 
 @pytest.mark.parametrize("cmd", ["up", "worker", "api"])
-def test_a_precision_the_machine_cannot_run_stops_at_start(tmp_path, tiny_model, cmd):
-    env = _env(tiny_model, CLAPQ_PRECISION="fp16", CLAPQ_DEVICE="cpu", DATABASE_URL="postgresql://nowhere/x",
+@pytest.mark.parametrize("device, precision, message", [
+    ("cpu", "fp16", "CLAPQ_PRECISION=fp16 needs a GPU; on a CPU use bf16 or fp32"),
+    ("cuda", "auto", "CLAPQ_DEVICE=cuda but no GPU is visible to torch"),
+])
+def test_a_device_or_precision_the_machine_cannot_run_stops_at_start(tmp_path, tiny_model, cmd, device,
+                                                                     precision, message):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    env = _env(tiny_model, CLAPQ_PRECISION=precision, CLAPQ_DEVICE=device, DATABASE_URL="postgresql://nowhere/x",
                REDIS_URL="redis://nowhere:1/0")
     out = subprocess.run([sys.executable, "-m", "clapq.cli", cmd] + (["--data-dir", str(tmp_path)] if cmd == "up"
                                                                       else []),
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.strip() == "clapq: CLAPQ_PRECISION=fp16 needs a GPU; on a CPU use bf16 or fp32"
+    assert out.stderr.strip() == f"clapq: {message}"
 
 
 def test_upload_requests_fill_whole_worker_batches(tmp_path, monkeypatch):

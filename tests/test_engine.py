@@ -265,7 +265,7 @@ def test_precision_rule_and_its_errors():
     it; explicit choices are honoured, impossible ones refused with a sentence."""
     import torch
 
-    from clapq.clap import cpu_has_bf16, model_precision, pick_dtype
+    from clapq.precision import cpu_has_bf16, model_precision, pick_dtype
     from clapq.settings import Settings
 
     cpu = torch.device("cpu")
@@ -316,9 +316,13 @@ def test_a_bf16_model_keeps_no_view_of_the_checkpoint_file(tiny_model):
     from clapq.checkpoint import resolve
     from clapq.clap import LoadedClap
 
-    clap = LoadedClap(resolve(str(tiny_model)), "cpu", "bf16")
-    maps = [line.split() for line in open("/proc/self/maps") if line.rstrip().endswith(".safetensors")]
-    spans = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps]
-    tensors = list(clap.model.parameters()) + list(clap.model.buffers())
-    inside = [t.shape for t in tensors if any(lo <= t.untyped_storage().data_ptr() < hi for lo, hi in spans)]
-    assert not inside
+    def in_the_map(clap):
+        maps = [line.split() for line in open("/proc/self/maps") if line.rstrip().endswith(".safetensors")]
+        spans = [tuple(int(x, 16) for x in m[0].split("-")) for m in maps]
+        tensors = list(clap.model.parameters()) + list(clap.model.buffers())
+        return [t.shape for t in tensors if any(lo <= t.untyped_storage().data_ptr() < hi for lo, hi in spans)]
+
+    ckpt = resolve(str(tiny_model))
+    fp32 = LoadedClap(ckpt, "cpu", "fp32")
+    assert in_the_map(fp32)  # the control: fp32 weights are the map itself, and this test sees that
+    assert not in_the_map(LoadedClap(ckpt, "cpu", "bf16"))

@@ -26,10 +26,11 @@ def test_text_and_json_logs_carry_the_extras(capsys, restore_root):
     try:
         raise ValueError("boom")
     except ValueError:
-        log.exception("item failed", extra={"item_id": "i-1"})
+        log.exception("item failed", extra={"item_id": "i-1", "error": 'not audio\n(bad "header")'})
     text = capsys.readouterr().err.splitlines()
     assert text[0].endswith("INFO clapq.test: model loaded device=cpu precision=bf16")
-    assert text[1].endswith("ERROR clapq.test: item failed item_id=i-1")
+    # a free-form sentence stays on its line, quoted
+    assert text[1].endswith('ERROR clapq.test: item failed item_id=i-1 error="not audio\\n(bad \\"header\\")"')
     assert "ValueError: boom" in text[-1]  # the traceback follows
 
     logs.configure("INFO", "json")
