@@ -31,9 +31,11 @@ class Client:
 
     def call(self, method: str, path: str, **kw) -> dict:
         try:
-            r = self.s.request(method, self.url + path, timeout=kw.pop("timeout", 600), **kw)
+            # 10 s to connect (a wrong host fails fast), 10 minutes for an answer (a large upload's)
+            r = self.s.request(method, self.url + path, timeout=kw.pop("timeout", (10, 600)), **kw)
         except requests.ConnectionError as exc:
-            if _causes(exc, NewConnectionError):  # refused, no such host: nothing was sent
+            # refused, no such host, no answer to the connect: nothing was sent
+            if isinstance(exc, requests.ConnectTimeout) or _causes(exc, NewConnectionError):
                 raise SystemExit(f"clapq: cannot reach the clapq API at {self.url} (is `clapq up` or `clapq "
                                  f"api` running there? set CLAPQ_URL or --url): {_reason(exc)}") from None
             raise SystemExit(f"clapq: the connection to {self.url} was lost during {method} {path} (the API "
