@@ -70,16 +70,21 @@ def make_clips(folder: Path, n: int, rate: int = 44_100) -> list[Path]:
     return out
 
 
-def rss_peak_mb(pid: int) -> float:
-    """VmHWM of a process and all its descendants' largest (the pool child holds the model)."""
+def _tree(pid: int) -> list:
+    """A process and its living descendants (none if it is gone)."""
     import psutil
 
-    best = 0.0
     try:
-        procs = [psutil.Process(pid)] + psutil.Process(pid).children(recursive=True)
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
     except psutil.Error:
-        return 0.0
-    for p in procs:
+        return []
+
+
+def rss_peak_mb(pid: int) -> float:
+    """VmHWM of a process and all its descendants' largest (the pool child holds the model)."""
+    best = 0.0
+    for p in _tree(pid):
         try:
             for line in Path(f"/proc/{p.pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -103,7 +108,7 @@ def tree_cpu_s(pid: int) -> float:
     import psutil
 
     total = 0.0
-    for p in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+    for p in _tree(pid):
         with contextlib.suppress(psutil.Error):
             t = p.cpu_times()
             total += t.user + t.system
@@ -262,13 +267,12 @@ def bench_speedups(model_dir: Path, batch: int, reps: int = 3) -> dict:
     q.audio_projection = torch.ao.quantization.quantize_dynamic(q.audio_projection, {torch.nn.Linear},
                                                                 dtype=torch.qint8)
     variant("int8_dynamic_linear", lambda x: q.get_audio_features(input_features=x))
-    compiled = torch.compile(copy.deepcopy(base).audio_model)
-    proj = base.audio_projection
-    variant("torch_compile", lambda x: torch.nn.functional.normalize(
-        proj(compiled(input_features=x).pooler_output), dim=-1))
-    compiled_half = torch.compile(half.audio_model)  # CLAPQ_COMPILE=1 on a bf16 model
-    variant("bf16_weights_compile", lambda x: torch.nn.functional.normalize(
-        half.audio_projection(compiled_half(input_features=x.to(torch.bfloat16)).pooler_output), dim=-1))
+    def compiled(model, dtype):  # what CLAPQ_COMPILE=1 runs: the audio tower compiled, the projection eager
+        tower = torch.compile(model.audio_model)
+        return lambda x: model.audio_projection(tower(input_features=x.to(dtype)).pooler_output)
+
+    variant("torch_compile", compiled(copy.deepcopy(base), torch.float32))
+    variant("bf16_weights_compile", compiled(half, torch.bfloat16))
     return out
 
 
@@ -381,8 +385,11 @@ class Service:
             r.raise_for_status()
             return r.json()["job_id"]
 
+        def cpu_now() -> dict:
+            return {"api": tree_cpu_s(self.api.pid), "worker": tree_cpu_s(self.worker.pid), "machine": machine_cpu_s()}
+
         chunks = [clips[i : i + per_upload] for i in range(0, len(clips), per_upload)]
-        cpu0 = {"api": tree_cpu_s(self.api.pid), "worker": tree_cpu_s(self.worker.pid), "machine": machine_cpu_s()}
+        cpu0 = cpu_now()
         wall0, t0 = time.time(), time.perf_counter()
         # one request at a time on a CPU; a GPU consumes clips faster than one client sends them
         with cf.ThreadPoolExecutor(max_workers=upload_threads) as pool:
@@ -395,8 +402,7 @@ class Service:
                 break
         assert all(s["status"] == "done" for s in states), states
         # where the cores went, per clip (up to a second of idle polling after the end is included)
-        cpu = {"api": tree_cpu_s(self.api.pid), "worker": tree_cpu_s(self.worker.pid), "machine": machine_cpu_s()}
-        cpu = {k: cpu[k] - cpu0[k] for k in cpu}
+        cpu = {k: v - cpu0[k] for k, v in cpu_now().items()}
         cpu["other"] = cpu["machine"] - cpu["api"] - cpu["worker"]  # Postgres, Redis, this client, the OS
         last = max(datetime.datetime.fromisoformat(s["finished_at"]).timestamp() for s in states)
         secs = last - wall0
