@@ -51,11 +51,17 @@ class Client:
             raise SystemExit(f"clapq: {method} {path} failed ({r.status_code}): {msg}")
         return r.json()
 
-    def library(self, name: str) -> dict:
-        """The library with this name (or id), created if missing."""
-        for lib in self.call("GET", "/v1/libraries")["libraries"]:
+    def library(self, name: str, create: bool = True) -> dict:
+        """The library with this name (or id); created if missing, or else a sentence naming the ones
+        there are."""
+        libs = self.call("GET", "/v1/libraries")["libraries"]
+        for lib in libs:
             if name in (lib["name"], lib["id"]):
                 return lib
+        if not create:
+            there = ", ".join(repr(lib["name"]) for lib in libs) or "none yet"
+            raise SystemExit(f"clapq: no library named {name!r} (libraries: {there}); "
+                             f"`clapq upload DIR --library {name!r}` creates it")
         return self.call("POST", "/v1/libraries", json={"name": name})
 
 
@@ -158,10 +164,12 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
 
 
 def search(client: Client, library: str, text: str, k: int) -> None:
-    lib = client.library(library)
+    lib = client.library(library, create=False)  # a misspelt name is an error, not a new empty library
     res = client.call("POST", "/v1/search", json={"library_id": lib["id"], "text": text, "k": k})
     for r in res["results"]:
         print(f"{r['score']:.4f}  {r['filename']}  {r['item_id']}")
+    if not res["results"]:
+        print(f"no results: library {lib['name']!r} has no embedded files yet", file=sys.stderr)
 
 
 def connect(url: str | None, key: str | None, data_dir: Path) -> Client:

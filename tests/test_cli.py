@@ -160,6 +160,16 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and sorted(line.split()[1] for line in out.stdout.splitlines()) == \
         ["drone.wav", "heavy.flac"], out.stdout + out.stderr
+    # a misspelt library is named back with the ones there are, and is not created
+    out = subprocess.run(cli + ["search", "heavy rain", "--library", "folder lob", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and out.stdout == "", out.stdout
+    assert "no library named 'folder lob' (libraries: 'field recordings', 'folder lib')" in out.stderr, out.stderr
+    requests.post(f"{base}/v1/libraries", json={"name": "empty"}, headers=h, timeout=30).raise_for_status()
+    out = subprocess.run(cli + ["search", "rain", "--library", "empty", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout == ""
+    assert "no results: library 'empty' has no embedded files yet" in out.stderr, out.stderr
 
     # a request the API refuses midway (over CLAPQ_MAX_REQUEST_BYTES): the command says why and how much
     # is already in (128 copies of one clip went first, as one item), and fails
@@ -204,7 +214,7 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     base2 = f"http://127.0.0.1:{up2.port}"
     libs = requests.get(f"{base2}/v1/libraries", headers=h, timeout=10).json()["libraries"]
     assert [(x["name"], x["item_count"]) for x in libs] == [("field recordings", 4), ("folder lib", 2),
-                                                            ("partial", 1)]
+                                                            ("empty", 0), ("partial", 1)]
     res2 = requests.get(f"{base2}/v1/search", params={"library_id": lib["id"], "q": "birdsong", "k": 2},
                         headers=h, timeout=60).json()
     assert res2["results"] == res["results"]
