@@ -24,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,6 +39,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from clapq.settings import ITEMS_PER_TASK  # noqa: E402  (stdlib only, like the GPU machine needs)
 
 
 def build_full_model(path: Path) -> Path:
@@ -155,14 +157,15 @@ class Raw:
 
     def run(self, n: int) -> dict:
         with torch.inference_mode():
-            t0 = time.perf_counter()
+            cpu0, t0 = tree_cpu_s(os.getpid()), time.perf_counter()
             done = 0
             while done < n:
                 self.model.get_audio_features(input_features=self.feats)
                 done += self.batch
             _sync(self.device)
             secs = time.perf_counter() - t0
-        return {"clips": done, "seconds": secs, "clips_per_s": done / secs}
+        return {"clips": done, "seconds": secs, "clips_per_s": done / secs,
+                "cpu_ms_per_clip": 1000 * (tree_cpu_s(os.getpid()) - cpu0) / done}
 
 
 class Pipeline:
@@ -200,11 +203,12 @@ class Pipeline:
 
         scratch.mkdir(parents=True, exist_ok=True)
         opts = pipeline.Options(batch_size=self.batch, scratch_dir=scratch)
-        t0 = time.perf_counter()
+        cpu0, t0 = tree_cpu_s(os.getpid()), time.perf_counter()  # this process and its decoder children
         pipeline.run(items, blobs, self.pool, self.embedder, opts, done.extend, failed)
         secs = time.perf_counter() - t0
         assert len(done) == len(clips), (len(done), len(clips))
-        return {"clips": len(clips), "seconds": secs, "clips_per_s": len(clips) / secs}
+        return {"clips": len(clips), "seconds": secs, "clips_per_s": len(clips) / secs,
+                "cpu_ms_per_clip": 1000 * (tree_cpu_s(os.getpid()) - cpu0) / len(clips)}
 
     def close(self) -> None:
         self.pool.close()
@@ -317,13 +321,13 @@ class Service:
     """`clapq worker` + `clapq api` on the embedded Postgres and Redis, started once for every timed run."""
 
     def __init__(self, model_dir: Path, db_url: str, redis_url: str, work: Path, batch_size: int,
-                 device: torch.device, precision: str, decoders: int) -> None:
+                 device: torch.device, precision: str, decoders: int, items_per_task: int) -> None:
         self.db_url, self.work = db_url, work
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
         port = _free_port()
         env.update(DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_MODEL=str(model_dir), CLAPQ_DATA_DIR=str(work),
                    CLAPQ_BLOB_DIR=str(work / "blobs"), CLAPQ_BATCH_SIZE=str(batch_size),
-                   CLAPQ_ITEMS_PER_TASK="32", CLAPQ_PORT=str(port), CLAPQ_HOST="127.0.0.1",
+                   CLAPQ_ITEMS_PER_TASK=str(items_per_task), CLAPQ_PORT=str(port), CLAPQ_HOST="127.0.0.1",
                    CLAPQ_API_WORKERS="1", HF_HUB_OFFLINE="1", CLAPQ_LOG_LEVEL="WARNING",
                    CLAPQ_DEVICE=str(device), CLAPQ_PRECISION=precision, CLAPQ_DECODERS=str(decoders),
                    CLAPQ_COMPILE=os.environ.get("CLAPQ_COMPILE", "0"))
@@ -427,6 +431,8 @@ def main() -> None:
     ap.add_argument("--only", default="raw,reference,clapq")
     ap.add_argument("--tag", default="", help="suffix for the results file name")
     ap.add_argument("--files-per-upload", type=int, default=32, help="files per batch upload (one job each)")
+    ap.add_argument("--items-per-task", type=int, default=ITEMS_PER_TASK,
+                    help="files per Celery task (default CLAPQ_ITEMS_PER_TASK's default, as `clapq worker`)")
     ap.add_argument("--device", default=os.environ.get("CLAPQ_DEVICE", "auto"),
                     help="cpu, cuda, ... (default $CLAPQ_DEVICE or auto): raw, reference and the worker use it")
     ap.add_argument("--precision", default=os.environ.get("CLAPQ_PRECISION", "auto"),
@@ -467,6 +473,7 @@ def main() -> None:
                      "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "rounds": []}
     paths = [p for p in ("raw", "pipeline", "reference", "clapq") if p in args.only.split(",")]
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, work, ignore_errors=True)  # last out: clips, blobs and the databases
         db_url = redis_url = None
         if {"reference", "clapq"} & set(paths):  # Postgres and Redis only where a path writes
             from clapq.db import migrate
@@ -485,7 +492,8 @@ def main() -> None:
         if engine is not None:
             stack.callback(engine.close)
         service = (stack.enter_context(Service(model_dir, db_url, redis_url, work, args.batch, device,
-                                               args.precision, decoders)) if "clapq" in paths else None)
+                                               args.precision, decoders, args.items_per_task))
+                   if "clapq" in paths else None)
         for r in range(args.rounds if paths else 0):
             one: dict = {}
             if raw is not None:
@@ -506,8 +514,9 @@ def main() -> None:
                         one[f"clapq_over_{name}"] = one["clapq"]["clips_per_s"] / one[name]["clips_per_s"]
             results["rounds"].append(one)
             print(f"round {r + 1}: " + "  ".join(
-                f"{k} {v['clips_per_s']:.2f} clips/s" if isinstance(v, dict) else f"{k} {v:.2f}"
-                for k, v in one.items()), flush=True)
+                f"{k} {v['clips_per_s']:.2f} clips/s" + (f" ({v['cpu_ms_per_clip']:.0f} CPU-ms/clip)"
+                                                        if isinstance(v.get("cpu_ms_per_clip"), float) else "")
+                if isinstance(v, dict) else f"{k} {v:.2f}" for k, v in one.items()), flush=True)
     rounds = results["rounds"]
     print(f"\n{results['machine']}; {args.clips} clips of 10 s, batch {args.batch}, {len(rounds)} rounds; "
           f"model in {results['precision']}, reference in {results['reference_precision']}")
