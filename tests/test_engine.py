@@ -326,3 +326,103 @@ def test_a_bf16_model_keeps_no_view_of_the_checkpoint_file(tiny_model):
     fp32 = LoadedClap(ckpt, "cpu", "fp32")
     assert in_the_map(fp32)  # the control: fp32 weights are the map itself, and this test sees that
     assert not in_the_map(LoadedClap(ckpt, "cpu", "bf16"))
+
+
+def test_claim_more_takes_only_fresh_queued_items_of_this_model(settings):
+    """What a task may add to fill its last batch: queued, never tried, in a library of its model, in a
+    job not cancelled, oldest first, up to the limit; claimed like its own items (running, attempt 1)."""
+    from sqlalchemy import update
+
+    from clapq.db import session_scope
+    from clapq.models import EmbeddingModel, Item, Job, Library, Tenant
+    from worker.store import claim_more
+
+    with session_scope(settings.database_url) as s:
+        tenant = Tenant(name=f"more-{uuid.uuid4()}")
+        ours, other = (EmbeddingModel(name=f"m-{uuid.uuid4()}", weights_sha256=uuid.uuid4().hex * 2, dim=512)
+                       for _ in range(2))
+        s.add_all([tenant, ours, other])
+        s.flush()
+        lib, lib_other = Library(tenant_id=tenant.id, name="a", model_id=ours.id), \
+            Library(tenant_id=tenant.id, name="b", model_id=other.id)
+        s.add_all([lib, lib_other])
+        s.flush()
+        job, job_cancelled, job_other = (Job(tenant_id=tenant.id, library_id=lib.id),
+                                         Job(tenant_id=tenant.id, library_id=lib.id, cancelled=True),
+                                         Job(tenant_id=tenant.id, library_id=lib_other.id))
+        s.add_all([job, job_cancelled, job_other])
+        s.flush()
+
+        def item(name, j, lb, **kw):
+            it = Item(tenant_id=tenant.id, library_id=lb.id, job_id=j.id, sha256=uuid.uuid4().hex * 2,
+                      filename=name, size_bytes=1, **kw)
+            s.add(it)
+            s.flush()
+            return it
+
+        fresh = [item(f"fresh{i}", job, lib) for i in range(3)]
+        for i, it in enumerate(fresh):  # their age in the queue: fresh0 the oldest
+            s.execute(update(Item).where(Item.id == it.id).values(updated_at=func_now_minus(10 - i)))
+        item("retried", job, lib, attempts=1)
+        item("running", job, lib, status="running", attempts=1)
+        item("cancelled", job_cancelled, lib)
+        item("other model", job_other, lib_other)
+        fresh_ids = [it.id for it in fresh]
+    # other models' and cancelled or tried items are never taken, and a limit is a limit
+    with session_scope(settings.database_url) as s:
+        got = claim_more(s, ours.id, 3, "task-a", 300, limit=2)
+    assert [c.id for c in got] == fresh_ids[:2] and all(c.attempt == 1 for c in got)
+    with session_scope(settings.database_url) as s:
+        got = claim_more(s, ours.id, 3, "task-b", 300, limit=10)
+        assert [c.id for c in got] == fresh_ids[2:]
+        assert claim_more(s, ours.id, 3, "task-c", 300, limit=10) == []
+    with session_scope(settings.database_url) as s:
+        rows = {it.filename: (it.status, it.claimed_by, it.attempts)
+                for it in s.query(Item).filter(Item.tenant_id == tenant.id)}
+    assert rows["fresh0"] == ("running", "task-a", 1) and rows["fresh2"] == ("running", "task-b", 1)
+    assert rows["retried"] == ("queued", None, 1) and rows["cancelled"][0] == "queued"
+    assert rows["other model"][0] == "queued" and rows["running"] == ("running", None, 1)
+
+
+def func_now_minus(seconds: float):
+    from sqlalchemy import func
+
+    return func.now() - func.make_interval(0, 0, 0, 0, 0, 0, seconds)
+
+
+def test_a_task_fills_its_last_batch_with_more_files_and_pads_only_at_the_end(tiny_model, tmp_path):
+    """With 3 one-window files and batch 4 the pipeline asks for 1 more file before it pads. Here that
+    file has 2 windows: one fills the batch, the other starts the next, which then asks for 3; it gets the
+    last file, asks for 2 more, gets none, and only then is the last batch padded."""
+    from clapq.blobs import BlobStore
+    from clapq.checkpoint import resolve
+    from clapq.clap import get_clap
+    from worker import pipeline
+    from worker.decoder import DecoderPool
+    from worker.embedder import AudioEmbedder
+    from worker.store import Claimed
+
+    blobs = BlobStore(tmp_path / "blobs")
+
+    def claimed(i, seconds=2.0):
+        w = blobs.writer()
+        w.write(write(tmp_path / f"f{i}.wav", seconds, 16_000, freq=200 + 50 * i, seed=i).read_bytes())
+        return Claimed(uuid.uuid4(), w.commit(), None, 1)
+
+    own, spare = [claimed(i) for i in range(3)], [claimed(3, seconds=12.0), claimed(4)]
+    asked, batches, done = [], [], []
+
+    def top_up(rows):
+        asked.append(rows)
+        more, spare[:] = spare[:rows], spare[rows:]
+        return more
+
+    emb = AudioEmbedder(get_clap(resolve(str(tiny_model)), "cpu"))
+    pool = DecoderPool(1)
+    try:
+        pipeline.run(own, blobs, pool, emb, pipeline.Options(batch_size=4, scratch_dir=tmp_path), done.extend,
+                     lambda d: pytest.fail(d.error), on_batch=lambda n, secs: batches.append(n), top_up=top_up)
+    finally:
+        pool.close()
+    assert asked == [1, 3, 2] and batches == [4, 2]
+    assert sorted(len(d.windows) for d, _ in done) == [1, 1, 1, 1, 2]

@@ -23,7 +23,7 @@ def beating(url: str, ids: list[uuid.UUID], task_id: str, interval_s: float) -> 
         while not stop.wait(interval_s):
             try:
                 with session_scope(url) as s:
-                    heartbeat(s, ids, task_id)
+                    heartbeat(s, list(ids), task_id)  # the task may add items to `ids` as it goes
             except Exception:  # a missed beat only risks a harmless duplicate run
                 log.warning("heartbeat failed", exc_info=True)
 

@@ -91,8 +91,13 @@ def read_ahead(pool: DecoderPool, blobs: BlobStore, items: list, rate: int, opts
 def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedder, opts: Options,
         on_done: Callable[[list[tuple[Decoded, np.ndarray]]], None],
         on_failed: Callable[[Decoded], None],
-        on_batch: Callable[[int, float], None] | None = None) -> None:
-    """Pack windows from many files into full batches; hand finished items to the writer."""
+        on_batch: Callable[[int, float], None] | None = None,
+        top_up: Callable[[int], list] | None = None) -> None:
+    """Pack windows from many files into full batches; hand finished items to the writer.
+
+    When the items are read and the last batch would be padded, `top_up(rows)` may return up to `rows`
+    more items to fill it (the worker claims queued files of later tasks): a GPU batch of 256 is not
+    run three-quarters empty because a task brought 64 files. Padding stays for the very end."""
     window = embedder.window_samples
     if opts.read_ahead == 0 and embedder.clap.device.type == "cuda":
         opts = dataclasses.replace(opts, read_ahead=opts.batch_size)
@@ -135,15 +140,19 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
             on_done(finished)
 
     try:
-        for d in read_ahead(pool, blobs, items, embedder.rate, opts):
-            if d.error:
-                on_failed(d)
-                continue
-            seen.append(d)
-            results[d.item.id] = [None] * len(d.windows)
-            queue.extend((d, i) for i in range(len(d.windows)))
-            while len(queue) >= opts.batch_size:
-                flush()
+        todo = list(items)
+        while todo:
+            for d in read_ahead(pool, blobs, todo, embedder.rate, opts):
+                if d.error:
+                    on_failed(d)
+                    continue
+                seen.append(d)
+                results[d.item.id] = [None] * len(d.windows)
+                queue.extend((d, i) for i in range(len(d.windows)))
+                while len(queue) >= opts.batch_size:
+                    flush()
+            short = -len(queue) % opts.batch_size  # rows the last batch would pad
+            todo = list(top_up(short)) if top_up is not None and short else []
         while queue:
             flush()
     finally:  # scratch files never outlive the task, whatever happened

@@ -21,6 +21,7 @@ class Claimed:
     model_id: int
     job_id: uuid.UUID | None = None
     tenant_id: uuid.UUID | None = None
+    attempt: int = 1  # this claim's try (1: the first)
 
 
 def silent_for(seconds: float):
@@ -56,8 +57,26 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
         else:
             item.status, item.attempts, item.claimed_by = "running", item.attempts + 1, task_id
             item.started_at = item.updated_at = func.now()
-            claimed.append(Claimed(item.id, item.sha256, item.library_id, lib_model, item.job_id, item.tenant_id))
+            claimed.append(Claimed(item.id, item.sha256, item.library_id, lib_model, item.job_id, item.tenant_id,
+                                   item.attempts))
     return claimed
+
+
+def claim_more(session: Session, model_id: int, max_attempts: int, task_id: str, stale_after_s: float,
+               limit: int) -> list[Claimed]:
+    """Claim up to `limit` more queued items for this model, the oldest first, that no one has tried yet
+    (a retried item keeps to its own task, so a file that kills workers takes no other file with it).
+    Their own tasks, when they come, find them taken and do nothing."""
+    ids = list(session.scalars(
+        select(Item.id)
+        .join(Job, Job.id == Item.job_id)
+        .join(Library, Library.id == Item.library_id)
+        .where(Item.status == "queued", Item.attempts == 0, Library.model_id == model_id, Job.cancelled.is_(False))
+        .order_by(Item.updated_at)
+        .limit(limit)
+        .with_for_update(of=Item, skip_locked=True)
+    ))
+    return claim(session, ids, model_id, max_attempts, task_id, stale_after_s) if ids else []
 
 
 def heartbeat(session: Session, ids: list[uuid.UUID], task_id: str) -> None:

@@ -86,6 +86,22 @@ def embed_items(self, item_ids: list[str]) -> dict:
                             decode_timeout_s=settings.decode_timeout_s, max_duration_s=settings.max_duration_s,
                             scratch_dir=settings.scratch_dir)
     counts = {"claimed": len(claimed), "done": 0, "failed": 0}
+    held = [c.id for c in claimed]  # heartbeats and release cover the items claimed on the way too
+    # a first try may fill its last batch with queued files of later tasks (at most a task's worth); a
+    # retry keeps to its own items, so a file that kills workers drags no other file into its attempts
+    spare = settings.items_per_task if all(c.attempt == 1 for c in claimed) else 0
+
+    def top_up(rows: int) -> list:
+        nonlocal spare
+        if spare <= 0:
+            return []
+        with session_scope(settings.database_url) as s:
+            more = store.claim_more(s, model_id, settings.max_attempts, self.request.id or "local",
+                                    settings.stale_after_s, min(rows, spare))
+        spare -= len(more)
+        held.extend(c.id for c in more)
+        counts["claimed"] += len(more)
+        return more
 
     def on_done(finished) -> None:
         # one statement per model batch: all finished items' rows together
@@ -103,13 +119,13 @@ def embed_items(self, item_ids: list[str]) -> dict:
                                        "tenant_id": str(d.item.tenant_id), "error": d.error})
 
     try:
-        with beating(settings.database_url, [c.id for c in claimed], self.request.id or "local", settings.heartbeat_s):
+        with beating(settings.database_url, held, self.request.id or "local", settings.heartbeat_s):
             pipeline.run(claimed, blobs, decoders, embedder, opts, on_done, on_failed,
-                         on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs))
+                         on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs), top_up=top_up)
     except TRANSIENT:
         raise  # Celery retries the task with backoff; the writes are idempotent
     except Exception as exc:
         with session_scope(settings.database_url) as s:
-            store.release(s, [c.id for c in claimed], f"worker error: {type(exc).__name__}: {exc}")
+            store.release(s, held, f"worker error: {type(exc).__name__}: {exc}")
         raise
     return counts
