@@ -334,7 +334,7 @@ class Service:
 
     def __init__(self, model_dir: Path, db_url: str, redis_url: str, work: Path, batch_size: int,
                  device: torch.device, precision: str, decoders: int, items_per_task: int) -> None:
-        self.db_url, self.work = db_url, work
+        self.db_url, self.redis_url, self.work = db_url, redis_url, work
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
         port = _free_port()
         env.update(DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_MODEL=str(model_dir), CLAPQ_DATA_DIR=str(work),
@@ -404,8 +404,15 @@ class Service:
         def cpu_now() -> dict:
             return {"api": tree_cpu_s(self.api.pid), "worker": tree_cpu_s(self.worker.pid), "machine": machine_cpu_s()}
 
+        def model_s() -> float:  # the workers' own account of time in model batches (clapq.metrics)
+            import redis
+
+            from clapq.metrics import KEY
+
+            return float(redis.Redis.from_url(self.redis_url).hget(KEY, "batch_seconds_sum") or 0)
+
         chunks = [clips[i : i + per_upload] for i in range(0, len(clips), per_upload)]
-        cpu0 = cpu_now()
+        model0, cpu0 = model_s(), cpu_now()
         wall0, t0 = time.time(), time.perf_counter()
         # one request at a time on a CPU; a GPU consumes clips faster than one client sends them
         with cf.ThreadPoolExecutor(max_workers=upload_threads) as pool:
@@ -422,7 +429,11 @@ class Service:
         cpu["other"] = cpu["machine"] - cpu["api"] - cpu["worker"]  # Postgres, Redis, this client, the OS
         last = max(datetime.datetime.fromisoformat(s["finished_at"]).timestamp() for s in states)
         secs = last - wall0
+        # the model's share of the wall time (the rest: waiting for decoded files, task hand-overs, the
+        # first upload), and its batch time, which is raw's where nothing else competes for the cores
+        model = model_s() - model0
         return {"clips": len(clips), "seconds": secs, "clips_per_s": len(clips) / secs, "upload_seconds": uploaded,
+                "model_busy": model / secs, "model_ms_per_clip": 1000 * model / len(clips),
                 "cpu_ms_per_clip": {k: 1000 * v / len(clips) for k, v in cpu.items()},
                 "worker_peak_rss_mb": rss_peak_mb(self.worker.pid), "api_peak_rss_mb": rss_peak_mb(self.api.pid)}
 
@@ -525,6 +536,10 @@ def main() -> None:
                     if name in one:
                         one[f"clapq_over_{name}"] = one["clapq"]["clips_per_s"] / one[name]["clips_per_s"]
             results["rounds"].append(one)
+            if "clapq" in one:
+                c = one["clapq"]
+                print(f"  clapq: model busy {c['model_busy']:.0%} of the time, {c['model_ms_per_clip']:.1f} ms a "
+                      "clip in model batches" + (f" (raw: {1000 / one['raw']['clips_per_s']:.1f})" if "raw" in one else ""))
             print(f"round {r + 1}: " + "  ".join(
                 f"{k} {v['clips_per_s']:.2f} clips/s" + (f" ({v['cpu_ms_per_clip']:.0f} CPU-ms/clip)"
                                                         if isinstance(v.get("cpu_ms_per_clip"), float) else "")
