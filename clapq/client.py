@@ -144,10 +144,11 @@ def batches(paths: list[Path]) -> Iterator[list[Path]]:
 
 
 def upload_folder(client: Client, folder: Path, library: str, wait: bool = True) -> int:
-    lib = client.library(library)
     paths = audio_files(folder)
-    if not paths:
-        raise SystemExit(f"clapq: no audio files under {folder}")
+    if not paths:  # before the library is looked up: a failed command creates nothing
+        raise SystemExit(f"clapq: no audio files under {folder} (looked for "
+                         f"{', '.join(sorted(AUDIO_SUFFIXES))}); nothing was uploaded")
+    lib = client.library(library)
     jobs, sent = [], 0
     for batch in batches(paths):
         try:

@@ -160,6 +160,12 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and sorted(line.split()[1] for line in out.stdout.splitlines()) == \
         ["drone.wav", "heavy.flac"], out.stdout + out.stderr
+    # a folder without audio files is an error that creates no library
+    (tmp_path / "no audio").mkdir()
+    (tmp_path / "no audio" / "notes.txt").write_text("text")
+    out = subprocess.run(cli + ["upload", str(tmp_path / "no audio"), "--library", "never", "--url", base,
+                                "--key", key], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "no audio files under" in out.stderr and ".flac" in out.stderr, out.stderr
     # a misspelt library is named back with the ones there are, and is not created
     out = subprocess.run(cli + ["search", "heavy rain", "--library", "folder lob", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
