@@ -87,9 +87,9 @@ def embed_items(self, item_ids: list[str]) -> dict:
                             scratch_dir=settings.scratch_dir)
     counts = {"claimed": len(claimed), "done": 0, "failed": 0}
     held = [c.id for c in claimed]  # heartbeats and release cover the items claimed on the way too
-    # a first try may fill its last batch with queued files of later tasks (at most a task's worth); a
+    # a first try may fill its last batch with queued files of later tasks (at most a batch's worth); a
     # retry keeps to its own items, so a file that kills workers drags no other file into its attempts
-    spare = settings.items_per_task if all(c.attempt == 1 for c in claimed) else 0
+    spare = settings.batch_size if all(c.attempt == 1 for c in claimed) else 0
 
     def top_up(rows: int) -> list:
         nonlocal spare
