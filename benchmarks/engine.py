@@ -333,14 +333,15 @@ class Service:
     """`clapq worker` + `clapq api` on the embedded Postgres and Redis, started once for every timed run."""
 
     def __init__(self, model_dir: Path, db_url: str, redis_url: str, work: Path, batch_size: int,
-                 device: torch.device, precision: str, decoders: int, items_per_task: int) -> None:
+                 device: torch.device, precision: str, decoders: int, items_per_task: int,
+                 api_workers: int = 1) -> None:
         self.db_url, self.redis_url, self.work = db_url, redis_url, work
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
         port = _free_port()
         env.update(DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_MODEL=str(model_dir), CLAPQ_DATA_DIR=str(work),
                    CLAPQ_BLOB_DIR=str(work / "blobs"), CLAPQ_BATCH_SIZE=str(batch_size),
                    CLAPQ_ITEMS_PER_TASK=str(items_per_task), CLAPQ_PORT=str(port), CLAPQ_HOST="127.0.0.1",
-                   CLAPQ_API_WORKERS="1", HF_HUB_OFFLINE="1", CLAPQ_LOG_LEVEL="WARNING",
+                   CLAPQ_API_WORKERS=str(api_workers), HF_HUB_OFFLINE="1", CLAPQ_LOG_LEVEL="WARNING",
                    CLAPQ_DEVICE=str(device), CLAPQ_PRECISION=precision, CLAPQ_DECODERS=str(decoders),
                    CLAPQ_COMPILE=os.environ.get("CLAPQ_COMPILE", "0"))
         self.env, self.base = env, f"http://127.0.0.1:{port}"
@@ -467,6 +468,8 @@ def main() -> None:
     ap.add_argument("--decoders", type=int, default=None,
                     help="decoder children per worker (default as `clapq worker`: 2 on a CPU, all cores but one "
                          "on a GPU)")
+    ap.add_argument("--api-workers", type=int, default=None,
+                    help="API processes (CLAPQ_API_WORKERS; default 1 on a CPU, a quarter of the cores on a GPU)")
     ap.add_argument("--upload-threads", type=int, default=None,
                     help="concurrent upload requests (default 1 on a CPU, 4 on a GPU)")
     ap.add_argument("--quiet-timeout", type=float, default=QUIET_TIMEOUT_S,
@@ -483,6 +486,9 @@ def main() -> None:
 
     decoders = pool_size(args.decoders or 0, device.type)  # what `clapq worker` (one process) would start
     upload_threads = args.upload_threads or (4 if gpu else 1)
+    # receiving a 10 s WAV costs the API ~6 ms of CPU (parse, hash, write): a GPU's 1,000 clips/s needs
+    # several API processes; on a 2-core CPU one is plenty
+    api_workers = args.api_workers or (max(2, (os.cpu_count() or 2) // 4) if gpu else 1)
     model_dir = build_full_model(args.model_dir)
     work = Path(tempfile.mkdtemp(prefix="clapq-bench-"))
     os.chmod(work, 0o755)
@@ -493,6 +499,7 @@ def main() -> None:
                                 + (f", {torch.cuda.get_device_name(device)}" if gpu else ""),
                      "device": str(device), "precision": dtype_name(dtype),
                      "reference_precision": dtype_name(ref_dtype), "decoders": decoders, "upload_threads": upload_threads,
+                     "api_workers": api_workers, "items_per_task": args.items_per_task,
                      "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "rounds": []}
     paths = [p for p in ("raw", "pipeline", "reference", "clapq") if p in args.only.split(",")]
     with contextlib.ExitStack() as stack:
@@ -515,7 +522,7 @@ def main() -> None:
         if engine is not None:
             stack.callback(engine.close)
         service = (stack.enter_context(Service(model_dir, db_url, redis_url, work, args.batch, device,
-                                               args.precision, decoders, args.items_per_task))
+                                               args.precision, decoders, args.items_per_task, api_workers))
                    if "clapq" in paths else None)
         for r in range(args.rounds if paths else 0):
             one: dict = {}
