@@ -39,7 +39,6 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from clapq.settings import ITEMS_PER_TASK  # noqa: E402  (stdlib only, like the GPU machine needs)
 
 
 def build_full_model(path: Path) -> Path:
@@ -455,8 +454,8 @@ def main() -> None:
     ap.add_argument("--only", default="raw,reference,clapq")
     ap.add_argument("--tag", default="", help="suffix for the results file name")
     ap.add_argument("--files-per-upload", type=int, default=32, help="files per batch upload (one job each)")
-    ap.add_argument("--items-per-task", type=int, default=ITEMS_PER_TASK,
-                    help="files per Celery task (default CLAPQ_ITEMS_PER_TASK's default, as `clapq worker`)")
+    ap.add_argument("--items-per-task", type=int, default=None,
+                    help="files per Celery task (default as the service: CLAPQ_ITEMS_PER_TASK's default, the batch)")
     ap.add_argument("--device", default=os.environ.get("CLAPQ_DEVICE", "auto"),
                     help="cpu, cuda, ... (default $CLAPQ_DEVICE or auto): raw, reference and the worker use it")
     ap.add_argument("--precision", default=os.environ.get("CLAPQ_PRECISION", "auto"),
@@ -475,6 +474,7 @@ def main() -> None:
     ap.add_argument("--quiet-timeout", type=float, default=QUIET_TIMEOUT_S,
                     help="longest wait for an idle machine before each timed path, seconds")
     args = ap.parse_args()
+    args.items_per_task = args.items_per_task or args.batch
     QUIET_TIMEOUT_S = args.quiet_timeout
     from clapq.precision import cpu_has_bf16, dtype_name, pick_device, pick_dtype
 

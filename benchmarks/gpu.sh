@@ -11,7 +11,7 @@
 #   1. raw (the model's batched forward, bf16) and pipeline (decoder children, full batches, log-mel
 #      and model on the GPU, vectors collected, no HTTP), batch 256;
 #   2. clapq: uploads over HTTP (4 at a time, 128 files each) -> API (several processes) -> Celery
-#      worker -> Postgres, with CLAPQ_BATCH_SIZE=256 and CLAPQ_ITEMS_PER_TASK=256, beside raw;
+#      worker -> Postgres, with CLAPQ_BATCH_SIZE=256 (and so 256 files a task), beside raw;
 #   3. pipeline at batch 64 (SWEEP="64 16" adds CLAPQ_BATCH_SIZE's default, chosen on a CPU), to choose a GPU
 #      default.
 set -euo pipefail
@@ -56,7 +56,7 @@ run)
     nproc
     python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
     step b256 180 --only raw,pipeline --batch 256 --rounds 3
-    step clapq 240 --only raw,clapq --batch 256 --items-per-task 256 --files-per-upload 128 --rounds 2
+    step clapq 240 --only raw,clapq --batch 256 --files-per-upload 128 --rounds 2
     for b in ${SWEEP:-64}; do
         step "b$b" 120 --only raw,pipeline --batch "$b" --rounds 2
     done

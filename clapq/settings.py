@@ -10,7 +10,6 @@ from pathlib import Path
 DEFAULT_MODEL = "laion/clap-htsat-unfused"
 # CLAPQ_PRECISION's explicit values (clapq.precision maps them to torch dtypes), besides "auto"
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
-ITEMS_PER_TASK = 16  # files per Celery task (CLAPQ_ITEMS_PER_TASK)
 
 
 def _int(env: dict[str, str], name: str, default: int) -> int:
@@ -94,7 +93,8 @@ class Settings:
             model=env.get("CLAPQ_MODEL") or DEFAULT_MODEL,
             device=env.get("CLAPQ_DEVICE") or "auto",
             batch_size=_int(env, "CLAPQ_BATCH_SIZE", 16),
-            items_per_task=_int(env, "CLAPQ_ITEMS_PER_TASK", ITEMS_PER_TASK),
+            # a task of one batch's files: raising the batch for a GPU raises the task with it
+            items_per_task=_int(env, "CLAPQ_ITEMS_PER_TASK", _int(env, "CLAPQ_BATCH_SIZE", 16)),
             max_request_bytes=_int(env, "CLAPQ_MAX_REQUEST_BYTES", 2 * 1024**3),
             max_files_per_batch=_int(env, "CLAPQ_MAX_FILES_PER_BATCH", 1000),
             max_query_chars=_int(env, "CLAPQ_MAX_QUERY_CHARS", 1000),
