@@ -103,10 +103,26 @@ def test_decoder_crash_fails_only_that_file(fifo, tmp_path):
         d.close()
 
 
-def test_hanging_file_fails_alone_in_a_job(client, new_key, worker, settings, tmp_path):
-    """Through the real worker: the hung item fails with a reason, its neighbour is embedded."""
+def job_of_blobs(settings, lib_id: str, known_item_id: str, files: list[tuple[str, str]]) -> tuple[str, list[str]]:
+    """A job in the library of `known_item_id` whose items are these (filename, sha256) blobs: rows only,
+    no message sent; returns the job id and the item ids."""
     from clapq.db import session_scope
     from clapq.models import Item, Job
+
+    with session_scope(settings.database_url) as s:
+        tenant = s.get(Item, uuid.UUID(known_item_id)).tenant_id
+        job = Job(tenant_id=tenant, library_id=uuid.UUID(lib_id))
+        s.add(job)
+        s.flush()
+        items = [Item(tenant_id=tenant, library_id=job.library_id, job_id=job.id, sha256=sha, filename=name,
+                      size_bytes=0) for name, sha in files]
+        s.add_all(items)
+        s.flush()
+        return str(job.id), [str(i.id) for i in items]
+
+
+def test_hanging_file_fails_alone_in_a_job(client, new_key, worker, settings, tmp_path):
+    """Through the real worker: the hung item fails with a reason, its neighbour is embedded."""
     from clapq.queue import enqueue_items
 
     key = new_key()
@@ -119,19 +135,7 @@ def test_hanging_file_fails_alone_in_a_job(client, new_key, worker, settings, tm
     os.mkfifo(blobs.path_for(sha).parent.mkdir(parents=True, exist_ok=True) or blobs.path_for(sha))
     good2 = write(tmp_path / "good2.wav", 3.0, seed=6)
     sha2 = blobs.put_bytes(good2.read_bytes())
-    with session_scope(settings.database_url) as s:
-        lib_row_tenant = s.get(Item, uuid.UUID(up["items"][0]["id"])).tenant_id
-        job = Job(tenant_id=lib_row_tenant, library_id=uuid.UUID(lib["id"]))
-        s.add(job)
-        s.flush()
-        ids = []
-        for name, h in (("hangs.wav", sha), ("good2.wav", sha2)):
-            item = Item(tenant_id=lib_row_tenant, library_id=job.library_id, job_id=job.id, sha256=h,
-                        filename=name, size_bytes=0)
-            s.add(item)
-            s.flush()
-            ids.append(item.id)
-        job_id = str(job.id)
+    job_id, ids = job_of_blobs(settings, lib["id"], up["items"][0]["id"], [("hangs.wav", sha), ("good2.wav", sha2)])
     from clapq.queue import make_celery
 
     enqueue_items(make_celery(settings), ids, 4)
@@ -140,6 +144,41 @@ def test_hanging_file_fails_alone_in_a_job(client, new_key, worker, settings, tm
     assert done["counts"]["done"] == 1 and done["counts"]["failed"] == 1
     assert "longer than" in done["errors"][0]["error"] and done["errors"][0]["filename"] == "hangs.wav"
     assert client.get("/readyz").status_code == 200
+
+
+def test_a_task_that_fails_unexpectedly_hands_its_files_back_and_they_are_embedded(client, new_key, worker,
+                                                                                  settings, env, tmp_path):
+    """A task that dies of an unexpected error (injected here, after its claim) releases every file it
+    held and sends each off again: the running worker embeds them without waiting for the sweeper
+    (which these tests do not run), each file on its second attempt."""
+    from clapq.db import session_scope
+    from clapq.models import Item
+
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "handed back"}, headers=auth(key)).get_json()
+    first = upload(client, key, lib["id"], [write(tmp_path / "first.wav", 1.0, seed=20)]).get_json()
+    assert wait_job(client, key, first["job_id"])["status"] == "done"
+    blobs = BlobStore(settings.blob_dir)
+    # rows without a message: only the failing task below will ever send one
+    job_id, ids = job_of_blobs(settings, lib["id"], first["items"][0]["id"], [
+        (f"h{i}.wav", blobs.put_bytes(write(tmp_path / f"h{i}.wav", 1.5, seed=30 + i).read_bytes())) for i in range(3)])
+    script = f"""
+import worker.celery_app
+worker.celery_app.app.set_current()  # as in `clapq worker`, whose tasks send with the worker's app
+from worker import pipeline, tasks
+def broken(*args, **kwargs):
+    raise RuntimeError("injected fault")
+pipeline.run = broken
+result = tasks.embed_items.apply(args=[{ids!r}])
+print(result.state, result.result)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0 and "FAILURE injected fault" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert "re-enqueue failed" not in r.stderr, r.stderr[-3000:]
+    done = wait_job(client, key, job_id, timeout=240)
+    assert done["status"] == "done" and done["counts"]["done"] == 3, done
+    with session_scope(settings.database_url) as s:
+        assert sorted(s.get(Item, uuid.UUID(i)).attempts for i in ids) == [2, 2, 2]
 
 
 def test_two_hour_file_streams_with_bounded_memory(tmp_path, tiny_model):
@@ -247,6 +286,17 @@ def test_a_batch_is_written_with_one_statement_exactly_and_reruns_drop_stale_win
             assert np.array_equal(stored, pooled(v[:n]))
             item = s.get(Item, c.id)
             assert (item.status, item.duration_s, item.sample_rate, item.channels) == ("done", 25.0, 44_100, 2)
+
+
+def test_a_task_is_one_batch_of_files_unless_set():
+    """Raising CLAPQ_BATCH_SIZE for a GPU raises the files per task with it (a 16-file task would leave a
+    256-row batch to be filled by claiming later tasks' files, each of those tasks then a Celery round
+    trip with nothing to do); an explicit CLAPQ_ITEMS_PER_TASK still wins."""
+    from clapq.settings import Settings
+
+    assert (Settings.from_env({}).batch_size, Settings.from_env({}).items_per_task) == (16, 16)
+    assert Settings.from_env({"CLAPQ_BATCH_SIZE": "256"}).items_per_task == 256
+    assert Settings.from_env({"CLAPQ_BATCH_SIZE": "256", "CLAPQ_ITEMS_PER_TASK": "64"}).items_per_task == 64
 
 
 def test_decoder_pool_size_follows_the_device():
@@ -364,6 +414,7 @@ def test_claim_more_takes_only_fresh_queued_items_of_this_model(settings):
         for i, it in enumerate(fresh):  # their age in the queue: fresh0 the oldest
             s.execute(update(Item).where(Item.id == it.id).values(updated_at=func_now_minus(10 - i)))
         item("retried", job, lib, attempts=1)
+        item("user retry", job, lib, started_at=func_now_minus(60))  # a retry resets attempts, not started_at
         item("running", job, lib, status="running", attempts=1)
         item("cancelled", job_cancelled, lib)
         item("other model", job_other, lib_other)
@@ -371,7 +422,7 @@ def test_claim_more_takes_only_fresh_queued_items_of_this_model(settings):
     # other models' and cancelled or tried items are never taken, and a limit is a limit
     with session_scope(settings.database_url) as s:
         got = claim_more(s, ours.id, 3, "task-a", 300, limit=2)
-    assert [c.id for c in got] == fresh_ids[:2] and all(c.attempt == 1 for c in got)
+    assert {c.id for c in got} == set(fresh_ids[:2]) and all(c.attempt == 1 for c in got)  # the oldest two
     with session_scope(settings.database_url) as s:
         got = claim_more(s, ours.id, 3, "task-b", 300, limit=10)
         assert [c.id for c in got] == fresh_ids[2:]
@@ -381,6 +432,7 @@ def test_claim_more_takes_only_fresh_queued_items_of_this_model(settings):
                 for it in s.query(Item).filter(Item.tenant_id == tenant.id)}
     assert rows["fresh0"] == ("running", "task-a", 1) and rows["fresh2"] == ("running", "task-b", 1)
     assert rows["retried"] == ("queued", None, 1) and rows["cancelled"][0] == "queued"
+    assert rows["user retry"] == ("queued", None, 0)
     assert rows["other model"][0] == "queued" and rows["running"] == ("running", None, 1)
 
 
@@ -426,3 +478,27 @@ def test_a_task_fills_its_last_batch_with_more_files_and_pads_only_at_the_end(ti
         pool.close()
     assert asked == [1, 3, 2] and batches == [4, 2]
     assert sorted(len(d.windows) for d, _ in done) == [1, 1, 1, 1, 2]
+
+
+def test_files_decoded_ahead_leave_no_scratch_file_when_a_task_stops_early(tmp_path):
+    """An error in the middle of a task closes the read-ahead: the files it had decoded (or was decoding)
+    for later batches are deleted, not left in the scratch directory."""
+    from worker import pipeline
+    from worker.decoder import DecoderPool
+    from worker.store import Claimed
+
+    blobs, scratch = BlobStore(tmp_path / "blobs"), tmp_path / "scratch"
+    scratch.mkdir()
+    items = [Claimed(uuid.uuid4(), blobs.put_bytes(write(tmp_path / f"r{i}.wav", 1.0, seed=40 + i).read_bytes()),
+                     None, 1) for i in range(5)]
+    pool = DecoderPool(2)
+    try:
+        ahead = pipeline.read_ahead(pool, blobs, items, 48_000,
+                                    pipeline.Options(scratch_dir=scratch, read_ahead=4))
+        first = next(ahead)
+        assert first.error is None and first.raw_path.exists()
+        ahead.close()  # what an exception in the task's loop does to the generator
+        first.cleanup()  # the one handed out is the task's to delete
+    finally:
+        pool.close()
+    assert list(scratch.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import logging
 import os
@@ -80,12 +81,18 @@ def read_ahead(pool: DecoderPool, blobs: BlobStore, items: list, rate: int, opts
         it = iter(items)
         pending = [threads.submit(_read, pool, blobs, item, rate, opts) for item in
                    (next(it, None) for _ in range(depth)) if item is not None]
-        while pending:
-            done = pending.pop(0).result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(threads.submit(_read, pool, blobs, nxt, rate, opts))
-            yield done
+        try:
+            while pending:
+                done = pending.pop(0).result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append(threads.submit(_read, pool, blobs, nxt, rate, opts))
+                yield done
+        finally:  # the task stopped early (an error): files decoded ahead leave no scratch file behind
+            for f in pending:
+                if not f.cancel():
+                    with contextlib.suppress(Exception):
+                        f.result().cleanup()
 
 
 def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedder, opts: Options,

@@ -64,14 +64,16 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
 
 def claim_more(session: Session, model_id: int, max_attempts: int, task_id: str, stale_after_s: float,
                limit: int) -> list[Claimed]:
-    """Claim up to `limit` more queued items for this model, the oldest first, that no one has tried yet
-    (a retried item keeps to its own task, so a file that kills workers takes no other file with it).
-    Their own tasks, when they come, find them taken and do nothing."""
+    """Claim up to `limit` more queued items for this model, the oldest first, that no worker has ever
+    started (a retried item keeps to its own task, so a file that kills workers takes no other file with
+    it; a user's retry resets attempts but not started_at). Their own tasks, when they come, find them
+    taken and do nothing."""
     ids = list(session.scalars(
         select(Item.id)
         .join(Job, Job.id == Item.job_id)
         .join(Library, Library.id == Item.library_id)
-        .where(Item.status == "queued", Item.attempts == 0, Library.model_id == model_id, Job.cancelled.is_(False))
+        .where(Item.status == "queued", Item.attempts == 0, Item.started_at.is_(None), Library.model_id == model_id,
+               Job.cancelled.is_(False))
         .order_by(Item.updated_at)
         .limit(limit)
         .with_for_update(of=Item, skip_locked=True)

@@ -14,7 +14,7 @@ from clapq import metrics
 from clapq.blobs import BlobStore
 from clapq.checkpoint import register_model, resolve
 from clapq.db import session_scope
-from clapq.queue import EMBED_TASK
+from clapq.queue import EMBED_TASK, enqueue_items
 from clapq.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -127,5 +127,12 @@ def embed_items(self, item_ids: list[str]) -> dict:
     except Exception as exc:
         with session_scope(settings.database_url) as s:
             store.release(s, held, f"worker error: {type(exc).__name__}: {exc}")
+        # their messages are spent (this one is acked as failed; the top-up files' own found nothing to do):
+        # send each again alone, so they are retried now and not when the sweeper next sees an empty
+        # queue; attempts, counted in Postgres, bound the retries
+        try:
+            enqueue_items(self.app, held, 1)
+        except Exception:
+            log.exception("re-enqueue failed; the sweeper will find the items", extra={"count": len(held)})
         raise
     return counts
