@@ -43,6 +43,9 @@ class Client:
                              f"{_reason(exc)}") from None
         except requests.Timeout:
             raise SystemExit(f"clapq: {method} {path} got no answer from {self.url} in time") from None
+        if 300 <= r.status_code < 400:  # only where redirects are not followed: an upload's body is spent
+            raise SystemExit(f"clapq: {method} {path} was redirected to {r.headers.get('Location')}; "
+                             "point --url (or CLAPQ_URL) there")
         if r.status_code >= 400:
             try:
                 msg = r.json()["error"]["message"]
@@ -101,13 +104,14 @@ class _Body:
     def __len__(self) -> int:  # requests sends it as Content-Length
         return self.encoder.len
 
-    def read(self, size: int = -1) -> bytes:
-        if self._pos >= len(self._buf):
-            self._buf, self._pos = self.encoder.read(max(size, self.BLOCK)), 0
-        if size is None or size < 0:
-            size = len(self._buf)
-        out = self._buf[self._pos : self._pos + size]
-        self._pos += len(out)
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:  # the rest of the body
+            out, self._buf, self._pos = self._buf[self._pos :] + self.encoder.read(), b"", 0
+        else:
+            if self._pos >= len(self._buf) and size:
+                self._buf, self._pos = self.encoder.read(max(size, self.BLOCK)), 0
+            out = self._buf[self._pos : self._pos + size]
+            self._pos += len(out)
         return out
 
 
@@ -154,7 +158,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
         try:
             with multipart_body(folder, batch) as body:
                 jobs.append(client.call("POST", f"/v1/libraries/{lib['id']}/batches", data=body,
-                                        headers={"Content-Type": body.content_type})["job_id"])
+                                        headers={"Content-Type": body.content_type},
+                                        allow_redirects=False)["job_id"])
         except SystemExit:
             if jobs:  # say what is already in, and that running the command again resumes
                 print(f"clapq: {sent} of {len(paths)} files were uploaded (jobs {', '.join(jobs)}); run the "

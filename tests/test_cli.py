@@ -306,6 +306,17 @@ def test_upload_bodies_stream_from_disk_and_parse_as_sent(tmp_path):
     assert all(fh.closed for fh in handles)
     head = sent.getvalue()
     assert b'name="metadata"' in head and b'filename="sub/a.wav"' in head and b"RIFF small" in head
+    # whatever the read sizes (None and -1: the rest; 0: nothing), the bytes are the encoder's own
+    mid = tmp_path / "mid.wav"
+    mid.write_bytes(os.urandom(600_000))  # across the 256 KiB blocks the body is read in
+    for sizes in ([1 << 14] * 3 + [None], [0, 5, -1], [1 << 20] * 3):
+        with client.multipart_body(tmp_path, [small, mid]) as body:
+            whole = body.encoder.to_string()
+        with client.multipart_body(tmp_path, [small, mid]) as body:
+            got = b"".join(body.read(n) for n in sizes) + body.read()
+            assert body.read() == b"" and body.read(0) == b""
+        boundary = body.content_type.split("boundary=")[1].encode()
+        assert len(got) == len(whole) and got.replace(boundary, b"") == whole.replace(whole[2:34], b""), sizes
     with client.multipart_body(tmp_path, [small]) as body:
         environ = {"REQUEST_METHOD": "POST", "CONTENT_TYPE": body.content_type, "CONTENT_LENGTH": str(len(body)),
                    "wsgi.input": io.BytesIO(body.read())}
@@ -324,3 +335,42 @@ def test_client_commands_say_when_the_api_is_not_there(tmp_path, tiny_model, cmd
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert f"cannot reach the clapq API at http://127.0.0.1:{port}" in out.stderr
     assert "Connection refused" in out.stderr
+
+
+def test_an_upload_that_is_redirected_says_where_instead_of_resending_a_spent_body(tmp_path, tiny_model):
+    """A proxy answering 307 to the upload: following it would resend a body already read from disk
+    (nothing, against the full Content-Length) and wait out the timeout; the command names the new place."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # the library lookup
+            body = json.dumps({"libraries": [{"id": "lib1", "name": "x"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(307)
+            self.send_header("Location", "https://clapq.example/v1/libraries/lib1/batches")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        write(tmp_path / "a.wav", 0.5)
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(tmp_path), "--library", "x",
+                              "--url", f"http://127.0.0.1:{server.server_address[1]}", "--key", "cq_x"],
+                             env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    assert "was redirected to https://clapq.example/v1/libraries/lib1/batches" in out.stderr, out.stderr
