@@ -181,6 +181,46 @@ print(result.state, result.result)
         assert sorted(s.get(Item, uuid.UUID(i)).attempts for i in ids) == [2, 2, 2]
 
 
+def test_a_first_try_fills_its_batch_from_later_files_and_a_retry_does_not(client, new_key, worker, settings,
+                                                                            env, tmp_path):
+    """Through the real task (run in a child interpreter, batch 4): a retried file runs alone, its batch
+    padded, and takes no other file in (if it kills workers, it kills no one else's attempt); a file on
+    its first try takes the queued ones into its batch, which are then done on their first attempt."""
+    from sqlalchemy import update
+
+    from clapq.db import session_scope
+    from clapq.models import Item
+
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "top-up"}, headers=auth(key)).get_json()
+    first = upload(client, key, lib["id"], [write(tmp_path / "first.wav", 1.0, seed=50)]).get_json()
+    assert wait_job(client, key, first["job_id"])["status"] == "done"
+    blobs = BlobStore(settings.blob_dir)
+    names = ["retry.wav", "fresh0.wav", "fresh1.wav", "fresh2.wav"]
+    job_id, ids = job_of_blobs(settings, lib["id"], first["items"][0]["id"], [
+        (n, blobs.put_bytes(write(tmp_path / n, 1.0, seed=60 + i).read_bytes())) for i, n in enumerate(names)])
+    with session_scope(settings.database_url) as s:  # the first file failed once already
+        s.execute(update(Item).where(Item.id == uuid.UUID(ids[0])).values(attempts=1, started_at=func_now_minus(300)))
+        # the oldest in the queue, so the top-up takes these whatever other tests left behind
+        s.execute(update(Item).where(Item.id.in_([uuid.UUID(i) for i in ids[2:]])).values(updated_at=func_now_minus(86400)))
+    script = f"""
+import worker.celery_app
+worker.celery_app.app.set_current()
+from worker import tasks
+for ids in ({ids[:1]!r}, {ids[1:2]!r}):
+    print(tasks.embed_items.apply(args=[ids]).result)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    retry, fresh = r.stdout.split("\n")[:2]
+    assert retry == str({"claimed": 1, "done": 1, "failed": 0}), r.stdout
+    assert fresh == str({"claimed": 3, "done": 3, "failed": 0}), r.stdout
+    done = wait_job(client, key, job_id)
+    assert done["status"] == "done" and done["counts"]["done"] == 4, done
+    with session_scope(settings.database_url) as s:
+        assert [s.get(Item, uuid.UUID(i)).attempts for i in ids] == [2, 1, 1, 1]
+
+
 def test_two_hour_file_streams_with_bounded_memory(tmp_path, tiny_model):
     """A 2-hour file is decoded and embedded without ever holding it whole at 48 kHz (1.4 GB)."""
     path = tmp_path / "two_hours.wav"
