@@ -155,6 +155,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     lib = client.library(library)
     jobs, sent = [], 0
     for batch in batches(paths):
+        # said before the request, which on a slow network takes minutes: the command is not stuck
+        print(f"uploading {len(batch)} files ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)", file=sys.stderr)
         try:
             with multipart_body(folder, batch) as body:
                 jobs.append(client.call("POST", f"/v1/libraries/{lib['id']}/batches", data=body,

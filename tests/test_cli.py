@@ -156,6 +156,7 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     # not a terminal: progress is whole lines (no carriage returns), the last one the final count
     progress = [line for line in out.stderr.splitlines() if line.endswith("files processed")]
     assert "\r" not in out.stderr and progress and progress[-1] == "2/2 files processed", out.stderr
+    assert out.stderr.splitlines()[0].startswith("uploading 2 files ("), out.stderr  # before the request
     out = subprocess.run(cli + ["search", "heavy rain", "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and sorted(line.split()[1] for line in out.stdout.splitlines()) == \
