@@ -68,3 +68,13 @@ def model_precision(device: str, precision: str, text_int8: bool = False) -> str
     if text_int8_applies(text_int8, device):
         return "int8"  # quantised from the fp32 tower
     return dtype_name(pick_dtype(pick_device(device), precision))
+
+
+def compile_applies(compile_model: bool | None, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the worker compiles its audio tower (CLAPQ_COMPILE; None is auto). auto: on a CPU in fp32,
+    where torch.compile makes the tower 12-20% and ingest ~7% faster (BENCHMARKS.md) for ~4 s more at each worker start
+    (~50 s the first time, until inductor's cache holds the kernels). Not in bf16 on a CPU (+5%, within
+    noise), nor on a GPU (unmeasured)."""
+    if compile_model is not None:
+        return compile_model
+    return device.type == "cpu" and dtype == torch.float32

@@ -33,6 +33,16 @@ def _bool(env: dict[str, str], name: str, default: bool) -> bool:
     raise SystemExit(f"clapq: {name} must be 1 or 0, got {raw!r}")
 
 
+def _auto_bool(env: dict[str, str], name: str) -> bool | None:
+    """auto (None: the code decides), 1 or 0."""
+    raw = (env.get(name) or "").strip().lower()
+    if raw in ("", "auto"):
+        return None
+    if raw in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return _bool(env, name, False)
+    raise SystemExit(f"clapq: {name} must be auto, 1 or 0, got {raw!r}")
+
+
 def _choice(env: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
     raw = (env.get(name) or "").strip().lower()
     if raw == "":
@@ -74,7 +84,7 @@ class Settings:
     sweep_interval_s: int
     max_pending: int
     max_file_bytes: int
-    compile_model: bool
+    compile_model: bool | None  # None: auto (clapq.precision.compile_applies)
     precision: str
     text_int8: bool
     worker_nice: int
@@ -118,7 +128,7 @@ class Settings:
             worker_nice=_int(env, "CLAPQ_WORKER_NICE", 19),
             # each API process loads its text tower in the background at start, not on the first search
             preload_text=_bool(env, "CLAPQ_PRELOAD_TEXT", True),
-            compile_model=_bool(env, "CLAPQ_COMPILE", False),
+            compile_model=_auto_bool(env, "CLAPQ_COMPILE"),
             # the models' arithmetic: auto = half precision on a GPU (bf16, or fp16 where bf16 is not
             # native), bf16 on a CPU that multiplies it natively, else fp32 (clapq.precision.pick_dtype);
             # bf16 is ~1.9x faster on such a CPU at cosine >= 0.9999 to fp32

@@ -50,6 +50,9 @@ def make_env(services, tiny_model, blob_dir: Path, **extra) -> dict[str, str]:
     env.update(DATABASE_URL=services["database_url"], REDIS_URL=services["redis_url"],
                CLAPQ_MODEL=str(tiny_model), CLAPQ_BLOB_DIR=str(blob_dir), CLAPQ_DATA_DIR=str(blob_dir.parent),
                CLAPQ_BATCH_SIZE="4", CLAPQ_ITEMS_PER_TASK="4", CLAPQ_DECODE_TIMEOUT_S="10", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               # on a CPU without bf16, auto would compile the tower at every worker start (~4 s; 30 s the
+               # first time): test_engine's compile tests cover it once
+               CLAPQ_COMPILE="0",
                PYTHONPATH=str(ROOT))
     env.update({k: str(v) for k, v in extra.items()})
     return env

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -337,6 +338,57 @@ def test_a_task_is_one_batch_of_files_unless_set():
     assert (Settings.from_env({}).batch_size, Settings.from_env({}).items_per_task) == (16, 16)
     assert Settings.from_env({"CLAPQ_BATCH_SIZE": "256"}).items_per_task == 256
     assert Settings.from_env({"CLAPQ_BATCH_SIZE": "256", "CLAPQ_ITEMS_PER_TASK": "64"}).items_per_task == 64
+
+
+def test_compile_rule_and_its_setting():
+    """auto compiles the audio tower on a CPU in fp32 only; 1 and 0 decide everywhere; anything else is
+    a sentence at start."""
+    import torch
+
+    from clapq.precision import compile_applies
+    from clapq.settings import Settings
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert compile_applies(None, cpu, torch.float32) and not compile_applies(None, cpu, torch.bfloat16)
+    assert not compile_applies(None, gpu, torch.float16) and not compile_applies(None, gpu, torch.bfloat16)
+    assert compile_applies(True, gpu, torch.bfloat16) and not compile_applies(False, cpu, torch.float32)
+    assert [Settings.from_env({"CLAPQ_COMPILE": v}).compile_model for v in ("", "auto", " AUTO ", "1", "0")] == \
+        [None, None, None, True, False]
+    with pytest.raises(SystemExit, match="CLAPQ_COMPILE must be auto, 1 or 0, got 'maybe'"):
+        Settings.from_env({"CLAPQ_COMPILE": "maybe"})
+
+
+def test_a_compiled_tower_matches_eager_and_a_failed_compile_runs_eager(tiny_model, env, tmp_path):
+    """The worker's start-up as it runs on a CPU in fp32: compiled, its vectors are eager's to cosine
+    0.99999 and bit for bit the same whatever else is in the batch; with no working C++ compiler the
+    compile fails and the worker runs eager instead of dying."""
+    script = """
+import json, numpy as np
+from worker import tasks
+settings, emb, model_id, pool = tasks._runtime()
+from clapq.checkpoint import resolve
+from clapq.clap import get_clap
+from worker.embedder import AudioEmbedder
+rng = np.random.default_rng(3)
+w = (rng.standard_normal((6, emb.window_samples)) * 0.1).astype(np.float32)
+a, b = emb.embed(w[:4]), emb.embed(w[[0, 4, 5, 1]])
+eager = AudioEmbedder(emb.clap).embed(w[:4])
+print(json.dumps({"compiled": emb.audio_model is not emb.clap.model.audio_model, "same": bool(np.array_equal(a[0], b[0])),
+                  "cos": float((a * eager).sum(1).min())}))
+pool.close()
+"""
+    runs = {}
+    for name, extra in (("ok", {}), ("no compiler", {"CXX": "/bin/false"})):
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                           env={**env, "CLAPQ_COMPILE": "1", "CLAPQ_PRECISION": "fp32", **extra,
+                                "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / name.replace(" ", "_"))})
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[name] = (json.loads(r.stdout.strip().splitlines()[-1]), r.stderr)
+    ok, failed = runs["ok"][0], runs["no compiler"][0]
+    assert ok["compiled"] and ok["same"] and ok["cos"] >= 0.99999, ok
+    assert not failed["compiled"] and failed["same"] and failed["cos"] >= 0.99999, failed
+    assert "torch.compile failed; the audio tower runs eager" in runs["no compiler"][1]
+    assert "torch.compile failed" not in runs["ok"][1]
 
 
 def test_decoder_pool_size_follows_the_device():

@@ -18,7 +18,7 @@ class AudioEmbedder:
         self.rate = int(clap.feature_extractor.sampling_rate)
         self.logmel = LogMel(clap.feature_extractor, clap.fusion).to(clap.device)
         # torch.compile of the audio tower: on our 2-core CPU +15% in fp32, +5% in bf16, vectors the same to
-        # cosine 1.00000 (BENCHMARKS.md); opt-in because compiling costs time at every worker start
+        # cosine 1.00000 (BENCHMARKS.md); when, is clapq.precision.compile_applies's rule
         self.audio_model = torch.compile(clap.model.audio_model) if compile_model else clap.model.audio_model
 
     @torch.inference_mode()

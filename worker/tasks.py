@@ -27,12 +27,14 @@ TRANSIENT = (OperationalError, DBAPIError, ConnectionError)
 def _runtime():
     """Settings, model, embedder and decoder pool for this process, built on first use (after the fork)."""
     from clapq.clap import get_clap
+    from clapq.precision import compile_applies
     from worker.embedder import AudioEmbedder
 
     settings = Settings.from_env()
     ckpt = resolve(settings.model)
-    embedder = AudioEmbedder(get_clap(ckpt, settings.device, settings.precision),
-                             compile_model=settings.compile_model)
+    clap = get_clap(ckpt, settings.device, settings.precision)
+    compiled = compile_applies(settings.compile_model, clap.device, clap.dtype)
+    embedder = AudioEmbedder(clap, compile_model=compiled)
     with session_scope(settings.database_url) as s:
         model_id = register_model(s, ckpt)
     import numpy as np
@@ -40,12 +42,22 @@ def _runtime():
 
     from worker.decoder import get_pool, pool_size
 
-    # warm-up: the first forward pass builds kernels and buffers; do it before the first real batch
-    embedder.embed(np.zeros((settings.batch_size, embedder.window_samples), np.float32))
+    # warm-up: the first forward pass builds kernels and buffers (and compiles); do it before the first
+    # real batch. A compile that fails (no C++ compiler in the image, an inductor bug) costs speed, not
+    # the worker: the tower then runs eager.
+    warm = np.zeros((settings.batch_size, embedder.window_samples), np.float32)
+    try:
+        embedder.embed(warm)
+    except Exception:
+        if not compiled:
+            raise
+        log.warning("torch.compile failed; the audio tower runs eager", exc_info=True)
+        compiled, embedder = False, AudioEmbedder(clap)
+        embedder.embed(warm)
     decoders = get_pool(pool_size(settings.decoders, embedder.clap.device.type, settings.worker_concurrency))
     decoders.warm()
     log.info("model loaded", extra={"model": ckpt.name, "model_id": model_id, "device": str(embedder.clap.device),
-                                    "precision": embedder.clap.precision,
+                                    "precision": embedder.clap.precision, "compiled": compiled,
                                     "torch_threads": torch.get_num_threads()})
     return settings, embedder, model_id, decoders
 
