@@ -146,9 +146,9 @@ def _sync(device: torch.device) -> None:
 
 class Raw:
     """The model's batched forward on precomputed features, loaded once and timed as often as asked:
-    on the device and in the precision the worker uses (clapq.precision.pick_dtype)."""
+    on the device, in the precision and compiled or not as the worker (clapq.precision)."""
 
-    def __init__(self, model_dir: Path, batch: int, device: torch.device, precision: str) -> None:
+    def __init__(self, model_dir: Path, batch: int, device: torch.device, precision: str, compiled: bool) -> None:
         from transformers import ClapFeatureExtractor, ClapModel
 
         from clapq.precision import pick_dtype
@@ -157,6 +157,8 @@ class Raw:
         dtype = pick_dtype(device, precision)
         self.device, self.batch = device, batch
         self.model = ClapModel.from_pretrained(model_dir).eval().to(device, dtype=dtype)
+        if compiled:  # as the worker: the audio tower compiled, the projection eager
+            self.model.audio_model = torch.compile(self.model.audio_model)
         rng = np.random.default_rng(1)
         self.feats = fe([rng.standard_normal(480_000).astype(np.float32) * 0.1 for _ in range(batch)],
                         sampling_rate=48_000, return_tensors="pt")["input_features"].to(device, dtype=dtype)
@@ -185,13 +187,14 @@ class Pipeline:
     and runnable where no Postgres or Redis is (the GPU machine: numpy, torch, transformers, soundfile
     and soxr are all it needs)."""
 
-    def __init__(self, model_dir: Path, batch: int, device: torch.device, precision: str, decoders: int) -> None:
+    def __init__(self, model_dir: Path, batch: int, device: torch.device, precision: str, decoders: int,
+                 compiled: bool) -> None:
         from clapq.checkpoint import resolve
         from clapq.clap import get_clap
         from worker.decoder import DecoderPool
         from worker.embedder import AudioEmbedder
 
-        self.embedder = AudioEmbedder(get_clap(resolve(str(model_dir)), str(device), precision))
+        self.embedder = AudioEmbedder(get_clap(resolve(str(model_dir)), str(device), precision), compile_model=compiled)
         self.embedder.embed(np.zeros((batch, self.embedder.window_samples), np.float32))  # warm-up
         self.pool = DecoderPool(decoders)
         self.pool.warm()
@@ -333,7 +336,7 @@ class Service:
 
     def __init__(self, model_dir: Path, db_url: str, redis_url: str, work: Path, batch_size: int,
                  device: torch.device, precision: str, decoders: int, items_per_task: int,
-                 api_workers: int = 1) -> None:
+                 api_workers: int = 1, compiled: bool = False) -> None:
         self.db_url, self.redis_url, self.work = db_url, redis_url, work
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
         port = _free_port()
@@ -342,7 +345,7 @@ class Service:
                    CLAPQ_ITEMS_PER_TASK=str(items_per_task), CLAPQ_PORT=str(port), CLAPQ_HOST="127.0.0.1",
                    CLAPQ_API_WORKERS=str(api_workers), HF_HUB_OFFLINE="1", CLAPQ_LOG_LEVEL="WARNING",
                    CLAPQ_DEVICE=str(device), CLAPQ_PRECISION=precision, CLAPQ_DECODERS=str(decoders),
-                   CLAPQ_COMPILE=os.environ.get("CLAPQ_COMPILE", "0"))
+                   CLAPQ_COMPILE="1" if compiled else "0")
         self.env, self.base = env, f"http://127.0.0.1:{port}"
         self.procs: list[subprocess.Popen] = []
 
@@ -467,6 +470,9 @@ def main() -> None:
     ap.add_argument("--decoders", type=int, default=None,
                     help="decoder children per worker (default as `clapq worker`: 2 on a CPU, all cores but one "
                          "on a GPU)")
+    ap.add_argument("--compile", choices=("auto", "1", "0"), default=os.environ.get("CLAPQ_COMPILE") or "auto",
+                    help="the audio tower compiled (CLAPQ_COMPILE; default as the worker: auto, which compiles on "
+                         "a CPU in fp32): raw, pipeline and the worker alike")
     ap.add_argument("--api-workers", type=int, default=None,
                     help="API processes (CLAPQ_API_WORKERS; default 1 on a CPU, a quarter of the cores on a GPU)")
     ap.add_argument("--upload-threads", type=int, default=None,
@@ -476,10 +482,11 @@ def main() -> None:
     args = ap.parse_args()
     args.items_per_task = args.items_per_task or args.batch
     QUIET_TIMEOUT_S = args.quiet_timeout
-    from clapq.precision import cpu_has_bf16, dtype_name, pick_device, pick_dtype
+    from clapq.precision import compile_applies, cpu_has_bf16, dtype_name, pick_device, pick_dtype
 
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.precision)
+    compiled = compile_applies({"auto": None, "1": True, "0": False}[args.compile], device, dtype)
     ref_dtype = dtype if args.reference_precision == "same" else torch.float32
     gpu = device.type == "cuda"
     from worker.decoder import pool_size
@@ -497,7 +504,7 @@ def main() -> None:
                                 f"(native bf16: {'yes' if cpu_has_bf16() else 'no'}), torch "
                                 f"{torch.__version__}, threads {torch.get_num_threads()}"
                                 + (f", {torch.cuda.get_device_name(device)}" if gpu else ""),
-                     "device": str(device), "precision": dtype_name(dtype),
+                     "device": str(device), "precision": dtype_name(dtype), "compiled": compiled,
                      "reference_precision": dtype_name(ref_dtype), "decoders": decoders, "upload_threads": upload_threads,
                      "api_workers": api_workers, "items_per_task": args.items_per_task,
                      "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "rounds": []}
@@ -517,12 +524,14 @@ def main() -> None:
             migrate(db_url)
         if "speedups" in args.only.split(","):
             results["speedups"] = bench_speedups(model_dir, args.batch)
-        raw = Raw(model_dir, args.batch, device, args.precision) if "raw" in paths else None
-        engine = Pipeline(model_dir, args.batch, device, args.precision, decoders) if "pipeline" in paths else None
+        raw = Raw(model_dir, args.batch, device, args.precision, compiled) if "raw" in paths else None
+        engine = (Pipeline(model_dir, args.batch, device, args.precision, decoders, compiled)
+                  if "pipeline" in paths else None)
         if engine is not None:
             stack.callback(engine.close)
         service = (stack.enter_context(Service(model_dir, db_url, redis_url, work, args.batch, device,
-                                               args.precision, decoders, args.items_per_task, api_workers))
+                                               args.precision, decoders, args.items_per_task, api_workers,
+                                               compiled))
                    if "clapq" in paths else None)
         for r in range(args.rounds if paths else 0):
             one: dict = {}
@@ -553,7 +562,8 @@ def main() -> None:
                 if isinstance(v, dict) else f"{k} {v:.2f}" for k, v in one.items()), flush=True)
     rounds = results["rounds"]
     print(f"\n{results['machine']}; {args.clips} clips of 10 s, batch {args.batch}, {len(rounds)} rounds; "
-          f"model in {results['precision']}, reference in {results['reference_precision']}")
+          f"model in {results['precision']}{' compiled' if compiled else ''}, reference in "
+          f"{results['reference_precision']} eager")
     if paths:
         print(f"{'path':<10} {'median clips/s':>15} {'min':>7} {'max':>7}")
     for name in paths:
