@@ -61,10 +61,11 @@ def chunks(ids: list, size: int) -> list[list]:
     return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
-def enqueue_items(app: Celery, item_ids: list, per_task: int) -> int:
-    """Send one task per chunk of items; call only after the rows are committed."""
+def enqueue_items(app: Celery, item_ids: list, per_task: int, countdown: float | None = None) -> int:
+    """Send one task per chunk of items (to run no sooner than `countdown` seconds from now, if given);
+    call only after the rows are committed."""
     n = 0
     for chunk in chunks([str(i) for i in item_ids], max(1, per_task)):
-        app.send_task(EMBED_TASK, args=[chunk], queue=EMBED_QUEUE)
+        app.send_task(EMBED_TASK, args=[chunk], queue=EMBED_QUEUE, countdown=countdown)
         n += 1
     return n

@@ -104,6 +104,17 @@ def test_decoder_crash_fails_only_that_file(fifo, tmp_path):
         d.close()
 
 
+def job_status(settings, job_id: str) -> dict[str, int]:
+    from sqlalchemy import func, select
+
+    from clapq.db import session_scope
+    from clapq.models import Item
+
+    with session_scope(settings.database_url) as s:
+        return dict(s.execute(select(Item.status, func.count()).where(Item.job_id == uuid.UUID(job_id))
+                              .group_by(Item.status)).all())
+
+
 def job_of_blobs(settings, lib_id: str, known_item_id: str, files: list[tuple[str, str]]) -> tuple[str, list[str]]:
     """A job in the library of `known_item_id` whose items are these (filename, sha256) blobs: rows only,
     no message sent; returns the job id and the item ids."""
@@ -173,9 +184,12 @@ pipeline.run = broken
 result = tasks.embed_items.apply(args=[{ids!r}])
 print(result.state, result.result)
 """
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    # the files go back after CLAPQ_STALE_AFTER_S, the sweeper's wait: 5 s here
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                       env={**env, "CLAPQ_STALE_AFTER_S": "5"})
     assert r.returncode == 0 and "FAILURE injected fault" in r.stdout, r.stdout + r.stderr[-3000:]
     assert "re-enqueue failed" not in r.stderr, r.stderr[-3000:]
+    assert job_status(settings, job_id) == {"queued": 3}  # not at once: a machine-wide fault gets time to pass
     done = wait_job(client, key, job_id, timeout=240)
     assert done["status"] == "done" and done["counts"]["done"] == 3, done
     with session_scope(settings.database_url) as s:
@@ -377,17 +391,23 @@ print(json.dumps({"compiled": emb.audio_model is not emb.clap.model.audio_model,
                   "cos": float((a * eager).sum(1).min())}))
 pool.close()
 """
+    import shutil
+
     runs = {}
-    for name, extra in (("ok", {}), ("no compiler", {"CXX": "/bin/false"})):
+    have_cxx = bool(shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++"))
+    for name, extra in [("no compiler", {"CXX": "/bin/false"})] + [("ok", {})] * have_cxx:
         r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                            env={**env, "CLAPQ_COMPILE": "1", "CLAPQ_PRECISION": "fp32", **extra,
                                 "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / name.replace(" ", "_"))})
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = (json.loads(r.stdout.strip().splitlines()[-1]), r.stderr)
-    ok, failed = runs["ok"][0], runs["no compiler"][0]
-    assert ok["compiled"] and ok["same"] and ok["cos"] >= 0.99999, ok
+    failed = runs["no compiler"][0]
     assert not failed["compiled"] and failed["same"] and failed["cos"] >= 0.99999, failed
     assert "torch.compile failed; the audio tower runs eager" in runs["no compiler"][1]
+    if not have_cxx:
+        pytest.skip("no C++ compiler here: only the fallback was checked")
+    ok = runs["ok"][0]
+    assert ok["compiled"] and ok["same"] and ok["cos"] >= 0.99999, ok
     assert "torch.compile failed" not in runs["ok"][1]
 
 

@@ -87,10 +87,12 @@ def heartbeat(session: Session, ids: list[uuid.UUID], task_id: str) -> None:
                     .values(updated_at=func.now()))
 
 
-def release(session: Session, item_ids: list[uuid.UUID], reason: str) -> None:
-    """Hand unfinished items back after an unexpected error; the sweeper retries them (attempts bound it)."""
-    session.execute(update(Item).where(Item.id.in_(item_ids), Item.status == "running")
-                    .values(status="queued", error=reason[:2000]))
+def release(session: Session, item_ids: list[uuid.UUID], reason: str, task_id: str) -> list[uuid.UUID]:
+    """Hand back this task's unfinished items after an unexpected error (not those done, failed, or taken
+    over by another task after a missed heartbeat); returns their ids. Attempts bound the retries."""
+    return list(session.scalars(
+        update(Item).where(Item.id.in_(item_ids), Item.status == "running", Item.claimed_by == task_id)
+        .values(status="queued", error=reason[:2000]).returning(Item.id)))
 
 
 def record_failure(session: Session, item_id: uuid.UUID, reason: str, info=None) -> None:

@@ -137,14 +137,16 @@ def embed_items(self, item_ids: list[str]) -> dict:
     except TRANSIENT:
         raise  # Celery retries the task with backoff; the writes are idempotent
     except Exception as exc:
+        task_id = self.request.id or "local"
         with session_scope(settings.database_url) as s:
-            store.release(s, held, f"worker error: {type(exc).__name__}: {exc}")
+            released = store.release(s, held, f"worker error: {type(exc).__name__}: {exc}", task_id)
         # their messages are spent (this one is acked as failed; the top-up files' own found nothing to do):
-        # send each again alone, so they are retried now and not when the sweeper next sees an empty
-        # queue; attempts, counted in Postgres, bound the retries
+        # send each again alone, after the sweeper's usual wait (CLAPQ_STALE_AFTER_S), not when it next
+        # sees an empty queue; the wait keeps a machine-wide fault (a full disk) from using up every
+        # file's attempts in seconds; attempts, counted in Postgres, bound the retries
         try:
-            enqueue_items(self.app, held, 1)
+            enqueue_items(self.app, released, 1, countdown=settings.stale_after_s)
         except Exception:
-            log.exception("re-enqueue failed; the sweeper will find the items", extra={"count": len(held)})
+            log.exception("re-enqueue failed; the sweeper will find the items", extra={"count": len(released)})
         raise
     return counts
