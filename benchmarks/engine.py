@@ -470,7 +470,7 @@ def main() -> None:
     ap.add_argument("--decoders", type=int, default=None,
                     help="decoder children per worker (default as `clapq worker`: 2 on a CPU, all cores but one "
                          "on a GPU)")
-    ap.add_argument("--compile", choices=("auto", "1", "0"), default=os.environ.get("CLAPQ_COMPILE") or "auto",
+    ap.add_argument("--compile", choices=("auto", "1", "0"), default=None,
                     help="the audio tower compiled (CLAPQ_COMPILE; default as the worker: auto, which compiles on "
                          "a CPU in fp32): raw, pipeline and the worker alike")
     ap.add_argument("--api-workers", type=int, default=None,
@@ -486,7 +486,14 @@ def main() -> None:
 
     device = pick_device(args.device)
     dtype = pick_dtype(device, args.precision)
-    compiled = compile_applies({"auto": None, "1": True, "0": False}[args.compile], device, dtype)
+    from clapq.settings import Settings
+
+    asked = (Settings.from_env({"CLAPQ_COMPILE": os.environ.get("CLAPQ_COMPILE", "")}).compile_model
+             if args.compile is None else {"auto": None, "1": True, "0": False}[args.compile])
+    compiled = compile_applies(asked, device, dtype)
+    if compiled and device.type == "cpu" and not (shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++")):
+        print("no C++ compiler: the tower runs eager (as the worker would after its warning)", file=sys.stderr)
+        compiled = False
     ref_dtype = dtype if args.reference_precision == "same" else torch.float32
     gpu = device.type == "cuda"
     from worker.decoder import pool_size

@@ -44,8 +44,10 @@ class Client:
         except requests.Timeout:
             raise SystemExit(f"clapq: {method} {path} got no answer from {self.url} in time") from None
         if 300 <= r.status_code < 400:  # only where redirects are not followed: an upload's body is spent
-            raise SystemExit(f"clapq: {method} {path} was redirected to {r.headers.get('Location')}; "
-                             "point --url (or CLAPQ_URL) there")
+            where = r.headers.get("Location")
+            raise SystemExit(f"clapq: {method} {path} was redirected ({r.status_code}) to {where}; point --url "
+                             "(or CLAPQ_URL) there" if where else f"clapq: {method} {path} got {r.status_code}, a "
+                             "redirect without a Location; check --url (or CLAPQ_URL)")
         if r.status_code >= 400:
             try:
                 msg = r.json()["error"]["message"]

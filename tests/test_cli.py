@@ -24,7 +24,8 @@ def _env(tiny_model, **extra) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("CLAPQ_") and k not in ("DATABASE_URL", "REDIS_URL")}
     env.update(CLAPQ_MODEL=str(tiny_model), HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT),
-               CLAPQ_BATCH_SIZE="4", TOKENIZERS_PARALLELISM="false")
+               CLAPQ_BATCH_SIZE="4", TOKENIZERS_PARALLELISM="false",
+               CLAPQ_COMPILE="0")  # as conftest: no compile at each worker start on CPUs without bf16
     env.update(extra)
     return env
 
@@ -374,4 +375,4 @@ def test_an_upload_that_is_redirected_says_where_instead_of_resending_a_spent_bo
         server.shutdown()
         server.server_close()
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
-    assert "was redirected to https://clapq.example/v1/libraries/lib1/batches" in out.stderr, out.stderr
+    assert "was redirected (307) to https://clapq.example/v1/libraries/lib1/batches" in out.stderr, out.stderr
