@@ -411,6 +411,26 @@ pool.close()
     assert "torch.compile failed" not in runs["ok"][1]
 
 
+def test_only_passing_faults_are_retried_as_transient():
+    """A dropped connection, a deadlock or a refused connection are retried with backoff; errors that come
+    back on every try (bad data, a broken constraint, a bug in a statement) are not."""
+    from psycopg2 import errors
+    from sqlalchemy.exc import DataError, IntegrityError, InterfaceError, OperationalError, ProgrammingError
+
+    from worker.tasks import TRANSIENT
+
+    def wrapped(cls, orig):
+        return cls("UPDATE items ...", {}, orig)
+
+    assert isinstance(wrapped(OperationalError, errors.AdminShutdown()), TRANSIENT)
+    assert isinstance(wrapped(OperationalError, errors.DeadlockDetected()), TRANSIENT)
+    assert isinstance(wrapped(InterfaceError, Exception("connection already closed")), TRANSIENT)
+    assert isinstance(ConnectionRefusedError(), TRANSIENT)
+    for cls, orig in ((IntegrityError, errors.UniqueViolation()), (DataError, errors.InvalidTextRepresentation()),
+                      (ProgrammingError, errors.UndefinedColumn())):
+        assert not isinstance(wrapped(cls, orig), TRANSIENT), cls
+
+
 def test_decoder_pool_size_follows_the_device():
     """Two decoders beside a CPU model (it uses every core); beside a GPU, enough to feed it."""
     from worker.decoder import pool_size

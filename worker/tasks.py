@@ -8,7 +8,7 @@ import uuid
 
 from celery import shared_task
 from celery.signals import worker_process_init
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from clapq import metrics
 from clapq.blobs import BlobStore
@@ -19,8 +19,11 @@ from clapq.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# only these are worth retrying: the database or the network went away for a moment
-TRANSIENT = (OperationalError, DBAPIError, ConnectionError)
+# only these are worth retrying: the database or the network went away for a moment (a dropped or
+# refused connection, a deadlock or serialization failure). Not every DBAPIError: a DataError or an
+# IntegrityError comes back on every try, so it takes the unexpected-error path (files handed back,
+# attempts bounding the retries) instead of 8 backoffs
+TRANSIENT = (OperationalError, InterfaceError, ConnectionError)
 
 
 @functools.lru_cache(maxsize=1)
