@@ -104,28 +104,25 @@ def _until_quiet(cpu_seconds, busy: float, timeout: float) -> None:
         quiet = quiet + 1 if cpu_seconds() - t0 < busy else 0
 
 
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds used so far by a process and its living descendants."""
-    import psutil
-
-    total = 0.0
-    for p in _tree(pid):
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
-
-
-def proc_cpu_s(pids=()) -> float:
-    """CPU seconds of this process (all its threads) and of `pids`, from /proc: no psutil, which the GPU
-    machine's image may lack (raw and pipeline run there)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = time.process_time()
+def pids_cpu_s(pids) -> float:
+    """CPU seconds used so far by these processes (utime + stime from /proc; a gone one counts 0). No
+    psutil, which the GPU machine's image may lack (raw and pipeline run there)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
     for pid in pids:
         with contextlib.suppress(OSError):
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+            total += (int(fields[11]) + int(fields[12])) / tick
     return total
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds used so far by a process and its living descendants."""
+    return pids_cpu_s(p.pid for p in _tree(pid))
+
+
+def proc_cpu_s(pids=()) -> float:
+    """CPU seconds of this process (all its threads) and of `pids`."""
+    return time.process_time() + pids_cpu_s(pids)
 
 
 def machine_cpu_s() -> float:
