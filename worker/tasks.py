@@ -89,9 +89,10 @@ def embed_items(self, item_ids: list[str]) -> dict:
     from worker.heartbeat import beating
 
     settings, embedder, model_id, decoders = _runtime()
+    task_id = self.request.id or "local"
     ids = [uuid.UUID(i) for i in item_ids]
     with session_scope(settings.database_url) as s:
-        claimed = store.claim(s, ids, model_id, settings.max_attempts, self.request.id or "local",
+        claimed = store.claim(s, ids, model_id, settings.max_attempts, task_id,
                               settings.stale_after_s)
     if not claimed:
         return {"claimed": 0}
@@ -111,7 +112,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
         if spare <= 0:
             return []
         with session_scope(settings.database_url) as s:
-            more = store.claim_more(s, model_id, settings.max_attempts, self.request.id or "local",
+            more = store.claim_more(s, model_id, settings.max_attempts, task_id,
                                     settings.stale_after_s, min(rows, spare))
         spare -= len(more)
         held.extend(c.id for c in more)
@@ -134,13 +135,12 @@ def embed_items(self, item_ids: list[str]) -> dict:
                                        "tenant_id": str(d.item.tenant_id), "error": d.error})
 
     try:
-        with beating(settings.database_url, held, self.request.id or "local", settings.heartbeat_s):
+        with beating(settings.database_url, held, task_id, settings.heartbeat_s):
             pipeline.run(claimed, blobs, decoders, embedder, opts, on_done, on_failed,
                          on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs), top_up=top_up)
     except TRANSIENT:
         raise  # Celery retries the task with backoff; the writes are idempotent
     except Exception as exc:
-        task_id = self.request.id or "local"
         with session_scope(settings.database_url) as s:
             released = store.release(s, held, f"worker error: {type(exc).__name__}: {exc}", task_id)
         # their messages are spent (this one is acked as failed; the top-up files' own found nothing to do):
