@@ -333,7 +333,7 @@ class Service:
 
     def __init__(self, model_dir: Path, db_url: str, redis_url: str, work: Path, batch_size: int,
                  device: torch.device, precision: str, decoders: int, items_per_task: int,
-                 api_workers: int = 1, compiled: bool = False) -> None:
+                 api_workers: int = 1, compiled: bool = False, claim_for_s: int | None = None) -> None:
         self.db_url, self.redis_url, self.work = db_url, redis_url, work
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
         port = _free_port()
@@ -343,6 +343,8 @@ class Service:
                    CLAPQ_API_WORKERS=str(api_workers), HF_HUB_OFFLINE="1", CLAPQ_LOG_LEVEL="WARNING",
                    CLAPQ_DEVICE=str(device), CLAPQ_PRECISION=precision, CLAPQ_DECODERS=str(decoders),
                    CLAPQ_COMPILE="1" if compiled else "0")
+        if claim_for_s is not None:
+            env["CLAPQ_CLAIM_FOR_S"] = str(claim_for_s)
         self.env, self.base = env, f"http://127.0.0.1:{port}"
         self.procs: list[subprocess.Popen] = []
 
@@ -474,6 +476,9 @@ def main() -> None:
                     help="API processes (CLAPQ_API_WORKERS; default 1 on a CPU, a quarter of the cores on a GPU)")
     ap.add_argument("--upload-threads", type=int, default=None,
                     help="concurrent upload requests (default 1 on a CPU, 4 on a GPU)")
+    ap.add_argument("--claim-for-s", type=int, default=None,
+                    help="CLAPQ_CLAIM_FOR_S for the worker (default as the service: its tasks go on claiming "
+                         "later tasks' files for 30 s; 0: only to fill their last batch)")
     ap.add_argument("--quiet-timeout", type=float, default=QUIET_TIMEOUT_S,
                     help="longest wait for an idle machine before each timed path, seconds")
     args = ap.parse_args()
@@ -511,6 +516,7 @@ def main() -> None:
                      "device": str(device), "precision": dtype_name(dtype), "compiled": compiled,
                      "reference_precision": dtype_name(ref_dtype), "decoders": decoders, "upload_threads": upload_threads,
                      "api_workers": api_workers, "items_per_task": args.items_per_task,
+                     "claim_for_s": Settings.from_env({}).claim_for_s if args.claim_for_s is None else args.claim_for_s,
                      "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "rounds": []}
     paths = [p for p in ("raw", "pipeline", "reference", "clapq") if p in args.only.split(",")]
     with contextlib.ExitStack() as stack:
@@ -535,7 +541,7 @@ def main() -> None:
             stack.callback(engine.close)
         service = (stack.enter_context(Service(model_dir, db_url, redis_url, work, args.batch, device,
                                                args.precision, decoders, args.items_per_task, api_workers,
-                                               compiled))
+                                               compiled, args.claim_for_s))
                    if "clapq" in paths else None)
         for r in range(args.rounds if paths else 0):
             one: dict = {}

@@ -13,7 +13,9 @@
 #   2. clapq: uploads over HTTP (4 at a time, 128 files each) -> API (several processes) -> Celery
 #      worker -> Postgres, with CLAPQ_BATCH_SIZE=256 (and so 256 files a task), beside raw;
 #   3. pipeline at batch 64 (SWEEP="64 16" adds CLAPQ_BATCH_SIZE's default, chosen on a CPU), to choose a GPU
-#      default.
+#      default;
+#   4. clapq again with CLAPQ_CLAIM_FOR_S=0 (each task stops at its own files, as before session 6), to
+#      see what tasks that go on claiming later files are worth where the decoders have cores to spare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,6 +62,7 @@ run)
     for b in ${SWEEP:-64}; do
         step "b$b" 120 --only raw,pipeline --batch "$b" --rounds 2
     done
+    step clapq_claim0 150 --only clapq --batch 256 --files-per-upload 128 --rounds 2 --claim-for-s 0
     ;;
 *)
     echo "usage: bash benchmarks/gpu.sh fetch|run" >&2

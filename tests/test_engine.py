@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
@@ -133,6 +134,24 @@ def job_of_blobs(settings, lib_id: str, known_item_id: str, files: list[tuple[st
         return str(job.id), [str(i.id) for i in items]
 
 
+def queued_files(client, key: str, settings, tmp_path, library: str, files: list[tuple[str, float, int]]):
+    """A new library with one embedded file, then a job of these generated files (name, seconds, seed):
+    rows only, no message sent. Returns the job id and the item ids."""
+    lib = client.post("/v1/libraries", json={"name": library}, headers=auth(key)).get_json()
+    first = upload(client, key, lib["id"], [write(tmp_path / f"{library}-first.wav", 1.0, seed=files[0][2] - 1)]).get_json()
+    assert wait_job(client, key, first["job_id"])["status"] == "done"
+    blobs = BlobStore(settings.blob_dir)
+    return job_of_blobs(settings, lib["id"], first["items"][0]["id"], [
+        (name, blobs.put_bytes(write(tmp_path / name, seconds, seed=seed).read_bytes())) for name, seconds, seed in files])
+
+
+def in_a_worker_process(env: dict, code: str) -> subprocess.CompletedProcess:
+    """Run `code` in a child interpreter set up as `clapq worker` sets up its tasks (which send with the
+    worker's app); `tasks` is worker.tasks."""
+    script = "import worker.celery_app\nworker.celery_app.app.set_current()\nfrom worker import tasks\n" + code
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+
+
 def test_hanging_file_fails_alone_in_a_job(client, new_key, worker, settings, tmp_path):
     """Through the real worker: the hung item fails with a reason, its neighbour is embedded."""
     from clapq.queue import enqueue_items
@@ -167,17 +186,11 @@ def test_a_task_that_fails_unexpectedly_hands_its_files_back_and_they_are_embedd
     from clapq.models import Item
 
     key = new_key()
-    lib = client.post("/v1/libraries", json={"name": "handed back"}, headers=auth(key)).get_json()
-    first = upload(client, key, lib["id"], [write(tmp_path / "first.wav", 1.0, seed=20)]).get_json()
-    assert wait_job(client, key, first["job_id"])["status"] == "done"
-    blobs = BlobStore(settings.blob_dir)
     # rows without a message: only the failing task below will ever send one
-    job_id, ids = job_of_blobs(settings, lib["id"], first["items"][0]["id"], [
-        (f"h{i}.wav", blobs.put_bytes(write(tmp_path / f"h{i}.wav", 1.5, seed=30 + i).read_bytes())) for i in range(3)])
-    script = f"""
-import worker.celery_app
-worker.celery_app.app.set_current()  # as in `clapq worker`, whose tasks send with the worker's app
-from worker import pipeline, tasks
+    job_id, ids = queued_files(client, key, settings, tmp_path, "handed back",
+                               [(f"h{i}.wav", 1.5, 30 + i) for i in range(3)])
+    code = f"""
+from worker import pipeline
 def broken(*args, **kwargs):
     raise RuntimeError("injected fault")
 pipeline.run = broken
@@ -185,8 +198,7 @@ result = tasks.embed_items.apply(args=[{ids!r}])
 print(result.state, result.result)
 """
     # the files go back after CLAPQ_STALE_AFTER_S, the sweeper's wait: 5 s here
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                       env={**env, "CLAPQ_STALE_AFTER_S": "5"})
+    r = in_a_worker_process({**env, "CLAPQ_STALE_AFTER_S": "5"}, code)
     assert r.returncode == 0 and "FAILURE injected fault" in r.stdout, r.stdout + r.stderr[-3000:]
     assert "re-enqueue failed" not in r.stderr, r.stderr[-3000:]
     assert job_status(settings, job_id) == {"queued": 3}  # not at once: a machine-wide fault gets time to pass
@@ -207,25 +219,18 @@ def test_a_first_try_fills_its_batch_from_later_files_and_a_retry_does_not(clien
     from clapq.models import Item
 
     key = new_key()
-    lib = client.post("/v1/libraries", json={"name": "top-up"}, headers=auth(key)).get_json()
-    first = upload(client, key, lib["id"], [write(tmp_path / "first.wav", 1.0, seed=50)]).get_json()
-    assert wait_job(client, key, first["job_id"])["status"] == "done"
-    blobs = BlobStore(settings.blob_dir)
     names = ["retry.wav", "fresh0.wav", "fresh1.wav", "fresh2.wav"]
-    job_id, ids = job_of_blobs(settings, lib["id"], first["items"][0]["id"], [
-        (n, blobs.put_bytes(write(tmp_path / n, 1.0, seed=60 + i).read_bytes())) for i, n in enumerate(names)])
+    job_id, ids = queued_files(client, key, settings, tmp_path, "top-up", [(n, 1.0, 60 + i) for i, n in enumerate(names)])
     with session_scope(settings.database_url) as s:  # the first file failed once already
         s.execute(update(Item).where(Item.id == uuid.UUID(ids[0])).values(attempts=1, started_at=func_now_minus(300)))
         # the oldest in the queue, so the top-up takes these whatever other tests left behind
         s.execute(update(Item).where(Item.id.in_([uuid.UUID(i) for i in ids[2:]])).values(updated_at=func_now_minus(86400)))
-    script = f"""
-import worker.celery_app
-worker.celery_app.app.set_current()
-from worker import tasks
+    code = f"""
 for ids in ({ids[:1]!r}, {ids[1:2]!r}):
     print(tasks.embed_items.apply(args=[ids]).result)
 """
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    # CLAPQ_CLAIM_FOR_S=0: only the last batch is filled, so the counts do not depend on what else is queued
+    r = in_a_worker_process({**env, "CLAPQ_CLAIM_FOR_S": "0"}, code)
     assert r.returncode == 0, r.stderr[-3000:]
     retry, fresh = r.stdout.split("\n")[:2]
     assert retry == str({"claimed": 1, "done": 1, "failed": 0}), r.stdout
@@ -234,6 +239,24 @@ for ids in ({ids[:1]!r}, {ids[1:2]!r}):
     assert done["status"] == "done" and done["counts"]["done"] == 4, done
     with session_scope(settings.database_url) as s:
         assert [s.get(Item, uuid.UUID(i)).attempts for i in ids] == [2, 1, 1, 1]
+
+
+def test_a_first_try_goes_on_with_queued_files_of_later_tasks(client, new_key, worker, settings, env, tmp_path):
+    """Through the real task (batch 4, CLAPQ_CLAIM_FOR_S at its default): a task of one file goes on
+    claiming the queued files whose own messages have not come yet (none are sent here), a batch's worth
+    at a time, and embeds them all, each on its first attempt."""
+    from clapq.db import session_scope
+    from clapq.models import Item
+
+    key = new_key()
+    job_id, ids = queued_files(client, key, settings, tmp_path, "goes on", [(f"g{i}.wav", 1.0, 81 + i) for i in range(7)])
+    r = in_a_worker_process(env, f"print(tasks.embed_items.apply(args=[{ids[:1]!r}]).result)\n")
+    assert r.returncode == 0, r.stderr[-3000:]
+    counts = ast.literal_eval(r.stdout.split("\n")[0])
+    assert counts["claimed"] >= 7 and counts["done"] >= 7 and counts["failed"] == 0, r.stdout
+    assert job_status(settings, job_id) == {"done": 7}
+    with session_scope(settings.database_url) as s:
+        assert [s.get(Item, uuid.UUID(i)).attempts for i in ids] == [1] * 7
 
 
 def test_two_hour_file_streams_with_bounded_memory(tmp_path, tiny_model):
@@ -610,6 +633,43 @@ def test_a_task_fills_its_last_batch_with_more_files_and_pads_only_at_the_end(ti
         pool.close()
     assert asked == [1, 3, 2] and batches == [4, 2]
     assert sorted(len(d.windows) for d, _ in done) == [1, 1, 1, 1, 2]
+
+
+def test_the_decoders_go_on_into_later_files_while_the_model_works(tiny_model, tmp_path):
+    """`more()` is asked as soon as the read-ahead (2 deep here) has taken a task's last file, so the
+    next files decode before the task's first batch runs, not after it; when it returns [] the stream
+    ends, and only then does the last batch ask `top_up` to fill it, and pad."""
+    from clapq.checkpoint import resolve
+    from clapq.clap import get_clap
+    from worker import pipeline
+    from worker.decoder import DecoderPool
+    from worker.embedder import AudioEmbedder
+    from worker.store import Claimed
+
+    blobs = BlobStore(tmp_path / "blobs")
+    files = [Claimed(uuid.uuid4(), blobs.put_bytes(write(tmp_path / f"m{i}.wav", 1.0, 16_000, seed=70 + i)
+                                                   .read_bytes()), None, 1) for i in range(6)]
+    chunks, spare, events = [files[2:3], files[3:5], []], files[5:], []
+
+    def more():
+        events.append("more")
+        return chunks.pop(0)
+
+    def top_up(rows):
+        events.append(f"top_up {rows}")
+        got, spare[:] = spare[:rows], spare[rows:]
+        return got
+
+    emb = AudioEmbedder(get_clap(resolve(str(tiny_model)), "cpu"))
+    pool, done = DecoderPool(1), []
+    try:
+        pipeline.run(files[:2], blobs, pool, emb, pipeline.Options(batch_size=4, scratch_dir=tmp_path, read_ahead=2),
+                     done.extend, lambda d: pytest.fail(d.error),
+                     on_batch=lambda n, secs: events.append(f"batch {n}"), top_up=top_up, more=more)
+    finally:
+        pool.close()
+    assert events == ["more", "more", "more", "batch 4", "top_up 3", "top_up 2", "batch 2"]
+    assert sorted(d.item.id for d, _ in done) == sorted(f.id for f in files)
 
 
 def test_files_decoded_ahead_leave_no_scratch_file_when_a_task_stops_early(tmp_path):

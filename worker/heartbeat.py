@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 from clapq.db import session_scope
 
@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def beating(url: str, ids: list[uuid.UUID], task_id: str, interval_s: float) -> Iterator[None]:
+def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: float) -> Iterator[None]:
     from worker.store import heartbeat
 
     stop = threading.Event()

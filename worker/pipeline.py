@@ -10,7 +10,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +74,9 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options) -
     return d
 
 
-def read_ahead(pool: DecoderPool, blobs: BlobStore, items: list, rate: int, opts: Options) -> Iterator[Decoded]:
-    """Decode files in child processes, a bounded number ahead of the model, in input order."""
+def read_ahead(pool: DecoderPool, blobs: BlobStore, items: Iterable, rate: int, opts: Options) -> Iterator[Decoded]:
+    """Decode files in child processes, a bounded number ahead of the model, in input order (`items` is
+    advanced only as far as the read-ahead reaches)."""
     depth = max(1, pool.size, opts.read_ahead)
     with cf.ThreadPoolExecutor(max_workers=depth, thread_name_prefix="decode") as threads:
         it = iter(items)
@@ -99,12 +100,17 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
         on_done: Callable[[list[tuple[Decoded, np.ndarray]]], None],
         on_failed: Callable[[Decoded], None],
         on_batch: Callable[[int, float], None] | None = None,
-        top_up: Callable[[int], list] | None = None) -> None:
+        top_up: Callable[[int], list] | None = None,
+        more: Callable[[], list] | None = None) -> None:
     """Pack windows from many files into full batches; hand finished items to the writer.
 
+    `more()`, asked when the read-ahead has taken the last item, returns the next items to decode (the
+    worker claims queued files of later tasks), [] ends the stream: the decoders go on with them while
+    the model runs the batches already read, instead of idling from the end of one task to the start
+    of the next (on a GPU with a task of one batch they would otherwise take turns with the model).
     When the items are read and the last batch would be padded, `top_up(rows)` may return up to `rows`
-    more items to fill it (the worker claims queued files of later tasks): a GPU batch of 256 is not
-    run three-quarters empty because a task brought 64 files. Padding stays for the very end."""
+    more items to fill it: a GPU batch of 256 is not run three-quarters empty because a task brought 64
+    files. Padding stays for the very end."""
     window = embedder.window_samples
     if opts.read_ahead == 0 and embedder.clap.device.type == "cuda":
         opts = dataclasses.replace(opts, read_ahead=opts.batch_size)
@@ -146,8 +152,16 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
         if finished:
             on_done(finished)
 
+    def stream() -> Iterator:
+        yield from items
+        while more is not None:
+            nxt = more()
+            if not nxt:
+                return
+            yield from nxt
+
     try:
-        todo = list(items)
+        todo: Iterator | list = stream()
         while todo:
             for d in read_ahead(pool, blobs, todo, embedder.rate, opts):
                 if d.error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 import uuid
 
 from celery import shared_task
@@ -102,33 +103,44 @@ def embed_items(self, item_ids: list[str]) -> dict:
                             decode_timeout_s=settings.decode_timeout_s, max_duration_s=settings.max_duration_s,
                             scratch_dir=settings.scratch_dir)
     counts = {"claimed": len(claimed), "done": 0, "failed": 0}
-    held = [c.id for c in claimed]  # heartbeats and release cover the items claimed on the way too
-    # a first try may fill its last batch with queued files of later tasks (at most a batch's worth); a
-    # retry keeps to its own items, so a file that kills workers drags no other file into its attempts
-    spare = settings.batch_size if all(c.attempt == 1 for c in claimed) else 0
+    # unfinished items, those claimed on the way included: heartbeats and release cover them (the
+    # heartbeat thread copies the set with list(), which the GIL keeps whole while this thread edits it)
+    held = {c.id for c in claimed}
+    # A first try goes on claiming queued files of later tasks, a batch's worth at a time as the
+    # read-ahead reaches them, for CLAPQ_CLAIM_FOR_S, then may fill its last batch (at most a batch's
+    # worth). A retry keeps to its own items, so a file that kills workers drags no other into its attempts.
+    first_try = all(c.attempt == 1 for c in claimed)
+    claim_until = time.monotonic() + settings.claim_for_s
+    spare = settings.batch_size if first_try else 0
+
+    def claim_more(rows: int) -> list:
+        with session_scope(settings.database_url) as s:
+            got = store.claim_more(s, model_id, settings.max_attempts, task_id, settings.stale_after_s, rows)
+        held.update(c.id for c in got)
+        counts["claimed"] += len(got)
+        return got
+
+    def more() -> list:
+        return claim_more(settings.batch_size) if first_try and time.monotonic() < claim_until else []
 
     def top_up(rows: int) -> list:
         nonlocal spare
-        if spare <= 0:
-            return []
-        with session_scope(settings.database_url) as s:
-            more = store.claim_more(s, model_id, settings.max_attempts, task_id,
-                                    settings.stale_after_s, min(rows, spare))
-        spare -= len(more)
-        held.extend(c.id for c in more)
-        counts["claimed"] += len(more)
-        return more
+        got = claim_more(min(rows, spare)) if spare > 0 else []
+        spare -= len(got)
+        return got
 
     def on_done(finished) -> None:
         # one statement per model batch: all finished items' rows together
         with session_scope(settings.database_url) as s:
             store.write_items(s, [(d.item, d.info, d.spans, vectors) for d, vectors in finished])
+        held.difference_update(d.item.id for d, _ in finished)
         counts["done"] += len(finished)
         metrics.record_items(self.app, done=len(finished))
 
     def on_failed(d) -> None:
         with session_scope(settings.database_url) as s:
             store.record_failure(s, d.item.id, d.error, d.info)
+        held.discard(d.item.id)
         counts["failed"] += 1
         metrics.record_items(self.app, failed=1)
         log.info("item failed", extra={"item_id": str(d.item.id), "job_id": str(d.item.job_id),
@@ -137,12 +149,12 @@ def embed_items(self, item_ids: list[str]) -> dict:
     try:
         with beating(settings.database_url, held, task_id, settings.heartbeat_s):
             pipeline.run(claimed, blobs, decoders, embedder, opts, on_done, on_failed,
-                         on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs), top_up=top_up)
+                         on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs), top_up=top_up, more=more)
     except TRANSIENT:
         raise  # Celery retries the task with backoff; the writes are idempotent
     except Exception as exc:
         with session_scope(settings.database_url) as s:
-            released = store.release(s, held, f"worker error: {type(exc).__name__}: {exc}", task_id)
+            released = store.release(s, list(held), f"worker error: {type(exc).__name__}: {exc}", task_id)
         # their messages are spent (this one is acked as failed; the top-up files' own found nothing to do):
         # send each again alone, after the sweeper's usual wait (CLAPQ_STALE_AFTER_S), not when it next
         # sees an empty queue; the wait keeps a machine-wide fault (a full disk) from using up every
