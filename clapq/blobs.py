@@ -58,17 +58,21 @@ class BlobWriter:
         self._file.close()
 
     def commit(self) -> str:
-        """Fsync, then move into place under its hash; returns the sha256."""
+        """Fsync, then move into place under its hash; returns the sha256. Bytes already stored (a
+        folder uploaded again) keep the stored copy: no fsync, no rename over it."""
         if self.sha256 is not None:
             return self.sha256
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
         digest = self._hash.hexdigest()
         final = self._store.path_for(digest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        # same filesystem: an atomic rename, so a reader never sees half a blob
-        os.replace(self.tmp_path, final)
+        if final.is_file() and final.stat().st_size == self.size:
+            self.discard()
+        else:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # same filesystem: an atomic rename, so a reader never sees half a blob
+            os.replace(self.tmp_path, final)
         self.sha256 = digest
         return digest
 

@@ -7,6 +7,7 @@ import io
 import numpy as np
 import pytest
 
+from clapq.blobs import BlobStore
 from tests.audio import write
 from tests.reference import audio_48k, load_reference, reference_embed
 from tests.conftest import auth, wait_job
@@ -45,7 +46,7 @@ def corpus(tmp_path_factory):
     return paths, corrupt
 
 
-def test_upload_poll_search(client, new_key, worker, corpus, tiny_model):
+def test_upload_poll_search(client, new_key, worker, corpus, tiny_model, settings):
     paths, corrupt = corpus
     key = new_key()
     lib = client.post("/v1/libraries", json={"name": "sfx"}, headers=auth(key))
@@ -110,7 +111,26 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model):
     assert len(res2["results"]) == len(paths)  # failed items are not searchable
     assert res2["results"][:3] == res["results"]
 
-    # the same bytes again: one item, reported as a duplicate, nothing re-embedded
+    # the same bytes again: one item, reported as a duplicate, nothing re-embedded, and the stored copy
+    # kept as it was (not rewritten, no temporary file left)
+    blob = BlobStore(settings.blob_dir).path_for(client.get(f"/v1/items/{ids['tone_a.wav']}",
+                                                            headers=auth(key)).get_json()["sha256"])
+    inode = blob.stat().st_ino
     again = upload(client, key, lib["id"], paths[:1]).get_json()
     assert again["items"][0]["duplicate_of"] == ids["tone_a.wav"]
+    assert blob.stat().st_ino == inode and list(BlobStore(settings.blob_dir).tmp_dir.iterdir()) == []
     assert wait_job(client, key, again["job_id"])["status"] == "done"
+
+
+def test_stored_bytes_are_kept_and_a_damaged_copy_is_replaced(tmp_path):
+    """Committing bytes the store holds already leaves the stored file alone (same inode, no fsync or
+    rename); a stored file of the wrong size (cut short by a crash outside clapq) is replaced."""
+    store = BlobStore(tmp_path)
+    data = bytes(range(256)) * 100
+    sha = store.put_bytes(data)
+    path = store.path_for(sha)
+    inode = path.stat().st_ino
+    assert store.put_bytes(data) == sha and path.stat().st_ino == inode
+    path.write_bytes(data[:100])
+    assert store.put_bytes(data) == sha and path.read_bytes() == data
+    assert list(store.tmp_dir.iterdir()) == []
