@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from flask import Blueprint, g, request
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
+from api.batches import RETRIED_ON_REUPLOAD
 from api.db import db
 from api.errors import ApiError, bad_request
 from api.lookup import owned
@@ -13,6 +16,9 @@ from api.models_info import describe, serving_model_id
 from clapq.models import Item, Library
 
 bp = Blueprint("libraries", __name__)
+
+MAX_DIGESTS = 10_000  # per /known request
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def library_json(lib: Library, item_count: int | None = None) -> dict:
@@ -63,3 +69,20 @@ def get_library(lib_id: str):
     lib = owned(Library, lib_id, "library")
     n = db().scalar(select(func.count()).select_from(Item).where(Item.library_id == lib.id))
     return library_json(lib, n)
+
+
+@bp.post("/libraries/<lib_id>/known")
+def known_files(lib_id: str):
+    """Which of these sha256 digests (of whole files' bytes) the library holds already, queued, running
+    or embedded: a client uploading a folder again sends only the rest. Failed and cancelled files are
+    not listed, because sending them again retries them."""
+    lib = owned(Library, lib_id, "library")
+    body = request.get_json(silent=True)
+    digests = body.get("sha256") if isinstance(body, dict) else None
+    if not isinstance(digests, list) or not all(isinstance(d, str) and SHA256_HEX.fullmatch(d) for d in digests):
+        raise bad_request('send {"sha256": [...]}: a list of sha256 digests of files\' bytes, in lowercase hex')
+    if len(digests) > MAX_DIGESTS:
+        raise bad_request(f"{len(digests)} digests in one request; the limit is {MAX_DIGESTS}")
+    known = db().scalars(select(Item.sha256).where(Item.library_id == lib.id, Item.sha256.in_(set(digests)),
+                                                   Item.status.not_in(RETRIED_ON_REUPLOAD)))
+    return {"known": sorted(set(known))}

@@ -91,6 +91,13 @@ SPEC = {
                     "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                     "metadata": {"type": "string", "description": "JSON object: filename -> object"}}}}}},
             "responses": {**_ok("accepted", None, "202"), "413": _ERR, "415": _ERR, "507": _ERR}}},
+        "/v1/libraries/{library_id}/known": {"post": {
+            "parameters": [_path_id("library_id")],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["sha256"], "properties": {"sha256": {
+                    "type": "array", "maxItems": 10000,
+                    "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}}}}},
+            "responses": _ok("the digests the library holds already (not failed or cancelled)")}},
         "/v1/jobs": {"get": {"parameters": [
             {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
             {"name": "cursor", "in": "query", "schema": {"type": "string"}}],

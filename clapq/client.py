@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -149,14 +150,39 @@ def batches(paths: list[Path]) -> Iterator[list[Path]]:
         yield batch
 
 
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def not_known(client: Client, lib_id: str, batch: list[Path]) -> list[Path]:
+    """The files of `batch` whose bytes the library does not hold yet (asked by digest; nothing sent)."""
+    digests = {p: sha256_of(p) for p in batch}
+    known = set(client.call("POST", f"/v1/libraries/{lib_id}/known",
+                            json={"sha256": sorted(set(digests.values()))})["known"])
+    return [p for p in batch if digests[p] not in known]
+
+
 def upload_folder(client: Client, folder: Path, library: str, wait: bool = True) -> int:
     paths = audio_files(folder)
     if not paths:  # before the library is looked up: a failed command creates nothing
         raise SystemExit(f"clapq: no audio files under {folder} (looked for "
                          f"{', '.join(sorted(AUDIO_SUFFIXES))}); nothing was uploaded")
     lib = client.library(library)
-    jobs, sent = [], 0
+    # a library that holds files already (the same folder again, or an upload cut short): files whose
+    # bytes it holds are not sent again, only the rest
+    check = lib.get("item_count", 0) > 0
+    jobs, sent, skipped = [], 0, 0
     for batch in batches(paths):
+        if check:
+            new = not_known(client, lib["id"], batch)
+            skipped += len(batch) - len(new)
+            batch = new
+            if not batch:
+                continue
         # said before the request, which on a slow network takes minutes: the command is not stuck
         print(f"uploading {len(batch)} files ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)", file=sys.stderr)
         try:
@@ -167,11 +193,13 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
         except SystemExit:
             if jobs:  # say what is already in, and that running the command again resumes
                 print(f"clapq: {sent} of {len(paths)} files were uploaded (jobs {', '.join(jobs)}); run the "
-                      "same command again for the rest: files already stored count as duplicates, not twice",
+                      "same command again for the rest: files the library holds already are not sent again",
                       file=sys.stderr)
             raise
         sent += len(batch)
         print(f"uploaded {len(batch)} files (job {jobs[-1]})", file=sys.stderr)
+    if skipped:
+        print(f"{skipped} of {len(paths)} files are in the library already: not sent again", file=sys.stderr)
     failed = 0
     # on a terminal one line that updates in place; in a log, a line each time the count moves
     tty, shown = sys.stderr.isatty(), None
@@ -193,7 +221,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
                     print(f"failed: {e['filename']}: {e['error']}", file=sys.stderr)
             break
         time.sleep(1.0)
-    print(json.dumps({"library_id": lib["id"], "jobs": jobs, "files": len(paths), "failed": failed}))
+    print(json.dumps({"library_id": lib["id"], "jobs": jobs, "files": len(paths), "skipped": skipped,
+                      "failed": failed}))
     return 1 if failed else 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import uuid
 
@@ -52,6 +53,29 @@ def test_upload_validation(client, lib, settings):
     many = [(io.BytesIO(b"%d" % i), f"{i}.wav") for i in range(settings.max_files_per_batch + 1)]
     e = err(client.post(url, headers=auth(key), content_type="multipart/form-data", data={"files": many}), 413)
     assert str(settings.max_files_per_batch) in e["message"]
+
+
+def test_known_lists_only_held_bytes_of_this_library(client, lib, new_key, worker, tmp_path):
+    """POST /known answers which digests the library holds (a failed file is not held: sending it again
+    retries it); a bad body, too many digests and another tenant's library get errors."""
+    from tests.audio import write
+    from tests.conftest import wait_job
+    from tests.test_e2e import upload
+
+    key, lib_id = lib
+    good = write(tmp_path / "good.wav", 0.5, seed=3)
+    bad = good.with_name("bad.wav")
+    bad.write_bytes(b"not audio at all" * 10)
+    job = upload(client, key, lib_id, [good, bad]).get_json()
+    assert wait_job(client, key, job["job_id"])["status"] == "done_with_errors"
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (good, bad)] + ["0" * 64]
+    r = client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": digests}, headers=auth(key))
+    assert r.status_code == 200 and r.get_json() == {"known": digests[:1]}
+    for body in ({"sha256": ["ABC"]}, {"sha256": "0" * 64}, {"sha256": ["0" * 64, 5]}, ["0" * 64], None):
+        assert "sha256" in err(client.post(f"/v1/libraries/{lib_id}/known", json=body, headers=auth(key)), 400)["message"]
+    assert "10000" in err(client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": ["0" * 64] * 10_001},
+                                      headers=auth(key)), 400)["message"]
+    err(client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": digests}, headers=auth(new_key())), 404)
 
 
 def test_filenames_are_sanitised(client, lib):

@@ -162,6 +162,14 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and sorted(line.split()[1] for line in out.stdout.splitlines()) == \
         ["drone.wav", "heavy.flac"], out.stdout + out.stderr
+    # the same folder again with one file more: only the new one is sent
+    write(folder / "rain" / "light.ogg", 1.0, 44_100, 2, freq=1500, seed=9)
+    out = subprocess.run(cli + ["upload", str(folder), "--library", "folder lib", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["files"] == 3 and json.loads(out.stdout)["skipped"] == 2, out.stdout
+    assert out.stderr.splitlines()[0].startswith("uploading 1 files ("), out.stderr
+    assert "2 of 3 files are in the library already: not sent again" in out.stderr, out.stderr
     # a folder without audio files is an error that creates no library
     (tmp_path / "no audio").mkdir()
     (tmp_path / "no audio" / "notes.txt").write_text("text")
@@ -195,6 +203,12 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert ("failed (413)" in out.stderr or "was lost during POST" in out.stderr), out.stderr
     libs = requests.get(f"{base}/v1/libraries", headers=h, timeout=10).json()["libraries"]
     assert [x["item_count"] for x in libs if x["name"] == "partial"] == [1]
+    # run again without the file the API refused: the 128 copies it holds are not sent again
+    (partial / "zz_long.wav").unlink()
+    out = subprocess.run(cli + ["upload", str(partial), "--library", "partial", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "uploading" not in out.stderr, out.stderr
+    assert json.loads(out.stdout)["jobs"] == [] and json.loads(out.stdout)["skipped"] == 128, out.stdout
 
     # `keys create` works while `up` runs on the same data directory
     out = subprocess.run([sys.executable, "-m", "clapq.cli", "keys", "create", "--tenant", "second",
@@ -221,7 +235,7 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert up2.wait_ready() == key
     base2 = f"http://127.0.0.1:{up2.port}"
     libs = requests.get(f"{base2}/v1/libraries", headers=h, timeout=10).json()["libraries"]
-    assert [(x["name"], x["item_count"]) for x in libs] == [("field recordings", 4), ("folder lib", 2),
+    assert [(x["name"], x["item_count"]) for x in libs] == [("field recordings", 4), ("folder lib", 3),
                                                             ("empty", 0), ("partial", 1)]
     res2 = requests.get(f"{base2}/v1/search", params={"library_id": lib["id"], "q": "birdsong", "k": 2},
                         headers=h, timeout=60).json()
