@@ -16,6 +16,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = (settings or Settings.from_env()).require_urls()
     app = Flask(__name__)
     app.request_class = StreamingRequest
+    # a path with an empty id (`/v1/items//segments`) is a 404 in the JSON envelope, not a redirect page
+    app.url_map.merge_slashes = False
     app.json.sort_keys = False
     app.config.update(
         CLAPQ=settings,

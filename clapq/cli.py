@@ -66,7 +66,10 @@ def cmd_api(args) -> None:
     workers = os.environ.get("CLAPQ_API_WORKERS", "2")
     argv = ["gunicorn", "api.wsgi:app", "--bind", f"{host}:{port}", "--workers", workers,
             "--threads", os.environ.get("CLAPQ_API_THREADS", "4"), "--timeout", "300",
-            "--graceful-timeout", "20", "--access-logfile", "-"]
+            "--graceful-timeout", "20", "--access-logfile", "-",
+            # gunicorn's runtime-control socket lives at one path per user ($HOME/.gunicorn/gunicorn.ctl),
+            # which two services on one machine (or `make up` beside `make test`) would share; unused here
+            "--no-control-socket"]
     from gunicorn.app.wsgiapp import run
 
     sys.argv = argv

@@ -176,34 +176,55 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     # bytes it holds are not sent again, only the rest
     check = lib.get("item_count", 0) > 0
     jobs, sent, skipped = [], 0, 0
-    for batch in batches(paths):
-        if check:
-            new = not_known(client, lib["id"], batch)
-            skipped += len(batch) - len(new)
-            batch = new
-            if not batch:
-                continue
-        # said before the request, which on a slow network takes minutes: the command is not stuck
-        print(f"uploading {len(batch)} files ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)", file=sys.stderr)
-        try:
+    try:
+        for batch in batches(paths):
+            if check:
+                new = not_known(client, lib["id"], batch)
+                skipped += len(batch) - len(new)
+                batch = new
+                if not batch:
+                    continue
+            # said before the request, which on a slow network takes minutes: the command is not stuck
+            print(f"uploading {len(batch)} files ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)",
+                  file=sys.stderr)
             with multipart_body(folder, batch) as body:
                 jobs.append(client.call("POST", f"/v1/libraries/{lib['id']}/batches", data=body,
                                         headers={"Content-Type": body.content_type},
                                         allow_redirects=False)["job_id"])
-        except SystemExit:
-            if jobs:  # say what is already in, and that running the command again resumes
-                print(f"clapq: {sent} of {len(paths)} files were uploaded (jobs {', '.join(jobs)}); run the "
-                      "same command again for the rest: files the library holds already are not sent again",
-                      file=sys.stderr)
-            raise
-        sent += len(batch)
-        print(f"uploaded {len(batch)} files (job {jobs[-1]})", file=sys.stderr)
+            sent += len(batch)
+            print(f"uploaded {len(batch)} files (job {jobs[-1]})", file=sys.stderr)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        ctrl_c = isinstance(exc, KeyboardInterrupt)
+        if jobs:  # say what is already in, and that running the command again resumes
+            print(f"clapq: {'interrupted; ' if ctrl_c else ''}{sent} of {len(paths)} files were uploaded (jobs "
+                  f"{', '.join(jobs)}); run the same command again for the rest: files the library holds "
+                  "already are not sent again", file=sys.stderr)
+        elif ctrl_c:
+            print("clapq: interrupted; nothing was uploaded", file=sys.stderr)
+        if ctrl_c:
+            raise SystemExit(130) from None
+        raise
     if skipped:
         print(f"{skipped} of {len(paths)} files are in the library already: not sent again", file=sys.stderr)
+    try:
+        failed = _wait(client, jobs) if wait and jobs else 0
+    except KeyboardInterrupt:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # after the progress line
+        print(f"clapq: stopped waiting; the uploaded files are still being embedded (jobs {', '.join(jobs)}: "
+              "GET /v1/jobs/<id> shows how they end)", file=sys.stderr)
+        raise SystemExit(130) from None
+    print(json.dumps({"library_id": lib["id"], "jobs": jobs, "files": len(paths), "skipped": skipped,
+                      "failed": failed}))
+    return 1 if failed else 0
+
+
+def _wait(client: Client, jobs: list[str]) -> int:
+    """Poll the jobs until they end, showing progress; list the files that failed; returns their number."""
     failed = 0
     # on a terminal one line that updates in place; in a log, a line each time the count moves
     tty, shown = sys.stderr.isatty(), None
-    while wait and jobs:
+    while True:
         states = [client.call("GET", f"/v1/jobs/{j}") for j in jobs]
         done = sum(s["counts"]["done"] + s["counts"]["failed"] for s in states)
         total = sum(s["counts"]["total"] for s in states)
@@ -221,9 +242,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
                     print(f"failed: {e['filename']}: {e['error']}", file=sys.stderr)
             break
         time.sleep(1.0)
-    print(json.dumps({"library_id": lib["id"], "jobs": jobs, "files": len(paths), "skipped": skipped,
-                      "failed": failed}))
-    return 1 if failed else 0
+    return failed
 
 
 def search(client: Client, library: str, text: str, k: int) -> None:

@@ -33,6 +33,7 @@ def test_library_validation(client, new_key):
     assert client.post("/v1/libraries", json={"name": "x"}, headers=auth(key)).status_code == 201
     err(client.post("/v1/libraries", json={"name": "x"}, headers=auth(key)), 409)
     err(client.get("/v1/libraries/not-a-uuid", headers=auth(key)), 404)
+    err(client.get("/v1/items//segments", headers=auth(key)), 404)  # an empty id: no redirect page
     err(client.get(f"/v1/libraries/{uuid.uuid4()}", headers=auth(key)), 404)
     err(client.get(f"/v1/jobs/{uuid.uuid4()}", headers=auth(key)), 404)
     err(client.get(f"/v1/items/{uuid.uuid4()}", headers=auth(key)), 404)

@@ -390,3 +390,77 @@ def test_an_upload_that_is_redirected_says_where_instead_of_resending_a_spent_bo
         server.server_close()
     assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
     assert "was redirected (307) to https://clapq.example/v1/libraries/lib1/batches" in out.stderr, out.stderr
+
+
+def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
+    """Ctrl-C while the second request is on its way: no traceback, the first request's job is named with
+    how to resume, exit 130. Ctrl-C while waiting for the jobs: they go on, and the command says so."""
+    import http.server
+    import signal
+    import threading
+
+    posted, polled = threading.Event(), threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def reply(self, obj, status=200):
+            body = json.dumps(obj).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            if self.path == "/v1/libraries":
+                self.reply({"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]})
+            else:  # a job, never finished
+                polled.set()
+                self.reply({"status": "running", "counts": {"done": 0, "failed": 0, "total": 1}, "errors": []})
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if posted.is_set():  # the second upload request: never answered
+                time.sleep(30)
+                return
+            posted.set()
+            self.reply({"job_id": "job1", "items": []}, 202)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def interrupted(folder: Path, when: threading.Event) -> tuple[int, str]:
+        p = subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "x",
+                              "--url", f"http://127.0.0.1:{server.server_address[1]}", "--key", "cq_x"],
+                             env=_env(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert when.wait(60)
+            time.sleep(0.5)  # into the next request (or the wait between polls)
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=60)
+        finally:
+            p.kill()
+        return p.returncode, err
+
+    try:
+        two = tmp_path / "two requests"
+        two.mkdir()
+        clip = write(two / "c000.wav", 0.05, 8_000).read_bytes()
+        for i in range(1, 129):  # 129 files: 128 in the first request, 1 in the second
+            (two / f"c{i:03d}.wav").write_bytes(clip + bytes([i]))
+        rc, err = interrupted(two, posted)
+        assert rc == 130 and "Traceback" not in err, err
+        assert "clapq: interrupted; 128 of 129 files were uploaded (jobs job1); run the same command again" in err, err
+        one = tmp_path / "one request"
+        one.mkdir()
+        write(one / "a.wav", 0.5)
+        posted.clear()
+        rc, err = interrupted(one, polled)
+        assert rc == 130 and "Traceback" not in err, err
+        assert "clapq: stopped waiting; the uploaded files are still being embedded (jobs job1" in err, err
+    finally:
+        server.shutdown()
+        server.server_close()
