@@ -77,12 +77,14 @@ def known_files(lib_id: str):
     or embedded: a client uploading a folder again sends only the rest. Failed and cancelled files are
     not listed, because sending them again retries them."""
     lib = owned(Library, lib_id, "library")
+    if (request.content_length or 0) > MAX_DIGESTS * 80:  # before it is read: 10,000 digests fit in 800 kB
+        raise ApiError(413, "too_large", f"send at most {MAX_DIGESTS} digests (about 700 kB) per request")
     body = request.get_json(silent=True)
     digests = body.get("sha256") if isinstance(body, dict) else None
+    if isinstance(digests, list) and len(digests) > MAX_DIGESTS:
+        raise bad_request(f"{len(digests)} digests in one request; the limit is {MAX_DIGESTS}")
     if not isinstance(digests, list) or not all(isinstance(d, str) and SHA256_HEX.fullmatch(d) for d in digests):
         raise bad_request('send {"sha256": [...]}: a list of sha256 digests of files\' bytes, in lowercase hex')
-    if len(digests) > MAX_DIGESTS:
-        raise bad_request(f"{len(digests)} digests in one request; the limit is {MAX_DIGESTS}")
     known = db().scalars(select(Item.sha256).where(Item.library_id == lib.id, Item.sha256.in_(set(digests)),
                                                    Item.status.not_in(RETRIED_ON_REUPLOAD)))
     return {"known": sorted(set(known))}

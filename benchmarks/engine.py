@@ -477,8 +477,8 @@ def main() -> None:
     ap.add_argument("--upload-threads", type=int, default=None,
                     help="concurrent upload requests (default 1 on a CPU, 4 on a GPU)")
     ap.add_argument("--claim-for-s", type=int, default=None,
-                    help="CLAPQ_CLAIM_FOR_S for the worker (default as the service: its tasks go on claiming "
-                         "later tasks' files for 30 s; 0: only to fill their last batch)")
+                    help="CLAPQ_CLAIM_FOR_S for the worker (default as the service, auto: its tasks go on "
+                         "claiming later tasks' files for 10 s on a GPU, 0 s on a CPU; 0: only to fill their last batch)")
     ap.add_argument("--quiet-timeout", type=float, default=QUIET_TIMEOUT_S,
                     help="longest wait for an idle machine before each timed path, seconds")
     args = ap.parse_args()
@@ -516,7 +516,7 @@ def main() -> None:
                      "device": str(device), "precision": dtype_name(dtype), "compiled": compiled,
                      "reference_precision": dtype_name(ref_dtype), "decoders": decoders, "upload_threads": upload_threads,
                      "api_workers": api_workers, "items_per_task": args.items_per_task,
-                     "claim_for_s": Settings.from_env({}).claim_for_s if args.claim_for_s is None else args.claim_for_s,
+                     "claim_for_s": "auto" if args.claim_for_s is None else args.claim_for_s,
                      "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "rounds": []}
     paths = [p for p in ("raw", "pipeline", "reference", "clapq") if p in args.only.split(",")]
     with contextlib.ExitStack() as stack:

@@ -9,6 +9,14 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def file_sha256(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 class StorageFull(OSError):
     """The upload area has no space left."""
 
@@ -59,12 +67,12 @@ class BlobWriter:
 
     def commit(self) -> str:
         """Fsync, then move into place under its hash; returns the sha256. Bytes already stored (a
-        folder uploaded again) keep the stored copy: no fsync, no rename over it."""
+        failed file sent again) keep the stored copy if it still hashes the same: no fsync, no rename."""
         if self.sha256 is not None:
             return self.sha256
         digest = self._hash.hexdigest()
         final = self._store.path_for(digest)
-        if final.is_file() and final.stat().st_size == self.size:
+        if final.is_file() and final.stat().st_size == self.size and file_sha256(final) == digest:
             self.discard()
         else:
             self._file.flush()

@@ -210,7 +210,8 @@ def cmd_up(args) -> None:
         print(f"clapq: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
-        _terminate(list(reversed(procs)))
+        # the worker finishes its task first: about a batch, plus claiming later files on a GPU (10 s)
+        _terminate(list(reversed(procs)), grace=20.0 + (10 if settings.claim_for_s is None else settings.claim_for_s))
         for stop in reversed(stack):
             stop()
         print("clapq stopped", file=sys.stderr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sys
@@ -14,6 +13,8 @@ from pathlib import Path
 import requests
 from requests_toolbelt import MultipartEncoder
 from urllib3.exceptions import NewConnectionError
+
+from clapq.blobs import file_sha256
 
 AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".aif", ".aiff", ".aifc", ".ogg", ".oga", ".opus", ".mp3", ".m4a",
                   ".aac", ".alac", ".caf", ".wma", ".mp4", ".mkv", ".webm", ".mov", ".w64", ".au", ".snd"}
@@ -150,17 +151,9 @@ def batches(paths: list[Path]) -> Iterator[list[Path]]:
         yield batch
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def not_known(client: Client, lib_id: str, batch: list[Path]) -> list[Path]:
     """The files of `batch` whose bytes the library does not hold yet (asked by digest; nothing sent)."""
-    digests = {p: sha256_of(p) for p in batch}
+    digests = {p: file_sha256(p) for p in batch}
     known = set(client.call("POST", f"/v1/libraries/{lib_id}/known",
                             json={"sha256": sorted(set(digests.values()))})["known"])
     return [p for p in batch if digests[p] not in known]
@@ -196,8 +189,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     except (SystemExit, KeyboardInterrupt) as exc:
         ctrl_c = isinstance(exc, KeyboardInterrupt)
         if jobs:  # say what is already in, and that running the command again resumes
+            held = f", {skipped} were in the library already" if skipped else ""
             print(f"clapq: {'interrupted; ' if ctrl_c else ''}{sent} of {len(paths)} files were uploaded (jobs "
-                  f"{', '.join(jobs)}); run the same command again for the rest: files the library holds "
+                  f"{', '.join(jobs)}{held}); run the same command again for the rest: files the library holds "
                   "already are not sent again", file=sys.stderr)
         elif ctrl_c:
             print("clapq: interrupted; nothing was uploaded", file=sys.stderr)

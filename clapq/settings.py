@@ -68,7 +68,7 @@ class Settings:
     device: str
     batch_size: int
     items_per_task: int
-    claim_for_s: int
+    claim_for_s: int | None  # None: auto (worker.tasks.claim_window_s)
     max_request_bytes: int
     max_files_per_batch: int
     max_query_chars: int
@@ -107,8 +107,9 @@ class Settings:
             # a task of one batch's files: raising the batch for a GPU raises the task with it
             items_per_task=_int(env, "CLAPQ_ITEMS_PER_TASK", _int(env, "CLAPQ_BATCH_SIZE", 16)),
             # a worker's task goes on claiming queued files of later tasks for this long, so its decoders
-            # never wait for the next task; 0: only to fill its last batch
-            claim_for_s=_int(env, "CLAPQ_CLAIM_FOR_S", 30),
+            # do not wait for the next task; 0: only to fill its last batch; auto: by device
+            claim_for_s=None if (env.get("CLAPQ_CLAIM_FOR_S") or "auto").strip().lower() == "auto"
+            else _int(env, "CLAPQ_CLAIM_FOR_S", 0),
             max_request_bytes=_int(env, "CLAPQ_MAX_REQUEST_BYTES", 2 * 1024**3),
             max_files_per_batch=_int(env, "CLAPQ_MAX_FILES_PER_BATCH", 1000),
             max_query_chars=_int(env, "CLAPQ_MAX_QUERY_CHARS", 1000),

@@ -76,6 +76,8 @@ def test_known_lists_only_held_bytes_of_this_library(client, lib, new_key, worke
         assert "sha256" in err(client.post(f"/v1/libraries/{lib_id}/known", json=body, headers=auth(key)), 400)["message"]
     assert "10000" in err(client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": ["0" * 64] * 10_001},
                                       headers=auth(key)), 400)["message"]
+    assert "10000" in err(client.post(f"/v1/libraries/{lib_id}/known", data="[" + " " * 900_000 + "]",
+                                      content_type="application/json", headers=auth(key)), 413)["message"]
     err(client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": digests}, headers=auth(new_key())), 404)
 
 

@@ -124,7 +124,8 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model, setting
 
 def test_stored_bytes_are_kept_and_a_damaged_copy_is_replaced(tmp_path):
     """Committing bytes the store holds already leaves the stored file alone (same inode, no fsync or
-    rename); a stored file of the wrong size (cut short by a crash outside clapq) is replaced."""
+    rename); a stored file that no longer hashes the same (cut short, or its bytes damaged, outside
+    clapq) is replaced."""
     store = BlobStore(tmp_path)
     data = bytes(range(256)) * 100
     sha = store.put_bytes(data)
@@ -132,5 +133,7 @@ def test_stored_bytes_are_kept_and_a_damaged_copy_is_replaced(tmp_path):
     inode = path.stat().st_ino
     assert store.put_bytes(data) == sha and path.stat().st_ino == inode
     path.write_bytes(data[:100])
+    assert store.put_bytes(data) == sha and path.read_bytes() == data
+    path.write_bytes(bytes(len(data)))  # the right size, other bytes
     assert store.put_bytes(data) == sha and path.read_bytes() == data
     assert list(store.tmp_dir.iterdir()) == []

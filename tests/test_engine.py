@@ -242,7 +242,7 @@ for ids in ({ids[:1]!r}, {ids[1:2]!r}):
 
 
 def test_a_first_try_goes_on_with_queued_files_of_later_tasks(client, new_key, worker, settings, env, tmp_path):
-    """Through the real task (batch 4, CLAPQ_CLAIM_FOR_S at its default): a task of one file goes on
+    """Through the real task (batch 4, CLAPQ_CLAIM_FOR_S=30): a task of one file goes on
     claiming the queued files whose own messages have not come yet (none are sent here), a batch's worth
     at a time, and embeds them all, each on its first attempt."""
     from clapq.db import session_scope
@@ -250,13 +250,60 @@ def test_a_first_try_goes_on_with_queued_files_of_later_tasks(client, new_key, w
 
     key = new_key()
     job_id, ids = queued_files(client, key, settings, tmp_path, "goes on", [(f"g{i}.wav", 1.0, 81 + i) for i in range(7)])
-    r = in_a_worker_process(env, f"print(tasks.embed_items.apply(args=[{ids[:1]!r}]).result)\n")
+    r = in_a_worker_process({**env, "CLAPQ_CLAIM_FOR_S": "30"},  # `auto` is 0 on a CPU
+                            f"print(tasks.embed_items.apply(args=[{ids[:1]!r}]).result)\n")
     assert r.returncode == 0, r.stderr[-3000:]
     counts = ast.literal_eval(r.stdout.split("\n")[0])
     assert counts["claimed"] >= 7 and counts["done"] >= 7 and counts["failed"] == 0, r.stdout
     assert job_status(settings, job_id) == {"done": 7}
     with session_scope(settings.database_url) as s:
         assert [s.get(Item, uuid.UUID(i)).attempts for i in ids] == [1] * 7
+
+
+def test_a_passing_fault_sends_borrowed_files_back_without_charging_them(client, new_key, worker, settings, env,
+                                                                         tmp_path):
+    """The database drops the batch's write (an OperationalError, once): Celery runs the task again with
+    its own file, which is then on attempt 2; the 3 files it had taken from later tasks (their messages
+    spent) go back to the queue at once, this try not counted, and are sent off again after
+    CLAPQ_STALE_AFTER_S: the running worker embeds them on attempt 1."""
+    from clapq.db import session_scope
+    from clapq.models import Item
+
+    key = new_key()
+    job_id, ids = queued_files(client, key, settings, tmp_path, "passing fault",
+                               [(f"p{i}.wav", 1.0, 91 + i) for i in range(4)])
+    code = """
+from sqlalchemy.exc import OperationalError
+from worker import store
+real, calls = store.write_items, []
+def flaky(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 1:
+        raise OperationalError("INSERT INTO segments", {}, Exception("server closed the connection unexpectedly"))
+    return real(*args, **kwargs)
+store.write_items = flaky
+""" + f"print(tasks.embed_items.apply(args=[{ids[:1]!r}]).state)\n"
+    r = in_a_worker_process({**env, "CLAPQ_CLAIM_FOR_S": "30", "CLAPQ_STALE_AFTER_S": "5"}, code)
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr[-3000:]
+    assert "handing files back failed" not in r.stderr, r.stderr[-3000:]
+    done = wait_job(client, key, job_id, timeout=240)
+    assert done["status"] == "done" and done["counts"]["done"] == 4, done
+    with session_scope(settings.database_url) as s:
+        assert [s.get(Item, uuid.UUID(i)).attempts for i in ids] == [2, 1, 1, 1]
+
+
+def test_how_long_a_task_claims_later_files():
+    """CLAPQ_CLAIM_FOR_S: auto (the default) is 10 s on a GPU and 0 on a CPU; a number is that number."""
+    from clapq.settings import Settings
+    from worker.tasks import claim_window_s
+
+    auto = Settings.from_env({}).claim_for_s
+    assert auto is None and Settings.from_env({"CLAPQ_CLAIM_FOR_S": "auto"}).claim_for_s is None
+    assert (claim_window_s(auto, "cuda"), claim_window_s(auto, "cpu")) == (10, 0)
+    assert claim_window_s(Settings.from_env({"CLAPQ_CLAIM_FOR_S": "30"}).claim_for_s, "cpu") == 30
+    assert claim_window_s(Settings.from_env({"CLAPQ_CLAIM_FOR_S": "0"}).claim_for_s, "cuda") == 0
+    with pytest.raises(SystemExit, match="CLAPQ_CLAIM_FOR_S"):
+        Settings.from_env({"CLAPQ_CLAIM_FOR_S": "soon"})
 
 
 def test_two_hour_file_streams_with_bounded_memory(tmp_path, tiny_model):
@@ -674,7 +721,8 @@ def test_the_decoders_go_on_into_later_files_while_the_model_works(tiny_model, t
 
 def test_files_decoded_ahead_leave_no_scratch_file_when_a_task_stops_early(tmp_path):
     """An error in the middle of a task closes the read-ahead: the files it had decoded (or was decoding)
-    for later batches are deleted, not left in the scratch directory."""
+    for later batches are deleted, not left in the scratch directory. So does an error raised by the
+    items themselves (claiming later files)."""
     from worker import pipeline
     from worker.decoder import DecoderPool
     from worker.store import Claimed
@@ -691,6 +739,20 @@ def test_files_decoded_ahead_leave_no_scratch_file_when_a_task_stops_early(tmp_p
         assert first.error is None and first.raw_path.exists()
         ahead.close()  # what an exception in the task's loop does to the generator
         first.cleanup()  # the one handed out is the task's to delete
+        assert list(scratch.iterdir()) == []
+
+        def then_a_fault():  # claiming later files (Postgres) fails after three
+            yield from items[:3]
+            raise RuntimeError("claim failed")
+
+        for depth in (2, 4):  # the fault while refilling, and while filling the read-ahead at the start
+            handed = []
+            with pytest.raises(RuntimeError, match="claim failed"):
+                for d in pipeline.read_ahead(pool, blobs, then_a_fault(), 48_000,
+                                             pipeline.Options(scratch_dir=scratch, read_ahead=depth)):
+                    handed.append(d)
+            for d in handed:
+                d.cleanup()
+            assert list(scratch.iterdir()) == [], depth
     finally:
         pool.close()
-    assert list(scratch.iterdir()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import tempfile
@@ -79,16 +80,17 @@ def read_ahead(pool: DecoderPool, blobs: BlobStore, items: Iterable, rate: int, 
     advanced only as far as the read-ahead reaches)."""
     depth = max(1, pool.size, opts.read_ahead)
     with cf.ThreadPoolExecutor(max_workers=depth, thread_name_prefix="decode") as threads:
-        it = iter(items)
-        pending = [threads.submit(_read, pool, blobs, item, rate, opts) for item in
-                   (next(it, None) for _ in range(depth)) if item is not None]
+        it = iter(items)  # advancing it may claim files (Postgres), so it may raise: always inside the try
+        pending: list[cf.Future] = []
         try:
+            for item in itertools.islice(it, depth):
+                pending.append(threads.submit(_read, pool, blobs, item, rate, opts))
             while pending:
-                done = pending.pop(0).result()
+                pending[0].result()  # stays in `pending` until handed out
                 nxt = next(it, None)
                 if nxt is not None:
                     pending.append(threads.submit(_read, pool, blobs, nxt, rate, opts))
-                yield done
+                yield pending.pop(0).result()
         finally:  # the task stopped early (an error): files decoded ahead leave no scratch file behind
             for f in pending:
                 if not f.cancel():

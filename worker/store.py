@@ -87,12 +87,17 @@ def heartbeat(session: Session, ids: list[uuid.UUID], task_id: str) -> None:
                     .values(updated_at=func.now()))
 
 
-def release(session: Session, item_ids: list[uuid.UUID], reason: str, task_id: str) -> list[uuid.UUID]:
-    """Hand back this task's unfinished items after an unexpected error (not those done, failed, or taken
-    over by another task after a missed heartbeat); returns their ids. Attempts bound the retries."""
+def release(session: Session, item_ids: list[uuid.UUID], reason: str, task_id: str,
+            charge: bool = True) -> list[uuid.UUID]:
+    """Hand back this task's unfinished items after an error (not those done, failed, or taken over by
+    another task after a missed heartbeat); returns their ids. Attempts bound the retries; `charge=False`
+    gives this try back (a passing fault that was not the files' doing)."""
+    values = dict(status="queued", error=reason[:2000])
+    if not charge:
+        values["attempts"] = func.greatest(Item.attempts - 1, 0)
     return list(session.scalars(
         update(Item).where(Item.id.in_(item_ids), Item.status == "running", Item.claimed_by == task_id)
-        .values(status="queued", error=reason[:2000]).returning(Item.id)))
+        .values(**values).returning(Item.id)))
 
 
 def record_failure(session: Session, item_id: uuid.UUID, reason: str, info=None) -> None:

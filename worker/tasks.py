@@ -27,6 +27,16 @@ log = logging.getLogger(__name__)
 TRANSIENT = (OperationalError, InterfaceError, ConnectionError)
 
 
+def claim_window_s(setting: int | None, device_type: str) -> int:
+    """How long a first try goes on claiming queued files of later tasks (CLAPQ_CLAIM_FOR_S). `auto`
+    (None): 10 s on a GPU, whose decoders would otherwise take turns with the model at each task; 0 on
+    a CPU, where decoders and model share every core (no gain measured) and a task stays about a batch
+    long, so it ends within `clapq up`'s grace on Ctrl-C."""
+    if setting is not None:
+        return max(0, setting)
+    return 10 if device_type == "cuda" else 0
+
+
 @functools.lru_cache(maxsize=1)
 def _runtime():
     """Settings, model, embedder and decoder pool for this process, built on first use (after the fork)."""
@@ -110,15 +120,34 @@ def embed_items(self, item_ids: list[str]) -> dict:
     # read-ahead reaches them, for CLAPQ_CLAIM_FOR_S, then may fill its last batch (at most a batch's
     # worth). A retry keeps to its own items, so a file that kills workers drags no other into its attempts.
     first_try = all(c.attempt == 1 for c in claimed)
-    claim_until = time.monotonic() + settings.claim_for_s
+    claim_until = time.monotonic() + claim_window_s(settings.claim_for_s, embedder.clap.device.type)
     spare = settings.batch_size if first_try else 0
 
     def claim_more(rows: int) -> list:
-        with session_scope(settings.database_url) as s:
-            got = store.claim_more(s, model_id, settings.max_attempts, task_id, settings.stale_after_s, rows)
+        try:
+            with session_scope(settings.database_url) as s:
+                got = store.claim_more(s, model_id, settings.max_attempts, task_id, settings.stale_after_s, rows)
+        except Exception:  # optional work: a failed claim ends the stream, not the task
+            log.warning("claiming queued files of later tasks failed; this task goes on with its own",
+                        exc_info=True)
+            return []
         held.update(c.id for c in got)
         counts["claimed"] += len(got)
         return got
+
+    def hand_back(item_ids: set, exc: BaseException, charge: bool) -> None:
+        """Put these files back in the queue and send each off again alone, after the sweeper's usual
+        wait (CLAPQ_STALE_AFTER_S): a machine-wide fault (a full disk) does not use up every file's
+        attempts in seconds. Best effort: where Postgres or Redis is what failed, the sweeper finds them."""
+        if not item_ids:
+            return
+        try:
+            with session_scope(settings.database_url) as s:
+                released = store.release(s, list(item_ids), f"worker error: {type(exc).__name__}: {exc}", task_id,
+                                         charge=charge)
+            enqueue_items(self.app, released, 1, countdown=settings.stale_after_s)
+        except Exception:
+            log.exception("handing files back failed; the sweeper will find them", extra={"count": len(item_ids)})
 
     def more() -> list:
         return claim_more(settings.batch_size) if first_try and time.monotonic() < claim_until else []
@@ -150,18 +179,14 @@ def embed_items(self, item_ids: list[str]) -> dict:
         with beating(settings.database_url, held, task_id, settings.heartbeat_s):
             pipeline.run(claimed, blobs, decoders, embedder, opts, on_done, on_failed,
                          on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs), top_up=top_up, more=more)
-    except TRANSIENT:
-        raise  # Celery retries the task with backoff; the writes are idempotent
+    except TRANSIENT as exc:
+        # Celery runs this task again with its own files (the writes are idempotent); the files it took
+        # from later tasks, whose messages are spent, go back now, this try not counted against them
+        hand_back(held - set(ids), exc, charge=False)
+        raise
     except Exception as exc:
-        with session_scope(settings.database_url) as s:
-            released = store.release(s, list(held), f"worker error: {type(exc).__name__}: {exc}", task_id)
-        # their messages are spent (this one is acked as failed; the top-up files' own found nothing to do):
-        # send each again alone, after the sweeper's usual wait (CLAPQ_STALE_AFTER_S), not when it next
-        # sees an empty queue; the wait keeps a machine-wide fault (a full disk) from using up every
-        # file's attempts in seconds; attempts, counted in Postgres, bound the retries
-        try:
-            enqueue_items(self.app, released, 1, countdown=settings.stale_after_s)
-        except Exception:
-            log.exception("re-enqueue failed; the sweeper will find the items", extra={"count": len(released)})
+        # every file it held goes back, this try counted (attempts bound the retries); this message is
+        # acked as failed and the borrowed files' own found nothing to do
+        hand_back(held, exc, charge=True)
         raise
     return counts
