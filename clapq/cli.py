@@ -241,8 +241,12 @@ def cmd_upload(args) -> None:
 def cmd_search(args) -> None:
     from clapq.client import connect, search
 
+    if (args.text is None) == (args.like is None):
+        _fail("give either words to search for or --like FILE (a sound), not both")
+    if args.like is not None and not args.like.is_file():
+        _fail(f"{args.like} is not a file")
     settings = Settings.from_env(data_dir=args.data_dir)
-    search(connect(args.url, args.key, settings.data_dir), args.library, args.text, args.k)
+    search(connect(args.url, args.key, settings.data_dir), args.library, args.text, args.k, like=args.like)
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
@@ -274,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--no-wait", action="store_true")
     _client_args(upload)
     upload.set_defaults(func=cmd_upload)
-    search = sub.add_parser("search", help="search a library by text")
-    search.add_argument("text")
+    search = sub.add_parser("search", help="search a library by words, or by a sound with --like FILE")
+    search.add_argument("text", nargs="?", help="what to look for, in words")
+    search.add_argument("--like", type=Path, metavar="FILE", help="a sound: find the files that sound most like it")
     search.add_argument("-k", type=int, default=10)
     _client_args(search)
     search.set_defaults(func=cmd_search)

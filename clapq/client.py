@@ -239,11 +239,20 @@ def _wait(client: Client, jobs: list[str]) -> int:
     return failed
 
 
-def search(client: Client, library: str, text: str, k: int) -> None:
+def search(client: Client, library: str, text: str | None, k: int, like: Path | None = None) -> None:
+    """Print the best matches for words, or for a sound (`like`): score, filename, item id and the
+    best-matching window of the file."""
     lib = client.library(library, create=False)  # a misspelt name is an error, not a new empty library
-    res = client.call("POST", "/v1/search", json={"library_id": lib["id"], "text": text, "k": k})
+    if like is not None:
+        with open(like, "rb") as f:
+            res = client.call("POST", "/v1/search", data={"library_id": lib["id"], "k": str(k)},
+                              files={"audio": (like.name, f, "application/octet-stream")})
+    else:
+        res = client.call("POST", "/v1/search", json={"library_id": lib["id"], "text": text, "k": k})
     for r in res["results"]:
-        print(f"{r['score']:.4f}  {r['filename']}  {r['item_id']}")
+        span = r.get("segment") or {}
+        at = f"  {span['start_s']:g}-{span['end_s']:g} s" if "start_s" in span else ""
+        print(f"{r['score']:.4f}  {r['filename']}  {r['item_id']}{at}")
     if not res["results"]:
         print(f"no results: library {lib['name']!r} has no embedded files yet", file=sys.stderr)
 

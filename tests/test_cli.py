@@ -162,6 +162,17 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and sorted(line.split()[1] for line in out.stdout.splitlines()) == \
         ["drone.wav", "heavy.flac"], out.stdout + out.stderr
+    # by a sound: the file itself comes first, with the window that matched
+    out = subprocess.run(cli + ["search", "--like", str(folder / "rain" / "heavy.flac"), "--library", "folder lib",
+                                "--url", base, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    best = out.stdout.splitlines()[0].split()
+    assert best[:2] == ["1.0000", "heavy.flac"] and best[-2:] == ["0-2", "s"], out.stdout
+    out = subprocess.run(cli + ["search", "rain", "--like", str(folder / "drone.wav"), "--library", "folder lib",
+                                "--url", base, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 2 and "either words to search for or --like FILE" in out.stderr, out.stderr
     # the same folder again with one file more: only the new one is sent
     write(folder / "rain" / "light.ogg", 1.0, 44_100, 2, freq=1500, seed=9)
     out = subprocess.run(cli + ["upload", str(folder), "--library", "folder lib", "--url", base, "--key", key],
