@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     v1 = Blueprint("v1", __name__, url_prefix="/v1")
     v1.before_request(auth.require_tenant)
+    v1.before_request(errors.plain_query)
     for module in (libraries, batches, jobs, items, search, tagging):
         v1.register_blueprint(module.bp)
     app.register_blueprint(v1)

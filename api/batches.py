@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from api.db import db
-from api.errors import ApiError, bad_request
+from api.errors import ApiError, bad_request, check_text
 from api.lookup import owned
 from api.uploads import display_name
 from clapq.blobs import StorageFull
@@ -34,6 +34,7 @@ def _metadata_field(filenames: set[str]) -> dict:
         raise bad_request(f"'metadata' is not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
         raise bad_request("'metadata' must be a JSON object mapping filename -> object")
+    check_text(meta, "'metadata'")
     unknown = sorted(set(meta) - filenames)
     if unknown:
         raise bad_request(f"'metadata' names files not in this batch: {unknown[:5]}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,31 @@ def not_found(what: str) -> ApiError:
 
 def bad_request(message: str, code: str = "bad_request") -> ApiError:
     return ApiError(400, code, message)
+
+
+def check_text(value, where: str) -> None:
+    """Refuse a NUL character or an unpaired surrogate (JSON allows "\\u0000" and "\\ud800") in any string
+    of `value`, dict keys included: Postgres stores neither, so they would fail deep inside as a 500."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request(f"{where} has text with an unpaired surrogate (not valid Unicode)") from None
+            if "\x00" in v:
+                raise bad_request(f"{where} has text with a NUL character (\\u0000 or %00)")
+
+
+def plain_query() -> None:
+    """before_request hook: the query string's names and values, as check_text."""
+    check_text(list(request.args.items(multi=True)), "the query string")
 
 
 def envelope(status: int, code: str, message: str, headers: dict | None = None):

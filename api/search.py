@@ -13,7 +13,7 @@ from sqlalchemy import and_, case, func, or_, select, text
 from sqlalchemy.dialects.postgresql import JSONB
 
 from api.db import db
-from api.errors import ApiError, bad_request
+from api.errors import ApiError, bad_request, check_text
 from api.lookup import owned
 from api.models_info import describe, serving_model_id
 from api.query import audio_vector, item_vector, text_vectors
@@ -58,6 +58,7 @@ def _params() -> dict:
         p = {k: f.get(k) for k in ("q", "text", "k", "offset", "min_score", "mode", "item_id", "filter")}
         p["q"] = p.pop("text") or p["q"]
         p["library_ids"] = f.getlist("library_id")
+        check_text(p, "the form")
         p["audio"] = request.files.get("audio")
         return p
     body = request.get_json(silent=True)

@@ -81,6 +81,26 @@ def test_known_lists_only_held_bytes_of_this_library(client, lib, new_key, worke
     err(client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": digests}, headers=auth(new_key())), 404)
 
 
+def test_text_postgres_cannot_store_is_refused_not_a_500(client, lib, tmp_path):
+    """A NUL character or an unpaired surrogate, anywhere in a JSON body, a query string, a form or the
+    upload's metadata: 400 naming where, not an error deep inside Postgres."""
+    from tests.audio import write
+
+    key, lib_id = lib
+    for name in ("a\x00b", "\ud800"):
+        assert "JSON body" in err(client.post("/v1/libraries", json={"name": name}, headers=auth(key)), 400)["message"]
+    assert "NUL" in err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "rain\x00"},
+                                   headers=auth(key)), 400)["message"]
+    assert "JSON body" in err(client.post("/v1/search", json={"library_id": lib_id, "text": "x",
+                                                               "filter": {"tag\x00": "a"}}, headers=auth(key)), 400)["message"]
+    assert "form" in err(client.post("/v1/search", data={"library_id": lib_id, "text": "rain\x00"},
+                                     content_type="multipart/form-data", headers=auth(key)), 400)["message"]
+    wav = write(tmp_path / "a.wav", 0.2)
+    r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                    data={"files": (io.BytesIO(wav.read_bytes()), "a.wav"), "metadata": '{"a.wav": {"k": "\\u0000"}}'})
+    assert "'metadata'" in err(r, 400)["message"]
+
+
 def test_filenames_are_sanitised(client, lib):
     key, lib_id = lib
     names = ["../../etc/passwd.wav", "a\x00b.wav", "x" * 400 + ".wav", "/abs/dir/n.wav", ".."]
