@@ -31,7 +31,8 @@ class Client:
         self.s = requests.Session()
         self.s.headers["Authorization"] = f"Bearer {key}"
 
-    def call(self, method: str, path: str, **kw) -> dict:
+    def call(self, method: str, path: str, missing_ok: bool = False, **kw) -> dict | None:
+        """The JSON answer; any failure is a SystemExit with a sentence. `missing_ok`: a 404 is None."""
         try:
             # 10 s to connect (a wrong host fails fast), 10 minutes for an answer (a large upload's)
             r = self.s.request(method, self.url + path, timeout=kw.pop("timeout", (10, 600)), **kw)
@@ -50,6 +51,8 @@ class Client:
             raise SystemExit(f"clapq: {method} {path} was redirected ({r.status_code}) to {where}; point --url "
                              "(or CLAPQ_URL) there" if where else f"clapq: {method} {path} got {r.status_code}, a "
                              "redirect without a Location; check --url (or CLAPQ_URL)")
+        if r.status_code == 404 and missing_ok:
+            return None
         if r.status_code >= 400:
             try:
                 msg = r.json()["error"]["message"]
@@ -154,8 +157,10 @@ def batches(paths: list[Path]) -> Iterator[list[Path]]:
 def not_known(client: Client, lib_id: str, batch: list[Path]) -> list[Path]:
     """The files of `batch` whose bytes the library does not hold yet (asked by digest; nothing sent)."""
     digests = {p: file_sha256(p) for p in batch}
-    known = set(client.call("POST", f"/v1/libraries/{lib_id}/known",
-                            json={"sha256": sorted(set(digests.values()))})["known"])
+    # a server older than /known answers 404 (a library gone since the lookup fails on the upload itself)
+    answer = client.call("POST", f"/v1/libraries/{lib_id}/known", json={"sha256": sorted(set(digests.values()))},
+                         missing_ok=True)
+    known = set(answer["known"]) if answer is not None else set()
     return [p for p in batch if digests[p] not in known]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -364,77 +365,33 @@ def test_client_commands_say_when_the_api_is_not_there(tmp_path, tiny_model, cmd
     assert "Connection refused" in out.stderr
 
 
-def test_an_upload_that_is_redirected_says_where_instead_of_resending_a_spent_body(tmp_path, tiny_model):
-    """A proxy answering 307 to the upload: following it would resend a body already read from disk
-    (nothing, against the full Content-Length) and wait out the timeout; the command names the new place."""
+@contextlib.contextmanager
+def fake_api(answer):
+    """A stand-in for the API on a free port: `answer(method, path)` gives (status, JSON or None, headers),
+    or None for a request that is never answered. Request bodies are read and dropped."""
     import http.server
     import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # the library lookup
-            body = json.dumps({"libraries": [{"id": "lib1", "name": "x"}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(307)
-            self.send_header("Location", "https://clapq.example/v1/libraries/lib1/batches")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        write(tmp_path / "a.wav", 0.5)
-        out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(tmp_path), "--library", "x",
-                              "--url", f"http://127.0.0.1:{server.server_address[1]}", "--key", "cq_x"],
-                             env=_env(tiny_model), capture_output=True, text=True, timeout=60)
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
-    assert "was redirected (307) to https://clapq.example/v1/libraries/lib1/batches" in out.stderr, out.stderr
-
-
-def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
-    """Ctrl-C while the second request is on its way: no traceback, the first request's job is named with
-    how to resume, exit 130. Ctrl-C while waiting for the jobs: they go on, and the command says so."""
-    import http.server
-    import signal
-    import threading
-
-    posted, polled = threading.Event(), threading.Event()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def reply(self, obj, status=200):
-            body = json.dumps(obj).encode()
+        def reply(self, method: str) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            got = answer(method, self.path)
+            if got is None:
+                time.sleep(30)
+                return
+            status, obj, headers = got
+            body = json.dumps(obj).encode() if obj is not None else b""
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
+            for k, v in {"Content-Type": "application/json", "Content-Length": str(len(body)), **headers}.items():
+                self.send_header(k, v)
             self.end_headers()
             self.wfile.write(body)
 
         def do_GET(self):
-            if self.path == "/v1/libraries":
-                self.reply({"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]})
-            else:  # a job, never finished
-                polled.set()
-                self.reply({"status": "running", "counts": {"done": 0, "failed": 0, "total": 1}, "errors": []})
+            self.reply("GET")
 
         def do_POST(self):
-            self.rfile.read(int(self.headers["Content-Length"]))
-            if posted.is_set():  # the second upload request: never answered
-                time.sleep(30)
-                return
-            posted.set()
-            self.reply({"job_id": "job1", "items": []}, 202)
+            self.reply("POST")
 
         def log_message(self, *args):
             pass
@@ -442,11 +399,75 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _upload(folder: Path, url: str, tiny_model, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "x", "--url", url,
+                             "--key", "cq_x"], env=_env(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+def test_an_upload_that_is_redirected_says_where_instead_of_resending_a_spent_body(tmp_path, tiny_model):
+    """A proxy answering 307 to the upload: following it would resend a body already read from disk
+    (nothing, against the full Content-Length) and wait out the timeout; the command names the new place."""
+    def answer(method, path):
+        if method == "GET":  # the library lookup
+            return 200, {"libraries": [{"id": "lib1", "name": "x"}]}, {}
+        return 307, None, {"Location": "https://clapq.example/v1/libraries/lib1/batches"}
+
+    write(tmp_path / "a.wav", 0.5)
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and "Traceback" not in err, err
+    assert "was redirected (307) to https://clapq.example/v1/libraries/lib1/batches" in err, err
+
+
+def test_a_server_without_known_gets_every_file(tmp_path, tiny_model):
+    """An older server answers 404 to /known: the command sends every file instead of stopping."""
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 3}]}, {}
+        if path.endswith("/known"):
+            return 404, {"error": {"code": "not_found", "message": "not found", "status": 404}}, {}
+        if path.endswith("/batches"):
+            return 202, {"job_id": "job1", "items": []}, {}
+        return 200, {"status": "done", "counts": {"done": 2, "failed": 0, "total": 2}, "errors": []}, {}
+
+    write(tmp_path / "a.wav", 0.5)
+    write(tmp_path / "b.wav", 0.5, seed=1)
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and err.startswith("uploading 2 files ("), err
+    assert json.loads(out)["skipped"] == 0
+
+
+def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
+    """Ctrl-C while the second request is on its way: no traceback, the first request's job is named with
+    how to resume, exit 130. Ctrl-C while waiting for the jobs: they go on, and the command says so."""
+    import threading
+
+    posted, polled = threading.Event(), threading.Event()
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if method == "GET":  # a job, never finished
+            polled.set()
+            return 200, {"status": "running", "counts": {"done": 0, "failed": 0, "total": 1}, "errors": []}, {}
+        if posted.is_set():  # the second upload request: never answered
+            return None
+        posted.set()
+        return 202, {"job_id": "job1", "items": []}, {}
 
     def interrupted(folder: Path, when: threading.Event) -> tuple[int, str]:
-        p = subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "x",
-                              "--url", f"http://127.0.0.1:{server.server_address[1]}", "--key", "cq_x"],
-                             env=_env(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = _upload(folder, url, tiny_model)
         try:
             assert when.wait(60)
             time.sleep(0.5)  # into the next request (or the wait between polls)
@@ -456,7 +477,7 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
             p.kill()
         return p.returncode, err
 
-    try:
+    with fake_api(answer) as url:
         two = tmp_path / "two requests"
         two.mkdir()
         clip = write(two / "c000.wav", 0.05, 8_000).read_bytes()
@@ -472,6 +493,3 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
         rc, err = interrupted(one, polled)
         assert rc == 130 and "Traceback" not in err, err
         assert "clapq: stopped waiting; the uploaded files are still being embedded (jobs job1" in err, err
-    finally:
-        server.shutdown()
-        server.server_close()
