@@ -135,6 +135,10 @@ def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
             for r, p in zip(rel, batch)]))
 
 
+def files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
+
+
 def audio_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
 
@@ -183,14 +187,14 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
                 if not batch:
                     continue
             # said before the request, which on a slow network takes minutes: the command is not stuck
-            print(f"uploading {len(batch)} files ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)",
+            print(f"uploading {files(len(batch))} ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)",
                   file=sys.stderr)
             with multipart_body(folder, batch) as body:
                 jobs.append(client.call("POST", f"/v1/libraries/{lib['id']}/batches", data=body,
                                         headers={"Content-Type": body.content_type},
                                         allow_redirects=False)["job_id"])
             sent += len(batch)
-            print(f"uploaded {len(batch)} files (job {jobs[-1]})", file=sys.stderr)
+            print(f"uploaded {files(len(batch))} (job {jobs[-1]})", file=sys.stderr)
     except (SystemExit, KeyboardInterrupt) as exc:
         ctrl_c = isinstance(exc, KeyboardInterrupt)
         if jobs:  # say what is already in, and that running the command again resumes

@@ -180,7 +180,7 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["files"] == 3 and json.loads(out.stdout)["skipped"] == 2, out.stdout
-    assert out.stderr.splitlines()[0].startswith("uploading 1 files ("), out.stderr
+    assert out.stderr.splitlines()[0].startswith("uploading 1 file ("), out.stderr
     assert "2 of 3 files are in the library already: not sent again" in out.stderr, out.stderr
     # a folder without audio files is an error that creates no library
     (tmp_path / "no audio").mkdir()
