@@ -333,7 +333,8 @@ class Service:
 
     def __init__(self, model_dir: Path, db_url: str, redis_url: str, work: Path, batch_size: int,
                  device: torch.device, precision: str, decoders: int, items_per_task: int,
-                 api_workers: int = 1, compiled: bool = False, claim_for_s: int | None = None) -> None:
+                 api_workers: int = 1, compiled: bool = False, claim_for_s: int | None = None,
+                 worker_nice: int | None = None) -> None:
         self.db_url, self.redis_url, self.work = db_url, redis_url, work
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
         port = _free_port()
@@ -345,6 +346,8 @@ class Service:
                    CLAPQ_COMPILE="1" if compiled else "0")
         if claim_for_s is not None:
             env["CLAPQ_CLAIM_FOR_S"] = str(claim_for_s)
+        if worker_nice is not None:
+            env["CLAPQ_WORKER_NICE"] = str(worker_nice)
         self.env, self.base = env, f"http://127.0.0.1:{port}"
         self.procs: list[subprocess.Popen] = []
 
@@ -394,7 +397,7 @@ class Service:
         lib = requests.post(base + "/v1/libraries", json={"name": f"bench-{time.time_ns()}"}, headers=h,
                             timeout=300).json()
 
-        from clapq.client import multipart_body
+        from clapq.client import Client, multipart_body, watch_jobs
 
         def post(chunk: list[Path]) -> str:
             with multipart_body(chunk[0].parent, chunk) as body:  # streamed from disk, as `clapq upload` does
@@ -420,11 +423,8 @@ class Service:
         with cf.ThreadPoolExecutor(max_workers=upload_threads) as pool:
             jobs = list(pool.map(post, chunks))
         uploaded = time.perf_counter() - t0
-        while True:  # the clock stops at the last item's finished_at, so polling is rare and coarse
-            time.sleep(1.0)
-            states = [requests.get(f"{base}/v1/jobs/{j}", headers=h, timeout=60).json() for j in jobs]
-            if all(s["status"] not in ("queued", "running") for s in states):
-                break
+        # as `clapq upload` waits (one job a second); the clock stops at the last item's finished_at
+        states = watch_jobs(Client(base, h["Authorization"].split()[1]), jobs)
         assert all(s["status"] == "done" for s in states), states
         # where the cores went, per clip (up to a second of idle polling after the end is included)
         cpu = {k: v - cpu0[k] for k, v in cpu_now().items()}
@@ -479,6 +479,9 @@ def main() -> None:
     ap.add_argument("--claim-for-s", type=int, default=None,
                     help="CLAPQ_CLAIM_FOR_S for the worker (default as the service, auto: its tasks go on "
                          "claiming later tasks' files for 10 s on a GPU, 0 s on a CPU; 0: only to fill their last batch)")
+    ap.add_argument("--worker-nice", type=int, default=None,
+                    help="CLAPQ_WORKER_NICE for the worker (default as the service: 19, so that ingest yields "
+                         "the CPU to searches; 0 leaves it at the API's and Postgres's priority)")
     ap.add_argument("--quiet-timeout", type=float, default=QUIET_TIMEOUT_S,
                     help="longest wait for an idle machine before each timed path, seconds")
     args = ap.parse_args()
@@ -517,6 +520,7 @@ def main() -> None:
                      "reference_precision": dtype_name(ref_dtype), "decoders": decoders, "upload_threads": upload_threads,
                      "api_workers": api_workers, "items_per_task": args.items_per_task,
                      "claim_for_s": "auto" if args.claim_for_s is None else args.claim_for_s,
+                     "worker_nice": Settings.from_env({}).worker_nice if args.worker_nice is None else args.worker_nice,
                      "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "rounds": []}
     paths = [p for p in ("raw", "pipeline", "reference", "clapq") if p in args.only.split(",")]
     with contextlib.ExitStack() as stack:
@@ -541,7 +545,7 @@ def main() -> None:
             stack.callback(engine.close)
         service = (stack.enter_context(Service(model_dir, db_url, redis_url, work, args.batch, device,
                                                args.precision, decoders, args.items_per_task, api_workers,
-                                               compiled, args.claim_for_s))
+                                               compiled, args.claim_for_s, args.worker_nice))
                    if "clapq" in paths else None)
         for r in range(args.rounds if paths else 0):
             one: dict = {}

@@ -493,3 +493,29 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
         rc, err = interrupted(one, polled)
         assert rc == 130 and "Traceback" not in err, err
         assert "clapq: stopped waiting; the uploaded files are still being embedded (jobs job1" in err, err
+
+
+def test_waiting_asks_about_one_job_at_a_time():
+    """`clapq upload` waits by asking about every job once, then only about the oldest that has not ended
+    (the next at once when it has): the API answers a request a second however many jobs a folder made."""
+    from collections import Counter
+
+    from clapq.client import Client, watch_jobs
+
+    ends_after = {"j1": 3, "j2": 1, "j3": 2}  # the look at which each job has ended
+    looks: Counter = Counter()
+
+    def answer(method, path):
+        job = path.rsplit("/", 1)[-1]
+        looks[job] += 1
+        ended = looks[job] >= ends_after[job]
+        return 200, {"status": "done" if ended else "running", "errors": [],
+                     "counts": {"done": int(ended), "failed": 0, "total": 1}}, {}
+
+    seen = []
+    with fake_api(answer) as url:
+        states = watch_jobs(Client(url, "cq_x"), ["j1", "j2", "j3"], lambda done, total: seen.append((done, total)),
+                            poll_s=0.01)
+    assert [s["status"] for s in states] == ["done"] * 3
+    assert dict(looks) == ends_after  # j2 once; j3 only after j1 has ended
+    assert seen == [(1, 3), (1, 3), (3, 3)]
