@@ -74,8 +74,8 @@ def get_library(lib_id: str):
 @bp.post("/libraries/<lib_id>/known")
 def known_files(lib_id: str):
     """Which of these sha256 digests (of whole files' bytes) the library holds already, queued, running
-    or embedded: a client uploading a folder again sends only the rest. Failed and cancelled files are
-    not listed, because sending them again retries them."""
+    or embedded (`pending`: those of them not embedded yet): a client uploading a folder again sends only
+    the rest. Failed and cancelled files are not listed, because sending them again retries them."""
     lib = owned(Library, lib_id, "library")
     if (request.content_length or 0) > MAX_DIGESTS * 80:  # before it is read: 10,000 digests fit in 800 kB
         raise ApiError(413, "too_large", f"send at most {MAX_DIGESTS} digests (about 700 kB) per request")
@@ -85,6 +85,8 @@ def known_files(lib_id: str):
         raise bad_request(f"{len(digests)} digests in one request; the limit is {MAX_DIGESTS}")
     if not isinstance(digests, list) or not all(isinstance(d, str) and SHA256_HEX.fullmatch(d) for d in digests):
         raise bad_request('send {"sha256": [...]}: a list of sha256 digests of files\' bytes, in lowercase hex')
-    known = db().scalars(select(Item.sha256).where(Item.library_id == lib.id, Item.sha256.in_(set(digests)),
-                                                   Item.status.not_in(RETRIED_ON_REUPLOAD)))
-    return {"known": sorted(set(known))}
+    rows = db().execute(select(Item.sha256, Item.status).where(
+        Item.library_id == lib.id, Item.sha256.in_(set(digests)), Item.status.not_in(RETRIED_ON_REUPLOAD))).all()
+    # `pending`: the known ones not embedded yet (queued or running), e.g. after an upload cut short
+    return {"known": sorted({r.sha256 for r in rows}),
+            "pending": sorted({r.sha256 for r in rows if r.status in ("queued", "running")})}

@@ -97,7 +97,8 @@ SPEC = {
                 "type": "object", "required": ["sha256"], "properties": {"sha256": {
                     "type": "array", "maxItems": 10000,
                     "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}}}}},
-            "responses": _ok("the digests the library holds already (not failed or cancelled)")}},
+            "responses": _ok("known: the digests the library holds already (not failed or cancelled); pending: "
+                             "those of them not embedded yet")}},
         "/v1/jobs": {"get": {"parameters": [
             {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
             {"name": "cursor", "in": "query", "schema": {"type": "string"}}],

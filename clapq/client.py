@@ -158,14 +158,15 @@ def batches(paths: list[Path]) -> Iterator[list[Path]]:
         yield batch
 
 
-def not_known(client: Client, lib_id: str, batch: list[Path]) -> list[Path]:
-    """The files of `batch` whose bytes the library does not hold yet (asked by digest; nothing sent)."""
+def not_known(client: Client, lib_id: str, batch: list[Path]) -> tuple[list[Path], int]:
+    """The files of `batch` whose bytes the library does not hold yet (asked by digest; nothing sent), and
+    how many of the others it has not embedded yet."""
     digests = {p: file_sha256(p) for p in batch}
     # a server older than /known answers 404 (a library gone since the lookup fails on the upload itself)
     answer = client.call("POST", f"/v1/libraries/{lib_id}/known", json={"sha256": sorted(set(digests.values()))},
-                         missing_ok=True)
-    known = set(answer["known"]) if answer is not None else set()
-    return [p for p in batch if digests[p] not in known]
+                         missing_ok=True) or {}
+    known, pending = set(answer.get("known", ())), set(answer.get("pending", ()))
+    return [p for p in batch if digests[p] not in known], sum(digests[p] in pending for p in batch)
 
 
 def upload_folder(client: Client, folder: Path, library: str, wait: bool = True) -> int:
@@ -177,12 +178,13 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     # a library that holds files already (the same folder again, or an upload cut short): files whose
     # bytes it holds are not sent again, only the rest
     check = lib.get("item_count", 0) > 0
-    jobs, sent, skipped = [], 0, 0
+    jobs, sent, skipped, unfinished = [], 0, 0, 0
     try:
         for batch in batches(paths):
             if check:
-                new = not_known(client, lib["id"], batch)
+                new, pending = not_known(client, lib["id"], batch)
                 skipped += len(batch) - len(new)
+                unfinished += pending
                 batch = new
                 if not batch:
                     continue
@@ -208,7 +210,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
             raise SystemExit(130) from None
         raise
     if skipped:
-        print(f"{skipped} of {len(paths)} files are in the library already: not sent again", file=sys.stderr)
+        # those still queued or running belong to earlier jobs, which this command does not wait for
+        still = (f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
+                 if unfinished else "")
+        print(f"{skipped} of {len(paths)} files are in the library already{still}: not sent again", file=sys.stderr)
     try:
         failed = _wait(client, jobs) if wait and jobs else 0
     except KeyboardInterrupt:

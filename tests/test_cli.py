@@ -448,6 +448,31 @@ def test_a_server_without_known_gets_every_file(tmp_path, tiny_model):
     assert json.loads(out)["skipped"] == 0
 
 
+def test_files_held_but_not_embedded_yet_are_named(tmp_path, tiny_model):
+    """Run again while an earlier upload's files are still queued: they are not sent again, and the
+    command says how many of them are not searchable yet (it waits only for what it sent)."""
+    import hashlib
+
+    a = write(tmp_path / "a.wav", 0.5)
+    write(tmp_path / "b.wav", 0.5, seed=1)
+    held = hashlib.sha256(a.read_bytes()).hexdigest()
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 1}]}, {}
+        if path.endswith("/known"):
+            return 200, {"known": [held], "pending": [held]}, {}
+        if path.endswith("/batches"):
+            return 202, {"job_id": "job1", "items": []}, {}
+        return 200, {"status": "done", "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}
+
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and err.startswith("uploading 1 file ("), err
+    assert "1 of 2 files are in the library already (1 of them not embedded yet" in err, err
+
+
 def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
     """Ctrl-C while the second request is on its way: no traceback, the first request's job is named with
     how to resume, exit 130. Ctrl-C while waiting for the jobs: they go on, and the command says so."""
