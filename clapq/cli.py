@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from clapq.settings import Settings
+from clapq.settings import Settings, claim_window_s
 
 
 def _fail(message: str, code: int = 2) -> None:
@@ -210,8 +210,8 @@ def cmd_up(args) -> None:
         print(f"clapq: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
-        # the worker finishes its task first: about a batch, plus claiming later files on a GPU (10 s)
-        _terminate(list(reversed(procs)), grace=20.0 + (10 if settings.claim_for_s is None else settings.claim_for_s))
+        # the worker finishes its task first: about a batch, plus claiming later files (on a GPU, at auto)
+        _terminate(list(reversed(procs)), grace=20.0 + claim_window_s(settings.claim_for_s, "cuda"))
         for stop in reversed(stack):
             stop()
         print("clapq stopped", file=sys.stderr)

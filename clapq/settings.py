@@ -43,6 +43,24 @@ def _auto_bool(env: dict[str, str], name: str) -> bool | None:
     raise SystemExit(f"clapq: {name} must be auto, 1 or 0, got {raw!r}")
 
 
+def _auto_int(env: dict[str, str], name: str) -> int | None:
+    """auto (None: the code decides) or an integer."""
+    if (env.get(name) or "").strip().lower() in ("", "auto"):
+        return None
+    return _int(env, name, 0)
+
+
+def claim_window_s(setting: int | None, device_type: str) -> int:
+    """How long a first try goes on claiming queued files of later tasks (CLAPQ_CLAIM_FOR_S). `auto`
+    (None): 10 s on a GPU, whose decoders would otherwise take turns with the model at each task; 0 on
+    a CPU, where decoders and model share every core (no gain measured) and a task stays about a batch
+    long, so it ends within `clapq up`'s grace on Ctrl-C."""
+    if setting is not None:
+        return max(0, setting)
+    return 10 if device_type == "cuda" else 0
+
+
+
 def _choice(env: dict[str, str], name: str, allowed: tuple[str, ...], default: str) -> str:
     raw = (env.get(name) or "").strip().lower()
     if raw == "":
@@ -68,7 +86,7 @@ class Settings:
     device: str
     batch_size: int
     items_per_task: int
-    claim_for_s: int | None  # None: auto (worker.tasks.claim_window_s)
+    claim_for_s: int | None  # None: auto (claim_window_s)
     max_request_bytes: int
     max_files_per_batch: int
     max_query_chars: int
@@ -108,8 +126,7 @@ class Settings:
             items_per_task=_int(env, "CLAPQ_ITEMS_PER_TASK", _int(env, "CLAPQ_BATCH_SIZE", 16)),
             # a worker's task goes on claiming queued files of later tasks for this long, so its decoders
             # do not wait for the next task; 0: only to fill its last batch; auto: by device
-            claim_for_s=None if (env.get("CLAPQ_CLAIM_FOR_S") or "auto").strip().lower() == "auto"
-            else _int(env, "CLAPQ_CLAIM_FOR_S", 0),
+            claim_for_s=_auto_int(env, "CLAPQ_CLAIM_FOR_S"),
             max_request_bytes=_int(env, "CLAPQ_MAX_REQUEST_BYTES", 2 * 1024**3),
             max_files_per_batch=_int(env, "CLAPQ_MAX_FILES_PER_BATCH", 1000),
             max_query_chars=_int(env, "CLAPQ_MAX_QUERY_CHARS", 1000),

@@ -294,8 +294,7 @@ store.write_items = flaky
 
 def test_how_long_a_task_claims_later_files():
     """CLAPQ_CLAIM_FOR_S: auto (the default) is 10 s on a GPU and 0 on a CPU; a number is that number."""
-    from clapq.settings import Settings
-    from worker.tasks import claim_window_s
+    from clapq.settings import Settings, claim_window_s
 
     auto = Settings.from_env({}).claim_for_s
     assert auto is None and Settings.from_env({"CLAPQ_CLAIM_FOR_S": "auto"}).claim_for_s is None

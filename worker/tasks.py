@@ -16,7 +16,7 @@ from clapq.blobs import BlobStore
 from clapq.checkpoint import register_model, resolve
 from clapq.db import session_scope
 from clapq.queue import EMBED_TASK, enqueue_items
-from clapq.settings import Settings
+from clapq.settings import Settings, claim_window_s
 
 log = logging.getLogger(__name__)
 
@@ -25,16 +25,6 @@ log = logging.getLogger(__name__)
 # IntegrityError comes back on every try, so it takes the unexpected-error path (files handed back,
 # attempts bounding the retries) instead of 8 backoffs
 TRANSIENT = (OperationalError, InterfaceError, ConnectionError)
-
-
-def claim_window_s(setting: int | None, device_type: str) -> int:
-    """How long a first try goes on claiming queued files of later tasks (CLAPQ_CLAIM_FOR_S). `auto`
-    (None): 10 s on a GPU, whose decoders would otherwise take turns with the model at each task; 0 on
-    a CPU, where decoders and model share every core (no gain measured) and a task stays about a batch
-    long, so it ends within `clapq up`'s grace on Ctrl-C."""
-    if setting is not None:
-        return max(0, setting)
-    return 10 if device_type == "cuda" else 0
 
 
 @functools.lru_cache(maxsize=1)
