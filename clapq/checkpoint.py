@@ -9,6 +9,8 @@ import os
 import threading
 from pathlib import Path
 
+from clapq.blobs import hash_file
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -63,9 +65,7 @@ def _weights_hash(path: Path) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
+        hash_file(f, h)
     return h.hexdigest()
 
 
