@@ -364,7 +364,8 @@ class Service:
                                                stderr=subprocess.STDOUT, start_new_session=True))
         self.worker, self.api = self.procs
         with session_scope(self.db_url) as s:
-            self.headers = {"Authorization": f"Bearer {create_key(s, f'bench-{time.time_ns()}')}"}
+            self.key = create_key(s, f"bench-{time.time_ns()}")
+        self.headers = {"Authorization": f"Bearer {self.key}"}
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:  # API up and a worker with the model loaded
             try:
@@ -424,7 +425,7 @@ class Service:
             jobs = list(pool.map(post, chunks))
         uploaded = time.perf_counter() - t0
         # as `clapq upload` waits (one job a second); the clock stops at the last item's finished_at
-        states = watch_jobs(Client(base, h["Authorization"].split()[1]), jobs)
+        states = watch_jobs(Client(base, self.key), jobs)
         assert all(s["status"] == "done" for s in states), states
         # where the cores went, per clip (up to a second of idle polling after the end is included)
         cpu = {k: v - cpu0[k] for k, v in cpu_now().items()}

@@ -135,7 +135,7 @@ def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
             for r, p in zip(rel, batch)]))
 
 
-def files(n: int) -> str:
+def n_files(n: int) -> str:
     return f"{n} file" if n == 1 else f"{n} files"
 
 
@@ -189,14 +189,14 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
                 if not batch:
                     continue
             # said before the request, which on a slow network takes minutes: the command is not stuck
-            print(f"uploading {files(len(batch))} ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)",
+            print(f"uploading {n_files(len(batch))} ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)",
                   file=sys.stderr)
             with multipart_body(folder, batch) as body:
                 jobs.append(client.call("POST", f"/v1/libraries/{lib['id']}/batches", data=body,
                                         headers={"Content-Type": body.content_type},
                                         allow_redirects=False)["job_id"])
             sent += len(batch)
-            print(f"uploaded {files(len(batch))} (job {jobs[-1]})", file=sys.stderr)
+            print(f"uploaded {n_files(len(batch))} (job {jobs[-1]})", file=sys.stderr)
     except (SystemExit, KeyboardInterrupt) as exc:
         ctrl_c = isinstance(exc, KeyboardInterrupt)
         if jobs:  # say what is already in, and that running the command again resumes
@@ -227,9 +227,6 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     return 1 if failed else 0
 
 
-ENDED = ("done", "done_with_errors", "failed", "cancelled")
-
-
 def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int], None] | None = None,
                poll_s: float = 1.0) -> list[dict]:
     """Wait until every job has ended and return their final states, in order. Each job is asked about
@@ -241,13 +238,13 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int], N
         if progress is not None:
             progress(sum(s["counts"]["done"] + s["counts"]["failed"] for s in states),
                      sum(s["counts"]["total"] for s in states))
-        waiting = [i for i, s in enumerate(states) if s["status"] not in ENDED]
+        waiting = [i for i, s in enumerate(states) if s["status"] in ("queued", "running")]
         if not waiting:
             return states
         time.sleep(poll_s)
         for i in waiting:
             states[i] = client.call("GET", f"/v1/jobs/{jobs[i]}")
-            if states[i]["status"] not in ENDED:
+            if states[i]["status"] in ("queued", "running"):
                 break
 
 
