@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask
+from flask import Blueprint, Flask, request
 
 from clapq.blobs import BlobStore
 from clapq.queue import make_celery
@@ -18,7 +18,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.request_class = StreamingRequest
     # a path with an empty id (`/v1/items//segments`) is a 404 in the JSON envelope, not a redirect page
     app.url_map.merge_slashes = False
-    app.json.sort_keys = False
+    app.json = errors.ClientJSON(app)  # bodies as api.errors.parse_json reads them
     app.config.update(
         CLAPQ=settings,
         # 413 before the body is read when Content-Length says too much; chunked bodies stop at the limit
@@ -30,6 +30,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["clapq_celery"] = make_celery(settings)
     errors.register(app)
     app.teardown_appcontext(db.close_db)
+    # a file part that no handler committed into the store (a search's `audio` clip, a refused batch)
+    # leaves no temporary file behind
+    app.teardown_request(lambda exc: request.discard_uploads())
 
     v1 = Blueprint("v1", __name__, url_prefix="/v1")
     v1.before_request(auth.require_tenant)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 
 from flask import Blueprint, current_app, g, request
@@ -10,8 +9,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from api.db import db
-from api.errors import ApiError, bad_request, check_text
+from api.errors import ApiError, bad_request, parse_json
 from api.lookup import owned
+from api.models_info import served_model_for
 from api.uploads import display_name
 from clapq.blobs import StorageFull
 from clapq.models import Item, Job, Library
@@ -29,12 +29,11 @@ def _metadata_field(filenames: set[str]) -> dict:
     if raw is None or raw.strip() == "":
         return {}
     try:
-        meta = json.loads(raw)
+        meta = parse_json(raw, "'metadata'")
     except ValueError as exc:
         raise bad_request(f"'metadata' is not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
         raise bad_request("'metadata' must be a JSON object mapping filename -> object")
-    check_text(meta, "'metadata'")
     unknown = sorted(set(meta) - filenames)
     if unknown:
         raise bad_request(f"'metadata' names files not in this batch: {unknown[:5]}")
@@ -49,84 +48,91 @@ def _backpressure(settings) -> None:
                        "CLAPQ_MAX_PENDING); retry later", {"Retry-After": "60"})
 
 
+@bp.get("/limits")
+def limits():
+    """What this service takes, so a client can fit its requests to it (`clapq upload` sizes its batches
+    by these and leaves out files over the per-file limit) instead of learning each from a refusal."""
+    s = current_app.config["CLAPQ"]
+    return {"max_file_bytes": s.max_file_bytes, "max_files_per_batch": s.max_files_per_batch,
+            "max_request_bytes": s.max_request_bytes, "max_query_chars": s.max_query_chars, "max_k": s.max_k}
+
+
 @bp.post("/libraries/<lib_id>/batches")
 def upload_batch(lib_id: str):
     lib = owned(Library, lib_id, "library")  # before the body is read
+    served_model_for(lib)  # files for a library of another model could never be embedded here
     settings = current_app.config["CLAPQ"]
     _backpressure(settings)
     if not (request.content_type or "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with one or more 'files' parts")
     try:
+        files = request.files.getlist("files")
+    except StorageFull:
+        raise ApiError(507, "insufficient_storage", "the upload area is full; try again later") from None
+    if not files:
+        raise bad_request("no files: send each file as a multipart part named 'files'")
+    if len(files) > settings.max_files_per_batch:
+        raise ApiError(413, "too_many_files", f"{len(files)} files in one batch; the limit is "
+                       f"{settings.max_files_per_batch} (CLAPQ_MAX_FILES_PER_BATCH)")
+    raw_names = [f.filename or "" for f in files]
+    meta = _metadata_field(set(raw_names))
+    too_big = [n for f, n in zip(files, raw_names) if f.stream.size > settings.max_file_bytes]
+    if too_big:
+        raise ApiError(413, "file_too_large", f"{display_name(too_big[0])!r} is larger than the per-file limit "
+                       f"of {settings.max_file_bytes} bytes (CLAPQ_MAX_FILE_BYTES)")
+    session = db()
+    job = Job(tenant_id=g.tenant_id, library_id=lib.id, kind="upload")
+    session.add(job)
+    session.flush()
+    shas = []
+    for f in files:
         try:
-            files = request.files.getlist("files")
+            shas.append(f.stream.commit())
         except StorageFull:
             raise ApiError(507, "insufficient_storage", "the upload area is full; try again later") from None
-        if not files:
-            raise bad_request("no files: send each file as a multipart part named 'files'")
-        if len(files) > settings.max_files_per_batch:
-            raise ApiError(413, "too_many_files", f"{len(files)} files in one batch; the limit is "
-                           f"{settings.max_files_per_batch} (CLAPQ_MAX_FILES_PER_BATCH)")
-        raw_names = [f.filename or "" for f in files]
-        meta = _metadata_field(set(raw_names))
-        too_big = [n for f, n in zip(files, raw_names) if f.stream.size > settings.max_file_bytes]
-        if too_big:
-            raise ApiError(413, "file_too_large", f"{display_name(too_big[0])!r} is larger than the per-file limit "
-                           f"of {settings.max_file_bytes} bytes (CLAPQ_MAX_FILE_BYTES)")
-        session = db()
-        job = Job(tenant_id=g.tenant_id, library_id=lib.id, kind="upload")
-        session.add(job)
-        session.flush()
-        shas = []
-        for f in files:
-            try:
-                shas.append(f.stream.commit())
-            except StorageFull:
-                raise ApiError(507, "insufficient_storage", "the upload area is full; try again later") from None
-        names = [display_name(raw) for raw in raw_names]
-        # one row per distinct bytes (the first file that has them), all in one statement
-        rows: dict[str, dict] = {}
-        for f, raw, name, sha in zip(files, raw_names, names, shas):
-            rows.setdefault(sha, dict(tenant_id=g.tenant_id, library_id=lib.id, job_id=job.id, sha256=sha,
-                                      filename=name, size_bytes=f.stream.size, meta=meta.get(raw, {})))
-        created = dict(session.execute(
-            insert(Item).values(list(rows.values()))
-            .on_conflict_do_nothing(index_elements=["library_id", "sha256"]).returning(Item.sha256, Item.id)
-        ).all())
-        # the rest were already in this library: one item per bytes
-        missing = [sha for sha in rows if sha not in created]
-        existing = {r.sha256: r for r in session.execute(
-            select(Item.sha256, Item.id, Item.status).where(Item.library_id == lib.id, Item.sha256.in_(missing))
-        )} if missing else {}
-        retried = {r.id for r in existing.values() if r.status in RETRIED_ON_REUPLOAD}
-        if retried:
-            # they failed (or were cancelled) before: uploading them again is a retry, tracked by this
-            # job, so the job reports their new outcome instead of counting them done unseen
-            session.execute(update(Item).where(Item.id.in_(retried)).values(
-                job_id=job.id, status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
-                updated_at=func.now()))
-        out, new_ids, seen = [], [], set()
-        for name, sha in zip(names, shas):
-            old = existing.get(sha)
-            item_id = created[sha] if old is None else old.id
-            entry = {"id": str(item_id), "filename": name}
-            if sha in seen:  # the same bytes twice in this batch
-                entry.update(status="queued" if old is None or old.id in retried else old.status,
-                             duplicate_of=str(item_id))
-                job.duplicates += 1
-            elif old is None:
-                entry["status"] = "queued"
-                new_ids.append(item_id)
-            elif old.id in retried:
-                entry.update(status="queued", retry_of=old.status)
-                new_ids.append(item_id)
-            else:
-                entry.update(status=old.status, duplicate_of=str(item_id))
-                job.duplicates += 1
-            seen.add(sha)
-            out.append(entry)
-        session.commit()
-    finally:
-        request.discard_uploads()
+    names = [display_name(raw) for raw in raw_names]
+    # one row per distinct bytes (the first file that has them), all in one statement
+    rows: dict[str, dict] = {}
+    for f, raw, name, sha in zip(files, raw_names, names, shas):
+        rows.setdefault(sha, dict(tenant_id=g.tenant_id, library_id=lib.id, job_id=job.id, sha256=sha,
+                                  filename=name, size_bytes=f.stream.size, meta=meta.get(raw, {})))
+    created = dict(session.execute(
+        insert(Item).values(list(rows.values()))
+        .on_conflict_do_nothing(index_elements=["library_id", "sha256"]).returning(Item.sha256, Item.id)
+    ).all())
+    # the rest were already in this library: one item per bytes
+    missing = [sha for sha in rows if sha not in created]
+    existing = {r.sha256: r for r in session.execute(
+        select(Item.sha256, Item.id, Item.status).where(Item.library_id == lib.id, Item.sha256.in_(missing))
+    )} if missing else {}
+    retried = {r.id for r in existing.values() if r.status in RETRIED_ON_REUPLOAD}
+    if retried:
+        # they failed (or were cancelled) before: uploading them again is a retry, tracked by this
+        # job, so the job reports their new outcome instead of counting them done unseen
+        session.execute(update(Item).where(Item.id.in_(retried)).values(
+            job_id=job.id, status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
+            updated_at=func.now()))
+    out, new_ids, seen = [], [], set()
+    for name, sha in zip(names, shas):
+        old = existing.get(sha)
+        item_id = created[sha] if old is None else old.id
+        entry = {"id": str(item_id), "filename": name}
+        if sha in seen:  # the same bytes twice in this batch
+            entry.update(status="queued" if old is None or old.id in retried else old.status,
+                         duplicate_of=str(item_id))
+            job.duplicates += 1
+        elif old is None:
+            entry["status"] = "queued"
+            new_ids.append(item_id)
+        elif old.id in retried:
+            entry.update(status="queued", retry_of=old.status)
+            new_ids.append(item_id)
+        else:
+            entry.update(status=old.status, duplicate_of=str(item_id))
+            job.duplicates += 1
+        seen.add(sha)
+        out.append(entry)
+    session.commit()
     try:
         enqueue_items(current_app.extensions["clapq_celery"], new_ids, settings.items_per_task)
     except Exception:  # rows are committed: the sweeper re-enqueues pending items

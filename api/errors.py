@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 from flask import Flask, jsonify, request
+from flask.json.provider import DefaultJSONProvider
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -27,17 +30,21 @@ def bad_request(message: str, code: str = "bad_request") -> ApiError:
     return ApiError(400, code, message)
 
 
+MAX_DEPTH = 32  # nesting of JSON a client sends: metadata, filters; deeper is a mistake or an attack
+
+
 def check_text(value, where: str) -> None:
     """Refuse a NUL character or an unpaired surrogate (JSON allows "\\u0000" and "\\ud800") in any string
-    of `value`, dict keys included: Postgres stores neither, so they would fail deep inside as a 500."""
-    stack = [value]
+    of `value`, dict keys included (Postgres stores neither, so they would fail deep inside as a 500),
+    and nesting deeper than MAX_DEPTH."""
+    stack = [(value, 0)]
     while stack:
-        v = stack.pop()
-        if isinstance(v, dict):
-            stack.extend(v.keys())
-            stack.extend(v.values())
-        elif isinstance(v, (list, tuple)):
-            stack.extend(v)
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list, tuple)):
+            if depth >= MAX_DEPTH:
+                raise bad_request(f"{where} is nested more than {MAX_DEPTH} levels deep")
+            children = [*v.keys(), *v.values()] if isinstance(v, dict) else v
+            stack.extend((x, depth + 1) for x in children)
         elif isinstance(v, str):
             try:
                 v.encode("utf-8")
@@ -45,6 +52,36 @@ def check_text(value, where: str) -> None:
                 raise bad_request(f"{where} has text with an unpaired surrogate (not valid Unicode)") from None
             if "\x00" in v:
                 raise bad_request(f"{where} has text with a NUL character (\\u0000 or %00)")
+
+
+def parse_json(raw: str | bytes, where: str):
+    """JSON text a client sent, as check_text allows it. NaN and Infinity (which Python's parser takes
+    but JSON does not have) and nesting too deep for the parser are 400s here instead of 500s later;
+    other malformed JSON raises ValueError for the caller to word."""
+    def no_constant(name: str):
+        raise bad_request(f"{where} has {name}, which is not a JSON number")
+
+    def finite(text: str) -> float:
+        value = float(text)
+        if value in (float("inf"), float("-inf")):
+            no_constant(text)
+        return value
+
+    try:
+        value = json.loads(raw, parse_constant=no_constant, parse_float=finite)
+    except RecursionError:
+        raise bad_request(f"{where} is nested more than {MAX_DEPTH} levels deep") from None
+    check_text(value, where)
+    return value
+
+
+class ClientJSON(DefaultJSONProvider):
+    """Flask's JSON, with request bodies read by parse_json (what `request.get_json()` returns)."""
+
+    sort_keys = False
+
+    def loads(self, s, **kwargs):
+        return parse_json(s, "the JSON body")
 
 
 def plain_query() -> None:
@@ -65,6 +102,25 @@ _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "metho
           429: "too_many_requests", 503: "unavailable", 507: "insufficient_storage"}
 
 
+def _code(e: HTTPException) -> str:
+    """Our short code for werkzeug's error, else its name in snake case ("Requested Range Not Satisfiable" ->
+    "requested_range_not_satisfiable")."""
+    return _CODES.get(e.code or 500) or re.sub(r"[^a-z0-9]+", "_", (e.name or "error").lower()).strip("_")
+
+
+def _too_large(app: Flask) -> str:
+    """Which limit a 413 from werkzeug hit: the whole body, the number of parts, or one form field (the
+    same exception for each; a chunked body has no length to tell them apart)."""
+    body = (f"the request body is larger than the limit of {app.config['MAX_CONTENT_LENGTH']} bytes "
+            "(CLAPQ_MAX_REQUEST_BYTES)")
+    form = (f"the form has more than {app.config['MAX_FORM_PARTS']} parts, or a field other than a file is over "
+            f"{app.config['MAX_FORM_MEMORY_SIZE'] // 2**20} MiB (each file is a part named 'files'; at most "
+            f"{app.config['CLAPQ'].max_files_per_batch} files a batch, CLAPQ_MAX_FILES_PER_BATCH)")
+    if request.content_length is None:
+        return f"{body}, or {form}"
+    return body if request.content_length > app.config["MAX_CONTENT_LENGTH"] else form
+
+
 def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
@@ -72,11 +128,8 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
-        message = e.description or e.name
-        if e.code == 413:
-            limit = app.config.get("MAX_CONTENT_LENGTH")
-            message = f"the request body is larger than the limit of {limit} bytes (CLAPQ_MAX_REQUEST_BYTES)"
-        return envelope(e.code or 500, _CODES.get(e.code or 500, "error"), message)
+        message = _too_large(app) if e.code == 413 else e.description or e.name
+        return envelope(e.code or 500, _code(e), message)
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):

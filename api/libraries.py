@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from flask import Blueprint, g, request
 from sqlalchemy import func, select
@@ -35,8 +36,10 @@ def create_library():
     if not isinstance(body, dict):
         raise bad_request("send a JSON object like {\"name\": \"my sounds\"}")
     name = body.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
-        raise bad_request("'name' must be a non-empty string of at most 200 characters")
+    if not isinstance(name, str) or len(name) > 200 or not any(unicodedata.category(c)[0] in "LNPS" for c in name):
+        raise bad_request("'name' must be a string of at most 200 characters with something visible in it")
+    if any(unicodedata.category(c) == "Cc" for c in name.strip()):
+        raise bad_request("'name' must not contain control characters (tabs, line breaks, ...)")
     lib = Library(tenant_id=g.tenant_id, name=name.strip(), model_id=serving_model_id())
     session = db()
     session.add(lib)

@@ -32,6 +32,17 @@ def serving_model_id() -> int:
     return _model_id(ckpt.name, ckpt.weights_sha256, current_app.config["CLAPQ"].database_url)
 
 
+def served_model_for(*libs) -> int:
+    """The id of the model this API serves, refusing (409) libraries bound to another: their vectors are
+    never compared with this model's, and files uploaded into them could not be embedded."""
+    model_id = serving_model_id()
+    if any(lib.model_id != model_id for lib in libs):
+        raise ApiError(409, "model_mismatch", "the library was embedded with another model than this service "
+                       "runs (CLAPQ_MODEL); vectors of two models are never compared: run the library's model, "
+                       "or create a new library")
+    return model_id
+
+
 def describe(model_id: int) -> dict:
     """A model row as the API shows it (rows never change, so each process reads one once)."""
     return dict(_describe(model_id, current_app.config["CLAPQ"].database_url))

@@ -90,7 +90,8 @@ SPEC = {
                 "type": "object", "required": ["files"], "properties": {
                     "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                     "metadata": {"type": "string", "description": "JSON object: filename -> object"}}}}}},
-            "responses": {**_ok("accepted", None, "202"), "413": _ERR, "415": _ERR, "507": _ERR}}},
+            "responses": {**_ok("accepted", None, "202"), "409": _ERR, "413": _ERR, "415": _ERR, "429": _ERR,
+                          "507": _ERR}}},
         "/v1/libraries/{library_id}/known": {"post": {
             "parameters": [_path_id("library_id")],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -99,6 +100,9 @@ SPEC = {
                     "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}}}}},
             "responses": _ok("known: the digests the library holds already (not failed or cancelled); pending: "
                              "those of them not embedded yet")}},
+        "/v1/limits": {"get": {"responses": _ok("what the service takes", {"type": "object", "properties": {
+            k: {"type": "integer"} for k in ("max_file_bytes", "max_files_per_batch", "max_request_bytes",
+                                             "max_query_chars", "max_k")}})}},
         "/v1/jobs": {"get": {"parameters": [
             {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
             {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
@@ -116,7 +120,7 @@ SPEC = {
         "/v1/libraries/{library_id}/classify": {"post": {"parameters": [_path_id("library_id")],
                                                          "requestBody": {"required": True, "content": {
                                                              "application/json": {"schema": CLASSIFY}}},
-                                                         "responses": _ok("top labels per item")}},
+                                                         "responses": {**_ok("top labels per item"), "409": _ERR}}},
         "/v1/items/{item_id}/classify": {"post": {"parameters": [_path_id("item_id")],
                                                   "requestBody": {"required": True, "content": {
                                                       "application/json": {"schema": CLASSIFY}}},
@@ -136,10 +140,19 @@ SPEC = {
         "/v1/items/{item_id}/audio": {"get": {"parameters": [_path_id("item_id")],
                                               "responses": _ok("the original file")}},
         "/v1/search": {
-            "get": {"parameters": [
-                {"name": "library_id", "in": "query", "required": True, "schema": _ID},
-                {"name": "q", "in": "query", "required": True, "schema": {"type": "string"}},
-                {"name": "k", "in": "query", "schema": {"type": "integer", "minimum": 1}}],
+            "get": {"description": "the parameters of POST as a query string (library_id and library_ids may "
+                                   "repeat; filter is JSON text); a query text longer than fits a URL goes by POST",
+                    "parameters": [
+                {"name": "library_id", "in": "query", "schema": _ID},
+                {"name": "library_ids", "in": "query", "schema": {"type": "array", "items": _ID}},
+                {"name": "q", "in": "query", "schema": {"type": "string"}},
+                {"name": "text", "in": "query", "schema": {"type": "string"}},
+                {"name": "item_id", "in": "query", "schema": _ID},
+                {"name": "k", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
+                {"name": "min_score", "in": "query", "schema": {"type": "number"}},
+                {"name": "mode", "in": "query", "schema": {"enum": ["items", "segments"]}},
+                {"name": "filter", "in": "query", "schema": {"type": "string"}}],
                 "responses": {**_ok("results, best first", SEARCH_RESULT), "409": _ERR}},
             "post": {"requestBody": {"required": True, "content": {
                 "application/json": {"schema": SEARCH_BODY},

@@ -13,9 +13,9 @@ from sqlalchemy import and_, case, func, or_, select, text
 from sqlalchemy.dialects.postgresql import JSONB
 
 from api.db import db
-from api.errors import ApiError, bad_request, check_text
+from api.errors import bad_request, check_text, parse_json
 from api.lookup import owned
-from api.models_info import describe, serving_model_id
+from api.models_info import describe, served_model_for
 from api.query import audio_vector, item_vector, text_vectors
 from clapq.models import Embedding, Item, Library, Segment
 from worker.windows import HOP_S, WINDOW_S
@@ -36,7 +36,8 @@ def _server_timing(response):
 def _int(raw, name: str, lo: int, hi: int, default: int) -> int:
     if raw is None or raw == "":
         return default
-    if isinstance(raw, bool) or isinstance(raw, float) and raw != int(raw):
+    if isinstance(raw, bool) or isinstance(raw, float) and raw != int(raw) or \
+            isinstance(raw, str) and not raw.strip().lstrip("+-").isdigit():
         raise bad_request(f"'{name}' must be an integer")
     try:
         v = int(raw)
@@ -49,22 +50,22 @@ def _int(raw, name: str, lo: int, hi: int, default: int) -> int:
 
 def _params() -> dict:
     """The same parameters from a query string, a JSON body or a multipart form."""
-    if request.method == "GET":
-        p = {k: request.args.get(k) for k in ("q", "k", "offset", "min_score", "mode", "item_id", "filter")}
-        p["library_ids"] = request.args.getlist("library_id")
-        return p
-    if (request.content_type or "").startswith("multipart/form-data"):
-        f = request.form
+    if request.method == "GET" or (request.content_type or "").startswith("multipart/form-data"):
+        f = request.args if request.method == "GET" else request.form
         p = {k: f.get(k) for k in ("q", "text", "k", "offset", "min_score", "mode", "item_id", "filter")}
+        if p["q"] not in (None, "") and p["text"] not in (None, "") and p["q"] != p["text"]:
+            raise bad_request("give the query text once: 'text' or 'q'")
         p["q"] = p.pop("text") or p["q"]
-        p["library_ids"] = f.getlist("library_id")
+        p["library_ids"] = [*f.getlist("library_id"), *f.getlist("library_ids")]
         check_text(p, "the form")
-        p["audio"] = request.files.get("audio")
+        p["audio"] = request.files.get("audio") if request.method == "POST" else None
         return p
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise bad_request('send a JSON object like {"library_id": ..., "text": ..., "k": 10}')
     p = {k: body.get(k) for k in ("k", "offset", "min_score", "mode", "item_id", "filter")}
+    if body.get("q") is not None and body.get("text") is not None and body["q"] != body["text"]:
+        raise bad_request("give the query text once: 'text' or 'q'")
     p["q"] = body.get("text", body.get("q"))
     ids = body.get("library_ids", [])
     if body.get("library_id") is not None:
@@ -79,13 +80,16 @@ def _filters(raw) -> list:
         return []
     if isinstance(raw, str):
         try:
-            raw = json.loads(raw)
+            raw = parse_json(raw, "'filter'")
         except ValueError:
             raise bad_request("'filter' is not valid JSON") from None
     if not isinstance(raw, dict) or set(raw) - {"metadata", "duration_s"}:
         raise bad_request("'filter' may have 'metadata' and 'duration_s'")
     conds = []
-    for key, want in (raw.get("metadata") or {}).items():
+    metadata = raw.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise bad_request("'filter.metadata' must be an object of key: value (or key: {\"in\": [values]})")
+    for key, want in metadata.items():
         if isinstance(want, dict):
             if set(want) != {"in"} or not isinstance(want["in"], list) or not want["in"]:
                 raise bad_request(f"metadata filter on {key!r}: use a value or {{\"in\": [values]}}")
@@ -117,10 +121,7 @@ def search():
     if not isinstance(lib_ids, list) or not lib_ids:
         raise bad_request("'library_id' (or 'library_ids') is required")
     libs = [owned(Library, i, "library") for i in lib_ids]
-    model_id = serving_model_id()
-    if any(lib.model_id != model_id for lib in libs):
-        raise ApiError(409, "model_mismatch", "a library was embedded with another model than the API serves; "
-                       "vectors of two models are never compared")
+    model_id = served_model_for(*libs)
     k = _int(p.get("k"), "k", 1, settings.max_k, 10)
     offset = _int(p.get("offset"), "offset", 0, 10 * settings.max_k, 0)
     mode = p.get("mode") or "items"
@@ -128,6 +129,8 @@ def search():
         raise bad_request("'mode' must be 'items' or 'segments'")
     min_score = p.get("min_score")
     if min_score not in (None, ""):
+        if isinstance(min_score, bool):
+            raise bad_request("'min_score' must be a number between -1 and 1")
         try:
             min_score = float(min_score)
         except (TypeError, ValueError):
@@ -148,6 +151,7 @@ def search():
         vec = audio_vector(audio)
     elif item_id not in (None, ""):
         item, vec = item_vector(str(item_id))
+        served_model_for(db().get(Library, item.library_id))
         exclude = item.id
     else:
         if not isinstance(q, str) or not q.strip():

@@ -9,6 +9,7 @@ from sqlalchemy import select
 from api.db import db
 from api.errors import bad_request
 from api.lookup import owned
+from api.models_info import served_model_for
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
 from api.query import item_vector, text_vectors
 from clapq.models import Embedding, Item, Library
@@ -46,6 +47,7 @@ def _tags(vec: np.ndarray, labels: list[str], label_vecs: np.ndarray, top: int) 
 @bp.post("/libraries/<lib_id>/classify")
 def classify_library(lib_id: str):
     lib = owned(Library, lib_id, "library")
+    served_model_for(lib)  # labels are embedded by this API's model
     labels, label_vecs, top = _labels()
     limit, cursor = limit_arg(100), cursor_arg()
     rows = db().execute(
@@ -66,6 +68,7 @@ def classify_library(lib_id: str):
 @bp.post("/items/<item_id>/classify")
 def classify_item(item_id: str):
     item, vec = item_vector(item_id)
+    served_model_for(db().get(Library, item.library_id))
     labels, label_vecs, top = _labels()
     return {"item_id": str(item.id), "labels": _tags(vec, labels, label_vecs, top)}
 

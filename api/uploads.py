@@ -6,7 +6,6 @@ import unicodedata
 
 from flask import Request, current_app
 
-from api.errors import check_text
 from clapq.blobs import BlobStore
 
 
@@ -19,12 +18,6 @@ class StreamingRequest(Request):
         self._clapq_writers = getattr(self, "_clapq_writers", [])
         self._clapq_writers.append(writer)
         return writer
-
-    def get_json(self, force: bool = False, silent: bool = False, cache: bool = True):
-        """The parsed JSON body, refused (400) if any string in it has a NUL or an unpaired surrogate."""
-        data = super().get_json(force=force, silent=silent, cache=cache)
-        check_text(data, "the JSON body")
-        return data
 
     def discard_uploads(self) -> None:
         """Remove temporary files of parts that were not committed into the store."""

@@ -178,3 +178,108 @@ def test_health_metrics_and_openapi(client, worker):
         assert name in body, name
     spec = client.get("/openapi.json").get_json()
     assert spec["openapi"].startswith("3.") and "/v1/search" in spec["paths"]
+
+
+def test_what_json_cannot_carry_is_a_400_naming_where(client, lib, settings):
+    """NaN and Infinity (Python's parser takes them, JSON has neither), a number too large for a float,
+    nesting past 32 levels and a metadata filter that is not an object: 400s, never 500s; a refused
+    upload leaves no temporary file."""
+    from clapq.blobs import BlobStore
+
+    key, lib_id = lib
+    h = {**auth(key), "Content-Type": "application/json"}
+    for body, where in ((f'{{"library_id": "{lib_id}", "text": "rain", "k": NaN}}', "NaN"),
+                        (f'{{"library_id": "{lib_id}", "text": "rain", "offset": -Infinity}}', "-Infinity"),
+                        (f'{{"library_id": "{lib_id}", "text": "rain", "filter": {{"metadata": {{"a": 1e400}}}}}}',
+                         "1e400")):
+        e = err(client.post("/v1/search", data=body, headers=h), 400)
+        assert where in e["message"] and "JSON body" in e["message"], e
+    deep = '{"name": ' + "[" * 40 + "]" * 40 + "}"
+    assert "nested" in err(client.post("/v1/libraries", data=deep, headers=h), 400)["message"]
+    deeper = '{"name": ' + "[" * 5000 + "]" * 5000 + "}"  # past the parser's own recursion limit
+    assert "nested" in err(client.post("/v1/libraries", data=deeper, headers=h), 400)["message"]
+    for bad in ("x", [1], 5):
+        e = err(client.post("/v1/search", json={"library_id": lib_id, "text": "r", "filter": {"metadata": bad}},
+                            headers=auth(key)), 400)
+        assert "filter.metadata" in e["message"]
+    err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "r", "filter": '{"metadata": "x"}'},
+                   headers=auth(key)), 400)
+    tmp = BlobStore(settings.blob_dir).tmp_dir
+    before = set(tmp.iterdir())
+    e = err(client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                        data={"files": (io.BytesIO(b"RIFF"), "d.wav"), "metadata": '{"d.wav": {"x": NaN}}'}), 400)
+    assert "'metadata'" in e["message"] and "NaN" in e["message"]
+    assert set(tmp.iterdir()) == before
+
+
+def test_get_search_takes_what_post_takes(client, lib):
+    key, lib_id = lib
+    for qs in ({"library_id": lib_id, "text": "rain"}, {"library_ids": lib_id, "q": "rain"}):
+        r = client.get("/v1/search", query_string=qs, headers=auth(key))
+        assert r.status_code == 200 and r.get_json()["results"] == [], r.get_json()
+    e = err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "rain", "text": "dog"},
+                       headers=auth(key)), 400)
+    assert "once" in e["message"]
+    err(client.post("/v1/search", json={"library_id": lib_id, "q": "rain", "text": "dog"}, headers=auth(key)), 400)
+    err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "x", "k": "1_0"}, headers=auth(key)), 400)
+    err(client.post("/v1/search", json={"library_id": lib_id, "text": "x", "min_score": True}, headers=auth(key)), 400)
+
+
+def test_library_names_must_show_something(client, new_key):
+    key = new_key()
+    for name in ("tab\there", "line\nbreak", "\u200b", " \u200b "):
+        err(client.post("/v1/libraries", json={"name": name}, headers=auth(key)), 400)
+    assert client.post("/v1/libraries", json={"name": " Field — 雨 "}, headers=auth(key)).get_json()["name"] == \
+        "Field — 雨"
+
+
+def test_limits_and_which_413(client, lib, settings):
+    """GET /v1/limits says what the service takes; a 413 for too many form parts says so, not that the
+    body is too large; a range past the file's end is a 416 with its own code."""
+    key, lib_id = lib
+    assert client.get("/v1/limits", headers=auth(key)).get_json() == {
+        "max_file_bytes": settings.max_file_bytes, "max_files_per_batch": settings.max_files_per_batch,
+        "max_request_bytes": settings.max_request_bytes, "max_query_chars": settings.max_query_chars,
+        "max_k": settings.max_k}
+    fields = {f"f{i}": "x" for i in range(settings.max_files_per_batch + 20)}
+    e = err(client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                        data={"files": (io.BytesIO(b"RIFF"), "a.wav"), **fields}), 413)
+    assert "parts" in e["message"] and "larger than the limit" not in e["message"], e
+    r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                    data={"files": (io.BytesIO(b"RIFF 16 bytes..."), "a.wav")})
+    item = r.get_json()["items"][0]["id"]
+    e = err(client.get(f"/v1/items/{item}/audio", headers={**auth(key), "Range": "bytes=100-200"}), 416)
+    assert e["code"] == "requested_range_not_satisfiable"
+
+
+def test_a_library_of_another_model_is_refused_not_mixed(client, new_key, worker, settings, tmp_path):
+    """A library whose vectors came from another model than the service runs (CLAPQ_MODEL changed):
+    uploading into it, searching it and classifying it or its items are 409s; before, classify scored the
+    new model's label vectors against the old model's audio vectors."""
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+    from tests.audio import write
+    from tests.conftest import wait_job
+
+    key = new_key()
+    lib_id = client.post("/v1/libraries", json={"name": "old"}, headers=auth(key)).get_json()["id"]
+    wav = write(tmp_path / "a.wav", 0.5, seed=31)
+    r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                    data={"files": (io.BytesIO(wav.read_bytes()), "a.wav")})
+    item = r.get_json()["items"][0]["id"]
+    assert wait_job(client, key, r.get_json()["job_id"])["status"] == "done"
+    labels = {"labels": ["rain", "dog"]}
+    assert client.post(f"/v1/items/{item}/classify", json=labels, headers=auth(key)).status_code == 200
+    with session_scope(settings.database_url) as s:  # as if embedded by a model this service no longer runs
+        other = s.execute(text("INSERT INTO models (name, weights_sha256, dim) VALUES ('retired', :w, 512) "
+                               "RETURNING id"), {"w": uuid.uuid4().hex * 2}).scalar()
+        for table in ("libraries", "embeddings", "segments"):
+            col = "id" if table == "libraries" else "library_id"
+            s.execute(text(f"UPDATE {table} SET model_id = :m WHERE {col} = :l"), {"m": other, "l": lib_id})
+    for r in (client.post(f"/v1/items/{item}/classify", json=labels, headers=auth(key)),
+              client.post(f"/v1/libraries/{lib_id}/classify", json=labels, headers=auth(key)),
+              client.post("/v1/search", json={"library_id": lib_id, "text": "rain"}, headers=auth(key)),
+              client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                          data={"files": (io.BytesIO(b"RIFF"), "b.wav")})):
+        assert err(r, 409)["code"] == "model_mismatch"

@@ -184,8 +184,12 @@ def test_segment_mode_returns_the_stored_windows(client, lib, tiny_model, plan):
     assert set(spans) <= {(s[0], s[1]) for s in lib["segs"][long_id]}
 
 
-def test_more_like_this_and_query_by_clip(client, lib, tmp_path, plan):
+def test_more_like_this_and_query_by_clip(client, lib, tmp_path, plan, settings):
+    from clapq.blobs import BlobStore
+
     h = auth(lib["key"])
+    uploads = BlobStore(settings.blob_dir).tmp_dir
+    before = set(uploads.iterdir())
     src = lib["ids"]["s05.wav"]
     body = client.post("/v1/search", json={"library_ids": [lib["a"], lib["b"]], "item_id": src, "k": 3},
                        headers=h).get_json()
@@ -203,6 +207,7 @@ def test_more_like_this_and_query_by_clip(client, lib, tmp_path, plan):
     r = client.post("/v1/search", data={"library_id": lib["a"], "audio": (io.BytesIO(b"not audio"), "q.wav")},
                     headers=h, content_type="multipart/form-data")
     assert r.status_code == 400 and "decoded" in r.get_json()["error"]["message"]
+    assert set(uploads.iterdir()) == before  # the query clips left no temporary file behind
 
 
 def test_classify_and_duplicates(client, lib, tiny_model):
