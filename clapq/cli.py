@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import signal
 import subprocess
@@ -67,6 +68,9 @@ def cmd_api(args) -> None:
     argv = ["gunicorn", "api.wsgi:app", "--bind", f"{host}:{port}", "--workers", workers,
             "--threads", os.environ.get("CLAPQ_API_THREADS", "4"), "--timeout", "300",
             "--graceful-timeout", "20", "--access-logfile", "-",
+            # the longest request line gunicorn takes: a GET search of CLAPQ_MAX_QUERY_CHARS characters,
+            # percent-encoded (up to 9 bytes a character outside ASCII); POST takes any text
+            "--limit-request-line", "8190",
             # gunicorn's runtime-control socket lives at one path per user ($HOME/.gunicorn/gunicorn.ctl),
             # which two services on one machine (or `make up` beside `make test`) would share; unused here
             "--no-control-socket"]
@@ -104,6 +108,8 @@ def cmd_keys_create(args) -> None:
     from clapq.db import migrate, session_scope
     from clapq.keys import create_key
 
+    if not args.tenant.strip():
+        _fail("--tenant needs a name")
     settings = Settings.from_env(data_dir=args.data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     stack: list = []
@@ -165,6 +171,24 @@ def _terminate(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
             p.wait()
 
 
+def _lock_data_dir(data_dir: Path):
+    """One `clapq up` per data directory: a second would start its own Redis and workers on the same
+    Postgres, Redis files and blobs. The lock goes with this process (its children do not inherit it)."""
+    f = open(data_dir / "clapq-up.lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        _fail(f"another `clapq up` (pid {holder}) is using {data_dir}; stop it first, or give this one its own "
+              "--data-dir")
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
 def cmd_up(args) -> None:
     from clapq.db import migrate
     from clapq.embedded import EmbeddedRedis
@@ -173,7 +197,7 @@ def cmd_up(args) -> None:
     _check_model(settings)
     data_dir = settings.data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    stack: list = []
+    stack: list = [_lock_data_dir(data_dir).close]  # released last, when everything else has stopped
     procs: list[subprocess.Popen] = []
     stopping = {"flag": False}
 
@@ -241,19 +265,22 @@ def cmd_upload(args) -> None:
 def cmd_search(args) -> None:
     from clapq.client import connect, search
 
-    if (args.text is None) == (args.like is None):
+    if args.text is not None and args.like is not None:
         _fail("give either words to search for or --like FILE (a sound), not both")
+    if args.text is None and args.like is None:
+        _fail("give words to search for, or --like FILE to search by a sound")
     if args.like is not None and not args.like.is_file():
         _fail(f"{args.like} is not a file")
     settings = Settings.from_env(data_dir=args.data_dir)
     search(connect(args.url, args.key, settings.data_dir), args.library, args.text, args.k, like=args.like)
 
 
-def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--library", required=True, help="library name (created if missing) or id")
+def _client_args(p: argparse.ArgumentParser, library_help: str) -> None:
+    p.add_argument("--library", required=True, help=library_help)
     p.add_argument("--url", default=None, help="API base URL (default $CLAPQ_URL or http://127.0.0.1:8000)")
     p.add_argument("--key", default=None, help="API key (default $CLAPQ_API_KEY or the data dir's owner key)")
-    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where `clapq up` keeps its data, to read the owner key from (default ~/.local/share/clapq)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start everything on this machine (embedded Postgres + Redis, worker, API)")
     up.add_argument("--data-dir", type=Path, default=None, help="where data lives (default ~/.local/share/clapq)")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--host", default="127.0.0.1", help="address the API listens on (default 127.0.0.1: this "
+                    "machine only; 0.0.0.0 for every interface)")
+    up.add_argument("--port", type=int, default=8000, help="the API's port (default 8000)")
     up.set_defaults(func=cmd_up)
     sub.add_parser("api", help="the HTTP API under gunicorn (configured from the environment)").set_defaults(func=cmd_api)
     sub.add_parser("worker", help="an embedding worker (Celery)").set_defaults(func=cmd_worker)
@@ -270,19 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="print a new API key for a tenant (created if new)")
-    create.add_argument("--tenant", required=True)
-    create.add_argument("--data-dir", type=Path, default=None)
+    create.add_argument("--tenant", required=True, help="who the key is for; each tenant sees only its own data")
+    create.add_argument("--data-dir", type=Path, default=None,
+                        help="the embedded service's data (default ~/.local/share/clapq), unless DATABASE_URL is set")
     create.set_defaults(func=cmd_keys_create)
     upload = sub.add_parser("upload", help="upload every audio file under a folder and wait for the job")
-    upload.add_argument("folder", type=Path)
-    upload.add_argument("--no-wait", action="store_true")
-    _client_args(upload)
+    upload.add_argument("folder", type=Path, help="a folder; every audio file under it is uploaded (hidden files "
+                        "and folders are left out; files the library holds already are not sent again)")
+    upload.add_argument("--no-wait", action="store_true", help="return once the files are uploaded, without "
+                        "waiting for them to be embedded")
+    _client_args(upload, "library name (created if missing) or id")
     upload.set_defaults(func=cmd_upload)
     search = sub.add_parser("search", help="search a library by words, or by a sound with --like FILE")
     search.add_argument("text", nargs="?", help="what to look for, in words")
     search.add_argument("--like", type=Path, metavar="FILE", help="a sound: find the files that sound most like it")
-    search.add_argument("-k", type=int, default=10)
-    _client_args(search)
+    search.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    _client_args(search, "library name or id")
     search.set_defaults(func=cmd_search)
     return p
 

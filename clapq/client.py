@@ -7,6 +7,9 @@ import json
 import os
 import sys
 import time
+import unicodedata
+import urllib.parse
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -16,13 +19,27 @@ from urllib3.exceptions import NewConnectionError
 
 from clapq.blobs import file_sha256
 
-AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".aif", ".aiff", ".aifc", ".ogg", ".oga", ".opus", ".mp3", ".m4a",
-                  ".aac", ".alac", ".caf", ".wma", ".mp4", ".mkv", ".webm", ".mov", ".w64", ".au", ".snd"}
+# what libsndfile or FFmpeg (PyAV) decode, by the names files of those formats go by
+AUDIO_SUFFIXES = {".wav", ".wave", ".bwf", ".rf64", ".flac", ".aif", ".aiff", ".aifc", ".ogg", ".oga", ".opus",
+                  ".spx", ".mp3", ".mp2", ".mpga", ".m4a", ".m4b", ".m4r", ".aac", ".alac", ".caf", ".wma", ".ac3",
+                  ".eac3", ".dts", ".amr", ".3gp", ".3g2", ".wv", ".ape", ".tta", ".mka", ".mp4", ".mkv", ".webm",
+                  ".mov", ".w64", ".au", ".snd", ".voc", ".gsm"}
 # A multiple of the worker's batch (16 windows on a CPU) and of its task size (16 files): a task's last
 # batch is padded to full size, so with short files a request of 100 would leave its last batch 3/4
 # padding.
 BATCH_FILES = 128
 BATCH_BYTES = 256 << 20
+# what multipart adds to a request: its end, and per file the part's headers and its 'metadata' entry
+REQUEST_OVERHEAD, PART_OVERHEAD = 4096, 1024
+MAX_BUSY_WAIT_S = 300
+
+
+class Busy(SystemExit):
+    """The API refused new work for now (429, its backlog is full); `retry_after_s` says when to try again."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class Client:
@@ -46,6 +63,8 @@ class Client:
                              f"{_reason(exc)}") from None
         except requests.Timeout:
             raise SystemExit(f"clapq: {method} {path} got no answer from {self.url} in time") from None
+        except requests.RequestException as exc:  # an address requests cannot use, and the like
+            raise SystemExit(f"clapq: {method} {path} to {self.url} failed: {_reason(exc)}") from None
         if 300 <= r.status_code < 400:  # only where redirects are not followed: an upload's body is spent
             where = r.headers.get("Location")
             raise SystemExit(f"clapq: {method} {path} was redirected ({r.status_code}) to {where}; point --url "
@@ -58,21 +77,43 @@ class Client:
                 msg = r.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 msg = r.text[:300]
+            if r.status_code == 429:
+                try:
+                    wait = min(MAX_BUSY_WAIT_S, max(1.0, float(r.headers.get("Retry-After", 60))))
+                except ValueError:
+                    wait = 60.0
+                raise Busy(f"clapq: {method} {path}: the API is busy ({msg})", wait)
             raise SystemExit(f"clapq: {method} {path} failed ({r.status_code}): {msg}")
         return r.json()
 
     def library(self, name: str, create: bool = True) -> dict:
         """The library with this name (or id); created if missing, or else a sentence naming the ones
-        there are."""
-        libs = self.call("GET", "/v1/libraries")["libraries"]
-        for lib in libs:
-            if name in (lib["name"], lib["id"]):
-                return lib
+        there are. Names are compared as the API stores them, without surrounding spaces."""
+        name = name.strip()
+        lib, libs = self._find(name)
+        if lib is not None:
+            return lib
         if not create:
             there = ", ".join(repr(lib["name"]) for lib in libs) or "none yet"
             raise SystemExit(f"clapq: no library named {name!r} (libraries: {there}); "
                              f"`clapq upload DIR --library {name!r}` creates it")
-        return self.call("POST", "/v1/libraries", json={"name": name})
+        try:
+            return self.call("POST", "/v1/libraries", json={"name": name})
+        except SystemExit as exc:
+            # 409: another upload created it since the look above
+            lib = self._find(name)[0] if "failed (409)" in str(exc.code) else None
+            if lib is None:
+                raise
+            return lib
+
+    def _find(self, name: str) -> tuple[dict | None, list[dict]]:
+        libs = self.call("GET", "/v1/libraries")["libraries"]
+        return next((lib for lib in libs if name in (lib["name"], lib["id"])), None), libs
+
+    def limits(self) -> dict:
+        """What the API takes (GET /v1/limits; an older server without it: {})."""
+        answer = self.call("GET", "/v1/limits", missing_ok=True)
+        return answer if isinstance(answer, dict) else {}
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
@@ -122,36 +163,62 @@ class _Body:
         return out
 
 
+def wire_name(name: str) -> str:
+    """The name a file goes by in a request: one the API reads back exactly as sent, so that 'metadata'
+    finds its file. A name that is not UTF-8 (bytes of another encoding) shows U+FFFD where they were; a
+    backslash (werkzeug reads it as an escape), a control character (a line break goes as "%0A" and is
+    not read back) and the text "%22" (read back as a quote) become "_"."""
+    name = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    name = "".join("_" if c == "\\" or unicodedata.category(c) == "Cc" else c for c in name)
+    return name.replace("%22", "_")
+
+
 @contextlib.contextmanager
 def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
     """One upload request, streamed from the files as it is sent: the folder layout as 'metadata' (the
     stored filename is the base name only), then each file as a 'files' part. The files are closed on
     leaving."""
     rel = [p.relative_to(folder).as_posix() for p in batch]
-    meta = json.dumps({r: {"path": r} for r in rel})
+    names = [wire_name(r) for r in rel]
+    meta = json.dumps({n: {"path": r.encode("utf-8", "surrogateescape").decode("utf-8", "replace")}
+                       for n, r in zip(names, rel)})
     with contextlib.ExitStack() as files:
         yield _Body(MultipartEncoder(fields=[("metadata", meta)] + [
-            ("files", (r, files.enter_context(open(p, "rb")), "application/octet-stream"))
-            for r, p in zip(rel, batch)]))
+            ("files", (n, files.enter_context(open(p, "rb")), "application/octet-stream"))
+            for n, p in zip(names, batch)]))
 
 
 def n_files(n: int) -> str:
     return f"{n} file" if n == 1 else f"{n} files"
 
 
-def audio_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+def audio_files(folder: Path) -> tuple[list[Path], int, Counter]:
+    """The audio files under `folder` by suffix; how many hidden ones were left out (names starting with
+    ".": macOS's "._x.wav" resource forks, editors' and trash folders); and the other files' suffixes
+    (counted, to say what was left out)."""
+    found, hidden, other = [], 0, Counter()
+    for p in folder.rglob("*"):
+        if not p.is_file():
+            continue
+        suffix = p.suffix.lower()
+        if any(part.startswith(".") for part in p.relative_to(folder).parts):
+            hidden += suffix in AUDIO_SUFFIXES
+        elif suffix in AUDIO_SUFFIXES:
+            found.append(p)
+        else:
+            other[suffix or "(no suffix)"] += 1
+    return sorted(found), hidden, other
 
 
-def batches(paths: list[Path]) -> Iterator[list[Path]]:
-    """Upload requests of BATCH_FILES files, split before one would pass BATCH_BYTES (a single larger
-    file goes alone)."""
-    batch, size = [], 0
+def batches(paths: list[Path], max_files: int = BATCH_FILES, max_bytes: int = BATCH_BYTES) -> Iterator[list[Path]]:
+    """Upload requests of at most `max_files` files, split before one would pass `max_bytes` with the
+    multipart around the files (a single larger file goes alone)."""
+    batch, size = [], REQUEST_OVERHEAD
     for p in paths:
-        n = p.stat().st_size
-        if batch and (len(batch) >= BATCH_FILES or size + n > BATCH_BYTES):
+        n = p.stat().st_size + PART_OVERHEAD
+        if batch and (len(batch) >= max_files or size + n > max_bytes):
             yield batch
-            batch, size = [], 0
+            batch, size = [], REQUEST_OVERHEAD
         batch.append(p)
         size += n
     if batch:
@@ -169,51 +236,101 @@ def not_known(client: Client, lib_id: str, batch: list[Path]) -> tuple[list[Path
     return [p for p in batch if digests[p] not in known], sum(digests[p] in pending for p in batch)
 
 
+def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path], list[str]]:
+    """The files the API can take, and a sentence for each it cannot: unreadable, or over its per-file or
+    per-request size limit (sent, it would refuse the whole request, every time the command runs)."""
+    most = min(limits.get("max_file_bytes") or BATCH_BYTES * 64,
+               (limits.get("max_request_bytes") or BATCH_BYTES * 64) - REQUEST_OVERHEAD - PART_OVERHEAD)
+    ok, refused = [], []
+    for p in paths:
+        name = wire_name(p.relative_to(folder).as_posix())
+        try:
+            size = p.stat().st_size
+            if not os.access(p, os.R_OK):
+                raise PermissionError("permission denied")
+        except OSError as exc:
+            refused.append(f"{name}: cannot be read ({exc.strerror or exc})")
+            continue
+        if size > most:
+            refused.append(f"{name}: {size / 1e6:,.1f} MB, larger than this server takes ({most / 1e6:,.1f} MB; "
+                           "CLAPQ_MAX_FILE_BYTES and CLAPQ_MAX_REQUEST_BYTES there)")
+        else:
+            ok.append(p)
+    return ok, refused
+
+
+def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> str:
+    """POST one batch; while the API is busy (429: its backlog is full), wait as it asks and send again."""
+    while True:
+        try:
+            with multipart_body(folder, batch) as body:
+                return client.call("POST", f"/v1/libraries/{lib_id}/batches", data=body,
+                                   headers={"Content-Type": body.content_type}, allow_redirects=False)["job_id"]
+        except Busy as busy:
+            print(f"{busy.code}; sending again in {busy.retry_after_s:.0f} s (Ctrl-C stops)", file=sys.stderr)
+            time.sleep(busy.retry_after_s)
+
+
 def upload_folder(client: Client, folder: Path, library: str, wait: bool = True) -> int:
-    paths = audio_files(folder)
+    paths, hidden, other = audio_files(folder)
+    if hidden:
+        print(f"left out {n_files(hidden)} with hidden names (starting with '.')", file=sys.stderr)
+    if other:
+        kinds = ", ".join(f"{s} ×{n}" if n > 1 else s for s, n in other.most_common(8))
+        print(f"left out {n_files(sum(other.values()))} not named as audio ({kinds}{', …' if len(other) > 8 else ''})",
+              file=sys.stderr)
     if not paths:  # before the library is looked up: a failed command creates nothing
         raise SystemExit(f"clapq: no audio files under {folder} (looked for "
                          f"{', '.join(sorted(AUDIO_SUFFIXES))}); nothing was uploaded")
     lib = client.library(library)
+    limits = client.limits()
+    found = len(paths)
+    paths, refused = _sendable(paths, folder, limits)
+    for line in refused:
+        print(f"not sent: {line}", file=sys.stderr)
     # a library that holds files already (the same folder again, or an upload cut short): files whose
     # bytes it holds are not sent again, only the rest
     check = lib.get("item_count", 0) > 0
     jobs, sent, skipped, unfinished = [], 0, 0, 0
     try:
-        for batch in batches(paths):
-            if check:
-                new, pending = not_known(client, lib["id"], batch)
-                skipped += len(batch) - len(new)
-                unfinished += pending
-                batch = new
-                if not batch:
-                    continue
-            # said before the request, which on a slow network takes minutes: the command is not stuck
-            print(f"uploading {n_files(len(batch))} ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)",
-                  file=sys.stderr)
-            with multipart_body(folder, batch) as body:
-                jobs.append(client.call("POST", f"/v1/libraries/{lib['id']}/batches", data=body,
-                                        headers={"Content-Type": body.content_type},
-                                        allow_redirects=False)["job_id"])
+        for batch in batches(paths, min(BATCH_FILES, limits.get("max_files_per_batch") or BATCH_FILES),
+                             min(BATCH_BYTES, limits.get("max_request_bytes") or BATCH_BYTES)):
+            try:
+                if check:
+                    new, pending = not_known(client, lib["id"], batch)
+                    skipped += len(batch) - len(new)
+                    unfinished += pending
+                    batch = new
+                    if not batch:
+                        continue
+                # said before the request, which on a slow network takes minutes: the command is not stuck
+                print(f"uploading {n_files(len(batch))} ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)",
+                      file=sys.stderr)
+                jobs.append(_send(client, lib["id"], folder, batch))
+            except OSError as exc:  # a file went away, or stopped being readable, since the listing
+                raise SystemExit(f"clapq: cannot read {exc.filename}: {exc.strerror or exc}") from None
             sent += len(batch)
             print(f"uploaded {n_files(len(batch))} (job {jobs[-1]})", file=sys.stderr)
     except (SystemExit, KeyboardInterrupt) as exc:
         ctrl_c = isinstance(exc, KeyboardInterrupt)
+        if isinstance(exc, SystemExit) and isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)  # why first, then what is in and how to go on
+            exc = SystemExit(1)
         if jobs:  # say what is already in, and that running the command again resumes
             held = f", {skipped} were in the library already" if skipped else ""
-            print(f"clapq: {'interrupted; ' if ctrl_c else ''}{sent} of {len(paths)} files were uploaded (jobs "
+            print(f"clapq: {'interrupted; ' if ctrl_c else ''}{sent} of {found} files were uploaded (jobs "
                   f"{', '.join(jobs)}{held}); run the same command again for the rest: files the library holds "
                   "already are not sent again", file=sys.stderr)
         elif ctrl_c:
             print("clapq: interrupted; nothing was uploaded", file=sys.stderr)
         if ctrl_c:
             raise SystemExit(130) from None
-        raise
+        raise exc from None
     if skipped:
         # those still queued or running belong to earlier jobs, which this command does not wait for
         still = (f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
                  if unfinished else "")
-        print(f"{skipped} of {len(paths)} files are in the library already{still}: not sent again", file=sys.stderr)
+        print(f"{skipped} of {found} files are in the library already{still}: not sent again", file=sys.stderr)
     try:
         failed = _wait(client, jobs) if wait and jobs else 0
     except KeyboardInterrupt:
@@ -222,9 +339,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
         print(f"clapq: stopped waiting; the uploaded files are still being embedded (jobs {', '.join(jobs)}: "
               "GET /v1/jobs/<id> shows how they end)", file=sys.stderr)
         raise SystemExit(130) from None
-    print(json.dumps({"library_id": lib["id"], "jobs": jobs, "files": len(paths), "skipped": skipped,
-                      "failed": failed}))
-    return 1 if failed else 0
+    if refused:
+        print(f"{n_files(len(refused))} not sent (listed above as 'not sent')", file=sys.stderr)
+    print(json.dumps({"library_id": lib["id"], "jobs": jobs, "files": found, "skipped": skipped,
+                      "not_sent": len(refused), "failed": failed}))
+    return 1 if failed or refused else 0
 
 
 def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int], None] | None = None,
@@ -276,9 +395,13 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
     best-matching window of the file."""
     lib = client.library(library, create=False)  # a misspelt name is an error, not a new empty library
     if like is not None:
-        with open(like, "rb") as f:
+        try:
+            f = open(like, "rb")
+        except OSError as exc:
+            raise SystemExit(f"clapq: cannot read {like}: {exc.strerror or exc}") from None
+        with f:
             res = client.call("POST", "/v1/search", data={"library_id": lib["id"], "k": str(k)},
-                              files={"audio": (like.name, f, "application/octet-stream")})
+                              files={"audio": (wire_name(like.name), f, "application/octet-stream")})
     else:
         res = client.call("POST", "/v1/search", json={"library_id": lib["id"], "text": text, "k": k})
     for r in res["results"]:
@@ -291,6 +414,14 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
 
 def connect(url: str | None, key: str | None, data_dir: Path) -> Client:
     url = url or os.environ.get("CLAPQ_URL") or "http://127.0.0.1:8000"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (raises ValueError when out of range)
+        usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:
+        usable = False
+    if not usable:
+        raise SystemExit(f"clapq: {url!r} is not an API address like http://127.0.0.1:8000 (--url or CLAPQ_URL)")
     key = key or os.environ.get("CLAPQ_API_KEY")
     if not key and (data_dir / "api_key").is_file():
         key = (data_dir / "api_key").read_text().strip()

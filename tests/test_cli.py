@@ -106,6 +106,11 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     key = up.wait_ready()
     base, h = f"http://127.0.0.1:{up.port}", {"Authorization": f"Bearer {key}"}
     assert requests.get(f"{base}/readyz", timeout=10).status_code == 200
+    # a second `clapq up` on the same data would start its own Redis and workers beside these: refused
+    second = subprocess.run([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(data_dir), "--port",
+                             str(free_port())], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert second.returncode == 2, second.stderr
+    assert f"another `clapq up` (pid {up.proc.pid}) is using {data_dir}" in second.stderr, second.stderr
 
     lib = requests.post(f"{base}/v1/libraries", json={"name": "field recordings"}, headers=h, timeout=30).json()
     files = [write(tmp_path / f"f{i}.wav", 1.5 + i, 44_100, 2, freq=250 * (i + 1), seed=i) for i in range(3)]
@@ -158,7 +163,8 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     # not a terminal: progress is whole lines (no carriage returns), the last one the final count
     progress = [line for line in out.stderr.splitlines() if line.endswith("files processed")]
     assert "\r" not in out.stderr and progress and progress[-1] == "2/2 files processed", out.stderr
-    assert out.stderr.splitlines()[0].startswith("uploading 2 files ("), out.stderr  # before the request
+    assert out.stderr.splitlines()[0] == "left out 1 file not named as audio (.txt)", out.stderr
+    assert out.stderr.splitlines()[1].startswith("uploading 2 files ("), out.stderr  # before the request
     out = subprocess.run(cli + ["search", "heavy rain", "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and sorted(line.split()[1] for line in out.stdout.splitlines()) == \
@@ -174,13 +180,16 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
                                 "--url", base, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 2 and "either words to search for or --like FILE" in out.stderr, out.stderr
+    out = subprocess.run(cli + ["search", "--library", "folder lib", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "give words to search for, or --like FILE" in out.stderr, out.stderr
     # the same folder again with one file more: only the new one is sent
     write(folder / "rain" / "light.ogg", 1.0, 44_100, 2, freq=1500, seed=9)
     out = subprocess.run(cli + ["upload", str(folder), "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["files"] == 3 and json.loads(out.stdout)["skipped"] == 2, out.stdout
-    assert out.stderr.splitlines()[0].startswith("uploading 1 file ("), out.stderr
+    assert out.stderr.splitlines()[1].startswith("uploading 1 file ("), out.stderr
     assert "2 of 3 files are in the library already: not sent again" in out.stderr, out.stderr
     # a folder without audio files is an error that creates no library
     (tmp_path / "no audio").mkdir()
@@ -199,20 +208,22 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert out.returncode == 0 and out.stdout == ""
     assert "no results: library 'empty' has no embedded files yet" in out.stderr, out.stderr
 
-    # a request the API refuses midway (over CLAPQ_MAX_REQUEST_BYTES): the command says why and how much
-    # is already in (128 copies of one clip went first, as one item), and fails
+    # a file over what the API takes (CLAPQ_MAX_REQUEST_BYTES, read from /v1/limits) is named and left
+    # out before anything is sent, instead of the API refusing its request on every run; the rest go in
+    # (128 copies of one clip, as one item), and the command fails
     partial = tmp_path / "partial"
     partial.mkdir()
     clip = write(partial / "c000.wav", 0.2, 8_000, 1, freq=300, seed=7).read_bytes()
     for i in range(1, 128):
         (partial / f"c{i:03d}.wav").write_bytes(clip)
     with open(partial / "zz_long.wav", "wb") as f:
-        f.truncate(20 << 20)  # alone in the second request, over the 16 MiB limit
+        f.truncate(20 << 20)  # over the 16 MiB limit
     out = subprocess.run(cli + ["upload", str(partial), "--library", "partial", "--url", base, "--key", key,
                                 "--no-wait"], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
-    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
-    assert "128 of 129 files were uploaded (jobs " in out.stderr, out.stderr
-    assert ("failed (413)" in out.stderr or "was lost during POST" in out.stderr), out.stderr
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "not sent: zz_long.wav: 21.0 MB, larger than this server takes (16.8 MB;" in out.stderr, out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["files"] == 129 and summary["not_sent"] == 1 and len(summary["jobs"]) == 1, summary
     libs = requests.get(f"{base}/v1/libraries", headers=h, timeout=10).json()["libraries"]
     assert [x["item_count"] for x in libs if x["name"] == "partial"] == [1]
     # run again without the file the API refused: the 128 copies it holds are not sent again
@@ -286,7 +297,7 @@ def test_a_device_or_precision_the_machine_cannot_run_stops_at_start(tmp_path, t
     assert out.stderr.strip() == f"clapq: {message}"
 
 
-def test_upload_requests_fill_whole_worker_batches(tmp_path, monkeypatch):
+def test_upload_requests_fill_whole_worker_batches(tmp_path):
     """`clapq upload` sends 128 files a request (whole batches of 16 for the worker, no padded one per
     request with short files), and splits before a request would pass the byte limit."""
     from clapq import client
@@ -298,8 +309,8 @@ def test_upload_requests_fill_whole_worker_batches(tmp_path, monkeypatch):
         paths.append(p)
     assert [len(b) for b in client.batches(paths)] == [128, 128, 44]
     assert [p for b in client.batches(paths) for p in b] == paths
-    monkeypatch.setattr(client, "BATCH_BYTES", 25)  # two 10-byte files fit, a third does not
-    assert [len(b) for b in client.batches(paths[:7])] == [2, 2, 2, 1]
+    two = client.REQUEST_OVERHEAD + 2 * (10 + client.PART_OVERHEAD)  # two 10-byte files fit, a third does not
+    assert [len(b) for b in client.batches(paths[:7], max_bytes=two)] == [2, 2, 2, 1]
 
 
 def test_upload_bodies_stream_from_disk_and_parse_as_sent(tmp_path):
@@ -366,15 +377,18 @@ def test_client_commands_say_when_the_api_is_not_there(tmp_path, tiny_model, cmd
 
 
 @contextlib.contextmanager
-def fake_api(answer):
+def fake_api(answer, bodies: list | None = None):
     """A stand-in for the API on a free port: `answer(method, path)` gives (status, JSON or None, headers),
-    or None for a request that is never answered. Request bodies are read and dropped."""
+    or None for a request that is never answered. Request bodies are read, and kept in `bodies` as
+    (method, path, body) if given."""
     import http.server
     import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def reply(self, method: str) -> None:
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if bodies is not None:
+                bodies.append((method, self.path, body))
             got = answer(method, self.path)
             if got is None:
                 time.sleep(30)
@@ -406,16 +420,18 @@ def fake_api(answer):
         server.server_close()
 
 
-def _upload(folder: Path, url: str, tiny_model, **popen) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "x", "--url", url,
-                             "--key", "cq_x"], env=_env(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, **popen)
+def _upload(folder: Path, url: str, tiny_model, library: str = "x", **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", library, "--url",
+                             url, "--key", "cq_x"], env=_env(tiny_model), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
 
 
 def test_an_upload_that_is_redirected_says_where_instead_of_resending_a_spent_body(tmp_path, tiny_model):
     """A proxy answering 307 to the upload: following it would resend a body already read from disk
     (nothing, against the full Content-Length) and wait out the timeout; the command names the new place."""
     def answer(method, path):
+        if path == "/v1/limits":
+            return 404, None, {}
         if method == "GET":  # the library lookup
             return 200, {"libraries": [{"id": "lib1", "name": "x"}]}, {}
         return 307, None, {"Location": "https://clapq.example/v1/libraries/lib1/batches"}
@@ -483,6 +499,8 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
     def answer(method, path):
         if path == "/v1/libraries":
             return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if path == "/v1/limits":
+            return 404, None, {}
         if method == "GET":  # a job, never finished
             polled.set()
             return 200, {"status": "running", "counts": {"done": 0, "failed": 0, "total": 1}, "errors": []}, {}
@@ -544,3 +562,106 @@ def test_waiting_asks_about_one_job_at_a_time():
     assert [s["status"] for s in states] == ["done"] * 3
     assert dict(looks) == ends_after  # j2 once; j3 only after j1 has ended
     assert seen == [(1, 3), (1, 3), (3, 3)]
+
+
+def test_a_busy_api_is_waited_for_and_a_library_made_meanwhile_is_used(tmp_path, tiny_model):
+    """The API's backlog is full (429, Retry-After): the command waits as asked and sends the same files
+    again instead of stopping. The library was created by another upload between the look and the
+    create (409): it is looked up again and used. Names are compared without surrounding spaces, as the
+    API stores them. Hidden files are left out, and said to be."""
+    looks, posts = [], []
+
+    def answer(method, path):
+        if path == "/v1/libraries" and method == "GET":
+            looks.append(path)
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}] if len(looks) > 1 else []}, {}
+        if path == "/v1/libraries":
+            return 409, {"error": {"code": "conflict", "message": "a library named 'x' already exists",
+                                   "status": 409}}, {}
+        if path == "/v1/limits":
+            return 404, None, {}
+        if path.endswith("/batches"):
+            posts.append(path)
+            if len(posts) == 1:
+                return 429, {"error": {"code": "busy", "message": "9 files are waiting", "status": 429}}, \
+                    {"Retry-After": "1"}
+            return 202, {"job_id": "job1", "items": []}, {}
+        return 200, {"status": "done", "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}
+
+    write(tmp_path / "a.wav", 0.5)
+    write(tmp_path / "._a.wav", 0.1)  # macOS's resource fork beside a copied file
+    (tmp_path / ".trash").mkdir()
+    write(tmp_path / ".trash" / "old.wav", 0.1)
+    for name in ("cover.jpg", "notes.txt", "notes2.txt"):
+        (tmp_path / name).write_text("not audio")
+    bodies: list = []
+    with fake_api(answer, bodies) as url:
+        p = _upload(tmp_path, url, tiny_model, library="  x ")
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "left out 2 files with hidden names (starting with '.')" in err, err
+    assert "left out 3 files not named as audio (.txt ×2, .jpg)" in err, err
+    assert "the API is busy (9 files are waiting); sending again in 1 s" in err, err
+    assert len(posts) == 2 and len(looks) == 2
+    sent = [b for m, path, b in bodies if path.endswith("/batches")]
+    unbound = [b.replace(b.split(b"\r\n", 1)[0], b"") for b in sent]  # each request has its own boundary
+    assert unbound[0] == unbound[1] and b'filename="a.wav"' in sent[1] and b"._a.wav" not in sent[1]
+
+
+def test_names_a_multipart_form_cannot_carry_still_reach_the_api_with_their_paths(client, new_key, tmp_path):
+    """File names with a line break, a backslash, "%22" or bytes that are not UTF-8: `clapq upload` sends
+    a name the API reads back as sent, so the batch's 'metadata' finds every file (before, the API refused
+    the batch, on every run) and each item keeps its real path."""
+    from clapq import client as cli_client
+    from tests.conftest import auth
+
+    real = ["new\nline.wav", "back\\slash.wav", "100%22.wav", 'q"uote.wav', "100% rain.wav",
+            os.fsdecode(b"caf\xe9.wav"), "sub/tab\there.wav"]
+    (tmp_path / "sub").mkdir()
+    paths = []
+    for i, name in enumerate(real):
+        p = tmp_path / name
+        p.write_bytes(b"RIFF not audio %d" % i)
+        paths.append(p)
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "odd names"}, headers=auth(key)).get_json()["id"]
+    with cli_client.multipart_body(tmp_path, paths) as body:
+        r = client.post(f"/v1/libraries/{lib}/batches", data=body.read(), content_type=body.content_type,
+                        headers=auth(key))
+    assert r.status_code == 202, r.get_json()
+    items = r.get_json()["items"]
+    stored = [client.get(f"/v1/items/{i['id']}", headers=auth(key)).get_json()["metadata"]["path"] for i in items]
+    assert stored == [n.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for n in real]
+    assert [i["filename"] for i in items][:3] == ["new_line.wav", "back_slash.wav", "100_.wav"]
+    assert "caf\ufffd.wav" in [i["filename"] for i in items]
+
+
+def test_files_the_api_cannot_take_are_named_not_sent(tmp_path):
+    """Before sending, a file that vanished since the listing or is over the server's limits is named
+    with its reason; the rest are sent."""
+    from clapq import client
+
+    ok = tmp_path / "ok.wav"
+    ok.write_bytes(b"x" * 100)
+    big = tmp_path / "big.wav"
+    big.write_bytes(b"x" * 5000)
+    gone = tmp_path / "gone.wav"
+    sendable, refused = client._sendable([ok, big, gone], tmp_path, {"max_file_bytes": 4000})
+    assert sendable == [ok]
+    assert refused[0].startswith("big.wav: 0.0 MB, larger than this server takes") and "CLAPQ_MAX_FILE_BYTES" in \
+        refused[0]
+    assert refused[1] == "gone.wav: cannot be read (No such file or directory)"
+    # requests are cut to the server's file count and size, with room for the multipart around the files
+    assert [len(b) for b in client.batches([ok] * 5, max_files=2)] == [2, 2, 1]
+    assert [len(b) for b in client.batches([ok] * 5, max_bytes=client.REQUEST_OVERHEAD + 2 * (100 + 1024))] == \
+        [2, 2, 1]
+
+
+@pytest.mark.parametrize("url", ["localhost:8000", "http://", "http://127.0.0.1:99999", "ftp://example.org"])
+def test_an_unusable_api_address_is_a_sentence(tmp_path, tiny_model, url):
+    write(tmp_path / "a.wav", 0.2)
+    for cmd in (["upload", str(tmp_path), "--library", "x"], ["search", "rain", "--library", "x"]):
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", *cmd, "--url", url, "--key", "cq_x"],
+                             env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert f"clapq: {url!r} is not an API address like http://127.0.0.1:8000" in out.stderr, out.stderr
