@@ -5,6 +5,7 @@ the decoder) and as one batch through the API and a real worker (so it points at
 from __future__ import annotations
 
 import dataclasses
+import struct
 import tracemalloc
 from pathlib import Path
 
@@ -41,6 +42,14 @@ def _cut(data: bytes, fraction: float = 0.5) -> bytes:
     return data[: int(len(data) * fraction)]
 
 
+def _wav_header(tag: int, rate: int, channels: int, bits: int, riff_size: int, data_size: int) -> bytes:
+    """A canonical 44-byte WAV header with the sizes and format tag given (not necessarily true)."""
+    block = channels * bits // 8
+    return (b"RIFF" + struct.pack("<I", riff_size) + b"WAVE" + b"fmt " + struct.pack("<I", 16)
+            + struct.pack("<HHIIHH", tag, channels, rate, rate * block, block, bits)
+            + b"data" + struct.pack("<I", data_size))
+
+
 def build_cases(tmp: Path) -> list[Case]:
     full_wav = wav_bytes(tone_and_chirp(2.0, 44_100, 2), 44_100)  # 44-byte header, 4 bytes a frame
     full_flac = make("flac_s16", tmp, seconds=2.0).read_bytes()
@@ -51,6 +60,9 @@ def build_cases(tmp: Path) -> list[Case]:
     inf[2000, 1] = np.inf
     huge = tone(1.0, 48_000, 1) * np.float32(1e30)  # finite: a float file of garbage
     half_wav_frames = (len(full_wav) // 2 - 44) // 4
+    pcm16k = np.clip(np.round(tone_and_chirp(3.0, 16_000, 1) * 32767), -32768, 32767).astype("<i2").tobytes()
+    huge_doubles = tmp / "huge_doubles.wav"
+    sf.write(str(huge_doubles), tone(1.0, 48_000, 1).astype(np.float64) * 1e200, 48_000, subtype="DOUBLE")
     return [
         Case("empty.wav", b"", "failed", "empty", why="nothing to decode"),
         Case("truncated.wav", _cut(full_wav), "done", rate=44_100, channels=2,
@@ -83,6 +95,13 @@ def build_cases(tmp: Path) -> list[Case]:
              duration=(1.0, 1.0)),
         Case("rate_192k.wav", wav_bytes(tone(1.0, 192_000, 2), 192_000, "PCM_24"), "done", rate=192_000,
              channels=2, duration=(1.0, 1.0)),
+        Case("sizes_never_written.wav", _wav_header(1, 16_000, 1, 16, 0, 0) + pcm16k, "done", rate=16_000,
+             channels=1, duration=(3.0, 3.0),
+             why="a recorder stopped before it wrote the sizes: libsndfile says 0 frames, FFmpeg reads the data"),
+        Case("unknown_codec.wav", _wav_header(0x1234, 44_100, 1, 16, 1036, 1000) + bytes(1000), "failed",
+             "audio codec is not supported", why="a format tag FFmpeg has no decoder for"),
+        Case("huge_doubles.wav", huge_doubles.read_bytes(), "failed", "too large for 32-bit float",
+             why="finite doubles that overflow float32"),
     ]
 
 
@@ -102,7 +121,8 @@ def corpus(tmp_path_factory) -> tuple[list[Case], dict[str, Path], list[Path]]:
 CASE_NAMES = [
     "empty.wav", "truncated.wav", "truncated.flac", "truncated.mp3", "text.wav", "text.mp3", "image.wav",
     "image.mp3", "claims_4gb.wav", "nan.wav", "inf.wav", "huge_floats.wav", "silence.wav", "one_sample.wav",
-    "one_sample_44k.wav", "eight_channels.wav", "rate_8k.wav", "rate_192k.wav",
+    "one_sample_44k.wav", "eight_channels.wav", "rate_8k.wav", "rate_192k.wav", "sizes_never_written.wav",
+    "unknown_codec.wav", "huge_doubles.wav",
 ]
 
 
@@ -202,3 +222,21 @@ def test_bad_batch_through_the_api(client, new_key, worker, corpus):
 
     assert call("get", "/readyz").status_code == 200
     assert all(code < 500 for *_, code in responses), [r for r in responses if r[2] >= 500]
+
+
+def test_a_low_sample_rate_does_not_multiply_memory(tmp_path):
+    """Resampling 25 Hz to 48 kHz makes 1,920 samples of each one: read in whole 65,536-frame blocks, a
+    131 kB file took a 500 MB buffer (and a 5 Hz file gigabytes). The output now comes in bounded pieces,
+    and is the same stream of samples."""
+    from worker.audio import AudioInfo, stream
+
+    path = tmp_path / "rate25.wav"
+    sf.write(str(path), (0.1 * np.sin(np.arange(65_536) * 0.3)).astype(np.float32)[:, None], 25, subtype="PCM_16")
+    info = AudioInfo(0, 0)
+    tracemalloc.start()
+    sizes = [block.shape[0] for block in stream(path, info)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert info.sample_rate == 25 and info.frames == 65_536
+    assert sum(sizes) == 65_536 * 1_920 and max(sizes) < 4 << 20, max(sizes)
+    assert peak < 64 << 20, peak  # was ~1 GB (the block and its float32 copy)

@@ -191,3 +191,44 @@ def test_16_bit_pcm_blocks_equal_libsndfile_floats(files, name, tmp_path):
     got = next(audio._soundfile_blocks(extremes, audio.AudioInfo(0, 0)))[0]
     np.testing.assert_array_equal(got, sf.read(str(extremes), dtype="float32")[0])
     np.testing.assert_array_equal(got, np.array([-1.0, 32767 / 32768, 0.0, 2**-15, -(2**-15)], np.float32))
+
+
+def test_aac_padding_is_cut_to_the_length_the_file_states(tmp_path):
+    """AAC decodes whole 1,024-sample frames, so a 10.0 s clip came out 10.008 s long and got a second
+    window; the decoder cuts it to the stream's stated length (441,000 frames), so it is one window."""
+    from tests.make_audio import write_av
+    from worker.windows import spans
+
+    path = write_av(tmp_path / "ten.m4a", tone_and_chirp(10.0, 44_100, 2), 44_100, "ipod", "aac", "fltp")
+    samples, info = audio.decode(blob_copy(path, tmp_path))
+    assert info.frames == 441_000 and info.duration_s == 10.0 and samples.shape[0] == 480_000
+    assert len(spans(samples.shape[0], 48_000, 480_000, 240_000)) == 1
+
+
+def test_an_empty_first_audio_track_falls_back_to_one_with_audio(tmp_path):
+    """A Matroska file whose first audio track has no packets: the second track is decoded."""
+    from fractions import Fraction
+
+    import av
+
+    from tests.make_audio import _to_format
+
+    path = tmp_path / "two_tracks.mkv"
+    sound = tone_and_chirp(4.0, 22_050, 1)
+    with av.open(str(path), "w", format="matroska") as out:
+        empty = out.add_stream("flac", rate=44_100, layout="mono")
+        empty.format = "s16"
+        full = out.add_stream("flac", rate=22_050, layout="mono")
+        full.format = "s16"
+        for start in range(0, sound.shape[0], 1024):
+            frame = av.AudioFrame.from_ndarray(_to_format(sound[start:start + 1024], "s16"), format="s16",
+                                               layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = 22_050, start, Fraction(1, 22_050)
+            for packet in full.encode(frame):
+                out.mux(packet)
+        for stream in (full, empty):
+            for packet in stream.encode(None):
+                out.mux(packet)
+    samples, info = audio.decode(blob_copy(path, tmp_path))
+    assert (info.sample_rate, info.channels, info.frames) == (22_050, 1, 88_200)
+    assert samples.shape[0] == 192_000

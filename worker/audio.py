@@ -39,6 +39,14 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
         f = sf.SoundFile(str(path))
     except Exception:  # libsndfile does not know it: let PyAV try
         return None
+    if f.frames == 0:
+        # a header whose sizes were never filled in (a recorder that was stopped) says 0 frames; FFmpeg
+        # reads on to the data that follows
+        f.close()
+        try:
+            return _av_blocks(path, info)
+        except DecodeError:
+            raise DecodeError("the file contains no audio samples") from None
     info.sample_rate, info.channels, info.format = f.samplerate, f.channels, f.format.lower()
     # 16-bit PCM, the commonest kind: read the integers and scale them here. libsndfile's own float
     # conversion multiplies by 2**-15 too, so the values are bit for bit the same, at half the cost
@@ -89,17 +97,46 @@ def _av_resume(path: Path, info: AudioInfo, skip: int, reason: str) -> Iterator[
         raise DecodeError(reason) from None
 
 
+def _first_audible(container) -> int:
+    """Which audio stream to decode: the first, unless it has no data and a later one has (a video's
+    empty first track). Files with one audio stream are not read ahead."""
+    streams = container.streams.audio
+    if len(streams) == 1:
+        return 0
+    with_data: set[int] = set()
+    for n, packet in enumerate(container.demux(*streams)):
+        if packet.size:
+            with_data.add(packet.stream.index)
+            if streams[0].index in with_data or n > 5000:
+                break
+    return next((i for i, s in enumerate(streams) if s.index in with_data), 0)
+
+
 def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
     import av
 
-    try:
-        container = av.open(str(path), metadata_errors="ignore")
-    except Exception as exc:
-        raise DecodeError(f"not a readable audio file ({_short(exc)})") from exc
+    def open_container():
+        try:
+            return av.open(str(path), metadata_errors="ignore")
+        except Exception as exc:
+            raise DecodeError(f"not a readable audio file ({_short(exc)})") from exc
+
+    container = open_container()
     if not container.streams.audio:
         container.close()
         raise DecodeError("the file has no audio stream")
-    stream = container.streams.audio[0]
+    which = 0
+    if len(container.streams.audio) > 1:
+        try:
+            which = _first_audible(container)
+        except av.error.FFmpegError:
+            pass
+        container.close()
+        container = open_container()  # from the start again, for the stream chosen
+    stream = container.streams.audio[which]
+    if stream.codec_context is None:  # FFmpeg has no decoder for this codec
+        container.close()
+        raise DecodeError("the audio codec is not supported (FFmpeg has no decoder for it)")
     info.sample_rate = stream.codec_context.sample_rate or stream.rate or 0
     info.channels = stream.codec_context.channels or 0
     info.format = (container.format.name or "").split(",")[0]
@@ -107,8 +144,16 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
         container.close()
         raise DecodeError("the audio stream has no sample rate or channel count")
     resampler = av.AudioResampler(format="fltp")  # any sample format -> float planar, same rate/layout
+    # what the container says the stream holds: AAC's last frame is decoded whole, up to 1,024 frames of
+    # padding past it (a 10.0 s clip would last 10.008 s and get two windows), which is cut to this
+    stated = None
+    if stream.codec_context.name in AAC_CODECS and stream.duration is not None and stream.time_base is not None:
+        stated = int(round(float(stream.duration * stream.time_base) * info.sample_rate))
 
     def gen() -> Iterator[np.ndarray]:
+        yield from _cut_padding(decoded(), stated, PADDING_FRAMES)
+
+    def decoded() -> Iterator[np.ndarray]:
         # packet by packet, like the ffmpeg CLI: a damaged packet (the cut end of a truncated file) is
         # skipped, not the end of the file; only a file that is mostly damage fails
         good = bad = 0
@@ -136,6 +181,33 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
             raise DecodeError(f"corrupt {info.format} data ({_short(error)})")
 
     return gen()
+
+
+AAC_CODECS = ("aac", "aac_fixed", "aac_latm")
+PADDING_FRAMES = 4096  # the most decoded beyond the stated length that is taken for padding (HE-AAC: 2,048)
+
+
+def _cut_padding(blocks: Iterator[np.ndarray], stated: int | None, slack: int) -> Iterator[np.ndarray]:
+    """`blocks`, ending at `stated` frames where they run past it by at most `slack` (a codec's padding);
+    more than that, and the stated length is what is wrong: nothing is cut. Holds back `slack` frames."""
+    held: list[np.ndarray] = []
+    held_n = total = 0
+    for b in blocks:
+        held.append(b)
+        held_n += b.shape[1]
+        total += b.shape[1]
+        while held and held_n - held[0].shape[1] >= slack:
+            held_n -= held[0].shape[1]
+            yield held.pop(0)
+    excess = total - stated if stated else 0
+    if 0 < excess <= slack:
+        while excess and held:
+            cut = min(excess, held[-1].shape[1])
+            held[-1] = held[-1][:, : held[-1].shape[1] - cut]
+            excess -= cut
+            if not held[-1].shape[1]:
+                held.pop()
+    yield from held
 
 
 def _short(exc: Exception) -> str:
@@ -170,9 +242,12 @@ def stream(path: Path | str, info: AudioInfo, *, max_duration_s: float | None = 
     if info.sample_rate != TARGET_RATE:
         resampler = soxr.ResampleStream(info.sample_rate, TARGET_RATE, 1, dtype="float32", quality="HQ")
     produced = 0
+    # input frames resampled at a time: a low rate multiplies a block (65,536 frames at 25 Hz would come
+    # out as 126 M samples, 500 MB); at most 4 blocks' worth come out of each piece
+    piece = max(1, 4 * BLOCK_FRAMES * info.sample_rate // TARGET_RATE)
     for block in blocks:
         if not np.isfinite(block).all():
-            raise DecodeError("the audio contains NaN or infinite samples")
+            raise DecodeError("the audio contains NaN or infinite samples (or values too large for 32-bit float)")
         peak = float(np.abs(block).max(initial=0.0))
         if peak > MAX_ABS_SAMPLE:  # float garbage: finite, but the log-mel would overflow to NaN vectors
             raise DecodeError(f"the audio has samples far outside the normal range (peak {peak:.3g}); "
@@ -181,10 +256,12 @@ def stream(path: Path | str, info: AudioInfo, *, max_duration_s: float | None = 
         info.frames += mono.shape[0]
         if max_duration_s is not None and info.frames > max_duration_s * info.sample_rate:
             raise DecodeError(f"the audio is longer than the limit of {max_duration_s:g} s")
-        out = resampler.resample_chunk(mono) if resampler else np.ascontiguousarray(mono, dtype=np.float32)
-        produced += out.shape[0]
-        if out.size:
-            yield out
+        for start in range(0, mono.shape[0], piece):
+            part = mono[start : start + piece]
+            out = resampler.resample_chunk(part) if resampler else np.ascontiguousarray(part, dtype=np.float32)
+            produced += out.shape[0]
+            if out.size:
+                yield out
     if resampler is not None:
         tail = resampler.resample_chunk(np.zeros(0, np.float32), last=True)
         produced += tail.shape[0]
