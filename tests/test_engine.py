@@ -755,3 +755,30 @@ def test_files_decoded_ahead_leave_no_scratch_file_when_a_task_stops_early(tmp_p
             assert list(scratch.iterdir()) == [], depth
     finally:
         pool.close()
+
+
+def test_scratch_files_of_killed_workers_are_removed_at_the_next_start(tmp_path):
+    """A worker killed mid-task (SIGKILL, the OOM killer) leaves its decoded files behind, up to 1.4 GB for
+    a 2-hour file. Each worker process decodes into its own directory, and a starting one removes the
+    directories of this host's processes that have ended; a running process's directory is left alone."""
+    import socket
+
+    from worker.pipeline import own_scratch
+
+    host = socket.gethostname().replace("-", "_")
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    running = subprocess.Popen(["sleep", "60"])
+    try:
+        for pid in (ended.pid, running.pid):
+            (tmp_path / f"worker-{host}-{pid}").mkdir()
+            (tmp_path / f"worker-{host}-{pid}" / "decoded-x.f32").write_bytes(b"\0" * 1024)
+        other_host = tmp_path / f"worker-elsewhere-{ended.pid}"  # a container sharing the volume
+        other_host.mkdir()
+        mine = own_scratch(tmp_path)
+        assert mine == tmp_path / f"worker-{host}-{os.getpid()}" and list(mine.iterdir()) == []
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [mine.name, f"worker-{host}-{running.pid}", other_host.name])
+    finally:
+        running.kill()
+        running.wait()

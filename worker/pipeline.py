@@ -8,6 +8,8 @@ import dataclasses
 import itertools
 import logging
 import os
+import shutil
+import socket
 import tempfile
 import time
 import uuid
@@ -55,6 +57,31 @@ class Options:
     # on the next batch while the GPU runs this one; on a CPU the model already uses every core, and
     # deep read-ahead only steals from it (measured: BENCHMARKS.md)
     read_ahead: int = 0
+
+
+def own_scratch(root: Path) -> Path:
+    """This process's scratch directory under `root` (named by host and pid), made empty; first the
+    directories of this host's processes that have ended are removed. A worker killed mid-task (the OOM
+    killer, SIGKILL) cannot clean up after itself, and a 2-hour file's decoded samples are 1.4 GB."""
+    host = socket.gethostname().replace("-", "_")
+    root.mkdir(parents=True, exist_ok=True)
+    for d in root.glob(f"worker-{host}-*"):
+        try:
+            os.kill(int(d.name.rsplit("-", 1)[1]), 0)
+            continue  # alive (or another user's): leave it
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, PermissionError):
+            continue
+    stale = time.time() - 24 * 3600
+    for f in root.glob("decoded-*.f32"):  # loose files of versions before per-process directories
+        with contextlib.suppress(OSError):
+            if f.stat().st_mtime < stale:
+                f.unlink()
+    mine = root / f"worker-{host}-{os.getpid()}"
+    shutil.rmtree(mine, ignore_errors=True)  # a dead process's, whose pid this one now has
+    mine.mkdir()
+    return mine
 
 
 def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options) -> Decoded:

@@ -66,6 +66,14 @@ def _runtime():
     return settings, embedder, model_id, decoders
 
 
+@functools.lru_cache(maxsize=1)
+def _scratch(root):
+    """This worker process's scratch directory, emptied (with those of ended processes) on first use."""
+    from worker.pipeline import own_scratch
+
+    return own_scratch(root)
+
+
 @worker_process_init.connect
 def _warm_up(**_) -> None:
     """Load the model in each pool child as it starts (after the fork), not on the first task."""
@@ -98,10 +106,9 @@ def embed_items(self, item_ids: list[str]) -> dict:
     if not claimed:
         return {"claimed": 0}
     blobs = BlobStore(settings.blob_dir)
-    settings.scratch_dir.mkdir(parents=True, exist_ok=True)
     opts = pipeline.Options(batch_size=settings.batch_size,
                             decode_timeout_s=settings.decode_timeout_s, max_duration_s=settings.max_duration_s,
-                            scratch_dir=settings.scratch_dir)
+                            scratch_dir=_scratch(settings.scratch_dir))
     counts = {"claimed": len(claimed), "done": 0, "failed": 0}
     # unfinished items, those claimed on the way included: heartbeats and release cover them (the
     # heartbeat thread copies the set with list(), which the GIL keeps whole while this thread edits it)
