@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from flask import Blueprint, current_app, g, request
 from sqlalchemy import func, select, update
@@ -14,7 +15,7 @@ from api.lookup import owned
 from api.models_info import served_model_for
 from api.uploads import display_name
 from clapq.blobs import StorageFull
-from clapq.models import Item, Job, Library
+from clapq.models import Item, Job, JobDuplicate, Library
 from clapq.queue import enqueue_items
 
 bp = Blueprint("batches", __name__)
@@ -112,7 +113,7 @@ def upload_batch(lib_id: str):
         session.execute(update(Item).where(Item.id.in_(retried)).values(
             job_id=job.id, status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
             updated_at=func.now()))
-    out, new_ids, seen = [], [], set()
+    out, new_ids, seen, copies = [], [], set(), Counter()
     for name, sha in zip(names, shas):
         old = existing.get(sha)
         item_id = created[sha] if old is None else old.id
@@ -120,7 +121,7 @@ def upload_batch(lib_id: str):
         if sha in seen:  # the same bytes twice in this batch
             entry.update(status="queued" if old is None or old.id in retried else old.status,
                          duplicate_of=str(item_id))
-            job.duplicates += 1
+            copies[item_id] += 1
         elif old is None:
             entry["status"] = "queued"
             new_ids.append(item_id)
@@ -129,9 +130,13 @@ def upload_batch(lib_id: str):
             new_ids.append(item_id)
         else:
             entry.update(status=old.status, duplicate_of=str(item_id))
-            job.duplicates += 1
+            copies[item_id] += 1
         seen.add(sha)
         out.append(entry)
+    if copies:  # the job reports each copy as the item it is a copy of stands, not as done
+        job.duplicates = sum(copies.values())
+        session.execute(insert(JobDuplicate).values(
+            [{"job_id": job.id, "item_id": i, "copies": n} for i, n in copies.items()]))
     session.commit()
     try:
         enqueue_items(current_app.extensions["clapq_celery"], new_ids, settings.items_per_task)

@@ -6,14 +6,14 @@ import datetime as dt
 import logging
 
 from flask import Blueprint, current_app, g, request
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 
 from api.db import db
 from api.errors import ApiError, bad_request
 from api.items import item_json
 from api.lookup import owned
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
-from clapq.models import Item, Job
+from clapq.models import Item, Job, JobDuplicate
 from clapq.queue import enqueue_items
 
 bp = Blueprint("jobs", __name__)
@@ -34,6 +34,12 @@ def job_status(counts: dict, cancelled: bool) -> str:
     return "done_with_errors" if counts["failed"] else "done"
 
 
+def _of_job(job: Job):
+    """Items a job sent: its own, and those its copies (re-uploaded bytes) point at."""
+    return or_(Item.job_id == job.id,
+               Item.id.in_(select(JobDuplicate.item_id).where(JobDuplicate.job_id == job.id)))
+
+
 def job_json(job: Job, with_errors: bool = True) -> dict:
     session = db()
     counts = {s: 0 for s in STATES}
@@ -45,10 +51,19 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         counts[status] = n
         first_start = min(filter(None, (first_start, started)), default=None)
         last_finish = max(filter(None, (last_finish, finished)), default=None)
-    counts["done"] += job.duplicates  # re-uploaded bytes: already embedded, nothing to do
+    finished_n = counts["done"] + counts["failed"] + counts["cancelled"]  # this job's own work, for the ETA
+    # copies count as the items they are copies of stand (a copy of a file still queued is queued)
+    recorded = 0
+    for status, n, finished in session.execute(
+        select(Item.status, func.sum(JobDuplicate.copies), func.max(Item.finished_at))
+        .join(Item, Item.id == JobDuplicate.item_id).where(JobDuplicate.job_id == job.id).group_by(Item.status)
+    ):
+        counts[status] += int(n)
+        recorded += int(n)
+        last_finish = max(filter(None, (last_finish, finished)), default=None)
+    counts["done"] += job.duplicates - recorded  # copies made before migration 0004: embedded then
     counts["total"] = sum(counts[s] for s in STATES)
     counts["duplicates"] = job.duplicates
-    finished_n = counts["done"] - job.duplicates + counts["failed"] + counts["cancelled"]
     remaining = counts["queued"] + counts["running"]
     eta = None
     if remaining and finished_n and first_start is not None:
@@ -67,7 +82,7 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
     if with_errors:
         errors = session.execute(
             select(Item.id, Item.filename, Item.error)
-            .where(Item.job_id == job.id, Item.status == "failed")
+            .where(_of_job(job), Item.status == "failed")
             .order_by(Item.created_at, Item.id).limit(MAX_ERRORS_SHOWN)
         ).all()
         out["errors"] = [{"item_id": str(i), "filename": f, "error": e} for i, f, e in errors]
@@ -97,7 +112,7 @@ def job_items(job_id: str):
     if status is not None and status not in STATES:
         raise bad_request(f"'status' must be one of {', '.join(STATES)}")
     limit, cursor = limit_arg(100), cursor_arg()
-    q = select(Item).where(Item.job_id == job.id, after_cursor(Item, cursor))
+    q = select(Item).where(_of_job(job), after_cursor(Item, cursor))
     if status:
         q = q.where(Item.status == status)
     rows = db().scalars(q.order_by(Item.created_at, Item.id).limit(limit + 1)).all()
@@ -113,7 +128,8 @@ def cancel_job(job_id: str):
     pending = session.scalar(select(func.count()).select_from(Item)
                              .where(Item.job_id == job.id, Item.status.in_(("queued", "running"))))
     if not pending:
-        raise ApiError(409, "conflict", "the job has already finished; nothing to cancel")
+        # files it sent that the library held already are embedded by the jobs that sent them first
+        raise ApiError(409, "conflict", "nothing of this job's is queued or running; nothing to cancel")
     job.cancelled = True
     session.execute(update(Item).where(Item.job_id == job.id, Item.status == "queued")
                     .values(status="cancelled", finished_at=func.now()))
@@ -128,7 +144,7 @@ def retry_job(job_id: str):
     session = db()
     states = ("failed", "cancelled") if job.cancelled else ("failed",)
     ids = list(session.scalars(
-        update(Item).where(Item.job_id == job.id, Item.status.in_(states))
+        update(Item).where(_of_job(job), Item.status.in_(states))
         .values(status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
                 updated_at=func.now())
         .returning(Item.id)

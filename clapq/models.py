@@ -84,9 +84,21 @@ class Job(Base):
     library_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("libraries.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(20), default="upload")
     cancelled: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
-    # files of this batch whose bytes were already in the library: counted as done, not re-embedded
+    # files of this batch whose bytes were already in the library (or twice in it): not embedded again;
+    # which item each is a copy of is in job_duplicates (since migration 0004)
     duplicates: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class JobDuplicate(Base):
+    """Files of a job's batch that are copies of an item (of an earlier job, or of this one): the job
+    reports that item's state for them, so a copy of a file still queued is not 'done'."""
+
+    __tablename__ = "job_duplicates"
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    item_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("items.id", ondelete="CASCADE"), primary_key=True,
+                                               index=True)
+    copies: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class Item(Base):

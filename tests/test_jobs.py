@@ -1,5 +1,5 @@
-"""Job semantics: duplicates count as done (a failed file uploaded again is retried), cancel, retry-failed,
-listing and paging, backpressure."""
+"""Job semantics: copies of files the library holds count as those files stand (a failed file uploaded
+again is retried), cancel, retry-failed, listing and paging, backpressure."""
 
 from __future__ import annotations
 
@@ -62,7 +62,8 @@ def test_uploading_a_failed_file_again_retries_it_in_the_new_job(client, new_key
     assert again == {"id": bad_id, "filename": "broken.wav", "status": "queued", "duplicate_of": bad_id}
     job = wait_job(client, key, second["job_id"])
     assert job["status"] == "done_with_errors", job
-    assert job["counts"]["failed"] == 1 and job["counts"]["duplicates"] == 2 and job["counts"]["total"] == 3
+    # both copies of the broken file failed: the retried one, and its copy in the same batch
+    assert job["counts"]["failed"] == 2 and job["counts"]["duplicates"] == 2 and job["counts"]["total"] == 3
     assert [e["item_id"] for e in job["errors"]] == [bad_id]
     assert "not a readable audio file" in job["errors"][0]["error"]
     item = client.get(f"/v1/items/{bad_id}", headers=auth(key)).get_json()
@@ -128,3 +129,46 @@ def test_per_file_size_limit(client, new_key, settings):
                    data={"files": [(io.BytesIO(b"x" * 10), "ok.wav"), (io.BytesIO(b"x" * 500), "big.wav")]})
     assert r.status_code == 413 and "big.wav" in r.get_json()["error"]["message"]
     assert client.get(f"/v1/libraries/{lib['id']}", headers=auth(key)).get_json()["item_count"] == 0
+
+
+def test_a_copy_of_a_file_still_queued_is_not_done(client, new_key, settings, tmp_path):
+    """A job whose files the library holds but has not embedded yet (another job queued them) reports
+    them as those files stand: queued while they are, failed (with the reason) if they fail, done when
+    they are done. Before, such a job said 'done' at once, and stayed 'done' whatever became of them."""
+    import hashlib
+
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "pending copies"}, headers=auth(key)).get_json()
+    wav = write(tmp_path / "a.wav", 0.5, seed=41)
+    sha = hashlib.sha256(wav.read_bytes()).hexdigest()
+    with session_scope(settings.database_url) as s:  # an earlier job's file, queued (no worker needed)
+        tenant = s.execute(text("SELECT tenant_id FROM libraries WHERE id = :l"), {"l": lib["id"]}).scalar()
+        earlier = s.execute(text("INSERT INTO jobs (id, tenant_id, library_id, kind) VALUES "
+                                 "(gen_random_uuid(), :t, :l, 'upload') RETURNING id"),
+                            {"t": tenant, "l": lib["id"]}).scalar()
+        item = s.execute(text("INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, "
+                              "metadata, status, attempts) VALUES (gen_random_uuid(), :t, :l, :j, :s, 'a.wav', 1, "
+                              "'{}', 'queued', 0) RETURNING id"),
+                         {"t": tenant, "l": lib["id"], "j": earlier, "s": sha}).scalar()
+    r = upload(client, key, lib["id"], [wav, wav]).get_json()
+    assert [i["duplicate_of"] for i in r["items"]] == [str(item)] * 2
+    job = client.get(f"/v1/jobs/{r['job_id']}", headers=auth(key)).get_json()
+    assert job["status"] == "queued" and job["counts"]["queued"] == 2 and job["progress"] == 0.0, job
+    assert job["finished_at"] is None
+    listed = client.get(f"/v1/jobs/{r['job_id']}/items", headers=auth(key)).get_json()["items"]
+    assert [i["id"] for i in listed] == [str(item)]
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE items SET status = 'failed', error = 'broken', finished_at = now() WHERE id = :i"),
+                  {"i": item})
+    job = client.get(f"/v1/jobs/{r['job_id']}", headers=auth(key)).get_json()
+    assert job["status"] == "failed" and job["counts"]["failed"] == 2 and job["finished_at"], job
+    assert [e["item_id"] for e in job["errors"]] == [str(item)]
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE items SET status = 'done', error = NULL WHERE id = :i"), {"i": item})
+    job = client.get(f"/v1/jobs/{r['job_id']}", headers=auth(key)).get_json()
+    assert job["status"] == "done" and job["counts"] == {"queued": 0, "running": 0, "done": 2, "failed": 0,
+                                                         "cancelled": 0, "total": 2, "duplicates": 2}, job
