@@ -113,6 +113,9 @@ def upload_batch(lib_id: str):
         session.execute(update(Item).where(Item.id.in_(retried)).values(
             job_id=job.id, status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
             updated_at=func.now()))
+        for sha, r in existing.items():  # metadata sent with a retried file replaces what it had
+            if r.id in retried and rows[sha]["meta"]:
+                session.execute(update(Item).where(Item.id == r.id).values(meta=rows[sha]["meta"]))
     out, new_ids, seen, copies = [], [], set(), Counter()
     for name, sha in zip(names, shas):
         old = existing.get(sha)

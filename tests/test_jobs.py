@@ -54,7 +54,9 @@ def test_uploading_a_failed_file_again_retries_it_in_the_new_job(client, new_key
     assert wait_job(client, key, first["job_id"])["status"] == "done_with_errors"
     bad_id = first["items"][0]["id"]
 
-    second = upload(client, key, lib["id"], [bad, good, bad]).get_json()
+    second = client.post(f"/v1/libraries/{lib['id']}/batches", headers=auth(key), content_type="multipart/form-data",
+                         data={"files": [(io.BytesIO(p.read_bytes()), p.name) for p in (bad, good, bad)],
+                               "metadata": json.dumps({"broken.wav": {"take": 2}})}).get_json()
     retried, dup, again = second["items"]
     assert retried == {"id": bad_id, "filename": "broken.wav", "status": "queued", "retry_of": "failed"}
     assert dup["duplicate_of"] == first["items"][1]["id"] and dup["status"] == "done"
@@ -68,6 +70,7 @@ def test_uploading_a_failed_file_again_retries_it_in_the_new_job(client, new_key
     assert "not a readable audio file" in job["errors"][0]["error"]
     item = client.get(f"/v1/items/{bad_id}", headers=auth(key)).get_json()
     assert item["status"] == "failed" and item["attempts"] == 1 and item["job_id"] == second["job_id"]
+    assert item["metadata"] == {"take": 2}  # what the retry was sent with
     # the file now belongs to the newer job; the first keeps the file that worked
     old = client.get(f"/v1/jobs/{first['job_id']}", headers=auth(key)).get_json()
     assert old["status"] == "done" and old["counts"]["total"] == 1
