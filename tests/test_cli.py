@@ -237,7 +237,7 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     out = subprocess.run([sys.executable, "-m", "clapq.cli", "keys", "create", "--tenant", "second",
                           "--data-dir", str(data_dir)], env=_env(tiny_model), capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0 and "Warning" not in out.stderr, out.stderr
     key2 = out.stdout.strip()
     assert key2.startswith("cq_") and "\n" not in key2
     h2 = {"Authorization": f"Bearer {key2}"}
@@ -265,6 +265,13 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert res2["results"] == res["results"]
     assert up2.stop() == 0
     assert _leftovers(data_dir) == []
+
+
+def test_a_key_needs_a_tenant_name(tmp_path, tiny_model):
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "keys", "create", "--tenant", "  ", "--data-dir",
+                          str(tmp_path)], env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "clapq: --tenant needs a name" in out.stderr, out.stderr
+    assert not (tmp_path / "pg").exists()  # refused before anything was started
 
 
 @pytest.mark.parametrize("model", ["/nonexistent/clap", "laion/clap-htsat-unfused"])
