@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 
 from flask import Blueprint, current_app, g, request
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 
 from api.db import db
 from api.errors import ApiError, bad_request
@@ -34,10 +34,15 @@ def job_status(counts: dict, cancelled: bool) -> str:
     return "done_with_errors" if counts["failed"] else "done"
 
 
-def _of_job(job: Job):
-    """Items a job sent: its own, and those its copies (re-uploaded bytes) point at."""
-    return or_(Item.job_id == job.id,
-               Item.id.in_(select(JobDuplicate.item_id).where(JobDuplicate.job_id == job.id)))
+def _copied(job: Job) -> list:
+    """The items a job's copies (re-uploaded bytes) point at: at most a batch's worth."""
+    return list(db().scalars(select(JobDuplicate.item_id).where(JobDuplicate.job_id == job.id)))
+
+
+def _of_job(job: Job, copied: list):
+    """Items a job sent: its own, and those its copies point at. The ids are fetched first: an IN
+    (subquery) under OR cannot use an index, and every poll of the job would scan all items."""
+    return or_(Item.job_id == job.id, Item.id.in_(copied)) if copied else Item.job_id == job.id
 
 
 def job_json(job: Job, with_errors: bool = True) -> dict:
@@ -52,15 +57,18 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         first_start = min(filter(None, (first_start, started)), default=None)
         last_finish = max(filter(None, (last_finish, finished)), default=None)
     finished_n = counts["done"] + counts["failed"] + counts["cancelled"]  # this job's own work, for the ETA
-    # copies count as the items they are copies of stand (a copy of a file still queued is queued)
+    # copies count as the items they are copies of stand (a copy of a file still queued is queued); one
+    # that another job's cancel stopped is not embedded, so it counts as failed (and this job's retry
+    # queues it again)
     recorded = 0
     for status, n, finished in session.execute(
         select(Item.status, func.sum(JobDuplicate.copies), func.max(Item.finished_at))
         .join(Item, Item.id == JobDuplicate.item_id).where(JobDuplicate.job_id == job.id).group_by(Item.status)
     ):
-        counts[status] += int(n)
+        counts["failed" if status == "cancelled" else status] += int(n)
         recorded += int(n)
-        last_finish = max(filter(None, (last_finish, finished)), default=None)
+        if finished is not None:  # a copy of a file embedded long ago ends no earlier than this job began
+            last_finish = max(filter(None, (last_finish, finished, job.created_at)))
     counts["done"] += job.duplicates - recorded  # copies made before migration 0004: embedded then
     counts["total"] = sum(counts[s] for s in STATES)
     counts["duplicates"] = job.duplicates
@@ -80,12 +88,18 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         "finished_at": last_finish.isoformat() if last_finish is not None and not remaining else None,
     }
     if with_errors:
+        copied = _copied(job) if recorded else []
+        failed = and_(Item.job_id == job.id, Item.status == "failed")
         errors = session.execute(
-            select(Item.id, Item.filename, Item.error)
-            .where(_of_job(job), Item.status == "failed")
+            select(Item.id, Item.filename, Item.error, Item.status, Item.job_id)
+            .where(or_(failed, and_(Item.id.in_(copied), Item.status.in_(("failed", "cancelled"))))
+                   if copied else failed)
             .order_by(Item.created_at, Item.id).limit(MAX_ERRORS_SHOWN)
         ).all()
-        out["errors"] = [{"item_id": str(i), "filename": f, "error": e} for i, f, e in errors]
+        out["errors"] = [{"item_id": str(r.id), "filename": r.filename,
+                          "error": r.error if r.status == "failed" else
+                          f"cancelled with job {r.job_id}, which uploaded it first; retry this job to embed it"}
+                         for r in errors]
     return out
 
 
@@ -112,7 +126,7 @@ def job_items(job_id: str):
     if status is not None and status not in STATES:
         raise bad_request(f"'status' must be one of {', '.join(STATES)}")
     limit, cursor = limit_arg(100), cursor_arg()
-    q = select(Item).where(_of_job(job), after_cursor(Item, cursor))
+    q = select(Item).where(_of_job(job, _copied(job)), after_cursor(Item, cursor))
     if status:
         q = q.where(Item.status == status)
     rows = db().scalars(q.order_by(Item.created_at, Item.id).limit(limit + 1)).all()
@@ -139,12 +153,16 @@ def cancel_job(job_id: str):
 
 @bp.post("/jobs/<job_id>/retry")
 def retry_job(job_id: str):
-    """Re-queue only the failed items (and, after a cancel, the cancelled ones), with fresh attempts."""
+    """Re-queue only the failed items (and, after a cancel, the cancelled ones; of copies, those another
+    job's cancel stopped), with fresh attempts."""
     job = owned(Job, job_id, "job")
     session = db()
     states = ("failed", "cancelled") if job.cancelled else ("failed",)
+    copied = _copied(job)
+    own = and_(Item.job_id == job.id, Item.status.in_(states))
     ids = list(session.scalars(
-        update(Item).where(_of_job(job), Item.status.in_(states))
+        update(Item).where(or_(own, and_(Item.id.in_(copied), Item.status.in_(("failed", "cancelled"))))
+                           if copied else own)
         .values(status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
                 updated_at=func.now())
         .returning(Item.id)

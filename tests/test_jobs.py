@@ -170,8 +170,19 @@ def test_a_copy_of_a_file_still_queued_is_not_done(client, new_key, settings, tm
     job = client.get(f"/v1/jobs/{r['job_id']}", headers=auth(key)).get_json()
     assert job["status"] == "failed" and job["counts"]["failed"] == 2 and job["finished_at"], job
     assert [e["item_id"] for e in job["errors"]] == [str(item)]
+    # the job that queued the file first is cancelled: for this job the file is not embedded, so it is
+    # an error this job's retry can undo
     with session_scope(settings.database_url) as s:
-        s.execute(text("UPDATE items SET status = 'done', error = NULL WHERE id = :i"), {"i": item})
+        s.execute(text("UPDATE items SET status = 'cancelled', error = NULL WHERE id = :i"), {"i": item})
+    job = client.get(f"/v1/jobs/{r['job_id']}", headers=auth(key)).get_json()
+    assert job["status"] == "failed" and job["counts"]["failed"] == 2, job
+    assert job["errors"][0]["error"].startswith(f"cancelled with job {earlier}, which uploaded it first"), job
+    retried = client.post(f"/v1/jobs/{r['job_id']}/retry", headers=auth(key)).get_json()
+    assert retried["requeued"] == 1 and retried["status"] == "queued", retried
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE items SET status = 'done', error = NULL, finished_at = now() - interval '1 day' "
+                       "WHERE id = :i"), {"i": item})
     job = client.get(f"/v1/jobs/{r['job_id']}", headers=auth(key)).get_json()
     assert job["status"] == "done" and job["counts"] == {"queued": 0, "running": 0, "done": 2, "failed": 0,
                                                          "cancelled": 0, "total": 2, "duplicates": 2}, job
+    assert job["finished_at"] >= job["created_at"]  # not the day-old finish of the file it copies
