@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -759,26 +760,31 @@ def test_files_decoded_ahead_leave_no_scratch_file_when_a_task_stops_early(tmp_p
 
 def test_scratch_files_of_killed_workers_are_removed_at_the_next_start(tmp_path):
     """A worker killed mid-task (SIGKILL, the OOM killer) leaves its decoded files behind, up to 1.4 GB for
-    a 2-hour file. Each worker process decodes into its own directory, and a starting one removes the
-    directories of this host's processes that have ended; a running process's directory is left alone."""
-    import socket
+    a 2-hour file. Each worker process decodes into its own directory, locked while it lives, and a
+    starting one removes the directories nobody holds; a live process's directory is left alone."""
+    import textwrap
 
     from worker.pipeline import own_scratch
 
-    host = socket.gethostname().replace("-", "_")
-    ended = subprocess.Popen(["true"])
-    ended.wait()
-    running = subprocess.Popen(["sleep", "60"])
+    code = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from worker.pipeline import own_scratch
+        d = own_scratch(Path({str(tmp_path)!r}))
+        (d / "decoded-x.f32").write_bytes(bytes(1024))
+        print(d.name, flush=True)
+        time.sleep(float(sys.argv[1]))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    ended = subprocess.run([sys.executable, "-c", code, "0"], env=env, capture_output=True, text=True, check=True)
+    running = subprocess.Popen([sys.executable, "-c", code, "60"], env=env, stdout=subprocess.PIPE, text=True)
     try:
-        for pid in (ended.pid, running.pid):
-            (tmp_path / f"worker-{host}-{pid}").mkdir()
-            (tmp_path / f"worker-{host}-{pid}" / "decoded-x.f32").write_bytes(b"\0" * 1024)
-        other_host = tmp_path / f"worker-elsewhere-{ended.pid}"  # a container sharing the volume
-        other_host.mkdir()
+        alive = running.stdout.readline().strip()
+        (tmp_path / "worker-old-layout").mkdir()  # no lock file: an earlier version's, or a killed one's
         mine = own_scratch(tmp_path)
-        assert mine == tmp_path / f"worker-{host}-{os.getpid()}" and list(mine.iterdir()) == []
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-            [mine.name, f"worker-{host}-{running.pid}", other_host.name])
+        assert mine.name.startswith(f"worker-{os.getpid()}-") and [p.name for p in mine.iterdir()] == [".lock"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, alive])
+        assert ended.stdout.strip() != alive and (tmp_path / alive / "decoded-x.f32").exists()
     finally:
         running.kill()
         running.wait()

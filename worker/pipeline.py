@@ -5,11 +5,11 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import dataclasses
+import fcntl
 import itertools
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 import uuid
@@ -59,28 +59,34 @@ class Options:
     read_ahead: int = 0
 
 
+_held: list = []  # this process's scratch lock, open (and so held) for its lifetime
+
+
 def own_scratch(root: Path) -> Path:
-    """This process's scratch directory under `root` (named by host and pid), made empty; first the
-    directories of this host's processes that have ended are removed. A worker killed mid-task (the OOM
-    killer, SIGKILL) cannot clean up after itself, and a 2-hour file's decoded samples are 1.4 GB."""
-    host = socket.gethostname().replace("-", "_")
+    """A scratch directory under `root` for this process alone, locked (flock) while it lives; first the
+    directories whose lock nobody holds are removed: their process ended, perhaps killed mid-task (the
+    OOM killer, SIGKILL), which leaves decoded files behind (1.4 GB for a 2-hour file). A lock, not a
+    pid, says who is alive: it holds across containers that share the volume (one kernel)."""
     root.mkdir(parents=True, exist_ok=True)
-    for d in root.glob(f"worker-{host}-*"):
+    for d in root.glob("worker-*"):
         try:
-            os.kill(int(d.name.rsplit("-", 1)[1]), 0)
-            continue  # alive (or another user's): leave it
-        except ProcessLookupError:
-            shutil.rmtree(d, ignore_errors=True)
-        except (ValueError, PermissionError):
-            continue
+            with open(d / ".lock", "a+") as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: its owner is gone
+                shutil.rmtree(d, ignore_errors=True)
+        except (BlockingIOError, FileNotFoundError, NotADirectoryError):
+            continue  # alive, or removed by another process meanwhile
     stale = time.time() - 24 * 3600
     for f in root.glob("decoded-*.f32"):  # loose files of versions before per-process directories
         with contextlib.suppress(OSError):
             if f.stat().st_mtime < stale:
                 f.unlink()
-    mine = root / f"worker-{host}-{os.getpid()}"
-    shutil.rmtree(mine, ignore_errors=True)  # a dead process's, whose pid this one now has
-    mine.mkdir()
+    # locked before it is renamed into view, so no cleaner ever sees it unlocked
+    new = Path(tempfile.mkdtemp(prefix=".new-", dir=root))
+    lock = open(new / ".lock", "a+")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    mine = root / f"worker-{os.getpid()}-{new.name[len('.new-'):]}"
+    new.rename(mine)
+    _held.append(lock)
     return mine
 
 

@@ -67,11 +67,18 @@ def _runtime():
 
 
 @functools.lru_cache(maxsize=1)
-def _scratch(root):
-    """This worker process's scratch directory, emptied (with those of ended processes) on first use."""
+def _own_scratch(root):
     from worker.pipeline import own_scratch
 
     return own_scratch(root)
+
+
+def _scratch(root):
+    """This worker process's scratch directory, made (removing those of ended processes) on first use, and
+    again if it has gone (a tmp cleaner removed it while the worker was idle)."""
+    if not _own_scratch(root).is_dir():
+        _own_scratch.cache_clear()
+    return _own_scratch(root)
 
 
 @worker_process_init.connect
