@@ -145,9 +145,12 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
         raise DecodeError("the audio stream has no sample rate or channel count")
     resampler = av.AudioResampler(format="fltp")  # any sample format -> float planar, same rate/layout
     # what the container says the stream holds: AAC's last frame is decoded whole, up to 1,024 frames of
-    # padding past it (a 10.0 s clip would last 10.008 s and get two windows), which is cut to this
+    # padding past it (a 10.0 s clip would last 10.008 s and get two windows), which is cut to this. Only
+    # MP4/MOV state it exactly (sample tables, edit lists); a raw ADTS .aac's duration is a bitrate guess
     stated = None
-    if stream.codec_context.name in AAC_CODECS and stream.duration is not None and stream.time_base is not None:
+    exact = {"mov", "mp4"} & set((container.format.name or "").split(","))
+    if (stream.codec_context.name in AAC_CODECS and exact and stream.duration is not None
+            and stream.time_base is not None):
         stated = int(round(float(stream.duration * stream.time_base) * info.sample_rate))
 
     def gen() -> Iterator[np.ndarray]:
