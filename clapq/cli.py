@@ -68,8 +68,8 @@ def cmd_api(args) -> None:
     argv = ["gunicorn", "api.wsgi:app", "--bind", f"{host}:{port}", "--workers", workers,
             "--threads", os.environ.get("CLAPQ_API_THREADS", "4"), "--timeout", "300",
             "--graceful-timeout", "20", "--access-logfile", "-",
-            # the longest request line gunicorn takes: a GET search of CLAPQ_MAX_QUERY_CHARS characters,
-            # percent-encoded (up to 9 bytes a character outside ASCII); POST takes any text
+            # the longest request line gunicorn takes (its maximum but for none at all): a GET search of
+            # ~900 characters outside ASCII (9 bytes each, percent-encoded), 8,000 in ASCII; POST takes any
             "--limit-request-line", "8190",
             # gunicorn's runtime-control socket lives at one path per user ($HOME/.gunicorn/gunicorn.ctl),
             # which two services on one machine (or `make up` beside `make test`) would share; unused here
@@ -93,7 +93,7 @@ def cmd_worker(args) -> None:
                      "--without-gossip", "--without-mingle", "--hostname", f"clapq@{os.uname().nodename}.%i"])
 
 
-def _database_url(settings: Settings, data_dir: Path, stack: list) -> str:
+def _database_url(settings: Settings, data_dir: Path, stack: list, watch: list | None = None) -> str:
     if settings.database_url:
         return settings.database_url
     from clapq.embedded import EmbeddedPostgres
@@ -101,6 +101,8 @@ def _database_url(settings: Settings, data_dir: Path, stack: list) -> str:
     pg = EmbeddedPostgres(data_dir / "pg")
     url = pg.start()
     stack.append(pg.stop)
+    if watch is not None:
+        watch.append(pg.gone)
     return url
 
 
@@ -180,8 +182,8 @@ def _lock_data_dir(data_dir: Path):
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "?"
-        _fail(f"another `clapq up` (pid {holder}) is using {data_dir}; stop it first, or give this one its own "
-              "--data-dir")
+        _fail(f"another `clapq up` (pid {holder}), or processes it started, are using {data_dir}; stop it first, "
+              "or give this one its own --data-dir")
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")
@@ -191,13 +193,14 @@ def _lock_data_dir(data_dir: Path):
 
 def cmd_up(args) -> None:
     from clapq.db import migrate
-    from clapq.embedded import EmbeddedRedis
+    from clapq.embedded import EmbeddedRedis, die_with_parent
 
     settings = Settings.from_env(data_dir=args.data_dir)
     _check_model(settings)
     data_dir = settings.data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    stack: list = [_lock_data_dir(data_dir).close]  # released last, when everything else has stopped
+    lock = _lock_data_dir(data_dir)
+    stack: list = [lock.close]  # released last, when everything else has stopped
     procs: list[subprocess.Popen] = []
     stopping = {"flag": False}
 
@@ -206,13 +209,15 @@ def cmd_up(args) -> None:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    watch: list = []  # the embedded servers: each says why it is gone, else None
     try:
-        db_url = _database_url(settings, data_dir, stack)
+        db_url = _database_url(settings, data_dir, stack, watch)
         redis_url = settings.redis_url
         if not redis_url:
             redis = EmbeddedRedis(data_dir / "redis")
             redis_url = redis.start()
             stack.append(redis.stop)
+            watch.append(redis.gone)
         migrate(db_url)
         key = _default_key(db_url, data_dir)
         env = dict(os.environ, DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_DATA_DIR=str(data_dir),
@@ -221,7 +226,10 @@ def cmd_up(args) -> None:
         exe = [sys.executable, "-m", "clapq.cli"]
         for role in ("worker", "beat", "api"):
             # each child gets its own process group so a terminal Ctrl-C reaches only us, and we stop them in order
-            procs.append(subprocess.Popen(exe + [role], env=env, stdin=subprocess.DEVNULL, start_new_session=True))
+            # they die with this process (killed, it cannot stop them), and hold its data-directory lock
+            # while any of them runs
+            procs.append(subprocess.Popen(exe + [role], env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                          preexec_fn=die_with_parent, pass_fds=(lock.fileno(),)))
         base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
         _wait_http(base + "/healthz", procs)
         print(f"clapq is up: {base}\nAPI key: {key}\ndata: {data_dir}\nCtrl-C stops everything.", flush=True)
@@ -229,6 +237,9 @@ def cmd_up(args) -> None:
             for p in procs:
                 if p.poll() is not None:
                     raise RuntimeError(f"`clapq {p.args[-1]}` exited with {p.returncode}")
+            for gone in watch:
+                if why := gone():
+                    raise RuntimeError(f"{why}; stopping everything (start `clapq up` again)")
             time.sleep(0.5)
     except RuntimeError as exc:
         print(f"clapq: {exc}", file=sys.stderr)

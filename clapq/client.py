@@ -179,7 +179,14 @@ def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
     stored filename is the base name only), then each file as a 'files' part. The files are closed on
     leaving."""
     rel = [p.relative_to(folder).as_posix() for p in batch]
-    names = [wire_name(r) for r in rel]
+    names: list[str] = []
+    for r in rel:  # two names that become one (café/cafè not in UTF-8, "a\\b" and "a_b"): the second is "a~2.wav"
+        name, n = wire_name(r), 1
+        while name in names:
+            n += 1
+            stem, dot, ext = wire_name(r).rpartition(".")
+            name = f"{stem}~{n}.{ext}" if dot else f"{ext}~{n}"
+        names.append(name)
     meta = json.dumps({n: {"path": r.encode("utf-8", "surrogateescape").decode("utf-8", "replace")}
                        for n, r in zip(names, rel)})
     with contextlib.ExitStack() as files:

