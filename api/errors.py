@@ -8,6 +8,7 @@ import re
 
 from flask import Flask, jsonify, request
 from flask.json.provider import DefaultJSONProvider
+from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,9 @@ def _too_large(app: Flask) -> str:
     return body if request.content_length > app.config["MAX_CONTENT_LENGTH"] else form
 
 
+DB_RETRY_AFTER_S = 5
+
+
 def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
@@ -130,6 +134,18 @@ def register(app: Flask) -> None:
     def _http_error(e: HTTPException):
         message = _too_large(app) if e.code == 413 else e.description or e.name
         return envelope(e.code or 500, _code(e), message)
+
+    # Postgres refused, dropped or did not answer the connection (OperationalError, InterfaceError), or
+    # every pooled connection stayed busy (TimeoutError): the same request sent again shortly may work (an
+    # upload sent twice is stored once), so a 503 that says when, not a 500
+    @app.errorhandler(sa_exc.OperationalError)
+    @app.errorhandler(sa_exc.InterfaceError)
+    @app.errorhandler(sa_exc.TimeoutError)
+    def _database(e: Exception):
+        why = str(getattr(e, "orig", None) or e).strip().splitlines()
+        log.warning("database unavailable: %s", why[0] if why else type(e).__name__)
+        return envelope(503, "database_unavailable", "the database is not answering (down, restarting or "
+                        f"overloaded); try again in {DB_RETRY_AFTER_S} s", {"Retry-After": str(DB_RETRY_AFTER_S)})
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):

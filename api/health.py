@@ -2,15 +2,52 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as NoAnswer
+from typing import Callable
+
 from flask import Blueprint, current_app
 from sqlalchemy import text
 
-from api.db import db
 from clapq.checkpoint import ModelUnavailable, resolve
+from clapq.db import get_engine
 from clapq.presence import live_workers
 from clapq.queue import redis_client
 
 bp = Blueprint("health", __name__)
+
+CHECK_TIMEOUT_S = 3.0  # a probe that waits longer than this is itself stuck: the orchestrator's own timeout
+
+# Each check runs in a thread and is waited for CHECK_TIMEOUT_S at most: a server that takes connections
+# but never answers (stopped, or across a dead link) makes its check say so instead of hanging the probe.
+# A check still waiting is not started again: its thread ends when the server answers or the connection
+# fails, and until then the probe reports it as not answering.
+_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
+_pending: dict[str, Future] = {}
+_lock = threading.Lock()
+
+
+def _run(checks: dict[str, Callable[[], str]], where: tuple) -> dict[str, str]:
+    """Each check's answer ("ok" or "error: ..."), all started at once and waited for together."""
+    with _lock:
+        futures = {}
+        for name, check in checks.items():
+            fut = _pending.get((name, *where))
+            if fut is None or fut.done():
+                fut = _pending[(name, *where)] = _pool.submit(check)
+            futures[name] = fut
+    deadline = time.monotonic() + CHECK_TIMEOUT_S
+    out = {}
+    for name, fut in futures.items():
+        try:
+            out[name] = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+        except NoAnswer:
+            out[name] = f"error: no answer in {CHECK_TIMEOUT_S:.0f} s"
+        except Exception as exc:  # report, don't raise: this endpoint's job is to say what is down
+            out[name] = f"error: {type(exc).__name__}"
+    return out
 
 
 @bp.get("/healthz")
@@ -21,26 +58,28 @@ def healthz():
 @bp.get("/readyz")
 def readyz():
     settings = current_app.config["CLAPQ"]
-    checks: dict[str, str] = {}
-    try:
-        db().execute(text("SELECT 1"))
-        checks["postgres"] = "ok"
-    except Exception as exc:  # report, don't raise: this endpoint's job is to say what is down
-        checks["postgres"] = f"error: {type(exc).__name__}"
-    try:
-        redis_client(current_app.extensions["clapq_celery"]).ping()
-        checks["redis"] = "ok"
-    except Exception as exc:
-        checks["redis"] = f"error: {type(exc).__name__}"
-    try:
-        n = live_workers(current_app.extensions["clapq_celery"])
-        checks["workers"] = "ok" if n else "error: no live worker (start `clapq worker`)"
-    except Exception as exc:
-        checks["workers"] = f"error: {type(exc).__name__}"
-    try:
-        resolve(settings.model)
-        checks["model"] = "ok"
-    except ModelUnavailable as exc:
-        checks["model"] = f"error: {exc}"
+    celery = current_app.extensions["clapq_celery"]
+
+    def postgres() -> str:
+        with get_engine(settings.database_url).connect() as conn:
+            conn.execute(text("SELECT 1"))
+        return "ok"
+
+    def redis() -> str:
+        redis_client(celery).ping()
+        return "ok"
+
+    def workers() -> str:
+        return "ok" if live_workers(celery) else "error: no live worker (start `clapq worker`)"
+
+    def model() -> str:
+        try:
+            resolve(settings.model)
+        except ModelUnavailable as exc:
+            return f"error: {exc}"
+        return "ok"
+
+    checks = _run({"postgres": postgres, "redis": redis, "workers": workers, "model": model},
+                  (settings.database_url, settings.redis_url, str(settings.model)))
     ready = all(v == "ok" for v in checks.values())
     return {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503

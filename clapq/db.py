@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 _engines: dict[tuple[int, str], Engine] = {}
 _lock = threading.Lock()
+CONNECT_TIMEOUT_S = 10
 
 
 def normalise_url(url: str) -> str:
@@ -30,9 +31,16 @@ def get_engine(url: str) -> Engine:
     with _lock:
         engine = _engines.get(key)
         if engine is None:
-            # the application name lets operators (and the fault tests) tell api, worker and beat apart
+            # the application name lets operators (and the fault tests) tell api, worker and beat apart; a
+            # server that takes the connection but never answers (stopped, or behind a dead link) fails the
+            # connect in CONNECT_TIMEOUT_S instead of holding a request (libpq waits forever by default),
+            # and keepalives end a pooled connection to a host that went away
             engine = create_engine(normalise_url(url), pool_pre_ping=True, pool_size=5, max_overflow=5,
-                                   connect_args={"application_name": os.environ.get("CLAPQ_PROCESS", "clapq")})
+                                   pool_timeout=CONNECT_TIMEOUT_S,
+                                   connect_args={"application_name": os.environ.get("CLAPQ_PROCESS", "clapq"),
+                                                 "connect_timeout": CONNECT_TIMEOUT_S, "keepalives": 1,
+                                                 "keepalives_idle": 30, "keepalives_interval": 10,
+                                                 "keepalives_count": 3})
             _engines[key] = engine
         return engine
 

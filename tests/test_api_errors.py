@@ -283,3 +283,44 @@ def test_a_library_of_another_model_is_refused_not_mixed(client, new_key, worker
               client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                           data={"files": (io.BytesIO(b"RIFF"), "b.wav")})):
         assert err(r, 409)["code"] == "model_mismatch"
+
+
+def test_postgres_away_is_a_503_and_readyz_answers_in_bounded_time(settings):
+    """Postgres refusing connections (nothing on its port) and Postgres taking them but never answering
+    (a socket that listens and never accepts, as a stopped server or a dead link looks): a request is a 503
+    database_unavailable with a Retry-After, not a 500 or a hang, and /readyz says postgres is down while
+    Redis is fine, without waiting on the silent server."""
+    import dataclasses
+    import socket
+    import threading
+
+    from api import create_app
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused_port = closed.getsockname()[1]
+    closed.close()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    try:
+        for port, why in ((refused_port, "refused"), (silent.getsockname()[1], "silent")):
+            app = create_app(dataclasses.replace(settings, database_url=f"postgresql://clapq@127.0.0.1:{port}/clapq"))
+            c = app.test_client()
+            r = c.get("/v1/libraries", headers=auth("cq_anything"))
+            e = err(r, 503)
+            assert e["code"] == "database_unavailable" and "try again in 5 s" in e["message"], (why, e)
+            assert r.headers["Retry-After"] == "5", why
+            answered = []
+            probe = threading.Thread(target=lambda: answered.append(c.get("/readyz")), daemon=True)
+            probe.start()
+            probe.join(60)  # a hang fails here, not the suite's timeout
+            assert answered, f"/readyz did not answer with Postgres {why}"
+            ready = answered[0]
+            assert ready.status_code == 503, (why, ready.get_json())
+            checks = ready.get_json()["checks"]
+            assert checks["postgres"].startswith("error:") and checks["redis"] == "ok", (why, checks)
+            if why == "silent":
+                assert checks["postgres"] == "error: no answer in 3 s", checks
+    finally:
+        silent.close()
