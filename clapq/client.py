@@ -12,12 +12,15 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import requests
 from requests_toolbelt import MultipartEncoder
 from urllib3.exceptions import NewConnectionError
 
 from clapq.blobs import file_sha256
+
+T = TypeVar("T")
 
 # what libsndfile or FFmpeg (PyAV) decode, by the names files of those formats go by
 AUDIO_SUFFIXES = {".wav", ".wave", ".bwf", ".rf64", ".flac", ".aif", ".aiff", ".aifc", ".ogg", ".oga", ".opus",
@@ -34,12 +37,42 @@ REQUEST_OVERHEAD, PART_OVERHEAD = 4096, 1024
 MAX_BUSY_WAIT_S = 300
 
 
-class Busy(SystemExit):
-    """The API refused new work for now (429, its backlog is full); `retry_after_s` says when to try again."""
+OUTAGE_WAIT_S = 600  # how long a command keeps trying while the API, or its database, is down
 
-    def __init__(self, message: str, retry_after_s: float) -> None:
+
+class Busy(SystemExit):
+    """The API cannot take the request now but may soon: 429, its backlog is full (`outage` False), or 502,
+    503, 504 or no answer at an address that answered before: it, or its database, is down or restarting
+    (`outage` True). `retry_after_s` says when to try again."""
+
+    def __init__(self, message: str, retry_after_s: float, outage: bool = False) -> None:
         super().__init__(message)
-        self.retry_after_s = retry_after_s
+        self.retry_after_s, self.outage = retry_after_s, outage
+
+
+def patiently(attempt: Callable[[], T]) -> T:
+    """attempt(), made again while it raises Busy: as long as the API is busy (its backlog drains), and up to
+    OUTAGE_WAIT_S into an outage; the reason is said on stderr when it changes."""
+    down_since, said = None, None
+    while True:
+        try:
+            return attempt()
+        except Busy as busy:
+            now = time.monotonic()
+            down_since = (down_since or now) if busy.outage else None
+            if down_since is not None and now - down_since >= OUTAGE_WAIT_S:
+                raise SystemExit(f"{busy.code}; gave up after trying for {OUTAGE_WAIT_S / 60:g} minutes") from None
+            if busy.code != said:
+                print(f"{busy.code}; trying again in {busy.retry_after_s:.0f} s (Ctrl-C stops)", file=sys.stderr)
+                said = busy.code
+            time.sleep(busy.retry_after_s)
+
+
+def _retry_after(r: requests.Response, default: float) -> float:
+    try:
+        return min(MAX_BUSY_WAIT_S, max(1.0, float(r.headers.get("Retry-After", default))))
+    except ValueError:
+        return default
 
 
 class Client:
@@ -47,15 +80,26 @@ class Client:
         self.url = url.rstrip("/")
         self.s = requests.Session()
         self.s.headers["Authorization"] = f"Bearer {key}"
+        self.reached = False  # the API has answered once: from then on, no answer is an outage, not a typo
 
     def call(self, method: str, path: str, missing_ok: bool = False, **kw) -> dict | None:
-        """The JSON answer; any failure is a SystemExit with a sentence. `missing_ok`: a 404 is None."""
+        """The JSON answer; any failure is a SystemExit with a sentence. `missing_ok`: a 404 is None. While
+        the API is busy or down for now the request is sent again (`patiently`), unless its body is a
+        stream that cannot be read twice (data=, files=): then Busy reaches the caller."""
+        if "data" in kw or "files" in kw:
+            return self._call(method, path, missing_ok, **kw)
+        return patiently(lambda: self._call(method, path, missing_ok, **kw))
+
+    def _call(self, method: str, path: str, missing_ok: bool = False, **kw) -> dict | None:
         try:
             # 10 s to connect (a wrong host fails fast), 10 minutes for an answer (a large upload's)
-            r = self.s.request(method, self.url + path, timeout=kw.pop("timeout", (10, 600)), **kw)
+            r = self.s.request(method, self.url + path, **{"timeout": (10, 600), **kw})
         except requests.ConnectionError as exc:
             # refused, no such host, no answer to the connect: nothing was sent
             if isinstance(exc, requests.ConnectTimeout) or _causes(exc, NewConnectionError):
+                if self.reached:
+                    raise Busy(f"clapq: the API at {self.url} stopped answering ({_reason(exc)})", 5.0,
+                               outage=True) from None
                 raise SystemExit(f"clapq: cannot reach the clapq API at {self.url} (is `clapq up` or `clapq "
                                  f"api` running there? set CLAPQ_URL or --url): {_reason(exc)}") from None
             raise SystemExit(f"clapq: the connection to {self.url} was lost during {method} {path} (the API "
@@ -65,6 +109,7 @@ class Client:
             raise SystemExit(f"clapq: {method} {path} got no answer from {self.url} in time") from None
         except requests.RequestException as exc:  # an address requests cannot use, and the like
             raise SystemExit(f"clapq: {method} {path} to {self.url} failed: {_reason(exc)}") from None
+        self.reached = True
         if 300 <= r.status_code < 400:  # only where redirects are not followed: an upload's body is spent
             where = r.headers.get("Location")
             raise SystemExit(f"clapq: {method} {path} was redirected ({r.status_code}) to {where}; point --url "
@@ -75,14 +120,13 @@ class Client:
         if r.status_code >= 400:
             try:
                 msg = r.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                msg = r.text[:300]
+            except (ValueError, KeyError, TypeError):  # not ours: a proxy's page, say
+                msg = r.text[:300] if r.status_code < 500 else f"{r.status_code} {r.reason}"
             if r.status_code == 429:
-                try:
-                    wait = min(MAX_BUSY_WAIT_S, max(1.0, float(r.headers.get("Retry-After", 60))))
-                except ValueError:
-                    wait = 60.0
-                raise Busy(f"clapq: {method} {path}: the API is busy ({msg})", wait)
+                raise Busy(f"clapq: {method} {path}: the API is busy ({msg})", _retry_after(r, 60.0))
+            if r.status_code in (502, 503, 504):
+                raise Busy(f"clapq: {method} {path}: the API is unavailable for now ({msg})", _retry_after(r, 5.0),
+                           outage=True)
             raise SystemExit(f"clapq: {method} {path} failed ({r.status_code}): {msg}")
         return r.json()
 
@@ -267,15 +311,14 @@ def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path]
 
 
 def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> str:
-    """POST one batch; while the API is busy (429: its backlog is full), wait as it asks and send again."""
-    while True:
-        try:
-            with multipart_body(folder, batch) as body:
-                return client.call("POST", f"/v1/libraries/{lib_id}/batches", data=body,
-                                   headers={"Content-Type": body.content_type}, allow_redirects=False)["job_id"]
-        except Busy as busy:
-            print(f"{busy.code}; sending again in {busy.retry_after_s:.0f} s (Ctrl-C stops)", file=sys.stderr)
-            time.sleep(busy.retry_after_s)
+    """POST one batch; while the API is busy (429: its backlog is full) or down for now, wait as it asks and
+    send again (a batch the API took before an outage cut the answer is stored once all the same)."""
+    def attempt() -> str:
+        with multipart_body(folder, batch) as body:
+            return client.call("POST", f"/v1/libraries/{lib_id}/batches", data=body,
+                               headers={"Content-Type": body.content_type}, allow_redirects=False)["job_id"]
+
+    return patiently(attempt)
 
 
 def upload_folder(client: Client, folder: Path, library: str, wait: bool = True) -> int:

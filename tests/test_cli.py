@@ -416,7 +416,7 @@ def test_client_commands_say_when_the_api_is_not_there(tmp_path, tiny_model, cmd
 
 
 @contextlib.contextmanager
-def fake_api(answer, bodies: list | None = None):
+def fake_api(answer, bodies: list | None = None, port: int = 0):
     """A stand-in for the API on a free port: `answer(method, path)` gives (status, JSON or None, headers),
     or None for a request that is never answered. Request bodies are read, and kept in `bodies` as
     (method, path, body) if given."""
@@ -449,7 +449,7 @@ def fake_api(answer, bodies: list | None = None):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -603,6 +603,51 @@ def test_waiting_asks_about_one_job_at_a_time():
     assert seen == [(1, 3), (1, 3), (3, 3)]
 
 
+def test_an_api_that_goes_away_for_a_while_is_waited_for(monkeypatch, capsys):
+    """While a command waits on its jobs, the API answers 503 (its database is down), then a proxy's 502
+    page: the command says so and asks again as told. An API that answered once and then stops answering
+    (a restart) is asked again until it is back, and given up on after OUTAGE_WAIT_S with a sentence."""
+    import threading
+
+    from clapq import client as c
+    from clapq.client import Client, watch_jobs
+
+    answers = iter([
+        (503, {"error": {"code": "database_unavailable", "status": 503,
+                         "message": "the database is not answering (down, restarting or overloaded); try again"
+                                    " in 5 s"}}, {"Retry-After": "1"}),
+        (502, None, {"Retry-After": "1"}),
+        (200, {"status": "done", "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}),
+    ])
+    done = {"status": "done", "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}
+    with fake_api(lambda method, path: next(answers)) as url:
+        api = Client(url, "cq_x")
+        assert watch_jobs(api, ["j1"], poll_s=0.01)[0]["status"] == "done"  # the third answer
+    err = capsys.readouterr().err
+    assert ("GET /v1/jobs/j1: the API is unavailable for now (the database is not answering (down, restarting "
+            "or overloaded); try again in 5 s); trying again in 1 s") in err, err
+    assert "the API is unavailable for now (502 Bad Gateway); trying again in 1 s" in err, err
+    # the API is gone (a restart) and back on the same port a moment later
+    port = int(url.rsplit(":", 1)[1])
+    back = threading.Event()
+
+    def restart():
+        time.sleep(2)
+        with fake_api(lambda method, path: (200, done, {}), port=port):
+            back.set()
+            time.sleep(30)
+
+    threading.Thread(target=restart, daemon=True).start()
+    assert api.call("GET", "/v1/jobs/j1")["status"] == "done" and back.is_set()
+    assert f"clapq: the API at {url} stopped answering" in capsys.readouterr().err
+    # gone for longer than the command waits: a sentence, not a traceback
+    monkeypatch.setattr(c, "OUTAGE_WAIT_S", 3)
+    api.url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(SystemExit) as gone:
+        api.call("GET", "/v1/jobs/j1")
+    assert "stopped answering" in str(gone.value.code) and "gave up after trying for 0.05 minutes" in str(gone.value.code)
+
+
 def test_a_busy_api_is_waited_for_and_a_library_made_meanwhile_is_used(tmp_path, tiny_model):
     """The API's backlog is full (429, Retry-After): the command waits as asked and sends the same files
     again instead of stopping. The library was created by another upload between the look and the
@@ -640,7 +685,7 @@ def test_a_busy_api_is_waited_for_and_a_library_made_meanwhile_is_used(tmp_path,
     assert p.returncode == 0, err
     assert "left out 2 files with hidden names (starting with '.')" in err, err
     assert "left out 3 files not named as audio (.txt ×2, .jpg)" in err, err
-    assert "the API is busy (9 files are waiting); sending again in 1 s" in err, err
+    assert "the API is busy (9 files are waiting); trying again in 1 s" in err, err
     assert len(posts) == 2 and len(looks) == 2
     sent = [b for m, path, b in bodies if path.endswith("/batches")]
     unbound = [b.replace(b.split(b"\r\n", 1)[0], b"") for b in sent]  # each request has its own boundary
