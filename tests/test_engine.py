@@ -92,16 +92,35 @@ def test_decoder_hang_is_killed_and_the_next_file_decodes(fifo, tmp_path):
 
 
 def test_decoder_crash_fails_only_that_file(fifo, tmp_path):
+    """A decoder that dies on a file twice fails that file (signal named); the next file decodes in a new
+    child. One that dies once (killed from outside: the OOM killer, an operator) is not the file's fault:
+    the file is tried again in a new child and decodes."""
     good = write(tmp_path / "good.wav", 1.0)
     d = DecoderProcess()
+
+    def crash():  # the codec segfaults mid-file: whichever child holds the file now
+        os.kill(d.proc.pid, 11)
+
     try:
         d.decode(good, tmp_path / "warm.f32", timeout_s=60, max_duration_s=None)
         pid = d.proc.pid
-        threading.Timer(1.0, os.kill, (pid, 11)).start()  # the codec segfaults mid-file
-        with pytest.raises(DecodeError, match=r"crashed.*signal 11"):
+        threading.Timer(1.0, crash).start()
+        threading.Timer(4.0, crash).start()
+        with pytest.raises(DecodeError, match=r"crashed on this file, twice \(signal 11\)"):
             d.decode(fifo, tmp_path / "out.f32", timeout_s=60, max_duration_s=None)
         info, n = d.decode(good, tmp_path / "again.f32", timeout_s=60, max_duration_s=None)
         assert n == 48_000 and d.proc.pid != pid
+        # killed once while on a good file (it waits on a pipe that becomes that file when the kill comes)
+        later = tmp_path / "later.wav"
+        os.mkfifo(later)
+
+        def killed_from_outside():
+            os.kill(d.proc.pid, 9)
+            os.replace(good, later)
+
+        threading.Timer(1.0, killed_from_outside).start()
+        info, n = d.decode(later, tmp_path / "retried.f32", timeout_s=60, max_duration_s=None)
+        assert n == 48_000 and info.sample_rate == 48_000
     finally:
         d.close()
 

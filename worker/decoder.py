@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import logging
 import os
 import queue
 import socket
@@ -16,6 +17,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from worker.audio import AudioInfo, DecodeError
+
+log = logging.getLogger(__name__)
 
 
 def _child(conn: Connection) -> None:
@@ -77,23 +80,30 @@ class DecoderProcess:
         self.kill()
 
     def decode(self, src: Path, dst: Path, timeout_s: float, max_duration_s: float | None) -> tuple[AudioInfo, int]:
-        """Decode src into dst; raises DecodeError for bad files, crashed or hung decoders."""
-        if not self.alive():
-            self._start()
-        self.conn.send((str(src), str(dst), max_duration_s))
-        if not self.conn.poll(timeout_s):
-            self.kill()
-            raise DecodeError(f"decoding took longer than {timeout_s:g} s (CLAPQ_DECODE_TIMEOUT_S); gave up")
-        try:
-            status, payload, n = self.conn.recv()
-        except (EOFError, OSError):
-            code = self.proc.wait(5) if self.proc is not None else None
-            self.kill()
-            how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
-            raise DecodeError(f"the decoder crashed on this file ({how})") from None
-        if status != "ok":
-            raise DecodeError(payload)
-        return AudioInfo(**payload), n
+        """Decode src into dst; raises DecodeError for bad files, crashed or hung decoders. A child that dies
+        on a file is restarted and the file tried once more: a kill from outside (the OOM killer making room
+        for something else, an operator) is not the file's fault; dying twice is."""
+        for attempt in (1, 2):
+            if not self.alive():
+                self._start()
+            try:
+                self.conn.send((str(src), str(dst), max_duration_s))
+                if not self.conn.poll(timeout_s):
+                    self.kill()
+                    raise DecodeError(f"decoding took longer than {timeout_s:g} s (CLAPQ_DECODE_TIMEOUT_S); gave up")
+                status, payload, n = self.conn.recv()
+            except (EOFError, OSError):  # the child died: before the file reached it, or on it
+                code = self.proc.wait(5) if self.proc is not None else None
+                self.kill()
+                how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+                if attempt == 1:
+                    log.warning("decoder died (%s); trying the file again in a new one", how, extra={"file": str(src)})
+                    continue
+                raise DecodeError(f"the decoder crashed on this file, twice ({how})") from None
+            if status != "ok":
+                raise DecodeError(payload)
+            return AudioInfo(**payload), n
+        raise AssertionError("unreachable")
 
 
 class DecoderPool:
