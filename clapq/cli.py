@@ -191,6 +191,9 @@ def _lock_data_dir(data_dir: Path):
     return f
 
 
+MAX_RESTARTS, RESTART_WINDOW_S = 3, 300  # `clapq up` starts a child that ends again, up to 3 times in 5 minutes
+
+
 def cmd_up(args) -> None:
     from clapq.db import migrate
     from clapq.embedded import EmbeddedRedis, die_with_parent
@@ -224,19 +227,34 @@ def cmd_up(args) -> None:
                    CLAPQ_BLOB_DIR=str(settings.blob_dir if settings.blob_dir.is_absolute() else data_dir / "blobs"),
                    CLAPQ_MODEL=settings.model, CLAPQ_HOST=args.host, CLAPQ_PORT=str(args.port))
         exe = [sys.executable, "-m", "clapq.cli"]
-        for role in ("worker", "beat", "api"):
-            # each child gets its own process group so a terminal Ctrl-C reaches only us, and we stop them in order
-            # they die with this process (killed, it cannot stop them), and hold its data-directory lock
-            # while any of them runs
-            procs.append(subprocess.Popen(exe + [role], env=env, stdin=subprocess.DEVNULL, start_new_session=True,
-                                          preexec_fn=die_with_parent, pass_fds=(lock.fileno(),)))
+
+        def start(role: str) -> subprocess.Popen:
+            # its own process group, so a terminal Ctrl-C reaches only us and we stop the children in order;
+            # it dies with this process (killed, it cannot stop them), and holds the data-directory lock
+            # while it runs
+            return subprocess.Popen(exe + [role], env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=die_with_parent, pass_fds=(lock.fileno(),))
+
+        procs.extend(start(role) for role in ("worker", "beat", "api"))
         base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
         _wait_http(base + "/healthz", procs)
         print(f"clapq is up: {base}\nAPI key: {key}\ndata: {data_dir}\nCtrl-C stops everything.", flush=True)
+        exits: dict[str, list[float]] = {}
         while not stopping["flag"]:
-            for p in procs:
-                if p.poll() is not None:
-                    raise RuntimeError(f"`clapq {p.args[-1]}` exited with {p.returncode}")
+            for i, p in enumerate(procs):
+                if p.poll() is None:
+                    continue
+                # one that ends (killed for memory, a crash) is started again: the files its worker held
+                # go back to the queue (heartbeats); one that keeps ending has a reason a restart will not fix
+                role, now = p.args[-1], time.monotonic()
+                how = f"was killed by signal {-p.returncode}" if p.returncode < 0 else f"exited with {p.returncode}"
+                recent = exits[role] = [t for t in exits.get(role, []) if now - t < RESTART_WINDOW_S] + [now]
+                if len(recent) > MAX_RESTARTS:
+                    raise RuntimeError(f"`clapq {role}` {how}, its {len(recent)}th end in "
+                                       f"{RESTART_WINDOW_S // 60} minutes; stopping everything (its log above "
+                                       "says why)")
+                print(f"clapq: `clapq {role}` {how}; starting it again", file=sys.stderr, flush=True)
+                procs[i] = start(role)
             for gone in watch:
                 if why := gone():
                     raise RuntimeError(f"{why}; stopping everything (start `clapq up` again)")

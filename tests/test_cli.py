@@ -299,6 +299,65 @@ def test_a_killed_up_takes_its_processes_with_it(tmp_path, tiny_model, up_runner
     assert _leftovers(data_dir) == []
 
 
+def test_a_worker_that_dies_is_started_again(tmp_path, tiny_model, up_runner):
+    """The worker of `clapq up` is killed (the OOM killer, say): `clapq up` says so and starts another,
+    which embeds the next upload; none of the dead one's processes stay. One that keeps dying stops
+    everything with a sentence instead of restarting forever."""
+    data_dir = tmp_path / "data"
+    up = up_runner(data_dir)
+    key = up.wait_ready()
+    base, h = f"http://127.0.0.1:{up.port}", {"Authorization": f"Bearer {key}"}
+
+    def worker(other_than: int | None = None, timeout: float = 60) -> psutil.Process:
+        """The running `clapq worker` child of this `clapq up` (not `other_than`), waited for."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and up.proc.poll() is None:
+            for c in psutil.Process(up.proc.pid).children():
+                try:
+                    if c.cmdline()[-1:] == ["worker"] and c.pid != other_than and c.status() != psutil.STATUS_ZOMBIE:
+                        return c
+                except psutil.Error:
+                    pass
+            time.sleep(0.3)
+        raise AssertionError(up.log.read_text()[-2000:])
+
+    first = worker()
+    time.sleep(5)  # its pool child has started
+    dead_family = [first, *first.children(recursive=True)]
+    assert len(dead_family) >= 2
+    first.kill()
+    worker(other_than=first.pid)
+    assert "clapq: `clapq worker` was killed by signal 9; starting it again" in up.log.read_text()
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "after"}, headers=h, timeout=30).json()
+    f = write(tmp_path / "a.wav", 1.0)
+    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=60,
+                      files=[("files", (f.name, f.read_bytes(), "audio/wav"))])
+    assert _wait_job(base, h, r.json()["job_id"], timeout=180)["status"] == "done"
+
+    def running(p: psutil.Process) -> bool:
+        try:
+            return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(map(running, dead_family)):
+        time.sleep(0.3)
+    assert [p.pid for p in dead_family if running(p)] == []
+    for _ in range(3):  # three more ends in five minutes: the fourth in the window stops everything
+        try:
+            w = worker()
+        except AssertionError:
+            break  # `clapq up` has stopped
+        w.kill()
+        with contextlib.suppress(psutil.Error):
+            w.wait(30)
+    assert up.proc.wait(120) == 1
+    assert "`clapq worker` was killed by signal 9, its 4th end in 5 minutes; stopping everything" in \
+        up.log.read_text(), up.log.read_text()[-2000:]
+    assert _leftovers(data_dir) == [] or all("postgres" in p for p in _leftovers(data_dir))
+
+
 def test_a_key_needs_a_tenant_name(tmp_path, tiny_model):
     out = subprocess.run([sys.executable, "-m", "clapq.cli", "keys", "create", "--tenant", "  ", "--data-dir",
                           str(tmp_path)], env=_env(tiny_model), capture_output=True, text=True, timeout=60)
