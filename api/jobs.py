@@ -64,7 +64,7 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
     for status, n, finished in session.execute(
         select(Item.status, func.sum(JobDuplicate.copies), func.max(Item.finished_at))
         .join(Item, Item.id == JobDuplicate.item_id).where(JobDuplicate.job_id == job.id).group_by(Item.status)
-    ):
+    ) if job.duplicates else ():  # most jobs have no copies: one query for them, not two
         counts["failed" if status == "cancelled" else status] += int(n)
         recorded += int(n)
         if finished is not None:  # a copy of a file embedded long ago ends no earlier than this job began
