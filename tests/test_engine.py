@@ -125,6 +125,20 @@ def test_decoder_crash_fails_only_that_file(fifo, tmp_path):
         d.close()
 
 
+def test_decoding_into_a_file_an_earlier_try_filled_leaves_only_this_try(tmp_path):
+    """The decoder writes into the file the worker made, without truncating it first (see decode_to_file);
+    what a crashed earlier try left past this one's end is cut, and the samples are decode()'s."""
+    from worker.audio import decode, decode_to_file
+
+    src = write(tmp_path / "a.wav", 2.0, 44_100, 2)
+    out = tmp_path / "out.f32"
+    out.write_bytes(b"\x7f" * 5_000_000)
+    info, n = decode_to_file(src, out)
+    samples, _ = decode(src)
+    assert out.stat().st_size == 4 * n and np.array_equal(np.fromfile(out, np.float32), samples)
+    assert info.sample_rate == 44_100 and info.channels == 2
+
+
 def job_status(settings, job_id: str) -> dict[str, int]:
     from sqlalchemy import func, select
 
