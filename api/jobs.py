@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 
 from flask import Blueprint, current_app, g, request
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, update
 
 from api.db import db
 from api.errors import ApiError, bad_request
@@ -61,11 +61,12 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
     # that another job's cancel stopped is not embedded, so it counts as failed (and this job's retry
     # queues it again)
     recorded = 0
-    for status, n, finished in session.execute(
-        select(Item.status, func.sum(JobDuplicate.copies), func.max(Item.finished_at))
-        .join(Item, Item.id == JobDuplicate.item_id).where(JobDuplicate.job_id == job.id).group_by(Item.status)
+    own = (Item.job_id == job.id).label("own")  # the same bytes twice in this job's own batch
+    for status, is_own, n, finished in session.execute(
+        select(Item.status, own, func.sum(JobDuplicate.copies), func.max(Item.finished_at))
+        .join(Item, Item.id == JobDuplicate.item_id).where(JobDuplicate.job_id == job.id).group_by(Item.status, own)
     ) if job.duplicates else ():  # most jobs have no copies: one query for them, not two
-        counts["failed" if status == "cancelled" else status] += int(n)
+        counts["failed" if status == "cancelled" and not is_own else status] += int(n)
         recorded += int(n)
         if finished is not None:  # a copy of a file embedded long ago ends no earlier than this job began
             last_finish = max(filter(None, (last_finish, finished, job.created_at)))
@@ -92,8 +93,8 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         failed = and_(Item.job_id == job.id, Item.status == "failed")
         errors = session.execute(
             select(Item.id, Item.filename, Item.error, Item.status, Item.job_id)
-            .where(or_(failed, and_(Item.id.in_(copied), Item.status.in_(("failed", "cancelled"))))
-                   if copied else failed)
+            .where(or_(failed, and_(Item.id.in_(copied), Item.job_id != job.id,
+                                    Item.status.in_(("failed", "cancelled")))) if copied else failed)
             .order_by(Item.created_at, Item.id).limit(MAX_ERRORS_SHOWN)
         ).all()
         out["errors"] = [{"item_id": str(r.id), "filename": r.filename,
@@ -153,20 +154,30 @@ def cancel_job(job_id: str):
 
 @bp.post("/jobs/<job_id>/retry")
 def retry_job(job_id: str):
-    """Re-queue only the failed items (and, after a cancel, the cancelled ones; of copies, those another
-    job's cancel stopped), with fresh attempts."""
+    """Re-queue only the failed items (and, after a cancel, the cancelled ones), with fresh attempts. A
+    copy this job holds of a file another job uploaded first, where that file failed or that job's cancel
+    stopped it, is retried too: the item moves to this job, as uploading the file again would move it,
+    so this job reports how it ends (and the other job's cancel no longer stops it)."""
     job = owned(Job, job_id, "job")
     session = db()
     states = ("failed", "cancelled") if job.cancelled else ("failed",)
     copied = _copied(job)
+    moved = list(session.scalars(
+        select(Item.id).where(Item.id.in_(copied), Item.job_id != job.id, Item.status.in_(("failed", "cancelled")))
+        .with_for_update()
+    )) if copied else []
     own = and_(Item.job_id == job.id, Item.status.in_(states))
     ids = list(session.scalars(
-        update(Item).where(or_(own, and_(Item.id.in_(copied), Item.status.in_(("failed", "cancelled"))))
-                           if copied else own)
-        .values(status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
+        update(Item).where(or_(own, Item.id.in_(moved)) if moved else own)
+        .values(job_id=job.id, status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
                 updated_at=func.now())
         .returning(Item.id)
     ))
+    if moved:  # each moved item is now one of this job's own files, no longer one of its copies
+        session.execute(update(JobDuplicate).where(JobDuplicate.job_id == job.id, JobDuplicate.item_id.in_(moved))
+                        .values(copies=JobDuplicate.copies - 1))
+        session.execute(delete(JobDuplicate).where(JobDuplicate.job_id == job.id, JobDuplicate.copies <= 0))
+        job.duplicates -= len(moved)
     job.cancelled = False
     session.commit()
     if ids:
