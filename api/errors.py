@@ -123,6 +123,18 @@ def _too_large(app: Flask) -> str:
 
 
 DB_RETRY_AFTER_S = 5
+# SQLSTATEs that mean "not now": connection exceptions (class 08), the server shutting down or starting
+# (57P01-57P03), no connection slots left (53300)
+_UNAVAILABLE_STATES = ("57P01", "57P02", "57P03", "53300")
+
+
+def database_unavailable(e: Exception) -> bool:
+    """Whether a database error means Postgres cannot be reached or used for now (a retry may work),
+    not that this request's statement failed."""
+    if isinstance(e, (sa_exc.TimeoutError, sa_exc.InterfaceError)) or getattr(e, "connection_invalidated", False):
+        return True
+    code = getattr(getattr(e, "orig", None), "pgcode", None)
+    return code is None or code.startswith("08") or code in _UNAVAILABLE_STATES
 
 
 def register(app: Flask) -> None:
@@ -135,13 +147,16 @@ def register(app: Flask) -> None:
         message = _too_large(app) if e.code == 413 else e.description or e.name
         return envelope(e.code or 500, _code(e), message)
 
-    # Postgres refused, dropped or did not answer the connection (OperationalError, InterfaceError), or
-    # every pooled connection stayed busy (TimeoutError): the same request sent again shortly may work (an
-    # upload sent twice is stored once), so a 503 that says when, not a 500
+    # Postgres refused, dropped or did not answer the connection, is shutting down or has no connection
+    # slot left, or every pooled connection stayed busy (TimeoutError): the same request sent again
+    # shortly may work (an upload sent twice is stored once), so a 503 that says when. Other errors of
+    # the same classes (a deadlock, a full disk, a statement too complex) come back on every try: 500s
     @app.errorhandler(sa_exc.OperationalError)
     @app.errorhandler(sa_exc.InterfaceError)
     @app.errorhandler(sa_exc.TimeoutError)
     def _database(e: Exception):
+        if not database_unavailable(e):
+            return _unexpected(e)
         why = str(getattr(e, "orig", None) or e).strip().splitlines()
         log.warning("database unavailable: %s", why[0] if why else type(e).__name__)
         return envelope(503, "database_unavailable", "the database is not answering (down, restarting or "

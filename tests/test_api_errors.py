@@ -324,3 +324,32 @@ def test_postgres_away_is_a_503_and_readyz_answers_in_bounded_time(settings):
                 assert checks["postgres"] == "error: no answer in 3 s", checks
     finally:
         silent.close()
+
+
+def test_only_errors_of_reaching_postgres_are_503s(settings):
+    """A statement Postgres cancels (here a statement timeout, 57014; a deadlock or a full disk alike)
+    raises the same OperationalError class as a refused connection, but sending it again does not help:
+    it stays a 500, logged with its traceback. A refused connection and a server shutting down are 503s."""
+    import sqlalchemy as sa
+    from sqlalchemy import exc as sa_exc
+
+    from api.errors import database_unavailable
+    from clapq.db import get_engine
+
+    with get_engine(settings.database_url).connect() as conn:
+        conn.execute(sa.text("SET statement_timeout = 50"))
+        with pytest.raises(sa_exc.OperationalError) as cancelled:
+            conn.execute(sa.text("SELECT pg_sleep(2)"))
+        conn.rollback()
+    assert cancelled.value.orig.pgcode == "57014" and not database_unavailable(cancelled.value)
+    refused = sa.create_engine("postgresql+psycopg2://clapq@127.0.0.1:9/clapq", poolclass=sa.pool.NullPool)
+    with pytest.raises(sa_exc.OperationalError) as unreachable:
+        refused.connect()
+    assert database_unavailable(unreachable.value)
+    engine = get_engine(settings.database_url)
+    with engine.connect() as victim, engine.connect() as admin:
+        pid = victim.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        admin.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        with pytest.raises(sa_exc.DBAPIError) as terminated:
+            victim.execute(sa.text("SELECT 1"))
+    assert database_unavailable(terminated.value)
