@@ -813,10 +813,14 @@ def test_scratch_files_of_killed_workers_are_removed_at_the_next_start(tmp_path)
     running = subprocess.Popen([sys.executable, "-c", code, "60"], env=env, stdout=subprocess.PIPE, text=True)
     try:
         alive = running.stdout.readline().strip()
-        (tmp_path / "worker-old-layout").mkdir()  # no lock file: an earlier version's, or a killed one's
+        old = tmp_path / "worker-old-layout"  # no lock file and untouched for two days: an earlier version's
+        old.mkdir()
+        os.utime(old, (time.time() - 2 * 86400,) * 2)
+        # no lock file but in use: a tmp cleaner took the lock of a live worker, or one is being made now
+        (tmp_path / "worker-lost-its-lock").mkdir()
         mine = own_scratch(tmp_path)
         assert mine.name.startswith(f"worker-{os.getpid()}-") and [p.name for p in mine.iterdir()] == [".lock"]
-        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, alive])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, alive, "worker-lost-its-lock"])
         assert ended.stdout.strip() != alive and (tmp_path / alive / "decoded-x.f32").exists()
     finally:
         running.kill()

@@ -68,14 +68,20 @@ def own_scratch(root: Path) -> Path:
     OOM killer, SIGKILL), which leaves decoded files behind (1.4 GB for a 2-hour file). A lock, not a
     pid, says who is alive: it holds across containers that share the volume (one kernel)."""
     root.mkdir(parents=True, exist_ok=True)
-    for d in root.glob("worker-*"):
+    stale = time.time() - 24 * 3600
+    for d in [*root.glob("worker-*"), *root.glob(".new-*")]:
         try:
-            with open(d / ".lock", "a+") as f:
+            # "r+", never creating the lock: a directory without one is being made right now, is of a
+            # version before locks, or lost its lock to a tmp cleaner while its worker lives
+            with open(d / ".lock", "r+") as f:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # taken: its owner is gone
                 shutil.rmtree(d, ignore_errors=True)
-        except (BlockingIOError, FileNotFoundError, NotADirectoryError):
-            continue  # alive, or removed by another process meanwhile
-    stale = time.time() - 24 * 3600
+        except FileNotFoundError:
+            with contextlib.suppress(OSError):
+                if d.stat().st_mtime < stale:  # untouched for a day: no worker writes there
+                    shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            continue  # alive (locked), another user's, or removed by another process meanwhile
     for f in root.glob("decoded-*.f32"):  # loose files of versions before per-process directories
         with contextlib.suppress(OSError):
             if f.stat().st_mtime < stale:
