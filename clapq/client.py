@@ -102,6 +102,9 @@ class Client:
                                outage=True) from None
                 raise SystemExit(f"clapq: cannot reach the clapq API at {self.url} (is `clapq up` or `clapq "
                                  f"api` running there? set CLAPQ_URL or --url): {_reason(exc)}") from None
+            if self.reached and method == "GET":  # a poll cut off by a restart: asked again
+                raise Busy(f"clapq: the connection to {self.url} was lost during {method} {path} ({_reason(exc)})",
+                           5.0, outage=True) from None
             raise SystemExit(f"clapq: the connection to {self.url} was lost during {method} {path} (the API "
                              f"restarted, or refused a request over its size limit while it was being sent): "
                              f"{_reason(exc)}") from None
@@ -311,8 +314,10 @@ def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path]
 
 
 def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> str:
-    """POST one batch; while the API is busy (429: its backlog is full) or down for now, wait as it asks and
-    send again (a batch the API took before an outage cut the answer is stored once all the same)."""
+    """POST one batch; while the API is busy (429: its backlog is full) or down for now (502-504, or not
+    answering before the request was sent), wait as it asks and send again. A connection lost while the
+    batch was being sent ends the command (an API that refuses a body over its limit also cuts it); run
+    again, it sends only what the library does not hold."""
     def attempt() -> str:
         with multipart_body(folder, batch) as body:
             return client.call("POST", f"/v1/libraries/{lib_id}/batches", data=body,
@@ -445,13 +450,16 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
     best-matching window of the file."""
     lib = client.library(library, create=False)  # a misspelt name is an error, not a new empty library
     if like is not None:
-        try:
-            f = open(like, "rb")
-        except OSError as exc:
-            raise SystemExit(f"clapq: cannot read {like}: {exc.strerror or exc}") from None
-        with f:
-            res = client.call("POST", "/v1/search", data={"library_id": lib["id"], "k": str(k)},
-                              files={"audio": (wire_name(like.name), f, "application/octet-stream")})
+        def attempt() -> dict:
+            try:
+                f = open(like, "rb")
+            except OSError as exc:
+                raise SystemExit(f"clapq: cannot read {like}: {exc.strerror or exc}") from None
+            with f:
+                return client.call("POST", "/v1/search", data={"library_id": lib["id"], "k": str(k)},
+                                   files={"audio": (wire_name(like.name), f, "application/octet-stream")})
+
+        res = patiently(attempt)  # the clip is read again for each try
     else:
         res = client.call("POST", "/v1/search", json={"library_id": lib["id"], "text": text, "k": k})
     for r in res["results"]:

@@ -322,7 +322,9 @@ def test_a_worker_that_dies_is_started_again(tmp_path, tiny_model, up_runner):
         raise AssertionError(up.log.read_text()[-2000:])
 
     first = worker()
-    time.sleep(5)  # its pool child has started
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not first.children():  # its pool child has started
+        time.sleep(0.3)
     dead_family = [first, *first.children(recursive=True)]
     assert len(dead_family) >= 2
     first.kill()
@@ -477,7 +479,7 @@ def test_client_commands_say_when_the_api_is_not_there(tmp_path, tiny_model, cmd
 @contextlib.contextmanager
 def fake_api(answer, bodies: list | None = None, port: int = 0):
     """A stand-in for the API on a free port: `answer(method, path)` gives (status, JSON or None, headers),
-    or None for a request that is never answered. Request bodies are read, and kept in `bodies` as
+    None for a request that is never answered, or "drop" to close the connection without an answer. Request bodies are read, and kept in `bodies` as
     (method, path, body) if given."""
     import http.server
     import threading
@@ -490,6 +492,9 @@ def fake_api(answer, bodies: list | None = None, port: int = 0):
             got = answer(method, self.path)
             if got is None:
                 time.sleep(30)
+                return
+            if got == "drop":  # the connection closes without an answer, as in a restart
+                self.close_connection = True
                 return
             status, obj, headers = got
             body = json.dumps(obj).encode() if obj is not None else b""
@@ -664,7 +669,7 @@ def test_waiting_asks_about_one_job_at_a_time():
 
 def test_an_api_that_goes_away_for_a_while_is_waited_for(monkeypatch, capsys):
     """While a command waits on its jobs, the API answers 503 (its database is down), then a proxy's 502
-    page: the command says so and asks again as told. An API that answered once and then stops answering
+    page, then closes the connection unanswered: the command says so and asks again as told. An API that answered once and then stops answering
     (a restart) is asked again until it is back, and given up on after OUTAGE_WAIT_S with a sentence."""
     import threading
 
@@ -676,6 +681,7 @@ def test_an_api_that_goes_away_for_a_while_is_waited_for(monkeypatch, capsys):
                          "message": "the database is not answering (down, restarting or overloaded); try again"
                                     " in 5 s"}}, {"Retry-After": "1"}),
         (502, None, {"Retry-After": "1"}),
+        "drop",
         (200, {"status": "done", "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}),
     ])
     done = {"status": "done", "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}
@@ -686,6 +692,7 @@ def test_an_api_that_goes_away_for_a_while_is_waited_for(monkeypatch, capsys):
     assert ("GET /v1/jobs/j1: the API is unavailable for now (the database is not answering (down, restarting "
             "or overloaded); try again in 5 s); trying again in 1 s") in err, err
     assert "the API is unavailable for now (502 Bad Gateway); trying again in 1 s" in err, err
+    assert f"the connection to {url} was lost during GET /v1/jobs/j1 (" in err, err
     # the API is gone (a restart) and back on the same port a moment later
     port = int(url.rsplit(":", 1)[1])
     back = threading.Event()
