@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as NoAnswer
 from typing import Callable
 
@@ -24,9 +24,23 @@ CHECK_TIMEOUT_S = 3.0  # a probe that waits longer than this is itself stuck: th
 # but never answers (stopped, or across a dead link) makes its check say so instead of hanging the probe.
 # A check still waiting is not started again: its thread ends when the server answers or the connection
 # fails, and until then the probe reports it as not answering.
-_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="readyz")
-_pending: dict[str, Future] = {}
+# (Daemon threads, not a ThreadPoolExecutor: the interpreter joins an executor's threads at exit, so
+# one stuck on a stopped server would hold up the API process's shutdown.)
+_pending: dict[tuple, Future] = {}
 _lock = threading.Lock()
+
+
+def _start(check: Callable[[], str]) -> Future:
+    fut: Future = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(check())
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name="readyz", daemon=True).start()
+    return fut
 
 
 def _run(checks: dict[str, Callable[[], str]], where: tuple) -> dict[str, str]:
@@ -36,7 +50,7 @@ def _run(checks: dict[str, Callable[[], str]], where: tuple) -> dict[str, str]:
         for name, check in checks.items():
             fut = _pending.get((name, *where))
             if fut is None or fut.done():
-                fut = _pending[(name, *where)] = _pool.submit(check)
+                fut = _pending[(name, *where)] = _start(check)
             futures[name] = fut
     deadline = time.monotonic() + CHECK_TIMEOUT_S
     out = {}

@@ -175,7 +175,8 @@ def _terminate(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
 
 def _lock_data_dir(data_dir: Path):
     """One `clapq up` per data directory: a second would start its own Redis and workers on the same
-    Postgres, Redis files and blobs. The lock goes with this process (its children do not inherit it)."""
+    Postgres, Redis files and blobs. The children it starts hold the lock too (pass_fds), so it is free
+    only when this process and every one of them has ended (they die with it: die_with_parent)."""
     f = open(data_dir / "clapq-up.lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -99,7 +99,9 @@ def test_decoder_crash_fails_only_that_file(fifo, tmp_path):
     d = DecoderProcess()
 
     def crash():  # the codec segfaults mid-file: whichever child holds the file now
-        os.kill(d.proc.pid, 11)
+        while (proc := d.proc) is None:  # between one child's end and the next one's start
+            time.sleep(0.05)
+        os.kill(proc.pid, 11)
 
     try:
         d.decode(good, tmp_path / "warm.f32", timeout_s=60, max_duration_s=None)
@@ -115,7 +117,9 @@ def test_decoder_crash_fails_only_that_file(fifo, tmp_path):
         os.mkfifo(later)
 
         def killed_from_outside():
-            os.kill(d.proc.pid, 9)
+            while (proc := d.proc) is None:
+                time.sleep(0.05)
+            os.kill(proc.pid, 9)
             os.replace(good, later)
 
         threading.Timer(1.0, killed_from_outside).start()

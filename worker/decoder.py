@@ -93,7 +93,10 @@ class DecoderProcess:
                     raise DecodeError(f"decoding took longer than {timeout_s:g} s (CLAPQ_DECODE_TIMEOUT_S); gave up")
                 status, payload, n = self.conn.recv()
             except (EOFError, OSError):  # the child died: before the file reached it, or on it
-                code = self.proc.wait(5) if self.proc is not None else None
+                try:
+                    code = self.proc.wait(5) if self.proc is not None else None
+                except subprocess.TimeoutExpired:  # the pipe broke but the child lingers: killed below
+                    code = None
                 self.kill()
                 how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                 if attempt == 1:
