@@ -101,8 +101,8 @@ def _database_url(settings: Settings, data_dir: Path, stack: list, watch: list |
     pg = EmbeddedPostgres(data_dir / "pg")
     url = pg.start()
     stack.append(pg.stop)
-    if watch is not None:
-        watch.append(pg.gone)
+    if watch is not None:  # pgserver keeps one server per directory and process: it cannot be restarted here
+        watch.append(("the embedded Postgres", pg.gone, None))
     return url
 
 
@@ -213,7 +213,7 @@ def cmd_up(args) -> None:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    watch: list = []  # the embedded servers: each says why it is gone, else None
+    watch: list = []  # the embedded servers: (name, why it is gone or None, how to start it again or None)
     try:
         db_url = _database_url(settings, data_dir, stack, watch)
         redis_url = settings.redis_url
@@ -221,7 +221,7 @@ def cmd_up(args) -> None:
             redis = EmbeddedRedis(data_dir / "redis")
             redis_url = redis.start()
             stack.append(redis.stop)
-            watch.append(redis.gone)
+            watch.append(("the embedded Redis", redis.gone, redis.start))  # the same port: every process's REDIS_URL stays right
         migrate(db_url)
         key = _default_key(db_url, data_dir)
         env = dict(os.environ, DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_DATA_DIR=str(data_dir),
@@ -241,24 +241,31 @@ def cmd_up(args) -> None:
         _wait_http(base + "/healthz", procs)
         print(f"clapq is up: {base}\nAPI key: {key}\ndata: {data_dir}\nCtrl-C stops everything.", flush=True)
         exits: dict[str, list[float]] = {}
+
+        def again(what: str, how: str) -> None:
+            """One that ends (killed for memory, a crash) is started again: the files a worker held go back
+            to the queue (heartbeats), and the sweeper re-sends what a restarted Redis lost; one that keeps
+            ending has a reason a restart will not fix."""
+            now = time.monotonic()
+            recent = exits[what] = [t for t in exits.get(what, []) if now - t < RESTART_WINDOW_S] + [now]
+            if len(recent) > MAX_RESTARTS:
+                raise RuntimeError(f"{what} {how}, its {len(recent)}th end in {RESTART_WINDOW_S // 60} minutes; "
+                                   "stopping everything (its log says why)")
+            print(f"clapq: {what} {how}; starting it again", file=sys.stderr, flush=True)
+
         while not stopping["flag"]:
             for i, p in enumerate(procs):
                 if p.poll() is None:
                     continue
-                # one that ends (killed for memory, a crash) is started again: the files its worker held
-                # go back to the queue (heartbeats); one that keeps ending has a reason a restart will not fix
-                role, now = p.args[-1], time.monotonic()
                 how = f"was killed by signal {-p.returncode}" if p.returncode < 0 else f"exited with {p.returncode}"
-                recent = exits[role] = [t for t in exits.get(role, []) if now - t < RESTART_WINDOW_S] + [now]
-                if len(recent) > MAX_RESTARTS:
-                    raise RuntimeError(f"`clapq {role}` {how}, its {len(recent)}th end in "
-                                       f"{RESTART_WINDOW_S // 60} minutes; stopping everything (its log above "
-                                       "says why)")
-                print(f"clapq: `clapq {role}` {how}; starting it again", file=sys.stderr, flush=True)
-                procs[i] = start(role)
-            for gone in watch:
+                again(f"`clapq {p.args[-1]}`", how)
+                procs[i] = start(p.args[-1])
+            for name, gone, restart in watch:
                 if why := gone():
-                    raise RuntimeError(f"{why}; stopping everything (start `clapq up` again)")
+                    if restart is None:
+                        raise RuntimeError(f"{why}; stopping everything (start `clapq up` again)")
+                    again(name, f"has stopped ({why})")
+                    restart()
             time.sleep(0.5)
     except RuntimeError as exc:
         print(f"clapq: {exc}", file=sys.stderr)

@@ -80,17 +80,24 @@ class EmbeddedPostgres:
 
     def gone(self) -> str | None:
         """Why the server is not running (its postmaster has exited), or None while it runs."""
+        import psutil
+
         try:
             pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
-            os.kill(pid, 0)
-            return None
-        except (OSError, ValueError, IndexError):
-            return f"the embedded Postgres ({self.pgdata}) is not running any more"
+            # started by this process, a postmaster that died stays a zombie until reaped: still a pid
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                return None
+        except (OSError, ValueError, IndexError, psutil.Error):
+            pass
+        return f"the embedded Postgres ({self.pgdata}) is not running any more"
 
     def stop(self) -> None:
         """Stop the server unless another process still holds it."""
         if self._server is not None:
-            self._server.cleanup()
+            try:
+                self._server.cleanup()
+            except Exception as exc:  # it died already (killed): nothing is left to stop
+                log.warning("stopping the embedded Postgres: %s", exc)
             self._server = None
 
 

@@ -272,7 +272,8 @@ def test_a_killed_up_takes_its_processes_with_it(tmp_path, tiny_model, up_runner
     """`kill -9` of `clapq up`: its worker, beat, API and Redis stop too (before, they ran on as orphans,
     a second `clapq up` started beside them, and a dead embedded Redis went unnoticed). Then it starts
     again on the same data. The embedded Postgres is a daemon shared by every process on the directory
-    (pgserver): the next `clapq up` takes it over."""
+    (pgserver): the next `clapq up` takes it over. Its embedded Redis killed is started again; its
+    Postgres killed stops everything, without a traceback."""
     data_dir = tmp_path / "data"
     up = up_runner(data_dir)
     up.wait_ready()
@@ -289,13 +290,37 @@ def test_a_killed_up_takes_its_processes_with_it(tmp_path, tiny_model, up_runner
     key = again.wait_ready()
     base = f"http://127.0.0.1:{again.port}"
     assert requests.get(f"{base}/v1/libraries", headers={"Authorization": f"Bearer {key}"}, timeout=10).ok
-    # the embedded Redis dies: `clapq up` says so and stops everything, instead of serving on without it
-    redis = [p for p in psutil.process_iter(attrs=("cmdline",)) if "redis-server" in " ".join(p.info["cmdline"] or [])
-             and p.parent() is not None and p.parent().pid == again.proc.pid]
+    # the embedded Redis dies: `clapq up` says so and starts it again on its port, and the service works on
+    # (before: it served on without one); the Postgres server dies: it says so and stops everything
+    def children(name: str) -> list[psutil.Process]:
+        return [p for p in psutil.process_iter(attrs=("cmdline",)) if name in " ".join(p.info["cmdline"] or [])
+                and p.parent() is not None and p.parent().pid == again.proc.pid
+                and p.status() != psutil.STATUS_ZOMBIE]
+
+    redis = children("redis-server")
     assert len(redis) == 1
     redis[0].kill()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not [p for p in children("redis-server") if p.pid != redis[0].pid]:
+        time.sleep(0.3)
+    assert "clapq: the embedded Redis has stopped (the embedded Redis exited (-9)" in again.log.read_text(), \
+        again.log.read_text()[-2000:]
+    h = {"Authorization": f"Bearer {key}"}
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "after redis"}, headers=h, timeout=30).json()
+    f = write(tmp_path / "r.wav", 1.0)
+    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=60,
+                      files=[("files", (f.name, f.read_bytes(), "audio/wav"))])
+    assert r.status_code == 202, r.text
+    assert _wait_job(base, h, r.json()["job_id"], timeout=180)["status"] == "done"
+    postmaster = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+    os.kill(postmaster, signal.SIGKILL)
     assert again.proc.wait(90) == 1
-    assert "the embedded Redis exited" in again.log.read_text(), again.log.read_text()[-2000:]
+    assert "the embedded Postgres" in again.log.read_text() and "is not running any more; stopping everything" \
+        in again.log.read_text(), again.log.read_text()[-2000:]
+    assert "Traceback" not in again.log.read_text()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _leftovers(data_dir):
+        time.sleep(0.5)
     assert _leftovers(data_dir) == []
 
 
