@@ -104,7 +104,7 @@ def upload_batch(lib_id: str):
     # the rest were already in this library: one item per bytes
     missing = [sha for sha in rows if sha not in created]
     existing = {r.sha256: r for r in session.execute(
-        select(Item.sha256, Item.id, Item.status).where(Item.library_id == lib.id, Item.sha256.in_(missing))
+        select(Item.sha256, Item.id, Item.status, Item.meta).where(Item.library_id == lib.id, Item.sha256.in_(missing))
     )} if missing else {}
     retried = {r.id for r in existing.values() if r.status in RETRIED_ON_REUPLOAD}
     if retried:
@@ -117,10 +117,12 @@ def upload_batch(lib_id: str):
             if r.id in retried and rows[sha]["meta"]:
                 session.execute(update(Item).where(Item.id == r.id).values(meta=rows[sha]["meta"]))
     out, new_ids, seen, copies = [], [], set(), Counter()
-    for name, sha in zip(names, shas):
+    for raw, name, sha in zip(raw_names, names, shas):
         old = existing.get(sha)
         item_id = created[sha] if old is None else old.id
         entry = {"id": str(item_id), "filename": name}
+        # what the item's metadata is now: this batch's for a new or retried file, if it sent any
+        kept = rows[sha]["meta"] if old is None or (old.id in retried and rows[sha]["meta"]) else (old.meta or {})
         if sha in seen:  # the same bytes twice in this batch
             entry.update(status="queued" if old is None or old.id in retried else old.status,
                          duplicate_of=str(item_id))
@@ -134,6 +136,9 @@ def upload_batch(lib_id: str):
         else:
             entry.update(status=old.status, duplicate_of=str(item_id))
             copies[item_id] += 1
+        if "duplicate_of" in entry and meta.get(raw) and meta[raw] != kept:
+            # a copy's metadata is not stored: say so, rather than drop it unseen (PATCH /v1/items/<id>)
+            entry["metadata_ignored"] = True
         seen.add(sha)
         out.append(entry)
     if copies:  # the job reports each copy as the item it is a copy of stands, not as done

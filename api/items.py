@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, request, send_file
 from sqlalchemy import select
 
 from api.db import db
-from api.errors import not_found
+from api.errors import bad_request, not_found
 from api.lookup import owned
 from api.models_info import describe
 from api.query import item_vector
@@ -35,6 +35,21 @@ def item_json(item: Item) -> dict:
 @bp.get("/items/<item_id>")
 def get_item(item_id: str):
     return item_json(owned(Item, item_id, "item"))
+
+
+@bp.patch("/items/<item_id>")
+def patch_item(item_id: str):
+    """Replace the item's metadata with `{"metadata": {...}}`: the way to change it, since the same bytes
+    uploaded again with other metadata are a copy of this item and leave it as it is. Search filters see
+    the new metadata at once; the vectors do not change."""
+    item = owned(Item, item_id, "item")
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or set(body) != {"metadata"} or not isinstance(body["metadata"], dict):
+        raise bad_request('send a JSON object like {"metadata": {"category": "rain"}} (the metadata replaces '
+                          "what the item has; {} clears it)")
+    item.meta = body["metadata"]
+    db().commit()
+    return item_json(item)
 
 
 @bp.get("/items/<item_id>/embedding")

@@ -130,8 +130,14 @@ SPEC = {
             "responses": {**_ok("exact and near duplicates"), "409": _ERR}}},
         "/v1/jobs/{job_id}": {"get": {"parameters": [_path_id("job_id")],
                                       "responses": _ok("the job", {"$ref": "#/components/schemas/Job"})}},
-        "/v1/items/{item_id}": {"get": {"parameters": [_path_id("item_id")],
-                                        "responses": _ok("the item", {"$ref": "#/components/schemas/Item"})}},
+        "/v1/items/{item_id}": {
+            "get": {"parameters": [_path_id("item_id")],
+                    "responses": _ok("the item", {"$ref": "#/components/schemas/Item"})},
+            "patch": {"parameters": [_path_id("item_id")],
+                      "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                          "type": "object", "required": ["metadata"], "additionalProperties": False,
+                          "properties": {"metadata": {"type": "object"}}}}}},
+                      "responses": _ok("the item, its metadata replaced", {"$ref": "#/components/schemas/Item"})}},
         "/v1/items/{item_id}/embedding": {"get": {"parameters": [_path_id("item_id")],
                                                   "responses": {**_ok("the pooled vector"), "409": _ERR}}},
         "/v1/items/{item_id}/segments": {"get": {"parameters": [

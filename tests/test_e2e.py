@@ -120,6 +120,25 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model, setting
     assert again["items"][0]["duplicate_of"] == ids["tone_a.wav"]
     assert blob.stat().st_ino == inode and list(BlobStore(settings.blob_dir).tmp_dir.iterdir()) == []
     assert wait_job(client, key, again["job_id"])["status"] == "done"
+    assert "metadata_ignored" not in again["items"][0]
+    # sent again with other metadata: still a copy, and the answer says the metadata was not stored;
+    # PATCH is how it changes, and search filters see the change
+    name = paths[0].name
+    assert name == "tone_a.wav"
+    same = upload(client, key, lib["id"], paths[:1], metadata={name: {"tag": "a"}}).get_json()
+    assert "metadata_ignored" not in same["items"][0]
+    other = upload(client, key, lib["id"], paths[:1], metadata={name: {"tag": "b"}}).get_json()
+    assert other["items"][0]["duplicate_of"] == ids[name] and other["items"][0]["metadata_ignored"] is True
+    assert client.get(f"/v1/items/{ids[name]}", headers=auth(key)).get_json()["metadata"] == {"tag": "a"}
+    patched = client.patch(f"/v1/items/{ids[name]}", json={"metadata": {"tag": "b"}}, headers=auth(key))
+    assert patched.status_code == 200 and patched.get_json()["metadata"] == {"tag": "b"}
+    found = client.post("/v1/search", json={"library_id": lib["id"], "text": "tone", "k": 10,
+                                            "filter": {"metadata": {"tag": "b"}}}, headers=auth(key)).get_json()
+    assert [r["item_id"] for r in found["results"]] == [ids[name]]
+    for body in ({"metadata": [1]}, {"tag": "b"}, {"metadata": {}, "filename": "x"}, None):
+        r = client.patch(f"/v1/items/{ids[name]}", json=body, headers=auth(key))
+        assert r.status_code == 400 and "metadata" in r.get_json()["error"]["message"], body
+    assert client.patch(f"/v1/items/{ids[name]}", json={"metadata": {}}, headers=auth(new_key())).status_code == 404
 
 
 def test_stored_bytes_are_kept_and_a_damaged_copy_is_replaced(tmp_path):
