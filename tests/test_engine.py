@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import errno
 import json
 import os
 import subprocess
@@ -301,9 +302,9 @@ def test_a_first_try_goes_on_with_queued_files_of_later_tasks(client, new_key, w
 def test_a_passing_fault_sends_borrowed_files_back_without_charging_them(client, new_key, worker, settings, env,
                                                                          tmp_path):
     """The database drops the batch's write (an OperationalError, once): Celery runs the task again with
-    its own file, which is then on attempt 2; the 3 files it had taken from later tasks (their messages
-    spent) go back to the queue at once, this try not counted, and are sent off again after
-    CLAPQ_STALE_AFTER_S: the running worker embeds them on attempt 1."""
+    its own two files, together, which are then on attempt 2; the 2 files it had taken from later tasks
+    (their messages spent) go back to the queue at once, this try not counted, and are sent off again
+    after CLAPQ_STALE_AFTER_S: the running worker embeds them on attempt 1."""
     from clapq.db import session_scope
     from clapq.models import Item
 
@@ -320,14 +321,19 @@ def flaky(*args, **kwargs):
         raise OperationalError("INSERT INTO segments", {}, Exception("server closed the connection unexpectedly"))
     return real(*args, **kwargs)
 store.write_items = flaky
-""" + f"print(tasks.embed_items.apply(args=[{ids[:1]!r}]).state)\n"
+result = tasks.embed_items.apply(args=[%r])
+print(result.state, result.result)
+""" % ids[:2]
     r = in_a_worker_process({**env, "CLAPQ_CLAIM_FOR_S": "30", "CLAPQ_STALE_AFTER_S": "5"}, code)
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr[-3000:]
     assert "handing files back failed" not in r.stderr, r.stderr[-3000:]
+    # the retry ran its two files together (only a message back from a dead process splits them)
+    counts = ast.literal_eval(r.stdout.strip().split("SUCCESS ", 1)[1].split("\n")[0])
+    assert counts["done"] >= 2 and "split" not in counts, r.stdout
     done = wait_job(client, key, job_id, timeout=240)
     assert done["status"] == "done" and done["counts"]["done"] == 4, done
     with session_scope(settings.database_url) as s:
-        assert [s.get(Item, uuid.UUID(i)).attempts for i in ids] == [2, 1, 1, 1]
+        assert [s.get(Item, uuid.UUID(i)).attempts for i in ids] == [2, 2, 1, 1]
 
 
 def test_how_long_a_task_claims_later_files():
@@ -829,3 +835,27 @@ def test_scratch_files_of_killed_workers_are_removed_at_the_next_start(tmp_path)
     finally:
         running.kill()
         running.wait()
+
+
+def test_a_full_scratch_disk_is_not_the_files_fault(tmp_path):
+    """Writing decoded samples where the disk is full (/dev/full answers every write with ENOSPC) raises
+    ScratchError, directly and through a decoder child, not DecodeError (which fails the file for good):
+    the task hands its files back instead. The child lives on and decodes the next file."""
+    from worker.audio import ScratchError, decode_to_file
+
+    src = write(tmp_path / "a.wav", 1.0, 44_100, 2)
+    with pytest.raises(ScratchError) as direct:
+        decode_to_file(src, "/dev/full")
+    assert direct.value.errno == errno.ENOSPC and not isinstance(direct.value, DecodeError)
+    with pytest.raises(ScratchError):
+        decode_to_file(src, tmp_path / "gone" / "out.f32")  # the scratch directory was removed
+    d = DecoderProcess()
+    try:
+        with pytest.raises(ScratchError) as via_child:
+            d.decode(src, Path("/dev/full"), timeout_s=60, max_duration_s=None)
+        assert via_child.value.errno == errno.ENOSPC and "scratch file" in str(via_child.value)
+        pid = d.proc.pid
+        info, n = d.decode(src, tmp_path / "ok.f32", timeout_s=60, max_duration_s=None)
+        assert n == 48_000 and d.proc.pid == pid
+    finally:
+        d.close()

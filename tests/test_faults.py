@@ -206,38 +206,85 @@ def test_postgres_connections_dropped_mid_write(stack):
     assert_exactly_once(stack, job_id, 120)
 
 
-def test_poison_file_that_kills_its_worker_fails_after_the_attempt_limit(stack):
-    """A file on which the worker dies every time: failed after CLAPQ_MAX_ATTEMPTS, the rest completes."""
+def poison_job(stack) -> tuple[str, str, uuid.UUID]:
+    """A job of 6 files, the first of which becomes a file whose read never returns (a FIFO): the decoder
+    waits on it until whatever holds it is killed, as a crash in native code would end it."""
     from clapq.blobs import BlobStore
 
     settings = stack["settings"]
     key, lib_id, job_id = start_job(stack, 6)
-    # one of the items' blobs becomes a file whose read never returns; each time a worker is
-    # busy with it we kill that worker outright, as a crash in the native code would
     with session_scope(settings.database_url) as s:
         poison = s.scalars(select(Item).where(Item.job_id == uuid.UUID(job_id)).order_by(Item.filename)).first()
         poison_id, sha = poison.id, poison.sha256
     path = BlobStore(settings.blob_dir).path_for(sha)
     path.unlink()
     os.mkfifo(path)
-    stack["start_beat"]()
+    return key, job_id, poison_id
+
+
+def kill_on_each_try(stack, poison_id: uuid.UUID, kill, each=lambda: None) -> int:
+    """Call kill() each time the poison file is running on a new attempt, until it has failed, and each()
+    every 0.3 s; returns the kills (kill() returns whether it could kill)."""
     kills = 0
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        with session_scope(settings.database_url) as s:
+        with session_scope(stack["settings"].database_url) as s:
             item = s.get(Item, poison_id)
             status, attempts = item.status, item.attempts
         if status == "failed":
             break
-        if not stack["workers"] or stack["workers"][-1].proc is None:
-            stack["worker"]()
-        if status == "running" and attempts > kills:
-            stack["workers"][-1].stop(signal.SIGKILL)
+        each()
+        if status == "running" and attempts > kills and kill():
             kills += 1
         time.sleep(0.3)
-    final = job(stack, key, job_id)
+    return kills
+
+
+def test_poison_file_that_kills_its_worker_fails_after_the_attempt_limit(stack):
+    """A file on which the worker dies every time: failed after CLAPQ_MAX_ATTEMPTS, the rest completes."""
+    key, job_id, poison_id = poison_job(stack)
+    stack["start_beat"]()
+
+    def worker_up() -> None:  # a new worker after each kill
+        if not stack["workers"] or stack["workers"][-1].proc is None:
+            stack["worker"]()
+
+    def kill() -> bool:  # the whole worker
+        stack["workers"][-1].stop(signal.SIGKILL)
+        return True
+
+    kills = kill_on_each_try(stack, poison_id, kill, each=worker_up)
+    final = wait_finished(stack, key, job_id)
     assert final["status"] == "done_with_errors", final
     assert final["counts"]["done"] == 5 and final["counts"]["failed"] == 1
     err = final["errors"][0]["error"]
     assert "gave up after 3 attempts" in err, err
     assert kills == 3
+
+
+def test_poison_file_that_kills_only_the_pool_child_takes_no_other_file_with_it(stack):
+    """The pool child dies on a file (a native crash, the OOM killer) but the worker's main process lives:
+    Celery hands the same message back at once. Its files then go on one per task, as the sweeper sends
+    those of a dead worker, so the file that kills runs out of attempts alone and the rest are embedded."""
+    import psutil
+
+    w = stack["worker"]()
+    key, job_id, poison_id = poison_job(stack)
+
+    def kill() -> bool:  # the pool child only, once the main process has started one
+        kids = [p for p in psutil.Process(w.proc.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+        if len(kids) != 1:
+            return False
+        kids[0].kill()
+        return True
+
+    kills = kill_on_each_try(stack, poison_id, kill)
+    assert w.proc.poll() is None  # the main process lived through it all
+    final = wait_finished(stack, key, job_id)
+    assert final["status"] == "done_with_errors", final
+    assert final["counts"]["done"] == 5 and final["counts"]["failed"] == 1, final
+    assert "gave up after 3 attempts" in final["errors"][0]["error"], final
+    assert kills == 3
+    with session_scope(stack["settings"].database_url) as s:
+        others = s.scalars(select(Item.attempts).where(Item.job_id == uuid.UUID(job_id), Item.id != poison_id)).all()
+    assert max(others) <= 2, others  # the try that crashed, and their own

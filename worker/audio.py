@@ -21,6 +21,12 @@ class DecodeError(ValueError):
     """The file is not audio we can read; the message is shown on the item."""
 
 
+class ScratchError(OSError):
+    """The decoded samples could not be written to the scratch file (the disk is full or the directory
+    went away): the machine's fault, not the file's, so the task hands its files back instead of
+    failing them."""
+
+
 @dataclasses.dataclass
 class AudioInfo:
     sample_rate: int
@@ -292,10 +298,28 @@ def decode_to_file(path: Path | str, out_path: Path | str, *,
     # place): per 10 s clip 2.3 ms of the decoder's time, 1-1.3 ms of the machine's CPU and a disk write,
     # for a file deleted a moment later (benchmarks/scratch_write.py). What an earlier try left past
     # this one's end is cut instead.
-    with open(os.open(out_path, os.O_WRONLY | os.O_CREAT, 0o600), "wb", closefd=True) as out:
+    # Errors of the scratch file (ENOSPC, a removed directory) are ScratchError; the source's are DecodeError
+    # or the codec's own, raised by stream() between the writes.
+    try:
+        fd = os.open(out_path, os.O_WRONLY | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ScratchError(exc.errno, f"cannot open the scratch file {out_path}: {exc.strerror}") from exc
+    written = 0
+    try:
         for block in stream(path, info, max_duration_s=max_duration_s):
-            out.write(block.tobytes())
+            data = memoryview(block.tobytes())
+            written += len(data)
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError as exc:
+                raise ScratchError(exc.errno, f"cannot write to the scratch file {out_path}: {exc.strerror}") from exc
             n += block.shape[0]
-        if os.fstat(out.fileno()).st_size > out.tell():
-            out.truncate()
+        try:
+            if os.fstat(fd).st_size > written:
+                os.ftruncate(fd, written)
+        except OSError as exc:
+            raise ScratchError(exc.errno, f"cannot cut the scratch file {out_path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
     return info, n

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from worker.audio import AudioInfo, DecodeError
+from worker.audio import AudioInfo, DecodeError, ScratchError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ def _child(conn: Connection) -> None:
             conn.send(("ok", dataclasses.asdict(info), n))
         except DecodeError as exc:
             conn.send(("error", str(exc), 0))
+        except ScratchError as exc:  # not the file's fault: the parent raises it, and the task hands files back
+            conn.send(("scratch", (exc.errno, exc.strerror), 0))
         except MemoryError:
             conn.send(("error", "the file needs more memory to decode than the decoder may use", 0))
         except Exception as exc:  # an unexpected codec error is still this file's error
@@ -80,7 +82,8 @@ class DecoderProcess:
         self.kill()
 
     def decode(self, src: Path, dst: Path, timeout_s: float, max_duration_s: float | None) -> tuple[AudioInfo, int]:
-        """Decode src into dst; raises DecodeError for bad files, crashed or hung decoders. A child that dies
+        """Decode src into dst; raises DecodeError for bad files, crashed or hung decoders, ScratchError when
+        dst cannot be written (the machine's fault, not the file's). A child that dies
         on a file is restarted and the file tried once more: a kill from outside (the OOM killer making room
         for something else, an operator) is not the file's fault; dying twice is."""
         for attempt in (1, 2):
@@ -103,6 +106,8 @@ class DecoderProcess:
                     log.warning("decoder died (%s); trying the file again in a new one", how, extra={"file": str(src)})
                     continue
                 raise DecodeError(f"the decoder crashed on this file, twice ({how})") from None
+            if status == "scratch":
+                raise ScratchError(*payload)
             if status != "ok":
                 raise DecodeError(payload)
             return AudioInfo(**payload), n

@@ -110,6 +110,9 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options) -
         d.cleanup()
         d.error = str(exc)
         return d
+    except BaseException:  # ScratchError (a full disk): the task's, not this file's; no file left behind
+        d.cleanup()
+        raise
     d.windows = spans(d.n, rate, int(round(opts.window_s * rate)), int(round(opts.hop_s * rate)))
     return d
 

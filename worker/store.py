@@ -22,6 +22,7 @@ class Claimed:
     job_id: uuid.UUID | None = None
     tenant_id: uuid.UUID | None = None
     attempt: int = 1  # this claim's try (1: the first)
+    resumed: bool = False  # it was running under this task id: the message came back after its process died
 
 
 def silent_for(seconds: float):
@@ -55,10 +56,11 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
             item.status, item.finished_at = "failed", func.now()
             item.error = "the library is bound to a different model than this worker serves"
         else:
+            resumed = item.status == "running" and item.claimed_by == task_id
             item.status, item.attempts, item.claimed_by = "running", item.attempts + 1, task_id
             item.started_at = item.updated_at = func.now()
             claimed.append(Claimed(item.id, item.sha256, item.library_id, lib_model, item.job_id, item.tenant_id,
-                                   item.attempts))
+                                   item.attempts, resumed))
     return claimed
 
 

@@ -110,6 +110,19 @@ def embed_items(self, item_ids: list[str]) -> dict:
     with session_scope(settings.database_url) as s:
         claimed = store.claim(s, ids, model_id, settings.max_attempts, task_id,
                               settings.stale_after_s)
+        # Files this task id was still running: the process that had them died (a native crash, the OOM
+        # killer) and Celery handed the message back. One of them may be what kills it, so each goes on
+        # alone, as the sweeper sends a dead worker's files: the one that kills runs out of attempts by
+        # itself. The try that died counts; this claim does not. (Celery's own retry after a passing fault,
+        # `retries` > 0, finds its files running too: they stay together.)
+        split = len(claimed) > 1 and not self.request.retries and any(c.resumed for c in claimed)
+        if split:
+            alone = store.release(s, [c.id for c in claimed], "worker lost (its process died)", task_id,
+                                  charge=False)
+    if split:
+        enqueue_items(self.app, alone, 1)
+        log.warning("files of a task whose process died go on one per task", extra={"count": len(alone)})
+        return {"claimed": 0, "split": len(alone)}
     if not claimed:
         return {"claimed": 0}
     blobs = BlobStore(settings.blob_dir)
