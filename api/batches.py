@@ -14,7 +14,6 @@ from api.errors import ApiError, bad_request, parse_json
 from api.lookup import owned
 from api.models_info import served_model_for
 from api.uploads import display_name
-from clapq.blobs import StorageFull
 from clapq.models import Item, Job, JobDuplicate, Library
 from clapq.queue import enqueue_items
 
@@ -66,10 +65,7 @@ def upload_batch(lib_id: str):
     _backpressure(settings)
     if not (request.content_type or "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with one or more 'files' parts")
-    try:
-        files = request.files.getlist("files")
-    except StorageFull:
-        raise ApiError(507, "insufficient_storage", "the upload area is full; try again later") from None
+    files = request.files.getlist("files")  # a full upload area raises StorageFull: a 507 (api.errors)
     if not files:
         raise bad_request("no files: send each file as a multipart part named 'files'")
     if len(files) > settings.max_files_per_batch:
@@ -85,12 +81,7 @@ def upload_batch(lib_id: str):
     job = Job(tenant_id=g.tenant_id, library_id=lib.id, kind="upload")
     session.add(job)
     session.flush()
-    shas = []
-    for f in files:
-        try:
-            shas.append(f.stream.commit())
-        except StorageFull:
-            raise ApiError(507, "insufficient_storage", "the upload area is full; try again later") from None
+    shas = [f.stream.commit() for f in files]
     names = [display_name(raw) for raw in raw_names]
     # one row per distinct bytes (the first file that has them), all in one statement
     rows: dict[str, dict] = {}

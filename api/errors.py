@@ -11,6 +11,8 @@ from flask.json.provider import DefaultJSONProvider
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
 
+from clapq.blobs import StorageFull
+
 log = logging.getLogger(__name__)
 
 
@@ -161,6 +163,10 @@ def register(app: Flask) -> None:
         log.warning("database unavailable: %s", why[0] if why else type(e).__name__)
         return envelope(503, "database_unavailable", "the database is not answering (down, restarting or "
                         f"overloaded); try again in {DB_RETRY_AFTER_S} s", {"Retry-After": str(DB_RETRY_AFTER_S)})
+
+    @app.errorhandler(StorageFull)  # a part being received, or committed, found the upload area full
+    def _storage_full(e: StorageFull):
+        return envelope(507, "insufficient_storage", "the upload area is full; try again later")
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):

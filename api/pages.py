@@ -36,8 +36,12 @@ def cursor_arg() -> tuple[dt.datetime, uuid.UUID] | None:
     try:
         text = base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode()
         when, _, row_id = text.partition("|")
-        return dt.datetime.fromisoformat(when), uuid.UUID(row_id)
-    except (ValueError, UnicodeDecodeError):
+        when = dt.datetime.fromisoformat(when)
+        if when.tzinfo is None:
+            raise ValueError("no time zone")
+        # in UTC, as this API writes them: Postgres refuses offsets past +-15:59, which Python takes
+        return when.astimezone(dt.timezone.utc), uuid.UUID(row_id)
+    except (ValueError, UnicodeDecodeError, OverflowError):
         raise bad_request("'cursor' is not a cursor this API returned") from None
 
 

@@ -10,7 +10,7 @@ import uuid
 
 from flask import Blueprint, current_app, g, request
 from sqlalchemy import and_, case, func, or_, select, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, distinct_on
 
 from api.db import db
 from api.errors import bad_request, check_text, parse_json
@@ -66,7 +66,7 @@ def _params() -> dict:
     p = {k: body.get(k) for k in ("k", "offset", "min_score", "mode", "item_id", "filter")}
     if body.get("q") is not None and body.get("text") is not None and body["q"] != body["text"]:
         raise bad_request("give the query text once: 'text' or 'q'")
-    p["q"] = body.get("text", body.get("q"))
+    p["q"] = body["text"] if body.get("text") is not None else body.get("q")
     ids = body.get("library_ids", [])
     if body.get("library_id") is not None:
         ids = [body["library_id"], *ids] if isinstance(ids, list) else ids
@@ -93,17 +93,28 @@ def _filters(raw) -> list:
         if isinstance(want, dict):
             if set(want) != {"in"} or not isinstance(want["in"], list) or not want["in"]:
                 raise bad_request(f"metadata filter on {key!r}: use a value or {{\"in\": [values]}}")
-            conds.append(or_(*[Item.meta.op("@>")(_jsonb({key: v})) for v in want["in"]]))
+            conds.append(or_(*[c for v in want["in"] for c in _has(key, v)]))
         else:
-            conds.append(Item.meta.op("@>")(_jsonb({key: want})))
+            conds.append(or_(*_has(key, want)))
     dur = raw.get("duration_s") or {}
     if not isinstance(dur, dict) or set(dur) - {"min", "max"}:
         raise bad_request("'duration_s' filter takes 'min' and/or 'max' seconds")
     for bound, op in (("min", "__ge__"), ("max", "__le__")):
         if bound in dur:
-            if not isinstance(dur[bound], (int, float)) or isinstance(dur[bound], bool):
-                raise bad_request(f"duration_s.{bound} must be a number")
-            conds.append(getattr(Item.duration_s, op)(float(dur[bound])))
+            value = dur[bound]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or abs(value) > 1e12:
+                raise bad_request(f"duration_s.{bound} must be a number of seconds")
+            conds.append(getattr(Item.duration_s, op)(float(value)))
+    return conds
+
+
+def _has(key: str, want) -> list:
+    """Conditions, any of which matches `key: want`: the value itself, or (for a value that is not a list)
+    a list holding it, so {"tags": "foley"} finds {"tags": ["foley", "door"]}. A list `want` matches a list
+    holding all of its values (JSONB containment; the GIN index serves each)."""
+    conds = [Item.meta.op("@>")(_jsonb({key: want}))]
+    if not isinstance(want, list):
+        conds.append(Item.meta.op("@>")(_jsonb({key: [want]})))
     return conds
 
 
@@ -133,7 +144,7 @@ def search():
             raise bad_request("'min_score' must be a number between -1 and 1")
         try:
             min_score = float(min_score)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise bad_request("'min_score' must be a number between -1 and 1") from None
         if not -1.0 <= min_score <= 1.0:
             raise bad_request("'min_score' must be a number between -1 and 1")
@@ -233,19 +244,23 @@ def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
     # too few items and ran again. With filters every row asked for costs more index to walk
     # (iterative scan), so start at 4 windows an item (benchmarks/search_http.py)
     n = want if mode == "segments" else min(MAX_CANDIDATES, want * 4 if conds else max(100, want * 4))
+    matches = select(Segment.item_id, Segment.library_id, Segment.start_s, Segment.end_s, Item.filename,
+                     Item.meta, distance.label("d")).join(Item, Item.id == Segment.item_id).where(and_(*where))
     while True:
-        rows = _best_first(
-            session, select(Segment.item_id, Segment.library_id, Segment.start_s, Segment.end_s, Item.filename,
-                            Item.meta, distance.label("d")).join(Item, Item.id == Segment.item_id).where(and_(*where)),
-            distance, n, exact)
+        rows = _best_first(session, matches, distance, n, exact)
         session.rollback()
         if mode == "segments":
             return rows
         best: dict = {}
         for r in rows:  # rows come best first: the first row of an item is its best segment
             best.setdefault(r.item_id, r)
-        if len(best) >= want or len(rows) < n or n >= MAX_CANDIDATES:
+        if len(best) >= want or len(rows) < n:
             return list(best.values())
+        if n >= MAX_CANDIDATES:
+            # MAX_CANDIDATES windows held fewer than `want` items (long files, a deep page): the index
+            # gives no more (pgvector stops an iterative scan at hnsw.max_scan_tuples, 20,000), so every
+            # matching window is compared and grouped by item, as the exact plan would
+            return _best_per_item(session, matches, want)
         n = min(MAX_CANDIDATES, n * 4)
 
 
@@ -262,6 +277,15 @@ def _best_first(session, matches, distance, n: int, exact: bool) -> list:
     session.execute(text("SELECT set_config('hnsw.iterative_scan', 'strict_order', true), "
                          "set_config('hnsw.ef_search', :ef, true)"), {"ef": str(min(200, max(100, n)))})
     return session.execute(matches.order_by(distance).limit(n)).all()
+
+
+def _best_per_item(session, matches, want: int) -> list:
+    """Each item's best window among every row of `matches`, the `want` best items first (no index)."""
+    every = matches.cte("matches").prefix_with("MATERIALIZED")
+    per_item = select(every).ext(distinct_on(every.c.item_id)).order_by(every.c.item_id, every.c.d).subquery()
+    rows = session.execute(select(per_item).order_by(per_item.c.d, per_item.c.item_id).limit(want)).all()
+    session.rollback()
+    return rows
 
 
 def _nearest_items(vec, lib_ids, model_id: int, conds: list, exclude, want: int, min_score: float | None,

@@ -141,6 +141,14 @@ def test_search_validation(client, lib, settings):
                         headers=auth(key)), 400)
     assert str(settings.max_query_chars) in e["message"]
     err(client.post("/v1/search", data="[]", headers=auth(key), content_type="application/json"), 400)
+    # numbers too large for a float (Python's JSON reads them as ints): 400s, not OverflowError 500s
+    huge = "1" + "0" * 400
+    for body in (f'"min_score": {huge}', f'"filter": {{"duration_s": {{"min": {huge}}}}}'):
+        err(client.post("/v1/search", data=f'{{"library_id": "{lib_id}", "text": "x", {body}}}',
+                        headers=auth(key), content_type="application/json"), 400)
+    # "text": null is no text: the "q" beside it is the query
+    r = client.post("/v1/search", json={"library_id": lib_id, "q": "rain", "text": None}, headers=auth(key))
+    assert r.status_code == 200, r.get_json()
     r = client.get("/v1/search", query_string={"library_id": lib_id, "q": "empty library"}, headers=auth(key))
     assert r.status_code == 200 and r.get_json()["results"] == []
 
@@ -283,6 +291,45 @@ def test_a_library_of_another_model_is_refused_not_mixed(client, new_key, worker
               client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                           data={"files": (io.BytesIO(b"RIFF"), "b.wav")})):
         assert err(r, 409)["code"] == "model_mismatch"
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root may mount one; elsewhere the test is skipped), unmounted afterwards."""
+    import subprocess
+
+    where = tmp_path / "small"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_upload_area_is_a_507_for_uploads_and_clip_searches(settings, new_key, small_disk):
+    """The blob store on a disk with 1 MiB: a 2 MB upload, and a 2 MB clip sent to search, are 507s
+    with the envelope (the clip search was a 500), and leave no partial file; a small upload works."""
+    import dataclasses
+
+    from api import create_app
+
+    c = create_app(dataclasses.replace(settings, blob_dir=small_disk / "blobs")).test_client()
+    key = new_key()
+    lib_id = c.post("/v1/libraries", json={"name": "full"}, headers=auth(key)).get_json()["id"]
+    big = b"RIFF" + bytes(2_000_000)
+    e = err(c.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                   data={"files": [(io.BytesIO(big), "big.wav")]}), 507)
+    assert e["code"] == "insufficient_storage" and "full" in e["message"]
+    e = err(c.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
+                   data={"library_id": lib_id, "audio": (io.BytesIO(big), "q.wav")}), 507)
+    assert e["code"] == "insufficient_storage"
+    assert [p for p in (small_disk / "blobs").rglob("*") if p.is_file()] == []
+    r = c.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+               data={"files": [(io.BytesIO(b"RIFF" + bytes(1000)), "small.wav")]})
+    assert r.status_code == 202, r.get_json()
 
 
 def test_postgres_away_is_a_503_and_readyz_answers_in_bounded_time(settings):

@@ -3,9 +3,11 @@ again is retried), cancel, retry-failed, listing and paging, backpressure."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import io
 import json
+import uuid
 
 from tests.audio import write
 from tests.conftest import auth, wait_job
@@ -33,6 +35,17 @@ def test_duplicates_count_as_done_and_jobs_page(client, new_key, worker, tmp_pat
     page2 = client.get(f"/v1/jobs?limit=2&cursor={page1['next_cursor']}", headers=auth(key)).get_json()
     assert [j["id"] for j in page2["jobs"]] == [first["job_id"]] and page2["next_cursor"] is None
     assert client.get("/v1/jobs?cursor=garbage", headers=auth(key)).status_code == 400
+    # made-up cursors: an offset past Postgres's +-15:59 (was a 500) is read in UTC; no time zone, or a
+    # time before year 1 in UTC, is not a cursor this API returns
+    def made(when: str) -> str:
+        return base64.urlsafe_b64encode(f"{when}|{uuid.uuid4()}".encode()).decode().rstrip("=")
+
+    for when in ("2020-01-01T00:00:00+23:00", "2020-01-01T00:00:00+14:00"):
+        r = client.get(f"/v1/jobs?cursor={made(when)}", headers=auth(key))
+        assert r.status_code == 200 and r.get_json()["jobs"] == [], (when, r.get_json())  # all newer than 2020
+    for when in ("2020-01-01T00:00:00", "0001-01-01T00:00:00+01:00"):
+        r = client.get(f"/v1/jobs?cursor={made(when)}", headers=auth(key))
+        assert r.status_code == 400 and "cursor" in r.get_json()["error"]["message"], (when, r.get_json())
     assert client.get("/v1/jobs", headers=auth(new_key())).get_json()["jobs"] == []
 
     items = client.get(f"/v1/jobs/{first['job_id']}/items?limit=2", headers=auth(key)).get_json()

@@ -171,6 +171,51 @@ def test_text_search_filters_and_pages_match_brute_force(client, lib, tiny_model
         assert r.status_code == 400, (bad, r.get_json())
 
 
+def test_items_past_the_index_candidate_limit_are_still_all_found(client, lib, tiny_model, plan, monkeypatch):
+    """The index plan widens its window candidates up to MAX_CANDIDATES (20,000 in production); when that
+    many windows hold fewer items than asked for (long files, a deep page), every window is compared and
+    grouped by item, so pages stay full and in brute-force order. Lowered to 3 windows here."""
+    import api.search
+
+    monkeypatch.setattr(api.search, "MAX_CANDIDATES", 3)
+    h, v = auth(lib["key"]), qvec("rain on a tin roof", tiny_model)
+    expected = [i for _, i in brute_items(lib, v)]
+    got = client.post("/v1/search", json={"library_id": lib["a"], "text": "rain on a tin roof", "k": N},
+                      headers=h).get_json()["results"]
+    assert [r["item_id"] for r in got] == expected
+    page = client.post("/v1/search", json={"library_id": lib["a"], "text": "rain on a tin roof", "k": 3,
+                                           "offset": 8}, headers=h).get_json()["results"]
+    assert [r["item_id"] for r in page] == expected[8:11]
+    for r in got:  # each item's span is its best window
+        best = max(lib["segs"][r["item_id"]], key=lambda s: float(v @ s[2]))
+        assert (r["segment"]["start_s"], r["segment"]["end_s"]) == (best[0], best[1])
+
+
+def test_a_metadata_value_finds_lists_holding_it(client, lib):
+    """{"tags": "foley"} matches an item whose tags are a list holding "foley" (and `in` does too); a list
+    matches a list holding all of its values. One item's metadata is changed with PATCH, then put back."""
+    h = auth(lib["key"])
+    item = lib["ids"]["s04.wav"]
+    old = lib["meta"][item]
+
+    def found(flt) -> list[str]:
+        return [r["item_id"] for r in client.post("/v1/search", json={"library_id": lib["a"], "text": "x", "k": 50,
+                                                                      "filter": {"metadata": flt}},
+                                                  headers=h).get_json()["results"]]
+
+    assert client.patch(f"/v1/items/{item}", json={"metadata": {**old, "tags": ["foley", "door"]}},
+                        headers=h).status_code == 200
+    try:
+        assert found({"tags": "foley"}) == [item]
+        assert found({"tags": {"in": ["wind", "door"]}}) == [item]
+        assert found({"tags": ["door", "foley"]}) == [item]
+        assert found({"tags": ["foley", "rain"]}) == []
+        assert found({"tags": "fol"}) == []
+        assert len(found({"category": "rain"})) == 4  # plain values as before
+    finally:
+        assert client.patch(f"/v1/items/{item}", json={"metadata": old}, headers=h).status_code == 200
+
+
 def test_segment_mode_returns_the_stored_windows(client, lib, tiny_model, plan):
     h, v = auth(lib["key"]), qvec("engine idling", tiny_model)
     body = client.post("/v1/search", json={"library_id": lib["a"], "text": "engine idling", "k": 20,
