@@ -78,6 +78,9 @@ def _retry_after(r: requests.Response, default: float) -> float:
 class Client:
     def __init__(self, url: str, key: str) -> None:
         self.url = url.rstrip("/")
+        if not (key.isascii() and key.isprintable()):  # an HTTP header cannot carry it (a pasted curly quote)
+            raise SystemExit("clapq: the API key has characters no key has (outside printable ASCII): copy it "
+                             "again as `clapq keys create` printed it (CLAPQ_API_KEY or --key)")
         self.s = requests.Session()
         self.s.headers["Authorization"] = f"Bearer {key}"
         self.reached = False  # the API has answered once: from then on, no answer is an outage, not a typo
@@ -350,24 +353,23 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     try:
         for batch in batches(paths, min(BATCH_FILES, limits.get("max_files_per_batch") or BATCH_FILES),
                              min(BATCH_BYTES, limits.get("max_request_bytes") or BATCH_BYTES)):
-            try:
-                if check:
-                    new, pending = not_known(client, lib["id"], batch)
-                    skipped += len(batch) - len(new)
-                    unfinished += pending
-                    batch = new
-                    if not batch:
-                        continue
-                # said before the request, which on a slow network takes minutes: the command is not stuck
-                print(f"uploading {n_files(len(batch))} ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)",
-                      file=sys.stderr)
-                jobs.append(_send(client, lib["id"], folder, batch))
-            except OSError as exc:  # a file went away, or stopped being readable, since the listing
-                raise SystemExit(f"clapq: cannot read {exc.filename}: {exc.strerror or exc}") from None
+            if check:
+                new, pending = not_known(client, lib["id"], batch)
+                skipped += len(batch) - len(new)
+                unfinished += pending
+                batch = new
+                if not batch:
+                    continue
+            # said before the request, which on a slow network takes minutes: the command is not stuck
+            print(f"uploading {n_files(len(batch))} ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)",
+                  file=sys.stderr)
+            jobs.append(_send(client, lib["id"], folder, batch))
             sent += len(batch)
             print(f"uploaded {n_files(len(batch))} (job {jobs[-1]})", file=sys.stderr)
-    except (SystemExit, KeyboardInterrupt) as exc:
+    except (SystemExit, KeyboardInterrupt, OSError) as exc:
         ctrl_c = isinstance(exc, KeyboardInterrupt)
+        if isinstance(exc, OSError):  # a file went away, or stopped being readable, since the listing
+            exc = SystemExit(f"clapq: cannot read {exc.filename}: {exc.strerror or exc}")
         if isinstance(exc, SystemExit) and isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)  # why first, then what is in and how to go on
             exc = SystemExit(1)

@@ -666,6 +666,54 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
         assert "clapq: stopped waiting; the uploaded files are still being embedded (jobs job1" in err, err
 
 
+def test_ordinary_mishaps_are_sentences_not_tracebacks(tmp_path, tiny_model):
+    """A key pasted with a curly quote; Ctrl-C while a search waits for its answer; a file of a later
+    request deleted while the first request is sent: each ends with a sentence (and how to resume)."""
+    import threading
+
+    posted = threading.Event()
+    folder = tmp_path / "two requests"
+    folder.mkdir()
+    clip = write(folder / "c000.wav", 0.05, 8_000).read_bytes()
+    for i in range(1, 129):  # 129 files: 128 in the first request, 1 in the second
+        (folder / f"c{i:03d}.wav").write_bytes(clip + bytes([i]))
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if path == "/v1/limits":
+            return 404, None, {}
+        if path.startswith("/v1/search"):
+            posted.set()
+            return None  # never answered
+        if method == "POST":
+            (folder / "c128.wav").unlink()  # the second request's file goes away meanwhile
+            return 202, {"job_id": "job1", "items": []}, {}
+        return 200, {"status": "done", "counts": {"done": 128, "failed": 0, "total": 128}, "errors": []}, {}
+
+    with fake_api(answer) as url:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "x", "--url", url,
+                              "--key", "cq_abc\u2019"], env=_env(tiny_model), capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert "the API key has characters no key has" in out.stderr, out.stderr
+        p = subprocess.Popen([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "x", "--url", url,
+                              "--key", "cq_x"], env=_env(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        try:
+            assert posted.wait(60)
+            p.send_signal(signal.SIGINT)
+            _, err = p.communicate(timeout=60)
+        finally:
+            p.kill()
+        assert p.returncode == 130 and "Traceback" not in err and "clapq: interrupted" in err, err
+        p = _upload(folder, url, tiny_model)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 1 and "Traceback" not in err, err
+        assert "cannot read" in err and "c128.wav" in err, err
+        assert "128 of 129 files were uploaded (jobs job1); run the same command again" in err, err
+
+
 def test_waiting_asks_about_one_job_at_a_time():
     """`clapq upload` waits by asking about every job once, then only about the oldest that has not ended
     (the next at once when it has): the API answers a request a second however many jobs a folder made."""
