@@ -237,3 +237,41 @@ def test_an_empty_first_audio_track_falls_back_to_one_with_audio(tmp_path):
     samples, info = audio.decode(blob_copy(path, tmp_path))
     assert (info.sample_rate, info.channels, info.frames) == (22_050, 1, 88_200)
     assert samples.shape[0] == 192_000
+
+
+def sine(seconds: float, rate: int, freq: float) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return np.repeat((0.5 * np.sin(2 * np.pi * freq * t))[:, None], 2, axis=1).astype(np.float32)
+
+
+def dominant_hz(x: np.ndarray) -> float:
+    return float(np.argmax(np.abs(np.fft.rfft(x * np.hanning(len(x))))) * audio.TARGET_RATE / len(x))
+
+
+@pytest.mark.parametrize("kind", ["mp3", "mp3_two_rates", "ogg_vorbis", "ogg_opus"])
+def test_files_joined_end_to_end_decode_whole(kind, tmp_path):
+    """Two files joined with `cat` (6 s at 440 Hz, then 4 s at 1 kHz): an MP3 whose first part's Xing header
+    says 6 s, chained Ogg (Vorbis, Opus) of which libsndfile read the first link only. All 10 s decode, the
+    second part at its pitch (an MP3 part at another rate is converted, not played at the wrong speed)."""
+    from tests.make_audio import write_av, write_soundfile
+
+    rate2 = 22_050 if kind == "mp3_two_rates" else 48_000 if kind == "ogg_opus" else 44_100
+    rate1 = 48_000 if kind == "ogg_opus" else 44_100
+    parts = []
+    for i, (seconds, rate, freq) in enumerate([(6.0, rate1, 440.0), (4.0, rate2, 1000.0)]):
+        path = tmp_path / f"part{i}"
+        try:
+            if kind.startswith("mp3"):
+                write_av(path, sine(seconds, rate, freq), rate, "mp3", "libmp3lame", "fltp")
+            else:
+                write_soundfile(path, sine(seconds, rate, freq), rate, "OGG", kind.split("_")[1].upper())
+        except Unavailable as exc:
+            pytest.skip(str(exc))
+        parts.append(path.read_bytes())
+    joined = tmp_path / "joined"
+    joined.write_bytes(b"".join(parts))
+    samples, info = audio.decode(joined)
+    assert samples.shape[0] / audio.TARGET_RATE == pytest.approx(10.0, abs=0.15), info
+    assert info.duration_s == pytest.approx(10.0, abs=0.15) and info.sample_rate == rate1, info
+    assert dominant_hz(samples[: 5 * audio.TARGET_RATE]) == pytest.approx(440.0, abs=3)
+    assert dominant_hz(samples[-3 * audio.TARGET_RATE:]) == pytest.approx(1000.0, abs=3)
