@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import tempfile
@@ -26,6 +27,9 @@ class StorageFull(OSError):
     """The upload area has no space left."""
 
 
+FULL = (errno.ENOSPC, errno.EDQUOT)  # the errors that mean StorageFull
+
+
 class BlobWriter:
     """A file-like sink that hashes while it writes to a temporary file in the store."""
 
@@ -44,7 +48,7 @@ class BlobWriter:
             n = self._file.write(data)
         except OSError as exc:
             self.discard()
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+            if exc.errno in FULL:
                 raise StorageFull("no space left in the upload area") from exc
             raise
         self._hash.update(data)
@@ -80,19 +84,29 @@ class BlobWriter:
         if final.is_file() and final.stat().st_size == self.size and file_sha256(final) == digest:
             self.discard()
         else:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            final.parent.mkdir(parents=True, exist_ok=True)
-            # same filesystem: an atomic rename, so a reader never sees half a blob
-            os.replace(self.tmp_path, final)
+            try:
+                self._file.flush()
+                os.fsync(self._file.fileno())  # where a full disk often shows first (NFS, delayed allocation)
+                self._file.close()
+                final.parent.mkdir(parents=True, exist_ok=True)
+                # same filesystem: an atomic rename, so a reader never sees half a blob
+                os.replace(self.tmp_path, final)
+            except OSError as exc:
+                self.discard()
+                if exc.errno in FULL:
+                    raise StorageFull("no space left in the upload area") from exc
+                raise
         self.sha256 = digest
         return digest
 
     def discard(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self.tmp_path.unlink(missing_ok=True)
+        try:
+            if not self._file.closed:
+                self._file.close()  # flushes what is buffered, which fails again on a full disk
+        except OSError:
+            pass
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
 
 
 class BlobStore:

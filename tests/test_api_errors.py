@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import uuid
 
 import pytest
@@ -330,6 +331,27 @@ def test_a_full_upload_area_is_a_507_for_uploads_and_clip_searches(settings, new
     r = c.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                data={"files": [(io.BytesIO(b"RIFF" + bytes(1000)), "small.wav")]})
     assert r.status_code == 202, r.get_json()
+
+
+def test_a_disk_that_fills_before_the_commit_is_storage_full_and_keeps_no_part(small_disk):
+    """The last bytes of a part sit in the writer's buffer; the disk fills before the commit flushes them:
+    StorageFull (a 507), not a bare OSError (a 500), and the partial file is removed all the same."""
+    from clapq.blobs import BlobStore, StorageFull
+
+    store = BlobStore(small_disk / "blobs")
+    w = store.writer()
+    w.write(b"x" * 100)  # buffered: no write reaches the disk yet
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, bytes(65536)):  # to the last byte the disk has
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    with pytest.raises(StorageFull):
+        w.commit()
+    assert list(store.tmp_dir.iterdir()) == []
 
 
 def test_postgres_away_is_a_503_and_readyz_answers_in_bounded_time(settings):
