@@ -14,7 +14,8 @@ COPY api ./api
 COPY worker ./worker
 COPY migrations ./migrations
 RUN pip install .
-RUN useradd --create-home clapq && mkdir -p /data && chown clapq /data
+# /models too: a named volume mounted there takes this owner, so the model can be downloaded into it
+RUN useradd --create-home clapq && mkdir -p /data /models && chown clapq /data /models
 USER clapq
 # the compiled kernels live with the data, so a restarted container does not compile again (~50 s)
 ENV CLAPQ_DATA_DIR=/data CLAPQ_BLOB_DIR=/data/blobs HF_HOME=/models TORCHINDUCTOR_CACHE_DIR=/data/torch-compile-cache

@@ -6,6 +6,7 @@ import argparse
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -51,10 +52,31 @@ def _check_model(settings: Settings) -> None:
             _fail((r.stderr.strip().splitlines() or ["cannot check CLAPQ_DEVICE and CLAPQ_PRECISION"])[-1])
 
 
-def cmd_migrate(args) -> None:
+def _migrate(url: str) -> None:
+    """Bring the schema up to date; a database that cannot be reached, parsed or changed (no right to
+    create the vector extension, say) is a RuntimeError with a sentence, not a traceback."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
     from clapq.db import migrate
 
-    migrate(Settings.from_env().require_urls().database_url)
+    try:
+        where = make_url(url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):  # their messages repeat the URL, password and all
+        raise RuntimeError("DATABASE_URL is not a database URL like postgresql://user:password@host:5432/clapq "
+                           "(its port, host or name cannot be read)") from None
+    try:
+        migrate(url)
+    except SQLAlchemyError as exc:
+        why = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise RuntimeError(f"cannot set up the database at {where}: {why[0] if why else type(exc).__name__}") from None
+
+
+def cmd_migrate(args) -> None:
+    try:
+        _migrate(Settings.from_env().require_urls().database_url)
+    except RuntimeError as exc:
+        _fail(str(exc), 1)
     print("migrations applied", file=sys.stderr)
 
 
@@ -107,7 +129,7 @@ def _database_url(settings: Settings, data_dir: Path, stack: list, watch: list |
 
 
 def cmd_keys_create(args) -> None:
-    from clapq.db import migrate, session_scope
+    from clapq.db import session_scope
     from clapq.keys import create_key
 
     if not args.tenant.strip():
@@ -117,10 +139,12 @@ def cmd_keys_create(args) -> None:
     stack: list = []
     try:
         url = _database_url(settings, settings.data_dir, stack)
-        migrate(url)
+        _migrate(url)
         with session_scope(url) as s:
             key = create_key(s, args.tenant)
         print(key)
+    except RuntimeError as exc:
+        _fail(str(exc), 1)
     finally:
         for stop in reversed(stack):
             stop()
@@ -195,8 +219,19 @@ def _lock_data_dir(data_dir: Path):
 MAX_RESTARTS, RESTART_WINDOW_S = 3, 300  # `clapq up` starts a child that ends again, up to 3 times in 5 minutes
 
 
+def _port_free(host: str, port: int) -> None:
+    """Refuse a port something listens on already (another `clapq up`): its /healthz would answer ours."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn: a port in TIME_WAIT is free
+            s.bind(addr)
+    except OSError as exc:
+        _fail(f"cannot serve on {host}:{port} ({exc.strerror or exc}): another `clapq up` or server may be "
+              "using it; stop it, or pass --port")
+
+
 def cmd_up(args) -> None:
-    from clapq.db import migrate
     from clapq.embedded import EmbeddedRedis, die_with_parent
 
     settings = Settings.from_env(data_dir=args.data_dir)
@@ -204,6 +239,7 @@ def cmd_up(args) -> None:
     data_dir = settings.data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = _lock_data_dir(data_dir)
+    _port_free(args.host, args.port)
     stack: list = [lock.close]  # released last, when everything else has stopped
     procs: list[subprocess.Popen] = []
     stopping = {"flag": False}
@@ -213,6 +249,7 @@ def cmd_up(args) -> None:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGHUP, _on_signal)  # the terminal closed: stop as for Ctrl-C (Postgres too)
     watch: list = []  # the embedded servers: (name, why it is gone or None, how to start it again or None)
     try:
         db_url = _database_url(settings, data_dir, stack, watch)
@@ -222,7 +259,7 @@ def cmd_up(args) -> None:
             redis_url = redis.start()
             stack.append(redis.stop)
             watch.append(("the embedded Redis", redis.gone, redis.start))  # the same port: every process's REDIS_URL stays right
-        migrate(db_url)
+        _migrate(db_url)
         key = _default_key(db_url, data_dir)
         env = dict(os.environ, DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_DATA_DIR=str(data_dir),
                    CLAPQ_BLOB_DIR=str(settings.blob_dir if settings.blob_dir.is_absolute() else data_dir / "blobs"),

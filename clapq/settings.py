@@ -10,16 +10,23 @@ from pathlib import Path
 DEFAULT_MODEL = "laion/clap-htsat-unfused"
 # CLAPQ_PRECISION's explicit values (clapq.precision maps them to torch dtypes), besides "auto"
 PRECISION_NAMES = ("fp32", "bf16", "fp16")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")  # what both logging and Celery take
 
 
-def _int(env: dict[str, str], name: str, default: int) -> int:
+def _int(env: dict[str, str], name: str, default: int, lo: int | None = None, hi: int | None = None) -> int:
+    """An integer setting, within [lo, hi] where given: a 0 batch or 0 attempts is a sentence at start,
+    not a worker that spins or fails every file."""
     raw = env.get(name)
     if raw is None or raw == "":
         return default
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
         raise SystemExit(f"clapq: {name} must be an integer, got {raw!r}") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        span = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+        raise SystemExit(f"clapq: {name} must be {span}, got {value}")
+    return value
 
 
 def _bool(env: dict[str, str], name: str, default: bool) -> bool:
@@ -121,33 +128,33 @@ class Settings:
             blob_dir=Path(env.get("CLAPQ_BLOB_DIR") or data_dir / "blobs"),
             model=env.get("CLAPQ_MODEL") or DEFAULT_MODEL,
             device=env.get("CLAPQ_DEVICE") or "auto",
-            batch_size=_int(env, "CLAPQ_BATCH_SIZE", 16),
+            batch_size=_int(env, "CLAPQ_BATCH_SIZE", 16, 1),
             # a task of one batch's files: raising the batch for a GPU raises the task with it
-            items_per_task=_int(env, "CLAPQ_ITEMS_PER_TASK", _int(env, "CLAPQ_BATCH_SIZE", 16)),
+            items_per_task=_int(env, "CLAPQ_ITEMS_PER_TASK", _int(env, "CLAPQ_BATCH_SIZE", 16, 1), 1),
             # a worker's task goes on claiming queued files of later tasks for this long, so its decoders
             # do not wait for the next task; 0: only to fill its last batch; auto: by device
             claim_for_s=_auto_int(env, "CLAPQ_CLAIM_FOR_S"),
-            max_request_bytes=_int(env, "CLAPQ_MAX_REQUEST_BYTES", 2 * 1024**3),
-            max_files_per_batch=_int(env, "CLAPQ_MAX_FILES_PER_BATCH", 1000),
-            max_query_chars=_int(env, "CLAPQ_MAX_QUERY_CHARS", 1000),
-            max_k=_int(env, "CLAPQ_MAX_K", 1000),
+            max_request_bytes=_int(env, "CLAPQ_MAX_REQUEST_BYTES", 2 * 1024**3, 1),
+            max_files_per_batch=_int(env, "CLAPQ_MAX_FILES_PER_BATCH", 1000, 1),
+            max_query_chars=_int(env, "CLAPQ_MAX_QUERY_CHARS", 1000, 1),
+            max_k=_int(env, "CLAPQ_MAX_K", 1000, 1),
             # filters (and libraries) that leave at most this many windows are searched exactly
-            exact_search_max_windows=_int(env, "CLAPQ_EXACT_SEARCH_MAX_WINDOWS", 5000),
-            max_attempts=_int(env, "CLAPQ_MAX_ATTEMPTS", 3),
+            exact_search_max_windows=_int(env, "CLAPQ_EXACT_SEARCH_MAX_WINDOWS", 5000, 0),
+            max_attempts=_int(env, "CLAPQ_MAX_ATTEMPTS", 3, 1),
             # 0: chosen by the worker for its device (worker.decoder.pool_size)
-            decoders=_int(env, "CLAPQ_DECODERS", 0),
-            worker_concurrency=_int(env, "CLAPQ_WORKER_CONCURRENCY", 1),
-            decode_timeout_s=_int(env, "CLAPQ_DECODE_TIMEOUT_S", 600),
-            max_duration_s=_int(env, "CLAPQ_MAX_DURATION_S", 4 * 3600),
+            decoders=_int(env, "CLAPQ_DECODERS", 0, 0),
+            worker_concurrency=_int(env, "CLAPQ_WORKER_CONCURRENCY", 1, 1),
+            decode_timeout_s=_int(env, "CLAPQ_DECODE_TIMEOUT_S", 600, 1),
+            max_duration_s=_int(env, "CLAPQ_MAX_DURATION_S", 4 * 3600, 1),
             scratch_dir=Path(env.get("CLAPQ_SCRATCH_DIR") or Path(tempfile.gettempdir()) / "clapq-scratch"),
-            heartbeat_s=_int(env, "CLAPQ_HEARTBEAT_S", 15),
-            stale_after_s=_int(env, "CLAPQ_STALE_AFTER_S", 120),
-            sweep_interval_s=_int(env, "CLAPQ_SWEEP_INTERVAL_S", 30),
-            max_pending=_int(env, "CLAPQ_MAX_PENDING", 200_000),
-            max_file_bytes=_int(env, "CLAPQ_MAX_FILE_BYTES", 2 * 1024**3),
+            heartbeat_s=_int(env, "CLAPQ_HEARTBEAT_S", 15, 1),
+            stale_after_s=_int(env, "CLAPQ_STALE_AFTER_S", 120, 1),
+            sweep_interval_s=_int(env, "CLAPQ_SWEEP_INTERVAL_S", 30, 1),
+            max_pending=_int(env, "CLAPQ_MAX_PENDING", 200_000, 1),
+            max_file_bytes=_int(env, "CLAPQ_MAX_FILE_BYTES", 2 * 1024**3, 1),
             # ingest runs at a lower CPU priority than the API, so a search's text tower is not
             # starved by bulk embedding on the same machine (benchmarks/search_http.py)
-            worker_nice=_int(env, "CLAPQ_WORKER_NICE", 19),
+            worker_nice=_int(env, "CLAPQ_WORKER_NICE", 19, 0, 19),
             # each API process loads its text tower in the background at start, not on the first search
             preload_text=_bool(env, "CLAPQ_PRELOAD_TEXT", True),
             compile_model=_auto_bool(env, "CLAPQ_COMPILE"),
@@ -157,9 +164,13 @@ class Settings:
             precision=_choice(env, "CLAPQ_PRECISION", ("auto", *PRECISION_NAMES), "auto"),
             # the API's text tower in int8 on a CPU: ~3x faster uncached text queries, cosine >= 0.999
             text_int8=_bool(env, "CLAPQ_TEXT_INT8", False),
-            log_level=env.get("CLAPQ_LOG_LEVEL") or "INFO",
+            log_level=_choice(env, "CLAPQ_LOG_LEVEL", LOG_LEVELS, "info").upper(),
         )
         values.update(overrides)
+        if values["heartbeat_s"] >= values["stale_after_s"]:
+            raise SystemExit(f"clapq: CLAPQ_HEARTBEAT_S ({values['heartbeat_s']}) must be less than "
+                             f"CLAPQ_STALE_AFTER_S ({values['stale_after_s']}): items still being embedded "
+                             "would be taken for lost")
         return cls(**values)
 
     def require_urls(self) -> "Settings":

@@ -64,9 +64,9 @@ class Up:
             time.sleep(0.2)
         raise AssertionError(self.log.read_text()[-3000:])
 
-    def stop(self) -> int:
+    def stop(self, sig: int = signal.SIGINT) -> int:  # SIGINT: what Ctrl-C sends
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(90)
             except subprocess.TimeoutExpired:
@@ -264,7 +264,7 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     res2 = requests.get(f"{base2}/v1/search", params={"library_id": lib["id"], "q": "birdsong", "k": 2},
                         headers=h, timeout=60).json()
     assert res2["results"] == res["results"]
-    assert up2.stop() == 0
+    assert up2.stop(signal.SIGHUP) == 0  # the terminal closed: everything stops, the embedded Postgres too
     assert _leftovers(data_dir) == []
 
 
@@ -390,6 +390,37 @@ def test_a_key_needs_a_tenant_name(tmp_path, tiny_model):
                           str(tmp_path)], env=_env(tiny_model), capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "clapq: --tenant needs a name" in out.stderr, out.stderr
     assert not (tmp_path / "pg").exists()  # refused before anything was started
+
+
+def test_a_database_that_cannot_be_used_and_a_busy_port_are_sentences(tmp_path, tiny_model):
+    """DATABASE_URL that refuses connections or does not parse: `clapq migrate`, `keys create` and `up`
+    say which database and why (password hidden), no traceback. A port something already listens on:
+    `clapq up` refuses it before starting anything (another server's /healthz would have answered ours)."""
+    import socket
+
+    port = free_port()  # nothing listens there
+    for url, why in ((f"postgresql://clapq:secret@127.0.0.1:{port}/x",
+                      f"clapq: cannot set up the database at postgresql://clapq:***@127.0.0.1:{port}/x: "
+                      "connection to server at"),
+                     ("postgresql://clapq:secret@127.0.0.1:notaport/x",
+                      "clapq: DATABASE_URL is not a database URL like postgresql://")):
+        env = _env(tiny_model, DATABASE_URL=url, REDIS_URL="redis://127.0.0.1:1/0")
+        for cmd in (["migrate"], ["keys", "create", "--tenant", "t"], ["up", "--data-dir", str(tmp_path / "d"),
+                                                                     "--port", str(free_port())]):
+            out = subprocess.run([sys.executable, "-m", "clapq.cli", *cmd], env=env, capture_output=True, text=True,
+                                 timeout=120)
+            assert out.returncode == 1 and "Traceback" not in out.stderr, (cmd, out.stderr[-3000:])
+            assert why in out.stderr and "secret" not in out.stderr, (cmd, out.stderr[-3000:])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(tmp_path / "e"), "--host",
+                              "127.0.0.1", "--port", str(taken)], env=_env(tiny_model),
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert f"cannot serve on 127.0.0.1:{taken}" in out.stderr and "--port" in out.stderr, out.stderr
+    assert not (tmp_path / "e" / "pg").exists()  # refused before anything was started
 
 
 @pytest.mark.parametrize("model", ["/nonexistent/clap", "laion/clap-htsat-unfused"])

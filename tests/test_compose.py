@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -34,13 +35,20 @@ def test_compose_services_and_commands():
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
-    assert (ROOT / "Dockerfile").is_file()
+    # every volume a clapq service mounts is a directory the image makes and gives to its user (a named
+    # volume takes the owner of what the image has there; one Docker makes is root's, and the model
+    # download into HF_HOME failed)
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    owned = re.search(r"mkdir -p ([^&\n]+) && chown clapq ([^\n]+)", dockerfile)
+    assert owned, dockerfile
+    for name in ("api", "worker", "beat"):
+        for volume in services[name].get("volumes", []):
+            target = volume.split(":")[1]
+            assert target in owned.group(1).split() and target in owned.group(2).split(), (name, volume)
 
 
 def _variables_read() -> set[str]:
     """Every CLAPQ_* environment variable the code reads (CLAPQ_PROCESS is set by the CLI itself)."""
-    import re
-
     names = set()
     for pkg in ("clapq", "api", "worker"):
         for path in (ROOT / pkg).glob("*.py"):

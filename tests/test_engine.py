@@ -237,7 +237,7 @@ result = tasks.embed_items.apply(args=[{ids!r}])
 print(result.state, result.result)
 """
     # the files go back after CLAPQ_STALE_AFTER_S, the sweeper's wait: 5 s here
-    r = in_a_worker_process({**env, "CLAPQ_STALE_AFTER_S": "5"}, code)
+    r = in_a_worker_process({**env, "CLAPQ_STALE_AFTER_S": "5", "CLAPQ_HEARTBEAT_S": "1"}, code)
     assert r.returncode == 0 and "FAILURE injected fault" in r.stdout, r.stdout + r.stderr[-3000:]
     assert "re-enqueue failed" not in r.stderr, r.stderr[-3000:]
     assert job_status(settings, job_id) == {"queued": 3}  # not at once: a machine-wide fault gets time to pass
@@ -324,7 +324,8 @@ store.write_items = flaky
 result = tasks.embed_items.apply(args=[%r])
 print(result.state, result.result)
 """ % ids[:2]
-    r = in_a_worker_process({**env, "CLAPQ_CLAIM_FOR_S": "30", "CLAPQ_STALE_AFTER_S": "5"}, code)
+    r = in_a_worker_process({**env, "CLAPQ_CLAIM_FOR_S": "30", "CLAPQ_STALE_AFTER_S": "5",
+                                  "CLAPQ_HEARTBEAT_S": "1"}, code)
     assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr[-3000:]
     assert "handing files back failed" not in r.stderr, r.stderr[-3000:]
     # the retry ran its two files together (only a message back from a dead process splits them)
@@ -859,3 +860,22 @@ def test_a_full_scratch_disk_is_not_the_files_fault(tmp_path):
         assert n == 48_000 and d.proc.pid == pid
     finally:
         d.close()
+
+
+def test_settings_out_of_range_are_sentences():
+    """A setting that would make a worker spin, fail every file or die in Celery's own checks stops every
+    process at start with the setting named."""
+    from clapq.settings import Settings
+
+    for env, says in [({"CLAPQ_BATCH_SIZE": "0"}, "CLAPQ_BATCH_SIZE must be at least 1, got 0"),
+                      ({"CLAPQ_MAX_ATTEMPTS": "0"}, "CLAPQ_MAX_ATTEMPTS must be at least 1"),
+                      ({"CLAPQ_WORKER_CONCURRENCY": "0"}, "CLAPQ_WORKER_CONCURRENCY must be at least 1"),
+                      ({"CLAPQ_SWEEP_INTERVAL_S": "-1"}, "CLAPQ_SWEEP_INTERVAL_S must be at least 1"),
+                      ({"CLAPQ_WORKER_NICE": "25"}, "CLAPQ_WORKER_NICE must be from 0 to 19"),
+                      ({"CLAPQ_HEARTBEAT_S": "60", "CLAPQ_STALE_AFTER_S": "30"}, "must be less than"),
+                      ({"CLAPQ_LOG_LEVEL": "verbose"}, "CLAPQ_LOG_LEVEL must be one of debug, info")]:
+        with pytest.raises(SystemExit) as e:
+            Settings.from_env(env)
+        assert says in str(e.value.code), (env, e.value.code)
+    assert Settings.from_env({"CLAPQ_LOG_LEVEL": "warning"}).log_level == "WARNING"
+    assert Settings.from_env({}).log_level == "INFO"
