@@ -96,19 +96,25 @@ def resolve(name: str) -> Checkpoint:
 
 
 def register_model(session, ckpt: Checkpoint) -> int:
-    """The models row for this checkpoint, created on first use; every vector references it."""
-    from sqlalchemy import select
+    """The models row for these weights, created on first use; every vector references it. The weights
+    are the identity, not how CLAPQ_MODEL spells their place: `./clap`, `/srv/clap` and `~/clap` (an API
+    and a worker started from different directories) are one model, so libraries keep working and a
+    worker never fails files as "bound to a different model". A row made under another name is reused."""
+    from sqlalchemy import func, select, text
     from sqlalchemy.dialects.postgresql import insert
 
     from clapq.models import EmbeddingModel
 
+    same = (EmbeddingModel.weights_sha256 == ckpt.weights_sha256, EmbeddingModel.dim == ckpt.dim)
+    # one registration at a time (until this transaction ends): two processes starting together under two
+    # spellings must not make two rows and each keep its own
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtext('clapq.register_model'))"))
+    found = session.scalar(select(func.min(EmbeddingModel.id)).where(*same))
+    if found is not None:
+        return found
     session.execute(
         insert(EmbeddingModel)
         .values(name=ckpt.name, weights_sha256=ckpt.weights_sha256, dim=ckpt.dim)
         .on_conflict_do_nothing(index_elements=["name", "weights_sha256"])
     )
-    return session.scalar(
-        select(EmbeddingModel.id).where(
-            EmbeddingModel.name == ckpt.name, EmbeddingModel.weights_sha256 == ckpt.weights_sha256
-        )
-    )
+    return session.scalar(select(func.min(EmbeddingModel.id)).where(*same))

@@ -294,6 +294,31 @@ def test_a_library_of_another_model_is_refused_not_mixed(client, new_key, worker
         assert err(r, 409)["code"] == "model_mismatch"
 
 
+def test_the_same_weights_under_another_path_are_the_same_model(client, new_key, settings, tmp_path, tiny_model):
+    """CLAPQ_MODEL spelled another way (a link to the same checkpoint, as `./clap` against `/srv/clap`): an
+    API serving it is the same model for the libraries made before (no 409) and registers no second row."""
+    import dataclasses
+
+    from sqlalchemy import text
+
+    from api import create_app
+    from clapq.checkpoint import register_model, resolve
+    from clapq.db import session_scope
+
+    key = new_key()
+    lib_id = client.post("/v1/libraries", json={"name": "spelt"}, headers=auth(key)).get_json()["id"]
+    link = tmp_path / "same-clap"
+    link.symlink_to(tiny_model)
+    other = create_app(dataclasses.replace(settings, model=str(link))).test_client()
+    r = other.post("/v1/search", json={"library_id": lib_id, "text": "rain"}, headers=auth(key))
+    assert r.status_code == 200, r.get_json()
+    with session_scope(settings.database_url) as s:
+        ids = {register_model(s, resolve(name)) for name in (str(tiny_model), str(link))}
+        rows = s.execute(text("SELECT count(*) FROM models WHERE weights_sha256 = :w"),
+                         {"w": resolve(str(link)).weights_sha256}).scalar()
+    assert len(ids) == 1 and rows == 1
+
+
 @pytest.fixture()
 def small_disk(tmp_path):
     """A 1 MiB tmpfs (root may mount one; elsewhere the test is skipped), unmounted afterwards."""
