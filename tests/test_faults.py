@@ -3,6 +3,7 @@ every file still ends embedded exactly once (or failed with a reason) and the jo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -288,3 +289,32 @@ def test_poison_file_that_kills_only_the_pool_child_takes_no_other_file_with_it(
     with session_scope(stack["settings"].database_url) as s:
         others = s.scalars(select(Item.attempts).where(Item.job_id == uuid.UUID(job_id), Item.id != poison_id)).all()
     assert max(others) <= 2, others  # the try that crashed, and their own
+
+
+def test_a_worker_that_cannot_load_its_model_stops_and_drops_no_file(stack, tiny_model, tmp_path):
+    """Weights that pass the start-up check (config, hash) but do not load: the worker stops, where before it
+    took each message and dropped it (the files stayed `queued`, with no error, until the sweeper). The
+    files are untouched, and a worker that can load the model embeds them from the same messages."""
+    broken = tmp_path / "broken-clap"
+    shutil.copytree(tiny_model, broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(b"not a safetensors file" * 100)
+    key, lib_id, job_id = start_job(stack, 2)
+    log_path = tmp_path / "broken-worker.log"
+    with open(log_path, "wb") as log:
+        p = subprocess.Popen([sys.executable, "-m", "clapq.cli", "worker"], env={**stack["env"], "CLAPQ_MODEL": str(broken)},
+                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            p.wait(180)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    text_log = log_path.read_text(errors="replace")
+    assert "this worker cannot load its model" in text_log, text_log[-3000:]
+    with session_scope(stack["settings"].database_url) as s:
+        items = s.scalars(select(Item).where(Item.job_id == uuid.UUID(job_id))).all()
+        assert [(i.status, i.attempts, i.error) for i in items] == [("queued", 0, None)] * 2
+    stack["worker"]()  # no sweeper runs here: only the original messages can bring the files
+    final = wait_finished(stack, key, job_id)
+    assert final["status"] == "done" and final["counts"]["done"] == 2, final

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import signal
 import time
 import uuid
 
 from celery import shared_task
+from celery.exceptions import Reject
 from celery.signals import worker_process_init
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -81,13 +84,27 @@ def _scratch(root):
     return _own_scratch(root)
 
 
+def _cannot_run(exc: BaseException) -> None:
+    """This process cannot load its model (corrupt weights, GPU out of memory): stop the whole worker, so
+    that its supervisor (`clapq up`, Docker's restart policy) shows it, instead of a worker that takes
+    message after message and drops them while the files wait as `queued` with no error. Celery's warm
+    shutdown puts back the messages it holds."""
+    from billiard.process import current_process
+
+    log.critical("this worker cannot load its model (%s: %s); stopping it", type(exc).__name__, exc)
+    if current_process().name.startswith("ForkPoolWorker"):  # not a task run in-process (tests, eager)
+        os.kill(os.getppid(), signal.SIGTERM)  # the Celery main process of this pool child
+
+
 @worker_process_init.connect
 def _warm_up(**_) -> None:
     """Load the model in each pool child as it starts (after the fork), not on the first task."""
     try:
         _runtime()
-    except Exception:  # the first task will raise the same error, on its items
+    except TRANSIENT:  # Postgres not there yet: the first task tries again (and retries)
         log.exception("model warm-up failed")
+    except Exception as exc:
+        _cannot_run(exc)
 
 
 @shared_task(
@@ -104,7 +121,13 @@ def embed_items(self, item_ids: list[str]) -> dict:
     from worker import pipeline, store
     from worker.heartbeat import beating
 
-    settings, embedder, model_id, decoders = _runtime()
+    try:
+        settings, embedder, model_id, decoders = _runtime()
+    except TRANSIENT:
+        raise
+    except Exception as exc:  # nothing was claimed: the message goes back for a worker that can run it
+        _cannot_run(exc)
+        raise Reject(f"cannot load the model: {exc}", requeue=True) from exc
     task_id = self.request.id or "local"
     ids = [uuid.UUID(i) for i in item_ids]
     with session_scope(settings.database_url) as s:
