@@ -87,7 +87,8 @@ def cmd_api(args) -> None:
     host = os.environ.get("CLAPQ_HOST", "0.0.0.0")
     port = os.environ.get("CLAPQ_PORT", "8000")
     workers = os.environ.get("CLAPQ_API_WORKERS", "2")
-    argv = ["gunicorn", "api.wsgi:app", "--bind", f"{host}:{port}", "--workers", workers,
+    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address goes in brackets
+    argv = ["gunicorn", "api.wsgi:app", "--bind", bind, "--workers", workers,
             "--threads", os.environ.get("CLAPQ_API_THREADS", "4"), "--timeout", "300",
             "--graceful-timeout", "20", "--access-logfile", "-",
             # the longest request line gunicorn takes (its maximum but for none at all): a GET search of
@@ -169,16 +170,19 @@ def _default_key(url: str, data_dir: Path) -> str:
     return key
 
 
-def _wait_http(url: str, procs: list[subprocess.Popen], timeout: float = 120.0) -> None:
+def _wait_http(url: str, procs: list[subprocess.Popen], stop, timeout: float = 120.0) -> bool:
+    """Whether the API answered; False when stop() says Ctrl-C came meanwhile (no waiting on for it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if stop():
+            return False
         for p in procs:
             if p.poll() is not None:
                 raise RuntimeError(f"{' '.join(p.args[-2:])} exited with {p.returncode} during start-up")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
-                    return
+                    return True
         except OSError:
             time.sleep(0.2)
     raise RuntimeError(f"the API did not answer on {url} within {timeout:.0f} s")
@@ -261,9 +265,11 @@ def cmd_up(args) -> None:
             watch.append(("the embedded Redis", redis.gone, redis.start))  # the same port: every process's REDIS_URL stays right
         _migrate(db_url)
         key = _default_key(db_url, data_dir)
+        # a CLAPQ_BLOB_DIR the user set is taken from where `clapq up` runs; the default lives in the data dir
+        blob_dir = settings.blob_dir.expanduser().resolve() if os.environ.get("CLAPQ_BLOB_DIR") else data_dir / "blobs"
         env = dict(os.environ, DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_DATA_DIR=str(data_dir),
-                   CLAPQ_BLOB_DIR=str(settings.blob_dir if settings.blob_dir.is_absolute() else data_dir / "blobs"),
-                   CLAPQ_MODEL=settings.model, CLAPQ_HOST=args.host, CLAPQ_PORT=str(args.port))
+                   CLAPQ_BLOB_DIR=str(blob_dir), CLAPQ_MODEL=settings.model, CLAPQ_HOST=args.host,
+                   CLAPQ_PORT=str(args.port))
         exe = [sys.executable, "-m", "clapq.cli"]
 
         def start(role: str) -> subprocess.Popen:
@@ -274,8 +280,10 @@ def cmd_up(args) -> None:
                                     preexec_fn=die_with_parent, pass_fds=(lock.fileno(),))
 
         procs.extend(start(role) for role in ("worker", "beat", "api"))
-        base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '') else args.host}:{args.port}"
-        _wait_http(base + "/healthz", procs)
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(args.host, args.host)
+        base = f"http://{f'[{host}]' if ':' in host else host}:{args.port}"
+        if not _wait_http(base + "/healthz", procs, lambda: stopping["flag"]):
+            return  # Ctrl-C during start-up: the finally below stops what has started
         print(f"clapq is up: {base}\nAPI key: {key}\ndata: {data_dir}\nCtrl-C stops everything.", flush=True)
         exits: dict[str, list[float]] = {}
 
@@ -354,14 +362,14 @@ def _client_args(p: argparse.ArgumentParser, library_help: str) -> None:
     p.add_argument("--url", default=None, help="API base URL (default $CLAPQ_URL or http://127.0.0.1:8000)")
     p.add_argument("--key", default=None, help="API key (default $CLAPQ_API_KEY or the data dir's owner key)")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="where `clapq up` keeps its data, to read the owner key from (default ~/.local/share/clapq)")
+                   help="where `clapq up` keeps its data, to read the owner key from (default $XDG_DATA_HOME/clapq, or ~/.local/share/clapq)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clapq", description="Semantic search for audio libraries.")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start everything on this machine (embedded Postgres + Redis, worker, API)")
-    up.add_argument("--data-dir", type=Path, default=None, help="where data lives (default ~/.local/share/clapq)")
+    up.add_argument("--data-dir", type=Path, default=None, help="where data lives (default $XDG_DATA_HOME/clapq, or ~/.local/share/clapq)")
     up.add_argument("--host", default="127.0.0.1", help="address the API listens on (default 127.0.0.1: this "
                     "machine only; 0.0.0.0 for every interface)")
     up.add_argument("--port", type=int, default=8000, help="the API's port (default 8000)")
@@ -374,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="print a new API key for a tenant (created if new)")
     create.add_argument("--tenant", required=True, help="who the key is for; each tenant sees only its own data")
     create.add_argument("--data-dir", type=Path, default=None,
-                        help="the embedded service's data (default ~/.local/share/clapq), unless DATABASE_URL is set")
+                        help="the embedded service's data (default $XDG_DATA_HOME/clapq, or ~/.local/share/clapq), unless DATABASE_URL is set")
     create.set_defaults(func=cmd_keys_create)
     upload = sub.add_parser("upload", help="upload every audio file under a folder and wait for the job")
     upload.add_argument("folder", type=Path, help="a folder; every audio file under it is uploaded (hidden files "

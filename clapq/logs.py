@@ -76,7 +76,9 @@ def _plain(value) -> str:
 
 def configure(level: str = "INFO", fmt: str | None = None) -> None:
     """JSON to stderr by default; CLAPQ_LOG_FORMAT=text for people reading a terminal."""
-    fmt = fmt or os.environ.get("CLAPQ_LOG_FORMAT", "json")
+    fmt = (fmt or os.environ.get("CLAPQ_LOG_FORMAT") or "json").strip().lower()
+    if fmt not in ("json", "text"):
+        raise SystemExit(f"clapq: CLAPQ_LOG_FORMAT must be json or text, got {fmt!r}")
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())

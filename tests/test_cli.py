@@ -385,6 +385,25 @@ def test_a_worker_that_dies_is_started_again(tmp_path, tiny_model, up_runner):
     assert _leftovers(data_dir) == [] or all("postgres" in p for p in _leftovers(data_dir))
 
 
+def test_ctrl_c_during_start_up_stops_at_once(tmp_path, tiny_model, up_runner):
+    """Ctrl-C while `clapq up` is still starting (its Postgres just up): it stops what it started without
+    waiting for the API to answer, and never says it is up."""
+    data_dir = tmp_path / "starting"
+    up = up_runner(data_dir)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (data_dir / "pg" / "postmaster.pid").is_file():
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    assert up.stop() == 0
+    assert time.monotonic() - t0 < 60
+    log = up.log.read_text(errors="replace")
+    assert "clapq is up" not in log and "clapq stopped" in log and "Traceback" not in log, log[-3000:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _leftovers(data_dir):
+        time.sleep(0.5)
+    assert _leftovers(data_dir) == []
+
+
 def test_a_key_needs_a_tenant_name(tmp_path, tiny_model):
     out = subprocess.run([sys.executable, "-m", "clapq.cli", "keys", "create", "--tenant", "  ", "--data-dir",
                           str(tmp_path)], env=_env(tiny_model), capture_output=True, text=True, timeout=60)

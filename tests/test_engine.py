@@ -879,3 +879,8 @@ def test_settings_out_of_range_are_sentences():
         assert says in str(e.value.code), (env, e.value.code)
     assert Settings.from_env({"CLAPQ_LOG_LEVEL": "warning"}).log_level == "WARNING"
     assert Settings.from_env({}).log_level == "INFO"
+    from clapq import logs
+
+    with pytest.raises(SystemExit) as e:
+        logs.configure("INFO", "xml")
+    assert "CLAPQ_LOG_FORMAT must be json or text" in str(e.value.code)
