@@ -88,14 +88,18 @@ def upload_batch(lib_id: str):
     for f, raw, name, sha in zip(files, raw_names, names, shas):
         rows.setdefault(sha, dict(tenant_id=g.tenant_id, library_id=lib.id, job_id=job.id, sha256=sha,
                                   filename=name, size_bytes=f.stream.size, meta=meta.get(raw, {})))
+    # rows in sha256 order, here and below: two uploads sharing files lock them in the same order (no deadlock)
     created = dict(session.execute(
-        insert(Item).values(list(rows.values()))
+        insert(Item).values([rows[sha] for sha in sorted(rows)])
         .on_conflict_do_nothing(index_elements=["library_id", "sha256"]).returning(Item.sha256, Item.id)
     ).all())
     # the rest were already in this library: one item per bytes
     missing = [sha for sha in rows if sha not in created]
+    # locked, so that whether a file is retried here is decided on its latest state: an upload of the same
+    # failed file at the same moment, or a job retry, that committed first has made it queued (a copy here)
     existing = {r.sha256: r for r in session.execute(
         select(Item.sha256, Item.id, Item.status, Item.meta).where(Item.library_id == lib.id, Item.sha256.in_(missing))
+        .order_by(Item.sha256).with_for_update()
     )} if missing else {}
     retried = {r.id for r in existing.values() if r.status in RETRIED_ON_REUPLOAD}
     if retried:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import unicodedata
+from pathlib import PurePosixPath
+from urllib.parse import quote
+
 from flask import Blueprint, current_app, request, send_file
 from sqlalchemy import select
 
@@ -77,6 +81,22 @@ def get_segments(item_id: str):
     return {"item_id": str(item.id), "status": item.status, "model": describe(lib.model_id), "segments": segments}
 
 
+def attachment(filename: str, item_id: str) -> str:
+    """Content-Disposition for a download: the name in UTF-8 (RFC 6266 `filename*`) and a plain-ASCII
+    `filename` that is never empty, for clients that read only that one (curl -OJ): accents dropped,
+    quotes and backslashes removed, and the item's id where nothing of the name is left ("雨.wav" ->
+    "<id>.wav", where Werkzeug gave ".wav", a hidden file, and "" for "雨")."""
+    def ascii_of(text: str) -> str:
+        plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+        return "".join(c for c in plain if c.isprintable() and c not in '"\\').strip()
+
+    name = PurePosixPath(filename)
+    stem, suffix = ascii_of(name.stem), ascii_of(name.suffix) if name.suffix.isascii() else ""
+    fallback = f"{stem or item_id}{suffix if suffix != '.' else ''}"
+    header = f'attachment; filename="{fallback}"'
+    return header if fallback == filename else f"{header}; filename*=UTF-8''{quote(filename, safe='')}"
+
+
 @bp.get("/items/<item_id>/audio")
 def get_audio(item_id: str):
     item = owned(Item, item_id, "item")
@@ -85,7 +105,8 @@ def get_audio(item_id: str):
         raise not_found("audio")
     fmt = (item.audio_format or "").split(",")[0]
     response = send_file(path, mimetype=SAFE_TYPES.get(fmt, "application/octet-stream"),
-                         as_attachment=True, download_name=item.filename, conditional=True, etag=item.sha256)
+                         conditional=True, etag=item.sha256)
+    response.headers["Content-Disposition"] = attachment(item.filename, str(item.id))
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
     return response

@@ -127,6 +127,18 @@ def test_filenames_are_sanitised(client, lib):
     assert shown[0] == "passwd.wav" and shown[1] == "ab.wav" and shown[3] == "n.wav" and shown[4] == "unnamed"
     assert len(shown[2]) <= 200 and shown[2].endswith(".wav")
     assert all("/" not in n and "\\" not in n and "\x00" not in n for n in shown)
+    # downloads keep the name in UTF-8 and give clients that read only the ASCII `filename` (curl -OJ) one
+    # that is never empty nor hidden
+    data = {"files": [(io.BytesIO(b"rain %d" % i), n) for i, n in enumerate(["雨.wav", "café live.wav", "雨"])]}
+    items = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), data=data,
+                        content_type="multipart/form-data").get_json()["items"]
+    got = [client.get(f"/v1/items/{i['id']}/audio", headers=auth(key)).headers["Content-Disposition"] for i in items]
+    assert got[0] == f"attachment; filename=\"{items[0]['id']}.wav\"; filename*=UTF-8''%E9%9B%A8.wav"
+    assert got[1] == "attachment; filename=\"cafe live.wav\"; filename*=UTF-8''caf%C3%A9%20live.wav"
+    from api.items import attachment
+
+    assert attachment('a "b\\c".wav', "x") == "attachment; filename=\"a bc.wav\"; filename*=UTF-8''a%20%22b%5Cc%22.wav"
+    assert got[2] == f"attachment; filename=\"{items[2]['id']}\"; filename*=UTF-8''%E9%9B%A8"
 
 
 def test_search_validation(client, lib, settings):
