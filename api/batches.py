@@ -63,6 +63,9 @@ def upload_batch(lib_id: str):
     served_model_for(lib)  # files for a library of another model could never be embedded here
     settings = current_app.config["CLAPQ"]
     _backpressure(settings)
+    # the checks are done: end their transaction before the body streams in (minutes for a large upload
+    # on a slow link), so no connection sits "idle in transaction" holding locks that block migrations
+    db().rollback()
     if not (request.content_type or "").startswith("multipart/form-data"):
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with one or more 'files' parts")
     files = request.files.getlist("files")  # a full upload area raises StorageFull: a 507 (api.errors)

@@ -20,8 +20,11 @@ def _load_text_tower() -> None:
             from api.query import _clap
 
             _clap(text_only=True).embed_text(["warm-up"])
-    except Exception:  # the first search reports the same error to its caller
-        logging.getLogger(__name__).warning("text tower preload failed", exc_info=True)
+    except Exception as exc:
+        # one line: the first text search reports the same error (with its traceback) if it is real; a
+        # process stopped while still importing torch fails here too, and that is no error at all
+        logging.getLogger(__name__).warning("text tower preload failed (%s: %s); the first text search loads it",
+                                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
 
 
 if app.config["CLAPQ"].preload_text:

@@ -331,6 +331,68 @@ def test_the_same_weights_under_another_path_are_the_same_model(client, new_key,
     assert len(ids) == 1 and rows == 1
 
 
+def test_an_upload_holds_no_transaction_while_its_body_arrives(app, new_key, settings):
+    """While a slow client sends its files, the upload's checks (auth, library, backlog) are done and their
+    transaction is over: no connection sits idle in transaction for the minutes a large upload takes."""
+    import threading
+    import time
+
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+
+    key = new_key()
+    c = app.test_client()
+    lib_id = c.post("/v1/libraries", json={"name": "slow"}, headers=auth(key)).get_json()["id"]
+    head = b'--b\r\nContent-Disposition: form-data; name="files"; filename="slow.wav"\r\n\r\n'
+    tail = b"RIFF slow\r\n--b--\r\n"
+    go = threading.Event()
+
+    class Slow(io.RawIOBase):
+        """The body, with a pause after the part's headers until `go` (seekable only for the test client
+        to measure its length)."""
+
+        data, pos = head + tail, 0
+
+        def readable(self):
+            return True
+
+        def seekable(self):
+            return True
+
+        def tell(self):
+            return self.pos
+
+        def seek(self, offset, whence=0):
+            self.pos = len(self.data) if whence == 2 else offset
+            return self.pos
+
+        def readinto(self, buf):
+            if self.pos == len(head):
+                go.wait(60)  # the client pauses half-way
+            stop = min(self.pos + len(buf), len(head) if self.pos < len(head) else len(self.data))
+            chunk = self.data[self.pos:stop]
+            buf[:len(chunk)] = chunk
+            self.pos = stop
+            return len(chunk)
+
+    answer = {}
+    t = threading.Thread(target=lambda: answer.update(r=app.test_client().post(
+        f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data; boundary=b",
+        input_stream=Slow())))
+    t.start()
+    try:
+        time.sleep(1.0)  # the request is in, reading its body
+        with session_scope(settings.database_url) as s:
+            waiting = s.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE state = 'idle in transaction' "
+                                    "AND query LIKE '%FROM items%status IN%'"))
+    finally:
+        go.set()
+        t.join(60)
+    assert waiting == 0
+    assert answer["r"].status_code == 202, answer["r"].get_json()
+
+
 @pytest.fixture()
 def small_disk(tmp_path):
     """A 1 MiB tmpfs (root may mount one; elsewhere the test is skipped), unmounted afterwards."""
