@@ -47,9 +47,7 @@ class BlobWriter:
         try:
             n = self._file.write(data)
         except OSError as exc:
-            self.discard()
-            if exc.errno in FULL:
-                raise StorageFull("no space left in the upload area") from exc
+            self._give_up(exc)
             raise
         self._hash.update(data)
         self.size += len(data)
@@ -92,12 +90,17 @@ class BlobWriter:
                 # same filesystem: an atomic rename, so a reader never sees half a blob
                 os.replace(self.tmp_path, final)
             except OSError as exc:
-                self.discard()
-                if exc.errno in FULL:
-                    raise StorageFull("no space left in the upload area") from exc
+                self._give_up(exc)
                 raise
         self.sha256 = digest
         return digest
+
+    def _give_up(self, exc: OSError) -> None:
+        """After a failed write or commit: the part is discarded, and a full disk or quota is StorageFull
+        (the caller re-raises any other error)."""
+        self.discard()
+        if exc.errno in FULL:
+            raise StorageFull("no space left in the upload area") from exc
 
     def discard(self) -> None:
         try:

@@ -80,6 +80,11 @@ def cmd_migrate(args) -> None:
     print("migrations applied", file=sys.stderr)
 
 
+def host_port(host: str, port) -> str:
+    """host:port, an IPv6 address in brackets ([::1]:8000), as gunicorn's --bind and URLs write it."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def cmd_api(args) -> None:
     os.environ["CLAPQ_PROCESS"] = "clapq-api"
     settings = Settings.from_env().require_urls()
@@ -87,8 +92,7 @@ def cmd_api(args) -> None:
     host = os.environ.get("CLAPQ_HOST", "0.0.0.0")
     port = os.environ.get("CLAPQ_PORT", "8000")
     workers = os.environ.get("CLAPQ_API_WORKERS", "2")
-    bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address goes in brackets
-    argv = ["gunicorn", "api.wsgi:app", "--bind", bind, "--workers", workers,
+    argv = ["gunicorn", "api.wsgi:app", "--bind", host_port(host, port), "--workers", workers,
             "--threads", os.environ.get("CLAPQ_API_THREADS", "4"), "--timeout", "300",
             "--graceful-timeout", "20", "--access-logfile", "-",
             # the longest request line gunicorn takes (its maximum but for none at all): a GET search of
@@ -231,7 +235,7 @@ def _port_free(host: str, port: int) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn: a port in TIME_WAIT is free
             s.bind(addr)
     except OSError as exc:
-        _fail(f"cannot serve on {host}:{port} ({exc.strerror or exc}): another `clapq up` or server may be "
+        _fail(f"cannot serve on {host_port(host, port)} ({exc.strerror or exc}): another `clapq up` or server may be "
               "using it; stop it, or pass --port")
 
 
@@ -281,7 +285,7 @@ def cmd_up(args) -> None:
 
         procs.extend(start(role) for role in ("worker", "beat", "api"))
         host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(args.host, args.host)
-        base = f"http://{f'[{host}]' if ':' in host else host}:{args.port}"
+        base = f"http://{host_port(host, args.port)}"
         if not _wait_http(base + "/healthz", procs, lambda: stopping["flag"]):
             return  # Ctrl-C during start-up: the finally below stops what has started
         print(f"clapq is up: {base}\nAPI key: {key}\ndata: {data_dir}\nCtrl-C stops everything.", flush=True)
