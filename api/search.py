@@ -173,7 +173,7 @@ def search():
 
     t1 = time.perf_counter()
     lib_uuids = [lib.id for lib in libs]
-    exact = _few_windows(lib_uuids, conds, settings.exact_search_max_windows, p.get("filter"))
+    exact = few_windows(lib_uuids, conds, settings.exact_search_max_windows, p.get("filter"))
     plan = "exact" if exact else "index"
     if exclude is not None and mode == "items":
         # "more like this": whole item against whole items (pooled vectors), so that the same bytes
@@ -199,7 +199,7 @@ _plans: dict[tuple, tuple[float, bool]] = {}
 _plans_lock = threading.Lock()
 
 
-def _few_windows(lib_ids: list[uuid.UUID], conds: list, limit: int, raw_filter) -> bool:
+def few_windows(lib_ids: list[uuid.UUID], conds: list, limit: int, raw_filter) -> bool:
     """Whether the libraries and filters leave at most `limit` windows, counted from the items'
     durations (the engine's windows and hop) over at most `limit + 1` items, so the check stays cheap
     (the GIN index on metadata finds filtered items) however large the library is."""
@@ -288,17 +288,48 @@ def _best_per_item(session, matches, want: int) -> list:
     return rows
 
 
+def nearest_pooled(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude, want: int,
+                   min_score: float | None, exact: bool) -> list:
+    """Items nearest to `vec` by their pooled vectors, best first (item_id, library_id, filename, meta, d).
+
+    Items of two or more windows are found through the pooled-vector index. An item of one window is
+    not in that index (migration 0005): its one segment has its pooled vector, so it is found through
+    the segment index. Each kind is asked for `want` rows and the two lists are merged. The one-window
+    side is compared exactly where the libraries hold few such items (counted on their own index, at
+    most exact_search_max_windows + 1), and skipped where they hold none, so a library of long files
+    never walks the segment index for one-window items it lacks."""
+    session = db()
+    limit = current_app.config["CLAPQ"].exact_search_max_windows
+    item_where = [Item.tenant_id == g.tenant_id, Item.status == "done", *conds]
+    if exclude is not None:
+        item_where.append(Item.id != exclude)
+    by_pool = Embedding.vector.cosine_distance(vec)
+    by_window = Segment.vector.cosine_distance(vec)
+    close = [] if min_score is None else [by_pool <= 1.0 - min_score]
+    pooled = (select(Embedding.item_id, Embedding.library_id, Item.filename, Item.meta, by_pool.label("d"))
+              .join(Item, Item.id == Embedding.item_id)
+              .where(Embedding.library_id.in_(lib_ids), Embedding.model_id == model_id,
+                     text("embeddings.windows > 1"), *item_where, *close))  # the partial index's predicate, verbatim
+    rows = list(_best_first(session, pooled, by_pool, want, exact))
+    one_window = (select(Embedding.item_id).where(Embedding.library_id.in_(lib_ids), Embedding.model_id == model_id,
+                                                  text("embeddings.windows = 1")).limit(limit + 1).subquery())
+    few = session.scalar(select(func.count()).select_from(one_window))
+    if few:
+        close = [] if min_score is None else [by_window <= 1.0 - min_score]
+        single = (select(Segment.item_id, Segment.library_id, Item.filename, Item.meta, by_window.label("d"))
+                  .join(Item, Item.id == Segment.item_id)
+                  .join(Embedding, and_(Embedding.item_id == Segment.item_id, Embedding.model_id == Segment.model_id))
+                  .where(Segment.library_id.in_(lib_ids), Segment.model_id == model_id,
+                         text("embeddings.windows = 1"), *item_where, *close))
+        rows += _best_first(session, single, by_window, want, exact or few <= limit)
+    session.rollback()
+    return sorted(rows, key=lambda r: (r.d, r.item_id))[:want]
+
+
 def _nearest_items(vec, lib_ids, model_id: int, conds: list, exclude, want: int, min_score: float | None,
                    exact: bool) -> list:
     session = db()
-    distance = Embedding.vector.cosine_distance(vec)
-    where = [Embedding.library_id.in_(lib_ids), Embedding.model_id == model_id, Item.tenant_id == g.tenant_id,
-             Item.status == "done", Embedding.item_id != exclude, *conds]
-    if min_score is not None:
-        where.append(distance <= 1.0 - min_score)
-    hits = _best_first(
-        session, select(Embedding.item_id, Embedding.library_id, Item.filename, Item.meta, distance.label("d"))
-        .join(Item, Item.id == Embedding.item_id).where(and_(*where)), distance, want, exact)
+    hits = nearest_pooled(vec, lib_ids, model_id, conds, exclude, want, min_score, exact)
     seg_d = Segment.vector.cosine_distance(vec)
     spans: dict = {}
     for r in session.execute(select(Segment.item_id, Segment.start_s, Segment.end_s)

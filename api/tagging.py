@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from flask import Blueprint, g, request
+from flask import Blueprint, current_app, g, request
 from sqlalchemy import select
 
 from api.db import db
@@ -12,6 +12,7 @@ from api.lookup import owned
 from api.models_info import served_model_for
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
 from api.query import item_vector, text_vectors
+from api.search import few_windows, nearest_pooled
 from clapq.models import Embedding, Item, Library
 
 bp = Blueprint("tagging", __name__)
@@ -89,18 +90,12 @@ def duplicates(item_id: str):
                             .where(Item.tenant_id == g.tenant_id, Item.sha256 == item.sha256, Item.id != item.id)
                             .order_by(Item.created_at)).all()
     lib = session.get(Library, item.library_id)
-    distance = Embedding.vector.cosine_distance(vec)
-    near = session.execute(
-        select(Item.id, Item.library_id, Item.filename, distance.label("d"))
-        .join(Item, Item.id == Embedding.item_id)
-        .join(Library, Library.id == Embedding.library_id)
-        .where(Library.tenant_id == g.tenant_id, Embedding.model_id == lib.model_id, Item.id != item.id,
-               distance <= 1.0 - threshold)
-        .order_by(distance).limit(limit)
-    ).all()
+    lib_ids = list(session.scalars(select(Library.id).where(Library.tenant_id == g.tenant_id)))
+    few = few_windows(lib_ids, [], current_app.config["CLAPQ"].exact_search_max_windows, None)
+    near = nearest_pooled(vec, lib_ids, lib.model_id, [], item.id, limit, threshold, few)
     return {
         "item_id": str(item.id), "sha256": item.sha256, "threshold": threshold,
         "exact": [{"item_id": str(r.id), "library_id": str(r.library_id), "filename": r.filename} for r in exact],
-        "near": [{"item_id": str(r.id), "library_id": str(r.library_id), "filename": r.filename,
+        "near": [{"item_id": str(r.item_id), "library_id": str(r.library_id), "filename": r.filename,
                   "score": round(1.0 - float(r.d), 6)} for r in near],
     }

@@ -255,6 +255,37 @@ def test_more_like_this_and_query_by_clip(client, lib, tmp_path, plan, settings)
     assert set(uploads.iterdir()) == before  # the query clips left no temporary file behind
 
 
+def test_item_to_item_search_ranks_every_item_by_its_pooled_vector(client, lib, plan, settings):
+    """"More like this" and near-duplicates rank items by pooled vectors, as brute force does: one-window
+    items (found through the segment index, migration 0005) and long ones (the pooled-vector index)
+    alike, whichever the source is."""
+    h = auth(lib["key"])
+    emb = {i: np.array(client.get(f"/v1/items/{i}/embedding", headers=h).get_json()["vector"], np.float32)
+           for i in [*lib["ids"].values(), lib["copy"]]}
+    for src in (lib["ids"]["s03.wav"], lib["ids"]["s05.wav"]):  # 23 s (4 windows) and 3.5 s (one)
+        expected = sorted((-round(float(emb[src] @ v), 5), i) for i, v in emb.items() if i != src)
+        body = client.post("/v1/search", json={"library_ids": [lib["a"], lib["b"]], "item_id": src, "k": N},
+                           headers=h).get_json()
+        assert body["plan"] == plan
+        got = sorted((-round(r["score"], 5), r["item_id"]) for r in body["results"])
+        assert [i for _, i in got] == [i for _, i in expected]
+        assert [r["score"] for r in body["results"]] == pytest.approx([-s for s, _ in expected], abs=1e-4)
+        near = client.get(f"/v1/items/{src}/duplicates?threshold=-1&limit=50", headers=h).get_json()["near"]
+        assert sorted((-round(r["score"], 5), r["item_id"]) for r in near) == got
+        # the threshold keeps exactly the items at or above it
+        cut = -expected[4][0] - 1e-4
+        near = client.get(f"/v1/items/{src}/duplicates?threshold={cut}", headers=h).get_json()["near"]
+        assert {r["item_id"] for r in near} == {i for s, i in expected if -s >= cut}
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+
+    with session_scope(settings.database_url) as s:
+        windows = dict(s.execute(text("SELECT item_id::text, windows FROM embeddings")).all())
+    assert windows[lib["ids"]["s03.wav"]] == windows[lib["ids"]["s07.wav"]] == 4
+    assert all(windows[i] == 1 for n, i in lib["ids"].items() if n not in ("s03.wav", "s07.wav"))
+
+
 def test_classify_and_duplicates(client, lib, tiny_model):
     h = auth(lib["key"])
     labels = ["rain", "dog", "car horn", "violin"]

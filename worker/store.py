@@ -135,9 +135,9 @@ WITH seg_in AS (
     WHERE s.item_id = i.item_id AND s.model_id = :model AND s.window_index >= i.windows
     RETURNING 1
 ), pooled AS (
-    INSERT INTO embeddings (item_id, model_id, library_id, vector)
-    SELECT item_id, :model, library_id, CAST(pooled AS vector) FROM item_in
-    ON CONFLICT (item_id, model_id) DO UPDATE SET vector = excluded.vector
+    INSERT INTO embeddings (item_id, model_id, library_id, vector, windows)
+    SELECT item_id, :model, library_id, CAST(pooled AS vector), windows FROM item_in
+    ON CONFLICT (item_id, model_id) DO UPDATE SET vector = excluded.vector, windows = excluded.windows
     RETURNING 1
 ), done AS (
     UPDATE items SET status = 'done', error = NULL, finished_at = now(), updated_at = now(),
