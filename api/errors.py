@@ -139,6 +139,13 @@ def database_unavailable(e: Exception) -> bool:
     return code is None or code.startswith("08") or code in _UNAVAILABLE_STATES
 
 
+# SQLSTATEs that mean "this transaction lost a race": a deadlock (40P01) or a serialization failure
+# (40001). Postgres rolled the transaction back, so nothing of the request was applied, and the same
+# request sent again normally succeeds
+_CONFLICT_STATES = ("40P01", "40001")
+CONFLICT_RETRY_AFTER_S = 1
+
+
 def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
@@ -151,12 +158,18 @@ def register(app: Flask) -> None:
 
     # Postgres refused, dropped or did not answer the connection, is shutting down or has no connection
     # slot left, or every pooled connection stayed busy (TimeoutError): the same request sent again
-    # shortly may work (an upload sent twice is stored once), so a 503 that says when. Other errors of
-    # the same classes (a deadlock, a full disk, a statement too complex) come back on every try: 500s
+    # shortly may work (an upload sent twice is stored once), so a 503 that says when. So may a request
+    # that deadlocked with another one. Other errors of the same classes (a full disk, a statement too
+    # complex) come back on every try: 500s
     @app.errorhandler(sa_exc.OperationalError)
     @app.errorhandler(sa_exc.InterfaceError)
     @app.errorhandler(sa_exc.TimeoutError)
     def _database(e: Exception):
+        if getattr(getattr(e, "orig", None), "pgcode", None) in _CONFLICT_STATES:
+            log.warning("request rolled back by the database: %s", str(e.orig).strip().splitlines()[0])
+            return envelope(503, "database_conflict", "the request collided with another one changing the same "
+                            f"rows and was not applied; send it again (after {CONFLICT_RETRY_AFTER_S} s)",
+                            {"Retry-After": str(CONFLICT_RETRY_AFTER_S)})
         if not database_unavailable(e):
             return _unexpected(e)
         why = str(getattr(e, "orig", None) or e).strip().splitlines()

@@ -23,6 +23,15 @@ def file_sha256(path: Path | str) -> str:
     return hash_file(path).hexdigest()
 
 
+def fsync_dir(path: Path) -> None:
+    """Make the names in a directory durable (a rename or a new entry in it)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class StorageFull(OSError):
     """The upload area has no space left."""
 
@@ -86,9 +95,14 @@ class BlobWriter:
                 self._file.flush()
                 os.fsync(self._file.fileno())  # where a full disk often shows first (NFS, delayed allocation)
                 self._file.close()
+                new_dirs = [d for d in (final.parent.parent, final.parent) if not d.is_dir()]
                 final.parent.mkdir(parents=True, exist_ok=True)
                 # same filesystem: an atomic rename, so a reader never sees half a blob
                 os.replace(self.tmp_path, final)
+                # the rename (and any shard directory made for it) is on disk before the caller commits
+                # the item row: a power cut must not leave a row whose blob's name was never written
+                for d in {final.parent, *(n.parent for n in new_dirs)}:
+                    fsync_dir(d)
             except OSError as exc:
                 self._give_up(exc)
                 raise

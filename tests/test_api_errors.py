@@ -453,6 +453,40 @@ def test_a_disk_that_fills_before_the_commit_is_storage_full_and_keeps_no_part(s
     assert list(store.tmp_dir.iterdir()) == []
 
 
+def test_a_request_that_deadlocks_is_a_503_to_send_again_and_applies_nothing(client, lib, settings):
+    """Postgres aborting a request's transaction as a deadlock victim (SQLSTATE 40P01, raised here by a
+    trigger on the upload's item insert) is a 503 with Retry-After that says to send it again, not a
+    500; nothing of the request is stored, and the same upload sent again works."""
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+
+    key, lib_id = lib
+    body = b"RIFF" + bytes(2000)
+    with session_scope(settings.database_url) as s:
+        s.execute(text("""
+            CREATE FUNCTION test_deadlock() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN RAISE EXCEPTION 'deadlock detected' USING ERRCODE = 'deadlock_detected'; END $$;
+            CREATE TRIGGER test_deadlock BEFORE INSERT ON items FOR EACH ROW
+            WHEN (NEW.filename = 'deadlock.wav') EXECUTE FUNCTION test_deadlock()"""))
+    try:
+        r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                        data={"files": [(io.BytesIO(body), "deadlock.wav")]})
+        e = err(r, 503)
+        assert e["code"] == "database_conflict" and "send it again" in e["message"]
+        assert r.headers["Retry-After"] == "1"
+        with session_scope(settings.database_url) as s:
+            assert s.scalar(text("SELECT count(*) FROM jobs WHERE library_id = :l"), {"l": lib_id}) == 0
+            assert s.scalar(text("SELECT count(*) FROM items WHERE library_id = :l"), {"l": lib_id}) == 0
+    finally:
+        with session_scope(settings.database_url) as s:
+            s.execute(text("DROP TRIGGER test_deadlock ON items; DROP FUNCTION test_deadlock()"))
+    r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                    data={"files": [(io.BytesIO(body), "deadlock.wav")]})
+    assert r.status_code == 202, r.get_json()
+    assert r.get_json()["items"][0]["status"] == "queued"
+
+
 def test_postgres_away_is_a_503_and_readyz_answers_in_bounded_time(settings):
     """Postgres refusing connections (nothing on its port) and Postgres taking them but never answering
     (a socket that listens and never accepts, as a stopped server or a dead link looks): a request is a 503
