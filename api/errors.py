@@ -165,15 +165,15 @@ def register(app: Flask) -> None:
     @app.errorhandler(sa_exc.InterfaceError)
     @app.errorhandler(sa_exc.TimeoutError)
     def _database(e: Exception):
+        why = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
         if getattr(getattr(e, "orig", None), "pgcode", None) in _CONFLICT_STATES:
-            log.warning("request rolled back by the database: %s", str(e.orig).strip().splitlines()[0])
+            log.warning("request rolled back by the database: %s", why)
             return envelope(503, "database_conflict", "the request collided with another one changing the same "
                             f"rows and was not applied; send it again (after {CONFLICT_RETRY_AFTER_S} s)",
                             {"Retry-After": str(CONFLICT_RETRY_AFTER_S)})
         if not database_unavailable(e):
             return _unexpected(e)
-        why = str(getattr(e, "orig", None) or e).strip().splitlines()
-        log.warning("database unavailable: %s", why[0] if why else type(e).__name__)
+        log.warning("database unavailable: %s", why)
         return envelope(503, "database_unavailable", "the database is not answering (down, restarting or "
                         f"overloaded); try again in {DB_RETRY_AFTER_S} s", {"Retry-After": str(DB_RETRY_AFTER_S)})
 

@@ -223,6 +223,20 @@ def few_windows(lib_ids: list[uuid.UUID], conds: list, limit: int, raw_filter) -
     return few
 
 
+def _matches(vectors, distance, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
+             min_score: float | None, *columns):
+    """Rows of `vectors` (Segment or Embedding) of this model in the libraries, whose items are the
+    caller's, done and pass the filters (not `exclude`, and within `min_score`), with their distance as d."""
+    where = [vectors.library_id.in_(lib_ids), vectors.model_id == model_id, Item.tenant_id == g.tenant_id,
+             Item.status == "done", *conds]
+    if exclude is not None:
+        where.append(vectors.item_id != exclude)
+    if min_score is not None:
+        where.append(distance <= 1.0 - min_score)
+    return (select(vectors.item_id, vectors.library_id, *columns, Item.filename, Item.meta, distance.label("d"))
+            .join(Item, Item.id == vectors.item_id).where(and_(*where)))
+
+
 def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude, mode: str, want: int,
              min_score: float | None, exact: bool) -> list:
     """Nearest segments, best first. Where the libraries and filters leave few windows, every one is
@@ -233,19 +247,12 @@ def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
     distinct items are found or the library is exhausted."""
     session = db()
     distance = Segment.vector.cosine_distance(vec)
-    where = [Segment.library_id.in_(lib_ids), Segment.model_id == model_id, Item.tenant_id == g.tenant_id,
-             Item.status == "done", *conds]
-    if exclude is not None:
-        where.append(Segment.item_id != exclude)
-    if min_score is not None:
-        where.append(distance <= 1.0 - min_score)
+    matches = _matches(Segment, distance, lib_ids, model_id, conds, exclude, min_score, Segment.start_s, Segment.end_s)
     # items: without filters, ask for as many windows as the index visits anyway (ef_search >= 100),
     # so one round usually finds `want` distinct items: 40 windows cost the same as 100 but often held
     # too few items and ran again. With filters every row asked for costs more index to walk
     # (iterative scan), so start at 4 windows an item (benchmarks/search_http.py)
     n = want if mode == "segments" else min(MAX_CANDIDATES, want * 4 if conds else max(100, want * 4))
-    matches = select(Segment.item_id, Segment.library_id, Segment.start_s, Segment.end_s, Item.filename,
-                     Item.meta, distance.label("d")).join(Item, Item.id == Segment.item_id).where(and_(*where))
     while True:
         rows = _best_first(session, matches, distance, n, exact)
         session.rollback()
@@ -300,27 +307,18 @@ def nearest_pooled(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, ex
     never walks the segment index for one-window items it lacks."""
     session = db()
     limit = current_app.config["CLAPQ"].exact_search_max_windows
-    item_where = [Item.tenant_id == g.tenant_id, Item.status == "done", *conds]
-    if exclude is not None:
-        item_where.append(Item.id != exclude)
     by_pool = Embedding.vector.cosine_distance(vec)
-    by_window = Segment.vector.cosine_distance(vec)
-    close = [] if min_score is None else [by_pool <= 1.0 - min_score]
-    pooled = (select(Embedding.item_id, Embedding.library_id, Item.filename, Item.meta, by_pool.label("d"))
-              .join(Item, Item.id == Embedding.item_id)
-              .where(Embedding.library_id.in_(lib_ids), Embedding.model_id == model_id,
-                     text("embeddings.windows > 1"), *item_where, *close))  # the partial index's predicate, verbatim
+    pooled = _matches(Embedding, by_pool, lib_ids, model_id, conds, exclude, min_score
+                      ).where(text("embeddings.windows > 1"))  # the partial index's predicate, verbatim
     rows = list(_best_first(session, pooled, by_pool, want, exact))
     one_window = (select(Embedding.item_id).where(Embedding.library_id.in_(lib_ids), Embedding.model_id == model_id,
                                                   text("embeddings.windows = 1")).limit(limit + 1).subquery())
     few = session.scalar(select(func.count()).select_from(one_window))
     if few:
-        close = [] if min_score is None else [by_window <= 1.0 - min_score]
-        single = (select(Segment.item_id, Segment.library_id, Item.filename, Item.meta, by_window.label("d"))
-                  .join(Item, Item.id == Segment.item_id)
+        by_window = Segment.vector.cosine_distance(vec)
+        single = (_matches(Segment, by_window, lib_ids, model_id, conds, exclude, min_score)
                   .join(Embedding, and_(Embedding.item_id == Segment.item_id, Embedding.model_id == Segment.model_id))
-                  .where(Segment.library_id.in_(lib_ids), Segment.model_id == model_id,
-                         text("embeddings.windows = 1"), *item_where, *close))
+                  .where(text("embeddings.windows = 1")))
         rows += _best_first(session, single, by_window, want, exact or few <= limit)
     session.rollback()
     return sorted(rows, key=lambda r: (r.d, r.item_id))[:want]
