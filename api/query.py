@@ -114,5 +114,10 @@ def item_vector(raw_id: str) -> tuple[Item, np.ndarray]:
     vec = db().scalar(select(Embedding.vector).where(Embedding.item_id == item.id,
                                                      Embedding.model_id == lib.model_id))
     if vec is None:
-        raise ApiError(409, "not_embedded", f"item {item.id} has no embedding yet (status {item.status!r})")
+        if item.status in ("failed", "cancelled"):  # it never will unless it is sent again
+            why = f": {item.error}" if item.error else ""
+            raise ApiError(409, "not_embedded", f"item {item.id} has no embedding: it was {item.status}{why}; "
+                           "fix the file and upload it again, or retry its job")
+        raise ApiError(409, "not_embedded", f"item {item.id} has no embedding yet (status {item.status!r}); "
+                       "it can be used once its job has embedded it")
     return item, np.asarray(vec, dtype=np.float32)
