@@ -14,6 +14,7 @@ from api.errors import ApiError, bad_request, parse_json
 from api.lookup import owned
 from api.models_info import served_model_for
 from api.uploads import display_name
+from clapq.blobs import BLOB_LOCK
 from clapq.models import Item, Job, JobDuplicate, Library
 from clapq.queue import enqueue_items
 
@@ -84,6 +85,8 @@ def upload_batch(lib_id: str):
     job = Job(tenant_id=g.tenant_id, library_id=lib.id, kind="upload")
     session.add(job)
     session.flush()
+    # a deletion's removal of these bytes' blob waits for this transaction (clapq.blobs.BLOB_LOCK)
+    session.execute(select(func.pg_advisory_xact_lock_shared(BLOB_LOCK)))
     shas = [f.stream.commit() for f in files]
     names = [display_name(raw) for raw in raw_names]
     # one row per distinct bytes (the first file that has them), all in one statement

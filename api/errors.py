@@ -177,6 +177,15 @@ def register(app: Flask) -> None:
         return envelope(503, "database_unavailable", "the database is not answering (down, restarting or "
                         f"overloaded); try again in {DB_RETRY_AFTER_S} s", {"Retry-After": str(DB_RETRY_AFTER_S)})
 
+    # a row this request refers to was deleted while it ran (an upload into a library being deleted): the
+    # only way this service violates a foreign key; nothing was applied
+    @app.errorhandler(sa_exc.IntegrityError)
+    def _integrity(e: sa_exc.IntegrityError):
+        if getattr(getattr(e, "orig", None), "pgcode", None) != "23503":
+            return _unexpected(e)
+        log.warning("request refers to a row deleted meanwhile: %s", str(getattr(e, "orig", None) or e).strip())
+        return envelope(404, "not_found", "what this request refers to was deleted while it ran; nothing was applied")
+
     @app.errorhandler(StorageFull)  # a part being received, or committed, found the upload area full
     def _storage_full(e: StorageFull):
         return envelope(507, "insufficient_storage", "the upload area is full; try again later")

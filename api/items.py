@@ -14,6 +14,7 @@ from api.errors import bad_request, not_found
 from api.lookup import owned
 from api.models_info import describe
 from api.query import item_vector
+from api.removal import delete_items, reclaim
 from clapq.blobs import BlobStore
 from clapq.models import Item, Library, Segment
 
@@ -54,6 +55,17 @@ def patch_item(item_id: str):
     item.meta = body["metadata"]
     db().commit()
     return item_json(item)
+
+
+@bp.delete("/items/<item_id>")
+def delete_item(item_id: str):
+    """The item, its vectors and its place in its job, at once; its stored file too, unless another item
+    (in any library) holds the same bytes. Queued or running, it is simply never embedded."""
+    item = owned(Item, item_id, "item")
+    shas = delete_items(Item.id == item.id)
+    if not shas:  # another request deleted it first
+        raise not_found("item")
+    return {"deleted": {"item": str(item.id), "items": 1, "stored_files": reclaim(shas)}}
 
 
 @bp.get("/items/<item_id>/embedding")

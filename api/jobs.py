@@ -120,19 +120,24 @@ def get_job(job_id: str):
     return job_json(owned(Job, job_id, "job"))
 
 
-@bp.get("/jobs/<job_id>/items")
-def job_items(job_id: str):
-    job = owned(Job, job_id, "job")
+def items_page(where) -> dict:
+    """The items `where` selects, oldest first, paged by `limit` + `cursor` and narrowed by `?status=`."""
     status = request.args.get("status")
     if status is not None and status not in STATES:
         raise bad_request(f"'status' must be one of {', '.join(STATES)}")
     limit, cursor = limit_arg(100), cursor_arg()
-    q = select(Item).where(_of_job(job, _copied(job)), after_cursor(Item, cursor))
+    q = select(Item).where(where, after_cursor(Item, cursor))
     if status:
         q = q.where(Item.status == status)
     rows = db().scalars(q.order_by(Item.created_at, Item.id).limit(limit + 1)).all()
     page, nxt = page_of(rows, limit)
     return {"items": [item_json(i) for i in page], "next_cursor": nxt}
+
+
+@bp.get("/jobs/<job_id>/items")
+def job_items(job_id: str):
+    job = owned(Job, job_id, "job")
+    return items_page(_of_job(job, _copied(job)))
 
 
 @bp.post("/jobs/<job_id>/cancel")

@@ -6,14 +6,16 @@ import re
 import unicodedata
 
 from flask import Blueprint, g, request
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
 from api.batches import RETRIED_ON_REUPLOAD
 from api.db import db
 from api.errors import ApiError, bad_request
+from api.jobs import items_page
 from api.lookup import owned
 from api.models_info import describe, serving_model_id
+from api.removal import delete_items, reclaim
 from clapq.models import Item, Library
 
 bp = Blueprint("libraries", __name__)
@@ -72,6 +74,26 @@ def get_library(lib_id: str):
     lib = owned(Library, lib_id, "library")
     n = db().scalar(select(func.count()).select_from(Item).where(Item.library_id == lib.id))
     return library_json(lib, n)
+
+
+@bp.delete("/libraries/<lib_id>")
+def delete_library(lib_id: str):
+    """The library, its jobs, items and vectors, at once; the stored files no other item holds, after."""
+    lib = owned(Library, lib_id, "library")
+    # its items first, then the library: a worker writing vectors locks items before the library (its
+    # foreign keys), so taking them in the same order cannot deadlock with it
+    shas = delete_items(Item.library_id == lib.id)
+    # an upload committing into it between the two statements: its items go by cascade, and their files
+    # stay on disk unnamed (space, not data); an upload after this gets a 404 (api.errors)
+    db().execute(delete(Library).where(Library.id == lib.id))
+    db().commit()
+    return {"deleted": {"library": str(lib.id), "items": len(shas), "stored_files": reclaim(shas)}}
+
+
+@bp.get("/libraries/<lib_id>/items")
+def library_items(lib_id: str):
+    """The library's items, oldest first: `?status=` narrows, `limit` + `cursor` page."""
+    return items_page(Item.library_id == owned(Library, lib_id, "library").id)
 
 
 @bp.post("/libraries/<lib_id>/known")

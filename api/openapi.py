@@ -43,6 +43,14 @@ SEARCH_BODY = {"type": "object", "properties": {
     "min_score": {"type": "number"}, "mode": {"enum": ["items", "segments"]},
     "filter": {"type": "object", "description": '{"metadata": {key: value | {"in": [...]}}, "duration_s": {"min", "max"}}'}}}
 
+ITEM_PAGE = [
+    {"name": "status", "in": "query", "schema": {"enum": ["queued", "running", "done", "failed", "cancelled"]}},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string"}}]
+
+DELETED = {"type": "object", "properties": {"deleted": {"type": "object", "properties": {
+    "items": {"type": "integer"}, "stored_files": {"type": "integer"}}}}}
+
 SPEC = {
     "openapi": "3.1.0",
     "info": {"title": "clapq", "version": "0.1.0",
@@ -82,8 +90,14 @@ SPEC = {
                 "type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}},
                 "responses": {**_ok("created", {"$ref": "#/components/schemas/Library"}, "201"), "409": _ERR}},
         },
-        "/v1/libraries/{library_id}": {"get": {"parameters": [_path_id("library_id")],
-                                               "responses": _ok("the library", {"$ref": "#/components/schemas/Library"})}},
+        "/v1/libraries/{library_id}": {
+            "get": {"parameters": [_path_id("library_id")],
+                    "responses": _ok("the library", {"$ref": "#/components/schemas/Library"})},
+            "delete": {"parameters": [_path_id("library_id")],
+                       "responses": _ok("deleted: the library, its jobs, items and vectors; stored_files: the "
+                                        "files removed from disk (bytes no other item holds)", DELETED)}},
+        "/v1/libraries/{library_id}/items": {"get": {"parameters": [_path_id("library_id"), *ITEM_PAGE],
+                                                     "responses": _ok("a page of the library's items, oldest first")}},
         "/v1/libraries/{library_id}/batches": {"post": {
             "parameters": [_path_id("library_id")],
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -107,12 +121,8 @@ SPEC = {
             {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
             {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
             "responses": _ok("the tenant's jobs, newest first")}},
-        "/v1/jobs/{job_id}/items": {"get": {"parameters": [
-            _path_id("job_id"),
-            {"name": "status", "in": "query", "schema": {"enum": ["queued", "running", "done", "failed", "cancelled"]}},
-            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
-            {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
-            "responses": _ok("a page of the job's items")}},
+        "/v1/jobs/{job_id}/items": {"get": {"parameters": [_path_id("job_id"), *ITEM_PAGE],
+                                            "responses": _ok("a page of the job's items")}},
         "/v1/jobs/{job_id}/cancel": {"post": {"parameters": [_path_id("job_id")],
                                               "responses": {**_ok("cancelled"), "409": _ERR}}},
         "/v1/jobs/{job_id}/retry": {"post": {"parameters": [_path_id("job_id")],
@@ -137,7 +147,10 @@ SPEC = {
                       "requestBody": {"required": True, "content": {"application/json": {"schema": {
                           "type": "object", "required": ["metadata"], "additionalProperties": False,
                           "properties": {"metadata": {"type": "object"}}}}}},
-                      "responses": _ok("the item, its metadata replaced", {"$ref": "#/components/schemas/Item"})}},
+                      "responses": _ok("the item, its metadata replaced", {"$ref": "#/components/schemas/Item"})},
+            "delete": {"parameters": [_path_id("item_id")],
+                       "responses": _ok("deleted: the item and its vectors; stored_files: 1 if its file was "
+                                        "removed from disk (no other item holds the bytes)", DELETED)}},
         "/v1/items/{item_id}/embedding": {"get": {"parameters": [_path_id("item_id")],
                                                   "responses": {**_ok("the pooled vector"), "409": _ERR}}},
         "/v1/items/{item_id}/segments": {"get": {"parameters": [

@@ -38,6 +38,14 @@ class StorageFull(OSError):
 
 FULL = (errno.ENOSPC, errno.EDQUOT)  # the errors that mean StorageFull
 
+# A blob is shared by every item (of any library or tenant) that holds its bytes, and is removed when the
+# last of them is deleted. Two sides must not interleave, so both hold this Postgres advisory lock: an
+# upload, shared, from moving its blobs into place (or keeping the stored copy) until its item rows
+# commit; removal, exclusive, from checking that no item holds the bytes until the file is unlinked. An
+# upload of the same bytes at that moment either commits its item first (the blob stays) or moves its own
+# copy into place after the unlink.
+BLOB_LOCK = 0x636C6170_71626C62  # "clapqblb"
+
 
 class BlobWriter:
     """A file-like sink that hashes while it writes to a temporary file in the store."""
@@ -141,6 +149,14 @@ class BlobStore:
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
+
+    def remove(self, sha256: str) -> bool:
+        """Unlink a blob (only under BLOB_LOCK, once no item holds it); False if it was not there."""
+        try:
+            self.path_for(sha256).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
     def writer(self) -> BlobWriter:
         return BlobWriter(self)

@@ -112,6 +112,10 @@ class Item(Base):
         Index("ix_items_pending", "status", "updated_at", postgresql_where="status IN ('queued', 'running')"),
         # metadata filters (`@>`) find their items without a table scan
         Index("ix_items_metadata", "metadata", postgresql_using="gin", postgresql_ops={"metadata": "jsonb_path_ops"}),
+        # whether any item still holds a blob's bytes, when one is deleted (migration 0006)
+        Index("ix_items_sha256", "sha256"),
+        # a library's items, paged
+        Index("ix_items_library_created", "library_id", "created_at", "id"),
     )
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=_uuid)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)

@@ -397,8 +397,9 @@ def test_duration_limit_fails_the_item_with_the_limit_named(tmp_path):
 
 def test_a_batch_is_written_with_one_statement_exactly_and_reruns_drop_stale_windows(settings):
     """Every finished item of a model batch goes to Postgres in one statement; float32 values
-    round-trip bit for bit; a re-run with fewer windows leaves no stale segment behind."""
-    from sqlalchemy import event, select
+    round-trip bit for bit; a re-run with fewer windows leaves no stale segment behind; an item deleted
+    meanwhile is skipped, not a foreign-key error that fails the batch."""
+    from sqlalchemy import delete, event, func, select
 
     from clapq.db import get_engine, session_scope
     from clapq.models import Embedding, EmbeddingModel, Item, Job, Library, Segment, Tenant
@@ -455,6 +456,15 @@ def test_a_batch_is_written_with_one_statement_exactly_and_reruns_drop_stale_win
             assert np.array_equal(stored, pooled(v[:n]))
             item = s.get(Item, c.id)
             assert (item.status, item.duration_s, item.sample_rate, item.channels) == ("done", 25.0, 44_100, 2)
+
+    # an item deleted while it was being embedded is left out; the rest of the batch is written
+    with session_scope(settings.database_url) as s:
+        s.execute(delete(Item).where(Item.id == claimed[0].id))
+    with session_scope(settings.database_url) as s:
+        assert write_items(s, [(c, info, sp, v) for c, sp, v in zip(claimed, spans, vectors)]) == 6
+    with session_scope(settings.database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Segment).where(Segment.item_id == claimed[0].id)) == 0
+        assert s.scalar(select(func.count()).select_from(Segment).where(Segment.item_id == claimed[1].id)) == 4
 
 
 def test_a_task_is_one_batch_of_files_unless_set():

@@ -14,7 +14,7 @@ from tests.test_e2e import upload
 def test_no_request_gets_a_server_error(app, client, new_key, worker, tmp_path):
     """Every operation /openapi.json describes, 25 generated requests each (the same ones every run),
     as a tenant with its own key, each sent twice: with the generated ids, and with the ids of that
-    tenant's real library, embedded file and job, so the bodies and queries reach the code behind the
+    tenant's real library, embedded file and job (DELETEs only the first way), so the bodies and queries reach the code behind the
     lookups. Every answer is below 500. Failures are collected across operations."""
     key = new_key()
     lib = client.post("/v1/libraries", json={"name": "fuzzed"}, headers=auth(key)).get_json()
@@ -31,7 +31,8 @@ def test_no_request_gets_a_server_error(app, client, new_key, worker, tmp_path):
         @fuzz_settings(max_examples=25, deadline=None, derandomize=True, database=None,
                        suppress_health_check=list(HealthCheck))
         def answers_below_500(case):
-            for ids in (False, True):
+            # a DELETE with the real ids would leave the operations after it nothing real to reach
+            for ids in (False,) if operation.method.upper() == "DELETE" else (False, True):
                 if ids:  # the tenant's own ids wherever the request names one
                     for part in (case.path_parameters, case.query, case.body):
                         if isinstance(part, dict):

@@ -1,0 +1,186 @@
+"""Deleting items and libraries: gone from every answer at once, their files removed from disk only where
+no other item (of any library or tenant) holds the same bytes, and never while an upload of those bytes
+is committing."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+from sqlalchemy import select, text
+
+from clapq.blobs import BLOB_LOCK, BlobStore
+from clapq.db import get_engine, session_scope
+from clapq.models import Embedding, Item, Segment
+from tests.audio import write
+from tests.conftest import auth, wait_job
+from tests.test_e2e import upload
+
+
+def _library(client, key, name):
+    return client.post("/v1/libraries", json={"name": name}, headers=auth(key)).get_json()["id"]
+
+
+def _done(client, key, lib, paths) -> dict:
+    """Upload, wait for the job, and return {filename: item id}."""
+    up = upload(client, key, lib, paths).get_json()
+    assert wait_job(client, key, up["job_id"])["status"] == "done"
+    return {it["filename"]: it["id"] for it in up["items"]}
+
+
+def _vectors(settings, item_id) -> int:
+    with session_scope(settings.database_url) as s:
+        return (s.scalar(select(text("count(*)")).select_from(Segment).where(Segment.item_id == item_id))
+                + s.scalar(select(text("count(*)")).select_from(Embedding).where(Embedding.item_id == item_id)))
+
+
+def test_deleting_items(client, new_key, worker, settings, tmp_path):
+    key, other = new_key(), new_key()
+    a, b = _library(client, key, "a"), _library(client, key, "b")
+    x = write(tmp_path / "x.wav", 3.0, seed=11)
+    shared = write(tmp_path / "shared.wav", 2.0, seed=12)
+    y = write(tmp_path / "y.wav", 12.0, seed=13)  # two windows
+    ids = _done(client, key, a, [x, shared, y])
+    in_b = _done(client, key, b, [shared])["shared.wav"]
+    # y sent again in a later job: that job holds a copy of it
+    again = upload(client, key, a, [y]).get_json()["job_id"]
+    assert wait_job(client, key, again)["counts"]["duplicates"] == 1
+    store = BlobStore(settings.blob_dir)
+    sha = {name: client.get(f"/v1/items/{i}", headers=auth(key)).get_json()["sha256"] for name, i in ids.items()}
+    assert _vectors(settings, ids["y.wav"]) == 3  # two windows (0-10 s, 2-12 s) and the pooled vector
+
+    # another tenant cannot delete it, or learn that it exists
+    assert client.delete(f"/v1/items/{ids['x.wav']}", headers=auth(other)).status_code == 404
+
+    r = client.delete(f"/v1/items/{ids['x.wav']}", headers=auth(key))
+    assert r.status_code == 200 and r.get_json()["deleted"] == {"item": ids["x.wav"], "items": 1, "stored_files": 1}
+    assert client.get(f"/v1/items/{ids['x.wav']}", headers=auth(key)).status_code == 404
+    assert client.delete(f"/v1/items/{ids['x.wav']}", headers=auth(key)).status_code == 404
+    assert not store.exists(sha["x.wav"]) and _vectors(settings, ids["x.wav"]) == 0
+    hits = client.get("/v1/search", query_string={"library_id": a, "q": "a tone", "k": 10}, headers=auth(key))
+    assert ids["x.wav"] not in {h["item_id"] for h in hits.get_json()["results"]}
+    assert len(hits.get_json()["results"]) == 2
+    known = client.post(f"/v1/libraries/{a}/known", json={"sha256": [sha["x.wav"]]}, headers=auth(key))
+    assert known.get_json()["known"] == []
+
+    # bytes another library holds stay on disk, and that library's item is untouched
+    r = client.delete(f"/v1/items/{ids['shared.wav']}", headers=auth(key))
+    assert r.get_json()["deleted"]["stored_files"] == 0 and store.exists(sha["shared.wav"])
+    assert client.get(f"/v1/items/{in_b}/audio", headers=auth(key)).data == shared.read_bytes()
+    assert _vectors(settings, in_b) == 2
+
+    # the job that held a copy of y no longer counts it
+    assert client.delete(f"/v1/items/{ids['y.wav']}", headers=auth(key)).status_code == 200
+    job = client.get(f"/v1/jobs/{again}", headers=auth(key)).get_json()
+    assert job["counts"]["duplicates"] == 0 and job["counts"]["total"] == 0 and job["status"] == "done"
+    assert _vectors(settings, ids["y.wav"]) == 0 and not store.exists(sha["y.wav"])
+
+    # sent again, a deleted file is a new item, embedded and stored again
+    back = _done(client, key, a, [x])["x.wav"]
+    assert back != ids["x.wav"] and store.exists(sha["x.wav"]) and _vectors(settings, back) == 2
+
+    # the library's items, paged and by status
+    page = client.get(f"/v1/libraries/{a}/items", query_string={"limit": 1}, headers=auth(key)).get_json()
+    assert [i["id"] for i in page["items"]] == [back] and page["next_cursor"] is None
+    assert client.get(f"/v1/libraries/{a}/items", query_string={"status": "failed"},
+                      headers=auth(key)).get_json()["items"] == []
+    assert client.get(f"/v1/libraries/{a}/items", query_string={"status": "gone"}, headers=auth(key)).status_code == 400
+    assert client.get(f"/v1/libraries/{a}/items", headers=auth(other)).status_code == 404
+
+
+def test_deleting_a_library(client, new_key, worker, settings, tmp_path):
+    key = new_key()
+    c, d = _library(client, key, "c"), _library(client, key, "d")
+    own = write(tmp_path / "own.wav", 2.0, seed=21)
+    shared = write(tmp_path / "shared.wav", 2.0, seed=22)
+    up = upload(client, key, c, [own, shared]).get_json()
+    assert wait_job(client, key, up["job_id"])["status"] == "done"
+    kept = _done(client, key, d, [shared])["shared.wav"]
+    page = client.get(f"/v1/libraries/{c}/items", query_string={"limit": 1}, headers=auth(key)).get_json()
+    second = client.get(f"/v1/libraries/{c}/items", query_string={"limit": 1, "cursor": page["next_cursor"]},
+                        headers=auth(key)).get_json()
+    assert {i["filename"] for i in page["items"] + second["items"]} == {"own.wav", "shared.wav"}
+
+    assert client.delete(f"/v1/libraries/{c}", headers=auth(new_key())).status_code == 404
+    r = client.delete(f"/v1/libraries/{c}", headers=auth(key))
+    assert r.status_code == 200 and r.get_json()["deleted"] == {"library": c, "items": 2, "stored_files": 1}
+    for url in (f"/v1/libraries/{c}", f"/v1/jobs/{up['job_id']}", f"/v1/libraries/{c}/items",
+                *(f"/v1/items/{i['id']}" for i in up["items"])):
+        assert client.get(url, headers=auth(key)).status_code == 404, url
+    assert [lib["id"] for lib in client.get("/v1/libraries", headers=auth(key)).get_json()["libraries"]] == [d]
+    assert client.get("/v1/search", query_string={"library_id": c, "q": "x"}, headers=auth(key)).status_code == 404
+    store = BlobStore(settings.blob_dir)
+    assert not store.exists(_sha(own)) and store.exists(_sha(shared))
+    assert client.get(f"/v1/items/{kept}/audio", headers=auth(key)).data == shared.read_bytes()
+    assert _vectors(settings, up["items"][0]["id"]) == 0 and _vectors(settings, kept) == 2
+
+
+def _sha(path) -> str:
+    from clapq.blobs import file_sha256
+
+    return file_sha256(path)
+
+
+def test_a_deleted_files_bytes_stay_for_an_upload_committing_them(app, client, new_key, worker, settings, tmp_path):
+    """An upload holds BLOB_LOCK shared from moving its blobs into place until its items commit. Here a
+    connection holds it as such an upload would, while an item with the same bytes is deleted: the blob
+    is not removed while the lock is held, and once the "upload" commits an item holding those bytes, it
+    is not removed at all. Without the lock the file would be gone before that item's row committed."""
+    key = new_key()
+    lib = _library(client, key, "e")
+    z = write(tmp_path / "z.wav", 1.5, seed=31)
+    item = _done(client, key, lib, [z])["z.wav"]
+    holder = _done(client, key, lib, [write(tmp_path / "other.wav", 1.0, seed=32)])["other.wav"]
+    store, sha = BlobStore(settings.blob_dir), _sha(z)
+    engine = get_engine(settings.database_url)
+    answer = {}
+
+    def delete():
+        answer["r"] = app.test_client().delete(f"/v1/items/{item}", headers=auth(key))
+
+    with engine.connect() as upload_tx:
+        upload_tx.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": BLOB_LOCK})
+        t = threading.Thread(target=delete)
+        t.start()
+        deadline = time.monotonic() + 30
+        with engine.connect() as look:
+            while look.scalar(select(Item.id).where(Item.id == item)) is not None and time.monotonic() < deadline:
+                look.rollback()
+                time.sleep(0.05)
+        time.sleep(0.3)
+        assert t.is_alive() and store.exists(sha)  # the item is gone; its file waits for the lock
+        upload_tx.execute(text(
+            "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, status) "
+            "SELECT gen_random_uuid(), tenant_id, library_id, job_id, :sha, 'z-again.wav', size_bytes, 'failed' "
+            "FROM items WHERE id = :holder"), {"sha": sha, "holder": holder})
+        upload_tx.commit()
+    t.join(30)
+    assert answer["r"].status_code == 200 and answer["r"].get_json()["deleted"]["stored_files"] == 0
+    assert store.exists(sha)
+
+
+def test_an_upload_into_a_library_deleted_meanwhile_is_a_404(client, new_key, settings):
+    """The library is deleted after the upload looked it up and before its rows went in (here by a
+    trigger on the job's insert, as a DELETE from another client would): a 404 that says what happened,
+    not a 500, and nothing of the upload stored."""
+    import uuid
+
+    key = new_key()
+    lib = _library(client, key, "vanishing")
+    with session_scope(settings.database_url) as s:
+        s.execute(text(f"""
+            CREATE FUNCTION test_vanish() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN DELETE FROM libraries WHERE id = NEW.library_id; RETURN NEW; END $$;
+            CREATE TRIGGER test_vanish BEFORE INSERT ON jobs FOR EACH ROW
+            WHEN (NEW.library_id = '{uuid.UUID(lib)}') EXECUTE FUNCTION test_vanish()"""))
+    try:
+        r = client.post(f"/v1/libraries/{lib}/batches", headers=auth(key), content_type="multipart/form-data",
+                        data={"files": [(io.BytesIO(b"RIFF" + bytes(2000)), "late.wav")]})
+    finally:
+        with session_scope(settings.database_url) as s:
+            s.execute(text("DROP TRIGGER test_vanish ON jobs; DROP FUNCTION test_vanish()"))
+    assert r.status_code == 404 and "deleted while it ran" in r.get_json()["error"]["message"]
+    with session_scope(settings.database_url) as s:
+        assert s.scalar(text("SELECT count(*) FROM items WHERE filename = 'late.wav' AND library_id = :l"),
+                        {"l": lib}) == 0
