@@ -62,7 +62,7 @@ def delete_item(item_id: str):
     """The item, its vectors and its place in its job, at once; its stored file too, unless another item
     (in any library) holds the same bytes. Queued or running, it is simply never embedded."""
     item = owned(Item, item_id, "item")
-    shas = delete_items(Item.id == item.id)
+    shas = delete_items(db(), Item.id == item.id)
     if not shas:  # another request deleted it first
         raise not_found("item")
     return {"deleted": {"item": str(item.id), "items": 1, "stored_files": reclaim(shas)}}

@@ -82,7 +82,7 @@ def delete_library(lib_id: str):
     lib = owned(Library, lib_id, "library")
     # its items first, then the library: a worker writing vectors locks items before the library (its
     # foreign keys), so taking them in the same order cannot deadlock with it
-    shas = delete_items(Item.library_id == lib.id)
+    shas = delete_items(db(), Item.library_id == lib.id)
     # an upload committing into it between the two statements: its items go by cascade, and their files
     # stay on disk unnamed (space, not data); an upload after this gets a 404 (api.errors)
     db().execute(delete(Library).where(Library.id == lib.id))

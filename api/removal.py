@@ -6,8 +6,8 @@ import logging
 
 from flask import current_app
 from sqlalchemy import delete, func, select, text, update
+from sqlalchemy.orm import Session
 
-from api.db import db
 from clapq.blobs import BLOB_LOCK, BlobStore
 from clapq.db import get_engine
 from clapq.models import Item, Job, JobDuplicate
@@ -19,12 +19,11 @@ RECLAIM_CHUNK = 1000  # blobs checked and unlinked per hold of the exclusive loc
 _HELD = text("SELECT DISTINCT sha256 FROM items WHERE sha256 = ANY(CAST(:shas AS text[]))")
 
 
-def delete_items(where) -> list[str]:
+def delete_items(session: Session, where) -> list[str]:
     """Delete the items `where` selects (their segments, pooled vectors and copies go with them, by
     cascade) and commit; returns the digests of their bytes, for `reclaim`. A copy another job recorded
     of a deleted item stops counting in that job. A worker embedding one of them at this moment writes
     nothing for it (worker.store locks the items it writes)."""
-    session = db()
     ids = select(Item.id).where(where).scalar_subquery()
     copies = (select(JobDuplicate.job_id, func.sum(JobDuplicate.copies).label("n"))
               .where(JobDuplicate.item_id.in_(ids)).group_by(JobDuplicate.job_id).subquery())

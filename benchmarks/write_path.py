@@ -1,6 +1,7 @@
 """What storing a finished batch costs Postgres as the library grows: the worker's vector write.
 
     python benchmarks/write_path.py --sizes 0,10000,40000
+    python benchmarks/write_path.py --sizes 10000,100000 --clips 16 --delete   # what deleting costs
 
 Starts its own embedded PostgreSQL 18 + pgvector, migrates it with `clapq.db.migrate`, and for each
 size N fills one library with N stored 10 s clips (items, one segment and one pooled vector each,
@@ -117,6 +118,26 @@ def write_clips(url: str, cur, clips: int, batch: int, seed: int, model_id: int,
             "batch_wall_ms_p50": float(np.median(per_batch)) * 1e3}
 
 
+def delete_library(url: str, library) -> dict:
+    """The rows of DELETE /v1/libraries/<id>: its items (cascading to segments and pooled vectors) through
+    the API's own `delete_items`, then the library; seconds each (the blob files are not timed: this
+    benchmark writes none)."""
+    from sqlalchemy import delete
+
+    from api.removal import delete_items
+    from clapq.db import session_scope
+    from clapq.models import Item, Library
+
+    c0, t0 = postgres_cpu_s(), time.perf_counter()
+    with session_scope(url) as s:
+        n = len(delete_items(s, Item.library_id == library))
+    t1 = time.perf_counter()
+    with session_scope(url) as s:
+        s.execute(delete(Library).where(Library.id == library))
+    return {"deleted_items": n, "delete_items_s": round(t1 - t0, 2),
+            "delete_library_s": round(time.perf_counter() - t1, 2), "delete_postgres_cpu_s": round(postgres_cpu_s() - c0, 2)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -126,6 +147,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--drop", default="", help="indexes to drop before measuring, comma-separated "
                     "(what a write costs without them)")
+    ap.add_argument("--delete", action="store_true", help="then delete each library as DELETE /v1/libraries "
+                    "does, and time it")
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     sizes = sorted(int(x) for x in args.sizes.split(","))
@@ -162,10 +185,15 @@ def main() -> int:
             load_s, build_s = fill(cur, n, args.seed + i, model_id, tenant, library, job)
             r = {"library_clips": n, "load_s": round(load_s, 1), "index_build_s": round(build_s, 1),
                  **write_clips(url, cur, args.clips, args.batch, args.seed + i, model_id, tenant, library, job)}
-            rows.append(r)
             print(f"{n:>8} clips stored: Postgres {r['postgres_cpu_ms_per_clip']:6.2f} CPU-ms a clip, "
                   f"write {r['wall_ms_per_clip']:6.2f} ms a clip (batch p50 {r['batch_wall_ms_p50']:.0f} ms); "
                   f"index build {build_s:.1f} s", flush=True)
+            if args.delete:
+                r.update(delete_library(url, library))
+                print(f"{'':>8} deleting the library's {r['deleted_items']} items: {r['delete_items_s']} s "
+                      f"(Postgres {r['delete_postgres_cpu_s']} CPU-s), then the library {r['delete_library_s']} s",
+                      flush=True)
+            rows.append(r)
         conn.close()
     finally:
         dispose_engines()

@@ -151,11 +151,19 @@ class BlobStore:
         return self.path_for(sha256).is_file()
 
     def remove(self, sha256: str) -> bool:
-        """Unlink a blob (only under BLOB_LOCK, once no item holds it); False if it was not there."""
+        """Unlink a blob (only under BLOB_LOCK, once no item holds it), and its shard directories if that
+        left them empty (no upload is moving a blob into them: it would hold the lock); False if it was
+        not there."""
+        path = self.path_for(sha256)
         try:
-            self.path_for(sha256).unlink()
+            path.unlink()
         except FileNotFoundError:
             return False
+        for d in (path.parent, path.parent.parent):
+            try:
+                d.rmdir()
+            except OSError:  # not empty
+                break
         return True
 
     def writer(self) -> BlobWriter:

@@ -58,6 +58,8 @@ def test_deleting_items(client, new_key, worker, settings, tmp_path):
     assert client.get(f"/v1/items/{ids['x.wav']}", headers=auth(key)).status_code == 404
     assert client.delete(f"/v1/items/{ids['x.wav']}", headers=auth(key)).status_code == 404
     assert not store.exists(sha["x.wav"]) and _vectors(settings, ids["x.wav"]) == 0
+    shard = store.path_for(sha["x.wav"]).parent  # no empty shard directory left behind
+    assert not shard.exists() or any(shard.iterdir())
     hits = client.get("/v1/search", query_string={"library_id": a, "q": "a tone", "k": 10}, headers=auth(key))
     assert ids["x.wav"] not in {h["item_id"] for h in hits.get_json()["results"]}
     assert len(hits.get_json()["results"]) == 2
