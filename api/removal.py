@@ -24,11 +24,14 @@ def delete_items(session: Session, where) -> list[str]:
     cascade) and commit; returns the digests of their bytes, for `reclaim`. A copy another job recorded
     of a deleted item stops counting in that job. A worker embedding one of them at this moment writes
     nothing for it (worker.store locks the items it writes)."""
-    ids = select(Item.id).where(where).scalar_subquery()
+    # one statement: the copies are counted from the rows this DELETE removed, so two requests deleting
+    # the same item at once uncount its copies once (the second one's DELETE finds nothing to remove)
+    gone = delete(Item).where(where).returning(Item.id, Item.sha256).cte("gone")
     copies = (select(JobDuplicate.job_id, func.sum(JobDuplicate.copies).label("n"))
-              .where(JobDuplicate.item_id.in_(ids)).group_by(JobDuplicate.job_id).subquery())
-    session.execute(update(Job).where(Job.id == copies.c.job_id).values(duplicates=Job.duplicates - copies.c.n))
-    shas = list(session.scalars(delete(Item).where(where).returning(Item.sha256)))
+              .join(gone, JobDuplicate.item_id == gone.c.id).group_by(JobDuplicate.job_id).subquery("copies"))
+    uncount = (update(Job).where(Job.id == copies.c.job_id).values(duplicates=Job.duplicates - copies.c.n)
+               .returning(Job.id).cte("uncount"))
+    shas = list(session.scalars(select(gone.c.sha256).add_cte(uncount)))
     session.commit()
     return shas
 

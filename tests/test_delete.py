@@ -186,3 +186,38 @@ def test_an_upload_into_a_library_deleted_meanwhile_is_a_404(client, new_key, se
     with session_scope(settings.database_url) as s:
         assert s.scalar(text("SELECT count(*) FROM items WHERE filename = 'late.wav' AND library_id = :l"),
                         {"l": lib}) == 0
+
+
+def test_two_deletions_of_one_item_at_once_uncount_its_copies_once(app, client, new_key, worker, settings, tmp_path):
+    """Two requests delete the same item, which another job holds a copy of, at the same moment (both
+    wait here on the item's row, then go): one deletes it, the other answers 404, and the job that held
+    the copy counts it once, not twice (duplicates 0, never -1)."""
+    key = new_key()
+    lib = _library(client, key, "twice")
+    f = write(tmp_path / "f.wav", 1.0, seed=41)
+    item = _done(client, key, lib, [f])["f.wav"]
+    copy_job = upload(client, key, lib, [f]).get_json()["job_id"]
+    assert wait_job(client, key, copy_job)["counts"]["duplicates"] == 1
+    engine = get_engine(settings.database_url)
+    answers = []
+
+    def delete():
+        answers.append(app.test_client().delete(f"/v1/items/{item}", headers=auth(key)).status_code)
+
+    with engine.connect() as holder:
+        holder.execute(select(Item.id).where(Item.id == item).with_for_update())
+        threads = [threading.Thread(target=delete) for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        with engine.connect() as look:
+            while time.monotonic() < deadline and look.scalar(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%DELETE FROM items%'")) < 2:
+                look.rollback()
+                time.sleep(0.05)
+        holder.commit()
+    for t in threads:
+        t.join(30)
+    assert sorted(answers) == [200, 404]
+    assert client.get(f"/v1/jobs/{copy_job}", headers=auth(key)).get_json()["counts"]["duplicates"] == 0
