@@ -361,6 +361,13 @@ def cmd_search(args) -> None:
     search(connect(args.url, args.key, settings.data_dir), args.library, args.text, args.k, like=args.like)
 
 
+def cmd_delete(args) -> None:
+    from clapq.client import connect, delete
+
+    settings = Settings.from_env(data_dir=args.data_dir)
+    raise SystemExit(delete(connect(args.url, args.key, settings.data_dir), args.library, args.items, yes=args.yes))
+
+
 def _client_args(p: argparse.ArgumentParser, library_help: str) -> None:
     p.add_argument("--library", required=True, help=library_help)
     p.add_argument("--url", default=None, help="API base URL (default $CLAPQ_URL or http://127.0.0.1:8000)")
@@ -401,6 +408,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=int, default=10, help="how many results (default 10)")
     _client_args(search, "library name or id")
     search.set_defaults(func=cmd_search)
+    rm = sub.add_parser("delete", help="delete files of a library (by item id), or the whole library")
+    rm.add_argument("items", nargs="*", metavar="ITEM", help="item ids, as `clapq search` prints them; none: the "
+                    "whole library")
+    rm.add_argument("--yes", action="store_true", help="delete the whole library without asking")
+    _client_args(rm, "library name or id")
+    rm.set_defaults(func=cmd_delete)
     return p
 
 

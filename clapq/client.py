@@ -472,6 +472,40 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
         print(f"no results: library {lib['name']!r} has no embedded files yet", file=sys.stderr)
 
 
+def delete(client: Client, library: str, items: list[str], yes: bool = False) -> int:
+    """Delete these items (ids, as `clapq search` prints them) of the library, or with no items the whole
+    library, which needs `yes` (or a "y" typed at a terminal). Returns the exit status: 1 if an id named
+    no item of that library."""
+    lib = client.library(library, create=False)
+    if not items:
+        if not yes:
+            question = f"delete library {lib['name']!r} and its {n_files(lib.get('item_count', 0))}?"
+            if not sys.stdin.isatty():
+                raise SystemExit(f"clapq: {question} Deleting a whole library needs --yes (or name the files' "
+                                 "item ids to delete only those)")
+            if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+                print("nothing deleted", file=sys.stderr)
+                return 1
+        gone = client.call("DELETE", f"/v1/libraries/{lib['id']}")["deleted"]
+        kept = gone["items"] - gone["stored_files"]  # bytes other libraries hold too
+        print(f"deleted library {lib['name']!r}: {n_files(gone['items'])}"
+              + (f" ({n_files(kept)} kept on disk: other libraries hold the same bytes)" if kept > 0 else ""))
+        return 0
+    missing = 0
+    for raw in items:
+        item = client.call("GET", f"/v1/items/{urllib.parse.quote(raw, safe='')}", missing_ok=True)
+        if not isinstance(item, dict) or item.get("library_id") != lib["id"]:
+            print(f"clapq: no item {raw!r} in library {lib['name']!r} (give item ids as `clapq search` prints "
+                  "them)", file=sys.stderr)
+            missing += 1
+            continue
+        if client.call("DELETE", f"/v1/items/{item['id']}", missing_ok=True) is None:
+            print(f"clapq: {item['filename']} ({item['id']}) was deleted meanwhile", file=sys.stderr)
+            continue
+        print(f"deleted {item['filename']} ({item['id']})")
+    return 1 if missing else 0
+
+
 def connect(url: str | None, key: str | None, data_dir: Path) -> Client:
     url = url or os.environ.get("CLAPQ_URL") or "http://127.0.0.1:8000"
     try:

@@ -234,6 +234,21 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert out.returncode == 0 and "uploading" not in out.stderr, out.stderr
     assert json.loads(out.stdout)["jobs"] == [] and json.loads(out.stdout)["skipped"] == 128, out.stdout
 
+    # `clapq delete`: files by the ids `clapq search` prints, or a whole library (with --yes only, when
+    # stdin is not a terminal); an id of another library's file is named and deleted nowhere
+    heavy = best[2]
+    out = subprocess.run(cli + ["delete", heavy, lib["id"], "--library", "folder lib", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and out.stdout == f"deleted heavy.flac ({heavy})\n", out.stdout + out.stderr
+    assert f"no item '{lib['id']}' in library 'folder lib'" in out.stderr, out.stderr
+    assert requests.get(f"{base}/v1/items/{heavy}", headers=h, timeout=10).status_code == 404
+    out = subprocess.run(cli + ["delete", "--library", "partial", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert out.returncode != 0 and "needs --yes" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = subprocess.run(cli + ["delete", "--library", "partial", "--yes", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout == "deleted library 'partial': 1 file\n", out.stdout + out.stderr
+
     # `keys create` works while `up` runs on the same data directory
     out = subprocess.run([sys.executable, "-m", "clapq.cli", "keys", "create", "--tenant", "second",
                           "--data-dir", str(data_dir)], env=_env(tiny_model), capture_output=True, text=True,
@@ -259,8 +274,8 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert up2.wait_ready() == key
     base2 = f"http://127.0.0.1:{up2.port}"
     libs = requests.get(f"{base2}/v1/libraries", headers=h, timeout=10).json()["libraries"]
-    assert [(x["name"], x["item_count"]) for x in libs] == [("field recordings", 4), ("folder lib", 3),
-                                                            ("empty", 0), ("partial", 1)]
+    assert [(x["name"], x["item_count"]) for x in libs] == [("field recordings", 4), ("folder lib", 2),
+                                                            ("empty", 0)]
     res2 = requests.get(f"{base2}/v1/search", params={"library_id": lib["id"], "q": "birdsong", "k": 2},
                         headers=h, timeout=60).json()
     assert res2["results"] == res["results"]
@@ -539,7 +554,8 @@ def test_upload_bodies_stream_from_disk_and_parse_as_sent(tmp_path):
     assert files["files"].filename == "sub/a.wav" and files["files"].read() == b"RIFF small"
 
 
-@pytest.mark.parametrize("cmd", [["upload", "FOLDER", "--library", "x"], ["search", "--library", "x", "a dog"]])
+@pytest.mark.parametrize("cmd", [["upload", "FOLDER", "--library", "x"], ["search", "--library", "x", "a dog"],
+                                 ["delete", "--library", "x", "--yes"]])
 def test_client_commands_say_when_the_api_is_not_there(tmp_path, tiny_model, cmd):
     port = free_port()  # nothing listens there
     argv = [str(tmp_path) if a == "FOLDER" else a for a in cmd]
