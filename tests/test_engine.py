@@ -399,7 +399,7 @@ def test_a_batch_is_written_with_one_statement_exactly_and_reruns_drop_stale_win
     """Every finished item of a model batch goes to Postgres in one statement; float32 values
     round-trip bit for bit; a re-run with fewer windows leaves no stale segment behind; an item deleted
     meanwhile is skipped, not a foreign-key error that fails the batch."""
-    from sqlalchemy import delete, event, func, select
+    from sqlalchemy import delete, event, func, select, update
 
     from clapq.db import get_engine, session_scope
     from clapq.models import Embedding, EmbeddingModel, Item, Job, Library, Segment, Tenant
@@ -465,6 +465,13 @@ def test_a_batch_is_written_with_one_statement_exactly_and_reruns_drop_stale_win
     with session_scope(settings.database_url) as s:
         assert s.scalar(select(func.count()).select_from(Segment).where(Segment.item_id == claimed[0].id)) == 0
         assert s.scalar(select(func.count()).select_from(Segment).where(Segment.item_id == claimed[1].id)) == 4
+    # the heartbeat names the items its task no longer holds: deleted (0), finished (1); not one still running
+    from worker.store import heartbeat
+
+    with session_scope(settings.database_url) as s:
+        s.execute(update(Item).where(Item.id == claimed[2].id).values(status="running", claimed_by="task-t"))
+    with session_scope(settings.database_url) as s:
+        assert heartbeat(s, [c.id for c in claimed], "task-t") == {claimed[0].id, claimed[1].id}
 
 
 def test_a_task_is_one_batch_of_files_unless_set():
@@ -734,6 +741,39 @@ def test_a_task_fills_its_last_batch_with_more_files_and_pads_only_at_the_end(ti
         pool.close()
     assert asked == [1, 3, 2] and batches == [4, 2]
     assert sorted(len(d.windows) for d, _ in done) == [1, 1, 1, 1, 2]
+
+
+def test_a_file_dropped_meanwhile_runs_no_more_windows(tiny_model, tmp_path):
+    """A 30 s file (5 windows) and a 1 s one, batch 4. After the first batch the long file's id appears in
+    `dropped` (as the heartbeat adds a file deleted meanwhile): its fifth window is not run, it never
+    reaches on_done and its scratch file is gone; the short file's batch still runs."""
+    from clapq.checkpoint import resolve
+    from clapq.clap import get_clap
+    from worker import pipeline
+    from worker.decoder import DecoderPool
+    from worker.embedder import AudioEmbedder
+    from worker.store import Claimed
+
+    blobs = BlobStore(tmp_path / "blobs")
+    long, short = (Claimed(uuid.uuid4(), blobs.put_bytes(write(tmp_path / f"{n}.wav", secs, 16_000, seed=80 + secs)
+                                                         .read_bytes()), None, 1) for n, secs in (("l", 30), ("s", 1)))
+    dropped, batches, done = set(), [], []
+
+    def on_batch(n, secs):
+        batches.append(n)
+        dropped.add(long.id)
+
+    emb = AudioEmbedder(get_clap(resolve(str(tiny_model)), "cpu"))
+    pool = DecoderPool(1)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    try:
+        pipeline.run([long, short], blobs, pool, emb, pipeline.Options(batch_size=4, scratch_dir=scratch),
+                     done.extend, lambda d: pytest.fail(d.error), on_batch=on_batch, dropped=dropped)
+    finally:
+        pool.close()
+    assert batches == [4, 1] and [d.item.id for d, _ in done] == [short.id]
+    assert list(scratch.iterdir()) == []
 
 
 def test_the_decoders_go_on_into_later_files_while_the_model_works(tiny_model, tmp_path):

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 
 from clapq.db import session_scope
 
@@ -14,7 +14,10 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: float) -> Iterator[None]:
+def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: float,
+            on_gone: Callable[[set[uuid.UUID]], None] | None = None) -> Iterator[None]:
+    """Beat for `ids` every `interval_s`; `on_gone(ids)` hears of those the task no longer holds (deleted
+    meanwhile, or taken by another task), so it can stop working on them."""
     from worker.store import heartbeat
 
     stop = threading.Event()
@@ -23,7 +26,9 @@ def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: floa
         while not stop.wait(interval_s):
             try:
                 with session_scope(url) as s:
-                    heartbeat(s, list(ids), task_id)  # the task may add items to `ids` as it goes
+                    gone = heartbeat(s, list(ids), task_id)  # the task may add items to `ids` as it goes
+                if gone and on_gone is not None:
+                    on_gone(gone)
             except Exception:  # a missed beat only risks a harmless duplicate run
                 log.warning("heartbeat failed", exc_info=True)
 

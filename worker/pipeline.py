@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +145,8 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
         on_failed: Callable[[Decoded], None],
         on_batch: Callable[[int, float], None] | None = None,
         top_up: Callable[[int], list] | None = None,
-        more: Callable[[], list] | None = None) -> None:
+        more: Callable[[], list] | None = None,
+        dropped: Collection[uuid.UUID] = ()) -> None:
     """Pack windows from many files into full batches; hand finished items to the writer.
 
     `more()`, asked when the read-ahead has taken the last item, returns the next items to decode (the
@@ -154,7 +155,8 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
     of the next (on a GPU with a task of one batch they would otherwise take turns with the model).
     When the items are read and the last batch would be padded, `top_up(rows)` may return up to `rows`
     more items to fill it: a GPU batch of 256 is not run three-quarters empty because a task brought 64
-    files. Padding stays for the very end."""
+    files. Padding stays for the very end. Items whose ids appear in `dropped` (the heartbeat adds
+    those deleted meanwhile) are dropped with their windows not yet run, and never reach `on_done`."""
     window = embedder.window_samples
     if opts.read_ahead == 0 and embedder.clap.device.type == "cuda":
         opts = dataclasses.replace(opts, read_ahead=opts.batch_size)
@@ -196,6 +198,16 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
         if finished:
             on_done(finished)
 
+    def drop_gone() -> None:
+        gone = {i for i in list(dropped) if i in results}  # list(): one step, while the heartbeat adds
+        if not gone:
+            return
+        for d in seen:
+            if d.item.id in gone:
+                results.pop(d.item.id)
+                d.cleanup()
+        queue[:] = [(d, i) for d, i in queue if d.item.id not in gone]
+
     def stream() -> Iterator:
         yield from items
         while more is not None:
@@ -214,12 +226,16 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
                 seen.append(d)
                 results[d.item.id] = [None] * len(d.windows)
                 queue.extend((d, i) for i in range(len(d.windows)))
+                drop_gone()
                 while len(queue) >= opts.batch_size:
                     flush()
+                    drop_gone()
             short = -len(queue) % opts.batch_size  # rows the last batch would pad
             todo = list(top_up(short)) if top_up is not None and short else []
+        drop_gone()
         while queue:
             flush()
+            drop_gone()
     finally:  # scratch files never outlive the task, whatever happened
         for d in seen:
             d.cleanup()

@@ -83,10 +83,12 @@ def claim_more(session: Session, model_id: int, max_attempts: int, task_id: str,
     return claim(session, ids, model_id, max_attempts, task_id, stale_after_s) if ids else []
 
 
-def heartbeat(session: Session, ids: list[uuid.UUID], task_id: str) -> None:
-    """Tell the sweeper these items are still being worked on."""
-    session.execute(update(Item).where(Item.id.in_(ids), Item.status == "running", Item.claimed_by == task_id)
-                    .values(updated_at=func.now()))
+def heartbeat(session: Session, ids: list[uuid.UUID], task_id: str) -> set[uuid.UUID]:
+    """Tell the sweeper these items are still being worked on; returns those of them this task no longer
+    holds: deleted, or taken by another task after missed beats (or just finished here)."""
+    kept = session.scalars(update(Item).where(Item.id.in_(ids), Item.status == "running", Item.claimed_by == task_id)
+                           .values(updated_at=func.now()).returning(Item.id))
+    return set(ids) - set(kept)
 
 
 def release(session: Session, item_ids: list[uuid.UUID], reason: str, task_id: str,

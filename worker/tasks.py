@@ -215,10 +215,19 @@ def embed_items(self, item_ids: list[str]) -> dict:
         log.info("item failed", extra={"item_id": str(d.item.id), "job_id": str(d.item.job_id),
                                        "tenant_id": str(d.item.tenant_id), "error": d.error})
 
+    # files the heartbeat finds gone (deleted meanwhile, or taken by another task): their windows not yet
+    # run are dropped, so deleting a long file stops its embedding within a beat or so
+    dropped: set = set()
+
+    def on_gone(ids: set) -> None:
+        dropped.update(ids)
+        held.difference_update(ids)
+
     try:
-        with beating(settings.database_url, held, task_id, settings.heartbeat_s):
+        with beating(settings.database_url, held, task_id, settings.heartbeat_s, on_gone=on_gone):
             pipeline.run(claimed, blobs, decoders, embedder, opts, on_done, on_failed,
-                         on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs), top_up=top_up, more=more)
+                         on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs), top_up=top_up, more=more,
+                         dropped=dropped)
     except TRANSIENT as exc:
         # Celery runs this task again with its own files (the writes are idempotent); the files it took
         # from later tasks, whose messages are spent, go back now, this try not counted against them
