@@ -142,7 +142,9 @@ def job_items(job_id: str):
 
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id: str):
-    """Queued items are cancelled now; running chunks finish (nothing is left half-written)."""
+    """Queued and running items are cancelled now. A worker embedding one learns of it at its next
+    heartbeat and runs no more of its windows; a file whose vectors it writes before that ends done
+    (whole, never half-written)."""
     job = owned(Job, job_id, "job")
     session = db()
     pending = session.scalar(select(func.count()).select_from(Item)
@@ -151,7 +153,7 @@ def cancel_job(job_id: str):
         # files it sent that the library held already are embedded by the jobs that sent them first
         raise ApiError(409, "conflict", "nothing of this job's is queued or running; nothing to cancel")
     job.cancelled = True
-    session.execute(update(Item).where(Item.job_id == job.id, Item.status == "queued")
+    session.execute(update(Item).where(Item.job_id == job.id, Item.status.in_(("queued", "running")))
                     .values(status="cancelled", finished_at=func.now()))
     session.commit()
     return job_json(job)

@@ -119,8 +119,21 @@ def test_retry_failed_and_cancel(client, new_key, worker, tmp_path, settings):
     up2 = paused.post(f"/v1/libraries/{lib['id']}/batches", headers=auth(key), data={"files": files},
                       content_type="multipart/form-data").get_json()
     assert up2["items"] and client.get(f"/v1/jobs/{up2['job_id']}", headers=auth(key)).get_json()["status"] == "queued"
+    # one of them as a worker's task holds it while embedding it
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+    from worker.store import heartbeat
+
+    running = up2["items"][0]["id"]
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE items SET status = 'running', claimed_by = 'task-x' WHERE id = :i"), {"i": running})
+        assert heartbeat(s, [uuid.UUID(running)], "task-x") == set()
     c = client.post(f"/v1/jobs/{up2['job_id']}/cancel", headers=auth(key)).get_json()
     assert c["status"] == "cancelled" and c["counts"]["cancelled"] == 3
+    # the running one too: that task's next heartbeat names it, and the task drops its windows
+    with session_scope(settings.database_url) as s:
+        assert heartbeat(s, [uuid.UUID(running)], "task-x") == {uuid.UUID(running)}
 
 
 def test_backpressure_answers_429_with_retry_after(client, new_key, settings):
