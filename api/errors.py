@@ -130,12 +130,22 @@ DB_RETRY_AFTER_S = 5
 _UNAVAILABLE_STATES = ("57P01", "57P02", "57P03", "53300")
 
 
+def _pgcode(e: Exception) -> str | None:
+    """The SQLSTATE Postgres gave for a database error, None where it gave none (no connection)."""
+    return getattr(getattr(e, "orig", None), "pgcode", None)
+
+
+def _first_line(e: Exception) -> str:
+    """The first line of what the driver said, for a log line."""
+    return (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def database_unavailable(e: Exception) -> bool:
     """Whether a database error means Postgres cannot be reached or used for now (a retry may work),
     not that this request's statement failed."""
     if isinstance(e, (sa_exc.TimeoutError, sa_exc.InterfaceError)) or getattr(e, "connection_invalidated", False):
         return True
-    code = getattr(getattr(e, "orig", None), "pgcode", None)
+    code = _pgcode(e)
     return code is None or code.startswith("08") or code in _UNAVAILABLE_STATES
 
 
@@ -165,8 +175,8 @@ def register(app: Flask) -> None:
     @app.errorhandler(sa_exc.InterfaceError)
     @app.errorhandler(sa_exc.TimeoutError)
     def _database(e: Exception):
-        why = (str(getattr(e, "orig", None) or e).strip().splitlines() or [type(e).__name__])[0]
-        if getattr(getattr(e, "orig", None), "pgcode", None) in _CONFLICT_STATES:
+        why = _first_line(e)
+        if _pgcode(e) in _CONFLICT_STATES:
             log.warning("request rolled back by the database: %s", why)
             return envelope(503, "database_conflict", "the request collided with another one changing the same "
                             f"rows and was not applied; send it again (after {CONFLICT_RETRY_AFTER_S} s)",
@@ -181,9 +191,9 @@ def register(app: Flask) -> None:
     # only way this service violates a foreign key; nothing was applied
     @app.errorhandler(sa_exc.IntegrityError)
     def _integrity(e: sa_exc.IntegrityError):
-        if getattr(getattr(e, "orig", None), "pgcode", None) != "23503":
+        if _pgcode(e) != "23503":
             return _unexpected(e)
-        log.warning("request refers to a row deleted meanwhile: %s", str(getattr(e, "orig", None) or e).strip())
+        log.warning("request refers to a row deleted meanwhile: %s", _first_line(e))
         return envelope(404, "not_found", "what this request refers to was deleted while it ran; nothing was applied")
 
     @app.errorhandler(StorageFull)  # a part being received, or committed, found the upload area full

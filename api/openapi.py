@@ -43,10 +43,13 @@ SEARCH_BODY = {"type": "object", "properties": {
     "min_score": {"type": "number"}, "mode": {"enum": ["items", "segments"]},
     "filter": {"type": "object", "description": '{"metadata": {key: value | {"in": [...]}}, "duration_s": {"min", "max"}}'}}}
 
-ITEM_PAGE = [
-    {"name": "status", "in": "query", "schema": {"enum": ["queued", "running", "done", "failed", "cancelled"]}},
+PAGE = [  # api.pages: limit + cursor
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}}]
+
+ITEM_PAGE = [
+    {"name": "status", "in": "query", "schema": {"enum": ["queued", "running", "done", "failed", "cancelled"]}},
+    *PAGE]
 
 DELETED = {"type": "object", "properties": {"deleted": {"type": "object", "properties": {
     "items": {"type": "integer"}, "stored_files": {"type": "integer"}}}}}
@@ -117,10 +120,7 @@ SPEC = {
         "/v1/limits": {"get": {"responses": _ok("what the service takes", {"type": "object", "properties": {
             k: {"type": "integer"} for k in ("max_file_bytes", "max_files_per_batch", "max_request_bytes",
                                              "max_query_chars", "max_k")}})}},
-        "/v1/jobs": {"get": {"parameters": [
-            {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
-            {"name": "cursor", "in": "query", "schema": {"type": "string"}}],
-            "responses": _ok("the tenant's jobs, newest first")}},
+        "/v1/jobs": {"get": {"parameters": PAGE, "responses": _ok("the tenant's jobs, newest first")}},
         "/v1/jobs/{job_id}/items": {"get": {"parameters": [_path_id("job_id"), *ITEM_PAGE],
                                             "responses": _ok("a page of the job's items")}},
         "/v1/jobs/{job_id}/cancel": {"post": {"parameters": [_path_id("job_id")],

@@ -10,7 +10,7 @@ import time
 
 from sqlalchemy import select, text
 
-from clapq.blobs import BLOB_LOCK, BlobStore
+from clapq.blobs import BLOB_LOCK, BlobStore, file_sha256
 from clapq.db import get_engine, session_scope
 from clapq.models import Embedding, Item, Segment
 from tests.audio import write
@@ -113,15 +113,9 @@ def test_deleting_a_library(client, new_key, worker, settings, tmp_path):
     assert [lib["id"] for lib in client.get("/v1/libraries", headers=auth(key)).get_json()["libraries"]] == [d]
     assert client.get("/v1/search", query_string={"library_id": c, "q": "x"}, headers=auth(key)).status_code == 404
     store = BlobStore(settings.blob_dir)
-    assert not store.exists(_sha(own)) and store.exists(_sha(shared))
+    assert not store.exists(file_sha256(own)) and store.exists(file_sha256(shared))
     assert client.get(f"/v1/items/{kept}/audio", headers=auth(key)).data == shared.read_bytes()
     assert _vectors(settings, up["items"][0]["id"]) == 0 and _vectors(settings, kept) == 2
-
-
-def _sha(path) -> str:
-    from clapq.blobs import file_sha256
-
-    return file_sha256(path)
 
 
 def test_a_deleted_files_bytes_stay_for_an_upload_committing_them(app, client, new_key, worker, settings, tmp_path):
@@ -134,7 +128,7 @@ def test_a_deleted_files_bytes_stay_for_an_upload_committing_them(app, client, n
     z = write(tmp_path / "z.wav", 1.5, seed=31)
     item = _done(client, key, lib, [z])["z.wav"]
     holder = _done(client, key, lib, [write(tmp_path / "other.wav", 1.0, seed=32)])["other.wav"]
-    store, sha = BlobStore(settings.blob_dir), _sha(z)
+    store, sha = BlobStore(settings.blob_dir), file_sha256(z)
     engine = get_engine(settings.database_url)
     answer = {}
 

@@ -121,8 +121,8 @@ WITH seg_in AS (
            AS t(item_id, window_index, start_s, end_s, vector)
 ), item_in AS (
     SELECT t.* FROM unnest(CAST(:item AS uuid[]), CAST(:library AS uuid[]), CAST(:windows AS int[]),
-                         CAST(:pooled AS text[]), CAST(:duration AS float8[]), CAST(:sample_rate AS int[]),
-                         CAST(:channels AS int[]), CAST(:format AS text[]))
+                           CAST(:pooled AS text[]), CAST(:duration AS float8[]), CAST(:sample_rate AS int[]),
+                           CAST(:channels AS int[]), CAST(:format AS text[]))
            AS t(item_id, library_id, windows, pooled, duration_s, sample_rate, channels, audio_format)
     -- an item deleted while it was embedded is left out (its vectors would break the foreign keys and
     -- fail the whole batch); the lock keeps the rest from being deleted until this commits
