@@ -147,6 +147,7 @@ def upload_batch(lib_id: str):
         session.execute(insert(JobDuplicate).values(
             [{"job_id": job.id, "item_id": i, "copies": n} for i, n in copies.items()]))
     session.commit()
+    request.keep_uploads()
     try:
         enqueue_items(current_app.extensions["clapq_celery"], new_ids, settings.items_per_task)
     except Exception:  # rows are committed: the sweeper re-enqueues pending items

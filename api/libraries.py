@@ -83,8 +83,9 @@ def delete_library(lib_id: str):
     # its items first, then the library: a worker writing vectors locks items before the library (its
     # foreign keys), so taking them in the same order cannot deadlock with it
     shas = delete_items(db(), Item.library_id == lib.id)
-    # an upload committing into it between the two statements: its items go by cascade, and their files
-    # stay on disk unnamed (space, not data); an upload after this gets a 404 (api.errors)
+    # an upload committing into it between the two statements: its items go by cascade, their files are
+    # queued for removal all the same (migration 0007) and the maintenance loop removes them; an upload
+    # after this gets a 404 (api.errors)
     db().execute(delete(Library).where(Library.id == lib.id))
     db().commit()
     return {"deleted": {"library": str(lib.id), "items": len(shas), "stored_files": reclaim(shas)}}

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import unicodedata
 
-from flask import Request, current_app
+from flask import Request, current_app, g
 
-from clapq.blobs import BlobStore
+from clapq.blobs import BlobStore, queue_reclaim, reclaim
+from clapq.db import get_engine
+
+log = logging.getLogger(__name__)
 
 
 class StreamingRequest(Request):
@@ -19,11 +23,29 @@ class StreamingRequest(Request):
         self._clapq_writers.append(writer)
         return writer
 
+    def keep_uploads(self) -> None:
+        """The rows that name the parts committed into the store have committed: their blobs stay."""
+        self._clapq_kept = True
+
     def discard_uploads(self) -> None:
-        """Remove temporary files of parts that were not committed into the store."""
-        for w in getattr(self, "_clapq_writers", []):
+        """At the request's end: remove the temporary files of parts not committed into the store, and
+        queue for removal the blobs of a request whose rows never committed (a library deleted meanwhile,
+        a full disk at the third file, a database error), which only an item may keep."""
+        writers = getattr(self, "_clapq_writers", [])
+        for w in writers:
             if w.sha256 is None:
                 w.discard()
+        stored = [w.sha256 for w in writers if w.sha256 is not None]
+        if not stored or getattr(self, "_clapq_kept", False):
+            return
+        try:
+            if "db" in g:
+                g.db.rollback()  # ends its shared hold of BLOB_LOCK, which removal waits for
+            engine = get_engine(current_app.config["CLAPQ"].database_url)
+            queue_reclaim(engine, stored)
+            reclaim(engine, current_app.extensions["clapq_blobs"], stored)
+        except Exception:  # the database is away: the files stay, as space, with no row naming them
+            log.exception("could not queue a failed upload's files for removal", extra={"files": len(stored)})
 
 
 def display_name(raw: str | None) -> str:

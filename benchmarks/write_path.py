@@ -119,23 +119,31 @@ def write_clips(url: str, cur, clips: int, batch: int, seed: int, model_id: int,
 
 
 def delete_library(url: str, library) -> dict:
-    """The rows of DELETE /v1/libraries/<id>: its items (cascading to segments and pooled vectors) through
-    the API's own `delete_items`, then the library; seconds each (the blob files are not timed: this
-    benchmark writes none)."""
+    """DELETE /v1/libraries/<id>: its items (cascading to segments and pooled vectors, and queueing their
+    bytes by migration 0007's trigger) through the API's own `delete_items`, then the library, then
+    `clapq.blobs.reclaim` of those bytes; seconds each. This benchmark writes no blob files, so the
+    reclaim times its database side (the queue, the "held by an item?" check, the lock) and a failed
+    unlink per file, not the unlinks themselves."""
+    import tempfile
+
     from sqlalchemy import delete
 
     from api.removal import delete_items
-    from clapq.db import session_scope
+    from clapq.blobs import BlobStore, reclaim
+    from clapq.db import get_engine, session_scope
     from clapq.models import Item, Library
 
     c0, t0 = postgres_cpu_s(), time.perf_counter()
     with session_scope(url) as s:
-        n = len(delete_items(s, Item.library_id == library))
+        shas = delete_items(s, Item.library_id == library)
     t1 = time.perf_counter()
     with session_scope(url) as s:
         s.execute(delete(Library).where(Library.id == library))
-    return {"deleted_items": n, "delete_items_s": round(t1 - t0, 2),
-            "delete_library_s": round(time.perf_counter() - t1, 2), "delete_postgres_cpu_s": round(postgres_cpu_s() - c0, 2)}
+    t2 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as empty:
+        reclaim(get_engine(url), BlobStore(empty), shas)
+    return {"deleted_items": len(shas), "delete_items_s": round(t1 - t0, 2), "delete_library_s": round(t2 - t1, 2),
+            "reclaim_s": round(time.perf_counter() - t2, 2), "delete_postgres_cpu_s": round(postgres_cpu_s() - c0, 2)}
 
 
 def main() -> int:
@@ -191,7 +199,8 @@ def main() -> int:
             if args.delete:
                 r.update(delete_library(url, library))
                 print(f"{'':>8} deleting the library's {r['deleted_items']} items: {r['delete_items_s']} s "
-                      f"(Postgres {r['delete_postgres_cpu_s']} CPU-s), then the library {r['delete_library_s']} s",
+                      f"then the library {r['delete_library_s']} s, the queued bytes {r['reclaim_s']} s "
+                      f"(Postgres {r['delete_postgres_cpu_s']} CPU-s in all)",
                       flush=True)
             rows.append(r)
         conn.close()

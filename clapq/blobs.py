@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import tempfile
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+log = logging.getLogger(__name__)
 
 
 def hash_file(path: Path | str, h=None):
@@ -45,6 +53,9 @@ FULL = (errno.ENOSPC, errno.EDQUOT)  # the errors that mean StorageFull
 # upload of the same bytes at that moment either commits its item first (the blob stays) or moves its own
 # copy into place after the unlink.
 BLOB_LOCK = 0x636C6170_71626C62  # "clapqblb"
+
+RECLAIM_CHUNK = 1000  # blobs checked and unlinked per hold of the exclusive lock: uploads wait no longer
+STALE_UPLOAD_S = 24 * 3600  # a temporary upload file untouched this long was left by a killed API process
 
 
 class BlobWriter:
@@ -173,3 +184,63 @@ class BlobStore:
         w = self.writer()
         w.write(data)
         return w.commit()
+
+
+def queue_reclaim(engine: Engine, shas: Iterable[str]) -> None:
+    """Queue these blobs for `reclaim`: an upload's, whose rows never committed. (A deleted item's are
+    queued by the trigger of migration 0007, in the deleting transaction.)"""
+    shas = sorted(set(shas))
+    if shas:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO blob_reclaims (sha256) SELECT unnest(CAST(:shas AS text[])) "
+                              "ON CONFLICT DO NOTHING"), {"shas": shas})
+
+
+def reclaim(engine: Engine, store: BlobStore, shas: Iterable[str] | None = None, older_than_s: float = 0) -> int:
+    """Unlink the queued blobs (table blob_reclaims) that no item holds any more; returns how many files
+    were removed. `shas` narrows it to those digests (a deletion's own); None takes every queued one
+    queued at least `older_than_s` ago (the maintenance loop).
+
+    Each chunk is one transaction under the exclusive BLOB_LOCK: its queue rows are taken, the digests
+    some item holds again (uploaded since) are kept, the rest are unlinked, then it commits. A crash
+    before the commit leaves the rows queued, and unlinking a file already gone is a no-op, so the next
+    pass finishes the chunk."""
+    removed = 0
+    pending = sorted(set(shas)) if shas is not None else None
+    while True:
+        if pending is not None:
+            chunk, pending = pending[:RECLAIM_CHUNK], pending[RECLAIM_CHUNK:]
+            if not chunk:
+                return removed
+        with engine.begin() as conn:
+            if pending is None:
+                chunk = list(conn.scalars(text(
+                    "SELECT sha256 FROM blob_reclaims WHERE queued_at <= now() - make_interval(secs => :s) "
+                    "ORDER BY queued_at LIMIT :n"), {"s": older_than_s, "n": RECLAIM_CHUNK}))
+                if not chunk:
+                    return removed
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BLOB_LOCK})
+            taken = list(conn.scalars(text("DELETE FROM blob_reclaims WHERE sha256 = ANY(CAST(:shas AS text[])) "
+                                           "RETURNING sha256"), {"shas": chunk}))
+            held = set(conn.scalars(text("SELECT DISTINCT sha256 FROM items WHERE sha256 = ANY(CAST(:shas AS text[]))"),
+                                    {"shas": taken}))
+            for sha in taken:
+                if sha not in held:
+                    try:
+                        removed += store.remove(sha)
+                    except OSError:  # the rows are gone either way: a file left over is only space
+                        log.exception("could not remove a deleted file's blob", extra={"sha256": sha})
+
+
+def remove_stale_uploads(store: BlobStore, older_than_s: float = STALE_UPLOAD_S) -> int:
+    """Remove temporary upload files nothing has written for `older_than_s` (a request ends by committing
+    or discarding its own; these were left by an API process killed mid-upload); returns how many."""
+    cutoff, removed = time.time() - older_than_s, 0
+    for path in store.tmp_dir.glob("upload-*"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:  # its request ended meanwhile
+            pass
+    return removed

@@ -1,4 +1,5 @@
-"""Database tables: tenants, API keys, models, libraries, jobs, items, embeddings, segments."""
+"""Database tables: tenants, API keys, models, libraries, jobs, items, embeddings, segments, and the
+stored files queued for removal."""
 
 from __future__ import annotations
 
@@ -188,3 +189,17 @@ class Segment(_VectorRow, Base):
     window_index: Mapped[int] = mapped_column(Integer)
     start_s: Mapped[float] = mapped_column(Float)
     end_s: Mapped[float] = mapped_column(Float)
+
+
+class BlobReclaim(Base):
+    """Bytes whose item was deleted: their stored file goes once no item holds them (clapq.blobs.reclaim).
+
+    A trigger on items (migration 0007) adds the digests of every deleted item, in the deleting
+    statement's transaction, whatever deleted it: the API, a library's or tenant's cascade, SQL by hand.
+    An upload whose rows never committed adds the blobs it had moved into place. So a crash or a race
+    between a deletion's commit and its unlink leaves a row here, which the maintenance loop finishes,
+    never a file that nothing will ever remove."""
+
+    __tablename__ = "blob_reclaims"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    queued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

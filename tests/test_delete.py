@@ -4,7 +4,9 @@ is committing."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 import threading
 import time
 
@@ -164,6 +166,7 @@ def test_an_upload_into_a_library_deleted_meanwhile_is_a_404(client, new_key, se
 
     key = new_key()
     lib = _library(client, key, "vanishing")
+    body = b"RIFF" + os.urandom(2000)  # bytes no other test's item holds
     with session_scope(settings.database_url) as s:
         s.execute(text(f"""
             CREATE FUNCTION test_vanish() RETURNS trigger LANGUAGE plpgsql AS $$
@@ -172,7 +175,7 @@ def test_an_upload_into_a_library_deleted_meanwhile_is_a_404(client, new_key, se
             WHEN (NEW.library_id = '{uuid.UUID(lib)}') EXECUTE FUNCTION test_vanish()"""))
     try:
         r = client.post(f"/v1/libraries/{lib}/batches", headers=auth(key), content_type="multipart/form-data",
-                        data={"files": [(io.BytesIO(b"RIFF" + bytes(2000)), "late.wav")]})
+                        data={"files": [(io.BytesIO(body), "late.wav")]})
     finally:
         with session_scope(settings.database_url) as s:
             s.execute(text("DROP TRIGGER test_vanish ON jobs; DROP FUNCTION test_vanish()"))
@@ -180,6 +183,9 @@ def test_an_upload_into_a_library_deleted_meanwhile_is_a_404(client, new_key, se
     with session_scope(settings.database_url) as s:
         assert s.scalar(text("SELECT count(*) FROM items WHERE filename = 'late.wav' AND library_id = :l"),
                         {"l": lib}) == 0
+    # its file had been moved into the store: no row names it, so it is removed at the request's end
+    sha = hashlib.sha256(body).hexdigest()
+    assert not BlobStore(settings.blob_dir).exists(sha) and _queued(settings, [sha]) == set()
 
 
 def test_two_deletions_of_one_item_at_once_uncount_its_copies_once(app, client, new_key, worker, settings, tmp_path):
@@ -215,3 +221,75 @@ def test_two_deletions_of_one_item_at_once_uncount_its_copies_once(app, client, 
         t.join(30)
     assert sorted(answers) == [200, 404]
     assert client.get(f"/v1/jobs/{copy_job}", headers=auth(key)).get_json()["counts"]["duplicates"] == 0
+
+
+def _queued(settings, shas) -> set[str]:
+    with session_scope(settings.database_url) as s:
+        return set(s.scalars(text("SELECT sha256 FROM blob_reclaims WHERE sha256 = ANY(:s)"), {"s": list(shas)}))
+
+
+def _backdate(settings, shas) -> None:
+    """As if queued an hour ago: the maintenance loop leaves a minute to the API that deleted them."""
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE blob_reclaims SET queued_at = now() - interval '1 hour' WHERE sha256 = ANY(:s)"),
+                  {"s": list(shas)})
+
+
+def test_files_left_by_a_deletion_that_never_removed_them_are_removed_once_no_item_holds_them(
+        client, new_key, worker, settings, tmp_path):
+    """Rows deleted by SQL, as a deletion whose process died after its commit leaves them (or a library's
+    cascade, a tenant's): the trigger queued their bytes, and the maintenance loop's pass removes each
+    file once no item of any library holds it, and not before."""
+    from worker.sweeper import collect_blobs
+
+    key = new_key()
+    a, b = _library(client, key, "left-a"), _library(client, key, "left-b")
+    both = write(tmp_path / "both.wav", 1.0, seed=51)
+    only = write(tmp_path / "only.wav", 1.0, seed=52)
+    in_a = _done(client, key, a, [both, only])
+    in_b = _done(client, key, b, [both])["both.wav"]
+    store, sha = BlobStore(settings.blob_dir), {p.name: file_sha256(p) for p in (both, only)}
+    with session_scope(settings.database_url) as s:
+        s.execute(text("DELETE FROM libraries WHERE id = :a"), {"a": a})  # its items go by cascade
+    assert _queued(settings, sha.values()) == set(sha.values())
+    assert store.exists(sha["both.wav"]) and store.exists(sha["only.wav"])
+    collect_blobs(settings)  # queued under a minute ago: the API that deleted them may be removing them now
+    assert store.exists(sha["only.wav"])
+    _backdate(settings, sha.values())
+    collect_blobs(settings)
+    assert not store.exists(sha["only.wav"]) and _queued(settings, sha.values()) == set()
+    assert client.get(f"/v1/items/{in_b}/audio", headers=auth(key)).data == both.read_bytes()  # b holds it
+    assert client.get(f"/v1/items/{in_a['only.wav']}", headers=auth(key)).status_code == 404
+
+    with session_scope(settings.database_url) as s:
+        s.execute(text("DELETE FROM items WHERE id = :b"), {"b": in_b})
+    _backdate(settings, [sha["both.wav"]])
+    collect_blobs(settings)
+    assert not store.exists(sha["both.wav"])
+
+
+def test_removal_waits_for_a_deletion_of_the_last_item_holding_the_bytes(client, new_key, worker, settings, tmp_path):
+    """Queued bytes, still held by one item that a transaction is deleting at that moment: removal waits
+    for it (the trigger holds BLOB_LOCK shared until the commit), then removes the file. Had it gone on,
+    it would have found the bytes held, dropped them from the queue and kept the file, which that
+    deletion's own queue row (a no-op on the existing one) would never have removed."""
+    from clapq.blobs import reclaim
+
+    key = new_key()
+    a, b = _library(client, key, "race-a"), _library(client, key, "race-b")
+    f = write(tmp_path / "f.wav", 1.0, seed=53)
+    first = _done(client, key, a, [f])["f.wav"]
+    last = _done(client, key, b, [f])["f.wav"]
+    store, sha, engine = BlobStore(settings.blob_dir), file_sha256(f), get_engine(settings.database_url)
+    with session_scope(settings.database_url) as s:
+        s.execute(text("DELETE FROM items WHERE id = :i"), {"i": first})  # queued; `last` holds the bytes
+    removed = []
+    with engine.connect() as deleting:
+        deleting.execute(text("DELETE FROM items WHERE id = :i"), {"i": last})
+        t = threading.Thread(target=lambda: removed.append(reclaim(engine, store, [sha])))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive() and store.exists(sha)
+        deleting.commit()
+    t.join(30)
+    assert removed == [1] and not store.exists(sha) and _queued(settings, [sha]) == set()

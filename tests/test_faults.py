@@ -192,6 +192,34 @@ def test_enqueue_fails_after_commit(stack):
     assert_exactly_once(stack, job_id, 12)
 
 
+def test_the_beat_removes_files_no_item_holds(stack):
+    """`clapq beat` finishes what deletions left on disk: the files of a library deleted by SQL (its items
+    went by cascade, as when a deleting API process dies after its commit), and temporary uploads a killed
+    API process left; a recent temporary upload (a request still running) stays."""
+    from clapq.blobs import BlobStore
+
+    st, store = stack, BlobStore(stack["settings"].blob_dir)
+    key, lib, _ = start_job(st, 1)
+    # bytes no other test's item holds (those would keep them); no worker: the files wait, queued
+    files = [(io.BytesIO(b"RIFF" + os.urandom(1000)), f"r{i}.wav") for i in range(3)]
+    r = st["client"].post(f"/v1/libraries/{lib}/batches", headers=auth(key), data={"files": files},
+                          content_type="multipart/form-data")
+    assert r.status_code == 202, r.get_json()
+    with session_scope(st["settings"].database_url) as s:
+        shas = list(s.scalars(select(Item.sha256).where(Item.job_id == uuid.UUID(r.get_json()["job_id"]))))
+        s.execute(text("DELETE FROM libraries WHERE id = :l"), {"l": lib})
+        s.execute(text("UPDATE blob_reclaims SET queued_at = now() - interval '1 hour' WHERE sha256 = ANY(:s)"),
+                  {"s": shas})
+    stale, fresh = store.tmp_dir / "upload-stale", store.tmp_dir / "upload-fresh"
+    stale.write_bytes(b"half a file")
+    fresh.write_bytes(b"arriving")
+    os.utime(stale, (time.time() - 2 * 86400,) * 2)
+    assert len(shas) == 3 and all(store.exists(sha) for sha in shas)
+    st["start_beat"]()
+    wait_until(lambda: not any(store.exists(sha) for sha in shas) and not stale.exists(), 60, "the beat's removal")
+    assert fresh.exists()
+
+
 def test_postgres_connections_dropped_mid_write(stack):
     key, job_id = job_under_way(stack, 120, 10)
     engine = get_engine(stack["settings"].database_url)

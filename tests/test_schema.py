@@ -8,6 +8,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import text
 
+from clapq.blobs import BLOB_LOCK
 from clapq.db import get_engine
 from clapq.models import Base
 
@@ -29,6 +30,10 @@ def test_migrations_match_models_and_index_vectors(services):
     with engine.connect() as conn:
         gin = conn.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_items_metadata'"))
     assert "USING gin" in gin and "jsonb_path_ops" in gin
+    # migration 0007: the trigger that queues deleted items' bytes holds the blob lock the code uses
+    with engine.connect() as conn:
+        body = conn.scalar(text("SELECT pg_get_functiondef('clapq_queue_blob_reclaims'::regproc)"))
+    assert f"pg_advisory_xact_lock_shared({BLOB_LOCK})" in body
 
 
 def test_migration_0005_counts_the_windows_of_stored_vectors(services):

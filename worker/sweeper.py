@@ -1,4 +1,5 @@
-"""Maintenance loop: re-enqueue items Postgres says are pending but no queued task will deliver."""
+"""Maintenance loop: re-enqueue items Postgres says are pending but no queued task will deliver, and
+remove stored files that no item holds any more."""
 
 from __future__ import annotations
 
@@ -7,13 +8,18 @@ import time
 
 from sqlalchemy import func, select, update
 
-from clapq.db import session_scope
+from clapq.blobs import BlobStore, reclaim, remove_stale_uploads
+from clapq.db import get_engine, session_scope
 from clapq.models import Item
 from clapq.queue import EMBED_QUEUE, enqueue_items, make_celery, redis_client
 from clapq.settings import Settings
 from worker.store import silent_for
 
 log = logging.getLogger(__name__)
+
+# the API removes a deletion's files right after its commit; what is queued longer was left by a crash
+# or a race (clapq.models.BlobReclaim)
+RECLAIM_AFTER_S = 60
 
 
 def _queue_depth(app) -> int:
@@ -48,12 +54,24 @@ def sweep_once(settings: Settings, app) -> int:
     return len(ids)
 
 
+def collect_blobs(settings: Settings) -> int:
+    """Remove the queued blobs no item holds and stale temporary uploads; returns how many files."""
+    store = BlobStore(settings.blob_dir)
+    removed = reclaim(get_engine(settings.database_url), store, older_than_s=RECLAIM_AFTER_S)
+    stale = remove_stale_uploads(store)
+    if removed or stale:
+        log.info("removed files no item holds", extra={"blobs": removed, "stale_uploads": stale})
+    return removed + stale
+
+
 def run_forever(settings: Settings) -> None:
     app = make_celery(settings)
     log.info("sweeper started", extra={"interval_s": settings.sweep_interval_s})
+    steps = {"sweep": lambda: sweep_once(settings, app), "blob removal": lambda: collect_blobs(settings)}
     while True:
-        try:
-            sweep_once(settings, app)
-        except Exception:  # keep sweeping through transient outages (Redis or Postgres restarting)
-            log.exception("sweep failed")
+        for name, step in steps.items():
+            try:
+                step()
+            except Exception:  # keep going through transient outages (Redis or Postgres restarting)
+                log.exception(f"{name} failed")
         time.sleep(settings.sweep_interval_s)
