@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
     sub.add_parser("api", help="the HTTP API under gunicorn (configured from the environment)").set_defaults(func=cmd_api)
     sub.add_parser("worker", help="an embedding worker (Celery)").set_defaults(func=cmd_worker)
-    sub.add_parser("beat", help="the maintenance loop (re-enqueues stranded items, removes files no item holds)").set_defaults(func=cmd_beat)
+    sub.add_parser("beat", help="the maintenance loop (re-enqueues stranded items, removes files no item holds, rebuilds vector indexes after large deletions)").set_defaults(func=cmd_beat)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="print a new API key for a tenant (created if new)")

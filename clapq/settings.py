@@ -108,6 +108,8 @@ class Settings:
     heartbeat_s: int
     stale_after_s: int
     sweep_interval_s: int
+    reindex_min_dead: int
+    reindex_memory_mb: int
     max_pending: int
     max_file_bytes: int
     compile_model: bool | None  # None: auto (clapq.precision.compile_applies)
@@ -150,6 +152,11 @@ class Settings:
             heartbeat_s=_int(env, "CLAPQ_HEARTBEAT_S", 15, 1),
             stale_after_s=_int(env, "CLAPQ_STALE_AFTER_S", 120, 1),
             sweep_interval_s=_int(env, "CLAPQ_SWEEP_INTERVAL_S", 30, 1),
+            # a vector table with this many dead rows, and dead rows 20% of its live ones (a large
+            # deletion), gets its HNSW index rebuilt by `clapq beat` before VACUUM repairs the old graph
+            # element by element, ~9x slower (benchmarks/delete_vacuum.py); 0: never, leave it to autovacuum
+            reindex_min_dead=_int(env, "CLAPQ_REINDEX_MIN_DEAD", 50_000, 0),
+            reindex_memory_mb=_int(env, "CLAPQ_REINDEX_MEMORY_MB", 1024, 64),
             max_pending=_int(env, "CLAPQ_MAX_PENDING", 200_000, 1),
             max_file_bytes=_int(env, "CLAPQ_MAX_FILE_BYTES", 2 * 1024**3, 1),
             # ingest runs at a lower CPU priority than the API, so a search's text tower is not

@@ -10,7 +10,9 @@ import os
 import threading
 import time
 
+import pytest
 from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
 
 from clapq.blobs import BLOB_LOCK, BlobStore, file_sha256
 from clapq.db import get_engine, session_scope
@@ -293,3 +295,51 @@ def test_removal_waits_for_a_deletion_of_the_last_item_holding_the_bytes(client,
         deleting.commit()
     t.join(30)
     assert removed == [1] and not store.exists(sha) and _queued(settings, [sha]) == set()
+
+
+def test_a_large_deletion_gets_its_vector_indexes_rebuilt(client, new_key, worker, settings, tmp_path):
+    """`clapq beat`'s index repair: a table with few dead rows is left to autovacuum; after a deletion
+    past the threshold, each vector index is rebuilt (a new index, valid, in the old one's place) and the
+    table vacuumed, and a rebuild's leftover from an earlier cut-short run is dropped first."""
+    import dataclasses
+
+    from worker.sweeper import repair_indexes
+
+    key = new_key()
+    lib = _library(client, key, "large")
+    _done(client, key, lib, [write(tmp_path / f"l{i}.wav", 1.0, seed=61 + i) for i in range(3)])
+    engine = get_engine(settings.database_url)
+
+    def one(sql):
+        with engine.connect() as c:
+            return c.scalar(text(sql))
+
+    def dead(table):
+        return one(f"SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = '{table}'")
+
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(text("ALTER TABLE segments SET (autovacuum_enabled = false); "
+                       "ALTER TABLE embeddings SET (autovacuum_enabled = false)"))
+    try:
+        # what a rebuild killed midway leaves: an invalid index, named as REINDEX CONCURRENTLY names its copy
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            with pytest.raises(IntegrityError):  # many windows share a model: the build fails, the index stays
+                c.execute(text("CREATE UNIQUE INDEX CONCURRENTLY ix_segments_vector_hnsw_ccnew ON segments (model_id)"))
+        assert one("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = 'ix_segments_vector_hnsw_ccnew'::regclass")
+        before = {i: one(f"SELECT '{i}'::regclass::oid") for i in ("ix_segments_vector_hnsw", "ix_embeddings_vector_hnsw")}
+        assert repair_indexes(dataclasses.replace(settings, reindex_min_dead=10**9)) == []
+        assert client.delete(f"/v1/libraries/{lib}", headers=auth(key)).status_code == 200
+        deadline = time.monotonic() + 30
+        while (dead("segments") < 3 or dead("embeddings") < 3) and time.monotonic() < deadline:
+            time.sleep(0.2)  # the deleting session's statistics reach the server within a second or so
+        assert repair_indexes(dataclasses.replace(settings, reindex_min_dead=1), dead_share=0) == \
+            ["ix_segments_vector_hnsw", "ix_embeddings_vector_hnsw"]
+        for index, oid in before.items():
+            assert one(f"SELECT '{index}'::regclass::oid") != oid
+            assert one(f"SELECT indisvalid FROM pg_index WHERE indexrelid = '{index}'::regclass")
+        assert one("SELECT to_regclass('ix_segments_vector_hnsw_ccnew')") is None
+        assert dead("segments") == 0
+    finally:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(text("DROP INDEX IF EXISTS ix_segments_vector_hnsw_ccnew; "
+                           "ALTER TABLE segments RESET (autovacuum_enabled); ALTER TABLE embeddings RESET (autovacuum_enabled)"))
