@@ -316,15 +316,15 @@ def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path]
     return ok, refused
 
 
-def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> str:
+def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> dict:
     """POST one batch; while the API is busy (429: its backlog is full) or down for now (502-504, or not
     answering before the request was sent), wait as it asks and send again. A connection lost while the
     batch was being sent ends the command (an API that refuses a body over its limit also cuts it); run
     again, it sends only what the library does not hold."""
-    def attempt() -> str:
+    def attempt() -> dict:
         with multipart_body(folder, batch) as body:
             return client.call("POST", f"/v1/libraries/{lib_id}/batches", data=body,
-                               headers={"Content-Type": body.content_type}, allow_redirects=False)["job_id"]
+                               headers={"Content-Type": body.content_type}, allow_redirects=False)
 
     return patiently(attempt)
 
@@ -350,6 +350,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     # bytes it holds are not sent again, only the rest
     check = lib.get("item_count", 0) > 0
     jobs, sent, skipped, unfinished = [], 0, 0, 0
+    where: dict[str, str] = {}  # item id -> the file's path in the folder (the server keeps its base name)
     try:
         for batch in batches(paths, min(BATCH_FILES, limits.get("max_files_per_batch") or BATCH_FILES),
                              min(BATCH_BYTES, limits.get("max_request_bytes") or BATCH_BYTES)):
@@ -363,7 +364,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
             # said before the request, which on a slow network takes minutes: the command is not stuck
             print(f"uploading {n_files(len(batch))} ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)",
                   file=sys.stderr)
-            jobs.append(_send(client, lib["id"], folder, batch))
+            answer = _send(client, lib["id"], folder, batch)
+            jobs.append(answer["job_id"])
+            where.update((it["id"], p.relative_to(folder).as_posix()) for it, p in zip(answer["items"], batch))
             sent += len(batch)
             print(f"uploaded {n_files(len(batch))} (job {jobs[-1]})", file=sys.stderr)
     except (SystemExit, KeyboardInterrupt, OSError) as exc:
@@ -389,7 +392,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
                  if unfinished else "")
         print(f"{skipped} of {found} files are in the library already{still}: not sent again", file=sys.stderr)
     try:
-        failed = _wait(client, jobs) if wait and jobs else 0
+        failed = _wait(client, jobs, where) if wait and jobs else 0
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # after the progress line
@@ -424,8 +427,16 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int], N
                 break
 
 
-def _wait(client: Client, jobs: list[str]) -> int:
-    """Wait for the jobs, showing progress; list the files that failed; returns their number."""
+def shown_name(entry: dict) -> str:
+    """How a file is named to the user: its path in the folder `clapq upload` sent it from (kept in its
+    metadata), where two files of one base name in different folders would otherwise look the same."""
+    path = (entry.get("metadata") or {}).get("path")
+    return path if isinstance(path, str) and path else entry["filename"]
+
+
+def _wait(client: Client, jobs: list[str], where: dict[str, str]) -> int:
+    """Wait for the jobs, showing progress; list the files that failed (by their path in the folder,
+    `where`: item id -> path); returns their number."""
     # on a terminal one line that updates in place; in a log, a line each time the count moves
     tty, shown = sys.stderr.isatty(), [None]
 
@@ -443,13 +454,13 @@ def _wait(client: Client, jobs: list[str]) -> int:
     for s in states:
         failed += len(s["errors"])
         for e in s["errors"]:
-            print(f"failed: {e['filename']}: {e['error']}", file=sys.stderr)
+            print(f"failed: {where.get(e['item_id'], e['filename'])}: {e['error']}", file=sys.stderr)
     return failed
 
 
 def search(client: Client, library: str, text: str | None, k: int, like: Path | None = None) -> None:
-    """Print the best matches for words, or for a sound (`like`): score, filename, item id and the
-    best-matching window of the file."""
+    """Print the best matches for words, or for a sound (`like`): score, file (by its path in the folder
+    it was uploaded from, where it has one), item id and the best-matching window of the file."""
     lib = client.library(library, create=False)  # a misspelt name is an error, not a new empty library
     if like is not None:
         def attempt() -> dict:
@@ -467,7 +478,7 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
     for r in res["results"]:
         span = r.get("segment") or {}
         at = f"  {span['start_s']:g}-{span['end_s']:g} s" if "start_s" in span else ""
-        print(f"{r['score']:.4f}  {r['filename']}  {r['item_id']}{at}")
+        print(f"{r['score']:.4f}  {shown_name(r)}  {r['item_id']}{at}")
     if not res["results"]:
         print(f"no results: library {lib['name']!r} has no embedded files yet", file=sys.stderr)
 
@@ -500,9 +511,9 @@ def delete(client: Client, library: str, items: list[str], yes: bool = False) ->
             missing += 1
             continue
         if client.call("DELETE", f"/v1/items/{item['id']}", missing_ok=True) is None:
-            print(f"clapq: {item['filename']} ({item['id']}) was deleted meanwhile", file=sys.stderr)
+            print(f"clapq: {shown_name(item)} ({item['id']}) was deleted meanwhile", file=sys.stderr)
             continue
-        print(f"deleted {item['filename']} ({item['id']})")
+        print(f"deleted {shown_name(item)} ({item['id']})")
     return 1 if missing else 0
 
 

@@ -168,15 +168,16 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert out.stderr.splitlines()[1].startswith("uploading 2 files ("), out.stderr  # before the request
     out = subprocess.run(cli + ["search", "heavy rain", "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    # each file by its path in the folder (the server keeps the base name, and the path in its metadata)
     assert out.returncode == 0 and sorted(line.split()[1] for line in out.stdout.splitlines()) == \
-        ["drone.wav", "heavy.flac"], out.stdout + out.stderr
+        ["drone.wav", "rain/heavy.flac"], out.stdout + out.stderr
     # by a sound: the file itself comes first, with the window that matched
     out = subprocess.run(cli + ["search", "--like", str(folder / "rain" / "heavy.flac"), "--library", "folder lib",
                                 "--url", base, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr
     best = out.stdout.splitlines()[0].split()
-    assert best[:2] == ["1.0000", "heavy.flac"] and best[-2:] == ["0-2", "s"], out.stdout
+    assert best[:2] == ["1.0000", "rain/heavy.flac"] and best[-2:] == ["0-2", "s"], out.stdout
     out = subprocess.run(cli + ["search", "rain", "--like", str(folder / "drone.wav"), "--library", "folder lib",
                                 "--url", base, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
                          timeout=300)
@@ -239,7 +240,7 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     heavy = best[2]
     out = subprocess.run(cli + ["delete", heavy, lib["id"], "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1 and out.stdout == f"deleted heavy.flac ({heavy})\n", out.stdout + out.stderr
+    assert out.returncode == 1 and out.stdout == f"deleted rain/heavy.flac ({heavy})\n", out.stdout + out.stderr
     assert f"no item '{lib['id']}' in library 'folder lib'" in out.stderr, out.stderr
     assert requests.get(f"{base}/v1/items/{heavy}", headers=h, timeout=10).status_code == 404
     out = subprocess.run(cli + ["delete", "--library", "partial", "--url", base, "--key", key],
@@ -636,6 +637,28 @@ def test_an_upload_that_is_redirected_says_where_instead_of_resending_a_spent_bo
         out, err = p.communicate(timeout=60)
     assert p.returncode != 0 and "Traceback" not in err, err
     assert "was redirected (307) to https://clapq.example/v1/libraries/lib1/batches" in err, err
+
+
+def test_a_failed_file_is_named_by_its_path_in_the_folder(tmp_path, tiny_model):
+    """Two files of one base name in different folders: the one that failed is named by its path, as it
+    was sent, not by the base name the server keeps (which would not say which of the two it was)."""
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if path.endswith("/batches"):
+            return 202, {"job_id": "job1", "items": [{"id": "i1", "filename": "take.wav"},
+                                                     {"id": "i2", "filename": "take.wav"}]}, {}
+        return 200, {"status": "done_with_errors", "counts": {"done": 1, "failed": 1, "total": 2},
+                     "errors": [{"item_id": "i2", "filename": "take.wav", "error": "not a readable audio file"}]}, {}
+
+    for day in ("day1", "day2"):
+        (tmp_path / day).mkdir()
+    write(tmp_path / "day1" / "take.wav", 0.5)
+    write(tmp_path / "day2" / "take.wav", 0.5, seed=1)
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and "failed: day2/take.wav: not a readable audio file" in err, err
 
 
 def test_a_server_without_known_gets_every_file(tmp_path, tiny_model):
