@@ -300,9 +300,11 @@ def test_removal_waits_for_a_deletion_of_the_last_item_holding_the_bytes(client,
 def test_a_large_deletion_gets_its_vector_indexes_rebuilt(client, new_key, worker, settings, tmp_path):
     """`clapq beat`'s index repair: a table with few dead rows is left to autovacuum; after a deletion
     past the threshold, each vector index is rebuilt (a new index, valid, in the old one's place) and the
-    table vacuumed, and a rebuild's leftover from an earlier cut-short run is dropped first."""
+    table vacuumed; a rebuild's leftover from an earlier cut-short run is dropped first, and a rebuild that
+    failed waits an hour before the next try."""
     import dataclasses
 
+    from worker import sweeper
     from worker.sweeper import repair_indexes
 
     key = new_key()
@@ -332,6 +334,12 @@ def test_a_large_deletion_gets_its_vector_indexes_rebuilt(client, new_key, worke
         deadline = time.monotonic() + 30
         while (dead("segments") < 3 or dead("embeddings") < 3) and time.monotonic() < deadline:
             time.sleep(0.2)  # the deleting session's statistics reach the server within a second or so
+        # a rebuild that fails (here its memory setting; a full disk in life) is not tried again for an hour
+        assert repair_indexes(dataclasses.replace(settings, reindex_min_dead=1, reindex_memory_mb=10**9),
+                              dead_share=0) == []
+        assert set(sweeper._failed) == set(before)
+        assert repair_indexes(dataclasses.replace(settings, reindex_min_dead=1), dead_share=0) == []
+        sweeper._failed.clear()  # an hour later
         assert repair_indexes(dataclasses.replace(settings, reindex_min_dead=1), dead_share=0) == \
             ["ix_segments_vector_hnsw", "ix_embeddings_vector_hnsw"]
         for index, oid in before.items():

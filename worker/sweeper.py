@@ -8,6 +8,7 @@ import threading
 import time
 
 from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import DBAPIError
 
 from clapq.blobs import BlobStore, reclaim, remove_stale_uploads
 from clapq.db import get_engine, session_scope
@@ -25,6 +26,8 @@ RECLAIM_AFTER_S = 60
 VECTOR_INDEXES = (("segments", "ix_segments_vector_hnsw"), ("embeddings", "ix_embeddings_vector_hnsw"))
 REINDEX_LOCK = 0x636C6170_71726978  # "clapqrix": one index rebuild at a time, however many beats run
 DEAD_SHARE = 0.2  # and at least Settings.reindex_min_dead dead rows
+RETRY_FAILED_S = 3600
+_failed: dict[str, float] = {}  # index -> when its last rebuild failed (time.monotonic)
 
 
 def _queue_depth(app) -> int:
@@ -69,6 +72,16 @@ def collect_blobs(settings: Settings) -> int:
     return removed + stale
 
 
+def _drop_leftovers(conn, table: str, index: str) -> None:
+    """Drop what a rebuild cut short left (its beat killed, or the rebuild failed): an invalid copy of
+    the index, which takes disk and which every write to the table still updates."""
+    for leftover in conn.scalars(text(
+            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+            "WHERE i.indrelid = CAST(:t AS regclass) AND NOT i.indisvalid AND c.relname ~ :names"),
+            {"t": table, "names": f"^{index}_cc(new|old)[0-9]*$"}):
+        conn.execute(text(f'DROP INDEX CONCURRENTLY IF EXISTS "{leftover}"'))
+
+
 def repair_indexes(settings: Settings, dead_share: float = DEAD_SHARE) -> list[str]:
     """After a large deletion (dead rows at least `reindex_min_dead` and `dead_share` of the live ones),
     rebuild the table's HNSW index, then VACUUM it; returns the indexes rebuilt.
@@ -77,7 +90,8 @@ def repair_indexes(settings: Settings, dead_share: float = DEAD_SHARE) -> list[s
     one: 334 s for 100k deleted of 200k windows, where REINDEX INDEX CONCURRENTLY (a new graph of the
     live rows) and the VACUUM after it took 37 s, and left an index half the size and searches 20%
     faster (benchmarks/delete_vacuum.py). Searches and writes go on meanwhile, on the old graph until
-    the new one replaces it. An autovacuum already repairing the table gives way to the rebuild."""
+    the new one replaces it. An autovacuum already repairing the table gives way to the rebuild. A
+    rebuild that fails (a disk without room for the copy) is not tried again for an hour."""
     if not settings.reindex_min_dead:
         return []
     rebuilt = []
@@ -87,22 +101,26 @@ def repair_indexes(settings: Settings, dead_share: float = DEAD_SHARE) -> list[s
             return rebuilt
         try:
             for table, index in VECTOR_INDEXES:
+                if time.monotonic() - _failed.get(index, -RETRY_FAILED_S) < RETRY_FAILED_S:
+                    continue
                 live, dead = conn.execute(text("SELECT n_live_tup, n_dead_tup FROM pg_stat_user_tables "
                                                "WHERE relid = CAST(:t AS regclass)"), {"t": table}).one()
                 if dead < max(settings.reindex_min_dead, dead_share * live):
                     continue
-                # a rebuild cut short (its beat killed) leaves an invalid copy that every write still updates
-                for leftover in conn.scalars(text(
-                        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                        "WHERE i.indrelid = CAST(:t AS regclass) AND NOT i.indisvalid AND c.relname ~ :names"),
-                        {"t": table, "names": f"^{index}_cc(new|old)[0-9]*$"}):
-                    conn.execute(text(f'DROP INDEX CONCURRENTLY IF EXISTS "{leftover}"'))
+                _drop_leftovers(conn, table, index)
                 log.info("rebuilding a vector index after a large deletion",
                          extra={"index": index, "live_rows": live, "dead_rows": dead})
                 t0 = time.monotonic()
-                conn.execute(text("SELECT set_config('maintenance_work_mem', :m, false)"),
-                             {"m": f"{settings.reindex_memory_mb}MB"})
-                conn.execute(text(f"REINDEX INDEX CONCURRENTLY {index}"))
+                try:
+                    conn.execute(text("SELECT set_config('maintenance_work_mem', :m, false)"),
+                                 {"m": f"{settings.reindex_memory_mb}MB"})
+                    conn.execute(text(f"REINDEX INDEX CONCURRENTLY {index}"))
+                except DBAPIError:
+                    _failed[index] = time.monotonic()
+                    log.exception("rebuilding a vector index failed; autovacuum repairs it meanwhile, and the "
+                                  "rebuild is tried again in an hour", extra={"index": index})
+                    _drop_leftovers(conn, table, index)
+                    continue
                 conn.execute(text(f"VACUUM {table}"))
                 log.info("rebuilt a vector index", extra={"index": index, "seconds": round(time.monotonic() - t0, 1)})
                 rebuilt.append(index)
