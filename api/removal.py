@@ -32,5 +32,15 @@ def delete_items(session: Session, where) -> list[str]:
 def reclaim(shas: list[str]) -> int:
     """Unlink the blobs of these digests that no item holds any more (clapq.blobs.reclaim), after the
     deleting transaction committed; returns how many files were removed."""
-    store = current_app.extensions["clapq_blobs"]
-    return blobs.reclaim(get_engine(current_app.config["CLAPQ"].database_url), store, shas)
+    return blobs.reclaim(_engine(), current_app.extensions["clapq_blobs"], shas)
+
+
+def reclaim_unnamed(shas: list[str]) -> int:
+    """Queue and reclaim blobs an upload moved into place but whose rows never committed (no trigger
+    queued them: no item was deleted)."""
+    blobs.queue_reclaim(_engine(), shas)
+    return reclaim(shas)
+
+
+def _engine():
+    return get_engine(current_app.config["CLAPQ"].database_url)

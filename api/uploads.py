@@ -7,8 +7,8 @@ import unicodedata
 
 from flask import Request, current_app, g
 
-from clapq.blobs import BlobStore, queue_reclaim, reclaim
-from clapq.db import get_engine
+from api.removal import reclaim_unnamed
+from clapq.blobs import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,7 @@ class StreamingRequest(Request):
         try:
             if "db" in g:
                 g.db.rollback()  # ends its shared hold of BLOB_LOCK, which removal waits for
-            engine = get_engine(current_app.config["CLAPQ"].database_url)
-            queue_reclaim(engine, stored)
-            reclaim(engine, current_app.extensions["clapq_blobs"], stored)
+            reclaim_unnamed(stored)
         except Exception:  # the database is away: the files stay, as space, with no row naming them
             log.exception("could not queue a failed upload's files for removal", extra={"files": len(stored)})
 

@@ -196,40 +196,49 @@ def queue_reclaim(engine: Engine, shas: Iterable[str]) -> None:
                               "ON CONFLICT DO NOTHING"), {"shas": shas})
 
 
-def reclaim(engine: Engine, store: BlobStore, shas: Iterable[str] | None = None, older_than_s: float = 0) -> int:
-    """Unlink the queued blobs (table blob_reclaims) that no item holds any more; returns how many files
-    were removed. `shas` narrows it to those digests (a deletion's own); None takes every queued one
-    queued at least `older_than_s` ago (the maintenance loop).
-
-    Each chunk is one transaction under the exclusive BLOB_LOCK: its queue rows are taken, the digests
-    some item holds again (uploaded since) are kept, the rest are unlinked, then it commits. A crash
-    before the commit leaves the rows queued, and unlinking a file already gone is a no-op, so the next
-    pass finishes the chunk."""
+def _reclaim_chunk(conn, store: BlobStore, chunk: list[str]) -> int:
+    """In the caller's transaction, under the exclusive BLOB_LOCK: take these digests' queue rows, keep
+    the digests some item holds again (uploaded since), unlink the rest; returns how many were removed."""
+    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BLOB_LOCK})
+    taken = list(conn.scalars(text("DELETE FROM blob_reclaims WHERE sha256 = ANY(CAST(:shas AS text[])) "
+                                   "RETURNING sha256"), {"shas": chunk}))
+    held = set(conn.scalars(text("SELECT DISTINCT sha256 FROM items WHERE sha256 = ANY(CAST(:shas AS text[]))"),
+                            {"shas": taken}))
     removed = 0
-    pending = sorted(set(shas)) if shas is not None else None
+    for sha in taken:
+        if sha not in held:
+            try:
+                removed += store.remove(sha)
+            except OSError:  # the rows are gone either way: a file left over is only space
+                log.exception("could not remove a deleted file's blob", extra={"sha256": sha})
+    return removed
+
+
+def reclaim(engine: Engine, store: BlobStore, shas: Iterable[str]) -> int:
+    """Unlink the blobs of these queued digests (table blob_reclaims; a deletion's own) that no item holds
+    any more; returns how many files were removed.
+
+    Each chunk is one transaction: its queue rows are taken and its files unlinked, then it commits. A
+    crash before the commit leaves the rows queued, and unlinking a file already gone is a no-op, so a
+    later pass (`reclaim_queued`) finishes the chunk."""
+    unique, removed = sorted(set(shas)), 0
+    for start in range(0, len(unique), RECLAIM_CHUNK):
+        with engine.begin() as conn:
+            removed += _reclaim_chunk(conn, store, unique[start:start + RECLAIM_CHUNK])
+    return removed
+
+
+def reclaim_queued(engine: Engine, store: BlobStore, older_than_s: float) -> int:
+    """`reclaim` every digest queued at least `older_than_s` ago (the maintenance loop's pass)."""
+    removed = 0
     while True:
-        if pending is not None:
-            chunk, pending = pending[:RECLAIM_CHUNK], pending[RECLAIM_CHUNK:]
+        with engine.begin() as conn:
+            chunk = list(conn.scalars(text(
+                "SELECT sha256 FROM blob_reclaims WHERE queued_at <= now() - make_interval(secs => :s) "
+                "ORDER BY queued_at LIMIT :n"), {"s": older_than_s, "n": RECLAIM_CHUNK}))
             if not chunk:
                 return removed
-        with engine.begin() as conn:
-            if pending is None:
-                chunk = list(conn.scalars(text(
-                    "SELECT sha256 FROM blob_reclaims WHERE queued_at <= now() - make_interval(secs => :s) "
-                    "ORDER BY queued_at LIMIT :n"), {"s": older_than_s, "n": RECLAIM_CHUNK}))
-                if not chunk:
-                    return removed
-            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BLOB_LOCK})
-            taken = list(conn.scalars(text("DELETE FROM blob_reclaims WHERE sha256 = ANY(CAST(:shas AS text[])) "
-                                           "RETURNING sha256"), {"shas": chunk}))
-            held = set(conn.scalars(text("SELECT DISTINCT sha256 FROM items WHERE sha256 = ANY(CAST(:shas AS text[]))"),
-                                    {"shas": taken}))
-            for sha in taken:
-                if sha not in held:
-                    try:
-                        removed += store.remove(sha)
-                    except OSError:  # the rows are gone either way: a file left over is only space
-                        log.exception("could not remove a deleted file's blob", extra={"sha256": sha})
+            removed += _reclaim_chunk(conn, store, chunk)
 
 
 def remove_stale_uploads(store: BlobStore, older_than_s: float = STALE_UPLOAD_S) -> int:

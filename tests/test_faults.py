@@ -197,6 +197,7 @@ def test_the_beat_removes_files_no_item_holds(stack):
     went by cascade, as when a deleting API process dies after its commit), and temporary uploads a killed
     API process left; a recent temporary upload (a request still running) stays."""
     from clapq.blobs import BlobStore
+    from tests.test_delete import _backdate
 
     st, store = stack, BlobStore(stack["settings"].blob_dir)
     key, lib, _ = start_job(st, 1)
@@ -208,8 +209,7 @@ def test_the_beat_removes_files_no_item_holds(stack):
     with session_scope(st["settings"].database_url) as s:
         shas = list(s.scalars(select(Item.sha256).where(Item.job_id == uuid.UUID(r.get_json()["job_id"]))))
         s.execute(text("DELETE FROM libraries WHERE id = :l"), {"l": lib})
-        s.execute(text("UPDATE blob_reclaims SET queued_at = now() - interval '1 hour' WHERE sha256 = ANY(:s)"),
-                  {"s": shas})
+    _backdate(st["settings"], shas)
     stale, fresh = store.tmp_dir / "upload-stale", store.tmp_dir / "upload-fresh"
     stale.write_bytes(b"half a file")
     fresh.write_bytes(b"arriving")

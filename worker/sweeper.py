@@ -10,7 +10,7 @@ import time
 from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import DBAPIError
 
-from clapq.blobs import BlobStore, reclaim, remove_stale_uploads
+from clapq.blobs import BlobStore, reclaim_queued, remove_stale_uploads
 from clapq.db import get_engine, session_scope
 from clapq.models import Item
 from clapq.queue import EMBED_QUEUE, enqueue_items, make_celery, redis_client
@@ -65,7 +65,7 @@ def sweep_once(settings: Settings, app) -> int:
 def collect_blobs(settings: Settings) -> int:
     """Remove the queued blobs no item holds and stale temporary uploads; returns how many files."""
     store = BlobStore(settings.blob_dir)
-    removed = reclaim(get_engine(settings.database_url), store, older_than_s=RECLAIM_AFTER_S)
+    removed = reclaim_queued(get_engine(settings.database_url), store, RECLAIM_AFTER_S)
     stale = remove_stale_uploads(store)
     if removed or stale:
         log.info("removed files no item holds", extra={"blobs": removed, "stale_uploads": stale})
