@@ -143,36 +143,35 @@ def _sync(device: torch.device) -> None:
 
 class Raw:
     """The model's batched forward on precomputed features, loaded once and timed as often as asked:
-    on the device, in the precision and compiled or not as the worker (clapq.precision)."""
+    on the device, in the precision, compiled or not and in as many lanes as the worker (clapq.precision,
+    worker.embedder.lanes_for): the audio tower, projection and normalisation of AudioEmbedder."""
 
-    def __init__(self, model_dir: Path, batch: int, device: torch.device, precision: str, compiled: bool) -> None:
-        from transformers import ClapFeatureExtractor, ClapModel
+    def __init__(self, model_dir: Path, batch: int, device: torch.device, precision: str, compiled: bool,
+                 lanes: int) -> None:
+        from transformers import ClapFeatureExtractor
 
-        from clapq.precision import pick_dtype
+        from clapq.checkpoint import resolve
+        from clapq.clap import get_clap
+        from worker.embedder import AudioEmbedder
 
+        self.embedder = AudioEmbedder(get_clap(resolve(str(model_dir)), str(device), precision),
+                                      compile_model=compiled, lanes=lanes)
         fe = ClapFeatureExtractor.from_pretrained(model_dir)
-        dtype = pick_dtype(device, precision)
         self.device, self.batch = device, batch
-        self.model = ClapModel.from_pretrained(model_dir).eval().to(device, dtype=dtype)
-        if compiled:  # as the worker: the audio tower compiled, the projection eager
-            self.model.audio_model = torch.compile(self.model.audio_model)
         rng = np.random.default_rng(1)
         self.feats = fe([rng.standard_normal(480_000).astype(np.float32) * 0.1 for _ in range(batch)],
-                        sampling_rate=48_000, return_tensors="pt")["input_features"].to(device, dtype=dtype)
-        with torch.inference_mode():
-            for _ in range(1 if device.type == "cpu" else 3):  # warm-up (GPU: kernel selection)
-                self.model.get_audio_features(input_features=self.feats)
+                        sampling_rate=48_000, return_tensors="pt")["input_features"].to(device)
+        for _ in range(1 if device.type == "cpu" else 3):  # warm-up (GPU: kernel selection)
+            self.embedder.embed_features(self.feats)
         _sync(device)
 
     def run(self, n: int) -> dict:
-        with torch.inference_mode():
-            cpu0, t0 = proc_cpu_s(), time.perf_counter()
-            done = 0
-            while done < n:
-                self.model.get_audio_features(input_features=self.feats)
-                done += self.batch
-            _sync(self.device)
-            secs = time.perf_counter() - t0
+        cpu0, t0 = proc_cpu_s(), time.perf_counter()
+        done = 0
+        while done < n:
+            self.embedder.embed_features(self.feats)  # ends with the vectors on the host: synchronised
+            done += self.batch
+        secs = time.perf_counter() - t0
         return {"clips": done, "seconds": secs, "clips_per_s": done / secs,
                 "cpu_ms_per_clip": 1000 * (proc_cpu_s() - cpu0) / done}
 
@@ -185,13 +184,14 @@ class Pipeline:
     and soxr are all it needs)."""
 
     def __init__(self, model_dir: Path, batch: int, device: torch.device, precision: str, decoders: int,
-                 compiled: bool) -> None:
+                 compiled: bool, lanes: int) -> None:
         from clapq.checkpoint import resolve
         from clapq.clap import get_clap
         from worker.decoder import DecoderPool
         from worker.embedder import AudioEmbedder
 
-        self.embedder = AudioEmbedder(get_clap(resolve(str(model_dir)), str(device), precision), compile_model=compiled)
+        self.embedder = AudioEmbedder(get_clap(resolve(str(model_dir)), str(device), precision), compile_model=compiled,
+                                      lanes=lanes)
         self.embedder.embed(np.zeros((batch, self.embedder.window_samples), np.float32))  # warm-up
         self.pool = DecoderPool(decoders)
         self.pool.warm()
@@ -334,7 +334,7 @@ class Service:
     def __init__(self, model_dir: Path, db_url: str, redis_url: str, work: Path, batch_size: int,
                  device: torch.device, precision: str, decoders: int, items_per_task: int,
                  api_workers: int = 1, compiled: bool = False, claim_for_s: int | None = None,
-                 worker_nice: int | None = None) -> None:
+                 worker_nice: int | None = None, lanes: int = 1) -> None:
         self.db_url, self.redis_url, self.work = db_url, redis_url, work
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
         port = _free_port()
@@ -343,7 +343,7 @@ class Service:
                    CLAPQ_ITEMS_PER_TASK=str(items_per_task), CLAPQ_PORT=str(port), CLAPQ_HOST="127.0.0.1",
                    CLAPQ_API_WORKERS=str(api_workers), HF_HUB_OFFLINE="1", CLAPQ_LOG_LEVEL="WARNING",
                    CLAPQ_DEVICE=str(device), CLAPQ_PRECISION=precision, CLAPQ_DECODERS=str(decoders),
-                   CLAPQ_COMPILE="1" if compiled else "0")
+                   CLAPQ_COMPILE="1" if compiled else "0", CLAPQ_LANES=str(lanes))
         if claim_for_s is not None:
             env["CLAPQ_CLAIM_FOR_S"] = str(claim_for_s)
         if worker_nice is not None:
@@ -483,6 +483,8 @@ def main() -> None:
     ap.add_argument("--worker-nice", type=int, default=None,
                     help="CLAPQ_WORKER_NICE for the worker (default as the service: 19, so that ingest yields "
                          "the CPU to searches; 0 leaves it at the API's and Postgres's priority)")
+    ap.add_argument("--lanes", type=int, default=None,
+                    help="model passes side by side (CLAPQ_LANES) in raw, pipeline and the worker; default: the worker's auto")
     ap.add_argument("--quiet-timeout", type=float, default=QUIET_TIMEOUT_S,
                     help="longest wait for an idle machine before each timed path, seconds")
     args = ap.parse_args()
@@ -500,6 +502,9 @@ def main() -> None:
     if compiled and device.type == "cpu" and not (shutil.which(os.environ.get("CXX") or "g++") or shutil.which("c++")):
         print("no C++ compiler: the tower runs eager (as the worker would after its warning)", file=sys.stderr)
         compiled = False
+    from worker.embedder import THREADS, lanes_for
+
+    lanes = lanes_for(args.lanes, device, compiled, args.batch, THREADS)
     ref_dtype = dtype if args.reference_precision == "same" else torch.float32
     gpu = device.type == "cuda"
     from worker.decoder import pool_size
@@ -517,7 +522,7 @@ def main() -> None:
                                 f"(native bf16: {'yes' if cpu_has_bf16() else 'no'}), torch "
                                 f"{torch.__version__}, threads {torch.get_num_threads()}"
                                 + (f", {torch.cuda.get_device_name(device)}" if gpu else ""),
-                     "device": str(device), "precision": dtype_name(dtype), "compiled": compiled,
+                     "device": str(device), "precision": dtype_name(dtype), "compiled": compiled, "lanes": lanes,
                      "reference_precision": dtype_name(ref_dtype), "decoders": decoders, "upload_threads": upload_threads,
                      "api_workers": api_workers, "items_per_task": args.items_per_task,
                      "claim_for_s": "auto" if args.claim_for_s is None else args.claim_for_s,
@@ -539,14 +544,14 @@ def main() -> None:
             migrate(db_url)
         if "speedups" in args.only.split(","):
             results["speedups"] = bench_speedups(model_dir, args.batch)
-        raw = Raw(model_dir, args.batch, device, args.precision, compiled) if "raw" in paths else None
-        engine = (Pipeline(model_dir, args.batch, device, args.precision, decoders, compiled)
+        raw = Raw(model_dir, args.batch, device, args.precision, compiled, lanes) if "raw" in paths else None
+        engine = (Pipeline(model_dir, args.batch, device, args.precision, decoders, compiled, lanes)
                   if "pipeline" in paths else None)
         if engine is not None:
             stack.callback(engine.close)
         service = (stack.enter_context(Service(model_dir, db_url, redis_url, work, args.batch, device,
                                                args.precision, decoders, args.items_per_task, api_workers,
-                                               compiled, args.claim_for_s, args.worker_nice))
+                                               compiled, args.claim_for_s, args.worker_nice, lanes))
                    if "clapq" in paths else None)
         for r in range(args.rounds if paths else 0):
             one: dict = {}

@@ -50,11 +50,11 @@ def _auto_bool(env: dict[str, str], name: str) -> bool | None:
     raise SystemExit(f"clapq: {name} must be auto, 1 or 0, got {raw!r}")
 
 
-def _auto_int(env: dict[str, str], name: str) -> int | None:
-    """auto (None: the code decides) or an integer."""
+def _auto_int(env: dict[str, str], name: str, lo: int | None = None) -> int | None:
+    """auto (None: the code decides) or an integer, at least `lo` where given."""
     if (env.get(name) or "").strip().lower() in ("", "auto"):
         return None
-    return _int(env, name, 0)
+    return _int(env, name, 0, lo)
 
 
 def claim_window_s(setting: int | None, device_type: str) -> int:
@@ -113,6 +113,7 @@ class Settings:
     max_pending: int
     max_file_bytes: int
     compile_model: bool | None  # None: auto (clapq.precision.compile_applies)
+    lanes: int | None  # None: auto (worker.embedder.lanes_for)
     precision: str
     text_int8: bool
     worker_nice: int
@@ -165,6 +166,8 @@ class Settings:
             # each API process loads its text tower in the background at start, not on the first search
             preload_text=_bool(env, "CLAPQ_PRELOAD_TEXT", True),
             compile_model=_auto_bool(env, "CLAPQ_COMPILE"),
+            # model passes side by side in a worker process, each on its share of torch's threads
+            lanes=_auto_int(env, "CLAPQ_LANES", 1),
             # the models' arithmetic: auto = half precision on a GPU (bf16, or fp16 where bf16 is not
             # native), bf16 on a CPU that multiplies it natively, else fp32 (clapq.precision.pick_dtype);
             # bf16 is ~1.9x faster on such a CPU at cosine >= 0.9999 to fp32

@@ -599,18 +599,20 @@ def test_precision_rule_and_its_errors():
         Settings.from_env({"CLAPQ_PRECISION": "fp64"})
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision,lanes", [("fp32", 1), ("bf16", 1), ("fp32", 2), ("bf16", 2)])
 def test_each_precision_is_deterministic_and_matches_the_fp32_reference(tiny_model, reference, tmp_path,
-                                                                        precision):
-    """Whatever the machine's auto choice, both precisions are checked here: a window's vector is bit for
-    bit the same whatever else is in its batch, and within cosine 0.9999 of the hand-written fp32 path."""
+                                                                        precision, lanes):
+    """Whatever the machine's auto choice, both precisions and one or two lanes are checked here: a
+    window's vector is bit for bit the same whatever else is in its batch (in two lanes: whichever lane
+    ran it, and in a batch that does not split evenly: the worker pads every batch to full size), and within cosine 0.9999 of the hand-written
+    fp32 path."""
     import torch
 
     from clapq.checkpoint import resolve
     from clapq.clap import get_clap
     from worker.embedder import AudioEmbedder
 
-    emb = AudioEmbedder(get_clap(resolve(str(tiny_model)), "cpu", precision))
+    emb = AudioEmbedder(get_clap(resolve(str(tiny_model)), "cpu", precision), lanes=lanes)
     assert emb.clap.precision == precision
     assert emb.clap.model.audio_model.dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
     waves = [audio_48k(write(tmp_path / f"w{i}.wav", 10.0, rate, ch, freq=f, seed=i))[:480_000]
@@ -618,6 +620,8 @@ def test_each_precision_is_deterministic_and_matches_the_fp32_reference(tiny_mod
                                                 (22_050, 2, 1200), (48_000, 2, 60)])]
     target, others = waves[0], waves[1:]
     batches = [[target, *others[:3]], [others[3], others[2], target, others[0]], [target] * 4]
+    if lanes == 2:  # 3 rows: the second lane's part is padded to the first's 2, so the shapes stay
+        batches.append([others[1], others[2], target])
     seen = [emb.embed(np.stack(b))[[i for i, w in enumerate(b) if w is target][0]] for b in batches]
     assert all(np.array_equal(seen[0], v) for v in seen[1:])
     assert float(reference_embed(reference, target) @ seen[0]) >= 0.9999
@@ -910,6 +914,23 @@ def test_a_full_scratch_disk_is_not_the_files_fault(tmp_path):
         assert n == 48_000 and d.proc.pid == pid
     finally:
         d.close()
+
+
+def test_lanes_rule_and_its_setting():
+    """CLAPQ_LANES=auto: one model pass per core on a CPU with an eager tower, never more than the batch
+    has rows; one on a GPU and for a compiled tower; a number is honoured up to the batch's rows."""
+    import torch
+
+    from clapq.settings import Settings
+    from worker.embedder import lanes_for
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert lanes_for(None, cpu, False, 16, 2) == 2 and lanes_for(None, cpu, False, 16, 64) == 16
+    assert lanes_for(None, cpu, True, 16, 2) == 1 and lanes_for(None, gpu, False, 256, 16) == 1
+    assert lanes_for(3, cpu, True, 16, 2) == 3 and lanes_for(32, cpu, False, 16, 2) == 16
+    assert [Settings.from_env({"CLAPQ_LANES": v}).lanes for v in ("", "auto", "1", "4")] == [None, None, 1, 4]
+    with pytest.raises(SystemExit, match="CLAPQ_LANES must be at least 1, got 0"):
+        Settings.from_env({"CLAPQ_LANES": "0"})
 
 
 def test_settings_out_of_range_are_sentences():

@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from clapq.clap import LoadedClap
 from worker.features import LogMel
 
+THREADS = torch.get_num_threads()  # torch's threads when the worker imports this (after the fork): the cores
+
+
+def lanes_for(configured: int | None, device: torch.device, compiled: bool, batch: int, threads: int) -> int:
+    """How many model passes run side by side (CLAPQ_LANES; None is auto). auto: on a CPU with an eager
+    tower, one per torch thread (each pass then runs on one thread), at most one per batch row; 1 on a
+    GPU, and for a compiled tower (no gain measured, and its first pass compiles). One pass per core is
+    ~20% faster than one pass over every core on our 2-core CPU, and loses less to the decoders and
+    the API beside it (BENCHMARKS.md): a pass's threads wait for each other at every operation, so
+    one thread held up by another process holds up all of them."""
+    if configured is not None:
+        return max(1, min(configured, batch))
+    if device.type != "cpu" or compiled:
+        return 1
+    return max(1, min(threads, batch))
+
+
+def _pad_rows(rows, n: int):
+    if isinstance(rows, torch.Tensor):
+        return torch.cat([rows, rows.new_zeros((n, *rows.shape[1:]))])
+    return np.concatenate([rows, np.zeros((n, *rows.shape[1:]), rows.dtype)])
+
 
 class AudioEmbedder:
-    """Turns a batch of fixed-length 48 kHz windows into L2-normalised vectors."""
+    """Turns a batch of fixed-length 48 kHz windows into L2-normalised vectors.
 
-    def __init__(self, clap: LoadedClap, compile_model: bool = False) -> None:
+    With `lanes` > 1 (a CPU) a batch is cut into that many equal parts, each run by its own thread with
+    torch's threads shared out between them: the weights are shared, and a part's shapes never depend
+    on what else was in the batch, so a window's vector stays bit for bit the same."""
+
+    def __init__(self, clap: LoadedClap, compile_model: bool = False, lanes: int = 1) -> None:
         self.clap = clap
         self.window_samples = int(clap.feature_extractor.nb_max_samples)
         self.rate = int(clap.feature_extractor.sampling_rate)
@@ -20,6 +49,11 @@ class AudioEmbedder:
         # torch.compile of the audio tower: on our 2-core CPU +15% in fp32, +5% in bf16, vectors the same to
         # cosine 1.00000 (BENCHMARKS.md); when, is clapq.precision.compile_applies's rule
         self.audio_model = torch.compile(clap.model.audio_model) if compile_model else clap.model.audio_model
+        self.lanes = max(1, lanes)
+        self._lanes = None
+        if self.lanes > 1:  # each lane's thread takes its share of the cores (threads started later do too)
+            self._lanes = cf.ThreadPoolExecutor(self.lanes, thread_name_prefix="model-lane", initializer=torch.set_num_threads,
+                                                initargs=(max(1, THREADS // self.lanes),))
 
     @torch.inference_mode()
     def features(self, waves: np.ndarray) -> torch.Tensor:
@@ -29,15 +63,33 @@ class AudioEmbedder:
         return self.logmel(x)
 
     @torch.inference_mode()
-    def embed_features(self, mel: torch.Tensor) -> np.ndarray:
+    def _tower(self, mel: torch.Tensor) -> np.ndarray:
         is_longer = torch.zeros((mel.shape[0], 1), dtype=torch.bool, device=mel.device)
         # ClapModel.get_audio_features: audio tower -> projection -> L2 normalisation
         hidden = self.audio_model(input_features=mel.to(self.clap.dtype), is_longer=is_longer).pooler_output
         out = torch.nn.functional.normalize(self.clap.model.audio_projection(hidden).float(), dim=-1)
         return out.cpu().numpy().astype(np.float32)
 
+    def _windows(self, waves: np.ndarray) -> np.ndarray:
+        return self._tower(self.features(waves))
+
+    def _in_lanes(self, run: Callable[[np.ndarray], np.ndarray], rows) -> np.ndarray:
+        """`run` over the batch `rows`, in equal parts side by side (zero rows pad the last part)."""
+        if self._lanes is None:
+            return run(rows)
+        n = len(rows)
+        per = -(-n // self.lanes)
+        if per * self.lanes != n:
+            rows = _pad_rows(rows, per * self.lanes - n)
+        parts = [rows[i * per:(i + 1) * per] for i in range(self.lanes)]
+        return np.concatenate(list(self._lanes.map(run, parts)))[:n]
+
+    def embed_features(self, mel: torch.Tensor) -> np.ndarray:
+        """(B, C, frames, n_mels) log-mel -> (B, dim) float32, unit length."""
+        return self._in_lanes(self._tower, mel)
+
     def embed(self, waves: np.ndarray) -> np.ndarray:
         """(B, window_samples) float32 -> (B, dim) float32, unit length."""
         if waves.ndim != 2 or waves.shape[1] != self.window_samples:
             raise ValueError(f"expected (B, {self.window_samples}) windows, got {waves.shape}")
-        return self.embed_features(self.features(waves))
+        return self._in_lanes(self._windows, waves)

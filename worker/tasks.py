@@ -35,13 +35,18 @@ def _runtime():
     """Settings, model, embedder and decoder pool for this process, built on first use (after the fork)."""
     from clapq.clap import get_clap
     from clapq.precision import compile_applies
-    from worker.embedder import AudioEmbedder
+    from worker.embedder import THREADS, AudioEmbedder, lanes_for
 
     settings = Settings.from_env()
     ckpt = resolve(settings.model)
     clap = get_clap(ckpt, settings.device, settings.precision)
     compiled = compile_applies(settings.compile_model, clap.device, clap.dtype)
-    embedder = AudioEmbedder(clap, compile_model=compiled)
+
+    def embedder_for(compiled: bool) -> AudioEmbedder:
+        lanes = lanes_for(settings.lanes, clap.device, compiled, settings.batch_size, THREADS)
+        return AudioEmbedder(clap, compile_model=compiled, lanes=lanes)
+
+    embedder = embedder_for(compiled)
     with session_scope(settings.database_url) as s:
         model_id = register_model(s, ckpt)
     import numpy as np
@@ -59,13 +64,13 @@ def _runtime():
         if not compiled:
             raise
         log.warning("torch.compile failed; the audio tower runs eager", exc_info=True)
-        compiled, embedder = False, AudioEmbedder(clap)
+        compiled, embedder = False, embedder_for(False)
         embedder.embed(warm)
     decoders = get_pool(pool_size(settings.decoders, embedder.clap.device.type, settings.worker_concurrency))
     decoders.warm()
     log.info("model loaded", extra={"model": ckpt.name, "model_id": model_id, "device": str(embedder.clap.device),
                                     "precision": embedder.clap.precision, "compiled": compiled,
-                                    "torch_threads": torch.get_num_threads()})
+                                    "lanes": embedder.lanes, "torch_threads": torch.get_num_threads()})
     return settings, embedder, model_id, decoders
 
 
