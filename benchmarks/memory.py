@@ -100,7 +100,7 @@ from clapq.checkpoint import resolve
 from clapq.clap import get_clap
 from worker import pipeline
 from worker.decoder import get_pool
-from worker.embedder import AudioEmbedder
+from worker.embedder import THREADS, AudioEmbedder, lanes_for
 from worker.store import Claimed
 blobs = BlobStore({str(work / 'blobs')!r})
 w = blobs.writer()
@@ -108,7 +108,8 @@ with open({str(path)!r}, 'rb') as f:
     for block in iter(lambda: f.read(1 << 22), b''):
         w.write(block)
 sha = w.commit()
-emb = AudioEmbedder(get_clap(resolve({str(model_dir)!r}), "cpu"))
+clap = get_clap(resolve({str(model_dir)!r}), "cpu")
+emb = AudioEmbedder(clap, lanes=lanes_for(None, clap.device, False, 16, THREADS))  # the worker's auto lanes
 n = [0]
 def on_batch(k, secs):
     n[0] += k
