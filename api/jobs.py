@@ -14,7 +14,7 @@ from api.items import item_json
 from api.lookup import owned
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
 from clapq.models import Item, Job, JobDuplicate
-from clapq.queue import enqueue_items
+from clapq.queue import announce_items_gone, enqueue_items
 
 bp = Blueprint("jobs", __name__)
 log = logging.getLogger(__name__)
@@ -142,9 +142,9 @@ def job_items(job_id: str):
 
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id: str):
-    """Queued and running items are cancelled now. A worker embedding one learns of it at its next
-    heartbeat and runs no more of its windows; a file whose vectors it writes before that ends done
-    (whole, never half-written)."""
+    """Queued and running items are cancelled now. A worker embedding one hears of it at once (or at
+    its next heartbeat, if the message is lost) and runs no more of its windows; a file whose vectors it
+    writes before that ends done (whole, never half-written)."""
     job = owned(Job, job_id, "job")
     session = db()
     pending = session.scalar(select(func.count()).select_from(Item)
@@ -156,6 +156,7 @@ def cancel_job(job_id: str):
     session.execute(update(Item).where(Item.job_id == job.id, Item.status.in_(("queued", "running")))
                     .values(status="cancelled", finished_at=func.now()))
     session.commit()
+    announce_items_gone(current_app.extensions["clapq_celery"])
     return job_json(job)
 
 

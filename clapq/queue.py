@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import redis
@@ -9,7 +10,12 @@ from celery import Celery
 
 from clapq.settings import Settings
 
+log = logging.getLogger(__name__)
+
 EMBED_TASK = "clapq.embed_items"
+# published after a deletion or a cancel commits: workers beat at once (worker.heartbeat), so a file
+# dropped while it is being embedded stops now, not at the next CLAPQ_HEARTBEAT_S
+ITEMS_GONE_CHANNEL = "clapq:items-gone"
 EMBED_QUEUE = "embed"
 
 # Longer than any task may run (hard limit below), so Redis never hands a
@@ -69,3 +75,13 @@ def enqueue_items(app: Celery, item_ids: list, per_task: int, countdown: float |
         app.send_task(EMBED_TASK, args=[chunk], queue=EMBED_QUEUE, countdown=countdown)
         n += 1
     return n
+
+
+def announce_items_gone(app: Celery) -> None:
+    """Tell every worker that items were deleted or cancelled (call after the commit). Best effort: a
+    worker that misses it learns at its next heartbeat, as before."""
+    try:
+        redis_client(app).publish(ITEMS_GONE_CHANNEL, b"1")
+    except Exception:
+        log.warning("could not tell the workers of deleted or cancelled files; they learn at their next heartbeat",
+                    exc_info=True)

@@ -351,3 +351,43 @@ def test_a_large_deletion_gets_its_vector_indexes_rebuilt(client, new_key, worke
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
             c.execute(text("DROP INDEX IF EXISTS ix_segments_vector_hnsw_ccnew; "
                            "ALTER TABLE segments RESET (autovacuum_enabled); ALTER TABLE embeddings RESET (autovacuum_enabled)"))
+
+
+def test_a_deletion_or_a_cancel_wakes_the_heartbeat_of_a_task_running_the_files(client, new_key, settings):
+    """The API announces deleted and cancelled files on Redis once it has committed. A task running them
+    beats at once, not at its next heartbeat (300 s away here), and hears which of its files are gone,
+    so it stops embedding them now."""
+    import uuid
+
+    from clapq.models import Job, Library
+    from worker.heartbeat import beating, listening
+
+    key = new_key()
+    lib = uuid.UUID(_library(client, key, "wake"))
+    with session_scope(settings.database_url) as s:
+        tenant = s.get(Library, lib).tenant_id
+        job = Job(tenant_id=tenant, library_id=lib)
+        s.add(job)
+        s.flush()
+        items = [Item(tenant_id=tenant, library_id=lib, job_id=job.id, sha256=os.urandom(32).hex(),
+                      filename=f"long{i}.wav", size_bytes=1, status="running", claimed_by="task-wake", attempts=1)
+                 for i in range(3)]
+        s.add_all(items)
+        s.flush()
+        ids, job_id = [it.id for it in items], job.id
+    held, heard, news = set(ids), [], threading.Event()
+
+    def on_gone(gone: set) -> None:  # as worker.tasks does
+        held.difference_update(gone)
+        heard.append(gone)
+        news.set()
+
+    with beating(settings.database_url, held, "task-wake", 300, on_gone=on_gone, redis_url=settings.redis_url):
+        assert listening(settings.redis_url).wait(30), "the listener never subscribed"
+        assert client.delete(f"/v1/items/{ids[0]}", headers=auth(key)).status_code == 200
+        assert news.wait(60), "a deletion did not wake the heartbeat"
+        assert heard == [{ids[0]}]
+        news.clear()
+        assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(key)).status_code == 200
+        assert news.wait(60), "a cancel did not wake the heartbeat"
+        assert heard[1] == {ids[1], ids[2]} and not held

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
 
@@ -12,18 +13,67 @@ from clapq.db import session_scope
 
 log = logging.getLogger(__name__)
 
+MIN_GAP_S = 1.0  # at least this long between two beats of a task, however many deletions wake it
+_waiting: set[threading.Event] = set()  # one per running task's heartbeat, set when items go
+_subscribed: dict[str, threading.Event] = {}  # per Redis: set while this process's listener is subscribed
+_lock = threading.Lock()
+
+
+def _listen(redis_url: str, subscribed: threading.Event) -> None:
+    """For this process's life: on each message of clapq.queue.ITEMS_GONE_CHANNEL, wake every heartbeat."""
+    import redis
+
+    from clapq.queue import ITEMS_GONE_CHANNEL
+
+    while True:
+        try:
+            pubsub = redis.Redis.from_url(redis_url, socket_connect_timeout=5, health_check_interval=30) \
+                .pubsub(ignore_subscribe_messages=True)
+            pubsub.subscribe(ITEMS_GONE_CHANNEL)
+            subscribed.set()
+            while True:
+                if pubsub.get_message(timeout=30) is not None:
+                    for wake in list(_waiting):
+                        wake.set()
+        except Exception:  # Redis away: heartbeats still come every interval; listen again shortly
+            subscribed.clear()
+            log.warning("not listening for deleted or cancelled files; heartbeats notice them", exc_info=True)
+            time.sleep(5)
+
+
+def listening(redis_url: str) -> threading.Event:
+    """This process's listener on `redis_url`, started on first use (in the pool child, after the fork);
+    the event is set while it is subscribed."""
+    with _lock:
+        if redis_url not in _subscribed:
+            _subscribed[redis_url] = threading.Event()
+            threading.Thread(target=_listen, args=(redis_url, _subscribed[redis_url]), name="items-gone",
+                             daemon=True).start()
+        return _subscribed[redis_url]
+
 
 @contextlib.contextmanager
 def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: float,
-            on_gone: Callable[[set[uuid.UUID]], None] | None = None) -> Iterator[None]:
-    """Beat for `ids` every `interval_s`; `on_gone(ids)` hears of those the task no longer holds (deleted
-    meanwhile, or taken by another task), so it can stop working on them."""
+            on_gone: Callable[[set[uuid.UUID]], None] | None = None,
+            redis_url: str | None = None) -> Iterator[None]:
+    """Beat for `ids` every `interval_s`, and at once when the API announces deleted or cancelled files
+    on `redis_url`; `on_gone(ids)` hears of those the task no longer holds (deleted meanwhile, or taken
+    by another task), so it can stop working on them."""
     from worker.store import heartbeat
 
-    stop = threading.Event()
+    stop, wake = threading.Event(), threading.Event()
+    if redis_url:
+        listening(redis_url)
 
     def loop() -> None:
-        while not stop.wait(interval_s):
+        last = time.monotonic()
+        while True:
+            if wake.wait(interval_s) and not stop.is_set():  # woken: at most one such beat a MIN_GAP_S
+                stop.wait(MIN_GAP_S - (time.monotonic() - last))
+            wake.clear()
+            if stop.is_set():
+                return
+            last = time.monotonic()
             try:
                 with session_scope(url) as s:
                     gone = heartbeat(s, list(ids), task_id)  # the task may add items to `ids` as it goes
@@ -33,9 +83,12 @@ def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: floa
                 log.warning("heartbeat failed", exc_info=True)
 
     t = threading.Thread(target=loop, name="heartbeat", daemon=True)
+    _waiting.add(wake)
     t.start()
     try:
         yield
     finally:
+        _waiting.discard(wake)
         stop.set()
+        wake.set()
         t.join(5)

@@ -221,7 +221,8 @@ def embed_items(self, item_ids: list[str]) -> dict:
                                        "tenant_id": str(d.item.tenant_id), "error": d.error})
 
     # files the heartbeat finds gone (deleted meanwhile, or taken by another task): their windows not yet
-    # run are dropped, so deleting a long file stops its embedding within a beat or so
+    # run are dropped, so deleting or cancelling a long file stops its embedding at once (the API's
+    # announcement wakes the heartbeat) or, if that message is lost, within a beat
     dropped: set = set()
 
     def on_gone(ids: set) -> None:
@@ -229,7 +230,8 @@ def embed_items(self, item_ids: list[str]) -> dict:
         held.difference_update(ids)
 
     try:
-        with beating(settings.database_url, held, task_id, settings.heartbeat_s, on_gone=on_gone):
+        with beating(settings.database_url, held, task_id, settings.heartbeat_s, on_gone=on_gone,
+                     redis_url=settings.redis_url):
             pipeline.run(claimed, blobs, decoders, embedder, opts, on_done, on_failed,
                          on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs), top_up=top_up, more=more,
                          dropped=dropped)
