@@ -14,7 +14,7 @@ from api.errors import bad_request, not_found
 from api.lookup import owned
 from api.models_info import describe
 from api.query import item_vector
-from api.removal import delete_items, reclaim
+from api.removal import announce_gone, delete_items, reclaim
 from clapq.blobs import BlobStore
 from clapq.models import Item, Library, Segment
 
@@ -65,6 +65,7 @@ def delete_item(item_id: str):
     shas = delete_items(db(), Item.id == item.id)
     if not shas:  # another request deleted it first
         raise not_found("item")
+    announce_gone()
     return {"deleted": {"item": str(item.id), "items": 1, "stored_files": reclaim(shas)}}
 
 

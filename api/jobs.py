@@ -13,8 +13,9 @@ from api.errors import ApiError, bad_request
 from api.items import item_json
 from api.lookup import owned
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
+from api.removal import announce_gone
 from clapq.models import Item, Job, JobDuplicate
-from clapq.queue import announce_items_gone, enqueue_items
+from clapq.queue import enqueue_items
 
 bp = Blueprint("jobs", __name__)
 log = logging.getLogger(__name__)
@@ -142,8 +143,9 @@ def job_items(job_id: str):
 
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id: str):
-    """Queued and running items are cancelled now. A worker embedding one hears of it at once (or at
-    its next heartbeat, if the message is lost) and runs no more of its windows; a file whose vectors it
+    """Queued and running items are cancelled now. A worker embedding one hears of it within about a
+    second (api.removal.announce_gone; at its next heartbeat if that message is lost) and, once the
+    batch it is running ends, runs no more of its windows; a file whose vectors it
     writes before that ends done (whole, never half-written)."""
     job = owned(Job, job_id, "job")
     session = db()
@@ -156,7 +158,7 @@ def cancel_job(job_id: str):
     session.execute(update(Item).where(Item.job_id == job.id, Item.status.in_(("queued", "running")))
                     .values(status="cancelled", finished_at=func.now()))
     session.commit()
-    announce_items_gone(current_app.extensions["clapq_celery"])
+    announce_gone()
     return job_json(job)
 
 

@@ -15,7 +15,7 @@ from api.errors import ApiError, bad_request
 from api.jobs import items_page
 from api.lookup import owned
 from api.models_info import describe, serving_model_id
-from api.removal import delete_items, reclaim
+from api.removal import announce_gone, delete_items, reclaim
 from clapq.models import Item, Library
 
 bp = Blueprint("libraries", __name__)
@@ -88,6 +88,8 @@ def delete_library(lib_id: str):
     # after this gets a 404 (api.errors)
     db().execute(delete(Library).where(Library.id == lib.id))
     db().commit()
+    if shas:
+        announce_gone()
     return {"deleted": {"library": str(lib.id), "items": len(shas), "stored_files": reclaim(shas)}}
 
 

@@ -17,7 +17,7 @@ def delete_items(session: Session, where) -> list[str]:
     cascade) and commit; returns the digests of their bytes, for `reclaim` (the trigger of migration
     0007 queued them in the same transaction). A copy another job recorded of a deleted item stops
     counting in that job. A worker embedding one of them at this moment writes nothing for it
-    (worker.store locks the items it writes), and one embedding one stops at once (announce_items_gone)."""
+    (worker.store locks the items it writes); the caller then calls announce_gone, so that it stops soon."""
     # one statement: the copies are counted from the rows this DELETE removed, so two requests deleting
     # the same item at once uncount its copies once (the second one's DELETE finds nothing to remove)
     gone = delete(Item).where(where).returning(Item.id, Item.sha256).cte("gone")
@@ -27,9 +27,13 @@ def delete_items(session: Session, where) -> list[str]:
                .returning(Job.id).cte("uncount"))
     shas = list(session.scalars(select(gone.c.sha256).add_cte(uncount)))
     session.commit()
-    if shas:
-        announce_items_gone(current_app.extensions["clapq_celery"])
     return shas
+
+
+def announce_gone() -> None:
+    """After a deletion or a cancel commits: wake the heartbeats of the workers' running tasks, so one
+    embedding such a file stops within about a second (clapq.queue.announce_items_gone)."""
+    announce_items_gone(current_app.extensions["clapq_celery"])
 
 
 def reclaim(shas: list[str]) -> int:

@@ -917,8 +917,8 @@ def test_a_full_scratch_disk_is_not_the_files_fault(tmp_path):
 
 
 def test_lanes_rule_and_its_setting():
-    """CLAPQ_LANES=auto: one model pass per core on a CPU with an eager tower, never more than the batch
-    has rows; one on a GPU and for a compiled tower; a number is honoured up to the batch's rows."""
+    """CLAPQ_LANES=auto: one model pass per core on a CPU with an eager tower, as many as divide the
+    batch's rows; one on a GPU and for a compiled tower; a number is honoured up to the batch's rows."""
     import torch
 
     from clapq.settings import Settings
@@ -926,6 +926,7 @@ def test_lanes_rule_and_its_setting():
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert lanes_for(None, cpu, False, 16, 2) == 2 and lanes_for(None, cpu, False, 16, 64) == 16
+    assert lanes_for(None, cpu, False, 16, 6) == 4 and lanes_for(None, cpu, False, 16, 1) == 1  # no padded rows
     assert lanes_for(None, cpu, True, 16, 2) == 1 and lanes_for(None, gpu, False, 256, 16) == 1
     assert lanes_for(3, cpu, True, 16, 2) == 3 and lanes_for(32, cpu, False, 16, 2) == 16
     assert [Settings.from_env({"CLAPQ_LANES": v}).lanes for v in ("", "auto", "1", "4")] == [None, None, 1, 4]

@@ -16,8 +16,9 @@ THREADS = torch.get_num_threads()  # torch's threads when the worker imports thi
 
 def lanes_for(configured: int | None, device: torch.device, compiled: bool, batch: int, threads: int) -> int:
     """How many model passes run side by side (CLAPQ_LANES; None is auto). auto: on a CPU with an eager
-    tower, one per torch thread (each pass then runs on one thread), at most one per batch row; 1 on a
-    GPU, and for a compiled tower (no gain measured, and its first pass compiles). One pass per core is
+    tower, one per torch thread (each pass then runs on one thread), as many as divide the batch's rows
+    (no pass is padded); 1 on a GPU, and for a compiled tower (no gain measured, and its first pass
+    compiles). Measured on 2 cores only. One pass per core is
     ~20% faster than one pass over every core on our 2-core CPU, and loses less to the decoders and
     the API beside it (BENCHMARKS.md): a pass's threads wait for each other at every operation, so
     one thread held up by another process holds up all of them."""
@@ -25,7 +26,7 @@ def lanes_for(configured: int | None, device: torch.device, compiled: bool, batc
         return max(1, min(configured, batch))
     if device.type != "cpu" or compiled:
         return 1
-    return max(1, min(threads, batch))
+    return max(n for n in range(1, min(threads, batch) + 1) if batch % n == 0)  # no padded rows
 
 
 def _pad_rows(rows, n: int):
@@ -50,10 +51,16 @@ class AudioEmbedder:
         # cosine 1.00000 (BENCHMARKS.md); when, is clapq.precision.compile_applies's rule
         self.audio_model = torch.compile(clap.model.audio_model) if compile_model else clap.model.audio_model
         self.lanes = max(1, lanes)
+        self.threads_per_lane = max(1, THREADS // self.lanes) if self.lanes > 1 else torch.get_num_threads()
         self._lanes = None
         if self.lanes > 1:  # each lane's thread takes its share of the cores (threads started later do too)
             self._lanes = cf.ThreadPoolExecutor(self.lanes, thread_name_prefix="model-lane", initializer=torch.set_num_threads,
-                                                initargs=(max(1, THREADS // self.lanes),))
+                                                initargs=(self.threads_per_lane,))
+
+    def close(self) -> None:
+        """Let the lanes' threads end (an embedder replaced, as after a failed compile)."""
+        if self._lanes is not None:
+            self._lanes.shutdown(wait=False)
 
     @torch.inference_mode()
     def features(self, waves: np.ndarray) -> torch.Tensor:

@@ -20,30 +20,38 @@ _lock = threading.Lock()
 
 
 def _listen(redis_url: str, subscribed: threading.Event) -> None:
-    """For this process's life: on each message of clapq.queue.ITEMS_GONE_CHANNEL, wake every heartbeat."""
+    """For this process's life: on each message of clapq.queue.ITEMS_GONE_CHANNEL, wake every heartbeat.
+    `subscribed` is set once Redis has confirmed the subscription (again after each reconnect)."""
     import redis
 
     from clapq.queue import ITEMS_GONE_CHANNEL
 
+    outage = False
     while True:
         try:
-            pubsub = redis.Redis.from_url(redis_url, socket_connect_timeout=5, health_check_interval=30) \
-                .pubsub(ignore_subscribe_messages=True)
+            pubsub = redis.Redis.from_url(redis_url, socket_connect_timeout=5, health_check_interval=30).pubsub()
             pubsub.subscribe(ITEMS_GONE_CHANNEL)
-            subscribed.set()
             while True:
-                if pubsub.get_message(timeout=30) is not None:
+                msg = pubsub.get_message(timeout=30)
+                if msg is None:
+                    continue
+                if msg["type"] == "subscribe":
+                    subscribed.set()
+                    outage = False
+                elif msg["type"] == "message":
                     for wake in list(_waiting):
                         wake.set()
         except Exception:  # Redis away: heartbeats still come every interval; listen again shortly
             subscribed.clear()
-            log.warning("not listening for deleted or cancelled files; heartbeats notice them", exc_info=True)
+            if not outage:  # once an outage, not every 5 s
+                log.warning("not listening for deleted or cancelled files; heartbeats notice them", exc_info=True)
+            outage = True
             time.sleep(5)
 
 
 def listening(redis_url: str) -> threading.Event:
-    """This process's listener on `redis_url`, started on first use (in the pool child, after the fork);
-    the event is set while it is subscribed."""
+    """This process's listener on `redis_url`, started on first use (the worker's warm-up, in the pool
+    child after the fork); the event is set while it is subscribed."""
     with _lock:
         if redis_url not in _subscribed:
             _subscribed[redis_url] = threading.Event()

@@ -50,7 +50,6 @@ def _runtime():
     with session_scope(settings.database_url) as s:
         model_id = register_model(s, ckpt)
     import numpy as np
-    import torch
 
     from worker.decoder import get_pool, pool_size
 
@@ -64,13 +63,18 @@ def _runtime():
         if not compiled:
             raise
         log.warning("torch.compile failed; the audio tower runs eager", exc_info=True)
+        embedder.close()
         compiled, embedder = False, embedder_for(False)
         embedder.embed(warm)
+    if settings.redis_url:  # deletions and cancels wake running tasks' heartbeats (worker.heartbeat)
+        from worker.heartbeat import listening
+
+        listening(settings.redis_url)
     decoders = get_pool(pool_size(settings.decoders, embedder.clap.device.type, settings.worker_concurrency))
     decoders.warm()
     log.info("model loaded", extra={"model": ckpt.name, "model_id": model_id, "device": str(embedder.clap.device),
                                     "precision": embedder.clap.precision, "compiled": compiled,
-                                    "lanes": embedder.lanes, "torch_threads": torch.get_num_threads()})
+                                    "lanes": embedder.lanes, "torch_threads": embedder.threads_per_lane})
     return settings, embedder, model_id, decoders
 
 
@@ -221,8 +225,8 @@ def embed_items(self, item_ids: list[str]) -> dict:
                                        "tenant_id": str(d.item.tenant_id), "error": d.error})
 
     # files the heartbeat finds gone (deleted meanwhile, or taken by another task): their windows not yet
-    # run are dropped, so deleting or cancelling a long file stops its embedding at once (the API's
-    # announcement wakes the heartbeat) or, if that message is lost, within a beat
+    # run are dropped, so deleting or cancelling a long file stops its embedding within about a second
+    # and the batch in flight (the API's announcement wakes the heartbeat) or, if that is lost, a beat
     dropped: set = set()
 
     def on_gone(ids: set) -> None:
