@@ -604,7 +604,7 @@ def test_each_precision_is_deterministic_and_matches_the_fp32_reference(tiny_mod
                                                                         precision, lanes):
     """Whatever the machine's auto choice, both precisions and one or two lanes are checked here: a
     window's vector is bit for bit the same whatever else is in its batch (in two lanes: whichever lane
-    ran it, and in a batch that does not split evenly: the worker pads every batch to full size), and within cosine 0.9999 of the hand-written
+    ran it, and in a batch that does not split evenly), and within cosine 0.9999 of the hand-written
     fp32 path."""
     import torch
 

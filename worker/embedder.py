@@ -18,10 +18,10 @@ def lanes_for(configured: int | None, device: torch.device, compiled: bool, batc
     """How many model passes run side by side (CLAPQ_LANES; None is auto). auto: on a CPU with an eager
     tower, one per torch thread (each pass then runs on one thread), as many as divide the batch's rows
     (no pass is padded); 1 on a GPU, and for a compiled tower (no gain measured, and its first pass
-    compiles). Measured on 2 cores only. One pass per core is
-    ~20% faster than one pass over every core on our 2-core CPU, and loses less to the decoders and
-    the API beside it (BENCHMARKS.md): a pass's threads wait for each other at every operation, so
-    one thread held up by another process holds up all of them."""
+    compiles). One pass per core is ~20% faster than one pass over every core on our 2-core CPU (the
+    only size measured), and loses less to the decoders and the API beside it (BENCHMARKS.md): a
+    pass's threads wait for each other at every operation, so one thread held up by another process
+    holds up all of them."""
     if configured is not None:
         return max(1, min(configured, batch))
     if device.type != "cpu" or compiled:
@@ -29,10 +29,8 @@ def lanes_for(configured: int | None, device: torch.device, compiled: bool, batc
     return max(n for n in range(1, min(threads, batch) + 1) if batch % n == 0)  # no padded rows
 
 
-def _pad_rows(rows, n: int):
-    if isinstance(rows, torch.Tensor):
-        return torch.cat([rows, rows.new_zeros((n, *rows.shape[1:]))])
-    return np.concatenate([rows, np.zeros((n, *rows.shape[1:]), rows.dtype)])
+def _as_tensor(waves: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(waves, dtype=np.float32))
 
 
 class AudioEmbedder:
@@ -62,9 +60,11 @@ class AudioEmbedder:
         if self._lanes is not None:
             self._lanes.shutdown(wait=False)
 
-    @torch.inference_mode()
     def features(self, waves: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(np.ascontiguousarray(waves, dtype=np.float32))
+        return self._mel(_as_tensor(waves))
+
+    @torch.inference_mode()
+    def _mel(self, x: torch.Tensor) -> torch.Tensor:
         if self.clap.device.type == "cuda":
             x = x.pin_memory().to(self.clap.device, non_blocking=True)
         return self.logmel(x)
@@ -77,17 +77,17 @@ class AudioEmbedder:
         out = torch.nn.functional.normalize(self.clap.model.audio_projection(hidden).float(), dim=-1)
         return out.cpu().numpy().astype(np.float32)
 
-    def _windows(self, waves: np.ndarray) -> np.ndarray:
-        return self._tower(self.features(waves))
+    def _windows(self, waves: torch.Tensor) -> np.ndarray:
+        return self._tower(self._mel(waves))
 
-    def _in_lanes(self, run: Callable[[np.ndarray], np.ndarray], rows) -> np.ndarray:
+    def _in_lanes(self, run: Callable[[torch.Tensor], np.ndarray], rows: torch.Tensor) -> np.ndarray:
         """`run` over the batch `rows`, in equal parts side by side (zero rows pad the last part)."""
         if self._lanes is None:
             return run(rows)
         n = len(rows)
         per = -(-n // self.lanes)
         if per * self.lanes != n:
-            rows = _pad_rows(rows, per * self.lanes - n)
+            rows = torch.cat([rows, rows.new_zeros((per * self.lanes - n, *rows.shape[1:]))])
         parts = [rows[i * per:(i + 1) * per] for i in range(self.lanes)]
         return np.concatenate(list(self._lanes.map(run, parts)))[:n]
 
@@ -99,4 +99,4 @@ class AudioEmbedder:
         """(B, window_samples) float32 -> (B, dim) float32, unit length."""
         if waves.ndim != 2 or waves.shape[1] != self.window_samples:
             raise ValueError(f"expected (B, {self.window_samples}) windows, got {waves.shape}")
-        return self._in_lanes(self._windows, waves)
+        return self._in_lanes(self._windows, _as_tensor(waves))
