@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -249,22 +250,43 @@ def n_files(n: int) -> str:
     return f"{n} file" if n == 1 else f"{n} files"
 
 
-def audio_files(folder: Path) -> tuple[list[Path], int, Counter]:
-    """The audio files under `folder` by suffix; how many hidden ones were left out (names starting with
-    ".": macOS's "._x.wav" resource forks, editors' and trash folders); and the other files' suffixes
-    (counted, to say what was left out)."""
-    found, hidden, other = [], 0, Counter()
+@dataclasses.dataclass
+class Listing:
+    """What `clapq upload` found under a folder."""
+
+    audio: list[Path]  # regular files (or links to them) named as audio, in path order
+    hidden: int = 0  # audio files under names starting with "." (macOS's "._x.wav", trash folders)
+    other: Counter = dataclasses.field(default_factory=Counter)  # other files, by suffix
+    unreadable: list[str] = dataclasses.field(default_factory=list)  # named as audio but no file: broken links, pipes
+    linked: list[str] = dataclasses.field(default_factory=list)  # links to folders, not followed (a loop, a drive)
+
+
+def audio_files(folder: Path) -> Listing:
+    """The audio files under `folder` by suffix, and what was left out, so that each can be said."""
+    found = Listing([])
     for p in folder.rglob("*"):
-        if not p.is_file():
-            continue
+        rel = p.relative_to(folder)
         suffix = p.suffix.lower()
-        if any(part.startswith(".") for part in p.relative_to(folder).parts):
-            hidden += suffix in AUDIO_SUFFIXES
+        if any(part.startswith(".") for part in rel.parts):
+            found.hidden += p.is_file() and suffix in AUDIO_SUFFIXES
+        elif p.is_dir():
+            if p.is_symlink():
+                found.linked.append(rel.as_posix())
+        elif not p.is_file():  # opening a pipe would wait forever; a broken link has nothing to read
+            if suffix in AUDIO_SUFFIXES:
+                found.unreadable.append(rel.as_posix())
         elif suffix in AUDIO_SUFFIXES:
-            found.append(p)
+            found.audio.append(p)
         else:
-            other[suffix or "(no suffix)"] += 1
-    return sorted(found), hidden, other
+            found.other[suffix or "(no suffix)"] += 1
+    found.audio.sort()
+    found.unreadable.sort()
+    found.linked.sort()
+    return found
+
+
+def _some(names: list[str], most: int = 10) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def batches(paths: list[Path], max_files: int = BATCH_FILES, max_bytes: int = BATCH_BYTES) -> Iterator[list[Path]]:
@@ -330,13 +352,22 @@ def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> dict:
 
 
 def upload_folder(client: Client, folder: Path, library: str, wait: bool = True) -> int:
-    paths, hidden, other = audio_files(folder)
-    if hidden:
-        print(f"left out {n_files(hidden)} with hidden names (starting with '.')", file=sys.stderr)
+    listing = audio_files(folder)
+    paths, other = listing.audio, listing.other
+    if listing.hidden:
+        print(f"left out {n_files(listing.hidden)} with hidden names (starting with '.')", file=sys.stderr)
     if other:
         kinds = ", ".join(f"{s} ×{n}" if n > 1 else s for s, n in other.most_common(8))
         print(f"left out {n_files(sum(other.values()))} not named as audio ({kinds}{', …' if len(other) > 8 else ''})",
               file=sys.stderr)
+    if listing.unreadable:
+        n = len(listing.unreadable)
+        print(f"left out {n} named as audio that {'is' if n == 1 else 'are'} not a file (a broken link, a pipe, "
+              f"a device): {_some(listing.unreadable)}", file=sys.stderr)
+    if listing.linked:
+        n = len(listing.linked)
+        print(f"not followed: {n} link{'' if n == 1 else 's'} to a folder ({_some(listing.linked)}); upload the "
+              "folder it points to on its own", file=sys.stderr)
     if not paths:  # before the library is looked up: a failed command creates nothing
         raise SystemExit(f"clapq: no audio files under {folder} (looked for "
                          f"{', '.join(sorted(AUDIO_SUFFIXES))}); nothing was uploaded")
@@ -350,6 +381,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     # bytes it holds are not sent again, only the rest
     check = lib.get("item_count", 0) > 0
     jobs, sent, skipped, unfinished = [], 0, 0, 0
+    copies: list[tuple[str, str]] = []  # (path, id of the item holding its bytes)
     where: dict[str, str] = {}  # item id -> the file's path in the folder (the server keeps its base name)
     try:
         for batch in batches(paths, min(BATCH_FILES, limits.get("max_files_per_batch") or BATCH_FILES),
@@ -366,7 +398,12 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
                   file=sys.stderr)
             answer = _send(client, lib["id"], folder, batch)
             jobs.append(answer["job_id"])
-            where.update((it["id"], p.relative_to(folder).as_posix()) for it, p in zip(answer["items"], batch))
+            for it, p in zip(answer["items"], batch):
+                rel = p.relative_to(folder).as_posix()
+                if "duplicate_of" in it:  # the same bytes as a file sent before it: one item for both
+                    copies.append((rel, it["duplicate_of"]))
+                else:
+                    where[it["id"]] = rel
             sent += len(batch)
             print(f"uploaded {n_files(len(batch))} (job {jobs[-1]})", file=sys.stderr)
     except (SystemExit, KeyboardInterrupt, OSError) as exc:
@@ -391,6 +428,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
         still = (f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
                  if unfinished else "")
         print(f"{skipped} of {found} files are in the library already{still}: not sent again", file=sys.stderr)
+    if copies:
+        said = [f"{rel} (= {where.get(item, 'a file in the library')})" for rel, item in copies]
+        print(f"{n_files(len(copies))} had the same bytes as another and {'is' if len(copies) == 1 else 'are'} "
+              f"stored once: {_some(said)}", file=sys.stderr)
     try:
         failed = _wait(client, jobs, where) if wait and jobs else 0
     except KeyboardInterrupt:
@@ -402,7 +443,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     if refused:
         print(f"{n_files(len(refused))} not sent (listed above as 'not sent')", file=sys.stderr)
     print(json.dumps({"library_id": lib["id"], "jobs": jobs, "files": found, "skipped": skipped,
-                      "not_sent": len(refused), "failed": failed}))
+                      "not_sent": len(refused), "duplicates": len(copies), "failed": failed}))
     return 1 if failed or refused else 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -155,17 +156,26 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     write(folder / "rain" / "heavy.flac", 2.0, 48_000, 1, freq=900, seed=7)
     write(folder / "drone.wav", 12.0, 22_050, 1, freq=60, seed=8)
     (folder / "readme.txt").write_text("not audio, skipped by suffix")
+    shutil.copyfile(folder / "drone.wav", folder / "rain" / "drone copy.wav")  # the same bytes: one item
+    os.symlink(folder / "gone", folder / "gone.wav")  # a broken link and a pipe (opened, it would wait forever)
+    os.mkfifo(folder / "pipe.wav")
+    os.symlink(folder, folder / "rain" / "loop")  # a link to a folder, here a loop: named, not followed
     cli = [sys.executable, "-m", "clapq.cli"]
     out = subprocess.run(cli + ["upload", str(folder), "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
-    assert summary["files"] == 2 and summary["failed"] == 0
+    assert summary["files"] == 3 and summary["duplicates"] == 1 and summary["failed"] == 0, summary
     # not a terminal: progress is whole lines (no carriage returns), the last one the final count
     progress = [line for line in out.stderr.splitlines() if line.endswith("files processed")]
-    assert "\r" not in out.stderr and progress and progress[-1] == "2/2 files processed", out.stderr
-    assert out.stderr.splitlines()[0] == "left out 1 file not named as audio (.txt)", out.stderr
-    assert out.stderr.splitlines()[1].startswith("uploading 2 files ("), out.stderr  # before the request
+    assert "\r" not in out.stderr and progress and progress[-1] == "3/3 files processed", out.stderr
+    assert out.stderr.splitlines()[:3] == [
+        "left out 1 file not named as audio (.txt)",
+        "left out 2 named as audio that are not a file (a broken link, a pipe, a device): gone.wav, pipe.wav",
+        "not followed: 1 link to a folder (rain/loop); upload the folder it points to on its own"], out.stderr
+    assert out.stderr.splitlines()[3].startswith("uploading 3 files ("), out.stderr  # before the request
+    assert "1 file had the same bytes as another and is stored once: rain/drone copy.wav (= drone.wav)" in \
+        out.stderr.splitlines(), out.stderr
     out = subprocess.run(cli + ["search", "heavy rain", "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     # each file by its path in the folder (the server keeps the base name, and the path in its metadata)
@@ -190,9 +200,9 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     out = subprocess.run(cli + ["upload", str(folder), "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["files"] == 3 and json.loads(out.stdout)["skipped"] == 2, out.stdout
-    assert out.stderr.splitlines()[1].startswith("uploading 1 file ("), out.stderr
-    assert "2 of 3 files are in the library already: not sent again" in out.stderr, out.stderr
+    assert json.loads(out.stdout)["files"] == 4 and json.loads(out.stdout)["skipped"] == 3, out.stdout
+    assert out.stderr.splitlines()[3].startswith("uploading 1 file ("), out.stderr
+    assert "3 of 4 files are in the library already: not sent again" in out.stderr, out.stderr
     # a folder without audio files is an error that creates no library
     (tmp_path / "no audio").mkdir()
     (tmp_path / "no audio" / "notes.txt").write_text("text")
@@ -226,6 +236,8 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert "not sent: zz_long.wav: 21.0 MB, larger than this server takes (16.8 MB;" in out.stderr, out.stderr
     summary = json.loads(out.stdout)
     assert summary["files"] == 129 and summary["not_sent"] == 1 and len(summary["jobs"]) == 1, summary
+    assert summary["duplicates"] == 127 and "127 files had the same bytes as another and are stored once: " \
+        "c001.wav (= c000.wav), " in out.stderr and " and 117 more\n" in out.stderr, out.stderr
     libs = requests.get(f"{base}/v1/libraries", headers=h, timeout=10).json()["libraries"]
     assert [x["item_count"] for x in libs if x["name"] == "partial"] == [1]
     # run again without the file the API refused: the 128 copies it holds are not sent again
