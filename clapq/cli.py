@@ -355,6 +355,8 @@ def cmd_search(args) -> None:
         _fail("give either words to search for or --like FILE (a sound), not both")
     if args.text is None and args.like is None:
         _fail("give words to search for, or --like FILE to search by a sound")
+    if args.text is not None and not args.text.strip():  # `clapq search ""`, an empty variable
+        _fail("the words to search for are empty; give words to search for, or --like FILE to search by a sound")
     if args.like is not None and not args.like.is_file():
         _fail(f"{args.like} is not a file")
     settings = Settings.from_env(data_dir=args.data_dir)

@@ -195,6 +195,9 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     out = subprocess.run(cli + ["search", "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "give words to search for, or --like FILE" in out.stderr, out.stderr
+    out = subprocess.run(cli + ["search", " ", "--library", "folder lib", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "the words to search for are empty" in out.stderr, out.stderr
     # the same folder again with one file more: only the new one is sent
     write(folder / "rain" / "light.ogg", 1.0, 44_100, 2, freq=1500, seed=9)
     out = subprocess.run(cli + ["upload", str(folder), "--library", "folder lib", "--url", base, "--key", key],
