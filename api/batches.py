@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from api.db import db
-from api.errors import ApiError, bad_request, parse_json
+from api.errors import ApiError, bad_request, check_metadata, parse_json
 from api.lookup import owned
 from api.models_info import served_model_for
 from api.uploads import display_name
@@ -38,6 +38,8 @@ def _metadata_field(filenames: set[str]) -> dict:
     unknown = sorted(set(meta) - filenames)
     if unknown:
         raise bad_request(f"'metadata' names files not in this batch: {unknown[:5]}")
+    for name, value in meta.items():
+        check_metadata(value, f"'metadata' of {display_name(name)!r}")
     return meta
 
 

@@ -36,6 +36,17 @@ def bad_request(message: str, code: str = "bad_request") -> ApiError:
 MAX_DEPTH = 32  # nesting of JSON a client sends: metadata, filters; deeper is a mistake or an attack
 
 
+MAX_METADATA_BYTES = 16 << 10  # an item's metadata as JSON: tags, a path, a description; every search result carries it
+
+
+def check_metadata(meta: dict, where: str) -> None:
+    """An item's metadata must stay small: each search result carries it, and so does each page of items."""
+    size = len(json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ApiError(413, "metadata_too_large", f"{where} is {size} bytes of JSON; an item's metadata may have "
+                       f"at most {MAX_METADATA_BYTES}")
+
+
 def check_text(value, where: str) -> None:
     """Refuse a NUL character or an unpaired surrogate (JSON allows "\\u0000" and "\\ud800") in any string
     of `value`, dict keys included (Postgres stores neither, so they would fail deep inside as a 500),

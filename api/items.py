@@ -10,7 +10,7 @@ from flask import Blueprint, current_app, request, send_file
 from sqlalchemy import select
 
 from api.db import db
-from api.errors import bad_request, not_found
+from api.errors import bad_request, check_metadata, not_found
 from api.lookup import owned
 from api.models_info import describe
 from api.query import item_vector
@@ -52,6 +52,7 @@ def patch_item(item_id: str):
     if not isinstance(body, dict) or set(body) != {"metadata"} or not isinstance(body["metadata"], dict):
         raise bad_request('send a JSON object like {"metadata": {"category": "rain"}} (the metadata replaces '
                           "what the item has; {} clears it)")
+    check_metadata(body["metadata"], "'metadata'")
     item.meta = body["metadata"]
     db().commit()
     return item_json(item)
@@ -81,7 +82,10 @@ def get_segments(item_id: str):
     """The item's embedded windows, in time order; `?vectors=1` includes each vector (for export)."""
     item = owned(Item, item_id, "item")
     lib = db().get(Library, item.library_id)
-    with_vectors = request.args.get("vectors", "0").lower() in ("1", "true", "yes")
+    flag = request.args.get("vectors", "0").strip().lower()
+    if flag not in ("0", "1", "true", "false", "yes", "no", ""):
+        raise bad_request(f"'vectors' is {flag[:20]!r}; use vectors=1 to include each vector, or leave it out")
+    with_vectors = flag in ("1", "true", "yes")
     cols = [Segment.window_index, Segment.start_s, Segment.end_s] + ([Segment.vector] if with_vectors else [])
     rows = db().execute(select(*cols).where(Segment.item_id == item.id, Segment.model_id == lib.model_id)
                         .order_by(Segment.window_index)).all()

@@ -106,7 +106,8 @@ SPEC = {
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
                 "type": "object", "required": ["files"], "properties": {
                     "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                    "metadata": {"type": "string", "description": "JSON object: filename -> object"}}}}}},
+                    "metadata": {"type": "string", "description": "JSON object: filename -> object (at most "
+                                 "16 KiB of JSON a file)"}}}}}},
             "responses": {**_ok("accepted", None, "202"), "409": _ERR, "413": _ERR, "415": _ERR, "429": _ERR,
                           "507": _ERR}}},
         "/v1/libraries/{library_id}/known": {"post": {
@@ -147,7 +148,8 @@ SPEC = {
                       "requestBody": {"required": True, "content": {"application/json": {"schema": {
                           "type": "object", "required": ["metadata"], "additionalProperties": False,
                           "properties": {"metadata": {"type": "object"}}}}}},
-                      "responses": _ok("the item, its metadata replaced", {"$ref": "#/components/schemas/Item"})},
+                      "responses": {**_ok("the item, its metadata replaced", {"$ref": "#/components/schemas/Item"}),
+                                    "413": _ERR}},
             "delete": {"parameters": [_path_id("item_id")],
                        "responses": _ok("deleted: the item and its vectors; stored_files: 1 if its file was "
                                         "removed from disk (no other item holds the bytes)", DELETED)}},

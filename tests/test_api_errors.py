@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import uuid
 
@@ -52,6 +53,11 @@ def test_upload_validation(client, lib, settings):
     e = err(client.post(url, headers=auth(key), content_type="multipart/form-data",
                         data={"files": [(io.BytesIO(b"x"), "a.wav")], "metadata": '{"b.wav": {}}'}), 400)
     assert "b.wav" in e["message"]
+    # metadata rides along with every search result: over 16 KiB of JSON for one file is refused, by name
+    big = json.dumps({"a.wav": {"notes": "x" * (16 << 10)}})
+    e = err(client.post(url, headers=auth(key), content_type="multipart/form-data",
+                        data={"files": [(io.BytesIO(b"x"), "a.wav")], "metadata": big}), 413)
+    assert e["code"] == "metadata_too_large" and "'a.wav'" in e["message"] and "16384" in e["message"], e
     many = [(io.BytesIO(b"%d" % i), f"{i}.wav") for i in range(settings.max_files_per_batch + 1)]
     e = err(client.post(url, headers=auth(key), content_type="multipart/form-data", data={"files": many}), 413)
     assert str(settings.max_files_per_batch) in e["message"]

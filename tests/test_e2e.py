@@ -103,6 +103,10 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model, setting
         best[name] = max((float(qvec @ np.array(sg["vector"], dtype=np.float32)), sg["start_s"], sg["end_s"])
                          for sg in segs)
     expected = sorted(((b[0], n) for n, b in best.items()), reverse=True)
+    plain = client.get(f"/v1/items/{ids[name]}/segments?vectors=no", headers=auth(key)).get_json()["segments"]
+    assert plain and not any("vector" in sg for sg in plain)
+    r = client.get(f"/v1/items/{ids[name]}/segments?vectors=2", headers=auth(key))  # not a yes or a no: said
+    assert r.status_code == 400 and "vectors=1" in r.get_json()["error"]["message"], r.get_json()
     res = client.get("/v1/search", query_string={"library_id": lib["id"], "q": "a calm sine tone", "k": 3},
                      headers=auth(key)).get_json()
     assert [r["filename"] for r in res["results"]] == [n for _, n in expected[:3]]
@@ -141,6 +145,9 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model, setting
     for body in ({"metadata": [1]}, {"tag": "b"}, {"metadata": {}, "filename": "x"}, None):
         r = client.patch(f"/v1/items/{ids[name]}", json=body, headers=auth(key))
         assert r.status_code == 400 and "metadata" in r.get_json()["error"]["message"], body
+    r = client.patch(f"/v1/items/{ids[name]}", json={"metadata": {"notes": "x" * (16 << 10)}}, headers=auth(key))
+    assert r.status_code == 413 and r.get_json()["error"]["code"] == "metadata_too_large", r.get_json()
+    assert client.get(f"/v1/items/{ids[name]}", headers=auth(key)).get_json()["metadata"] == {"tag": "b"}
     assert client.patch(f"/v1/items/{ids[name]}", json={"metadata": {}}, headers=auth(new_key())).status_code == 404
 
 
