@@ -14,8 +14,8 @@ from api.errors import ApiError, bad_request, check_metadata, parse_json
 from api.lookup import owned
 from api.models_info import served_model_for
 from api.uploads import display_name
-from clapq.blobs import BLOB_LOCK
-from clapq.models import Item, Job, JobDuplicate, Library
+from clapq.blobs import BLOB_LOCK, unqueue_reclaim
+from clapq.models import BlobReclaim, Item, Job, JobDuplicate, Library
 from clapq.queue import enqueue_items
 
 bp = Blueprint("batches", __name__)
@@ -84,11 +84,23 @@ def upload_batch(lib_id: str):
         raise ApiError(413, "file_too_large", f"{display_name(too_big[0])!r} is larger than the per-file limit "
                        f"of {settings.max_file_bytes} bytes (CLAPQ_MAX_FILE_BYTES)")
     session = db()
-    job = Job(tenant_id=g.tenant_id, library_id=lib.id, kind="upload")
-    session.add(job)
-    session.flush()
-    # a deletion's removal of these bytes' blob waits for this transaction (clapq.blobs.BLOB_LOCK)
-    session.execute(select(func.pg_advisory_xact_lock_shared(BLOB_LOCK)))
+    for _ in range(3):
+        digests = request.queue_uploads([f.stream for f in files])  # off the queue again with the rows' commit
+        job = Job(tenant_id=g.tenant_id, library_id=lib.id, kind="upload")
+        session.add(job)
+        session.flush()
+        # a deletion's removal of these bytes' blob waits for this transaction (clapq.blobs.BLOB_LOCK)
+        session.execute(select(func.pg_advisory_xact_lock_shared(BLOB_LOCK)))
+        # such a removal may have run between the two transactions and taken the queue rows with its own:
+        # queue them again, this transaction ended (had it waited on a second connection, that one could
+        # wait on a deletion that waits on this transaction)
+        queued = select(func.count()).select_from(BlobReclaim).where(BlobReclaim.sha256.in_(digests))
+        if session.scalar(queued) == len(digests):
+            break
+        session.rollback()
+    else:
+        raise ApiError(503, "busy", "the same files were being removed at that moment, each try; send them again",
+                       {"Retry-After": "1"})
     shas = [f.stream.commit() for f in files]
     names = [display_name(raw) for raw in raw_names]
     # one row per distinct bytes (the first file that has them), all in one statement
@@ -148,6 +160,7 @@ def upload_batch(lib_id: str):
         job.duplicates = sum(copies.values())
         session.execute(insert(JobDuplicate).values(
             [{"job_id": job.id, "item_id": i, "copies": n} for i, n in copies.items()]))
+    unqueue_reclaim(session, digests)  # held now, by this upload's items or the ones already there
     session.commit()
     request.keep_uploads()
     try:

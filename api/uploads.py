@@ -8,7 +8,8 @@ import unicodedata
 from flask import Request, current_app, g
 
 from api.removal import reclaim_unnamed
-from clapq.blobs import BlobStore
+from clapq.blobs import BlobStore, queue_reclaim
+from clapq.db import get_engine
 
 log = logging.getLogger(__name__)
 
@@ -23,19 +24,31 @@ class StreamingRequest(Request):
         self._clapq_writers.append(writer)
         return writer
 
+    def queue_uploads(self, writers: list) -> list[str]:
+        """Write-ahead for a crash: the bytes about to move into the store are queued for removal first, in
+        a transaction of their own, and the commit of the rows that name them takes them off the queue
+        (`clapq.blobs.unqueue_reclaim`). An API process killed in between (SIGKILL, out of memory, power)
+        leaves files the maintenance loop removes once no item holds them, never files nothing names.
+        Returns the digests."""
+        digests = sorted({w.digest for w in writers})
+        queue_reclaim(get_engine(current_app.config["CLAPQ"].database_url), digests)
+        self._clapq_queued = digests
+        return digests
+
     def keep_uploads(self) -> None:
         """The rows that name the parts committed into the store have committed: their blobs stay."""
         self._clapq_kept = True
 
     def discard_uploads(self) -> None:
         """At the request's end: remove the temporary files of parts not committed into the store, and
-        queue for removal the blobs of a request whose rows never committed (a library deleted meanwhile,
-        a full disk at the third file, a database error), which only an item may keep."""
+        reclaim the blobs of a request whose rows never committed (a library deleted meanwhile, a full disk
+        at the third file, a database error), which only an item may keep."""
         writers = getattr(self, "_clapq_writers", [])
         for w in writers:
             if w.sha256 is None:
                 w.discard()
-        stored = [w.sha256 for w in writers if w.sha256 is not None]
+        # those moved into place, and those queued to be (their queue rows go, and any copy no item holds)
+        stored = sorted({w.sha256 for w in writers if w.sha256 is not None} | set(getattr(self, "_clapq_queued", ())))
         if not stored or getattr(self, "_clapq_kept", False):
             return
         try:

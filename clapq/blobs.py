@@ -100,12 +100,17 @@ class BlobWriter:
     def close(self) -> None:
         self._file.close()
 
+    @property
+    def digest(self) -> str:
+        """The sha256 of what was written so far (all of it once the part has been received)."""
+        return self.sha256 or self._hash.hexdigest()
+
     def commit(self) -> str:
         """Fsync, then move into place under its hash; returns the sha256. Bytes already stored (a
         failed file sent again) keep the stored copy if it still hashes the same: no fsync, no rename."""
         if self.sha256 is not None:
             return self.sha256
-        digest = self._hash.hexdigest()
+        digest = self.digest
         final = self._store.path_for(digest)
         if final.is_file() and final.stat().st_size == self.size and file_sha256(final) == digest:
             self.discard()
@@ -187,13 +192,20 @@ class BlobStore:
 
 
 def queue_reclaim(engine: Engine, shas: Iterable[str]) -> None:
-    """Queue these blobs for `reclaim`: an upload's, whose rows never committed. (A deleted item's are
-    queued by the trigger of migration 0007, in the deleting transaction.)"""
+    """Queue these blobs for `reclaim`, in a transaction of their own: an upload's, before they move into
+    place (its rows' commit takes them off again, `unqueue_reclaim`), and again when its rows never
+    committed. (A deleted item's are queued by the trigger of migration 0007, in the deleting transaction.)"""
     shas = sorted(set(shas))
     if shas:
         with engine.begin() as conn:
             conn.execute(text("INSERT INTO blob_reclaims (sha256) SELECT unnest(CAST(:shas AS text[])) "
                               "ON CONFLICT DO NOTHING"), {"shas": shas})
+
+
+def unqueue_reclaim(conn, shas: Iterable[str]) -> None:
+    """In the caller's transaction, which commits items holding these bytes: they are no longer to go."""
+    conn.execute(text("DELETE FROM blob_reclaims WHERE sha256 = ANY(CAST(:shas AS text[]))"),
+                 {"shas": sorted(set(shas))})
 
 
 def _reclaim_chunk(conn, store: BlobStore, chunk: list[str]) -> int:

@@ -196,7 +196,8 @@ class BlobReclaim(Base):
 
     A trigger on items (migration 0007) adds the digests of every deleted item, in the deleting
     statement's transaction, whatever deleted it: the API, a library's or tenant's cascade, SQL by hand.
-    An upload whose rows never committed adds the blobs it had moved into place. So a crash or a race
+    An upload adds its blobs before it moves them into place, and the commit of its rows removes them
+    again, so an upload whose rows never commit (its API process killed meanwhile) leaves them here. So a crash or a race
     between a deletion's commit and its unlink leaves a row here, which the maintenance loop finishes,
     never a file that nothing will ever remove."""
 

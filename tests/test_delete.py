@@ -7,11 +7,13 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from clapq.blobs import BLOB_LOCK, BlobStore, file_sha256
@@ -268,6 +270,77 @@ def test_files_left_by_a_deletion_that_never_removed_them_are_removed_once_no_it
     _backdate(settings, [sha["both.wav"]])
     collect_blobs(settings)
     assert not store.exists(sha["both.wav"])
+
+
+CRASH_AFTER_THE_FILES_MOVED = """
+import os, sys
+
+import api.uploads
+from api import create_app
+from clapq import blobs
+from clapq.blobs import BlobWriter
+from clapq.db import get_engine
+from clapq.settings import Settings
+
+raced, lib, key, *paths = sys.argv[1:]
+commit, moved, queue = BlobWriter.commit, [], api.uploads.queue_reclaim
+settings = Settings.from_env()
+
+
+def queue_then_a_removal(engine, shas):  # as a deletion's removal of the same bytes would, at that moment
+    global raced
+    queue(engine, shas)
+    if raced == "1":
+        raced = "0"
+        blobs.reclaim(get_engine(settings.database_url), blobs.BlobStore(settings.blob_dir), shas)
+
+
+def commit_then_die(self):  # dies as under SIGKILL: no exception, no teardown, no rollback
+    moved.append(commit(self))
+    if len(moved) == len(paths):
+        os._exit(9)
+
+
+BlobWriter.commit, api.uploads.queue_reclaim = commit_then_die, queue_then_a_removal
+client = create_app(settings).test_client()
+r = client.post(f"/v1/libraries/{lib}/batches", headers={"Authorization": f"Bearer {key}"},
+                data={"files": [(open(p, "rb"), os.path.basename(p)) for p in paths]},
+                content_type="multipart/form-data")
+sys.exit(f"the upload ended instead of dying: {r.status_code} {r.get_data(as_text=True)[:300]}")
+"""
+
+
+@pytest.mark.parametrize("raced", [False, True], ids=["alone", "a-removal-took-the-queue-rows"])
+def test_an_api_killed_between_moving_an_uploads_files_and_committing_its_rows_leaves_no_file_behind(
+        client, new_key, env, settings, tmp_path, raced):
+    """The API process dies after an upload's files moved into the store and before its rows committed:
+    no item names the files, and the maintenance loop removes them, because they were queued for removal
+    before they moved. Also when a deletion's removal of the same bytes took the queue rows between the
+    upload's two transactions. An upload that commits takes its files off the queue again."""
+    from worker.sweeper import collect_blobs
+
+    key = new_key()
+    lib = _library(client, key, f"cut mid-commit {raced}")
+    paths = [tmp_path / f"cut{i}.wav" for i in range(3)]
+    for p in paths:
+        p.write_bytes(b"RIFF" + os.urandom(2000))  # bytes no other item holds
+    shas = {file_sha256(p) for p in paths}
+    died = subprocess.run([sys.executable, "-c", CRASH_AFTER_THE_FILES_MOVED, str(int(raced)), lib, key,
+                           *map(str, paths)], env=env, capture_output=True, text=True, timeout=300)
+    assert died.returncode == 9, died.stderr[-3000:]
+    store = BlobStore(settings.blob_dir)
+    assert all(store.exists(sha) for sha in shas)  # in place when the process died
+    with session_scope(settings.database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Item).where(Item.sha256.in_(shas))) == 0
+    assert _queued(settings, shas) == shas
+    _backdate(settings, shas)
+    collect_blobs(settings)
+    assert not any(store.exists(sha) for sha in shas) and _queued(settings, shas) == set()
+
+    # the same files uploaded by a process that lives: stored, and nothing of theirs left queued
+    r = upload(client, key, lib, paths)
+    assert r.status_code == 202, r.get_json()
+    assert all(store.exists(sha) for sha in shas) and _queued(settings, shas) == set()
 
 
 def test_removal_waits_for_a_deletion_of_the_last_item_holding_the_bytes(client, new_key, worker, settings, tmp_path):
