@@ -22,6 +22,17 @@ from tests.tinyclap import build_tiny_clap
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config):
+    # `make test` stops a suite that runs past its limit with SIGTERM (`timeout`), as do CI runners and
+    # users: made a KeyboardInterrupt, on which pytest tears the fixtures down, so their finalizers stop
+    # every Postgres, Redis, worker and `clapq up` they started instead of leaving them running
+    signal.signal(signal.SIGTERM, _interrupted)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_clap(tmp_path_factory.mktemp("model") / "tiny-clap")
