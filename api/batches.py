@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections import Counter
 
 from flask import Blueprint, current_app, g, request
@@ -43,6 +45,23 @@ def _metadata_field(filenames: set[str]) -> dict:
     return meta
 
 
+# files of the batch were being deleted, or their stored copies removed, at the moment it committed: the
+# whole batch again is always right (`clapq upload` sends it again after a 503's Retry-After)
+def _raced() -> ApiError:
+    return ApiError(503, "conflict", "files of this batch were being deleted at the same moment; nothing was "
+                    "stored; send the batch again", {"Retry-After": "1"})
+
+
+def _uncovered(session, digests: list[str]) -> set[str]:
+    """The digests that a crash from here on would leave as files nothing names: neither queued for
+    removal (a deletion's removal, or another upload's commit, may have taken the rows this upload queued,
+    between its two transactions) nor named by a committed item (whose deletion would queue them)."""
+    left = set(digests) - set(session.scalars(select(BlobReclaim.sha256).where(BlobReclaim.sha256.in_(digests))))
+    if left:
+        left -= set(session.scalars(select(Item.sha256).where(Item.sha256.in_(left))))
+    return left
+
+
 def _backpressure(settings) -> None:
     """Refuse new work while the backlog is over its bound, rather than let the queue grow without limit."""
     pending = db().scalar(select(func.count()).select_from(Item).where(Item.status.in_(("queued", "running"))))
@@ -64,6 +83,9 @@ def limits():
 def upload_batch(lib_id: str):
     lib = owned(Library, lib_id, "library")  # before the body is read
     served_model_for(lib)  # files for a library of another model could never be embedded here
+    # kept: the rollback below expires `lib`, and reading it again would fail as a 500 if the library is
+    # deleted while the body arrives; its id makes that the foreign-key 404 "deleted while it ran"
+    library = lib.id
     settings = current_app.config["CLAPQ"]
     _backpressure(settings)
     # the checks are done: end their transaction before the body streams in (minutes for a large upload
@@ -84,29 +106,27 @@ def upload_batch(lib_id: str):
         raise ApiError(413, "file_too_large", f"{display_name(too_big[0])!r} is larger than the per-file limit "
                        f"of {settings.max_file_bytes} bytes (CLAPQ_MAX_FILE_BYTES)")
     session = db()
-    for _ in range(3):
+    for attempt in range(3):
         digests = request.queue_uploads([f.stream for f in files])  # off the queue again with the rows' commit
-        job = Job(tenant_id=g.tenant_id, library_id=lib.id, kind="upload")
+        job = Job(tenant_id=g.tenant_id, library_id=library, kind="upload")
         session.add(job)
         session.flush()
         # a deletion's removal of these bytes' blob waits for this transaction (clapq.blobs.BLOB_LOCK)
         session.execute(select(func.pg_advisory_xact_lock_shared(BLOB_LOCK)))
-        # such a removal may have run between the two transactions and taken the queue rows with its own:
-        # queue them again, this transaction ended (had it waited on a second connection, that one could
-        # wait on a deletion that waits on this transaction)
-        queued = select(func.count()).select_from(BlobReclaim).where(BlobReclaim.sha256.in_(digests))
-        if session.scalar(queued) == len(digests):
+        if not _uncovered(session, digests):
             break
+        # queue them again, this transaction ended (had it waited on a second connection, that one could
+        # wait on a deletion that waits on this transaction), after a pause that parts racing requests
         session.rollback()
+        time.sleep(random.uniform(0.01, 0.05) * (attempt + 1))
     else:
-        raise ApiError(503, "busy", "the same files were being removed at that moment, each try; send them again",
-                       {"Retry-After": "1"})
+        raise _raced()
     shas = [f.stream.commit() for f in files]
     names = [display_name(raw) for raw in raw_names]
     # one row per distinct bytes (the first file that has them), all in one statement
     rows: dict[str, dict] = {}
     for f, raw, name, sha in zip(files, raw_names, names, shas):
-        rows.setdefault(sha, dict(tenant_id=g.tenant_id, library_id=lib.id, job_id=job.id, sha256=sha,
+        rows.setdefault(sha, dict(tenant_id=g.tenant_id, library_id=library, job_id=job.id, sha256=sha,
                                   filename=name, size_bytes=f.stream.size, meta=meta.get(raw, {})))
     # rows in sha256 order, here and below: two uploads sharing files lock them in the same order (no deadlock)
     created = dict(session.execute(
@@ -118,9 +138,11 @@ def upload_batch(lib_id: str):
     # locked, so that whether a file is retried here is decided on its latest state: an upload of the same
     # failed file at the same moment, or a job retry, that committed first has made it queued (a copy here)
     existing = {r.sha256: r for r in session.execute(
-        select(Item.sha256, Item.id, Item.status, Item.meta).where(Item.library_id == lib.id, Item.sha256.in_(missing))
+        select(Item.sha256, Item.id, Item.status, Item.meta).where(Item.library_id == library, Item.sha256.in_(missing))
         .order_by(Item.sha256).with_for_update()
     )} if missing else {}
+    if len(existing) < len(missing):  # deleted, and committed, between the insert and this look
+        raise _raced()
     retried = {r.id for r in existing.values() if r.status in RETRIED_ON_REUPLOAD}
     if retried:
         # they failed (or were cancelled) before: uploading them again is a retry, tracked by this

@@ -203,8 +203,11 @@ def queue_reclaim(engine: Engine, shas: Iterable[str]) -> None:
 
 
 def unqueue_reclaim(conn, shas: Iterable[str]) -> None:
-    """In the caller's transaction, which commits items holding these bytes: they are no longer to go."""
-    conn.execute(text("DELETE FROM blob_reclaims WHERE sha256 = ANY(CAST(:shas AS text[]))"),
+    """In the caller's transaction, which commits items holding these bytes: they are no longer to go.
+    The rows are locked in digest order, as every writer of this table takes them (migration 0008), so
+    two uploads sharing files wait for each other instead of deadlocking."""
+    conn.execute(text("DELETE FROM blob_reclaims WHERE sha256 IN (SELECT sha256 FROM blob_reclaims "
+                      "WHERE sha256 = ANY(CAST(:shas AS text[])) ORDER BY sha256 FOR UPDATE)"),
                  {"shas": sorted(set(shas))})
 
 

@@ -187,7 +187,53 @@ def test_an_upload_into_a_library_deleted_meanwhile_is_a_404(client, new_key, se
     with session_scope(settings.database_url) as s:
         assert s.scalar(text("SELECT count(*) FROM items WHERE filename = 'late.wav' AND library_id = :l"),
                         {"l": lib}) == 0
-    # its file had been moved into the store: no row names it, so it is removed at the request's end
+    # its file was queued for removal before it would have moved into the store: the queue is emptied at
+    # the request's end, and no file is left
+    sha = hashlib.sha256(body).hexdigest()
+    assert not BlobStore(settings.blob_dir).exists(sha) and _queued(settings, [sha]) == set()
+
+
+def test_a_library_deleted_while_an_uploads_body_arrives_is_a_404(client, new_key, settings):
+    """The library is deleted, and the deletion committed, while an upload's body is still arriving (after
+    the checks that read the library): the 404 that says so, not a 500, and nothing of the upload kept."""
+    key = new_key()
+    lib = _library(client, key, "gone mid-body")
+    body = b"RIFF" + os.urandom(6000)  # bytes no other test's item holds
+    head = (b'--cut\r\nContent-Disposition: form-data; name="files"; filename="mid.wav"\r\n'
+            b"Content-Type: application/octet-stream\r\n\r\n")
+    whole = head + body + b"\r\n--cut--\r\n"
+    deleted = []
+
+    class DeletedMidway(io.RawIOBase):  # the body as a slow client sends it, 1 KiB a read
+        at = 0
+
+        def readable(self):
+            return True
+
+        def seekable(self):
+            return True
+
+        def seek(self, offset, whence=0):
+            self.at = offset if whence == 0 else (self.at + offset if whence == 1 else len(whole) + offset)
+            return self.at
+
+        def tell(self):
+            return self.at
+
+        def readinto(self, b):
+            if self.at > len(head) and not deleted:
+                with session_scope(settings.database_url) as s:
+                    s.execute(text("DELETE FROM libraries WHERE id = :l"), {"l": lib})
+                deleted.append(self.at)
+            chunk = whole[self.at:self.at + min(len(b), 1024)]
+            b[:len(chunk)] = chunk
+            self.at += len(chunk)
+            return len(chunk)
+
+    r = client.post(f"/v1/libraries/{lib}/batches", headers=auth(key), input_stream=DeletedMidway(),
+                    content_type="multipart/form-data; boundary=cut", content_length=len(whole))
+    assert deleted and r.status_code == 404, (deleted, r.status_code, r.get_data(as_text=True)[:300])
+    assert "deleted while it ran" in r.get_json()["error"]["message"]
     sha = hashlib.sha256(body).hexdigest()
     assert not BlobStore(settings.blob_dir).exists(sha) and _queued(settings, [sha]) == set()
 
@@ -282,60 +328,85 @@ from clapq.blobs import BlobWriter
 from clapq.db import get_engine
 from clapq.settings import Settings
 
-raced, lib, key, *paths = sys.argv[1:]
-commit, moved, queue = BlobWriter.commit, [], api.uploads.queue_reclaim
+race, lib, other, key, *paths = sys.argv[1:]
+commit, queue, moved, tries, inner = BlobWriter.commit, api.uploads.queue_reclaim, [], [], []
 settings = Settings.from_env()
+client = create_app(settings).test_client()
 
 
-def queue_then_a_removal(engine, shas):  # as a deletion's removal of the same bytes would, at that moment
-    global raced
+def send(library):
+    return client.post(f"/v1/libraries/{library}/batches", headers={"Authorization": f"Bearer {key}"},
+                       data={"files": [(open(p, "rb"), os.path.basename(p)) for p in paths]},
+                       content_type="multipart/form-data")
+
+
+def queue_then_a_race(engine, shas):  # what another request does right then, between the two transactions
+    global race
     queue(engine, shas)
-    if raced == "1":
-        raced = "0"
+    if inner:
+        return
+    tries.append(len(shas))
+    if race == "removal":  # a deletion's removal of the same bytes: takes the queue rows, no item holds them
+        race = ""
         blobs.reclaim(get_engine(settings.database_url), blobs.BlobStore(settings.blob_dir), shas)
+    elif race == "upload":  # an upload of the same bytes into another library commits: it unqueues them
+        race = ""
+        inner.append(1)
+        assert send(other).status_code == 202
+        inner.clear()
 
 
 def commit_then_die(self):  # dies as under SIGKILL: no exception, no teardown, no rollback
-    moved.append(commit(self))
-    if len(moved) == len(paths):
-        os._exit(9)
+    digest = commit(self)
+    if not inner:
+        moved.append(digest)
+        if len(moved) == len(paths):
+            print(f"queued {len(tries)} times", file=sys.stderr, flush=True)
+            os._exit(9)
+    return digest
 
 
-BlobWriter.commit, api.uploads.queue_reclaim = commit_then_die, queue_then_a_removal
-client = create_app(settings).test_client()
-r = client.post(f"/v1/libraries/{lib}/batches", headers={"Authorization": f"Bearer {key}"},
-                data={"files": [(open(p, "rb"), os.path.basename(p)) for p in paths]},
-                content_type="multipart/form-data")
+BlobWriter.commit, api.uploads.queue_reclaim = commit_then_die, queue_then_a_race
+r = send(lib)
 sys.exit(f"the upload ended instead of dying: {r.status_code} {r.get_data(as_text=True)[:300]}")
 """
 
 
-@pytest.mark.parametrize("raced", [False, True], ids=["alone", "a-removal-took-the-queue-rows"])
+@pytest.mark.parametrize("race", ["", "removal", "upload"],
+                         ids=["alone", "a-removal-took-the-queue-rows", "an-upload-of-the-same-bytes-committed"])
 def test_an_api_killed_between_moving_an_uploads_files_and_committing_its_rows_leaves_no_file_behind(
-        client, new_key, env, settings, tmp_path, raced):
+        client, new_key, env, settings, tmp_path, race):
     """The API process dies after an upload's files moved into the store and before its rows committed:
     no item names the files, and the maintenance loop removes them, because they were queued for removal
     before they moved. Also when a deletion's removal of the same bytes took the queue rows between the
-    upload's two transactions. An upload that commits takes its files off the queue again."""
+    upload's two transactions (the upload queues them again). When an upload of the same bytes committed
+    there instead, its items name the files: they stay, and nothing is queued again. An upload that
+    commits takes its files off the queue."""
     from worker.sweeper import collect_blobs
 
     key = new_key()
-    lib = _library(client, key, f"cut mid-commit {raced}")
+    lib, other = _library(client, key, f"cut mid-commit {race}"), _library(client, key, f"beside it {race}")
     paths = [tmp_path / f"cut{i}.wav" for i in range(3)]
     for p in paths:
         p.write_bytes(b"RIFF" + os.urandom(2000))  # bytes no other item holds
     shas = {file_sha256(p) for p in paths}
-    died = subprocess.run([sys.executable, "-c", CRASH_AFTER_THE_FILES_MOVED, str(int(raced)), lib, key,
+    died = subprocess.run([sys.executable, "-c", CRASH_AFTER_THE_FILES_MOVED, race, lib, other, key,
                            *map(str, paths)], env=env, capture_output=True, text=True, timeout=300)
     assert died.returncode == 9, died.stderr[-3000:]
+    assert f"queued {2 if race == 'removal' else 1} times" in died.stderr, died.stderr[-3000:]
     store = BlobStore(settings.blob_dir)
     assert all(store.exists(sha) for sha in shas)  # in place when the process died
-    with session_scope(settings.database_url) as s:
-        assert s.scalar(select(func.count()).select_from(Item).where(Item.sha256.in_(shas))) == 0
-    assert _queued(settings, shas) == shas
+
+    def named_in(library) -> int:
+        with session_scope(settings.database_url) as s:
+            return s.scalar(select(func.count()).select_from(Item)
+                            .where(Item.sha256.in_(shas), Item.library_id == library))
+
+    assert named_in(lib) == 0 and named_in(other) == (3 if race == "upload" else 0)
+    assert _queued(settings, shas) == (set() if race == "upload" else shas)
     _backdate(settings, shas)
     collect_blobs(settings)
-    assert not any(store.exists(sha) for sha in shas) and _queued(settings, shas) == set()
+    assert all(store.exists(sha) == (race == "upload") for sha in shas) and _queued(settings, shas) == set()
 
     # the same files uploaded by a process that lives: stored, and nothing of theirs left queued
     r = upload(client, key, lib, paths)

@@ -34,6 +34,8 @@ def test_migrations_match_models_and_index_vectors(services):
     with engine.connect() as conn:
         body = conn.scalar(text("SELECT pg_get_functiondef('clapq_queue_blob_reclaims'::regproc)"))
     assert f"pg_advisory_xact_lock_shared({BLOB_LOCK})" in body
+    # migration 0008: in digest order, as uploads queue and unqueue them (no deadlock between the two)
+    assert "FROM gone ORDER BY sha256" in body, body
 
 
 def test_migration_0005_counts_the_windows_of_stored_vectors(services):
