@@ -428,12 +428,15 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
         still = (f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
                  if unfinished else "")
         print(f"{skipped} of {found} files are in the library already{still}: not sent again", file=sys.stderr)
+    copies_of: dict[str, list[str]] = {}  # item id -> the paths of the copies sent of its bytes
+    for rel, item in copies:
+        copies_of.setdefault(item, []).append(rel)
     if copies:
         said = [f"{rel} (= {where.get(item, 'a file in the library')})" for rel, item in copies]
         print(f"{n_files(len(copies))} had the same bytes as another and {'is' if len(copies) == 1 else 'are'} "
               f"stored once: {_some(said)}", file=sys.stderr)
     try:
-        failed = _wait(client, jobs, where) if wait and jobs else 0
+        failed = _wait(client, jobs, where, copies_of) if wait and jobs else 0
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # after the progress line
@@ -475,9 +478,10 @@ def shown_name(entry: dict) -> str:
     return path if isinstance(path, str) and path else entry["filename"]
 
 
-def _wait(client: Client, jobs: list[str], where: dict[str, str]) -> int:
+def _wait(client: Client, jobs: list[str], where: dict[str, str], copies_of: dict[str, list[str]]) -> int:
     """Wait for the jobs, showing progress; list the files that failed (by their path in the folder,
-    `where`: item id -> path); returns their number."""
+    `where`: item id -> path, with the copies of its bytes sent beside it, `copies_of`: item id -> paths);
+    returns their number, copies included."""
     # on a terminal one line that updates in place; in a log, a line each time the count moves
     tty, shown = sys.stderr.isatty(), [None]
 
@@ -491,11 +495,16 @@ def _wait(client: Client, jobs: list[str], where: dict[str, str]) -> int:
     states = watch_jobs(client, jobs, progress)
     if tty:
         print(file=sys.stderr)
-    failed = 0
+    failed, named = 0, set()
     for s in states:
-        failed += len(s["errors"])
         for e in s["errors"]:
-            print(f"failed: {where.get(e['item_id'], e['filename'])}: {e['error']}", file=sys.stderr)
+            if e["item_id"] in named:  # a copy sent in a later request: its job reports the same item
+                continue
+            named.add(e["item_id"])
+            also = copies_of.get(e["item_id"], [])
+            same = f" (and {n_files(len(also))} with the same bytes: {_some(also)})" if also else ""
+            print(f"failed: {where.get(e['item_id'], e['filename'])}: {e['error']}{same}", file=sys.stderr)
+            failed += 1 + len(also)
     return failed
 
 

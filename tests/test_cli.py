@@ -676,6 +676,37 @@ def test_a_failed_file_is_named_by_its_path_in_the_folder(tmp_path, tiny_model):
     assert p.returncode == 1 and "failed: day2/take.wav: not a readable audio file" in err, err
 
 
+def test_a_failed_file_names_its_copies_and_counts_them(tmp_path, tiny_model):
+    """A file that failed, with a copy of its bytes in the same request and another in a later one: the
+    failure is listed once (both jobs report the one item), with both copies named, and the summary
+    counts three failed files."""
+    requests_seen = []
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if path == "/v1/limits":
+            return 200, {"max_files_per_batch": 2}, {}
+        if path.endswith("/batches"):
+            requests_seen.append(path)
+            if len(requests_seen) == 1:
+                return 202, {"job_id": "job1", "items": [{"id": "i1", "filename": "a.wav"},
+                                                         {"id": "i1", "filename": "b.wav", "duplicate_of": "i1"}]}, {}
+            return 202, {"job_id": "job2", "items": [{"id": "i1", "filename": "c.wav", "duplicate_of": "i1"}]}, {}
+        error = [{"item_id": "i1", "filename": "a.wav", "error": "not a readable audio file"}]
+        return 200, {"status": "done_with_errors", "counts": {"done": 0, "failed": 1, "total": 1}, "errors": error}, {}
+
+    for name in ("a.wav", "b.wav", "c.wav"):
+        (tmp_path / name).write_bytes(b"not audio, the same bytes")
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and len(requests_seen) == 2, err
+    failures = [line for line in err.splitlines() if line.startswith("failed: ")]
+    assert failures == ["failed: a.wav: not a readable audio file (and 2 files with the same bytes: b.wav, c.wav)"], err
+    assert json.loads(out)["failed"] == 3 and json.loads(out)["duplicates"] == 2, out
+
+
 def test_a_server_without_known_gets_every_file(tmp_path, tiny_model):
     """An older server answers 404 to /known: the command sends every file instead of stopping."""
     def answer(method, path):
