@@ -109,7 +109,7 @@ SPEC = {
                     "metadata": {"type": "string", "description": "JSON object: filename -> object (at most "
                                  "16 KiB of JSON a file)"}}}}}},
             "responses": {**_ok("accepted", None, "202"), "409": _ERR, "413": _ERR, "415": _ERR, "429": _ERR,
-                          "507": _ERR}}},
+                          "503": _ERR, "507": _ERR}}},
         "/v1/libraries/{library_id}/known": {"post": {
             "parameters": [_path_id("library_id")],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
