@@ -42,11 +42,11 @@ def reclaim(shas: list[str]) -> int:
     return blobs.reclaim(_engine(), current_app.extensions["clapq_blobs"], shas)
 
 
-def reclaim_unnamed(shas: list[str]) -> int:
-    """Queue and reclaim blobs an upload moved into place but whose rows never committed (no trigger
-    queued them: no item was deleted)."""
+def queue_unnamed(shas: list[str]) -> None:
+    """Queue the blobs an upload is about to move into place, before it does (clapq.blobs.queue_reclaim):
+    its rows' commit takes them off again; if they never commit, `reclaim` at the request's end, or the
+    maintenance loop after a crash, removes those no item holds."""
     blobs.queue_reclaim(_engine(), shas)
-    return reclaim(shas)
 
 
 def _engine():

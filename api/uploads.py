@@ -7,9 +7,8 @@ import unicodedata
 
 from flask import Request, current_app, g
 
-from api.removal import reclaim_unnamed
-from clapq.blobs import BlobStore, queue_reclaim
-from clapq.db import get_engine
+from api.removal import queue_unnamed, reclaim
+from clapq.blobs import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +30,7 @@ class StreamingRequest(Request):
         leaves files the maintenance loop removes once no item holds them, never files nothing names.
         Returns the digests."""
         digests = sorted({w.digest for w in writers})
-        queue_reclaim(get_engine(current_app.config["CLAPQ"].database_url), digests)
+        queue_unnamed(digests)
         self._clapq_queued = digests
         return digests
 
@@ -47,16 +46,18 @@ class StreamingRequest(Request):
         for w in writers:
             if w.sha256 is None:
                 w.discard()
-        # those moved into place, and those queued to be (their queue rows go, and any copy no item holds)
-        stored = sorted({w.sha256 for w in writers if w.sha256 is not None} | set(getattr(self, "_clapq_queued", ())))
+        # every part moved into place was queued first (queue_uploads): their queue rows go, and each
+        # stored copy no item holds
+        stored = getattr(self, "_clapq_queued", [])
         if not stored or getattr(self, "_clapq_kept", False):
             return
         try:
             if "db" in g:
                 g.db.rollback()  # ends its shared hold of BLOB_LOCK, which removal waits for
-            reclaim_unnamed(stored)
-        except Exception:  # the database is away: the files stay, as space, with no row naming them
-            log.exception("could not queue a failed upload's files for removal", extra={"files": len(stored)})
+            reclaim(stored)
+        except Exception:  # the database is away: the files stay queued, for the maintenance loop
+            log.exception("could not remove a failed upload's files now; they stay queued",
+                          extra={"files": len(stored)})
 
 
 def display_name(raw: str | None) -> str:

@@ -381,7 +381,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     # bytes it holds are not sent again, only the rest
     check = lib.get("item_count", 0) > 0
     jobs, sent, skipped, unfinished = [], 0, 0, 0
-    copies: list[tuple[str, str]] = []  # (path, id of the item holding its bytes)
+    copies_of: dict[str, list[str]] = {}  # item id -> the paths of the copies sent of its bytes
     where: dict[str, str] = {}  # item id -> the file's path in the folder (the server keeps its base name)
     try:
         for batch in batches(paths, min(BATCH_FILES, limits.get("max_files_per_batch") or BATCH_FILES),
@@ -401,7 +401,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
             for it, p in zip(answer["items"], batch):
                 rel = p.relative_to(folder).as_posix()
                 if "duplicate_of" in it:  # the same bytes as a file sent before it: one item for both
-                    copies.append((rel, it["duplicate_of"]))
+                    copies_of.setdefault(it["duplicate_of"], []).append(rel)
                 else:
                     where[it["id"]] = rel
             sent += len(batch)
@@ -428,12 +428,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
         still = (f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
                  if unfinished else "")
         print(f"{skipped} of {found} files are in the library already{still}: not sent again", file=sys.stderr)
-    copies_of: dict[str, list[str]] = {}  # item id -> the paths of the copies sent of its bytes
-    for rel, item in copies:
-        copies_of.setdefault(item, []).append(rel)
+    copies = sum(map(len, copies_of.values()))
     if copies:
-        said = [f"{rel} (= {where.get(item, 'a file in the library')})" for rel, item in copies]
-        print(f"{n_files(len(copies))} had the same bytes as another and {'is' if len(copies) == 1 else 'are'} "
+        said = [f"{rel} (= {where.get(item, 'a file in the library')})"
+                for item, rels in copies_of.items() for rel in rels]
+        print(f"{n_files(copies)} had the same bytes as another and {'is' if copies == 1 else 'are'} "
               f"stored once: {_some(said)}", file=sys.stderr)
     try:
         failed = _wait(client, jobs, where, copies_of) if wait and jobs else 0
@@ -446,7 +445,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     if refused:
         print(f"{n_files(len(refused))} not sent (listed above as 'not sent')", file=sys.stderr)
     print(json.dumps({"library_id": lib["id"], "jobs": jobs, "files": found, "skipped": skipped,
-                      "not_sent": len(refused), "duplicates": len(copies), "failed": failed}))
+                      "not_sent": len(refused), "duplicates": copies, "failed": failed}))
     return 1 if failed or refused else 0
 
 

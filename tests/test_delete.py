@@ -329,7 +329,7 @@ from clapq.db import get_engine
 from clapq.settings import Settings
 
 race, lib, other, key, *paths = sys.argv[1:]
-commit, queue, moved, tries, inner = BlobWriter.commit, api.uploads.queue_reclaim, [], [], []
+commit, queue, moved, tries, inner = BlobWriter.commit, api.uploads.queue_unnamed, [], [], []
 settings = Settings.from_env()
 client = create_app(settings).test_client()
 
@@ -340,9 +340,9 @@ def send(library):
                        content_type="multipart/form-data")
 
 
-def queue_then_a_race(engine, shas):  # what another request does right then, between the two transactions
+def queue_then_a_race(shas):  # what another request does right then, between the two transactions
     global race
-    queue(engine, shas)
+    queue(shas)
     if inner:
         return
     tries.append(len(shas))
@@ -366,7 +366,7 @@ def commit_then_die(self):  # dies as under SIGKILL: no exception, no teardown, 
     return digest
 
 
-BlobWriter.commit, api.uploads.queue_reclaim = commit_then_die, queue_then_a_race
+BlobWriter.commit, api.uploads.queue_unnamed = commit_then_die, queue_then_a_race
 r = send(lib)
 sys.exit(f"the upload ended instead of dying: {r.status_code} {r.get_data(as_text=True)[:300]}")
 """
