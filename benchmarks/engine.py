@@ -57,17 +57,23 @@ def build_full_model(path: Path) -> Path:
     return path
 
 
-def make_clips(folder: Path, n: int, rate: int = 44_100) -> list[Path]:
-    """10 s stereo clips at 44.1 kHz (so every path pays for a resample, as real libraries do)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+def _write_clip(path: Path, i: int, rate: int) -> None:
     t = np.arange(10 * rate) / rate
-    out = []
-    for i in range(n):
-        x = 0.3 * np.sin(2 * np.pi * (80 + 13 * i) * t)[:, None] + 0.05 * rng.standard_normal((t.size, 2))
-        p = folder / f"clip{i:04d}.wav"
-        sf.write(str(p), x.astype(np.float32), rate, subtype="PCM_16")
-        out.append(p)
+    noise = np.random.default_rng(i).standard_normal((t.size, 2))
+    x = 0.3 * np.sin(2 * np.pi * (80 + 13 * i) * t)[:, None] + 0.05 * noise
+    sf.write(str(path), x.astype(np.float32), rate, subtype="PCM_16")
+
+
+def make_clips(n: int, rate: int = 44_100) -> list[Path]:
+    """10 s stereo clips at 44.1 kHz (so every path pays for a resample, as real libraries do), written
+    once on all cores and kept between runs (1,024 take 30 s on one core: device time on a lent GPU)."""
+    folder = Path(tempfile.gettempdir()) / f"clapq-bench-clips-{n}-{rate}"
+    out = [folder / f"clip{i:04d}.wav" for i in range(n)]
+    if not (folder / "complete").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        with cf.ProcessPoolExecutor(os.cpu_count()) as pool:
+            list(pool.map(_write_clip, out, range(n), [rate] * n, chunksize=8))
+        (folder / "complete").touch()
     return out
 
 
@@ -352,17 +358,25 @@ class Service:
         self.procs: list[subprocess.Popen] = []
 
     def __enter__(self) -> "Service":
+        cli = [sys.executable, "-m", "clapq.cli"]
+        self.logs = open(self.work / "clapq.log", "ab")
+        try:
+            for cmd in ("worker", "api"):
+                self.procs.append(subprocess.Popen(cli + [cmd], env=self.env, stdout=self.logs,
+                                                   stderr=subprocess.STDOUT, start_new_session=True))
+            self.worker, self.api = self.procs
+            self._ready()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def _ready(self) -> None:
         import requests
 
         from clapq.db import session_scope
         from clapq.keys import create_key
 
-        cli = [sys.executable, "-m", "clapq.cli"]
-        self.logs = open(self.work / "clapq.log", "ab")
-        for cmd in ("worker", "api"):
-            self.procs.append(subprocess.Popen(cli + [cmd], env=self.env, stdout=self.logs,
-                                               stderr=subprocess.STDOUT, start_new_session=True))
-        self.worker, self.api = self.procs
         with session_scope(self.db_url) as s:
             self.key = create_key(s, f"bench-{time.time_ns()}")
         self.headers = {"Authorization": f"Bearer {self.key}"}
@@ -373,14 +387,18 @@ class Service:
                     break
             except requests.ConnectionError:
                 pass
+            if any(p.poll() is not None for p in self.procs):
+                raise RuntimeError("the service stopped while starting")
             time.sleep(0.5)
         # the pool child loads (and warms, and maybe compiles) the model after the worker reports ready,
         # and each API process preloads its text tower: wait for both once, before the first run
         wait_idle(self.worker.pid)
         wait_idle(self.api.pid)
-        return self
 
     def __exit__(self, *exc) -> None:
+        if exc[0] is not None:  # the service's own account, before the work folder goes
+            self.logs.flush()
+            print((self.work / "clapq.log").read_text(errors="replace")[-6000:], file=sys.stderr)
         for p in self.procs:
             try:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -488,6 +506,8 @@ def main() -> None:
     ap.add_argument("--quiet-timeout", type=float, default=QUIET_TIMEOUT_S,
                     help="longest wait for an idle machine before each timed path, seconds")
     args = ap.parse_args()
+    # a time limit's SIGTERM unwinds the stack, so the service's processes (their own sessions) stop too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.items_per_task = args.items_per_task or args.batch
     QUIET_TIMEOUT_S = args.quiet_timeout
     from clapq.precision import compile_applies, cpu_has_bf16, dtype_name, pick_device, pick_dtype
@@ -517,7 +537,7 @@ def main() -> None:
     model_dir = build_full_model(args.model_dir)
     work = Path(tempfile.mkdtemp(prefix="clapq-bench-"))
     os.chmod(work, 0o755)
-    clips = make_clips(work / "clips", args.clips)
+    clips = make_clips(args.clips)
     results: dict = {"machine": f"{platform.node()} {platform.machine()} {os.cpu_count()} cpu "
                                 f"(native bf16: {'yes' if cpu_has_bf16() else 'no'}), torch "
                                 f"{torch.__version__}, threads {torch.get_num_threads()}"

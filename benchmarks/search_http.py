@@ -352,7 +352,7 @@ def main() -> int:
 
         # ---- 6. the same while the worker ingests
         if args.ingest_clips:
-            clips = make_clips(work / "clips", args.ingest_clips)
+            clips = make_clips(args.ingest_clips)
             res["during_ingest"] = {}
             import psutil
 
