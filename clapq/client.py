@@ -304,15 +304,15 @@ def batches(paths: list[Path], max_files: int = BATCH_FILES, max_bytes: int = BA
         yield batch
 
 
-def not_known(client: Client, lib_id: str, batch: list[Path]) -> tuple[list[Path], int]:
-    """The files of `batch` whose bytes the library does not hold yet (asked by digest; nothing sent), and
-    how many of the others it has not embedded yet."""
+def not_known(client: Client, lib_id: str, batch: list[Path]) -> tuple[list[Path], int, dict[Path, str]]:
+    """The files of `batch` whose bytes the library does not hold yet (asked by digest; nothing sent), how
+    many of the others it has not embedded yet, and each file's digest."""
     digests = {p: file_sha256(p) for p in batch}
     # a server older than /known answers 404 (a library gone since the lookup fails on the upload itself)
     answer = client.call("POST", f"/v1/libraries/{lib_id}/known", json={"sha256": sorted(set(digests.values()))},
                          missing_ok=True) or {}
     known, pending = set(answer.get("known", ())), set(answer.get("pending", ()))
-    return [p for p in batch if digests[p] not in known], sum(digests[p] in pending for p in batch)
+    return [p for p in batch if digests[p] not in known], sum(digests[p] in pending for p in batch), digests
 
 
 def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path], list[str]]:
@@ -383,13 +383,23 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     jobs, sent, skipped, unfinished = [], 0, 0, 0
     copies_of: dict[str, list[str]] = {}  # item id -> the paths of the copies sent of its bytes
     where: dict[str, str] = {}  # item id -> the file's path in the folder (the server keeps its base name)
+    # copies not sent, since the library holds their bytes: named as the server names the copies it is sent,
+    # so that a folder says the same of its copies on every run (digest -> its first path in the folder)
+    first: dict[str, str] = {}
+    held_copies: list[str] = []
     try:
         for batch in batches(paths, min(BATCH_FILES, limits.get("max_files_per_batch") or BATCH_FILES),
                              min(BATCH_BYTES, limits.get("max_request_bytes") or BATCH_BYTES)):
             if check:
-                new, pending = not_known(client, lib["id"], batch)
+                new, pending, digests = not_known(client, lib["id"], batch)
                 skipped += len(batch) - len(new)
                 unfinished += pending
+                sending = set(new)
+                for p in batch:
+                    rel, digest = p.relative_to(folder).as_posix(), digests[p]
+                    if p not in sending and digest in first:
+                        held_copies.append(f"{rel} (= {first[digest]})")
+                    first.setdefault(digest, rel)
                 batch = new
                 if not batch:
                     continue
@@ -428,10 +438,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
         still = (f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
                  if unfinished else "")
         print(f"{skipped} of {found} files are in the library already{still}: not sent again", file=sys.stderr)
-    copies = sum(map(len, copies_of.values()))
+    said = [f"{rel} (= {where.get(item, 'a file in the library')})"
+            for item, rels in copies_of.items() for rel in rels] + held_copies
+    copies = len(said)
     if copies:
-        said = [f"{rel} (= {where.get(item, 'a file in the library')})"
-                for item, rels in copies_of.items() for rel in rels]
         print(f"{n_files(copies)} had the same bytes as another and {'is' if copies == 1 else 'are'} "
               f"stored once: {_some(said)}", file=sys.stderr)
     try:

@@ -203,9 +203,13 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     out = subprocess.run(cli + ["upload", str(folder), "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout)["files"] == 4 and json.loads(out.stdout)["skipped"] == 3, out.stdout
+    summary = json.loads(out.stdout)
+    assert summary["files"] == 4 and summary["skipped"] == 3 and summary["duplicates"] == 1, out.stdout
     assert out.stderr.splitlines()[3].startswith("uploading 1 file ("), out.stderr
     assert "3 of 4 files are in the library already: not sent again" in out.stderr, out.stderr
+    # the copy, not sent this time, is named as on the first run
+    assert "1 file had the same bytes as another and is stored once: rain/drone copy.wav (= drone.wav)" in \
+        out.stderr.splitlines(), out.stderr
     # a folder without audio files is an error that creates no library
     (tmp_path / "no audio").mkdir()
     (tmp_path / "no audio" / "notes.txt").write_text("text")
@@ -248,7 +252,9 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     out = subprocess.run(cli + ["upload", str(partial), "--library", "partial", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "uploading" not in out.stderr, out.stderr
-    assert json.loads(out.stdout)["jobs"] == [] and json.loads(out.stdout)["skipped"] == 128, out.stdout
+    summary = json.loads(out.stdout)
+    assert summary["jobs"] == [] and summary["skipped"] == 128 and summary["duplicates"] == 127, out.stdout
+    assert "127 files had the same bytes as another and are stored once: c001.wav (= c000.wav), " in out.stderr
 
     # `clapq delete`: files by the ids `clapq search` prints, or a whole library (with --yes only, when
     # stdin is not a terminal); an id of another library's file is named and deleted nowhere
