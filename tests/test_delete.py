@@ -238,6 +238,49 @@ def test_a_library_deleted_while_an_uploads_body_arrives_is_a_404(client, new_ke
     assert not BlobStore(settings.blob_dir).exists(sha) and _queued(settings, [sha]) == set()
 
 
+def test_a_file_deleted_between_an_uploads_insert_and_its_lock_is_a_503_and_sending_again_stores_it(
+        client, new_key, settings, tmp_path):
+    """Bytes the library holds are uploaded again, and the item holding them is deleted, and the deletion
+    committed, after the upload's insert found them there and before it locked their row: a 503 conflict
+    (send again), not a 500 and not a job naming a file that is gone. Nothing of the upload is kept, and
+    the batch sent again stores the file as a new item."""
+    from sqlalchemy import event
+
+    key = new_key()
+    lib = _library(client, key, "gone before the lock")
+    f = tmp_path / "raced.wav"
+    f.write_bytes(b"RIFF" + os.urandom(3000))  # bytes no other test's item holds
+    sha = file_sha256(f)
+    first = upload(client, key, lib, [f]).get_json()["items"][0]["id"]
+    deleted = []
+
+    def delete_it_first(conn, cursor, statement, params, context, executemany):
+        # the upload's look at the items its insert found already there: the other request's deletion
+        # commits just before it
+        if not deleted and "FOR UPDATE" in statement and statement.lstrip().startswith("SELECT items.sha256"):
+            with session_scope(settings.database_url) as s:
+                s.execute(text("DELETE FROM items WHERE id = :i"), {"i": first})
+            deleted.append(statement)
+
+    engine = get_engine(settings.database_url)
+    event.listen(engine, "before_cursor_execute", delete_it_first)
+    try:
+        r = upload(client, key, lib, [f])
+    finally:
+        event.remove(engine, "before_cursor_execute", delete_it_first)
+    assert deleted and r.status_code == 503, (deleted, r.status_code, r.get_data(as_text=True)[:300])
+    assert r.get_json()["error"]["code"] == "conflict" and r.headers["Retry-After"] == "1"
+    with session_scope(settings.database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Item).where(Item.sha256 == sha)) == 0
+    # no item holds the bytes, so the failed upload's end removed the stored copy
+    assert not BlobStore(settings.blob_dir).exists(sha) and _queued(settings, [sha]) == set()
+    again = upload(client, key, lib, [f])
+    assert again.status_code == 202, again.get_json()
+    item = again.get_json()["items"][0]
+    assert item["status"] == "queued" and item["id"] != first and "duplicate_of" not in item
+    assert BlobStore(settings.blob_dir).exists(sha) and _queued(settings, [sha]) == set()
+
+
 def test_two_deletions_of_one_item_at_once_uncount_its_copies_once(app, client, new_key, worker, settings, tmp_path):
     """Two requests delete the same item, which another job holds a copy of, at the same moment (both
     wait here on the item's row, then go): one deletes it, the other answers 404, and the job that held
