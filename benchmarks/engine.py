@@ -506,6 +506,11 @@ def main() -> None:
     ap.add_argument("--quiet-timeout", type=float, default=QUIET_TIMEOUT_S,
                     help="longest wait for an idle machine before each timed path, seconds")
     args = ap.parse_args()
+    from clapq.malloc import keep_freed_memory
+
+    # raw, pipeline and the reference in this process allocate as the worker does (clapq.malloc): the
+    # ceiling is measured with the same allocator settings as the service
+    kept = keep_freed_memory()
     # a time limit's SIGTERM unwinds the stack, so the service's processes (their own sessions) stop too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.items_per_task = args.items_per_task or args.batch
@@ -547,7 +552,8 @@ def main() -> None:
                      "api_workers": api_workers, "items_per_task": args.items_per_task,
                      "claim_for_s": "auto" if args.claim_for_s is None else args.claim_for_s,
                      "worker_nice": Settings.from_env({}).worker_nice if args.worker_nice is None else args.worker_nice,
-                     "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "rounds": []}
+                     "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "keeps_freed_memory": kept,
+                     "rounds": []}
     paths = [p for p in ("raw", "pipeline", "reference", "clapq") if p in args.only.split(",")]
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, work, ignore_errors=True)  # last out: clips, blobs and the databases

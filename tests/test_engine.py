@@ -350,6 +350,52 @@ def test_how_long_a_task_claims_later_files():
         Settings.from_env({"CLAPQ_CLAIM_FOR_S": "soon"})
 
 
+A_BUFFER_FREED_AND_ALLOCATED_AGAIN = """
+import resource, sys
+import numpy as np
+from clapq.malloc import keep_freed_memory
+
+def rss_kib():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1])
+
+kept = keep_freed_memory() if sys.argv[1] == "1" else False
+for _ in range(3):  # a 64 MiB buffer, as a batch's activations: allocated, filled, freed, again
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a = np.ones(8 << 20)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    held = rss_kib()
+    del a
+    returned_kib = held - rss_kib()
+print(kept, faults, returned_kib)
+"""
+
+
+def test_the_worker_keeps_freed_memory_for_its_next_buffers():
+    """clapq.malloc: under glibc's defaults a freed 64 MiB buffer goes back to the kernel, and the next one
+    is fresh pages, faulted in and zeroed again; with the worker's settings the memory stays in the process
+    and the third buffer reuses the pages of the first (no page faults)."""
+    def third_buffer(keep: bool) -> tuple[str, int, int]:
+        r = subprocess.run([sys.executable, "-c", A_BUFFER_FREED_AND_ALLOCATED_AGAIN, "1" if keep else "0"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        kept, faults, returned_kib = r.stdout.split()
+        return kept, int(faults), int(returned_kib)
+
+    kept, faults, returned_kib = third_buffer(True)
+    assert kept == "True" and faults < 100 and returned_kib < 8 << 10, (kept, faults, returned_kib)
+    kept, faults, returned_kib = third_buffer(False)  # the defaults, for contrast: what the settings save
+    assert kept == "False" and returned_kib > 48 << 10, (kept, faults, returned_kib)
+
+
+def test_the_worker_process_that_holds_the_model_runs_with_those_settings(worker):
+    """The pool child applies clapq.malloc before it loads the model, and says so when the model is in."""
+    deadline = time.monotonic() + 120
+    while not (loaded := [line for line in worker.output().splitlines() if "model loaded" in line]):
+        assert time.monotonic() < deadline, worker.output()[-3000:]
+        time.sleep(0.2)
+    assert '"keeps_freed_memory": true' in loaded[-1] or "keeps_freed_memory=True" in loaded[-1], loaded[-1]
+
+
 def test_two_hour_file_streams_with_bounded_memory(tmp_path, tiny_model):
     """A 2-hour file is decoded and embedded without ever holding it whole at 48 kHz (1.4 GB)."""
     path = tmp_path / "two_hours.wav"
@@ -360,6 +406,8 @@ def test_two_hour_file_streams_with_bounded_memory(tmp_path, tiny_model):
     script = f"""
 import resource, sys, uuid, numpy as np
 from pathlib import Path
+from clapq.malloc import keep_freed_memory
+assert keep_freed_memory()  # as in the worker: memory stays bounded though freed memory is never returned
 from clapq.blobs import BlobStore
 from clapq.checkpoint import resolve
 from clapq.clap import get_clap

@@ -169,4 +169,7 @@ def get_pool(size: int) -> DecoderPool:
 
 
 if __name__ == "__main__":
+    from clapq.malloc import keep_freed_memory
+
+    keep_freed_memory()  # each file's sample buffers reuse the last one's pages
     _child(Connection(int(sys.argv[1])))

@@ -34,9 +34,11 @@ TRANSIENT = (OperationalError, InterfaceError, ConnectionError)
 def _runtime():
     """Settings, model, embedder and decoder pool for this process, built on first use (after the fork)."""
     from clapq.clap import get_clap
+    from clapq.malloc import keep_freed_memory
     from clapq.precision import compile_applies
     from worker.embedder import THREADS, AudioEmbedder, lanes_for
 
+    kept = keep_freed_memory()  # before the model's buffers: every batch reuses them (clapq.malloc)
     settings = Settings.from_env()
     ckpt = resolve(settings.model)
     clap = get_clap(ckpt, settings.device, settings.precision)
@@ -74,7 +76,8 @@ def _runtime():
     decoders.warm()
     log.info("model loaded", extra={"model": ckpt.name, "model_id": model_id, "device": str(embedder.clap.device),
                                     "precision": embedder.clap.precision, "compiled": compiled,
-                                    "lanes": embedder.lanes, "torch_threads": embedder.threads_per_lane})
+                                    "lanes": embedder.lanes, "torch_threads": embedder.threads_per_lane,
+                                    "keeps_freed_memory": kept})
     return settings, embedder, model_id, decoders
 
 
