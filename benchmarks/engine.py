@@ -35,10 +35,16 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from clapq.malloc import torch_huge_pages  # noqa: E402
+
+# raw, pipeline and the reference in this process get the worker's huge-page buffers (clapq.malloc);
+# torch reads the switch at its first allocation
+HUGE_PAGES = torch_huge_pages()
+import torch  # noqa: E402
 
 
 def build_full_model(path: Path) -> Path:
@@ -552,7 +558,7 @@ def main() -> None:
                      "api_workers": api_workers, "items_per_task": args.items_per_task,
                      "claim_for_s": "auto" if args.claim_for_s is None else args.claim_for_s,
                      "worker_nice": Settings.from_env({}).worker_nice if args.worker_nice is None else args.worker_nice,
-                     "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "keeps_freed_memory": kept,
+                     "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "keeps_freed_memory": kept, "huge_pages": HUGE_PAGES,
                      "rounds": []}
     paths = [p for p in ("raw", "pipeline", "reference", "clapq") if p in args.only.split(",")]
     with contextlib.ExitStack() as stack:

@@ -95,8 +95,8 @@ def worker_long_file(model_dir: Path, hours: float, work: Path, max_s: float) ->
     script = f"""
 import sys, uuid, time
 from pathlib import Path
-from clapq.malloc import keep_freed_memory
-keep_freed_memory()  # as the worker's pool child does before it loads the model
+from clapq.malloc import keep_freed_memory, torch_huge_pages
+keep_freed_memory(), torch_huge_pages()  # as the worker's pool child does before it loads the model
 from clapq.blobs import BlobStore
 from clapq.checkpoint import resolve
 from clapq.clap import get_clap

@@ -1,4 +1,5 @@
-"""glibc's allocator told to keep the memory a process frees, for the process's next allocations.
+"""How the worker's processes allocate memory: glibc's allocator told to keep the memory a process frees,
+for the process's next allocations, and torch's large CPU buffers on transparent huge pages.
 
 By default glibc hands a freed block of 128 KiB or more (a threshold it raises as it sees such blocks
 freed, up to 32 MiB) back to the kernel, and shrinks the heap once 128 KiB at its top are free. The worker
@@ -11,12 +12,22 @@ the same peak RSS. The process's memory stays at its high-water mark instead of 
 batches; the worker's peak RSS already counted that mark.
 
 Only glibc has these knobs; elsewhere (musl, macOS) this does nothing and says so.
+
+torch places CPU buffers of 2 MiB or more on transparent huge pages when THP_MEM_ALLOC_ENABLE=1 (read
+once, at its first CPU allocation): 512 times fewer page faults and TLB entries for the model's
+activations. Measured the same way (session 15, four alternated pairs): the worker -7% CPU a clip, the
+service +8% clips a second, raw +2%; the worker's peak RSS rises by 0.1-0.2 GB (to 1.38-1.50 GB with the
+full-size model, flat once warm). It needs the kernel's THP mode to be `madvise` or `always`
+(`/sys/kernel/mm/transparent_hugepage/enabled`); THP_MEM_ALLOC_ENABLE=0 in the worker's environment
+turns it off.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
+from pathlib import Path
 
 # mallopt(3) parameters, from glibc's malloc.h
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
@@ -38,3 +49,19 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # musl's mallopt is a stub that answers 0
     return all([mallopt(param, value) == 1 for param, value in SETTINGS])
+
+
+def torch_huge_pages() -> bool:
+    """Turn on torch's huge-page CPU buffers unless THP_MEM_ALLOC_ENABLE is set already (a user's 0 stays);
+    call before torch allocates its first tensor. True where they are on and the kernel can give them."""
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    return os.environ["THP_MEM_ALLOC_ENABLE"] == "1" and thp_mode() in ("always", "madvise")
+
+
+def thp_mode() -> str:
+    """The kernel's transparent huge page mode (the bracketed word), or '' where it cannot be read."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return ""
+    return text.partition("[")[2].partition("]")[0]

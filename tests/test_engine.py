@@ -387,13 +387,56 @@ def test_the_worker_keeps_freed_memory_for_its_next_buffers():
     assert kept == "False" and returned_kib > 48 << 10, (kept, faults, returned_kib)
 
 
+TORCH_BUFFER_ON_HUGE_PAGES = """
+import sys
+from clapq.malloc import torch_huge_pages
+on = torch_huge_pages()
+import torch
+x = torch.ones(8 << 20, dtype=torch.float64)  # 64 MiB, as a batch's activations
+huge_kib = sum(int(line.split()[1]) for line in open("/proc/self/smaps") if line.startswith("AnonHugePages:"))
+print(on, huge_kib)
+"""
+
+
+def test_torch_buffers_of_the_worker_are_on_huge_pages():
+    """clapq.malloc.torch_huge_pages: a 64 MiB torch buffer lies on transparent huge pages; with the switch
+    set to 0 beforehand (a user's choice, which it keeps), on 4 KiB pages where the kernel gives huge pages
+    only to those who ask (`madvise`)."""
+    from clapq.malloc import thp_mode
+
+    if thp_mode() not in ("always", "madvise"):
+        pytest.skip(f"this kernel gives no transparent huge pages (mode {thp_mode()!r})")
+
+    def run(preset: str | None) -> tuple[str, int]:
+        env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+        if preset is not None:
+            env["THP_MEM_ALLOC_ENABLE"] = preset
+        r = subprocess.run([sys.executable, "-c", TORCH_BUFFER_ON_HUGE_PAGES], capture_output=True, text=True,
+                           timeout=120, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        on, huge_kib = r.stdout.split()
+        return on, int(huge_kib)
+
+    on, huge_kib = run(None)
+    assert on == "True" and huge_kib >= 32 << 10, (on, huge_kib)
+    on, huge_kib = run("0")
+    assert on == "False", on
+    if thp_mode() == "madvise":
+        assert huge_kib < 32 << 10, huge_kib
+
+
 def test_the_worker_process_that_holds_the_model_runs_with_those_settings(worker):
     """The pool child applies clapq.malloc before it loads the model, and says so when the model is in."""
+    from clapq.malloc import thp_mode
+
     deadline = time.monotonic() + 120
     while not (loaded := [line for line in worker.output().splitlines() if "model loaded" in line]):
         assert time.monotonic() < deadline, worker.output()[-3000:]
         time.sleep(0.2)
-    assert '"keeps_freed_memory": true' in loaded[-1] or "keeps_freed_memory=True" in loaded[-1], loaded[-1]
+    line = loaded[-1].replace("=True", '": true').replace("=False", '": false')  # JSON or key=value lines
+    assert 'keeps_freed_memory": true' in line, line
+    huge = thp_mode() in ("always", "madvise")
+    assert f'huge_pages": {"true" if huge else "false"}' in line, line
 
 
 def test_two_hour_file_streams_with_bounded_memory(tmp_path, tiny_model):
@@ -406,8 +449,10 @@ def test_two_hour_file_streams_with_bounded_memory(tmp_path, tiny_model):
     script = f"""
 import resource, sys, uuid, numpy as np
 from pathlib import Path
-from clapq.malloc import keep_freed_memory
-assert keep_freed_memory()  # as in the worker: memory stays bounded though freed memory is never returned
+from clapq.malloc import keep_freed_memory, torch_huge_pages
+# as in the worker: memory stays bounded though freed memory is never returned, and on huge pages
+assert keep_freed_memory()
+torch_huge_pages()
 from clapq.blobs import BlobStore
 from clapq.checkpoint import resolve
 from clapq.clap import get_clap

@@ -33,12 +33,15 @@ TRANSIENT = (OperationalError, InterfaceError, ConnectionError)
 @functools.lru_cache(maxsize=1)
 def _runtime():
     """Settings, model, embedder and decoder pool for this process, built on first use (after the fork)."""
+    from clapq.malloc import keep_freed_memory, torch_huge_pages
+
+    # before torch's first buffer (nothing here has imported torch yet): every batch reuses the model's
+    # buffers, on huge pages (clapq.malloc)
+    kept, huge = keep_freed_memory(), torch_huge_pages()
     from clapq.clap import get_clap
-    from clapq.malloc import keep_freed_memory
     from clapq.precision import compile_applies
     from worker.embedder import THREADS, AudioEmbedder, lanes_for
 
-    kept = keep_freed_memory()  # before the model's buffers: every batch reuses them (clapq.malloc)
     settings = Settings.from_env()
     ckpt = resolve(settings.model)
     clap = get_clap(ckpt, settings.device, settings.precision)
@@ -77,7 +80,7 @@ def _runtime():
     log.info("model loaded", extra={"model": ckpt.name, "model_id": model_id, "device": str(embedder.clap.device),
                                     "precision": embedder.clap.precision, "compiled": compiled,
                                     "lanes": embedder.lanes, "torch_threads": embedder.threads_per_lane,
-                                    "keeps_freed_memory": kept})
+                                    "keeps_freed_memory": kept, "huge_pages": huge})
     return settings, embedder, model_id, decoders
 
 
