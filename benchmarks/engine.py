@@ -35,16 +35,10 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-from clapq.malloc import torch_huge_pages  # noqa: E402
-
-# raw, pipeline and the reference in this process get the worker's huge-page buffers (clapq.malloc);
-# torch reads the switch at its first allocation
-HUGE_PAGES = torch_huge_pages()
-import torch  # noqa: E402
 
 
 def build_full_model(path: Path) -> Path:
@@ -512,11 +506,12 @@ def main() -> None:
     ap.add_argument("--quiet-timeout", type=float, default=QUIET_TIMEOUT_S,
                     help="longest wait for an idle machine before each timed path, seconds")
     args = ap.parse_args()
-    from clapq.malloc import keep_freed_memory
+    from clapq.malloc import keep_freed_memory, torch_huge_pages
 
     # raw, pipeline and the reference in this process allocate as the worker does (clapq.malloc): the
-    # ceiling is measured with the same allocator settings as the service
-    kept = keep_freed_memory()
+    # ceiling is measured with the same allocator settings as the service (torch reads the huge-page
+    # switch at its first allocation, not at import)
+    kept, huge = keep_freed_memory(), torch_huge_pages()
     # a time limit's SIGTERM unwinds the stack, so the service's processes (their own sessions) stop too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.items_per_task = args.items_per_task or args.batch
@@ -558,7 +553,7 @@ def main() -> None:
                      "api_workers": api_workers, "items_per_task": args.items_per_task,
                      "claim_for_s": "auto" if args.claim_for_s is None else args.claim_for_s,
                      "worker_nice": Settings.from_env({}).worker_nice if args.worker_nice is None else args.worker_nice,
-                     "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "keeps_freed_memory": kept, "huge_pages": HUGE_PAGES,
+                     "clips": args.clips, "batch": args.batch, "clip_seconds": 10, "keeps_freed_memory": kept, "huge_pages": huge,
                      "rounds": []}
     paths = [p for p in ("raw", "pipeline", "reference", "clapq") if p in args.only.split(",")]
     with contextlib.ExitStack() as stack:

@@ -96,7 +96,8 @@ def worker_long_file(model_dir: Path, hours: float, work: Path, max_s: float) ->
 import sys, uuid, time
 from pathlib import Path
 from clapq.malloc import keep_freed_memory, torch_huge_pages
-keep_freed_memory(), torch_huge_pages()  # as the worker's pool child does before it loads the model
+keep_freed_memory()  # as the worker's pool child does before it loads the model
+torch_huge_pages()
 from clapq.blobs import BlobStore
 from clapq.checkpoint import resolve
 from clapq.clap import get_clap
