@@ -10,7 +10,8 @@ from clapq.settings import Settings
 
 
 def create_app(settings: Settings | None = None) -> Flask:
-    from api import auth, batches, db, errors, health, items, jobs, libraries, metrics, openapi, search, tagging
+    from api import (auth, batches, db, errors, health, items, jobs, libraries, metrics, openapi, ratelimit, search,
+                     tagging)
     from api.uploads import StreamingRequest
 
     settings = (settings or Settings.from_env()).require_urls()
@@ -28,6 +29,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.extensions["clapq_blobs"] = BlobStore(settings.blob_dir)
     app.extensions["clapq_celery"] = make_celery(settings)
+    ratelimit.install(app, settings.rate_limit)
     errors.register(app)
     app.teardown_appcontext(db.close_db)
     # a file part that no handler committed into the store (a search's `audio` clip, a refused batch)
@@ -36,6 +38,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     v1 = Blueprint("v1", __name__, url_prefix="/v1")
     v1.before_request(auth.require_tenant)
+    v1.before_request(ratelimit.check_request)  # before any handler reads a body
     v1.before_request(errors.plain_query)
     for module in (libraries, batches, jobs, items, search, tagging):
         v1.register_blueprint(module.bp)

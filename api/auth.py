@@ -6,7 +6,7 @@ from flask import g, request
 
 from api.db import db
 from api.errors import ApiError
-from clapq.keys import tenant_for_key
+from clapq.keys import hash_key, tenant_for_key
 
 
 def require_tenant() -> None:
@@ -18,3 +18,4 @@ def require_tenant() -> None:
         raise ApiError(401, "unauthorized", "missing or invalid API key: send 'Authorization: Bearer <key>'",
                        {"WWW-Authenticate": 'Bearer realm="clapq"'})
     g.tenant_id = tenant.id
+    g.key_id = hash_key(key.strip())[:32]  # what api.ratelimit counts by: the key, not its tenant

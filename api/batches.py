@@ -76,7 +76,8 @@ def limits():
     by these and leaves out files over the per-file limit) instead of learning each from a refusal."""
     s = current_app.config["CLAPQ"]
     return {"max_file_bytes": s.max_file_bytes, "max_files_per_batch": s.max_files_per_batch,
-            "max_request_bytes": s.max_request_bytes, "max_query_chars": s.max_query_chars, "max_k": s.max_k}
+            "max_request_bytes": s.max_request_bytes, "max_query_chars": s.max_query_chars, "max_k": s.max_k,
+            "rate_limit": current_app.extensions["clapq_rate_limit"].describe()}
 
 
 @bp.post("/libraries/<lib_id>/batches")

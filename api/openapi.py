@@ -18,7 +18,7 @@ def _ok(desc: str, schema: dict | None = None, code: str = "200") -> dict:
     body = {"description": desc}
     if schema:
         body["content"] = {"application/json": {"schema": schema}}
-    return {code: body, "400": _ERR, "401": _ERR, "404": _ERR}
+    return {code: body, "400": _ERR, "401": _ERR, "404": _ERR, "429": _ERR}
 
 
 SEARCH_RESULT = {
@@ -108,7 +108,7 @@ SPEC = {
                     "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                     "metadata": {"type": "string", "description": "JSON object: filename -> object (at most "
                                  "16 KiB of JSON a file)"}}}}}},
-            "responses": {**_ok("accepted", None, "202"), "409": _ERR, "413": _ERR, "415": _ERR, "429": _ERR,
+            "responses": {**_ok("accepted", None, "202"), "409": _ERR, "413": _ERR, "415": _ERR,
                           "503": _ERR, "507": _ERR}}},
         "/v1/libraries/{library_id}/known": {"post": {
             "parameters": [_path_id("library_id")],
@@ -119,8 +119,10 @@ SPEC = {
             "responses": _ok("known: the digests the library holds already (not failed or cancelled); pending: "
                              "those of them not embedded yet")}},
         "/v1/limits": {"get": {"responses": _ok("what the service takes", {"type": "object", "properties": {
-            k: {"type": "integer"} for k in ("max_file_bytes", "max_files_per_batch", "max_request_bytes",
-                                             "max_query_chars", "max_k")}})}},
+            **{k: {"type": "integer"} for k in ("max_file_bytes", "max_files_per_batch", "max_request_bytes",
+                                                "max_query_chars", "max_k")},
+            "rate_limit": {"type": ["string", "null"], "description": "requests per API key (CLAPQ_RATE_LIMIT), "
+                           "such as '1200 requests per minute'; over it, 429 with Retry-After; null: no limit"}}})}},
         "/v1/jobs": {"get": {"parameters": PAGE, "responses": _ok("the tenant's jobs, newest first")}},
         "/v1/jobs/{job_id}/items": {"get": {"parameters": [_path_id("job_id"), *ITEM_PAGE],
                                             "responses": _ok("a page of the job's items")}},

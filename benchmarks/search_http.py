@@ -253,7 +253,10 @@ def main() -> int:
         env = {k_: v for k_, v in os.environ.items() if not k_.startswith("CLAPQ_")}
         env.update(DATABASE_URL=url, REDIS_URL=redis_url, CLAPQ_MODEL=str(model_dir), CLAPQ_DATA_DIR=str(work),
                    CLAPQ_BLOB_DIR=str(work / "blobs"), CLAPQ_PORT=str(port), CLAPQ_HOST="127.0.0.1",
-                   HF_HUB_OFFLINE="1", CLAPQ_LOG_LEVEL="WARNING")
+                   HF_HUB_OFFLINE="1", CLAPQ_LOG_LEVEL="WARNING",
+                   # thousands of searches a minute with one key: timed, not refused (with a limit on, each
+                   # request pays one Redis call more, ~0.14 ms: benchmarks/ratelimit.py)
+                   CLAPQ_RATE_LIMIT="0")
         api = Api(env, work)
         api_proc = api.start("api")
         base = f"http://127.0.0.1:{port}"

@@ -42,7 +42,8 @@ OUTAGE_WAIT_S = 600  # how long a command keeps trying while the API, or its dat
 
 
 class Busy(SystemExit):
-    """The API cannot take the request now but may soon: 429, its backlog is full (`outage` False), or 502,
+    """The API cannot take the request now but may soon: 429, its backlog is full or the key is over its rate
+    limit (`outage` False), or 502,
     503, 504 or no answer at an address that answered before: it, or its database, is down or restarting
     (`outage` True). `retry_after_s` says when to try again."""
 
@@ -126,9 +127,11 @@ class Client:
             return None
         if r.status_code >= 400:
             try:
-                msg = r.json()["error"]["message"]
+                code, msg = r.json()["error"]["code"], r.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):  # not ours: a proxy's page, say
-                msg = r.text[:300] if r.status_code < 500 else f"{r.status_code} {r.reason}"
+                code, msg = None, r.text[:300] if r.status_code < 500 else f"{r.status_code} {r.reason}"
+            if r.status_code == 429 and code == "rate_limited":  # CLAPQ_RATE_LIMIT; the wait is said once, below
+                raise Busy(f"clapq: {method} {path}: {msg.split('; try again')[0]}", _retry_after(r, 60.0))
             if r.status_code == 429:
                 raise Busy(f"clapq: {method} {path}: the API is busy ({msg})", _retry_after(r, 60.0))
             if r.status_code in (502, 503, 504):

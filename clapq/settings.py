@@ -57,6 +57,29 @@ def _auto_int(env: dict[str, str], name: str, lo: int | None = None) -> int | No
     return _int(env, name, 0, lo)
 
 
+DEFAULT_RATE_LIMIT = "1200/minute"
+
+
+def _rate_limit(env: dict[str, str]) -> str:
+    """CLAPQ_RATE_LIMIT as the `limits` library reads it ("1200/minute", "20/second;10000/hour"); "" when 0
+    (no limit)."""
+    raw = (env.get("CLAPQ_RATE_LIMIT") or "").strip()
+    if raw == "":
+        return DEFAULT_RATE_LIMIT
+    if raw == "0":
+        return ""
+    from limits import parse_many
+
+    try:
+        items = parse_many(raw)
+    except ValueError:
+        items = []
+    if not items or any(i.amount < 1 for i in items):
+        raise SystemExit(f"clapq: CLAPQ_RATE_LIMIT must be requests per key and period, such as '1200/minute' or "
+                         f"'20/second;10000/hour' (or 0 for no limit), got {raw!r}")
+    return raw
+
+
 def claim_window_s(setting: int | None, device_type: str) -> int:
     """How long a first try goes on claiming queued files of later tasks (CLAPQ_CLAIM_FOR_S). `auto`
     (None): 10 s on a GPU, whose decoders would otherwise take turns with the model at each task; 0 on
@@ -119,6 +142,7 @@ class Settings:
     worker_nice: int
     preload_text: bool
     log_level: str
+    rate_limit: str  # "" for none
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -175,6 +199,8 @@ class Settings:
             # the API's text tower in int8 on a CPU: ~3x faster uncached text queries, cosine >= 0.999
             text_int8=_bool(env, "CLAPQ_TEXT_INT8", False),
             log_level=_choice(env, "CLAPQ_LOG_LEVEL", LOG_LEVELS, "info").upper(),
+            # requests per API key, shared by every API process through Redis (api.ratelimit)
+            rate_limit=_rate_limit(env),
         )
         values.update(overrides)
         if values["heartbeat_s"] >= values["stale_after_s"]:

@@ -267,7 +267,7 @@ def test_limits_and_which_413(client, lib, settings):
     assert client.get("/v1/limits", headers=auth(key)).get_json() == {
         "max_file_bytes": settings.max_file_bytes, "max_files_per_batch": settings.max_files_per_batch,
         "max_request_bytes": settings.max_request_bytes, "max_query_chars": settings.max_query_chars,
-        "max_k": settings.max_k}
+        "max_k": settings.max_k, "rate_limit": "1200 requests per minute"}
     fields = {f"f{i}": "x" for i in range(settings.max_files_per_batch + 20)}
     e = err(client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                         data={"files": (io.BytesIO(b"RIFF"), "a.wav"), **fields}), 413)

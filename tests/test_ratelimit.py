@@ -1,0 +1,155 @@
+"""Requests per API key (CLAPQ_RATE_LIMIT): one count in Redis for every API process, 429 with Retry-After
+over it, and requests still served while Redis cannot count them."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+from sqlalchemy import func, select
+
+from api import create_app
+from clapq.db import session_scope
+from clapq.embedded import free_port
+from clapq.models import Item, Job, Library
+from clapq.settings import Settings
+from tests.conftest import ROOT, auth
+
+
+@pytest.fixture()
+def start_api(env, tmp_path):
+    """`clapq api` (gunicorn, two processes) on the suite's Postgres and Redis, at the rate limit given."""
+    procs = []
+
+    def start(rate_limit: str) -> str:
+        port = free_port()
+        log = tmp_path / f"api{len(procs)}.log"
+        with open(log, "wb") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "clapq.cli", "api"], stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**env, "CLAPQ_HOST": "127.0.0.1", "CLAPQ_PORT": str(port), "CLAPQ_API_WORKERS": "2",
+                     "CLAPQ_PRELOAD_TEXT": "0", "CLAPQ_RATE_LIMIT": rate_limit}))
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert procs[-1].poll() is None, log.read_text()[-3000:]
+            try:
+                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    return base
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_key_over_its_limit_gets_429_counted_across_api_processes(start_api, settings, new_key):
+    """Six requests a minute, sent in turn to a gunicorn `clapq api` (its own processes) and to an app in this
+    process: the first six pass wherever they land, the rest get 429 `rate_limited` with Retry-After, before an
+    upload's body is read (nothing stored). Another key of the same limit is not held back, and
+    /v1/limits says the limit."""
+    api_process = start_api("6/minute")
+    local = create_app(dataclasses.replace(settings, rate_limit="6/minute")).test_client()
+    key, other = new_key(), new_key()
+    lib = local.post("/v1/libraries", json={"name": "limited"}, headers=auth(key)).get_json()  # 1 of 6
+
+    statuses, refusals = [], []
+    for i in range(9):
+        if i % 2:
+            r = requests.get(f"{api_process}/v1/libraries", headers=auth(key), timeout=10)
+            status, body, headers = r.status_code, r.json(), r.headers
+        else:
+            r = local.get("/v1/libraries", headers=auth(key))
+            status, body, headers = r.status_code, r.get_json(), r.headers
+        statuses.append(status)
+        if status == 429:
+            refusals.append((body["error"], headers.get("Retry-After")))
+    assert statuses == [200] * 5 + [429] * 4, statuses
+    for error, retry_after in refusals:
+        assert error["code"] == "rate_limited", error
+        assert "this API key has sent more than 6 requests per minute (CLAPQ_RATE_LIMIT)" in error["message"], error
+        assert 1 <= int(retry_after) <= 60 and f"try again in {retry_after} s" in error["message"], error
+
+    # an upload over the limit is refused before its body is read: no job, no item
+    r = requests.post(f"{api_process}/v1/libraries/{lib['id']}/batches", headers=auth(key), timeout=10,
+                      files={"files": ("a.wav", io.BytesIO(b"RIFF" + b"\0" * 5000))})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited", r.text
+    with session_scope(settings.database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Job).where(Job.library_id == lib["id"])) == 0
+        assert s.scalar(select(func.count()).select_from(Item).where(Item.library_id == lib["id"])) == 0
+        assert s.scalar(select(func.count()).select_from(Library).where(Library.id == lib["id"])) == 1
+
+    assert requests.get(f"{api_process}/v1/libraries", headers=auth(other), timeout=10).status_code == 200
+    limits = local.get("/v1/limits", headers=auth(other)).get_json()
+    assert limits["rate_limit"] == "6 requests per minute", limits
+
+
+def test_the_client_waits_out_the_limit_and_says_so(start_api, new_key, tiny_model):
+    """`clapq search` over the key's limit waits as Retry-After says and sends again: at 2 requests per 10
+    seconds, the library's creation and the search's look-up pass, its search waits, then succeeds; the
+    wait is said once, in words."""
+    base, key = start_api("2 per 10 seconds"), new_key()
+    assert requests.post(f"{base}/v1/libraries", json={"name": "lim"}, headers=auth(key), timeout=10).ok
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
+    p = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "lim", "--url", base,
+                        "--key", key], env={**env, "CLAPQ_MODEL": str(tiny_model), "PYTHONPATH": str(ROOT)},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "no results: library 'lim' has no embedded files yet" in p.stderr, p.stderr  # the search's answer
+    assert ("POST /v1/search: this API key has sent more than 2 requests per 10 seconds (CLAPQ_RATE_LIMIT); "
+            "trying again in ") in p.stderr and p.stderr.count("trying again") == 1, p.stderr
+
+
+def test_requests_pass_while_redis_cannot_count_them(settings, new_key, caplog):
+    """A Redis that refuses connections does not take the API down with it: at 1 request a minute both
+    requests are served (uncounted), and one warning says why."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    app = create_app(dataclasses.replace(settings, rate_limit="1/minute",
+                                         redis_url=f"redis://127.0.0.1:{closed}/0"))
+    client, key = app.test_client(), new_key()
+    with caplog.at_level(logging.WARNING, logger="api.ratelimit"):
+        assert client.get("/v1/libraries", headers=auth(key)).status_code == 200
+        assert client.get("/v1/libraries", headers=auth(key)).status_code == 200
+    warnings = [r.getMessage() for r in caplog.records if r.name == "api.ratelimit"]
+    assert len(warnings) == 1 and "not counted against CLAPQ_RATE_LIMIT" in warnings[0], warnings
+    assert client.get("/v1/limits", headers=auth(key)).get_json()["rate_limit"] == "1 request per minute"
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (None, "1200/minute"), ("0", ""), ("20/second;10000/hour", "20/second;10000/hour"),
+    ("10 per 5 seconds", "10 per 5 seconds")])
+def test_the_rate_limit_setting(raw, expected):
+    env = {} if raw is None else {"CLAPQ_RATE_LIMIT": raw}
+    assert Settings.from_env(env).rate_limit == expected
+
+
+@pytest.mark.parametrize("raw", ["lots", "100", "0/minute", "10/fortnight", "-5/second"])
+def test_a_rate_limit_that_is_not_one_is_a_sentence_at_start(raw):
+    with pytest.raises(SystemExit, match=f"CLAPQ_RATE_LIMIT must be requests per key and period, .*got '{raw}'"):
+        Settings.from_env({"CLAPQ_RATE_LIMIT": raw})
+
+
+def test_no_limit_and_the_default(settings, new_key):
+    """CLAPQ_RATE_LIMIT=0: no limit, and /v1/limits says null; the suite itself runs at the default."""
+    assert settings.rate_limit == "1200/minute"
+    client, key = create_app(dataclasses.replace(settings, rate_limit="")).test_client(), new_key()
+    assert client.get("/v1/limits", headers=auth(key)).get_json()["rate_limit"] is None
