@@ -166,6 +166,53 @@ def test_sigterm_worker_keeps_finished_work(stack):
     assert_exactly_once(stack, job_id, 120)
 
 
+def test_a_task_run_twice_at_once_changes_nothing(stack):
+    """A task still running when the broker hands its message out again (past the visibility timeout) runs a
+    second time, under the same task id, beside the first. Here every task of a 41-file job is sent twice,
+    back to back, to two idle workers. The first task's first file is a pipe nobody writes to, so its
+    decoder hangs until CLAPQ_DECODE_TIMEOUT_S (10 s) and that task is surely still running when its copy
+    starts: both claim its files (each counted as tried twice). The job ends with the pipe failed and every
+    other file embedded exactly once: one pooled vector, one segment."""
+    from clapq.blobs import BlobStore
+    from clapq.queue import EMBED_QUEUE, EMBED_TASK, chunks, make_celery
+    from tests.test_engine import job_of_blobs
+
+    for _ in range(2):
+        stack["worker"]()
+    key, lib_id, first = start_job(stack, 1)
+    assert wait_finished(stack, key, first)["status"] == "done"
+    settings = stack["settings"]
+    with session_scope(settings.database_url) as s:
+        known = str(s.scalar(select(Item.id).where(Item.job_id == uuid.UUID(first))))
+    blobs = BlobStore(settings.blob_dir)
+    hangs = uuid.uuid4().hex + uuid.uuid4().hex
+    blobs.path_for(hangs).parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(blobs.path_for(hangs))
+    files = [("hangs.wav", hangs)] + [(name, blobs.put_bytes(buf.getvalue()))
+                                      for buf, name in make_batch(41)[1:]]  # f000 is `first`'s bytes
+    job_id, ids = job_of_blobs(settings, lib_id, known, files)
+    app = make_celery(settings)
+    tasks = chunks(ids, settings.items_per_task)
+    for chunk in tasks:
+        task_id = str(uuid.uuid4())
+        for _ in range(2):  # what a redelivery sends: the same task, the same id
+            app.send_task(EMBED_TASK, args=[chunk], queue=EMBED_QUEUE, task_id=task_id)
+    finished = wait_finished(stack, key, job_id)
+    assert finished["status"] == "done_with_errors" and finished["counts"]["done"] == 40, finished
+    assert [e["filename"] for e in finished["errors"]] == ["hangs.wav"], finished["errors"]
+    with session_scope(settings.database_url) as s:
+        rows = s.execute(select(Item.id, Item.status, Item.attempts).where(Item.job_id == uuid.UUID(job_id))).all()
+        counts = [dict(s.execute(select(t.item_id, func.count()).where(t.item_id.in_([r.id for r in rows]))
+                                 .group_by(t.item_id)).all()) for t in (Segment, Embedding)]
+    status, attempts = {str(r.id): r.status for r in rows}, {str(r.id): r.attempts for r in rows}
+    good = [i for i in ids if i != ids[0]]
+    assert {status[i] for i in good} == {"done"} and status[ids[0]] == "failed", status
+    for per_item in counts:  # segments, then pooled vectors
+        assert {per_item.get(uuid.UUID(i)) for i in good} == {1} and uuid.UUID(ids[0]) not in per_item, per_item
+    assert [attempts[i] for i in tasks[0]] == [2] * len(tasks[0]), attempts
+    assert {attempts[i] for i in good} <= {1, 2}, attempts
+
+
 def test_redis_restarted_empty_mid_job(stack):
     key, job_id = job_under_way(stack, 120, 10)
     redis: EmbeddedRedis = stack["redis"]
