@@ -161,8 +161,11 @@ class Client:
             return lib
 
     def _find(self, name: str) -> tuple[dict | None, list[dict]]:
+        """The library of this name, else the one with this id: a library may be named as another's id, and
+        `--library X` then means the one named X (never another, which `delete --yes` would remove)."""
         libs = self.call("GET", "/v1/libraries")["libraries"]
-        return next((lib for lib in libs if name in (lib["name"], lib["id"])), None), libs
+        by_name = next((lib for lib in libs if lib["name"] == name), None)
+        return by_name or next((lib for lib in libs if lib["id"] == name), None), libs
 
     def limits(self) -> dict:
         """What the API takes (GET /v1/limits; an older server without it: {})."""
@@ -383,7 +386,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
     # a library that holds files already (the same folder again, or an upload cut short): files whose
     # bytes it holds are not sent again, only the rest
     check = lib.get("item_count", 0) > 0
-    jobs, sent, skipped, unfinished = [], 0, 0, 0
+    jobs, sent, skipped, unfinished, in_flight = [], 0, 0, 0, 0
     copies_of: dict[str, list[str]] = {}  # item id -> the paths of the copies sent of its bytes
     where: dict[str, str] = {}  # item id -> the file's path in the folder (the server keeps its base name)
     # copies not sent, since the library holds their bytes: named as the server names the copies it is sent,
@@ -409,7 +412,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
             # said before the request, which on a slow network takes minutes: the command is not stuck
             print(f"uploading {n_files(len(batch))} ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)",
                   file=sys.stderr)
+            in_flight = len(batch)
             answer = _send(client, lib["id"], folder, batch)
+            in_flight = 0
             jobs.append(answer["job_id"])
             for it, p in zip(answer["items"], batch):
                 rel = p.relative_to(folder).as_posix()
@@ -426,11 +431,17 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True)
         if isinstance(exc, SystemExit) and isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)  # why first, then what is in and how to go on
             exc = SystemExit(1)
+        # a request cut off after the API stored its files (its answer was on the way) may hold them too
+        maybe = (f"; the {n_files(in_flight)} being sent when it stopped may be stored as well" if ctrl_c and in_flight
+                 else "")
         if jobs:  # say what is already in, and that running the command again resumes
             held = f", {skipped} were in the library already" if skipped else ""
             print(f"clapq: {'interrupted; ' if ctrl_c else ''}{sent} of {found} files were uploaded (jobs "
-                  f"{', '.join(jobs)}{held}); run the same command again for the rest: files the library holds "
-                  "already are not sent again", file=sys.stderr)
+                  f"{', '.join(jobs)}{held}){maybe}; run the same command again for the rest: files the library "
+                  "holds already are not sent again", file=sys.stderr)
+        elif ctrl_c and in_flight:
+            print(f"clapq: interrupted while sending {n_files(in_flight)}, which may be stored already; run the same "
+                  "command again: files the library holds are not sent again", file=sys.stderr)
         elif ctrl_c:
             print("clapq: interrupted; nothing was uploaded", file=sys.stderr)
         if ctrl_c:
@@ -483,11 +494,17 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int], N
                 break
 
 
+def printable(name: str) -> str:
+    """A path as one line of output: characters that would break or colour the line (a newline or a tab in a
+    file name, an escape sequence) as Python writes them in a string, `\\n`."""
+    return name if name.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+
+
 def shown_name(entry: dict) -> str:
     """How a file is named to the user: its path in the folder `clapq upload` sent it from (kept in its
     metadata), where two files of one base name in different folders would otherwise look the same."""
     path = (entry.get("metadata") or {}).get("path")
-    return path if isinstance(path, str) and path else entry["filename"]
+    return printable(path if isinstance(path, str) and path else entry["filename"])
 
 
 def _wait(client: Client, jobs: list[str], where: dict[str, str], copies_of: dict[str, list[str]]) -> int:
@@ -514,8 +531,9 @@ def _wait(client: Client, jobs: list[str], where: dict[str, str], copies_of: dic
                 continue
             named.add(e["item_id"])
             also = copies_of.get(e["item_id"], [])
-            same = f" (and {n_files(len(also))} with the same bytes: {_some(also)})" if also else ""
-            print(f"failed: {where.get(e['item_id'], e['filename'])}: {e['error']}{same}", file=sys.stderr)
+            same = (f" (and {n_files(len(also))} with the same bytes: {_some([printable(a) for a in also])})"
+                    if also else "")
+            print(f"failed: {printable(where.get(e['item_id'], e['filename']))}: {e['error']}{same}", file=sys.stderr)
             failed += 1 + len(also)
     return failed
 

@@ -797,7 +797,8 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
             (two / f"c{i:03d}.wav").write_bytes(clip + bytes([i]))
         rc, err = interrupted(two, posted)
         assert rc == 130 and "Traceback" not in err, err
-        assert "clapq: interrupted; 128 of 129 files were uploaded (jobs job1); run the same command again" in err, err
+        assert ("clapq: interrupted; 128 of 129 files were uploaded (jobs job1); the 1 file being sent when it "
+                "stopped may be stored as well; run the same command again") in err, err
         one = tmp_path / "one request"
         one.mkdir()
         write(one / "a.wav", 0.5)
@@ -970,6 +971,31 @@ def test_a_busy_api_is_waited_for_and_a_library_made_meanwhile_is_used(tmp_path,
     sent = [b for m, path, b in bodies if path.endswith("/batches")]
     unbound = [b.replace(b.split(b"\r\n", 1)[0], b"") for b in sent]  # each request has its own boundary
     assert unbound[0] == unbound[1] and b'filename="a.wav"' in sent[1] and b"._a.wav" not in sent[1]
+
+
+def test_names_with_control_characters_print_on_one_line():
+    """A file named with a newline, a tab or an escape sequence is printed (search results, failed files) on
+    its one line, its control characters written as in a Python string; other names as they are."""
+    from clapq.client import printable, shown_name
+
+    assert shown_name({"filename": "x.wav", "metadata": {"path": "sub/new\nline.wav"}}) == "sub/new\\nline.wav"
+    assert printable("a\tb\x1b[31m.wav") == "a\\tb\\x1b[31m.wav"
+    assert shown_name({"filename": "été 🎵 x.wav", "metadata": {}}) == "été 🎵 x.wav"
+
+
+def test_a_library_named_as_another_ones_id_is_the_one_meant():
+    """`--library X` where one library is named X and another's id is X: the one named X (a `delete --yes`
+    of the other would remove the wrong files); an id still finds its library where no name matches."""
+    from clapq.client import Client
+
+    libs = [{"id": "5f1c0000-0000-4000-8000-000000000001", "name": "sfx", "item_count": 85},
+            {"id": "5f1c0000-0000-4000-8000-000000000002", "name": "5f1c0000-0000-4000-8000-000000000001",
+             "item_count": 0}]
+    with fake_api(lambda method, path: (200, {"libraries": libs}, {})) as url:
+        client = Client(url, "cq_x")
+        assert client.library(libs[0]["id"], create=False)["id"] == libs[1]["id"]
+        assert client.library(libs[1]["id"], create=False)["name"] == libs[1]["name"]
+        assert client.library(" sfx ", create=False)["id"] == libs[0]["id"]
 
 
 def test_names_a_multipart_form_cannot_carry_still_reach_the_api_with_their_paths(client, new_key, tmp_path):
