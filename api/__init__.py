@@ -28,7 +28,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         MAX_FORM_PARTS=settings.max_files_per_batch + 16,
     )
     app.extensions["clapq_blobs"] = BlobStore(settings.blob_dir)
-    app.extensions["clapq_celery"] = make_celery(settings)
+    app.extensions["clapq_celery"] = make_celery(settings, sender=True)
     ratelimit.install(app, settings.rate_limit)
     errors.register(app)
     app.teardown_appcontext(db.close_db)

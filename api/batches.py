@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import random
 import time
 from collections import Counter
@@ -18,10 +17,9 @@ from api.models_info import served_model_for
 from api.uploads import display_name
 from clapq.blobs import BLOB_LOCK, unqueue_reclaim
 from clapq.models import BlobReclaim, Item, Job, JobDuplicate, Library
-from clapq.queue import enqueue_items
+from clapq.queue import enqueue_committed
 
 bp = Blueprint("batches", __name__)
-log = logging.getLogger(__name__)
 
 # re-uploaded bytes whose item ended in one of these states are embedded again; others are duplicates
 RETRIED_ON_REUPLOAD = ("failed", "cancelled")
@@ -186,8 +184,5 @@ def upload_batch(lib_id: str):
     unqueue_reclaim(session, digests)  # held now, by this upload's items or the ones already there
     session.commit()
     request.keep_uploads()
-    try:
-        enqueue_items(current_app.extensions["clapq_celery"], new_ids, settings.items_per_task)
-    except Exception:  # rows are committed: the sweeper re-enqueues pending items
-        log.exception("enqueue failed; items stay queued for the sweeper", extra={"job_id": str(job.id)})
+    enqueue_committed(current_app.extensions["clapq_celery"], new_ids, settings.items_per_task, job_id=str(job.id))
     return {"job_id": str(job.id), "items": out}, 202

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-import logging
 
 from flask import Blueprint, current_app, g, request
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, case, delete, func, or_, select, update
 
 from api.db import db
 from api.errors import ApiError, bad_request
@@ -15,10 +14,9 @@ from api.lookup import owned
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
 from api.removal import announce_gone
 from clapq.models import Item, Job, JobDuplicate
-from clapq.queue import enqueue_items
+from clapq.queue import enqueue_committed
 
 bp = Blueprint("jobs", __name__)
-log = logging.getLogger(__name__)
 
 MAX_ERRORS_SHOWN = 100
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -99,10 +97,14 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
             .order_by(Item.created_at, Item.id).limit(MAX_ERRORS_SHOWN)
         ).all()
         out["errors"] = [{"item_id": str(r.id), "filename": r.filename,
-                          "error": r.error if r.status == "failed" else
-                          f"cancelled with job {r.job_id}, which uploaded it first; retry this job to embed it"}
+                          "error": r.error if r.status == "failed" else _stopped_copy(r.job_id)}
                          for r in errors]
     return out
+
+
+def _stopped_copy(other_job) -> str:
+    """Why a copy a job holds, of a file another job uploaded first and then cancelled, counts as failed."""
+    return f"cancelled with job {other_job}, which uploaded it first; retry this job to embed it"
 
 
 @bp.get("/jobs")
@@ -121,24 +123,34 @@ def get_job(job_id: str):
     return job_json(owned(Job, job_id, "job"))
 
 
-def items_page(where) -> dict:
-    """The items `where` selects, oldest first, paged by `limit` + `cursor` and narrowed by `?status=`."""
+def items_page(where, job: Job | None = None) -> dict:
+    """The items `where` selects, oldest first, paged by `limit` + `cursor` and narrowed by `?status=`. In a
+    `job`'s listing each item stands as the job's counts take it: a copy of a file another job uploaded
+    first and then cancelled is failed here (with why), as this job's retry would queue it again."""
     status = request.args.get("status")
     if status is not None and status not in STATES:
         raise bad_request(f"'status' must be one of {', '.join(STATES)}")
     limit, cursor = limit_arg(100), cursor_arg()
+    seen = Item.status
+    if job is not None:
+        seen = case((and_(Item.job_id != job.id, Item.status == "cancelled"), "failed"), else_=Item.status)
     q = select(Item).where(where, after_cursor(Item, cursor))
     if status:
-        q = q.where(Item.status == status)
+        q = q.where(seen == status)
     rows = db().scalars(q.order_by(Item.created_at, Item.id).limit(limit + 1)).all()
     page, nxt = page_of(rows, limit)
-    return {"items": [item_json(i) for i in page], "next_cursor": nxt}
+    out = [item_json(i) for i in page]
+    if job is not None:
+        for i, row in zip(page, out):
+            if i.job_id != job.id and i.status == "cancelled":
+                row.update(status="failed", error=_stopped_copy(i.job_id))
+    return {"items": out, "next_cursor": nxt}
 
 
 @bp.get("/jobs/<job_id>/items")
 def job_items(job_id: str):
     job = owned(Job, job_id, "job")
-    return items_page(_of_job(job, _copied(job)))
+    return items_page(_of_job(job, _copied(job)), job)
 
 
 @bp.post("/jobs/<job_id>/cancel")
@@ -190,9 +202,6 @@ def retry_job(job_id: str):
         job.duplicates -= len(moved)
     job.cancelled = False
     session.commit()
-    if ids:
-        try:
-            enqueue_items(current_app.extensions["clapq_celery"], ids, current_app.config["CLAPQ"].items_per_task)
-        except Exception:  # committed: the sweeper delivers them
-            log.exception("enqueue failed; the sweeper will deliver", extra={"job_id": str(job.id)})
+    enqueue_committed(current_app.extensions["clapq_celery"], ids, current_app.config["CLAPQ"].items_per_task,
+                      job_id=str(job.id))
     return {**job_json(job), "requeued": len(ids)}, 202

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import tempfile
 from pathlib import Path
 
@@ -15,10 +14,9 @@ from api.db import db
 from api.errors import ApiError, bad_request
 from api.lookup import owned
 from api.models_info import serving_checkpoint
-from clapq.queue import redis_client
+from clapq.queue import best_effort
 from clapq.models import Embedding, Item, Library
 
-log = logging.getLogger(__name__)
 
 TEXT_CACHE_TTL_S = 7 * 24 * 3600
 
@@ -42,10 +40,6 @@ def _text_precision() -> str:
     return model_precision(settings.device, settings.precision, settings.text_int8)
 
 
-def _redis():
-    return redis_client(current_app.extensions["clapq_celery"])
-
-
 def text_cache_key(ckpt, text: str, precision: str = "fp32") -> str:
     """Where a query's text vector is cached: per model (weights hash), text tower precision and text."""
     tower = ckpt.weights_sha256[:16] + ("" if precision == "fp32" else f":{precision}")
@@ -58,10 +52,10 @@ def text_vectors(texts: list[str]) -> np.ndarray:
     precision = _text_precision()
     keys = [text_cache_key(ckpt, t, precision) for t in texts]
     found: list[bytes | None] = [None] * len(texts)
-    try:
-        found = _redis().mget(keys)
-    except Exception:  # the cache is an optimisation: Redis away means compute
-        log.warning("text cache unavailable", exc_info=True)
+    celery = current_app.extensions["clapq_celery"]
+    with best_effort(celery, "reading the text cache") as cache:  # an optimisation: Redis away means compute
+        if cache is not None:
+            found = cache.mget(keys)
     missing = [i for i, v in enumerate(found) if v is None]
     out = np.zeros((len(texts), ckpt.dim), np.float32)
     for i, v in enumerate(found):
@@ -71,13 +65,12 @@ def text_vectors(texts: list[str]) -> np.ndarray:
         vecs = _clap(text_only=True).embed_text([texts[i] for i in missing])
         for i, v in zip(missing, vecs):
             out[i] = v
-        try:
-            pipe = _redis().pipeline(transaction=False)
-            for i in missing:
-                pipe.set(keys[i], out[i].tobytes(), ex=TEXT_CACHE_TTL_S)
-            pipe.execute()
-        except Exception:
-            log.warning("text cache write failed", exc_info=True)
+        with best_effort(celery, "writing the text cache") as cache:
+            if cache is not None:
+                pipe = cache.pipeline(transaction=False)
+                for i in missing:
+                    pipe.set(keys[i], out[i].tobytes(), ex=TEXT_CACHE_TTL_S)
+                pipe.execute()
     return out
 
 

@@ -3,31 +3,23 @@
 `CLAPQ_RATE_LIMIT` (default 1200 a minute, `clapq.settings`) is checked with the `limits` library's
 moving window: at most that many requests in any stretch of that length. A request over it gets 429
 `rate_limited` with `Retry-After` (when the oldest counted request leaves the window) before its body is
-read. Counting is best effort: while Redis does not answer, requests pass (and a warning says so every
-PAUSE_S), so an outage of the broker never becomes one of search or of the job pages."""
+read, and is not counted. Counting is best effort (`clapq.queue.best_effort`): while Redis does not
+answer, requests pass uncounted, so an outage of the broker never becomes one of search or of the job
+pages."""
 
 from __future__ import annotations
 
-import logging
 import math
 import os
-import threading
 import time
 
-import redis
 from flask import Flask, current_app, g
 from limits import RateLimitItem, parse_many
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from api.errors import ApiError
-from clapq.queue import redis_client
-
-log = logging.getLogger(__name__)
-
-# after Redis failed to count a request, requests go uncounted this long before it is asked again: a Redis
-# that hangs costs one request its 1 s limit, not every request
-PAUSE_S = 10.0
+from clapq.queue import best_effort
 
 
 class KeyRateLimit:
@@ -35,38 +27,38 @@ class KeyRateLimit:
         self.items: list[RateLimitItem] = parse_many(spec) if spec else []
         self._celery = app.extensions["clapq_celery"]
         self._limiters: dict[int, MovingWindowRateLimiter] = {}  # per process: gunicorn forks after import
-        self._skip_until = 0.0
-        self._lock = threading.Lock()
 
-    def _limiter(self) -> MovingWindowRateLimiter:
-        pid = os.getpid()
-        limiter = self._limiters.get(pid)
-        if limiter is None:
-            # the broker's pooled client (whatever REDIS_URL form it takes), quick to give up
-            pool = redis_client(self._celery, quick=True).connection_pool
-            limiter = self._limiters[pid] = MovingWindowRateLimiter(
-                RedisStorage("redis://", connection_pool=pool, key_prefix="clapq:rate"))
+    def _limiter(self, redis) -> MovingWindowRateLimiter:
+        limiter = self._limiters.get(os.getpid())
+        if limiter is None:  # on the broker's quick pooled client, whatever REDIS_URL form it takes
+            limiter = self._limiters[os.getpid()] = MovingWindowRateLimiter(
+                RedisStorage("redis://", connection_pool=redis.connection_pool, key_prefix="clapq:rate"))
         return limiter
 
     def check(self, key_id: str) -> None:
-        """Count one request of this key; ApiError 429 if it is over a limit."""
-        if not self.items or time.monotonic() < self._skip_until:
+        """Count one request of this key against every limit; ApiError 429, counted against none, if it is
+        over any of them."""
+        if not self.items:
             return
-        try:
-            limiter = self._limiter()
+        with best_effort(self._celery, "counting a request against CLAPQ_RATE_LIMIT") as redis:
+            if redis is None:
+                return
+            limiter = self._limiter(redis)
+            if len(self.items) > 1:  # a request one limit refuses must not use up another's count
+                over = [i for i in self.items if not limiter.test(i, key_id)]
+                if over:
+                    self._refuse(limiter, over, key_id)
             for item in self.items:
-                if not limiter.hit(item, key_id):
-                    reset_at = limiter.get_window_stats(item, key_id).reset_time
-                    wait = max(1, math.ceil(reset_at - time.time()))
-                    raise ApiError(429, "rate_limited",
-                                   f"this API key has sent more than {_spoken(item)} (CLAPQ_RATE_LIMIT); try again in "
-                                   f"{wait} s", {"Retry-After": str(wait)})
-        except (redis.RedisError, OSError) as exc:
-            with self._lock:
-                if time.monotonic() >= self._skip_until:
-                    log.warning("requests are not counted against CLAPQ_RATE_LIMIT for %g s: Redis did not "
-                                "answer (%s)", PAUSE_S, exc)
-                self._skip_until = time.monotonic() + PAUSE_S
+                if not limiter.hit(item, key_id):  # for one limit, the only call: it tests and counts at once
+                    self._refuse(limiter, [item], key_id)
+
+    @staticmethod
+    def _refuse(limiter: MovingWindowRateLimiter, over: list[RateLimitItem], key_id: str) -> None:
+        """429 naming the limit that holds the key back longest, with that wait."""
+        waits = [(max(1, math.ceil(limiter.get_window_stats(i, key_id).reset_time - time.time())), i) for i in over]
+        wait, item = max(waits, key=lambda w: w[0])
+        raise ApiError(429, "rate_limited", f"this API key has sent more than {_spoken(item)} (CLAPQ_RATE_LIMIT); "
+                       f"try again in {wait} s", {"Retry-After": str(wait)})
 
     def describe(self) -> str | None:
         return "; ".join(_spoken(i) for i in self.items) or None

@@ -129,8 +129,15 @@ def search():
     settings = current_app.config["CLAPQ"]
     p = _params()
     lib_ids = p["library_ids"]
-    if not isinstance(lib_ids, list) or not lib_ids:
+    if not isinstance(lib_ids, list):
+        raise bad_request("'library_ids' must be a list of library ids")
+    if not lib_ids:
         raise bad_request("'library_id' (or 'library_ids') is required")
+    if not all(isinstance(i, str) for i in lib_ids):
+        raise bad_request("'library_id' must be one library id (a string); give several as the list 'library_ids'")
+    if any("," in i for i in lib_ids):  # library_ids=A,B in a query string
+        raise bad_request("one library id per 'library_ids' value: repeat it for several "
+                          "(library_ids=A&library_ids=B, or a JSON list)")
     libs = [owned(Library, i, "library") for i in lib_ids]
     model_id = served_model_for(*libs)
     k = _int(p.get("k"), "k", 1, settings.max_k, 10)

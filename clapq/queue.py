@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
+import time
+from collections.abc import Iterator
 
+import kombu.exceptions
 import redis
 from celery import Celery
 from redis.backoff import NoBackoff
@@ -27,7 +32,14 @@ TASK_HARD_LIMIT_S = 2 * 3600
 TASK_SOFT_LIMIT_S = TASK_HARD_LIMIT_S - 60
 
 
-def make_celery(settings: Settings) -> Celery:
+# A process that only sends tasks (the API, the sweeper) gives up on a Redis that does not answer within
+# this, trying once more (a restarted Redis, a stale connection): ~4 s at most, where kombu's defaults
+# waited for as long as it hung. The rows are committed before; the sweeper sends what was not sent.
+SEND_TIMEOUT_S = 2
+
+
+def make_celery(settings: Settings, sender: bool = False) -> Celery:
+    """The Celery app; `sender`: for a process that only sends tasks, with bounded waits on Redis."""
     app = Celery("clapq", broker=settings.redis_url, set_as_current=False)
     app.conf.update(
         task_acks_late=True,
@@ -47,6 +59,10 @@ def make_celery(settings: Settings) -> Celery:
         worker_send_task_events=False,
         enable_utc=True,
     )
+    if sender:
+        app.conf.broker_transport_options.update(socket_timeout=SEND_TIMEOUT_S, socket_connect_timeout=SEND_TIMEOUT_S)
+        app.conf.task_publish_retry_policy = {"max_retries": 1, "interval_start": 0, "interval_step": 0.2,
+                                              "interval_max": 0.2}
     return app
 
 
@@ -64,6 +80,50 @@ def redis_client(app: Celery, quick: bool = False) -> redis.Redis:
                   else dict(socket_timeout=10, socket_connect_timeout=5))
         client = _clients[key] = redis.Redis.from_url(key[1], health_check_interval=30, **limits)
     return client
+
+
+# Redis for what may be skipped: the API's text cache, its count of requests per key, and sending tasks the
+# sweeper would send anyway. After a failure, each process leaves Redis alone for PAUSE_S, so a Redis that
+# hangs costs one request its time limit, not every request.
+PAUSE_S = 10.0
+REDIS_ERRORS = (redis.RedisError, OSError, kombu.exceptions.OperationalError)
+_paused_until: dict[tuple[int, str], float] = {}
+_pause_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def best_effort(app: Celery, what: str) -> Iterator[redis.Redis | None]:
+    """The quick client (one try, 1 s), or None while Redis is left alone after a failure. A Redis error in
+    the block ends it (the caller goes on without) and starts a pause, said once in the log with `what` the
+    process was doing; other exceptions pass."""
+    key = (os.getpid(), app.conf.broker_url)
+    if time.monotonic() < _paused_until.get(key, 0.0):
+        yield None
+        return
+    try:
+        yield redis_client(app, quick=True)
+    except REDIS_ERRORS as exc:
+        with _pause_lock:
+            if time.monotonic() >= _paused_until.get(key, 0.0):
+                log.warning("Redis failed while %s (%s): for %g s this process leaves it alone for what can do "
+                            "without it (the text cache, counting requests, sending tasks the sweeper sends later)",
+                            what, exc, PAUSE_S)
+            _paused_until[key] = time.monotonic() + PAUSE_S
+
+
+def enqueue_committed(app: Celery, item_ids: list, per_task: int, **log_extra) -> None:
+    """Send committed items' tasks if Redis takes them now; where it does not, they stay queued in Postgres
+    and the sweeper (`clapq beat`) sends them."""
+    if not item_ids:
+        return
+    try:
+        with best_effort(app, "sending tasks (the sweeper sends them later)") as client:
+            if client is not None:
+                enqueue_items(app, item_ids, per_task)
+                return
+        log.info("tasks not sent, Redis did not answer lately; the sweeper sends them", extra=log_extra)
+    except Exception:  # committed: the sweeper sends them
+        log.exception("enqueue failed; items stay queued for the sweeper", extra=log_extra)
 
 
 def chunks(ids: list, size: int) -> list[list]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -58,11 +59,15 @@ def _auto_int(env: dict[str, str], name: str, lo: int | None = None) -> int | No
 
 
 DEFAULT_RATE_LIMIT = "1200/minute"
+# the moving window keeps one timestamp in Redis per request counted: a limit's count is its memory
+MAX_RATE_LIMIT_REQUESTS = 100_000
+MAX_RATE_LIMIT_WINDOW_S = 31 * 86400
 
 
 def _rate_limit(env: dict[str, str]) -> str:
     """CLAPQ_RATE_LIMIT as the `limits` library reads it ("1200/minute", "20/second;10000/hour"); "" when 0
-    (no limit)."""
+    (no limit). A count or a period of 0 (which the library would read as 1), and counts or periods past
+    the bounds above, are refused rather than turned into another limit."""
     raw = (env.get("CLAPQ_RATE_LIMIT") or "").strip()
     if raw == "":
         return DEFAULT_RATE_LIMIT
@@ -74,9 +79,12 @@ def _rate_limit(env: dict[str, str]) -> str:
         items = parse_many(raw)
     except ValueError:
         items = []
-    if not items or any(i.amount < 1 for i in items):
+    zero_period = re.search(r"(?:/|\bper)\s*0+\s*[a-z]", raw, re.IGNORECASE)
+    if (not items or zero_period or any(not 1 <= i.amount <= MAX_RATE_LIMIT_REQUESTS for i in items)
+            or any(i.get_expiry() > MAX_RATE_LIMIT_WINDOW_S for i in items)):
         raise SystemExit(f"clapq: CLAPQ_RATE_LIMIT must be requests per key and period, such as '1200/minute' or "
-                         f"'20/second;10000/hour' (or 0 for no limit), got {raw!r}")
+                         f"'20/second;10000/hour' (1 to {MAX_RATE_LIMIT_REQUESTS} requests, a period of 1 second "
+                         f"to 31 days), or 0 for no limit; got {raw!r}")
     return raw
 
 

@@ -170,6 +170,13 @@ def test_search_validation(client, lib, settings):
     assert r.status_code == 200, r.get_json()
     r = client.get("/v1/search", query_string={"library_id": lib_id, "q": "empty library"}, headers=auth(key))
     assert r.status_code == 200 and r.get_json()["results"] == []
+    # libraries given in a shape that is not theirs: said so, not a 404 for a library that exists
+    for body, says in (({"library_ids": lib_id}, "'library_ids' must be a list"),
+                       ({"library_id": [lib_id]}, "'library_id' must be one library id"),
+                       ({"library_ids": [lib_id, 7]}, "'library_id' must be one library id")):
+        assert says in err(client.post("/v1/search", json={**body, "text": "x"}, headers=auth(key)), 400)["message"]
+    e = err(client.get(f"/v1/search?library_ids={lib_id},{lib_id}&q=x", headers=auth(key)), 400)
+    assert "library_ids=A&library_ids=B" in e["message"], e
 
 
 def test_body_over_limit_is_413(settings, new_key):

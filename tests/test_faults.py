@@ -213,6 +213,48 @@ def test_a_task_run_twice_at_once_changes_nothing(stack):
     assert {attempts[i] for i in good} <= {1, 2}, attempts
 
 
+def test_a_redis_that_hangs_holds_no_request(stack):
+    """Redis stops answering (SIGSTOP), connections open. An upload still answers 202 with its files
+    committed: the send gives up (within ~4 s; before, it waited for as long as Redis hung) and leaves them
+    to the sweeper. Text searches answer without the cache, and skip Redis altogether for a while after
+    the failure. Once Redis answers again the sweeper sends the files and the job ends done."""
+    import threading
+
+    from api import create_app
+
+    stack["worker"]()
+    stack["start_beat"]()
+    key, lib_id, first = start_job(stack, 2)
+    assert wait_finished(stack, key, first)["status"] == "done"
+    # no rate limit: the upload's send is the first to meet the stopped Redis
+    client = create_app(dataclasses.replace(stack["settings"], rate_limit="")).test_client()
+    client.get(f"/v1/search?library_id={lib_id}&q=warm+up", headers=auth(key))  # its pool's connection is open
+
+    def answered(request) -> object:
+        out = []
+        t = threading.Thread(target=lambda: out.append(request()), daemon=True)
+        t.start()
+        t.join(60)
+        assert out, "the request waited on the stopped Redis"
+        return out[0]
+
+    redis_pid = stack["redis"].proc.pid
+    os.kill(redis_pid, signal.SIGSTOP)
+    try:
+        up = answered(lambda: client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key),
+                                          data={"files": make_batch(6)[2:]}, content_type="multipart/form-data"))
+        assert up.status_code == 202, up.get_json()
+        for q in ("rain on a roof", "a door creaks"):
+            r = answered(lambda: client.get(f"/v1/search?library_id={lib_id}&q={q}", headers=auth(key)))
+            assert r.status_code == 200, r.get_json()
+    finally:
+        os.kill(redis_pid, signal.SIGCONT)
+    job_id = up.get_json()["job_id"]
+    assert job(stack, key, job_id)["counts"]["queued"] == 4
+    assert wait_finished(stack, key, job_id)["status"] == "done"
+    assert_exactly_once(stack, job_id, 4)
+
+
 def test_redis_restarted_empty_mid_job(stack):
     key, job_id = job_under_way(stack, 120, 10)
     redis: EmbeddedRedis = stack["redis"]

@@ -206,6 +206,13 @@ def test_a_copy_of_a_file_still_queued_is_not_done(client, new_key, settings, tm
     job = client.get(f"/v1/jobs/{r['job_id']}", headers=auth(key)).get_json()
     assert job["status"] == "failed" and job["counts"]["failed"] == 2, job
     assert job["errors"][0]["error"].startswith(f"cancelled with job {earlier}, which uploaded it first"), job
+    # its items listing says the same: failed, with why (and ?status= narrows by that)
+    items = f"/v1/jobs/{r['job_id']}/items"
+    failed = client.get(f"{items}?status=failed", headers=auth(key)).get_json()["items"]
+    assert [(i["id"], i["status"], i["error"]) for i in failed] == [(str(item), "failed", job["errors"][0]["error"])]
+    assert client.get(f"{items}?status=cancelled", headers=auth(key)).get_json()["items"] == []
+    assert client.get(f"/v1/jobs/{earlier}/items?status=cancelled", headers=auth(key)).get_json()["items"][0][
+        "status"] == "cancelled"  # the job that cancelled it lists it as it is
     # the retry moves the file to this job, whose worker then embeds it (the other job's cancel no longer
     # stops it); the second copy in this batch stays a copy
     retried = client.post(f"/v1/jobs/{r['job_id']}/retry", headers=auth(key)).get_json()

@@ -126,12 +126,35 @@ def test_requests_pass_while_redis_cannot_count_them(settings, new_key, caplog):
     app = create_app(dataclasses.replace(settings, rate_limit="1/minute",
                                          redis_url=f"redis://127.0.0.1:{closed}/0"))
     client, key = app.test_client(), new_key()
-    with caplog.at_level(logging.WARNING, logger="api.ratelimit"):
+    with caplog.at_level(logging.WARNING, logger="clapq.queue"):
         assert client.get("/v1/libraries", headers=auth(key)).status_code == 200
         assert client.get("/v1/libraries", headers=auth(key)).status_code == 200
-    warnings = [r.getMessage() for r in caplog.records if r.name == "api.ratelimit"]
-    assert len(warnings) == 1 and "not counted against CLAPQ_RATE_LIMIT" in warnings[0], warnings
+    warnings = [r.getMessage() for r in caplog.records if r.name == "clapq.queue"]
+    assert len(warnings) == 1 and "Redis failed while counting a request against CLAPQ_RATE_LIMIT" in warnings[0], \
+        warnings
     assert client.get("/v1/limits", headers=auth(key)).get_json()["rate_limit"] == "1 request per minute"
+
+
+def test_a_request_one_limit_refuses_counts_against_none(settings, new_key):
+    """With two limits, a request the tighter one refuses is not counted against the other: after two
+    requests pass at "5/minute;2/minute", four refused ones leave the five-a-minute count at 2. The 429 names
+    the limit that holds the key back."""
+    from limits.storage import RedisStorage
+    from limits.strategies import MovingWindowRateLimiter
+
+    from clapq.keys import hash_key
+    from clapq.queue import make_celery, redis_client
+
+    app = create_app(dataclasses.replace(settings, rate_limit="5/minute;2/minute"))
+    client, key = app.test_client(), new_key()
+    statuses = [client.get("/v1/libraries", headers=auth(key)) for _ in range(6)]
+    assert [r.status_code for r in statuses] == [200, 200, 429, 429, 429, 429]
+    assert "more than 2 requests per minute" in statuses[-1].get_json()["error"]["message"]
+    pool = redis_client(make_celery(settings), quick=True).connection_pool
+    limiter = MovingWindowRateLimiter(RedisStorage("redis://", connection_pool=pool, key_prefix="clapq:rate"))
+    five, two = app.extensions["clapq_rate_limit"].items
+    assert limiter.get_window_stats(five, hash_key(key)[:32]).remaining == 3
+    assert limiter.get_window_stats(two, hash_key(key)[:32]).remaining == 0
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -142,7 +165,9 @@ def test_the_rate_limit_setting(raw, expected):
     assert Settings.from_env(env).rate_limit == expected
 
 
-@pytest.mark.parametrize("raw", ["lots", "100", "0/minute", "10/fortnight", "-5/second"])
+@pytest.mark.parametrize("raw", ["lots", "100", "0/minute", "10/fortnight", "-5/second", "10/0 minutes",
+                                 "10 per 0 seconds", "3/1000000000000 years", "99999999999999999999/second",
+                                 "100001/hour", "5/second;"])
 def test_a_rate_limit_that_is_not_one_is_a_sentence_at_start(raw):
     with pytest.raises(SystemExit, match=f"CLAPQ_RATE_LIMIT must be requests per key and period, .*got '{raw}'"):
         Settings.from_env({"CLAPQ_RATE_LIMIT": raw})

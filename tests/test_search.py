@@ -58,7 +58,8 @@ def test_int8_text_tower_is_close_to_fp32_and_served_when_asked(app, lib, tiny_m
     and they are cached apart from fp32 vectors."""
     import torch
 
-    from api.query import _redis, text_cache_key
+    from api.query import text_cache_key
+    from clapq.queue import redis_client
     from clapq.checkpoint import resolve
     from clapq.clap import get_clap
 
@@ -86,8 +87,7 @@ def test_int8_text_tower_is_close_to_fp32_and_served_when_asked(app, lib, tiny_m
     assert [r["item_id"] for r in body["results"]] == [i for _, i in expected]
     for r, (score, _) in zip(body["results"], expected):
         assert r["score"] == pytest.approx(score, abs=1e-4)
-    with app.app_context():
-        cached = _redis().get(text_cache_key(ckpt, texts[0], "int8"))
+    cached = redis_client(app.extensions["clapq_celery"]).get(text_cache_key(ckpt, texts[0], "int8"))
     np.testing.assert_array_equal(np.frombuffer(cached, np.float32), int8[0])
 
 
@@ -96,7 +96,8 @@ def test_text_vectors_are_cached_per_text_tower_precision(app, lib, tiny_model, 
     a bf16 tower and an fp32 one are cached under different keys, each holding its own tower's vector."""
     import torch
 
-    from api.query import _redis, text_cache_key
+    from api.query import text_cache_key
+    from clapq.queue import redis_client
     from clapq.checkpoint import resolve
     from clapq.clap import get_clap
 
@@ -111,10 +112,9 @@ def test_text_vectors_are_cached_per_text_tower_precision(app, lib, tiny_model, 
         monkeypatch.setitem(app.config, "CLAPQ", dataclasses.replace(app.config["CLAPQ"], device="cpu", precision=p))
         r = client.post("/v1/search", json={"library_id": lib["a"], "text": text, "k": 1}, headers=auth(lib["key"]))
         assert r.status_code == 200, r.get_json()
-    with app.app_context():
-        for p in ("fp32", "bf16"):
-            cached = _redis().get(text_cache_key(ckpt, text, p))
-            np.testing.assert_array_equal(np.frombuffer(cached, np.float32), vecs[p])
+    for p in ("fp32", "bf16"):
+        cached = redis_client(app.extensions["clapq_celery"]).get(text_cache_key(ckpt, text, p))
+        np.testing.assert_array_equal(np.frombuffer(cached, np.float32), vecs[p])
 
 
 def brute_items(lib, v, keep=lambda item_id: True):

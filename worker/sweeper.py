@@ -140,7 +140,7 @@ def _every(interval_s: int, steps: dict) -> None:
 
 
 def run_forever(settings: Settings) -> None:
-    app = make_celery(settings)
+    app = make_celery(settings, sender=True)
     log.info("sweeper started", extra={"interval_s": settings.sweep_interval_s})
     # a rebuild takes minutes on a large store: in its own thread, so that sweeping goes on meanwhile
     threading.Thread(target=_every, args=(settings.sweep_interval_s, {"index repair": lambda: repair_indexes(settings)}),
