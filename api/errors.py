@@ -175,7 +175,9 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
         message = _too_large(app) if e.code == 413 else e.description or e.name
-        return envelope(e.code or 500, _code(e), message)
+        # what the status needs beside the body: Allow on a 405, Content-Range on a 416, WWW-Authenticate
+        headers = {k: v for k, v in e.get_headers() if k.lower() not in ("content-type", "content-length")}
+        return envelope(e.code or 500, _code(e), message, headers)
 
     # Postgres refused, dropped or did not answer the connection, is shutting down or has no connection
     # slot left, or every pooled connection stayed busy (TimeoutError): the same request sent again

@@ -282,8 +282,12 @@ def test_limits_and_which_413(client, lib, settings):
     r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                     data={"files": (io.BytesIO(b"RIFF 16 bytes..."), "a.wav")})
     item = r.get_json()["items"][0]["id"]
-    e = err(client.get(f"/v1/items/{item}/audio", headers={**auth(key), "Range": "bytes=100-200"}), 416)
-    assert e["code"] == "requested_range_not_satisfiable"
+    r = client.get(f"/v1/items/{item}/audio", headers={**auth(key), "Range": "bytes=100-200"})
+    e = err(r, 416)
+    assert e["code"] == "requested_range_not_satisfiable" and r.headers["Content-Range"] == "bytes */16", r.headers
+    # a method the path does not take: 405 with the methods it does (Allow), in the same envelope
+    r = client.put("/v1/libraries", headers=auth(key))
+    assert err(r, 405)["code"] == "method_not_allowed" and {"GET", "POST"} <= set(r.headers["Allow"].split(", "))
 
 
 def test_a_library_of_another_model_is_refused_not_mixed(client, new_key, worker, settings, tmp_path):
