@@ -11,7 +11,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from api.db import db
-from api.errors import ApiError, bad_request, check_metadata, parse_json
+from api.errors import ApiError, bad_request, check_metadata, given_once, parse_json
 from api.lookup import owned
 from api.models_info import served_model_for
 from api.uploads import display_name
@@ -26,6 +26,7 @@ RETRIED_ON_REUPLOAD = ("failed", "cancelled")
 
 
 def _metadata_field(filenames: set[str]) -> dict:
+    given_once(request.form, "the form")  # 'metadata' twice would be read as the first, silently
     raw = request.form.get("metadata")
     if raw is None or raw.strip() == "":
         return {}

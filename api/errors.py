@@ -98,9 +98,22 @@ class ClientJSON(DefaultJSONProvider):
         return parse_json(s, "the JSON body")
 
 
+# the parameters a request may repeat (search across several libraries); any other given twice would be
+# read as its first value, silently
+REPEATABLE = frozenset({"library_id", "library_ids"})
+
+
+def given_once(fields, where: str) -> None:
+    """Refuse a field (of a query string or a form: a werkzeug MultiDict) given more than once."""
+    twice = sorted({k for k in fields if k not in REPEATABLE and len(fields.getlist(k)) > 1})
+    if twice:
+        raise bad_request(f"{where} gives {twice[0]!r} more than once; give it once")
+
+
 def plain_query() -> None:
-    """before_request hook: the query string's names and values, as check_text."""
+    """before_request hook: the query string's names and values, as check_text, each name once."""
     check_text(list(request.args.items(multi=True)), "the query string")
+    given_once(request.args, "the query string")
 
 
 def envelope(status: int, code: str, message: str, headers: dict | None = None):

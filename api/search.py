@@ -13,7 +13,7 @@ from sqlalchemy import and_, case, func, or_, select, text
 from sqlalchemy.dialects.postgresql import JSONB, distinct_on
 
 from api.db import db
-from api.errors import bad_request, check_text, parse_json
+from api.errors import bad_request, check_text, given_once, parse_json
 from api.lookup import owned
 from api.models_info import describe, served_model_for
 from api.query import audio_vector, item_vector, text_vectors
@@ -57,6 +57,9 @@ def _params() -> dict:
             raise bad_request("give the query text once: 'text' or 'q'")
         p["q"] = p.pop("text") or p["q"]
         p["library_ids"] = [*f.getlist("library_id"), *f.getlist("library_ids")]
+        if request.method == "POST":
+            given_once(request.form, "the form")
+            given_once(request.files, "the form")
         check_text(p, "the form")
         p["audio"] = request.files.get("audio") if request.method == "POST" else None
         return p

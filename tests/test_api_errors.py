@@ -147,7 +147,7 @@ def test_filenames_are_sanitised(client, lib):
     assert got[2] == f"attachment; filename=\"{items[2]['id']}\"; filename*=UTF-8''%E9%9B%A8"
 
 
-def test_search_validation(client, lib, settings):
+def test_search_validation(client, lib, settings, tmp_path):
     key, lib_id = lib
     err(client.get("/v1/search", query_string={"q": "x"}, headers=auth(key)), 400)
     err(client.get("/v1/search", query_string={"library_id": lib_id}, headers=auth(key)), 400)
@@ -177,6 +177,23 @@ def test_search_validation(client, lib, settings):
         assert says in err(client.post("/v1/search", json={**body, "text": "x"}, headers=auth(key)), 400)["message"]
     e = err(client.get(f"/v1/search?library_ids={lib_id},{lib_id}&q=x", headers=auth(key)), 400)
     assert "library_ids=A&library_ids=B" in e["message"], e
+    # a field given twice would be read as its first value: said instead (the libraries may repeat)
+    e = err(client.get(f"/v1/search?library_id={lib_id}&q=rain&q=wind", headers=auth(key)), 400)
+    assert e["message"] == "the query string gives 'q' more than once; give it once", e
+    assert err(client.get("/v1/jobs?limit=1&limit=2", headers=auth(key)), 400)["message"].startswith(
+        "the query string gives 'limit' more than once")
+    r = client.get(f"/v1/search?library_id={lib_id}&library_id={lib_id}&q=rain", headers=auth(key))
+    assert r.status_code == 200, r.get_json()
+    from tests.audio import write
+
+    clip = write(tmp_path / "c.wav", 0.5).read_bytes()
+    e = err(client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
+                        data={"library_id": lib_id, "audio": [(io.BytesIO(clip), "a.wav"), (io.BytesIO(clip), "b.wav")]}),
+            400)
+    assert e["message"] == "the form gives 'audio' more than once; give it once", e
+    e = err(client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                        data={"files": [(io.BytesIO(clip), "a.wav")], "metadata": ['{"a.wav": {}}', '{}']}), 400)
+    assert e["message"] == "the form gives 'metadata' more than once; give it once", e
 
 
 def test_body_over_limit_is_413(settings, new_key):
