@@ -127,13 +127,13 @@ class Client:
             return None
         if r.status_code >= 400:
             try:
-                code, msg = r.json()["error"]["code"], r.json()["error"]["message"]
+                error = r.json()["error"]
+                code, msg = error["code"], error["message"]
             except (ValueError, KeyError, TypeError):  # not ours: a proxy's page, say
                 code, msg = None, r.text[:300] if r.status_code < 500 else f"{r.status_code} {r.reason}"
-            if r.status_code == 429 and code == "rate_limited":  # CLAPQ_RATE_LIMIT; the wait is said once, below
-                raise Busy(f"clapq: {method} {path}: {msg.split('; try again')[0]}", _retry_after(r, 60.0))
-            if r.status_code == 429:
-                raise Busy(f"clapq: {method} {path}: the API is busy ({msg})", _retry_after(r, 60.0))
+            if r.status_code == 429:  # over CLAPQ_RATE_LIMIT (its wait is said once, by patiently) or busy
+                why = msg.split("; try again")[0] if code == "rate_limited" else f"the API is busy ({msg})"
+                raise Busy(f"clapq: {method} {path}: {why}", _retry_after(r, 60.0))
             if r.status_code in (502, 503, 504):
                 raise Busy(f"clapq: {method} {path}: the API is unavailable for now ({msg})", _retry_after(r, 5.0),
                            outage=True)
