@@ -56,16 +56,27 @@ def one_file(directory: str, way: str) -> None:
         os.unlink(path)
 
 
-def measure(directory: str, way: str, n: int) -> dict:
-    one_file(directory, way)
-    time.sleep(1)  # let earlier writeback settle
+def timed_per_file(n: int, run) -> dict:
+    """Wall, this process's CPU and the machine's busy CPU per file of `run()`, which handles `n` files;
+    a second's pause before (earlier writeback settles) and after (writeback its last files started is
+    counted)."""
+    time.sleep(1)
     wall, cpu, busy = time.perf_counter(), process_cpu_s(), machine_busy_s()
-    for _ in range(n):
-        one_file(directory, way)
+    run()
     wall = time.perf_counter() - wall
-    time.sleep(1)  # writeback started by the last closes is counted
+    time.sleep(1)
     cpu, busy = process_cpu_s() - cpu, machine_busy_s() - busy
     return {"wall_ms": 1e3 * wall / n, "process_cpu_ms": 1e3 * cpu / n, "machine_busy_ms": 1e3 * busy / n}
+
+
+def measure(directory: str, way: str, n: int) -> dict:
+    one_file(directory, way)
+
+    def run() -> None:
+        for _ in range(n):
+            one_file(directory, way)
+
+    return timed_per_file(n, run)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ import ast
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -126,6 +127,38 @@ def test_decoder_crash_fails_only_that_file(fifo, tmp_path):
         threading.Timer(1.0, killed_from_outside).start()
         info, n = d.decode(later, tmp_path / "retried.f32", timeout_s=60, max_duration_s=None)
         assert n == 48_000 and info.sample_rate == 48_000
+    finally:
+        d.close()
+
+
+def cached_bytes(path: Path) -> int:
+    """How many of a file's bytes the page cache holds (util-linux's fincore)."""
+    if shutil.which("fincore") is None:
+        pytest.skip("needs util-linux's fincore")
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out)
+
+
+def test_a_blob_leaves_the_page_cache_once_decoded(tmp_path):
+    """A blob is written once (the API), and stays in the page cache for the one read that needs it soon:
+    a decoder child's, which then drops its pages (clapq.pagecache), failed or not."""
+    control = write(tmp_path / "control.wav", 5.0, 44_100, 2)
+    if cached_bytes(control) == 0:
+        pytest.skip("this filesystem keeps no written pages in the page cache")
+    store = BlobStore(tmp_path / "blobs")
+    blob = store.path_for(store.put_bytes(control.read_bytes()))
+    assert cached_bytes(blob) >= blob.stat().st_size  # whole pages
+    d = DecoderProcess()
+    try:
+        info, n = d.decode(blob, tmp_path / "out.f32", timeout_s=60, max_duration_s=None)
+        assert n == 240_000 and info.channels == 2
+        assert cached_bytes(blob) == 0
+        not_audio = store.path_for(store.put_bytes(b"not audio at all" * 1000))
+        assert cached_bytes(not_audio) > 0
+        with pytest.raises(DecodeError):  # a file that fails is dropped too
+            d.decode(not_audio, tmp_path / "out2.f32", timeout_s=60, max_duration_s=None)
+        assert cached_bytes(not_audio) == 0
     finally:
         d.close()
 

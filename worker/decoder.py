@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 def _child(conn: Connection) -> None:
     """Child loop: decode one file at a time to a raw float32 file; EOF on the pipe means exit."""
+    from clapq.pagecache import drop_cached_path
     from worker.audio import decode_to_file
 
     while True:
@@ -35,15 +36,17 @@ def _child(conn: Connection) -> None:
         src, dst, max_duration_s = job
         try:
             info, n = decode_to_file(src, dst, max_duration_s=max_duration_s)
-            conn.send(("ok", dataclasses.asdict(info), n))
+            reply = ("ok", dataclasses.asdict(info), n)
         except DecodeError as exc:
-            conn.send(("error", str(exc), 0))
+            reply = ("error", str(exc), 0)
         except ScratchError as exc:  # not the file's fault: the parent raises it, and the task hands files back
-            conn.send(("scratch", (exc.errno, exc.strerror), 0))
+            reply = ("scratch", (exc.errno, exc.strerror), 0)
         except MemoryError:
-            conn.send(("error", "the file needs more memory to decode than the decoder may use", 0))
+            reply = ("error", "the file needs more memory to decode than the decoder may use", 0)
         except Exception as exc:  # an unexpected codec error is still this file's error
-            conn.send(("error", f"decoder error: {type(exc).__name__}: {str(exc)[:200]}", 0))
+            reply = ("error", f"decoder error: {type(exc).__name__}: {str(exc)[:200]}", 0)
+        drop_cached_path(src)  # read once: its pages go back for the next file (clapq.pagecache)
+        conn.send(reply)
 
 
 class DecoderProcess:
