@@ -160,8 +160,12 @@ SPEC = {
         "/v1/items/{item_id}/segments": {"get": {"parameters": [
             _path_id("item_id"), {"name": "vectors", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}}],
             "responses": _ok("the item's windows: index, start_s, end_s (and vector)")}},
-        "/v1/items/{item_id}/audio": {"get": {"parameters": [_path_id("item_id")],
-                                              "responses": _ok("the original file")}},
+        "/v1/items/{item_id}/audio": {"get": {"parameters": [
+            _path_id("item_id"),
+            {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"},
+             "description": "one range, `bytes=first-last`; another unit or several ranges are ignored"}],
+            "responses": {**_ok("the original file"), "206": {"description": "the range asked for"},
+                          "416": _ERR}}},
         "/v1/search": {
             "get": {"description": "the parameters of POST as a query string (library_id and library_ids may "
                                    "repeat; filter is JSON text); a query text longer than fits a URL goes by POST",

@@ -302,6 +302,12 @@ def test_limits_and_which_413(client, lib, settings):
     r = client.get(f"/v1/items/{item}/audio", headers={**auth(key), "Range": "bytes=100-200"})
     e = err(r, 416)
     assert e["code"] == "requested_range_not_satisfiable" and r.headers["Content-Range"] == "bytes */16", r.headers
+    r = client.get(f"/v1/items/{item}/audio", headers={**auth(key), "Range": "bytes=2-5"})
+    assert r.status_code == 206 and r.data == b"FF 1" and r.headers["Content-Range"] == "bytes 2-5/16"
+    # a unit that is not bytes, a header that does not parse, several ranges: ignored, the whole file
+    for rng in ("items=0-3", "bytes=x-y", "bytes=0-1,4-5"):
+        r = client.get(f"/v1/items/{item}/audio", headers={**auth(key), "Range": rng})
+        assert r.status_code == 200 and r.data == b"RIFF 16 bytes..." and "Content-Range" not in r.headers, rng
     # a method the path does not take: 405 with the methods it does (Allow), in the same envelope
     r = client.put("/v1/libraries", headers=auth(key))
     assert err(r, 405)["code"] == "method_not_allowed" and {"GET", "POST"} <= set(r.headers["Allow"].split(", "))
