@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,13 +150,21 @@ def _first_audible(container) -> int:
 def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
     import av
 
+    links: list[tuple[int, int]] = []
+
     def open_container():
         try:
+            if links:  # the first link of a chained Ogg, as a file of its own
+                return av.open(_OggLink(path, *links[0]), format="ogg", metadata_errors="ignore")
             return av.open(str(path), metadata_errors="ignore")
         except Exception as exc:
             raise DecodeError(f"not a readable audio file ({_short(exc)})") from exc
 
     container = open_container()
+    if "ogg" in (container.format.name or "").split(",") and len(found := _ogg_links(path)) > 1:
+        links[:] = found
+        container.close()
+        container = open_container()
     if not container.streams.audio:
         container.close()
         raise DecodeError("the file has no audio stream")
@@ -189,49 +199,130 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
     def gen() -> Iterator[np.ndarray]:
         yield from _cut_padding(_coalesce(decoded(), BLOCK_FRAMES), stated, PADDING_FRAMES)
 
+    def later_links() -> Iterator[tuple]:
+        """The open container and audio stream of each link of a chained Ogg after the first, or None
+        and why for a link FFmpeg cannot open; a link without audio (a video's) is passed over."""
+        for start, end in links[1:]:
+            try:
+                c = av.open(_OggLink(path, start, end), format="ogg", metadata_errors="ignore")
+            except Exception as exc:
+                yield None, exc
+                continue
+            s = next((s for s in c.streams.audio if s.codec_context is not None), None)
+            if s is None:
+                c.close()
+            else:
+                yield c, s
+
     def decoded() -> Iterator[np.ndarray]:
         # packet by packet, like the ffmpeg CLI: a damaged packet (the cut end of a truncated file) is
         # skipped, not the end of the file; only a file that is mostly damage fails
         good = bad = 0
         error: Exception | None = None
-        # a part at another rate or channel layout (joined MP3s of two rates, a broadcast capture): converted
-        # to the first part's, not played at the wrong speed
+        # a part at another rate or channel layout (joined MP3s of two rates, a broadcast capture, a chained
+        # Ogg whose links differ): converted to the first part's, not played at the wrong speed
         converters: dict[tuple, av.AudioResampler] = {}
         first: tuple | None = None
-        try:
-            for packet in container.demux(stream):
-                try:
-                    frames = packet.decode()
-                except av.error.FFmpegError as exc:
-                    if isinstance(exc, MemoryError):
-                        raise
-                    bad, error = bad + 1, exc
-                    continue
-                good += packet.size > 0
-                for frame in frames:
-                    kind = (frame.sample_rate, frame.layout.name)
-                    first = first or kind
-                    if kind == first:
-                        outs = resampler.resample(frame)
-                    else:
-                        if kind not in converters:
-                            converters[kind] = av.AudioResampler(format="fltp", layout=first[1], rate=first[0])
-                        outs = converters[kind].resample(frame)
-                    for out in outs:
-                        yield out.to_ndarray().astype(np.float32, copy=False)
-            for conv in converters.values():  # what their filters still hold
-                for out in conv.resample(None):
-                    yield out.to_ndarray().astype(np.float32, copy=False)
-        except av.error.FFmpegError as exc:  # the demuxer stopped (a cut container): the end of the data
-            if isinstance(exc, MemoryError):
-                raise
-            bad, error = bad + 1, exc
-        finally:
-            container.close()
+        for c, s in itertools.chain([(container, stream)], later_links()):
+            if c is None:
+                bad, error = bad + 1, s
+                continue
+            try:
+                for packet in c.demux(s):
+                    try:
+                        frames = packet.decode()
+                    except av.error.FFmpegError as exc:
+                        if isinstance(exc, MemoryError):
+                            raise
+                        bad, error = bad + 1, exc
+                        continue
+                    good += packet.size > 0
+                    for frame in frames:
+                        kind = (frame.sample_rate, frame.layout.name)
+                        first = first or kind
+                        if kind == first:
+                            outs = resampler.resample(frame)
+                        else:
+                            if kind not in converters:
+                                converters[kind] = av.AudioResampler(format="fltp", layout=first[1], rate=first[0])
+                            outs = converters[kind].resample(frame)
+                        for out in outs:
+                            yield out.to_ndarray().astype(np.float32, copy=False)
+            except av.error.FFmpegError as exc:  # the demuxer stopped (a cut container): the end of the data
+                if isinstance(exc, MemoryError):
+                    raise
+                bad, error = bad + 1, exc
+            finally:
+                c.close()
+        for conv in converters.values():  # what their filters still hold
+            for out in conv.resample(None):
+                yield out.to_ndarray().astype(np.float32, copy=False)
         if bad > good:
             raise DecodeError(f"corrupt {info.format} data ({_short(error)})")
 
     return gen()
+
+
+def _ogg_links(path: Path) -> list[tuple[int, int]]:
+    """The byte ranges of an Ogg file's links: streams joined end to end (Icecast recordings, `cat`), each
+    beginning with its beginning-of-stream pages. FFmpeg reads on across links of the same kind, but stops
+    without an error at one whose rate or channel count differs ("patches welcome"), so the rest of the
+    file would be lost; each link is then decoded as a file of its own. Only the 27-byte page headers and
+    their segment tables are read. [] where the pages do not parse from the start (the caller reads the
+    file whole, as before); a last page cut short ends the last link."""
+    size = path.stat().st_size
+    starts: list[int] = []
+    pos, in_bos = 0, False
+    with open(path, "rb", buffering=1 << 16) as f:
+        while pos < size:
+            f.seek(pos)
+            head = f.read(27)
+            if len(head) < 27:
+                break
+            if head[:4] != b"OggS":
+                return []
+            table = f.read(head[26])
+            if len(table) < head[26]:
+                break
+            bos = bool(head[5] & 2)
+            if bos and not in_bos:  # a link's first page (a link of several streams has several in a row)
+                starts.append(pos)
+            in_bos = bos
+            pos += 27 + len(table) + sum(table)
+    if not starts or starts[0] != 0:
+        return []
+    return list(zip(starts, starts[1:] + [size]))
+
+
+class _OggLink(io.RawIOBase):
+    """Bytes [start, end) of a file, read as a file of their own: one link of a chained Ogg, for PyAV."""
+
+    def __init__(self, path: Path, start: int, end: int) -> None:
+        super().__init__()
+        self._f = open(path, "rb")
+        self._start, self._end = start, end
+        self._f.seek(start)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self._end - self._f.tell())
+        return self._f.readinto(memoryview(b)[:n]) if n > 0 else 0
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: self._start, io.SEEK_CUR: self._f.tell(), io.SEEK_END: self._end}[whence]
+        return self._f.seek(min(max(base + offset, self._start), self._end)) - self._start
+
+    def tell(self) -> int:
+        return self._f.tell() - self._start
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 AAC_CODECS = ("aac", "aac_fixed", "aac_latm")
