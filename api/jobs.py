@@ -44,6 +44,19 @@ def _of_job(job: Job, copied: list):
     return or_(Item.job_id == job.id, Item.id.in_(copied)) if copied else Item.job_id == job.id
 
 
+def _seen_status(job: Job):
+    """An item's status as `job` sees it (SQL). A copy the job holds, of a file another job uploaded first
+    and then cancelled, is not embedded: for this job it failed (and this job's retry queues it again)."""
+    return case((and_(Item.job_id != job.id, Item.status == "cancelled"), "failed"), else_=Item.status)
+
+
+def _stopped_copy(item, job: Job) -> str | None:
+    """Why `item` counts as failed for `job` when another job's cancel stopped it (see _seen_status)."""
+    if item.job_id != job.id and item.status == "cancelled":
+        return f"cancelled with job {item.job_id}, which uploaded it first; retry this job to embed it"
+    return None
+
+
 def job_json(job: Job, with_errors: bool = True) -> dict:
     session = db()
     counts = {s: 0 for s in STATES}
@@ -56,16 +69,15 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         first_start = min(filter(None, (first_start, started)), default=None)
         last_finish = max(filter(None, (last_finish, finished)), default=None)
     finished_n = counts["done"] + counts["failed"] + counts["cancelled"]  # this job's own work, for the ETA
-    # copies count as the items they are copies of stand (a copy of a file still queued is queued); one
-    # that another job's cancel stopped is not embedded, so it counts as failed (and this job's retry
-    # queues it again)
+    # copies count as the items they are copies of stand, as this job sees them (a copy of a file still
+    # queued is queued; _seen_status)
     recorded = 0
-    own = (Item.job_id == job.id).label("own")  # the same bytes twice in this job's own batch
-    for status, is_own, n, finished in session.execute(
-        select(Item.status, own, func.sum(JobDuplicate.copies), func.max(Item.finished_at))
-        .join(Item, Item.id == JobDuplicate.item_id).where(JobDuplicate.job_id == job.id).group_by(Item.status, own)
+    seen = _seen_status(job).label("seen")
+    for status, n, finished in session.execute(
+        select(seen, func.sum(JobDuplicate.copies), func.max(Item.finished_at))
+        .join(Item, Item.id == JobDuplicate.item_id).where(JobDuplicate.job_id == job.id).group_by(seen)
     ) if job.duplicates else ():  # most jobs have no copies: one query for them, not two
-        counts["failed" if status == "cancelled" and not is_own else status] += int(n)
+        counts[status] += int(n)
         recorded += int(n)
         if finished is not None:  # a copy of a file embedded long ago ends no earlier than this job began
             last_finish = max(filter(None, (last_finish, finished, job.created_at)))
@@ -92,19 +104,12 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         failed = and_(Item.job_id == job.id, Item.status == "failed")
         errors = session.execute(
             select(Item.id, Item.filename, Item.error, Item.status, Item.job_id)
-            .where(or_(failed, and_(Item.id.in_(copied), Item.job_id != job.id,
-                                    Item.status.in_(("failed", "cancelled")))) if copied else failed)
+            .where(or_(failed, and_(Item.id.in_(copied), _seen_status(job) == "failed")) if copied else failed)
             .order_by(Item.created_at, Item.id).limit(MAX_ERRORS_SHOWN)
         ).all()
-        out["errors"] = [{"item_id": str(r.id), "filename": r.filename,
-                          "error": r.error if r.status == "failed" else _stopped_copy(r.job_id)}
+        out["errors"] = [{"item_id": str(r.id), "filename": r.filename, "error": _stopped_copy(r, job) or r.error}
                          for r in errors]
     return out
-
-
-def _stopped_copy(other_job) -> str:
-    """Why a copy a job holds, of a file another job uploaded first and then cancelled, counts as failed."""
-    return f"cancelled with job {other_job}, which uploaded it first; retry this job to embed it"
 
 
 @bp.get("/jobs")
@@ -131,9 +136,7 @@ def items_page(where, job: Job | None = None) -> dict:
     if status is not None and status not in STATES:
         raise bad_request(f"'status' must be one of {', '.join(STATES)}")
     limit, cursor = limit_arg(100), cursor_arg()
-    seen = Item.status
-    if job is not None:
-        seen = case((and_(Item.job_id != job.id, Item.status == "cancelled"), "failed"), else_=Item.status)
+    seen = Item.status if job is None else _seen_status(job)
     q = select(Item).where(where, after_cursor(Item, cursor))
     if status:
         q = q.where(seen == status)
@@ -142,8 +145,8 @@ def items_page(where, job: Job | None = None) -> dict:
     out = [item_json(i) for i in page]
     if job is not None:
         for i, row in zip(page, out):
-            if i.job_id != job.id and i.status == "cancelled":
-                row.update(status="failed", error=_stopped_copy(i.job_id))
+            if why := _stopped_copy(i, job):
+                row.update(status="failed", error=why)
     return {"items": out, "next_cursor": nxt}
 
 
