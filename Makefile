@@ -20,9 +20,14 @@ install: $(VENV)/.installed
 up: $(VENV)/.installed
 	$(VENV)/bin/clapq up $(ARGS)
 
-# pytest's exit code 5 (no tests ran) counts as a failure here.
+# pytest's exit code 5 (no tests ran) counts as a failure here. Each run has a temp directory of its own
+# (its embedded Postgres and Redis live there): in pytest's shared /tmp/pytest-of-$USER, a run prunes all
+# but the newest three, and so would delete the data of a run still going on the same machine. Kept when
+# a test fails, for a look.
 test: $(VENV)/.installed
-	@rc=0; timeout -k 60 $(TEST_TIMEOUT) $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; base=$$(mktemp -d "$${TMPDIR:-/tmp}/clapq-test.XXXXXX"); \
+	timeout -k 60 $(TEST_TIMEOUT) $(PY) -m pytest --basetemp="$$base/pytest" $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 0 ] || [ $$rc -eq 5 ]; then rm -rf "$$base"; else echo "the tests' files: $$base" >&2; fi; \
 	if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
 
 clean:
