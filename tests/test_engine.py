@@ -131,6 +131,39 @@ def test_decoder_crash_fails_only_that_file(fifo, tmp_path):
         d.close()
 
 
+def test_what_a_codec_prints_is_one_log_line_naming_the_item(tmp_path, caplog):
+    """libmpg123 prints a line on stderr for each damaged frame of an MP3 it decodes anyway. The decoder
+    child's stderr is logged as one line per file, with the ids the caller passed, instead of running
+    into the worker's JSON log as bare text; a clean file logs nothing."""
+    import logging
+
+    from tests.make_audio import Unavailable, tone_and_chirp, write_av
+
+    try:
+        mp3 = write_av(tmp_path / "a.mp3", tone_and_chirp(5.0, 44_100, 2), 44_100, "mp3", "libmp3lame", "fltp")
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    data = bytearray(mp3.read_bytes())
+    rng = np.random.default_rng(0)
+    for at in range(2000, len(data) - 100, 1500):  # a few bytes of side information in frames here and there
+        data[at + 6 : at + 12] = rng.integers(0, 256, 6, dtype=np.uint8).tobytes()
+    mp3.write_bytes(bytes(data))
+    d = DecoderProcess()
+    try:
+        with caplog.at_level(logging.INFO, logger="worker.decoder"):
+            info, n = d.decode(mp3, tmp_path / "out.f32", timeout_s=60, max_duration_s=None,
+                               log_extra={"item_id": "item-1"})
+            assert n == 240_000 and info.format == "mp3"
+            said = [r for r in caplog.records if r.getMessage().startswith("the decoder's codec libraries")]
+            assert len(said) == 1 and said[0].item_id == "item-1", caplog.records
+            assert "libmpg123" in said[0].messages and said[0].file == mp3.name, said[0].messages
+            caplog.clear()
+            d.decode(write(tmp_path / "clean.wav", 1.0), tmp_path / "out2.f32", timeout_s=60, max_duration_s=None)
+            assert caplog.records == []
+    finally:
+        d.close()
+
+
 def cached_bytes(path: Path) -> int:
     """How many of a file's bytes the page cache holds (util-linux's fincore)."""
     if shutil.which("fincore") is None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import fcntl
 import logging
 import os
 import queue
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -19,6 +21,8 @@ from pathlib import Path
 from worker.audio import AudioInfo, DecodeError, ScratchError
 
 log = logging.getLogger(__name__)
+
+MAX_MESSAGES = 2000  # characters of a decoder's stderr logged per file
 
 
 def _child(conn: Connection) -> None:
@@ -55,15 +59,37 @@ class DecoderProcess:
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
         self.conn: Connection | None = None
+        self.messages: int | None = None  # the child's stderr: a file of ours, read after each file
 
     def _start(self) -> None:
         # A fresh interpreter (no torch, no threads, no inherited state), started with subprocess
         # because Celery's pool children are daemonic and multiprocessing refuses them children.
+        # What codec libraries print on stderr (libmpg123: "error: big_values too large!" for each damaged
+        # frame of an MP3 it decodes anyway) goes to an unlinked file opened for appending, not to the
+        # worker's JSON log: after each file it is logged as one line naming the item (_report). A file,
+        # not a pipe: a codec that writes megabytes cannot block on a full pipe.
+        if self.messages is None:
+            fd, name = tempfile.mkstemp(prefix="clapq-decoder-")
+            os.unlink(name)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+            self.messages = fd
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen([sys.executable, "-m", "worker.decoder", str(theirs.fileno())],
-                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=self.messages)
         theirs.close()
         self.conn = Connection(ours.detach())
+
+    def _report(self, src: Path, log_extra: dict | None) -> None:
+        """Log what the child wrote to stderr since the last file, if anything: at most MAX_MESSAGES
+        characters of it, with the item's ids."""
+        if self.messages is None or not (size := os.fstat(self.messages).st_size):
+            return
+        text = os.pread(self.messages, MAX_MESSAGES, 0).decode(errors="replace").strip()
+        os.ftruncate(self.messages, 0)
+        if size > MAX_MESSAGES:
+            text += f" ... ({size:,} bytes in all)"
+        log.info("the decoder's codec libraries wrote messages about this file",
+                 extra={**(log_extra or {}), "file": src.name, "messages": text})
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -83,12 +109,17 @@ class DecoderProcess:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(2)
         self.kill()
+        if self.messages is not None:
+            os.close(self.messages)
+            self.messages = None
 
-    def decode(self, src: Path, dst: Path, timeout_s: float, max_duration_s: float | None) -> tuple[AudioInfo, int]:
+    def decode(self, src: Path, dst: Path, timeout_s: float, max_duration_s: float | None,
+               log_extra: dict | None = None) -> tuple[AudioInfo, int]:
         """Decode src into dst; raises DecodeError for bad files, crashed or hung decoders, ScratchError when
         dst cannot be written (the machine's fault, not the file's). A child that dies
         on a file is restarted and the file tried once more: a kill from outside (the OOM killer making room
-        for something else, an operator) is not the file's fault; dying twice is."""
+        for something else, an operator) is not the file's fault; dying twice is. `log_extra`: the ids
+        that the log lines about this file carry."""
         for attempt in (1, 2):
             if not self.alive():
                 self._start()
@@ -96,6 +127,7 @@ class DecoderProcess:
                 self.conn.send((str(src), str(dst), max_duration_s))
                 if not self.conn.poll(timeout_s):
                     self.kill()
+                    self._report(src, log_extra)
                     raise DecodeError(f"decoding took longer than {timeout_s:g} s (CLAPQ_DECODE_TIMEOUT_S); gave up")
                 status, payload, n = self.conn.recv()
             except (EOFError, OSError):  # the child died: before the file reached it, or on it
@@ -104,11 +136,14 @@ class DecoderProcess:
                 except subprocess.TimeoutExpired:  # the pipe broke but the child lingers: killed below
                     code = None
                 self.kill()
+                self._report(src, log_extra)
                 how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                 if attempt == 1:
-                    log.warning("decoder died (%s); trying the file again in a new one", how, extra={"file": str(src)})
+                    log.warning("decoder died (%s); trying the file again in a new one", how,
+                                extra={**(log_extra or {}), "file": str(src)})
                     continue
                 raise DecodeError(f"the decoder crashed on this file, twice ({how})") from None
+            self._report(src, log_extra)
             if status == "scratch":
                 raise ScratchError(*payload)
             if status != "ok":

@@ -105,7 +105,8 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options) -
     d = Decoded(item, raw_path=Path(raw))
     try:
         with pool.checkout() as decoder:
-            d.info, d.n = decoder.decode(path, d.raw_path, opts.decode_timeout_s, opts.max_duration_s)
+            d.info, d.n = decoder.decode(path, d.raw_path, opts.decode_timeout_s, opts.max_duration_s,
+                                         {"item_id": str(item.id), "job_id": str(item.job_id)})
     except DecodeError as exc:
         d.cleanup()
         d.error = str(exc)
