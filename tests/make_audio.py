@@ -69,6 +69,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
     _av("mp4_aac_video", "mp4", 48_000, 2, "mp4", "aac", "fltp", video="mpeg4"),
     _av("mkv_flac_video", "mkv", 44_100, 2, "matroska", "flac", "s16", lossy=False, video="mjpeg"),
     _av("webm_opus", "webm", 48_000, 2, "webm", "libopus", "flt"),
+    _av("avi_pcm_video", "avi", 32_000, 2, "avi", "pcm_s16le", "s16", lossy=False, video="mpeg4"),  # a camera's clip
 ]}
 
 

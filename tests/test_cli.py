@@ -1027,6 +1027,19 @@ def test_names_a_multipart_form_cannot_carry_still_reach_the_api_with_their_path
     assert "caf\ufffd.wav" in [i["filename"] for i in items] and "caf\ufffd~2.wav" in [i["filename"] for i in items]
 
 
+def test_video_files_are_sent_for_their_audio_track(tmp_path):
+    """A folder's video files are uploaded (the worker decodes their audio track); pictures, text and MIDI
+    (notes, not sound) are counted as left out."""
+    from clapq import client
+
+    names = ["a.avi", "b.MPG", "c.ts", "d.m4v", "e.mp4", "f.mkv", "g.webm", "h.wmv", "i.wav"]
+    for name in names + ["cover.jpg", "notes.txt", "song.mid"]:
+        (tmp_path / name).write_bytes(b"x")
+    found = client.audio_files(tmp_path)
+    assert [p.name for p in found.audio] == names
+    assert found.other == {".jpg": 1, ".txt": 1, ".mid": 1}
+
+
 def test_files_the_api_cannot_take_are_named_not_sent(tmp_path):
     """Before sending, a file that vanished since the listing or is over the server's limits is named
     with its reason; the rest are sent."""
