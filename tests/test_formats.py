@@ -282,3 +282,29 @@ def test_files_joined_end_to_end_decode_whole(kind, tmp_path):
     assert (info.sample_rate, info.channels) == (rate1, channels1), info
     assert dominant_hz(samples[: 5 * audio.TARGET_RATE]) == pytest.approx(440.0, abs=3)
     assert dominant_hz(samples[-3 * audio.TARGET_RATE:]) == pytest.approx(1000.0, abs=3)
+
+
+
+@pytest.mark.parametrize("links", [2_000, 20])
+def test_a_chained_ogg_of_empty_links_decodes_its_audio(links, tmp_path, monkeypatch):
+    """An Ogg file whose 6 s of audio are followed by many empty links (a begin page and an end page, no
+    data, as a crafted upload could be): the audio decodes, without a container opened for each of
+    millions of links. Past MAX_OGG_LINKS (here cut to 10) the file is read whole, as before chained
+    links were read one by one."""
+    import struct
+
+    from tests.make_audio import write_soundfile
+
+    if links == 20:
+        monkeypatch.setattr(audio, "MAX_OGG_LINKS", 10)
+    path = write_soundfile(tmp_path / "a.ogg", sine(6.0, 44_100, 440.0), 44_100, "OGG", "VORBIS")
+
+    def page(flag: int, serial: int, seq: int) -> bytes:
+        return b"OggS" + bytes([0, flag]) + struct.pack("<qIII", 0, serial, seq, 0) + bytes([0])
+
+    with open(path, "ab") as f:
+        f.write(b"".join(page(2, 1000 + i, 0) + page(4, 1000 + i, 1) for i in range(links)))
+    assert len(audio._ogg_links(path)) == (links + 1 if links == 2_000 else 0)
+    samples, info = audio.decode(path)
+    assert info.duration_s == pytest.approx(6.0, abs=0.001), info
+    assert dominant_hz(samples) == pytest.approx(440.0, abs=3)

@@ -200,13 +200,13 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
         yield from _cut_padding(_coalesce(decoded(), BLOCK_FRAMES), stated, PADDING_FRAMES)
 
     def later_links() -> Iterator[tuple]:
-        """The open container and audio stream of each link of a chained Ogg after the first, or None
-        and why for a link FFmpeg cannot open; a link without audio (a video's) is passed over."""
+        """The open container and audio stream of each link of a chained Ogg after the first. A link
+        without audio (a video's) is passed over, and so is one FFmpeg cannot open (junk between links,
+        which reading the file whole skipped as well)."""
         for start, end in links[1:]:
             try:
                 c = av.open(_OggLink(path, start, end), format="ogg", metadata_errors="ignore")
-            except Exception as exc:
-                yield None, exc
+            except Exception:
                 continue
             s = next((s for s in c.streams.audio if s.codec_context is not None), None)
             if s is None:
@@ -224,9 +224,6 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
         converters: dict[tuple, av.AudioResampler] = {}
         first: tuple | None = None
         for c, s in itertools.chain([(container, stream)], later_links()):
-            if c is None:
-                bad, error = bad + 1, s
-                continue
             try:
                 for packet in c.demux(s):
                     try:
@@ -269,7 +266,8 @@ def _ogg_links(path: Path) -> list[tuple[int, int]]:
     without an error at one whose rate or channel count differs ("patches welcome"), so the rest of the
     file would be lost; each link is then decoded as a file of its own. Only the 27-byte page headers and
     their segment tables are read. [] where the pages do not parse from the start (the caller reads the
-    file whole, as before); a last page cut short ends the last link."""
+    file whole, as before), and also past MAX_OGG_LINKS links (a file made of page headers alone would
+    otherwise have a container opened for each); a last page cut short ends the last link."""
     size = path.stat().st_size
     starts: list[int] = []
     pos, in_bos = 0, False
@@ -286,12 +284,17 @@ def _ogg_links(path: Path) -> list[tuple[int, int]]:
                 break
             bos = bool(head[5] & 2)
             if bos and not in_bos:  # a link's first page (a link of several streams has several in a row)
+                if len(starts) == MAX_OGG_LINKS:
+                    return []
                 starts.append(pos)
             in_bos = bos
             pos += 27 + len(table) + sum(table)
     if not starts or starts[0] != 0:
         return []
     return list(zip(starts, starts[1:] + [size]))
+
+
+MAX_OGG_LINKS = 10_000  # a day of Icecast recording at a link per 3-minute song is ~500
 
 
 class _OggLink(io.RawIOBase):
