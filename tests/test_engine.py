@@ -154,12 +154,19 @@ def test_what_a_codec_prints_is_one_log_line_naming_the_item(tmp_path, caplog):
             info, n = d.decode(mp3, tmp_path / "out.f32", timeout_s=60, max_duration_s=None,
                                log_extra={"item_id": "item-1"})
             assert n == 240_000 and info.format == "mp3"
-            said = [r for r in caplog.records if r.getMessage().startswith("the decoder's codec libraries")]
+            said = [r for r in caplog.records if r.getMessage() == "the decoder wrote messages about this file"]
             assert len(said) == 1 and said[0].item_id == "item-1", caplog.records
             assert "libmpg123" in said[0].messages and said[0].file == mp3.name, said[0].messages
             caplog.clear()
             d.decode(write(tmp_path / "clean.wav", 1.0), tmp_path / "out2.f32", timeout_s=60, max_duration_s=None)
             assert caplog.records == []
+            # a child that died leaving a long traceback: a warning with its start and its last line
+            os.write(d.messages, b"Traceback (most recent call last):\n" + b"  x\n" * 1000 + b"TypeError: why")
+            d._report(mp3, None, died=True)
+            (said,) = caplog.records
+            assert said.levelno == logging.WARNING and said.messages.startswith("Traceback"), said.messages
+            assert said.messages.endswith("TypeError: why") and "bytes left out" in said.messages
+            assert os.fstat(d.messages).st_size == 0
     finally:
         d.close()
 

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -22,7 +23,7 @@ from worker.audio import AudioInfo, DecodeError, ScratchError
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGES = 2000  # characters of a decoder's stderr logged per file
+MAX_MESSAGES = 2000  # bytes of a decoder's stderr logged per file
 
 
 def _child(conn: Connection) -> None:
@@ -69,27 +70,36 @@ class DecoderProcess:
         # worker's JSON log: after each file it is logged as one line naming the item (_report). A file,
         # not a pipe: a codec that writes megabytes cannot block on a full pipe.
         if self.messages is None:
-            fd, name = tempfile.mkstemp(prefix="clapq-decoder-")
-            os.unlink(name)
-            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
-            self.messages = fd
+            try:
+                fd, name = tempfile.mkstemp(prefix="clapq-decoder-")
+            except OSError as exc:  # no usable temp directory: the child writes to the worker's stderr
+                log.warning("the decoder's messages go to stderr: %s", exc)
+            else:
+                os.unlink(name)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+                self.messages = fd
+                self._closes_messages = weakref.finalize(self, os.close, fd)  # also if dropped unclosed
         ours, theirs = socket.socketpair()
         self.proc = subprocess.Popen([sys.executable, "-m", "worker.decoder", str(theirs.fileno())],
                                      pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=self.messages)
         theirs.close()
         self.conn = Connection(ours.detach())
 
-    def _report(self, src: Path, log_extra: dict | None) -> None:
-        """Log what the child wrote to stderr since the last file, if anything: at most MAX_MESSAGES
-        characters of it, with the item's ids."""
+    def _report(self, src: Path, log_extra: dict | None, died: bool = False) -> None:
+        """Log what the child wrote to stderr since the last file, if anything, with the item's ids: its
+        first and last MAX_MESSAGES / 2 bytes (a traceback's last line is the one that says what
+        happened). A warning where the child died or hung on the file."""
         if self.messages is None or not (size := os.fstat(self.messages).st_size):
             return
-        text = os.pread(self.messages, MAX_MESSAGES, 0).decode(errors="replace").strip()
+        half = MAX_MESSAGES // 2
+        head = os.pread(self.messages, MAX_MESSAGES if size <= MAX_MESSAGES else half, 0)
+        tail = os.pread(self.messages, half, size - half) if size > MAX_MESSAGES else b""
         os.ftruncate(self.messages, 0)
-        if size > MAX_MESSAGES:
-            text += f" ... ({size:,} bytes in all)"
-        log.info("the decoder's codec libraries wrote messages about this file",
-                 extra={**(log_extra or {}), "file": src.name, "messages": text})
+        text = head.decode(errors="replace")
+        if tail:
+            text += f"\n... ({size - 2 * half:,} bytes left out) ...\n" + tail.decode(errors="replace")
+        log.log(logging.WARNING if died else logging.INFO, "the decoder wrote messages about this file",
+                extra={**(log_extra or {}), "file": src.name, "messages": text.strip()})
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -110,7 +120,7 @@ class DecoderProcess:
                 self.proc.wait(2)
         self.kill()
         if self.messages is not None:
-            os.close(self.messages)
+            self._closes_messages()
             self.messages = None
 
     def decode(self, src: Path, dst: Path, timeout_s: float, max_duration_s: float | None,
@@ -127,7 +137,7 @@ class DecoderProcess:
                 self.conn.send((str(src), str(dst), max_duration_s))
                 if not self.conn.poll(timeout_s):
                     self.kill()
-                    self._report(src, log_extra)
+                    self._report(src, log_extra, died=True)
                     raise DecodeError(f"decoding took longer than {timeout_s:g} s (CLAPQ_DECODE_TIMEOUT_S); gave up")
                 status, payload, n = self.conn.recv()
             except (EOFError, OSError):  # the child died: before the file reached it, or on it
@@ -136,7 +146,7 @@ class DecoderProcess:
                 except subprocess.TimeoutExpired:  # the pipe broke but the child lingers: killed below
                     code = None
                 self.kill()
-                self._report(src, log_extra)
+                self._report(src, log_extra, died=True)
                 how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                 if attempt == 1:
                     log.warning("decoder died (%s); trying the file again in a new one", how,
