@@ -23,8 +23,9 @@ up: $(VENV)/.installed
 # pytest's exit code 5 (no tests ran) counts as a failure here. Each run has a temp directory of its own
 # (its embedded Postgres and Redis live there): in pytest's shared /tmp/pytest-of-$USER, a run prunes all
 # but the newest three, and so would delete the data of a run still going on the same machine. Kept when
-# a test fails, for a look.
+# a test fails, for a look, for a week.
 test: $(VENV)/.installed
+	@find "$${TMPDIR:-/tmp}" -maxdepth 1 -name 'clapq-test.*' -mtime +7 -exec rm -rf {} + 2>/dev/null || true
 	@rc=0; base=$$(mktemp -d "$${TMPDIR:-/tmp}/clapq-test.XXXXXX"); \
 	timeout -k 60 $(TEST_TIMEOUT) $(PY) -m pytest --basetemp="$$base/pytest" $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 0 ] || [ $$rc -eq 5 ]; then rm -rf "$$base"; else echo "the tests' files: $$base" >&2; fi; \

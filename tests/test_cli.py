@@ -1028,16 +1028,16 @@ def test_names_a_multipart_form_cannot_carry_still_reach_the_api_with_their_path
 
 
 def test_video_files_are_sent_for_their_audio_track(tmp_path):
-    """A folder's video files are uploaded (the worker decodes their audio track); pictures, text and MIDI
-    (notes, not sound) are counted as left out."""
+    """A folder's video files are uploaded (the worker decodes their audio track); pictures, text, MIDI
+    (notes, not sound) and .ts (TypeScript as often as MPEG-TS) are counted as left out."""
     from clapq import client
 
-    names = ["a.avi", "b.MPG", "c.ts", "d.m4v", "e.mp4", "f.mkv", "g.webm", "h.wmv", "i.wav"]
-    for name in names + ["cover.jpg", "notes.txt", "song.mid"]:
+    names = ["a.avi", "b.MPG", "c.m2ts", "d.m4v", "e.mp4", "f.mkv", "g.webm", "h.wmv", "i.wav"]
+    for name in names + ["cover.jpg", "notes.txt", "song.mid", "app.ts"]:
         (tmp_path / name).write_bytes(b"x")
     found = client.audio_files(tmp_path)
     assert [p.name for p in found.audio] == names
-    assert found.other == {".jpg": 1, ".txt": 1, ".mid": 1}
+    assert found.other == {".jpg": 1, ".txt": 1, ".mid": 1, ".ts": 1}  # .ts: TypeScript as often as video
 
 
 def test_files_the_api_cannot_take_are_named_not_sent(tmp_path):
