@@ -42,14 +42,20 @@ def create_library():
         raise bad_request("'name' must be a string of at most 200 characters with something visible in it")
     if any(unicodedata.category(c) == "Cc" for c in name.strip()):
         raise bad_request("'name' must not contain control characters (tabs, line breaks, ...)")
-    lib = Library(tenant_id=g.tenant_id, name=name.strip(), model_id=serving_model_id())
+    # stored in NFC: "Café" typed, and "Café" taken from a macOS folder name (e + combining accent), are
+    # one name, not two libraries that look the same; one made before this rule is matched the same way
+    name = unicodedata.normalize("NFC", name.strip())
     session = db()
+    taken = session.scalars(select(Library.name).where(Library.tenant_id == g.tenant_id))
+    if any(unicodedata.normalize("NFC", other) == name for other in taken):
+        raise ApiError(409, "conflict", f"a library named {name!r} already exists")
+    lib = Library(tenant_id=g.tenant_id, name=name, model_id=serving_model_id())
     session.add(lib)
     try:
         session.commit()
     except IntegrityError:
         session.rollback()
-        raise ApiError(409, "conflict", f"a library named {name.strip()!r} already exists") from None
+        raise ApiError(409, "conflict", f"a library named {name!r} already exists") from None
     session.refresh(lib)
     return library_json(lib, 0), 201
 

@@ -144,8 +144,9 @@ class Client:
 
     def library(self, name: str, create: bool = True) -> dict:
         """The library with this name (or id); created if missing, or else a sentence naming the ones
-        there are. Names are compared as the API stores them, without surrounding spaces."""
-        name = name.strip()
+        there are. Names are compared as the API stores them: without surrounding spaces, in NFC (an
+        accent typed, or taken from a macOS folder name, is the same name)."""
+        name = unicodedata.normalize("NFC", name.strip())
         lib, libs = self._find(name)
         if lib is not None:
             return lib
@@ -166,7 +167,8 @@ class Client:
         """The library of this name, else the one with this id: a library may be named as another's id, and
         `--library X` then means the one named X (never another, which `delete --yes` would remove)."""
         libs = self.call("GET", "/v1/libraries")["libraries"]
-        by_name = next((lib for lib in libs if lib["name"] == name), None)
+        by_name = next((lib for lib in libs if lib["name"] == name), None) or next(
+            (lib for lib in libs if unicodedata.normalize("NFC", lib["name"]) == name), None)  # one made before NFC
         return by_name or next((lib for lib in libs if lib["id"] == name), None), libs
 
     def limits(self) -> dict:

@@ -27,6 +27,25 @@ def lib(client, new_key):
     return key, lib["id"]
 
 
+def test_a_library_name_is_one_name_however_its_accents_are_written(client, new_key, settings):
+    """"Café" typed (NFC) and "Café" from a macOS folder name (NFD: e + combining accent) are one name:
+    stored in NFC, and a second library under the other spelling is a 409, also against a library made
+    before names were normalised (its NFD name stored as it came)."""
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+
+    key = new_key()
+    nfc, nfd = "Caf\u00e9", "Cafe\u0301"
+    made = client.post("/v1/libraries", json={"name": nfd}, headers=auth(key))
+    assert made.status_code == 201 and made.get_json()["name"] == nfc
+    assert "already exists" in err(client.post("/v1/libraries", json={"name": nfc}, headers=auth(key)), 409)["message"]
+    with session_scope(settings.database_url) as s:  # a name stored before the rule
+        s.execute(text("UPDATE libraries SET name = :n WHERE id = :i"), {"n": "Fe\u0301te", "i": made.get_json()["id"]})
+    err(client.post("/v1/libraries", json={"name": "F\u00e9te"}, headers=auth(key)), 409)
+    assert client.post("/v1/libraries", json={"name": nfc}, headers=auth(new_key())).status_code == 201  # per tenant
+
+
 def test_library_validation(client, new_key):
     key = new_key()
     err(client.post("/v1/libraries", data="nope", headers=auth(key)), 400)

@@ -973,6 +973,25 @@ def test_a_busy_api_is_waited_for_and_a_library_made_meanwhile_is_used(tmp_path,
     assert unbound[0] == unbound[1] and b'filename="a.wav"' in sent[1] and b"._a.wav" not in sent[1]
 
 
+def test_a_library_is_found_however_its_accents_are_written(tmp_path):
+    """`--library Café` finds the library whether the name was typed (NFC) or taken from a macOS folder
+    name (NFD), including one stored before the API normalised names; an exact match comes first."""
+    from clapq.client import Client
+
+    libs = [{"id": "lib1", "name": "Cafe\u0301"}, {"id": "lib2", "name": "F\u00eate"}, {"id": "lib3", "name": "Fe\u0302te"}]
+
+    def answer(method, path):
+        return (200, {"libraries": libs}, {}) if (method, path) == ("GET", "/v1/libraries") else (500, None, {})
+
+    with fake_api(answer) as url:
+        c = Client(url, "cq_x")
+        assert c.library("Caf\u00e9", create=False)["id"] == "lib1"
+        assert c.library(" Cafe\u0301 ", create=False)["id"] == "lib1"
+        assert c.library("F\u00eate", create=False)["id"] == "lib2"  # NFC; lib3 is its old NFD twin
+        with pytest.raises(SystemExit, match="no library named 'Cafe'"):
+            c.library("Cafe", create=False)
+
+
 def test_names_with_control_characters_print_on_one_line():
     """A file named with a newline, a tab or an escape sequence is printed (search results, failed files) on
     its one line, its control characters written as in a Python string; other names as they are."""
