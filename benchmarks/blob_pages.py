@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.scratch_write import timed_per_file  # noqa: E402
 from clapq import blobs  # noqa: E402
-from clapq.pagecache import drop_cached_path  # noqa: E402
+from clapq.pagecache import drop_cached  # noqa: E402
 
 SIZE = 1_764_000
 CHUNK = 64 * 1024
@@ -50,7 +50,7 @@ def run_way(root: Path, way: str, n: int, lag: int, seed: int) -> dict:
             while f.read(1 << 20):
                 pass
         if way == "dropped":
-            drop_cached_path(path)
+            drop_cached(path)
 
     def run() -> None:
         for i in range(n):

@@ -201,10 +201,10 @@ def test_a_blob_leaves_the_page_cache_once_decoded(tmp_path):
         assert cached_bytes(not_audio) == 0
     finally:
         d.close()
-    from clapq.pagecache import drop_cached_path
+    from clapq.pagecache import drop_cached
 
     os.mkfifo(tmp_path / "pipe")
-    drop_cached_path(tmp_path / "pipe")  # returns at once: a pipe in a blob's place hangs no decoder
+    drop_cached(tmp_path / "pipe")  # returns at once: a pipe in a blob's place hangs no decoder
 
 
 def test_decoding_into_a_file_an_earlier_try_filled_leaves_only_this_try(tmp_path):

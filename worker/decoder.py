@@ -28,7 +28,7 @@ MAX_MESSAGES = 2000  # bytes of a decoder's stderr logged per file
 
 def _child(conn: Connection) -> None:
     """Child loop: decode one file at a time to a raw float32 file; EOF on the pipe means exit."""
-    from clapq.pagecache import drop_cached_path
+    from clapq.pagecache import drop_cached
     from worker.audio import decode_to_file
 
     while True:
@@ -50,7 +50,7 @@ def _child(conn: Connection) -> None:
             reply = ("error", "the file needs more memory to decode than the decoder may use", 0)
         except Exception as exc:  # an unexpected codec error is still this file's error
             reply = ("error", f"decoder error: {type(exc).__name__}: {str(exc)[:200]}", 0)
-        drop_cached_path(src)  # read once: its pages go back for the next file (clapq.pagecache)
+        drop_cached(src)  # read once: its pages go back for the next file (clapq.pagecache)
         conn.send(reply)
 
 
