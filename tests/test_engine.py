@@ -24,7 +24,7 @@ from tests.conftest import auth, wait_job
 from tests.reference import audio_48k, load_reference, reference_embed
 from tests.test_e2e import upload
 from worker.audio import DecodeError
-from worker.decoder import DecoderProcess
+from worker.decoder import Abandoned, DecoderProcess
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,25 @@ def test_decoder_hang_is_killed_and_the_next_file_decodes(fifo, tmp_path):
         assert time.monotonic() - t0 < 30
         info, n = d.decode(good, tmp_path / "out2.f32", timeout_s=60, max_duration_s=None)
         assert n == 48_000 and info.sample_rate == 48_000
+    finally:
+        d.close()
+
+
+def test_a_decode_stops_once_its_file_is_no_longer_wanted(fifo, tmp_path):
+    """`stop()` turning true while a file decodes (the file deleted, its job cancelled) stops the child at
+    once: Abandoned, not the timeout's DecodeError 60 s later; the next file decodes in a new child."""
+    good = write(tmp_path / "good.wav", 1.0)
+    d = DecoderProcess()
+    unwanted = threading.Event()
+    try:
+        d.decode(good, tmp_path / "warm.f32", timeout_s=60, max_duration_s=None)
+        pid = d.proc.pid
+        threading.Timer(1.0, unwanted.set).start()
+        with pytest.raises(Abandoned):
+            d.decode(fifo, tmp_path / "out.f32", timeout_s=60, max_duration_s=None, stop=unwanted.is_set)
+        assert d.proc is None
+        info, n = d.decode(good, tmp_path / "again.f32", timeout_s=60, max_duration_s=None, stop=lambda: False)
+        assert n == 48_000 and d.proc.pid != pid
     finally:
         d.close()
 
@@ -556,13 +575,37 @@ print(len(d.windows), d.windows[-1][2], d.info.duration_s, resource.getrusage(re
     assert not list(tmp_path.glob("decoded-*.f32"))  # scratch files removed
 
 
-def test_duration_limit_fails_the_item_with_the_limit_named(tmp_path):
+def test_duration_limit_fails_the_item_with_the_limit_named(tiny_model, tmp_path):
+    from clapq.checkpoint import resolve
+    from clapq.clap import get_clap
+    from worker import pipeline
     from worker.audio import decode
+    from worker.decoder import DecoderPool
+    from worker.embedder import AudioEmbedder
+    from worker.store import Claimed
+
+    from worker.audio import TooLong
 
     path = write(tmp_path / "three.wav", 3.0, 8_000)
-    with pytest.raises(DecodeError, match="longer than the limit of 2 s"):
+    with pytest.raises(TooLong, match="longer than the limit of 2 s"):
         decode(path, max_duration_s=2)
     assert decode(path, max_duration_s=4)[1].duration_s == 3.0
+    d = DecoderProcess()  # as the worker and a clip search meet it: through the child, told apart
+    try:
+        with pytest.raises(TooLong, match="longer than the limit of 2 s"):
+            d.decode(path, tmp_path / "out.f32", timeout_s=60, max_duration_s=2)
+    finally:
+        d.close()
+    blobs, failed = BlobStore(tmp_path / "blobs"), []
+    item = Claimed(uuid.uuid4(), blobs.put_bytes(path.read_bytes()), None, 1)
+    pool = DecoderPool(1)
+    try:
+        pipeline.run([item], blobs, pool, AudioEmbedder(get_clap(resolve(str(tiny_model)), "cpu")),
+                     pipeline.Options(batch_size=4, scratch_dir=tmp_path, max_duration_s=2),
+                     lambda fin: pytest.fail("embedded"), failed.append)
+    finally:
+        pool.close()
+    assert [d.error for d in failed] == ["the audio is longer than the limit of 2 s (CLAPQ_MAX_DURATION_S)"]
 
 
 def test_a_batch_is_written_with_one_statement_exactly_and_reruns_drop_stale_windows(settings):
@@ -947,6 +990,40 @@ def test_a_file_dropped_meanwhile_runs_no_more_windows(tiny_model, tmp_path):
     finally:
         pool.close()
     assert batches == [4, 1] and [d.item.id for d, _ in done] == [short.id]
+    assert list(scratch.iterdir()) == []
+
+
+def test_a_file_dropped_while_it_decodes_is_not_decoded_on(tiny_model, tmp_path):
+    """A file whose decoding does not end (a pipe in its blob's place, as hours of audio take a while) and
+    a 1 s file, two decoder children. A second in, the first's id appears in `dropped`: its decoding stops
+    (it is neither failed by the 30 s decode timeout nor done), the second file is embedded, and no
+    scratch file is left."""
+    from clapq.checkpoint import resolve
+    from clapq.clap import get_clap
+    from worker import pipeline
+    from worker.decoder import DecoderPool
+    from worker.embedder import AudioEmbedder
+    from worker.store import Claimed
+
+    blobs = BlobStore(tmp_path / "blobs")
+    short = Claimed(uuid.uuid4(), blobs.put_bytes(write(tmp_path / "s.wav", 1.0, 16_000, seed=5).read_bytes()),
+                    None, 1)
+    endless = Claimed(uuid.uuid4(), "ab" * 32, None, 1)
+    blobs.path_for(endless.sha256).parent.mkdir(parents=True)
+    os.mkfifo(blobs.path_for(endless.sha256))
+    dropped, done = set(), []
+    threading.Timer(1.0, dropped.add, (endless.id,)).start()
+    emb = AudioEmbedder(get_clap(resolve(str(tiny_model)), "cpu"))
+    pool = DecoderPool(2)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    try:
+        pipeline.run([endless, short], blobs, pool, emb,
+                     pipeline.Options(batch_size=4, scratch_dir=scratch, decode_timeout_s=30),
+                     done.extend, lambda d: pytest.fail(d.error), dropped=dropped)
+    finally:
+        pool.close()
+    assert [d.item.id for d, _ in done] == [short.id]
     assert list(scratch.iterdir()) == []
 
 

@@ -23,6 +23,10 @@ class DecodeError(ValueError):
     """The file is not audio we can read; the message is shown on the item."""
 
 
+class TooLong(DecodeError):
+    """The audio lasts longer than the caller's limit (`max_duration_s`)."""
+
+
 class ScratchError(OSError):
     """The decoded samples could not be written to the scratch file (the disk is full or the directory
     went away): the machine's fault, not the file's, so the task hands its files back instead of
@@ -416,7 +420,7 @@ def stream(path: Path | str, info: AudioInfo, *, max_duration_s: float | None = 
         mono = _downmix(block)
         info.frames += mono.shape[0]
         if max_duration_s is not None and info.frames > max_duration_s * info.sample_rate:
-            raise DecodeError(f"the audio is longer than the limit of {max_duration_s:g} s")
+            raise TooLong(f"the audio is longer than the limit of {max_duration_s:g} s")
         for start in range(0, mono.shape[0], piece):
             part = mono[start : start + piece]
             out = resampler.resample_chunk(part) if resampler else np.ascontiguousarray(part, dtype=np.float32)

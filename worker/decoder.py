@@ -14,16 +14,23 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-from worker.audio import AudioInfo, DecodeError, ScratchError
+from worker.audio import AudioInfo, DecodeError, ScratchError, TooLong
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGES = 2000  # bytes of a decoder's stderr logged per file
+STOP_POLL_S = 0.25  # how often a decode in progress asks whether its file is still wanted
+
+
+class Abandoned(Exception):
+    """The file stopped being wanted while it decoded (deleted, or its job cancelled): its child was
+    stopped, so a long file's decoding (seconds to a minute for hours of audio) does not run on unseen."""
 
 
 def _child(conn: Connection) -> None:
@@ -42,6 +49,8 @@ def _child(conn: Connection) -> None:
         try:
             info, n = decode_to_file(src, dst, max_duration_s=max_duration_s)
             reply = ("ok", dataclasses.asdict(info), n)
+        except TooLong as exc:
+            reply = ("too_long", str(exc), 0)
         except DecodeError as exc:
             reply = ("error", str(exc), 0)
         except ScratchError as exc:  # not the file's fault: the parent raises it, and the task hands files back
@@ -123,22 +132,33 @@ class DecoderProcess:
             self._closes_messages()
             self.messages = None
 
+    def _wait(self, src: Path, timeout_s: float, log_extra: dict | None, stop: Callable[[], bool] | None) -> None:
+        """Until the child answers: a DecodeError after `timeout_s`, Abandoned as soon as `stop()` says so
+        (asked every STOP_POLL_S); either way the child is killed, and the next file starts a new one."""
+        deadline = time.monotonic() + timeout_s
+        while not self.conn.poll(max(0.0, min(STOP_POLL_S, deadline - time.monotonic()))):
+            if stop is not None and stop():
+                self.kill()
+                self._report(src, log_extra)
+                raise Abandoned(str(src))
+            if time.monotonic() >= deadline:
+                self.kill()
+                self._report(src, log_extra, died=True)
+                raise DecodeError(f"decoding took longer than {timeout_s:g} s (CLAPQ_DECODE_TIMEOUT_S); gave up")
+
     def decode(self, src: Path, dst: Path, timeout_s: float, max_duration_s: float | None,
-               log_extra: dict | None = None) -> tuple[AudioInfo, int]:
+               log_extra: dict | None = None, stop: Callable[[], bool] | None = None) -> tuple[AudioInfo, int]:
         """Decode src into dst; raises DecodeError for bad files, crashed or hung decoders, ScratchError when
-        dst cannot be written (the machine's fault, not the file's). A child that dies
-        on a file is restarted and the file tried once more: a kill from outside (the OOM killer making room
-        for something else, an operator) is not the file's fault; dying twice is. `log_extra`: the ids
-        that the log lines about this file carry."""
+        dst cannot be written (the machine's fault, not the file's), Abandoned when `stop()` turns true
+        first. A child that dies on a file is restarted and the file tried once more: a kill from outside
+        (the OOM killer making room for something else, an operator) is not the file's fault; dying twice
+        is. `log_extra`: the ids that the log lines about this file carry."""
         for attempt in (1, 2):
             if not self.alive():
                 self._start()
             try:
                 self.conn.send((str(src), str(dst), max_duration_s))
-                if not self.conn.poll(timeout_s):
-                    self.kill()
-                    self._report(src, log_extra, died=True)
-                    raise DecodeError(f"decoding took longer than {timeout_s:g} s (CLAPQ_DECODE_TIMEOUT_S); gave up")
+                self._wait(src, timeout_s, log_extra, stop)
                 status, payload, n = self.conn.recv()
             except (EOFError, OSError):  # the child died: before the file reached it, or on it
                 try:
@@ -156,6 +176,8 @@ class DecoderProcess:
             self._report(src, log_extra)
             if status == "scratch":
                 raise ScratchError(*payload)
+            if status == "too_long":
+                raise TooLong(payload)
             if status != "ok":
                 raise DecodeError(payload)
             return AudioInfo(**payload), n

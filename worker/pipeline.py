@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from clapq.blobs import BlobStore
-from worker.audio import AudioInfo, DecodeError
-from worker.decoder import DecoderPool
+from worker.audio import AudioInfo, DecodeError, TooLong
+from worker.decoder import Abandoned, DecoderPool
 from worker.embedder import AudioEmbedder
 from worker.windows import HOP_S, WINDOW_S, read_window, spans
 
@@ -35,6 +35,7 @@ class Decoded:
     n: int = 0
     windows: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
     error: str | None = None
+    gone: bool = False  # dropped (deleted, or its job cancelled) before or while it decoded
 
     @property
     def spans(self) -> list[tuple[float, float]]:
@@ -96,7 +97,13 @@ def own_scratch(root: Path) -> Path:
     return mine
 
 
-def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options) -> Decoded:
+def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options,
+          dropped: Collection[uuid.UUID] = ()) -> Decoded:
+    def gone() -> bool:
+        return item.id in dropped
+
+    if gone():  # while it waited for a decoder
+        return Decoded(item, gone=True)
     path = blobs.path_for(item.sha256)
     if not path.exists():
         return Decoded(item, error="the uploaded file is missing from the blob store")
@@ -106,7 +113,15 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options) -
     try:
         with pool.checkout() as decoder:
             d.info, d.n = decoder.decode(path, d.raw_path, opts.decode_timeout_s, opts.max_duration_s,
-                                         {"item_id": str(item.id), "job_id": str(item.job_id)})
+                                         {"item_id": str(item.id), "job_id": str(item.job_id)}, stop=gone)
+    except Abandoned:
+        d.cleanup()
+        d.gone = True
+        return d
+    except TooLong as exc:
+        d.cleanup()
+        d.error = f"{exc} (CLAPQ_MAX_DURATION_S)"
+        return d
     except DecodeError as exc:
         d.cleanup()
         d.error = str(exc)
@@ -118,21 +133,23 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options) -
     return d
 
 
-def read_ahead(pool: DecoderPool, blobs: BlobStore, items: Iterable, rate: int, opts: Options) -> Iterator[Decoded]:
+def read_ahead(pool: DecoderPool, blobs: BlobStore, items: Iterable, rate: int, opts: Options,
+               dropped: Collection[uuid.UUID] = ()) -> Iterator[Decoded]:
     """Decode files in child processes, a bounded number ahead of the model, in input order (`items` is
-    advanced only as far as the read-ahead reaches)."""
+    advanced only as far as the read-ahead reaches). A file whose id appears in `dropped` before or while
+    it decodes is not decoded on (`Decoded.gone`)."""
     depth = max(1, pool.size, opts.read_ahead)
     with cf.ThreadPoolExecutor(max_workers=depth, thread_name_prefix="decode") as threads:
         it = iter(items)  # advancing it may claim files (Postgres), so it may raise: always inside the try
         pending: list[cf.Future] = []
         try:
             for item in itertools.islice(it, depth):
-                pending.append(threads.submit(_read, pool, blobs, item, rate, opts))
+                pending.append(threads.submit(_read, pool, blobs, item, rate, opts, dropped))
             while pending:
                 pending[0].result()  # stays in `pending` until handed out
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append(threads.submit(_read, pool, blobs, nxt, rate, opts))
+                    pending.append(threads.submit(_read, pool, blobs, nxt, rate, opts, dropped))
                 yield pending.pop(0).result()
         finally:  # the task stopped early (an error): files decoded ahead leave no scratch file behind
             for f in pending:
@@ -157,7 +174,8 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
     When the items are read and the last batch would be padded, `top_up(rows)` may return up to `rows`
     more items to fill it: a GPU batch of 256 is not run three-quarters empty because a task brought 64
     files. Padding stays for the very end. Items whose ids appear in `dropped` (the heartbeat adds
-    those deleted meanwhile) are dropped with their windows not yet run, and never reach `on_done`."""
+    those deleted meanwhile) are dropped with their windows not yet run, or their decoding stopped, and
+    reach neither `on_done` nor `on_failed`."""
     window = embedder.window_samples
     if opts.read_ahead == 0 and embedder.clap.device.type == "cuda":
         opts = dataclasses.replace(opts, read_ahead=opts.batch_size)
@@ -220,7 +238,9 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
     try:
         todo: Iterator | list = stream()
         while todo:
-            for d in read_ahead(pool, blobs, todo, embedder.rate, opts):
+            for d in read_ahead(pool, blobs, todo, embedder.rate, opts, dropped):
+                if d.gone:
+                    continue
                 if d.error:
                     on_failed(d)
                     continue

@@ -231,8 +231,9 @@ def embed_items(self, item_ids: list[str]) -> dict:
                                        "tenant_id": str(d.item.tenant_id), "error": d.error})
 
     # files the heartbeat finds gone (deleted meanwhile, or taken by another task): their windows not yet
-    # run are dropped, so deleting or cancelling a long file stops its embedding within about a second
-    # and the batch in flight (the API's announcement wakes the heartbeat) or, if that is lost, a beat
+    # run are dropped and a decoding in progress is stopped, so deleting or cancelling a long file stops
+    # its embedding within about a second and the batch in flight (the API's announcement wakes the
+    # heartbeat) or, if that is lost, a beat
     dropped: set = set()
 
     def on_gone(ids: set) -> None:
