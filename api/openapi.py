@@ -39,9 +39,10 @@ CLASSIFY = {"type": "object", "required": ["labels"], "properties": {
 
 SEARCH_BODY = {"type": "object", "properties": {
     "library_id": _ID, "library_ids": {"type": "array", "items": _ID}, "text": {"type": "string"},
-    "item_id": _ID, "k": {"type": "integer", "minimum": 1}, "offset": {"type": "integer", "minimum": 0},
+    "q": {"type": "string", "description": "the same as text"}, "item_id": _ID, "k": {"type": "integer", "minimum": 1}, "offset": {"type": "integer", "minimum": 0},
     "min_score": {"type": "number"}, "mode": {"enum": ["items", "segments"]},
-    "filter": {"type": "object", "description": '{"metadata": {key: value | {"in": [...]}}, "duration_s": {"min", "max"}}'}}}
+    "filter": {"type": "object", "description": '{"metadata": {key: value | {"in": [...]}}, "duration_s": {"min", "max"}}'}},
+    "additionalProperties": False}
 
 PAGE = [  # api.pages: limit + cursor
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
@@ -120,7 +121,7 @@ SPEC = {
                              "those of them not embedded yet")}},
         "/v1/limits": {"get": {"responses": _ok("what the service takes", {"type": "object", "properties": {
             **{k: {"type": "integer"} for k in ("max_file_bytes", "max_files_per_batch", "max_request_bytes",
-                                                "max_query_chars", "max_k")},
+                                                "max_duration_s", "max_clip_s", "max_query_chars", "max_k")},
             "rate_limit": {"type": ["string", "null"], "description": "requests per API key (CLAPQ_RATE_LIMIT), "
                            "such as '1200 requests per minute'; over it, 429 with Retry-After; null: no limit"}}})}},
         "/v1/jobs": {"get": {"parameters": PAGE, "responses": _ok("the tenant's jobs, newest first")}},
@@ -183,9 +184,12 @@ SPEC = {
                 "responses": {**_ok("results, best first", SEARCH_RESULT), "409": _ERR}},
             "post": {"requestBody": {"required": True, "content": {
                 "application/json": {"schema": SEARCH_BODY},
-                "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "multipart/form-data": {"schema": {"type": "object", "additionalProperties": False, "properties": {
                     "audio": {"type": "string", "format": "binary"}, "library_id": _ID,
-                    "k": {"type": "integer"}, "mode": {"type": "string"}, "filter": {"type": "string"}}}}}},
+                    "library_ids": {"type": "array", "items": _ID}, "text": {"type": "string"},
+                    "q": {"type": "string"}, "item_id": _ID, "k": {"type": "integer"},
+                    "offset": {"type": "integer"}, "min_score": {"type": "number"}, "mode": {"type": "string"},
+                    "filter": {"type": "string"}}}}}},
                 "responses": {**_ok("results, best first", SEARCH_RESULT), "409": _ERR}},
         },
     },

@@ -74,9 +74,12 @@ def text_vectors(texts: list[str]) -> np.ndarray:
     return out
 
 
+MAX_CLIP_S = 600  # seconds of a clip sent to search (GET /v1/limits)
+
+
 def audio_vector(upload) -> np.ndarray:
     """Embed an uploaded clip like a stored item: decoded in a killable child, windows, normalised mean."""
-    from worker.audio import DecodeError
+    from worker.audio import DecodeError, TooLong
     from worker.decoder import get_pool
     from worker.embedder import AudioEmbedder
     from worker.windows import pooled, read_window, spans
@@ -87,7 +90,10 @@ def audio_vector(upload) -> np.ndarray:
         upload.save(src)
         try:
             with get_pool(1).checkout() as decoder:
-                _, n = decoder.decode(src, raw, min(60, settings.decode_timeout_s), 600)
+                _, n = decoder.decode(src, raw, min(60, settings.decode_timeout_s), MAX_CLIP_S)
+        except TooLong:
+            raise bad_request(f"the 'audio' clip lasts longer than {MAX_CLIP_S} s, the limit for a search clip; "
+                              "send a part of it") from None
         except DecodeError as exc:
             raise bad_request(f"the 'audio' clip could not be decoded: {exc}") from None
         emb = current_app.extensions.setdefault("clapq_audio_embedder", {})
@@ -107,10 +113,13 @@ def item_vector(raw_id: str) -> tuple[Item, np.ndarray]:
     vec = db().scalar(select(Embedding.vector).where(Embedding.item_id == item.id,
                                                      Embedding.model_id == lib.model_id))
     if vec is None:
-        if item.status in ("failed", "cancelled"):  # it never will unless it is sent again
+        if item.status == "failed":  # it never will unless it is sent again
             why = f": {item.error}" if item.error else ""
-            raise ApiError(409, "not_embedded", f"item {item.id} has no embedding: it was {item.status}{why}; "
+            raise ApiError(409, "not_embedded", f"item {item.id} has no embedding: it failed{why}; "
                            "fix the file and upload it again, or retry its job")
+        if item.status == "cancelled":
+            raise ApiError(409, "not_embedded", f"item {item.id} has no embedding: its embedding was cancelled; "
+                           "retry its job (POST /v1/jobs/<id>/retry) or upload the file again")
         raise ApiError(409, "not_embedded", f"item {item.id} has no embedding yet (status {item.status!r}); "
                        "it can be used once its job has embedded it")
     return item, np.asarray(vec, dtype=np.float32)

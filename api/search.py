@@ -48,10 +48,28 @@ def _int(raw, name: str, lo: int, hi: int, default: int) -> int:
     return v
 
 
+FIELDS = ("library_id", "library_ids", "text", "q", "item_id", "k", "offset", "min_score", "mode", "filter")
+
+
+def _known(names, where: str, files=()) -> None:
+    """Refuse a field search does not take: a misspelt one ("filters", "limit") would otherwise be ignored,
+    and the results would quietly be other than asked for."""
+    extra = sorted(set(names) - set(FIELDS))
+    if extra:
+        raise bad_request(f"{where} has {extra[0]!r}, which search does not take; it takes "
+                          f"{', '.join(FIELDS)} (and a multipart 'audio' file)")
+    if set(files) - {"audio"}:
+        raise bad_request(f"the form has a file {sorted(set(files) - {'audio'})[0]!r}; the clip goes in 'audio'")
+
+
 def _params() -> dict:
     """The same parameters from a query string, a JSON body or a multipart form."""
+    if request.method == "POST" and request.args:
+        raise bad_request("a POST search takes its fields in the body, not in the query string")
     if request.method == "GET" or (request.content_type or "").startswith("multipart/form-data"):
         f = request.args if request.method == "GET" else request.form
+        _known(f, "the query string" if request.method == "GET" else "the form",
+               request.files if request.method == "POST" else ())
         p = {k: f.get(k) for k in ("q", "text", "k", "offset", "min_score", "mode", "item_id", "filter")}
         if p["q"] not in (None, "") and p["text"] not in (None, "") and p["q"] != p["text"]:
             raise bad_request("give the query text once: 'text' or 'q'")
@@ -66,6 +84,7 @@ def _params() -> dict:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise bad_request('send a JSON object like {"library_id": ..., "text": ..., "k": 10}')
+    _known(body, "the JSON body")
     p = {k: body.get(k) for k in ("k", "offset", "min_score", "mode", "item_id", "filter")}
     if body.get("q") is not None and body.get("text") is not None and body["q"] != body["text"]:
         raise bad_request("give the query text once: 'text' or 'q'")

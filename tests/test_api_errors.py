@@ -210,6 +210,10 @@ def test_search_validation(client, lib, settings, tmp_path):
                         data={"library_id": lib_id, "audio": [(io.BytesIO(clip), "a.wav"), (io.BytesIO(clip), "b.wav")]}),
             400)
     assert e["message"] == "the form gives 'audio' more than once; give it once", e
+    long_clip = write(tmp_path / "long.wav", 601.0, 8_000).read_bytes()
+    e = err(client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
+                        data={"library_id": lib_id, "audio": (io.BytesIO(long_clip), "long.wav")}), 400)
+    assert e["message"] == "the 'audio' clip lasts longer than 600 s, the limit for a search clip; send a part of it"
     e = err(client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                         data={"files": [(io.BytesIO(clip), "a.wav")], "metadata": ['{"a.wav": {}}', '{}']}), 400)
     assert e["message"] == "the form gives 'metadata' more than once; give it once", e
@@ -293,6 +297,23 @@ def test_get_search_takes_what_post_takes(client, lib):
     err(client.post("/v1/search", json={"library_id": lib_id, "q": "rain", "text": "dog"}, headers=auth(key)), 400)
     err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "x", "k": "1_0"}, headers=auth(key)), 400)
     err(client.post("/v1/search", json={"library_id": lib_id, "text": "x", "min_score": True}, headers=auth(key)), 400)
+    # a misspelt field would be ignored, and the results quietly unfiltered or of another size: refused
+    e = err(client.post("/v1/search", json={"library_id": lib_id, "text": "x", "filters": {"metadata": {"a": 1}}},
+                        headers=auth(key)), 400)
+    assert e["message"].startswith("the JSON body has 'filters', which search does not take; it takes library_id"), e
+    e = err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "x", "limit": 2}, headers=auth(key)), 400)
+    assert "the query string has 'limit'" in e["message"], e
+    e = err(client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
+                        data={"library_id": lib_id, "text": "x", "kk": "2"}), 400)
+    assert "the form has 'kk'" in e["message"], e
+    e = err(client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
+                        data={"library_id": lib_id, "clip": (io.BytesIO(b"RIFF"), "a.wav")}), 400)
+    assert "'clip'; the clip goes in 'audio'" in e["message"], e
+    e = err(client.post(f"/v1/search?library_id={lib_id}", json={"text": "x"}, headers=auth(key)), 400)
+    assert "not in the query string" in e["message"], e
+    r = client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
+                    data={"library_id": lib_id, "q": "rain", "k": "3", "mode": "segments"})
+    assert r.status_code == 200, r.get_json()
 
 
 def test_library_names_must_show_something(client, new_key):
@@ -309,7 +330,8 @@ def test_limits_and_which_413(client, lib, settings):
     key, lib_id = lib
     assert client.get("/v1/limits", headers=auth(key)).get_json() == {
         "max_file_bytes": settings.max_file_bytes, "max_files_per_batch": settings.max_files_per_batch,
-        "max_request_bytes": settings.max_request_bytes, "max_query_chars": settings.max_query_chars,
+        "max_request_bytes": settings.max_request_bytes, "max_duration_s": settings.max_duration_s, "max_clip_s": 600,
+        "max_query_chars": settings.max_query_chars,
         "max_k": settings.max_k, "rate_limit": "1200 requests per minute"}
     fields = {f"f{i}": "x" for i in range(settings.max_files_per_batch + 20)}
     e = err(client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
