@@ -60,24 +60,27 @@ def _stopped_copy(item, job: Job) -> str | None:
 def job_json(job: Job, with_errors: bool = True) -> dict:
     session = db()
     counts = {s: 0 for s in STATES}
+    size = {s: 0 for s in STATES}  # bytes of the files in each state: progress and ETA weigh files by size
     first_start = last_finish = None
-    for status, n, started, finished in session.execute(
-        select(Item.status, func.count(), func.min(Item.started_at), func.max(Item.finished_at))
+    for status, n, nbytes, started, finished in session.execute(
+        select(Item.status, func.count(), func.sum(Item.size_bytes), func.min(Item.started_at), func.max(Item.finished_at))
         .where(Item.job_id == job.id).group_by(Item.status)
     ):
-        counts[status] = n
+        counts[status], size[status] = n, int(nbytes or 0)
         first_start = min(filter(None, (first_start, started)), default=None)
         last_finish = max(filter(None, (last_finish, finished)), default=None)
-    finished_n = counts["done"] + counts["failed"] + counts["cancelled"]  # this job's own work, for the ETA
+    own_finished = size["done"] + size["failed"] + size["cancelled"]  # this job's own work, for the ETA
     # copies count as the items they are copies of stand, as this job sees them (a copy of a file still
     # queued is queued; _seen_status)
     recorded = 0
     seen = _seen_status(job).label("seen")
-    for status, n, finished in session.execute(
-        select(seen, func.sum(JobDuplicate.copies), func.max(Item.finished_at))
+    for status, n, nbytes, finished in session.execute(
+        select(seen, func.sum(JobDuplicate.copies), func.sum(JobDuplicate.copies * Item.size_bytes),
+               func.max(Item.finished_at))
         .join(Item, Item.id == JobDuplicate.item_id).where(JobDuplicate.job_id == job.id).group_by(seen)
     ) if job.duplicates else ():  # most jobs have no copies: one query for them, not two
         counts[status] += int(n)
+        size[status] += int(nbytes or 0)
         recorded += int(n)
         if finished is not None:  # a copy of a file embedded long ago ends no earlier than this job began
             last_finish = max(filter(None, (last_finish, finished, job.created_at)))
@@ -85,16 +88,27 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
     counts["total"] = sum(counts[s] for s in STATES)
     counts["duplicates"] = job.duplicates
     remaining = counts["queued"] + counts["running"]
+    # by bytes, not files: a job of a hundred short clips and one long recording is not 99% done once the
+    # clips are (bytes follow duration within a format; across formats, only roughly)
+    total_bytes, left = sum(size.values()), size["queued"] + size["running"]
+    if not counts["total"]:
+        progress = 1.0
+    elif total_bytes:
+        progress = round(1 - left / total_bytes, 4)
+    else:  # only empty files (or copies recorded before migration 0004)
+        progress = round(1 - remaining / counts["total"], 4)
+    if remaining:  # files of 0 bytes still to go are not nothing
+        progress = min(progress, 0.9999)
     eta = None
-    if remaining and finished_n and first_start is not None:
+    if remaining and own_finished and first_start is not None:
         elapsed = (dt.datetime.now(dt.timezone.utc) - first_start).total_seconds()
-        eta = round(remaining * elapsed / finished_n, 1)
+        eta = round(left * elapsed / own_finished, 1)
     out = {
         "id": str(job.id),
         "library_id": str(job.library_id),
         "status": job_status(counts, job.cancelled),
         "counts": counts,
-        "progress": round(1 - remaining / counts["total"], 4) if counts["total"] else 1.0,
+        "progress": progress,
         "eta_s": eta,
         "created_at": job.created_at.isoformat() if job.created_at else None,
         "finished_at": last_finish.isoformat() if last_finish is not None and not remaining else None,
@@ -179,7 +193,8 @@ def cancel_job(job_id: str):
 
 @bp.post("/jobs/<job_id>/retry")
 def retry_job(job_id: str):
-    """Re-queue only the failed items (and, after a cancel, the cancelled ones), with fresh attempts. A
+    """Re-queue only the failed items (and, after a cancel, the cancelled ones), with fresh attempts; a 409
+    if there are none. A
     copy this job holds of a file another job uploaded first, where that file failed or that job's cancel
     stopped it, is retried too: the item moves to this job, as uploading the file again would move it,
     so this job reports how it ends (and the other job's cancel no longer stops it)."""
@@ -198,6 +213,9 @@ def retry_job(job_id: str):
                 updated_at=func.now())
         .returning(Item.id)
     ))
+    if not ids:  # and the job stays as it stands: a cancelled one is not turned into a done one
+        session.rollback()
+        raise ApiError(409, "conflict", "nothing of this job's failed or was cancelled; nothing to retry")
     if moved:  # each moved item is now one of this job's own files, no longer one of its copies
         session.execute(update(JobDuplicate).where(JobDuplicate.job_id == job.id, JobDuplicate.item_id.in_(moved))
                         .values(copies=JobDuplicate.copies - 1))

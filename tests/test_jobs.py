@@ -110,6 +110,9 @@ def test_retry_failed_and_cancel(client, new_key, worker, tmp_path, settings):
     assert again["status"] == "done_with_errors" and again["counts"]["done"] == 1  # the good one untouched
     assert client.get(f"/v1/items/{failed[0]['id']}", headers=auth(key)).get_json()["attempts"] == 1
     assert client.post(f"/v1/jobs/{up['job_id']}/cancel", headers=auth(key)).status_code == 409
+    r = client.post("/v1/search", json={"library_id": lib["id"], "item_id": failed[0]["id"]}, headers=auth(key))
+    assert r.status_code == 409 and r.get_json()["error"]["message"].startswith(
+        f"item {failed[0]['id']} has no embedding: it failed: "), r.get_json()
 
     # cancel a job whose items cannot start: a library of the tenant whose work the worker never sees
     from api import create_app
@@ -131,6 +134,8 @@ def test_retry_failed_and_cancel(client, new_key, worker, tmp_path, settings):
         assert heartbeat(s, [uuid.UUID(running)], "task-x") == set()
     c = client.post(f"/v1/jobs/{up2['job_id']}/cancel", headers=auth(key)).get_json()
     assert c["status"] == "cancelled" and c["counts"]["cancelled"] == 3
+    r = client.post("/v1/search", json={"library_id": lib["id"], "item_id": up2["items"][1]["id"]}, headers=auth(key))
+    assert r.status_code == 409 and "its embedding was cancelled; retry its job" in r.get_json()["error"]["message"]
     # the running one too: that task's next heartbeat names it, and the task drops its windows
     with session_scope(settings.database_url) as s:
         assert heartbeat(s, [uuid.UUID(running)], "task-x") == {uuid.UUID(running)}
@@ -221,7 +226,12 @@ def test_a_copy_of_a_file_still_queued_is_not_done(client, new_key, settings, tm
     assert job["status"] == "done" and job["counts"] == {"queued": 0, "running": 0, "done": 2, "failed": 0,
                                                          "cancelled": 0, "total": 2, "duplicates": 1}, job
     assert client.get(f"/v1/items/{item}", headers=auth(key)).get_json()["job_id"] == r["job_id"]
-    assert client.get(f"/v1/jobs/{earlier}", headers=auth(key)).get_json()["counts"]["total"] == 0
+    before = client.get(f"/v1/jobs/{earlier}", headers=auth(key)).get_json()
+    assert before["counts"]["total"] == 0 and before["status"] == "cancelled", before
+    # a retry with nothing to re-queue is a 409, and leaves the cancelled job cancelled (it said done)
+    e = client.post(f"/v1/jobs/{earlier}/retry", headers=auth(key))
+    assert e.status_code == 409 and "nothing to retry" in e.get_json()["error"]["message"], e.get_json()
+    assert client.get(f"/v1/jobs/{earlier}", headers=auth(key)).get_json() == before
     # the copy left points at this job's own file: were this job cancelled, both count as cancelled (not
     # as failed by "another" job's cancel)
     with session_scope(settings.database_url) as s:
@@ -230,3 +240,34 @@ def test_a_copy_of_a_file_still_queued_is_not_done(client, new_key, settings, tm
     job = client.get(f"/v1/jobs/{r['job_id']}", headers=auth(key)).get_json()
     assert job["counts"]["cancelled"] == 2 and job["counts"]["failed"] == 0 and job["errors"] == [], job
     assert job["finished_at"] >= job["created_at"]
+
+
+def test_progress_and_eta_weigh_files_by_their_size(client, new_key, settings):
+    """A long recording and a short clip in one job: with the clip done the job is a tenth of the way,
+    not half, and its ETA is about nine times the time so far; with the recording done, nine tenths and a
+    ninth. (Rows written directly: no worker needed.)"""
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "weights"}, headers=auth(key)).get_json()
+    for done, expect, eta in (("short", 0.1, 9 * 100), ("long", 0.9, 100 / 9)):
+        with session_scope(settings.database_url) as s:
+            tenant = s.execute(text("SELECT tenant_id FROM libraries WHERE id = :l"), {"l": lib["id"]}).scalar()
+            job = s.execute(text("INSERT INTO jobs (id, tenant_id, library_id, kind) VALUES "
+                                 "(gen_random_uuid(), :t, :l, 'upload') RETURNING id"),
+                            {"t": tenant, "l": lib["id"]}).scalar()
+            for name, size in (("long", 9_000_000), ("short", 1_000_000)):
+                finished = name == done
+                s.execute(text(
+                    "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, metadata, "
+                    "status, attempts, started_at, finished_at) VALUES (gen_random_uuid(), :t, :l, :j, :s, :n, "
+                    ":b, '{}', :st, 1, now() - interval '100 seconds', "
+                    "CASE WHEN :fin THEN now() END)"),
+                    {"t": tenant, "l": lib["id"], "j": job, "s": uuid.uuid4().hex * 2, "n": f"{name}.wav",
+                     "b": size, "st": "done" if finished else "running", "fin": finished})
+        got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
+        assert got["status"] == "running" and got["counts"]["done"] == 1 and got["counts"]["running"] == 1, got
+        assert got["progress"] == expect, got
+        assert abs(got["eta_s"] - eta) < 0.1 * eta, got
