@@ -342,10 +342,16 @@ def cmd_upload(args) -> None:
     from clapq.client import connect, upload_folder
 
     settings = Settings.from_env(data_dir=args.data_dir)
-    if not args.folder.is_dir():
-        _fail(f"{args.folder} is not a directory")
-    raise SystemExit(upload_folder(connect(args.url, args.key, settings.data_dir), args.folder, args.library,
-                                   wait=not args.no_wait))
+    if args.folder.is_dir():
+        folder, only = args.folder, None
+    elif args.folder.is_file():  # one file, as it is named: sent whatever its suffix
+        folder, only = args.folder.parent, [args.folder]
+    elif args.folder.exists():
+        _fail(f"{args.folder} is neither a folder nor a file (a pipe or a device)")
+    else:
+        _fail(f"{args.folder} does not exist")
+    raise SystemExit(upload_folder(connect(args.url, args.key, settings.data_dir), folder, args.library,
+                                   wait=not args.no_wait, only=only))
 
 
 def cmd_search(args) -> None:
@@ -397,9 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--data-dir", type=Path, default=None,
                         help="the embedded service's data (default $XDG_DATA_HOME/clapq, or ~/.local/share/clapq), unless DATABASE_URL is set")
     create.set_defaults(func=cmd_keys_create)
-    upload = sub.add_parser("upload", help="upload every audio file under a folder and wait for the job")
-    upload.add_argument("folder", type=Path, help="a folder; every audio file under it is uploaded (hidden files "
-                        "and folders are left out; files the library holds already are not sent again)")
+    upload = sub.add_parser("upload", help="upload every audio file under a folder (or one file) and wait for the job")
+    upload.add_argument("folder", type=Path, metavar="folder|file", help="a folder: every audio file under it is "
+                        "uploaded (hidden files and folders are left out; files the library holds already are not "
+                        "sent again); or one file")
     upload.add_argument("--no-wait", action="store_true", help="return once the files are uploaded, without "
                         "waiting for them to be embedded")
     _client_args(upload, "library name (created if missing) or id")

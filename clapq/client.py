@@ -361,8 +361,10 @@ def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> dict:
     return patiently(attempt)
 
 
-def upload_folder(client: Client, folder: Path, library: str, wait: bool = True) -> int:
-    listing = audio_files(folder)
+def upload_folder(client: Client, folder: Path, library: str, wait: bool = True, only: list[Path] | None = None) -> int:
+    """Upload the audio files under `folder`, or only the files `only` names (in `folder`), and by default
+    wait for their jobs; returns the command's exit code."""
+    listing = Listing(only) if only is not None else audio_files(folder)
     paths, other = listing.audio, listing.other
     if listing.hidden:
         print(f"left out {n_files(listing.hidden)} with hidden names (starting with '.')", file=sys.stderr)

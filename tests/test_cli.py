@@ -682,6 +682,35 @@ def test_a_failed_file_is_named_by_its_path_in_the_folder(tmp_path, tiny_model):
     assert p.returncode == 1 and "failed: day2/take.wav: not a readable audio file" in err, err
 
 
+def test_one_file_can_be_uploaded_without_its_folder(tmp_path, tiny_model):
+    """`clapq upload FILE` sends that file alone (not the others beside it), under its own name, whatever
+    its suffix; a path that does not exist is a sentence."""
+    bodies = []
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if path.endswith("/batches"):
+            return 202, {"job_id": "job1", "items": [{"id": "i1", "filename": "episode 12.take"}]}, {}
+        if path.startswith("/v1/jobs/"):
+            return 200, {"status": "done", "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}
+        return 404, None, {}
+
+    write(tmp_path / "other.wav", 0.5)
+    one = tmp_path / "episode 12.take"
+    one.write_bytes(write(tmp_path / "e.wav", 0.5, seed=3).read_bytes())
+    with fake_api(answer, bodies) as url:
+        p = _upload(one, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    sent = [b for m, path, b in bodies if path.endswith("/batches")]
+    assert len(sent) == 1 and b'filename="episode 12.take"' in sent[0] and b"other.wav" not in sent[0], sent
+    assert json.loads(out)["files"] == 1
+    p = _upload(tmp_path / "nowhere.wav", "http://127.0.0.1:9", tiny_model)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and err.strip().endswith("nowhere.wav does not exist"), err
+
+
 def test_a_failed_file_names_its_copies_and_counts_them(tmp_path, tiny_model):
     """A file that failed, with a copy of its bytes in the same request and another in a later one: the
     failure is listed once (both jobs report the one item), with both copies named, and the summary
