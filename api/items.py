@@ -24,7 +24,7 @@ bp = Blueprint("items", __name__)
 # Only audio types we recognise are ever sent as such; anything else is a download.
 SAFE_TYPES = {
     "wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg",
-    "aiff": "audio/aiff", "mov": "audio/mp4", "matroska": "audio/x-matroska",
+    "aiff": "audio/aiff", "mov": "audio/mp4", "mp4": "audio/mp4", "matroska": "audio/x-matroska",
 }
 
 

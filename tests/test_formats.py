@@ -202,6 +202,9 @@ def test_aac_padding_is_cut_to_the_length_the_file_states(tmp_path):
     path = write_av(tmp_path / "ten.m4a", tone_and_chirp(10.0, 44_100, 2), 44_100, "ipod", "aac", "fltp")
     samples, info = audio.decode(blob_copy(path, tmp_path))
     assert info.frames == 441_000 and info.duration_s == 10.0 and samples.shape[0] == 480_000
+    assert info.format == "mp4"  # FFmpeg's demuxer is "mov" for both; an M4A's brand says MP4
+    mov = write_av(tmp_path / "ten.mov", tone_and_chirp(1.0, 44_100, 1), 44_100, "mov", "aac", "fltp")
+    assert audio.decode(blob_copy(mov, tmp_path))[1].format == "mov"  # QuickTime's brand, "qt  "
     assert len(spans(samples.shape[0], 48_000, 480_000, 240_000)) == 1
     # a raw ADTS stream's duration is FFmpeg's guess from the bitrate (439,013 frames for this one):
     # nothing is cut there, or real audio would go

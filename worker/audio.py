@@ -187,6 +187,9 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
     info.sample_rate = stream.codec_context.sample_rate or stream.rate or 0
     info.channels = stream.codec_context.channels or 0
     info.format = (container.format.name or "").split(",")[0]
+    if info.format == "mov":  # FFmpeg's one demuxer for QuickTime and MP4 (M4A): told apart by the brand
+        brand = (container.metadata.get("major_brand") or "").strip().lower()
+        info.format = "mov" if brand in ("", "qt") else "mp4"
     if not info.sample_rate or not info.channels:
         container.close()
         raise DecodeError("the audio stream has no sample rate or channel count")
