@@ -48,18 +48,19 @@ def _int(raw, name: str, lo: int, hi: int, default: int) -> int:
     return v
 
 
-FIELDS = ("library_id", "library_ids", "text", "q", "item_id", "k", "offset", "min_score", "mode", "filter")
+OPTIONS = ("item_id", "k", "offset", "min_score", "mode", "filter")  # read as given, from any source
+FIELDS = ("library_id", "library_ids", "text", "q", *OPTIONS)
 
 
 def _known(names, where: str, files=()) -> None:
     """Refuse a field search does not take: a misspelt one ("filters", "limit") would otherwise be ignored,
     and the results would quietly be other than asked for."""
-    extra = sorted(set(names) - set(FIELDS))
+    extra, other_files = sorted(set(names) - set(FIELDS)), sorted(set(files) - {"audio"})
     if extra:
         raise bad_request(f"{where} has {extra[0]!r}, which search does not take; it takes "
                           f"{', '.join(FIELDS)} (and a multipart 'audio' file)")
-    if set(files) - {"audio"}:
-        raise bad_request(f"the form has a file {sorted(set(files) - {'audio'})[0]!r}; the clip goes in 'audio'")
+    if other_files:
+        raise bad_request(f"the form has a file {other_files[0]!r}; the clip goes in 'audio'")
 
 
 def _params() -> dict:
@@ -70,7 +71,7 @@ def _params() -> dict:
         f = request.args if request.method == "GET" else request.form
         _known(f, "the query string" if request.method == "GET" else "the form",
                request.files if request.method == "POST" else ())
-        p = {k: f.get(k) for k in ("q", "text", "k", "offset", "min_score", "mode", "item_id", "filter")}
+        p = {k: f.get(k) for k in ("q", "text", *OPTIONS)}
         if p["q"] not in (None, "") and p["text"] not in (None, "") and p["q"] != p["text"]:
             raise bad_request("give the query text once: 'text' or 'q'")
         p["q"] = p.pop("text") or p["q"]
@@ -85,7 +86,7 @@ def _params() -> dict:
     if not isinstance(body, dict):
         raise bad_request('send a JSON object like {"library_id": ..., "text": ..., "k": 10}')
     _known(body, "the JSON body")
-    p = {k: body.get(k) for k in ("k", "offset", "min_score", "mode", "item_id", "filter")}
+    p = {k: body.get(k) for k in OPTIONS}
     if body.get("q") is not None and body.get("text") is not None and body["q"] != body["text"]:
         raise bad_request("give the query text once: 'text' or 'q'")
     p["q"] = body["text"] if body.get("text") is not None else body.get("q")

@@ -118,13 +118,9 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options,
         d.cleanup()
         d.gone = True
         return d
-    except TooLong as exc:
-        d.cleanup()
-        d.error = f"{exc} (CLAPQ_MAX_DURATION_S)"
-        return d
     except DecodeError as exc:
         d.cleanup()
-        d.error = str(exc)
+        d.error = f"{exc} (CLAPQ_MAX_DURATION_S)" if isinstance(exc, TooLong) else str(exc)
         return d
     except BaseException:  # ScratchError (a full disk): the task's, not this file's; no file left behind
         d.cleanup()
