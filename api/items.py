@@ -34,8 +34,16 @@ def item_json(item: Item) -> dict:
         "filename": item.filename, "sha256": item.sha256, "size_bytes": item.size_bytes,
         "duration_s": item.duration_s, "sample_rate": item.sample_rate, "channels": item.channels,
         "format": item.audio_format, "metadata": item.meta or {}, "status": item.status,
-        "error": item.error, "attempts": item.attempts,
+        "error": item.error, "attempts": item.attempts, "progress": _progress(item),
     }
+
+
+def _progress(item: Item) -> float | None:
+    """The share of the file embedded: a running file's windows so far, as of the worker's last heartbeat
+    (CLAPQ_HEARTBEAT_S); none for a file that failed or was cancelled."""
+    if item.status == "running":
+        return item.progress or 0.0
+    return {"queued": 0.0, "done": 1.0}.get(item.status)
 
 
 @bp.get("/items/<item_id>")

@@ -61,26 +61,33 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
     session = db()
     counts = {s: 0 for s in STATES}
     size = {s: 0 for s in STATES}  # bytes of the files in each state: progress and ETA weigh files by size
+    # of the running files' bytes, the share embedded (a long file's windows so far, as of its last heartbeat)
+    part = Item.size_bytes * func.coalesce(Item.progress, 0.0)
     first_start = last_finish = None
-    for status, n, nbytes, started, finished in session.execute(
-        select(Item.status, func.count(), func.sum(Item.size_bytes), func.min(Item.started_at), func.max(Item.finished_at))
+    embedded = 0.0
+    for status, n, nbytes, nembedded, started, finished in session.execute(
+        select(Item.status, func.count(), func.sum(Item.size_bytes), func.sum(part), func.min(Item.started_at),
+               func.max(Item.finished_at))
         .where(Item.job_id == job.id).group_by(Item.status)
     ):
         counts[status], size[status] = n, int(nbytes or 0)
+        embedded += float(nembedded or 0) if status == "running" else 0.0
         first_start = min(filter(None, (first_start, started)), default=None)
         last_finish = max(filter(None, (last_finish, finished)), default=None)
-    own_finished = size["done"] + size["failed"] + size["cancelled"]  # this job's own work, for the ETA
+    # this job's own work, for the ETA
+    own_finished = size["done"] + size["failed"] + size["cancelled"] + embedded
     # copies count as the items they are copies of stand, as this job sees them (a copy of a file still
     # queued is queued; _seen_status)
     recorded = 0
     seen = _seen_status(job).label("seen")
-    for status, n, nbytes, finished in session.execute(
+    for status, n, nbytes, nembedded, finished in session.execute(
         select(seen, func.sum(JobDuplicate.copies), func.sum(JobDuplicate.copies * Item.size_bytes),
-               func.max(Item.finished_at))
+               func.sum(JobDuplicate.copies * part), func.max(Item.finished_at))
         .join(Item, Item.id == JobDuplicate.item_id).where(JobDuplicate.job_id == job.id).group_by(seen)
     ) if job.duplicates else ():  # most jobs have no copies: one query for them, not two
         counts[status] += int(n)
         size[status] += int(nbytes or 0)
+        embedded += float(nembedded or 0) if status == "running" else 0.0
         recorded += int(n)
         if finished is not None:  # a copy of a file embedded long ago ends no earlier than this job began
             last_finish = max(filter(None, (last_finish, finished, job.created_at)))
@@ -90,7 +97,7 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
     remaining = counts["queued"] + counts["running"]
     # by bytes, not files: a job of a hundred short clips and one long recording is not 99% done once the
     # clips are (bytes follow duration within a format; across formats, only roughly)
-    total_bytes, left = sum(size.values()), size["queued"] + size["running"]
+    total_bytes, left = sum(size.values()), size["queued"] + size["running"] - embedded
     if not counts["total"]:
         progress = 1.0
     elif total_bytes:

@@ -79,7 +79,8 @@ SPEC = {
                 "id": _ID, "filename": {"type": "string"}, "sha256": {"type": "string"},
                 "duration_s": {"type": ["number", "null"]}, "sample_rate": {"type": ["integer", "null"]},
                 "channels": {"type": ["integer", "null"]}, "metadata": {"type": "object"},
-                "status": {"type": "string"}, "error": {"type": ["string", "null"]}}},
+                "status": {"type": "string"}, "error": {"type": ["string", "null"]},
+                "progress": {"type": ["number", "null"]}}},
         },
         "responses": {"Error": {"description": "error envelope", "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},

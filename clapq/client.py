@@ -479,17 +479,20 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     return 1 if failed or refused else 0
 
 
-def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int], None] | None = None,
+def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, float], None] | None = None,
                poll_s: float = 1.0) -> list[dict]:
     """Wait until every job has ended and return their final states, in order. Each job is asked about
     once, then once a `poll_s` only the oldest that has not ended (the queue is first in, first out, so
     jobs end about in order; when one has ended the next is asked at once): a folder of 100 jobs costs the
-    API a request a second while it waits, not 100. `progress(processed, total)` after each look."""
+    API a request a second while it waits, not 100. `progress(processed, total, share)` after each look:
+    files processed, of all, and the share of the work done (the jobs' own `progress`, by bytes, which
+    moves while a long file is embedded; jobs weighed by their files)."""
     states = [client.call("GET", f"/v1/jobs/{j}") for j in jobs]
     while True:
         if progress is not None:
-            progress(sum(s["counts"]["done"] + s["counts"]["failed"] for s in states),
-                     sum(s["counts"]["total"] for s in states))
+            total = sum(s["counts"]["total"] for s in states)
+            progress(sum(s["counts"]["done"] + s["counts"]["failed"] for s in states), total,
+                     sum(s["progress"] * s["counts"]["total"] for s in states) / total if total else 1.0)
         waiting = [i for i, s in enumerate(states) if s["status"] in ("queued", "running")]
         if not waiting:
             return states
@@ -517,15 +520,17 @@ def _wait(client: Client, jobs: list[str], where: dict[str, str], copies_of: dic
     """Wait for the jobs, showing progress; list the files that failed (by their path in the folder,
     `where`: item id -> path, with the copies of its bytes sent beside it, `copies_of`: item id -> paths);
     returns their number, copies included."""
-    # on a terminal one line that updates in place; in a log, a line each time the count moves
+    # on a terminal one line that updates in place; in a log, a line each time the count or the tenth of
+    # the work done moves (a long file moves the share long before the count)
     tty, shown = sys.stderr.isatty(), [None]
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: int, total: int, share: float) -> None:
+        line = f"{done}/{total} files processed ({int(share * 100)}%)"
         if tty:
-            print(f"\r{done}/{total} files processed", end="", file=sys.stderr)
-        elif done != shown[0]:
-            print(f"{done}/{total} files processed", file=sys.stderr)
-        shown[0] = done
+            print(f"\r{line}", end="", file=sys.stderr)
+        elif (done, int(share * 10)) != shown[0]:
+            print(line, file=sys.stderr)
+        shown[0] = (done, int(share * 10))
 
     states = watch_jobs(client, jobs, progress)
     if tty:

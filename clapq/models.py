@@ -135,6 +135,8 @@ class Item(Base):
     sample_rate: Mapped[int | None] = mapped_column(Integer)
     channels: Mapped[int | None] = mapped_column(Integer)
     audio_format: Mapped[str | None] = mapped_column(String(32))
+    # while running: the share of its windows embedded, as of the worker's last heartbeat (migration 0009)
+    progress: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[dt.datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

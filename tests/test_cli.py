@@ -167,8 +167,8 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     summary = json.loads(out.stdout)
     assert summary["files"] == 3 and summary["duplicates"] == 1 and summary["failed"] == 0, summary
     # not a terminal: progress is whole lines (no carriage returns), the last one the final count
-    progress = [line for line in out.stderr.splitlines() if line.endswith("files processed")]
-    assert "\r" not in out.stderr and progress and progress[-1] == "3/3 files processed", out.stderr
+    progress = [line for line in out.stderr.splitlines() if "files processed" in line]
+    assert "\r" not in out.stderr and progress and progress[-1] == "3/3 files processed (100%)", out.stderr
     assert out.stderr.splitlines()[:3] == [
         "left out 1 file not named as audio (.txt)",
         "left out 2 named as audio that are not a file (a broken link, a pipe, a device): gone.wav, pipe.wav",
@@ -669,7 +669,7 @@ def test_a_failed_file_is_named_by_its_path_in_the_folder(tmp_path, tiny_model):
         if path.endswith("/batches"):
             return 202, {"job_id": "job1", "items": [{"id": "i1", "filename": "take.wav"},
                                                      {"id": "i2", "filename": "take.wav"}]}, {}
-        return 200, {"status": "done_with_errors", "counts": {"done": 1, "failed": 1, "total": 2},
+        return 200, {"status": "done_with_errors", "progress": 1.0, "counts": {"done": 1, "failed": 1, "total": 2},
                      "errors": [{"item_id": "i2", "filename": "take.wav", "error": "not a readable audio file"}]}, {}
 
     for day in ("day1", "day2"):
@@ -693,7 +693,7 @@ def test_one_file_can_be_uploaded_without_its_folder(tmp_path, tiny_model):
         if path.endswith("/batches"):
             return 202, {"job_id": "job1", "items": [{"id": "i1", "filename": "episode 12.take"}]}, {}
         if path.startswith("/v1/jobs/"):
-            return 200, {"status": "done", "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}
+            return 200, {"status": "done", "progress": 1.0, "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}
         return 404, None, {}
 
     write(tmp_path / "other.wav", 0.5)
@@ -729,7 +729,7 @@ def test_a_failed_file_names_its_copies_and_counts_them(tmp_path, tiny_model):
                                                          {"id": "i1", "filename": "b.wav", "duplicate_of": "i1"}]}, {}
             return 202, {"job_id": "job2", "items": [{"id": "i1", "filename": "c.wav", "duplicate_of": "i1"}]}, {}
         error = [{"item_id": "i1", "filename": "a.wav", "error": "not a readable audio file"}]
-        return 200, {"status": "done_with_errors", "counts": {"done": 0, "failed": 1, "total": 1}, "errors": error}, {}
+        return 200, {"status": "done_with_errors", "progress": 1.0, "counts": {"done": 0, "failed": 1, "total": 1}, "errors": error}, {}
 
     for name in ("a.wav", "b.wav", "c.wav"):
         (tmp_path / name).write_bytes(b"not audio, the same bytes")
@@ -751,7 +751,7 @@ def test_a_server_without_known_gets_every_file(tmp_path, tiny_model):
             return 404, {"error": {"code": "not_found", "message": "not found", "status": 404}}, {}
         if path.endswith("/batches"):
             return 202, {"job_id": "job1", "items": []}, {}
-        return 200, {"status": "done", "counts": {"done": 2, "failed": 0, "total": 2}, "errors": []}, {}
+        return 200, {"status": "done", "progress": 1.0, "counts": {"done": 2, "failed": 0, "total": 2}, "errors": []}, {}
 
     write(tmp_path / "a.wav", 0.5)
     write(tmp_path / "b.wav", 0.5, seed=1)
@@ -778,7 +778,7 @@ def test_files_held_but_not_embedded_yet_are_named(tmp_path, tiny_model):
             return 200, {"known": [held], "pending": [held]}, {}
         if path.endswith("/batches"):
             return 202, {"job_id": "job1", "items": []}, {}
-        return 200, {"status": "done", "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}
+        return 200, {"status": "done", "progress": 1.0, "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}
 
     with fake_api(answer) as url:
         p = _upload(tmp_path, url, tiny_model)
@@ -801,7 +801,7 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
             return 404, None, {}
         if method == "GET":  # a job, never finished
             polled.set()
-            return 200, {"status": "running", "counts": {"done": 0, "failed": 0, "total": 1}, "errors": []}, {}
+            return 200, {"status": "running", "progress": 0.0, "counts": {"done": 0, "failed": 0, "total": 1}, "errors": []}, {}
         if posted.is_set():  # the second upload request: never answered
             return None
         posted.set()
@@ -860,7 +860,7 @@ def test_ordinary_mishaps_are_sentences_not_tracebacks(tmp_path, tiny_model):
         if method == "POST":
             (folder / "c128.wav").unlink()  # the second request's file goes away meanwhile
             return 202, {"job_id": "job1", "items": []}, {}
-        return 200, {"status": "done", "counts": {"done": 128, "failed": 0, "total": 128}, "errors": []}, {}
+        return 200, {"status": "done", "progress": 1.0, "counts": {"done": 128, "failed": 0, "total": 128}, "errors": []}, {}
 
     with fake_api(answer) as url:
         out = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "x", "--url", url,
@@ -899,16 +899,16 @@ def test_waiting_asks_about_one_job_at_a_time():
         job = path.rsplit("/", 1)[-1]
         looks[job] += 1
         ended = looks[job] >= ends_after[job]
-        return 200, {"status": "done" if ended else "running", "errors": [],
+        return 200, {"status": "done" if ended else "running", "errors": [], "progress": 1.0 if ended else 0.5,
                      "counts": {"done": int(ended), "failed": 0, "total": 1}}, {}
 
     seen = []
     with fake_api(answer) as url:
-        states = watch_jobs(Client(url, "cq_x"), ["j1", "j2", "j3"], lambda done, total: seen.append((done, total)),
-                            poll_s=0.01)
+        states = watch_jobs(Client(url, "cq_x"), ["j1", "j2", "j3"],
+                            lambda done, total, share: seen.append((done, total, round(share, 3))), poll_s=0.01)
     assert [s["status"] for s in states] == ["done"] * 3
     assert dict(looks) == ends_after  # j2 once; j3 only after j1 has ended
-    assert seen == [(1, 3), (1, 3), (3, 3)]
+    assert seen == [(1, 3, 0.667), (1, 3, 0.667), (3, 3, 1.0)]  # a running job's share counts
 
 
 def test_an_api_that_goes_away_for_a_while_is_waited_for(monkeypatch, capsys):
@@ -926,9 +926,9 @@ def test_an_api_that_goes_away_for_a_while_is_waited_for(monkeypatch, capsys):
                                     " in 5 s"}}, {"Retry-After": "1"}),
         (502, None, {"Retry-After": "1"}),
         "drop",
-        (200, {"status": "done", "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}),
+        (200, {"status": "done", "progress": 1.0, "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}),
     ])
-    done = {"status": "done", "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}
+    done = {"status": "done", "progress": 1.0, "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}
     with fake_api(lambda method, path: next(answers)) as url:
         api = Client(url, "cq_x")
         assert watch_jobs(api, ["j1"], poll_s=0.01)[0]["status"] == "done"  # the third answer
@@ -980,7 +980,7 @@ def test_a_busy_api_is_waited_for_and_a_library_made_meanwhile_is_used(tmp_path,
                 return 429, {"error": {"code": "busy", "message": "9 files are waiting", "status": 429}}, \
                     {"Retry-After": "1"}
             return 202, {"job_id": "job1", "items": []}, {}
-        return 200, {"status": "done", "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}
+        return 200, {"status": "done", "progress": 1.0, "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}
 
     write(tmp_path / "a.wav", 0.5)
     write(tmp_path / "._a.wav", 0.1)  # macOS's resource fork beside a copied file

@@ -271,3 +271,106 @@ def test_progress_and_eta_weigh_files_by_their_size(client, new_key, settings):
         assert got["status"] == "running" and got["counts"]["done"] == 1 and got["counts"]["running"] == 1, got
         assert got["progress"] == expect, got
         assert abs(got["eta_s"] - eta) < 0.1 * eta, got
+
+
+def test_a_long_file_moves_its_job_before_it_ends(client, new_key, settings):
+    """A running 9 MB recording and a finished 1 MB clip: once the worker's heartbeat records the
+    recording half embedded, the job is 0.1 + 0.45 of the way and its ETA counts that half; the item
+    shows its share. A beat of another task, or naming an item this task does not hold, records nothing,
+    and a new try of the file starts again from 0. (Rows written directly, beats through the worker's
+    own store.heartbeat: no worker needed.)"""
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+    from worker import store
+
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "part-way"}, headers=auth(key)).get_json()
+    ids = {}
+    with session_scope(settings.database_url) as s:
+        tenant = s.execute(text("SELECT tenant_id FROM libraries WHERE id = :l"), {"l": lib["id"]}).scalar()
+        job = s.execute(text("INSERT INTO jobs (id, tenant_id, library_id, kind) VALUES "
+                             "(gen_random_uuid(), :t, :l, 'upload') RETURNING id"),
+                        {"t": tenant, "l": lib["id"]}).scalar()
+        for name, size, status in (("long", 9_000_000, "running"), ("short", 1_000_000, "done")):
+            ids[name] = s.execute(text(
+                "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, metadata, "
+                "status, attempts, claimed_by, started_at, finished_at) VALUES (gen_random_uuid(), :t, :l, :j, :s, "
+                ":n, :b, '{}', :st, 1, 'task-1', now() - interval '100 seconds', "
+                "CASE WHEN :st = 'done' THEN now() END) RETURNING id"),
+                {"t": tenant, "l": lib["id"], "j": job, "s": uuid.uuid4().hex * 2, "n": f"{name}.wav",
+                 "b": size, "st": status}).scalar()
+
+    def beat(task_id, shares):
+        with session_scope(settings.database_url) as s:
+            return store.heartbeat(s, [ids["long"]], task_id, shares)
+
+    def seen():
+        got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
+        item = client.get(f"/v1/items/{ids['long']}", headers=auth(key)).get_json()
+        return got, item
+
+    got, item = seen()
+    assert got["progress"] == 0.1 and item["progress"] == 0.0, (got, item)
+    assert beat("task-1", {ids["long"]: 0.5, ids["short"]: 0.9}) == set()
+    got, item = seen()
+    assert got["status"] == "running" and got["progress"] == 0.55 and item["progress"] == 0.5, (got, item)
+    assert abs(got["eta_s"] - 4.5 * 100 / 5.5) < 10, got  # 4.5 MB left at 5.5 MB a 100 s
+    short = client.get(f"/v1/items/{ids['short']}", headers=auth(key)).get_json()
+    assert short["progress"] == 1.0, short  # a finished file, whatever a beat named
+    # another task's beat finds the file not its own (and says so), and records nothing
+    assert beat("task-2", {ids["long"]: 0.9}) == {ids["long"]}
+    assert seen()[0]["progress"] == 0.55
+    # a new try (the worker died, the sweeper sent it again) starts from 0
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE items SET status = 'queued' WHERE id = :i"), {"i": ids["long"]})
+        model = s.execute(text("SELECT model_id FROM libraries WHERE id = :l"), {"l": lib["id"]}).scalar()
+        assert [c.id for c in store.claim(s, [ids["long"]], model, 3, "task-3", 60)] == [ids["long"]]
+    got, item = seen()
+    assert got["progress"] == 0.1 and item["progress"] == 0.0, (got, item)
+
+
+def test_while_a_file_is_part_way_the_heartbeat_records_it_often(new_key, client, settings):
+    """A task's heartbeat (every 300 s here) beats every PROGRESS_EVERY_S while the task has a file
+    part-way, so a job follows a long file without waiting for CLAPQ_HEARTBEAT_S; with none, it stays
+    quiet."""
+    import time
+
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+    from worker.heartbeat import PROGRESS_EVERY_S, beating
+
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "beats"}, headers=auth(key)).get_json()
+    with session_scope(settings.database_url) as s:
+        tenant = s.execute(text("SELECT tenant_id FROM libraries WHERE id = :l"), {"l": lib["id"]}).scalar()
+        job = s.execute(text("INSERT INTO jobs (id, tenant_id, library_id, kind) VALUES "
+                             "(gen_random_uuid(), :t, :l, 'upload') RETURNING id"), {"t": tenant, "l": lib["id"]}).scalar()
+        item = s.execute(text(
+            "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, status, attempts, "
+            "claimed_by, started_at) VALUES (gen_random_uuid(), :t, :l, :j, :s, 'long.wav', 100, 'running', 1, "
+            "'task-beats', now()) RETURNING id"),
+            {"t": tenant, "l": lib["id"], "j": job, "s": uuid.uuid4().hex * 2}).scalar()
+
+    def row():
+        with session_scope(settings.database_url) as s:
+            return s.execute(text("SELECT progress, updated_at FROM items WHERE id = :i"), {"i": item}).one()
+
+    def until(share):
+        deadline = time.monotonic() + 60
+        while row().progress != share and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return row()
+
+    before = row()
+    progress: dict = {}
+    with beating(settings.database_url, {item}, "task-beats", 300, progress=progress):
+        time.sleep(PROGRESS_EVERY_S + 1)
+        assert row() == before  # nothing part-way: no beat before the interval
+        progress[item] = 0.25
+        now = until(0.25)
+        assert now.progress == 0.25 and now.updated_at > before.updated_at, now
+        progress[item] = 0.5
+        assert until(0.5).progress == 0.5
+    assert client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()["progress"] == 0.5

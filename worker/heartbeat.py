@@ -14,6 +14,7 @@ from clapq.db import session_scope
 log = logging.getLogger(__name__)
 
 MIN_GAP_S = 1.0  # at least this long between two beats of a task, however many deletions wake it
+PROGRESS_EVERY_S = 2.0  # while a long file is part-way, a beat this often records its progress
 _waiting: set[threading.Event] = set()  # one per running task's heartbeat, set when items go
 _subscribed: dict[str, threading.Event] = {}  # per Redis: set while this process's listener is subscribed
 _lock = threading.Lock()
@@ -63,10 +64,12 @@ def listening(redis_url: str) -> threading.Event:
 @contextlib.contextmanager
 def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: float,
             on_gone: Callable[[set[uuid.UUID]], None] | None = None,
-            redis_url: str | None = None) -> Iterator[None]:
+            redis_url: str | None = None, progress: dict[uuid.UUID, float] | None = None) -> Iterator[None]:
     """Beat for `ids` every `interval_s`, and at once when the API announces deleted or cancelled files
     on `redis_url`; `on_gone(ids)` hears of those the task no longer holds (deleted meanwhile, or taken
-    by another task), so it can stop working on them."""
+    by another task), so it can stop working on them. Each beat records `progress` (item id -> share of
+    its windows embedded, which the task updates as it goes) for the items it names, and while it names
+    any, beats come every PROGRESS_EVERY_S: a job's progress follows a long file closely."""
     from worker.store import heartbeat
 
     stop, wake = threading.Event(), threading.Event()
@@ -76,15 +79,18 @@ def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: floa
     def loop() -> None:
         last = time.monotonic()
         while True:
-            if wake.wait(interval_s) and not stop.is_set():  # woken: at most one such beat a MIN_GAP_S
+            if wake.wait(min(interval_s, PROGRESS_EVERY_S)):  # woken: at most one such beat a MIN_GAP_S
                 stop.wait(MIN_GAP_S - (time.monotonic() - last))
+            elif not progress and time.monotonic() - last < interval_s:
+                continue  # no file part-way, and no beat due yet
             wake.clear()
             if stop.is_set():
                 return
             last = time.monotonic()
             try:
                 with session_scope(url) as s:
-                    gone = heartbeat(s, list(ids), task_id)  # the task may add items to `ids` as it goes
+                    # the task adds items to `ids` and updates `progress` as it goes: copies, taken whole
+                    gone = heartbeat(s, list(ids), task_id, dict(progress) if progress else None)
                 if gone and on_gone is not None:
                     on_gone(gone)
             except Exception:  # a missed beat only risks a harmless duplicate run

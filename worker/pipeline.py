@@ -160,7 +160,8 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
         on_batch: Callable[[int, float], None] | None = None,
         top_up: Callable[[int], list] | None = None,
         more: Callable[[], list] | None = None,
-        dropped: Collection[uuid.UUID] = ()) -> None:
+        dropped: Collection[uuid.UUID] = (),
+        progress: dict[uuid.UUID, float] | None = None) -> None:
     """Pack windows from many files into full batches; hand finished items to the writer.
 
     `more()`, asked when the read-ahead has taken the last item, returns the next items to decode (the
@@ -171,11 +172,13 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
     more items to fill it: a GPU batch of 256 is not run three-quarters empty because a task brought 64
     files. Padding stays for the very end. Items whose ids appear in `dropped` (the heartbeat adds
     those deleted meanwhile) are dropped with their windows not yet run, or their decoding stopped, and
-    reach neither `on_done` nor `on_failed`."""
+    reach neither `on_done` nor `on_failed`. `progress`, if given, holds each file part-way through the
+    model (a long file spans many batches): its share of windows embedded, until it is done or dropped."""
     window = embedder.window_samples
     if opts.read_ahead == 0 and embedder.clap.device.type == "cuda":
         opts = dataclasses.replace(opts, read_ahead=opts.batch_size)
     queue: list[tuple[Decoded, int]] = []  # (file, window index) waiting for the model
+    progress = {} if progress is None else progress
     results: dict[uuid.UUID, list] = {}
     seen: list[Decoded] = []
 
@@ -202,6 +205,7 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
             if not np.isfinite(vec).all():
                 # Postgres would reject the vector and with it the whole batch's transaction: fail this file alone
                 results.pop(d.item.id)
+                progress.pop(d.item.id, None)
                 d.error = "the model produced non-finite values for this audio"
                 on_failed(d)
                 d.cleanup()
@@ -209,7 +213,10 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
             slots[i] = vec
             if all(v is not None for v in slots):
                 finished.append((d, np.stack(results.pop(d.item.id))))
+                progress.pop(d.item.id, None)
                 d.cleanup()
+            else:
+                progress[d.item.id] = sum(v is not None for v in slots) / len(slots)
         if finished:
             on_done(finished)
 
@@ -220,6 +227,7 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
         for d in seen:
             if d.item.id in gone:
                 results.pop(d.item.id)
+                progress.pop(d.item.id, None)
                 d.cleanup()
         queue[:] = [(d, i) for d, i in queue if d.item.id not in gone]
 

@@ -6,7 +6,7 @@ import dataclasses
 import uuid
 
 import numpy as np
-from sqlalchemy import and_, func, or_, select, text, update
+from sqlalchemy import and_, case, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from clapq.models import Item, Job, Library
@@ -59,6 +59,7 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
             resumed = item.status == "running" and item.claimed_by == task_id
             item.status, item.attempts, item.claimed_by = "running", item.attempts + 1, task_id
             item.started_at = item.updated_at = func.now()
+            item.progress = None  # a try starts over
             claimed.append(Claimed(item.id, item.sha256, item.library_id, lib_model, item.job_id, item.tenant_id,
                                    item.attempts, resumed))
     return claimed
@@ -83,12 +84,19 @@ def claim_more(session: Session, model_id: int, max_attempts: int, task_id: str,
     return claim(session, ids, model_id, max_attempts, task_id, stale_after_s) if ids else []
 
 
-def heartbeat(session: Session, ids: list[uuid.UUID], task_id: str) -> set[uuid.UUID]:
-    """Tell the sweeper these items are still being worked on; returns those of them this task no longer
-    holds: deleted, or taken by another task after missed beats (or just finished here)."""
+def heartbeat(session: Session, ids: list[uuid.UUID], task_id: str,
+              progress: dict[uuid.UUID, float] | None = None) -> set[uuid.UUID]:
+    """Tell the sweeper these items are still being worked on, and record `progress` (item id -> share of
+    its windows embedded) for those it names; returns those of them this task no longer holds: deleted,
+    or taken by another task after missed beats (or just finished here)."""
+    values = {"updated_at": func.now()}
+    held = set(ids)
+    shares = {i: p for i, p in (progress or {}).items() if i in held}
+    if shares:
+        values["progress"] = case(shares, value=Item.id, else_=Item.progress)
     kept = session.scalars(update(Item).where(Item.id.in_(ids), Item.status == "running", Item.claimed_by == task_id)
-                           .values(updated_at=func.now()).returning(Item.id))
-    return set(ids) - set(kept)
+                           .values(**values).returning(Item.id))
+    return held - set(kept)
 
 
 def release(session: Session, item_ids: list[uuid.UUID], reason: str, task_id: str,

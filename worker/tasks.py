@@ -240,12 +240,15 @@ def embed_items(self, item_ids: list[str]) -> dict:
         dropped.update(ids)
         held.difference_update(ids)
 
+    # a long file's share of windows embedded, which each heartbeat records: its job's progress moves
+    # before the file ends (GET /v1/jobs/<id>)
+    progress: dict = {}
     try:
         with beating(settings.database_url, held, task_id, settings.heartbeat_s, on_gone=on_gone,
-                     redis_url=settings.redis_url):
+                     redis_url=settings.redis_url, progress=progress):
             pipeline.run(claimed, blobs, decoders, embedder, opts, on_done, on_failed,
                          on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs), top_up=top_up, more=more,
-                         dropped=dropped)
+                         dropped=dropped, progress=progress)
     except TRANSIENT as exc:
         # Celery runs this task again with its own files (the writes are idempotent); the files it took
         # from later tasks, whose messages are spent, go back now, this try not counted against them
