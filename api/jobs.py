@@ -63,19 +63,24 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
     size = {s: 0 for s in STATES}  # bytes of the files in each state: progress and ETA weigh files by size
     # of the running files' bytes, the share embedded (a long file's windows so far, as of its last heartbeat)
     part = Item.size_bytes * func.coalesce(Item.progress, 0.0)
+    # the ETA's pace: bytes finished since the job's last retry (a day after it first ran), or all of them
+    paced = (func.sum(Item.size_bytes).filter(Item.finished_at >= job.retried_at) if job.retried_at is not None
+             else func.sum(Item.size_bytes))
     first_start = last_finish = None
-    embedded = 0.0
-    for status, n, nbytes, nembedded, started, finished in session.execute(
-        select(Item.status, func.count(), func.sum(Item.size_bytes), func.sum(part), func.min(Item.started_at),
-               func.max(Item.finished_at))
+    embedded = own_finished = 0.0
+    for status, n, nbytes, nembedded, npaced, started, finished in session.execute(
+        select(Item.status, func.count(), func.sum(Item.size_bytes), func.sum(part), paced,
+               func.min(Item.started_at), func.max(Item.finished_at))
         .where(Item.job_id == job.id).group_by(Item.status)
     ):
         counts[status], size[status] = n, int(nbytes or 0)
-        embedded += float(nembedded or 0) if status == "running" else 0.0
+        if status == "running":
+            embedded += float(nembedded or 0)
+        elif status != "queued":
+            own_finished += float(npaced or 0)  # this job's own work, for the ETA
         first_start = min(filter(None, (first_start, started)), default=None)
         last_finish = max(filter(None, (last_finish, finished)), default=None)
-    # this job's own work, for the ETA
-    own_finished = size["done"] + size["failed"] + size["cancelled"] + embedded
+    own_finished += embedded
     # copies count as the items they are copies of stand, as this job sees them (a copy of a file still
     # queued is queued; _seen_status)
     recorded = 0
@@ -108,7 +113,7 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         progress = min(progress, 0.9999)
     eta = None
     if remaining and own_finished and first_start is not None:
-        elapsed = (dt.datetime.now(dt.timezone.utc) - first_start).total_seconds()
+        elapsed = (dt.datetime.now(dt.timezone.utc) - max(filter(None, (first_start, job.retried_at)))).total_seconds()
         eta = round(left * elapsed / own_finished, 1)
     out = {
         "id": str(job.id),
@@ -228,7 +233,7 @@ def retry_job(job_id: str):
                         .values(copies=JobDuplicate.copies - 1))
         session.execute(delete(JobDuplicate).where(JobDuplicate.job_id == job.id, JobDuplicate.copies <= 0))
         job.duplicates -= len(moved)
-    job.cancelled = False
+    job.cancelled, job.retried_at = False, func.now()
     session.commit()
     enqueue_committed(current_app.extensions["clapq_celery"], ids, current_app.config["CLAPQ"].items_per_task,
                       job_id=str(job.id))

@@ -90,6 +90,8 @@ class Job(Base):
     # which item each is a copy of is in job_duplicates (since migration 0004)
     duplicates: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # its last retry: the ETA counts the pace from then on (migration 0009)
+    retried_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class JobDuplicate(Base):

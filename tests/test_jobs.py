@@ -242,31 +242,40 @@ def test_a_copy_of_a_file_still_queued_is_not_done(client, new_key, settings, tm
     assert job["finished_at"] >= job["created_at"]
 
 
-def test_progress_and_eta_weigh_files_by_their_size(client, new_key, settings):
-    """A long recording and a short clip in one job: with the clip done the job is a tenth of the way,
-    not half, and its ETA is about nine times the time so far; with the recording done, nine tenths and a
-    ninth. (Rows written directly: no worker needed.)"""
+def job_rows(settings, library_id: str, files, started_s: float = 100, finished_s: float = 0,
+             claimed_by: str | None = None, job_age_s: float = 0) -> tuple[uuid.UUID, dict[str, uuid.UUID]]:
+    """A job of `files` ((name, bytes, status), ...) written straight into Postgres, as a worker leaves
+    them: started `started_s` ago, those that ended `finished_s` ago; returns the job's id and the items'
+    by name. Progress and ETA tests need no worker and no waiting."""
     from sqlalchemy import text
 
     from clapq.db import session_scope
 
+    with session_scope(settings.database_url) as s:
+        tenant = s.execute(text("SELECT tenant_id FROM libraries WHERE id = :l"), {"l": library_id}).scalar()
+        job = s.execute(text("INSERT INTO jobs (id, tenant_id, library_id, kind, created_at) VALUES "
+                             "(gen_random_uuid(), :t, :l, 'upload', now() - make_interval(secs => :age)) RETURNING id"),
+                        {"t": tenant, "l": library_id, "age": job_age_s}).scalar()
+        ids = {name: s.execute(text(
+            "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, status, attempts, "
+            "claimed_by, started_at, finished_at) VALUES (gen_random_uuid(), :t, :l, :j, :s, :n, :b, :st, 1, :by, "
+            "now() - make_interval(secs => :started), CASE WHEN :st IN ('done', 'failed', 'cancelled') "
+            "THEN now() - make_interval(secs => :finished) END) RETURNING id"),
+            {"t": tenant, "l": library_id, "j": job, "s": uuid.uuid4().hex * 2, "n": f"{name}.wav", "b": size,
+             "st": status, "by": claimed_by, "started": started_s, "finished": finished_s}).scalar()
+            for name, size, status in files}
+    return job, ids
+
+
+def test_progress_and_eta_weigh_files_by_their_size(client, new_key, settings):
+    """A long recording and a short clip in one job: with the clip done the job is a tenth of the way,
+    not half, and its ETA is about nine times the time so far; with the recording done, nine tenths and a
+    ninth."""
     key = new_key()
     lib = client.post("/v1/libraries", json={"name": "weights"}, headers=auth(key)).get_json()
     for done, expect, eta in (("short", 0.1, 9 * 100), ("long", 0.9, 100 / 9)):
-        with session_scope(settings.database_url) as s:
-            tenant = s.execute(text("SELECT tenant_id FROM libraries WHERE id = :l"), {"l": lib["id"]}).scalar()
-            job = s.execute(text("INSERT INTO jobs (id, tenant_id, library_id, kind) VALUES "
-                                 "(gen_random_uuid(), :t, :l, 'upload') RETURNING id"),
-                            {"t": tenant, "l": lib["id"]}).scalar()
-            for name, size in (("long", 9_000_000), ("short", 1_000_000)):
-                finished = name == done
-                s.execute(text(
-                    "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, metadata, "
-                    "status, attempts, started_at, finished_at) VALUES (gen_random_uuid(), :t, :l, :j, :s, :n, "
-                    ":b, '{}', :st, 1, now() - interval '100 seconds', "
-                    "CASE WHEN :fin THEN now() END)"),
-                    {"t": tenant, "l": lib["id"], "j": job, "s": uuid.uuid4().hex * 2, "n": f"{name}.wav",
-                     "b": size, "st": "done" if finished else "running", "fin": finished})
+        job, _ = job_rows(settings, lib["id"], [(name, size, "done" if name == done else "running")
+                                                for name, size in (("long", 9_000_000), ("short", 1_000_000))])
         got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
         assert got["status"] == "running" and got["counts"]["done"] == 1 and got["counts"]["running"] == 1, got
         assert got["progress"] == expect, got
@@ -277,8 +286,7 @@ def test_a_long_file_moves_its_job_before_it_ends(client, new_key, settings):
     """A running 9 MB recording and a finished 1 MB clip: once the worker's heartbeat records the
     recording half embedded, the job is 0.1 + 0.45 of the way and its ETA counts that half; the item
     shows its share. A beat of another task, or naming an item this task does not hold, records nothing,
-    and a new try of the file starts again from 0. (Rows written directly, beats through the worker's
-    own store.heartbeat: no worker needed.)"""
+    and a new try of the file starts again from 0. (Beats through the worker's own store.heartbeat.)"""
     from sqlalchemy import text
 
     from clapq.db import session_scope
@@ -286,20 +294,8 @@ def test_a_long_file_moves_its_job_before_it_ends(client, new_key, settings):
 
     key = new_key()
     lib = client.post("/v1/libraries", json={"name": "part-way"}, headers=auth(key)).get_json()
-    ids = {}
-    with session_scope(settings.database_url) as s:
-        tenant = s.execute(text("SELECT tenant_id FROM libraries WHERE id = :l"), {"l": lib["id"]}).scalar()
-        job = s.execute(text("INSERT INTO jobs (id, tenant_id, library_id, kind) VALUES "
-                             "(gen_random_uuid(), :t, :l, 'upload') RETURNING id"),
-                        {"t": tenant, "l": lib["id"]}).scalar()
-        for name, size, status in (("long", 9_000_000, "running"), ("short", 1_000_000, "done")):
-            ids[name] = s.execute(text(
-                "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, metadata, "
-                "status, attempts, claimed_by, started_at, finished_at) VALUES (gen_random_uuid(), :t, :l, :j, :s, "
-                ":n, :b, '{}', :st, 1, 'task-1', now() - interval '100 seconds', "
-                "CASE WHEN :st = 'done' THEN now() END) RETURNING id"),
-                {"t": tenant, "l": lib["id"], "j": job, "s": uuid.uuid4().hex * 2, "n": f"{name}.wav",
-                 "b": size, "st": status}).scalar()
+    job, ids = job_rows(settings, lib["id"], [("long", 9_000_000, "running"), ("short", 1_000_000, "done")],
+                        claimed_by="task-1")
 
     def beat(task_id, shares):
         with session_scope(settings.database_url) as s:
@@ -343,15 +339,8 @@ def test_while_a_file_is_part_way_the_heartbeat_records_it_often(new_key, client
 
     key = new_key()
     lib = client.post("/v1/libraries", json={"name": "beats"}, headers=auth(key)).get_json()
-    with session_scope(settings.database_url) as s:
-        tenant = s.execute(text("SELECT tenant_id FROM libraries WHERE id = :l"), {"l": lib["id"]}).scalar()
-        job = s.execute(text("INSERT INTO jobs (id, tenant_id, library_id, kind) VALUES "
-                             "(gen_random_uuid(), :t, :l, 'upload') RETURNING id"), {"t": tenant, "l": lib["id"]}).scalar()
-        item = s.execute(text(
-            "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, status, attempts, "
-            "claimed_by, started_at) VALUES (gen_random_uuid(), :t, :l, :j, :s, 'long.wav', 100, 'running', 1, "
-            "'task-beats', now()) RETURNING id"),
-            {"t": tenant, "l": lib["id"], "j": job, "s": uuid.uuid4().hex * 2}).scalar()
+    job, ids = job_rows(settings, lib["id"], [("long", 100, "running")], started_s=0, claimed_by="task-beats")
+    item = ids["long"]
 
     def row():
         with session_scope(settings.database_url) as s:
@@ -374,3 +363,33 @@ def test_while_a_file_is_part_way_the_heartbeat_records_it_often(new_key, client
         progress[item] = 0.5
         assert until(0.5).progress == 0.5
     assert client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()["progress"] == 0.5
+
+
+def test_a_retry_a_day_later_takes_its_eta_from_the_retry(client, new_key, settings):
+    """A job ran a day ago: 90 MB embedded, two files of 5 MB failed. Retried now, with one of them done
+    since, its ETA is of the retry's pace (seconds), not 5 MB at the first day's pace (90 + 5 MB a day,
+    ~4,500 s). (The retry through an API whose queue is out of reach: no worker takes the files.)"""
+    from sqlalchemy import text
+
+    from api import create_app
+    from clapq.db import session_scope
+
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "next day"}, headers=auth(key)).get_json()
+    day = 24 * 3600
+    job, ids = job_rows(settings, lib["id"], [("old", 90_000_000, "done"), ("a", 5_000_000, "failed"),
+                                              ("b", 5_000_000, "failed")],
+                        started_s=day, finished_s=day - 60, job_age_s=day)
+    paused = create_app(dataclasses.replace(settings, redis_url="redis://127.0.0.1:9/0")).test_client()
+    r = paused.post(f"/v1/jobs/{job}/retry", headers=auth(key))
+    assert r.status_code == 202 and r.get_json()["requeued"] == 2, r.get_json()
+    with session_scope(settings.database_url) as s:
+        assert s.execute(text("SELECT now() - retried_at < interval '1 minute' FROM jobs WHERE id = :j"),
+                         {"j": job}).scalar()
+        # as if the retry was 100 s ago, and a worker has just finished the first retried file
+        s.execute(text("UPDATE jobs SET retried_at = now() - interval '100 seconds' WHERE id = :j"), {"j": job})
+        s.execute(text("UPDATE items SET status = 'done', started_at = now() - interval '90 seconds', "
+                       "finished_at = now() WHERE id = :i"), {"i": ids["a"]})
+    got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
+    assert got["status"] == "running" and got["progress"] == 0.95, got
+    assert abs(got["eta_s"] - 100) < 10, got  # 5 MB left at 5 MB a 100 s
