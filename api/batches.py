@@ -17,7 +17,7 @@ from api.models_info import served_model_for
 from api.query import MAX_CLIP_S
 from api.uploads import display_name
 from clapq.blobs import BLOB_LOCK, unqueue_reclaim
-from clapq.models import BlobReclaim, Item, Job, JobDuplicate, Library
+from clapq.models import BlobReclaim, Item, Job, JobDuplicate, Library, requeued
 from clapq.queue import enqueue_committed
 
 bp = Blueprint("batches", __name__)
@@ -149,9 +149,7 @@ def upload_batch(lib_id: str):
     if retried:
         # they failed (or were cancelled) before: uploading them again is a retry, tracked by this
         # job, so the job reports their new outcome instead of counting them done unseen
-        session.execute(update(Item).where(Item.id.in_(retried)).values(
-            job_id=job.id, status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
-            updated_at=func.now()))
+        session.execute(update(Item).where(Item.id.in_(retried)).values(**requeued(job.id)))
         for sha, r in existing.items():  # metadata sent with a retried file replaces what it had
             if r.id in retried and rows[sha]["meta"]:
                 session.execute(update(Item).where(Item.id == r.id).values(meta=rows[sha]["meta"]))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 from flask import Blueprint, current_app, g, request
 from sqlalchemy import and_, case, delete, func, or_, select, update
 
@@ -13,7 +11,7 @@ from api.items import item_json
 from api.lookup import owned
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
 from api.removal import announce_gone
-from clapq.models import Item, Job, JobDuplicate
+from clapq.models import Item, Job, JobDuplicate, requeued
 from clapq.queue import enqueue_committed
 
 bp = Blueprint("jobs", __name__)
@@ -66,11 +64,12 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
     # the ETA's pace: bytes finished since the job's last retry (a day after it first ran), or all of them
     paced = (func.sum(Item.size_bytes).filter(Item.finished_at >= job.retried_at) if job.retried_at is not None
              else func.sum(Item.size_bytes))
-    first_start = last_finish = None
+    first_start = last_finish = now = None
     embedded = own_finished = 0.0
-    for status, n, nbytes, nembedded, npaced, started, finished in session.execute(
+    # Postgres's now(), not this host's clock: the times it is measured against are Postgres's
+    for status, n, nbytes, nembedded, npaced, started, finished, now in session.execute(
         select(Item.status, func.count(), func.sum(Item.size_bytes), func.sum(part), paced,
-               func.min(Item.started_at), func.max(Item.finished_at))
+               func.min(Item.started_at), func.max(Item.finished_at), func.now())
         .where(Item.job_id == job.id).group_by(Item.status)
     ):
         counts[status], size[status] = n, int(nbytes or 0)
@@ -113,8 +112,8 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         progress = min(progress, 0.9999)
     eta = None
     if remaining and own_finished and first_start is not None:
-        elapsed = (dt.datetime.now(dt.timezone.utc) - max(filter(None, (first_start, job.retried_at)))).total_seconds()
-        eta = round(left * elapsed / own_finished, 1)
+        elapsed = (now - max(filter(None, (first_start, job.retried_at)))).total_seconds()
+        eta = round(left * max(elapsed, 0.0) / own_finished, 1)
     out = {
         "id": str(job.id),
         "library_id": str(job.library_id),
@@ -221,8 +220,7 @@ def retry_job(job_id: str):
     own = and_(Item.job_id == job.id, Item.status.in_(states))
     ids = list(session.scalars(
         update(Item).where(or_(own, Item.id.in_(moved)) if moved else own)
-        .values(job_id=job.id, status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
-                updated_at=func.now())
+        .values(**requeued(job.id))
         .returning(Item.id)
     ))
     if not ids:  # and the job stays as it stands: a cancelled one is not turned into a done one

@@ -393,6 +393,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     # bytes it holds are not sent again, only the rest
     check = lib.get("item_count", 0) > 0
     jobs, sent, skipped, unfinished, in_flight = [], 0, 0, 0, 0
+    job_bytes: list[int] = []  # what each job was sent: its weight in the share shown while waiting
     copies_of: dict[str, list[str]] = {}  # item id -> the paths of the copies sent of its bytes
     where: dict[str, str] = {}  # item id -> the file's path in the folder (the server keeps its base name)
     # copies not sent, since the library holds their bytes: named as the server names the copies it is sent,
@@ -416,12 +417,13 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                 if not batch:
                     continue
             # said before the request, which on a slow network takes minutes: the command is not stuck
-            print(f"uploading {n_files(len(batch))} ({sum(p.stat().st_size for p in batch) / 1e6:.1f} MB)",
-                  file=sys.stderr)
+            nbytes = sum(p.stat().st_size for p in batch)
+            print(f"uploading {n_files(len(batch))} ({nbytes / 1e6:.1f} MB)", file=sys.stderr)
             in_flight = len(batch)
             answer = _send(client, lib["id"], folder, batch)
             in_flight = 0
             jobs.append(answer["job_id"])
+            job_bytes.append(nbytes)
             for it, p in zip(answer["items"], batch):
                 rel = p.relative_to(folder).as_posix()
                 if "duplicate_of" in it:  # the same bytes as a file sent before it: one item for both
@@ -465,7 +467,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         print(f"{n_files(copies)} had the same bytes as another and {'is' if copies == 1 else 'are'} "
               f"stored once: {_some(said)}", file=sys.stderr)
     try:
-        failed = _wait(client, jobs, where, copies_of) if wait and jobs else 0
+        failed = _wait(client, jobs, job_bytes, where, copies_of) if wait and jobs else 0
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # after the progress line
@@ -480,19 +482,20 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
 
 
 def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, float], None] | None = None,
-               poll_s: float = 1.0) -> list[dict]:
+               poll_s: float = 1.0, weights: list[float] | None = None) -> list[dict]:
     """Wait until every job has ended and return their final states, in order. Each job is asked about
     once, then once a `poll_s` only the oldest that has not ended (the queue is first in, first out, so
     jobs end about in order; when one has ended the next is asked at once): a folder of 100 jobs costs the
     API a request a second while it waits, not 100. `progress(processed, total, share)` after each look:
-    files processed, of all, and the share of the work done (the jobs' own `progress`, by bytes, which
-    moves while a long file is embedded; jobs weighed by their files)."""
+    files processed, of all, and the share of the work done: the jobs' own `progress` (by bytes, which
+    moves while a long file is embedded), each weighed by `weights` (the bytes sent; else its files)."""
     states = [client.call("GET", f"/v1/jobs/{j}") for j in jobs]
     while True:
         if progress is not None:
-            total = sum(s["counts"]["total"] for s in states)
-            progress(sum(s["counts"]["done"] + s["counts"]["failed"] for s in states), total,
-                     sum(s["progress"] * s["counts"]["total"] for s in states) / total if total else 1.0)
+            w = weights or [s["counts"]["total"] for s in states]
+            progress(sum(s["counts"]["done"] + s["counts"]["failed"] for s in states),
+                     sum(s["counts"]["total"] for s in states),
+                     sum(s["progress"] * wi for s, wi in zip(states, w)) / sum(w) if sum(w) else 1.0)
         waiting = [i for i, s in enumerate(states) if s["status"] in ("queued", "running")]
         if not waiting:
             return states
@@ -516,23 +519,24 @@ def shown_name(entry: dict) -> str:
     return printable(path if isinstance(path, str) and path else entry["filename"])
 
 
-def _wait(client: Client, jobs: list[str], where: dict[str, str], copies_of: dict[str, list[str]]) -> int:
-    """Wait for the jobs, showing progress; list the files that failed (by their path in the folder,
-    `where`: item id -> path, with the copies of its bytes sent beside it, `copies_of`: item id -> paths);
-    returns their number, copies included."""
+def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str, str],
+          copies_of: dict[str, list[str]]) -> int:
+    """Wait for the jobs (`job_bytes`: what each was sent), showing progress; list the files that failed
+    (by their path in the folder, `where`: item id -> path, with the copies of its bytes sent beside it,
+    `copies_of`: item id -> paths); returns their number, copies included."""
     # on a terminal one line that updates in place; in a log, a line each time the count or the tenth of
     # the work done moves (a long file moves the share long before the count)
     tty, shown = sys.stderr.isatty(), [None]
 
     def progress(done: int, total: int, share: float) -> None:
-        line = f"{done}/{total} files processed ({int(share * 100)}%)"
+        line = f"{done}/{total} files processed ({int(share * 100 + 1e-6)}%)"  # 0.29 is 29, 0.9999 still 99
         if tty:
-            print(f"\r{line}", end="", file=sys.stderr)
+            print(f"\r{line}\x1b[K", end="", file=sys.stderr)  # the rest of a longer line before it cleared
         elif (done, int(share * 10)) != shown[0]:
             print(line, file=sys.stderr)
         shown[0] = (done, int(share * 10))
 
-    states = watch_jobs(client, jobs, progress)
+    states = watch_jobs(client, jobs, progress, weights=job_bytes)
     if tty:
         print(file=sys.stderr)
     failed, named = 0, set()

@@ -147,6 +147,13 @@ class Item(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+def requeued(job_id: uuid.UUID) -> dict:
+    """An item's columns when a user sends it again, into `job_id` (a job's retry, or an upload of the
+    same bytes after it failed): fresh attempts, nothing left of the tries before."""
+    return dict(job_id=job_id, status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
+                progress=None, updated_at=func.now())
+
+
 # Denser than pgvector's defaults (16 / 64): recall@10 0.98 instead of 0.956 at 1M segments for
 # the same index size and ~1.8x the build time (benchmarks/search_scale.md, migration 0003).
 HNSW_OPTIONS = {"m": 24, "ef_construction": 128}

@@ -911,6 +911,32 @@ def test_waiting_asks_about_one_job_at_a_time():
     assert seen == [(1, 3, 0.667), (1, 3, 0.667), (3, 3, 1.0)]  # a running job's share counts
 
 
+def test_the_share_shown_weighs_jobs_by_the_bytes_sent():
+    """A job of 100 short clips, done, and one of a single long recording, 40% embedded: by files the
+    share would read 99.6%; by the bytes each job was sent (10 and 90 MB) it reads 46%."""
+    from collections import Counter
+
+    from clapq.client import Client, watch_jobs
+
+    looks: Counter = Counter()
+
+    def answer(method, path):
+        job = path.rsplit("/", 1)[-1]
+        looks[job] += 1
+        if job == "clips":
+            return 200, {"status": "done", "progress": 1.0, "errors": [],
+                         "counts": {"done": 100, "failed": 0, "total": 100}}, {}
+        ended = looks[job] >= 2
+        return 200, {"status": "done" if ended else "running", "progress": 1.0 if ended else 0.4, "errors": [],
+                     "counts": {"done": int(ended), "failed": 0, "total": 1}}, {}
+
+    seen = []
+    with fake_api(answer) as url:
+        watch_jobs(Client(url, "cq_x"), ["clips", "long"], lambda done, total, share: seen.append((done, total, share)),
+                   poll_s=0.01, weights=[10e6, 90e6])
+    assert [(d, t, round(s, 3)) for d, t, s in seen] == [(100, 101, 0.46), (101, 101, 1.0)]
+
+
 def test_an_api_that_goes_away_for_a_while_is_waited_for(monkeypatch, capsys):
     """While a command waits on its jobs, the API answers 503 (its database is down), then a proxy's 502
     page, then closes the connection unanswered: the command says so and asks again as told. An API that answered once and then stops answering

@@ -994,9 +994,9 @@ def test_a_file_dropped_meanwhile_runs_no_more_windows(tiny_model, tmp_path):
 
 
 def test_a_long_file_reports_its_share_of_windows_embedded(tiny_model, tmp_path):
-    """A 30 s file (5 windows) and a 1 s one, batch 2: after each batch the long file's share of windows
-    embedded is in `progress` (which the heartbeat records), 2/5 then 4/5; the short file, embedded
-    within one batch, never is."""
+    """Files of 1, 2 and 5 windows (1, 15 and 30 s), batch 2: after each batch the 5-window file's share of
+    windows embedded is in `progress` (which the heartbeat records), 1/5 then 3/5, and gone once it is
+    done; the 2-window file, which also spans two batches but no more than a batch of windows, never is."""
     from clapq.checkpoint import resolve
     from clapq.clap import get_clap
     from worker import pipeline
@@ -1005,20 +1005,20 @@ def test_a_long_file_reports_its_share_of_windows_embedded(tiny_model, tmp_path)
     from worker.store import Claimed
 
     blobs = BlobStore(tmp_path / "blobs")
-    long, short = (Claimed(uuid.uuid4(), blobs.put_bytes(write(tmp_path / f"{n}.wav", secs, 16_000, seed=90 + secs)
-                                                         .read_bytes()), None, 1) for n, secs in (("l", 30), ("s", 1)))
+    short, mid, long = (Claimed(uuid.uuid4(), blobs.put_bytes(write(tmp_path / f"{secs}.wav", secs, 16_000, seed=90 + secs)
+                                                              .read_bytes()), None, 1) for secs in (1, 15, 30))
     progress, seen, done = {}, [], []
     emb = AudioEmbedder(get_clap(resolve(str(tiny_model)), "cpu"))
     pool = DecoderPool(1)
     try:
-        pipeline.run([long, short], blobs, pool, emb, pipeline.Options(batch_size=2, scratch_dir=tmp_path),
+        pipeline.run([short, mid, long], blobs, pool, emb, pipeline.Options(batch_size=2, scratch_dir=tmp_path),
                      done.extend, lambda d: pytest.fail(d.error), on_batch=lambda n, secs: seen.append(dict(progress)),
                      progress=progress)
     finally:
         pool.close()
     # on_batch comes as a batch's vectors are back, before they are counted
-    assert seen == [{}, {long.id: 0.4}, {long.id: 0.8}]
-    assert sorted(len(d.windows) for d, _ in done) == [1, 5]
+    assert seen == [{}, {}, {long.id: 0.2}, {long.id: 0.6}] and progress == {}
+    assert sorted(len(d.windows) for d, _ in done) == [1, 2, 5]
 
 
 def test_a_file_dropped_while_it_decodes_is_not_decoded_on(tiny_model, tmp_path):

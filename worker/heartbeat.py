@@ -68,8 +68,9 @@ def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: floa
     """Beat for `ids` every `interval_s`, and at once when the API announces deleted or cancelled files
     on `redis_url`; `on_gone(ids)` hears of those the task no longer holds (deleted meanwhile, or taken
     by another task), so it can stop working on them. Each beat records `progress` (item id -> share of
-    its windows embedded, which the task updates as it goes) for the items it names, and while it names
-    any, beats come every PROGRESS_EVERY_S: a job's progress follows a long file closely."""
+    its windows embedded, which the task updates as it goes) for the items it names; between beats, every
+    PROGRESS_EVERY_S, the shares that moved are recorded too (those rows alone): a job's progress follows a
+    long file closely."""
     from worker.store import heartbeat
 
     stop, wake = threading.Event(), threading.Event()
@@ -77,20 +78,31 @@ def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: floa
         listening(redis_url)
 
     def loop() -> None:
-        last = time.monotonic()
+        last, written = time.monotonic(), {}  # the last full beat; the shares recorded so far
         while True:
-            if wake.wait(min(interval_s, PROGRESS_EVERY_S)):  # woken: at most one such beat a MIN_GAP_S
+            woken = wake.wait(max(0.0, min(last + interval_s - time.monotonic(), PROGRESS_EVERY_S)))
+            if woken:  # at most one such beat a MIN_GAP_S
                 stop.wait(MIN_GAP_S - (time.monotonic() - last))
-            elif not progress and time.monotonic() - last < interval_s:
-                continue  # no file part-way, and no beat due yet
             wake.clear()
             if stop.is_set():
                 return
-            last = time.monotonic()
+            full = woken or time.monotonic() - last >= interval_s
+            shares = dict(progress) if progress else {}  # a copy, taken whole: the task edits it as it goes
+            moved = {i: p for i, p in shares.items() if written.get(i) != p}
+            if not full and not moved:
+                continue
+            if full:
+                last = time.monotonic()
             try:
                 with session_scope(url) as s:
-                    # the task adds items to `ids` and updates `progress` as it goes: copies, taken whole
-                    gone = heartbeat(s, list(ids), task_id, dict(progress) if progress else None)
+                    s.connection()
+                    if stop.is_set():  # the task ended while this beat connected: a new try may hold its files
+                        return
+                    # a full beat: every file the task holds (the task adds to `ids` as it goes); between
+                    # them, only the files part-way whose share moved
+                    named = list(ids) if full else list(moved)
+                    gone = heartbeat(s, named, task_id, shares if full else moved)
+                written.update(moved)
                 if gone and on_gone is not None:
                     on_gone(gone)
             except Exception:  # a missed beat only risks a harmless duplicate run

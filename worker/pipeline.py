@@ -172,8 +172,8 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
     more items to fill it: a GPU batch of 256 is not run three-quarters empty because a task brought 64
     files. Padding stays for the very end. Items whose ids appear in `dropped` (the heartbeat adds
     those deleted meanwhile) are dropped with their windows not yet run, or their decoding stopped, and
-    reach neither `on_done` nor `on_failed`. `progress`, if given, holds each file part-way through the
-    model (a long file spans many batches): its share of windows embedded, until it is done or dropped."""
+    reach neither `on_done` nor `on_failed`. `progress`, if given, holds each file of more windows than a
+    batch part-way through the model: its share of windows embedded, until it is done or dropped."""
     window = embedder.window_samples
     if opts.read_ahead == 0 and embedder.clap.device.type == "cuda":
         opts = dataclasses.replace(opts, read_ahead=opts.batch_size)
@@ -215,7 +215,7 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
                 finished.append((d, np.stack(results.pop(d.item.id))))
                 progress.pop(d.item.id, None)
                 d.cleanup()
-            else:
+            elif len(slots) > opts.batch_size:  # a file of a batch or less ends within two: no news
                 progress[d.item.id] = sum(v is not None for v in slots) / len(slots)
         if finished:
             on_done(finished)

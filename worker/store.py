@@ -104,7 +104,7 @@ def release(session: Session, item_ids: list[uuid.UUID], reason: str, task_id: s
     """Hand back this task's unfinished items after an error (not those done, failed, or taken over by
     another task after a missed heartbeat); returns their ids. Attempts bound the retries; `charge=False`
     gives this try back (a passing fault that was not the files' doing)."""
-    values = dict(status="queued", error=reason[:2000])
+    values = dict(status="queued", error=reason[:2000], progress=None)
     if not charge:
         values["attempts"] = func.greatest(Item.attempts - 1, 0)
     return list(session.scalars(

@@ -52,7 +52,7 @@ def sweep_once(settings: Settings, app) -> int:
         if ids:
             # back to queued, so the new task's claim takes them (attempts still count every try)
             s.execute(update(Item).where(Item.id.in_(ids), Item.status.in_(("queued", "running")))
-                      .values(status="queued", updated_at=func.now()))
+                      .values(status="queued", progress=None, updated_at=func.now()))
     if ids:
         # Items whose worker died go one per task: if one of them is what kills workers, it can
         # only take itself down from now on, and its attempts run out while the others finish.
