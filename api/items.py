@@ -39,8 +39,8 @@ def item_json(item: Item) -> dict:
 
 
 def _progress(item: Item) -> float | None:
-    """The share of the file embedded: a running file's windows so far, as of the worker's last heartbeat
-    (CLAPQ_HEARTBEAT_S); none for a file that failed or was cancelled."""
+    """The share of the file embedded: of a running file of more windows than a batch, its windows so far
+    (its worker records them every 2 s), else 0; none for a file that failed or was cancelled."""
     if item.status == "running":
         return item.progress or 0.0
     return {"queued": 0.0, "done": 1.0}.get(item.status)
