@@ -1021,6 +1021,25 @@ def test_a_long_file_reports_its_share_of_windows_embedded(tiny_model, tmp_path)
     assert sorted(len(d.windows) for d, _ in done) == [1, 2, 5]
 
 
+def test_the_engine_benchmarks_pipeline_path_embeds_its_clips(tiny_model, tmp_path):
+    """benchmarks/engine.py's `pipeline` path, the first step of the prepared GPU check (benchmarks/gpu.sh,
+    whose first failure ends it), drives worker.pipeline with items of its own making. Those once lacked
+    a field the pipeline had come to read (job_id), and the GPU call would have been spent on a traceback."""
+    import torch
+
+    from benchmarks.engine import Pipeline, _write_clip
+
+    clips = [tmp_path / f"clip{i}.wav" for i in range(3)]
+    for i, path in enumerate(clips):
+        _write_clip(path, i, 44_100)
+    engine = Pipeline(tiny_model, 2, torch.device("cpu"), "fp32", 1, False, 1)
+    try:
+        out = engine.run(clips, tmp_path / "scratch")  # it checks that every clip came back embedded
+    finally:
+        engine.close()
+    assert out["clips"] == 3 and out["clips_per_s"] > 0
+
+
 def test_a_file_dropped_while_it_decodes_is_not_decoded_on(tiny_model, tmp_path):
     """A file whose decoding does not end (a pipe in its blob's place, as hours of audio take a while) and
     a 1 s file, two decoder children. A second in, the first's id appears in `dropped`: its decoding stops
