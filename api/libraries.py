@@ -46,16 +46,17 @@ def create_library():
     # one name, not two libraries that look the same; one made before this rule is matched the same way
     name = unicodedata.normalize("NFC", name.strip())
     session = db()
+    exists = ApiError(409, "conflict", f"a library named {name!r} already exists")
     taken = session.scalars(select(Library.name).where(Library.tenant_id == g.tenant_id))
     if any(unicodedata.normalize("NFC", other) == name for other in taken):
-        raise ApiError(409, "conflict", f"a library named {name!r} already exists")
+        raise exists
     lib = Library(tenant_id=g.tenant_id, name=name, model_id=serving_model_id())
     session.add(lib)
     try:
         session.commit()
     except IntegrityError:
         session.rollback()
-        raise ApiError(409, "conflict", f"a library named {name!r} already exists") from None
+        raise exists from None  # made meanwhile by another request
     session.refresh(lib)
     return library_json(lib, 0), 201
 

@@ -182,6 +182,13 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
     results: dict[uuid.UUID, list] = {}
     seen: list[Decoded] = []
 
+    def settle(d: Decoded) -> list:
+        """A file leaves the pipeline (done, failed or dropped): its vectors so far, its share and its
+        scratch file go."""
+        progress.pop(d.item.id, None)
+        d.cleanup()
+        return results.pop(d.item.id)
+
     def flush() -> None:
         batch, queue[:] = queue[:opts.batch_size], queue[opts.batch_size:]
         # windows of a file that already failed (its scratch file is gone) are dropped, not read
@@ -204,19 +211,16 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
                 continue
             if not np.isfinite(vec).all():
                 # Postgres would reject the vector and with it the whole batch's transaction: fail this file alone
-                results.pop(d.item.id)
-                progress.pop(d.item.id, None)
+                settle(d)
                 d.error = "the model produced non-finite values for this audio"
                 on_failed(d)
-                d.cleanup()
                 continue
             slots[i] = vec
-            if all(v is not None for v in slots):
-                finished.append((d, np.stack(results.pop(d.item.id))))
-                progress.pop(d.item.id, None)
-                d.cleanup()
+            filled = sum(v is not None for v in slots)
+            if filled == len(slots):
+                finished.append((d, np.stack(settle(d))))
             elif len(slots) > opts.batch_size:  # a file of a batch or less ends within two: no news
-                progress[d.item.id] = sum(v is not None for v in slots) / len(slots)
+                progress[d.item.id] = filled / len(slots)
         if finished:
             on_done(finished)
 
@@ -226,9 +230,7 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
             return
         for d in seen:
             if d.item.id in gone:
-                results.pop(d.item.id)
-                progress.pop(d.item.id, None)
-                d.cleanup()
+                settle(d)
         queue[:] = [(d, i) for d, i in queue if d.item.id not in gone]
 
     def stream() -> Iterator:

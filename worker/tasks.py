@@ -240,8 +240,8 @@ def embed_items(self, item_ids: list[str]) -> dict:
         dropped.update(ids)
         held.difference_update(ids)
 
-    # a long file's share of windows embedded, which each heartbeat records: its job's progress moves
-    # before the file ends (GET /v1/jobs/<id>)
+    # a long file's share of windows embedded, which the heartbeat records every 2 s: its job's progress
+    # moves before the file ends (GET /v1/jobs/<id>)
     progress: dict = {}
     try:
         with beating(settings.database_url, held, task_id, settings.heartbeat_s, on_gone=on_gone,
