@@ -20,7 +20,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # everything `clapq up` needs besides torch, transformers, tokenizers, huggingface-hub, safetensors and
-# numpy, at the versions the test suite ran with here
+# numpy, at the versions the test suite ran with here, except PyAV: its wheel would not fit the call's
+# 64 MiB carry, and the clips are WAV, which soundfile reads (test_the_gpu_check_carries_every_package_...)
 WHEELS="alembic==1.20.1 amqp==5.4.2 billiard==4.3.2 blinker==1.9.0 celery==5.7.0 certifi==2026.10.19.post1
 cffi==2.1.1 charset_normalizer==3.5.3 click==8.5.1 click_didyoumean==0.3.1 click_plugins==1.1.1.2
 click_repl==0.4.1 deprecated==1.3.1 fasteners==0.20 flask==3.1.3 gunicorn==27.0.1 idna==3.20 itsdangerous==2.2.0

@@ -1040,6 +1040,48 @@ def test_the_engine_benchmarks_pipeline_path_embeds_its_clips(tiny_model, tmp_pa
     assert out["clips"] == 3 and out["clips_per_s"] > 0
 
 
+def _installed_closure(roots: list[str]) -> set[str]:
+    """The installed distributions `roots` need, themselves included (extras followed), by canonical name."""
+    from importlib.metadata import distribution
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    extras_of: dict[str, frozenset] = {}
+    todo = [(name, frozenset()) for name in roots]
+    while todo:
+        name, extras = todo.pop()
+        name = canonicalize_name(name)
+        if name in extras_of and extras <= extras_of[name]:
+            continue
+        extras_of[name] = extras_of.get(name, frozenset()) | extras
+        for line in distribution(name).requires or []:
+            req = Requirement(line)
+            if req.marker is None or any(req.marker.evaluate({"extra": e}) for e in ("", *extras_of[name])):
+                todo.append((req.name, frozenset(req.extras)))
+    return set(extras_of)
+
+
+def test_the_gpu_check_carries_every_package_the_service_needs_beside_the_images():
+    """The lent GPU machine has torch, transformers and their kind, and no network: benchmarks/gpu.sh
+    installs the service's other packages from a fixed list of wheels. A dependency added to the project
+    and not to that list would end the GPU's one call on an ImportError. PyAV alone is left out on
+    purpose (its wheel would not fit the call's 64 MiB carry; it is imported only for files soundfile
+    cannot read, and the benchmark's clips are WAV)."""
+    import re
+
+    from packaging.utils import canonicalize_name
+
+    from tests.conftest import ROOT
+
+    script = (ROOT / "benchmarks" / "gpu.sh").read_text()
+    listed = {canonicalize_name(w.split("==")[0]) for w in re.search(r'WHEELS="([^"]*)"', script)[1].split()}
+    image = _installed_closure(["torch", "transformers", "tokenizers", "huggingface-hub", "safetensors", "numpy"])
+    needed = _installed_closure(["clapq"]) - image - {"clapq"}
+    assert "soundfile" in needed and "celery" in needed  # the walk found the project's requirements
+    assert needed - listed == {"av"}
+
+
 def test_a_file_dropped_while_it_decodes_is_not_decoded_on(tiny_model, tmp_path):
     """A file whose decoding does not end (a pipe in its blob's place, as hours of audio take a while) and
     a 1 s file, two decoder children. A second in, the first's id appears in `dropped`: its decoding stops
