@@ -12,11 +12,12 @@ from clapq.settings import Settings
 def create_app(settings: Settings | None = None) -> Flask:
     from api import (auth, batches, db, errors, health, items, jobs, libraries, metrics, openapi, ratelimit, search,
                      tagging)
-    from api.uploads import StreamingRequest
+    from api.uploads import StreamingRequest, finish_bodies
 
     settings = (settings or Settings.from_env()).require_urls()
     app = Flask(__name__)
     app.request_class = StreamingRequest
+    app.wsgi_app = finish_bodies(app.wsgi_app, settings.max_request_bytes)
     # a path with an empty id (`/v1/items//segments`) is a 404 in the JSON envelope, not a redirect page
     app.url_map.merge_slashes = False
     app.json = errors.ClientJSON(app)  # bodies as api.errors.parse_json reads them

@@ -60,6 +60,38 @@ class StreamingRequest(Request):
                           extra={"files": len(stored)})
 
 
+# the most of a body an answer that did not read it reads and drops (finish_bodies)
+DRAIN_MAX_BYTES = 8 * 1024 * 1024
+
+
+def finish_bodies(wsgi_app, max_request_bytes: int):
+    """WSGI middleware: a request answered before its body was read (a 401, a 404 for an unknown library, a
+    429 while the backlog is full) has the rest of its body read and dropped before the answer goes out.
+    Gunicorn would answer it "Connection: keep-alive" and then, finding more than 64 KiB unread, close the
+    connection; a client that sends its next request on it at once (a `requests` session, any pool) has
+    that request cut off without an answer. A body longer than DRAIN_MAX_BYTES, or than the request limit
+    (the 413 that must not read it), is left to gunicorn: it closes after the answer, which a client still
+    sending reads as its send fails (urllib3 does)."""
+
+    def app(environ, start_response):
+        result = wsgi_app(environ, start_response)
+        try:
+            declared = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            return result
+        # a body of unstated length is readable to its end only where the server says so (gunicorn does)
+        if (declared or environ.get("wsgi.input_terminated")) and declared <= min(max_request_bytes, DRAIN_MAX_BYTES):
+            stream, left = environ["wsgi.input"], DRAIN_MAX_BYTES
+            try:
+                while left > 0 and (data := stream.read(min(left, 64 * 1024))):
+                    left -= len(data)
+            except Exception:  # the client went away or sent a broken chunk: gunicorn closes the connection
+                pass
+        return result
+
+    return app
+
+
 def display_name(raw: str | None) -> str:
     """A filename for display only: no directories, no control characters, bounded length."""
     name = unicodedata.normalize("NFC", raw or "")

@@ -12,9 +12,10 @@ import uuid
 from pathlib import Path
 
 import pytest
+import requests
 
 from clapq.db import dispose_engines, migrate, session_scope
-from clapq.embedded import EmbeddedPostgres, EmbeddedRedis
+from clapq.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from clapq.keys import create_key
 from clapq.settings import Settings
 from tests.tinyclap import build_tiny_clap
@@ -157,6 +158,43 @@ def new_key(settings):
             return create_key(s, name or f"tenant-{uuid.uuid4().hex[:12]}")
 
     return make
+
+
+@pytest.fixture()
+def start_api(env, tmp_path):
+    """`clapq api` (gunicorn, two processes) on the suite's Postgres and Redis, at the rate limit given (and
+    with any other settings given as environment variables); its URL."""
+    procs = []
+
+    def start(rate_limit: str = "0", **extra: str) -> str:
+        port = free_port()
+        log = tmp_path / f"api{len(procs)}.log"
+        with open(log, "wb") as out:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "clapq.cli", "api"], stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+                env={**env, "CLAPQ_HOST": "127.0.0.1", "CLAPQ_PORT": str(port), "CLAPQ_API_WORKERS": "2",
+                     "CLAPQ_PRELOAD_TEXT": "0", "CLAPQ_RATE_LIMIT": rate_limit, **extra}))
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert procs[-1].poll() is None, log.read_text()[-3000:]
+            try:
+                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    return base
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def auth(key: str) -> dict[str, str]:

@@ -239,6 +239,34 @@ def test_body_over_limit_is_413(settings, new_key):
     assert "1000" in e["message"]
 
 
+def test_an_upload_answered_unread_leaves_its_connection_usable(start_api, new_key):
+    """Against gunicorn (`clapq api`): uploads answered before their bodies are read (a 404 for an unknown
+    library; a 401 for a wrong key), then, half a second later, a request on the same connection. Gunicorn
+    alone said "keep-alive" and closed the connection once it found more than 64 KiB unread, and that second
+    request was cut off unanswered; the rest of such a body is now read first."""
+    import http.client
+    import time
+    from urllib.parse import urlsplit
+
+    base = urlsplit(start_api())
+    key = new_key()
+    body = b"--b\r\n" + os.urandom(1024 * 1024)
+    conn = http.client.HTTPConnection(base.hostname, base.port, timeout=30)
+    try:
+        for headers in (auth(key), {"Authorization": "Bearer cq_nope"}):
+            conn.request("POST", f"/v1/libraries/{uuid.uuid4()}/batches", body=body,
+                         headers={**headers, "Content-Type": "multipart/form-data; boundary=b"})
+            r = conn.getresponse()
+            assert (r.status, r.getheader("Connection")) in ((404, "keep-alive"), (401, "keep-alive")), r.status
+            r.read()
+            time.sleep(0.5)
+            conn.request("GET", "/healthz")
+            r = conn.getresponse()
+            assert r.status == 200 and json.loads(r.read()) == {"status": "ok"}
+    finally:
+        conn.close()
+
+
 def test_health_metrics_and_openapi(client, worker):
     assert client.get("/healthz").get_json() == {"status": "ok"}
     ready = client.get("/readyz")

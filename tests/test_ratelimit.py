@@ -10,7 +10,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
@@ -18,46 +17,9 @@ from sqlalchemy import func, select
 
 from api import create_app
 from clapq.db import session_scope
-from clapq.embedded import free_port
 from clapq.models import Item, Job, Library
 from clapq.settings import Settings
 from tests.conftest import ROOT, auth
-
-
-@pytest.fixture()
-def start_api(env, tmp_path):
-    """`clapq api` (gunicorn, two processes) on the suite's Postgres and Redis, at the rate limit given."""
-    procs = []
-
-    def start(rate_limit: str) -> str:
-        port = free_port()
-        log = tmp_path / f"api{len(procs)}.log"
-        with open(log, "wb") as out:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "clapq.cli", "api"], stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
-                env={**env, "CLAPQ_HOST": "127.0.0.1", "CLAPQ_PORT": str(port), "CLAPQ_API_WORKERS": "2",
-                     "CLAPQ_PRELOAD_TEXT": "0", "CLAPQ_RATE_LIMIT": rate_limit}))
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert procs[-1].poll() is None, log.read_text()[-3000:]
-            try:
-                if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
-                    return base
-            except requests.ConnectionError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.2)
-
-    yield start
-    for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_key_over_its_limit_gets_429_counted_across_api_processes(start_api, settings, new_key):
