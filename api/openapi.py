@@ -131,8 +131,8 @@ SPEC = {
         "/v1/jobs/{job_id}/cancel": {"post": {"parameters": [_path_id("job_id")],
                                               "responses": {**_ok("cancelled"), "409": _ERR}}},
         "/v1/jobs/{job_id}/retry": {"post": {"parameters": [_path_id("job_id")],
-                                             "responses": _ok("failed items re-queued", None, "202")}},
-        "/v1/libraries/{library_id}/classify": {"post": {"parameters": [_path_id("library_id")],
+                                             "responses": {**_ok("failed items re-queued", None, "202"), "409": _ERR}}},
+        "/v1/libraries/{library_id}/classify": {"post": {"parameters": [_path_id("library_id"), *PAGE],
                                                          "requestBody": {"required": True, "content": {
                                                              "application/json": {"schema": CLASSIFY}}},
                                                          "responses": {**_ok("top labels per item"), "409": _ERR}}},
@@ -141,7 +141,8 @@ SPEC = {
                                                       "application/json": {"schema": CLASSIFY}}},
                                                   "responses": {**_ok("top labels"), "409": _ERR}}},
         "/v1/items/{item_id}/duplicates": {"get": {"parameters": [
-            _path_id("item_id"), {"name": "threshold", "in": "query", "schema": {"type": "number"}}],
+            _path_id("item_id"), {"name": "threshold", "in": "query", "schema": {"type": "number"}},
+            {**PAGE[0], "description": "the most near duplicates listed (default 50); exact copies are all listed"}],
             "responses": {**_ok("exact and near duplicates"), "409": _ERR}}},
         "/v1/jobs/{job_id}": {"get": {"parameters": [_path_id("job_id")],
                                       "responses": _ok("the job", {"$ref": "#/components/schemas/Job"})}},

@@ -25,6 +25,10 @@ def _labels() -> tuple[list[str], np.ndarray, int]:
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         raise bad_request('send a JSON object like {"labels": ["dog", "rain"], "template": "This is a sound of {label}."}')
+    extra = sorted(set(body) - {"labels", "template", "top"})
+    if extra:  # a misspelt field ("label", "limit") would otherwise be ignored
+        raise bad_request(f"the body has {extra[0]!r}, which classify does not take; it takes 'labels', 'template' "
+                          "and 'top' (a library's are paged with ?limit= and ?cursor=)")
     labels = body.get("labels")
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
         raise bad_request("'labels' must be a non-empty list of strings")
@@ -33,10 +37,11 @@ def _labels() -> tuple[list[str], np.ndarray, int]:
     template = body.get("template", DEFAULT_TEMPLATE)
     if not isinstance(template, str) or "{label}" not in template or len(template) > 500:
         raise bad_request("'template' must be a string containing '{label}'")
-    top = body.get("top", min(3, len(labels)))
-    if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= len(labels):
-        raise bad_request(f"'top' must be an integer between 1 and {len(labels)}")
-    return labels, text_vectors([template.replace("{label}", x.strip()) for x in labels]), top
+    top = body.get("top", 3)
+    if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= MAX_LABELS:
+        raise bad_request(f"'top' must be an integer between 1 and {MAX_LABELS}")
+    # the top 3 of 2 labels are both, as when `top` is left out
+    return labels, text_vectors([template.replace("{label}", x.strip()) for x in labels]), min(top, len(labels))
 
 
 def _tags(vec: np.ndarray, labels: list[str], label_vecs: np.ndarray, top: int) -> list[dict]:

@@ -289,7 +289,7 @@ def test_item_to_item_search_ranks_every_item_by_its_pooled_vector(client, lib, 
 def test_classify_and_duplicates(client, lib, tiny_model):
     h = auth(lib["key"])
     labels = ["rain", "dog", "car horn", "violin"]
-    r = client.post(f"/v1/libraries/{lib['a']}/classify", json={"labels": labels, "top": 4, "limit": 5},
+    r = client.post(f"/v1/libraries/{lib['a']}/classify", json={"labels": labels, "top": 4},
                     headers=h).get_json()
     assert len(r["items"]) == N
     from clapq.checkpoint import resolve
@@ -306,6 +306,17 @@ def test_classify_and_duplicates(client, lib, tiny_model):
     one = client.post(f"/v1/items/{lib['ids']['s00.wav']}/classify", json={"labels": labels, "top": 2},
                       headers=h).get_json()
     assert len(one["labels"]) == 2
+    # a `top` over the labels' number gives them all, as the default 3 does for 2 labels
+    for body, n in (({"labels": labels, "top": 9}, 4), ({"labels": labels[:2]}, 2)):
+        r = client.post(f"/v1/items/{lib['ids']['s00.wav']}/classify", json=body, headers=h)
+        assert r.status_code == 200 and len(r.get_json()["labels"]) == n, r.get_json()
+    for body, message in (({"labels": labels, "top": 0}, "'top' must be an integer between 1 and 200"),
+                          ({"labels": labels, "top": 201}, "'top' must be an integer between 1 and 200"),
+                          ({"labels": labels, "limit": 5}, "the body has 'limit', which classify does not take")):
+        r = client.post(f"/v1/libraries/{lib['a']}/classify", json=body, headers=h)
+        assert r.status_code == 400 and r.get_json()["error"]["message"].startswith(message), r.get_json()
+    page = client.post(f"/v1/libraries/{lib['a']}/classify?limit=2", json={"labels": labels}, headers=h).get_json()
+    assert len(page["items"]) == 2 and page["next_cursor"]
     assert client.post(f"/v1/libraries/{lib['a']}/classify", json={"labels": []}, headers=h).status_code == 400
     assert client.post(f"/v1/libraries/{lib['a']}/classify", json={"labels": ["a"], "template": "no slot"},
                        headers=h).status_code == 400
@@ -313,6 +324,8 @@ def test_classify_and_duplicates(client, lib, tiny_model):
     d = client.get(f"/v1/items/{lib['ids']['s05.wav']}/duplicates?threshold=0.999", headers=h).get_json()
     assert [x["item_id"] for x in d["exact"]] == [lib["copy"]]
     assert lib["copy"] in [x["item_id"] for x in d["near"]]
+    d = client.get(f"/v1/items/{lib['ids']['s05.wav']}/duplicates?threshold=-1&limit=2", headers=h).get_json()
+    assert len(d["near"]) == 2 and [x["item_id"] for x in d["exact"]] == [lib["copy"]]
 
 
 def test_text_embedding_is_cached(client, lib, settings):
