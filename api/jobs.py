@@ -193,6 +193,14 @@ def cancel_job(job_id: str):
                              .where(Item.job_id == job.id, Item.status.in_(("queued", "running"))))
     if not pending:
         # files it sent that the library held already are embedded by the jobs that sent them first
+        copied = _copied(job) if job.duplicates else []
+        others = sorted(map(str, session.scalars(
+            select(Item.job_id).where(Item.id.in_(copied), Item.status.in_(("queued", "running"))).distinct()
+        ))) if copied else []
+        if others:
+            raise ApiError(409, "conflict", "this job's files still to embed are copies of files another upload "
+                           f"sent first, and that job embeds them: cancel job {others[0]}"
+                           + (f" (and {len(others) - 1} more)" if len(others) > 1 else "") + " to stop them")
         raise ApiError(409, "conflict", "nothing of this job's is queued or running; nothing to cancel")
     job.cancelled = True
     session.execute(update(Item).where(Item.job_id == job.id, Item.status.in_(("queued", "running")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import unicodedata
 import tempfile
 from pathlib import Path
 
@@ -47,7 +48,9 @@ def text_cache_key(ckpt, text: str, precision: str = "fp32") -> str:
 
 
 def text_vectors(texts: list[str]) -> np.ndarray:
-    """One unit vector per text; each is computed once per model and then served from Redis."""
+    """One unit vector per text; each is computed once per model and then served from Redis. A text is taken
+    in Unicode NFC: "café" typed with a combining accent (as macOS writes file names) is "café", one query."""
+    texts = [unicodedata.normalize("NFC", t) for t in texts]
     ckpt = serving_checkpoint()
     precision = _text_precision()
     keys = [text_cache_key(ckpt, t, precision) for t in texts]

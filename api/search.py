@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import unicodedata
 import uuid
 
 from flask import Blueprint, current_app, g, request
@@ -197,6 +198,7 @@ def search():
     else:
         if not isinstance(q, str) or not q.strip():
             raise bad_request("the query text must be a non-empty string")
+        q = unicodedata.normalize("NFC", q)  # as it is embedded (text_vectors): an accent is one character
         if len(q) > settings.max_query_chars:
             raise bad_request(f"the query is {len(q)} characters; the limit is {settings.max_query_chars}")
         vec = text_vectors([q.strip()])[0]

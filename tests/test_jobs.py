@@ -193,6 +193,11 @@ def test_a_copy_of_a_file_still_queued_is_not_done(client, new_key, settings, tm
     job = client.get(f"/v1/jobs/{r['job_id']}", headers=auth(key)).get_json()
     assert job["status"] == "queued" and job["counts"]["queued"] == 2 and job["progress"] == 0.0, job
     assert job["finished_at"] is None
+    # a cancel of this job has nothing of its own to stop, and says which job embeds its files
+    e = client.post(f"/v1/jobs/{r['job_id']}/cancel", headers=auth(key))
+    assert e.status_code == 409 and e.get_json()["error"]["message"] == (
+        "this job's files still to embed are copies of files another upload sent first, and that job embeds "
+        f"them: cancel job {earlier} to stop them"), e.get_json()
     listed = client.get(f"/v1/jobs/{r['job_id']}/items", headers=auth(key)).get_json()["items"]
     assert [i["id"] for i in listed] == [str(item)]
     with session_scope(settings.database_url) as s:

@@ -341,6 +341,23 @@ def test_text_embedding_is_cached(client, lib, settings):
     assert len(keys) == 1
 
 
+def test_a_query_is_one_query_however_its_accents_are_written(client, lib, settings):
+    """"café au lait" typed (NFC) and with a combining accent (NFD, as macOS writes names) give the same
+    results, and the accent counts as one character against the query limit."""
+    nfc, nfd = "caf\u00e9 au lait", "cafe\u0301 au lait"
+    found = [client.get("/v1/search", query_string={"library_id": lib["a"], "q": q, "k": 5},
+                        headers=auth(lib["key"])).get_json()["results"] for q in (nfc, nfd)]
+    assert found[0] and found[0] == found[1]
+    limit = settings.max_query_chars
+    r = client.post("/v1/search", json={"library_id": lib["a"], "q": "e\u0301" * limit, "k": 1},
+                    headers=auth(lib["key"]))
+    assert r.status_code == 200, r.get_json()
+    r = client.post("/v1/search", json={"library_id": lib["a"], "q": "e\u0301" * (limit + 1), "k": 1},
+                    headers=auth(lib["key"]))
+    assert r.status_code == 400 and r.get_json()["error"]["message"] == (
+        f"the query is {limit + 1} characters; the limit is {limit}")
+
+
 def test_isolation_for_every_query_form(client, lib, new_key, tmp_path):
     other = auth(new_key())
     mine = client.post("/v1/libraries", json={"name": "o"}, headers=other).get_json()
