@@ -44,6 +44,10 @@ SEARCH_BODY = {"type": "object", "properties": {
     "filter": {"type": "object", "description": '{"metadata": {key: value | {"in": [...]}}, "duration_s": {"min", "max"}}'}},
     "additionalProperties": False}
 
+SEARCH_FORM = {  # POST /v1/search's form fields (multipart adds the 'audio' clip)
+    "library_id": _ID, "library_ids": {"type": "array", "items": _ID}, "text": {"type": "string"},
+    "q": {"type": "string"}, "item_id": _ID, "k": {"type": "integer"}, "offset": {"type": "integer"},
+    "min_score": {"type": "number"}, "mode": {"type": "string"}, "filter": {"type": "string"}}
 PAGE = [  # api.pages: limit + cursor
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}}]
@@ -187,11 +191,9 @@ SPEC = {
             "post": {"requestBody": {"required": True, "content": {
                 "application/json": {"schema": SEARCH_BODY},
                 "multipart/form-data": {"schema": {"type": "object", "additionalProperties": False, "properties": {
-                    "audio": {"type": "string", "format": "binary"}, "library_id": _ID,
-                    "library_ids": {"type": "array", "items": _ID}, "text": {"type": "string"},
-                    "q": {"type": "string"}, "item_id": _ID, "k": {"type": "integer"},
-                    "offset": {"type": "integer"}, "min_score": {"type": "number"}, "mode": {"type": "string"},
-                    "filter": {"type": "string"}}}}}},
+                    "audio": {"type": "string", "format": "binary"}, **SEARCH_FORM}}},
+                "application/x-www-form-urlencoded": {"schema": {
+                    "type": "object", "additionalProperties": False, "properties": SEARCH_FORM}}}},
                 "responses": {**_ok("results, best first", SEARCH_RESULT), "409": _ERR}},
         },
     },

@@ -65,10 +65,11 @@ def _known(names, where: str, files=()) -> None:
 
 
 def _params() -> dict:
-    """The same parameters from a query string, a JSON body or a multipart form."""
+    """The same parameters from a query string, a JSON body or a form (multipart, or URL-encoded as
+    `curl -d` sends it)."""
     if request.method == "POST" and request.args:
         raise bad_request("a POST search takes its fields in the body, not in the query string")
-    if request.method == "GET" or (request.content_type or "").startswith("multipart/form-data"):
+    if request.method == "GET" or request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
         f = request.args if request.method == "GET" else request.form
         _known(f, "the query string" if request.method == "GET" else "the form",
                request.files if request.method == "POST" else ())
@@ -85,7 +86,7 @@ def _params() -> dict:
         return p
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
-        raise bad_request('send a JSON object like {"library_id": ..., "text": ..., "k": 10}')
+        raise bad_request('send a JSON object like {"library_id": ..., "text": ..., "k": 10}, or a form')
     _known(body, "the JSON body")
     p = {k: body.get(k) for k in OPTIONS}
     if body.get("q") is not None and body.get("text") is not None and body["q"] != body["text"]:
@@ -159,9 +160,9 @@ def search():
         raise bad_request("'library_id' (or 'library_ids') is required")
     if not all(isinstance(i, str) for i in lib_ids):
         raise bad_request("'library_id' must be one library id (a string); give several as the list 'library_ids'")
-    if any("," in i for i in lib_ids):  # library_ids=A,B in a query string
+    if any("," in i or i.lstrip().startswith("[") for i in lib_ids):  # library_ids=A,B or a JSON list as text
         raise bad_request("one library id per 'library_ids' value: repeat it for several "
-                          "(library_ids=A&library_ids=B, or a JSON list)")
+                          "(library_ids=A&library_ids=B in a query string or a form; a list in a JSON body)")
     libs = [owned(Library, i, "library") for i in lib_ids]
     model_id = served_model_for(*libs)
     k = _int(p.get("k"), "k", 1, settings.max_k, 10)

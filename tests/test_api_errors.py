@@ -196,6 +196,13 @@ def test_search_validation(client, lib, settings, tmp_path):
         assert says in err(client.post("/v1/search", json={**body, "text": "x"}, headers=auth(key)), 400)["message"]
     e = err(client.get(f"/v1/search?library_ids={lib_id},{lib_id}&q=x", headers=auth(key)), 400)
     assert "library_ids=A&library_ids=B" in e["message"], e
+    # a JSON list as a form's text (one id in it has no comma; it was a 404 for a library "[...]")
+    e = err(client.post("/v1/search", data={"library_ids": json.dumps([lib_id]), "q": "x"}, headers=auth(key),
+                        content_type="multipart/form-data"), 400)
+    assert "library_ids=A&library_ids=B in a query string or a form; a list in a JSON body" in e["message"], e
+    # a URL-encoded form (`curl -d library_id=...&q=...`) is a form too
+    r = client.post("/v1/search", data={"library_id": lib_id, "q": "rain", "k": "2"}, headers=auth(key))
+    assert r.status_code == 200 and r.get_json()["results"] == [], r.get_json()
     # a field given twice would be read as its first value: said instead (the libraries may repeat)
     e = err(client.get(f"/v1/search?library_id={lib_id}&q=rain&q=wind", headers=auth(key)), 400)
     assert e["message"] == "the query string gives 'q' more than once; give it once", e
