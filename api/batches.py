@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+import uuid
 from collections import Counter
 
 from flask import Blueprint, current_app, g, request
@@ -130,6 +131,10 @@ def upload_batch(lib_id: str):
     for f, raw, name, sha in zip(files, raw_names, names, shas):
         rows.setdefault(sha, dict(tenant_id=g.tenant_id, library_id=library, job_id=job.id, sha256=sha,
                                   filename=name, size_bytes=f.stream.size, meta=meta.get(raw, {})))
+    # ids that sort in the order the files were sent (random ids, sorted): listings, which go by (created_at,
+    # id), show a batch's files in that order, as its rows share created_at
+    for row, item_id in zip(rows.values(), sorted(uuid.uuid4() for _ in rows)):
+        row["id"] = item_id
     # rows in sha256 order, here and below: two uploads sharing files lock them in the same order (no deadlock)
     created = dict(session.execute(
         insert(Item).values([rows[sha] for sha in sorted(rows)])

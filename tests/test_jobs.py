@@ -56,6 +56,27 @@ def test_duplicates_count_as_done_and_jobs_page(client, new_key, worker, tmp_pat
     assert client.get(f"/v1/jobs/{first['job_id']}/items?status=bogus", headers=auth(key)).status_code == 400
 
 
+def test_a_batch_is_listed_in_the_order_its_files_were_sent(client, new_key, tmp_path):
+    """A library's listing and a job's go oldest first, and a batch's files share one created_at: they
+    come in the order the batch sent them (their ids sort so), page after page. Before, in the order of
+    their random ids."""
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "in order"}, headers=auth(key)).get_json()
+    names = ["m", "b", "z", "a", "q", "c", "y", "k"]
+    sent = upload(client, key, lib["id"], [write(tmp_path / f"{n}.wav", 0.2, seed=300 + i)
+                                           for i, n in enumerate(names)]).get_json()
+    assert [i["filename"] for i in sent["items"]] == [f"{n}.wav" for n in names]
+    for listing in (f"/v1/libraries/{lib['id']}/items", f"/v1/jobs/{sent['job_id']}/items"):
+        seen, cursor = [], None
+        while True:
+            page = client.get(listing, query_string={"limit": 3, **({"cursor": cursor} if cursor else {})},
+                              headers=auth(key)).get_json()
+            seen += [i["id"] for i in page["items"]]
+            if not (cursor := page["next_cursor"]):
+                break
+        assert seen == [i["id"] for i in sent["items"]], listing
+
+
 def test_uploading_a_failed_file_again_retries_it_in_the_new_job(client, new_key, worker, tmp_path):
     """Not a silent "duplicate, done": the new job tracks the file again and reports how it ended."""
     key = new_key()
