@@ -101,13 +101,14 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
     remaining = counts["queued"] + counts["running"]
     # by bytes, not files: a job of a hundred short clips and one long recording is not 99% done once the
     # clips are (bytes follow duration within a format; across formats, only roughly)
-    total_bytes, left = sum(size.values()), size["queued"] + size["running"] - embedded
+    # a cancelled file is not work done: a cancelled job's progress stays where the cancel stopped it
+    total_bytes, left = sum(size.values()), size["queued"] + size["running"] + size["cancelled"] - embedded
     if not counts["total"]:
         progress = 1.0
     elif total_bytes:
         progress = round(1 - left / total_bytes, 4)
     else:  # only empty files (or copies recorded before migration 0004)
-        progress = round(1 - remaining / counts["total"], 4)
+        progress = round(1 - (remaining + counts["cancelled"]) / counts["total"], 4)
     if remaining:  # files of 0 bytes still to go are not nothing
         progress = min(progress, 0.9999)
     eta = None

@@ -467,7 +467,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         print(f"{n_files(copies)} had the same bytes as another and {'is' if copies == 1 else 'are'} "
               f"stored once: {_some(said)}", file=sys.stderr)
     try:
-        failed = _wait(client, jobs, job_bytes, where, copies_of) if wait and jobs else 0
+        failed, cancelled = _wait(client, jobs, job_bytes, where, copies_of) if wait and jobs else (0, 0)
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # after the progress line
@@ -477,8 +477,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     if refused:
         print(f"{n_files(len(refused))} not sent (listed above as 'not sent')", file=sys.stderr)
     print(json.dumps({"library_id": lib["id"], "jobs": jobs, "files": found, "skipped": skipped,
-                      "not_sent": len(refused), "duplicates": copies, "failed": failed}))
-    return 1 if failed or refused else 0
+                      "not_sent": len(refused), "duplicates": copies, "failed": failed, "cancelled": cancelled}))
+    return 1 if failed or refused or cancelled else 0
 
 
 def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, float], None] | None = None,
@@ -520,10 +520,11 @@ def shown_name(entry: dict) -> str:
 
 
 def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str, str],
-          copies_of: dict[str, list[str]]) -> int:
+          copies_of: dict[str, list[str]]) -> tuple[int, int]:
     """Wait for the jobs (`job_bytes`: what each was sent), showing progress; list the files that failed
     (by their path in the folder, `where`: item id -> path, with the copies of its bytes sent beside it,
-    `copies_of`: item id -> paths); returns their number, copies included."""
+    `copies_of`: item id -> paths), and say which jobs were cancelled meanwhile (from elsewhere: the API or
+    another terminal); returns the numbers of files failed, copies included, and cancelled."""
     # on a terminal one line that updates in place; in a log, a line each time the count or the tenth of
     # the work done moves (a long file moves the share long before the count)
     tty, shown = sys.stderr.isatty(), [None]
@@ -550,7 +551,13 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
                     if also else "")
             print(f"failed: {printable(where.get(e['item_id'], e['filename']))}: {e['error']}{same}", file=sys.stderr)
             failed += 1 + len(also)
-    return failed
+    cancelled = 0
+    for job, s in zip(jobs, states):
+        if n := s["counts"].get("cancelled", 0):
+            cancelled += n
+            print(f"cancelled: {n_files(n)} of job {job} not embedded (the job was "
+                  "cancelled); run this upload again to send them", file=sys.stderr)
+    return failed, cancelled
 
 
 def search(client: Client, library: str, text: str | None, k: int, like: Path | None = None) -> None:

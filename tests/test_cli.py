@@ -682,6 +682,28 @@ def test_a_failed_file_is_named_by_its_path_in_the_folder(tmp_path, tiny_model):
     assert p.returncode == 1 and "failed: day2/take.wav: not a readable audio file" in err, err
 
 
+def test_a_job_cancelled_while_the_upload_waits_is_said_and_fails_the_command(tmp_path, tiny_model):
+    """A job cancelled from elsewhere (the API, another terminal) while `clapq upload` waits for it: the
+    command says how many files were not embedded and how to send them, counts them in its summary and
+    exits 1. Before, it ended as if all were well (exit 0, "failed": 0)."""
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if path.endswith("/batches"):
+            return 202, {"job_id": "job1", "items": [{"id": f"i{i}", "filename": f"{i}.wav"} for i in range(3)]}, {}
+        return 200, {"status": "cancelled", "progress": 0.3333, "errors": [],
+                     "counts": {"done": 1, "failed": 0, "cancelled": 2, "total": 3}}, {}
+
+    for i in range(3):
+        write(tmp_path / f"{i}.wav", 0.5, seed=i)
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 1, (out, err)
+    assert "cancelled: 2 files of job job1 not embedded (the job was cancelled); run this upload again" in err, err
+    assert json.loads(out)["cancelled"] == 2 and json.loads(out)["failed"] == 0, out
+
+
 def test_one_file_can_be_uploaded_without_its_folder(tmp_path, tiny_model):
     """`clapq upload FILE` sends that file alone (not the others beside it), under its own name, whatever
     its suffix; a path that does not exist is a sentence."""

@@ -155,6 +155,7 @@ def test_retry_failed_and_cancel(client, new_key, worker, tmp_path, settings):
         assert heartbeat(s, [uuid.UUID(running)], "task-x") == set()
     c = client.post(f"/v1/jobs/{up2['job_id']}/cancel", headers=auth(key)).get_json()
     assert c["status"] == "cancelled" and c["counts"]["cancelled"] == 3
+    assert c["progress"] == 0.0 and c["eta_s"] is None, c  # where the cancel stopped it (it said 1.0: all of it)
     r = client.post("/v1/search", json={"library_id": lib["id"], "item_id": up2["items"][1]["id"]}, headers=auth(key))
     assert r.status_code == 409 and "its embedding was cancelled; retry its job" in r.get_json()["error"]["message"]
     # the running one too: that task's next heartbeat names it, and the task drops its windows
