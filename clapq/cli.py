@@ -338,15 +338,25 @@ def cmd_beat(args) -> None:
     run_forever(settings)
 
 
+def _kind(path: Path) -> str:
+    """"folder", "file", "other" (a pipe, a device) or "none"; a path that cannot be looked at (in a folder
+    this user may not enter) is said so, not a traceback."""
+    try:
+        return "folder" if path.is_dir() else "file" if path.is_file() else "other" if path.exists() else "none"
+    except OSError as exc:
+        _fail(f"cannot read {path}: {exc.strerror or exc}")
+
+
 def cmd_upload(args) -> None:
     from clapq.client import connect, upload_folder
 
     settings = Settings.from_env(data_dir=args.data_dir)
-    if args.folder.is_dir():
+    kind = _kind(args.folder)
+    if kind == "folder":
         folder, only = args.folder, None
-    elif args.folder.is_file():  # one file, as it is named: sent whatever its suffix
+    elif kind == "file":  # one file, as it is named: sent whatever its suffix
         folder, only = args.folder.parent, [args.folder]
-    elif args.folder.exists():
+    elif kind == "other":
         _fail(f"{args.folder} is neither a folder nor a file (a pipe or a device)")
     else:
         _fail(f"{args.folder} does not exist")
@@ -363,7 +373,7 @@ def cmd_search(args) -> None:
         _fail("give words to search for, or --like FILE to search by a sound")
     if args.text is not None and not args.text.strip():  # `clapq search ""`, an empty variable
         _fail("the words to search for are empty; give words to search for, or --like FILE to search by a sound")
-    if args.like is not None and not args.like.is_file():
+    if args.like is not None and _kind(args.like) != "file":
         _fail(f"{args.like} is not a file")
     settings = Settings.from_env(data_dir=args.data_dir)
     search(connect(args.url, args.key, settings.data_dir), args.library, args.text, args.k, like=args.like)

@@ -224,6 +224,45 @@ class _Body:
         return out
 
 
+class Changed(Exception):
+    """A file of an upload request stopped being what it was when the request was made: gone, unreadable,
+    or of another size (a file still being written). Not an OSError: it passes through requests as it is,
+    and the connection it was sent on is closed (the API drops the request)."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path, self.why = path, why
+
+
+class _Sized:
+    """A file sent as the size it had when its request was made, which the request's Content-Length counts
+    on: one that shrinks while it is sent would leave the API waiting for bytes that never come (and the
+    command for its answer, up to 10 minutes), and one that grows would send a body the API cannot parse.
+    Either raises Changed. `len` is what is left to send, as requests_toolbelt reads it."""
+
+    def __init__(self, path: Path, f) -> None:
+        self.path, self.f = path, f
+        self.size = self.len = os.fstat(f.fileno()).st_size
+
+    def read(self, n: int | None = -1) -> bytes:
+        n = self.len if n is None or n < 0 else min(n, self.len)
+        data = self.f.read(n) if n else b""
+        self.len -= len(data)
+        if len(data) < n:
+            raise Changed(self.path, f"it shrank while it was being sent (from {self.size:,} bytes)")
+        if not self.len and n and os.fstat(self.f.fileno()).st_size != self.size:
+            raise Changed(self.path, f"it grew while it was being sent (from {self.size:,} bytes)")
+        return data
+
+
+def _size(p: Path) -> int:
+    """A file's size, 0 for one gone since it was listed (its request then leaves it out, saying why)."""
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
+
+
 def wire_name(name: str) -> str:
     """The name a file goes by in a request: one the API reads back exactly as sent, so that 'metadata'
     finds its file. A name that is not UTF-8 (bytes of another encoding) shows U+FFFD where they were; a
@@ -250,10 +289,15 @@ def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
         names.append(name)
     meta = json.dumps({n: {"path": r.encode("utf-8", "surrogateescape").decode("utf-8", "replace")}
                        for n, r in zip(names, rel)})
+    def opened(p: Path) -> _Sized:
+        try:
+            return _Sized(p, files.enter_context(open(p, "rb")))
+        except OSError as exc:  # gone, or no longer readable, since it was listed
+            raise Changed(p, f"cannot be read ({exc.strerror or exc})") from None
+
     with contextlib.ExitStack() as files:
         yield _Body(MultipartEncoder(fields=[("metadata", meta)] + [
-            ("files", (n, files.enter_context(open(p, "rb")), "application/octet-stream"))
-            for n, p in zip(names, batch)]))
+            ("files", (n, opened(p), "application/octet-stream")) for n, p in zip(names, batch)]))
 
 
 def n_files(n: int) -> str:
@@ -269,29 +313,46 @@ class Listing:
     other: Counter = dataclasses.field(default_factory=Counter)  # other files, by suffix
     unreadable: list[str] = dataclasses.field(default_factory=list)  # named as audio but no file: broken links, pipes
     linked: list[str] = dataclasses.field(default_factory=list)  # links to folders, not followed (a loop, a drive)
+    closed: list[str] = dataclasses.field(default_factory=list)  # folders (and files) that cannot be read, with why
 
 
 def audio_files(folder: Path) -> Listing:
-    """The audio files under `folder` by suffix, and what was left out, so that each can be said."""
+    """The audio files under `folder` by suffix, and what was left out, so that each can be said: a folder
+    that cannot be read is named (rglob passed over it without a word), and one removed while it is looked
+    through is passed over."""
     found = Listing([])
-    for p in folder.rglob("*"):
-        rel = p.relative_to(folder)
-        suffix = p.suffix.lower()
-        if any(part.startswith(".") for part in rel.parts):
-            found.hidden += p.is_file() and suffix in AUDIO_SUFFIXES
-        elif p.is_dir():
-            if p.is_symlink():
-                found.linked.append(rel.as_posix())
-        elif not p.is_file():  # opening a pipe would wait forever; a broken link has nothing to read
-            if suffix in AUDIO_SUFFIXES:
-                found.unreadable.append(rel.as_posix())
-        elif suffix in AUDIO_SUFFIXES:
-            found.audio.append(p)
-        else:
-            found.other[suffix or "(no suffix)"] += 1
-    found.audio.sort()
-    found.unreadable.sort()
-    found.linked.sort()
+
+    def unreadable(exc: OSError) -> None:
+        if not isinstance(exc, FileNotFoundError):  # gone since its parent was read: nothing to say
+            where = Path(exc.filename)
+            if where == folder:
+                raise SystemExit(f"clapq: cannot read {folder}: {exc.strerror or exc}")
+            found.closed.append(f"{where.relative_to(folder).as_posix()} ({exc.strerror or exc})")
+
+    for top, dirs, files in os.walk(folder, onerror=unreadable):
+        base = Path(top)
+        for name in dirs + files:
+            p = base / name
+            rel = p.relative_to(folder)
+            suffix = p.suffix.lower()
+            try:
+                if any(part.startswith(".") for part in rel.parts):
+                    found.hidden += p.is_file() and suffix in AUDIO_SUFFIXES
+                elif name in dirs:
+                    if p.is_symlink():  # os.walk does not go in
+                        found.linked.append(rel.as_posix())
+                elif not p.is_file():  # opening a pipe would wait forever; a broken link has nothing to read
+                    if suffix in AUDIO_SUFFIXES:
+                        found.unreadable.append(rel.as_posix())
+                elif suffix in AUDIO_SUFFIXES:
+                    found.audio.append(p)
+                else:
+                    found.other[suffix or "(no suffix)"] += 1
+            except OSError as exc:  # in a folder that can be listed but not entered
+                if suffix in AUDIO_SUFFIXES:
+                    found.closed.append(f"{rel.as_posix()} ({exc.strerror or exc})")
+    for names in (found.audio, found.unreadable, found.linked, found.closed):
+        names.sort()
     return found
 
 
@@ -304,7 +365,7 @@ def batches(paths: list[Path], max_files: int = BATCH_FILES, max_bytes: int = BA
     multipart around the files (a single larger file goes alone)."""
     batch, size = [], REQUEST_OVERHEAD
     for p in paths:
-        n = p.stat().st_size + PART_OVERHEAD
+        n = _size(p) + PART_OVERHEAD
         if batch and (len(batch) >= max_files or size + n > max_bytes):
             yield batch
             batch, size = [], REQUEST_OVERHEAD
@@ -314,13 +375,18 @@ def batches(paths: list[Path], max_files: int = BATCH_FILES, max_bytes: int = BA
         yield batch
 
 
-def not_known(client: Client, lib_id: str, batch: list[Path]) -> tuple[list[Path], int, dict[Path, str]]:
+def not_known(client: Client, lib_id: str, batch: list[Path]) -> tuple[list[Path], int, dict[Path, str | None]]:
     """The files of `batch` whose bytes the library does not hold yet (asked by digest; nothing sent), how
     many of the others it has not embedded yet, and each file's digest."""
-    digests = {p: file_sha256(p) for p in batch}
+    digests: dict[Path, str | None] = {}
+    for p in batch:
+        try:
+            digests[p] = file_sha256(p)
+        except OSError:  # gone or unreadable since it was listed: its request leaves it out, saying why
+            digests[p] = None
     # a server older than /known answers 404 (a library gone since the lookup fails on the upload itself)
-    answer = client.call("POST", f"/v1/libraries/{lib_id}/known", json={"sha256": sorted(set(digests.values()))},
-                         missing_ok=True) or {}
+    asked = sorted({d for d in digests.values() if d is not None})
+    answer = client.call("POST", f"/v1/libraries/{lib_id}/known", json={"sha256": asked}, missing_ok=True) or {}
     known, pending = set(answer.get("known", ())), set(answer.get("pending", ()))
     return [p for p in batch if digests[p] not in known], sum(digests[p] in pending for p in batch), digests
 
@@ -348,17 +414,26 @@ def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path]
     return ok, refused
 
 
-def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> dict:
+def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> tuple[dict | None, list[Path], list[str]]:
     """POST one batch; while the API is busy (429: its backlog is full) or down for now (502-504, or not
     answering before the request was sent), wait as it asks and send again. A connection lost while the
     batch was being sent ends the command (an API that refuses a body over its limit also cuts it); run
-    again, it sends only what the library does not hold."""
+    again, it sends only what the library does not hold. A file gone, unreadable or changing size since it
+    was listed (one still being written) is left out, and the rest sent again without it. Returns the
+    answer (None if no file was left to send), the files it holds, and a sentence for each left out."""
     def attempt() -> dict:
         with multipart_body(folder, batch) as body:
             return client.call("POST", f"/v1/libraries/{lib_id}/batches", data=body,
                                headers={"Content-Type": body.content_type}, allow_redirects=False)
 
-    return patiently(attempt)
+    batch, left_out = list(batch), []
+    while batch:
+        try:
+            return patiently(attempt), batch, left_out
+        except Changed as exc:
+            batch.remove(exc.path)
+            left_out.append(f"{wire_name(exc.path.relative_to(folder).as_posix())}: {exc.why}")
+    return None, batch, left_out
 
 
 def upload_folder(client: Client, folder: Path, library: str, wait: bool = True, only: list[Path] | None = None) -> int:
@@ -375,11 +450,14 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     if listing.unreadable:
         n = len(listing.unreadable)
         print(f"left out {n} named as audio that {'is' if n == 1 else 'are'} not a file (a broken link, a pipe, "
-              f"a device): {_some(listing.unreadable)}", file=sys.stderr)
+              f"a device): {_some([printable(x) for x in listing.unreadable])}", file=sys.stderr)
     if listing.linked:
         n = len(listing.linked)
-        print(f"not followed: {n} link{'' if n == 1 else 's'} to a folder ({_some(listing.linked)}); upload the "
+        links = _some([printable(x) for x in listing.linked])
+        print(f"not followed: {n} link{'' if n == 1 else 's'} to a folder ({links}); upload the "
               "folder it points to on its own", file=sys.stderr)
+    if listing.closed:
+        print(f"left out, as they cannot be read: {_some([printable(x) for x in listing.closed])}", file=sys.stderr)
     if not paths:  # before the library is looked up: a failed command creates nothing
         raise SystemExit(f"clapq: no audio files under {folder} (looked for "
                          f"{', '.join(sorted(AUDIO_SUFFIXES))}); nothing was uploaded")
@@ -410,18 +488,25 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                 sending = set(new)
                 for p in batch:
                     rel, digest = p.relative_to(folder).as_posix(), digests[p]
+                    if digest is None:
+                        continue
                     if p not in sending and digest in first:
-                        held_copies.append(f"{rel} (= {first[digest]})")
+                        held_copies.append(f"{printable(rel)} (= {printable(first[digest])})")
                     first.setdefault(digest, rel)
                 batch = new
                 if not batch:
                     continue
             # said before the request, which on a slow network takes minutes: the command is not stuck
-            nbytes = sum(p.stat().st_size for p in batch)
-            print(f"uploading {n_files(len(batch))} ({nbytes / 1e6:.1f} MB)", file=sys.stderr)
+            print(f"uploading {n_files(len(batch))} ({sum(map(_size, batch)) / 1e6:.1f} MB)", file=sys.stderr)
             in_flight = len(batch)
-            answer = _send(client, lib["id"], folder, batch)
+            answer, batch, left_out = _send(client, lib["id"], folder, batch)
             in_flight = 0
+            for line in left_out:
+                print(f"not sent: {line}", file=sys.stderr)
+            refused += left_out
+            if answer is None:
+                continue
+            nbytes = sum(map(_size, batch))
             jobs.append(answer["job_id"])
             job_bytes.append(nbytes)
             for it, p in zip(answer["items"], batch):
@@ -460,7 +545,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         still = (f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
                  if unfinished else "")
         print(f"{skipped} of {found} files are in the library already{still}: not sent again", file=sys.stderr)
-    said = [f"{rel} (= {where.get(item, 'a file in the library')})"
+    said = [f"{printable(rel)} (= {printable(where.get(item, 'a file in the library'))})"
             for item, rels in copies_of.items() for rel in rels] + held_copies
     copies = len(said)
     if copies:
@@ -519,6 +604,20 @@ def shown_name(entry: dict) -> str:
     return printable(path if isinstance(path, str) and path else entry["filename"])
 
 
+def _failures(client: Client, job: str, state: dict) -> list[dict]:
+    """A job's failed files, with why: its `errors`, which hold the first 100, or where it failed more, all
+    of them from its listing of failed items, page by page."""
+    if len(state["errors"]) >= state["counts"]["failed"]:  # copies of one file count once in `errors`
+        return state["errors"]
+    out, cursor = [], None
+    while True:
+        page = client.call("GET", f"/v1/jobs/{job}/items",
+                           params={"status": "failed", "limit": 500, **({"cursor": cursor} if cursor else {})})
+        out += [{"item_id": i["id"], "filename": i["filename"], "error": i["error"]} for i in page["items"]]
+        if not (cursor := page.get("next_cursor")):
+            return out
+
+
 def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str, str],
           copies_of: dict[str, list[str]]) -> tuple[int, int]:
     """Wait for the jobs (`job_bytes`: what each was sent), showing progress; list the files that failed
@@ -541,8 +640,8 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
     if tty:
         print(file=sys.stderr)
     failed, named = 0, set()
-    for s in states:
-        for e in s["errors"]:
+    for job, s in zip(jobs, states):
+        for e in _failures(client, job, s):
             if e["item_id"] in named:  # a copy sent in a later request: its job reports the same item
                 continue
             named.add(e["item_id"])
@@ -596,7 +695,12 @@ def delete(client: Client, library: str, items: list[str], yes: bool = False) ->
             if not sys.stdin.isatty():
                 raise SystemExit(f"clapq: {question} Deleting a whole library needs --yes (or name the files' "
                                  "item ids to delete only those)")
-            if input(f"{question} [y/N] ").strip().lower() not in ("y", "yes"):
+            try:
+                answer = input(f"{question} [y/N] ")
+            except EOFError:  # Ctrl-D: no answer is no
+                print(file=sys.stderr)
+                answer = ""
+            if answer.strip().lower() not in ("y", "yes"):
                 print("nothing deleted", file=sys.stderr)
                 return 1
         gone = client.call("DELETE", f"/v1/libraries/{lib['id']}")["deleted"]

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 
 import psutil
@@ -554,7 +556,7 @@ def test_upload_bodies_stream_from_disk_and_parse_as_sent(tmp_path):
         tracemalloc.stop()
         assert total == len(body) and peak < (4 << 20), peak  # streamed, not built in memory
         handles = [fh for _, (_, fh, _) in body.encoder.fields[1:]]
-    assert all(fh.closed for fh in handles)
+    assert all(fh.f.closed for fh in handles)
     head = sent.getvalue()
     assert b'name="metadata"' in head and b'filename="sub/a.wav"' in head and b"RIFF small" in head
     # whatever the read sizes (None and -1: the rest; 0: nothing), the bytes are the encoder's own
@@ -702,6 +704,166 @@ def test_a_job_cancelled_while_the_upload_waits_is_said_and_fails_the_command(tm
     assert p.returncode == 1, (out, err)
     assert "cancelled: 2 files of job job1 not embedded (the job was cancelled); run this upload again" in err, err
     assert json.loads(out)["cancelled"] == 2 and json.loads(out)["failed"] == 0, out
+
+
+def test_more_failures_than_a_job_lists_are_all_named_and_counted(tmp_path, tiny_model):
+    """A job's `errors` hold its first 100 failures; a job of 150 broken files is read to the end from its
+    listing of failed items, so every file is named and the summary counts 150 (it said 100)."""
+    failed = [{"id": f"i{i}", "filename": f"{i:03}.wav", "error": "not a readable audio file", "status": "failed"}
+              for i in range(150)]
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if path.endswith("/batches"):
+            return 202, {"job_id": "job1", "items": [{"id": i["id"], "filename": i["filename"]} for i in failed]}, {}
+        if path.startswith("/v1/jobs/job1/items?"):
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+            assert query["status"] == ["failed"], query
+            start = int(query.get("cursor", ["0"])[0])
+            return 200, {"items": failed[start:start + 60], "next_cursor": str(start + 60) if start + 60 < 150
+                         else None}, {}
+        return 200, {"status": "failed", "progress": 1.0, "errors": [
+            {"item_id": i["id"], "filename": i["filename"], "error": i["error"]} for i in failed[:100]],
+            "counts": {"done": 0, "failed": 150, "cancelled": 0, "total": 150}}, {}
+
+    for i in range(150):
+        (tmp_path / f"{i:03}.wav").write_bytes(b"not audio %d" % i)
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and json.loads(out)["failed"] == 150, (out, err)
+    assert sum(line.startswith("failed: ") for line in err.splitlines()) == 150 and "failed: 149.wav" in err, err
+
+
+def test_a_file_gone_before_its_request_is_left_out_and_the_rest_sent(tmp_path, tiny_model):
+    """A file removed after the folder was looked through (here while the command asks which files the
+    library holds): its request leaves it out, saying so, and the other files go. Before, the whole upload
+    stopped at it."""
+    bodies = []
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 1}]}, {}
+        if path.endswith("/known"):
+            (tmp_path / "b.wav").unlink()
+            return 200, {"known": [], "pending": []}, {}
+        if path.endswith("/batches"):
+            return 202, {"job_id": "job1", "items": [{"id": "i1", "filename": "a.wav"}, {"id": "i3", "filename": "c.wav"}]}, {}
+        return 200, {"status": "done", "progress": 1.0, "errors": [],
+                     "counts": {"done": 2, "failed": 0, "cancelled": 0, "total": 2}}, {}
+
+    for i, name in enumerate("abc"):
+        write(tmp_path / f"{name}.wav", 0.3, seed=i)
+    with fake_api(answer, bodies) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and "not sent: b.wav: cannot be read (No such file or directory)" in err, (out, err)
+    assert json.loads(out)["not_sent"] == 1 and "uploaded 2 files (job job1)" in err, (out, err)
+    [sent] = [body for method, path, body in bodies if path.endswith("/batches")]
+    assert b'filename="a.wav"' in sent and b'filename="c.wav"' in sent and b'filename="b.wav"' not in sent
+
+
+@pytest.mark.parametrize("change", ["shrinks", "grows"])
+def test_a_file_that_changes_size_while_it_is_sent_stops_its_request(tmp_path, change):
+    """The request's Content-Length counts on each file's size when it was opened: a file that shrinks
+    while it is sent left the API, and the command, waiting for bytes that never came (up to 10 minutes);
+    one that grows sent a body the API could not parse ("no files"). Either now raises Changed, which
+    closes the request's connection, and `clapq upload` sends the batch again without that file."""
+    from clapq.client import Changed, multipart_body
+
+    f = tmp_path / "rec.wav"
+    f.write_bytes(os.urandom(3 << 20))
+    with multipart_body(tmp_path, [f]) as body:
+        assert len(body) > 3 << 20
+        body.read(1 << 20)
+        with open(f, "r+b") as w:
+            if change == "shrinks":
+                w.truncate(2 << 20)
+            else:
+                w.seek(0, 2)
+                w.write(b"more")
+        with pytest.raises(Changed, match=f"rec.wav: it {dict(shrinks='shrank', grows='grew')[change]} while it "
+                                          "was being sent"):
+            while body.read(1 << 16):
+                pass
+
+
+def test_folders_and_files_that_cannot_be_read_are_said_not_tracebacks(tmp_path, tiny_model):
+    """Run without root's right to read anything (setpriv drops it): a folder that cannot be entered is
+    named among what was left out (rglob passed over it without a word), a file in it given by name, to
+    upload or to search by, is a sentence and not a PermissionError traceback, and so is such a folder
+    given as the one to upload."""
+    bodies = []
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if path.endswith("/batches"):
+            return 202, {"job_id": "job1", "items": [{"id": "i1", "filename": "a.wav"}]}, {}
+        return 200, {"status": "done", "progress": 1.0, "errors": [],
+                     "counts": {"done": 1, "failed": 0, "cancelled": 0, "total": 1}}, {}
+
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "locked").mkdir()
+    write(tmp_path / "ok" / "a.wav", 0.3)
+    write(tmp_path / "locked" / "x.wav", 0.3, seed=1)
+    (tmp_path / "locked").chmod(0)
+    unprivileged = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+                    "-dac_override,-dac_read_search", sys.executable, "-m", "clapq.cli"]
+    try:
+        with fake_api(answer, bodies) as url:
+            def run(*args: str) -> subprocess.CompletedProcess:
+                return subprocess.run(unprivileged + [*args, "--library", "x", "--url", url, "--key", "cq_x"],
+                                      env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+
+            p = run("upload", str(tmp_path))
+            assert p.returncode == 0, (p.stdout, p.stderr)
+            assert "left out, as they cannot be read: locked (Permission denied)" in p.stderr, p.stderr
+            assert [path for method, path, body in bodies if path.endswith("/batches")] == ["/v1/libraries/lib1/batches"]
+            locked = tmp_path / "locked"
+            for args in (("upload", str(locked / "x.wav")), ("search", "--like", str(locked / "x.wav")),
+                         ("upload", str(locked))):
+                p = run(*args)
+                assert p.returncode in (1, 2) and "Traceback" not in p.stderr, (args, p.stderr)
+                assert f"cannot read {args[-1]}: Permission denied" in p.stderr, (args, p.stderr)
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+
+
+def test_ctrl_d_at_the_delete_question_deletes_nothing(tiny_model):
+    """`clapq delete --library x` at a terminal asks first; Ctrl-D (no answer) is "no", not an EOFError
+    traceback."""
+    import pty
+
+    bodies = []
+
+    def answer(method, path):
+        return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 3}]}, {}
+
+    main, tty = pty.openpty()
+    try:
+        with fake_api(answer, bodies) as url:
+            p = subprocess.Popen([sys.executable, "-m", "clapq.cli", "delete", "--library", "x", "--url", url,
+                                  "--key", "cq_x"], env=_env(tiny_model), stdin=tty, stdout=tty, stderr=tty)
+            seen, deadline, asked = b"", time.monotonic() + 60, False
+            while p.poll() is None or select.select([main], [], [], 0.2)[0]:  # all it writes, to its end
+                assert time.monotonic() < deadline, seen
+                if select.select([main], [], [], 0.2)[0]:
+                    try:
+                        seen += os.read(main, 4096)
+                    except OSError:  # the terminal's other end is closed: all was read
+                        break
+                if b"[y/N]" in seen and not asked:  # the question; then Ctrl-D
+                    os.write(main, b"\x04")
+                    asked = True
+            p.wait(30)
+    finally:
+        os.close(main)
+        os.close(tty)
+    out = seen.decode(errors="replace")
+    assert asked and p.returncode == 1 and "nothing deleted" in out and "Traceback" not in out, out
+    assert [method for method, path, body in bodies if method != "GET"] == []
 
 
 def test_one_file_can_be_uploaded_without_its_folder(tmp_path, tiny_model):
@@ -861,7 +1023,8 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
 
 def test_ordinary_mishaps_are_sentences_not_tracebacks(tmp_path, tiny_model):
     """A key pasted with a curly quote; Ctrl-C while a search waits for its answer; a file of a later
-    request deleted while the first request is sent: each ends with a sentence (and how to resume)."""
+    request deleted while the first request is sent: each ends with a sentence (and how to resume), and the
+    deleted file is left out, named."""
     import threading
 
     posted = threading.Event()
@@ -903,8 +1066,9 @@ def test_ordinary_mishaps_are_sentences_not_tracebacks(tmp_path, tiny_model):
         p = _upload(folder, url, tiny_model)
         _, err = p.communicate(timeout=120)
         assert p.returncode == 1 and "Traceback" not in err, err
-        assert "cannot read" in err and "c128.wav" in err, err
-        assert "128 of 129 files were uploaded (jobs job1); run the same command again" in err, err
+        # that file is named, and left out (it stopped the whole upload before)
+        assert "not sent: c128.wav: cannot be read (No such file or directory)" in err, err
+        assert "1 file not sent (listed above as 'not sent')" in err, err
 
 
 def test_waiting_asks_about_one_job_at_a_time():
