@@ -386,8 +386,15 @@ def cmd_delete(args) -> None:
     raise SystemExit(delete(connect(args.url, args.key, settings.data_dir), args.library, args.items, yes=args.yes))
 
 
+def _library_name(raw: str) -> str:
+    """--library's value: a name or an id, not empty (said at once, not after a folder is looked through)."""
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("give a library name or id")
+    return raw
+
+
 def _client_args(p: argparse.ArgumentParser, library_help: str) -> None:
-    p.add_argument("--library", required=True, help=library_help)
+    p.add_argument("--library", required=True, type=_library_name, help=library_help)
     p.add_argument("--url", default=None, help="API base URL (default $CLAPQ_URL or http://127.0.0.1:8000)")
     p.add_argument("--key", default=None, help="API key (default $CLAPQ_API_KEY or the data dir's owner key)")
     p.add_argument("--data-dir", type=Path, default=None,

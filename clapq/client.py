@@ -155,7 +155,12 @@ class Client:
             raise SystemExit(f"clapq: no library named {name!r} (libraries: {there}); "
                              f"`clapq upload DIR --library {name!r}` creates it")
         try:
-            return self.call("POST", "/v1/libraries", json={"name": name})
+            made = self.call("POST", "/v1/libraries", json={"name": name})
+            # said, since a name typed in other capitals than an existing library's makes a second library
+            alike = [lib["name"] for lib in libs if lib["name"].casefold() == name.casefold()]
+            print(f"created library {name!r}" + (f" (beside {_some([repr(x) for x in alike])}: names differ by case)"
+                                                  if alike else ""), file=sys.stderr)
+            return made
         except SystemExit as exc:
             # 409: another upload created it since the look above
             lib = self._find(name)[0] if "failed (409)" in str(exc.code) else None
@@ -169,7 +174,8 @@ class Client:
         libs = self.call("GET", "/v1/libraries")["libraries"]
         by_name = next((lib for lib in libs if lib["name"] == name), None) or next(
             (lib for lib in libs if unicodedata.normalize("NFC", lib["name"]) == name), None)  # one made before NFC
-        return by_name or next((lib for lib in libs if lib["id"] == name), None), libs
+        # an id pasted in capitals is the same id (a UUID's hex digits have no case)
+        return by_name or next((lib for lib in libs if lib["id"] == name.lower()), None), libs
 
     def limits(self) -> dict:
         """What the API takes (GET /v1/limits; an older server without it: {})."""
@@ -709,7 +715,8 @@ def delete(client: Client, library: str, items: list[str], yes: bool = False) ->
               + (f" ({n_files(kept)} kept on disk: other libraries hold the same bytes)" if kept > 0 else ""))
         return 0
     missing = 0
-    for raw in items:
+    for raw in dict.fromkeys(items):  # an id given twice is deleted once
+
         item = client.call("GET", f"/v1/items/{urllib.parse.quote(raw, safe='')}", missing_ok=True)
         if not isinstance(item, dict) or item.get("library_id") != lib["id"]:
             print(f"clapq: no item {raw!r} in library {lib['name']!r} (give item ids as `clapq search` prints "

@@ -175,7 +175,8 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
         "left out 1 file not named as audio (.txt)",
         "left out 2 named as audio that are not a file (a broken link, a pipe, a device): gone.wav, pipe.wav",
         "not followed: 1 link to a folder (rain/loop); upload the folder it points to on its own"], out.stderr
-    assert out.stderr.splitlines()[3].startswith("uploading 3 files ("), out.stderr  # before the request
+    assert out.stderr.splitlines()[3] == "created library 'folder lib'", out.stderr
+    assert out.stderr.splitlines()[4].startswith("uploading 3 files ("), out.stderr  # before the request
     assert "1 file had the same bytes as another and is stored once: rain/drone copy.wav (= drone.wav)" in \
         out.stderr.splitlines(), out.stderr
     out = subprocess.run(cli + ["search", "heavy rain", "--library", "folder lib", "--url", base, "--key", key],
@@ -624,6 +625,9 @@ def fake_api(answer, bodies: list | None = None, port: int = 0):
 
         def do_POST(self):
             self.reply("POST")
+
+        def do_DELETE(self):
+            self.reply("DELETE")
 
         def log_message(self, *args):
             pass
@@ -1256,6 +1260,51 @@ def test_a_library_named_as_another_ones_id_is_the_one_meant():
         assert client.library(libs[0]["id"], create=False)["id"] == libs[1]["id"]
         assert client.library(libs[1]["id"], create=False)["name"] == libs[1]["name"]
         assert client.library(" sfx ", create=False)["id"] == libs[0]["id"]
+        # an id pasted in capitals is the same id
+        assert client.library(libs[1]["id"].upper().replace("5F1C", "5f1C"), create=False)["id"] == libs[1]["id"]
+
+
+def test_an_item_named_twice_is_deleted_once(tiny_model):
+    """`clapq delete ID ID`: one DELETE, and no "no item" for the second (it deleted, then said the id
+    named nothing, and failed)."""
+    bodies = []
+    item = {"id": "5f1c0000-0000-4000-8000-0000000000a1", "library_id": "lib1", "filename": "a.wav", "metadata": {}}
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 1}]}, {}
+        return 200, item if method == "GET" else {"deleted": {"items": 1, "stored_files": 1}}, {}
+
+    with fake_api(answer, bodies) as url:
+        p = subprocess.run([sys.executable, "-m", "clapq.cli", "delete", item["id"], item["id"], "--library", "x",
+                            "--url", url, "--key", "cq_x"], env=_env(tiny_model), capture_output=True, text=True,
+                           timeout=60)
+    assert p.returncode == 0 and p.stdout == f"deleted a.wav ({item['id']})\n", (p.stdout, p.stderr)
+    assert [m for m, path, body in bodies if m == "DELETE"] == ["DELETE"]
+    # a library given as nothing is said before anything is asked
+    for blank in ("", "   "):
+        p = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", ".", "--library", blank, "--url",
+                            "http://127.0.0.1:9"], env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+        assert p.returncode == 2 and "argument --library: give a library name or id" in p.stderr, p.stderr
+
+
+def test_a_library_created_is_said_and_so_is_one_named_alike(capsys):
+    """A library created by an upload is said, and one whose name differs from an existing one's only by
+    case says so: `--library Basic` beside "basic" is a second library, which went unsaid."""
+    from clapq.client import Client
+
+    libs = [{"id": "5f1c0000-0000-4000-8000-000000000001", "name": "basic", "item_count": 3}]
+
+    def answer(method, path):
+        if method == "POST":
+            return 201, {"id": "5f1c0000-0000-4000-8000-000000000009", "name": "Basic"}, {}
+        return 200, {"libraries": libs}, {}
+
+    with fake_api(answer) as url:
+        assert Client(url, "cq_x").library("Basic")["name"] == "Basic"
+        assert capsys.readouterr().err == "created library 'Basic' (beside 'basic': names differ by case)\n"
+        assert Client(url, "cq_x").library("other")["id"].endswith("9")
+        assert capsys.readouterr().err == "created library 'other'\n"
 
 
 def test_names_a_multipart_form_cannot_carry_still_reach_the_api_with_their_paths(client, new_key, tmp_path):
