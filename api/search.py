@@ -313,7 +313,10 @@ def _best_first(session, matches, distance, n: int, exact: bool) -> list:
     own (48 ms instead of 2.5 ms at 100k: benchmarks/search_scale.md). Both settings go in one round trip."""
     if exact:
         every = matches.cte("matches").prefix_with("MATERIALIZED")
-        return session.execute(select(every).order_by(every.c.d).limit(n)).all()
+        # equal distances (silent files, one recording in two formats) in one order whatever `k` and
+        # `offset` are, so that pages neither repeat nor skip them; the index plan has none to give
+        ties = [every.c.item_id, *([every.c.start_s] if "start_s" in every.c else [])]
+        return session.execute(select(every).order_by(every.c.d, *ties).limit(n)).all()
     session.execute(text("SELECT set_config('hnsw.iterative_scan', 'strict_order', true), "
                          "set_config('hnsw.ef_search', :ef, true)"), {"ef": str(min(200, max(100, n)))})
     return session.execute(matches.order_by(distance).limit(n)).all()
