@@ -151,6 +151,9 @@ class Client:
         if lib is not None:
             return lib
         if not create:
+            alike = [lib["name"] for lib in libs if lib["name"].casefold() == name.casefold()]
+            if alike:  # names are case-sensitive: `walk` for `Walk`
+                raise SystemExit(f"clapq: no library named {name!r}; did you mean {alike[0]!r}? (names differ by case)")
             there = ", ".join(repr(lib["name"]) for lib in libs) or "none yet"
             raise SystemExit(f"clapq: no library named {name!r} (libraries: {there}); "
                              f"`clapq upload DIR --library {name!r}` creates it")

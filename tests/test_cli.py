@@ -1305,6 +1305,9 @@ def test_a_library_created_is_said_and_so_is_one_named_alike(capsys):
         assert capsys.readouterr().err == "created library 'Basic' (beside 'basic': names differ by case)\n"
         assert Client(url, "cq_x").library("other")["id"].endswith("9")
         assert capsys.readouterr().err == "created library 'other'\n"
+        # looked up, not created (search, delete): the name in other capitals is offered
+        with pytest.raises(SystemExit, match="no library named 'BASIC'; did you mean 'basic'"):
+            Client(url, "cq_x").library("BASIC", create=False)
 
 
 def test_names_a_multipart_form_cannot_carry_still_reach_the_api_with_their_paths(client, new_key, tmp_path):
