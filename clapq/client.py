@@ -470,12 +470,15 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     if not paths:  # before the library is looked up: a failed command creates nothing
         raise SystemExit(f"clapq: no audio files under {folder} (looked for "
                          f"{', '.join(sorted(AUDIO_SUFFIXES))}); nothing was uploaded")
-    lib = client.library(library)
     limits = client.limits()
     found = len(paths)
     paths, refused = _sendable(paths, folder, limits)
     for line in refused:
         print(f"not sent: {line}", file=sys.stderr)
+    if not paths:  # as above: no library is created for nothing
+        what = "the file cannot" if found == 1 else f"none of the {found} files can"
+        raise SystemExit(f"clapq: {what} be sent (said above); nothing was uploaded")
+    lib = client.library(library)
     # a library that holds files already (the same folder again, or an upload cut short): files whose
     # bytes it holds are not sent again, only the rest
     check = lib.get("item_count", 0) > 0

@@ -1373,6 +1373,30 @@ def test_files_the_api_cannot_take_are_named_not_sent(tmp_path):
         [2, 2, 1]
 
 
+def test_no_library_is_created_when_no_file_can_be_sent(tmp_path, tiny_model):
+    """Every file over the server's limit: each is named, and the command ends before it creates the
+    library (it made an empty one, and printed a summary of no jobs)."""
+    bodies = []
+
+    def answer(method, path):
+        if path == "/v1/limits":
+            return 200, {"max_file_bytes": 1000}, {}
+        return 200, {"libraries": []}, {}
+
+    for name in ("a.wav", "b.wav"):
+        (tmp_path / name).write_bytes(b"x" * 5000)
+    with fake_api(answer, bodies) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 1 and out == "", (out, err)
+        assert "not sent: a.wav: 0.0 MB, larger than this server takes" in err, err
+        assert err.endswith("clapq: none of the 2 files can be sent (said above); nothing was uploaded\n"), err
+        p = _upload(tmp_path / "a.wav", url, tiny_model)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 1 and err.endswith("clapq: the file cannot be sent (said above); nothing was uploaded\n")
+    assert [method for method, path, body in bodies if method == "POST"] == []
+
+
 @pytest.mark.parametrize("url", ["localhost:8000", "http://", "http://127.0.0.1:99999", "ftp://example.org"])
 def test_an_unusable_api_address_is_a_sentence(tmp_path, tiny_model, url):
     write(tmp_path / "a.wav", 0.2)
