@@ -102,6 +102,9 @@ class Client:
             # 10 s to connect (a wrong host fails fast), 10 minutes for an answer (a large upload's)
             r = self.s.request(method, self.url + path, **{"timeout": (10, 600), **kw})
         except requests.ConnectionError as exc:
+            if isinstance(exc, requests.exceptions.SSLError):  # https:// to a server of plain HTTP, or a bad certificate
+                raise SystemExit(f"clapq: the TLS handshake with {self.url} failed ({_reason(exc)}); `clapq up` and "
+                                 "`clapq api` serve plain HTTP: use an http:// URL for them") from None
             # refused, no such host, no answer to the connect: nothing was sent
             if isinstance(exc, requests.ConnectTimeout) or _causes(exc, NewConnectionError):
                 if self.reached:

@@ -1397,6 +1397,18 @@ def test_no_library_is_created_when_no_file_can_be_sent(tmp_path, tiny_model):
     assert [method for method, path, body in bodies if method == "POST"] == []
 
 
+def test_https_to_a_plain_http_api_says_so(tiny_model):
+    """`--url https://...` against the API, which serves plain HTTP: the TLS handshake fails, and the command
+    says that, not that the connection was lost because the API restarted."""
+    with fake_api(lambda method, path: (200, {"libraries": []}, {})) as url:
+        url = url.replace("http://", "https://")
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "x", "--url", url,
+                              "--key", "cq_x"], env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"clapq: the TLS handshake with {url} failed (" in out.stderr and "use an http:// URL" in out.stderr, \
+        out.stderr
+
+
 @pytest.mark.parametrize("url", ["localhost:8000", "http://", "http://127.0.0.1:99999", "ftp://example.org"])
 def test_an_unusable_api_address_is_a_sentence(tmp_path, tiny_model, url):
     write(tmp_path / "a.wav", 0.2)
