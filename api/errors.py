@@ -6,7 +6,7 @@ import json
 import logging
 import re
 
-from flask import Flask, jsonify, request
+from flask import Flask, current_app, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException
@@ -87,6 +87,25 @@ def parse_json(raw: str | bytes, where: str):
         raise bad_request(f"{where} is nested more than {MAX_DEPTH} levels deep") from None
     check_text(value, where)
     return value
+
+
+def small_body() -> bytes:
+    """The request's body, read into memory: at most MAX_FORM_MEMORY_SIZE (16 MiB; the largest JSON body
+    asked for, 10,000 digests to /known, is under 1 MB), a 413 over it. The request limit (2 GiB) is for
+    uploads, which stream to disk."""
+    most = current_app.config["MAX_FORM_MEMORY_SIZE"]
+    if (request.content_length or 0) > most:
+        raise ApiError(413, "payload_too_large", f"the body is {request.content_length} bytes; a JSON body or a "
+                       f"form without files may be at most {most}")
+    return request.get_data(cache=True)
+
+
+def json_body():
+    """The request's JSON body, whatever its Content-Type says (`curl -d '{...}'` sends JSON as a form,
+    which get_json ignores: the client was told to send the JSON object it had sent); None when it is not
+    JSON. Only the Authorization header admits a request, which a page's form cannot set."""
+    small_body()
+    return request.get_json(force=True, silent=True)
 
 
 class ClientJSON(DefaultJSONProvider):

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from werkzeug.http import parse_range_header
 
 from api.db import db
-from api.errors import bad_request, check_metadata, not_found
+from api.errors import bad_request, check_metadata, json_body, not_found
 from api.lookup import owned
 from api.models_info import describe
 from api.query import item_vector
@@ -57,7 +57,7 @@ def patch_item(item_id: str):
     uploaded again with other metadata are a copy of this item and leave it as it is. Search filters see
     the new metadata at once; the vectors do not change."""
     item = owned(Item, item_id, "item")
-    body = request.get_json(silent=True)
+    body = json_body()
     if not isinstance(body, dict) or set(body) != {"metadata"} or not isinstance(body["metadata"], dict):
         raise bad_request('send a JSON object like {"metadata": {"category": "rain"}} (the metadata replaces '
                           "what the item has; {} clears it)")

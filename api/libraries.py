@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.batches import RETRIED_ON_REUPLOAD
 from api.db import db
-from api.errors import ApiError, bad_request
+from api.errors import ApiError, bad_request, json_body
 from api.jobs import items_page
 from api.lookup import owned
 from api.models_info import describe, serving_model_id
@@ -34,7 +34,7 @@ def library_json(lib: Library, item_count: int | None = None) -> dict:
 
 @bp.post("/libraries")
 def create_library():
-    body = request.get_json(silent=True)
+    body = json_body()
     if not isinstance(body, dict):
         raise bad_request("send a JSON object like {\"name\": \"my sounds\"}")
     name = body.get("name")
@@ -114,7 +114,7 @@ def known_files(lib_id: str):
     lib = owned(Library, lib_id, "library")
     if (request.content_length or 0) > MAX_DIGESTS * 80:  # before it is read: 10,000 digests fit in 800 kB
         raise ApiError(413, "too_large", f"send at most {MAX_DIGESTS} digests (about 700 kB) per request")
-    body = request.get_json(silent=True)
+    body = json_body()
     digests = body.get("sha256") if isinstance(body, dict) else None
     if isinstance(digests, list) and len(digests) > MAX_DIGESTS:
         raise bad_request(f"{len(digests)} digests in one request; the limit is {MAX_DIGESTS}")

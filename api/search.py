@@ -14,7 +14,7 @@ from sqlalchemy import and_, case, func, or_, select, text
 from sqlalchemy.dialects.postgresql import JSONB, distinct_on
 
 from api.db import db
-from api.errors import bad_request, check_text, given_once, parse_json
+from api.errors import bad_request, check_text, given_once, json_body, parse_json, small_body
 from api.lookup import owned
 from api.models_info import describe, served_model_for
 from api.query import audio_vector, item_vector, text_vectors
@@ -69,7 +69,10 @@ def _params() -> dict:
     `curl -d` sends it)."""
     if request.method == "POST" and request.args:
         raise bad_request("a POST search takes its fields in the body, not in the query string")
-    if request.method == "GET" or request.mimetype in ("multipart/form-data", "application/x-www-form-urlencoded"):
+    # a URL-encoded form, unless it is JSON sent as one (`curl -d '{...}'`)
+    form = request.mimetype == "multipart/form-data" or (request.mimetype == "application/x-www-form-urlencoded"
+                                                         and not small_body().lstrip().startswith(b"{"))
+    if request.method == "GET" or form:
         f = request.args if request.method == "GET" else request.form
         _known(f, "the query string" if request.method == "GET" else "the form",
                request.files if request.method == "POST" else ())
@@ -84,7 +87,7 @@ def _params() -> dict:
         check_text(p, "the form")
         p["audio"] = request.files.get("audio") if request.method == "POST" else None
         return p
-    body = request.get_json(silent=True)
+    body = json_body()
     if not isinstance(body, dict):
         raise bad_request('send a JSON object like {"library_id": ..., "text": ..., "k": 10}, or a form')
     _known(body, "the JSON body")

@@ -7,7 +7,7 @@ from flask import Blueprint, current_app, g, request
 from sqlalchemy import select
 
 from api.db import db
-from api.errors import bad_request
+from api.errors import bad_request, json_body
 from api.lookup import owned
 from api.models_info import served_model_for
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
@@ -22,7 +22,7 @@ DEFAULT_TEMPLATE = "This is a sound of {label}."
 
 
 def _labels() -> tuple[list[str], np.ndarray, int]:
-    body = request.get_json(silent=True)
+    body = json_body()
     if not isinstance(body, dict):
         raise bad_request('send a JSON object like {"labels": ["dog", "rain"], "template": "This is a sound of {label}."}')
     extra = sorted(set(body) - {"labels", "template", "top"})

@@ -274,6 +274,26 @@ def test_an_upload_answered_unread_leaves_its_connection_usable(start_api, new_k
         conn.close()
 
 
+def test_json_sent_as_curl_d_sends_it_is_read_as_json(client, new_key, settings):
+    """`curl -d '{"name": "x"}'` sends JSON labelled as a form: it was answered "send a JSON object like
+    {...}", the object it had sent. JSON is read whatever the Content-Type (creating a library, and
+    search, whose URL-encoded forms are still forms); a JSON body over 16 MiB is a 413 before it is read into
+    memory, which the 2 GiB request limit for uploads allowed."""
+    key = new_key()
+    form = "application/x-www-form-urlencoded"
+    made = client.post("/v1/libraries", data='{"name": "curl"}', content_type=form, headers=auth(key))
+    assert made.status_code == 201, made.get_json()
+    lib_id = made.get_json()["id"]
+    r = client.post("/v1/search", data=json.dumps({"library_id": lib_id, "q": "rain"}), content_type=form,
+                    headers=auth(key))
+    assert r.status_code == 200 and r.get_json()["results"] == [], r.get_json()
+    r = client.post("/v1/search", data=f"library_id={lib_id}&q=rain", content_type=form, headers=auth(key))
+    assert r.status_code == 200, r.get_json()
+    huge = b'{"name": "' + b"x" * (16 * 1024 * 1024) + b'"}'
+    e = err(client.post("/v1/libraries", data=huge, content_type="application/json", headers=auth(key)), 413)
+    assert e["message"].endswith("a JSON body or a form without files may be at most 16777216"), e
+
+
 def test_health_metrics_and_openapi(client, worker):
     assert client.get("/healthz").get_json() == {"status": "ok"}
     ready = client.get("/readyz")
