@@ -18,6 +18,11 @@ def delete_items(session: Session, where) -> list[str]:
     0007 queued them in the same transaction). A copy another job recorded of a deleted item stops
     counting in that job. A worker embedding one of them at this moment writes nothing for it
     (worker.store locks the items it writes); the caller then calls announce_gone, so that it stops soon."""
+    # the rows locked first, in id order, the order a worker's vector write locks its items in
+    # (worker.store): a library's DELETE alone took them in its scan's order, and a write holding a later
+    # one while it waited on an earlier one was a deadlock, rolled back as a 503 for the deletion
+    session.execute(select(func.count()).select_from(
+        select(Item.id).where(where).order_by(Item.id).with_for_update().subquery()))
     # one statement: the copies are counted from the rows this DELETE removed, so two requests deleting
     # the same item at once uncount its copies once (the second one's DELETE finds nothing to remove)
     gone = delete(Item).where(where).returning(Item.id, Item.sha256).cte("gone")

@@ -578,3 +578,86 @@ def test_a_deletion_or_a_cancel_wakes_the_heartbeat_of_a_task_running_the_files(
         assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(key)).status_code == 200
         assert news.wait(60), "a cancel did not wake the heartbeat"
         assert heard[1] == {ids[1], ids[2]} and not held
+
+
+def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):
+    """A library's deletion and a worker's vector write both lock the rows of the files they touch, and
+    did so in different orders (the deletion in its scan's, the write in its batch's): each could hold a
+    row the other waited on, a deadlock Postgres broke by failing one (a helper saw the deletion's 503).
+    Both now lock in id order. Two files, A < B by id, B uploaded first; a third connection holds one row
+    and tries the other without waiting, which says what the blocked statement holds."""
+    import datetime as dt
+    import uuid
+
+    import numpy as np
+    from sqlalchemy.exc import OperationalError
+
+    from api.removal import delete_items
+    from tests.test_engine import job_of_own
+    from worker.audio import AudioInfo
+    from worker.store import Claimed, write_items
+
+    a, b = uuid.UUID(int=1), uuid.UUID(int=2**128 - 1)
+    with session_scope(settings.database_url) as s:
+        tenant, model, lib, job = job_of_own(s, "lock-order-test")
+        now = dt.datetime.now(dt.timezone.utc)
+        for item_id, created in ((b, now - dt.timedelta(seconds=1)), (a, now)):  # B first, in the heap too
+            s.add(Item(id=item_id, tenant_id=tenant.id, library_id=lib.id, job_id=job.id, sha256=item_id.hex * 2,
+                       filename=f"{item_id.int}.wav", size_bytes=1, status="running", created_at=created))
+            s.flush()
+        lib_id = lib.id
+        claimed = {i: Claimed(i, i.hex * 2, lib.id, model.id, job.id, tenant.id) for i in (a, b)}
+
+    engine = get_engine(settings.database_url)
+
+    errors = []
+
+    def blocked() -> None:  # until a connection waits on a row lock (the statement's text shows late)
+        deadline = time.monotonic() + 30
+        with engine.connect() as look:
+            while not look.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                       "AND datname = current_database()")):
+                assert time.monotonic() < deadline, errors
+                time.sleep(0.05)
+
+    def lockable(item_id, mode: str) -> bool:
+        with engine.connect() as probe:
+            try:
+                probe.execute(text(f"SELECT 1 FROM items WHERE id = :i FOR {mode} NOWAIT"), {"i": item_id})
+                return True
+            except OperationalError as exc:
+                assert "could not obtain lock" in str(exc)
+                return False
+            finally:
+                probe.rollback()
+
+    def started(work) -> threading.Thread:  # `work(session)` in a thread; what it raises, in `errors`
+        def run() -> None:
+            try:
+                with session_scope(settings.database_url) as s:
+                    work(s)
+            except Exception as exc:  # said by the assertions below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    # the write, given B before A, with B held: it waits on B holding A (it held nothing: A was free)
+    info = AudioInfo(sample_rate=48_000, channels=1, frames=48_000, format="WAV")
+    vec = np.ones((1, 512), np.float32)
+    for held, mode, work, other, free in (
+        (b, "UPDATE", lambda s: write_items(s, [(claimed[i], info, [(0.0, 1.0)], vec) for i in (b, a)]), a, False),
+        # the deletion, with A held: it waits on A holding nothing (it held B, taken first in its scan)
+        (a, "KEY SHARE", lambda s: delete_items(s, Item.library_id == lib_id), b, True),
+    ):
+        with engine.connect() as holder:
+            holder.execute(text(f"SELECT 1 FROM items WHERE id = :i FOR {mode}"), {"i": held})
+            thread = started(work)
+            blocked()
+            assert lockable(other, mode) == free
+            holder.rollback()
+        thread.join(30)
+        assert not errors and not thread.is_alive()
+    with session_scope(settings.database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Item).where(Item.library_id == lib_id)) == 0

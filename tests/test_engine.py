@@ -32,6 +32,24 @@ def reference(tiny_model):
     return load_reference(tiny_model)
 
 
+def job_of_own(s, model_name: str) -> tuple:
+    """A tenant, a model of its own (512-d), a library of it and a job, made in session `s`, for tests that
+    write rows as a worker does."""
+    from clapq.models import EmbeddingModel, Job, Library, Tenant
+
+    tenant = Tenant(name=f"{model_name}-{uuid.uuid4()}")
+    model = EmbeddingModel(name=model_name, weights_sha256=uuid.uuid4().hex * 2, dim=512)
+    s.add_all([tenant, model])
+    s.flush()
+    lib = Library(tenant_id=tenant.id, name="l", model_id=model.id)
+    s.add(lib)
+    s.flush()
+    job = Job(tenant_id=tenant.id, library_id=lib.id)
+    s.add(job)
+    s.flush()
+    return tenant, model, lib, job
+
+
 def test_long_file_segments_match_reference_windows(client, new_key, worker, tmp_path, reference):
     key = new_key()
     lib = client.post("/v1/libraries", json={"name": "long"}, headers=auth(key)).get_json()
@@ -615,22 +633,13 @@ def test_a_batch_is_written_with_one_statement_exactly_and_reruns_drop_stale_win
     from sqlalchemy import delete, event, func, select, update
 
     from clapq.db import get_engine, session_scope
-    from clapq.models import Embedding, EmbeddingModel, Item, Job, Library, Segment, Tenant
+    from clapq.models import Embedding, Item, Segment
     from worker.audio import AudioInfo
     from worker.store import Claimed, write_items
     from worker.windows import pooled
 
     with session_scope(settings.database_url) as s:
-        tenant = Tenant(name=f"batch-{uuid.uuid4()}")
-        model = EmbeddingModel(name="batch-write-test", weights_sha256=uuid.uuid4().hex * 2, dim=512)
-        s.add_all([tenant, model])
-        s.flush()
-        lib = Library(tenant_id=tenant.id, name="l", model_id=model.id)
-        s.add(lib)
-        s.flush()
-        job = Job(tenant_id=tenant.id, library_id=lib.id)
-        s.add(job)
-        s.flush()
+        tenant, model, lib, job = job_of_own(s, "batch-write-test")
         items = [Item(tenant_id=tenant.id, library_id=lib.id, job_id=job.id, sha256=f"{i:064x}",
                       filename=f"{i}.wav", size_bytes=1, status="running") for i in range(3)]
         s.add_all(items)

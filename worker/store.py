@@ -127,15 +127,19 @@ WITH seg_in AS (
     SELECT * FROM unnest(CAST(:seg_item AS uuid[]), CAST(:seg_index AS int[]), CAST(:seg_start AS float8[]),
                          CAST(:seg_end AS float8[]), CAST(:seg_vector AS text[]))
            AS t(item_id, window_index, start_s, end_s, vector)
+), locked AS (
+    -- an item deleted while it was embedded is left out (its vectors would break the foreign keys and
+    -- fail the whole batch); the lock keeps the rest from being deleted until this commits. Taken in id
+    -- order, as a deletion takes its rows (api.removal.delete_items): in any other, the two could deadlock.
+    -- Its own CTE: an ORDER BY on the join below made the planner walk the whole primary key in order
+    -- (+25% Postgres CPU a clip at 10,000 items, benchmarks/write_path.py)
+    SELECT id FROM items WHERE id = ANY(CAST(:item AS uuid[])) ORDER BY id FOR KEY SHARE
 ), item_in AS (
     SELECT t.* FROM unnest(CAST(:item AS uuid[]), CAST(:library AS uuid[]), CAST(:windows AS int[]),
                            CAST(:pooled AS text[]), CAST(:duration AS float8[]), CAST(:sample_rate AS int[]),
                            CAST(:channels AS int[]), CAST(:format AS text[]))
            AS t(item_id, library_id, windows, pooled, duration_s, sample_rate, channels, audio_format)
-    -- an item deleted while it was embedded is left out (its vectors would break the foreign keys and
-    -- fail the whole batch); the lock keeps the rest from being deleted until this commits
-    JOIN items ON items.id = t.item_id
-    FOR KEY SHARE OF items
+    JOIN locked ON locked.id = t.item_id
 ), seg AS (
     INSERT INTO segments (item_id, model_id, library_id, window_index, start_s, end_s, vector)
     SELECT s.item_id, :model, i.library_id, s.window_index, s.start_s, s.end_s, CAST(s.vector AS vector)
