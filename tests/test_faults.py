@@ -168,10 +168,10 @@ def test_sigterm_worker_keeps_finished_work(stack):
 
 def test_a_task_run_twice_at_once_changes_nothing(stack):
     """A task still running when the broker hands its message out again (past the visibility timeout) runs a
-    second time, under the same task id, beside the first. Here every task of a 41-file job is sent twice,
-    back to back, to two idle workers. The first task's first file is a pipe nobody writes to, so its
-    decoder hangs until CLAPQ_DECODE_TIMEOUT_S (10 s) and that task is surely still running when its copy
-    starts: both claim its files (each counted as tried twice). The job ends with the pipe failed and every
+    second time, under the same task id, beside the first. Here every task of a 41-file job is sent twice
+    to two idle workers (the first task's copy once a worker holds it). Its first file is a pipe nobody
+    writes to, so its decoder hangs until CLAPQ_DECODE_TIMEOUT_S (10 s) and that task is surely still
+    running when its copy starts: both claim its files (each counted as tried twice). The job ends with the pipe failed and every
     other file embedded exactly once: one pooled vector, one segment."""
     from clapq.blobs import BlobStore
     from clapq.queue import EMBED_QUEUE, EMBED_TASK, chunks, make_celery
@@ -193,10 +193,19 @@ def test_a_task_run_twice_at_once_changes_nothing(stack):
     job_id, ids = job_of_blobs(settings, lib_id, known, files)
     app = make_celery(settings)
     tasks = chunks(ids, settings.items_per_task)
-    for chunk in tasks:
+    for n, chunk in enumerate(tasks):
         task_id = str(uuid.uuid4())
-        for _ in range(2):  # what a redelivery sends: the same task, the same id
+        for copy in range(2):  # what a redelivery sends: the same task, the same id
             app.send_task(EMBED_TASK, args=[chunk], queue=EMBED_QUEUE, task_id=task_id)
+            if n == copy == 0:
+                # the copy only once a worker holds the first: sent back to back, both could reach the
+                # same worker (kombu's Redis transport can hand a worker two messages at once), which
+                # would run them one after the other instead of side by side
+                def claimed() -> bool:
+                    with session_scope(settings.database_url) as s:
+                        return s.scalar(select(Item.status).where(Item.id == uuid.UUID(chunk[0]))) == "running"
+
+                wait_until(claimed, 60, "the first task claimed")
     finished = wait_finished(stack, key, job_id)
     assert finished["status"] == "done_with_errors" and finished["counts"]["done"] == 40, finished
     assert [e["filename"] for e in finished["errors"]] == ["hangs.wav"], finished["errors"]
