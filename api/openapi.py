@@ -48,6 +48,7 @@ SEARCH_FORM = {  # POST /v1/search's form fields (multipart adds the 'audio' cli
     "library_id": _ID, "library_ids": {"type": "array", "items": _ID}, "text": {"type": "string"},
     "q": {"type": "string"}, "item_id": _ID, "k": {"type": "integer"}, "offset": {"type": "integer"},
     "min_score": {"type": "number"}, "mode": {"type": "string"}, "filter": {"type": "string"}}
+
 PAGE = [  # api.pages: limit + cursor
     {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 500}},
     {"name": "cursor", "in": "query", "schema": {"type": "string"}}]

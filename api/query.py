@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import unicodedata
 import tempfile
+import unicodedata
 from pathlib import Path
 
 import numpy as np

@@ -131,8 +131,7 @@ WITH seg_in AS (
     -- an item deleted while it was embedded is left out (its vectors would break the foreign keys and
     -- fail the whole batch); the lock keeps the rest from being deleted until this commits. Taken in id
     -- order, as a deletion takes its rows (api.removal.delete_items): in any other, the two could deadlock.
-    -- Its own CTE: an ORDER BY on the join below made the planner walk the whole primary key in order
-    -- (+25% Postgres CPU a clip at 10,000 items, benchmarks/write_path.py)
+    -- Locked apart from the join below, by the primary key's lookups of these ids alone
     SELECT id FROM items WHERE id = ANY(CAST(:item AS uuid[])) ORDER BY id FOR KEY SHARE
 ), item_in AS (
     SELECT t.* FROM unnest(CAST(:item AS uuid[]), CAST(:library AS uuid[]), CAST(:windows AS int[]),
