@@ -92,6 +92,12 @@ def _params() -> dict:
         raise bad_request('send a JSON object like {"library_id": ..., "text": ..., "k": 10}, or a form')
     _known(body, "the JSON body")
     p = {k: body.get(k) for k in OPTIONS}
+    # JSON has types: a number sent as a string is a client's bug, refused as classify's 'top' is
+    for name in ("k", "offset", "min_score"):
+        if isinstance(p[name], str):
+            raise bad_request(f"'{name}' must be a JSON number, not a string")
+    if p["item_id"] is not None and not isinstance(p["item_id"], str):
+        raise bad_request("'item_id' must be an item id (a string)")
     if body.get("q") is not None and body.get("text") is not None and body["q"] != body["text"]:
         raise bad_request("give the query text once: 'text' or 'q'")
     p["q"] = body["text"] if body.get("text") is not None else body.get("q")

@@ -175,6 +175,10 @@ def test_search_validation(client, lib, settings, tmp_path):
     assert str(settings.max_k) in e["message"]
     err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "x", "k": "ten"}, headers=auth(key)), 400)
     err(client.post("/v1/search", json={"library_id": lib_id, "text": "x", "k": True}, headers=auth(key)), 400)
+    # JSON has numbers: one sent as a string is refused there (a form's and a query string's are all text)
+    for field, value in (("k", "2"), ("offset", "0"), ("min_score", "0.5"), ("item_id", 7)):
+        e = err(client.post("/v1/search", json={"library_id": lib_id, "text": "x", field: value}, headers=auth(key)), 400)
+        assert f"'{field}' must be" in e["message"], e
     e = err(client.post("/v1/search", json={"library_id": lib_id, "text": "x" * (settings.max_query_chars + 1)},
                         headers=auth(key)), 400)
     assert str(settings.max_query_chars) in e["message"]
