@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from api.batches import RETRIED_ON_REUPLOAD
 from api.db import db
 from api.errors import ApiError, bad_request, json_body
-from api.jobs import items_page
+from api.jobs import STATES, items_page
 from api.lookup import owned
 from api.models_info import describe, serving_model_id
 from api.removal import announce_gone, delete_items, reclaim
@@ -78,9 +78,11 @@ def list_libraries():
 
 @bp.get("/libraries/<lib_id>")
 def get_library(lib_id: str):
+    """The library, with its items counted by status: how much of it search can find."""
     lib = owned(Library, lib_id, "library")
-    n = db().scalar(select(func.count()).select_from(Item).where(Item.library_id == lib.id))
-    return library_json(lib, n)
+    counts = dict.fromkeys(STATES, 0) | dict(db().execute(
+        select(Item.status, func.count()).where(Item.library_id == lib.id).group_by(Item.status)).all())
+    return {**library_json(lib, sum(counts.values())), "counts": counts}
 
 
 @bp.delete("/libraries/<lib_id>")

@@ -75,7 +75,9 @@ SPEC = {
                 "weights_sha256": {"type": "string"}, "dim": {"type": "integer"}}},
             "Library": {"type": "object", "properties": {
                 "id": _ID, "name": {"type": "string"}, "model": {"$ref": "#/components/schemas/Model"},
-                "item_count": {"type": "integer"}}},
+                "item_count": {"type": "integer"},
+                "counts": {"type": "object", "description": "its items by status (queued, running, done, failed, "
+                                                            "cancelled); in GET /v1/libraries/{library_id} only"}}},
             "Job": {"type": "object", "properties": {
                 "id": _ID, "status": {"enum": ["queued", "running", "done", "done_with_errors", "failed",
                                                 "cancelled"]},

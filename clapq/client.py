@@ -696,7 +696,23 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
         at = f"  {span['start_s']:g}-{span['end_s']:g} s" if "start_s" in span else ""
         print(f"{r['score']:.4f}  {shown_name(r)}  {r['item_id']}{at}")
     if not res["results"]:
-        print(f"no results: library {lib['name']!r} has no embedded files yet", file=sys.stderr)
+        print(f"no results: {_why_empty(client, lib)}", file=sys.stderr)
+
+
+def _why_empty(client: Client, lib: dict) -> str:
+    """Why a search of `lib` found nothing: no embedded files, as the files are still on their way, or as
+    none of them could be embedded (a library of broken files is not one still being filled)."""
+    name = repr(lib["name"])
+    if not lib.get("item_count", 1):  # as the look-up listed it: no need to ask again
+        return f"library {name} has no files"
+    counts = client.call("GET", f"/v1/libraries/{lib['id']}").get("counts", {})
+    pending = counts.get("queued", 0) + counts.get("running", 0)
+    if pending:
+        return f"library {name} has {n_files(pending)} still to embed; search again once they are"
+    if not sum(counts.values()):
+        return f"library {name} has no files"
+    return (f"none of the files of library {name} could be embedded (they failed or were cancelled; "
+            f"GET /v1/libraries/{lib['id']}/items?status=failed says why)")
 
 
 def delete(client: Client, library: str, items: list[str], yes: bool = False) -> int:

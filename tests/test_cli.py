@@ -228,7 +228,23 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     out = subprocess.run(cli + ["search", "rain", "--library", "empty", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout == ""
-    assert "no results: library 'empty' has no embedded files yet" in out.stderr, out.stderr
+    assert "no results: library 'empty' has no files" in out.stderr, out.stderr
+    # a library whose only file failed is not one still being filled: said so
+    (tmp_path / "broken.wav").write_bytes(b"RIFF" + b"\0" * 60)
+    out = subprocess.run(cli + ["upload", str(tmp_path / "broken.wav"), "--library", "broken", "--url", base,
+                                "--key", key], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "failed: broken.wav: " in out.stderr, out.stderr
+    out = subprocess.run(cli + ["search", "rain", "--library", "broken", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout == ""
+    assert "no results: none of the files of library 'broken' could be embedded (they failed or were cancelled; " \
+        "GET /v1/libraries/" in out.stderr, out.stderr
+    broken = [x for x in requests.get(f"{base}/v1/libraries", headers=h, timeout=10).json()["libraries"]
+              if x["name"] == "broken"][0]
+    got = requests.get(f"{base}/v1/libraries/{broken['id']}", headers=h, timeout=10).json()
+    assert got["item_count"] == 1 and got["counts"] == {"queued": 0, "running": 0, "done": 0, "failed": 1,
+                                                        "cancelled": 0}, got
+    assert requests.delete(f"{base}/v1/libraries/{broken['id']}", headers=h, timeout=30).ok
 
     # a file over what the API takes (CLAPQ_MAX_REQUEST_BYTES, read from /v1/limits) is named and left
     # out before anything is sent, instead of the API refusing its request on every run; the rest go in
@@ -664,6 +680,25 @@ def test_an_upload_that_is_redirected_says_where_instead_of_resending_a_spent_bo
         out, err = p.communicate(timeout=60)
     assert p.returncode != 0 and "Traceback" not in err, err
     assert "was redirected (307) to https://clapq.example/v1/libraries/lib1/batches" in err, err
+
+
+def test_a_search_that_finds_nothing_while_files_are_queued_says_so(tiny_model):
+    """No results from a library whose files are still queued: the command says they are still to embed, not
+    that the library has none. The other two answers (an empty library, one whose files all failed) are
+    tested against the real service in test_up_serves_persists_and_stops; here a stand-in keeps files queued."""
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 3}]}, {}
+        if path == "/v1/search":
+            return 200, {"results": []}, {}
+        return 200, {"id": "lib1", "name": "x", "item_count": 3,
+                     "counts": {"queued": 2, "running": 1, "done": 0, "failed": 0, "cancelled": 0}}, {}
+
+    with fake_api(answer) as url:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "x", "--url", url,
+                              "--key", "cq_x"], env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout == "", out.stdout
+    assert "no results: library 'x' has 3 files still to embed; search again once they are" in out.stderr, out.stderr
 
 
 def test_a_failed_file_is_named_by_its_path_in_the_folder(tmp_path, tiny_model):

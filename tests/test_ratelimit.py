@@ -74,7 +74,7 @@ def test_the_client_waits_out_the_limit_and_says_so(start_api, new_key, tiny_mod
                         "--key", key], env={**env, "CLAPQ_MODEL": str(tiny_model), "PYTHONPATH": str(ROOT)},
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert "no results: library 'lim' has no embedded files yet" in p.stderr, p.stderr  # the search's answer
+    assert "no results: library 'lim' has no files" in p.stderr, p.stderr  # the search's answer
     assert ("POST /v1/search: this API key has sent more than 2 requests per 10 seconds (CLAPQ_RATE_LIMIT); "
             "trying again in ") in p.stderr and p.stderr.count("trying again") == 1, p.stderr
 
