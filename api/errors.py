@@ -9,7 +9,7 @@ import re
 from flask import Flask, current_app, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from sqlalchemy import exc as sa_exc
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from clapq.blobs import StorageFull
 
@@ -94,10 +94,19 @@ def small_body() -> bytes:
     asked for, 10,000 digests to /known, is under 1 MB), a 413 over it. The request limit (2 GiB) is for
     uploads, which stream to disk."""
     most = current_app.config["MAX_FORM_MEMORY_SIZE"]
+    over = f"a JSON body or a form without files may be at most {most} bytes"
     if (request.content_length or 0) > most:
-        raise ApiError(413, "payload_too_large", f"the body is {request.content_length} bytes; a JSON body or a "
-                       f"form without files may be at most {most}")
-    return request.get_data(cache=True)
+        raise ApiError(413, "payload_too_large", f"the body is {request.content_length} bytes; {over}")
+    # a chunked body has no length to check first: it is read up to one byte over the limit and no further
+    # (the request's own limit, 2 GiB for uploads, would let it fill the API's memory)
+    request.max_content_length = min(most + 1, request.max_content_length or most + 1)
+    try:
+        data = request.get_data(cache=True)
+    except RequestEntityTooLarge:
+        data = None
+    if data is None or len(data) > most:
+        raise ApiError(413, "payload_too_large", f"the body is over the limit: {over}")
+    return data
 
 
 def json_body():
@@ -240,6 +249,16 @@ def register(app: Flask) -> None:
             return _unexpected(e)
         log.warning("request refers to a row deleted meanwhile: %s", _first_line(e))
         return envelope(404, "not_found", "what this request refers to was deleted while it ran; nothing was applied")
+
+    # gunicorn found the body's chunked framing broken while the request read it: the client's fault
+    try:
+        from gunicorn.http.errors import ParseException
+    except ImportError:  # served by another WSGI server
+        ParseException = None
+    if ParseException is not None:
+        @app.errorhandler(ParseException)
+        def _malformed(e: Exception):
+            return envelope(400, "bad_request", f"the request body is malformed: {type(e).__name__} ({e})")
 
     @app.errorhandler(StorageFull)  # a part being received, or committed, found the upload area full
     def _storage_full(e: StorageFull):

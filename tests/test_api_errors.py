@@ -9,6 +9,7 @@ import os
 import uuid
 
 import pytest
+import requests
 
 from tests.conftest import auth
 
@@ -278,6 +279,35 @@ def test_an_upload_answered_unread_leaves_its_connection_usable(start_api, new_k
         conn.close()
 
 
+def test_a_broken_chunked_body_is_a_400_in_json(start_api, new_key):
+    """Against gunicorn: a chunked body whose framing is broken (a chunk size that is not hex) was a 500, from
+    gunicorn's parse error raised as the request read its body; it is the client's 400, in the envelope, for
+    JSON and for an upload broken part way through its file."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = start_api()
+    base, key = urlsplit(url), new_key()
+    lib = requests.post(f"{url}/v1/libraries", json={"name": "chunks"}, headers=auth(key), timeout=30).json()["id"]
+    part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.wav"\r\n\r\nRIFF' + b"x" * 100_000
+    for path, ctype, first in (("/v1/libraries", "application/json", b'{"nam'),
+                               (f"/v1/libraries/{lib}/batches", "multipart/form-data; boundary=b", part)):
+        with socket.create_connection((base.hostname, base.port), timeout=30) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: {ctype}"
+                         "\r\nTransfer-Encoding: chunked\r\n\r\n".encode() + b"%x\r\n" % len(first) + first
+                         + b"\r\nzz\r\nxx\r\n0\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+                if b"\r\n\r\n" in answer and answer.rstrip().endswith(b"}"):
+                    break
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer[:500]
+        assert json.loads(body)["error"]["message"].startswith("the request body is malformed: InvalidChunkSize"), body
+    listed = requests.get(f"{url}/v1/libraries/{lib}", headers=auth(key), timeout=30).json()
+    assert listed["item_count"] == 0, listed
+
+
 def test_json_sent_as_curl_d_sends_it_is_read_as_json(client, new_key, settings):
     """`curl -d '{"name": "x"}'` sends JSON labelled as a form: it was answered "send a JSON object like
     {...}", the object it had sent. JSON is read whatever the Content-Type (creating a library, and
@@ -295,7 +325,18 @@ def test_json_sent_as_curl_d_sends_it_is_read_as_json(client, new_key, settings)
     assert r.status_code == 200, r.get_json()
     huge = b'{"name": "' + b"x" * (16 * 1024 * 1024) + b'"}'
     e = err(client.post("/v1/libraries", data=huge, content_type="application/json", headers=auth(key)), 413)
-    assert e["message"].endswith("a JSON body or a form without files may be at most 16777216"), e
+    assert e["message"].endswith("a JSON body or a form without files may be at most 16777216 bytes"), e
+
+    # chunked, with no length to check first: read up to the limit and no further (it was read whole, up to
+    # the 2 GiB request limit, into memory), for JSON and for search's URL-encoded form
+    for path, head, mime in (("/v1/libraries", b'{"name": "', "application/json"),
+                             ("/v1/search", f"library_id={lib_id}&q=".encode(), form)):
+        body = io.BytesIO(head + b"x" * (64 * 1024 * 1024))
+        e = err(client.post(path, headers={**auth(key), "Transfer-Encoding": "chunked"}, content_type=mime,
+                            environ_overrides={"wsgi.input_terminated": True}, input_stream=body), 413)
+        assert e["message"] == "the body is over the limit: a JSON body or a form without files may be at most " \
+            "16777216 bytes", e
+        assert body.tell() <= 17 * 1024 * 1024, (path, body.tell())  # how far it was read
 
 
 def test_health_metrics_and_openapi(client, worker):
