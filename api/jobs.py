@@ -10,8 +10,9 @@ from api.errors import ApiError, bad_request
 from api.items import item_json
 from api.lookup import owned
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
+from api.models_info import served_model_for
 from api.removal import announce_gone
-from clapq.models import Item, Job, JobDuplicate, requeued
+from clapq.models import Item, Job, JobDuplicate, Library, requeued
 from clapq.queue import enqueue_committed
 
 bp = Blueprint("jobs", __name__)
@@ -220,6 +221,8 @@ def retry_job(job_id: str):
     so this job reports how it ends (and the other job's cancel no longer stops it)."""
     job = owned(Job, job_id, "job")
     session = db()
+    # a library bound to another model than this service runs: its files would fail again, each for that
+    served_model_for(session.get(Library, job.library_id))
     states = ("failed", "cancelled") if job.cancelled else ("failed",)
     copied = _copied(job)
     moved = list(session.scalars(

@@ -456,8 +456,8 @@ def test_limits_and_which_413(client, lib, settings):
 
 def test_a_library_of_another_model_is_refused_not_mixed(client, new_key, worker, settings, tmp_path):
     """A library whose vectors came from another model than the service runs (CLAPQ_MODEL changed):
-    uploading into it, searching it and classifying it or its items are 409s; before, classify scored the
-    new model's label vectors against the old model's audio vectors."""
+    uploading into it, retrying its jobs, searching it and classifying it or its items are 409s; before,
+    classify scored the new model's label vectors against the old model's audio vectors."""
     from sqlalchemy import text
 
     from clapq.db import session_scope
@@ -469,8 +469,8 @@ def test_a_library_of_another_model_is_refused_not_mixed(client, new_key, worker
     wav = write(tmp_path / "a.wav", 0.5, seed=31)
     r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                     data={"files": (io.BytesIO(wav.read_bytes()), "a.wav")})
-    item = r.get_json()["items"][0]["id"]
-    assert wait_job(client, key, r.get_json()["job_id"])["status"] == "done"
+    item, job = r.get_json()["items"][0]["id"], r.get_json()["job_id"]
+    assert wait_job(client, key, job)["status"] == "done"
     labels = {"labels": ["rain", "dog"]}
     assert client.post(f"/v1/items/{item}/classify", json=labels, headers=auth(key)).status_code == 200
     with session_scope(settings.database_url) as s:  # as if embedded by a model this service no longer runs
@@ -483,7 +483,9 @@ def test_a_library_of_another_model_is_refused_not_mixed(client, new_key, worker
               client.post(f"/v1/libraries/{lib_id}/classify", json=labels, headers=auth(key)),
               client.post("/v1/search", json={"library_id": lib_id, "text": "rain"}, headers=auth(key)),
               client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
-                          data={"files": (io.BytesIO(b"RIFF"), "b.wav")})):
+                          data={"files": (io.BytesIO(b"RIFF"), "b.wav")}),
+              # a retry would queue files that fail again, each for the model: refused as an upload is
+              client.post(f"/v1/jobs/{job}/retry", headers=auth(key))):
         assert err(r, 409)["code"] == "model_mismatch"
 
 
