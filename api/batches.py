@@ -30,6 +30,10 @@ RETRIED_ON_REUPLOAD = ("failed", "cancelled")
 def _metadata_field(filenames: set[str]) -> dict:
     given_once(request.form, "the form")  # 'metadata' twice would be read as the first, silently
     raw = request.form.get("metadata")
+    if "metadata" in request.files:  # sent as a file, as `curl -F metadata=@meta.json` sends it
+        if raw is not None or len(request.files.getlist("metadata")) > 1:
+            raise bad_request("the form gives 'metadata' more than once; give it once")
+        raw = _read_text(request.files["metadata"], "'metadata'")
     if raw is None or raw.strip() == "":
         return {}
     try:
@@ -44,6 +48,19 @@ def _metadata_field(filenames: set[str]) -> dict:
     for name, value in meta.items():
         check_metadata(value, f"'metadata' of {display_name(name)!r}")
     return meta
+
+
+def _read_text(part, what: str) -> str:
+    """A small part sent as a file, as text: at most the size of a form field (MAX_FORM_MEMORY_SIZE)."""
+    most = current_app.config["MAX_FORM_MEMORY_SIZE"]
+    part.stream.seek(0)
+    data = part.stream.read(most + 1)
+    if len(data) > most:
+        raise ApiError(413, "payload_too_large", f"{what} is over {most} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise bad_request(f"{what} is not UTF-8 text") from None
 
 
 # files of the batch were being deleted, or their stored copies removed, at the moment it committed: the
@@ -94,9 +111,14 @@ def upload_batch(lib_id: str):
     # the checks are done: end their transaction before the body streams in (minutes for a large upload
     # on a slow link), so no connection sits "idle in transaction" holding locks that block migrations
     db().rollback()
-    if not (request.content_type or "").startswith("multipart/form-data"):
+    if request.mimetype != "multipart/form-data":  # lowercased: a media type's name has no case
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with one or more 'files' parts")
     files = request.files.getlist("files")  # a full upload area raises StorageFull: a 507 (api.errors)
+    # a part under another name would be dropped unseen ('file' for 'files', a 'tags' field)
+    other = sorted((set(request.files) | set(request.form)) - {"files", "metadata"})
+    if other:
+        raise bad_request(f"the form has a part {other[0]!r}, which an upload does not take: send each file as a "
+                          "part named 'files', and their metadata as one part named 'metadata'")
     if not files:
         raise bad_request("no files: send each file as a multipart part named 'files'")
     if len(files) > settings.max_files_per_batch:

@@ -6,6 +6,7 @@ import logging
 import unicodedata
 
 from flask import Request, current_app, g
+from werkzeug.exceptions import BadRequest
 
 from api.removal import queue_unnamed, reclaim
 from clapq.blobs import BlobStore
@@ -22,6 +23,18 @@ class StreamingRequest(Request):
         self._clapq_writers = getattr(self, "_clapq_writers", [])
         self._clapq_writers.append(writer)
         return writer
+
+    def make_form_data_parser(self):
+        parser = super().make_form_data_parser()
+        parser.silent = False  # a broken body is said (_load_form_data), not read as a form with nothing in it
+        return parser
+
+    def _load_form_data(self) -> None:
+        try:
+            super()._load_form_data()
+        except ValueError as exc:  # cut short, no boundary, a part's headers not UTF-8: the client's to fix
+            raise BadRequest(f"the form could not be read ({exc}): send multipart/form-data as a client library "
+                             "writes it, whole, with its boundary in the Content-Type") from None
 
     def queue_uploads(self, writers: list) -> list[str]:
         """Write-ahead for a crash: the bytes about to move into the store are queued for removal first, in

@@ -83,6 +83,35 @@ def test_upload_validation(client, lib, settings):
     assert str(settings.max_files_per_batch) in e["message"]
 
 
+def test_an_upload_reads_every_part_it_is_sent_or_says_why_not(client, lib):
+    """Parts under other names were dropped unseen (a second file sent as 'file', a 'tags' field, metadata
+    sent as a file as `curl -F metadata=@meta.json` sends it), and a body cut short or without its boundary
+    was answered "no files"; a Content-Type in capitals was a 415."""
+    key, lib_id = lib
+    url = f"/v1/libraries/{lib_id}/batches"
+    for extra in ({"file": (io.BytesIO(b"RIFF2"), "b.wav")}, {"tags": "foley"}):
+        e = err(client.post(url, headers=auth(key), content_type="multipart/form-data",
+                            data={"files": (io.BytesIO(b"RIFF1"), "a.wav"), **extra}), 400)
+        assert e["message"].startswith(f"the form has a part {next(iter(extra))!r}, which an upload does not take"), e
+    meta = io.BytesIO(json.dumps({"a.wav": {"tags": ["foley"]}}).encode())
+    r = client.post(url, headers=auth(key), content_type="multipart/form-data",
+                    data={"files": (io.BytesIO(b"RIFF meta as a file"), "a.wav"), "metadata": (meta, "meta.json")})
+    assert r.status_code == 202, r.get_json()
+    item = r.get_json()["items"][0]["id"]
+    assert client.get(f"/v1/items/{item}", headers=auth(key)).get_json()["metadata"] == {"tags": ["foley"]}
+    e = err(client.post(url, headers=auth(key), content_type="multipart/form-data",
+                        data={"files": (io.BytesIO(b"RIFF3"), "a.wav"), "metadata": (io.BytesIO(b"\xff{"), "m")}), 400)
+    assert e["message"] == "'metadata' is not UTF-8 text", e
+    part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="c.wav"\r\n\r\nRIFF cut'
+    for body, ctype in ((part, "multipart/form-data; boundary=b"),  # no closing boundary: cut short
+                        (part + b"\r\n--b--\r\n", "multipart/form-data")):  # no boundary given
+        e = err(client.post(url, headers=auth(key), data=body, content_type=ctype), 400)
+        assert e["message"].startswith("the form could not be read ("), e
+    r = client.post(url, headers=auth(key), data=part + b"\r\n--b--\r\n",
+                    content_type="Multipart/Form-Data; boundary=b")
+    assert r.status_code == 202 and [i["filename"] for i in r.get_json()["items"]] == ["c.wav"], r.get_json()
+
+
 def test_known_lists_only_held_bytes_of_this_library(client, lib, new_key, worker, settings, tmp_path):
     """POST /known answers which digests the library holds (a failed file is not held: sending it again
     retries it) and which of those are not embedded yet; a bad body, too many digests and another
