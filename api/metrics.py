@@ -79,4 +79,5 @@ def register(app: Flask) -> None:
 
 @bp.get("/metrics")
 def metrics_endpoint():
-    return Response(generate_latest(current_app.extensions["clapq_metrics"]), mimetype=CONTENT_TYPE_LATEST)
+    # as content_type: it carries its charset already (as mimetype, Flask added a second)
+    return Response(generate_latest(current_app.extensions["clapq_metrics"]), content_type=CONTENT_TYPE_LATEST)

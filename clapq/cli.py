@@ -90,10 +90,19 @@ def cmd_api(args) -> None:
     settings = Settings.from_env().require_urls()
     _check_model(settings)
     host = os.environ.get("CLAPQ_HOST", "0.0.0.0")
-    port = os.environ.get("CLAPQ_PORT", "8000")
-    workers = os.environ.get("CLAPQ_API_WORKERS", "2")
-    argv = ["gunicorn", "api.wsgi:app", "--bind", host_port(host, port), "--workers", workers,
-            "--threads", os.environ.get("CLAPQ_API_THREADS", "4"), "--timeout", "300",
+    port = _whole("CLAPQ_PORT", "8000", 1, 65535)
+    workers = _whole("CLAPQ_API_WORKERS", "2", 1, 256)
+    threads = _whole("CLAPQ_API_THREADS", "4", 1, 1024)
+    # gunicorn's processes count their requests in files here, so /metrics adds up all of them, not one
+    # process's (a counter that went down from one scrape to the next); fresh for each start, as the files
+    # of processes gone would count again
+    made = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        import tempfile
+
+        made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clapq-api-metrics-")
+    argv = ["gunicorn", "api.wsgi:app", "--bind", host_port(host, port), "--workers", str(workers),
+            "--threads", str(threads), "--timeout", "300",
             "--graceful-timeout", "20", "--access-logfile", "-",
             # the longest request line gunicorn takes (its maximum but for none at all): a GET search of
             # ~900 characters outside ASCII (9 bytes each, percent-encoded), 8,000 in ASCII; POST takes any
@@ -104,7 +113,32 @@ def cmd_api(args) -> None:
     from gunicorn.app.wsgiapp import run
 
     sys.argv = argv
-    run()
+    try:
+        run()
+    finally:
+        if made is not None:
+            import shutil
+
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _port(raw: str) -> int:
+    """--port: a TCP port, or argparse's usage error naming the option."""
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a port: give a whole number from 1 to 65535")
+    return int(raw)
+
+
+def _whole(name: str, default: str, lo: int, hi: int) -> int:
+    """An integer setting from the environment, or a sentence that says what it takes."""
+    raw = os.environ.get(name, default)
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        _fail(f"{name}={raw!r}: give a whole number from {lo} to {hi}")
+    return value
 
 
 def cmd_worker(args) -> None:
@@ -408,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", type=Path, default=None, help="where data lives (default $XDG_DATA_HOME/clapq, or ~/.local/share/clapq)")
     up.add_argument("--host", default="127.0.0.1", help="address the API listens on (default 127.0.0.1: this "
                     "machine only; 0.0.0.0 for every interface)")
-    up.add_argument("--port", type=int, default=8000, help="the API's port (default 8000)")
+    up.add_argument("--port", type=_port, default=8000, help="the API's port (default 8000)")
     up.set_defaults(func=cmd_up)
     sub.add_parser("api", help="the HTTP API under gunicorn (configured from the environment)").set_defaults(func=cmd_api)
     sub.add_parser("worker", help="an embedding worker (Celery)").set_defaults(func=cmd_worker)

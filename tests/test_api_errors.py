@@ -337,6 +337,25 @@ def test_a_broken_chunked_body_is_a_400_in_json(start_api, new_key):
     assert listed["item_count"] == 0, listed
 
 
+def test_metrics_count_the_requests_of_every_api_process(start_api):
+    """`clapq api` runs several gunicorn processes; each scrape of /metrics was answered by one of them, with
+    its own requests only, so a counter went down from one scrape to the next (1068, 830, 1069). Every
+    scrape now counts them all: never fewer than the requests sent before it, and never fewer than the
+    scrape before."""
+    import re
+
+    base = start_api()
+    for _ in range(40):  # a connection each: gunicorn's processes take them in turn as they accept
+        assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
+    seen = []
+    for _ in range(6):
+        r = requests.get(f"{base}/metrics", timeout=10)
+        assert r.headers["Content-Type"].count("charset") == 1, r.headers["Content-Type"]
+        seen.append(sum(float(n) for n in re.findall(
+            r'^clapq_http_request_duration_seconds_count\{[^}]*endpoint="/healthz"[^}]*\} (\S+)$', r.text, re.M)))
+    assert all(n >= 40 for n in seen) and seen == sorted(seen), seen
+
+
 def test_json_sent_as_curl_d_sends_it_is_read_as_json(client, new_key, settings):
     """`curl -d '{"name": "x"}'` sends JSON labelled as a form: it was answered "send a JSON object like
     {...}", the object it had sent. JSON is read whatever the Content-Type (creating a library, and

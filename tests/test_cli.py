@@ -496,6 +496,16 @@ def test_a_database_that_cannot_be_used_and_a_busy_port_are_sentences(tmp_path, 
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert f"cannot serve on 127.0.0.1:{taken}" in out.stderr and "--port" in out.stderr, out.stderr
     assert not (tmp_path / "e" / "pg").exists()  # refused before anything was started
+    # a port that is no port, or no API processes: a sentence (a traceback from bind; a gunicorn that
+    # listened and never answered)
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(tmp_path / "f"), "--port",
+                          "99999"], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "argument --port: '99999' is not a port" in out.stderr, out.stderr[-3000:]
+    for name, value in (("CLAPQ_API_WORKERS", "0"), ("CLAPQ_PORT", "-1"), ("CLAPQ_API_THREADS", "many")):
+        env = _env(tiny_model, DATABASE_URL="postgresql://x@127.0.0.1:1/x", REDIS_URL="redis://127.0.0.1:1/0")
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "api"], env={**env, name: value},
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and f"clapq: {name}={value!r}: give a whole number from" in out.stderr, out.stderr
 
 
 @pytest.mark.parametrize("model", ["/nonexistent/clap", "laion/clap-htsat-unfused"])
