@@ -138,10 +138,28 @@ def given_once(fields, where: str) -> None:
         raise bad_request(f"{where} gives {twice[0]!r} more than once; give it once")
 
 
+def takes_query(*names: str):
+    """Decorator: the query parameters a view reads (plain_query refuses others); `None` for a view that
+    checks its own (search, which reads the same fields from a query string, a form or JSON)."""
+    def mark(view):
+        view.query_names = None if names == (None,) else frozenset(names)
+        return view
+
+    return mark
+
+
 def plain_query() -> None:
-    """before_request hook: the query string's names and values, as check_text, each name once."""
+    """before_request hook: the query string's names and values, as check_text, each name once, and only
+    names the view reads: one it does not would be ignored, and the answer quietly other than asked for
+    (`GET /v1/jobs?status=failed` listed every job)."""
     check_text(list(request.args.items(multi=True)), "the query string")
     given_once(request.args, "the query string")
+    view = current_app.view_functions.get(request.endpoint)
+    takes = getattr(view, "query_names", frozenset())
+    extra = sorted(set(request.args) - takes) if takes is not None and view is not None else []
+    if extra:
+        raise bad_request(f"the query string has {extra[0]!r}, which {request.method} {request.url_rule.rule} does "
+                          "not take" + (f"; it takes {', '.join(sorted(takes))}" if takes else "; it takes none"))
 
 
 def envelope(status: int, code: str, message: str, headers: dict | None = None):

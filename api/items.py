@@ -11,7 +11,7 @@ from sqlalchemy import select
 from werkzeug.http import parse_range_header
 
 from api.db import db
-from api.errors import bad_request, check_metadata, json_body, not_found
+from api.errors import bad_request, check_metadata, json_body, not_found, takes_query
 from api.lookup import owned
 from api.models_info import describe
 from api.query import item_vector
@@ -87,6 +87,7 @@ def get_embedding(item_id: str):
 
 
 @bp.get("/items/<item_id>/segments")
+@takes_query("vectors")
 def get_segments(item_id: str):
     """The item's embedded windows, in time order; `?vectors=1` includes each vector (for export)."""
     item = owned(Item, item_id, "item")

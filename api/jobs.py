@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, g, request
 from sqlalchemy import and_, case, delete, func, or_, select, update
 
 from api.db import db
-from api.errors import ApiError, bad_request
+from api.errors import ApiError, bad_request, takes_query
 from api.items import item_json
 from api.lookup import owned
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
@@ -140,6 +140,7 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
 
 
 @bp.get("/jobs")
+@takes_query("limit", "cursor")
 def list_jobs():
     limit, cursor = limit_arg(20), cursor_arg()
     rows = db().scalars(
@@ -178,6 +179,7 @@ def items_page(where, job: Job | None = None) -> dict:
 
 
 @bp.get("/jobs/<job_id>/items")
+@takes_query("limit", "cursor", "status")
 def job_items(job_id: str):
     job = owned(Job, job_id, "job")
     return items_page(_of_job(job, _copied(job)), job)

@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.batches import RETRIED_ON_REUPLOAD
 from api.db import db
-from api.errors import ApiError, bad_request, json_body
+from api.errors import ApiError, bad_request, json_body, takes_query
 from api.jobs import STATES, items_page
 from api.lookup import owned
 from api.models_info import describe, serving_model_id
@@ -103,6 +103,7 @@ def delete_library(lib_id: str):
 
 
 @bp.get("/libraries/<lib_id>/items")
+@takes_query("limit", "cursor", "status")
 def library_items(lib_id: str):
     """The library's items, oldest first: `?status=` narrows, `limit` + `cursor` page."""
     return items_page(Item.library_id == owned(Library, lib_id, "library").id)

@@ -14,7 +14,7 @@ from sqlalchemy import and_, case, func, or_, select, text
 from sqlalchemy.dialects.postgresql import JSONB, distinct_on
 
 from api.db import db
-from api.errors import bad_request, check_text, given_once, json_body, parse_json, small_body
+from api.errors import bad_request, check_text, given_once, json_body, parse_json, small_body, takes_query
 from api.lookup import owned
 from api.models_info import describe, served_model_for
 from api.query import audio_vector, item_vector, text_vectors
@@ -159,6 +159,7 @@ def _jsonb(value: dict):
 
 
 @bp.route("/search", methods=["GET", "POST"])
+@takes_query(None)
 def search():
     settings = current_app.config["CLAPQ"]
     p = _params()

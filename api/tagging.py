@@ -7,7 +7,7 @@ from flask import Blueprint, current_app, g, request
 from sqlalchemy import select
 
 from api.db import db
-from api.errors import bad_request, json_body
+from api.errors import bad_request, json_body, takes_query
 from api.lookup import owned
 from api.models_info import served_model_for
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
@@ -51,6 +51,7 @@ def _tags(vec: np.ndarray, labels: list[str], label_vecs: np.ndarray, top: int) 
 
 
 @bp.post("/libraries/<lib_id>/classify")
+@takes_query("limit", "cursor")
 def classify_library(lib_id: str):
     lib = owned(Library, lib_id, "library")
     served_model_for(lib)  # labels are embedded by this API's model
@@ -80,6 +81,7 @@ def classify_item(item_id: str):
 
 
 @bp.get("/items/<item_id>/duplicates")
+@takes_query("threshold", "limit")
 def duplicates(item_id: str):
     """Exact copies (same sha256) in any of the caller's libraries, and items within `threshold` cosine."""
     try:

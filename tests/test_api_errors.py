@@ -464,6 +464,29 @@ def test_get_search_takes_what_post_takes(client, lib):
     assert r.status_code == 200, r.get_json()
 
 
+def test_a_query_parameter_an_endpoint_does_not_take_is_refused(client, lib):
+    """A parameter a view does not read was ignored, and the answer quietly other than asked for:
+    `GET /v1/jobs?status=failed` listed every job, `classify?top=1` gave three labels. Refused, naming what
+    the endpoint takes, before anything is done (a DELETE with one deletes nothing)."""
+    key, lib_id = lib
+    r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                    data={"files": (io.BytesIO(b"RIFF kept"), "a.wav")})
+    item = r.get_json()["items"][0]["id"]
+    for method, url, says in (
+            ("get", "/v1/jobs?status=failed", "the query string has 'status', which GET /v1/jobs does not take; "
+                                              "it takes cursor, limit"),
+            ("post", f"/v1/libraries/{lib_id}/classify?top=1", "it takes cursor, limit"),
+            ("get", f"/v1/items/{item}/segments?vector=1", "it takes vectors"),
+            ("delete", f"/v1/items/{item}?force=1", "which DELETE /v1/items/<item_id> does not take; it takes none")):
+        e = err(getattr(client, method)(url, headers=auth(key), json={"labels": ["a"]} if method == "post" else None),
+                400)
+        assert e["message"].startswith("the query string has ") and says in e["message"], e
+    assert client.get(f"/v1/items/{item}", headers=auth(key)).status_code == 200  # not deleted
+    for url in (f"/v1/libraries/{lib_id}/items?status=queued&limit=5", "/v1/jobs?limit=2",
+                f"/v1/items/{item}/segments?vectors=1"):
+        assert client.get(url, headers=auth(key)).status_code in (200, 409), url
+
+
 def test_library_names_must_show_something(client, new_key):
     key = new_key()
     for name in ("tab\there", "line\nbreak", "\u200b", " \u200b "):
