@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import unicodedata
 from pathlib import PurePosixPath
 from urllib.parse import quote
 
 from flask import Blueprint, current_app, request, send_file
 from sqlalchemy import select
-from werkzeug.http import parse_range_header
+from werkzeug.http import http_date, parse_date, parse_etags, parse_range_header
 
 from api.db import db
-from api.errors import bad_request, check_metadata, json_body, not_found, takes_query
+from api.errors import ApiError, bad_request, check_metadata, json_body, not_found, takes_query
 from api.lookup import owned
 from api.models_info import describe
 from api.query import item_vector
@@ -23,9 +24,23 @@ bp = Blueprint("items", __name__)
 
 # Only audio types we recognise are ever sent as such; anything else is a download.
 SAFE_TYPES = {
-    "wav": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg", "mp3": "audio/mpeg",
-    "aiff": "audio/aiff", "mov": "audio/mp4", "mp4": "audio/mp4", "matroska": "audio/x-matroska",
+    # libsndfile's names ("wavex": WAVE_FORMAT_EXTENSIBLE, as 24-bit, float and multichannel WAVs are written)
+    "wav": "audio/wav", "wavex": "audio/wav", "rf64": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg",
+    "mp3": "audio/mpeg", "aiff": "audio/aiff", "caf": "audio/x-caf", "au": "audio/basic",
+    # FFmpeg's (the first of a demuxer's names)
+    "mov": "audio/mp4", "mp4": "audio/mp4", "matroska": "audio/x-matroska", "aac": "audio/aac",
+    "ac3": "audio/ac3", "eac3": "audio/eac3", "wv": "audio/x-wavpack", "avi": "video/x-msvideo",
+    "asf": "video/x-ms-asf", "flv": "video/x-flv", "mpeg": "video/mpeg",
 }
+
+
+def media_type(item: Item) -> str:
+    """The Content-Type a stored file is served with: by its decoded container, never by its name alone
+    (nosniff keeps a browser to it); WebM, which FFmpeg reads as Matroska, by its name."""
+    fmt = (item.audio_format or "").split(",")[0]
+    if fmt == "matroska" and (item.filename or "").lower().endswith((".webm", ".weba")):
+        return "audio/webm"
+    return SAFE_TYPES.get(fmt, "application/octet-stream")
 
 
 def item_json(item: Item) -> dict:
@@ -124,13 +139,33 @@ def attachment(filename: str, item_id: str) -> str:
     return header if fallback == filename else f"{header}; filename*=UTF-8''{quote(filename, safe='')}"
 
 
+def _preconditions(item: Item, path) -> None:
+    """If-Match, else If-Unmodified-Since (RFC 9110 13.2.2): a 412 in the envelope when it fails. Werkzeug
+    answered a failed If-Match 412 with the whole file as its body, and ignored If-Unmodified-Since. Both
+    are taken off the request once checked; If-None-Match, If-Modified-Since and Range stay werkzeug's."""
+    env = request.environ
+    failed = None
+    if "HTTP_IF_MATCH" in env:
+        tags = parse_etags(env.pop("HTTP_IF_MATCH"))
+        if not (tags.star_tag or tags.contains(item.sha256)):  # strong comparison: the ETag is the bytes' hash
+            failed = f"If-Match: the file's ETag is \"{item.sha256}\""
+        env.pop("HTTP_IF_UNMODIFIED_SINCE", None)
+    elif "HTTP_IF_UNMODIFIED_SINCE" in env:
+        since = parse_date(env.pop("HTTP_IF_UNMODIFIED_SINCE"))  # None where it does not parse: ignored
+        modified = dt.datetime.fromtimestamp(int(path.stat().st_mtime), dt.timezone.utc)
+        if since is not None and modified > since:
+            failed = f"If-Unmodified-Since: the file was last modified {http_date(modified)}"
+    if failed:
+        raise ApiError(412, "precondition_failed", f"{failed}; the condition does not hold")
+
+
 @bp.get("/items/<item_id>/audio")
 def get_audio(item_id: str):
     item = owned(Item, item_id, "item")
     path = BlobStore(current_app.config["CLAPQ"].blob_dir).path_for(item.sha256)
     if not path.is_file():
         raise not_found("audio")
-    fmt = (item.audio_format or "").split(",")[0]
+    _preconditions(item, path)
     if "HTTP_RANGE" in request.environ:
         ranges = parse_range_header(request.environ["HTTP_RANGE"])
         if ranges is None or ranges.units != "bytes" or len(ranges.ranges) != 1:
@@ -138,8 +173,11 @@ def get_audio(item_id: str):
             # are several ranges at once: the whole file, 200, where werkzeug would answer 416; a single
             # range past the end is still 416
             del request.environ["HTTP_RANGE"]
-    response = send_file(path, mimetype=SAFE_TYPES.get(fmt, "application/octet-stream"),
-                         conditional=True, etag=item.sha256)
+        elif ranges.ranges[0][0] < 0 and -ranges.ranges[0][0] > path.stat().st_size:
+            # the last N bytes of a file shorter than N: the whole file (RFC 9110 14.1.2), where werkzeug
+            # answers 416
+            request.environ["HTTP_RANGE"] = "bytes=0-"
+    response = send_file(path, mimetype=media_type(item), conditional=True, etag=item.sha256)
     response.headers["Content-Disposition"] = attachment(item.filename, str(item.id))
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"

@@ -54,6 +54,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in [
     _sf("wav_float", "wav", 48_000, 2, "WAV", "FLOAT"),
     _sf("wav_double", "wav", 16_000, 1, "WAV", "DOUBLE"),
     _sf("wav_51_s16", "wav", 48_000, 6, "WAV", "PCM_16"),  # 5.1 film audio: six channels to mix down
+    _sf("wavex_s24", "wav", 48_000, 2, "WAVEX", "PCM_24"),  # WAVE_FORMAT_EXTENSIBLE, as ffmpeg and sox write
     _sf("wav_ulaw", "wav", 8_000, 1, "WAV", "ULAW"),
     _sf("wav_alaw", "wav", 8_000, 1, "WAV", "ALAW"),
     _sf("flac_s16", "flac", 44_100, 2, "FLAC", "PCM_16"),

@@ -520,6 +520,23 @@ def test_limits_and_which_413(client, lib, settings):
     for rng in ("items=0-3", "bytes=x-y", "bytes=0-1,4-5"):
         r = client.get(f"/v1/items/{item}/audio", headers={**auth(key), "Range": rng})
         assert r.status_code == 200 and r.data == b"RIFF 16 bytes..." and "Content-Range" not in r.headers, rng
+    # the last N bytes of a shorter file: all of it (was a 416)
+    r = client.get(f"/v1/items/{item}/audio", headers={**auth(key), "Range": "bytes=-99999999999"})
+    assert r.status_code == 206 and r.data == b"RIFF 16 bytes..." and r.headers["Content-Range"] == "bytes 0-15/16"
+    # preconditions: a failed one is a 412 in the envelope (If-Match's carried the whole file), and
+    # If-Unmodified-Since is honoured (it was ignored)
+    etag = client.get(f"/v1/items/{item}/audio", headers=auth(key)).headers["ETag"]
+    for headers, status in (({"If-Match": '"other"'}, 412), ({"If-Match": f'"other", {etag}'}, 200),
+                            ({"If-Match": "*"}, 200), ({"If-Match": f"W/{etag}"}, 412),
+                            ({"If-Unmodified-Since": "Mon, 01 Jan 1990 00:00:00 GMT"}, 412),
+                            ({"If-Unmodified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"}, 200),
+                            ({"If-Unmodified-Since": "not a date"}, 200),
+                            ({"If-Match": etag, "If-Unmodified-Since": "Mon, 01 Jan 1990 00:00:00 GMT"}, 200)):
+        r = client.get(f"/v1/items/{item}/audio", headers={**auth(key), **headers})
+        if status == 412:
+            assert err(r, 412)["code"] == "precondition_failed" and r.content_type == "application/json", headers
+        else:
+            assert r.status_code == 200 and r.data == b"RIFF 16 bytes...", headers
     # a method the path does not take: 405 with the methods it does (Allow), in the same envelope
     r = client.put("/v1/libraries", headers=auth(key))
     assert err(r, 405)["code"] == "method_not_allowed" and {"GET", "POST"} <= set(r.headers["Allow"].split(", "))

@@ -152,6 +152,11 @@ def test_every_format_in_one_batch(client, new_key, worker, files):
         assert item["sample_rate"] in expected_rates(fmt) and item["channels"] == fmt.channels, item
         assert item["duration_s"] == pytest.approx(SECONDS, abs=LOSSY_SLACK_S if fmt.lossy else 1e-3), item
         assert item["format"], item
+        # served as what it is (24-bit, float and 5.1 WAVs, which libsndfile calls "wavex", were downloads
+        # of application/octet-stream)
+        served = client.get(f"/v1/items/{ids[path.name]}/audio", headers=auth(key)).headers["Content-Type"]
+        want = {"wav": "audio/wav", "webm": "audio/webm", "avi": "video/x-msvideo"}.get(fmt.ext)
+        assert served == want if want else served.startswith("audio/"), (name, item["format"], served)
         vec = np.array(client.get(f"/v1/items/{ids[path.name]}/embedding", headers=auth(key)).get_json()["vector"])
         assert np.isfinite(vec).all() and np.linalg.norm(vec) == pytest.approx(1.0, abs=1e-4)
 
