@@ -34,6 +34,9 @@ def _labels() -> tuple[list[str], np.ndarray, int]:
         raise bad_request("'labels' must be a non-empty list of strings")
     if len(labels) > MAX_LABELS:
         raise bad_request(f"{len(labels)} labels; the limit is {MAX_LABELS}")
+    most = current_app.config["CLAPQ"].max_query_chars  # a label is embedded as a query is
+    if (long := next((i for i, x in enumerate(labels) if len(x) > most), None)) is not None:
+        raise bad_request(f"label {long} is {len(labels[long])} characters; the limit is {most} (CLAPQ_MAX_QUERY_CHARS)")
     template = body.get("template", DEFAULT_TEMPLATE)
     if not isinstance(template, str) or "{label}" not in template or len(template) > 500:
         raise bad_request("'template' must be a string containing '{label}'")

@@ -312,7 +312,9 @@ def test_classify_and_duplicates(client, lib, tiny_model):
         assert r.status_code == 200 and len(r.get_json()["labels"]) == n, r.get_json()
     for body, message in (({"labels": labels, "top": 0}, "'top' must be an integer between 1 and 200"),
                           ({"labels": labels, "top": 201}, "'top' must be an integer between 1 and 200"),
-                          ({"labels": labels, "limit": 5}, "the body has 'limit', which classify does not take")):
+                          ({"labels": labels, "limit": 5}, "the body has 'limit', which classify does not take"),
+                          # a label is embedded as a query is, and bounded as one (it had no bound)
+                          ({"labels": ["x" * 1001, "y"]}, "label 0 is 1001 characters; the limit is 1000")):
         r = client.post(f"/v1/libraries/{lib['a']}/classify", json=body, headers=h)
         assert r.status_code == 400 and r.get_json()["error"]["message"].startswith(message), r.get_json()
     page = client.post(f"/v1/libraries/{lib['a']}/classify?limit=2", json={"labels": labels}, headers=h).get_json()
