@@ -33,7 +33,8 @@ _lock = threading.Lock()
 def _how_to_fix(name: str) -> str:
     return (
         f"cannot load the CLAP model {name!r}. Point CLAPQ_MODEL at a local directory holding a "
-        "HF-format CLAP checkpoint (config.json, model.safetensors, preprocessor_config.json and the "
+        "HF-format CLAP checkpoint (config.json, model.safetensors, preprocessor_config.json or "
+        "processor_config.json, and the "
         "tokenizer files), e.g. one saved with `ClapModel.save_pretrained()` or copied from a machine "
         "with network access (`hf download laion/clap-htsat-unfused --local-dir DIR`)."
     )
