@@ -29,7 +29,7 @@ AUDIO_SUFFIXES = {".wav", ".wave", ".bwf", ".rf64", ".flac", ".aif", ".aiff", ".
                   ".spx", ".mp3", ".mp2", ".mpga", ".m4a", ".m4b", ".m4r", ".aac", ".alac", ".caf", ".wma", ".ac3",
                   ".eac3", ".dts", ".amr", ".3gp", ".3g2", ".wv", ".ape", ".tta", ".mka", ".mp4", ".mkv", ".webm",
                   ".mov", ".w64", ".au", ".snd", ".voc", ".gsm", ".weba", ".m4v", ".avi", ".mpg", ".mpeg",
-                  ".m2ts", ".wmv", ".asf", ".flv", ".mxf"}
+                  ".m2ts", ".wmv", ".asf", ".flv", ".mxf", ".ogv", ".vob", ".dv"}
 # A multiple of the worker's batch (16 windows on a CPU) and of its task size (16 files): a task's last
 # batch is padded to full size, so with short files a request of 100 would leave its last batch 3/4
 # padding.

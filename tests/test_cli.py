@@ -1389,7 +1389,7 @@ def test_video_files_are_sent_for_their_audio_track(tmp_path):
     (notes, not sound) and .ts (TypeScript as often as MPEG-TS) are counted as left out."""
     from clapq import client
 
-    names = ["a.avi", "b.MPG", "c.m2ts", "d.m4v", "e.mp4", "f.mkv", "g.webm", "h.wmv", "i.wav"]
+    names = ["a.avi", "b.MPG", "c.m2ts", "d.m4v", "e.mp4", "f.mkv", "g.webm", "h.wmv", "i.wav", "j.ogv", "k.vob"]
     for name in names + ["cover.jpg", "notes.txt", "song.mid", "app.ts"]:
         (tmp_path / name).write_bytes(b"x")
     found = client.audio_files(tmp_path)
