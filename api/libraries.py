@@ -37,11 +37,18 @@ def create_library():
     body = json_body()
     if not isinstance(body, dict):
         raise bad_request("send a JSON object like {\"name\": \"my sounds\"}")
+    if extra := sorted(set(body) - {"name"}):  # a field it does not take would be dropped unseen
+        raise bad_request(f"the body has {extra[0]!r}, which a library does not take; it takes 'name'")
     name = body.get("name")
     if not isinstance(name, str) or len(name) > 200 or not any(unicodedata.category(c)[0] in "LNPS" for c in name):
         raise bad_request("'name' must be a string of at most 200 characters with something visible in it")
     if any(unicodedata.category(c) == "Cc" for c in name.strip()):
         raise bad_request("'name' must not contain control characters (tabs, line breaks, ...)")
+    # "x\u200b" beside "x", or a direction override, is a name that looks like another; the joiners stay,
+    # as emoji sequences and some scripts need them
+    if any(unicodedata.category(c) == "Cf" and c not in "\u200c\u200d" for c in name):
+        raise bad_request("'name' must not contain invisible formatting characters (zero-width spaces, "
+                          "direction overrides, byte-order marks, ...)")
     # stored in NFC: "Café" typed, and "Café" taken from a macOS folder name (e + combining accent), are
     # one name, not two libraries that look the same; one made before this rule is matched the same way
     name = unicodedata.normalize("NFC", name.strip())

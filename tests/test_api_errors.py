@@ -193,6 +193,8 @@ def test_filenames_are_sanitised(client, lib):
     from api.items import attachment
 
     assert attachment('a "b\\c".wav', "x") == "attachment; filename=\"a bc.wav\"; filename*=UTF-8''a%20%22b%5Cc%22.wav"
+    # a name left as its suffix ("\u200b.wav" is stored as ".wav") would save as a hidden file
+    assert attachment(".wav", "x") == 'attachment; filename="x.wav"'
     assert got[2] == f"attachment; filename=\"{items[2]['id']}\"; filename*=UTF-8''%E9%9B%A8"
 
 
@@ -420,10 +422,13 @@ def test_what_json_cannot_carry_is_a_400_naming_where(client, lib, settings):
     assert "nested" in err(client.post("/v1/libraries", data=deep, headers=h), 400)["message"]
     deeper = '{"name": ' + "[" * 5000 + "]" * 5000 + "}"  # past the parser's own recursion limit
     assert "nested" in err(client.post("/v1/libraries", data=deeper, headers=h), 400)["message"]
-    for bad in ("x", [1], 5):
+    for bad in ("x", [1], 5, False, "", 0):  # the last three read as no filter at all
         e = err(client.post("/v1/search", json={"library_id": lib_id, "text": "r", "filter": {"metadata": bad}},
                             headers=auth(key)), 400)
         assert "filter.metadata" in e["message"]
+        e = err(client.post("/v1/search", json={"library_id": lib_id, "text": "r", "filter": {"duration_s": bad}},
+                            headers=auth(key)), 400)
+        assert "'duration_s' filter takes 'min' and/or 'max' seconds" in e["message"], e
     err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "r", "filter": '{"metadata": "x"}'},
                    headers=auth(key)), 400)
     tmp = BlobStore(settings.blob_dir).tmp_dir
@@ -491,6 +496,14 @@ def test_library_names_must_show_something(client, new_key):
     key = new_key()
     for name in ("tab\there", "line\nbreak", "\u200b", " \u200b "):
         err(client.post("/v1/libraries", json={"name": name}, headers=auth(key)), 400)
+    # names that look like another's: a zero-width space beside "x", a direction override, a byte-order mark
+    for name in ("x\u200b", "\u202e evil", "\ufeffbom"):
+        e = err(client.post("/v1/libraries", json={"name": name}, headers=auth(key)), 400)
+        assert "invisible formatting characters" in e["message"], e
+    assert client.post("/v1/libraries", json={"name": "family \U0001F468\u200d\U0001F467"},
+                       headers=auth(key)).status_code == 201  # an emoji sequence's joiner is part of it
+    e = err(client.post("/v1/libraries", json={"name": "sfx", "model": "other"}, headers=auth(key)), 400)
+    assert e["message"] == "the body has 'model', which a library does not take; it takes 'name'", e
     assert client.post("/v1/libraries", json={"name": " Field — 雨 "}, headers=auth(key)).get_json()["name"] == \
         "Field — 雨"
 
