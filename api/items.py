@@ -127,11 +127,14 @@ def attachment(filename: str, item_id: str) -> str:
     """Content-Disposition for a download: the name in UTF-8 (RFC 6266 `filename*`) and a plain-ASCII
     `filename` that is never empty, for clients that read only that one (curl -OJ): accents dropped,
     quotes and backslashes removed, and the item's id where nothing of the name is left ("雨.wav" ->
-    "<id>.wav", where Werkzeug gave ".wav", a hidden file, and "" for "雨")."""
+    "<id>.wav", where Werkzeug gave ".wav", a hidden file, and "" for "雨"); a name that is a hidden file's
+    in both forms (".wav") gets the id before it."""
     def ascii_of(text: str) -> str:
         plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
         return "".join(c for c in plain if c.isprintable() and c not in '"\\').strip()
 
+    if filename.startswith("."):  # a name reduced to its suffix ("\u200b.wav" is stored as ".wav"): not hidden
+        filename = item_id + filename
     name = PurePosixPath(filename)
     stem, suffix = ascii_of(name.stem), ascii_of(name.suffix) if name.suffix.isascii() else ""
     fallback = f"{stem or item_id}{suffix if suffix != '.' else ''}"

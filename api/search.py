@@ -120,7 +120,7 @@ def _filters(raw) -> list:
     if not isinstance(raw, dict) or set(raw) - {"metadata", "duration_s"}:
         raise bad_request("'filter' may have 'metadata' and 'duration_s'")
     conds = []
-    metadata = raw.get("metadata") or {}
+    metadata = {} if raw.get("metadata") is None else raw["metadata"]  # false, "" or 0: no filter, silently
     if not isinstance(metadata, dict):
         raise bad_request("'filter.metadata' must be an object of key: value (or key: {\"in\": [values]})")
     for key, want in metadata.items():
@@ -130,7 +130,7 @@ def _filters(raw) -> list:
             conds.append(or_(*[c for v in want["in"] for c in _has(key, v)]))
         else:
             conds.append(or_(*_has(key, want)))
-    dur = raw.get("duration_s") or {}
+    dur = {} if raw.get("duration_s") is None else raw["duration_s"]
     if not isinstance(dur, dict) or set(dur) - {"min", "max"}:
         raise bad_request("'duration_s' filter takes 'min' and/or 'max' seconds")
     for bound, op in (("min", "__ge__"), ("max", "__le__")):
