@@ -5,6 +5,7 @@ the decoder) and as one batch through the API and a real worker (so it points at
 from __future__ import annotations
 
 import dataclasses
+import io
 import struct
 import tracemalloc
 from pathlib import Path
@@ -48,6 +49,13 @@ def _wav_header(tag: int, rate: int, channels: int, bits: int, riff_size: int, d
     return (b"RIFF" + struct.pack("<I", riff_size) + b"WAVE" + b"fmt " + struct.pack("<I", 16)
             + struct.pack("<HHIIHH", tag, channels, rate, rate * block, block, bits)
             + b"data" + struct.pack("<I", data_size))
+
+
+def _headers_only(subtype: str, rate: int) -> bytes:
+    """An Ogg file of no samples, as libsndfile writes one: its header pages only."""
+    out = io.BytesIO()
+    sf.write(out, np.zeros((0, 2), np.float32), rate, format="OGG", subtype=subtype)
+    return out.getvalue()
 
 
 def build_cases(tmp: Path) -> list[Case]:
@@ -98,6 +106,13 @@ def build_cases(tmp: Path) -> list[Case]:
         Case("sizes_never_written.wav", _wav_header(1, 16_000, 1, 16, 0, 0) + pcm16k, "done", rate=16_000,
              channels=1, duration=(3.0, 3.0),
              why="a recorder stopped before it wrote the sizes: libsndfile says 0 frames, FFmpeg reads the data"),
+        # a recorder started and stopped at once: said to be empty, as an empty WAV is, not unreadable
+        Case("headers_only.opus", _headers_only("OPUS", 48_000), "failed", "contains no audio samples",
+             why="Ogg Opus headers and no audio: FFmpeg finds the end of the file before a packet"),
+        Case("sizes_zero_no_data.wav", _wav_header(1, 16_000, 1, 16, 36, 0), "failed", "contains no audio samples",
+             why="libsndfile says 0 frames and FFmpeg finds no data either"),
+        Case("random.ogg", np.random.default_rng(5).bytes(3000), "failed", "not a readable audio file",
+             why="no Ogg page anywhere: unreadable, not empty"),
         Case("unknown_codec.wav", _wav_header(0x1234, 44_100, 1, 16, 1036, 1000) + bytes(1000), "failed",
              "audio codec is not supported", why="a format tag FFmpeg has no decoder for"),
         Case("huge_doubles.wav", huge_doubles.read_bytes(), "failed", "too large for 32-bit float",
@@ -122,7 +137,7 @@ CASE_NAMES = [
     "empty.wav", "truncated.wav", "truncated.flac", "truncated.mp3", "text.wav", "text.mp3", "image.wav",
     "image.mp3", "claims_4gb.wav", "nan.wav", "inf.wav", "huge_floats.wav", "silence.wav", "one_sample.wav",
     "one_sample_44k.wav", "eight_channels.wav", "rate_8k.wav", "rate_192k.wav", "sizes_never_written.wav",
-    "unknown_codec.wav", "huge_doubles.wav",
+    "headers_only.opus", "sizes_zero_no_data.wav", "random.ogg", "unknown_codec.wav", "huge_doubles.wav",
 ]
 
 

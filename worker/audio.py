@@ -68,6 +68,20 @@ def _to_ffmpeg(f, path: Path) -> bool:
     return found > stated + max(0.5, 0.01 * stated)
 
 
+def _or_empty(blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """`blocks`, where a file whose header says it holds nothing and that FFmpeg cannot read either fails
+    as empty (a recorder stopped at once), not as unreadable; a failure after audio stands as it is."""
+    given = False
+    try:
+        for block in blocks:
+            given = True
+            yield block
+    except DecodeError:
+        if given:
+            raise
+        raise DecodeError("the file contains no audio samples") from None
+
+
 def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | None:
     import soundfile as sf
 
@@ -82,10 +96,7 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
         # a header whose sizes were never filled in (a recorder that was stopped) says 0 frames; FFmpeg
         # reads on to the data that follows
         f.close()
-        try:
-            return _av_blocks(path, info)
-        except DecodeError:
-            raise DecodeError("the file contains no audio samples") from None
+        return _or_empty(_av_blocks(path, info))
     info.sample_rate, info.channels, info.format = f.samplerate, f.channels, f.format.lower()
     # 16-bit PCM, the commonest kind: read the integers and scale them here. libsndfile's own float
     # conversion multiplies by 2**-15 too, so the values are bit for bit the same, at half the cost
@@ -161,6 +172,12 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
             if links:  # the first link of a chained Ogg, as a file of its own
                 return av.open(_OggLink(path, *links[0]), format="ogg", metadata_errors="ignore")
             return av.open(str(path), metadata_errors="ignore")
+        except EOFError as exc:  # av.error.EOFError
+            with open(path, "rb") as f:
+                if f.read(4) == b"OggS":  # an Ogg file of its headers only (a recording stopped at once)
+                    raise DecodeError("the file contains no audio samples (it ends where its audio would "
+                                      "begin)") from exc
+            raise DecodeError(f"not a readable audio file ({_short(exc)})") from exc
         except Exception as exc:
             raise DecodeError(f"not a readable audio file ({_short(exc)})") from exc
 
@@ -171,7 +188,10 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
         container = open_container()
     if not container.streams.audio:
         container.close()
-        raise DecodeError("the file has no audio stream")
+        # an MP4/M4A of no tracks at all is a recording stopped at once (FFmpeg lists no stream for a track of
+        # no samples); a video's, or an image's, has no sound
+        empty = not container.streams and "mov" in (container.format.name or "").split(",")
+        raise DecodeError("the file contains no audio samples" if empty else "the file has no audio stream")
     which = 0
     if len(container.streams.audio) > 1:
         try:
