@@ -119,7 +119,8 @@ def item_vector(raw_id: str) -> tuple[Item, np.ndarray]:
         if item.status == "failed":  # it never will unless it is sent again
             why = f": {item.error}" if item.error else ""
             raise ApiError(409, "not_embedded", f"item {item.id} has no embedding: it failed{why}; "
-                           "fix the file and upload it again, or retry its job")
+                           "upload the file again once it plays (retrying its job helps only where the "
+                           "failure was not the file's own, as a missing stored copy or lost workers)")
         if item.status == "cancelled":
             raise ApiError(409, "not_embedded", f"item {item.id} has no embedding: its embedding was cancelled; "
                            "retry its job (POST /v1/jobs/<id>/retry) or upload the file again")

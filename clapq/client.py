@@ -595,7 +595,9 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
             w = weights or [s["counts"]["total"] for s in states]
             progress(sum(s["counts"]["done"] + s["counts"]["failed"] for s in states),
                      sum(s["counts"]["total"] for s in states),
-                     sum(s["progress"] * wi for s, wi in zip(states, w)) / sum(w) if sum(w) else 1.0)
+                     # only empty files sent (0 bytes to weigh by): the jobs' own shares, each alike
+                     sum(s["progress"] * wi for s, wi in zip(states, w)) / sum(w) if sum(w)
+                     else sum(s["progress"] for s in states) / len(states))
         waiting = [i for i, s in enumerate(states) if s["status"] in ("queued", "running")]
         if not waiting:
             return states

@@ -1170,6 +1170,13 @@ def test_the_share_shown_weighs_jobs_by_the_bytes_sent():
         watch_jobs(Client(url, "cq_x"), ["clips", "long"], lambda done, total, share: seen.append((done, total, share)),
                    poll_s=0.01, weights=[10e6, 90e6])
     assert [(d, t, round(s, 3)) for d, t, s in seen] == [(100, 101, 0.46), (101, 101, 1.0)]
+    # only an empty file sent, queued: 0 bytes to weigh by is not 100% done (it read "0/1 files processed (100%)")
+    looks.clear()
+    seen.clear()
+    with fake_api(answer) as url:
+        watch_jobs(Client(url, "cq_x"), ["long"], lambda done, total, share: seen.append((done, total, share)),
+                   poll_s=0.01, weights=[0])
+    assert seen == [(0, 1, 0.4), (1, 1, 1.0)], seen
 
 
 def test_an_api_that_goes_away_for_a_while_is_waited_for(monkeypatch, capsys):

@@ -80,7 +80,7 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model, setting
     r = client.get(f"/v1/items/{ids['corrupt.wav']}/embedding", headers=auth(key))
     assert r.status_code == 409
     # says why, and what to do: it never gets a vector unless it is sent again
-    assert bad["error"] in r.get_json()["error"]["message"] and "upload it again" in r.get_json()["error"]["message"]
+    assert bad["error"] in r.get_json()["error"]["message"] and "upload the file again once it plays" in r.get_json()["error"]["message"]
 
     # the stored vector of a clip of 10 s or less equals the hand-written reference path
     for name in ("tone_a.wav", "short.wav", "exact10.wav", "tone_b.flac"):
