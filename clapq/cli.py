@@ -1,8 +1,9 @@
-"""The `clapq` command: up (all-in-one), api, worker, migrate, keys create."""
+"""The `clapq` command: up (all-in-one), api, worker, migrate, keys create/list/revoke."""
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import fcntl
 import os
 import signal
@@ -167,12 +168,11 @@ def _database_url(settings: Settings, data_dir: Path, stack: list, watch: list |
     return url
 
 
-def cmd_keys_create(args) -> None:
+def _with_keys(args, work) -> None:
+    """work(session) on the service's database (DATABASE_URL, else the embedded one of --data-dir, started
+    and stopped here unless `clapq up` runs on it), migrated first; what it returns is printed."""
     from clapq.db import session_scope
-    from clapq.keys import create_key
 
-    if not args.tenant.strip():
-        _fail("--tenant needs a name")
     settings = Settings.from_env(data_dir=args.data_dir)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     stack: list = []
@@ -180,13 +180,50 @@ def cmd_keys_create(args) -> None:
         url = _database_url(settings, settings.data_dir, stack)
         _migrate(url)
         with session_scope(url) as s:
-            key = create_key(s, args.tenant)
-        print(key)
+            out = work(s)
+        print(out)
     except RuntimeError as exc:
         _fail(str(exc), 1)
     finally:
         for stop in reversed(stack):
             stop()
+
+
+def cmd_keys_create(args) -> None:
+    from clapq.keys import create_key
+
+    if not args.tenant.strip():
+        _fail("--tenant needs a name")
+    _with_keys(args, lambda s: create_key(s, args.tenant))
+
+
+def cmd_keys_list(args) -> None:
+    from clapq.keys import list_keys
+
+    def utc(t) -> str:
+        return t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+    def table(s) -> str:
+        rows = [(k.prefix + "…", tenant, utc(k.created_at), f"revoked {utc(k.revoked_at)}" if k.revoked_at else "active")
+                for k, tenant in list_keys(s)]
+        head = ("key", "tenant", "created (UTC)", "state")
+        widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(3)]
+        return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths)) + "  " + r[3] for r in [head, *rows])
+
+    _with_keys(args, table)
+
+
+def cmd_keys_revoke(args) -> None:
+    from clapq.keys import NoSuchKey, revoke_key
+
+    def revoke(s) -> str:
+        try:
+            key, tenant = revoke_key(s, args.key.strip())
+        except NoSuchKey as exc:
+            _fail(str(exc), 1)
+        return f"revoked {key.prefix}… of tenant {tenant!r}: requests with it get 401 from now on"
+
+    _with_keys(args, revoke)
 
 
 def _default_key(url: str, data_dir: Path) -> str:
@@ -451,9 +488,17 @@ def build_parser() -> argparse.ArgumentParser:
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="print a new API key for a tenant (created if new)")
     create.add_argument("--tenant", required=True, help="who the key is for; each tenant sees only its own data")
-    create.add_argument("--data-dir", type=Path, default=None,
-                        help="the embedded service's data (default $XDG_DATA_HOME/clapq, or ~/.local/share/clapq), unless DATABASE_URL is set")
+    data_dir_help = ("the embedded service's data (default $XDG_DATA_HOME/clapq, or ~/.local/share/clapq), "
+                            "unless DATABASE_URL is set")
+    create.add_argument("--data-dir", type=Path, default=None, help=data_dir_help)
     create.set_defaults(func=cmd_keys_create)
+    listing = keys.add_parser("list", help="every API key by its first characters, its tenant and whether it is revoked")
+    revoke = keys.add_parser("revoke", help="revoke an API key at once (a leaked one): give it whole, or its first "
+                             "characters as `keys list` shows them")
+    revoke.add_argument("key", help="the key, or its first characters (cq_ and 7 more) where they name one key")
+    for command, func in ((listing, cmd_keys_list), (revoke, cmd_keys_revoke)):
+        command.add_argument("--data-dir", type=Path, default=None, help=data_dir_help)
+        command.set_defaults(func=func)
     upload = sub.add_parser("upload", help="upload every audio file under a folder (or one file) and wait for the job")
     upload.add_argument("folder", type=Path, metavar="folder|file", help="a folder: every audio file under it is "
                         "uploaded (hidden files and folders are left out; files the library holds already are not "

@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from clapq.models import ApiKey, Tenant
 
 KEY_PREFIX = "cq_"
+PREFIX_CHARS = 10  # of a key, kept in clear beside its hash, so that a person can tell keys apart
 
 
 def hash_key(key: str) -> str:
@@ -25,7 +26,7 @@ def create_key(session: Session, tenant_name: str) -> str:
         session.add(tenant)
         session.flush()
     key = KEY_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:10]))
+    session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:PREFIX_CHARS]))
     session.flush()
     return key
 
@@ -37,3 +38,38 @@ def tenant_for_key(session: Session, key: str) -> Tenant | None:
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)
         .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked_at.is_(None))
     )
+
+
+class NoSuchKey(LookupError):
+    """No key, or more than one, answers to what was given."""
+
+
+def list_keys(session: Session) -> list[tuple[ApiKey, str]]:
+    """Every key with its tenant's name, oldest first."""
+    return [tuple(r) for r in session.execute(
+        select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id).order_by(ApiKey.created_at))]
+
+
+def revoke_key(session: Session, given: str) -> tuple[ApiKey, str]:
+    """Revoke the key given whole, or by its first characters as `clapq keys list` shows them (up to the 10
+    kept) where they name one key; the key and its tenant's name. A key revoked before keeps its time."""
+    if not given.startswith(KEY_PREFIX) or len(given) < len(KEY_PREFIX) + 3:
+        raise NoSuchKey(f"{given!r} is not a key: keys start with {KEY_PREFIX!r} and 3 or more characters "
+                        "(`clapq keys list` shows them)")
+    keys = select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+    given = given.rstrip("…")  # as `keys list` shows it
+    if len(given) > PREFIX_CHARS:  # the whole key: by its hash
+        rows = session.execute(keys.where(ApiKey.key_hash == hash_key(given))).all()
+    else:
+        rows = session.execute(keys.where(ApiKey.prefix.startswith(given, autoescape=True))).all()
+    if not rows:
+        raise NoSuchKey(f"no key {'is' if len(given) > PREFIX_CHARS else 'starts with'} {given!r} "
+                        "(`clapq keys list` shows them)")
+    if len(rows) > 1:
+        raise NoSuchKey(f"{len(rows)} keys start with {given!r}; give more of it, or the whole key")
+    key, tenant = rows[0]
+    if key.revoked_at is None:
+        key.revoked_at = func.now()
+        session.flush()
+        session.refresh(key)
+    return key, tenant

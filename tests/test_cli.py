@@ -299,6 +299,19 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert key2.startswith("cq_") and "\n" not in key2
     h2 = {"Authorization": f"Bearer {key2}"}
     assert requests.get(f"{base}/v1/libraries/{lib['id']}", headers=h2, timeout=10).status_code == 404
+    # a leaked key is revoked by the first characters `keys list` shows, at once
+    keys = [sys.executable, "-m", "clapq.cli", "keys"]
+    out = subprocess.run(keys + ["list", "--data-dir", str(data_dir)], env=_env(tiny_model), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and f"{key2[:10]}…  second " in out.stdout and out.stdout.count("active") == 2, out
+    out = subprocess.run(keys + ["revoke", key2[:10] + "…", "--data-dir", str(data_dir)], env=_env(tiny_model),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and f"revoked {key2[:10]}… of tenant 'second'" in out.stdout, out
+    assert requests.get(f"{base}/v1/libraries", headers=h2, timeout=10).status_code == 401
+    assert requests.get(f"{base}/v1/libraries", headers=h, timeout=10).status_code == 200
+    out = subprocess.run(keys + ["revoke", "cq_", "--data-dir", str(data_dir)], env=_env(tiny_model),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "'cq_' is not a key" in out.stderr, out
 
     assert up.stop() == 0
     assert _leftovers(data_dir) == []
