@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import soundfile as sf
 import soxr
 
 import worker.audio as audio
@@ -316,3 +317,57 @@ def test_a_chained_ogg_of_empty_links_decodes_its_audio(links, tmp_path, monkeyp
     samples, info = audio.decode(path)
     assert info.duration_s == pytest.approx(6.0, abs=0.001), info
     assert dominant_hz(samples) == pytest.approx(440.0, abs=3)
+
+@pytest.mark.parametrize("fmt,subtype,rate", [("OGG", "VORBIS", 44_100), ("OGG", "OPUS", 48_000), ("FLAC", "PCM_16", 44_100)])
+def test_audio_lost_to_damage_is_silence_so_later_times_stay_true(fmt, subtype, rate, tmp_path):
+    """A file damaged in the middle (a fifteenth of its bytes zeroed): the audio there is lost, and was
+    dropped, so everything after it came earlier than it is (a segment found at 40-50 s was at 45-55 s) and
+    the file was short. The gap the timestamps show is silence now: a tone per 5 s is where it was."""
+    tones = [300, 500, 700, 900, 1100, 1300]
+    path = tmp_path / f"damaged.{subtype.lower()}"
+    sf.write(str(path), np.concatenate([sine(5.0, rate, f) for f in tones]), rate, format=fmt, subtype=subtype)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2: len(data) // 2 + len(data) // 15] = bytes(len(data) // 15)
+    path.write_bytes(data)
+    samples, info = audio.decode(blob_copy(path, tmp_path))
+    r = audio.TARGET_RATE
+    # FLAC: libsndfile decodes a little of the damage before FFmpeg takes over, ~0.3 s
+    assert abs(samples.shape[0] / r - 30.0) <= 0.35, samples.shape[0] / r
+    for i, f in enumerate(tones):  # the last 1.6 s of each tone's 5: a shift of a second would show
+        assert dominant_hz(samples[int((i * 5 + 3.2) * r): int((i * 5 + 4.8) * r)]) == pytest.approx(f, abs=15), i
+
+
+def test_a_video_whose_sound_begins_later_keeps_the_videos_times(tmp_path):
+    """A video whose audio track begins 3 s in: its segments' times were counted from the audio's start, so
+    a match at 0-10 s played 3-13 s in a player. The 3 s before the sound are silence now."""
+    from fractions import Fraction
+
+    import av
+
+    from tests.make_audio import _to_format
+
+    path = tmp_path / "late_sound.mkv"
+    sound = sine(2.0, 22_050, 440.0)[:, :1]
+    with av.open(str(path), "w", format="matroska") as out:
+        video = out.add_stream("mpeg4", rate=10)
+        video.width, video.height, video.pix_fmt = 64, 48, "yuv420p"
+        track = out.add_stream("flac", rate=22_050, layout="mono")
+        track.format = "s16"
+        for i in range(50):
+            frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 10)
+            for packet in video.encode(frame):
+                out.mux(packet)
+        for start in range(0, sound.shape[0], 1024):
+            frame = av.AudioFrame.from_ndarray(_to_format(sound[start:start + 1024], "s16"), format="s16",
+                                               layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = 22_050, 3 * 22_050 + start, Fraction(1, 22_050)
+            for packet in track.encode(frame):
+                out.mux(packet)
+        for stream in (video, track):
+            for packet in stream.encode(None):
+                out.mux(packet)
+    samples, info = audio.decode(blob_copy(path, tmp_path))
+    r = audio.TARGET_RATE
+    assert samples.shape[0] / r == pytest.approx(5.0, abs=0.05), samples.shape[0] / r
+    assert np.abs(samples[: int(2.95 * r)]).max() < 1e-3 and np.abs(samples[int(3.1 * r):]).max() > 0.1

@@ -250,7 +250,13 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
         # Ogg whose links differ): converted to the first part's, not played at the wrong speed
         converters: dict[tuple, av.AudioResampler] = {}
         first: tuple | None = None
+        width = 0  # the channels of what is yielded (the first part's layout)
         for c, s in itertools.chain([(container, stream)], later_links()):
+            # where the next frame should begin, in seconds of this container's timestamps: the file's start
+            # for its first part (a video whose sound begins later), then each frame's end (a frame that
+            # begins later follows audio lost to damage); the gap is silence, so later times stay true
+            expected = c.start_time / av.time_base if c is container and c.start_time is not None else None
+            tick = float(s.time_base) if s.time_base else None  # a decoded frame's time base is its stream's
             try:
                 for packet in c.demux(s):
                     try:
@@ -263,7 +269,13 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
                     good += packet.size > 0
                     for frame in frames:
                         kind = (frame.sample_rate, frame.layout.name)
-                        first = first or kind
+                        if first is None:
+                            first, width = kind, frame.layout.nb_channels
+                        if frame.pts is not None and tick is not None:  # floats: a Fraction a frame cost 2 µs
+                            at = frame.pts * tick
+                            if expected is not None and GAP_MIN_S < at - expected <= GAP_MAX_S:
+                                yield from _silence(int(round((at - expected) * first[0])), width)
+                            expected = at + frame.samples / frame.sample_rate
                         if kind == first:
                             outs = resampler.resample(frame)
                         else:
@@ -285,6 +297,17 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
             raise DecodeError(f"corrupt {info.format} data ({_short(error)})")
 
     return gen()
+
+
+# A frame that begins later than the one before it ends, by more than a codec's own timestamp jitter (a
+# Vorbis block's, ~10 ms) and at most a minute: audio lost to damage, filled with silence. A longer jump is a
+# timestamp discontinuity (a broadcast capture's), not a gap; the audio runs on without one.
+GAP_MIN_S, GAP_MAX_S = 0.25, 60.0
+
+
+def _silence(frames: int, channels: int) -> Iterator[np.ndarray]:
+    for start in range(0, frames, BLOCK_FRAMES):
+        yield np.zeros((channels, min(BLOCK_FRAMES, frames - start)), np.float32)
 
 
 def _ogg_links(path: Path) -> list[tuple[int, int]]:
