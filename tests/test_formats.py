@@ -219,13 +219,24 @@ def test_aac_padding_is_cut_to_the_length_the_file_states(tmp_path):
     assert info.frames >= 441_000, info
 
 
-def test_an_empty_first_audio_track_falls_back_to_one_with_audio(tmp_path):
-    """A Matroska file whose first audio track has no packets: the second track is decoded."""
+def mux_mono_s16(out, stream, sound: np.ndarray, rate: int, first_pts: int = 0) -> None:
+    """Encode mono `sound` into `stream` of the open container `out`, in frames of 1,024 from `first_pts`."""
     from fractions import Fraction
 
     import av
 
     from tests.make_audio import _to_format
+
+    for start in range(0, sound.shape[0], 1024):
+        frame = av.AudioFrame.from_ndarray(_to_format(sound[start:start + 1024], "s16"), format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = rate, first_pts + start, Fraction(1, rate)
+        for packet in stream.encode(frame):
+            out.mux(packet)
+
+
+def test_an_empty_first_audio_track_falls_back_to_one_with_audio(tmp_path):
+    """A Matroska file whose first audio track has no packets: the second track is decoded."""
+    import av
 
     path = tmp_path / "two_tracks.mkv"
     sound = tone_and_chirp(4.0, 22_050, 1)
@@ -234,12 +245,7 @@ def test_an_empty_first_audio_track_falls_back_to_one_with_audio(tmp_path):
         empty.format = "s16"
         full = out.add_stream("flac", rate=22_050, layout="mono")
         full.format = "s16"
-        for start in range(0, sound.shape[0], 1024):
-            frame = av.AudioFrame.from_ndarray(_to_format(sound[start:start + 1024], "s16"), format="s16",
-                                               layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = 22_050, start, Fraction(1, 22_050)
-            for packet in full.encode(frame):
-                out.mux(packet)
+        mux_mono_s16(out, full, sound, 22_050)
         for stream in (full, empty):
             for packet in stream.encode(None):
                 out.mux(packet)
@@ -344,8 +350,6 @@ def test_a_video_whose_sound_begins_later_keeps_the_videos_times(tmp_path):
 
     import av
 
-    from tests.make_audio import _to_format
-
     path = tmp_path / "late_sound.mkv"
     sound = sine(2.0, 22_050, 440.0)[:, :1]
     with av.open(str(path), "w", format="matroska") as out:
@@ -358,12 +362,7 @@ def test_a_video_whose_sound_begins_later_keeps_the_videos_times(tmp_path):
             frame.pts, frame.time_base = i, Fraction(1, 10)
             for packet in video.encode(frame):
                 out.mux(packet)
-        for start in range(0, sound.shape[0], 1024):
-            frame = av.AudioFrame.from_ndarray(_to_format(sound[start:start + 1024], "s16"), format="s16",
-                                               layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = 22_050, 3 * 22_050 + start, Fraction(1, 22_050)
-            for packet in track.encode(frame):
-                out.mux(packet)
+        mux_mono_s16(out, track, sound, 22_050, first_pts=3 * 22_050)
         for stream in (video, track):
             for packet in stream.encode(None):
                 out.mux(packet)
