@@ -115,10 +115,11 @@ def upload_batch(lib_id: str):
         raise ApiError(415, "unsupported_media_type", "send multipart/form-data with one or more 'files' parts")
     files = request.files.getlist("files")  # a full upload area raises StorageFull: a 507 (api.errors)
     # a part under another name would be dropped unseen ('file' for 'files', a 'tags' field)
-    other = sorted((set(request.files) | set(request.form)) - {"files", "metadata"})
+    other = sorted(k or "" for k in (set(request.files) | set(request.form)) - {"files", "metadata"})
     if other:
-        raise bad_request(f"the form has a part {other[0]!r}, which an upload does not take: send each file as a "
-                          "part named 'files', and their metadata as one part named 'metadata'")
+        which = f"a part {other[0]!r}" if other[0] else "a part with no name"
+        raise bad_request(f"the form has {which}, which an upload does not take: send each file as a part named "
+                          "'files', and their metadata as one part named 'metadata'")
     if not files:
         raise bad_request("no files: send each file as a multipart part named 'files'")
     if len(files) > settings.max_files_per_batch:

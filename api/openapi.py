@@ -173,9 +173,12 @@ SPEC = {
         "/v1/items/{item_id}/audio": {"get": {"parameters": [
             _path_id("item_id"),
             {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"},
-             "description": "one range, `bytes=first-last`; another unit or several ranges are ignored"}],
+             "description": "one range, `bytes=first-last`; another unit or several ranges are ignored"},
+            *({"name": h, "in": "header", "required": False, "schema": {"type": "string"}}
+              for h in ("If-None-Match", "If-Modified-Since", "If-Match", "If-Unmodified-Since"))],
             "responses": {**_ok("the original file"), "206": {"description": "the range asked for"},
-                          "416": _ERR}}},
+                          "304": {"description": "not modified (If-None-Match, If-Modified-Since)"},
+                          "412": _ERR, "416": _ERR}}},
         "/v1/search": {
             "get": {"description": "the parameters of POST as a query string (library_id and library_ids may "
                                    "repeat; filter is JSON text); a query text longer than fits a URL goes by POST",

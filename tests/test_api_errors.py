@@ -102,6 +102,9 @@ def test_an_upload_reads_every_part_it_is_sent_or_says_why_not(client, lib):
     e = err(client.post(url, headers=auth(key), content_type="multipart/form-data",
                         data={"files": (io.BytesIO(b"RIFF3"), "a.wav"), "metadata": (io.BytesIO(b"\xff{"), "m")}), 400)
     assert e["message"] == "'metadata' is not UTF-8 text", e
+    nameless = b'--b\r\nContent-Disposition: form-data; filename="d.wav"\r\n\r\nRIFF\r\n--b--\r\n'
+    e = err(client.post(url, headers=auth(key), data=nameless, content_type="multipart/form-data; boundary=b"), 400)
+    assert e["message"].startswith("the form has a part with no name, which an upload does not take"), e
     part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="c.wav"\r\n\r\nRIFF cut'
     for body, ctype in ((part, "multipart/form-data; boundary=b"),  # no closing boundary: cut short
                         (part + b"\r\n--b--\r\n", "multipart/form-data")):  # no boundary given
