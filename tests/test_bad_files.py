@@ -58,6 +58,12 @@ def _headers_only(subtype: str, rate: int) -> bytes:
     return out.getvalue()
 
 
+def _zero_frames(fmt: str) -> bytes:
+    out = io.BytesIO()
+    sf.write(out, np.zeros((0, 1), np.float32), 44_100, format=fmt)
+    return out.getvalue()
+
+
 def build_cases(tmp: Path) -> list[Case]:
     full_wav = wav_bytes(tone_and_chirp(2.0, 44_100, 2), 44_100)  # 44-byte header, 4 bytes a frame
     full_flac = make("flac_s16", tmp, seconds=2.0).read_bytes()
@@ -111,6 +117,8 @@ def build_cases(tmp: Path) -> list[Case]:
              why="Ogg Opus headers and no audio: FFmpeg finds the end of the file before a packet"),
         Case("sizes_zero_no_data.wav", _wav_header(1, 16_000, 1, 16, 36, 0), "failed", "contains no audio samples",
              why="libsndfile says 0 frames and FFmpeg finds no data either"),
+        Case("zero_frames.au", _zero_frames("AU"), "failed", "contains no audio samples",
+             why="a header of 0 frames that FFmpeg cannot open either"),
         Case("random.ogg", np.random.default_rng(5).bytes(3000), "failed", "not a readable audio file",
              why="no Ogg page anywhere: unreadable, not empty"),
         Case("unknown_codec.wav", _wav_header(0x1234, 44_100, 1, 16, 1036, 1000) + bytes(1000), "failed",
@@ -137,7 +145,7 @@ CASE_NAMES = [
     "empty.wav", "truncated.wav", "truncated.flac", "truncated.mp3", "text.wav", "text.mp3", "image.wav",
     "image.mp3", "claims_4gb.wav", "nan.wav", "inf.wav", "huge_floats.wav", "silence.wav", "one_sample.wav",
     "one_sample_44k.wav", "eight_channels.wav", "rate_8k.wav", "rate_192k.wav", "sizes_never_written.wav",
-    "headers_only.opus", "sizes_zero_no_data.wav", "random.ogg", "unknown_codec.wav", "huge_doubles.wav",
+    "headers_only.opus", "sizes_zero_no_data.wav", "zero_frames.au", "random.ogg", "unknown_codec.wav", "huge_doubles.wav",
 ]
 
 

@@ -6,7 +6,7 @@ import dataclasses
 import io
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +96,11 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
         # a header whose sizes were never filled in (a recorder that was stopped) says 0 frames; FFmpeg
         # reads on to the data that follows
         f.close()
-        return _or_empty(_av_blocks(path, info))
+        try:
+            blocks = _av_blocks(path, info)  # opens the file now: what it cannot open is empty too
+        except DecodeError:
+            raise DecodeError("the file contains no audio samples") from None
+        return _or_empty(blocks)
     info.sample_rate, info.channels, info.format = f.samplerate, f.channels, f.format.lower()
     # 16-bit PCM, the commonest kind: read the integers and scale them here. libsndfile's own float
     # conversion multiplies by 2**-15 too, so the values are bit for bit the same, at half the cost
@@ -223,8 +227,11 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
             and stream.time_base is not None):
         stated = int(round(float(stream.duration * stream.time_base) * info.sample_rate))
 
+    filled = [0]  # frames of silence decoded() put in gaps: beside the stated length, not padding to cut
+
     def gen() -> Iterator[np.ndarray]:
-        yield from _cut_padding(_coalesce(decoded(), BLOCK_FRAMES), stated, PADDING_FRAMES)
+        yield from _cut_padding(_coalesce(decoded(), BLOCK_FRAMES), lambda: stated and stated + filled[0],
+                                PADDING_FRAMES)
 
     def later_links() -> Iterator[tuple]:
         """The open container and audio stream of each link of a chained Ogg after the first. A link
@@ -271,11 +278,15 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
                         kind = (frame.sample_rate, frame.layout.name)
                         if first is None:
                             first, width = kind, frame.layout.nb_channels
-                        if frame.pts is not None and tick is not None:  # floats: a Fraction a frame cost 2 µs
+                        if frame.pts is not None and tick is not None:  # floats: not a Fraction made for every frame
                             at = frame.pts * tick
                             if expected is not None and GAP_MIN_S < at - expected <= GAP_MAX_S:
-                                yield from _silence(int(round((at - expected) * first[0])), width)
+                                gap = int(round((at - expected) * first[0]))
+                                filled[0] += gap
+                                yield from _silence(gap, width)
                             expected = at + frame.samples / frame.sample_rate
+                        elif expected is not None:  # a frame the demuxer gave no time: it follows the last
+                            expected += frame.samples / frame.sample_rate
                         if kind == first:
                             outs = resampler.resample(frame)
                         else:
@@ -398,9 +409,10 @@ def _coalesce(blocks: Iterator[np.ndarray], frames: int) -> Iterator[np.ndarray]
         yield held[0] if len(held) == 1 else np.concatenate(held, axis=1)
 
 
-def _cut_padding(blocks: Iterator[np.ndarray], stated: int | None, slack: int) -> Iterator[np.ndarray]:
-    """`blocks`, ending at `stated` frames where they run past it by at most `slack` (a codec's padding);
-    more than that, and the stated length is what is wrong: nothing is cut. Holds back `slack` frames."""
+def _cut_padding(blocks: Iterator[np.ndarray], stated: Callable[[], int | None], slack: int) -> Iterator[np.ndarray]:
+    """`blocks`, ending at `stated()` frames (asked once they are all read) where they run past it by at most
+    `slack` (a codec's padding); more than that, and the stated length is what is wrong: nothing is cut.
+    Holds back `slack` frames."""
     held: list[np.ndarray] = []
     held_n = total = 0
     for b in blocks:
@@ -410,7 +422,8 @@ def _cut_padding(blocks: Iterator[np.ndarray], stated: int | None, slack: int) -
         while held and held_n - held[0].shape[1] >= slack:
             held_n -= held[0].shape[1]
             yield held.pop(0)
-    excess = total - stated if stated else 0
+    length = stated()
+    excess = total - length if length else 0
     if 0 < excess <= slack:
         while excess and held:
             cut = min(excess, held[-1].shape[1])
