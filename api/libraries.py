@@ -44,9 +44,10 @@ def create_library():
         raise bad_request("'name' must be a string of at most 200 characters with something visible in it")
     if any(unicodedata.category(c) == "Cc" for c in name.strip()):
         raise bad_request("'name' must not contain control characters (tabs, line breaks, ...)")
-    # "x\u200b" beside "x", or a direction override, is a name that looks like another; the joiners stay,
-    # as emoji sequences and some scripts need them
-    if any(unicodedata.category(c) == "Cf" and c not in "\u200c\u200d" for c in name):
+    # "x\u200b" beside "x", or a direction override, is a name that looks like another; the joiners and the
+    # tag characters stay, as emoji sequences (a family, the flag of Wales) and some scripts need them
+    if any(unicodedata.category(c) == "Cf" and c not in "\u200c\u200d" and not "\U000e0020" <= c <= "\U000e007f"
+           for c in name):
         raise bad_request("'name' must not contain invisible formatting characters (zero-width spaces, "
                           "direction overrides, byte-order marks, ...)")
     # stored in NFC: "Café" typed, and "Café" taken from a macOS folder name (e + combining accent), are

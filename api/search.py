@@ -120,7 +120,7 @@ def _filters(raw) -> list:
     if not isinstance(raw, dict) or set(raw) - {"metadata", "duration_s"}:
         raise bad_request("'filter' may have 'metadata' and 'duration_s'")
     conds = []
-    metadata = {} if raw.get("metadata") is None else raw["metadata"]  # false, "" or 0: no filter, silently
+    metadata = {} if raw.get("metadata") is None else raw["metadata"]  # false, "" or 0 are refused below
     if not isinstance(metadata, dict):
         raise bad_request("'filter.metadata' must be an object of key: value (or key: {\"in\": [values]})")
     for key, want in metadata.items():

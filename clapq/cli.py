@@ -114,10 +114,14 @@ def cmd_api(args) -> None:
     from gunicorn.app.wsgiapp import run
 
     sys.argv = argv
+    master = os.getpid()
     try:
         run()
     finally:
-        if made is not None:
+        # gunicorn's worker processes are forked inside run() and leave it through here too (sys.exit): only
+        # the master, at its end, removes the folder its workers share (a worker replaced meanwhile would
+        # find it gone and fail to boot, which stops the master)
+        if made is not None and os.getpid() == master:
             import shutil
 
             shutil.rmtree(made, ignore_errors=True)

@@ -707,14 +707,20 @@ def _why_empty(client: Client, lib: dict) -> str:
     name = repr(lib["name"])
     if not lib.get("item_count", 1):  # as the look-up listed it: no need to ask again
         return f"library {name} has no files"
-    counts = client.call("GET", f"/v1/libraries/{lib['id']}").get("counts", {})
+    counts = client.call("GET", f"/v1/libraries/{lib['id']}").get("counts")
+    if not counts:  # a server from before counts: what the look-up knows
+        return f"library {name} has no embedded files yet"
     pending = counts.get("queued", 0) + counts.get("running", 0)
     if pending:
         return f"library {name} has {n_files(pending)} still to embed; search again once they are"
     if not sum(counts.values()):
         return f"library {name} has no files"
-    return (f"none of the files of library {name} could be embedded (they failed or were cancelled; "
-            f"GET /v1/libraries/{lib['id']}/items?status=failed says why)")
+    if counts.get("done"):  # embedded meanwhile
+        return f"library {name} has files embedded since; search again"
+    failed, cancelled = counts.get("failed", 0), counts.get("cancelled", 0)
+    why = [f"{n_files(failed)} failed (GET /v1/libraries/{lib['id']}/items?status=failed says why)"] if failed else []
+    why += [f"{n_files(cancelled)} cancelled (upload them again to embed them)"] if cancelled else []
+    return f"none of the files of library {name} could be embedded: {' and '.join(why)}"
 
 
 def delete(client: Client, library: str, items: list[str], yes: bool = False) -> int:

@@ -66,7 +66,7 @@ def revoke_key(session: Session, given: str) -> tuple[ApiKey, str]:
         raise NoSuchKey(f"no key {'is' if len(given) > PREFIX_CHARS else 'starts with'} {given!r} "
                         "(`clapq keys list` shows them)")
     if len(rows) > 1:
-        raise NoSuchKey(f"{len(rows)} keys start with {given!r}; give more of it, or the whole key")
+        raise NoSuchKey(f"{len(rows)} keys start with {given!r}; give the whole key")
     key, tenant = rows[0]
     if key.revoked_at is None:
         key.revoked_at = func.now()

@@ -93,6 +93,10 @@ def test_an_upload_reads_every_part_it_is_sent_or_says_why_not(client, lib):
         e = err(client.post(url, headers=auth(key), content_type="multipart/form-data",
                             data={"files": (io.BytesIO(b"RIFF1"), "a.wav"), **extra}), 400)
         assert e["message"].startswith(f"the form has a part {next(iter(extra))!r}, which an upload does not take"), e
+    # `curl -F files=c.wav` (no @) sends the name as text: said, not dropped beside the real file
+    e = err(client.post(url, headers=auth(key), content_type="multipart/form-data",
+                        data={"files": [(io.BytesIO(b"RIFF1"), "a.wav"), "c.wav"]}), 400)
+    assert e["message"] == "a 'files' part came as a text field, not a file (with curl: -F files=@path)", e
     meta = io.BytesIO(json.dumps({"a.wav": {"tags": ["foley"]}}).encode())
     r = client.post(url, headers=auth(key), content_type="multipart/form-data",
                     data={"files": (io.BytesIO(b"RIFF meta as a file"), "a.wav"), "metadata": (meta, "meta.json")})
@@ -347,9 +351,18 @@ def test_metrics_count_the_requests_of_every_api_process(start_api):
     its own requests only, so a counter went down from one scrape to the next (1068, 830, 1069). Every
     scrape now counts them all: never fewer than the requests sent before it, and never fewer than the
     scrape before."""
+    import glob
     import re
+    import signal
+    import tempfile
+    import time
 
+    import psutil
+
+    folders = os.path.join(tempfile.gettempdir(), "clapq-api-metrics-*")
+    before = set(glob.glob(folders))
     base = start_api()
+    (shared,) = set(glob.glob(folders)) - before  # the one `clapq api` made
     for _ in range(40):  # a connection each: gunicorn's processes take them in turn as they accept
         assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
     seen = []
@@ -359,6 +372,19 @@ def test_metrics_count_the_requests_of_every_api_process(start_api):
         seen.append(sum(float(n) for n in re.findall(
             r'^clapq_http_request_duration_seconds_count\{[^}]*endpoint="/healthz"[^}]*\} (\S+)$', r.text, re.M)))
     assert all(n >= 40 for n in seen) and seen == sorted(seen), seen
+    # a worker process that ends (a timeout, a reload) is replaced, and the folder the counts live in stays:
+    # it was removed as that worker left, and its replacement failed to boot, which stopped the API
+    master = next(p for p in psutil.process_iter(["cmdline", "environ"])
+                  if "clapq.cli" in (p.info["cmdline"] or []) and (p.info["environ"] or {}).get("CLAPQ_PORT")
+                  == base.rsplit(":", 1)[1])
+    gone = master.children()[0]
+    gone.send_signal(signal.SIGTERM)
+    gone.wait(30)
+    deadline = time.monotonic() + 30
+    while len(master.children()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert os.path.isdir(shared) and master.is_running() and len(master.children()) == 2
+    assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
 
 
 def test_json_sent_as_curl_d_sends_it_is_read_as_json(client, new_key, settings):
@@ -503,8 +529,9 @@ def test_library_names_must_show_something(client, new_key):
     for name in ("x\u200b", "\u202e evil", "\ufeffbom"):
         e = err(client.post("/v1/libraries", json={"name": name}, headers=auth(key)), 400)
         assert "invisible formatting characters" in e["message"], e
-    assert client.post("/v1/libraries", json={"name": "family \U0001F468\u200d\U0001F467"},
-                       headers=auth(key)).status_code == 201  # an emoji sequence's joiner is part of it
+    for name in ("family \U0001F468\u200d\U0001F467", "\U0001F3F4\U000E0067\U000E0062\U000E0077\U000E006C\U000E0073\U000E007F walks"):
+        # an emoji sequence's joiner, a subdivision flag's tag characters (Wales): part of what shows
+        assert client.post("/v1/libraries", json={"name": name}, headers=auth(key)).status_code == 201, name
     e = err(client.post("/v1/libraries", json={"name": "sfx", "model": "other"}, headers=auth(key)), 400)
     assert e["message"] == "the body has 'model', which a library does not take; it takes 'name'", e
     assert client.post("/v1/libraries", json={"name": " Field — 雨 "}, headers=auth(key)).get_json()["name"] == \

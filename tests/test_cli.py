@@ -237,8 +237,8 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     out = subprocess.run(cli + ["search", "rain", "--library", "broken", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout == ""
-    assert "no results: none of the files of library 'broken' could be embedded (they failed or were cancelled; " \
-        "GET /v1/libraries/" in out.stderr, out.stderr
+    assert "no results: none of the files of library 'broken' could be embedded: 1 file failed (GET /v1/libraries/" \
+        in out.stderr and "/items?status=failed says why)" in out.stderr, out.stderr
     broken = [x for x in requests.get(f"{base}/v1/libraries", headers=h, timeout=10).json()["libraries"]
               if x["name"] == "broken"][0]
     got = requests.get(f"{base}/v1/libraries/{broken['id']}", headers=h, timeout=10).json()
