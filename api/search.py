@@ -57,6 +57,8 @@ def _known(names, where: str, files=()) -> None:
     """Refuse a field search does not take: a misspelt one ("filters", "limit") would otherwise be ignored,
     and the results would quietly be other than asked for."""
     extra, other_files = sorted(set(names) - set(FIELDS)), sorted(set(files) - {"audio"})
+    if "audio" in extra:  # `curl -F audio=clip.wav` (no @): the name as text, not the clip
+        raise bad_request("'audio' came as a text field, not a file (with curl: -F audio=@clip.wav)")
     if extra:
         raise bad_request(f"{where} has {extra[0]!r}, which search does not take; it takes "
                           f"{', '.join(FIELDS)} (and a multipart 'audio' file)")
@@ -274,8 +276,8 @@ def _matches(vectors, distance, lib_ids: list[uuid.UUID], model_id: int, conds: 
              Item.status == "done", *conds]
     if exclude is not None:
         where.append(vectors.item_id != exclude)
-    if min_score is not None:
-        where.append(distance <= 1.0 - min_score)
+    if min_score is not None:  # scores are shown to 6 decimals: a score shown as min_score is within it
+        where.append(distance <= 1.0 - min_score + 5e-7)
     return (select(vectors.item_id, vectors.library_id, *columns, Item.filename, Item.meta, distance.label("d"))
             .join(Item, Item.id == vectors.item_id).where(and_(*where)))
 

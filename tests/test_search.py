@@ -161,6 +161,11 @@ def test_text_search_filters_and_pages_match_brute_force(client, lib, tiny_model
     got = client.post("/v1/search", json={"library_id": lib["a"], "text": "dog barking", "k": 50,
                                           "min_score": cut}, headers=h).get_json()["results"]
     assert len(got) == 4 and all(r["score"] >= cut - 1e-6 for r in got)
+    # a result's own score, as shown (6 decimals), as min_score keeps that result (it could drop it)
+    for shown in got:
+        again = client.post("/v1/search", json={"library_id": lib["a"], "text": "dog barking", "k": 50,
+                                                "min_score": shown["score"]}, headers=h).get_json()["results"]
+        assert shown["item_id"] in [r["item_id"] for r in again], shown
     # several libraries at once: the copy in library b appears too
     both = client.post("/v1/search", json={"library_ids": [lib["a"], lib["b"]], "text": "dog barking", "k": 50},
                        headers=h).get_json()["results"]
