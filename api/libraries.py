@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+import uuid
 
 from flask import Blueprint, g, request
 from sqlalchemy import delete, func, select
@@ -50,6 +51,11 @@ def create_library():
            for c in name):
         raise bad_request("'name' must not contain invisible formatting characters (zero-width spaces, "
                           "direction overrides, byte-order marks, ...)")
+    try:  # a name that is an id: `--library ID` in the CLI would find one library by name and another by id
+        uuid.UUID(name.strip())
+        raise bad_request("'name' must not be a library id (a UUID): names and ids are both ways to name a library")
+    except ValueError:
+        pass
     # stored in NFC: "Café" typed, and "Café" taken from a macOS folder name (e + combining accent), are
     # one name, not two libraries that look the same; one made before this rule is matched the same way
     name = unicodedata.normalize("NFC", name.strip())

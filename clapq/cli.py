@@ -533,6 +533,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:  # Ctrl-C where a command has nothing of its own to say (a search, a lookup)
         print("clapq: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:  # `clapq search ... | head -2`: the reader has what it wanted
+        # Python would say so again while it flushes stdout at exit: point stdout at nothing first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None  # as a shell reports a command ended by SIGPIPE
 
 
 if __name__ == "__main__":

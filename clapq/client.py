@@ -695,10 +695,15 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
         res = client.call("POST", "/v1/search", json={"library_id": lib["id"], "text": text, "k": k})
     for r in res["results"]:
         span = r.get("segment") or {}
-        at = f"  {span['start_s']:g}-{span['end_s']:g} s" if "start_s" in span else ""
-        print(f"{r['score']:.4f}  {shown_name(r)}  {r['item_id']}{at}")
+        at = f"  {_seconds(span['start_s'])}-{_seconds(span['end_s'])} s" if "start_s" in span else ""
+        print(f"{r['score']:7.4f}  {shown_name(r)}  {r['item_id']}{at}")  # 7: a negative score lines up
     if not res["results"]:
         print(f"no results: {_why_empty(client, lib)}", file=sys.stderr)
+
+
+def _seconds(t: float) -> str:
+    """A time as the API gives it (to the millisecond) without trailing zeros: 10790.123, 5, 12.5."""
+    return f"{t:.3f}".rstrip("0").rstrip(".")
 
 
 def _why_empty(client: Client, lib: dict) -> str:

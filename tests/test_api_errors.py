@@ -491,6 +491,9 @@ def test_get_search_takes_what_post_takes(client, lib):
     e = err(client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
                         data={"library_id": lib_id, "clip": (io.BytesIO(b"RIFF"), "a.wav")}), 400)
     assert "'clip'; the clip goes in 'audio'" in e["message"], e
+    e = err(client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
+                        data={"library_id": lib_id, "audio": "clip.wav"}), 400)
+    assert e["message"] == "'audio' came as a text field, not a file (with curl: -F audio=@clip.wav)", e
     e = err(client.post(f"/v1/search?library_id={lib_id}", json={"text": "x"}, headers=auth(key)), 400)
     assert "not in the query string" in e["message"], e
     r = client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
@@ -532,6 +535,9 @@ def test_library_names_must_show_something(client, new_key):
     for name in ("family \U0001F468\u200d\U0001F467", "\U0001F3F4\U000E0067\U000E0062\U000E0077\U000E006C\U000E0073\U000E007F walks"):
         # an emoji sequence's joiner, a subdivision flag's tag characters (Wales): part of what shows
         assert client.post("/v1/libraries", json={"name": name}, headers=auth(key)).status_code == 201, name
+    for name in (str(uuid.uuid4()), str(uuid.uuid4()).upper(), uuid.uuid4().hex):  # `--library ID` would mean two
+        assert "must not be a library id" in err(client.post("/v1/libraries", json={"name": name}, headers=auth(key)),
+                                                  400)["message"]
     e = err(client.post("/v1/libraries", json={"name": "sfx", "model": "other"}, headers=auth(key)), 400)
     assert e["message"] == "the body has 'model', which a library does not take; it takes 'name'", e
     assert client.post("/v1/libraries", json={"name": " Field — 雨 "}, headers=auth(key)).get_json()["name"] == \

@@ -724,6 +724,32 @@ def test_a_search_that_finds_nothing_while_files_are_queued_says_so(tiny_model):
     assert "no results: library 'x' has 3 files still to embed; search again once they are" in out.stderr, out.stderr
 
 
+def test_search_output_lines_up_and_stops_quietly_in_a_pipe(tiny_model):
+    """`clapq search ... | head -1`: the reader stops early, which was a BrokenPipeError traceback; a negative
+    score put its row out of line; a time of 10790.123 s printed as 10790.1 (6 significant figures)."""
+    many = [{"item_id": f"i{n}", "library_id": "lib1", "filename": f"{'long name ' * 8}{n}.wav", "metadata": {},
+             "score": -0.01 if n == 1 else 0.5, "segment": {"start_s": 10790.123, "end_s": 10800.0}}
+            for n in range(3000)]  # more than a pipe holds, so the writer is still writing when head exits
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 3000}]}, {}
+        return 200, {"results": many}, {}
+
+    with fake_api(answer) as url:
+        cmd = [sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "x", "--url", url, "--key", "cq_x"]
+        whole = subprocess.run(cmd, env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+        first = subprocess.Popen(cmd, env=_env(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = first.stdout.readline()
+        first.stdout.close()  # as head does once it has its line
+        err = first.stderr.read()
+        first.wait(60)
+    rows = whole.stdout.splitlines()
+    assert whole.returncode == 0 and rows[0].endswith("  10790.123-10800 s"), rows[0]
+    assert rows[1].index("long name") == rows[0].index("long name") and rows[1].startswith("-0.0100"), rows[:2]
+    assert line == rows[0] + "\n" and first.returncode == 141 and err == "", (first.returncode, err)
+
+
 def test_a_failed_file_is_named_by_its_path_in_the_folder(tmp_path, tiny_model):
     """Two files of one base name in different folders: the one that failed is named by its path, as it
     was sent, not by the base name the server keeps (which would not say which of the two it was)."""
