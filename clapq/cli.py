@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import fcntl
 import os
@@ -383,6 +384,11 @@ def cmd_up(args) -> None:
                     continue
                 how = f"was killed by signal {-p.returncode}" if p.returncode < 0 else f"exited with {p.returncode}"
                 again(f"`clapq {p.args[-1]}`", how)
+                # what it started and left behind goes first (its own process group): a gunicorn worker still
+                # serving a request when its master was killed held the port, so every new API failed to bind
+                # and `up` stopped everything after four tries in seconds
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(p.pid, signal.SIGKILL)
                 procs[i] = start(p.args[-1])
             for name, gone, restart in watch:
                 if why := gone():

@@ -393,6 +393,51 @@ def test_a_killed_up_takes_its_processes_with_it(tmp_path, tiny_model, up_runner
     assert _leftovers(data_dir) == []
 
 
+def test_an_api_killed_mid_request_is_started_again(tmp_path, tiny_model, up_runner):
+    """`clapq api` (gunicorn's master) killed while one of its workers serves a slow upload: the orphaned worker
+    held the port, every new API failed to bind, and after four tries in seconds `up` stopped everything. What
+    the dead API left behind goes with it now, and the API answers again."""
+    import socket
+
+    data_dir = tmp_path / "data"
+    up = up_runner(data_dir)
+    key = up.wait_ready()
+    base = f"http://127.0.0.1:{up.port}"
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "slow"}, headers={"Authorization": f"Bearer {key}"},
+                        timeout=30).json()
+    def apis() -> list[psutil.Process]:
+        found = []
+        for c in psutil.Process(up.proc.pid).children():
+            with contextlib.suppress(psutil.Error):  # one that has just ended (a zombie until `up` reaps it)
+                if c.cmdline()[-1:] == ["api"]:
+                    found.append(c)
+        return found
+
+    (api,) = apis()
+    with socket.create_connection(("127.0.0.1", up.port), timeout=30) as slow:  # an upload that is still arriving
+        slow.sendall(f"POST /v1/libraries/{lib['id']}/batches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                     "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10000000\r\n\r\n"
+                     '--b\r\nContent-Disposition: form-data; name="files"; filename="a.wav"\r\n\r\nRIFF'.encode())
+        time.sleep(1.0)  # a worker has taken it, and waits for the rest of the body
+        api.kill()
+        deadline = time.monotonic() + 90
+        while "clapq: `clapq api` was killed by signal 9; starting it again" not in up.log.read_text():
+            assert time.monotonic() < deadline and up.proc.poll() is None, up.log.read_text()[-3000:]
+            time.sleep(0.3)
+        while True:  # the new API answers (the old one's idle worker may answer once more before it goes)
+            assert time.monotonic() < deadline and up.proc.poll() is None, up.log.read_text()[-3000:]
+            new = [c for c in apis() if c.pid != api.pid]
+            try:
+                if new and requests.get(f"{base}/healthz", timeout=2).status_code == 200 and \
+                        "Listening at" in up.log.read_text().rsplit("starting it again", 1)[1]:
+                    break
+            except (requests.ConnectionError, requests.Timeout):  # refused; or taken by the orphan, unanswered
+                pass
+            time.sleep(0.3)
+        time.sleep(3)  # where the port was held, each new API failed at once and `up` gave up within seconds
+        assert up.proc.poll() is None and "Connection in use" not in up.log.read_text(), up.log.read_text()[-3000:]
+
+
 def test_a_worker_that_dies_is_started_again(tmp_path, tiny_model, up_runner):
     """The worker of `clapq up` is killed (the OOM killer, say): `clapq up` says so and starts another,
     which embeds the next upload; none of the dead one's processes stay. One that keeps dying stops
