@@ -1205,8 +1205,9 @@ def test_ordinary_mishaps_are_sentences_not_tracebacks(tmp_path, tiny_model):
 
 
 def test_waiting_asks_about_one_job_at_a_time():
-    """`clapq upload` waits by asking about every job once, then only about the oldest that has not ended
-    (the next at once when it has): the API answers a request a second however many jobs a folder made."""
+    """`clapq upload` waits by asking about every job once, then about one that has not ended at a time, in
+    turn (the next at once when it has): the API answers a request a second however many jobs a folder
+    made. A first job of long files that ends last no longer keeps the others at their first look."""
     from collections import Counter
 
     from clapq.client import Client, watch_jobs
@@ -1228,6 +1229,15 @@ def test_waiting_asks_about_one_job_at_a_time():
     assert [s["status"] for s in states] == ["done"] * 3
     assert dict(looks) == ends_after  # j2 once; j3 only after j1 has ended
     assert seen == [(1, 3, 0.667), (1, 3, 0.667), (3, 3, 1.0)]  # a running job's share counts
+    # the first job ends last: the others' ends are seen while it runs (they were not looked at again)
+    ends_after.update(j1=6, j2=2, j3=2)
+    looks.clear()
+    seen.clear()
+    with fake_api(answer) as url:
+        watch_jobs(Client(url, "cq_x"), ["j1", "j2", "j3"],
+                   lambda done, total, share: seen.append((done, total, round(share, 3))), poll_s=0.01)
+    assert (2, 3, 0.833) in seen[:4] and seen[-1] == (3, 3, 1.0), seen
+    assert dict(looks) == ends_after, looks  # none asked about once it had ended
 
 
 def test_the_share_shown_weighs_jobs_by_the_bytes_sent():
