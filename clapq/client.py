@@ -589,7 +589,14 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
     counts move, whichever ends first. `progress(processed, total, share)` after each look:
     files processed, of all, and the share of the work done: the jobs' own `progress` (by bytes, which
     moves while a long file is embedded), each weighed by `weights` (the bytes sent; else its files)."""
-    states = [client.call("GET", f"/v1/jobs/{j}") for j in jobs]
+    def look(job: str) -> dict:
+        state = client.call("GET", f"/v1/jobs/{job}", missing_ok=True)
+        if state is None:  # deleted with its library while we waited
+            raise SystemExit(f"clapq: job {job} is gone: its library was deleted while the upload waited for it; "
+                             "nothing more to wait for")
+        return state
+
+    states = [look(j) for j in jobs]
     after = 0
     while True:
         if progress is not None:
@@ -606,7 +613,7 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
         # in turn from the one after the last asked: a job of long files that ends last does not keep the
         # counts of the jobs behind it at their first look (114 of 612 shown while 598 were done)
         for i in [i for i in waiting if i >= after] + [i for i in waiting if i < after]:
-            states[i] = client.call("GET", f"/v1/jobs/{jobs[i]}")
+            states[i] = look(jobs[i])
             after = i + 1
             if states[i]["status"] in ("queued", "running"):
                 break

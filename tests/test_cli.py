@@ -1240,6 +1240,25 @@ def test_waiting_asks_about_one_job_at_a_time():
     assert dict(looks) == ends_after, looks  # none asked about once it had ended
 
 
+def test_a_library_deleted_while_the_upload_waits_is_said():
+    """The library (and so its jobs) deleted from elsewhere while `clapq upload` waits: a sentence, where it
+    was "GET /v1/jobs/<id> failed (404): job not found"."""
+    from clapq.client import Client, watch_jobs
+
+    looks = []
+
+    def answer(method, path):
+        looks.append(path)
+        if len(looks) > 1:
+            return 404, {"error": {"code": "not_found", "message": "job not found", "status": 404}}, {}
+        return 200, {"status": "running", "errors": [], "progress": 0.5, "counts": {"done": 0, "failed": 0, "total": 1}}, {}
+
+    with fake_api(answer) as url, pytest.raises(SystemExit) as ended:
+        watch_jobs(Client(url, "cq_x"), ["j1"], poll_s=0.01)
+    assert str(ended.value.code) == ("clapq: job j1 is gone: its library was deleted while the upload waited for it; "
+                                     "nothing more to wait for")
+
+
 def test_the_share_shown_weighs_jobs_by_the_bytes_sent():
     """A job of 100 short clips, done, and one of a single long recording, 40% embedded: by files the
     share would read 99.6%; by the bytes each job was sent (10 and 90 MB) it reads 46%."""
