@@ -7,6 +7,7 @@ import contextlib
 import datetime
 import fcntl
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,8 +124,6 @@ def cmd_api(args) -> None:
         # the master, at its end, removes the folder its workers share (a worker replaced meanwhile would
         # find it gone and fail to boot, which stops the master)
         if made is not None and os.getpid() == master:
-            import shutil
-
             shutil.rmtree(made, ignore_errors=True)
 
 
@@ -356,7 +355,15 @@ def cmd_up(args) -> None:
             # its own process group, so a terminal Ctrl-C reaches only us and we stop the children in order;
             # it dies with this process (killed, it cannot stop them), and holds the data-directory lock
             # while it runs
-            return subprocess.Popen(exe + [role], env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+            own = env
+            if role == "api" and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                # its processes' request counts, in the data directory and fresh for each start: a killed API
+                # cannot remove a folder of its own, and would leave one in /tmp at every restart
+                counts = data_dir / "api-metrics"
+                shutil.rmtree(counts, ignore_errors=True)
+                counts.mkdir()
+                own = {**env, "PROMETHEUS_MULTIPROC_DIR": str(counts)}
+            return subprocess.Popen(exe + [role], env=own, stdin=subprocess.DEVNULL, start_new_session=True,
                                     preexec_fn=die_with_parent, pass_fds=(lock.fileno(),))
 
         procs.extend(start(role) for role in ("worker", "beat", "api"))

@@ -397,8 +397,12 @@ def test_an_api_killed_mid_request_is_started_again(tmp_path, tiny_model, up_run
     """`clapq api` (gunicorn's master) killed while one of its workers serves a slow upload: the orphaned worker
     held the port, every new API failed to bind, and after four tries in seconds `up` stopped everything. What
     the dead API left behind goes with it now, and the API answers again."""
+    import glob
     import socket
+    import tempfile
 
+    in_tmp = os.path.join(tempfile.gettempdir(), "clapq-api-metrics-*")
+    before = set(glob.glob(in_tmp))
     data_dir = tmp_path / "data"
     up = up_runner(data_dir)
     key = up.wait_ready()
@@ -436,6 +440,9 @@ def test_an_api_killed_mid_request_is_started_again(tmp_path, tiny_model, up_run
             time.sleep(0.3)
         time.sleep(3)  # where the port was held, each new API failed at once and `up` gave up within seconds
         assert up.proc.poll() is None and "Connection in use" not in up.log.read_text(), up.log.read_text()[-3000:]
+    # the API's request counts live in the data directory, fresh for each start: the killed one left no
+    # folder in /tmp, as it did at every restart
+    assert (data_dir / "api-metrics").is_dir() and set(glob.glob(in_tmp)) - before == set()
 
 
 def test_a_worker_that_dies_is_started_again(tmp_path, tiny_model, up_runner):
