@@ -230,6 +230,26 @@ def cmd_keys_revoke(args) -> None:
     _with_keys(args, revoke)
 
 
+def _hand_back_running(url: str) -> None:
+    """Files the last `clapq up` left running (stopped or killed before its worker finished them) are
+    stranded: no worker of this data directory runs yet. Dated back, they are what the maintenance loop's
+    first pass, as beat starts, queues again (one a task, as a lost worker's are), where they waited
+    CLAPQ_STALE_AFTER_S with the new worker idle."""
+    import datetime as dt
+
+    from sqlalchemy import update
+
+    from clapq.db import session_scope
+    from clapq.models import Item
+
+    with session_scope(url) as s:
+        n = s.execute(update(Item).where(Item.status == "running")
+                      .values(updated_at=dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc))).rowcount
+    if n:
+        print(f"clapq: {n} file{'s' if n != 1 else ''} left running when clapq last stopped go back to the queue",
+              file=sys.stderr, flush=True)
+
+
 def _default_key(url: str, data_dir: Path) -> str:
     """The local owner's key, kept (0600) in the data directory so every start can show it."""
     from clapq.db import session_scope
@@ -343,6 +363,8 @@ def cmd_up(args) -> None:
             stack.append(redis.stop)
             watch.append(("the embedded Redis", redis.gone, redis.start))  # the same port: every process's REDIS_URL stays right
         _migrate(db_url)
+        if not settings.database_url:  # the embedded database is this `up`'s alone, and none of its workers runs yet
+            _hand_back_running(db_url)
         key = _default_key(db_url, data_dir)
         # a CLAPQ_BLOB_DIR the user set is taken from where `clapq up` runs; the default lives in the data dir
         blob_dir = settings.blob_dir.expanduser().resolve() if os.environ.get("CLAPQ_BLOB_DIR") else data_dir / "blobs"

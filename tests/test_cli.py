@@ -83,8 +83,8 @@ class Up:
 def up_runner(tmp_path, tiny_model):
     started: list[Up] = []
 
-    def start(data_dir: Path) -> Up:
-        u = Up(data_dir, _env(tiny_model, CLAPQ_MAX_REQUEST_BYTES=str(16 << 20)), tmp_path / f"up{len(started)}.log")
+    def start(data_dir: Path, **env: str) -> Up:
+        u = Up(data_dir, _env(tiny_model, CLAPQ_MAX_REQUEST_BYTES=str(16 << 20), **env), tmp_path / f"up{len(started)}.log")
         started.append(u)
         return u
 
@@ -443,6 +443,34 @@ def test_an_api_killed_mid_request_is_started_again(tmp_path, tiny_model, up_run
     # the API's request counts live in the data directory, fresh for each start: the killed one left no
     # folder in /tmp, as it did at every restart
     assert (data_dir / "api-metrics").is_dir() and set(glob.glob(in_tmp)) - before == set()
+
+
+def test_files_left_running_by_the_last_up_are_queued_again_at_start(tmp_path, tiny_model, up_runner):
+    """A worker killed while it embeds a file, then `clapq up` stopped and started again: the file stayed
+    `running` until CLAPQ_STALE_AFTER_S passed (1.5-2.5 minutes with the new worker idle; an hour here, so the
+    test does not wait for it). The new `up` owns the embedded database, where no worker of it runs yet, and
+    hands such files back to the queue at once."""
+    data_dir = tmp_path / "data"
+    up = up_runner(data_dir, CLAPQ_STALE_AFTER_S="3600")
+    key = up.wait_ready()
+    base, h = f"http://127.0.0.1:{up.port}", {"Authorization": f"Bearer {key}"}
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "long"}, headers=h, timeout=30).json()
+    f = write(tmp_path / "long.flac", 900.0, 8_000, 1, freq=300)  # a quarter of an hour: running for a while
+    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=120,
+                      files=[("files", (f.name, f.read_bytes(), "audio/flac"))]).json()
+    item = r["items"][0]["id"]
+    deadline = time.monotonic() + 120
+    while requests.get(f"{base}/v1/items/{item}", headers=h, timeout=10).json()["status"] != "running":
+        assert time.monotonic() < deadline, up.log.read_text()[-3000:]
+        time.sleep(0.1)
+    worker = next(c for c in psutil.Process(up.proc.pid).children() if c.cmdline()[-1:] == ["worker"])
+    os.killpg(worker.pid, signal.SIGKILL)  # the worker and its pool child, mid-file
+    assert up.stop() == 0
+    up2 = up_runner(data_dir, CLAPQ_STALE_AFTER_S="3600")
+    key = up2.wait_ready()
+    assert "clapq: 1 file left running when clapq last stopped go back to the queue" in up2.log.read_text()
+    base2 = f"http://127.0.0.1:{up2.port}"
+    assert _wait_job(base2, h, r["job_id"], timeout=300)["status"] == "done"
 
 
 def test_a_worker_that_dies_is_started_again(tmp_path, tiny_model, up_runner):
