@@ -619,6 +619,17 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
                 break
 
 
+def time_left(elapsed_s: float, gained: float, left: float) -> str:
+    """", about 4 min left" at the pace so far (`gained` of the share in `elapsed_s`), once there is a pace to
+    go by (10 s of it, and some share gained); "" before that, and at the end."""
+    if elapsed_s < 10 or gained <= 0 or left <= 0:
+        return ""
+    s = elapsed_s * left / gained
+    text = (f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 90 * 60
+            else f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min")
+    return f", about {text} left"
+
+
 def printable(name: str) -> str:
     """A path as one line of output: characters that would break or colour the line (a newline or a tab in a
     file name, an escape sequence) as Python writes them in a string, `\\n`."""
@@ -654,10 +665,12 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
     another terminal); returns the numbers of files failed, copies included, and cancelled."""
     # on a terminal one line that updates in place; in a log, a line each time the count or the tenth of
     # the work done moves (a long file moves the share long before the count)
-    tty, shown = sys.stderr.isatty(), [None]
+    tty, shown, first = sys.stderr.isatty(), [None], []
 
     def progress(done: int, total: int, share: float) -> None:
-        line = f"{done}/{total} files processed ({int(share * 100 + 1e-6)}%)"  # 0.29 is 29, 0.9999 still 99
+        first[:] = first or [time.monotonic(), share]  # the pace is measured from the first look
+        left = time_left(time.monotonic() - first[0], share - first[1], 1.0 - share)
+        line = f"{done}/{total} files processed ({int(share * 100 + 1e-6)}%{left})"  # 0.29 is 29, 0.9999 still 99
         if tty:
             print(f"\r{line}\x1b[K", end="", file=sys.stderr)  # the rest of a longer line before it cleared
         elif (done, int(share * 10)) != shown[0]:

@@ -1294,6 +1294,17 @@ def test_a_library_deleted_while_the_upload_waits_is_said():
                                      "nothing more to wait for")
 
 
+def test_the_time_left_is_said_at_the_pace_so_far():
+    """`clapq upload` says about how long is left (the API's per-job ETA was never shown), from its own
+    first look: nothing before 10 s of pace or any share gained, nor at the end."""
+    from clapq.client import time_left
+
+    assert time_left(5, 0.1, 0.9) == "" and time_left(60, 0.0, 0.9) == "" and time_left(60, 0.5, 0.0) == ""
+    assert time_left(20, 0.5, 0.5) == ", about 20 s left"
+    assert time_left(60, 0.25, 0.75) == ", about 3 min left"
+    assert time_left(600, 0.1, 0.9) == ", about 1 h 30 min left"
+
+
 def test_the_share_shown_weighs_jobs_by_the_bytes_sent():
     """A job of 100 short clips, done, and one of a single long recording, 40% embedded: by files the
     share would read 99.6%; by the bytes each job was sent (10 and 90 MB) it reads 46%."""
