@@ -142,7 +142,7 @@ def attachment(filename: str, item_id: str) -> str:
     return header if fallback == filename else f"{header}; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-def _preconditions(item: Item, path) -> None:
+def _preconditions(item: Item, mtime: float) -> None:
     """If-Match, else If-Unmodified-Since (RFC 9110 13.2.2): a 412 in the envelope when it fails. Werkzeug
     answered a failed If-Match 412 with the whole file as its body, and ignored If-Unmodified-Since. Both
     are taken off the request once checked; If-None-Match, If-Modified-Since and Range stay werkzeug's."""
@@ -155,7 +155,7 @@ def _preconditions(item: Item, path) -> None:
         env.pop("HTTP_IF_UNMODIFIED_SINCE", None)
     elif "HTTP_IF_UNMODIFIED_SINCE" in env:
         since = parse_date(env.pop("HTTP_IF_UNMODIFIED_SINCE"))  # None where it does not parse: ignored
-        modified = dt.datetime.fromtimestamp(int(path.stat().st_mtime), dt.timezone.utc)
+        modified = dt.datetime.fromtimestamp(int(mtime), dt.timezone.utc)
         if since is not None and modified > since:
             failed = f"If-Unmodified-Since: the file was last modified {http_date(modified)}"
     if failed:
@@ -168,7 +168,8 @@ def get_audio(item_id: str):
     path = BlobStore(current_app.config["CLAPQ"].blob_dir).path_for(item.sha256)
     if not path.is_file():
         raise not_found("audio")
-    _preconditions(item, path)
+    st = path.stat()  # once, for the preconditions and the range
+    _preconditions(item, st.st_mtime)
     if "HTTP_RANGE" in request.environ:
         ranges = parse_range_header(request.environ["HTTP_RANGE"])
         if ranges is None or ranges.units != "bytes" or len(ranges.ranges) != 1:
@@ -176,7 +177,7 @@ def get_audio(item_id: str):
             # are several ranges at once: the whole file, 200, where werkzeug would answer 416; a single
             # range past the end is still 416
             del request.environ["HTTP_RANGE"]
-        elif ranges.ranges[0][0] < 0 and -ranges.ranges[0][0] > path.stat().st_size:
+        elif ranges.ranges[0][0] < 0 and -ranges.ranges[0][0] > st.st_size:
             # the last N bytes of a file shorter than N: the whole file (RFC 9110 14.1.2), where werkzeug
             # answers 416
             request.environ["HTTP_RANGE"] = "bytes=0-"

@@ -53,9 +53,10 @@ def create_library():
                           "direction overrides, byte-order marks, ...)")
     try:  # a name that is an id: `--library ID` in the CLI would find one library by name and another by id
         uuid.UUID(name.strip())
-        raise bad_request("'name' must not be a library id (a UUID): names and ids are both ways to name a library")
     except ValueError:
         pass
+    else:
+        raise bad_request("'name' must not be a library id (a UUID): names and ids are both ways to name a library")
     # stored in NFC: "Café" typed, and "Café" taken from a macOS folder name (e + combining accent), are
     # one name, not two libraries that look the same; one made before this rule is matched the same way
     name = unicodedata.normalize("NFC", name.strip())

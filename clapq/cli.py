@@ -235,8 +235,6 @@ def _hand_back_running(url: str) -> None:
     stranded: no worker of this data directory runs yet. Dated back, they are what the maintenance loop's
     first pass, as beat starts, queues again (one a task, as a lost worker's are), where they waited
     CLAPQ_STALE_AFTER_S with the new worker idle."""
-    import datetime as dt
-
     from sqlalchemy import update
 
     from clapq.db import session_scope
@@ -244,7 +242,7 @@ def _hand_back_running(url: str) -> None:
 
     with session_scope(url) as s:
         n = s.execute(update(Item).where(Item.status == "running")
-                      .values(updated_at=dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc))).rowcount
+                      .values(updated_at=datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc))).rowcount
     if n:
         print(f"clapq: {n} file{'s' if n != 1 else ''} left running when clapq last stopped go back to the queue",
               file=sys.stderr, flush=True)
@@ -528,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
     create = keys.add_parser("create", help="print a new API key for a tenant (created if new)")
     create.add_argument("--tenant", required=True, help="who the key is for; each tenant sees only its own data")
     data_dir_help = ("the embedded service's data (default $XDG_DATA_HOME/clapq, or ~/.local/share/clapq), "
-                            "unless DATABASE_URL is set")
+                     "unless DATABASE_URL is set")
     create.add_argument("--data-dir", type=Path, default=None, help=data_dir_help)
     create.set_defaults(func=cmd_keys_create)
     listing = keys.add_parser("list", help="every API key by its first characters, its tenant and whether it is revoked")
