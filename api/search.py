@@ -293,7 +293,7 @@ def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
     session = db()
     distance = Segment.vector.cosine_distance(vec)
     matches = _matches(Segment, distance, lib_ids, model_id, conds, exclude, min_score, Segment.start_s, Segment.end_s)
-    # items: without filters, ask for as many windows as the index visits anyway (ef_search >= 100),
+    # items: without filters, ask for as many windows as the index visits anyway (ef_search, 100 unless set),
     # so one round usually finds `want` distinct items: 40 windows cost the same as 100 but often held
     # too few items and ran again. With filters every row asked for costs more index to walk
     # (iterative scan), so start at 4 windows an item (benchmarks/search_http.py)
@@ -320,9 +320,14 @@ def _best_first(session, matches, distance, n: int, exact: bool) -> list:
     """The n best rows of `matches`, in this transaction.
 
     exact: every distance is computed (a materialised CTE, which no index can order). Otherwise the
-    HNSW index orders them, with iterative scans (filtered queries keep fetching until they have rows)
-    and ef_search for n rows capped at 200: above that the planner starts choosing exact scans on its
-    own (48 ms instead of 2.5 ms at 100k: benchmarks/search_scale.md). Both settings go in one round trip."""
+    HNSW index orders them, with iterative scans (filtered queries keep fetching until they have rows).
+    ef_search is one value whatever n is (CLAPQ_HNSW_EF_SEARCH): the index's first rows then do not
+    depend on how many are asked for, so k=1 is the first row of k=10, a page is a slice of one scan,
+    and a wider round of _nearest extends the rows of the last one. It used to follow n (100 to 200),
+    and with a library of long files that made k=1 and k=10 disagree on the best item (helper-31;
+    benchmarks/search_consistency.py). Sorting is off, so the planner cannot trade the index for an
+    exact scan at a high ef_search (it did above 200: 48 ms instead of 2.5 ms at 100k,
+    benchmarks/search_scale.md): which plan runs is chosen here. The settings go in one round trip."""
     if exact:
         every = matches.cte("matches").prefix_with("MATERIALIZED")
         # equal distances (silent files, one recording in two formats) in one order whatever `k` and
@@ -330,7 +335,8 @@ def _best_first(session, matches, distance, n: int, exact: bool) -> list:
         ties = [every.c.item_id, *([every.c.start_s] if "start_s" in every.c else [])]
         return session.execute(select(every).order_by(every.c.d, *ties).limit(n)).all()
     session.execute(text("SELECT set_config('hnsw.iterative_scan', 'strict_order', true), "
-                         "set_config('hnsw.ef_search', :ef, true)"), {"ef": str(min(200, max(100, n)))})
+                         "set_config('hnsw.ef_search', :ef, true), set_config('enable_sort', 'off', true)"),
+                    {"ef": str(current_app.config["CLAPQ"].hnsw_ef_search)})
     return session.execute(matches.order_by(distance).limit(n)).all()
 
 

@@ -271,8 +271,9 @@ PGCOPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 
 
 def copy_segments(cur, syn: Synth, V: np.ndarray, model_id: int, library: uuid.UUID,
-                  items_per_chunk: int = 8000) -> None:
-    """Binary COPY (pgvector's binary format: int16 dim, int16 unused, float4[dim], big-endian)."""
+                  items_per_chunk: int = 8000, first_id: int = 1) -> None:
+    """Binary COPY (pgvector's binary format: int16 dim, int16 unused, float4[dim], big-endian), ids
+    from first_id on (a range the caller has reserved, where the table holds rows already)."""
     item_bytes = np.frombuffer(b"".join(u.bytes for u in syn.item_ids), dtype="V16")
     lib_bytes = np.frombuffer(library.bytes, dtype="V16")[0]
     seg_lo = 0
@@ -284,7 +285,7 @@ def copy_segments(cur, syn: Synth, V: np.ndarray, model_id: int, library: uuid.U
         V[sl] = vecs
         rec = np.empty(n, SEG_DTYPE)
         rec["nf"] = 8
-        rec["l_id"], rec["id"] = 8, np.arange(seg_lo + 1, seg_lo + n + 1)
+        rec["l_id"], rec["id"] = 8, np.arange(first_id + seg_lo, first_id + seg_lo + n)
         rec["l_item"], rec["item"] = 16, item_bytes[syn.seg_item[sl]]
         rec["l_model"], rec["model"] = 4, model_id
         rec["l_lib"], rec["lib"] = 16, lib_bytes
@@ -302,7 +303,7 @@ def copy_segments(cur, syn: Synth, V: np.ndarray, model_id: int, library: uuid.U
             io.BytesIO(PGCOPY_HEADER + rec.tobytes() + PGCOPY_TRAILER))
         seg_lo += n
     assert seg_lo == syn.n
-    cur.execute("SELECT setval(pg_get_serial_sequence('segments', 'id'), %s)", (syn.n,))
+    cur.execute("SELECT setval(pg_get_serial_sequence('segments', 'id'), max(id)) FROM segments")
 
 
 # ----------------------------------------------------------------------------- ground truth

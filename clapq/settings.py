@@ -130,6 +130,7 @@ class Settings:
     max_query_chars: int
     max_k: int
     exact_search_max_windows: int
+    hnsw_ef_search: int
     max_attempts: int
     decoders: int
     worker_concurrency: int
@@ -175,6 +176,11 @@ class Settings:
             max_k=_int(env, "CLAPQ_MAX_K", 1000, 1),
             # filters (and libraries) that leave at most this many windows are searched exactly
             exact_search_max_windows=_int(env, "CLAPQ_EXACT_SEARCH_MAX_WINDOWS", 5000, 0),
+            # candidates the HNSW index keeps while it walks (pgvector's hnsw.ef_search, 1-1000): more
+            # finds more of the true nearest at more cost; one value for every round and page of a
+            # search, so that k=1 is the first of k=10 and pages neither repeat nor skip
+            # (benchmarks/search_consistency.py)
+            hnsw_ef_search=_int(env, "CLAPQ_HNSW_EF_SEARCH", 100, 1, 1000),
             max_attempts=_int(env, "CLAPQ_MAX_ATTEMPTS", 3, 1),
             # 0: chosen by the worker for its device (worker.decoder.pool_size)
             decoders=_int(env, "CLAPQ_DECODERS", 0, 0),

@@ -1298,6 +1298,7 @@ def test_settings_out_of_range_are_sentences():
                       ({"CLAPQ_WORKER_CONCURRENCY": "0"}, "CLAPQ_WORKER_CONCURRENCY must be at least 1"),
                       ({"CLAPQ_SWEEP_INTERVAL_S": "-1"}, "CLAPQ_SWEEP_INTERVAL_S must be at least 1"),
                       ({"CLAPQ_WORKER_NICE": "25"}, "CLAPQ_WORKER_NICE must be from 0 to 19"),
+                      ({"CLAPQ_HNSW_EF_SEARCH": "1001"}, "CLAPQ_HNSW_EF_SEARCH must be from 1 to 1000"),
                       ({"CLAPQ_HEARTBEAT_S": "60", "CLAPQ_STALE_AFTER_S": "30"}, "must be less than"),
                       ({"CLAPQ_LOG_LEVEL": "verbose"}, "CLAPQ_LOG_LEVEL must be one of debug, info")]:
         with pytest.raises(SystemExit) as e:

@@ -126,9 +126,12 @@ def brute_items(lib, v, keep=lambda item_id: True):
 def plan(request, app, monkeypatch):
     """Run a test under both search plans: every window compared, or the HNSW index (which the app
     picks when the filters leave more windows than CLAPQ_EXACT_SEARCH_MAX_WINDOWS); on this small
-    library both must give the brute-force answer."""
+    library both must give the brute-force answer. The index is one graph of every library's windows in
+    the test database, so its walk keeps as many candidates as pgvector allows (1,000, more than the
+    database holds here) and is exact."""
     limit = 5000 if request.param == "exact" else 0
-    monkeypatch.setitem(app.config, "CLAPQ", dataclasses.replace(app.config["CLAPQ"], exact_search_max_windows=limit))
+    monkeypatch.setitem(app.config, "CLAPQ", dataclasses.replace(app.config["CLAPQ"], exact_search_max_windows=limit,
+                                                                 hnsw_ef_search=1000))
     return request.param
 
 
@@ -194,6 +197,73 @@ def test_items_past_the_index_candidate_limit_are_still_all_found(client, lib, t
     for r in got:  # each item's span is its best window
         best = max(lib["segs"][r["item_id"]], key=lambda s: float(v @ s[2]))
         assert (r["segment"]["start_s"], r["segment"]["end_s"]) == (best[0], best[1])
+
+
+@pytest.fixture()
+def crowded(app, settings):
+    """A library of 3 long files whose 2,400 windows are nearly one vector, beside ~150 clips, COPYed
+    as benchmarks/search_consistency.py loads it: where an HNSW walk at a small ef_search is far from
+    exact. The library is made through the API, so it is bound to the served model; it is deleted and
+    its windows vacuumed out of the graph after the test, which other tests' index plans walk too."""
+    from benchmarks.search_consistency import WithLongFiles
+    from benchmarks.search_scale import DIM, connect, copy_items, copy_segments
+    from clapq.db import session_scope
+    from clapq.keys import create_key
+    from clapq.models import VECTOR_DIM
+
+    assert DIM == VECTOR_DIM
+    with session_scope(settings.database_url) as s:
+        key = create_key(s, f"crowded-{uuid.uuid4().hex[:8]}")
+    lib = app.test_client().post("/v1/libraries", json={"name": "crowded"}, headers=auth(key)).get_json()
+    syn = WithLongFiles(600, 3, 800, 0.1, seed=3)
+    conn = connect(settings.database_url)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT tenant_id, model_id FROM libraries WHERE id = %s", (lib["id"],))
+            tenant, model_id = cur.fetchone()
+            job = uuid.uuid4()
+            cur.execute("INSERT INTO jobs (id, tenant_id, library_id, kind) VALUES (%s, %s, %s, 'upload')",
+                        (str(job), str(tenant), lib["id"]))
+            copy_items(cur, syn, tenant, uuid.UUID(lib["id"]), job)
+            # ids of a range taken from the sequence, so that the worker's inserts never meet them
+            cur.execute("SELECT setval(pg_get_serial_sequence('segments', 'id'), nextval("
+                        "pg_get_serial_sequence('segments', 'id')) + %s)", (syn.n,))
+            last = cur.fetchone()[0]
+            copy_segments(cur, syn, np.empty((syn.n, DIM), np.float32), model_id, uuid.UUID(lib["id"]),
+                          first_id=last - syn.n + 1)
+        yield {"key": key, "id": lib["id"]}
+    finally:
+        conn.rollback()
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("DELETE FROM libraries WHERE id = %s", (lib["id"],))
+            cur.execute("VACUUM segments")
+        conn.close()
+
+
+def test_the_index_plan_answers_every_k_and_page_from_one_walk(app, client, crowded, monkeypatch):
+    """The index plan keeps one ef_search (CLAPQ_HNSW_EF_SEARCH) whatever k and offset ask for, so k=1 is
+    the first of k=60 and pages joined are one search: when ef_search followed the rows asked for, pages
+    repeated and skipped windows, and k=1 and k=10 disagreed on the best item (helper-31;
+    benchmarks/search_consistency.py). ef_search 10 here, where the walk is far from exact."""
+    monkeypatch.setitem(app.config, "CLAPQ", dataclasses.replace(app.config["CLAPQ"], exact_search_max_windows=0,
+                                                                 hnsw_ef_search=10))
+    h = auth(crowded["key"])
+
+    def search(**opts):
+        body = client.post("/v1/search", json={"library_id": crowded["id"], "text": "a door slams", **opts},
+                           headers=h).get_json()
+        assert body["plan"] == "index", body
+        return [(r["item_id"], r.get("start_s")) for r in body["results"]]
+
+    whole = search(k=60, mode="segments")
+    assert len(whole) == len(set(whole)) == 60
+    assert search(k=1, mode="segments") == whole[:1]
+    assert [w for off in range(0, 60, 10) for w in search(k=10, offset=off, mode="segments")] == whole
+    items = search(k=20)
+    assert len({i for i, _ in items}) == 20
+    assert search(k=1) == items[:1]
+    assert [w for off in range(0, 20, 5) for w in search(k=5, offset=off)] == items
 
 
 def test_a_metadata_value_finds_lists_holding_it(client, lib):
