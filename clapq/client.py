@@ -387,9 +387,11 @@ def batches(paths: list[Path], max_files: int = BATCH_FILES, max_bytes: int = BA
         yield batch
 
 
-def not_known(client: Client, lib_id: str, batch: list[Path]) -> tuple[list[Path], int, dict[Path, str | None]]:
-    """The files of `batch` whose bytes the library does not hold yet (asked by digest; nothing sent), how
-    many of the others it has not embedded yet, and each file's digest."""
+def not_known(client: Client, lib_id: str, batch: list[Path]
+              ) -> tuple[list[Path], dict[Path, str | None], dict[Path, str | None]]:
+    """The files of `batch` whose bytes the library does not hold yet (asked by digest; nothing sent), the
+    others it has not embedded yet with the job each is in (None from a server that does not say), and
+    each file's digest."""
     digests: dict[Path, str | None] = {}
     for p in batch:
         try:
@@ -399,8 +401,9 @@ def not_known(client: Client, lib_id: str, batch: list[Path]) -> tuple[list[Path
     # a server older than /known answers 404 (a library gone since the lookup fails on the upload itself)
     asked = sorted({d for d in digests.values() if d is not None})
     answer = client.call("POST", f"/v1/libraries/{lib_id}/known", json={"sha256": asked}, missing_ok=True) or {}
-    known, pending = set(answer.get("known", ())), set(answer.get("pending", ()))
-    return [p for p in batch if digests[p] not in known], sum(digests[p] in pending for p in batch), digests
+    known, pending, in_job = set(answer.get("known", ())), set(answer.get("pending", ())), answer.get("pending_jobs", {})
+    return ([p for p in batch if digests[p] not in known],
+            {p: in_job.get(digests[p]) for p in batch if digests[p] in pending}, digests)
 
 
 def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path], list[str]]:
@@ -486,6 +489,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     # bytes it holds are not sent again, only the rest
     check = lib.get("item_count", 0) > 0
     jobs, sent, skipped, unfinished, in_flight = [], 0, 0, 0, 0
+    # files an earlier run left queued or running: their jobs are waited for too (job -> their bytes)
+    earlier: dict[str, int] = {}
     job_bytes: list[int] = []  # what each job was sent: its weight in the share shown while waiting
     copies_of: dict[str, list[str]] = {}  # item id -> the paths of the copies sent of its bytes
     where: dict[str, str] = {}  # item id -> the file's path in the folder (the server keeps its base name)
@@ -499,7 +504,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             if check:
                 new, pending, digests = not_known(client, lib["id"], batch)
                 skipped += len(batch) - len(new)
-                unfinished += pending
+                unfinished += len(pending)
+                for p, job in pending.items():
+                    if job is not None:
+                        earlier[job] = earlier.get(job, 0) + _size(p)
                 sending = set(new)
                 for p in batch:
                     rel, digest = p.relative_to(folder).as_posix(), digests[p]
@@ -555,10 +563,18 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         if ctrl_c:
             raise SystemExit(130) from None
         raise exc from None
+    # an earlier run's jobs still embedding files of this folder (a wait stopped with Ctrl-C, an upload cut
+    # short): waited for as well, so that running the command again shows them to the end
+    resumed = [j for j in earlier if j not in jobs] if wait else []
     if skipped:
-        # those still queued or running belong to earlier jobs, which this command does not wait for
-        still = (f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
-                 if unfinished else "")
+        if not unfinished:
+            still = ""
+        elif resumed:
+            still = (f" ({unfinished} of them still being embedded, in {'job' if len(resumed) == 1 else 'jobs'} "
+                     f"{', '.join(resumed)} of an earlier upload: waiting for {'it' if len(resumed) == 1 else 'them'}"
+                     " too)")
+        else:
+            still = f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
         print(f"{skipped} of {found} files are in the library already{still}: not sent again", file=sys.stderr)
     said = [f"{printable(rel)} (= {printable(where.get(item, 'a file in the library'))})"
             for item, rels in copies_of.items() for rel in rels] + held_copies
@@ -566,17 +582,19 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     if copies:
         print(f"{n_files(copies)} had the same bytes as another and {'is' if copies == 1 else 'are'} "
               f"stored once: {_some(said)}", file=sys.stderr)
+    waited = jobs + resumed
     try:
-        failed, cancelled = _wait(client, jobs, job_bytes, where, copies_of) if wait and jobs else (0, 0)
+        failed, cancelled = (_wait(client, waited, job_bytes + [earlier[j] for j in resumed], where, copies_of)
+                             if wait and waited else (0, 0))
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # after the progress line
-        print(f"clapq: stopped waiting; the uploaded files are still being embedded (jobs {', '.join(jobs)}: "
-              "GET /v1/jobs/<id> shows how they end)", file=sys.stderr)
+        print(f"clapq: stopped waiting; the uploaded files are still being embedded (jobs {', '.join(waited)}: "
+              "run the same command again to wait for them, or GET /v1/jobs/<id>)", file=sys.stderr)
         raise SystemExit(130) from None
     if refused:
         print(f"{n_files(len(refused))} not sent (listed above as 'not sent')", file=sys.stderr)
-    print(json.dumps({"library_id": lib["id"], "jobs": jobs, "files": found, "skipped": skipped,
+    print(json.dumps({"library_id": lib["id"], "jobs": jobs, "earlier_jobs": resumed, "files": found, "skipped": skipped,
                       "not_sent": len(refused), "duplicates": copies, "failed": failed, "cancelled": cancelled}))
     return 1 if failed or refused or cancelled else 0
 

@@ -1114,28 +1114,49 @@ def test_a_server_without_known_gets_every_file(tmp_path, tiny_model):
     assert json.loads(out)["skipped"] == 0
 
 
-def test_files_held_but_not_embedded_yet_are_named(tmp_path, tiny_model):
-    """Run again while an earlier upload's files are still queued: they are not sent again, and the
-    command says how many of them are not searchable yet (it waits only for what it sent)."""
+def test_files_held_but_not_embedded_yet_are_waited_for(tmp_path, tiny_model):
+    """Run again while an earlier upload's files are still queued (its wait stopped with Ctrl-C): they are
+    not sent again, and the command waits for the earlier job as well as its own, its failures included.
+    A server that does not say which job holds them: the command says how many are not searchable yet."""
     import hashlib
 
     a = write(tmp_path / "a.wav", 0.5)
     write(tmp_path / "b.wav", 0.5, seed=1)
     held = hashlib.sha256(a.read_bytes()).hexdigest()
+    polled, says_job = [], [True]
 
     def answer(method, path):
         if path == "/v1/libraries":
             return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 1}]}, {}
         if path.endswith("/known"):
-            return 200, {"known": [held], "pending": [held]}, {}
+            return 200, {"known": [held], "pending": [held],
+                         **({"pending_jobs": {held: "job0"}} if says_job[0] else {})}, {}
         if path.endswith("/batches"):
             return 202, {"job_id": "job1", "items": []}, {}
+        job = path.split("/")[3].split("?")[0] if path.startswith("/v1/jobs/") else None
+        polled.append(job)
+        if job == "job0":
+            if "/items" in path:
+                return 200, {"items": [{"id": "i0", "filename": "a.wav", "status": "failed",
+                                        "error": "not a readable audio file"}], "next_cursor": None}, {}
+            return 200, {"status": "done_with_errors", "progress": 1.0,
+                         "counts": {"done": 0, "failed": 1, "total": 1},
+                         "errors": [{"item_id": "i0", "filename": "a.wav", "error": "not a readable audio file"}]}, {}
         return 200, {"status": "done", "progress": 1.0, "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}
 
     with fake_api(answer) as url:
         p = _upload(tmp_path, url, tiny_model)
         out, err = p.communicate(timeout=60)
-    assert p.returncode == 0 and err.startswith("uploading 1 file ("), err
+    assert p.returncode == 1 and err.startswith("uploading 1 file ("), err
+    assert ("1 of 2 files are in the library already (1 of them still being embedded, in job job0 of an earlier "
+            "upload: waiting for it too)") in err, err
+    assert "2/2 files processed" in err and "failed: a.wav: not a readable audio file" in err, err
+    assert {"job0", "job1"} <= set(polled) and json.loads(out)["earlier_jobs"] == ["job0"], (polled, out)
+    says_job[0] = False
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
     assert "1 of 2 files are in the library already (1 of them not embedded yet" in err, err
 
 
