@@ -429,6 +429,12 @@ def test_health_metrics_and_openapi(client, worker):
     for name in ("clapq_items{state=\"done\"}", "clapq_queue_depth", "clapq_workers_live 1.0",
                  "clapq_embed_batch_seconds_bucket", "clapq_windows_total", "clapq_http_request_duration_seconds"):
         assert name in body, name
+    import shutil
+
+    free = float(body.split("\nclapq_blob_free_bytes ")[1].split()[0])
+    size = float(body.split("\nclapq_blob_size_bytes ")[1].split()[0])
+    assert free == pytest.approx(shutil.disk_usage(client.application.config["CLAPQ"].blob_dir).free, rel=0.05)
+    assert 0 < free <= size
     spec = client.get("/openapi.json").get_json()
     assert spec["openapi"].startswith("3.") and "/v1/search" in spec["paths"]
 
