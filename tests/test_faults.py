@@ -77,18 +77,18 @@ def stack(services, tiny_model, tmp_path):
         redis.stop()
 
 
-def make_batch(n: int, seconds: float = 0.5) -> list[tuple[io.BytesIO, str]]:
+def make_batch(n: int, seconds: float = 0.5, first: int = 0) -> list[tuple[io.BytesIO, str]]:
     import soundfile as sf
 
     out = []
-    for i in range(n):
+    for i in range(first, first + n):  # other `first`, other bytes
         buf = io.BytesIO()
         sf.write(buf, tone(seconds, 16_000, 1, freq=100 + 7 * i, seed=i), 16_000, format="WAV")
         out.append((io.BytesIO(buf.getvalue()), f"f{i:03d}.wav"))
     return out
 
 
-def start_job(st, n: int, key: str | None = None) -> tuple[str, str, str]:
+def start_job(st, n: int, key: str | None = None, first: int = 0) -> tuple[str, str, str]:
     from tests.conftest import auth as _auth
 
     with session_scope(st["settings"].database_url) as s:
@@ -97,7 +97,7 @@ def start_job(st, n: int, key: str | None = None) -> tuple[str, str, str]:
         key = key or create_key(s, f"faults-{uuid.uuid4().hex[:8]}")
     c = st["client"]
     lib = c.post("/v1/libraries", json={"name": "faults"}, headers=_auth(key)).get_json()
-    r = c.post(f"/v1/libraries/{lib['id']}/batches", headers=_auth(key), data={"files": make_batch(n)},
+    r = c.post(f"/v1/libraries/{lib['id']}/batches", headers=_auth(key), data={"files": make_batch(n, first=first)},
                content_type="multipart/form-data")
     assert r.status_code == 202, r.get_json()
     return key, lib["id"], r.get_json()["job_id"]
@@ -416,6 +416,45 @@ def test_poison_file_that_kills_only_the_pool_child_takes_no_other_file_with_it(
     with session_scope(stack["settings"].database_url) as s:
         others = s.scalars(select(Item.attempts).where(Item.job_id == uuid.UUID(job_id), Item.id != poison_id)).all()
     assert max(others) <= 2, others  # the try that crashed, and their own
+
+
+def test_files_borrowed_by_a_task_whose_process_died_go_on_at_once(stack):
+    """A task fills its last batch with files of a later task (claim_more), and its pool child dies while
+    it holds them: the later task found them taken and ended. When Celery hands the first message back,
+    those files go on at once, one per task, not after CLAPQ_STALE_AFTER_S (an hour here, and no sweeper
+    runs): before, they waited for the sweeper with the worker idle."""
+    import psutil
+
+    from clapq.blobs import BlobStore
+
+    settings = stack["settings"]
+    key, _, first = start_job(stack, 8)  # one task (CLAPQ_ITEMS_PER_TASK 8), sent before any worker runs
+    later_key, _, later = start_job(stack, 8, first=8)  # a tenant of its own, other bytes
+    with session_scope(settings.database_url) as s:
+        poison = s.scalars(select(Item).where(Item.job_id == uuid.UUID(later)).order_by(Item.filename)).first()
+        poison_id, sha = poison.id, poison.sha256
+    path = BlobStore(settings.blob_dir).path_for(sha)  # a read that never returns, as a native hang would
+    path.unlink()
+    os.mkfifo(path)
+    # batches of 16: the first task's 8 one-window files leave 8 rows of its last batch to fill
+    w = WorkerProcess(dict(stack["env"], CLAPQ_BATCH_SIZE="16", CLAPQ_STALE_AFTER_S="3600", CLAPQ_DECODE_TIMEOUT_S="5"),
+                      stack["tmp"] / "borrow.log").start()
+    stack["workers"].append(w)
+
+    def held_by_the_first_task():  # the later job's files, taken by the first job's task
+        with session_scope(settings.database_url) as s:
+            mine = set(s.scalars(select(Item.claimed_by).where(Item.job_id == uuid.UUID(first))))
+            rows = s.execute(select(Item.status, Item.claimed_by).where(Item.id == poison_id)).one()
+        return rows.status == "running" and rows.claimed_by in mine
+
+    wait_until(held_by_the_first_task, 120, "the first task to take the later job's files")
+    kids = [p for p in psutil.Process(w.proc.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+    assert len(kids) == 1, kids
+    kids[0].kill()
+    done = wait_finished(stack, later_key, later, timeout=180)
+    assert done["counts"]["done"] == 7 and done["counts"]["failed"] == 1, done
+    assert wait_finished(stack, key, first)["counts"]["done"] == 8
+    assert w.proc.poll() is None
 
 
 def test_a_worker_that_cannot_load_its_model_stops_and_drops_no_file(stack, tiny_model, tmp_path):

@@ -112,6 +112,16 @@ def release(session: Session, item_ids: list[uuid.UUID], reason: str, task_id: s
         .values(**values).returning(Item.id)))
 
 
+def release_borrowed(session: Session, own: list[uuid.UUID], task_id: str) -> list[uuid.UUID]:
+    """Hand back the files this task id took from later tasks (claim_more) and still holds running, beside
+    its own `own`: asked when its message comes back after the process running it died, whose borrowed
+    files' own tasks found them taken and did nothing. The try that died counts. Few rows: the running
+    items are found through the partial index of pending ones."""
+    return list(session.scalars(
+        update(Item).where(Item.status == "running", Item.claimed_by == task_id, Item.id.not_in(own))
+        .values(status="queued", error="worker lost (its process died)", progress=None).returning(Item.id)))
+
+
 def record_failure(session: Session, item_id: uuid.UUID, reason: str, info=None) -> None:
     values = dict(status="failed", error=reason[:2000], finished_at=func.now())
     if info is not None and info.sample_rate:

@@ -154,12 +154,17 @@ def embed_items(self, item_ids: list[str]) -> dict:
         # itself. The try that died counts; this claim does not. (Celery's own retry after a passing fault,
         # `retries` > 0, finds its files running too: they stay together.)
         split = len(claimed) > 1 and not self.request.retries and any(c.resumed for c in claimed)
-        if split:
-            alone = store.release(s, [c.id for c in claimed], "worker lost (its process died)", task_id,
-                                  charge=False)
-    if split:
+        alone = store.release(s, [c.id for c in claimed], "worker lost (its process died)", task_id,
+                              charge=False) if split else []
+        # The files it had taken from later tasks go the same way, whether or not its own were still
+        # running: their tasks found them taken and ended, so they would wait for the sweeper
+        # (CLAPQ_STALE_AFTER_S) with every worker idle. (Celery's own retry handed them back already.)
+        if not self.request.retries:
+            alone += store.release_borrowed(s, ids, task_id)
+    if alone:
         enqueue_items(self.app, alone, 1)
         log.warning("files of a task whose process died go on one per task", extra={"count": len(alone)})
+    if split:
         return {"claimed": 0, "split": len(alone)}
     if not claimed:
         return {"claimed": 0}
