@@ -43,14 +43,18 @@ class StateCollector:
         yield GaugeMetricFamily("clapq_queue_depth", "Tasks waiting in the broker", value=depth)
         yield GaugeMetricFamily("clapq_workers_live", "Workers with a fresh presence key", value=live_workers(celery))
         # uploads fail with 507 once the stored files' disk is full: seen here before users see it
-        where = settings.blob_dir
-        while not where.exists() and where != where.parent:  # made by the first upload: the disk it will be on
-            where = where.parent
-        disk = shutil.disk_usage(where)
-        yield GaugeMetricFamily("clapq_blob_free_bytes", "Free bytes on the disk of the stored files (CLAPQ_BLOB_DIR)",
-                                value=disk.free)
-        yield GaugeMetricFamily("clapq_blob_size_bytes", "Size of the disk of the stored files (CLAPQ_BLOB_DIR)",
-                                value=disk.total)
+        try:
+            where = settings.blob_dir
+            while not where.exists() and where != where.parent:  # made by the first upload: the disk it will be on
+                where = where.parent
+            disk = shutil.disk_usage(where)
+        except OSError:  # a folder this process may not read: the other figures still go out
+            disk = None
+        if disk is not None:
+            yield GaugeMetricFamily("clapq_blob_free_bytes",
+                                    "Free bytes on the disk of the stored files (CLAPQ_BLOB_DIR)", value=disk.free)
+            yield GaugeMetricFamily("clapq_blob_size_bytes", "Size of the disk of the stored files (CLAPQ_BLOB_DIR)",
+                                    value=disk.total)
         m = metrics.read(celery)
         for name, help_ in (("windows_total", "Audio windows embedded"), ("items_done_total", "Items embedded"),
                             ("items_failed_total", "Items failed")):

@@ -388,10 +388,10 @@ def batches(paths: list[Path], max_files: int = BATCH_FILES, max_bytes: int = BA
 
 
 def not_known(client: Client, lib_id: str, batch: list[Path]
-              ) -> tuple[list[Path], dict[Path, str | None], dict[Path, str | None]]:
+              ) -> tuple[list[Path], dict[Path, tuple[str | None, str | None]], dict[Path, str | None]]:
     """The files of `batch` whose bytes the library does not hold yet (asked by digest; nothing sent), the
-    others it has not embedded yet with the job each is in (None from a server that does not say), and
-    each file's digest."""
+    others it has not embedded yet with the job and the item each is in (None from a server that does not
+    say), and each file's digest."""
     digests: dict[Path, str | None] = {}
     for p in batch:
         try:
@@ -401,9 +401,10 @@ def not_known(client: Client, lib_id: str, batch: list[Path]
     # a server older than /known answers 404 (a library gone since the lookup fails on the upload itself)
     asked = sorted({d for d in digests.values() if d is not None})
     answer = client.call("POST", f"/v1/libraries/{lib_id}/known", json={"sha256": asked}, missing_ok=True) or {}
-    known, pending, in_job = set(answer.get("known", ())), set(answer.get("pending", ())), answer.get("pending_jobs", {})
+    known, pending = set(answer.get("known", ())), set(answer.get("pending", ()))
+    jobs, items = answer.get("pending_jobs", {}), answer.get("pending_items", {})
     return ([p for p in batch if digests[p] not in known],
-            {p: in_job.get(digests[p]) for p in batch if digests[p] in pending}, digests)
+            {p: (jobs.get(digests[p]), items.get(digests[p])) for p in batch if digests[p] in pending}, digests)
 
 
 def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path], list[str]]:
@@ -489,8 +490,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     # bytes it holds are not sent again, only the rest
     check = lib.get("item_count", 0) > 0
     jobs, sent, skipped, unfinished, in_flight = [], 0, 0, 0, 0
-    # files an earlier run left queued or running: their jobs are waited for too (job -> their bytes)
+    # files an earlier run left queued or running: their jobs are waited for too (job -> their bytes), and
+    # of those jobs only these files' failures are told (`theirs`: a job may hold another folder's files)
     earlier: dict[str, int] = {}
+    theirs: set[str] = set()
     job_bytes: list[int] = []  # what each job was sent: its weight in the share shown while waiting
     copies_of: dict[str, list[str]] = {}  # item id -> the paths of the copies sent of its bytes
     where: dict[str, str] = {}  # item id -> the file's path in the folder (the server keeps its base name)
@@ -505,9 +508,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                 new, pending, digests = not_known(client, lib["id"], batch)
                 skipped += len(batch) - len(new)
                 unfinished += len(pending)
-                for p, job in pending.items():
-                    if job is not None:
+                for p, (job, item) in pending.items():
+                    if job is not None and item is not None:
                         earlier[job] = earlier.get(job, 0) + _size(p)
+                        where[item] = p.relative_to(folder).as_posix()
+                        theirs.add(item)
                 sending = set(new)
                 for p in batch:
                     rel, digest = p.relative_to(folder).as_posix(), digests[p]
@@ -571,7 +576,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             still = ""
         elif resumed:
             still = (f" ({unfinished} of them still being embedded, in {'job' if len(resumed) == 1 else 'jobs'} "
-                     f"{', '.join(resumed)} of an earlier upload: waiting for {'it' if len(resumed) == 1 else 'them'}"
+                     f"{_some(resumed)} of an earlier upload: waiting for {'it' if len(resumed) == 1 else 'them'}"
                      " too)")
         else:
             still = f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
@@ -584,12 +589,12 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
               f"stored once: {_some(said)}", file=sys.stderr)
     waited = jobs + resumed
     try:
-        failed, cancelled = (_wait(client, waited, job_bytes + [earlier[j] for j in resumed], where, copies_of)
-                             if wait and waited else (0, 0))
+        failed, cancelled = (_wait(client, waited, job_bytes + [earlier[j] for j in resumed], where, copies_of,
+                                   only={j: theirs for j in resumed}) if wait and waited else (0, 0))
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # after the progress line
-        print(f"clapq: stopped waiting; the uploaded files are still being embedded (jobs {', '.join(waited)}: "
+        print(f"clapq: stopped waiting; the uploaded files are still being embedded (jobs {_some(waited)}: "
               "run the same command again to wait for them, or GET /v1/jobs/<id>)", file=sys.stderr)
         raise SystemExit(130) from None
     if refused:
@@ -676,11 +681,13 @@ def _failures(client: Client, job: str, state: dict) -> list[dict]:
 
 
 def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str, str],
-          copies_of: dict[str, list[str]]) -> tuple[int, int]:
+          copies_of: dict[str, list[str]], only: dict[str, set] | None = None) -> tuple[int, int]:
     """Wait for the jobs (`job_bytes`: what each was sent), showing progress; list the files that failed
     (by their path in the folder, `where`: item id -> path, with the copies of its bytes sent beside it,
-    `copies_of`: item id -> paths), and say which jobs were cancelled meanwhile (from elsewhere: the API or
-    another terminal); returns the numbers of files failed, copies included, and cancelled."""
+    `copies_of`: item id -> paths; of a job in `only`, just the items it names), and say which jobs were
+    cancelled meanwhile (from elsewhere: the API or another terminal); returns the numbers of files
+    failed, copies included, and cancelled."""
+    only = only or {}
     # on a terminal one line that updates in place; in a log, a line each time the count or the tenth of
     # the work done moves (a long file moves the share long before the count)
     tty, shown, first = sys.stderr.isatty(), [None], []
@@ -702,6 +709,8 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
     for job, s in zip(jobs, states):
         for e in _failures(client, job, s):
             if e["item_id"] in named:  # a copy sent in a later request: its job reports the same item
+                continue
+            if job in only and e["item_id"] not in only[job]:  # an earlier job's file of another folder
                 continue
             named.add(e["item_id"])
             also = copies_of.get(e["item_id"], [])

@@ -1130,7 +1130,7 @@ def test_files_held_but_not_embedded_yet_are_waited_for(tmp_path, tiny_model):
             return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 1}]}, {}
         if path.endswith("/known"):
             return 200, {"known": [held], "pending": [held],
-                         **({"pending_jobs": {held: "job0"}} if says_job[0] else {})}, {}
+                         **({"pending_jobs": {held: "job0"}, "pending_items": {held: "i0"}} if says_job[0] else {})}, {}
         if path.endswith("/batches"):
             return 202, {"job_id": "job1", "items": []}, {}
         job = path.split("/")[3].split("?")[0] if path.startswith("/v1/jobs/") else None
@@ -1139,9 +1139,11 @@ def test_files_held_but_not_embedded_yet_are_waited_for(tmp_path, tiny_model):
             if "/items" in path:
                 return 200, {"items": [{"id": "i0", "filename": "a.wav", "status": "failed",
                                         "error": "not a readable audio file"}], "next_cursor": None}, {}
+            # the earlier job held a file of another folder too, which failed: not this command's to tell
             return 200, {"status": "done_with_errors", "progress": 1.0,
-                         "counts": {"done": 0, "failed": 1, "total": 1},
-                         "errors": [{"item_id": "i0", "filename": "a.wav", "error": "not a readable audio file"}]}, {}
+                         "counts": {"done": 0, "failed": 2, "total": 2},
+                         "errors": [{"item_id": "i0", "filename": "x.wav", "error": "not a readable audio file"},
+                                    {"item_id": "i9", "filename": "other.wav", "error": "empty"}]}, {}
         return 200, {"status": "done", "progress": 1.0, "counts": {"done": 1, "failed": 0, "total": 1}, "errors": []}, {}
 
     with fake_api(answer) as url:
@@ -1150,7 +1152,8 @@ def test_files_held_but_not_embedded_yet_are_waited_for(tmp_path, tiny_model):
     assert p.returncode == 1 and err.startswith("uploading 1 file ("), err
     assert ("1 of 2 files are in the library already (1 of them still being embedded, in job job0 of an earlier "
             "upload: waiting for it too)") in err, err
-    assert "2/2 files processed" in err and "failed: a.wav: not a readable audio file" in err, err
+    assert "3/3 files processed" in err and "failed: a.wav: not a readable audio file" in err, err
+    assert "other.wav" not in err and json.loads(out)["failed"] == 1, (err, out)
     assert {"job0", "job1"} <= set(polled) and json.loads(out)["earlier_jobs"] == ["job0"], (polled, out)
     says_job[0] = False
     with fake_api(answer) as url:
