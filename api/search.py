@@ -324,10 +324,12 @@ def _best_first(session, matches, distance, n: int, exact: bool) -> list:
     ef_search is one value whatever n is (CLAPQ_HNSW_EF_SEARCH): the index's first rows then do not
     depend on how many are asked for, so k=1 is the first row of k=10, a page is a slice of one scan,
     and a wider round of _nearest extends the rows of the last one. It used to follow n (100 to 200),
-    and with a library of long files that made k=1 and k=10 disagree on the best item (helper-31;
-    benchmarks/search_consistency.py). Sorting is off, so the planner cannot trade the index for an
-    exact scan at a high ef_search (it did above 200: 48 ms instead of 2.5 ms at 100k,
-    benchmarks/search_scale.md): which plan runs is chosen here. The settings go in one round trip."""
+    and with a library of long files pages repeated and skipped windows (helper-31;
+    benchmarks/search_consistency.py). The planner still chooses between the index and the library's
+    rows sorted: forcing the index (sorting off) emptied searches of a library that is a small share of
+    the one graph every library shares, since pgvector stops a filtered walk at hnsw.max_scan_tuples
+    (helper-32). Above ef_search 200 it starts choosing exact scans of large libraries (48 ms instead of
+    2.5 ms at 100k, benchmarks/search_scale.md). The settings go in one round trip."""
     if exact:
         every = matches.cte("matches").prefix_with("MATERIALIZED")
         # equal distances (silent files, one recording in two formats) in one order whatever `k` and
@@ -335,7 +337,7 @@ def _best_first(session, matches, distance, n: int, exact: bool) -> list:
         ties = [every.c.item_id, *([every.c.start_s] if "start_s" in every.c else [])]
         return session.execute(select(every).order_by(every.c.d, *ties).limit(n)).all()
     session.execute(text("SELECT set_config('hnsw.iterative_scan', 'strict_order', true), "
-                         "set_config('hnsw.ef_search', :ef, true), set_config('enable_sort', 'off', true)"),
+                         "set_config('hnsw.ef_search', :ef, true)"),
                     {"ef": str(current_app.config["CLAPQ"].hnsw_ef_search)})
     return session.execute(matches.order_by(distance).limit(n)).all()
 
