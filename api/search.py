@@ -24,6 +24,8 @@ from worker.windows import HOP_S, WINDOW_S
 bp = Blueprint("search", __name__)
 
 MAX_CANDIDATES = 20_000
+# rows an index walk may visit before it stops, short or not (pgvector's hnsw.max_scan_tuples, its default)
+MAX_SCAN_TUPLES = 20_000
 
 
 @bp.after_request
@@ -299,7 +301,7 @@ def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
     # (iterative scan), so start at 4 windows an item (benchmarks/search_http.py)
     n = want if mode == "segments" else min(MAX_CANDIDATES, want * 4 if conds else max(100, want * 4))
     while True:
-        rows = _best_first(session, matches, distance, n, exact)
+        rows = _best_first(session, matches, distance, n, exact, complete=min_score is None)
         session.rollback()
         if mode == "segments":
             return rows
@@ -316,8 +318,8 @@ def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
         n = min(MAX_CANDIDATES, n * 4)
 
 
-def _best_first(session, matches, distance, n: int, exact: bool) -> list:
-    """The n best rows of `matches`, in this transaction.
+def _best_first(session, matches, distance, n: int, exact: bool, complete: bool = True) -> list:
+    """The n best rows of `matches`, in this transaction (fewer only where fewer match).
 
     exact: every distance is computed (a materialised CTE, which no index can order). Otherwise the
     HNSW index orders them, with iterative scans (filtered queries keep fetching until they have rows).
@@ -329,7 +331,12 @@ def _best_first(session, matches, distance, n: int, exact: bool) -> list:
     rows sorted: forcing the index (sorting off) emptied searches of a library that is a small share of
     the one graph every library shares, since pgvector stops a filtered walk at hnsw.max_scan_tuples
     (helper-32). Above ef_search 200 it starts choosing exact scans of large libraries (48 ms instead of
-    2.5 ms at 100k, benchmarks/search_scale.md). The settings go in one round trip."""
+    2.5 ms at 100k, benchmarks/search_scale.md). The settings go in one round trip.
+
+    Where the planner walks the index for a small share of it and the walk stops there, short of n rows,
+    more rows may match than it found: they are counted (up to n, no ordering) and, if so, every matching
+    row is compared instead. `complete=False` (a min_score filter, which leaves fewer rows by design and
+    whose count would compare every row) skips the check."""
     if exact:
         every = matches.cte("matches").prefix_with("MATERIALIZED")
         # equal distances (silent files, one recording in two formats) in one order whatever `k` and
@@ -337,9 +344,13 @@ def _best_first(session, matches, distance, n: int, exact: bool) -> list:
         ties = [every.c.item_id, *([every.c.start_s] if "start_s" in every.c else [])]
         return session.execute(select(every).order_by(every.c.d, *ties).limit(n)).all()
     session.execute(text("SELECT set_config('hnsw.iterative_scan', 'strict_order', true), "
-                         "set_config('hnsw.ef_search', :ef, true)"),
-                    {"ef": str(current_app.config["CLAPQ"].hnsw_ef_search)})
-    return session.execute(matches.order_by(distance).limit(n)).all()
+                         "set_config('hnsw.ef_search', :ef, true), set_config('hnsw.max_scan_tuples', :scan, true)"),
+                    {"ef": str(current_app.config["CLAPQ"].hnsw_ef_search), "scan": str(MAX_SCAN_TUPLES)})
+    rows = session.execute(matches.order_by(distance).limit(n)).all()
+    if complete and len(rows) < n and session.scalar(
+            select(func.count()).select_from(matches.limit(n).subquery())) > len(rows):
+        return _best_first(session, matches, distance, n, True)
+    return rows
 
 
 def _best_per_item(session, matches, want: int) -> list:
@@ -366,7 +377,7 @@ def nearest_pooled(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, ex
     by_pool = Embedding.vector.cosine_distance(vec)
     pooled = _matches(Embedding, by_pool, lib_ids, model_id, conds, exclude, min_score
                       ).where(text("embeddings.windows > 1"))  # the partial index's predicate, verbatim
-    rows = list(_best_first(session, pooled, by_pool, want, exact))
+    rows = list(_best_first(session, pooled, by_pool, want, exact, complete=min_score is None))
     one_window = (select(Embedding.item_id).where(Embedding.library_id.in_(lib_ids), Embedding.model_id == model_id,
                                                   text("embeddings.windows = 1")).limit(limit + 1).subquery())
     few = session.scalar(select(func.count()).select_from(one_window))
@@ -375,7 +386,7 @@ def nearest_pooled(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, ex
         single = (_matches(Segment, by_window, lib_ids, model_id, conds, exclude, min_score)
                   .join(Embedding, and_(Embedding.item_id == Segment.item_id, Embedding.model_id == Segment.model_id))
                   .where(text("embeddings.windows = 1")))
-        rows += _best_first(session, single, by_window, want, exact or few <= limit)
+        rows += _best_first(session, single, by_window, want, exact or few <= limit, complete=min_score is None)
     session.rollback()
     return sorted(rows, key=lambda r: (r.d, r.item_id))[:want]
 
