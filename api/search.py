@@ -8,6 +8,7 @@ import threading
 import time
 import unicodedata
 import uuid
+from typing import NamedTuple
 
 from flask import Blueprint, current_app, g, request
 from sqlalchemy import and_, case, func, or_, select, text
@@ -221,13 +222,13 @@ def search():
     t1 = time.perf_counter()
     lib_uuids = [lib.id for lib in libs]
     exact = few_windows(lib_uuids, conds, settings.exact_search_max_windows, p.get("filter"))
-    plan = "exact" if exact else "index"
     if exclude is not None and mode == "items":
         # "more like this": whole item against whole items (pooled vectors), so that the same bytes
         # elsewhere score 1; the span shown is the other item's segment closest to this item
         rows = _nearest_items(vec, lib_uuids, model_id, conds, exclude, offset + k, min_score, exact)
     else:
         rows = _nearest(vec, lib_uuids, model_id, conds, exclude, mode, offset + k, min_score, exact)
+    plan = "exact" if exact or g.get("exact_fallback") else "index"  # the index walk fell short: compared
     g.server_timing = f"query;dur={(t1 - t0) * 1000:.1f}, search;dur={(time.perf_counter() - t1) * 1000:.1f}"
     results = []
     for r in rows[offset : offset + k]:
@@ -270,18 +271,25 @@ def few_windows(lib_ids: list[uuid.UUID], conds: list, limit: int, raw_filter) -
     return few
 
 
-def _matches(vectors, distance, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
-             min_score: float | None, *columns):
+def _matches(vectors, distance, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude, *columns):
     """Rows of `vectors` (Segment or Embedding) of this model in the libraries, whose items are the
-    caller's, done and pass the filters (not `exclude`, and within `min_score`), with their distance as d."""
+    caller's, done and pass the filters (not `exclude`), with their distance as d."""
     where = [vectors.library_id.in_(lib_ids), vectors.model_id == model_id, Item.tenant_id == g.tenant_id,
              Item.status == "done", *conds]
     if exclude is not None:
         where.append(vectors.item_id != exclude)
-    if min_score is not None:  # scores are shown to 6 decimals: a score shown as min_score is within it
-        where.append(distance <= 1.0 - min_score + 5e-7)
     return (select(vectors.item_id, vectors.library_id, *columns, Item.filename, Item.meta, distance.label("d"))
             .join(Item, Item.id == vectors.item_id).where(and_(*where)))
+
+
+def _farthest(min_score: float | None) -> float | None:
+    """The largest distance a result may have: scores are shown to 6 decimals, so a score shown as
+    min_score is within it."""
+    return None if min_score is None else 1.0 - min_score + 5e-7
+
+
+def _within(matches, distance, max_d: float | None):
+    return matches if max_d is None else matches.where(distance <= max_d)
 
 
 def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude, mode: str, want: int,
@@ -294,32 +302,45 @@ def _nearest(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, exclude,
     distinct items are found or the library is exhausted."""
     session = db()
     distance = Segment.vector.cosine_distance(vec)
-    matches = _matches(Segment, distance, lib_ids, model_id, conds, exclude, min_score, Segment.start_s, Segment.end_s)
+    matches = _matches(Segment, distance, lib_ids, model_id, conds, exclude, Segment.start_s, Segment.end_s)
+    max_d = _farthest(min_score)
+    if mode == "segments":
+        rows = _best_first(session, matches, distance, want, exact, max_d).rows
+        session.rollback()
+        return rows
     # items: without filters, ask for as many windows as the index visits anyway (ef_search, 100 unless set),
     # so one round usually finds `want` distinct items: 40 windows cost the same as 100 but often held
     # too few items and ran again. With filters every row asked for costs more index to walk
     # (iterative scan), so start at 4 windows an item (benchmarks/search_http.py)
-    n = want if mode == "segments" else min(MAX_CANDIDATES, want * 4 if conds else max(100, want * 4))
+    n = min(MAX_CANDIDATES, want * 4 if conds else max(100, want * 4))
     while True:
-        rows = _best_first(session, matches, distance, n, exact, complete=min_score is None)
+        got = _best_first(session, matches, distance, n, exact, max_d, complete=False)
         session.rollback()
-        if mode == "segments":
-            return rows
+        if got.short:  # the walk stopped before n windows: every matching one is compared instead
+            return _best_per_item(session, _within(matches, distance, max_d), want)
         best: dict = {}
-        for r in rows:  # rows come best first: the first row of an item is its best segment
+        for r in got.rows:  # rows come best first: the first row of an item is its best segment
             best.setdefault(r.item_id, r)
-        if len(best) >= want or len(rows) < n:
+        if len(best) >= want or not got.more:
             return list(best.values())
         if n >= MAX_CANDIDATES:
             # MAX_CANDIDATES windows held fewer than `want` items (long files, a deep page): the index
             # gives no more (pgvector stops an iterative scan at hnsw.max_scan_tuples, 20,000), so every
             # matching window is compared and grouped by item, as the exact plan would
-            return _best_per_item(session, matches, want)
+            return _best_per_item(session, _within(matches, distance, max_d), want)
         n = min(MAX_CANDIDATES, n * 4)
 
 
-def _best_first(session, matches, distance, n: int, exact: bool, complete: bool = True) -> list:
-    """The n best rows of `matches`, in this transaction (fewer only where fewer match).
+class Found(NamedTuple):
+    rows: list
+    more: bool  # rows past these may match: n came back, none of them past max_d
+    short: bool  # the index walk stopped before n rows while more match (only with complete=False)
+
+
+def _best_first(session, matches, distance, n: int, exact: bool, max_d: float | None = None,
+                complete: bool = True) -> Found:
+    """The n best rows of `matches` at most `max_d` away, in this transaction (fewer only where fewer
+    match).
 
     exact: every distance is computed (a materialised CTE, which no index can order). Otherwise the
     HNSW index orders them, with iterative scans (filtered queries keep fetching until they have rows).
@@ -333,28 +354,36 @@ def _best_first(session, matches, distance, n: int, exact: bool, complete: bool 
     (helper-32). Above ef_search 200 it starts choosing exact scans of large libraries (48 ms instead of
     2.5 ms at 100k, benchmarks/search_scale.md). The settings go in one round trip.
 
-    Where the planner walks the index for a small share of it and the walk stops there, short of n rows,
-    more rows may match than it found: they are counted (up to n, no ordering) and, if so, every matching
-    row is compared instead. `complete=False` (a min_score filter, which leaves fewer rows by design and
-    whose count would compare every row) skips the check."""
+    On the index plan `max_d` (min_score) is applied to the rows the walk gives, not in SQL: the walk
+    is best first, so the rows are the same, and a walk that stops short is then told from a search
+    that found all there are. Where the walk stops short of n rows (hnsw.max_scan_tuples, a library
+    that is a small share of the index) and more rows match (counted up to n, without distances), every
+    matching row is compared instead (helper-32, helper-33), or with `complete=False` the caller is
+    told (`short`). Either way the search says plan "exact"."""
     if exact:
-        every = matches.cte("matches").prefix_with("MATERIALIZED")
+        every = _within(matches, distance, max_d).cte("matches").prefix_with("MATERIALIZED")
         # equal distances (silent files, one recording in two formats) in one order whatever `k` and
         # `offset` are, so that pages neither repeat nor skip them; the index plan has none to give
         ties = [every.c.item_id, *([every.c.start_s] if "start_s" in every.c else [])]
-        return session.execute(select(every).order_by(every.c.d, *ties).limit(n)).all()
+        rows = session.execute(select(every).order_by(every.c.d, *ties).limit(n)).all()
+        return Found(rows, len(rows) == n, False)
     session.execute(text("SELECT set_config('hnsw.iterative_scan', 'strict_order', true), "
                          "set_config('hnsw.ef_search', :ef, true), set_config('hnsw.max_scan_tuples', :scan, true)"),
                     {"ef": str(current_app.config["CLAPQ"].hnsw_ef_search), "scan": str(MAX_SCAN_TUPLES)})
     rows = session.execute(matches.order_by(distance).limit(n)).all()
-    if complete and len(rows) < n and session.scalar(
+    kept = rows if max_d is None else [r for r in rows if r.d <= max_d]
+    if len(rows) < n and (max_d is None or len(kept) == len(rows)) and session.scalar(
             select(func.count()).select_from(matches.limit(n).subquery())) > len(rows):
-        return _best_first(session, matches, distance, n, True)
-    return rows
+        g.exact_fallback = True
+        if complete:
+            return _best_first(session, matches, distance, n, True, max_d)
+        return Found(kept, False, True)
+    return Found(kept, len(rows) == n and len(kept) == len(rows), False)
 
 
 def _best_per_item(session, matches, want: int) -> list:
     """Each item's best window among every row of `matches`, the `want` best items first (no index)."""
+    g.exact_fallback = True
     every = matches.cte("matches").prefix_with("MATERIALIZED")
     per_item = select(every).ext(distinct_on(every.c.item_id)).order_by(every.c.item_id, every.c.d).subquery()
     rows = session.execute(select(per_item).order_by(per_item.c.d, per_item.c.item_id).limit(want)).all()
@@ -375,18 +404,19 @@ def nearest_pooled(vec, lib_ids: list[uuid.UUID], model_id: int, conds: list, ex
     session = db()
     limit = current_app.config["CLAPQ"].exact_search_max_windows
     by_pool = Embedding.vector.cosine_distance(vec)
-    pooled = _matches(Embedding, by_pool, lib_ids, model_id, conds, exclude, min_score
+    max_d = _farthest(min_score)
+    pooled = _matches(Embedding, by_pool, lib_ids, model_id, conds, exclude
                       ).where(text("embeddings.windows > 1"))  # the partial index's predicate, verbatim
-    rows = list(_best_first(session, pooled, by_pool, want, exact, complete=min_score is None))
+    rows = list(_best_first(session, pooled, by_pool, want, exact, max_d).rows)
     one_window = (select(Embedding.item_id).where(Embedding.library_id.in_(lib_ids), Embedding.model_id == model_id,
                                                   text("embeddings.windows = 1")).limit(limit + 1).subquery())
     few = session.scalar(select(func.count()).select_from(one_window))
     if few:
         by_window = Segment.vector.cosine_distance(vec)
-        single = (_matches(Segment, by_window, lib_ids, model_id, conds, exclude, min_score)
+        single = (_matches(Segment, by_window, lib_ids, model_id, conds, exclude)
                   .join(Embedding, and_(Embedding.item_id == Segment.item_id, Embedding.model_id == Segment.model_id))
                   .where(text("embeddings.windows = 1")))
-        rows += _best_first(session, single, by_window, want, exact or few <= limit, complete=min_score is None)
+        rows += _best_first(session, single, by_window, want, exact or few <= limit, max_d).rows
     session.rollback()
     return sorted(rows, key=lambda r: (r.d, r.item_id))[:want]
 

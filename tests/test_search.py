@@ -282,21 +282,32 @@ def test_a_walk_that_stops_short_is_completed_by_comparing_every_row(settings, l
     """A library that is a small share of the one graph every library shares: a walk of the index stops
     at hnsw.max_scan_tuples having found few of its rows (helper-32: none, for 6,000 windows beside
     60,000), and it was taken for all there are. Lowered here to 30 rows, beside the crowded library's
-    3,000: each search still gives the brute-force answer, items and segments."""
+    3,000: each search still gives the brute-force answer (and says it compared every row), items and
+    segments, with and without min_score (which was applied in the walk's SQL, so a short walk looked
+    like few results above it)."""
     import api.search
 
     monkeypatch.setattr(api.search, "MAX_SCAN_TUPLES", 30)
     client, h = walking(settings), auth(lib["key"])
     v = qvec("a door slams", tiny_model)
+    expected = brute_items(lib, v)
     got = client.post("/v1/search", json={"library_id": lib["a"], "text": "a door slams", "k": N},
                       headers=h).get_json()
-    assert got["plan"] == "index"
-    assert [r["item_id"] for r in got["results"]] == [i for _, i in brute_items(lib, v)]
+    assert got["plan"] == "exact"
+    assert [r["item_id"] for r in got["results"]] == [i for _, i in expected]
+    cut = (expected[2][0] + expected[3][0]) / 2
+    got = client.post("/v1/search", json={"library_id": lib["a"], "text": "a door slams", "k": N, "min_score": cut},
+                      headers=h).get_json()["results"]
+    assert [r["item_id"] for r in got] == [i for _, i in expected[:3]]
     windows = sum(len(s) for s in lib["segs"].values())
     got = client.post("/v1/search", json={"library_id": lib["a"], "text": "a door slams", "k": windows,
                                           "mode": "segments"}, headers=h).get_json()["results"]
     flat = sorted(((float(v @ s[2]), i, s[0]) for i, segs in lib["segs"].items() for s in segs), reverse=True)
     assert [(r["item_id"], r["start_s"]) for r in got] == [(i, a) for _, i, a in flat]
+    got = client.post("/v1/search", json={"library_id": lib["a"], "text": "a door slams", "k": windows,
+                                          "mode": "segments", "min_score": (flat[4][0] + flat[5][0]) / 2},
+                      headers=h).get_json()["results"]
+    assert [(r["item_id"], r["start_s"]) for r in got] == [(i, a) for _, i, a in flat[:5]]
 
 
 def test_a_metadata_value_finds_lists_holding_it(client, lib):
