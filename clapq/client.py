@@ -509,9 +509,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                 skipped += len(batch) - len(new)
                 unfinished += len(pending)
                 for p, (job, item) in pending.items():
-                    if job is not None and item is not None:
+                    # a copy of a file this run sent in an earlier request is told as a copy (above), and
+                    # a failure of that file by the path that was sent
+                    if job is not None and item is not None and job not in jobs:
                         earlier[job] = earlier.get(job, 0) + _size(p)
-                        where[item] = p.relative_to(folder).as_posix()
+                        where.setdefault(item, p.relative_to(folder).as_posix())
                         theirs.add(item)
                 sending = set(new)
                 for p in batch:
@@ -671,13 +673,19 @@ def _failures(client: Client, job: str, state: dict) -> list[dict]:
     of them from its listing of failed items, page by page."""
     if len(state["errors"]) >= state["counts"]["failed"]:  # copies of one file count once in `errors`
         return state["errors"]
-    out, cursor = [], None
+    return [{"item_id": i["id"], "filename": i["filename"], "error": i["error"]}
+            for i in _job_items(client, job, "failed")]
+
+
+def _job_items(client: Client, job: str, status: str) -> Iterator[dict]:
+    """A job's items in this state, page by page."""
+    cursor = None
     while True:
         page = client.call("GET", f"/v1/jobs/{job}/items",
-                           params={"status": "failed", "limit": 500, **({"cursor": cursor} if cursor else {})})
-        out += [{"item_id": i["id"], "filename": i["filename"], "error": i["error"]} for i in page["items"]]
+                           params={"status": status, "limit": 500, **({"cursor": cursor} if cursor else {})})
+        yield from page["items"]
         if not (cursor := page.get("next_cursor")):
-            return out
+            return
 
 
 def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str, str],
@@ -720,7 +728,10 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
             failed += 1 + len(also)
     cancelled = 0
     for job, s in zip(jobs, states):
-        if n := s["counts"].get("cancelled", 0):
+        n = s["counts"].get("cancelled", 0)
+        if n and job in only:  # an earlier job: only this folder's files of it
+            n = sum(i["id"] in only[job] for i in _job_items(client, job, "cancelled"))
+        if n:
             cancelled += n
             print(f"cancelled: {n_files(n)} of job {job} not embedded (the job was "
                   "cancelled); run this upload again to send them", file=sys.stderr)

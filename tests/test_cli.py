@@ -1123,7 +1123,7 @@ def test_files_held_but_not_embedded_yet_are_waited_for(tmp_path, tiny_model):
     a = write(tmp_path / "a.wav", 0.5)
     write(tmp_path / "b.wav", 0.5, seed=1)
     held = hashlib.sha256(a.read_bytes()).hexdigest()
-    polled, says_job = [], [True]
+    polled, says_job, cancelled = [], [True], [False]
 
     def answer(method, path):
         if path == "/v1/libraries":
@@ -1135,6 +1135,13 @@ def test_files_held_but_not_embedded_yet_are_waited_for(tmp_path, tiny_model):
             return 202, {"job_id": "job1", "items": []}, {}
         job = path.split("/")[3].split("?")[0] if path.startswith("/v1/jobs/") else None
         polled.append(job)
+        if job == "job0" and cancelled[0]:  # cancelled while it waited: one of its two files is this folder's
+            if "/items" in path:
+                return 200, {"items": [{"id": "i0", "filename": "x.wav", "status": "cancelled", "error": None},
+                                       {"id": "i9", "filename": "other.wav", "status": "cancelled", "error": None}],
+                             "next_cursor": None}, {}
+            return 200, {"status": "cancelled", "progress": 1.0,
+                         "counts": {"done": 0, "failed": 0, "cancelled": 2, "total": 2}, "errors": []}, {}
         if job == "job0":
             if "/items" in path:
                 return 200, {"items": [{"id": "i0", "filename": "a.wav", "status": "failed",
@@ -1155,6 +1162,11 @@ def test_files_held_but_not_embedded_yet_are_waited_for(tmp_path, tiny_model):
     assert "3/3 files processed" in err and "failed: a.wav: not a readable audio file" in err, err
     assert "other.wav" not in err and json.loads(out)["failed"] == 1, (err, out)
     assert {"job0", "job1"} <= set(polled) and json.loads(out)["earlier_jobs"] == ["job0"], (polled, out)
+    cancelled[0] = True
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 1 and "cancelled: 1 file of job job0" in err and json.loads(out)["cancelled"] == 1, err
     says_job[0] = False
     with fake_api(answer) as url:
         p = _upload(tmp_path, url, tiny_model)
