@@ -348,7 +348,7 @@ def test_a_broken_chunked_body_is_a_400_in_json(start_api, new_key):
     assert listed["item_count"] == 0, listed
 
 
-def test_metrics_count_the_requests_of_every_api_process(start_api):
+def test_metrics_count_the_requests_of_every_api_process(start_api, tmp_path):
     """`clapq api` runs several gunicorn processes; each scrape of /metrics was answered by one of them, with
     its own requests only, so a counter went down from one scrape to the next (1068, 830, 1069). Every
     scrape now counts them all: never fewer than the requests sent before it, and never fewer than the
@@ -356,15 +356,16 @@ def test_metrics_count_the_requests_of_every_api_process(start_api):
     import glob
     import re
     import signal
-    import tempfile
     import time
 
     import psutil
 
-    folders = os.path.join(tempfile.gettempdir(), "clapq-api-metrics-*")
-    before = set(glob.glob(folders))
-    base = start_api()
-    (shared,) = set(glob.glob(folders)) - before  # the one `clapq api` made
+    # a temporary directory of its own: another `clapq api` started meanwhile on this machine (a benchmark,
+    # a second test run) makes its folder beside it
+    own = tmp_path / "tmp"
+    own.mkdir()
+    base = start_api(TMPDIR=str(own))
+    (shared,) = glob.glob(os.path.join(own, "clapq-api-metrics-*"))  # the one `clapq api` made
     for _ in range(40):  # a connection each: gunicorn's processes take them in turn as they accept
         assert requests.get(f"{base}/healthz", timeout=10).status_code == 200
     seen = []
