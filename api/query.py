@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import tempfile
+import threading
 import unicodedata
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,28 @@ from clapq.models import Embedding, Item, Library
 
 
 TEXT_CACHE_TTL_S = 7 * 24 * 3600
+
+# one thread per API process runs every model call (text queries, clips, the preload), whichever request
+# thread asked: see on_model_thread
+_model_thread: tuple[int, ThreadPoolExecutor] | None = None
+_model_thread_lock = threading.Lock()
+
+
+def on_model_thread(fn, *args):
+    """fn(*args) run on this process's one model thread; waits for it and returns (or raises) what it did.
+
+    Each thread that calls torch gets an OpenMP team of its own. gunicorn's request threads each did, so
+    a process soon had more OpenMP threads than cores, and libgomp then stops spinning between parallel
+    regions: each of the hundreds of small regions of a text query (layer norms, GELUs) waited for a
+    wake-up. The full-size text tower took 22-24 ms on a request thread against 14 ms on one thread
+    that alone runs torch (bf16, 2 cores; fp32 61-64 against 55: BENCHMARKS.md). Model calls are one at
+    a time anyway (LoadedClap's lock), so one thread loses no concurrency."""
+    global _model_thread
+    with _model_thread_lock:
+        if _model_thread is None or _model_thread[0] != os.getpid():  # not a pool inherited through fork
+            _model_thread = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="clapq-model"))
+        pool = _model_thread[1]
+    return pool.submit(fn, *args).result()
 
 
 def _clap(text_only: bool):
@@ -65,7 +90,7 @@ def text_vectors(texts: list[str]) -> np.ndarray:
         if v is not None:
             out[i] = np.frombuffer(v, np.float32)
     if missing:
-        vecs = _clap(text_only=True).embed_text([texts[i] for i in missing])
+        vecs = on_model_thread(_clap(text_only=True).embed_text, [texts[i] for i in missing])
         for i, v in zip(missing, vecs):
             out[i] = v
         with best_effort(celery, "writing the text cache") as cache:
@@ -101,11 +126,11 @@ def audio_vector(upload) -> np.ndarray:
             raise bad_request(f"the 'audio' clip could not be decoded: {exc}") from None
         emb = current_app.extensions.setdefault("clapq_audio_embedder", {})
         if "e" not in emb:
-            emb["e"] = AudioEmbedder(_clap(text_only=False))
+            emb["e"] = on_model_thread(AudioEmbedder, _clap(text_only=False))
         e = emb["e"]
         windows = [read_window(raw, n, s, e.window_samples) for s, _, _ in
                    spans(n, e.rate, e.window_samples, e.window_samples // 2)]
-    vecs = np.concatenate([e.embed(np.stack(windows[i : i + 16])) for i in range(0, len(windows), 16)])
+    vecs = np.concatenate([on_model_thread(e.embed, np.stack(windows[i : i + 16])) for i in range(0, len(windows), 16)])
     return pooled(vecs)
 
 

@@ -17,9 +17,9 @@ def _load_text_tower() -> None:
     same load (get_clap's lock), never loads twice."""
     try:
         with app.app_context():
-            from api.query import _clap
+            from api.query import _clap, on_model_thread
 
-            _clap(text_only=True).embed_text(["warm-up"])
+            on_model_thread(_clap(text_only=True).embed_text, ["warm-up"])
     except Exception as exc:
         # one line: the first text search reports the same error (with its traceback) if it is real; a
         # process stopped while still importing torch fails here too, and that is no error at all

@@ -117,6 +117,36 @@ def test_text_vectors_are_cached_per_text_tower_precision(app, lib, tiny_model, 
         np.testing.assert_array_equal(np.frombuffer(cached, np.float32), vecs[p])
 
 
+def test_every_request_thread_runs_the_model_on_one_thread(app, lib, monkeypatch):
+    """Text queries from several request threads (gunicorn's) run the text tower on the API process's one
+    model thread: each thread that calls torch makes an OpenMP team, and past one team per core libgomp
+    stops spinning, which made a text query ~1.6x slower (BENCHMARKS.md). A spy records the thread."""
+    import threading
+
+    from clapq.clap import LoadedClap
+
+    seen, real = [], LoadedClap._embed_text
+
+    def spy(self, texts):
+        seen.append(threading.current_thread().name)
+        return real(self, texts)
+
+    monkeypatch.setattr(LoadedClap, "_embed_text", spy)
+    run = uuid.uuid4().hex[:8]  # never cached
+
+    def ask(i: int) -> None:
+        r = app.test_client().post("/v1/search", json={"library_id": lib["a"], "text": f"thread {i} {run}", "k": 1},
+                                   headers=auth(lib["key"]))
+        assert r.status_code == 200, r.get_json()
+
+    threads = [threading.Thread(target=ask, args=(i,), name=f"request-{i}") for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(seen) == 3 and len(set(seen)) == 1 and seen[0].startswith("clapq-model"), seen
+
+
 def brute_items(lib, v, keep=lambda item_id: True):
     best = [(max(float(v @ s[2]) for s in segs), item_id) for item_id, segs in lib["segs"].items() if keep(item_id)]
     return sorted(best, reverse=True)
