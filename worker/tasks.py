@@ -158,9 +158,9 @@ def embed_items(self, item_ids: list[str]) -> dict:
                               charge=False) if split else []
         # The files it had taken from later tasks go the same way, whether or not its own were still
         # running: their tasks found them taken and ended, so they would wait for the sweeper
-        # (CLAPQ_STALE_AFTER_S) with every worker idle. (Celery's own retry handed them back already.)
-        if not self.request.retries:
-            alone += store.release_borrowed(s, ids, task_id)
+        # (CLAPQ_STALE_AFTER_S) with every worker idle. On a retry of Celery's own as well: the try before
+        # handed back what it had borrowed (queued again, so not taken here) unless its process died.
+        alone += store.release_borrowed(s, ids, task_id)
     if alone:
         enqueue_items(self.app, alone, 1)
         log.warning("files of a task whose process died go on one per task", extra={"count": len(alone)})
