@@ -99,17 +99,16 @@ def heartbeat(session: Session, ids: list[uuid.UUID], task_id: str,
     return held - set(kept)
 
 
+# why the files of a task whose process died went back to the queue
+LOST = "worker lost (its process died)"
+
+
 def release(session: Session, item_ids: list[uuid.UUID], reason: str, task_id: str,
             charge: bool = True) -> list[uuid.UUID]:
     """Hand back this task's unfinished items after an error (not those done, failed, or taken over by
     another task after a missed heartbeat); returns their ids. Attempts bound the retries; `charge=False`
     gives this try back (a passing fault that was not the files' doing)."""
-    values = dict(status="queued", error=reason[:2000], progress=None)
-    if not charge:
-        values["attempts"] = func.greatest(Item.attempts - 1, 0)
-    return list(session.scalars(
-        update(Item).where(Item.id.in_(item_ids), Item.status == "running", Item.claimed_by == task_id)
-        .values(**values).returning(Item.id)))
+    return _requeue(session, Item.id.in_(item_ids), reason, task_id, charge)
 
 
 def release_borrowed(session: Session, own: list[uuid.UUID], task_id: str) -> list[uuid.UUID]:
@@ -117,9 +116,17 @@ def release_borrowed(session: Session, own: list[uuid.UUID], task_id: str) -> li
     its own `own`: asked when its message comes back after the process running it died, whose borrowed
     files' own tasks found them taken and did nothing. The try that died counts. Few rows: the running
     items are found through the partial index of pending ones."""
+    return _requeue(session, Item.id.not_in(own), LOST, task_id, charge=True)
+
+
+def _requeue(session: Session, which, reason: str, task_id: str, charge: bool) -> list[uuid.UUID]:
+    """Queue again the items `which` selects that this task holds running; returns their ids."""
+    values = dict(status="queued", error=reason[:2000], progress=None)
+    if not charge:
+        values["attempts"] = func.greatest(Item.attempts - 1, 0)
     return list(session.scalars(
-        update(Item).where(Item.status == "running", Item.claimed_by == task_id, Item.id.not_in(own))
-        .values(status="queued", error="worker lost (its process died)", progress=None).returning(Item.id)))
+        update(Item).where(which, Item.status == "running", Item.claimed_by == task_id)
+        .values(**values).returning(Item.id)))
 
 
 def record_failure(session: Session, item_id: uuid.UUID, reason: str, info=None) -> None:

@@ -154,7 +154,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
         # itself. The try that died counts; this claim does not. (Celery's own retry after a passing fault,
         # `retries` > 0, finds its files running too: they stay together.)
         split = len(claimed) > 1 and not self.request.retries and any(c.resumed for c in claimed)
-        alone = store.release(s, [c.id for c in claimed], "worker lost (its process died)", task_id,
+        alone = store.release(s, [c.id for c in claimed], store.LOST, task_id,
                               charge=False) if split else []
         # The files it had taken from later tasks go the same way, whether or not its own were still
         # running: their tasks found them taken and ended, so they would wait for the sweeper
