@@ -47,7 +47,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from benchmarks.engine import _free_port, build_full_model, wait_idle  # noqa: E402
-from benchmarks.search_http import Api, NullCursor, item_truth, lat, wait_ready  # noqa: E402
+from benchmarks.search_http import (  # noqa: E402
+    Api,
+    NullCursor,
+    api_env,
+    item_truth,
+    lat,
+    seed_text_cache,
+    wait_ready,
+)
 from benchmarks.search_scale import (  # noqa: E402
     DIM,
     Synth,
@@ -114,16 +122,12 @@ def main() -> int:
     args = ap.parse_args()
     k = args.k
 
-    import redis
     import requests
 
-    from api.query import text_cache_key
     from clapq.checkpoint import register_model, resolve
     from clapq.db import migrate, session_scope
     from clapq.embedded import EmbeddedRedis
     from clapq.keys import create_key
-    from clapq.precision import model_precision
-    from clapq.settings import Settings
 
     def _term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -176,22 +180,15 @@ def main() -> int:
         log(f"{'reused' if old else 'loaded'} {syn.n_items} items ({args.long} of {args.long_windows} windows), "
             f"{syn.n} segments")
 
-        rc = redis.Redis.from_url(redis_url)
-        env = {k_: v for k_, v in os.environ.items() if not k_.startswith("CLAPQ_")}
-        env.update(DATABASE_URL=url, REDIS_URL=redis_url, CLAPQ_MODEL=str(model_dir), CLAPQ_DATA_DIR=str(work),
-                   CLAPQ_BLOB_DIR=str(work / "blobs"), CLAPQ_HOST="127.0.0.1", HF_HUB_OFFLINE="1",
-                   CLAPQ_LOG_LEVEL="WARNING", CLAPQ_RATE_LIMIT="0", CLAPQ_API_WORKERS="1",
-                   PYTHONPATH=str(HERE.parent))  # the API of this checkout, whatever is installed
-        api_settings = Settings.from_env(env)
-        tower = model_precision(api_settings.device, api_settings.precision, api_settings.text_int8)
+        # PYTHONPATH: the API of this checkout, whatever is installed
+        env = api_env(url, redis_url, model_dir, work, CLAPQ_API_WORKERS="1", PYTHONPATH=str(HERE.parent))
         # text-like: near a clip cluster; near-long: near the long files' shared direction (a search for
         # what they hold); far: a random direction, about as far from every window
         kinds = {"text-like": syn.queries(args.queries),
                  "near-long": unit_rows(syn.drone + unit_rows(syn.iso(args.queries))),
                  "far": unit_rows(syn.iso(args.queries))}
         for name, Q in kinds.items():
-            for j, q in enumerate(Q):
-                rc.set(text_cache_key(ckpt, f"{name} {j}", tower), q.astype(np.float32).tobytes())
+            seed_text_cache(env, ckpt, [f"{name} {j}" for j in range(len(Q))], Q)
         first = np.cumsum(syn.counts) - syn.counts
         truth = {}
         for name, Q in kinds.items():

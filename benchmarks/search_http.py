@@ -85,6 +85,33 @@ def item_truth(V: np.ndarray, first: np.ndarray, Q: np.ndarray, keep: np.ndarray
     return best, kth
 
 
+def api_env(url: str, redis_url: str, model_dir: Path, work: Path, **extra: str) -> dict:
+    """The environment `clapq api` runs under in these benchmarks: this run's database, Redis and model,
+    quiet logs, and no rate limit (thousands of searches a minute with one key: timed, not refused; with
+    a limit on, each request pays one Redis call more, ~0.14 ms: benchmarks/ratelimit.py)."""
+    env = {k_: v for k_, v in os.environ.items() if not k_.startswith("CLAPQ_")}
+    env.update(DATABASE_URL=url, REDIS_URL=redis_url, CLAPQ_MODEL=str(model_dir), CLAPQ_DATA_DIR=str(work),
+               CLAPQ_BLOB_DIR=str(work / "blobs"), CLAPQ_HOST="127.0.0.1", HF_HUB_OFFLINE="1",
+               CLAPQ_LOG_LEVEL="WARNING", CLAPQ_RATE_LIMIT="0", **extra)
+    return env
+
+
+def seed_text_cache(env: dict, ckpt, texts: list[str], Q: np.ndarray) -> None:
+    """Put query vectors in the API's Redis text cache under their strings, so that a search for one of
+    them runs exactly as a repeated user query does (the key names the API's text tower precision)."""
+    import redis
+
+    from api.query import text_cache_key
+    from clapq.precision import model_precision
+    from clapq.settings import Settings
+
+    st = Settings.from_env(env)
+    tower = model_precision(st.device, st.precision, st.text_int8)
+    rc = redis.Redis.from_url(env["REDIS_URL"])
+    for t, q in zip(texts, Q):
+        rc.set(text_cache_key(ckpt, t, tower), q.astype(np.float32).tobytes())
+
+
 class Api:
     """`clapq api` / `clapq worker` as the README starts them, stopped on exit."""
 
@@ -157,19 +184,15 @@ def main() -> int:
     args = ap.parse_args()
     n, k = args.n, args.k
 
-    import redis
     import requests
     import torch
 
-    from api.query import text_cache_key
     from clapq.checkpoint import register_model, resolve
     from clapq.clap import get_clap
     from clapq.db import migrate, session_scope
     from clapq.embedded import EmbeddedRedis
     from clapq.keys import create_key
     from clapq.models import HNSW_OPTIONS
-    from clapq.precision import model_precision
-    from clapq.settings import Settings
 
     def _term(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
@@ -250,13 +273,7 @@ def main() -> int:
 
         # ---- 3. the API, and the cache holding the query vectors under their strings
         port = _free_port()
-        env = {k_: v for k_, v in os.environ.items() if not k_.startswith("CLAPQ_")}
-        env.update(DATABASE_URL=url, REDIS_URL=redis_url, CLAPQ_MODEL=str(model_dir), CLAPQ_DATA_DIR=str(work),
-                   CLAPQ_BLOB_DIR=str(work / "blobs"), CLAPQ_PORT=str(port), CLAPQ_HOST="127.0.0.1",
-                   HF_HUB_OFFLINE="1", CLAPQ_LOG_LEVEL="WARNING",
-                   # thousands of searches a minute with one key: timed, not refused (with a limit on, each
-                   # request pays one Redis call more, ~0.14 ms: benchmarks/ratelimit.py)
-                   CLAPQ_RATE_LIMIT="0")
+        env = api_env(url, redis_url, model_dir, work, CLAPQ_PORT=str(port))
         api = Api(env, work)
         api_proc = api.start("api")
         base = f"http://127.0.0.1:{port}"
@@ -266,11 +283,7 @@ def main() -> int:
         wait_idle(api_proc.pid)
         Q = syn.queries(args.queries)
         texts = [f"bench query {i}" for i in range(args.queries)]
-        rc = redis.Redis.from_url(redis_url)
-        api_settings = Settings.from_env(env)  # the cache key names the API's text tower precision
-        tower = model_precision(api_settings.device, api_settings.precision, api_settings.text_int8)
-        for t, q in zip(texts, Q):
-            rc.set(text_cache_key(ckpt, t, tower), q.astype(np.float32).tobytes())
+        seed_text_cache(env, ckpt, texts, Q)
 
         first = np.cumsum(syn.counts) - syn.counts
         cats = list(CATEGORIES)
