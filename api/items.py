@@ -16,7 +16,7 @@ from api.errors import ApiError, bad_request, check_metadata, json_body, not_fou
 from api.lookup import owned
 from api.models_info import describe
 from api.query import item_vector
-from api.removal import announce_gone, delete_items, reclaim
+from api.removal import announce_gone, delete_items, released
 from clapq.blobs import BlobStore
 from clapq.models import Item, Library, Segment
 
@@ -91,7 +91,7 @@ def delete_item(item_id: str):
     if not shas:  # another request deleted it first
         raise not_found("item")
     announce_gone()
-    return {"deleted": {"item": str(item.id), "items": 1, "stored_files": reclaim(shas)}}
+    return {"deleted": {"item": str(item.id), "items": 1, "stored_files": released(shas)}}
 
 
 @bp.get("/items/<item_id>/embedding")
@@ -142,7 +142,14 @@ def attachment(filename: str, item_id: str) -> str:
     return header if fallback == filename else f"{header}; filename*=UTF-8''{quote(filename, safe='')}"
 
 
-def _preconditions(item: Item, mtime: float) -> None:
+def _modified(item: Item) -> dt.datetime:
+    """The download's Last-Modified: when this item was created, whole seconds (as HTTP dates are). Not the
+    stored file's mtime: that file is shared by every item of the same bytes, in any tenant's library, and
+    its time said when another tenant first uploaded them (helper-35)."""
+    return item.created_at.astimezone(dt.timezone.utc).replace(microsecond=0)
+
+
+def _preconditions(item: Item) -> None:
     """If-Match, else If-Unmodified-Since (RFC 9110 13.2.2): a 412 in the envelope when it fails. Werkzeug
     answered a failed If-Match 412 with the whole file as its body, and ignored If-Unmodified-Since. Both
     are taken off the request once checked; If-None-Match, If-Modified-Since and Range stay werkzeug's."""
@@ -155,7 +162,7 @@ def _preconditions(item: Item, mtime: float) -> None:
         env.pop("HTTP_IF_UNMODIFIED_SINCE", None)
     elif "HTTP_IF_UNMODIFIED_SINCE" in env:
         since = parse_date(env.pop("HTTP_IF_UNMODIFIED_SINCE"))  # None where it does not parse: ignored
-        modified = dt.datetime.fromtimestamp(int(mtime), dt.timezone.utc)
+        modified = _modified(item)
         if since is not None and modified > since:
             failed = f"If-Unmodified-Since: the file was last modified {http_date(modified)}"
     if failed:
@@ -168,8 +175,8 @@ def get_audio(item_id: str):
     path = BlobStore(current_app.config["CLAPQ"].blob_dir).path_for(item.sha256)
     if not path.is_file():
         raise not_found("audio")
-    st = path.stat()  # once, for the preconditions and the range
-    _preconditions(item, st.st_mtime)
+    st = path.stat()  # once, for the range
+    _preconditions(item)
     if "HTTP_RANGE" in request.environ:
         ranges = parse_range_header(request.environ["HTTP_RANGE"])
         if ranges is None or ranges.units != "bytes" or len(ranges.ranges) != 1:
@@ -181,7 +188,8 @@ def get_audio(item_id: str):
             # the last N bytes of a file shorter than N: the whole file (RFC 9110 14.1.2), where werkzeug
             # answers 416
             request.environ["HTTP_RANGE"] = "bytes=0-"
-    response = send_file(path, mimetype=media_type(item), conditional=True, etag=item.sha256)
+    response = send_file(path, mimetype=media_type(item), conditional=True, etag=item.sha256,
+                         last_modified=_modified(item))
     response.headers["Content-Disposition"] = attachment(item.filename, str(item.id))
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"

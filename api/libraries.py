@@ -16,7 +16,7 @@ from api.errors import ApiError, bad_request, json_body, takes_query
 from api.jobs import STATES, items_page
 from api.lookup import owned
 from api.models_info import describe, serving_model_id
-from api.removal import announce_gone, delete_items, reclaim
+from api.removal import announce_gone, delete_items, released
 from clapq.models import Item, Library
 
 bp = Blueprint("libraries", __name__)
@@ -114,7 +114,7 @@ def delete_library(lib_id: str):
     db().commit()
     if shas:
         announce_gone()
-    return {"deleted": {"library": str(lib.id), "items": len(shas), "stored_files": reclaim(shas)}}
+    return {"deleted": {"library": str(lib.id), "items": len(shas), "stored_files": released(shas)}}
 
 
 @bp.get("/libraries/<lib_id>/items")

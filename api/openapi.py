@@ -106,8 +106,8 @@ SPEC = {
             "get": {"parameters": [_path_id("library_id")],
                     "responses": _ok("the library", {"$ref": "#/components/schemas/Library"})},
             "delete": {"parameters": [_path_id("library_id")],
-                       "responses": _ok("deleted: the library, its jobs, items and vectors; stored_files: the "
-                                        "files removed from disk (bytes no other item holds)", DELETED)}},
+                       "responses": _ok("deleted: the library, its jobs, items and vectors; stored_files: "
+                                        "its files whose bytes none of your other items holds", DELETED)}},
         "/v1/libraries/{library_id}/items": {"get": {"parameters": [_path_id("library_id"), *ITEM_PAGE],
                                                      "responses": _ok("a page of the library's items, oldest first")}},
         "/v1/libraries/{library_id}/batches": {"post": {
@@ -163,8 +163,8 @@ SPEC = {
                       "responses": {**_ok("the item, its metadata replaced", {"$ref": "#/components/schemas/Item"}),
                                     "413": _ERR}},
             "delete": {"parameters": [_path_id("item_id")],
-                       "responses": _ok("deleted: the item and its vectors; stored_files: 1 if its file was "
-                                        "removed from disk (no other item holds the bytes)", DELETED)}},
+                       "responses": _ok("deleted: the item and its vectors; stored_files: 1 if none of your "
+                                        "other items holds its bytes", DELETED)}},
         "/v1/items/{item_id}/embedding": {"get": {"parameters": [_path_id("item_id")],
                                                   "responses": {**_ok("the pooled vector"), "409": _ERR}}},
         "/v1/items/{item_id}/segments": {"get": {"parameters": [

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-from flask import current_app
+import logging
+
+from flask import current_app, g
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
+from api.db import db
 from clapq import blobs
 from clapq.db import get_engine
 from clapq.models import Item, Job, JobDuplicate
 from clapq.queue import announce_items_gone
+
+log = logging.getLogger(__name__)
 
 
 def delete_items(session: Session, where) -> list[str]:
@@ -43,8 +48,21 @@ def announce_gone() -> None:
 
 def reclaim(shas: list[str]) -> int:
     """Unlink the blobs of these digests that no item holds any more (clapq.blobs.reclaim), after the
-    deleting transaction committed; returns how many files were removed."""
+    deleting transaction committed; returns how many files were removed (for the log: see `released`)."""
     return blobs.reclaim(_engine(), current_app.extensions["clapq_blobs"], shas)
+
+
+def released(shas: list[str]) -> int:
+    """After a deletion: its stored files removed (`reclaim`, counted in the log), and how many of the
+    digests no item of the caller's tenant holds any more, the `stored_files` a deletion answers: the
+    caller's files whose bytes left its libraries. Not how many files left the disk: a file is shared by
+    every item of its bytes, in any tenant's library, and that count told a tenant whether another one
+    holds a file (helper-35)."""
+    removed = reclaim(shas)
+    if removed:
+        log.info("stored files removed", extra={"files": removed})
+    held = set(db().scalars(select(Item.sha256).where(Item.tenant_id == g.tenant_id, Item.sha256.in_(set(shas)))))
+    return len(set(shas) - held)
 
 
 def queue_unnamed(shas: list[str]) -> None:

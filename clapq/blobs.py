@@ -48,7 +48,7 @@ FULL = (errno.ENOSPC, errno.EDQUOT)  # the errors that mean StorageFull
 
 # A blob is shared by every item (of any library or tenant) that holds its bytes, and is removed when the
 # last of them is deleted. Two sides must not interleave, so both hold this Postgres advisory lock: an
-# upload, shared, from moving its blobs into place (or keeping the stored copy) until its item rows
+# upload, shared, from moving its blobs into place until its item rows
 # commit; removal, exclusive, from checking that no item holds the bytes until the file is unlinked. An
 # upload of the same bytes at that moment either commits its item first (the blob stays) or moves its own
 # copy into place after the unlink.
@@ -106,30 +106,31 @@ class BlobWriter:
         return self.sha256 or self._hash.hexdigest()
 
     def commit(self) -> str:
-        """Fsync, then move into place under its hash; returns the sha256. Bytes already stored (a
-        failed file sent again) keep the stored copy if it still hashes the same: no fsync, no rename."""
+        """Fsync, then move into place under its hash; returns the sha256. Bytes already stored (a copy,
+        a failed file sent again) take the same path and replace the stored copy with their own, identical
+        bytes (which also mends a damaged copy): a stored file is shared by every tenant, and an upload
+        that kept it (rehashing it, no fsync, no rename) answered in another time than one that did not,
+        which told a tenant that someone else holds the file (helper-35: 0.13 s against 0.09 s for 40 MB).
+        A reader of the old copy keeps reading it (the rename swaps the name, not the open file)."""
         if self.sha256 is not None:
             return self.sha256
         digest = self.digest
         final = self._store.path_for(digest)
-        if final.is_file() and final.stat().st_size == self.size and file_sha256(final) == digest:
-            self.discard()
-        else:
-            try:
-                self._file.flush()
-                os.fsync(self._file.fileno())  # where a full disk often shows first (NFS, delayed allocation)
-                self._file.close()
-                new_dirs = [d for d in (final.parent.parent, final.parent) if not d.is_dir()]
-                final.parent.mkdir(parents=True, exist_ok=True)
-                # same filesystem: an atomic rename, so a reader never sees half a blob
-                os.replace(self.tmp_path, final)
-                # the rename (and any shard directory made for it) is on disk before the caller commits
-                # the item row: a power cut must not leave a row whose blob's name was never written
-                for d in {final.parent, *(n.parent for n in new_dirs)}:
-                    fsync_dir(d)
-            except OSError as exc:
-                self._give_up(exc)
-                raise
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())  # where a full disk often shows first (NFS, delayed allocation)
+            self._file.close()
+            new_dirs = [d for d in (final.parent.parent, final.parent) if not d.is_dir()]
+            final.parent.mkdir(parents=True, exist_ok=True)
+            # same filesystem: an atomic rename, so a reader never sees half a blob
+            os.replace(self.tmp_path, final)
+            # the rename (and any shard directory made for it) is on disk before the caller commits
+            # the item row: a power cut must not leave a row whose blob's name was never written
+            for d in {final.parent, *(n.parent for n in new_dirs)}:
+                fsync_dir(d)
+        except OSError as exc:
+            self._give_up(exc)
+            raise
         self.sha256 = digest
         return digest
 

@@ -118,14 +118,13 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model, setting
     assert len(res2["results"]) == len(paths)  # failed items are not searchable
     assert res2["results"][:3] == res["results"]
 
-    # the same bytes again: one item, reported as a duplicate, nothing re-embedded, and the stored copy
-    # kept as it was (not rewritten, no temporary file left)
+    # the same bytes again: one item, reported as a duplicate, nothing re-embedded, the stored copy
+    # still those bytes and no temporary file left
     blob = BlobStore(settings.blob_dir).path_for(client.get(f"/v1/items/{ids['tone_a.wav']}",
                                                             headers=auth(key)).get_json()["sha256"])
-    inode = blob.stat().st_ino
     again = upload(client, key, lib["id"], paths[:1]).get_json()
     assert again["items"][0]["duplicate_of"] == ids["tone_a.wav"]
-    assert blob.stat().st_ino == inode and list(BlobStore(settings.blob_dir).tmp_dir.iterdir()) == []
+    assert blob.read_bytes() == paths[0].read_bytes() and list(BlobStore(settings.blob_dir).tmp_dir.iterdir()) == []
     assert wait_job(client, key, again["job_id"])["status"] == "done"
     assert "metadata_ignored" not in again["items"][0]
     # sent again with other metadata: still a copy, and the answer says the metadata was not stored;
@@ -151,16 +150,17 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model, setting
     assert client.patch(f"/v1/items/{ids[name]}", json={"metadata": {}}, headers=auth(new_key())).status_code == 404
 
 
-def test_stored_bytes_are_kept_and_a_damaged_copy_is_replaced(tmp_path):
-    """Committing bytes the store holds already leaves the stored file alone (same inode, no fsync or
-    rename); a stored file that no longer hashes the same (cut short, or its bytes damaged, outside
-    clapq) is replaced."""
+def test_bytes_stored_already_take_the_path_new_ones_take(tmp_path):
+    """Committing bytes the store holds already writes and renames them as new bytes are (a new inode,
+    the same bytes): the stored file is every tenant's, and keeping it (no fsync, no rename) made such an
+    upload answer sooner, which told a tenant that another holds the file (helper-35). A stored file that
+    no longer hashes the same (cut short, or its bytes damaged, outside clapq) is replaced too."""
     store = BlobStore(tmp_path)
     data = bytes(range(256)) * 100
     sha = store.put_bytes(data)
     path = store.path_for(sha)
     inode = path.stat().st_ino
-    assert store.put_bytes(data) == sha and path.stat().st_ino == inode
+    assert store.put_bytes(data) == sha and path.stat().st_ino != inode and path.read_bytes() == data
     path.write_bytes(data[:100])
     assert store.put_bytes(data) == sha and path.read_bytes() == data
     path.write_bytes(bytes(len(data)))  # the right size, other bytes

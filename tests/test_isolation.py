@@ -45,6 +45,42 @@ def test_other_tenant_sees_nothing(client, new_key, worker, files):
     assert [r["item_id"] for r in res] == [up_b["items"][0]["id"]]
 
 
+def test_a_file_two_tenants_hold_says_nothing_of_the_other(client, new_key, settings, tmp_path):
+    """The stored file of some bytes is every tenant's that uploaded them; what one tenant is told never
+    depends on whether another holds them (helper-35): its download's Last-Modified is its own item's
+    time, not the shared file's, and deleting its copy counts the file as gone from its libraries
+    (`stored_files`), while the bytes stay on disk for the other tenant."""
+    import datetime as dt
+    import os
+
+    from werkzeug.http import parse_date
+
+    from clapq.blobs import BlobStore
+
+    path = write(tmp_path / "shared.wav", 1.0, 48_000, 1, freq=500, seed=77)
+    a, b = new_key(), new_key()
+    ids = {}
+    for key in (a, b):
+        lib = client.post("/v1/libraries", json={"name": "shared"}, headers=auth(key)).get_json()
+        ids[key] = upload(client, key, lib["id"], [path]).get_json()["items"][0]["id"]
+    sha = client.get(f"/v1/items/{ids[a]}", headers=auth(a)).get_json()["sha256"]
+    blob = BlobStore(settings.blob_dir).path_for(sha)
+    os.utime(blob, (978_307_200, 978_307_200))  # the shared file's time: 2001, as if another uploaded it then
+    for key in (a, b):
+        r = client.get(f"/v1/items/{ids[key]}/audio", headers=auth(key))
+        assert r.status_code == 200 and r.data == path.read_bytes()
+        modified = parse_date(r.headers["Last-Modified"])
+        assert dt.datetime.now(dt.timezone.utc) - modified < dt.timedelta(hours=1), r.headers["Last-Modified"]
+        r = client.get(f"/v1/items/{ids[key]}/audio",
+                       headers={**auth(key), "If-Unmodified-Since": "Mon, 01 Jan 2002 00:00:00 GMT"})
+        assert r.status_code == 412 and "2001" not in r.get_json()["error"]["message"]
+    r = client.delete(f"/v1/items/{ids[b]}", headers=auth(b))
+    assert r.status_code == 200 and r.get_json()["deleted"]["stored_files"] == 1  # as if no one else held it
+    assert blob.is_file() and client.get(f"/v1/items/{ids[a]}/audio", headers=auth(a)).status_code == 200
+    r = client.delete(f"/v1/items/{ids[a]}", headers=auth(a))
+    assert r.status_code == 200 and r.get_json()["deleted"]["stored_files"] == 1 and not blob.exists()
+
+
 def test_unknown_and_revoked_keys_get_the_same_401(client, settings, new_key):
     from sqlalchemy import func, update
 
