@@ -188,7 +188,7 @@ def main() -> int:
                  "near-long": unit_rows(syn.drone + unit_rows(syn.iso(args.queries))),
                  "far": unit_rows(syn.iso(args.queries))}
         for name, Q in kinds.items():
-            seed_text_cache(env, ckpt, [f"{name} {j}" for j in range(len(Q))], Q)
+            seed_text_cache(env, ckpt, tenant, [f"{name} {j}" for j in range(len(Q))], Q)
         first = np.cumsum(syn.counts) - syn.counts
         truth = {}
         for name, Q in kinds.items():

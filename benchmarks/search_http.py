@@ -96,9 +96,10 @@ def api_env(url: str, redis_url: str, model_dir: Path, work: Path, **extra: str)
     return env
 
 
-def seed_text_cache(env: dict, ckpt, texts: list[str], Q: np.ndarray) -> None:
+def seed_text_cache(env: dict, ckpt, tenant, texts: list[str], Q: np.ndarray) -> None:
     """Put query vectors in the API's Redis text cache under their strings, so that a search for one of
-    them runs exactly as a repeated user query does (the key names the API's text tower precision)."""
+    them by `tenant` runs exactly as a repeated user query does (the key names the API's text tower
+    precision and the tenant)."""
     import redis
 
     from api.query import text_cache_key
@@ -109,7 +110,7 @@ def seed_text_cache(env: dict, ckpt, texts: list[str], Q: np.ndarray) -> None:
     tower = model_precision(st.device, st.precision, st.text_int8)
     rc = redis.Redis.from_url(env["REDIS_URL"])
     for t, q in zip(texts, Q):
-        rc.set(text_cache_key(ckpt, t, tower), q.astype(np.float32).tobytes())
+        rc.set(text_cache_key(ckpt, t, tower, tenant), q.astype(np.float32).tobytes())
 
 
 class Api:
@@ -283,7 +284,7 @@ def main() -> int:
         wait_idle(api_proc.pid)
         Q = syn.queries(args.queries)
         texts = [f"bench query {i}" for i in range(args.queries)]
-        seed_text_cache(env, ckpt, texts, Q)
+        seed_text_cache(env, ckpt, tenant, texts, Q)
 
         first = np.cumsum(syn.counts) - syn.counts
         cats = list(CATEGORIES)

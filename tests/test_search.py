@@ -22,6 +22,7 @@ def lib(app, worker, tmp_path_factory, settings):
     """A library of N files (two long ones) with metadata, plus a copy of one file in a second library."""
     from clapq.db import session_scope
     from clapq.keys import create_key
+    from clapq.models import Library
 
     client = app.test_client()
     with session_scope(settings.database_url) as s:
@@ -41,8 +42,10 @@ def lib(app, worker, tmp_path_factory, settings):
     for name, item_id in ids.items():
         got = client.get(f"/v1/items/{item_id}/segments?vectors=1", headers=auth(key)).get_json()["segments"]
         segs[item_id] = [(s["start_s"], s["end_s"], np.array(s["vector"], np.float32)) for s in got]
+    with session_scope(settings.database_url) as s:
+        tenant = s.get(Library, uuid.UUID(a["id"])).tenant_id
     return {"key": key, "a": a["id"], "b": b["id"], "ids": ids, "copy": up_b["items"][0]["id"], "segs": segs,
-            "meta": {ids[n]: m for n, m in meta.items()}}
+            "meta": {ids[n]: m for n, m in meta.items()}, "tenant": tenant}
 
 
 def qvec(text: str, tiny_model) -> np.ndarray:
@@ -87,7 +90,7 @@ def test_int8_text_tower_is_close_to_fp32_and_served_when_asked(app, lib, tiny_m
     assert [r["item_id"] for r in body["results"]] == [i for _, i in expected]
     for r, (score, _) in zip(body["results"], expected):
         assert r["score"] == pytest.approx(score, abs=1e-4)
-    cached = redis_client(app.extensions["clapq_celery"]).get(text_cache_key(ckpt, texts[0], "int8"))
+    cached = redis_client(app.extensions["clapq_celery"]).get(text_cache_key(ckpt, texts[0], "int8", lib["tenant"]))
     np.testing.assert_array_equal(np.frombuffer(cached, np.float32), int8[0])
 
 
@@ -113,7 +116,7 @@ def test_text_vectors_are_cached_per_text_tower_precision(app, lib, tiny_model, 
         r = client.post("/v1/search", json={"library_id": lib["a"], "text": text, "k": 1}, headers=auth(lib["key"]))
         assert r.status_code == 200, r.get_json()
     for p in ("fp32", "bf16"):
-        cached = redis_client(app.extensions["clapq_celery"]).get(text_cache_key(ckpt, text, p))
+        cached = redis_client(app.extensions["clapq_celery"]).get(text_cache_key(ckpt, text, p, lib["tenant"]))
         np.testing.assert_array_equal(np.frombuffer(cached, np.float32), vecs[p])
 
 
@@ -504,17 +507,30 @@ def test_equal_scores_come_in_one_order_whatever_k_and_offset(client, new_key, w
         assert [i for offset in range(0, 6, 2) for i in ids(2, offset)] == every, mode
 
 
-def test_text_embedding_is_cached(client, lib, settings):
+def test_text_embedding_is_cached_per_tenant(client, lib, settings, new_key):
+    """A query's vector is cached once per tenant: another tenant's search of the same text computes its
+    own. A cached text answers sooner, and with one cache for all, a tenant could tell what texts another
+    had searched for or classified by (helper-35)."""
     import hashlib
 
     from clapq.queue import make_celery
 
-    text = "a unique query for the cache test"
+    text = f"a unique query for the cache test {uuid.uuid4().hex[:8]}"
+
+    def cached() -> list[str]:
+        with make_celery(settings).connection_for_write() as conn:
+            return sorted(k.decode() for k in conn.default_channel.client.scan_iter(
+                match=f"clapq:text:*:{hashlib.sha256(text.encode()).hexdigest()}"))
+
     client.get("/v1/search", query_string={"library_id": lib["a"], "q": text}, headers=auth(lib["key"]))
-    with make_celery(settings).connection_for_write() as conn:
-        keys = list(conn.default_channel.client.scan_iter(
-            match=f"clapq:text:*:{hashlib.sha256(text.encode()).hexdigest()}"))
-    assert len(keys) == 1
+    mine = cached()
+    assert len(mine) == 1 and f":{lib['tenant']}:" in mine[0]
+    other = new_key()
+    other_lib = client.post("/v1/libraries", json={"name": "other"}, headers=auth(other)).get_json()["id"]
+    r = client.get("/v1/search", query_string={"library_id": other_lib, "q": text}, headers=auth(other))
+    assert r.status_code == 200, r.get_json()
+    both = cached()
+    assert len(both) == 2 and mine[0] in both
 
 
 def test_a_query_is_one_query_however_its_accents_are_written(client, lib, settings):
