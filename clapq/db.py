@@ -68,13 +68,49 @@ def session_scope(url: str) -> Iterator[Session]:
 
 
 def migrate(url: str) -> None:
-    """Bring the schema to the newest migration (idempotent)."""
+    """Bring the schema to the newest migration (idempotent), then check that every table and column the
+    models map is there. A database a newer clapq migrated, or whose schema lacks what this version reads
+    (a migration changed after it ran, as 0009 was: helper-34), is a RuntimeError with a sentence, before
+    any process serves a request, not a 500 on every request that touches it."""
     from alembic import command
     from alembic.config import Config
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import select
+    from sqlalchemy.exc import ProgrammingError
 
     import migrations
+    from clapq.models import Base
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
     cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    scripts = ScriptDirectory.from_config(cfg)
+    engine = get_engine(url)
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_heads()
+    unknown = [rev for rev in current if not _known_revision(scripts, rev)]
+    if unknown:
+        raise RuntimeError(f"the database was migrated by a newer clapq (schema revision {unknown[0]}; this version "
+                           f"knows up to {scripts.get_current_head()}); nothing was changed: run that newer "
+                           "version, or first downgrade the schema with it (alembic downgrade "
+                           f"{scripts.get_current_head()})")
     command.upgrade(cfg, "head")
+    with engine.connect() as conn:
+        for table in Base.metadata.sorted_tables:
+            try:
+                conn.execute(select(*table.c).limit(0))
+            except ProgrammingError as exc:
+                why = str(exc.orig).strip().splitlines()[0]
+                raise RuntimeError(f"the database's schema is not the one this clapq reads ({why}), though its "
+                                   f"migrations stand at {scripts.get_current_head()}: it was made by a development "
+                                   "version whose migrations changed after they ran") from None
+
+
+def _known_revision(scripts, rev: str) -> bool:
+    from alembic.util import CommandError
+
+    try:
+        return scripts.get_revision(rev) is not None
+    except CommandError:  # ResolutionError too
+        return False

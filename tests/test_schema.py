@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import pytest
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -38,12 +41,11 @@ def test_migrations_match_models_and_index_vectors(services):
     assert "FROM gone ORDER BY sha256" in body, body
 
 
-def test_migration_0005_counts_the_windows_of_stored_vectors(services):
-    """Upgrading a database that already holds vectors records each pooled vector's window count (the
-    segments it pools), so one-window items leave the pooled-vector index; downgrading puts them back."""
+@pytest.fixture()
+def scratch(services):
+    """A database of its own in the tests' Postgres, dropped after: (url, Alembic config, engine)."""
     import uuid
 
-    from alembic import command
     from alembic.config import Config
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
@@ -61,41 +63,128 @@ def test_migration_0005_counts_the_windows_of_stored_vectors(services):
     cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
     cfg.set_main_option("sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%"))
     try:
-        command.upgrade(cfg, "0004")
-        vec = "[" + ",".join(["0.5"] * 4 + ["0"] * 508) + "]"
-        with engine.begin() as conn:
-            tenant, lib, job = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
-            conn.execute(text("INSERT INTO tenants (id, name) VALUES (:t, 't')"), {"t": tenant})
-            model = conn.scalar(text("INSERT INTO models (name, weights_sha256, dim) VALUES ('m', :h, 512) RETURNING id"),
-                                {"h": "0" * 64})
-            conn.execute(text("INSERT INTO libraries (id, tenant_id, name, model_id) VALUES (:l, :t, 'l', :m)"),
-                         {"l": lib, "t": tenant, "m": model})
-            conn.execute(text("INSERT INTO jobs (id, tenant_id, library_id, kind) VALUES (:j, :t, :l, 'upload')"),
-                         {"j": job, "t": tenant, "l": lib})
-            items = {uuid.uuid4(): n for n in (1, 3)}
-            for item, n in items.items():
-                conn.execute(text("INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, "
-                                  "status) VALUES (:i, :t, :l, :j, :h, 'f', 1, 'done')"),
-                             {"i": item, "t": tenant, "l": lib, "j": job, "h": item.hex * 2})
-                conn.execute(text("INSERT INTO embeddings (item_id, model_id, library_id, vector) "
-                                  "VALUES (:i, :m, :l, CAST(:v AS vector))"), {"i": item, "m": model, "l": lib, "v": vec})
-                for w in range(n):
-                    conn.execute(text("INSERT INTO segments (item_id, model_id, library_id, window_index, start_s, "
-                                      "end_s, vector) VALUES (:i, :m, :l, :w, 0, 10, CAST(:v AS vector))"),
-                                 {"i": item, "m": model, "l": lib, "w": w, "v": vec})
-        command.upgrade(cfg, "head")
-        with engine.connect() as conn:
-            got = dict(conn.execute(text("SELECT item_id, windows FROM embeddings")).all())
-            assert got == items
-            assert "WHERE (windows > 1)" in conn.scalar(text(
-                "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_embeddings_vector_hnsw'"))
-        command.downgrade(cfg, "0004")
-        with engine.connect() as conn:
-            assert "WHERE" not in conn.scalar(text(
-                "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_embeddings_vector_hnsw'"))
-            assert conn.scalar(text("SELECT count(*) FROM embeddings")) == 2
+        yield url.render_as_string(hide_password=False), cfg, engine
     finally:
         engine.dispose()
+        get_engine(url.render_as_string(hide_password=False)).dispose()  # clapq.db.migrate's pooled connections
         with admin.connect() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         admin.dispose()
+
+
+def test_migration_0005_counts_the_windows_of_stored_vectors(scratch):
+    """Upgrading a database that already holds vectors records each pooled vector's window count (the
+    segments it pools), so one-window items leave the pooled-vector index; downgrading puts them back."""
+    import uuid
+
+    from alembic import command
+
+    _, cfg, engine = scratch
+    command.upgrade(cfg, "0004")
+    vec = "[" + ",".join(["0.5"] * 4 + ["0"] * 508) + "]"
+    with engine.begin() as conn:
+        tenant, lib, job = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        conn.execute(text("INSERT INTO tenants (id, name) VALUES (:t, 't')"), {"t": tenant})
+        model = conn.scalar(text("INSERT INTO models (name, weights_sha256, dim) VALUES ('m', :h, 512) RETURNING id"),
+                            {"h": "0" * 64})
+        conn.execute(text("INSERT INTO libraries (id, tenant_id, name, model_id) VALUES (:l, :t, 'l', :m)"),
+                     {"l": lib, "t": tenant, "m": model})
+        conn.execute(text("INSERT INTO jobs (id, tenant_id, library_id, kind) VALUES (:j, :t, :l, 'upload')"),
+                     {"j": job, "t": tenant, "l": lib})
+        items = {uuid.uuid4(): n for n in (1, 3)}
+        for item, n in items.items():
+            conn.execute(text("INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, "
+                              "status) VALUES (:i, :t, :l, :j, :h, 'f', 1, 'done')"),
+                         {"i": item, "t": tenant, "l": lib, "j": job, "h": item.hex * 2})
+            conn.execute(text("INSERT INTO embeddings (item_id, model_id, library_id, vector) "
+                              "VALUES (:i, :m, :l, CAST(:v AS vector))"), {"i": item, "m": model, "l": lib, "v": vec})
+            for w in range(n):
+                conn.execute(text("INSERT INTO segments (item_id, model_id, library_id, window_index, start_s, "
+                                  "end_s, vector) VALUES (:i, :m, :l, :w, 0, 10, CAST(:v AS vector))"),
+                             {"i": item, "m": model, "l": lib, "w": w, "v": vec})
+    command.upgrade(cfg, "head")
+    with engine.connect() as conn:
+        got = dict(conn.execute(text("SELECT item_id, windows FROM embeddings")).all())
+        assert got == items
+        assert "WHERE (windows > 1)" in conn.scalar(text(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_embeddings_vector_hnsw'"))
+    command.downgrade(cfg, "0004")
+    with engine.connect() as conn:
+        assert "WHERE" not in conn.scalar(text(
+            "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_embeddings_vector_hnsw'"))
+        assert conn.scalar(text("SELECT count(*) FROM embeddings")) == 2
+
+
+def test_a_database_whose_0009_lacked_job_retries_is_repaired(scratch):
+    """Migration 0009 first landed with items.progress alone (28dba5c) and was changed minutes later to add
+    jobs.retried_at under the same revision: a database that ran the first version stood at 0009 without
+    the column, and every job endpoint and upload answered 500 (helper-34). 0010 adds it."""
+    from alembic import command
+
+    from clapq.db import migrate
+
+    url, cfg, engine = scratch
+    command.upgrade(cfg, "0009")
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE jobs DROP COLUMN retried_at"))
+    migrate(url)
+    with engine.connect() as conn:
+        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == HEAD
+        conn.execute(text("SELECT retried_at, progress FROM jobs, items LIMIT 0"))
+
+
+def test_a_schema_this_version_cannot_read_is_a_sentence_and_is_left_as_it_is(scratch):
+    """A database a newer clapq migrated, and one whose schema lacks a column this version reads though its
+    revision is the newest (a migration changed after it ran): `clapq migrate` (and so `clapq up`) stops
+    with a sentence, where a newer revision was a 74-line Alembic traceback and a missing column a 500 on
+    every request that read it (helper-34), and changes nothing."""
+    import subprocess
+    import sys
+
+    from clapq.db import migrate
+
+    url, _, engine = scratch
+    migrate(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": "redis://127.0.0.1:1/0"}
+    r = subprocess.run([sys.executable, "-m", "clapq.cli", "migrate"], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == (
+        f"clapq: the database was migrated by a newer clapq (schema revision 0099; this version knows up to {HEAD}); "
+        f"nothing was changed: run that newer version, or first downgrade the schema with it (alembic downgrade "
+        f"{HEAD})"), r.stderr
+    with engine.begin() as conn:
+        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == "0099"
+        conn.execute(text(f"UPDATE alembic_version SET version_num = '{HEAD}'"))
+        conn.execute(text("ALTER TABLE items DROP COLUMN progress"))
+    with pytest.raises(RuntimeError, match=r"^the database's schema is not the one this clapq reads \(.*progress"):
+        migrate(url)
+
+
+# Every migration on main, by the start of its file's sha256. Once a migration has landed, databases have
+# run it, and a change to it never reaches them (0009 was changed minutes after it landed: helper-34). A
+# fix is a new migration; a new one is added here as it lands.
+LANDED = {
+    "0001_initial_schema.py": "7882134b819b92ba",
+    "0002_job_duplicates_and_claims.py": "c41dc210b4588930",
+    "0003_denser_hnsw_and_metadata_gin.py": "89c5e68232ea5c88",
+    "0004_job_duplicate_items.py": "6956e2961573a5c5",
+    "0005_pooled_index_for_multi_window_items.py": "c23c738cdb7ae8d5",
+    "0006_item_listing_and_blob_references.py": "7d3be8bf5b4e5e8f",
+    "0007_blob_reclaims.py": "a516255d50b51410",
+    "0008_blob_reclaims_in_digest_order.py": "69330c370e1b587c",
+    "0009_item_progress_and_job_retries.py": "096052bb3fc84595",
+    "0010_repair_job_retries.py": "fd769f5e97503639",
+}
+HEAD = "0010"
+
+
+def test_landed_migrations_are_never_changed():
+    import hashlib
+
+    import migrations
+
+    files = sorted((Path(migrations.__file__).parent / "versions").glob("[0-9]*.py"))
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest()[:16] for f in files} == LANDED
+    assert max(LANDED).startswith(HEAD)
