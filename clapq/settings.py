@@ -143,6 +143,7 @@ class Settings:
     reindex_min_dead: int
     reindex_memory_mb: int
     max_pending: int
+    max_pending_per_tenant: int
     max_file_bytes: int
     compile_model: bool | None  # None: auto (clapq.precision.compile_applies)
     lanes: int | None  # None: auto (worker.embedder.lanes_for)
@@ -197,6 +198,8 @@ class Settings:
             reindex_min_dead=_int(env, "CLAPQ_REINDEX_MIN_DEAD", 50_000, 0),
             reindex_memory_mb=_int(env, "CLAPQ_REINDEX_MEMORY_MB", 1024, 64),
             max_pending=_int(env, "CLAPQ_MAX_PENDING", 200_000, 1),
+            # a tenant's share of that backlog: one tenant cannot fill it and hold back everyone else's uploads
+            max_pending_per_tenant=_int(env, "CLAPQ_MAX_PENDING_PER_TENANT", 50_000, 1),
             max_file_bytes=_int(env, "CLAPQ_MAX_FILE_BYTES", 2 * 1024**3, 1),
             # ingest runs at a lower CPU priority than the API, so a search's text tower is not
             # starved by bulk embedding on the same machine (benchmarks/search_http.py)

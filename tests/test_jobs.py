@@ -175,6 +175,41 @@ def test_backpressure_answers_429_with_retry_after(client, new_key, settings):
     assert "CLAPQ_MAX_PENDING" in r.get_json()["error"]["message"]
 
 
+def test_one_tenants_backlog_does_not_hold_back_another_tenants_uploads(client, new_key, worker, settings, tmp_path):
+    """A tenant with CLAPQ_MAX_PENDING_PER_TENANT files waiting gets 429 for its next batch, told of its
+    own files; another tenant's batch goes in. Before, one tenant could fill the whole backlog, and the
+    others' uploads were refused with its size (helper-35). One file is left waiting here: a row copied
+    from an uploaded one, with no task, so no worker takes it."""
+    from sqlalchemy import text
+
+    from api import create_app
+    from clapq.db import session_scope
+
+    capped = create_app(dataclasses.replace(settings, max_pending_per_tenant=1)).test_client()
+    a, b = new_key(), new_key()
+    libs = {k: capped.post("/v1/libraries", json={"name": "share"}, headers=auth(k)).get_json()["id"] for k in (a, b)}
+    up = upload(client, a, libs[a], [write(tmp_path / "a.wav", 1.0, seed=61)]).get_json()
+    assert wait_job(client, a, up["job_id"])["status"] == "done"
+    first = up["items"][0]["id"]
+    with session_scope(settings.database_url) as s:
+        waiting = s.execute(text(
+            "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, status) "
+            "SELECT gen_random_uuid(), tenant_id, library_id, job_id, repeat('ab', 32), 'waiting.wav', 1, 'queued' "
+            "FROM items WHERE id = :i RETURNING id"), {"i": first}).scalar_one()
+    try:
+        r = capped.post(f"/v1/libraries/{libs[a]}/batches", headers=auth(a), content_type="multipart/form-data",
+                        data={"files": [(io.BytesIO(b"x"), "x.wav")]})
+        assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+        assert r.get_json()["error"]["message"] == ("1 of your files is waiting to be embedded (at most 1 a tenant, "
+                                                    "CLAPQ_MAX_PENDING_PER_TENANT); retry later")
+        r = capped.post(f"/v1/libraries/{libs[b]}/batches", headers=auth(b), content_type="multipart/form-data",
+                        data={"files": [(io.BytesIO(b"y"), "y.wav")]})
+        assert r.status_code == 202, r.get_json()
+    finally:
+        with session_scope(settings.database_url) as s:
+            s.execute(text("DELETE FROM items WHERE id = :i"), {"i": waiting})
+
+
 def test_per_file_size_limit(client, new_key, settings):
     from api import create_app
 
