@@ -144,6 +144,8 @@ def _filters(raw) -> list:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or abs(value) > 1e12:
                 raise bad_request(f"duration_s.{bound} must be a number of seconds")
             conds.append(getattr(Item.duration_s, op)(float(value)))
+    if "min" in dur and "max" in dur and dur["min"] > dur["max"]:  # would match nothing, and look like no results
+        raise bad_request(f"duration_s.min ({dur['min']}) is more than duration_s.max ({dur['max']})")
     return conds
 
 

@@ -207,7 +207,8 @@ def test_text_search_filters_and_pages_match_brute_force(client, lib, tiny_model
                        headers=h).get_json()["results"]
     assert len(both) == N + 1 and lib["copy"] in {r["item_id"] for r in both}
     for bad in ({"mode": "x"}, {"offset": -1}, {"min_score": 2}, {"filter": {"metadata": {"a": {"nin": [1]}}}},
-                {"filter": {"duration_s": {"min": "long"}}}, {"item_id": lib["copy"]}):
+                {"filter": {"duration_s": {"min": "long"}}}, {"filter": {"duration_s": {"min": 10, "max": 1}}},
+                {"item_id": lib["copy"]}):
         r = client.post("/v1/search", json={"library_id": lib["a"], "text": "x", **bad}, headers=h)
         assert r.status_code == 400, (bad, r.get_json())
 
