@@ -166,7 +166,7 @@ class Client:
             alike = [lib["name"] for lib in libs if lib["name"].casefold() == name.casefold()]
             print(f"created library {name!r}" + (f" (beside {_some([repr(x) for x in alike])}: names differ by case)"
                                                   if alike else ""), file=sys.stderr)
-            return made
+            return {**made, "created": True}  # by this command: no file of it can be in there yet
         except SystemExit as exc:
             # 409: another upload created it since the look above
             lib = self._find(name)[0] if "failed (409)" in str(exc.code) else None
@@ -400,7 +400,9 @@ def not_known(client: Client, lib_id: str, batch: list[Path]
             digests[p] = None
     # a server older than /known answers 404 (a library gone since the lookup fails on the upload itself)
     asked = sorted({d for d in digests.values() if d is not None})
-    answer = client.call("POST", f"/v1/libraries/{lib_id}/known", json={"sha256": asked}, missing_ok=True) or {}
+    # not followed if redirected, as the upload that follows would not be: said at once, with where to
+    answer = client.call("POST", f"/v1/libraries/{lib_id}/known", json={"sha256": asked}, missing_ok=True,
+                         allow_redirects=False) or {}
     known, pending = set(answer.get("known", ())), set(answer.get("pending", ()))
     jobs, items = answer.get("pending_jobs", {}), answer.get("pending_items", {})
     return ([p for p in batch if digests[p] not in known],
@@ -486,9 +488,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         what = "the file cannot" if found == 1 else f"none of the {found} files can"
         raise SystemExit(f"clapq: {what} be sent (said above); nothing was uploaded")
     lib = client.library(library)
-    # a library that holds files already (the same folder again, or an upload cut short): files whose
-    # bytes it holds are not sent again, only the rest
-    check = lib.get("item_count", 0) > 0
+    # a library that holds files already (the same folder again, or an upload cut short), or that this
+    # command did not create (another upload may be filling it at the same moment): files whose bytes it
+    # holds are not sent again, only the rest. Only one this command just created is known to be empty.
+    check = lib.get("item_count", 0) > 0 or not lib.get("created")
     jobs, sent, skipped, unfinished, in_flight = [], 0, 0, 0, 0
     # files an earlier run left queued or running: their jobs are waited for too (job -> their bytes), and
     # of those jobs only these files' failures are told (`theirs`: a job may hold another folder's files)
@@ -557,6 +560,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         # a request cut off after the API stored its files (its answer was on the way) may hold them too
         maybe = (f"; the {n_files(in_flight)} being sent when it stopped may be stored as well" if ctrl_c and in_flight
                  else "")
+        if not ctrl_c and client.call("GET", f"/v1/libraries/{lib['id']}", missing_ok=True) is None:
+            # deleted while the files were sent: its jobs and items went with it, so nothing is kept to resume
+            print(f"clapq: library {lib['name']!r} was deleted while the upload ran; nothing of this run is kept in "
+                  "it", file=sys.stderr)
+            raise SystemExit(1) from None
         if jobs:  # say what is already in, and that running the command again resumes
             held = f", {skipped} were in the library already" if skipped else ""
             print(f"clapq: {'interrupted; ' if ctrl_c else ''}{sent} of {found} files were uploaded (jobs "
@@ -622,7 +630,7 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
         return state
 
     states = [look(j) for j in jobs]
-    after = 0
+    after, rechecked = 0, set()
     while True:
         if progress is not None:
             w = weights or [s["counts"]["total"] for s in states]
@@ -633,7 +641,16 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
                      else sum(s["progress"] for s in states) / len(states))
         waiting = [i for i, s in enumerate(states) if s["status"] in ("queued", "running")]
         if not waiting:
-            return states
+            # a job cancelled while others ran may have been retried since (from the API or another
+            # terminal), and embedded: asked again once, so that it is not told as cancelled, nor the
+            # command failed, for files that are in (helper-36)
+            again = [i for i, s in enumerate(states) if s["status"] == "cancelled" and i not in rechecked]
+            for i in again:
+                states[i] = look(jobs[i])
+            rechecked.update(again)
+            if not any(states[i]["status"] in ("queued", "running") for i in again):
+                return states
+            continue
         time.sleep(poll_s)
         # in turn from the one after the last asked: a job of long files that ends last does not keep the
         # counts of the jobs behind it at their first look (114 of 612 shown while 598 were done)
@@ -722,9 +739,12 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
                 continue
             named.add(e["item_id"])
             also = copies_of.get(e["item_id"], [])
+            name = where.get(e["item_id"])
+            if name is None and also:  # an item another upload made (of this folder, at the same moment), of
+                name, also = also[0], also[1:]  # which this run sent copies: named by the first of them
             same = (f" (and {n_files(len(also))} with the same bytes: {_some([printable(a) for a in also])})"
                     if also else "")
-            print(f"failed: {printable(where.get(e['item_id'], e['filename']))}: {e['error']}{same}", file=sys.stderr)
+            print(f"failed: {printable(name or e['filename'])}: {e['error']}{same}", file=sys.stderr)
             failed += 1 + len(also)
     cancelled = 0
     for job, s in zip(jobs, states):

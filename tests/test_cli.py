@@ -852,15 +852,26 @@ def test_a_failed_file_is_named_by_its_path_in_the_folder(tmp_path, tiny_model):
     assert p.returncode == 1 and "failed: day2/take.wav: not a readable audio file" in err, err
 
 
-def test_a_job_cancelled_while_the_upload_waits_is_said_and_fails_the_command(tmp_path, tiny_model):
+@pytest.mark.parametrize("retried", [False, True])
+def test_a_job_cancelled_while_the_upload_waits_is_said_and_fails_the_command(tmp_path, tiny_model, retried):
     """A job cancelled from elsewhere (the API, another terminal) while `clapq upload` waits for it: the
     command says how many files were not embedded and how to send them, counts them in its summary and
-    exits 1. Before, it ended as if all were well (exit 0, "failed": 0)."""
+    exits 1. Before, it ended as if all were well (exit 0, "failed": 0). Retried (from there too) before
+    the command ended: asked again once the rest had ended, it is told as it stands, done, and the command
+    exits 0; it was told as cancelled, failing the command for files that were in (helper-36)."""
+    looks = []
+
     def answer(method, path):
         if path == "/v1/libraries":
             return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
         if path.endswith("/batches"):
             return 202, {"job_id": "job1", "items": [{"id": f"i{i}", "filename": f"{i}.wav"} for i in range(3)]}, {}
+        if path != "/v1/jobs/job1":
+            return 404, None, {}
+        looks.append(path)
+        if retried and len(looks) > 1:
+            return 200, {"status": "done", "progress": 1.0, "errors": [],
+                         "counts": {"done": 3, "failed": 0, "cancelled": 0, "total": 3}}, {}
         return 200, {"status": "cancelled", "progress": 0.3333, "errors": [],
                      "counts": {"done": 1, "failed": 0, "cancelled": 2, "total": 3}}, {}
 
@@ -869,9 +880,70 @@ def test_a_job_cancelled_while_the_upload_waits_is_said_and_fails_the_command(tm
     with fake_api(answer) as url:
         p = _upload(tmp_path, url, tiny_model)
         out, err = p.communicate(timeout=60)
+    assert len(looks) == 2, looks  # the cancelled job asked again once
+    if retried:
+        assert p.returncode == 0, (out, err)
+        assert "cancelled" not in err and json.loads(out)["cancelled"] == 0, (out, err)
+    else:
+        assert p.returncode == 1, (out, err)
+        assert "cancelled: 2 files of job job1 not embedded (the job was cancelled); run this upload again" in err, err
+        assert json.loads(out)["cancelled"] == 2 and json.loads(out)["failed"] == 0, out
+
+
+def test_a_library_deleted_while_the_files_are_sent_is_said_without_advice_to_resume(tmp_path, tiny_model):
+    """The library deleted between two of the command's requests: it says so, and that nothing of this run
+    is kept, not "N files were uploaded; run the same command again for the rest" (helper-36)."""
+    def answer(method, path):
+        if path == "/v1/limits":
+            return 200, {"max_files_per_batch": 1}, {}
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if path.endswith("/batches") and not sent:
+            sent.append(path)
+            return 202, {"job_id": "job1", "items": [{"id": "i0", "filename": "0.wav"}]}, {}
+        return 404, {"error": {"code": "not_found", "message": "library not found", "status": 404}}, {}
+
+    sent: list = []
+    for i in range(2):
+        write(tmp_path / f"{i}.wav", 0.5, seed=i)
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
     assert p.returncode == 1, (out, err)
-    assert "cancelled: 2 files of job job1 not embedded (the job was cancelled); run this upload again" in err, err
-    assert json.loads(out)["cancelled"] == 2 and json.loads(out)["failed"] == 0, out
+    assert "clapq: library 'x' was deleted while the upload ran; nothing of this run is kept in it" in err, err
+    assert "run the same command again" not in err, err
+
+
+def test_an_empty_library_this_command_did_not_create_is_asked_what_it_holds(tmp_path, tiny_model):
+    """Two uploads of one folder into one library at the same moment: the second finds the library empty,
+    made by the first, and asks which bytes it holds before each request, so what the first has sent is
+    not sent again. It asked only where the library held files when the command began, and sent the whole
+    folder twice (helper-36)."""
+    from clapq.blobs import file_sha256
+
+    a = write(tmp_path / "a.wav", 0.5, seed=1)
+    write(tmp_path / "b.wav", 0.5, seed=2)
+    bodies: list = []
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if path.endswith("/known"):
+            return 200, {"known": [file_sha256(a)], "pending": []}, {}
+        if path.endswith("/batches"):
+            return 202, {"job_id": "job1", "items": [{"id": "i1", "filename": "b.wav"}]}, {}
+        if path == "/v1/jobs/job1":
+            return 200, {"status": "done", "progress": 1.0, "errors": [],
+                         "counts": {"done": 1, "failed": 0, "cancelled": 0, "total": 1}}, {}
+        return 404, None, {}
+
+    with fake_api(answer, bodies) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, (out, err)
+    sent = [body for method, path, body in bodies if path.endswith("/batches")]
+    assert len(sent) == 1 and b'filename="b.wav"' in sent[0] and b'filename="a.wav"' not in sent[0]
+    assert json.loads(out)["skipped"] == 1, out
 
 
 def test_more_failures_than_a_job_lists_are_all_named_and_counted(tmp_path, tiny_model):
@@ -1185,7 +1257,7 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
     def answer(method, path):
         if path == "/v1/libraries":
             return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
-        if path == "/v1/limits":
+        if path == "/v1/limits" or path.endswith("/known"):
             return 404, None, {}
         if method == "GET":  # a job, never finished
             polled.set()
@@ -1241,7 +1313,7 @@ def test_ordinary_mishaps_are_sentences_not_tracebacks(tmp_path, tiny_model):
     def answer(method, path):
         if path == "/v1/libraries":
             return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
-        if path == "/v1/limits":
+        if path == "/v1/limits" or path.endswith("/known"):
             return 404, None, {}
         if path.startswith("/v1/search"):
             posted.set()
