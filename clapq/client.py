@@ -13,7 +13,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import requests
 from requests_toolbelt import MultipartEncoder
@@ -299,8 +299,7 @@ def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
             stem, dot, ext = wire_name(r).rpartition(".")
             name = f"{stem}~{n}.{ext}" if dot else f"{ext}~{n}"
         names.append(name)
-    meta = json.dumps({n: {"path": r.encode("utf-8", "surrogateescape").decode("utf-8", "replace")}
-                       for n, r in zip(names, rel)})
+    meta = json.dumps({n: {"path": stored_path(r)} for n, r in zip(names, rel)})
     def opened(p: Path) -> _Sized:
         try:
             return _Sized(p, files.enter_context(open(p, "rb")))
@@ -387,11 +386,16 @@ def batches(paths: list[Path], max_files: int = BATCH_FILES, max_bytes: int = BA
         yield batch
 
 
-def not_known(client: Client, lib_id: str, batch: list[Path]
-              ) -> tuple[list[Path], dict[Path, tuple[str | None, str | None]], dict[Path, str | None]]:
-    """The files of `batch` whose bytes the library does not hold yet (asked by digest; nothing sent), the
-    others it has not embedded yet with the job and the item each is in (None from a server that does not
-    say), and each file's digest."""
+class Known(NamedTuple):
+    """What a library holds of one batch's files (`not_known`)."""
+    new: list[Path]  # the files whose bytes it does not hold: to send
+    pending: dict[Path, tuple[str | None, str | None]]  # held, not embedded yet: (job, item), None where not said
+    digests: dict[Path, str | None]  # each file's sha256 (None: it could not be read)
+    held: dict[Path, tuple[str, str]]  # held, with the item and its metadata.path (from a server that says them)
+
+
+def not_known(client: Client, lib_id: str, batch: list[Path]) -> Known:
+    """Which files of `batch` the library holds already, asked by digest (nothing sent)."""
     digests: dict[Path, str | None] = {}
     for p in batch:
         try:
@@ -405,8 +409,28 @@ def not_known(client: Client, lib_id: str, batch: list[Path]
                          allow_redirects=False) or {}
     known, pending = set(answer.get("known", ())), set(answer.get("pending", ()))
     jobs, items = answer.get("pending_jobs", {}), answer.get("pending_items", {})
-    return ([p for p in batch if digests[p] not in known],
-            {p: (jobs.get(digests[p]), items.get(digests[p])) for p in batch if digests[p] in pending}, digests)
+    ids, paths = answer.get("items", {}), answer.get("paths", {})
+    return Known([p for p in batch if digests[p] not in known],
+                 {p: (jobs.get(digests[p]), items.get(digests[p])) for p in batch if digests[p] in pending}, digests,
+                 {p: (ids[digests[p]], paths[digests[p]]) for p in batch if digests[p] in ids and digests[p] in paths})
+
+
+def stored_path(rel: str) -> str:
+    """A folder path as `clapq upload` keeps it in an item's metadata.path: valid UTF-8 (a name that is not
+    has its undecodable bytes as U+FFFD)."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _moved(folder: Path, held: dict[Path, tuple[str, str]], first: dict[str, str], digests: dict) -> list[tuple]:
+    """The held files whose item's path is no longer in the folder (renamed or moved since it was sent),
+    as (item, old path, new path): the new one is the first path in the folder of those bytes, so copies
+    elsewhere in it move nothing."""
+    moved = []
+    for p, (item, old) in held.items():
+        rel = stored_path(p.relative_to(folder).as_posix())
+        if old != rel and first.get(digests[p]) == p.relative_to(folder).as_posix() and not (folder / old).exists():
+            moved.append((item, old, rel))
+    return moved
 
 
 def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path], list[str]]:
@@ -504,11 +528,12 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     # so that a folder says the same of its copies on every run (digest -> its first path in the folder)
     first: dict[str, str] = {}
     held_copies: list[str] = []
+    moved: list[tuple] = []  # held files whose item's path is gone from the folder: (item, old path, new path)
     try:
         for batch in batches(paths, min(BATCH_FILES, limits.get("max_files_per_batch") or BATCH_FILES),
                              min(BATCH_BYTES, limits.get("max_request_bytes") or BATCH_BYTES)):
             if check:
-                new, pending, digests = not_known(client, lib["id"], batch)
+                new, pending, digests, held = not_known(client, lib["id"], batch)
                 skipped += len(batch) - len(new)
                 unfinished += len(pending)
                 for p, (job, item) in pending.items():
@@ -526,6 +551,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                     if p not in sending and digest in first:
                         held_copies.append(f"{printable(rel)} (= {printable(first[digest])})")
                     first.setdefault(digest, rel)
+                if only is None:  # one file sent on its own is not its folder's layout: its path stays
+                    moved += _moved(folder, held, first, digests)
                 batch = new
                 if not batch:
                     continue
@@ -591,6 +618,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         else:
             still = f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
         print(f"{skipped} of {found} files are in the library already{still}: not sent again", file=sys.stderr)
+    renamed = _update_paths(client, moved)
+    if renamed:
+        print(f"{n_files(len(renamed))} renamed or moved since {'it was' if len(renamed) == 1 else 'they were'} "
+              f"sent: {'its path' if len(renamed) == 1 else 'their paths'} in the library updated: {_some(renamed)}",
+              file=sys.stderr)
     said = [f"{printable(rel)} (= {printable(where.get(item, 'a file in the library'))})"
             for item, rels in copies_of.items() for rel in rels] + held_copies
     copies = len(said)
@@ -610,8 +642,25 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     if refused:
         print(f"{n_files(len(refused))} not sent (listed above as 'not sent')", file=sys.stderr)
     print(json.dumps({"library_id": lib["id"], "jobs": jobs, "earlier_jobs": resumed, "files": found, "skipped": skipped,
-                      "not_sent": len(refused), "duplicates": copies, "failed": failed, "cancelled": cancelled}))
+                      "not_sent": len(refused), "duplicates": copies, "renamed": len(renamed), "failed": failed,
+                      "cancelled": cancelled}))
     return 1 if failed or refused or cancelled else 0
+
+
+def _update_paths(client: Client, moved: list[tuple]) -> list[str]:
+    """Give each moved file's item its new path (`_moved`), keeping the rest of its metadata (a PATCH
+    replaces it whole); an item deleted, or given another path, since it was looked at is left as it is.
+    Returns "old -> new" for each updated."""
+    done = []
+    for item, old, new in moved:
+        got = client.call("GET", f"/v1/items/{urllib.parse.quote(item, safe='')}", missing_ok=True)
+        meta = got.get("metadata") if isinstance(got, dict) else None
+        if not isinstance(meta, dict) or meta.get("path") != old:
+            continue
+        if client.call("PATCH", f"/v1/items/{urllib.parse.quote(item, safe='')}",
+                       json={"metadata": {**meta, "path": new}}, missing_ok=True) is not None:
+            done.append(f"{printable(old)} -> {printable(new)}")
+    return done
 
 
 def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, float], None] | None = None,

@@ -139,8 +139,14 @@ def test_known_lists_only_held_bytes_of_this_library(client, lib, new_key, worke
     assert wait_job(client, key, job["job_id"])["status"] == "done_with_errors"
     digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (good, bad)] + ["0" * 64]
     r = client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": digests}, headers=auth(key))
+    good_id = job["items"][0]["id"]
     assert r.status_code == 200 and r.get_json() == {"known": digests[:1], "pending": [], "pending_jobs": {},
-                                                     "pending_items": {}}
+                                                     "pending_items": {}, "items": {digests[0]: good_id}, "paths": {}}
+    # the path in its folder `clapq upload` keeps in the metadata, for a folder uploaded again after a rename
+    assert client.patch(f"/v1/items/{good_id}", json={"metadata": {"path": "sub/good.wav"}},
+                        headers=auth(key)).status_code == 200
+    r = client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": digests}, headers=auth(key))
+    assert r.get_json()["paths"] == {digests[0]: "sub/good.wav"}
     # a file not embedded yet (queued again here by hand; it was started once, so no task takes it in)
     with session_scope(settings.database_url) as s:
         s.execute(update(Item).where(Item.library_id == uuid.UUID(lib_id), Item.sha256 == digests[0])
@@ -150,7 +156,8 @@ def test_known_lists_only_held_bytes_of_this_library(client, lib, new_key, worke
         s.execute(update(Item).where(Item.library_id == uuid.UUID(lib_id), Item.sha256 == digests[0])
                   .values(status="done"))
     assert r.get_json() == {"known": digests[:1], "pending": digests[:1], "pending_jobs": {digests[0]: job["job_id"]},
-                            "pending_items": {digests[0]: job["items"][0]["id"]}}
+                            "pending_items": {digests[0]: good_id}, "items": {digests[0]: good_id},
+                            "paths": {digests[0]: "sub/good.wav"}}
     for body in ({"sha256": ["ABC"]}, {"sha256": "0" * 64}, {"sha256": ["0" * 64, 5]}, ["0" * 64], None):
         assert "sha256" in err(client.post(f"/v1/libraries/{lib_id}/known", json=body, headers=auth(key)), 400)["message"]
     assert "10000" in err(client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": ["0" * 64] * 10_001},

@@ -213,6 +213,31 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     # the copy, not sent this time, is named as on the first run
     assert "1 file had the same bytes as another and is stored once: rain/drone copy.wav (= drone.wav)" in \
         out.stderr.splitlines(), out.stderr
+    assert summary["renamed"] == 0, summary
+    # a file moved and renamed in the folder: its item takes the new path (search showed the old one), its
+    # other metadata kept; the copy of another file, whose path is still there, moves nothing (helper-36)
+    moved = next(r for r in requests.get(f"{base}/v1/search", params={"library_id": summary["library_id"],
+                                                                        "q": "heavy", "k": 10}, headers=h,
+                                         timeout=60).json()["results"] if r["metadata"]["path"] == "rain/heavy.flac")
+    assert requests.patch(f"{base}/v1/items/{moved['item_id']}", json={"metadata": {"path": "rain/heavy.flac",
+                                                                                     "mic": "zoom"}},
+                          headers=h, timeout=30).status_code == 200
+    (folder / "storm").mkdir()
+    (folder / "rain" / "heavy.flac").rename(folder / "storm" / "heavy rain.flac")
+    out = subprocess.run(cli + ["upload", str(folder), "--library", "folder lib", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and json.loads(out.stdout)["renamed"] == 1, out.stdout + out.stderr
+    assert ("1 file renamed or moved since it was sent: its path in the library updated: rain/heavy.flac -> "
+            "storm/heavy rain.flac") in out.stderr.splitlines(), out.stderr
+    item = requests.get(f"{base}/v1/items/{moved['item_id']}", headers=h, timeout=30).json()
+    assert item["metadata"] == {"path": "storm/heavy rain.flac", "mic": "zoom"}, item
+    # the file sent on its own, from its folder: not that folder's layout, so its path stays
+    out = subprocess.run(cli + ["upload", str(folder / "storm" / "heavy rain.flac"), "--library", "folder lib",
+                                "--url", base, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and json.loads(out.stdout)["renamed"] == 0, out.stdout + out.stderr
+    assert requests.get(f"{base}/v1/items/{moved['item_id']}", headers=h, timeout=30).json()["metadata"]["path"] == \
+        "storm/heavy rain.flac"
     # a folder without audio files is an error that creates no library
     (tmp_path / "no audio").mkdir()
     (tmp_path / "no audio" / "notes.txt").write_text("text")
@@ -280,7 +305,7 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     heavy = best[2]
     out = subprocess.run(cli + ["delete", heavy, lib["id"], "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1 and out.stdout == f"deleted rain/heavy.flac ({heavy})\n", out.stdout + out.stderr
+    assert out.returncode == 1 and out.stdout == f"deleted storm/heavy rain.flac ({heavy})\n", out.stdout + out.stderr
     assert f"no item '{lib['id']}' in library 'folder lib'" in out.stderr, out.stderr
     assert requests.get(f"{base}/v1/items/{heavy}", headers=h, timeout=10).status_code == 404
     out = subprocess.run(cli + ["delete", "--library", "partial", "--url", base, "--key", key],
