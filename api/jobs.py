@@ -239,6 +239,11 @@ def retry_job(job_id: str):
     ))
     if not ids:  # and the job stays as it stands: a cancelled one is not turned into a done one
         session.rollback()
+        if not copied and session.scalar(select(Item.id).where(Item.job_id == job.id).limit(1)) is None:
+            # a cancelled job whose files were all sent again (they moved to that upload's job) said "nothing
+            # failed or was cancelled", against its own status (helper-36)
+            raise ApiError(409, "conflict", "this job holds no files any more (they were deleted, or sent again "
+                           "and moved to the job of that upload); nothing to retry")
         raise ApiError(409, "conflict", "nothing of this job's failed or was cancelled; nothing to retry")
     if moved:  # each moved item is now one of this job's own files, no longer one of its copies
         session.execute(update(JobDuplicate).where(JobDuplicate.job_id == job.id, JobDuplicate.item_id.in_(moved))

@@ -290,9 +290,12 @@ def test_a_copy_of_a_file_still_queued_is_not_done(client, new_key, settings, tm
     assert client.get(f"/v1/items/{item}", headers=auth(key)).get_json()["job_id"] == r["job_id"]
     before = client.get(f"/v1/jobs/{earlier}", headers=auth(key)).get_json()
     assert before["counts"]["total"] == 0 and before["status"] == "cancelled", before
-    # a retry with nothing to re-queue is a 409, and leaves the cancelled job cancelled (it said done)
+    # a retry with nothing to re-queue is a 409, and leaves the cancelled job cancelled (it said done); it
+    # says where the files went (it said nothing had failed or been cancelled, against its own status)
     e = client.post(f"/v1/jobs/{earlier}/retry", headers=auth(key))
-    assert e.status_code == 409 and "nothing to retry" in e.get_json()["error"]["message"], e.get_json()
+    assert e.status_code == 409 and e.get_json()["error"]["message"] == (
+        "this job holds no files any more (they were deleted, or sent again and moved to the job of that upload); "
+        "nothing to retry"), e.get_json()
     assert client.get(f"/v1/jobs/{earlier}", headers=auth(key)).get_json() == before
     # the copy left points at this job's own file: were this job cancelled, both count as cancelled (not
     # as failed by "another" job's cancel)
