@@ -142,6 +142,9 @@ class Client:
             if r.status_code in (502, 503, 504):
                 raise Busy(f"clapq: {method} {path}: the API is unavailable for now ({msg})", _retry_after(r, 5.0),
                            outage=True)
+            if r.status_code == 401 and code == "unauthorized":  # the API's words are for HTTP clients
+                raise SystemExit(f"clapq: {method} {path}: the API does not take this key (unknown or revoked): pass "
+                                 "the one `clapq up` or `clapq keys create` printed, with --key or CLAPQ_API_KEY")
             raise SystemExit(f"clapq: {method} {path} failed ({r.status_code}): {msg}")
         return r.json()
 

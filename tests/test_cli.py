@@ -792,6 +792,22 @@ def _upload(folder: Path, url: str, tiny_model, library: str = "x", **popen) -> 
                             stderr=subprocess.PIPE, text=True, **popen)
 
 
+def test_a_key_the_api_does_not_take_is_said_in_the_commands_terms(tiny_model):
+    """A 401: the command names --key and CLAPQ_API_KEY, where it passed on the API's words for HTTP
+    clients, "send 'Authorization: Bearer <key>'" (helper-36)."""
+    def answer(method, path):
+        return 401, {"error": {"code": "unauthorized", "status": 401,
+                               "message": "missing or invalid API key: send 'Authorization: Bearer <key>'"}}, {}
+
+    with fake_api(answer) as url:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "x", "--url", url,
+                              "--key", "cq_revoked"], env=_env(tiny_model), capture_output=True, text=True,
+                             timeout=60)
+    assert out.returncode == 1 and out.stderr.strip() == (
+        "clapq: GET /v1/libraries: the API does not take this key (unknown or revoked): pass the one `clapq up` or "
+        "`clapq keys create` printed, with --key or CLAPQ_API_KEY"), out.stderr
+
+
 def test_an_upload_that_is_redirected_says_where_instead_of_resending_a_spent_body(tmp_path, tiny_model):
     """A proxy answering 307 to the upload: following it would resend a body already read from disk
     (nothing, against the full Content-Length) and wait out the timeout; the command names the new place."""
