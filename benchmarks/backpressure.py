@@ -1,0 +1,114 @@
+"""What the upload's backlog check costs, with a large backlog.
+
+    python benchmarks/backpressure.py --items 1000000 --pending 200000
+
+Every upload request first counts the files waiting to be embedded (queued or running), all of them,
+against CLAPQ_MAX_PENDING, and since session 23, where that count reaches CLAPQ_MAX_PENDING_PER_TENANT,
+the caller's own too (api/batches.py `_backpressure`). The backlog is bounded by that check, so the
+counts read at most about CLAPQ_MAX_PENDING rows. This loads ITEMS rows into an embedded Postgres
+migrated as the service's is, PENDING of them waiting (a heavy tenant holding most, 3 others the rest),
+and times the whole count (all the API runs below a tenant's share), one statement counting both at
+once, and the caller's own count alone, for a light tenant and the heavy one.
+
+Prints a table and writes JSON to benchmarks/results/backpressure_<ITEMS>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.search_scale import HERE, connect, log  # noqa: E402
+
+WHOLE = "SELECT count(*) FROM items WHERE status IN ('queued', 'running')"
+BOTH = ("SELECT count(*), count(*) FILTER (WHERE tenant_id = %(t)s) FROM items "
+        "WHERE status IN ('queued', 'running')")
+OWN = "SELECT count(*) FROM items WHERE status IN ('queued', 'running') AND tenant_id = %(t)s"
+QUERIES = {"whole": (WHOLE, None), "both_light_tenant": (BOTH, 1), "both_heavy_tenant": (BOTH, 0),
+           "own_light_tenant": (OWN, 1), "own_heavy_tenant": (OWN, 0)}
+
+
+def timed(cur, sql: str, params: dict, rounds: int) -> dict:
+    ms = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        cur.execute(sql, params)
+        cur.fetchall()
+        ms.append((time.perf_counter() - t0) * 1000)
+    cur.execute("EXPLAIN (ANALYZE, BUFFERS) " + sql, params)
+    plan = [r[0] for r in cur.fetchall()]
+    return {"p50_ms": round(statistics.median(ms), 2), "max_ms": round(max(ms), 2), "plan": plan}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--items", type=int, default=1_000_000)
+    ap.add_argument("--pending", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=30)
+    args = ap.parse_args()
+
+    from clapq.db import migrate
+    from clapq.embedded import EmbeddedPostgres
+
+    tmp = Path(tempfile.mkdtemp(prefix="clapq-backpressure-"))
+    pg = EmbeddedPostgres(tmp / "pgdata")
+    try:
+        url = pg.start()
+        migrate(url)
+        conn = connect(url)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("INSERT INTO models (name, weights_sha256, dim) VALUES ('m', repeat('0', 64), 512) RETURNING id")
+            model = cur.fetchone()[0]
+            tenants = []
+            for i in range(4):
+                cur.execute("INSERT INTO tenants (id, name) VALUES (gen_random_uuid(), %s) RETURNING id", (f"t{i}",))
+                tenant = cur.fetchone()[0]
+                cur.execute("INSERT INTO libraries (id, tenant_id, name, model_id) VALUES (gen_random_uuid(), %s, 'l', %s) "
+                            "RETURNING id", (tenant, model))
+                lib = cur.fetchone()[0]
+                cur.execute("INSERT INTO jobs (id, tenant_id, library_id, kind) VALUES (gen_random_uuid(), %s, %s, "
+                            "'upload') RETURNING id", (tenant, lib))
+                tenants.append((tenant, lib, cur.fetchone()[0]))
+            # tenant 0 is the heavy one: 85% of the backlog and of the library; the others share the rest
+            t0 = time.perf_counter()
+            for i, (tenant, lib, job) in enumerate(tenants):
+                share = 0.85 if i == 0 else 0.05
+                n, waiting = int(args.items * share), int(args.pending * share)
+                cur.execute(
+                    "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, status, "
+                    "created_at, updated_at) SELECT gen_random_uuid(), %(t)s, %(l)s, %(j)s, "
+                    "encode(sha256(convert_to(%(t)s::text || g::text, 'UTF8')), 'hex'), 'f.wav', 1700000, "
+                    "CASE WHEN g <= %(w)s THEN 'queued' ELSE 'done' END, now(), now() "
+                    "FROM generate_series(1, %(n)s) g", {"t": tenant, "l": lib, "j": job, "w": waiting, "n": n})
+            cur.execute("VACUUM ANALYZE items")
+            log(f"{args.items} items, {args.pending} waiting, loaded in {time.perf_counter() - t0:.0f} s")
+            res = {"items": args.items, "pending": args.pending, "rounds": args.rounds,
+                   "machine": f"{platform.machine()} {os.cpu_count()} cpu", "postgres": conn.server_version}
+            for name, (sql, who) in QUERIES.items():
+                res[name] = timed(cur, sql, {} if who is None else {"t": tenants[who][0]}, args.rounds)
+        conn.close()
+    finally:
+        pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\n{args.items:,} items, {args.pending:,} waiting; p50 / max of {args.rounds} counts")
+    for name in QUERIES:
+        print(f"{name:18} {res[name]['p50_ms']:8.2f} ms {res[name]['max_ms']:8.2f} ms   {res[name]['plan'][0][:70]}")
+    out = HERE / "results" / f"backpressure_{args.items}.json"
+    out.write_text(json.dumps(res, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
