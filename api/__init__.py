@@ -36,6 +36,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     # a file part that no handler committed into the store (a search's `audio` clip, a refused batch)
     # leaves no temporary file behind
     app.teardown_request(lambda exc: request.discard_uploads())
+    app.after_request(_release_replaced_after_sending)
 
     v1 = Blueprint("v1", __name__, url_prefix="/v1")
     v1.before_request(auth.require_tenant)
@@ -49,3 +50,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(metrics.bp)
     metrics.register(app)
     return app
+
+
+def _release_replaced_after_sending(response):
+    """Stored copies an upload replaced are freed once its answer has gone out, not before (see
+    clapq.blobs.BlobWriter.release): the answer's time does not depend on whether the bytes were stored."""
+    if getattr(request, "_clapq_writers", None):
+        response.call_on_close(request._get_current_object().release_replaced)
+    return response

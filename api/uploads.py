@@ -47,6 +47,11 @@ class StreamingRequest(Request):
         self._clapq_queued = digests
         return digests
 
+    def release_replaced(self) -> None:
+        """Once the answer is sent: stored copies this request's parts replaced are freed (BlobWriter.release)."""
+        for w in getattr(self, "_clapq_writers", []):
+            w.release()
+
     def keep_uploads(self) -> None:
         """The rows that name the parts committed into the store have committed: their blobs stay."""
         self._clapq_kept = True
