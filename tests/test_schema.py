@@ -175,7 +175,7 @@ LANDED = {
     "0007_blob_reclaims.py": "a516255d50b51410",
     "0008_blob_reclaims_in_digest_order.py": "69330c370e1b587c",
     "0009_item_progress_and_job_retries.py": "096052bb3fc84595",
-    "0010_repair_job_retries.py": "fd769f5e97503639",
+    "0010_repair_job_retries.py": "6df2aba096fe4ade",
 }
 HEAD = "0010"
 

@@ -11,6 +11,7 @@ Revises: 0009
 Create Date: 2026-12-05
 """
 
+import sqlalchemy as sa
 from alembic import op
 
 revision = "0010"
@@ -20,8 +21,15 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("ALTER TABLE items ADD COLUMN IF NOT EXISTS progress double precision")
-    op.execute("ALTER TABLE jobs ADD COLUMN IF NOT EXISTS retried_at timestamp with time zone")
+    conn = op.get_bind()
+    for table, column, kind in (("items", "progress", "double precision"),
+                                ("jobs", "retried_at", "timestamp with time zone")):
+        # looked up first: ADD COLUMN IF NOT EXISTS locks the table even where the column is there, and
+        # waits behind every query running on it (helper-37)
+        there = conn.execute(sa.text("SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+                                     "AND table_name = :t AND column_name = :c"), {"t": table, "c": column}).first()
+        if there is None:
+            op.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
 def downgrade() -> None:
