@@ -80,7 +80,7 @@ def _uncovered(session, digests: list[str]) -> set[str]:
     return left
 
 
-def _backpressure(settings) -> None:
+def backpressure(settings) -> None:
     """Refuse new work while the backlog is over its bound, rather than let the queue grow without limit,
     and while the caller's own files waiting are over a tenant's share of it: one tenant's uploads filled
     the whole backlog, and every other tenant's got 429s until it drained (helper-35). The backlog's size
@@ -120,7 +120,7 @@ def upload_batch(lib_id: str):
     # deleted while the body arrives; its id makes that the foreign-key 404 "deleted while it ran"
     library = lib.id
     settings = current_app.config["CLAPQ"]
-    _backpressure(settings)
+    backpressure(settings)
     # the checks are done: end their transaction before the body streams in (minutes for a large upload
     # on a slow link), so no connection sits "idle in transaction" holding locks that block migrations
     db().rollback()

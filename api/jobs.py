@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, current_app, g, request
 from sqlalchemy import and_, case, delete, func, or_, select, update
 
+from api.batches import backpressure
 from api.db import db
 from api.errors import ApiError, bad_request, takes_query
 from api.items import item_json
@@ -225,6 +226,9 @@ def retry_job(job_id: str):
     session = db()
     # a library bound to another model than this service runs: its files would fail again, each for that
     served_model_for(session.get(Library, job.library_id))
+    # it queues files as an upload does: a full backlog, or the tenant's full share of it, refuses it
+    # (helper-37: cancelling and retrying went past the tenant's share)
+    backpressure(current_app.config["CLAPQ"])
     states = ("failed", "cancelled") if job.cancelled else ("failed",)
     copied = _copied(job)
     moved = list(session.scalars(
@@ -238,8 +242,9 @@ def retry_job(job_id: str):
         .returning(Item.id)
     ))
     if not ids:  # and the job stays as it stands: a cancelled one is not turned into a done one
+        jid = job.id  # read before the rollback expires `job` (reading it then would load a row maybe deleted)
         session.rollback()
-        if not copied and session.scalar(select(Item.id).where(Item.job_id == job.id).limit(1)) is None:
+        if not copied and session.scalar(select(Item.id).where(Item.job_id == jid).limit(1)) is None:
             # a cancelled job whose files were all sent again (they moved to that upload's job) said "nothing
             # failed or was cancelled", against its own status (helper-36)
             raise ApiError(409, "conflict", "this job holds no files any more (they were deleted, or sent again "

@@ -198,8 +198,10 @@ class Settings:
             reindex_min_dead=_int(env, "CLAPQ_REINDEX_MIN_DEAD", 50_000, 0),
             reindex_memory_mb=_int(env, "CLAPQ_REINDEX_MEMORY_MB", 1024, 64),
             max_pending=_int(env, "CLAPQ_MAX_PENDING", 200_000, 1),
-            # a tenant's share of that backlog: one tenant cannot fill it and hold back everyone else's uploads
-            max_pending_per_tenant=_int(env, "CLAPQ_MAX_PENDING_PER_TENANT", 50_000, 1),
+            # a tenant's share of that backlog (a quarter of it unless set): one tenant cannot fill it and hold
+            # back everyone else's uploads
+            max_pending_per_tenant=_int(env, "CLAPQ_MAX_PENDING_PER_TENANT",
+                                        max(1, _int(env, "CLAPQ_MAX_PENDING", 200_000, 1) // 4), 1),
             max_file_bytes=_int(env, "CLAPQ_MAX_FILE_BYTES", 2 * 1024**3, 1),
             # ingest runs at a lower CPU priority than the API, so a search's text tower is not
             # starved by bulk embedding on the same machine (benchmarks/search_http.py)

@@ -175,6 +175,16 @@ def test_backpressure_answers_429_with_retry_after(client, new_key, settings):
     assert "CLAPQ_MAX_PENDING" in r.get_json()["error"]["message"]
 
 
+def test_a_tenants_share_of_the_backlog_is_a_quarter_of_it_unless_set():
+    from clapq.settings import Settings
+
+    assert Settings.from_env({}).max_pending_per_tenant == 50_000
+    assert Settings.from_env({"CLAPQ_MAX_PENDING": "20000"}).max_pending_per_tenant == 5_000
+    assert Settings.from_env({"CLAPQ_MAX_PENDING": "2"}).max_pending_per_tenant == 1
+    assert Settings.from_env({"CLAPQ_MAX_PENDING": "20000",
+                              "CLAPQ_MAX_PENDING_PER_TENANT": "20000"}).max_pending_per_tenant == 20_000
+
+
 def test_one_tenants_backlog_does_not_hold_back_another_tenants_uploads(client, new_key, worker, settings, tmp_path):
     """A tenant with CLAPQ_MAX_PENDING_PER_TENANT files waiting gets 429 for its next batch, told of its
     own files; another tenant's batch goes in. Before, one tenant could fill the whole backlog, and the
@@ -202,6 +212,9 @@ def test_one_tenants_backlog_does_not_hold_back_another_tenants_uploads(client, 
         assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
         assert r.get_json()["error"]["message"] == ("1 of your files is waiting to be embedded (at most 1 a tenant, "
                                                     "CLAPQ_MAX_PENDING_PER_TENANT); retry later")
+        # a retry queues files as an upload does: refused the same way (cancel and retry went past the share)
+        r = capped.post(f"/v1/jobs/{up['job_id']}/retry", headers=auth(a))
+        assert r.status_code == 429 and "CLAPQ_MAX_PENDING_PER_TENANT" in r.get_json()["error"]["message"]
         r = capped.post(f"/v1/libraries/{libs[b]}/batches", headers=auth(b), content_type="multipart/form-data",
                         data={"files": [(io.BytesIO(b"y"), "y.wav")]})
         assert r.status_code == 202, r.get_json()
