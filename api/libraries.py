@@ -128,7 +128,8 @@ def library_items(lib_id: str):
 def known_files(lib_id: str):
     """Which of these sha256 digests (of whole files' bytes) the library holds already, queued, running
     or embedded (`pending`: those of them not embedded yet, with the job each is in, `pending_jobs`, and
-    its item, `pending_items`; every known one's item, `items`, and its metadata.path, `paths`): a client
+    its item, `pending_items`; every known one's item, `items`, and its metadata.path and .folder,
+    `sent_from`): a client
     uploading a folder again sends only the rest, can wait for the files an earlier run left being
     embedded, and can update the paths of files renamed since. Failed and cancelled files are not listed, because sending them again
     retries them."""
@@ -141,14 +142,17 @@ def known_files(lib_id: str):
         raise bad_request(f"{len(digests)} digests in one request; the limit is {MAX_DIGESTS}")
     if not isinstance(digests, list) or not all(isinstance(d, str) and SHA256_HEX.fullmatch(d) for d in digests):
         raise bad_request('send {"sha256": [...]}: a list of sha256 digests of files\' bytes, in lowercase hex')
-    rows = db().execute(select(Item.sha256, Item.status, Item.job_id, Item.id, Item.meta["path"].label("path")).where(
+    rows = db().execute(select(Item.sha256, Item.status, Item.job_id, Item.id, Item.meta["path"].label("path"),
+                               Item.meta["folder"].label("folder")).where(
         Item.library_id == lib.id, Item.sha256.in_(set(digests)), Item.status.not_in(RETRIED_ON_REUPLOAD))).all()
     # `pending`: the known ones not embedded yet (queued or running), e.g. after an upload cut short
     pending = [r for r in rows if r.status in ("queued", "running")]
     return {"known": sorted({r.sha256 for r in rows}), "pending": sorted(r.sha256 for r in pending),
             "pending_jobs": {r.sha256: str(r.job_id) for r in pending},
             "pending_items": {r.sha256: str(r.id) for r in pending},
-            # each known file's item, and the path in its folder it was uploaded from (`clapq upload` keeps it as
-            # metadata.path): a folder uploaded again after files were renamed or moved can say so, and update it
+            # each known file's item, and where it was uploaded from (`clapq upload` keeps its path in the folder
+            # and the folder as metadata.path and metadata.folder): a folder uploaded again after files were
+            # renamed or moved within it can say so, and update them
             "items": {r.sha256: str(r.id) for r in rows},
-            "paths": {r.sha256: r.path for r in rows if isinstance(r.path, str)}}
+            "sent_from": {r.sha256: {"path": r.path, **({"folder": r.folder} if isinstance(r.folder, str) else {})}
+                          for r in rows if isinstance(r.path, str)}}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 import time
 
 from flask import Blueprint, Flask, Response, current_app, g, request
@@ -24,18 +25,34 @@ REQUEST_SECONDS = Histogram("clapq_http_request_duration_seconds", "HTTP request
                             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
 
+# items counted by state at most once in this while per API process: the count reads every item (38 ms at
+# 1M, benchmarks/backpressure.py), and /metrics takes no key, so scrapes sent as fast as they answer would
+# keep Postgres busy; Prometheus scrapes every 15 s or more
+COUNTS_TTL_S = 5.0
+
+
 class StateCollector:
-    """Read at scrape time from Postgres and Redis, so every API process reports the same truth."""
+    """Read at scrape time from Postgres and Redis, so every API process reports the same truth (the
+    items by state as of at most COUNTS_TTL_S ago)."""
 
     def __init__(self, app: Flask) -> None:
         self.app = app
+        self._counts: tuple[float, dict] | None = None
+        self._lock = threading.Lock()
+
+    def _item_counts(self, url: str) -> dict:
+        with self._lock:  # one count at a time: scrapes that arrive meanwhile take its answer
+            if self._counts is None or time.monotonic() - self._counts[0] >= COUNTS_TTL_S:
+                with session_scope(url) as s:
+                    self._counts = (time.monotonic(),
+                                    dict(s.execute(select(Item.status, func.count()).group_by(Item.status)).all()))
+            return self._counts[1]
 
     def collect(self):
         settings = self.app.config["CLAPQ"]
         celery = self.app.extensions["clapq_celery"]
         items = GaugeMetricFamily("clapq_items", "Items by state", labels=["state"])
-        with session_scope(settings.database_url) as s:
-            counts = dict(s.execute(select(Item.status, func.count()).group_by(Item.status)).all())
+        counts = self._item_counts(settings.database_url)
         for state in ("queued", "running", "done", "failed", "cancelled"):
             items.add_metric([state], counts.get(state, 0))
         yield items

@@ -127,7 +127,8 @@ SPEC = {
                     "items": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}}}}},
             "responses": _ok("known: the digests the library holds already (not failed or cancelled); pending: "
                              "those of them not embedded yet (pending_jobs, pending_items: the job and item of "
-                             "each); items: each known one's item; paths: its metadata.path, where it has one")}},
+                             "each); items: each known one's item; sent_from: its metadata.path and metadata.folder, "
+                             "where it has a path")}},
         "/v1/limits": {"get": {"responses": _ok("what the service takes", {"type": "object", "properties": {
             **{k: {"type": "integer"} for k in ("max_file_bytes", "max_files_per_batch", "max_request_bytes",
                                                 "max_duration_s", "max_clip_s", "max_query_chars", "max_k")},

@@ -4,11 +4,12 @@
 
 Every upload request first counts the files waiting to be embedded (queued or running), all of them,
 against CLAPQ_MAX_PENDING, and since session 23, where that count reaches CLAPQ_MAX_PENDING_PER_TENANT,
-the caller's own too (api/batches.py `_backpressure`). The backlog is bounded by that check, so the
+the caller's own too (api/batches.py `backpressure`). The backlog is bounded by that check, so the
 counts read at most about CLAPQ_MAX_PENDING rows. This loads ITEMS rows into an embedded Postgres
 migrated as the service's is, PENDING of them waiting (a heavy tenant holding most, 3 others the rest),
 and times the whole count (all the API runs below a tenant's share), one statement counting both at
-once, and the caller's own count alone, for a light tenant and the heavy one.
+once, and the caller's own count alone, for a light tenant and the heavy one; and, on the same table,
+the count of every item by state that each /metrics scrape runs.
 
 Prints a table and writes JSON to benchmarks/results/backpressure_<ITEMS>.json.
 """
@@ -34,8 +35,10 @@ WHOLE = "SELECT count(*) FROM items WHERE status IN ('queued', 'running')"
 BOTH = ("SELECT count(*), count(*) FILTER (WHERE tenant_id = %(t)s) FROM items "
         "WHERE status IN ('queued', 'running')")
 OWN = "SELECT count(*) FROM items WHERE status IN ('queued', 'running') AND tenant_id = %(t)s"
+# what each /metrics scrape runs (api/metrics.py), on the same table: every item, by state
+BY_STATE = "SELECT status, count(*) FROM items GROUP BY status"
 QUERIES = {"whole": (WHOLE, None), "both_light_tenant": (BOTH, 1), "both_heavy_tenant": (BOTH, 0),
-           "own_light_tenant": (OWN, 1), "own_heavy_tenant": (OWN, 0)}
+           "own_light_tenant": (OWN, 1), "own_heavy_tenant": (OWN, 0), "metrics_by_state": (BY_STATE, None)}
 
 
 def timed(cur, sql: str, params: dict, rounds: int) -> dict:

@@ -291,8 +291,8 @@ def wire_name(name: str) -> str:
 @contextlib.contextmanager
 def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
     """One upload request, streamed from the files as it is sent: the folder layout as 'metadata' (the
-    stored filename is the base name only), then each file as a 'files' part. The files are closed on
-    leaving."""
+    stored filename is the base name only: each file's path in the folder, and the folder's own path), then
+    each file as a 'files' part. The files are closed on leaving."""
     rel = [p.relative_to(folder).as_posix() for p in batch]
     names: list[str] = []
     for r in rel:  # two names that become one (café/cafè not in UTF-8, "a\\b" and "a_b"): the second is "a~2.wav"
@@ -302,7 +302,8 @@ def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
             stem, dot, ext = wire_name(r).rpartition(".")
             name = f"{stem}~{n}.{ext}" if dot else f"{ext}~{n}"
         names.append(name)
-    meta = json.dumps({n: {"path": stored_path(r)} for n, r in zip(names, rel)})
+    root = stored_path(str(folder.resolve()))  # which folder the paths are in: a rename is told within it only
+    meta = json.dumps({n: {"path": stored_path(r), "folder": root} for n, r in zip(names, rel)})
     def opened(p: Path) -> _Sized:
         try:
             return _Sized(p, files.enter_context(open(p, "rb")))
@@ -394,7 +395,7 @@ class Known(NamedTuple):
     new: list[Path]  # the files whose bytes it does not hold: to send
     pending: dict[Path, tuple[str | None, str | None]]  # held, not embedded yet: (job, item), None where not said
     digests: dict[Path, str | None]  # each file's sha256 (None: it could not be read)
-    held: dict[Path, tuple[str, str]]  # held, with the item and its metadata.path (from a server that says them)
+    held: dict[Path, tuple[str, dict]]  # held: the item, and where it was sent from ({"path", "folder"} as said)
 
 
 def not_known(client: Client, lib_id: str, batch: list[Path]) -> Known:
@@ -412,10 +413,11 @@ def not_known(client: Client, lib_id: str, batch: list[Path]) -> Known:
                          allow_redirects=False) or {}
     known, pending = set(answer.get("known", ())), set(answer.get("pending", ()))
     jobs, items = answer.get("pending_jobs", {}), answer.get("pending_items", {})
-    ids, paths = answer.get("items", {}), answer.get("paths", {})
+    ids, sent_from = answer.get("items", {}), answer.get("sent_from", {})
     return Known([p for p in batch if digests[p] not in known],
                  {p: (jobs.get(digests[p]), items.get(digests[p])) for p in batch if digests[p] in pending}, digests,
-                 {p: (ids[digests[p]], paths[digests[p]]) for p in batch if digests[p] in ids and digests[p] in paths})
+                 {p: (ids[digests[p]], sent_from[digests[p]]) for p in batch
+                  if digests[p] in ids and isinstance(sent_from.get(digests[p]), dict)})
 
 
 def stored_path(rel: str) -> str:
@@ -424,16 +426,32 @@ def stored_path(rel: str) -> str:
     return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
-def _moved(folder: Path, held: dict[Path, tuple[str, str]], first: dict[str, str], digests: dict) -> list[tuple]:
-    """The held files whose item's path is no longer in the folder (renamed or moved since it was sent),
-    as (item, old path, new path): the new one is the first path in the folder of those bytes, so copies
-    elsewhere in it move nothing."""
+def _moved(folder: Path, held: dict[Path, tuple[str, dict]], first: dict[str, str], digests: dict) -> list[tuple]:
+    """The held files sent from this folder whose path in it is gone (renamed or moved within it since),
+    as (item, old path, new path). Only files sent from this very folder (metadata.folder): a library
+    filled from two folders holding the same bytes under other names, or from a folder and then its parent,
+    has nothing renamed, and its paths flipped at each upload (helper-37). The new path is the first in
+    the folder of those bytes, so copies elsewhere in it move nothing. A path that cannot be looked at
+    (too long a name, a folder that cannot be read) is not taken as gone."""
+    root = stored_path(str(folder.resolve()))
     moved = []
-    for p, (item, old) in held.items():
-        rel = stored_path(p.relative_to(folder).as_posix())
-        if old != rel and first.get(digests[p]) == p.relative_to(folder).as_posix() and not (folder / old).exists():
-            moved.append((item, old, rel))
+    for p, (item, sent) in held.items():
+        old, rel = sent.get("path"), p.relative_to(folder).as_posix()
+        if (sent.get("folder") == root and isinstance(old, str) and old != stored_path(rel)
+                and first.get(digests[p]) == rel and _gone(folder, old)):
+            moved.append((item, old, stored_path(rel)))
     return moved
+
+
+def _gone(folder: Path, rel: str) -> bool:
+    """Whether nothing is at this path in the folder (an error other than "no such file" says nothing)."""
+    try:
+        os.lstat(folder / rel)
+    except (FileNotFoundError, NotADirectoryError):
+        return True
+    except (OSError, ValueError):  # a name too long, a folder that cannot be read, a NUL in the name
+        return False
+    return False
 
 
 def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path], list[str]]:
@@ -584,13 +602,15 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         ctrl_c = isinstance(exc, KeyboardInterrupt)
         if isinstance(exc, OSError):  # a file went away, or stopped being readable, since the listing
             exc = SystemExit(f"clapq: cannot read {exc.filename}: {exc.strerror or exc}")
+        # a 404 of the upload: its library may have been deleted meanwhile
+        was_404 = isinstance(exc, SystemExit) and isinstance(exc.code, str) and "failed (404)" in exc.code
         if isinstance(exc, SystemExit) and isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)  # why first, then what is in and how to go on
             exc = SystemExit(1)
         # a request cut off after the API stored its files (its answer was on the way) may hold them too
         maybe = (f"; the {n_files(in_flight)} being sent when it stopped may be stored as well" if ctrl_c and in_flight
                  else "")
-        if not ctrl_c and client.call("GET", f"/v1/libraries/{lib['id']}", missing_ok=True) is None:
+        if was_404 and _library_gone(client, lib["id"]):
             # deleted while the files were sent: its jobs and items went with it, so nothing is kept to resume
             print(f"clapq: library {lib['name']!r} was deleted while the upload ran; nothing of this run is kept in "
                   "it", file=sys.stderr)
@@ -648,6 +668,15 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                       "not_sent": len(refused), "duplicates": copies, "renamed": len(renamed), "failed": failed,
                       "cancelled": cancelled}))
     return 1 if failed or refused or cancelled else 0
+
+
+def _library_gone(client: Client, lib_id: str) -> bool:
+    """Whether the library is gone, asked once (no waiting through an outage): an upload that was refused
+    404 may have lost it. Any other answer, or none, is not taken as gone."""
+    try:
+        return client._call("GET", f"/v1/libraries/{urllib.parse.quote(lib_id, safe='')}", missing_ok=True) is None
+    except (SystemExit, Busy):
+        return False
 
 
 def _update_paths(client: Client, moved: list[tuple]) -> list[str]:

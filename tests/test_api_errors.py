@@ -141,12 +141,12 @@ def test_known_lists_only_held_bytes_of_this_library(client, lib, new_key, worke
     r = client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": digests}, headers=auth(key))
     good_id = job["items"][0]["id"]
     assert r.status_code == 200 and r.get_json() == {"known": digests[:1], "pending": [], "pending_jobs": {},
-                                                     "pending_items": {}, "items": {digests[0]: good_id}, "paths": {}}
+                                                     "pending_items": {}, "items": {digests[0]: good_id}, "sent_from": {}}
     # the path in its folder `clapq upload` keeps in the metadata, for a folder uploaded again after a rename
-    assert client.patch(f"/v1/items/{good_id}", json={"metadata": {"path": "sub/good.wav"}},
+    assert client.patch(f"/v1/items/{good_id}", json={"metadata": {"path": "sub/good.wav", "folder": "/srv/x"}},
                         headers=auth(key)).status_code == 200
     r = client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": digests}, headers=auth(key))
-    assert r.get_json()["paths"] == {digests[0]: "sub/good.wav"}
+    assert r.get_json()["sent_from"] == {digests[0]: {"path": "sub/good.wav", "folder": "/srv/x"}}
     # a file not embedded yet (queued again here by hand; it was started once, so no task takes it in)
     with session_scope(settings.database_url) as s:
         s.execute(update(Item).where(Item.library_id == uuid.UUID(lib_id), Item.sha256 == digests[0])
@@ -157,7 +157,7 @@ def test_known_lists_only_held_bytes_of_this_library(client, lib, new_key, worke
                   .values(status="done"))
     assert r.get_json() == {"known": digests[:1], "pending": digests[:1], "pending_jobs": {digests[0]: job["job_id"]},
                             "pending_items": {digests[0]: good_id}, "items": {digests[0]: good_id},
-                            "paths": {digests[0]: "sub/good.wav"}}
+                            "sent_from": {digests[0]: {"path": "sub/good.wav", "folder": "/srv/x"}}}
     for body in ({"sha256": ["ABC"]}, {"sha256": "0" * 64}, {"sha256": ["0" * 64, 5]}, ["0" * 64], None):
         assert "sha256" in err(client.post(f"/v1/libraries/{lib_id}/known", json=body, headers=auth(key)), 400)["message"]
     assert "10000" in err(client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": ["0" * 64] * 10_001},
@@ -447,6 +447,36 @@ def test_health_metrics_and_openapi(client, worker):
     assert 0 < free <= size
     spec = client.get("/openapi.json").get_json()
     assert spec["openapi"].startswith("3.") and "/v1/search" in spec["paths"]
+
+
+@pytest.mark.parametrize("ttl", [3600.0, 0.0])
+def test_items_by_state_are_counted_at_most_once_in_a_while(settings, monkeypatch, ttl):
+    """/metrics takes no key, and its count of items by state reads every item (38 ms at 1M): scrapes
+    sent one after another count once per COUNTS_TTL_S, so they cannot keep Postgres busy; with no such
+    while, each scrape counts."""
+    from sqlalchemy import event
+
+    import api.metrics
+    from api import create_app
+    from clapq.db import get_engine
+
+    monkeypatch.setattr(api.metrics, "COUNTS_TTL_S", ttl)
+    client = create_app(settings).test_client()
+    counts = []
+
+    def seen(conn, cursor, statement, *args):
+        if "GROUP BY items.status" in statement:
+            counts.append(statement)
+
+    engine = get_engine(settings.database_url)
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        for _ in range(3):
+            r = client.get("/metrics")
+            assert r.status_code == 200 and 'clapq_items{state="done"}' in r.get_data(as_text=True)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert len(counts) == (1 if ttl else 3), counts
 
 
 def test_what_json_cannot_carry_is_a_400_naming_where(client, lib, settings):

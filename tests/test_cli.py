@@ -219,8 +219,8 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     moved = next(r for r in requests.get(f"{base}/v1/search", params={"library_id": summary["library_id"],
                                                                         "q": "heavy", "k": 10}, headers=h,
                                          timeout=60).json()["results"] if r["metadata"]["path"] == "rain/heavy.flac")
-    assert requests.patch(f"{base}/v1/items/{moved['item_id']}", json={"metadata": {"path": "rain/heavy.flac",
-                                                                                     "mic": "zoom"}},
+    assert moved["metadata"] == {"path": "rain/heavy.flac", "folder": str(folder.resolve())}
+    assert requests.patch(f"{base}/v1/items/{moved['item_id']}", json={"metadata": {**moved["metadata"], "mic": "zoom"}},
                           headers=h, timeout=30).status_code == 200
     (folder / "storm").mkdir()
     (folder / "rain" / "heavy.flac").rename(folder / "storm" / "heavy rain.flac")
@@ -230,7 +230,17 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert ("1 file renamed or moved since it was sent: its path in the library updated: rain/heavy.flac -> "
             "storm/heavy rain.flac") in out.stderr.splitlines(), out.stderr
     item = requests.get(f"{base}/v1/items/{moved['item_id']}", headers=h, timeout=30).json()
-    assert item["metadata"] == {"path": "storm/heavy rain.flac", "mic": "zoom"}, item
+    assert item["metadata"] == {"path": "storm/heavy rain.flac", "folder": str(folder.resolve()), "mic": "zoom"}, item
+    # the same bytes in another folder, under another name, uploaded into the library: that folder has
+    # nothing renamed (it flipped the path at each upload of either folder, helper-37)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copyfile(folder / "storm" / "heavy rain.flac", other / "take 2.flac")
+    out = subprocess.run(cli + ["upload", str(other), "--library", "folder lib", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and json.loads(out.stdout)["renamed"] == 0, out.stdout + out.stderr
+    assert requests.get(f"{base}/v1/items/{moved['item_id']}", headers=h, timeout=30).json()["metadata"] == \
+        item["metadata"]
     # the file sent on its own, from its folder: not that folder's layout, so its path stays
     out = subprocess.run(cli + ["upload", str(folder / "storm" / "heavy rain.flac"), "--library", "folder lib",
                                 "--url", base, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
@@ -719,7 +729,7 @@ def test_upload_bodies_stream_from_disk_and_parse_as_sent(tmp_path):
         environ = {"REQUEST_METHOD": "POST", "CONTENT_TYPE": body.content_type, "CONTENT_LENGTH": str(len(body)),
                    "wsgi.input": io.BytesIO(body.read())}
     _, form, files = parse_form_data(environ)
-    assert json.loads(form["metadata"]) == {"sub/a.wav": {"path": "sub/a.wav"}}
+    assert json.loads(form["metadata"]) == {"sub/a.wav": {"path": "sub/a.wav", "folder": str(tmp_path.resolve())}}
     assert files["files"].filename == "sub/a.wav" and files["files"].read() == b"RIFF small"
 
 
@@ -931,28 +941,41 @@ def test_a_job_cancelled_while_the_upload_waits_is_said_and_fails_the_command(tm
         assert json.loads(out)["cancelled"] == 2 and json.loads(out)["failed"] == 0, out
 
 
-def test_a_library_deleted_while_the_files_are_sent_is_said_without_advice_to_resume(tmp_path, tiny_model):
-    """The library deleted between two of the command's requests: it says so, and that nothing of this run
-    is kept, not "N files were uploaded; run the same command again for the rest" (helper-36)."""
+@pytest.mark.parametrize("refusal", [404, 401])
+def test_a_library_deleted_while_the_files_are_sent_is_said_without_advice_to_resume(tmp_path, tiny_model, refusal):
+    """The library deleted between two of the command's requests (404): it says so, and that nothing of this
+    run is kept, not "N files were uploaded; run the same command again for the rest" (helper-36). Another
+    refusal (a key revoked meanwhile, 401) asks nothing more and keeps that advice (helper-37: the look at
+    the library was refused too, and its sentence replaced the advice)."""
     def answer(method, path):
         if path == "/v1/limits":
             return 200, {"max_files_per_batch": 1}, {}
         if path == "/v1/libraries":
             return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if path.endswith("/known"):
+            return 200, {"known": [], "pending": []}, {}
         if path.endswith("/batches") and not sent:
             sent.append(path)
             return 202, {"job_id": "job1", "items": [{"id": "i0", "filename": "0.wav"}]}, {}
+        asked.append(path)
+        if refusal == 401:
+            return 401, {"error": {"code": "unauthorized", "message": "missing or invalid API key", "status": 401}}, {}
         return 404, {"error": {"code": "not_found", "message": "library not found", "status": 404}}, {}
 
     sent: list = []
+    asked: list = []
     for i in range(2):
         write(tmp_path / f"{i}.wav", 0.5, seed=i)
     with fake_api(answer) as url:
         p = _upload(tmp_path, url, tiny_model)
         out, err = p.communicate(timeout=60)
     assert p.returncode == 1, (out, err)
-    assert "clapq: library 'x' was deleted while the upload ran; nothing of this run is kept in it" in err, err
-    assert "run the same command again" not in err, err
+    if refusal == 404:
+        assert "clapq: library 'x' was deleted while the upload ran; nothing of this run is kept in it" in err, err
+        assert "run the same command again" not in err and asked == ["/v1/libraries/lib1/batches", "/v1/libraries/lib1"]
+    else:
+        assert err.count("the API does not take this key") == 1 and asked == ["/v1/libraries/lib1/batches"], err
+        assert "clapq: 1 of 2 files were uploaded (jobs job1); run the same command again for the rest" in err, err
 
 
 def test_an_empty_library_this_command_did_not_create_is_asked_what_it_holds(tmp_path, tiny_model):
@@ -1595,6 +1618,19 @@ def test_a_library_is_found_however_its_accents_are_written(tmp_path):
         assert c.library("F\u00eate", create=False)["id"] == "lib2"  # NFC; lib3 is its old NFD twin
         with pytest.raises(SystemExit, match="no library named 'Cafe'"):
             c.library("Cafe", create=False)
+
+
+def test_a_stored_path_that_cannot_be_looked_at_is_not_taken_as_renamed(tmp_path):
+    """Only "no such file" says a file sent from this folder is gone from it: a stored name too long for the
+    file system (a name of undecodable bytes, each kept as a 3-byte U+FFFD) stopped the whole upload with
+    "cannot read", on every run (helper-37)."""
+    from clapq.client import _gone
+
+    (tmp_path / "here.wav").write_bytes(b"x")
+    assert _gone(tmp_path, "gone.wav") and _gone(tmp_path, "here.wav/below.wav")
+    assert not _gone(tmp_path, "here.wav")
+    assert not _gone(tmp_path, "\ufffd" * 90 + ".wav")  # 274 bytes: ENAMETOOLONG
+    assert not _gone(tmp_path, "nul\0.wav")
 
 
 def test_names_with_control_characters_print_on_one_line():
