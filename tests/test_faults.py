@@ -265,6 +265,22 @@ def test_a_redis_that_hangs_holds_no_request(stack):
     assert_exactly_once(stack, job_id, 4)
 
 
+def test_the_embedded_redis_answers_only_with_its_password(services):
+    """Any local user can reach a loopback port: the embedded Redis takes commands only after AUTH with the
+    password in REDIS_URL (helper-35: its query cache and queues were open to all), which is in a file only
+    this user can read and not on the server's command line."""
+    import psutil
+    import redis
+
+    server = services["redis"]
+    assert redis.Redis.from_url(services["redis_url"]).ping()
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis(host="127.0.0.1", port=server.port).get("clapq:anything")
+    conf = server.data_dir / "redis.conf"
+    assert conf.stat().st_mode & 0o777 == 0o600 and server.password in conf.read_text()
+    assert server.password not in " ".join(psutil.Process(server.proc.pid).cmdline())
+
+
 def test_redis_restarted_empty_mid_job(stack):
     key, job_id = job_under_way(stack, 120, 10)
     redis: EmbeddedRedis = stack["redis"]
