@@ -48,9 +48,10 @@ class StreamingRequest(Request):
         return digests
 
     def release_replaced(self) -> None:
-        """Once the answer is sent: stored copies this request's parts replaced are freed (BlobWriter.release)."""
+        """Once the answer is sent: stored copies this request's parts replaced are freed, by the process's
+        closer thread (BlobWriter.release_later)."""
         for w in getattr(self, "_clapq_writers", []):
-            w.release()
+            w.release_later()
 
     def keep_uploads(self) -> None:
         """The rows that name the parts committed into the store have committed: their blobs stay."""

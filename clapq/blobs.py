@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
 import os
+import queue
 import tempfile
+import threading
 import time
 import weakref
 from collections.abc import Iterable
@@ -149,9 +152,17 @@ class BlobWriter:
         self._replaced = weakref.finalize(self, os.close, fd)
 
     def release(self) -> None:
-        """Let the file system free the stored copy this commit replaced (see _hold_replaced)."""
+        """Let the file system free the stored copy this commit replaced (see _hold_replaced), now."""
         if self._replaced is not None:
             self._replaced()
+
+    def release_later(self) -> None:
+        """The same, on this process's closer thread: freed in the request's thread, after its answer, the
+        copy held up the next request on the same connection (5-8 ms against 1 ms at 40 MB, which told the
+        same thing; helper-38)."""
+        if self._replaced is not None and self._replaced.alive:
+            _, _, (fd,), _ = self._replaced.detach()
+            _closer().put(fd)
 
     def _give_up(self, exc: OSError) -> None:
         """After a failed write or commit: the part is discarded, and a full disk or quota is StorageFull
@@ -169,6 +180,28 @@ class BlobWriter:
             pass
         finally:
             self.tmp_path.unlink(missing_ok=True)
+
+
+_closing: tuple[int, queue.SimpleQueue] | None = None  # (pid, queue) of this process's closer thread
+_closing_lock = threading.Lock()
+
+
+def _closer() -> queue.SimpleQueue:
+    """The queue of file descriptors this process's closer thread closes, one by one, started on first use
+    (and again in a forked child, where the parent's thread does not run)."""
+    global _closing
+    with _closing_lock:
+        if _closing is None or _closing[0] != os.getpid():
+            fds: queue.SimpleQueue = queue.SimpleQueue()
+
+            def close_all() -> None:
+                while True:
+                    with contextlib.suppress(OSError):
+                        os.close(fds.get())
+
+            threading.Thread(target=close_all, name="clapq-blob-closer", daemon=True).start()
+            _closing = (os.getpid(), fds)
+        return _closing[1]
 
 
 class BlobStore:

@@ -177,6 +177,19 @@ def test_bytes_stored_already_take_the_path_new_ones_take(tmp_path):
     assert held() and path.read_bytes() == data
     w.release()
     assert not held()
+    # the API's way: after its answer, on the process's closer thread, so that neither the answer nor the
+    # next request on the connection waits for the freeing (helper-38)
+    import time
+
+    w = store.writer()
+    w.write(data)
+    w.commit()
+    assert held()
+    w.release_later()
+    deadline = time.monotonic() + 10
+    while held() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not held()
     path.write_bytes(data[:100])
     assert store.put_bytes(data) == sha and path.read_bytes() == data
     path.write_bytes(bytes(len(data)))  # the right size, other bytes
