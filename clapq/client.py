@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -291,7 +292,7 @@ def wire_name(name: str) -> str:
 @contextlib.contextmanager
 def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
     """One upload request, streamed from the files as it is sent: the folder layout as 'metadata' (the
-    stored filename is the base name only: each file's path in the folder, and the folder's own path), then
+    stored filename is the base name only: each file's path in the folder, and an id of the folder), then
     each file as a 'files' part. The files are closed on leaving."""
     rel = [p.relative_to(folder).as_posix() for p in batch]
     names: list[str] = []
@@ -302,7 +303,7 @@ def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
             stem, dot, ext = wire_name(r).rpartition(".")
             name = f"{stem}~{n}.{ext}" if dot else f"{ext}~{n}"
         names.append(name)
-    root = stored_path(str(folder.resolve()))  # which folder the paths are in: a rename is told within it only
+    root = folder_id(folder)  # which folder the paths are in: a rename is told within it only
     meta = json.dumps({n: {"path": stored_path(r), "folder": root} for n, r in zip(names, rel)})
     def opened(p: Path) -> _Sized:
         try:
@@ -426,19 +427,30 @@ def stored_path(rel: str) -> str:
     return rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+def folder_id(folder: Path) -> str:
+    """An id of the folder files are sent from, kept as metadata.folder: a hash of its absolute path, not the
+    path, which would show the uploader's user name to whoever searches the library (helper-38)."""
+    return hashlib.sha256(str(folder.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 def _moved(folder: Path, held: dict[Path, tuple[str, dict]], first: dict[str, str], digests: dict) -> list[tuple]:
-    """The held files sent from this folder whose path in it is gone (renamed or moved within it since),
-    as (item, old path, new path). Only files sent from this very folder (metadata.folder): a library
-    filled from two folders holding the same bytes under other names, or from a folder and then its parent,
-    has nothing renamed, and its paths flipped at each upload (helper-37). The new path is the first in
-    the folder of those bytes, so copies elsewhere in it move nothing. A path that cannot be looked at
-    (too long a name, a folder that cannot be read) is not taken as gone."""
-    root = stored_path(str(folder.resolve()))
+    """The held files sent from this folder whose path in it is gone (renamed or moved within it since), as
+    (item, old path, new path), and the held files sent before uploads recorded their folder that are at
+    the same path here, as (item, path, path): they take this folder, so that their later renames are told
+    (helper-38). Only files sent from this very folder (metadata.folder) are renamed: a library filled from
+    two folders holding the same bytes under other names, or from a folder and then its parent, has nothing
+    renamed, and its paths flipped at each upload (helper-37). The new path is the first in the folder of
+    those bytes, so copies elsewhere in it move nothing. A path that cannot be looked at (too long a name,
+    a folder that cannot be read) is not taken as gone."""
+    root = folder_id(folder)
     moved = []
     for p, (item, sent) in held.items():
         old, rel = sent.get("path"), p.relative_to(folder).as_posix()
-        if (sent.get("folder") == root and isinstance(old, str) and old != stored_path(rel)
-                and first.get(digests[p]) == rel and _gone(folder, old)):
+        if not isinstance(old, str) or first.get(digests[p]) != rel:
+            continue
+        if "folder" not in sent and old == stored_path(rel):
+            moved.append((item, old, old))
+        elif sent.get("folder") == root and old != stored_path(rel) and _gone(folder, old):
             moved.append((item, old, stored_path(rel)))
     return moved
 
@@ -641,7 +653,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         else:
             still = f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
         print(f"{skipped} of {found} files are in the library already{still}: not sent again", file=sys.stderr)
-    renamed = _update_paths(client, moved)
+    adopting = sum(old == new for _, old, new in moved)
+    if adopting:
+        print(f"{n_files(adopting)} sent by an earlier version: recording this folder with "
+              f"{'it' if adopting == 1 else 'them'} (once), so that later renames are told", file=sys.stderr)
+    renamed = _update_paths(client, folder, moved)
     if renamed:
         print(f"{n_files(len(renamed))} renamed or moved since {'it was' if len(renamed) == 1 else 'they were'} "
               f"sent: {'its path' if len(renamed) == 1 else 'their paths'} in the library updated: {_some(renamed)}",
@@ -679,18 +695,19 @@ def _library_gone(client: Client, lib_id: str) -> bool:
         return False
 
 
-def _update_paths(client: Client, moved: list[tuple]) -> list[str]:
-    """Give each moved file's item its new path (`_moved`), keeping the rest of its metadata (a PATCH
-    replaces it whole); an item deleted, or given another path, since it was looked at is left as it is.
-    Returns "old -> new" for each updated."""
-    done = []
+def _update_paths(client: Client, folder: Path, moved: list[tuple]) -> list[str]:
+    """Give each moved file's item its new path and this folder (`_moved`), keeping the rest of its metadata
+    (a PATCH replaces it whole); an item deleted, or given another path or folder, since it was looked at is
+    left as it is. Returns "old -> new" for each renamed (not for those that only took the folder)."""
+    root, done = folder_id(folder), []
     for item, old, new in moved:
         got = client.call("GET", f"/v1/items/{urllib.parse.quote(item, safe='')}", missing_ok=True)
         meta = got.get("metadata") if isinstance(got, dict) else None
-        if not isinstance(meta, dict) or meta.get("path") != old:
+        if not isinstance(meta, dict) or meta.get("path") != old or meta.get("folder", root) != root:
             continue
         if client.call("PATCH", f"/v1/items/{urllib.parse.quote(item, safe='')}",
-                       json={"metadata": {**meta, "path": new}}, missing_ok=True) is not None:
+                       json={"metadata": {**meta, "path": new, "folder": root}}, missing_ok=True) is not None \
+                and new != old:
             done.append(f"{printable(old)} -> {printable(new)}")
     return done
 

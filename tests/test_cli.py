@@ -219,9 +219,21 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     moved = next(r for r in requests.get(f"{base}/v1/search", params={"library_id": summary["library_id"],
                                                                         "q": "heavy", "k": 10}, headers=h,
                                          timeout=60).json()["results"] if r["metadata"]["path"] == "rain/heavy.flac")
-    assert moved["metadata"] == {"path": "rain/heavy.flac", "folder": str(folder.resolve())}
-    assert requests.patch(f"{base}/v1/items/{moved['item_id']}", json={"metadata": {**moved["metadata"], "mic": "zoom"}},
+    from clapq.client import folder_id
+
+    assert moved["metadata"] == {"path": "rain/heavy.flac", "folder": folder_id(folder)}
+    # as an earlier version sent it (no folder), with metadata of the user's: a run with the file where it
+    # was records this folder with it, once, and its metadata stays
+    assert requests.patch(f"{base}/v1/items/{moved['item_id']}", json={"metadata": {"path": "rain/heavy.flac",
+                                                                                     "mic": "zoom"}},
                           headers=h, timeout=30).status_code == 200
+    out = subprocess.run(cli + ["upload", str(folder), "--library", "folder lib", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and json.loads(out.stdout)["renamed"] == 0, out.stdout + out.stderr
+    assert ("1 file sent by an earlier version: recording this folder with it (once), so that later renames are "
+            "told") in out.stderr.splitlines(), out.stderr
+    assert requests.get(f"{base}/v1/items/{moved['item_id']}", headers=h, timeout=30).json()["metadata"] == {
+        "path": "rain/heavy.flac", "mic": "zoom", "folder": folder_id(folder)}
     (folder / "storm").mkdir()
     (folder / "rain" / "heavy.flac").rename(folder / "storm" / "heavy rain.flac")
     out = subprocess.run(cli + ["upload", str(folder), "--library", "folder lib", "--url", base, "--key", key],
@@ -230,7 +242,7 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert ("1 file renamed or moved since it was sent: its path in the library updated: rain/heavy.flac -> "
             "storm/heavy rain.flac") in out.stderr.splitlines(), out.stderr
     item = requests.get(f"{base}/v1/items/{moved['item_id']}", headers=h, timeout=30).json()
-    assert item["metadata"] == {"path": "storm/heavy rain.flac", "folder": str(folder.resolve()), "mic": "zoom"}, item
+    assert item["metadata"] == {"path": "storm/heavy rain.flac", "folder": folder_id(folder), "mic": "zoom"}, item
     # the same bytes in another folder, under another name, uploaded into the library: that folder has
     # nothing renamed (it flipped the path at each upload of either folder, helper-37)
     other = tmp_path / "other"
@@ -729,7 +741,8 @@ def test_upload_bodies_stream_from_disk_and_parse_as_sent(tmp_path):
         environ = {"REQUEST_METHOD": "POST", "CONTENT_TYPE": body.content_type, "CONTENT_LENGTH": str(len(body)),
                    "wsgi.input": io.BytesIO(body.read())}
     _, form, files = parse_form_data(environ)
-    assert json.loads(form["metadata"]) == {"sub/a.wav": {"path": "sub/a.wav", "folder": str(tmp_path.resolve())}}
+    assert json.loads(form["metadata"]) == {"sub/a.wav": {"path": "sub/a.wav", "folder": client.folder_id(tmp_path)}}
+    assert len(client.folder_id(tmp_path)) == 16 and str(tmp_path) not in form["metadata"]  # not the user's path
     assert files["files"].filename == "sub/a.wav" and files["files"].read() == b"RIFF small"
 
 
