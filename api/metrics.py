@@ -16,7 +16,7 @@ from clapq import metrics
 from clapq.db import session_scope
 from clapq.models import Item
 from clapq.presence import live_workers
-from clapq.queue import EMBED_QUEUE, redis_client
+from clapq.queue import EMBED_QUEUE, best_effort
 
 bp = Blueprint("metrics", __name__)
 
@@ -56,9 +56,17 @@ class StateCollector:
         for state in ("queued", "running", "done", "failed", "cancelled"):
             items.add_metric([state], counts.get(state, 0))
         yield items
-        depth = redis_client(celery).llen(EMBED_QUEUE)
-        yield GaugeMetricFamily("clapq_queue_depth", "Tasks waiting in the broker", value=depth)
-        yield GaugeMetricFamily("clapq_workers_live", "Workers with a fresh presence key", value=live_workers(celery))
+        # what Redis holds, if it answers now (one try, 1 s; skipped for a while after a failure): a Redis that
+        # hangs answered every scrape 500, the database's figures with it (helper-38)
+        kept = None
+        with best_effort(celery, "reading the figures kept in Redis for /metrics") as client:
+            if client is not None:
+                kept = (client.llen(EMBED_QUEUE), live_workers(celery, client), metrics.read(celery, client))
+        yield GaugeMetricFamily("clapq_redis_up", "Whether Redis answered this scrape: the queue depth, live workers and embed figures need it",
+                                value=float(kept is not None))
+        if kept is not None:
+            yield GaugeMetricFamily("clapq_queue_depth", "Tasks waiting in the broker", value=kept[0])
+            yield GaugeMetricFamily("clapq_workers_live", "Workers with a fresh presence key", value=kept[1])
         # uploads fail with 507 once the stored files' disk is full: seen here before users see it
         try:
             where = settings.blob_dir
@@ -72,7 +80,9 @@ class StateCollector:
                                     "Free bytes on the disk of the stored files (CLAPQ_BLOB_DIR)", value=disk.free)
             yield GaugeMetricFamily("clapq_blob_size_bytes", "Size of the disk of the stored files (CLAPQ_BLOB_DIR)",
                                     value=disk.total)
-        m = metrics.read(celery)
+        if kept is None:
+            return
+        m = kept[2]
         for name, help_ in (("windows_total", "Audio windows embedded"), ("items_done_total", "Items embedded"),
                             ("items_failed_total", "Items failed")):
             c = CounterMetricFamily(f"clapq_{name[:-6]}", help_)

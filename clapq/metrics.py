@@ -38,6 +38,6 @@ def record_items(app, done: int = 0, failed: int = 0) -> None:
         log.warning("metrics update failed", exc_info=True)
 
 
-def read(app) -> dict[str, float]:
-    raw = redis_client(app).hgetall(KEY)
+def read(app, client=None) -> dict[str, float]:
+    raw = (client or redis_client(app)).hgetall(KEY)
     return {k.decode() if isinstance(k, bytes) else k: float(v) for k, v in raw.items()}

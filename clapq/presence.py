@@ -47,5 +47,5 @@ def stop(app) -> None:
             pass
 
 
-def live_workers(app) -> int:
-    return sum(1 for _ in redis_client(app).scan_iter(match=PREFIX + "*", count=100))
+def live_workers(app, client=None) -> int:
+    return sum(1 for _ in (client or redis_client(app)).scan_iter(match=PREFIX + "*", count=100))

@@ -436,7 +436,7 @@ def test_health_metrics_and_openapi(client, worker):
     m = client.get("/metrics")
     assert m.status_code == 200 and m.mimetype == "text/plain"
     body = m.get_data(as_text=True)
-    for name in ("clapq_items{state=\"done\"}", "clapq_queue_depth", "clapq_workers_live 1.0",
+    for name in ("clapq_items{state=\"done\"}", "clapq_redis_up 1.0", "clapq_queue_depth", "clapq_workers_live 1.0",
                  "clapq_embed_batch_seconds_bucket", "clapq_windows_total", "clapq_http_request_duration_seconds"):
         assert name in body, name
     import shutil

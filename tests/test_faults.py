@@ -258,6 +258,11 @@ def test_a_redis_that_hangs_holds_no_request(stack):
         for q in ("rain on a roof", "a door creaks"):
             r = answered(lambda: client.get(f"/v1/search?library_id={lib_id}&q={q}", headers=auth(key)))
             assert r.status_code == 200, r.get_json()
+        # /metrics still gives the database's figures, and says Redis did not answer (it was a 500; helper-38)
+        m = answered(lambda: client.get("/metrics"))
+        body = m.get_data(as_text=True)
+        assert m.status_code == 200 and 'clapq_items{state="done"}' in body and "clapq_redis_up 0.0" in body, body
+        assert "clapq_queue_depth" not in body
     finally:
         os.kill(redis_pid, signal.SIGCONT)
     job_id = up.get_json()["job_id"]
