@@ -171,8 +171,12 @@ def test_a_task_run_twice_at_once_changes_nothing(stack):
     second time, under the same task id, beside the first. Here every task of a 41-file job is sent twice
     to two idle workers (the first task's copy once a worker holds it). Its first file is a pipe nobody
     writes to, so its decoder hangs until CLAPQ_DECODE_TIMEOUT_S (10 s) and that task is surely still
-    running when its copy starts: both claim its files (each counted as tried twice). The job ends with the pipe failed and every
-    other file embedded exactly once: one pooled vector, one segment."""
+    running when its copy starts. The copy finds its files running under its own id, as when Celery hands
+    back the message of a pool child that died, and sends each on alone; whichever run writes a file first,
+    it is tried once or twice. The job ends with the pipe failed and every other file embedded exactly
+    once: one pooled vector, one segment. (Each of the first task's files was asserted tried twice, which
+    held only where the single tasks claimed them before the first task wrote them: a race, which a clean
+    CI run of session 23 lost, with [2, 2, 1, 1, ...].)"""
     from clapq.blobs import BlobStore
     from clapq.queue import EMBED_QUEUE, EMBED_TASK, chunks, make_celery
     from tests.test_engine import job_of_blobs
@@ -218,8 +222,7 @@ def test_a_task_run_twice_at_once_changes_nothing(stack):
     assert {status[i] for i in good} == {"done"} and status[ids[0]] == "failed", status
     for per_item in counts:  # segments, then pooled vectors
         assert {per_item.get(uuid.UUID(i)) for i in good} == {1} and uuid.UUID(ids[0]) not in per_item, per_item
-    assert [attempts[i] for i in tasks[0]] == [2] * len(tasks[0]), attempts
-    assert {attempts[i] for i in good} <= {1, 2}, attempts
+    assert {attempts[i] for i in ids} <= {1, 2}, attempts
 
 
 def test_a_redis_that_hangs_holds_no_request(stack):
