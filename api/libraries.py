@@ -129,10 +129,9 @@ def known_files(lib_id: str):
     """Which of these sha256 digests (of whole files' bytes) the library holds already, queued, running
     or embedded (`pending`: those of them not embedded yet, with the job each is in, `pending_jobs`, and
     its item, `pending_items`; every known one's item, `items`, and its metadata.path and .folder,
-    `sent_from`): a client
-    uploading a folder again sends only the rest, can wait for the files an earlier run left being
-    embedded, and can update the paths of files renamed since. Failed and cancelled files are not listed, because sending them again
-    retries them."""
+    `sent_from`): a client uploading a folder again sends only the rest, can wait for the files an earlier
+    run left being embedded, and can update the paths of files renamed since. Failed and cancelled files
+    are not listed, because sending them again retries them."""
     lib = owned(Library, lib_id, "library")
     if (request.content_length or 0) > MAX_DIGESTS * 80:  # before it is read: 10,000 digests fit in 800 kB
         raise ApiError(413, "too_large", f"send at most {MAX_DIGESTS} digests (about 700 kB) per request")

@@ -62,8 +62,8 @@ class StateCollector:
         with best_effort(celery, "reading the figures kept in Redis for /metrics") as client:
             if client is not None:
                 kept = (client.llen(EMBED_QUEUE), live_workers(celery, client), metrics.read(celery, client))
-        yield GaugeMetricFamily("clapq_redis_up", "Whether Redis answered this scrape: the queue depth, live workers and embed figures need it",
-                                value=float(kept is not None))
+        yield GaugeMetricFamily("clapq_redis_up", "Whether Redis answered this scrape: the queue depth, live "
+                                "workers and embed figures need it", value=float(kept is not None))
         if kept is not None:
             yield GaugeMetricFamily("clapq_queue_depth", "Tasks waiting in the broker", value=kept[0])
             yield GaugeMetricFamily("clapq_workers_live", "Workers with a fresh presence key", value=kept[1])

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
-import threading
 import unicodedata
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +17,10 @@ from api.lookup import owned
 from api.models_info import serving_checkpoint
 from clapq.queue import best_effort
 from clapq.models import Embedding, Item, Library
+from clapq.threads import one_thread
 
 
 TEXT_CACHE_TTL_S = 7 * 24 * 3600
-
-# one thread per API process runs every model call (text queries, clips, the preload), whichever request
-# thread asked: see on_model_thread
-_model_thread: tuple[int, ThreadPoolExecutor] | None = None
-_model_thread_lock = threading.Lock()
-
 
 def on_model_thread(fn, *args):
     """fn(*args) run on this process's one model thread; waits for it and returns (or raises) what it did.
@@ -39,12 +31,7 @@ def on_model_thread(fn, *args):
     wake-up. The full-size text tower took 22-24 ms on a request thread against 14 ms on one thread
     that alone runs torch (bf16, 2 cores; fp32 61-64 against 55: BENCHMARKS.md). Model calls are one at
     a time anyway (LoadedClap's lock), so one thread loses no concurrency."""
-    global _model_thread
-    with _model_thread_lock:
-        if _model_thread is None or _model_thread[0] != os.getpid():  # not a pool inherited through fork
-            _model_thread = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="clapq-model"))
-        pool = _model_thread[1]
-    return pool.submit(fn, *args).result()
+    return one_thread("clapq-model").submit(fn, *args).result()
 
 
 def _clap(text_only: bool):

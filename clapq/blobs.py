@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import logging
 import os
-import queue
 import tempfile
-import threading
 import time
 import weakref
 from collections.abc import Iterable
@@ -18,6 +15,8 @@ from typing import BinaryIO
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+
+from clapq.threads import one_thread
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +51,9 @@ FULL = (errno.ENOSPC, errno.EDQUOT)  # the errors that mean StorageFull
 
 # A blob is shared by every item (of any library or tenant) that holds its bytes, and is removed when the
 # last of them is deleted. Two sides must not interleave, so both hold this Postgres advisory lock: an
-# upload, shared, from moving its blobs into place until its item rows
-# commit; removal, exclusive, from checking that no item holds the bytes until the file is unlinked. An
-# upload of the same bytes at that moment either commits its item first (the blob stays) or moves its own
-# copy into place after the unlink.
+# upload, shared, from moving its blobs into place until its item rows commit; removal, exclusive, from
+# checking that no item holds the bytes until the file is unlinked. An upload of the same bytes at that
+# moment either commits its item first (the blob stays) or moves its own copy into place after the unlink.
 BLOB_LOCK = 0x636C6170_71626C62  # "clapqblb"
 
 RECLAIM_CHUNK = 1000  # blobs checked and unlinked per hold of the exclusive lock: uploads wait no longer
@@ -161,8 +159,8 @@ class BlobWriter:
         copy held up the next request on the same connection (5-8 ms against 1 ms at 40 MB, which told the
         same thing; helper-38)."""
         if self._replaced is not None and self._replaced.alive:
-            _, _, (fd,), _ = self._replaced.detach()
-            _closer().put(fd)
+            _, close, args, _ = self._replaced.detach()
+            one_thread("clapq-blob-closer").submit(close, *args)
 
     def _give_up(self, exc: OSError) -> None:
         """After a failed write or commit: the part is discarded, and a full disk or quota is StorageFull
@@ -180,28 +178,6 @@ class BlobWriter:
             pass
         finally:
             self.tmp_path.unlink(missing_ok=True)
-
-
-_closing: tuple[int, queue.SimpleQueue] | None = None  # (pid, queue) of this process's closer thread
-_closing_lock = threading.Lock()
-
-
-def _closer() -> queue.SimpleQueue:
-    """The queue of file descriptors this process's closer thread closes, one by one, started on first use
-    (and again in a forked child, where the parent's thread does not run)."""
-    global _closing
-    with _closing_lock:
-        if _closing is None or _closing[0] != os.getpid():
-            fds: queue.SimpleQueue = queue.SimpleQueue()
-
-            def close_all() -> None:
-                while True:
-                    with contextlib.suppress(OSError):
-                        os.close(fds.get())
-
-            threading.Thread(target=close_all, name="clapq-blob-closer", daemon=True).start()
-            _closing = (os.getpid(), fds)
-        return _closing[1]
 
 
 class BlobStore:
