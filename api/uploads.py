@@ -7,6 +7,7 @@ import unicodedata
 
 from flask import Request, current_app, g
 from werkzeug.exceptions import BadRequest
+from werkzeug.wsgi import LimitedStream
 
 from api.removal import queue_unnamed, reclaim
 from clapq.blobs import BlobStore
@@ -93,11 +94,16 @@ def finish_bodies(wsgi_app, max_request_bytes: int):
     sending reads as its send fails (urllib3 does)."""
 
     def app(environ, start_response):
-        result = wsgi_app(environ, start_response)
         try:
             declared = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
-            return result
+            return wsgi_app(environ, start_response)
+        if declared and not environ.get("wsgi.input_terminated"):
+            # a server may give the connection itself as the body (PEP 3333; werkzeug's own server does), and
+            # reading past CONTENT_LENGTH there waits for the client's next request, which never comes while
+            # it waits for this answer: the body is bounded, as gunicorn's is
+            environ["wsgi.input"] = LimitedStream(environ["wsgi.input"], declared)
+        result = wsgi_app(environ, start_response)
         # a body of unstated length is readable to its end only where the server says so (gunicorn does)
         if (declared or environ.get("wsgi.input_terminated")) and declared <= min(max_request_bytes, DRAIN_MAX_BYTES):
             stream, left = environ["wsgi.input"], DRAIN_MAX_BYTES

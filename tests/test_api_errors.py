@@ -921,3 +921,38 @@ def test_only_errors_of_reaching_postgres_are_503s(settings):
         with pytest.raises(sa_exc.DBAPIError) as terminated:
             victim.execute(sa.text("SELECT 1"))
     assert database_unavailable(terminated.value)
+
+
+def test_the_api_answers_under_a_server_that_gives_the_connection_as_the_body(app, new_key, tmp_path):
+    """WSGI lets a server hand the connection itself to the app as the request body (werkzeug's own server,
+    `flask run`, does). The API read bodies on to their end after answering (finish_bodies), which there
+    waited for the client's next request: every POST and PATCH with a body hung. It reads at most the
+    declared length now. Under werkzeug's threaded server: a JSON body, an upload, an answer given before
+    its body was read (a 401), and a PATCH."""
+    import threading
+
+    from werkzeug.serving import make_server
+
+    from tests.audio import write
+
+    server = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base, h = f"http://127.0.0.1:{server.server_port}", auth(new_key())
+        with requests.Session() as s:  # one connection kept alive where the server allows it
+            made = s.post(f"{base}/v1/libraries", json={"name": "under werkzeug"}, headers=h, timeout=20)
+            assert made.status_code == 201, made.text
+            clip = write(tmp_path / "a.wav", 0.5).read_bytes()
+            sent = s.post(f"{base}/v1/libraries/{made.json()['id']}/batches", files={"files": ("a.wav", clip)},
+                          headers=h, timeout=20)
+            assert sent.status_code == 202, sent.text
+            refused = s.post(f"{base}/v1/libraries/{made.json()['id']}/batches", files={"files": ("a.wav", clip)},
+                             headers={"Authorization": "Bearer cq_not_a_key"}, timeout=20)
+            assert refused.status_code == 401, refused.text
+            item = sent.json()["items"][0]["id"]
+            patched = s.patch(f"{base}/v1/items/{item}", json={"metadata": {"mic": "zoom"}}, headers=h, timeout=20)
+            assert patched.status_code == 200 and patched.json()["metadata"] == {"mic": "zoom"}, patched.text
+    finally:
+        server.shutdown()
+        thread.join()
