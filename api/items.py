@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import unicodedata
 from pathlib import PurePosixPath
 from urllib.parse import quote
 
-from flask import Blueprint, current_app, request, send_file
+from flask import Blueprint, current_app, jsonify, request, send_file
 from sqlalchemy import select
 from werkzeug.http import http_date, parse_date, parse_etags, parse_range_header
 
@@ -61,25 +63,45 @@ def _progress(item: Item) -> float | None:
     return {"queued": 0.0, "done": 1.0}.get(item.status)
 
 
+def _etag(body: dict) -> str:
+    """The item's ETag: a hash of what GET shows of it (keys sorted), so it changes with its metadata, and
+    also with its status and progress."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def _with_etag(item: Item):
+    body = item_json(item)
+    response = jsonify(body)
+    response.set_etag(_etag(body))
+    return response
+
+
 @bp.get("/items/<item_id>")
 def get_item(item_id: str):
-    return item_json(owned(Item, item_id, "item"))
+    return _with_etag(owned(Item, item_id, "item"))
 
 
 @bp.patch("/items/<item_id>")
 def patch_item(item_id: str):
     """Replace the item's metadata with `{"metadata": {...}}`: the way to change it, since the same bytes
     uploaded again with other metadata are a copy of this item and leave it as it is. Search filters see
-    the new metadata at once; the vectors do not change."""
-    item = owned(Item, item_id, "item")
+    the new metadata at once; the vectors do not change. With `If-Match: <the ETag a GET gave>` it is
+    replaced only if the item has not changed since (else 412), so that an edit made by someone else
+    between that GET and this PATCH is not overwritten (the row is locked from the check to the commit)."""
     body = json_body()
     if not isinstance(body, dict) or set(body) != {"metadata"} or not isinstance(body["metadata"], dict):
         raise bad_request('send a JSON object like {"metadata": {"category": "rain"}} (the metadata replaces '
                           "what the item has; {} clears it)")
     check_metadata(body["metadata"], "'metadata'")
+    item = owned(Item, item_id, "item", lock=True)
+    if "If-Match" in request.headers:
+        tags, now = parse_etags(request.headers["If-Match"]), _etag(item_json(item))
+        if not (tags.star_tag or tags.contains(now)):  # strong comparison, as If-Match asks
+            raise ApiError(412, "precondition_failed", f'If-Match: the item has changed since that ETag was read '
+                           f'(it is now "{now}"); GET it again and make the change on what it holds now')
     item.meta = body["metadata"]
     db().commit()
-    return item_json(item)
+    return _with_etag(item)
 
 
 @bp.delete("/items/<item_id>")

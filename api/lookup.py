@@ -17,8 +17,9 @@ def parse_id(raw: str | None, what: str) -> uuid.UUID:
         raise not_found(what) from None
 
 
-def owned(model, raw_id: str | None, what: str):
-    row = db().get(model, parse_id(raw_id, what))
+def owned(model, raw_id: str | None, what: str, lock: bool = False):
+    """`lock`: the row is locked (FOR UPDATE) until the request's transaction ends."""
+    row = db().get(model, parse_id(raw_id, what), with_for_update=lock)
     if row is None or row.tenant_id != g.tenant_id:
         raise not_found(what)
     return row

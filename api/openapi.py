@@ -158,12 +158,15 @@ SPEC = {
         "/v1/items/{item_id}": {
             "get": {"parameters": [_path_id("item_id")],
                     "responses": _ok("the item", {"$ref": "#/components/schemas/Item"})},
-            "patch": {"parameters": [_path_id("item_id")],
+            "patch": {"parameters": [_path_id("item_id"), {
+                          "name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
+                          "description": "the ETag a GET of the item gave: the metadata is replaced only if the "
+                                         "item has not changed since (else 412)"}],
                       "requestBody": {"required": True, "content": {"application/json": {"schema": {
                           "type": "object", "required": ["metadata"], "additionalProperties": False,
                           "properties": {"metadata": {"type": "object"}}}}}},
                       "responses": {**_ok("the item, its metadata replaced", {"$ref": "#/components/schemas/Item"}),
-                                    "413": _ERR}},
+                                    "412": _ERR, "413": _ERR}},
             "delete": {"parameters": [_path_id("item_id")],
                        "responses": _ok("deleted: the item and its vectors; stored_files: 1 if none of your "
                                         "other items holds its bytes", DELETED)}},

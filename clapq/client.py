@@ -55,6 +55,10 @@ class Busy(SystemExit):
         self.retry_after_s, self.outage = retry_after_s, outage
 
 
+class Stale(SystemExit):
+    """412: the item changed since the ETag sent in If-Match was read; read it again."""
+
+
 def patiently(attempt: Callable[[], T]) -> T:
     """attempt(), made again while it raises Busy: as long as the API is busy (its backlog drains), and up to
     OUTAGE_WAIT_S into an outage; the reason is said on stderr when it changes."""
@@ -98,7 +102,13 @@ class Client:
             return self._call(method, path, missing_ok, **kw)
         return patiently(lambda: self._call(method, path, missing_ok, **kw))
 
-    def _call(self, method: str, path: str, missing_ok: bool = False, **kw) -> dict | None:
+    def item(self, item_id: str) -> tuple[dict | None, str | None]:
+        """An item and its ETag (for If-Match), or (None, None) where it is gone."""
+        r = patiently(lambda: self._call("GET", f"/v1/items/{urllib.parse.quote(item_id, safe='')}", True, full=True))
+        return (None, None) if r is None else (r.json(), r.headers.get("ETag"))
+
+    def _call(self, method: str, path: str, missing_ok: bool = False, full: bool = False, **kw):
+        """The JSON answer (`full`: the response itself), or None for a 404 with `missing_ok`."""
         try:
             # 10 s to connect (a wrong host fails fast), 10 minutes for an answer (a large upload's)
             r = self.s.request(method, self.url + path, **{"timeout": (10, 600), **kw})
@@ -143,11 +153,13 @@ class Client:
             if r.status_code in (502, 503, 504):
                 raise Busy(f"clapq: {method} {path}: the API is unavailable for now ({msg})", _retry_after(r, 5.0),
                            outage=True)
+            if r.status_code == 412 and code == "precondition_failed":
+                raise Stale(f"clapq: {method} {path}: {msg}")
             if r.status_code == 401 and code == "unauthorized":  # the API's words are for HTTP clients
                 raise SystemExit(f"clapq: {method} {path}: the API does not take this key (unknown or revoked): pass "
                                  "the one `clapq up` or `clapq keys create` printed, with --key or CLAPQ_API_KEY")
             raise SystemExit(f"clapq: {method} {path} failed ({r.status_code}): {msg}")
-        return r.json()
+        return r if full else r.json()
 
     def library(self, name: str, create: bool = True) -> dict:
         """The library with this name (or id); created if missing, or else a sentence naming the ones
@@ -698,17 +710,25 @@ def _library_gone(client: Client, lib_id: str) -> bool:
 def _update_paths(client: Client, folder: Path, moved: list[tuple]) -> list[str]:
     """Give each moved file's item its new path and this folder (`_moved`), keeping the rest of its metadata
     (a PATCH replaces it whole); an item deleted, or given another path or folder, since it was looked at is
-    left as it is. Returns "old -> new" for each renamed (not for those that only took the folder)."""
+    left as it is. The PATCH carries the GET's ETag (If-Match): where the item changed in between (an edit
+    made elsewhere, its status) it is read again, so such an edit is never overwritten. Returns
+    "old -> new" for each renamed (not for those that only took the folder)."""
     root, done = folder_id(folder), []
     for item, old, new in moved:
-        got = client.call("GET", f"/v1/items/{urllib.parse.quote(item, safe='')}", missing_ok=True)
-        meta = got.get("metadata") if isinstance(got, dict) else None
-        if not isinstance(meta, dict) or meta.get("path") != old or meta.get("folder", root) != root:
-            continue
-        if client.call("PATCH", f"/v1/items/{urllib.parse.quote(item, safe='')}",
-                       json={"metadata": {**meta, "path": new, "folder": root}}, missing_ok=True) is not None \
-                and new != old:
-            done.append(f"{printable(old)} -> {printable(new)}")
+        for _ in range(5):
+            got, tag = client.item(item)
+            meta = got.get("metadata") if isinstance(got, dict) else None
+            if not isinstance(meta, dict) or meta.get("path") != old or meta.get("folder", root) != root:
+                break
+            try:
+                patched = client.call("PATCH", f"/v1/items/{urllib.parse.quote(item, safe='')}",
+                                      json={"metadata": {**meta, "path": new, "folder": root}},
+                                      headers={"If-Match": tag} if tag else {}, missing_ok=True)
+            except Stale:
+                continue
+            if patched is not None and new != old:
+                done.append(f"{printable(old)} -> {printable(new)}")
+            break
     return done
 
 

@@ -1748,6 +1748,41 @@ def test_names_a_multipart_form_cannot_carry_still_reach_the_api_with_their_path
     assert "caf\ufffd.wav" in [i["filename"] for i in items] and "caf\ufffd~2.wav" in [i["filename"] for i in items]
 
 
+def test_a_path_update_never_overwrites_an_edit_made_meanwhile(start_api, new_key, tmp_path):
+    """`clapq upload` gives a renamed file its new path with a GET, then a PATCH of the whole metadata; an
+    edit made between the two was overwritten (helper-37). The PATCH now carries the GET's ETag: it is
+    refused (412), the item read again, and both changes kept."""
+    from clapq import client as cli_client
+
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "edits"}, headers=h, timeout=30).json()["id"]
+    root = cli_client.folder_id(tmp_path)
+    with open(write(tmp_path / "a.wav", 0.5, seed=3), "rb") as f:
+        sent = requests.post(f"{base}/v1/libraries/{lib}/batches", files={"files": ("a.wav", f)},
+                             data={"metadata": json.dumps({"a.wav": {"path": "old/a.wav", "folder": root}})},
+                             headers=h, timeout=60)
+    assert sent.status_code == 202, sent.text
+    item = sent.json()["items"][0]["id"]
+    c = cli_client.Client(base, key)
+    read, tags = c.item, []
+
+    def read_then_someone_edits(item_id):
+        got = read(item_id)
+        tags.append(got[1])
+        if len(tags) == 1:  # a user tags the file between the command's GET and its PATCH
+            assert requests.patch(f"{base}/v1/items/{item_id}", json={"metadata": {**got[0]["metadata"],
+                                                                                   "mic": "zoom"}},
+                                  headers=h, timeout=30).status_code == 200
+        return got
+
+    c.item = read_then_someone_edits
+    assert cli_client._update_paths(c, tmp_path, [(item, "old/a.wav", "a.wav")]) == ["old/a.wav -> a.wav"]
+    assert len(tags) == 2 and tags[0] and tags[0] != tags[1], tags
+    assert requests.get(f"{base}/v1/items/{item}", headers=h, timeout=30).json()["metadata"] == {
+        "path": "a.wav", "folder": root, "mic": "zoom"}
+
+
 def test_video_files_are_sent_for_their_audio_track(tmp_path):
     """A folder's video files are uploaded (the worker decodes their audio track); pictures, text, MIDI
     (notes, not sound) and .ts (TypeScript as often as MPEG-TS) are counted as left out."""

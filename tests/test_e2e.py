@@ -141,6 +141,21 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model, setting
     found = client.post("/v1/search", json={"library_id": lib["id"], "text": "tone", "k": 10,
                                             "filter": {"metadata": {"tag": "b"}}}, headers=auth(key)).get_json()
     assert [r["item_id"] for r in found["results"]] == [ids[name]]
+    # If-Match: a PATCH made on what an earlier GET showed is refused (412) once the item has changed since,
+    # so that the change made in between is not overwritten; the answer carries the new ETag
+    read = client.get(f"/v1/items/{ids[name]}", headers=auth(key))
+    tag = read.headers["ETag"]
+    assert client.get(f"/v1/items/{ids[name]}", headers=auth(key)).headers["ETag"] == tag  # the same item, the same tag
+    first = client.patch(f"/v1/items/{ids[name]}", json={"metadata": {"tag": "c"}},
+                         headers={**auth(key), "If-Match": tag})
+    assert first.status_code == 200 and first.headers["ETag"] not in (None, tag), first.headers
+    late = client.patch(f"/v1/items/{ids[name]}", json={"metadata": {"tag": "d"}},
+                        headers={**auth(key), "If-Match": tag})
+    assert late.status_code == 412 and late.get_json()["error"]["code"] == "precondition_failed", late.get_json()
+    assert first.headers["ETag"] in late.get_json()["error"]["message"]
+    assert client.get(f"/v1/items/{ids[name]}", headers=auth(key)).get_json()["metadata"] == {"tag": "c"}
+    assert client.patch(f"/v1/items/{ids[name]}", json={"metadata": {"tag": "b"}},
+                        headers={**auth(key), "If-Match": "*"}).status_code == 200
     for body in ({"metadata": [1]}, {"tag": "b"}, {"metadata": {}, "filename": "x"}, None):
         r = client.patch(f"/v1/items/{ids[name]}", json=body, headers=auth(key))
         assert r.status_code == 400 and "metadata" in r.get_json()["error"]["message"], body
