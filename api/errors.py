@@ -81,8 +81,15 @@ def parse_json(raw: str | bytes, where: str):
             no_constant(text)
         return value
 
+    def once(pairs: list) -> dict:  # a key given twice would be read as its last value, silently
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            twice = next(k for i, (k, _) in enumerate(pairs) if any(k == k2 for k2, _ in pairs[:i]))
+            raise bad_request(f"{where} gives {twice!r} more than once; give it once")
+        return obj
+
     try:
-        value = json.loads(raw, parse_constant=no_constant, parse_float=finite)
+        value = json.loads(raw, parse_constant=no_constant, parse_float=finite, object_pairs_hook=once)
     except RecursionError:
         raise bad_request(f"{where} is nested more than {MAX_DEPTH} levels deep") from None
     check_text(value, where)
@@ -112,9 +119,16 @@ def small_body() -> bytes:
 def json_body():
     """The request's JSON body, whatever its Content-Type says (`curl -d '{...}'` sends JSON as a form,
     which get_json ignores: the client was told to send the JSON object it had sent); None when it is not
-    JSON. Only the Authorization header admits a request, which a page's form cannot set."""
-    small_body()
-    return request.get_json(force=True, silent=True)
+    JSON (the caller says what to send), and a 400 saying where it fails to parse when it looks like JSON
+    (a trailing comma was told "send a JSON object like ..."). Only the Authorization header admits a
+    request, which a page's form cannot set."""
+    data = small_body()
+    try:
+        return parse_json(data, "the JSON body")
+    except ValueError as exc:  # json's errors, and bytes that are no text (UnicodeDecodeError)
+        if data.lstrip()[:1] in (b"{", b"["):
+            raise bad_request(f"the JSON body does not parse: {exc}") from None
+        return None
 
 
 class ClientJSON(DefaultJSONProvider):

@@ -52,6 +52,7 @@ def item_json(item: Item) -> dict:
         "duration_s": item.duration_s, "sample_rate": item.sample_rate, "channels": item.channels,
         "format": item.audio_format, "metadata": item.meta or {}, "status": item.status,
         "error": item.error, "attempts": item.attempts, "progress": _progress(item),
+        "created_at": item.created_at.isoformat() if item.created_at else None,
     }
 
 
@@ -59,7 +60,7 @@ def _progress(item: Item) -> float | None:
     """The share of the file embedded: of a running file of more windows than a batch, its windows so far
     (its worker records them every 2 s), else 0; none for a file that failed or was cancelled."""
     if item.status == "running":
-        return item.progress or 0.0
+        return round(item.progress or 0.0, 4)  # as a job's
     return {"queued": 0.0, "done": 1.0}.get(item.status)
 
 

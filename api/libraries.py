@@ -6,7 +6,7 @@ import re
 import unicodedata
 import uuid
 
-from flask import Blueprint, g, request
+from flask import Blueprint, g
 from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 
@@ -133,9 +133,10 @@ def known_files(lib_id: str):
     run left being embedded, and can update the paths of files renamed since. Failed and cancelled files
     are not listed, because sending them again retries them."""
     lib = owned(Library, lib_id, "library")
-    if (request.content_length or 0) > MAX_DIGESTS * 80:  # before it is read: 10,000 digests fit in 800 kB
-        raise ApiError(413, "too_large", f"send at most {MAX_DIGESTS} digests (about 700 kB) per request")
-    body = json_body()
+    body = json_body()  # at most 16 MiB, as any JSON body: 10,000 digests however they are laid out
+    if isinstance(body, dict) and set(body) - {"sha256"}:
+        raise bad_request(f"the JSON body has {sorted(set(body) - {'sha256'})[0]!r}, which /known does not take; "
+                          'send {"sha256": [...]}')
     digests = body.get("sha256") if isinstance(body, dict) else None
     if isinstance(digests, list) and len(digests) > MAX_DIGESTS:
         raise bad_request(f"{len(digests)} digests in one request; the limit is {MAX_DIGESTS}")

@@ -87,7 +87,7 @@ SPEC = {
                 "duration_s": {"type": ["number", "null"]}, "sample_rate": {"type": ["integer", "null"]},
                 "channels": {"type": ["integer", "null"]}, "metadata": {"type": "object"},
                 "status": {"type": "string"}, "error": {"type": ["string", "null"]},
-                "progress": {"type": ["number", "null"]}}},
+                "progress": {"type": ["number", "null"]}, "created_at": {"type": "string", "format": "date-time"}}},
         },
         "responses": {"Error": {"description": "error envelope", "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},

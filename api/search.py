@@ -76,10 +76,10 @@ def _params() -> dict:
         raise bad_request("a POST search takes its fields in the body, not in the query string")
     # a URL-encoded form, unless it is JSON sent as one (`curl -d '{...}'`)
     form = request.mimetype == "multipart/form-data" or (request.mimetype == "application/x-www-form-urlencoded"
-                                                         and not small_body().lstrip().startswith(b"{"))
-    if request.method == "GET" or form:
-        f = request.args if request.method == "GET" else request.form
-        _known(f, "the query string" if request.method == "GET" else "the form",
+                                                         and not small_body().lstrip().startswith((b"{", b"[")))
+    if request.method in ("GET", "HEAD") or form:  # HEAD: a GET without its body (it was a 400)
+        f = request.args if request.method != "POST" else request.form
+        _known(f, "the query string" if request.method != "POST" else "the form",
                request.files if request.method == "POST" else ())
         p = {k: f.get(k) for k in ("q", "text", *OPTIONS)}
         if p["q"] not in (None, "") and p["text"] not in (None, "") and p["q"] != p["text"]:
@@ -184,7 +184,8 @@ def search():
     model_id = served_model_for(*libs)
     k = _int(p.get("k"), "k", 1, settings.max_k, 10)
     offset = _int(p.get("offset"), "offset", 0, 10 * settings.max_k, 0)
-    mode = p.get("mode") or "items"
+    # left out or empty: items; 0 or false is not a mode (`or` read them as left out)
+    mode = "items" if p.get("mode") in (None, "") else p.get("mode")
     if mode not in ("items", "segments"):
         raise bad_request("'mode' must be 'items' or 'segments'")
     min_score = p.get("min_score")

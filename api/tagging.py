@@ -41,8 +41,8 @@ def _labels() -> tuple[list[str], np.ndarray, int]:
     if not isinstance(template, str) or "{label}" not in template or len(template) > 500:
         raise bad_request("'template' must be a string containing '{label}'")
     top = body.get("top", 3)
-    if not isinstance(top, int) or isinstance(top, bool) or not 1 <= top <= MAX_LABELS:
-        raise bad_request(f"'top' must be an integer between 1 and {MAX_LABELS}")
+    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+        raise bad_request("'top' must be a whole number, 1 or more (over the number of labels gives them all)")
     # the top 3 of 2 labels are both, as when `top` is left out
     return labels, text_vectors([template.replace("{label}", x.strip()) for x in labels]), min(top, len(labels))
 

@@ -201,14 +201,15 @@ def cmd_keys_create(args) -> None:
     _with_keys(args, lambda s: create_key(s, args.tenant))
 
 
+def _utc(t) -> str:
+    return t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
 def cmd_keys_list(args) -> None:
     from clapq.keys import list_keys
 
-    def utc(t) -> str:
-        return t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
-
     def table(s) -> str:
-        rows = [(k.prefix + "…", tenant, utc(k.created_at), f"revoked {utc(k.revoked_at)}" if k.revoked_at else "active")
+        rows = [(k.prefix + "…", tenant, _utc(k.created_at), f"revoked {_utc(k.revoked_at)}" if k.revoked_at else "active")
                 for k, tenant in list_keys(s)]
         head = ("key", "tenant", "created (UTC)", "state")
         widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(3)]
@@ -222,9 +223,11 @@ def cmd_keys_revoke(args) -> None:
 
     def revoke(s) -> str:
         try:
-            key, tenant = revoke_key(s, args.key.strip())
+            key, tenant, before = revoke_key(s, args.key.strip())
         except NoSuchKey as exc:
             _fail(str(exc), 1)
+        if before:
+            return f"{key.prefix}… of tenant {tenant!r} was revoked already, at {_utc(key.revoked_at)} UTC"
         return f"revoked {key.prefix}… of tenant {tenant!r}: requests with it get 401 from now on"
 
     _with_keys(args, revoke)
@@ -532,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = keys.add_parser("list", help="every API key by its first characters, its tenant and whether it is revoked")
     revoke = keys.add_parser("revoke", help="revoke an API key at once (a leaked one): give it whole, or its first "
                              "characters as `keys list` shows them")
-    revoke.add_argument("key", help="the key, or its first characters (cq_ and 7 more) where they name one key")
+    revoke.add_argument("key", help="the key, or its first characters as `keys list` shows them (cq_ and 7 more)")
     for command, func in ((listing, cmd_keys_list), (revoke, cmd_keys_revoke)):
         command.add_argument("--data-dir", type=Path, default=None, help=data_dir_help)
         command.set_defaults(func=func)

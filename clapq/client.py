@@ -11,6 +11,7 @@ import sys
 import time
 import unicodedata
 import urllib.parse
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -169,6 +170,10 @@ class Client:
         lib, libs = self._find(name)
         if lib is not None:
             return lib
+        if _as_id(name) is not None:  # the API takes no id as a name, so there is nothing to create
+            there = ", ".join(repr(lib["name"]) for lib in libs) or "none yet"
+            raise SystemExit(f"clapq: none of your libraries has the id {name} (libraries: {there}); "
+                             "give a library's name or the id its creation printed")
         if not create:
             alike = [lib["name"] for lib in libs if lib["name"].casefold() == name.casefold()]
             if alike:  # names are case-sensitive: `walk` for `Walk`
@@ -196,13 +201,21 @@ class Client:
         libs = self.call("GET", "/v1/libraries")["libraries"]
         by_name = next((lib for lib in libs if lib["name"] == name), None) or next(
             (lib for lib in libs if unicodedata.normalize("NFC", lib["name"]) == name), None)  # one made before NFC
-        # an id pasted in capitals is the same id (a UUID's hex digits have no case)
-        return by_name or next((lib for lib in libs if lib["id"] == name.lower()), None), libs
+        # an id in capitals, braces or without hyphens is the same id
+        return by_name or next((lib for lib in libs if lib["id"] == _as_id(name)), None), libs
 
     def limits(self) -> dict:
         """What the API takes (GET /v1/limits; an older server without it: {})."""
         answer = self.call("GET", "/v1/limits", missing_ok=True)
         return answer if isinstance(answer, dict) else {}
+
+
+def _as_id(name: str) -> str | None:
+    """The library id this text is (in any form a UUID takes, as the API refuses all of them as names)."""
+    try:
+        return str(uuid.UUID(name))
+    except ValueError:
+        return None
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

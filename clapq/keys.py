@@ -50,14 +50,16 @@ def list_keys(session: Session) -> list[tuple[ApiKey, str]]:
         select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id).order_by(ApiKey.created_at))]
 
 
-def revoke_key(session: Session, given: str) -> tuple[ApiKey, str]:
-    """Revoke the key given whole, or by its first characters as `clapq keys list` shows them (up to the 10
-    kept) where they name one key; the key and its tenant's name. A key revoked before keeps its time."""
-    if not given.startswith(KEY_PREFIX) or len(given) < len(KEY_PREFIX) + 3:
-        raise NoSuchKey(f"{given!r} is not a key: keys start with {KEY_PREFIX!r} and 3 or more characters "
-                        "(`clapq keys list` shows them)")
-    keys = select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
+def revoke_key(session: Session, given: str) -> tuple[ApiKey, str, bool]:
+    """Revoke the key given whole, or by the first characters `clapq keys list` shows (all 10 kept: a
+    shorter start named whichever key began so, and revoked it); the key, its tenant's name and whether it
+    was revoked before (it then keeps its time)."""
     given = given.rstrip("…")  # as `keys list` shows it
+    if not given.startswith(KEY_PREFIX) or len(given) < PREFIX_CHARS:
+        raise NoSuchKey(f"{given!r} is not a key, nor the start of one as `clapq keys list` shows it: give the "
+                        f"whole key, or its first {PREFIX_CHARS} characters ({KEY_PREFIX!r} and "
+                        f"{PREFIX_CHARS - len(KEY_PREFIX)} more)")
+    keys = select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id)
     if len(given) > PREFIX_CHARS:  # the whole key: by its hash
         rows = session.execute(keys.where(ApiKey.key_hash == hash_key(given))).all()
     else:
@@ -68,8 +70,9 @@ def revoke_key(session: Session, given: str) -> tuple[ApiKey, str]:
     if len(rows) > 1:
         raise NoSuchKey(f"{len(rows)} keys start with {given!r}; give the whole key")
     key, tenant = rows[0]
-    if key.revoked_at is None:
+    before = key.revoked_at is not None
+    if not before:
         key.revoked_at = func.now()
         session.flush()
         session.refresh(key)
-    return key, tenant
+    return key, tenant, before

@@ -356,9 +356,16 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert out.returncode == 0 and f"revoked {key2[:10]}… of tenant 'second'" in out.stdout, out
     assert requests.get(f"{base}/v1/libraries", headers=h2, timeout=10).status_code == 401
     assert requests.get(f"{base}/v1/libraries", headers=h, timeout=10).status_code == 200
-    out = subprocess.run(keys + ["revoke", "cq_", "--data-dir", str(data_dir)], env=_env(tiny_model),
+    out = subprocess.run(keys + ["revoke", key2[:10], "--data-dir", str(data_dir)], env=_env(tiny_model),
                          capture_output=True, text=True, timeout=120)
-    assert out.returncode == 1 and "'cq_' is not a key" in out.stderr, out
+    assert out.returncode == 0 and f"{key2[:10]}… of tenant 'second' was revoked already, at " in out.stdout, out
+    # fewer characters than `keys list` shows name no key: "cq_" and 3 more revoked whichever key began so
+    # (helper-39)
+    for given in ("cq_", key[:6], key[:9] + "…"):
+        out = subprocess.run(keys + ["revoke", given, "--data-dir", str(data_dir)], env=_env(tiny_model),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and f"{given.rstrip('…')!r} is not a key, nor the start of one" in out.stderr, out
+    assert requests.get(f"{base}/v1/libraries", headers=h, timeout=10).status_code == 200
 
     assert up.stop() == 0
     assert _leftovers(data_dir) == []
@@ -1669,8 +1676,17 @@ def test_a_library_named_as_another_ones_id_is_the_one_meant():
         assert client.library(libs[0]["id"], create=False)["id"] == libs[1]["id"]
         assert client.library(libs[1]["id"], create=False)["name"] == libs[1]["name"]
         assert client.library(" sfx ", create=False)["id"] == libs[0]["id"]
-        # an id pasted in capitals is the same id
+        # an id pasted in capitals, in braces or without hyphens is the same id
         assert client.library(libs[1]["id"].upper().replace("5F1C", "5f1C"), create=False)["id"] == libs[1]["id"]
+        assert client.library("{%s}" % libs[1]["id"].replace("-", ""))["id"] == libs[1]["id"]
+        # an id none of the caller's libraries has (another tenant's, a typo) is said as such, for a search
+        # and for an upload: it advised creating a library named as the id, which the API refuses (helper-39)
+        for create in (False, True):
+            with pytest.raises(SystemExit) as said:
+                client.library("00000000-0000-0000-0000-000000000000", create=create)
+            assert str(said.value.code) == ("clapq: none of your libraries has the id 00000000-0000-0000-0000-"
+                                            "000000000000 (libraries: 'sfx', '5f1c0000-0000-4000-8000-000000000001'"
+                                            "); give a library's name or the id its creation printed"), said.value
 
 
 def test_an_item_named_twice_is_deleted_once(tiny_model):
