@@ -360,12 +360,15 @@ def test_audio_lost_to_damage_is_silence_so_later_times_stay_true(fmt, subtype, 
 
 
 @pytest.mark.parametrize("container,codec,fmt,rate,offset_s", [("matroska", "flac", "s16", 22_050, 3.0),
-                                                               ("mp4", "aac", "fltp", 8_000, 0.4)])
+                                                               ("mp4", "aac", "fltp", 8_000, 0.4),
+                                                               ("matroska", "flac", "s16", 8_000, 75.0)])
 def test_a_video_whose_sound_begins_later_keeps_the_videos_times(container, codec, fmt, rate, offset_s, tmp_path):
     """A video whose audio track begins later than its picture: its segments' times were counted from the
     audio's start, so a match at 0-10 s played 3-13 s in a player. The time before the sound is silence now.
     At 8 kHz that silence (0.4 s) made an AAC track's decoded length run past its stated length by less than
-    AAC's padding allowance, and the end of the real audio was cut as padding: the stated length counts it."""
+    AAC's padding allowance, and the end of the real audio was cut as padding: the stated length counts it.
+    A sound that begins more than a minute in (the most a jump of timestamps is taken for lost audio) was
+    timed from 0 (helper-40): within the video's length it is the video's time."""
     import av
 
     path = tmp_path / f"late_sound.{container}"
@@ -382,3 +385,171 @@ def test_a_video_whose_sound_begins_later_keeps_the_videos_times(container, code
     assert samples.shape[0] / r == pytest.approx(offset_s + 2.0, abs=0.02), samples.shape[0] / r
     assert np.abs(samples[: int((offset_s - 0.05) * r)]).max() < 0.02  # silence until the sound (AAC rings in)
     assert np.abs(samples[-int(0.1 * r):]).max() > 0.1  # the tone's end, not cut
+
+
+def surround(seconds: float, rate: int, channels: int) -> np.ndarray:
+    """(frames, channels): a 440 Hz tone in every channel but the last, a 1 kHz tone there."""
+    wave = sine(seconds, rate, 440.0)[:, :1].repeat(channels, axis=1)
+    wave[:, -1] = sine(seconds, rate, 1000.0)[:, 0]
+    return wave
+
+
+@pytest.mark.parametrize("kind", ["vorbis_8ch.ogg", "aac_7.1.m4a", "flac_8ch.mkv"])
+def test_eight_channels_through_ffmpeg_decode_to_their_mix(kind, tmp_path):
+    """Audio of 8 channels that FFmpeg decodes (7.1 AAC, 8-channel Vorbis and FLAC in Matroska): the decoder
+    died (SIGSEGV) on every one, as PyAV's to_ndarray of a planar frame of 8 or more channels reads past the
+    end of its table of planes (helper-40); 6 and 7 channels were fine. Decoded in the decoder's child
+    process, as the worker does, so that the old crash fails this test instead of killing it."""
+    import av
+    from fractions import Fraction
+
+    from worker.decoder import DecoderProcess
+
+    rate, seconds = 48_000, 3.0
+    wave = surround(seconds, rate, 8)
+    path = tmp_path / kind
+    if kind.endswith(".ogg"):
+        sf.write(str(path), wave, rate, format="OGG", subtype="VORBIS")
+    else:
+        codec, fmt = ("aac", "fltp") if kind.endswith(".m4a") else ("flac", "s16")
+        with av.open(str(path), "w", format="mp4" if kind.endswith(".m4a") else "matroska") as out:
+            track = out.add_stream(codec, rate=rate, layout="7.1")
+            track.format = fmt
+            # packed frames, converted by FFmpeg: PyAV's from_ndarray of planar 8 channels fails as its
+            # to_ndarray did
+            convert = av.AudioResampler(format=fmt, layout="7.1", rate=rate)
+            for start in range(0, wave.shape[0], 1024):
+                frame = av.AudioFrame.from_ndarray(wave[start:start + 1024].reshape(1, -1).astype(np.float32),
+                                                   format="flt", layout="7.1")
+                frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+                for converted in convert.resample(frame):
+                    for packet in track.encode(converted):
+                        out.mux(packet)
+            for packet in track.encode(None):
+                out.mux(packet)
+    d = DecoderProcess()
+    try:
+        info, n = d.decode(blob_copy(path, tmp_path), tmp_path / "out.f32", timeout_s=60, max_duration_s=None)
+    finally:
+        d.close()
+    samples = np.fromfile(tmp_path / "out.f32", np.float32)
+    assert info.channels == 8 and n == samples.shape[0], info
+    assert n / audio.TARGET_RATE == pytest.approx(seconds, abs=0.05), info
+    # the mix: 7/8 of the 440 Hz tone and 1/8 of the 1 kHz one
+    spectrum = np.abs(np.fft.rfft(samples[: 2 * audio.TARGET_RATE]))
+    hz = np.fft.rfftfreq(2 * audio.TARGET_RATE, 1 / audio.TARGET_RATE)
+    near = lambda f: spectrum[(hz > f - 5) & (hz < f + 5)].max()  # noqa: E731
+    assert 4 < near(440.0) / near(1000.0) < 12, (near(440.0), near(1000.0))
+
+
+def test_mp3_parts_of_other_rates_or_channels_joined_without_a_xing_header_decode_whole(tmp_path):
+    """MP3s joined with `cat` where the parts have no Xing header and differ in rate or channels: libsndfile
+    said the whole length and gave only the first part (mono 6 s + stereo 4 s came out 6.03 s), or the second
+    part as noise. The frame headers' rate and channel mode now send such a file to FFmpeg (helper-40)."""
+    import av
+
+    if "libmp3lame" not in av.codecs_available:
+        pytest.skip("this PyAV/FFmpeg build has no MP3 encoder")
+    for (rate1, ch1), (rate2, ch2) in (((44_100, 1), (44_100, 2)), ((44_100, 2), (44_100, 1)),
+                                       ((22_050, 2), (44_100, 2))):
+        parts = []
+        for i, (seconds, rate, freq, channels) in enumerate([(6.0, rate1, 440.0, ch1), (4.0, rate2, 1000.0, ch2)]):
+            path = tmp_path / f"part{i}.mp3"
+            layout = {1: "mono", 2: "stereo"}[channels]
+            with av.open(str(path), "w", format="mp3", options={"write_xing": "0"}) as out:
+                a = out.add_stream("libmp3lame", rate=rate, layout=layout)
+                a.format = "fltp"
+                from tests.make_audio import _to_format
+                from fractions import Fraction
+
+                wave = sine(seconds, rate, freq)[:, :channels]
+                for start in range(0, wave.shape[0], 1152):
+                    frame = av.AudioFrame.from_ndarray(_to_format(wave[start:start + 1152], "fltp"), format="fltp",
+                                                       layout=layout)
+                    frame.sample_rate, frame.pts, frame.time_base = rate, start, Fraction(1, rate)
+                    for p in a.encode(frame):
+                        out.mux(p)
+                for p in a.encode(None):
+                    out.mux(p)
+            parts.append(path.read_bytes())
+        joined = tmp_path / "joined"
+        joined.write_bytes(b"".join(parts))
+        samples, info = audio.decode(joined)
+        assert samples.shape[0] / audio.TARGET_RATE == pytest.approx(10.0, abs=0.15), (rate1, ch1, rate2, ch2, info)
+        assert dominant_hz(samples[: 5 * audio.TARGET_RATE]) == pytest.approx(440.0, abs=3)
+        assert dominant_hz(samples[-3 * audio.TARGET_RATE:]) == pytest.approx(1000.0, abs=3), (rate1, ch1, rate2, ch2)
+
+
+def test_aac_packets_that_do_not_decode_leave_their_time_as_silence(tmp_path):
+    """An MP4 of 20 s (10 s at 440 Hz, then 880 Hz) with every 40th AAC packet damaged: each lost packet
+    left a 21 ms hole, under the gap taken as lost audio, so every later time came earlier (helper-40: 1.5 s
+    by the end of a minute). Its time is silence now: the length stays 20 s and the change at 10 s."""
+    import av
+
+    src = tmp_path / "clean.m4a"
+    wave = np.concatenate([sine(10.0, 44_100, 440.0), sine(10.0, 44_100, 880.0)])
+    from tests.make_audio import write_av
+
+    write_av(src, wave, 44_100, "mp4", "aac", "fltp")
+    damaged = tmp_path / "damaged.m4a"
+    rng = np.random.default_rng(7)
+    with av.open(str(src)) as inp, av.open(str(damaged), "w", format="mp4") as out:
+        s = inp.streams.audio[0]
+        o = out.add_stream_from_template(s)
+        for i, packet in enumerate(inp.demux(s)):
+            if packet.size == 0:
+                continue
+            if i % 40 == 20 and packet.size > 8:
+                data = bytes(packet)[:4] + rng.integers(0, 256, packet.size - 4, dtype=np.uint8).tobytes()
+                new = av.Packet(data)
+                new.pts, new.dts, new.time_base, new.duration = packet.pts, packet.dts, packet.time_base, packet.duration
+                packet = new
+            packet.stream = o
+            out.mux(packet)
+    samples, info = audio.decode(blob_copy(damaged, tmp_path))
+    r = audio.TARGET_RATE
+    assert samples.shape[0] / r == pytest.approx(20.0, abs=0.05), samples.shape[0] / r
+    assert dominant_hz(samples[int(9.2 * r): int(9.9 * r)]) == pytest.approx(440.0, abs=15)
+    assert dominant_hz(samples[int(10.1 * r): int(10.8 * r)]) == pytest.approx(880.0, abs=15)
+    assert dominant_hz(samples[int(19.2 * r): int(19.9 * r)]) == pytest.approx(880.0, abs=15)
+
+
+def test_a_video_without_sound_is_said_to_have_no_audio_stream(tmp_path):
+    """A video-only MP4 (a muted camera clip, a screen recording) was told "contains no audio samples": the
+    check for an MP4 of no tracks at all looked at the streams after closing the file, when none are left."""
+    import av
+
+    path = tmp_path / "silent_film.mp4"
+    with av.open(str(path), "w", format="mp4") as out:
+        video = mux_black_video(out, 2.0)
+        for packet in video.encode(None):
+            out.mux(packet)
+    with pytest.raises(audio.DecodeError, match="^the file has no audio stream$"):
+        audio.decode(blob_copy(path, tmp_path))
+
+
+def test_blocks_of_many_channels_hold_no_more_samples_than_stereo(tmp_path):
+    """A block of a 256-channel file is as many samples as a stereo block, not 128 times as many (a 1,024-
+    channel WAV's blocks were 256 MB each, and a decoder grew to 690 MB, helper-40); it still mixes right."""
+    wave = surround(1.0, 16_000, 256)
+    path = tmp_path / "many.wav"
+    sf.write(str(path), wave, 16_000, subtype="PCM_16")
+    info = audio.AudioInfo(0, 0)
+    blocks = list(audio._soundfile_blocks(path, info))
+    assert max(b.size for b in blocks) <= 2 * audio.BLOCK_FRAMES and sum(b.shape[1] for b in blocks) == 16_000
+    samples, info = audio.decode(path)
+    assert info.channels == 256 and samples.shape[0] == audio.TARGET_RATE
+
+
+def test_a_file_whose_header_gives_a_length_over_the_limit_fails_before_decoding(tmp_path):
+    """A WAV whose header says 5 hours (at 100 Hz: 3.6 MB) against a 1-hour limit: it decoded the first hour
+    into the scratch file (at 48 kHz, 690 MB; 2.7 GB at the default limit) before failing. It fails at once,
+    the scratch file empty."""
+    path = tmp_path / "long.wav"
+    sf.write(str(path), np.zeros(5 * 3600 * 100, np.int16), 100, subtype="PCM_16")
+    out = tmp_path / "out.f32"
+    with pytest.raises(audio.TooLong, match="^the audio is longer than the limit of 3600 s$"):
+        audio.decode_to_file(path, out, max_duration_s=3600)
+    assert out.stat().st_size == 0
+    info = audio.AudioInfo(0, 0)  # within the limit it decodes (its first block: whole, it is 3.5 GB at 48 kHz)
+    assert next(audio.stream(path, info, max_duration_s=18_000)).size and info.stated_frames == 5 * 3600 * 100

@@ -14,6 +14,13 @@ import soxr
 
 TARGET_RATE = 48_000
 BLOCK_FRAMES = 1 << 16
+
+
+def block_frames(channels: int) -> int:
+    """Frames read at a time: BLOCK_FRAMES of mono or stereo, fewer of more channels, so that a block holds at
+    most 2 * BLOCK_FRAMES samples (a 1,024-channel WAV's blocks were 256 MB, and the decoder grew to 690 MB)."""
+    return max(256, min(BLOCK_FRAMES, 2 * BLOCK_FRAMES // max(1, channels)))
+
 # Full scale is 1.0; float files scaled like int16/int32 (32768, 2**31) still decode. Beyond this a float
 # file is garbage, and from about 1e17 the float32 log-mel overflows and the model returns NaN.
 MAX_ABS_SAMPLE = 1e10
@@ -39,6 +46,9 @@ class AudioInfo:
     channels: int
     frames: int = 0
     format: str = ""
+    # the frames the header gives, where it gives them exactly (uncompressed WAV, AIFF and the like): a file
+    # over the length limit fails before it is decoded (it decoded up to the limit: 2.7 GB of scratch)
+    stated_frames: int = 0
 
     @property
     def duration_s(self) -> float:
@@ -59,13 +69,23 @@ def _to_ffmpeg(f, path: Path) -> bool:
     import av
 
     stated = f.frames / f.samplerate
+    kinds: set[tuple[int, int, bool]] = set()
+    found = 0
     try:
         with av.open(str(path), metadata_errors="ignore") as c:
             s = c.streams.audio[0]
-            found = float(sum(p.duration or 0 for p in c.demux(s)) * s.time_base)
+            for p in c.demux(s):
+                found += p.duration or 0
+                if p.size >= 4 and len(kinds) < 2:
+                    # the frame header's MPEG version, sample rate and whether it is mono: parts of other rates
+                    # or channels joined without a Xing header, which libsndfile stopped at or read as noise
+                    # while its length looked right (helper-40)
+                    head = bytes(p)[1:4]
+                    kinds.add((head[0] & 0x18, head[1] & 0x0C, head[2] >> 6 == 3))
+            found = float(found * s.time_base)
     except Exception:  # no second opinion: libsndfile's stands
         return False
-    return found > stated + max(0.5, 0.01 * stated)
+    return len(kinds) > 1 or found > stated + max(0.5, 0.01 * stated)
 
 
 def _or_empty(blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
@@ -102,10 +122,14 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
             raise DecodeError("the file contains no audio samples") from None
         return _or_empty(blocks)
     info.sample_rate, info.channels, info.format = f.samplerate, f.channels, f.format.lower()
+    if f.format in EXACT_LENGTH and f.subtype in ("PCM_S8", "PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT",
+                                                  "DOUBLE", "ULAW", "ALAW"):
+        info.stated_frames = f.frames  # libsndfile counts them from the data's size, never past the file's end
     # 16-bit PCM, the commonest kind: read the integers and scale them here. libsndfile's own float
     # conversion multiplies by 2**-15 too, so the values are bit for bit the same, at half the cost
     # (0.8 against 1.9 ms for 10 s of 44.1 kHz stereo); anything else is converted by libsndfile.
     as_int16 = f.subtype == "PCM_16"
+    per_read = block_frames(f.channels)
 
     def gen() -> Iterator[np.ndarray]:
         done = 0
@@ -113,10 +137,10 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
             while True:
                 try:
                     if as_int16:
-                        block = f.read(BLOCK_FRAMES, dtype="int16", always_2d=True).astype(np.float32)
+                        block = f.read(per_read, dtype="int16", always_2d=True).astype(np.float32)
                         block *= np.float32(1 / 32768)
                     else:
-                        block = f.read(BLOCK_FRAMES, dtype="float32", always_2d=True)
+                        block = f.read(per_read, dtype="float32", always_2d=True)
                 except Exception as exc:
                     # libsndfile gives up on a whole block when the file is truncated or damaged (a cut
                     # FLAC: "lost sync"); FFmpeg reads up to the damage, so let it go on from frame `done`
@@ -129,6 +153,9 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
                 yield block.T  # (channels, frames)
 
     return gen()
+
+
+EXACT_LENGTH = ("WAV", "WAVEX", "RF64", "W64", "AIFF", "AU", "CAF")
 
 
 def _av_resume(path: Path, info: AudioInfo, skip: int, reason: str) -> Iterator[np.ndarray]:
@@ -191,10 +218,11 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
         container.close()
         container = open_container()
     if not container.streams.audio:
-        container.close()
         # an MP4/M4A of no tracks at all is a recording stopped at once (FFmpeg lists no stream for a track of
-        # no samples); a video's, or an image's, has no sound
+        # no samples); a video's, or an image's, has no sound. Asked before closing it, which empties the list
+        # of streams (every video-only MP4 was told "contains no audio samples", helper-40)
         empty = not container.streams and "mov" in (container.format.name or "").split(",")
+        container.close()
         raise DecodeError("the file contains no audio samples" if empty else "the file has no audio stream")
     which = 0
     if len(container.streams.audio) > 1:
@@ -217,7 +245,6 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
     if not info.sample_rate or not info.channels:
         container.close()
         raise DecodeError("the audio stream has no sample rate or channel count")
-    resampler = av.AudioResampler(format="fltp")  # any sample format -> float planar, same rate/layout
     # what the container says the stream holds: AAC's last frame is decoded whole, up to 1,024 frames of
     # padding past it (a 10.0 s clip would last 10.008 s and get two windows), which is cut to this. Only
     # MP4/MOV state it exactly (sample tables, edit lists); a raw ADTS .aac's duration is a bitrate guess
@@ -230,8 +257,8 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
     filled = [0]  # frames of silence decoded() put in gaps: beside the stated length, not padding to cut
 
     def gen() -> Iterator[np.ndarray]:
-        yield from _cut_padding(_coalesce(decoded(), BLOCK_FRAMES), lambda: stated and stated + filled[0],
-                                PADDING_FRAMES)
+        yield from _cut_padding(_coalesce(decoded(), block_frames(info.channels)),
+                                lambda: stated and stated + filled[0], PADDING_FRAMES)
 
     def later_links() -> Iterator[tuple]:
         """The open container and audio stream of each link of a chained Ogg after the first. A link
@@ -263,7 +290,14 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
             # for its first part (a video whose sound begins later), then each frame's end (a frame that
             # begins later follows audio lost to damage); the gap is silence, so later times stay true
             expected = c.start_time / av.time_base if c is container and c.start_time is not None else None
+            # the sound of a video may begin any time within it (the jump of a broadcast capture's timestamps
+            # is at most GAP_MAX_S after audio has begun): a track that begins 61 s in was timed from 0
+            lead = max(GAP_MAX_S, c.duration / av.time_base) if c is container and c.duration else GAP_MAX_S
             tick = float(s.time_base) if s.time_base else None  # a decoded frame's time base is its stream's
+            # a packet the codec could not decode since the last frame: the gap its loss leaves is silence
+            # whatever its length. A damaged AAC packet in an MP4 leaves 21 ms, under GAP_MIN_S, and each one
+            # moved every later time earlier (helper-40: 64 of 2,585 packets, 1.5 s by the end)
+            lost = False
             try:
                 for packet in c.demux(s):
                     try:
@@ -271,30 +305,36 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
                     except av.error.FFmpegError as exc:
                         if isinstance(exc, MemoryError):
                             raise
-                        bad, error = bad + 1, exc
+                        bad, error, lost = bad + 1, exc, True
                         continue
                     good += packet.size > 0
                     for frame in frames:
                         kind = (frame.sample_rate, frame.layout.name)
                         if first is None:
                             first, width = kind, frame.layout.nb_channels
+                            # any sample format -> float, same rate and layout
+                            resampler = av.AudioResampler(format=_float_format(width))
                         if frame.pts is not None and tick is not None:  # floats: not a Fraction made for every frame
                             at = frame.pts * tick
-                            if expected is not None and GAP_MIN_S < at - expected <= GAP_MAX_S:
+                            least = LOST_MIN_S if lost else GAP_MIN_S
+                            if expected is not None and least < at - expected <= lead:
                                 gap = int(round((at - expected) * first[0]))
-                                filled[0] += gap
+                                if not lost:  # a lost packet's time is in the stated length already
+                                    filled[0] += gap
                                 yield from _silence(gap, width)
                             expected = at + frame.samples / frame.sample_rate
+                            lead, lost = GAP_MAX_S, False
                         elif expected is not None:  # a frame the demuxer gave no time: it follows the last
                             expected += frame.samples / frame.sample_rate
                         if kind == first:
                             outs = resampler.resample(frame)
                         else:
                             if kind not in converters:
-                                converters[kind] = av.AudioResampler(format="fltp", layout=first[1], rate=first[0])
+                                converters[kind] = av.AudioResampler(format=_float_format(width), layout=first[1],
+                                                                     rate=first[0])
                             outs = converters[kind].resample(frame)
                         for out in outs:
-                            yield out.to_ndarray().astype(np.float32, copy=False)
+                            yield _planes(out)
             except av.error.FFmpegError as exc:  # the demuxer stopped (a cut container): the end of the data
                 if isinstance(exc, MemoryError):
                     raise
@@ -303,7 +343,7 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
                 c.close()
         for conv in converters.values():  # what their filters still hold
             for out in conv.resample(None):
-                yield out.to_ndarray().astype(np.float32, copy=False)
+                yield _planes(out)
         if bad > good:
             raise DecodeError(f"corrupt {info.format} data ({_short(error)})")
 
@@ -314,11 +354,29 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
 # Vorbis block's, ~10 ms) and at most a minute: audio lost to damage, filled with silence. A longer jump is a
 # timestamp discontinuity (a broadcast capture's), not a gap; the audio runs on without one.
 GAP_MIN_S, GAP_MAX_S = 0.25, 60.0
+# after a packet that did not decode, a gap of more than this is the audio it held (a codec's jitter is under it)
+LOST_MIN_S = 0.002
+
+
+def _float_format(channels: int) -> str:
+    """What FFmpeg converts frames of this many channels to: planar float, whose planes are the (channels,
+    frames) array as it is, but packed from 8 channels on. PyAV's to_ndarray of a planar frame of 8 or more
+    channels reads past the end of FFmpeg's table of planes, and the decoder died (SIGSEGV) on every 7.1 AAC,
+    8-channel Opus or Vorbis (helper-40); a packed frame has one plane. Packed costs a third more for stereo
+    (strided blocks after), so it is kept to where it is needed."""
+    return "flt" if channels >= 8 else "fltp"
+
+
+def _planes(frame) -> np.ndarray:
+    """A float frame (planar, or packed: `_float_format`) as (channels, frames) float32."""
+    samples = frame.to_ndarray()
+    return samples if frame.format.is_planar else samples.reshape(-1, frame.layout.nb_channels).T
 
 
 def _silence(frames: int, channels: int) -> Iterator[np.ndarray]:
-    for start in range(0, frames, BLOCK_FRAMES):
-        yield np.zeros((channels, min(BLOCK_FRAMES, frames - start)), np.float32)
+    step = block_frames(channels)
+    for start in range(0, frames, step):
+        yield np.zeros((channels, min(step, frames - start)), np.float32)
 
 
 def _ogg_links(path: Path) -> list[tuple[int, int]]:
@@ -462,6 +520,8 @@ def stream(path: Path | str, info: AudioInfo, *, max_duration_s: float | None = 
     blocks = _soundfile_blocks(path, info) or _av_blocks(path, info)
     if not 1 <= info.sample_rate <= 1_000_000:
         raise DecodeError(f"unsupported sample rate {info.sample_rate}")
+    if max_duration_s is not None and info.stated_frames > max_duration_s * info.sample_rate:
+        raise TooLong(f"the audio is longer than the limit of {max_duration_s:g} s")  # as its header says
     resampler = None
     if info.sample_rate != TARGET_RATE:
         resampler = soxr.ResampleStream(info.sample_rate, TARGET_RATE, 1, dtype="float32", quality="HQ")
