@@ -9,7 +9,7 @@ import re
 from flask import Flask, current_app, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from sqlalchemy import exc as sa_exc
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
 from clapq.blobs import StorageFull
 
@@ -248,6 +248,10 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):
         message = _too_large(app) if e.code == 413 else e.description or e.name
+        if isinstance(e, NotFound) and request.url_rule is None:  # no endpoint has this path (werkzeug's words
+            # told to check the spelling of a URL typed into a browser)
+            message = (f"no endpoint {request.path[:200]!r}: the API's paths begin /v1/ right after its address "
+                       "(GET /openapi.json lists them)")
         # what the status needs beside the body: Allow on a 405, Content-Range on a 416, WWW-Authenticate
         headers = {k: v for k, v in e.get_headers() if k.lower() not in ("content-type", "content-length")}
         return envelope(e.code or 500, _code(e), message, headers)

@@ -484,8 +484,11 @@ def cmd_search(args) -> None:
         _fail("give words to search for, or --like FILE to search by a sound")
     if args.text is not None and not args.text.strip():  # `clapq search ""`, an empty variable
         _fail("the words to search for are empty; give words to search for, or --like FILE to search by a sound")
-    if args.like is not None and _kind(args.like) != "file":
-        _fail(f"{args.like} is not a file")
+    kind = None if args.like is None else _kind(args.like)
+    if kind == "none":
+        _fail(f"{args.like} does not exist")
+    if kind in ("folder", "other"):
+        _fail(f"{args.like} is {'a folder' if kind == 'folder' else 'a pipe or a device'}, not a sound file")
     settings = Settings.from_env(data_dir=args.data_dir)
     search(connect(args.url, args.key, settings.data_dir), args.library, args.text, args.k, like=args.like)
 
@@ -512,8 +515,28 @@ def _client_args(p: argparse.ArgumentParser, library_help: str) -> None:
                    help="where `clapq up` keeps its data, to read the owner key from (default $XDG_DATA_HOME/clapq, or ~/.local/share/clapq)")
 
 
+def _howmany(raw: str) -> int:
+    """-k: a whole number, 1 or more, said before the API is asked."""
+    if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of results: give a whole number, 1 or more")
+    return int(raw)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, without taking the start of an option for the whole (`--k 5` was read as `--key 5`), and
+    with a hint for search words that begin with '-' (`clapq search -hum` said "ignored explicit argument")."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **{"allow_abbrev": False, **kw})
+
+    def error(self, message: str):
+        if self.prog.endswith(" search") and "argument -h/--help" in message:  # `-hum`, `-high hiss`
+            message += " (words that begin with '-' go after '--': clapq search --library L -- '-80 dB hum')"
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="clapq", description="Semantic search for audio libraries.")
+    p = _Parser(prog="clapq", description="Semantic search for audio libraries.")
     sub = p.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start everything on this machine (embedded Postgres + Redis, worker, API)")
     up.add_argument("--data-dir", type=Path, default=None, help="where data lives (default $XDG_DATA_HOME/clapq, or ~/.local/share/clapq)")
@@ -550,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="search a library by words, or by a sound with --like FILE")
     search.add_argument("text", nargs="?", help="what to look for, in words")
     search.add_argument("--like", type=Path, metavar="FILE", help="a sound: find the files that sound most like it")
-    search.add_argument("-k", type=int, default=10, help="how many results (default 10)")
+    search.add_argument("-k", type=_howmany, default=10, help="how many results (default 10)")
     _client_args(search, "library name or id")
     search.set_defaults(func=cmd_search)
     rm = sub.add_parser("delete", help="delete files of a library (by item id), or the whole library")

@@ -146,21 +146,35 @@ class Client:
             try:
                 error = r.json()["error"]
                 code, msg = error["code"], error["message"]
-            except (ValueError, KeyError, TypeError):  # not ours: a proxy's page, say
-                code, msg = None, r.text[:300] if r.status_code < 500 else f"{r.status_code} {r.reason}"
+            except (ValueError, KeyError, TypeError):  # not ours: a proxy's page, another server
+                code = None
+                plain = (r.headers.get("Content-Type") or "").startswith("text/plain") and r.status_code < 500
+                msg = r.text[:300] if plain else f"{r.status_code} {r.reason}"
+                if r.status_code < 500:  # a 5xx of a proxy in front of the API says the API is down
+                    msg += ("; this is not the clapq API's answer: check --url (or CLAPQ_URL), the address "
+                            f"`clapq up` printed ({self.url} now)")
             if r.status_code == 429:  # over CLAPQ_RATE_LIMIT (its wait is said once, by patiently) or busy
                 why = msg.split("; try again")[0] if code == "rate_limited" else f"the API is busy ({msg})"
                 raise Busy(f"clapq: {method} {path}: {why}", _retry_after(r, 60.0))
             if r.status_code in (502, 503, 504):
                 raise Busy(f"clapq: {method} {path}: the API is unavailable for now ({msg})", _retry_after(r, 5.0),
                            outage=True)
+            if r.status_code == 404 and msg.startswith("no endpoint "):  # --url http://host:8000/v1
+                msg += f"; check --url (or CLAPQ_URL): the API's address, with no path ({self.url} now)"
             if r.status_code == 412 and code == "precondition_failed":
                 raise Stale(f"clapq: {method} {path}: {msg}")
             if r.status_code == 401 and code == "unauthorized":  # the API's words are for HTTP clients
                 raise SystemExit(f"clapq: {method} {path}: the API does not take this key (unknown or revoked): pass "
                                  "the one `clapq up` or `clapq keys create` printed, with --key or CLAPQ_API_KEY")
             raise SystemExit(f"clapq: {method} {path} failed ({r.status_code}): {msg}")
-        return r if full else r.json()
+        try:
+            body = r.json()
+        except ValueError:  # a 200 from a server that is not clapq (a proxy's login page, a file server)
+            body = None
+        if not isinstance(body, dict):  # every answer of the API is a JSON object
+            raise SystemExit(f"clapq: {method} {path}: the answer from {self.url} is not a JSON object, so not the "
+                             "clapq API's: check --url (or CLAPQ_URL), the address `clapq up` printed")
+        return r if full else body
 
     def library(self, name: str, create: bool = True) -> dict:
         """The library with this name (or id); created if missing, or else a sentence naming the ones
@@ -179,6 +193,9 @@ class Client:
             if alike:  # names are case-sensitive: `walk` for `Walk`
                 raise SystemExit(f"clapq: no library named {name!r}; did you mean {alike[0]!r}? (names differ by case)")
             there = ", ".join(repr(lib["name"]) for lib in libs) or "none yet"
+            if any(unicodedata.category(c) == "Cf" for c in name):  # the API refuses such a name
+                raise SystemExit(f"clapq: no library named {name!r} (libraries: {there}); the name has an "
+                                 "invisible formatting character, which no library's name has")
             raise SystemExit(f"clapq: no library named {name!r} (libraries: {there}); "
                              f"`clapq upload DIR --library {name!r}` creates it")
         try:
@@ -458,15 +475,18 @@ def folder_id(folder: Path) -> str:
     return hashlib.sha256(str(folder.resolve()).encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
-def _moved(folder: Path, held: dict[Path, tuple[str, dict]], first: dict[str, str], digests: dict) -> list[tuple]:
-    """The held files sent from this folder whose path in it is gone (renamed or moved within it since), as
-    (item, old path, new path), and the held files sent before uploads recorded their folder that are at
-    the same path here, as (item, path, path): they take this folder, so that their later renames are told
-    (helper-38). Only files sent from this very folder (metadata.folder) are renamed: a library filled from
-    two folders holding the same bytes under other names, or from a folder and then its parent, has nothing
-    renamed, and its paths flipped at each upload (helper-37). The new path is the first in the folder of
-    those bytes, so copies elsewhere in it move nothing. A path that cannot be looked at (too long a name,
-    a folder that cannot be read) is not taken as gone."""
+def _moved(folder: Path, held: dict[Path, tuple[str, dict]], first: dict[str, str], digests: dict,
+           where: Where) -> list[tuple]:
+    """The held files sent from this folder whose path in it no longer holds their bytes (renamed or moved
+    within it since, or another file now under that name), as (item, old path, new path), and the held
+    files sent before uploads recorded their folder that are at the same path here, as (item, path, path):
+    they take this folder, so that their later renames are told (helper-38). Only files sent from this very
+    folder (metadata.folder) are renamed: a library filled from two folders holding the same bytes under
+    other names, or from a folder and then its parent, has nothing renamed, and its paths flipped at each
+    upload (helper-37). The new path is the first in the folder of those bytes, so copies elsewhere in it
+    move nothing. Two files that swapped names, and a name given to new bytes after its file was renamed,
+    move too: the old path is looked at by the bytes it holds, not only whether something is there
+    (helper-42)."""
     root = folder_id(folder)
     moved = []
     for p, (item, sent) in held.items():
@@ -475,9 +495,37 @@ def _moved(folder: Path, held: dict[Path, tuple[str, dict]], first: dict[str, st
             continue
         if "folder" not in sent and old == stored_path(rel):
             moved.append((item, old, old))
-        elif sent.get("folder") == root and old != stored_path(rel) and _gone(folder, old):
+        elif sent.get("folder") == root and old != stored_path(rel) and not where.holds(old, digests[p]):
             moved.append((item, old, stored_path(rel)))
     return moved
+
+
+class Where:
+    """The audio files of the folder by the path `clapq upload` stores for them (a name that is not UTF-8 is
+    stored with U+FFFD, and so was always taken for gone, helper-42), and the digests known of them."""
+
+    def __init__(self, folder: Path, audio: list[Path]) -> None:
+        self.folder = folder
+        self.by_path: dict[str, list[Path]] = {}
+        for p in audio:
+            self.by_path.setdefault(stored_path(p.relative_to(folder).as_posix()), []).append(p)
+        self.digests: dict[Path, str] = {}
+
+    def holds(self, path: str, digest: str) -> bool:
+        """Whether a file at this stored path holds these bytes (one not listed as audio, or that cannot be
+        read or looked at, is taken to: nothing is moved on a guess)."""
+        here = self.by_path.get(path)
+        if not here:
+            return not _gone(self.folder, path)
+        for p in here:
+            if p not in self.digests:
+                try:
+                    self.digests[p] = file_sha256(p)
+                except OSError:
+                    return True
+            if self.digests[p] == digest:
+                return True
+        return False
 
 
 def _gone(folder: Path, rel: str) -> bool:
@@ -587,6 +635,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     first: dict[str, str] = {}
     held_copies: list[str] = []
     moved: list[tuple] = []  # held files whose item's path is gone from the folder: (item, old path, new path)
+    on_disk = Where(folder, listing.audio)
     try:
         for batch in batches(paths, min(BATCH_FILES, limits.get("max_files_per_batch") or BATCH_FILES),
                              min(BATCH_BYTES, limits.get("max_request_bytes") or BATCH_BYTES)):
@@ -610,7 +659,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                         held_copies.append(f"{printable(rel)} (= {printable(first[digest])})")
                     first.setdefault(digest, rel)
                 if only is None:  # one file sent on its own is not its folder's layout: its path stays
-                    moved += _moved(folder, held, first, digests)
+                    on_disk.digests.update((q, d) for q, d in digests.items() if d is not None)
+                    moved += _moved(folder, held, first, digests, on_disk)
                 batch = new
                 if not batch:
                     continue
@@ -705,10 +755,13 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         raise SystemExit(130) from None
     if refused:
         print(f"{n_files(len(refused))} not sent (listed above as 'not sent')", file=sys.stderr)
+    if listing.closed:  # the audio in them was never looked for: the command did not do all it was asked (helper-42)
+        print(f"{len(listing.closed)} {'folder or file' if len(listing.closed) == 1 else 'folders or files'} "
+              "could not be read (listed above): any audio in them was not sent", file=sys.stderr)
     print(json.dumps({"library_id": lib["id"], "jobs": jobs, "earlier_jobs": resumed, "files": found, "skipped": skipped,
-                      "not_sent": len(refused), "duplicates": copies, "renamed": len(renamed), "failed": failed,
-                      "cancelled": cancelled}))
-    return 1 if failed or refused or cancelled else 0
+                      "not_sent": len(refused), "unreadable": len(listing.closed), "duplicates": copies,
+                      "renamed": len(renamed), "failed": failed, "cancelled": cancelled}))
+    return 1 if failed or refused or cancelled or listing.closed else 0
 
 
 def _library_gone(client: Client, lib_id: str) -> bool:
@@ -966,12 +1019,16 @@ def delete(client: Client, library: str, items: list[str], yes: bool = False) ->
               + (f" ({n_files(kept)} kept on disk: other libraries hold the same bytes)" if kept > 0 else ""))
         return 0
     missing = 0
-    for raw in dict.fromkeys(items):  # an id given twice is deleted once
-
+    # an id given twice is deleted once, in capitals too (the API takes any form of a UUID)
+    for raw in dict.fromkeys(_as_id(i) or i for i in items):
         item = client.call("GET", f"/v1/items/{urllib.parse.quote(raw, safe='')}", missing_ok=True)
         if not isinstance(item, dict) or item.get("library_id") != lib["id"]:
+            elsewhere = ""
+            if isinstance(item, dict):  # yours, in another library: which one
+                other = client.call("GET", f"/v1/libraries/{item.get('library_id')}", missing_ok=True)
+                elsewhere = f"; it is in library {other['name']!r}" if isinstance(other, dict) else ""
             print(f"clapq: no item {raw!r} in library {lib['name']!r} (give item ids as `clapq search` prints "
-                  "them)", file=sys.stderr)
+                  f"them){elsewhere}", file=sys.stderr)
             missing += 1
             continue
         if client.call("DELETE", f"/v1/items/{item['id']}", missing_ok=True) is None:

@@ -984,3 +984,14 @@ def test_the_api_answers_under_a_server_that_gives_the_connection_as_the_body(ap
     finally:
         server.shutdown()
         thread.join()
+
+
+def test_a_path_no_endpoint_has_is_said_so(client, new_key):
+    """A path the API does not have (`--url http://host:8000/v1` makes GET /v1/v1/libraries) was told
+    werkzeug's "check your spelling"; it names the path and where the API's paths begin (helper-42)."""
+    e = err(client.get("/v1/v1/libraries", headers=auth(new_key())), 404)
+    assert e["message"] == "no endpoint '/v1/v1/libraries': the API's paths begin /v1/ right after its address " \
+        "(GET /openapi.json lists them)", e
+    e = err(client.get("/v1/libraries/x/nothing", headers=auth(new_key())), 404)
+    assert e["message"].startswith("no endpoint '/v1/libraries/x/nothing'"), e
+    assert err(client.get(f"/v1/items/{uuid.uuid4()}", headers=auth(new_key())), 404)["message"] == "item not found"

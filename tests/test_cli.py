@@ -1142,8 +1142,12 @@ def test_folders_and_files_that_cannot_be_read_are_said_not_tracebacks(tmp_path,
                                       env=_env(tiny_model), capture_output=True, text=True, timeout=60)
 
             p = run("upload", str(tmp_path))
-            assert p.returncode == 0, (p.stdout, p.stderr)
+            # the rest is sent, and the command fails: what it was asked to upload was not all looked at (it
+            # exited 0, helper-42)
+            assert p.returncode == 1 and json.loads(p.stdout)["unreadable"] == 1, (p.stdout, p.stderr)
             assert "left out, as they cannot be read: locked (Permission denied)" in p.stderr, p.stderr
+            assert "1 folder or file could not be read (listed above): any audio in them was not sent" in \
+                p.stderr.splitlines(), p.stderr
             assert [path for method, path, body in bodies if path.endswith("/batches")] == ["/v1/libraries/lib1/batches"]
             locked = tmp_path / "locked"
             for args in (("upload", str(locked / "x.wav")), ("search", "--like", str(locked / "x.wav")),
@@ -1797,6 +1801,113 @@ def test_a_path_update_never_overwrites_an_edit_made_meanwhile(start_api, new_ke
     assert len(tags) == 2 and tags[0] and tags[0] != tags[1], tags
     assert requests.get(f"{base}/v1/items/{item}", headers=h, timeout=30).json()["metadata"] == {
         "path": "a.wav", "folder": root, "mic": "zoom"}
+
+
+def test_names_swapped_or_given_to_new_bytes_move_their_paths_and_odd_names_stay(start_api, new_key, tmp_path,
+                                                                                  tiny_model):
+    """Paths follow the bytes: two files that swapped names both move; a file renamed, and its old name
+    given to a new recording, moves to its new name (the library had two items under the old name). A
+    file whose name is not UTF-8 (stored with U+FFFD) and that is still there is not "renamed" onto a copy
+    of it, as it was at every run (helper-42)."""
+    base, key = start_api(), new_key()
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i, name in enumerate(["a.wav", "b.wav", "take.wav", os.fsdecode(b"lat\xea.wav")]):
+        (folder / name).write_bytes(write(tmp_path / "made.wav", 0.5, seed=20 + i).read_bytes())
+    cmd = [sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "paths", "--url", base, "--key",
+           key, "--no-wait"]
+    out = subprocess.run(cmd, env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    from clapq.blobs import file_sha256
+
+    before = {file_sha256(p): p.name for p in folder.iterdir()}
+    (folder / "a.wav").rename(folder / "t")
+    (folder / "b.wav").rename(folder / "a.wav")
+    (folder / "t").rename(folder / "b.wav")
+    (folder / "take.wav").rename(folder / "take-1.wav")
+    write(folder / "take.wav", 0.5, seed=40)  # a new recording under the old name
+    shutil.copyfile(folder / os.fsdecode(b"lat\xea.wav"), folder / "A-copy.wav")
+    out = subprocess.run(cmd, env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["renamed"] == 3, out.stdout + out.stderr
+    h = {"Authorization": f"Bearer {key}"}
+    lib = json.loads(out.stdout)["library_id"]
+    items = requests.get(f"{base}/v1/libraries/{lib}/items", headers=h, timeout=30).json()["items"]
+    paths = {i["sha256"]: i["metadata"]["path"] for i in items}
+    now = {file_sha256(p): p.relative_to(folder).as_posix() for p in sorted(folder.iterdir())
+           if p.name != "A-copy.wav"}
+    assert paths == {sha: name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                     for sha, name in now.items()}, (paths, before)
+
+
+def test_a_server_that_is_not_clapq_is_said_so_not_a_traceback(tmp_path, tiny_model):
+    """--url pointing at another server: a file server's 200 of HTML (a proxy's login page) was a
+    JSONDecodeError traceback, and another server's 404 page was printed as 300 characters of its HTML
+    (helper-42). Both now say the answer is not clapq's and to check --url."""
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "libraries").write_text("<html><body>Please log in</body></html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        for at, said in ((url, f"the answer from {url} is not a JSON object, so not the clapq API's: check --url "
+                                "(or CLAPQ_URL), the address `clapq up` printed"),
+                         (url + "/v2", "failed (404): 404 File not found; this is not the clapq API's answer: check "
+                                       "--url (or CLAPQ_URL)")):
+            out = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "x", "--url", at,
+                                  "--key", "cq_x"], env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+            assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+            assert said in out.stderr and "<html" not in out.stderr.lower(), out.stderr
+    finally:
+        server.shutdown()
+
+
+def test_search_and_delete_arguments_are_read_as_a_user_means_them(tiny_model, tmp_path):
+    """`--k 5` was taken for `--key 5` (argparse's abbreviations); `clapq search -hum` said only "ignored
+    explicit argument 'um'"; `--like` a file that does not exist said "is not a file"; `-k 0` went to the
+    API; an item id given in capitals and as typed was deleted, then said to be missing; an item of another
+    of your libraries was "no item" with no word of where it is (helper-42)."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *args], env=_env(tiny_model), capture_output=True,
+                              text=True, timeout=60)
+
+    out = run("search", "--k", "5", "rain", "--library", "x", "--url", "http://127.0.0.1:9")
+    assert out.returncode == 2 and "unrecognized arguments: --k" in out.stderr, out.stderr
+    out = run("search", "-hum", "--library", "x")
+    assert out.returncode == 2 and "words that begin with '-' go after '--'" in out.stderr, out.stderr
+    out = run("search", "--like", str(tmp_path / "nope.wav"), "--library", "x")
+    assert out.returncode == 2 and f"clapq: {tmp_path / 'nope.wav'} does not exist" in out.stderr, out.stderr
+    out = run("search", "--like", str(tmp_path), "--library", "x")
+    assert out.returncode == 2 and "is a folder, not a sound file" in out.stderr, out.stderr
+    out = run("search", "rain", "-k", "0", "--library", "x")
+    assert out.returncode == 2 and "'0' is not a number of results" in out.stderr, out.stderr
+
+    item = "5f1c0000-0000-4000-8000-0000000000aa"
+    other = "5f1c0000-0000-4000-8000-0000000000bb"
+    bodies: list = []
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 1}]}, {}
+        if path == "/v1/libraries/lib2":
+            return 200, {"id": "lib2", "name": "field", "item_count": 1}, {}
+        if path == f"/v1/items/{item}":
+            return 200, {"id": item, "library_id": "lib1", "filename": "a.wav", "metadata": {}}, {}
+        if path == f"/v1/items/{other}":
+            return 200, {"id": other, "library_id": "lib2", "filename": "b.wav", "metadata": {}}, {}
+        return 404, {"error": {"code": "not_found", "message": "no such item", "status": 404}}, {}
+
+    with fake_api(answer, bodies) as url:
+        out = run("delete", item, item.upper(), other, "--library", "x", "--url", url, "--key", "cq_x")
+    assert [(m, p) for m, p, _ in bodies if m == "DELETE"] == [("DELETE", f"/v1/items/{item}")], bodies
+    assert out.returncode == 1 and f"no item '{item.upper()}'" not in out.stderr, out.stderr
+    assert f"clapq: no item '{other}' in library 'x' (give item ids as `clapq search` prints them); it is in " \
+        "library 'field'" in out.stderr.splitlines(), out.stderr
 
 
 def test_video_files_are_sent_for_their_audio_track(tmp_path):
