@@ -7,12 +7,12 @@ import unicodedata
 import uuid
 
 from flask import Blueprint, g
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.exc import IntegrityError
 
 from api.batches import RETRIED_ON_REUPLOAD
 from api.db import db
-from api.errors import ApiError, bad_request, json_body, takes_query
+from api.errors import MAX_METADATA_BYTES, ApiError, bad_request, json_body, takes_query
 from api.jobs import STATES, items_page
 from api.lookup import owned
 from api.models_info import describe, serving_model_id
@@ -22,6 +22,8 @@ from clapq.models import Item, Library
 bp = Blueprint("libraries", __name__)
 
 MAX_DIGESTS = 10_000  # per /known request
+MAX_MOVES = 10_000  # per /moves request
+MAX_PATH_CHARS = 4096  # a path in a folder (Linux's PATH_MAX)
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -156,3 +158,60 @@ def known_files(lib_id: str):
             "items": {r.sha256: str(r.id) for r in rows},
             "sent_from": {r.sha256: {"path": r.path, **({"folder": r.folder} if isinstance(r.folder, str) else {})}
                           for r in rows if isinstance(r.path, str)}}
+
+
+def _moves(body) -> list[tuple]:
+    """/moves' body as (item id, from path, from folder, to path, to folder), or a 400 saying what to send."""
+    example = ('send {"moves": [{"item_id": ..., "from": {"path": "a.wav", "folder": "<id>" or null}, "to": '
+               '{"path": "b.wav", "folder": "<id>"}}, ...]}')
+    moves = body.get("moves") if isinstance(body, dict) else None
+    if isinstance(body, dict) and set(body) - {"moves"}:
+        raise bad_request(f"the JSON body has {sorted(set(body) - {'moves'})[0]!r}, which /moves does not take; {example}")
+    if not isinstance(moves, list):
+        raise bad_request(example)
+    if len(moves) > MAX_MOVES:
+        raise bad_request(f"{len(moves)} moves in one request; the limit is {MAX_MOVES}")
+    out = []
+    for n, m in enumerate(moves):
+        ends = [m.get(k) if isinstance(m, dict) else None for k in ("from", "to")]
+        if not (isinstance(m, dict) and set(m) == {"item_id", "from", "to"} and isinstance(m["item_id"], str)
+                and all(isinstance(e, dict) and set(e) == {"path", "folder"} and isinstance(e["path"], str)
+                        and 0 < len(e["path"]) <= MAX_PATH_CHARS and (e["folder"] is None or (
+                            isinstance(e["folder"], str) and 0 < len(e["folder"]) <= 64)) for e in ends)
+                and ends[1]["folder"] is not None):
+            raise bad_request(f"move {n} is not one: {example} (paths of 1 to {MAX_PATH_CHARS} characters)")
+        try:
+            item = str(uuid.UUID(m["item_id"]))
+        except ValueError:
+            raise bad_request(f"move {n}: {m['item_id'][:40]!r} is not an item id") from None
+        out.append((item, ends[0]["path"], ends[0]["folder"], ends[1]["path"], ends[1]["folder"]))
+    return out
+
+
+@bp.post("/libraries/<lib_id>/moves")
+def move_files(lib_id: str):
+    """Give items of the library a new `metadata.path` and `metadata.folder`, each only where it still has
+    the path and folder of its `from` (`"folder": null`: none), the rest of its metadata kept: files renamed
+    or moved within the folder they were uploaded from, as `clapq upload` finds them. One statement, so an
+    edit made meanwhile is never overwritten, and thousands of renames are one request where a GET and a
+    PATCH a file met the per-key rate limit (helper-42). Answers the ids changed: `moved`; an item gone,
+    of another library, or whose path or folder is no longer the one given is left as it is, and so is one
+    whose metadata would grow past MAX_METADATA_BYTES (its JSON text measured as Postgres writes it)."""
+    lib = owned(Library, lib_id, "library")
+    moves = _moves(json_body())
+    rows = db().execute(text("""
+        UPDATE items SET metadata = coalesce(items.metadata, '{}'::jsonb)
+                                    || jsonb_build_object('path', m.to_path, 'folder', m.to_folder)
+        FROM unnest(CAST(:ids AS uuid[]), CAST(:from_paths AS text[]), CAST(:from_folders AS text[]),
+                    CAST(:to_paths AS text[]), CAST(:to_folders AS text[]))
+             AS m(id, from_path, from_folder, to_path, to_folder)
+        WHERE items.id = m.id AND items.library_id = :lib AND items.tenant_id = :tenant
+          AND items.metadata->>'path' = m.from_path
+          AND octet_length(items.metadata::text) + octet_length(m.to_path) + 80 <= :most
+          AND (items.metadata->'folder') IS NOT DISTINCT FROM to_jsonb(m.from_folder)
+        RETURNING items.id"""), {"ids": [m[0] for m in moves], "from_paths": [m[1] for m in moves],
+                                 "from_folders": [m[2] for m in moves], "to_paths": [m[3] for m in moves],
+                                 "to_folders": [m[4] for m in moves], "lib": lib.id, "tenant": g.tenant_id,
+                                 "most": MAX_METADATA_BYTES}).all()
+    db().commit()
+    return {"moved": sorted(str(r.id) for r in rows)}

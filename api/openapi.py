@@ -129,6 +129,19 @@ SPEC = {
                              "those of them not embedded yet (pending_jobs, pending_items: the job and item of "
                              "each); items: each known one's item; sent_from: its metadata.path and metadata.folder, "
                              "where it has a path")}},
+        "/v1/libraries/{library_id}/moves": {"post": {
+            "parameters": [_path_id("library_id")],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["moves"], "additionalProperties": False, "properties": {"moves": {
+                    "type": "array", "maxItems": 10000, "items": {
+                        "type": "object", "required": ["item_id", "from", "to"], "additionalProperties": False,
+                        "properties": {"item_id": _ID, **{end: {
+                            "type": "object", "required": ["path", "folder"], "additionalProperties": False,
+                            "properties": {"path": {"type": "string", "minLength": 1, "maxLength": 4096},
+                                           "folder": {"type": ["string", "null"], "minLength": 1,
+                                                      "maxLength": 64}}} for end in ("from", "to")}}}}}}}}},
+            "responses": {**_ok("moved: the ids whose metadata.path and .folder were set (those still at their "
+                                "'from')"), "413": _ERR}}},
         "/v1/limits": {"get": {"responses": _ok("what the service takes", {"type": "object", "properties": {
             **{k: {"type": "integer"} for k in ("max_file_bytes", "max_files_per_batch", "max_request_bytes",
                                                 "max_duration_s", "max_clip_s", "max_query_chars", "max_k")},

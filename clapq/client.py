@@ -732,7 +732,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     if adopting:
         print(f"{n_files(adopting)} sent by an earlier version: recording this folder with "
               f"{'it' if adopting == 1 else 'them'} (once), so that later renames are told", file=sys.stderr)
-    renamed = _update_paths(client, folder, moved)
+    renamed = _update_paths(client, lib["id"], folder, moved)
     if renamed:
         print(f"{n_files(len(renamed))} renamed or moved since {'it was' if len(renamed) == 1 else 'they were'} "
               f"sent: {'its path' if len(renamed) == 1 else 'their paths'} in the library updated: {_some(renamed)}",
@@ -773,13 +773,34 @@ def _library_gone(client: Client, lib_id: str) -> bool:
         return False
 
 
-def _update_paths(client: Client, folder: Path, moved: list[tuple]) -> list[str]:
-    """Give each moved file's item its new path and this folder (`_moved`), keeping the rest of its metadata
-    (a PATCH replaces it whole); an item deleted, or given another path or folder, since it was looked at is
-    left as it is. The PATCH carries the GET's ETag (If-Match): where the item changed in between (an edit
-    made elsewhere, its status) it is read again, so such an edit is never overwritten. Returns
-    "old -> new" for each renamed (not for those that only took the folder)."""
-    root, done = folder_id(folder), []
+def _update_paths(client: Client, lib_id: str, folder: Path, moved: list[tuple]) -> list[str]:
+    """Give each moved file's item its new path and this folder (`_moved`), keeping the rest of its metadata;
+    an item deleted, or given another path or folder, since it was looked at is left as it is. Through
+    /moves, a thousand a request, each applied only where the item still has the path and folder seen;
+    a server without /moves gets a GET and a PATCH a file (If-Match: an edit made in between is not
+    overwritten). Returns "old -> new" for each renamed (not for those that only took the folder)."""
+    root, done, changed = folder_id(folder), [], set()
+    for part in (moved[i : i + MOVES_PER_REQUEST] for i in range(0, len(moved), MOVES_PER_REQUEST)):
+        body = {"moves": [{"item_id": item, "from": {"path": old, "folder": None if old == new else root},
+                           "to": {"path": new, "folder": root}} for item, old, new in part]}
+        answer = client.call("POST", f"/v1/libraries/{urllib.parse.quote(lib_id, safe='')}/moves", json=body,
+                             missing_ok=True, allow_redirects=False)
+        if answer is None:  # an older server (or the library deleted meanwhile: each item is then gone too)
+            changed.update(_patch_paths(client, root, part))
+        else:
+            changed.update(answer.get("moved", ()))
+    for item, old, new in moved:
+        if item in changed and new != old:
+            done.append(f"{printable(old)} -> {printable(new)}")
+    return done
+
+
+MOVES_PER_REQUEST = 1000
+
+
+def _patch_paths(client: Client, root: str, moved: list[tuple]) -> set[str]:
+    """`_update_paths` on a server without /moves: the ids changed."""
+    changed = set()
     for item, old, new in moved:
         for _ in range(5):
             got, tag = client.item(item)
@@ -792,10 +813,10 @@ def _update_paths(client: Client, folder: Path, moved: list[tuple]) -> list[str]
                                       headers={"If-Match": tag} if tag else {}, missing_ok=True)
             except Stale:
                 continue
-            if patched is not None and new != old:
-                done.append(f"{printable(old)} -> {printable(new)}")
+            if patched is not None:
+                changed.add(item)
             break
-    return done
+    return changed
 
 
 def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, float], None] | None = None,

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.parse
+import uuid
 from pathlib import Path
 
 import psutil
@@ -1769,9 +1770,11 @@ def test_names_a_multipart_form_cannot_carry_still_reach_the_api_with_their_path
 
 
 def test_a_path_update_never_overwrites_an_edit_made_meanwhile(start_api, new_key, tmp_path):
-    """`clapq upload` gives a renamed file its new path with a GET, then a PATCH of the whole metadata; an
-    edit made between the two was overwritten (helper-37). The PATCH now carries the GET's ETag: it is
-    refused (412), the item read again, and both changes kept."""
+    """`clapq upload` gave a renamed file its new path with a GET, then a PATCH of the whole metadata; an
+    edit made between the two was overwritten (helper-37). Against a server without /moves it still does,
+    and the PATCH carries the GET's ETag: it is refused (412), the item read again, and both changes kept.
+    Through /moves (one statement) the path changes only where the item still has the path it had, and the
+    rest of its metadata is never sent at all."""
     from clapq import client as cli_client
 
     base, key = start_api(), new_key()
@@ -1797,10 +1800,37 @@ def test_a_path_update_never_overwrites_an_edit_made_meanwhile(start_api, new_ke
         return got
 
     c.item = read_then_someone_edits
-    assert cli_client._update_paths(c, tmp_path, [(item, "old/a.wav", "a.wav")]) == ["old/a.wav -> a.wav"]
+    assert cli_client._patch_paths(c, root, [(item, "old/a.wav", "a.wav")]) == {item}
     assert len(tags) == 2 and tags[0] and tags[0] != tags[1], tags
     assert requests.get(f"{base}/v1/items/{item}", headers=h, timeout=30).json()["metadata"] == {
         "path": "a.wav", "folder": root, "mic": "zoom"}
+
+    # /moves: the item moved again, one whose path was changed since it was seen (by another run) left as it
+    # is, an unknown id and one of another tenant's ignored; every other field of the metadata kept
+    c.item = read
+    with open(write(tmp_path / "b.wav", 0.5, seed=4), "rb") as f:
+        sent = requests.post(f"{base}/v1/libraries/{lib}/batches", files={"files": ("b.wav", f)},
+                             data={"metadata": json.dumps({"b.wav": {"path": "b.wav", "folder": root}})},
+                             headers=h, timeout=60)
+    other = sent.json()["items"][0]["id"]
+    assert requests.patch(f"{base}/v1/items/{other}", json={"metadata": {"path": "elsewhere.wav", "folder": root}},
+                          headers=h, timeout=30).status_code == 200
+    assert cli_client._update_paths(c, lib, tmp_path, [(item, "a.wav", "sub/a.wav"), (other, "b.wav", "c.wav"),
+                                                       (str(uuid.uuid4()), "x.wav", "y.wav")]) == \
+        ["a.wav -> sub/a.wav"]
+    assert requests.get(f"{base}/v1/items/{item}", headers=h, timeout=30).json()["metadata"] == {
+        "path": "sub/a.wav", "folder": root, "mic": "zoom"}
+    assert requests.get(f"{base}/v1/items/{other}", headers=h, timeout=30).json()["metadata"]["path"] == "elsewhere.wav"
+    stranger = {"Authorization": f"Bearer {new_key()}"}
+    r = requests.post(f"{base}/v1/libraries/{lib}/moves", json={"moves": []}, headers=stranger, timeout=30)
+    assert r.status_code == 404, r.text
+    for body, said in (({"moves": [{"item_id": item, "from": {"path": "a"}, "to": {"path": "b", "folder": root}}]},
+                        "move 0 is not one"),
+                       ({"moves": [{"item_id": "x", "from": {"path": "a", "folder": None},
+                                    "to": {"path": "b", "folder": root}}]}, "move 0: 'x' is not an item id"),
+                       ({"moves": [], "dry_run": True}, "the JSON body has 'dry_run', which /moves does not take")):
+        r = requests.post(f"{base}/v1/libraries/{lib}/moves", json=body, headers=h, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["message"].startswith(said), r.text
 
 
 def test_names_swapped_or_given_to_new_bytes_move_their_paths_and_odd_names_stay(start_api, new_key, tmp_path,
