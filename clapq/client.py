@@ -478,9 +478,11 @@ def folder_id(folder: Path) -> str:
 def _moved(folder: Path, held: dict[Path, tuple[str, dict]], first: dict[str, str], digests: dict,
            where: Where) -> list[tuple]:
     """The held files sent from this folder whose path in it no longer holds their bytes (renamed or moved
-    within it since, or another file now under that name), as (item, old path, new path), and the held
-    files sent before uploads recorded their folder that are at the same path here, as (item, path, path):
-    they take this folder, so that their later renames are told (helper-38). Only files sent from this very
+    within it since, or another file now under that name), as (item, old path, new path, this folder), and
+    the held files at the same path here that were sent before uploads recorded their folder, or from
+    another folder (this one before it was moved or renamed, or a drive mounted elsewhere), as (item, path,
+    path, their folder or None): they take this folder, so that their later renames are told (helper-38,
+    helper-42: a moved folder's renames were never told again). Only files sent from this very
     folder (metadata.folder) are renamed: a library filled from two folders holding the same bytes under
     other names, or from a folder and then its parent, has nothing renamed, and its paths flipped at each
     upload (helper-37). The new path is the first in the folder of those bytes, so copies elsewhere in it
@@ -493,10 +495,10 @@ def _moved(folder: Path, held: dict[Path, tuple[str, dict]], first: dict[str, st
         old, rel = sent.get("path"), p.relative_to(folder).as_posix()
         if not isinstance(old, str) or first.get(digests[p]) != rel:
             continue
-        if "folder" not in sent and old == stored_path(rel):
-            moved.append((item, old, old))
+        if sent.get("folder") != root and where.has(old, digests[p]):  # whichever copy here is at that path
+            moved.append((item, old, old, sent.get("folder")))
         elif sent.get("folder") == root and old != stored_path(rel) and not where.holds(old, digests[p]):
-            moved.append((item, old, stored_path(rel)))
+            moved.append((item, old, stored_path(rel), root))
     return moved
 
 
@@ -514,18 +516,23 @@ class Where:
     def holds(self, path: str, digest: str) -> bool:
         """Whether a file at this stored path holds these bytes (one not listed as audio, or that cannot be
         read or looked at, is taken to: nothing is moved on a guess)."""
-        here = self.by_path.get(path)
-        if not here:
+        if path not in self.by_path:
             return not _gone(self.folder, path)
-        for p in here:
+        return self.has(path, digest) is not False
+
+    def has(self, path: str, digest: str) -> bool | None:
+        """Whether an audio file listed at this stored path holds these bytes (None: one could not be read)."""
+        unread = False
+        for p in self.by_path.get(path, ()):
             if p not in self.digests:
                 try:
                     self.digests[p] = file_sha256(p)
                 except OSError:
-                    return True
+                    unread = True
+                    continue
             if self.digests[p] == digest:
                 return True
-        return False
+        return None if unread else False
 
 
 def _gone(folder: Path, rel: str) -> bool:
@@ -634,7 +641,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     # so that a folder says the same of its copies on every run (digest -> its first path in the folder)
     first: dict[str, str] = {}
     held_copies: list[str] = []
-    moved: list[tuple] = []  # held files whose item's path is gone from the folder: (item, old path, new path)
+    # held files whose item's path is gone from the folder, or that take this folder: (item, old path, new path,
+    # the folder it was sent from)
+    moved: list[tuple] = []
     on_disk = Where(folder, listing.audio)
     try:
         for batch in batches(paths, min(BATCH_FILES, limits.get("max_files_per_batch") or BATCH_FILES),
@@ -728,10 +737,15 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         else:
             still = f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
         print(f"{skipped} of {found} files are in the library already{still}: not sent again", file=sys.stderr)
-    adopting = sum(old == new for _, old, new in moved)
-    if adopting:
-        print(f"{n_files(adopting)} sent by an earlier version: recording this folder with "
-              f"{'it' if adopting == 1 else 'them'} (once), so that later renames are told", file=sys.stderr)
+    legacy = sum(old == new and was is None for _, old, new, was in moved)
+    if legacy:
+        print(f"{n_files(legacy)} sent by an earlier version: recording this folder with "
+              f"{'it' if legacy == 1 else 'them'} (once), so that later renames are told", file=sys.stderr)
+    elsewhere = sum(old == new and was is not None for _, old, new, was in moved)
+    if elsewhere:
+        print(f"{n_files(elsewhere)} sent from another folder at the same {'path' if elsewhere == 1 else 'paths'} "
+              "(this folder before it was moved or renamed, or a copy of it): recording this folder with "
+              f"{'it' if elsewhere == 1 else 'them'}, so that later renames are told", file=sys.stderr)
     renamed = _update_paths(client, lib["id"], folder, moved)
     if renamed:
         print(f"{n_files(len(renamed))} renamed or moved since {'it was' if len(renamed) == 1 else 'they were'} "
@@ -781,15 +795,15 @@ def _update_paths(client: Client, lib_id: str, folder: Path, moved: list[tuple])
     overwritten). Returns "old -> new" for each renamed (not for those that only took the folder)."""
     root, done, changed = folder_id(folder), [], set()
     for part in (moved[i : i + MOVES_PER_REQUEST] for i in range(0, len(moved), MOVES_PER_REQUEST)):
-        body = {"moves": [{"item_id": item, "from": {"path": old, "folder": None if old == new else root},
-                           "to": {"path": new, "folder": root}} for item, old, new in part]}
+        body = {"moves": [{"item_id": item, "from": {"path": old, "folder": was}, "to": {"path": new, "folder": root}}
+                          for item, old, new, was in part]}
         answer = client.call("POST", f"/v1/libraries/{urllib.parse.quote(lib_id, safe='')}/moves", json=body,
                              missing_ok=True, allow_redirects=False)
         if answer is None:  # an older server (or the library deleted meanwhile: each item is then gone too)
             changed.update(_patch_paths(client, root, part))
         else:
             changed.update(answer.get("moved", ()))
-    for item, old, new in moved:
+    for item, old, new, _ in moved:
         if item in changed and new != old:
             done.append(f"{printable(old)} -> {printable(new)}")
     return done
@@ -801,11 +815,11 @@ MOVES_PER_REQUEST = 1000
 def _patch_paths(client: Client, root: str, moved: list[tuple]) -> set[str]:
     """`_update_paths` on a server without /moves: the ids changed."""
     changed = set()
-    for item, old, new in moved:
+    for item, old, new, was in moved:
         for _ in range(5):
             got, tag = client.item(item)
             meta = got.get("metadata") if isinstance(got, dict) else None
-            if not isinstance(meta, dict) or meta.get("path") != old or meta.get("folder", root) != root:
+            if not isinstance(meta, dict) or meta.get("path") != old or meta.get("folder") != was:
                 break
             try:
                 patched = client.call("PATCH", f"/v1/items/{urllib.parse.quote(item, safe='')}",

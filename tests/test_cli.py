@@ -1800,7 +1800,7 @@ def test_a_path_update_never_overwrites_an_edit_made_meanwhile(start_api, new_ke
         return got
 
     c.item = read_then_someone_edits
-    assert cli_client._patch_paths(c, root, [(item, "old/a.wav", "a.wav")]) == {item}
+    assert cli_client._patch_paths(c, root, [(item, "old/a.wav", "a.wav", root)]) == {item}
     assert len(tags) == 2 and tags[0] and tags[0] != tags[1], tags
     assert requests.get(f"{base}/v1/items/{item}", headers=h, timeout=30).json()["metadata"] == {
         "path": "a.wav", "folder": root, "mic": "zoom"}
@@ -1815,8 +1815,9 @@ def test_a_path_update_never_overwrites_an_edit_made_meanwhile(start_api, new_ke
     other = sent.json()["items"][0]["id"]
     assert requests.patch(f"{base}/v1/items/{other}", json={"metadata": {"path": "elsewhere.wav", "folder": root}},
                           headers=h, timeout=30).status_code == 200
-    assert cli_client._update_paths(c, lib, tmp_path, [(item, "a.wav", "sub/a.wav"), (other, "b.wav", "c.wav"),
-                                                       (str(uuid.uuid4()), "x.wav", "y.wav")]) == \
+    assert cli_client._update_paths(c, lib, tmp_path, [(item, "a.wav", "sub/a.wav", root),
+                                                       (other, "b.wav", "c.wav", root),
+                                                       (str(uuid.uuid4()), "x.wav", "y.wav", root)]) == \
         ["a.wav -> sub/a.wav"]
     assert requests.get(f"{base}/v1/items/{item}", headers=h, timeout=30).json()["metadata"] == {
         "path": "sub/a.wav", "folder": root, "mic": "zoom"}
@@ -1868,6 +1869,24 @@ def test_names_swapped_or_given_to_new_bytes_move_their_paths_and_odd_names_stay
            if p.name != "A-copy.wav"}
     assert paths == {sha: name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
                      for sha, name in now.items()}, (paths, before)
+    # the folder itself moved (renamed, a drive mounted elsewhere): its files take the new folder at the next
+    # run, and a rename in it after that is told (it was never told again, helper-42)
+    from clapq.client import folder_id
+
+    moved = tmp_path / "moved"
+    folder.rename(moved)
+    cmd[cmd.index(str(folder))] = str(moved)
+    out = subprocess.run(cmd, env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and json.loads(out.stdout)["renamed"] == 0, out.stdout + out.stderr
+    assert ("5 files sent from another folder at the same paths (this folder before it was moved or renamed, or a "
+            "copy of it): recording this folder with them, so that later renames are told") in out.stderr, out.stderr
+    (moved / "b.wav").rename(moved / "b2.wav")
+    out = subprocess.run(cmd, env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and json.loads(out.stdout)["renamed"] == 1, out.stdout + out.stderr
+    assert "sent from another folder" not in out.stderr, out.stderr
+    items = requests.get(f"{base}/v1/libraries/{lib}/items", headers=h, timeout=30).json()["items"]
+    assert sorted(i["metadata"]["path"] for i in items if i["metadata"]["folder"] == folder_id(moved)) == \
+        ["a.wav", "b2.wav", "lat\ufffd.wav", "take-1.wav", "take.wav"], items
 
 
 def test_a_server_that_is_not_clapq_is_said_so_not_a_traceback(tmp_path, tiny_model):
