@@ -121,7 +121,9 @@ def display_name(raw: str | None) -> str:
     """A filename for display only: no directories, no control characters, bounded length."""
     name = unicodedata.normalize("NFC", raw or "")
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    name = "".join(c for c in name if unicodedata.category(c)[0] != "C").strip()
+    # control and formatting characters go (a direction override would make "gpj.wav" look like "vaw.jpg"),
+    # but not the joiners, which are part of an emoji family and of Persian words (helper-42)
+    name = "".join(c for c in name if unicodedata.category(c)[0] != "C" or c in "\u200c\u200d").strip()
     if name in ("", ".", ".."):
         name = "unnamed"
     if len(name) > 200:

@@ -362,6 +362,11 @@ def n_files(n: int) -> str:
     return f"{n} file" if n == 1 else f"{n} files"
 
 
+def _megabytes(n: int) -> str:
+    """A size for people: tiny uploads were "(0.0 MB)"."""
+    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{max(1, round(n / 1e3))} kB"
+
+
 @dataclasses.dataclass
 class Listing:
     """What `clapq upload` found under a folder."""
@@ -674,7 +679,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                 if not batch:
                     continue
             # said before the request, which on a slow network takes minutes: the command is not stuck
-            print(f"uploading {n_files(len(batch))} ({sum(map(_size, batch)) / 1e6:.1f} MB)", file=sys.stderr)
+            print(f"uploading {n_files(len(batch))} ({_megabytes(sum(map(_size, batch)))})", file=sys.stderr)
             in_flight = len(batch)
             answer, batch, left_out = _send(client, lib["id"], folder, batch)
             in_flight = 0
@@ -736,7 +741,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                      " too)")
         else:
             still = f" ({unfinished} of them not embedded yet: `clapq search` finds them once they are)"
-        print(f"{skipped} of {found} files are in the library already{still}: not sent again", file=sys.stderr)
+        held = ("the file is" if found == 1 else f"all {found} files are" if skipped == found
+                else f"{skipped} of {found} files {'is' if skipped == 1 else 'are'}")
+        print(f"{held} in the library already{still}: not sent again", file=sys.stderr)
     legacy = sum(old == new and was is None for _, old, new, was in moved)
     if legacy:
         print(f"{n_files(legacy)} sent by an earlier version: recording this folder with "
@@ -893,8 +900,13 @@ def time_left(elapsed_s: float, gained: float, left: float) -> str:
 
 def printable(name: str) -> str:
     """A path as one line of output: characters that would break or colour the line (a newline or a tab in a
-    file name, an escape sequence) as Python writes them in a string, `\\n`."""
-    return name if name.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+    file name, an escape sequence) as Python writes them in a string, `\\n`. Joiners stay as they are: the
+    zero-width joiner of an emoji family or the non-joiner of Persian are part of the name (helper-42)."""
+    return name if name.isprintable() else "".join(c if c.isprintable() or c in JOINERS else repr(c)[1:-1]
+                                                   for c in name)
+
+
+JOINERS = "\u200c\u200d"  # zero-width non-joiner and joiner
 
 
 def shown_name(entry: dict) -> str:

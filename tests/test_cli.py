@@ -1318,7 +1318,7 @@ def test_files_held_but_not_embedded_yet_are_waited_for(tmp_path, tiny_model):
         p = _upload(tmp_path, url, tiny_model)
         out, err = p.communicate(timeout=60)
     assert p.returncode == 1 and err.startswith("uploading 1 file ("), err
-    assert ("1 of 2 files are in the library already (1 of them still being embedded, in job job0 of an earlier "
+    assert ("1 of 2 files is in the library already (1 of them still being embedded, in job job0 of an earlier "
             "upload: waiting for it too)") in err, err
     assert "3/3 files processed" in err and "failed: a.wav: not a readable audio file" in err, err
     assert "other.wav" not in err and json.loads(out)["failed"] == 1, (err, out)
@@ -1333,7 +1333,7 @@ def test_files_held_but_not_embedded_yet_are_waited_for(tmp_path, tiny_model):
         p = _upload(tmp_path, url, tiny_model)
         out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
-    assert "1 of 2 files are in the library already (1 of them not embedded yet" in err, err
+    assert "1 of 2 files is in the library already (1 of them not embedded yet" in err, err
 
 
 def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
@@ -1666,6 +1666,17 @@ def test_names_with_control_characters_print_on_one_line():
     assert shown_name({"filename": "x.wav", "metadata": {"path": "sub/new\nline.wav"}}) == "sub/new\\nline.wav"
     assert printable("a\tb\x1b[31m.wav") == "a\\tb\\x1b[31m.wav"
     assert shown_name({"filename": "été 🎵 x.wav", "metadata": {}}) == "été 🎵 x.wav"
+    # joiners are part of a name: an emoji family, a Persian word (they were written \u200d, helper-42); a
+    # direction override is not, here or in the name the API keeps
+    from api.uploads import display_name
+    from clapq.client import _megabytes
+
+    for name in ("👨\u200d👩\u200d👧.wav", "می\u200cخواهم.wav"):
+        assert printable(name) == name and display_name(name) == name
+    assert printable("\u202egpj.wav") == "\\u202egpj.wav" and display_name("\u202egpj.wav") == "gpj.wav"
+    # sizes: a small upload is not "0.0 MB"
+    assert [_megabytes(n) for n in (300, 40_000, 1_700_000, 2_300_000_000)] == ["1 kB", "40 kB", "1.7 MB",
+                                                                                 "2,300.0 MB"]
 
 
 def test_a_library_named_as_another_ones_id_is_the_one_meant():
