@@ -553,3 +553,18 @@ def test_a_file_whose_header_gives_a_length_over_the_limit_fails_before_decoding
     assert out.stat().st_size == 0
     info = audio.AudioInfo(0, 0)  # within the limit it decodes (its first block: whole, it is 3.5 GB at 48 kHz)
     assert next(audio.stream(path, info, max_duration_s=18_000)).size and info.stated_frames == 5 * 3600 * 100
+
+
+def test_an_mp4_cut_before_its_index_says_so(tmp_path):
+    """An M4A whose index (the 'moov' box, written last) is missing: a phone's recording or a copy cut off.
+    It was told "not a readable audio file (Invalid data found when processing input)" (helper-40)."""
+    from tests.make_audio import write_av
+
+    path = write_av(tmp_path / "full.m4a", sine(3.0, 44_100, 440.0), 44_100, "mp4", "aac", "fltp")
+    data = path.read_bytes()
+    assert data.find(b"mdat") < data.find(b"moov"), "the index is written after the audio"
+    cut = tmp_path / "cut"
+    cut.write_bytes(data[: data.find(b"moov") - 4])
+    with pytest.raises(audio.DecodeError, match=r"^an MP4/M4A file without its index \(no 'moov' box\)"):
+        audio.decode(cut)
+    assert audio.decode(blob_copy(path, tmp_path))[1].duration_s == pytest.approx(3.0, abs=0.01)

@@ -178,6 +178,26 @@ def _av_resume(path: Path, info: AudioInfo, skip: int, reason: str) -> Iterator[
         raise DecodeError(reason) from None
 
 
+def _mp4_without_index(path: Path) -> bool:
+    """Whether the file is an MP4/MOV whose top-level boxes end without a 'moov' (a phone's recording cut off
+    before it wrote its index at the end); only the boxes' 8- or 16-byte headers are read."""
+    import struct
+
+    size, pos, types = path.stat().st_size, 0, []
+    with open(path, "rb") as f:
+        while pos + 8 <= size and len(types) < 1000:
+            f.seek(pos)
+            head = f.read(16)
+            n, kind = struct.unpack(">I4s", head[:8])
+            if n == 1 and len(head) == 16:
+                n = struct.unpack(">Q", head[8:16])[0]
+            types.append(kind)
+            if n < 8:  # 0: to the end of the file; anything else under a header's size is not MP4
+                break
+            pos += n
+    return bool(types) and types[0] == b"ftyp" and b"moov" not in types
+
+
 def _first_audible(container) -> int:
     """Which audio stream to decode: the first, unless it has no data and a later one has (a video's
     empty first track). Files with one audio stream are not read ahead."""
@@ -210,6 +230,9 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
                                       "begin)") from exc
             raise DecodeError(f"not a readable audio file ({_short(exc)})") from exc
         except Exception as exc:
+            if _mp4_without_index(path):
+                raise DecodeError("an MP4/M4A file without its index (no 'moov' box): the recording or the copy "
+                                  "stopped before the end, where the index is written") from exc
             raise DecodeError(f"not a readable audio file ({_short(exc)})") from exc
 
     container = open_container()
