@@ -8,9 +8,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 _engines: dict[tuple[int, str], Engine] = {}
 _lock = threading.Lock()
@@ -87,15 +88,21 @@ def migrate(url: str) -> None:
     cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
     scripts = ScriptDirectory.from_config(cfg)
     engine = get_engine(url)
-    with engine.connect() as conn:
-        current = MigrationContext.configure(conn).get_current_heads()
-    unknown = [rev for rev in current if not _known_revision(scripts, rev)]
-    if unknown:
-        raise RuntimeError(f"the database was migrated by a newer clapq (schema revision {unknown[0]}; this version "
-                           f"knows up to {scripts.get_current_head()}); nothing was changed: run that newer "
-                           "version, or first downgrade the schema with it (alembic downgrade "
-                           f"{scripts.get_current_head()})")
-    command.upgrade(cfg, "head")
+    # one migration at a time: two at once on a new database (compose's `migrate` beside a `clapq keys create`,
+    # two machines started together) raced, and one failed with a duplicate key in pg_type, which stopped the
+    # services that wait for it (helper-41). The lock is a session's, on a connection of its own (not pooled:
+    # closing it lets go, whatever happened).
+    with create_engine(normalise_url(url), poolclass=NullPool).connect() as lock:
+        lock.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATE_LOCK})
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_heads()
+        unknown = [rev for rev in current if not _known_revision(scripts, rev)]
+        if unknown:
+            raise RuntimeError(f"the database was migrated by a newer clapq (schema revision {unknown[0]}; this "
+                               f"version knows up to {scripts.get_current_head()}); nothing was changed: run that "
+                               "newer version, or first downgrade the schema with it (alembic downgrade "
+                               f"{scripts.get_current_head()})")
+        command.upgrade(cfg, "head")
     with engine.connect() as conn:
         for table in Base.metadata.sorted_tables:
             try:
@@ -105,6 +112,9 @@ def migrate(url: str) -> None:
                 raise RuntimeError(f"the database's schema is not the one this clapq reads ({why}), though its "
                                    f"migrations stand at {scripts.get_current_head()}: it was made by a development "
                                    "version whose migrations changed after they ran") from None
+
+
+MIGRATE_LOCK = 0x636C617071  # "clapq": the advisory lock `migrate` holds
 
 
 def _known_revision(scripts, rev: str) -> bool:
