@@ -64,16 +64,16 @@ def _progress(item: Item) -> float | None:
     return {"queued": 0.0, "done": 1.0}.get(item.status)
 
 
-def _etag(body: dict) -> str:
-    """The item's ETag: a hash of what GET shows of it (keys sorted), so it changes with its metadata, and
-    also with its status and progress."""
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+def _etag(item: Item) -> str:
+    """The item's ETag: a hash of what PATCH changes, its metadata (keys sorted). Not of its status and
+    progress as well: a PATCH on what a GET showed of an item being embedded was refused for a progress
+    that moved meanwhile (helper-43)."""
+    return hashlib.sha256(json.dumps(item.meta or {}, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
 def _with_etag(item: Item):
-    body = item_json(item)
-    response = jsonify(body)
-    response.set_etag(_etag(body))
+    response = jsonify(item_json(item))
+    response.set_etag(_etag(item))
     return response
 
 
@@ -96,10 +96,14 @@ def patch_item(item_id: str):
     check_metadata(body["metadata"], "'metadata'")
     item = owned(Item, item_id, "item", lock=True)
     if "If-Match" in request.headers:
-        tags, now = parse_etags(request.headers["If-Match"]), _etag(item_json(item))
+        tags, now = parse_etags(request.headers["If-Match"]), _etag(item)
+        if tags.is_weak(now) and not tags.contains(now):  # a proxy's W/"..." (nginx's gzip): never matches
+            raise ApiError(412, "precondition_failed", f'If-Match: W/"{now}" is a weak ETag, which If-Match never '
+                           f'matches (RFC 9110); send it as "{now}"')
         if not (tags.star_tag or tags.contains(now)):  # strong comparison, as If-Match asks
-            raise ApiError(412, "precondition_failed", f'If-Match: the item has changed since that ETag was read '
-                           f'(it is now "{now}"); GET it again and make the change on what it holds now')
+            raise ApiError(412, "precondition_failed", f'If-Match: the item\'s metadata has changed since that '
+                           f'ETag was read (it is now "{now}"); GET it again and make the change on what it '
+                           'holds now')
     item.meta = body["metadata"]
     db().commit()
     return _with_etag(item)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
 import uuid
@@ -12,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from api.batches import RETRIED_ON_REUPLOAD
 from api.db import db
-from api.errors import MAX_METADATA_BYTES, ApiError, bad_request, json_body, takes_query
+from api.errors import MAX_METADATA_BYTES, ApiError, bad_request, json_body, metadata_bytes, takes_query
 from api.jobs import STATES, items_page
 from api.lookup import owned
 from api.models_info import describe, serving_model_id
@@ -174,14 +175,17 @@ def _moves(body) -> list[tuple]:
     out = []
     for n, m in enumerate(moves):
         ends = [m.get(k) if isinstance(m, dict) else None for k in ("from", "to")]
+        # `from` names what the item holds now, whatever that is (a folder of any text, or none: null); `to`
+        # what `clapq upload` records
         if not (isinstance(m, dict) and set(m) == {"item_id", "from", "to"} and isinstance(m["item_id"], str)
                 and all(isinstance(e, dict) and set(e) == {"path", "folder"} and isinstance(e["path"], str)
-                        and 0 < len(e["path"]) <= MAX_PATH_CHARS and (e["folder"] is None or (
-                            isinstance(e["folder"], str) and 0 < len(e["folder"]) <= 64)) for e in ends)
-                and ends[1]["folder"] is not None):
-            raise bad_request(f"move {n} is not one: {example} (paths of 1 to {MAX_PATH_CHARS} characters)")
+                        and (e["folder"] is None or isinstance(e["folder"], str)) for e in ends)
+                and 0 < len(ends[1]["path"]) <= MAX_PATH_CHARS and isinstance(ends[1]["folder"], str)
+                and 0 < len(ends[1]["folder"]) <= 64):
+            raise bad_request(f"move {n} is not one: {example} (a new path of 1 to {MAX_PATH_CHARS} characters, "
+                              "a new folder of 1 to 64)")
         try:
-            item = str(uuid.UUID(m["item_id"]))
+            item = uuid.UUID(m["item_id"])
         except ValueError:
             raise bad_request(f"move {n}: {m['item_id'][:40]!r} is not an item id") from None
         out.append((item, ends[0]["path"], ends[0]["folder"], ends[1]["path"], ends[1]["folder"]))
@@ -191,27 +195,37 @@ def _moves(body) -> list[tuple]:
 @bp.post("/libraries/<lib_id>/moves")
 def move_files(lib_id: str):
     """Give items of the library a new `metadata.path` and `metadata.folder`, each only where it still has
-    the path and folder of its `from` (`"folder": null`: none), the rest of its metadata kept: files renamed
-    or moved within the folder they were uploaded from, as `clapq upload` finds them. One statement, so an
-    edit made meanwhile is never overwritten, and thousands of renames are one request where a GET and a
-    PATCH a file met the per-key rate limit (helper-42). Answers the ids changed: `moved`; an item gone,
-    of another library, or whose path or folder is no longer the one given is left as it is, and so is one
-    whose metadata would grow past MAX_METADATA_BYTES (its JSON text measured as Postgres writes it)."""
+    the path and folder of its `from` (a folder that is not text counts as none: `"folder": null`), the rest
+    of its metadata kept: files renamed or moved within the folder they were uploaded from, as `clapq upload`
+    finds them. The items are locked from the look to the write, so an edit made meanwhile is never
+    overwritten, and thousands of renames are one request where a GET and a PATCH a file met the per-key rate
+    limit (helper-42). Answers the ids changed, `moved`, and those whose metadata would grow past
+    MAX_METADATA_BYTES, `too_large`; an item gone, of another library, or whose path or folder is no longer
+    the one given is left as it is."""
     lib = owned(Library, lib_id, "library")
     moves = _moves(json_body())
-    rows = db().execute(text("""
-        UPDATE items SET metadata = coalesce(items.metadata, '{}'::jsonb)
-                                    || jsonb_build_object('path', m.to_path, 'folder', m.to_folder)
-        FROM unnest(CAST(:ids AS uuid[]), CAST(:from_paths AS text[]), CAST(:from_folders AS text[]),
-                    CAST(:to_paths AS text[]), CAST(:to_folders AS text[]))
-             AS m(id, from_path, from_folder, to_path, to_folder)
-        WHERE items.id = m.id AND items.library_id = :lib AND items.tenant_id = :tenant
-          AND items.metadata->>'path' = m.from_path
-          AND octet_length(items.metadata::text) + octet_length(m.to_path) + 80 <= :most
-          AND (items.metadata->'folder') IS NOT DISTINCT FROM to_jsonb(m.from_folder)
-        RETURNING items.id"""), {"ids": [m[0] for m in moves], "from_paths": [m[1] for m in moves],
-                                 "from_folders": [m[2] for m in moves], "to_paths": [m[3] for m in moves],
-                                 "to_folders": [m[4] for m in moves], "lib": lib.id, "tenant": g.tenant_id,
-                                 "most": MAX_METADATA_BYTES}).all()
-    db().commit()
-    return {"moved": sorted(str(r.id) for r in rows)}
+    session = db()
+    held = dict(session.execute(
+        select(Item.id, Item.meta).where(Item.id.in_({m[0] for m in moves}), Item.library_id == lib.id,
+                                         Item.tenant_id == g.tenant_id).with_for_update()).all())
+    new: dict = {}
+    too_large = set()
+    for item, from_path, from_folder, to_path, to_folder in moves:
+        if item not in held:
+            continue
+        meta = new.get(item, held[item] or {})
+        folder = meta.get("folder") if isinstance(meta.get("folder"), str) else None
+        if meta.get("path") != from_path or folder != from_folder:
+            continue
+        moved = {**meta, "path": to_path, "folder": to_folder}
+        if metadata_bytes(moved) > MAX_METADATA_BYTES:
+            too_large.add(item)
+            continue
+        new[item] = moved
+    if new:
+        session.execute(text("""
+            UPDATE items SET metadata = m.meta
+            FROM unnest(CAST(:ids AS uuid[]), CAST(:metas AS jsonb[])) AS m(id, meta) WHERE items.id = m.id"""),
+            {"ids": [str(i) for i in new], "metas": [json.dumps(m) for m in new.values()]})
+    session.commit()
+    return {"moved": sorted(str(i) for i in new), "too_large": sorted(str(i) for i in too_large - set(new))}

@@ -135,13 +135,16 @@ SPEC = {
                 "type": "object", "required": ["moves"], "additionalProperties": False, "properties": {"moves": {
                     "type": "array", "maxItems": 10000, "items": {
                         "type": "object", "required": ["item_id", "from", "to"], "additionalProperties": False,
-                        "properties": {"item_id": _ID, **{end: {
+                        "properties": {"item_id": _ID, "from": {
+                            "type": "object", "required": ["path", "folder"], "additionalProperties": False,
+                            "properties": {"path": {"type": "string"}, "folder": {"type": ["string", "null"]}}},
+                            "to": {
                             "type": "object", "required": ["path", "folder"], "additionalProperties": False,
                             "properties": {"path": {"type": "string", "minLength": 1, "maxLength": 4096},
-                                           "folder": {"type": ["string", "null"], "minLength": 1,
-                                                      "maxLength": 64}}} for end in ("from", "to")}}}}}}}}},
+                                           "folder": {"type": "string", "minLength": 1, "maxLength": 64}}}}}}}}}}},
             "responses": {**_ok("moved: the ids whose metadata.path and .folder were set (those still at their "
-                                "'from')"), "413": _ERR}}},
+                                "'from'); too_large: those left, as their metadata would grow past 16 KiB"),
+                          "413": _ERR}}},
         "/v1/limits": {"get": {"responses": _ok("what the service takes", {"type": "object", "properties": {
             **{k: {"type": "integer"} for k in ("max_file_bytes", "max_files_per_batch", "max_request_bytes",
                                                 "max_duration_s", "max_clip_s", "max_query_chars", "max_k")},

@@ -523,11 +523,8 @@ def _howmany(raw: str) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, without taking the start of an option for the whole (`--k 5` was read as `--key 5`), and
-    with a hint for search words that begin with '-' (`clapq search -hum` said "ignored explicit argument")."""
-
-    def __init__(self, *args, **kw) -> None:
-        super().__init__(*args, **{"allow_abbrev": False, **kw})
+    """argparse, with a hint for search words that begin with '-' (`clapq search -hum` said "ignored explicit
+    argument")."""
 
     def error(self, message: str):
         if self.prog.endswith(" search") and "argument -h/--help" in message:  # `-hum`, `-high hiss`
@@ -573,7 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="search a library by words, or by a sound with --like FILE")
     search.add_argument("text", nargs="?", help="what to look for, in words")
     search.add_argument("--like", type=Path, metavar="FILE", help="a sound: find the files that sound most like it")
-    search.add_argument("-k", type=_howmany, default=10, help="how many results (default 10)")
+    # `--k 5` too: argparse took it for the start of --key, and the key was "5" (helper-42)
+    search.add_argument("-k", "--k", type=_howmany, default=10, help="how many results (default 10)")
     _client_args(search, "library name or id")
     search.set_defaults(func=cmd_search)
     rm = sub.add_parser("delete", help="delete files of a library (by item id), or the whole library")

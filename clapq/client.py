@@ -390,6 +390,8 @@ def audio_files(folder: Path) -> Listing:
             where = Path(exc.filename)
             if where == folder:
                 raise SystemExit(f"clapq: cannot read {folder}: {exc.strerror or exc}")
+            if where.name == "lost+found" and where.parent.is_mount():  # every ext4 drive's, for root only: a
+                return  # drive uploaded whole would fail at every run for it (helper-43)
             found.closed.append(f"{where.relative_to(folder).as_posix()} ({exc.strerror or exc})")
 
     for top, dirs, files in os.walk(folder, onerror=unreadable):
@@ -484,10 +486,11 @@ def _moved(folder: Path, held: dict[Path, tuple[str, dict]], first: dict[str, st
            where: Where) -> list[tuple]:
     """The held files sent from this folder whose path in it no longer holds their bytes (renamed or moved
     within it since, or another file now under that name), as (item, old path, new path, this folder), and
-    the held files at the same path here that were sent before uploads recorded their folder, or from
-    another folder (this one before it was moved or renamed, or a drive mounted elsewhere), as (item, path,
-    path, their folder or None): they take this folder, so that their later renames are told (helper-38,
-    helper-42: a moved folder's renames were never told again). Only files sent from this very
+    the held files sent before uploads recorded their folder that are at the same path here (any copy of
+    those bytes), as (item, path, path, None): they take this folder, so that their later renames are told
+    (helper-38). Files sent from another folder are never taken: that folder may be a copy of this one that
+    is still there, and the item flipped between the two at each run, losing renames (helper-43); so a
+    folder that is itself moved or renamed has its files' renames told no more. Only files sent from this very
     folder (metadata.folder) are renamed: a library filled from two folders holding the same bytes under
     other names, or from a folder and then its parent, has nothing renamed, and its paths flipped at each
     upload (helper-37). The new path is the first in the folder of those bytes, so copies elsewhere in it
@@ -500,8 +503,8 @@ def _moved(folder: Path, held: dict[Path, tuple[str, dict]], first: dict[str, st
         old, rel = sent.get("path"), p.relative_to(folder).as_posix()
         if not isinstance(old, str) or first.get(digests[p]) != rel:
             continue
-        if sent.get("folder") != root and where.has(old, digests[p]):  # whichever copy here is at that path
-            moved.append((item, old, old, sent.get("folder")))
+        if "folder" not in sent and where.has(old, digests[p]):  # whichever copy here is at that path
+            moved.append((item, old, old, None))
         elif sent.get("folder") == root and old != stored_path(rel) and not where.holds(old, digests[p]):
             moved.append((item, old, stored_path(rel), root))
     return moved
@@ -744,16 +747,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         held = ("the file is" if found == 1 else f"all {found} files are" if skipped == found
                 else f"{skipped} of {found} files {'is' if skipped == 1 else 'are'}")
         print(f"{held} in the library already{still}: not sent again", file=sys.stderr)
-    legacy = sum(old == new and was is None for _, old, new, was in moved)
-    if legacy:
-        print(f"{n_files(legacy)} sent by an earlier version: recording this folder with "
-              f"{'it' if legacy == 1 else 'them'} (once), so that later renames are told", file=sys.stderr)
-    elsewhere = sum(old == new and was is not None for _, old, new, was in moved)
-    if elsewhere:
-        print(f"{n_files(elsewhere)} sent from another folder at the same {'path' if elsewhere == 1 else 'paths'} "
-              "(this folder before it was moved or renamed, or a copy of it): recording this folder with "
-              f"{'it' if elsewhere == 1 else 'them'}, so that later renames are told", file=sys.stderr)
-    renamed = _update_paths(client, lib["id"], folder, moved)
+    renamed, adopted = _update_paths(client, lib["id"], folder, moved)
+    if adopted:
+        print(f"{n_files(adopted)} sent by an earlier version: recorded this folder with "
+              f"{'it' if adopted == 1 else 'them'} (once), so that later renames are told", file=sys.stderr)
     if renamed:
         print(f"{n_files(len(renamed))} renamed or moved since {'it was' if len(renamed) == 1 else 'they were'} "
               f"sent: {'its path' if len(renamed) == 1 else 'their paths'} in the library updated: {_some(renamed)}",
@@ -794,26 +791,33 @@ def _library_gone(client: Client, lib_id: str) -> bool:
         return False
 
 
-def _update_paths(client: Client, lib_id: str, folder: Path, moved: list[tuple]) -> list[str]:
+def _update_paths(client: Client, lib_id: str, folder: Path, moved: list[tuple]) -> tuple[list[str], int]:
     """Give each moved file's item its new path and this folder (`_moved`), keeping the rest of its metadata;
     an item deleted, or given another path or folder, since it was looked at is left as it is. Through
     /moves, a thousand a request, each applied only where the item still has the path and folder seen;
     a server without /moves gets a GET and a PATCH a file (If-Match: an edit made in between is not
-    overwritten). Returns "old -> new" for each renamed (not for those that only took the folder)."""
-    root, done, changed = folder_id(folder), [], set()
-    for part in (moved[i : i + MOVES_PER_REQUEST] for i in range(0, len(moved), MOVES_PER_REQUEST)):
-        body = {"moves": [{"item_id": item, "from": {"path": old, "folder": was}, "to": {"path": new, "folder": root}}
-                          for item, old, new, was in part]}
-        answer = client.call("POST", f"/v1/libraries/{urllib.parse.quote(lib_id, safe='')}/moves", json=body,
-                             missing_ok=True, allow_redirects=False)
-        if answer is None:  # an older server (or the library deleted meanwhile: each item is then gone too)
-            changed.update(_patch_paths(client, root, part))
-        else:
-            changed.update(answer.get("moved", ()))
-    for item, old, new, _ in moved:
-        if item in changed and new != old:
-            done.append(f"{printable(old)} -> {printable(new)}")
-    return done
+    overwritten). Returns "old -> new" for each renamed, and how many only took the folder; a failure here
+    is said and the upload goes on (its files are in)."""
+    root, changed, too_large = folder_id(folder), set(), set()
+    try:
+        for part in (moved[i : i + MOVES_PER_REQUEST] for i in range(0, len(moved), MOVES_PER_REQUEST)):
+            body = {"moves": [{"item_id": item, "from": {"path": old, "folder": was},
+                               "to": {"path": new, "folder": root}} for item, old, new, was in part]}
+            answer = client.call("POST", f"/v1/libraries/{urllib.parse.quote(lib_id, safe='')}/moves", json=body,
+                                 missing_ok=True, allow_redirects=False)
+            if answer is None:  # an older server (or the library deleted meanwhile: each item is then gone too)
+                changed.update(_patch_paths(client, root, part))
+            else:
+                changed.update(answer.get("moved", ()))
+                too_large.update(answer.get("too_large", ()))
+    except SystemExit as exc:
+        print(f"{exc.code}; the paths of files renamed since they were sent are left as they were", file=sys.stderr)
+    if too_large:
+        print(f"{n_files(len(too_large))} renamed or moved since sent kept {'its' if len(too_large) == 1 else 'their'} "
+              f"old path: with the new one, the metadata would be over the API's limit: "
+              f"{_some([printable(new) for item, _, new, _ in moved if item in too_large])}", file=sys.stderr)
+    renamed = [f"{printable(old)} -> {printable(new)}" for item, old, new, _ in moved if item in changed and new != old]
+    return renamed, sum(item in changed and new == old for item, old, new, _ in moved)
 
 
 MOVES_PER_REQUEST = 1000
@@ -826,7 +830,8 @@ def _patch_paths(client: Client, root: str, moved: list[tuple]) -> set[str]:
         for _ in range(5):
             got, tag = client.item(item)
             meta = got.get("metadata") if isinstance(got, dict) else None
-            if not isinstance(meta, dict) or meta.get("path") != old or meta.get("folder") != was:
+            if not isinstance(meta, dict) or meta.get("path") != old or (
+                    meta.get("folder") if isinstance(meta.get("folder"), str) else None) != was:  # as /moves
                 break
             try:
                 patched = client.call("PATCH", f"/v1/items/{urllib.parse.quote(item, safe='')}",

@@ -153,6 +153,10 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model, setting
                         headers={**auth(key), "If-Match": tag})
     assert late.status_code == 412 and late.get_json()["error"]["code"] == "precondition_failed", late.get_json()
     assert first.headers["ETag"] in late.get_json()["error"]["message"]
+    weak = client.patch(f"/v1/items/{ids[name]}", json={"metadata": {"tag": "d"}},
+                        headers={**auth(key), "If-Match": "W/" + first.headers["ETag"]})
+    assert weak.status_code == 412 and "is a weak ETag, which If-Match never matches" in \
+        weak.get_json()["error"]["message"], weak.get_json()
     assert client.get(f"/v1/items/{ids[name]}", headers=auth(key)).get_json()["metadata"] == {"tag": "c"}
     assert client.patch(f"/v1/items/{ids[name]}", json={"metadata": {"tag": "b"}},
                         headers={**auth(key), "If-Match": "*"}).status_code == 200
