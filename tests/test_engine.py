@@ -361,6 +361,41 @@ print(result.state, result.result)
         assert sorted(s.get(Item, uuid.UUID(i)).attempts for i in ids) == [2, 2, 2]
 
 
+def test_a_scratch_disk_that_fails_hands_files_back_without_counting_the_try(client, new_key, worker, settings,
+                                                                              env, tmp_path):
+    """The worker's scratch disk is full (injected: every decode raises the ScratchError a full disk gives):
+    the task's files go back to the queue with this try not counted, where each try counted and three
+    failed a file for good with another file's scratch path in its error (helper-41); the task ends
+    without an error and the worker rests before its next task. The running worker then embeds them all,
+    each on its first counted attempt."""
+    from clapq.db import session_scope
+    from clapq.models import Item
+
+    key = new_key()
+    job_id, ids = queued_files(client, key, settings, tmp_path, "full scratch",
+                               [(f"s{i}.wav", 1.0, 70 + i) for i in range(3)])
+    code = f"""
+import errno, time
+from worker import decoder
+from worker.audio import ScratchError
+def full(self, src, dst, *args, **kwargs):
+    raise ScratchError(errno.ENOSPC, f"cannot write to the scratch file {{dst}}: No space left on device")
+decoder.DecoderProcess.decode = full
+began = time.monotonic()
+result = tasks.embed_items.apply(args=[{ids!r}])
+print(result.state, result.result, round(time.monotonic() - began))
+"""
+    r = in_a_worker_process({**env, "CLAPQ_STALE_AFTER_S": "3", "CLAPQ_HEARTBEAT_S": "1"}, code)
+    assert r.returncode == 0, r.stderr[-3000:]
+    state, rest = r.stdout.split(" ", 1)
+    assert state == "SUCCESS" and "'handed_back': 3" in rest and int(rest.rsplit(" ", 1)[1]) >= 3, r.stdout
+    assert "cannot write decoded audio to the scratch directory" in r.stderr, r.stderr[-3000:]
+    done = wait_job(client, key, job_id, timeout=240)
+    assert done["status"] == "done" and done["counts"]["done"] == 3, done
+    with session_scope(settings.database_url) as s:
+        assert sorted(s.get(Item, uuid.UUID(i)).attempts for i in ids) == [1, 1, 1]
+
+
 def test_a_first_try_fills_its_batch_from_later_files_and_a_retry_does_not(client, new_key, worker, settings,
                                                                             env, tmp_path):
     """Through the real task (run in a child interpreter, batch 4): a retried file runs alone, its batch

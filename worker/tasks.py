@@ -23,6 +23,8 @@ from clapq.settings import Settings, claim_window_s
 
 log = logging.getLogger(__name__)
 
+SCRATCH_REST_S = 60  # how long a worker whose scratch disk failed waits before its next task (at most stale_after_s)
+
 # only these are worth retrying: the database or the network went away for a moment (a dropped or
 # refused connection, a deadlock or serialization failure). Not every DBAPIError: a DataError or an
 # IntegrityError comes back on every try, so it takes the unexpected-error path (files handed back,
@@ -134,6 +136,7 @@ def _warm_up(**_) -> None:
 def embed_items(self, item_ids: list[str]) -> dict:
     """Embed a chunk of items; safe to run twice (unique keys + upserts)."""
     from worker import pipeline, store
+    from worker.audio import ScratchError
     from worker.heartbeat import beating
 
     try:
@@ -259,6 +262,17 @@ def embed_items(self, item_ids: list[str]) -> dict:
         # from later tasks, whose messages are spent, go back now, this try not counted against them
         hand_back(held - set(ids), exc, charge=False)
         raise
+    except ScratchError as exc:
+        # this machine's disk, not the files: every one goes back with this try not counted (they used up their
+        # attempts and failed for good, helper-41), and this worker rests before its next task, which would
+        # meet the same disk (it took task after task, faster than the healthy workers)
+        hand_back(held, exc, charge=False)
+        rest = min(SCRATCH_REST_S, settings.stale_after_s)
+        log.error("cannot write decoded audio to the scratch directory (%s): the task's files go back to the "
+                  "queue, this try not counted, and this worker waits %g s before its next task", exc, rest,
+                  extra={"scratch_dir": str(settings.scratch_dir), "count": len(held)})
+        time.sleep(rest)
+        return {**counts, "handed_back": len(held)}
     except Exception as exc:
         # every file it held goes back, this try counted (attempts bound the retries); this message is
         # acked as failed and the borrowed files' own found nothing to do
