@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 
 import numpy as np
@@ -11,6 +12,8 @@ from sqlalchemy.orm import Session
 
 from clapq.models import Item, Job, Library
 from worker.windows import pooled
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -45,7 +48,7 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
                or_(Item.status == "queued", and_(Item.status == "running", or_(Item.claimed_by == task_id, stale))))
         .with_for_update(of=Item, skip_locked=True)
     ).all()
-    claimed = []
+    claimed, mismatched = [], []
     for item, cancelled, lib_model in rows:
         if cancelled:
             item.status, item.finished_at = "cancelled", func.now()
@@ -53,8 +56,14 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
             item.status, item.finished_at = "failed", func.now()
             item.error = f"gave up after {item.attempts} attempts; last error: {item.error or 'worker lost'}"
         elif lib_model != model_id:
-            item.status, item.finished_at = "failed", func.now()
-            item.error = "the library is bound to a different model than this worker serves"
+            # a worker started with another checkpoint (CLAPQ_MODEL, or a newer revision downloaded) beside the
+            # right ones: the file is not its to fail (507 of 600 failed in seconds, helper-41). It stays
+            # queued, saying why, for a worker of the library's model; the sweeper sends it again once it has
+            # been left CLAPQ_STALE_AFTER_S
+            item.error = (f"waiting for a worker that serves this library's model (model {lib_model}); a worker "
+                          f"serving another (model {model_id}: its CLAPQ_MODEL differs) left it")
+            item.updated_at = func.now()
+            mismatched.append(item.id)
         else:
             resumed = item.status == "running" and item.claimed_by == task_id
             item.status, item.attempts, item.claimed_by = "running", item.attempts + 1, task_id
@@ -62,6 +71,10 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
             item.progress = None  # a try starts over
             claimed.append(Claimed(item.id, item.sha256, item.library_id, lib_model, item.job_id, item.tenant_id,
                                    item.attempts, resumed))
+    if mismatched:
+        log.error("this worker serves model %d, and %d files it was sent are of libraries bound to another model: "
+                  "left queued for a worker of theirs (is this worker's CLAPQ_MODEL the service's?)", model_id,
+                  len(mismatched), extra={"item_ids": [str(i) for i in mismatched[:10]]})
     return claimed
 
 
