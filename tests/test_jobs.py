@@ -471,3 +471,38 @@ def test_a_retry_a_day_later_takes_its_eta_from_the_retry(client, new_key, setti
     got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
     assert got["status"] == "running" and got["progress"] == 0.95, got
     assert abs(got["eta_s"] - 100) < 10, got  # 5 MB left at 5 MB a 100 s
+
+
+def test_celerys_own_retry_after_an_outage_counts_no_try(new_key, client, settings):
+    """A task that Celery runs again after the database went away (its own retry) finds its own files still
+    running under its id, and files it had taken from later tasks that the try before could not hand back:
+    neither counts a try, and the borrowed ones are not said to be a dead process's (three outages during
+    the same files failed them for good, helper-41). A message handed back after its process died (no
+    retry) still counts one."""
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+    from clapq.models import Item
+    from worker import store
+
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "outage"}, headers=auth(key)).get_json()
+    job, ids = job_rows(settings, lib["id"], [("own", 100, "running"), ("borrowed", 100, "running")],
+                        claimed_by="task-o")
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE items SET attempts = 1 WHERE job_id = :j"), {"j": job})
+        model = s.execute(text("SELECT model_id FROM libraries WHERE id = :l"), {"l": lib["id"]}).scalar()
+        assert [c.id for c in store.claim(s, [ids["own"]], model, 3, "task-o", 60, retry=True)] == [ids["own"]]
+        assert store.release_borrowed(s, [ids["own"]], "task-o", retry=True) == [ids["borrowed"]]
+    with session_scope(settings.database_url) as s:
+        own, borrowed = s.get(Item, ids["own"]), s.get(Item, ids["borrowed"])
+        assert (own.status, own.attempts) == ("running", 1)
+        assert (borrowed.status, borrowed.attempts, borrowed.error) == ("queued", 0, store.OUTAGE)
+        s.execute(text("UPDATE items SET status = 'running', claimed_by = 'task-o', attempts = 1 WHERE job_id = :j"),
+                  {"j": job})
+    with session_scope(settings.database_url) as s:  # the process died: its message comes back
+        assert [c.resumed for c in store.claim(s, [ids["own"]], model, 3, "task-o", 60)] == [True]
+        assert store.release_borrowed(s, [ids["own"]], "task-o") == [ids["borrowed"]]
+    with session_scope(settings.database_url) as s:
+        own, borrowed = s.get(Item, ids["own"]), s.get(Item, ids["borrowed"])
+        assert (own.attempts, borrowed.attempts, borrowed.error) == (2, 1, store.LOST)

@@ -34,11 +34,13 @@ def silent_for(seconds: float):
 
 
 def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: int, task_id: str,
-          stale_after_s: float) -> list[Claimed]:
+          stale_after_s: float, retry: bool = False) -> list[Claimed]:
     """Mark pending items running (attempts counted here, in Postgres) and return them.
 
     A running item is taken only by a redelivery of the task that holds it, or once its
-    heartbeat is older than `stale_after_s` (its worker is gone)."""
+    heartbeat is older than `stale_after_s` (its worker is gone). `retry`: Celery's own retry after a passing
+    fault (the database away): the files this task still holds are taken on without counting a try (three
+    outages during the same files failed them for good, helper-41)."""
     stale = silent_for(stale_after_s)
     rows = session.execute(
         select(Item, Job.cancelled, Library.model_id)
@@ -66,7 +68,8 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
             mismatched.append(item.id)
         else:
             resumed = item.status == "running" and item.claimed_by == task_id
-            item.status, item.attempts, item.claimed_by = "running", item.attempts + 1, task_id
+            item.status, item.claimed_by = "running", task_id
+            item.attempts += 0 if resumed and retry else 1
             item.started_at = item.updated_at = func.now()
             item.progress = None  # a try starts over
             claimed.append(Claimed(item.id, item.sha256, item.library_id, lib_model, item.job_id, item.tenant_id,
@@ -114,6 +117,7 @@ def heartbeat(session: Session, ids: list[uuid.UUID], task_id: str,
 
 # why the files of a task whose process died went back to the queue
 LOST = "worker lost (its process died)"
+OUTAGE = "handed back after the database was away (not counted as a try)"
 
 
 def release(session: Session, item_ids: list[uuid.UUID], reason: str, task_id: str,
@@ -124,12 +128,13 @@ def release(session: Session, item_ids: list[uuid.UUID], reason: str, task_id: s
     return _requeue(session, Item.id.in_(item_ids), reason, task_id, charge)
 
 
-def release_borrowed(session: Session, own: list[uuid.UUID], task_id: str) -> list[uuid.UUID]:
+def release_borrowed(session: Session, own: list[uuid.UUID], task_id: str, retry: bool = False) -> list[uuid.UUID]:
     """Hand back the files this task id took from later tasks (claim_more) and still holds running, beside
     its own `own`: asked when its message comes back after the process running it died, whose borrowed
-    files' own tasks found them taken and did nothing. The try that died counts. Few rows: the running
-    items are found through the partial index of pending ones."""
-    return _requeue(session, Item.id.not_in(own), LOST, task_id, charge=True)
+    files' own tasks found them taken and did nothing. The try that died counts. On Celery's own retry
+    (`retry`) the try before failed to hand them back itself (the database was away): not counted. Few rows:
+    the running items are found through the partial index of pending ones."""
+    return _requeue(session, Item.id.not_in(own), OUTAGE if retry else LOST, task_id, charge=not retry)
 
 
 def _requeue(session: Session, which, reason: str, task_id: str, charge: bool) -> list[uuid.UUID]:

@@ -149,8 +149,8 @@ def embed_items(self, item_ids: list[str]) -> dict:
     task_id = self.request.id or "local"
     ids = [uuid.UUID(i) for i in item_ids]
     with session_scope(settings.database_url) as s:
-        claimed = store.claim(s, ids, model_id, settings.max_attempts, task_id,
-                              settings.stale_after_s)
+        retry = bool(self.request.retries)
+        claimed = store.claim(s, ids, model_id, settings.max_attempts, task_id, settings.stale_after_s, retry=retry)
         # Files this task id was still running: the process that had them died (a native crash, the OOM
         # killer) and Celery handed the message back. One of them may be what kills it, so each goes on
         # alone, as the sweeper sends a dead worker's files: the one that kills runs out of attempts by
@@ -163,10 +163,13 @@ def embed_items(self, item_ids: list[str]) -> dict:
         # running: their tasks found them taken and ended, so they would wait for the sweeper
         # (CLAPQ_STALE_AFTER_S) with every worker idle. On a retry of Celery's own as well: the try before
         # handed back what it had borrowed (queued again, so not taken here) unless its process died.
-        alone += store.release_borrowed(s, ids, task_id)
+        alone += store.release_borrowed(s, ids, task_id, retry=retry)
     if alone:
         enqueue_items(self.app, alone, 1)
-        log.warning("files of a task whose process died go on one per task", extra={"count": len(alone)})
+        if retry:  # the try before could not hand back the files it had taken from later tasks
+            log.info("files this task had taken from later tasks go on one per task", extra={"count": len(alone)})
+        else:
+            log.warning("files of a task whose process died go on one per task", extra={"count": len(alone)})
     if split:
         return {"claimed": 0, "split": len(alone)}
     if not claimed:
