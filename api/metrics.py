@@ -11,6 +11,7 @@ from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from clapq import metrics
 from clapq.db import session_scope
@@ -40,22 +41,31 @@ class StateCollector:
         self._counts: tuple[float, dict] | None = None
         self._lock = threading.Lock()
 
-    def _item_counts(self, url: str) -> dict:
+    def _item_counts(self, url: str) -> dict | None:
+        """The items by state, or None while Postgres does not answer (asked again after COUNTS_TTL_S)."""
         with self._lock:  # one count at a time: scrapes that arrive meanwhile take its answer
             if self._counts is None or time.monotonic() - self._counts[0] >= COUNTS_TTL_S:
-                with session_scope(url) as s:
-                    self._counts = (time.monotonic(),
-                                    dict(s.execute(select(Item.status, func.count()).group_by(Item.status)).all()))
+                try:
+                    with session_scope(url) as s:
+                        counts = dict(s.execute(select(Item.status, func.count()).group_by(Item.status)).all())
+                except (SQLAlchemyError, OSError):
+                    counts = None
+                self._counts = (time.monotonic(), counts)
             return self._counts[1]
 
     def collect(self):
         settings = self.app.config["CLAPQ"]
         celery = self.app.extensions["clapq_celery"]
-        items = GaugeMetricFamily("clapq_items", "Items by state", labels=["state"])
+        # while Postgres is down the other figures still go out (the whole scrape was a 503, and Redis's and
+        # the disk's figures went with it just when they were wanted, helper-41)
         counts = self._item_counts(settings.database_url)
-        for state in ("queued", "running", "done", "failed", "cancelled"):
-            items.add_metric([state], counts.get(state, 0))
-        yield items
+        yield GaugeMetricFamily("clapq_database_up", "Whether Postgres answered the count of items by state",
+                                value=float(counts is not None))
+        if counts is not None:
+            items = GaugeMetricFamily("clapq_items", "Items by state", labels=["state"])
+            for state in ("queued", "running", "done", "failed", "cancelled"):
+                items.add_metric([state], counts.get(state, 0))
+            yield items
         # what Redis holds, if it answers now (one try, 1 s; skipped for a while after a failure): a Redis that
         # hangs answered every scrape 500, the database's figures with it (helper-38)
         kept = None

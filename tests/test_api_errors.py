@@ -507,6 +507,23 @@ def test_items_by_state_are_counted_at_most_once_in_a_while(settings, monkeypatc
     assert len(counts) == (1 if ttl else 3), counts
 
 
+def test_metrics_go_out_while_postgres_is_down(settings):
+    """Postgres down (here: an address where nothing listens): /metrics still answers, with Redis's and the
+    disk's figures and clapq_database_up 0; the whole scrape was a 503 for as long as the outage lasted,
+    and those figures went with it (helper-41)."""
+    import dataclasses
+
+    from api import create_app
+
+    down = dataclasses.replace(settings, database_url="postgresql://clapq@127.0.0.1:1/clapq")
+    r = create_app(down).test_client().get("/metrics")
+    body = r.get_data(as_text=True)
+    assert r.status_code == 200 and "clapq_database_up 0.0" in body and "clapq_redis_up 1.0" in body, body
+    assert "clapq_queue_depth" in body and "clapq_blob_free_bytes" in body and "clapq_items{" not in body, body
+    r = create_app(settings).test_client().get("/metrics")
+    assert "clapq_database_up 1.0" in r.get_data(as_text=True)
+
+
 def test_what_json_cannot_carry_is_a_400_naming_where(client, lib, settings):
     """NaN and Infinity (Python's parser takes them, JSON has neither), a number too large for a float,
     nesting past 32 levels and a metadata filter that is not an object: 400s, never 500s; a refused
