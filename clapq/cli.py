@@ -154,9 +154,11 @@ def cmd_worker(args) -> None:
         os.nice(settings.worker_nice)
     from worker.celery_app import app
 
+    # the node name has this process's id: two workers on one host were both clapq@host.0 (helper-41)
     app.worker_main(["worker", "--loglevel", settings.log_level, "--pool", "prefork",
                      "--concurrency", str(settings.worker_concurrency), "--queues", "embed",
-                     "--without-gossip", "--without-mingle", "--hostname", f"clapq@{os.uname().nodename}.%i"])
+                     "--without-gossip", "--without-mingle", "--hostname",
+                     f"clapq@{os.uname().nodename}.{os.getpid()}"])
 
 
 def _database_url(settings: Settings, data_dir: Path, stack: list, watch: list | None = None) -> str:
