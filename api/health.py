@@ -13,7 +13,7 @@ from sqlalchemy import text
 
 from clapq.checkpoint import ModelUnavailable, resolve
 from clapq.db import get_engine
-from clapq.presence import live_workers
+from clapq.presence import beat_alive, live_workers
 from clapq.queue import redis_client
 
 bp = Blueprint("health", __name__)
@@ -93,7 +93,11 @@ def readyz():
             return f"error: {exc}"
         return "ok"
 
-    checks = _run({"postgres": postgres, "redis": redis, "workers": workers, "model": model},
-                  (settings.database_url, settings.redis_url, str(settings.model)))
-    ready = all(v == "ok" for v in checks.values())
+    def maintenance() -> str:
+        return "ok" if beat_alive(celery) else "warning: the maintenance loop made no pass lately (start `clapq beat`)"
+
+    checks = _run({"postgres": postgres, "redis": redis, "workers": workers, "model": model,
+                   "maintenance": maintenance}, (settings.database_url, settings.redis_url, str(settings.model)))
+    # the maintenance loop is said, but not a reason to take the API out of service: it serves without one
+    ready = all(v == "ok" for k, v in checks.items() if k != "maintenance")
     return {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503

@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from clapq import metrics
 from clapq.db import session_scope
 from clapq.models import Item
-from clapq.presence import live_workers
+from clapq.presence import beat_alive, live_workers
 from clapq.queue import EMBED_QUEUE, best_effort
 
 bp = Blueprint("metrics", __name__)
@@ -71,12 +71,16 @@ class StateCollector:
         kept = None
         with best_effort(celery, "reading the figures kept in Redis for /metrics") as client:
             if client is not None:
-                kept = (client.llen(EMBED_QUEUE), live_workers(celery, client), metrics.read(celery, client))
+                kept = (client.llen(EMBED_QUEUE), live_workers(celery, client), metrics.read(celery, client),
+                        beat_alive(celery, client))
         yield GaugeMetricFamily("clapq_redis_up", "Whether Redis answered this scrape: the queue depth, live "
                                 "workers and embed figures need it", value=float(kept is not None))
         if kept is not None:
             yield GaugeMetricFamily("clapq_queue_depth", "Tasks waiting in the broker", value=kept[0])
             yield GaugeMetricFamily("clapq_workers_live", "Workers with a fresh presence key", value=kept[1])
+            yield GaugeMetricFamily("clapq_maintenance_live", "Whether the maintenance loop (clapq beat) made a pass "
+                                    "lately: without it, files a dead worker left are never sent again",
+                                    value=float(kept[3]))
         # uploads fail with 507 once the stored files' disk is full: seen here before users see it
         try:
             where = settings.blob_dir

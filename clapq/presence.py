@@ -47,5 +47,19 @@ def stop(app) -> None:
             pass
 
 
+# the maintenance loop (`clapq beat`) sets this after each pass: without it, files a dead worker left are
+# never sent again, and nothing said so (helper-41)
+BEAT_KEY = "clapq:beat"
+
+
+def beat_done(app, interval_s: float) -> None:
+    """Said by the maintenance loop after a pass: alive for three intervals (and half a minute more)."""
+    redis_client(app).set(BEAT_KEY, str(time.time()), ex=int(3 * interval_s + 30))
+
+
+def beat_alive(app, client=None) -> bool:
+    return bool((client or redis_client(app)).exists(BEAT_KEY))
+
+
 def live_workers(app, client=None) -> int:
     return sum(1 for _ in (client or redis_client(app)).scan_iter(match=PREFIX + "*", count=100))

@@ -456,15 +456,28 @@ def test_json_sent_as_curl_d_sends_it_is_read_as_json(client, new_key, settings)
         assert body.tell() <= 17 * 1024 * 1024, (path, body.tell())  # how far it was read
 
 
-def test_health_metrics_and_openapi(client, worker):
+def test_health_metrics_and_openapi(client, worker, app):
+    from clapq.presence import BEAT_KEY, beat_done
+    from clapq.queue import redis_client
+
+    celery = app.extensions["clapq_celery"]
     assert client.get("/healthz").get_json() == {"status": "ok"}
+    # the maintenance loop is said when it made no pass lately (a dead beat was seen nowhere, helper-41), and
+    # the API stays ready: it serves without one
+    redis_client(celery).delete(BEAT_KEY)
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.get_json()
-    assert ready.get_json()["checks"] == {"postgres": "ok", "redis": "ok", "workers": "ok", "model": "ok"}
+    assert ready.get_json()["checks"] == {"postgres": "ok", "redis": "ok", "workers": "ok", "model": "ok",
+                                          "maintenance": "warning: the maintenance loop made no pass lately "
+                                                         "(start `clapq beat`)"}
+    assert "clapq_maintenance_live 0.0" in client.get("/metrics").get_data(as_text=True)
+    beat_done(celery, 1)
+    assert client.get("/readyz").get_json()["checks"]["maintenance"] == "ok"
     m = client.get("/metrics")
     assert m.status_code == 200 and m.mimetype == "text/plain"
     body = m.get_data(as_text=True)
     for name in ("clapq_items{state=\"done\"}", "clapq_redis_up 1.0", "clapq_queue_depth", "clapq_workers_live 1.0",
+                 "clapq_maintenance_live 1.0", "clapq_database_up 1.0",
                  "clapq_embed_batch_seconds_bucket", "clapq_windows_total", "clapq_http_request_duration_seconds"):
         assert name in body, name
     import shutil

@@ -340,9 +340,14 @@ def test_the_beat_removes_files_no_item_holds(stack):
     fresh.write_bytes(b"arriving")
     os.utime(stale, (time.time() - 2 * 86400,) * 2)
     assert len(shas) == 3 and all(store.exists(sha) for sha in shas)
+    ready = st["client"].get("/readyz").get_json()["checks"]
+    assert ready["maintenance"].startswith("warning: the maintenance loop made no pass lately"), ready
     st["start_beat"]()
     wait_until(lambda: not any(store.exists(sha) for sha in shas) and not stale.exists(), 60, "the beat's removal")
     assert fresh.exists()
+    # and says that it is alive, which /readyz and /metrics tell (helper-41: a dead beat was seen nowhere)
+    wait_until(lambda: st["client"].get("/readyz").get_json()["checks"]["maintenance"] == "ok", 30, "the beat's pass")
+    assert "clapq_maintenance_live 1.0" in st["client"].get("/metrics").get_data(as_text=True)
 
 
 def test_postgres_connections_dropped_mid_write(stack):

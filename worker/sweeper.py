@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from clapq.blobs import BlobStore, reclaim_queued, remove_stale_uploads
 from clapq.db import get_engine, session_scope
 from clapq.models import Item
+from clapq.presence import beat_done
 from clapq.queue import EMBED_QUEUE, enqueue_items, make_celery, redis_client
 from clapq.settings import Settings
 from worker.store import silent_for
@@ -146,4 +147,5 @@ def run_forever(settings: Settings) -> None:
     threading.Thread(target=_every, args=(settings.sweep_interval_s, {"index repair": lambda: repair_indexes(settings)}),
                      name="index-repair", daemon=True).start()
     _every(settings.sweep_interval_s,
-           {"sweep": lambda: sweep_once(settings, app), "blob removal": lambda: collect_blobs(settings)})
+           {"sweep": lambda: sweep_once(settings, app), "blob removal": lambda: collect_blobs(settings),
+            "saying it is alive": lambda: beat_done(app, settings.sweep_interval_s)})
