@@ -304,6 +304,9 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(StorageFull)  # a part being received, or committed, found the upload area full
     def _storage_full(e: StorageFull):
+        # the operator's to act on: only the access log showed it (helper-41)
+        log.warning("an upload was refused: the disk of the stored files is full (%s)", e,
+                    extra={"blob_dir": str(current_app.config["CLAPQ"].blob_dir)})
         return envelope(507, "insufficient_storage", "the upload area is full; try again later")
 
     @app.errorhandler(Exception)

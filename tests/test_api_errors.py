@@ -833,9 +833,10 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-def test_a_full_upload_area_is_a_507_for_uploads_and_clip_searches(settings, new_key, small_disk):
+def test_a_full_upload_area_is_a_507_for_uploads_and_clip_searches(settings, new_key, small_disk, caplog):
     """The blob store on a disk with 1 MiB: a 2 MB upload, and a 2 MB clip sent to search, are 507s
-    with the envelope (the clip search was a 500), and leave no partial file; a small upload works."""
+    with the envelope (the clip search was a 500), said in the log for the operator (only the access log
+    showed it, helper-41), and leave no partial file; a small upload works."""
     import dataclasses
 
     from api import create_app
@@ -847,6 +848,7 @@ def test_a_full_upload_area_is_a_507_for_uploads_and_clip_searches(settings, new
     e = err(c.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                    data={"files": [(io.BytesIO(big), "big.wav")]}), 507)
     assert e["code"] == "insufficient_storage" and "full" in e["message"]
+    assert any("the disk of the stored files is full" in r.getMessage() for r in caplog.records), caplog.records
     e = err(c.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
                    data={"library_id": lib_id, "audio": (io.BytesIO(big), "q.wav")}), 507)
     assert e["code"] == "insufficient_storage"
