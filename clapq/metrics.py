@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from clapq.queue import redis_client
+from clapq.queue import best_effort, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -13,29 +13,29 @@ KEY = "clapq:metrics"
 BATCH_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-def record_batch(app, windows: int, seconds: float) -> None:
-    """Called by the worker after each model batch; never lets a Redis hiccup fail the work."""
+def _add(app, fields: dict[str, float]) -> None:
+    """Add to the shared figures, best effort: one try of a second, then Redis is left alone for a while,
+    said once (a Redis that hung held each batch up for 10 s, and one away logged a traceback at each batch,
+    helper-41); nothing here fails the work."""
     try:
-        pipe = redis_client(app).pipeline(transaction=False)
-        pipe.hincrby(KEY, "windows_total", windows)
-        pipe.hincrby(KEY, "batches_total", 1)
-        pipe.hincrbyfloat(KEY, "batch_seconds_sum", seconds)
-        for b in BATCH_BUCKETS:
-            if seconds <= b:
-                pipe.hincrby(KEY, f"batch_le_{b}", 1)
-        pipe.execute()
+        with best_effort(app, "adding to the embed figures (/metrics)") as client:
+            if client is not None:
+                pipe = client.pipeline(transaction=False)
+                for name, n in fields.items():
+                    (pipe.hincrbyfloat if isinstance(n, float) else pipe.hincrby)(KEY, name, n)
+                pipe.execute()
     except Exception:
         log.warning("metrics update failed", exc_info=True)
+
+
+def record_batch(app, windows: int, seconds: float) -> None:
+    """Called by the worker after each model batch."""
+    _add(app, {"windows_total": windows, "batches_total": 1, "batch_seconds_sum": float(seconds),
+               **{f"batch_le_{b}": 1 for b in BATCH_BUCKETS if seconds <= b}})
 
 
 def record_items(app, done: int = 0, failed: int = 0) -> None:
-    try:
-        pipe = redis_client(app).pipeline(transaction=False)
-        pipe.hincrby(KEY, "items_done_total", done)
-        pipe.hincrby(KEY, "items_failed_total", failed)
-        pipe.execute()
-    except Exception:
-        log.warning("metrics update failed", exc_info=True)
+    _add(app, {"items_done_total": done, "items_failed_total": failed})
 
 
 def read(app, client=None) -> dict[str, float]:
