@@ -907,8 +907,13 @@ def printable(name: str) -> str:
     """A path as one line of output: characters that would break or colour the line (a newline or a tab in a
     file name, an escape sequence) as Python writes them in a string, `\\n`. Joiners stay as they are: the
     zero-width joiner of an emoji family or the non-joiner of Persian are part of the name (helper-42)."""
-    return name if name.isprintable() else "".join(c if c.isprintable() or c in JOINERS else repr(c)[1:-1]
-                                                   for c in name)
+    return name if name.isprintable() else "".join(c if c.isprintable() or c in JOINERS else _escaped(c) for c in name)
+
+
+def _escaped(c: str) -> str:
+    """A character as Python writes it in a string; a byte of a name that is not UTF-8 (Python's surrogate
+    escape for it) as that byte, `\\xea`, where it was `\\udcea` (helper-42)."""
+    return f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else repr(c)[1:-1]
 
 
 JOINERS = "\u200c\u200d"  # zero-width non-joiner and joiner

@@ -1674,6 +1674,7 @@ def test_names_with_control_characters_print_on_one_line():
     for name in ("👨\u200d👩\u200d👧.wav", "می\u200cخواهم.wav"):
         assert printable(name) == name and display_name(name) == name
     assert printable("\u202egpj.wav") == "\\u202egpj.wav" and display_name("\u202egpj.wav") == "gpj.wav"
+    assert printable(os.fsdecode(b"caf\xe9.wav")) == "caf\\xe9.wav"  # the byte, not "\udce9"
     # sizes: a small upload is not "0.0 MB"
     assert [_megabytes(n) for n in (300, 40_000, 1_700_000, 2_300_000_000)] == ["1 kB", "40 kB", "1.7 MB",
                                                                                  "2,300.0 MB"]
