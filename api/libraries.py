@@ -207,7 +207,9 @@ def move_files(lib_id: str):
     session = db()
     held = dict(session.execute(
         select(Item.id, Item.meta).where(Item.id.in_({m[0] for m in moves}), Item.library_id == lib.id,
-                                         Item.tenant_id == g.tenant_id).with_for_update()).all())
+                                         Item.tenant_id == g.tenant_id)
+        .with_for_update(key_share=True)).all())  # FOR NO KEY UPDATE, as an UPDATE takes: a worker's vector
+    # writes (FOR KEY SHARE of the item) are not held up (helper-44)
     new: dict = {}
     too_large = set()
     for item, from_path, from_folder, to_path, to_folder in moves:

@@ -37,13 +37,14 @@ def get_engine(url: str) -> Engine:
             # connect in CONNECT_TIMEOUT_S instead of holding a request (libpq waits forever by default),
             # and keepalives end a pooled connection to a host that went away
             engine = create_engine(normalise_url(url), pool_pre_ping=True, pool_size=5, max_overflow=5,
-                                   pool_timeout=CONNECT_TIMEOUT_S,
-                                   connect_args={"application_name": os.environ.get("CLAPQ_PROCESS", "clapq"),
-                                                 "connect_timeout": CONNECT_TIMEOUT_S, "keepalives": 1,
-                                                 "keepalives_idle": 30, "keepalives_interval": 10,
-                                                 "keepalives_count": 3})
+                                   pool_timeout=CONNECT_TIMEOUT_S, connect_args=_connect_args())
             _engines[key] = engine
         return engine
+
+
+def _connect_args() -> dict:
+    return {"application_name": os.environ.get("CLAPQ_PROCESS", "clapq"), "connect_timeout": CONNECT_TIMEOUT_S,
+            "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 
 
 def dispose_engines() -> None:
@@ -92,7 +93,7 @@ def migrate(url: str) -> None:
     # two machines started together) raced, and one failed with a duplicate key in pg_type, which stopped the
     # services that wait for it (helper-41). The lock is a session's, on a connection of its own (not pooled:
     # closing it lets go, whatever happened).
-    with create_engine(normalise_url(url), poolclass=NullPool).connect() as lock:
+    with create_engine(normalise_url(url), poolclass=NullPool, connect_args=_connect_args()).connect() as lock:
         lock.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATE_LOCK})
         with engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_heads()

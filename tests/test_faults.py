@@ -350,6 +350,18 @@ def test_the_beat_removes_files_no_item_holds(stack):
     assert "clapq_maintenance_live 1.0" in st["client"].get("/metrics").get_data(as_text=True)
 
 
+def test_a_beat_whose_sweeps_fail_is_not_said_alive(stack):
+    """`clapq beat` with a Postgres that refuses it: every sweep fails, and the maintenance loop is not said
+    alive (the key was set after each pass whatever its sweep did, so /readyz said ok, helper-44)."""
+    beat = Beat({**stack["env"], "DATABASE_URL": "postgresql://clapq@127.0.0.1:1/clapq"}, stack["tmp"] / "beat.log")
+    try:
+        wait_until(lambda: (stack["tmp"] / "beat.log").read_text().count("sweep failed") >= 3, 60, "three sweeps")
+        checks = stack["client"].get("/readyz").get_json()["checks"]
+        assert checks["maintenance"].startswith("warning: the maintenance loop made no pass lately"), checks
+    finally:
+        beat.stop()
+
+
 def test_postgres_connections_dropped_mid_write(stack):
     key, job_id = job_under_way(stack, 120, 10)
     engine = get_engine(stack["settings"].database_url)

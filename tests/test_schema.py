@@ -204,3 +204,34 @@ def test_migrations_started_together_on_a_new_database_all_succeed(scratch):
     assert [rc for rc, _ in results] == [0, 0, 0], results
     with engine.connect() as conn:
         assert conn.scalar(text("SELECT version_num FROM alembic_version")) == HEAD
+
+
+def test_migrate_against_a_server_that_never_answers_gives_up():
+    """A Postgres address that takes connections and never answers (a stopped server, a dead link): the
+    lock's own connection waited forever, where migrate gave up within the connect timeout, and so did
+    the services waiting on it (helper-44)."""
+    import socket
+    import threading
+
+    from sqlalchemy.exc import OperationalError
+
+    from clapq.db import CONNECT_TIMEOUT_S, migrate
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    out: list = []
+
+    def run() -> None:
+        try:
+            migrate(f"postgresql://clapq@127.0.0.1:{silent.getsockname()[1]}/clapq")
+        except Exception as exc:
+            out.append(exc)
+
+    try:
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(CONNECT_TIMEOUT_S * 3)
+        assert out and isinstance(out[0], OperationalError), out or "migrate still waits"
+    finally:
+        silent.close()

@@ -146,6 +146,11 @@ def run_forever(settings: Settings) -> None:
     # a rebuild takes minutes on a large store: in its own thread, so that sweeping goes on meanwhile
     threading.Thread(target=_every, args=(settings.sweep_interval_s, {"index repair": lambda: repair_indexes(settings)}),
                      name="index-repair", daemon=True).start()
-    _every(settings.sweep_interval_s,
-           {"sweep": lambda: sweep_once(settings, app), "blob removal": lambda: collect_blobs(settings),
-            "saying it is alive": lambda: beat_done(app, settings.sweep_interval_s)})
+    def sweep() -> None:  # said alive only after a sweep that went through (every sweep failing said ok, helper-44)
+        sweep_once(settings, app)
+        try:
+            beat_done(app, settings.sweep_interval_s)
+        except Exception as exc:  # Redis away: /readyz says so itself
+            log.warning("could not record in Redis that the maintenance loop is alive (%s)", exc)
+
+    _every(settings.sweep_interval_s, {"sweep": sweep, "blob removal": lambda: collect_blobs(settings)})
