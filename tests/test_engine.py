@@ -520,6 +520,47 @@ print(result.state, result.result)
         assert [s.get(Item, uuid.UUID(i)).attempts for i in ids] == [1, 1, 1, 1]
 
 
+def test_a_retried_message_whose_process_died_is_a_death_not_celerys_retry(client, new_key, settings, env, tmp_path):
+    """A message Celery retried (retries 1) whose process then died comes back with the same count: its files,
+    still running under its id, go on one per task with that try counted, as after any death. Only the run
+    the failing try marked in Redis is taken for Celery's own retry (its files stay together, no try
+    counted). On `retries` alone a file that killed its worker was tried for ever (helper-44)."""
+    from sqlalchemy import update
+
+    from clapq.db import session_scope
+    from clapq.models import Item
+    from clapq.queue import make_celery, redis_client
+    from worker.tasks import RETRY_MARK
+
+    key = new_key()
+    job_id, ids = queued_files(client, key, settings, tmp_path, "died in a retry",
+                               [(f"d{i}.wav", 1.0, 90 + i) for i in range(2)])
+    for task, marked in (("task-died", False), ("task-retried", True)):
+        with session_scope(settings.database_url) as s:  # as the process that died left them
+            s.execute(update(Item).where(Item.id.in_([uuid.UUID(i) for i in ids]))
+                      .values(status="running", claimed_by=task, attempts=1, started_at=func_now_minus(60)))
+        if marked:
+            redis_client(make_celery(settings)).set(RETRY_MARK.format(task=task, n=1), b"1", ex=60)
+        code = f"""
+from worker import pipeline
+pipeline.run = lambda *a, **k: None  # what follows the claim is not what this test looks at
+print(tasks.embed_items.apply(args=[{ids!r}], task_id={task!r}, retries=1).result)
+"""
+        r = in_a_worker_process({**env, "CLAPQ_CLAIM_FOR_S": "0"}, code)
+        assert r.returncode == 0, r.stderr[-3000:]
+        with session_scope(settings.database_url) as s:
+            rows = [s.get(Item, uuid.UUID(i)) for i in ids]
+            if marked:
+                assert r.stdout.strip().startswith("{'claimed': 2"), r.stdout
+                assert [(i.status, i.attempts) for i in rows] == [("running", 1)] * 2
+            else:  # sent on one per task (a running worker may have taken them since: then on attempt 2)
+                assert r.stdout.strip() == "{'claimed': 0, 'split': 2}", r.stdout
+                assert all((i.status, i.attempts, i.error) == ("queued", 1, "worker lost (its process died)")
+                           or i.attempts == 2 for i in rows), [(i.status, i.attempts, i.error) for i in rows]
+    with session_scope(settings.database_url) as s:  # no message goes to a worker: left as they are
+        s.execute(update(Item).where(Item.id.in_([uuid.UUID(i) for i in ids])).values(status="cancelled"))
+
+
 def test_how_long_a_task_claims_later_files():
     """CLAPQ_CLAIM_FOR_S: auto (the default) is 10 s on a GPU and 0 on a CPU; a number is that number."""
     from clapq.settings import Settings, claim_window_s

@@ -18,7 +18,7 @@ from clapq import metrics
 from clapq.blobs import BlobStore
 from clapq.checkpoint import register_model, resolve
 from clapq.db import session_scope
-from clapq.queue import EMBED_TASK, enqueue_items
+from clapq.queue import EMBED_TASK, best_effort, enqueue_items
 from clapq.settings import Settings, claim_window_s
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,30 @@ SCRATCH_REST_S = 60  # how long a worker whose scratch disk failed waits before 
 # IntegrityError comes back on every try, so it takes the unexpected-error path (files handed back,
 # attempts bounding the retries) instead of 8 backoffs
 TRANSIENT = (OperationalError, InterfaceError, ConnectionError)
+
+
+# Celery's own retry of a task (autoretry_for TRANSIENT) is told from the same message handed back after its
+# process died by a mark the failing try leaves in Redis: `request.retries` alone cannot tell them apart, as a
+# retried message whose process then dies comes back with the same count, and a file that killed it would have
+# been tried for ever with no try counted (helper-44). No mark (Redis away): taken for a death, counted.
+RETRY_MARK = "clapq:retrying:{task}:{n}"
+RETRY_MARK_TTL_S = 6 * 3600
+
+
+def _mark_retry(app, task_id: str, n: int) -> None:
+    with best_effort(app, "marking a task that Celery retries") as client:
+        if client is not None:
+            client.set(RETRY_MARK.format(task=task_id, n=n), b"1", ex=RETRY_MARK_TTL_S)
+
+
+def _marked_retry(app, task_id: str, retries: int) -> bool:
+    """Whether this run is Celery's retry that the try before marked (the mark is used once)."""
+    if not retries:
+        return False
+    with best_effort(app, "reading whether a task is Celery's retry") as client:
+        if client is not None:
+            return bool(client.delete(RETRY_MARK.format(task=task_id, n=retries)))
+    return False
 
 
 @functools.lru_cache(maxsize=1)
@@ -149,14 +173,14 @@ def embed_items(self, item_ids: list[str]) -> dict:
     task_id = self.request.id or "local"
     ids = [uuid.UUID(i) for i in item_ids]
     with session_scope(settings.database_url) as s:
-        retry = bool(self.request.retries)
+        retry = _marked_retry(self.app, task_id, self.request.retries)
         claimed = store.claim(s, ids, model_id, settings.max_attempts, task_id, settings.stale_after_s, retry=retry)
         # Files this task id was still running: the process that had them died (a native crash, the OOM
         # killer) and Celery handed the message back. One of them may be what kills it, so each goes on
         # alone, as the sweeper sends a dead worker's files: the one that kills runs out of attempts by
         # itself. The try that died counts; this claim does not. (Celery's own retry after a passing fault,
-        # `retries` > 0, finds its files running too: they stay together.)
-        split = len(claimed) > 1 and not self.request.retries and any(c.resumed for c in claimed)
+        # which the try before marked, finds its files running too: they stay together, no try counted.)
+        split = len(claimed) > 1 and not retry and any(c.resumed for c in claimed)
         alone = store.release(s, [c.id for c in claimed], store.LOST, task_id,
                               charge=False) if split else []
         # The files it had taken from later tasks go the same way, whether or not its own were still
@@ -264,6 +288,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
         # Celery runs this task again with its own files (the writes are idempotent); the files it took
         # from later tasks, whose messages are spent, go back now, this try not counted against them
         hand_back(held - set(ids), exc, charge=False)
+        _mark_retry(self.app, task_id, self.request.retries + 1)
         raise
     except ScratchError as exc:
         # this machine's disk, not the files: every one goes back with this try not counted (they used up their
