@@ -396,6 +396,19 @@ print(result.state, result.result, round(time.monotonic() - began))
         assert sorted(s.get(Item, uuid.UUID(i)).attempts for i in ids) == [1, 1, 1]
 
 
+def test_a_file_handed_back_for_scratch_again_and_again_is_counted_in_the_end(settings):
+    """A file whose decoded audio never fits the scratch disk went round uncounted for ever (helper-44): each
+    file goes back uncounted SCRATCH_FREE_TRIES times in a day, then its tries count, and it fails in the
+    end with the scratch error as its reason."""
+    from clapq.queue import make_celery
+    from worker.tasks import SCRATCH_FREE_TRIES, _scratch_free
+
+    app = make_celery(settings)
+    big, other = uuid.uuid4(), uuid.uuid4()
+    assert [_scratch_free(app, {big}) for _ in range(SCRATCH_FREE_TRIES)] == [{big}] * SCRATCH_FREE_TRIES
+    assert _scratch_free(app, {big, other}) == {other}
+
+
 def test_a_worker_of_another_model_leaves_the_files_for_one_of_theirs(client, new_key, worker, settings, env,
                                                                       tmp_path, tiny_model):
     """A worker started with another checkpoint (another CLAPQ_MODEL, a newer revision downloaded) beside the

@@ -40,6 +40,26 @@ RETRY_MARK = "clapq:retrying:{task}:{n}"
 RETRY_MARK_TTL_S = 6 * 3600
 
 
+# how many times a file goes back uncounted after a worker could not write its decoded audio to scratch
+SCRATCH_FREE_TRIES = 3
+SCRATCH_MARK = "clapq:scratch-full:{item}"
+
+
+def _scratch_free(app, held: set) -> set:
+    """Those of these files handed back uncounted after a scratch failure fewer than SCRATCH_FREE_TRIES times
+    in the last day (counted in Redis); with Redis away, none."""
+    ids = list(held)
+    with best_effort(app, "counting files handed back after a scratch failure") as client:
+        if client is not None and ids:
+            pipe = client.pipeline(transaction=False)
+            for i in ids:
+                pipe.incr(SCRATCH_MARK.format(item=i))
+                pipe.expire(SCRATCH_MARK.format(item=i), 86_400)
+            seen = pipe.execute()[0::2]
+            return {i for i, n in zip(ids, seen) if n <= SCRATCH_FREE_TRIES}
+    return set()
+
+
 def _mark_retry(app, task_id: str, n: int) -> None:
     with best_effort(app, "marking a task that Celery retries") as client:
         if client is not None:
@@ -291,10 +311,14 @@ def embed_items(self, item_ids: list[str]) -> dict:
         _mark_retry(self.app, task_id, self.request.retries + 1)
         raise
     except ScratchError as exc:
-        # this machine's disk, not the files: every one goes back with this try not counted (they used up their
-        # attempts and failed for good, helper-41), and this worker rests before its next task, which would
-        # meet the same disk (it took task after task, faster than the healthy workers)
-        hand_back(held, exc, charge=False)
+        # this machine's disk, not the files: they go back with this try not counted (they used up their
+        # attempts and failed for good, helper-41), a few times each, and after that counted, so a file whose
+        # decoded audio never fits the disk fails in the end (it went round for ever, helper-44); and this
+        # worker rests before its next task, which would meet the same disk (it took task after task, faster
+        # than the healthy workers)
+        free = _scratch_free(self.app, held)
+        hand_back(free, exc, charge=False)
+        hand_back(held - free, exc, charge=True)
         rest = min(SCRATCH_REST_S, settings.stale_after_s)
         log.error("cannot write decoded audio to the scratch directory (%s): the task's files go back to the "
                   "queue, this try not counted, and this worker waits %g s before its next task", exc, rest,
