@@ -34,13 +34,14 @@ def silent_for(seconds: float):
 
 
 def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: int, task_id: str,
-          stale_after_s: float, retry: bool = False) -> list[Claimed]:
+          stale_after_s: float, retry: bool = False, left: list | None = None) -> list[Claimed]:
     """Mark pending items running (attempts counted here, in Postgres) and return them.
 
     A running item is taken only by a redelivery of the task that holds it, or once its
     heartbeat is older than `stale_after_s` (its worker is gone). `retry`: Celery's own retry after a passing
     fault (the database away): the files this task still holds are taken on without counting a try (three
-    outages during the same files failed them for good, helper-41)."""
+    outages during the same files failed them for good, helper-41). `left` gets the ids of files left queued
+    for a worker of another model."""
     stale = silent_for(stale_after_s)
     rows = session.execute(
         select(Item, Job.cancelled, Library.model_id)
@@ -60,8 +61,7 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
         elif lib_model != model_id:
             # a worker started with another checkpoint (CLAPQ_MODEL, or a newer revision downloaded) beside the
             # right ones: the file is not its to fail (507 of 600 failed in seconds, helper-41). It stays
-            # queued, saying why, for a worker of the library's model; the sweeper sends it again once it has
-            # been left CLAPQ_STALE_AFTER_S
+            # queued, saying why, and the task sends it again at once for a worker of the library's model
             item.error = (f"waiting for a worker that serves this library's model (model {lib_model}); a worker "
                           f"serving another (model {model_id}: its CLAPQ_MODEL differs) left it")
             item.updated_at = func.now()
@@ -74,9 +74,11 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
             item.progress = None  # a try starts over
             claimed.append(Claimed(item.id, item.sha256, item.library_id, lib_model, item.job_id, item.tenant_id,
                                    item.attempts, resumed))
+    if left is not None:
+        left.extend(mismatched)
     if mismatched:
         log.error("this worker serves model %d, and %d files it was sent are of libraries bound to another model: "
-                  "left queued for a worker of theirs (is this worker's CLAPQ_MODEL the service's?)", model_id,
+                  "sent again for a worker of theirs (is this worker's CLAPQ_MODEL the service's?)", model_id,
                   len(mismatched), extra={"item_ids": [str(i) for i in mismatched[:10]]})
     return claimed
 
