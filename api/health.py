@@ -30,7 +30,8 @@ _pending: dict[tuple, Future] = {}
 _lock = threading.Lock()
 
 
-def _start(check: Callable[[], str]) -> Future:
+def start_check(check: Callable[[], object]) -> Future:
+    """`check()` in a daemon thread of its own; its answer (or exception) in the Future."""
     fut: Future = Future()
 
     def run() -> None:
@@ -50,7 +51,7 @@ def _run(checks: dict[str, Callable[[], str]], where: tuple) -> dict[str, str]:
         for name, check in checks.items():
             fut = _pending.get((name, *where))
             if fut is None or fut.done():
-                fut = _pending[(name, *where)] = _start(check)
+                fut = _pending[(name, *where)] = start_check(check)
             futures[name] = fut
     deadline = time.monotonic() + CHECK_TIMEOUT_S
     out = {}

@@ -6,6 +6,8 @@ import os
 import shutil
 import threading
 import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import Blueprint, Flask, Response, current_app, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -13,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from api.health import CHECK_TIMEOUT_S, start_check
 from clapq import metrics
 from clapq.db import session_scope
 from clapq.models import Item
@@ -38,20 +41,34 @@ class StateCollector:
 
     def __init__(self, app: Flask) -> None:
         self.app = app
-        self._counts: tuple[float, dict] | None = None
+        self._counts: tuple[float, dict | None] | None = None
+        self._pending: Future | None = None
         self._lock = threading.Lock()
 
     def _item_counts(self, url: str) -> dict | None:
-        """The items by state, or None while Postgres does not answer (asked again after COUNTS_TTL_S)."""
-        with self._lock:  # one count at a time: scrapes that arrive meanwhile take its answer
-            if self._counts is None or time.monotonic() - self._counts[0] >= COUNTS_TTL_S:
-                try:
-                    with session_scope(url) as s:
-                        counts = dict(s.execute(select(Item.status, func.count()).group_by(Item.status)).all())
-                except (SQLAlchemyError, OSError):
-                    counts = None
-                self._counts = (time.monotonic(), counts)
-            return self._counts[1]
+        """The items by state, or None while Postgres does not answer within CHECK_TIMEOUT_S (a server that
+        hangs held each scrape 10 s, Prometheus's own timeout, helper-44); asked again after COUNTS_TTL_S.
+        One count at a time: scrapes that arrive meanwhile wait for its answer, and one still waiting on a
+        hung server is not started again."""
+        def count() -> dict:
+            with session_scope(url) as s:
+                return dict(s.execute(select(Item.status, func.count()).group_by(Item.status)).all())
+
+        with self._lock:
+            if self._counts is not None and time.monotonic() - self._counts[0] < COUNTS_TTL_S:
+                return self._counts[1]
+            if self._pending is None or self._pending.done():
+                self._pending = start_check(count)
+            pending = self._pending
+        try:
+            counts = pending.result(timeout=CHECK_TIMEOUT_S)
+        except FutureTimeout:  # still counting: this scrape goes on without
+            return None
+        except (SQLAlchemyError, OSError):
+            counts = None
+        with self._lock:
+            self._counts = (time.monotonic(), counts)
+        return counts
 
     def collect(self):
         settings = self.app.config["CLAPQ"]

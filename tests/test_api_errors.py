@@ -535,6 +535,19 @@ def test_metrics_go_out_while_postgres_is_down(settings):
     assert "clapq_queue_depth" in body and "clapq_blob_free_bytes" in body and "clapq_items{" not in body, body
     r = create_app(settings).test_client().get("/metrics")
     assert "clapq_database_up 1.0" in r.get_data(as_text=True)
+    # a server that takes the connection and never answers: the count is waited for as /readyz's checks are
+    # (it held each scrape for the connect timeout, 10 s, Prometheus's own, helper-44)
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        hung = dataclasses.replace(settings, database_url=f"postgresql://clapq@127.0.0.1:{silent.getsockname()[1]}/x")
+        body = create_app(hung).test_client().get("/metrics").get_data(as_text=True)
+        assert "clapq_database_up 0.0" in body and "clapq_redis_up 1.0" in body, body
+    finally:
+        silent.close()
 
 
 def test_what_json_cannot_carry_is_a_400_naming_where(client, lib, settings):
