@@ -65,10 +65,10 @@ def _progress(item: Item) -> float | None:
 
 
 def _etag(item: Item) -> str:
-    """The item's ETag: a hash of what PATCH changes, its metadata (keys sorted). Not of its status and
-    progress as well: a PATCH on what a GET showed of an item being embedded was refused for a progress
-    that moved meanwhile (helper-43)."""
-    return hashlib.sha256(json.dumps(item.meta or {}, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+    """The item's ETag: a hash of what GET shows of it (keys sorted), as a strong validator must change with
+    the representation (helper-44): with its metadata, and with its status and progress too, so a PATCH on
+    an item being embedded may meet a 412 and need a GET again."""
+    return hashlib.sha256(json.dumps(item_json(item), sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
 def _with_etag(item: Item):
@@ -101,9 +101,9 @@ def patch_item(item_id: str):
             raise ApiError(412, "precondition_failed", f'If-Match: W/"{now}" is a weak ETag, which If-Match never '
                            f'matches (RFC 9110); send it as "{now}"')
         if not (tags.star_tag or tags.contains(now)):  # strong comparison, as If-Match asks
-            raise ApiError(412, "precondition_failed", f'If-Match: the item\'s metadata has changed since that '
-                           f'ETag was read (it is now "{now}"); GET it again and make the change on what it '
-                           'holds now')
+            raise ApiError(412, "precondition_failed", f'If-Match: the item has changed since that ETag was read '
+                           f'(its metadata, or its status or progress: it is now "{now}"); GET it again and make '
+                           'the change on what it holds now')
     item.meta = body["metadata"]
     db().commit()
     return _with_etag(item)
