@@ -483,14 +483,15 @@ def folder_id(folder: Path) -> str:
 
 
 def _moved(folder: Path, held: dict[Path, tuple[str, dict]], first: dict[str, str], digests: dict,
-           where: Where) -> list[tuple]:
+           where: Where, elsewhere: set | None = None) -> list[tuple]:
     """The held files sent from this folder whose path in it no longer holds their bytes (renamed or moved
     within it since, or another file now under that name), as (item, old path, new path, this folder), and
     the held files sent before uploads recorded their folder that are at the same path here (any copy of
     those bytes), as (item, path, path, None): they take this folder, so that their later renames are told
     (helper-38). Files sent from another folder are never taken: that folder may be a copy of this one that
     is still there, and the item flipped between the two at each run, losing renames (helper-43); so a
-    folder that is itself moved or renamed has its files' renames told no more. Only files sent from this very
+    folder that is itself moved or renamed has its files' renames told no more; `elsewhere` gets such
+    files' items (at the same path here), so that the command can say so. Only files sent from this very
     folder (metadata.folder) are renamed: a library filled from two folders holding the same bytes under
     other names, or from a folder and then its parent, has nothing renamed, and its paths flipped at each
     upload (helper-37). The new path is the first in the folder of those bytes, so copies elsewhere in it
@@ -505,6 +506,8 @@ def _moved(folder: Path, held: dict[Path, tuple[str, dict]], first: dict[str, st
             continue
         if "folder" not in sent and where.has(old, digests[p]):  # whichever copy here is at that path
             moved.append((item, old, old, None))
+        elif elsewhere is not None and sent.get("folder") != root and where.has(old, digests[p]):
+            elsewhere.add(item)
         elif sent.get("folder") == root and old != stored_path(rel) and not where.holds(old, digests[p]):
             moved.append((item, old, stored_path(rel), root))
     return moved
@@ -653,6 +656,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     # the folder it was sent from)
     moved: list[tuple] = []
     on_disk = Where(folder, listing.audio)
+    elsewhere: set = set()  # held files sent from another folder, at the same path here
     try:
         for batch in batches(paths, min(BATCH_FILES, limits.get("max_files_per_batch") or BATCH_FILES),
                              min(BATCH_BYTES, limits.get("max_request_bytes") or BATCH_BYTES)):
@@ -677,7 +681,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                     first.setdefault(digest, rel)
                 if only is None:  # one file sent on its own is not its folder's layout: its path stays
                     on_disk.digests.update((q, d) for q, d in digests.items() if d is not None)
-                    moved += _moved(folder, held, first, digests, on_disk)
+                    moved += _moved(folder, held, first, digests, on_disk, elsewhere)
                 batch = new
                 if not batch:
                     continue
@@ -747,6 +751,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         held = ("the file is" if found == 1 else f"all {found} files are" if skipped == found
                 else f"{skipped} of {found} files {'is' if skipped == 1 else 'are'}")
         print(f"{held} in the library already{still}: not sent again", file=sys.stderr)
+    if elsewhere:  # a moved or renamed folder, or a copy of one (helper-44: nothing was said)
+        print(f"{n_files(len(elsewhere))} at the same {'path' if len(elsewhere) == 1 else 'paths'} here "
+              f"{'was' if len(elsewhere) == 1 else 'were'} sent from another folder (this one before it was moved "
+              "or renamed, or a copy of it): their renames here are not followed", file=sys.stderr)
     renamed, adopted = _update_paths(client, lib["id"], folder, moved)
     if adopted:
         print(f"{n_files(adopted)} sent by an earlier version: recorded this folder with "

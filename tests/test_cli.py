@@ -1910,6 +1910,8 @@ def test_names_swapped_or_given_to_new_bytes_move_their_paths_and_odd_names_stay
     out = subprocess.run(copied, env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and json.loads(out.stdout)["renamed"] == 0, out.stdout + out.stderr
     assert "recorded this folder" not in out.stderr, out.stderr
+    assert ("5 files at the same paths here were sent from another folder (this one before it was moved or "
+            "renamed, or a copy of it): their renames here are not followed") in out.stderr, out.stderr
     (folder / "b.wav").rename(folder / "b2.wav")
     out = subprocess.run(cmd, env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and json.loads(out.stdout)["renamed"] == 1, out.stdout + out.stderr
