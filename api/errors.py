@@ -39,6 +39,14 @@ MAX_DEPTH = 32  # nesting of JSON a client sends: metadata, filters; deeper is a
 MAX_METADATA_BYTES = 16 << 10  # an item's metadata as JSON: tags, a path, a description; every search result carries it
 
 
+def refuse_unknown(given, takes, what: str, then: str, where: str = "the body") -> None:
+    """A 400 naming the first field of `given` (a JSON object's keys, a form, a query string) that `what` does
+    not take: a misspelt one ("filters", "limit") would otherwise be dropped unseen, and the answer quietly
+    other than asked for. `then` says what to send instead."""
+    if extra := sorted(set(given) - set(takes)):
+        raise bad_request(f"{where} has {extra[0]!r}, which {what} does not take; {then}")
+
+
 def metadata_bytes(meta: dict) -> int:
     """The size an item's metadata is held to: its compact JSON in UTF-8."""
     return len(json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode())

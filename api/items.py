@@ -64,16 +64,17 @@ def _progress(item: Item) -> float | None:
     return {"queued": 0.0, "done": 1.0}.get(item.status)
 
 
-def _etag(item: Item) -> str:
-    """The item's ETag: a hash of what GET shows of it (keys sorted), as a strong validator must change with
-    the representation (helper-44): with its metadata, and with its status and progress too, so a PATCH on
-    an item being embedded may meet a 412 and need a GET again."""
-    return hashlib.sha256(json.dumps(item_json(item), sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+def _etag(body: dict) -> str:
+    """The ETag of an item shown as `body` (item_json): a hash of it (keys sorted), as a strong validator must
+    change with the representation (helper-44): with its metadata, and with its status and progress too, so
+    a PATCH on an item being embedded may meet a 412 and need a GET again."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
 def _with_etag(item: Item):
-    response = jsonify(item_json(item))
-    response.set_etag(_etag(item))
+    body = item_json(item)
+    response = jsonify(body)
+    response.set_etag(_etag(body))
     return response
 
 
@@ -96,7 +97,7 @@ def patch_item(item_id: str):
     check_metadata(body["metadata"], "'metadata'")
     item = owned(Item, item_id, "item", lock=True)
     if "If-Match" in request.headers:
-        tags, now = parse_etags(request.headers["If-Match"]), _etag(item)
+        tags, now = parse_etags(request.headers["If-Match"]), _etag(item_json(item))
         if tags.is_weak(now) and not tags.contains(now):  # a proxy's W/"..." (nginx's gzip): never matches
             raise ApiError(412, "precondition_failed", f'If-Match: W/"{now}" is a weak ETag, which If-Match never '
                            f'matches (RFC 9110); send it as "{now}"')

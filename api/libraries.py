@@ -13,7 +13,8 @@ from sqlalchemy.exc import IntegrityError
 
 from api.batches import RETRIED_ON_REUPLOAD
 from api.db import db
-from api.errors import MAX_METADATA_BYTES, ApiError, bad_request, json_body, metadata_bytes, takes_query
+from api.errors import (MAX_METADATA_BYTES, ApiError, bad_request, json_body, metadata_bytes, refuse_unknown,
+                        takes_query)
 from api.jobs import STATES, items_page
 from api.lookup import owned
 from api.models_info import describe, serving_model_id
@@ -41,8 +42,7 @@ def create_library():
     body = json_body()
     if not isinstance(body, dict):
         raise bad_request("send a JSON object like {\"name\": \"my sounds\"}")
-    if extra := sorted(set(body) - {"name"}):  # a field it does not take would be dropped unseen
-        raise bad_request(f"the body has {extra[0]!r}, which a library does not take; it takes 'name'")
+    refuse_unknown(body, {"name"}, "a library", "it takes 'name'")
     name = body.get("name")
     if not isinstance(name, str) or len(name) > 200 or not any(unicodedata.category(c)[0] in "LNPS" for c in name):
         raise bad_request("'name' must be a string of at most 200 characters with something visible in it")
@@ -137,9 +137,8 @@ def known_files(lib_id: str):
     are not listed, because sending them again retries them."""
     lib = owned(Library, lib_id, "library")
     body = json_body()  # at most 16 MiB, as any JSON body: 10,000 digests however they are laid out
-    if isinstance(body, dict) and set(body) - {"sha256"}:
-        raise bad_request(f"the JSON body has {sorted(set(body) - {'sha256'})[0]!r}, which /known does not take; "
-                          'send {"sha256": [...]}')
+    if isinstance(body, dict):
+        refuse_unknown(body, {"sha256"}, "/known", 'send {"sha256": [...]}', "the JSON body")
     digests = body.get("sha256") if isinstance(body, dict) else None
     if isinstance(digests, list) and len(digests) > MAX_DIGESTS:
         raise bad_request(f"{len(digests)} digests in one request; the limit is {MAX_DIGESTS}")
@@ -166,8 +165,8 @@ def _moves(body) -> list[tuple]:
     example = ('send {"moves": [{"item_id": ..., "from": {"path": "a.wav", "folder": "<id>" or null}, "to": '
                '{"path": "b.wav", "folder": "<id>"}}, ...]}')
     moves = body.get("moves") if isinstance(body, dict) else None
-    if isinstance(body, dict) and set(body) - {"moves"}:
-        raise bad_request(f"the JSON body has {sorted(set(body) - {'moves'})[0]!r}, which /moves does not take; {example}")
+    if isinstance(body, dict):
+        refuse_unknown(body, {"moves"}, "/moves", example, "the JSON body")
     if not isinstance(moves, list):
         raise bad_request(example)
     if len(moves) > MAX_MOVES:

@@ -15,7 +15,8 @@ from sqlalchemy import and_, case, func, or_, select, text
 from sqlalchemy.dialects.postgresql import JSONB, distinct_on
 
 from api.db import db
-from api.errors import bad_request, check_text, given_once, json_body, parse_json, small_body, takes_query
+from api.errors import (bad_request, check_text, given_once, json_body, parse_json, refuse_unknown, small_body,
+                        takes_query)
 from api.lookup import owned
 from api.models_info import describe, served_model_for
 from api.query import audio_vector, item_vector, text_vectors
@@ -59,13 +60,10 @@ FIELDS = ("library_id", "library_ids", "text", "q", *OPTIONS)
 def _known(names, where: str, files=()) -> None:
     """Refuse a field search does not take: a misspelt one ("filters", "limit") would otherwise be ignored,
     and the results would quietly be other than asked for."""
-    extra, other_files = sorted(set(names) - set(FIELDS)), sorted(set(files) - {"audio"})
-    if "audio" in extra:  # `curl -F audio=clip.wav` (no @): the name as text, not the clip
+    if "audio" in names:  # `curl -F audio=clip.wav` (no @): the name as text, not the clip
         raise bad_request("'audio' came as a text field, not a file (with curl: -F audio=@clip.wav)")
-    if extra:
-        raise bad_request(f"{where} has {extra[0]!r}, which search does not take; it takes "
-                          f"{', '.join(FIELDS)} (and a multipart 'audio' file)")
-    if other_files:
+    refuse_unknown(names, FIELDS, "search", f"it takes {', '.join(FIELDS)} (and a multipart 'audio' file)", where)
+    if other_files := sorted(set(files) - {"audio"}):
         raise bad_request(f"the form has a file {other_files[0]!r}; the clip goes in 'audio'")
 
 

@@ -7,7 +7,7 @@ from flask import Blueprint, current_app, g, request
 from sqlalchemy import select
 
 from api.db import db
-from api.errors import bad_request, json_body, takes_query
+from api.errors import bad_request, json_body, refuse_unknown, takes_query
 from api.lookup import owned
 from api.models_info import served_model_for
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
@@ -25,10 +25,8 @@ def _labels() -> tuple[list[str], np.ndarray, int]:
     body = json_body()
     if not isinstance(body, dict):
         raise bad_request('send a JSON object like {"labels": ["dog", "rain"], "template": "This is a sound of {label}."}')
-    extra = sorted(set(body) - {"labels", "template", "top"})
-    if extra:  # a misspelt field ("label", "limit") would otherwise be ignored
-        raise bad_request(f"the body has {extra[0]!r}, which classify does not take; it takes 'labels', 'template' "
-                          "and 'top' (a library's are paged with ?limit= and ?cursor=)")
+    refuse_unknown(body, {"labels", "template", "top"}, "classify",
+                   "it takes 'labels', 'template' and 'top' (a library's are paged with ?limit= and ?cursor=)")
     labels = body.get("labels")
     if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
         raise bad_request("'labels' must be a non-empty list of strings")
