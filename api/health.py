@@ -30,7 +30,7 @@ _pending: dict[tuple, Future] = {}
 _lock = threading.Lock()
 
 
-def start_check(check: Callable[[], object]) -> Future:
+def _start(check: Callable[[], object]) -> Future:
     """`check()` in a daemon thread of its own; its answer (or exception) in the Future."""
     fut: Future = Future()
 
@@ -44,15 +44,19 @@ def start_check(check: Callable[[], object]) -> Future:
     return fut
 
 
+def running(key: tuple, check: Callable[[], object]) -> Future:
+    """The Future of the check under `key`: the one still waiting (on a server that does not answer), or a
+    new one started now."""
+    with _lock:
+        fut = _pending.get(key)
+        if fut is None or fut.done():
+            fut = _pending[key] = _start(check)
+        return fut
+
+
 def _run(checks: dict[str, Callable[[], str]], where: tuple) -> dict[str, str]:
     """Each check's answer ("ok" or "error: ..."), all started at once and waited for together."""
-    with _lock:
-        futures = {}
-        for name, check in checks.items():
-            fut = _pending.get((name, *where))
-            if fut is None or fut.done():
-                fut = _pending[(name, *where)] = start_check(check)
-            futures[name] = fut
+    futures = {name: running((name, *where), check) for name, check in checks.items()}
     deadline = time.monotonic() + CHECK_TIMEOUT_S
     out = {}
     for name, fut in futures.items():

@@ -6,7 +6,6 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import Blueprint, Flask, Response, current_app, g, request
@@ -15,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.health import CHECK_TIMEOUT_S, start_check
+from api.health import CHECK_TIMEOUT_S, running
 from clapq import metrics
 from clapq.db import session_scope
 from clapq.models import Item
@@ -42,7 +41,6 @@ class StateCollector:
     def __init__(self, app: Flask) -> None:
         self.app = app
         self._counts: tuple[float, dict | None] | None = None
-        self._pending: Future | None = None
         self._lock = threading.Lock()
 
     def _item_counts(self, url: str) -> dict | None:
@@ -57,11 +55,8 @@ class StateCollector:
         with self._lock:
             if self._counts is not None and time.monotonic() - self._counts[0] < COUNTS_TTL_S:
                 return self._counts[1]
-            if self._pending is None or self._pending.done():
-                self._pending = start_check(count)
-            pending = self._pending
         try:
-            counts = pending.result(timeout=CHECK_TIMEOUT_S)
+            counts = running(("metrics item counts", url), count).result(timeout=CHECK_TIMEOUT_S)
         except FutureTimeout:  # still counting: this scrape goes on without
             return None
         except (SQLAlchemyError, OSError):
