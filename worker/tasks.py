@@ -23,14 +23,13 @@ from clapq.settings import Settings, claim_window_s
 
 log = logging.getLogger(__name__)
 
-SCRATCH_REST_S = 60  # how long a worker whose scratch disk failed waits before its next task (at most stale_after_s)
-
 # only these are worth retrying: the database or the network went away for a moment (a dropped or
 # refused connection, a deadlock or serialization failure). Not every DBAPIError: a DataError or an
 # IntegrityError comes back on every try, so it takes the unexpected-error path (files handed back,
 # attempts bounding the retries) instead of 8 backoffs
 TRANSIENT = (OperationalError, InterfaceError, ConnectionError)
 
+OTHER_MODEL_REST_S = 5  # how long a worker rests after it was sent only files of another model's library
 
 # Celery's own retry of a task (autoretry_for TRANSIENT) is told from the same message handed back after its
 # process died by a mark the failing try leaves in Redis: `request.retries` alone cannot tell them apart, as a
@@ -40,9 +39,25 @@ RETRY_MARK = "clapq:retrying:{task}:{n}"
 RETRY_MARK_TTL_S = 6 * 3600
 
 
-OTHER_MODEL_REST_S = 5  # how long a worker rests after it was sent only files of another model's library
+def _mark_retry(app, task_id: str, n: int) -> None:
+    with best_effort(app, "marking a task that Celery retries") as client:
+        if client is not None:
+            client.set(RETRY_MARK.format(task=task_id, n=n), b"1", ex=RETRY_MARK_TTL_S)
 
-# how many times a file goes back uncounted after a worker could not write its decoded audio to scratch
+
+def _marked_retry(app, task_id: str, retries: int) -> bool:
+    """Whether this run is Celery's retry that the try before marked (the mark is used once)."""
+    if not retries:
+        return False
+    with best_effort(app, "reading whether a task is Celery's retry") as client:
+        if client is not None:
+            return bool(client.delete(RETRY_MARK.format(task=task_id, n=retries)))
+    return False
+
+
+# After a worker could not write decoded audio to its scratch directory: how long it waits before its next
+# task (at most stale_after_s), and how many times a day each file goes back uncounted (then its tries count)
+SCRATCH_REST_S = 60
 SCRATCH_FREE_TRIES = 3
 SCRATCH_MARK = "clapq:scratch-full:{item}"
 
@@ -60,22 +75,6 @@ def _scratch_free(app, held: set) -> set:
             seen = pipe.execute()[0::2]
             return {i for i, n in zip(ids, seen) if n <= SCRATCH_FREE_TRIES}
     return set()
-
-
-def _mark_retry(app, task_id: str, n: int) -> None:
-    with best_effort(app, "marking a task that Celery retries") as client:
-        if client is not None:
-            client.set(RETRY_MARK.format(task=task_id, n=n), b"1", ex=RETRY_MARK_TTL_S)
-
-
-def _marked_retry(app, task_id: str, retries: int) -> bool:
-    """Whether this run is Celery's retry that the try before marked (the mark is used once)."""
-    if not retries:
-        return False
-    with best_effort(app, "reading whether a task is Celery's retry") as client:
-        if client is not None:
-            return bool(client.delete(RETRY_MARK.format(task=task_id, n=retries)))
-    return False
 
 
 @functools.lru_cache(maxsize=1)
@@ -332,8 +331,9 @@ def embed_items(self, item_ids: list[str]) -> dict:
         hand_back(held - free, exc, charge=True)
         rest = min(SCRATCH_REST_S, settings.stale_after_s)
         log.error("cannot write decoded audio to the scratch directory (%s): the task's files go back to the "
-                  "queue, this try not counted, and this worker waits %g s before its next task", exc, rest,
-                  extra={"scratch_dir": str(settings.scratch_dir), "count": len(held)})
+                  "queue (%d with this try not counted, %d that went back so %d times already with it counted), "
+                  "and this worker waits %g s before its next task", exc, len(free), len(held - free),
+                  SCRATCH_FREE_TRIES, rest, extra={"scratch_dir": str(settings.scratch_dir), "count": len(held)})
         time.sleep(rest)
         return {**counts, "handed_back": len(held)}
     except Exception as exc:
