@@ -105,11 +105,12 @@ class Client:
 
     def item(self, item_id: str) -> tuple[dict | None, str | None]:
         """An item and its ETag (for If-Match), or (None, None) where it is gone."""
-        r = patiently(lambda: self._call("GET", f"/v1/items/{urllib.parse.quote(item_id, safe='')}", True, full=True))
-        return (None, None) if r is None else (r.json(), r.headers.get("ETag"))
+        got = patiently(lambda: self._call("GET", f"/v1/items/{urllib.parse.quote(item_id, safe='')}", True,
+                                           etag=True))
+        return (None, None) if got is None else got
 
-    def _call(self, method: str, path: str, missing_ok: bool = False, full: bool = False, **kw):
-        """The JSON answer (`full`: the response itself), or None for a 404 with `missing_ok`."""
+    def _call(self, method: str, path: str, missing_ok: bool = False, etag: bool = False, **kw):
+        """The JSON answer (`etag`: with the answer's ETag header), or None for a 404 with `missing_ok`."""
         try:
             # 10 s to connect (a wrong host fails fast), 10 minutes for an answer (a large upload's)
             r = self.s.request(method, self.url + path, **{"timeout": (10, 600), **kw})
@@ -174,7 +175,7 @@ class Client:
         if not isinstance(body, dict):  # every answer of the API is a JSON object
             raise SystemExit(f"clapq: {method} {path}: the answer from {self.url} is not a JSON object, so not the "
                              "clapq API's: check --url (or CLAPQ_URL), the address `clapq up` printed")
-        return r if full else body
+        return (body, r.headers.get("ETag")) if etag else body
 
     def library(self, name: str, create: bool = True) -> dict:
         """The library with this name (or id); created if missing, or else a sentence naming the ones
@@ -184,15 +185,14 @@ class Client:
         lib, libs = self._find(name)
         if lib is not None:
             return lib
+        there = ", ".join(repr(lib["name"]) for lib in libs) or "none yet"
         if _as_id(name) is not None:  # the API takes no id as a name, so there is nothing to create
-            there = ", ".join(repr(lib["name"]) for lib in libs) or "none yet"
             raise SystemExit(f"clapq: none of your libraries has the id {name} (libraries: {there}); "
                              "give a library's name or the id its creation printed")
         if not create:
             alike = [lib["name"] for lib in libs if lib["name"].casefold() == name.casefold()]
             if alike:  # names are case-sensitive: `walk` for `Walk`
                 raise SystemExit(f"clapq: no library named {name!r}; did you mean {alike[0]!r}? (names differ by case)")
-            there = ", ".join(repr(lib["name"]) for lib in libs) or "none yet"
             if any(unicodedata.category(c) == "Cf" for c in name):  # the API refuses such a name
                 raise SystemExit(f"clapq: no library named {name!r} (libraries: {there}); the name has an "
                                  "invisible formatting character, which no library's name has")
@@ -799,6 +799,9 @@ def _library_gone(client: Client, lib_id: str) -> bool:
         return False
 
 
+MOVES_PER_REQUEST = 1000
+
+
 def _update_paths(client: Client, lib_id: str, folder: Path, moved: list[tuple]) -> tuple[list[str], int]:
     """Give each moved file's item its new path and this folder (`_moved`), keeping the rest of its metadata;
     an item deleted, or given another path or folder, since it was looked at is left as it is. Through
@@ -826,9 +829,6 @@ def _update_paths(client: Client, lib_id: str, folder: Path, moved: list[tuple])
               f"{_some([printable(new) for item, _, new, _ in moved if item in too_large])}", file=sys.stderr)
     renamed = [f"{printable(old)} -> {printable(new)}" for item, old, new, _ in moved if item in changed and new != old]
     return renamed, sum(item in changed and new == old for item, old, new, _ in moved)
-
-
-MOVES_PER_REQUEST = 1000
 
 
 def _patch_paths(client: Client, root: str, moved: list[tuple]) -> set[str]:
