@@ -17,9 +17,6 @@ Prints a table and writes JSON to benchmarks/results/backpressure_<ITEMS>.json.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import statistics
 import sys
@@ -29,7 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.search_scale import HERE, connect, log  # noqa: E402
+from benchmarks.report import MACHINE, save  # noqa: E402
+from benchmarks.search_scale import connect, log  # noqa: E402
 
 WHOLE = "SELECT count(*) FROM items WHERE status IN ('queued', 'running')"
 BOTH = ("SELECT count(*), count(*) FILTER (WHERE tenant_id = %(t)s) FROM items "
@@ -97,7 +95,7 @@ def main() -> int:
             cur.execute("VACUUM ANALYZE items")
             log(f"{args.items} items, {args.pending} waiting, loaded in {time.perf_counter() - t0:.0f} s")
             res = {"items": args.items, "pending": args.pending, "rounds": args.rounds,
-                   "machine": f"{platform.machine()} {os.cpu_count()} cpu", "postgres": conn.server_version}
+                   "machine": MACHINE, "postgres": conn.server_version}
             for name, (sql, who) in QUERIES.items():
                 res[name] = timed(cur, sql, {} if who is None else {"t": tenants[who][0]}, args.rounds)
         conn.close()
@@ -107,9 +105,7 @@ def main() -> int:
     print(f"\n{args.items:,} items, {args.pending:,} waiting; p50 / max of {args.rounds} counts")
     for name in QUERIES:
         print(f"{name:18} {res[name]['p50_ms']:8.2f} ms {res[name]['max_ms']:8.2f} ms   {res[name]['plan'][0][:70]}")
-    out = HERE / "results" / f"backpressure_{args.items}.json"
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
+    save(f"backpressure_{args.items}.json", res)
     return 0
 
 

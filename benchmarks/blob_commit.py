@@ -17,11 +17,8 @@ waits for. Prints medians and ranges, and writes JSON to benchmarks/results/blob
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -29,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.report import MACHINE, save, spread_ms, spread_text  # noqa: E402
 from clapq.blobs import BlobStore  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
 CHUNK = 64 << 10
 
 
@@ -67,15 +64,12 @@ def main() -> int:
             got["release_again"].append(rel)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    res = {"mb": args.mb, "trials": args.trials, "machine": f"{platform.machine()} {os.cpu_count()} cpu",
-           **{k: {"median_ms": round(statistics.median(v), 2), "min_ms": round(min(v), 2), "max_ms": round(max(v), 2),
-                  "all_ms": [round(x, 2) for x in v]} for k, v in got.items()}}
+    res = {"mb": args.mb, "trials": args.trials, "machine": MACHINE,
+           **{k: spread_ms(v, every=True) for k, v in got.items()}}
     print(f"{args.mb} MB, {args.trials} alternated trials: median (min-max) ms")
     for k in got:
-        print(f"{k:14} {res[k]['median_ms']:8.2f} ({res[k]['min_ms']:.2f}-{res[k]['max_ms']:.2f})")
-    out = HERE / "results" / f"blob_commit_{args.mb}.json"
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
+        print(f"{k:14} {spread_text(res[k])}")
+    save(f"blob_commit_{args.mb}.json", res)
     return 0
 
 

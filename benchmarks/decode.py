@@ -13,10 +13,6 @@ median and range of the rounds, and writes JSON to benchmarks/results/decode<tag
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -28,9 +24,8 @@ import soundfile as sf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.report import MACHINE, save, spread_ms, spread_text  # noqa: E402
 from tests.make_audio import write_av  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 
 
 def clips(where: Path) -> dict[str, Path]:
@@ -85,16 +80,13 @@ def main() -> int:
                     audio.decode(path)
                 per.append((time.process_time() - t0) * 100)  # ms per decode
             got[name] = per
-    res = {"rounds": args.rounds, "code": str(args.code or ROOT), "machine": f"{platform.machine()} {os.cpu_count()} cpu",
-           **{k: ({"median_ms": round(statistics.median(v), 2), "min_ms": round(min(v), 2),
-                   "max_ms": round(max(v), 2)} if v else None) for k, v in got.items()}}
+    res = {"rounds": args.rounds, "code": str(args.code or ROOT), "machine": MACHINE,
+           **{k: (spread_ms(v) if v else None) for k, v in got.items()}}
     print(f"CPU ms per 10 s clip decoded, {args.rounds} rounds of 10: median (min-max)")
     for k, v in got.items():
         if v:
-            print(f"{k:8} {res[k]['median_ms']:7.2f} ({res[k]['min_ms']:.2f}-{res[k]['max_ms']:.2f})")
-    out = HERE / "results" / f"decode{args.tag}.json"
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
+            print(f"{k:8} {spread_text(res[k], 7)}")
+    save(f"decode{args.tag}.json", res)
     return 0
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -39,9 +38,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.report import save  # noqa: E402
 from benchmarks.search_scale import (  # noqa: E402
     DIM,
-    HERE,
     Synth,
     build_sql,
     connect,
@@ -188,9 +187,7 @@ def main() -> int:
     print(f"delete {result['delete_s']} s; " + (f"REINDEX CONCURRENTLY {result['reindex_s']} s, then "
           if args.repair == "reindex" else "") + f"VACUUM segments {result['vacuum_segments_s']} s; HNSW index "
           f"{human(size['before']['segments_hnsw_bytes'])} before, {human(size['after_repair']['segments_hnsw_bytes'])} after")
-    out = HERE / "results" / f"delete_vacuum_{n}_{args.repair}.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    save(f"delete_vacuum_{n}_{args.repair}.json", result, indent=2)
     return 0
 
 

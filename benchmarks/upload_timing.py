@@ -18,13 +18,16 @@ import argparse
 import http.client
 import json
 import os
-import statistics
+import sys
 import time
 import urllib.parse
 import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from benchmarks.report import save, spread_ms, spread_text  # noqa: E402
 
 
 def main() -> int:
@@ -77,12 +80,9 @@ def main() -> int:
     for kind, rows in got.items():
         for i, what in enumerate(("answer", "next_get")):
             v = [r[i] for r in rows]
-            res[f"{kind}_{what}"] = {"median_ms": round(statistics.median(v), 2), "min_ms": round(min(v), 2),
-                                     "max_ms": round(max(v), 2), "all_ms": [round(x, 2) for x in v]}
-            print(f"{kind:7} {what:9} {statistics.median(v):8.2f} ({min(v):.2f}-{max(v):.2f})")
-    out = HERE / "results" / f"upload_timing_{args.mb}{args.tag}.json"
-    out.write_text(json.dumps(res, indent=1))
-    print(f"wrote {out}")
+            res[f"{kind}_{what}"] = spread_ms(v, every=True)
+            print(f"{kind:7} {what:9} {spread_text(res[f'{kind}_{what}'])}")
+    save(f"upload_timing_{args.mb}{args.tag}.json", res)
     return 0
 
 
