@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 
@@ -22,20 +23,60 @@ def _key(hostname: str) -> str:
     return f"{PREFIX}{hostname}:{os.getpid()}"
 
 
-def start(app, hostname: str, interval_s: float = 10.0) -> None:
-    _state["key"] = _key(hostname)
-    info = json.dumps({"hostname": hostname, "pid": os.getpid(), "started": time.time()})
-
+def _keep(step, interval_s: float, name: str) -> None:
+    """Run `step` now and every `interval_s` in a daemon thread, until stop(); a Redis that is away lets the
+    key expire, which is what it then says."""
     def loop() -> None:
         while True:
             try:
-                redis_client(app).set(_state["key"], info, ex=TTL_S)
-            except Exception:  # Redis away: the key expires and /readyz says so
-                log.warning("presence update failed", exc_info=True)
+                step()
+            except Exception:
+                log.warning("%s update failed", name, exc_info=True)
             if _stop.wait(interval_s):
                 return
 
-    threading.Thread(target=loop, name="presence", daemon=True).start()
+    threading.Thread(target=loop, name=name, daemon=True).start()
+
+
+def start(app, hostname: str, interval_s: float = 10.0) -> None:
+    _state["key"] = _key(hostname)
+    info = json.dumps({"hostname": hostname, "pid": os.getpid(), "started": time.time()})
+    _keep(lambda: redis_client(app).set(_state["key"], info, ex=TTL_S), interval_s, "presence")
+
+
+# Which models the live workers embed: a sorted set per model, each worker process (the pool child that loaded
+# the model) a member whose score is when it stops counting. A file of a library whose model no live worker
+# serves stays queued where it is, instead of going round the queue for ever: sent back at once by each worker
+# that met it (resting 5 s each time), it kept the queue from ever being empty, so the sweeper never sent the
+# files dead workers had left, whatever their model (the test of a SIGKILLed worker hung in CI).
+SERVING = "clapq:serving:{model}"
+
+
+def serve(app, model_id: int, interval_s: float = 10.0) -> None:
+    """Say, until this process ends, that it embeds with `model_id` (once per process and model)."""
+    key, member = SERVING.format(model=model_id), f"{socket.gethostname()}:{os.getpid()}"
+    if _state.get("serving") == (key, member):  # a forked child is another member
+        return
+    _state["serving"] = (key, member)
+
+    def step() -> None:
+        now = time.time()
+        pipe = redis_client(app).pipeline(transaction=False)
+        pipe.zadd(key, {member: now + TTL_S})
+        pipe.zremrangebyscore(key, "-inf", now)
+        pipe.expire(key, TTL_S)
+        pipe.execute()
+
+    _keep(step, interval_s, "serving")
+
+
+def serving(client, models) -> set[int]:
+    """Those of `models` that some live worker serves."""
+    models, now = sorted(set(models)), time.time()
+    pipe = client.pipeline(transaction=False)
+    for m in models:
+        pipe.zcount(SERVING.format(model=m), now, "+inf")
+    return {m for m, n in zip(models, pipe.execute()) if n}
 
 
 def stop(app) -> None:
@@ -44,6 +85,16 @@ def stop(app) -> None:
         try:
             redis_client(app).delete(_state["key"])
         except Exception:  # noqa: S110 - it expires anyway
+            pass
+
+
+def unserve(app) -> None:
+    """The model process ends: it serves no more (its member would otherwise count for TTL_S)."""
+    _stop.set()
+    if "serving" in _state:
+        try:
+            redis_client(app).zrem(*_state["serving"])
+        except Exception:  # noqa: S110 - it stops counting anyway
             pass
 
 

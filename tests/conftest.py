@@ -209,3 +209,38 @@ def wait_job(client, key: str, job_id: str, timeout: float = 180.0) -> dict:
             return job
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def job_of_own(s, model_name: str) -> tuple:
+    """A tenant, a model of its own (512-d), a library of it and a job, made in session `s`, for tests that
+    write rows as a worker does."""
+    from clapq.models import EmbeddingModel, Job, Library, Tenant
+
+    tenant = Tenant(name=f"{model_name}-{uuid.uuid4()}")
+    model = EmbeddingModel(name=model_name, weights_sha256=uuid.uuid4().hex * 2, dim=512)
+    s.add_all([tenant, model])
+    s.flush()
+    lib = Library(tenant_id=tenant.id, name="l", model_id=model.id)
+    s.add(lib)
+    s.flush()
+    job = Job(tenant_id=tenant.id, library_id=lib.id)
+    s.add(job)
+    s.flush()
+    return tenant, model, lib, job
+
+
+def queued_of_an_unserved_model(database_url: str, n: int) -> list:
+    """`n` queued files, long silent, of a library bound to a model no worker runs (what a service whose
+    CLAPQ_MODEL changed keeps of the old one); their blobs are never read."""
+    from sqlalchemy import text
+
+    from clapq.models import Item
+
+    with session_scope(database_url) as s:
+        tenant, _, lib, j = job_of_own(s, f"gone-{uuid.uuid4()}")
+        items = [Item(tenant_id=tenant.id, library_id=lib.id, job_id=j.id, sha256=uuid.uuid4().hex * 2,
+                      filename=f"old{i}.wav", size_bytes=1) for i in range(n)]
+        s.add_all(items)
+        s.flush()
+        s.execute(text("UPDATE items SET updated_at = now() - interval '1 hour' WHERE job_id = :j"), {"j": j.id})
+        return [i.id for i in items]

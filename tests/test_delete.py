@@ -593,7 +593,7 @@ def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):
     from sqlalchemy.exc import OperationalError
 
     from api.removal import delete_items
-    from tests.test_engine import job_of_own
+    from tests.conftest import job_of_own
     from worker.audio import AudioInfo
     from worker.store import Claimed, write_items
 

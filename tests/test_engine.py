@@ -20,7 +20,7 @@ import soundfile as sf
 
 from clapq.blobs import BlobStore
 from tests.audio import write
-from tests.conftest import auth, wait_job
+from tests.conftest import auth, job_of_own, wait_job
 from tests.reference import audio_48k, load_reference, reference_embed
 from tests.test_e2e import upload
 from worker.audio import DecodeError
@@ -30,24 +30,6 @@ from worker.decoder import Abandoned, DecoderProcess
 @pytest.fixture(scope="module")
 def reference(tiny_model):
     return load_reference(tiny_model)
-
-
-def job_of_own(s, model_name: str) -> tuple:
-    """A tenant, a model of its own (512-d), a library of it and a job, made in session `s`, for tests that
-    write rows as a worker does."""
-    from clapq.models import EmbeddingModel, Job, Library, Tenant
-
-    tenant = Tenant(name=f"{model_name}-{uuid.uuid4()}")
-    model = EmbeddingModel(name=model_name, weights_sha256=uuid.uuid4().hex * 2, dim=512)
-    s.add_all([tenant, model])
-    s.flush()
-    lib = Library(tenant_id=tenant.id, name="l", model_id=model.id)
-    s.add(lib)
-    s.flush()
-    job = Job(tenant_id=tenant.id, library_id=lib.id)
-    s.add(job)
-    s.flush()
-    return tenant, model, lib, job
 
 
 def test_long_file_segments_match_reference_windows(client, new_key, worker, tmp_path, reference):
@@ -441,6 +423,46 @@ def test_a_worker_of_another_model_leaves_the_files_for_one_of_theirs(client, ne
     with session_scope(settings.database_url) as s:
         assert [(s.get(Item, uuid.UUID(i)).attempts, s.get(Item, uuid.UUID(i)).error) for i in ids] == [(1, None)] * 3
     assert time.monotonic() - began < 120
+
+
+def test_files_of_a_model_no_worker_serves_are_left_queued_not_sent_round(settings, env, worker):
+    """A worker sent files of a model no live worker serves leaves them queued, saying why, and neither sends
+    them again nor rests: sent round, they kept the queue from ever being empty (see test_faults)."""
+    from clapq.db import session_scope
+    from clapq.models import Item
+    from tests.conftest import queued_of_an_unserved_model
+
+    ids = [str(i) for i in queued_of_an_unserved_model(settings.database_url, 3)]
+    r = in_a_worker_process(env, f"print(tasks.embed_items.apply(args=[{ids!r}]).result)")
+    assert r.returncode == 0 and r.stdout.strip() == "{'claimed': 0}", r.stdout + r.stderr[-3000:]
+    assert "which no running worker serves: they stay queued until a worker of their model starts" in r.stderr
+    assert "sent again" not in r.stderr, r.stderr[-3000:]
+    with session_scope(settings.database_url) as s:
+        rows = [s.get(Item, uuid.UUID(i)) for i in ids]
+        assert {(i.status, i.attempts) for i in rows} == {("queued", 0)}
+        assert all(i.error.startswith("waiting for a worker that serves this library's model") for i in rows)
+
+
+def test_which_models_live_workers_serve(settings):
+    """clapq.presence: a worker process says which model it serves until it ends, or stops refreshing."""
+    import time as _time
+
+    from clapq import presence
+    from clapq.queue import make_celery, redis_client
+
+    app = make_celery(settings)
+    client = redis_client(app)
+    model = 10_000_000 + uuid.uuid4().int % 1_000_000  # no row needed: the sorted set is all there is
+    assert presence.serving(client, {model, model + 1}) == set()
+    presence.serve(app, model)
+    deadline = _time.monotonic() + 10
+    while not presence.serving(client, {model}) and _time.monotonic() < deadline:
+        _time.sleep(0.05)
+    assert presence.serving(client, {model, model + 1}) == {model}
+    client.zadd(presence.SERVING.format(model=model + 1), {"gone:1": _time.time() - 1})  # its refresh lapsed
+    assert presence.serving(client, {model, model + 1}) == {model}
+    presence.unserve(app)
+    assert presence.serving(client, {model}) == set()
 
 
 def test_a_first_try_fills_its_batch_from_later_files_and_a_retry_does_not(client, new_key, worker, settings,

@@ -15,13 +15,15 @@ import time
 import uuid
 
 import pytest
+import redis
 from sqlalchemy import func, select, text
 
 from clapq.db import get_engine, session_scope
 from clapq.embedded import EmbeddedRedis
 from clapq.models import Embedding, Item, Segment
+from clapq.queue import EMBED_QUEUE
 from tests.audio import signal as tone
-from tests.conftest import WorkerProcess, auth, make_env
+from tests.conftest import WorkerProcess, auth, make_env, queued_of_an_unserved_model
 
 pytestmark = pytest.mark.slow
 
@@ -107,19 +109,26 @@ def job(st, key, job_id) -> dict:
     return st["client"].get(f"/v1/jobs/{job_id}", headers=auth(key)).get_json()
 
 
-def wait_until(pred, timeout: float, what: str):
+def wait_until(pred, timeout: float, what):
+    """`pred()` once it is true; `what` (text, or a function giving it at the end) says what was awaited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = pred()
         if v:
             return v
         time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
+
+
+def logs_tail(st, chars: int = 4000) -> str:
+    """The end of each worker's and the sweeper's log, for a failure's message."""
+    paths = sorted(st["tmp"].glob("worker*.log")) + [st["tmp"] / "beat.log"]
+    return "".join(f"\n--- {p.name}:\n{p.read_text(errors='replace')[-chars:]}" for p in paths if p.exists())
 
 
 def wait_finished(st, key, job_id, timeout=240) -> dict:
     return wait_until(lambda: (j := job(st, key, job_id))["status"] not in ("queued", "running") and j,
-                      timeout, f"job {job_id} to finish: {job(st, key, job_id)}")
+                      timeout, lambda: f"job {job_id} to finish: {job(st, key, job_id)}{logs_tail(st)}")
 
 
 def job_under_way(st, n: int, done_at_least: int) -> tuple[str, str]:
@@ -315,6 +324,31 @@ def test_enqueue_fails_after_commit(stack):
     assert job(stack, key, job_id)["status"] == "queued"
     assert wait_finished(stack, key, job_id, timeout=120)["status"] == "done"
     assert_exactly_once(stack, job_id, 12)
+
+
+def test_files_of_a_model_no_worker_serves_wait_without_holding_up_the_rest(stack):
+    """Files of a library bound to a model no worker runs were sent round for ever: each worker that met one
+    sent it back at once and rested 5 s, so the queue was never empty and the sweeper never sent the files a
+    dead worker had left (test_sigkill_worker_mid_job hung in CI, with such files left by other tests). They
+    now stay queued, saying why, with no message in the queue, and the sweeper sends only files a live worker
+    serves: here the files of a job whose send failed (as after a Redis outage) are delivered beside them."""
+    from api import create_app
+
+    waiting = queued_of_an_unserved_model(stack["settings"].database_url, 12)
+    stack["worker"]()
+    stack["start_beat"]()
+    broken = dataclasses.replace(stack["settings"], redis_url="redis://127.0.0.1:9/0")
+    stack["client"] = create_app(broken).test_client()
+    key, _, job_id = start_job(stack, 10)
+    assert wait_finished(stack, key, job_id, timeout=120)["status"] == "done"
+    assert_exactly_once(stack, job_id, 10)
+    time.sleep(3)  # three more sweeps: nothing of theirs is sent
+    assert redis.Redis.from_url(stack["redis"].url).llen(EMBED_QUEUE) == 0
+    with session_scope(stack["settings"].database_url) as s:
+        rows = s.execute(select(Item.status, Item.attempts).where(Item.id.in_(waiting))).all()
+    assert rows == [("queued", 0)] * 12, rows
+    log = stack["workers"][-1].output()
+    assert "which no running worker serves" not in log and "sent again for a worker of theirs" not in log, log[-3000:]
 
 
 def test_the_beat_removes_files_no_item_holds(stack):

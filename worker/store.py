@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import uuid
 
 import numpy as np
@@ -12,8 +11,6 @@ from sqlalchemy.orm import Session
 
 from clapq.models import Item, Job, Library
 from worker.windows import pooled
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -40,8 +37,8 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
     A running item is taken only by a redelivery of the task that holds it, or once its
     heartbeat is older than `stale_after_s` (its worker is gone). `retry`: Celery's own retry after a passing
     fault (the database away): the files this task still holds are taken on without counting a try (three
-    outages during the same files failed them for good, helper-41). `left` gets the ids of files left queued
-    for a worker of another model."""
+    outages during the same files failed them for good, helper-41). `left` gets (id, the library's model id) of
+    files left queued for a worker of another model."""
     stale = silent_for(stale_after_s)
     rows = session.execute(
         select(Item, Job.cancelled, Library.model_id)
@@ -65,7 +62,7 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
             item.error = (f"waiting for a worker that serves this library's model (model {lib_model}); a worker "
                           f"serving another (model {model_id}: its CLAPQ_MODEL differs) left it")
             item.updated_at = func.now()
-            mismatched.append(item.id)
+            mismatched.append((item.id, lib_model))
         else:
             resumed = item.status == "running" and item.claimed_by == task_id
             item.status, item.claimed_by = "running", task_id
@@ -76,10 +73,6 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
                                    item.attempts, resumed))
     if left is not None:
         left.extend(mismatched)
-    if mismatched:
-        log.error("this worker serves model %d, and %d files it was sent are of libraries bound to another model: "
-                  "sent again for a worker of theirs (is this worker's CLAPQ_MODEL the service's?)", model_id,
-                  len(mismatched), extra={"item_ids": [str(i) for i in mismatched[:10]]})
     return claimed
 
 

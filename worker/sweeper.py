@@ -12,8 +12,8 @@ from sqlalchemy.exc import DBAPIError
 
 from clapq.blobs import BlobStore, reclaim_queued, remove_stale_uploads
 from clapq.db import get_engine, session_scope
-from clapq.models import Item
-from clapq.presence import beat_done
+from clapq.models import EmbeddingModel, Item, Library
+from clapq.presence import beat_done, serving
 from clapq.queue import EMBED_QUEUE, enqueue_items, make_celery, redis_client
 from clapq.settings import Settings
 from worker.store import silent_for
@@ -31,36 +31,42 @@ RETRY_FAILED_S = 3600
 _failed: dict[str, float] = {}  # index -> when its last rebuild failed (time.monotonic)
 
 
-def _queue_depth(app) -> int:
-    return int(redis_client(app).llen(EMBED_QUEUE))
-
-
 def sweep_once(settings: Settings, app) -> int:
-    """One pass; returns how many items were re-enqueued."""
+    """One pass; returns how many items were sent again."""
+    client = redis_client(app)
     with session_scope(settings.database_url) as s:
+        # only files a live worker can embed are sent: one of a model none serves went round the queue for ever
+        # (clapq.presence.serve); it waits, queued, until a worker of its model starts
+        served = serving(client, s.scalars(select(EmbeddingModel.id)).all())
         # running, but no heartbeat for a while: its worker is gone (killed, lost, shut down)
-        lost = list(s.scalars(select(Item.id).where(Item.status == "running",
-                                                   silent_for(settings.stale_after_s)).limit(10_000)
-                             .with_for_update(skip_locked=True)))
+        lost = s.execute(select(Item.id, Item.attempts, Library.model_id).join(Library, Library.id == Item.library_id)
+                         .where(Item.status == "running", silent_for(settings.stale_after_s)).limit(10_000)
+                         .with_for_update(of=Item, skip_locked=True)).all()
         # queued rows are only orphans when the broker holds nothing: a lost message,
         # a Redis restart that lost its data, or an enqueue that failed after the commit
         orphans = []
-        if _queue_depth(app) == 0:
-            orphans = list(s.scalars(select(Item.id).where(Item.status == "queued",
-                                                        silent_for(settings.stale_after_s)).limit(10_000)
-                             .with_for_update(skip_locked=True)))
-        ids = lost + orphans
-        if ids:
+        if client.llen(EMBED_QUEUE) == 0:
+            orphans = s.execute(select(Item.id, Item.attempts, Library.model_id)
+                                .join(Library, Library.id == Item.library_id)
+                                .where(Item.status == "queued", silent_for(settings.stale_after_s),
+                                       Library.model_id.in_(sorted(served))).limit(10_000)
+                                .with_for_update(of=Item, skip_locked=True)).all()
+        if lost or orphans:
             # back to queued, so the new task's claim takes them (attempts still count every try)
-            s.execute(update(Item).where(Item.id.in_(ids), Item.status.in_(("queued", "running")))
+            s.execute(update(Item).where(Item.id.in_([r.id for r in lost + orphans]),
+                                         Item.status.in_(("queued", "running")))
                       .values(status="queued", progress=None, updated_at=func.now()))
-    if ids:
-        # Items whose worker died go one per task: if one of them is what kills workers, it can
-        # only take itself down from now on, and its attempts run out while the others finish.
-        enqueue_items(app, lost, 1)
-        enqueue_items(app, orphans, settings.items_per_task)
-        log.warning("re-enqueued stranded items", extra={"count": len(ids)})
-    return len(ids)
+    # Files tried before (a dead worker's) go one per task: if one of them is what kills workers, it can only
+    # take itself down from now on, and its attempts run out while the others finish.
+    sent = [r for r in lost + orphans if r.model_id in served]
+    enqueue_items(app, [r.id for r in sent if r.attempts], 1)
+    enqueue_items(app, [r.id for r in sent if not r.attempts], settings.items_per_task)
+    if sent:
+        log.warning("re-enqueued stranded items", extra={"count": len(sent)})
+    if waiting := sum(r.model_id not in served for r in lost):
+        log.warning("files whose worker is gone are queued again, to wait for a worker of their model: none "
+                    "running serves it", extra={"count": waiting})
+    return len(sent)
 
 
 def collect_blobs(settings: Settings) -> int:

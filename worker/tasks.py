@@ -6,15 +6,16 @@ import functools
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 
 from celery import shared_task
 from celery.exceptions import Reject
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_process_shutdown
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from clapq import metrics
+from clapq import metrics, presence
 from clapq.blobs import BlobStore
 from clapq.checkpoint import register_model, resolve
 from clapq.db import session_scope
@@ -75,6 +76,31 @@ def _scratch_free(app, held: set) -> set:
             seen = pipe.execute()[0::2]
             return {i for i, n in zip(ids, seen) if n <= SCRATCH_FREE_TRIES}
     return set()
+
+
+def _leave_for_their_workers(app, model_id: int, left: list, rest: bool) -> None:
+    """Files of libraries bound to another model (id, model), left queued by claim(). Those whose model a live
+    worker serves are sent again at once, and this worker rests a moment (unless it has files of its own) so
+    that one of theirs takes them: left to the sweeper, they came back after CLAPQ_STALE_AFTER_S, and only
+    once the queue was empty (64 files took a minute instead of 4 s, helper-44). Those of a model no worker
+    serves wait, queued, for the sweeper to send them once one does: sent round, they kept the queue from
+    ever being empty, and the sweeper from sending the files dead workers left."""
+    with best_effort(app, "reading which models the live workers serve") as client:
+        served = presence.serving(client, {m for _, m in left}) if client is not None else None
+    again = [i for i, m in left if served is None or m in served]
+    waiting = sorted({m for _, m in left} - ({m for _, m in left} if served is None else served))
+    if again:
+        log.error("this worker serves model %d, and %d files it was sent are of libraries bound to another model: "
+                  "sent again for a worker of theirs (is this worker's CLAPQ_MODEL the service's?)", model_id,
+                  len(again), extra={"item_ids": [str(i) for i in again[:10]]})
+        enqueue_items(app, again, len(again))
+        if rest:
+            time.sleep(OTHER_MODEL_REST_S)
+    if waiting:
+        log.error("this worker serves model %d, and %d files it was sent are of libraries bound to model(s) %s, "
+                  "which no running worker serves: they stay queued until a worker of their model starts",
+                  model_id, len(left) - len(again), ", ".join(map(str, waiting)),
+                  extra={"item_ids": [str(i) for i, m in left if m in waiting][:10]})
 
 
 @functools.lru_cache(maxsize=1)
@@ -160,13 +186,41 @@ def _cannot_run(exc: BaseException) -> None:
 
 @worker_process_init.connect
 def _warm_up(**_) -> None:
-    """Load the model in each pool child as it starts (after the fork), not on the first task."""
+    """Load the model in each pool child as it starts (after the fork), not on the first task, and say from
+    then on which model it serves (clapq.presence.serve)."""
     try:
-        _runtime()
+        presence.serve(embed_items.app, _runtime()[2])
     except TRANSIENT:  # Postgres not there yet: the first task tries again (and retries)
         log.exception("model warm-up failed")
+        _serve_once_registered(embed_items.app)
     except Exception as exc:
         _cannot_run(exc)
+
+
+def _serve_once_registered(app, every_s: float = 5.0) -> None:
+    """After a warm-up that met no database: say which model this process serves as soon as the model's row
+    can be read, not at its first task. The sweeper sends files only where a live worker serves their model,
+    and those a dead worker left would otherwise wait for an upload to wake this one."""
+    def loop() -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                settings = Settings.from_env()
+                with session_scope(settings.database_url) as s:
+                    model_id = register_model(s, resolve(settings.model))
+            except TRANSIENT:
+                continue
+            except Exception:  # the model cannot load: the first task says so (_cannot_run)
+                return
+            presence.serve(app, model_id)
+            return
+
+    threading.Thread(target=loop, name="serve-once-registered", daemon=True).start()
+
+
+@worker_process_shutdown.connect
+def _retire(**_) -> None:
+    presence.unserve(embed_items.app)
 
 
 @shared_task(
@@ -186,6 +240,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
 
     try:
         settings, embedder, model_id, decoders = _runtime()
+        presence.serve(self.app, model_id)  # where the warm-up failed (tasks run in-process do none)
     except TRANSIENT:
         raise
     except Exception as exc:  # nothing was claimed: the message goes back for a worker that can run it
@@ -212,12 +267,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
         # handed back what it had borrowed (queued again, so not taken here) unless its process died.
         alone += store.release_borrowed(s, ids, task_id, retry=retry)
     if other_model:
-        # files of another model's library: sent again at once, and this worker rests a moment so that one of
-        # their model takes them (left to the sweeper, they came back after CLAPQ_STALE_AFTER_S, and only once
-        # the queue was empty: 64 files took a minute instead of 4 s, helper-44)
-        enqueue_items(self.app, other_model, len(other_model))
-        if not claimed:
-            time.sleep(OTHER_MODEL_REST_S)
+        _leave_for_their_workers(self.app, model_id, other_model, rest=not claimed)
     if alone:
         enqueue_items(self.app, alone, 1)
         if retry:  # the try before could not hand back the files it had taken from later tasks
