@@ -11,9 +11,10 @@ from typing import Callable
 from flask import Blueprint, current_app
 from sqlalchemy import text
 
+from api.models_info import registered_model_id
 from clapq.checkpoint import ModelUnavailable, resolve
 from clapq.db import get_engine
-from clapq.presence import beat_alive, live_workers
+from clapq.presence import beat_alive, live_workers, serving
 from clapq.queue import redis_client
 
 bp = Blueprint("health", __name__)
@@ -101,8 +102,17 @@ def readyz():
     def maintenance() -> str:
         return "ok" if beat_alive(celery) else "warning: the maintenance loop made no pass lately (start `clapq beat`)"
 
+    def embedding() -> str:  # workers of another CLAPQ_MODEL than the API's leave every upload queued
+        ckpt = resolve(settings.model)
+        model_id = registered_model_id(ckpt.name, ckpt.weights_sha256, settings.database_url)
+        if serving(redis_client(celery), {model_id}):
+            return "ok"
+        return (f"warning: no live worker serves this service's model (model {model_id}) yet: a worker still "
+                "loading it, or workers whose CLAPQ_MODEL is not the API's; uploads wait queued until one does")
+
     checks = _run({"postgres": postgres, "redis": redis, "workers": workers, "model": model,
-                   "maintenance": maintenance}, (settings.database_url, settings.redis_url, str(settings.model)))
-    # the maintenance loop is said, but not a reason to take the API out of service: it serves without one
-    ready = all(v == "ok" for k, v in checks.items() if k != "maintenance")
+                   "maintenance": maintenance, "embedding": embedding},
+                  (settings.database_url, settings.redis_url, str(settings.model)))
+    # these are said, but not a reason to take the API out of service: it searches without them
+    ready = all(v == "ok" for k, v in checks.items() if k not in ("maintenance", "embedding"))
     return {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503

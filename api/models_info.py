@@ -20,7 +20,7 @@ def serving_checkpoint() -> Checkpoint:
 
 
 @functools.lru_cache(maxsize=8)
-def _model_id(name: str, weights_sha256: str, url: str) -> int:
+def registered_model_id(name: str, weights_sha256: str, url: str) -> int:
     from clapq.db import session_scope
 
     with session_scope(url) as s:
@@ -29,7 +29,7 @@ def _model_id(name: str, weights_sha256: str, url: str) -> int:
 
 def serving_model_id() -> int:
     ckpt = serving_checkpoint()
-    return _model_id(ckpt.name, ckpt.weights_sha256, current_app.config["CLAPQ"].database_url)
+    return registered_model_id(ckpt.name, ckpt.weights_sha256, current_app.config["CLAPQ"].database_url)
 
 
 def served_model_for(*libs) -> int:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import os
+import time
 import uuid
 
 import pytest
@@ -313,7 +315,6 @@ def test_an_upload_answered_unread_leaves_its_connection_usable(start_api, new_k
     alone said "keep-alive" and closed the connection once it found more than 64 KiB unread, and that second
     request was cut off unanswered; the rest of such a body is now read first."""
     import http.client
-    import time
     from urllib.parse import urlsplit
 
     base = urlsplit(start_api())
@@ -465,11 +466,24 @@ def test_health_metrics_and_openapi(client, worker, app):
     # the maintenance loop is said when it made no pass lately (a dead beat was seen nowhere, helper-41), and
     # the API stays ready: it serves without one
     redis_client(celery).delete(BEAT_KEY)
+    # the worker's model process says it serves the API's model once it has loaded it
+    deadline = time.monotonic() + 60
+    while client.get("/readyz").get_json()["checks"]["embedding"] != "ok" and time.monotonic() < deadline:
+        time.sleep(0.2)
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.get_json()
     assert ready.get_json()["checks"] == {"postgres": "ok", "redis": "ok", "workers": "ok", "model": "ok",
                                           "maintenance": "warning: the maintenance loop made no pass lately "
-                                                         "(start `clapq beat`)"}
+                                                         "(start `clapq beat`)", "embedding": "ok"}
+    # where no worker serves it (workers of another CLAPQ_MODEL, here none at all on another Redis database),
+    # uploads would wait queued: said, a warning
+    from api import create_app
+
+    elsewhere = create_app(dataclasses.replace(app.config["CLAPQ"], redis_url=app.config["CLAPQ"].redis_url
+                                               .rsplit("/", 1)[0] + "/7")).test_client()
+    checks = elsewhere.get("/readyz").get_json()["checks"]
+    assert checks["workers"].startswith("error: no live worker") and checks["embedding"].startswith(
+        "warning: no live worker serves this service's model (model "), checks
     assert "clapq_maintenance_live 0.0" in client.get("/metrics").get_data(as_text=True)
     beat_done(celery, 1)
     assert client.get("/readyz").get_json()["checks"]["maintenance"] == "ok"
