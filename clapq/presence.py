@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 
 from clapq.queue import redis_client
 
@@ -23,16 +24,16 @@ def _key(hostname: str) -> str:
     return f"{PREFIX}{hostname}:{os.getpid()}"
 
 
-def _keep(step, interval_s: float, name: str) -> None:
-    """Run `step` now and every `interval_s` in a daemon thread, until stop(); a Redis that is away lets the
-    key expire, which is what it then says."""
+def _keep(step, interval_s: float, name: str, stop: threading.Event) -> None:
+    """Run `step` now and every `interval_s` in a daemon thread, until `stop` is set; a Redis that is away
+    lets the key expire, which is what it then says."""
     def loop() -> None:
         while True:
             try:
                 step()
             except Exception:
                 log.warning("%s update failed", name, exc_info=True)
-            if _stop.wait(interval_s):
+            if stop.wait(interval_s):
                 return
 
     threading.Thread(target=loop, name=name, daemon=True).start()
@@ -41,7 +42,7 @@ def _keep(step, interval_s: float, name: str) -> None:
 def start(app, hostname: str, interval_s: float = 10.0) -> None:
     _state["key"] = _key(hostname)
     info = json.dumps({"hostname": hostname, "pid": os.getpid(), "started": time.time()})
-    _keep(lambda: redis_client(app).set(_state["key"], info, ex=TTL_S), interval_s, "presence")
+    _keep(lambda: redis_client(app).set(_state["key"], info, ex=TTL_S), interval_s, "presence", _stop)
 
 
 # Which models the live workers embed: a sorted set per model, each worker process (the pool child that loaded
@@ -52,27 +53,37 @@ def start(app, hostname: str, interval_s: float = 10.0) -> None:
 SERVING = "clapq:serving:{model}"
 
 
+def _now(client) -> float:
+    """Redis's clock: the workers' and the readers' hosts may disagree by more than TTL_S."""
+    seconds, micros = client.time()
+    return seconds + micros / 1e6
+
+
 def serve(app, model_id: int, interval_s: float = 10.0) -> None:
     """Say, until this process ends, that it embeds with `model_id` (once per process and model)."""
-    key, member = SERVING.format(model=model_id), f"{socket.gethostname()}:{os.getpid()}"
-    if _state.get("serving") == (key, member):  # a forked child is another member
+    key, pid = SERVING.format(model=model_id), os.getpid()
+    if _state.get("serving", (None, None, None))[::2] == (key, pid):  # a forked child is another member
         return
-    _state["serving"] = (key, member)
+    # a token besides host and pid: containers of one hostname often share pids, and one's unserve would
+    # remove the other's member
+    member = f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"
+    # an event of this process's own: one inherited across a fork may have been copied with its lock held
+    _state["serving"], _state["serving_stop"] = (key, member, pid), threading.Event()
 
     def step() -> None:
-        now = time.time()
+        now = _now(redis_client(app))
         pipe = redis_client(app).pipeline(transaction=False)
         pipe.zadd(key, {member: now + TTL_S})
         pipe.zremrangebyscore(key, "-inf", now)
         pipe.expire(key, TTL_S)
         pipe.execute()
 
-    _keep(step, interval_s, "serving")
+    _keep(step, interval_s, "serving", _state["serving_stop"])
 
 
 def serving(client, models) -> set[int]:
     """Those of `models` that some live worker serves."""
-    models, now = sorted(set(models)), time.time()
+    models, now = sorted(set(models)), _now(client)
     pipe = client.pipeline(transaction=False)
     for m in models:
         pipe.zcount(SERVING.format(model=m), now, "+inf")
@@ -90,10 +101,11 @@ def stop(app) -> None:
 
 def unserve(app) -> None:
     """The model process ends: it serves no more (its member would otherwise count for TTL_S)."""
-    _stop.set()
-    if "serving" in _state:
+    if _state.get("serving", (None, None, None))[2] == os.getpid():  # not a parent's, across a fork
+        (key, member, _), stop = _state.pop("serving"), _state.pop("serving_stop")
+        stop.set()
         try:
-            redis_client(app).zrem(*_state["serving"])
+            redis_client(app).zrem(key, member)
         except Exception:  # noqa: S110 - it stops counting anyway
             pass
 

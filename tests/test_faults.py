@@ -351,6 +351,50 @@ def test_files_of_a_model_no_worker_serves_wait_without_holding_up_the_rest(stac
     assert "which no running worker serves" not in log and "sent again for a worker of theirs" not in log, log[-3000:]
 
 
+def test_files_whose_worker_died_while_their_model_had_none_go_once_one_serves(stack):
+    """A dead worker's files of a model no live worker serves (the only worker of it away, or still loading as
+    `clapq up` starts) wait, queued with no message, and are sent at the first pass after a worker of theirs
+    says it serves, busy queue or not (helper-45: set queued as any other, they waited CLAPQ_STALE_AFTER_S more
+    and an empty queue, which steady uploads may never leave)."""
+    from clapq import presence
+    from clapq.queue import make_celery
+    from tests.conftest import job_of_own
+    from worker.store import WAITING
+    from worker.sweeper import sweep_once
+
+    settings = dataclasses.replace(stack["settings"], stale_after_s=3600)
+    with session_scope(settings.database_url) as s:
+        tenant, model, lib, j = job_of_own(s, f"away-{uuid.uuid4()}")
+        items = [Item(tenant_id=tenant.id, library_id=lib.id, job_id=j.id, sha256=uuid.uuid4().hex * 2,
+                      filename=f"lost{i}.wav", size_bytes=1, status="running", attempts=1, claimed_by="dead-task")
+                 for i in range(3)]
+        s.add_all(items)
+        s.flush()
+        s.execute(text("UPDATE items SET updated_at = now() - interval '2 hours' WHERE job_id = :j"), {"j": j.id})
+        ids, model_id = [i.id for i in items], model.id
+
+    def rows() -> list:
+        with session_scope(settings.database_url) as s:
+            return s.execute(select(Item.status, Item.claimed_by).where(Item.id.in_(ids))).all()
+
+    app = make_celery(settings)
+    broker = redis.Redis.from_url(settings.redis_url)
+    sweep_once(settings, app)
+    assert rows() == [("queued", WAITING)] * 3 and broker.llen(EMBED_QUEUE) == 0
+    broker.rpush(EMBED_QUEUE, b"another upload's task")  # the queue is busy from now on
+    presence.serve(app, model_id)
+    try:
+        wait_until(lambda: presence.serving(broker, {model_id}), 10, "the model said served")
+        sweep_once(settings, app)
+        assert rows() == [("queued", None)] * 3
+        assert broker.llen(EMBED_QUEUE) == 1 + 3  # one task each: they were tried
+        sweep_once(settings, app)  # sent once
+        assert broker.llen(EMBED_QUEUE) == 4
+    finally:
+        presence.unserve(app)
+        broker.delete(EMBED_QUEUE)
+
+
 def test_the_beat_removes_files_no_item_holds(stack):
     """`clapq beat` finishes what deletions left on disk: the files of a library deleted by SQL (its items
     went by cascade, as when a deleting API process dies after its commit), and temporary uploads a killed

@@ -16,7 +16,7 @@ from clapq.models import EmbeddingModel, Item, Library
 from clapq.presence import beat_done, serving
 from clapq.queue import EMBED_QUEUE, enqueue_items, make_celery, redis_client
 from clapq.settings import Settings
-from worker.store import silent_for
+from worker.store import WAITING, silent_for
 
 log = logging.getLogger(__name__)
 
@@ -37,35 +37,37 @@ def sweep_once(settings: Settings, app) -> int:
     with session_scope(settings.database_url) as s:
         # only files a live worker can embed are sent: one of a model none serves went round the queue for ever
         # (clapq.presence.serve); it waits, queued, until a worker of its model starts
-        served = serving(client, s.scalars(select(EmbeddingModel.id)).all())
+        served = sorted(serving(client, s.scalars(select(EmbeddingModel.id)).all()))
+
+        def pick(*where) -> list:
+            return s.execute(select(Item.id, Item.attempts, Library.model_id)
+                             .join(Library, Library.id == Item.library_id).where(*where).limit(10_000)
+                             .with_for_update(of=Item, skip_locked=True)).all()
+
         # running, but no heartbeat for a while: its worker is gone (killed, lost, shut down)
-        lost = s.execute(select(Item.id, Item.attempts, Library.model_id).join(Library, Library.id == Item.library_id)
-                         .where(Item.status == "running", silent_for(settings.stale_after_s)).limit(10_000)
-                         .with_for_update(of=Item, skip_locked=True)).all()
+        lost = pick(Item.status == "running", silent_for(settings.stale_after_s))
+        # left for a worker of their model when none ran, with no message: sent as soon as one serves it
+        parked = pick(Item.status == "queued", Item.claimed_by == WAITING, Library.model_id.in_(served))
         # queued rows are only orphans when the broker holds nothing: a lost message,
         # a Redis restart that lost its data, or an enqueue that failed after the commit
-        orphans = []
-        if client.llen(EMBED_QUEUE) == 0:
-            orphans = s.execute(select(Item.id, Item.attempts, Library.model_id)
-                                .join(Library, Library.id == Item.library_id)
-                                .where(Item.status == "queued", silent_for(settings.stale_after_s),
-                                       Library.model_id.in_(sorted(served))).limit(10_000)
-                                .with_for_update(of=Item, skip_locked=True)).all()
-        if lost or orphans:
-            # back to queued, so the new task's claim takes them (attempts still count every try)
-            s.execute(update(Item).where(Item.id.in_([r.id for r in lost + orphans]),
-                                         Item.status.in_(("queued", "running")))
-                      .values(status="queued", progress=None, updated_at=func.now()))
+        orphans = pick(Item.status == "queued", silent_for(settings.stale_after_s), Library.model_id.in_(served),
+                       Item.claimed_by.is_distinct_from(WAITING)) if client.llen(EMBED_QUEUE) == 0 else []
+        sent = [r for r in lost + parked + orphans if r.model_id in served]
+        waiting = [r.id for r in lost if r.model_id not in served]
+        # back to queued, so the new task's claim takes them (attempts still count every try)
+        for ids, mark in (([r.id for r in sent], None), (waiting, WAITING)):
+            if ids:
+                s.execute(update(Item).where(Item.id.in_(ids), Item.status.in_(("queued", "running")))
+                          .values(status="queued", progress=None, updated_at=func.now(), claimed_by=mark))
     # Files tried before (a dead worker's) go one per task: if one of them is what kills workers, it can only
     # take itself down from now on, and its attempts run out while the others finish.
-    sent = [r for r in lost + orphans if r.model_id in served]
     enqueue_items(app, [r.id for r in sent if r.attempts], 1)
     enqueue_items(app, [r.id for r in sent if not r.attempts], settings.items_per_task)
     if sent:
         log.warning("re-enqueued stranded items", extra={"count": len(sent)})
-    if waiting := sum(r.model_id not in served for r in lost):
-        log.warning("files whose worker is gone are queued again, to wait for a worker of their model: none "
-                    "running serves it", extra={"count": waiting})
+    if waiting:
+        log.warning("files whose worker is gone wait for a worker of their model, which none running serves; they "
+                    "are sent as soon as one does", extra={"count": len(waiting)})
     return len(sent)
 
 

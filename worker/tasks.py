@@ -78,17 +78,26 @@ def _scratch_free(app, held: set) -> set:
     return set()
 
 
-def _leave_for_their_workers(app, model_id: int, left: list, rest: bool) -> None:
+def _leave_for_their_workers(app, database_url: str, model_id: int, left: list, rest: bool) -> None:
     """Files of libraries bound to another model (id, model), left queued by claim(). Those whose model a live
     worker serves are sent again at once, and this worker rests a moment (unless it has files of its own) so
     that one of theirs takes them: left to the sweeper, they came back after CLAPQ_STALE_AFTER_S, and only
     once the queue was empty (64 files took a minute instead of 4 s, helper-44). Those of a model no worker
-    serves wait, queued, for the sweeper to send them once one does: sent round, they kept the queue from
-    ever being empty, and the sweeper from sending the files dead workers left."""
+    serves wait, queued (store.WAITING), for the sweeper to send them once one does: sent round, they kept the
+    queue from ever being empty, and the sweeper from sending the files dead workers left."""
+    from worker import store
+
     with best_effort(app, "reading which models the live workers serve") as client:
         served = presence.serving(client, {m for _, m in left}) if client is not None else None
     again = [i for i, m in left if served is None or m in served]
     waiting = sorted({m for _, m in left} - ({m for _, m in left} if served is None else served))
+    if waiting:
+        with session_scope(database_url) as s:
+            store.park(s, [i for i, m in left if m in waiting])
+        log.error("this worker serves model %d, and %d files it was sent are of libraries bound to model(s) %s, "
+                  "which no running worker serves: they stay queued until a worker of their model starts",
+                  model_id, len(left) - len(again), ", ".join(map(str, waiting)),
+                  extra={"item_ids": [str(i) for i, m in left if m in waiting][:10]})
     if again:
         log.error("this worker serves model %d, and %d files it was sent are of libraries bound to another model: "
                   "sent again for a worker of theirs (is this worker's CLAPQ_MODEL the service's?)", model_id,
@@ -96,11 +105,6 @@ def _leave_for_their_workers(app, model_id: int, left: list, rest: bool) -> None
         enqueue_items(app, again, len(again))
         if rest:
             time.sleep(OTHER_MODEL_REST_S)
-    if waiting:
-        log.error("this worker serves model %d, and %d files it was sent are of libraries bound to model(s) %s, "
-                  "which no running worker serves: they stay queued until a worker of their model starts",
-                  model_id, len(left) - len(again), ", ".join(map(str, waiting)),
-                  extra={"item_ids": [str(i) for i, m in left if m in waiting][:10]})
 
 
 @functools.lru_cache(maxsize=1)
@@ -267,7 +271,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
         # handed back what it had borrowed (queued again, so not taken here) unless its process died.
         alone += store.release_borrowed(s, ids, task_id, retry=retry)
     if other_model:
-        _leave_for_their_workers(self.app, model_id, other_model, rest=not claimed)
+        _leave_for_their_workers(self.app, settings.database_url, model_id, other_model, rest=not claimed)
     if alone:
         enqueue_items(self.app, alone, 1)
         if retry:  # the try before could not hand back the files it had taken from later tasks
