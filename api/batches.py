@@ -11,7 +11,7 @@ from flask import Blueprint, current_app, g, request
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
-from api.db import db
+from api.db import db, send_committed
 from api.errors import ApiError, bad_request, check_metadata, given_once, parse_json
 from api.lookup import owned
 from api.models_info import served_model_for
@@ -19,7 +19,6 @@ from api.query import MAX_CLIP_S
 from api.uploads import display_name
 from clapq.blobs import BLOB_LOCK, unqueue_reclaim
 from clapq.models import BlobReclaim, Item, Job, JobDuplicate, Library, requeued
-from clapq.queue import enqueue_committed
 
 bp = Blueprint("batches", __name__)
 
@@ -228,5 +227,5 @@ def upload_batch(lib_id: str):
     unqueue_reclaim(session, digests)  # held now, by this upload's items or the ones already there
     session.commit()
     request.keep_uploads()
-    enqueue_committed(current_app.extensions["clapq_celery"], new_ids, settings.items_per_task, job_id=str(job.id))
+    send_committed(new_ids, job_id=str(job.id))
     return {"job_id": str(job.id), "items": out}, 202

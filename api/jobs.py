@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, g, request
 from sqlalchemy import and_, case, delete, func, or_, select, update
 
 from api.batches import backpressure
-from api.db import db
+from api.db import db, send_committed
 from api.errors import ApiError, bad_request, takes_query
 from api.items import item_json
 from api.lookup import owned
@@ -14,7 +14,6 @@ from api.pages import after_cursor, cursor_arg, limit_arg, page_of
 from api.models_info import served_model_for
 from api.removal import announce_gone
 from clapq.models import Item, Job, JobDuplicate, Library, requeued
-from clapq.queue import enqueue_committed
 
 bp = Blueprint("jobs", __name__)
 
@@ -257,6 +256,5 @@ def retry_job(job_id: str):
         job.duplicates -= len(moved)
     job.cancelled, job.retried_at = False, func.now()
     session.commit()
-    enqueue_committed(current_app.extensions["clapq_celery"], ids, current_app.config["CLAPQ"].items_per_task,
-                      job_id=str(job.id))
+    send_committed(ids, job_id=str(job.id))
     return {**job_json(job), "requeued": len(ids)}, 202

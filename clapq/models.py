@@ -147,6 +147,22 @@ class Item(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+# claimed_by of a queued file that no message holds, so that the sweeper (`clapq beat`) sends it at its next pass,
+# whatever the queue holds, instead of once it has been silent CLAPQ_STALE_AFTER_S with the queue empty (which
+# steady uploads may never leave): left for a worker of its library's model when none ran (sent once one serves
+# it, clapq.presence), or committed by the API while Redis did not take its task
+WAITING_FOR_MODEL = "waiting for a worker of its model"
+NOT_SENT = "not sent: Redis did not take its task"
+NO_MESSAGE = (WAITING_FOR_MODEL, NOT_SENT)
+
+
+def park(session, ids: list, mark: str) -> None:
+    """These queued files have no message (`mark`, one of NO_MESSAGE): the sweeper sends them."""
+    from sqlalchemy import update
+
+    session.execute(update(Item).where(Item.id.in_(ids), Item.status == "queued").values(claimed_by=mark))
+
+
 def requeued(job_id: uuid.UUID) -> dict:
     """An item's columns when a user sends it again, into `job_id` (a job's retry, or an upload of the
     same bytes after it failed): fresh attempts, nothing left of the tries before."""

@@ -111,19 +111,20 @@ def best_effort(app: Celery, what: str) -> Iterator[redis.Redis | None]:
             _paused_until[key] = time.monotonic() + PAUSE_S
 
 
-def enqueue_committed(app: Celery, item_ids: list, per_task: int, **log_extra) -> None:
-    """Send committed items' tasks if Redis takes them now; where it does not, they stay queued in Postgres
-    and the sweeper (`clapq beat`) sends them."""
+def enqueue_committed(app: Celery, item_ids: list, per_task: int, **log_extra) -> bool:
+    """Send committed items' tasks if Redis takes them now; where it does not (False), they stay queued in
+    Postgres and the sweeper (`clapq beat`) sends them."""
     if not item_ids:
-        return
+        return True
     try:
         with best_effort(app, "sending tasks (the sweeper sends them later)") as client:
             if client is not None:
                 enqueue_items(app, item_ids, per_task)
-                return
+                return True
         log.info("tasks not sent, Redis did not answer lately; the sweeper sends them", extra=log_extra)
     except Exception:  # committed: the sweeper sends them
         log.exception("enqueue failed; items stay queued for the sweeper", extra=log_extra)
+    return False
 
 
 def chunks(ids: list, size: int) -> list[list]:

@@ -431,7 +431,7 @@ def test_files_of_a_model_no_worker_serves_are_left_queued_not_sent_round(settin
     from clapq.db import session_scope
     from clapq.models import Item
     from tests.conftest import queued_of_an_unserved_model
-    from worker.store import WAITING
+    from clapq.models import WAITING_FOR_MODEL
 
     ids = [str(i) for i in queued_of_an_unserved_model(settings.database_url, 3)]
     r = in_a_worker_process(env, f"print(tasks.embed_items.apply(args=[{ids!r}]).result)")
@@ -440,7 +440,7 @@ def test_files_of_a_model_no_worker_serves_are_left_queued_not_sent_round(settin
     assert "sent again" not in r.stderr, r.stderr[-3000:]
     with session_scope(settings.database_url) as s:
         rows = [s.get(Item, uuid.UUID(i)) for i in ids]
-        assert {(i.status, i.attempts, i.claimed_by) for i in rows} == {("queued", 0, WAITING)}
+        assert {(i.status, i.attempts, i.claimed_by) for i in rows} == {("queued", 0, WAITING_FOR_MODEL)}
         assert all(i.error.startswith("waiting for a worker that serves this library's model") for i in rows)
 
 

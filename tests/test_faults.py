@@ -313,11 +313,13 @@ def test_redis_restarted_empty_mid_job(stack):
 
 
 def test_enqueue_fails_after_commit(stack):
-    """The API's broker is unreachable when it enqueues: the rows are committed, the sweeper delivers."""
+    """The API's broker is unreachable when it enqueues: the rows are committed, marked as sent nowhere, and
+    the sweeper delivers them at its next pass, not once they have been silent CLAPQ_STALE_AFTER_S (an hour
+    here) with the queue empty."""
     from api import create_app
 
     stack["worker"]()
-    stack["start_beat"]()
+    stack["beat"] = Beat({**stack["env"], "CLAPQ_STALE_AFTER_S": "3600"}, stack["tmp"] / "beat.log")
     broken = dataclasses.replace(stack["settings"], redis_url="redis://127.0.0.1:9/0")
     stack["client"] = create_app(broken).test_client()
     key, _, job_id = start_job(stack, 12)
@@ -331,15 +333,12 @@ def test_files_of_a_model_no_worker_serves_wait_without_holding_up_the_rest(stac
     sent it back at once and rested 5 s, so the queue was never empty and the sweeper never sent the files a
     dead worker had left (test_sigkill_worker_mid_job hung in CI, with such files left by other tests). They
     now stay queued, saying why, with no message in the queue, and the sweeper sends only files a live worker
-    serves: here the files of a job whose send failed (as after a Redis outage) are delivered beside them."""
-    from api import create_app
-
+    serves: here the files of a job whose messages were lost are delivered beside them."""
     waiting = queued_of_an_unserved_model(stack["settings"].database_url, 12)
+    key, _, job_id = start_job(stack, 10)
+    redis.Redis.from_url(stack["redis"].url).delete(EMBED_QUEUE)  # its messages lost, as by a Redis restart
     stack["worker"]()
     stack["start_beat"]()
-    broken = dataclasses.replace(stack["settings"], redis_url="redis://127.0.0.1:9/0")
-    stack["client"] = create_app(broken).test_client()
-    key, _, job_id = start_job(stack, 10)
     assert wait_finished(stack, key, job_id, timeout=120)["status"] == "done"
     assert_exactly_once(stack, job_id, 10)
     time.sleep(3)  # three more sweeps: nothing of theirs is sent
@@ -359,7 +358,7 @@ def test_files_whose_worker_died_while_their_model_had_none_go_once_one_serves(s
     from clapq import presence
     from clapq.queue import make_celery
     from tests.conftest import job_of_own
-    from worker.store import WAITING
+    from clapq.models import WAITING_FOR_MODEL
     from worker.sweeper import sweep_once
 
     settings = dataclasses.replace(stack["settings"], stale_after_s=3600)
@@ -380,7 +379,7 @@ def test_files_whose_worker_died_while_their_model_had_none_go_once_one_serves(s
     app = make_celery(settings)
     broker = redis.Redis.from_url(settings.redis_url)
     sweep_once(settings, app)
-    assert rows() == [("queued", WAITING)] * 3 and broker.llen(EMBED_QUEUE) == 0
+    assert rows() == [("queued", WAITING_FOR_MODEL)] * 3 and broker.llen(EMBED_QUEUE) == 0
     broker.rpush(EMBED_QUEUE, b"another upload's task")  # the queue is busy from now on
     presence.serve(app, model_id)
     try:

@@ -110,16 +110,6 @@ def heartbeat(session: Session, ids: list[uuid.UUID], task_id: str,
     return held - set(kept)
 
 
-# claimed_by of a queued file that no message holds, left for a worker of its library's model when none ran
-# (worker.tasks._leave_for_their_workers, the sweeper): the sweeper sends it as soon as one says it serves
-WAITING = "waiting for a worker of its model"
-
-
-def park(session: Session, ids: list[uuid.UUID]) -> None:
-    """These queued files wait for a worker of their model, with no message (see WAITING)."""
-    session.execute(update(Item).where(Item.id.in_(ids), Item.status == "queued").values(claimed_by=WAITING))
-
-
 # why the files of a task whose process died went back to the queue
 LOST = "worker lost (its process died)"
 OUTAGE = "handed back after the database was away (not counted as a try)"

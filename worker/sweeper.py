@@ -7,16 +7,16 @@ import logging
 import threading
 import time
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, or_, select, text, update
 from sqlalchemy.exc import DBAPIError
 
 from clapq.blobs import BlobStore, reclaim_queued, remove_stale_uploads
 from clapq.db import get_engine, session_scope
-from clapq.models import EmbeddingModel, Item, Library
+from clapq.models import NO_MESSAGE, WAITING_FOR_MODEL, EmbeddingModel, Item, Library
 from clapq.presence import beat_done, serving
 from clapq.queue import EMBED_QUEUE, enqueue_items, make_celery, redis_client
 from clapq.settings import Settings
-from worker.store import WAITING, silent_for
+from worker.store import silent_for
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +46,19 @@ def sweep_once(settings: Settings, app) -> int:
 
         # running, but no heartbeat for a while: its worker is gone (killed, lost, shut down)
         lost = pick(Item.status == "running", silent_for(settings.stale_after_s))
-        # left for a worker of their model when none ran, with no message: sent as soon as one serves it
-        parked = pick(Item.status == "queued", Item.claimed_by == WAITING, Library.model_id.in_(served))
-        # queued rows are only orphans when the broker holds nothing: a lost message,
-        # a Redis restart that lost its data, or an enqueue that failed after the commit
-        orphans = pick(Item.status == "queued", silent_for(settings.stale_after_s), Library.model_id.in_(served),
-                       Item.claimed_by.is_distinct_from(WAITING)) if client.llen(EMBED_QUEUE) == 0 else []
+        # queued with no message (clapq.models.NO_MESSAGE): left for a worker of their model when none ran, or
+        # committed while Redis did not take their task; sent now (where one serves their model)
+        parked = pick(Item.status == "queued", Item.claimed_by.in_(NO_MESSAGE), Library.model_id.in_(served))
+        # other queued rows are only orphans when the broker holds nothing: a lost message, a Redis restart that
+        # lost its data, or an enqueue that failed after the commit where the API could not mark it
+        orphans = []
+        if client.llen(EMBED_QUEUE) == 0:
+            orphans = pick(Item.status == "queued", silent_for(settings.stale_after_s), Library.model_id.in_(served),
+                           or_(Item.claimed_by.is_(None), Item.claimed_by.not_in(NO_MESSAGE)))
         sent = [r for r in lost + parked + orphans if r.model_id in served]
         waiting = [r.id for r in lost if r.model_id not in served]
         # back to queued, so the new task's claim takes them (attempts still count every try)
-        for ids, mark in (([r.id for r in sent], None), (waiting, WAITING)):
+        for ids, mark in (([r.id for r in sent], None), (waiting, WAITING_FOR_MODEL)):
             if ids:
                 s.execute(update(Item).where(Item.id.in_(ids), Item.status.in_(("queued", "running")))
                           .values(status="queued", progress=None, updated_at=func.now(), claimed_by=mark))

@@ -83,9 +83,9 @@ def _leave_for_their_workers(app, database_url: str, model_id: int, left: list, 
     worker serves are sent again at once, and this worker rests a moment (unless it has files of its own) so
     that one of theirs takes them: left to the sweeper, they came back after CLAPQ_STALE_AFTER_S, and only
     once the queue was empty (64 files took a minute instead of 4 s, helper-44). Those of a model no worker
-    serves wait, queued (store.WAITING), for the sweeper to send them once one does: sent round, they kept the
-    queue from ever being empty, and the sweeper from sending the files dead workers left."""
-    from worker import store
+    serves wait, queued (clapq.models.WAITING_FOR_MODEL), for the sweeper to send them once one does: sent
+    round, they kept the queue from ever being empty, and the sweeper from sending the files dead workers left."""
+    from clapq.models import WAITING_FOR_MODEL, park
 
     with best_effort(app, "reading which models the live workers serve") as client:
         served = presence.serving(client, {m for _, m in left}) if client is not None else None
@@ -93,7 +93,7 @@ def _leave_for_their_workers(app, database_url: str, model_id: int, left: list, 
     waiting = sorted({m for _, m in left} - ({m for _, m in left} if served is None else served))
     if waiting:
         with session_scope(database_url) as s:
-            store.park(s, [i for i, m in left if m in waiting])
+            park(s, [i for i, m in left if m in waiting], WAITING_FOR_MODEL)
         log.error("this worker serves model %d, and %d files it was sent are of libraries bound to model(s) %s, "
                   "which no running worker serves: they stay queued until a worker of their model starts",
                   model_id, len(left) - len(again), ", ".join(map(str, waiting)),
