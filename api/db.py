@@ -33,11 +33,12 @@ def send_committed(item_ids: list, **log_extra) -> None:
     having no message (clapq.models.NOT_SENT), and the sweeper sends them at its next pass, whatever the queue
     holds; unmarked, they waited CLAPQ_STALE_AFTER_S and an empty queue. A failed mark leaves them to that."""
     settings = current_app.config["CLAPQ"]
-    if enqueue_committed(current_app.extensions["clapq_celery"], item_ids, settings.items_per_task, **log_extra):
+    unsent = enqueue_committed(current_app.extensions["clapq_celery"], item_ids, settings.items_per_task, **log_extra)
+    if not unsent:
         return
     try:
         with session_scope(settings.database_url) as s:
-            park(s, item_ids, NOT_SENT)
+            park(s, unsent, NOT_SENT)
     except Exception:
         log.warning("could not mark the files whose tasks were not sent; the sweeper finds them later",
                     exc_info=True, extra=log_extra)

@@ -113,6 +113,8 @@ class Item(Base):
         CheckConstraint("status IN ('queued', 'running', 'done', 'failed', 'cancelled')", name="ck_items_status"),
         Index("ix_items_job_status", "job_id", "status"),
         Index("ix_items_pending", "status", "updated_at", postgresql_where="status IN ('queued', 'running')"),
+        # queued files that no message holds, which the sweeper sends at each pass (NO_MESSAGE, migration 0011)
+        Index("ix_items_no_message", "claimed_by", postgresql_where="status = 'queued' AND claimed_by IS NOT NULL"),
         # metadata filters (`@>`) find their items without a table scan
         Index("ix_items_metadata", "metadata", postgresql_using="gin", postgresql_ops={"metadata": "jsonb_path_ops"}),
         # whether any item still holds a blob's bytes, when one is deleted (migration 0006)

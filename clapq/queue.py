@@ -111,34 +111,49 @@ def best_effort(app: Celery, what: str) -> Iterator[redis.Redis | None]:
             _paused_until[key] = time.monotonic() + PAUSE_S
 
 
-def enqueue_committed(app: Celery, item_ids: list, per_task: int, **log_extra) -> bool:
-    """Send committed items' tasks if Redis takes them now; where it does not (False), they stay queued in
-    Postgres and the sweeper (`clapq beat`) sends them."""
-    if not item_ids:
-        return True
+def enqueue_committed(app: Celery, item_ids: list, per_task: int, **log_extra) -> list:
+    """Send committed items' tasks if Redis takes them now; returns those it did not take, which stay queued
+    in Postgres for the sweeper (`clapq beat`) to send."""
+    unsent = list(item_ids)
+    if not unsent:
+        return []
     try:
         with best_effort(app, "sending tasks (the sweeper sends them later)") as client:
             if client is not None:
-                enqueue_items(app, item_ids, per_task)
-                return True
+                try:
+                    enqueue_items(app, unsent, per_task)
+                    return []
+                except NotSent as exc:
+                    unsent = exc.ids
+                    raise exc.__cause__ from None  # a Redis error: best_effort leaves Redis alone a while
         log.info("tasks not sent, Redis did not answer lately; the sweeper sends them", extra=log_extra)
     except Exception:  # committed: the sweeper sends them
         log.exception("enqueue failed; items stay queued for the sweeper", extra=log_extra)
-    return False
+    return unsent
 
 
 def chunks(ids: list, size: int) -> list[list]:
     return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
+class NotSent(Exception):
+    """Sending failed part-way (the cause is chained): `ids` are the items whose task did not go."""
+
+    def __init__(self, ids: list) -> None:
+        super().__init__(f"{len(ids)} items' tasks not sent")
+        self.ids = ids
+
+
 def enqueue_items(app: Celery, item_ids: list, per_task: int, countdown: float | None = None) -> int:
     """Send one task per chunk of items (to run no sooner than `countdown` seconds from now, if given);
-    call only after the rows are committed."""
-    n = 0
-    for chunk in chunks([str(i) for i in item_ids], max(1, per_task)):
-        app.send_task(EMBED_TASK, args=[chunk], queue=EMBED_QUEUE, countdown=countdown)
-        n += 1
-    return n
+    call only after the rows are committed. A failure raises NotSent, naming the items not sent."""
+    parts = chunks(list(item_ids), max(1, per_task))
+    for n, chunk in enumerate(parts):
+        try:
+            app.send_task(EMBED_TASK, args=[[str(i) for i in chunk]], queue=EMBED_QUEUE, countdown=countdown)
+        except Exception as exc:
+            raise NotSent([i for part in parts[n:] for i in part]) from exc
+    return len(parts)
 
 
 def announce_items_gone(app: Celery) -> None:

@@ -394,6 +394,70 @@ def test_files_whose_worker_died_while_their_model_had_none_go_once_one_serves(s
         broker.delete(EMBED_QUEUE)
 
 
+def failing_sends(app, after: int):
+    """`app` whose Redis refuses every task sent after the first `after` (a connection lost mid-send)."""
+    import redis as redis_py
+
+    send, sent = app.send_task, []
+
+    def flaky(*args, **kwargs):
+        if len(sent) >= after:
+            raise redis_py.ConnectionError("connection lost mid-send")
+        sent.append(args)
+        return send(*args, **kwargs)
+
+    app.send_task = flaky
+    return sent
+
+
+def test_files_whose_task_was_not_sent_are_marked_and_sent_at_the_next_pass(stack):
+    """A send that fails part-way marks only the files whose task did not go (helper-46: all 12 were marked,
+    and the 8 already queued went twice); and a sweeper whose own send fails marks its files again (it had
+    cleared their mark first, and they fell back to waiting CLAPQ_STALE_AFTER_S and an empty queue)."""
+    from clapq import presence
+    from clapq.models import NOT_SENT, park
+    from clapq.queue import enqueue_committed, make_celery
+    from tests.conftest import job_of_own
+    from worker.sweeper import sweep_once
+
+    settings = dataclasses.replace(stack["settings"], stale_after_s=3600)
+    broker = redis.Redis.from_url(settings.redis_url)
+    with session_scope(settings.database_url) as s:
+        tenant, model, lib, j = job_of_own(s, f"flaky-{uuid.uuid4()}")
+        items = [Item(tenant_id=tenant.id, library_id=lib.id, job_id=j.id, sha256=uuid.uuid4().hex * 2,
+                      filename=f"f{i}.wav", size_bytes=1) for i in range(12)]
+        s.add_all(items)
+        s.flush()
+        ids, model_id = [i.id for i in items], model.id
+    app = make_celery(settings)
+    failing_sends(app, after=1)
+    unsent = enqueue_committed(app, ids, 8)
+    assert unsent == ids[8:] and broker.llen(EMBED_QUEUE) == 1
+
+    def marks() -> dict:
+        with session_scope(settings.database_url) as s:
+            return dict(s.execute(select(Item.claimed_by, func.count()).where(Item.id.in_(ids))
+                                  .group_by(Item.claimed_by)).all())
+
+    with session_scope(settings.database_url) as s:
+        park(s, unsent, NOT_SENT)  # as the API does (api.db.send_committed)
+    assert marks() == {None: 8, NOT_SENT: 4}
+    broker.delete(EMBED_QUEUE)
+    presence.serve(app, model_id)
+    try:
+        wait_until(lambda: presence.serving(broker, {model_id}), 10, "the model said served")
+        sweeper_app = make_celery(settings)
+        failing_sends(sweeper_app, after=0)
+        with pytest.raises(RuntimeError, match="4 of 4 stranded files not sent"):
+            sweep_once(settings, sweeper_app)
+        assert marks() == {None: 8, NOT_SENT: 4} and broker.llen(EMBED_QUEUE) == 0
+        assert sweep_once(settings, make_celery(settings)) == 4  # the next pass, its Redis back
+        assert marks() == {None: 12} and broker.llen(EMBED_QUEUE) == 1
+    finally:
+        presence.unserve(app)
+        broker.delete(EMBED_QUEUE)
+
+
 def test_the_beat_removes_files_no_item_holds(stack):
     """`clapq beat` finishes what deletions left on disk: the files of a library deleted by SQL (its items
     went by cascade, as when a deleting API process dies after its commit), and temporary uploads a killed

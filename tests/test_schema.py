@@ -39,6 +39,10 @@ def test_migrations_match_models_and_index_vectors(services):
     assert f"pg_advisory_xact_lock_shared({BLOB_LOCK})" in body
     # migration 0008: in digest order, as uploads queue and unqueue them (no deadlock between the two)
     assert "FROM gone ORDER BY sha256" in body, body
+    # migration 0011: the sweeper's files with no message, without reading the whole backlog
+    with engine.connect() as conn:
+        marked = conn.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_items_no_message'"))
+    assert marked.endswith("WHERE (((status)::text = 'queued'::text) AND (claimed_by IS NOT NULL))"), marked
 
 
 @pytest.fixture()
@@ -176,8 +180,9 @@ LANDED = {
     "0008_blob_reclaims_in_digest_order.py": "69330c370e1b587c",
     "0009_item_progress_and_job_retries.py": "096052bb3fc84595",
     "0010_repair_job_retries.py": "6df2aba096fe4ade",
+    "0011_items_without_a_message.py": "bcb3623eab3c8b63",
 }
-HEAD = "0010"
+HEAD = "0011"
 
 
 def test_landed_migrations_are_never_changed():

@@ -12,9 +12,9 @@ from sqlalchemy.exc import DBAPIError
 
 from clapq.blobs import BlobStore, reclaim_queued, remove_stale_uploads
 from clapq.db import get_engine, session_scope
-from clapq.models import NO_MESSAGE, WAITING_FOR_MODEL, EmbeddingModel, Item, Library
+from clapq.models import NO_MESSAGE, NOT_SENT, WAITING_FOR_MODEL, EmbeddingModel, Item, Library, park
 from clapq.presence import beat_done, serving
-from clapq.queue import EMBED_QUEUE, enqueue_items, make_celery, redis_client
+from clapq.queue import EMBED_QUEUE, NotSent, enqueue_items, make_celery, redis_client
 from clapq.settings import Settings
 from worker.store import silent_for
 
@@ -58,14 +58,27 @@ def sweep_once(settings: Settings, app) -> int:
         sent = [r for r in lost + parked + orphans if r.model_id in served]
         waiting = [r.id for r in lost if r.model_id not in served]
         # back to queued, so the new task's claim takes them (attempts still count every try)
-        for ids, mark in (([r.id for r in sent], None), (waiting, WAITING_FOR_MODEL)):
-            if ids:
-                s.execute(update(Item).where(Item.id.in_(ids), Item.status.in_(("queued", "running")))
-                          .values(status="queued", progress=None, updated_at=func.now(), claimed_by=mark))
+        if sent:
+            s.execute(update(Item).where(Item.id.in_([r.id for r in sent]), Item.status.in_(("queued", "running")))
+                      .values(status="queued", progress=None, updated_at=func.now(), claimed_by=None))
+        if waiting:
+            s.execute(update(Item).where(Item.id.in_(waiting), Item.status == "running")
+                      .values(status="queued", progress=None, updated_at=func.now(), claimed_by=WAITING_FOR_MODEL,
+                              error="worker lost (its process died); no running worker serves this library's model, "
+                                    "so it waits for one"))
     # Files tried before (a dead worker's) go one per task: if one of them is what kills workers, it can only
     # take itself down from now on, and its attempts run out while the others finish.
-    enqueue_items(app, [r.id for r in sent if r.attempts], 1)
-    enqueue_items(app, [r.id for r in sent if not r.attempts], settings.items_per_task)
+    unsent = []
+    for ids, per_task in (([r.id for r in sent if r.attempts], 1),
+                          ([r.id for r in sent if not r.attempts], settings.items_per_task)):
+        try:
+            enqueue_items(app, ids, per_task)
+        except NotSent as exc:  # marked again, so that a later pass sends them (unmarked, they waited as orphans)
+            unsent += exc.ids
+    if unsent:
+        with session_scope(settings.database_url) as s:
+            park(s, unsent, NOT_SENT)
+        raise RuntimeError(f"{len(unsent)} of {len(sent)} stranded files not sent; the next pass sends them")
     if sent:
         log.warning("re-enqueued stranded items", extra={"count": len(sent)})
     if waiting:

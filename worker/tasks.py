@@ -92,8 +92,11 @@ def _leave_for_their_workers(app, database_url: str, model_id: int, left: list, 
     again = [i for i, m in left if served is None or m in served]
     waiting = sorted({m for _, m in left} - ({m for _, m in left} if served is None else served))
     if waiting:
-        with session_scope(database_url) as s:
-            park(s, [i for i, m in left if m in waiting], WAITING_FOR_MODEL)
+        try:  # best effort: unmarked, the sweeper finds them later (CLAPQ_STALE_AFTER_S and an empty queue)
+            with session_scope(database_url) as s:
+                park(s, [i for i, m in left if m in waiting], WAITING_FOR_MODEL)
+        except Exception:
+            log.warning("could not mark the files left for a worker of their model", exc_info=True)
         log.error("this worker serves model %d, and %d files it was sent are of libraries bound to model(s) %s, "
                   "which no running worker serves: they stay queued until a worker of their model starts",
                   model_id, len(left) - len(again), ", ".join(map(str, waiting)),
@@ -270,14 +273,14 @@ def embed_items(self, item_ids: list[str]) -> dict:
         # (CLAPQ_STALE_AFTER_S) with every worker idle. On a retry of Celery's own as well: the try before
         # handed back what it had borrowed (queued again, so not taken here) unless its process died.
         alone += store.release_borrowed(s, ids, task_id, retry=retry)
-    if other_model:
-        _leave_for_their_workers(self.app, settings.database_url, model_id, other_model, rest=not claimed)
     if alone:
         enqueue_items(self.app, alone, 1)
         if retry:  # the try before could not hand back the files it had taken from later tasks
             log.info("files this task had taken from later tasks go on one per task", extra={"count": len(alone)})
         else:
             log.warning("files of a task whose process died go on one per task", extra={"count": len(alone)})
+    if other_model:  # after those: this may rest a moment
+        _leave_for_their_workers(self.app, settings.database_url, model_id, other_model, rest=not claimed)
     if split:
         return {"claimed": 0, "split": len(alone)}
     if not claimed:
