@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import logging
-
 from flask import current_app, g
 from sqlalchemy.orm import Session, sessionmaker
 
-from clapq.db import get_engine, session_scope
-from clapq.models import NOT_SENT, park
-from clapq.queue import enqueue_committed
-
-log = logging.getLogger(__name__)
+from clapq.db import get_engine
+from clapq.queue import send_or_mark
 
 
 def db() -> Session:
@@ -29,16 +24,7 @@ def close_db(exc: BaseException | None = None) -> None:
 
 
 def send_committed(item_ids: list, **log_extra) -> None:
-    """Send the tasks of these committed, queued files. Where Redis does not take them, they are marked as
-    having no message (clapq.models.NOT_SENT), and the sweeper sends them at its next pass, whatever the queue
-    holds; unmarked, they waited CLAPQ_STALE_AFTER_S and an empty queue. A failed mark leaves them to that."""
+    """Send the tasks of files this request committed (clapq.queue.send_or_mark)."""
     settings = current_app.config["CLAPQ"]
-    unsent = enqueue_committed(current_app.extensions["clapq_celery"], item_ids, settings.items_per_task, **log_extra)
-    if not unsent:
-        return
-    try:
-        with session_scope(settings.database_url) as s:
-            park(s, unsent, NOT_SENT)
-    except Exception:
-        log.warning("could not mark the files whose tasks were not sent; the sweeper finds them later",
-                    exc_info=True, extra=log_extra)
+    send_or_mark(current_app.extensions["clapq_celery"], settings.database_url, item_ids, settings.items_per_task,
+                 **log_extra)

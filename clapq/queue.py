@@ -119,17 +119,36 @@ def enqueue_committed(app: Celery, item_ids: list, per_task: int, **log_extra) -
         return []
     try:
         with best_effort(app, "sending tasks (the sweeper sends them later)") as client:
-            if client is not None:
-                try:
-                    enqueue_items(app, unsent, per_task)
-                    return []
-                except NotSent as exc:
-                    unsent = exc.ids
-                    raise exc.__cause__ from None  # a Redis error: best_effort leaves Redis alone a while
-        log.info("tasks not sent, Redis did not answer lately; the sweeper sends them", extra=log_extra)
+            if client is None:
+                log.info("tasks not sent, Redis did not answer lately; the sweeper sends them", extra=log_extra)
+                return unsent
+            try:
+                enqueue_items(app, unsent, per_task)
+                return []
+            except NotSent as exc:
+                unsent = exc.ids
+                raise exc.__cause__ from None  # a Redis error: best_effort says so and leaves Redis alone a while
     except Exception:  # committed: the sweeper sends them
         log.exception("enqueue failed; items stay queued for the sweeper", extra=log_extra)
     return unsent
+
+
+def send_or_mark(app: Celery, database_url: str, item_ids: list, per_task: int, **log_extra) -> None:
+    """Send the tasks of these committed, queued files. Those Redis does not take are marked as having no
+    message (clapq.models.NOT_SENT), and the sweeper sends them at its next pass, whatever the queue holds;
+    unmarked, they waited CLAPQ_STALE_AFTER_S and an empty queue. A failed mark leaves them to that."""
+    unsent = enqueue_committed(app, item_ids, per_task, **log_extra)
+    if not unsent:
+        return
+    from clapq.db import session_scope
+    from clapq.models import NOT_SENT, park
+
+    try:
+        with session_scope(database_url) as s:
+            park(s, unsent, NOT_SENT)
+    except Exception:
+        log.warning("could not mark the files whose tasks were not sent; the sweeper finds them later",
+                    exc_info=True, extra=log_extra)
 
 
 def chunks(ids: list, size: int) -> list[list]:

@@ -380,6 +380,9 @@ def test_files_whose_worker_died_while_their_model_had_none_go_once_one_serves(s
     broker = redis.Redis.from_url(settings.redis_url)
     sweep_once(settings, app)
     assert rows() == [("queued", WAITING_FOR_MODEL)] * 3 and broker.llen(EMBED_QUEUE) == 0
+    with session_scope(settings.database_url) as s:  # and the item says why it waits
+        assert set(s.scalars(select(Item.error).where(Item.id.in_(ids)))) == {
+            "worker lost (its process died); no running worker serves this library's model, so it waits for one"}
     broker.rpush(EMBED_QUEUE, b"another upload's task")  # the queue is busy from now on
     presence.serve(app, model_id)
     try:

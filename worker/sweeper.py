@@ -68,13 +68,14 @@ def sweep_once(settings: Settings, app) -> int:
                                     "so it waits for one"))
     # Files tried before (a dead worker's) go one per task: if one of them is what kills workers, it can only
     # take itself down from now on, and its attempts run out while the others finish.
-    unsent = []
-    for ids, per_task in (([r.id for r in sent if r.attempts], 1),
-                          ([r.id for r in sent if not r.attempts], settings.items_per_task)):
+    unsent, groups = [], [([r.id for r in sent if r.attempts], 1),
+                          ([r.id for r in sent if not r.attempts], settings.items_per_task)]
+    for n, (ids, per_task) in enumerate(groups):
         try:
             enqueue_items(app, ids, per_task)
         except NotSent as exc:  # marked again, so that a later pass sends them (unmarked, they waited as orphans)
-            unsent += exc.ids
+            unsent = exc.ids + [i for later, _ in groups[n + 1:] for i in later]
+            break
     if unsent:
         with session_scope(settings.database_url) as s:
             park(s, unsent, NOT_SENT)

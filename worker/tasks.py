@@ -19,7 +19,7 @@ from clapq import metrics, presence
 from clapq.blobs import BlobStore
 from clapq.checkpoint import register_model, resolve
 from clapq.db import session_scope
-from clapq.queue import EMBED_TASK, best_effort, enqueue_items
+from clapq.queue import EMBED_TASK, best_effort, enqueue_items, send_or_mark
 from clapq.settings import Settings, claim_window_s
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ def _leave_for_their_workers(app, database_url: str, model_id: int, left: list, 
         log.error("this worker serves model %d, and %d files it was sent are of libraries bound to another model: "
                   "sent again for a worker of theirs (is this worker's CLAPQ_MODEL the service's?)", model_id,
                   len(again), extra={"item_ids": [str(i) for i in again[:10]]})
-        enqueue_items(app, again, len(again))
+        send_or_mark(app, database_url, again, len(again))
         if rest:
             time.sleep(OTHER_MODEL_REST_S)
 
@@ -274,7 +274,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
         # handed back what it had borrowed (queued again, so not taken here) unless its process died.
         alone += store.release_borrowed(s, ids, task_id, retry=retry)
     if alone:
-        enqueue_items(self.app, alone, 1)
+        send_or_mark(self.app, settings.database_url, alone, 1)
         if retry:  # the try before could not hand back the files it had taken from later tasks
             log.info("files this task had taken from later tasks go on one per task", extra={"count": len(alone)})
         else:
