@@ -62,13 +62,15 @@ def _now(client) -> float:
 def serve(app, model_id: int, interval_s: float = 10.0) -> None:
     """Say, until this process ends, that it embeds with `model_id` (once per process and model)."""
     key, pid = SERVING.format(model=model_id), os.getpid()
-    if _state.get("serving", (None, None, None))[::2] == (key, pid):  # a forked child is another member
+    mine = _state.get("serving")
+    if mine and (mine["key"], mine["pid"]) == (key, pid):  # a forked child is another member
         return
     # a token besides host and pid: containers of one hostname often share pids, and one's unserve would
-    # remove the other's member
-    member = f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"
-    # an event of this process's own: one inherited across a fork may have been copied with its lock held
-    _state["serving"], _state["serving_stop"] = (key, member, pid), threading.Event()
+    # remove the other's member; and an event of this process's own: one inherited across a fork may have
+    # been copied with its lock held
+    mine = _state["serving"] = {"key": key, "pid": pid, "stop": threading.Event(),
+                                "member": f"{socket.gethostname()}:{pid}:{uuid.uuid4().hex[:8]}"}
+    member = mine["member"]
 
     def step() -> None:
         now = _now(redis_client(app))
@@ -78,7 +80,7 @@ def serve(app, model_id: int, interval_s: float = 10.0) -> None:
         pipe.expire(key, TTL_S)
         pipe.execute()
 
-    _keep(step, interval_s, "serving", _state["serving_stop"])
+    _keep(step, interval_s, "serving", mine["stop"])
 
 
 def serving(client, models) -> set[int]:
@@ -101,11 +103,12 @@ def stop(app) -> None:
 
 def unserve(app) -> None:
     """The model process ends: it serves no more (its member would otherwise count for TTL_S)."""
-    if _state.get("serving", (None, None, None))[2] == os.getpid():  # not a parent's, across a fork
-        (key, member, _), stop = _state.pop("serving"), _state.pop("serving_stop")
-        stop.set()
+    mine = _state.get("serving")
+    if mine and mine["pid"] == os.getpid():  # not a parent's, across a fork
+        del _state["serving"]
+        mine["stop"].set()
         try:
-            redis_client(app).zrem(key, member)
+            redis_client(app).zrem(mine["key"], mine["member"])
         except Exception:  # noqa: S110 - it stops counting anyway
             pass
 

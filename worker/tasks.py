@@ -89,8 +89,9 @@ def _leave_for_their_workers(app, database_url: str, model_id: int, left: list, 
 
     with best_effort(app, "reading which models the live workers serve") as client:
         served = presence.serving(client, {m for _, m in left}) if client is not None else None
+    # Redis away (served None): all sent again, as before anything was known of who serves what
     again = [i for i, m in left if served is None or m in served]
-    waiting = sorted({m for _, m in left} - ({m for _, m in left} if served is None else served))
+    waiting = sorted({m for _, m in left if served is not None and m not in served})
     if waiting:
         try:  # best effort: unmarked, the sweeper finds them later (CLAPQ_STALE_AFTER_S and an empty queue)
             with session_scope(database_url) as s:
@@ -108,6 +109,12 @@ def _leave_for_their_workers(app, database_url: str, model_id: int, left: list, 
         send_or_mark(app, database_url, again, len(again))
         if rest:
             time.sleep(OTHER_MODEL_REST_S)
+
+
+def _model_row(settings: Settings) -> int:
+    """The id of the models row of this worker's checkpoint (made on first use: register_model)."""
+    with session_scope(settings.database_url) as s:
+        return register_model(s, resolve(settings.model))
 
 
 @functools.lru_cache(maxsize=1)
@@ -132,8 +139,7 @@ def _runtime():
         return AudioEmbedder(clap, compile_model=compiled, lanes=lanes)
 
     embedder = embedder_for(compiled)
-    with session_scope(settings.database_url) as s:
-        model_id = register_model(s, ckpt)
+    model_id = _model_row(settings)
     import numpy as np
 
     from worker.decoder import get_pool, pool_size
@@ -212,9 +218,7 @@ def _serve_once_registered(app, every_s: float = 5.0) -> None:
         while True:
             time.sleep(every_s)
             try:
-                settings = Settings.from_env()
-                with session_scope(settings.database_url) as s:
-                    model_id = register_model(s, resolve(settings.model))
+                model_id = _model_row(Settings.from_env())
             except TRANSIENT:
                 continue
             except Exception:  # the model cannot load: the first task says so (_cannot_run)
