@@ -230,15 +230,18 @@ class Synth:
 # ----------------------------------------------------------------------------- loading
 
 def copy_items(cur, syn: Synth, tenant, library, job) -> None:
+    from clapq.db import libpq_waits
+
     fmts, fp = zip(*FORMATS)
     fmt_idx = syn.rng.choice(len(fmts), size=syn.n_items, p=np.array(fp))
     buf = io.StringIO()
 
     def flush():
         buf.seek(0)
-        cur.copy_expert(
-            "COPY items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, metadata, status, "
-            "attempts, duration_s, sample_rate, channels, audio_format) FROM STDIN", buf)
+        with libpq_waits():  # COPY is not done through psycopg2's wait callback (clapq.db)
+            cur.copy_expert(
+                "COPY items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, metadata, status, "
+                "attempts, duration_s, sample_rate, channels, audio_format) FROM STDIN", buf)
         buf.seek(0)
         buf.truncate()
 
@@ -274,6 +277,8 @@ def copy_segments(cur, syn: Synth, V: np.ndarray, model_id: int, library: uuid.U
                   items_per_chunk: int = 8000, first_id: int = 1) -> None:
     """Binary COPY (pgvector's binary format: int16 dim, int16 unused, float4[dim], big-endian), ids
     from first_id on (a range the caller has reserved, where the table holds rows already)."""
+    from clapq.db import libpq_waits
+
     item_bytes = np.frombuffer(b"".join(u.bytes for u in syn.item_ids), dtype="V16")
     lib_bytes = np.frombuffer(library.bytes, dtype="V16")[0]
     seg_lo = 0
@@ -297,10 +302,11 @@ def copy_segments(cur, syn: Synth, V: np.ndarray, model_id: int, library: uuid.U
         rec["l_start"], rec["start"] = 8, start
         rec["l_end"], rec["end"] = 8, np.minimum(start + 10.0, dur)
         rec["l_vec"], rec["vdim"], rec["vunused"], rec["vec"] = 4 + 4 * DIM, DIM, 0, vecs
-        cur.copy_expert(
-            "COPY segments (id, item_id, model_id, library_id, window_index, start_s, end_s, vector) "
-            "FROM STDIN WITH (FORMAT binary)",
-            io.BytesIO(PGCOPY_HEADER + rec.tobytes() + PGCOPY_TRAILER))
+        with libpq_waits():
+            cur.copy_expert(
+                "COPY segments (id, item_id, model_id, library_id, window_index, start_s, end_s, vector) "
+                "FROM STDIN WITH (FORMAT binary)",
+                io.BytesIO(PGCOPY_HEADER + rec.tobytes() + PGCOPY_TRAILER))
         seg_lo += n
     assert seg_lo == syn.n
     cur.execute("SELECT setval(pg_get_serial_sequence('segments', 'id'), max(id)) FROM segments")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
+import psycopg2
+from psycopg2 import extensions as ext
+from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -38,8 +42,116 @@ def get_engine(url: str) -> Engine:
             # and keepalives end a pooled connection to a host that went away
             engine = create_engine(normalise_url(url), pool_pre_ping=True, pool_size=5, max_overflow=5,
                                    pool_timeout=CONNECT_TIMEOUT_S, connect_args=_connect_args())
+            _watch(engine, url)
             _engines[key] = engine
         return engine
+
+
+# A server that stops answering mid-statement (stopped, frozen, its disk hung) holds a libpq call for ever:
+# the kernel still acknowledges what is sent, so neither TCP keepalives nor connect_timeout end it, and
+# every request that touches it waits (a search, a job poll, /metrics), until no API thread is left. So
+# psycopg2 waits through a callback of ours (psycopg2.extensions.set_wait_callback: libpq is driven
+# without blocking, which psycopg2 supports for coroutine libraries; its Python interface is unchanged).
+# A wait that has gone on STALL_S asks the server on a new connection whether it answers at all: a slow
+# statement (a large deletion, a lock wait) goes on waiting, and a server that does not answer that either
+# within PROBE_S fails the statement with an OperationalError, which closes its connection (the pool then
+# drops it, and the API answers 503). Connecting is bounded by CONNECT_TIMEOUT_S (libpq's connect_timeout
+# applies only to blocking connects).
+STALL_S = 5.0
+PROBE_S = 5.0
+_probe_urls: dict[str, str] = {}  # a connection's dsn (its password masked) -> the URL to ask its server by
+_probes: dict[tuple[int, str], tuple] = {}  # (pid, url) -> (one probe at a time, [when, answered], its engine)
+_local = threading.local()  # .probing: this thread is asking a server whether it answers
+
+
+def _watch(engine: Engine, url: str) -> None:
+    """Have psycopg2 wait through `_wait`, and let it ask `url`'s server about this engine's connections."""
+    @event.listens_for(engine, "connect")
+    def _connected(dbapi_conn, _record) -> None:
+        _probe_urls[dbapi_conn.dsn] = url
+
+    if ext.get_wait_callback() is not _wait:
+        ext.set_wait_callback(_wait)
+
+
+@contextlib.contextmanager
+def libpq_waits() -> Iterator[None]:
+    """psycopg2 waiting in libpq again, without the deadline above, for what a wait callback cannot do: COPY,
+    which the benchmarks' bulk loads use. Process-wide while it lasts (for a script's single thread)."""
+    callback = ext.get_wait_callback()
+    ext.set_wait_callback(None)
+    try:
+        yield
+    finally:
+        ext.set_wait_callback(callback)
+
+
+class NoAnswer(psycopg2.OperationalError):
+    """The database did not answer in time (see STALL_S); the connection it was raised on is closed."""
+
+
+def _wait(conn) -> None:
+    """psycopg2's wait callback: poll the connection until its operation is done, as psycopg2.extras.
+    wait_select does, but never for ever (see STALL_S above). An exception here closes the connection."""
+    start = time.monotonic()
+    probing = getattr(_local, "probing", False)
+    url = None if probing else _probe_urls.get(conn.dsn)
+    if probing:  # a probe's connect and SELECT 1
+        limit, ask = PROBE_S, False
+    elif conn.status == ext.STATUS_SETUP:  # a connect
+        limit, ask = CONNECT_TIMEOUT_S, False
+    elif url is not None:  # a statement of an engine of ours: its server asked about every STALL_S
+        limit, ask = STALL_S, True
+    else:  # another statement (an engine made elsewhere, as Alembic's): waited for as libpq would
+        limit, ask = None, False
+    deadline = None if limit is None else start + limit
+    poller, fd = select.poll(), None
+    while True:
+        state = conn.poll()
+        if state == ext.POLL_OK:
+            return
+        if state not in (ext.POLL_READ, ext.POLL_WRITE):
+            raise psycopg2.OperationalError(f"unexpected state from poll(): {state}")
+        if fd is not None:
+            poller.unregister(fd)
+        fd = conn.fileno()
+        poller.register(fd, select.POLLIN if state == ext.POLL_READ else select.POLLOUT)
+        while not poller.poll(None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000):
+            if time.monotonic() < deadline:
+                continue
+            if not ask:
+                what = "a new connection" if conn.status == ext.STATUS_SETUP else "a statement"
+                raise NoAnswer(f"the database did not answer {what} in {limit:g} s")
+            if not _answers(url):
+                raise NoAnswer(f"the database did not answer for {time.monotonic() - start:.0f} s, nor a new "
+                               f"connection in {PROBE_S:g} s: the statement was given up and its connection closed")
+            deadline = time.monotonic() + limit
+
+
+def _answers(url: str) -> bool:
+    """Whether `url`'s server answers `SELECT 1` on a new connection within PROBE_S. One thread of a process
+    asks at a time; those that waited for it meanwhile take its answer."""
+    key = (os.getpid(), url)
+    with _lock:
+        if key not in _probes:
+            _probes[key] = (threading.Lock(), [0.0, True],
+                            create_engine(normalise_url(url), poolclass=NullPool, connect_args=_connect_args()))
+        lock, last, engine = _probes[key]
+    asked_at = time.monotonic()
+    with lock:
+        if last[0] >= asked_at:  # asked by another thread while this one waited
+            return bool(last[1])
+        _local.probing = True
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            answered = True
+        except Exception as exc:  # noqa: BLE001 - an error the server sent (a refusal, too many clients) is an answer
+            answered = not isinstance(getattr(exc, "orig", exc), NoAnswer)
+        finally:
+            _local.probing = False
+        last[:] = [time.monotonic(), answered]
+        return answered
 
 
 def _connect_args() -> dict:

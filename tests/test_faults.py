@@ -282,6 +282,78 @@ def test_a_redis_that_hangs_holds_no_request(stack):
     assert_exactly_once(stack, job_id, 4)
 
 
+def test_a_postgres_that_hangs_holds_no_request(services, tiny_model, tmp_path, monkeypatch):
+    """Postgres stops answering (SIGSTOP of the postmaster and its backends), pooled connections open. The
+    kernel still acknowledges what is sent, so nothing ended such a wait before (libpq has no deadline of
+    its own): every request touching the database hung. Now requests answer 503 database_unavailable
+    within seconds, while a statement that is only slow (pg_sleep, the server answering beside it) goes on
+    to its end; once Postgres runs again the next request is served on a new connection."""
+    import threading
+
+    import psutil
+
+    from api import create_app
+    from clapq import db as clapq_db
+    from clapq.db import migrate
+    from clapq.embedded import EmbeddedPostgres
+    from clapq.keys import create_key
+    from clapq.settings import Settings
+
+    # a Postgres of its own: the suite's must keep answering the other tests
+    pg = EmbeddedPostgres(tmp_path / "pg")
+    url = pg.start()
+    stopped: list = []
+    try:
+        migrate(url)
+        monkeypatch.setattr(clapq_db, "STALL_S", 1.0)
+        monkeypatch.setattr(clapq_db, "PROBE_S", 1.0)
+        monkeypatch.setattr(clapq_db, "CONNECT_TIMEOUT_S", 2)
+        with session_scope(url) as s:
+            key = create_key(s, "hang")
+        settings = Settings.from_env(make_env(services, tiny_model, tmp_path / "blobs", DATABASE_URL=url,
+                                              CLAPQ_RATE_LIMIT=""))
+        client = create_app(settings).test_client()
+        lib = client.post("/v1/libraries", json={"name": "hangs"}, headers=auth(key)).get_json()
+        search = f"/v1/search?library_id={lib['id']}&q=rain+on+a+roof"
+        assert client.get(search, headers=auth(key)).status_code == 200  # the pool's connections are open
+
+        # slow is not hung: a statement longer than STALL_S goes on while the server answers the probes
+        t0 = time.monotonic()
+        with get_engine(url).connect() as conn:
+            assert conn.execute(text("SELECT pg_sleep(3), 7")).all()[0][1] == 7
+        assert time.monotonic() - t0 >= 3
+
+        postmaster = psutil.Process(int((tmp_path / "pg" / "postmaster.pid").read_text().split()[0]))
+        stopped = [postmaster, *postmaster.children(recursive=True)]
+        for proc in stopped:
+            proc.send_signal(signal.SIGSTOP)
+        answers: list = []
+
+        def ask(path: str) -> None:
+            r = client.get(path, headers=auth(key))
+            answers.append((r.status_code, r.get_json()))
+
+        threads = [threading.Thread(target=ask, args=(p,), daemon=True)
+                   for p in (search, f"/v1/libraries/{lib['id']}", "/v1/libraries")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(answers) == 3, f"requests still waiting on the stopped Postgres after 60 s: {answers}"
+        assert [a[0] for a in answers] == [503] * 3, answers
+        assert all(a[1]["error"]["code"] == "database_unavailable" for a in answers), answers
+        for proc in stopped:
+            proc.send_signal(signal.SIGCONT)
+        stopped = []
+        r = client.get(search, headers=auth(key))
+        assert r.status_code == 200, r.get_json()
+    finally:
+        for proc in stopped:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGCONT)
+        pg.stop()
+
+
 def test_the_embedded_redis_answers_only_with_its_password(services):
     """Any local user can reach a loopback port: the embedded Redis takes commands only after AUTH with the
     password in REDIS_URL (helper-35: its query cache and queues were open to all), which is in a file only
