@@ -900,15 +900,23 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
                 break
 
 
-def time_left(elapsed_s: float, gained: float, left: float) -> str:
+def time_left(elapsed_s: float, gained: float, left: float, still_s: float = 0.0) -> str:
     """", about 4 min left" at the pace so far (`gained` of the share in `elapsed_s`), once there is a pace to
-    go by (10 s of it, and some share gained); "" before that, and at the end."""
+    go by (10 s of it, and some share gained); "" before that, and at the end. Once nothing has moved for
+    `still_s` (a minute or more) longer than that pace gives for the rest, the pace says nothing (it read
+    "about 0 s left" for minutes while the last files waited for a worker): how long nothing has moved."""
     if elapsed_s < 10 or gained <= 0 or left <= 0:
         return ""
     s = elapsed_s * left / gained
-    text = (f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 90 * 60
+    if still_s >= 60 and still_s > s:
+        return f", no progress for {_span(still_s)}"
+    return f", about {_span(s)} left"
+
+
+def _span(s: float) -> str:
+    """A stretch of time as the progress line says it: 45 s, 3 min, 1 h 30 min."""
+    return (f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 90 * 60
             else f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min")
-    return f", about {text} left"
 
 
 def printable(name: str) -> str:
@@ -965,10 +973,14 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
     # on a terminal one line that updates in place; in a log, a line each time the count or the tenth of
     # the work done moves (a long file moves the share long before the count)
     tty, shown, first = sys.stderr.isatty(), [None], []
+    moved = [time.monotonic(), None]  # when the share last changed, and to what
 
     def progress(done: int, total: int, share: float) -> None:
-        first[:] = first or [time.monotonic(), share]  # the pace is measured from the first look
-        left = time_left(time.monotonic() - first[0], share - first[1], 1.0 - share)
+        now = time.monotonic()
+        first[:] = first or [now, share]  # the pace is measured from the first look
+        if share != moved[1]:
+            moved[:] = [now, share]
+        left = time_left(now - first[0], share - first[1], 1.0 - share, now - moved[0])
         line = f"{done}/{total} files processed ({int(share * 100 + 1e-6)}%{left})"  # 0.29 is 29, 0.9999 still 99
         if tty:
             print(f"\r{line}\x1b[K", end="", file=sys.stderr)  # the rest of a longer line before it cleared

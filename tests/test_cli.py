@@ -1500,6 +1500,11 @@ def test_the_time_left_is_said_at_the_pace_so_far():
     assert time_left(20, 0.5, 0.5) == ", about 20 s left"
     assert time_left(60, 0.25, 0.75) == ", about 3 min left"
     assert time_left(600, 0.1, 0.9) == ", about 1 h 30 min left"
+    # files that wait (for a worker of their model, for the sweeper) move nothing: the pace's few seconds
+    # left would be said for minutes; once nothing has moved for a minute and longer than that, that is said
+    assert time_left(300, 0.999, 0.001, still_s=30) == ", about 0 s left"
+    assert time_left(300, 0.999, 0.001, still_s=150) == ", no progress for 2 min"
+    assert time_left(600, 0.1, 0.9, still_s=120) == ", about 1 h 30 min left"  # a long file, heartbeats apart
 
 
 def test_the_share_shown_weighs_jobs_by_the_bytes_sent():
