@@ -96,9 +96,10 @@ def _wait(conn) -> None:
     start = time.monotonic()
     probing = getattr(_local, "probing", False)
     url = None if probing else _probe_urls.get(conn.dsn)
+    connecting = conn.status == ext.STATUS_SETUP  # (psycopg2's own states while it connects follow)
     if probing:  # a probe's connect and SELECT 1
         limit, ask = PROBE_S, False
-    elif conn.status == ext.STATUS_SETUP:  # a connect
+    elif connecting:
         limit, ask = CONNECT_TIMEOUT_S, False
     elif url is not None:  # a statement of an engine of ours: its server asked about every STALL_S
         limit, ask = STALL_S, True
@@ -107,7 +108,15 @@ def _wait(conn) -> None:
     deadline = None if limit is None else start + limit
     poller, fd = select.poll(), None
     while True:
-        state = conn.poll()
+        try:
+            state = conn.poll()
+        except psycopg2.OperationalError as exc:
+            # libpq's non-blocking connect leaves out which server failed ("connection to server at ... failed:
+            # Connection refused" read "Connection refused"): said again as its blocking connect says it
+            server = _server(conn) if connecting else None
+            if server is None or str(exc).startswith("connection to server"):
+                raise
+            raise psycopg2.OperationalError(f"connection to server {server} failed: {exc}") from None
         if state == ext.POLL_OK:
             return
         if state not in (ext.POLL_READ, ext.POLL_WRITE):
@@ -120,12 +129,23 @@ def _wait(conn) -> None:
             if time.monotonic() < deadline:
                 continue
             if not ask:
-                what = "a new connection" if conn.status == ext.STATUS_SETUP else "a statement"
+                what = "a new connection" if connecting else "a statement"
                 raise NoAnswer(f"the database did not answer {what} in {limit:g} s")
             if not _answers(url):
                 raise NoAnswer(f"the database did not answer for {time.monotonic() - start:.0f} s, nor a new "
                                f"connection in {PROBE_S:g} s: the statement was given up and its connection closed")
             deadline = time.monotonic() + limit
+
+
+def _server(conn) -> str | None:
+    """The server a connection is to, as libpq's errors name it: at "host", port 5432; on socket "/run/.s.PGSQL.5432"."""
+    try:
+        host, port = conn.info.host, conn.info.port
+    except psycopg2.Error:
+        return None
+    if not host:
+        return None
+    return f'on socket "{host}/.s.PGSQL.{port}"' if host.startswith("/") else f'at "{host}", port {port}'
 
 
 def _answers(url: str) -> bool:
