@@ -52,15 +52,23 @@ def get_engine(url: str) -> Engine:
 # every request that touches it waits (a search, a job poll, /metrics), until no API thread is left. So
 # psycopg2 waits through a callback of ours (psycopg2.extensions.set_wait_callback: libpq is driven
 # without blocking, which psycopg2 supports for coroutine libraries; its Python interface is unchanged).
-# A wait that has gone on STALL_S asks the server on a new connection whether it answers at all: a slow
-# statement (a large deletion, a lock wait) goes on waiting, and a server that does not answer that either
-# within PROBE_S fails the statement with an OperationalError, which closes its connection (the pool then
-# drops it, and the API answers 503). Connecting is bounded by CONNECT_TIMEOUT_S (libpq's connect_timeout
-# applies only to blocking connects).
-STALL_S = 5.0
+# A statement that has received nothing for STALL_S asks its server whether it answers at all, by opening
+# a new connection: a slow statement (a large deletion, a lock wait) goes on waiting, and one whose server
+# does not complete that connect within PROBE_S fails with NoAnswer, an OperationalError, which closes its
+# connection (the pool then drops it, and the API answers 503). A connect is bounded by CONNECT_TIMEOUT_S
+# in all (libpq's connect_timeout applies only to blocking connects; so in a multi-host URL the first host
+# that does not answer ends the connect, rather than libpq going on to the next). CLAPQ_DB_STALL_S=0 turns
+# the asking off (statements are waited for as libpq would).
+def _stall_s() -> float:
+    from clapq.settings import _int
+
+    return float(_int(os.environ, "CLAPQ_DB_STALL_S", 5, 0, 3600))
+
+
+STALL_S = _stall_s()
 PROBE_S = 5.0
 _probe_urls: dict[str, str] = {}  # a connection's dsn (its password masked) -> the URL to ask its server by
-_probes: dict[tuple[int, str], tuple] = {}  # (pid, url) -> (one probe at a time, [when, answered], its engine)
+_probes: dict[tuple[int, str], tuple] = {}  # (pid, url) -> (one probe at a time, [when, answered], its connect args)
 _local = threading.local()  # .probing: this thread is asking a server whether it answers
 
 
@@ -96,12 +104,12 @@ def _wait(conn) -> None:
     start = time.monotonic()
     probing = getattr(_local, "probing", False)
     url = None if probing else _probe_urls.get(conn.dsn)
-    connecting = conn.status == ext.STATUS_SETUP  # (psycopg2's own states while it connects follow)
-    if probing:  # a probe's connect and SELECT 1
+    connecting = conn.status == ext.STATUS_SETUP  # (psycopg2 moves to states of its own at the first poll)
+    if probing:  # a probe's connect: one deadline in all
         limit, ask = PROBE_S, False
     elif connecting:
         limit, ask = CONNECT_TIMEOUT_S, False
-    elif url is not None:  # a statement of an engine of ours: its server asked about every STALL_S
+    elif url is not None and STALL_S > 0:  # a statement of an engine of ours: STALL_S without a byte, then ask
         limit, ask = STALL_S, True
     else:  # another statement (an engine made elsewhere, as Alembic's): waited for as libpq would
         limit, ask = None, False
@@ -132,9 +140,11 @@ def _wait(conn) -> None:
                 what = "a new connection" if connecting else "a statement"
                 raise NoAnswer(f"the database did not answer {what} in {limit:g} s")
             if not _answers(url):
-                raise NoAnswer(f"the database did not answer for {time.monotonic() - start:.0f} s, nor a new "
-                               f"connection in {PROBE_S:g} s: the statement was given up and its connection closed")
+                raise NoAnswer(f"the database sent nothing for {time.monotonic() - start:.0f} s, and did not take a "
+                               f"new connection in {PROBE_S:g} s: the statement was given up and its connection closed")
             deadline = time.monotonic() + limit
+        if ask:  # something came: STALL_S is counted from the last of it (a long result is not a stall)
+            start, deadline = time.monotonic(), time.monotonic() + limit
 
 
 def _server(conn) -> str | None:
@@ -149,25 +159,29 @@ def _server(conn) -> str | None:
 
 
 def _answers(url: str) -> bool:
-    """Whether `url`'s server answers `SELECT 1` on a new connection within PROBE_S. One thread of a process
-    asks at a time; those that waited for it meanwhile take its answer."""
+    """Whether `url`'s server completes a new connection within PROBE_S (startup and authentication: a
+    process of the server answered; a statement on it is not asked for, as a pooler in front of Postgres
+    queues statements while its server connections are busy). One thread of a process asks at a time;
+    those that waited for it meanwhile take its answer."""
     key = (os.getpid(), url)
     with _lock:
         if key not in _probes:
-            _probes[key] = (threading.Lock(), [0.0, True],
-                            create_engine(normalise_url(url), poolclass=NullPool, connect_args=_connect_args()))
-        lock, last, engine = _probes[key]
+            engine = create_engine(normalise_url(url), poolclass=NullPool)
+            cargs, cparams = engine.dialect.create_connect_args(engine.url)
+            _probes[key] = (threading.Lock(), [0.0, True], (cargs, {**cparams, **_connect_args()}))
+        lock, last, (cargs, cparams) = _probes[key]
     asked_at = time.monotonic()
     with lock:
         if last[0] >= asked_at:  # asked by another thread while this one waited
             return bool(last[1])
         _local.probing = True
         try:
-            with engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+            psycopg2.connect(*cargs, **cparams).close()
             answered = True
-        except Exception as exc:  # noqa: BLE001 - an error the server sent (a refusal, too many clients) is an answer
-            answered = not isinstance(getattr(exc, "orig", exc), NoAnswer)
+        except psycopg2.Error as exc:  # an error the server sent (a refusal, too many clients) is an answer. Only
+            # a database error: one a signal handler raised in the probe's wait (Celery's soft time limit, a
+            # SIGTERM handler) is the caller's, not an answer (helper-48: it was swallowed, the statement waited on)
+            answered = not isinstance(exc, NoAnswer)
         finally:
             _local.probing = False
         last[:] = [time.monotonic(), answered]

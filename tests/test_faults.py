@@ -354,6 +354,63 @@ def test_a_postgres_that_hangs_holds_no_request(services, tiny_model, tmp_path, 
         pg.stop()
 
 
+@contextlib.contextmanager
+def a_server_that_never_answers():
+    """A TCP port whose connections the kernel takes and nobody answers (a stopped Postgres): its URL."""
+    import socket
+
+    from psycopg2 import extensions as ext
+
+    from clapq import db as clapq_db
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    callback = ext.get_wait_callback()
+    ext.set_wait_callback(clapq_db._wait)
+    try:
+        yield f"postgresql://clapq@127.0.0.1:{listener.getsockname()[1]}/clapq"
+    finally:
+        ext.set_wait_callback(callback)
+        listener.close()
+
+
+def test_a_connect_that_gets_no_answer_says_so(monkeypatch):
+    """The error names a new connection, not a statement (psycopg2 changes a connect's status at its first
+    poll, which the message was read from)."""
+    import psycopg2
+
+    from clapq import db as clapq_db
+
+    monkeypatch.setattr(clapq_db, "CONNECT_TIMEOUT_S", 1)
+    with a_server_that_never_answers() as url:
+        with pytest.raises(clapq_db.NoAnswer, match="did not answer a new connection in 1 s"):
+            psycopg2.connect(url)
+
+
+def test_a_signal_raised_while_probing_is_not_taken_for_an_answer(monkeypatch):
+    """An exception a signal handler raises in the probe's wait (Celery's soft time limit) reaches the caller;
+    it was swallowed and counted as the server answering, so the statement waited on."""
+    from clapq import db as clapq_db
+
+    class SoftLimit(Exception):
+        pass
+
+    def soft_limit(*_):
+        raise SoftLimit
+
+    monkeypatch.setattr(clapq_db, "PROBE_S", 3.0)
+    previous = signal.signal(signal.SIGALRM, soft_limit)
+    try:
+        with a_server_that_never_answers() as url:
+            signal.setitimer(signal.ITIMER_REAL, 0.5)
+            with pytest.raises(SoftLimit):
+                clapq_db._answers(url)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def test_the_embedded_redis_answers_only_with_its_password(services):
     """Any local user can reach a loopback port: the embedded Redis takes commands only after AUTH with the
     password in REDIS_URL (helper-35: its query cache and queues were open to all), which is in a file only
