@@ -209,7 +209,12 @@ def session_scope(url: str) -> Iterator[Session]:
         yield session
         session.commit()
     except BaseException:
-        session.rollback()
+        try:
+            session.rollback()
+        except Exception:  # noqa: BLE001 - the connection went with the error (closed by the wait callback when
+            # a signal handler raised in it, as Celery's soft time limit): the error stands, not "connection
+            # already closed" from this rollback (helper-48: a soft limit became a retry, its try not counted)
+            pass
         raise
     finally:
         session.close()

@@ -411,6 +411,30 @@ def test_a_signal_raised_while_probing_is_not_taken_for_an_answer(monkeypatch):
         signal.signal(signal.SIGALRM, previous)
 
 
+def test_a_signal_raised_in_a_statement_reaches_the_caller_as_itself(services):
+    """A signal handler that raises while a statement waits (Celery's soft time limit) now interrupts the wait,
+    and the wait callback's exception closes the connection. The caller of session_scope sees that exception,
+    not InterfaceError 'connection already closed' from the rollback after it (helper-48: the worker takes
+    InterfaceError for a passing fault, and retried the task with the try not counted)."""
+    class SoftLimit(Exception):
+        pass
+
+    def soft_limit(*_):
+        raise SoftLimit
+
+    previous = signal.signal(signal.SIGALRM, soft_limit)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(SoftLimit):
+            with session_scope(services["database_url"]) as s:
+                s.execute(text("SELECT pg_sleep(3)"))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    with session_scope(services["database_url"]) as s:  # the pool gives a working connection after it
+        assert s.execute(text("SELECT 1")).scalar() == 1
+
+
 def test_the_embedded_redis_answers_only_with_its_password(services):
     """Any local user can reach a loopback port: the embedded Redis takes commands only after AUTH with the
     password in REDIS_URL (helper-35: its query cache and queues were open to all), which is in a file only
