@@ -8,7 +8,10 @@ import threading
 import time
 
 from sqlalchemy import func, or_, select, text, update
-from sqlalchemy.exc import DBAPIError
+from kombu.exceptions import OperationalError as BrokerError
+from redis.exceptions import ConnectionError as RedisDown
+from redis.exceptions import TimeoutError as RedisSilent
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from clapq.blobs import BlobStore, reclaim_queued, remove_stale_uploads
 from clapq.db import get_engine, session_scope
@@ -155,12 +158,19 @@ def repair_indexes(settings: Settings, dead_share: float = DEAD_SHARE) -> list[s
     return rebuilt
 
 
+# Postgres or Redis down, restarting or not answering: said in one line at each pass, not a traceback
+OUTAGES = (OperationalError, InterfaceError, RedisDown, RedisSilent, BrokerError)
+
+
 def _every(interval_s: int, steps: dict) -> None:
     while True:
         for name, step in steps.items():
             try:
                 step()
-            except Exception:  # keep going through transient outages (Redis or Postgres restarting)
+            except OUTAGES as exc:  # keep going through transient outages
+                why = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+                log.warning(f"{name} failed: {why[0] if why else type(exc).__name__}; tried again in {interval_s} s")
+            except Exception:
                 log.exception(f"{name} failed")
         time.sleep(interval_s)
 
