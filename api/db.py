@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from flask import current_app, g
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from clapq.db import get_engine
-from clapq.queue import send_or_mark
+from clapq.models import Item
+from clapq.queue import FAST_LANE_TASKS, send_or_mark
 
 
 def db() -> Session:
@@ -24,7 +26,17 @@ def close_db(exc: BaseException | None = None) -> None:
 
 
 def send_committed(item_ids: list, **log_extra) -> None:
-    """Send the tasks of files this request committed (clapq.queue.send_or_mark)."""
+    """Send the tasks of files this request committed (clapq.queue.send_or_mark): as many in the queue's
+    first lane as keep the tenant's files waiting under FAST_LANE_TASKS tasks' worth, the rest in the bulk
+    lane (clapq.queue.BULK_PRIORITY), behind other tenants' first files."""
+    if not item_ids:
+        return
     settings = current_app.config["CLAPQ"]
+    lane = FAST_LANE_TASKS * settings.items_per_task
+    # the tenant's files waiting, these included, counted up to what decides (a tenant with 100,000 waiting is
+    # not counted whole at each upload)
+    waiting = (select(Item.id).where(Item.status.in_(("queued", "running")), Item.tenant_id == g.tenant_id)
+               .limit(lane + len(item_ids)).subquery())
+    before = db().scalar(select(func.count()).select_from(waiting)) - len(item_ids)
     send_or_mark(current_app.extensions["clapq_celery"], settings.database_url, item_ids, settings.items_per_task,
-                 **log_extra)
+                 fast=max(0, lane - before), **log_extra)

@@ -19,7 +19,7 @@ from clapq import metrics
 from clapq.db import session_scope
 from clapq.models import Item
 from clapq.presence import beat_alive, live_workers
-from clapq.queue import EMBED_QUEUE, best_effort
+from clapq.queue import best_effort, queued_tasks
 
 bp = Blueprint("metrics", __name__)
 
@@ -83,7 +83,7 @@ class StateCollector:
         kept = None
         with best_effort(celery, "reading the figures kept in Redis for /metrics") as client:
             if client is not None:
-                kept = (client.llen(EMBED_QUEUE), live_workers(celery, client), metrics.read(celery, client),
+                kept = (queued_tasks(client), live_workers(celery, client), metrics.read(celery, client),
                         beat_alive(celery, client))
         yield GaugeMetricFamily("clapq_redis_up", "Whether Redis answered this scrape: the queue depth, live "
                                 "workers and embed figures need it", value=float(kept is not None))

@@ -9,7 +9,9 @@ counts read at most about CLAPQ_MAX_PENDING rows. This loads ITEMS rows into an 
 migrated as the service's is, PENDING of them waiting (a heavy tenant holding most, 3 others the rest),
 and times the whole count (all the API runs below a tenant's share), one statement counting both at
 once, and the caller's own count alone, for a light tenant and the heavy one; and, on the same table,
-the count of every item by state that each /metrics scrape runs.
+the count of every item by state that each /metrics scrape runs; and the bounded count of the caller's
+own that picks the lane of an upload's tasks (session 26), for a light, the heavy and an idle tenant (one
+with 5% more items, all embedded, nothing waiting).
 
 Prints a table and writes JSON to benchmarks/results/backpressure_<ITEMS>.json.
 """
@@ -33,10 +35,15 @@ WHOLE = "SELECT count(*) FROM items WHERE status IN ('queued', 'running')"
 BOTH = ("SELECT count(*), count(*) FILTER (WHERE tenant_id = %(t)s) FROM items "
         "WHERE status IN ('queued', 'running')")
 OWN = "SELECT count(*) FROM items WHERE status IN ('queued', 'running') AND tenant_id = %(t)s"
+# which lane an upload's tasks go in (api/db.py send_committed, since session 26): the caller's files waiting,
+# counted up to 4 tasks of 16 and the upload's own 32
+LANE = ("SELECT count(*) FROM (SELECT id FROM items WHERE status IN ('queued', 'running') AND tenant_id = %(t)s "
+        "LIMIT 96) AS waiting")
 # what each /metrics scrape runs (api/metrics.py), on the same table: every item, by state
 BY_STATE = "SELECT status, count(*) FROM items GROUP BY status"
 QUERIES = {"whole": (WHOLE, None), "both_light_tenant": (BOTH, 1), "both_heavy_tenant": (BOTH, 0),
-           "own_light_tenant": (OWN, 1), "own_heavy_tenant": (OWN, 0), "metrics_by_state": (BY_STATE, None)}
+           "own_light_tenant": (OWN, 1), "own_heavy_tenant": (OWN, 0), "lane_light_tenant": (LANE, 1),
+           "lane_heavy_tenant": (LANE, 0), "lane_idle_tenant": (LANE, 4), "metrics_by_state": (BY_STATE, None)}
 
 
 def timed(cur, sql: str, params: dict, rounds: int) -> dict:
@@ -72,7 +79,7 @@ def main() -> int:
             cur.execute("INSERT INTO models (name, weights_sha256, dim) VALUES ('m', repeat('0', 64), 512) RETURNING id")
             model = cur.fetchone()[0]
             tenants = []
-            for i in range(4):
+            for i in range(5):
                 cur.execute("INSERT INTO tenants (id, name) VALUES (gen_random_uuid(), %s) RETURNING id", (f"t{i}",))
                 tenant = cur.fetchone()[0]
                 cur.execute("INSERT INTO libraries (id, tenant_id, name, model_id) VALUES (gen_random_uuid(), %s, 'l', %s) "
@@ -81,11 +88,12 @@ def main() -> int:
                 cur.execute("INSERT INTO jobs (id, tenant_id, library_id, kind) VALUES (gen_random_uuid(), %s, %s, "
                             "'upload') RETURNING id", (tenant, lib))
                 tenants.append((tenant, lib, cur.fetchone()[0]))
-            # tenant 0 is the heavy one: 85% of the backlog and of the library; the others share the rest
+            # tenant 0 is the heavy one: 85% of the backlog and of the library; the next three share the rest;
+            # tenant 4, idle, has 5% more items, all embedded, and nothing waiting
             t0 = time.perf_counter()
             for i, (tenant, lib, job) in enumerate(tenants):
                 share = 0.85 if i == 0 else 0.05
-                n, waiting = int(args.items * share), int(args.pending * share)
+                n, waiting = int(args.items * share), (0 if i == 4 else int(args.pending * share))
                 cur.execute(
                     "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, status, "
                     "created_at, updated_at) SELECT gen_random_uuid(), %(t)s, %(l)s, %(j)s, "

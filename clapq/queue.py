@@ -24,6 +24,13 @@ EMBED_TASK = "clapq.embed_items"
 # dropped while it is being embedded stops now, not at the next CLAPQ_HEARTBEAT_S
 ITEMS_GONE_CHANNEL = "clapq:items-gone"
 EMBED_QUEUE = "embed"
+# Two lanes in the one queue. kombu's Redis transport keeps a list per priority step (0, 3, 6, 9: EMBED_QUEUE
+# for 0, then EMBED_QUEUE + its separator + the step), and a worker takes from the lower steps first. A
+# tenant's first files waiting (FAST_LANE_TASKS tasks' worth) go in the first lane, its files beyond those in
+# BULK_PRIORITY's: a few files uploaded behind another tenant's 10,000 wait for a few tasks, not for all of
+# them. Every other send (the sweeper's, a worker's hand-back) goes in the first lane: it is overdue work.
+BULK_PRIORITY = 6
+FAST_LANE_TASKS = 4
 
 # Longer than any task may run (hard limit below), so Redis never hands a
 # running task to a second worker; a duplicate would be harmless anyway.
@@ -111,9 +118,24 @@ def best_effort(app: Celery, what: str) -> Iterator[redis.Redis | None]:
             _paused_until[key] = time.monotonic() + PAUSE_S
 
 
-def enqueue_committed(app: Celery, item_ids: list, per_task: int, **log_extra) -> list:
-    """Send committed items' tasks if Redis takes them now; returns those it did not take, which stay queued
-    in Postgres for the sweeper (`clapq beat`) to send."""
+def lanes() -> list[str]:
+    """The Redis lists that hold the queue's tasks, first lane first (see BULK_PRIORITY)."""
+    from kombu.transport.redis import PRIORITY_STEPS, Channel
+
+    return [EMBED_QUEUE] + [f"{EMBED_QUEUE}{Channel.sep}{step}" for step in PRIORITY_STEPS if step]
+
+
+def queued_tasks(client: redis.Redis) -> int:
+    """How many tasks wait in the queue, in all its lanes."""
+    pipe = client.pipeline(transaction=False)
+    for key in lanes():
+        pipe.llen(key)
+    return sum(pipe.execute())
+
+
+def enqueue_committed(app: Celery, item_ids: list, per_task: int, fast: int | None = None, **log_extra) -> list:
+    """Send committed items' tasks if Redis takes them now (`fast`: see enqueue_items); returns those it did
+    not take, which stay queued in Postgres for the sweeper (`clapq beat`) to send."""
     unsent = list(item_ids)
     if not unsent:
         return []
@@ -123,7 +145,7 @@ def enqueue_committed(app: Celery, item_ids: list, per_task: int, **log_extra) -
                 log.info("tasks not sent, Redis did not answer lately; the sweeper sends them", extra=log_extra)
                 return unsent
             try:
-                enqueue_items(app, unsent, per_task)
+                enqueue_items(app, unsent, per_task, fast=fast)
                 return []
             except NotSent as exc:
                 unsent = exc.ids
@@ -133,11 +155,13 @@ def enqueue_committed(app: Celery, item_ids: list, per_task: int, **log_extra) -
     return unsent
 
 
-def send_or_mark(app: Celery, database_url: str, item_ids: list, per_task: int, **log_extra) -> None:
-    """Send the tasks of these committed, queued files. Those Redis does not take are marked as having no
-    message (clapq.models.NOT_SENT), and the sweeper sends them at its next pass, whatever the queue holds;
-    unmarked, they waited CLAPQ_STALE_AFTER_S and an empty queue. A failed mark leaves them to that."""
-    unsent = enqueue_committed(app, item_ids, per_task, **log_extra)
+def send_or_mark(app: Celery, database_url: str, item_ids: list, per_task: int, fast: int | None = None,
+                 **log_extra) -> None:
+    """Send the tasks of these committed, queued files (`fast`: see enqueue_items). Those Redis does not take
+    are marked as having no message (clapq.models.NOT_SENT), and the sweeper sends them at its next pass,
+    whatever the queue holds; unmarked, they waited CLAPQ_STALE_AFTER_S and an empty queue. A failed mark
+    leaves them to that."""
+    unsent = enqueue_committed(app, item_ids, per_task, fast=fast, **log_extra)
     if not unsent:
         return
     from clapq.db import session_scope
@@ -163,13 +187,19 @@ class NotSent(Exception):
         self.ids = ids
 
 
-def enqueue_items(app: Celery, item_ids: list, per_task: int, countdown: float | None = None) -> int:
+def enqueue_items(app: Celery, item_ids: list, per_task: int, countdown: float | None = None,
+                  fast: int | None = None) -> int:
     """Send one task per chunk of items (to run no sooner than `countdown` seconds from now, if given);
-    call only after the rows are committed. A failure raises NotSent, naming the items not sent."""
-    parts = chunks(list(item_ids), max(1, per_task))
+    call only after the rows are committed. The chunks that begin within the first `fast` items go in the
+    queue's first lane, the rest in the bulk lane (BULK_PRIORITY); all in the first lane where `fast` is
+    None. A failure raises NotSent, naming the items not sent."""
+    per_task = max(1, per_task)
+    parts = chunks(list(item_ids), per_task)
     for n, chunk in enumerate(parts):
+        bulk = fast is not None and n * per_task >= fast
         try:
-            app.send_task(EMBED_TASK, args=[[str(i) for i in chunk]], queue=EMBED_QUEUE, countdown=countdown)
+            app.send_task(EMBED_TASK, args=[[str(i) for i in chunk]], queue=EMBED_QUEUE, countdown=countdown,
+                          priority=BULK_PRIORITY if bulk else None)
         except Exception as exc:
             raise NotSent([i for part in parts[n:] for i in part]) from exc
     return len(parts)

@@ -234,6 +234,43 @@ def test_a_task_run_twice_at_once_changes_nothing(stack):
     assert {attempts[i] for i in ids} <= {1, 2}, attempts
 
 
+def test_a_tenants_few_files_go_ahead_of_another_tenants_backlog(stack):
+    """The queue has two lanes: a tenant's first files waiting (FAST_LANE_TASKS tasks' worth) go in the first,
+    its files beyond that in the bulk lane, which a worker takes from only when the first is empty. So 3
+    files uploaded behind another tenant's 96 are embedded after that tenant's first 32 (4 tasks of 8), not
+    after all 104: the queue was one FIFO, and a tenant's few files waited behind every file queued before."""
+    from clapq.queue import BULK_PRIORITY, FAST_LANE_TASKS, lanes, queued_tasks
+
+    broker = redis.Redis.from_url(stack["redis"].url)
+    first, bulk = lanes()[0], next(k for k in lanes() if k.endswith(str(BULK_PRIORITY)))
+    per_task = stack["settings"].items_per_task
+    assert FAST_LANE_TASKS * per_task == 32, "the counts below assume 4 tasks of 8 files"
+    key_a, lib_a, big = start_job(stack, 96)  # no worker yet: every task waits in the queue
+    assert (broker.llen(first), broker.llen(bulk)) == (4, 8)
+    key_b, _, small = start_job(stack, 3, first=500)  # another tenant, nothing of its own waiting
+    assert (broker.llen(first), broker.llen(bulk)) == (5, 8)
+    r = stack["client"].post(f"/v1/libraries/{lib_a}/batches", headers=auth(key_a),
+                             data={"files": make_batch(8, first=200)}, content_type="multipart/form-data")
+    assert r.status_code == 202, r.get_json()
+    more = r.get_json()["job_id"]
+    assert (broker.llen(first), broker.llen(bulk)) == (5, 9) and queued_tasks(broker) == 14  # A has 96 waiting
+    stack["worker"]()
+    for key, job_id in ((key_b, small), (key_a, big), (key_a, more)):
+        assert wait_finished(stack, key, job_id)["status"] == "done"
+    with session_scope(stack["settings"].database_url) as s:
+        def finished(job_id: str) -> list:
+            return sorted(s.scalars(select(Item.finished_at).where(Item.job_id == uuid.UUID(job_id))
+                                    .order_by(Item.created_at, Item.id)))
+        a_first, a_rest = finished(big)[:32], finished(big)[32:] + finished(more)
+        b = finished(small)
+    # of the bulk lane's files, only those that filled the last batch of B's task (a worker tops a short batch
+    # up with queued files) end with B's; before, B's task came after all 96
+    early = [t for t in a_rest if t <= max(b)]
+    assert len(early) < stack["settings"].batch_size, ("B's 3 files waited behind the bulk lane", b, a_rest)
+    assert len([t for t in a_rest if t <= max(a_first)]) < stack["settings"].batch_size
+    assert_exactly_once(stack, small, 3)
+
+
 def test_a_redis_that_hangs_holds_no_request(stack):
     """Redis stops answering (SIGSTOP), connections open. An upload still answers 202 with its files
     committed: the send gives up (within ~4 s; before, it waited for as long as Redis hung) and leaves them

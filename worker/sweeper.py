@@ -17,7 +17,7 @@ from clapq.blobs import BlobStore, reclaim_queued, remove_stale_uploads
 from clapq.db import get_engine, session_scope
 from clapq.models import NO_MESSAGE, NOT_SENT, WAITING_FOR_MODEL, EmbeddingModel, Item, Library, park
 from clapq.presence import beat_done, serving
-from clapq.queue import EMBED_QUEUE, NotSent, enqueue_items, make_celery, redis_client
+from clapq.queue import NotSent, enqueue_items, make_celery, queued_tasks, redis_client
 from clapq.settings import Settings
 from worker.store import silent_for
 
@@ -55,7 +55,7 @@ def sweep_once(settings: Settings, app) -> int:
         # other queued rows are only orphans when the broker holds nothing: a lost message, a Redis restart that
         # lost its data, or an enqueue that failed after the commit where the API could not mark it
         orphans = []
-        if client.llen(EMBED_QUEUE) == 0:
+        if queued_tasks(client) == 0:
             orphans = pick(Item.status == "queued", silent_for(settings.stale_after_s), Library.model_id.in_(served),
                            or_(Item.claimed_by.is_(None), Item.claimed_by.not_in(NO_MESSAGE)))
         sent = [r for r in lost + parked + orphans if r.model_id in served]
