@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from flask import current_app, g
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from clapq.db import get_engine
-from clapq.models import Item
+from clapq.models import WAITING_FOR_MODEL, Item
 from clapq.queue import FAST_LANE_TASKS, send_or_mark
 
 
@@ -34,8 +34,11 @@ def send_committed(item_ids: list, **log_extra) -> None:
     settings = current_app.config["CLAPQ"]
     lane = FAST_LANE_TASKS * settings.items_per_task
     # the tenant's files waiting, these included, counted up to what decides (a tenant with 100,000 waiting is
-    # not counted whole at each upload)
-    waiting = (select(Item.id).where(Item.status.in_(("queued", "running")), Item.tenant_id == g.tenant_id)
+    # not counted whole at each upload), through ix_items_tenant_waiting (without it, a tenant with fewer waiting
+    # than the limit had the whole table read: helper-49). Files parked for a worker of another model hold no
+    # place in the queue: counted, they sent all the tenant's uploads to the bulk lane (helper-49)
+    waiting = (select(Item.id).where(Item.status.in_(("queued", "running")), Item.tenant_id == g.tenant_id,
+                                     or_(Item.claimed_by.is_(None), Item.claimed_by != WAITING_FOR_MODEL))
                .limit(lane + len(item_ids)).subquery())
     before = db().scalar(select(func.count()).select_from(waiting)) - len(item_ids)
     send_or_mark(current_app.extensions["clapq_celery"], settings.database_url, item_ids, settings.items_per_task,

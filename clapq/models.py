@@ -115,6 +115,9 @@ class Item(Base):
         Index("ix_items_pending", "status", "updated_at", postgresql_where="status IN ('queued', 'running')"),
         # queued files that no message holds, which the sweeper sends at each pass (NO_MESSAGE, migration 0011)
         Index("ix_items_no_message", "claimed_by", postgresql_where="status = 'queued' AND claimed_by IS NOT NULL"),
+        # a tenant's files waiting, counted (bounded) to pick an upload's queue lane (api/db.py, migration 0012)
+        Index("ix_items_tenant_waiting", "tenant_id", postgresql_include=["claimed_by"],
+              postgresql_where="status IN ('queued', 'running')"),
         # metadata filters (`@>`) find their items without a table scan
         Index("ix_items_metadata", "metadata", postgresql_using="gin", postgresql_ops={"metadata": "jsonb_path_ops"}),
         # whether any item still holds a blob's bytes, when one is deleted (migration 0006)

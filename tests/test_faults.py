@@ -21,7 +21,7 @@ from sqlalchemy import func, select, text
 from clapq.db import get_engine, session_scope
 from clapq.embedded import EmbeddedRedis
 from clapq.models import Embedding, Item, Segment
-from clapq.queue import EMBED_QUEUE
+from clapq.queue import EMBED_QUEUE, lanes, queued_tasks
 from tests.audio import signal as tone
 from tests.conftest import WorkerProcess, auth, make_env, queued_of_an_unserved_model
 
@@ -234,12 +234,16 @@ def test_a_task_run_twice_at_once_changes_nothing(stack):
     assert {attempts[i] for i in ids} <= {1, 2}, attempts
 
 
-def test_a_tenants_few_files_go_ahead_of_another_tenants_backlog(stack):
+@pytest.mark.parametrize("claim_for_s", ["0", "10"])  # a CPU's default, a GPU's
+def test_a_tenants_few_files_go_ahead_of_another_tenants_backlog(stack, claim_for_s):
     """The queue has two lanes: a tenant's first files waiting (FAST_LANE_TASKS tasks' worth) go in the first,
     its files beyond that in the bulk lane, which a worker takes from only when the first is empty. So 3
     files uploaded behind another tenant's 96 are embedded after that tenant's first 32 (4 tasks of 8), not
-    after all 104: the queue was one FIFO, and a tenant's few files waited behind every file queued before."""
-    from clapq.queue import BULK_PRIORITY, FAST_LANE_TASKS, lanes, queued_tasks
+    after all 104: the queue was one FIFO, and a tenant's few files waited behind every file queued before.
+    A task claiming files of later tasks ahead (CLAPQ_CLAIM_FOR_S) stops while the first lane holds tasks:
+    it takes the oldest, and 65 of the bulk lane's 72 went before the 3 (helper-49)."""
+    stack["env"]["CLAPQ_CLAIM_FOR_S"] = claim_for_s
+    from clapq.queue import BULK_PRIORITY, FAST_LANE_TASKS
 
     broker = redis.Redis.from_url(stack["redis"].url)
     first, bulk = lanes()[0], next(k for k in lanes() if k.endswith(str(BULK_PRIORITY)))
@@ -269,6 +273,55 @@ def test_a_tenants_few_files_go_ahead_of_another_tenants_backlog(stack):
     assert len(early) < stack["settings"].batch_size, ("B's 3 files waited behind the bulk lane", b, a_rest)
     assert len([t for t in a_rest if t <= max(a_first)]) < stack["settings"].batch_size
     assert_exactly_once(stack, small, 3)
+
+
+def test_files_parked_for_another_model_do_not_send_a_tenants_uploads_to_the_bulk_lane(stack):
+    """Files waiting for a worker of another model hold no place in the queue: counted as waiting, 40 of them
+    sent every upload of their tenant to the bulk lane, behind every other tenant's backlog (helper-49)."""
+    from clapq.models import WAITING_FOR_MODEL, Library
+    from tests.conftest import job_of_own
+
+    broker = redis.Redis.from_url(stack["redis"].url)
+    key, lib, _ = start_job(stack, 1, first=900)
+    with session_scope(stack["settings"].database_url) as s:
+        tenant_id = s.scalar(select(Library.tenant_id).where(Library.id == uuid.UUID(lib)))
+        _, _, old_lib, j = job_of_own(s, f"old-{uuid.uuid4()}")
+        old_lib.tenant_id = j.tenant_id = tenant_id
+        s.flush()
+        s.add_all([Item(tenant_id=tenant_id, library_id=old_lib.id, job_id=j.id, sha256=uuid.uuid4().hex * 2,
+                        filename=f"old{i}.wav", size_bytes=1, claimed_by=WAITING_FOR_MODEL) for i in range(40)])
+    r = stack["client"].post(f"/v1/libraries/{lib}/batches", headers=auth(key),
+                             data={"files": make_batch(3, first=950)}, content_type="multipart/form-data")
+    assert r.status_code == 202, r.get_json()
+    assert [broker.llen(k) for k in lanes()] == [2, 0, 0, 0]
+
+
+def test_a_lost_backlog_the_sweeper_sends_again_keeps_its_lanes(stack):
+    """A Redis that lost its data: the sweeper sends a tenant's never-tried files as an upload would, its first
+    FAST_LANE_TASKS tasks' worth in the first lane and the rest in the bulk lane. All in the first, another
+    tenant's 3 files went behind all 96 (helper-49)."""
+    from clapq import presence
+    from clapq.models import Library
+    from clapq.queue import make_celery
+    from worker.sweeper import sweep_once
+
+    broker = redis.Redis.from_url(stack["redis"].url)
+    _, lib_a, big = start_job(stack, 96)
+    broker.delete(*lanes())
+    with session_scope(stack["settings"].database_url) as s:
+        s.execute(text("UPDATE items SET updated_at = now() - interval '1 hour' WHERE job_id = :j"), {"j": big})
+        model_id = s.scalar(select(Library.model_id).where(Library.id == uuid.UUID(lib_a)))
+    app = make_celery(stack["settings"])
+    presence.serve(app, model_id)
+    try:
+        wait_until(lambda: presence.serving(broker, {model_id}), 10, "the model said served")
+        assert sweep_once(stack["settings"], app) == 96
+        assert [broker.llen(k) for k in lanes()] == [4, 0, 8, 0]
+        start_job(stack, 3, first=500)
+        assert [broker.llen(k) for k in lanes()] == [5, 0, 8, 0]
+    finally:
+        presence.unserve(app)
+        broker.delete(*lanes())
 
 
 def test_a_redis_that_hangs_holds_no_request(stack):
@@ -526,13 +579,13 @@ def test_files_of_a_model_no_worker_serves_wait_without_holding_up_the_rest(stac
     serves: here the files of a job whose messages were lost are delivered beside them."""
     waiting = queued_of_an_unserved_model(stack["settings"].database_url, 12)
     key, _, job_id = start_job(stack, 10)
-    redis.Redis.from_url(stack["redis"].url).delete(EMBED_QUEUE)  # its messages lost, as by a Redis restart
+    redis.Redis.from_url(stack["redis"].url).delete(*lanes())  # its messages lost, as by a Redis restart
     stack["worker"]()
     stack["start_beat"]()
     assert wait_finished(stack, key, job_id, timeout=120)["status"] == "done"
     assert_exactly_once(stack, job_id, 10)
     time.sleep(3)  # three more sweeps: nothing of theirs is sent
-    assert redis.Redis.from_url(stack["redis"].url).llen(EMBED_QUEUE) == 0
+    assert queued_tasks(redis.Redis.from_url(stack["redis"].url)) == 0
     with session_scope(stack["settings"].database_url) as s:
         rows = s.execute(select(Item.status, Item.attempts).where(Item.id.in_(waiting))).all()
     assert rows == [("queued", 0)] * 12, rows
@@ -584,7 +637,7 @@ def test_files_whose_worker_died_while_their_model_had_none_go_once_one_serves(s
         assert broker.llen(EMBED_QUEUE) == 4
     finally:
         presence.unserve(app)
-        broker.delete(EMBED_QUEUE)
+        broker.delete(*lanes())
 
 
 def failing_sends(app, after: int):
@@ -635,7 +688,7 @@ def test_files_whose_task_was_not_sent_are_marked_and_sent_at_the_next_pass(stac
     with session_scope(settings.database_url) as s:
         park(s, unsent, NOT_SENT)  # as the API does (api.db.send_committed)
     assert marks() == {None: 8, NOT_SENT: 4}
-    broker.delete(EMBED_QUEUE)
+    broker.delete(*lanes())
     presence.serve(app, model_id)
     try:
         wait_until(lambda: presence.serving(broker, {model_id}), 10, "the model said served")
@@ -648,7 +701,7 @@ def test_files_whose_task_was_not_sent_are_marked_and_sent_at_the_next_pass(stac
         assert marks() == {None: 12} and broker.llen(EMBED_QUEUE) == 1
     finally:
         presence.unserve(app)
-        broker.delete(EMBED_QUEUE)
+        broker.delete(*lanes())
 
 
 def test_the_beat_removes_files_no_item_holds(stack):

@@ -43,6 +43,10 @@ def test_migrations_match_models_and_index_vectors(services):
     with engine.connect() as conn:
         marked = conn.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_items_no_message'"))
     assert marked.endswith("WHERE (((status)::text = 'queued'::text) AND (claimed_by IS NOT NULL))"), marked
+    # migration 0012: a tenant's files waiting, counted to pick an upload's queue lane, without a table scan
+    with engine.connect() as conn:
+        lane = conn.scalar(text("SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_items_tenant_waiting'"))
+    assert "(tenant_id) INCLUDE (claimed_by) WHERE" in lane and "'queued'" in lane and "'running'" in lane, lane
 
 
 @pytest.fixture()
@@ -181,8 +185,9 @@ LANDED = {
     "0009_item_progress_and_job_retries.py": "096052bb3fc84595",
     "0010_repair_job_retries.py": "6df2aba096fe4ade",
     "0011_items_without_a_message.py": "bcb3623eab3c8b63",
+    "0012_tenant_waiting_index.py": "fc83a84af1df56f3",
 }
-HEAD = "0011"
+HEAD = "0012"
 
 
 def test_landed_migrations_are_never_changed():
