@@ -120,9 +120,24 @@ def best_effort(app: Celery, what: str) -> Iterator[redis.Redis | None]:
 
 def lanes() -> list[str]:
     """The Redis lists that hold the queue's tasks, first lane first (see BULK_PRIORITY)."""
-    from kombu.transport.redis import PRIORITY_STEPS, Channel
+    from kombu.transport.redis import PRIORITY_STEPS
 
-    return [EMBED_QUEUE] + [f"{EMBED_QUEUE}{Channel.sep}{step}" for step in PRIORITY_STEPS if step]
+    return [_lane(step) for step in PRIORITY_STEPS]
+
+
+def _lane(step: int) -> str:
+    from kombu.transport.redis import Channel
+
+    return f"{EMBED_QUEUE}{Channel.sep}{step}" if step else EMBED_QUEUE
+
+
+def lift_bulk(client: redis.Redis) -> bool:
+    """Move the bulk lane's oldest task to the back of the first lane, where the first holds tasks; whether one
+    moved. The sweeper does this at each pass (clapq beat): workers take from the bulk lane only while the
+    first is empty, so without it other tenants' first files, uploaded one batch after another, kept a
+    tenant's backlog waiting for as long as they came. kombu pushes on the left and workers pop on the right."""
+    first, bulk = _lane(0), _lane(BULK_PRIORITY)
+    return bool(client.llen(first)) and client.rpoplpush(bulk, first) is not None
 
 
 def queued_tasks(client: redis.Redis) -> int:

@@ -316,12 +316,52 @@ def test_a_lost_backlog_the_sweeper_sends_again_keeps_its_lanes(stack):
     try:
         wait_until(lambda: presence.serving(broker, {model_id}), 10, "the model said served")
         assert sweep_once(stack["settings"], app) == 96
-        assert [broker.llen(k) for k in lanes()] == [4, 0, 8, 0]
+        # 4 tasks in the first lane and 8 in the bulk, of which the pass then moved the oldest (lift_bulk)
+        assert [broker.llen(k) for k in lanes()] == [5, 0, 7, 0]
         start_job(stack, 3, first=500)
-        assert [broker.llen(k) for k in lanes()] == [5, 0, 8, 0]
+        assert [broker.llen(k) for k in lanes()] == [6, 0, 7, 0]
     finally:
         presence.unserve(app)
         broker.delete(*lanes())
+
+
+def test_a_tenants_backlog_moves_a_task_at_each_sweep_while_the_first_lane_is_busy(stack):
+    """Workers take from the bulk lane only while the first is empty; other tenants' first files, uploaded one
+    batch after another, kept a tenant's backlog waiting for as long as they came. At each pass the sweeper
+    moves the bulk lane's oldest task to the back of the first lane: the backlog's next files, in order. A
+    worker embeds a moved task as any other, and nothing moves while the first lane is empty."""
+    import base64
+    import json
+
+    from clapq.queue import make_celery
+    from worker.sweeper import sweep_once
+
+    broker = redis.Redis.from_url(stack["redis"].url)
+    settings = stack["settings"]
+    app = make_celery(settings)
+    key_a, _, big = start_job(stack, 96)  # no worker yet: A's first 4 tasks in the first lane, 8 in the bulk
+    broker.rename(lanes()[0], "held")  # the first lane empty: nothing moves
+    assert sweep_once(settings, app) == 0 and [broker.llen(k) for k in lanes()] == [0, 0, 8, 0]
+    broker.rename("held", lanes()[0])
+    key_b, _, small = start_job(stack, 3, first=500)
+    assert [broker.llen(k) for k in lanes()] == [5, 0, 8, 0]
+
+    def files_of(message: bytes) -> list:
+        return json.loads(base64.b64decode(json.loads(message)["body"]))[0][0]
+
+    with session_scope(settings.database_url) as s:
+        a_files = [str(i) for i in s.scalars(select(Item.id).where(Item.job_id == uuid.UUID(big))
+                                             .order_by(Item.created_at, Item.id))]
+    per_task = settings.items_per_task
+    for n in range(2):
+        assert sweep_once(settings, app) == 0
+        assert [broker.llen(k) for k in lanes()] == [6 + n, 0, 7 - n, 0]
+        # the newest in the first lane (taken last of those there), the oldest of the bulk lane's
+        assert files_of(broker.lindex(lanes()[0], 0)) == a_files[(4 + n) * per_task:(5 + n) * per_task]
+    stack["worker"]()
+    for key, job_id in ((key_b, small), (key_a, big)):
+        assert wait_finished(stack, key, job_id)["status"] == "done"
+    assert_exactly_once(stack, big, 96)
 
 
 def test_a_redis_that_hangs_holds_no_request(stack):

@@ -17,7 +17,7 @@ from clapq.blobs import BlobStore, reclaim_queued, remove_stale_uploads
 from clapq.db import get_engine, session_scope
 from clapq.models import NO_MESSAGE, NOT_SENT, WAITING_FOR_MODEL, EmbeddingModel, Item, Library, park
 from clapq.presence import beat_done, serving
-from clapq.queue import FAST_LANE_TASKS, NotSent, enqueue_items, make_celery, queued_tasks, redis_client
+from clapq.queue import FAST_LANE_TASKS, NotSent, enqueue_items, lift_bulk, make_celery, queued_tasks, redis_client
 from clapq.settings import Settings
 from worker.store import silent_for
 
@@ -89,6 +89,9 @@ def sweep_once(settings: Settings, app) -> int:
         with session_scope(settings.database_url) as s:
             park(s, unsent, NOT_SENT)
         raise RuntimeError(f"{len(unsent)} of {len(sent)} stranded files not sent; the next pass sends them")
+    # a tenant's backlog moves by a task at each pass, whatever other tenants keep uploading (clapq.queue.lift_bulk)
+    if lift_bulk(client):
+        log.info("the bulk lane's oldest task moved to the first lane, which other files kept busy")
     if sent:
         log.warning("re-enqueued stranded items", extra={"count": len(sent)})
     if waiting:
