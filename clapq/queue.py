@@ -131,13 +131,30 @@ def _lane(step: int) -> str:
     return f"{EMBED_QUEUE}{Channel.sep}{step}" if step else EMBED_QUEUE
 
 
+# The task lift_bulk moved last (the message as it lies in the list): while it still waits in the first lane,
+# no other moves.
+LIFTED_KEY = "clapq:lifted"
+_LIFT = """
+if redis.call('LLEN', KEYS[1]) == 0 then return 0 end
+local last = redis.call('GET', KEYS[3])
+if last and redis.call('LPOS', KEYS[1], last) then return 0 end
+local task = redis.call('RPOPLPUSH', KEYS[2], KEYS[1])
+if not task then return 0 end
+redis.call('SET', KEYS[3], task)
+return 1
+"""
+
+
 def lift_bulk(client: redis.Redis) -> bool:
-    """Move the bulk lane's oldest task to the back of the first lane, where the first holds tasks; whether one
-    moved. The sweeper does this at each pass (clapq beat): workers take from the bulk lane only while the
-    first is empty, so without it other tenants' first files, uploaded one batch after another, kept a
-    tenant's backlog waiting for as long as they came. kombu pushes on the left and workers pop on the right."""
-    first, bulk = _lane(0), _lane(BULK_PRIORITY)
-    return bool(client.llen(first)) and client.rpoplpush(bulk, first) is not None
+    """Move the bulk lane's oldest task to the back of the first lane, where the first holds tasks and the task
+    moved last is no longer among them (a worker took it); whether one moved. The sweeper does this at each pass
+    (clapq beat): workers take from the bulk lane only while the first is empty, so without it other tenants'
+    first files, uploaded one batch after another, kept a tenant's backlog waiting for as long as they came.
+    One at a time: moved at every pass while nothing took from the first lane (no worker up yet, or workers
+    slower than a task a pass), a tenant's whole backlog went into it, and other tenants' first files waited
+    behind all of it (helper-50). kombu pushes on the left and workers pop on the right. One script, so that
+    two beats move one task between them. Needs Redis 6.0.6 (LPOS)."""
+    return bool(client.eval(_LIFT, 3, _lane(0), _lane(BULK_PRIORITY), LIFTED_KEY))
 
 
 def queued_tasks(client: redis.Redis) -> int:

@@ -328,8 +328,9 @@ def test_a_lost_backlog_the_sweeper_sends_again_keeps_its_lanes(stack):
 def test_a_tenants_backlog_moves_a_task_at_each_sweep_while_the_first_lane_is_busy(stack):
     """Workers take from the bulk lane only while the first is empty; other tenants' first files, uploaded one
     batch after another, kept a tenant's backlog waiting for as long as they came. At each pass the sweeper
-    moves the bulk lane's oldest task to the back of the first lane: the backlog's next files, in order. A
-    worker embeds a moved task as any other, and nothing moves while the first lane is empty."""
+    moves the bulk lane's oldest task to the back of the first lane, once workers took the one it moved before:
+    the backlog's next files, in order. A worker embeds a moved task as any other, and nothing moves while the
+    first lane is empty."""
     import base64
     import json
 
@@ -353,15 +354,66 @@ def test_a_tenants_backlog_moves_a_task_at_each_sweep_while_the_first_lane_is_bu
         a_files = [str(i) for i in s.scalars(select(Item.id).where(Item.job_id == uuid.UUID(big))
                                              .order_by(Item.created_at, Item.id))]
     per_task = settings.items_per_task
-    for n in range(2):
-        assert sweep_once(settings, app) == 0
-        assert [broker.llen(k) for k in lanes()] == [6 + n, 0, 7 - n, 0]
-        # the newest in the first lane (taken last of those there), the oldest of the bulk lane's
-        assert files_of(broker.lindex(lanes()[0], 0)) == a_files[(4 + n) * per_task:(5 + n) * per_task]
+    assert sweep_once(settings, app) == 0
+    assert [broker.llen(k) for k in lanes()] == [6, 0, 7, 0]
+    # the newest in the first lane (taken last of those there), the oldest of the bulk lane's
+    assert files_of(broker.lindex(lanes()[0], 0)) == a_files[4 * per_task:5 * per_task]
+    # while it waits there (no worker took it), no other moves
+    assert sweep_once(settings, app) == 0 and [broker.llen(k) for k in lanes()] == [6, 0, 7, 0]
+    # workers take the first lane through the one moved, and another tenant's upload keeps it busy: the next
+    # pass moves the backlog's next task
+    taken = [broker.rpop(lanes()[0]) for _ in range(6)]
+    assert files_of(taken[-1]) == a_files[4 * per_task:5 * per_task]
+    key_c, _, other = start_job(stack, 3, first=700)
+    assert sweep_once(settings, app) == 0 and [broker.llen(k) for k in lanes()] == [2, 0, 6, 0]
+    assert files_of(broker.lindex(lanes()[0], 0)) == a_files[5 * per_task:6 * per_task]
+    broker.rpush(lanes()[0], *reversed(taken))  # the tasks taken go back where they were, for the worker below
     stack["worker"]()
-    for key, job_id in ((key_b, small), (key_a, big)):
+    for key, job_id in ((key_b, small), (key_c, other), (key_a, big)):
         assert wait_finished(stack, key, job_id)["status"] == "done"
     assert_exactly_once(stack, big, 96)
+
+
+def test_the_sweeper_moves_no_more_while_the_task_it_moved_last_waits(stack):
+    """Nothing takes from the first lane (no worker up yet, every worker busy, or workers slower than a task a
+    pass: a 2-core CPU takes ~100 s for 16 four-minute songs, a pass is 30 s): the sweeper moved the bulk
+    lane's oldest task to the first lane at every pass regardless, so a tenant's whole backlog went into the
+    first lane, a task a pass, and another tenant's few files uploaded then waited behind all of it, as in one
+    FIFO (helper-50: 8 passes, all 8 of A's bulk tasks ahead of B's). While the task it moved last still waits
+    in the first lane, it moves no other; once a worker took it, the next pass moves the next, in order."""
+    import base64
+    import json
+
+    from clapq.queue import make_celery
+    from worker.sweeper import sweep_once
+
+    broker = redis.Redis.from_url(stack["redis"].url)
+    settings = stack["settings"]
+    app = make_celery(settings)
+    _, _, big = start_job(stack, 96)  # no worker: A's first 4 tasks in the first lane, 8 in the bulk
+    small = big
+    try:
+        for _ in range(8):
+            assert sweep_once(settings, app) == 0
+        assert [broker.llen(k) for k in lanes()] == [5, 0, 7, 0], "more than one task moved while none was taken"
+        _, _, small = start_job(stack, 3, first=500)  # B, nothing waiting: behind A's first 4 and the one moved
+
+        def files_of(message: bytes) -> list:
+            return json.loads(base64.b64decode(json.loads(message)["body"]))[0][0]
+
+        with session_scope(settings.database_url) as s:
+            a_files = [str(i) for i in s.scalars(select(Item.id).where(Item.job_id == uuid.UUID(big))
+                                                 .order_by(Item.created_at, Item.id))]
+        per_task = settings.items_per_task
+        ahead = [files_of(broker.rpop(lanes()[0])) for _ in range(5)]  # workers take A's 5, B's task waits
+        assert ahead == [a_files[n * per_task:(n + 1) * per_task] for n in range(5)]
+        assert sweep_once(settings, app) == 0 and [broker.llen(k) for k in lanes()] == [2, 0, 6, 0]
+        assert files_of(broker.lindex(lanes()[0], 0)) == a_files[5 * per_task:6 * per_task]
+    finally:
+        broker.delete(*lanes())
+        with session_scope(settings.database_url) as s:
+            s.execute(text("UPDATE items SET status = 'cancelled' WHERE status = 'queued' AND job_id IN (:a, :b)"),
+                      {"a": big, "b": small})
 
 
 def test_a_redis_that_hangs_holds_no_request(stack):

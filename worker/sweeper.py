@@ -89,7 +89,8 @@ def sweep_once(settings: Settings, app) -> int:
         with session_scope(settings.database_url) as s:
             park(s, unsent, NOT_SENT)
         raise RuntimeError(f"{len(unsent)} of {len(sent)} stranded files not sent; the next pass sends them")
-    # a tenant's backlog moves by a task at each pass, whatever other tenants keep uploading (clapq.queue.lift_bulk)
+    # a tenant's backlog moves by a task at each pass once workers took the one moved before, whatever other
+    # tenants keep uploading (clapq.queue.lift_bulk)
     if lift_bulk(client):
         log.info("the bulk lane's oldest task moved to the first lane, which other files kept busy")
     if sent:
