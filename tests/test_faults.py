@@ -416,6 +416,79 @@ def test_the_sweeper_moves_no_more_while_the_task_it_moved_last_waits(stack):
                       {"a": big, "b": small})
 
 
+@pytest.mark.xfail(strict=True, reason="helper-50: each upload counts the other's files, committed first, as "
+                   "waiting before its own; needs the count and the commit ordered per tenant")
+def test_two_uploads_of_a_tenant_at_once_still_put_its_first_files_in_the_first_lane(stack, monkeypatch):
+    """A tenant with nothing waiting sends two uploads of 32 at once (lane: 32 files). Each commits, then counts
+    the tenant's files waiting: both see the other's 32 and put all their tasks in the bulk lane, where one
+    after the other put 4 tasks in the first lane. Here both commit before either counts (a barrier)."""
+    import threading
+
+    import api.batches
+    from clapq.keys import create_key
+
+    broker = redis.Redis.from_url(stack["redis"].url)
+    with session_scope(stack["settings"].database_url) as s:
+        key = create_key(s, f"faults-{uuid.uuid4().hex[:8]}")
+    lib = stack["client"].post("/v1/libraries", json={"name": "faults"}, headers=auth(key)).get_json()
+    real, barrier = api.batches.send_committed, threading.Barrier(2)
+
+    def both_committed(ids, **kw):
+        barrier.wait(10)
+        return real(ids, **kw)
+
+    monkeypatch.setattr(api.batches, "send_committed", both_committed)
+    codes = []
+
+    def upload(first: int) -> None:
+        r = stack["client"].post(f"/v1/libraries/{lib['id']}/batches", headers=auth(key),
+                                 data={"files": make_batch(32, first=first)}, content_type="multipart/form-data")
+        codes.append(r.status_code)
+
+    threads = [threading.Thread(target=upload, args=(f,)) for f in (3000, 4000)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert codes == [202, 202]
+        assert [broker.llen(k) for k in lanes()] == [4, 0, 4, 0]  # before: [0, 0, 8, 0]
+    finally:
+        broker.delete(*lanes())
+        with session_scope(stack["settings"].database_url) as s:
+            s.execute(text("UPDATE items SET status = 'cancelled' WHERE status = 'queued' AND library_id = :l"),
+                      {"l": lib["id"]})
+
+
+@pytest.mark.xfail(strict=True, reason="helper-50: README says a tenant's files go first come, first served; an "
+                   "upload's files go in the first lane while the tenant's older ones still wait in the bulk lane")
+def test_a_tenants_next_upload_does_not_overtake_its_files_in_the_bulk_lane(stack):
+    """A uploads 48 (4 tasks in the first lane, 2 in the bulk); workers run its first 4. It now has 16 waiting,
+    so its next 8 go in the first lane, ahead of its own 16 older ones, which wait in the bulk lane behind every
+    other tenant's first files (a task a pass, clapq.queue.lift_bulk)."""
+    import base64
+    import json
+
+    broker = redis.Redis.from_url(stack["redis"].url)
+    key, lib, old = start_job(stack, 48)
+    assert [broker.llen(k) for k in lanes()] == [4, 0, 2, 0]
+    taken = [json.loads(base64.b64decode(json.loads(broker.rpop(lanes()[0]))["body"]))[0][0] for _ in range(4)]
+    try:
+        with session_scope(stack["settings"].database_url) as s:  # as if a worker ran A's first 4 tasks
+            s.execute(text("UPDATE items SET status = 'done' WHERE id = ANY(CAST(:ids AS uuid[]))"),
+                      {"ids": [i for t in taken for i in t]})
+        _, _, other = start_job(stack, 3, first=800)  # another tenant's first files: the first lane is busy
+        r = stack["client"].post(f"/v1/libraries/{lib}/batches", headers=auth(key),
+                                 data={"files": make_batch(8, first=600)}, content_type="multipart/form-data")
+        assert r.status_code == 202, r.get_json()
+        assert [broker.llen(k) for k in lanes()] == [1, 0, 3, 0]  # before: [2, 0, 2, 0]
+    finally:
+        broker.delete(*lanes())
+        with session_scope(stack["settings"].database_url) as s:
+            s.execute(text("UPDATE items SET status = 'cancelled' WHERE status = 'queued' AND library_id = :l"),
+                      {"l": lib})
+
+
 def test_a_redis_that_hangs_holds_no_request(stack):
     """Redis stops answering (SIGSTOP), connections open. An upload still answers 202 with its files
     committed: the send gives up (within ~4 s; before, it waited for as long as Redis hung) and leaves them
