@@ -11,7 +11,7 @@ from flask import Blueprint, current_app, g, request
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
-from api.db import db, send_committed
+from api.db import db, lane_room, send_committed
 from api.errors import ApiError, bad_request, check_metadata, given_once, parse_json
 from api.lookup import owned
 from api.models_info import served_model_for
@@ -225,7 +225,8 @@ def upload_batch(lib_id: str):
         session.execute(insert(JobDuplicate).values(
             [{"job_id": job.id, "item_id": i, "copies": n} for i, n in copies.items()]))
     unqueue_reclaim(session, digests)  # held now, by this upload's items or the ones already there
+    fast = lane_room(new_ids)
     session.commit()
     request.keep_uploads()
-    send_committed(new_ids, job_id=str(job.id))
+    send_committed(new_ids, fast, job_id=str(job.id))
     return {"job_id": str(job.id), "items": out}, 202

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flask import current_app, g
-from sqlalchemy import func, or_, select
+from sqlalchemy import Text, cast, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from clapq.db import get_engine
@@ -25,14 +25,22 @@ def close_db(exc: BaseException | None = None) -> None:
         session.close()
 
 
-def send_committed(item_ids: list, **log_extra) -> None:
-    """Send the tasks of files this request committed (clapq.queue.send_or_mark): as many in the queue's
-    first lane as keep the tenant's files waiting under FAST_LANE_TASKS tasks' worth, the rest in the bulk
-    lane (clapq.queue.BULK_PRIORITY), behind other tenants' first files."""
+# Two uploads of one tenant at once each counted the other's files, committed first, as waiting before its own,
+# and both went in the bulk lane (helper-50): each upload counts, under this lock of its tenant, just before its
+# commit, which releases it. Postgres keeps advisory locks of two int4 keys apart from those of one bigint.
+LANE_LOCK = 0x636C616E  # "clan"
+
+
+def lane_room(item_ids: list) -> int:
+    """How many of `item_ids`, which this request's transaction queues, go in the queue's first lane: as many as
+    keep the tenant's files waiting under FAST_LANE_TASKS tasks' worth, the rest going in the bulk lane
+    (clapq.queue.BULK_PRIORITY), behind other tenants' first files. Call it last before the commit: it holds a
+    lock of the tenant until then."""
     if not item_ids:
-        return
-    settings = current_app.config["CLAPQ"]
-    lane = FAST_LANE_TASKS * settings.items_per_task
+        return 0
+    session = db()
+    lane = FAST_LANE_TASKS * current_app.config["CLAPQ"].items_per_task
+    session.execute(select(func.pg_advisory_xact_lock(LANE_LOCK, func.hashtext(cast(g.tenant_id, Text)))))
     # the tenant's files waiting, these included, counted up to what decides (a tenant with 100,000 waiting is
     # not counted whole at each upload), through ix_items_tenant_waiting (without it, a tenant with fewer waiting
     # than the limit had the whole table read: helper-49). Files parked for a worker of another model hold no
@@ -40,6 +48,14 @@ def send_committed(item_ids: list, **log_extra) -> None:
     waiting = (select(Item.id).where(Item.status.in_(("queued", "running")), Item.tenant_id == g.tenant_id,
                                      or_(Item.claimed_by.is_(None), Item.claimed_by != WAITING_FOR_MODEL))
                .limit(lane + len(item_ids)).subquery())
-    before = db().scalar(select(func.count()).select_from(waiting)) - len(item_ids)
+    return max(0, lane - (session.scalar(select(func.count()).select_from(waiting)) - len(item_ids)))
+
+
+def send_committed(item_ids: list, fast: int, **log_extra) -> None:
+    """Send the tasks of files this request committed (clapq.queue.send_or_mark), the first `fast` of them in
+    the queue's first lane (lane_room, counted before the commit)."""
+    if not item_ids:
+        return
+    settings = current_app.config["CLAPQ"]
     send_or_mark(current_app.extensions["clapq_celery"], settings.database_url, item_ids, settings.items_per_task,
-                 fast=max(0, lane - before), **log_extra)
+                 fast=fast, **log_extra)

@@ -6,7 +6,7 @@ from flask import Blueprint, current_app, g, request
 from sqlalchemy import and_, case, delete, func, or_, select, update
 
 from api.batches import backpressure
-from api.db import db, send_committed
+from api.db import db, lane_room, send_committed
 from api.errors import ApiError, bad_request, takes_query
 from api.items import item_json
 from api.lookup import owned
@@ -255,6 +255,7 @@ def retry_job(job_id: str):
         session.execute(delete(JobDuplicate).where(JobDuplicate.job_id == job.id, JobDuplicate.copies <= 0))
         job.duplicates -= len(moved)
     job.cancelled, job.retried_at = False, func.now()
+    fast = lane_room(ids)
     session.commit()
-    send_committed(ids, job_id=str(job.id))
+    send_committed(ids, fast, job_id=str(job.id))
     return {**job_json(job), "requeued": len(ids)}, 202

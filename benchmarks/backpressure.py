@@ -36,7 +36,7 @@ WHOLE = "SELECT count(*) FROM items WHERE status IN ('queued', 'running')"
 BOTH = ("SELECT count(*), count(*) FILTER (WHERE tenant_id = %(t)s) FROM items "
         "WHERE status IN ('queued', 'running')")
 OWN = "SELECT count(*) FROM items WHERE status IN ('queued', 'running') AND tenant_id = %(t)s"
-# which lane an upload's tasks go in (api/db.py send_committed, since session 26): the caller's files waiting,
+# which lane an upload's tasks go in (api/db.py lane_room, since session 26): the caller's files waiting,
 # counted up to 4 tasks of 16 and the upload's own 32, files parked for a worker of another model left out
 LANE = ("SELECT count(*) FROM (SELECT id FROM items WHERE status IN ('queued', 'running') AND tenant_id = %(t)s "
         "AND (claimed_by IS NULL OR claimed_by != 'waiting for a worker of its model') LIMIT 96) AS waiting")

@@ -154,7 +154,18 @@ def lift_bulk(client: redis.Redis) -> bool:
     slower than a task a pass), a tenant's whole backlog went into it, and other tenants' first files waited
     behind all of it (helper-50). kombu pushes on the left and workers pop on the right. One script, so that
     two beats move one task between them. Needs Redis 6.0.6 (LPOS)."""
-    return bool(client.eval(_LIFT, 3, _lane(0), _lane(BULK_PRIORITY), LIFTED_KEY))
+    global _lift_refused
+    try:
+        return bool(client.eval(_LIFT, 3, _lane(0), _lane(BULK_PRIORITY), LIFTED_KEY))
+    except redis.ResponseError as exc:  # an older Redis: the sweeper's other work goes on without this
+        if not _lift_refused:
+            log.warning("the bulk lane's tasks are not moved ahead while the first lane is busy: this Redis refused "
+                        "the script (%s); it needs Redis 6.0.6 or later", exc)
+        _lift_refused = True
+        return False
+
+
+_lift_refused = False
 
 
 def queued_tasks(client: redis.Redis) -> int:

@@ -416,12 +416,11 @@ def test_the_sweeper_moves_no_more_while_the_task_it_moved_last_waits(stack):
                       {"a": big, "b": small})
 
 
-@pytest.mark.xfail(strict=True, reason="helper-50: each upload counts the other's files, committed first, as "
-                   "waiting before its own; needs the count and the commit ordered per tenant")
 def test_two_uploads_of_a_tenant_at_once_still_put_its_first_files_in_the_first_lane(stack, monkeypatch):
-    """A tenant with nothing waiting sends two uploads of 32 at once (lane: 32 files). Each commits, then counts
-    the tenant's files waiting: both see the other's 32 and put all their tasks in the bulk lane, where one
-    after the other put 4 tasks in the first lane. Here both commit before either counts (a barrier)."""
+    """A tenant with nothing waiting sends two uploads of 32 at once (lane: 32 files). Each committed, then
+    counted the tenant's files waiting: both saw the other's 32 and put all their tasks in the bulk lane, where
+    one after the other put 4 tasks in the first lane (helper-50). Each now counts before its commit, under a
+    lock of its tenant (api.db.lane_room). Here neither sends before both committed (a barrier)."""
     import threading
 
     import api.batches
@@ -433,9 +432,9 @@ def test_two_uploads_of_a_tenant_at_once_still_put_its_first_files_in_the_first_
     lib = stack["client"].post("/v1/libraries", json={"name": "faults"}, headers=auth(key)).get_json()
     real, barrier = api.batches.send_committed, threading.Barrier(2)
 
-    def both_committed(ids, **kw):
+    def both_committed(ids, fast, **kw):
         barrier.wait(10)
-        return real(ids, **kw)
+        return real(ids, fast, **kw)
 
     monkeypatch.setattr(api.batches, "send_committed", both_committed)
     codes = []
@@ -460,8 +459,9 @@ def test_two_uploads_of_a_tenant_at_once_still_put_its_first_files_in_the_first_
                       {"l": lib["id"]})
 
 
-@pytest.mark.xfail(strict=True, reason="helper-50: README says a tenant's files go first come, first served; an "
-                   "upload's files go in the first lane while the tenant's older ones still wait in the bulk lane")
+@pytest.mark.xfail(strict=True, reason="known, README 'Order.' says so (helper-50): an upload's files go in the first "
+                   "lane while the tenant's older ones still wait in the bulk lane; the API does not know which of a "
+                   "tenant's waiting files are in the bulk lane")
 def test_a_tenants_next_upload_does_not_overtake_its_files_in_the_bulk_lane(stack):
     """A uploads 48 (4 tasks in the first lane, 2 in the bulk); workers run its first 4. It now has 16 waiting,
     so its next 8 go in the first lane, ahead of its own 16 older ones, which wait in the bulk lane behind every
