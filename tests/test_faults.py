@@ -7,12 +7,14 @@ import contextlib
 import dataclasses
 import io
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 
 import pytest
 import redis
@@ -140,8 +142,8 @@ def job_under_way(st, n: int, done_at_least: int) -> tuple[str, str]:
     return key, job_id
 
 
-def assert_exactly_once(st, job_id: str, n: int) -> None:
-    """Every item done, with exactly one pooled vector and exactly its one segment: no duplicates."""
+def assert_exactly_once(st, job_id: str, n: int, segments: int = 1) -> None:
+    """Every item done, with exactly one pooled vector and exactly its `segments`: no duplicates."""
     with session_scope(st["settings"].database_url) as s:
         jid = uuid.UUID(job_id)
         items = s.scalars(select(Item).where(Item.job_id == jid)).all()
@@ -151,7 +153,7 @@ def assert_exactly_once(st, job_id: str, n: int) -> None:
                              .group_by(Segment.item_id)).all())
         emb = dict(s.execute(select(Embedding.item_id, func.count()).where(Embedding.item_id.in_(ids))
                              .group_by(Embedding.item_id)).all())
-    assert set(seg.values()) == {1} and len(seg) == n
+    assert set(seg.values()) == {segments} and len(seg) == n
     assert set(emb.values()) == {1} and len(emb) == n
 
 
@@ -606,6 +608,80 @@ def test_a_postgres_that_hangs_holds_no_request(services, tiny_model, tmp_path, 
         for proc in stopped:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGCONT)
+        pg.stop()
+
+
+def test_a_postgres_away_across_celerys_retries_counts_no_try(services, tiny_model, tmp_path):
+    """Postgres stops answering while a task is under way. The task's next write gives up (a passing fault)
+    and Celery runs it again, and again while Postgres stays away. No try is counted for that: a retry whose
+    claim met the database still away left no mark that the next was Celery's retry too, which then took its
+    own files, still running under its id, for a dead process's, sent each on alone and counted a second try
+    against them (helper-51, with 40 s: attempts 2 on every file; with CLAPQ_MAX_ATTEMPTS=3, a few such
+    outages during one long file failed it). The task is held under way by a file that is a pipe nobody
+    writes to, whose decoding gives up after CLAPQ_DECODE_TIMEOUT_S (5 s): the task's first write after
+    that (its batch, the pipe's failure) meets the stopped Postgres."""
+    import psutil
+
+    from api import create_app
+    from clapq.blobs import BlobStore
+    from clapq.db import migrate
+    from clapq.embedded import EmbeddedPostgres
+    from clapq.keys import create_key
+    from clapq.settings import Settings
+
+    pg, broker = EmbeddedPostgres(tmp_path / "pg"), EmbeddedRedis(tmp_path / "redis")
+    url = pg.start()  # a Postgres of its own: the suite's must keep answering the other tests
+    broker.start()
+    stopped: list = []
+    worker = None
+    try:
+        migrate(url)
+        env = make_env(services, tiny_model, tmp_path / "blobs", DATABASE_URL=url, REDIS_URL=broker.url,
+                       CLAPQ_DB_STALL_S="1", CLAPQ_HEARTBEAT_S="1", CLAPQ_ITEMS_PER_TASK="8",
+                       CLAPQ_DECODE_TIMEOUT_S="5", CLAPQ_RATE_LIMIT="")
+        settings = Settings.from_env(env)
+        st = {"settings": settings, "client": create_app(settings).test_client(), "tmp": tmp_path}
+        with session_scope(url) as s:
+            key = create_key(s, "away")
+        lib = st["client"].post("/v1/libraries", json={"name": "away"}, headers=auth(key)).get_json()
+        paused = create_app(dataclasses.replace(settings, redis_url="redis://127.0.0.1:9/0")).test_client()
+        r = paused.post(f"/v1/libraries/{lib['id']}/batches", headers=auth(key), data={"files": make_batch(8)},
+                        content_type="multipart/form-data")  # committed, its task not sent
+        job_id = r.get_json()["job_id"]
+        with session_scope(url) as s:
+            items = s.scalars(select(Item).where(Item.job_id == uuid.UUID(job_id)).order_by(Item.filename)).all()
+            ids, pipe = [str(i.id) for i in items], BlobStore(settings.blob_dir).path_for(items[0].sha256)
+        pipe.unlink()
+        os.mkfifo(pipe)
+        worker = WorkerProcess(env, tmp_path / "worker.log").start()
+        from clapq.queue import EMBED_TASK, make_celery
+
+        make_celery(settings).send_task(EMBED_TASK, args=[ids], queue=EMBED_QUEUE)
+        wait_until(lambda: job(st, key, job_id)["counts"].get("running") == 8, 60, "the task under way")
+        postmaster = psutil.Process(int((tmp_path / "pg" / "postmaster.pid").read_text().split()[0]))
+        stopped = [postmaster, *postmaster.children(recursive=True)]
+        for proc in stopped:
+            proc.send_signal(signal.SIGSTOP)
+        # the pipe's failure is written at ~5 s and given up at ~11 s; the retry's claim connects at ~13 s and
+        # gives up at ~23 s; the next retry's claim waits for Postgres
+        time.sleep(30)
+        for proc in stopped:
+            proc.send_signal(signal.SIGCONT)
+        stopped = []
+        final = wait_finished(st, key, job_id, timeout=120)
+        assert final["status"] == "done_with_errors" and final["counts"]["done"] == 7, final
+        retries = Counter(re.findall(r"embed_items\[([0-9a-f-]+)\] retry: Retry in", worker.output()))
+        assert max(retries.values(), default=0) >= 2, f"no retry's claim met the outage: {retries}"
+        with session_scope(url) as s:
+            tries = Counter(s.scalars(select(Item.attempts).where(Item.job_id == uuid.UUID(job_id))))
+        assert tries == {1: 8}, tries
+    finally:
+        for proc in stopped:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGCONT)
+        if worker is not None:
+            worker.stop(signal.SIGKILL)
+        broker.stop()
         pg.stop()
 
 

@@ -253,22 +253,58 @@ def _retire(**_) -> None:
 )
 def embed_items(self, item_ids: list[str]) -> dict:
     """Embed a chunk of items; safe to run twice (unique keys + upserts)."""
-    from worker import pipeline, store
-    from worker.audio import ScratchError
-    from worker.heartbeat import beating
-
+    task_id = self.request.id or "local"
     try:
         settings, embedder, model_id, decoders = _runtime()
         presence.serve(self.app, model_id)  # where the warm-up failed (tasks run in-process do none)
     except TRANSIENT:
+        _still_retrying(self, _marked_retry(self.app, task_id, self.request.retries))
         raise
     except Exception as exc:  # nothing was claimed: the message goes back for a worker that can run it
         _cannot_run(exc)
         raise Reject(f"cannot load the model: {exc}", requeue=True) from exc
-    task_id = self.request.id or "local"
     ids = [uuid.UUID(i) for i in item_ids]
+    retry = _marked_retry(self.app, task_id, self.request.retries)
+    try:
+        claimed, split, alone, other_model = _claim(ids, task_id, settings, model_id, retry)
+    except TRANSIENT:
+        _still_retrying(self, retry)
+        raise
+    try:
+        if alone:
+            send_or_mark(self.app, settings.database_url, alone, 1)
+            if retry:  # the try before could not hand back the files it had taken from later tasks
+                log.info("files this task had taken from later tasks go on one per task", extra={"count": len(alone)})
+            else:
+                log.warning("files of a task whose process died go on one per task", extra={"count": len(alone)})
+        if other_model:  # after those: this may rest a moment
+            _leave_for_their_workers(self.app, settings.database_url, model_id, other_model, rest=not claimed)
+    except TRANSIENT:  # its claim stands: the files it holds, it holds through a passing fault
+        _still_retrying(self, True)
+        raise
+    if split:
+        return {"claimed": 0, "split": len(alone)}
+    if not claimed:
+        return {"claimed": 0}
+    return _embed(self, ids, task_id, settings, embedder, model_id, decoders, claimed)
+
+
+def _still_retrying(task, retry: bool) -> None:
+    """Before Celery runs the task again after a passing fault: where the fault came before its claim
+    committed, nothing of this try changed Postgres, and the next is Celery's retry where this one was.
+    Unmarked, a retry whose claim met the database still away was followed by one that took its own files,
+    still running under its id, for a dead process's: each sent on alone, a second try counted (helper-51:
+    every file of a task, at a 40 s outage)."""
+    if retry:
+        _mark_retry(task.app, task.request.id or "local", task.request.retries + 1)
+
+
+def _claim(ids: list, task_id: str, settings, model_id: int, retry: bool) -> tuple[list, bool, list, list]:
+    """The task's files, claimed; whether they were split (each sent on alone); those sent on alone; those
+    left for a worker of another model."""
+    from worker import store
+
     with session_scope(settings.database_url) as s:
-        retry = _marked_retry(self.app, task_id, self.request.retries)
         other_model: list = []
         claimed = store.claim(s, ids, model_id, settings.max_attempts, task_id, settings.stale_after_s, retry=retry,
                               left=other_model)
@@ -285,18 +321,15 @@ def embed_items(self, item_ids: list[str]) -> dict:
         # (CLAPQ_STALE_AFTER_S) with every worker idle. On a retry of Celery's own as well: the try before
         # handed back what it had borrowed (queued again, so not taken here) unless its process died.
         alone += store.release_borrowed(s, ids, task_id, retry=retry)
-    if alone:
-        send_or_mark(self.app, settings.database_url, alone, 1)
-        if retry:  # the try before could not hand back the files it had taken from later tasks
-            log.info("files this task had taken from later tasks go on one per task", extra={"count": len(alone)})
-        else:
-            log.warning("files of a task whose process died go on one per task", extra={"count": len(alone)})
-    if other_model:  # after those: this may rest a moment
-        _leave_for_their_workers(self.app, settings.database_url, model_id, other_model, rest=not claimed)
-    if split:
-        return {"claimed": 0, "split": len(alone)}
-    if not claimed:
-        return {"claimed": 0}
+    return claimed, split, alone, other_model
+
+
+def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, decoders, claimed: list) -> dict:
+    """Embed the claimed files (and those claimed on the way), writing each batch's vectors."""
+    from worker import pipeline, store
+    from worker.audio import ScratchError
+    from worker.heartbeat import beating
+
     blobs = BlobStore(settings.blob_dir)
     opts = pipeline.Options(batch_size=settings.batch_size,
                             decode_timeout_s=settings.decode_timeout_s, max_duration_s=settings.max_duration_s,
