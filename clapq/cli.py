@@ -180,7 +180,11 @@ def _with_keys(args, work) -> None:
     from clapq.db import session_scope
 
     settings = Settings.from_env(data_dir=args.data_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if not settings.database_url and not (settings.data_dir / "pg").is_dir():
+        # a new database here would hold keys no running service knows (helper-51: `keys create` without the
+        # --data-dir `clapq up` was given printed a key that got 401s)
+        _fail(f"no clapq data in {settings.data_dir}: no `clapq up` has run with it. Pass --data-dir, the directory "
+              "`clapq up` uses (it prints it as 'data:'), or set DATABASE_URL to the service's database", 1)
     stack: list = []
     try:
         url = _database_url(settings, settings.data_dir, stack)
@@ -396,6 +400,8 @@ def cmd_up(args) -> None:
         base = f"http://{host_port(host, args.port)}"
         if not _wait_http(base + "/healthz", procs, lambda: stopping["flag"]):
             return  # Ctrl-C during start-up: the finally below stops what has started
+        # where the client commands given this data directory find it (clapq.client.connect), as they find its key
+        (data_dir / "url").write_text(base + "\n")
         print(f"clapq is up: {base}\nAPI key: {key}\ndata: {data_dir}\nCtrl-C stops everything.", flush=True)
         exits: dict[str, list[float]] = {}
 

@@ -1116,7 +1116,8 @@ def delete(client: Client, library: str, items: list[str], yes: bool = False) ->
 
 
 def connect(url: str | None, key: str | None, data_dir: Path) -> Client:
-    url = url or os.environ.get("CLAPQ_URL") or "http://127.0.0.1:8000"
+    saved = data_dir / "url"  # where `clapq up` with this data directory listens
+    url = url or os.environ.get("CLAPQ_URL") or (saved.read_text().strip() if saved.is_file() else "http://127.0.0.1:8000")
     try:
         parts = urllib.parse.urlsplit(url)
         parts.port  # noqa: B018 (raises ValueError when out of range)
@@ -1129,5 +1130,6 @@ def connect(url: str | None, key: str | None, data_dir: Path) -> Client:
     if not key and (data_dir / "api_key").is_file():
         key = (data_dir / "api_key").read_text().strip()
     if not key:
-        raise SystemExit("clapq: no API key: pass --key, set CLAPQ_API_KEY, or run `clapq keys create`")
+        raise SystemExit(f"clapq: no API key: pass --key, set CLAPQ_API_KEY, or pass --data-dir, the directory `clapq up` "
+                         f"uses, whose key it reads ({data_dir} has none); `clapq keys create` makes more keys")
     return Client(url, key)

@@ -180,7 +180,9 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert out.stderr.splitlines()[4].startswith("uploading 3 files ("), out.stderr  # before the request
     assert "1 file had the same bytes as another and is stored once: rain/drone copy.wav (= drone.wav)" in \
         out.stderr.splitlines(), out.stderr
-    out = subprocess.run(cli + ["search", "heavy rain", "--library", "folder lib", "--url", base, "--key", key],
+    # given only the data directory, the client finds the address and key `up` left there (this `up` is not on
+    # port 8000: with the key alone, helper-51's search went to 8000)
+    out = subprocess.run(cli + ["search", "heavy rain", "--library", "folder lib", "--data-dir", str(data_dir)],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     # each file by its path in the folder (the server keeps the base name, and the path in its metadata)
     assert out.returncode == 0 and sorted(line.split()[1] for line in out.stdout.splitlines()) == \
@@ -606,6 +608,20 @@ def test_ctrl_c_during_start_up_stops_at_once(tmp_path, tiny_model, up_runner):
     while time.monotonic() < deadline and _leftovers(data_dir):
         time.sleep(0.5)
     assert _leftovers(data_dir) == []
+
+
+def test_keys_of_a_data_directory_no_up_has_used_are_refused(tmp_path, tiny_model):
+    """Without --data-dir (or with a mistyped one) `keys create` made a new database in a directory no `clapq up`
+    used and printed a key that the running service answered with 401 (helper-51)."""
+    for cmd in (["create", "--tenant", "bob"], ["list"], ["revoke", "cq_abcdefg"]):
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "keys", *cmd, "--data-dir", str(tmp_path / "new")],
+                             env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 1 and out.stdout == "", (cmd, out.stdout, out.stderr)
+        assert f"clapq: no clapq data in {tmp_path / 'new'}: no `clapq up` has run with it" in out.stderr, out.stderr
+    assert not (tmp_path / "new").exists()
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "l", "--data-dir",
+                          str(tmp_path / "new")], env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "no API key: pass --key, set CLAPQ_API_KEY, or pass --data-dir" in out.stderr, out
 
 
 def test_a_key_needs_a_tenant_name(tmp_path, tiny_model):
