@@ -557,12 +557,13 @@ def _gone(folder: Path, rel: str) -> bool:
     return False
 
 
-def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path], list[str]]:
-    """The files the API can take, and a sentence for each it cannot: unreadable, or over its per-file or
-    per-request size limit (sent, it would refuse the whole request, every time the command runs)."""
+def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path], dict[Path, str], list[str]]:
+    """The files the API can take; those over its per-file or per-request size limit (sent, it would refuse the
+    whole request, every time the command runs), each with the sentence that says so; and a sentence for each
+    that cannot be read."""
     most = min(limits.get("max_file_bytes") or BATCH_BYTES * 64,
                (limits.get("max_request_bytes") or BATCH_BYTES * 64) - REQUEST_OVERHEAD - PART_OVERHEAD)
-    ok, refused = [], []
+    ok, too_big, refused = [], {}, []
     for p in paths:
         name = wire_name(p.relative_to(folder).as_posix())
         try:
@@ -573,11 +574,11 @@ def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path]
             refused.append(f"{name}: cannot be read ({exc.strerror or exc})")
             continue
         if size > most:
-            refused.append(f"{name}: {size / 1e6:,.1f} MB, larger than this server takes ({most / 1e6:,.1f} MB; "
-                           "CLAPQ_MAX_FILE_BYTES and CLAPQ_MAX_REQUEST_BYTES there)")
+            too_big[p] = (f"{name}: {size / 1e6:,.1f} MB, larger than this server takes ({most / 1e6:,.1f} MB; "
+                          "CLAPQ_MAX_FILE_BYTES and CLAPQ_MAX_REQUEST_BYTES there)")
         else:
             ok.append(p)
-    return ok, refused
+    return ok, too_big, refused
 
 
 def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> tuple[dict | None, list[Path], list[str]]:
@@ -629,10 +630,13 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                          f"{', '.join(sorted(AUDIO_SUFFIXES))}); nothing was uploaded")
     limits = client.limits()
     found = len(paths)
-    paths, refused = _sendable(paths, folder, limits)
+    listed = paths
+    paths, too_big, refused = _sendable(paths, folder, limits)
+    if not paths:  # as above: no library is created for nothing
+        refused += too_big.values()
     for line in refused:
         print(f"not sent: {line}", file=sys.stderr)
-    if not paths:  # as above: no library is created for nothing
+    if not paths:
         what = "the file cannot" if found == 1 else f"none of the {found} files can"
         raise SystemExit(f"clapq: {what} be sent (said above); nothing was uploaded")
     lib = client.library(library)
@@ -640,6 +644,14 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     # command did not create (another upload may be filling it at the same moment): files whose bytes it
     # holds are not sent again, only the rest. Only one this command just created is known to be empty.
     check = lib.get("item_count", 0) > 0 or not lib.get("created")
+    if check:  # a file over the size limit the library holds (sent before the limit was lowered) is not refused,
+        # and its renames are followed as any held file's (helper-51: "not sent" and exit 1 at every run)
+        sendable = set(paths)
+        paths = [p for p in listed if p in too_big or p in sendable]
+    else:
+        for line in too_big.values():
+            print(f"not sent: {line}", file=sys.stderr)
+        refused += too_big.values()
     jobs, sent, skipped, unfinished, in_flight = [], 0, 0, 0, 0
     # files an earlier run left queued or running: their jobs are waited for too (job -> their bytes), and
     # of those jobs only these files' failures are told (`theirs`: a job may hold another folder's files)
@@ -682,7 +694,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                 if only is None:  # one file sent on its own is not its folder's layout: its path stays
                     on_disk.digests.update((q, d) for q, d in digests.items() if d is not None)
                     moved += _moved(folder, held, first, digests, on_disk, elsewhere)
-                batch = new
+                for p in new:
+                    if p in too_big:
+                        print(f"not sent: {too_big[p]}", file=sys.stderr)
+                        refused.append(too_big[p])
+                batch = [p for p in new if p not in too_big]
                 if not batch:
                     continue
             # said before the request, which on a slow network takes minutes: the command is not stuck

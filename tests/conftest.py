@@ -182,7 +182,7 @@ def start_api(env, tmp_path):
             try:
                 if requests.get(f"{base}/healthz", timeout=2).status_code == 200:
                     return base
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up yet, or slow to answer on a busy machine
                 pass
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             time.sleep(0.2)

@@ -2040,15 +2040,49 @@ def test_files_the_api_cannot_take_are_named_not_sent(tmp_path):
     big = tmp_path / "big.wav"
     big.write_bytes(b"x" * 5000)
     gone = tmp_path / "gone.wav"
-    sendable, refused = client._sendable([ok, big, gone], tmp_path, {"max_file_bytes": 4000})
-    assert sendable == [ok]
-    assert refused[0].startswith("big.wav: 0.0 MB, larger than this server takes") and "CLAPQ_MAX_FILE_BYTES" in \
-        refused[0]
-    assert refused[1] == "gone.wav: cannot be read (No such file or directory)"
+    sendable, too_big, refused = client._sendable([ok, big, gone], tmp_path, {"max_file_bytes": 4000})
+    assert sendable == [ok] and list(too_big) == [big]
+    assert too_big[big].startswith("big.wav: 0.0 MB, larger than this server takes") and "CLAPQ_MAX_FILE_BYTES" in \
+        too_big[big]
+    assert refused == ["gone.wav: cannot be read (No such file or directory)"]
     # requests are cut to the server's file count and size, with room for the multipart around the files
     assert [len(b) for b in client.batches([ok] * 5, max_files=2)] == [2, 2, 1]
     assert [len(b) for b in client.batches([ok] * 5, max_bytes=client.REQUEST_OVERHEAD + 2 * (100 + 1024))] == \
         [2, 2, 1]
+
+
+def test_a_file_over_a_lowered_limit_that_the_library_holds_is_not_refused(start_api, new_key, worker, tmp_path,
+                                                                            tiny_model):
+    """A server whose CLAPQ_MAX_FILE_BYTES was lowered after a folder was uploaded: a file over the new limit
+    that the library holds is not sent again anyway, so it is not refused, and its rename is followed. It was
+    named "not sent" at every run, which then exited 1, and its path stayed the old one (helper-51). A new
+    file over the limit is still refused."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write(folder / "small.wav", 0.5, seed=1)
+    write(folder / "big.wav", 8.0, seed=2)  # 48 kHz, 16-bit: 768 kB
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+
+    def upload(url: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "lowered",
+                               "--url", url, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
+                              timeout=300)
+
+    out = upload(base)
+    assert out.returncode == 0, out.stderr
+    lowered = start_api(CLAPQ_MAX_FILE_BYTES="100000")
+    (folder / "big.wav").rename(folder / "renamed big.wav")
+    write(folder / "new big.wav", 8.0, seed=3)
+    out = upload(lowered)
+    assert out.returncode == 1, out.stderr
+    assert [line[:42] for line in out.stderr.splitlines() if line.startswith("not sent:")] == \
+        ["not sent: new big.wav: 0.8 MB, larger than"], out.stderr
+    assert "its path in the library updated: big.wav -> renamed big.wav" in out.stderr, out.stderr
+    lib = next(x for x in requests.get(f"{base}/v1/libraries", headers=h, timeout=10).json()["libraries"]
+               if x["name"] == "lowered")
+    items = requests.get(f"{base}/v1/libraries/{lib['id']}/items", headers=h, timeout=10).json()["items"]
+    assert sorted(i["metadata"].get("path") for i in items) == ["renamed big.wav", "small.wav"], items
 
 
 def test_no_library_is_created_when_no_file_can_be_sent(tmp_path, tiny_model):
