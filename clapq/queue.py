@@ -143,6 +143,7 @@ if not task then return 0 end
 redis.call('SET', KEYS[3], task)
 return 1
 """
+_lift_refused = False  # said once per process
 
 
 def lift_bulk(client: redis.Redis) -> bool:
@@ -164,8 +165,6 @@ def lift_bulk(client: redis.Redis) -> bool:
         _lift_refused = True
         return False
 
-
-_lift_refused = False
 
 
 def queued_tasks(client: redis.Redis) -> int:

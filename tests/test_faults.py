@@ -157,6 +157,21 @@ def assert_exactly_once(st, job_id: str, n: int, segments: int = 1) -> None:
     assert set(emb.values()) == {1} and len(emb) == n
 
 
+def task_files(message: bytes) -> list:
+    """The item ids a task waiting in a lane carries (kombu's JSON envelope around Celery's base64 body)."""
+    import base64
+    import json
+
+    return json.loads(base64.b64decode(json.loads(message)["body"]))[0][0]
+
+
+def files_in_order(st, job_id: str) -> list[str]:
+    """A job's item ids in the order its upload sent them, as its tasks take them."""
+    with session_scope(st["settings"].database_url) as s:
+        return [str(i) for i in s.scalars(select(Item.id).where(Item.job_id == uuid.UUID(job_id))
+                                          .order_by(Item.created_at, Item.id))]
+
+
 def test_sigkill_worker_mid_job(stack):
     key, job_id = job_under_way(stack, 200, 30)
     stack["workers"][-1].stop(signal.SIGKILL)  # the whole worker, pool children and decoders included
@@ -333,9 +348,6 @@ def test_a_tenants_backlog_moves_a_task_at_each_sweep_while_the_first_lane_is_bu
     moves the bulk lane's oldest task to the back of the first lane, once workers took the one it moved before:
     the backlog's next files, in order. A worker embeds a moved task as any other, and nothing moves while the
     first lane is empty."""
-    import base64
-    import json
-
     from clapq.queue import make_celery
     from worker.sweeper import sweep_once
 
@@ -349,26 +361,21 @@ def test_a_tenants_backlog_moves_a_task_at_each_sweep_while_the_first_lane_is_bu
     key_b, _, small = start_job(stack, 3, first=500)
     assert [broker.llen(k) for k in lanes()] == [5, 0, 8, 0]
 
-    def files_of(message: bytes) -> list:
-        return json.loads(base64.b64decode(json.loads(message)["body"]))[0][0]
-
-    with session_scope(settings.database_url) as s:
-        a_files = [str(i) for i in s.scalars(select(Item.id).where(Item.job_id == uuid.UUID(big))
-                                             .order_by(Item.created_at, Item.id))]
+    a_files = files_in_order(stack, big)
     per_task = settings.items_per_task
     assert sweep_once(settings, app) == 0
     assert [broker.llen(k) for k in lanes()] == [6, 0, 7, 0]
     # the newest in the first lane (taken last of those there), the oldest of the bulk lane's
-    assert files_of(broker.lindex(lanes()[0], 0)) == a_files[4 * per_task:5 * per_task]
+    assert task_files(broker.lindex(lanes()[0], 0)) == a_files[4 * per_task:5 * per_task]
     # while it waits there (no worker took it), no other moves
     assert sweep_once(settings, app) == 0 and [broker.llen(k) for k in lanes()] == [6, 0, 7, 0]
     # workers take the first lane through the one moved, and another tenant's upload keeps it busy: the next
     # pass moves the backlog's next task
     taken = [broker.rpop(lanes()[0]) for _ in range(6)]
-    assert files_of(taken[-1]) == a_files[4 * per_task:5 * per_task]
+    assert task_files(taken[-1]) == a_files[4 * per_task:5 * per_task]
     key_c, _, other = start_job(stack, 3, first=700)
     assert sweep_once(settings, app) == 0 and [broker.llen(k) for k in lanes()] == [2, 0, 6, 0]
-    assert files_of(broker.lindex(lanes()[0], 0)) == a_files[5 * per_task:6 * per_task]
+    assert task_files(broker.lindex(lanes()[0], 0)) == a_files[5 * per_task:6 * per_task]
     broker.rpush(lanes()[0], *reversed(taken))  # the tasks taken go back where they were, for the worker below
     stack["worker"]()
     for key, job_id in ((key_b, small), (key_c, other), (key_a, big)):
@@ -383,9 +390,6 @@ def test_the_sweeper_moves_no_more_while_the_task_it_moved_last_waits(stack):
     first lane, a task a pass, and another tenant's few files uploaded then waited behind all of it, as in one
     FIFO (helper-50: 8 passes, all 8 of A's bulk tasks ahead of B's). While the task it moved last still waits
     in the first lane, it moves no other; once a worker took it, the next pass moves the next, in order."""
-    import base64
-    import json
-
     from clapq.queue import make_celery
     from worker.sweeper import sweep_once
 
@@ -399,18 +403,12 @@ def test_the_sweeper_moves_no_more_while_the_task_it_moved_last_waits(stack):
             assert sweep_once(settings, app) == 0
         assert [broker.llen(k) for k in lanes()] == [5, 0, 7, 0], "more than one task moved while none was taken"
         _, _, small = start_job(stack, 3, first=500)  # B, nothing waiting: behind A's first 4 and the one moved
-
-        def files_of(message: bytes) -> list:
-            return json.loads(base64.b64decode(json.loads(message)["body"]))[0][0]
-
-        with session_scope(settings.database_url) as s:
-            a_files = [str(i) for i in s.scalars(select(Item.id).where(Item.job_id == uuid.UUID(big))
-                                                 .order_by(Item.created_at, Item.id))]
+        a_files = files_in_order(stack, big)
         per_task = settings.items_per_task
-        ahead = [files_of(broker.rpop(lanes()[0])) for _ in range(5)]  # workers take A's 5, B's task waits
+        ahead = [task_files(broker.rpop(lanes()[0])) for _ in range(5)]  # workers take A's 5, B's task waits
         assert ahead == [a_files[n * per_task:(n + 1) * per_task] for n in range(5)]
         assert sweep_once(settings, app) == 0 and [broker.llen(k) for k in lanes()] == [2, 0, 6, 0]
-        assert files_of(broker.lindex(lanes()[0], 0)) == a_files[5 * per_task:6 * per_task]
+        assert task_files(broker.lindex(lanes()[0], 0)) == a_files[5 * per_task:6 * per_task]
     finally:
         broker.delete(*lanes())
         with session_scope(settings.database_url) as s:
@@ -468,13 +466,10 @@ def test_a_tenants_next_upload_does_not_overtake_its_files_in_the_bulk_lane(stac
     """A uploads 48 (4 tasks in the first lane, 2 in the bulk); workers run its first 4. It now has 16 waiting,
     so its next 8 go in the first lane, ahead of its own 16 older ones, which wait in the bulk lane behind every
     other tenant's first files (a task a pass, clapq.queue.lift_bulk)."""
-    import base64
-    import json
-
     broker = redis.Redis.from_url(stack["redis"].url)
     key, lib, old = start_job(stack, 48)
     assert [broker.llen(k) for k in lanes()] == [4, 0, 2, 0]
-    taken = [json.loads(base64.b64decode(json.loads(broker.rpop(lanes()[0]))["body"]))[0][0] for _ in range(4)]
+    taken = [task_files(broker.rpop(lanes()[0])) for _ in range(4)]
     try:
         with session_scope(stack["settings"].database_url) as s:  # as if a worker ran A's first 4 tasks
             s.execute(text("UPDATE items SET status = 'done' WHERE id = ANY(CAST(:ids AS uuid[]))"),

@@ -258,7 +258,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
         settings, embedder, model_id, decoders = _runtime()
         presence.serve(self.app, model_id)  # where the warm-up failed (tasks run in-process do none)
     except TRANSIENT:
-        _still_retrying(self, _marked_retry(self.app, task_id, self.request.retries))
+        _still_retrying(self, task_id, _marked_retry(self.app, task_id, self.request.retries))
         raise
     except Exception as exc:  # nothing was claimed: the message goes back for a worker that can run it
         _cannot_run(exc)
@@ -268,7 +268,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
     try:
         claimed, split, alone, other_model = _claim(ids, task_id, settings, model_id, retry)
     except TRANSIENT:
-        _still_retrying(self, retry)
+        _still_retrying(self, task_id, retry)
         raise
     try:
         if alone:
@@ -280,7 +280,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
         if other_model:  # after those: this may rest a moment
             _leave_for_their_workers(self.app, settings.database_url, model_id, other_model, rest=not claimed)
     except TRANSIENT:  # its claim stands: the files it holds, it holds through a passing fault
-        _still_retrying(self, True)
+        _still_retrying(self, task_id, True)
         raise
     if split:
         return {"claimed": 0, "split": len(alone)}
@@ -289,14 +289,14 @@ def embed_items(self, item_ids: list[str]) -> dict:
     return _embed(self, ids, task_id, settings, embedder, model_id, decoders, claimed)
 
 
-def _still_retrying(task, retry: bool) -> None:
+def _still_retrying(task, task_id: str, retry: bool) -> None:
     """Before Celery runs the task again after a passing fault: where the fault came before its claim
     committed, nothing of this try changed Postgres, and the next is Celery's retry where this one was.
     Unmarked, a retry whose claim met the database still away was followed by one that took its own files,
     still running under its id, for a dead process's: each sent on alone, a second try counted (helper-51:
     every file of a task, at a 40 s outage)."""
     if retry:
-        _mark_retry(task.app, task.request.id or "local", task.request.retries + 1)
+        _mark_retry(task.app, task_id, task.request.retries + 1)
 
 
 def _claim(ids: list, task_id: str, settings, model_id: int, retry: bool) -> tuple[list, bool, list, list]:
