@@ -130,6 +130,20 @@ def small_body() -> bytes:
     return data
 
 
+def sent_as_json() -> bool:
+    """Whether a body labelled as a URL-encoded form is JSON, as `curl -d` sends it: an object or array
+    (parsing or not: its error is then said), or any other JSON value (`curl -d '"rain"'` was read as a form
+    field named '"rain"'). A form's `name=value&...` never parses as JSON."""
+    data = small_body().lstrip()
+    if data[:1] in (b"{", b"[", b'"'):
+        return True
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
 def json_body():
     """The request's JSON body, whatever its Content-Type says (`curl -d '{...}'` sends JSON as a form,
     which get_json ignores: the client was told to send the JSON object it had sent); None when it is not

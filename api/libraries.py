@@ -19,6 +19,7 @@ from api.jobs import STATES, items_page
 from api.lookup import owned
 from api.models_info import describe, serving_model_id
 from api.removal import announce_gone, delete_items, released
+from api.uploads import display_name
 from clapq.models import Item, Library
 
 bp = Blueprint("libraries", __name__)
@@ -223,10 +224,13 @@ def move_files(lib_id: str):
             too_large.add(item)
             continue
         new[item] = moved
-    if new:
+    if new:  # the item's name follows its file, as its path does: a download, classify and duplicates gave the
+        # name it was first uploaded under (helper-51)
         session.execute(text("""
-            UPDATE items SET metadata = m.meta
-            FROM unnest(CAST(:ids AS uuid[]), CAST(:metas AS jsonb[])) AS m(id, meta) WHERE items.id = m.id"""),
-            {"ids": [str(i) for i in new], "metas": [json.dumps(m) for m in new.values()]})
+            UPDATE items SET metadata = m.meta, filename = m.name
+            FROM unnest(CAST(:ids AS uuid[]), CAST(:metas AS jsonb[]), CAST(:names AS text[])) AS m(id, meta, name)
+            WHERE items.id = m.id"""),
+            {"ids": [str(i) for i in new], "metas": [json.dumps(m) for m in new.values()],
+             "names": [display_name(m["path"]) for m in new.values()]})
     session.commit()
     return {"moved": sorted(str(i) for i in new), "too_large": sorted(str(i) for i in too_large - set(new))}

@@ -143,7 +143,7 @@ SPEC = {
                             "properties": {"path": {"type": "string", "minLength": 1, "maxLength": 4096},
                                            "folder": {"type": "string", "minLength": 1, "maxLength": 64}}}}}}}}}}},
             "responses": {**_ok("moved: the ids whose metadata.path and .folder were set (those still at their "
-                                "'from'); too_large: those left, as their metadata would grow past 16 KiB"),
+                                "'from'), and their filename to the new path's name; too_large: those left, as their metadata would grow past 16 KiB"),
                           "413": _ERR}}},
         "/v1/limits": {"get": {"responses": _ok("what the service takes", {"type": "object", "properties": {
             **{k: {"type": "integer"} for k in ("max_file_bytes", "max_files_per_batch", "max_request_bytes",

@@ -15,7 +15,7 @@ from sqlalchemy import and_, case, func, or_, select, text
 from sqlalchemy.dialects.postgresql import JSONB, distinct_on
 
 from api.db import db
-from api.errors import (bad_request, check_text, given_once, json_body, parse_json, refuse_unknown, small_body,
+from api.errors import (bad_request, check_text, given_once, json_body, parse_json, refuse_unknown, sent_as_json,
                         takes_query)
 from api.lookup import owned
 from api.models_info import describe, served_model_for
@@ -74,7 +74,7 @@ def _params() -> dict:
         raise bad_request("a POST search takes its fields in the body, not in the query string")
     # a URL-encoded form, unless it is JSON sent as one (`curl -d '{...}'`)
     form = request.mimetype == "multipart/form-data" or (request.mimetype == "application/x-www-form-urlencoded"
-                                                         and not small_body().lstrip().startswith((b"{", b"[")))
+                                                         and not sent_as_json())
     if request.method in ("GET", "HEAD") or form:  # HEAD: a GET without its body (it was a 400)
         f = request.args if request.method != "POST" else request.form
         _known(f, "the query string" if request.method != "POST" else "the form",

@@ -363,8 +363,10 @@ def n_files(n: int) -> str:
 
 
 def _megabytes(n: int) -> str:
-    """A size for people: tiny uploads were "(0.0 MB)"."""
-    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{max(1, round(n / 1e3))} kB"
+    """A size for people: tiny uploads were "(0.0 MB)", and then 5 bytes "(1 kB)"."""
+    if n < 1000:
+        return "1 byte" if n == 1 else f"{n} bytes"
+    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{round(n / 1e3)} kB"
 
 
 @dataclasses.dataclass
@@ -377,6 +379,8 @@ class Listing:
     unreadable: list[str] = dataclasses.field(default_factory=list)  # named as audio but no file: broken links, pipes
     linked: list[str] = dataclasses.field(default_factory=list)  # links to folders, not followed (a loop, a drive)
     closed: list[str] = dataclasses.field(default_factory=list)  # folders (and files) that cannot be read, with why
+    # links to audio files of the folder, which are sent under their own names: "link → file"
+    aliases: list[str] = dataclasses.field(default_factory=list)
 
 
 def audio_files(folder: Path) -> Listing:
@@ -416,7 +420,13 @@ def audio_files(folder: Path) -> Listing:
             except OSError as exc:  # in a folder that can be listed but not entered
                 if suffix in AUDIO_SUFFIXES:
                     found.closed.append(f"{rel.as_posix()} ({exc.strerror or exc})")
-    for names in (found.audio, found.unreadable, found.linked, found.closed):
+    # a link to a file of the folder would store the file under the link's name when the link sorts first
+    # (and read as the file being a copy of its link): the file is sent under its own name, once
+    own = {p.resolve(): p for p in found.audio if not p.is_symlink()}
+    found.aliases = [f"{p.relative_to(folder).as_posix()} → {own[p.resolve()].relative_to(folder).as_posix()}"
+                     for p in found.audio if p.is_symlink() and p.resolve() in own]
+    found.audio = [p for p in found.audio if not p.is_symlink() or p.resolve() not in own]
+    for names in (found.audio, found.unreadable, found.linked, found.closed, found.aliases):
         names.sort()
     return found
 
@@ -623,6 +633,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         links = _some([printable(x) for x in listing.linked])
         print(f"not followed: {n} link{'' if n == 1 else 's'} to a folder ({links}); upload the "
               "folder it points to on its own", file=sys.stderr)
+    if listing.aliases:
+        n = len(listing.aliases)
+        print(f"left out {n} link{'' if n == 1 else 's'} to files of this folder, which are sent under their own "
+              f"names: {_some([printable(x) for x in listing.aliases])}", file=sys.stderr)
     if listing.closed:
         print(f"left out, as they cannot be read: {_some([printable(x) for x in listing.closed])}", file=sys.stderr)
     if not paths:  # before the library is looked up: a failed command creates nothing

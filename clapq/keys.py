@@ -12,6 +12,7 @@ from clapq.models import ApiKey, Tenant
 
 KEY_PREFIX = "cq_"
 PREFIX_CHARS = 10  # of a key, kept in clear beside its hash, so that a person can tell keys apart
+KEY_CHARS = len(KEY_PREFIX) + 43  # secrets.token_urlsafe(32): 32 bytes in unpadded base64
 
 
 def hash_key(key: str) -> str:
@@ -64,9 +65,12 @@ def revoke_key(session: Session, given: str) -> tuple[ApiKey, str, bool]:
         rows = session.execute(keys.where(ApiKey.key_hash == hash_key(given))).all()
     else:
         rows = session.execute(keys.where(ApiKey.prefix.startswith(given, autoescape=True))).all()
+    if not rows and len(given) > PREFIX_CHARS:  # a key cut short or run on is neither whole nor a start
+        size = f" ({len(given)} characters; a whole key has {KEY_CHARS})" if len(given) != KEY_CHARS else ""
+        raise NoSuchKey(f"no key is {given!r}{size}: give the whole key, or its first {PREFIX_CHARS} characters "
+                        "as `clapq keys list` shows them")
     if not rows:
-        raise NoSuchKey(f"no key {'is' if len(given) > PREFIX_CHARS else 'starts with'} {given!r} "
-                        "(`clapq keys list` shows them)")
+        raise NoSuchKey(f"no key starts with {given!r} (`clapq keys list` shows them)")
     if len(rows) > 1:
         raise NoSuchKey(f"{len(rows)} keys start with {given!r}; give the whole key")
     key, tenant = rows[0]

@@ -163,6 +163,9 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     os.symlink(folder / "gone", folder / "gone.wav")  # a broken link and a pipe (opened, it would wait forever)
     os.mkfifo(folder / "pipe.wav")
     os.symlink(folder, folder / "rain" / "loop")  # a link to a folder, here a loop: named, not followed
+    # a link to a file of the folder, sorting first: the file was stored under the link's name, and said to be
+    # a copy of its link (helper-51)
+    os.symlink(folder / "rain" / "heavy.flac", folder / "a link.flac")
     cli = [sys.executable, "-m", "clapq.cli"]
     out = subprocess.run(cli + ["upload", str(folder), "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
@@ -172,12 +175,14 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     # not a terminal: progress is whole lines (no carriage returns), the last one the final count
     progress = [line for line in out.stderr.splitlines() if "files processed" in line]
     assert "\r" not in out.stderr and progress and progress[-1] == "3/3 files processed (100%)", out.stderr
-    assert out.stderr.splitlines()[:3] == [
+    assert out.stderr.splitlines()[:4] == [
         "left out 1 file not named as audio (.txt)",
         "left out 2 named as audio that are not a file (a broken link, a pipe, a device): gone.wav, pipe.wav",
-        "not followed: 1 link to a folder (rain/loop); upload the folder it points to on its own"], out.stderr
-    assert out.stderr.splitlines()[3] == "created library 'folder lib'", out.stderr
-    assert out.stderr.splitlines()[4].startswith("uploading 3 files ("), out.stderr  # before the request
+        "not followed: 1 link to a folder (rain/loop); upload the folder it points to on its own",
+        "left out 1 link to files of this folder, which are sent under their own names: a link.flac → "
+        "rain/heavy.flac"], out.stderr
+    assert out.stderr.splitlines()[4] == "created library 'folder lib'", out.stderr
+    assert out.stderr.splitlines()[5].startswith("uploading 3 files ("), out.stderr  # before the request
     assert "1 file had the same bytes as another and is stored once: rain/drone copy.wav (= drone.wav)" in \
         out.stderr.splitlines(), out.stderr
     # given only the data directory, the client finds the address and key `up` left there (this `up` is not on
@@ -211,7 +216,7 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["files"] == 4 and summary["skipped"] == 3 and summary["duplicates"] == 1, out.stdout
-    assert out.stderr.splitlines()[3].startswith("uploading 1 file ("), out.stderr
+    assert out.stderr.splitlines()[4].startswith("uploading 1 file ("), out.stderr
     assert "3 of 4 files are in the library already: not sent again" in out.stderr, out.stderr
     # the copy, not sent this time, is named as on the first run
     assert "1 file had the same bytes as another and is stored once: rain/drone copy.wav (= drone.wav)" in \
@@ -368,6 +373,11 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
         out = subprocess.run(keys + ["revoke", given, "--data-dir", str(data_dir)], env=_env(tiny_model),
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 1 and f"{given.rstrip('…')!r} is not a key, nor the start of one" in out.stderr, out
+    # a key cut one character past what `keys list` shows is said to be neither (helper-51)
+    out = subprocess.run(keys + ["revoke", key[:11], "--data-dir", str(data_dir)], env=_env(tiny_model),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and f"no key is {key[:11]!r} (11 characters; a whole key has {len(key)}): give " \
+        "the whole key, or its first 10 characters" in out.stderr, out
     assert requests.get(f"{base}/v1/libraries", headers=h, timeout=10).status_code == 200
 
     assert up.stop() == 0
@@ -1697,8 +1707,8 @@ def test_names_with_control_characters_print_on_one_line():
     assert printable("\u202egpj.wav") == "\\u202egpj.wav" and display_name("\u202egpj.wav") == "gpj.wav"
     assert printable(os.fsdecode(b"caf\xe9.wav")) == "caf\\xe9.wav"  # the byte, not "\udce9"
     # sizes: a small upload is not "0.0 MB"
-    assert [_megabytes(n) for n in (300, 40_000, 1_700_000, 2_300_000_000)] == ["1 kB", "40 kB", "1.7 MB",
-                                                                                 "2,300.0 MB"]
+    assert [_megabytes(n) for n in (0, 5, 999, 1000, 40_000, 1_700_000, 2_300_000_000)] == \
+        ["0 bytes", "5 bytes", "999 bytes", "1 kB", "40 kB", "1.7 MB", "2,300.0 MB"]
 
 
 def test_a_library_named_as_another_ones_id_is_the_one_meant():
@@ -1924,6 +1934,10 @@ def test_names_swapped_or_given_to_new_bytes_move_their_paths_and_odd_names_stay
            if p.name != "A-copy.wav"}
     assert paths == {sha: name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
                      for sha, name in now.items()}, (paths, before)
+    # and the name a download, classify and duplicates give follows the path (it stayed the first upload's,
+    # helper-51)
+    assert {i["filename"] for i in items} == {"a.wav", "b.wav", "take-1.wav", "take.wav", "lat\ufffd.wav"} and \
+        all(i["filename"] == i["metadata"]["path"] for i in items), items
     # a copy of the folder, uploaded into the same library, takes nothing: its files stay the first folder's,
     # whose renames are still told (taking them flipped the items between the two at each run, helper-43)
     from clapq.client import folder_id
@@ -1942,6 +1956,7 @@ def test_names_swapped_or_given_to_new_bytes_move_their_paths_and_odd_names_stay
     items = requests.get(f"{base}/v1/libraries/{lib}/items", headers=h, timeout=30).json()["items"]
     assert sorted(i["metadata"]["path"] for i in items if i["metadata"]["folder"] == folder_id(folder)) == \
         ["a.wav", "b2.wav", "lat\ufffd.wav", "take-1.wav", "take.wav"], items
+    assert sorted(i["filename"] for i in items) == ["a.wav", "b2.wav", "lat\ufffd.wav", "take-1.wav", "take.wav"]
 
 
 def test_a_server_that_is_not_clapq_is_said_so_not_a_traceback(tmp_path, tiny_model):
