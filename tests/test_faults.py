@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ from sqlalchemy import func, select, text
 from clapq.db import get_engine, session_scope
 from clapq.embedded import EmbeddedRedis
 from clapq.models import Embedding, Item, Segment
-from clapq.queue import EMBED_QUEUE, lanes, queued_tasks
+from clapq.queue import BULK_PRIORITY, EMBED_QUEUE, lanes, queued_tasks
 from tests.audio import signal as tone
 from tests.conftest import WorkerProcess, auth, make_env, queued_of_an_unserved_model
 
@@ -651,15 +652,26 @@ def test_a_postgres_away_across_celerys_retries_counts_no_try(services, tiny_mod
         worker = WorkerProcess(env, tmp_path / "worker.log").start()
         from clapq.queue import EMBED_TASK, make_celery
 
-        make_celery(settings).send_task(EMBED_TASK, args=[ids], queue=EMBED_QUEUE)
+        # in the bulk lane: Celery sent its retries in the same lane, where they waited behind the first lane
+        # with their files claimed and no longer beating (until the sweeper took them for a dead worker's)
+        make_celery(settings).send_task(EMBED_TASK, args=[ids], queue=EMBED_QUEUE, priority=BULK_PRIORITY)
         wait_until(lambda: job(st, key, job_id)["counts"].get("running") == 8, 60, "the task under way")
         postmaster = psutil.Process(int((tmp_path / "pg" / "postmaster.pid").read_text().split()[0]))
         stopped = [postmaster, *postmaster.children(recursive=True)]
         for proc in stopped:
             proc.send_signal(signal.SIGSTOP)
         # the pipe's failure is written at ~5 s and given up at ~11 s; the retry's claim connects at ~13 s and
-        # gives up at ~23 s; the next retry's claim waits for Postgres
-        time.sleep(30)
+        # gives up at ~23 s; the next retry's claim waits for Postgres. Meanwhile each retry's message is
+        # seen, delivered and waiting for its countdown, in kombu's hash of unacknowledged messages
+        retry_lanes: set = set()
+        broker_client = redis.Redis.from_url(broker.url)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for raw in broker_client.hvals("unacked"):
+                message = json.loads(raw)[0]
+                if message["headers"].get("retries"):
+                    retry_lanes.add(message["properties"].get("priority"))
+            time.sleep(0.2)
         for proc in stopped:
             proc.send_signal(signal.SIGCONT)
         stopped = []
@@ -667,6 +679,7 @@ def test_a_postgres_away_across_celerys_retries_counts_no_try(services, tiny_mod
         assert final["status"] == "done_with_errors" and final["counts"]["done"] == 7, final
         retries = Counter(re.findall(r"embed_items\[([0-9a-f-]+)\] retry: Retry in", worker.output()))
         assert max(retries.values(), default=0) >= 2, f"no retry's claim met the outage: {retries}"
+        assert retry_lanes == {0}, f"the retries' priorities: {retry_lanes}"  # {6} before
         with session_scope(url) as s:
             tries = Counter(s.scalars(select(Item.attempts).where(Item.job_id == uuid.UUID(job_id))))
         assert tries == {1: 8}, tries

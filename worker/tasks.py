@@ -250,6 +250,10 @@ def _retire(**_) -> None:
     retry_backoff=2,
     retry_backoff_max=120,
     max_retries=8,
+    # in the queue's first lane, as other overdue work is: Celery sends a retry at its message's priority, so
+    # a bulk task's waited in the bulk lane, its files claimed and no longer beating, until the sweeper took
+    # them for a dead worker's and counted a try
+    retry_kwargs={"priority": 0},
 )
 def embed_items(self, item_ids: list[str]) -> dict:
     """Embed a chunk of items; safe to run twice (unique keys + upserts)."""
