@@ -693,6 +693,68 @@ def test_a_postgres_away_across_celerys_retries_counts_no_try(services, tiny_mod
         pg.stop()
 
 
+def test_after_postgres_was_away_running_files_are_not_taken_for_lost_at_once(services, tiny_model, tmp_path):
+    """While Postgres does not answer no worker can record a heartbeat (and a task Celery retries beats not at
+    all until its countdown ends): at the sweeper's first pass after an outage longer than
+    CLAPQ_STALE_AFTER_S every running file looked lost, and was sent again one per task with a try counted,
+    while its worker, alive, lost it. Once a pass has failed, running files are taken for lost only after
+    CLAPQ_STALE_AFTER_S more, counted from the first pass that went through."""
+    from clapq.embedded import EmbeddedPostgres
+    from clapq.db import migrate
+    from clapq.queue import make_celery
+    from clapq.settings import Settings
+    from tests.conftest import job_of_own
+    from worker.sweeper import Sweeps
+
+    pg, broker = EmbeddedPostgres(tmp_path / "pg"), EmbeddedRedis(tmp_path / "redis")
+    url = pg.start()  # a Postgres of its own, stopped below
+    broker.start()
+    try:
+        migrate(url)
+        settings = Settings.from_env(make_env(services, tiny_model, tmp_path / "blobs", DATABASE_URL=url,
+                                              REDIS_URL=broker.url, CLAPQ_HEARTBEAT_S="1", CLAPQ_STALE_AFTER_S="3"))
+        with session_scope(url) as s:
+            tenant, _, lib, j = job_of_own(s, "away")
+            s.add(Item(tenant_id=tenant.id, library_id=lib.id, job_id=j.id, sha256="a" * 64, filename="a.wav",
+                       size_bytes=1, status="running", attempts=1, claimed_by="task-1"))
+
+        def silent() -> None:
+            with session_scope(url) as s:
+                s.execute(text("UPDATE items SET status = 'running', claimed_by = 'task-1', "
+                               "updated_at = now() - interval '1 hour'"))
+
+        def status() -> str:
+            with session_scope(url) as s:
+                return s.scalar(select(Item.status))
+
+        sweeps = Sweeps(settings, make_celery(settings))
+        silent()
+        sweeps()
+        assert status() == "queued"  # a worker gone: its file is taken at once (no model served: it waits)
+        silent()
+        pg.stop()
+        with pytest.raises(Exception):
+            sweeps()
+        assert sweeps.away
+        pg.start()
+        deadline = time.monotonic() + 60
+        while sweeps.away:  # the pool's connections to the stopped server may fail a pass first
+            assert time.monotonic() < deadline, "no pass went through"
+            with contextlib.suppress(Exception):
+                sweeps()
+        began = time.monotonic()
+        assert status() == "running"  # before: queued, at the first pass after the outage
+        sweeps()
+        assert status() == "running"
+        while time.monotonic() - began < 3.5:
+            time.sleep(0.2)
+        sweeps()
+        assert status() == "queued"
+    finally:
+        broker.stop()
+        pg.stop()
+
+
 @contextlib.contextmanager
 def a_server_that_never_answers():
     """A TCP port whose connections the kernel takes and nobody answers (a stopped Postgres): its URL."""

@@ -34,8 +34,9 @@ RETRY_FAILED_S = 3600
 _failed: dict[str, float] = {}  # index -> when its last rebuild failed (time.monotonic)
 
 
-def sweep_once(settings: Settings, app) -> int:
-    """One pass; returns how many items were sent again."""
+def sweep_once(settings: Settings, app, take_lost: bool = True) -> int:
+    """One pass; returns how many items were sent again. `take_lost`: whether running files silent for
+    CLAPQ_STALE_AFTER_S are taken for a dead worker's (see Sweeps)."""
     client = redis_client(app)
     with session_scope(settings.database_url) as s:
         # only files a live worker can embed are sent: one of a model none serves went round the queue for ever
@@ -48,7 +49,7 @@ def sweep_once(settings: Settings, app) -> int:
                              .with_for_update(of=Item, skip_locked=True)).all()
 
         # running, but no heartbeat for a while: its worker is gone (killed, lost, shut down)
-        lost = pick(Item.status == "running", silent_for(settings.stale_after_s))
+        lost = pick(Item.status == "running", silent_for(settings.stale_after_s)) if take_lost else []
         # queued with no message (clapq.models.NO_MESSAGE): left for a worker of their model when none ran, or
         # committed while Redis did not take their task; sent now (where one serves their model)
         parked = pick(Item.status == "queued", Item.claimed_by.in_(NO_MESSAGE), Library.model_id.in_(served))
@@ -99,6 +100,35 @@ def sweep_once(settings: Settings, app) -> int:
         log.warning("files whose worker is gone wait for a worker of their model, which none running serves; they "
                     "are sent as soon as one does", extra={"count": len(waiting)})
     return len(sent)
+
+
+class Sweeps:
+    """The sweeper's passes, and what they learn of Postgres. While it does not answer, no worker can record a
+    heartbeat, and a task that Celery retries after such a fault beats not at all until its countdown ends
+    (up to 2 min): at the first pass after an outage longer than CLAPQ_STALE_AFTER_S every running file
+    looked lost, and was sent again one per task with a try counted, while its worker, alive, lost it.
+    So once a pass has failed, running files are taken for lost again only CLAPQ_STALE_AFTER_S after
+    Postgres answered: silence counts from then."""
+
+    def __init__(self, settings: Settings, app):
+        self.settings, self.app = settings, app
+        self.away = False  # the last pass failed on Postgres
+        self.back_at: float | None = None  # when a pass went through after one that failed (time.monotonic)
+
+    def __call__(self) -> int:
+        began = time.monotonic()
+        quiet = self.away or (self.back_at is not None and began - self.back_at < self.settings.stale_after_s)
+        try:
+            sent = sweep_once(self.settings, self.app, take_lost=not quiet)
+        except (OperationalError, InterfaceError):
+            self.away = True
+            raise
+        if self.away:
+            self.away, self.back_at = False, began
+            log.info("Postgres answers again: running files are taken for a dead worker's only once they have "
+                     "been silent for CLAPQ_STALE_AFTER_S from now",
+                     extra={"stale_after_s": self.settings.stale_after_s})
+        return sent
 
 
 def collect_blobs(settings: Settings) -> int:
@@ -191,8 +221,10 @@ def run_forever(settings: Settings) -> None:
     # a rebuild takes minutes on a large store: in its own thread, so that sweeping goes on meanwhile
     threading.Thread(target=_every, args=(settings.sweep_interval_s, {"index repair": lambda: repair_indexes(settings)}),
                      name="index-repair", daemon=True).start()
+    sweeps = Sweeps(settings, app)
+
     def sweep() -> None:  # said alive only after a sweep that went through (every sweep failing said ok, helper-44)
-        sweep_once(settings, app)
+        sweeps()
         try:
             beat_done(app, settings.sweep_interval_s)
         except Exception as exc:  # Redis away: /readyz says so itself
