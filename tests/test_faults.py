@@ -161,7 +161,6 @@ def assert_exactly_once(st, job_id: str, n: int, segments: int = 1) -> None:
 def task_files(message: bytes) -> list:
     """The item ids a task waiting in a lane carries (kombu's JSON envelope around Celery's base64 body)."""
     import base64
-    import json
 
     return json.loads(base64.b64decode(json.loads(message)["body"]))[0][0]
 
@@ -338,6 +337,35 @@ def test_a_lost_backlog_the_sweeper_sends_again_keeps_its_lanes(stack):
         assert [broker.llen(k) for k in lanes()] == [5, 0, 7, 0]
         start_job(stack, 3, first=500)
         assert [broker.llen(k) for k in lanes()] == [6, 0, 7, 0]
+    finally:
+        presence.unserve(app)
+        broker.delete(*lanes())
+
+
+def test_the_sweeper_sends_the_longest_silent_files_first(stack, monkeypatch):
+    """More stranded files than a pass sends (worker.sweeper.PICK_MOST): the longest silent go first, the rest
+    at the next passes. The pick had no order, so a file could wait pass after pass behind later ones."""
+    from clapq import presence
+    from clapq.models import Library
+    from clapq.queue import make_celery
+    from worker import sweeper
+
+    broker = redis.Redis.from_url(stack["redis"].url)
+    _, lib, job_id = start_job(stack, 8)
+    broker.delete(*lanes())  # a Redis that lost its data
+    files = files_in_order(stack, job_id)
+    with session_scope(stack["settings"].database_url) as s:  # the last sent, the longest silent
+        s.execute(text("UPDATE items SET updated_at = now() - interval '1 hour' - make_interval(mins => o.n::int) "
+                       "FROM unnest(CAST(:ids AS uuid[])) WITH ORDINALITY AS o(id, n) WHERE items.id = o.id"),
+                  {"ids": files})
+        model_id = s.scalar(select(Library.model_id).where(Library.id == uuid.UUID(lib)))
+    app = make_celery(stack["settings"])
+    presence.serve(app, model_id)
+    monkeypatch.setattr(sweeper, "PICK_MOST", 3)
+    try:
+        wait_until(lambda: presence.serving(broker, {model_id}), 10, "the model said served")
+        assert sweeper.sweep_once(stack["settings"], app) == 3
+        assert [task_files(m) for m in broker.lrange(lanes()[0], 0, -1)] == [files[5:]]  # in upload order
     finally:
         presence.unserve(app)
         broker.delete(*lanes())

@@ -31,6 +31,7 @@ VECTOR_INDEXES = (("segments", "ix_segments_vector_hnsw"), ("embeddings", "ix_em
 REINDEX_LOCK = 0x636C6170_71726978  # "clapqrix": one index rebuild at a time, however many beats run
 DEAD_SHARE = 0.2  # and at least Settings.reindex_min_dead dead rows
 RETRY_FAILED_S = 3600
+PICK_MOST = 10_000  # files of each kind a pass sends again; the rest wait for the next
 _failed: dict[str, float] = {}  # index -> when its last rebuild failed (time.monotonic)
 
 
@@ -43,9 +44,11 @@ def sweep_once(settings: Settings, app, take_lost: bool = True) -> int:
         # (clapq.presence.serve); it waits, queued, until a worker of its model starts
         served = sorted(serving(client, s.scalars(select(EmbeddingModel.id)).all()))
 
-        def pick(*where) -> list:
+        def pick(*where) -> list:  # the longest silent first (ix_items_pending): of more than a pass takes,
+            # the oldest files, not any
             return s.execute(select(Item.id, Item.attempts, Library.model_id, Item.tenant_id, Item.created_at)
-                             .join(Library, Library.id == Item.library_id).where(*where).limit(10_000)
+                             .join(Library, Library.id == Item.library_id).where(*where)
+                             .order_by(Item.updated_at, Item.id).limit(PICK_MOST)
                              .with_for_update(of=Item, skip_locked=True)).all()
 
         # running, but no heartbeat for a while: its worker is gone (killed, lost, shut down)
