@@ -364,14 +364,22 @@ def _best_first(session, matches, distance, n: int, exact: bool, max_d: float | 
     if exact:
         every = _within(matches, distance, max_d).cte("matches").prefix_with("MATERIALIZED")
         # equal distances (silent files, one recording in two formats) in one order whatever `k` and
-        # `offset` are, so that pages neither repeat nor skip them; the index plan has none to give
+        # `offset` are, so that pages neither repeat nor skip them
         ties = [every.c.item_id, *([every.c.start_s] if "start_s" in every.c else [])]
         rows = session.execute(select(every).order_by(every.c.d, *ties).limit(n)).all()
         return Found(rows, len(rows) == n, False)
     session.execute(text("SELECT set_config('hnsw.iterative_scan', 'strict_order', true), "
                          "set_config('hnsw.ef_search', :ef, true), set_config('hnsw.max_scan_tuples', :scan, true)"),
                     {"ef": str(current_app.config["CLAPQ"].hnsw_ef_search), "scan": str(MAX_SCAN_TUPLES)})
-    rows = session.execute(matches.order_by(distance).limit(n)).all()
+    # The index gives equal distances in an order of its walk, which depends on how many rows are asked for:
+    # pages repeated one copy and never showed the other (helper-52). The rows past the n-th that tie with
+    # it are fetched too, and all are put in the exact plan's order before the first n are kept.
+    m = n + 1
+    rows = session.execute(matches.order_by(distance).limit(m)).all()
+    while len(rows) == m and rows[-1].d == rows[n - 1].d and m < MAX_CANDIDATES:
+        m = min(MAX_CANDIDATES, m * 4)
+        rows = session.execute(matches.order_by(distance).limit(m)).all()
+    rows = sorted(rows, key=lambda r: (r.d, r.item_id, getattr(r, "start_s", 0.0)))[:n]
     kept = rows if max_d is None else [r for r in rows if r.d <= max_d]
     if len(rows) < n and (max_d is None or len(kept) == len(rows)) and session.scalar(
             select(func.count()).select_from(matches.limit(n).subquery())) > len(rows):

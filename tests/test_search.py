@@ -487,10 +487,11 @@ def test_classify_and_duplicates(client, lib, tiny_model):
     assert len(d["near"]) == 2 and [x["item_id"] for x in d["exact"]] == [lib["copy"]]
 
 
-def test_equal_scores_come_in_one_order_whatever_k_and_offset(client, new_key, worker, tmp_path):
+def test_equal_scores_come_in_one_order_whatever_k_and_offset(client, new_key, worker, tmp_path, settings):
     """Silent files of different lengths embed to one vector, so they score the same for any query: they
-    come in one order (by item id) for every `k` and `offset`, in both modes, so that pages neither repeat
-    nor skip one. Before, the order among them moved with `k`."""
+    come in one order (by item id) for every `k` and `offset`, in both modes and on both plans, so that pages
+    neither repeat nor skip one. Before, the order among them moved with `k` (on the index plan until
+    helper-52: a page repeated one and another never came)."""
     key = new_key()
     lib = client.post("/v1/libraries", json={"name": "ties"}, headers=auth(key)).get_json()
     import soundfile as sf
@@ -500,16 +501,19 @@ def test_equal_scores_come_in_one_order_whatever_k_and_offset(client, new_key, w
         sf.write(str(path), np.zeros(8_000 * (i + 1), np.float32), 16_000)
     up = upload(client, key, lib["id"], paths).get_json()
     assert wait_job(client, key, up["job_id"])["status"] == "done"
-    for mode in ("items", "segments"):
+    for mode, plan, searcher in (("items", "exact", client), ("segments", "exact", client),
+                                 ("items", "index", walking(settings)), ("segments", "index", walking(settings))):
         def ids(k: int, offset: int = 0) -> list[str]:
-            r = client.post("/v1/search", json={"library_id": lib["id"], "q": "nothing at all", "k": k,
-                                                "offset": offset, "mode": mode}, headers=auth(key)).get_json()
+            r = searcher.post("/v1/search", json={"library_id": lib["id"], "q": "nothing at all", "k": k,
+                                                  "offset": offset, "mode": mode}, headers=auth(key)).get_json()
+            assert r["plan"] == plan, r
             return [x["item_id"] for x in r["results"]]
 
         every = ids(6)
-        assert every == sorted(i["id"] for i in up["items"]), mode
-        assert all(ids(k) == every[:k] for k in range(1, 6)), mode
-        assert [i for offset in range(0, 6, 2) for i in ids(2, offset)] == every, mode
+        assert every == sorted(i["id"] for i in up["items"]), (mode, plan)
+        assert all(ids(k) == every[:k] for k in range(1, 6)), (mode, plan)
+        assert [i for offset in range(0, 6, 2) for i in ids(2, offset)] == every, (mode, plan)
+        assert [i for offset in range(6) for i in ids(1, offset)] == every, (mode, plan)
 
 
 def test_text_embedding_is_cached_per_tenant(client, lib, settings, new_key):
