@@ -16,6 +16,7 @@ from api.errors import ApiError, bad_request, check_metadata, given_once, parse_
 from api.lookup import owned
 from api.models_info import served_model_for
 from api.query import MAX_CLIP_S
+from api.search import MAX_FILTER_KEYS, MAX_FILTER_VALUES
 from api.uploads import display_name
 from clapq.blobs import BLOB_LOCK, unqueue_reclaim
 from clapq.models import BlobReclaim, Item, Job, JobDuplicate, Library, requeued
@@ -107,7 +108,8 @@ def limits():
     s = current_app.config["CLAPQ"]
     return {"max_file_bytes": s.max_file_bytes, "max_files_per_batch": s.max_files_per_batch,
             "max_request_bytes": s.max_request_bytes, "max_duration_s": s.max_duration_s, "max_clip_s": MAX_CLIP_S,
-            "max_query_chars": s.max_query_chars, "max_k": s.max_k,
+            "max_query_chars": s.max_query_chars, "max_k": s.max_k, "max_filter_keys": MAX_FILTER_KEYS,
+            "max_filter_values": MAX_FILTER_VALUES, "search_timeout_s": s.search_timeout_s or None,
             "rate_limit": current_app.extensions["clapq_rate_limit"].describe()}
 
 

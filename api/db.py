@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from flask import current_app, g
-from sqlalchemy import Text, cast, func, or_, select
+from sqlalchemy import Text, cast, event, func, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from clapq.db import get_engine
@@ -15,6 +15,25 @@ def db() -> Session:
     if "db" not in g:
         g.db = sessionmaker(bind=get_engine(current_app.config["CLAPQ"].database_url), expire_on_commit=False)()
     return g.db
+
+
+def time_limit(seconds: int) -> None:
+    """Stop each statement of this request's session that runs longer than `seconds` (0: none), in every
+    transaction it begins (the session hands its connection back to the pool at each rollback, so a
+    session-wide SET would stay on a pooled connection or miss the next one). Postgres then raises
+    QueryCanceled (SQLSTATE 57014)."""
+    if seconds <= 0 or g.get("time_limit"):
+        return
+    g.time_limit = seconds
+    limit = select(func.set_config("statement_timeout", f"{seconds}s", True))
+    session = db()
+
+    @event.listens_for(session, "after_begin")
+    def _limit(session, transaction, connection) -> None:
+        connection.execute(limit)
+
+    if session.in_transaction():  # begun already (the API key's lookup)
+        session.execute(limit)
 
 
 def close_db(exc: BaseException | None = None) -> None:

@@ -6,7 +6,7 @@ import json
 import logging
 import re
 
-from flask import Flask, current_app, jsonify, request
+from flask import Flask, current_app, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
@@ -299,6 +299,12 @@ def register(app: Flask) -> None:
             return envelope(503, "database_conflict", "the request collided with another one changing the same "
                             f"rows and was not applied; send it again (after {CONFLICT_RETRY_AFTER_S} s)",
                             {"Retry-After": str(CONFLICT_RETRY_AFTER_S)})
+        if _pgcode(e) == "57014" and g.get("time_limit"):  # QueryCanceled: api.db.time_limit's
+            log.warning("a request's statement ran past %s s and was stopped (%s)", g.time_limit, request.path)
+            # a 400, not a 503: the same request sent again (clients retry 503s) would run as long
+            return envelope(400, "too_slow", f"the search ran longer than {g.time_limit} s "
+                            "(CLAPQ_SEARCH_TIMEOUT_S) and was stopped: search fewer libraries, or with a filter "
+                            "of fewer keys and values")
         if not database_unavailable(e):
             return _unexpected(e)
         log.warning("database unavailable: %s", why)

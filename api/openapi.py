@@ -147,7 +147,9 @@ SPEC = {
                           "413": _ERR}}},
         "/v1/limits": {"get": {"responses": _ok("what the service takes", {"type": "object", "properties": {
             **{k: {"type": "integer"} for k in ("max_file_bytes", "max_files_per_batch", "max_request_bytes",
-                                                "max_duration_s", "max_clip_s", "max_query_chars", "max_k")},
+                                                "max_duration_s", "max_clip_s", "max_query_chars", "max_k",
+                                                "max_filter_keys", "max_filter_values")},
+            "search_timeout_s": {"type": ["integer", "null"]},
             "rate_limit": {"type": ["string", "null"], "description": "requests per API key (CLAPQ_RATE_LIMIT), "
                            "such as '1200 requests per minute'; over it, 429 with Retry-After; null: no limit"}}})}},
         "/v1/jobs": {"get": {"parameters": PAGE, "responses": _ok("the tenant's jobs, newest first")}},

@@ -131,6 +131,7 @@ class Settings:
     max_k: int
     exact_search_max_windows: int
     hnsw_ef_search: int
+    search_timeout_s: int
     max_attempts: int
     decoders: int
     worker_concurrency: int
@@ -182,6 +183,9 @@ class Settings:
             # search, so that k=1 is the first of k=10 and pages neither repeat nor skip
             # (benchmarks/search_consistency.py)
             hnsw_ef_search=_int(env, "CLAPQ_HNSW_EF_SEARCH", 100, 1, 1000),
+            # a search's statements are stopped past this (0: never): nothing else stops one whose client
+            # has gone
+            search_timeout_s=_int(env, "CLAPQ_SEARCH_TIMEOUT_S", 60, 0),
             max_attempts=_int(env, "CLAPQ_MAX_ATTEMPTS", 3, 1),
             # 0: chosen by the worker for its device (worker.decoder.pool_size)
             decoders=_int(env, "CLAPQ_DECODERS", 0, 0),

@@ -566,6 +566,41 @@ def test_metrics_go_out_while_postgres_is_down(settings):
         silent.close()
 
 
+def test_a_search_is_bounded_by_its_filter_and_its_time(client, lib, settings):
+    """A metadata filter of 10,000 keys ran for minutes, and one of 100,000 'in' values held 17 GB of
+    Postgres's memory, long after the client had gone (helper-52): a filter takes at most 32 keys and 256
+    values, and a search's statements are stopped past CLAPQ_SEARCH_TIMEOUT_S, a 400 that says so (here a
+    search held up by a lock on the items, past a limit of 1 s)."""
+    from sqlalchemy import text as sql
+
+    from api import create_app
+    from clapq.db import get_engine
+
+    key, lib_id = lib
+    many = {f"k{i}": "v" for i in range(33)}
+    e = err(client.post("/v1/search", json={"library_id": lib_id, "text": "r", "filter": {"metadata": many}},
+                        headers=auth(key)), 400)
+    assert e["message"] == "'filter.metadata' has 33 keys; a search takes at most 32", e
+    wide = {"a": {"in": list(range(200))}, "b": {"in": list(range(56))}, "c": 1}
+    e = err(client.post("/v1/search", json={"library_id": lib_id, "text": "r", "filter": {"metadata": wide}},
+                        headers=auth(key)), 400)
+    assert e["message"].startswith("'filter.metadata' has 257 values (each 'in' value counts); a search takes at "
+                                   "most 256"), e
+    most = {"a": {"in": list(range(255))}, "c": 1}
+    r = client.post("/v1/search", json={"library_id": lib_id, "text": "r", "filter": {"metadata": most}},
+                    headers=auth(key))
+    assert r.status_code == 200, r.get_json()
+    impatient = create_app(dataclasses.replace(settings, search_timeout_s=1, preload_text=False)).test_client()
+    with get_engine(settings.database_url).connect() as conn:
+        conn.execute(sql("LOCK TABLE items IN ACCESS EXCLUSIVE MODE"))
+        e = err(impatient.get("/v1/search", query_string={"library_id": lib_id, "q": "r"}, headers=auth(key)), 400)
+        conn.rollback()
+    assert e["code"] == "too_slow" and e["message"].startswith("the search ran longer than 1 s "
+                                                               "(CLAPQ_SEARCH_TIMEOUT_S) and was stopped"), e
+    assert impatient.get("/v1/search", query_string={"library_id": lib_id, "q": "r"},
+                         headers=auth(key)).status_code == 200
+
+
 def test_what_json_cannot_carry_is_a_400_naming_where(client, lib, settings):
     """NaN and Infinity (Python's parser takes them, JSON has neither), a number too large for a float,
     nesting past 32 levels and a metadata filter that is not an object: 400s, never 500s; a refused
@@ -684,8 +719,8 @@ def test_limits_and_which_413(client, lib, settings):
     assert client.get("/v1/limits", headers=auth(key)).get_json() == {
         "max_file_bytes": settings.max_file_bytes, "max_files_per_batch": settings.max_files_per_batch,
         "max_request_bytes": settings.max_request_bytes, "max_duration_s": settings.max_duration_s, "max_clip_s": 600,
-        "max_query_chars": settings.max_query_chars,
-        "max_k": settings.max_k, "rate_limit": "1200 requests per minute"}
+        "max_query_chars": settings.max_query_chars, "max_filter_keys": 32, "max_filter_values": 256,
+        "search_timeout_s": 60, "max_k": settings.max_k, "rate_limit": "1200 requests per minute"}
     fields = {f"f{i}": "x" for i in range(settings.max_files_per_batch + 20)}
     e = err(client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                         data={"files": (io.BytesIO(b"RIFF"), "a.wav"), **fields}), 413)
