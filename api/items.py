@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import re
 import unicodedata
 from pathlib import PurePosixPath
 from urllib.parse import quote
@@ -64,6 +65,9 @@ def _progress(item: Item) -> float | None:
     return {"queued": 0.0, "done": 1.0}.get(item.status)
 
 
+ETAG = re.compile(r"[0-9a-f]{32}")  # what _etag gives
+
+
 def _etag(body: dict) -> str:
     """The ETag of an item shown as `body` (item_json): a hash of it (keys sorted), as a strong validator must
     change with the representation (helper-44): with its metadata, and with its status and progress too, so
@@ -80,7 +84,8 @@ def _with_etag(item: Item):
 
 @bp.get("/items/<item_id>")
 def get_item(item_id: str):
-    return _with_etag(owned(Item, item_id, "item"))
+    # If-None-Match with the ETag held: 304, no body (it was a 200 with the body, helper-52)
+    return _with_etag(owned(Item, item_id, "item")).make_conditional(request)
 
 
 @bp.patch("/items/<item_id>")
@@ -96,17 +101,30 @@ def patch_item(item_id: str):
                           "what the item has; {} clears it)")
     check_metadata(body["metadata"], "'metadata'")
     item = owned(Item, item_id, "item", lock=True)
+    now = _etag(item_json(item))
     if "If-Match" in request.headers:
-        tags, now = parse_etags(request.headers["If-Match"]), _etag(item_json(item))
+        tags = parse_etags(request.headers["If-Match"])
         if tags.is_weak(now) and not tags.contains(now):  # a proxy's W/"..." (nginx's gzip): never matches
             raise ApiError(412, "precondition_failed", f'If-Match: W/"{now}" is a weak ETag, which If-Match never '
                            f'matches (RFC 9110); send it as "{now}"')
         if not (tags.star_tag or tags.contains(now)):  # strong comparison, as If-Match asks
+            if not any(ETAG.fullmatch(t) for t in tags.as_set(include_weak=True)):
+                raise ApiError(412, "precondition_failed", f"If-Match: {request.headers['If-Match'][:80]!r} is not "
+                               f'an ETag this API gives (an item\'s is 32 hex digits in quotes: now "{now}"); '
+                               "send the ETag header a GET of the item gave")
             raise ApiError(412, "precondition_failed", f'If-Match: the item has changed since that ETag was read '
                            f'(its metadata, or its status or progress: it is now "{now}"); GET it again and make '
                            'the change on what it holds now')
+    if "If-None-Match" in request.headers:  # "*": only if the item does not exist; an ETag: unless it has it
+        tags = parse_etags(request.headers["If-None-Match"])
+        if tags.star_tag or tags.contains_weak(now):
+            raise ApiError(412, "precondition_failed", "If-None-Match: the item exists"
+                           + ("" if tags.star_tag else f' and has that ETag ("{now}")') + "; nothing was changed")
     item.meta = body["metadata"]
     db().commit()
+    # answered as stored, as a GET would show it, ETag included: Postgres writes out a number as 1e20 was
+    # sent, and the answer's ETag, sent back with If-Match, met a 412 (helper-52)
+    db().refresh(item)
     return _with_etag(item)
 
 

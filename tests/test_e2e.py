@@ -167,6 +167,32 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model, setting
     assert r.status_code == 413 and r.get_json()["error"]["code"] == "metadata_too_large", r.get_json()
     assert client.get(f"/v1/items/{ids[name]}", headers=auth(key)).get_json()["metadata"] == {"tag": "b"}
     assert client.patch(f"/v1/items/{ids[name]}", json={"metadata": {}}, headers=auth(new_key())).status_code == 404
+    # metadata is measured as it comes back: Postgres writes 1e300 out in full, 301 digits, so 2,300 of them
+    # (14 KB sent) made an item of 695 KB whose metadata GET gave could not be sent back (helper-52)
+    huge = client.patch(f"/v1/items/{ids[name]}", json={"metadata": {"n": [1e300] * 2300}}, headers=auth(key))
+    assert huge.status_code == 413 and "as stored (numbers written out in full" in \
+        huge.get_json()["error"]["message"], huge.get_json()
+    # the answer and its ETag are the item as stored, as a GET gives it (1e20 was answered as sent, and its
+    # ETag, sent back with If-Match, met a 412)
+    patched = client.patch(f"/v1/items/{ids[name]}", json={"metadata": {"n": 1e20, "tag": "b"}}, headers=auth(key))
+    read = client.get(f"/v1/items/{ids[name]}", headers=auth(key))
+    assert patched.get_json() == read.get_json() and read.get_json()["metadata"]["n"] == 10**20, patched.get_json()
+    assert patched.headers["ETag"] == read.headers["ETag"]
+    assert client.patch(f"/v1/items/{ids[name]}", json={"metadata": read.get_json()["metadata"]},
+                        headers={**auth(key), "If-Match": patched.headers["ETag"]}).status_code == 200
+    # conditional requests: a GET with the ETag held is a 304; If-None-Match on a PATCH is honoured; an
+    # If-Match that is no ETag of this API is said to be none (it was "the item has changed since")
+    tag = read.headers["ETag"]
+    cached = client.get(f"/v1/items/{ids[name]}", headers={**auth(key), "If-None-Match": tag})
+    assert cached.status_code == 304 and cached.data == b"", cached.status_code
+    assert client.get(f"/v1/items/{ids[name]}", headers={**auth(key), "If-None-Match": '"other"'}).status_code == 200
+    for header in ("*", tag):
+        r = client.patch(f"/v1/items/{ids[name]}", json={"metadata": {}}, headers={**auth(key), "If-None-Match": header})
+        assert r.status_code == 412 and r.get_json()["error"]["message"].startswith("If-None-Match: the item exists"), r
+    for header in ("garbage", '"garbage"'):
+        r = client.patch(f"/v1/items/{ids[name]}", json={"metadata": {}}, headers={**auth(key), "If-Match": header})
+        assert r.status_code == 412 and "is not an ETag this API gives" in r.get_json()["error"]["message"], r.get_json()
+    assert client.get(f"/v1/items/{ids[name]}", headers=auth(key)).get_json()["metadata"] == {"n": 10**20, "tag": "b"}
 
 
 def test_bytes_stored_already_take_the_path_new_ones_take(tmp_path):
