@@ -9,6 +9,7 @@ import time
 import unicodedata
 import uuid
 from typing import NamedTuple
+from urllib.parse import parse_qsl
 
 from flask import Blueprint, current_app, g, request
 from sqlalchemy import and_, case, func, or_, select, text
@@ -16,7 +17,7 @@ from sqlalchemy.dialects.postgresql import JSONB, distinct_on
 
 from api.db import db, time_limit
 from api.errors import (bad_request, check_text, given_once, json_body, parse_json, refuse_unknown, sent_as_json,
-                        takes_query)
+                        small_body, takes_query)
 from api.lookup import owned
 from api.models_info import describe, served_model_for
 from api.query import audio_vector, item_vector, text_vectors
@@ -68,6 +69,17 @@ def _known(names, where: str, files=()) -> None:
         raise bad_request(f"the form has a file {other_files[0]!r}; the clip goes in 'audio'")
 
 
+def _utf8(raw: bytes, where: str) -> None:
+    """Refuse URL-encoded text that is not UTF-8 (`q=%FF`, a surrogate `%ED%A0%80`): werkzeug reads each
+    such byte as U+FFFD, so the query searched for was other than sent, and a filter matched nothing
+    (helper-52)."""
+    try:
+        parse_qsl(raw.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="strict")
+    except UnicodeDecodeError as exc:
+        raise bad_request(f"{where} is not UTF-8 once its %-escapes are decoded ({exc.reason} at byte "
+                          f"{exc.start}); send text as UTF-8") from None
+
+
 def _params() -> dict:
     """The same parameters from a query string, a JSON body or a form (multipart, or URL-encoded as
     `curl -d` sends it)."""
@@ -78,6 +90,10 @@ def _params() -> dict:
                                                          and not sent_as_json())
     if request.method in ("GET", "HEAD") or form:  # HEAD: a GET without its body (it was a 400)
         f = request.args if request.method != "POST" else request.form
+        if request.method != "POST":
+            _utf8(request.query_string, "the query string")
+        elif request.mimetype == "application/x-www-form-urlencoded":
+            _utf8(small_body(), "the form")
         _known(f, "the query string" if request.method != "POST" else "the form",
                request.files if request.method == "POST" else ())
         p = {k: f.get(k) for k in ("q", "text", *OPTIONS)}
@@ -140,8 +156,11 @@ def _filters(raw) -> list:
         if isinstance(want, dict):
             if set(want) != {"in"} or not isinstance(want["in"], list) or not want["in"]:
                 raise bad_request(f"metadata filter on {key!r}: use a value or {{\"in\": [values]}}")
+            for v in want["in"]:
+                _one_value(key, v)
             conds.append(or_(*[c for v in want["in"] for c in _has(key, v)]))
         else:
+            _one_value(key, want)
             conds.append(or_(*_has(key, want)))
     dur = {} if raw.get("duration_s") is None else raw["duration_s"]
     if not isinstance(dur, dict) or set(dur) - {"min", "max"}:
@@ -155,6 +174,17 @@ def _filters(raw) -> list:
     if "min" in dur and "max" in dur and dur["min"] > dur["max"]:  # would match nothing, and look like no results
         raise bad_request(f"duration_s.min ({dur['min']}) is more than duration_s.max ({dur['max']})")
     return conds
+
+
+def _one_value(key: str, want) -> None:
+    """What a filter's value may be, given alone or in an 'in' list (helper-52: an object in 'in' matched by
+    partial containment, where alone it is refused; an empty list matched every list)."""
+    if isinstance(want, dict):
+        raise bad_request(f"metadata filter on {key!r}: a value to match is a string, number, true, false, null "
+                          "or a list of them, not an object")
+    if want == []:
+        raise bad_request(f"metadata filter on {key!r}: an empty list would match every list; give the values the "
+                          "list must hold")
 
 
 def _has(key: str, want) -> list:
@@ -189,7 +219,10 @@ def search():
     if any("," in i or i.lstrip().startswith("[") for i in lib_ids):  # library_ids=A,B or a JSON list as text
         raise bad_request("one library id per 'library_ids' value: repeat it for several "
                           "(library_ids=A&library_ids=B in a query string or a form; a list in a JSON body)")
-    libs = [owned(Library, i, "library") for i in lib_ids]
+    if any(not i.strip() for i in lib_ids):  # `library_id=` (a variable left empty): a 404 said nothing of that
+        raise bad_request("'library_id' is empty: give a library id")
+    # which one, of several (helper-52: "library not found" left the caller to try each)
+    libs = [owned(Library, i, f"library {i[:64]!r}") for i in lib_ids]
     model_id = served_model_for(*libs)
     k = _int(p.get("k"), "k", 1, settings.max_k, 10)
     offset = _int(p.get("offset"), "offset", 0, 10 * settings.max_k, 0)
@@ -226,6 +259,8 @@ def search():
     else:
         if not isinstance(q, str) or not q.strip():
             raise bad_request("the query text must be a non-empty string")
+        if all(unicodedata.category(c)[0] in "CZ" for c in q):  # a zero-width space alone: nothing to search for
+            raise bad_request("the query text has no visible characters")
         q = unicodedata.normalize("NFC", q)  # as it is embedded (text_vectors): an accent is one character
         if len(q) > settings.max_query_chars:
             raise bad_request(f"the query is {len(q)} characters; the limit is {settings.max_query_chars}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import unicodedata
+
 import numpy as np
 from flask import Blueprint, current_app, g, request
 from sqlalchemy import select
@@ -18,6 +20,7 @@ from clapq.models import Embedding, Item, Library
 bp = Blueprint("tagging", __name__)
 
 MAX_LABELS = 200
+MAX_TEMPLATE_CHARS = 500
 DEFAULT_TEMPLATE = "This is a sound of {label}."
 
 
@@ -35,9 +38,18 @@ def _labels() -> tuple[list[str], np.ndarray, int]:
     most = current_app.config["CLAPQ"].max_query_chars  # a label is embedded as a query is
     if (long := next((i for i, x in enumerate(labels) if len(x) > most), None)) is not None:
         raise bad_request(f"label {long} is {len(labels[long])} characters; the limit is {most} (CLAPQ_MAX_QUERY_CHARS)")
+    # the same label twice (but for spaces around it, or its Unicode form) was scored twice, each taking a place
+    # of `top` (helper-52)
+    seen: set = set()
+    for label in labels:
+        if (same := unicodedata.normalize("NFC", label.strip())) in seen:
+            raise bad_request(f"'labels' has {same!r} more than once; give each label once")
+        seen.add(same)
     template = body.get("template", DEFAULT_TEMPLATE)
-    if not isinstance(template, str) or "{label}" not in template or len(template) > 500:
+    if not isinstance(template, str) or "{label}" not in template:
         raise bad_request("'template' must be a string containing '{label}'")
+    if len(template) > MAX_TEMPLATE_CHARS:  # it was told to contain '{label}', which it did (helper-52)
+        raise bad_request(f"'template' is {len(template)} characters; the limit is {MAX_TEMPLATE_CHARS}")
     top = body.get("top", 3)
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
         raise bad_request("'top' must be a whole number, 1 or more (over the number of labels gives them all)")

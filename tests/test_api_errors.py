@@ -192,6 +192,22 @@ def test_text_postgres_cannot_store_is_refused_not_a_500(client, lib, tmp_path):
                                                                "filter": {"tag\x00": "a"}}, headers=auth(key)), 400)["message"]
     assert "form" in err(client.post("/v1/search", data={"library_id": lib_id, "text": "rain\x00"},
                                      content_type="multipart/form-data", headers=auth(key)), 400)["message"]
+    # bytes that are not UTF-8 once %-decoded were read as U+FFFD and searched for (helper-52); a query of
+    # invisible characters alone is nothing to search for; an empty or unknown library id is named
+    for query in (f"library_id={lib_id}&q=%FF", f"library_id={lib_id}&q=%ED%A0%80",
+                  f"library_id={lib_id}&q=x&filter=" + '{"metadata": {"a": "%FF"}}'):
+        assert err(client.get(f"/v1/search?{query}", headers=auth(key)), 400)["message"].startswith(
+            "the query string is not UTF-8 once its %-escapes are decoded"), query
+        assert err(client.post("/v1/search", data=query, content_type="application/x-www-form-urlencoded",
+                               headers=auth(key)), 400)["message"].startswith("the form is not UTF-8"), query
+    assert client.get(f"/v1/search?library_id={lib_id}&q=caf%C3%A9", headers=auth(key)).status_code == 200
+    assert err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "\u200b"}, headers=auth(key)),
+               400)["message"] == "the query text has no visible characters"
+    assert err(client.get("/v1/search", query_string={"library_id": "", "q": "x"}, headers=auth(key)),
+               400)["message"] == "'library_id' is empty: give a library id"
+    unknown = str(uuid.uuid4())
+    e = err(client.post("/v1/search", json={"library_ids": [lib_id, unknown], "q": "x"}, headers=auth(key)), 404)
+    assert e["message"] == f"library {unknown!r} not found", e
     wav = write(tmp_path / "a.wav", 0.2)
     r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                     data={"files": (io.BytesIO(wav.read_bytes()), "a.wav"), "metadata": '{"a.wav": {"k": "\\u0000"}}'})
@@ -586,6 +602,13 @@ def test_a_search_is_bounded_by_its_filter_and_its_time(client, lib, settings):
                         headers=auth(key)), 400)
     assert e["message"].startswith("'filter.metadata' has 257 values (each 'in' value counts); a search takes at "
                                    "most 256"), e
+    # an object in 'in' matched by partial containment, where alone it is refused; an empty list matched
+    # every list (helper-52)
+    for value, said in (({"in": [1, {"x": 1}]}, "not an object"), ([], "an empty list would match every list"),
+                        ({"in": ["a", []]}, "an empty list would match every list")):
+        e = err(client.post("/v1/search", json={"library_id": lib_id, "text": "r", "filter": {"metadata": {"t": value}}},
+                            headers=auth(key)), 400)
+        assert e["message"].startswith("metadata filter on 't': ") and said in e["message"], e
     most = {"a": {"in": list(range(255))}, "c": 1}
     r = client.post("/v1/search", json={"library_id": lib_id, "text": "r", "filter": {"metadata": most}},
                     headers=auth(key))

@@ -471,7 +471,13 @@ def test_classify_and_duplicates(client, lib, tiny_model):
                           ({"labels": labels, "top": 2.5}, "'top' must be a whole number, 1 or more"),
                           ({"labels": labels, "limit": 5}, "the body has 'limit', which classify does not take"),
                           # a label is embedded as a query is, and bounded as one (it had no bound)
-                          ({"labels": ["x" * 1001, "y"]}, "label 0 is 1001 characters; the limit is 1000")):
+                          ({"labels": ["x" * 1001, "y"]}, "label 0 is 1001 characters; the limit is 1000"),
+                          # helper-52: a label given twice was scored twice, each taking a place of `top`; a
+                          # long template was told to contain '{label}', which it did
+                          ({"labels": ["dog", "rain", " dog "]}, "'labels' has 'dog' more than once"),
+                          ({"labels": ["caf\u00e9", "cafe\u0301"]}, "'labels' has 'caf\u00e9' more than once"),
+                          ({"labels": labels, "template": "{label}" + "x" * 500},
+                           "'template' is 507 characters; the limit is 500")):
         r = client.post(f"/v1/libraries/{lib['a']}/classify", json=body, headers=h)
         assert r.status_code == 400 and r.get_json()["error"]["message"].startswith(message), r.get_json()
     page = client.post(f"/v1/libraries/{lib['a']}/classify?limit=2", json={"labels": labels}, headers=h).get_json()
