@@ -15,7 +15,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from api.uploads import StreamingRequest, finish_bodies
 
     settings = (settings or Settings.from_env()).require_urls()
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # no files to serve: a /static/ route answered in werkzeug's words
     app.request_class = StreamingRequest
     app.wsgi_app = finish_bodies(app.wsgi_app, settings.max_request_bytes)
     # a path with an empty id (`/v1/items//segments`) is a 404 in the JSON envelope, not a redirect page

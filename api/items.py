@@ -108,7 +108,7 @@ def patch_item(item_id: str):
             raise ApiError(412, "precondition_failed", f'If-Match: W/"{now}" is a weak ETag, which If-Match never '
                            f'matches (RFC 9110); send it as "{now}"')
         if not (tags.star_tag or tags.contains(now)):  # strong comparison, as If-Match asks
-            if not any(ETAG.fullmatch(t) for t in tags.as_set(include_weak=True)):
+            if not any(isinstance(t, str) and ETAG.fullmatch(t) for t in tags.as_set(include_weak=True)):
                 raise ApiError(412, "precondition_failed", f"If-Match: {request.headers['If-Match'][:80]!r} is not "
                                f'an ETag this API gives (an item\'s is 32 hex digits in quotes: now "{now}"); '
                                "send the ETag header a GET of the item gave")

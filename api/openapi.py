@@ -15,33 +15,59 @@ def _path_id(name: str) -> dict:
 
 
 def _ok(desc: str, schema: dict | None = None, code: str = "200") -> dict:
+    """A success answer, and the errors any /v1 operation can give: a bad request, no key, not found, the
+    rate limit, a database that does not answer (503 database_unavailable)."""
     body = {"description": desc}
     if schema:
         body["content"] = {"application/json": {"schema": schema}}
-    return {code: body, "400": _ERR, "401": _ERR, "404": _ERR, "429": _ERR}
+    return {code: body, "400": _ERR, "401": _ERR, "404": _ERR, "429": _ERR, "503": _ERR}
 
 
-SEARCH_RESULT = {
-    "type": "object",
-    "properties": {
-        "model": {"$ref": "#/components/schemas/Model"},
-        "plan": {"type": "string", "enum": ["exact", "index"],
-                 "description": "exact: every window the filters leave was compared; index: the HNSW index"},
-        "results": {"type": "array", "items": {"type": "object", "properties": {
-            "item_id": _ID, "filename": {"type": "string"}, "score": {"type": "number"},
-            "metadata": {"type": "object"}}}},
-    },
-}
+def _obj(**properties) -> dict:
+    return {"type": "object", "properties": properties}
 
+
+def _list(items: dict) -> dict:
+    return {"type": "array", "items": items}
+
+
+def _page(name: str, items: dict) -> dict:  # api.pages: a page, and the cursor of the next (null: the last)
+    return _obj(**{name: _list(items), "next_cursor": {"type": ["string", "null"]}})
+
+
+_STR, _INT, _NUM = {"type": "string"}, {"type": "integer"}, {"type": "number"}
+_WHEN = {"type": ["string", "null"], "format": "date-time"}
+_MODEL = {"$ref": "#/components/schemas/Model"}
+_SPAN = _obj(start_s=_NUM, end_s=_NUM)
+_FOUND = {"item_id": _ID, "library_id": _ID, "filename": _STR}  # an item named in an answer
+
+SEARCH_RESULT = _obj(
+    model=_MODEL, mode={"enum": ["items", "segments"]}, k=_INT, offset=_INT,
+    plan={"type": "string", "enum": ["exact", "index"],
+          "description": "exact: every window the filters leave was compared; index: the HNSW index"},
+    results=_list({**_obj(**_FOUND, score=_NUM, metadata={"type": "object"},
+                          segment={**_SPAN, "description": "items mode: the item's best window"},
+                          start_s=_NUM, end_s=_NUM),
+                   "description": "items mode: each item with its best window as `segment`; segments mode: each "
+                                  "window, its `start_s` and `end_s`"}))
+
+MAX_LABEL_CHARS = "CLAPQ_MAX_QUERY_CHARS (1000 by default)"
 CLASSIFY = {"type": "object", "required": ["labels"], "properties": {
-    "labels": {"type": "array", "items": {"type": "string"}}, "template": {"type": "string"},
+    "labels": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 200,
+               "uniqueItems": True, "description": f"each once, of at most {MAX_LABEL_CHARS} characters"},
+    "template": {"type": "string", "maxLength": 500, "description": "containing {label}"},
     "top": {"type": "integer", "minimum": 1}}}
+TAGS = _list(_obj(label=_STR, score=_NUM))
 
+_K = {"type": "integer", "minimum": 1, "maximum": 1000, "description": "at most CLAPQ_MAX_K (1000 by default)"}
+_OFFSET = {"type": "integer", "minimum": 0, "maximum": 10000, "description": "at most 10 x CLAPQ_MAX_K"}
+_SCORE = {"type": "number", "minimum": -1, "maximum": 1}
 SEARCH_BODY = {"type": "object", "properties": {
     "library_id": _ID, "library_ids": {"type": "array", "items": _ID}, "text": {"type": "string"},
-    "q": {"type": "string", "description": "the same as text"}, "item_id": _ID, "k": {"type": "integer", "minimum": 1}, "offset": {"type": "integer", "minimum": 0},
-    "min_score": {"type": "number"}, "mode": {"enum": ["items", "segments"]},
-    "filter": {"type": "object", "description": '{"metadata": {key: value | {"in": [...]}}, "duration_s": {"min", "max"}}'}},
+    "q": {"type": "string", "description": "the same as text"}, "item_id": _ID, "k": _K, "offset": _OFFSET,
+    "min_score": _SCORE, "mode": {"enum": ["items", "segments"]},
+    "filter": {"type": "object", "description": '{"metadata": {key: value | {"in": [...]}}, "duration_s": {"min", '
+                                                '"max"}}: at most 32 keys and 256 values'}},
     "additionalProperties": False}
 
 SEARCH_FORM = {  # POST /v1/search's form fields (multipart adds the 'audio' clip)
@@ -57,8 +83,8 @@ ITEM_PAGE = [
     {"name": "status", "in": "query", "schema": {"enum": ["queued", "running", "done", "failed", "cancelled"]}},
     *PAGE]
 
-DELETED = {"type": "object", "properties": {"deleted": {"type": "object", "properties": {
-    "items": {"type": "integer"}, "stored_files": {"type": "integer"}}}}}
+DELETED = _obj(deleted=_obj(item=_ID, library=_ID, items=_INT, stored_files=_INT))
+_ITEM, _JOB, _LIBRARY = ({"$ref": f"#/components/schemas/{n}"} for n in ("Item", "Job", "Library"))
 
 SPEC = {
     "openapi": "3.1.0",
@@ -74,42 +100,61 @@ SPEC = {
                 "id": {"type": "integer"}, "name": {"type": "string"},
                 "weights_sha256": {"type": "string"}, "dim": {"type": "integer"}}},
             "Library": {"type": "object", "properties": {
-                "id": _ID, "name": {"type": "string"}, "model": {"$ref": "#/components/schemas/Model"},
+                "id": _ID, "name": {"type": "string", "maxLength": 200}, "model": _MODEL, "created_at": _WHEN,
                 "item_count": {"type": "integer"},
                 "counts": {"type": "object", "description": "its items by status (queued, running, done, failed, "
                                                             "cancelled); in GET /v1/libraries/{library_id} only"}}},
             "Job": {"type": "object", "properties": {
-                "id": _ID, "status": {"enum": ["queued", "running", "done", "done_with_errors", "failed",
-                                                "cancelled"]},
-                "counts": {"type": "object"}, "progress": {"type": "number"}, "errors": {"type": "array"}}},
+                "id": _ID, "library_id": _ID,
+                "status": {"enum": ["queued", "running", "done", "done_with_errors", "failed", "cancelled"]},
+                "counts": {"type": "object", "description": "its files by status, their total and the copies "
+                                                            "among them (duplicates)"},
+                "progress": {"type": "number"}, "eta_s": {"type": ["number", "null"]}, "created_at": _WHEN,
+                "finished_at": _WHEN,
+                "errors": {**_list(_obj(item_id=_ID, filename=_STR, error={"type": ["string", "null"]})),
+                           "description": "the first 100 failed files (GET /v1/jobs/{job_id} only)"},
+                "requeued": {"type": "integer", "description": "a retry's answer: the files queued again"}}},
             "Item": {"type": "object", "properties": {
-                "id": _ID, "filename": {"type": "string"}, "sha256": {"type": "string"},
+                "id": _ID, "library_id": _ID, "job_id": _ID, "filename": {"type": "string"},
+                "sha256": {"type": "string"}, "size_bytes": {"type": "integer"},
                 "duration_s": {"type": ["number", "null"]}, "sample_rate": {"type": ["integer", "null"]},
-                "channels": {"type": ["integer", "null"]}, "metadata": {"type": "object"},
-                "status": {"type": "string"}, "error": {"type": ["string", "null"]},
-                "progress": {"type": ["number", "null"]}, "created_at": {"type": "string", "format": "date-time"}}},
+                "channels": {"type": ["integer", "null"]}, "format": {"type": ["string", "null"]},
+                "metadata": {"type": "object"},
+                "status": {"enum": ["queued", "running", "done", "failed", "cancelled"]},
+                "error": {"type": ["string", "null"]}, "attempts": {"type": "integer"},
+                "progress": {"type": ["number", "null"]}, "created_at": _WHEN}},
         },
         "responses": {"Error": {"description": "error envelope", "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
     },
     "paths": {
-        "/healthz": {"get": {"security": [], "responses": {"200": {"description": "alive"}}}},
-        "/readyz": {"get": {"security": [], "responses": {"200": {"description": "ready"},
-                                                          "503": {"description": "not ready"}}}},
+        "/healthz": {"get": {"security": [], "responses": {"200": {"description": "alive", "content": {
+            "application/json": {"schema": _obj(status={"enum": ["ok"]})}}}}}},
+        "/readyz": {"get": {"security": [], "responses": {
+            code: {"description": what, "content": {"application/json": {"schema": _obj(
+                status={"enum": ["ready", "not_ready"]},
+                checks={"type": "object", "description": "postgres, redis, workers, model, maintenance, "
+                        "embedding: 'ok', or what is wrong"})}}}
+            for code, what in (("200", "ready"), ("503", "not ready"))}}},
+        "/metrics": {"get": {"security": [], "responses": {"200": {
+            "description": "Prometheus metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/openapi.json": {"get": {"security": [], "responses": {"200": {
+            "description": "this description", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
         "/v1/libraries": {
-            "get": {"responses": _ok("the tenant's libraries")},
+            "get": {"responses": _ok("the tenant's libraries", _obj(libraries=_list(_LIBRARY)))},
             "post": {"requestBody": {"required": True, "content": {"application/json": {"schema": {
-                "type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}}}},
-                "responses": {**_ok("created", {"$ref": "#/components/schemas/Library"}, "201"), "409": _ERR}},
+                "type": "object", "required": ["name"], "properties": {"name": {"type": "string", "maxLength": 200}}}}}},
+                "responses": {**_ok("created", _LIBRARY, "201"), "409": _ERR}},
         },
         "/v1/libraries/{library_id}": {
             "get": {"parameters": [_path_id("library_id")],
-                    "responses": _ok("the library", {"$ref": "#/components/schemas/Library"})},
+                    "responses": _ok("the library", _LIBRARY)},
             "delete": {"parameters": [_path_id("library_id")],
                        "responses": _ok("deleted: the library, its jobs, items and vectors; stored_files: "
                                         "its files whose bytes none of your other items holds", DELETED)}},
         "/v1/libraries/{library_id}/items": {"get": {"parameters": [_path_id("library_id"), *ITEM_PAGE],
-                                                     "responses": _ok("a page of the library's items, oldest first")}},
+                                                     "responses": _ok("a page of the library's items, oldest first",
+                                                                      _page("items", _ITEM))}},
         "/v1/libraries/{library_id}/batches": {"post": {
             "parameters": [_path_id("library_id")],
             "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -117,8 +162,13 @@ SPEC = {
                     "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
                     "metadata": {"type": "string", "description": "JSON object: filename -> object (at most "
                                  "16 KiB of JSON a file)"}}}}}},
-            "responses": {**_ok("accepted", None, "202"), "409": _ERR, "413": _ERR, "415": _ERR,
-                          "503": _ERR, "507": _ERR}}},
+            "responses": {**_ok("accepted: the job, and each file's item", _obj(job_id=_ID, items=_list(_obj(
+                id=_ID, filename=_STR, status={"enum": ["queued", "running", "done", "failed", "cancelled"]},
+                duplicate_of={**_ID, "description": "the item holding the same bytes (this one)"},
+                retry_of={"type": "string", "description": "a failed or cancelled file sent again: its status "
+                                                           "before"},
+                metadata_ignored={"type": "boolean", "description": "a copy's metadata, not stored"}))), "202"),
+                          "409": _ERR, "413": _ERR, "415": _ERR, "507": _ERR}}},
         "/v1/libraries/{library_id}/known": {"post": {
             "parameters": [_path_id("library_id")],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -128,7 +178,10 @@ SPEC = {
             "responses": _ok("known: the digests the library holds already (not failed or cancelled); pending: "
                              "those of them not embedded yet (pending_jobs, pending_items: the job and item of "
                              "each); items: each known one's item; sent_from: its metadata.path and metadata.folder, "
-                             "where it has a path")}},
+                             "where it has a path", _obj(
+                                 known=_list(_STR), pending=_list(_STR), pending_jobs={"type": "object"},
+                                 pending_items={"type": "object"}, items={"type": "object"},
+                                 sent_from={"type": "object"}))}},
         "/v1/libraries/{library_id}/moves": {"post": {
             "parameters": [_path_id("library_id")],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {
@@ -143,7 +196,8 @@ SPEC = {
                             "properties": {"path": {"type": "string", "minLength": 1, "maxLength": 4096},
                                            "folder": {"type": "string", "minLength": 1, "maxLength": 64}}}}}}}}}}},
             "responses": {**_ok("moved: the ids whose metadata.path and .folder were set (those still at their "
-                                "'from'), and their filename to the new path's name; too_large: those left, as their metadata would grow past 16 KiB"),
+                                "'from'), and their filename to the new path's name; too_large: those left, as "
+                                "their metadata would grow past 16 KiB", _obj(moved=_list(_ID), too_large=_list(_ID))),
                           "413": _ERR}}},
         "/v1/limits": {"get": {"responses": _ok("what the service takes", {"type": "object", "properties": {
             **{k: {"type": "integer"} for k in ("max_file_bytes", "max_files_per_batch", "max_request_bytes",
@@ -152,47 +206,61 @@ SPEC = {
             "search_timeout_s": {"type": ["integer", "null"]},
             "rate_limit": {"type": ["string", "null"], "description": "requests per API key (CLAPQ_RATE_LIMIT), "
                            "such as '1200 requests per minute'; over it, 429 with Retry-After; null: no limit"}}})}},
-        "/v1/jobs": {"get": {"parameters": PAGE, "responses": _ok("the tenant's jobs, newest first")}},
+        "/v1/jobs": {"get": {"parameters": PAGE, "responses": _ok("the tenant's jobs, newest first (without their "
+                                                                  "errors)", _page("jobs", _JOB))}},
         "/v1/jobs/{job_id}/items": {"get": {"parameters": [_path_id("job_id"), *ITEM_PAGE],
-                                            "responses": _ok("a page of the job's items")}},
+                                            "responses": _ok("a page of the job's items", _page("items", _ITEM))}},
         "/v1/jobs/{job_id}/cancel": {"post": {"parameters": [_path_id("job_id")],
-                                              "responses": {**_ok("cancelled"), "409": _ERR}}},
+                                              "responses": {**_ok("cancelled: the job", _JOB), "409": _ERR}}},
         "/v1/jobs/{job_id}/retry": {"post": {"parameters": [_path_id("job_id")],
-                                             "responses": {**_ok("failed items re-queued", None, "202"), "409": _ERR}}},
+                                             "responses": {**_ok("failed items re-queued: the job", _JOB, "202"),
+                                                           "409": _ERR}}},
         "/v1/libraries/{library_id}/classify": {"post": {"parameters": [_path_id("library_id"), *PAGE],
                                                          "requestBody": {"required": True, "content": {
                                                              "application/json": {"schema": CLASSIFY}}},
-                                                         "responses": {**_ok("top labels per item"), "409": _ERR}}},
+                                                         "responses": {**_ok("top labels per embedded item", _page(
+                                                             "items", _obj(item_id=_ID, filename=_STR, labels=TAGS))),
+                                                             "409": _ERR}}},
         "/v1/items/{item_id}/classify": {"post": {"parameters": [_path_id("item_id")],
                                                   "requestBody": {"required": True, "content": {
                                                       "application/json": {"schema": CLASSIFY}}},
-                                                  "responses": {**_ok("top labels"), "409": _ERR}}},
+                                                  "responses": {**_ok("top labels", _obj(item_id=_ID, labels=TAGS)),
+                                                                "409": _ERR}}},
         "/v1/items/{item_id}/duplicates": {"get": {"parameters": [
-            _path_id("item_id"), {"name": "threshold", "in": "query", "schema": {"type": "number"}},
+            _path_id("item_id"), {"name": "threshold", "in": "query", "schema": _SCORE},
             {**PAGE[0], "description": "the most near duplicates listed (default 50); exact copies are all listed"}],
-            "responses": {**_ok("exact and near duplicates"), "409": _ERR}}},
-        "/v1/jobs/{job_id}": {"get": {"parameters": [_path_id("job_id")],
-                                      "responses": _ok("the job", {"$ref": "#/components/schemas/Job"})}},
+            "responses": {**_ok("exact and near duplicates", _obj(
+                item_id=_ID, sha256=_STR, threshold=_NUM, exact=_list(_obj(**_FOUND)),
+                near=_list(_obj(**_FOUND, score=_NUM)))), "409": _ERR}}},
+        "/v1/jobs/{job_id}": {"get": {"parameters": [_path_id("job_id")], "responses": _ok("the job", _JOB)}},
         "/v1/items/{item_id}": {
-            "get": {"parameters": [_path_id("item_id")],
-                    "responses": _ok("the item", {"$ref": "#/components/schemas/Item"})},
+            "get": {"parameters": [_path_id("item_id"), {
+                        "name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"},
+                        "description": "the ETag held: 304 while the item is unchanged"}],
+                    "responses": {**_ok("the item", _ITEM), "304": {"description": "not modified"}}},
             "patch": {"parameters": [_path_id("item_id"), {
                           "name": "If-Match", "in": "header", "required": False, "schema": {"type": "string"},
                           "description": "the ETag a GET of the item gave: the metadata is replaced only if the "
-                                         "item has not changed since (else 412)"}],
+                                         "item has not changed since (else 412)"}, {
+                          "name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"},
+                          "description": "'*' or an ETag: 412 as the item exists (or has that ETag)"}],
                       "requestBody": {"required": True, "content": {"application/json": {"schema": {
                           "type": "object", "required": ["metadata"], "additionalProperties": False,
                           "properties": {"metadata": {"type": "object"}}}}}},
-                      "responses": {**_ok("the item, its metadata replaced", {"$ref": "#/components/schemas/Item"}),
-                                    "412": _ERR, "413": _ERR}},
+                      "responses": {**_ok("the item as stored, its metadata replaced", _ITEM), "412": _ERR,
+                                    "413": _ERR}},
             "delete": {"parameters": [_path_id("item_id")],
                        "responses": _ok("deleted: the item and its vectors; stored_files: 1 if none of your "
                                         "other items holds its bytes", DELETED)}},
         "/v1/items/{item_id}/embedding": {"get": {"parameters": [_path_id("item_id")],
-                                                  "responses": {**_ok("the pooled vector"), "409": _ERR}}},
+                                                  "responses": {**_ok("the pooled vector", _obj(
+                                                      item_id=_ID, model=_MODEL, dim=_INT, vector=_list(_NUM))),
+                                                      "409": _ERR}}},
         "/v1/items/{item_id}/segments": {"get": {"parameters": [
             _path_id("item_id"), {"name": "vectors", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]}}],
-            "responses": _ok("the item's windows: index, start_s, end_s (and vector)")}},
+            "responses": _ok("the item's windows: index, start_s, end_s (and vector)", _obj(
+                item_id=_ID, status=_STR, model=_MODEL,
+                segments=_list(_obj(index=_INT, start_s=_NUM, end_s=_NUM, vector=_list(_NUM)))))}},
         "/v1/items/{item_id}/audio": {"get": {"parameters": [
             _path_id("item_id"),
             {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"},
@@ -211,9 +279,9 @@ SPEC = {
                 {"name": "q", "in": "query", "schema": {"type": "string"}},
                 {"name": "text", "in": "query", "schema": {"type": "string"}},
                 {"name": "item_id", "in": "query", "schema": _ID},
-                {"name": "k", "in": "query", "schema": {"type": "integer", "minimum": 1}},
-                {"name": "offset", "in": "query", "schema": {"type": "integer", "minimum": 0}},
-                {"name": "min_score", "in": "query", "schema": {"type": "number"}},
+                {"name": "k", "in": "query", "schema": _K},
+                {"name": "offset", "in": "query", "schema": _OFFSET},
+                {"name": "min_score", "in": "query", "schema": _SCORE},
                 {"name": "mode", "in": "query", "schema": {"enum": ["items", "segments"]}},
                 {"name": "filter", "in": "query", "schema": {"type": "string"}}],
                 "responses": {**_ok("results, best first", SEARCH_RESULT), "409": _ERR}},
