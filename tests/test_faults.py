@@ -725,8 +725,9 @@ def test_after_postgres_was_away_running_files_are_not_taken_for_lost_at_once(se
     """While Postgres does not answer no worker can record a heartbeat (and a task Celery retries beats not at
     all until its countdown ends): at the sweeper's first pass after an outage longer than
     CLAPQ_STALE_AFTER_S every running file looked lost, and was sent again one per task with a try counted,
-    while its worker, alive, lost it. Once a pass has failed, running files are taken for lost only after
-    CLAPQ_STALE_AFTER_S more, counted from the first pass that went through."""
+    while its worker, alive, lost it. The time Postgres was away (from the last pass that went through to the
+    next) does not count as silence: a file beating until the outage is taken CLAPQ_STALE_AFTER_S after it,
+    and one silent that long before it (a dead worker's) at once."""
     from clapq.embedded import EmbeddedPostgres
     from clapq.db import migrate
     from clapq.queue import make_celery
@@ -743,41 +744,36 @@ def test_after_postgres_was_away_running_files_are_not_taken_for_lost_at_once(se
                                               REDIS_URL=broker.url, CLAPQ_HEARTBEAT_S="1", CLAPQ_STALE_AFTER_S="3"))
         with session_scope(url) as s:
             tenant, _, lib, j = job_of_own(s, "away")
-            s.add(Item(tenant_id=tenant.id, library_id=lib.id, job_id=j.id, sha256="a" * 64, filename="a.wav",
-                       size_bytes=1, status="running", attempts=1, claimed_by="task-1"))
+            s.add_all([Item(tenant_id=tenant.id, library_id=lib.id, job_id=j.id, sha256=c * 64, filename=f"{c}.wav",
+                            size_bytes=1, status="running", attempts=1, claimed_by="task-1") for c in "ab"])
 
-        def silent() -> None:
+        def status() -> dict:
             with session_scope(url) as s:
-                s.execute(text("UPDATE items SET status = 'running', claimed_by = 'task-1', "
-                               "updated_at = now() - interval '1 hour'"))
-
-        def status() -> str:
-            with session_scope(url) as s:
-                return s.scalar(select(Item.status))
+                return dict(s.execute(select(Item.filename, Item.status)).all())
 
         sweeps = Sweeps(settings, make_celery(settings))
-        silent()
-        sweeps()
-        assert status() == "queued"  # a worker gone: its file is taken at once (no model served: it waits)
-        silent()
+        assert sweeps() == 0 and status() == {"a.wav": "running", "b.wav": "running"}
+        with session_scope(url) as s:  # a.wav beats until the outage; b.wav's worker died an hour ago
+            s.execute(text("UPDATE items SET updated_at = now() - interval '1 hour' WHERE filename = 'b.wav'"))
+            s.execute(text("UPDATE items SET updated_at = now() WHERE filename = 'a.wav'"))
         pg.stop()
         with pytest.raises(Exception):
             sweeps()
-        assert sweeps.away
+        time.sleep(4)  # longer than CLAPQ_STALE_AFTER_S
         pg.start()
         deadline = time.monotonic() + 60
         while sweeps.away:  # the pool's connections to the stopped server may fail a pass first
             assert time.monotonic() < deadline, "no pass went through"
             with contextlib.suppress(Exception):
                 sweeps()
-        began = time.monotonic()
-        assert status() == "running"  # before: queued, at the first pass after the outage
+        back = time.monotonic()
+        assert status() == {"a.wav": "running", "b.wav": "queued"}  # a.wav: queued before
         sweeps()
-        assert status() == "running"
-        while time.monotonic() - began < 3.5:
+        assert status()["a.wav"] == "running"
+        while time.monotonic() - back < 3.5:
             time.sleep(0.2)
         sweeps()
-        assert status() == "queued"
+        assert status()["a.wav"] == "queued"
     finally:
         broker.stop()
         pg.stop()
