@@ -325,7 +325,7 @@ def register(app: Flask) -> None:
         if _pgcode(e) == "57014" and g.get("time_limit"):  # QueryCanceled: api.db.time_limit's
             log.warning("a request's statement ran past %s s and was stopped (%s)", g.time_limit, request.path)
             # a 400, not a 503: the same request sent again (clients retry 503s) would run as long
-            return envelope(400, "too_slow", f"the search ran longer than {g.time_limit} s "
+            return envelope(400, "too_slow", f"a statement of the search ran longer than {g.time_limit} s "
                             "(CLAPQ_SEARCH_TIMEOUT_S) and was stopped: search fewer libraries, or with a filter "
                             "of fewer keys and values")
         if not database_unavailable(e):

@@ -77,8 +77,8 @@ def _utf8(raw: bytes, where: str) -> None:
     try:
         parse_qsl(raw.decode("latin-1"), keep_blank_values=True, encoding="utf-8", errors="strict")
     except UnicodeDecodeError as exc:
-        raise bad_request(f"{where} is not UTF-8 once its %-escapes are decoded ({exc.reason} at byte "
-                          f"{exc.start}); send text as UTF-8") from None
+        raise bad_request(f"{where} is not UTF-8 once its %-escapes are decoded ({exc.reason}); send text as "
+                          "UTF-8") from None
 
 
 def _params() -> dict:
@@ -180,12 +180,13 @@ def _filters(raw) -> list:
 def _one_value(key: str, want) -> None:
     """What a filter's value may be, given alone or in an 'in' list (helper-52: an object in 'in' matched by
     partial containment, where alone it is refused; an empty list matched every list)."""
-    if isinstance(want, dict):
-        raise bad_request(f"metadata filter on {key!r}: a value to match is a string, number, true, false, null "
-                          "or a list of them, not an object")
-    if want == []:
-        raise bad_request(f"metadata filter on {key!r}: an empty list would match every list; give the values the "
-                          "list must hold")
+    for value in (want, *want) if isinstance(want, list) else (want,):  # a list's values as well (helper-53)
+        if isinstance(value, dict):
+            raise bad_request(f"metadata filter on {key!r}: a value to match is a string, number, true, false, "
+                              "null or a list of them, not an object")
+        if value == []:
+            raise bad_request(f"metadata filter on {key!r}: an empty list would match every list; give the values "
+                              "the list must hold")
 
 
 def _has(key: str, want) -> list:
@@ -221,7 +222,7 @@ def search():
         raise bad_request("one library id per 'library_ids' value: repeat it for several "
                           "(library_ids=A&library_ids=B in a query string or a form; a list in a JSON body)")
     if any(not i.strip() for i in lib_ids):  # `library_id=` (a variable left empty): a 404 said nothing of that
-        raise bad_request("'library_id' is empty: give a library id")
+        raise bad_request("a library id given is empty ('library_id=' or an empty 'library_ids' value)")
     # which one, of several (helper-52: "library not found" left the caller to try each)
     libs = [owned(Library, i, f"library {i[:64]!r}") for i in lib_ids]
     model_id = served_model_for(*libs)
@@ -260,7 +261,8 @@ def search():
     else:
         if not isinstance(q, str) or not q.strip():
             raise bad_request("the query text must be a non-empty string")
-        if all(unicodedata.category(c)[0] in "CZ" for c in q):  # a zero-width space alone: nothing to search for
+        # a zero-width space alone: nothing to search for (a private-use character is something: an icon font's)
+        if all(unicodedata.category(c)[0] == "Z" or unicodedata.category(c) in ("Cc", "Cf", "Cs", "Cn") for c in q):
             raise bad_request("the query text has no visible characters")
         q = unicodedata.normalize("NFC", q)  # as it is embedded (text_vectors): an accent is one character
         if len(q) > settings.max_query_chars:

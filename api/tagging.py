@@ -8,7 +8,7 @@ import numpy as np
 from flask import Blueprint, current_app, g, request
 from sqlalchemy import select
 
-from api.db import db
+from api.db import db, time_limit
 from api.errors import bad_request, json_body, refuse_unknown, takes_query
 from api.lookup import owned
 from api.models_info import served_model_for
@@ -104,6 +104,7 @@ def duplicates(item_id: str):
     if not -1.0 <= threshold <= 1.0:
         raise bad_request("'threshold' must be a number between -1 and 1")
     limit = limit_arg(50)
+    time_limit(current_app.config["CLAPQ"].search_timeout_s)  # a search, as any other
     item, vec = item_vector(item_id)
     session = db()
     exact = session.execute(select(Item.id, Item.library_id, Item.filename)

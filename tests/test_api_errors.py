@@ -204,7 +204,8 @@ def test_text_postgres_cannot_store_is_refused_not_a_500(client, lib, tmp_path):
     assert err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "\u200b"}, headers=auth(key)),
                400)["message"] == "the query text has no visible characters"
     assert err(client.get("/v1/search", query_string={"library_id": "", "q": "x"}, headers=auth(key)),
-               400)["message"] == "'library_id' is empty: give a library id"
+               400)["message"] == "a library id given is empty ('library_id=' or an empty 'library_ids' value)"
+    assert client.get(f"/v1/search?library_id={lib_id}&q=%EE%80%80", headers=auth(key)).status_code == 200
     unknown = str(uuid.uuid4())
     e = err(client.post("/v1/search", json={"library_ids": [lib_id, unknown], "q": "x"}, headers=auth(key)), 404)
     assert e["message"] == f"library {unknown!r} not found", e
@@ -605,7 +606,8 @@ def test_a_search_is_bounded_by_its_filter_and_its_time(client, lib, settings):
     # an object in 'in' matched by partial containment, where alone it is refused; an empty list matched
     # every list (helper-52)
     for value, said in (({"in": [1, {"x": 1}]}, "not an object"), ([], "an empty list would match every list"),
-                        ({"in": ["a", []]}, "an empty list would match every list")):
+                        ({"in": ["a", []]}, "an empty list would match every list"), ([{}], "not an object"),
+                        (["a", []], "an empty list would match every list")):
         e = err(client.post("/v1/search", json={"library_id": lib_id, "text": "r", "filter": {"metadata": {"t": value}}},
                             headers=auth(key)), 400)
         assert e["message"].startswith("metadata filter on 't': ") and said in e["message"], e
@@ -617,8 +619,10 @@ def test_a_search_is_bounded_by_its_filter_and_its_time(client, lib, settings):
     with get_engine(settings.database_url).connect() as conn:
         conn.execute(sql("LOCK TABLE items IN ACCESS EXCLUSIVE MODE"))
         e = err(impatient.get("/v1/search", query_string={"library_id": lib_id, "q": "r"}, headers=auth(key)), 400)
+        # so is a duplicates search (a vector search too; helper-53)
+        assert err(impatient.get(f"/v1/items/{uuid.uuid4()}/duplicates", headers=auth(key)), 400)["code"] == "too_slow"
         conn.rollback()
-    assert e["code"] == "too_slow" and e["message"].startswith("the search ran longer than 1 s "
+    assert e["code"] == "too_slow" and e["message"].startswith("a statement of the search ran longer than 1 s "
                                                                "(CLAPQ_SEARCH_TIMEOUT_S) and was stopped"), e
     assert impatient.get("/v1/search", query_string={"library_id": lib_id, "q": "r"},
                          headers=auth(key)).status_code == 200
