@@ -424,9 +424,10 @@ def _best_first(session, matches, distance, n: int, exact: bool, max_d: float | 
     # pages repeated one copy and never showed the other (helper-52). They are put in the exact plan's order,
     # and where they run past the n-th row, the rest of them are looked up first
     rows = session.execute(matches.order_by(distance).limit(n + 1)).all()
-    if len(rows) > n and rows[n].d == rows[n - 1].d:
-        rows = _ties_settled(session, matches, distance, rows[:n])
-    rows = sorted(rows[:n], key=_tie_order)
+    if len(rows) <= n or rows[n].d != rows[n - 1].d:
+        rows = sorted(rows[:n], key=_tie_order)
+    else:  # in the walk's order where the run of equal distances is too long to read
+        rows = _ties_settled(session, matches, distance, rows[:n]) or rows[:n]
     kept = rows if max_d is None else [r for r in rows if r.d <= max_d]
     if len(rows) < n and (max_d is None or len(kept) == len(rows)) and session.scalar(
             select(func.count()).select_from(matches.limit(n).subquery())) > len(rows):
@@ -442,26 +443,30 @@ def _tie_order(row) -> tuple:
     return row.d, row.item_id, getattr(row, "start_s", 0.0)
 
 
-def _ties_settled(session, matches, distance, rows: list) -> list:
+def _ties_settled(session, matches, distance, rows: list) -> list | None:
     """`rows` (the index's first n, best first) where the n-th ties with rows past it: the n best in the exact
     plan's order. The run of that distance is read through the index as (item, window, distance) alone, and
-    only the rows that make the cut and were not among `rows` are fetched whole. TIE_RUN_MOST rows past the
-    n-th are read, in one statement: a long recording's silence is thousands of equal windows, and reading
-    12,000 of them whole, metadata and all, took 1.3 s and 600 MB (helper-53), 0.4 s as keys alone, and 1,000
-    keys 87 ms where the search without this took 45 ms (a page then repeats and skips nothing of a run of equal
-    windows up to that long; of a longer one it may, as before)."""
+    only the rows that make the cut and were not among `rows` are fetched whole. At most TIE_RUN_MOST rows past
+    the n-th are read, in one statement; a longer run (a long recording's silence is thousands of equal
+    windows) is left in the walk's order, None: reading 12,000 such windows whole, metadata and all, took 1.3 s
+    and 600 MB (helper-53), and in the exact plan's order they are grouped by item, so a search for items
+    widened its walk round after round to find 10 distinct ones (710 ms where it took 7 ms,
+    benchmarks/search_consistency.py --spread 0)."""
     edge = rows[-1].d
     cols = matches.selected_columns
     keys = [cols.item_id, *([cols.start_s] if "start_s" in cols else [])]
     narrow = matches.with_only_columns(*keys, cols.d).order_by(distance)
-    run = session.execute(narrow.limit(min(MAX_CANDIDATES, len(rows) + TIE_RUN_MOST))).all()
+    most = min(MAX_CANDIDATES, len(rows) + TIE_RUN_MOST)
+    run = session.execute(narrow.limit(most)).all()
+    if len(run) == most and run[-1].d == edge:
+        return None
     before = [r for r in rows if r.d < edge]
     tied = [tuple(r[:-1]) for r in sorted((r for r in run if r.d == edge), key=_tie_order)][:len(rows) - len(before)]
     have = {tuple(getattr(r, c.name) for c in keys): r for r in rows}
     missing = [k for k in tied if k not in have]
     fetched = {tuple(getattr(r, c.name) for c in keys): r for r in session.execute(
         matches.where(tuple_(*keys).in_(missing)))} if missing else {}
-    return before + [have.get(k) or fetched[k] for k in tied if k in have or k in fetched]
+    return sorted(before, key=_tie_order) + [have.get(k) or fetched[k] for k in tied if k in have or k in fetched]
 
 
 def _best_per_item(session, matches, want: int) -> list:
