@@ -14,7 +14,7 @@ from sqlalchemy import text
 from api.models_info import registered_model_id
 from clapq.checkpoint import ModelUnavailable, resolve
 from clapq.db import get_engine
-from clapq.presence import beat_alive, live_workers, serving
+from clapq.presence import TTL_S, beat_alive, live_workers, serving
 from clapq.queue import redis_client
 
 bp = Blueprint("health", __name__)
@@ -89,8 +89,10 @@ def readyz():
         redis_client(celery).ping()
         return "ok"
 
-    def workers() -> str:
-        return "ok" if live_workers(celery) else "error: no live worker (start `clapq worker`)"
+    def workers() -> str:  # a warning, as embedding's is: search and uploads go on without one (a stopped
+        # worker took the API out of service, while a stopped model process left it ready, helper-54)
+        return "ok" if live_workers(celery) else ("warning: no live worker (start `clapq worker`); uploads wait "
+                                                 "queued until one runs")
 
     def model() -> str:
         try:
@@ -107,12 +109,13 @@ def readyz():
         model_id = registered_model_id(ckpt.name, ckpt.weights_sha256, settings.database_url)
         if serving(redis_client(celery), {model_id}):
             return "ok"
-        return (f"warning: no live worker serves this service's model (model {model_id}) yet: a worker still "
-                "loading it, or workers whose CLAPQ_MODEL is not the API's; uploads wait queued until one does")
+        return (f"warning: no process holding this service's model (model {model_id}) has said so for "
+                f"{TTL_S} s: a worker still loading it, one that hangs, or workers whose CLAPQ_MODEL is not the "
+                "API's; uploads wait queued until one does")
 
     checks = _run({"postgres": postgres, "redis": redis, "workers": workers, "model": model,
                    "maintenance": maintenance, "embedding": embedding},
                   (settings.database_url, settings.redis_url, str(settings.model)))
     # these are said, but not a reason to take the API out of service: it searches without them
-    ready = all(v == "ok" for k, v in checks.items() if k not in ("maintenance", "embedding"))
+    ready = all(v == "ok" for k, v in checks.items() if k not in ("workers", "maintenance", "embedding"))
     return {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503

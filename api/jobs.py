@@ -25,7 +25,9 @@ def job_status(counts: dict, cancelled: bool) -> str:
     pending = counts["queued"] + counts["running"]
     if pending:
         return "queued" if counts["running"] == 0 and counts["done"] + counts["failed"] == 0 else "running"
-    if cancelled or (counts["cancelled"] and not counts["done"]):
+    # a cancel whose files all finished anyway (the batch in flight is written whole) is not a cancelled job:
+    # it stayed "cancelled" with every file done, and `clapq upload` exited 1 (helper-54)
+    if (cancelled and (counts["cancelled"] or not counts["total"])) or (counts["cancelled"] and not counts["done"]):
         return "cancelled"
     if counts["total"] and counts["failed"] == counts["total"]:
         return "failed"

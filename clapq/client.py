@@ -934,7 +934,10 @@ def time_left(elapsed_s: float, gained: float, left: float, still_s: float = 0.0
     """", about 4 min left" at the pace so far (`gained` of the share in `elapsed_s`), once there is a pace to
     go by (10 s of it, and some share gained); "" before that, and at the end. Once nothing has moved for
     `still_s` (a minute or more) longer than that pace gives for the rest, the pace says nothing (it read
-    "about 0 s left" for minutes while the last files waited for a worker): how long nothing has moved."""
+    "about 0 s left" for minutes while the last files waited for a worker): how long nothing has moved; so
+    too where nothing has moved at all (it said nothing for minutes behind a hung worker, helper-54)."""
+    if left > 0 and gained <= 0 and still_s >= 60:
+        return f", no progress for {_span(still_s)}"
     if elapsed_s < 10 or gained <= 0 or left <= 0:
         return ""
     s = elapsed_s * left / gained

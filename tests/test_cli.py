@@ -1531,6 +1531,8 @@ def test_the_time_left_is_said_at_the_pace_so_far():
     assert time_left(300, 0.999, 0.001, still_s=30) == ", about 0 s left"
     assert time_left(300, 0.999, 0.001, still_s=150) == ", no progress for 2 min"
     assert time_left(600, 0.1, 0.9, still_s=120) == ", about 1 h 30 min left"  # a long file, heartbeats apart
+    # nothing moved at all for minutes (a hung worker): said, where it said nothing (helper-54)
+    assert time_left(180, 0.0, 1.0, still_s=180) == ", no progress for 3 min" and time_left(30, 0.0, 1.0, 30) == ""
 
 
 def test_the_share_shown_weighs_jobs_by_the_bytes_sent():

@@ -506,3 +506,32 @@ def test_celerys_own_retry_after_an_outage_counts_no_try(new_key, client, settin
     with session_scope(settings.database_url) as s:
         own, borrowed = s.get(Item, ids["own"]), s.get(Item, ids["borrowed"])
         assert (own.attempts, borrowed.attempts, borrowed.error) == (2, 1, store.LOST)
+
+
+def test_a_cancel_whose_files_all_finished_leaves_a_done_job(client, new_key, settings):
+    """A cancel that came while the last batch ran: the batch is written whole, so every file ended done,
+    and the job stayed "cancelled" for good, its retry and cancel both 409s and `clapq upload` exiting 1
+    (helper-54). Its status follows its files once none is cancelled; a failure recorded for a file
+    cancelled meanwhile is not one (clapq_items_failed_total counted it)."""
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+    from worker import store
+
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "late cancel"}, headers=auth(key)).get_json()
+    for files, cancelled, status in (([("a", 10, "done")], True, "done"),
+                                     ([("a", 10, "done"), ("b", 10, "cancelled")], True, "cancelled"),
+                                     ([("a", 10, "failed")], True, "failed"),
+                                     ([("a", 10, "cancelled")], False, "cancelled")):
+        job, ids = job_rows(settings, lib["id"], files)
+        with session_scope(settings.database_url) as s:
+            s.execute(text("UPDATE jobs SET cancelled = :c WHERE id = :j"), {"c": cancelled, "j": job})
+        got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
+        assert got["status"] == status, (files, cancelled, got)
+    with session_scope(settings.database_url) as s:
+        assert store.record_failure(s, ids["a"], "broken") is False  # cancelled: left as it is
+    assert client.get(f"/v1/items/{ids['a']}", headers=auth(key)).get_json()["status"] == "cancelled"
+    job, ids = job_rows(settings, lib["id"], [("c", 10, "running")])
+    with session_scope(settings.database_url) as s:
+        assert store.record_failure(s, ids["c"], "broken") is True

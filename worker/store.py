@@ -142,11 +142,13 @@ def _requeue(session: Session, which, reason: str, task_id: str, charge: bool) -
         .values(**values).returning(Item.id)))
 
 
-def record_failure(session: Session, item_id: uuid.UUID, reason: str, info=None) -> None:
+def record_failure(session: Session, item_id: uuid.UUID, reason: str, info=None) -> bool:
+    """Whether the failure was recorded: not for a file cancelled or deleted meanwhile."""
     values = dict(status="failed", error=reason[:2000], finished_at=func.now())
     if info is not None and info.sample_rate:
         values.update(sample_rate=info.sample_rate, channels=info.channels, audio_format=info.format[:32])
-    session.execute(update(Item).where(Item.id == item_id, Item.status == "running").values(**values))
+    return session.execute(update(Item).where(Item.id == item_id, Item.status == "running").values(**values)
+                           ).rowcount == 1
 
 
 # One statement per model batch: every finished item's segments, stale-window clean-up, pooled

@@ -399,8 +399,10 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
 
     def on_failed(d) -> None:
         with session_scope(settings.database_url) as s:
-            store.record_failure(s, d.item.id, d.error, d.info)
+            recorded = store.record_failure(s, d.item.id, d.error, d.info)
         held.discard(d.item.id)
+        if not recorded:  # cancelled or deleted meanwhile: not a failure (clapq_items_failed_total counted
+            return  # it, helper-54)
         counts["failed"] += 1
         metrics.record_items(self.app, failed=1)
         log.info("item failed", extra={"item_id": str(d.item.id), "job_id": str(d.item.job_id),
