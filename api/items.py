@@ -106,7 +106,8 @@ def patch_item(item_id: str):
                           "what the item has; {} clears it)")
     check_metadata(body["metadata"], "'metadata'")
     item = owned(Item, item_id, "item", lock=True)
-    now = _etag(item_json(item))
+    # the item's ETag, for the preconditions given (most PATCHes give none)
+    now = _etag(item_json(item)) if "If-Match" in request.headers or "If-None-Match" in request.headers else None
     if "If-Match" in request.headers:
         tags = parse_etags(request.headers["If-Match"])
         if tags.is_weak(now) and not tags.contains(now):  # a proxy's W/"..." (nginx's gzip): never matches

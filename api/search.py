@@ -262,7 +262,7 @@ def search():
         if not isinstance(q, str) or not q.strip():
             raise bad_request("the query text must be a non-empty string")
         # a zero-width space alone: nothing to search for (a private-use character is something: an icon font's)
-        if all(unicodedata.category(c)[0] == "Z" or unicodedata.category(c) in ("Cc", "Cf", "Cs", "Cn") for c in q):
+        if all((kind := unicodedata.category(c))[0] == "Z" or kind in ("Cc", "Cf", "Cs", "Cn") for c in q):
             raise bad_request("the query text has no visible characters")
         q = unicodedata.normalize("NFC", q)  # as it is embedded (text_vectors): an accent is one character
         if len(q) > settings.max_query_chars:
@@ -462,10 +462,13 @@ def _ties_settled(session, matches, distance, rows: list) -> list | None:
         return None
     before = [r for r in rows if r.d < edge]
     tied = [tuple(r[:-1]) for r in sorted((r for r in run if r.d == edge), key=_tie_order)][:len(rows) - len(before)]
-    have = {tuple(getattr(r, c.name) for c in keys): r for r in rows}
+
+    def key(row) -> tuple:
+        return tuple(getattr(row, c.name) for c in keys)
+
+    have = {key(r): r for r in rows}
     missing = [k for k in tied if k not in have]
-    fetched = {tuple(getattr(r, c.name) for c in keys): r for r in session.execute(
-        matches.where(tuple_(*keys).in_(missing)))} if missing else {}
+    fetched = {key(r): r for r in session.execute(matches.where(tuple_(*keys).in_(missing)))} if missing else {}
     return sorted(before, key=_tie_order) + [have.get(k) or fetched[k] for k in tied if k in have or k in fetched]
 
 

@@ -645,11 +645,16 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     limits = client.limits()
     found = len(paths)
     listed = paths
-    paths, too_big, refused = _sendable(paths, folder, limits)
-    if not paths:  # as above: no library is created for nothing
-        refused += too_big.values()
-    for line in refused:
-        print(f"not sent: {line}", file=sys.stderr)
+    paths, too_big, unreadable = _sendable(paths, folder, limits)
+    refused: list[str] = []
+
+    def not_sent(lines) -> None:
+        for line in lines:
+            print(f"not sent: {line}", file=sys.stderr)
+            refused.append(line)
+
+    # where nothing can be sent, as above: no library is created for nothing
+    not_sent(unreadable + ([] if paths else list(too_big.values())))
     if not paths:
         what = "the file cannot" if found == 1 else f"none of the {found} files can"
         raise SystemExit(f"clapq: {what} be sent (said above); nothing was uploaded")
@@ -663,9 +668,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         sendable = set(paths)
         paths = [p for p in listed if p in too_big or p in sendable]
     else:
-        for line in too_big.values():
-            print(f"not sent: {line}", file=sys.stderr)
-        refused += too_big.values()
+        not_sent(too_big.values())
     jobs, sent, skipped, unfinished, in_flight = [], 0, 0, 0, 0
     # files an earlier run left queued or running: their jobs are waited for too (job -> their bytes), and
     # of those jobs only these files' failures are told (`theirs`: a job may hold another folder's files)
@@ -708,10 +711,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                 if only is None:  # one file sent on its own is not its folder's layout: its path stays
                     on_disk.digests.update((q, d) for q, d in digests.items() if d is not None)
                     moved += _moved(folder, held, first, digests, on_disk, elsewhere)
-                for p in new:
-                    if p in too_big:
-                        print(f"not sent: {too_big[p]}", file=sys.stderr)
-                        refused.append(too_big[p])
+                not_sent([too_big[p] for p in new if p in too_big])
                 batch = [p for p in new if p not in too_big]
                 if not batch:
                     continue
@@ -720,9 +720,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             in_flight = len(batch)
             answer, batch, left_out = _send(client, lib["id"], folder, batch)
             in_flight = 0
-            for line in left_out:
-                print(f"not sent: {line}", file=sys.stderr)
-            refused += left_out
+            not_sent(left_out)
             if answer is None:
                 continue
             nbytes = sum(map(_size, batch))
