@@ -201,6 +201,13 @@ def test_text_postgres_cannot_store_is_refused_not_a_500(client, lib, tmp_path):
         assert err(client.post("/v1/search", data=query, content_type="application/x-www-form-urlencoded",
                                headers=auth(key)), 400)["message"].startswith("the form is not UTF-8"), query
     assert client.get(f"/v1/search?library_id={lib_id}&q=caf%C3%A9", headers=auth(key)).status_code == 200
+    # a multipart field is decoded by werkzeug, each byte that is not UTF-8 as U+FFFD: the query is refused
+    boundary = "b0undary"
+    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="library_id"\r\n\r\n{lib_id}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="q"\r\n\r\n').encode() + \
+        b"caf\xe9\r\n" + f"--{boundary}--\r\n".encode()
+    assert "U+FFFD" in err(client.post("/v1/search", data=body, content_type=f"multipart/form-data; boundary={boundary}",
+                                       headers=auth(key)), 400)["message"]
     assert err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "\u200b"}, headers=auth(key)),
                400)["message"] == "the query text has no visible characters"
     assert err(client.get("/v1/search", query_string={"library_id": "", "q": "x"}, headers=auth(key)),
