@@ -31,7 +31,7 @@ SAFE_TYPES = {
     "wav": "audio/wav", "wavex": "audio/wav", "rf64": "audio/wav", "flac": "audio/flac", "ogg": "audio/ogg",
     "mp3": "audio/mpeg", "aiff": "audio/aiff", "caf": "audio/x-caf", "au": "audio/basic",
     # FFmpeg's (the first of a demuxer's names)
-    "mov": "audio/mp4", "mp4": "audio/mp4", "matroska": "audio/x-matroska", "aac": "audio/aac",
+    "mov": "audio/mp4", "mp4": "audio/mp4", "matroska": "audio/x-matroska", "webm": "audio/webm", "aac": "audio/aac",
     "ac3": "audio/ac3", "eac3": "audio/eac3", "wv": "audio/x-wavpack", "avi": "video/x-msvideo",
     "asf": "video/x-ms-asf", "flv": "video/x-flv", "mpeg": "video/mpeg",
 }
@@ -39,7 +39,8 @@ SAFE_TYPES = {
 
 def media_type(item: Item) -> str:
     """The Content-Type a stored file is served with: by its decoded container, never by its name alone
-    (nosniff keeps a browser to it); WebM, which FFmpeg reads as Matroska, by its name."""
+    (nosniff keeps a browser to it). WebM is told from Matroska by its header since session 29; a WebM stored
+    before is told by its name."""
     fmt = (item.audio_format or "").split(",")[0]
     if fmt == "matroska" and (item.filename or "").lower().endswith((".webm", ".weba")):
         return "audio/webm"

@@ -199,6 +199,25 @@ def test_16_bit_pcm_blocks_equal_libsndfile_floats(files, name, tmp_path):
     np.testing.assert_array_equal(got, np.array([-1.0, 32767 / 32768, 0.0, 2**-15, -(2**-15)], np.float32))
 
 
+def test_webm_is_told_from_matroska_by_its_header_not_its_name(tmp_path):
+    """FFmpeg reads WebM and Matroska with one demuxer, so WebM was told apart by the file's name: a .webm
+    renamed .mkv was served as audio/x-matroska. The EBML header's DocType says which it is."""
+    from api.items import media_type
+    from clapq.models import Item
+    from tests.make_audio import write_av
+
+    wave = tone_and_chirp(0.5, 48_000, 1)
+    for container, name, fmt, served in (("webm", "renamed.mkv", "webm", "audio/webm"),
+                                          ("matroska", "plain.mka", "matroska", "audio/x-matroska")):
+        path = write_av(tmp_path / name, wave, 48_000, container, "libopus", "flt")
+        info = audio.decode(blob_copy(path, tmp_path))[1]
+        assert info.format == fmt, (container, info.format)
+        assert media_type(Item(audio_format=info.format, filename=name)) == served
+    # a WebM stored before its header was read (format "matroska") is still told by its name (and so is a
+    # Matroska file named .webm, which nothing tells from those)
+    assert media_type(Item(audio_format="matroska", filename="old.webm")) == "audio/webm"
+
+
 def test_aac_padding_is_cut_to_the_length_the_file_states(tmp_path):
     """AAC decodes whole 1,024-sample frames, so a 10.0 s clip came out 10.008 s long and got a second
     window; the decoder cuts it to the stream's stated length (441,000 frames), so it is one window."""

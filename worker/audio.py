@@ -198,6 +198,15 @@ def _mp4_without_index(path: Path) -> bool:
     return bool(types) and types[0] == b"ftyp" and b"moov" not in types
 
 
+def _is_webm(path: Path) -> bool:
+    """Whether a Matroska file says it is WebM: its EBML header's DocType (element 0x4282), near the start.
+    FFmpeg reads both with one demuxer, and a .webm renamed .mkv was served as Matroska."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    at = head.find(b"\x42\x82", 4)
+    return at > 0 and head[at + 2:at + 3] == b"\x84" and head[at + 3:at + 7] == b"webm"
+
+
 def _first_audible(container) -> int:
     """Which audio stream to decode: the first, unless it has no data and a later one has (a video's
     empty first track). Files with one audio stream are not read ahead."""
@@ -265,6 +274,8 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
     if info.format == "mov":  # FFmpeg's one demuxer for QuickTime and MP4 (M4A): told apart by the brand
         brand = (container.metadata.get("major_brand") or "").strip().lower()
         info.format = "mov" if brand in ("", "qt") else "mp4"
+    elif info.format == "matroska" and _is_webm(path):
+        info.format = "webm"
     if not info.sample_rate or not info.channels:
         container.close()
         raise DecodeError("the audio stream has no sample rate or channel count")
