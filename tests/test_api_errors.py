@@ -533,6 +533,19 @@ def test_health_metrics_and_openapi(client, worker, app):
     assert spec["openapi"].startswith("3.") and "/v1/search" in spec["paths"]
 
 
+def test_made_up_methods_share_one_series_in_metrics(client):
+    """/metrics takes no key: a request of a made-up method each made a latency series of its own, so anyone
+    could grow the scrape and its files without end (helper-55). Other methods are labelled "other"."""
+    for method in ("ZZZHELPERA", "ZZZHELPERB"):
+        assert client.open("/healthz", method=method).status_code == 405
+    body = client.get("/metrics").get_data(as_text=True)
+    assert "ZZZHELPER" not in body
+    counted = [line for line in body.splitlines() if line.startswith("clapq_http_request_duration_seconds_count{")
+               and all(f'{k}="{v}"' in line for k, v in (("method", "other"), ("endpoint", "unmatched"),
+                                                           ("status", "405")))]
+    assert counted and float(counted[0].split()[-1]) >= 2, body[:2000]
+
+
 @pytest.mark.parametrize("ttl", [3600.0, 0.0])
 def test_items_by_state_are_counted_at_most_once_in_a_while(settings, monkeypatch, ttl):
     """/metrics takes no key, and its count of items by state reads every item (38 ms at 1M): scrapes
