@@ -179,12 +179,14 @@ def get_segments(item_id: str):
 def attachment(filename: str, item_id: str) -> str:
     """Content-Disposition for a download: the name in UTF-8 (RFC 6266 `filename*`) and a plain-ASCII
     `filename` that is never empty, for clients that read only that one (curl -OJ): accents dropped,
-    quotes and backslashes removed, and the item's id where nothing of the name is left ("雨.wav" ->
+    quotes, backslashes and percent signs removed (a browser may read "%2e%2e%2f" in `filename` as
+    "../", RFC 6266 appendix D; the name is then in `filename*` whole), and the item's id where nothing of
+    the name is left ("雨.wav" ->
     "<id>.wav", where Werkzeug gave ".wav", a hidden file, and "" for "雨"); a name that is a hidden file's
     in both forms (".wav") gets the id before it."""
     def ascii_of(text: str) -> str:
         plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
-        return "".join(c for c in plain if c.isprintable() and c not in '"\\').strip()
+        return "".join(c for c in plain if c.isprintable() and c not in '"\\%').strip()
 
     if filename.startswith("."):  # a name reduced to its suffix ("\u200b.wav" is stored as ".wav"): not hidden
         filename = item_id + filename

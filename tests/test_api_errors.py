@@ -246,6 +246,8 @@ def test_filenames_are_sanitised(client, lib):
     assert attachment('a "b\\c".wav', "x") == "attachment; filename=\"a bc.wav\"; filename*=UTF-8''a%20%22b%5Cc%22.wav"
     # a name left as its suffix ("\u200b.wav" is stored as ".wav") would save as a hidden file
     assert attachment(".wav", "x") == 'attachment; filename="x.wav"'
+    # a percent sign in `filename` some browsers read as an escape: "%2e%2e%2f" as "../" (helper-55)
+    assert attachment("%2e%2e%2fx.wav", "x") == "attachment; filename=\"2e2e2fx.wav\"; filename*=UTF-8''%252e%252e%252fx.wav"
     assert got[2] == f"attachment; filename=\"{items[2]['id']}\"; filename*=UTF-8''%E9%9B%A8"
 
 
