@@ -99,3 +99,46 @@ def test_unknown_and_revoked_keys_get_the_same_401(client, settings, new_key):
     missing = client.get("/v1/libraries")
     assert revoked.status_code == unknown.status_code == missing.status_code == 401
     assert revoked.get_json() == unknown.get_json()
+
+
+def test_a_file_never_reads_another_stored_file(client, new_key, worker, tmp_path):
+    """FFmpeg's concat demuxer reads the files a text file names, relative to it: an upload of
+    "ffconcat version 1.0 / file <sha256>", ground until its own digest shares the first 4 hex digits with
+    the other (so it is stored in the same folder), was embedded as another tenant's stored file of that
+    digest (helper-55): whether anyone held some bytes was told, and their sound embedded as the uploader's.
+    It fails now as a file that names nothing stored does, and decoding it reads no other file."""
+    import hashlib
+    import itertools
+
+    from worker.audio import DecodeError, decode
+
+    path = write(tmp_path / "theirs.wav", 3.0, 48_000, 1, freq=640, seed=55)
+    a, b = new_key(), new_key()
+    lib_b = client.post("/v1/libraries", json={"name": "theirs"}, headers=auth(b)).get_json()
+    up = upload(client, b, lib_b["id"], [path]).get_json()
+    assert wait_job(client, b, up["job_id"])["status"] == "done"
+    target = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    def beside(sha: str) -> bytes:  # a concat script naming `sha`, stored in the folder of `target`
+        for n in itertools.count():
+            data = f"ffconcat version 1.0\nfile {sha}\n# {n}\n".encode()
+            if hashlib.sha256(data).hexdigest()[:4] == target[:4]:
+                return data
+
+    lib_a = client.post("/v1/libraries", json={"name": "probe"}, headers=auth(a)).get_json()
+    errors = []
+    for n, sha in enumerate((target, target[:4] + "0" * 60)):  # a stored file, and none
+        probe = tmp_path / f"probe{n}.ffconcat"
+        probe.write_bytes(beside(sha))
+        r = upload(client, a, lib_a["id"], [probe]).get_json()
+        job = wait_job(client, a, r["job_id"])
+        item = client.get(f"/v1/items/{r['items'][0]['id']}", headers=auth(a)).get_json()
+        assert job["status"] == "failed" and item["status"] == "failed", item
+        errors.append(item["error"])
+        # decoded directly, beside a copy of the named file, as in the blob store
+        (tmp_path / "store").mkdir(exist_ok=True)
+        (tmp_path / "store" / target).write_bytes(path.read_bytes())
+        (tmp_path / "store" / "blob").write_bytes(probe.read_bytes())
+        with pytest.raises(DecodeError):
+            decode(tmp_path / "store" / "blob")
+    assert errors[0] == errors[1], errors

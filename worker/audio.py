@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import itertools
 import os
@@ -28,6 +29,36 @@ MAX_ABS_SAMPLE = 1e10
 
 class DecodeError(ValueError):
     """The file is not audio we can read; the message is shown on the item."""
+
+
+# FFmpeg's demuxers that read other files or addresses named in the file itself: an upload of "ffconcat version
+# 1.0 / file <sha256>", its own bytes made to be stored in the same folder, was decoded as the stored file of that
+# name, another tenant's (helper-55: whether anyone holds a file was told, and its sound embedded as the
+# uploader's). They are never chosen for an uploaded file; every other demuxer is.
+REFUSED_DEMUXERS = frozenset({"concat", "hls", "dash", "imf", "sdp", "rtsp", "rtp"})
+
+
+@functools.cache
+def _demuxers() -> str:
+    """FFmpeg's `format_whitelist` for uploaded files: every demuxer of this build but REFUSED_DEMUXERS."""
+    import av
+
+    names = []
+    for name in sorted(av.formats_available):
+        try:
+            av.ContainerFormat(name, "r")
+        except ValueError:  # a muxer only
+            continue
+        if not set(name.split(",")) & REFUSED_DEMUXERS:
+            names.append(name)
+    return ",".join(names)
+
+
+def _av_open(path: Path):
+    """An uploaded file opened by PyAV, its format found from its bytes among the demuxers allowed."""
+    import av
+
+    return av.open(str(path), metadata_errors="ignore", container_options={"format_whitelist": _demuxers()})
 
 
 class TooLong(DecodeError):
@@ -66,13 +97,11 @@ def _to_ffmpeg(f, path: Path) -> bool:
         return True
     if f.format != "MP3":
         return False
-    import av
-
     stated = f.frames / f.samplerate
     kinds: set[tuple[int, int, bool]] = set()
     found = 0
     try:
-        with av.open(str(path), metadata_errors="ignore") as c:
+        with _av_open(path) as c:
             s = c.streams.audio[0]
             for n, p in enumerate(c.demux(s)):
                 found += p.duration or 0
@@ -231,7 +260,7 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
         try:
             if links:  # the first link of a chained Ogg, as a file of its own
                 return av.open(_OggLink(path, *links[0]), format="ogg", metadata_errors="ignore")
-            return av.open(str(path), metadata_errors="ignore")
+            return _av_open(path)
         except EOFError as exc:  # av.error.EOFError
             with open(path, "rb") as f:
                 if f.read(4) == b"OggS":  # an Ogg file of its headers only (a recording stopped at once)
