@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from flask import g
+from sqlalchemy import select
 
 from api.db import db
 from api.errors import not_found
@@ -18,8 +19,14 @@ def parse_id(raw: str | None, what: str) -> uuid.UUID:
 
 
 def owned(model, raw_id: str | None, what: str, lock: bool = False):
-    """`lock`: the row is locked (FOR UPDATE) until the request's transaction ends."""
-    row = db().get(model, parse_id(raw_id, what), with_for_update=lock)
+    """`lock`: the row is locked (FOR UPDATE) until the request's transaction ends; only a row of the caller's
+    own, so that a request never locks, nor waits for, another tenant's row (helper-55: a PATCH of another
+    tenant's item id locked it, and waited while its owner's edit held it, before its 404)."""
+    if lock:
+        row = db().scalar(select(model).where(model.id == parse_id(raw_id, what), model.tenant_id == g.tenant_id)
+                          .with_for_update().execution_options(populate_existing=True))
+    else:
+        row = db().get(model, parse_id(raw_id, what))
     if row is None or row.tenant_id != g.tenant_id:
         raise not_found(what)
     return row

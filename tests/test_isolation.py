@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
 from tests.audio import write
@@ -142,3 +144,30 @@ def test_a_file_never_reads_another_stored_file(client, new_key, worker, tmp_pat
         with pytest.raises(DecodeError):
             decode(tmp_path / "store" / "blob")
     assert errors[0] == errors[1], errors
+
+
+def test_a_patch_of_another_tenants_item_neither_locks_nor_waits_for_it(client, new_key, settings):
+    """PATCH locks the item it changes; given another tenant's item id it locked that row too, and waited
+    behind whatever held it (its owner's PATCH, a worker's write) before its 404 (helper-55)."""
+    import threading
+
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+
+    a, b = new_key(), new_key()
+    lib = client.post("/v1/libraries", json={"name": "held"}, headers=auth(a)).get_json()
+    r = client.post(f"/v1/libraries/{lib['id']}/batches", headers=auth(a), content_type="multipart/form-data",
+                    data={"files": [(io.BytesIO(b"not audio at all"), "x.wav")]})
+    item = r.get_json()["items"][0]["id"]
+    answers = []
+    with session_scope(settings.database_url) as s:  # the owner's transaction holds the row meanwhile
+        s.execute(text("SELECT id FROM items WHERE id = :i FOR UPDATE"), {"i": item})
+        t = threading.Thread(target=lambda: answers.append(
+            client.patch(f"/v1/items/{item}", json={"metadata": {"x": 1}}, headers=auth(b)).status_code))
+        t.start()
+        t.join(10)
+        done = not t.is_alive()
+    t.join()
+    assert done and answers == [404], answers
+    assert client.get(f"/v1/items/{item}", headers=auth(a)).get_json()["metadata"] == {}
