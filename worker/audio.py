@@ -55,10 +55,12 @@ def _demuxers() -> str:
 
 
 def _av_open(path: Path):
-    """An uploaded file opened by PyAV, its format found from its bytes among the demuxers allowed."""
+    """An uploaded file opened by PyAV, its format found from its bytes among the demuxers allowed, and
+    through no protocol but the local file's (no demuxer left may then reach an address either)."""
     import av
 
-    return av.open(str(path), metadata_errors="ignore", container_options={"format_whitelist": _demuxers()})
+    return av.open(str(path), metadata_errors="ignore",
+                   container_options={"format_whitelist": _demuxers(), "protocol_whitelist": "file"})
 
 
 class TooLong(DecodeError):
