@@ -40,6 +40,7 @@ BATCH_BYTES = 256 << 20
 # what multipart adds to a request: its end, and per file the part's headers and its 'metadata' entry
 REQUEST_OVERHEAD, PART_OVERHEAD = 4096, 1024
 MAX_BUSY_WAIT_S = 300
+MAX_CUTS = 3  # an upload request cut off this many times in a row (a proxy's smaller size limit) stops the command
 
 
 OUTAGE_WAIT_S = 600  # how long a command keeps trying while the API, or its database, is down
@@ -58,6 +59,12 @@ class Busy(SystemExit):
 
 class Stale(SystemExit):
     """412: the item changed since the ETag sent in If-Match was read; read it again."""
+
+
+class Cut(SystemExit):
+    """The connection to an API that had answered before was lost while a request that cannot simply be sent
+    again (an upload's) was on its way: the API restarted, or refused a body over its size limit. The API may
+    or may not have taken it."""
 
 
 def patiently(attempt: Callable[[], T]) -> T:
@@ -109,8 +116,11 @@ class Client:
                                            etag=True))
         return (None, None) if got is None else got
 
-    def _call(self, method: str, path: str, missing_ok: bool = False, etag: bool = False, **kw):
-        """The JSON answer (`etag`: with the answer's ETag header), or None for a 404 with `missing_ok`."""
+    def _call(self, method: str, path: str, missing_ok: bool = False, etag: bool = False, repeatable: bool = False,
+              **kw):
+        """The JSON answer (`etag`: with the answer's ETag header), or None for a 404 with `missing_ok`.
+        `repeatable`: a POST that changes nothing when sent twice (a look-up, a search, a conditional
+        update), asked again as a GET is when a restart cuts its connection."""
         try:
             # 10 s to connect (a wrong host fails fast), 10 minutes for an answer (a large upload's)
             r = self.s.request(method, self.url + path, **{"timeout": (10, 600), **kw})
@@ -125,12 +135,12 @@ class Client:
                                outage=True) from None
                 raise SystemExit(f"clapq: cannot reach the clapq API at {self.url} (is `clapq up` or `clapq "
                                  f"api` running there? set CLAPQ_URL or --url): {_reason(exc)}") from None
-            if self.reached and method == "GET":  # a poll cut off by a restart: asked again
+            if self.reached and (method == "GET" or repeatable):  # a poll cut off by a restart: asked again
                 raise Busy(f"clapq: the connection to {self.url} was lost during {method} {path} ({_reason(exc)})",
                            5.0, outage=True) from None
-            raise SystemExit(f"clapq: the connection to {self.url} was lost during {method} {path} (the API "
-                             f"restarted, or refused a request over its size limit while it was being sent): "
-                             f"{_reason(exc)}") from None
+            raise (Cut if self.reached else SystemExit)(
+                f"clapq: the connection to {self.url} was lost during {method} {path} (the API restarted, or "
+                f"refused a request over its size limit while it was being sent): {_reason(exc)}") from None
         except requests.Timeout:
             raise SystemExit(f"clapq: {method} {path} got no answer from {self.url} in time") from None
         except requests.RequestException as exc:  # an address requests cannot use, and the like
@@ -470,7 +480,7 @@ def not_known(client: Client, lib_id: str, batch: list[Path]) -> Known:
     asked = sorted({d for d in digests.values() if d is not None})
     # not followed if redirected, as the upload that follows would not be: said at once, with where to
     answer = client.call("POST", f"/v1/libraries/{lib_id}/known", json={"sha256": asked}, missing_ok=True,
-                         allow_redirects=False) or {}
+                         allow_redirects=False, repeatable=True) or {}
     known, pending = set(answer.get("known", ())), set(answer.get("pending", ()))
     jobs, items = answer.get("pending_jobs", {}), answer.get("pending_items", {})
     ids, sent_from = answer.get("items", {}), answer.get("sent_from", {})
@@ -686,6 +696,16 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     moved: list[tuple] = []
     on_disk = Where(folder, listing.audio)
     elsewhere: set = set()  # held files sent from another folder, at the same path here
+
+    def held_by_jobs(pending: dict[Path, tuple[str | None, str | None]]) -> None:
+        """Held files not embedded yet: their jobs are waited for too, and their failures told by these paths."""
+        for p, (job, item) in pending.items():
+            # a copy of a file this run sent in an earlier request is told as a copy (above), and
+            # a failure of that file by the path that was sent
+            if job is not None and item is not None and job not in jobs:
+                earlier[job] = earlier.get(job, 0) + _size(p)
+                where.setdefault(item, p.relative_to(folder).as_posix())
+                theirs.add(item)
     try:
         for batch in batches(paths, min(BATCH_FILES, limits.get("max_files_per_batch") or BATCH_FILES),
                              min(BATCH_BYTES, limits.get("max_request_bytes") or BATCH_BYTES)):
@@ -693,13 +713,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                 new, pending, digests, held = not_known(client, lib["id"], batch)
                 skipped += len(batch) - len(new)
                 unfinished += len(pending)
-                for p, (job, item) in pending.items():
-                    # a copy of a file this run sent in an earlier request is told as a copy (above), and
-                    # a failure of that file by the path that was sent
-                    if job is not None and item is not None and job not in jobs:
-                        earlier[job] = earlier.get(job, 0) + _size(p)
-                        where.setdefault(item, p.relative_to(folder).as_posix())
-                        theirs.add(item)
+                held_by_jobs(pending)
                 sending = set(new)
                 for p in batch:
                     rel, digest = p.relative_to(folder).as_posix(), digests[p]
@@ -718,7 +732,26 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             # said before the request, which on a slow network takes minutes: the command is not stuck
             print(f"uploading {n_files(len(batch))} ({_megabytes(sum(map(_size, batch)))})", file=sys.stderr)
             in_flight = len(batch)
-            answer, batch, left_out = _send(client, lib["id"], folder, batch)
+            for cut in range(MAX_CUTS + 1):
+                try:
+                    answer, batch, left_out = _send(client, lib["id"], folder, batch)
+                    break
+                except Cut as exc:  # an API restarting (`clapq up` starts a crashed one again) closed it
+                    if cut == MAX_CUTS:
+                        raise
+                    # as a run again would: once the API answers, the files it took before the cut are not sent
+                    # again (their job is waited for), only the rest
+                    print(f"{exc.code}; asking which of them the library holds, to send the rest", file=sys.stderr)
+                    new, pending, _, _ = not_known(client, lib["id"], batch)
+                    skipped += len(batch) - len(new)
+                    unfinished += len(pending)
+                    held_by_jobs(pending)
+                    answer, batch, left_out = None, new, []
+                    if not batch:
+                        break
+                    print(f"uploading {n_files(len(batch))} again ({_megabytes(sum(map(_size, batch)))})",
+                          file=sys.stderr)
+                    in_flight = len(batch)
             in_flight = 0
             not_sent(left_out)
             if answer is None:
@@ -843,7 +876,7 @@ def _update_paths(client: Client, lib_id: str, folder: Path, moved: list[tuple])
             body = {"moves": [{"item_id": item, "from": {"path": old, "folder": was},
                                "to": {"path": new, "folder": root}} for item, old, new, was in part]}
             answer = client.call("POST", f"/v1/libraries/{urllib.parse.quote(lib_id, safe='')}/moves", json=body,
-                                 missing_ok=True, allow_redirects=False)
+                                 missing_ok=True, allow_redirects=False, repeatable=True)
             if answer is None:  # an older server (or the library deleted meanwhile: each item is then gone too)
                 changed.update(_patch_paths(client, root, part))
             else:
@@ -1061,12 +1094,12 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
             except OSError as exc:
                 raise SystemExit(f"clapq: cannot read {like}: {exc.strerror or exc}") from None
             with f:
-                return client.call("POST", "/v1/search", data={"library_id": lib["id"], "k": str(k)},
+                return client.call("POST", "/v1/search", data={"library_id": lib["id"], "k": str(k)}, repeatable=True,
                                    files={"audio": (wire_name(like.name), f, "application/octet-stream")})
 
         res = patiently(attempt)  # the clip is read again for each try
     else:
-        res = client.call("POST", "/v1/search", json={"library_id": lib["id"], "text": text, "k": k})
+        res = client.call("POST", "/v1/search", json={"library_id": lib["id"], "text": text, "k": k}, repeatable=True)
     for r in res["results"]:
         span = r.get("segment") or {}
         at = f"  {_seconds(span['start_s'])}-{_seconds(span['end_s'])} s" if "start_s" in span else ""

@@ -1362,6 +1362,68 @@ def test_files_held_but_not_embedded_yet_are_waited_for(tmp_path, tiny_model):
     assert "1 of 2 files is in the library already (1 of them not embedded yet" in err, err
 
 
+def test_an_upload_cut_off_by_a_restart_sends_what_the_api_did_not_take(tmp_path, tiny_model):
+    """The API restarts (`clapq up` starts a crashed one again) while a batch is on its way, and closes its
+    connection unanswered: the command asks which of the files the library holds once it answers, and sends
+    only the rest, where it stopped with 'run the same command again' (helper-57). A batch the API took before
+    the cut is not sent twice: its job is waited for. A look-up cut off is asked again. A batch cut off at
+    every try (a proxy's lower size limit) stops the command after MAX_CUTS more."""
+    import hashlib
+
+    from clapq.client import MAX_CUTS
+
+    a, b = write(tmp_path / "a.wav", 0.5), write(tmp_path / "b.wav", 0.5, seed=1)
+    digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b)]
+    posts, knowns, took = [], [], {"first": False, "always_cut": False}
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 1}]}, {}
+        if path == "/v1/limits":
+            return 404, None, {}
+        if path.endswith("/known"):
+            knowns.append(path)
+            if len(knowns) == 1:
+                return "drop"  # a look-up cut off: asked again
+            if len(knowns) > 2 and took["first"]:  # the cut batch was stored, its answer lost
+                return 200, {"known": digests, "pending": digests, "pending_jobs": dict.fromkeys(digests, "job0"),
+                             "pending_items": {d: f"i{n}" for n, d in enumerate(digests)}}, {}
+            return 200, {"known": []}, {}
+        if path.endswith("/batches"):
+            posts.append(path)
+            if len(posts) == 1 or took["always_cut"]:
+                return "drop"
+            return 202, {"job_id": "job1", "items": [{"id": "i0", "status": "queued"},
+                                                     {"id": "i1", "status": "queued"}]}, {}
+        return 200, {"status": "done", "progress": 1.0, "counts": {"done": 2, "failed": 0, "total": 2}, "errors": []}, {}
+
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert f"the connection to {url} was lost during POST /v1/libraries/lib1/known" in err, err
+    assert (f"the connection to {url} was lost during POST /v1/libraries/lib1/batches (the API restarted" in err
+            and "asking which of them the library holds, to send the rest" in err), err
+    assert "uploading 2 files again (" in err and len(posts) == 2 and json.loads(out)["jobs"] == ["job1"], (err, out)
+    # the API took the batch before the cut: nothing is sent twice, and its job is waited for
+    posts.clear(), knowns.clear()
+    took["first"] = True
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and len(posts) == 1, err
+    assert json.loads(out)["earlier_jobs"] == ["job0"] and "again (" not in err, (err, out)
+    # cut off at every try: stops, saying how to go on
+    posts.clear(), knowns.clear()
+    took.update(first=False, always_cut=True)
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=90)
+    assert p.returncode == 1 and len(posts) == MAX_CUTS + 1 and out == "", err
+    assert err.rstrip().splitlines()[-1].endswith("while it was being sent): Remote end closed connection without "
+                                                  "response"), err
+
+
 def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
     """Ctrl-C while the second request is on its way: no traceback, the first request's job is named with
     how to resume, exit 130. Ctrl-C while waiting for the jobs: they go on, and the command says so."""
