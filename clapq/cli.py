@@ -517,10 +517,13 @@ def _library_name(raw: str) -> str:
 
 def _client_args(p: argparse.ArgumentParser, library_help: str) -> None:
     p.add_argument("--library", required=True, type=_library_name, help=library_help)
-    p.add_argument("--url", default=None, help="API base URL (default $CLAPQ_URL or http://127.0.0.1:8000)")
+    # the help said http://127.0.0.1:8000 where the address of the data directory's `clapq up` is used (helper-57)
+    p.add_argument("--url", default=None, help="API base URL (default $CLAPQ_URL, else the address the data dir's "
+                   "`clapq up` serves on, else http://127.0.0.1:8000)")
     p.add_argument("--key", default=None, help="API key (default $CLAPQ_API_KEY or the data dir's owner key)")
     p.add_argument("--data-dir", type=Path, default=None,
-                   help="where `clapq up` keeps its data, to read the owner key from (default $XDG_DATA_HOME/clapq, or ~/.local/share/clapq)")
+                   help="where `clapq up` keeps its data, to read its owner key and address from (default "
+                   "$XDG_DATA_HOME/clapq, or ~/.local/share/clapq)")
 
 
 def _howmany(raw: str) -> int:

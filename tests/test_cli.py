@@ -2200,6 +2200,16 @@ def test_https_to_a_plain_http_api_says_so(tiny_model):
         out.stderr
 
 
+def test_client_help_says_where_the_address_and_key_come_from(tiny_model):
+    """--help of the client commands names the data directory's `clapq up` as where the address comes from, as
+    it is (it said http://127.0.0.1:8000 while a search went to the port `clapq up --port` was given)."""
+    for cmd in ("upload", "search", "delete"):
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", cmd, "--help"], env=_env(tiny_model, COLUMNS="200"),
+                             capture_output=True, text=True, timeout=60).stdout
+        assert ("(default $CLAPQ_URL, else the address the data dir's `clapq up` serves on, else "
+                "http://127.0.0.1:8000)") in out and "to read its owner key and address from" in out, out
+
+
 @pytest.mark.parametrize("url", ["localhost:8000", "http://", "http://127.0.0.1:99999", "ftp://example.org"])
 def test_an_unusable_api_address_is_a_sentence(tmp_path, tiny_model, url):
     write(tmp_path / "a.wav", 0.2)
