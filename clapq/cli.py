@@ -508,11 +508,22 @@ def cmd_delete(args) -> None:
     raise SystemExit(delete(connect(args.url, args.key, settings.data_dir), args.library, args.items, yes=args.yes))
 
 
+def _utf8(raw: str, what: str) -> str:
+    """Text given on the command line, which must be UTF-8: bytes of another encoding (a Latin-1 terminal, a
+    folder name pasted in) reached the API as "an unpaired surrogate (not valid Unicode)", and a tenant's name
+    the database as a traceback (helper-57)."""
+    bad = " ".join(sorted({f"0x{ord(c) - 0xDC00:02x}" for c in raw if "\udc80" <= c <= "\udcff"}))
+    if bad:
+        raise argparse.ArgumentTypeError(f"bytes that are not UTF-8 in {what} ({bad}): only UTF-8 text is taken (is "
+                                         "the terminal set to another encoding?)")
+    return raw
+
+
 def _library_name(raw: str) -> str:
     """--library's value: a name or an id, not empty (said at once, not after a folder is looked through)."""
     if not raw.strip():
         raise argparse.ArgumentTypeError("give a library name or id")
-    return raw
+    return _utf8(raw, "the library name")
 
 
 def _client_args(p: argparse.ArgumentParser, library_help: str) -> None:
@@ -558,7 +569,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="print a new API key for a tenant (created if new)")
-    create.add_argument("--tenant", required=True, help="who the key is for; each tenant sees only its own data")
+    create.add_argument("--tenant", required=True, type=lambda raw: _utf8(raw, "the tenant name"),
+                        help="who the key is for; each tenant sees only its own data")
     data_dir_help = ("the embedded service's data (default $XDG_DATA_HOME/clapq, or ~/.local/share/clapq), "
                      "unless DATABASE_URL is set")
     create.add_argument("--data-dir", type=Path, default=None, help=data_dir_help)
@@ -579,7 +591,8 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(upload, "library name (created if missing) or id")
     upload.set_defaults(func=cmd_upload)
     search = sub.add_parser("search", help="search a library by words, or by a sound with --like FILE")
-    search.add_argument("text", nargs="?", help="what to look for, in words")
+    search.add_argument("text", nargs="?", type=lambda raw: _utf8(raw, "the words to search for"),
+                        help="what to look for, in words")
     search.add_argument("--like", type=Path, metavar="FILE", help="a sound: find the files that sound most like it")
     # `--k 5` too: argparse took it for the start of --key, and the key was "5" (helper-42)
     search.add_argument("-k", "--k", type=_howmany, default=10, help="how many results (default 10)")

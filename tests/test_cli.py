@@ -2200,6 +2200,21 @@ def test_https_to_a_plain_http_api_says_so(tiny_model):
         out.stderr
 
 
+def test_text_that_is_not_utf8_is_refused_before_it_is_sent(tmp_path, tiny_model):
+    """Words, a library name or a tenant name in bytes of another encoding (a Latin-1 terminal): a usage error
+    that says so, where the API answered 'an unpaired surrogate (not valid Unicode)' and `keys create` gave a
+    traceback (helper-57)."""
+    write(tmp_path / "a.wav", 0.2)
+    latin1 = os.fsdecode(b"caf\xe9")
+    for args in (["search", latin1, "--library", "x", "--url", "http://127.0.0.1:9", "--key", "cq_x"],
+                 ["upload", str(tmp_path), "--library", latin1, "--url", "http://127.0.0.1:9", "--key", "cq_x"],
+                 ["keys", "create", "--tenant", latin1, "--data-dir", str(tmp_path)]):
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", *args], env=_env(tiny_model), capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 2 and "bytes that are not UTF-8 in the " in out.stderr and "(0xe9)" in out.stderr \
+            and "Traceback" not in out.stderr, out.stderr
+
+
 def test_client_help_says_where_the_address_and_key_come_from(tiny_model):
     """--help of the client commands names the data directory's `clapq up` as where the address comes from, as
     it is (it said http://127.0.0.1:8000 while a search went to the port `clapq up --port` was given)."""
