@@ -301,8 +301,11 @@ def register(app: Flask) -> None:
         message = _too_large(app) if e.code == 413 else e.description or e.name
         if isinstance(e, NotFound) and request.url_rule is None:  # no endpoint has this path (werkzeug's words
             # told to check the spelling of a URL typed into a browser)
-            message = (f"no endpoint {request.path[:200]!r}: the API's paths begin /v1/ right after its address "
-                       "(GET /openapi.json lists them)")
+            message = f"no endpoint {request.path[:200]!r}: GET /openapi.json lists the API's paths"
+            if not request.path.startswith("/v1/") or request.path.startswith("/v1/v1/"):  # an address with a path
+                # (told of GET /v1/items too, helper-57, where the path is the API's but for its last part)
+                message = (f"no endpoint {request.path[:200]!r}: the API's paths begin /v1/ right after its address "
+                           "(GET /openapi.json lists them)")
         # what the status needs beside the body: Allow on a 405, Content-Range on a 416, WWW-Authenticate
         headers = {k: v for k, v in e.get_headers() if k.lower() not in ("content-type", "content-length")}
         return envelope(e.code or 500, _code(e), message, headers)

@@ -1142,4 +1142,9 @@ def test_a_path_no_endpoint_has_is_said_so(client, new_key):
         "(GET /openapi.json lists them)", e
     e = err(client.get("/v1/libraries/x/nothing", headers=auth(new_key())), 404)
     assert e["message"].startswith("no endpoint '/v1/libraries/x/nothing'"), e
+    # a path that begins as the API's do is not told to begin so (GET /v1/items, helper-57)
+    e = err(client.get("/v1/items", headers=auth(new_key())), 404)
+    assert e["message"] == "no endpoint '/v1/items': GET /openapi.json lists the API's paths", e
+    e = err(client.get("/api/v1/libraries", headers=auth(new_key())), 404)
+    assert "the API's paths begin /v1/ right after its address" in e["message"], e
     assert err(client.get(f"/v1/items/{uuid.uuid4()}", headers=auth(new_key())), 404)["message"] == "item not found"
