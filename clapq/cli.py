@@ -502,10 +502,15 @@ def cmd_search(args) -> None:
 
 
 def cmd_delete(args) -> None:
-    from clapq.client import connect, delete
+    from clapq.client import connect, delete, delete_gone
 
     settings = Settings.from_env(data_dir=args.data_dir)
-    raise SystemExit(delete(connect(args.url, args.key, settings.data_dir), args.library, args.items, yes=args.yes))
+    client = connect(args.url, args.key, settings.data_dir)
+    if args.gone_from is not None:
+        if args.items:
+            raise SystemExit("clapq: give item ids or --gone-from FOLDER, not both")
+        raise SystemExit(delete_gone(client, args.library, args.gone_from, yes=args.yes))
+    raise SystemExit(delete(client, args.library, args.items, yes=args.yes))
 
 
 def _utf8(raw: str, what: str) -> str:
@@ -598,10 +603,14 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", "--k", type=_howmany, default=10, help="how many results (default 10)")
     _client_args(search, "library name or id")
     search.set_defaults(func=cmd_search)
-    rm = sub.add_parser("delete", help="delete files of a library (by item id), or the whole library")
+    rm = sub.add_parser("delete", help="delete files of a library (by item id, or those gone from a folder), or the "
+                        "whole library")
     rm.add_argument("items", nargs="*", metavar="ITEM", help="item ids, as `clapq search` prints them; none: the "
                     "whole library")
-    rm.add_argument("--yes", action="store_true", help="delete the whole library without asking")
+    rm.add_argument("--gone-from", type=Path, metavar="FOLDER", help="the files `clapq upload FOLDER` sent that "
+                    "are no longer in FOLDER (deleted from it); renamed or moved files are not gone")
+    rm.add_argument("--yes", action="store_true", help="delete the whole library, or the files --gone-from finds, "
+                    "without asking")
     _client_args(rm, "library name or id")
     rm.set_defaults(func=cmd_delete)
     return p

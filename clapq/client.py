@@ -1017,10 +1017,14 @@ def _failures(client: Client, job: str, state: dict) -> list[dict]:
 
 def _job_items(client: Client, job: str, status: str) -> Iterator[dict]:
     """A job's items in this state, page by page."""
+    return _items(client, f"/v1/jobs/{job}/items", status=status)
+
+
+def _items(client: Client, path: str, **params) -> Iterator[dict]:
+    """A listing of items (a job's, a library's), page by page."""
     cursor = None
     while True:
-        page = client.call("GET", f"/v1/jobs/{job}/items",
-                           params={"status": status, "limit": 500, **({"cursor": cursor} if cursor else {})})
+        page = client.call("GET", path, params={**params, "limit": 500, **({"cursor": cursor} if cursor else {})})
         yield from page["items"]
         if not (cursor := page.get("next_cursor")):
             return
@@ -1135,25 +1139,80 @@ def _why_empty(client: Client, lib: dict) -> str:
     return f"none of the files of library {name} could be embedded: {' and '.join(why)}"
 
 
+def _confirmed(question: str, yes: bool, otherwise: str) -> bool:
+    """Whether to go ahead: `yes`, or a "y" typed at a terminal (`otherwise`: what to do without one)."""
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise SystemExit(f"clapq: {question} {otherwise}")
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:  # Ctrl-D: no answer is no
+        print(file=sys.stderr)
+        answer = ""
+    if answer.strip().lower() in ("y", "yes"):
+        return True
+    print("nothing deleted", file=sys.stderr)
+    return False
+
+
+def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -> int:
+    """Delete the library's files that `clapq upload` sent from `folder` (metadata.folder) and that are no
+    longer in it (nothing at their metadata.path, and their bytes nowhere else in it): files deleted from
+    the folder stay in the library, and their ids were to be found by hand (helper-57). A file renamed or
+    moved within the folder is kept (the next `clapq upload` follows it): the files at paths no item of the
+    folder has, of a size one of those items has, are read for their digests. Asks first at a terminal;
+    elsewhere needs `yes`."""
+    if not folder.is_dir():
+        raise SystemExit(f"clapq: {folder} is not a folder (--gone-from takes the folder `clapq upload` was given)")
+    lib = client.library(library, create=False)
+    listing = audio_files(folder)
+    where, root = Where(folder, listing.audio), folder_id(folder)
+    gone, claimed = [], set()
+    for item in _items(client, f"/v1/libraries/{lib['id']}/items"):
+        meta = item.get("metadata") or {}
+        path = meta.get("path")
+        if meta.get("folder") == root and isinstance(path, str):
+            claimed.add(path)
+            if path not in where.by_path and _gone(folder, path):
+                gone.append(item)
+    sizes, here = {i["size_bytes"] for i in gone}, set()
+    for p in listing.audio:
+        if stored_path(p.relative_to(folder).as_posix()) not in claimed and _size(p) in sizes:
+            with contextlib.suppress(OSError):
+                here.add(file_sha256(p))
+    moved = [i for i in gone if i["sha256"] in here]
+    gone = [i for i in gone if i["sha256"] not in here]
+    if moved:
+        print(f"{n_files(len(moved))} renamed or moved within {folder} kept ({_some([shown_name(i) for i in moved])}"
+              f"); `clapq upload` updates their paths", file=sys.stderr)
+    if not gone:
+        print(f"nothing to delete: every file of library {lib['name']!r} sent from {folder} is still there")
+        return 0
+    if not listing.audio:  # a drive not mounted, an emptied folder: every file would look gone
+        raise SystemExit(f"clapq: {folder} holds no audio files at all (a drive not mounted?); not deleting the "
+                         f"{n_files(len(gone))} sent from it. Delete them by id, or the whole library")
+    names = _some([shown_name(i) for i in gone])
+    if not _confirmed(f"delete {n_files(len(gone))} of library {lib['name']!r} no longer in {folder} ({names})?",
+                      yes, "Deleting them needs --yes"):
+        return 1
+    for item in gone:
+        if client.call("DELETE", f"/v1/items/{item['id']}", missing_ok=True) is None:
+            print(f"clapq: {shown_name(item)} ({item['id']}) was deleted meanwhile", file=sys.stderr)
+            continue
+        print(f"deleted {shown_name(item)} ({item['id']})")
+    return 0
+
+
 def delete(client: Client, library: str, items: list[str], yes: bool = False) -> int:
     """Delete these items (ids, as `clapq search` prints them) of the library, or with no items the whole
     library, which needs `yes` (or a "y" typed at a terminal). Returns the exit status: 1 if an id named
     no item of that library."""
     lib = client.library(library, create=False)
     if not items:
-        if not yes:
-            question = f"delete library {lib['name']!r} and its {n_files(lib.get('item_count', 0))}?"
-            if not sys.stdin.isatty():
-                raise SystemExit(f"clapq: {question} Deleting a whole library needs --yes (or name the files' "
-                                 "item ids to delete only those)")
-            try:
-                answer = input(f"{question} [y/N] ")
-            except EOFError:  # Ctrl-D: no answer is no
-                print(file=sys.stderr)
-                answer = ""
-            if answer.strip().lower() not in ("y", "yes"):
-                print("nothing deleted", file=sys.stderr)
-                return 1
+        if not _confirmed(f"delete library {lib['name']!r} and its {n_files(lib.get('item_count', 0))}?", yes,
+                          "Deleting a whole library needs --yes (or name the files' item ids to delete only those)"):
+            return 1
         gone = client.call("DELETE", f"/v1/libraries/{lib['id']}")["deleted"]
         kept = gone["items"] - gone["stored_files"]  # bytes other libraries hold too
         print(f"deleted library {lib['name']!r}: {n_files(gone['items'])}"

@@ -2023,6 +2023,58 @@ def test_names_swapped_or_given_to_new_bytes_move_their_paths_and_odd_names_stay
     assert sorted(i["filename"] for i in items) == ["a.wav", "b2.wav", "lat\ufffd.wav", "take-1.wav", "take.wav"]
 
 
+def test_files_gone_from_the_folder_are_deleted_on_request_and_renamed_ones_kept(start_api, new_key, tmp_path,
+                                                                                   tiny_model):
+    """Files deleted from a folder stay in the library, and their ids were to be found by hand (helper-57).
+    `clapq delete --gone-from FOLDER` deletes the files sent from that folder that are no longer in it; one
+    renamed or moved within it (not uploaded since) is kept, and so are other folders' files. A folder with no
+    audio left (a drive not mounted) deletes nothing."""
+    base, key = start_api(), new_key()
+    folder, other, drive = tmp_path / "f", tmp_path / "g", tmp_path / "drive"
+    for d in (folder / "sub", other, drive):
+        d.mkdir(parents=True)
+    for i, name in enumerate(["a.wav", "b.wav", "c.wav", "sub/d.wav", os.fsdecode(b"lat\xea.wav")]):
+        (folder / name).write_bytes(write(tmp_path / "made.wav", 0.5, seed=60 + i).read_bytes())
+    write(other / "a.wav", 0.5, seed=70)
+    write(drive / "x.wav", 0.5, seed=71)
+
+    def clapq(*args: str, stdin=subprocess.DEVNULL) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *args, "--library", "gone", "--url", base, "--key",
+                               key], env=_env(tiny_model), capture_output=True, text=True, timeout=300, stdin=stdin)
+
+    for d in (folder, other, drive):
+        assert clapq("upload", str(d), "--no-wait").returncode == 0
+    (folder / "a.wav").unlink()
+    (folder / "b.wav").rename(folder / "sub" / "b2.wav")  # moved, not uploaded since
+    (drive / "x.wav").unlink()
+    h = {"Authorization": f"Bearer {key}"}
+
+    def paths() -> list:
+        lib = requests.get(f"{base}/v1/libraries", headers=h, timeout=30).json()["libraries"][0]["id"]
+        items = requests.get(f"{base}/v1/libraries/{lib}/items", headers=h, timeout=30).json()["items"]
+        return sorted(i["metadata"]["path"] for i in items)
+
+    every = ["a.wav", "a.wav", "b.wav", "c.wav", "lat\ufffd.wav", "sub/d.wav", "x.wav"]
+    assert paths() == every
+    out = clapq("delete", "--gone-from", str(folder))  # no terminal to ask at
+    assert out.returncode == 1 and "delete 1 file of library 'gone' no longer in" in out.stderr and \
+        "Deleting them needs --yes" in out.stderr, out.stderr
+    assert paths() == every
+    out = clapq("delete", "--gone-from", str(folder), "--yes")
+    assert out.returncode == 0 and out.stdout.startswith("deleted a.wav (") and out.stdout.count("\n") == 1, out
+    assert "1 file renamed or moved within" in out.stderr and "(b.wav); `clapq upload` updates" in out.stderr, out
+    assert paths() == ["a.wav", "b.wav", "c.wav", "lat\ufffd.wav", "sub/d.wav", "x.wav"]
+    out = clapq("delete", "--gone-from", str(folder), "--yes")
+    assert out.returncode == 0 and out.stdout.startswith("nothing to delete: every file"), out
+    out = clapq("delete", "--gone-from", str(drive), "--yes")
+    assert out.returncode == 1 and "holds no audio files at all (a drive not mounted?)" in out.stderr, out.stderr
+    assert len(paths()) == 6
+    out = clapq("delete", "--gone-from", str(folder / "c.wav"))
+    assert out.returncode == 1 and "is not a folder" in out.stderr, out.stderr
+    out = clapq("delete", "5f1c0000-0000-4000-8000-0000000000a1", "--gone-from", str(folder))
+    assert out.returncode == 1 and "not both" in out.stderr, out.stderr
+
+
 def test_a_server_that_is_not_clapq_is_said_so_not_a_traceback(tmp_path, tiny_model):
     """--url pointing at another server: a file server's 200 of HTML (a proxy's login page) was a
     JSONDecodeError traceback, and another server's 404 page was printed as 300 characters of its HTML
