@@ -498,7 +498,8 @@ def cmd_search(args) -> None:
     if kind in ("folder", "other"):
         _fail(f"{args.like} is {'a folder' if kind == 'folder' else 'a pipe or a device'}, not a sound file")
     settings = Settings.from_env(data_dir=args.data_dir)
-    search(connect(args.url, args.key, settings.data_dir), args.library, args.text, args.k, like=args.like)
+    search(connect(args.url, args.key, settings.data_dir), args.library, args.text, args.k, like=args.like,
+           as_json=args.json)
 
 
 def cmd_delete(args) -> None:
@@ -601,6 +602,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--like", type=Path, metavar="FILE", help="a sound: find the files that sound most like it")
     # `--k 5` too: argparse took it for the start of --key, and the key was "5" (helper-42)
     search.add_argument("-k", "--k", type=_howmany, default=10, help="how many results (default 10)")
+    search.add_argument("--json", action="store_true", help="print the API's answer as JSON (every field of each "
+                        "result, its metadata too), for scripts")
     _client_args(search, "library name or id")
     search.set_defaults(func=cmd_search)
     rm = sub.add_parser("delete", help="delete files of a library (by item id, or those gone from a folder), or the "

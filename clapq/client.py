@@ -1087,9 +1087,11 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
     return failed, cancelled
 
 
-def search(client: Client, library: str, text: str | None, k: int, like: Path | None = None) -> None:
+def search(client: Client, library: str, text: str | None, k: int, like: Path | None = None,
+           as_json: bool = False) -> None:
     """Print the best matches for words, or for a sound (`like`): score, file (by its path in the folder
-    it was uploaded from, where it has one), item id and the best-matching window of the file."""
+    it was uploaded from, where it has one), item id and the best-matching window of the file; `as_json`:
+    the API's answer as it came, one JSON object (a path with spaces moved the id's column, helper-57)."""
     lib = client.library(library, create=False)  # a misspelt name is an error, not a new empty library
     if like is not None:
         def attempt() -> dict:
@@ -1104,7 +1106,9 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
         res = patiently(attempt)  # the clip is read again for each try
     else:
         res = client.call("POST", "/v1/search", json={"library_id": lib["id"], "text": text, "k": k}, repeatable=True)
-    for r in res["results"]:
+    if as_json:
+        print(json.dumps(res, ensure_ascii=False))
+    for r in res["results"] if not as_json else ():
         span = r.get("segment") or {}
         at = f"  {_seconds(span['start_s'])}-{_seconds(span['end_s'])} s" if "start_s" in span else ""
         print(f"{r['score']:7.4f}  {shown_name(r)}  {r['item_id']}{at}")  # 7: a negative score lines up

@@ -199,6 +199,13 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert out.returncode == 0, out.stderr
     best = out.stdout.splitlines()[0].split()
     assert best[:2] == ["1.0000", "rain/heavy.flac"] and best[-2:] == ["0-2", "s"], out.stdout
+    # --json: the API's answer, for scripts (a path with spaces moved the id's column, helper-57)
+    out = subprocess.run(cli + ["search", "--like", str(folder / "rain" / "heavy.flac"), "--library", "folder lib",
+                                "--url", base, "--key", key, "--json", "-k", "1"], env=_env(tiny_model),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    [hit] = json.loads(out.stdout)["results"]
+    assert hit["metadata"]["path"] == "rain/heavy.flac" and hit["segment"] == {"start_s": 0.0, "end_s": 2.0}, hit
     out = subprocess.run(cli + ["search", "rain", "--like", str(folder / "drone.wav"), "--library", "folder lib",
                                 "--url", base, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
                          timeout=300)
