@@ -64,6 +64,13 @@ def _zero_frames(fmt: str) -> bytes:
     return out.getvalue()
 
 
+def _xing_frames(mp3: bytes, frames: int) -> bytes:
+    """The MP3 with the frame count of its Xing/Info header (as FFmpeg's muxer writes one) set to `frames`."""
+    at = max(mp3.find(b"Xing"), mp3.find(b"Info"))
+    assert at > 0 and struct.unpack(">I", mp3[at + 4:at + 8])[0] & 1, "no Xing header with a frame count"
+    return mp3[:at + 8] + struct.pack(">I", frames) + mp3[at + 12:]
+
+
 def build_cases(tmp: Path) -> list[Case]:
     full_wav = wav_bytes(tone_and_chirp(2.0, 44_100, 2), 44_100)  # 44-byte header, 4 bytes a frame
     full_flac = make("flac_s16", tmp, seconds=2.0).read_bytes()
@@ -86,6 +93,8 @@ def build_cases(tmp: Path) -> list[Case]:
              why="libsndfile loses sync at the cut; FFmpeg reads up to it"),
         Case("truncated.mp3", _cut(full_mp3), "done", rate=44_100, channels=2, duration=(0.8, 1.05),
              why="MP3 is a run of frames: every whole one decodes"),
+        Case("xing_one_frame.mp3", _xing_frames(full_mp3, 1), "done", rate=44_100, channels=2, duration=(1.95, 2.05),
+             why="a bogus Xing header of 1 frame: libsndfile's length went negative and it read nothing"),
         Case("text.wav", b"this is a shopping list, not audio\n" * 30, "failed", "not a readable audio file"),
         Case("text.mp3", b"Lorem ipsum dolor sit amet, not audio either\n" * 30, "failed",
              "not a readable audio file"),
@@ -142,10 +151,11 @@ def corpus(tmp_path_factory) -> tuple[list[Case], dict[str, Path], list[Path]]:
 
 # the cases by name, for parametrize (test_case_list_is_complete keeps it in step with build_cases)
 CASE_NAMES = [
-    "empty.wav", "truncated.wav", "truncated.flac", "truncated.mp3", "text.wav", "text.mp3", "image.wav",
-    "image.mp3", "claims_4gb.wav", "nan.wav", "inf.wav", "huge_floats.wav", "silence.wav", "one_sample.wav",
-    "one_sample_44k.wav", "eight_channels.wav", "rate_8k.wav", "rate_192k.wav", "sizes_never_written.wav",
-    "headers_only.opus", "sizes_zero_no_data.wav", "zero_frames.au", "random.ogg", "unknown_codec.wav", "huge_doubles.wav",
+    "empty.wav", "truncated.wav", "truncated.flac", "truncated.mp3", "xing_one_frame.mp3", "text.wav", "text.mp3",
+    "image.wav", "image.mp3", "claims_4gb.wav", "nan.wav", "inf.wav", "huge_floats.wav", "silence.wav",
+    "one_sample.wav", "one_sample_44k.wav", "eight_channels.wav", "rate_8k.wav", "rate_192k.wav",
+    "sizes_never_written.wav", "headers_only.opus", "sizes_zero_no_data.wav", "zero_frames.au", "random.ogg",
+    "unknown_codec.wav", "huge_doubles.wav",
 ]
 
 

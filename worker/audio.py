@@ -25,6 +25,7 @@ def block_frames(channels: int) -> int:
 # Full scale is 1.0; float files scaled like int16/int32 (32768, 2**31) still decode. Beyond this a float
 # file is garbage, and from about 1e17 the float32 log-mel overflows and the model returns NaN.
 MAX_ABS_SAMPLE = 1e10
+SF_COUNT_MAX = 2**63 - 1  # libsndfile's frame count for a file whose length it cannot tell
 
 
 class DecodeError(ValueError):
@@ -99,6 +100,10 @@ def _to_ffmpeg(f, path: Path) -> bool:
         return True
     if f.format != "MP3":
         return False
+    if f.frames >= SF_COUNT_MAX:
+        # no length: a Xing header of fewer frames than its own delay and padding (1, where the file holds
+        # 230) made libsndfile's length negative, and it then read nothing at all ("contains no audio samples")
+        return True
     stated = f.frames / f.samplerate
     kinds: set[tuple[int, int, bool]] = set()
     found = 0
