@@ -335,6 +335,32 @@ def test_files_joined_end_to_end_decode_whole(kind, tmp_path):
 
 
 
+def test_a_chained_ogg_of_links_of_many_rates_decodes_in_bounded_memory(tmp_path):
+    """A chained Ogg of 600 short Vorbis links, each at a rate of its own (1.7 MB): each part is converted to
+    the first one's rate, by at most MAX_CONVERTERS converters kept at once. One kept per rate grew the decoder
+    by ~0.4 MB each (270 MB here; ~4 GB at MAX_OGG_LINKS links)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "rates.ogg"
+    with open(path, "wb") as f:
+        for i in range(600):
+            rate = 8_000 + 7 * i
+            buf = io.BytesIO()
+            sf.write(buf, sine(0.05, rate, 440.0)[:, :1], rate, format="OGG", subtype="VORBIS")
+            f.write(buf.getvalue())
+    # VmHWM, not ru_maxrss: that one keeps the high-water mark of the process before exec (pytest's, with torch)
+    script = ("import re, sys; from worker.audio import decode_to_file; "
+              "info, n = decode_to_file(sys.argv[1], sys.argv[2]); "
+              "print(info.sample_rate, n, re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read())[1])")
+    r = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "raw.f32")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rate, n, maxrss_kb = map(int, r.stdout.split())
+    assert rate == 8_000 and n >= 600 * 0.05 * audio.TARGET_RATE, r.stdout  # every link's audio
+    assert maxrss_kb < 200 * 1024, f"peak RSS {maxrss_kb // 1024} MB"
+
+
 @pytest.mark.parametrize("links", [2_000, 20])
 def test_a_chained_ogg_of_empty_links_decodes_its_audio(links, tmp_path, monkeypatch):
     """An Ogg file whose 6 s of audio are followed by many empty links (a begin page and an end page, no
