@@ -1357,6 +1357,35 @@ def test_files_decoded_ahead_leave_no_scratch_file_when_a_task_stops_early(tmp_p
         pool.close()
 
 
+def test_files_decoded_ahead_wait_while_they_hold_the_scratch_allowed(tmp_path, monkeypatch):
+    """A GPU reads a batch ahead (256 files), and 256 recordings of hours each would have filled the scratch
+    disk (helper-56). While the files decoded ahead hold AHEAD_BYTES, a further decode starts only for the
+    file the model takes next: with room for nothing, two decoders and a read-ahead of 6, at most the file
+    handed out, one a decoder each and the next are on disk (before, all seven), and every file still comes,
+    in order."""
+    from worker import pipeline
+    from worker.decoder import DecoderPool
+    from worker.store import Claimed
+
+    blobs, scratch = BlobStore(tmp_path / "blobs"), tmp_path / "scratch"
+    scratch.mkdir()
+    items = [Claimed(uuid.uuid4(), blobs.put_bytes(write(tmp_path / f"h{i}.wav", 1.0, seed=80 + i).read_bytes()),
+                     None, 1) for i in range(7)]
+    monkeypatch.setattr(pipeline, "AHEAD_BYTES", 1)
+    pool, handed, on_disk = DecoderPool(2), [], []
+    try:
+        for d in pipeline.read_ahead(pool, blobs, items, 48_000, pipeline.Options(scratch_dir=scratch, read_ahead=6)):
+            assert d.error is None and d.n == 48_000, d.error
+            handed.append(d.item.id)
+            time.sleep(1.0)  # the model at work: without the wait, the decoders fill the read-ahead meanwhile
+            on_disk.append(sum(f.stat().st_size > 0 for f in scratch.iterdir()))  # waiting ones: made, empty
+            d.cleanup()
+    finally:
+        pool.close()
+    assert handed == [i.id for i in items]
+    assert max(on_disk) <= 2 + pool.size, on_disk  # before: [7, 6, 5, 4, 3, 2, 1]
+
+
 def test_scratch_files_of_killed_workers_are_removed_at_the_next_start(tmp_path):
     """A worker killed mid-task (SIGKILL, the OOM killer) leaves its decoded files behind, up to 1.4 GB for
     a 2-hour file. Each worker process decodes into its own directory, locked while it lives, and a

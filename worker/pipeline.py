@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -25,6 +26,10 @@ from worker.embedder import AudioEmbedder
 from worker.windows import HOP_S, WINDOW_S, read_window, spans
 
 log = logging.getLogger(__name__)
+
+# scratch that files decoded ahead of the model may hold before a further decode waits (`_Ahead`): 2 GiB is
+# 256 files of 10 s (what a GPU reads ahead), or about 3 hours of audio
+AHEAD_BYTES = 2 << 30
 
 
 @dataclasses.dataclass
@@ -98,7 +103,8 @@ def own_scratch(root: Path) -> Path:
 
 
 def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options,
-          dropped: Collection[uuid.UUID] = ()) -> Decoded:
+          dropped: Collection[uuid.UUID] = (), ahead: _Ahead | None = None) -> Decoded:
+    """Decode one file into a scratch file; with `ahead`, only once a decoder is free and there is room."""
     def gone() -> bool:
         return item.id in dropped
 
@@ -111,9 +117,18 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options,
     os.close(fd)
     d = Decoded(item, raw_path=Path(raw))
     try:
-        with pool.checkout() as decoder:
-            d.info, d.n = decoder.decode(path, d.raw_path, opts.decode_timeout_s, opts.max_duration_s,
-                                         {"item_id": str(item.id), "job_id": str(item.job_id)}, stop=gone)
+        while True:
+            with pool.checkout() as decoder:
+                # room is looked at with a decoder in hand, so that files waiting for a decoder are not all
+                # let in while nothing has been decoded yet; the wait for room is without it
+                if ahead is None or ahead.room(item):
+                    d.info, d.n = decoder.decode(path, d.raw_path, opts.decode_timeout_s, opts.max_duration_s,
+                                                 {"item_id": str(item.id), "job_id": str(item.job_id)}, stop=gone)
+                    if ahead is not None:  # counted before the decoder is free for the next file to look
+                        ahead.decoded(d)
+                    break
+            if not ahead.wait(item):
+                raise Abandoned()
     except Abandoned:
         d.cleanup()
         d.gone = True
@@ -129,25 +144,81 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options,
     return d
 
 
+class _Ahead:
+    """The scratch bytes of files decoded ahead of the model (not handed out yet), and the wait of a decode
+    for room: while they hold `AHEAD_BYTES` or more, a decode starts only for the file the model takes next.
+    A GPU reads a batch ahead (256 files), and 256 recordings of hours each (a 2.4 MB FLAC of 5 hours of
+    silence decodes to 2.76 GB) would have filled the scratch disk, and a full disk hands back every file
+    of the task, other tenants' too (helper-56)."""
+
+    def __init__(self, dropped: Collection[uuid.UUID]) -> None:
+        self.cv = threading.Condition()
+        self.held = 0
+        self.order: list[uuid.UUID] = []  # the items not handed out yet, in the order they are handed out
+        self.closed = False
+        self.dropped = dropped
+
+    def room(self, item) -> bool:
+        """Whether `item` may be decoded now: there is room, or the model takes it next."""
+        with self.cv:
+            return self.held < AHEAD_BYTES or self.order[:1] == [item.id]
+
+    def wait(self, item) -> bool:
+        """Wait until there may be room for `item`; False when it is no longer wanted (dropped, or the task
+        ended)."""
+        with self.cv:
+            while not (self.held < AHEAD_BYTES or self.order[:1] == [item.id]):
+                if self.closed or item.id in self.dropped:
+                    return False
+                self.cv.wait(1.0)  # `dropped` is filled by the heartbeat, which does not notify
+            return not self.closed
+
+    def decoded(self, d: Decoded) -> None:
+        with self.cv:
+            self.held += 4 * d.n
+
+    def handed(self, d: Decoded) -> None:
+        with self.cv:
+            self.held -= 4 * d.n if d.info is not None else 0  # as counted by decoded()
+            self.order.remove(d.item.id)
+            self.cv.notify_all()
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+
+
 def read_ahead(pool: DecoderPool, blobs: BlobStore, items: Iterable, rate: int, opts: Options,
                dropped: Collection[uuid.UUID] = ()) -> Iterator[Decoded]:
     """Decode files in child processes, a bounded number ahead of the model, in input order (`items` is
-    advanced only as far as the read-ahead reaches). A file whose id appears in `dropped` before or while
-    it decodes is not decoded on (`Decoded.gone`)."""
+    advanced only as far as the read-ahead reaches), and while those decoded ahead hold less than
+    AHEAD_BYTES of scratch (`_Ahead`). A file whose id appears in `dropped` before or while it decodes is
+    not decoded on (`Decoded.gone`)."""
     depth = max(1, pool.size, opts.read_ahead)
+    ahead = _Ahead(dropped)
+
+    def submit(item) -> cf.Future:
+        with ahead.cv:
+            ahead.order.append(item.id)
+        return threads.submit(_read, pool, blobs, item, rate, opts, dropped, ahead)
+
     with cf.ThreadPoolExecutor(max_workers=depth, thread_name_prefix="decode") as threads:
         it = iter(items)  # advancing it may claim files (Postgres), so it may raise: always inside the try
         pending: list[cf.Future] = []
         try:
             for item in itertools.islice(it, depth):
-                pending.append(threads.submit(_read, pool, blobs, item, rate, opts, dropped))
+                pending.append(submit(item))
             while pending:
                 pending[0].result()  # stays in `pending` until handed out
                 nxt = next(it, None)
                 if nxt is not None:
-                    pending.append(threads.submit(_read, pool, blobs, nxt, rate, opts, dropped))
-                yield pending.pop(0).result()
+                    pending.append(submit(nxt))
+                d = pending.pop(0).result()
+                ahead.handed(d)
+                yield d
         finally:  # the task stopped early (an error): files decoded ahead leave no scratch file behind
+            ahead.close()
             for f in pending:
                 if not f.cancel():
                     with contextlib.suppress(Exception):
