@@ -33,7 +33,7 @@ _lock = threading.Lock()
 def _how_to_fix(name: str) -> str:
     return (
         f"cannot load the CLAP model {name!r}. Point CLAPQ_MODEL at a local directory holding a "
-        "HF-format CLAP checkpoint (config.json, model.safetensors, preprocessor_config.json or "
+        "HF-format CLAP checkpoint (config.json, model.safetensors or pytorch_model.bin, preprocessor_config.json or "
         "processor_config.json, and the "
         "tokenizer files), e.g. one saved with `ClapModel.save_pretrained()` or copied from a machine "
         "with network access (`hf download laion/clap-htsat-unfused --local-dir DIR`)."
@@ -51,6 +51,12 @@ def _fetch(name: str) -> Path:
     for local_only in (True, False):
         try:
             path = Path(snapshot_download(name, allow_patterns=patterns, local_files_only=local_only))
+            if (path / "config.json").is_file() and not _weight_files(path):
+                # weights in PyTorch's format only, as on laion/clap-htsat-unfused's main branch
+                # (pytorch_model.bin; its safetensors are in an unmerged pull request): the default model
+                # downloaded no weights and every start failed. Fetched only where there are no safetensors,
+                # which transformers would load instead (and which would be downloaded twice over)
+                path = Path(snapshot_download(name, allow_patterns=[*patterns, "*.bin"], local_files_only=local_only))
         except Exception as exc:  # offline, unknown repo, no cache: all mean "not available"
             last = exc
             continue
@@ -59,8 +65,12 @@ def _fetch(name: str) -> Path:
     raise ModelUnavailable(f"{_how_to_fix(name)} ({type(last).__name__}: {last})")
 
 
+def _weight_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+
+
 def _weights_hash(path: Path) -> str:
-    files = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    files = _weight_files(path)
     if not files:
         raise ModelUnavailable(f"no weights (*.safetensors or *.bin) in {path}. " + _how_to_fix(str(path)))
     h = hashlib.sha256()

@@ -1,0 +1,137 @@
+"""CLAPQ_MODEL as a hub id: the checkpoint is fetched through huggingface_hub from a Hub that this test serves
+itself (HF_ENDPOINT), laid out as the real one answers, so no network is needed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMIT = "c" * 40
+
+
+def _hub(repos: dict[str, Path]):
+    """A minimal Hub: each repo's revision, its file tree and its files (by `resolve`), from a folder."""
+
+    class Hub(BaseHTTPRequestHandler):
+        def _answer(self, head: bool) -> None:
+            path = self.path.split("?")[0]
+            for repo, folder in repos.items():
+                files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+                if path == f"/api/models/{repo}/revision/main":
+                    return self._send(json.dumps({"id": repo, "sha": COMMIT,
+                                                  "siblings": [{"rfilename": f} for f in files]}).encode(), head)
+                if path.startswith(f"/api/models/{repo}/tree/"):
+                    return self._send(json.dumps([
+                        {"type": "file", "path": f, "size": (folder / f).stat().st_size,
+                         "oid": hashlib.sha1((folder / f).read_bytes()).hexdigest()} for f in files]).encode(), head)
+                prefix = f"/{repo}/resolve/{COMMIT}/"
+                if path.startswith(prefix) and path[len(prefix):] in files:
+                    body = (folder / path[len(prefix):]).read_bytes()
+                    self.server.fetched.append(path[len(prefix):])  # type: ignore[attr-defined]
+                    return self._send(body, head, {"X-Repo-Commit": COMMIT,
+                                                   "ETag": f'"{hashlib.sha1(body).hexdigest()}"'})
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def _send(self, body: bytes, head: bool, headers: dict | None = None) -> None:
+            self.send_response(200)
+            for k, v in (headers or {"Content-Type": "application/json"}).items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def do_GET(self):  # noqa: N802
+            self._answer(False)
+
+        def do_HEAD(self):  # noqa: N802
+            self._answer(True)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    server.fetched = []  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+_RESOLVE = """import json, sys
+from clapq.checkpoint import resolve
+ckpt = resolve(sys.argv[1])
+print(json.dumps({"path": str(ckpt.path), "weights_sha256": ckpt.weights_sha256}))
+"""
+
+
+def _resolve(name: str, hf_home: Path, endpoint: str | None) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    env.update(HF_HOME=str(hf_home), PYTHONPATH=str(ROOT))
+    if endpoint:
+        env["HF_ENDPOINT"] = endpoint
+    else:
+        env["HF_HUB_OFFLINE"] = "1"
+    r = subprocess.run([sys.executable, "-c", _RESOLVE, name], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _pytorch_only(tiny_model: Path, into: Path) -> Path:
+    """The checkpoint as laion/clap-htsat-unfused's main branch has it: pytorch_model.bin, no safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    into.mkdir()
+    for f in tiny_model.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, into / f.name)
+    torch.save(load_file(str(tiny_model / "model.safetensors")), into / "pytorch_model.bin")
+    return into
+
+
+@pytest.mark.timeout(300)
+def test_hub_checkpoint_with_pytorch_weights_only(tiny_model, tmp_path):
+    """A hub repo whose weights are pytorch_model.bin alone (laion/clap-htsat-unfused, the default model) is
+    downloaded with them: only *.safetensors were fetched, and every start failed with 'no weights'. It is the
+    same model as a copy of the repo in a directory (the README's `hf download ... --local-dir DIR`), and
+    found again offline, from the cache."""
+    repo = _pytorch_only(tiny_model, tmp_path / "repo")
+    server = _hub({"laion/clap-test-bin": repo})
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        got = _resolve("laion/clap-test-bin", tmp_path / "hf", endpoint)
+        assert (Path(got["path"]) / "pytorch_model.bin").is_file()
+        assert got["weights_sha256"] == _resolve(str(repo), tmp_path / "hf", None)["weights_sha256"]
+        assert _resolve("laion/clap-test-bin", tmp_path / "hf", None) == got  # offline: the cache
+
+        from transformers import ClapModel
+
+        ClapModel.from_pretrained(got["path"])  # what the workers and the API load
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.timeout(300)
+def test_hub_checkpoint_with_safetensors_fetches_no_pytorch_copy(tiny_model, tmp_path):
+    """Where a repo has safetensors (which transformers loads), its PyTorch copy is not downloaded besides."""
+    repo = _pytorch_only(tiny_model, tmp_path / "repo")
+    shutil.copy(tiny_model / "model.safetensors", repo / "model.safetensors")
+    server = _hub({"laion/clap-test-both": repo})
+    try:
+        got = _resolve("laion/clap-test-both", tmp_path / "hf", f"http://127.0.0.1:{server.server_address[1]}")
+        assert (Path(got["path"]) / "model.safetensors").is_file()
+        assert "pytorch_model.bin" not in server.fetched and "model.safetensors" in server.fetched
+        assert not (Path(got["path"]) / "pytorch_model.bin").exists()
+    finally:
+        server.shutdown()
