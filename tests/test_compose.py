@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -66,3 +67,63 @@ def test_every_setting_is_documented_and_compose_sets_only_real_ones():
     for name, service in spec["services"].items():
         unknown = sorted(k for k in service.get("environment", {}) if k.startswith("CLAPQ_") and k not in names)
         assert not unknown, f"docker-compose service {name} sets {unknown}, which clapq never reads"
+
+
+_UNITS = {"GiB": 1024**3, "MiB": 1024**2, "h": 3600, "min": 60, "s": 1}
+
+
+def _table_default(raw: str, defaults: dict[str, str]):
+    """A default as the configuration table writes it ("16", "2 GiB", "4 h", "`auto`", "0 (auto)", "a quarter
+    of `CLAPQ_MAX_PENDING` (50000)", "`CLAPQ_BATCH_SIZE`") as a value to compare, or None where it is prose."""
+    raw = raw.strip()
+    if m := re.fullmatch(r"`(CLAPQ_[A-Z0-9_]+)`", raw):  # the default of another variable
+        return _table_default(defaults[m.group(1)], defaults)
+    if m := re.match(r"`?([\d,]+)\s*([A-Za-z]+)?`?(?:\s|$)", raw):  # a number, with a unit
+        unit = _UNITS.get(m.group(2) or "", 1 if m.group(2) is None else None)
+        return None if unit is None else int(m.group(1).replace(",", "")) * unit
+    if m := re.search(r"\((\d+)\)$", raw):  # prose, then the number it makes
+        return int(m.group(1))
+    if m := re.fullmatch(r"`([^`]+)`", raw):
+        return m.group(1)
+    return None
+
+
+def test_configuration_table_defaults_are_the_code_s():
+    """Each default the README's configuration table gives for a setting is the one clapq.settings applies with
+    nothing set (a table said one thing while the code did another for nobody to notice)."""
+    import dataclasses
+
+    from clapq.settings import Settings
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Configuration (environment)", 1)[1].split("\n## ", 1)[0]
+    actual = Settings.from_env({})
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    attr = {"CLAPQ_COMPILE": "compile_model"}
+    rows: dict[str, str] = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        names = re.findall(r"`(CLAPQ_[A-Z0-9_]+)`", cells[0]) if len(cells) >= 3 else []
+        if not names:
+            continue
+        values = [cells[1]] if len(names) == 1 else [v.strip() for v in cells[1].split(", ")]
+        named = [n for n in names if attr.get(n, n[len("CLAPQ_"):].lower()) in fields]
+        assert len(values) == len(names) or not named, f"the table's row for {names} gives {cells[1]!r}"
+        rows.update(zip(names, values))
+    checked = []
+    for name, raw in rows.items():
+        field = attr.get(name, name[len("CLAPQ_"):].lower())
+        if field not in fields or isinstance(getattr(actual, field), os.PathLike):
+            continue
+        want = _table_default(raw, rows)
+        if want is None:
+            continue
+        have = getattr(actual, field)
+        if isinstance(have, bool):
+            have = int(have)
+        if have is None:
+            have = "auto"
+        assert str(want).lower() == str(have).lower(), f"README: {name} defaults to {raw!r}; clapq.settings: {have!r}"
+        checked.append(name)
+    assert {"CLAPQ_BATCH_SIZE", "CLAPQ_MAX_REQUEST_BYTES", "CLAPQ_MAX_DURATION_S", "CLAPQ_MAX_PENDING_PER_TENANT",
+            "CLAPQ_RATE_LIMIT", "CLAPQ_COMPILE", "CLAPQ_STALE_AFTER_S", "CLAPQ_LOG_LEVEL"} <= set(checked), checked
