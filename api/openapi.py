@@ -112,7 +112,8 @@ SPEC = {
                 "progress": {"type": "number"}, "eta_s": {"type": ["number", "null"]}, "created_at": _WHEN,
                 "finished_at": _WHEN,
                 "errors": {**_list(_obj(item_id=_ID, filename=_STR, error={"type": ["string", "null"]})),
-                           "description": "the first 100 failed files (GET /v1/jobs/{job_id} only)"},
+                           "description": "the first 100 failed files (one job's answer: its GET, cancel and retry; "
+                                          "not in GET /v1/jobs)"},
                 "requeued": {"type": "integer", "description": "a retry's answer: the files queued again"}}},
             "Item": {"type": "object", "properties": {
                 "id": _ID, "library_id": _ID, "job_id": _ID, "filename": {"type": "string"},
