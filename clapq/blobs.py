@@ -65,7 +65,12 @@ class BlobWriter:
 
     def __init__(self, store: "BlobStore") -> None:
         self._store = store
-        fd, name = tempfile.mkstemp(prefix="upload-", dir=store.tmp_dir)
+        try:
+            fd, name = tempfile.mkstemp(prefix="upload-", dir=store.tmp_dir)
+        except OSError as exc:  # no inode, or no block for its name, left: as full as no byte left (helper-59)
+            if exc.errno in FULL:
+                raise StorageFull("no space left in the upload area") from exc
+            raise
         self._file: BinaryIO = os.fdopen(fd, "w+b")
         self.tmp_path = Path(name)
         self._hash = hashlib.sha256()

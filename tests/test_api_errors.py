@@ -974,6 +974,29 @@ def test_a_full_upload_area_is_a_507_for_uploads_and_clip_searches(settings, new
     assert r.status_code == 202, r.get_json()
 
 
+def test_a_disk_with_no_inode_left_is_a_507_too(settings, new_key, small_disk, caplog):
+    """Bytes left but no inode (or no block for a new name): creating the part's temporary file failed with
+    ENOSPC, answered 500 'internal error' with no word to the operator (helper-59: a blob tmpfs whose
+    inodes ran out). Now a 507 as for a full disk, for uploads and clip searches, said in the log."""
+    import dataclasses
+    import subprocess
+
+    from api import create_app
+
+    c = create_app(dataclasses.replace(settings, blob_dir=small_disk / "blobs")).test_client()
+    key = new_key()
+    lib_id = c.post("/v1/libraries", json={"name": "no-inodes"}, headers=auth(key)).get_json()["id"]
+    st = os.statvfs(small_disk)
+    subprocess.run(["mount", "-o", f"remount,nr_inodes={st.f_files - st.f_ffree}", str(small_disk)], check=True)
+    wav = b"RIFF" + bytes(1000)
+    e = err(c.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                   data={"files": [(io.BytesIO(wav), "a.wav")]}), 507)
+    assert e["code"] == "insufficient_storage"
+    assert any("the disk of the stored files is full" in r.getMessage() for r in caplog.records), caplog.records
+    err(c.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
+               data={"library_id": lib_id, "audio": (io.BytesIO(wav), "q.wav")}), 507)
+
+
 def test_a_disk_that_fills_before_the_commit_is_storage_full_and_keeps_no_part(small_disk):
     """The last bytes of a part sit in the writer's buffer; the disk fills before the commit flushes them:
     StorageFull (a 507), not a bare OSError (a 500), and the partial file is removed all the same."""
