@@ -12,7 +12,7 @@ from flask.json.provider import DefaultJSONProvider
 from sqlalchemy import exc as sa_exc
 from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
-from clapq.blobs import StorageFull
+from clapq.blobs import StorageFull, StorageUnwritable
 
 log = logging.getLogger(__name__)
 
@@ -362,6 +362,13 @@ def register(app: Flask) -> None:
         log.warning("an upload was refused: the disk of the stored files is full (%s)", e,
                     extra={"blob_dir": str(current_app.config["CLAPQ"].blob_dir)})
         return envelope(507, "insufficient_storage", "the upload area is full; try again later")
+
+    @app.errorhandler(StorageUnwritable)  # a read-only disk, or the folder's permissions changed (helper-59)
+    def _storage_unwritable(e: StorageUnwritable):
+        log.error("an upload was refused: the folder of the stored files cannot be written (%s)", e,
+                  extra={"blob_dir": str(current_app.config["CLAPQ"].blob_dir)})
+        return envelope(503, "storage_unavailable", "the upload area cannot be written now; try again later",
+                        {"Retry-After": "30"})
 
     @app.errorhandler(Exception)
     def _unexpected(e: Exception):

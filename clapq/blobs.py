@@ -49,6 +49,23 @@ class StorageFull(OSError):
 
 FULL = (errno.ENOSPC, errno.EDQUOT)  # the errors that mean StorageFull
 
+
+class StorageUnwritable(OSError):
+    """The upload area cannot be written: its disk is read-only (remounted so after an error), or its
+    folder's permissions changed. The operator's to fix; an upload was a 500 "internal error" (helper-59)."""
+
+
+UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)  # the errors that mean StorageUnwritable
+
+
+def _refusal(exc: OSError) -> OSError | None:
+    """What a failed write of the upload area means to the client (None: an error of another kind)."""
+    if exc.errno in FULL:
+        return StorageFull("no space left in the upload area")
+    if exc.errno in UNWRITABLE:
+        return StorageUnwritable(exc.strerror or str(exc))
+    return None
+
 # A blob is shared by every item (of any library or tenant) that holds its bytes, and is removed when the
 # last of them is deleted. Two sides must not interleave, so both hold this Postgres advisory lock: an
 # upload, shared, from moving its blobs into place until its item rows commit; removal, exclusive, from
@@ -68,8 +85,8 @@ class BlobWriter:
         try:
             fd, name = tempfile.mkstemp(prefix="upload-", dir=store.tmp_dir)
         except OSError as exc:  # no inode, or no block for its name, left: as full as no byte left (helper-59)
-            if exc.errno in FULL:
-                raise StorageFull("no space left in the upload area") from exc
+            if (refusal := _refusal(exc)) is not None:
+                raise refusal from exc
             raise
         self._file: BinaryIO = os.fdopen(fd, "w+b")
         self.tmp_path = Path(name)
@@ -168,11 +185,11 @@ class BlobWriter:
             one_thread("clapq-blob-closer").submit(close, *args)
 
     def _give_up(self, exc: OSError) -> None:
-        """After a failed write or commit: the part is discarded, and a full disk or quota is StorageFull
-        (the caller re-raises any other error)."""
+        """After a failed write or commit: the part is discarded, and a full disk or quota is StorageFull, a
+        read-only one StorageUnwritable (the caller re-raises any other error)."""
         self.discard()
-        if exc.errno in FULL:
-            raise StorageFull("no space left in the upload area") from exc
+        if (refusal := _refusal(exc)) is not None:
+            raise refusal from exc
 
     def discard(self) -> None:
         self.release()

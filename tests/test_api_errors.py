@@ -997,6 +997,29 @@ def test_a_disk_with_no_inode_left_is_a_507_too(settings, new_key, small_disk, c
                data={"library_id": lib_id, "audio": (io.BytesIO(wav), "q.wav")}), 507)
 
 
+def test_a_read_only_upload_area_is_a_503_said_in_the_log(settings, new_key, small_disk, caplog):
+    """The blob store's disk remounted read-only (as ext4 does after an error): an upload answered 500
+    'internal error' (helper-59). Now a 503 with Retry-After (`clapq upload` waits an outage out) and an
+    error in the log naming the folder, for uploads and clip searches."""
+    import dataclasses
+    import subprocess
+
+    from api import create_app
+
+    c = create_app(dataclasses.replace(settings, blob_dir=small_disk / "blobs")).test_client()
+    key = new_key()
+    lib_id = c.post("/v1/libraries", json={"name": "read-only"}, headers=auth(key)).get_json()["id"]
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    wav = b"RIFF" + bytes(1000)
+    for r in (c.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                     data={"files": [(io.BytesIO(wav), "a.wav")]}),
+              c.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
+                     data={"library_id": lib_id, "audio": (io.BytesIO(wav), "q.wav")})):
+        assert err(r, 503)["code"] == "storage_unavailable" and r.headers["Retry-After"] == "30"
+    assert any("the folder of the stored files cannot be written (Read-only file system)" in r.getMessage()
+               for r in caplog.records), caplog.records
+
+
 def test_a_disk_that_fills_before_the_commit_is_storage_full_and_keeps_no_part(small_disk):
     """The last bytes of a part sit in the writer's buffer; the disk fills before the commit flushes them:
     StorageFull (a 507), not a bare OSError (a 500), and the partial file is removed all the same."""
