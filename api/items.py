@@ -160,6 +160,8 @@ def get_segments(item_id: str):
     """The item's embedded windows, in time order; `?vectors=1` includes each vector (for export)."""
     item = owned(Item, item_id, "item")
     lib = db().get(Library, item.library_id)
+    if lib is None:  # deleted, with the item, since the item was read
+        raise not_found("item")
     flag = request.args.get("vectors", "0").strip().lower()
     if flag not in ("0", "1", "true", "false", "yes", "no", ""):
         raise bad_request(f"'vectors' is {flag[:20]!r}; use vectors=1 to include each vector, or leave it out")

@@ -106,16 +106,19 @@ def duplicates(item_id: str):
     limit = limit_arg(50)
     time_limit(current_app.config["CLAPQ"].search_timeout_s)  # a search, as any other
     item, vec = item_vector(item_id)
+    # read now: nearest_pooled's rollback expires `item`, and reading it after that loads the row again, a 500
+    # where the item was deleted meanwhile
+    this, sha256 = item.id, item.sha256
     session = db()
     exact = session.execute(select(Item.id, Item.library_id, Item.filename)
-                            .where(Item.tenant_id == g.tenant_id, Item.sha256 == item.sha256, Item.id != item.id)
+                            .where(Item.tenant_id == g.tenant_id, Item.sha256 == sha256, Item.id != this)
                             .order_by(Item.created_at)).all()
     lib = session.get(Library, item.library_id)
     lib_ids = list(session.scalars(select(Library.id).where(Library.tenant_id == g.tenant_id)))
     few = few_windows(lib_ids, [], current_app.config["CLAPQ"].exact_search_max_windows, None)
-    near = nearest_pooled(vec, lib_ids, lib.model_id, [], item.id, limit, threshold, few)
+    near = nearest_pooled(vec, lib_ids, lib.model_id, [], this, limit, threshold, few)
     return {
-        "item_id": str(item.id), "sha256": item.sha256, "threshold": threshold,
+        "item_id": str(this), "sha256": sha256, "threshold": threshold,
         "exact": [{"item_id": str(r.id), "library_id": str(r.library_id), "filename": r.filename} for r in exact],
         "near": [{"item_id": str(r.item_id), "library_id": str(r.library_id), "filename": r.filename,
                   "score": round(1.0 - float(r.d), 6)} for r in near],

@@ -661,3 +661,43 @@ def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):
         assert not errors and not thread.is_alive()
     with session_scope(settings.database_url) as s:
         assert s.scalar(select(func.count()).select_from(Item).where(Item.library_id == lib_id)) == 0
+
+
+def test_reads_of_an_item_deleted_while_they_run_are_not_500s(client, new_key, worker, settings, tmp_path):
+    """A duplicates lookup whose item is deleted while it runs answers the item as it read it: its search's
+    rollback expired the item, and reading it again after the deletion was a 500 (a helper's race run: 15 in
+    a minute). A lookup by item (duplicates, segments) whose library is deleted between its read of the item
+    and of the library answers 404, as a moment later, not a 500."""
+    from sqlalchemy import event
+
+    key = new_key()
+    lib = _library(client, key, "deleted under a read")
+    ids = _done(client, key, lib, [write(tmp_path / "a.wav", 1.0, seed=61), write(tmp_path / "b.wav", 1.0, seed=62)])
+    engine = get_engine(settings.database_url)
+    done = []
+
+    def deleting(marker: str, sql: str, item_id):
+        def before(conn, cursor, statement, params, context, executemany):
+            if not done and marker in statement:
+                done.append(statement)  # first: the deletion's own statements pass through here too
+                with session_scope(settings.database_url) as s:
+                    s.execute(text(sql), {"i": item_id})
+        return before
+
+    def run(listener, method, path):
+        done.clear()
+        event.listen(engine, "before_cursor_execute", listener)
+        try:
+            return client.open(path, method=method, headers=auth(key))
+        finally:
+            event.remove(engine, "before_cursor_execute", listener)
+
+    a = ids["a.wav"]
+    r = run(deleting("embeddings.windows", "DELETE FROM items WHERE id = :i", a), "GET", f"/v1/items/{a}/duplicates")
+    assert done and r.status_code == 200, (r.status_code, r.get_data(as_text=True)[:300])
+    assert r.get_json()["item_id"] == a
+    gone_lib = "DELETE FROM libraries WHERE id = (SELECT library_id FROM items WHERE id = :i)"
+    for what, item in (("segments", ids["b.wav"]), ("duplicates", next(iter(_done(
+            client, key, _library(client, key, "deleted under a read 2"), [tmp_path / "a.wav"]).values())))):
+        r = run(deleting("FROM libraries", gone_lib, item), "GET", f"/v1/items/{item}/{what}")
+        assert done and r.status_code == 404, (what, r.status_code, r.get_data(as_text=True)[:300])
