@@ -255,7 +255,9 @@ def retry_job(job_id: str):
         session.execute(update(JobDuplicate).where(JobDuplicate.job_id == job.id, JobDuplicate.item_id.in_(moved))
                         .values(copies=JobDuplicate.copies - 1))
         session.execute(delete(JobDuplicate).where(JobDuplicate.job_id == job.id, JobDuplicate.copies <= 0))
-        job.duplicates -= len(moved)
+        # in SQL, not from the count read at the start: a deletion of another of its copies committed since
+        # (api.removal, which uncounts it in SQL) was undone by writing back the old count less these
+        job.duplicates = Job.duplicates - len(moved)
     job.cancelled, job.retried_at = False, func.now()
     fast = lane_room(ids)
     session.commit()

@@ -535,3 +535,53 @@ def test_a_cancel_whose_files_all_finished_leaves_a_done_job(client, new_key, se
     job, ids = job_rows(settings, lib["id"], [("c", 10, "running")])
     with session_scope(settings.database_url) as s:
         assert store.record_failure(s, ids["c"], "broken") is True
+
+
+def test_a_retry_moving_copies_keeps_a_deletion_of_another_copy_committed_meanwhile(client, new_key, settings):
+    """A job holds two copies: one of a file another job's cancel stopped (its retry moves it to this job)
+    and one of an embedded file, which is deleted, and committed, while the retry runs. The job then holds no
+    copy: the retry wrote back the count it had read less the one it moved, which undid the deletion's, and
+    the job showed a copy (done) that is gone (helper-60)."""
+    from sqlalchemy import event, func, select
+
+    from api.removal import delete_items
+    from clapq.db import get_engine, session_scope
+    from clapq.models import Item, Job, JobDuplicate, Library
+
+    key = new_key()
+    lib = uuid.UUID(client.post("/v1/libraries", json={"name": "copies"}, headers=auth(key)).get_json()["id"])
+    with session_scope(settings.database_url) as s:
+        tenant = s.get(Library, lib).tenant_id
+        first, second = Job(tenant_id=tenant, library_id=lib, cancelled=True), Job(tenant_id=tenant, library_id=lib)
+        s.add_all([first, second])
+        s.flush()
+        stopped, embedded = (Item(tenant_id=tenant, library_id=lib, job_id=first.id, sha256=uuid.uuid4().hex * 2,
+                                  filename=f"{status}.wav", size_bytes=1, status=status)
+                             for status in ("cancelled", "done"))
+        s.add_all([stopped, embedded])
+        s.flush()
+        s.add_all([JobDuplicate(job_id=second.id, item_id=i.id, copies=1) for i in (stopped, embedded)])
+        second.duplicates = 2
+        job, gone = second.id, embedded.id
+    engine = get_engine(settings.database_url)
+    deleted = []
+
+    def delete_first(conn, cursor, statement, params, context, executemany):
+        # the retry's look at the copies it moves: the other request's deletion commits just before it
+        if not deleted and statement.lstrip().startswith("SELECT items.id") and "FOR UPDATE" in statement:
+            deleted.append(statement)
+            with session_scope(settings.database_url) as s:
+                delete_items(s, Item.id == gone)
+
+    event.listen(engine, "before_cursor_execute", delete_first)
+    try:
+        r = client.post(f"/v1/jobs/{job}/retry", headers=auth(key))
+    finally:
+        event.remove(engine, "before_cursor_execute", delete_first)
+    assert deleted and r.status_code == 202, (deleted, r.status_code, r.get_json())
+    assert r.get_json()["requeued"] == 1
+    with session_scope(settings.database_url) as s:
+        held = s.scalar(select(func.coalesce(func.sum(JobDuplicate.copies), 0)).where(JobDuplicate.job_id == job))
+        assert (s.get(Job, job).duplicates, held) == (0, 0)
+    counts = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()["counts"]
+    assert (counts["duplicates"], counts["done"], counts["total"]) == (0, 0, 1), counts
