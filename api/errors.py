@@ -10,6 +10,7 @@ from decimal import Decimal
 from flask import Flask, current_app, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import exc as orm_exc
 from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
 from clapq.blobs import StorageFull, StorageUnwritable
@@ -345,6 +346,15 @@ def register(app: Flask) -> None:
             return _unexpected(e)
         log.warning("request refers to a row deleted meanwhile: %s", _first_line(e))
         return envelope(404, "not_found", "what this request refers to was deleted while it ran; nothing was applied")
+
+    # a row this request read was deleted, and the deletion committed, before the request wrote it (a job's
+    # cancel as its library is deleted: its UPDATE of the job matched no row) or read it again after a commit
+    # or rollback: a 500 (helper-60)
+    @app.errorhandler(orm_exc.StaleDataError)
+    @app.errorhandler(orm_exc.ObjectDeletedError)
+    def _deleted(e: Exception):
+        log.warning("request's row was deleted meanwhile: %s", _first_line(e))
+        return envelope(404, "not_found", "what this request refers to was deleted while it ran")
 
     # gunicorn found the body's chunked framing broken while the request read it: the client's fault
     try:

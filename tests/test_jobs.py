@@ -585,3 +585,40 @@ def test_a_retry_moving_copies_keeps_a_deletion_of_another_copy_committed_meanwh
         assert (s.get(Job, job).duplicates, held) == (0, 0)
     counts = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()["counts"]
     assert (counts["duplicates"], counts["done"], counts["total"]) == (0, 0, 1), counts
+
+
+def test_a_cancel_of_a_job_whose_library_is_deleted_meanwhile_is_a_404(client, new_key, settings):
+    """The job's library is deleted, and the deletion committed, after the cancel read the job and before it
+    wrote it: a 404, as a moment later, not a 500 (its UPDATE of the job matched no row: a helper's race run
+    of cancels and library deletions)."""
+    from sqlalchemy import event, text
+
+    from clapq.db import get_engine, session_scope
+    from clapq.models import Item, Job, Library
+
+    key = new_key()
+    lib = uuid.UUID(client.post("/v1/libraries", json={"name": "going"}, headers=auth(key)).get_json()["id"])
+    with session_scope(settings.database_url) as s:
+        tenant = s.get(Library, lib).tenant_id
+        job = Job(tenant_id=tenant, library_id=lib)
+        s.add(job)
+        s.flush()
+        s.add(Item(tenant_id=tenant, library_id=lib, job_id=job.id, sha256=uuid.uuid4().hex * 2, filename="q.wav",
+                   size_bytes=1))
+        job_id = job.id
+    engine = get_engine(settings.database_url)
+    deleted = []
+
+    def delete_first(conn, cursor, statement, params, context, executemany):
+        if not deleted and statement.lstrip().startswith("UPDATE jobs SET cancelled"):
+            deleted.append(statement)
+            with session_scope(settings.database_url) as s:
+                s.execute(text("DELETE FROM libraries WHERE id = :l"), {"l": lib})
+
+    event.listen(engine, "before_cursor_execute", delete_first)
+    try:
+        r = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(key))
+    finally:
+        event.remove(engine, "before_cursor_execute", delete_first)
+    assert deleted and r.status_code == 404, (deleted, r.status_code, r.get_data(as_text=True)[:300])
+    assert r.get_json()["error"]["code"] == "not_found"
