@@ -684,3 +684,44 @@ def test_a_cancel_and_a_retry_lock_their_files_in_id_order(app, new_key, setting
             holder.commit()
         worker.join(30)
         assert answers == [status], (action, answers)
+
+
+def test_a_retry_queues_only_the_files_it_locked(client, new_key, settings):
+    """A file of the job that fails between the retry's lock of its failed files and its UPDATE (a worker
+    ending it) is left as it is, for the next retry: the UPDATE took such a file unlocked, out of id order,
+    and a library's deletion at that moment was still a deadlock (helper-60)."""
+    from sqlalchemy import event, text
+
+    from clapq.db import get_engine, session_scope
+    from clapq.models import Item, Job, Library
+
+    key = new_key()
+    lib = uuid.UUID(client.post("/v1/libraries", json={"name": "late"}, headers=auth(key)).get_json()["id"])
+    with session_scope(settings.database_url) as s:
+        tenant = s.get(Library, lib).tenant_id
+        job = Job(tenant_id=tenant, library_id=lib)
+        s.add(job)
+        s.flush()
+        failed, running = (Item(tenant_id=tenant, library_id=lib, job_id=job.id, sha256=uuid.uuid4().hex * 2,
+                                filename=f"{status}.wav", size_bytes=1, status=status, claimed_by="t", attempts=1)
+                           for status in ("failed", "running"))
+        s.add_all([failed, running])
+        s.flush()
+        job_id, late = job.id, running.id
+    engine = get_engine(settings.database_url)
+    ended = []
+
+    def fail_it(conn, cursor, statement, params, context, executemany):
+        if not ended and statement.lstrip().startswith("UPDATE items SET job_id"):
+            ended.append(statement)
+            with session_scope(settings.database_url) as s:
+                s.execute(text("UPDATE items SET status = 'failed' WHERE id = :i"), {"i": late})
+
+    event.listen(engine, "before_cursor_execute", fail_it)
+    try:
+        r = client.post(f"/v1/jobs/{job_id}/retry", headers=auth(key))
+    finally:
+        event.remove(engine, "before_cursor_execute", fail_it)
+    assert ended and r.status_code == 202 and r.get_json()["requeued"] == 1, (ended, r.status_code, r.get_json())
+    with session_scope(settings.database_url) as s:
+        assert s.get(Item, late).status == "failed"
