@@ -174,7 +174,7 @@ def upload_batch(lib_id: str):
     # id), show a batch's files in that order, as its rows share created_at
     for row, item_id in zip(rows.values(), sorted(uuid.uuid4() for _ in rows)):
         row["id"] = item_id
-    # rows in sha256 order, here and below: two uploads sharing files lock them in the same order (no deadlock)
+    # rows in sha256 order: two uploads inserting the same files wait for each other in the same order (no deadlock)
     created = dict(session.execute(
         insert(Item).values([rows[sha] for sha in sorted(rows)])
         .on_conflict_do_nothing(index_elements=["library_id", "sha256"]).returning(Item.sha256, Item.id)
@@ -182,10 +182,13 @@ def upload_batch(lib_id: str):
     # the rest were already in this library: one item per bytes
     missing = [sha for sha in rows if sha not in created]
     # locked, so that whether a file is retried here is decided on its latest state: an upload of the same
-    # failed file at the same moment, or a job retry, that committed first has made it queued (a copy here)
+    # failed file at the same moment, or a job retry, that committed first has made it queued (a copy here).
+    # In id order, as a deletion, a job's cancel and retry and a worker's vector write lock items (committed
+    # rows: the inserts above no longer wait for anything); in digest order, a library's deletion at the same
+    # moment could be a deadlock, rolled back as a 503 (helper-60)
     existing = {r.sha256: r for r in session.execute(
         select(Item.sha256, Item.id, Item.status, Item.meta).where(Item.library_id == library, Item.sha256.in_(missing))
-        .order_by(Item.sha256).with_for_update()
+        .order_by(Item.id).with_for_update()
     )} if missing else {}
     if len(existing) < len(missing):  # deleted, and committed, between the insert and this look
         raise _raced()

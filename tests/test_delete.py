@@ -701,3 +701,43 @@ def test_reads_of_an_item_deleted_while_they_run_are_not_500s(client, new_key, w
             client, key, _library(client, key, "deleted under a read 2"), [tmp_path / "a.wav"]).values())))):
         r = run(deleting("FROM libraries", gone_lib, item), "GET", f"/v1/items/{item}/{what}")
         assert done and r.status_code == 404, (what, r.status_code, r.get_data(as_text=True)[:300])
+
+
+def test_an_upload_of_files_the_library_holds_locks_them_in_id_order(app, new_key, settings, tmp_path):
+    """An upload of bytes the library holds already locks their items (to decide whether each is a copy or a
+    retry) in id order, as a deletion, a job's cancel and retry and a worker's vector write lock theirs: in
+    digest order, it held one a library's deletion waited on while it waited on one the deletion held. Two
+    files, A < B by id and B < A by digest; a third connection holds A: the upload waits for A holding nothing
+    of B's."""
+    from sqlalchemy.exc import OperationalError
+
+    key = new_key()
+    client = app.test_client()
+    lib = _library(client, key, "sent again")
+    files = sorted((write(tmp_path / f"{n}.wav", 0.5, seed=70 + n) for n in range(2)), key=file_sha256, reverse=True)
+    ids = [it["id"] for it in upload(client, key, lib, files).get_json()["items"]]  # ids in the order sent
+    a, b = ids
+    assert a < b and file_sha256(files[1]) < file_sha256(files[0])
+    engine = get_engine(settings.database_url)
+    answers = []
+    sender = threading.Thread(target=lambda: answers.append(upload(app.test_client(), key, lib, files).status_code))
+    with engine.connect() as holder:
+        holder.execute(text("SELECT 1 FROM items WHERE id = :i FOR UPDATE"), {"i": a})
+        sender.start()
+        deadline = time.monotonic() + 30
+        with engine.connect() as look:
+            while not look.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                       "AND datname = current_database()")):
+                assert time.monotonic() < deadline, "the upload never waited for A"
+                look.rollback()
+                time.sleep(0.05)
+        with engine.connect() as probe:
+            try:
+                probe.execute(text("SELECT 1 FROM items WHERE id = :i FOR UPDATE NOWAIT"), {"i": b})
+            except OperationalError as exc:
+                raise AssertionError("the upload holds B while it waits for A") from exc
+            finally:
+                probe.rollback()
+        holder.commit()
+    sender.join(30)
+    assert answers == [202]
