@@ -208,8 +208,8 @@ def move_files(lib_id: str):
     held = dict(session.execute(
         select(Item.id, Item.meta).where(Item.id.in_({m[0] for m in moves}), Item.library_id == lib.id,
                                          Item.tenant_id == g.tenant_id)
-        .with_for_update(key_share=True)).all())  # FOR NO KEY UPDATE, as an UPDATE takes: a worker's vector
-    # writes (FOR KEY SHARE of the item) are not held up (helper-44)
+        .order_by(Item.id).with_for_update(key_share=True)).all())  # FOR NO KEY UPDATE, as an UPDATE takes, not
+    # FOR UPDATE (helper-44); in id order, as a deletion and a worker's vector write lock items (helper-60)
     new: dict = {}
     too_large = set()
     for item, from_path, from_folder, to_path, to_folder in moves:

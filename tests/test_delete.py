@@ -648,6 +648,10 @@ def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):
     vec = np.ones((1, 512), np.float32)
     for held, mode, work, other, free in (
         (b, "UPDATE", lambda s: write_items(s, [(claimed[i], info, [(0.0, 1.0)], vec) for i in (b, a)]), a, False),
+        # again, with A held as a job's cancel, /moves or a heartbeat holds it: it waits on A holding nothing
+        # (its lock let A pass, and its UPDATE, in the batch's order, took B first: a deadlock with a cancel)
+        (a, "NO KEY UPDATE", lambda s: write_items(s, [(claimed[i], info, [(0.0, 1.0)], vec) for i in (b, a)]), b,
+         True),
         # the deletion, with A held: it waits on A holding nothing (it held B, taken first in its scan)
         (a, "KEY SHARE", lambda s: delete_items(s, Item.library_id == lib_id), b, True),
     ):

@@ -163,8 +163,10 @@ WITH seg_in AS (
     -- an item deleted while it was embedded is left out (its vectors would break the foreign keys and
     -- fail the whole batch); the lock keeps the rest from being deleted until this commits. Taken in id
     -- order, as a deletion takes its rows (api.removal.delete_items): in any other, the two could deadlock.
-    -- Locked apart from the join below, by the primary key's lookups of these ids alone
-    SELECT id FROM items WHERE id = ANY(CAST(:item AS uuid[])) ORDER BY id FOR KEY SHARE
+    -- Locked apart from the join below, by the primary key's lookups of these ids alone. As `done` below
+    -- updates them (not FOR KEY SHARE, which let a job's cancel or /moves lock a later one in id order first,
+    -- which `done`, in the batch's order, could then wait on holding an earlier one: a deadlock, helper-60)
+    SELECT id FROM items WHERE id = ANY(CAST(:item AS uuid[])) ORDER BY id FOR NO KEY UPDATE
 ), item_in AS (
     SELECT t.* FROM unnest(CAST(:item AS uuid[]), CAST(:library AS uuid[]), CAST(:windows AS int[]),
                            CAST(:pooled AS text[]), CAST(:duration AS float8[]), CAST(:sample_rate AS int[]),
