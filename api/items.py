@@ -12,6 +12,7 @@ from urllib.parse import quote
 
 from flask import Blueprint, current_app, jsonify, request, send_file
 from sqlalchemy import select
+from sqlalchemy.exc import InvalidRequestError
 from werkzeug.http import http_date, parse_date, parse_etags, parse_range_header
 
 from api.db import db
@@ -131,7 +132,10 @@ def patch_item(item_id: str):
     db().commit()
     # answered as stored, as a GET would show it, ETag included: Postgres writes out a number as 1e20 was
     # sent, and the answer's ETag, sent back with If-Match, met a 412 (helper-52)
-    db().refresh(item)
+    try:
+        db().refresh(item)
+    except InvalidRequestError:  # deleted by another request since this one committed: gone, as a GET says
+        raise not_found("item") from None
     return _with_etag(item)
 
 

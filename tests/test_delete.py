@@ -745,3 +745,30 @@ def test_an_upload_of_files_the_library_holds_locks_them_in_id_order(app, new_ke
         holder.commit()
     sender.join(30)
     assert answers == [202]
+
+
+def test_a_patch_whose_item_is_deleted_once_it_committed_is_a_404(client, new_key, settings, tmp_path):
+    """An item deleted by another request between a PATCH's commit and its read of the item as stored (its
+    answer): a 404, as a GET then gives, not a 500 ('Could not refresh instance')."""
+    from sqlalchemy import event
+
+    key = new_key()
+    lib = _library(client, key, "patched then gone")
+    item = upload(client, key, lib, [write(tmp_path / "p.wav", 0.5, seed=81)]
+                  ).get_json()["items"][0]["id"]
+    engine = get_engine(settings.database_url)
+    deleted = []
+
+    def delete_first(conn, cursor, statement, params, context, executemany):
+        # the PATCH's read of the item after its commit (its lock's read says FOR UPDATE)
+        if not deleted and statement.lstrip().startswith("SELECT items.") and "FOR UPDATE" not in statement:
+            deleted.append(statement)
+            with session_scope(settings.database_url) as s:
+                s.execute(text("DELETE FROM items WHERE id = :i"), {"i": item})
+
+    event.listen(engine, "before_cursor_execute", delete_first)
+    try:
+        r = client.patch(f"/v1/items/{item}", json={"metadata": {"k": 1}}, headers=auth(key))
+    finally:
+        event.remove(engine, "before_cursor_execute", delete_first)
+    assert deleted and r.status_code == 404, (deleted, r.status_code, r.get_data(as_text=True)[:300])
