@@ -60,8 +60,12 @@ def _fetch(name: str) -> Path:
         except Exception as exc:  # offline, unknown repo, no cache: all mean "not available"
             last = exc
             continue
-        if (path / "config.json").is_file():
+        if (path / "config.json").is_file() and _weight_files(path):
             return path
+        # a cached snapshot without weights (a start before pytorch_model.bin was fetched; huggingface_hub
+        # before 2.x hands back a partial snapshot offline as it is): asked of the Hub, not taken as it stands,
+        # which failed every start with 'no weights' until the cache was deleted by hand
+        last = ModelUnavailable(f"no weights (*.safetensors or *.bin) in {path}")
     raise ModelUnavailable(f"{_how_to_fix(name)} ({type(last).__name__}: {last})")
 
 
