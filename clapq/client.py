@@ -1164,25 +1164,26 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
     """Delete the library's files that `clapq upload` sent from `folder` (metadata.folder) and that are no
     longer in it (nothing at their metadata.path, and their bytes nowhere else in it): files deleted from
     the folder stay in the library, and their ids were to be found by hand (helper-57). A file renamed or
-    moved within the folder is kept (the next `clapq upload` follows it): the files at paths no item of the
-    folder has, of a size one of those items has, are read for their digests. Asks first at a terminal;
-    elsewhere needs `yes`."""
+    moved within the folder is kept (the next `clapq upload` follows it): the folder's files of a size one of
+    those items has are read for their digests, those at paths other items have too (renamed over another).
+    Asks first at a terminal; elsewhere needs `yes`."""
     if not folder.is_dir():
         raise SystemExit(f"clapq: {folder} is not a folder (--gone-from takes the folder `clapq upload` was given)")
     lib = client.library(library, create=False)
     listing = audio_files(folder)
     where, root = Where(folder, listing.audio), folder_id(folder)
-    gone, claimed = [], set()
+    gone = []
     for item in _items(client, f"/v1/libraries/{lib['id']}/items"):
         meta = item.get("metadata") or {}
         path = meta.get("path")
         if meta.get("folder") == root and isinstance(path, str):
-            claimed.add(path)
             if path not in where.by_path and _gone(folder, path):
                 gone.append(item)
+    # every file of a gone one's size, at a path an item has too: `mv a.wav b.wav` over a b.wav the library
+    # holds leaves a.wav's bytes at b.wav, and `clapq upload` follows that rename (_moved)
     sizes, here = {i["size_bytes"] for i in gone}, set()
     for p in listing.audio:
-        if stored_path(p.relative_to(folder).as_posix()) not in claimed and _size(p) in sizes:
+        if _size(p) in sizes:
             with contextlib.suppress(OSError):
                 here.add(file_sha256(p))
     moved = [i for i in gone if i["sha256"] in here]

@@ -2082,6 +2082,32 @@ def test_files_gone_from_the_folder_are_deleted_on_request_and_renamed_ones_kept
     assert out.returncode == 1 and "not both" in out.stderr, out.stderr
 
 
+def test_a_file_renamed_over_another_is_not_gone_from_the_folder(start_api, new_key, tmp_path, tiny_model):
+    """`mv a.wav b.wav` over a b.wav the library holds too: a.wav's bytes are still in the folder (at a path
+    another item has), and its item is kept, as `clapq upload` then follows the rename. Only the files at
+    paths no item had were read for the digests of the gone ones, and a.wav's item was deleted."""
+    base, key = start_api(), new_key()
+    folder = tmp_path / "f"
+    folder.mkdir()
+    write(folder / "a.wav", 0.5, seed=90)
+    write(folder / "b.wav", 0.5, seed=91)  # the same length: the same size
+
+    def clapq(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *args, "--library", "over", "--url", base, "--key",
+                               key], env=_env(tiny_model), capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+
+    assert clapq("upload", str(folder), "--no-wait").returncode == 0
+    (folder / "a.wav").rename(folder / "b.wav")
+    out = clapq("delete", "--gone-from", str(folder), "--yes")
+    assert out.returncode == 0 and "deleted" not in out.stdout, out
+    assert "1 file renamed or moved within" in out.stderr and "(a.wav)" in out.stderr, out
+    h = {"Authorization": f"Bearer {key}"}
+    lib = requests.get(f"{base}/v1/libraries", headers=h, timeout=30).json()["libraries"][0]["id"]
+    items = requests.get(f"{base}/v1/libraries/{lib}/items", headers=h, timeout=30).json()["items"]
+    assert sorted(i["metadata"]["path"] for i in items) == ["a.wav", "b.wav"], items
+
+
 def test_a_server_that_is_not_clapq_is_said_so_not_a_traceback(tmp_path, tiny_model):
     """--url pointing at another server: a file server's 200 of HTML (a proxy's login page) was a
     JSONDecodeError traceback, and another server's 404 page was printed as 300 characters of its HTML
