@@ -584,8 +584,9 @@ def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):
     """A library's deletion and a worker's vector write both lock the rows of the files they touch, and
     did so in different orders (the deletion in its scan's, the write in its batch's): each could hold a
     row the other waited on, a deadlock Postgres broke by failing one (a helper saw the deletion's 503).
-    Both now lock in id order. Two files, A < B by id, B uploaded first; a third connection holds one row
-    and tries the other without waiting, which says what the blocked statement holds."""
+    Both now lock in id order, as do the task's heartbeat and its hand-back of files after an error. Two
+    files, A < B by id, B uploaded first; a third connection holds one row and tries the other without
+    waiting, which says what the blocked statement holds."""
     import datetime as dt
     import uuid
 
@@ -595,7 +596,7 @@ def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):
     from api.removal import delete_items
     from tests.conftest import job_of_own
     from worker.audio import AudioInfo
-    from worker.store import Claimed, write_items
+    from worker.store import Claimed, heartbeat, release, write_items
 
     a, b = uuid.UUID(int=1), uuid.UUID(int=2**128 - 1)
     with session_scope(settings.database_url) as s:
@@ -603,7 +604,8 @@ def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):
         now = dt.datetime.now(dt.timezone.utc)
         for item_id, created in ((b, now - dt.timedelta(seconds=1)), (a, now)):  # B first, in the heap too
             s.add(Item(id=item_id, tenant_id=tenant.id, library_id=lib.id, job_id=job.id, sha256=item_id.hex * 2,
-                       filename=f"{item_id.int}.wav", size_bytes=1, status="running", created_at=created))
+                       filename=f"{item_id.int}.wav", size_bytes=1, status="running", created_at=created,
+                       claimed_by="lock-order-task"))
             s.flush()
         lib_id = lib.id
         claimed = {i: Claimed(i, i.hex * 2, lib.id, model.id, job.id, tenant.id) for i in (a, b)}
@@ -618,6 +620,7 @@ def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):
             while not look.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
                                        "AND datname = current_database()")):
                 assert time.monotonic() < deadline, errors
+                look.rollback()  # pg_stat_activity is read once a transaction: a wait begun later went unseen
                 time.sleep(0.05)
 
     def lockable(item_id, mode: str) -> bool:
@@ -647,6 +650,10 @@ def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):
     info = AudioInfo(sample_rate=48_000, channels=1, frames=48_000, format="WAV")
     vec = np.ones((1, 512), np.float32)
     for held, mode, work, other, free in (
+        # the task's heartbeat and its hand-back after an error, with A held as the task's own vector write
+        # holds it: each waits on A holding nothing (their UPDATEs took B first, in their scan's order)
+        (a, "NO KEY UPDATE", lambda s: heartbeat(s, [b, a], "lock-order-task"), b, True),
+        (a, "NO KEY UPDATE", lambda s: release(s, [b, a], "handed back", "lock-order-task"), b, True),
         (b, "UPDATE", lambda s: write_items(s, [(claimed[i], info, [(0.0, 1.0)], vec) for i in (b, a)]), a, False),
         # again, with A held as a job's cancel, /moves or a heartbeat holds it: it waits on A holding nothing
         # (its lock let A pass, and its UPDATE, in the batch's order, took B first: a deadlock with a cancel)

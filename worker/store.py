@@ -105,9 +105,20 @@ def heartbeat(session: Session, ids: list[uuid.UUID], task_id: str,
     shares = {i: p for i, p in (progress or {}).items() if i in held}
     if shares:
         values["progress"] = case(shares, value=Item.id, else_=Item.progress)
-    kept = session.scalars(update(Item).where(Item.id.in_(ids), Item.status == "running", Item.claimed_by == task_id)
-                           .values(**values).returning(Item.id))
+    kept = _update_locked(session, and_(Item.id.in_(ids), Item.status == "running", Item.claimed_by == task_id),
+                          values)
     return held - set(kept)
+
+
+def _update_locked(session: Session, which, values: dict) -> list[uuid.UUID]:
+    """UPDATE the items `which` selects, their rows locked first in id order, as a deletion, a job's cancel and
+    retry and this task's own vector write lock theirs: the UPDATE alone took them in its scan's order, and
+    could hold one that a write or a deletion waited on while it waited on one that they held (a deadlock:
+    the deletion's 503, a retried task). Only the rows locked are changed; returns their ids."""
+    locked = list(session.scalars(select(Item.id).where(which).order_by(Item.id).with_for_update(key_share=True)))
+    if not locked:
+        return []
+    return list(session.scalars(update(Item).where(Item.id.in_(locked), which).values(**values).returning(Item.id)))
 
 
 # why the files of a task whose process died went back to the queue
@@ -137,9 +148,7 @@ def _requeue(session: Session, which, reason: str, task_id: str, charge: bool) -
     values = dict(status="queued", error=reason[:2000], progress=None)
     if not charge:
         values["attempts"] = func.greatest(Item.attempts - 1, 0)
-    return list(session.scalars(
-        update(Item).where(which, Item.status == "running", Item.claimed_by == task_id)
-        .values(**values).returning(Item.id)))
+    return _update_locked(session, and_(which, Item.status == "running", Item.claimed_by == task_id), values)
 
 
 def record_failure(session: Session, item_id: uuid.UUID, reason: str, info=None) -> bool:
