@@ -13,7 +13,7 @@ from api.lookup import owned
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
 from api.models_info import served_model_for
 from api.removal import announce_gone
-from clapq.models import Item, Job, JobDuplicate, Library, requeued
+from clapq.models import Item, Job, JobDuplicate, Library, lock_in_id_order, requeued
 
 bp = Blueprint("jobs", __name__)
 
@@ -187,16 +187,6 @@ def job_items(job_id: str):
     return items_page(_of_job(job, _copied(job)), job)
 
 
-def _lock_in_id_order(session, where) -> list:
-    """Lock the items `where` selects in id order (FOR NO KEY UPDATE, as an UPDATE takes: a worker's vector
-    write is not held up), the order a deletion and a worker's write lock theirs (api.removal.delete_items),
-    and return their ids, to which the caller's UPDATE keeps: a cancel's or retry's UPDATE alone took them in
-    its scan's order, and a library's deletion at the same moment was a deadlock, rolled back as a 503 for the
-    deletion (helper-60: 7 of 15 with a 400-file job); so it did for files that came to match between the
-    lock and the UPDATE (a worker failing them as the retry ran)."""
-    return list(session.scalars(select(Item.id).where(where).order_by(Item.id).with_for_update(key_share=True)))
-
-
 @bp.post("/jobs/<job_id>/cancel")
 def cancel_job(job_id: str):
     """Queued and running items are cancelled now. A worker embedding one hears of it within about a
@@ -219,7 +209,7 @@ def cancel_job(job_id: str):
                            + (f" (and {len(others) - 1} more)" if len(others) > 1 else "") + " to stop them")
         raise ApiError(409, "conflict", "nothing of this job's is queued or running; nothing to cancel")
     stopping = and_(Item.job_id == job.id, Item.status.in_(("queued", "running")))
-    held = _lock_in_id_order(session, stopping)  # before the job's row: a deletion uncounting copies updates it
+    held = lock_in_id_order(session, stopping)  # before the job's row: a deletion uncounting copies updates it
     job.cancelled = True
     session.execute(update(Item).where(Item.id.in_(held), stopping).values(status="cancelled", finished_at=func.now()))
     session.commit()
@@ -247,7 +237,7 @@ def retry_job(job_id: str):
     others = and_(Item.id.in_(copied), Item.job_id != job.id, Item.status.in_(("failed", "cancelled")))
     # every file it may queue again is locked first, its copies' too: whether a copy moves is decided on its
     # latest state (an upload of the same file, or the other job's retry, that committed first queued it)
-    held = _lock_in_id_order(session, or_(own, others) if copied else own)
+    held = lock_in_id_order(session, or_(own, others) if copied else own)
     moved = list(session.scalars(select(Item.id).where(Item.id.in_(held), others))) if copied else []
     ids = list(session.scalars(
         update(Item).where(Item.id.in_(held), or_(own, Item.id.in_(moved)) if moved else own)

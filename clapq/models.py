@@ -20,6 +20,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -236,3 +237,12 @@ class BlobReclaim(Base):
     __tablename__ = "blob_reclaims"
     sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
     queued_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+def lock_in_id_order(session, where) -> list[uuid.UUID]:
+    """Lock the items `where` selects in id order (FOR NO KEY UPDATE, as an UPDATE takes, not FOR UPDATE) and
+    return their ids, to which the caller's UPDATE keeps. Every writer of many items locks them so: a deletion
+    (api.removal), a job's cancel and retry, a worker's vector write, heartbeat and hand-back. An UPDATE alone
+    took them in its scan's order, and two writers could each hold a row the other waited on: a deadlock, a
+    503 or a retried task (helper-60, helper-61)."""
+    return list(session.scalars(select(Item.id).where(where).order_by(Item.id).with_for_update(key_share=True)))

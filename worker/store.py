@@ -9,7 +9,7 @@ import numpy as np
 from sqlalchemy import and_, case, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from clapq.models import Item, Job, Library
+from clapq.models import Item, Job, Library, lock_in_id_order
 from worker.windows import pooled
 
 
@@ -115,7 +115,7 @@ def _update_locked(session: Session, which, values: dict) -> list[uuid.UUID]:
     retry and this task's own vector write lock theirs: the UPDATE alone took them in its scan's order, and
     could hold one that a write or a deletion waited on while it waited on one that they held (a deadlock:
     the deletion's 503, a retried task). Only the rows locked are changed; returns their ids."""
-    locked = list(session.scalars(select(Item.id).where(which).order_by(Item.id).with_for_update(key_share=True)))
+    locked = lock_in_id_order(session, which)
     if not locked:
         return []
     return list(session.scalars(update(Item).where(Item.id.in_(locked), which).values(**values).returning(Item.id)))
