@@ -9,11 +9,11 @@ import uuid
 
 from flask import Blueprint, g
 from sqlalchemy import delete, func, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, InvalidRequestError
 
 from api.batches import RETRIED_ON_REUPLOAD
 from api.db import db
-from api.errors import (MAX_METADATA_BYTES, ApiError, bad_request, json_body, metadata_bytes, refuse_unknown,
+from api.errors import (MAX_METADATA_BYTES, ApiError, bad_request, json_body, metadata_bytes, not_found, refuse_unknown,
                         takes_query)
 from api.jobs import STATES, items_page
 from api.lookup import owned
@@ -76,7 +76,10 @@ def create_library():
     except IntegrityError:
         session.rollback()
         raise exists from None  # made meanwhile by another request
-    session.refresh(lib)
+    try:
+        session.refresh(lib)
+    except InvalidRequestError:  # deleted by another request (its id listed) since this one committed: a 404,
+        raise not_found("library") from None  # as a GET then gives, not a 500 (left by helper-60)
     return library_json(lib, 0), 201
 
 

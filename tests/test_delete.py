@@ -779,3 +779,26 @@ def test_a_patch_whose_item_is_deleted_once_it_committed_is_a_404(client, new_ke
     finally:
         event.remove(engine, "before_cursor_execute", delete_first)
     assert deleted and r.status_code == 404, (deleted, r.status_code, r.get_data(as_text=True)[:300])
+
+
+def test_a_library_deleted_once_its_creation_committed_is_a_404(client, new_key, settings):
+    """A library deleted by another request between its creation's commit and the read of it as stored (the
+    201's body): a 404, as a GET then gives, not a 500 ('Could not refresh instance'; left by helper-60)."""
+    from sqlalchemy import event
+
+    key = new_key()
+    engine = get_engine(settings.database_url)
+    deleted = []
+
+    def delete_first(conn, cursor, statement, params, context, executemany):
+        if not deleted and statement.lstrip().startswith("SELECT libraries.") and "WHERE libraries.id" in statement:
+            deleted.append(statement)
+            with session_scope(settings.database_url) as s:
+                s.execute(text("DELETE FROM libraries WHERE name = 'made then gone'"))
+
+    event.listen(engine, "before_cursor_execute", delete_first)
+    try:
+        r = client.post("/v1/libraries", json={"name": "made then gone"}, headers=auth(key))
+    finally:
+        event.remove(engine, "before_cursor_execute", delete_first)
+    assert deleted and r.status_code == 404, (deleted, r.status_code, r.get_data(as_text=True)[:300])

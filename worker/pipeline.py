@@ -159,9 +159,10 @@ class _Ahead:
         self.dropped = dropped
 
     def room(self, item) -> bool:
-        """Whether `item` may be decoded now: there is room, or the model takes it next."""
+        """Whether `item` may be decoded now: there is room, or the model takes it next (and the task has not
+        stopped: a file given a decoder after that decoded whole for nothing, helper-61)."""
         with self.cv:
-            return self.held < AHEAD_BYTES or self.order[:1] == [item.id]
+            return not self.closed and (self.held < AHEAD_BYTES or self.order[:1] == [item.id])
 
     def wait(self, item) -> bool:
         """Wait until there may be room for `item`; False when it is no longer wanted (dropped, or the task
