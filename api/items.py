@@ -12,12 +12,11 @@ from urllib.parse import quote
 
 from flask import Blueprint, current_app, jsonify, request, send_file
 from sqlalchemy import select
-from sqlalchemy.exc import InvalidRequestError
 from werkzeug.http import http_date, parse_date, parse_etags, parse_range_header
 
 from api.db import db
 from api.errors import ApiError, bad_request, check_metadata, json_body, not_found, takes_query
-from api.lookup import owned
+from api.lookup import owned, owned_item, refreshed
 from api.models_info import describe
 from api.query import item_vector
 from api.removal import announce_gone, delete_items, released
@@ -132,11 +131,7 @@ def patch_item(item_id: str):
     db().commit()
     # answered as stored, as a GET would show it, ETag included: Postgres writes out a number as 1e20 was
     # sent, and the answer's ETag, sent back with If-Match, met a 412 (helper-52)
-    try:
-        db().refresh(item)
-    except InvalidRequestError:  # deleted by another request since this one committed: gone, as a GET says
-        raise not_found("item") from None
-    return _with_etag(item)
+    return _with_etag(refreshed(item, "item"))
 
 
 @bp.delete("/items/<item_id>")
@@ -162,10 +157,7 @@ def get_embedding(item_id: str):
 @takes_query("vectors")
 def get_segments(item_id: str):
     """The item's embedded windows, in time order; `?vectors=1` includes each vector (for export)."""
-    item = owned(Item, item_id, "item")
-    lib = db().get(Library, item.library_id)
-    if lib is None:  # deleted, with the item, since the item was read
-        raise not_found("item")
+    item, lib = owned_item(item_id)
     flag = request.args.get("vectors", "0").strip().lower()
     if flag not in ("0", "1", "true", "false", "yes", "no", ""):
         raise bad_request(f"'vectors' is {flag[:20]!r}; use vectors=1 to include each vector, or leave it out")

@@ -9,14 +9,14 @@ import uuid
 
 from flask import Blueprint, g
 from sqlalchemy import delete, func, select, text
-from sqlalchemy.exc import IntegrityError, InvalidRequestError
+from sqlalchemy.exc import IntegrityError
 
 from api.batches import RETRIED_ON_REUPLOAD
 from api.db import db
-from api.errors import (MAX_METADATA_BYTES, ApiError, bad_request, json_body, metadata_bytes, not_found, refuse_unknown,
+from api.errors import (MAX_METADATA_BYTES, ApiError, bad_request, json_body, metadata_bytes, refuse_unknown,
                         takes_query)
 from api.jobs import STATES, items_page
-from api.lookup import owned
+from api.lookup import owned, refreshed
 from api.models_info import describe, serving_model_id
 from api.removal import announce_gone, delete_items, released
 from api.uploads import display_name
@@ -76,11 +76,7 @@ def create_library():
     except IntegrityError:
         session.rollback()
         raise exists from None  # made meanwhile by another request
-    try:
-        session.refresh(lib)
-    except InvalidRequestError:  # deleted by another request (its id listed) since this one committed: a 404,
-        raise not_found("library") from None  # as a GET then gives, not a 500 (left by helper-60)
-    return library_json(lib, 0), 201
+    return library_json(refreshed(lib, "library"), 0), 201
 
 
 @bp.get("/libraries")

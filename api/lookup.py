@@ -6,9 +6,11 @@ import uuid
 
 from flask import g
 from sqlalchemy import select
+from sqlalchemy.exc import InvalidRequestError
 
 from api.db import db
 from api.errors import not_found
+from clapq.models import Item, Library
 
 
 def parse_id(raw: str | None, what: str) -> uuid.UUID:
@@ -29,4 +31,25 @@ def owned(model, raw_id: str | None, what: str, lock: bool = False):
         row = db().get(model, parse_id(raw_id, what))
     if row is None or row.tenant_id != g.tenant_id:
         raise not_found(what)
+    return row
+
+
+def owned_item(raw_id: str | None) -> tuple[Item, Library]:
+    """The caller's item and its library; a library deleted, with the item, since the item was read is the
+    item's 404, as a moment later, not a 500 (helper-60)."""
+    item = owned(Item, raw_id, "item")
+    lib = db().get(Library, item.library_id)
+    if lib is None:
+        raise not_found("item")
+    return item, lib
+
+
+def refreshed(row, what: str):
+    """`row` read again as stored after the request's commit (what Postgres wrote out, server defaults); one
+    that another request deleted since is the 404 a GET then gives, not a 500 ("Could not refresh instance",
+    helper-60)."""
+    try:
+        db().refresh(row)
+    except InvalidRequestError:
+        raise not_found(what) from None
     return row

@@ -12,11 +12,11 @@ from flask import current_app, g
 from sqlalchemy import select
 
 from api.db import db
-from api.errors import ApiError, bad_request, not_found
-from api.lookup import owned
+from api.errors import ApiError, bad_request
+from api.lookup import owned_item
 from api.models_info import serving_checkpoint
 from clapq.queue import best_effort
-from clapq.models import Embedding, Item, Library
+from clapq.models import Embedding, Item
 from clapq.threads import one_thread
 
 
@@ -125,10 +125,7 @@ def audio_vector(upload) -> np.ndarray:
 
 def item_vector(raw_id: str) -> tuple[Item, np.ndarray]:
     """A stored item's pooled vector ("more like this"); the item must be the caller's and embedded."""
-    item = owned(Item, raw_id, "item")
-    lib = db().get(Library, item.library_id)
-    if lib is None:  # deleted, with the item, since the item was read: a 404 as a moment later, not a 500
-        raise not_found("item")
+    item, lib = owned_item(raw_id)
     vec = db().scalar(select(Embedding.vector).where(Embedding.item_id == item.id,
                                                      Embedding.model_id == lib.model_id))
     if vec is None:
