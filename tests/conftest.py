@@ -3,18 +3,20 @@ process and a tiny random CLAP saved to disk and loaded through the production l
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from clapq.db import dispose_engines, migrate, session_scope
+from clapq.db import dispose_engines, get_engine, migrate, session_scope
 from clapq.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from clapq.keys import create_key
 from clapq.settings import Settings
@@ -209,6 +211,57 @@ def wait_job(client, key: str, job_id: str, timeout: float = 180.0) -> dict:
             return job
         time.sleep(0.3)
     raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+@contextlib.contextmanager
+def just_before(database_url: str, matches: Callable[[str], bool], then: Callable[[], None]) -> Iterator[list]:
+    """Within: `then()` once, just before the first statement this process sends to `database_url` whose text
+    `matches` (another request committing at that very moment); yields the list that then holds that
+    statement (empty: none was met). Marked first: `then`'s own statements pass through here too."""
+    from sqlalchemy import event
+
+    engine, met = get_engine(database_url), []
+
+    def before(conn, cursor, statement, params, context, executemany):
+        if not met and matches(statement):
+            met.append(statement)
+            then()
+
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        yield met
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
+
+
+def wait_for_a_lock_wait(engine, why: object = "no statement waited on a lock", timeout: float = 30.0) -> None:
+    """Until a connection of this database waits on a lock (the statement's text shows late). Each look is a
+    transaction of its own: pg_stat_activity is read once a transaction, so a wait begun later went unseen."""
+    from sqlalchemy import text
+
+    deadline = time.monotonic() + timeout
+    with engine.connect() as look:
+        while not look.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                   "AND datname = current_database()")):
+            assert time.monotonic() < deadline, why
+            look.rollback()
+            time.sleep(0.05)
+
+
+def row_lockable(engine, item_id, mode: str = "UPDATE") -> bool:
+    """Whether another connection could lock the item's row in `mode` now (tried without waiting)."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    with engine.connect() as probe:
+        try:
+            probe.execute(text(f"SELECT 1 FROM items WHERE id = :i FOR {mode} NOWAIT"), {"i": item_id})
+            return True
+        except OperationalError as exc:
+            assert "could not obtain lock" in str(exc)
+            return False
+        finally:
+            probe.rollback()
 
 
 def job_of_own(s, model_name: str) -> tuple:

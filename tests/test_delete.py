@@ -20,7 +20,7 @@ from clapq.blobs import BLOB_LOCK, BlobStore, file_sha256
 from clapq.db import get_engine, session_scope
 from clapq.models import Embedding, Item, Segment
 from tests.audio import write
-from tests.conftest import auth, wait_job
+from tests.conftest import auth, just_before, row_lockable, wait_for_a_lock_wait, wait_job
 from tests.test_e2e import upload
 
 
@@ -244,30 +244,22 @@ def test_a_file_deleted_between_an_uploads_insert_and_its_lock_is_a_503_and_send
     committed, after the upload's insert found them there and before it locked their row: a 503 conflict
     (send again), not a 500 and not a job naming a file that is gone. Nothing of the upload is kept, and
     the batch sent again stores the file as a new item."""
-    from sqlalchemy import event
-
     key = new_key()
     lib = _library(client, key, "gone before the lock")
     f = tmp_path / "raced.wav"
     f.write_bytes(b"RIFF" + os.urandom(3000))  # bytes no other test's item holds
     sha = file_sha256(f)
     first = upload(client, key, lib, [f]).get_json()["items"][0]["id"]
-    deleted = []
+    def delete_it() -> None:
+        with session_scope(settings.database_url) as s:
+            s.execute(text("DELETE FROM items WHERE id = :i"), {"i": first})
 
-    def delete_it_first(conn, cursor, statement, params, context, executemany):
-        # the upload's look at the items its insert found already there: the other request's deletion
-        # commits just before it
-        if not deleted and "FOR UPDATE" in statement and statement.lstrip().startswith("SELECT items.sha256"):
-            with session_scope(settings.database_url) as s:
-                s.execute(text("DELETE FROM items WHERE id = :i"), {"i": first})
-            deleted.append(statement)
-
-    engine = get_engine(settings.database_url)
-    event.listen(engine, "before_cursor_execute", delete_it_first)
-    try:
+    # the upload's look at the items its insert found already there: the other request's deletion commits
+    # just before it
+    with just_before(settings.database_url,
+                     lambda sql: "FOR UPDATE" in sql and sql.lstrip().startswith("SELECT items.sha256"),
+                     delete_it) as deleted:
         r = upload(client, key, lib, [f])
-    finally:
-        event.remove(engine, "before_cursor_execute", delete_it_first)
     assert deleted and r.status_code == 503, (deleted, r.status_code, r.get_data(as_text=True)[:300])
     assert r.get_json()["error"]["code"] == "conflict" and r.headers["Retry-After"] == "1"
     with session_scope(settings.database_url) as s:
@@ -591,7 +583,6 @@ def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):
     import uuid
 
     import numpy as np
-    from sqlalchemy.exc import OperationalError
 
     from api.removal import delete_items
     from tests.conftest import job_of_own
@@ -613,26 +604,6 @@ def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):
     engine = get_engine(settings.database_url)
 
     errors = []
-
-    def blocked() -> None:  # until a connection waits on a row lock (the statement's text shows late)
-        deadline = time.monotonic() + 30
-        with engine.connect() as look:
-            while not look.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                       "AND datname = current_database()")):
-                assert time.monotonic() < deadline, errors
-                look.rollback()  # pg_stat_activity is read once a transaction: a wait begun later went unseen
-                time.sleep(0.05)
-
-    def lockable(item_id, mode: str) -> bool:
-        with engine.connect() as probe:
-            try:
-                probe.execute(text(f"SELECT 1 FROM items WHERE id = :i FOR {mode} NOWAIT"), {"i": item_id})
-                return True
-            except OperationalError as exc:
-                assert "could not obtain lock" in str(exc)
-                return False
-            finally:
-                probe.rollback()
 
     def started(work) -> threading.Thread:  # `work(session)` in a thread; what it raises, in `errors`
         def run() -> None:
@@ -665,8 +636,8 @@ def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):
         with engine.connect() as holder:
             holder.execute(text(f"SELECT 1 FROM items WHERE id = :i FOR {mode}"), {"i": held})
             thread = started(work)
-            blocked()
-            assert lockable(other, mode) == free
+            wait_for_a_lock_wait(engine, errors)
+            assert row_lockable(engine, other, mode) == free
             holder.rollback()
         thread.join(30)
         assert not errors and not thread.is_alive()
@@ -679,38 +650,26 @@ def test_reads_of_an_item_deleted_while_they_run_are_not_500s(client, new_key, w
     rollback expired the item, and reading it again after the deletion was a 500 (a helper's race run: 15 in
     a minute). A lookup by item (duplicates, segments) whose library is deleted between its read of the item
     and of the library answers 404, as a moment later, not a 500."""
-    from sqlalchemy import event
-
     key = new_key()
     lib = _library(client, key, "deleted under a read")
     ids = _done(client, key, lib, [write(tmp_path / "a.wav", 1.0, seed=61), write(tmp_path / "b.wav", 1.0, seed=62)])
-    engine = get_engine(settings.database_url)
-    done = []
+    def run(marker: str, sql: str, item_id, path: str):
+        """GET `path`, with `sql` committed just before its first statement that has `marker`."""
+        def delete_it() -> None:
+            with session_scope(settings.database_url) as s:
+                s.execute(text(sql), {"i": item_id})
 
-    def deleting(marker: str, sql: str, item_id):
-        def before(conn, cursor, statement, params, context, executemany):
-            if not done and marker in statement:
-                done.append(statement)  # first: the deletion's own statements pass through here too
-                with session_scope(settings.database_url) as s:
-                    s.execute(text(sql), {"i": item_id})
-        return before
-
-    def run(listener, method, path):
-        done.clear()
-        event.listen(engine, "before_cursor_execute", listener)
-        try:
-            return client.open(path, method=method, headers=auth(key))
-        finally:
-            event.remove(engine, "before_cursor_execute", listener)
+        with just_before(settings.database_url, lambda statement: marker in statement, delete_it) as met:
+            return met, client.get(path, headers=auth(key))
 
     a = ids["a.wav"]
-    r = run(deleting("embeddings.windows", "DELETE FROM items WHERE id = :i", a), "GET", f"/v1/items/{a}/duplicates")
+    done, r = run("embeddings.windows", "DELETE FROM items WHERE id = :i", a, f"/v1/items/{a}/duplicates")
     assert done and r.status_code == 200, (r.status_code, r.get_data(as_text=True)[:300])
     assert r.get_json()["item_id"] == a
     gone_lib = "DELETE FROM libraries WHERE id = (SELECT library_id FROM items WHERE id = :i)"
     for what, item in (("segments", ids["b.wav"]), ("duplicates", next(iter(_done(
             client, key, _library(client, key, "deleted under a read 2"), [tmp_path / "a.wav"]).values())))):
-        r = run(deleting("FROM libraries", gone_lib, item), "GET", f"/v1/items/{item}/{what}")
+        done, r = run("FROM libraries", gone_lib, item, f"/v1/items/{item}/{what}")
         assert done and r.status_code == 404, (what, r.status_code, r.get_data(as_text=True)[:300])
 
 
@@ -720,8 +679,6 @@ def test_an_upload_of_files_the_library_holds_locks_them_in_id_order(app, new_ke
     digest order, it held one a library's deletion waited on while it waited on one the deletion held. Two
     files, A < B by id and B < A by digest; a third connection holds A: the upload waits for A holding nothing
     of B's."""
-    from sqlalchemy.exc import OperationalError
-
     key = new_key()
     client = app.test_client()
     lib = _library(client, key, "sent again")
@@ -735,20 +692,8 @@ def test_an_upload_of_files_the_library_holds_locks_them_in_id_order(app, new_ke
     with engine.connect() as holder:
         holder.execute(text("SELECT 1 FROM items WHERE id = :i FOR UPDATE"), {"i": a})
         sender.start()
-        deadline = time.monotonic() + 30
-        with engine.connect() as look:
-            while not look.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                       "AND datname = current_database()")):
-                assert time.monotonic() < deadline, "the upload never waited for A"
-                look.rollback()
-                time.sleep(0.05)
-        with engine.connect() as probe:
-            try:
-                probe.execute(text("SELECT 1 FROM items WHERE id = :i FOR UPDATE NOWAIT"), {"i": b})
-            except OperationalError as exc:
-                raise AssertionError("the upload holds B while it waits for A") from exc
-            finally:
-                probe.rollback()
+        wait_for_a_lock_wait(engine, "the upload never waited for A")
+        assert row_lockable(engine, b), "the upload holds B while it waits for A"
         holder.commit()
     sender.join(30)
     assert answers == [202]
@@ -757,48 +702,33 @@ def test_an_upload_of_files_the_library_holds_locks_them_in_id_order(app, new_ke
 def test_a_patch_whose_item_is_deleted_once_it_committed_is_a_404(client, new_key, settings, tmp_path):
     """An item deleted by another request between a PATCH's commit and its read of the item as stored (its
     answer): a 404, as a GET then gives, not a 500 ('Could not refresh instance')."""
-    from sqlalchemy import event
-
     key = new_key()
     lib = _library(client, key, "patched then gone")
     item = upload(client, key, lib, [write(tmp_path / "p.wav", 0.5, seed=81)]
                   ).get_json()["items"][0]["id"]
-    engine = get_engine(settings.database_url)
-    deleted = []
+    def delete_it() -> None:
+        with session_scope(settings.database_url) as s:
+            s.execute(text("DELETE FROM items WHERE id = :i"), {"i": item})
 
-    def delete_first(conn, cursor, statement, params, context, executemany):
-        # the PATCH's read of the item after its commit (its lock's read says FOR UPDATE)
-        if not deleted and statement.lstrip().startswith("SELECT items.") and "FOR UPDATE" not in statement:
-            deleted.append(statement)
-            with session_scope(settings.database_url) as s:
-                s.execute(text("DELETE FROM items WHERE id = :i"), {"i": item})
-
-    event.listen(engine, "before_cursor_execute", delete_first)
-    try:
+    # the PATCH's read of the item after its commit (its lock's read says FOR UPDATE)
+    with just_before(settings.database_url,
+                     lambda sql: sql.lstrip().startswith("SELECT items.") and "FOR UPDATE" not in sql,
+                     delete_it) as deleted:
         r = client.patch(f"/v1/items/{item}", json={"metadata": {"k": 1}}, headers=auth(key))
-    finally:
-        event.remove(engine, "before_cursor_execute", delete_first)
     assert deleted and r.status_code == 404, (deleted, r.status_code, r.get_data(as_text=True)[:300])
 
 
 def test_a_library_deleted_once_its_creation_committed_is_a_404(client, new_key, settings):
     """A library deleted by another request between its creation's commit and the read of it as stored (the
     201's body): a 404, as a GET then gives, not a 500 ('Could not refresh instance'; left by helper-60)."""
-    from sqlalchemy import event
-
     key = new_key()
-    engine = get_engine(settings.database_url)
-    deleted = []
 
-    def delete_first(conn, cursor, statement, params, context, executemany):
-        if not deleted and statement.lstrip().startswith("SELECT libraries.") and "WHERE libraries.id" in statement:
-            deleted.append(statement)
-            with session_scope(settings.database_url) as s:
-                s.execute(text("DELETE FROM libraries WHERE name = 'made then gone'"))
+    def delete_it() -> None:
+        with session_scope(settings.database_url) as s:
+            s.execute(text("DELETE FROM libraries WHERE name = 'made then gone'"))
 
-    event.listen(engine, "before_cursor_execute", delete_first)
-    try:
+    with just_before(settings.database_url,
+                     lambda sql: sql.lstrip().startswith("SELECT libraries.") and "WHERE libraries.id" in sql,
+                     delete_it) as deleted:
         r = client.post("/v1/libraries", json={"name": "made then gone"}, headers=auth(key))
-    finally:
-        event.remove(engine, "before_cursor_execute", delete_first)
     assert deleted and r.status_code == 404, (deleted, r.status_code, r.get_data(as_text=True)[:300])

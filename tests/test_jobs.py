@@ -8,11 +8,10 @@ import dataclasses
 import io
 import json
 import threading
-import time
 import uuid
 
 from tests.audio import write
-from tests.conftest import auth, wait_job
+from tests.conftest import auth, just_before, row_lockable, wait_for_a_lock_wait, wait_job
 from tests.test_e2e import upload
 
 
@@ -544,10 +543,10 @@ def test_a_retry_moving_copies_keeps_a_deletion_of_another_copy_committed_meanwh
     and one of an embedded file, which is deleted, and committed, while the retry runs. The job then holds no
     copy: the retry wrote back the count it had read less the one it moved, which undid the deletion's, and
     the job showed a copy (done) that is gone (helper-60)."""
-    from sqlalchemy import event, func, select
+    from sqlalchemy import func, select
 
     from api.removal import delete_items
-    from clapq.db import get_engine, session_scope
+    from clapq.db import session_scope
     from clapq.models import Item, Job, JobDuplicate, Library
 
     key = new_key()
@@ -565,21 +564,13 @@ def test_a_retry_moving_copies_keeps_a_deletion_of_another_copy_committed_meanwh
         s.add_all([JobDuplicate(job_id=second.id, item_id=i.id, copies=1) for i in (stopped, embedded)])
         second.duplicates = 2
         job, gone = second.id, embedded.id
-    engine = get_engine(settings.database_url)
-    deleted = []
+    def delete_it() -> None:
+        with session_scope(settings.database_url) as s:
+            delete_items(s, Item.id == gone)
 
-    def delete_first(conn, cursor, statement, params, context, executemany):
-        # the retry's lock of the files it may queue: the other request's deletion commits just before it
-        if not deleted and "FOR NO KEY UPDATE" in statement:
-            deleted.append(statement)
-            with session_scope(settings.database_url) as s:
-                delete_items(s, Item.id == gone)
-
-    event.listen(engine, "before_cursor_execute", delete_first)
-    try:
+    # the retry's lock of the files it may queue: the other request's deletion commits just before it
+    with just_before(settings.database_url, lambda sql: "FOR NO KEY UPDATE" in sql, delete_it) as deleted:
         r = client.post(f"/v1/jobs/{job}/retry", headers=auth(key))
-    finally:
-        event.remove(engine, "before_cursor_execute", delete_first)
     assert deleted and r.status_code == 202, (deleted, r.status_code, r.get_json())
     assert r.get_json()["requeued"] == 1
     with session_scope(settings.database_url) as s:
@@ -593,9 +584,9 @@ def test_a_cancel_of_a_job_whose_library_is_deleted_meanwhile_is_a_404(client, n
     """The job's library is deleted, and the deletion committed, after the cancel read the job and before it
     wrote it: a 404, as a moment later, not a 500 (its UPDATE of the job matched no row: a helper's race run
     of cancels and library deletions)."""
-    from sqlalchemy import event, text
+    from sqlalchemy import text
 
-    from clapq.db import get_engine, session_scope
+    from clapq.db import session_scope
     from clapq.models import Item, Job, Library
 
     key = new_key()
@@ -608,21 +599,13 @@ def test_a_cancel_of_a_job_whose_library_is_deleted_meanwhile_is_a_404(client, n
         s.add(Item(tenant_id=tenant, library_id=lib, job_id=job.id, sha256=uuid.uuid4().hex * 2, filename="q.wav",
                    size_bytes=1))
         job_id = job.id
-    engine = get_engine(settings.database_url)
-    deleted = []
+    def delete_it() -> None:
+        with session_scope(settings.database_url) as s:
+            s.execute(text("DELETE FROM libraries WHERE id = :l"), {"l": lib})
 
-    def delete_first(conn, cursor, statement, params, context, executemany):
-        # the cancel's lock of the files it stops, which comes before its write of the job
-        if not deleted and "FOR NO KEY UPDATE" in statement:
-            deleted.append(statement)
-            with session_scope(settings.database_url) as s:
-                s.execute(text("DELETE FROM libraries WHERE id = :l"), {"l": lib})
-
-    event.listen(engine, "before_cursor_execute", delete_first)
-    try:
+    # the cancel's lock of the files it stops, which comes before its write of the job
+    with just_before(settings.database_url, lambda sql: "FOR NO KEY UPDATE" in sql, delete_it) as deleted:
         r = client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(key))
-    finally:
-        event.remove(engine, "before_cursor_execute", delete_first)
     assert deleted and r.status_code == 404, (deleted, r.status_code, r.get_data(as_text=True)[:300])
     assert r.get_json()["error"]["code"] == "not_found"
 
@@ -634,7 +617,6 @@ def test_a_cancel_and_a_retry_lock_their_files_in_id_order(app, new_key, setting
     Two files, A < B by id, B written first; a third connection holds A: the cancel (then the retry) waits
     for A holding nothing of B's."""
     from sqlalchemy import text
-    from sqlalchemy.exc import OperationalError
 
     from clapq.db import get_engine, session_scope
     from clapq.models import Item, Job, Library
@@ -654,18 +636,6 @@ def test_a_cancel_and_a_retry_lock_their_files_in_id_order(app, new_key, setting
             s.flush()
         job_id = job.id
     engine = get_engine(settings.database_url)
-
-    def b_lockable() -> bool:
-        with engine.connect() as probe:
-            try:
-                probe.execute(text("SELECT 1 FROM items WHERE id = :i FOR UPDATE NOWAIT"), {"i": b})
-                return True
-            except OperationalError as exc:
-                assert "could not obtain lock" in str(exc)
-                return False
-            finally:
-                probe.rollback()
-
     for action, status in (("cancel", 200), ("retry", 202)):
         answers = []
         worker = threading.Thread(target=lambda: answers.append(
@@ -673,14 +643,8 @@ def test_a_cancel_and_a_retry_lock_their_files_in_id_order(app, new_key, setting
         with engine.connect() as holder:
             holder.execute(text("SELECT 1 FROM items WHERE id = :i FOR UPDATE"), {"i": a})
             worker.start()
-            deadline = time.monotonic() + 30
-            with engine.connect() as look:
-                while not look.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                           "AND datname = current_database()")):
-                    assert time.monotonic() < deadline, f"the {action} never waited for A"
-                    look.rollback()
-                    time.sleep(0.05)
-            assert b_lockable(), f"the {action} holds B while it waits for A"
+            wait_for_a_lock_wait(engine, f"the {action} never waited for A")
+            assert row_lockable(engine, b), f"the {action} holds B while it waits for A"
             holder.commit()
         worker.join(30)
         assert answers == [status], (action, answers)
@@ -690,9 +654,9 @@ def test_a_retry_queues_only_the_files_it_locked(client, new_key, settings):
     """A file of the job that fails between the retry's lock of its failed files and its UPDATE (a worker
     ending it) is left as it is, for the next retry: the UPDATE took such a file unlocked, out of id order,
     and a library's deletion at that moment was still a deadlock (helper-60)."""
-    from sqlalchemy import event, text
+    from sqlalchemy import text
 
-    from clapq.db import get_engine, session_scope
+    from clapq.db import session_scope
     from clapq.models import Item, Job, Library
 
     key = new_key()
@@ -708,20 +672,13 @@ def test_a_retry_queues_only_the_files_it_locked(client, new_key, settings):
         s.add_all([failed, running])
         s.flush()
         job_id, late = job.id, running.id
-    engine = get_engine(settings.database_url)
-    ended = []
+    def fail_it() -> None:
+        with session_scope(settings.database_url) as s:
+            s.execute(text("UPDATE items SET status = 'failed' WHERE id = :i"), {"i": late})
 
-    def fail_it(conn, cursor, statement, params, context, executemany):
-        if not ended and statement.lstrip().startswith("UPDATE items SET job_id"):
-            ended.append(statement)
-            with session_scope(settings.database_url) as s:
-                s.execute(text("UPDATE items SET status = 'failed' WHERE id = :i"), {"i": late})
-
-    event.listen(engine, "before_cursor_execute", fail_it)
-    try:
+    with just_before(settings.database_url, lambda sql: sql.lstrip().startswith("UPDATE items SET job_id"),
+                     fail_it) as ended:
         r = client.post(f"/v1/jobs/{job_id}/retry", headers=auth(key))
-    finally:
-        event.remove(engine, "before_cursor_execute", fail_it)
     assert ended and r.status_code == 202 and r.get_json()["requeued"] == 1, (ended, r.status_code, r.get_json())
     with session_scope(settings.database_url) as s:
         assert s.get(Item, late).status == "failed"
