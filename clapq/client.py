@@ -1176,9 +1176,8 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
     for item in _items(client, f"/v1/libraries/{lib['id']}/items"):
         meta = item.get("metadata") or {}
         path = meta.get("path")
-        if meta.get("folder") == root and isinstance(path, str):
-            if path not in where.by_path and _gone(folder, path):
-                gone.append(item)
+        if meta.get("folder") == root and isinstance(path, str) and path not in where.by_path and _gone(folder, path):
+            gone.append(item)
     # every file of a gone one's size, at a path an item has too: `mv a.wav b.wav` over a b.wav the library
     # holds leaves a.wav's bytes at b.wav, and `clapq upload` follows that rename (_moved)
     sizes, here = {i["size_bytes"] for i in gone}, set()
@@ -1202,11 +1201,16 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
                       yes, "Deleting them needs --yes"):
         return 1
     for item in gone:
-        if client.call("DELETE", f"/v1/items/{item['id']}", missing_ok=True) is None:
-            print(f"clapq: {shown_name(item)} ({item['id']}) was deleted meanwhile", file=sys.stderr)
-            continue
-        print(f"deleted {shown_name(item)} ({item['id']})")
+        _delete_item(client, item)
     return 0
+
+
+def _delete_item(client: Client, item: dict) -> None:
+    """DELETE one item, said on stdout, or on stderr that it was deleted meanwhile."""
+    if client.call("DELETE", f"/v1/items/{item['id']}", missing_ok=True) is None:
+        print(f"clapq: {shown_name(item)} ({item['id']}) was deleted meanwhile", file=sys.stderr)
+    else:
+        print(f"deleted {shown_name(item)} ({item['id']})")
 
 
 def delete(client: Client, library: str, items: list[str], yes: bool = False) -> int:
@@ -1236,10 +1240,7 @@ def delete(client: Client, library: str, items: list[str], yes: bool = False) ->
                   f"them){elsewhere}", file=sys.stderr)
             missing += 1
             continue
-        if client.call("DELETE", f"/v1/items/{item['id']}", missing_ok=True) is None:
-            print(f"clapq: {shown_name(item)} ({item['id']}) was deleted meanwhile", file=sys.stderr)
-            continue
-        print(f"deleted {shown_name(item)} ({item['id']})")
+        _delete_item(client, item)
     return 1 if missing else 0
 
 
