@@ -13,7 +13,7 @@ from api.lookup import owned
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
 from api.models_info import served_model_for
 from api.removal import announce_gone
-from clapq.models import Item, Job, JobDuplicate, Library, lock_in_id_order, requeued
+from clapq.models import Item, Job, JobDuplicate, Library, lock_in_id_order, requeued, update_locked
 
 bp = Blueprint("jobs", __name__)
 
@@ -195,9 +195,8 @@ def cancel_job(job_id: str):
     writes before that ends done (whole, never half-written)."""
     job = owned(Job, job_id, "job")
     session = db()
-    pending = session.scalar(select(func.count()).select_from(Item)
-                             .where(Item.job_id == job.id, Item.status.in_(("queued", "running"))))
-    if not pending:
+    stopping = and_(Item.job_id == job.id, Item.status.in_(("queued", "running")))
+    if not session.scalar(select(func.count()).select_from(Item).where(stopping)):
         # files it sent that the library held already are embedded by the jobs that sent them first
         copied = _copied(job) if job.duplicates else []
         others = sorted(map(str, session.scalars(
@@ -208,10 +207,9 @@ def cancel_job(job_id: str):
                            f"sent first, and that job embeds them: cancel job {others[0]}"
                            + (f" (and {len(others) - 1} more)" if len(others) > 1 else "") + " to stop them")
         raise ApiError(409, "conflict", "nothing of this job's is queued or running; nothing to cancel")
-    stopping = and_(Item.job_id == job.id, Item.status.in_(("queued", "running")))
-    held = lock_in_id_order(session, stopping)  # before the job's row: a deletion uncounting copies updates it
+    # the files, locked in id order, before the job's row: a deletion uncounting copies updates it after them
+    update_locked(session, stopping, dict(status="cancelled", finished_at=func.now()))
     job.cancelled = True
-    session.execute(update(Item).where(Item.id.in_(held), stopping).values(status="cancelled", finished_at=func.now()))
     session.commit()
     announce_gone()
     return job_json(job)

@@ -22,6 +22,7 @@ from sqlalchemy import (
     func,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -246,3 +247,13 @@ def lock_in_id_order(session, where) -> list[uuid.UUID]:
     took them in its scan's order, and two writers could each hold a row the other waited on: a deadlock, a
     503 or a retried task (helper-60, helper-61)."""
     return list(session.scalars(select(Item.id).where(where).order_by(Item.id).with_for_update(key_share=True)))
+
+
+def update_locked(session, where, values: dict) -> list[uuid.UUID]:
+    """UPDATE the items `where` selects, their rows locked first (lock_in_id_order): only the rows locked are
+    changed, as one that came to match between the lock and the UPDATE would be taken unlocked, out of id order
+    (helper-60). Returns their ids."""
+    locked = lock_in_id_order(session, where)
+    if not locked:
+        return []
+    return list(session.scalars(update(Item).where(Item.id.in_(locked), where).values(**values).returning(Item.id)))

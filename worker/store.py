@@ -9,7 +9,7 @@ import numpy as np
 from sqlalchemy import and_, case, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from clapq.models import Item, Job, Library, lock_in_id_order
+from clapq.models import Item, Job, Library, update_locked
 from worker.windows import pooled
 
 
@@ -105,20 +105,9 @@ def heartbeat(session: Session, ids: list[uuid.UUID], task_id: str,
     shares = {i: p for i, p in (progress or {}).items() if i in held}
     if shares:
         values["progress"] = case(shares, value=Item.id, else_=Item.progress)
-    kept = _update_locked(session, and_(Item.id.in_(ids), Item.status == "running", Item.claimed_by == task_id),
+    kept = update_locked(session, and_(Item.id.in_(ids), Item.status == "running", Item.claimed_by == task_id),
                           values)
     return held - set(kept)
-
-
-def _update_locked(session: Session, which, values: dict) -> list[uuid.UUID]:
-    """UPDATE the items `which` selects, their rows locked first in id order, as a deletion, a job's cancel and
-    retry and this task's own vector write lock theirs: the UPDATE alone took them in its scan's order, and
-    could hold one that a write or a deletion waited on while it waited on one that they held (a deadlock:
-    the deletion's 503, a retried task). Only the rows locked are changed; returns their ids."""
-    locked = lock_in_id_order(session, which)
-    if not locked:
-        return []
-    return list(session.scalars(update(Item).where(Item.id.in_(locked), which).values(**values).returning(Item.id)))
 
 
 # why the files of a task whose process died went back to the queue
@@ -148,7 +137,7 @@ def _requeue(session: Session, which, reason: str, task_id: str, charge: bool) -
     values = dict(status="queued", error=reason[:2000], progress=None)
     if not charge:
         values["attempts"] = func.greatest(Item.attempts - 1, 0)
-    return _update_locked(session, and_(which, Item.status == "running", Item.claimed_by == task_id), values)
+    return update_locked(session, and_(which, Item.status == "running", Item.claimed_by == task_id), values)
 
 
 def record_failure(session: Session, item_id: uuid.UUID, reason: str, info=None) -> bool:
