@@ -21,6 +21,7 @@ from clapq.threads import one_thread
 
 
 TEXT_CACHE_TTL_S = 7 * 24 * 3600
+TEXTS_PER_CALL = 16  # texts embedded in one turn of the model thread (a classify's labels take several)
 
 def on_model_thread(fn, *args):
     """fn(*args) run on this process's one model thread; waits for it and returns (or raises) what it did.
@@ -61,6 +62,15 @@ def text_cache_key(ckpt, text: str, precision: str, tenant_id) -> str:
     return f"clapq:text:{tower}:{tenant_id}:{hashlib.sha256(text.encode()).hexdigest()}"
 
 
+def embed_in_turns(clap, texts: list[str], per_call: int = TEXTS_PER_CALL) -> np.ndarray:
+    """Text vectors computed TEXTS_PER_CALL at a time on the model thread, each turn handed in after the
+    last returns, so that a search of another request waits behind one turn, not behind all of a classify's
+    200 new labels (3-6 s on a busy 2-core machine for the full-size text tower:
+    benchmarks/classify_contention.py)."""
+    return np.concatenate([on_model_thread(clap.embed_text, texts[i : i + per_call])
+                           for i in range(0, len(texts), per_call)])
+
+
 def text_vectors(texts: list[str]) -> np.ndarray:
     """One unit vector per text; each is computed once per model and then served from Redis. A text is taken
     in Unicode NFC: "café" typed with a combining accent (as macOS writes file names) is "café", one query."""
@@ -79,7 +89,7 @@ def text_vectors(texts: list[str]) -> np.ndarray:
         if v is not None:
             out[i] = np.frombuffer(v, np.float32)
     if missing:
-        vecs = on_model_thread(_clap(text_only=True).embed_text, [texts[i] for i in missing])
+        vecs = embed_in_turns(_clap(text_only=True), [texts[i] for i in missing])
         for i, v in zip(missing, vecs):
             out[i] = v
         with best_effort(celery, "writing the text cache") as cache:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import time
 import uuid
 
 import numpy as np
@@ -148,6 +149,48 @@ def test_every_request_thread_runs_the_model_on_one_thread(app, lib, monkeypatch
     for t in threads:
         t.join()
     assert len(seen) == 3 and len(set(seen)) == 1 and seen[0].startswith("clapq-model"), seen
+
+
+def test_a_search_waits_behind_one_turn_of_a_classify_not_all_its_labels(app, lib, monkeypatch):
+    """A classify of many new labels embeds them api.query.TEXTS_PER_CALL at a time, each turn handed to the
+    model thread after the last returns: a search that comes meanwhile runs after the turn in progress. Before,
+    200 labels were one call, and every text search of that API process waited the 2-6 s it took
+    (benchmarks/classify_contention.py). A spy holds the first turn until the search's text is queued."""
+    import threading
+
+    from api.query import TEXTS_PER_CALL
+    from clapq.clap import LoadedClap
+    from clapq.threads import one_thread
+
+    calls, real, run = [], LoadedClap._embed_text, uuid.uuid4().hex[:8]
+    labels = [f"label {i} {run}" for i in range(2 * TEXTS_PER_CALL + 3)]
+    query = f"a search meanwhile {run}"
+
+    def search() -> None:
+        r = app.test_client().post("/v1/search", json={"library_id": lib["a"], "text": query, "k": 1},
+                                   headers=auth(lib["key"]))
+        assert r.status_code == 200, r.get_json()
+
+    searcher = threading.Thread(target=search)
+
+    def spy(self, texts):
+        calls.append(list(texts))
+        if len(calls) == 1:
+            searcher.start()
+            deadline = time.monotonic() + 60
+            while one_thread("clapq-model")._work_queue.qsize() == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return real(self, texts)
+
+    monkeypatch.setattr(LoadedClap, "_embed_text", spy)
+    r = app.test_client().post(f"/v1/libraries/{lib['a']}/classify", json={"labels": labels, "top": 1},
+                               headers=auth(lib["key"]))
+    searcher.join()
+    assert r.status_code == 200, r.get_json()
+    assert calls[1] == [query], calls
+    turns = [c for c in calls if c != [query]]
+    assert [len(c) for c in turns] == [TEXTS_PER_CALL, TEXTS_PER_CALL, 3]
+    assert [t for c in turns for t in c] == [f"This is a sound of {x}." for x in labels]
 
 
 def brute_items(lib, v, keep=lambda item_id: True):
