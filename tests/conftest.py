@@ -199,6 +199,20 @@ def start_api(env, tmp_path):
             proc.wait()
 
 
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (root may mount one; elsewhere the test is skipped), unmounted afterwards."""
+    where = tmp_path / "small"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
 def auth(key: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 

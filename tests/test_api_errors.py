@@ -933,22 +933,6 @@ def test_an_upload_holds_no_transaction_while_its_body_arrives(app, new_key, set
     assert answer["r"].status_code == 202, answer["r"].get_json()
 
 
-@pytest.fixture()
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs (root may mount one; elsewhere the test is skipped), unmounted afterwards."""
-    import subprocess
-
-    where = tmp_path / "small"
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
 def test_a_full_upload_area_is_a_507_for_uploads_and_clip_searches(settings, new_key, small_disk, caplog):
     """The blob store on a disk with 1 MiB: a 2 MB upload, and a 2 MB clip sent to search, are 507s
     with the envelope (the clip search was a 500), said in the log for the operator (only the access log

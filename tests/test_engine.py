@@ -391,6 +391,53 @@ def test_a_file_handed_back_for_scratch_again_and_again_is_counted_in_the_end(se
     assert _scratch_free(app, {big, other}) == {other}
 
 
+def test_a_file_larger_decoded_than_the_whole_scratch_disk_fails_alone_at_once(client, new_key, worker, settings,
+                                                                             env, tmp_path, small_disk):
+    """A scratch disk of 1 MiB and a 6 s file (1.15 MB decoded): no wait makes room for it on this worker, yet the
+    task handed every file back as for a full disk, and the file went round 3 uncounted and 3 counted tries (12
+    minutes at the defaults, measured) before it failed with "No space left on device", the task's other files
+    held back with it. It fails at once, saying so, and the small files of its task are embedded by that task."""
+    from clapq.db import session_scope
+    from clapq.models import Item
+
+    key = new_key()
+    job_id, ids = queued_files(client, key, settings, tmp_path, "small scratch",
+                               [("big.wav", 6.0, 80), ("s1.wav", 1.0, 81), ("s2.wav", 1.0, 82)])
+    code = f"""
+result = tasks.embed_items.apply(args=[{ids!r}])
+print(result.state, result.result)
+"""
+    r = in_a_worker_process({**env, "CLAPQ_SCRATCH_DIR": str(small_disk), "CLAPQ_HEARTBEAT_S": "1"}, code)
+    assert r.returncode == 0 and r.stdout.startswith("SUCCESS") and "handed_back" not in r.stdout, \
+        r.stdout + r.stderr[-3000:]
+    assert job_status(settings, job_id) == {"done": 2, "failed": 1}
+    with session_scope(settings.database_url) as s:
+        big = s.get(Item, uuid.UUID(ids[0]))
+        assert big.status == "failed" and big.attempts == 1, (big.status, big.attempts)
+        assert "larger than the whole scratch disk it is decoded to (1.0 MB: a worker's CLAPQ_SCRATCH_DIR)" \
+            in big.error, big.error
+
+
+def test_a_scratch_disk_full_for_now_is_told_from_one_too_small(tmp_path, small_disk):
+    """Out of room (ENOSPC) is the machine's fault while the file would fit the disk were it empty (a
+    ScratchError: the task's files wait for room, as before), and the file's own where its decoded audio is
+    larger than the whole disk (a DecodeError of the file, said at once). Either way no scratch bytes are left."""
+    from worker.audio import ScratchError, ScratchTooSmall, decode_to_file
+
+    out = small_disk / "decoded.f32"
+    (small_disk / "others").write_bytes(bytes(900_000))  # other files decoded ahead
+    with pytest.raises(ScratchError, match="No space left on device"):
+        decode_to_file(write(tmp_path / "one.wav", 1.0, seed=3), out)  # 192 kB decoded
+    assert out.stat().st_size == 0
+    (small_disk / "others").unlink()
+    info, n = decode_to_file(write(tmp_path / "one.wav", 1.0, seed=3), out)  # room again: it fits
+    assert n == 48_000
+    (small_disk / "others").write_bytes(bytes(100_000))
+    with pytest.raises(ScratchTooSmall, match="larger than the whole scratch disk"):
+        decode_to_file(write(tmp_path / "six.wav", 6.0, seed=4), out)  # 1.15 MB decoded, the disk 1 MiB
+    assert issubclass(ScratchTooSmall, DecodeError) and out.stat().st_size == 0
+
+
 def test_a_worker_of_another_model_leaves_the_files_for_one_of_theirs(client, new_key, worker, settings, env,
                                                                       tmp_path, tiny_model):
     """A worker started with another checkpoint (another CLAPQ_MODEL, a newer revision downloaded) beside the

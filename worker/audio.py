@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import io
 import itertools
@@ -72,6 +74,12 @@ class ScratchError(OSError):
     """The decoded samples could not be written to the scratch file (the disk is full or the directory
     went away): the machine's fault, not the file's, so the task hands its files back instead of
     failing them."""
+
+
+class ScratchTooSmall(DecodeError):
+    """The file's decoded samples are larger than the scratch filesystem's whole size: no wait makes room for
+    them on this worker, so the file fails at once, alone, instead of going back to the queue with the task's
+    other files (3 uncounted and 3 counted tries, ~15 minutes at the defaults) to fail in the end."""
 
 
 @dataclasses.dataclass
@@ -645,6 +653,20 @@ def _scratch_error(what: str, out_path, exc: OSError) -> ScratchError:
     return ScratchError(exc.errno, f"cannot {what} the scratch file {out_path}: {exc.strerror}")
 
 
+def _disk_size(out_path) -> int | None:
+    """The whole size of the filesystem that holds `out_path`, used or not; None where it does not say."""
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(out_path)))
+    except OSError:
+        return None
+    return st.f_blocks * st.f_frsize or None
+
+
+def _too_large(disk: int) -> ScratchTooSmall:
+    return ScratchTooSmall(f"the decoded audio (48 kHz float32, ~690 MB an hour) is larger than the whole scratch disk "
+                           f"it is decoded to ({disk / 1e6:,.1f} MB: a worker's CLAPQ_SCRATCH_DIR)")
+
+
 def decode_to_file(path: Path | str, out_path: Path | str, *,
                    max_duration_s: float | None = None) -> tuple[AudioInfo, int]:
     """Stream the decoded 48 kHz mono samples to a raw float32 file; returns the info and sample count."""
@@ -661,17 +683,29 @@ def decode_to_file(path: Path | str, out_path: Path | str, *,
         fd = os.open(out_path, os.O_WRONLY | os.O_CREAT, 0o600)
     except OSError as exc:
         raise _scratch_error("open", out_path, exc) from exc
-    written = 0
+    # A disk out of room (ENOSPC) is full for now, or too small for this file whatever else it holds: the
+    # decoding goes on without writing, counting, until the file is seen to need more than the whole disk
+    # (ScratchTooSmall, this file's) or ends within it (a ScratchError: the task's files wait for room).
+    written, full, disk = 0, None, None
     try:
         for block in stream(path, info, max_duration_s=max_duration_s):
             data = memoryview(block.tobytes())
             written += len(data)
-            try:
-                while data:
-                    data = data[os.write(fd, data):]
-            except OSError as exc:
-                raise _scratch_error("write to", out_path, exc) from exc
             n += block.shape[0]
+            if full is None:
+                try:
+                    while data:
+                        data = data[os.write(fd, data):]
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC or (disk := _disk_size(out_path)) is None:
+                        raise _scratch_error("write to", out_path, exc) from exc
+                    full = exc
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, 0)  # its room goes back to the other files' decoders meanwhile
+            if full is not None and written > disk:
+                raise _too_large(disk) from None
+        if full is not None:
+            raise _scratch_error("write to", out_path, full) from full
         try:
             if os.fstat(fd).st_size > written:
                 os.ftruncate(fd, written)
