@@ -212,7 +212,7 @@ class Pipeline:
         files = {f"{i:064x}": p for i, p in enumerate(clips)}  # the blob store's sha256 -> path, for these files
         blobs = types.SimpleNamespace(path_for=files.__getitem__)
         # what the pipeline reads of a claimed item (worker.store.Claimed), without its database import
-        items = [types.SimpleNamespace(id=uuid.uuid4(), sha256=sha, job_id=None) for sha in files]
+        items = [types.SimpleNamespace(id=uuid.uuid4(), sha256=sha, job_id=None, filename=None) for sha in files]
         done: list = []
 
         def failed(d) -> None:

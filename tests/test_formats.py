@@ -613,3 +613,47 @@ def test_an_mp4_cut_before_its_index_says_so(tmp_path):
     with pytest.raises(audio.DecodeError, match=r"^an MP4/M4A file without its index \(no 'moov' box\)"):
         audio.decode(cut)
     assert audio.decode(blob_copy(path, tmp_path))[1].duration_s == pytest.approx(3.0, abs=0.01)
+
+
+def _id3(size: int) -> bytes:
+    """An ID3v2.3 tag of `size` bytes of padding (its size field is synchsafe: 7 bits a byte)."""
+    return b"ID3\x03\x00\x00" + bytes((size >> s) & 0x7F for s in (21, 14, 7, 0)) + bytes(size)
+
+
+def test_raw_frames_after_a_mib_of_anything_decode_by_the_uploads_extension(client, new_key, worker, tmp_path):
+    """FFmpeg finds a raw stream's format by its frame headers within the first MiB, and the workers read the
+    stored bytes, which have no name: an MP3 after 1 MiB of zeros, and an ADTS AAC after an ID3 tag of 1.2 MiB,
+    were "not a readable audio file" where `ffprobe file.mp3` plays them, as it sees the name. The upload's
+    extension names the demuxer to try where the bytes name none (worker.audio.FORMAT_HINTS), through the
+    service too. Only where probing failed, and only where that demuxer finds audio: garbage named .mp3 is as
+    unreadable as before, and an extension outside the list (.m3u8, .ffconcat) names nothing."""
+    from tests.make_audio import Unavailable, write_av
+
+    try:
+        mp3 = write_av(tmp_path / "m.mp3", tone_and_chirp(3.0, 44_100, 1), 44_100, "mp3", "libmp3lame", "fltp")
+        adts = write_av(tmp_path / "a.aac", tone_and_chirp(3.0, 44_100, 1), 44_100, "adts", "aac", "fltp")
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    padded = tmp_path / "padded.mp3"
+    padded.write_bytes(bytes(1 << 20) + mp3.read_bytes())
+    tagged = tmp_path / "tagged.aac"
+    tagged.write_bytes(_id3(1_200_000) + adts.read_bytes())
+    for path, hint in ((padded, "mp3"), (tagged, "aac")):
+        blob = blob_copy(path, tmp_path)
+        with pytest.raises(audio.DecodeError, match="not a readable audio file"):
+            audio.decode(blob)
+        assert audio.format_hint(path.name) == hint
+        samples, info = audio.decode(blob, hint=hint)
+        assert info.format == hint and 2.95 <= info.duration_s <= 3.1, info
+    garbage = tmp_path / "garbage.mp3"
+    garbage.write_bytes(np.random.default_rng(3).integers(0, 256, 300_000, dtype=np.uint8).tobytes())
+    with pytest.raises(audio.DecodeError, match="not a readable audio file"):
+        audio.decode(blob_copy(garbage, tmp_path), hint="mp3")
+    assert [audio.format_hint(n) for n in ("A.MP3", "x.m3u8", "list.ffconcat", "x.wav", "mp3", ".mp3", None)] == \
+        ["mp3", None, None, None, None, None, None]
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "hinted"}, headers=auth(key)).get_json()
+    r = upload(client, key, lib["id"], [padded, tagged])
+    assert r.status_code == 202, r.get_json()
+    job = wait_job(client, key, r.get_json()["job_id"])
+    assert job["status"] == "done" and job["counts"]["done"] == 2, job

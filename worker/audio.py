@@ -57,13 +57,44 @@ def _demuxers() -> str:
     return ",".join(names)
 
 
-def _av_open(path: Path):
-    """An uploaded file opened by PyAV, its format found from its bytes among the demuxers allowed, and
-    through no protocol but the local file's (no demuxer left may then reach an address either)."""
+def _av_open(path: Path, format: str | None = None):
+    """An uploaded file opened by PyAV, its format found from its bytes among the demuxers allowed (or the
+    `format` given, one of FORMAT_HINTS'), and through no protocol but the local file's (no demuxer left may
+    then reach an address either)."""
     import av
 
-    return av.open(str(path), metadata_errors="ignore",
+    return av.open(str(path), format=format, metadata_errors="ignore",
                    container_options={"format_whitelist": _demuxers(), "protocol_whitelist": "file"})
+
+
+# Raw streams of codec frames, by the upload's extension. FFmpeg finds their format by frame headers within the
+# first MiB it reads, so one whose first frame begins later (zeros or junk before it: a file cut out of a capture,
+# an ID3 tag of a MiB or more before AAC or AC-3) was "not a readable audio file", where `ffprobe file.mp3`, which
+# sees the name, plays it; the workers read the stored bytes, which have no name. The extension's demuxer is
+# tried only where finding the format from the bytes failed, and taken only where it finds an audio stream with a
+# rate and channels (garbage named .mp3 stays unreadable). These demuxers read the file alone, and any upload
+# reaches each already by its bytes: a name reaches no demuxer that they do not (REFUSED_DEMUXERS stay refused).
+FORMAT_HINTS = {"mp3": "mp3", "mp2": "mp3", "mpga": "mp3", "aac": "aac", "adts": "aac", "ac3": "ac3",
+                "eac3": "eac3", "ec3": "eac3"}
+
+
+def format_hint(filename: str | None) -> str | None:
+    """The FFmpeg demuxer FORMAT_HINTS gives an uploaded file's extension, if any."""
+    stem, dot, ext = (filename or "").rpartition(".")
+    return FORMAT_HINTS.get(ext.lower()) if dot and stem else None
+
+
+def _open_as(path: Path, hint: str):
+    """The file opened as the demuxer `hint` names, where that finds audio with a rate and channels; else None."""
+    try:
+        c = _av_open(path, hint)
+    except Exception:
+        return None
+    ctx = c.streams.audio[0].codec_context if c.streams.audio else None
+    if ctx is None or not ctx.sample_rate or not ctx.channels:
+        c.close()
+        return None
+    return c
 
 
 class TooLong(DecodeError):
@@ -266,7 +297,19 @@ def _first_audible(container) -> int:
     return next((i for i, s in enumerate(streams) if s.index in with_data), 0)
 
 
-def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
+def _unopened(path: Path, exc: Exception) -> DecodeError:
+    """Why FFmpeg could not open the file, for the user."""
+    if isinstance(exc, EOFError):  # av.error.EOFError
+        with open(path, "rb") as f:
+            if f.read(4) == b"OggS":  # an Ogg file of its headers only (a recording stopped at once)
+                return DecodeError("the file contains no audio samples (it ends where its audio would begin)")
+    elif _mp4_without_index(path):
+        return DecodeError("an MP4/M4A file without its index (no 'moov' box): the recording or the copy stopped "
+                           "before the end, where the index is written")
+    return DecodeError(f"not a readable audio file ({_short(exc)})")
+
+
+def _av_blocks(path: Path, info: AudioInfo, hint: str | None = None) -> Iterator[np.ndarray]:
     import av
 
     links: list[tuple[int, int]] = []
@@ -276,17 +319,10 @@ def _av_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray]:
             if links:  # the first link of a chained Ogg, as a file of its own
                 return av.open(_OggLink(path, *links[0]), format="ogg", metadata_errors="ignore")
             return _av_open(path)
-        except EOFError as exc:  # av.error.EOFError
-            with open(path, "rb") as f:
-                if f.read(4) == b"OggS":  # an Ogg file of its headers only (a recording stopped at once)
-                    raise DecodeError("the file contains no audio samples (it ends where its audio would "
-                                      "begin)") from exc
-            raise DecodeError(f"not a readable audio file ({_short(exc)})") from exc
         except Exception as exc:
-            if _mp4_without_index(path):
-                raise DecodeError("an MP4/M4A file without its index (no 'moov' box): the recording or the copy "
-                                  "stopped before the end, where the index is written") from exc
-            raise DecodeError(f"not a readable audio file ({_short(exc)})") from exc
+            if hint is not None and not links and (c := _open_as(path, hint)) is not None:
+                return c
+            raise _unopened(path, exc) from exc
 
     container = open_container()
     if "ogg" in (container.format.name or "").split(",") and len(found := _ogg_links(path)) > 1:
@@ -599,12 +635,14 @@ def _downmix(block: np.ndarray) -> np.ndarray:
     return np.full(channels, 1.0 / channels, np.float32) @ block
 
 
-def stream(path: Path | str, info: AudioInfo, *, max_duration_s: float | None = None) -> Iterator[np.ndarray]:
-    """Mono float32 blocks at 48 kHz, filling `info` as it goes; memory bounded by the block size."""
+def stream(path: Path | str, info: AudioInfo, *, max_duration_s: float | None = None,
+           hint: str | None = None) -> Iterator[np.ndarray]:
+    """Mono float32 blocks at 48 kHz, filling `info` as it goes; memory bounded by the block size. `hint`: the
+    demuxer the upload's name gives (`format_hint`), tried where FFmpeg finds no format from the bytes."""
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
         raise DecodeError("the file is empty (0 bytes)")
-    blocks = _soundfile_blocks(path, info) or _av_blocks(path, info)
+    blocks = _soundfile_blocks(path, info) or _av_blocks(path, info, hint)
     if not 1 <= info.sample_rate <= 1_000_000:
         raise DecodeError(f"unsupported sample rate {info.sample_rate}")
     if max_duration_s is not None and info.stated_frames > max_duration_s * info.sample_rate:
@@ -642,10 +680,11 @@ def stream(path: Path | str, info: AudioInfo, *, max_duration_s: float | None = 
         raise DecodeError("the file contains no audio samples")
 
 
-def decode(path: Path | str, *, max_duration_s: float | None = None) -> tuple[np.ndarray, AudioInfo]:
+def decode(path: Path | str, *, max_duration_s: float | None = None,
+           hint: str | None = None) -> tuple[np.ndarray, AudioInfo]:
     """The whole file as mono float32 at 48 kHz, and what the file was; raises DecodeError with a reason."""
     info = AudioInfo(0, 0)
-    samples = np.concatenate(list(stream(path, info, max_duration_s=max_duration_s)))
+    samples = np.concatenate(list(stream(path, info, max_duration_s=max_duration_s, hint=hint)))
     return samples, info
 
 
@@ -667,8 +706,8 @@ def _too_large(disk: int) -> ScratchTooSmall:
                            f"it is decoded to ({disk / 1e6:,.1f} MB: a worker's CLAPQ_SCRATCH_DIR)")
 
 
-def decode_to_file(path: Path | str, out_path: Path | str, *,
-                   max_duration_s: float | None = None) -> tuple[AudioInfo, int]:
+def decode_to_file(path: Path | str, out_path: Path | str, *, max_duration_s: float | None = None,
+                   hint: str | None = None) -> tuple[AudioInfo, int]:
     """Stream the decoded 48 kHz mono samples to a raw float32 file; returns the info and sample count."""
     info = AudioInfo(0, 0)
     n = 0
@@ -688,7 +727,7 @@ def decode_to_file(path: Path | str, out_path: Path | str, *,
     # (ScratchTooSmall, this file's) or ends within it (a ScratchError: the task's files wait for room).
     written, full, disk = 0, None, None
     try:
-        for block in stream(path, info, max_duration_s=max_duration_s):
+        for block in stream(path, info, max_duration_s=max_duration_s, hint=hint):
             data = memoryview(block.tobytes())
             written += len(data)
             n += block.shape[0]

@@ -45,9 +45,9 @@ def _child(conn: Connection) -> None:
             return
         if job is None:
             return
-        src, dst, max_duration_s = job
+        src, dst, max_duration_s, hint = job
         try:
-            info, n = decode_to_file(src, dst, max_duration_s=max_duration_s)
+            info, n = decode_to_file(src, dst, max_duration_s=max_duration_s, hint=hint)
             reply = ("ok", dataclasses.asdict(info), n)
         except TooLong as exc:
             reply = ("too_long", str(exc), 0)
@@ -147,17 +147,19 @@ class DecoderProcess:
                 raise DecodeError(f"decoding took longer than {timeout_s:g} s (CLAPQ_DECODE_TIMEOUT_S); gave up")
 
     def decode(self, src: Path, dst: Path, timeout_s: float, max_duration_s: float | None,
-               log_extra: dict | None = None, stop: Callable[[], bool] | None = None) -> tuple[AudioInfo, int]:
+               log_extra: dict | None = None, stop: Callable[[], bool] | None = None,
+               hint: str | None = None) -> tuple[AudioInfo, int]:
         """Decode src into dst; raises DecodeError for bad files, crashed or hung decoders, ScratchError when
         dst cannot be written (the machine's fault, not the file's), Abandoned when `stop()` turns true
         first. A child that dies on a file is restarted and the file tried once more: a kill from outside
         (the OOM killer making room for something else, an operator) is not the file's fault; dying twice
-        is. `log_extra`: the ids that the log lines about this file carry."""
+        is. `log_extra`: the ids that the log lines about this file carry; `hint`: the demuxer the upload's name
+        gives (worker.audio.format_hint)."""
         for attempt in (1, 2):
             if not self.alive():
                 self._start()
             try:
-                self.conn.send((str(src), str(dst), max_duration_s))
+                self.conn.send((str(src), str(dst), max_duration_s, hint))
                 self._wait(src, timeout_s, log_extra, stop)
                 status, payload, n = self.conn.recv()
             except (EOFError, OSError):  # the child died: before the file reached it, or on it

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from clapq.blobs import BlobStore
-from worker.audio import AudioInfo, DecodeError, TooLong
+from worker.audio import AudioInfo, DecodeError, TooLong, format_hint
 from worker.decoder import Abandoned, DecoderPool
 from worker.embedder import AudioEmbedder
 from worker.windows import HOP_S, WINDOW_S, read_window, spans
@@ -123,7 +123,8 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options,
                 # let in while nothing has been decoded yet; the wait for room is without it
                 if ahead is None or ahead.room(item):
                     d.info, d.n = decoder.decode(path, d.raw_path, opts.decode_timeout_s, opts.max_duration_s,
-                                                 {"item_id": str(item.id), "job_id": str(item.job_id)}, stop=gone)
+                                                 {"item_id": str(item.id), "job_id": str(item.job_id)}, stop=gone,
+                                                 hint=format_hint(item.filename))
                     if ahead is not None:  # counted before the decoder is free for the next file to look
                         ahead.decoded(d)
                     break

@@ -23,6 +23,7 @@ class Claimed:
     tenant_id: uuid.UUID | None = None
     attempt: int = 1  # this claim's try (1: the first)
     resumed: bool = False  # it was running under this task id: the message came back after its process died
+    filename: str | None = None  # as uploaded: its extension is the decoder's hint (worker.audio.format_hint)
 
 
 def silent_for(seconds: float):
@@ -70,7 +71,7 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
             item.started_at = item.updated_at = func.now()
             item.progress = None  # a try starts over
             claimed.append(Claimed(item.id, item.sha256, item.library_id, lib_model, item.job_id, item.tenant_id,
-                                   item.attempts, resumed))
+                                   item.attempts, resumed, item.filename))
     if left is not None:
         left.extend(mismatched)
     return claimed
