@@ -105,10 +105,6 @@ def _params() -> dict:
         if request.method == "POST":
             given_once(request.form, "the form")
             given_once(request.files, "the form")
-        if request.mimetype == "multipart/form-data" and "\ufffd" in (p["q"] or ""):
-            # werkzeug reads a multipart field's bytes that are not UTF-8 as U+FFFD before clapq sees them
-            raise bad_request("the query text holds U+FFFD (the replacement character): the form's text was not "
-                              "UTF-8, or was damaged before it was sent; send text as UTF-8")
         check_text(p, "the form")
         p["audio"] = request.files.get("audio") if request.method == "POST" else None
         return p

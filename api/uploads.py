@@ -36,6 +36,14 @@ class StreamingRequest(Request):
         except ValueError as exc:  # cut short, no boundary, a part's headers not UTF-8: the client's to fix
             raise BadRequest(f"the form could not be read ({exc}): send multipart/form-data as a client library "
                              "writes it, whole, with its boundary in the Content-Type") from None
+        if self.mimetype == "multipart/form-data":
+            # werkzeug reads each byte of a text field that is not UTF-8 as U+FFFD before clapq sees it: a search's
+            # filter matched nothing and an upload's metadata was stored changed, silently (a URL-encoded form's
+            # bytes are checked by search, the one endpoint that takes one: api.search._utf8)
+            for name, value in self.form.items(multi=True):
+                if "\ufffd" in value:
+                    raise BadRequest(f"the form's field {name!r} holds U+FFFD (the replacement character): its text "
+                                     "was not UTF-8, or was damaged before it was sent; send text as UTF-8")
 
     def queue_uploads(self, writers: list) -> list[str]:
         """Write-ahead for a crash: the bytes about to move into the store are queued for removal first, in

@@ -222,6 +222,47 @@ def test_text_postgres_cannot_store_is_refused_not_a_500(client, lib, tmp_path):
     assert "'metadata'" in err(r, 400)["message"]
 
 
+def test_every_multipart_text_field_that_is_not_utf8_is_refused(client, lib, settings, tmp_path):
+    """werkzeug reads each byte of a multipart text field that is not UTF-8 as U+FFFD: only a search's query text
+    was refused for it, so a search's 'filter' with a Latin-1 "café" matched nothing, silently, and an upload's
+    'metadata' field was stored with U+FFFD in place of its letters. Every text field is a 400 naming it; the
+    same in UTF-8 is taken, and nothing of the refused upload is stored."""
+    from sqlalchemy import func, select
+
+    from clapq.db import session_scope
+    from clapq.models import Item
+    from tests.audio import write
+
+    key, lib_id = lib
+    boundary = "b0undary"
+
+    def form(fields: list[tuple[str, bytes]], files: list[tuple[str, str, bytes]] = ()) -> dict:
+        body = b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{n}"\r\n\r\n'.encode() + v + b"\r\n"
+                        for n, v in fields)
+        body += b"".join(f'--{boundary}\r\nContent-Disposition: form-data; name="{n}"; filename="{f}"\r\n'
+                         f'Content-Type: application/octet-stream\r\n\r\n'.encode() + v + b"\r\n" for n, f, v in files)
+        return {"data": body + f"--{boundary}--\r\n".encode(), "headers": auth(key),
+                "content_type": f"multipart/form-data; boundary={boundary}"}
+
+    text = '{"metadata": {"place": "caf\u00e9"}}'
+    query = [("library_id", lib_id.encode()), ("q", b"rain")]
+    r = client.post("/v1/search", **form([*query, ("filter", text.encode("latin-1"))]))
+    assert "field 'filter' holds U+FFFD" in err(r, 400)["message"]
+    r = client.post("/v1/search", **form([*query, ("filter", text.encode())]))
+    assert r.status_code == 200, r.get_json()
+    wav = write(tmp_path / "a.wav", 1.0).read_bytes()
+    url = f"/v1/libraries/{lib_id}/batches"
+    meta = '{"a.wav": {"place": "caf\u00e9"}}'
+    r = client.post(url, **form([("metadata", meta.encode("latin-1"))], [("files", "a.wav", wav)]))
+    assert "field 'metadata' holds U+FFFD" in err(r, 400)["message"]
+    with session_scope(settings.database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Item).where(Item.library_id == uuid.UUID(lib_id))) == 0
+    r = client.post(url, **form([("metadata", meta.encode())], [("files", "a.wav", wav)]))
+    assert r.status_code == 202, r.get_json()
+    item = client.get(f"/v1/items/{r.get_json()['items'][0]['id']}", headers=auth(key)).get_json()
+    assert item["metadata"] == {"place": "caf\u00e9"}
+
+
 def test_filenames_are_sanitised(client, lib):
     key, lib_id = lib
     names = ["../../etc/passwd.wav", "a\x00b.wav", "x" * 400 + ".wav", "/abs/dir/n.wav", ".."]
