@@ -22,8 +22,11 @@ class ModelUnavailable(RuntimeError):
 class Checkpoint:
     name: str
     path: Path
-    weights_sha256: str
+    weights_sha256: str  # of the weights files transformers loads (_weights_hash)
     dim: int
+    # where a directory holds both formats: what versions before this one made the identity (every weights file of
+    # the directory), under which a models row may exist already (register_model finds that one first)
+    earlier_sha256: str | None = None
 
 
 _cache: dict[str, Checkpoint] = {}
@@ -73,15 +76,26 @@ def _weight_files(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES and p.is_file())
 
 
-def _weights_hash(path: Path) -> str:
-    files = _weight_files(path)
-    if not files:
-        raise ModelUnavailable(f"no weights (*.safetensors or *.bin) in {path}. " + _how_to_fix(str(path)))
+def _hash_files(files: list[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
         hash_file(f, h)
     return h.hexdigest()
+
+
+def _weights_hash(path: Path) -> tuple[str, str | None]:
+    """The identity of the weights: the sha256 of the files transformers loads, the safetensors where there are
+    any (it loads model.safetensors before pytorch_model.bin), else the PyTorch ones; and, where the directory
+    holds both formats, the identity versions before this one gave it (every weights file, both formats). A Hub
+    fetch takes the safetensors alone, and a copy of the same repo made with `hf download --local-dir`, or a Hub
+    cache another tool completed, holds both: one model had two identities, and a PyTorch copy added beside
+    safetensors (a checkpoint converted) locked its libraries out of their model (409 model_mismatch)."""
+    files = _weight_files(path)
+    if not files:
+        raise ModelUnavailable(f"no weights (*.safetensors or *.bin) in {path}. " + _how_to_fix(str(path)))
+    loaded = [f for f in files if f.suffix == ".safetensors"] or files
+    return _hash_files(loaded), (_hash_files(files) if loaded != files else None)
 
 
 def resolve(name: str) -> Checkpoint:
@@ -105,7 +119,8 @@ def resolve(name: str) -> Checkpoint:
         if config.get("model_type") != "clap":
             raise ModelUnavailable(f"{name} is not a CLAP checkpoint (model_type={config.get('model_type')!r})")
         dim = int(config.get("projection_dim", 512))
-        ckpt = Checkpoint(name=name, path=path, weights_sha256=_weights_hash(path), dim=dim)
+        sha, earlier = _weights_hash(path)
+        ckpt = Checkpoint(name=name, path=path, weights_sha256=sha, dim=dim, earlier_sha256=earlier)
         _cache[name] = ckpt
         return ckpt
 
@@ -114,22 +129,27 @@ def register_model(session, ckpt: Checkpoint) -> int:
     """The models row for these weights, created on first use; every vector references it. The weights
     are the identity, not how CLAPQ_MODEL spells their place: `./clap`, `/srv/clap` and `~/clap` (an API
     and a worker started from different directories) are one model, so libraries keep working and a
-    worker never fails files as "bound to a different model". A row made under another name is reused."""
+    worker never fails files as "bound to a different model". A row made under another name is reused, and so
+    is one made under the identity earlier versions gave a directory of both formats (Checkpoint.earlier_sha256),
+    before one of the weights loaded: the libraries of every existing row keep their model."""
     from sqlalchemy import func, select, text
     from sqlalchemy.dialects.postgresql import insert
 
     from clapq.models import EmbeddingModel
 
-    same = (EmbeddingModel.weights_sha256 == ckpt.weights_sha256, EmbeddingModel.dim == ckpt.dim)
+    def row(sha: str) -> int | None:
+        return session.scalar(select(func.min(EmbeddingModel.id)).where(EmbeddingModel.weights_sha256 == sha,
+                                                                         EmbeddingModel.dim == ckpt.dim))
+
     # one registration at a time (until this transaction ends): two processes starting together under two
     # spellings must not make two rows and each keep its own
     session.execute(text("SELECT pg_advisory_xact_lock(hashtext('clapq.register_model'))"))
-    found = session.scalar(select(func.min(EmbeddingModel.id)).where(*same))
-    if found is not None:
-        return found
+    for sha in filter(None, (ckpt.earlier_sha256, ckpt.weights_sha256)):
+        if (found := row(sha)) is not None:
+            return found
     session.execute(
         insert(EmbeddingModel)
         .values(name=ckpt.name, weights_sha256=ckpt.weights_sha256, dim=ckpt.dim)
         .on_conflict_do_nothing(index_elements=["name", "weights_sha256"])
     )
-    return session.scalar(select(func.min(EmbeddingModel.id)).where(*same))
+    return row(ckpt.weights_sha256)

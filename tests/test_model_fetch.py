@@ -133,8 +133,52 @@ def test_hub_checkpoint_with_safetensors_fetches_no_pytorch_copy(tiny_model, tmp
         assert (Path(got["path"]) / "model.safetensors").is_file()
         assert "pytorch_model.bin" not in server.fetched and "model.safetensors" in server.fetched
         assert not (Path(got["path"]) / "pytorch_model.bin").exists()
+        # the same model as a copy of the whole repo (`hf download --local-dir`, both formats), whose identity
+        # counted the PyTorch copy that transformers does not load: a worker started on it served another model
+        assert got["weights_sha256"] == _resolve(str(repo), tmp_path / "hf", None)["weights_sha256"]
     finally:
         server.shutdown()
+
+
+def test_weights_in_both_formats_are_the_model_of_those_loaded_and_old_rows_keep_theirs(tiny_model, settings,
+                                                                                      tmp_path):
+    """A directory of safetensors with a PyTorch copy beside them (a checkpoint converted, a Hub cache another
+    tool completed) is the model of the safetensors, which transformers loads: its identity counted the copy
+    too, so adding one locked the libraries out of their model (409 model_mismatch). A row an earlier version
+    made under that identity is still found first, so no library changes model."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from clapq.checkpoint import _hash_files, register_model, resolve
+    from clapq.db import session_scope
+    from clapq.models import EmbeddingModel
+
+    both = tmp_path / "both"
+    shutil.copytree(tiny_model, both)
+    torch.save(load_file(str(tiny_model / "model.safetensors")), both / "pytorch_model.bin")
+    alone, with_copy = resolve(str(tiny_model)), resolve(str(both))
+    assert with_copy.weights_sha256 == alone.weights_sha256 and alone.earlier_sha256 is None
+    assert with_copy.earlier_sha256 == _hash_files([both / "model.safetensors", both / "pytorch_model.bin"])
+    with session_scope(settings.database_url) as s:
+        assert register_model(s, with_copy) == register_model(s, alone)
+    # other weights, of both formats, registered by an earlier version (under the hash of both files), and
+    # also as the safetensors alone (a Hub fetch): the earlier row stays this directory's model
+    older = tmp_path / "older"
+    shutil.copytree(tiny_model, older)
+    weights = {k: v + 1 if v.is_floating_point() else v
+               for k, v in load_file(str(tiny_model / "model.safetensors")).items()}
+    save_file(weights, older / "model.safetensors", metadata={"format": "pt"})
+    torch.save(weights, older / "pytorch_model.bin")
+    ckpt = resolve(str(older))
+    with session_scope(settings.database_url) as s:
+        rows = []
+        for sha in (ckpt.weights_sha256, ckpt.earlier_sha256):
+            row = EmbeddingModel(name=f"{older}-{len(rows)}", weights_sha256=sha, dim=ckpt.dim)
+            s.add(row)
+            s.flush()
+            rows.append(row.id)
+        assert register_model(s, ckpt) == rows[1]
+        s.rollback()  # the rows made here stay out of the session's database
 
 
 @pytest.mark.timeout(300)
