@@ -418,10 +418,14 @@ print(result.state, result.result)
             in big.error, big.error
 
 
-def test_a_scratch_disk_full_for_now_is_told_from_one_too_small(tmp_path, small_disk):
+def test_a_scratch_disk_full_for_now_is_told_from_one_too_small(tmp_path, small_disk, monkeypatch):
     """Out of room (ENOSPC) is the machine's fault while the file would fit the disk were it empty (a
-    ScratchError: the task's files wait for room, as before), and the file's own where its decoded audio is
-    larger than the whole disk (a DecodeError of the file, said at once). Either way no scratch bytes are left."""
+    ScratchError: the task's files wait for room, as before), unless the room is there again once the file has
+    been read (a file larger than the whole disk gives its room back as soon as it fills it, and the file of the
+    decoder beside it was handed back with its whole task, helper-64: decoded once more instead), and the file's
+    own where its decoded audio is larger than the whole disk (a DecodeError of the file, said at once). Either
+    way no scratch bytes are left."""
+    import worker.audio as audio
     from worker.audio import ScratchError, ScratchTooSmall, decode_to_file
 
     out = small_disk / "decoded.f32"
@@ -436,6 +440,16 @@ def test_a_scratch_disk_full_for_now_is_told_from_one_too_small(tmp_path, small_
     with pytest.raises(ScratchTooSmall, match="larger than the whole scratch disk"):
         decode_to_file(write(tmp_path / "six.wav", 6.0, seed=4), out)  # 1.15 MB decoded, the disk 1 MiB
     assert issubclass(ScratchTooSmall, DecodeError) and out.stat().st_size == 0
+    real = audio.stream
+
+    def then_room(*args, **kwargs):  # the other file's scratch removed while this one is read
+        yield from real(*args, **kwargs)
+        (small_disk / "others").unlink(missing_ok=True)
+
+    monkeypatch.setattr(audio, "stream", then_room)
+    (small_disk / "others").write_bytes(bytes(900_000))
+    info, n = decode_to_file(write(tmp_path / "one.wav", 1.0, seed=3), out)
+    assert n == 48_000 and out.stat().st_size == 4 * 48_000
 
 
 def test_a_worker_of_another_model_leaves_the_files_for_one_of_theirs(client, new_key, worker, settings, env,

@@ -9,6 +9,7 @@ import functools
 import io
 import itertools
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -692,13 +693,27 @@ def _scratch_error(what: str, out_path, exc: OSError) -> ScratchError:
     return ScratchError(exc.errno, f"cannot {what} the scratch file {out_path}: {exc.strerror}")
 
 
-def _disk_size(out_path) -> int | None:
-    """The whole size of the filesystem that holds `out_path`, used or not; None where it does not say."""
+def _disk(out_path) -> tuple[int, int] | None:
+    """The whole size of the filesystem that holds `out_path`, used or not, and the bytes free on it now; None
+    where it does not say."""
     try:
         st = os.statvfs(os.path.dirname(os.path.abspath(out_path)))
     except OSError:
         return None
-    return st.f_blocks * st.f_frsize or None
+    return (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize) if st.f_blocks else None
+
+
+ROOM_WAIT_S = 5.0  # how long a file that met a full scratch disk waits for its room before its task is handed back
+
+
+def _room(out_path, need: int) -> bool:
+    """Whether `need` bytes are free on the scratch disk, now or within ROOM_WAIT_S."""
+    deadline = time.monotonic() + ROOM_WAIT_S
+    while (disk := _disk(out_path)) is not None and disk[1] < need:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return disk is not None
 
 
 def _too_large(disk: int) -> ScratchTooSmall:
@@ -706,11 +721,38 @@ def _too_large(disk: int) -> ScratchTooSmall:
                            f"it is decoded to ({disk / 1e6:,.1f} MB: a worker's CLAPQ_SCRATCH_DIR)")
 
 
+def _write_decoded(path, fd: int, out_path, max_duration_s: float | None,
+                   hint: str | None) -> tuple[AudioInfo, int, int, OSError | None]:
+    """One pass of decode_to_file from the file's start: the info, the samples, the bytes they need, and the
+    ENOSPC that stopped the writing, if one did. A disk out of room is full for now, or too small for this file
+    whatever else it holds: the decoding goes on without writing, counting, until the file is seen to need more
+    than the whole disk (ScratchTooSmall, this file's) or ends within it."""
+    info = AudioInfo(0, 0)
+    n = written = 0
+    full, disk = None, None
+    os.lseek(fd, 0, os.SEEK_SET)
+    for block in stream(path, info, max_duration_s=max_duration_s, hint=hint):
+        data = memoryview(block.tobytes())
+        written += len(data)
+        n += block.shape[0]
+        if full is None:
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC or (disk := _disk(out_path)) is None:
+                    raise _scratch_error("write to", out_path, exc) from exc
+                full = exc
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)  # its room goes back to the other files' decoders meanwhile
+        if full is not None and written > disk[0]:
+            raise _too_large(disk[0]) from None
+    return info, n, written, full
+
+
 def decode_to_file(path: Path | str, out_path: Path | str, *, max_duration_s: float | None = None,
                    hint: str | None = None) -> tuple[AudioInfo, int]:
     """Stream the decoded 48 kHz mono samples to a raw float32 file; returns the info and sample count."""
-    info = AudioInfo(0, 0)
-    n = 0
     # Not "wb": the worker made the file (empty) already, and on ext4 opening a file with O_TRUNC makes
     # its close start writing the data to disk (auto_da_alloc, for programs that replace a file in
     # place): per 10 s clip 2.3 ms of the decoder's time, 1-1.3 ms of the machine's CPU and a disk write,
@@ -722,29 +764,17 @@ def decode_to_file(path: Path | str, out_path: Path | str, *, max_duration_s: fl
         fd = os.open(out_path, os.O_WRONLY | os.O_CREAT, 0o600)
     except OSError as exc:
         raise _scratch_error("open", out_path, exc) from exc
-    # A disk out of room (ENOSPC) is full for now, or too small for this file whatever else it holds: the
-    # decoding goes on without writing, counting, until the file is seen to need more than the whole disk
-    # (ScratchTooSmall, this file's) or ends within it (a ScratchError: the task's files wait for room).
-    written, full, disk = 0, None, None
     try:
-        for block in stream(path, info, max_duration_s=max_duration_s, hint=hint):
-            data = memoryview(block.tobytes())
-            written += len(data)
-            n += block.shape[0]
+        for last in (False, True):
+            info, n, written, full = _write_decoded(path, fd, out_path, max_duration_s, hint)
             if full is None:
-                try:
-                    while data:
-                        data = data[os.write(fd, data):]
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC or (disk := _disk_size(out_path)) is None:
-                        raise _scratch_error("write to", out_path, exc) from exc
-                    full = exc
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(fd, 0)  # its room goes back to the other files' decoders meanwhile
-            if full is not None and written > disk:
-                raise _too_large(disk) from None
-        if full is not None:
-            raise _scratch_error("write to", out_path, full) from full
+                break
+            # full for now (a ScratchError: the task's files wait for room), unless the room is there again
+            # once the file has been read, or a moment later: another file's scratch removed meanwhile (one larger
+            # than the whole disk gives its room back once it is seen to be, and a decoder beside it that hit
+            # the full disk in that moment may have read its own file sooner)
+            if last or not _room(out_path, written):
+                raise _scratch_error("write to", out_path, full) from full
         try:
             if os.fstat(fd).st_size > written:
                 os.ftruncate(fd, written)
