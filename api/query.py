@@ -106,7 +106,7 @@ MAX_CLIP_S = 600  # seconds of a clip sent to search (GET /v1/limits)
 
 def audio_vector(upload) -> np.ndarray:
     """Embed an uploaded clip like a stored item: decoded in a killable child, windows, normalised mean."""
-    from worker.audio import DecodeError, TooLong
+    from worker.audio import DecodeError, TooLong, format_hint
     from worker.decoder import get_pool
     from worker.embedder import AudioEmbedder
     from worker.windows import pooled, read_window, spans
@@ -117,7 +117,8 @@ def audio_vector(upload) -> np.ndarray:
         upload.save(src)
         try:
             with get_pool(1).checkout() as decoder:
-                _, n = decoder.decode(src, raw, min(60, settings.decode_timeout_s), MAX_CLIP_S)
+                _, n = decoder.decode(src, raw, min(60, settings.decode_timeout_s), MAX_CLIP_S,
+                                      hint=format_hint(upload.filename))  # as an uploaded file's
         except TooLong:
             raise bad_request(f"the 'audio' clip lasts longer than {MAX_CLIP_S} s, the limit for a search clip; "
                               "send a part of it") from None

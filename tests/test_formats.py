@@ -625,7 +625,7 @@ def test_raw_frames_after_a_mib_of_anything_decode_by_the_uploads_extension(clie
     stored bytes, which have no name: an MP3 after 1 MiB of zeros, and an ADTS AAC after an ID3 tag of 1.2 MiB,
     were "not a readable audio file" where `ffprobe file.mp3` plays them, as it sees the name. The upload's
     extension names the demuxer to try where the bytes name none (worker.audio.FORMAT_HINTS), through the
-    service too. Only where probing failed, and only where that demuxer finds audio: garbage named .mp3 is as
+    service too, and a search clip's. Only where probing failed, and only where that demuxer finds audio: garbage named .mp3 is as
     unreadable as before, and an extension outside the list (.m3u8, .ffconcat) names nothing."""
     from tests.make_audio import Unavailable, write_av
 
@@ -657,3 +657,7 @@ def test_raw_frames_after_a_mib_of_anything_decode_by_the_uploads_extension(clie
     assert r.status_code == 202, r.get_json()
     job = wait_job(client, key, r.get_json()["job_id"])
     assert job["status"] == "done" and job["counts"]["done"] == 2, job
+    # and as a clip to search by, which the API decodes itself
+    r = client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
+                    data={"library_id": lib["id"], "audio": (io.BytesIO(padded.read_bytes()), "padded.mp3")})
+    assert r.status_code == 200 and len(r.get_json()["results"]) == 2, r.get_json()
