@@ -256,6 +256,97 @@ def test_text_search_filters_and_pages_match_brute_force(client, lib, tiny_model
         assert r.status_code == 400, (bad, r.get_json())
 
 
+def _contains(have, want) -> bool:
+    """JSONB containment (`have @> want`), as Postgres decides it: true is not 1, 1 is 1.0, a list holds a list's
+    values in any order."""
+    if isinstance(want, dict):
+        return isinstance(have, dict) and all(k in have and _contains(have[k], v) for k, v in want.items())
+    if isinstance(want, list):
+        return isinstance(have, list) and all(any(_contains(h, w) for h in have) for w in want)
+    if isinstance(have, (list, dict)) or isinstance(have, bool) != isinstance(want, bool):
+        return False
+    number = (int, float)
+    return have == want if isinstance(have, number) == isinstance(want, number) else False
+
+
+def _passes(meta: dict, duration: float, flt: dict) -> bool:
+    """What the README says a filter keeps: a key equal to the value or a list holding it (a list: holding all its
+    values), any of an `in`, and durations within min and max."""
+    def has(key, want):
+        return _contains(meta, {key: want}) or not isinstance(want, list) and _contains(meta, {key: [want]})
+
+    for key, want in flt.get("metadata", {}).items():
+        if not any(has(key, w) for w in (want["in"] if isinstance(want, dict) else [want])):
+            return False
+    d = flt.get("duration_s", {})
+    return d.get("min", -1) <= duration <= d.get("max", 1e9)
+
+
+def test_random_searches_match_an_exact_oracle(client, lib, tiny_model, plan):
+    """Seeded random searches (text by JSON or query string, items and segments, several libraries, pages joined,
+    min_score, every filter form on metadata of strings, numbers, booleans, null, lists and unicode) against numpy
+    over the stored vectors: the same results in the same order, each item's score and `segment` its best
+    window's, nothing a filter or the libraries leave out, nothing they keep missing (helper-66)."""
+    import random
+
+    h, rng = auth(lib["key"]), random.Random(66)
+    ids = sorted(lib["ids"].values())
+    extra = {i: {"tags": [["rain", "Caf\u00e9"], "rain", ["\u96e8"], []][n % 4], "flag": n % 2 == 0,
+                 "mixed": [1, "1", True][n % 3], "maybe": None if n % 4 == 0 else n % 3, "title": f"\u96e8 {n}"}
+             for n, i in enumerate(ids)}
+    meta = {i: {**lib["meta"][i], **extra[i]} for i in ids}
+    for i in ids:
+        assert client.patch(f"/v1/items/{i}", json={"metadata": meta[i]}, headers=h).status_code == 200
+    durations = {i: client.get(f"/v1/items/{i}", headers=h).get_json()["duration_s"] for i in ids}
+    pool = {"category": ["rain", "dog", "car", "x"], "rank": [1, 3, 3.0, True], "tags": ["rain", "Caf\u00e9", "\u96e8",
+            ["rain", "Caf\u00e9"], ["rain"]], "flag": [True, False], "mixed": [1, "1", True, 1.0], "maybe": [None, 0, 2],
+            "title": ["\u96e8 3", "\u96e8"]}
+    try:
+        for n in range(24):
+            flt: dict = {}
+            if rng.random() < 0.8:
+                flt["metadata"] = {key: ({"in": rng.sample(pool[key], 2)} if rng.random() < 0.3 else rng.choice(pool[key]))
+                                   for key in rng.sample(sorted(pool), rng.randint(1, 2))}
+            if rng.random() < 0.3:
+                flt["duration_s"] = rng.choice([{"min": 3}, {"max": 5.5}, {"min": 2, "max": 23}])
+            text, mode = rng.choice(["rain", "a door slams", "caf\u00e9 \u96e8"]), rng.choice(["items", "segments"])
+            libs = rng.choice([[lib["a"]], [lib["a"], lib["b"]]])
+            min_score = rng.choice([None, None, 0.0, 0.5])
+            v = qvec(text, tiny_model)
+            kept = [i for i in ids if _passes(meta[i], durations[i], flt)]
+            if lib["b"] in libs and _passes({}, durations[lib["ids"]["s05.wav"]], flt):
+                kept.append(lib["copy"])  # the copy in library b has no metadata
+            segs = {i: lib["segs"][i if i != lib["copy"] else lib["ids"]["s05.wav"]] for i in kept}
+            if mode == "items":
+                want = sorted(((max(float(v @ s[2]) for s in segs[i]), i) for i in kept), key=lambda r: (-r[0], r[1]))
+            else:
+                want = sorted(((float(v @ s[2]), i, s[0]) for i in kept for s in segs[i]), key=lambda r: (-r[0], *r[1:]))
+            want = [r for r in want if min_score is None or r[0] >= min_score]
+            k, got = rng.choice([2, 5]), []
+            for offset in range(0, len(want) + 1, k):
+                body = {"library_ids": libs, "k": k, "offset": offset, "mode": mode, "filter": flt,
+                        **({} if min_score is None else {"min_score": min_score})}
+                if n % 2:
+                    r = client.post("/v1/search", json={**body, "text": text}, headers=h)
+                else:
+                    r = client.get("/v1/search", query_string={**body, "q": text, "filter": json.dumps(flt)}, headers=h)
+                assert r.status_code == 200, (n, r.get_json())
+                got += r.get_json()["results"]
+            case = (n, text, mode, libs, flt, min_score)
+            if mode == "items":
+                assert [x["item_id"] for x in got] == [i for _, i in want], case
+                for x, (score, i) in zip(got, want):
+                    best = max(segs[i], key=lambda s: float(v @ s[2]))
+                    assert (x["segment"]["start_s"], x["segment"]["end_s"]) == (best[0], best[1]), case
+            else:
+                assert [(x["item_id"], x["start_s"]) for x in got] == [(i, a) for _, i, a in want], case
+            assert [x["score"] for x in got] == pytest.approx([r[0] for r in want], abs=1e-4), case
+            assert all(x["metadata"] == meta.get(x["item_id"], {}) for x in got), case
+    finally:
+        for i in ids:
+            assert client.patch(f"/v1/items/{i}", json={"metadata": lib["meta"][i]}, headers=h).status_code == 200
+
+
 def test_items_past_the_index_candidate_limit_are_still_all_found(client, lib, tiny_model, plan, monkeypatch):
     """The index plan widens its window candidates up to MAX_CANDIDATES (20,000 in production); when that
     many windows hold fewer items than asked for (long files, a deep page), every window is compared and
