@@ -521,12 +521,15 @@ def _nearest_items(vec, lib_ids, model_id: int, conds: list, exclude, want: int,
                    exact: bool) -> list:
     session = db()
     hits = nearest_pooled(vec, lib_ids, model_id, conds, exclude, want, min_score, exact)
-    seg_d = Segment.vector.cosine_distance(vec)
+    # each item's closest window, picked here: ordered by distance in SQL, with no LIMIT, Postgres may walk the HNSW
+    # index for it (sorting off), which met few of the items' windows, and the items it did not meet were dropped
+    # (helper-66). Equal distances: the earliest window, as the exact plan orders them
     spans: dict = {}
-    for r in session.execute(select(Segment.item_id, Segment.start_s, Segment.end_s)
-                             .where(Segment.item_id.in_([h.item_id for h in hits]), Segment.model_id == model_id)
-                             .order_by(seg_d)):
-        spans.setdefault(r.item_id, r)  # best first: keep each item's closest segment
+    for r in session.execute(select(Segment.item_id, Segment.start_s, Segment.end_s,
+                                    Segment.vector.cosine_distance(vec).label("d"))
+                             .where(Segment.item_id.in_([h.item_id for h in hits]), Segment.model_id == model_id)):
+        if r.item_id not in spans or (r.d, r.start_s) < (spans[r.item_id].d, spans[r.item_id].start_s):
+            spans[r.item_id] = r
     session.rollback()
     from types import SimpleNamespace
 

@@ -573,6 +573,33 @@ def test_item_to_item_search_ranks_every_item_by_its_pooled_vector(client, lib, 
     assert all(windows[i] == 1 for n, i in lib["ids"].items() if n not in ("s03.wav", "s07.wav"))
 
 
+def test_more_like_this_keeps_every_item_whatever_plan_postgres_picks_for_its_spans(settings, lib):
+    """"More like this" looks up each found item's window closest to the item. That lookup was ordered by vector
+    distance without a LIMIT, which Postgres may answer by walking the HNSW index (as it does with sorting off, as
+    `walking` has it) at the session's hnsw.ef_search and without iterative scans: the walk met few of the items'
+    windows, and items it did not meet were dropped from the results (helper-66: a filtered search by item_id
+    returned none of the two items that matched). ef_search 1 here, so the walk meets one window."""
+    from sqlalchemy.engine import make_url
+
+    from api import create_app
+
+    url = make_url(settings.database_url).update_query_dict({"options": "-c enable_sort=off -c hnsw.ef_search=1"})
+    client = create_app(dataclasses.replace(settings, database_url=url.render_as_string(hide_password=False),
+                                            exact_search_max_windows=0, preload_text=False)).test_client()
+    h = auth(lib["key"])
+    emb = {i: np.array(client.get(f"/v1/items/{i}/embedding", headers=h).get_json()["vector"], np.float32)
+           for i in lib["ids"].values()}
+    for src in (lib["ids"]["s03.wav"], lib["ids"]["s05.wav"]):
+        for flt in ({}, {"metadata": {"category": "car"}}):
+            kept = [i for i in emb if i != src and (not flt or lib["meta"][i]["category"] == "car")]
+            body = client.post("/v1/search", json={"library_id": lib["a"], "item_id": src, "k": N, "filter": flt},
+                               headers=h).get_json()
+            assert sorted(r["item_id"] for r in body["results"]) == sorted(kept), (src, flt, body)
+            for r in body["results"]:  # each span is the item's window closest to the source's pooled vector
+                best = max(lib["segs"][r["item_id"]], key=lambda s: float(emb[src] @ s[2]))
+                assert (r["segment"]["start_s"], r["segment"]["end_s"]) == (best[0], best[1]), (src, r)
+
+
 def test_classify_and_duplicates(client, lib, tiny_model):
     h = auth(lib["key"])
     labels = ["rain", "dog", "car horn", "violin"]
