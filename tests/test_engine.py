@@ -452,16 +452,9 @@ def test_a_scratch_disk_full_for_now_is_told_from_one_too_small(tmp_path, small_
     assert n == 48_000 and out.stat().st_size == 4 * 48_000
 
 
-def test_a_worker_of_another_model_leaves_the_files_for_one_of_theirs(client, new_key, worker, settings, env,
-                                                                      tmp_path, tiny_model):
-    """A worker started with another checkpoint (another CLAPQ_MODEL, a newer revision downloaded) beside the
-    right ones failed every file it was sent, "bound to a different model" (helper-41: 507 of 600 in 5 s).
-    It leaves them queued, saying why, without counting a try, and sends them again at once (left to the
-    sweeper they waited CLAPQ_STALE_AFTER_S, helper-44): a worker of their model embeds them."""
+def another_model(tiny_model, tmp_path):
+    """A copy of the tiny checkpoint with other weights: another model for clapq."""
     from safetensors.numpy import load_file, save_file
-
-    from clapq.db import session_scope
-    from clapq.models import Item
 
     other = tmp_path / "other-model"
     shutil.copytree(tiny_model, other)
@@ -469,6 +462,19 @@ def test_a_worker_of_another_model_leaves_the_files_for_one_of_theirs(client, ne
     name = sorted(weights)[0]
     weights[name] = weights[name] + 0.01
     save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    return other
+
+
+def test_a_worker_of_another_model_leaves_the_files_for_one_of_theirs(client, new_key, worker, settings, env,
+                                                                      tmp_path, tiny_model):
+    """A worker started with another checkpoint (another CLAPQ_MODEL, a newer revision downloaded) beside the
+    right ones failed every file it was sent, "bound to a different model" (helper-41: 507 of 600 in 5 s).
+    It leaves them queued, saying why, without counting a try, and sends them again at once (left to the
+    sweeper they waited CLAPQ_STALE_AFTER_S, helper-44): a worker of their model embeds them."""
+    from clapq.db import session_scope
+    from clapq.models import Item
+
+    other = another_model(tiny_model, tmp_path)
     key = new_key()
     job_id, ids = queued_files(client, key, settings, tmp_path, "other model",
                                [(f"m{i}.wav", 1.0, 80 + i) for i in range(3)])
@@ -484,6 +490,41 @@ def test_a_worker_of_another_model_leaves_the_files_for_one_of_theirs(client, ne
     with session_scope(settings.database_url) as s:
         assert [(s.get(Item, uuid.UUID(i)).attempts, s.get(Item, uuid.UUID(i)).error) for i in ids] == [(1, None)] * 3
     assert time.monotonic() - began < 120
+
+
+def test_a_message_that_comes_back_to_a_worker_of_another_model_leaves_its_files_queued(
+        client, new_key, worker, settings, env, tmp_path, tiny_model):
+    """A task's message that comes back (Celery's retry after Postgres was away, or a redelivery after the
+    process running it died) can reach a worker of another model beside the right ones, and find the files a
+    worker of their model claimed under its task id still running. That worker left them running and sent
+    them again: the new task found them taken, and they waited CLAPQ_STALE_AFTER_S for the sweeper, which
+    counted another try (helper-63, a Postgres restart with such a worker up). They go back to the queue and
+    a worker of their model embeds them at once; a try that the outage cut short is given back, the try of a
+    process that died counts."""
+    from sqlalchemy import func, update
+
+    from clapq.db import session_scope
+    from clapq.models import Item
+
+    other = another_model(tiny_model, tmp_path)
+    key = new_key()
+    job_id, ids = queued_files(client, key, settings, tmp_path, "came back",
+                               [(f"c{i}.wav", 1.0, 120 + i) for i in range(4)])
+    redelivered, retried = ids[:2], ids[2:]
+    with session_scope(settings.database_url) as s:  # as the right worker's claims left them
+        for task, which in (("task-redelivered", redelivered), ("task-retried", retried)):
+            s.execute(update(Item).where(Item.id.in_([uuid.UUID(i) for i in which]))
+                      .values(status="running", claimed_by=task, attempts=1, started_at=func.now()))
+    r = in_a_worker_process({**env, "CLAPQ_MODEL": str(other)}, (
+        f"print(tasks.embed_items.apply(args=[{redelivered!r}], task_id='task-redelivered').result)\n"
+        "tasks._mark_retry(tasks.embed_items.app, 'task-retried', 1)  # as the try the outage stopped does\n"
+        f"print(tasks.embed_items.apply(args=[{retried!r}], task_id='task-retried', retries=1).result)"))
+    assert r.returncode == 0 and r.stdout.split() == ["{'claimed':", "0}"] * 2, r.stdout + r.stderr[-3000:]
+    done = wait_job(client, key, job_id, timeout=240)
+    assert done["status"] == "done" and done["counts"]["done"] == 4, done
+    with session_scope(settings.database_url) as s:
+        assert [(s.get(Item, uuid.UUID(i)).attempts, s.get(Item, uuid.UUID(i)).error) for i in ids] == \
+            [(2, None)] * 2 + [(1, None)] * 2
 
 
 def test_files_of_a_model_no_worker_serves_are_left_queued_not_sent_round(settings, env, worker):

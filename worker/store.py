@@ -63,6 +63,15 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
             item.error = (f"waiting for a worker that serves this library's model (model {lib_model}); a worker "
                           f"serving another (model {model_id}: its CLAPQ_MODEL differs) left it")
             item.updated_at = func.now()
+            if item.status == "running":
+                # a message that came back to this worker (Celery's retry after the database was away, or a
+                # redelivery after the process running it died) finds the files a worker of their model held
+                # under this task id: left running, the task sent again for them found them taken, and they
+                # waited CLAPQ_STALE_AFTER_S for the sweeper, which counted another try (helper-63). Queued
+                # again, as the task would hand them back: a try the outage cut short is given back
+                if retry and item.claimed_by == task_id:
+                    item.attempts = max(item.attempts - 1, 0)
+                item.status, item.progress = "queued", None
             mismatched.append((item.id, lib_model))
         else:
             resumed = item.status == "running" and item.claimed_by == task_id
