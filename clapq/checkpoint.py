@@ -119,6 +119,15 @@ def resolve(name: str) -> Checkpoint:
         if config.get("model_type") != "clap":
             raise ModelUnavailable(f"{name} is not a CLAP checkpoint (model_type={config.get('model_type')!r})")
         dim = int(config.get("projection_dim", 512))
+        from clapq.models import VECTOR_DIM
+
+        if dim != VECTOR_DIM:
+            # the vector columns are vector(512): such a model made a service that said it was ready, made
+            # libraries and took uploads, and failed every write of its vectors, each file retried (helper-63)
+            raise ModelUnavailable(f"{name} makes {dim}-dimensional vectors (its config.json's projection_dim), "
+                                   f"and clapq stores {VECTOR_DIM}-dimensional ones, as LAION's CLAP checkpoints "
+                                   "make (laion/clap-htsat-unfused, laion/larger_clap_general): point CLAPQ_MODEL "
+                                   "at one of those")
         sha, earlier = _weights_hash(path)
         ckpt = Checkpoint(name=name, path=path, weights_sha256=sha, dim=dim, earlier_sha256=earlier)
         _cache[name] = ckpt

@@ -700,6 +700,27 @@ def test_no_model_means_a_clear_error(tmp_path, model):
 
 
 @pytest.mark.parametrize("cmd", ["up", "worker", "api"])
+def test_a_model_of_vectors_the_schema_cannot_store_stops_at_start(tmp_path, tiny_model, cmd):
+    """A CLAP checkpoint whose projection is not 512-d (the vector columns' dimension): the API said it was
+    ready, made libraries of it and took uploads, and the worker failed every write of their vectors,
+    retrying each file (helper-63). Every command stops at start with a sentence, touching nothing."""
+    other = tmp_path / "clap-256"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "config.json").read_text())
+    config["projection_dim"] = 256
+    (other / "config.json").write_text(json.dumps(config))
+    env = _env(other, DATABASE_URL="postgresql://nowhere/x", REDIS_URL="redis://nowhere:1/0")
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", cmd] + (["--data-dir", str(tmp_path / "d")]
+                                                                      if cmd == "up" else []),
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip() == (f"clapq: {other} makes 256-dimensional vectors (its config.json's projection_dim), "
+                                  "and clapq stores 512-dimensional ones, as LAION's CLAP checkpoints make "
+                                  "(laion/clap-htsat-unfused, laion/larger_clap_general): point CLAPQ_MODEL at "
+                                  "one of those"), out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("cmd", ["up", "worker", "api"])
 @pytest.mark.parametrize("device, precision, message", [
     ("cpu", "fp16", "CLAPQ_PRECISION=fp16 needs a GPU; on a CPU use bf16 or fp32"),
     ("cuda", "auto", "CLAPQ_DEVICE=cuda but no GPU is visible to torch"),
