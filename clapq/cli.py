@@ -77,7 +77,8 @@ def _migrate(url: str) -> None:
 
 def cmd_migrate(args) -> None:
     try:
-        _migrate(Settings.from_env().require_urls().database_url)
+        # Postgres alone: a migration run by hand (README, Upgrading) was refused without a REDIS_URL it never used
+        _migrate(Settings.from_env().require_urls(redis=False).database_url)
     except RuntimeError as exc:
         _fail(str(exc), 1)
     print("migrations applied", file=sys.stderr)

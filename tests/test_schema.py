@@ -141,6 +141,21 @@ def test_a_database_whose_0009_lacked_job_retries_is_repaired(scratch):
         conn.execute(text("SELECT retried_at, progress FROM jobs, items LIMIT 0"))
 
 
+def test_clapq_migrate_needs_only_the_database(scratch):
+    """`clapq migrate` touches Postgres alone: run by hand (README, Upgrading) with DATABASE_URL set, it was
+    refused for want of a REDIS_URL it never used (helper-63)."""
+    import subprocess
+    import sys
+
+    url, _, engine = scratch
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    r = subprocess.run([sys.executable, "-m", "clapq.cli", "migrate"], env={**env, "DATABASE_URL": url},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr.strip().endswith("migrations applied"), r.stderr[-3000:]
+    with engine.begin() as conn:
+        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == HEAD
+
+
 def test_a_schema_this_version_cannot_read_is_a_sentence_and_is_left_as_it_is(scratch):
     """A database a newer clapq migrated, and one whose schema lacks a column this version reads though its
     revision is the newest (a migration changed after it ran): `clapq migrate` (and so `clapq up`) stops
