@@ -14,7 +14,7 @@ from sqlalchemy.dialects.postgresql import insert
 from api.db import db, lane_room, send_committed
 from api.errors import ApiError, bad_request, check_metadata, given_once, parse_json
 from api.lookup import owned
-from api.models_info import served_model_for
+from api.models_info import describe, served_model_for, serving_model_id
 from api.query import MAX_CLIP_S
 from api.search import MAX_FILTER_KEYS, MAX_FILTER_VALUES
 from api.uploads import display_name
@@ -110,7 +110,10 @@ def limits():
             "max_request_bytes": s.max_request_bytes, "max_duration_s": s.max_duration_s, "max_clip_s": MAX_CLIP_S,
             "max_query_chars": s.max_query_chars, "max_k": s.max_k, "max_filter_keys": MAX_FILTER_KEYS,
             "max_filter_values": MAX_FILTER_VALUES, "search_timeout_s": s.search_timeout_s or None,
-            "rate_limit": current_app.extensions["clapq_rate_limit"].describe()}
+            "rate_limit": current_app.extensions["clapq_rate_limit"].describe(),
+            # the model it runs: a library bound to another answers 409 model_mismatch, and its files not embedded
+            # yet wait for a worker of their model (`clapq upload` says so rather than wait, helper-63)
+            "model": describe(serving_model_id())}
 
 
 @bp.post("/libraries/<lib_id>/batches")

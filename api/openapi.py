@@ -206,7 +206,9 @@ SPEC = {
                                                 "max_filter_keys", "max_filter_values")},
             "search_timeout_s": {"type": ["integer", "null"]},
             "rate_limit": {"type": ["string", "null"], "description": "requests per API key (CLAPQ_RATE_LIMIT), "
-                           "such as '1200 requests per minute'; over it, 429 with Retry-After; null: no limit"}}})}},
+                           "such as '1200 requests per minute'; over it, 429 with Retry-After; null: no limit"},
+            "model": {**_MODEL, "description": "the model this service runs (CLAPQ_MODEL): a library bound to "
+                      "another answers 409 model_mismatch"}}})}},
         "/v1/jobs": {"get": {"parameters": PAGE, "responses": _ok("the tenant's jobs, newest first (without their "
                                                                   "errors)", _page("jobs", _JOB))}},
         "/v1/jobs/{job_id}/items": {"get": {"parameters": [_path_id("job_id"), *ITEM_PAGE],

@@ -800,6 +800,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     # an earlier run's jobs still embedding files of this folder (a wait stopped with Ctrl-C, an upload cut
     # short): waited for as well, so that running the command again shows them to the end
     resumed = [j for j in earlier if j not in jobs] if wait else []
+    if resumed and not jobs:  # before "waiting for it too"
+        _not_for_another_model(lib, limits, unfinished)
     if skipped:
         if not unfinished:
             still = ""
@@ -959,6 +961,20 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
             after = i + 1
             if states[i]["status"] in ("queued", "running"):
                 break
+
+
+def _not_for_another_model(lib: dict, limits: dict, unfinished: int) -> None:
+    """An upload that only waits for files already in a library bound to another model than the service runs
+    (CLAPQ_MODEL changed while they were queued): they wait for a worker of their model, which a service of
+    another runs not, and the command waited with no progress for ever (helper-63); it stops as an upload
+    into such a library does (409 model_mismatch). A server that does not say its model (older): it waits."""
+    ours, theirs = limits.get("model") or {}, lib.get("model") or {}
+    if ours.get("id") is None or theirs.get("id") in (None, ours["id"]):
+        return
+    raise SystemExit(f"clapq: library {lib['name']!r} is bound to model {theirs['id']} ({theirs.get('name')}), and "
+                     f"this service runs model {ours['id']} ({ours.get('name')}): its {n_files(unfinished)} not "
+                     "embedded yet wait for a worker of the library's model, and it takes no new files; run the "
+                     "library's model (CLAPQ_MODEL) to finish them, or upload into another library")
 
 
 def time_left(elapsed_s: float, gained: float, left: float, still_s: float = 0.0) -> str:

@@ -813,7 +813,8 @@ def test_limits_and_which_413(client, lib, settings):
         "max_file_bytes": settings.max_file_bytes, "max_files_per_batch": settings.max_files_per_batch,
         "max_request_bytes": settings.max_request_bytes, "max_duration_s": settings.max_duration_s, "max_clip_s": 600,
         "max_query_chars": settings.max_query_chars, "max_filter_keys": 32, "max_filter_values": 256,
-        "search_timeout_s": 60, "max_k": settings.max_k, "rate_limit": "1200 requests per minute"}
+        "search_timeout_s": 60, "max_k": settings.max_k, "rate_limit": "1200 requests per minute",
+        "model": client.get(f"/v1/libraries/{lib_id}", headers=auth(key)).get_json()["model"]}
     fields = {f"f{i}": "x" for i in range(settings.max_files_per_batch + 20)}
     e = err(client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                         data={"files": (io.BytesIO(b"RIFF"), "a.wav"), **fields}), 413)

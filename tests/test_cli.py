@@ -2364,3 +2364,39 @@ def test_a_drives_lost_and_found_does_not_fail_its_upload(tmp_path, monkeypatch)
     listing = audio_files(tmp_path)
     assert [p.name for p in listing.audio] == ["a.wav"]
     assert sorted(listing.closed) == ["locked (Permission denied)", "sub/lost+found (Permission denied)"]
+
+
+def test_an_upload_that_only_waits_for_files_of_another_model_says_so(start_api, new_key, settings, tmp_path,
+                                                                       tiny_model):
+    """A service restarted on another CLAPQ_MODEL while a library's files were queued: `clapq upload` of that
+    folder again sent nothing (the library holds every file) and waited for them with no progress for ever,
+    as they wait for a worker of their model (helper-63). It stops at once with a sentence, exit 1, as an
+    upload of a new file into that library does (409 model_mismatch); GET /v1/limits says the service's model."""
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+
+    base, key = start_api(), new_key()
+    folder = tmp_path / "old"
+    folder.mkdir()
+    write(folder / "a.wav", 0.5, seed=41)
+    write(folder / "b.wav", 0.5, seed=42)
+    env = _env(tiny_model)
+    run = [sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "retired", "--url", base, "--key", key]
+    first = subprocess.run(run + ["--no-wait"], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-3000:]
+    lib = json.loads(first.stdout)["library_id"]
+    with session_scope(settings.database_url) as s:  # the service now runs another model; the files still queued
+        other = s.execute(text("INSERT INTO models (name, weights_sha256, dim) VALUES ('retired', :w, 512) "
+                               "RETURNING id"), {"w": uuid.uuid4().hex * 2}).scalar()
+        s.execute(text("UPDATE libraries SET model_id = :m WHERE id = :l"), {"m": other, "l": lib})
+        s.execute(text("UPDATE items SET status = 'queued', claimed_by = NULL WHERE library_id = :l"), {"l": lib})
+    limits = requests.get(f"{base}/v1/limits", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+    assert limits["model"]["name"] == str(tiny_model) and limits["model"]["id"] != other, limits
+    again = subprocess.run(run, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1, again.stderr[-3000:]
+    assert again.stderr.strip().endswith(
+        f"clapq: library 'retired' is bound to model {other} (retired), and this service runs model "
+        f"{limits['model']['id']} ({tiny_model}): its 2 files not embedded yet wait for a worker of the library's "
+        "model, and it takes no new files; run the library's model (CLAPQ_MODEL) to finish them, or upload into "
+        "another library"), again.stderr[-3000:]
