@@ -787,7 +787,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         if jobs:  # say what is already in, and that running the command again resumes
             held = f", {skipped} were in the library already" if skipped else ""
             print(f"clapq: {'interrupted; ' if ctrl_c else ''}{sent} of {found} files were uploaded (jobs "
-                  f"{', '.join(jobs)}{held}){maybe}; run the same command again for the rest: files the library "
+                  f"{_some(jobs)}{held}){maybe}; run the same command again for the rest: files the library "
                   "holds already are not sent again", file=sys.stderr)
         elif ctrl_c and in_flight:
             print(f"clapq: interrupted while sending {n_files(in_flight)}, which may be stored already; run the same "

@@ -1502,6 +1502,47 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
         assert "clapq: stopped waiting; the uploaded files are still being embedded (jobs job1" in err, err
 
 
+def test_ctrl_c_after_many_requests_names_some_jobs_not_all(tmp_path, tiny_model):
+    """Ctrl-C after many upload requests: the line that says what is in names ten of the jobs and how many
+    more, as the other lines that name jobs do. It named every one: at 128 files a request, a folder of 50,000
+    files interrupted halfway printed one line of 200 job ids, 7,500 characters (helper-65)."""
+    import threading
+
+    posted = threading.Event()
+    posts: list[str] = []
+
+    def answer(method, path):
+        if path == "/v1/limits":
+            return 200, {"max_files_per_batch": 1}, {}
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if path.endswith("/known"):
+            return 200, {"known": [], "pending": []}, {}
+        if len(posts) == 12:  # the 13th request: never answered
+            posted.set()
+            return None
+        posts.append(path)
+        return 202, {"job_id": f"job{len(posts)}", "items": [{"id": f"i{len(posts)}", "filename": "c.wav"}]}, {}
+
+    clip = write(tmp_path / "c00.wav", 0.05, 8_000).read_bytes()
+    for i in range(1, 14):
+        (tmp_path / f"c{i:02d}.wav").write_bytes(clip + bytes([i]))
+    with fake_api(answer) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        try:
+            assert posted.wait(60)
+            time.sleep(0.5)
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=60)
+        finally:
+            p.kill()
+    assert p.returncode == 130 and "Traceback" not in err, err
+    named = ", ".join(f"job{i}" for i in range(1, 11))
+    assert f"clapq: interrupted; 12 of 14 files were uploaded (jobs {named} and 2 more); the 1 file being sent" in err, err
+    line = next(x for x in err.splitlines() if x.startswith("clapq: interrupted"))
+    assert "job11" not in line and "job12" not in line, err
+
+
 def test_ordinary_mishaps_are_sentences_not_tracebacks(tmp_path, tiny_model):
     """A key pasted with a curly quote; Ctrl-C while a search waits for its answer; a file of a later
     request deleted while the first request is sent: each ends with a sentence (and how to resume), and the
