@@ -1085,6 +1085,44 @@ def test_an_empty_library_this_command_did_not_create_is_asked_what_it_holds(tmp
     assert json.loads(out)["skipped"] == 1, out
 
 
+def test_files_the_library_lacks_here_and_there_go_in_full_requests(tmp_path, tiny_model):
+    """A library that holds a folder's files but a few, spread through it (broken files that failed, tried
+    again at each run): the files it lacks are gathered into full requests, one job for the lot, where each
+    request's worth of files asked about was sent on its own: a folder of 30,000 files with 160 broken ones
+    made 115 requests and jobs of one or two files, and 230 lines, at every nightly run (helper-65)."""
+    from clapq.blobs import file_sha256
+
+    clip = write(tmp_path / "c00.wav", 0.05, 8_000).read_bytes()
+    for i in range(1, 60):
+        (tmp_path / f"c{i:02d}.wav").write_bytes(clip + bytes([i]))
+    lacked = {file_sha256(tmp_path / f"c{i:02d}.wav") for i in range(0, 60, 6)}  # 10 files, in 6 of the 10s
+    bodies: list = []
+
+    def answer(method, path):
+        if path == "/v1/limits":
+            return 200, {"max_files_per_batch": 10}, {}
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 50}]}, {}
+        if path.endswith("/known"):
+            asked = json.loads(bodies[-1][2])["sha256"]
+            return 200, {"known": [d for d in asked if d not in lacked], "pending": []}, {}
+        if path.endswith("/batches"):
+            n = bodies[-1][2].count(b'name="files"')
+            return 202, {"job_id": f"job{n}", "items": [{"id": f"i{i}", "filename": "c.wav"} for i in range(n)]}, {}
+        if path.startswith("/v1/jobs/"):
+            return 200, {"status": "done", "progress": 1.0, "errors": [],
+                         "counts": {"done": 10, "failed": 0, "cancelled": 0, "total": 10}}, {}
+        return 404, None, {}
+
+    with fake_api(answer, bodies) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, (out, err)
+    sent = [body for method, path, body in bodies if path.endswith("/batches")]
+    assert [body.count(b'name="files"') for body in sent] == [10], err
+    assert err.count("uploading ") == 1 and json.loads(out)["skipped"] == 50, (out, err)
+
+
 def test_more_failures_than_a_job_lists_are_all_named_and_counted(tmp_path, tiny_model):
     """A job's `errors` hold its first 100 failures; a job of 150 broken files is read to the end from its
     listing of failed items, so every file is named and the summary counts 150 (it said 100)."""
