@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import hashlib
@@ -21,7 +22,7 @@ import requests
 from requests_toolbelt import MultipartEncoder
 from urllib3.exceptions import NewConnectionError
 
-from clapq.blobs import file_sha256
+from clapq.digests import Digests
 
 T = TypeVar("T")
 
@@ -460,6 +461,19 @@ def batches(paths: Iterable[Path], max_files: int = BATCH_FILES, max_bytes: int 
         yield batch
 
 
+_digests: Digests | None = None
+
+
+def file_digest(p: Path) -> str:
+    """A file's sha256 (OSError where it cannot be read), read from the file only where it changed since a run
+    before read it (clapq.digests)."""
+    global _digests
+    if _digests is None:
+        _digests = Digests()
+        atexit.register(_digests.close)
+    return _digests(p)
+
+
 class Known(NamedTuple):
     """What a library holds of one batch's files (`not_known`)."""
     new: list[Path]  # the files whose bytes it does not hold: to send
@@ -473,7 +487,7 @@ def not_known(client: Client, lib_id: str, batch: list[Path]) -> Known:
     digests: dict[Path, str | None] = {}
     for p in batch:
         try:
-            digests[p] = file_sha256(p)
+            digests[p] = file_digest(p)
         except OSError:  # gone or unreadable since it was listed: its request leaves it out, saying why
             digests[p] = None
     # a server older than /known answers 404 (a library gone since the lookup fails on the upload itself)
@@ -557,7 +571,7 @@ class Where:
         for p in self.by_path.get(path, ()):
             if p not in self.digests:
                 try:
-                    self.digests[p] = file_sha256(p)
+                    self.digests[p] = file_digest(p)
                 except OSError:
                     unread = True
                     continue
@@ -1222,7 +1236,7 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
     for p in listing.audio:
         if _size(p) in sizes:
             with contextlib.suppress(OSError):
-                here.add(file_sha256(p))
+                here.add(file_digest(p))
     moved = [i for i in gone if i["sha256"] in here]
     gone = [i for i in gone if i["sha256"] not in here]
     if moved:

@@ -7,7 +7,9 @@ import contextlib
 import os
 import signal
 import subprocess
+import shutil
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +36,13 @@ def pytest_configure(config):
     # users: made a KeyboardInterrupt, on which pytest tears the fixtures down, so their finalizers stop
     # every Postgres, Redis, worker and `clapq up` they started instead of leaving them running
     signal.signal(signal.SIGTERM, _interrupted)
+    # where `clapq upload` keeps the digests of the files it read (clapq.digests): the suite's own, not the
+    # user's ~/.cache
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="clapq-test-cache-")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(os.environ.pop("XDG_CACHE_HOME", ""), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
