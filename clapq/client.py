@@ -1082,6 +1082,9 @@ def _items(client: Client, path: str, **params) -> Iterator[dict]:
             return
 
 
+LOG_EVERY_S = 30.0  # the most often `clapq upload` writes a line of progress to a log (not a terminal)
+
+
 def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str, str],
           copies_of: dict[str, list[str]], only: dict[str, set] | None = None) -> tuple[int, int]:
     """Wait for the jobs (`job_bytes`: what each was sent), showing progress; list the files that failed
@@ -1090,9 +1093,12 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
     cancelled meanwhile (from elsewhere: the API or another terminal); returns the numbers of files
     failed, copies included, and cancelled."""
     only = only or {}
-    # on a terminal one line that updates in place; in a log, a line each time the count or the tenth of
-    # the work done moves (a long file moves the share long before the count)
-    tty, shown, first = sys.stderr.isatty(), [None], []
+    # on a terminal one line that updates in place; in a log, a line each time the tenth of the work done
+    # moves (a long file moves the share long before the count), or the count, at most once a LOG_EVERY_S:
+    # at each move of the count, a folder of thousands of files wrote a line a second for as long as it
+    # was embedded (helper-65)
+    # the last line written: (count, tenth), when; and a line not written since, written at the end
+    tty, shown, first, unsaid = sys.stderr.isatty(), [None, 0.0], [], [None]
     moved = [time.monotonic(), None]  # when the share last changed, and to what
 
     def progress(done: int, total: int, share: float) -> None:
@@ -1104,13 +1110,16 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
         line = f"{done}/{total} files processed ({int(share * 100 + 1e-6)}%{left})"  # 0.29 is 29, 0.9999 still 99
         if tty:
             print(f"\r{line}\x1b[K", end="", file=sys.stderr)  # the rest of a longer line before it cleared
-        elif (done, int(share * 10)) != shown[0]:
+        elif shown[0] is None or int(share * 10) != shown[0][1] or (
+                done != shown[0][0] and now - shown[1] >= LOG_EVERY_S):
             print(line, file=sys.stderr)
-        shown[0] = (done, int(share * 10))
+            shown[:], unsaid[0] = [(done, int(share * 10)), now], None
+        elif (done, int(share * 10)) != shown[0]:
+            unsaid[0] = line
 
     states = watch_jobs(client, jobs, progress, weights=job_bytes)
-    if tty:
-        print(file=sys.stderr)
+    if tty or unsaid[0]:
+        print(unsaid[0] or "", file=sys.stderr)
     failed, named = 0, set()
     for job, s in zip(jobs, states):
         for e in _failures(client, job, s):

@@ -1760,6 +1760,34 @@ def test_waiting_on_many_jobs_shows_them_end_as_the_workers_go():
     assert asked[0] <= n + 3 * n, asked  # about two requests a poll, one more for each job as it ends
 
 
+def test_a_long_wait_writes_a_line_to_a_log_at_each_tenth_and_at_most_every_30_s(monkeypatch, capsys):
+    """Waiting with its stderr not a terminal (a log), `clapq upload` writes a line of progress at each tenth
+    of the work done, and at most once a LOG_EVERY_S as the count moves, and the last count at the end. It
+    wrote one at each move of the count: a line a second, for hours, while a folder of thousands of files
+    was embedded (helper-65). Time here is the polls' own (a second each), not the clock's."""
+    import types
+
+    from clapq import client as c
+
+    looks = [0]
+    clock = types.SimpleNamespace(t=0.0)
+    monkeypatch.setattr(c, "time", types.SimpleNamespace(monotonic=lambda: clock.t, sleep=lambda s: setattr(
+        clock, "t", clock.t + s)))
+
+    def answer(method, path):  # 3 files embedded a second, 200 in all, the last a file that failed
+        looks[0] += 1
+        done = min(200, 3 * looks[0])
+        return 200, {"status": "done_with_errors" if done == 200 else "running", "progress": done / 200,
+                     "errors": [{"item_id": "i1", "filename": "x.wav", "error": "broken"}] if done == 200 else [],
+                     "counts": {"done": done - (done == 200), "failed": int(done == 200), "total": 200}}, {}
+
+    with fake_api(answer) as url:
+        assert c._wait(c.Client(url, "cq_x"), ["j1"], [1000], {"i1": "a/x.wav"}, {}) == (1, 0)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "files processed" in line]
+    assert lines[-1] == "200/200 files processed (100%)" and 10 <= len(lines) <= 14, lines
+    assert [int(line.split("(")[1].split("%")[0]) // 10 for line in lines[:3]] == [0, 1, 2], lines
+
+
 def test_a_library_deleted_while_the_upload_waits_is_said():
     """The library (and so its jobs) deleted from elsewhere while `clapq upload` waits: a sentence, where it
     was "GET /v1/jobs/<id> failed (404): job not found"."""
