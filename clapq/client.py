@@ -40,6 +40,9 @@ BATCH_FILES = 128
 BATCH_BYTES = 256 << 20
 # what multipart adds to a request: its end, and per file the part's headers and its 'metadata' entry
 REQUEST_OVERHEAD, PART_OVERHEAD = 4096, 1024
+# descriptors a request leaves to the rest of the process (the interpreter's, the API's connections) beside
+# the files it holds open while it streams them
+SPARE_FDS = 32
 MAX_BUSY_WAIT_S = 300
 MAX_CUTS = 3  # an upload request cut off this many times in a row (a proxy's smaller size limit) stops the command
 
@@ -446,6 +449,18 @@ def _some(names: list[str], most: int = 10) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
+def files_open_at_once() -> int:
+    """How many files one request may hold open: BATCH_FILES, or fewer where the soft limit of open files
+    (`ulimit -n`) leaves less room; past it, the files of a request past the limit were not sent ("cannot
+    be read (Too many open files)"), at every request (helper-62)."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return BATCH_FILES
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return BATCH_FILES if soft == resource.RLIM_INFINITY else max(1, min(BATCH_FILES, soft - SPARE_FDS))
+
+
 def batches(paths: Iterable[Path], max_files: int = BATCH_FILES, max_bytes: int = BATCH_BYTES) -> Iterator[list[Path]]:
     """Upload requests of at most `max_files` files, split before one would pass `max_bytes` with the
     multipart around the files (a single larger file goes alone)."""
@@ -720,7 +735,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                 earlier[job] = earlier.get(job, 0) + _size(p)
                 where.setdefault(item, p.relative_to(folder).as_posix())
                 theirs.add(item)
-    cut_at = (min(BATCH_FILES, limits.get("max_files_per_batch") or BATCH_FILES),
+    cut_at = (min(files_open_at_once(), limits.get("max_files_per_batch") or BATCH_FILES),
               min(BATCH_BYTES, limits.get("max_request_bytes") or BATCH_BYTES))
 
     def to_send() -> Iterator[Path]:

@@ -2600,3 +2600,31 @@ def test_an_upload_that_only_waits_for_files_of_another_model_says_so(start_api,
         f"{limits['model']['id']} ({tiny_model}): its 2 files not embedded yet wait for a worker of the library's "
         "model, and it takes no new files; run the library's model (CLAPQ_MODEL) to finish them, or upload into "
         "another library"), again.stderr[-3000:]
+
+
+def test_a_folder_is_sent_whole_where_the_shell_allows_few_open_files(start_api, new_key, tmp_path, tiny_model):
+    """`clapq upload` holds every file of a request open while it streams them, up to 128 files. Under a soft
+    limit of open files below that (`ulimit -n 128`, or 256 where the interpreter and libraries hold more),
+    the files past the limit were not sent, each said "cannot be read (Too many open files)", at every request,
+    and the upload exited 1 (helper-62's soak). A request now holds no more files than the limit leaves room for."""
+    import resource
+
+    base, key = start_api(), new_key()
+    folder = tmp_path / "many"
+    folder.mkdir()
+    for i in range(60):
+        write(folder / f"t{i:02d}.wav", 0.2, seed=6200 + i)
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "few fds", "--no-wait",
+                          "--url", base, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
+                         timeout=300, stdin=subprocess.DEVNULL, preexec_fn=few_files)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "Too many open files" not in out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (summary["files"], summary["not_sent"], summary["unreadable"]) == (60, 0, 0)
+    h = {"Authorization": f"Bearer {key}"}
+    lib = requests.get(f"{base}/v1/libraries", headers=h, timeout=30).json()["libraries"][0]
+    assert lib["item_count"] == 60
