@@ -22,6 +22,7 @@ import requests
 from requests_toolbelt import MultipartEncoder
 from urllib3.exceptions import NewConnectionError
 
+from clapq.blobs import file_sha256
 from clapq.digests import Digests
 
 T = TypeVar("T")
@@ -1255,12 +1256,15 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
         if meta.get("folder") == root and isinstance(path, str) and path not in where.by_path and _gone(folder, path):
             gone.append(item)
     # every file of a gone one's size, at a path an item has too: `mv a.wav b.wav` over a b.wav the library
-    # holds leaves a.wav's bytes at b.wav, and `clapq upload` follows that rename (_moved)
+    # holds leaves a.wav's bytes at b.wav, and `clapq upload` follows that rename (_moved). Read, not taken from
+    # the digests `clapq upload` keeps: where the change time follows the modification time (FAT, sshfs),
+    # `cp -p a.wav b.wav` of the same size and time leaves b.wav's kept digest its old bytes', and a.wav's item,
+    # whose bytes are at b.wav, was deleted
     sizes, here = {i["size_bytes"] for i in gone}, set()
     for p in listing.audio:
         if _size(p) in sizes:
             with contextlib.suppress(OSError):
-                here.add(file_digest(p))
+                here.add(file_sha256(p))
     moved = [i for i in gone if i["sha256"] in here]
     gone = [i for i in gone if i["sha256"] not in here]
     if moved:

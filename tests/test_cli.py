@@ -2303,6 +2303,16 @@ def test_files_gone_from_the_folder_are_deleted_on_request_and_renamed_ones_kept
     assert out.returncode == 1 and "not both" in out.stderr, out.stderr
 
 
+def _a_kept_at_b(base: str, key: str, out: subprocess.CompletedProcess) -> None:
+    """delete --gone-from of a folder whose b.wav holds a.wav's bytes deleted nothing, and kept a.wav's item."""
+    assert out.returncode == 0 and "deleted" not in out.stdout, out
+    assert "1 file renamed or moved within" in out.stderr and "(a.wav)" in out.stderr, out
+    h = {"Authorization": f"Bearer {key}"}
+    lib = requests.get(f"{base}/v1/libraries", headers=h, timeout=30).json()["libraries"][0]["id"]
+    items = requests.get(f"{base}/v1/libraries/{lib}/items", headers=h, timeout=30).json()["items"]
+    assert sorted(i["metadata"]["path"] for i in items) == ["a.wav", "b.wav"], items
+
+
 def test_a_file_renamed_over_another_is_not_gone_from_the_folder(start_api, new_key, tmp_path, tiny_model):
     """`mv a.wav b.wav` over a b.wav the library holds too: a.wav's bytes are still in the folder (at a path
     another item has), and its item is kept, as `clapq upload` then follows the rename. Only the files at
@@ -2321,12 +2331,42 @@ def test_a_file_renamed_over_another_is_not_gone_from_the_folder(start_api, new_
     assert clapq("upload", str(folder), "--no-wait").returncode == 0
     (folder / "a.wav").rename(folder / "b.wav")
     out = clapq("delete", "--gone-from", str(folder), "--yes")
-    assert out.returncode == 0 and "deleted" not in out.stdout, out
-    assert "1 file renamed or moved within" in out.stderr and "(a.wav)" in out.stderr, out
-    h = {"Authorization": f"Bearer {key}"}
-    lib = requests.get(f"{base}/v1/libraries", headers=h, timeout=30).json()["libraries"][0]["id"]
-    items = requests.get(f"{base}/v1/libraries/{lib}/items", headers=h, timeout=30).json()["items"]
-    assert sorted(i["metadata"]["path"] for i in items) == ["a.wav", "b.wav"], items
+    _a_kept_at_b(base, key, out)
+
+
+def test_delete_gone_from_reads_the_files_whatever_digests_are_kept(start_api, new_key, tmp_path, tiny_model):
+    """`cp -p a.wav b.wav && rm a.wav` with both files the same size and time: a.wav's bytes are at b.wav, and
+    its item is not gone. Where the change time follows the modification time (FAT drives, sshfs mounts:
+    checked on sshfs), b.wav's size, times and inode are what they were, so the digest `clapq upload` kept for
+    it (clapq.digests) is its old bytes': read through that cache, delete --gone-from deleted a.wav's item,
+    and the run again after it found b.wav held and sent nothing, so the library held a.wav's bytes no more.
+    It reads the files it looks at, as before the cache: deleting is not done on a digest kept."""
+    from clapq import digests
+    from clapq.blobs import file_sha256
+
+    base, key = start_api(), new_key()
+    folder = tmp_path / "f"
+    folder.mkdir()
+    a, b = write(folder / "a.wav", 0.5, seed=94), write(folder / "b.wav", 0.5, seed=95)  # the same size
+    cache = tmp_path / "cache"
+
+    def clapq(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *args, "--library", "kept", "--url", base, "--key",
+                               key], env=_env(tiny_model, XDG_CACHE_HOME=str(cache)), capture_output=True, text=True,
+                              timeout=300, stdin=subprocess.DEVNULL)
+
+    assert clapq("upload", str(folder), "--no-wait").returncode == 0
+    old_b = file_sha256(b)
+    b.write_bytes(a.read_bytes())
+    a.unlink()
+    # what such a file system leaves in the cache: b.wav's stat as it is now, with its old bytes' digest (here,
+    # where a write moves the change time, it is written in as the cache would have kept it)
+    kept = digests.Digests(cache / "clapq" / "digests.sqlite3")
+    kept.db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)",
+                    (os.fsencode(os.path.abspath(b)), digests._stat(os.stat(b)), old_b, kept.today))
+    kept.close()
+    out = clapq("delete", "--gone-from", str(folder), "--yes")
+    _a_kept_at_b(base, key, out)
 
 
 def test_a_server_that_is_not_clapq_is_said_so_not_a_traceback(tmp_path, tiny_model):
