@@ -2607,7 +2607,7 @@ def test_a_drives_lost_and_found_does_not_fail_its_upload(tmp_path, monkeypatch)
 
 
 def test_an_upload_that_only_waits_for_files_of_another_model_says_so(start_api, new_key, settings, tmp_path,
-                                                                       tiny_model):
+                                                                       tiny_model, worker):
     """A service restarted on another CLAPQ_MODEL while a library's files were queued: `clapq upload` of that
     folder again sent nothing (the library holds every file) and waited for them with no progress for ever,
     as they wait for a worker of their model (helper-63). It stops at once with a sentence, exit 1, as an
@@ -2626,7 +2626,14 @@ def test_an_upload_that_only_waits_for_files_of_another_model_says_so(start_api,
     first = subprocess.run(run + ["--no-wait"], env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr[-3000:]
     lib = json.loads(first.stdout)["library_id"]
+    # embedded first, so that no task of theirs is left for the suite's worker to take once they are made queued
+    # again below (it did, in the whole suite: they were embedded meanwhile, and the upload had nothing to wait for)
+    assert _wait_job(base, {"Authorization": f"Bearer {key}"}, json.loads(first.stdout)["jobs"][0])["status"] == "done"
     with session_scope(settings.database_url) as s:  # the service now runs another model; the files still queued
+        s.execute(text("DELETE FROM embeddings WHERE item_id IN (SELECT id FROM items WHERE library_id = :l)"),
+                  {"l": lib})
+        s.execute(text("DELETE FROM segments WHERE item_id IN (SELECT id FROM items WHERE library_id = :l)"),
+                  {"l": lib})
         other = s.execute(text("INSERT INTO models (name, weights_sha256, dim) VALUES ('retired', :w, 512) "
                                "RETURNING id"), {"w": uuid.uuid4().hex * 2}).scalar()
         s.execute(text("UPDATE libraries SET model_id = :m WHERE id = :l"), {"m": other, "l": lib})
