@@ -6,7 +6,7 @@ run: a nightly upload of 250 GB with nothing new read 250 GB (helper-65). A dige
 absolute path with its device, inode, size, and modification and change times (ns): writing a file changes
 its change time, which programs cannot set (`touch -d`, `cp -p` and `rsync -t` set the modification time
 only), so a file whose five are the same holds the same bytes. A file changed less than `SETTLE_S` before
-it was read is not kept (it may still be being written, within the file system's clock tick). Kept in SQLite
+its read began is not kept (it may still be being written, within the file system's clock tick). Kept in SQLite
 under $XDG_CACHE_HOME/clapq (~/.cache/clapq); where that cannot be opened or written, every file is read, as
 before. Entries not used for 60 days are dropped.
 """
@@ -53,6 +53,7 @@ class Digests:
         if self.db is None:
             return file_sha256(p)
         key = os.fsencode(os.path.abspath(p))
+        started = time.time_ns()
         before = os.stat(p)
         stat = _stat(before)
         try:
@@ -65,7 +66,10 @@ class Digests:
             return row[1]
         digest = file_sha256(p)
         after = os.stat(p)
-        settled = time.time_ns() - max(after.st_mtime_ns, after.st_ctime_ns) > SETTLE_S * 1e9
+        # settled before the read began: a write during a long read (a big file, a slow disk) within the
+        # file system's clock tick of the change before (a second on ext3, 128-byte-inode ext4, HFS+) leaves
+        # all five as they were, and its bytes not read (helper-68)
+        settled = started - max(after.st_mtime_ns, after.st_ctime_ns) > SETTLE_S * 1e9
         if _stat(after) == stat and settled:
             self._write("INSERT OR REPLACE INTO digests (path, stat, sha256, used) VALUES (?, ?, ?, ?)",
                         (key, stat, digest, self.today))

@@ -1,0 +1,64 @@
+"""The cache of files' digests that `clapq upload` and `clapq delete --gone-from` keep between runs
+(clapq/digests.py), on real files and a real SQLite file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from clapq import digests as d
+from clapq.blobs import file_sha256
+
+
+def reading(monkeypatch, wait_until=None) -> list[Path]:
+    """Count the files the cache reads (the real reader), after `wait_until(path)` returns where given."""
+    reads: list[Path] = []
+
+    def read(p):
+        reads.append(Path(p))
+        if wait_until is not None:
+            wait_until(p)
+        return file_sha256(p)
+
+    monkeypatch.setattr(d, "file_sha256", read)
+    return reads
+
+
+def test_a_file_changed_just_before_a_long_read_is_not_kept(tmp_path, monkeypatch):
+    """A read that ends more than SETTLE_S after the file's last change, but began within it (a big file on
+    a slow disk): a write during it, within the file system's clock tick of the change before (a second on
+    ext3 or ext4 of 128-byte inodes), leaves size and both times as they were, so the file is not kept.
+    It was: settled was counted from the read's end, and on an ext4 of 128-byte inodes a file whose first
+    4 MiB were rewritten 0.3 s after they were read, in its first second, kept the digest of its old bytes
+    for every later run (helper-68)."""
+    f = tmp_path / "take1.wav"
+    f.write_bytes(b"A" * 1000)
+
+    def slow_disk(p):  # the read ends once the file's last change is more than SETTLE_S ago
+        while time.time_ns() - Path(p).stat().st_ctime_ns <= d.SETTLE_S * 1e9 + 1e8:
+            time.sleep(0.1)
+
+    reads = reading(monkeypatch, slow_disk)
+    cache = d.Digests(tmp_path / "digests.sqlite3")
+    assert cache(f) == file_sha256(f) and len(reads) == 1
+    reads2 = reading(monkeypatch)
+    assert cache(f) == file_sha256(f) and reads2 == [f]  # read again: its change was too near its first read
+    cache.close()
+
+
+def test_a_settled_file_is_kept_and_read_again_once_rewritten(tmp_path, monkeypatch):
+    """The normal case: a file changed long enough before it was read is kept, and is not read again until
+    its bytes change, the same size with its modification time set back included."""
+    import os
+
+    monkeypatch.setattr(d, "SETTLE_S", 0.0)
+    f = tmp_path / "a.wav"
+    f.write_bytes(b"A" * 1000)
+    reads = reading(monkeypatch)
+    cache = d.Digests(tmp_path / "digests.sqlite3")
+    assert cache(f) == cache(f) == file_sha256(f) and reads == [f]
+    before = f.stat()
+    f.write_bytes(b"B" * 1000)
+    os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert cache(f) == file_sha256(f) and reads == [f, f]
+    cache.close()
