@@ -6,7 +6,8 @@ run: a nightly upload of 250 GB with nothing new read 250 GB (helper-65). A dige
 absolute path with its device, inode, size, and modification and change times (ns): writing a file changes
 its change time, which programs cannot set (`touch -d`, `cp -p` and `rsync -t` set the modification time
 only), so a file whose five are the same holds the same bytes. A file changed less than `SETTLE_S` before
-its read began is not kept (it may still be being written, within the file system's clock tick). Kept in SQLite
+its read began is not kept (it may still be being written, within the file system's clock tick), nor are
+files of a file system that keeps no change time (NO_CTIME: FAT, exFAT, sshfs), read at each run. Kept in SQLite
 under $XDG_CACHE_HOME/clapq (~/.cache/clapq); where that cannot be opened or written, every file is read, as
 before. Entries not used for 60 days are dropped.
 """
@@ -24,6 +25,13 @@ from clapq.blobs import file_sha256
 SETTLE_S = 2.0
 KEEP_DAYS = 60
 COMMIT_EVERY = 1000
+# file systems (as /proc/self/mountinfo names them) whose change time is not one: FAT and exFAT keep none
+# (Linux gives the modification time, or before 5.19 the creation time, as exfat-fuse gives the modification
+# time), nor does SFTP (sshfs), nor object stores (rclone, s3fs, gcsfuse); fuseblk is exfat-fuse or ntfs-3g.
+# There a file rewritten with its size and its modification time set back (a tag editor that keeps file
+# times, `touch -r`) looks the same, so their files are read at each run (helper-68)
+NO_CTIME = frozenset({"vfat", "msdos", "exfat", "fuseblk", "fuse.exfat", "fuse.sshfs", "sshfs", "fuse.rclone",
+                      "rclone", "fuse.s3fs", "s3fs", "fuse.gcsfuse", "gcsfuse"})
 
 
 def cache_path() -> Path:
@@ -37,6 +45,7 @@ class Digests:
     def __init__(self, path: Path | None = None) -> None:
         self.db: sqlite3.Connection | None = None
         self.pending = 0
+        self.kinds: dict[int, str | None] = {}
         self.today = int(time.time() // 86400)
         with contextlib.suppress(OSError, sqlite3.Error):
             path = path or cache_path()
@@ -55,6 +64,8 @@ class Digests:
         key = os.fsencode(os.path.abspath(p))
         started = time.time_ns()
         before = os.stat(p)
+        if self.kind(before.st_dev) in NO_CTIME:
+            return file_sha256(p)
         stat = _stat(before)
         try:
             row = self.db.execute("SELECT stat, sha256, used FROM digests WHERE path = ?", (key,)).fetchone()
@@ -74,6 +85,19 @@ class Digests:
             self._write("INSERT OR REPLACE INTO digests (path, stat, sha256, used) VALUES (?, ?, ?, ?)",
                         (key, stat, digest, self.today))
         return digest
+
+    def kind(self, dev: int) -> str | None:
+        """The type of the file system of this device, as /proc/self/mountinfo says (None where it does not:
+        not Linux, or a btrfs subvolume's own device number, which keeps a change time)."""
+        if dev not in self.kinds:
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+                    for line in f:  # ID PARENT MAJOR:MINOR ROOT POINT OPTIONS [TAGS...] - TYPE SOURCE OPTIONS
+                        fields, rest = line.split(" - ", 1)
+                        major, minor = fields.split()[2].split(":")
+                        self.kinds.setdefault(os.makedev(int(major), int(minor)), rest.split()[0])
+            self.kinds.setdefault(dev, None)
+        return self.kinds[dev]
 
     def _write(self, sql: str, args: tuple) -> None:
         try:

@@ -62,3 +62,68 @@ def test_a_settled_file_is_kept_and_read_again_once_rewritten(tmp_path, monkeypa
     os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert cache(f) == file_sha256(f) and reads == [f, f]
     cache.close()
+
+
+def test_files_of_a_file_system_that_keeps_no_change_time_are_read_at_each_run(tmp_path, monkeypatch):
+    """On FAT, exFAT, sshfs, rclone the change time is the modification time (or none), so a file rewritten
+    with its size and modification time set back looked the same: its files are not kept. The type is read
+    from /proc/self/mountinfo: here this folder's own type, taken as one of them."""
+    import pytest
+
+    monkeypatch.setattr(d, "SETTLE_S", 0.0)
+    f = tmp_path / "a.wav"
+    f.write_bytes(b"A" * 1000)
+    cache = d.Digests(tmp_path / "digests.sqlite3")
+    kind = cache.kind(f.stat().st_dev)
+    if kind is None:
+        pytest.skip("no /proc/self/mountinfo, or this folder's device is not in it")
+    assert kind not in d.NO_CTIME  # the suite's temporary folders keep a change time
+    reads = reading(monkeypatch)
+    cache(f), cache(f)
+    assert reads == [f]
+    monkeypatch.setattr(d, "NO_CTIME", frozenset({kind}))
+    assert cache(f) == cache(f) == file_sha256(f) and reads == [f, f, f]
+    cache.close()
+
+
+def test_an_exfat_card_rewritten_with_its_times_set_back_is_read_again(tmp_path, monkeypatch):
+    """The real case, where this machine can mount one (root, mkfs.exfat and exfat-fuse): on exFAT the change
+    time is the modification time, and a recording rewritten in place with its size and modification time
+    kept (`touch -r`) kept its old digest, so `clapq upload` skipped it (helper-68)."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    tools = [shutil.which(t) for t in ("mkfs.exfat", "mount.exfat-fuse", "losetup", "umount")]
+    if os.geteuid() != 0 or None in tools:
+        pytest.skip("needs root, mkfs.exfat and exfat-fuse")
+    image, card = tmp_path / "card.img", tmp_path / "card"
+    with open(image, "wb") as fh:
+        fh.truncate(16 << 20)
+    subprocess.run([tools[0], str(image)], check=True, capture_output=True)
+    loop = subprocess.run([tools[2], "-f", "--show", str(image)], check=True, capture_output=True,
+                          text=True).stdout.strip()
+    card.mkdir()
+    try:
+        subprocess.run([tools[1], loop, str(card)], check=True, capture_output=True)
+        try:
+            monkeypatch.setattr(d, "SETTLE_S", 0.0)
+            f = card / "take1.wav"
+            f.write_bytes(b"A" * 1000)
+            cache = d.Digests(tmp_path / "digests.sqlite3")
+            assert cache(f) == file_sha256(f)
+            before = f.stat()
+            with open(f, "r+b") as fh:
+                fh.write(b"B" * 1000)
+            os.utime(f, ns=(before.st_atime_ns, before.st_mtime_ns))
+            after = f.stat()
+            assert (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns) == \
+                (before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)  # all look the same
+            assert cache(f) == file_sha256(f) == file_sha256(f)
+            cache.close()
+        finally:
+            subprocess.run([tools[3], str(card)], check=False, capture_output=True)
+    finally:
+        subprocess.run([tools[2], "-d", loop], check=False, capture_output=True)
