@@ -3,13 +3,13 @@ system says of each file, so that a folder uploaded again reads only the files t
 
 A run again asked the library about every file by its digest, and so read every byte of the folder at every
 run: a nightly upload of 250 GB with nothing new read 250 GB (helper-65). A digest is kept for a file's
-absolute path with its device, inode, size, and modification and change times (ns): writing a file changes
-its change time, which programs cannot set (`touch -d`, `cp -p` and `rsync -t` set the modification time
-only), so a file whose five are the same holds the same bytes. A file changed less than `SETTLE_S` before
+absolute path with its file system's id, device, inode, size, and modification and change times (ns):
+writing a file changes its change time, which programs cannot set (`touch -d`, `cp -p` and `rsync -t` set
+the modification time only), so a file whose six are the same holds the same bytes. A file changed less than `SETTLE_S` before
 its read began is not kept (it may still be being written, within the file system's clock tick), nor are
-files of a file system that keeps no change time (NO_CTIME: FAT, exFAT, sshfs), read at each run. Kept in SQLite
-under $XDG_CACHE_HOME/clapq (~/.cache/clapq); where that cannot be opened or written, every file is read, as
-before. Entries not used for 60 days are dropped.
+files of a file system that keeps no change time (NO_CTIME: FAT, exFAT, sshfs), read at each run. Kept in
+SQLite under $XDG_CACHE_HOME/clapq (~/.cache/clapq); where that cannot be opened or written, every file is
+read, as before. Entries not used for 60 days are dropped.
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ class Digests:
         before = os.stat(p)
         if self.kind(before.st_dev) in NO_CTIME:
             return file_sha256(p)
-        stat = _stat(before)
+        # the file system's own id (ext4 and btrfs: from its UUID), as another one mounted where it was has
+        # the same device number, and may have a file of the same inode, size and times (helper-68)
+        fsid = os.statvfs(p).f_fsid
+        stat = _stat(before, fsid)
         try:
             row = self.db.execute("SELECT stat, sha256, used FROM digests WHERE path = ?", (key,)).fetchone()
         except sqlite3.Error:
@@ -81,7 +84,7 @@ class Digests:
         # file system's clock tick of the change before (a second on ext3, 128-byte-inode ext4, HFS+) leaves
         # all five as they were, and its bytes not read (helper-68)
         settled = started - max(after.st_mtime_ns, after.st_ctime_ns) > SETTLE_S * 1e9
-        if _stat(after) == stat and settled:
+        if _stat(after, fsid) == stat and settled:
             self._write("INSERT OR REPLACE INTO digests (path, stat, sha256, used) VALUES (?, ?, ?, ?)",
                         (key, stat, digest, self.today))
         return digest
@@ -124,5 +127,5 @@ class Digests:
             self.db = None
 
 
-def _stat(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+def _stat(st: os.stat_result, fsid: int) -> str:
+    return f"{fsid}:{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"

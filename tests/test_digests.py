@@ -127,3 +127,47 @@ def test_an_exfat_card_rewritten_with_its_times_set_back_is_read_again(tmp_path,
             subprocess.run([tools[3], str(card)], check=False, capture_output=True)
     finally:
         subprocess.run([tools[2], "-d", loop], check=False, capture_output=True)
+
+
+def test_another_file_system_mounted_where_one_was_is_told_from_it(tmp_path, monkeypatch):
+    """Two drives mounted in turn at one path get one device number (the same loop device, /dev/sdb1), and
+    their files one inode number where both were written alike; a file of the same size and both times (the
+    same second on ext3, or ext4 of 128-byte inodes, set here with debugfs) took the other drive's digest.
+    The file system's id (statfs f_fsid, from an ext4's UUID) tells them apart (helper-68). Where this
+    machine can loop-mount ext4 images as root."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    tools = [shutil.which(t) for t in ("mkfs.ext4", "debugfs", "mount", "umount")]
+    if os.geteuid() != 0 or None in tools:
+        pytest.skip("needs root, mkfs.ext4 and debugfs")
+    monkeypatch.setattr(d, "SETTLE_S", 0.0)
+    point, cache = tmp_path / "drive", d.Digests(tmp_path / "digests.sqlite3")
+    point.mkdir()
+    images = []
+    for name in ("a", "b"):
+        image, src = tmp_path / f"{name}.img", tmp_path / "t.wav"
+        with open(image, "wb") as fh:
+            fh.truncate(8 << 20)
+        src.write_bytes(name.encode() * 1000)
+        subprocess.run([tools[0], "-q", "-F", "-I", "128", str(image)], check=True, capture_output=True)
+        for cmd in (f"write {src} t.wav", "sif t.wav mtime 20260101000000", "sif t.wav ctime 20260101000000"):
+            subprocess.run([tools[1], "-w", "-R", cmd, str(image)], check=True, capture_output=True)
+        images.append(image)
+    seen = []
+    for image in images:
+        mounted = subprocess.run([tools[2], "-o", "loop", str(image), str(point)], capture_output=True)
+        if mounted.returncode:
+            pytest.skip(f"cannot loop-mount: {mounted.stderr.decode(errors='replace').strip()}")
+        try:
+            f = point / "t.wav"
+            st = f.stat()
+            seen.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+            assert cache(f) == file_sha256(f)
+        finally:
+            subprocess.run([tools[3], str(point)], check=True, capture_output=True)
+    assert seen[0] == seen[1]  # all five the same
+    cache.close()
