@@ -82,8 +82,10 @@ class Digests:
         after = os.stat(p)
         # settled before the read began: a write during a long read (a big file, a slow disk) within the
         # file system's clock tick of the change before (a second on ext3, 128-byte-inode ext4, HFS+) leaves
-        # all five as they were, and its bytes not read (helper-68)
-        settled = started - max(after.st_mtime_ns, after.st_ctime_ns) > SETTLE_S * 1e9
+        # all six as they were, and its bytes not read (helper-68). By the change time only: a write sets it
+        # (and the modification time) to the clock's time, where a modification time may have been set to any
+        # (a recorder's clock a year ahead: such files were read at every run, helper-68)
+        settled = started - after.st_ctime_ns > SETTLE_S * 1e9
         if _stat(after, fsid) == stat and settled:
             self._write("INSERT OR REPLACE INTO digests (path, stat, sha256, used) VALUES (?, ?, ?, ?)",
                         (key, stat, digest, self.today))

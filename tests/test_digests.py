@@ -171,3 +171,19 @@ def test_another_file_system_mounted_where_one_was_is_told_from_it(tmp_path, mon
             subprocess.run([tools[3], str(point)], check=True, capture_output=True)
     assert seen[0] == seen[1]  # all five the same
     cache.close()
+
+
+def test_a_file_whose_modification_time_is_in_the_future_is_kept(tmp_path, monkeypatch):
+    """A recording from a recorder whose clock ran ahead, copied with its times (`cp -p`): its change time is
+    when it was copied, and it is kept once that is SETTLE_S past. It was read at every run, as its
+    modification time was never SETTLE_S past (helper-68)."""
+    import os
+
+    monkeypatch.setattr(d, "SETTLE_S", 0.0)
+    f = tmp_path / "a.wav"
+    f.write_bytes(b"A" * 1000)
+    os.utime(f, ns=(time.time_ns() + 10**15,) * 2)  # ~11 days ahead
+    reads = reading(monkeypatch)
+    cache = d.Digests(tmp_path / "digests.sqlite3")
+    assert cache(f) == cache(f) == file_sha256(f) and reads == [f]
+    cache.close()
