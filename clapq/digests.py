@@ -25,6 +25,7 @@ from clapq.blobs import file_sha256
 SETTLE_S = 2.0
 KEEP_DAYS = 60
 COMMIT_EVERY = 1000
+COMMIT_S = 1.0
 # file systems (as /proc/self/mountinfo names them) whose change time is not one: FAT and exFAT keep none
 # (Linux gives the modification time, or before 5.19 the creation time, as exfat-fuse gives the modification
 # time), nor does SFTP (sshfs), nor object stores (rclone, s3fs, gcsfuse); fuseblk is exfat-fuse or ntfs-3g.
@@ -44,7 +45,12 @@ class Digests:
 
     def __init__(self, path: Path | None = None) -> None:
         self.db: sqlite3.Connection | None = None
-        self.pending = 0
+        # rows not written yet, written in one short transaction at most every COMMIT_S or COMMIT_EVERY rows:
+        # a transaction kept open between them held the file's lock through the run, the wait for its job
+        # included, and another run (another folder) waited 5 s for it and then read every file (helper-68)
+        self.kept: dict[bytes, tuple[str, str]] = {}  # path: (stat, sha256)
+        self.used: set[bytes] = set()
+        self.since = time.monotonic()
         self.kinds: dict[int, str | None] = {}
         self.today = int(time.time() // 86400)
         with contextlib.suppress(OSError, sqlite3.Error):
@@ -70,13 +76,16 @@ class Digests:
         # the same device number, and may have a file of the same inode, size and times (helper-68)
         fsid = os.statvfs(p).f_fsid
         stat = _stat(before, fsid)
-        try:
-            row = self.db.execute("SELECT stat, sha256, used FROM digests WHERE path = ?", (key,)).fetchone()
-        except sqlite3.Error:
-            row = None
+        row = self.kept.get(key)
+        if row is None:
+            try:
+                row = self.db.execute("SELECT stat, sha256, used FROM digests WHERE path = ?", (key,)).fetchone()
+            except sqlite3.Error:
+                row = None
+            if row is not None and row[0] == stat and row[2] != self.today:
+                self.used.add(key)
+                self._written()
         if row is not None and row[0] == stat:
-            if row[2] != self.today:
-                self._write("UPDATE digests SET used = ? WHERE path = ?", (self.today, key))
             return row[1]
         digest = file_sha256(p)
         after = os.stat(p)
@@ -87,8 +96,8 @@ class Digests:
         # (a recorder's clock a year ahead: such files were read at every run, helper-68)
         settled = started - after.st_ctime_ns > SETTLE_S * 1e9
         if _stat(after, fsid) == stat and settled:
-            self._write("INSERT OR REPLACE INTO digests (path, stat, sha256, used) VALUES (?, ?, ?, ?)",
-                        (key, stat, digest, self.today))
+            self.kept[key] = (stat, digest)
+            self._written()
         return digest
 
     def kind(self, dev: int) -> str | None:
@@ -104,27 +113,30 @@ class Digests:
             self.kinds.setdefault(dev, None)
         return self.kinds[dev]
 
-    def _write(self, sql: str, args: tuple) -> None:
-        try:
-            self.db.execute(sql, args)
-            self.pending += 1
-            if self.pending >= COMMIT_EVERY:
-                self.commit()
-        except sqlite3.Error:  # locked by another run for long, a full disk: this run reads the rest
-            self.close()
+    def _written(self) -> None:
+        if len(self.kept) + len(self.used) >= COMMIT_EVERY or time.monotonic() - self.since >= COMMIT_S:
+            self.commit()
 
     def commit(self) -> None:
-        if self.db is not None:
-            try:
-                self.db.commit()
-                self.pending = 0
-            except sqlite3.Error:
-                self.close()
+        """Write the rows kept since the last time, in one transaction."""
+        if self.db is None:
+            return
+        try:
+            with self.db:
+                self.db.executemany("INSERT OR REPLACE INTO digests (path, stat, sha256, used) VALUES (?, ?, ?, ?)",
+                                    [(k, st, dg, self.today) for k, (st, dg) in self.kept.items()])
+                self.db.executemany("UPDATE digests SET used = ? WHERE path = ?",
+                                    [(self.today, k) for k in self.used])
+        except sqlite3.Error:  # locked by another run for long, a full disk: this run reads the rest
+            self.db.close()
+            self.db = None
+        self.kept.clear()
+        self.used.clear()
+        self.since = time.monotonic()
 
     def close(self) -> None:
+        self.commit()
         if self.db is not None:
-            with contextlib.suppress(sqlite3.Error):
-                self.db.commit()
             self.db.close()
             self.db = None
 

@@ -187,3 +187,44 @@ def test_a_file_whose_modification_time_is_in_the_future_is_kept(tmp_path, monke
     cache = d.Digests(tmp_path / "digests.sqlite3")
     assert cache(f) == cache(f) == file_sha256(f) and reads == [f]
     cache.close()
+
+
+def test_a_run_that_holds_the_cache_open_does_not_lock_another_out(tmp_path, monkeypatch):
+    """One `clapq upload` that read a file, uploading or waiting for its job (here: for a line on stdin),
+    and another started meanwhile (another folder): the second opens the cache and keeps what it reads. The
+    first held a transaction open from its first new digest to its exit (or its 1000th), so the second
+    waited 5 s on its lock and then read every file, saying nothing (helper-68)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    monkeypatch.setattr(d, "SETTLE_S", 0.0)
+    cache, a, b = tmp_path / "digests.sqlite3", tmp_path / "a.wav", tmp_path / "b.wav"
+    a.write_bytes(b"A" * 1000)
+    b.write_bytes(b"B" * 1000)
+    first = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from clapq import digests as d
+        d.SETTLE_S = 0.0
+        cache = d.Digests(Path({str(cache)!r}))
+        cache(Path({str(a)!r}))
+        print("read", flush=True)
+        sys.stdin.readline()
+        cache.close()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline() == "read\n"
+        second = d.Digests(cache)
+        assert second.db is not None
+        assert second(b) == file_sha256(b)
+        second.close()
+        reads = reading(monkeypatch)
+        assert d.Digests(cache)(b) == file_sha256(b) and reads == []  # kept by the second run
+    finally:
+        first.communicate("\n", timeout=60)
+    assert first.returncode == 0
+    reads = reading(monkeypatch)
+    again = d.Digests(cache)
+    assert again(a) == file_sha256(a) and again(b) == file_sha256(b) and reads == []  # both runs' kept
+    again.close()
