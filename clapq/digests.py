@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -85,7 +86,7 @@ class Digests:
             if row is not None and row[0] == stat and row[2] != self.today:
                 self.used.add(key)
                 self._written()
-        if row is not None and row[0] == stat:
+        if row is not None and row[0] == stat and _SHA256.fullmatch(row[1] if isinstance(row[1], str) else ""):
             return row[1]
         digest = file_sha256(p)
         after = os.stat(p)
@@ -139,6 +140,11 @@ class Digests:
         if self.db is not None:
             self.db.close()
             self.db = None
+
+
+# a row's digest not of this form (a damaged file: SQLite keeps no checksums) is read again: asked about, the
+# library refused the whole request (400), at every run until the cache was deleted (helper-68)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def _stat(st: os.stat_result, fsid: int) -> str:

@@ -228,3 +228,24 @@ def test_a_run_that_holds_the_cache_open_does_not_lock_another_out(tmp_path, mon
     again = d.Digests(cache)
     assert again(a) == file_sha256(a) and again(b) == file_sha256(b) and reads == []  # both runs' kept
     again.close()
+
+
+def test_a_damaged_row_is_read_again_not_asked_about(tmp_path, monkeypatch):
+    """A row whose digest is not a sha256 in lowercase hex (damage on disk: SQLite keeps no checksums): the
+    file is read again. Asked about, the library refused the request (400) at every run (helper-68)."""
+    import sqlite3
+
+    monkeypatch.setattr(d, "SETTLE_S", 0.0)
+    f, path = tmp_path / "a.wav", tmp_path / "digests.sqlite3"
+    f.write_bytes(b"A" * 1000)
+    cache = d.Digests(path)
+    cache(f)
+    cache.close()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("UPDATE digests SET sha256 = 'zz' || substr(sha256, 3)")
+    db.close()
+    reads = reading(monkeypatch)
+    cache = d.Digests(path)
+    assert cache(f) == file_sha256(f) and reads == [f]
+    cache.close()
