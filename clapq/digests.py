@@ -5,11 +5,12 @@ A run again asked the library about every file by its digest, and so read every 
 run: a nightly upload of 250 GB with nothing new read 250 GB (helper-65). A digest is kept for a file's
 absolute path with its file system's id, device, inode, size, and modification and change times (ns):
 writing a file changes its change time, which programs cannot set (`touch -d`, `cp -p` and `rsync -t` set
-the modification time only), so a file whose six are the same holds the same bytes. A file changed less than `SETTLE_S` before
-its read began is not kept (it may still be being written, within the file system's clock tick), nor are
-files of a file system that keeps no change time (NO_CTIME: FAT, exFAT, sshfs), read at each run. Kept in
-SQLite under $XDG_CACHE_HOME/clapq (~/.cache/clapq); where that cannot be opened or written, every file is
-read, as before. Entries not used for 60 days are dropped.
+the modification time only), so a file whose six are the same holds the same bytes. A file changed less
+than `SETTLE_S` before its read began is not kept (it may still be being written, within the file system's
+clock tick), nor are files of a file system that keeps no change time (NO_CTIME: FAT, exFAT, sshfs), read at
+each run; nor where the file system's id cannot be had. Kept in SQLite under $XDG_CACHE_HOME/clapq
+(~/.cache/clapq); where that cannot be opened or written, every file is read, as before. Entries not used for
+60 days are dropped.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ class Digests:
             return file_sha256(p)
         # the file system's own id (ext4 and btrfs: from its UUID), as another one mounted where it was has
         # the same device number, and may have a file of the same inode, size and times (helper-68)
-        fsid = os.statvfs(p).f_fsid
+        try:
+            fsid = os.statvfs(p).f_fsid
+        except OSError:  # a FUSE file system without statfs (ENOSYS): read, not taken for unreadable
+            return file_sha256(p)
         stat = _stat(before, fsid)
         row = self.kept.get(key)
         if row is None:
