@@ -2363,7 +2363,8 @@ def test_delete_gone_from_reads_the_files_whatever_digests_are_kept(start_api, n
     # where a write moves the change time, it is written in as the cache would have kept it)
     kept = digests.Digests(cache / "clapq" / "digests.sqlite3")
     kept.db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)",
-                    (os.fsencode(os.path.abspath(b)), digests._stat(os.stat(b)), old_b, kept.today))
+                    (os.fsencode(os.path.abspath(b)), digests._stat(os.stat(b), os.statvfs(b).f_fsid), old_b,
+                     kept.today))
     kept.close()
     out = clapq("delete", "--gone-from", str(folder), "--yes")
     _a_kept_at_b(base, key, out)
