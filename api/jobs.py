@@ -11,9 +11,11 @@ from api.errors import ApiError, bad_request, takes_query
 from api.items import item_json
 from api.lookup import owned
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
-from api.models_info import served_model_for
+from api.models_info import describe, served_model_for
 from api.removal import announce_gone
 from clapq.models import Item, Job, JobDuplicate, Library, lock_in_id_order, requeued, update_locked
+from clapq.presence import live_workers, serving
+from clapq.queue import best_effort
 
 bp = Blueprint("jobs", __name__)
 
@@ -32,6 +34,35 @@ def job_status(counts: dict, cancelled: bool) -> str:
     if counts["total"] and counts["failed"] == counts["total"]:
         return "failed"
     return "done_with_errors" if counts["failed"] else "done"
+
+
+REDIS_AWAY = "Redis does not answer: no file is handed to a worker until it does"
+NO_WORKER = "no live worker (start `clapq worker`): the files wait queued until one runs"
+
+
+def why_waiting(model_id: int) -> str | None:
+    """Why files of a library of `model_id` still to embed cannot move, or None where a live worker serves that
+    model: no worker at all, none of that model (CLAPQ_MODEL changed, or still loading it), or a Redis that does
+    not answer. Without it such a job read as slow progress, `eta_s` growing (304 s) while nothing could embed
+    its files (helper-69). Asked once per request and model."""
+    seen = g.setdefault("why_waiting", {})
+    if model_id not in seen:
+        seen[model_id] = _why_waiting(model_id)
+    return seen[model_id]
+
+
+def _why_waiting(model_id: int) -> str | None:
+    celery = current_app.extensions["clapq_celery"]
+    with best_effort(celery, "asking which models the live workers serve") as client:
+        if client is not None:
+            if serving(client, {model_id}):
+                return None
+            if not live_workers(celery, client):
+                return NO_WORKER
+            model = describe(model_id)
+            return (f"no live worker serves this library's model (model {model_id}, {model['name']}): workers whose "
+                    "CLAPQ_MODEL is another, or one still loading it; the files wait queued until one does")
+    return REDIS_AWAY
 
 
 def _copied(job: Job) -> list:
@@ -114,8 +145,9 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         progress = round(1 - (remaining + counts["cancelled"]) / counts["total"], 4)
     if remaining:  # files of 0 bytes still to go are not nothing
         progress = min(progress, 0.9999)
+    waiting = why_waiting(db().get(Library, job.library_id).model_id) if remaining else None
     eta = None
-    if remaining and own_finished and first_start is not None:
+    if remaining and own_finished and first_start is not None and waiting is None:
         elapsed = (now - max(filter(None, (first_start, job.retried_at)))).total_seconds()
         eta = round(left * max(elapsed, 0.0) / own_finished, 1)
     out = {
@@ -125,6 +157,7 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         "counts": counts,
         "progress": progress,
         "eta_s": eta,
+        "waiting": waiting,
         "created_at": job.created_at.isoformat() if job.created_at else None,
         "finished_at": last_finish.isoformat() if last_finish is not None and not remaining else None,
     }

@@ -15,7 +15,7 @@ from api.batches import RETRIED_ON_REUPLOAD
 from api.db import db
 from api.errors import (MAX_METADATA_BYTES, ApiError, bad_request, json_body, metadata_bytes, refuse_unknown,
                         takes_query)
-from api.jobs import STATES, items_page
+from api.jobs import STATES, items_page, why_waiting
 from api.lookup import owned, refreshed
 from api.models_info import describe, serving_model_id
 from api.removal import announce_gone, delete_items, released
@@ -100,7 +100,9 @@ def get_library(lib_id: str):
     lib = owned(Library, lib_id, "library")
     counts = dict.fromkeys(STATES, 0) | dict(db().execute(
         select(Item.status, func.count()).where(Item.library_id == lib.id).group_by(Item.status)).all())
-    return {**library_json(lib, sum(counts.values())), "counts": counts}
+    # why its files still to embed cannot move (api.jobs.why_waiting), null while they can or there are none
+    waiting = why_waiting(lib.model_id) if counts["queued"] + counts["running"] else None
+    return {**library_json(lib, sum(counts.values())), "counts": counts, "waiting": waiting}
 
 
 @bp.delete("/libraries/<lib_id>")

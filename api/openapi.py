@@ -84,6 +84,9 @@ ITEM_PAGE = [
     *PAGE]
 
 DELETED = _obj(deleted=_obj(item=_ID, library=_ID, items=_INT, stored_files=_INT))
+_WAITING = {"type": ["string", "null"], "description": "why its files still to embed cannot move: no live worker, "
+            "none serving the library's model (CLAPQ_MODEL changed, or a worker still loading it), or Redis not "
+            "answering; null while they can, or when none is left"}
 _ITEM, _JOB, _LIBRARY = ({"$ref": f"#/components/schemas/{n}"} for n in ("Item", "Job", "Library"))
 
 SPEC = {
@@ -103,13 +106,17 @@ SPEC = {
                 "id": _ID, "name": {"type": "string", "maxLength": 200}, "model": _MODEL, "created_at": _WHEN,
                 "item_count": {"type": "integer"},
                 "counts": {"type": "object", "description": "its items by status (queued, running, done, failed, "
-                                                            "cancelled); in GET /v1/libraries/{library_id} only"}}},
+                                                            "cancelled); in GET /v1/libraries/{library_id} only"},
+                "waiting": {**_WAITING, "description": "in GET /v1/libraries/{library_id} only: " + _WAITING["description"]}}},
             "Job": {"type": "object", "properties": {
                 "id": _ID, "library_id": _ID,
                 "status": {"enum": ["queued", "running", "done", "done_with_errors", "failed", "cancelled"]},
                 "counts": {"type": "object", "description": "its files by status, their total and the copies "
                                                             "among them (duplicates)"},
-                "progress": {"type": "number"}, "eta_s": {"type": ["number", "null"]}, "created_at": _WHEN,
+                "progress": {"type": "number"},
+                "eta_s": {"type": ["number", "null"], "description": "seconds left at the pace so far; null before "
+                                                                     "there is a pace, at the end, and while `waiting`"},
+                "waiting": _WAITING, "created_at": _WHEN,
                 "finished_at": _WHEN,
                 "errors": {**_list(_obj(item_id=_ID, filename=_STR, error={"type": ["string", "null"]})),
                            "description": "the first 100 failed files (one job's answer: its GET, cancel and retry; "

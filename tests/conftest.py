@@ -147,6 +147,25 @@ def worker(env, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def serving_worker(worker, app):
+    """The worker, once its model process says it serves the API's model (clapq.presence.serve): it loads the
+    model after it is ready. Until then a job of that model waits, with no ETA (api.jobs.why_waiting)."""
+    from clapq.presence import serving
+    from clapq.queue import redis_client
+
+    with app.app_context():
+        from api.models_info import serving_model_id
+
+        model = serving_model_id()
+    deadline = time.monotonic() + 90
+    while not serving(redis_client(app.extensions["clapq_celery"]), {model}):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the worker did not say it serves model {model}:\n{worker.output()[-3000:]}")
+        time.sleep(0.2)
+    return worker
+
+
+@pytest.fixture(scope="session")
 def app(settings):
     from api import create_app
 

@@ -325,7 +325,8 @@ def job_rows(settings, library_id: str, files, started_s: float = 100, finished_
              claimed_by: str | None = None, job_age_s: float = 0) -> tuple[uuid.UUID, dict[str, uuid.UUID]]:
     """A job of `files` ((name, bytes, status), ...) written straight into Postgres, as a worker leaves
     them: started `started_s` ago, those that ended `finished_s` ago; returns the job's id and the items'
-    by name. Progress and ETA tests need no worker and no waiting."""
+    by name. Progress tests need no waiting; an ETA, a live worker of the library's model (`serving_worker`):
+    without one nothing moves, and the job says why instead (test_a_job_that_cannot_move_says_why)."""
     from sqlalchemy import text
 
     from clapq.db import session_scope
@@ -346,7 +347,7 @@ def job_rows(settings, library_id: str, files, started_s: float = 100, finished_
     return job, ids
 
 
-def test_progress_and_eta_weigh_files_by_their_size(client, new_key, settings):
+def test_progress_and_eta_weigh_files_by_their_size(client, new_key, settings, serving_worker):
     """A long recording and a short clip in one job: with the clip done the job is a tenth of the way,
     not half, and its ETA is about nine times the time so far; with the recording done, nine tenths and a
     ninth."""
@@ -361,7 +362,7 @@ def test_progress_and_eta_weigh_files_by_their_size(client, new_key, settings):
         assert abs(got["eta_s"] - eta) < 0.1 * eta, got
 
 
-def test_a_long_file_moves_its_job_before_it_ends(client, new_key, settings):
+def test_a_long_file_moves_its_job_before_it_ends(client, new_key, settings, serving_worker):
     """A running 9 MB recording and a finished 1 MB clip: once the worker's heartbeat records the
     recording half embedded, the job is 0.1 + 0.45 of the way and its ETA counts that half; the item
     shows its share. A beat of another task records nothing, and a new try of the file starts again from
@@ -444,7 +445,7 @@ def test_while_a_file_is_part_way_the_heartbeat_records_it_often(new_key, client
     assert client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()["progress"] == 0.5
 
 
-def test_a_retry_a_day_later_takes_its_eta_from_the_retry(client, new_key, settings):
+def test_a_retry_a_day_later_takes_its_eta_from_the_retry(client, new_key, settings, serving_worker):
     """A job ran a day ago: 90 MB embedded, two files of 5 MB failed. Retried now, with one of them done
     since, its ETA is of the retry's pace (seconds), not 5 MB at the first day's pace (90 + 5 MB a day,
     ~4,500 s). (The retry through an API whose queue is out of reach: no worker takes the files.)"""
@@ -682,3 +683,49 @@ def test_a_retry_queues_only_the_files_it_locked(client, new_key, settings):
     assert ended and r.status_code == 202 and r.get_json()["requeued"] == 1, (ended, r.status_code, r.get_json())
     with session_scope(settings.database_url) as s:
         assert s.get(Item, late).status == "failed"
+
+
+def test_a_job_that_cannot_move_says_why(client, new_key, settings, serving_worker):
+    """A job whose files still to embed cannot move says why in `waiting`, with no `eta_s` (it showed a growing
+    ETA, 304 s, and looked like slow progress): no live worker at all, none of its library's model (CLAPQ_MODEL
+    changed), Redis not answering. Where a worker of its model is live, `waiting` is null and the ETA stands.
+    The library says so too, and the jobs' listing."""
+    from sqlalchemy import text
+
+    from api import create_app
+    from api.jobs import NO_WORKER, REDIS_AWAY
+    from clapq.db import session_scope
+
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "stuck"}, headers=auth(key)).get_json()
+    job, _ = job_rows(settings, lib["id"], [("a", 1_000_000, "done"), ("b", 1_000_000, "queued")])
+    got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
+    assert got["waiting"] is None and got["eta_s"] is not None, got
+    assert client.get(f"/v1/libraries/{lib['id']}", headers=auth(key)).get_json()["waiting"] is None
+
+    def seen(api) -> tuple:
+        one = api.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
+        listed = api.get("/v1/jobs", headers=auth(key)).get_json()["jobs"][0]
+        library = api.get(f"/v1/libraries/{lib['id']}", headers=auth(key)).get_json()
+        assert one["status"] == "running" and one["progress"] == 0.5 and listed["id"] == str(job), one
+        assert listed["waiting"] == library["waiting"] == one["waiting"], (listed, library, one)
+        return one["waiting"], one["eta_s"]
+
+    # no worker at all: a queue (another Redis database) no worker listens to
+    no_worker = dataclasses.replace(settings, redis_url=settings.redis_url.rsplit("/", 1)[0] + "/7")
+    assert seen(create_app(no_worker).test_client()) == (NO_WORKER, None)
+    # Redis away: nothing is handed out
+    assert seen(create_app(dataclasses.replace(settings, redis_url="redis://127.0.0.1:9/0")).test_client()) == \
+        (REDIS_AWAY, None)
+    # workers live, but of another model than the library's: the service's CLAPQ_MODEL changed
+    with session_scope(settings.database_url) as s:
+        other = s.execute(text("INSERT INTO models (name, weights_sha256, dim) VALUES (:n, :w, 512) RETURNING id"),
+                          {"n": "old-clap", "w": uuid.uuid4().hex * 2}).scalar()
+        s.execute(text("UPDATE libraries SET model_id = :m WHERE id = :l"), {"m": other, "l": lib["id"]})
+    why, eta = seen(client)
+    assert eta is None and why == (f"no live worker serves this library's model (model {other}, old-clap): workers "
+                                   "whose CLAPQ_MODEL is another, or one still loading it; the files wait queued "
+                                   "until one does"), why
+    # a job with nothing left to embed waits for nothing
+    done, _ = job_rows(settings, lib["id"], [("c", 10, "done")])
+    assert client.get(f"/v1/jobs/{done}", headers=auth(key)).get_json()["waiting"] is None
