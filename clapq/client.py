@@ -958,14 +958,17 @@ def _patch_paths(client: Client, root: str, moved: list[tuple]) -> set[str]:
 
 
 def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, float], None] | None = None,
-               poll_s: float = 1.0, weights: list[float] | None = None) -> list[dict]:
+               poll_s: float = 1.0, weights: list[float] | None = None,
+               why: Callable[[str | None], None] | None = None) -> list[dict]:
     """Wait until every job has ended and return their final states, in order. Each job is asked about
     once, then once a `poll_s` the oldest that has not ended, and one behind it, in turn (when one has ended
     the next is asked at once): a folder of 100 jobs costs the API two requests a second while it waits, not
     100, the counts move as the workers go through the jobs in order, and every job's counts move, whichever
     ends first. `progress(processed, total, share)` after each look:
     files processed, of all, and the share of the work done: the jobs' own `progress` (by bytes, which
-    moves while a long file is embedded), each weighed by `weights` (the bytes sent; else its files)."""
+    moves while a long file is embedded), each weighed by `weights` (the bytes sent; else its files). `why(reason)`
+    before each `progress`: why the files still to embed cannot move (a job's `waiting`: no live worker, none of
+    the library's model, Redis away), or None while they can."""
     def look(job: str) -> dict:
         state = client.call("GET", f"/v1/jobs/{job}", missing_ok=True)
         if state is None:  # deleted with its library while we waited
@@ -976,6 +979,8 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
     states = [look(j) for j in jobs]
     after, rechecked = 0, set()
     while True:
+        if why is not None:  # the first unfinished job's (a server of an earlier version does not say)
+            why(next((s.get("waiting") for s in states if s["status"] in ("queued", "running")), None))
         if progress is not None:
             w = weights or [s["counts"]["total"] for s in states]
             progress(sum(s["counts"]["done"] + s["counts"]["failed"] for s in states),
@@ -1116,6 +1121,9 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
     # the last line written: (count, tenth), when; and a line not written since, written at the end
     tty, shown, first, unsaid = sys.stderr.isatty(), [None, 0.0], [], [None]
     moved = [time.monotonic(), None]  # when the share last changed, and to what
+    # why nothing can move, as the server says (a job's `waiting`): said instead of a pace, which told "about
+    # 5 min left" while no worker could embed the files (helper-69)
+    waiting, said = [None], [None]  # and, on a terminal, the reason last written on a line of its own
 
     def progress(done: int, total: int, share: float) -> None:
         now = time.monotonic()
@@ -1123,17 +1131,28 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
         if share != moved[1]:
             moved[:] = [now, share]
         left = time_left(now - first[0], share - first[1], 1.0 - share, now - moved[0])
+        if waiting[0] and not left.startswith(", no progress"):
+            left = ""
         line = f"{done}/{total} files processed ({int(share * 100 + 1e-6)}%{left})"  # 0.29 is 29, 0.9999 still 99
         if tty:
+            # the reason on a line of its own, once: longer than the terminal is wide, the line updated in place
+            # wraps, and each update would leave a line behind
+            if waiting[0] != said[0] and waiting[0]:
+                print(f"\r\x1b[Kwaiting: {waiting[0]}", file=sys.stderr)
+            said[0] = waiting[0]
+            line += "; waiting (see above)" if waiting[0] else ""
             print(f"\r{line}\x1b[K", end="", file=sys.stderr)  # the rest of a longer line before it cleared
-        elif shown[0] is None or int(share * 10) != shown[0][1] or (
-                done != shown[0][0] and now - shown[1] >= LOG_EVERY_S):
+            return
+        if waiting[0]:
+            line += f"; waiting: {waiting[0]}"
+        if shown[0] is None or (done, int(share * 10), waiting[0]) != shown[0] and (
+                int(share * 10) != shown[0][1] or waiting[0] != shown[0][2] or now - shown[1] >= LOG_EVERY_S):
             print(line, file=sys.stderr)
-            shown[:], unsaid[0] = [(done, int(share * 10)), now], None
-        elif (done, int(share * 10)) != shown[0]:
+            shown[:], unsaid[0] = [(done, int(share * 10), waiting[0]), now], None
+        elif (done, int(share * 10), waiting[0]) != shown[0]:
             unsaid[0] = line
 
-    states = watch_jobs(client, jobs, progress, weights=job_bytes)
+    states = watch_jobs(client, jobs, progress, weights=job_bytes, why=lambda w: waiting.__setitem__(0, w and printable(w)))
     if tty or unsaid[0]:
         print(unsaid[0] or "", file=sys.stderr)
     failed, named = 0, set()

@@ -2676,3 +2676,53 @@ def test_a_folder_is_sent_whole_where_the_shell_allows_few_open_files(start_api,
     h = {"Authorization": f"Bearer {key}"}
     lib = requests.get(f"{base}/v1/libraries", headers=h, timeout=30).json()["libraries"][0]
     assert lib["item_count"] == 60
+
+
+def test_an_upload_no_worker_can_embed_says_why_it_waits(start_api, new_key, env, tmp_path, tiny_model):
+    """`clapq upload` into a service with no live worker (only the API runs: its queue, another Redis database,
+    has no worker) showed its files processed and, after a minute, "no progress for N min", as if the workers
+    were slow. It says why nothing moves, as the job does (`waiting`), from its first line of progress; at a
+    terminal on a line of its own, once (longer than the terminal is wide, the line updated in place would wrap
+    and leave a line behind at each update)."""
+    import pty
+
+    from api.jobs import NO_WORKER
+
+    base, key = start_api(REDIS_URL=env["REDIS_URL"].rsplit("/", 1)[0] + "/8"), new_key()
+    folder = tmp_path / "idle"
+    folder.mkdir()
+    write(folder / "a.wav", 0.5, seed=69)
+    write(folder / "b.wav", 0.5, seed=70)
+    proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "idle", "--url",
+                             base, "--key", key], env=_env(tiny_model), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    said, deadline = [], time.monotonic() + 120
+    try:
+        while not any("waiting:" in line for line in said) and time.monotonic() < deadline:
+            if select.select([proc.stderr], [], [], 1.0)[0]:
+                line = proc.stderr.readline()
+                if not line:
+                    break
+                said.append(line.rstrip("\n"))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert f"0/2 files processed (0%); waiting: {NO_WORKER}" in said, said
+    # again at a terminal: it sends nothing (the library holds both) and waits for the first run's files
+    main, tty = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "idle", "--url",
+                             base, "--key", key], env=_env(tiny_model), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=tty, start_new_session=True)
+    seen, deadline = b"", time.monotonic() + 120
+    try:
+        while seen.count(b"; waiting (see above)") < 3 and time.monotonic() < deadline:  # three updates
+            if select.select([main], [], [], 1.0)[0]:
+                seen += os.read(main, 4096)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        os.close(main)
+        os.close(tty)
+    out = seen.decode(errors="replace")
+    assert out.count(f"waiting: {NO_WORKER}") == 1, out
+    assert out.count("\r0/2 files processed (0%); waiting (see above)\x1b[K") >= 3, out
