@@ -13,8 +13,8 @@ from api.lookup import owned
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
 from api.models_info import describe, served_model_for
 from api.removal import announce_gone
-from clapq.models import Item, Job, JobDuplicate, Library, lock_in_id_order, requeued, update_locked
-from clapq.presence import live_workers, serving
+from clapq.models import NO_MESSAGE, Item, Job, JobDuplicate, Library, lock_in_id_order, requeued, update_locked
+from clapq.presence import beat_alive, live_workers, serving
 from clapq.queue import best_effort
 
 bp = Blueprint("jobs", __name__)
@@ -44,25 +44,64 @@ def why_waiting(model_id: int) -> str | None:
     """Why files of a library of `model_id` still to embed cannot move, or None where a live worker serves that
     model: no worker at all, none of that model (CLAPQ_MODEL changed, or still loading it), or a Redis that does
     not answer. Without it such a job read as slow progress, `eta_s` growing (304 s) while nothing could embed
-    its files (helper-69). Asked once per request and model."""
-    seen = g.setdefault("why_waiting", {})
+    its files (helper-69)."""
+    seen = _presence(model_id)
+    if seen is None:
+        return REDIS_AWAY
+    served, live, _ = seen
+    if served:
+        return None
+    if not live:
+        return NO_WORKER
+    model = describe(model_id)
+    return (f"no live worker serves this library's model (model {model_id}, {model['name']}): workers whose "
+            "CLAPQ_MODEL is another, or one still loading it; the files wait queued until one does")
+
+
+def _presence(model_id: int) -> tuple[bool, bool, bool] | None:
+    """Whether a live worker serves `model_id`, whether any worker is live, and whether the maintenance loop made
+    a pass lately (clapq.presence); None while Redis does not answer. Asked once per request and model."""
+    seen = g.setdefault("presence", {})
     if model_id not in seen:
-        seen[model_id] = _why_waiting(model_id)
+        seen[model_id] = None
+        celery = current_app.extensions["clapq_celery"]
+        with best_effort(celery, "asking which models the live workers serve") as client:
+            if client is not None:
+                served = bool(serving(client, {model_id}))
+                seen[model_id] = (served, served or bool(live_workers(celery, client)), beat_alive(celery, client))
     return seen[model_id]
 
 
-def _why_waiting(model_id: int) -> str | None:
-    celery = current_app.extensions["clapq_celery"]
-    with best_effort(celery, "asking which models the live workers serve") as client:
-        if client is not None:
-            if serving(client, {model_id}):
-                return None
-            if not live_workers(celery, client):
-                return NO_WORKER
-            model = describe(model_id)
-            return (f"no live worker serves this library's model (model {model_id}, {model['name']}): workers whose "
-                    "CLAPQ_MODEL is another, or one still loading it; the files wait queued until one does")
-    return REDIS_AWAY
+def _job_waiting(job: Job, counts: dict, unsent: int, oldest_queued) -> str | None:
+    """Why a job's files still to embed do not move (`counts` by status; `unsent`: its queued files no task
+    holds, clapq.models.NO_MESSAGE; `oldest_queued`: when the first of its queued files was queued, its
+    updated_at), or None while they can.
+    Beyond why_waiting: files only the maintenance loop sends, where it made no pass lately, and files queued
+    behind other jobs' while none of its own is being embedded, where the pace so far says nothing of when they
+    start (after a job's first files, the rest wait in the bulk lane behind another tenant's 10,000, and its ETA
+    promised a minute, growing at every poll)."""
+    model_id = db().get(Library, job.library_id).model_id
+    if why := why_waiting(model_id):
+        return why
+    if unsent and not _presence(model_id)[2]:
+        return (f"{unsent} of its files have no task in the queue (Redis did not take it, or they waited for a "
+                "worker of their model), and the maintenance loop that sends them made no pass lately "
+                "(start `clapq beat`)")
+
+    def some(*where) -> bool:  # whether a file of its model, not of this job, is so
+        return db().scalar(select(Item.id).join(Library, Library.id == Item.library_id)
+                           .where(Item.job_id != job.id, Library.model_id == model_id, *where).limit(1)) is not None
+
+    # workers busy with other files (where none is, its files are not behind any: a message on its way, or one
+    # lost, which the maintenance loop sends again), and files queued before its own waiting for them (by when they
+    # were queued, updated_at: ix_items_pending's order, so the first is found at once among 100,000 waiting)
+    if counts["queued"] and not counts["running"] and oldest_queued is not None and some(
+            Item.status == "running") and some(
+            Item.status == "queued", Item.updated_at < oldest_queued,
+            or_(Item.claimed_by.is_(None), Item.claimed_by.not_in(NO_MESSAGE))):
+        return ("none of its files is being embedded: the workers are on files queued before them (the queue's "
+                "order: README, Operations)")
+    return None
 
 
 def _copied(job: Job) -> list:
@@ -100,13 +139,19 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
              else func.sum(Item.size_bytes))
     first_start = last_finish = now = None
     embedded = own_finished = 0.0
+    # its queued files no task holds, which the maintenance loop sends (clapq.models.NO_MESSAGE), and when the
+    # first of its queued files was queued: why it waits (_job_waiting)
+    unsent, oldest_queued = 0, None
     # Postgres's now(), not this host's clock: the times it is measured against are Postgres's
-    for status, n, nbytes, nembedded, npaced, started, finished, now in session.execute(
+    for status, n, nbytes, nembedded, npaced, started, finished, now, parked, created in session.execute(
         select(Item.status, func.count(), func.sum(Item.size_bytes), func.sum(part), paced,
-               func.min(Item.started_at), func.max(Item.finished_at), func.now())
+               func.min(Item.started_at), func.max(Item.finished_at), func.now(),
+               func.count().filter(Item.claimed_by.in_(NO_MESSAGE)), func.min(Item.updated_at))
         .where(Item.job_id == job.id).group_by(Item.status)
     ):
         counts[status], size[status] = n, int(nbytes or 0)
+        if status == "queued":
+            unsent, oldest_queued = parked, created
         if status == "running":
             embedded += float(nembedded or 0)
         elif status != "queued":
@@ -145,7 +190,7 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         progress = round(1 - (remaining + counts["cancelled"]) / counts["total"], 4)
     if remaining:  # files of 0 bytes still to go are not nothing
         progress = min(progress, 0.9999)
-    waiting = why_waiting(db().get(Library, job.library_id).model_id) if remaining else None
+    waiting = _job_waiting(job, counts, unsent, oldest_queued) if remaining else None
     eta = None
     if remaining and own_finished and first_start is not None and waiting is None:
         elapsed = (now - max(filter(None, (first_start, job.retried_at)))).total_seconds()

@@ -470,6 +470,9 @@ def test_a_retry_a_day_later_takes_its_eta_from_the_retry(client, new_key, setti
         s.execute(text("UPDATE jobs SET retried_at = now() - interval '100 seconds' WHERE id = :j"), {"j": job})
         s.execute(text("UPDATE items SET status = 'done', started_at = now() - interval '90 seconds', "
                        "finished_at = now() WHERE id = :i"), {"i": ids["a"]})
+        # and holds the other (its task claimed both)
+        s.execute(text("UPDATE items SET status = 'running', started_at = now() - interval '90 seconds' "
+                       "WHERE id = :i"), {"i": ids["b"]})
     got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
     assert got["status"] == "running" and got["progress"] == 0.95, got
     assert abs(got["eta_s"] - 100) < 10, got  # 5 MB left at 5 MB a 100 s
@@ -698,7 +701,7 @@ def test_a_job_that_cannot_move_says_why(client, new_key, settings, serving_work
 
     key = new_key()
     lib = client.post("/v1/libraries", json={"name": "stuck"}, headers=auth(key)).get_json()
-    job, _ = job_rows(settings, lib["id"], [("a", 1_000_000, "done"), ("b", 1_000_000, "queued")])
+    job, _ = job_rows(settings, lib["id"], [("a", 1_000_000, "done"), ("b", 1_000_000, "running")])
     got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
     assert got["waiting"] is None and got["eta_s"] is not None, got
     assert client.get(f"/v1/libraries/{lib['id']}", headers=auth(key)).get_json()["waiting"] is None
@@ -729,3 +732,69 @@ def test_a_job_that_cannot_move_says_why(client, new_key, settings, serving_work
     # a job with nothing left to embed waits for nothing
     done, _ = job_rows(settings, lib["id"], [("c", 10, "done")])
     assert client.get(f"/v1/jobs/{done}", headers=auth(key)).get_json()["waiting"] is None
+
+
+def test_a_job_behind_others_or_left_to_a_stopped_maintenance_loop_says_so(client, new_key, settings, app):
+    """Workers of its model live, a job still does not move where its files have no task and the maintenance loop
+    that sends them (`clapq beat`) made no pass lately, and while the workers are on other files queued before
+    its own: after its first files (the queue's first lane), a job's rest wait behind another tenant's backlog
+    in the bulk lane, and its ETA at the pace of those first files promised a minute, growing at every poll.
+    Each says so, with no ETA; where nothing is queued before its files, or the loop runs, it is not waiting.
+    (A model of the test's own, which this process says it serves as a worker does: no other test's files are
+    of it.)"""
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+    from clapq.presence import serve, unserve
+
+    celery = app.extensions["clapq_celery"]
+    other_key, key = new_key(), new_key()
+    backlog_lib = client.post("/v1/libraries", json={"name": "backlog"}, headers=auth(other_key)).get_json()
+    lib = client.post("/v1/libraries", json={"name": "behind"}, headers=auth(key)).get_json()
+    with session_scope(settings.database_url) as s:
+        model = s.execute(text("INSERT INTO models (name, weights_sha256, dim) VALUES ('own', :w, 512) RETURNING id"),
+                          {"w": uuid.uuid4().hex * 2}).scalar()
+        s.execute(text("UPDATE libraries SET model_id = :m WHERE id IN (:a, :b)"),
+                  {"m": model, "a": backlog_lib["id"], "b": lib["id"]})
+    serve(celery, model)
+    try:
+        _behind_others_or_unsent(client, settings, celery, key, backlog_lib, lib)
+    finally:
+        unserve(celery)
+
+
+def _behind_others_or_unsent(client, settings, celery, key, backlog_lib, lib) -> None:
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+    from clapq.models import NOT_SENT
+    from clapq.presence import BEAT_KEY, beat_done
+    from clapq.queue import redis_client
+
+    # another tenant's: one file being embedded, and files queued before this job came
+    backlog, _ = job_rows(settings, backlog_lib["id"], [("busy", 10, "running")]
+                          + [(f"q{i}", 1_000_000, "queued") for i in range(3)], job_age_s=60)
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE items SET created_at = now() - interval '1 minute', updated_at = now() - interval "
+                       "'1 minute' WHERE job_id = :j"), {"j": backlog})
+    job, _ = job_rows(settings, lib["id"], [("first", 1_000_000, "done"), ("rest", 1_000_000, "queued")])
+    got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
+    assert got["status"] == "running" and got["eta_s"] is None and got["waiting"] == (
+        "none of its files is being embedded: the workers are on files queued before them (the queue's order: "
+        "README, Operations)"), got
+    # the backlog is through, and no file of the model is being embedded: its files are next (a message on its
+    # way), not behind any
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE items SET status = 'done', finished_at = now() WHERE job_id = :j"), {"j": backlog})
+    got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
+    assert got["waiting"] is None, got
+
+    # files Redis did not take, which only the maintenance loop sends
+    unsent, _ = job_rows(settings, lib["id"], [("a", 10, "queued"), ("b", 10, "queued")], claimed_by=NOT_SENT)
+    redis_client(celery).delete(BEAT_KEY)
+    got = client.get(f"/v1/jobs/{unsent}", headers=auth(key)).get_json()
+    assert got["status"] == "queued" and got["eta_s"] is None and got["waiting"] == (
+        "2 of its files have no task in the queue (Redis did not take it, or they waited for a worker of their "
+        "model), and the maintenance loop that sends them made no pass lately (start `clapq beat`)"), got
+    beat_done(celery, 1)
+    assert client.get(f"/v1/jobs/{unsent}", headers=auth(key)).get_json()["waiting"] is None
