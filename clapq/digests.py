@@ -9,8 +9,8 @@ the modification time only), so a file whose six are the same holds the same byt
 than `SETTLE_S` before its read began is not kept (it may still be being written, within the file system's
 clock tick), nor are files of a file system that keeps no change time (NO_CTIME: FAT, exFAT, sshfs), read at
 each run; nor where the file system's id cannot be had. Kept in SQLite under $XDG_CACHE_HOME/clapq
-(~/.cache/clapq); where that cannot be opened or written, every file is read, as before. Entries not used for
-60 days are dropped.
+(~/.cache/clapq), 0600 in folders made 0700; where that cannot be opened or written, every file is read, as
+before. Entries not used for 60 days are dropped.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class Digests:
         self.today = int(time.time() // 86400)
         with contextlib.suppress(OSError, sqlite3.Error):
             path = path or cache_path()
-            path.parent.mkdir(parents=True, exist_ok=True)
+            _private(path)
             db = sqlite3.connect(path, timeout=5)
             db.execute("CREATE TABLE IF NOT EXISTS digests (path BLOB PRIMARY KEY, stat TEXT NOT NULL, "
                         "sha256 TEXT NOT NULL, used INTEGER NOT NULL)")
@@ -149,6 +149,16 @@ class Digests:
 # a row's digest not of this form (a damaged file: SQLite keeps no checksums) is read again: asked about, the
 # library refused the whole request (400), at every run until the cache was deleted (helper-68)
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _private(path: Path) -> None:
+    """Create the cache's missing folders 0700 and its file 0600 (before SQLite opens it, which makes its
+    journal of the same mode): it holds the absolute paths of the user's files, and was made by the umask
+    (0644, in a 0755 folder), readable by every user of the host. Folders that exist keep their modes."""
+    for folder in reversed((path.parent, *path.parent.parents)):
+        if not folder.is_dir():
+            folder.mkdir(mode=0o700, exist_ok=True)
+    os.close(os.open(path, os.O_RDONLY | os.O_CREAT, 0o600))
 
 
 def _stat(st: os.stat_result, fsid: int) -> str:

@@ -249,3 +249,32 @@ def test_a_damaged_row_is_read_again_not_asked_about(tmp_path, monkeypatch):
     cache = d.Digests(path)
     assert cache(f) == file_sha256(f) and reads == [f]
     cache.close()
+
+
+def test_the_cache_is_made_readable_by_its_user_only(tmp_path, monkeypatch):
+    """The cache holds the absolute paths of the user's files: the folders clapq creates for it are 0700 and
+    the file 0600, whatever the umask; a folder that was there keeps its mode. It was made by the umask (0644
+    in a 0755 folder), readable by every user of the host."""
+    import os
+    import stat
+
+    monkeypatch.setattr(d, "SETTLE_S", 0.0)
+    f = tmp_path / "a.wav"
+    f.write_bytes(b"A" * 1000)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o755)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(shared / "cache"))
+    old = os.umask(0o022)
+    try:
+        cache = d.Digests()
+        assert cache(f) == file_sha256(f)
+        cache.close()
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert d.cache_path() == shared / "cache" / "clapq" / "digests.sqlite3"
+    assert (mode(shared), mode(shared / "cache"), mode(shared / "cache" / "clapq"), mode(d.cache_path())) == (
+        0o755, 0o700, 0o700, 0o600)
+    reads = reading(monkeypatch)
+    assert d.Digests()(f) == file_sha256(f) and reads == []  # kept, in the file of that mode
