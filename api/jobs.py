@@ -88,20 +88,34 @@ def _job_waiting(job: Job, counts: dict, unsent: int, oldest_queued) -> str | No
                 "worker of their model), and the maintenance loop that sends them made no pass lately "
                 "(start `clapq beat`)")
 
-    def some(*where) -> bool:  # whether a file of its model, not of this job, is so
-        return db().scalar(select(Item.id).join(Library, Library.id == Item.library_id)
-                           .where(Item.job_id != job.id, Library.model_id == model_id, *where).limit(1)) is not None
-
     # workers busy with other files (where none is, its files are not behind any: a message on its way, or one
     # lost, which the maintenance loop sends again), and files queued before its own waiting for them (by when they
-    # were queued, updated_at: ix_items_pending's order, so the first is found at once among 100,000 waiting)
-    if counts["queued"] and not counts["running"] and oldest_queued is not None and some(
-            Item.status == "running") and some(
-            Item.status == "queued", Item.updated_at < oldest_queued,
-            or_(Item.claimed_by.is_(None), Item.claimed_by.not_in(NO_MESSAGE))):
-        return ("none of its files is being embedded: the workers are on files queued before them (the queue's "
-                "order: README, Operations)")
+    # were queued, updated_at)
+    if counts["queued"] and not counts["running"] and oldest_queued is not None:
+        running, first = _ahead(model_id)
+        if running - {job.id} and first is not None and first[0] != job.id and first[1] < oldest_queued:
+            return ("none of its files is being embedded: the workers are on files queued before them (the "
+                    "queue's order: README, Operations)")
     return None
+
+
+def _ahead(model_id: int) -> tuple[set, tuple | None]:
+    """Of the files of `model_id`: the jobs of those being embedded (two at most: whether one is another job's
+    than a given one's), and the job and time queued (updated_at) of the first queued with a task (not
+    NO_MESSAGE). Asked once per request and model: another job's file is queued before a job's first iff that
+    first file is another job's and queued before it (where the first is its own, none is). Asked per job, the
+    jobs' listing (up to 500) scanned the items for each, seconds on a table of 500,000 (helper-70)."""
+    seen = g.setdefault("ahead", {})
+    if model_id not in seen:
+        of_model = (select(Item.job_id).join(Library, Library.id == Item.library_id)
+                    .where(Library.model_id == model_id))
+        running = set(db().scalars(of_model.where(Item.status == "running").distinct().limit(2)))
+        first = db().execute(
+            of_model.add_columns(Item.updated_at)
+            .where(Item.status == "queued", or_(Item.claimed_by.is_(None), Item.claimed_by.not_in(NO_MESSAGE)))
+            .order_by(Item.updated_at).limit(1)).first() if running else None
+        seen[model_id] = (running, first and tuple(first))
+    return seen[model_id]
 
 
 def _copied(job: Job) -> list:

@@ -764,7 +764,7 @@ def test_a_job_behind_others_or_left_to_a_stopped_maintenance_loop_says_so(clien
 
 
 def _behind_others_or_unsent(client, settings, celery, key, backlog_lib, lib) -> None:
-    from sqlalchemy import text
+    from sqlalchemy import Engine, event, text
 
     from clapq.db import session_scope
     from clapq.models import NOT_SENT
@@ -782,6 +782,22 @@ def _behind_others_or_unsent(client, settings, celery, key, backlog_lib, lib) ->
     assert got["status"] == "running" and got["eta_s"] is None and got["waiting"] == (
         "none of its files is being embedded: the workers are on files queued before them (the queue's order: "
         "README, Operations)"), got
+    # the jobs' listing (up to 500) asks which files are ahead once, not for each job: it scanned the items for
+    # each, ~6 s for a page of 500 on a table of 400,000 (helper-70)
+    for _ in range(4):
+        job_rows(settings, lib["id"], [("first", 1_000_000, "done"), ("rest", 1_000_000, "queued")])
+    across: list[str] = []  # statements on files of any job, not of one
+
+    def count(conn, cursor, statement, *args) -> None:
+        if "FROM items" in statement and "items.job_id =" not in statement:
+            across.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        listed = client.get("/v1/jobs", headers=auth(key)).get_json()["jobs"]
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+    assert [j["waiting"] for j in listed] == [got["waiting"]] * 5 and len(across) <= 2, (listed, across)
     # the backlog is through, and no file of the model is being embedded: its files are next (a message on its
     # way), not behind any
     with session_scope(settings.database_url) as s:
