@@ -1136,10 +1136,11 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
         line = f"{done}/{total} files processed ({int(share * 100 + 1e-6)}%{left})"  # 0.29 is 29, 0.9999 still 99
         if tty:
             # the reason on a line of its own, once: longer than the terminal is wide, the line updated in place
-            # wraps, and each update would leave a line behind
-            if waiting[0] != said[0] and waiting[0]:
+            # wraps, and each update would leave a line behind. Once also where it comes and goes (a job behind
+            # another tenant's between its own tasks): it was written again at each return (helper-70)
+            if waiting[0] and waiting[0] != said[0]:
                 print(f"\r\x1b[Kwaiting: {waiting[0]}", file=sys.stderr)
-            said[0] = waiting[0]
+                said[0] = waiting[0]
             line += "; waiting (see above)" if waiting[0] else ""
             print(f"\r{line}\x1b[K", end="", file=sys.stderr)  # the rest of a longer line before it cleared
             return

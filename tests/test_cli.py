@@ -2719,10 +2719,64 @@ def test_an_upload_no_worker_can_embed_says_why_it_waits(start_api, new_key, env
             if select.select([main], [], [], 1.0)[0]:
                 seen += os.read(main, 4096)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        os.close(main)
-        os.close(tty)
+        _stop_at_terminal(proc, main, tty)
     out = seen.decode(errors="replace")
     assert out.count(f"waiting: {NO_WORKER}") == 1, out
     assert out.count("\r0/2 files processed (0%); waiting (see above)\x1b[K") >= 3, out
+
+
+def _stop_at_terminal(proc, main: int, tty: int) -> None:
+    """Kill a `clapq` run at a pseudo-terminal (its session), and close the terminal's two ends."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    os.close(main)
+    os.close(tty)
+
+
+def test_a_reason_to_wait_that_comes_and_goes_is_written_once_at_a_terminal(start_api, new_key, env, tmp_path,
+                                                                            tiny_model):
+    """A job's `waiting` that comes and goes (a job whose tasks take turns with another tenant's is behind its
+    files between its own; here a worker of its model that comes, says it serves, and goes): at a terminal the
+    reason was written on a line of its own again at each return. It is written once; the line updated in place
+    says "waiting (see above)" while it holds, and nothing while it does not."""
+    import pty
+
+    import redis
+
+    from api.jobs import NO_WORKER
+    from clapq.presence import SERVING
+
+    db = env["REDIS_URL"].rsplit("/", 1)[0] + "/9"
+    base, key = start_api(REDIS_URL=db), new_key()
+    folder = tmp_path / "turns"
+    folder.mkdir()
+    write(folder / "a.wav", 0.5, seed=71)
+    r = redis.Redis.from_url(db)
+    main, tty = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "turns", "--url",
+                             base, "--key", key], env=_env(tiny_model), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=tty, start_new_session=True)
+    seen, serving = b"", None
+
+    def until(count: int, what: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 120
+        while seen.count(what) < count and time.monotonic() < deadline:
+            if select.select([main], [], [], 1.0)[0]:
+                seen += os.read(main, 4096)
+        assert seen.count(what) >= count, seen
+
+    try:
+        until(1, b"; waiting (see above)\x1b[K")
+        lib = requests.get(f"{base}/v1/libraries", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+        serving = SERVING.format(model=lib["libraries"][0]["model"]["id"])
+        r.zadd(serving, {"test": r.time()[0] + 3600})  # a worker of its model says it serves (none takes the file)
+        until(1, b"files processed (0%)\x1b[K")
+        r.delete(serving)  # and is gone
+        until(seen.count(b"; waiting (see above)\x1b[K") + 2, b"; waiting (see above)\x1b[K")
+    finally:
+        if serving is not None:
+            r.delete(serving)
+        _stop_at_terminal(proc, main, tty)
+    out = seen.decode(errors="replace")
+    assert out.count(f"waiting: {NO_WORKER}") == 1, out
