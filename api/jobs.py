@@ -72,10 +72,16 @@ def _presence(model_id: int) -> tuple[bool, bool, bool] | None:
     return seen[model_id]
 
 
-def _job_waiting(job: Job, counts: dict, unsent: int, oldest_queued) -> str | None:
+# how long a job's files must have stood still (none ended, its first queued waiting) before it is said to be behind
+# others': two tenants' jobs take turns task by task, and each was "behind" the other for the moment of the
+# other's task, its eta_s null, flipping every few tenths of a second while both moved (helper-70)
+BEHIND_AFTER_S = 30.0
+
+
+def _job_waiting(job: Job, counts: dict, unsent: int, oldest_queued, last_end, now) -> str | None:
     """Why a job's files still to embed do not move (`counts` by status; `unsent`: its queued files no task
     holds, clapq.models.NO_MESSAGE; `oldest_queued`: when the first of its queued files was queued, its
-    updated_at), or None while they can.
+    updated_at; `last_end`: when the last of its files ended; `now`: Postgres's), or None while they can.
     Beyond why_waiting: files only the maintenance loop sends, where it made no pass lately, and files queued
     behind other jobs' while none of its own is being embedded, where the pace so far says nothing of when they
     start (after a job's first files, the rest wait in the bulk lane behind another tenant's 10,000, and its ETA
@@ -91,7 +97,8 @@ def _job_waiting(job: Job, counts: dict, unsent: int, oldest_queued) -> str | No
     # workers busy with other files (where none is, its files are not behind any: a message on its way, or one
     # lost, which the maintenance loop sends again), and files queued before its own waiting for them (by when they
     # were queued, updated_at)
-    if counts["queued"] and not counts["running"] and oldest_queued is not None:
+    if counts["queued"] and not counts["running"] and oldest_queued is not None and now is not None and (
+            now - max(filter(None, (last_end, oldest_queued)))).total_seconds() >= BEHIND_AFTER_S:
         running, first = _ahead(model_id)
         if running - {job.id} and first is not None and first[0] != job.id and first[1] < oldest_queued:
             return ("none of its files is being embedded: the workers are on files queued before them (the "
@@ -204,7 +211,7 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         progress = round(1 - (remaining + counts["cancelled"]) / counts["total"], 4)
     if remaining:  # files of 0 bytes still to go are not nothing
         progress = min(progress, 0.9999)
-    waiting = _job_waiting(job, counts, unsent, oldest_queued) if remaining else None
+    waiting = _job_waiting(job, counts, unsent, oldest_queued, last_finish, now) if remaining else None
     eta = None
     if remaining and own_finished and first_start is not None and waiting is None:
         elapsed = (now - max(filter(None, (first_start, job.retried_at)))).total_seconds()
