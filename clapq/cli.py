@@ -553,11 +553,25 @@ def _howmany(raw: str) -> int:
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with a hint for search words that begin with '-' (`clapq search -hum` said "ignored explicit
-    argument")."""
+    argument"), and one for an option given before the command (`clapq --data-dir DIR upload`)."""
+
+    def parse_args(self, args=None, namespace=None):
+        self._argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_args(args, namespace)
 
     def error(self, message: str):
         if self.prog.endswith(" search") and "argument -h/--help" in message:  # `-hum`, `-high hiss`
             message += " (words that begin with '-' go after '--': clapq search --library L -- '-80 dB hum')"
+        argv = getattr(self, "_argv", [])
+        if self.prog == "clapq" and argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
+            # `clapq --data-dir DIR upload ...` said only "invalid choice: 'DIR'" (helper-71)
+            option = argv[0].split("=", 1)[0]
+            commands = next(a.choices for a in self._actions if isinstance(a, argparse._SubParsersAction))
+            at = next((i for i, a in enumerate(argv) if a in commands), None)
+            command = "upload" if at is None else argv[at]
+            if command == "keys":  # `clapq keys list --data-dir DIR`
+                command += " " + next((a for a in argv[at + 1:] if a in ("create", "list", "revoke")), "list")
+            message += f" (options go after the command: `clapq {command} {option} ...`)"
         super().error(message)
 
 

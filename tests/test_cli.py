@@ -2413,6 +2413,12 @@ def test_search_and_delete_arguments_are_read_as_a_user_means_them(tiny_model, t
     assert out.returncode == 2 and "does not exist" in out.stderr, out.stderr
     out = run("search", "-hum", "--library", "x")
     assert out.returncode == 2 and "words that begin with '-' go after '--'" in out.stderr, out.stderr
+    # an option before the command said only "invalid choice: '/data'" (helper-71)
+    out = run("--data-dir", str(tmp_path), "upload", str(tmp_path), "--library", "x")
+    assert out.returncode == 2 and "(options go after the command: `clapq upload --data-dir ...`)" in out.stderr, \
+        out.stderr
+    out = run("--data-dir=" + str(tmp_path), "keys", "list")
+    assert out.returncode == 2 and "`clapq keys list --data-dir ...`" in out.stderr, out.stderr
     out = run("search", "--like", str(tmp_path / "nope.wav"), "--library", "x")
     assert out.returncode == 2 and f"clapq: {tmp_path / 'nope.wav'} does not exist" in out.stderr, out.stderr
     out = run("search", "--like", str(tmp_path), "--library", "x")
