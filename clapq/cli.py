@@ -584,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "machine only; 0.0.0.0 for every interface)")
     up.add_argument("--port", type=_port, default=8000, help="the API's port (default 8000)")
     up.set_defaults(func=cmd_up)
-    sub.add_parser("api", help="the HTTP API under gunicorn (configured from the environment)").set_defaults(func=cmd_api)
+    sub.add_parser("api", help="the HTTP API under gunicorn").set_defaults(func=cmd_api)
     sub.add_parser("worker", help="an embedding worker (Celery)").set_defaults(func=cmd_worker)
     sub.add_parser("beat", help="the maintenance loop (re-enqueues stranded items, removes files no item holds, rebuilds vector indexes after large deletions)").set_defaults(func=cmd_beat)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
@@ -631,6 +631,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "without asking")
     _client_args(rm, "library name or id")
     rm.set_defaults(func=cmd_delete)
+    # each command's --help says what it is (`clapq migrate --help` showed a bare usage line, helper-71)
+    for action in (sub, keys):
+        for choice in action._choices_actions:
+            parser = action.choices[choice.dest]
+            parser.description = choice.help[0].upper() + choice.help[1:] + "."
+            if choice.dest in ("api", "worker", "beat", "migrate"):
+                parser.description += " Configured from the environment (README, Configuration), not by options."
     return p
 
 

@@ -2578,6 +2578,20 @@ def test_client_help_says_where_the_address_and_key_come_from(tiny_model):
                 "http://127.0.0.1:8000)") in out and "to read its owner key and address from" in out, out
 
 
+def test_every_command_help_says_what_it_does(tiny_model):
+    """`clapq migrate --help` (api, worker, beat, keys list...) was a bare usage line: what each does was only in
+    `clapq --help`, and nothing said these take no options but the environment (helper-71)."""
+    def helped(*cmd: str) -> str:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *cmd, "--help"], env=_env(tiny_model, COLUMNS="200"),
+                              capture_output=True, text=True, timeout=60).stdout
+    assert "\nApply database migrations. Configured from the environment (README, Configuration), not by options.\n" \
+        in helped("migrate"), helped("migrate")
+    for cmd in (("api",), ("worker",), ("beat",)):
+        assert "Configured from the environment" in helped(*cmd), helped(*cmd)
+    assert "\nPrint a new API key for a tenant (created if new).\n" in helped("keys", "create")
+    assert "\nSearch a library by words, or by a sound with --like FILE.\n" in helped("search")
+
+
 @pytest.mark.parametrize("url", ["localhost:8000", "http://", "http://127.0.0.1:99999", "ftp://example.org"])
 def test_an_unusable_api_address_is_a_sentence(tmp_path, tiny_model, url):
     write(tmp_path / "a.wav", 0.2)
