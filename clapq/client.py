@@ -1269,12 +1269,18 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
     lib = client.library(library, create=False)
     listing = audio_files(folder)
     where, root = Where(folder, listing.audio), folder_id(folder)
-    gone = []
+    gone, sent = [], 0
     for item in _items(client, f"/v1/libraries/{lib['id']}/items"):
         meta = item.get("metadata") or {}
         path = meta.get("path")
+        sent += meta.get("folder") == root
         if meta.get("folder") == root and isinstance(path, str) and path not in where.by_path and _gone(folder, path):
             gone.append(item)
+    if not sent:  # a subfolder or the parent of the one uploaded, or a folder renamed since, was told "every
+        # file ... is still there" (helper-71)
+        raise SystemExit(f"clapq: no file of library {lib['name']!r} was sent from {folder}: --gone-from takes the "
+                         "folder `clapq upload` was given (not a folder above or within it; a folder moved or "
+                         "renamed since is another folder)")
     # every file of a gone one's size, at a path an item has too: `mv a.wav b.wav` over a b.wav the library
     # holds leaves a.wav's bytes at b.wav, and `clapq upload` follows that rename (_moved). Read, not taken from
     # the digests `clapq upload` keeps: where the change time follows the modification time (FAT, sshfs),

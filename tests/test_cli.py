@@ -2256,7 +2256,7 @@ def test_files_gone_from_the_folder_are_deleted_on_request_and_renamed_ones_kept
     """Files deleted from a folder stay in the library, and their ids were to be found by hand (helper-57).
     `clapq delete --gone-from FOLDER` deletes the files sent from that folder that are no longer in it; one
     renamed or moved within it (not uploaded since) is kept, and so are other folders' files. A folder with no
-    audio left (a drive not mounted) deletes nothing."""
+    audio left (a drive not mounted) deletes nothing, and one nothing was sent from says so."""
     base, key = start_api(), new_key()
     folder, other, drive = tmp_path / "f", tmp_path / "g", tmp_path / "drive"
     for d in (folder / "sub", other, drive):
@@ -2299,6 +2299,11 @@ def test_files_gone_from_the_folder_are_deleted_on_request_and_renamed_ones_kept
     assert len(paths()) == 6
     out = clapq("delete", "--gone-from", str(folder / "c.wav"))
     assert out.returncode == 1 and "is not a folder" in out.stderr, out.stderr
+    # a folder within the one uploaded (or above it) sent nothing: it said "every file ... is still there"
+    out = clapq("delete", "--gone-from", str(folder / "sub"), "--yes")
+    assert out.returncode == 1 and f"no file of library 'gone' was sent from {folder / 'sub'}: --gone-from takes " \
+        "the folder `clapq upload` was given" in out.stderr, out
+    assert len(paths()) == 6
     out = clapq("delete", "5f1c0000-0000-4000-8000-0000000000a1", "--gone-from", str(folder))
     assert out.returncode == 1 and "not both" in out.stderr, out.stderr
 
