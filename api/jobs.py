@@ -42,7 +42,7 @@ NO_WORKER = "no live worker (start `clapq worker`): the files wait queued until 
 
 def why_waiting(model_id: int) -> str | None:
     """Why files of a library of `model_id` still to embed cannot move, or None where a live worker serves that
-    model: no worker at all, none of that model (CLAPQ_MODEL changed, or still loading it), or a Redis that does
+    model: no worker at all, none of that model (CLAPQ_MODEL changed, still loading it, or hung), or a Redis that does
     not answer. Without it such a job read as slow progress, `eta_s` growing (304 s) while nothing could embed
     its files (helper-69)."""
     seen = _presence(model_id)
@@ -54,8 +54,9 @@ def why_waiting(model_id: int) -> str | None:
     if not live:
         return NO_WORKER
     model = describe(model_id)
+    # a hung worker (stopped, or stuck in a call) was told as "another model, or still loading it" (helper-71)
     return (f"no live worker serves this library's model (model {model_id}, {model['name']}): workers whose "
-            "CLAPQ_MODEL is another, or one still loading it; the files wait queued until one does")
+            "CLAPQ_MODEL is another, one still loading it, or one that hangs; the files wait queued until one does")
 
 
 def _presence(model_id: int) -> tuple[bool, bool, bool] | None:

@@ -727,8 +727,8 @@ def test_a_job_that_cannot_move_says_why(client, new_key, settings, serving_work
         s.execute(text("UPDATE libraries SET model_id = :m WHERE id = :l"), {"m": other, "l": lib["id"]})
     why, eta = seen(client)
     assert eta is None and why == (f"no live worker serves this library's model (model {other}, old-clap): workers "
-                                   "whose CLAPQ_MODEL is another, or one still loading it; the files wait queued "
-                                   "until one does"), why
+                                   "whose CLAPQ_MODEL is another, one still loading it, or one that hangs; the files "
+                                   "wait queued until one does"), why
     # a job with nothing left to embed waits for nothing
     done, _ = job_rows(settings, lib["id"], [("c", 10, "done")])
     assert client.get(f"/v1/jobs/{done}", headers=auth(key)).get_json()["waiting"] is None
