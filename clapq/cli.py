@@ -503,6 +503,13 @@ def cmd_search(args) -> None:
            as_json=args.json)
 
 
+def cmd_libraries(args) -> None:
+    from clapq.client import connect, list_libraries
+
+    settings = Settings.from_env(data_dir=args.data_dir)
+    list_libraries(connect(args.url, args.key, settings.data_dir), as_json=args.json)
+
+
 def cmd_delete(args) -> None:
     from clapq.client import connect, delete, delete_gone
 
@@ -533,8 +540,9 @@ def _library_name(raw: str) -> str:
     return _utf8(raw, "the library name")
 
 
-def _client_args(p: argparse.ArgumentParser, library_help: str) -> None:
-    p.add_argument("--library", required=True, type=_library_name, help=library_help)
+def _client_args(p: argparse.ArgumentParser, library_help: str | None) -> None:
+    if library_help is not None:
+        p.add_argument("--library", required=True, type=_library_name, help=library_help)
     # the help said http://127.0.0.1:8000 where the address of the data directory's `clapq up` is used (helper-57)
     p.add_argument("--url", default=None, help="API base URL (default $CLAPQ_URL, else the address the data dir's "
                    "`clapq up` serves on, else http://127.0.0.1:8000)")
@@ -621,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "result, its metadata too), for scripts")
     _client_args(search, "library name or id")
     search.set_defaults(func=cmd_search)
+    libraries = sub.add_parser("libraries", help="list your libraries: the files each holds, its id and its name")
+    libraries.add_argument("--json", action="store_true", help="print the API's answer as JSON, for scripts")
+    _client_args(libraries, None)
+    libraries.set_defaults(func=cmd_libraries)
     rm = sub.add_parser("delete", help="delete files of a library (by item id, or those gone from a folder), or the "
                         "whole library")
     rm.add_argument("items", nargs="*", metavar="ITEM", help="item ids, as `clapq search` prints them; none: the "

@@ -1184,6 +1184,18 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
     return failed, cancelled
 
 
+def list_libraries(client: Client, as_json: bool = False) -> None:
+    """`clapq libraries`: the caller's libraries, one a line (files, id, name), oldest first; `as_json`: the API's
+    answer. A new user found the names of their libraries only in the error of a wrong `--library` (helper-71)."""
+    libs = client.call("GET", "/v1/libraries")["libraries"]
+    if as_json:
+        print(json.dumps(libs, ensure_ascii=False))
+    elif not libs:
+        print("no libraries yet: `clapq upload FOLDER --library NAME` makes one", file=sys.stderr)
+    for lib in libs if not as_json else ():
+        print(f"{lib['item_count']:>8}  {lib['id']}  {printable(lib['name'])}")
+
+
 def search(client: Client, library: str, text: str | None, k: int, like: Path | None = None,
            as_json: bool = False) -> None:
     """Print the best matches for words, or for a sound (`like`): score, file (by its path in the folder

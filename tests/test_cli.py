@@ -2805,3 +2805,29 @@ def test_a_reason_to_wait_that_comes_and_goes_is_written_once_at_a_terminal(star
         _stop_at_terminal(proc, main, tty)
     out = seen.decode(errors="replace")
     assert out.count(f"waiting: {NO_WORKER}") == 1, out
+
+
+def test_clapq_libraries_lists_the_callers_libraries(start_api, new_key, tiny_model):
+    """`clapq libraries`: each of the key's libraries on a line (its files, id and name), none of another
+    tenant's; `--json` the API's answer; none yet says how one is made. A new user learnt their libraries' names
+    only from the error of a wrong `--library` (helper-71)."""
+    base, key, other = start_api(), new_key(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    made = [requests.post(f"{base}/v1/libraries", json={"name": name}, headers=h, timeout=30).json()
+            for name in ("field recordings", "foley")]
+    requests.post(f"{base}/v1/libraries", json={"name": "theirs"}, headers={"Authorization": f"Bearer {other}"},
+                  timeout=30).raise_for_status()
+
+    def libraries(k: str, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", "libraries", "--url", base, "--key", k, *extra],
+                              env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+
+    out = libraries(key)
+    assert out.returncode == 0 and out.stdout.splitlines() == [
+        f"       0  {lib['id']}  {lib['name']}" for lib in made], out.stdout + out.stderr
+    out = libraries(key, "--json")
+    assert out.returncode == 0 and [(lib["id"], lib["name"], lib["item_count"]) for lib in json.loads(out.stdout)] \
+        == [(lib["id"], lib["name"], 0) for lib in made], out.stdout + out.stderr
+    out = libraries(new_key())
+    assert out.returncode == 0 and out.stdout == "" and \
+        out.stderr == "no libraries yet: `clapq upload FOLDER --library NAME` makes one\n", out.stderr
