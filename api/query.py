@@ -42,7 +42,7 @@ def _clap(text_only: bool):
 
     settings = current_app.config["CLAPQ"]
     return get_clap(serving_checkpoint(), settings.device, settings.precision, text_only=text_only,
-                    text_int8=text_only and settings.text_int8)
+                    text_int8=text_only and settings.text_int8, attention=settings.attention)
 
 
 def _text_precision() -> str:

@@ -40,6 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from clapq.settings import ATTENTIONS  # noqa: E402
+
 
 def build_full_model(path: Path) -> Path:
     """The default ClapConfig (HTSAT-tiny audio tower + RoBERTa-base text tower), random weights."""
@@ -153,14 +155,14 @@ class Raw:
     worker.embedder.lanes_for): the audio tower, projection and normalisation of AudioEmbedder."""
 
     def __init__(self, model_dir: Path, batch: int, device: torch.device, precision: str, compiled: bool,
-                 lanes: int) -> None:
+                 lanes: int, attention: str = "sdpa") -> None:
         from transformers import ClapFeatureExtractor
 
         from clapq.checkpoint import resolve
         from clapq.clap import get_clap
         from worker.embedder import AudioEmbedder
 
-        self.embedder = AudioEmbedder(get_clap(resolve(str(model_dir)), str(device), precision),
+        self.embedder = AudioEmbedder(get_clap(resolve(str(model_dir)), str(device), precision, attention=attention),
                                       compile_model=compiled, lanes=lanes)
         fe = ClapFeatureExtractor.from_pretrained(model_dir)
         self.device, self.batch = device, batch
@@ -190,14 +192,14 @@ class Pipeline:
     and soxr are all it needs)."""
 
     def __init__(self, model_dir: Path, batch: int, device: torch.device, precision: str, decoders: int,
-                 compiled: bool, lanes: int) -> None:
+                 compiled: bool, lanes: int, attention: str = "sdpa") -> None:
         from clapq.checkpoint import resolve
         from clapq.clap import get_clap
         from worker.decoder import DecoderPool
         from worker.embedder import AudioEmbedder
 
-        self.embedder = AudioEmbedder(get_clap(resolve(str(model_dir)), str(device), precision), compile_model=compiled,
-                                      lanes=lanes)
+        self.embedder = AudioEmbedder(get_clap(resolve(str(model_dir)), str(device), precision, attention=attention),
+                                      compile_model=compiled, lanes=lanes)
         self.embedder.embed(np.zeros((batch, self.embedder.window_samples), np.float32))  # warm-up
         self.pool = DecoderPool(decoders)
         self.pool.warm()
@@ -295,6 +297,15 @@ def bench_speedups(model_dir: Path, batch: int, reps: int = 3) -> dict:
 
     variant("torch_compile", compiled(copy.deepcopy(base), torch.float32))
     variant("bf16_weights_compile", compiled(half, torch.bfloat16))
+    # the window attention through torch's fused kernel, as the loader sets it up (CLAPQ_ATTENTION=sdpa)
+    from clapq.clap import use_fused_attention
+
+    fused, fused_half = copy.deepcopy(base), copy.deepcopy(half)
+    if use_fused_attention(fused.audio_model) and use_fused_attention(fused_half.audio_model):
+        variant("fused_attention_fp32", lambda x: fused.get_audio_features(input_features=x))
+        variant("fused_attention_bf16", lambda x: fused_half.get_audio_features(input_features=x.to(torch.bfloat16)))
+        variant("fused_attention_fp32_compile", compiled(fused, torch.float32))
+        variant("fused_attention_bf16_compile", compiled(fused_half, torch.bfloat16))
     return out
 
 
@@ -341,7 +352,7 @@ class Service:
     def __init__(self, model_dir: Path, db_url: str, redis_url: str, work: Path, batch_size: int,
                  device: torch.device, precision: str, decoders: int, items_per_task: int,
                  api_workers: int = 1, compiled: bool = False, claim_for_s: int | None = None,
-                 worker_nice: int | None = None, lanes: int = 1) -> None:
+                 worker_nice: int | None = None, lanes: int = 1, attention: str = "sdpa") -> None:
         self.db_url, self.redis_url, self.work = db_url, redis_url, work
         env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_")}
         port = _free_port()
@@ -350,7 +361,8 @@ class Service:
                    CLAPQ_ITEMS_PER_TASK=str(items_per_task), CLAPQ_PORT=str(port), CLAPQ_HOST="127.0.0.1",
                    CLAPQ_API_WORKERS=str(api_workers), HF_HUB_OFFLINE="1", CLAPQ_LOG_LEVEL="WARNING",
                    CLAPQ_DEVICE=str(device), CLAPQ_PRECISION=precision, CLAPQ_DECODERS=str(decoders),
-                   CLAPQ_COMPILE="1" if compiled else "0", CLAPQ_LANES=str(lanes))
+                   CLAPQ_COMPILE="1" if compiled else "0", CLAPQ_LANES=str(lanes),
+                   CLAPQ_ATTENTION=attention)
         if claim_for_s is not None:
             env["CLAPQ_CLAIM_FOR_S"] = str(claim_for_s)
         if worker_nice is not None:
@@ -483,6 +495,9 @@ def main() -> None:
     ap.add_argument("--precision", default=os.environ.get("CLAPQ_PRECISION", "auto"),
                     help="auto, fp32, bf16, fp16 (default $CLAPQ_PRECISION or auto, as the worker): raw, pipeline "
                          "and the worker use it")
+    ap.add_argument("--attention", choices=ATTENTIONS, default=os.environ.get("CLAPQ_ATTENTION", "sdpa"),
+                    help="the audio tower's window attention (CLAPQ_ATTENTION; default as the worker: sdpa, torch's "
+                         "fused kernel; eager: transformers' own code): raw, pipeline and the worker alike")
     ap.add_argument("--reference-precision", choices=("fp32", "same"), default="fp32",
                     help="fp32: the reference as the model card writes it (default); same: in --precision, "
                          "to see what the engine gains at equal arithmetic")
@@ -550,6 +565,7 @@ def main() -> None:
                                 f"{torch.__version__}, threads {torch.get_num_threads()}"
                                 + (f", {torch.cuda.get_device_name(device)}" if gpu else ""),
                      "device": str(device), "precision": dtype_name(dtype), "compiled": compiled, "lanes": lanes,
+                     "attention": args.attention,
                      "reference_precision": dtype_name(ref_dtype), "decoders": decoders, "upload_threads": upload_threads,
                      "api_workers": api_workers, "items_per_task": args.items_per_task,
                      "claim_for_s": "auto" if args.claim_for_s is None else args.claim_for_s,
@@ -572,14 +588,15 @@ def main() -> None:
             migrate(db_url)
         if "speedups" in args.only.split(","):
             results["speedups"] = bench_speedups(model_dir, args.batch)
-        raw = Raw(model_dir, args.batch, device, args.precision, compiled, lanes) if "raw" in paths else None
-        engine = (Pipeline(model_dir, args.batch, device, args.precision, decoders, compiled, lanes)
+        raw = Raw(model_dir, args.batch, device, args.precision, compiled, lanes, args.attention) if "raw" in paths else None
+        engine = (Pipeline(model_dir, args.batch, device, args.precision, decoders, compiled, lanes, args.attention)
                   if "pipeline" in paths else None)
         if engine is not None:
             stack.callback(engine.close)
         service = (stack.enter_context(Service(model_dir, db_url, redis_url, work, args.batch, device,
                                                args.precision, decoders, args.items_per_task, api_workers,
-                                               compiled, args.claim_for_s, args.worker_nice, lanes))
+                                               compiled, args.claim_for_s, args.worker_nice, lanes,
+                                               args.attention))
                    if "clapq" in paths else None)
         for r in range(args.rounds if paths else 0):
             one: dict = {}

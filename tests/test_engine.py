@@ -1107,6 +1107,76 @@ def test_each_precision_is_deterministic_and_matches_the_fp32_reference(tiny_mod
     assert float(reference_embed(reference, target) @ seen[0]) >= 0.9999
 
 
+def _window_attentions(model):
+    from transformers.models.clap.modeling_clap import ClapAudioSelfAttention
+
+    return [m for m in model.audio_model.modules() if isinstance(m, ClapAudioSelfAttention)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_fused_window_attention_keeps_each_windows_vector(tmp_path, precision):
+    """The loader runs the audio tower's window attention through torch's fused kernel (CLAPQ_ATTENTION=sdpa,
+    the default). On a model whose stages also attend within shifted windows, under their mask, as every
+    stage of the full-size model does (the suite's tiny model has one layer a stage, so none): a window's
+    vector is bit for bit the same whatever else is in its batch, within cosine 0.99999 of transformers'
+    own attention in the same precision and 0.9999 of the hand-written fp32 path; a ClapModel loaded
+    elsewhere keeps transformers' code."""
+    from clapq.checkpoint import resolve
+    from clapq.clap import get_clap
+    from tests.tinyclap import build_tiny_clap
+    from worker.embedder import AudioEmbedder
+
+    model_dir = build_tiny_clap(tmp_path / "shifted", depths=(2, 2, 2, 2))
+    ckpt = resolve(str(model_dir))
+    fused = AudioEmbedder(get_clap(ckpt, "cpu", precision))
+    eager = AudioEmbedder(get_clap(ckpt, "cpu", precision, attention="eager"))
+    assert (fused.clap.attention, eager.clap.attention) == ("sdpa", "eager")
+    assert all("forward" in m.__dict__ for m in _window_attentions(fused.clap.model))
+    assert not any("forward" in m.__dict__ for m in _window_attentions(eager.clap.model))
+    masks = []
+    for m in _window_attentions(fused.clap.model):
+        m.register_forward_pre_hook(lambda mod, args: masks.append(len(args) > 1 and args[1] is not None))
+    waves = [audio_48k(write(tmp_path / f"w{i}.wav", 10.0, rate, ch, freq=f, seed=i))[:480_000]
+             for i, (rate, ch, f) in enumerate([(44_100, 2, 500), (16_000, 1, 330), (48_000, 1, 90)])]
+    got = fused.embed(np.stack(waves))
+    assert any(masks) and not all(masks)  # shifted windows under their mask, and plain ones
+    assert np.array_equal(fused.embed(np.stack([waves[2], waves[0]]))[1], got[0])
+    assert float(np.min(np.sum(got * eager.embed(np.stack(waves)), axis=1))) >= 0.99999
+    reference = load_reference(model_dir)
+    assert all(float(reference_embed(reference, w) @ v) >= 0.9999 for w, v in zip(waves, got))
+    assert not any("forward" in m.__dict__ for m in _window_attentions(reference[1]))
+
+
+def test_an_attention_that_transformers_changed_keeps_its_own_code(tiny_model, caplog):
+    """Where this transformers' attention module computes something else than the code the fused kernel
+    replaces (another release), the loader's check at start sees it: the tower keeps its own code, and
+    the log says why it is slower. CLAPQ_ATTENTION takes sdpa or eager only."""
+    import logging
+
+    from transformers import ClapModel
+    from transformers.models.clap.modeling_clap import ClapAudioSelfAttention
+
+    from clapq.clap import use_fused_attention
+    from clapq.settings import Settings
+
+    class Changed(ClapAudioSelfAttention):
+        def forward(self, hidden_states, attention_mask=None, output_attentions=False):
+            return (super().forward(hidden_states, attention_mask, output_attentions)[0] * 2,)
+
+    model = ClapModel.from_pretrained(tiny_model).eval()
+    for m in _window_attentions(model):
+        m.__class__ = Changed
+    with caplog.at_level(logging.WARNING, logger="clapq.clap"):
+        assert not use_fused_attention(model.audio_model)
+    assert not any("forward" in m.__dict__ for m in _window_attentions(model))
+    assert "runs transformers' own, slower code" in caplog.text
+    assert use_fused_attention(ClapModel.from_pretrained(tiny_model).eval().audio_model)
+    assert [Settings.from_env({"CLAPQ_ATTENTION": v}).attention for v in ("", "sdpa", "EAGER")] == \
+        ["sdpa", "sdpa", "eager"]
+    with pytest.raises(SystemExit, match="CLAPQ_ATTENTION must be one of sdpa, eager, got 'flash'"):
+        Settings.from_env({"CLAPQ_ATTENTION": "flash"})
+
+
 def test_a_bf16_model_keeps_no_view_of_the_checkpoint_file(tiny_model):
     """After the cast nothing may point into the checkpoint's memory map, or the whole fp32 file stays
     mapped and counted in the process's memory (clapq.clap._own_buffers)."""

@@ -52,8 +52,10 @@ def _tokenizer(vocab_size: int = 1000) -> RobertaTokenizerFast:
     return RobertaTokenizerFast(tokenizer_object=tok, model_max_length=512)
 
 
-def tiny_config(*, fusion: bool = False, vocab_size: int = 1000) -> ClapConfig:
-    """Smallest CLAP config that keeps the real input shapes and a 512-d projection."""
+def tiny_config(*, fusion: bool = False, vocab_size: int = 1000, depths=(1, 1, 1, 1)) -> ClapConfig:
+    """Smallest CLAP config that keeps the real input shapes and a 512-d projection. With a stage of two
+    layers or more (`depths`), its second layer attends within shifted windows, under a mask, as every
+    stage of the full-size model does."""
     patch_hidden = 16
     text = ClapTextConfig(
         vocab_size=vocab_size,
@@ -69,7 +71,7 @@ def tiny_config(*, fusion: bool = False, vocab_size: int = 1000) -> ClapConfig:
         window_size=8,
         patch_embeds_hidden_size=patch_hidden,
         hidden_size=patch_hidden * 8,  # HTSAT: patch_embeds_hidden_size * 2 ** (len(depths) - 1)
-        depths=[1, 1, 1, 1],
+        depths=list(depths),
         num_attention_heads=[1, 1, 1, 1],
         mlp_ratio=2.0,
         enable_fusion=fusion,
@@ -80,13 +82,13 @@ def tiny_config(*, fusion: bool = False, vocab_size: int = 1000) -> ClapConfig:
     )
 
 
-def build_tiny_clap(path: str | pathlib.Path, *, fusion: bool = False) -> pathlib.Path:
+def build_tiny_clap(path: str | pathlib.Path, *, fusion: bool = False, depths=(1, 1, 1, 1)) -> pathlib.Path:
     """Save a deterministic tiny ClapModel + ClapProcessor checkpoint to `path` and return it."""
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer()
     torch.manual_seed(0)
-    model = ClapModel(tiny_config(fusion=fusion, vocab_size=len(tokenizer))).eval()
+    model = ClapModel(tiny_config(fusion=fusion, vocab_size=len(tokenizer), depths=depths)).eval()
     model.save_pretrained(path, safe_serialization=True)
     fe = ClapFeatureExtractor(
         feature_size=64,

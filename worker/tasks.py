@@ -139,7 +139,7 @@ def _runtime():
 
     settings = Settings.from_env()
     ckpt = resolve(settings.model)
-    clap = get_clap(ckpt, settings.device, settings.precision)
+    clap = get_clap(ckpt, settings.device, settings.precision, attention=settings.attention)
     compiled = compile_applies(settings.compile_model, clap.device, clap.dtype)
 
     def embedder_for(compiled: bool) -> AudioEmbedder:
@@ -172,7 +172,7 @@ def _runtime():
     decoders = get_pool(pool_size(settings.decoders, embedder.clap.device.type, settings.worker_concurrency))
     decoders.warm()
     log.info("model loaded", extra={"model": ckpt.name, "model_id": model_id, "device": str(embedder.clap.device),
-                                    "precision": embedder.clap.precision, "compiled": compiled,
+                                    "precision": embedder.clap.precision, "attention": embedder.clap.attention, "compiled": compiled,
                                     "lanes": embedder.lanes, "torch_threads": embedder.threads_per_lane,
                                     "keeps_freed_memory": kept, "huge_pages": huge})
     return settings, embedder, model_id, decoders
