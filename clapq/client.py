@@ -1079,6 +1079,14 @@ def shown_name(entry: dict) -> str:
     return printable(path if isinstance(path, str) and path else entry["filename"])
 
 
+def failed_line(name: str, item_id: str, error: str | None, also: list[str] = ()) -> str:
+    """A failed file as `clapq upload` lists it: its name, its item id (what `clapq delete` takes; without it, a
+    failed file could be deleted only after looking its id up over HTTP) and why; `also`: the paths of copies of
+    its bytes sent beside it."""
+    same = f" (and {n_files(len(also))} with the same bytes: {_some([printable(a) for a in also])})" if also else ""
+    return f"failed: {printable(name)} (item {item_id}): {printable(error or 'no reason recorded')}{same}"
+
+
 def _failures(client: Client, job: str, state: dict) -> list[dict]:
     """A job's failed files, with why: its `errors`, which hold the first 100, or where it failed more, all
     of them from its listing of failed items, page by page."""
@@ -1168,9 +1176,7 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
             name = where.get(e["item_id"])
             if name is None and also:  # an item another upload made (of this folder, at the same moment), of
                 name, also = also[0], also[1:]  # which this run sent copies: named by the first of them
-            same = (f" (and {n_files(len(also))} with the same bytes: {_some([printable(a) for a in also])})"
-                    if also else "")
-            print(f"failed: {printable(name or e['filename'])}: {e['error']}{same}", file=sys.stderr)
+            print(failed_line(name or e["filename"], e["item_id"], e["error"], also), file=sys.stderr)
             failed += 1 + len(also)
     cancelled = 0
     for job, s in zip(jobs, states):

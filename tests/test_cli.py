@@ -295,7 +295,7 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     (tmp_path / "broken.wav").write_bytes(b"RIFF" + b"\0" * 60)
     out = subprocess.run(cli + ["upload", str(tmp_path / "broken.wav"), "--library", "broken", "--url", base,
                                 "--key", key], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1 and "failed: broken.wav: " in out.stderr, out.stderr
+    assert out.returncode == 1 and "failed: broken.wav (item " in out.stderr, out.stderr
     out = subprocess.run(cli + ["search", "rain", "--library", "broken", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout == ""
@@ -975,7 +975,7 @@ def test_a_failed_file_is_named_by_its_path_in_the_folder(tmp_path, tiny_model):
     with fake_api(answer) as url:
         p = _upload(tmp_path, url, tiny_model)
         out, err = p.communicate(timeout=60)
-    assert p.returncode == 1 and "failed: day2/take.wav: not a readable audio file" in err, err
+    assert p.returncode == 1 and "failed: day2/take.wav (item i2): not a readable audio file" in err, err
 
 
 @pytest.mark.parametrize("retried", [False, True])
@@ -1410,7 +1410,8 @@ def test_a_failed_file_names_its_copies_and_counts_them(tmp_path, tiny_model):
         out, err = p.communicate(timeout=60)
     assert p.returncode == 1 and len(requests_seen) == 2, err
     failures = [line for line in err.splitlines() if line.startswith("failed: ")]
-    assert failures == ["failed: a.wav: not a readable audio file (and 2 files with the same bytes: b.wav, c.wav)"], err
+    assert failures == ["failed: a.wav (item i1): not a readable audio file (and 2 files with the same bytes: b.wav, "
+                        "c.wav)"], err
     assert json.loads(out)["failed"] == 3 and json.loads(out)["duplicates"] == 2, out
 
 
@@ -1479,7 +1480,7 @@ def test_files_held_but_not_embedded_yet_are_waited_for(tmp_path, tiny_model):
     assert p.returncode == 1 and err.startswith("uploading 1 file ("), err
     assert ("1 of 2 files is in the library already (1 of them still being embedded, in job job0 of an earlier "
             "upload: waiting for it too)") in err, err
-    assert "3/3 files processed" in err and "failed: a.wav: not a readable audio file" in err, err
+    assert "3/3 files processed" in err and "failed: a.wav (item i0): not a readable audio file" in err, err
     assert "other.wav" not in err and json.loads(out)["failed"] == 1, (err, out)
     assert {"job0", "job1"} <= set(polled) and json.loads(out)["earlier_jobs"] == ["job0"], (polled, out)
     cancelled[0] = True
