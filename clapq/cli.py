@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 from clapq.settings import Settings, claim_window_s
@@ -522,6 +523,30 @@ def cmd_delete(args) -> None:
     raise SystemExit(delete(client, args.library, args.items, yes=args.yes))
 
 
+def cmd_jobs(args) -> None:
+    from clapq.client import cancel_job, connect, list_jobs, retry_job, show_job, wait_job
+
+    settings = Settings.from_env(data_dir=args.data_dir)
+    client = connect(args.url, args.key, settings.data_dir)
+    if args.jobs_command is None:
+        list_jobs(client, args.limit, as_json=args.json)
+    elif args.jobs_command == "show":
+        show_job(client, args.job, everything=args.all, as_json=args.json)
+    elif args.jobs_command == "wait":
+        raise SystemExit(wait_job(client, args.job))
+    else:
+        (cancel_job if args.jobs_command == "cancel" else retry_job)(client, args.job)
+
+
+def _job_id(raw: str) -> str:
+    """A job id (in any form a UUID takes), or argparse's usage error, before the API is asked."""
+    try:
+        return str(uuid.UUID(raw.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a job id: give one as `clapq jobs` or `clapq upload` "
+                                         "prints it (like 0b1c2d3e-...)") from None
+
+
 def _utf8(raw: str, what: str) -> str:
     """Text given on the command line, which must be UTF-8: bytes of another encoding (a Latin-1 terminal, a
     folder name pasted in) reached the API as "an unpaired surrogate (not valid Unicode)", and a tenant's name
@@ -540,22 +565,25 @@ def _library_name(raw: str) -> str:
     return _utf8(raw, "the library name")
 
 
-def _client_args(p: argparse.ArgumentParser, library_help: str | None) -> None:
+def _client_args(p: argparse.ArgumentParser, library_help: str | None, default=None) -> None:
+    """--library (where `library_help` is given), --url, --key and --data-dir; `default`: what each of the last three
+    is when not given (argparse.SUPPRESS for a subcommand's, so that the same option given to its parent command,
+    `clapq jobs --url U show ID`, is kept, not set back to None)."""
     if library_help is not None:
         p.add_argument("--library", required=True, type=_library_name, help=library_help)
     # the help said http://127.0.0.1:8000 where the address of the data directory's `clapq up` is used (helper-57)
-    p.add_argument("--url", default=None, help="API base URL (default $CLAPQ_URL, else the address the data dir's "
+    p.add_argument("--url", default=default, help="API base URL (default $CLAPQ_URL, else the address the data dir's "
                    "`clapq up` serves on, else http://127.0.0.1:8000)")
-    p.add_argument("--key", default=None, help="API key (default $CLAPQ_API_KEY or the data dir's owner key)")
-    p.add_argument("--data-dir", type=Path, default=None,
+    p.add_argument("--key", default=default, help="API key (default $CLAPQ_API_KEY or the data dir's owner key)")
+    p.add_argument("--data-dir", type=Path, default=default,
                    help="where `clapq up` keeps its data, to read its owner key and address from (default "
                    "$XDG_DATA_HOME/clapq, or ~/.local/share/clapq)")
 
 
-def _howmany(raw: str) -> int:
-    """-k: a whole number, 1 or more, said before the API is asked."""
+def _howmany(raw: str, what: str = "results") -> int:
+    """-k (and `clapq jobs --limit`): a whole number, 1 or more, said before the API is asked."""
     if not raw.isdigit() or int(raw) < 1:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of results: give a whole number, 1 or more")
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of {what}: give a whole number, 1 or more")
     return int(raw)
 
 
@@ -643,8 +671,29 @@ def build_parser() -> argparse.ArgumentParser:
                     "without asking")
     _client_args(rm, "library name or id")
     rm.set_defaults(func=cmd_delete)
+    jobs = sub.add_parser("jobs", help="list your latest jobs (each upload request is one), newest first; `clapq jobs "
+                          "show|wait|cancel|retry JOB` for one of them")
+    jobs.add_argument("--limit", type=lambda raw: _howmany(raw, "jobs"), default=20, help="how many of the latest jobs (default 20)")
+    jobs.add_argument("--json", action="store_true", help="print the jobs as the API gives them, as JSON, for scripts")
+    _client_args(jobs, None)
+    jobs.set_defaults(func=cmd_jobs)
+    one = jobs.add_subparsers(dest="jobs_command", metavar="{show,wait,cancel,retry}")
+    job_help = "a job id, as `clapq jobs` or `clapq upload` prints it"
+    show = one.add_parser("show", help="show a job: its files by state, its progress or why it waits, and its failed "
+                          "files with their item ids and why")
+    show.add_argument("--all", action="store_true", help="list every failed file (without it, the first 20 and "
+                      "how many more: clapq.client.FAILED_SHOWN)")
+    show.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                      help="print the API's answer as JSON, for scripts (with --all, its errors hold every failed file)")
+    wait = one.add_parser("wait", help="follow a job to its end as `clapq upload` does; exit 1 if a file failed or "
+                          "was cancelled")
+    cancel = one.add_parser("cancel", help="cancel a job: its queued and running files are not embedded")
+    retry = one.add_parser("retry", help="queue a job's failed files again (after a cancel, its cancelled ones too)")
+    for command in (show, wait, cancel, retry):
+        command.add_argument("job", type=_job_id, metavar="JOB", help=job_help)
+        _client_args(command, None, default=argparse.SUPPRESS)
     # each command's --help says what it is (`clapq migrate --help` showed a bare usage line, helper-71)
-    for action in (sub, keys):
+    for action in (sub, keys, one):
         for choice in action._choices_actions:
             parser = action.choices[choice.dest]
             parser.description = choice.help[0].upper() + choice.help[1:] + "."

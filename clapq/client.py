@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import json
 import os
@@ -881,7 +882,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         if sys.stderr.isatty():
             print(file=sys.stderr)  # after the progress line
         print(f"clapq: stopped waiting; the uploaded files are still being embedded (jobs {_some(waited)}: "
-              "run the same command again to wait for them, or GET /v1/jobs/<id>)", file=sys.stderr)
+              "run the same command again to wait for them, or `clapq jobs wait JOB`)", file=sys.stderr)
         raise SystemExit(130) from None
     if refused:
         print(f"{n_files(len(refused))} not sent (listed above as 'not sent')", file=sys.stderr)
@@ -1075,37 +1076,50 @@ JOINERS = "\u200c\u200d"  # zero-width non-joiner and joiner
 def shown_name(entry: dict) -> str:
     """How a file is named to the user: its path in the folder `clapq upload` sent it from (kept in its
     metadata), where two files of one base name in different folders would otherwise look the same."""
+    return printable(_path_of(entry))
+
+
+def _path_of(entry: dict) -> str:
+    """An item's path in the folder it was sent from (its metadata.path), else its filename."""
     path = (entry.get("metadata") or {}).get("path")
-    return printable(path if isinstance(path, str) and path else entry["filename"])
+    return path if isinstance(path, str) and path else entry["filename"]
+
+
+def _failures(client: Client, job: str, state: dict, listed: bool = False) -> Iterator[dict]:
+    """A job's failed files, with why (`item_id`, `filename`, `error`): its `errors`, which hold the first 100,
+    or where it failed more, or where `listed`, all of them from its listing of failed items, page by page, each
+    named by its path in the folder it was sent from (the listing has its metadata; `errors` do not)."""
+    if not listed and len(state["errors"]) >= state["counts"]["failed"]:  # copies of one file count once in `errors`
+        yield from state["errors"]
+        return
+    for i in _job_items(client, job, "failed"):
+        yield {"item_id": i["id"], "filename": _path_of(i), "error": i["error"]}
 
 
 def failed_line(name: str, item_id: str, error: str | None, also: list[str] = ()) -> str:
-    """A failed file as `clapq upload` lists it: its name, its item id (what `clapq delete` takes; without it, a
-    failed file could be deleted only after looking its id up over HTTP) and why; `also`: the paths of copies of
-    its bytes sent beside it."""
+    """A failed file as `clapq upload` and `clapq jobs` list it: its name, its item id (what `clapq delete` takes;
+    without it, a failed file could be deleted only after looking its id up over HTTP) and why; `also`: the
+    paths of copies of its bytes sent beside it."""
     same = f" (and {n_files(len(also))} with the same bytes: {_some([printable(a) for a in also])})" if also else ""
     return f"failed: {printable(name)} (item {item_id}): {printable(error or 'no reason recorded')}{same}"
 
 
-def _failures(client: Client, job: str, state: dict) -> list[dict]:
-    """A job's failed files, with why: its `errors`, which hold the first 100, or where it failed more, all
-    of them from its listing of failed items, page by page."""
-    if len(state["errors"]) >= state["counts"]["failed"]:  # copies of one file count once in `errors`
-        return state["errors"]
-    return [{"item_id": i["id"], "filename": i["filename"], "error": i["error"]}
-            for i in _job_items(client, job, "failed")]
+def progress_line(done: int, total: int, share: float, left: str = "") -> str:
+    """Files processed and the share of the bytes embedded, as `clapq upload` and `clapq jobs` say them; `left`:
+    ", about 4 min left" or ", no progress for 3 min" (`time_left`)."""
+    return f"{done}/{total} files processed ({int(share * 100 + 1e-6)}%{left})"  # 0.29 is 29, 0.9999 still 99
 
 
-def _job_items(client: Client, job: str, status: str) -> Iterator[dict]:
+def _job_items(client: Client, job: str, status: str, page_size: int = 500) -> Iterator[dict]:
     """A job's items in this state, page by page."""
-    return _items(client, f"/v1/jobs/{job}/items", status=status)
+    return _items(client, f"/v1/jobs/{urllib.parse.quote(job, safe='')}/items", page_size, status=status)
 
 
-def _items(client: Client, path: str, **params) -> Iterator[dict]:
-    """A listing of items (a job's, a library's), page by page."""
+def _items(client: Client, path: str, page_size: int = 500, **params) -> Iterator[dict]:
+    """A listing of items (a job's, a library's), page by page (`page_size` items a request, at most 500)."""
     cursor = None
     while True:
-        page = client.call("GET", path, params={**params, "limit": 500, **({"cursor": cursor} if cursor else {})})
+        page = client.call("GET", path, params={**params, "limit": page_size, **({"cursor": cursor} if cursor else {})})
         yield from page["items"]
         if not (cursor := page.get("next_cursor")):
             return
@@ -1115,12 +1129,14 @@ LOG_EVERY_S = 30.0  # the most often `clapq upload` writes a line of progress to
 
 
 def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str, str],
-          copies_of: dict[str, list[str]], only: dict[str, set] | None = None) -> tuple[int, int]:
+          copies_of: dict[str, list[str]], only: dict[str, set] | None = None, listed: bool = False,
+          again: str = "run this upload again to send them") -> tuple[int, int]:
     """Wait for the jobs (`job_bytes`: what each was sent), showing progress; list the files that failed
     (by their path in the folder, `where`: item id -> path, with the copies of its bytes sent beside it,
-    `copies_of`: item id -> paths; of a job in `only`, just the items it names), and say which jobs were
-    cancelled meanwhile (from elsewhere: the API or another terminal); returns the numbers of files
-    failed, copies included, and cancelled."""
+    `copies_of`: item id -> paths; of a job in `only`, just the items it names; `listed`: each by the path its
+    item keeps, read from the job's listing of failed items), and say which jobs were cancelled meanwhile
+    (from elsewhere: the API or another terminal), with `again` (what sends their files again; `{job}`: the
+    job's id); returns the numbers of files failed, copies included, and cancelled."""
     only = only or {}
     # on a terminal one line that updates in place; in a log, a line each time the tenth of the work done
     # moves (a long file moves the share long before the count), or the count, at most once a LOG_EVERY_S:
@@ -1141,7 +1157,7 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
         left = time_left(now - first[0], share - first[1], 1.0 - share, now - moved[0])
         if waiting[0] and not left.startswith(", no progress"):
             left = ""
-        line = f"{done}/{total} files processed ({int(share * 100 + 1e-6)}%{left})"  # 0.29 is 29, 0.9999 still 99
+        line = progress_line(done, total, share, left)
         if tty:
             # the reason on a line of its own, once: longer than the terminal is wide, the line updated in place
             # wraps, and each update would leave a line behind. Once also where it comes and goes (a job behind
@@ -1166,7 +1182,7 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
         print(unsaid[0] or "", file=sys.stderr)
     failed, named = 0, set()
     for job, s in zip(jobs, states):
-        for e in _failures(client, job, s):
+        for e in _failures(client, job, s, listed):
             if e["item_id"] in named:  # a copy sent in a later request: its job reports the same item
                 continue
             if job in only and e["item_id"] not in only[job]:  # an earlier job's file of another folder
@@ -1186,7 +1202,7 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
         if n:
             cancelled += n
             print(f"cancelled: {n_files(n)} of job {job} not embedded (the job was "
-                  "cancelled); run this upload again to send them", file=sys.stderr)
+                  f"cancelled); {again.format(job=job)}", file=sys.stderr)
     return failed, cancelled
 
 
@@ -1200,6 +1216,161 @@ def list_libraries(client: Client, as_json: bool = False) -> None:
         print("no libraries yet: `clapq upload FOLDER --library NAME` makes one", file=sys.stderr)
     for lib in libs if not as_json else ():
         print(f"{lib['item_count']:>8}  {lib['id']}  {printable(lib['name'])}")
+
+
+FAILED_SHOWN = 20  # the failed files `clapq jobs show` lists without --all: a screenful, with the counts above it
+MAX_JOB_ERRORS = 100  # the failed files a job's `errors` hold (api.jobs.MAX_ERRORS_SHOWN)
+
+
+def _when(iso: str | None) -> str:
+    """A time the API gives (ISO 8601) as `clapq jobs` shows it: to the minute, in UTC."""
+    if not iso:
+        return "-"
+    try:
+        t = datetime.datetime.fromisoformat(iso)
+    except ValueError:
+        return iso
+    return t.astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M") if t.tzinfo else t.strftime("%Y-%m-%d %H:%M")
+
+
+def list_jobs(client: Client, limit: int = 20, as_json: bool = False) -> None:
+    """`clapq jobs`: the caller's `limit` latest jobs, newest first, one a line (when it was made, its id, state,
+    files done/failed/total and its library's name), with why one waits on a line below it; `as_json`: the jobs as
+    the API gives them. A job left running by an upload stopped with Ctrl-C, or run from cron, could be looked
+    at only over HTTP."""
+    jobs: list[dict] = []
+    cursor = None
+    while len(jobs) < limit:
+        page = client.call("GET", "/v1/jobs", params={"limit": min(500, limit - len(jobs)),
+                                                       **({"cursor": cursor} if cursor else {})})
+        jobs += page["jobs"]
+        if not (cursor := page.get("next_cursor")):
+            break
+    if as_json:
+        print(json.dumps(jobs, ensure_ascii=False))
+        return
+    if not jobs:
+        print("no jobs yet: `clapq upload FOLDER --library NAME` makes one", file=sys.stderr)
+        return
+    names = {lib["id"]: lib["name"] for lib in client.call("GET", "/v1/libraries")["libraries"]}
+    rows = [(_when(j.get("created_at")), j["id"], j["status"],
+             f"{j['counts']['done']}/{j['counts']['failed']}/{j['counts']['total']}",
+             printable(names.get(j["library_id"], j["library_id"])), j.get("waiting")) for j in jobs]
+    head = ("created (UTC)", "job", "state", "done/failed/total", "library", None)
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+        if r[5]:
+            print(f"    waiting: {printable(r[5])}")
+    if cursor:
+        print(f"older jobs: `clapq jobs --limit {limit * 2}` shows more", file=sys.stderr)
+
+
+def _job(client: Client, job: str, action: str | None = None) -> dict:
+    """The caller's job (`action`: the answer of POST /v1/jobs/<id>/cancel or /retry), or a sentence: an unknown id
+    and another tenant's are alike (the API's 404 `job not found`, not any 404: a --url with a path is said as the
+    other commands say it); where there is nothing to cancel or retry, the API's sentence (409) as it is, in the
+    command's terms."""
+    path = f"/v1/jobs/{urllib.parse.quote(job, safe='')}" + (f"/{action}" if action else "")
+    try:
+        return client.call("POST" if action else "GET", path)
+    except SystemExit as exc:
+        status, _, msg = str(exc.code).partition(" failed (")[2].partition("): ")
+        if status == "404" and msg == "job not found":
+            raise SystemExit(f"clapq: no job {job} (`clapq jobs` lists yours; a library's jobs are deleted with "
+                             "it)") from None
+        if status == "409" and action:
+            raise SystemExit(f"clapq: cannot {action} job {job}: {msg}") from None
+        raise
+
+
+def _counted(counts: dict) -> str:
+    """A job's files by state: "10 done, 2 failed, 28 queued" (copies sent of files held: said)."""
+    said = ", ".join(f"{counts[s]} {s}" for s in ("done", "failed", "running", "queued", "cancelled")
+                     if counts.get(s))
+    copies = counts.get("duplicates") or 0
+    return (said or "no files") + (f" ({copies} of them copies of another file's bytes, stored once)" if copies else "")
+
+
+def show_job(client: Client, job: str, everything: bool = False, as_json: bool = False) -> None:
+    """`clapq jobs show`: a job's state and library, its files by state, its progress with the time left or why
+    it waits (as `clapq upload` says them), and its failed files, each with its item id and why: the first
+    FAILED_SHOWN and how many more, or with `everything` all of them; `as_json`: the API's answer (with
+    `everything`, `errors` holds every failed file, not the first 100)."""
+    state = _job(client, job)
+    if as_json:
+        if everything:  # as the API gives `errors`, read from the job's listing of failed items, to its end
+            state["errors"] = [{"item_id": i["id"], "filename": i["filename"], "error": i["error"]}
+                               for i in _job_items(client, job, "failed")]
+        print(json.dumps(state, ensure_ascii=False))
+        return
+    lib = client.call("GET", f"/v1/libraries/{urllib.parse.quote(state['library_id'], safe='')}", missing_ok=True)
+    print(f"job {state['id']}: {state['status']}, library "
+          + (f"{printable(lib['name'])!r} ({state['library_id']})" if lib else state["library_id"]))
+    ended = f", ended {_when(state['finished_at'])}" if state.get("finished_at") else ""
+    print(f"created {_when(state.get('created_at'))}{ended} (UTC)")
+    c = state["counts"]
+    eta = state.get("eta_s")
+    left = f", about {_span(eta)} left" if eta is not None and not state.get("waiting") else ""
+    print(f"{progress_line(c['done'] + c['failed'], c['total'], state['progress'], left)}: {_counted(c)}")
+    if state.get("waiting"):
+        print(f"waiting: {printable(state['waiting'])}")
+    if not c["failed"]:
+        return
+    # by the listing of failed items, which names each by its path in the folder it was sent from; a page of
+    # FAILED_SHOWN + 1 tells whether there are more, without reading 5,000 of them
+    failures = _job_items(client, job, "failed", page_size=500 if everything else FAILED_SHOWN + 1)
+    shown = 0
+    for item in failures:
+        if not everything and shown == FAILED_SHOWN:
+            # how many more: from the count where the job holds no copies (its copies count in it, each failed
+            # item once in the listing), else from `errors` where it holds them all (fewer than its 100); a job
+            # with more, and copies, says only that there are more
+            more = (c["failed"] if not c.get("duplicates") else
+                    len(state["errors"]) if len(state["errors"]) < MAX_JOB_ERRORS else 0) - shown
+            said = f"{more} more failed {'file' if more == 1 else 'files'}" if more > 0 else "more failed files"
+            print(f"... and {said}: `clapq jobs show {state['id']} --all` lists {'it' if more == 1 else 'them'}")
+            break
+        print(failed_line(_path_of(item), item["id"], item.get("error")))
+        shown += 1
+
+
+def wait_job(client: Client, job: str) -> int:
+    """`clapq jobs wait`: follow a job to its end as `clapq upload` does (progress, time left or why it waits,
+    on stderr; its failed files with their item ids and why, and whether it was cancelled); then its state and
+    counts on stdout. The exit status is `clapq upload`'s: 1 if a file failed or was cancelled."""
+    state = _job(client, job)
+    if state["status"] in ("queued", "running"):  # a library of another model than the service runs: no end
+        lib = client.call("GET", f"/v1/libraries/{urllib.parse.quote(state['library_id'], safe='')}",
+                          missing_ok=True)
+        if lib is not None:
+            _not_for_another_model(lib, client.limits(), state["counts"]["queued"] + state["counts"]["running"])
+    try:
+        failed, cancelled = _wait(client, [state["id"]], [1], {}, {}, listed=True,
+                                  again="`clapq jobs retry {job}` queues them again")
+    except KeyboardInterrupt:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)  # after the progress line
+        print(f"clapq: stopped waiting; job {state['id']} goes on (`clapq jobs show {state['id']}`)", file=sys.stderr)
+        raise SystemExit(130) from None
+    state = _job(client, job)
+    print(f"job {state['id']}: {state['status']}: {_counted(state['counts'])}")
+    return 1 if failed or cancelled else 0
+
+
+def cancel_job(client: Client, job: str) -> None:
+    """`clapq jobs cancel`: stop a job's queued and running files."""
+    state = _job(client, job, "cancel")
+    c = state["counts"]
+    print(f"cancelled job {state['id']}: {_counted(c)} (a file being embedded as the cancel came may still end "
+          f"done); `clapq jobs retry {state['id']}` queues the cancelled ones again")
+
+
+def retry_job(client: Client, job: str) -> None:
+    """`clapq jobs retry`: queue a job's failed files again (and after a cancel its cancelled ones)."""
+    state = _job(client, job, "retry")
+    print(f"job {state['id']}: {n_files(state.get('requeued', 0))} queued again; `clapq jobs wait {state['id']}` "
+          "follows it to its end")
 
 
 def search(client: Client, library: str, text: str | None, k: int, like: Path | None = None,

@@ -809,7 +809,8 @@ def test_upload_bodies_stream_from_disk_and_parse_as_sent(tmp_path):
 
 
 @pytest.mark.parametrize("cmd", [["upload", "FOLDER", "--library", "x"], ["search", "--library", "x", "a dog"],
-                                 ["delete", "--library", "x", "--yes"]])
+                                 ["delete", "--library", "x", "--yes"], ["jobs"],
+                                 ["jobs", "retry", "96d2439e-0a6f-4abc-84ef-33835f51996b"]])
 def test_client_commands_say_when_the_api_is_not_there(tmp_path, tiny_model, cmd):
     port = free_port()  # nothing listens there
     argv = [str(tmp_path) if a == "FOLDER" else a for a in cmd]
@@ -2596,6 +2597,8 @@ def test_every_command_help_says_what_it_does(tiny_model):
         assert "Configured from the environment" in helped(*cmd), helped(*cmd)
     assert "\nPrint a new API key for a tenant (created if new).\n" in helped("keys", "create")
     assert "\nSearch a library by words, or by a sound with --like FILE.\n" in helped("search")
+    for cmd in ("show", "wait", "cancel", "retry"):  # `clapq jobs show` ... (helper-72)
+        assert helped("jobs", cmd).split("\n\n")[1][0].isupper(), helped("jobs", cmd)
 
 
 @pytest.mark.parametrize("url", ["localhost:8000", "http://", "http://127.0.0.1:99999", "ftp://example.org"])
@@ -2674,6 +2677,12 @@ def test_an_upload_that_only_waits_for_files_of_another_model_says_so(start_api,
         f"{limits['model']['id']} ({tiny_model}): its 2 files not embedded yet wait for a worker of the library's "
         "model, and it takes no new files; run the library's model (CLAPQ_MODEL) to finish them, or upload into "
         "another library"), again.stderr[-3000:]
+    # and `clapq jobs wait` of their job, which waited as the upload did (helper-72)
+    job = json.loads(first.stdout)["jobs"][0]
+    waited = subprocess.run([sys.executable, "-m", "clapq.cli", "jobs", "wait", job, "--url", base, "--key", key],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert waited.returncode == 1 and waited.stderr.startswith(
+        f"clapq: library 'retired' is bound to model {other} (retired), and this service runs model "), waited.stderr
 
 
 def test_a_folder_is_sent_whole_where_the_shell_allows_few_open_files(start_api, new_key, tmp_path, tiny_model):
@@ -2832,3 +2841,118 @@ def test_clapq_libraries_lists_the_callers_libraries(start_api, new_key, tiny_mo
     out = libraries(new_key())
     assert out.returncode == 0 and out.stdout == "" and \
         out.stderr == "no libraries yet: `clapq upload FOLDER --library NAME` makes one\n", out.stderr
+
+
+def _jobs(base: str, key: str, tiny_model, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clapq.cli", "jobs", *args, "--url", base, "--key", key],
+                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+
+
+def test_clapq_jobs_shows_a_jobs_failed_files_with_their_item_ids_and_retries_them(start_api, new_key, worker,
+                                                                                    tmp_path, tiny_model):
+    """`clapq jobs`, `jobs show`, `jobs retry`, `jobs wait` and `jobs cancel` against a real API and worker: a job
+    of broken files is listed with its counts; shown with each failed file's path, item id (what `clapq delete`
+    takes) and why, the first 20 and how many more, or all with --all; retried and followed to its end (exit 1, as
+    its files fail again); a cancel with nothing to stop is the API's sentence, exit 1. `clapq upload` names the
+    item id of each failed file too. Before, only curl could reach a job an upload left behind (helper-72)."""
+    base, key = start_api(), new_key()
+    folder = tmp_path / "mixed"
+    (folder / "sub").mkdir(parents=True)
+    write(folder / "good.wav", 0.5, seed=72)
+    for i in range(22):
+        (folder / "sub" / f"b{i:02}.wav").write_bytes(b"not audio %d" % i)
+    up = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "mixed", "--url", base,
+                         "--key", key], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert up.returncode == 1, up.stderr
+    job = json.loads(up.stdout)["jobs"][0]
+    h = {"Authorization": f"Bearer {key}"}
+    failed = requests.get(f"{base}/v1/jobs/{job}/items", params={"status": "failed", "limit": 500}, headers=h,
+                          timeout=30).json()["items"]
+    lines = [f"failed: {i['metadata']['path']} (item {i['id']}): {i['error']}" for i in failed]
+    assert len(lines) == 22 and all(line in up.stderr.splitlines() for line in lines), up.stderr
+
+    out = _jobs(base, key, tiny_model)
+    assert out.returncode == 0 and out.stdout.splitlines()[1:] == [
+        f"{out.stdout.splitlines()[1][:16]}  {job}  done_with_errors  1/22/23            mixed"], out.stdout
+    assert out.stdout.splitlines()[0].split() == ["created", "(UTC)", "job", "state", "done/failed/total", "library"]
+    listed = json.loads(_jobs(base, key, tiny_model, "--json").stdout)
+    assert [(j["id"], j["status"], j["counts"]["failed"]) for j in listed] == [(job, "done_with_errors", 22)], listed
+
+    out = _jobs(base, key, tiny_model, "show", job)
+    shown = out.stdout.splitlines()
+    assert out.returncode == 0 and shown[0].startswith(f"job {job}: done_with_errors, library 'mixed' ("), out.stdout
+    assert shown[2] == "23/23 files processed (100%): 1 done, 22 failed", out.stdout
+    assert shown[3:] == lines[:20] + [f"... and 2 more failed files: `clapq jobs show {job} --all` lists them"], shown
+    out = _jobs(base, key, tiny_model, "show", job.upper(), "--all")  # any form of the id
+    assert out.returncode == 0 and out.stdout.splitlines()[3:] == lines, out.stdout
+    out = _jobs(base, key, tiny_model, "show", job, "--json", "--all")
+    assert [e["item_id"] for e in json.loads(out.stdout)["errors"]] == [i["id"] for i in failed], out.stdout
+
+    out = _jobs(base, key, tiny_model, "retry", job)
+    assert out.returncode == 0 and out.stdout == (f"job {job}: 22 files queued again; `clapq jobs wait {job}` follows "
+                                                  "it to its end\n"), out.stdout + out.stderr
+    out = _jobs(base, key, tiny_model, "wait", job)
+    assert out.returncode == 1 and out.stdout == f"job {job}: done_with_errors: 1 done, 22 failed\n", out.stderr
+    assert [line for line in out.stderr.splitlines() if line.startswith("failed: ")] == lines, out.stderr
+    assert "23/23 files processed (100%)" in out.stderr, out.stderr
+    out = _jobs(base, key, tiny_model, "cancel", job)
+    assert out.returncode == 1 and out.stderr == (f"clapq: cannot cancel job {job}: nothing of this job's is queued "
+                                                  "or running; nothing to cancel\n"), out.stderr
+
+    # another tenant's job is no job of theirs; a malformed id is said before anything is asked
+    other = new_key()
+    for cmd in ("show", "wait", "cancel", "retry"):
+        out = _jobs(base, other, tiny_model, cmd, job)
+        assert out.returncode == 1 and out.stderr.startswith(f"clapq: no job {job} (`clapq jobs` lists yours"), \
+            (cmd, out.stderr)
+    out = _jobs(base, key, tiny_model, "show", "96d2439e-0a6f")
+    assert out.returncode == 2 and "argument JOB: '96d2439e-0a6f' is not a job id" in out.stderr, out.stderr
+    out = _jobs(base, other, tiny_model)
+    assert out.returncode == 0 and out.stdout == "" and \
+        out.stderr == "no jobs yet: `clapq upload FOLDER --library NAME` makes one\n", out.stderr
+    assert json.loads(_jobs(base, other, tiny_model, "--json").stdout) == []
+
+
+def test_clapq_jobs_says_why_a_job_waits_and_cancels_and_requeues_it(start_api, new_key, env, tmp_path, tiny_model):
+    """Jobs no worker can embed (only the API runs: its queue, another Redis database, has no worker): `clapq jobs`
+    and `jobs show` say why they wait, as `clapq upload` does; `jobs cancel` stops one and `jobs retry` queues its
+    files again, and a second retry is the API's 409 sentence, exit 1. `--limit` shows the newest, and says there
+    are older ones."""
+    from api.jobs import NO_WORKER
+
+    base, key = start_api(REDIS_URL=env["REDIS_URL"].rsplit("/", 1)[0] + "/8"), new_key()
+    jobs = []
+    for n in range(2):
+        folder = tmp_path / f"idle{n}"
+        folder.mkdir()
+        write(folder / "a.wav", 0.5, seed=720 + n)
+        write(folder / "b.wav", 0.5, seed=730 + n)
+        up = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "idle", "--no-wait",
+                             "--url", base, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
+                            timeout=300)
+        assert up.returncode == 0, up.stderr
+        jobs += json.loads(up.stdout)["jobs"]
+    first, last = jobs
+    out = _jobs(base, key, tiny_model)
+    rows = out.stdout.splitlines()
+    assert out.returncode == 0 and [r.split()[2:6] for r in rows[1::2]] == [
+        [last, "queued", "0/0/2", "idle"], [first, "queued", "0/0/2", "idle"]], out.stdout
+    assert rows[2::2] == [f"    waiting: {NO_WORKER}"] * 2, out.stdout
+    out = _jobs(base, key, tiny_model, "--limit", "1")
+    assert [r.split()[2] for r in out.stdout.splitlines()[1::2]] == [last], out.stdout
+    assert out.stderr == "older jobs: `clapq jobs --limit 2` shows more\n", out.stderr
+
+    out = _jobs(base, key, tiny_model, "show", first)
+    assert out.returncode == 0 and out.stdout.splitlines()[2:] == [
+        "0/2 files processed (0%): 2 queued", f"waiting: {NO_WORKER}"], out.stdout
+    out = _jobs(base, key, tiny_model, "cancel", first)
+    assert out.returncode == 0 and out.stdout.startswith(f"cancelled job {first}: 2 cancelled ("), out.stdout
+    out = _jobs(base, key, tiny_model, "show", first)
+    assert out.stdout.splitlines()[0].startswith(f"job {first}: cancelled, ") and \
+        out.stdout.splitlines()[2] == "0/2 files processed (0%): 2 cancelled", out.stdout
+    out = _jobs(base, key, tiny_model, "retry", first)
+    assert out.returncode == 0 and out.stdout.startswith(f"job {first}: 2 files queued again;"), out.stdout
+    assert _jobs(base, key, tiny_model, "show", first).stdout.splitlines()[2] == "0/2 files processed (0%): 2 queued"
+    out = _jobs(base, key, tiny_model, "retry", first)
+    assert out.returncode == 1 and out.stderr == (f"clapq: cannot retry job {first}: nothing of this job's failed "
+                                                  "or was cancelled; nothing to retry\n"), out.stderr
