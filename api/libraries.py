@@ -8,7 +8,7 @@ import unicodedata
 import uuid
 
 from flask import Blueprint, g
-from sqlalchemy import delete, func, select, text
+from sqlalchemy import and_, delete, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 
 from api.batches import RETRIED_ON_REUPLOAD
@@ -136,7 +136,10 @@ def known_files(lib_id: str):
     its item, `pending_items`; every known one's item, `items`, and its metadata.path and .folder,
     `sent_from`): a client uploading a folder again sends only the rest, can wait for the files an earlier
     run left being embedded, and can update the paths of files renamed since. Failed and cancelled files
-    are not listed, because sending them again retries them."""
+    are not listed, because sending them again retries them; those failed for a reason in their bytes
+    (items.failed_in_file: they would fail the same way again) are in `failed`, with the item and its error, so
+    that a client uploading a folder every night need not send, decode and report them again at each run
+    (helper-74)."""
     lib = owned(Library, lib_id, "library")
     body = json_body()  # at most 16 MiB, as any JSON body: 10,000 digests however they are laid out
     if isinstance(body, dict):
@@ -146,9 +149,13 @@ def known_files(lib_id: str):
         raise bad_request(f"{len(digests)} digests in one request; the limit is {MAX_DIGESTS}")
     if not isinstance(digests, list) or not all(isinstance(d, str) and SHA256_HEX.fullmatch(d) for d in digests):
         raise bad_request('send {"sha256": [...]}: a list of sha256 digests of files\' bytes, in lowercase hex')
-    rows = db().execute(select(Item.sha256, Item.status, Item.job_id, Item.id, Item.meta["path"].label("path"),
-                               Item.meta["folder"].label("folder")).where(
-        Item.library_id == lib.id, Item.sha256.in_(set(digests)), Item.status.not_in(RETRIED_ON_REUPLOAD))).all()
+    rows = db().execute(select(Item.sha256, Item.status, Item.job_id, Item.id, Item.error,
+                               Item.meta["path"].label("path"), Item.meta["folder"].label("folder")).where(
+        Item.library_id == lib.id, Item.sha256.in_(set(digests)),
+        or_(Item.status.not_in(RETRIED_ON_REUPLOAD), and_(Item.status == "failed", Item.failed_in_file.is_(True))))
+    ).all()
+    failed = [r for r in rows if r.status == "failed"]
+    rows = [r for r in rows if r.status != "failed"]
     # `pending`: the known ones not embedded yet (queued or running), e.g. after an upload cut short
     pending = [r for r in rows if r.status in ("queued", "running")]
     return {"known": sorted({r.sha256 for r in rows}), "pending": sorted(r.sha256 for r in pending),
@@ -159,7 +166,8 @@ def known_files(lib_id: str):
             # renamed or moved within it can say so, and update them
             "items": {r.sha256: str(r.id) for r in rows},
             "sent_from": {r.sha256: {"path": r.path, **({"folder": r.folder} if isinstance(r.folder, str) else {})}
-                          for r in rows if isinstance(r.path, str)}}
+                          for r in rows if isinstance(r.path, str)},
+            "failed": {r.sha256: {"item_id": str(r.id), "error": r.error} for r in failed}}
 
 
 def _moves(body) -> list[tuple]:

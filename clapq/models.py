@@ -137,6 +137,10 @@ class Item(Base):
     meta: Mapped[dict] = mapped_column("metadata", JSONB, default=dict, server_default="{}")
     status: Mapped[str] = mapped_column(String(16), default="queued")
     error: Mapped[str | None] = mapped_column(Text)
+    # a failed file's `error` is in its bytes (not decodable, no audio, too long, a decoder that hangs or crashes
+    # on it): the same bytes would fail again, so `clapq upload` does not send them again unasked. False or NULL:
+    # the worker's fault, or not known (workers lost, attempts used up; failures before migration 0013)
+    failed_in_file: Mapped[bool | None] = mapped_column(Boolean)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # the Celery task that holds the item; a redelivery of that same task may take it back at once
     claimed_by: Mapped[str | None] = mapped_column(String(64))
@@ -173,8 +177,8 @@ def park(session, ids: list, mark: str) -> None:
 def requeued(job_id: uuid.UUID) -> dict:
     """An item's columns when a user sends it again, into `job_id` (a job's retry, or an upload of the
     same bytes after it failed): fresh attempts, nothing left of the tries before."""
-    return dict(job_id=job_id, status="queued", attempts=0, error=None, finished_at=None, claimed_by=None,
-                progress=None, updated_at=func.now())
+    return dict(job_id=job_id, status="queued", attempts=0, error=None, failed_in_file=None, finished_at=None,
+                claimed_by=None, progress=None, updated_at=func.now())
 
 
 # Denser than pgvector's defaults (16 / 64): recall@10 0.98 instead of 0.956 at 1M segments for

@@ -123,8 +123,9 @@ def test_an_upload_reads_every_part_it_is_sent_or_says_why_not(client, lib):
 
 def test_known_lists_only_held_bytes_of_this_library(client, lib, new_key, worker, settings, tmp_path):
     """POST /known answers which digests the library holds (a failed file is not held: sending it again
-    retries it) and which of those are not embedded yet; a bad body, too many digests and another
-    tenant's library get errors."""
+    retries it; one that failed for a reason in its bytes is named in `failed`, with its item and error, so that
+    `clapq upload` need not send it again at every run) and which of those are not embedded yet; a bad body,
+    too many digests and another tenant's library get errors."""
     from sqlalchemy import update
 
     from clapq.db import session_scope
@@ -141,9 +142,12 @@ def test_known_lists_only_held_bytes_of_this_library(client, lib, new_key, worke
     assert wait_job(client, key, job["job_id"])["status"] == "done_with_errors"
     digests = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (good, bad)] + ["0" * 64]
     r = client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": digests}, headers=auth(key))
-    good_id = job["items"][0]["id"]
+    good_id, bad_id = job["items"][0]["id"], job["items"][1]["id"]
+    failed = {digests[1]: {"item_id": bad_id, "error": "not a readable audio file (Invalid data found when "
+                                                          "processing input)"}}
     assert r.status_code == 200 and r.get_json() == {"known": digests[:1], "pending": [], "pending_jobs": {},
-                                                     "pending_items": {}, "items": {digests[0]: good_id}, "sent_from": {}}
+                                                     "pending_items": {}, "items": {digests[0]: good_id}, "sent_from": {},
+                                                     "failed": failed}, r.get_json()
     # the path in its folder `clapq upload` keeps in the metadata, for a folder uploaded again after a rename
     assert client.patch(f"/v1/items/{good_id}", json={"metadata": {"path": "sub/good.wav", "folder": "/srv/x"}},
                         headers=auth(key)).status_code == 200
@@ -159,7 +163,14 @@ def test_known_lists_only_held_bytes_of_this_library(client, lib, new_key, worke
                   .values(status="done"))
     assert r.get_json() == {"known": digests[:1], "pending": digests[:1], "pending_jobs": {digests[0]: job["job_id"]},
                             "pending_items": {digests[0]: good_id}, "items": {digests[0]: good_id},
-                            "sent_from": {digests[0]: {"path": "sub/good.wav", "folder": "/srv/x"}}}
+                            "sent_from": {digests[0]: {"path": "sub/good.wav", "folder": "/srv/x"}}, "failed": failed}
+    # a failure that was not the file's (a worker lost on it at each try, so its attempts ran out; or one from
+    # before the worker said whose it was): not named, so `clapq upload` sends it again, a retry
+    for fault in (False, None):
+        with session_scope(settings.database_url) as s:
+            s.execute(update(Item).where(Item.id == uuid.UUID(bad_id)).values(failed_in_file=fault))
+        assert client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": digests}, headers=auth(key)
+                           ).get_json()["failed"] == {}
     for body in ({"sha256": ["ABC"]}, {"sha256": "0" * 64}, {"sha256": ["0" * 64, 5]}, ["0" * 64], None):
         assert "sha256" in err(client.post(f"/v1/libraries/{lib_id}/known", json=body, headers=auth(key)), 400)["message"]
     assert "10000" in err(client.post(f"/v1/libraries/{lib_id}/known", json={"sha256": ["0" * 64] * 10_001},

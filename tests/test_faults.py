@@ -1137,8 +1137,34 @@ def kill_on_each_try(stack, poison_id: uuid.UUID, kill, each=lambda: None) -> in
     return kills
 
 
+def failed_in_its_bytes(stack, key: str, item_id: uuid.UUID) -> dict | None:
+    """What /known says of a failed file's bytes under `failed` (those `clapq upload` does not send again unasked:
+    they failed for a reason in their bytes), None where it names them not."""
+    with session_scope(stack["settings"].database_url) as s:
+        item = s.get(Item, item_id)
+        lib, sha = item.library_id, item.sha256
+    r = stack["client"].post(f"/v1/libraries/{lib}/known", json={"sha256": [sha]}, headers=auth(key))
+    assert r.status_code == 200 and sha not in r.get_json()["known"], r.get_json()
+    return r.get_json()["failed"].get(sha)
+
+
+def test_a_file_that_hangs_its_decoder_fails_in_its_bytes(stack):
+    """A file whose decoding never ends: its decoder is killed after CLAPQ_DECODE_TIMEOUT_S and it fails alone,
+    for a reason in its bytes, so a folder uploaded every night does not send it again to hold a decoder that
+    long at every run (helper-74); the rest of its job is embedded."""
+    key, job_id, poison_id = poison_job(stack)
+    stack["worker"]()
+    final = wait_finished(stack, key, job_id)
+    assert final["status"] == "done_with_errors" and final["counts"]["done"] == 5, final
+    error = "decoding took longer than 10 s (CLAPQ_DECODE_TIMEOUT_S); gave up"
+    assert final["errors"] == [{"item_id": str(poison_id), "filename": "f000.wav", "error": error}], final
+    assert failed_in_its_bytes(stack, key, poison_id) == {"item_id": str(poison_id), "error": error}
+
+
 def test_poison_file_that_kills_its_worker_fails_after_the_attempt_limit(stack):
-    """A file on which the worker dies every time: failed after CLAPQ_MAX_ATTEMPTS, the rest completes."""
+    """A file on which the worker dies every time: failed after CLAPQ_MAX_ATTEMPTS, the rest completes. Not
+    for a reason known to be in its bytes (the workers may have died of something else): `clapq upload` sends it
+    again, a retry."""
     key, job_id, poison_id = poison_job(stack)
     stack["start_beat"]()
 
@@ -1157,6 +1183,7 @@ def test_poison_file_that_kills_its_worker_fails_after_the_attempt_limit(stack):
     err = final["errors"][0]["error"]
     assert "gave up after 3 attempts" in err, err
     assert kills == 3
+    assert failed_in_its_bytes(stack, key, poison_id) is None
 
 
 def test_poison_file_that_kills_only_the_pool_child_takes_no_other_file_with_it(stack):

@@ -201,8 +201,9 @@ LANDED = {
     "0010_repair_job_retries.py": "6df2aba096fe4ade",
     "0011_items_without_a_message.py": "bcb3623eab3c8b63",
     "0012_tenant_waiting_index.py": "fc83a84af1df56f3",
+    "0013_items_failed_in_file.py": "1d65bfda867aa9f6",
 }
-HEAD = "0012"
+HEAD = "0013"
 
 
 def test_landed_migrations_are_never_changed():

@@ -40,6 +40,9 @@ class Decoded:
     n: int = 0
     windows: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
     error: str | None = None
+    # the error is in the file's bytes (it cannot be decoded, holds no audio, is too long, hangs or crashes its
+    # decoder, makes the model's values non-finite): the same bytes would fail again (items.failed_in_file)
+    in_file: bool = False
     gone: bool = False  # dropped (deleted, or its job cancelled) before or while it decoded
 
     @property
@@ -137,6 +140,7 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options,
     except DecodeError as exc:
         d.cleanup()
         d.error = f"{exc} (CLAPQ_MAX_DURATION_S)" if isinstance(exc, TooLong) else str(exc)
+        d.in_file = True
         return d
     except BaseException:  # ScratchError (a full disk): the task's, not this file's; no file left behind
         d.cleanup()
@@ -285,7 +289,7 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
             if not np.isfinite(vec).all():
                 # Postgres would reject the vector and with it the whole batch's transaction: fail this file alone
                 settle(d)
-                d.error = "the model produced non-finite values for this audio"
+                d.error, d.in_file = "the model produced non-finite values for this audio", True
                 on_failed(d)
                 continue
             slots[i] = vec

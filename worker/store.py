@@ -54,7 +54,7 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
         if cancelled:
             item.status, item.finished_at = "cancelled", func.now()
         elif item.attempts >= max_attempts:
-            item.status, item.finished_at = "failed", func.now()
+            item.status, item.finished_at, item.failed_in_file = "failed", func.now(), False  # not known whose
             item.error = f"gave up after {item.attempts} attempts; last error: {item.error or 'worker lost'}"
         elif lib_model != model_id:
             # a worker started with another checkpoint (CLAPQ_MODEL, or a newer revision downloaded) beside the
@@ -150,9 +150,10 @@ def _requeue(session: Session, which, reason: str, task_id: str, charge: bool) -
     return update_locked(session, and_(which, Item.status == "running", Item.claimed_by == task_id), values)
 
 
-def record_failure(session: Session, item_id: uuid.UUID, reason: str, info=None) -> bool:
-    """Whether the failure was recorded: not for a file cancelled or deleted meanwhile."""
-    values = dict(status="failed", error=reason[:2000], finished_at=func.now())
+def record_failure(session: Session, item_id: uuid.UUID, reason: str, info=None, in_file: bool = False) -> bool:
+    """Whether the failure was recorded: not for a file cancelled or deleted meanwhile. `in_file`: the reason is
+    in the file's bytes, which would fail the same way again (items.failed_in_file)."""
+    values = dict(status="failed", error=reason[:2000], finished_at=func.now(), failed_in_file=in_file)
     if info is not None and info.sample_rate:
         values.update(sample_rate=info.sample_rate, channels=info.channels, audio_format=info.format[:32])
     return session.execute(update(Item).where(Item.id == item_id, Item.status == "running").values(**values)

@@ -399,7 +399,7 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
 
     def on_failed(d) -> None:
         with session_scope(settings.database_url) as s:
-            recorded = store.record_failure(s, d.item.id, d.error, d.info)
+            recorded = store.record_failure(s, d.item.id, d.error, d.info, in_file=d.in_file)
         held.discard(d.item.id)
         if not recorded:  # cancelled or deleted meanwhile: not a failure (clapq_items_failed_total counted
             return  # it, helper-54)
