@@ -482,7 +482,7 @@ def cmd_upload(args) -> None:
     else:
         _fail(f"{args.folder} does not exist")
     raise SystemExit(upload_folder(connect(args.url, args.key, settings.data_dir), folder, args.library,
-                                   wait=not args.no_wait, only=only))
+                                   wait=not args.no_wait, only=only, retry_failed=args.retry_failed))
 
 
 def cmd_search(args) -> None:
@@ -645,6 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "sent again); or one file")
     upload.add_argument("--no-wait", action="store_true", help="return once the files are uploaded, without "
                         "waiting for them to be embedded")
+    upload.add_argument("--retry-failed", action="store_true", help="send again the files that failed before for a "
+                        "reason in their bytes (not decodable, no audio, too long), which are otherwise left out "
+                        "until their bytes change")
     _client_args(upload, "library name (created if missing) or id")
     upload.set_defaults(func=cmd_upload)
     search = sub.add_parser("search", help="search a library by words, or by a sound with --like FILE")

@@ -493,14 +493,19 @@ def file_digest(p: Path) -> str:
 
 class Known(NamedTuple):
     """What a library holds of one batch's files (`not_known`)."""
-    new: list[Path]  # the files whose bytes it does not hold: to send
+    new: list[Path]  # the files whose bytes it does not hold, nor holds as failed in their bytes: to send
     pending: dict[Path, tuple[str | None, str | None]]  # held, not embedded yet: (job, item), None where not said
     digests: dict[Path, str | None]  # each file's sha256 (None: it could not be read)
     held: dict[Path, tuple[str, dict]]  # held: the item, and where it was sent from ({"path", "folder"} as said)
+    failed: dict[Path, str]  # held as failed for a reason in their bytes, not sent again: why each failed
 
 
-def not_known(client: Client, lib_id: str, batch: list[Path]) -> Known:
-    """Which files of `batch` the library holds already, asked by digest (nothing sent)."""
+def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool = False) -> Known:
+    """Which files of `batch` the library holds already, asked by digest (nothing sent). Files it holds as
+    failed for a reason in their bytes are not sent again (`failed`) unless `retry_failed`: a folder uploaded
+    every night sent its broken files at every run, each decoded again (a file that hangs its decoder held one
+    for CLAPQ_DECODE_TIMEOUT_S) and told as a new failure, exit 1 (helper-74). Their bytes changed, they are
+    other bytes, and sent."""
     digests: dict[Path, str | None] = {}
     for p in batch:
         try:
@@ -515,10 +520,14 @@ def not_known(client: Client, lib_id: str, batch: list[Path]) -> Known:
     known, pending = set(answer.get("known", ())), set(answer.get("pending", ()))
     jobs, items = answer.get("pending_jobs", {}), answer.get("pending_items", {})
     ids, sent_from = answer.get("items", {}), answer.get("sent_from", {})
-    return Known([p for p in batch if digests[p] not in known],
+    # a server of an earlier version says none: they are sent, and retried, as before
+    failed_before = {} if retry_failed else answer.get("failed", {})
+    failed = {p: str((failed_before[digests[p]] or {}).get("error") or "") for p in batch
+              if digests[p] in failed_before}
+    return Known([p for p in batch if digests[p] not in known and p not in failed],
                  {p: (jobs.get(digests[p]), items.get(digests[p])) for p in batch if digests[p] in pending}, digests,
                  {p: (ids[digests[p]], sent_from[digests[p]]) for p in batch
-                  if digests[p] in ids and isinstance(sent_from.get(digests[p]), dict)})
+                  if digests[p] in ids and isinstance(sent_from.get(digests[p]), dict)}, failed)
 
 
 def stored_path(rel: str) -> str:
@@ -654,9 +663,11 @@ def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> tuple
     return None, batch, left_out
 
 
-def upload_folder(client: Client, folder: Path, library: str, wait: bool = True, only: list[Path] | None = None) -> int:
+def upload_folder(client: Client, folder: Path, library: str, wait: bool = True, only: list[Path] | None = None,
+                  retry_failed: bool = False) -> int:
     """Upload the audio files under `folder`, or only the files `only` names (in `folder`), and by default
-    wait for their jobs; returns the command's exit code."""
+    wait for their jobs; returns the command's exit code. Files the library holds as failed for a reason in
+    their bytes are sent again only with `retry_failed` (not_known)."""
     listing = Listing(only) if only is not None else audio_files(folder)
     paths, other = listing.audio, listing.other
     if listing.hidden:
@@ -722,6 +733,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     # so that a folder says the same of its copies on every run (digest -> its first path in the folder)
     first: dict[str, str] = {}
     held_copies: list[str] = []
+    failed_before: list[str] = []  # files not sent as the library holds them failed for a reason in their bytes
     # held files whose item's path is gone from the folder, or that take this folder: (item, old path, new path,
     # the folder it was sent from)
     moved: list[tuple] = []
@@ -751,14 +763,15 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             yield from paths
             return
         for group in batches(paths, *cut_at):
-            new, pending, digests, held = not_known(client, lib["id"], group)
-            skipped += len(group) - len(new)
+            new, pending, digests, held, failed = not_known(client, lib["id"], group, retry_failed)
+            skipped += len(group) - len(new) - len(failed)
             unfinished += len(pending)
             held_by_jobs(pending)
+            failed_before.extend(printable(p.relative_to(folder).as_posix()) for p in failed)
             sending = set(new)
             for p in group:
                 rel, digest = p.relative_to(folder).as_posix(), digests[p]
-                if digest is None:
+                if digest is None or p in failed:
                     continue
                 if p not in sending and digest in first:
                     held_copies.append(f"{printable(rel)} (= {printable(first[digest])})")
@@ -784,10 +797,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                     # as a run again would: once the API answers, the files it took before the cut are not sent
                     # again (their job is waited for), only the rest
                     print(f"{exc.code}; asking which of them the library holds, to send the rest", file=sys.stderr)
-                    new, pending, _, _ = not_known(client, lib["id"], batch)
-                    skipped += len(batch) - len(new)
+                    new, pending, _, _, failed_here = not_known(client, lib["id"], batch, retry_failed)
+                    skipped += len(batch) - len(new) - len(failed_here)
                     unfinished += len(pending)
                     held_by_jobs(pending)
+                    failed_before.extend(printable(p.relative_to(folder).as_posix()) for p in failed_here)
                     answer, batch, left_out = None, new, []
                     if not batch:
                         break
@@ -856,6 +870,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         held = ("the file is" if found == 1 else f"all {found} files are" if skipped == found
                 else f"{skipped} of {found} files {'is' if skipped == 1 else 'are'}")
         print(f"{held} in the library already{still}: not sent again", file=sys.stderr)
+    if failed_before:  # not told as new failures, nor failing the command: each was told when it failed
+        n = len(failed_before)
+        print(f"{n_files(n)} failed before and {'was' if n == 1 else 'were'} not sent again (`clapq upload "
+              f"--retry-failed` sends {'it' if n == 1 else 'them'}, or `clapq jobs retry`): {_some(failed_before)}",
+              file=sys.stderr)
     if elsewhere:  # a moved or renamed folder, or a copy of one (helper-44: nothing was said)
         print(f"{n_files(len(elsewhere))} at the same {'path' if len(elsewhere) == 1 else 'paths'} here "
               f"{'was' if len(elsewhere) == 1 else 'were'} sent from another folder (this one before it was moved "
@@ -891,7 +910,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
               "could not be read (listed above): any audio in them was not sent", file=sys.stderr)
     print(json.dumps({"library_id": lib["id"], "jobs": jobs, "earlier_jobs": resumed, "files": found, "skipped": skipped,
                       "not_sent": len(refused), "unreadable": len(listing.closed), "duplicates": copies,
-                      "renamed": len(renamed), "failed": failed, "cancelled": cancelled}))
+                      "renamed": len(renamed), "failed": failed, "failed_before": len(failed_before),
+                      "cancelled": cancelled}))
     return 1 if failed or refused or cancelled or listing.closed else 0
 
 

@@ -2956,3 +2956,63 @@ def test_clapq_jobs_says_why_a_job_waits_and_cancels_and_requeues_it(start_api, 
     out = _jobs(base, key, tiny_model, "retry", first)
     assert out.returncode == 1 and out.stderr == (f"clapq: cannot retry job {first}: nothing of this job's failed "
                                                   "or was cancelled; nothing to retry\n"), out.stderr
+
+
+def test_files_that_failed_in_their_bytes_are_not_sent_again_until_they_change(start_api, new_key, worker, tmp_path,
+                                                                                 tiny_model):
+    """A folder uploaded every night (cron) with broken files in it: each run sent them again (their bytes over
+    HTTP), the worker decoded them again (a file that hangs its decoder held one for CLAPQ_DECODE_TIMEOUT_S), and
+    the run told them as new failures and exited 1 (helper-74). A file that failed for a reason in its bytes is
+    now sent once: later runs leave it out, say so, and exit 0 where nothing else went wrong; `--retry-failed`
+    sends it again, and so does a change of its bytes (the file fixed in place). An HTTP client that sends the
+    bytes itself retries them, as before."""
+    folder = tmp_path / "Sounds"
+    folder.mkdir()
+    write(folder / "good.wav", 0.5, seed=7)
+    (folder / "list.wav").write_bytes(b"a shopping list, not audio\n" * 20)
+    (folder / "noise.ogg").write_bytes(os.urandom(3000))
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+
+    def upload(*extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "nightly",
+                              "--url", base, "--key", key, *extra], env=_env(tiny_model), capture_output=True,
+                             text=True, timeout=300)
+        return out, json.loads(out.stdout or "{}")
+
+    def decodes(item_id: str) -> int:  # the worker's log says each failure, once a try
+        return sum('"item failed"' in line and item_id in line for line in worker.output().splitlines())
+
+    out, summary = upload()
+    assert out.returncode == 1 and summary["failed"] == 2 and summary.get("failed_before", 0) == 0, out.stderr
+    lib = summary["library_id"]
+    failed = {i["metadata"]["path"]: i["id"] for i in requests.get(
+        f"{base}/v1/libraries/{lib}/items", params={"status": "failed"}, headers=h, timeout=30).json()["items"]}
+    assert sorted(failed) == ["list.wav", "noise.ogg"] and all(decodes(i) == 1 for i in failed.values()), failed
+
+    out, summary = upload()  # the next night: nothing sent, nothing decoded, nothing told as new
+    assert out.returncode == 0, out.stderr
+    assert summary["jobs"] == [] and summary["failed"] == 0 and summary["failed_before"] == 2, summary
+    assert summary["skipped"] == 1, summary  # good.wav
+    assert "uploading" not in out.stderr and "failed:" not in out.stderr, out.stderr
+    assert ("2 files failed before and were not sent again (`clapq upload --retry-failed` sends them, or `clapq "
+            "jobs retry`): list.wav, noise.ogg") in out.stderr.splitlines(), out.stderr
+    assert all(decodes(i) == 1 for i in failed.values()), worker.output()[-3000:]
+
+    out, summary = upload("--retry-failed")  # asked for: sent, decoded and told again
+    assert out.returncode == 1 and len(summary["jobs"]) == 1 and summary["failed"] == 2, out.stderr
+    assert summary["failed_before"] == 0 and "uploading 2 files" in out.stderr, out.stderr
+    assert all(decodes(i) == 2 for i in failed.values()), worker.output()[-3000:]
+
+    write(folder / "list.wav", 0.5, seed=8)  # fixed in place: other bytes at the same path are sent
+    out, summary = upload()
+    assert out.returncode == 0 and len(summary["jobs"]) == 1 and summary["failed_before"] == 1, out.stderr
+    assert "uploading 1 file" in out.stderr and "sends it, or `clapq jobs retry`): noise.ogg" in out.stderr, out.stderr
+    job = requests.get(f"{base}/v1/jobs/{summary['jobs'][0]}", headers=h, timeout=30).json()
+    assert job["status"] == "done" and job["counts"]["done"] == 1, job
+    assert decodes(failed["noise.ogg"]) == 2
+
+    # bytes sent by hand (curl) are a retry of the failed item, as they always were
+    r = requests.post(f"{base}/v1/libraries/{lib}/batches", headers=h, timeout=60,
+                      files=[("files", ("noise.ogg", (folder / "noise.ogg").read_bytes()))])
+    assert r.status_code == 202 and r.json()["items"][0]["retry_of"] == "failed", r.json()
