@@ -17,7 +17,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = (settings or Settings.from_env()).require_urls()
     app = Flask(__name__, static_folder=None)  # no files to serve: a /static/ route answered in werkzeug's words
     app.request_class = StreamingRequest
-    app.wsgi_app = finish_bodies(app.wsgi_app, settings.max_request_bytes)
+    app.wsgi_app = finish_bodies(app.wsgi_app, settings.max_request_bytes, settings.client_timeout_s)
     # a path with an empty id (`/v1/items//segments`) is a 404 in the JSON envelope, not a redirect page
     app.url_map.merge_slashes = False
     app.json = errors.ClientJSON(app)  # bodies as api.errors.parse_json reads them

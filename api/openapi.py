@@ -310,6 +310,14 @@ SPEC = {
 }
 
 
+# an operation that reads a body answers 408 where the body stops arriving for CLAPQ_CLIENT_TIMEOUT_S
+# (api.uploads.finish_bodies)
+for _ops in SPEC["paths"].values():
+    for _op in _ops.values():
+        if "requestBody" in _op:
+            _op["responses"]["408"] = _ERR
+
+
 @bp.get("/openapi.json")
 def openapi():
     return SPEC

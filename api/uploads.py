@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 import unicodedata
 
 from flask import Request, current_app, g
-from werkzeug.exceptions import BadRequest
+from werkzeug.exceptions import BadRequest, RequestTimeout
 from werkzeug.wsgi import LimitedStream
 
 from api.removal import queue_unnamed, reclaim
@@ -90,39 +91,124 @@ class StreamingRequest(Request):
 
 # the most of a body an answer that did not read it reads and drops (finish_bodies)
 DRAIN_MAX_BYTES = 8 * 1024 * 1024
+# and the longest it reads for (gunicorn's own drain after an answer waits as long): a client that sends the rest
+# slowly, or not at all, is left to gunicorn, which closes the connection
+DRAIN_MAX_S = 5.0
 
 
-def finish_bodies(wsgi_app, max_request_bytes: int):
+class _BodyTimedOut(RequestTimeout):
+    """A 408: the client stopped sending the body it announced."""
+
+
+class _PacedBody:
+    """The request's body (environ["wsgi.input"]) whose read that waits longer than the client timeout set on
+    the connection's socket raises a 408 (`_BodyTimedOut`), instead of the socket's TimeoutError, which
+    werkzeug reads as a client that went away."""
+
+    def __init__(self, stream, timeout_s: float) -> None:
+        self._stream, self._timeout_s, self.timed_out = stream, timeout_s, False
+
+    def _guarded(self, read, *args):
+        try:
+            return read(*args)
+        except TimeoutError:
+            self.timed_out = True
+            raise _BodyTimedOut(f"the request's body stopped arriving: nothing of it came for {self._timeout_s:g} s "
+                                "(CLAPQ_CLIENT_TIMEOUT_S); send the request again") from None
+
+    def read(self, *args):
+        return self._guarded(self._stream.read, *args)
+
+    def readline(self, *args):
+        return self._guarded(self._stream.readline, *args)
+
+    def readlines(self, *args):
+        return self._guarded(self._stream.readlines, *args)
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+
+def _set_timeout(sock, seconds: float | None) -> None:
+    try:
+        sock.settimeout(seconds)
+    except OSError:  # closed meanwhile
+        pass
+
+
+def finish_bodies(wsgi_app, max_request_bytes: int, client_timeout_s: int = 0):
     """WSGI middleware: a request answered before its body was read (a 401, a 404 for an unknown library, a
     429 while the backlog is full) has the rest of its body read and dropped before the answer goes out.
     Gunicorn would answer it "Connection: keep-alive" and then, finding more than 64 KiB unread, close the
     connection; a client that sends its next request on it at once (a `requests` session, any pool) has
     that request cut off without an answer. A body longer than DRAIN_MAX_BYTES, or than the request limit
     (the 413 that must not read it), is left to gunicorn: it closes after the answer, which a client still
-    sending reads as its send fails (urllib3 does)."""
+    sending reads as its send fails (urllib3 does); so is one whose rest does not arrive within DRAIN_MAX_S.
+
+    Under gunicorn (its connection's socket in the environ), every read of the request's body and every write
+    of its answer waits at most `client_timeout_s` (CLAPQ_CLIENT_TIMEOUT_S; 0: for ever) for the client: a
+    body that stops arriving is a 408 and the connection is closed, and so is one whose answer is not read.
+    Each such client held one of the API's threads (2 processes x 4 by default) for as long as it kept its
+    connection open: 8 connections that sent a request's headers and a few bytes of its body, with no key,
+    stopped the whole API, its /healthz included, for good (helper-75)."""
 
     def app(environ, start_response):
         try:
             declared = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             return wsgi_app(environ, start_response)
+        sock = environ.get("gunicorn.socket")
+        timeout_s = client_timeout_s if hasattr(sock, "settimeout") and client_timeout_s > 0 else None
         if declared and not environ.get("wsgi.input_terminated"):
             # a server may give the connection itself as the body (PEP 3333; werkzeug's own server does), and
             # reading past CONTENT_LENGTH there waits for the client's next request, which never comes while
             # it waits for this answer: the body is bounded, as gunicorn's is
             environ["wsgi.input"] = LimitedStream(environ["wsgi.input"], declared)
+        body = None
+        if timeout_s is not None:
+            # gunicorn makes the socket blocking, with no timeout, at each request; the answer is written
+            # with this one too
+            _set_timeout(sock, timeout_s)
+            body = environ["wsgi.input"] = _PacedBody(environ["wsgi.input"], timeout_s)
         result = wsgi_app(environ, start_response)
         # a body of unstated length is readable to its end only where the server says so (gunicorn does)
-        if (declared or environ.get("wsgi.input_terminated")) and declared <= min(max_request_bytes, DRAIN_MAX_BYTES):
-            stream, left = environ["wsgi.input"], DRAIN_MAX_BYTES
+        if (body is None or not body.timed_out) and (declared or environ.get("wsgi.input_terminated")) \
+                and declared <= min(max_request_bytes, DRAIN_MAX_BYTES):
+            stream, left, until = environ["wsgi.input"], DRAIN_MAX_BYTES, time.monotonic() + DRAIN_MAX_S
             try:
-                while left > 0 and (data := stream.read(min(left, 64 * 1024))):
+                while left > 0 and (wait := until - time.monotonic()) > 0:
+                    if timeout_s is not None:
+                        _set_timeout(sock, min(wait, timeout_s))
+                    if not (data := stream.read(min(left, 64 * 1024))):
+                        break
                     left -= len(data)
-            except Exception:  # the client went away or sent a broken chunk: gunicorn closes the connection
+            except Exception:  # the client went away, sent a broken chunk or too slowly: gunicorn closes the connection
                 pass
+            finally:
+                if timeout_s is not None:
+                    _set_timeout(sock, timeout_s)
         return result
 
     return app
+
+
+class QuietClientTimeouts(logging.Filter):
+    """On gunicorn's error log: an answer's write that ran past CLAPQ_CLIENT_TIMEOUT_S (a client that reads
+    nothing of it) is one warning line, not "Socket error processing request." and its traceback at ERROR, which
+    any client could have written to the log at will."""
+
+    def __init__(self, timeout_s: int) -> None:
+        super().__init__()
+        self.timeout_s = timeout_s
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], TimeoutError):
+            record.msg = ("closed the connection of a client that read nothing of its answer for %s s "
+                          "(CLAPQ_CLIENT_TIMEOUT_S)")
+            record.args = (self.timeout_s,)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def display_name(raw: str | None) -> str:

@@ -4,11 +4,14 @@ import logging
 import threading
 
 from api import create_app
+from api.uploads import QuietClientTimeouts
 from clapq import logs
 from clapq.settings import Settings
 
 logs.configure(Settings.from_env().log_level)
 app = create_app()
+# a client that read nothing of an answer for CLAPQ_CLIENT_TIMEOUT_S: a warning, not a traceback (api.uploads)
+logging.getLogger("gunicorn.error").addFilter(QuietClientTimeouts(app.config["CLAPQ"].client_timeout_s))
 
 
 def _load_text_tower() -> None:

@@ -134,6 +134,7 @@ class Settings:
     exact_search_max_windows: int
     hnsw_ef_search: int
     search_timeout_s: int
+    client_timeout_s: int
     max_attempts: int
     decoders: int
     worker_concurrency: int
@@ -189,6 +190,10 @@ class Settings:
             # a search's statements are stopped past this (0: never): nothing else stops one whose client
             # has gone
             search_timeout_s=_int(env, "CLAPQ_SEARCH_TIMEOUT_S", 60, 0),
+            # how long the API waits for a client that sends nothing more of its request's body, or reads
+            # nothing of its answer, before it closes the connection (0: for ever): each such client holds
+            # one of its threads (api.uploads.finish_bodies)
+            client_timeout_s=_int(env, "CLAPQ_CLIENT_TIMEOUT_S", 60, 0),
             max_attempts=_int(env, "CLAPQ_MAX_ATTEMPTS", 3, 1),
             # 0: chosen by the worker for its device (worker.decoder.pool_size)
             decoders=_int(env, "CLAPQ_DECODERS", 0, 0),

@@ -414,6 +414,52 @@ def test_an_upload_answered_unread_leaves_its_connection_usable(start_api, new_k
         conn.close()
 
 
+def test_a_client_that_stops_sending_or_reading_does_not_hold_the_api(start_api, new_key):
+    """Against gunicorn with one process of one thread, so that one held thread is the whole API: a request
+    whose body stops arriving, with no key (its 401 read the rest of the body, at the client's pace), or with
+    one (an upload's 408, in the envelope), and a client that pipelines requests and reads none of the answers,
+    each left open while /healthz is asked. Each held its thread for as long as it kept its connection open: 8
+    such connections, with no key, stopped an API of 2 x 4 threads for good; now a client that sends or reads
+    nothing for CLAPQ_CLIENT_TIMEOUT_S is cut off."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = start_api(CLAPQ_API_WORKERS="1", CLAPQ_API_THREADS="1", CLAPQ_CLIENT_TIMEOUT_S="1")
+    base, key = urlsplit(url), new_key()
+    lib = requests.post(f"{url}/v1/libraries", json={"name": "slow"}, headers=auth(key), timeout=30).json()["id"]
+    part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="a.wav"\r\n\r\nRIFF' + b"x" * 1000
+
+    def held(head: str, sent: bytes = b"") -> socket.socket:
+        sock = socket.create_connection((base.hostname, base.port), timeout=60)
+        sock.sendall(head.encode() + sent)
+        return sock
+
+    def healthz() -> None:  # answered while the other connection stays open (it waited for ever)
+        assert requests.get(f"{url}/healthz", timeout=60).json() == {"status": "ok"}
+
+    with held("POST /v1/libraries HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+              "Content-Length: 1000000\r\n\r\n", b'{"name": "x", '):
+        healthz()
+    with held(f"POST /v1/libraries/{lib}/batches HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+              "Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 10000000\r\n\r\n", part) as upload:
+        answer = b""
+        while chunk := upload.recv(65536):  # the answer, then the connection closed
+            answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer[:300]
+        e = json.loads(body)["error"]
+        assert e["code"] == "request_timeout" and "CLAPQ_CLIENT_TIMEOUT_S" in e["message"], e
+        healthz()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connecting: a small window
+    sock.settimeout(60)
+    sock.connect((base.hostname, base.port))
+    with sock:
+        sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+        healthz()
+    assert requests.get(f"{url}/v1/libraries/{lib}", headers=auth(key), timeout=30).json()["counts"]["queued"] == 0
+
+
 def test_a_broken_chunked_body_is_a_400_in_json(start_api, new_key):
     """Against gunicorn: a chunked body whose framing is broken (a chunk size that is not hex) was a 500, from
     gunicorn's parse error raised as the request read its body; it is the client's 400, in the envelope, for
