@@ -98,6 +98,7 @@ def cmd_api(args) -> None:
     port = _whole("CLAPQ_PORT", "8000", 1, 65535)
     workers = _whole("CLAPQ_API_WORKERS", "2", 1, 256)
     threads = _whole("CLAPQ_API_THREADS", "4", 1, 1024)
+    _open_files_for_uploads(threads, settings.max_files_per_batch)
     # gunicorn's processes count their requests in files here, so /metrics adds up all of them, not one
     # process's (a counter that went down from one scrape to the next); fresh for each start, as the files
     # of processes gone would count again
@@ -127,6 +128,37 @@ def cmd_api(args) -> None:
         # find it gone and fail to boot, which stops the master)
         if made is not None and os.getpid() == master:
             shutil.rmtree(made, ignore_errors=True)
+
+
+OPEN_FILES = 65_536  # the soft limit of open files clapq api asks for, at least
+
+
+def _open_files_for_uploads(threads: int, files_per_batch: int) -> None:
+    """Raise this process's soft limit of open files (gunicorn's processes inherit it) to what uploads on every
+    thread at once hold: each file of an upload is a temporary file held open until the request has been read
+    (api.uploads), so at the usual soft limit of 1,024 (`ulimit -n`; systemd's and Docker's default), two
+    uploads of 1,000 files in one process were 500s, and so was any request of another tenant that opened a file
+    or a connection meanwhile (helper-75). Only the soft limit moves: to OPEN_FILES (or more where uploads need
+    more), within the hard one, as each kept-alive connection holds a file too; where the hard limit is below what
+    uploads need, a warning names it."""
+    import resource
+
+    need = threads * (files_per_batch + 16) + 256  # a form's parts (MAX_FORM_PARTS), and the process's own
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(need, OPEN_FILES)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    target = want if hard == resource.RLIM_INFINITY else min(hard, want)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < need:
+        print(f"clapq: warning: this process may open {soft} files (ulimit -n), fewer than the {need} that uploads of "
+              f"{files_per_batch} files (CLAPQ_MAX_FILES_PER_BATCH) on each of its {threads} threads (CLAPQ_API_THREADS) "
+              "hold at once: raise the limit, or lower one of those", file=sys.stderr, flush=True)
 
 
 def _port(raw: str) -> int:

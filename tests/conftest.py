@@ -196,13 +196,20 @@ def start_api(env, tmp_path):
     with any other settings given as environment variables); its URL."""
     procs = []
 
-    def start(rate_limit: str = "0", **extra: str) -> str:
+    def start(rate_limit: str = "0", open_files: int | None = None, **extra: str) -> str:
+        """`open_files`: the soft limit of open files (`ulimit -n`) it starts with."""
         port = free_port()
         log = tmp_path / f"api{len(procs)}.log"
+
+        def limit() -> None:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
         with open(log, "wb") as out:
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "clapq.cli", "api"], stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=limit if open_files else None,
                 env={**env, "CLAPQ_HOST": "127.0.0.1", "CLAPQ_PORT": str(port), "CLAPQ_API_WORKERS": "2",
                      "CLAPQ_PRELOAD_TEXT": "0", "CLAPQ_RATE_LIMIT": rate_limit, **extra}))
         base = f"http://127.0.0.1:{port}"

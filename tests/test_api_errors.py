@@ -460,6 +460,26 @@ def test_a_client_that_stops_sending_or_reading_does_not_hold_the_api(start_api,
     assert requests.get(f"{url}/v1/libraries/{lib}", headers=auth(key), timeout=30).json()["counts"]["queued"] == 0
 
 
+def test_an_upload_of_many_files_does_not_run_out_of_open_files(start_api, new_key):
+    """Each file of an upload is held open while the request is read. At a soft limit of open files below
+    that (here 256, for 300 files; at the usual 1,024, an upload of 1,000 files beside any other request of
+    its process, or two uploads at once), the upload was a 500 "Too many open files", and so was any request
+    of another tenant that opened a file meanwhile. `clapq api` raises its soft limit to what uploads on all
+    its threads take, within the hard limit (where that is lower it warns: not tested here)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 4 * (1000 + 16) + 256:
+        pytest.skip(f"the hard limit of open files here ({hard}) is below what `clapq api` raises the soft one to")
+    url = start_api(open_files=256)
+    key = new_key()
+    lib = requests.post(f"{url}/v1/libraries", json={"name": "many"}, headers=auth(key), timeout=30).json()["id"]
+    files = [("files", (f"{i}.wav", b"RIFF" + os.urandom(64))) for i in range(300)]
+    r = requests.post(f"{url}/v1/libraries/{lib}/batches", files=files, headers=auth(key), timeout=120)
+    assert r.status_code == 202, r.text[:300]
+    assert len(r.json()["items"]) == 300
+
+
 def test_a_broken_chunked_body_is_a_400_in_json(start_api, new_key):
     """Against gunicorn: a chunked body whose framing is broken (a chunk size that is not hex) was a 500, from
     gunicorn's parse error raised as the request read its body; it is the client's 400, in the envelope, for
