@@ -105,10 +105,22 @@ def check_text(value, where: str) -> None:
                 raise bad_request(f"{where} has text with a NUL character (\\u0000 or %00)")
 
 
+# values a JSON text may hold (its commas and opening brackets counted, those in strings too): 16 MiB of
+# `[{},{},...]` is 5.6 million dicts, which took an API process 800 MB to parse (helper-75); a million is ~80 MB.
+# The largest asked for: 10,000 moves of ~15 values, an upload's 'metadata' of 1,000 files of ~1,000 values
+MAX_JSON_VALUES = 1_000_000
+
+
+def _json_values(raw: str | bytes) -> int:
+    """An upper bound, cheaply counted, on how many values (objects, arrays and items) JSON text holds."""
+    marks = (",", "[", "{") if isinstance(raw, str) else (b",", b"[", b"{")
+    return sum(raw.count(m) for m in marks)
+
+
 def parse_json(raw: str | bytes, where: str):
-    """JSON text a client sent, as check_text allows it. NaN and Infinity (which Python's parser takes
-    but JSON does not have) and nesting too deep for the parser are 400s here instead of 500s later;
-    other malformed JSON raises ValueError for the caller to word."""
+    """JSON text a client sent, as check_text allows it, of at most MAX_JSON_VALUES values (a 413). NaN and
+    Infinity (which Python's parser takes but JSON does not have) and nesting too deep for the parser are 400s
+    here instead of 500s later; other malformed JSON raises ValueError for the caller to word."""
     def no_constant(name: str):
         raise bad_request(f"{where} has {name}, which is not a JSON number")
 
@@ -126,6 +138,9 @@ def parse_json(raw: str | bytes, where: str):
             raise bad_request(f"{where} gives {twice!r} more than once; give it once")
         return obj
 
+    if _json_values(raw) > MAX_JSON_VALUES:  # before it is parsed: its objects would be built first
+        raise ApiError(413, "payload_too_large", f"{where} holds more than {MAX_JSON_VALUES} values (counted by its "
+                       "commas and brackets, those in its strings too); send fewer at a time")
     try:
         value = json.loads(raw, parse_constant=no_constant, parse_float=finite, object_pairs_hook=once)
     except RecursionError:
