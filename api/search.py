@@ -292,9 +292,13 @@ def search():
     plan = "exact" if exact or g.get("exact_fallback") else "index"  # the index walk fell short: compared
     g.server_timing = f"query;dur={(t1 - t0) * 1000:.1f}, search;dur={(time.perf_counter() - t1) * 1000:.1f}"
     results = []
-    for r in rows[offset : offset + k]:
-        res = {"item_id": str(r.item_id), "library_id": str(r.library_id), "filename": r.filename,
-               "score": round(1.0 - float(r.d), 6), "metadata": r.meta or {}}
+    page = rows[offset : offset + k]
+    items = described(r.item_id for r in page)
+    for r in page:
+        if (item := items.get(r.item_id)) is None:  # deleted since
+            continue
+        res = {"item_id": str(r.item_id), "library_id": str(r.library_id), "filename": item.filename,
+               "score": round(1.0 - float(r.d), 6), "metadata": item.meta or {}}
         span = {"start_s": round(r.start_s, 3), "end_s": round(r.end_s, 3)}
         results.append({**res, **span} if mode == "segments" else {**res, "segment": span})
     return {"model": describe(model_id), "mode": mode, "k": k, "offset": offset, "plan": plan, "results": results}
@@ -339,8 +343,17 @@ def _matches(vectors, distance, lib_ids: list[uuid.UUID], model_id: int, conds: 
              Item.status == "done", *conds]
     if exclude is not None:
         where.append(vectors.item_id != exclude)
-    return (select(vectors.item_id, vectors.library_id, *columns, Item.filename, Item.meta, distance.label("d"))
+    # no filename or metadata: a search reads up to MAX_CANDIDATES rows to find a page of items, and each carried
+    # its item's metadata (up to 16 KiB), 20,000 of them for k=1000 deep in the results (helper-75); the page's
+    # are read once it is known (described)
+    return (select(vectors.item_id, vectors.library_id, *columns, distance.label("d"))
             .join(Item, Item.id == vectors.item_id).where(and_(*where)))
+
+
+def described(item_ids) -> dict:
+    """Each item's filename and metadata, by id, for a page of results; an item deleted since the search
+    found it is not there."""
+    return {r.id: r for r in db().execute(select(Item.id, Item.filename, Item.meta).where(Item.id.in_(set(item_ids))))}
 
 
 def _farthest(min_score: float | None) -> float | None:

@@ -14,7 +14,7 @@ from api.lookup import owned
 from api.models_info import served_model_for
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
 from api.query import item_vector, text_vectors
-from api.search import few_windows, nearest_pooled
+from api.search import described, few_windows, nearest_pooled
 from clapq.models import Embedding, Item, Library
 
 bp = Blueprint("tagging", __name__)
@@ -117,9 +117,11 @@ def duplicates(item_id: str):
     lib_ids = list(session.scalars(select(Library.id).where(Library.tenant_id == g.tenant_id)))
     few = few_windows(lib_ids, [], current_app.config["CLAPQ"].exact_search_max_windows, None)
     near = nearest_pooled(vec, lib_ids, lib.model_id, [], this, limit, threshold, few)
+    names = described(r.item_id for r in near)
+    near = [r for r in near if r.item_id in names]  # not one deleted since
     return {
         "item_id": str(this), "sha256": sha256, "threshold": threshold,
         "exact": [{"item_id": str(r.id), "library_id": str(r.library_id), "filename": r.filename} for r in exact],
-        "near": [{"item_id": str(r.item_id), "library_id": str(r.library_id), "filename": r.filename,
+        "near": [{"item_id": str(r.item_id), "library_id": str(r.library_id), "filename": names[r.item_id].filename,
                   "score": round(1.0 - float(r.d), 6)} for r in near],
     }

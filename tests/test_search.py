@@ -775,3 +775,36 @@ def test_a_library_given_many_times_is_searched_once(client, new_key, settings):
     other = client.post("/v1/libraries", json={"name": "other"}, headers=auth(new_key())).get_json()["id"]
     r = client.post("/v1/search", json={"library_ids": [*given, other], "text": "rain"}, headers=h)
     assert r.status_code == 404 and other in r.get_json()["error"]["message"]
+
+
+def test_a_search_reads_the_metadata_of_its_page_only(client, lib, settings):
+    """A search reads many windows to find a page of items (100 at least, up to 20,000 for k=1000 deep in the
+    results), and each carried its item's metadata, up to 16 KiB: for a tenant whose items hold that much, one
+    search read 20,000 of them, hundreds of MB of an API process for 1,000 results (helper-75). The metadata
+    and filenames are read for the page's items alone, and still come with each result."""
+    from sqlalchemy import event
+
+    from clapq.db import get_engine
+
+    read: list[int] = []  # rows of each statement that read items' metadata
+
+    def after(conn, cursor, statement, params, context, executemany):
+        if "items.metadata" in statement.split(" FROM ")[0]:
+            read.append(cursor.rowcount)
+
+    h, engine = auth(lib["key"]), get_engine(settings.database_url)
+    event.listen(engine, "after_cursor_execute", after)
+    try:
+        for body in ({"text": "rain", "k": 2}, {"text": "rain", "k": 2, "mode": "segments"},
+                     {"item_id": lib["ids"]["s03.wav"], "k": 2}):
+            read.clear()
+            results = client.post("/v1/search", json={"library_id": lib["a"], **body}, headers=h).get_json()["results"]
+            assert len(results) == 2 and all(r["metadata"] == lib["meta"][r["item_id"]] for r in results), results
+            assert read and max(read) <= 2, (body, read)  # (and the query item's own row, by item_id)
+        read.clear()
+        near = client.get(f"/v1/items/{lib['ids']['s03.wav']}/duplicates?threshold=-1&limit=2",
+                          headers=h).get_json()["near"]
+        assert len(near) == 2 and all(r["filename"] in lib["ids"] for r in near), near
+        assert max(read) <= 2, read
+    finally:
+        event.remove(engine, "after_cursor_execute", after)
