@@ -128,9 +128,12 @@ def audio_vector(upload) -> np.ndarray:
         if "e" not in emb:
             emb["e"] = on_model_thread(AudioEmbedder, _clap(text_only=False))
         e = emb["e"]
-        windows = [read_window(raw, n, s, e.window_samples) for s, _, _ in
-                   spans(n, e.rate, e.window_samples, e.window_samples // 2)]
-    vecs = np.concatenate([on_model_thread(e.embed, np.stack(windows[i : i + 16])) for i in range(0, len(windows), 16)])
+        starts = [s for s, _, _ in spans(n, e.rate, e.window_samples, e.window_samples // 2)]
+        # read 16 windows at a time, as they are embedded: a 600 s clip is 119 windows of 10 s that overlap by
+        # half, 228 MB read at once, which an API process kept (helper-75)
+        vecs = np.concatenate([
+            on_model_thread(e.embed, np.stack([read_window(raw, n, s, e.window_samples) for s in starts[i : i + 16]]))
+            for i in range(0, len(starts), 16)])
     return pooled(vecs)
 
 

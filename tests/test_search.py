@@ -808,3 +808,24 @@ def test_a_search_reads_the_metadata_of_its_page_only(client, lib, settings):
         assert max(read) <= 2, read
     finally:
         event.remove(engine, "after_cursor_execute", after)
+
+
+def test_a_long_search_clip_is_not_held_whole_in_memory(client, lib, tmp_path):
+    """A search clip of up to 600 s is 119 windows of 10 s that overlap by half: all of them were read into
+    memory before the first was embedded, 228 MB of an API process for one request (which the process then
+    kept). They are read 16 at a time, as they are embedded."""
+    import tracemalloc
+
+    import soundfile as sf
+
+    clip = tmp_path / "long.flac"
+    sf.write(str(clip), np.zeros(48_000 * 599, np.float32), 48_000, format="FLAC")
+    tracemalloc.start()
+    try:
+        r = client.post("/v1/search", data={"library_id": lib["a"], "k": "1", "audio": (open(clip, "rb"), "q.flac")},
+                        headers=auth(lib["key"]), content_type="multipart/form-data")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert r.status_code == 200 and len(r.get_json()["results"]) == 1, r.get_data(as_text=True)[:300]
+    assert peak < 120 << 20, peak  # 16 windows and their stack (61 MB), where 119 windows were 228 MB
