@@ -311,11 +311,12 @@ SPEC = {
 
 
 # an operation that reads a body answers 408 where the body stops arriving for CLAPQ_CLIENT_TIMEOUT_S
-# (api.uploads.finish_bodies)
+# (api.uploads.finish_bodies), and 413 for one past a limit of size (api.errors.small_body, MAX_JSON_VALUES; a
+# form's fields, api.uploads._FormInMemory)
 for _ops in SPEC["paths"].values():
     for _op in _ops.values():
         if "requestBody" in _op:
-            _op["responses"]["408"] = _ERR
+            _op["responses"].update({"408": _ERR, "413": _ERR})
 
 
 @bp.get("/openapi.json")
