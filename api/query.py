@@ -21,6 +21,11 @@ from clapq.threads import one_thread
 
 
 TEXT_CACHE_TTL_S = 7 * 24 * 3600
+# texts a tenant may have cached in each TEXT_CACHE_TTL_S (at most twice this many are held at once, ~2 KB each):
+# past it, its new texts are embedded each time until that stretch is out. Unbounded, one tenant's searches and
+# classify labels of new texts (200 a request) filled Redis, which is also the queue every tenant's uploads
+# wait in, at the text tower's pace, for a week per text (helper-75)
+TEXT_CACHE_MOST = 20_000
 TEXTS_PER_CALL = 16  # texts embedded in one turn of the model thread (a classify's labels take several)
 
 def on_model_thread(fn, *args):
@@ -94,10 +99,15 @@ def text_vectors(texts: list[str]) -> np.ndarray:
             out[i] = v
         with best_effort(celery, "writing the text cache") as cache:
             if cache is not None:
+                counted = f"clapq:text-cached:{g.tenant_id}"  # the tenant's texts cached in this stretch
                 pipe = cache.pipeline(transaction=False)
-                for i in missing:
-                    pipe.set(keys[i], out[i].tobytes(), ex=TEXT_CACHE_TTL_S)
-                pipe.execute()
+                pipe.set(counted, 0, ex=TEXT_CACHE_TTL_S, nx=True)
+                pipe.incrby(counted, len(missing))
+                if pipe.execute()[1] <= TEXT_CACHE_MOST:
+                    pipe = cache.pipeline(transaction=False)
+                    for i in missing:
+                        pipe.set(keys[i], out[i].tobytes(), ex=TEXT_CACHE_TTL_S)
+                    pipe.execute()
     return out
 
 

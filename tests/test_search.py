@@ -829,3 +829,30 @@ def test_a_long_search_clip_is_not_held_whole_in_memory(client, lib, tmp_path):
         tracemalloc.stop()
     assert r.status_code == 200 and len(r.get_json()["results"]) == 1, r.get_data(as_text=True)[:300]
     assert peak < 120 << 20, peak  # 16 windows and their stack (61 MB), where 119 windows were 228 MB
+
+
+def test_a_tenant_caches_a_bounded_number_of_texts(client, settings, new_key, monkeypatch):
+    """Each new text searched for or classified by is cached in Redis for a week, ~2 KB: with no bound, one
+    tenant's classify requests of 200 new labels each filled Redis, which is also the queue of every tenant's
+    uploads, as fast as the text tower went. A tenant's texts are cached up to TEXT_CACHE_MOST a week (here 3);
+    past it, its new texts are embedded each time, and still answered."""
+    from sqlalchemy import select
+
+    import api.query
+    from clapq.db import session_scope
+    from clapq.models import Library
+    from clapq.queue import make_celery
+
+    monkeypatch.setattr(api.query, "TEXT_CACHE_MOST", 3, raising=False)
+    key = new_key()
+    lib_id = client.post("/v1/libraries", json={"name": "labels"}, headers=auth(key)).get_json()["id"]
+    with session_scope(settings.database_url) as s:
+        tenant = s.scalar(select(Library.tenant_id).where(Library.id == uuid.UUID(lib_id)))
+    with make_celery(settings).connection_for_write() as conn:
+        redis = conn.default_channel.client
+        # two cached; two more would be four: not cached; the first two again come from the cache, a third is new
+        for labels in (["rain", "wind"], ["dog", "door"], ["rain", "wind", "car"]):
+            r = client.post(f"/v1/libraries/{lib_id}/classify", json={"labels": labels}, headers=auth(key))
+            assert r.status_code == 200, r.get_data(as_text=True)
+            held = {k.decode() for k in redis.scan_iter(match=f"clapq:text:*:{tenant}:*")}
+            assert len(held) == 2, (labels, sorted(held))
