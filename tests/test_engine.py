@@ -1120,13 +1120,15 @@ def test_the_fused_window_attention_keeps_each_windows_vector(tmp_path, precisio
     stage of the full-size model does (the suite's tiny model has one layer a stage, so none): a window's
     vector is bit for bit the same whatever else is in its batch, within cosine 0.99999 of transformers'
     own attention in the same precision and 0.9999 of the hand-written fp32 path; a ClapModel loaded
-    elsewhere keeps transformers' code."""
+    elsewhere keeps transformers' code. Several heads a stage and a relative position bias that is not
+    zeros, as the full-size model has: with one head and a new model's zero bias, fused code that laid
+    out the heads or the bias wrong gave the same vectors, and passed the load's check and this test."""
     from clapq.checkpoint import resolve
     from clapq.clap import get_clap
     from tests.tinyclap import build_tiny_clap
     from worker.embedder import AudioEmbedder
 
-    model_dir = build_tiny_clap(tmp_path / "shifted", depths=(2, 2, 2, 2))
+    model_dir = build_tiny_clap(tmp_path / "shifted", depths=(2, 2, 2, 2), heads=(2, 4, 8, 16), position_bias=True)
     ckpt = resolve(str(model_dir))
     fused = AudioEmbedder(get_clap(ckpt, "cpu", precision))
     eager = AudioEmbedder(get_clap(ckpt, "cpu", precision, attention="eager"))

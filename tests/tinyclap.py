@@ -52,10 +52,11 @@ def _tokenizer(vocab_size: int = 1000) -> RobertaTokenizerFast:
     return RobertaTokenizerFast(tokenizer_object=tok, model_max_length=512)
 
 
-def tiny_config(*, fusion: bool = False, vocab_size: int = 1000, depths=(1, 1, 1, 1)) -> ClapConfig:
+def tiny_config(*, fusion: bool = False, vocab_size: int = 1000, depths=(1, 1, 1, 1),
+                heads=(1, 1, 1, 1)) -> ClapConfig:
     """Smallest CLAP config that keeps the real input shapes and a 512-d projection. With a stage of two
     layers or more (`depths`), its second layer attends within shifted windows, under a mask, as every
-    stage of the full-size model does."""
+    stage of the full-size model does; `heads`: each stage's attention heads (the full-size model's 4 to 32)."""
     patch_hidden = 16
     text = ClapTextConfig(
         vocab_size=vocab_size,
@@ -72,7 +73,7 @@ def tiny_config(*, fusion: bool = False, vocab_size: int = 1000, depths=(1, 1, 1
         patch_embeds_hidden_size=patch_hidden,
         hidden_size=patch_hidden * 8,  # HTSAT: patch_embeds_hidden_size * 2 ** (len(depths) - 1)
         depths=list(depths),
-        num_attention_heads=[1, 1, 1, 1],
+        num_attention_heads=list(heads),
         mlp_ratio=2.0,
         enable_fusion=fusion,
         fusion_type="aff_2d" if fusion else None,
@@ -82,13 +83,20 @@ def tiny_config(*, fusion: bool = False, vocab_size: int = 1000, depths=(1, 1, 1
     )
 
 
-def build_tiny_clap(path: str | pathlib.Path, *, fusion: bool = False, depths=(1, 1, 1, 1)) -> pathlib.Path:
-    """Save a deterministic tiny ClapModel + ClapProcessor checkpoint to `path` and return it."""
+def build_tiny_clap(path: str | pathlib.Path, *, fusion: bool = False, depths=(1, 1, 1, 1), heads=(1, 1, 1, 1),
+                    position_bias: bool = False) -> pathlib.Path:
+    """Save a deterministic tiny ClapModel + ClapProcessor checkpoint to `path` and return it. A new model's
+    relative position bias tables are zeros; with `position_bias` they are random, not zeros, as a trained one's."""
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer()
     torch.manual_seed(0)
-    model = ClapModel(tiny_config(fusion=fusion, vocab_size=len(tokenizer), depths=depths)).eval()
+    model = ClapModel(tiny_config(fusion=fusion, vocab_size=len(tokenizer), depths=depths, heads=heads)).eval()
+    if position_bias:
+        with torch.no_grad():
+            for name, param in model.audio_model.named_parameters():
+                if name.endswith("relative_position_bias_table"):
+                    param.normal_(0.0, 0.2)
     model.save_pretrained(path, safe_serialization=True)
     fe = ClapFeatureExtractor(
         feature_size=64,
