@@ -50,15 +50,18 @@ def _own_buffers(model: torch.nn.Module) -> None:
                 setattr(module, name, buf.clone())
 
 
-def _fused_window_attention(self, hidden_states, attention_mask=None, output_attentions=False):
+def _fused_window_attention(self, hidden_states, attention_mask=None, *more, **named):
     """ClapAudioSelfAttention.forward with the scores, their scaling, the relative position bias, the shifted
     windows' mask, the softmax and the product with the values in one call of torch's
     scaled_dot_product_attention, which never writes the (windows, heads, 64, 64) scores out four times as
     transformers' version does: on our 2-core CPU the audio tower runs 1.2-1.3x as fast in bf16 and 1.5x in
     fp32, at cosine >= 0.99999 to it (BENCHMARKS.md). Bound to each attention module of the loaded model
-    only (`use_fused_attention`), so a ClapModel loaded elsewhere, such as the tests' reference, is untouched."""
-    if output_attentions:
-        return type(self).forward(self, hidden_states, attention_mask, output_attentions)
+    only (`use_fused_attention`), so a ClapModel loaded elsewhere, such as the tests' reference, is untouched.
+    Transformers 5 calls it as (hidden_states, attention_mask, output_attentions), 4.45-4.57 as
+    (hidden_states, attention_mask, head_mask, output_attentions): whatever comes after the mask, where it
+    asks for anything (attention probabilities, a head mask), is run by transformers' own forward."""
+    if any(arg is not None and arg is not False for arg in (*more, *named.values())):
+        return type(self).forward(self, hidden_states, attention_mask, *more, **named)
     windows, tokens, _ = hidden_states.shape
     shape = (windows, tokens, -1, self.attention_head_size)
     q, k, v = (layer(hidden_states).view(shape).transpose(1, 2) for layer in (self.query, self.key, self.value))
@@ -74,10 +77,12 @@ def _fused_window_attention(self, hidden_states, attention_mask=None, output_att
     return (out.transpose(1, 2).reshape(windows, tokens, self.all_head_size),)
 
 
-def _same_attention(module: ClapAudioSelfAttention) -> bool:
-    """Whether the fused attention gives transformers' answer on this module, with and without a shifted
-    windows' mask (random input, in the module's dtype): a transformers release whose attention module
-    changed shape or meaning is caught at load, and the tower stays on its own code."""
+def _same_attention(caller: torch.nn.Module) -> bool:
+    """Whether the fused attention gives transformers' answer on the attention module `caller` holds (`self`),
+    with and without a shifted windows' mask (random input, in the module's dtype), called by `caller` (a
+    ClapAudioAttention) as the tower calls it: a transformers release whose attention module changed shape
+    or meaning, or is called with other arguments, is caught at load, and the tower stays on its own code."""
+    module = caller.self
     tokens = module.relative_position_index.shape[0]
     param = module.query.weight
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -86,8 +91,12 @@ def _same_attention(module: ClapAudioSelfAttention) -> bool:
     tolerance = 1e-4 if param.dtype == torch.float32 else 2e-2  # a half precision's rounding, in both
     with torch.inference_mode():
         for m in (None, mask):
-            want = type(module).forward(module, x, m)[0].float().flatten()
-            got = _fused_window_attention(module, x, m)[0].float().flatten()
+            want = caller(x, m)[0].float().flatten()
+            module.forward = types.MethodType(_fused_window_attention, module)
+            try:
+                got = caller(x, m)[0].float().flatten()
+            finally:
+                del module.forward
             if got.shape != want.shape or (got - want).norm() > tolerance * want.norm():
                 return False
     return True
@@ -97,8 +106,9 @@ def use_fused_attention(audio_model: torch.nn.Module) -> bool:
     """Run the audio tower's window attention through torch's fused kernel (`_fused_window_attention`);
     False, with a warning, where this transformers' attention is not the one it replaces."""
     modules = [m for m in audio_model.modules() if isinstance(m, ClapAudioSelfAttention)]
+    callers = [m for m in audio_model.modules() if isinstance(getattr(m, "self", None), ClapAudioSelfAttention)]
     try:
-        same = bool(modules) and _same_attention(modules[0])
+        same = bool(modules) and bool(callers) and _same_attention(callers[0])
     except Exception:  # noqa: BLE001 (attributes renamed or reshaped in another transformers release)
         log.debug("fused attention check failed", exc_info=True)
         same = False

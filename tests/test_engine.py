@@ -1149,6 +1149,52 @@ def test_the_fused_window_attention_keeps_each_windows_vector(tmp_path, precisio
     assert not any("forward" in m.__dict__ for m in _window_attentions(reference[1]))
 
 
+def test_the_fused_attention_is_called_as_transformers_4_calls_it(tmp_path):
+    """pyproject takes transformers 4.45 and later, whose ClapAudioAttention (to 4.57) calls its attention module
+    as self.self(hidden_states, attention_mask, head_mask, output_attentions). The fused forward took three
+    arguments, and the load's check called it itself with two: it passed, and every pass of the audio tower
+    then raised a TypeError (with transformers 4.57.1 installed, a worker's first pass stopped it as one that
+    "cannot load its model", and `clapq up` stopped everything after three restarts). Here
+    the two modules take 4.57's signature and call: the check goes through the module that calls the attention,
+    the tower runs fused and gives transformers' vectors; asked for the attention probabilities (or given a
+    head mask), the fused forward runs transformers' own."""
+    import torch
+    from transformers import ClapModel
+    from transformers.models.clap.modeling_clap import ClapAudioAttention, ClapAudioSelfAttention
+
+    from clapq.clap import use_fused_attention
+    from tests.tinyclap import build_tiny_clap
+
+    class SelfAttention457(ClapAudioSelfAttention):
+        def forward(self, hidden_states, attention_mask=None, head_mask=None, output_attentions=False):
+            assert head_mask is None  # what transformers 4.57's tower passes (no head pruning)
+            return super().forward(hidden_states, attention_mask, output_attentions=output_attentions)
+
+    class Attention457(ClapAudioAttention):
+        def forward(self, hidden_states, attention_mask=None, head_mask=None, output_attentions=False):
+            out = self.self(hidden_states, attention_mask, head_mask, output_attentions)
+            return (self.output(out[0], hidden_states),) + out[1:]
+
+    model_dir = build_tiny_clap(tmp_path / "shifted", depths=(2, 2, 2, 2), heads=(2, 4, 8, 16), position_bias=True)
+    reference, model = (ClapModel.from_pretrained(model_dir).eval() for _ in range(2))
+    for m in model.audio_model.modules():
+        if isinstance(m, ClapAudioAttention):
+            m.__class__ = Attention457
+        elif isinstance(m, ClapAudioSelfAttention):
+            m.__class__ = SelfAttention457
+    assert use_fused_attention(model.audio_model)
+    mel = torch.randn(2, 1, 1001, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want = reference.audio_model(input_features=mel).pooler_output
+        got = model.audio_model(input_features=mel).pooler_output
+        assert float(torch.nn.functional.cosine_similarity(got, want).min()) >= 0.99999
+        m = _window_attentions(model)[1]  # a shifted layer's
+        x, tokens = torch.randn(8, 64, m.all_head_size), 64
+        mask = torch.where(torch.rand(4, tokens, tokens) < 0.3, -100.0, 0.0)
+        assert len(m(x, mask, None, True)) == 2  # its probabilities, by transformers' code
+        assert torch.allclose(m(x, mask, None, False)[0], type(m).forward(m, x, mask)[0], atol=1e-5)
+
+
 def test_an_attention_that_transformers_changed_keeps_its_own_code(tiny_model, caplog):
     """Where this transformers' attention module computes something else than the code the fused kernel
     replaces (another release), the loader's check at start sees it: the tower keeps its own code, and
