@@ -60,7 +60,10 @@ def _fused_window_attention(self, hidden_states, attention_mask=None, *more, **n
     Transformers 5 calls it as (hidden_states, attention_mask, output_attentions), 4.45-4.57 as
     (hidden_states, attention_mask, head_mask, output_attentions): whatever comes after the mask, where it
     asks for anything (attention probabilities, a head mask), is run by transformers' own forward."""
-    if any(arg is not None and arg is not False for arg in (*more, *named.values())):
+    if any(arg is not None and arg is not False for arg in (*more, *named.values())) or \
+            (attention_mask is not None and not attention_mask.is_floating_point()):
+        # and a mask of another kind than the additive one it adds (a boolean one, applied by masked_fill in
+        # some other release), which the check at load, with its own additive mask, would not see
         return type(self).forward(self, hidden_states, attention_mask, *more, **named)
     windows, tokens, _ = hidden_states.shape
     shape = (windows, tokens, -1, self.attention_head_size)

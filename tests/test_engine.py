@@ -1119,7 +1119,7 @@ def test_the_fused_window_attention_keeps_each_windows_vector(tmp_path, precisio
     the default). On a model whose stages also attend within shifted windows, under their mask, as every
     stage of the full-size model does (the suite's tiny model has one layer a stage, so none): a window's
     vector is bit for bit the same whatever else is in its batch, within cosine 0.99999 of transformers'
-    own attention in the same precision and 0.9999 of the hand-written fp32 path; a ClapModel loaded
+    own attention in fp32 (0.9999 in bf16, whose rounding differs by CPU) and 0.9999 of the hand-written fp32 path; a ClapModel loaded
     elsewhere keeps transformers' code. Several heads a stage and a relative position bias that is not
     zeros, as the full-size model has: with one head and a new model's zero bias, fused code that laid
     out the heads or the bias wrong gave the same vectors, and passed the load's check and this test."""
@@ -1143,7 +1143,8 @@ def test_the_fused_window_attention_keeps_each_windows_vector(tmp_path, precisio
     got = fused.embed(np.stack(waves))
     assert any(masks) and not all(masks)  # shifted windows under their mask, and plain ones
     assert np.array_equal(fused.embed(np.stack([waves[2], waves[0]]))[1], got[0])
-    assert float(np.min(np.sum(got * eager.embed(np.stack(waves)), axis=1))) >= 0.99999
+    assert float(np.min(np.sum(got * eager.embed(np.stack(waves)), axis=1))) >= \
+        (0.99999 if precision == "fp32" else 0.9999)
     reference = load_reference(model_dir)
     assert all(float(reference_embed(reference, w) @ v) >= 0.9999 for w, v in zip(waves, got))
     assert not any("forward" in m.__dict__ for m in _window_attentions(reference[1]))
@@ -1219,6 +1220,16 @@ def test_an_attention_that_transformers_changed_keeps_its_own_code(tiny_model, c
     assert not any("forward" in m.__dict__ for m in _window_attentions(model))
     assert "runs transformers' own, slower code" in caplog.text
     assert use_fused_attention(ClapModel.from_pretrained(tiny_model).eval().audio_model)
+    # a mask of another kind than the additive one it adds (boolean, in some release) goes to transformers' code
+    import torch
+
+    from clapq.clap import _fused_window_attention
+
+    att = _window_attentions(ClapModel.from_pretrained(tiny_model).eval())[0]
+    tokens = att.relative_position_index.shape[0]
+    x, flags = torch.randn((4, tokens, att.all_head_size)), torch.rand((2, tokens, tokens)) < 0.3
+    with torch.inference_mode():
+        assert torch.equal(_fused_window_attention(att, x, flags)[0], type(att).forward(att, x, flags)[0])
     assert [Settings.from_env({"CLAPQ_ATTENTION": v}).attention for v in ("", "sdpa", "EAGER")] == \
         ["sdpa", "sdpa", "eager"]
     with pytest.raises(SystemExit, match="CLAPQ_ATTENTION must be one of sdpa, eager, got 'flash'"):
