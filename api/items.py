@@ -139,11 +139,11 @@ def delete_item(item_id: str):
     """The item, its vectors and its place in its job, at once; its stored file too, unless another item
     (in any library) holds the same bytes. Queued or running, it is simply never embedded."""
     item = owned(Item, item_id, "item")
-    shas = delete_items(db(), Item.id == item.id)
-    if not shas:  # another request deleted it first
+    gone = delete_items(db(), Item.id == item.id)
+    if not gone:  # another request deleted it first
         raise not_found("item")
     announce_gone()
-    return {"deleted": {"item": str(item.id), "items": 1, "stored_files": released(shas)}}
+    return {"deleted": {"item": str(item.id), "items": 1, "stored_files": released(list(gone.values()))}}
 
 
 @bp.get("/items/<item_id>/embedding")

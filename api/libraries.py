@@ -26,6 +26,7 @@ bp = Blueprint("libraries", __name__)
 
 MAX_DIGESTS = 10_000  # per /known request
 MAX_MOVES = 10_000  # per /moves request
+MAX_DELETIONS = 1_000  # item ids per /deletions request: one transaction (BENCHMARKS.md, "Deleting many files")
 MAX_PATH_CHARS = 4096  # a path in a folder (Linux's PATH_MAX)
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
@@ -111,7 +112,7 @@ def delete_library(lib_id: str):
     lib = owned(Library, lib_id, "library")
     # its items first, then the library: a worker writing vectors locks items before the library (its
     # foreign keys), so taking them in the same order cannot deadlock with it
-    shas = delete_items(db(), Item.library_id == lib.id)
+    shas = list(delete_items(db(), Item.library_id == lib.id).values())
     # an upload committing into it between the two statements: its items go by cascade, their files are
     # queued for removal all the same (migration 0007) and the maintenance loop removes them; an upload
     # after this gets a 404 (api.errors)
@@ -243,3 +244,54 @@ def move_files(lib_id: str):
              "names": [display_name(m["path"]) for m in new.values()]})
     session.commit()
     return {"moved": sorted(str(i) for i in new), "too_large": sorted(str(i) for i in too_large - set(new))}
+
+
+def _item_ids(body) -> list[uuid.UUID]:
+    """/deletions' body as item ids, in the order sent, or a 400 saying what to send."""
+    example = f'send {{"item_ids": [...]}}: the ids of 1 to {MAX_DELETIONS} items of the library, each once'
+    if isinstance(body, dict):
+        refuse_unknown(body, {"item_ids"}, "/deletions", example, "the JSON body")
+    ids = body.get("item_ids") if isinstance(body, dict) else None
+    if not isinstance(ids, list) or not ids:
+        raise bad_request(example)
+    if len(ids) > MAX_DELETIONS:
+        raise bad_request(f"{len(ids)} item ids in one request; the limit is {MAX_DELETIONS} (send the rest in "
+                          "further requests)")
+    out: dict[uuid.UUID, int] = {}
+    for n, raw in enumerate(ids):
+        try:
+            item = uuid.UUID(raw) if isinstance(raw, str) else None
+        except ValueError:
+            item = None
+        if item is None:
+            raise bad_request(f"item_ids[{n}] is {json.dumps(raw)[:60]}, not an item id; {example}")
+        if item in out:  # in any form: capitals, braces, without hyphens
+            raise bad_request(f"item_ids[{n}] is item_ids[{out[item]}] again ({item}); {example}")
+        out[item] = n
+    return list(out)
+
+
+@bp.post("/libraries/<lib_id>/deletions")
+def delete_files(lib_id: str):
+    """Delete up to MAX_DELETIONS items of the library in one transaction, as DELETE /v1/items/<id> deletes
+    one (its rows locked in id order: api.removal.delete_items): `clapq delete` sent a request a file, and 500
+    files deleted from a folder took 53 s (helper-73). Answers the files deleted, with their name and
+    metadata.path, in the order their ids were sent, and the ids that named no item of this library
+    (unknown, deleted already or meanwhile, of another library or of another tenant: alike), and
+    `stored_files` as one item's DELETE does."""
+    lib = owned(Library, lib_id, "library")
+    ids = _item_ids(json_body())
+    session = db()
+    where = (Item.id.in_(ids), Item.library_id == lib.id, Item.tenant_id == g.tenant_id)
+    # the names said in the answer, read before the rows go (a rename meanwhile is of a file being deleted)
+    names = {r.id: r for r in session.execute(select(Item.id, Item.filename, Item.meta["path"].label("path"))
+                                              .where(*where))}
+    gone = delete_items(session, and_(*where))
+    if gone:
+        announce_gone()
+    stored = released(list(gone.values())) if gone else 0
+    return {"deleted": {"items": len(gone), "stored_files": stored, "files": [
+                {"id": str(i), "filename": names[i].filename,
+                 "path": names[i].path if isinstance(names[i].path, str) else None}
+                for i in ids if i in gone and i in names]},
+            "not_found": [str(i) for i in ids if i not in gone]}

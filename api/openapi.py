@@ -210,6 +210,19 @@ SPEC = {
                                 "'from'), and their filename to the new path's name; too_large: those left, as "
                                 "their metadata would grow past 16 KiB", _obj(moved=_list(_ID), too_large=_list(_ID))),
                           "413": _ERR}}},
+        "/v1/libraries/{library_id}/deletions": {"post": {
+            "parameters": [_path_id("library_id")],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["item_ids"], "additionalProperties": False, "properties": {
+                    "item_ids": {"type": "array", "minItems": 1, "maxItems": 1000, "uniqueItems": True,
+                                 "items": _ID, "description": "items of the library, each once"}}}}}},
+            "responses": _ok("deleted: the items and their vectors, at once (items: how many; stored_files: those "
+                             "whose bytes none of your other items holds; files: each one deleted, its filename "
+                             "and metadata.path, in the order sent); not_found: the ids that named no item of the "
+                             "library (unknown, deleted already, or another library's or tenant's)", _obj(
+                                 deleted=_obj(items=_INT, stored_files=_INT, files=_list(_obj(
+                                     id=_ID, filename=_STR, path={"type": ["string", "null"]}))),
+                                 not_found=_list(_ID)))}},
         "/v1/limits": {"get": {"responses": _ok("what the service takes", {"type": "object", "properties": {
             **{k: {"type": "integer"} for k in ("max_file_bytes", "max_files_per_batch", "max_request_bytes",
                                                 "max_duration_s", "max_clip_s", "max_query_chars", "max_k",

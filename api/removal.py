@@ -17,10 +17,11 @@ from clapq.queue import announce_items_gone
 log = logging.getLogger(__name__)
 
 
-def delete_items(session: Session, where) -> list[str]:
+def delete_items(session: Session, where) -> dict:
     """Delete the items `where` selects (their segments, pooled vectors and copies go with them, by
-    cascade) and commit; returns the digests of their bytes, for `reclaim` (the trigger of migration
-    0007 queued them in the same transaction). A copy another job recorded of a deleted item stops
+    cascade) and commit; returns the digest of each one's bytes by its id (those this statement removed: not
+    those another request deleted first), the digests for `reclaim` (the trigger of migration 0007 queued them
+    in the same transaction). A copy another job recorded of a deleted item stops
     counting in that job. A worker embedding one of them at this moment writes nothing for it
     (worker.store locks the items it writes); the caller then calls announce_gone, so that it stops soon."""
     # the rows locked first, in id order, the order a worker's vector write locks its items in
@@ -35,7 +36,7 @@ def delete_items(session: Session, where) -> list[str]:
               .join(gone, JobDuplicate.item_id == gone.c.id).group_by(JobDuplicate.job_id).subquery("copies"))
     uncount = (update(Job).where(Job.id == copies.c.job_id).values(duplicates=Job.duplicates - copies.c.n)
                .returning(Job.id).cte("uncount"))
-    shas = list(session.scalars(select(gone.c.sha256).add_cte(uncount)))
+    shas = dict(session.execute(select(gone.c.id, gone.c.sha256).add_cte(uncount)).all())
     session.commit()
     return shas
 

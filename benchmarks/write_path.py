@@ -135,7 +135,7 @@ def delete_library(url: str, library) -> dict:
 
     c0, t0 = postgres_cpu_s(), time.perf_counter()
     with session_scope(url) as s:
-        shas = delete_items(s, Item.library_id == library)
+        shas = list(delete_items(s, Item.library_id == library).values())
     t1 = time.perf_counter()
     with session_scope(url) as s:
         s.execute(delete(Library).where(Library.id == library))

@@ -4,6 +4,7 @@ is committing."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -11,11 +12,13 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 
 import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import IntegrityError
 
+from api import create_app
 from clapq.blobs import BLOB_LOCK, BlobStore, file_sha256
 from clapq.db import get_engine, session_scope
 from clapq.models import Embedding, Item, Segment
@@ -95,6 +98,83 @@ def test_deleting_items(client, new_key, worker, settings, tmp_path):
                       headers=auth(key)).get_json()["items"] == []
     assert client.get(f"/v1/libraries/{a}/items", query_string={"status": "gone"}, headers=auth(key)).status_code == 400
     assert client.get(f"/v1/libraries/{a}/items", headers=auth(other)).status_code == 404
+
+
+def test_deleting_many_items_in_one_request(app, client, new_key, worker, settings, tmp_path):
+    """POST /v1/libraries/<id>/deletions deletes the items of that library it names, in one request, as
+    DELETE /v1/items/<id> deletes one (`clapq delete` sent a request a file: 500 files took 53 s, helper-73).
+    The ids that name no item of the library, an unknown one, another library's and another tenant's, are
+    `not_found` alike (no leak), and stay; `stored_files` counts as a one-item DELETE does. A body it cannot
+    take is a 400 that deletes nothing; the rate limit counts the request once."""
+    key, other = new_key(), new_key()
+    a, b, theirs = _library(client, key, "bulk-a"), _library(client, key, "bulk-b"), _library(client, other, "t")
+    x, y = write(tmp_path / "x.wav", 1.0, seed=81), write(tmp_path / "y.wav", 1.0, seed=82)
+    shared = write(tmp_path / "shared.wav", 1.0, seed=83)
+    ids = _done(client, key, a, [x, y, shared])
+    in_b = _done(client, key, b, [shared])["shared.wav"]
+    their = _done(client, other, theirs, [x])["x.wav"]  # the same bytes as x, in another tenant's library
+    store = BlobStore(settings.blob_dir)
+    unknown = "5f1c0000-0000-4000-8000-00000000dead"
+    sent = [ids["shared.wav"], unknown, in_b, ids["x.wav"].upper(), their]
+
+    def deletions(body, lib=a, who=key):
+        return client.post(f"/v1/libraries/{lib}/deletions", json=body, headers=auth(who))
+
+    # what the other tenant sends: its own library answers not_found for every one of ours, and ours is a 404
+    r = deletions({"item_ids": [ids["x.wav"]]}, theirs, other)
+    assert r.status_code == 200 and r.get_json() == {"deleted": {"items": 0, "stored_files": 0, "files": []},
+                                                     "not_found": [ids["x.wav"]]}, r.get_json()
+    r = deletions({"item_ids": [ids["x.wav"]]}, a, other)
+    assert r.status_code == 404 and r.get_json()["error"]["message"] == "library not found", r.get_json()
+
+    # bodies it does not take: a 400 saying why, nothing deleted
+    for body, said in (
+            ({"item_ids": []}, 'send {"item_ids": [...]}: the ids of 1 to 1000 items of the library, each once'),
+            ({"item_ids": ids["y.wav"]}, 'send {"item_ids": [...]}'), ([ids["y.wav"]], 'send {"item_ids": [...]}'),
+            ({"ids": [ids["y.wav"]]}, "the JSON body has 'ids', which /deletions does not take"),
+            ({"item_ids": [ids["y.wav"], 7]}, "item_ids[1] is 7, not an item id"),
+            ({"item_ids": [ids["y.wav"], None]}, "item_ids[1] is null, not an item id"),
+            ({"item_ids": ["y.wav"]}, 'item_ids[0] is "y.wav", not an item id'),
+            ({"item_ids": [ids["y.wav"], "{%s}" % ids["y.wav"].upper()]},
+             f"item_ids[1] is item_ids[0] again ({ids['y.wav']})"),
+            ({"item_ids": [str(uuid.uuid4()) for _ in range(1001)]},
+             "1001 item ids in one request; the limit is 1000")):
+        r = deletions(body)
+        assert r.status_code == 400 and said in r.get_json()["error"]["message"], (body, r.get_json())
+    r = client.post(f"/v1/libraries/{a}/deletions", data=b'{"item_ids": [', headers=auth(key))
+    assert r.status_code == 400 and "does not parse" in r.get_json()["error"]["message"], r.get_json()
+    assert client.get(f"/v1/libraries/{a}", headers=auth(key)).get_json()["item_count"] == 3
+
+    r = deletions({"item_ids": sent})
+    assert r.status_code == 200, r.get_json()
+    assert r.get_json() == {  # in the order sent; ids as the API writes them
+        "deleted": {"items": 2, "stored_files": 1, "files": [
+            {"id": ids["shared.wav"], "filename": "shared.wav", "path": None},
+            {"id": ids["x.wav"], "filename": "x.wav", "path": None}]},
+        "not_found": [unknown, in_b, their]}, r.get_json()
+    for gone in (ids["shared.wav"], ids["x.wav"]):
+        assert client.get(f"/v1/items/{gone}", headers=auth(key)).status_code == 404
+        assert _vectors(settings, gone) == 0
+    # the other library's item, and the other tenant's, are untouched; x's bytes stay for that tenant
+    assert client.get(f"/v1/items/{in_b}/audio", headers=auth(key)).data == shared.read_bytes()
+    assert client.get(f"/v1/items/{their}/audio", headers=auth(other)).data == x.read_bytes()
+    assert _vectors(settings, their) == 2 and store.exists(file_sha256(x))
+    assert [i["id"] for i in client.get(f"/v1/libraries/{a}/items", headers=auth(key)).get_json()["items"]] \
+        == [ids["y.wav"]]
+    # sent again: all not found
+    assert deletions({"item_ids": sent[:2]}).get_json()["not_found"] == sent[:2]
+    # the last file's bytes: stored_files 1, and the file leaves the disk
+    r = deletions({"item_ids": [ids["y.wav"]]})
+    assert r.get_json()["deleted"]["stored_files"] == 1 and not store.exists(file_sha256(y)), r.get_json()
+
+    # a request of many ids counts once against the key's rate limit, as any request
+    limited, capped = create_app(dataclasses.replace(settings, rate_limit="2/minute")).test_client(), new_key()
+    lib = limited.post("/v1/libraries", json={"name": "capped"}, headers=auth(capped)).get_json()["id"]
+    r = limited.post(f"/v1/libraries/{lib}/deletions", json={"item_ids": [str(uuid.uuid4()) for _ in range(1000)]},
+                     headers=auth(capped))
+    assert r.status_code == 200 and len(r.get_json()["not_found"]) == 1000
+    r = limited.post(f"/v1/libraries/{lib}/deletions", json={"item_ids": [unknown]}, headers=auth(capped))
+    assert r.status_code == 429 and r.get_json()["error"]["code"] == "rate_limited", r.get_json()
 
 
 def test_deleting_a_library(client, new_key, worker, settings, tmp_path):
@@ -535,7 +615,7 @@ def test_a_large_deletion_gets_its_vector_indexes_rebuilt(client, new_key, worke
 def test_a_deletion_or_a_cancel_wakes_the_heartbeat_of_a_task_running_the_files(client, new_key, settings):
     """The API announces deleted and cancelled files on Redis once it has committed. A task running them
     beats at once, not at its next heartbeat (300 s away here), and hears which of its files are gone,
-    so it stops embedding them now."""
+    so it stops embedding them now: deleted one by one, or several in one request (/deletions)."""
     import uuid
 
     from clapq.models import Job, Library
@@ -550,7 +630,7 @@ def test_a_deletion_or_a_cancel_wakes_the_heartbeat_of_a_task_running_the_files(
         s.flush()
         items = [Item(tenant_id=tenant, library_id=lib, job_id=job.id, sha256=os.urandom(32).hex(),
                       filename=f"long{i}.wav", size_bytes=1, status="running", claimed_by="task-wake", attempts=1)
-                 for i in range(3)]
+                 for i in range(5)]
         s.add_all(items)
         s.flush()
         ids, job_id = [it.id for it in items], job.id
@@ -567,9 +647,15 @@ def test_a_deletion_or_a_cancel_wakes_the_heartbeat_of_a_task_running_the_files(
         assert news.wait(60), "a deletion did not wake the heartbeat"
         assert heard == [{ids[0]}]
         news.clear()
+        r = client.post(f"/v1/libraries/{lib}/deletions", json={"item_ids": [str(ids[3]), str(ids[4])]},
+                        headers=auth(key))
+        assert r.status_code == 200 and r.get_json()["deleted"]["items"] == 2, r.get_json()
+        assert news.wait(60), "a deletion of several files did not wake the heartbeat"
+        assert heard[1] == {ids[3], ids[4]}
+        news.clear()
         assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth(key)).status_code == 200
         assert news.wait(60), "a cancel did not wake the heartbeat"
-        assert heard[1] == {ids[1], ids[2]} and not held
+        assert heard[2] == {ids[1], ids[2]} and not held
 
 
 def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):

@@ -328,6 +328,8 @@ def test_the_api_description_names_what_the_api_answers(client, new_key, worker,
             ("GET", "/v1/limits", {}), ("POST", f"/v1/jobs/{job}/cancel", {}), ("POST", f"/v1/jobs/{job}/retry", {}),
             ("GET", "/healthz", {}), ("GET", "/readyz", {}), ("GET", "/metrics", {}), ("GET", "/openapi.json", {}),
             ("POST", "/v1/search", {"json": {"library_id": lib["id"], "text": "x", "k": 0}}),
+            ("POST", f"/v1/libraries/{lib['id']}/deletions",
+             {"json": {"item_ids": [up["items"][0]["id"], "5f1c0000-0000-4000-8000-00000000dead"]}}),
             ("DELETE", f"/v1/items/{item}", {}), ("DELETE", f"/v1/libraries/{lib['id']}", {})):
         call(method, path, **kwargs)
     assert client.get("/static/x.txt").get_json()["error"]["message"].startswith("no endpoint")  # Flask's: none
