@@ -1558,8 +1558,10 @@ def _delete_items(client: Client, lib: dict, items: list[dict]) -> list[dict]:
 
 def _delete_item(client: Client, lib: dict, item: dict) -> dict | None:
     """One item of the library deleted through DELETE /v1/items/<id> (a server without /deletions), said on
-    stdout; its answer's `deleted`, or None where it is no item of the library (gone, or another's)."""
-    got = client.call("GET", f"/v1/items/{urllib.parse.quote(item['id'], safe='')}", missing_ok=True)
+    stdout; its answer's `deleted`, or None where it is no item of the library (gone, or another's). An id
+    alone is looked up first (a DELETE would take another library's item); a listing's item is not."""
+    got = item if item.get("library_id") == lib["id"] else client.call(
+        "GET", f"/v1/items/{urllib.parse.quote(item['id'], safe='')}", missing_ok=True)
     if not isinstance(got, dict) or got.get("library_id") != lib["id"]:
         return None
     answer = client.call("DELETE", f"/v1/items/{got['id']}", missing_ok=True)

@@ -2065,6 +2065,39 @@ def test_an_item_named_twice_is_deleted_once(tiny_model):
         assert p.returncode == 2 and "argument --library: give a library name or id" in p.stderr, p.stderr
 
 
+def test_files_gone_from_a_folder_are_deleted_on_a_server_older_than_deletions(tiny_model, tmp_path):
+    """A server without POST /deletions (404) gets a DELETE a file, as before, and no GET: the files come from
+    the library's own listing."""
+    from clapq.client import folder_id
+
+    folder = tmp_path / "f"
+    folder.mkdir()
+    write(folder / "kept.wav", 0.5, seed=91)
+    gone = "5f1c0000-0000-4000-8000-0000000000b1"
+    listed = [{"id": i, "library_id": "lib1", "filename": name, "size_bytes": 1, "sha256": c * 64,
+               "metadata": {"path": name, "folder": folder_id(folder)}}
+              for i, name, c in ((gone, "gone.wav", "a"), ("5f1c0000-0000-4000-8000-0000000000b2", "kept.wav", "b"))]
+    bodies: list = []
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 2}]}, {}
+        if path.startswith("/v1/libraries/lib1/items"):
+            return 200, {"items": listed, "next_cursor": None}, {}
+        if method == "DELETE" and path == f"/v1/items/{gone}":
+            return 200, {"deleted": {"item": gone, "items": 1, "stored_files": 1}}, {}
+        return 404, {"error": {"code": "not_found", "message": "no endpoint", "status": 404}}, {}
+
+    with fake_api(answer, bodies) as url:
+        p = subprocess.run([sys.executable, "-m", "clapq.cli", "delete", "--gone-from", str(folder), "--yes",
+                            "--library", "x", "--url", url, "--key", "cq_x"], env=_env(tiny_model),
+                           capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout == f"deleted gone.wav ({gone})\n", (p.stdout, p.stderr)
+    assert [(m, path) for m, path, _ in bodies if not path.startswith("/v1/libraries?")
+            and path != "/v1/libraries" and not path.startswith("/v1/libraries/lib1/items")] == [
+        ("POST", "/v1/libraries/lib1/deletions"), ("DELETE", f"/v1/items/{gone}")], bodies
+
+
 def test_a_library_created_is_said_and_so_is_one_named_alike(capsys):
     """A library created by an upload is said, and one whose name differs from an existing one's only by
     case says so: `--library Basic` beside "basic" is a second library, which went unsaid."""
