@@ -322,17 +322,10 @@ SPEC = {
     },
 }
 
-# every body the API reads has a limit (16 MiB of JSON or a form without files, CLAPQ_MAX_REQUEST_BYTES for an
-# upload), and a body over it is a 413: POST /v1/libraries, /known, /search and both classify did not list it
-for _ops in SPEC["paths"].values():
-    for _op in _ops.values():
-        if "requestBody" in _op:
-            _op["responses"].setdefault("413", _ERR)
-
-
 # an operation that reads a body answers 408 where the body stops arriving for CLAPQ_CLIENT_TIMEOUT_S
 # (api.uploads.finish_bodies), and 413 for one past a limit of size (api.errors.small_body, MAX_JSON_VALUES; a
-# form's fields, api.uploads._FormInMemory)
+# form's fields, api.uploads._FormInMemory; CLAPQ_MAX_REQUEST_BYTES for an upload): POST /v1/libraries, /known,
+# /search and both classify did not list it
 for _ops in SPEC["paths"].values():
     for _op in _ops.values():
         if "requestBody" in _op:
