@@ -701,7 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("items", nargs="*", metavar="ITEM", help="item ids, as `clapq search` prints them; none: the "
                     "whole library")
     rm.add_argument("--gone-from", type=Path, metavar="FOLDER", help="the files `clapq upload FOLDER` sent that "
-                    "are no longer in FOLDER (deleted from it); renamed or moved files are not gone")
+                    "are no longer in FOLDER (deleted from it, or the earlier version of one changed in place); renamed or "
+                    "moved files are not gone")
     rm.add_argument("--yes", action="store_true", help="delete the whole library, or the files --gone-from finds, "
                     "without asking")
     _client_args(rm, "library name or id")

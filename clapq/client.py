@@ -481,14 +481,18 @@ def batches(paths: Iterable[Path], max_files: int = BATCH_FILES, max_bytes: int 
 _digests: Digests | None = None
 
 
-def file_digest(p: Path) -> str:
-    """A file's sha256 (OSError where it cannot be read), read from the file only where it changed since a run
-    before read it (clapq.digests)."""
+def _cache() -> Digests:
     global _digests
     if _digests is None:
         _digests = Digests()
         atexit.register(_digests.close)
-    return _digests(p)
+    return _digests
+
+
+def file_digest(p: Path) -> str:
+    """A file's sha256 (OSError where it cannot be read), read from the file only where it changed since a run
+    before read it (clapq.digests)."""
+    return _cache()(p)
 
 
 class Known(NamedTuple):
@@ -1468,8 +1472,9 @@ def _confirmed(question: str, yes: bool, otherwise: str) -> bool:
 
 def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -> int:
     """Delete the library's files that `clapq upload` sent from `folder` (metadata.folder) and that are no
-    longer in it (nothing at their metadata.path, and their bytes nowhere else in it): files deleted from
-    the folder stay in the library, and their ids were to be found by hand (helper-57). A file renamed or
+    longer in it (nothing at their metadata.path, or other bytes there: an earlier version of a file changed
+    in place, helper-77; and their bytes nowhere else in it): files deleted from the folder stay in the
+    library, and their ids were to be found by hand (helper-57). A file renamed or
     moved within the folder is kept (the next `clapq upload` follows it): the folder's files of a size one of
     those items has are read for their digests, those at paths other items have too (renamed over another).
     Asks first at a terminal; elsewhere needs `yes`."""
@@ -1478,13 +1483,19 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
     lib = client.library(library, create=False)
     listing = audio_files(folder)
     where, root = Where(folder, listing.audio), folder_id(folder)
-    gone, sent = [], 0
+    gone, sent, changed = [], 0, set()
     for item in _items(client, f"/v1/libraries/{lib['id']}/items"):
         meta = item.get("metadata") or {}
         path = meta.get("path")
         sent += meta.get("folder") == root
-        if meta.get("folder") == root and isinstance(path, str) and path not in where.by_path and _gone(folder, path):
+        if meta.get("folder") != root or not isinstance(path, str):
+            continue
+        if path not in where.by_path:
+            if _gone(folder, path):
+                gone.append(item)
+        elif not _still_at(where.by_path[path], item):
             gone.append(item)
+            changed.add(item["id"])
     if not sent:  # a subfolder or the parent of the one uploaded, or a folder renamed since, was told "every
         # file ... is still there" (helper-71)
         raise SystemExit(f"clapq: no file of library {lib['name']!r} was sent from {folder}: --gone-from takes the "
@@ -1505,6 +1516,12 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
     if moved:
         print(f"{n_files(len(moved))} renamed or moved within {folder} kept ({_some([shown_name(i) for i in moved])}"
               f"); `clapq upload` updates their paths", file=sys.stderr)
+    replaced = [shown_name(i) for i in gone if i["id"] in changed]
+    if replaced:  # said, as their paths are still in the folder: what goes is the version the library held
+        print(f"{n_files(len(replaced))} changed in place since {'it was' if len(replaced) == 1 else 'they were'} "
+              f"sent (other bytes at the same path: re-exported, replaced or fixed): the earlier "
+              f"{'version goes' if len(replaced) == 1 else 'versions go'}, not the file: {_some(replaced)}",
+              file=sys.stderr)
     if not gone:
         print(f"nothing to delete: every file of library {lib['name']!r} sent from {folder} is still there")
         return 0
@@ -1518,6 +1535,24 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
     for item in _delete_items(client, lib, gone):
         print(f"clapq: {shown_name(item)} ({item['id']}) was deleted meanwhile", file=sys.stderr)
     return 0
+
+
+def _still_at(files: list[Path], item: dict) -> bool:
+    """Whether one of the files listed at an item's path still holds its bytes: a file re-exported, replaced
+    or fixed in place left the item of its earlier version at that path, searchable beside the new one, and
+    --gone-from kept it as something was there (helper-77). A file of another size holds other bytes; one of
+    the same size is taken to hold them where the digest `clapq upload` kept for it, as it is now, says so
+    (nothing is deleted on that: a file it is wrong about keeps its item, as before), and is read otherwise,
+    so that only files read are found changed. One that cannot be read keeps the item."""
+    for p in files:
+        try:
+            if os.stat(p).st_size != item.get("size_bytes"):
+                continue
+            if _cache().kept_digest(p) == item.get("sha256") or file_sha256(p) == item.get("sha256"):
+                return True
+        except OSError:
+            return True
+    return False
 
 
 DELETIONS_PER_REQUEST = 1000  # item ids in one POST /v1/libraries/<id>/deletions: the API's limit

@@ -67,32 +67,13 @@ class Digests:
 
     def __call__(self, p: Path) -> str:
         """The file's sha256; OSError where it cannot be read."""
-        if self.db is None:
-            return file_sha256(p)
-        key = os.fsencode(os.path.abspath(p))
         started = time.time_ns()
-        before = os.stat(p)
-        if self.kind(before.st_dev) in NO_CTIME:
-            return file_sha256(p)
-        # the file system's own id (ext4 and btrfs: from its UUID), as another one mounted where it was has
-        # the same device number, and may have a file of the same inode, size and times (helper-68)
-        try:
-            fsid = os.statvfs(p).f_fsid
-        except OSError:  # a FUSE file system without statfs (ENOSYS): read, not taken for unreadable
-            return file_sha256(p)
-        stat = _stat(before, fsid)
-        row = self.kept.get(key)
-        if row is None:
-            try:
-                row = self.db.execute("SELECT stat, sha256, used FROM digests WHERE path = ?", (key,)).fetchone()
-            except sqlite3.Error:
-                row = None
-            if row is not None and row[0] == stat and row[2] != self.today:
-                self.used.add(key)
-                self._written()
-        if row is not None and row[0] == stat and _SHA256.fullmatch(row[1] if isinstance(row[1], str) else ""):
-            return row[1]
+        digest, key, fsid, stat = self._look(p)
+        if digest is not None:
+            return digest
         digest = file_sha256(p)
+        if key is None:
+            return digest
         after = os.stat(p)
         # settled before the read began: a write during a long read (a big file, a slow disk) within the
         # file system's clock tick of the change before (a second on ext3, 128-byte-inode ext4, HFS+) leaves
@@ -104,6 +85,41 @@ class Digests:
             self.kept[key] = (stat, digest)
             self._written()
         return digest
+
+    def kept_digest(self, p: Path) -> str | None:
+        """The digest kept for the file as it is now, without reading it (None: none kept, or none can be)."""
+        with contextlib.suppress(OSError):
+            return self._look(p)[0]
+        return None
+
+    def _look(self, p: Path) -> tuple[str | None, bytes | None, int, str]:
+        """The digest kept for the file as it is now (None where none is), and its key, file system id and
+        stat as kept (key None: none is kept for this file, whose digest is read at every run)."""
+        if self.db is None:
+            return None, None, 0, ""
+        key = os.fsencode(os.path.abspath(p))
+        before = os.stat(p)
+        if self.kind(before.st_dev) in NO_CTIME:
+            return None, None, 0, ""
+        # the file system's own id (ext4 and btrfs: from its UUID), as another one mounted where it was has
+        # the same device number, and may have a file of the same inode, size and times (helper-68)
+        try:
+            fsid = os.statvfs(p).f_fsid
+        except OSError:  # a FUSE file system without statfs (ENOSYS): read, not taken for unreadable
+            return None, None, 0, ""
+        stat = _stat(before, fsid)
+        row = self.kept.get(key)
+        if row is None:
+            try:
+                row = self.db.execute("SELECT stat, sha256, used FROM digests WHERE path = ?", (key,)).fetchone()
+            except sqlite3.Error:
+                row = None
+            if row is not None and row[0] == stat and row[2] != self.today:
+                self.used.add(key)
+                self._written()
+        if row is not None and row[0] == stat and _SHA256.fullmatch(row[1] if isinstance(row[1], str) else ""):
+            return row[1], key, fsid, stat
+        return None, key, fsid, stat
 
     def kind(self, dev: int) -> str | None:
         """The type of the file system of this device, as /proc/self/mountinfo says (None where it does not:

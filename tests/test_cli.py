@@ -2072,11 +2072,13 @@ def test_files_gone_from_a_folder_are_deleted_on_a_server_older_than_deletions(t
 
     folder = tmp_path / "f"
     folder.mkdir()
-    write(folder / "kept.wav", 0.5, seed=91)
+    kept = write(folder / "kept.wav", 0.5, seed=91)
     gone = "5f1c0000-0000-4000-8000-0000000000b1"
-    listed = [{"id": i, "library_id": "lib1", "filename": name, "size_bytes": 1, "sha256": c * 64,
+    # kept.wav's item holds its bytes (an item of other bytes at its path is an earlier version, deleted)
+    listed = [{"id": i, "library_id": "lib1", "filename": name, "size_bytes": size, "sha256": sha,
                "metadata": {"path": name, "folder": folder_id(folder)}}
-              for i, name, c in ((gone, "gone.wav", "a"), ("5f1c0000-0000-4000-8000-0000000000b2", "kept.wav", "b"))]
+              for i, name, size, sha in ((gone, "gone.wav", 1, "a" * 64), ("5f1c0000-0000-4000-8000-0000000000b2",
+                                         "kept.wav", kept.stat().st_size, file_sha256(kept)))]
     bodies: list = []
 
     def answer(method, path):
@@ -2410,7 +2412,9 @@ def _a_kept_at_b(base: str, key: str, out: subprocess.CompletedProcess) -> None:
 def test_a_file_renamed_over_another_is_not_gone_from_the_folder(start_api, new_key, tmp_path, tiny_model):
     """`mv a.wav b.wav` over a b.wav the library holds too: a.wav's bytes are still in the folder (at a path
     another item has), and its item is kept, as `clapq upload` then follows the rename. Only the files at
-    paths no item had were read for the digests of the gone ones, and a.wav's item was deleted."""
+    paths no item had were read for the digests of the gone ones, and a.wav's item was deleted. b.wav's
+    earlier bytes are nowhere in the folder: its item goes (it was kept, at the path a.wav's then took,
+    helper-77)."""
     base, key = start_api(), new_key()
     folder = tmp_path / "f"
     folder.mkdir()
@@ -2423,9 +2427,22 @@ def test_a_file_renamed_over_another_is_not_gone_from_the_folder(start_api, new_
                               stdin=subprocess.DEVNULL)
 
     assert clapq("upload", str(folder), "--no-wait").returncode == 0
+    b_item = _library_items(base, key)["b.wav"]
     (folder / "a.wav").rename(folder / "b.wav")
     out = clapq("delete", "--gone-from", str(folder), "--yes")
-    _a_kept_at_b(base, key, out)
+    assert out.returncode == 0 and out.stdout == f"deleted b.wav ({b_item})\n", out
+    assert "1 file renamed or moved within" in out.stderr and "(a.wav)" in out.stderr, out
+    assert list(_library_items(base, key)) == ["a.wav"]
+    assert clapq("upload", str(folder), "--no-wait").returncode == 0
+    assert list(_library_items(base, key)) == ["b.wav"]
+
+
+def _library_items(base: str, key: str) -> dict[str, str]:
+    """The first library's items by path."""
+    h = {"Authorization": f"Bearer {key}"}
+    lib = requests.get(f"{base}/v1/libraries", headers=h, timeout=30).json()["libraries"][0]["id"]
+    items = requests.get(f"{base}/v1/libraries/{lib}/items", headers=h, timeout=30).json()["items"]
+    return {i["metadata"]["path"]: i["id"] for i in sorted(items, key=lambda i: i["metadata"]["path"])}
 
 
 def test_delete_gone_from_reads_the_files_whatever_digests_are_kept(start_api, new_key, tmp_path, tiny_model):
@@ -2462,6 +2479,63 @@ def test_delete_gone_from_reads_the_files_whatever_digests_are_kept(start_api, n
     kept.close()
     out = clapq("delete", "--gone-from", str(folder), "--yes")
     _a_kept_at_b(base, key, out)
+
+
+def test_delete_gone_from_deletes_the_earlier_version_of_a_file_changed_in_place(start_api, new_key, worker, tmp_path,
+                                                                                  tiny_model):
+    """A folder uploaded and cleaned every night (`clapq upload` then `clapq delete --gone-from`): a file
+    re-exported in place (other bytes at the same path, of the same size or not), replaced by a copy of another
+    file of the folder, or a broken one fixed in place, left the item of its earlier version in the library,
+    searchable at the same path as the new one, and --gone-from kept it, as something was at its path
+    (helper-77). Those earlier versions, whose bytes are nowhere in the folder, are deleted and said as changed
+    in place; the rest stays, each file of the folder once at its path. A file whose kept digest (clapq.digests)
+    says other bytes than it holds is read, and its item kept: nothing is deleted on a kept digest."""
+    from clapq import digests
+
+    folder, cache = tmp_path / "Sounds", tmp_path / "cache"
+    folder.mkdir()
+    for i, name in enumerate(["same.wav", "longer.wav", "copied.wav", "source.wav", "kept.wav"]):
+        write(folder / name, 0.5, seed=120 + i)  # all of one size
+    (folder / "broken.wav").write_bytes(b"not audio yet\n" * 40)
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+
+    def clapq(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *args, "--library", "nightly", "--url", base,
+                               "--key", key], env=_env(tiny_model, XDG_CACHE_HOME=str(cache)), capture_output=True,
+                              text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+    def items() -> list[tuple[str, str, bool]]:  # (path, status, whether the file at that path holds its bytes)
+        lib = requests.get(f"{base}/v1/libraries", headers=h, timeout=30).json()["libraries"][0]["id"]
+        got = requests.get(f"{base}/v1/libraries/{lib}/items?limit=100", headers=h, timeout=30).json()["items"]
+        return sorted((i["metadata"]["path"], i["status"], file_sha256(folder / i["metadata"]["path"]) == i["sha256"])
+                      for i in got)
+
+    assert clapq("upload", str(folder)).returncode == 1  # broken.wav failed
+    write(folder / "same.wav", 0.5, seed=130)  # re-exported: the same size, other bytes
+    write(folder / "longer.wav", 0.8, seed=131)
+    shutil.copyfile(folder / "source.wav", folder / "copied.wav")  # the library holds these bytes: no new item
+    write(folder / "broken.wav", 0.5, seed=132)  # fixed in place
+    out = clapq("upload", str(folder))
+    assert out.returncode == 0, out.stderr
+    assert len(items()) == 9  # each earlier version beside the new one (copied.wav's: beside source.wav's item)
+    # the digest kept for kept.wav says other bytes than it holds: it is read, and its item kept
+    kept = digests.Digests(cache / "clapq" / "digests.sqlite3")
+    kf = folder / "kept.wav"
+    kept.db.execute("INSERT OR REPLACE INTO digests VALUES (?, ?, ?, ?)",
+                    (os.fsencode(os.path.abspath(kf)), digests._stat(os.stat(kf), os.statvfs(kf).f_fsid), "0" * 64,
+                     kept.today))
+    kept.close()
+    out = clapq("delete", "--gone-from", str(folder), "--yes")
+    assert out.returncode == 0, out
+    assert sorted(line.split(" (")[0] for line in out.stdout.splitlines()) == [
+        "deleted broken.wav", "deleted copied.wav", "deleted longer.wav", "deleted same.wav"], out.stdout
+    assert "4 files changed in place since they were sent (other bytes at the same path: re-exported, replaced or " \
+        "fixed): the earlier versions go, not the file: " in out.stderr, out.stderr
+    assert items() == [("broken.wav", "done", True), ("kept.wav", "done", True), ("longer.wav", "done", True),
+                       ("same.wav", "done", True), ("source.wav", "done", True)]
+    out = clapq("delete", "--gone-from", str(folder), "--yes")
+    assert out.returncode == 0 and out.stdout.startswith("nothing to delete: every file"), out
 
 
 def test_a_server_that_is_not_clapq_is_said_so_not_a_traceback(tmp_path, tiny_model):
