@@ -135,7 +135,7 @@ def known_files(lib_id: str):
     """Which of these sha256 digests (of whole files' bytes) the library holds already, queued, running
     or embedded (`pending`: those of them not embedded yet, with the job each is in, `pending_jobs`, and
     its item, `pending_items`; every known one's item, `items`, and its metadata.path and .folder,
-    `sent_from`): a client uploading a folder again sends only the rest, can wait for the files an earlier
+    `sent_from`, which also has those of the `failed` ones): a client uploading a folder again sends only the rest, can wait for the files an earlier
     run left being embedded, and can update the paths of files renamed since. Failed and cancelled files
     are not listed, because sending them again retries them; those failed for a reason in their bytes
     (items.failed_in_file: they would fail the same way again) are in `failed`, with the item and its error, so
@@ -166,8 +166,10 @@ def known_files(lib_id: str):
             # and the folder as metadata.path and metadata.folder): a folder uploaded again after files were
             # renamed or moved within it can say so, and update them
             "items": {r.sha256: str(r.id) for r in rows},
+            # and of each failed one, whose renames are followed as well: a broken file moved within its folder
+            # stayed at its old path, which --gone-from took for a rename not told yet, at every run (helper-77)
             "sent_from": {r.sha256: {"path": r.path, **({"folder": r.folder} if isinstance(r.folder, str) else {})}
-                          for r in rows if isinstance(r.path, str)},
+                          for r in rows + failed if isinstance(r.path, str)},
             "failed": {r.sha256: {"item_id": str(r.id), "error": r.error} for r in failed}}
 
 

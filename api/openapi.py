@@ -188,7 +188,7 @@ SPEC = {
             "responses": _ok("known: the digests the library holds already (not failed or cancelled); pending: "
                              "those of them not embedded yet (pending_jobs, pending_items: the job and item of "
                              "each); items: each known one's item; sent_from: its metadata.path and metadata.folder, "
-                             "where it has a path; failed: those of the rest that failed for a reason in their "
+                             "where it has a path (and each failed one's); failed: those of the rest that failed for a reason in their "
                              "bytes, each with its item_id and error (sending them again retries them)", _obj(
                                  known=_list(_STR), pending=_list(_STR), pending_jobs={"type": "object"},
                                  pending_items={"type": "object"}, items={"type": "object"},

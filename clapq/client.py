@@ -528,10 +528,12 @@ def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool
     failed_before = {} if retry_failed else answer.get("failed", {})
     failed = {p: str((failed_before[digests[p]] or {}).get("error") or "") for p in batch
               if digests[p] in failed_before}
+    # a file failed in its bytes is held too, so that its renames are followed as any held file's (helper-77)
+    ids = {**{d: f.get("item_id") for d, f in answer.get("failed", {}).items() if isinstance(f, dict)}, **ids}
     return Known([p for p in batch if digests[p] not in known and p not in failed],
                  {p: (jobs.get(digests[p]), items.get(digests[p])) for p in batch if digests[p] in pending}, digests,
                  {p: (ids[digests[p]], sent_from[digests[p]]) for p in batch
-                  if digests[p] in ids and isinstance(sent_from.get(digests[p]), dict)}, failed)
+                  if isinstance(ids.get(digests[p]), str) and isinstance(sent_from.get(digests[p]), dict)}, failed)
 
 
 def stored_path(rel: str) -> str:
@@ -775,6 +777,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             sending = set(new)
             for p in group:
                 rel, digest = p.relative_to(folder).as_posix(), digests[p]
+                if digest is not None and p in failed:  # its renames are followed too (_moved), from its first path
+                    first.setdefault(digest, rel)
                 if digest is None or p in failed:
                     continue
                 if p not in sending and digest in first:

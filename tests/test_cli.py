@@ -2538,6 +2538,34 @@ def test_delete_gone_from_deletes_the_earlier_version_of_a_file_changed_in_place
     assert out.returncode == 0 and out.stdout.startswith("nothing to delete: every file"), out
 
 
+def test_a_file_that_failed_in_its_bytes_is_followed_when_renamed(start_api, new_key, worker, tmp_path, tiny_model):
+    """A broken file moved within its folder: `clapq upload` does not send it again (it failed in its bytes), and
+    left its item at its old path, as /known gave no path for it; --gone-from kept it as "renamed or moved
+    within ...; `clapq upload` updates their paths", at every run, which no upload did (helper-77). Its path is
+    updated as any renamed file's, and --gone-from then finds nothing to say."""
+    folder = tmp_path / "Sounds"
+    (folder / "later").mkdir(parents=True)
+    write(folder / "good.wav", 0.5, seed=140)
+    (folder / "broken.wav").write_bytes(b"not audio\n" * 40)
+    base, key = start_api(), new_key()
+
+    def clapq(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *args, "--library", "moved", "--url", base,
+                               "--key", key], env=_env(tiny_model, XDG_CACHE_HOME=str(tmp_path / "cache")),
+                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+    assert clapq("upload", str(folder)).returncode == 1
+    failed = _library_items(base, key)["broken.wav"]
+    (folder / "broken.wav").rename(folder / "later" / "broken2.wav")
+    out = clapq("upload", str(folder))
+    assert out.returncode == 0 and "1 file renamed or moved since it was sent: its path in the library updated: " \
+        "broken.wav -> later/broken2.wav" in out.stderr, out.stderr
+    assert json.loads(out.stdout)["failed_before"] == 1 and json.loads(out.stdout)["renamed"] == 1, out.stdout
+    assert _library_items(base, key) == {"good.wav": _library_items(base, key)["good.wav"], "later/broken2.wav": failed}
+    out = clapq("delete", "--gone-from", str(folder), "--yes")
+    assert out.returncode == 0 and out.stdout.startswith("nothing to delete: every file") and out.stderr == "", out
+
+
 def test_a_server_that_is_not_clapq_is_said_so_not_a_traceback(tmp_path, tiny_model):
     """--url pointing at another server: a file server's 200 of HTML (a proxy's login page) was a
     JSONDecodeError traceback, and another server's 404 page was printed as 300 characters of its HTML
