@@ -513,8 +513,11 @@ def cmd_upload(args) -> None:
         _fail(f"{args.folder} is neither a folder nor a file (a pipe or a device)")
     else:
         _fail(f"{args.folder} does not exist")
+    if args.moved_from is not None and only is not None:
+        _fail("--moved-from takes a folder: the folder uploaded, as it was named before it was moved or renamed")
     raise SystemExit(upload_folder(connect(args.url, args.key, settings.data_dir), folder, args.library,
-                                   wait=not args.no_wait, only=only, retry_failed=args.retry_failed))
+                                   wait=not args.no_wait, only=only, retry_failed=args.retry_failed,
+                                   moved_from=args.moved_from))
 
 
 def cmd_search(args) -> None:
@@ -680,6 +683,10 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--retry-failed", action="store_true", help="send again the files that failed before for a "
                         "reason in their bytes (not decodable, no audio, too long), which are otherwise left out "
                         "until their bytes change")
+    upload.add_argument("--moved-from", type=Path, metavar="OLD", help="the folder's path before it was itself "
+                        "moved or renamed (where `clapq upload` sent its files from): its files in the library become "
+                        "this folder's, so that their renames are followed and `clapq delete --gone-from` finds those "
+                        "gone")
     _client_args(upload, "library name (created if missing) or id")
     upload.set_defaults(func=cmd_upload)
     search = sub.add_parser("search", help="search a library by words, or by a sound with --like FILE")

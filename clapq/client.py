@@ -670,10 +670,11 @@ def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> tuple
 
 
 def upload_folder(client: Client, folder: Path, library: str, wait: bool = True, only: list[Path] | None = None,
-                  retry_failed: bool = False) -> int:
+                  retry_failed: bool = False, moved_from: Path | None = None) -> int:
     """Upload the audio files under `folder`, or only the files `only` names (in `folder`), and by default
     wait for their jobs; returns the command's exit code. Files the library holds as failed for a reason in
-    their bytes are sent again only with `retry_failed` (not_known)."""
+    their bytes are sent again only with `retry_failed` (not_known). `moved_from`: the folder's path before it
+    was moved or renamed, whose files become this folder's (_taken_over)."""
     listing = Listing(only) if only is not None else audio_files(folder)
     paths, other = listing.audio, listing.other
     if listing.hidden:
@@ -883,10 +884,13 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         print(f"{n_files(n)} failed before and {'was' if n == 1 else 'were'} not sent again (`clapq upload "
               f"--retry-failed` sends {'it' if n == 1 else 'them'}, or `clapq jobs retry`): {_some(failed_before)}",
               file=sys.stderr)
+    if moved_from is not None:
+        elsewhere -= _taken_over(client, lib, folder, moved_from, first, {m[0] for m in moved})
     if elsewhere:  # a moved or renamed folder, or a copy of one (helper-44: nothing was said)
         print(f"{n_files(len(elsewhere))} at the same {'path' if len(elsewhere) == 1 else 'paths'} here "
               f"{'was' if len(elsewhere) == 1 else 'were'} sent from another folder (this one before it was moved "
-              "or renamed, or a copy of it): their renames here are not followed", file=sys.stderr)
+              "or renamed, or a copy of it): their renames here are not followed (`--moved-from OLD` makes the "
+              "files sent from OLD this folder's)", file=sys.stderr)
     renamed, adopted = _update_paths(client, lib["id"], folder, moved)
     if adopted:
         print(f"{n_files(adopted)} sent by an earlier version: recorded this folder with "
@@ -921,6 +925,34 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                       "renamed": len(renamed), "failed": failed, "failed_before": len(failed_before),
                       "cancelled": cancelled}))
     return 1 if failed or refused or cancelled or listing.closed else 0
+
+
+def _taken_over(client: Client, lib: dict, folder: Path, moved_from: Path, first: dict[str, str],
+                taken: set[str]) -> set[str]:
+    """`clapq upload FOLDER --moved-from OLD`: every file of the library sent from OLD (metadata.folder) becomes
+    this folder's, at the first path of its bytes here, or at its path as it was where they are not here (so
+    that `clapq delete --gone-from FOLDER` finds it gone). A folder moved or renamed was another folder for
+    good: its renames were not followed, and --gone-from of its new path found none of its files, or (once one
+    new file was sent from it) "nothing to delete" while its deleted files stayed in the library (helper-77).
+    Only on request, as OLD may be a copy still used (helper-43). Says how many; returns their items."""
+    old_root, root = folder_id(moved_from), folder_id(folder)
+    if old_root == root:
+        return set()
+    moves = []
+    for item in _items(client, f"/v1/libraries/{lib['id']}/items"):
+        meta = item.get("metadata") or {}
+        path = meta.get("path")
+        if meta.get("folder") == old_root and isinstance(path, str) and item["id"] not in taken:
+            rel = first.get(item.get("sha256"))
+            moves.append((item["id"], path, stored_path(rel) if rel is not None else path, old_root))
+    if not moves:
+        print(f"no file of library {lib['name']!r} was sent from {moved_from} (--moved-from takes the folder "
+              "`clapq upload` was given, as it was named then)", file=sys.stderr)
+        return set()
+    renamed, kept = _update_paths(client, lib["id"], folder, moves)
+    print(f"{n_files(len(renamed) + kept)} sent from {moved_from} taken as this folder's"
+          + (f" ({len(renamed)} at another path here)" if renamed else ""), file=sys.stderr)
+    return {m[0] for m in moves}
 
 
 def _library_gone(client: Client, lib_id: str) -> bool:
@@ -1504,7 +1536,7 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
         # file ... is still there" (helper-71)
         raise SystemExit(f"clapq: no file of library {lib['name']!r} was sent from {folder}: --gone-from takes the "
                          "folder `clapq upload` was given (not a folder above or within it; a folder moved or "
-                         "renamed since is another folder)")
+                         "renamed since is another folder, until `clapq upload FOLDER --moved-from OLD`)")
     # every file of a gone one's size, at a path an item has too: `mv a.wav b.wav` over a b.wav the library
     # holds leaves a.wav's bytes at b.wav, and `clapq upload` follows that rename (_moved). Read, not taken from
     # the digests `clapq upload` keeps: where the change time follows the modification time (FAT, sshfs),

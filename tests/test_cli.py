@@ -2566,6 +2566,53 @@ def test_a_file_that_failed_in_its_bytes_is_followed_when_renamed(start_api, new
     assert out.returncode == 0 and out.stdout.startswith("nothing to delete: every file") and out.stderr == "", out
 
 
+def test_a_folder_renamed_is_followed_when_told_where_it_was(start_api, new_key, tmp_path, tiny_model):
+    """`mv ~/Sounds ~/Sounds2`, and the nightly commands pointed at the new name: the library followed the folder
+    no more, for good. The upload said its files were "sent from another folder: their renames here are not
+    followed", and --gone-from found no file sent from it (or, once one new file was, "nothing to delete"), so
+    files deleted or renamed since stayed in the library at their old paths (helper-77). `clapq upload NEW
+    --moved-from OLD` makes the files sent from OLD this folder's: at their paths here, renamed ones at their
+    new one, and those gone at their old path, for --gone-from to delete. Another folder's files stay."""
+    old, new, other = tmp_path / "Sounds", tmp_path / "Sounds2", tmp_path / "other"
+    for d in (old / "sub", other):
+        d.mkdir(parents=True)
+    for i, name in enumerate(["a.wav", "b.wav", "sub/c.wav", "gone.wav"]):
+        write(old / name, 0.5 + 0.1 * i, seed=150 + i)
+    write(other / "o.wav", 0.5, seed=160)
+
+    def clapq(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *args, "--library", "renamed", "--url", base,
+                               "--key", key], env=_env(tiny_model, XDG_CACHE_HOME=str(tmp_path / "cache")),
+                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+    base, key = start_api(), new_key()
+    for d in (old, other):
+        assert clapq("upload", str(d), "--no-wait").returncode == 0
+    before = _library_items(base, key)
+    old.rename(new)
+    (new / "gone.wav").unlink()
+    (new / "b.wav").rename(new / "sub" / "b2.wav")
+    out = clapq("upload", str(new), "--no-wait")
+    assert out.returncode == 0 and "2 files at the same paths here were sent from another folder" in out.stderr, out
+    assert clapq("delete", "--gone-from", str(new), "--yes").returncode == 1  # no file was sent from it
+    assert _library_items(base, key) == before
+    out = clapq("upload", str(new), "--no-wait", "--moved-from", str(old))
+    assert out.returncode == 0 and "4 files sent from " in out.stderr and " taken as this folder's (1 at another " \
+        "path here)" in out.stderr and "another folder" not in out.stderr, out.stderr
+    assert _library_items(base, key) == {**{k: v for k, v in before.items() if k != "b.wav"},
+                                         "sub/b2.wav": before["b.wav"]}
+    out = clapq("delete", "--gone-from", str(new), "--yes")
+    assert out.returncode == 0 and out.stdout == f"deleted gone.wav ({before['gone.wav']})\n", out
+    assert sorted(_library_items(base, key)) == ["a.wav", "o.wav", "sub/b2.wav", "sub/c.wav"]
+    out = clapq("upload", str(new), "--no-wait")  # its files are this folder's: nothing more to say
+    assert out.returncode == 0 and "another folder" not in out.stderr and json.loads(out.stdout)["skipped"] == 3, out
+    (new / "a.wav").rename(new / "a2.wav")
+    out = clapq("upload", str(new), "--no-wait")
+    assert json.loads(out.stdout)["renamed"] == 1 and "a2.wav" in _library_items(base, key), out.stderr
+    out = clapq("upload", str(new), "--no-wait", "--moved-from", str(old))
+    assert "no file of library 'renamed' was sent from" in out.stderr, out.stderr
+
+
 def test_a_server_that_is_not_clapq_is_said_so_not_a_traceback(tmp_path, tiny_model):
     """--url pointing at another server: a file server's 200 of HTML (a proxy's login page) was a
     JSONDecodeError traceback, and another server's 404 page was printed as 300 characters of its HTML
