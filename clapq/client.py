@@ -885,7 +885,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
               f"--retry-failed` sends {'it' if n == 1 else 'them'}, or `clapq jobs retry`): {_some(failed_before)}",
               file=sys.stderr)
     if moved_from is not None:
-        elsewhere -= _taken_over(client, lib, folder, moved_from, first, {m[0] for m in moved})
+        elsewhere -= _taken_over(client, lib, folder, moved_from, first, on_disk, {m[0] for m in moved})
     if elsewhere:  # a moved or renamed folder, or a copy of one (helper-44: nothing was said)
         print(f"{n_files(len(elsewhere))} at the same {'path' if len(elsewhere) == 1 else 'paths'} here "
               f"{'was' if len(elsewhere) == 1 else 'were'} sent from another folder (this one before it was moved "
@@ -927,11 +927,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     return 1 if failed or refused or cancelled or listing.closed else 0
 
 
-def _taken_over(client: Client, lib: dict, folder: Path, moved_from: Path, first: dict[str, str],
+def _taken_over(client: Client, lib: dict, folder: Path, moved_from: Path, first: dict[str, str], where: Where,
                 taken: set[str]) -> set[str]:
     """`clapq upload FOLDER --moved-from OLD`: every file of the library sent from OLD (metadata.folder) becomes
-    this folder's, at the first path of its bytes here, or at its path as it was where they are not here (so
-    that `clapq delete --gone-from FOLDER` finds it gone). A folder moved or renamed was another folder for
+    this folder's, at its path where that holds its bytes here, else at the first path of its bytes here, or at
+    its path as it was where they are not here (so that `clapq delete --gone-from FOLDER` finds it gone). A folder moved or renamed was another folder for
     good: its renames were not followed, and --gone-from of its new path found none of its files, or (once one
     new file was sent from it) "nothing to delete" while its deleted files stayed in the library (helper-77).
     Only on request, as OLD may be a copy still used (helper-43). Says how many; returns their items."""
@@ -943,7 +943,7 @@ def _taken_over(client: Client, lib: dict, folder: Path, moved_from: Path, first
         meta = item.get("metadata") or {}
         path = meta.get("path")
         if meta.get("folder") == old_root and isinstance(path, str) and item["id"] not in taken:
-            rel = first.get(item.get("sha256"))
+            rel = None if where.has(path, item.get("sha256")) else first.get(item.get("sha256"))
             moves.append((item["id"], path, stored_path(rel) if rel is not None else path, old_root))
     if not moves:
         print(f"no file of library {lib['name']!r} was sent from {moved_from} (--moved-from takes the folder "

@@ -2572,7 +2572,8 @@ def test_a_folder_renamed_is_followed_when_told_where_it_was(start_api, new_key,
     followed", and --gone-from found no file sent from it (or, once one new file was, "nothing to delete"), so
     files deleted or renamed since stayed in the library at their old paths (helper-77). `clapq upload NEW
     --moved-from OLD` makes the files sent from OLD this folder's: at their paths here, renamed ones at their
-    new one, and those gone at their old path, for --gone-from to delete. Another folder's files stay."""
+    new one (a path that still holds a file's bytes is kept, whatever copies there are), and those gone at their
+    old path, for --gone-from to delete. Another folder's files stay."""
     old, new, other = tmp_path / "Sounds", tmp_path / "Sounds2", tmp_path / "other"
     for d in (old / "sub", other):
         d.mkdir(parents=True)
@@ -2596,6 +2597,7 @@ def test_a_folder_renamed_is_followed_when_told_where_it_was(start_api, new_key,
     assert out.returncode == 0 and "2 files at the same paths here were sent from another folder" in out.stderr, out
     assert clapq("delete", "--gone-from", str(new), "--yes").returncode == 1  # no file was sent from it
     assert _library_items(base, key) == before
+    shutil.copyfile(new / "a.wav", new / "0copy.wav")  # listed first: a.wav's item stays at a.wav, which holds it
     out = clapq("upload", str(new), "--no-wait", "--moved-from", str(old))
     assert out.returncode == 0 and "4 files sent from " in out.stderr and " taken as this folder's (1 at another " \
         "path here)" in out.stderr and "another folder" not in out.stderr, out.stderr
@@ -2605,10 +2607,10 @@ def test_a_folder_renamed_is_followed_when_told_where_it_was(start_api, new_key,
     assert out.returncode == 0 and out.stdout == f"deleted gone.wav ({before['gone.wav']})\n", out
     assert sorted(_library_items(base, key)) == ["a.wav", "o.wav", "sub/b2.wav", "sub/c.wav"]
     out = clapq("upload", str(new), "--no-wait")  # its files are this folder's: nothing more to say
-    assert out.returncode == 0 and "another folder" not in out.stderr and json.loads(out.stdout)["skipped"] == 3, out
-    (new / "a.wav").rename(new / "a2.wav")
+    assert out.returncode == 0 and "another folder" not in out.stderr and json.loads(out.stdout)["skipped"] == 4, out
+    (new / "sub" / "c.wav").rename(new / "c2.wav")
     out = clapq("upload", str(new), "--no-wait")
-    assert json.loads(out.stdout)["renamed"] == 1 and "a2.wav" in _library_items(base, key), out.stderr
+    assert json.loads(out.stdout)["renamed"] == 1 and "c2.wav" in _library_items(base, key), out.stderr
     out = clapq("upload", str(new), "--no-wait", "--moved-from", str(old))
     assert "no file of library 'renamed' was sent from" in out.stderr, out.stderr
 
