@@ -124,6 +124,9 @@ DRAIN_MAX_BYTES = 8 * 1024 * 1024
 # and the longest it reads for (gunicorn's own drain after an answer waits as long): a client that sends the rest
 # slowly, or not at all, is left to gunicorn, which closes the connection
 DRAIN_MAX_S = 5.0
+# the most of an answer written at once under CLAPQ_CLIENT_TIMEOUT_S, which bounds each write (finish_bodies): a
+# client may take that long to read this much, 1 KiB/s at the default 60 s
+ANSWER_PIECE_BYTES = 64 * 1024
 
 
 class _BodyTimedOut(RequestTimeout):
@@ -217,9 +220,35 @@ def finish_bodies(wsgi_app, max_request_bytes: int, client_timeout_s: int = 0):
             finally:
                 if timeout_s is not None:
                     _set_timeout(sock, timeout_s)
+        if timeout_s is not None and not isinstance(result, environ.get("wsgi.file_wrapper") or ()):
+            # written a piece at a time: a socket's timeout bounds a whole sendall (Python's, since 3.5), so an
+            # answer of megabytes in one write was cut off after CLAPQ_CLIENT_TIMEOUT_S to a client that read it
+            # steadily over a slow link; the timeout is now how long a piece may wait. A file (an item's audio)
+            # goes by sendfile, which waits that long for each block already
+            return _Pieces(result)
         return result
 
     return app
+
+
+class _Pieces:
+    """An answer's body (a WSGI iterable) in pieces of at most ANSWER_PIECE_BYTES, closed as the iterable is."""
+
+    def __init__(self, result) -> None:
+        self._result = result
+
+    def __iter__(self):
+        for chunk in self._result:
+            if len(chunk) <= ANSWER_PIECE_BYTES:
+                yield chunk
+                continue
+            view = memoryview(chunk)  # bytes, as a WSGI server takes them
+            for start in range(0, len(view), ANSWER_PIECE_BYTES):
+                yield bytes(view[start : start + ANSWER_PIECE_BYTES])
+
+    def close(self) -> None:
+        if hasattr(self._result, "close"):
+            self._result.close()
 
 
 class QuietClientTimeouts(logging.Filter):

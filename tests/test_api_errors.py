@@ -1356,3 +1356,39 @@ def test_a_path_no_endpoint_has_is_said_so(client, new_key):
     e = err(client.get("/api/v1/libraries", headers=auth(new_key())), 404)
     assert "the API's paths begin /v1/ right after its address" in e["message"], e
     assert err(client.get(f"/v1/items/{uuid.uuid4()}", headers=auth(new_key())), 404)["message"] == "item not found"
+
+
+def test_a_slow_but_steady_reader_gets_the_whole_answer(start_api, new_key):
+    """Against gunicorn: an answer of 7.7 MB (a page of 500 items whose metadata is large) to a client that
+    reads it steadily, never pausing for anything near CLAPQ_CLIENT_TIMEOUT_S (2 s here), but takes longer than
+    that in all (a slow link; ~5 s here) arrives whole. The answer was written in one sendall, whose timeout is the
+    longest the whole write may take (Python's, since 3.5), so it was cut off once the write had lasted
+    CLAPQ_CLIENT_TIMEOUT_S (6.4 of 7.7 MB came), with a 200 and the whole Content-Length."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = start_api(CLAPQ_API_WORKERS="1", CLAPQ_API_THREADS="1", CLAPQ_CLIENT_TIMEOUT_S="2")
+    base, key = urlsplit(url), new_key()
+    lib = requests.post(f"{url}/v1/libraries", json={"name": "slow reader"}, headers=auth(key), timeout=30).json()["id"]
+    n = 500
+    files = [("files", (f"{i}.wav", b"RIFF" + os.urandom(64))) for i in range(n)]
+    meta = json.dumps({f"{i}.wav": {"notes": "x" * 15_000} for i in range(n)})
+    r = requests.post(f"{url}/v1/libraries/{lib}/batches", files=files, data={"metadata": meta}, headers=auth(key),
+                      timeout=120)
+    assert r.status_code == 202, r.text[:300]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # before connecting: a small window
+    sock.settimeout(60)
+    sock.connect((base.hostname, base.port))
+    with sock:
+        sock.sendall(f"GET /v1/libraries/{lib}/items?limit=500 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(32 * 1024):  # ~16 KB at a time, pausing 10 ms: steady, slower than the link
+            answer += chunk
+            time.sleep(0.01)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head[:300]
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    assert length > 7_000_000 and len(body) == length, (length, len(body))
+    assert len(json.loads(body)["items"]) == n
