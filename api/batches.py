@@ -105,11 +105,14 @@ def backpressure(settings) -> None:
 def limits():
     """What this service takes, so a client can fit its requests to it (`clapq upload` sizes its batches
     by these and leaves out files over the per-file limit) instead of learning each from a refusal."""
+    from api.libraries import MAX_DELETIONS  # that module imports this one
+
     s = current_app.config["CLAPQ"]
     return {"max_file_bytes": s.max_file_bytes, "max_files_per_batch": s.max_files_per_batch,
             "max_request_bytes": s.max_request_bytes, "max_duration_s": s.max_duration_s, "max_clip_s": MAX_CLIP_S,
             "max_query_chars": s.max_query_chars, "max_k": s.max_k, "max_filter_keys": MAX_FILTER_KEYS,
             "max_filter_values": MAX_FILTER_VALUES, "search_timeout_s": s.search_timeout_s or None,
+            "max_deletions": MAX_DELETIONS, "client_timeout_s": s.client_timeout_s or None,
             "rate_limit": current_app.extensions["clapq_rate_limit"].describe(),
             # the model it runs: a library bound to another answers 409 model_mismatch, and its files not embedded
             # yet wait for a worker of their model (`clapq upload` says so rather than wait, helper-63)

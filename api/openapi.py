@@ -226,8 +226,11 @@ SPEC = {
         "/v1/limits": {"get": {"responses": _ok("what the service takes", {"type": "object", "properties": {
             **{k: {"type": "integer"} for k in ("max_file_bytes", "max_files_per_batch", "max_request_bytes",
                                                 "max_duration_s", "max_clip_s", "max_query_chars", "max_k",
-                                                "max_filter_keys", "max_filter_values")},
+                                                "max_filter_keys", "max_filter_values", "max_deletions")},
             "search_timeout_s": {"type": ["integer", "null"]},
+            "client_timeout_s": {"type": ["integer", "null"], "description": "seconds the API waits for a client "
+                                 "that sends nothing more of a body (a 408) or reads nothing of an answer "
+                                 "(CLAPQ_CLIENT_TIMEOUT_S); null: for ever"},
             "rate_limit": {"type": ["string", "null"], "description": "requests per API key (CLAPQ_RATE_LIMIT), "
                            "such as '1200 requests per minute'; over it, 429 with Retry-After; null: no limit"},
             "model": {**_MODEL, "description": "the model this service runs (CLAPQ_MODEL): a library bound to "
