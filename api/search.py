@@ -286,17 +286,17 @@ def search():
     if exclude is not None and mode == "items":
         # "more like this": whole item against whole items (pooled vectors), so that the same bytes
         # elsewhere score 1; the span shown is the other item's segment closest to this item
-        rows = _nearest_items(vec, lib_uuids, model_id, conds, exclude, offset + k, min_score, exact)
+        def find():
+            return _nearest_items(vec, lib_uuids, model_id, conds, exclude, offset + k, min_score, exact)
     else:
-        rows = _nearest(vec, lib_uuids, model_id, conds, exclude, mode, offset + k, min_score, exact)
+        def find():
+            return _nearest(vec, lib_uuids, model_id, conds, exclude, mode, offset + k, min_score, exact)
+    page, items = described_page(lambda: find()[offset : offset + k])
     plan = "exact" if exact or g.get("exact_fallback") else "index"  # the index walk fell short: compared
     g.server_timing = f"query;dur={(t1 - t0) * 1000:.1f}, search;dur={(time.perf_counter() - t1) * 1000:.1f}"
     results = []
-    page = rows[offset : offset + k]
-    items = described(r.item_id for r in page)
     for r in page:
-        if (item := items.get(r.item_id)) is None:  # deleted since
-            continue
+        item = items[r.item_id]
         res = {"item_id": str(r.item_id), "library_id": str(r.library_id), "filename": item.filename,
                "score": round(1.0 - float(r.d), 6), "metadata": item.meta or {}}
         span = {"start_s": round(r.start_s, 3), "end_s": round(r.end_s, 3)}
@@ -354,6 +354,23 @@ def described(item_ids) -> dict:
     """Each item's filename and metadata, by id, for a page of results; an item deleted since the search
     found it is not there."""
     return {r.id: r for r in db().execute(select(Item.id, Item.filename, Item.meta).where(Item.id.in_(set(item_ids))))}
+
+
+PAGE_TRIES = 3  # finds of a page whose items are deleted between its two statements (described_page)
+
+
+def described_page(find) -> tuple[list, dict]:
+    """A page of results (find(): its rows, best first) without the items deleted since, and its items' filenames
+    and metadata by id (`described`). The two are read in two statements, and an item deleted between them (a
+    deletion committed meanwhile) was left out of the page, a result short where the libraries still held `k`
+    (3 of 112 searches of k=30 while files were deleted two at a time, helper-80): the page is then found again,
+    which sees the deletion, up to PAGE_TRIES times in all."""
+    tries = 0
+    while True:
+        page, tries = find(), tries + 1
+        names = described(r.item_id for r in page)
+        if tries == PAGE_TRIES or all(r.item_id in names for r in page):
+            return [r for r in page if r.item_id in names], names
 
 
 def _farthest(min_score: float | None) -> float | None:

@@ -14,7 +14,7 @@ from api.lookup import owned
 from api.models_info import served_model_for
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
 from api.query import item_vector, text_vectors
-from api.search import described, few_windows, nearest_pooled
+from api.search import described_page, few_windows, nearest_pooled
 from clapq.models import Embedding, Item, Library
 
 bp = Blueprint("tagging", __name__)
@@ -116,9 +116,7 @@ def duplicates(item_id: str):
     lib = session.get(Library, item.library_id)
     lib_ids = list(session.scalars(select(Library.id).where(Library.tenant_id == g.tenant_id)))
     few = few_windows(lib_ids, [], current_app.config["CLAPQ"].exact_search_max_windows, None)
-    near = nearest_pooled(vec, lib_ids, lib.model_id, [], this, limit, threshold, few)
-    names = described(r.item_id for r in near)
-    near = [r for r in near if r.item_id in names]  # not one deleted since
+    near, names = described_page(lambda: nearest_pooled(vec, lib_ids, lib.model_id, [], this, limit, threshold, few))
     return {
         "item_id": str(this), "sha256": sha256, "threshold": threshold,
         "exact": [{"item_id": str(r.id), "library_id": str(r.library_id), "filename": r.filename} for r in exact],

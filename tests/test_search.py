@@ -856,3 +856,48 @@ def test_a_tenant_caches_a_bounded_number_of_texts(client, settings, new_key, mo
             assert r.status_code == 200, r.get_data(as_text=True)
             held = {k.decode() for k in redis.scan_iter(match=f"clapq:text:*:{tenant}:*")}
             assert len(held) == 2, (labels, sorted(held))
+
+
+def test_a_page_whose_item_is_deleted_meanwhile_still_holds_k(client, new_key, worker, settings, tmp_path):
+    """A search finds its page (ids and distances) and reads the page's filenames and metadata in a second
+    statement: an item deleted between the two was left out, a page of k-1 where the library still held k (3 of
+    112 searches of k=30 against clapq up, files deleted two at a time meanwhile). The deletion is made here
+    between the two statements, in another connection, for a search by text and for duplicates' near list: each
+    page still holds k, the deleted item not among them."""
+    from sqlalchemy import event, text
+
+    from clapq.db import get_engine, session_scope
+
+    key = new_key()
+    h = auth(key)
+    lib = client.post("/v1/libraries", json={"name": "meanwhile"}, headers=h).get_json()["id"]
+    paths = [write(tmp_path / f"m{i}.wav", 1.0 + 0.5 * i, 48_000, 1, freq=200 + 70 * i, seed=300 + i)
+             for i in range(5)]
+    up = upload(client, key, lib, paths).get_json()
+    assert wait_job(client, key, up["job_id"])["status"] == "done"
+    ids = [i["id"] for i in up["items"]]
+    deleted: list[str] = []
+
+    def before(conn, cursor, statement, params, context, executemany):
+        # the page's read of filenames and metadata, once: one of its items goes first, as a deletion
+        # committed by another request meanwhile
+        if deleted or "items.metadata" not in statement.split(" FROM ")[0]:
+            return
+        victim = next((i for i in ids[1:] if i in str(params)), None)  # not the item duplicates are asked of
+        if victim is None:  # the look-up of that item
+            return
+        with session_scope(settings.database_url) as s:
+            s.execute(text("DELETE FROM items WHERE id = :i"), {"i": victim})
+        deleted.append(victim)
+
+    engine = get_engine(settings.database_url)
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        results = client.post("/v1/search", json={"library_id": lib, "text": "rain", "k": 3},
+                              headers=h).get_json()["results"]
+        assert deleted and len(results) == 3 and deleted[0] not in [r["item_id"] for r in results], (deleted, results)
+        deleted.clear()
+        near = client.get(f"/v1/items/{ids[0]}/duplicates?threshold=-1&limit=2", headers=h).get_json()["near"]
+        assert deleted and len(near) == 2 and deleted[0] not in [r["item_id"] for r in near], (deleted, near)
+    finally:
+        event.remove(engine, "before_cursor_execute", before)
