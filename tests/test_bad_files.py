@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import struct
 import tracemalloc
 from pathlib import Path
@@ -273,3 +274,45 @@ def test_a_low_sample_rate_does_not_multiply_memory(tmp_path):
     assert info.sample_rate == 25 and info.frames == 65_536
     assert sum(sizes) == 65_536 * 1_920 and max(sizes) < 4 << 20, max(sizes)
     assert peak < 64 << 20, peak  # was ~1 GB (the block and its float32 copy)
+
+
+def test_a_stored_copy_that_cannot_be_read_is_not_the_files_fault(corpus, tmp_path):
+    """Through the decoder child, as the worker decodes: a stored copy that cannot be read (a directory or a socket
+    in its place; a file of no permission where the tests do not run as root) fails with in_file false, the
+    machine's fault, where every failure was the file's (a directory: "decoder error: IsADirectoryError"), and
+    `clapq upload` left it out for good. What the container or codec refuses is still the file's."""
+    import socket
+
+    from worker.decoder import DecoderProcess
+
+    cases, paths, _ = corpus
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    unreadable = [folder]
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    unreadable.append(tmp_path / "sock")
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.write_bytes(paths["truncated.wav"].read_bytes())
+        locked.chmod(0)
+        unreadable.append(locked)
+    d = DecoderProcess()
+    try:
+        for path in unreadable:
+            with pytest.raises(DecodeError) as err:
+                d.decode(path, tmp_path / "out.f32", timeout_s=60, max_duration_s=None)
+            assert not err.value.in_file, (path, str(err.value))
+            assert str(err.value).startswith("the stored copy of the file could not be read ("), str(err.value)
+        for name in ("text.wav", "text.mp3", "empty.wav", "image.mp3", "random.ogg", "unknown_codec.wav", "nan.wav"):
+            blob = tmp_path / "blob"  # as the worker sees it: no extension
+            blob.write_bytes(paths[name].read_bytes())
+            with pytest.raises(DecodeError) as err:
+                d.decode(blob, tmp_path / "out.f32", timeout_s=60, max_duration_s=None)
+            assert err.value.in_file, (name, str(err.value))
+        with pytest.raises(DecodeError) as err:
+            d.decode(paths["truncated.wav"], tmp_path / "out.f32", timeout_s=60, max_duration_s=0.1)
+        assert err.value.in_file  # longer than the limit
+    finally:
+        d.close()
+        sock.close()

@@ -129,8 +129,9 @@ def test_decoder_crash_fails_only_that_file(fifo, tmp_path):
         pid = d.proc.pid
         threading.Timer(1.0, crash).start()
         threading.Timer(4.0, crash).start()
-        with pytest.raises(DecodeError, match=r"crashed on this file, twice \(signal 11\)"):
+        with pytest.raises(DecodeError, match=r"crashed on this file, twice \(signal 11\)") as err:
             d.decode(fifo, tmp_path / "out.f32", timeout_s=60, max_duration_s=None)
+        assert err.value.in_file  # a crash in the codec, in two children: the file's bytes
         info, n = d.decode(good, tmp_path / "again.f32", timeout_s=60, max_duration_s=None)
         assert n == 48_000 and d.proc.pid != pid
         # killed once while on a good file (it waits on a pipe that becomes that file when the kill comes)
@@ -146,6 +147,28 @@ def test_decoder_crash_fails_only_that_file(fifo, tmp_path):
         threading.Timer(1.0, killed_from_outside).start()
         info, n = d.decode(later, tmp_path / "retried.f32", timeout_s=60, max_duration_s=None)
         assert n == 48_000 and info.sample_rate == 48_000
+    finally:
+        d.close()
+
+
+def test_a_decoder_killed_from_outside_twice_is_not_the_files_fault(fifo, tmp_path):
+    """Two SIGKILLs (the OOM killer making room on a loaded machine, at each of the file's two children) fail the
+    file, but not for a reason in its bytes: only a crash of the decoder's own (SIGSEGV, SIGBUS, SIGABRT...) is.
+    The file was marked as its bytes' and left out of every later `clapq upload` run."""
+    d = DecoderProcess()
+
+    def killed():
+        while (proc := d.proc) is None:
+            time.sleep(0.05)
+        os.kill(proc.pid, 9)
+
+    try:
+        d.decode(write(tmp_path / "good.wav", 1.0), tmp_path / "warm.f32", timeout_s=60, max_duration_s=None)
+        threading.Timer(1.0, killed).start()
+        threading.Timer(4.0, killed).start()
+        with pytest.raises(DecodeError, match=r"crashed on this file, twice \(signal 9\)") as err:
+            d.decode(fifo, tmp_path / "out.f32", timeout_s=60, max_duration_s=None)
+        assert not err.value.in_file
     finally:
         d.close()
 

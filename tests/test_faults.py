@@ -1161,6 +1161,36 @@ def test_a_file_that_hangs_its_decoder_fails_in_its_bytes(stack):
     assert failed_in_its_bytes(stack, key, poison_id) == {"item_id": str(poison_id), "error": error}
 
 
+def test_a_stored_copy_that_cannot_be_read_fails_but_not_in_its_bytes(stack):
+    """A file whose stored copy the worker cannot read (a directory in its place, as a blob store on a mount that
+    went wrong may show; an I/O error, too many open files, no permission meet the same check) fails, but not for
+    a reason in its bytes: `clapq upload` sends it again, where before it was marked as the file's ("decoder
+    error: IsADirectoryError") and left out of every later run for good. A file of text named .wav beside it in
+    the same job is still marked as failed in its bytes; the rest are embedded."""
+    from clapq.blobs import BlobStore
+
+    settings = stack["settings"]
+    key, _, job_id = start_job(stack, 6)
+    with session_scope(settings.database_url) as s:
+        first, second = s.scalars(select(Item).where(Item.job_id == uuid.UUID(job_id)).order_by(Item.filename)).all()[:2]
+        lost, text_id = (first.id, first.sha256), (second.id, second.sha256)
+    blobs = BlobStore(settings.blob_dir)
+    blobs.path_for(lost[1]).unlink()
+    blobs.path_for(lost[1]).mkdir()
+    blobs.path_for(text_id[1]).write_bytes(b"this is a shopping list, not audio\n" * 30)
+    try:
+        stack["worker"]()
+        final = wait_finished(stack, key, job_id)
+    finally:
+        blobs.path_for(lost[1]).rmdir()
+    assert final["status"] == "done_with_errors" and final["counts"]["done"] == 4, final
+    errors = {e["item_id"]: e["error"] for e in final["errors"]}
+    assert errors[str(lost[0])].startswith("the stored copy of the file could not be read ("), errors
+    assert failed_in_its_bytes(stack, key, lost[0]) is None
+    assert errors[str(text_id[0])].startswith("not a readable audio file"), errors
+    assert failed_in_its_bytes(stack, key, text_id[0]) == {"item_id": str(text_id[0]), "error": errors[str(text_id[0])]}
+
+
 def test_poison_file_that_kills_its_worker_fails_after_the_attempt_limit(stack):
     """A file on which the worker dies every time: failed after CLAPQ_MAX_ATTEMPTS, the rest completes. Not
     for a reason known to be in its bytes (the workers may have died of something else): `clapq upload` sends it

@@ -32,7 +32,37 @@ SF_COUNT_MAX = 2**63 - 1  # libsndfile's frame count for a file whose length it 
 
 
 class DecodeError(ValueError):
-    """The file is not audio we can read; the message is shown on the item."""
+    """The file is not audio we can read; the message is shown on the item. `in_file`: the reason is in the file's
+    bytes, which would fail the same way again (items.failed_in_file); False where it is the machine's (the stored
+    copy could not be read: EACCES, EIO, EMFILE, a directory where the file should be; a decoder killed from
+    outside), so the file is worth sending again."""
+
+    def __init__(self, *args, in_file: bool = True) -> None:
+        super().__init__(*args)
+        self.in_file = in_file
+
+
+def unreadable(path: Path | str) -> OSError | None:
+    """Why the stored copy of a file cannot be read whole as the plain file it should be, None where it can: asked
+    of a file whose decoding failed, so that the machine's faults (an I/O error, too many open files, no memory, no
+    permission, a directory in its place) are not taken for a reason in its bytes. Non-blocking: a FIFO in its
+    place does not hold the caller."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        return exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return OSError(errno.EINVAL, "not a regular file")
+        while os.read(fd, 1 << 20):
+            pass
+    except OSError as exc:
+        return exc
+    finally:
+        os.close(fd)
+    return None
 
 
 # FFmpeg's demuxers that read other files or addresses named in the file itself: an upload of "ffconcat version

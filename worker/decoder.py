@@ -9,6 +9,7 @@ import fcntl
 import logging
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +26,9 @@ from worker.audio import AudioInfo, DecodeError, ScratchError, TooLong
 log = logging.getLogger(__name__)
 
 MAX_MESSAGES = 2000  # bytes of a decoder's stderr logged per file
+# the signals that end a process for what it did itself (a codec reading past a buffer, an assertion, a division
+# by zero): a decoder that dies of one twice on a file, in two children, dies of its bytes
+CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS})
 STOP_POLL_S = 0.25  # how often a decode in progress asks whether its file is still wanted
 
 
@@ -51,16 +55,36 @@ def _child(conn: Connection) -> None:
             reply = ("ok", dataclasses.asdict(info), n)
         except TooLong as exc:
             reply = ("too_long", str(exc), 0)
-        except DecodeError as exc:
-            reply = ("error", str(exc), 0)
         except ScratchError as exc:  # not the file's fault: the parent raises it, and the task hands files back
             reply = ("scratch", (exc.errno, exc.strerror), 0)
-        except MemoryError:
-            reply = ("error", "the file needs more memory to decode than the decoder may use", 0)
-        except Exception as exc:  # an unexpected codec error is still this file's error
-            reply = ("error", f"decoder error: {type(exc).__name__}: {str(exc)[:200]}", 0)
+        except Exception as exc:
+            reply = _failed(src, exc)
         drop_cached(src)  # read once: its pages go back for the next file (clapq.pagecache)
         conn.send(reply)
+
+
+def _failed(src: str, exc: Exception) -> tuple:
+    """The child's answer for a file whose decoding raised `exc`: ("error", reason, in_file), where `in_file` says
+    whether the reason is in the file's bytes. Not where the stored copy cannot be read whole now (an I/O error, too
+    many open files, no memory or permission, a directory in its place: whatever the decoder made of that, the
+    same bytes may decode once the machine is well), nor for an error the codec did not give (an OSError of the
+    file's reading, a bug of ours or of a library, which the next run's decoder may not have)."""
+    import av
+
+    from worker.audio import unreadable
+
+    if isinstance(exc, DecodeError):
+        reason, in_file = str(exc), exc.in_file
+    elif isinstance(exc, MemoryError):
+        reason, in_file = "the file needs more memory to decode than the decoder may use", True
+    elif isinstance(exc, OSError) and not isinstance(exc, av.error.FFmpegError):
+        reason, in_file = f"the stored copy of the file could not be read ({exc.strerror or exc})", False
+    else:  # an unexpected error: the codec's (FFmpeg refused the bytes) is the file's
+        reason = f"decoder error: {type(exc).__name__}: {str(exc)[:200]}"
+        in_file = isinstance(exc, av.error.FFmpegError)
+    if in_file and (why := unreadable(src)) is not None:
+        reason, in_file = f"the stored copy of the file could not be read ({why.strerror or why})", False
+    return ("error", reason, in_file)
 
 
 class DecoderProcess:
@@ -174,14 +198,17 @@ class DecoderProcess:
                     log.warning("decoder died (%s); trying the file again in a new one", how,
                                 extra={**(log_extra or {}), "file": str(src)})
                     continue
-                raise DecodeError(f"the decoder crashed on this file, twice ({how})") from None
+                # a crash the bytes cause (a codec's SIGSEGV) happens again in a new child: the file's. A SIGKILL
+                # (the OOM killer on a loaded machine, an operator), an exit or a pipe broken is the machine's
+                raise DecodeError(f"the decoder crashed on this file, twice ({how})",
+                                  in_file=code is not None and -code in CRASH_SIGNALS) from None
             self._report(src, log_extra)
             if status == "scratch":
                 raise ScratchError(*payload)
             if status == "too_long":
                 raise TooLong(payload)
-            if status != "ok":
-                raise DecodeError(payload)
+            if status != "ok":  # n: whether the reason is in the file's bytes (_failed)
+                raise DecodeError(payload, in_file=n)
             return AudioInfo(**payload), n
         raise AssertionError("unreachable")
 

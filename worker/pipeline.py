@@ -40,8 +40,9 @@ class Decoded:
     n: int = 0
     windows: list[tuple[int, float, float]] = dataclasses.field(default_factory=list)
     error: str | None = None
-    # the error is in the file's bytes (it cannot be decoded, holds no audio, is too long, hangs or crashes its
-    # decoder, makes the model's values non-finite): the same bytes would fail again (items.failed_in_file)
+    # the error is in the file's bytes (it cannot be decoded, holds no audio, is too long, hangs its decoder or
+    # crashes it twice, makes the model's values non-finite): the same bytes would fail again
+    # (items.failed_in_file); not where its stored copy could not be read, nor its decoder was killed from outside
     in_file: bool = False
     gone: bool = False  # dropped (deleted, or its job cancelled) before or while it decoded
 
@@ -140,7 +141,7 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options,
     except DecodeError as exc:
         d.cleanup()
         d.error = f"{exc} (CLAPQ_MAX_DURATION_S)" if isinstance(exc, TooLong) else str(exc)
-        d.in_file = True
+        d.in_file = exc.in_file
         return d
     except BaseException:  # ScratchError (a full disk): the task's, not this file's; no file left behind
         d.cleanup()
