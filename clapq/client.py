@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import dataclasses
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -1520,6 +1521,9 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
     listing = audio_files(folder)
     where, root = Where(folder, listing.audio), folder_id(folder)
     gone, sent, changed = [], 0, set()
+    # each file read once, though a file changed in place is read to tell (_still_at) and again as one of a gone
+    # item's size (below)
+    read = functools.cache(file_sha256)
     for item in _items(client, f"/v1/libraries/{lib['id']}/items"):
         meta = item.get("metadata") or {}
         path = meta.get("path")
@@ -1529,7 +1533,7 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
         if path not in where.by_path:
             if _gone(folder, path):
                 gone.append(item)
-        elif not _still_at(where.by_path[path], item):
+        elif not _still_at(where.by_path[path], item, read):
             gone.append(item)
             changed.add(item["id"])
     if not sent:  # a subfolder or the parent of the one uploaded, or a folder renamed since, was told "every
@@ -1546,7 +1550,7 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
     for p in listing.audio:
         if _size(p) in sizes:
             with contextlib.suppress(OSError):
-                here.add(file_sha256(p))
+                here.add(read(p))
     moved = [i for i in gone if i["sha256"] in here]
     gone = [i for i in gone if i["sha256"] not in here]
     if moved:
@@ -1573,18 +1577,18 @@ def delete_gone(client: Client, library: str, folder: Path, yes: bool = False) -
     return 0
 
 
-def _still_at(files: list[Path], item: dict) -> bool:
+def _still_at(files: list[Path], item: dict, read: Callable[[Path], str] = file_sha256) -> bool:
     """Whether one of the files listed at an item's path still holds its bytes: a file re-exported, replaced
     or fixed in place left the item of its earlier version at that path, searchable beside the new one, and
     --gone-from kept it as something was there (helper-77). A file of another size holds other bytes; one of
     the same size is taken to hold them where the digest `clapq upload` kept for it, as it is now, says so
     (nothing is deleted on that: a file it is wrong about keeps its item, as before), and is read otherwise,
-    so that only files read are found changed. One that cannot be read keeps the item."""
+    so that only files read are found changed (`read`: a file's sha256). One that cannot be read keeps the item."""
     for p in files:
         try:
             if os.stat(p).st_size != item.get("size_bytes"):
                 continue
-            if _cache().kept_digest(p) == item.get("sha256") or file_sha256(p) == item.get("sha256"):
+            if _cache().kept_digest(p) == item.get("sha256") or read(p) == item.get("sha256"):
                 return True
         except OSError:
             return True
