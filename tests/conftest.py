@@ -234,6 +234,17 @@ def start_api(env, tmp_path):
             proc.wait()
 
 
+@pytest.fixture(scope="session")
+def eio_library(tmp_path_factory) -> Path:
+    """The LD_PRELOAD library that makes reads of chosen files fail with EIO (tests/eio.py)."""
+    from tests import eio
+
+    try:
+        return eio.build(tmp_path_factory.mktemp("eio"))
+    except eio.Unavailable as exc:
+        pytest.skip(str(exc))
+
+
 @pytest.fixture()
 def small_disk(tmp_path):
     """A 1 MiB tmpfs (root may mount one; elsewhere the test is skipped), unmounted afterwards."""

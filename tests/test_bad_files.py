@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 import struct
 import tracemalloc
 from pathlib import Path
@@ -316,3 +317,80 @@ def test_a_stored_copy_that_cannot_be_read_is_not_the_files_fault(corpus, tmp_pa
     finally:
         d.close()
         sock.close()
+
+
+def _long_files(directory: Path) -> dict[str, Path]:
+    """20 s of each kind whose reading an I/O error may cut short: libsndfile's (WAV, FLAC) and FFmpeg's (MP3,
+    WebM, WavPack, whose demuxer says "invalid data" both where a read fails and where the file ends)."""
+    from tests.make_audio import Unavailable, write_av, write_soundfile
+
+    data = tone_and_chirp(20.0, 44_100, 2)
+    out = {"wav": write_soundfile(directory / "long.wav", data, 44_100, "WAV", "PCM_16"),
+           "flac": write_soundfile(directory / "long.flac", data, 44_100, "FLAC", "PCM_16")}
+    for ext, container, codec, fmt, rate in (("mp3", "mp3", "libmp3lame", "fltp", 44_100),
+                                             ("webm", "webm", "libopus", "flt", 48_000),
+                                             ("wv", "wv", "wavpack", "fltp", 44_100)):
+        try:
+            out[ext] = write_av(directory / f"long.{ext}", tone_and_chirp(20.0, rate, 2), rate, container, codec, fmt)
+        except Unavailable as exc:
+            pytest.skip(str(exc))
+    return out
+
+
+def test_an_io_error_partway_through_a_stored_copy_is_not_a_shorter_file(tmp_path, eio_library, monkeypatch):
+    """A read of the stored copy that fails with EIO halfway (a failing disk, a network mount's hiccup: real
+    read errors, from an LD_PRELOAD library) fails the file as the machine's fault, through the decoder child as
+    the worker decodes: FFmpeg's demuxer stopping was taken for the end of a cut file, and libsndfile's failed
+    read went on in FFmpeg to the same end, so each was stored done with half its audio, for good (`clapq upload`
+    sends the same bytes never again). The same bytes cut off there (a file that ends) still decode up to there."""
+    from tests import eio
+    from worker.decoder import DecoderProcess
+
+    blobs, cut = {}, {}
+    for ext, path in _long_files(tmp_path).items():
+        data = path.read_bytes()
+        blobs[ext] = tmp_path / f"blob-{ext}"  # as the worker sees it: no extension
+        blobs[ext].write_bytes(data)
+        cut[ext] = tmp_path / f"cut-{ext}"
+        cut[ext].write_bytes(data[: len(data) // 2])
+    for name, value in eio.env(eio_library, list(blobs.values()), at="50%").items():
+        monkeypatch.setenv(name, value)  # the decoder child's, read as it starts
+    d = DecoderProcess()
+    try:
+        for ext, blob in blobs.items():
+            with pytest.raises(DecodeError) as err:
+                info, n = d.decode(blob, tmp_path / "out.f32", timeout_s=120, max_duration_s=None)
+                pytest.fail(f"{ext}: decoded {n / TARGET_RATE:.1f} s of 20 s as a whole file")
+            assert str(err.value) == "the stored copy of the file could not be read (Input/output error)", ext
+            assert not err.value.in_file, ext
+            info, n = d.decode(cut[ext], tmp_path / "out.f32", timeout_s=120, max_duration_s=None)
+            assert 3 * TARGET_RATE < n < 17 * TARGET_RATE, (ext, n / TARGET_RATE)
+    finally:
+        d.close()
+
+
+def test_a_read_error_that_passes_is_read_past_or_fails_unmarked(tmp_path, eio_library, monkeypatch):
+    """A read error that passes (one read fails, the next ones do not): libsndfile's failed block (WAV, FLAC) is
+    read on by FFmpeg from where it stopped, the whole file; where FFmpeg's demuxer stopped, a second demuxing
+    that goes on past that point shows a read that failed, the machine's fault (not the end of a cut file), and
+    the file fails unmarked, to be sent again."""
+    from tests import eio
+    from worker.decoder import DecoderProcess
+
+    files = _long_files(tmp_path)
+    for ext, want in (("wav", None), ("flac", None), ("webm", "(Input/output error)"),
+                      ("wv", "(a read failed, then succeeded)")):  # WavPack's demuxer gives no errno
+        for name, value in eio.env(eio_library, [files[ext]], at="50%", times=1).items():
+            monkeypatch.setenv(name, value)
+        d = DecoderProcess()
+        try:
+            if want is None:
+                info, n = d.decode(files[ext], tmp_path / "out.f32", timeout_s=120, max_duration_s=None)
+                assert n == 20 * TARGET_RATE, (ext, n)
+            else:
+                want = f"the stored copy of the file could not be read {want}"
+                with pytest.raises(DecodeError, match=re.escape(want)) as err:
+                    d.decode(files[ext], tmp_path / "out.f32", timeout_s=120, max_duration_s=None)
+                assert not err.value.in_file
+        finally:
+            d.close()

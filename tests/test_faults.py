@@ -1191,6 +1191,41 @@ def test_a_stored_copy_that_cannot_be_read_fails_but_not_in_its_bytes(stack):
     assert failed_in_its_bytes(stack, key, text_id[0]) == {"item_id": str(text_id[0]), "error": errors[str(text_id[0])]}
 
 
+def test_an_io_error_partway_through_a_stored_copy_fails_it_but_not_in_its_bytes(stack, eio_library):
+    """A worker whose reads of one stored copy fail with EIO from its middle on (a failing disk under the blob
+    store, a network mount's hiccup: real read errors, from an LD_PRELOAD library in the worker and its decoder
+    children): the file fails, "the stored copy of the file could not be read (Input/output error)", not for a
+    reason in its bytes, so `clapq upload` sends it again. It was embedded and done with the first half of its
+    audio alone, and the same bytes were never sent again. The job's other files are embedded whole."""
+    from clapq.blobs import BlobStore
+    from tests import eio
+
+    settings = stack["settings"]
+    with session_scope(settings.database_url) as s:
+        from clapq.keys import create_key
+
+        key = create_key(s, f"faults-{uuid.uuid4().hex[:8]}")
+    c = stack["client"]
+    lib = c.post("/v1/libraries", json={"name": "eio"}, headers=auth(key)).get_json()
+    r = c.post(f"/v1/libraries/{lib['id']}/batches", headers=auth(key), content_type="multipart/form-data",
+               data={"files": make_batch(3, seconds=20.0)})
+    assert r.status_code == 202, r.get_json()
+    job_id = r.get_json()["job_id"]
+    with session_scope(settings.database_url) as s:
+        items = s.scalars(select(Item).where(Item.job_id == uuid.UUID(job_id)).order_by(Item.filename)).all()
+        bad, bad_sha = items[0].id, items[0].sha256
+    stack["env"].update(eio.env(eio_library, [BlobStore(settings.blob_dir).path_for(bad_sha)], at="50%"))
+    stack["worker"]()
+    final = wait_finished(stack, key, job_id)
+    assert final["status"] == "done_with_errors" and final["counts"]["done"] == 2, final
+    assert final["errors"] == [{"item_id": str(bad), "filename": "f000.wav",
+                                "error": "the stored copy of the file could not be read (Input/output error)"}], final
+    assert failed_in_its_bytes(stack, key, bad) is None
+    with session_scope(settings.database_url) as s:
+        done = s.scalars(select(Item).where(Item.job_id == uuid.UUID(job_id), Item.status == "done")).all()
+        assert sorted(round(i.duration_s, 1) for i in done) == [20.0, 20.0]
+
+
 def test_poison_file_that_kills_its_worker_fails_after_the_attempt_limit(stack):
     """A file on which the worker dies every time: failed after CLAPQ_MAX_ATTEMPTS, the rest completes. Not
     for a reason known to be in its bytes (the workers may have died of something else): `clapq upload` sends it

@@ -29,6 +29,7 @@ def block_frames(channels: int) -> int:
 # file is garbage, and from about 1e17 the float32 log-mel overflows and the model returns NaN.
 MAX_ABS_SAMPLE = 1e10
 SF_COUNT_MAX = 2**63 - 1  # libsndfile's frame count for a file whose length it cannot tell
+SFE_SYSTEM = 2  # libsndfile's error of a system call that failed (a read's EIO), not of the bytes it read
 
 
 class DecodeError(ValueError):
@@ -63,6 +64,14 @@ def unreadable(path: Path | str) -> OSError | None:
     finally:
         os.close(fd)
     return None
+
+
+def not_read(why: OSError | str) -> DecodeError:
+    """The machine's failure of a file whose stored copy could not be read (`why`: the error, or what is known of
+    it): worth sending again, so not marked as in its bytes."""
+    if isinstance(why, OSError):
+        why = why.strerror or str(why)
+    return DecodeError(f"the stored copy of the file could not be read ({why})", in_file=False)
 
 
 # FFmpeg's demuxers that read other files or addresses named in the file itself: an upload of "ffconcat version
@@ -202,8 +211,8 @@ def _or_empty(blocks: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
         for block in blocks:
             given = True
             yield block
-    except DecodeError:
-        if given:
+    except DecodeError as exc:
+        if given or not exc.in_file:
             raise
         raise DecodeError("the file contains no audio samples") from None
 
@@ -224,7 +233,9 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
         f.close()
         try:
             blocks = _av_blocks(path, info)  # opens the file now: what it cannot open is empty too
-        except DecodeError:
+        except DecodeError as exc:
+            if not exc.in_file:
+                raise
             raise DecodeError("the file contains no audio samples") from None
         return _or_empty(blocks)
     info.sample_rate, info.channels, info.format = f.samplerate, f.channels, f.format.lower()
@@ -250,8 +261,15 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
                 except Exception as exc:
                     # libsndfile gives up on a whole block when the file is truncated or damaged (a cut
                     # FLAC: "lost sync"); FFmpeg reads up to the damage, so let it go on from frame `done`
-                    reason = f"corrupt {info.format} data ({_short(exc)})"
-                    yield from _av_resume(path, info, done, reason)
+                    reason, in_file = f"corrupt {info.format} data ({_short(exc)})", True
+                    if isinstance(exc, sf.LibsndfileError) and exc.code == SFE_SYSTEM:
+                        # a read of the stored copy failed (EIO: a failing disk, a network mount's hiccup),
+                        # and libsndfile ended the data there: the machine's, never a file shortened and
+                        # done. Where the file reads whole now, FFmpeg reads on from frame `done`
+                        if (why := unreadable(path)) is not None:
+                            raise not_read(why) from None
+                        reason, in_file = str(not_read(exc.error_string.rstrip("."))), False
+                    yield from _av_resume(path, info, done, reason, in_file)
                     return
                 if not len(block):
                     return
@@ -264,15 +282,18 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
 EXACT_LENGTH = ("WAV", "WAVEX", "RF64", "W64", "AIFF", "AU", "CAF")
 
 
-def _av_resume(path: Path, info: AudioInfo, skip: int, reason: str) -> Iterator[np.ndarray]:
-    """PyAV's blocks of the same file after its first `skip` frames; `reason` if it cannot agree."""
+def _av_resume(path: Path, info: AudioInfo, skip: int, reason: str, in_file: bool = True) -> Iterator[np.ndarray]:
+    """PyAV's blocks of the same file after its first `skip` frames; `reason` (`in_file`) if it cannot agree, or
+    FFmpeg's own where the stored copy could not be read."""
     other = AudioInfo(0, 0)
     try:
         blocks = _av_blocks(path, other)
-    except DecodeError:
-        raise DecodeError(reason) from None
+    except DecodeError as exc:
+        if not exc.in_file:
+            raise
+        raise DecodeError(reason, in_file=in_file) from None
     if (other.sample_rate, other.channels) != (info.sample_rate, info.channels):
-        raise DecodeError(reason)
+        raise DecodeError(reason, in_file=in_file)
     try:
         for block in blocks:
             if skip >= block.shape[1]:
@@ -280,8 +301,10 @@ def _av_resume(path: Path, info: AudioInfo, skip: int, reason: str) -> Iterator[
                 continue
             yield block[:, skip:]
             skip = 0
-    except DecodeError:
-        raise DecodeError(reason) from None
+    except DecodeError as exc:
+        if not exc.in_file:
+            raise
+        raise DecodeError(reason, in_file=in_file) from None
 
 
 def _mp4_without_index(path: Path) -> bool:
@@ -410,15 +433,18 @@ def _av_blocks(path: Path, info: AudioInfo, hint: str | None = None) -> Iterator
         without audio (a video's) is passed over, and so is one FFmpeg cannot open (junk between links,
         which reading the file whole skipped as well)."""
         for start, end in links[1:]:
+            def reopen(start=start, end=end):
+                return av.open(_OggLink(path, start, end), format="ogg", metadata_errors="ignore")
+
             try:
-                c = av.open(_OggLink(path, start, end), format="ogg", metadata_errors="ignore")
+                c = reopen()
             except Exception:
                 continue
             s = next((s for s in c.streams.audio if s.codec_context is not None), None)
             if s is None:
                 c.close()
             else:
-                yield c, s
+                yield c, s, reopen
 
     def decoded() -> Iterator[np.ndarray]:
         # packet by packet, like the ffmpeg CLI: a damaged packet (the cut end of a truncated file) is
@@ -432,7 +458,7 @@ def _av_blocks(path: Path, info: AudioInfo, hint: str | None = None) -> Iterator
         converters: dict[tuple, av.AudioResampler] = {}  # the one used last, last
         first: tuple | None = None
         width = 0  # the channels of what is yielded (the first part's layout)
-        for c, s in itertools.chain([(container, stream)], later_links()):
+        for c, s, reopen in itertools.chain([(container, stream, open_container)], later_links()):
             # where the next frame should begin, in seconds of this container's timestamps: the file's start
             # for its first part (a video whose sound begins later), then each frame's end (a frame that
             # begins later follows audio lost to damage); the gap is silence, so later times stay true
@@ -446,7 +472,7 @@ def _av_blocks(path: Path, info: AudioInfo, hint: str | None = None) -> Iterator
             # moved every later time earlier (helper-40: 64 of 2,585 packets, 1.5 s by the end)
             lost = False
             try:
-                for packet in c.demux(s):
+                for packet in _demux(c, s, path, reopen):
                     try:
                         frames = packet.decode()
                     except av.error.FFmpegError as exc:
@@ -499,6 +525,55 @@ def _av_blocks(path: Path, info: AudioInfo, hint: str | None = None) -> Iterator
             raise DecodeError(f"corrupt {info.format} data ({_short(error)})")
 
     return gen()
+
+
+def _demux(c, s, path: Path, reopen: Callable) -> Iterator:
+    """The packets of stream `s` of container `c`; where the demuxer stops with an error, the stored copy's reading
+    is asked about first (_read_fault), which raises the machine's DecodeError where that is what failed."""
+    import av
+
+    packets, n = c.demux(s), 0
+    while True:
+        try:
+            packet = next(packets)
+        except StopIteration:
+            return
+        except av.error.FFmpegError as exc:
+            if not isinstance(exc, MemoryError):
+                _read_fault(path, exc, reopen, s.index, n)
+            raise
+        n += 1
+        yield packet
+
+
+def _read_fault(path: Path, exc: Exception, reopen: Callable, index: int, count: int) -> None:
+    """Raise the machine's DecodeError (not_read) where FFmpeg's error `exc`, which stopped the demuxing of stream
+    `index` after `count` packets, came of a read of the stored copy failing (EIO: a failing disk, a network
+    mount's hiccup), so that a file is never stored shortened, as done, for good: the file cannot be read whole
+    now, or it can and a second demuxing goes past where the first stopped (a read that failed once). The
+    error alone does not tell: most demuxers answer a failed read with EIO, but some say EIO at a plain end of
+    file too (D-Cinema audio, AIFF's chunks), and WavPack's says "invalid data" for both. A demuxing that stops
+    again at the same packet with the same error is the end of the data (a cut file), as before. Asked only
+    where the demuxing stopped with an error, never of a file read to its end: each answer reads it once more."""
+    import av
+
+    if (why := unreadable(path)) is not None:
+        raise not_read(why) from None
+    n = 0
+    try:
+        with reopen() as again:
+            for _ in again.demux(again.streams[index]):
+                n += 1
+                if n > count:
+                    break
+    except av.error.FFmpegError as second:
+        if type(second) is type(exc) and n == count:
+            return
+    except Exception:  # not opened again: the machine's as well
+        pass
+    if isinstance(exc, OSError):
+        raise not_read(exc) from None
+    raise not_read("a read failed, then succeeded") from None
 
 
 # A frame that begins later than the one before it ends, by more than a codec's own timestamp jitter (a

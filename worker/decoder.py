@@ -71,19 +71,19 @@ def _failed(src: str, exc: Exception) -> tuple:
     file's reading, a bug of ours or of a library, which the next run's decoder may not have)."""
     import av
 
-    from worker.audio import unreadable
+    from worker.audio import not_read, unreadable
 
+    if isinstance(exc, OSError) and not isinstance(exc, av.error.FFmpegError):
+        exc = not_read(exc)
     if isinstance(exc, DecodeError):
         reason, in_file = str(exc), exc.in_file
     elif isinstance(exc, MemoryError):
         reason, in_file = "the file needs more memory to decode than the decoder may use", True
-    elif isinstance(exc, OSError) and not isinstance(exc, av.error.FFmpegError):
-        reason, in_file = f"the stored copy of the file could not be read ({exc.strerror or exc})", False
     else:  # an unexpected error: the codec's (FFmpeg refused the bytes) is the file's
         reason = f"decoder error: {type(exc).__name__}: {str(exc)[:200]}"
         in_file = isinstance(exc, av.error.FFmpegError)
     if in_file and (why := unreadable(src)) is not None:
-        reason, in_file = f"the stored copy of the file could not be read ({why.strerror or why})", False
+        reason, in_file = str(not_read(why)), False
     return ("error", reason, in_file)
 
 
