@@ -394,3 +394,29 @@ def test_a_read_error_that_passes_is_read_past_or_fails_unmarked(tmp_path, eio_l
                 assert not err.value.in_file
         finally:
             d.close()
+
+
+def test_a_stream_that_begins_partway_does_not_fail_the_file(tmp_path):
+    """An FLV whose header announces its sound alone and whose video begins later (as a stream recording may): the
+    demuxer adds the video's stream as it meets it, and PyAV's demuxing ended in an IndexError ("decoder error:
+    IndexError: list index out of range", not the file's, so `clapq upload` sent it again at every run to fail
+    again) once it had read the whole file. The sound decodes, all of it, through the decoder child as well."""
+    from tests.make_audio import Unavailable, write_av
+    from worker.decoder import DecoderProcess
+
+    try:
+        flv = write_av(tmp_path / "a.flv", tone_and_chirp(10.0, 44_100, 2), 44_100, "flv", "aac", "fltp")
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    body = bytes([0x12]) + bytes(64)  # a Sorenson H.263 key frame's tag body
+    video = bytes([9]) + len(body).to_bytes(3, "big") + (9000).to_bytes(3, "big") + bytes(4) + body
+    late = tmp_path / "late.flv"
+    late.write_bytes(flv.read_bytes() + video + struct.pack(">I", len(video)))
+    samples, info = decode(late)
+    assert info.format == "flv" and abs(len(samples) / TARGET_RATE - 10.0) < 0.1, len(samples) / TARGET_RATE
+    d = DecoderProcess()
+    try:
+        info, n = d.decode(late, tmp_path / "out.f32", timeout_s=60, max_duration_s=None)
+        assert n == len(samples)
+    finally:
+        d.close()

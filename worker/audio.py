@@ -538,6 +538,11 @@ def _demux(c, s, path: Path, reopen: Callable) -> Iterator:
             packet = next(packets)
         except StopIteration:
             return
+        except IndexError:
+            # PyAV's demux ends with an empty packet for each stream, and one the demuxer added while reading (FLV,
+            # MPEG-PS and -TS may: a video that begins after the sound) is past PyAV's list of them. That of `s`
+            # came before (streams are added after): the end of the data, not a failed file
+            return
         except av.error.FFmpegError as exc:
             if not isinstance(exc, MemoryError):
                 _read_fault(path, exc, reopen, s.index, n)
