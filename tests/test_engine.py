@@ -1382,6 +1382,48 @@ def test_a_task_fills_its_last_batch_with_more_files_and_pads_only_at_the_end(ti
     assert sorted(len(d.windows) for d, _ in done) == [1, 1, 1, 1, 2]
 
 
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_a_files_vectors_do_not_depend_on_how_full_its_batch_is_in_fp32(tiny_model, tmp_path, lanes):
+    """A matrix product gives a row other bits when the product has another number of rows (MKL in fp32, oneDNN
+    in bf16: with the full-size model, a pass of 8 windows against 16 moved a window by 6e-4 in bf16; BENCHMARKS.md,
+    helper-84). The suite's model shows it in fp32 only, so the tests that run a worker, in bf16 where the CPU
+    multiplies it natively (`auto`), would not see a batch run part-empty. The pipeline pads every batch to full
+    and the embedder cuts it into equal lanes: a file alone at the end of a backlog, its batch 3 zero rows of 4,
+    gets the vectors it gets in full batches beside other files, on other rows."""
+    from clapq.checkpoint import resolve
+    from clapq.clap import get_clap
+    from worker import pipeline
+    from worker.decoder import DecoderPool
+    from worker.embedder import AudioEmbedder
+    from worker.store import Claimed
+
+    clap = get_clap(resolve(str(tiny_model)), "cpu", "fp32")
+    probe = (np.random.default_rng(5).standard_normal((4, 480_000)) * 0.1).astype(np.float32)
+    one = AudioEmbedder(clap)
+    if np.array_equal(one.embed(probe[:1])[0], one.embed(probe)[0]):
+        pytest.skip("this machine's fp32 products give a row the same bits whatever their rows: nothing to see here")
+    blobs = BlobStore(tmp_path / "blobs")
+    target = Claimed(uuid.uuid4(), blobs.put_bytes(write(tmp_path / "t.wav", 7.5, 44_100, 2, freq=500, seed=42)
+                                                   .read_bytes()), None, 1)  # 1 window, as each of the others
+    others = [Claimed(uuid.uuid4(), blobs.put_bytes(write(tmp_path / f"o{i}.wav", secs, 16_000, freq=150 * (i + 2),
+                                                          seed=i).read_bytes()), None, 1)
+              for i, secs in enumerate((2.0, 7.0, 4.0))]
+    emb = AudioEmbedder(clap, lanes=lanes)
+    pool = DecoderPool(1)
+    seen, batches = [], []
+    try:
+        for files in ([target], [others[0], others[1], target, others[2]], [others[0], target, others[1], others[2]]):
+            done = []
+            pipeline.run(files, blobs, pool, emb, pipeline.Options(batch_size=4, scratch_dir=tmp_path), done.extend,
+                         lambda d: pytest.fail(d.error), on_batch=lambda n, secs: batches.append(n))
+            seen.append(next(v for d, v in done if d.item.id == target.id))
+    finally:
+        pool.close()
+    assert batches == [1, 4, 4]  # alone: 1 window and 3 zero rows; then in full batches, on rows 2 and 1
+    assert seen[0].shape == (1, 512)
+    assert all(np.array_equal(seen[0], v) for v in seen[1:])
+
+
 def test_a_file_dropped_meanwhile_runs_no_more_windows(tiny_model, tmp_path):
     """A 30 s file (5 windows) and a 1 s one, batch 4. After the first batch the long file's id appears in
     `dropped` (as the heartbeat adds a file deleted meanwhile): its fifth window is not run, it never
