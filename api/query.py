@@ -127,8 +127,9 @@ def audio_vector(upload) -> np.ndarray:
         upload.save(src)
         try:
             with get_pool(1).checkout() as decoder:
-                _, n = decoder.decode(src, raw, min(60, settings.decode_timeout_s), MAX_CLIP_S,
-                                      hint=format_hint(upload.filename))  # as an uploaded file's
+                wall = min(60, settings.decode_timeout_s)  # as an uploaded file's, within the time of a request
+                _, n = decoder.decode(src, raw, wall, MAX_CLIP_S, hint=format_hint(upload.filename),
+                                      cpu_s=min(settings.decode_cpu_s, max(1, wall // 2)))
         except TooLong:
             raise bad_request(f"the 'audio' clip lasts longer than {MAX_CLIP_S} s, the limit for a search clip; "
                               "send a part of it") from None

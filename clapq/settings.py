@@ -139,6 +139,7 @@ class Settings:
     decoders: int
     worker_concurrency: int
     decode_timeout_s: int
+    decode_cpu_s: int
     max_duration_s: int
     scratch_dir: Path
     heartbeat_s: int
@@ -198,7 +199,11 @@ class Settings:
             # 0: chosen by the worker for its device (worker.decoder.pool_size)
             decoders=_int(env, "CLAPQ_DECODERS", 0, 0),
             worker_concurrency=_int(env, "CLAPQ_WORKER_CONCURRENCY", 1, 1),
+            # a file's decoding is given up after this long on the clock, as not the file's fault (a busy machine, a
+            # read that does not return), or after CLAPQ_DECODE_CPU_S of the decoder's CPU time, as the file's (a codec
+            # that spins on its bytes): half the clock's by default, so a decoder given half a core reaches it first
             decode_timeout_s=_int(env, "CLAPQ_DECODE_TIMEOUT_S", 600, 1),
+            decode_cpu_s=_int(env, "CLAPQ_DECODE_CPU_S", max(1, _int(env, "CLAPQ_DECODE_TIMEOUT_S", 600, 1) // 2), 1),
             max_duration_s=_int(env, "CLAPQ_MAX_DURATION_S", 4 * 3600, 1),
             scratch_dir=Path(env.get("CLAPQ_SCRATCH_DIR") or Path(tempfile.gettempdir()) / "clapq-scratch"),
             heartbeat_s=_int(env, "CLAPQ_HEARTBEAT_S", 15, 1),
@@ -241,6 +246,10 @@ class Settings:
             raise SystemExit(f"clapq: CLAPQ_HEARTBEAT_S ({values['heartbeat_s']}) must be less than "
                              f"CLAPQ_STALE_AFTER_S ({values['stale_after_s']}): items still being embedded "
                              "would be taken for lost")
+        if values["decode_cpu_s"] > values["decode_timeout_s"]:
+            raise SystemExit(f"clapq: CLAPQ_DECODE_CPU_S ({values['decode_cpu_s']}) must not be more than "
+                             f"CLAPQ_DECODE_TIMEOUT_S ({values['decode_timeout_s']}): a decoder that spins on a file "
+                             "would be stopped by the clock first, and the file never found at fault")
         return cls(**values)
 
     def require_urls(self, redis: bool = True) -> "Settings":

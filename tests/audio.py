@@ -23,3 +23,14 @@ def write(path: Path, seconds: float, rate: int = 48_000, channels: int = 1, fre
     path = Path(path)
     sf.write(str(path), signal(seconds, rate, channels, freq, seed), rate, subtype=subtype)
     return path
+
+
+def long_silence(path: Path, minutes: int, rate: int = 192_000) -> Path:
+    """A legal FLAC of `minutes` of silence at `rate` Hz, ~37 KB a minute: few bytes whose decoding (and resampling
+    to 48 kHz) works for long, as a decoder that spins on a file's bytes would. Written 10 s at a time."""
+    path = Path(path)
+    block = np.zeros(rate * 10, dtype=np.int16)
+    with sf.SoundFile(str(path), "w", rate, 1, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(minutes * 6):
+            f.write(block)
+    return path

@@ -19,7 +19,7 @@ import pytest
 import soundfile as sf
 
 from clapq.blobs import BlobStore
-from tests.audio import write
+from tests.audio import long_silence, write
 from tests.conftest import auth, job_of_own, wait_job
 from tests.reference import audio_48k, load_reference, reference_embed
 from tests.test_e2e import upload
@@ -80,15 +80,53 @@ def fifo(tmp_path):
 
 
 def test_decoder_hang_is_killed_and_the_next_file_decodes(fifo, tmp_path):
+    """A decoder blocked in its read of the file (a FIFO: as a blob store on a hung network mount, or a machine too
+    busy to give it its share) is killed at the clock's limit, and the file fails, but not for a reason in its bytes:
+    it has used nothing like its CPU limit. Before, the clock's limit failed it as the file's, and `clapq upload` left
+    the file out of every later run."""
     good = write(tmp_path / "good.wav", 1.0)
     d = DecoderProcess()
     try:
+        d.decode(good, tmp_path / "warm.f32", timeout_s=60, max_duration_s=None)  # started: ready for the file at once
         t0 = time.monotonic()
-        with pytest.raises(DecodeError, match="longer than 2 s"):
-            d.decode(fifo, tmp_path / "out1.f32", timeout_s=2, max_duration_s=None)
-        assert time.monotonic() - t0 < 30
+        with pytest.raises(DecodeError, match=r"longer than 2 s \(CLAPQ_DECODE_TIMEOUT_S\), in which the decoder "
+                                              r"worked \d+\.\d s of CPU time: the machine was too busy") as err:
+            d.decode(fifo, tmp_path / "out1.f32", timeout_s=2, max_duration_s=None, cpu_s=1)
+        assert not err.value.in_file
+        assert time.monotonic() - t0 < 30 and d.proc is None
         info, n = d.decode(good, tmp_path / "out2.f32", timeout_s=60, max_duration_s=None)
         assert n == 48_000 and info.sample_rate == 48_000
+    finally:
+        d.close()
+
+
+def test_a_decoder_that_works_past_its_cpu_limit_fails_in_the_files_bytes(tmp_path):
+    """A file whose decoding takes more than its CPU limit of the decoder's own time (30 minutes of silence at
+    192 kHz, a few seconds of a core, given half a second here: as a codec that spins on crafted bytes) fails as
+    the file's, with the clock's limit far off; its child is killed and the next file decodes in a new one. The
+    limit is each file's own: a long-lived child that has worked longer than it on earlier files, and a new
+    child's start, count for nothing."""
+    import psutil
+
+    huge = long_silence(tmp_path / "huge.flac", 30)
+    good = write(tmp_path / "good.wav", 1.0)
+    d = DecoderProcess()
+    try:
+        d.decode(good, tmp_path / "warm.f32", timeout_s=60, max_duration_s=None)
+        pid = d.proc.pid
+        with pytest.raises(DecodeError, match="longer than"):  # 6 of its 30 minutes, with no CPU limit
+            d.decode(huge, tmp_path / "part.f32", timeout_s=120, max_duration_s=360)
+        (tmp_path / "part.f32").unlink()
+        worked = psutil.Process(pid).cpu_times()
+        below = (worked.user + worked.system) / 2  # a limit less than this child has worked in all
+        info, n = d.decode(good, tmp_path / "again.f32", timeout_s=60, max_duration_s=None, cpu_s=below)
+        assert n == 48_000 and d.proc.pid == pid
+        with pytest.raises(DecodeError, match=r"^decoding took more than 0.5 s of the decoder's CPU time "
+                                              r"\(CLAPQ_DECODE_CPU_S\); gave up$") as err:
+            d.decode(huge, tmp_path / "out.f32", timeout_s=120, max_duration_s=None, cpu_s=0.5)
+        assert err.value.in_file and d.proc is None
+        info, n = d.decode(good, tmp_path / "next.f32", timeout_s=60, max_duration_s=None, cpu_s=0.5)
+        assert n == 48_000 and d.proc.pid != pid
     finally:
         d.close()
 
@@ -1775,11 +1813,19 @@ def test_settings_out_of_range_are_sentences():
                       ({"CLAPQ_WORKER_NICE": "25"}, "CLAPQ_WORKER_NICE must be from 0 to 19"),
                       ({"CLAPQ_HNSW_EF_SEARCH": "1001"}, "CLAPQ_HNSW_EF_SEARCH must be from 1 to 1000"),
                       ({"CLAPQ_HEARTBEAT_S": "60", "CLAPQ_STALE_AFTER_S": "30"}, "must be less than"),
+                      ({"CLAPQ_DECODE_CPU_S": "0"}, "CLAPQ_DECODE_CPU_S must be at least 1, got 0"),
+                      ({"CLAPQ_DECODE_TIMEOUT_S": "60", "CLAPQ_DECODE_CPU_S": "61"},
+                       "CLAPQ_DECODE_CPU_S (61) must not be more than CLAPQ_DECODE_TIMEOUT_S (60)"),
+                      ({"CLAPQ_DECODE_CPU_S": "601"}, "must not be more than CLAPQ_DECODE_TIMEOUT_S (600)"),
                       ({"CLAPQ_LOG_LEVEL": "verbose"}, "CLAPQ_LOG_LEVEL must be one of debug, info")]:
         with pytest.raises(SystemExit) as e:
             Settings.from_env(env)
         assert says in str(e.value.code), (env, e.value.code)
     assert Settings.from_env({"CLAPQ_LOG_LEVEL": "warning"}).log_level == "WARNING"
+    # the CPU limit a file's decoding may use, as the file's: half the clock's unless set
+    assert [Settings.from_env(env).decode_cpu_s for env in (
+        {}, {"CLAPQ_DECODE_TIMEOUT_S": "10"}, {"CLAPQ_DECODE_TIMEOUT_S": "1"},
+        {"CLAPQ_DECODE_TIMEOUT_S": "60", "CLAPQ_DECODE_CPU_S": "60"})] == [300, 5, 1, 60]
     assert Settings.from_env({}).log_level == "INFO"
     from clapq import logs
 

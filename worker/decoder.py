@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+import psutil
+
 from worker.audio import AudioInfo, DecodeError, ScratchError, TooLong
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ def _child(conn: Connection) -> None:
         if job is None:
             return
         src, dst, max_duration_s, hint = job
+        conn.send(("started",))  # its CPU time from now on is this file's (DecoderProcess._wait)
         try:
             info, n = decode_to_file(src, dst, max_duration_s=max_duration_s, hint=hint)
             reply = ("ok", dataclasses.asdict(info), n)
@@ -92,6 +95,7 @@ class DecoderProcess:
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen | None = None
+        self.ps: psutil.Process | None = None  # the child, for its CPU time
         self.conn: Connection | None = None
         self.messages: int | None = None  # the child's stderr: a file of ours, read after each file
 
@@ -117,6 +121,7 @@ class DecoderProcess:
                                      pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=self.messages)
         theirs.close()
         self.conn = Connection(ours.detach())
+        self.ps = psutil.Process(self.proc.pid)
 
     def _report(self, src: Path, log_extra: dict | None, died: bool = False) -> None:
         """Log what the child wrote to stderr since the last file, if anything, with the item's ids: its
@@ -143,7 +148,7 @@ class DecoderProcess:
             self.proc.wait()
         if self.conn is not None:
             self.conn.close()
-        self.proc = self.conn = None
+        self.proc = self.conn = self.ps = None
 
     def close(self) -> None:
         if self.alive():
@@ -156,24 +161,58 @@ class DecoderProcess:
             self._closes_messages()
             self.messages = None
 
-    def _wait(self, src: Path, timeout_s: float, log_extra: dict | None, stop: Callable[[], bool] | None) -> None:
-        """Until the child answers: a DecodeError after `timeout_s`, Abandoned as soon as `stop()` says so
-        (asked every STOP_POLL_S); either way the child is killed, and the next file starts a new one."""
+    def _cpu_s(self) -> float | None:
+        """The child's CPU time so far (all its threads, user and system), None where it cannot be read. Read from
+        here, not limited in the child by RLIMIT_CPU: the child lives for many files, so its limit would be moved at
+        each; SIGXCPU kills with a core dump unless handled, and a handler in Python never runs while a codec spins
+        in C; and the reading says, when the clock's limit comes first, how much the decoder had worked."""
+        try:
+            t = self.ps.cpu_times()
+        except (psutil.Error, OSError):
+            return None
+        return t.user + t.system
+
+    def _wait(self, src: Path, timeout_s: float, cpu_s: float | None, log_extra: dict | None,
+              stop: Callable[[], bool] | None) -> None:
+        """Until the child answers: a DecodeError once its work on this file has taken more than `cpu_s` of its CPU
+        time (the file's: a codec that spins on its bytes), or `timeout_s` has passed on the clock first (not the
+        file's: a machine too busy to give the decoder its share, a stored copy whose read does not return, a
+        stopped VM); Abandoned as soon as `stop()` says so (asked every STOP_POLL_S); in each case the child is
+        killed, and the next file starts a new one. The CPU time is counted from the child's taking the file, so
+        neither its start nor the files it decoded before count."""
         deadline = time.monotonic() + timeout_s
-        while not self.conn.poll(max(0.0, min(STOP_POLL_S, deadline - time.monotonic()))):
+        started, began = False, None  # whether the child took the file yet; its CPU time then
+        while True:
+            if self.conn.poll(max(0.0, min(STOP_POLL_S, deadline - time.monotonic()))):
+                if started:
+                    return  # its answer
+                self.conn.recv()  # "started"; EOFError where it died: the caller's to handle
+                started, began = True, self._cpu_s()
+                continue
             if stop is not None and stop():
                 self.kill()
                 self._report(src, log_extra)
                 raise Abandoned(str(src))
+            used = None if began is None or (now := self._cpu_s()) is None else now - began
+            if cpu_s is not None and used is not None and used > cpu_s:
+                self.kill()
+                self._report(src, log_extra, died=True)
+                raise DecodeError(f"decoding took more than {cpu_s:g} s of the decoder's CPU time "
+                                  "(CLAPQ_DECODE_CPU_S); gave up")
             if time.monotonic() >= deadline:
                 self.kill()
                 self._report(src, log_extra, died=True)
-                raise DecodeError(f"decoding took longer than {timeout_s:g} s (CLAPQ_DECODE_TIMEOUT_S); gave up")
+                worked = (f", in which the decoder worked {used:.1f} s of CPU time" if used is not None
+                          else "" if started else ", before its decoder had taken the file")
+                raise DecodeError(f"decoding took longer than {timeout_s:g} s (CLAPQ_DECODE_TIMEOUT_S){worked}: "
+                                  "the machine was too busy or the stored copy too slow to read, not the file at "
+                                  "fault; gave up", in_file=False)
 
     def decode(self, src: Path, dst: Path, timeout_s: float, max_duration_s: float | None,
                log_extra: dict | None = None, stop: Callable[[], bool] | None = None,
-               hint: str | None = None) -> tuple[AudioInfo, int]:
-        """Decode src into dst; raises DecodeError for bad files, crashed or hung decoders, ScratchError when
+               hint: str | None = None, cpu_s: float | None = None) -> tuple[AudioInfo, int]:
+        """Decode src into dst; raises DecodeError for bad files, crashed or hung decoders (past `cpu_s` of its
+        CPU time, the file's; past `timeout_s` on the clock, not: see _wait; None: no CPU limit), ScratchError when
         dst cannot be written (the machine's fault, not the file's), Abandoned when `stop()` turns true
         first. A child that dies on a file is restarted and the file tried once more: a kill from outside
         (the OOM killer making room for something else, an operator) is not the file's fault; dying twice
@@ -184,7 +223,7 @@ class DecoderProcess:
                 self._start()
             try:
                 self.conn.send((str(src), str(dst), max_duration_s, hint))
-                self._wait(src, timeout_s, log_extra, stop)
+                self._wait(src, timeout_s, cpu_s, log_extra, stop)
                 status, payload, n = self.conn.recv()
             except (EOFError, OSError):  # the child died: before the file reached it, or on it
                 try:

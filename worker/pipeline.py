@@ -58,7 +58,8 @@ class Decoded:
 @dataclasses.dataclass
 class Options:
     batch_size: int = 16
-    decode_timeout_s: float = 600.0
+    decode_timeout_s: float = 600.0  # on the clock: past it a file fails, not at fault (DecoderProcess._wait)
+    decode_cpu_s: float | None = 300.0  # of the decoder's CPU time: past it a file fails at fault; None: no limit
     max_duration_s: float | None = None
     scratch_dir: Path = Path(tempfile.gettempdir())
     window_s: float = WINDOW_S
@@ -128,7 +129,7 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options,
                 if ahead is None or ahead.room(item):
                     d.info, d.n = decoder.decode(path, d.raw_path, opts.decode_timeout_s, opts.max_duration_s,
                                                  {"item_id": str(item.id), "job_id": str(item.job_id)}, stop=gone,
-                                                 hint=format_hint(item.filename))
+                                                 hint=format_hint(item.filename), cpu_s=opts.decode_cpu_s)
                     if ahead is not None:  # counted before the decoder is free for the next file to look
                         ahead.decoded(d)
                     break

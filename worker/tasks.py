@@ -336,7 +336,8 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
 
     blobs = BlobStore(settings.blob_dir)
     opts = pipeline.Options(batch_size=settings.batch_size,
-                            decode_timeout_s=settings.decode_timeout_s, max_duration_s=settings.max_duration_s,
+                            decode_timeout_s=settings.decode_timeout_s, decode_cpu_s=settings.decode_cpu_s,
+                            max_duration_s=settings.max_duration_s,
                             scratch_dir=_scratch(settings.scratch_dir))
     counts = {"claimed": len(claimed), "done": 0, "failed": 0}
     # unfinished items, those claimed on the way included: heartbeats and release cover them (the
