@@ -124,7 +124,7 @@ class Settings:
     blob_dir: Path
     model: str
     device: str
-    batch_size: int
+    batch_size: int | None  # None: auto (worker.embedder.batch_for)
     items_per_task: int
     claim_for_s: int | None  # None: auto (claim_window_s)
     max_request_bytes: int
@@ -171,9 +171,12 @@ class Settings:
             blob_dir=Path(env.get("CLAPQ_BLOB_DIR") or data_dir / "blobs"),
             model=env.get("CLAPQ_MODEL") or DEFAULT_MODEL,
             device=env.get("CLAPQ_DEVICE") or "auto",
-            batch_size=_int(env, "CLAPQ_BATCH_SIZE", 16, 1),
-            # a task of one batch's files: raising the batch for a GPU raises the task with it
-            items_per_task=_int(env, "CLAPQ_ITEMS_PER_TASK", _int(env, "CLAPQ_BATCH_SIZE", 16, 1), 1),
+            # None: auto, decided by each worker for its device and cores (worker.embedder.batch_for)
+            batch_size=_auto_int(env, "CLAPQ_BATCH_SIZE", 1),
+            # a task of one batch's files: raising the batch for a GPU raises the task with it. The API cuts
+            # uploads into tasks without knowing the workers' cores: 16 where the batch is auto (a worker of a
+            # larger batch fills it from later tasks' files)
+            items_per_task=_int(env, "CLAPQ_ITEMS_PER_TASK", _auto_int(env, "CLAPQ_BATCH_SIZE", 1) or 16, 1),
             # a worker's task goes on claiming queued files of later tasks for this long, so its decoders
             # do not wait for the next task; 0: only to fill its last batch; auto: by device
             claim_for_s=_auto_int(env, "CLAPQ_CLAIM_FOR_S"),

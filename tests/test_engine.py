@@ -870,6 +870,7 @@ def test_the_worker_process_that_holds_the_model_runs_with_those_settings(worker
     assert 'keeps_freed_memory": true' in line, line
     huge = thp_mode() in ("always", "madvise")
     assert f'huge_pages": {"true" if huge else "false"}' in line, line
+    assert 'batch": 4' in line, line  # CLAPQ_BATCH_SIZE as the tests set it
 
 
 def test_two_hour_file_streams_with_bounded_memory(tmp_path, tiny_model):
@@ -1024,7 +1025,8 @@ def test_a_task_is_one_batch_of_files_unless_set():
     trip with nothing to do); an explicit CLAPQ_ITEMS_PER_TASK still wins."""
     from clapq.settings import Settings
 
-    assert (Settings.from_env({}).batch_size, Settings.from_env({}).items_per_task) == (16, 16)
+    assert (Settings.from_env({}).batch_size, Settings.from_env({}).items_per_task) == (None, 16)  # auto: 16 a task
+    assert Settings.from_env({"CLAPQ_BATCH_SIZE": "auto"}).items_per_task == 16
     assert Settings.from_env({"CLAPQ_BATCH_SIZE": "256"}).items_per_task == 256
     assert Settings.from_env({"CLAPQ_BATCH_SIZE": "256", "CLAPQ_ITEMS_PER_TASK": "64"}).items_per_task == 64
 
@@ -1797,6 +1799,25 @@ def test_lanes_rule_and_its_setting():
     assert lanes_for(None, cpu, True, 16, 2) == 1 and lanes_for(None, gpu, False, 256, 16) == 1
     assert lanes_for(3, cpu, True, 16, 2) == 3 and lanes_for(32, cpu, False, 16, 2) == 16
     assert [Settings.from_env({"CLAPQ_LANES": v}).lanes for v in ("", "auto", "1", "4")] == [None, None, 1, 4]
+
+
+def test_batch_rule_gives_each_cores_pass_eight_windows():
+    """CLAPQ_BATCH_SIZE=auto: on a CPU with an eager tower and auto lanes, 8 windows for each core's one-thread pass
+    (16 on 2 cores, as before; a batch of 16 left passes of 1 window on 16 cores, and 2 cores of 6 idle), capped;
+    16 on a GPU, for a compiled tower and beside a set CLAPQ_LANES; a number is used as given."""
+    import torch
+
+    from clapq.settings import Settings
+    from worker.embedder import batch_for, lanes_for
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for threads, batch in [(1, 8), (2, 16), (6, 48), (16, 128), (64, 512)]:
+        assert batch_for(None, cpu, False, None, threads) == batch
+        assert lanes_for(None, cpu, False, batch, threads) == threads  # every core a pass of 8 windows
+    assert batch_for(None, cpu, False, None, 128) == 512  # the cap: passes of 4
+    assert batch_for(None, cpu, True, None, 16) == 16 and batch_for(None, gpu, False, None, 16) == 16
+    assert batch_for(None, cpu, False, 2, 16) == 16 and batch_for(4, cpu, False, None, 16) == 4
+    assert [Settings.from_env({"CLAPQ_BATCH_SIZE": v}).batch_size for v in ("", "auto", "4")] == [None, None, 4]
     with pytest.raises(SystemExit, match="CLAPQ_LANES must be at least 1, got 0"):
         Settings.from_env({"CLAPQ_LANES": "0"})
 

@@ -14,6 +14,27 @@ from worker.features import LogMel
 THREADS = torch.get_num_threads()  # torch's threads when the worker imports this (after the fork): the cores
 
 
+DEFAULT_BATCH = 16  # windows a pass where CLAPQ_BATCH_SIZE is auto and ROWS_PER_LANE does not apply
+# windows a one-thread pass of the eager tower takes where CLAPQ_BATCH_SIZE and CLAPQ_LANES are auto. On one thread,
+# the full-size tower costs a window 1.59x (bf16) / 1.14x (fp32) as much in passes of 1 window as in passes of
+# 16, 1.25x / 1.03x in passes of 2, 1.04x / 1.01x in passes of 8 (benchmarks/pass_rows.py, BENCHMARKS.md): a batch of
+# 16 cut into one pass per core left passes of 2 windows on 8 cores and of 1 on 16
+ROWS_PER_LANE = 8
+MAX_AUTO_BATCH = 512  # 8 windows for each of 64 cores; the batch's samples alone are ~1 GB
+
+
+def batch_for(configured: int | None, device: torch.device, compiled: bool, lanes: int | None, threads: int) -> int:
+    """The windows of a model batch (CLAPQ_BATCH_SIZE; None is auto). auto: on a CPU with an eager tower and
+    CLAPQ_LANES=auto, ROWS_PER_LANE for each torch thread (one one-thread pass per core, lanes_for), so every
+    pass takes 8 windows whatever the cores (16 on 2 cores, as before; up to MAX_AUTO_BATCH); DEFAULT_BATCH on a
+    GPU, for a compiled tower, and where CLAPQ_LANES is set."""
+    if configured is not None:
+        return configured
+    if device.type != "cpu" or compiled or lanes is not None:
+        return DEFAULT_BATCH
+    return min(MAX_AUTO_BATCH, ROWS_PER_LANE * max(1, threads))
+
+
 def lanes_for(configured: int | None, device: torch.device, compiled: bool, batch: int, threads: int) -> int:
     """How many model passes run side by side (CLAPQ_LANES; None is auto). auto: on a CPU with an eager
     tower, one per torch thread (each pass then runs on one thread), as many as divide the batch's rows

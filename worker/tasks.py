@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -135,18 +136,20 @@ def _runtime():
     kept, huge = keep_freed_memory(), torch_huge_pages()
     from clapq.clap import get_clap
     from clapq.precision import compile_applies
-    from worker.embedder import THREADS, AudioEmbedder, lanes_for
+    from worker.embedder import THREADS, AudioEmbedder, batch_for, lanes_for
 
-    settings = Settings.from_env()
-    ckpt = resolve(settings.model)
-    clap = get_clap(ckpt, settings.device, settings.precision, attention=settings.attention)
-    compiled = compile_applies(settings.compile_model, clap.device, clap.dtype)
+    configured = Settings.from_env()
+    ckpt = resolve(configured.model)
+    clap = get_clap(ckpt, configured.device, configured.precision, attention=configured.attention)
+    compiled = compile_applies(configured.compile_model, clap.device, clap.dtype)
 
-    def embedder_for(compiled: bool) -> AudioEmbedder:
-        lanes = lanes_for(settings.lanes, clap.device, compiled, settings.batch_size, THREADS)
-        return AudioEmbedder(clap, compile_model=compiled, lanes=lanes)
+    def embedder_for(compiled: bool) -> tuple[AudioEmbedder, Settings]:
+        """The embedder, and the settings with this process's batch (CLAPQ_BATCH_SIZE resolved)."""
+        batch = batch_for(configured.batch_size, clap.device, compiled, configured.lanes, THREADS)
+        lanes = lanes_for(configured.lanes, clap.device, compiled, batch, THREADS)
+        return AudioEmbedder(clap, compile_model=compiled, lanes=lanes), dataclasses.replace(configured, batch_size=batch)
 
-    embedder = embedder_for(compiled)
+    embedder, settings = embedder_for(compiled)
     model_id = _model_row(settings)
     import numpy as np
 
@@ -163,8 +166,8 @@ def _runtime():
             raise
         log.warning("torch.compile failed; the audio tower runs eager", exc_info=True)
         embedder.close()
-        compiled, embedder = False, embedder_for(False)
-        embedder.embed(warm)
+        compiled, (embedder, settings) = False, embedder_for(False)
+        embedder.embed(np.zeros((settings.batch_size, embedder.window_samples), np.float32))
     if settings.redis_url:  # deletions and cancels wake running tasks' heartbeats (worker.heartbeat)
         from worker.heartbeat import listening
 
@@ -173,7 +176,7 @@ def _runtime():
     decoders.warm()
     log.info("model loaded", extra={"model": ckpt.name, "model_id": model_id, "device": str(embedder.clap.device),
                                     "precision": embedder.clap.precision, "attention": embedder.clap.attention, "compiled": compiled,
-                                    "lanes": embedder.lanes, "torch_threads": embedder.threads_per_lane,
+                                    "lanes": embedder.lanes, "torch_threads": embedder.threads_per_lane, "batch": settings.batch_size,
                                     "keeps_freed_memory": kept, "huge_pages": huge})
     return settings, embedder, model_id, decoders
 
