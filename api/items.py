@@ -22,6 +22,7 @@ from api.query import item_vector
 from api.removal import announce_gone, delete_items, released
 from clapq.blobs import BlobStore
 from clapq.models import Item, Library, Segment
+from worker.windows import span_json
 
 bp = Blueprint("items", __name__)
 
@@ -167,7 +168,7 @@ def get_segments(item_id: str):
                         .order_by(Segment.window_index)).all()
     segments = []
     for row in rows:
-        seg = {"index": row.window_index, "start_s": round(row.start_s, 6), "end_s": round(row.end_s, 6)}
+        seg = {"index": row.window_index, **span_json(row.start_s, row.end_s)}
         if with_vectors:
             seg["vector"] = [float(x) for x in row.vector]
         segments.append(seg)

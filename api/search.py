@@ -22,7 +22,7 @@ from api.lookup import owned, parse_id
 from api.models_info import describe, served_model_for
 from api.query import audio_vector, item_vector, text_vectors
 from clapq.models import Embedding, Item, Library, Segment
-from worker.windows import HOP_S, WINDOW_S
+from worker.windows import HOP_S, WINDOW_S, span_json
 
 bp = Blueprint("search", __name__)
 
@@ -299,7 +299,7 @@ def search():
         item = items[r.item_id]
         res = {"item_id": str(r.item_id), "library_id": str(r.library_id), "filename": item.filename,
                "score": round(1.0 - float(r.d), 6), "metadata": item.meta or {}}
-        span = {"start_s": round(r.start_s, 3), "end_s": round(r.end_s, 3)}
+        span = span_json(r.start_s, r.end_s)
         results.append({**res, **span} if mode == "segments" else {**res, "segment": span})
     return {"model": describe(model_id), "mode": mode, "k": k, "offset": offset, "plan": plan, "results": results}
 

@@ -1464,7 +1464,7 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
 
 
 def _seconds(t: float) -> str:
-    """A time as the API gives it (to the millisecond) without trailing zeros: 10790.123, 5, 12.5."""
+    """A time (the API gives microseconds) to the millisecond, without trailing zeros: 10790.123, 5, 12.5."""
     return f"{t:.3f}".rstrip("0").rstrip(".")
 
 

@@ -901,3 +901,28 @@ def test_a_page_whose_item_is_deleted_meanwhile_still_holds_k(client, new_key, w
         assert deleted and len(near) == 2 and deleted[0] not in [r["item_id"] for r in near], (deleted, near)
     finally:
         event.remove(engine, "before_cursor_execute", before)
+
+
+def test_a_result_times_its_window_as_the_segments_export_does(client, new_key, worker, tmp_path):
+    """A search result's window has the times GET /v1/items/<id>/segments gives that window (to the
+    microsecond: a sample at 48 kHz is 20.8 us), in both modes. Search rounded them to the millisecond, so the
+    last window of a file whose length is not whole milliseconds (most files at 44.1 kHz) matched no window of
+    the export by its times, and a file of 10.0004 s came back twice in one list of segments as the same
+    0.0-10.0, for its windows 0-10 and 0.000396-10.000396."""
+    key = new_key()
+    h = auth(key)
+    lib = client.post("/v1/libraries", json={"name": "timed"}, headers=h).get_json()
+    paths = [write(tmp_path / "just_over.wav", 480_019 / 48_000, 48_000, seed=1),
+             write(tmp_path / "cd.wav", 544_446 / 44_100, 44_100, freq=300, seed=2)]  # 12.345714 s
+    up = upload(client, key, lib["id"], paths).get_json()
+    assert wait_job(client, key, up["job_id"])["status"] == "done"
+    exported = set()
+    for item in up["items"]:
+        segs = client.get(f"/v1/items/{item['id']}/segments", headers=h).get_json()["segments"]
+        exported |= {(item["id"], s["start_s"], s["end_s"]) for s in segs}
+    assert len(exported) == 4 and (up["items"][0]["id"], 0.000396, 10.000396) in exported, exported
+    found = client.post("/v1/search", json={"library_id": lib["id"], "q": "a tone", "k": 10, "mode": "segments"},
+                        headers=h).get_json()["results"]
+    assert {(r["item_id"], r["start_s"], r["end_s"]) for r in found} == exported
+    for r in client.post("/v1/search", json={"library_id": lib["id"], "q": "a tone"}, headers=h).get_json()["results"]:
+        assert (r["item_id"], r["segment"]["start_s"], r["segment"]["end_s"]) in exported, r

@@ -44,6 +44,13 @@ def spans(n: int, rate: int, window: int, hop: int) -> list[tuple[int, float, fl
     return [(s, s / rate, (s + window) / rate) for s in window_starts(n, window, hop)]
 
 
+def span_json(start_s: float, end_s: float) -> dict[str, float]:
+    """A window's times as the API gives them, in a search result and in GET /v1/items/<id>/segments alike: to
+    the microsecond, which tells every sample start at 48 kHz (20.8 us) apart. Search gave milliseconds, so the
+    last window of most files matched none of the export by its times (helper-85)."""
+    return {"start_s": round(start_s, 6), "end_s": round(end_s, 6)}
+
+
 def read_window(raw_path: Path, n: int, start: int, window: int) -> np.ndarray:
     """One model input, read from a raw float32 file without loading the rest of it: the window at
     `start`, or the whole short file repeat-padded."""
