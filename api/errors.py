@@ -14,6 +14,7 @@ from sqlalchemy.orm import exc as orm_exc
 from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
 
 from clapq.blobs import StorageFull, StorageUnwritable
+from clapq.checkpoint import ModelUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -311,6 +312,10 @@ def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
         return envelope(e.status, e.code, e.message, e.headers)
+
+    @app.errorhandler(ModelUnavailable)  # a model loaded on first use (a search by a clip) that cannot be
+    def _model_unavailable(e: ModelUnavailable):
+        return envelope(503, "model_unavailable", str(e))
 
     @app.errorhandler(HTTPException)
     def _http_error(e: HTTPException):

@@ -12,7 +12,7 @@ from flask import Blueprint, current_app
 from sqlalchemy import text
 
 from api.models_info import registered_model_id
-from clapq.checkpoint import ModelUnavailable, resolve
+from clapq.checkpoint import ModelUnavailable, resolve, unchanged
 from clapq.db import get_engine
 from clapq.presence import TTL_S, beat_alive, live_workers, serving
 from clapq.queue import redis_client
@@ -96,7 +96,7 @@ def readyz():
 
     def model() -> str:
         try:
-            resolve(settings.model)
+            unchanged(resolve(settings.model))
         except ModelUnavailable as exc:
             return f"error: {exc}"
         return "ok"

@@ -128,10 +128,48 @@ def resolve(name: str) -> Checkpoint:
                                    f"and clapq stores {VECTOR_DIM}-dimensional ones, as LAION's CLAP checkpoints "
                                    "make (laion/clap-htsat-unfused, laion/larger_clap_general): point CLAPQ_MODEL "
                                    "at one of those")
+        seen = _signature(path)  # before the hash: a change while it reads is a change
         sha, earlier = _weights_hash(path)
         ckpt = Checkpoint(name=name, path=path, weights_sha256=sha, dim=dim, earlier_sha256=earlier)
         _cache[name] = ckpt
+        _hashed[path] = (seen, sha)
         return ckpt
+
+
+# each checkpoint directory's weights files (name, size, modification time and inode of each) as they were when this
+# process last hashed them, and that hash
+_hashed: dict[Path, tuple[tuple, str | None]] = {}
+
+
+def _signature(path: Path) -> tuple:
+    try:
+        return tuple((f.name, st.st_size, st.st_mtime_ns, st.st_ino) for f in _weight_files(path) for st in [f.stat()])
+    except OSError:
+        return ()
+
+
+def unchanged(ckpt: Checkpoint) -> None:
+    """Raise ModelUnavailable where the weights in the checkpoint's directory are no longer those this process took
+    for its identity (resolve): asked once weights are loaded from it, which can be long after (a forked process
+    inherits its parent's identity; the API loads its audio tower at the first search by a clip). Files replaced
+    in place while clapq ran (another checkpoint copied over, `hf download --local-dir` of a newer revision) were
+    loaded under the old identity, so their vectors were stored, or searched, as the old model's (helper-85). The
+    files are hashed again only where their sizes, times or inodes moved (a file only touched is taken again)."""
+    with _lock:
+        now = _signature(ckpt.path)
+        seen, sha = _hashed.get(ckpt.path, ((), None))
+        if not now or now != seen:
+            try:
+                sha = _weights_hash(ckpt.path)[0]
+            except ModelUnavailable:
+                sha = None
+            _hashed[ckpt.path] = (now, sha)
+    if sha != ckpt.weights_sha256:
+        raise ModelUnavailable(
+            f"the weights in {ckpt.path} changed while clapq ran: this process took them for the model of weights "
+            f"sha256 {ckpt.weights_sha256[:16]}..., and they are now " + (f"{sha[:16]}..." if sha else "gone")
+            + "; restart every clapq process (API, workers) so that each serves the checkpoint now there, as one "
+            "model (vectors of two models are never compared)")
 
 
 def register_model(session, ckpt: Checkpoint) -> int:

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, ClapFeatureExtractor, ClapModel
 from transformers.models.clap.modeling_clap import ClapAudioSelfAttention
 from transformers.utils import logging as hf_logging
 
-from clapq.checkpoint import Checkpoint, ModelUnavailable
+from clapq.checkpoint import Checkpoint, ModelUnavailable, unchanged
 from clapq.precision import PRECISIONS, model_precision, pick_device
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ class LoadedClap:
             self.feature_extractor = ClapFeatureExtractor.from_pretrained(ckpt.path)
         except (OSError, ValueError) as exc:
             raise ModelUnavailable(f"cannot load CLAP checkpoint from {ckpt.path}: {exc}") from exc
+        unchanged(ckpt)  # what was loaded is the model `ckpt` names, whose id its vectors are stored and searched by
         if text_only:
             # the API embeds queries only; drop the audio tower to halve its memory
             model.audio_model = None

@@ -1365,3 +1365,37 @@ def test_a_worker_that_cannot_load_its_model_stops_and_drops_no_file(stack, tiny
     stack["worker"]()  # no sweeper runs here: only the original messages can bring the files
     final = wait_finished(stack, key, job_id)
     assert final["status"] == "done" and final["counts"]["done"] == 2, final
+
+
+def test_a_pool_child_started_after_the_weights_were_replaced_does_not_embed_as_the_old_model(stack, tiny_model,
+                                                                                            tmp_path):
+    """`clapq worker` takes its model's identity (the weights' sha256) in its main process, and each pool child
+    loads the weights from the checkpoint's directory after the fork. Weights replaced there while it ran (another
+    checkpoint copied over) were loaded by the pool child that replaced a dead one (the OOM killer, a native
+    crash) under the identity the main process had taken: its vectors were stored as the old model's, beside
+    theirs in its libraries (cosine 0.003 to what that model gives, against clapq up). Now such a child says the
+    weights changed and stops the worker, so that its supervisor starts it again on the checkpoint now there, as
+    the model it is."""
+    import psutil
+
+    from tests.test_model_fetch import _replace_weights
+
+    ckpt_dir = tmp_path / "clap"
+    shutil.copytree(tiny_model, ckpt_dir)
+    w = WorkerProcess({**stack["env"], "CLAPQ_MODEL": str(ckpt_dir)}, tmp_path / "replaced.log").start()
+    stack["workers"].append(w)
+    deadline = time.monotonic() + 90
+    while w.output().count('"model loaded"') < 1:
+        assert time.monotonic() < deadline, w.output()[-3000:]
+        time.sleep(0.2)
+    _replace_weights(ckpt_dir)
+    kids = [p for p in psutil.Process(w.proc.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+    assert len(kids) == 1, kids
+    kids[0].kill()
+    deadline = time.monotonic() + 90
+    while w.proc.poll() is None and w.output().count('"model loaded"') < 2:
+        assert time.monotonic() < deadline, w.output()[-3000:]
+        time.sleep(0.2)
+    assert w.output().count('"model loaded"') == 1, w.output()[-3000:]  # loaded once, the weights it identified
+    w.proc.wait(60)
+    assert "changed while clapq ran" in w.output(), w.output()[-3000:]

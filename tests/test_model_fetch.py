@@ -208,3 +208,52 @@ def test_a_cached_snapshot_without_weights_is_fetched_again(tiny_model, tmp_path
         assert _resolve("laion/clap-test-stale", tmp_path / "hf", None) == got  # offline: the cache
     finally:
         server.shutdown()
+
+
+def _replace_weights(ckpt_dir: Path) -> None:
+    """Other weights written over the checkpoint's, in place (another checkpoint copied over it), as a file of its
+    own: the audio projection drawn anew, so that its vectors are another model's."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(ckpt_dir / "model.safetensors"))
+    g = torch.Generator().manual_seed(7)
+    for k, v in weights.items():
+        if k.startswith("audio_projection") and v.is_floating_point():
+            weights[k] = torch.randn(v.shape, generator=g)
+    (ckpt_dir / "model.safetensors").unlink()
+    save_file(weights, str(ckpt_dir / "model.safetensors"), metadata={"format": "pt"})
+
+
+def test_weights_replaced_while_the_api_runs_are_never_searched_as_the_old_model(tiny_model, env, new_key,
+                                                                                 tmp_path):
+    """The API takes its model's identity at its first request and loads its audio tower at the first search by a
+    clip, from the checkpoint's directory. Weights replaced there in between were loaded under the old identity, so
+    a clip was embedded by one model and compared with the vectors of another, each score meaningless, and
+    /readyz said the model was ok. Now the clip search is a 503 model_unavailable saying the weights changed, and
+    so is /readyz, until the API is restarted; a file only touched (the same bytes) changes nothing."""
+    from api import create_app
+    from clapq.settings import Settings
+    from tests.audio import write
+    from tests.conftest import auth
+
+    ckpt_dir = tmp_path / "clap"
+    shutil.copytree(tiny_model, ckpt_dir)
+    client = create_app(Settings.from_env({**env, "CLAPQ_MODEL": str(ckpt_dir)})).test_client()
+    h = auth(new_key())
+    lib = client.post("/v1/libraries", json={"name": "replaced"}, headers=h).get_json()["id"]
+    clip = write(tmp_path / "q.wav", 2.0, 48_000)
+
+    def by_clip():
+        return client.post("/v1/search", data={"library_id": lib, "audio": (open(clip, "rb"), "q.wav")}, headers=h,
+                           content_type="multipart/form-data")
+
+    os.utime(ckpt_dir / "model.safetensors", ns=(1, 1))  # touched: the same bytes, the same model
+    assert client.get("/readyz").get_json()["checks"]["model"] == "ok"
+    _replace_weights(ckpt_dir)
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and "changed while clapq ran" in ready.get_json()["checks"]["model"], ready.get_json()
+    r = by_clip()
+    assert r.status_code == 503, r.get_json()
+    assert r.get_json()["error"]["code"] == "model_unavailable"
+    assert "changed while clapq ran" in r.get_json()["error"]["message"] and str(ckpt_dir) in r.get_json()["error"]["message"]
