@@ -3259,3 +3259,22 @@ def test_files_that_failed_in_their_bytes_are_not_sent_again_until_they_change(s
     r = requests.post(f"{base}/v1/libraries/{lib}/batches", headers=h, timeout=60,
                       files=[("files", ("noise.ogg", (folder / "noise.ogg").read_bytes()))])
     assert r.status_code == 202 and r.json()["items"][0]["retry_of"] == "failed", r.json()
+
+
+def test_a_model_the_api_cannot_serve_stops_the_command_at_once(tiny_model):
+    """A 503 `model_unavailable` (the API cannot load its CLAP checkpoint, or its weights were replaced while it
+    ran) is not an outage that waiting mends: the command stops at once with the API's sentence, exit 1. It was
+    taken for one, and `clapq search` said "trying again in 5 s" for 10 minutes before it gave up."""
+    why = ("the weights in /srv/clap changed while clapq ran: ...; restart every clapq process (API, workers) so "
+           "that each serves the checkpoint now there")
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 3}]}, {}
+        return 503, {"error": {"code": "model_unavailable", "message": why, "status": 503}}, {"Retry-After": "5"}
+
+    with fake_api(answer) as url:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "x", "--url", url,
+                              "--key", "cq_x"], env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and out.stdout == "", out.stdout
+    assert "trying again" not in out.stderr and why in out.stderr, out.stderr
