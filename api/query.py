@@ -112,6 +112,7 @@ def text_vectors(texts: list[str]) -> np.ndarray:
 
 
 MAX_CLIP_S = 600  # seconds of a clip sent to search (GET /v1/limits)
+DECODE_RETRY_AFTER_S = 5  # a clip whose decoding failed for no reason in its bytes: sent again after this
 
 
 def audio_vector(upload) -> np.ndarray:
@@ -134,6 +135,10 @@ def audio_vector(upload) -> np.ndarray:
             raise bad_request(f"the 'audio' clip lasts longer than {MAX_CLIP_S} s, the limit for a search clip; "
                               "send a part of it") from None
         except DecodeError as exc:
+            if not exc.in_file:  # the machine's (a decoder given no time, or killed from outside): the clip may do
+                raise ApiError(503, "decoder_unavailable", f"the 'audio' clip could not be decoded now ({exc}); "
+                               f"send it again in {DECODE_RETRY_AFTER_S} s",
+                               {"Retry-After": str(DECODE_RETRY_AFTER_S)}) from None
             raise bad_request(f"the 'audio' clip could not be decoded: {exc}") from None
         emb = current_app.extensions.setdefault("clapq_audio_embedder", {})
         if "e" not in emb:

@@ -1183,6 +1183,39 @@ def test_a_read_only_upload_area_is_a_503_said_in_the_log(settings, new_key, sma
                for r in caplog.records), caplog.records
 
 
+def test_a_search_clip_whose_decoding_fails_for_no_reason_in_its_bytes_is_a_503(settings, new_key, tmp_path):
+    """A clip's decoder that the machine gives no time (held by SIGSTOP: a machine too busy, a paused VM) until
+    the clock's limit, min(60, CLAPQ_DECODE_TIMEOUT_S): the decoding fails, by the decoder's own word "not the file
+    at fault", but the search answered 400 "the 'audio' clip could not be decoded", a fault of the request that
+    `clapq search --like` does not send again. Now a 503 with Retry-After, and the same clip sent again is searched
+    (a new decoder child takes it)."""
+    import signal
+
+    from api import create_app
+    from tests.audio import write
+    from worker.decoder import get_pool
+
+    c = create_app(dataclasses.replace(settings, decode_timeout_s=2, decode_cpu_s=1)).test_client()
+    key = new_key()
+    lib_id = c.post("/v1/libraries", json={"name": "stalled-decoder"}, headers=auth(key)).get_json()["id"]
+    clip = write(tmp_path / "q.wav", 2.0, 48_000)
+    pool = get_pool(1)  # the API's decoders for clips
+    pool.warm()
+    (decoder,) = list(pool._free.queue)
+    os.kill(decoder.proc.pid, signal.SIGSTOP)
+
+    def search():
+        return c.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
+                      data={"library_id": lib_id, "audio": (open(clip, "rb"), "q.wav")})
+
+    r = search()
+    e = err(r, 503)
+    assert e["code"] == "decoder_unavailable" and "not the file at fault" in e["message"], e
+    assert r.headers["Retry-After"] == "5"
+    r = search()
+    assert r.status_code == 200, r.get_json()
+
+
 def test_a_disk_that_fills_before_the_commit_is_storage_full_and_keeps_no_part(small_disk):
     """The last bytes of a part sit in the writer's buffer; the disk fills before the commit flushes them:
     StorageFull (a 507), not a bare OSError (a 500), and the partial file is removed all the same."""
