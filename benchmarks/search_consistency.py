@@ -67,6 +67,20 @@ from benchmarks.search_scale import (  # noqa: E402
     start_tuned,
     unit_rows,
 )
+from worker.windows import span_json  # noqa: E402
+
+
+def window_rows(syn: Synth) -> dict[tuple[str, float], int]:
+    """Each window's row of the library's vectors (V), by its item's id and its start_s as a search result gives it
+    (worker.windows.span_json; copy_segments stores these windows)."""
+    first = np.cumsum(syn.counts) - syn.counts
+    rows = {}
+    for i in range(syn.n_items):
+        c, d = int(syn.counts[i]), float(syn.duration[i])
+        for w in range(c):
+            s0 = max(d - 10.0, 0.0) if w == c - 1 and w > 0 else 5.0 * w
+            rows[(str(syn.item_ids[i]), span_json(s0, min(s0 + 10.0, d))["start_s"])] = int(first[i] + w)
+    return rows
 
 
 class WithLongFiles(Synth):
@@ -195,12 +209,7 @@ def main() -> int:
             best, kth = item_truth(V, first, Q, None, k)
             S = V @ Q.T
             truth[name] = (best, kth, S, -np.partition(-S, k - 1, axis=0)[k - 1])
-        window_of = {}
-        for i in range(syn.n_items):  # (item, start_s as the API rounds it) -> row of V
-            c, d = int(syn.counts[i]), float(syn.duration[i])
-            for w in range(c):
-                s0 = max(d - 10.0, 0.0) if w == c - 1 and w > 0 else 5.0 * w
-                window_of[(str(syn.item_ids[i]), round(s0, 3))] = first[i] + w
+        window_of = window_rows(syn)
         index_of = {str(u): i for i, u in enumerate(syn.item_ids)}
         res["runs"] = {}
         for ef in args.ef.split(","):
