@@ -1803,7 +1803,8 @@ def test_lanes_rule_and_its_setting():
 
 def test_batch_rule_gives_each_cores_pass_eight_windows():
     """CLAPQ_BATCH_SIZE=auto: on a CPU with an eager tower and auto lanes, 8 windows for each core's one-thread pass
-    (16 on 2 cores, as before; a batch of 16 left passes of 1 window on 16 cores, and 2 cores of 6 idle), capped;
+    (16 on 2 cores, as before; a batch of 16 left passes of 1 window on 16 cores, and 2 cores of 6 idle), up to 32
+    cores, then a multiple of the cores within the cap;
     16 on a GPU, for a compiled tower and beside a set CLAPQ_LANES; a number is used as given."""
     import torch
 
@@ -1811,15 +1812,37 @@ def test_batch_rule_gives_each_cores_pass_eight_windows():
     from worker.embedder import batch_for, lanes_for
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    for threads, batch in [(1, 8), (2, 16), (6, 48), (16, 128), (64, 512)]:
+    for threads, batch in [(1, 8), (2, 16), (6, 48), (16, 128), (32, 256), (64, 256), (96, 192), (512, 512)]:
         assert batch_for(None, cpu, False, None, threads) == batch
-        assert lanes_for(None, cpu, False, batch, threads) == threads  # every core a pass of 8 windows
-    assert batch_for(None, cpu, False, None, 128) == 512  # the cap: passes of 4
+        assert lanes_for(None, cpu, False, batch, threads) == threads  # every core a pass, none idle
+    # 8 windows a pass up to 32 cores; past that the cap (~17 MB a window) leaves fewer
+    assert [batch_for(None, cpu, False, None, t) // t for t in (32, 64, 96, 512)] == [8, 4, 2, 1]
     assert batch_for(None, cpu, True, None, 16) == 16 and batch_for(None, gpu, False, None, 16) == 16
     assert batch_for(None, cpu, False, 2, 16) == 16 and batch_for(4, cpu, False, None, 16) == 4
     assert [Settings.from_env({"CLAPQ_BATCH_SIZE": v}).batch_size for v in ("", "auto", "4")] == [None, None, 4]
     with pytest.raises(SystemExit, match="CLAPQ_LANES must be at least 1, got 0"):
         Settings.from_env({"CLAPQ_LANES": "0"})
+
+
+def test_a_lane_that_holds_only_padding_is_not_run(tiny_model):
+    """A batch's last rows pad it (the last batch of a job, a retry's batch): a lane whose rows are all padding is
+    not run, and the lanes run give each wanted window the bits a full batch gives it."""
+    from clapq.clap import get_clap
+    from clapq.checkpoint import resolve
+    from worker.embedder import AudioEmbedder
+
+    emb = AudioEmbedder(get_clap(resolve(str(tiny_model)), "cpu", "fp32"), lanes=2)
+    try:
+        waves = np.zeros((4, emb.window_samples), np.float32)
+        waves[0] = np.sin(np.arange(emb.window_samples) * 0.01) * 0.3
+        full = emb.embed(waves)
+        assert full.shape[0] == 4
+        one = emb.embed(waves, wanted=1)
+        assert one.shape[0] == 2  # the second lane, rows 2-3, was not run
+        assert np.array_equal(one, full[:2])
+        assert emb.embed(waves, wanted=3).shape[0] == 4
+    finally:
+        emb.close()
 
 
 def test_settings_out_of_range_are_sentences():

@@ -20,19 +20,24 @@ DEFAULT_BATCH = 16  # windows a pass where CLAPQ_BATCH_SIZE is auto and ROWS_PER
 # 16, 1.25x / 1.03x in passes of 2, 1.04x / 1.01x in passes of 8 (benchmarks/pass_rows.py, BENCHMARKS.md): a batch of
 # 16 cut into one pass per core left passes of 2 windows on 8 cores and of 1 on 16
 ROWS_PER_LANE = 8
-MAX_AUTO_BATCH = 512  # 8 windows for each of 64 cores; the batch's samples alone are ~1 GB
+# the most windows an auto batch takes where 8 a core would be more: each costs the worker ~17 MB with the full-size
+# model (peak RSS 1.3 GB at 16, 2.3 GB at 64, 3.6 GB at 128: helper-86, bf16); past 32 cores each core's pass
+# takes fewer than 8 windows
+MAX_AUTO_BATCH = 256
 
 
 def batch_for(configured: int | None, device: torch.device, compiled: bool, lanes: int | None, threads: int) -> int:
     """The windows of a model batch (CLAPQ_BATCH_SIZE; None is auto). auto: on a CPU with an eager tower and
     CLAPQ_LANES=auto, ROWS_PER_LANE for each torch thread (one one-thread pass per core, lanes_for), so every
-    pass takes 8 windows whatever the cores (16 on 2 cores, as before; up to MAX_AUTO_BATCH); DEFAULT_BATCH on a
-    GPU, for a compiled tower, and where CLAPQ_LANES is set."""
+    pass takes 8 windows up to 32 cores (16 on 2 cores, as before); past that, as many a core as MAX_AUTO_BATCH
+    leaves (a multiple of the cores, so none is idle); DEFAULT_BATCH on a GPU, for a compiled tower, and where
+    CLAPQ_LANES is set."""
     if configured is not None:
         return configured
     if device.type != "cpu" or compiled or lanes is not None:
         return DEFAULT_BATCH
-    return min(MAX_AUTO_BATCH, ROWS_PER_LANE * max(1, threads))
+    threads = max(1, threads)
+    return threads * max(1, min(ROWS_PER_LANE, MAX_AUTO_BATCH // threads))
 
 
 def lanes_for(configured: int | None, device: torch.device, compiled: bool, batch: int, threads: int) -> int:
@@ -101,23 +106,28 @@ class AudioEmbedder:
     def _windows(self, waves: torch.Tensor) -> np.ndarray:
         return self._tower(self._mel(waves))
 
-    def _in_lanes(self, run: Callable[[torch.Tensor], np.ndarray], rows: torch.Tensor) -> np.ndarray:
-        """`run` over the batch `rows`, in equal parts side by side (zero rows pad the last part)."""
+    def _in_lanes(self, run: Callable[[torch.Tensor], np.ndarray], rows: torch.Tensor,
+                  wanted: int | None = None) -> np.ndarray:
+        """`run` over the batch `rows`, in equal parts side by side (zero rows pad the last part). Where only the
+        first `wanted` rows are wanted (the rest pad a batch), a part that holds none of them is not run, and the
+        answer has the rows of the parts run: each part run keeps its shape, so its vectors keep their bits."""
         if self._lanes is None:
             return run(rows)
         n = len(rows)
         per = -(-n // self.lanes)
         if per * self.lanes != n:
             rows = torch.cat([rows, rows.new_zeros((per * self.lanes - n, *rows.shape[1:]))])
-        parts = [rows[i * per:(i + 1) * per] for i in range(self.lanes)]
+        needed = self.lanes if wanted is None else max(1, min(self.lanes, -(-wanted // per)))
+        parts = [rows[i * per:(i + 1) * per] for i in range(needed)]
         return np.concatenate(list(self._lanes.map(run, parts)))[:n]
 
     def embed_features(self, mel: torch.Tensor) -> np.ndarray:
         """(B, C, frames, n_mels) log-mel -> (B, dim) float32, unit length."""
         return self._in_lanes(self._tower, mel)
 
-    def embed(self, waves: np.ndarray) -> np.ndarray:
-        """(B, window_samples) float32 -> (B, dim) float32, unit length."""
+    def embed(self, waves: np.ndarray, wanted: int | None = None) -> np.ndarray:
+        """(B, window_samples) float32 -> (B, dim) float32, unit length; with `wanted`, only the first `wanted` rows
+        are sure to be given (the rest of the batch is padding: lanes that hold only padding are not run)."""
         if waves.ndim != 2 or waves.shape[1] != self.window_samples:
             raise ValueError(f"expected (B, {self.window_samples}) windows, got {waves.shape}")
-        return self._in_lanes(self._windows, _as_tensor(waves))
+        return self._in_lanes(self._windows, _as_tensor(waves), wanted)

@@ -278,9 +278,9 @@ def run(items: list, blobs: BlobStore, pool: DecoderPool, embedder: AudioEmbedde
         for row, (d, i) in enumerate(batch):
             waves[row] = read_window(d.raw_path, d.n, d.windows[i][0], window)
         # always a full batch (zero rows pad the last one): the same shapes every time, so a
-        # file's vectors never depend on what else was in its batch
+        # file's vectors never depend on what else was in its batch; a lane of padding alone is not run
         t0 = time.perf_counter()
-        vectors = embedder.embed(waves)[: len(batch)]
+        vectors = embedder.embed(waves, wanted=len(batch))[: len(batch)]
         if on_batch is not None:
             on_batch(len(batch), time.perf_counter() - t0)
         finished = []
