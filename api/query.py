@@ -15,6 +15,7 @@ from api.db import db
 from api.errors import ApiError, bad_request
 from api.lookup import owned_item
 from api.models_info import serving_checkpoint
+from clapq.blobs import FULL
 from clapq.queue import best_effort
 from clapq.models import Embedding, Item
 from clapq.threads import one_thread
@@ -116,8 +117,20 @@ DECODE_RETRY_AFTER_S = 5  # a clip whose decoding failed for no reason in its by
 
 
 def audio_vector(upload) -> np.ndarray:
-    """Embed an uploaded clip like a stored item: decoded in a killable child, windows, normalised mean."""
-    from worker.audio import DecodeError, TooLong, format_hint
+    """Embed an uploaded clip like a stored item: decoded in a killable child, windows, normalised mean. Where the
+    API's temporary folder cannot hold the clip or its samples, a 507 (full) or 503, not a 500."""
+    try:
+        return _clip_vector(upload)
+    except OSError as exc:  # the API's temporary folder (TMPDIR) full or not writable, the clip's copy unreadable
+        full = exc.errno in FULL
+        raise ApiError(507 if full else 503, "insufficient_storage" if full else "unavailable",
+                       f"the 'audio' clip could not be kept while it is searched: the API's temporary folder "
+                       f"(TMPDIR, {tempfile.gettempdir()}) {'is full' if full else 'failed'} "
+                       f"({exc.strerror or exc}); try again later", {"Retry-After": str(DECODE_RETRY_AFTER_S)}) from None
+
+
+def _clip_vector(upload) -> np.ndarray:
+    from worker.audio import DecodeError, ScratchTooSmall, TooLong, format_hint
     from worker.decoder import get_pool
     from worker.embedder import AudioEmbedder
     from worker.windows import pooled, read_window, spans
@@ -134,6 +147,10 @@ def audio_vector(upload) -> np.ndarray:
         except TooLong:
             raise bad_request(f"the 'audio' clip lasts longer than {MAX_CLIP_S} s, the limit for a search clip; "
                               "send a part of it") from None
+        except ScratchTooSmall:  # the worker's words name its scratch disk; here it is the API's temporary folder
+            raise ApiError(507, "insufficient_storage", "the 'audio' clip's decoded samples are larger than the "
+                           f"whole of the API's temporary folder (TMPDIR, {tempfile.gettempdir()}); send a shorter "
+                           "clip, or ask the operator for a larger folder") from None
         except DecodeError as exc:
             if not exc.in_file:  # the machine's (a decoder given no time, or killed from outside): the clip may do
                 raise ApiError(503, "decoder_unavailable", f"the 'audio' clip could not be decoded now ({exc}); "

@@ -1216,6 +1216,33 @@ def test_a_search_clip_whose_decoding_fails_for_no_reason_in_its_bytes_is_a_503(
     assert r.status_code == 200, r.get_json()
 
 
+@pytest.mark.parametrize("seconds", [20.0, 6.0])
+def test_a_search_clip_the_apis_temporary_folder_has_no_room_for_is_a_507(client, new_key, small_disk, tmp_path,
+                                                                          monkeypatch, seconds):
+    """The API keeps a search clip, and its decoded samples, in its temporary folder (TMPDIR) while it searches;
+    where that is full, the search answered 500 internal_error (the saved copy's ENOSPC), or 400 naming "a worker's
+    CLAPQ_SCRATCH_DIR" for samples larger than the whole folder. Now a 507, as an upload's full disk is. A 1 MiB
+    folder: a 20 s WAV (1.9 MB) does not fit, a 6 s one (576 KB) does but not its samples (1.15 MB)."""
+    import tempfile
+
+    from werkzeug.datastructures import FileStorage
+    from werkzeug.test import encode_multipart
+
+    from tests.audio import write
+
+    key = new_key()
+    lib_id = client.post("/v1/libraries", json={"name": "small-tmp"}, headers=auth(key)).get_json()["id"]
+    clip = write(tmp_path / "q.wav", seconds, 48_000)
+    boundary, body = encode_multipart({"library_id": lib_id,  # in memory
+                                       "audio": FileStorage(open(clip, "rb"), filename="q.wav")})
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk))  # as TMPDIR would for the API process
+    r = client.post("/v1/search", headers=auth(key), data=body,
+                    content_type=f"multipart/form-data; boundary={boundary}")
+    e = err(r, 507)
+    assert e["code"] == "insufficient_storage" and "the API's temporary folder (TMPDIR" in e["message"], e
+    assert list(small_disk.iterdir()) == []  # nothing of the clip is left there
+
+
 def test_a_disk_that_fills_before_the_commit_is_storage_full_and_keeps_no_part(small_disk):
     """The last bytes of a part sit in the writer's buffer; the disk fills before the commit flushes them:
     StorageFull (a 507), not a bare OSError (a 500), and the partial file is removed all the same."""

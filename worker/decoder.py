@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psutil
 
-from worker.audio import AudioInfo, DecodeError, ScratchError, TooLong
+from worker.audio import AudioInfo, DecodeError, ScratchError, ScratchTooSmall, TooLong
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,8 @@ def _child(conn: Connection) -> None:
             reply = ("too_long", str(exc), 0)
         except ScratchError as exc:  # not the file's fault: the parent raises it, and the task hands files back
             reply = ("scratch", (exc.errno, exc.strerror), 0)
+        except ScratchTooSmall as exc:  # the file's, as any DecodeError; by its kind, so a search clip's is told
+            reply = ("too_small", str(exc), 0)
         except Exception as exc:
             reply = _failed(src, exc)
         drop_cached(src)  # read once: its pages go back for the next file (clapq.pagecache)
@@ -246,6 +248,8 @@ class DecoderProcess:
                 raise ScratchError(*payload)
             if status == "too_long":
                 raise TooLong(payload)
+            if status == "too_small":
+                raise ScratchTooSmall(payload)
             if status != "ok":  # n: whether the reason is in the file's bytes (_failed)
                 raise DecodeError(payload, in_file=n)
             return AudioInfo(**payload), n
