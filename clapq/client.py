@@ -1275,10 +1275,19 @@ def list_libraries(client: Client, as_json: bool = False) -> None:
     libs = client.call("GET", "/v1/libraries")["libraries"]
     if as_json:
         print(json.dumps(libs, ensure_ascii=False))
-    elif not libs:
+        return
+    if not libs:
         print("no libraries yet: `clapq upload FOLDER --library NAME` makes one", file=sys.stderr)
-    for lib in libs if not as_json else ():
-        print(f"{lib['item_count']:>8}  {lib['id']}  {printable(lib['name'])}")
+        return
+    # a library bound to another model than the service runs (the service restarted on another CLAPQ_MODEL) is
+    # marked: its searches and uploads answer 409, which a user otherwise learnt only by trying (helper-85)
+    serving = (client.call("GET", "/v1/limits").get("model") or {}).get("id")
+    for lib in libs:
+        model = lib.get("model") or {}
+        other = (f"  (model {model['id']} ({printable(str(model.get('name')))}), not the one this service runs: "
+                 "it is searched and takes files only where that model runs)"
+                 if serving is not None and model.get("id") not in (None, serving) else "")
+        print(f"{lib['item_count']:>8}  {lib['id']}  {printable(lib['name'])}{other}")
 
 
 FAILED_SHOWN = 20  # the failed files `clapq jobs show` lists without --all: a screenful, with the counts above it

@@ -3060,10 +3060,11 @@ def test_a_reason_to_wait_that_comes_and_goes_is_written_once_at_a_terminal(star
     assert out.count(f"waiting: {NO_WORKER}") == 1, out
 
 
-def test_clapq_libraries_lists_the_callers_libraries(start_api, new_key, tiny_model):
+def test_clapq_libraries_lists_the_callers_libraries(start_api, new_key, tiny_model, settings):
     """`clapq libraries`: each of the key's libraries on a line (its files, id and name), none of another
     tenant's; `--json` the API's answer; none yet says how one is made. A new user learnt their libraries' names
-    only from the error of a wrong `--library` (helper-71)."""
+    only from the error of a wrong `--library` (helper-71). A library bound to another model than the service runs
+    says so on its line: its searches and uploads answer 409 (helper-85)."""
     base, key, other = start_api(), new_key(), new_key()
     h = {"Authorization": f"Bearer {key}"}
     made = [requests.post(f"{base}/v1/libraries", json={"name": name}, headers=h, timeout=30).json()
@@ -3084,6 +3085,19 @@ def test_clapq_libraries_lists_the_callers_libraries(start_api, new_key, tiny_mo
     out = libraries(new_key())
     assert out.returncode == 0 and out.stdout == "" and \
         out.stderr == "no libraries yet: `clapq upload FOLDER --library NAME` makes one\n", out.stderr
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+
+    with session_scope(settings.database_url) as s:  # as after a restart of the service on another CLAPQ_MODEL
+        retired = s.execute(text("INSERT INTO models (name, weights_sha256, dim) VALUES ('retired', :w, 512) "
+                                 "RETURNING id"), {"w": uuid.uuid4().hex * 2}).scalar()
+        s.execute(text("UPDATE libraries SET model_id = :m WHERE id = :l"), {"m": retired, "l": made[1]["id"]})
+    out = libraries(key)
+    assert out.returncode == 0 and out.stdout.splitlines() == [
+        f"       0  {made[0]['id']}  field recordings",
+        f"       0  {made[1]['id']}  foley  (model {retired} (retired), not the one this service runs: it is searched "
+        "and takes files only where that model runs)"], out.stdout + out.stderr
 
 
 def _jobs(base: str, key: str, tiny_model, *args: str) -> subprocess.CompletedProcess:
