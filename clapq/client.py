@@ -1614,13 +1614,25 @@ def _delete_items(client: Client, lib: dict, items: list[dict]) -> list[dict]:
     """Delete these items of the library (each a dict with its "id", as a listing gives them), a thousand
     a request (POST /deletions: a DELETE a file took 53 s for 500 files, helper-73), each deleted one said on
     stdout as before, `deleted NAME (ID)`, and past MANY files how many on stderr at the end. Returns those
-    that named no item of the library (deleted meanwhile, another library's, unknown). A server without
-    /deletions (an older one) gets a GET and a DELETE a file, as before."""
+    that named no item of the library (deleted meanwhile, another library's, unknown); where a request was sent
+    again after its connection was lost, its ids found no more are returned marked "maybe_deleted": the first
+    try may have deleted them, its answer lost. A server without /deletions (an older one) gets a GET and a
+    DELETE a file, as before."""
     missing, deleted, kept = [], 0, 0
     for start in range(0, len(items), DELETIONS_PER_REQUEST):
         part = items[start:start + DELETIONS_PER_REQUEST]
-        answer = client.call("POST", f"/v1/libraries/{lib['id']}/deletions", json={"item_ids": [i["id"] for i in part]},
-                             missing_ok=True, allow_redirects=False, repeatable=True)  # sent twice: not_found
+        cut = False  # whether a try was lost on the way: the API may have deleted the items before its answer
+
+        def post(ids=[i["id"] for i in part]):
+            nonlocal cut
+            try:
+                return client._call("POST", f"/v1/libraries/{lib['id']}/deletions", True, json={"item_ids": ids},
+                                    allow_redirects=False, repeatable=True)
+            except Busy as busy:
+                cut = cut or busy.outage
+                raise
+
+        answer = patiently(post)
         if answer is None:  # an older server (or the library deleted meanwhile: each item is then gone too)
             for item in items[start:]:
                 got = _delete_item(client, lib, item)
@@ -1634,7 +1646,7 @@ def _delete_items(client: Client, lib: dict, items: list[dict]) -> list[dict]:
         deleted += answer["deleted"]["items"]
         kept += answer["deleted"]["items"] - answer["deleted"]["stored_files"]
         lost = set(answer["not_found"])
-        missing += [i for i in part if i["id"] in lost]
+        missing += [{**i, "maybe_deleted": True} if cut else i for i in part if i["id"] in lost]
     if deleted > MANY:  # the lines above scrolled away what was asked
         print(f"deleted {n_files(deleted)} of library {lib['name']!r}"
               + (f" ({n_files(kept)} kept on disk: other libraries hold the same bytes)" if kept > 0 else ""),
@@ -1675,7 +1687,13 @@ def delete(client: Client, library: str, items: list[str], yes: bool = False) ->
     # id names no item, and is not sent
     given = list(dict.fromkeys(_as_id(i) or i for i in items))
     missing = [i for i in given if _as_id(i) is None]
-    missing += [i["id"] for i in _delete_items(client, lib, [{"id": i} for i in given if _as_id(i)])]
+    for item in _delete_items(client, lib, [{"id": i} for i in given if _as_id(i)]):
+        if item.get("maybe_deleted"):  # gone now, whichever: not an id to correct, so not a failure
+            print(f"clapq: {item['id']} is no item of library {lib['name']!r} now: the connection was lost while "
+                  "it was being deleted, and the try whose answer was lost may have deleted it (or it was not "
+                  "there)", file=sys.stderr)
+        else:
+            missing.append(item["id"])
     order = {raw: n for n, raw in enumerate(given)}
     for raw in sorted(missing, key=order.__getitem__):
         item = client.call("GET", f"/v1/items/{urllib.parse.quote(raw, safe='')}", missing_ok=True) \

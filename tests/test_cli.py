@@ -3292,3 +3292,38 @@ def test_a_model_the_api_cannot_serve_stops_the_command_at_once(tiny_model):
                               "--key", "cq_x"], env=_env(tiny_model), capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and out.stdout == "", out.stdout
     assert "trying again" not in out.stderr and why in out.stderr, out.stderr
+
+
+def test_a_deletion_whose_answer_was_lost_does_not_report_what_it_deleted_as_missing(tmp_path, tiny_model):
+    """`clapq delete LIB ID...` whose POST /deletions loses its connection after the API deleted the items (a
+    restart, a proxy's timeout): the request is sent again, and the API, rightly, finds those ids no more. The
+    command said "no item ..." for each file it had deleted and exited 1. Now ids not found after a lost try are
+    said to be gone, maybe by the lost try, and are not a failure; without a lost try they still are (exit 1)."""
+    ids = [str(uuid.uuid4()), str(uuid.uuid4())]
+    posts = []
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 2}]}, {}
+        if path.endswith("/deletions"):
+            posts.append(path)
+            if len(posts) == 1 and drop:
+                return "drop"  # the API deleted them; its answer never came
+            return 200, {"deleted": {"items": 0, "stored_files": 0, "files": []}, "not_found": ids}, {}
+        return 404, {"error": {"code": "not_found", "message": "no such item", "status": 404}}, {}
+
+    for drop in (True, False):
+        posts.clear()
+        with fake_api(answer) as url:
+            out = subprocess.run([sys.executable, "-m", "clapq.cli", "delete", *ids, "--library", "x", "--url", url,
+                                  "--key", "k"], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+        if drop:
+            assert out.returncode == 0 and len(posts) == 2, (posts, out.stderr)
+            assert f"the connection to {url} was lost during POST /v1/libraries/lib1/deletions" in out.stderr
+            for i in ids:
+                assert (f"clapq: {i} is no item of library 'x' now: the connection was lost while it was being "
+                        "deleted, and the try whose answer was lost may have deleted it") in out.stderr, out.stderr
+            assert "no item" not in out.stderr.replace("is no item of", ""), out.stderr
+        else:
+            assert out.returncode == 1 and len(posts) == 1, (posts, out.stderr)
+            assert all(f"clapq: no item {i!r} in library 'x'" in out.stderr for i in ids), out.stderr
