@@ -174,9 +174,10 @@ class Client:
             if r.status_code == 429:  # over CLAPQ_RATE_LIMIT (its wait is said once, by patiently) or busy
                 why = msg.split("; try again")[0] if code == "rate_limited" else f"the API is busy ({msg})"
                 raise Busy(f"clapq: {method} {path}: {why}", _retry_after(r, 60.0))
-            # a model the API cannot serve (its checkpoint cannot be loaded, or its weights changed while it ran)
-            # is not an outage: no wait mends it, so the command stops with the API's sentence
-            if r.status_code in (502, 503, 504) and code != "model_unavailable":
+            # a model the API cannot serve (its checkpoint cannot be loaded, or its weights changed while it ran),
+            # or an API whose code changed on disk under it, is not an outage: no wait mends it, so the command
+            # stops with the API's sentence
+            if r.status_code in (502, 503, 504) and code not in ("model_unavailable", "code_changed"):
                 raise Busy(f"clapq: {method} {path}: the API is unavailable for now ({msg})", _retry_after(r, 5.0),
                            outage=True)
             if r.status_code == 404 and msg.startswith("no endpoint "):  # --url http://host:8000/v1

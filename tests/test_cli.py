@@ -3275,17 +3275,19 @@ def test_files_that_failed_in_their_bytes_are_not_sent_again_until_they_change(s
     assert r.status_code == 202 and r.json()["items"][0]["retry_of"] == "failed", r.json()
 
 
-def test_a_model_the_api_cannot_serve_stops_the_command_at_once(tiny_model):
+@pytest.mark.parametrize("code", ["model_unavailable", "code_changed"])
+def test_a_model_the_api_cannot_serve_stops_the_command_at_once(tiny_model, code):
     """A 503 `model_unavailable` (the API cannot load its CLAP checkpoint, or its weights were replaced while it
     ran) is not an outage that waiting mends: the command stops at once with the API's sentence, exit 1. It was
-    taken for one, and `clapq search` said "trying again in 5 s" for 10 minutes before it gave up."""
+    taken for one, and `clapq search` said "trying again in 5 s" for 10 minutes before it gave up. Nor is a 503
+    `code_changed` (clapq upgraded in place under the API, a search clip's decoder would run other code)."""
     why = ("the weights in /srv/clap changed while clapq ran: ...; restart every clapq process (API, workers) so "
            "that each serves the checkpoint now there")
 
     def answer(method, path):
         if path == "/v1/libraries":
             return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 3}]}, {}
-        return 503, {"error": {"code": "model_unavailable", "message": why, "status": 503}}, {"Retry-After": "5"}
+        return 503, {"error": {"code": code, "message": why, "status": 503}}, {"Retry-After": "5"}
 
     with fake_api(answer) as url:
         out = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "x", "--url", url,

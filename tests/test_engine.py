@@ -211,6 +211,46 @@ def test_a_decoder_killed_from_outside_twice_is_not_the_files_fault(fifo, tmp_pa
         d.close()
 
 
+def test_a_decoder_child_of_other_code_than_its_parent_blames_no_file(tmp_path, monkeypatch):
+    """clapq upgraded in place (`git pull`, `pip install -U`) under a running worker: its next decoder child (after
+    a crash, a timeout, a kill) is a fresh interpreter that runs the new code, here one that answers a status the
+    parent does not know, and the parent failed the good file with the child's answer for a reason ("{'sample_rate':
+    48000, ...}", in its bytes). Now neither the child's check (the code it loaded against the parent's, passed on
+    its command line) nor the parent's (the code on disk against its own, before it starts a child) lets a file be
+    blamed: CodeChanged, which stops the worker (tests/test_faults.py). The child runs a copy of the code."""
+    import clapq
+    import worker
+    from worker.decoder import CodeChanged
+
+    good = write(tmp_path / "good.wav", 1.0)
+    code = tmp_path / "code"
+    for pkg in (Path(clapq.__file__).parent, Path(worker.__file__).parent):
+        shutil.copytree(pkg, code / pkg.name, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(tmp_path)  # `python -m` looks in the working directory first
+    monkeypatch.setenv("PYTHONPATH", str(code))
+    d = DecoderProcess()
+    try:
+        info, n = d.decode(good, tmp_path / "a.f32", timeout_s=60, max_duration_s=None)  # the same code: decodes
+        assert n == 48_000
+        child = code / "worker" / "decoder.py"
+        child.write_text(child.read_text().replace('reply = ("ok", ', 'reply = ("decoded", '))
+        d.kill()  # as a crash, a timeout or the OOM killer ends one: the next file starts a new child
+        with pytest.raises(CodeChanged, match="changed on disk since this process started"):
+            d.decode(good, tmp_path / "b.f32", timeout_s=60, max_duration_s=None)
+        assert d.proc is None
+        # this process's own code changed on disk: no child is started at all
+        monkeypatch.delenv("PYTHONPATH")
+        monkeypatch.setattr(worker, "CODE", "0" * 64)
+        with pytest.raises(CodeChanged):
+            d.decode(good, tmp_path / "c.f32", timeout_s=60, max_duration_s=None)
+        assert d.proc is None
+        monkeypatch.undo()  # the same code again: decodes
+        info, n = d.decode(good, tmp_path / "d.f32", timeout_s=60, max_duration_s=None)
+        assert n == 48_000
+    finally:
+        d.close()
+
+
 def test_what_a_codec_prints_is_one_log_line_naming_the_item(tmp_path, caplog):
     """libmpg123 prints a line on stderr for each damaged frame of an MP3 it decodes anyway. The decoder
     child's stderr is logged as one line per file, with the ids the caller passed, instead of running

@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import redis
@@ -1399,3 +1400,75 @@ def test_a_pool_child_started_after_the_weights_were_replaced_does_not_embed_as_
     assert w.output().count('"model loaded"') == 1, w.output()[-3000:]  # loaded once, the weights it identified
     w.proc.wait(60)
     assert "changed while clapq ran" in w.output(), w.output()[-3000:]
+
+
+def test_a_worker_whose_code_changed_on_disk_stops_and_blames_no_file(stack, tmp_path, monkeypatch):
+    """clapq upgraded in place (`git pull`, `pip install -U`) under a running worker, here a new status in the
+    decoder child's answer. The worker's decoder children are fresh interpreters: the next one started (after a
+    crash, a timeout, the OOM killer) ran the new code, and the worker, still running the old, failed each good file
+    with the child's answer for a reason. Now the worker stops, saying why, so that its supervisor starts it again
+    on the new code, and the files it held go back to the queue with no try counted; a worker of the new code
+    embeds them. The worker runs a copy of the code, which the test changes."""
+    import psutil
+
+    import clapq
+    import worker
+
+    code = tmp_path / "code"
+    for pkg in (Path(clapq.__file__).parent, Path(worker.__file__).parent):
+        shutil.copytree(pkg, code / pkg.name, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(tmp_path)  # `python -m` looks in the working directory first
+    w = WorkerProcess({**stack["env"], "PYTHONPATH": str(code)}, tmp_path / "upgraded.log").start()
+    stack["workers"].append(w)
+    wait_until(lambda: '"model loaded"' in w.output(), 90, lambda: w.output()[-3000:])
+    decoders = [p for p in psutil.Process(w.proc.pid).children(recursive=True)
+                if "worker.decoder" in " ".join(p.cmdline())]
+    assert decoders
+    child = code / "worker" / "decoder.py"
+    child.write_text(child.read_text().replace('reply = ("ok", ', 'reply = ("decoded", '))
+    for p in decoders:  # as a crash or the OOM killer ends them: the next file starts new ones
+        p.kill()
+    key, _, job_id = start_job(stack, 3)
+    ids = [uuid.UUID(i) for i in files_in_order(stack, job_id)]
+
+    def items():
+        with session_scope(stack["settings"].database_url) as s:
+            return [(i.status, i.attempts) for i in s.scalars(select(Item).where(Item.id.in_(ids))).all()]
+
+    wait_until(lambda: w.proc.poll() is not None or any(st == "failed" for st, _ in items()), 120,
+               lambda: f"the worker to stop: {items()}\n{w.output()[-3000:]}")
+    assert not any(st == "failed" for st, _ in items()), (items(), w.output()[-3000:])
+    assert w.proc.wait(60) is not None
+    assert "the worker's code changed on disk since it started" in w.output(), w.output()[-3000:]
+    assert sorted(items()) == [("queued", 0)] * 3, items()
+    stack["worker"]()  # the new code, restarted (the repository's, as the copy was before the change)
+    final = wait_finished(stack, key, job_id)
+    assert final["status"] == "done" and final["counts"]["done"] == 3, final
+    assert_exactly_once(stack, job_id, 3)
+
+
+def test_a_pool_child_started_after_the_code_changed_on_disk_stops_the_worker(stack, tmp_path, monkeypatch):
+    """The same upgrade in place, met by a pool child that replaced a dead one (the OOM killer, a native crash):
+    forked from Celery's main process, which runs the old code, it would import the modules it had not yet loaded
+    (the pipeline, the decoder) from the new. It stops the worker at its warm-up, saying why, before it takes a
+    file, as a pool child that meets changed weights does."""
+    import psutil
+
+    import clapq
+    import worker
+
+    code = tmp_path / "code"
+    for pkg in (Path(clapq.__file__).parent, Path(worker.__file__).parent):
+        shutil.copytree(pkg, code / pkg.name, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(tmp_path)
+    w = WorkerProcess({**stack["env"], "PYTHONPATH": str(code)}, tmp_path / "upgraded.log").start()
+    stack["workers"].append(w)
+    wait_until(lambda: '"model loaded"' in w.output(), 90, lambda: w.output()[-3000:])
+    with open(code / "worker" / "audio.py", "a") as f:
+        f.write("\n# a newer version\n")
+    kids = [p for p in psutil.Process(w.proc.pid).children() if p.status() != psutil.STATUS_ZOMBIE]
+    assert len(kids) == 1, kids
+    kids[0].kill()
+    w.proc.wait(120)
+    assert "the worker's code changed on disk since it started" in w.output(), w.output()[-3000:]
+    assert w.output().count('"model loaded"') == 1, w.output()[-3000:]

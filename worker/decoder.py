@@ -23,6 +23,7 @@ from pathlib import Path
 
 import psutil
 
+import worker
 from worker.audio import AudioInfo, DecodeError, ScratchError, ScratchTooSmall, TooLong
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ MAX_MESSAGES = 2000  # bytes of a decoder's stderr logged per file
 # by zero): a decoder that dies of one twice on a file, in two children, dies of its bytes
 CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS})
 STOP_POLL_S = 0.25  # how often a decode in progress asks whether its file is still wanted
+CODE_CHANGED_EXIT = 75  # a child's exit status where the code it loaded is not its parent's (EX_TEMPFAIL)
 
 
 class Abandoned(Exception):
@@ -39,10 +41,25 @@ class Abandoned(Exception):
     stopped, so a long file's decoding (a 3-hour MP3 took ~15 s on a 2-core machine) does not run on unseen."""
 
 
-def _child(conn: Connection) -> None:
-    """Child loop: decode one file at a time to a raw float32 file; EOF on the pipe means exit."""
+class CodeChanged(Exception):
+    """The code on disk is no longer what this process started with (clapq upgraded in place: `git pull`, `pip
+    install -U` into its environment), so a decoder child, a fresh interpreter, would run other code than its
+    parent, and the messages between them may not mean the same: a good file could fail with a wrong reason or
+    crash the task. Not the file's fault: the process is to be restarted, and runs the new code throughout."""
+
+    def __init__(self) -> None:
+        super().__init__("clapq's code changed on disk since this process started (upgraded in place?): a decoder "
+                         "started now would run other code than this process; restart it")
+
+
+def _child(conn: Connection, code: str | None = None) -> None:
+    """Child loop: decode one file at a time to a raw float32 file; EOF on the pipe means exit. `code`: the
+    parent's worker.CODE, which the code on disk must still be once this has imported all it runs."""
     from clapq.pagecache import drop_cached
     from worker.audio import decode_to_file
+
+    if code is not None and code != worker.code_on_disk():  # changed since the parent looked: not its code
+        sys.exit(CODE_CHANGED_EXIT)
 
     while True:
         try:
@@ -118,8 +135,13 @@ class DecoderProcess:
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
                 self.messages = fd
                 self._closes_messages = weakref.finalize(self, os.close, fd)  # also if dropped unclosed
+        # the code on disk now against this process's: where it changed, no child runs it (CodeChanged); the child
+        # compares the same once it has imported what it runs, for a change meanwhile (CODE_CHANGED_EXIT)
+        started = worker.CODE
+        if worker.code_on_disk() != started:
+            raise CodeChanged()
         ours, theirs = socket.socketpair()
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker.decoder", str(theirs.fileno())],
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker.decoder", str(theirs.fileno()), started],
                                      pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=self.messages)
         theirs.close()
         self.conn = Connection(ours.detach())
@@ -218,8 +240,9 @@ class DecoderProcess:
         dst cannot be written (the machine's fault, not the file's), Abandoned when `stop()` turns true
         first. A child that dies on a file is restarted and the file tried once more: a kill from outside
         (the OOM killer making room for something else, an operator) is not the file's fault; dying twice
-        is. `log_extra`: the ids that the log lines about this file carry; `hint`: the demuxer the upload's name
-        gives (worker.audio.format_hint)."""
+        is. CodeChanged, neither the file's nor counted against it, where a new child would run other code than
+        this process (it was upgraded in place). `log_extra`: the ids that the log lines about this file carry;
+        `hint`: the demuxer the upload's name gives (worker.audio.format_hint)."""
         for attempt in (1, 2):
             if not self.alive():
                 self._start()
@@ -234,6 +257,10 @@ class DecoderProcess:
                     code = None
                 self.kill()
                 self._report(src, log_extra, died=True)
+                # a child of other code (it said so, or died of it: an import of the new code that fails) is not the
+                # file's; nor, once the code changed, is a crash a new child would meet only in other code
+                if code == CODE_CHANGED_EXIT or worker.code_on_disk() != worker.CODE:
+                    raise CodeChanged() from None
                 how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                 if attempt == 1:
                     log.warning("decoder died (%s); trying the file again in a new one", how,
@@ -314,4 +341,4 @@ if __name__ == "__main__":
     from clapq.malloc import keep_freed_memory
 
     keep_freed_memory()  # each file's sample buffers reuse the last one's pages
-    _child(Connection(int(sys.argv[1])))
+    _child(Connection(int(sys.argv[1])), sys.argv[2] if sys.argv[2:] else None)

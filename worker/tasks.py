@@ -197,13 +197,21 @@ def _scratch(root):
 
 
 def _cannot_run(exc: BaseException) -> None:
-    """This process cannot load its model (corrupt weights, GPU out of memory): stop the whole worker, so
-    that its supervisor (`clapq up`, Docker's restart policy) shows it, instead of a worker that takes
-    message after message and drops them while the files wait as `queued` with no error. Celery's warm
-    shutdown puts back the messages it holds."""
+    """This process cannot load its model (corrupt weights, GPU out of memory), or its code changed on disk since
+    it started (worker.decoder.CodeChanged): stop the whole worker, so that its supervisor (`clapq up`, Docker's
+    restart policy) shows it, or starts it again on the code now there, instead of a worker that takes message
+    after message and drops them while the files wait as `queued` with no error. Celery's warm shutdown puts
+    back the messages it holds."""
     from billiard.process import current_process
 
-    log.critical("this worker cannot load its model (%s: %s); stopping it", type(exc).__name__, exc)
+    from worker.decoder import CodeChanged
+
+    if isinstance(exc, CodeChanged):
+        log.critical("the worker's code changed on disk since it started (clapq upgraded in place?), and its "
+                     "decoders would run the new code beside its old: stopping it, so that it is restarted and "
+                     "runs the new code throughout; no file is failed or counted for it")
+    else:
+        log.critical("this worker cannot load its model (%s: %s); stopping it", type(exc).__name__, exc)
     if current_process().name.startswith("ForkPoolWorker"):  # not a task run in-process (tests, eager)
         os.kill(os.getppid(), signal.SIGTERM)  # the Celery main process of this pool child
 
@@ -269,7 +277,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
         raise
     except Exception as exc:  # nothing was claimed: the message goes back for a worker that can run it
         _cannot_run(exc)
-        raise Reject(f"cannot load the model: {exc}", requeue=True) from exc
+        raise Reject(f"cannot run here: {exc}", requeue=True) from exc
     ids = [uuid.UUID(i) for i in item_ids]
     retry = _marked_retry(self.app, task_id, self.request.retries)
     try:
@@ -335,6 +343,7 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
     """Embed the claimed files (and those claimed on the way), writing each batch's vectors."""
     from worker import pipeline, store
     from worker.audio import ScratchError
+    from worker.decoder import CodeChanged
     from worker.heartbeat import beating
 
     blobs = BlobStore(settings.blob_dir)
@@ -365,17 +374,17 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
         counts["claimed"] += len(got)
         return got
 
-    def hand_back(item_ids: set, exc: BaseException, charge: bool) -> None:
+    def hand_back(item_ids: set, exc: BaseException, charge: bool, wait: bool = True) -> None:
         """Put these files back in the queue and send each off again alone, after the sweeper's usual
-        wait (CLAPQ_STALE_AFTER_S): a machine-wide fault (a full disk) does not use up every file's
-        attempts in seconds. Best effort: where Postgres or Redis is what failed, the sweeper finds them."""
+        wait (CLAPQ_STALE_AFTER_S) unless not `wait`: a machine-wide fault (a full disk) does not use up every
+        file's attempts in seconds. Best effort: where Postgres or Redis is what failed, the sweeper finds them."""
         if not item_ids:
             return
         try:
             with session_scope(settings.database_url) as s:
                 released = store.release(s, list(item_ids), f"worker error: {type(exc).__name__}: {exc}", task_id,
                                          charge=charge)
-            enqueue_items(self.app, released, 1, countdown=settings.stale_after_s)
+            enqueue_items(self.app, released, 1, countdown=settings.stale_after_s if wait else None)
         except Exception:
             log.exception("handing files back failed; the sweeper will find them", extra={"count": len(item_ids)})
 
@@ -437,6 +446,13 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
         hand_back(held - set(ids), exc, charge=False)
         _mark_retry(self.app, task_id, self.request.retries + 1)
         raise
+    except CodeChanged as exc:
+        # clapq was upgraded in place under this worker: not the files' fault. They go back with this try not
+        # counted, at once (another worker, or this one restarted, takes them), and the worker stops, so that
+        # its supervisor starts it again on the new code (its task messages go back to the queue)
+        _cannot_run(exc)
+        hand_back(held, exc, charge=False, wait=False)
+        return {**counts, "handed_back": len(held)}
     except ScratchError as exc:
         # this machine's disk, not the files: they go back with this try not counted (they used up their
         # attempts and failed for good, helper-41), a few times each, and after that counted, so a file whose
