@@ -9,6 +9,7 @@ import json
 import os
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import requests
@@ -1216,28 +1217,38 @@ def test_a_search_clip_whose_decoding_fails_for_no_reason_in_its_bytes_is_a_503(
     assert r.status_code == 200, r.get_json()
 
 
-def test_a_search_clip_after_the_apis_code_changed_on_disk_is_a_503_that_says_to_restart(client, new_key, tmp_path,
-                                                                                        monkeypatch):
+def test_an_api_upgraded_in_place_answers_a_search_clip_503_to_restart(start_api, new_key, tmp_path, monkeypatch):
     """The API decodes a search clip in a decoder child, a fresh interpreter that runs the code on disk now: after
-    clapq was upgraded in place under a running API, one started then runs other code than the API. Not the clip's
-    fault, and no wait mends it: a 503 `code_changed` that says the API must be restarted (the client stops on it
-    rather than waiting), not a 400 blaming the clip or a 500; no decoder child is started."""
+    clapq was upgraded in place under a running API (here a copy of the code it runs, changed after it started and
+    before its first search by a clip), one started then would run other code than the API. Not the clip's fault,
+    and no wait mends it: a 503 `code_changed` that says the API must be restarted (the client stops on it rather
+    than waiting), not a 400 blaming the clip or a 500 (before, the search went on with the new decoder)."""
+    import shutil
+
+    import clapq
     import worker
     from tests.audio import write
-    from worker.decoder import get_pool
 
-    key = new_key()
-    lib_id = client.post("/v1/libraries", json={"name": "upgraded"}, headers=auth(key)).get_json()["id"]
-    clip = write(tmp_path / "q.wav", 2.0, 48_000)
-    pool = get_pool(1)  # the API's decoders for clips: one started after the change
-    for d in list(pool._free.queue):
-        d.kill()
-    monkeypatch.setattr(worker, "CODE", "0" * 64)  # the code this process started with, other than on disk now
-    r = client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
-                    data={"library_id": lib_id, "audio": (open(clip, "rb"), "q.wav")})
-    e = err(r, 503)
-    assert e["code"] == "code_changed" and "the API must be restarted" in e["message"], e
-    assert all(d.proc is None for d in pool._free.queue)
+    code = tmp_path / "code"
+    for pkg in (Path(clapq.__file__).parent, Path(worker.__file__).parent, Path(worker.__file__).parent.parent / "api"):
+        shutil.copytree(pkg, code / pkg.name, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(tmp_path)  # `python -m` looks in the working directory first
+    base = start_api(PYTHONPATH=str(code))
+    h = auth(new_key())
+    lib_id = requests.post(f"{base}/v1/libraries", json={"name": "upgraded"}, headers=h, timeout=30).json()["id"]
+    clip = write(tmp_path / "q.wav", 2.0, 48_000).read_bytes()
+
+    def search():
+        return requests.post(f"{base}/v1/search", data={"library_id": lib_id}, files={"audio": ("q.wav", clip)},
+                             headers=h, timeout=120)
+
+    with open(code / "worker" / "audio.py", "a") as f:
+        f.write("\n# a newer version\n")
+    for _ in range(2):  # and again: no wait mends it
+        r = search()
+        assert r.status_code == 503, r.text
+        e = r.json()["error"]
+        assert e["code"] == "code_changed" and "the API must be restarted" in e["message"], e
 
 
 @pytest.mark.parametrize("seconds", [20.0, 6.0])

@@ -25,6 +25,6 @@ def code_on_disk() -> str:
 
 
 # the code this process runs, taken when it first imports a module of the worker (Celery's main process, as it
-# starts: its pool children inherit it; the API, at its first search by a clip): a decoder child, a fresh
-# interpreter that reads the code on disk when it starts, compares it with its own (worker.decoder)
+# starts: its pool children inherit it; the API as it starts too, through api.search): a decoder child, a fresh
+# interpreter that reads the code on disk when it starts, is held to it (worker.decoder)
 CODE = code_on_disk()
