@@ -144,10 +144,11 @@ def _clip_vector(upload) -> np.ndarray:
                 wall = min(60, settings.decode_timeout_s)  # as an uploaded file's, within the time of a request
                 _, n = decoder.decode(src, raw, wall, MAX_CLIP_S, hint=format_hint(upload.filename),
                                       cpu_s=min(settings.decode_cpu_s, max(1, wall // 2)))
-        except CodeChanged:  # no wait mends it: the operator's to restart (the client stops on it)
-            raise ApiError(503, "code_changed", "the 'audio' clip cannot be decoded here: clapq's code changed on "
-                           "disk since the API started (upgraded in place?), and a decoder started now would run "
-                           "other code than the API's; the API must be restarted (ask its operator)") from None
+        except CodeChanged as exc:  # no wait mends it: the operator's to restart (the client stops on it)
+            why = ("clapq's code changed on disk since the API started (upgraded in place?), and a decoder started "
+                   "now would run other code than the API's; the API must be restarted" if exc.upgraded else exc)
+            raise ApiError(503, "code_changed", f"the 'audio' clip cannot be decoded here: {why} (ask the API's "
+                           "operator)") from None
         except TooLong:
             raise bad_request(f"the 'audio' clip lasts longer than {MAX_CLIP_S} s, the limit for a search clip; "
                               "send a part of it") from None

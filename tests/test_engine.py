@@ -211,13 +211,14 @@ def test_a_decoder_killed_from_outside_twice_is_not_the_files_fault(fifo, tmp_pa
         d.close()
 
 
-def test_a_decoder_child_of_other_code_than_its_parent_blames_no_file(tmp_path, monkeypatch):
-    """clapq upgraded in place (`git pull`, `pip install -U`) under a running worker: its next decoder child (after
-    a crash, a timeout, a kill) is a fresh interpreter that runs the new code, here one that answers a status the
-    parent does not know, and the parent failed the good file with the child's answer for a reason ("{'sample_rate':
-    48000, ...}", in its bytes). Now neither the child's check (the code it loaded against the parent's, passed on
-    its command line) nor the parent's (the code on disk against its own, before it starts a child) lets a file be
-    blamed: CodeChanged, which stops the worker (tests/test_faults.py). The child runs a copy of the code."""
+def test_a_decoder_child_of_other_code_than_its_parent_blames_no_file(tmp_path, monkeypatch, caplog):
+    """A decoder child is a fresh interpreter that runs the code it finds now: after clapq was upgraded in place
+    (`git pull`, `pip install -U`) under a running worker, or where `python -m` finds another copy of it first (in
+    the working directory, as here), other code than its parent's, here one that answers a status the parent does
+    not know, and the parent failed the good file with the child's answer for a reason ("{'sample_rate': 48000,
+    ...}", in its bytes). Now neither the child's check (the code it loaded against the parent's, passed on its
+    command line) nor the parent's (the code on disk against its own, before it starts a child) lets a file be
+    blamed: CodeChanged, which stops the worker (tests/test_faults.py), saying which of the two it is."""
     import clapq
     import worker
     from worker.decoder import CodeChanged
@@ -235,15 +236,17 @@ def test_a_decoder_child_of_other_code_than_its_parent_blames_no_file(tmp_path, 
         child = code / "worker" / "decoder.py"
         child.write_text(child.read_text().replace('reply = ("ok", ', 'reply = ("decoded", '))
         d.kill()  # as a crash, a timeout or the OOM killer ends one: the next file starts a new child
-        with pytest.raises(CodeChanged, match="changed on disk since this process started"):
+        with pytest.raises(CodeChanged, match="found another copy of clapq first") as err:
             d.decode(good, tmp_path / "b.f32", timeout_s=60, max_duration_s=None)
-        assert d.proc is None
+        assert not err.value.upgraded and d.proc is None
+        said = [r.messages for r in caplog.records if r.getMessage() == "the decoder wrote messages about this file"]
+        assert said == [f"this decoder runs the code in {code}, other than its parent's"], said
         # this process's own code changed on disk: no child is started at all
         monkeypatch.delenv("PYTHONPATH")
         monkeypatch.setattr(worker, "CODE", "0" * 64)
-        with pytest.raises(CodeChanged):
+        with pytest.raises(CodeChanged, match="changed on disk since this process started") as err:
             d.decode(good, tmp_path / "c.f32", timeout_s=60, max_duration_s=None)
-        assert d.proc is None
+        assert err.value.upgraded and d.proc is None
         monkeypatch.undo()  # the same code again: decodes
         info, n = d.decode(good, tmp_path / "d.f32", timeout_s=60, max_duration_s=None)
         assert n == 48_000

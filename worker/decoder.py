@@ -42,14 +42,25 @@ class Abandoned(Exception):
 
 
 class CodeChanged(Exception):
-    """The code on disk is no longer what this process started with (clapq upgraded in place: `git pull`, `pip
-    install -U` into its environment), so a decoder child, a fresh interpreter, would run other code than its
-    parent, and the messages between them may not mean the same: a good file could fail with a wrong reason or
-    crash the task. Not the file's fault: the process is to be restarted, and runs the new code throughout."""
+    """A decoder child, a fresh interpreter, would run other code than its parent, and the messages between them
+    may not mean the same (a good file could fail with a wrong reason, or crash the task): `upgraded`, the code on
+    disk is no longer what this process started with (clapq upgraded in place: `git pull`, `pip install -U` into
+    its environment), and the process is to be restarted, to run the new code throughout; else the child found
+    another copy of clapq than its parent's (`python -m` looks in the working directory first). Not the file's
+    fault either way."""
 
-    def __init__(self) -> None:
-        super().__init__("clapq's code changed on disk since this process started (upgraded in place?): a decoder "
-                         "started now would run other code than this process; restart it")
+    def __init__(self, upgraded: bool = True) -> None:
+        self.upgraded = upgraded
+        if upgraded:
+            why = ("clapq's code changed on disk since this process started (upgraded in place?): a decoder started "
+                   "now would run other code than this process; restart it")
+        else:
+            here = Path(worker.__file__).parent.parent
+            why = (f"a decoder child ran other code than this process, whose own ({here}) is unchanged on disk: "
+                   "`python -m worker.decoder` found another copy of clapq first (in the "
+                   "working directory, or on PYTHONPATH; the decoder's message says where); start this process "
+                   "where it finds its own")
+        super().__init__(why)
 
 
 def _child(conn: Connection, code: str | None = None) -> None:
@@ -58,7 +69,9 @@ def _child(conn: Connection, code: str | None = None) -> None:
     from clapq.pagecache import drop_cached
     from worker.audio import decode_to_file
 
-    if code is not None and code != worker.code_on_disk():  # changed since the parent looked: not its code
+    if code is not None and code != worker.code_on_disk():  # changed since the parent looked, or another copy
+        print(f"this decoder runs the code in {Path(worker.__file__).parent.parent}, other than its parent's",
+              file=sys.stderr)
         sys.exit(CODE_CHANGED_EXIT)
 
     while True:
@@ -259,8 +272,10 @@ class DecoderProcess:
                 self._report(src, log_extra, died=True)
                 # a child of other code (it said so, or died of it: an import of the new code that fails) is not the
                 # file's; nor, once the code changed, is a crash a new child would meet only in other code
-                if code == CODE_CHANGED_EXIT or worker.code_on_disk() != worker.CODE:
+                if worker.code_on_disk() != worker.CODE:
                     raise CodeChanged() from None
+                if code == CODE_CHANGED_EXIT:
+                    raise CodeChanged(upgraded=False) from None
                 how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
                 if attempt == 1:
                     log.warning("decoder died (%s); trying the file again in a new one", how,

@@ -206,7 +206,9 @@ def _cannot_run(exc: BaseException) -> None:
 
     from worker.decoder import CodeChanged
 
-    if isinstance(exc, CodeChanged):
+    if isinstance(exc, CodeChanged) and not exc.upgraded:
+        log.critical("%s; stopping this worker", exc)
+    elif isinstance(exc, CodeChanged):
         log.critical("the worker's code changed on disk since it started (clapq upgraded in place?), and its "
                      "decoders would run the new code beside its old: stopping it, so that it is restarted and "
                      "runs the new code throughout; no file is failed or counted for it")
