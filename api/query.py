@@ -131,7 +131,8 @@ def audio_vector(upload) -> np.ndarray:
 
 def _clip_vector(upload) -> np.ndarray:
     from worker.audio import DecodeError, ScratchTooSmall, TooLong, format_hint
-    from worker.decoder import CodeChanged, get_pool
+    from worker import CodeChanged
+    from worker.decoder import get_pool
     from worker.embedder import AudioEmbedder
     from worker.windows import pooled, read_window, spans
 

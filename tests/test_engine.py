@@ -221,7 +221,7 @@ def test_a_decoder_child_of_other_code_than_its_parent_blames_no_file(tmp_path, 
     blamed: CodeChanged, which stops the worker (tests/test_faults.py), saying which of the two it is."""
     import clapq
     import worker
-    from worker.decoder import CodeChanged
+    from worker import CodeChanged
 
     good = write(tmp_path / "good.wav", 1.0)
     code = tmp_path / "code"

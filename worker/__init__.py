@@ -28,3 +28,24 @@ def code_on_disk() -> str:
 # starts: its pool children inherit it; the API as it starts too, through api.search): a decoder child, a fresh
 # interpreter that reads the code on disk when it starts, is held to it (worker.decoder)
 CODE = code_on_disk()
+
+
+class CodeChanged(Exception):
+    """A decoder child, a fresh interpreter, would run other code than its parent, and the messages between them
+    may not mean the same (a good file could fail with a wrong reason, or crash the task): `upgraded`, the code on
+    disk is no longer what this process started with (clapq upgraded in place: `git pull`, `pip install -U` into
+    its environment), and the process is to be restarted, to run the new code throughout; else the child found
+    another copy of clapq than its parent's (`python -m` looks in the working directory first). Not the file's
+    fault either way. Here, not in worker.decoder, so that a worker that cannot import that can still tell."""
+
+    def __init__(self, upgraded: bool = True) -> None:
+        self.upgraded = upgraded
+        if upgraded:
+            why = ("clapq's code changed on disk since this process started (upgraded in place?): a decoder started "
+                   "now would run other code than this process; restart it")
+        else:
+            here = Path(__file__).parent.parent
+            why = (f"a decoder child ran other code than this process, whose own ({here}) is unchanged on disk: "
+                   "`python -m worker.decoder` found another copy of clapq first (in the working directory, or on "
+                   "PYTHONPATH; the decoder's message says where); start this process where it finds its own")
+        super().__init__(why)

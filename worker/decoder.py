@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 import worker
+from worker import CodeChanged
 from worker.audio import AudioInfo, DecodeError, ScratchError, ScratchTooSmall, TooLong
 
 log = logging.getLogger(__name__)
@@ -39,28 +40,6 @@ CODE_CHANGED_EXIT = 75  # a child's exit status where the code it loaded is not 
 class Abandoned(Exception):
     """The file stopped being wanted while it decoded (deleted, or its job cancelled): its child was
     stopped, so a long file's decoding (a 3-hour MP3 took ~15 s on a 2-core machine) does not run on unseen."""
-
-
-class CodeChanged(Exception):
-    """A decoder child, a fresh interpreter, would run other code than its parent, and the messages between them
-    may not mean the same (a good file could fail with a wrong reason, or crash the task): `upgraded`, the code on
-    disk is no longer what this process started with (clapq upgraded in place: `git pull`, `pip install -U` into
-    its environment), and the process is to be restarted, to run the new code throughout; else the child found
-    another copy of clapq than its parent's (`python -m` looks in the working directory first). Not the file's
-    fault either way."""
-
-    def __init__(self, upgraded: bool = True) -> None:
-        self.upgraded = upgraded
-        if upgraded:
-            why = ("clapq's code changed on disk since this process started (upgraded in place?): a decoder started "
-                   "now would run other code than this process; restart it")
-        else:
-            here = Path(worker.__file__).parent.parent
-            why = (f"a decoder child ran other code than this process, whose own ({here}) is unchanged on disk: "
-                   "`python -m worker.decoder` found another copy of clapq first (in the "
-                   "working directory, or on PYTHONPATH; the decoder's message says where); start this process "
-                   "where it finds its own")
-        super().__init__(why)
 
 
 def _child(conn: Connection, code: str | None = None) -> None:
@@ -254,7 +233,7 @@ class DecoderProcess:
         first. A child that dies on a file is restarted and the file tried once more: a kill from outside
         (the OOM killer making room for something else, an operator) is not the file's fault; dying twice
         is. CodeChanged, neither the file's nor counted against it, where a new child would run other code than
-        this process (it was upgraded in place). `log_extra`: the ids that the log lines about this file carry;
+        this process (upgraded in place, or another copy found first). `log_extra`: the ids that the log lines about this file carry;
         `hint`: the demuxer the upload's name gives (worker.audio.format_hint)."""
         for attempt in (1, 2):
             if not self.alive():

@@ -22,6 +22,7 @@ from clapq.checkpoint import register_model, resolve
 from clapq.db import session_scope
 from clapq.queue import EMBED_QUEUE, EMBED_TASK, best_effort, enqueue_items, send_or_mark
 from clapq.settings import Settings, claim_window_s
+from worker import CodeChanged
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +199,11 @@ def _scratch(root):
 
 def _cannot_run(exc: BaseException) -> None:
     """This process cannot load its model (corrupt weights, GPU out of memory), or its code changed on disk since
-    it started (worker.decoder.CodeChanged): stop the whole worker, so that its supervisor (`clapq up`, Docker's
+    it started (worker.CodeChanged): stop the whole worker, so that its supervisor (`clapq up`, Docker's
     restart policy) shows it, or starts it again on the code now there, instead of a worker that takes message
     after message and drops them while the files wait as `queued` with no error. Celery's warm shutdown puts
     back the messages it holds."""
     from billiard.process import current_process
-
-    from worker.decoder import CodeChanged
 
     if isinstance(exc, CodeChanged) and not exc.upgraded:
         log.critical("%s; stopping this worker", exc)
@@ -345,7 +344,6 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
     """Embed the claimed files (and those claimed on the way), writing each batch's vectors."""
     from worker import pipeline, store
     from worker.audio import ScratchError
-    from worker.decoder import CodeChanged
     from worker.heartbeat import beating
 
     blobs = BlobStore(settings.blob_dir)
