@@ -1402,15 +1402,9 @@ def test_a_pool_child_started_after_the_weights_were_replaced_does_not_embed_as_
     assert "changed while clapq ran" in w.output(), w.output()[-3000:]
 
 
-def test_a_worker_whose_code_changed_on_disk_stops_and_blames_no_file(stack, tmp_path, monkeypatch):
-    """clapq upgraded in place (`git pull`, `pip install -U`) under a running worker, here a new status in the
-    decoder child's answer. The worker's decoder children are fresh interpreters: the next one started (after a
-    crash, a timeout, the OOM killer) ran the new code, and the worker, still running the old, failed each good file
-    with the child's answer for a reason. Now the worker stops, saying why, so that its supervisor starts it again
-    on the new code, and the files it held go back to the queue with no try counted; a worker of the new code
-    embeds them. The worker runs a copy of the code, which the test changes."""
-    import psutil
-
+def worker_of_a_copy(stack, tmp_path, monkeypatch, **env) -> tuple[WorkerProcess, Path]:
+    """`clapq worker` running a copy of the code (the `clapq` and `worker` packages), which a test may change as an
+    upgrade in place would, its model loaded; the copy's folder."""
     import clapq
     import worker
 
@@ -1418,30 +1412,90 @@ def test_a_worker_whose_code_changed_on_disk_stops_and_blames_no_file(stack, tmp
     for pkg in (Path(clapq.__file__).parent, Path(worker.__file__).parent):
         shutil.copytree(pkg, code / pkg.name, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.chdir(tmp_path)  # `python -m` looks in the working directory first
-    w = WorkerProcess({**stack["env"], "PYTHONPATH": str(code)}, tmp_path / "upgraded.log").start()
+    w = WorkerProcess({**stack["env"], "PYTHONPATH": str(code), **env}, tmp_path / "upgraded.log").start()
     stack["workers"].append(w)
     wait_until(lambda: '"model loaded"' in w.output(), 90, lambda: w.output()[-3000:])
+    return w, code
+
+
+def upgrade(code: Path) -> None:
+    """A new version of the decoder child: a status its parent of the old one does not know."""
+    child = code / "worker" / "decoder.py"
+    child.write_text(child.read_text().replace('reply = ("ok", ', 'reply = ("decoded", '))
+
+
+def kill_decoders(w: WorkerProcess) -> None:
+    """As a crash, a timeout or the OOM killer ends them: the next file starts new ones."""
+    import psutil
+
     decoders = [p for p in psutil.Process(w.proc.pid).children(recursive=True)
                 if "worker.decoder" in " ".join(p.cmdline())]
     assert decoders
-    child = code / "worker" / "decoder.py"
-    child.write_text(child.read_text().replace('reply = ("ok", ', 'reply = ("decoded", '))
-    for p in decoders:  # as a crash or the OOM killer ends them: the next file starts new ones
+    for p in decoders:
         p.kill()
-    key, _, job_id = start_job(stack, 3)
-    ids = [uuid.UUID(i) for i in files_in_order(stack, job_id)]
 
+
+def stopped_blaming_no_file(stack, w: WorkerProcess, ids: list) -> list:
+    """Once the worker has stopped, saying that its code changed, with none of these files failed: their (status,
+    attempts, error)."""
     def items():
         with session_scope(stack["settings"].database_url) as s:
-            return [(i.status, i.attempts) for i in s.scalars(select(Item).where(Item.id.in_(ids))).all()]
+            return [(i.status, i.attempts, i.error) for i in s.scalars(select(Item).where(Item.id.in_(ids))).all()]
 
-    wait_until(lambda: w.proc.poll() is not None or any(st == "failed" for st, _ in items()), 120,
+    wait_until(lambda: w.proc.poll() is not None or any(st == "failed" for st, _, _ in items()), 120,
                lambda: f"the worker to stop: {items()}\n{w.output()[-3000:]}")
-    assert not any(st == "failed" for st, _ in items()), (items(), w.output()[-3000:])
+    assert not any(st == "failed" for st, _, _ in items()), (items(), w.output()[-3000:])
     assert w.proc.wait(60) is not None
     assert "the worker's code changed on disk since it started" in w.output(), w.output()[-3000:]
-    assert sorted(items()) == [("queued", 0)] * 3, items()
+    return items()
+
+
+def test_a_worker_whose_code_changed_on_disk_stops_and_blames_no_file(stack, tmp_path, monkeypatch):
+    """clapq upgraded in place (`git pull`, `pip install -U`) under a running worker, here a new status in the
+    decoder child's answer. The worker's decoder children are fresh interpreters: the next one started (after a
+    crash, a timeout, the OOM killer) ran the new code, and the worker, still running the old, failed each good file
+    of its next task (its write of the child's answer a ValueError, every try counted). Now the worker stops at its
+    next task, before it takes the files, saying why, so that its supervisor starts it again on the new code; the
+    files are untouched, and a worker of the new code embeds them from the same message."""
+    w, code = worker_of_a_copy(stack, tmp_path, monkeypatch)
+    upgrade(code)
+    kill_decoders(w)
+    key, _, job_id = start_job(stack, 3)
+    ids = [uuid.UUID(i) for i in files_in_order(stack, job_id)]
+    assert stopped_blaming_no_file(stack, w, ids) == [("queued", 0, None)] * 3
     stack["worker"]()  # the new code, restarted (the repository's, as the copy was before the change)
+    final = wait_finished(stack, key, job_id)
+    assert final["status"] == "done" and final["counts"]["done"] == 3, final
+    assert_exactly_once(stack, job_id, 3)
+
+
+def test_a_worker_upgraded_in_place_mid_task_hands_its_files_back_uncounted(stack, tmp_path, monkeypatch):
+    """The upgrade comes while a task runs, and its decoder children die (killed from outside, one on a file whose
+    read does not return, a FIFO) or are still starting (a child that loads the new code finds so itself): the
+    child that would take the file again runs the new code. The task hands every file it holds back to the queue
+    at once, this try not counted, and the worker stops, saying why; none fails, and a worker of the new code
+    embeds them all."""
+    from clapq.blobs import BlobStore
+
+    key, _, job_id = start_job(stack, 3)  # before any worker runs: the first file's read is made to hang first
+    ids = [uuid.UUID(i) for i in files_in_order(stack, job_id)]
+    with session_scope(stack["settings"].database_url) as s:
+        sha = s.scalars(select(Item.sha256).where(Item.job_id == uuid.UUID(job_id)).order_by(Item.filename)).first()
+    blob = BlobStore(stack["settings"].blob_dir).path_for(sha)
+    data = blob.read_bytes()
+    blob.unlink()
+    os.mkfifo(blob)
+    w, code = worker_of_a_copy(stack, tmp_path, monkeypatch, CLAPQ_DECODE_TIMEOUT_S="300")
+    wait_until(lambda: job(stack, key, job_id)["counts"].get("running", 0) > 0, 60, "the task to take its files")
+    upgrade(code)
+    kill_decoders(w)
+    items = stopped_blaming_no_file(stack, w, ids)
+    back = [(st, n) for st, n, why in items if st != "done" and "code changed on disk" in why]
+    assert back and back == [("queued", 0)] * len(back) and len(back) + sum(st == "done" for st, _, _ in items) == 3, \
+        items  # the file that hung at least (those after it wait for it, in order)
+    blob.unlink()
+    blob.write_bytes(data)
+    stack["worker"]()
     final = wait_finished(stack, key, job_id)
     assert final["status"] == "done" and final["counts"]["done"] == 3, final
     assert_exactly_once(stack, job_id, 3)
@@ -1454,16 +1508,7 @@ def test_a_pool_child_started_after_the_code_changed_on_disk_stops_the_worker(st
     file, as a pool child that meets changed weights does."""
     import psutil
 
-    import clapq
-    import worker
-
-    code = tmp_path / "code"
-    for pkg in (Path(clapq.__file__).parent, Path(worker.__file__).parent):
-        shutil.copytree(pkg, code / pkg.name, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.chdir(tmp_path)
-    w = WorkerProcess({**stack["env"], "PYTHONPATH": str(code)}, tmp_path / "upgraded.log").start()
-    stack["workers"].append(w)
-    wait_until(lambda: '"model loaded"' in w.output(), 90, lambda: w.output()[-3000:])
+    w, code = worker_of_a_copy(stack, tmp_path, monkeypatch)
     with open(code / "worker" / "audio.py", "a") as f:
         f.write("\n# a newer version\n")
     kids = [p for p in psutil.Process(w.proc.pid).children() if p.status() != psutil.STATUS_ZOMBIE]

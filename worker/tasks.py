@@ -16,6 +16,7 @@ from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+import worker
 from clapq import metrics, presence
 from clapq.blobs import BlobStore
 from clapq.checkpoint import register_model, resolve
@@ -273,6 +274,10 @@ def embed_items(self, item_ids: list[str]) -> dict:
     try:
         settings, embedder, model_id, decoders = _runtime()
         presence.serve(self.app, model_id)  # where the warm-up failed (tasks run in-process do none)
+        # upgraded in place since it started: it stops before it takes files, not once a decoder child would run the
+        # new code, nor with modules this task imports (the pipeline) newer than those it runs
+        if worker.code_on_disk() != worker.CODE:
+            raise CodeChanged()
     except TRANSIENT:
         _still_retrying(self, task_id, _marked_retry(self.app, task_id, self.request.retries))
         raise
