@@ -452,7 +452,8 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
         _mark_retry(self.app, task_id, self.request.retries + 1)
         raise
     except CodeChanged as exc:
-        # clapq was upgraded in place under this worker: not the files' fault. They go back with this try not
+        # a decoder child would run other code than this worker (clapq upgraded in place under it, or another copy
+        # found first): not the files' fault. They go back with this try not
         # counted, at once (another worker, or this one restarted, takes them), and the worker stops, so that
         # its supervisor starts it again on the new code (its task messages go back to the queue)
         _cannot_run(exc)
