@@ -213,36 +213,43 @@ def test_a_decoder_killed_from_outside_twice_is_not_the_files_fault(fifo, tmp_pa
 
 def test_a_decoder_child_of_other_code_than_its_parent_blames_no_file(tmp_path, monkeypatch, caplog):
     """A decoder child is a fresh interpreter that runs the code it finds now: after clapq was upgraded in place
-    (`git pull`, `pip install -U`) under a running worker, or where `python -m` finds another copy of it first (in
-    the working directory, as here), other code than its parent's, here one that answers a status the parent does
-    not know, and the parent failed the good file with the child's answer for a reason ("{'sample_rate': 48000,
-    ...}", in its bytes). Now neither the child's check (the code it loaded against the parent's, passed on its
-    command line) nor the parent's (the code on disk against its own, before it starts a child) lets a file be
-    blamed: CodeChanged, which stops the worker (tests/test_faults.py), saying which of the two it is."""
+    (`git pull`, `pip install -U`) under a running worker, or where `python -m` finds another copy of it first,
+    other code than its parent's, here one that answers a status the parent does not know, and the parent failed
+    the good file with the child's answer for a reason ("{'sample_rate': 48000, ...}", in its bytes). A child
+    starts in the folder of its parent's own packages, so a copy in the working directory or on PYTHONPATH (a
+    checkout beside a non-editable install) is not what it runs; and neither the child's check (the code it
+    loaded against the parent's, passed on its command line) nor the parent's (the code on disk against its own,
+    before it starts a child) lets a file be blamed: CodeChanged, which stops the worker (tests/test_faults.py),
+    saying which of the two it is."""
     import clapq
     import worker
+    import worker.decoder
     from worker import CodeChanged
 
     good = write(tmp_path / "good.wav", 1.0)
     code = tmp_path / "code"
     for pkg in (Path(clapq.__file__).parent, Path(worker.__file__).parent):
         shutil.copytree(pkg, code / pkg.name, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.chdir(tmp_path)  # `python -m` looks in the working directory first
+    child = code / "worker" / "decoder.py"
+    child.write_text(child.read_text().replace('reply = ("ok", ', 'reply = ("decoded", '))
+    monkeypatch.chdir(code)  # `python -m` looks in the working directory first
     monkeypatch.setenv("PYTHONPATH", str(code))
     d = DecoderProcess()
     try:
-        info, n = d.decode(good, tmp_path / "a.f32", timeout_s=60, max_duration_s=None)  # the same code: decodes
-        assert n == 48_000
-        child = code / "worker" / "decoder.py"
-        child.write_text(child.read_text().replace('reply = ("ok", ', 'reply = ("decoded", '))
+        # the changed copy in the working directory and on PYTHONPATH is not what the child runs: it decodes
+        # (before: CodeChanged, the worker stopped, and stopped again each time it was restarted there)
+        info, n = d.decode(good, "good.f32", timeout_s=60, max_duration_s=None)  # a relative path: the caller's
+        assert n == 48_000 and (code / "good.f32").stat().st_size == 4 * 48_000
+        # a child that runs another copy all the same (here: its root pointed at the copy) says so
         d.kill()  # as a crash, a timeout or the OOM killer ends one: the next file starts a new child
+        monkeypatch.setattr(worker.decoder, "CODE_ROOT", code)
         with pytest.raises(CodeChanged, match="found another copy of clapq first") as err:
             d.decode(good, tmp_path / "b.f32", timeout_s=60, max_duration_s=None)
         assert not err.value.upgraded and d.proc is None
         said = [r.messages for r in caplog.records if r.getMessage() == "the decoder wrote messages about this file"]
         assert said == [f"this decoder runs the code in {code}, other than its parent's"], said
         # this process's own code changed on disk: no child is started at all
-        monkeypatch.delenv("PYTHONPATH")
+        monkeypatch.undo()
         monkeypatch.setattr(worker, "CODE", "0" * 64)
         with pytest.raises(CodeChanged, match="changed on disk since this process started") as err:
             d.decode(good, tmp_path / "c.f32", timeout_s=60, max_duration_s=None)

@@ -46,6 +46,7 @@ class CodeChanged(Exception):
         else:
             here = Path(__file__).parent.parent
             why = (f"a decoder child ran other code than this process, whose own ({here}) is unchanged on disk: "
-                   "`python -m worker.decoder` found another copy of clapq first (in the working directory, or on "
-                   "PYTHONPATH; the decoder's message says where); start this process where it finds its own")
+                   "`python -m worker.decoder`, started in that folder, found another copy of clapq first (its "
+                   "`clapq` package from another place than its `worker`; the decoder's message says where); "
+                   "install clapq's packages together")
         super().__init__(why)

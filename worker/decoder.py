@@ -34,6 +34,7 @@ MAX_MESSAGES = 2000  # bytes of a decoder's stderr logged per file
 # by zero): a decoder that dies of one twice on a file, in two children, dies of its bytes
 CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE, signal.SIGABRT, signal.SIGSYS})
 STOP_POLL_S = 0.25  # how often a decode in progress asks whether its file is still wanted
+CODE_ROOT = Path(worker.__file__).resolve().parent.parent  # where this process imports `worker` from
 CODE_CHANGED_EXIT = 75  # a child's exit status where the code it loaded is not its parent's (EX_TEMPFAIL)
 
 
@@ -133,8 +134,12 @@ class DecoderProcess:
         if worker.code_on_disk() != started:
             raise CodeChanged()
         ours, theirs = socket.socketpair()
+        # started in the folder that holds this process's own `worker` package: `python -m` looks in its working
+        # directory first, and a worker started in a checkout (a non-editable `pip install .` of it, Docker's /app)
+        # had its children run the checkout's code, edited or not, beside its installed own
         self.proc = subprocess.Popen([sys.executable, "-m", "worker.decoder", str(theirs.fileno()), started],
-                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=self.messages)
+                                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, stderr=self.messages,
+                                     cwd=CODE_ROOT)
         theirs.close()
         self.conn = Connection(ours.detach())
         self.ps = psutil.Process(self.proc.pid)
@@ -239,7 +244,7 @@ class DecoderProcess:
             if not self.alive():
                 self._start()
             try:
-                self.conn.send((str(src), str(dst), max_duration_s, hint))
+                self.conn.send((os.path.abspath(src), os.path.abspath(dst), max_duration_s, hint))  # cwd: CODE_ROOT
                 self._wait(src, timeout_s, cpu_s, log_extra, stop)
                 status, payload, n = self.conn.recv()
             except (EOFError, OSError):  # the child died: before the file reached it, or on it
