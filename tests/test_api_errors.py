@@ -663,6 +663,35 @@ def test_json_sent_as_curl_d_sends_it_is_read_as_json(client, new_key, settings)
         assert body.tell() <= 17 * 1024 * 1024, (path, body.tell())  # how far it was read
 
 
+def test_a_compressed_body_is_a_415_not_read_as_if_plain(client, new_key):
+    """A body sent with `Content-Encoding: gzip` (some HTTP clients and proxies compress what they send) was read
+    as it came: a gzipped search was told "send a JSON object like ...", which it had sent, a gzipped upload "the
+    form could not be read", and plain JSON labelled gzip was taken as plain. Each is a 415 that says so, with
+    Accept-Encoding: identity (RFC 9110); `identity`, or no body, is as before."""
+    import gzip
+
+    key = new_key()
+    lib_id = client.post("/v1/libraries", json={"name": "gz"}, headers=auth(key)).get_json()["id"]
+    search = json.dumps({"library_id": lib_id, "q": "rain"}).encode()
+    for path, body, coding in (("/v1/search", gzip.compress(search), "gzip"), ("/v1/search", search, "gzip"),
+                               ("/v1/libraries", json.dumps({"name": "other"}).encode(), "br"),
+                               ("/v1/libraries", gzip.compress(b'{"name": "other"}'), "identity, gzip")):
+        r = client.post(path, data=body, content_type="application/json",
+                        headers={**auth(key), "Content-Encoding": coding})
+        e = err(r, 415)
+        assert e["code"] == "unsupported_media_type" and f"Content-Encoding: {coding};" in e["message"], (path, e)
+        assert r.headers["Accept-Encoding"] == "identity", r.headers
+    upload = client.post(f"/v1/libraries/{lib_id}/batches", headers={**auth(key), "Content-Encoding": "gzip"},
+                         content_type="multipart/form-data", data={"files": [(io.BytesIO(b"x" * 100), "a.wav")]})
+    assert err(upload, 415)["code"] == "unsupported_media_type"
+    assert client.get(f"/v1/libraries/{lib_id}/items", headers=auth(key)).get_json()["items"] == []  # nothing stored
+    r = client.post("/v1/search", data=search, content_type="application/json",
+                    headers={**auth(key), "Content-Encoding": "identity"})
+    assert r.status_code == 200 and r.get_json()["results"] == [], r.get_json()
+    assert client.get("/v1/search", query_string={"library_id": lib_id, "q": "rain"},
+                      headers={**auth(key), "Content-Encoding": "gzip"}).status_code == 200  # no body to decode
+
+
 def test_health_metrics_and_openapi(client, worker, app):
     from clapq.presence import BEAT_KEY, beat_done
     from clapq.queue import redis_client
