@@ -220,8 +220,13 @@ def test_text_postgres_cannot_store_is_refused_not_a_500(client, lib, tmp_path):
         b"caf\xe9\r\n" + f"--{boundary}--\r\n".encode()
     assert "U+FFFD" in err(client.post("/v1/search", data=body, content_type=f"multipart/form-data; boundary={boundary}",
                                        headers=auth(key)), 400)["message"]
-    assert err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "\u200b"}, headers=auth(key)),
-               400)["message"] == "the query text has no visible characters"
+    # and so is one of letters or marks that show nothing: a variation selector, Hangul fillers (they were searched
+    # for, a page of results for a query that showed nothing); an emoji with its selector is something
+    for q in ("\u200b", "\ufe0f", " \u3164\u3164 ", "\u115f\u1160", "\U000e0100\u034f"):
+        assert err(client.get("/v1/search", query_string={"library_id": lib_id, "q": q}, headers=auth(key)),
+                   400)["message"] == "the query text has no visible characters", ascii(q)
+    assert client.get("/v1/search", query_string={"library_id": lib_id, "q": "\u2764\ufe0f"},
+                      headers=auth(key)).status_code == 200
     assert err(client.get("/v1/search", query_string={"library_id": "", "q": "x"}, headers=auth(key)),
                400)["message"] == "a library id given is empty ('library_id=' or an empty 'library_ids' value)"
     assert client.get(f"/v1/search?library_id={lib_id}&q=%EE%80%80", headers=auth(key)).status_code == 200
