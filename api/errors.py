@@ -112,6 +112,9 @@ def check_text(value, where: str) -> None:
 MAX_JSON_VALUES = 1_000_000
 
 
+MAX_INT_DIGITS = 4300  # of an integer in JSON a client sends: Python's int_max_str_digits, which int() keeps to
+
+
 def _json_values(raw: str | bytes) -> int:
     """An upper bound, cheaply counted, on how many values (objects, arrays and items) JSON text holds."""
     marks = (",", "[", "{") if isinstance(raw, str) else (b",", b"[", b"{")
@@ -131,6 +134,12 @@ def parse_json(raw: str | bytes, where: str):
             no_constant(text)
         return value
 
+    def whole(text: str) -> int:  # past it, Python's ValueError told the client to call sys.set_int_max_str_digits
+        if len(text.lstrip("-")) > MAX_INT_DIGITS:
+            raise bad_request(f"{where} has an integer of {len(text.lstrip('-'))} digits; a number may have at most "
+                              f"{MAX_INT_DIGITS}")
+        return int(text)
+
     def once(pairs: list) -> dict:  # a key given twice would be read as its last value, silently
         obj = dict(pairs)
         if len(obj) < len(pairs):  # which one, in one pass (comparing each with the ones before took hours)
@@ -143,7 +152,7 @@ def parse_json(raw: str | bytes, where: str):
         raise ApiError(413, "payload_too_large", f"{where} holds more than {MAX_JSON_VALUES} values (counted by its "
                        "commas and brackets, those in its strings too); send fewer at a time")
     try:
-        value = json.loads(raw, parse_constant=no_constant, parse_float=finite, object_pairs_hook=once)
+        value = json.loads(raw, parse_constant=no_constant, parse_float=finite, parse_int=whole, object_pairs_hook=once)
     except RecursionError:
         raise bad_request(f"{where} is nested more than {MAX_DEPTH} levels deep") from None
     check_text(value, where)

@@ -47,6 +47,8 @@ def _int(raw, name: str, lo: int, hi: int, default: int) -> int:
     if isinstance(raw, bool) or isinstance(raw, float) and raw != int(raw) or \
             isinstance(raw, str) and not raw.strip().lstrip("+-").isdigit():
         raise bad_request(f"'{name}' must be an integer")
+    if isinstance(raw, str) and len(raw.strip().lstrip("+-").lstrip("0")) > len(str(hi)):  # int() refuses 4,301
+        raise bad_request(f"'{name}' must be between {lo} and {hi}")                        # digits as no integer
     try:
         v = int(raw)
     except (TypeError, ValueError):

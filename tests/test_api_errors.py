@@ -879,6 +879,18 @@ def test_what_json_cannot_carry_is_a_400_naming_where(client, lib, settings):
                          "1e400")):
         e = err(client.post("/v1/search", data=body, headers=h), 400)
         assert where in e["message"] and "JSON body" in e["message"], e
+    # an integer of more digits than Python converts was told to call sys.set_int_max_str_digits(), and one in a
+    # query string that it is no integer
+    for body in (f'{{"library_id": "{lib_id}", "text": "rain", "k": {"9" * 5000}}}',
+                 f'{{"library_id": "{lib_id}", "text": "rain", "filter": {{"metadata": {{"a": -{"1" * 4301}}}}}}}'):
+        e = err(client.post("/v1/search", data=body, headers=h), 400)
+        assert e["message"].startswith("the JSON body has an integer of ") and "sys." not in e["message"], e
+    assert client.patch(f"/v1/items/{uuid.uuid4()}", json={"metadata": {"a": int("9" * 4300)}},
+                        headers=auth(key)).status_code == 404  # as many as Python takes: read, then no such item
+    for k in ("9" * 5000, "-" + "9" * 30, "0" * 40 + "5"):
+        r = client.get("/v1/search", query_string={"library_id": lib_id, "q": "rain", "k": k}, headers=auth(key))
+        assert (r.status_code, r.get_json().get("error", {}).get("message")) == (
+            (200, None) if k.endswith("05") else (400, "'k' must be between 1 and 1000")), (k[:8], r.get_json())
     deep = '{"name": ' + "[" * 40 + "]" * 40 + "}"
     assert "nested" in err(client.post("/v1/libraries", data=deep, headers=h), 400)["message"]
     deeper = '{"name": ' + "[" * 5000 + "]" * 5000 + "}"  # past the parser's own recursion limit
