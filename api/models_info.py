@@ -32,14 +32,17 @@ def serving_model_id() -> int:
     return registered_model_id(ckpt.name, ckpt.weights_sha256, current_app.config["CLAPQ"].database_url)
 
 
-def served_model_for(*libs) -> int:
+def served_model_for(*libs, whose: str = "") -> int:
     """The id of the model this API serves, refusing (409) libraries bound to another: their vectors are
-    never compared with this model's, and files uploaded into them could not be embedded."""
+    never compared with this model's, and files uploaded into them could not be embedded. The refusal names the
+    library and both models: "the library" left a search of several libraries, or by an item of another library
+    than those searched (`whose`: "the item's "), to guess which one."""
     model_id = serving_model_id()
-    if any(lib.model_id != model_id for lib in libs):
-        raise ApiError(409, "model_mismatch", "the library was embedded with another model than this service "
-                       "runs (CLAPQ_MODEL); vectors of two models are never compared: run the library's model, "
-                       "or create a new library")
+    if other := next((lib for lib in libs if lib.model_id != model_id), None):
+        raise ApiError(409, "model_mismatch", f"{whose}library {other.name!r} ({other.id}) was embedded with "
+                       f"another model ({describe(other.model_id)['name']}) than this service runs "
+                       f"({describe(model_id)['name']}, CLAPQ_MODEL); vectors of two models are never compared: "
+                       "run the library's model, or create a new library")
     return model_id
 
 

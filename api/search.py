@@ -278,7 +278,7 @@ def search():
         vec = audio_vector(audio)
     elif item_id not in (None, ""):
         item, vec = item_vector(str(item_id))
-        served_model_for(db().get(Library, item.library_id))
+        served_model_for(db().get(Library, item.library_id), whose="the item's ")
         exclude = item.id
     else:
         if not isinstance(q, str) or not q.strip():

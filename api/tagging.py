@@ -88,7 +88,7 @@ def classify_library(lib_id: str):
 @bp.post("/items/<item_id>/classify")
 def classify_item(item_id: str):
     item, vec = item_vector(item_id)
-    served_model_for(db().get(Library, item.library_id))
+    served_model_for(db().get(Library, item.library_id), whose="the item's ")
     labels, label_vecs, top = _labels()
     return {"item_id": str(item.id), "labels": _tags(vec, labels, label_vecs, top)}
 

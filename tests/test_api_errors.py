@@ -1070,6 +1070,18 @@ def test_a_library_of_another_model_is_refused_not_mixed(client, new_key, worker
               # a retry would queue files that fail again, each for the model: refused as an upload is
               client.post(f"/v1/jobs/{job}/retry", headers=auth(key))):
         assert err(r, 409)["code"] == "model_mismatch"
+    # which library, of several, and whose model: it said "the library was embedded with another model", also
+    # where the library searched was the service's and the item searched by was of another
+    served = client.post("/v1/libraries", json={"name": "new"}, headers=auth(key)).get_json()
+    model = served["model"]["name"]
+    e = err(client.post("/v1/search", json={"library_ids": [served["id"], lib_id], "text": "rain"},
+                        headers=auth(key)), 409)
+    assert e["message"].startswith(f"library 'old' ({lib_id}) was embedded with another model (retired) than this "
+                                   f"service runs ({model}, CLAPQ_MODEL)"), e
+    for r in (client.post("/v1/search", json={"library_id": served["id"], "item_id": item}, headers=auth(key)),
+              client.post(f"/v1/items/{item}/classify", json=labels, headers=auth(key))):
+        assert err(r, 409)["message"].startswith(f"the item's library 'old' ({lib_id}) was embedded with another "
+                                                 "model (retired)"), r.get_json()
 
 
 def test_the_same_weights_under_another_path_are_the_same_model(client, new_key, settings, tmp_path, tiny_model):
