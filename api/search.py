@@ -115,6 +115,10 @@ def _params() -> dict:
             given_once(request.files, "the form")
         check_text(p, "the form")
         p["audio"] = request.files.get("audio") if request.method == "POST" else None
+        # a form's file input left empty, which a browser's FormData sends as a part of no filename and no bytes, is
+        # no clip: beside a text query it was "give exactly one of ...", as if a clip had been chosen
+        if p["audio"] is not None and not p["audio"].filename and getattr(p["audio"].stream, "size", None) == 0:
+            p["audio"] = None
         return p
     body = json_body()
     if not isinstance(body, dict):

@@ -220,6 +220,21 @@ def test_text_postgres_cannot_store_is_refused_not_a_500(client, lib, tmp_path):
         b"caf\xe9\r\n" + f"--{boundary}--\r\n".encode()
     assert "U+FFFD" in err(client.post("/v1/search", data=body, content_type=f"multipart/form-data; boundary={boundary}",
                                        headers=auth(key)), 400)["message"]
+    # a file input left empty, as a browser's FormData sends it (no filename, no bytes), is no clip: beside a text
+    # query it was "give exactly one of ..."; alone it is no query; a named empty file is still a clip to refuse
+    def form(audio_part: bytes, q: str = "rain"):
+        body = (f'--{boundary}\r\nContent-Disposition: form-data; name="library_id"\r\n\r\n{lib_id}\r\n' +
+                (f'--{boundary}\r\nContent-Disposition: form-data; name="q"\r\n\r\n{q}\r\n' if q else "")).encode()
+        return client.post("/v1/search", data=body + audio_part + f"--{boundary}--\r\n".encode(),
+                           content_type=f"multipart/form-data; boundary={boundary}", headers=auth(key))
+
+    no_file = (f'--{boundary}\r\nContent-Disposition: form-data; name="audio"; filename=""\r\n'
+               "Content-Type: application/octet-stream\r\n\r\n\r\n").encode()
+    r = form(no_file)
+    assert r.status_code == 200 and r.get_json()["results"] == [], r.get_json()
+    assert err(form(no_file, q=""), 400)["message"].startswith("give exactly one of")
+    assert err(form(no_file.replace(b'filename=""', b'filename="a.wav"'), q=""), 400)["message"] == \
+        "the 'audio' clip could not be decoded: the file is empty (0 bytes)"
     # and so is one of letters or marks that show nothing: a variation selector, Hangul fillers (they were searched
     # for, a page of results for a query that showed nothing); an emoji with its selector is something
     for q in ("\u200b", "\ufe0f", " \u3164\u3164 ", "\u115f\u1160", "\U000e0100\u034f"):
