@@ -131,9 +131,10 @@ def _params() -> dict:
             raise bad_request(f"'{name}' must be a JSON number, not a string")
     if p["item_id"] is not None and not isinstance(p["item_id"], str):
         raise bad_request("'item_id' must be an item id (a string)")
-    if body.get("q") is not None and body.get("text") is not None and body["q"] != body["text"]:
+    # an empty one is left out, as in a query string or a form (`{"text": "", "q": "rain"}` was "give it once")
+    if body.get("q") not in (None, "") and body.get("text") not in (None, "") and body["q"] != body["text"]:
         raise bad_request("give the query text once: 'text' or 'q'")
-    p["q"] = body["text"] if body.get("text") is not None else body.get("q")
+    p["q"] = body["text"] if body.get("text") not in (None, "") else body.get("q")
     ids = body.get("library_ids", [])
     if body.get("library_id") is not None:
         ids = [body["library_id"], *ids] if isinstance(ids, list) else ids

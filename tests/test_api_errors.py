@@ -936,6 +936,14 @@ def test_get_search_takes_what_post_takes(client, lib):
                        headers=auth(key)), 400)
     assert "once" in e["message"]
     err(client.post("/v1/search", json={"library_id": lib_id, "q": "rain", "text": "dog"}, headers=auth(key)), 400)
+    # an empty one is left out in JSON too, as in a query string (JSON was told "give the query text once")
+    for q, text in (("", "rain"), ("rain", ""), ("rain", None)):
+        r = client.post("/v1/search", json={"library_id": lib_id, "q": q, "text": text}, headers=auth(key))
+        assert r.status_code == 200 and r.get_json()["results"] == [], (q, text, r.get_json())
+        r = client.get("/v1/search", query_string={"library_id": lib_id, "q": q, "text": text or ""}, headers=auth(key))
+        assert r.status_code == 200, (q, text, r.get_json())
+    assert err(client.post("/v1/search", json={"library_id": lib_id, "q": "", "text": ""}, headers=auth(key)),
+               400)["message"].startswith("give exactly one of")
     err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "x", "k": "1_0"}, headers=auth(key)), 400)
     err(client.post("/v1/search", json={"library_id": lib_id, "text": "x", "min_score": True}, headers=auth(key)), 400)
     # a misspelt field would be ignored, and the results quietly unfiltered or of another size: refused
