@@ -256,10 +256,11 @@ def plain_query() -> None:
 def uncompressed_body() -> None:
     """before_request hook for /v1: a body sent compressed (`Content-Encoding: gzip`, as some HTTP clients and
     proxies send one) is a 415. The API reads bodies as they come: gzipped JSON was told "send a JSON object
-    like ...", a gzipped upload "the form could not be read", and plain JSON labelled gzip was taken."""
+    like ...", a gzipped upload "the form could not be read", and plain JSON labelled gzip was taken. Only where a
+    body is sent (POST, PATCH: a GET's or a DELETE's is never read)."""
     codings = [c.strip() for c in request.headers.get("Content-Encoding", "").split(",") if c.strip()]
-    if any(c.lower() != "identity" for c in codings) and (request.content_length or request.headers.get(
-            "Transfer-Encoding")):
+    if request.method in ("POST", "PATCH") and any(c.lower() != "identity" for c in codings) and (
+            request.content_length or request.headers.get("Transfer-Encoding")):
         raise ApiError(415, "unsupported_media_type", f"the body is sent with Content-Encoding: "
                        f"{', '.join(codings)[:80]}; the API takes bodies uncompressed only: send it without "
                        "compressing it (and without that header)", {"Accept-Encoding": "identity"})

@@ -329,11 +329,14 @@ SPEC = {
 # an operation that reads a body answers 408 where the body stops arriving for CLAPQ_CLIENT_TIMEOUT_S
 # (api.uploads.finish_bodies), and 413 for one past a limit of size (api.errors.small_body, MAX_JSON_VALUES; a
 # form's fields, api.uploads._FormInMemory; CLAPQ_MAX_REQUEST_BYTES for an upload): POST /v1/libraries, /known,
-# /search and both classify did not list it; and 415 for a body sent compressed (api.errors.uncompressed_body)
+# /search and both classify did not list it; and a POST or PATCH answers 415 for a body sent compressed
+# (api.errors.uncompressed_body)
 for _ops in SPEC["paths"].values():
-    for _op in _ops.values():
+    for _method, _op in _ops.items():
         if "requestBody" in _op:
-            _op["responses"].update({"408": _ERR, "413": _ERR, "415": _ERR})
+            _op["responses"].update({"408": _ERR, "413": _ERR})
+        if _method in ("post", "patch"):
+            _op["responses"]["415"] = _ERR
 
 
 @bp.get("/openapi.json")
