@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint
+import copy
+import functools
+
+from flask import Blueprint, current_app
 
 bp = Blueprint("openapi", __name__)
 
@@ -339,6 +342,15 @@ for _ops in SPEC["paths"].values():
             _op["responses"]["415"] = _ERR
 
 
+@functools.lru_cache(maxsize=4)
+def _spec_for(max_k: int) -> dict:
+    """SPEC with the bounds of `k` and `offset` this service takes (CLAPQ_MAX_K): it said 1000 and 10,000 whatever
+    they were, so a client that checks its requests by the schema refused a k the API takes, or sent one it
+    refuses. deepcopy's memo puts the bounded copies wherever _K and _OFFSET are."""
+    memo = {id(_K): {**_K, "maximum": max_k}, id(_OFFSET): {**_OFFSET, "maximum": 10 * max_k}}
+    return copy.deepcopy(SPEC, memo)
+
+
 @bp.get("/openapi.json")
 def openapi():
-    return SPEC
+    return _spec_for(current_app.config["CLAPQ"].max_k)

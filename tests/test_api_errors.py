@@ -762,6 +762,27 @@ def test_health_metrics_and_openapi(client, worker, app):
     assert spec["openapi"].startswith("3.") and "/v1/search" in spec["paths"]
 
 
+def test_the_api_description_bounds_k_as_this_service_does(settings, client, new_key):
+    """/openapi.json said k at most 1000 and offset at most 10,000 whatever CLAPQ_MAX_K was: under CLAPQ_MAX_K=50 a
+    client checking its requests by the schema sent k=100, which the API refuses (and under a larger one refused a
+    k the API takes). The bounds are this service's, for GET's parameters and POST's body alike."""
+    from api import create_app
+
+    small = create_app(dataclasses.replace(settings, max_k=50)).test_client()
+    key = new_key()
+    lib_id = small.post("/v1/libraries", json={"name": "k"}, headers=auth(key)).get_json()["id"]
+    for spec, most in ((small.get("/openapi.json").get_json(), 50), (client.get("/openapi.json").get_json(), 1000)):
+        search = spec["paths"]["/v1/search"]
+        params = {p["name"]: p["schema"] for p in search["get"]["parameters"]}
+        body = search["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        assert params["k"]["maximum"] == body["k"]["maximum"] == most, (params["k"], body["k"])
+        assert params["offset"]["maximum"] == body["offset"]["maximum"] == 10 * most, params["offset"]
+    assert err(small.get("/v1/search", query_string={"library_id": lib_id, "q": "x", "k": 51}, headers=auth(key)),
+               400)["message"] == "'k' must be between 1 and 50"
+    assert small.get("/v1/search", query_string={"library_id": lib_id, "q": "x", "k": 50, "offset": 500},
+                     headers=auth(key)).status_code == 200
+
+
 def test_made_up_methods_share_one_series_in_metrics(client):
     """/metrics takes no key: a request of a made-up method each made a latency series of its own, so anyone
     could grow the scrape and its files without end (helper-55). Other methods are labelled "other"."""
