@@ -293,6 +293,10 @@ def _too_large(app: Flask) -> str:
     form = (f"the form has more than {app.config['MAX_FORM_PARTS']} parts, or a field other than a file is over "
             f"{app.config['MAX_FORM_MEMORY_SIZE'] // 2**20} MiB (each file is a part named 'files'; at most "
             f"{app.config['CLAPQ'].max_files_per_batch} files a batch, CLAPQ_MAX_FILES_PER_BATCH)")
+    if request.path == "/v1/search":  # a search's form has no 'files': the batch's words sent its client astray
+        form = (f"the form has more than {app.config['MAX_FORM_PARTS']} parts, or a field over "
+                f"{app.config['MAX_FORM_MEMORY_SIZE'] // 2**20} MiB; a search's form may have at most "
+                f"{app.config['MAX_FORM_PARTS']} (give many libraries as a JSON body's 'library_ids')")
     if request.content_length is None:
         return f"{body}, or {form}"
     return body if request.content_length > app.config["MAX_CONTENT_LENGTH"] else form

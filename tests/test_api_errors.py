@@ -445,6 +445,12 @@ def test_a_url_encoded_search_form_of_millions_of_fields_is_refused_before_it_is
     e = err(client.post("/v1/search", headers=auth(key), data=body, content_type="application/x-www-form-urlencoded"),
             413)
     assert e["message"].startswith("the form has 4194304 fields"), e
+    # a multipart one of more parts is said in a search's words, as the URL-encoded one is (it was told of an upload's
+    # 'files' parts and files a batch)
+    e = err(client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
+                        data={"library_ids": [lib_id] * most, "q": "x"}), 413)
+    assert e["message"] == (f"the form has more than {most} parts, or a field over 16 MiB; a search's form may have at "
+                            f"most {most} (give many libraries as a JSON body's 'library_ids')"), e
 
 
 def test_body_over_limit_is_413(settings, new_key):
