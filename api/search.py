@@ -65,8 +65,11 @@ FIELDS = ("library_id", "library_ids", "text", "q", *OPTIONS)
 def _known(names, where: str, files=()) -> None:
     """Refuse a field search does not take: a misspelt one ("filters", "limit") would otherwise be ignored,
     and the results would quietly be other than asked for."""
-    if "audio" in names:  # `curl -F audio=clip.wav` (no @): the name as text, not the clip
+    if "audio" in names and where == "the form":  # `curl -F audio=clip.wav` (no @): the name as text, not the clip
         raise bad_request("'audio' came as a text field, not a file (with curl: -F audio=@clip.wav)")
+    if "audio" in names:  # base64 in JSON, a name in a query string: "came as a text field" named no form
+        raise bad_request(f"{where} has 'audio': a clip goes as a file of a multipart form, POST /v1/search (with curl: "
+                          "-F audio=@clip.wav)")
     refuse_unknown(names, FIELDS, "search", f"it takes {', '.join(FIELDS)} (and a multipart 'audio' file)", where)
     if other_files := sorted(set(files) - {"audio"}):
         raise bad_request(f"the form has a file {other_files[0]!r}; the clip goes in 'audio'")

@@ -988,6 +988,13 @@ def test_get_search_takes_what_post_takes(client, lib):
     e = err(client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
                         data={"library_id": lib_id, "audio": "clip.wav"}), 400)
     assert e["message"] == "'audio' came as a text field, not a file (with curl: -F audio=@clip.wav)", e
+    # in JSON (base64) or a query string it was told it "came as a text field", as if a form had been sent
+    for r, where in ((client.post("/v1/search", json={"library_id": lib_id, "audio": "UklGRg=="}, headers=auth(key)),
+                      "the JSON body"),
+                     (client.get("/v1/search", query_string={"library_id": lib_id, "audio": "a.wav"}, headers=auth(key)),
+                      "the query string")):
+        assert err(r, 400)["message"] == f"{where} has 'audio': a clip goes as a file of a multipart form, POST " \
+            "/v1/search (with curl: -F audio=@clip.wav)"
     e = err(client.post(f"/v1/search?library_id={lib_id}", json={"text": "x"}, headers=auth(key)), 400)
     assert "not in the query string" in e["message"], e
     r = client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
