@@ -12,7 +12,7 @@ from flask import current_app, g
 from sqlalchemy import select
 
 from api.db import db
-from api.errors import ApiError, bad_request
+from api.errors import ApiError, bad_request, not_found
 from api.lookup import owned_item
 from api.models_info import serving_checkpoint
 from clapq.blobs import FULL
@@ -182,6 +182,11 @@ def item_vector(raw_id: str) -> tuple[Item, np.ndarray]:
     vec = db().scalar(select(Embedding.vector).where(Embedding.item_id == item.id,
                                                      Embedding.model_id == lib.model_id))
     if vec is None:
+        # a deletion (of the item, or of its library) committed between the two reads took the vectors first: the
+        # item's 404, as a moment later, not a 409 "no embedding yet (status 'done')" (seen while a library was
+        # deleted under searches by its items)
+        if db().scalar(select(Item.id).where(Item.id == item.id)) is None:
+            raise not_found("item")
         if item.status == "failed":  # it never will unless it is sent again
             why = f": {item.error}" if item.error else ""
             raise ApiError(409, "not_embedded", f"item {item.id} has no embedding: it failed{why}; "

@@ -947,6 +947,37 @@ def test_a_page_whose_item_is_deleted_meanwhile_still_holds_k(client, new_key, w
         event.remove(engine, "before_cursor_execute", before)
 
 
+def test_an_item_deleted_while_it_is_searched_by_is_a_404(client, new_key, worker, settings, tmp_path):
+    """A search (or duplicates, or classify) by an item reads the item, then its vector: a deletion of the item, or
+    of its library, committed between the two was answered 409 not_embedded "item ... has no embedding yet (status
+    'done'); it can be used once its job has embedded it" (1 of 3,100 searches while libraries were deleted under
+    them). The deletion is made here between the two reads, in another connection: the item's 404, as a moment
+    later."""
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+    from tests.conftest import just_before
+
+    key = new_key()
+    h = auth(key)
+    lib = client.post("/v1/libraries", json={"name": "gone meanwhile"}, headers=h).get_json()["id"]
+    up = upload(client, key, lib, [write(tmp_path / f"g{i}.wav", 1.0, seed=400 + i) for i in range(3)]).get_json()
+    assert wait_job(client, key, up["job_id"])["status"] == "done"
+    for item, ask in zip([i["id"] for i in up["items"]],
+                         (lambda i: client.post("/v1/search", json={"library_id": lib, "item_id": i}, headers=h),
+                          lambda i: client.get(f"/v1/items/{i}/duplicates", headers=h),
+                          lambda i: client.post(f"/v1/items/{i}/classify", json={"labels": ["rain"]}, headers=h))):
+        def delete_it() -> None:
+            with session_scope(settings.database_url) as s:
+                s.execute(text("DELETE FROM items WHERE id = :i"), {"i": item})
+
+        with just_before(settings.database_url, lambda sql: sql.lstrip().startswith("SELECT embeddings.vector"),
+                         delete_it) as deleted:
+            r = ask(item)
+        assert deleted and r.status_code == 404, (deleted, r.status_code, r.get_data(as_text=True)[:300])
+        assert r.get_json()["error"] == {"code": "not_found", "message": "item not found", "status": 404}
+
+
 def test_a_result_times_its_window_as_the_segments_export_does(client, new_key, worker, tmp_path):
     """A search result's window has the times GET /v1/items/<id>/segments gives that window (to the
     microsecond: a sample at 48 kHz is 20.8 us), in both modes. Search rounded them to the millisecond, so the
