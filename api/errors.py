@@ -112,6 +112,16 @@ def check_text(value, where: str) -> None:
 MAX_JSON_VALUES = 1_000_000
 
 
+def shows_nothing(c: str) -> bool:
+    """Whether `c` is a letter, mark or symbol that shows nothing: those Unicode calls Default_Ignorable beside its
+    format characters (a variation selector, U+FE0F alone, an emoji's left without it; a Hangul filler, U+3164,
+    pasted as a "blank" name; the combining grapheme joiner; Khmer's inherent vowels), and the braille blank
+    (U+2800), the other "invisible character" pasted where a field must not be empty. A query of them alone was
+    searched for (its arbitrary vector gave a page of results), and a library of such a name looked nameless."""
+    return (c in "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u2800\u3164\uffa0"
+            or "\ufe00" <= c <= "\ufe0f" or "\U000e0100" <= c <= "\U000e01ef")
+
+
 MAX_INT_DIGITS = 4300  # of an integer in JSON a client sends: Python's int_max_str_digits, which int() keeps to
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.exc import IntegrityError
 from api.batches import RETRIED_ON_REUPLOAD
 from api.db import db
 from api.errors import (MAX_METADATA_BYTES, ApiError, bad_request, json_body, metadata_bytes, refuse_unknown,
-                        takes_query)
+                        shows_nothing, takes_query)
 from api.jobs import STATES, items_page, why_waiting
 from api.lookup import owned, refreshed
 from api.models_info import describe, serving_model_id
@@ -46,7 +46,8 @@ def create_library():
         raise bad_request("send a JSON object like {\"name\": \"my sounds\"}")
     refuse_unknown(body, {"name"}, "a library", "it takes 'name'")
     name = body.get("name")
-    if not isinstance(name, str) or len(name) > 200 or not any(unicodedata.category(c)[0] in "LNPS" for c in name):
+    if not isinstance(name, str) or len(name) > 200 or not any(
+            unicodedata.category(c)[0] in "LNPS" and not shows_nothing(c) for c in name):
         raise bad_request("'name' must be a string of at most 200 characters with something visible in it")
     if any(unicodedata.category(c) == "Cc" for c in name.strip()):
         raise bad_request("'name' must not contain control characters (tabs, line breaks, ...)")

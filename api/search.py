@@ -18,7 +18,7 @@ from sqlalchemy.dialects.postgresql import JSONB, distinct_on
 
 from api.db import db, time_limit
 from api.errors import (ApiError, bad_request, check_text, given_once, json_body, parse_json, refuse_unknown,
-                        sent_as_json, small_body, takes_query)
+                        sent_as_json, shows_nothing, small_body, takes_query)
 from api.lookup import owned, parse_id
 from api.models_info import describe, served_model_for
 from api.query import audio_vector, item_vector, text_vectors
@@ -222,15 +222,6 @@ def _jsonb(value: dict):
     return cast(literal(json.dumps(value)), JSONB)
 
 
-def _ignorable(c: str) -> bool:
-    """Whether `c` is a letter or mark Unicode says shows nothing (Default_Ignorable_Code_Point, beside its format
-    characters): a variation selector (U+FE0F alone, an emoji's left without it), a Hangul filler (U+3164, pasted as
-    a "blank" name), the combining grapheme joiner, Khmer's inherent vowels. Alone they were searched for, and
-    their arbitrary vector gave a page of results for a query that showed nothing."""
-    return (c in "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u3164\uffa0" or "\ufe00" <= c <= "\ufe0f"
-            or "\U000e0100" <= c <= "\U000e01ef")
-
-
 @bp.route("/search", methods=["GET", "POST"])
 @takes_query(None)
 def search():
@@ -293,7 +284,7 @@ def search():
         if not isinstance(q, str) or not q.strip():
             raise bad_request("the query text must be a non-empty string")
         # a zero-width space alone: nothing to search for (a private-use character is something: an icon font's)
-        if all((kind := unicodedata.category(c))[0] == "Z" or kind in ("Cc", "Cf", "Cs", "Cn") or _ignorable(c)
+        if all((kind := unicodedata.category(c))[0] == "Z" or kind in ("Cc", "Cf", "Cs", "Cn") or shows_nothing(c)
                for c in q):
             raise bad_request("the query text has no visible characters")
         q = unicodedata.normalize("NFC", q)  # as it is embedded (text_vectors): an accent is one character

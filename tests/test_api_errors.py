@@ -237,7 +237,7 @@ def test_text_postgres_cannot_store_is_refused_not_a_500(client, lib, tmp_path):
         "the 'audio' clip could not be decoded: the file is empty (0 bytes)"
     # and so is one of letters or marks that show nothing: a variation selector, Hangul fillers (they were searched
     # for, a page of results for a query that showed nothing); an emoji with its selector is something
-    for q in ("\u200b", "\ufe0f", " \u3164\u3164 ", "\u115f\u1160", "\U000e0100\u034f"):
+    for q in ("\u200b", "\ufe0f", " \u3164\u3164 ", "\u115f\u1160", "\U000e0100\u034f", "\u2800"):
         assert err(client.get("/v1/search", query_string={"library_id": lib_id, "q": q}, headers=auth(key)),
                    400)["message"] == "the query text has no visible characters", ascii(q)
     assert client.get("/v1/search", query_string={"library_id": lib_id, "q": "\u2764\ufe0f"},
@@ -1029,6 +1029,11 @@ def test_library_names_must_show_something(client, new_key):
     key = new_key()
     for name in ("tab\there", "line\nbreak", "\u200b", " \u200b "):
         err(client.post("/v1/libraries", json={"name": name}, headers=auth(key)), 400)
+    # letters and symbols that show nothing: a Hangul filler, braille blanks, a variation selector (were 201: a
+    # library that looked nameless)
+    for name in ("\u3164", "\u115f\u1160", "\u2800\u2800", "\ufe0f"):
+        e = err(client.post("/v1/libraries", json={"name": name}, headers=auth(key)), 400)
+        assert e["message"] == "'name' must be a string of at most 200 characters with something visible in it", e
     # names that look like another's: a zero-width space beside "x", a direction override, a byte-order mark
     for name in ("x\u200b", "\u202e evil", "\ufeffbom"):
         e = err(client.post("/v1/libraries", json={"name": name}, headers=auth(key)), 400)
