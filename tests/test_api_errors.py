@@ -1353,7 +1353,9 @@ def test_an_api_upgraded_in_place_answers_a_search_clip_503_to_restart(start_api
     for pkg in (Path(clapq.__file__).parent, Path(worker.__file__).parent, Path(worker.__file__).parent.parent / "api"):
         shutil.copytree(pkg, code / pkg.name, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.chdir(tmp_path)  # `python -m` looks in the working directory first
-    base = start_api(PYTHONPATH=str(code))
+    # one gunicorn process: each imports the app (and takes worker.CODE) as it starts, and a second one still
+    # starting when the first answered /healthz took the changed code for its own (a 200 in a loaded suite)
+    base = start_api(PYTHONPATH=str(code), CLAPQ_API_WORKERS="1")
     h = auth(new_key())
     lib_id = requests.post(f"{base}/v1/libraries", json={"name": "upgraded"}, headers=h, timeout=30).json()["id"]
     clip = write(tmp_path / "q.wav", 2.0, 48_000).read_bytes()
