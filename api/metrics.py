@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -9,7 +10,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from flask import Blueprint, Flask, Response, current_app, g, request
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest, mmap_dict, values
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -22,6 +23,47 @@ from clapq.presence import beat_alive, live_workers
 from clapq.queue import best_effort, queued_tasks
 
 bp = Blueprint("metrics", __name__)
+log = logging.getLogger(__name__)
+
+
+class _AllocatedDict(mmap_dict.MmapedDict):
+    """prometheus_client's file of one process's counts (PROMETHEUS_MULTIPROC_DIR), its blocks allocated before
+    they are mapped. It sizes the file with truncate, which allocates nothing, and writes through a memory map: on
+    a full disk the first write to a page with no block killed the process with SIGBUS, so every request of a new
+    route or status lost its connection unanswered, and each gunicorn process started in its place died too
+    (helper-88: `clapq up`'s folder is in its data directory). posix_fallocate says ENOSPC instead (an OSError)."""
+
+    def __init__(self, filename, read_mode=False):
+        if not read_mode:
+            with open(filename, "ab") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    try:
+                        _allocate(f.fileno(), mmap_dict._INITIAL_MMAP_SIZE, 0)
+                    except OSError:
+                        os.unlink(filename)  # an empty file broke every /metrics (its reader wants a header)
+                        raise
+        super().__init__(filename, read_mode)
+
+    def _init_value(self, key):
+        # an entry: its length (4), its key padded to 8 bytes, its value and timestamp (16); the file doubles
+        need, capacity = self._used + len(key.encode("utf-8")) + 32, self._capacity
+        while need > capacity:
+            capacity *= 2
+        if capacity > self._capacity:
+            _allocate(self._f.fileno(), capacity, self._capacity)
+        super()._init_value(key)
+
+
+def _allocate(fd: int, size: int, was: int) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError:
+        os.ftruncate(fd, was)  # as it was: a file grown without blocks is the SIGBUS this avoids
+        raise
+
+
+_uncounted: list = []  # the error that left a request of this process uncounted, once said
+values.MmapedDict = _AllocatedDict  # what each process's counts are opened as (values.MultiProcessValue)
 
 REQUEST_SECONDS = Histogram("clapq_http_request_duration_seconds", "HTTP request latency",
                             ["method", "endpoint", "status"],
@@ -144,8 +186,14 @@ def register(app: Flask) -> None:
     def _observe(response):
         if "_t0" in g:
             method = request.method if request.method in METHODS else "other"
-            REQUEST_SECONDS.labels(method, request.url_rule.rule if request.url_rule else "unmatched",
-                                   str(response.status_code)).observe(time.perf_counter() - g._t0)
+            try:
+                REQUEST_SECONDS.labels(method, request.url_rule.rule if request.url_rule else "unmatched",
+                                       str(response.status_code)).observe(time.perf_counter() - g._t0)
+            except OSError as exc:  # its file's disk is full (_AllocatedDict): the answer goes out uncounted
+                if not _uncounted:  # once a process, not at every request while the disk is full
+                    _uncounted.append(exc)
+                    log.warning("requests are not counted in /metrics: %s (PROMETHEUS_MULTIPROC_DIR=%s)", exc,
+                                os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         return response
 
 

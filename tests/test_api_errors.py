@@ -1610,3 +1610,31 @@ def test_a_slow_but_steady_reader_gets_the_whole_answer(start_api, new_key):
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
     assert length > 7_000_000 and len(body) == length, (length, len(body))
     assert len(json.loads(body)["items"]) == n
+
+
+def test_an_api_whose_metrics_disk_is_full_still_answers(start_api, small_disk):
+    """`clapq api` counts its requests in files each of its processes maps into memory (PROMETHEUS_MULTIPROC_DIR:
+    `clapq up`'s is in its data directory). Where that disk was full, the first write to a page of such a file the
+    disk had no room for killed the process with SIGBUS: every request of a route and status not counted before
+    lost its connection with no answer, and each process started in its place died at its first one (helper-88, a
+    full data directory: `clapq upload` said the connection was lost, at every try). The files' blocks are now
+    allocated before they are written to, so a full disk leaves the request uncounted and answered."""
+    counts = small_disk / "metrics"
+    counts.mkdir()
+    base = start_api(PROMETHEUS_MULTIPROC_DIR=str(counts))
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:  # every block of the disk taken
+        while os.write(fd, bytes(4096)):
+            pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    # routes and statuses each of its processes has not counted yet: new entries, past the pages written so far
+    paths = [p.split("{")[0].rstrip("/") or "/" for p in requests.get(f"{base}/openapi.json", timeout=30).json()["paths"]]
+    for path in paths * 2:  # two processes: each takes its turn at a connection
+        for method in ("GET", "POST", "DELETE"):
+            r = requests.request(method, f"{base}{path}", timeout=30)
+            assert r.status_code < 500 or r.status_code == 503, (method, path, r.status_code, r.text)
+    assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
+    assert "clapq_http_request_duration_seconds" in requests.get(f"{base}/metrics", timeout=30).text
