@@ -273,11 +273,11 @@ def cmd_keys_revoke(args) -> None:
     _with_keys(args, revoke)
 
 
-def _hand_back_running(url: str) -> None:
+def _hand_back_running(url: str, whose: str = "left running when clapq last stopped") -> None:
     """Files the last `clapq up` left running (stopped or killed before its worker finished them) are
     stranded: no worker of this data directory runs yet. Dated back, they are what the maintenance loop's
     first pass, as beat starts, queues again (one a task, as a lost worker's are), where they waited
-    CLAPQ_STALE_AFTER_S with the new worker idle."""
+    CLAPQ_STALE_AFTER_S with the new worker idle. So are those of a worker of this `up` that ended."""
     from sqlalchemy import update
 
     from clapq.db import session_scope
@@ -287,8 +287,17 @@ def _hand_back_running(url: str) -> None:
         n = s.execute(update(Item).where(Item.status == "running")
                       .values(updated_at=datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc))).rowcount
     if n:
-        print(f"clapq: {n} file{'s' if n != 1 else ''} left running when clapq last stopped go back to the queue",
+        print(f"clapq: {n} file{'s' if n != 1 else ''} {whose} go{'es' if n == 1 else ''} back to the queue",
               file=sys.stderr, flush=True)
+
+
+def _hand_back_after_worker(url: str) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        _hand_back_running(url, "the worker that ended was embedding")
+    except SQLAlchemyError:  # Postgres away: the maintenance loop finds them after CLAPQ_STALE_AFTER_S
+        pass
 
 
 def _default_key(url: str, data_dir: Path) -> str:
@@ -461,6 +470,10 @@ def cmd_up(args) -> None:
                 # and `up` stopped everything after four tries in seconds
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.pid, signal.SIGKILL)
+                if p.args[-1] == "worker" and not settings.database_url:
+                    # the files it held waited CLAPQ_STALE_AFTER_S (2 minutes, the job's ETA growing: helper-88);
+                    # no other worker runs on this `up`'s embedded database, and its own are dead now
+                    _hand_back_after_worker(db_url)
                 procs[i] = start(p.args[-1])
             for name, gone, restart in watch:
                 if why := gone():

@@ -521,6 +521,22 @@ def test_an_api_killed_mid_request_is_started_again(tmp_path, tiny_model, up_run
     assert (data_dir / "api-metrics").is_dir() and set(glob.glob(in_tmp)) - before == set()
 
 
+def _a_long_file_running(up: Up, tmp_path: Path) -> tuple:
+    """A quarter of an hour uploaded to `up` and being embedded: its URL, auth header, the batch's answer and
+    the `clapq worker` process embedding it."""
+    key = up.wait_ready()
+    base, h = f"http://127.0.0.1:{up.port}", {"Authorization": f"Bearer {key}"}
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "long"}, headers=h, timeout=30).json()
+    f = write(tmp_path / "long.flac", 900.0, 8_000, 1, freq=300)  # running for a while
+    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=120,
+                      files=[("files", (f.name, f.read_bytes(), "audio/flac"))]).json()
+    deadline = time.monotonic() + 120
+    while requests.get(f"{base}/v1/items/{r['items'][0]['id']}", headers=h, timeout=10).json()["status"] != "running":
+        assert time.monotonic() < deadline, up.log.read_text()[-3000:]
+        time.sleep(0.1)
+    return base, h, r, next(c for c in psutil.Process(up.proc.pid).children() if c.cmdline()[-1:] == ["worker"])
+
+
 def test_files_left_running_by_the_last_up_are_queued_again_at_start(tmp_path, tiny_model, up_runner):
     """A worker killed while it embeds a file, then `clapq up` stopped and started again: the file stayed
     `running` until CLAPQ_STALE_AFTER_S passed (1.5-2.5 minutes with the new worker idle; an hour here, so the
@@ -528,25 +544,31 @@ def test_files_left_running_by_the_last_up_are_queued_again_at_start(tmp_path, t
     hands such files back to the queue at once."""
     data_dir = tmp_path / "data"
     up = up_runner(data_dir, CLAPQ_STALE_AFTER_S="3600")
-    key = up.wait_ready()
-    base, h = f"http://127.0.0.1:{up.port}", {"Authorization": f"Bearer {key}"}
-    lib = requests.post(f"{base}/v1/libraries", json={"name": "long"}, headers=h, timeout=30).json()
-    f = write(tmp_path / "long.flac", 900.0, 8_000, 1, freq=300)  # a quarter of an hour: running for a while
-    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=120,
-                      files=[("files", (f.name, f.read_bytes(), "audio/flac"))]).json()
-    item = r["items"][0]["id"]
-    deadline = time.monotonic() + 120
-    while requests.get(f"{base}/v1/items/{item}", headers=h, timeout=10).json()["status"] != "running":
-        assert time.monotonic() < deadline, up.log.read_text()[-3000:]
-        time.sleep(0.1)
-    worker = next(c for c in psutil.Process(up.proc.pid).children() if c.cmdline()[-1:] == ["worker"])
+    base, h, r, worker = _a_long_file_running(up, tmp_path)
     os.killpg(worker.pid, signal.SIGKILL)  # the worker and its pool child, mid-file
     assert up.stop() == 0
     up2 = up_runner(data_dir, CLAPQ_STALE_AFTER_S="3600")
-    key = up2.wait_ready()
-    assert "clapq: 1 file left running when clapq last stopped go back to the queue" in up2.log.read_text()
+    up2.wait_ready()  # the same key: it is kept in the data directory
+    assert "clapq: 1 file left running when clapq last stopped goes back to the queue" in up2.log.read_text()
     base2 = f"http://127.0.0.1:{up2.port}"
     assert _wait_job(base2, h, r["job_id"], timeout=300)["status"] == "done"
+
+
+def test_files_of_a_worker_that_ended_are_queued_again_at_once(tmp_path, tiny_model, up_runner):
+    """The worker of a running `clapq up` killed while it embeds a file: `up` started another, and the file
+    stayed `running` until CLAPQ_STALE_AFTER_S passed (2 minutes by default, the job's ETA growing meanwhile;
+    an hour here, so the test does not wait for it: helper-88). No other worker runs on `up`'s embedded
+    database, so `up` hands such files back to the queue as it starts the new worker."""
+    data_dir = tmp_path / "data"
+    up = up_runner(data_dir, CLAPQ_STALE_AFTER_S="3600")
+    base, h, r, worker = _a_long_file_running(up, tmp_path)
+    item = r["items"][0]["id"]
+    worker.kill()  # the worker's main process, mid-file: `up` kills the rest of its group
+    assert _wait_job(base, h, r["job_id"], timeout=300)["status"] == "done"
+    log = up.log.read_text()
+    assert "clapq: `clapq worker` was killed by signal 9; starting it again" in log, log[-3000:]
+    assert "clapq: 1 file the worker that ended was embedding goes back to the queue" in log, log[-3000:]
+    assert requests.get(f"{base}/v1/items/{item}", headers=h, timeout=10).json()["attempts"] == 2
 
 
 def test_a_worker_that_dies_is_started_again(tmp_path, tiny_model, up_runner):
