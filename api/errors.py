@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from decimal import Decimal
 
@@ -344,6 +345,17 @@ _CONFLICT_STATES = ("40P01", "40001")
 CONFLICT_RETRY_AFTER_S = 1
 
 
+def _room(folder) -> str:
+    """What is left on the disk of `folder` (the stored files'), as the part of a 507's sentence in brackets."""
+    try:
+        st = os.statvfs(folder if os.path.isdir(folder) else os.path.dirname(folder))
+    except OSError:
+        return ""
+    if st.f_files and not st.f_favail:
+        return " (no file can be created there: its disk has no inode left)"
+    return f" ({st.f_bavail * st.f_frsize / 1e6:.1f} MB free, too little for this request's files)"
+
+
 def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
@@ -425,9 +437,13 @@ def register(app: Flask) -> None:
     @app.errorhandler(StorageFull)  # a part being received, or committed, found the upload area full
     def _storage_full(e: StorageFull):
         # the operator's to act on: only the access log showed it (helper-41)
+        blob_dir = current_app.config["CLAPQ"].blob_dir
         log.warning("an upload was refused: the disk of the stored files is full (%s)", e,
-                    extra={"blob_dir": str(current_app.config["CLAPQ"].blob_dir)})
-        return envelope(507, "insufficient_storage", "the upload area is full; try again later")
+                    extra={"blob_dir": str(blob_dir)})
+        # "try again later" alone had a user wait for room no one would make (helper-88: a 173 MB file, a data
+        # directory's disk with 20 MB free)
+        return envelope(507, "insufficient_storage", f"the upload area is full{_room(blob_dir)}; try again once "
+                        "it has room")
 
     @app.errorhandler(StorageUnwritable)  # a read-only disk, or the folder's permissions changed (helper-59)
     def _storage_unwritable(e: StorageUnwritable):

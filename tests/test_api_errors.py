@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -1248,6 +1249,9 @@ def test_a_full_upload_area_is_a_507_for_uploads_and_clip_searches(settings, new
     e = err(c.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                    data={"files": [(io.BytesIO(big), "big.wav")]}), 507)
     assert e["code"] == "insufficient_storage" and "full" in e["message"]
+    # what is left, and that waiting alone makes no room ("try again later" had a user wait: helper-88)
+    assert re.fullmatch(r"the upload area is full \([01]\.\d MB free, too little for this request's files\); try "
+                        r"again once it has room", e["message"]), e
     assert any("the disk of the stored files is full" in r.getMessage() for r in caplog.records), caplog.records
     e = err(c.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
                    data={"library_id": lib_id, "audio": (io.BytesIO(big), "q.wav")}), 507)
@@ -1276,6 +1280,8 @@ def test_a_disk_with_no_inode_left_is_a_507_too(settings, new_key, small_disk, c
     e = err(c.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                    data={"files": [(io.BytesIO(wav), "a.wav")]}), 507)
     assert e["code"] == "insufficient_storage"
+    assert e["message"] == ("the upload area is full (no file can be created there: its disk has no inode left); "
+                            "try again once it has room"), e
     assert any("the disk of the stored files is full" in r.getMessage() for r in caplog.records), caplog.records
     err(c.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
                data={"library_id": lib_id, "audio": (io.BytesIO(wav), "q.wav")}), 507)
