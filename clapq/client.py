@@ -108,6 +108,7 @@ class Client:
         self.s = requests.Session()
         self.s.headers["Authorization"] = f"Bearer {key}"
         self.reached = False  # the API has answered once: from then on, no answer is an outage, not a typo
+        self.stopped: Path | None = None  # the data directory whose address this is, where its `up` is not running
 
     def call(self, method: str, path: str, missing_ok: bool = False, **kw) -> dict | None:
         """The JSON answer; any failure is a SystemExit with a sentence. `missing_ok`: a 404 is None. While
@@ -184,6 +185,13 @@ class Client:
                 msg += f"; check --url (or CLAPQ_URL): the API's address, with no path ({self.url} now)"
             if r.status_code == 412 and code == "precondition_failed":
                 raise Stale(f"clapq: {method} {path}: {msg}")
+            if r.status_code == 401 and code == "unauthorized" and self.stopped is not None:
+                # another `clapq up` (of another data directory) serves the port this one's last run did: its key
+                # was said to be revoked (helper-88)
+                raise SystemExit(f"clapq: {method} {path}: the API at {self.url} does not take the key of "
+                                 f"{self.stopped}, whose `clapq up` is not running: another server answers at the "
+                                 "address it served last. Start it again (`clapq up --data-dir "
+                                 f"{self.stopped}` with the --port it had), or pass --url and --key")
             if r.status_code == 401 and code == "unauthorized":  # the API's words are for HTTP clients
                 raise SystemExit(f"clapq: {method} {path}: the API does not take this key (unknown or revoked): pass "
                                  "the one `clapq up` or `clapq keys create` printed, with --key or CLAPQ_API_KEY")
@@ -1708,8 +1716,22 @@ def delete(client: Client, library: str, items: list[str], yes: bool = False) ->
     return 1 if missing else 0
 
 
+def _up_stopped(data_dir: Path) -> bool:
+    """Whether no `clapq up` runs on `data_dir`: the lock it and its children hold while they run
+    (clapq.cli._lock_data_dir) is free. Taken shared and let go at once."""
+    import fcntl
+
+    try:
+        with open(data_dir / "clapq-up.lock") as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:  # held (BlockingIOError), or no lock file: nothing to say
+        return False
+    return True
+
+
 def connect(url: str | None, key: str | None, data_dir: Path) -> Client:
     saved = data_dir / "url"  # where `clapq up` with this data directory listens
+    from_dir = not url and not os.environ.get("CLAPQ_URL") and saved.is_file()
     url = url or os.environ.get("CLAPQ_URL") or (saved.read_text().strip() if saved.is_file() else "http://127.0.0.1:8000")
     try:
         parts = urllib.parse.urlsplit(url)
@@ -1725,4 +1747,7 @@ def connect(url: str | None, key: str | None, data_dir: Path) -> Client:
     if not key:
         raise SystemExit(f"clapq: no API key: pass --key, set CLAPQ_API_KEY, or pass --data-dir, the directory `clapq up` "
                          f"uses, whose key it reads ({data_dir} has none); `clapq keys create` makes more keys")
-    return Client(url, key)
+    client = Client(url, key)
+    if from_dir and _up_stopped(data_dir):
+        client.stopped = data_dir
+    return client

@@ -937,6 +937,39 @@ def test_a_key_the_api_does_not_take_is_said_in_the_commands_terms(tiny_model):
         "`clapq keys create` printed, with --key or CLAPQ_API_KEY"), out.stderr
 
 
+def test_a_data_directory_whose_up_is_stopped_is_said_so_where_another_server_answers(tmp_path, tiny_model):
+    """`clapq jobs --data-dir D`, where D's `clapq up` is not running and another `up` (of another data
+    directory) now serves the port D's last run did: the command said D's key was "unknown or revoked" (helper-88:
+    two data directories run in turn on one port). Where D's lock is free it says that D's `up` is not running
+    and how to go on; while D's `up` runs (its lock held), a 401 is still said as before."""
+    import fcntl
+
+    def answer(method, path):
+        return 401, {"error": {"code": "unauthorized", "status": 401,
+                               "message": "missing or invalid API key: send 'Authorization: Bearer <key>'"}}, {}
+
+    data_dir = tmp_path / "d"
+    data_dir.mkdir()
+    (data_dir / "api_key").write_text("cq_of_d\n")
+    (data_dir / "clapq-up.lock").write_text("12345\n")
+    with fake_api(answer) as url:
+        (data_dir / "url").write_text(url + "\n")
+
+        def jobs() -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "clapq.cli", "jobs", "--data-dir", str(data_dir)],
+                                  env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+
+        out = jobs()
+        assert out.returncode == 1 and out.stderr.strip() == (
+            f"clapq: GET /v1/jobs: the API at {url} does not take the key of {data_dir}, whose `clapq up` is not "
+            "running: another server answers at the address it served last. Start it again (`clapq up --data-dir "
+            f"{data_dir}` with the --port it had), or pass --url and --key"), out.stderr
+        with open(data_dir / "clapq-up.lock") as held:  # as a running `up` holds it
+            fcntl.flock(held, fcntl.LOCK_EX)
+            out = jobs()
+    assert out.returncode == 1 and "the API does not take this key (unknown or revoked)" in out.stderr, out.stderr
+
+
 def test_an_upload_that_is_redirected_says_where_instead_of_resending_a_spent_body(tmp_path, tiny_model):
     """A proxy answering 307 to the upload: following it would resend a body already read from disk
     (nothing, against the full Content-Length) and wait out the timeout; the command names the new place."""
