@@ -79,17 +79,35 @@ def _presence(model_id: int) -> tuple[bool, bool, bool] | None:
 BEHIND_AFTER_S = 30.0
 
 
-def _job_waiting(job: Job, counts: dict, unsent: int, oldest_queued, last_end, now) -> str | None:
+# heartbeats a running file may miss (CLAPQ_HEARTBEAT_S each) before its job says it is not heard from: a busy
+# machine or database delays one, never three
+SILENT_BEATS = 3
+
+
+def _job_waiting(job: Job, counts: dict, unsent: int, oldest_queued, last_end, now,
+                 last_beat=None) -> str | None:
     """Why a job's files still to embed do not move (`counts` by status; `unsent`: its queued files no task
     holds, clapq.models.NO_MESSAGE; `oldest_queued`: when the first of its queued files was queued, its
     updated_at; `last_end`: when the last of its files ended; `now`: Postgres's), or None while they can.
     Beyond why_waiting: files only the maintenance loop sends, where it made no pass lately, and files queued
     behind other jobs' while none of its own is being embedded, where the pace so far says nothing of when they
     start (after a job's first files, the rest wait in the bulk lane behind another tenant's 10,000, and its ETA
-    promised a minute, growing at every poll)."""
+    promised a minute, growing at every poll); and, where all it has left is running, files none of whose
+    heartbeats came lately (`last_beat`: the latest, updated_at): their worker killed, they wait for
+    CLAPQ_STALE_AFTER_S, and the ETA grew meanwhile (helper-88: "about 12 min left", then 24, for two files the
+    maintenance loop queued again two minutes later)."""
     model_id = db().get(Library, job.library_id).model_id
     if why := why_waiting(model_id):
         return why
+    settings = current_app.config["CLAPQ"]
+    if counts["running"] and not counts["queued"] and last_beat is not None and now is not None:
+        silent = (now - last_beat).total_seconds()
+        if silent >= SILENT_BEATS * settings.heartbeat_s:
+            n = counts["running"]
+            what, it = ("its running file has", "it") if n == 1 else (f"its {n} running files have", "them")
+            return (f"{what} not been heard from for {silent:.0f} s (a worker stopped?): the maintenance loop queues "
+                    f"{it} again once {settings.stale_after_s} s have passed (CLAPQ_STALE_AFTER_S), in about "
+                    f"{max(0.0, settings.stale_after_s - silent):.0f} s")
     if unsent and not _presence(model_id)[2]:
         return (f"{unsent} of its files have no task in the queue (Redis did not take it, or they waited for a "
                 "worker of their model), and the maintenance loop that sends them made no pass lately "
@@ -163,12 +181,13 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
     embedded = own_finished = 0.0
     # its queued files no task holds, which the maintenance loop sends (clapq.models.NO_MESSAGE), and when the
     # first of its queued files was queued: why it waits (_job_waiting)
-    unsent, oldest_queued = 0, None
+    unsent, oldest_queued, last_beat = 0, None, None
     # Postgres's now(), not this host's clock: the times it is measured against are Postgres's
-    for status, n, nbytes, nembedded, npaced, started, finished, now, parked, created in session.execute(
+    for status, n, nbytes, nembedded, npaced, started, finished, now, parked, created, touched in session.execute(
         select(Item.status, func.count(), func.sum(Item.size_bytes), func.sum(part), paced,
                func.min(Item.started_at), func.max(Item.finished_at), func.now(),
-               func.count().filter(Item.claimed_by.in_(NO_MESSAGE)), func.min(Item.updated_at))
+               func.count().filter(Item.claimed_by.in_(NO_MESSAGE)), func.min(Item.updated_at),
+               func.max(Item.updated_at))
         .where(Item.job_id == job.id).group_by(Item.status)
     ):
         counts[status], size[status] = n, int(nbytes or 0)
@@ -176,6 +195,7 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
             unsent, oldest_queued = parked, created
         if status == "running":
             embedded += float(nembedded or 0)
+            last_beat = touched
         elif status != "queued":
             own_finished += float(npaced or 0)  # this job's own work, for the ETA
         first_start = min(filter(None, (first_start, started)), default=None)
@@ -212,7 +232,7 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         progress = round(1 - (remaining + counts["cancelled"]) / counts["total"], 4)
     if remaining:  # files of 0 bytes still to go are not nothing
         progress = min(progress, 0.9999)
-    waiting = _job_waiting(job, counts, unsent, oldest_queued, last_finish, now) if remaining else None
+    waiting = _job_waiting(job, counts, unsent, oldest_queued, last_finish, now, last_beat) if remaining else None
     eta = None
     if remaining and own_finished and first_start is not None and waiting is None:
         elapsed = (now - max(filter(None, (first_start, job.retried_at)))).total_seconds()

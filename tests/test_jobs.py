@@ -7,6 +7,7 @@ import base64
 import dataclasses
 import io
 import json
+import re
 import threading
 import uuid
 
@@ -732,6 +733,32 @@ def test_a_job_that_cannot_move_says_why(client, new_key, settings, serving_work
     # a job with nothing left to embed waits for nothing
     done, _ = job_rows(settings, lib["id"], [("c", 10, "done")])
     assert client.get(f"/v1/jobs/{done}", headers=auth(key)).get_json()["waiting"] is None
+
+
+def test_a_job_whose_running_files_are_not_heard_from_says_so(client, new_key, settings, serving_worker):
+    """A worker killed while it embeds a job's last files: they stay `running` until CLAPQ_STALE_AFTER_S has passed
+    since their last heartbeat, and the job showed a growing ETA meanwhile ("about 12 min left", then 24: helper-88).
+    Once none of them has beaten for three heartbeats, `waiting` says so, and when the maintenance loop takes them
+    back; files that beat lately are not waiting."""
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "silent"}, headers=auth(key)).get_json()
+    job, ids = job_rows(settings, lib["id"], [("a", 1_000_000, "done"), ("b", 1_000_000, "running")])
+    got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
+    assert got["waiting"] is None and got["eta_s"] is not None, got
+    silent = 3 * settings.heartbeat_s + 5
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE items SET updated_at = now() - make_interval(secs => :s) WHERE id = :i"),
+                  {"s": silent, "i": ids["b"]})
+    got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
+    assert got["eta_s"] is None and re.fullmatch(
+        rf"its running file has not been heard from for (?:{silent}|{silent + 1}) s \(a worker stopped\?\): the "
+        rf"maintenance loop queues it again once {settings.stale_after_s} s have passed \(CLAPQ_STALE_AFTER_S\), "
+        r"in about \d+ s", got["waiting"]), got
+    assert client.get("/v1/jobs", headers=auth(key)).get_json()["jobs"][0]["waiting"] == got["waiting"]
 
 
 def test_a_job_behind_others_or_left_to_a_stopped_maintenance_loop_says_so(client, new_key, settings, app):
