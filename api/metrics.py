@@ -63,7 +63,12 @@ def _allocate(fd: int, size: int, was: int) -> None:
 
 
 _uncounted: list = []  # the error that left a request of this process uncounted, once said
-values.MmapedDict = _AllocatedDict  # what each process's counts are opened as (values.MultiProcessValue)
+# what each process's counts are opened as (values.MultiProcessValue); only where prometheus_client's file is the
+# one _AllocatedDict knows (0.20 to 0.26 at least: its initial size, and _init_value growing it by doubling), so
+# that another release keeps its own code, SIGBUS on a full disk and all, rather than break every request
+if isinstance(getattr(mmap_dict, "_INITIAL_MMAP_SIZE", None), int) and \
+        getattr(values, "MmapedDict", None) is mmap_dict.MmapedDict and hasattr(mmap_dict.MmapedDict, "_init_value"):
+    values.MmapedDict = _AllocatedDict
 
 REQUEST_SECONDS = Histogram("clapq_http_request_duration_seconds", "HTTP request latency",
                             ["method", "endpoint", "status"],
