@@ -442,8 +442,11 @@ def register(app: Flask) -> None:
                     extra={"blob_dir": str(blob_dir)})
         # "try again later" alone had a user wait for room no one would make (helper-88: a 173 MB file, a data
         # directory's disk with 20 MB free)
-        return envelope(507, "insufficient_storage", f"the upload area is full{_room(blob_dir)}; try again once "
-                        "it has room")
+        room = _room(blob_dir)
+        if e.reserved and room.startswith(" (") and "MB free" in room:  # what is left is the databases' own
+            room = (f"{room.split(',')[0]}, the last {e.reserved >> 20} MB of which are kept free for the database "
+                    "that shares its disk, CLAPQ_UPLOAD_RESERVE_MB)")
+        return envelope(507, "insufficient_storage", f"the upload area is full{room}; try again once it has room")
 
     @app.errorhandler(StorageUnwritable)  # a read-only disk, or the folder's permissions changed (helper-59)
     def _storage_unwritable(e: StorageUnwritable):

@@ -44,7 +44,32 @@ def fsync_dir(path: Path) -> None:
 
 
 class StorageFull(OSError):
-    """The upload area has no space left."""
+    """The upload area has no space left (`reserved`: only what is kept free for the databases on its disk)."""
+
+    def __init__(self, message: str, reserved: int = 0) -> None:
+        super().__init__(message)
+        self.reserved = reserved
+
+
+RESERVE_MB = 128  # CLAPQ_UPLOAD_RESERVE_MB's auto where the embedded Postgres or Redis shares the stored files' disk
+RESERVE_CHECK_BYTES = 4 << 20  # how often a part being written asks its disk how much room is left
+
+
+def upload_reserve(blob_dir: Path, data_dir: Path, configured_mb: int | None) -> int:
+    """The bytes uploads leave free on the stored files' disk: CLAPQ_UPLOAD_RESERVE_MB where set; else (auto)
+    RESERVE_MB where the embedded Postgres or Redis of `data_dir` lives on that disk too, as `clapq up` has them,
+    and none elsewhere (a database on a disk of its own, Docker's volumes). Uploads filled that disk to its last
+    byte, and then Postgres could not write ("could not write init file: No space left on device") and stopped,
+    and `clapq up` with it (helper-88): an upload is refused (507) first."""
+    if configured_mb is not None:
+        return configured_mb << 20
+    here = next((p for p in (Path(blob_dir), *Path(blob_dir).parents) if p.exists()), None)
+    try:
+        dev = here.stat().st_dev if here is not None else None
+        shares = any((d := Path(data_dir) / name).is_dir() and d.stat().st_dev == dev for name in ("pg", "redis"))
+    except OSError:
+        return 0
+    return RESERVE_MB << 20 if shares else 0
 
 
 FULL = (errno.ENOSPC, errno.EDQUOT)  # the errors that mean StorageFull
@@ -61,7 +86,7 @@ UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)  # the errors that mean St
 def _refusal(exc: OSError) -> OSError | None:
     """What a failed write of the upload area means to the client (None: an error of another kind)."""
     if exc.errno in FULL:
-        return StorageFull("no space left in the upload area")
+        return StorageFull("no space left in the upload area", getattr(exc, "reserved", 0))
     if exc.errno in UNWRITABLE:
         return StorageUnwritable(exc.strerror or str(exc))
     return None
@@ -92,12 +117,16 @@ class BlobWriter:
         self.tmp_path = Path(name)
         self._hash = hashlib.sha256()
         self.size = 0
+        self._checked = -RESERVE_CHECK_BYTES  # the size at which the disk's room was last looked at
         self.sha256: str | None = None
         self._replaced: weakref.finalize | None = None  # the stored copy a commit replaced, held open
 
     # werkzeug's multipart parser needs write(), seek() and read() on the stream
     def write(self, data: bytes) -> int:
         try:
+            if self._store.reserve_bytes and self.size - self._checked >= RESERVE_CHECK_BYTES:
+                self._checked = self.size
+                self._store.check_room()
             n = self._file.write(data)
         except OSError as exc:
             self._give_up(exc)
@@ -205,10 +234,20 @@ class BlobWriter:
 class BlobStore:
     """Blobs live at ROOT/ab/cd/<sha256>; user filenames never reach a path."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, reserve_bytes: int = 0) -> None:
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.reserve_bytes = reserve_bytes  # what uploads leave free on its disk (upload_reserve)
+
+    def check_room(self) -> None:
+        """An OSError ENOSPC where the disk has no more than the reserve left: a part being written stops there,
+        as it would at the disk's last byte (BlobWriter.write checks each RESERVE_CHECK_BYTES)."""
+        st = os.statvfs(self.tmp_dir)
+        if st.f_bavail * st.f_frsize <= self.reserve_bytes:
+            exc = OSError(errno.ENOSPC, f"the last {self.reserve_bytes >> 20} MB of the disk are kept free")
+            exc.reserved = self.reserve_bytes
+            raise exc
 
     def path_for(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
