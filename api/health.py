@@ -113,9 +113,19 @@ def readyz():
                 f"{TTL_S} s: a worker still loading it, one that hangs, or workers whose CLAPQ_MODEL is not the "
                 "API's; uploads wait queued until one does")
 
+    def code() -> str:  # upgraded in place under it: what it imports from now on is the new code beside its old
+        import worker
+
+        if worker.code_on_disk() == worker.CODE:
+            return "ok"
+        return ("warning: clapq's code changed on disk since this API process started (upgraded in place?): it runs "
+                "the old code, its search clips answer 503 code_changed and modules it loads from now on are the "
+                "new; restart it")
+
     checks = _run({"postgres": postgres, "redis": redis, "workers": workers, "model": model,
-                   "maintenance": maintenance, "embedding": embedding},
+                   "maintenance": maintenance, "embedding": embedding, "code": code},
                   (settings.database_url, settings.redis_url, str(settings.model)))
     # these are said, but not a reason to take the API out of service: it searches without them
-    ready = all(v == "ok" for k, v in checks.items() if k not in ("workers", "maintenance", "embedding"))
+    # (nor is old code: an upgrade in place restarted one process at a time would take every API out of service)
+    ready = all(v == "ok" for k, v in checks.items() if k not in ("workers", "maintenance", "embedding", "code"))
     return {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503

@@ -148,7 +148,7 @@ SPEC = {
             code: {"description": what, "content": {"application/json": {"schema": _obj(
                 status={"enum": ["ready", "not_ready"]},
                 checks={"type": "object", "description": "postgres, redis, workers, model, maintenance, "
-                        "embedding: 'ok', or what is wrong"})}}}
+                        "embedding, code: 'ok', or what is wrong"})}}}
             for code, what in (("200", "ready"), ("503", "not ready"))}}},
         "/metrics": {"get": {"security": [], "responses": {"200": {
             "description": "Prometheus metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},

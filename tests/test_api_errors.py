@@ -736,7 +736,7 @@ def test_health_metrics_and_openapi(client, worker, app):
     assert ready.status_code == 200, ready.get_json()
     assert ready.get_json()["checks"] == {"postgres": "ok", "redis": "ok", "workers": "ok", "model": "ok",
                                           "maintenance": "warning: the maintenance loop made no pass lately "
-                                                         "(start `clapq beat`)", "embedding": "ok"}
+                                                         "(start `clapq beat`)", "embedding": "ok", "code": "ok"}
     # where no worker serves it (workers of another CLAPQ_MODEL, here none at all on another Redis database),
     # uploads would wait queued: said, a warning
     from api import create_app
@@ -1411,8 +1411,13 @@ def test_an_api_upgraded_in_place_answers_a_search_clip_503_to_restart(start_api
         return requests.post(f"{base}/v1/search", data={"library_id": lib_id}, files={"audio": ("q.wav", clip)},
                              headers=h, timeout=120)
 
+    assert requests.get(f"{base}/readyz", timeout=30).json()["checks"]["code"] == "ok"
     with open(code / "worker" / "audio.py", "a") as f:
         f.write("\n# a newer version\n")
+    # /readyz says so (a warning: restarted one at a time, every API would be out of service meanwhile)
+    r = requests.get(f"{base}/readyz", timeout=30)
+    assert r.json()["checks"]["code"].startswith("warning: clapq's code changed on disk since this API process "
+                                                 "started"), r.json()
     for _ in range(2):  # and again: no wait mends it
         r = search()
         assert r.status_code == 503, r.text
