@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Flask, request
 
-from clapq.blobs import BlobStore, upload_reserve
+from clapq.blobs import BlobStore
+from clapq.room import disk_reserve
 from clapq.queue import make_celery
 from clapq.settings import Settings
 
@@ -28,8 +29,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         MAX_FORM_MEMORY_SIZE=16 * 1024 * 1024,
         MAX_FORM_PARTS=settings.max_files_per_batch + 16,
     )
-    app.extensions["clapq_blobs"] = BlobStore(settings.blob_dir, upload_reserve(settings.blob_dir, settings.data_dir,
-                                                                              settings.upload_reserve_mb))
+    app.extensions["clapq_blobs"] = BlobStore(settings.blob_dir, disk_reserve(settings.blob_dir, settings.data_dir,
+                                                                              settings.disk_reserve_mb))
     app.extensions["clapq_celery"] = make_celery(settings, sender=True)
     ratelimit.install(app, settings.rate_limit)
     errors.register(app)

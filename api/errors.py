@@ -445,7 +445,7 @@ def register(app: Flask) -> None:
         room = _room(blob_dir)
         if e.reserved and room.startswith(" (") and "MB free" in room:  # what is left is the databases' own
             room = (f"{room.split(',')[0]}, the last {e.reserved >> 20} MB of which are kept free for the database "
-                    "that shares its disk, CLAPQ_UPLOAD_RESERVE_MB)")
+                    "that shares its disk, CLAPQ_DISK_RESERVE_MB)")
         return envelope(507, "insufficient_storage", f"the upload area is full{room}; try again once it has room")
 
     @app.errorhandler(StorageUnwritable)  # a read-only disk, or the folder's permissions changed (helper-59)

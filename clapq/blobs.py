@@ -16,6 +16,7 @@ from typing import BinaryIO
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from clapq.room import RESERVE_CHECK_BYTES, kept_free
 from clapq.threads import one_thread
 
 log = logging.getLogger(__name__)
@@ -49,27 +50,6 @@ class StorageFull(OSError):
     def __init__(self, message: str, reserved: int = 0) -> None:
         super().__init__(message)
         self.reserved = reserved
-
-
-RESERVE_MB = 128  # CLAPQ_UPLOAD_RESERVE_MB's auto where the embedded Postgres or Redis shares the stored files' disk
-RESERVE_CHECK_BYTES = 4 << 20  # how often a part being written asks its disk how much room is left
-
-
-def upload_reserve(blob_dir: Path, data_dir: Path, configured_mb: int | None) -> int:
-    """The bytes uploads leave free on the stored files' disk: CLAPQ_UPLOAD_RESERVE_MB where set; else (auto)
-    RESERVE_MB where the embedded Postgres or Redis of `data_dir` lives on that disk too, as `clapq up` has them,
-    and none elsewhere (a database on a disk of its own, Docker's volumes). Uploads filled that disk to its last
-    byte, and then Postgres could not write ("could not write init file: No space left on device") and stopped,
-    and `clapq up` with it (helper-88): an upload is refused (507) first."""
-    if configured_mb is not None:
-        return configured_mb << 20
-    here = next((p for p in (Path(blob_dir), *Path(blob_dir).parents) if p.exists()), None)
-    try:
-        dev = here.stat().st_dev if here is not None else None
-        shares = any((d := Path(data_dir) / name).is_dir() and d.stat().st_dev == dev for name in ("pg", "redis"))
-    except OSError:
-        return 0
-    return RESERVE_MB << 20 if shares else 0
 
 
 FULL = (errno.ENOSPC, errno.EDQUOT)  # the errors that mean StorageFull
@@ -238,16 +218,14 @@ class BlobStore:
         self.root = Path(root)
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.reserve_bytes = reserve_bytes  # what uploads leave free on its disk (upload_reserve)
+        self.reserve_bytes = reserve_bytes  # what uploads leave free on its disk (disk_reserve)
 
     def check_room(self) -> None:
         """An OSError ENOSPC where the disk has no more than the reserve left: a part being written stops there,
         as it would at the disk's last byte (BlobWriter.write checks each RESERVE_CHECK_BYTES)."""
         st = os.statvfs(self.tmp_dir)
         if st.f_bavail * st.f_frsize <= self.reserve_bytes:
-            exc = OSError(errno.ENOSPC, f"the last {self.reserve_bytes >> 20} MB of the disk are kept free")
-            exc.reserved = self.reserve_bytes
-            raise exc
+            raise kept_free(self.reserve_bytes)
 
     def path_for(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):

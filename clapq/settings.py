@@ -122,7 +122,7 @@ class Settings:
     redis_url: str | None
     data_dir: Path
     blob_dir: Path
-    upload_reserve_mb: int | None  # None: auto (clapq.blobs.upload_reserve)
+    disk_reserve_mb: int | None  # None: auto (clapq.blobs.disk_reserve)
     model: str
     device: str
     batch_size: int | None  # None: auto (worker.embedder.batch_for)
@@ -170,7 +170,7 @@ class Settings:
             redis_url=env.get("REDIS_URL") or None,
             data_dir=data_dir,
             blob_dir=Path(env.get("CLAPQ_BLOB_DIR") or data_dir / "blobs"),
-            upload_reserve_mb=_auto_int(env, "CLAPQ_UPLOAD_RESERVE_MB", 0),
+            disk_reserve_mb=_auto_int(env, "CLAPQ_DISK_RESERVE_MB", 0),
             model=env.get("CLAPQ_MODEL") or DEFAULT_MODEL,
             device=env.get("CLAPQ_DEVICE") or "auto",
             # None: auto, decided by each worker for its device and cores (worker.embedder.batch_for)

@@ -1267,12 +1267,12 @@ def test_uploads_leave_the_last_megabytes_of_a_disk_they_share_with_the_embedded
     """Uploads filled the data directory's disk to its last byte, and then its embedded Postgres could not write and
     stopped, and `clapq up` with it (helper-88: a 400 MB data directory filled by an upload). Where the embedded
     Postgres or Redis (the data directory's pg/ or redis/) shares the stored files' disk, uploads leave
-    CLAPQ_UPLOAD_RESERVE_MB (auto: 128 MB) free: here a 1 MiB disk, so a 1 KB file is refused, 507 saying so, and
+    CLAPQ_DISK_RESERVE_MB (auto: 128 MB) free: here a 1 MiB disk, so a 1 KB file is refused, 507 saying so, and
     leaves no file; on a disk of their own, or with the reserve set to 0, the same upload is taken."""
     import dataclasses
 
     from api import create_app
-    from clapq.blobs import upload_reserve
+    from clapq.room import disk_reserve
     from clapq.settings import Settings
 
     data = small_disk / "data"
@@ -1286,21 +1286,21 @@ def test_uploads_leave_the_last_megabytes_of_a_disk_they_share_with_the_embedded
         return c.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                       data={"files": [(io.BytesIO(small), "small.wav")]})
 
-    assert upload_reserve(data / "blobs", data, None) == 128 << 20
-    e = err(upload(data_dir=data, blob_dir=data / "blobs", upload_reserve_mb=None), 507)
+    assert disk_reserve(data / "blobs", data, None) == 128 << 20
+    e = err(upload(data_dir=data, blob_dir=data / "blobs", disk_reserve_mb=None), 507)
     assert re.fullmatch(r"the upload area is full \([01]\.\d MB free, the last 128 MB of which are kept free for the "
-                        r"database that shares its disk, CLAPQ_UPLOAD_RESERVE_MB\); try again once it has room",
+                        r"database that shares its disk, CLAPQ_DISK_RESERVE_MB\); try again once it has room",
                         e["message"]), e
     assert [p for p in (data / "blobs").rglob("*") if p.is_file()] == []
     # the database on another disk: nothing kept
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "redis").mkdir(parents=True)
-    assert upload_reserve(data / "blobs", elsewhere, None) == 0
-    assert upload(data_dir=elsewhere, blob_dir=data / "blobs", upload_reserve_mb=None).status_code == 202
-    assert upload(data_dir=data, blob_dir=data / "blobs", upload_reserve_mb=0).status_code == 202
-    assert Settings.from_env({"CLAPQ_UPLOAD_RESERVE_MB": "512"}).upload_reserve_mb == 512
-    with pytest.raises(SystemExit, match="CLAPQ_UPLOAD_RESERVE_MB must be at least 0"):
-        Settings.from_env({"CLAPQ_UPLOAD_RESERVE_MB": "-1"})
+    assert disk_reserve(data / "blobs", elsewhere, None) == 0
+    assert upload(data_dir=elsewhere, blob_dir=data / "blobs", disk_reserve_mb=None).status_code == 202
+    assert upload(data_dir=data, blob_dir=data / "blobs", disk_reserve_mb=0).status_code == 202
+    assert Settings.from_env({"CLAPQ_DISK_RESERVE_MB": "512"}).disk_reserve_mb == 512
+    with pytest.raises(SystemExit, match="CLAPQ_DISK_RESERVE_MB must be at least 0"):
+        Settings.from_env({"CLAPQ_DISK_RESERVE_MB": "-1"})
 
 
 def test_a_disk_with_no_inode_left_is_a_507_too(settings, new_key, small_disk, caplog):

@@ -563,6 +563,32 @@ def test_a_scratch_disk_full_for_now_is_told_from_one_too_small(tmp_path, small_
     assert n == 48_000 and out.stat().st_size == 4 * 48_000
 
 
+def test_decoded_files_leave_the_reserve_of_a_disk_shared_with_the_database(tmp_path, small_disk):
+    """A worker's decoded scratch files leave CLAPQ_DISK_RESERVE_MB of their disk free where the embedded Postgres or
+    Redis shares it (clapq.room.disk_reserve, as uploads do): a two-hour file decodes to 1.4 GB, and filled such a
+    disk to its last byte, where Postgres could not write and stopped. Past the reserve it is as a full disk (a
+    ScratchError, the machine's: the task's files wait for room), and no scratch bytes are left; with room again,
+    or no reserve, the file decodes. Here a 1 MiB disk holding 400 kB of other files, half of it reserved."""
+    from worker.audio import ScratchError
+
+    one = write(tmp_path / "one.wav", 1.0, seed=3)  # 192 kB decoded
+    out = small_disk / "decoded.f32"
+    (small_disk / "others").write_bytes(bytes(400_000))
+    d = DecoderProcess()
+    try:
+        with pytest.raises(ScratchError, match="no space left on device but the last 0.5 MB, kept free for the "
+                                               r"database that shares it \(CLAPQ_DISK_RESERVE_MB\)"):
+            d.decode(one, out, timeout_s=60, max_duration_s=None, reserve=512 << 10)
+        assert out.stat().st_size == 0
+        info, n = d.decode(one, out, timeout_s=60, max_duration_s=None)  # no reserve: it fits
+        assert n == 48_000
+        (small_disk / "others").unlink()
+        info, n = d.decode(one, out, timeout_s=60, max_duration_s=None, reserve=512 << 10)  # room again
+        assert n == 48_000 and out.stat().st_size == 4 * 48_000
+    finally:
+        d.close()
+
+
 def another_model(tiny_model, tmp_path):
     """A copy of the tiny checkpoint with other weights: another model for clapq."""
     from safetensors.numpy import load_file, save_file

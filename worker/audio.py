@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import soxr
 
+from clapq.room import RESERVE_CHECK_BYTES, kept_free
+
 TARGET_RATE = 48_000
 BLOCK_FRAMES = 1 << 16
 
@@ -803,23 +805,23 @@ def _scratch_error(what: str, out_path, exc: OSError) -> ScratchError:
     return ScratchError(exc.errno, f"cannot {what} the scratch file {out_path}: {exc.strerror}")
 
 
-def _disk(out_path) -> tuple[int, int] | None:
-    """The whole size of the filesystem that holds `out_path`, used or not, and the bytes free on it now; None
-    where it does not say."""
+def _disk(out_path, reserve: int = 0) -> tuple[int, int] | None:
+    """The whole size of the filesystem that holds `out_path`, used or not, and the bytes free on it now, both but
+    the `reserve` kept free for a database on it (clapq.room.disk_reserve); None where it does not say."""
     try:
         st = os.statvfs(os.path.dirname(os.path.abspath(out_path)))
     except OSError:
         return None
-    return (st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize) if st.f_blocks else None
+    return (st.f_blocks * st.f_frsize - reserve, st.f_bavail * st.f_frsize - reserve) if st.f_blocks else None
 
 
 ROOM_WAIT_S = 5.0  # how long a file that met a full scratch disk waits for its room before its task is handed back
 
 
-def _room(out_path, need: int) -> bool:
-    """Whether `need` bytes are free on the scratch disk, now or within ROOM_WAIT_S."""
+def _room(out_path, need: int, reserve: int = 0) -> bool:
+    """Whether `need` bytes are free on the scratch disk (but its `reserve`), now or within ROOM_WAIT_S."""
     deadline = time.monotonic() + ROOM_WAIT_S
-    while (disk := _disk(out_path)) is not None and disk[1] < need:
+    while (disk := _disk(out_path, reserve)) is not None and disk[1] < need:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.1)
@@ -832,14 +834,16 @@ def _too_large(disk: int) -> ScratchTooSmall:
 
 
 def _write_decoded(path, fd: int, out_path, max_duration_s: float | None,
-                   hint: str | None) -> tuple[AudioInfo, int, int, OSError | None]:
+                   hint: str | None, reserve: int = 0) -> tuple[AudioInfo, int, int, OSError | None]:
     """One pass of decode_to_file from the file's start: the info, the samples, the bytes they need, and the
     ENOSPC that stopped the writing, if one did. A disk out of room is full for now, or too small for this file
     whatever else it holds: the decoding goes on without writing, counting, until the file is seen to need more
-    than the whole disk (ScratchTooSmall, this file's) or ends within it."""
+    than the whole disk (ScratchTooSmall, this file's) or ends within it. `reserve`: the bytes of the disk kept free
+    for a database on it (clapq.room.disk_reserve), as if the disk had them not: asked every RESERVE_CHECK_BYTES."""
     info = AudioInfo(0, 0)
     n = written = 0
     full, disk = None, None
+    checked = -RESERVE_CHECK_BYTES  # `written` when the disk's room was last asked
     os.lseek(fd, 0, os.SEEK_SET)
     for block in stream(path, info, max_duration_s=max_duration_s, hint=hint):
         data = memoryview(block.tobytes())
@@ -847,10 +851,14 @@ def _write_decoded(path, fd: int, out_path, max_duration_s: float | None,
         n += block.shape[0]
         if full is None:
             try:
+                if reserve and written - checked >= RESERVE_CHECK_BYTES:
+                    checked = written
+                    if (room := _disk(out_path, reserve)) is not None and room[1] < len(data):
+                        raise kept_free(reserve)
                 while data:
                     data = data[os.write(fd, data):]
             except OSError as exc:
-                if exc.errno != errno.ENOSPC or (disk := _disk(out_path)) is None:
+                if exc.errno != errno.ENOSPC or (disk := _disk(out_path, reserve)) is None:
                     raise _scratch_error("write to", out_path, exc) from exc
                 full = exc
                 with contextlib.suppress(OSError):
@@ -861,8 +869,9 @@ def _write_decoded(path, fd: int, out_path, max_duration_s: float | None,
 
 
 def decode_to_file(path: Path | str, out_path: Path | str, *, max_duration_s: float | None = None,
-                   hint: str | None = None) -> tuple[AudioInfo, int]:
-    """Stream the decoded 48 kHz mono samples to a raw float32 file; returns the info and sample count."""
+                   hint: str | None = None, reserve: int = 0) -> tuple[AudioInfo, int]:
+    """Stream the decoded 48 kHz mono samples to a raw float32 file; returns the info and sample count. `reserve`:
+    the bytes of its disk it leaves free, for a database on it (clapq.room.disk_reserve)."""
     # Not "wb": the worker made the file (empty) already, and on ext4 opening a file with O_TRUNC makes
     # its close start writing the data to disk (auto_da_alloc, for programs that replace a file in
     # place): per 10 s clip 2.3 ms of the decoder's time, 1-1.3 ms of the machine's CPU and a disk write,
@@ -876,14 +885,14 @@ def decode_to_file(path: Path | str, out_path: Path | str, *, max_duration_s: fl
         raise _scratch_error("open", out_path, exc) from exc
     try:
         for last in (False, True):
-            info, n, written, full = _write_decoded(path, fd, out_path, max_duration_s, hint)
+            info, n, written, full = _write_decoded(path, fd, out_path, max_duration_s, hint, reserve)
             if full is None:
                 break
             # full for now (a ScratchError: the task's files wait for room), unless the room is there again
             # once the file has been read, or a moment later: another file's scratch removed meanwhile (one larger
             # than the whole disk gives its room back once it is seen to be, and a decoder beside it that hit
             # the full disk in that moment may have read its own file sooner)
-            if last or not _room(out_path, written):
+            if last or not _room(out_path, written, reserve):
                 raise _scratch_error("write to", out_path, full) from full
         try:
             if os.fstat(fd).st_size > written:

@@ -61,10 +61,10 @@ def _child(conn: Connection, code: str | None = None) -> None:
             return
         if job is None:
             return
-        src, dst, max_duration_s, hint = job
+        src, dst, max_duration_s, hint, reserve = job
         conn.send(("started",))  # its CPU time from now on is this file's (DecoderProcess._wait)
         try:
-            info, n = decode_to_file(src, dst, max_duration_s=max_duration_s, hint=hint)
+            info, n = decode_to_file(src, dst, max_duration_s=max_duration_s, hint=hint, reserve=reserve)
             reply = ("ok", dataclasses.asdict(info), n)
         except TooLong as exc:
             reply = ("too_long", str(exc), 0)
@@ -231,7 +231,7 @@ class DecoderProcess:
 
     def decode(self, src: Path, dst: Path, timeout_s: float, max_duration_s: float | None,
                log_extra: dict | None = None, stop: Callable[[], bool] | None = None,
-               hint: str | None = None, cpu_s: float | None = None) -> tuple[AudioInfo, int]:
+               hint: str | None = None, cpu_s: float | None = None, reserve: int = 0) -> tuple[AudioInfo, int]:
         """Decode src into dst; raises DecodeError for bad files, crashed or hung decoders (past `cpu_s` of its
         CPU time, the file's; past `timeout_s` on the clock, not: see _wait; None: no CPU limit), ScratchError when
         dst cannot be written (the machine's fault, not the file's), Abandoned when `stop()` turns true
@@ -239,12 +239,13 @@ class DecoderProcess:
         (the OOM killer making room for something else, an operator) is not the file's fault; dying twice
         is. CodeChanged, neither the file's nor counted against it, where a new child would run other code than
         this process (upgraded in place, or another copy found first). `log_extra`: the ids that the log lines about this file carry;
-        `hint`: the demuxer the upload's name gives (worker.audio.format_hint)."""
+        `hint`: the demuxer the upload's name gives (worker.audio.format_hint); `reserve`: the bytes of dst's disk left
+        free, for a database on it (clapq.room.disk_reserve: past them, ScratchError as for a full disk)."""
         for attempt in (1, 2):
             if not self.alive():
                 self._start()
             try:
-                self.conn.send((os.path.abspath(src), os.path.abspath(dst), max_duration_s, hint))  # cwd: CODE_ROOT
+                self.conn.send((os.path.abspath(src), os.path.abspath(dst), max_duration_s, hint, reserve))  # cwd: CODE_ROOT
                 self._wait(src, timeout_s, cpu_s, log_extra, stop)
                 status, payload, n = self.conn.recv()
             except (EOFError, OSError):  # the child died: before the file reached it, or on it

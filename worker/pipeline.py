@@ -62,6 +62,7 @@ class Options:
     decode_cpu_s: float | None = 300.0  # of the decoder's CPU time: past it a file fails at fault; None: no limit
     max_duration_s: float | None = None
     scratch_dir: Path = Path(tempfile.gettempdir())
+    scratch_reserve: int = 0  # bytes of the scratch disk its files leave free (clapq.room.disk_reserve)
     window_s: float = WINDOW_S
     hop_s: float = HOP_S
     # files decoding ahead of the model: on a GPU a full batch, so the decoders (child processes) work
@@ -129,7 +130,8 @@ def _read(pool: DecoderPool, blobs: BlobStore, item, rate: int, opts: Options,
                 if ahead is None or ahead.room(item):
                     d.info, d.n = decoder.decode(path, d.raw_path, opts.decode_timeout_s, opts.max_duration_s,
                                                  {"item_id": str(item.id), "job_id": str(item.job_id)}, stop=gone,
-                                                 hint=format_hint(item.filename), cpu_s=opts.decode_cpu_s)
+                                                 hint=format_hint(item.filename), cpu_s=opts.decode_cpu_s,
+                                                 reserve=opts.scratch_reserve)
                     if ahead is not None:  # counted before the decoder is free for the next file to look
                         ahead.decoded(d)
                     break

@@ -22,6 +22,7 @@ from clapq.blobs import BlobStore
 from clapq.checkpoint import register_model, resolve
 from clapq.db import session_scope
 from clapq.queue import EMBED_QUEUE, EMBED_TASK, best_effort, enqueue_items, send_or_mark
+from clapq.room import disk_reserve
 from clapq.settings import Settings, claim_window_s
 from worker import CodeChanged
 
@@ -355,7 +356,9 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
     opts = pipeline.Options(batch_size=settings.batch_size,
                             decode_timeout_s=settings.decode_timeout_s, decode_cpu_s=settings.decode_cpu_s,
                             max_duration_s=settings.max_duration_s,
-                            scratch_dir=_scratch(settings.scratch_dir))
+                            scratch_dir=_scratch(settings.scratch_dir),
+                            scratch_reserve=disk_reserve(settings.scratch_dir, settings.data_dir,
+                                                         settings.disk_reserve_mb))
     counts = {"claimed": len(claimed), "done": 0, "failed": 0}
     # unfinished items, those claimed on the way included: heartbeats and release cover them (the
     # heartbeat thread copies the set with list(), which the GIL keeps whole while this thread edits it)
