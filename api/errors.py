@@ -12,7 +12,7 @@ from flask import Flask, current_app, g, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import exc as orm_exc
-from werkzeug.exceptions import HTTPException, NotFound, RequestEntityTooLarge
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
 
 from clapq.blobs import StorageFull, StorageUnwritable
 from clapq.checkpoint import ModelUnavailable
@@ -375,6 +375,9 @@ def register(app: Flask) -> None:
                 # (told of GET /v1/items too, helper-57, where the path is the API's but for its last part)
                 message = (f"no endpoint {request.path[:200]!r}: the API's paths begin /v1/ right after its address "
                            "(GET /openapi.json lists them)")
+        takes = ", ".join(sorted(set(getattr(e, "valid_methods", None) or ()) - {"HEAD", "OPTIONS"}))
+        if isinstance(e, MethodNotAllowed) and takes:  # werkzeug's words name neither method
+            message = f"{request.path[:200]!r} does not take {request.method[:20]}; it takes {takes}"
         # what the status needs beside the body: Allow on a 405, Content-Range on a 416, WWW-Authenticate
         headers = {k: v for k, v in e.get_headers() if k.lower() not in ("content-type", "content-length")}
         return envelope(e.code or 500, _code(e), message, headers)

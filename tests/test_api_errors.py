@@ -1111,6 +1111,10 @@ def test_limits_and_which_413(client, lib, settings):
     # a method the path does not take: 405 with the methods it does (Allow), in the same envelope
     r = client.put("/v1/libraries", headers=auth(key))
     assert err(r, 405)["code"] == "method_not_allowed" and {"GET", "POST"} <= set(r.headers["Allow"].split(", "))
+    # and says so in its sentence, which is what `clapq` and most clients show (werkzeug's "The method is not
+    # allowed for the requested URL." named neither, helper-90)
+    assert err(r, 405)["message"] == "'/v1/libraries' does not take PUT; it takes GET, POST"
+    assert err(client.delete("/v1/libraries/x/items", headers=auth(key)), 405)["message"].endswith("it takes GET")
 
 
 def test_a_library_of_another_model_is_refused_not_mixed(client, new_key, worker, settings, tmp_path):
