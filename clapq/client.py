@@ -752,6 +752,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     # so that a folder says the same of its copies on every run (digest -> its first path in the folder)
     first: dict[str, str] = {}
     held_copies: list[str] = []
+    by_another: list[str] = []  # files whose bytes another upload put into the library while this one sent them
     failed_before: list[str] = []  # files not sent as the library holds them failed for a reason in their bytes
     # held files whose item's path is gone from the folder, or that take this folder: (item, old path, new path,
     # the folder it was sent from)
@@ -838,7 +839,13 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             job_bytes.append(nbytes)
             for it, p in zip(answer["items"], batch):
                 rel = p.relative_to(folder).as_posix()
-                if "duplicate_of" in it:  # the same bytes as a file sent before it: one item for both
+                if "duplicate_of" in it and it["duplicate_of"] not in where:
+                    # bytes the library got after this run asked (or after it created the library): another
+                    # upload sent them meanwhile, as two runs of one folder at once do. Told as "had the same
+                    # bytes as another (= a file in the library)", every file of the folder (helper-91)
+                    where[it["duplicate_of"]] = rel
+                    by_another.append(printable(rel))
+                elif "duplicate_of" in it:  # the same bytes as a file sent before it: one item for both
                     copies_of.setdefault(it["duplicate_of"], []).append(rel)
                 else:
                     where[it["id"]] = rel
@@ -911,6 +918,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         print(f"{n_files(len(renamed))} renamed or moved since {'it was' if len(renamed) == 1 else 'they were'} "
               f"sent: {'its path' if len(renamed) == 1 else 'their paths'} in the library updated: {_some(renamed)}",
               file=sys.stderr)
+    if by_another:
+        n = len(by_another)
+        print(f"{n_files(n)} {'was' if n == 1 else 'were'} sent by another upload into this library while this one "
+              f"ran (their bytes came from it first), and {'is' if n == 1 else 'are'} stored once: "
+              f"{_some(by_another)}", file=sys.stderr)
     said = [f"{printable(rel)} (= {printable(where.get(item, 'a file in the library'))})"
             for item, rels in copies_of.items() for rel in rels] + held_copies
     copies = len(said)
@@ -934,7 +946,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
               "could not be read (listed above): any audio in them was not sent", file=sys.stderr)
     print(json.dumps({"library_id": lib["id"], "jobs": jobs, "earlier_jobs": resumed, "files": found, "skipped": skipped,
                       "not_sent": len(refused), "unreadable": len(listing.closed), "duplicates": copies,
-                      "renamed": len(renamed), "failed": failed, "failed_before": len(failed_before),
+                      "by_another": len(by_another), "renamed": len(renamed), "failed": failed, "failed_before": len(failed_before),
                       "cancelled": cancelled}))
     return 1 if failed or refused or cancelled or listing.closed else 0
 

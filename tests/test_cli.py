@@ -1055,6 +1055,47 @@ def test_a_failed_file_is_named_by_its_path_in_the_folder(tmp_path, tiny_model):
     assert p.returncode == 1 and "failed: day2/take.wav (item i2): not a readable audio file" in err, err
 
 
+def test_files_another_upload_sent_meanwhile_are_said_so_not_as_copies(tmp_path, tiny_model):
+    """Two `clapq upload` of one folder into one new library at once: the library did not hold the files when
+    the second asked, so it sent them too, and the API answered each as a `duplicate_of` the first's items.
+    The second then said "151 files had the same bytes as another and are stored once: a.wav (= a file in
+    the library), ...", every file of the folder, and "duplicates": 151 (helper-91). The files whose bytes
+    another upload sent first are said so, apart; copies within the folder are still named by their first."""
+    import re
+
+    write(tmp_path / "a.wav", 0.5, seed=1)
+    write(tmp_path / "b.wav", 0.5, seed=2)
+    (tmp_path / "copy of a.wav").write_bytes((tmp_path / "a.wav").read_bytes())
+    theirs = {"a.wav": "o1", "b.wav": "o2", "copy of a.wav": "o1"}  # the items the other upload made
+    bodies: list = []
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
+        if path.endswith("/known"):  # asked before the other upload's request was in
+            return 200, {"known": [], "pending": []}, {}
+        if path.endswith("/batches"):
+            names = [n.decode() for n in re.findall(rb'filename="([^"]*)"', bodies[-1][2])]
+            return 202, {"job_id": "job1", "items": [{"id": theirs[n], "filename": n, "status": "queued",
+                                                      "duplicate_of": theirs[n]} for n in names]}, {}
+        if path == "/v1/jobs/job1":
+            return 200, {"status": "done_with_errors", "progress": 1.0,
+                         "errors": [{"item_id": "o2", "filename": "b.wav", "error": "not a readable audio file"}],
+                         "counts": {"done": 2, "failed": 1, "cancelled": 0, "total": 3, "duplicates": 3}}, {}
+        return 404, None, {}
+
+    with fake_api(answer, bodies) as url:
+        p = _upload(tmp_path, url, tiny_model)
+        out, err = p.communicate(timeout=60)
+    assert "a file in the library" not in err, err
+    assert "2 files were sent by another upload into this library while this one ran (their bytes came from it " \
+        "first), and are stored once: a.wav, b.wav\n" in err, err
+    assert "1 file had the same bytes as another and is stored once: copy of a.wav (= a.wav)\n" in err, err
+    assert "failed: b.wav (item o2): not a readable audio file" in err, err
+    summary = json.loads(out)
+    assert p.returncode == 1 and summary["by_another"] == 2 and summary["duplicates"] == 1, out
+
+
 @pytest.mark.parametrize("retried", [False, True])
 def test_a_job_cancelled_while_the_upload_waits_is_said_and_fails_the_command(tmp_path, tiny_model, retried):
     """A job cancelled from elsewhere (the API, another terminal) while `clapq upload` waits for it: the
