@@ -17,11 +17,11 @@ from clapq.queue import announce_items_gone
 log = logging.getLogger(__name__)
 
 
-def delete_items(session: Session, where) -> dict:
+def delete_items(session: Session, where, commit: bool = True) -> dict:
     """Delete the items `where` selects (their segments, pooled vectors and copies go with them, by
     cascade) and commit; returns the digest of each one's bytes by its id (those this statement removed: not
     those another request deleted first), the digests for `reclaim` (the trigger of migration 0007 queued them
-    in the same transaction). A copy another job recorded of a deleted item stops
+    in the same transaction; not committed where `commit` is false). A copy another job recorded of a deleted item stops
     counting in that job. A worker embedding one of them at this moment writes nothing for it
     (worker.store locks the items it writes); the caller then calls announce_gone, so that it stops soon."""
     # the rows locked first, in id order, the order a worker's vector write locks its items in
@@ -37,7 +37,8 @@ def delete_items(session: Session, where) -> dict:
     uncount = (update(Job).where(Job.id == copies.c.job_id).values(duplicates=Job.duplicates - copies.c.n)
                .returning(Job.id).cte("uncount"))
     shas = dict(session.execute(select(gone.c.id, gone.c.sha256).add_cte(uncount)).all())
-    session.commit()
+    if commit:
+        session.commit()
     return shas
 
 

@@ -204,6 +204,40 @@ def test_deleting_a_library(client, new_key, worker, settings, tmp_path):
     assert _vectors(settings, up["items"][0]["id"]) == 0 and _vectors(settings, kept) == 2
 
 
+def test_a_librarys_deletion_counts_the_files_an_upload_committed_into_it_meanwhile(app, client, new_key, settings,
+                                                                                    tmp_path):
+    """`clapq delete --library L --yes` while `clapq upload` sent into L: "deleted library 'L4': 0 files", where the
+    upload's first request (128 files) had committed between the deletion's items and its library, and went with
+    the library by cascade, unsaid (helper-91). Here a connection inserts a job and an item into the library as
+    an upload does and commits once the deletion waits on it: they are deleted and counted."""
+    key = new_key()
+    lib = _library(client, key, "filled meanwhile")
+    upload(client, key, lib, [write(tmp_path / "first.wav", 0.5, seed=41)])
+    engine = get_engine(settings.database_url)
+    answer = {}
+
+    def delete():
+        answer["r"] = app.test_client().delete(f"/v1/libraries/{lib}", headers=auth(key))
+
+    with engine.connect() as upload_tx:
+        job = upload_tx.scalar(text(
+            "INSERT INTO jobs (id, tenant_id, library_id, kind) SELECT gen_random_uuid(), tenant_id, id, 'upload' "
+            "FROM libraries WHERE id = :l RETURNING id"), {"l": lib})
+        upload_tx.execute(text(
+            "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, status) "
+            "SELECT gen_random_uuid(), tenant_id, id, :j, :sha, 'meanwhile.wav', 4, 'queued' FROM libraries "
+            "WHERE id = :l"), {"l": lib, "j": job, "sha": hashlib.sha256(os.urandom(8)).hexdigest()})
+        t = threading.Thread(target=delete)
+        t.start()
+        wait_for_a_lock_wait(engine, "the deletion did not wait for the upload's transaction")
+        upload_tx.commit()
+    t.join(30)
+    assert answer["r"].status_code == 200, answer["r"].get_data(as_text=True)
+    assert answer["r"].get_json()["deleted"]["items"] == 2, answer["r"].get_json()
+    with session_scope(settings.database_url) as s:
+        assert s.scalar(text("SELECT count(*) FROM items WHERE library_id = :l"), {"l": lib}) == 0
+
+
 def test_a_deleted_files_bytes_stay_for_an_upload_committing_them(app, client, new_key, worker, settings, tmp_path):
     """An upload holds BLOB_LOCK shared from moving its blobs into place until its items commit. Here a
     connection holds it as such an upload would, while an item with the same bytes is deleted: the blob
