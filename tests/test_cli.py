@@ -2730,6 +2730,42 @@ def test_a_folder_renamed_is_followed_when_told_where_it_was(start_api, new_key,
     assert "no file of library 'renamed' was sent from" in out.stderr, out.stderr
 
 
+def test_files_another_moved_from_took_meanwhile_are_said_so(tmp_path, tiny_model):
+    """Two `clapq upload NEW --moved-from OLD` at once: each /moves is made only where the item still is as it was
+    seen, so the second run moved nothing, and said "0 files sent from OLD taken as this folder's" of the 136 files
+    the first had made this folder's (helper-91). It says that they were made this folder's meanwhile."""
+    from clapq.blobs import file_sha256
+    from clapq.client import folder_id
+
+    old, new = tmp_path / "Sounds", tmp_path / "Sounds2"
+    new.mkdir()
+    shas = {name: file_sha256(write(new / name, 0.5, seed=i)) for i, name in enumerate(["a.wav", "b.wav"])}
+    moved: list = []
+
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 2}]}, {}
+        if path.endswith("/known"):
+            return 200, {"known": sorted(shas.values()), "pending": [], "items": {d: f"i{n}" for n, d in shas.items()},
+                         "sent_from": {d: {"path": n, "folder": folder_id(old)} for n, d in shas.items()}}, {}
+        if path.startswith("/v1/libraries/lib1/items"):  # the other run's moves are in once this one tries its own
+            where = folder_id(new if moved else old)
+            return 200, {"items": [{"id": f"i{n}", "sha256": d, "metadata": {"path": n, "folder": where}}
+                                   for n, d in shas.items()], "next_cursor": None}, {}
+        if path.endswith("/moves"):
+            moved.append(path)
+            return 200, {"moved": [], "too_large": []}, {}
+        return 404, None, {}
+
+    with fake_api(answer) as url:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(new), "--library", "x", "--no-wait",
+                              "--moved-from", str(old), "--url", url, "--key", "cq_x"], env=_env(tiny_model),
+                             capture_output=True, text=True, timeout=60)
+    assert moved and out.returncode == 0, out
+    assert "0 files" not in out.stderr and f"2 files sent from {old} were made this folder's meanwhile, by another " \
+        "`clapq upload --moved-from` at the same time\n" in out.stderr, out.stderr
+
+
 def test_a_server_that_is_not_clapq_is_said_so_not_a_traceback(tmp_path, tiny_model):
     """--url pointing at another server: a file server's 200 of HTML (a proxy's login page) was a
     JSONDecodeError traceback, and another server's 404 page was printed as 300 characters of its HTML
