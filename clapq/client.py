@@ -514,6 +514,7 @@ class Known(NamedTuple):
     digests: dict[Path, str | None]  # each file's sha256 (None: it could not be read)
     held: dict[Path, tuple[str, dict]]  # held: the item, and where it was sent from ({"path", "folder"} as said)
     failed: dict[Path, str]  # held as failed for a reason in their bytes, not sent again: why each failed
+    asked: bool  # whether the server answered (one older than /known holds what it holds, unsaid)
 
 
 def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool = False) -> Known:
@@ -532,7 +533,8 @@ def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool
     asked = sorted({d for d in digests.values() if d is not None})
     # not followed if redirected, as the upload that follows would not be: said at once, with where to
     answer = client.call("POST", f"/v1/libraries/{lib_id}/known", json={"sha256": asked}, missing_ok=True,
-                         allow_redirects=False, repeatable=True) or {}
+                         allow_redirects=False, repeatable=True)
+    answered, answer = answer is not None, answer or {}
     known, pending = set(answer.get("known", ())), set(answer.get("pending", ()))
     jobs, items = answer.get("pending_jobs", {}), answer.get("pending_items", {})
     ids, sent_from = answer.get("items", {}), answer.get("sent_from", {})
@@ -545,7 +547,8 @@ def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool
     return Known([p for p in batch if digests[p] not in known and p not in failed],
                  {p: (jobs.get(digests[p]), items.get(digests[p])) for p in batch if digests[p] in pending}, digests,
                  {p: (ids[digests[p]], sent_from[digests[p]]) for p in batch
-                  if isinstance(ids.get(digests[p]), str) and isinstance(sent_from.get(digests[p]), dict)}, failed)
+                  if isinstance(ids.get(digests[p]), str) and isinstance(sent_from.get(digests[p]), dict)}, failed,
+                 answered)
 
 
 def stored_path(rel: str) -> str:
@@ -753,6 +756,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     first: dict[str, str] = {}
     held_copies: list[str] = []
     by_another: list[str] = []  # files whose bytes another upload put into the library while this one sent them
+    unasked = False  # a server older than /known was asked which files its library holds: all were sent
     failed_before: list[str] = []  # files not sent as the library holds them failed for a reason in their bytes
     # held files whose item's path is gone from the folder, or that take this folder: (item, old path, new path,
     # the folder it was sent from)
@@ -778,12 +782,13 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         about was sent on its own, however few of its files the library lacked: a folder of 30,000 files with
         160 broken ones spread through it (tried again at each run) made 115 requests and jobs of one or two
         files at every run, with two lines each (helper-65)."""
-        nonlocal skipped, unfinished
+        nonlocal skipped, unfinished, unasked
         if not check:
             yield from paths
             return
         for group in batches(paths, *cut_at):
-            new, pending, digests, held, failed = not_known(client, lib["id"], group, retry_failed)
+            new, pending, digests, held, failed, answered = not_known(client, lib["id"], group, retry_failed)
+            unasked = unasked or not answered
             skipped += len(group) - len(new) - len(failed)
             unfinished += len(pending)
             held_by_jobs(pending)
@@ -819,7 +824,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                     # as a run again would: once the API answers, the files it took before the cut are not sent
                     # again (their job is waited for), only the rest
                     print(f"{exc.code}; asking which of them the library holds, to send the rest", file=sys.stderr)
-                    new, pending, _, _, failed_here = not_known(client, lib["id"], batch, retry_failed)
+                    new, pending, _, _, failed_here, answered = not_known(client, lib["id"], batch, retry_failed)
+                    unasked = unasked or not answered
                     skipped += len(batch) - len(new) - len(failed_here)
                     unfinished += len(pending)
                     held_by_jobs(pending)
@@ -839,7 +845,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             job_bytes.append(nbytes)
             for it, p in zip(answer["items"], batch):
                 rel = p.relative_to(folder).as_posix()
-                if "duplicate_of" in it and it["duplicate_of"] not in where:
+                if "duplicate_of" in it and it["duplicate_of"] not in where and not unasked:
                     # bytes the library got after this run asked (or after it created the library): another
                     # upload sent them meanwhile, as two runs of one folder at once do. Told as "had the same
                     # bytes as another (= a file in the library)", every file of the folder (helper-91)

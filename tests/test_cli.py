@@ -1055,12 +1055,14 @@ def test_a_failed_file_is_named_by_its_path_in_the_folder(tmp_path, tiny_model):
     assert p.returncode == 1 and "failed: day2/take.wav (item i2): not a readable audio file" in err, err
 
 
-def test_files_another_upload_sent_meanwhile_are_said_so_not_as_copies(tmp_path, tiny_model):
+@pytest.mark.parametrize("asked", [True, False])
+def test_files_another_upload_sent_meanwhile_are_said_so_not_as_copies(tmp_path, tiny_model, asked):
     """Two `clapq upload` of one folder into one new library at once: the library did not hold the files when
     the second asked, so it sent them too, and the API answered each as a `duplicate_of` the first's items.
     The second then said "151 files had the same bytes as another and are stored once: a.wav (= a file in
     the library), ...", every file of the folder, and "duplicates": 151 (helper-91). The files whose bytes
-    another upload sent first are said so, apart; copies within the folder are still named by their first."""
+    another upload sent first are said so, apart; copies within the folder are still named by their first.
+    A server older than /known (404), which is sent every file, is said of as before: its library held them."""
     import re
 
     write(tmp_path / "a.wav", 0.5, seed=1)
@@ -1073,7 +1075,7 @@ def test_files_another_upload_sent_meanwhile_are_said_so_not_as_copies(tmp_path,
         if path == "/v1/libraries":
             return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 0}]}, {}
         if path.endswith("/known"):  # asked before the other upload's request was in
-            return 200, {"known": [], "pending": []}, {}
+            return (200, {"known": [], "pending": []}, {}) if asked else (404, None, {})
         if path.endswith("/batches"):
             names = [n.decode() for n in re.findall(rb'filename="([^"]*)"', bodies[-1][2])]
             return 202, {"job_id": "job1", "items": [{"id": theirs[n], "filename": n, "status": "queued",
@@ -1087,6 +1089,11 @@ def test_files_another_upload_sent_meanwhile_are_said_so_not_as_copies(tmp_path,
     with fake_api(answer, bodies) as url:
         p = _upload(tmp_path, url, tiny_model)
         out, err = p.communicate(timeout=60)
+    if not asked:
+        assert "3 files had the same bytes as another and are stored once: a.wav (= a file in the library), " \
+            "copy of a.wav (= a file in the library), b.wav (= a file in the library)\n" in err, err
+        assert "another upload" not in err and json.loads(out)["by_another"] == 0, (out, err)
+        return
     assert "a file in the library" not in err, err
     assert "2 files were sent by another upload into this library while this one ran (their bytes came from it " \
         "first), and are stored once: a.wav, b.wav\n" in err, err
