@@ -345,15 +345,18 @@ _CONFLICT_STATES = ("40P01", "40001")
 CONFLICT_RETRY_AFTER_S = 1
 
 
-def _room(folder) -> str:
-    """What is left on the disk of `folder` (the stored files'), as the part of a 507's sentence in brackets."""
+def _room(folder, reserved: int = 0) -> str:
+    """What is left on the disk of `folder` (the stored files'), as the part of a 507's sentence in brackets;
+    `reserved`: the bytes of it uploads leave free (StorageFull.reserved), where that is what refused them."""
     try:
         st = os.statvfs(folder if os.path.isdir(folder) else os.path.dirname(folder))
     except OSError:
         return ""
     if st.f_files and not st.f_favail:
         return " (no file can be created there: its disk has no inode left)"
-    return f" ({st.f_bavail * st.f_frsize / 1e6:.1f} MB free, too little for this request's files)"
+    why = (f"the last {reserved >> 20} MB of which are kept free for the database that shares its disk, "
+           "CLAPQ_DISK_RESERVE_MB" if reserved else "too little for this request's files")
+    return f" ({st.f_bavail * st.f_frsize / 1e6:.1f} MB free, {why})"
 
 
 def register(app: Flask) -> None:
@@ -445,11 +448,8 @@ def register(app: Flask) -> None:
                     extra={"blob_dir": str(blob_dir)})
         # "try again later" alone had a user wait for room no one would make (helper-88: a 173 MB file, a data
         # directory's disk with 20 MB free)
-        room = _room(blob_dir)
-        if e.reserved and room.startswith(" (") and "MB free" in room:  # what is left is the databases' own
-            room = (f"{room.split(',')[0]}, the last {e.reserved >> 20} MB of which are kept free for the database "
-                    "that shares its disk, CLAPQ_DISK_RESERVE_MB)")
-        return envelope(507, "insufficient_storage", f"the upload area is full{room}; try again once it has room")
+        return envelope(507, "insufficient_storage", f"the upload area is full{_room(blob_dir, e.reserved)}; try "
+                        "again once it has room")
 
     @app.errorhandler(StorageUnwritable)  # a read-only disk, or the folder's permissions changed (helper-59)
     def _storage_unwritable(e: StorageUnwritable):

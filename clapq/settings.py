@@ -122,7 +122,7 @@ class Settings:
     redis_url: str | None
     data_dir: Path
     blob_dir: Path
-    disk_reserve_mb: int | None  # None: auto (clapq.blobs.disk_reserve)
+    disk_reserve_mb: int | None  # None: auto (clapq.room.disk_reserve)
     model: str
     device: str
     batch_size: int | None  # None: auto (worker.embedder.batch_for)
