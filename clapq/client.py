@@ -1397,7 +1397,10 @@ def _counted(counts: dict) -> str:
     said = ", ".join(f"{counts[s]} {s}" for s in ("done", "failed", "running", "queued", "cancelled")
                      if counts.get(s))
     copies = counts.get("duplicates") or 0
-    return (said or "no files") + (f" ({copies} of them copies of another file's bytes, stored once)" if copies else "")
+    # said apart from the last count, which it is not part of: "14 done, 2 failed (1 of them copies ...)" read as a
+    # failed copy, where the copy was done and the two failed were broken files
+    return (said or "no files") + (f"; {copies} of its files {'is a copy' if copies == 1 else 'are copies'} of another "
+                                   "file's bytes, stored once" if copies else "")
 
 
 def show_job(client: Client, job: str, everything: bool = False, as_json: bool = False) -> None:

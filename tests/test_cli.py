@@ -1315,6 +1315,19 @@ def test_the_bytes_at_a_path_are_read_where_no_digest_of_them_is_known_yet(tmp_p
     c._digests.close()
 
 
+def test_a_jobs_copies_are_not_said_as_part_of_its_last_count():
+    """A job's counts as `clapq jobs show`, `jobs wait` and `upload` print them: its copies were said in brackets
+    after the last count, "14 done, 2 failed (1 of them copies of another file's bytes, stored once)", which read as
+    a failed copy where the copy was done and the two failed were broken files."""
+    from clapq.client import _counted
+
+    assert _counted({"done": 14, "failed": 2, "duplicates": 1}) == \
+        "14 done, 2 failed; 1 of its files is a copy of another file's bytes, stored once"
+    assert _counted({"done": 3, "queued": 2, "duplicates": 2}) == \
+        "3 done, 2 queued; 2 of its files are copies of another file's bytes, stored once"
+    assert _counted({"done": 3}) == "3 done" and _counted({}) == "no files"
+
+
 def test_more_failures_than_a_job_lists_are_all_named_and_counted(tmp_path, tiny_model):
     """A job's `errors` hold its first 100 failures; a job of 150 broken files is read to the end from its
     listing of failed items, so every file is named and the summary counts 150 (it said 100)."""
