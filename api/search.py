@@ -209,11 +209,23 @@ def _one_value(key: str, want) -> None:
 def _has(key: str, want) -> list:
     """Conditions, any of which matches `key: want`: the value itself, or (for a value that is not a list)
     a list holding it, so {"tags": "foley"} finds {"tags": ["foley", "door"]}. A list `want` matches a list
-    holding all of its values (JSONB containment; the GIN index serves each)."""
-    conds = [Item.meta.op("@>")(_jsonb({key: want}))]
-    if not isinstance(want, list):
-        conds.append(Item.meta.op("@>")(_jsonb({key: [want]})))
+    holding all of its values (JSONB containment; the GIN index serves each). A string matches in either
+    Unicode form: metadata is kept as sent, and "Café" typed (NFC) is "Café" as a macOS path spells it (NFD)."""
+    conds = []
+    for form in _forms(want):
+        conds.append(Item.meta.op("@>")(_jsonb({key: form})))
+        if not isinstance(want, list):
+            conds.append(Item.meta.op("@>")(_jsonb({key: [form]})))
     return conds
+
+
+def _forms(want) -> list:
+    """`want` as sent, composed (NFC) and decomposed (NFD): one, two or three distinct values."""
+    def norm(v, form):
+        return unicodedata.normalize(form, v) if isinstance(v, str) else v
+
+    forms = [want] + [[norm(v, f) for v in want] if isinstance(want, list) else norm(want, f) for f in ("NFC", "NFD")]
+    return [f for n, f in enumerate(forms) if f not in forms[:n]]
 
 
 def _jsonb(value: dict):
