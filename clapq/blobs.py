@@ -216,6 +216,8 @@ class BlobStore:
 
     def __init__(self, root: Path | str, reserve_bytes: int = 0) -> None:
         self.root = Path(root)
+        if not self.root.is_dir():  # the library's audio and which files it holds are its owner's alone
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.reserve_bytes = reserve_bytes  # what uploads leave free on its disk (disk_reserve)

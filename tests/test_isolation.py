@@ -171,3 +171,21 @@ def test_a_patch_of_another_tenants_item_neither_locks_nor_waits_for_it(client, 
     t.join()
     assert done and answers == [404], answers
     assert client.get(f"/v1/items/{item}", headers=auth(a)).get_json()["metadata"] == {}
+
+
+def test_the_stored_audio_is_its_owners_alone(tmp_path):
+    """A new blob store's folder is the service user's alone (0700), and so is each stored file (0600): its shard
+    folders were 0755 under a 0755 root, so any account on the machine could list which files a library holds
+    (the file names are their bytes' sha256). An existing folder's mode is the operator's and is kept."""
+    import stat
+
+    from clapq.blobs import BlobStore
+
+    store = BlobStore(tmp_path / "data" / "blobs")
+    w = store.writer()
+    w.write(b"RIFF")
+    sha = w.commit()
+    assert stat.S_IMODE(store.root.stat().st_mode) == 0o700
+    assert stat.S_IMODE(store.path_for(sha).stat().st_mode) == 0o600
+    (tmp_path / "shared").mkdir(mode=0o755)
+    assert stat.S_IMODE(BlobStore(tmp_path / "shared").root.stat().st_mode) == 0o755
