@@ -525,6 +525,47 @@ def test_mp3_parts_of_other_rates_or_channels_joined_without_a_xing_header_decod
         assert dominant_hz(samples[-3 * audio.TARGET_RATE:]) == pytest.approx(1000.0, abs=3), (rate1, ch1, rate2, ch2)
 
 
+@pytest.mark.parametrize("xing", [True, False])
+def test_an_mp3_damaged_midway_decodes_past_the_damage(xing, tmp_path):
+    """An MP3 of 10 s (5 s at 440 Hz, then 880 Hz) with 8 KB of garbage 3 s in (a bad sector, a torn download):
+    libmpg123 gives up resyncing there and libsndfile ends the data without an error, so the item was stored as
+    its first 3 s, done, the rest never searched. FFmpeg skips the damaged frames and reads on (as the ffmpeg
+    CLI plays it); the decoder now goes on with it where libsndfile stops short of the length it states."""
+    from fractions import Fraction
+
+    import av
+
+    from tests.make_audio import _to_format
+
+    if "libmp3lame" not in av.codecs_available:
+        pytest.skip("this PyAV/FFmpeg build has no MP3 encoder")
+    src = tmp_path / "song.mp3"
+    wave = np.concatenate([sine(5.0, 44_100, 440.0), sine(5.0, 44_100, 880.0)])
+    with av.open(str(src), "w", format="mp3", options={"write_xing": "1" if xing else "0"}) as out:
+        a = out.add_stream("libmp3lame", rate=44_100, layout="stereo")
+        a.format, a.bit_rate = "fltp", 128_000
+        for start in range(0, wave.shape[0], 1152):
+            frame = av.AudioFrame.from_ndarray(_to_format(wave[start:start + 1152], "fltp"), format="fltp",
+                                               layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = 44_100, start, Fraction(1, 44_100)
+            for p in a.encode(frame):
+                out.mux(p)
+        for p in a.encode(None):
+            out.mux(p)
+    data = bytearray(src.read_bytes())
+    at = len(data) * 3 // 10
+    data[at:at + 8192] = np.random.default_rng(3).integers(0, 256, 8192, dtype=np.uint8).tobytes()
+    damaged = tmp_path / "damaged"
+    damaged.write_bytes(bytes(data))
+    samples, info = audio.decode(damaged)
+    r = audio.TARGET_RATE
+    # 8 KB of 128 kbit/s are 0.5 s, which FFmpeg leaves out (an MP3's frames carry no times)
+    assert samples.shape[0] / r == pytest.approx(9.5, abs=0.2), info
+    assert info.duration_s == pytest.approx(samples.shape[0] / r, abs=0.001)
+    assert dominant_hz(samples[int(1.0 * r): int(2.5 * r)]) == pytest.approx(440.0, abs=5)
+    assert dominant_hz(samples[-3 * r:]) == pytest.approx(880.0, abs=5)
+
+
 def test_aac_packets_that_do_not_decode_leave_their_time_as_silence(tmp_path):
     """An MP4 of 20 s (10 s at 440 Hz, then 880 Hz) with every 40th AAC packet damaged: each lost packet
     left a 21 ms hole, under the gap taken as lost audio, so every later time came earlier (helper-40: 1.5 s

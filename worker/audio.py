@@ -274,6 +274,14 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
                     yield from _av_resume(path, info, done, reason, in_file)
                     return
                 if not len(block):
+                    if f.format == "MP3" and done + MP3_FRAME < f.frames:
+                        # libmpg123 gives up resyncing at damage midway (KBs of garbage: a bad sector, a torn
+                        # download) and libsndfile ends the data there, no error: a 10 s MP3 was stored as its
+                        # first 3 s. FFmpeg skips the damaged frames and reads on, from frame `done`; a file cut
+                        # short (its header says more than it holds) ends there for both
+                        yield from _av_resume(path, info, done, f"corrupt mp3 data (libsndfile stopped at "
+                                              f"{done / f.samplerate:.1f} s of the {f.frames / f.samplerate:.1f} s "
+                                              "its header states, and FFmpeg could not read on)")
                     return
                 done += block.shape[0]
                 yield block.T  # (channels, frames)
@@ -282,6 +290,7 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
 
 
 EXACT_LENGTH = ("WAV", "WAVEX", "RF64", "W64", "AIFF", "AU", "CAF")
+MP3_FRAME = 1152  # samples of an MPEG-1 Layer III frame: a read ending more short of the stated length stopped
 
 
 def _av_resume(path: Path, info: AudioInfo, skip: int, reason: str, in_file: bool = True) -> Iterator[np.ndarray]:
