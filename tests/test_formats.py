@@ -289,6 +289,32 @@ def test_an_empty_first_audio_track_falls_back_to_one_with_audio(tmp_path):
     assert samples.shape[0] == 192_000
 
 
+@pytest.mark.parametrize("container", ["matroska", "mp4"])
+def test_of_several_audio_tracks_the_one_flagged_default_is_decoded(container, tmp_path):
+    """A film of two audio tracks whose second is flagged default (the first a commentary or another language,
+    not flagged): players (mpv, VLC, a browser) play the second, and the first was embedded. The track flagged
+    default is decoded now; the first where none is, or where several are (Matroska's flag is on unless cleared)."""
+    import av
+
+    path = tmp_path / "two_tracks"
+    with av.open(str(path), "w", format=container) as out:
+        commentary = out.add_stream("aac" if container == "mp4" else "flac", rate=44_100, layout="mono")
+        main = out.add_stream("aac" if container == "mp4" else "flac", rate=22_050, layout="mono")
+        commentary.format, main.format = ("fltp", "fltp") if container == "mp4" else ("s16", "s16")
+        commentary.disposition, main.disposition = av.stream.Disposition(0), av.stream.Disposition.default
+        mux_mono(out, commentary, sine(4.0, 44_100, 440.0)[:, :1], 44_100, fmt=commentary.format.name)
+        mux_mono(out, main, sine(3.0, 22_050, 1000.0)[:, :1], 22_050, fmt=main.format.name)
+        for stream in (commentary, main):
+            for packet in stream.encode(None):
+                out.mux(packet)
+    with av.open(str(path)) as c:  # as written: the second flagged default, the first not
+        assert [bool(s.disposition & av.stream.Disposition.default) for s in c.streams.audio] == [False, True]
+    samples, info = audio.decode(path)
+    assert (info.sample_rate, info.channels) == (22_050, 1), info
+    assert info.duration_s == pytest.approx(3.0, abs=0.03), info
+    assert dominant_hz(samples) == pytest.approx(1000.0, abs=3)
+
+
 def sine(seconds: float, rate: int, freq: float) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     return np.repeat((0.5 * np.sin(2 * np.pi * freq * t))[:, None], 2, axis=1).astype(np.float32)

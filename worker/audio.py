@@ -348,18 +348,24 @@ def _is_webm(path: Path) -> bool:
 
 
 def _first_audible(container) -> int:
-    """Which audio stream to decode: the first, unless it has no data and a later one has (a video's
-    empty first track). Files with one audio stream are not read ahead."""
+    """Which audio stream to decode: the one a player plays, the first flagged default where only some are (a
+    film's main track after a commentary or another language; Matroska's flag is on unless cleared, MP4's is a
+    track enabled), else the first; passed over where it has no data and another has (a video's empty first
+    track). Files with one audio stream are not read ahead."""
+    import av
+
     streams = container.streams.audio
     if len(streams) == 1:
         return 0
+    default = av.stream.Disposition.default
+    order = sorted(range(len(streams)), key=lambda i: not streams[i].disposition & default)
     with_data: set[int] = set()
     for n, packet in enumerate(container.demux(*streams)):
         if packet.size:
             with_data.add(packet.stream.index)
-            if streams[0].index in with_data or n > 5000:
+            if streams[order[0]].index in with_data or n > 5000:
                 break
-    return next((i for i, s in enumerate(streams) if s.index in with_data), 0)
+    return next((i for i in order if streams[i].index in with_data), order[0])
 
 
 def _unopened(path: Path, exc: Exception) -> DecodeError:
