@@ -296,6 +296,8 @@ def test_of_several_audio_tracks_the_one_flagged_default_is_decoded(container, t
     default is decoded now; the first where none is, or where several are (Matroska's flag is on unless cleared)."""
     import av
 
+    if not hasattr(av.stream, "Disposition"):
+        pytest.skip("this PyAV cannot flag a stream default")
     path = tmp_path / "two_tracks"
     with av.open(str(path), "w", format=container) as out:
         commentary = out.add_stream("aac" if container == "mp4" else "flac", rate=44_100, layout="mono")

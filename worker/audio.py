@@ -352,13 +352,11 @@ def _first_audible(container) -> int:
     film's main track after a commentary or another language; Matroska's flag is on unless cleared, MP4's is a
     track enabled), else the first; passed over where it has no data and another has (a video's empty first
     track). Files with one audio stream are not read ahead."""
-    import av
-
     streams = container.streams.audio
     if len(streams) == 1:
         return 0
-    default = av.stream.Disposition.default
-    order = sorted(range(len(streams)), key=lambda i: not streams[i].disposition & default)
+    # AV_DISPOSITION_DEFAULT; an older PyAV without Stream.disposition prefers none
+    order = sorted(range(len(streams)), key=lambda i: not int(getattr(streams[i], "disposition", 0)) & 1)
     with_data: set[int] = set()
     for n, packet in enumerate(container.demux(*streams)):
         if packet.size:
