@@ -134,15 +134,20 @@ def _json_values(raw: str | bytes) -> int:
 
 def parse_json(raw: str | bytes, where: str):
     """JSON text a client sent, as check_text allows it, of at most MAX_JSON_VALUES values (a 413). NaN and
-    Infinity (which Python's parser takes but JSON does not have) and nesting too deep for the parser are 400s
-    here instead of 500s later; other malformed JSON raises ValueError for the caller to word."""
+    Infinity (which Python's parser takes but JSON does not have), numbers a float cannot hold (1e400, 1e-400) and
+    nesting too deep for the parser are 400s here instead of 500s later or a value other than the one sent; other
+    malformed JSON raises ValueError for the caller to word."""
     def no_constant(name: str):
         raise bad_request(f"{where} has {name}, which is not a JSON number")
 
     def finite(text: str) -> float:
         value = float(text)
         if value in (float("inf"), float("-inf")):
-            no_constant(text)
+            raise bad_request(f"{where} has {text[:40]}, a number larger than a 64-bit float holds (about 1.8e308)")
+        if value == 0 and any(c in "123456789" for c in text.lower().partition("e")[0]):
+            # 1e-400 was read as 0 and stored so: a number sent is never kept as another
+            raise bad_request(f"{where} has {text[:40]}, a number closer to 0 than a 64-bit float holds (about "
+                              "5e-324), which would be read as 0; send 0 if 0 is meant")
         return value
 
     def whole(text: str) -> int:  # past it, Python's ValueError told the client to call sys.set_int_max_str_digits

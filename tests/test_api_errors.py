@@ -922,8 +922,8 @@ def test_a_search_is_bounded_by_its_filter_and_its_time(client, lib, settings):
 
 
 def test_what_json_cannot_carry_is_a_400_naming_where(client, lib, settings):
-    """NaN and Infinity (Python's parser takes them, JSON has neither), a number too large for a float,
-    nesting past 32 levels and a metadata filter that is not an object: 400s, never 500s; a refused
+    """NaN and Infinity (Python's parser takes them, JSON has neither), a number too large for a float or
+    too close to 0 for one (not read as 0), nesting past 32 levels and a metadata filter that is not an object: 400s, never 500s; a refused
     upload leaves no temporary file."""
     from clapq.blobs import BlobStore
 
@@ -932,7 +932,10 @@ def test_what_json_cannot_carry_is_a_400_naming_where(client, lib, settings):
     for body, where in ((f'{{"library_id": "{lib_id}", "text": "rain", "k": NaN}}', "NaN"),
                         (f'{{"library_id": "{lib_id}", "text": "rain", "offset": -Infinity}}', "-Infinity"),
                         (f'{{"library_id": "{lib_id}", "text": "rain", "filter": {{"metadata": {{"a": 1e400}}}}}}',
-                         "1e400")):
+                         "1e400"),
+                        # read as 0, and searched (or stored, by a PATCH) so: a 200
+                        (f'{{"library_id": "{lib_id}", "text": "rain", "filter": {{"metadata": {{"a": 1e-400}}}}}}',
+                         "1e-400")):
         e = err(client.post("/v1/search", data=body, headers=h), 400)
         assert where in e["message"] and "JSON body" in e["message"], e
     # an integer of more digits than Python converts was told to call sys.set_int_max_str_digits(), and one in a
