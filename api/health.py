@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from concurrent.futures import Future
@@ -18,6 +20,7 @@ from clapq.presence import TTL_S, beat_alive, live_workers, serving
 from clapq.queue import redis_client
 
 bp = Blueprint("health", __name__)
+log = logging.getLogger(__name__)
 
 CHECK_TIMEOUT_S = 3.0  # a probe that waits longer than this is itself stuck: the orchestrator's own timeout
 
@@ -70,6 +73,24 @@ def _run(checks: dict[str, Callable[[], str]], where: tuple) -> dict[str, str]:
     return out
 
 
+# an absolute path on this machine: a checkpoint's directory, the Hugging Face cache (not a hub id, "laion/...")
+_PATH = re.compile(r"(?<![\w.~:-])/[^\s'\"`()]+")
+_told: set[str] = set()
+
+
+def _unplaced(why: str) -> str:
+    """A check's sentence as /readyz, which takes no key, says it: without the server's paths, which its log
+    gives (once a sentence a process, as probes come every few seconds). The model's sentences named its
+    checkpoint's directory to whoever asked."""
+    shown = _PATH.sub("<path>", why)
+    if shown != why:
+        if why not in _told:
+            _told.add(why)
+            log.warning("/readyz: %s", why)
+        shown += " (the API's log names the paths)"
+    return shown
+
+
 @bp.get("/healthz")
 def healthz():
     return {"status": "ok"}
@@ -98,7 +119,7 @@ def readyz():
         try:
             unchanged(resolve(settings.model))
         except ModelUnavailable as exc:
-            return f"error: {exc}"
+            return f"error: {_unplaced(str(exc))}"
         return "ok"
 
     def maintenance() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -226,12 +227,13 @@ def _replace_weights(ckpt_dir: Path) -> None:
 
 
 def test_weights_replaced_while_the_api_runs_are_never_searched_as_the_old_model(tiny_model, env, new_key,
-                                                                                 tmp_path):
+                                                                                 tmp_path, caplog):
     """The API takes its model's identity at its first request and loads its audio tower at the first search by a
     clip, from the checkpoint's directory. Weights replaced there in between were loaded under the old identity, so
     a clip was embedded by one model and compared with the vectors of another, each score meaningless, and
     /readyz said the model was ok. Now the clip search is a 503 model_unavailable saying the weights changed, and
-    so is /readyz, until the API is restarted; a file only touched (the same bytes) changes nothing."""
+    so is /readyz (without the directory's path: it takes no key), until the API is restarted; a file only touched
+    (the same bytes) changes nothing."""
     from api import create_app
     from clapq.settings import Settings
     from tests.audio import write
@@ -251,8 +253,13 @@ def test_weights_replaced_while_the_api_runs_are_never_searched_as_the_old_model
     os.utime(ckpt_dir / "model.safetensors", ns=(1, 1))  # touched: the same bytes, the same model
     assert client.get("/readyz").get_json()["checks"]["model"] == "ok"
     _replace_weights(ckpt_dir)
-    ready = client.get("/readyz")
-    assert ready.status_code == 503 and "changed while clapq ran" in ready.get_json()["checks"]["model"], ready.get_json()
+    with caplog.at_level(logging.WARNING, logger="api.health"):
+        ready = client.get("/readyz")
+    said = ready.get_json()["checks"]["model"]
+    assert ready.status_code == 503 and "changed while clapq ran" in said, ready.get_json()
+    # /readyz takes no key: the checkpoint's directory is the log's to say, not whoever asks (it named it)
+    assert str(ckpt_dir) not in said and "the weights in <path> changed" in said, said
+    assert any(str(ckpt_dir) in r.getMessage() for r in caplog.records), caplog.records
     r = by_clip()
     assert r.status_code == 503, r.get_json()
     assert r.get_json()["error"]["code"] == "model_unavailable"
