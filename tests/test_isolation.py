@@ -189,3 +189,62 @@ def test_the_stored_audio_is_its_owners_alone(tmp_path):
     assert stat.S_IMODE(store.path_for(sha).stat().st_mode) == 0o600
     (tmp_path / "shared").mkdir(mode=0o755)
     assert stat.S_IMODE(BlobStore(tmp_path / "shared").root.stat().st_mode) == 0o755
+
+
+def test_every_endpoint_answers_another_tenants_ids_as_unknown_ones(client, app, new_key, worker, files):
+    """Each /v1 route that takes an id, each method: tenant B sending tenant A's library, job or item id gets
+    the answer an id no one has gets, 404 with the same body and headers (the ids aside), and A's rows are as
+    they were. Routes are read from the app, so a new one is asked too (its request body below, where the
+    404 would otherwise hide behind a 400 for the body)."""
+    import uuid
+
+    a, b = new_key(), new_key()
+    lib = client.post("/v1/libraries", json={"name": "theirs"}, headers=auth(a)).get_json()["id"]
+    up = upload(client, a, lib, files).get_json()
+    assert wait_job(client, a, up["job_id"])["status"] == "done"
+    item = up["items"][0]["id"]
+    before = {p: client.get(p, headers=auth(a)).get_json() for p in (f"/v1/libraries/{lib}", f"/v1/items/{item}")}
+    sha = before[f"/v1/items/{item}"]["sha256"]
+    path = before[f"/v1/items/{item}"]["metadata"].get("path")
+    theirs = {"lib_id": lib, "job_id": up["job_id"], "item_id": item}
+    labels = {"json": {"labels": ["rain", "dog"]}}
+    bodies = {
+        "/v1/libraries/<lib_id>/batches": {"data": {"files": [(io.BytesIO(b"RIFF...."), "x.wav")]},
+                                           "content_type": "multipart/form-data"},
+        "/v1/libraries/<lib_id>/known": {"json": {"sha256": [sha]}},
+        "/v1/libraries/<lib_id>/moves": {"json": {"moves": [{"item_id": item, "from": {"path": path, "folder": None},
+                                                             "to": {"path": "b.wav", "folder": "f"}}]}},
+        "/v1/libraries/<lib_id>/deletions": {"json": {"item_ids": [item]}},
+        "/v1/libraries/<lib_id>/classify": labels, "/v1/items/<item_id>/classify": labels,
+        ("PATCH", "/v1/items/<item_id>"): {"json": {"metadata": {"x": 1}}},
+    }
+    asked = []
+    # deletions last, so that each of the others meets A's rows as they are
+    rules = sorted((r for r in app.url_map.iter_rules() if r.arguments and r.rule.startswith("/v1/")),
+                   key=lambda r: "DELETE" in r.methods)
+    for rule in rules:
+        for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
+            kwargs = bodies.get((method, rule.rule), bodies.get(rule.rule, {})) if method != "GET" else {}
+            answers = []
+            for ids in (theirs, {k: str(uuid.uuid4()) for k in theirs}):
+                url = rule.rule
+                for name in rule.arguments:
+                    url = url.replace(f"<{name}>", ids[name])
+                kw = {**kwargs, "data": {k: [(io.BytesIO(b"RIFF...."), "x.wav")] for k in kwargs["data"]}} \
+                    if "data" in kwargs else kwargs
+                r = client.open(url, method=method, headers=auth(b), **kw)
+                text = r.get_data(as_text=True)
+                for name, value in ids.items():
+                    text = text.replace(value, f"<{name}>")
+                answers.append((r.status_code, text, sorted(k for k in r.headers.keys() if k != "Date")))
+            assert answers[0][0] == 404 and answers[0] == answers[1], (method, rule.rule, answers)
+            asked.append(f"{method} {rule.rule}")
+    assert len(asked) >= 20, asked
+    # a search of B's own library by A's item ("more like this"): as an unknown item
+    lib_b = client.post("/v1/libraries", json={"name": "mine"}, headers=auth(b)).get_json()["id"]
+    for by in (item, str(uuid.uuid4())):
+        r = client.post("/v1/search", json={"library_id": lib_b, "item_id": by}, headers=auth(b))
+        assert (r.status_code, r.get_json()) == (404, {"error": {"code": "not_found", "message": "item not found",
+                                                                  "status": 404}}), r.get_json()
+    assert {p: client.get(p, headers=auth(a)).get_json() for p in before} == before
+    assert client.get(f"/v1/jobs/{up['job_id']}", headers=auth(a)).get_json()["status"] == "done"
