@@ -49,7 +49,7 @@ def create_library():
     if not isinstance(name, str) or len(name) > 200 or not any(
             unicodedata.category(c)[0] in "LNPS" and not shows_nothing(c) for c in name):
         raise bad_request("'name' must be a string of at most 200 characters with something visible in it")
-    if any(unicodedata.category(c) == "Cc" for c in name.strip()):
+    if any(unicodedata.category(c) == "Cc" or c in "\u2028\u2029" for c in name.strip()):  # Unicode's line breaks too
         raise bad_request("'name' must not contain control characters (tabs, line breaks, ...)")
     # "x\u200b" beside "x", or a direction override, is a name that looks like another; the joiners and the
     # tag characters stay, as emoji sequences (a family, the flag of Wales) and some scripts need them

@@ -274,9 +274,11 @@ def display_name(raw: str | None) -> str:
     """A filename for display only: no directories, no control characters, bounded length."""
     name = unicodedata.normalize("NFC", raw or "")
     name = name.replace("\\", "/").rsplit("/", 1)[-1]
-    # control and formatting characters go (a direction override would make "gpj.wav" look like "vaw.jpg"),
-    # but not the joiners, which are part of an emoji family and of Persian words (helper-42)
-    name = "".join(c for c in name if unicodedata.category(c)[0] != "C" or c in "\u200c\u200d").strip()
+    # control and formatting characters go (a direction override would make "gpj.wav" look like "vaw.jpg"), and
+    # so do the line and paragraph separators (U+2028/9: a name shown as two lines), but not the joiners, which
+    # are part of an emoji family and of Persian words (helper-42)
+    name = "".join(c for c in name
+                   if unicodedata.category(c)[0] != "C" and c not in "\u2028\u2029" or c in "\u200c\u200d").strip()
     if name in ("", ".", ".."):
         name = "unnamed"
     if len(name) > 200:

@@ -298,13 +298,14 @@ def test_every_multipart_text_field_that_is_not_utf8_is_refused(client, lib, set
 
 def test_filenames_are_sanitised(client, lib):
     key, lib_id = lib
-    names = ["../../etc/passwd.wav", "a\x00b.wav", "x" * 400 + ".wav", "/abs/dir/n.wav", ".."]
+    names = ["../../etc/passwd.wav", "a\x00b.wav", "x" * 400 + ".wav", "/abs/dir/n.wav", "..", "c\u2028d\u2029.wav"]
     data = {"files": [(io.BytesIO(b"bytes %d" % i), n) for i, n in enumerate(names)]}
     r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), data=data,
                     content_type="multipart/form-data")
     assert r.status_code == 202
     shown = [i["filename"] for i in r.get_json()["items"]]
     assert shown[0] == "passwd.wav" and shown[1] == "ab.wav" and shown[3] == "n.wav" and shown[4] == "unnamed"
+    assert shown[5] == "cd.wav"  # Unicode's line and paragraph separators: a name shown on two lines
     assert len(shown[2]) <= 200 and shown[2].endswith(".wav")
     assert all("/" not in n and "\\" not in n and "\x00" not in n for n in shown)
     # downloads keep the name in UTF-8 and give clients that read only the ASCII `filename` (curl -OJ) one
@@ -1046,6 +1047,9 @@ def test_library_names_must_show_something(client, new_key):
     key = new_key()
     for name in ("tab\there", "line\nbreak", "\u200b", " \u200b "):
         err(client.post("/v1/libraries", json={"name": name}, headers=auth(key)), 400)
+    for name in ("line\u2028separator", "para\u2029graph"):  # Unicode's line breaks (were 201)
+        e = err(client.post("/v1/libraries", json={"name": name}, headers=auth(key)), 400)
+        assert "line breaks" in e["message"], e
     # letters and symbols that show nothing: a Hangul filler, braille blanks, a variation selector (were 201: a
     # library that looked nameless)
     for name in ("\u3164", "\u115f\u1160", "\u2800\u2800", "\ufe0f"):
