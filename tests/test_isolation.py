@@ -100,7 +100,10 @@ def test_unknown_and_revoked_keys_get_the_same_401(client, settings, new_key):
     unknown = client.get("/v1/libraries", headers=auth("cq_not-a-key"))
     missing = client.get("/v1/libraries")
     assert revoked.status_code == unknown.status_code == missing.status_code == 401
-    assert revoked.get_json() == unknown.get_json()
+    assert revoked.get_json() == unknown.get_json() == missing.get_json()
+    # and the same headers, WWW-Authenticate among them: nothing tells a revoked key from one never made
+    assert dict(revoked.headers) == dict(unknown.headers) == dict(missing.headers)
+    assert revoked.headers["WWW-Authenticate"] == 'Bearer realm="clapq"'
 
 
 def test_a_file_never_reads_another_stored_file(client, new_key, worker, tmp_path):
