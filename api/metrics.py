@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import shutil
@@ -15,6 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from api.errors import ApiError
 from api.health import CHECK_TIMEOUT_S, running
 from clapq import metrics
 from clapq.db import session_scope
@@ -204,5 +206,13 @@ def register(app: Flask) -> None:
 
 @bp.get("/metrics")
 def metrics_endpoint():
+    token = current_app.config["CLAPQ"].metrics_token
+    if token:  # the whole service's activity, which a tenant's key does not open (an API without a proxy in front)
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "surrogateescape"),
+                                                                 token.encode("utf-8", "surrogateescape")):
+            raise ApiError(401, "unauthorized", "/metrics takes the token CLAPQ_METRICS_TOKEN sets: send "
+                           "'Authorization: Bearer <token>' (in Prometheus's scrape config: authorization: "
+                           "credentials: <token>)", {"WWW-Authenticate": 'Bearer realm="clapq metrics"'})
     # as content_type: it carries its charset already (as mimetype, Flask added a second)
     return Response(generate_latest(current_app.extensions["clapq_metrics"]), content_type=CONTENT_TYPE_LATEST)

@@ -151,7 +151,10 @@ SPEC = {
                         "embedding, code: 'ok', or what is wrong"})}}}
             for code, what in (("200", "ready"), ("503", "not ready"))}}},
         "/metrics": {"get": {"security": [], "responses": {"200": {
-            "description": "Prometheus metrics", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "description": "Prometheus metrics", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            "401": {"description": "CLAPQ_METRICS_TOKEN is set, and the request did not send it as "
+                    "'Authorization: Bearer <token>'", "content": {"application/json": {"schema": {
+                        "$ref": "#/components/schemas/Error"}}}}}}},
         "/openapi.json": {"get": {"security": [], "responses": {"200": {
             "description": "this description", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
         "/v1/libraries": {

@@ -160,6 +160,8 @@ class Settings:
     preload_text: bool
     log_level: str
     rate_limit: str  # "" for none
+    # what /metrics takes as `Authorization: Bearer`; "" for none (the default: Prometheus scrapes it with no key)
+    metrics_token: str = dataclasses.field(default="", repr=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -245,6 +247,7 @@ class Settings:
             log_level=_choice(env, "CLAPQ_LOG_LEVEL", LOG_LEVELS, "info").upper(),
             # requests per API key, shared by every API process through Redis (api.ratelimit)
             rate_limit=_rate_limit(env),
+            metrics_token=(env.get("CLAPQ_METRICS_TOKEN") or "").strip(),
         )
         values.update(overrides)
         if values["heartbeat_s"] >= values["stale_after_s"]:

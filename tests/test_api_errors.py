@@ -1714,3 +1714,27 @@ def test_an_api_whose_metrics_disk_is_full_still_answers(start_api, small_disk):
             assert r.status_code < 500 or r.status_code == 503, (method, path, r.status_code, r.text)
     assert requests.get(f"{base}/healthz", timeout=30).status_code == 200
     assert "clapq_http_request_duration_seconds" in requests.get(f"{base}/metrics", timeout=30).text
+
+
+def test_metrics_take_the_token_where_one_is_set(settings, new_key):
+    """CLAPQ_METRICS_TOKEN: /metrics answers only the requests that send it (as Prometheus's scrape config can), so
+    an API its tenants reach with no proxy in front need not show them the whole service's activity; a tenant's key
+    does not open it, the 401 does not say the token, and the probes and the API description still take no key."""
+    from api import create_app
+    from clapq.settings import Settings
+
+    assert Settings.from_env({}).metrics_token == "" and Settings.from_env(
+        {"CLAPQ_METRICS_TOKEN": " s3cret "}).metrics_token == "s3cret"
+    app = create_app(dataclasses.replace(settings, metrics_token="s3cret-token"))
+    client = app.test_client()
+    for headers in ({}, {"Authorization": "Bearer wrong"}, auth(new_key()), {"Authorization": "Basic s3cret-token"},
+                    {"Authorization": "Bearer s3cret-token-and-more"}):
+        r = client.get("/metrics", headers=headers)
+        e = err(r, 401)
+        assert "CLAPQ_METRICS_TOKEN" in e["message"] and "s3cret" not in e["message"], e
+        assert r.headers["WWW-Authenticate"] == 'Bearer realm="clapq metrics"'
+    r = client.get("/metrics", headers={"Authorization": "Bearer s3cret-token"})
+    assert r.status_code == 200 and "clapq_items{" in r.get_data(as_text=True)
+    assert client.get("/healthz").status_code == client.get("/openapi.json").status_code == 200
+    assert client.get("/readyz").status_code != 401
+    assert "s3cret" not in repr(app.config["CLAPQ"])  # a settings object logged or printed does not show it
