@@ -37,6 +37,16 @@ def bad_request(message: str, code: str = "bad_request") -> ApiError:
     return ApiError(400, code, message)
 
 
+def code_changed(what: str, why: str | None = None) -> ApiError:
+    """A 503 no wait mends (the client stops on it): `what` needs code this API process has not loaded, and the code on
+    disk is no longer what it started with (clapq upgraded in place: `git pull`, `pip install -U` into its
+    environment). Loaded now, the new code would run beside the old, whose calls into each other are a 500 at best (an
+    ImportError, a TypeError) and a wrong answer at worst; the process is to be restarted, to run the new throughout."""
+    why = why or ("clapq's code changed on disk since the API started (upgraded in place?), and what it would load now "
+                  "is other code than the API runs; the API must be restarted")
+    return ApiError(503, "code_changed", f"{what}: {why} (ask the API's operator)")
+
+
 MAX_DEPTH = 32  # nesting of JSON a client sends: metadata, filters; deeper is a mistake or an attack
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 from flask import Blueprint, current_app
 from sqlalchemy import text
 
+import worker
 from api.models_info import registered_model_id
 from clapq.checkpoint import ModelUnavailable, resolve, unchanged
 from clapq.db import get_engine
@@ -134,19 +135,19 @@ def readyz():
                 f"{TTL_S} s: a worker still loading it, one that hangs, or workers whose CLAPQ_MODEL is not the "
                 "API's; uploads wait queued until one does")
 
-    def code() -> str:  # upgraded in place under it: what it imports from now on is the new code beside its old
-        import worker
-
+    def code() -> str:  # upgraded in place under it: it runs the old code, and loads none of the new
         if worker.code_on_disk() == worker.CODE:
             return "ok"
         return ("warning: clapq's code changed on disk since this API process started (upgraded in place?): it runs "
-                "the old code, its search clips answer 503 code_changed and modules it loads from now on are the "
-                "new; restart it")
+                "the old code, and a request that needs what it has not loaded yet (a search clip's decoder, a model "
+                "not loaded yet) answers 503 code_changed; restart it")
 
     checks = _run({"postgres": postgres, "redis": redis, "workers": workers, "model": model,
                    "maintenance": maintenance, "embedding": embedding, "code": code},
                   (settings.database_url, settings.redis_url, str(settings.model)))
     # these are said, but not a reason to take the API out of service: it searches without them
-    # (nor is old code: an upgrade in place restarted one process at a time would take every API out of service)
+    # (nor is old code: it loads none of the new, so it answers every request as before or a clear 503 code_changed;
+    # an upgrade in place changes the disk under every API process of a machine at once, and a load balancer told
+    # not_ready would drain them all, each still serving, until restarted)
     ready = all(v == "ok" for k, v in checks.items() if k not in ("workers", "maintenance", "embedding", "code"))
     return {"status": "ready" if ready else "not_ready", "checks": checks}, 200 if ready else 503

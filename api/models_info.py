@@ -9,6 +9,7 @@ from flask import current_app
 from api.db import db
 from api.errors import ApiError
 from clapq.checkpoint import Checkpoint, ModelUnavailable, register_model, resolve
+from clapq.db import session_scope
 from clapq.models import EmbeddingModel
 
 
@@ -21,8 +22,6 @@ def serving_checkpoint() -> Checkpoint:
 
 @functools.lru_cache(maxsize=8)
 def registered_model_id(name: str, weights_sha256: str, url: str) -> int:
-    from clapq.db import session_scope
-
     with session_scope(url) as s:
         return register_model(s, resolve(name))
 

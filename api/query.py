@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
+import sys
 import tempfile
 import unicodedata
 from pathlib import Path
@@ -11,14 +13,19 @@ import numpy as np
 from flask import current_app, g
 from sqlalchemy import select
 
+import worker
 from api.db import db
-from api.errors import ApiError, bad_request, not_found
+from api.errors import ApiError, bad_request, code_changed, not_found
 from api.lookup import owned_item
 from api.models_info import serving_checkpoint
 from clapq.blobs import FULL
 from clapq.queue import best_effort
 from clapq.models import Embedding, Item
 from clapq.threads import one_thread
+from worker import CodeChanged
+from worker.audio import DecodeError, ScratchTooSmall, TooLong, format_hint
+from worker.decoder import get_pool
+from worker.windows import pooled, read_window, spans
 
 
 TEXT_CACHE_TTL_S = 7 * 24 * 3600
@@ -41,10 +48,22 @@ def on_model_thread(fn, *args):
     return one_thread("clapq-model").submit(fn, *args).result()
 
 
+def loaded(module: str, what: str):
+    """`module`, imported on first use: those that import torch (seconds, and hundreds of MB an API that never
+    searches does not pay) are not imported at start-up. Where this process has not imported it yet and the code on
+    disk is no longer what the process started with (upgraded in place), a 503 code_changed (api.errors.code_changed)
+    saying `what` needed it, not a 500: the new module's calls into the old ones loaded at start (or theirs into it)
+    were an ImportError or a TypeError. import_module, not sys.modules: a module another thread is importing is
+    waited for, not taken half made."""
+    if module not in sys.modules and worker.code_on_disk() != worker.CODE:
+        raise code_changed(what)
+    return importlib.import_module(module)
+
+
 def _clap(text_only: bool):
     """The API's own model, loaded lazily in this process on first use (never at start-up), so a
     search never waits behind bulk ingest in the workers' queue."""
-    from clapq.clap import get_clap
+    get_clap = loaded("clapq.clap", "the model cannot be loaded here").get_clap
 
     settings = current_app.config["CLAPQ"]
     return get_clap(serving_checkpoint(), settings.device, settings.precision, text_only=text_only,
@@ -54,7 +73,7 @@ def _clap(text_only: bool):
 def _text_precision() -> str:
     """The arithmetic of this API's text tower (int8, bf16, fp16, fp32): each kind's vectors are cached
     apart."""
-    from clapq.precision import model_precision
+    model_precision = loaded("clapq.precision", "the text cannot be embedded here").model_precision
 
     settings = current_app.config["CLAPQ"]
     return model_precision(settings.device, settings.precision, settings.text_int8)
@@ -130,12 +149,6 @@ def audio_vector(upload) -> np.ndarray:
 
 
 def _clip_vector(upload) -> np.ndarray:
-    from worker.audio import DecodeError, ScratchTooSmall, TooLong, format_hint
-    from worker import CodeChanged
-    from worker.decoder import get_pool
-    from worker.embedder import AudioEmbedder
-    from worker.windows import pooled, read_window, spans
-
     settings = current_app.config["CLAPQ"]
     with tempfile.TemporaryDirectory(prefix="clapq-query-") as tmp:
         src, raw = Path(tmp) / "clip", Path(tmp) / "clip.f32"
@@ -148,8 +161,7 @@ def _clip_vector(upload) -> np.ndarray:
         except CodeChanged as exc:  # no wait mends it: the operator's to restart (the client stops on it)
             why = ("clapq's code changed on disk since the API started (upgraded in place?), and a decoder started "
                    "now would run other code than the API's; the API must be restarted" if exc.upgraded else exc)
-            raise ApiError(503, "code_changed", f"the 'audio' clip cannot be decoded here: {why} (ask the API's "
-                           "operator)") from None
+            raise code_changed("the 'audio' clip cannot be decoded here", str(why)) from None
         except TooLong:
             raise bad_request(f"the 'audio' clip lasts longer than {MAX_CLIP_S} s, the limit for a search clip; "
                               "send a part of it") from None
@@ -165,7 +177,8 @@ def _clip_vector(upload) -> np.ndarray:
             raise bad_request(f"the 'audio' clip could not be decoded: {exc}") from None
         emb = current_app.extensions.setdefault("clapq_audio_embedder", {})
         if "e" not in emb:
-            emb["e"] = on_model_thread(AudioEmbedder, _clap(text_only=False))
+            embedder = loaded("worker.embedder", "the 'audio' clip cannot be embedded here").AudioEmbedder
+            emb["e"] = on_model_thread(embedder, _clap(text_only=False))
         e = emb["e"]
         starts = [s for s, _, _ in spans(n, e.rate, e.window_samples, e.window_samples // 2)]
         # read 16 windows at a time, as they are embedded: a 600 s clip is 119 windows of 10 s that overlap by

@@ -9,11 +9,12 @@ import threading
 import time
 import unicodedata
 import uuid
+from types import SimpleNamespace
 from typing import NamedTuple
 from urllib.parse import parse_qsl
 
 from flask import Blueprint, current_app, g, request
-from sqlalchemy import and_, case, func, or_, select, text, tuple_
+from sqlalchemy import and_, case, cast, func, literal, or_, select, text, tuple_
 from sqlalchemy.dialects.postgresql import JSONB, distinct_on
 
 from api.db import db, time_limit
@@ -229,8 +230,6 @@ def _forms(want) -> list:
 
 
 def _jsonb(value: dict):
-    from sqlalchemy import cast, literal
-
     return cast(literal(json.dumps(value)), JSONB)
 
 
@@ -594,7 +593,5 @@ def _nearest_items(vec, lib_ids, model_id: int, conds: list, exclude, want: int,
         if r.item_id not in spans or (r.d, r.start_s) < (spans[r.item_id].d, spans[r.item_id].start_s):
             spans[r.item_id] = r
     session.rollback()
-    from types import SimpleNamespace
-
     return [SimpleNamespace(**h._asdict(), start_s=spans[h.item_id].start_s, end_s=spans[h.item_id].end_s)
             for h in hits if h.item_id in spans]

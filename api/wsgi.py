@@ -3,6 +3,20 @@
 import logging
 import threading
 
+import worker
+
+# gunicorn forks this process from its master as it starts, and again after one died (a crash, the OOM killer), and
+# the new one imports the app here; the master took worker.CODE as it started (clapq.cli.cmd_api), and holds modules
+# of clapq it imported then. Where the code on disk changed since (clapq upgraded in place), this one would run the
+# new API on that old code (an AttributeError, a TypeError in any request): refused, which stops the master (gunicorn
+# halts on an app that cannot load), so that `clapq up` or the supervisor starts the API again, on the new code
+if worker.code_on_disk() != worker.CODE:
+    from gunicorn.errors import AppImportError
+
+    raise AppImportError("clapq: the code on disk changed since this API started (clapq upgraded in place?): a "
+                         "process it starts now would run the new API on the old code; stopping, to be started again "
+                         "on the new")
+
 from api import create_app
 from api.uploads import QuietClientTimeouts
 from clapq import logs

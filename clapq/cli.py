@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import datetime
 import fcntl
+import importlib
 import os
 import shutil
 import signal
@@ -117,6 +118,13 @@ def cmd_api(args) -> None:
             # which two services on one machine (or `make up` beside `make test`) would share; unused here
             "--no-control-socket"]
     from gunicorn.app.wsgiapp import run
+
+    # taken here, in gunicorn's master, before it forks a process: each one it forks, now or after one died, holds
+    # the code on disk to what the master runs (api.wsgi), and its searches to it (api.query.loaded). The `api`
+    # package too: gunicorn puts its working directory first on sys.path, where a folder `api` of the user's (a
+    # checkout of another version) was the app its processes imported
+    for package in ("api", "worker"):
+        importlib.import_module(package)
 
     sys.argv = argv
     master = os.getpid()

@@ -1408,25 +1408,31 @@ def test_a_search_clip_whose_decoding_fails_for_no_reason_in_its_bytes_is_a_503(
     assert r.status_code == 200, r.get_json()
 
 
+def api_of_a_copy(start_api, tmp_path, monkeypatch) -> tuple[Path, str]:
+    """`clapq api` running a copy of the code (the `clapq`, `worker` and `api` packages), which a test may change as an
+    upgrade in place would: the copy's folder, and the API's URL."""
+    import shutil
+
+    import clapq
+    import worker
+
+    code = tmp_path / "code"
+    for pkg in (Path(clapq.__file__).parent, Path(worker.__file__).parent, Path(worker.__file__).parent.parent / "api"):
+        shutil.copytree(pkg, code / pkg.name, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.chdir(tmp_path)  # `python -m` looks in the working directory first
+    # one gunicorn process, so that each request meets the one the test looks at
+    return code, start_api(PYTHONPATH=str(code), CLAPQ_API_WORKERS="1")
+
+
 def test_an_api_upgraded_in_place_answers_a_search_clip_503_to_restart(start_api, new_key, tmp_path, monkeypatch):
     """The API decodes a search clip in a decoder child, a fresh interpreter that runs the code on disk now: after
     clapq was upgraded in place under a running API (here a copy of the code it runs, changed after it started and
     before its first search by a clip), one started then would run other code than the API. Not the clip's fault,
     and no wait mends it: a 503 `code_changed` that says the API must be restarted (the client stops on it rather
     than waiting), not a 400 blaming the clip or a 500 (before, the search went on with the new decoder)."""
-    import shutil
-
-    import clapq
-    import worker
     from tests.audio import write
 
-    code = tmp_path / "code"
-    for pkg in (Path(clapq.__file__).parent, Path(worker.__file__).parent, Path(worker.__file__).parent.parent / "api"):
-        shutil.copytree(pkg, code / pkg.name, ignore=shutil.ignore_patterns("__pycache__"))
-    monkeypatch.chdir(tmp_path)  # `python -m` looks in the working directory first
-    # one gunicorn process: each imports the app (and takes worker.CODE) as it starts, and a second one still
-    # starting when the first answered /healthz took the changed code for its own (a 200 in a loaded suite)
-    base = start_api(PYTHONPATH=str(code), CLAPQ_API_WORKERS="1")
+    code, base = api_of_a_copy(start_api, tmp_path, monkeypatch)
     h = auth(new_key())
     lib_id = requests.post(f"{base}/v1/libraries", json={"name": "upgraded"}, headers=h, timeout=30).json()["id"]
     clip = write(tmp_path / "q.wav", 2.0, 48_000).read_bytes()
@@ -1447,6 +1453,46 @@ def test_an_api_upgraded_in_place_answers_a_search_clip_503_to_restart(start_api
         assert r.status_code == 503, r.text
         e = r.json()["error"]
         assert e["code"] == "code_changed" and "the API must be restarted" in e["message"], e
+
+
+def test_an_api_upgraded_in_place_loads_none_of_the_new_code_and_a_process_it_starts_then_stops_it(
+        start_api, new_key, tmp_path, monkeypatch):
+    """clapq upgraded in place under a running API, here a new version whose model loader has another name. The API
+    imports the model's modules (torch) at its first search by text, not at start (CLAPQ_PRELOAD_TEXT=0 here; a
+    search while the preload runs is the same): that search imported the new module into the old API, a 500
+    (ImportError). Now it loads none of the new code: a 503 `code_changed` that says the API must be restarted, as a
+    search clip's is; /readyz says why, and stays ready (every API process of the machine has the same disk under it,
+    and each still answers). A gunicorn process that died is forked again from the master, which runs the old code,
+    and imported the new API beside it; now it refuses to, which stops the API, saying why, for `clapq up` (or the
+    supervisor) to start it again on the new code."""
+    import psutil
+
+    code, base = api_of_a_copy(start_api, tmp_path, monkeypatch)
+    h = auth(new_key())
+    lib_id = requests.post(f"{base}/v1/libraries", json={"name": "upgraded"}, headers=h, timeout=30).json()["id"]
+    clap = code / "clapq" / "clap.py"
+    clap.write_text(clap.read_text().replace("def get_clap(", "def load_clap("))
+    r = requests.get(f"{base}/readyz", timeout=30)
+    assert r.json()["checks"]["code"].startswith("warning: clapq's code changed on disk since this API process "
+                                                 "started"), r.json()
+    assert r.status_code == 200 and r.json()["status"] == "ready", r.json()
+    for _ in range(2):  # no wait mends it
+        r = requests.post(f"{base}/v1/search", json={"library_id": lib_id, "text": "a dog barking"}, headers=h,
+                          timeout=120)
+        assert r.status_code == 503, r.text
+        e = r.json()["error"]
+        assert e["code"] == "code_changed" and "the API must be restarted" in e["message"], e
+    assert requests.get(f"{base}/v1/libraries", headers=h, timeout=30).status_code == 200  # the rest as before
+
+    [master] = [p for p in psutil.process_iter(["cmdline", "environ"])
+                if "clapq.cli" in (p.info["cmdline"] or []) and (p.info["environ"] or {}).get("PYTHONPATH") == str(code)
+                and "clapq.cli" not in p.parent().cmdline()]
+    [child] = master.children()
+    child.kill()  # the OOM killer, a native crash
+    assert master.wait(60) != 0
+    log = (tmp_path / "api0.log").read_text()
+    assert "clapq: the code on disk changed since this API started (clapq upgraded in place?)" in log, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
 
 
 @pytest.mark.parametrize("seconds", [20.0, 6.0])
