@@ -1455,8 +1455,9 @@ def test_an_api_upgraded_in_place_answers_a_search_clip_503_to_restart(start_api
         assert e["code"] == "code_changed" and "the API must be restarted" in e["message"], e
 
 
+@pytest.mark.parametrize("package", ["clapq", "api"])
 def test_an_api_upgraded_in_place_loads_none_of_the_new_code_and_a_process_it_starts_then_stops_it(
-        start_api, new_key, tmp_path, monkeypatch):
+        start_api, new_key, tmp_path, monkeypatch, package):
     """clapq upgraded in place under a running API, here a new version whose model loader has another name. The API
     imports the model's modules (torch) at its first search by text, not at start (CLAPQ_PRELOAD_TEXT=0 here; a
     search while the preload runs is the same): that search imported the new module into the old API, a 500
@@ -1464,14 +1465,19 @@ def test_an_api_upgraded_in_place_loads_none_of_the_new_code_and_a_process_it_st
     search clip's is; /readyz says why, and stays ready (every API process of the machine has the same disk under it,
     and each still answers). A gunicorn process that died is forked again from the master, which runs the old code,
     and imported the new API beside it; now it refuses to, which stops the API, saying why, for `clapq up` (or the
-    supervisor) to start it again on the new code."""
+    supervisor) to start it again on the new code. A new version of the `api` package alone is one too (it was
+    not in the code the API compared: /readyz said ok)."""
     import psutil
 
     code, base = api_of_a_copy(start_api, tmp_path, monkeypatch)
     h = auth(new_key())
     lib_id = requests.post(f"{base}/v1/libraries", json={"name": "upgraded"}, headers=h, timeout=30).json()["id"]
-    clap = code / "clapq" / "clap.py"
-    clap.write_text(clap.read_text().replace("def get_clap(", "def load_clap("))
+    if package == "clapq":
+        clap = code / "clapq" / "clap.py"
+        clap.write_text(clap.read_text().replace("def get_clap(", "def load_clap("))
+    else:
+        with open(code / "api" / "search.py", "a") as f:
+            f.write("\n# a newer version\n")
     r = requests.get(f"{base}/readyz", timeout=30)
     assert r.json()["checks"]["code"].startswith("warning: clapq's code changed on disk since this API process "
                                                  "started"), r.json()

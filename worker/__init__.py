@@ -9,12 +9,13 @@ import clapq
 
 
 def code_on_disk() -> str:
-    """The sha256 of the worker's source as it is on disk now: every .py file of the `clapq` and `worker` packages,
-    by name and bytes (an unreadable one, or one added or removed, changes it too). All of them, not only what a
-    decoder child imports: a list of those would fall behind the imports, and a worker whose other code changed
-    is not the one it started as either."""
+    """The sha256 of clapq's source as it is on disk now: every .py file of the `clapq` and `worker` packages, and of
+    the `api` package installed beside them (the API holds itself to this too: api.query.loaded, api.wsgi), by name
+    and bytes (an unreadable one, or one added or removed, changes it too). All of them, not only what a decoder
+    child imports: a list of those would fall behind the imports, and a worker whose other code changed is not the
+    one it started as either."""
     h = hashlib.sha256()
-    for pkg in (Path(clapq.__file__).parent, Path(__file__).parent):
+    for pkg in (Path(clapq.__file__).parent, Path(__file__).parent, Path(__file__).parent.parent / "api"):
         for f in sorted(pkg.glob("*.py")):
             h.update(f"{pkg.name}/{f.name}\0".encode())
             try:
