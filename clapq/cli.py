@@ -26,6 +26,15 @@ def _fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+# the folder this installation's packages (clapq, api, worker) are imported from. A child interpreter of clapq's own
+# starts there: `python -m` and `python -c` put their working directory first on sys.path, so one started where the user
+# ran `clapq up` imported a folder `clapq`, `api` or `worker` there (a checkout of another version) instead. A role of
+# `clapq up` goes back to the user's directory as it starts (START_DIR, at the end of this file), where the relative
+# paths given to it (CLAPQ_MODEL, TMPDIR, HF_HOME...) mean what they meant; its own sys.path[0] stays this folder
+CODE_ROOT = Path(__file__).resolve().parent.parent
+START_DIR = "CLAPQ_START_DIR"
+
+
 # pick_dtype in a child interpreter (torch only, no transformers: a second or two): `clapq worker`
 # must not import torch before Celery forks
 _PRECISION_CHECK = """import sys
@@ -50,7 +59,7 @@ def _check_model(settings: Settings) -> None:
     if (settings.device, settings.precision) != ("auto", "auto"):
         try:
             r = subprocess.run([sys.executable, "-c", _PRECISION_CHECK, settings.device, settings.precision],
-                               capture_output=True, text=True, timeout=300)
+                               capture_output=True, text=True, timeout=300, cwd=CODE_ROOT)
         except subprocess.TimeoutExpired:
             _fail(f"checking CLAPQ_DEVICE={settings.device} took over 5 minutes (is the GPU driver hung?)")
         if r.returncode:
@@ -428,7 +437,7 @@ def cmd_up(args) -> None:
         blob_dir = settings.blob_dir.expanduser().resolve() if os.environ.get("CLAPQ_BLOB_DIR") else data_dir / "blobs"
         env = dict(os.environ, DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_DATA_DIR=str(data_dir),
                    CLAPQ_BLOB_DIR=str(blob_dir), CLAPQ_MODEL=settings.model, CLAPQ_HOST=args.host,
-                   CLAPQ_PORT=str(args.port))
+                   CLAPQ_PORT=str(args.port), **{START_DIR: os.getcwd()})
         exe = [sys.executable, "-m", "clapq.cli"]
 
         def start(role: str) -> subprocess.Popen:
@@ -444,7 +453,7 @@ def cmd_up(args) -> None:
                 counts.mkdir()
                 own = {**env, "PROMETHEUS_MULTIPROC_DIR": str(counts)}
             return subprocess.Popen(exe + [role], env=own, stdin=subprocess.DEVNULL, start_new_session=True,
-                                    preexec_fn=die_with_parent, pass_fds=(lock.fileno(),))
+                                    preexec_fn=die_with_parent, pass_fds=(lock.fileno(),), cwd=CODE_ROOT)
 
         procs.extend(start(role) for role in ("worker", "beat", "api"))
         host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(args.host, args.host)
@@ -780,4 +789,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    if start_dir := os.environ.pop(START_DIR, None):  # a role of `clapq up`, started in CODE_ROOT
+        os.chdir(start_dir)
     main()

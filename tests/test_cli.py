@@ -52,12 +52,16 @@ def _leftovers(data_dir: Path) -> list[str]:
 
 
 class Up:
-    def __init__(self, data_dir: Path, env: dict[str, str], log: Path) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str], log: Path, cwd: Path | None = None) -> None:
         self.port = free_port()
         self.log = log
         self.out = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(data_dir),
-                                      "--port", str(self.port)], env=env, stdout=self.out,
+        # in another working directory, clapq imported as the `clapq` command does: from where it is installed
+        # (PYTHONPATH here), not from that directory, which `python -m` puts first on sys.path
+        cli = (["-m", "clapq.cli"] if cwd is None
+               else ["-c", "import sys; del sys.path[0]; from clapq.cli import main; main()"])
+        self.proc = subprocess.Popen([sys.executable, *cli, "up", "--data-dir", str(data_dir),
+                                      "--port", str(self.port)], env=env, stdout=self.out, cwd=cwd,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_ready(self, timeout: float = 120.0) -> str:
@@ -86,8 +90,9 @@ class Up:
 def up_runner(tmp_path, tiny_model):
     started: list[Up] = []
 
-    def start(data_dir: Path, **env: str) -> Up:
-        u = Up(data_dir, _env(tiny_model, CLAPQ_MAX_REQUEST_BYTES=str(16 << 20), **env), tmp_path / f"up{len(started)}.log")
+    def start(data_dir: Path, cwd: Path | None = None, **env: str) -> Up:
+        u = Up(data_dir, _env(tiny_model, CLAPQ_MAX_REQUEST_BYTES=str(16 << 20), **env),
+               tmp_path / f"up{len(started)}.log", cwd)
         started.append(u)
         return u
 
@@ -411,6 +416,36 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert res2["results"] == res["results"]
     assert up2.stop(signal.SIGHUP) == 0  # the terminal closed: everything stops, the embedded Postgres too
     assert _leftovers(data_dir) == []
+
+
+def test_up_run_in_a_folder_of_other_clapq_packages_starts_its_own(tmp_path, tiny_model, up_runner):
+    """`clapq up` started its roles (API, worker, beat) as `python -m clapq.cli ROLE`, and checked CLAPQ_DEVICE with
+    `python -c`, in the user's working directory, which Python puts first on sys.path: run in a folder that holds a
+    `clapq`, `api` or `worker` package (a checkout of another version), each child imported that one instead (here
+    each stopped on its ImportError, and `up` with them). Now each starts in the folder of `up`'s own packages, and
+    a role goes back to the user's directory: a relative CLAPQ_MODEL is still the model in it, for the worker that
+    embeds and the API that searches."""
+    here = tmp_path / "here"
+    for name in ("clapq", "api", "worker"):
+        (here / name).mkdir(parents=True)
+        (here / name / "__init__.py").write_text(f"raise ImportError('the decoy {name} of the working directory')\n")
+    shutil.copytree(tiny_model, here / "model")
+    up = up_runner(tmp_path / "data", cwd=here, CLAPQ_MODEL="model", CLAPQ_DEVICE="cpu", CLAPQ_PRECISION="fp32")
+    key = up.wait_ready()
+    base, h = f"http://127.0.0.1:{up.port}", {"Authorization": f"Bearer {key}"}
+    deadline = time.monotonic() + 120
+    while (checks := requests.get(f"{base}/readyz", timeout=30).json()["checks"]) and not all(
+            v == "ok" for v in checks.values()):  # the worker has loaded the model, the beat made a pass
+        assert time.monotonic() < deadline and up.proc.poll() is None, (checks, up.log.read_text()[-3000:])
+        time.sleep(0.5)
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "here"}, headers=h, timeout=30).json()
+    f = write(tmp_path / "a.wav", 1.0)
+    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=60,
+                      files=[("files", (f.name, f.read_bytes(), "audio/wav"))])
+    assert _wait_job(base, h, r.json()["job_id"], timeout=180)["status"] == "done"
+    r = requests.get(f"{base}/v1/search", params={"library_id": lib["id"], "q": "birdsong"}, headers=h, timeout=60)
+    assert r.status_code == 200 and len(r.json()["results"]) == 1, r.text
+    assert "decoy" not in up.log.read_text(), up.log.read_text()[-3000:]
 
 
 def test_a_killed_up_takes_its_processes_with_it(tmp_path, tiny_model, up_runner):
