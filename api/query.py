@@ -48,16 +48,25 @@ def on_model_thread(fn, *args):
     return one_thread("clapq-model").submit(fn, *args).result()
 
 
+_MIXED: set[str] = set()  # modules imported while the code on disk changed: parts of them may be the new code
+
+
 def loaded(module: str, what: str):
     """`module`, imported on first use: those that import torch (seconds, and hundreds of MB an API that never
     searches does not pay) are not imported at start-up. Where this process has not imported it yet and the code on
     disk is no longer what the process started with (upgraded in place), a 503 code_changed (api.errors.code_changed)
     saying `what` needed it, not a 500: the new module's calls into the old ones loaded at start (or theirs into it)
-    were an ImportError or a TypeError. import_module, not sys.modules: a module another thread is importing is
-    waited for, not taken half made."""
-    if module not in sys.modules and worker.code_on_disk() != worker.CODE:
+    were an ImportError or a TypeError. So too, for good, where the code changed while it was imported (torch takes
+    seconds). import_module, not sys.modules: a module another thread is importing is waited for, not taken half
+    made."""
+    first = module not in sys.modules
+    if module in _MIXED or (first and worker.code_on_disk() != worker.CODE):
         raise code_changed(what)
-    return importlib.import_module(module)
+    found = importlib.import_module(module)
+    if first and worker.code_on_disk() != worker.CODE:
+        _MIXED.add(module)
+        raise code_changed(what)
+    return found
 
 
 def _clap(text_only: bool):

@@ -1408,9 +1408,9 @@ def test_a_search_clip_whose_decoding_fails_for_no_reason_in_its_bytes_is_a_503(
     assert r.status_code == 200, r.get_json()
 
 
-def api_of_a_copy(start_api, tmp_path, monkeypatch) -> tuple[Path, str]:
+def api_of_a_copy(start_api, tmp_path, monkeypatch, before=None) -> tuple[Path, str]:
     """`clapq api` running a copy of the code (the `clapq`, `worker` and `api` packages), which a test may change as an
-    upgrade in place would: the copy's folder, and the API's URL."""
+    upgrade in place would: the copy's folder, and the API's URL. `before(folder)` changes the copy before it starts."""
     import shutil
 
     import clapq
@@ -1419,6 +1419,8 @@ def api_of_a_copy(start_api, tmp_path, monkeypatch) -> tuple[Path, str]:
     code = tmp_path / "code"
     for pkg in (Path(clapq.__file__).parent, Path(worker.__file__).parent, Path(worker.__file__).parent.parent / "api"):
         shutil.copytree(pkg, code / pkg.name, ignore=shutil.ignore_patterns("__pycache__"))
+    if before is not None:
+        before(code)
     monkeypatch.chdir(tmp_path)  # `python -m` looks in the working directory first
     # one gunicorn process, so that each request meets the one the test looks at
     return code, start_api(PYTHONPATH=str(code), CLAPQ_API_WORKERS="1")
@@ -1499,6 +1501,30 @@ def test_an_api_upgraded_in_place_loads_none_of_the_new_code_and_a_process_it_st
     log = (tmp_path / "api0.log").read_text()
     assert "clapq: the code on disk changed since this API started (clapq upgraded in place?)" in log, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
+
+
+def test_an_api_upgraded_in_place_while_it_loads_the_model_keeps_none_of_it(start_api, new_key, tmp_path,
+                                                                            monkeypatch):
+    """The upgrade in place comes while the API imports the model's modules (torch: seconds), here made to come then
+    by clapq.clap itself: what it imported may be part old and part new, and was used from then on (a 200). Now that
+    search and every one after it answer 503 `code_changed`, as where the change came first."""
+
+    def upgraded_as_the_model_loads(code: Path) -> None:
+        clap, search = code / "clapq" / "clap.py", code / "api" / "search.py"
+        clap.write_text(clap.read_text().replace(
+            "from __future__ import annotations\n",
+            f"from __future__ import annotations\n\nwith open({str(search)!r}, 'a') as f:\n"
+            "    f.write('# a newer version\\n')\n", 1))
+
+    code, base = api_of_a_copy(start_api, tmp_path, monkeypatch, before=upgraded_as_the_model_loads)
+    h = auth(new_key())
+    lib_id = requests.post(f"{base}/v1/libraries", json={"name": "upgraded"}, headers=h, timeout=30).json()["id"]
+    assert "a newer version" not in (code / "api" / "search.py").read_text()
+    for _ in range(2):
+        r = requests.post(f"{base}/v1/search", json={"library_id": lib_id, "text": "a dog barking"}, headers=h,
+                          timeout=120)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "code_changed", r.text
+    assert "a newer version" in (code / "api" / "search.py").read_text()
 
 
 @pytest.mark.parametrize("seconds", [20.0, 6.0])
