@@ -52,14 +52,17 @@ def _leftovers(data_dir: Path) -> list[str]:
 
 
 class Up:
-    def __init__(self, data_dir: Path, env: dict[str, str], log: Path, cwd: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str], log: Path, cwd: Path | None = None,
+                 cwd_removed: bool = False) -> None:
         self.port = free_port()
         self.log = log
         self.out = open(log, "ab")
         # in another working directory, clapq imported as the `clapq` command does: from where it is installed
-        # (PYTHONPATH here), not from that directory, which `python -m` puts first on sys.path
+        # (PYTHONPATH here), not from that directory, which `python -m` puts first on sys.path; `cwd_removed`: that
+        # directory removed as it starts
         cli = (["-m", "clapq.cli"] if cwd is None
-               else ["-c", "import sys; del sys.path[0]; from clapq.cli import main; main()"])
+               else ["-c", "import os, sys; del sys.path[0]; " + ("os.rmdir(os.getcwd()); " if cwd_removed else "")
+                     + "from clapq.cli import main; main()"])
         self.proc = subprocess.Popen([sys.executable, *cli, "up", "--data-dir", str(data_dir),
                                       "--port", str(self.port)], env=env, stdout=self.out, cwd=cwd,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
@@ -90,9 +93,9 @@ class Up:
 def up_runner(tmp_path, tiny_model):
     started: list[Up] = []
 
-    def start(data_dir: Path, cwd: Path | None = None, **env: str) -> Up:
+    def start(data_dir: Path, cwd: Path | None = None, cwd_removed: bool = False, **env: str) -> Up:
         u = Up(data_dir, _env(tiny_model, CLAPQ_MAX_REQUEST_BYTES=str(16 << 20), **env),
-               tmp_path / f"up{len(started)}.log", cwd)
+               tmp_path / f"up{len(started)}.log", cwd, cwd_removed)
         started.append(u)
         return u
 
@@ -446,6 +449,19 @@ def test_up_run_in_a_folder_of_other_clapq_packages_starts_its_own(tmp_path, tin
     r = requests.get(f"{base}/v1/search", params={"library_id": lib["id"], "q": "birdsong"}, headers=h, timeout=60)
     assert r.status_code == 200 and len(r.json()["results"]) == 1, r.text
     assert "decoy" not in up.log.read_text(), up.log.read_text()[-3000:]
+
+
+def test_up_run_in_a_directory_since_removed_starts(tmp_path, tiny_model, up_runner):
+    """`clapq up` run in a directory removed meanwhile (a temporary one, a checkout deleted in another terminal), with
+    absolute paths: its API's gunicorn could not tell its working directory, a FileNotFoundError traceback, and `up`
+    stopped. Its roles now start in the folder of its own packages, and stay there where the user's is gone."""
+    here = tmp_path / "here"
+    here.mkdir()
+    up = up_runner(tmp_path / "data", cwd=here, cwd_removed=True)
+    key = up.wait_ready()
+    assert not here.exists()
+    r = requests.get(f"http://127.0.0.1:{up.port}/v1/libraries", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert r.status_code == 200 and "Traceback" not in up.log.read_text(), up.log.read_text()[-3000:]
 
 
 def test_a_killed_up_takes_its_processes_with_it(tmp_path, tiny_model, up_runner):
