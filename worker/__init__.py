@@ -26,8 +26,9 @@ def code_on_disk() -> str:
 
 
 # the code this process runs, taken when it first imports a module of the worker (Celery's main process, as it
-# starts: its pool children inherit it; the API as it starts too, through api.search): a decoder child, a fresh
-# interpreter that reads the code on disk when it starts, is held to it (worker.decoder)
+# starts: its pool children inherit it; the API's gunicorn master as it starts, clapq.cli.cmd_api: the processes it
+# forks inherit it): a decoder child, a fresh interpreter that reads the code on disk when it starts, is held to it
+# (worker.decoder), and so is what an API process imports after it started (api.query.loaded, api.wsgi)
 CODE = code_on_disk()
 
 
