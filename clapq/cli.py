@@ -1,4 +1,4 @@
-"""The `clapq` command: up (all-in-one), api, worker, migrate, keys create/list/revoke."""
+"""The `clapq` command: up (all-in-one), api, worker, migrate, keys create/list/revoke, backup, restore."""
 
 from __future__ import annotations
 
@@ -225,20 +225,28 @@ def _database_url(settings: Settings, data_dir: Path, stack: list, watch: list |
     return url
 
 
-def _with_keys(args, work) -> None:
-    """work(session) on the service's database (DATABASE_URL, else the embedded one of --data-dir, started
-    and stopped here unless `clapq up` runs on it), migrated first; what it returns is printed."""
-    from clapq.db import session_scope
-
+def _service_data(args, also: str = ""):
+    """(settings, stack, URL) of the service's database: DATABASE_URL, else the embedded one of --data-dir,
+    shared with a `clapq up` running on it, else started here (the stack stops it)."""
     settings = Settings.from_env(data_dir=args.data_dir)
     if not settings.database_url and not (settings.data_dir / "pg").is_dir():
         # a new database here would hold keys no running service knows (helper-51: `keys create` without the
         # --data-dir `clapq up` was given printed a key that got 401s)
         _fail(f"no clapq data in {settings.data_dir}: no `clapq up` has run with it. Pass --data-dir, the directory "
-              "`clapq up` uses (it prints it as 'data:'), or set DATABASE_URL to the service's database", 1)
+              f"`clapq up` uses (it prints it as 'data:'), or set DATABASE_URL to the service's database{also}", 1)
     stack: list = []
     try:
-        url = _database_url(settings, settings.data_dir, stack)
+        return settings, stack, _database_url(settings, settings.data_dir, stack)
+    except RuntimeError as exc:
+        _fail(str(exc), 1)
+
+
+def _with_keys(args, work) -> None:
+    """work(session) on the service's database (_service_data), migrated first; what it returns is printed."""
+    from clapq.db import session_scope
+
+    settings, stack, url = _service_data(args)
+    try:
         _migrate(url)
         with session_scope(url) as s:
             out = work(s)
@@ -256,6 +264,53 @@ def cmd_keys_create(args) -> None:
     if not args.tenant.strip():
         _fail("--tenant needs a name")
     _with_keys(args, lambda s: create_key(s, args.tenant))
+
+
+def cmd_backup(args) -> None:
+    from clapq.backup import BackupError, backup
+
+    settings, stack, url = _service_data(args, " (and CLAPQ_BLOB_DIR to its stored files)")
+    try:
+        key = None if settings.database_url else settings.data_dir / "api_key"
+        backup(url, settings.blob_dir, args.dest, key_file=key, say=lambda m: print(m, file=sys.stderr))
+    except (BackupError, OSError) as exc:
+        _fail(str(exc), 1)
+    finally:
+        for stop in reversed(stack):
+            stop()
+
+
+def cmd_restore(args) -> None:
+    from clapq.backup import KEY, BackupError, read_manifest, restore
+
+    settings = Settings.from_env(data_dir=args.data_dir)
+    try:
+        manifest = read_manifest(args.backup)
+    except BackupError as exc:
+        _fail(str(exc), 1)
+    data_dir = settings.data_dir
+    lock = None
+    if not settings.database_url:  # a `clapq up` on the data directory restored into: refused
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = _lock_data_dir(data_dir)
+    stack: list = []
+    try:
+        url = _database_url(settings, data_dir, stack)
+        restore(args.backup, url, settings.blob_dir, say=lambda m: print(m, file=sys.stderr))
+        _migrate(url)  # a backup of an earlier clapq: brought to this one's schema
+        if manifest.get("api_key") and not settings.database_url and not (data_dir / KEY).exists():
+            shutil.copyfile(args.backup / KEY, data_dir / KEY)  # the owner's key goes on working
+            os.chmod(data_dir / KEY, 0o600)
+    except (BackupError, RuntimeError, OSError) as exc:
+        _fail(str(exc), 1)
+    finally:
+        for stop in reversed(stack):
+            stop()
+        if lock is not None:
+            lock.close()
+    where = f"--data-dir {data_dir}" if not settings.database_url else "DATABASE_URL and CLAPQ_BLOB_DIR"
+    print(f"restored: start it with `clapq up {where}`" if not settings.database_url else
+          f"restored into {where}: start the service on them", file=sys.stderr)
 
 
 def _utc(t) -> str:
@@ -691,6 +746,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("worker", help="an embedding worker (Celery)").set_defaults(func=cmd_worker)
     sub.add_parser("beat", help="the maintenance loop (re-enqueues stranded items, removes files no item holds, rebuilds vector indexes after large deletions)").set_defaults(func=cmd_beat)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
+    for name, func, arg, about, arg_help, where in (
+            ("backup", cmd_backup, "DEST", "back up the service's database and stored files into a new folder, while "
+             "it runs or not", "a new (or empty) folder for the backup", "backed up"),
+            ("restore", cmd_restore, "BACKUP", "restore a backup into a new data directory (or an empty DATABASE_URL "
+             "and CLAPQ_BLOB_DIR)", "a folder `clapq backup` made", "restored into, which must hold no clapq data yet")):
+        command = sub.add_parser(name, help=about)
+        command.add_argument(arg.lower(), type=Path, metavar=arg, help=arg_help)
+        command.add_argument("--data-dir", type=Path, default=None, help=f"the data directory {where} (default "
+                             "$XDG_DATA_HOME/clapq, or ~/.local/share/clapq), unless DATABASE_URL is set")
+        command.set_defaults(func=func)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="print a new API key for a tenant (created if new)")
     create.add_argument("--tenant", required=True, type=lambda raw: _utf8(raw, "the tenant name"),

