@@ -134,10 +134,14 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
                     missing.append(sha)
         finally:
             lock.execute(text("SELECT pg_advisory_unlock_shared(:k)"), {"k": BLOB_LOCK})
-        if missing:
-            raise BackupError(f"{len(missing)} stored file{'s' if len(missing) != 1 else ''} that items hold "
-                              f"{'are' if len(missing) != 1 else 'is'} not in {blob_dir} (the first: {missing[0]}): "
-                              "the store is not this database's, or lost files before this backup")
+        if missing and len(missing) == len(named):
+            shutil.rmtree(work, ignore_errors=True)
+            raise BackupError(f"none of the {len(named)} stored files that items hold is in {blob_dir} "
+                              "(CLAPQ_BLOB_DIR): it is not this database's store")
+        if missing:  # lost before this backup (its items fail, "the stored copy is missing"): the rest is kept
+            say(f"warning: {len(missing)} stored file{'s' if len(missing) != 1 else ''} that items hold "
+                f"{'are' if len(missing) != 1 else 'is'} missing from {blob_dir} (the first: {missing[0]}), as "
+                "they are in the service: backed up without them")
         items = snap.scalar(text("SELECT count(*) FROM items"))
         # 3. the database as that snapshot has it (pg_dump takes it over: the same rows)
         target, env = _libpq(url)
@@ -145,12 +149,12 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
               f"--file={work / DUMP}", f"--dbname={target}"], env, "pg_dump")
         snap.rollback()
     # files deleted since the first pass, or that no row held: not part of this backup
-    keep = set(named)
+    keep = set(named) - set(missing)
     for sha in _stored(copy):
         if sha not in keep:
             _at(copy, sha).unlink()
     manifest = {"format": FORMAT, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "items": items, "files": len(keep),
+                "items": items, "files": len(keep), "missing_files": len(missing),
                 "file_bytes": sum(_at(copy, sha).stat().st_size for sha in keep), "api_key": False}
     if key_file is not None and key_file.is_file():
         shutil.copyfile(key_file, work / KEY)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -3640,6 +3641,24 @@ def test_a_running_service_backed_up_is_restored_elsewhere_with_the_same_results
                            env=_env(tiny_model), capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "exists already and is not an empty folder" in again.stderr, again.stderr
     assert up.stop() == 0
+    # a stored file lost before a backup (its item fails when embedded again) is said, and the rest backed up;
+    # a store that holds none of the database's files is not its store
+    stored = sorted(p for p in (tmp_path / "a" / "blobs").glob("??/??/*") if p.is_file())
+    assert len(stored) == 4
+    lost = stored[0].read_bytes()
+    stored[0].unlink()
+    out = subprocess.run(cli + ["backup", str(tmp_path / "backup-lost"), "--data-dir", str(tmp_path / "a")],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"warning: 1 stored file that items hold is missing from .*backed up without them", out.stderr)
+    assert "backed up 4 items and their 3 stored files" in out.stderr, out.stderr
+    for p in stored[1:]:
+        p.unlink()
+    out = subprocess.run(cli + ["backup", str(tmp_path / "backup-none"), "--data-dir", str(tmp_path / "a")],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "none of the 4 stored files that items hold is in" in out.stderr, out.stderr
+    assert not (tmp_path / "backup-none").exists()
+    stored[0].write_bytes(lost)
 
     out = subprocess.run(cli + ["restore", str(tmp_path / "backup"), "--data-dir", str(tmp_path / "b")],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=120)
