@@ -589,6 +589,26 @@ def test_decoded_files_leave_the_reserve_of_a_disk_shared_with_the_database(tmp_
         d.close()
 
 
+def test_a_reserve_the_file_fits_only_without_is_the_machines_not_the_files(tmp_path, small_disk):
+    """A file that would fit its scratch disk were it empty fails as its own (ScratchTooSmall, at once, for good)
+    only where it is larger than the whole disk, as README says: CLAPQ_DISK_RESERVE_MB is the machine's setting.
+    With a reserve of most of the disk, a 192 kB file on a 1 MiB disk failed at once "larger than the whole scratch
+    disk it is decoded to (0.1 MB ...)", and with a reserve as large as the disk (CLAPQ_DISK_RESERVE_MB=2048 beside
+    a scratch tmpfs of 1 GB) every file failed so, "(-1.0 MB ...)". Each is a ScratchError that says the reserve:
+    the task's files wait for room, as for a full disk; a file larger than the whole disk is still its own."""
+    from worker.audio import ScratchError, ScratchTooSmall, decode_to_file
+
+    out = small_disk / "decoded.f32"
+    one = write(tmp_path / "one.wav", 1.0, seed=3)  # 192 kB decoded
+    for reserve in (900 << 10, 2 << 20):
+        with pytest.raises(ScratchError, match=rf"but the last {reserve / 2**20:g} MB, kept free for the database"):
+            decode_to_file(one, out, reserve=reserve)
+        assert out.stat().st_size == 0
+    with pytest.raises(ScratchTooSmall, match=r"larger than the whole scratch disk it is decoded to \(1\.0 MB"):
+        decode_to_file(write(tmp_path / "six.wav", 6.0, seed=4), out, reserve=2 << 20)  # 1.15 MB decoded
+    assert out.stat().st_size == 0
+
+
 def another_model(tiny_model, tmp_path):
     """A copy of the tiny checkpoint with other weights: another model for clapq."""
     from safetensors.numpy import load_file, save_file

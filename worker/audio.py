@@ -852,7 +852,8 @@ def _write_decoded(path, fd: int, out_path, max_duration_s: float | None,
     ENOSPC that stopped the writing, if one did. A disk out of room is full for now, or too small for this file
     whatever else it holds: the decoding goes on without writing, counting, until the file is seen to need more
     than the whole disk (ScratchTooSmall, this file's) or ends within it. `reserve`: the bytes of the disk kept free
-    for a database on it (clapq.room.disk_reserve), as if the disk had them not: asked every RESERVE_CHECK_BYTES."""
+    for a database on it (clapq.room.disk_reserve), as if the disk had them not: asked every RESERVE_CHECK_BYTES;
+    past it the disk is full for now, whatever the file's size within the whole disk."""
     info = AudioInfo(0, 0)
     n = written = 0
     full, disk = None, None
@@ -871,7 +872,10 @@ def _write_decoded(path, fd: int, out_path, max_duration_s: float | None,
                 while data:
                     data = data[os.write(fd, data):]
             except OSError as exc:
-                if exc.errno != errno.ENOSPC or (disk := _disk(out_path, reserve)) is None:
+                # the whole disk, its reserve included: a file that fits it only without the reserve is not the
+                # file's fault (a reserve of most of the disk, or all of it, failed every file "larger than the
+                # whole scratch disk (-1.0 MB)"); it waits for room as at a full disk
+                if exc.errno != errno.ENOSPC or (disk := _disk(out_path)) is None:
                     raise _scratch_error("write to", out_path, exc) from exc
                 full = exc
                 with contextlib.suppress(OSError):
