@@ -982,16 +982,20 @@ def _taken_over(client: Client, lib: dict, folder: Path, moved_from: Path, first
     renamed, kept = _update_paths(client, lib["id"], folder, moves)
     # each move is made only where the item is as it was seen: another `--moved-from` of this folder at the same
     # moment made them first, and this run said "0 files sent from OLD taken as this folder's" (helper-91)
-    before = len(moves) - len(renamed) - kept and sum(
-        (item.get("metadata") or {}).get("folder") == root for item in _items(client, f"/v1/libraries/{lib['id']}/items")
-        if item["id"] in {m[0] for m in moves})
+    ids, before = {m[0] for m in moves}, 0
+    try:
+        before = len(moves) - len(renamed) - kept and sum(
+            (item.get("metadata") or {}).get("folder") == root
+            for item in _items(client, f"/v1/libraries/{lib['id']}/items") if item["id"] in ids)
+    except SystemExit:  # as the moves' failure, said by _update_paths: the upload goes on, its files are in
+        pass
     if renamed or kept or not before:
         print(f"{n_files(len(renamed) + kept)} sent from {moved_from} taken as this folder's"
               + (f" ({len(renamed)} at another path here)" if renamed else ""), file=sys.stderr)
     if before:
         print(f"{n_files(before)} sent from {moved_from} {'was' if before == 1 else 'were'} made this folder's "
               "meanwhile, by another `clapq upload --moved-from` at the same time", file=sys.stderr)
-    return {m[0] for m in moves}
+    return ids
 
 
 def _library_gone(client: Client, lib_id: str) -> bool:

@@ -2802,10 +2802,14 @@ def test_a_folder_renamed_is_followed_when_told_where_it_was(start_api, new_key,
     assert "no file of library 'renamed' was sent from" in out.stderr, out.stderr
 
 
-def test_files_another_moved_from_took_meanwhile_are_said_so(tmp_path, tiny_model):
+@pytest.mark.parametrize("failing", [False, True])
+def test_files_another_moved_from_took_meanwhile_are_said_so(tmp_path, tiny_model, failing):
     """Two `clapq upload NEW --moved-from OLD` at once: each /moves is made only where the item still is as it was
     seen, so the second run moved nothing, and said "0 files sent from OLD taken as this folder's" of the 136 files
-    the first had made this folder's (helper-91). It says that they were made this folder's meanwhile."""
+    the first had made this folder's (helper-91). It says that they were made this folder's meanwhile. Where the
+    API fails instead (`failing`, a 500 from /moves on), the paths are said to be left as they were and the upload
+    goes on, its files being in: the library listed again for that count failed the same way, and the command
+    ended there with its error, exit 1, before its summary (without --no-wait, before waiting for its jobs)."""
     from clapq.blobs import file_sha256
     from clapq.client import folder_id
 
@@ -2820,6 +2824,9 @@ def test_files_another_moved_from_took_meanwhile_are_said_so(tmp_path, tiny_mode
         if path.endswith("/known"):
             return 200, {"known": sorted(shas.values()), "pending": [], "items": {d: f"i{n}" for n, d in shas.items()},
                          "sent_from": {d: {"path": n, "folder": folder_id(old)} for n, d in shas.items()}}, {}
+        if failing and (moved or path.endswith("/moves")):
+            moved.append(path)
+            return 500, {"error": {"code": "internal", "message": "internal error", "status": 500}}, {}
         if path.startswith("/v1/libraries/lib1/items"):  # the other run's moves are in once this one tries its own
             where = folder_id(new if moved else old)
             return 200, {"items": [{"id": f"i{n}", "sha256": d, "metadata": {"path": n, "folder": where}}
@@ -2833,7 +2840,10 @@ def test_files_another_moved_from_took_meanwhile_are_said_so(tmp_path, tiny_mode
         out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(new), "--library", "x", "--no-wait",
                               "--moved-from", str(old), "--url", url, "--key", "cq_x"], env=_env(tiny_model),
                              capture_output=True, text=True, timeout=60)
-    assert moved and out.returncode == 0, out
+    assert moved and out.returncode == 0 and json.loads(out.stdout)["skipped"] == 2, out
+    if failing:
+        assert "the paths of files renamed since they were sent are left as they were" in out.stderr, out.stderr
+        return
     assert "0 files" not in out.stderr and f"2 files sent from {old} were made this folder's meanwhile, by another " \
         "`clapq upload --moved-from` at the same time\n" in out.stderr, out.stderr
 
