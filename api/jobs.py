@@ -104,10 +104,18 @@ def _job_waiting(job: Job, counts: dict, unsent: int, oldest_queued, last_end, n
         silent = (now - last_beat).total_seconds()
         if silent >= SILENT_BEATS * settings.heartbeat_s:
             n = counts["running"]
+            if silent >= settings.stale_after_s:
+                # the next pass takes them; `clapq up` dates a dead worker's files back to 2000 so that it does,
+                # which was said "not been heard from for 849,000,000 s ..., in about 0 s"
+                whose, it = (("its running file's worker", "it") if n == 1
+                             else (f"its {n} running files' workers", "them"))
+                return (f"{whose} stopped (no heartbeat for CLAPQ_STALE_AFTER_S or more, or `clapq up` handed {it} "
+                        f"back): the maintenance loop queues {it} again at its next pass, every "
+                        f"{settings.sweep_interval_s} s (CLAPQ_SWEEP_INTERVAL_S)")
             what, it = ("its running file has", "it") if n == 1 else (f"its {n} running files have", "them")
             return (f"{what} not been heard from for {silent:.0f} s (a worker stopped?): the maintenance loop queues "
                     f"{it} again once {settings.stale_after_s} s have passed (CLAPQ_STALE_AFTER_S), in about "
-                    f"{max(0.0, settings.stale_after_s - silent):.0f} s")
+                    f"{settings.stale_after_s - silent:.0f} s")
     if unsent and not _presence(model_id)[2]:
         return (f"{unsent} of its files have no task in the queue (Redis did not take it, or they waited for a "
                 "worker of their model), and the maintenance loop that sends them made no pass lately "

@@ -759,6 +759,17 @@ def test_a_job_whose_running_files_are_not_heard_from_says_so(client, new_key, s
     for got in (client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json(),
                 client.get("/v1/jobs", headers=auth(key)).get_json()["jobs"][0]):
         assert got["eta_s"] is None and (m := re.fullmatch(said, got["waiting"] or "")) and int(m[1]) >= silent, got
+    # past CLAPQ_STALE_AFTER_S, or dated back to 2000 as `clapq up` hands back the files of its worker that ended:
+    # the next pass takes it (it said "not been heard from for 849,000,000 s ..., in about 0 s")
+    for when in ("now() - make_interval(secs => :s)", "'2000-01-01 00:00:00+00'"):
+        with session_scope(settings.database_url) as s:
+            s.execute(text(f"UPDATE items SET updated_at = {when} WHERE id = :i"),
+                      {"s": settings.stale_after_s + 1, "i": ids["b"]})
+        got = client.get(f"/v1/jobs/{job}", headers=auth(key)).get_json()
+        assert got["eta_s"] is None and got["waiting"] == (
+            "its running file's worker stopped (no heartbeat for CLAPQ_STALE_AFTER_S or more, or `clapq up` handed "
+            "it back): the maintenance loop queues it again at its next pass, every "
+            f"{settings.sweep_interval_s} s (CLAPQ_SWEEP_INTERVAL_S)"), got
 
 
 def test_a_job_behind_others_or_left_to_a_stopped_maintenance_loop_says_so(client, new_key, settings, app):
