@@ -175,9 +175,10 @@ def queued_tasks(client: redis.Redis) -> int:
     return sum(pipe.execute())
 
 
-def enqueue_committed(app: Celery, item_ids: list, per_task: int, fast: int | None = None, **log_extra) -> list:
-    """Send committed items' tasks if Redis takes them now (`fast`: see enqueue_items); returns those it did
-    not take, which stay queued in Postgres for the sweeper (`clapq beat`) to send."""
+def enqueue_committed(app: Celery, item_ids: list, per_task: int, fast: int | None = None,
+                      countdown: float | None = None, **log_extra) -> list:
+    """Send committed items' tasks if Redis takes them now (`fast`, `countdown`: see enqueue_items); returns those
+    it did not take, which stay queued in Postgres for the sweeper (`clapq beat`) to send."""
     unsent = list(item_ids)
     if not unsent:
         return []
@@ -187,7 +188,7 @@ def enqueue_committed(app: Celery, item_ids: list, per_task: int, fast: int | No
                 log.info("tasks not sent, Redis did not answer lately; the sweeper sends them", extra=log_extra)
                 return unsent
             try:
-                enqueue_items(app, unsent, per_task, fast=fast)
+                enqueue_items(app, unsent, per_task, countdown=countdown, fast=fast)
                 return []
             except NotSent as exc:
                 unsent = exc.ids
@@ -198,12 +199,12 @@ def enqueue_committed(app: Celery, item_ids: list, per_task: int, fast: int | No
 
 
 def send_or_mark(app: Celery, database_url: str, item_ids: list, per_task: int, fast: int | None = None,
-                 **log_extra) -> None:
-    """Send the tasks of these committed, queued files (`fast`: see enqueue_items). Those Redis does not take
-    are marked as having no message (clapq.models.NOT_SENT), and the sweeper sends them at its next pass,
+                 countdown: float | None = None, **log_extra) -> None:
+    """Send the tasks of these committed, queued files (`fast`, `countdown`: see enqueue_items). Those Redis does
+    not take are marked as having no message (clapq.models.NOT_SENT), and the sweeper sends them at its next pass,
     whatever the queue holds; unmarked, they waited CLAPQ_STALE_AFTER_S and an empty queue. A failed mark
     leaves them to that."""
-    unsent = enqueue_committed(app, item_ids, per_task, fast=fast, **log_extra)
+    unsent = enqueue_committed(app, item_ids, per_task, fast=fast, countdown=countdown, **log_extra)
     if not unsent:
         return
     from clapq.db import session_scope

@@ -684,6 +684,36 @@ def test_a_message_that_comes_back_to_a_worker_of_another_model_leaves_its_files
             [(2, None)] * 2 + [(1, None)] * 2
 
 
+def test_a_tasks_files_locked_by_another_transaction_are_sent_again(client, new_key, worker, settings, env,
+                                                                     tmp_path):
+    """A task's claim skips the rows another transaction holds locked (SKIP LOCKED: it does not wait on another
+    worker's claim), and a file it skipped while still queued had no message any more: the task was acked with
+    "claimed 0". Two `clapq upload` of one folder at once: the second upload's request locks the first's items
+    (FOR UPDATE, to tell a retry from a copy) until it commits, and the first's tasks, sent as it committed, met
+    them so: 8 of 41 files stayed queued, no task, until the maintenance loop took them as orphans (after
+    CLAPQ_STALE_AFTER_S, and only once the whole queue was empty). Here a connection holds a job's rows locked as
+    that upload does while their task runs: it sends them again (a moment later), and they are embedded once
+    the lock goes, each on its first try."""
+    from sqlalchemy import text
+
+    from clapq.db import get_engine, session_scope
+    from clapq.models import Item
+
+    key = new_key()
+    job_id, ids = queued_files(client, key, settings, tmp_path, "locked meanwhile",
+                               [(f"l{i}.wav", 1.0, 160 + i) for i in range(3)])
+    with get_engine(settings.database_url).connect() as other:
+        other.execute(text("SELECT id FROM items WHERE id = ANY(CAST(:ids AS uuid[])) ORDER BY id FOR UPDATE"),
+                      {"ids": ids})
+        r = in_a_worker_process(env, f"print(tasks.embed_items.apply(args=[{ids!r}]).result)")
+        other.rollback()
+    assert r.returncode == 0 and r.stdout.strip() == "{'claimed': 0, 'locked': 3}", r.stdout + r.stderr[-3000:]
+    done = wait_job(client, key, job_id, timeout=240)
+    assert done["status"] == "done" and done["counts"]["done"] == 3, done
+    with session_scope(settings.database_url) as s:
+        assert [s.get(Item, uuid.UUID(i)).attempts for i in ids] == [1] * 3
+
+
 def test_files_of_a_model_no_worker_serves_are_left_queued_not_sent_round(settings, env, worker):
     """A worker sent files of a model no live worker serves leaves them queued, saying why, and neither sends
     them again nor rests: sent round, they kept the queue from ever being empty (see test_faults)."""

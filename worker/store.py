@@ -32,14 +32,17 @@ def silent_for(seconds: float):
 
 
 def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: int, task_id: str,
-          stale_after_s: float, retry: bool = False, left: list | None = None) -> list[Claimed]:
+          stale_after_s: float, retry: bool = False, left: list | None = None,
+          locked: list | None = None) -> list[Claimed]:
     """Mark pending items running (attempts counted here, in Postgres) and return them.
 
     A running item is taken only by a redelivery of the task that holds it, or once its
     heartbeat is older than `stale_after_s` (its worker is gone). `retry`: Celery's own retry after a passing
     fault (the database away): the files this task still holds are taken on without counting a try (three
     outages during the same files failed them for good, helper-41). `left` gets (id, the library's model id) of
-    files left queued for a worker of another model."""
+    files left queued for a worker of another model; `locked`, the ids of queued files it skipped, as another
+    transaction held them (an upload of the same bytes deciding whether they are a retry), which this task's
+    message, once acked, no longer holds."""
     stale = silent_for(stale_after_s)
     rows = session.execute(
         select(Item, Job.cancelled, Library.model_id)
@@ -83,6 +86,10 @@ def claim(session: Session, ids: list[uuid.UUID], model_id: int, max_attempts: i
                                    item.attempts, resumed, item.filename))
     if left is not None:
         left.extend(mismatched)
+    if locked is not None and len(rows) < len(ids):
+        seen = {item.id for item, _, _ in rows}
+        locked.extend(session.scalars(select(Item.id).where(Item.id.in_([i for i in ids if i not in seen]),
+                                                            Item.status == "queued")))
     return claimed
 
 

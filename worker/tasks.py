@@ -74,6 +74,8 @@ SCRATCH_REST_S = 60
 SCRATCH_FREE_TRIES = 3
 SCRATCH_MARK = "clapq:scratch-full:{item}"
 
+LOCKED_AGAIN_S = 1.0  # when a task's files another transaction held locked are sent again (an upload's: ms)
+
 
 def _scratch_free(app, held: set) -> set:
     """Those of these files handed back uncounted after a scratch failure fewer than SCRATCH_FREE_TRIES times
@@ -288,7 +290,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
     ids = [uuid.UUID(i) for i in item_ids]
     retry = _marked_retry(self.app, task_id, self.request.retries)
     try:
-        claimed, split, alone, other_model = _claim(ids, task_id, settings, model_id, retry)
+        claimed, split, alone, other_model, locked = _claim(ids, task_id, settings, model_id, retry)
     except TRANSIENT:
         _still_retrying(self, task_id, retry)
         raise
@@ -299,6 +301,12 @@ def embed_items(self, item_ids: list[str]) -> dict:
                 log.info("files this task had taken from later tasks go on one per task", extra={"count": len(alone)})
             else:
                 log.warning("files of a task whose process died go on one per task", extra={"count": len(alone)})
+        if locked:
+            # skipped while another transaction held them (a second upload of the same files deciding whether
+            # they are a retry): acked with this message, they waited as orphans for CLAPQ_STALE_AFTER_S and an
+            # empty queue. Sent again, a moment later, when that transaction has ended
+            send_or_mark(self.app, settings.database_url, locked, settings.items_per_task, countdown=LOCKED_AGAIN_S)
+            log.info("files of this task another transaction held locked are sent again", extra={"count": len(locked)})
         if other_model:  # after those: this may rest a moment
             _leave_for_their_workers(self.app, settings.database_url, model_id, other_model, rest=not claimed)
     except TRANSIENT:  # its claim stands: the files it holds, it holds through a passing fault
@@ -307,7 +315,7 @@ def embed_items(self, item_ids: list[str]) -> dict:
     if split:
         return {"claimed": 0, "split": len(alone)}
     if not claimed:
-        return {"claimed": 0}
+        return {"claimed": 0, **({"locked": len(locked)} if locked else {})}
     return _embed(self, ids, task_id, settings, embedder, model_id, decoders, claimed)
 
 
@@ -321,15 +329,17 @@ def _still_retrying(task, task_id: str, retry: bool) -> None:
         _mark_retry(task.app, task_id, task.request.retries + 1)
 
 
-def _claim(ids: list, task_id: str, settings, model_id: int, retry: bool) -> tuple[list, bool, list, list]:
+def _claim(ids: list, task_id: str, settings, model_id: int,
+           retry: bool) -> tuple[list, bool, list, list, list]:
     """The task's files, claimed; whether they were split (each sent on alone); those sent on alone; those
-    left for a worker of another model."""
+    left for a worker of another model; those queued that another transaction held locked (store.claim)."""
     from worker import store
 
     with session_scope(settings.database_url) as s:
         other_model: list = []
+        locked: list = []
         claimed = store.claim(s, ids, model_id, settings.max_attempts, task_id, settings.stale_after_s, retry=retry,
-                              left=other_model)
+                              left=other_model, locked=locked)
         # Files this task id was still running: the process that had them died (a native crash, the OOM
         # killer) and Celery handed the message back. One of them may be what kills it, so each goes on
         # alone, as the sweeper sends a dead worker's files: the one that kills runs out of attempts by
@@ -343,7 +353,7 @@ def _claim(ids: list, task_id: str, settings, model_id: int, retry: bool) -> tup
         # (CLAPQ_STALE_AFTER_S) with every worker idle. On a retry of Celery's own as well: the try before
         # handed back what it had borrowed (queued again, so not taken here) unless its process died.
         alone += store.release_borrowed(s, ids, task_id, retry=retry)
-    return claimed, split, alone, other_model
+    return claimed, split, alone, other_model, locked
 
 
 def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, decoders, claimed: list) -> dict:
