@@ -109,6 +109,7 @@ class Client:
         self.s.headers["Authorization"] = f"Bearer {key}"
         self.reached = False  # the API has answered once: from then on, no answer is an outage, not a typo
         self.stopped: Path | None = None  # the data directory whose address this is, where its `up` is not running
+        self.key_of_stopped = False  # whether the key is that data directory's too (not --key, CLAPQ_API_KEY)
 
     def call(self, method: str, path: str, missing_ok: bool = False, **kw) -> dict | None:
         """The JSON answer; any failure is a SystemExit with a sentence. `missing_ok`: a 404 is None. While
@@ -185,6 +186,11 @@ class Client:
                 msg += f"; check --url (or CLAPQ_URL): the API's address, with no path ({self.url} now)"
             if r.status_code == 412 and code == "precondition_failed":
                 raise Stale(f"clapq: {method} {path}: {msg}")
+            if r.status_code == 401 and code == "unauthorized" and self.stopped is not None and not self.key_of_stopped:
+                raise SystemExit(f"clapq: {method} {path}: the API at {self.url} does not take this key, and the "
+                                 f"`clapq up` of {self.stopped}, whose address it is, is not running: another server "
+                                 f"answers there. Start it again (`clapq up --data-dir {self.stopped}` with the --port "
+                                 "it had), or pass --url")
             if r.status_code == 401 and code == "unauthorized" and self.stopped is not None:
                 # another `clapq up` (of another data directory) serves the port this one's last run did: its key
                 # was said to be revoked (helper-88)
@@ -1776,12 +1782,13 @@ def connect(url: str | None, key: str | None, data_dir: Path) -> Client:
     if not usable:
         raise SystemExit(f"clapq: {url!r} is not an API address like http://127.0.0.1:8000 (--url or CLAPQ_URL)")
     key = key or os.environ.get("CLAPQ_API_KEY")
-    if not key and (data_dir / "api_key").is_file():
+    dir_key = not key and (data_dir / "api_key").is_file()
+    if dir_key:
         key = (data_dir / "api_key").read_text().strip()
     if not key:
         raise SystemExit(f"clapq: no API key: pass --key, set CLAPQ_API_KEY, or pass --data-dir, the directory `clapq up` "
                          f"uses, whose key it reads ({data_dir} has none); `clapq keys create` makes more keys")
     client = Client(url, key)
     if from_dir and _up_stopped(data_dir):
-        client.stopped = data_dir
+        client.stopped, client.key_of_stopped = data_dir, dir_key
     return client

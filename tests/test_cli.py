@@ -1007,8 +1007,8 @@ def test_a_data_directory_whose_up_is_stopped_is_said_so_where_another_server_an
     with fake_api(answer) as url:
         (data_dir / "url").write_text(url + "\n")
 
-        def jobs() -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "clapq.cli", "jobs", "--data-dir", str(data_dir)],
+        def jobs(*more) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "clapq.cli", "jobs", "--data-dir", str(data_dir), *more],
                                   env=_env(tiny_model), capture_output=True, text=True, timeout=60)
 
         out = jobs()
@@ -1016,6 +1016,12 @@ def test_a_data_directory_whose_up_is_stopped_is_said_so_where_another_server_an
             f"clapq: GET /v1/jobs: the API at {url} does not take the key of {data_dir}, whose `clapq up` is not "
             "running: another server answers at the address it served last. Start it again (`clapq up --data-dir "
             f"{data_dir}` with the --port it had), or pass --url and --key"), out.stderr
+        # a key of the user's own (--key, CLAPQ_API_KEY) is not called D's (it was "the key of D")
+        out = jobs("--key", "cq_mine")
+        assert out.returncode == 1 and out.stderr.strip() == (
+            f"clapq: GET /v1/jobs: the API at {url} does not take this key, and the `clapq up` of {data_dir}, "
+            "whose address it is, is not running: another server answers there. Start it again (`clapq up "
+            f"--data-dir {data_dir}` with the --port it had), or pass --url"), out.stderr
         with open(data_dir / "clapq-up.lock") as held:  # as a running `up` holds it
             fcntl.flock(held, fcntl.LOCK_EX)
             out = jobs()
