@@ -117,7 +117,9 @@ def delete_library(lib_id: str):
     # an upload committing into it meanwhile: the library's row locked, which waits for an upload whose job or
     # items are in and not committed (their foreign keys' lock), then its items deleted again, so that they
     # are counted too: they went by cascade, unsaid ("deleted library 'L': 0 files" while 128 went, helper-91).
-    # An upload after this gets a 404 (api.errors)
+    # This second pass takes the library before those items, against the order above: a worker writing vectors
+    # of one of them in that moment could deadlock with it, which Postgres ends (503 database_conflict, sent
+    # again by the client). An upload after this gets a 404 (api.errors)
     db().execute(select(Library.id).where(Library.id == lib.id).with_for_update())
     shas += delete_items(db(), Item.library_id == lib.id, commit=False).values()
     db().execute(delete(Library).where(Library.id == lib.id))
