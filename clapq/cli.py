@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import datetime
 import fcntl
+import json
 import importlib
 import os
 import shutil
@@ -278,6 +279,27 @@ def cmd_backup(args) -> None:
     finally:
         for stop in reversed(stack):
             stop()
+
+
+def cmd_check(args) -> None:
+    from clapq.check import check, describe
+
+    settings, stack, url = _service_data(args, " (and CLAPQ_BLOB_DIR to its stored files)")
+    try:
+        if not settings.blob_dir.is_dir():
+            _fail(f"no stored files at {settings.blob_dir} (CLAPQ_BLOB_DIR): not this service's store", 1)
+        report = check(url, settings.blob_dir, verify=args.verify, remove_orphans=args.remove_orphans,
+                       rate=args.rate * 1e6, say=lambda m: print(m, file=sys.stderr, flush=True))
+    except OSError as exc:
+        _fail(str(exc), 1)
+    finally:
+        for stop in reversed(stack):
+            stop()
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print("\n".join(describe(report, settings.blob_dir)))
+    sys.exit(0 if report["ok"] else 1)
 
 
 def cmd_restore(args) -> None:
@@ -604,7 +626,7 @@ def cmd_upload(args) -> None:
         _fail("--moved-from takes a folder: the folder uploaded, as it was named before it was moved or renamed")
     raise SystemExit(upload_folder(connect(args.url, args.key, settings.data_dir), folder, args.library,
                                    wait=not args.no_wait, only=only, retry_failed=args.retry_failed,
-                                   moved_from=args.moved_from))
+                                   moved_from=args.moved_from, resend=args.resend))
 
 
 def cmd_search(args) -> None:
@@ -756,6 +778,18 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--data-dir", type=Path, default=None, help=f"the data directory {where} (default "
                              "$XDG_DATA_HOME/clapq, or ~/.local/share/clapq), unless DATABASE_URL is set")
         command.set_defaults(func=func)
+    check = sub.add_parser("check", help="find stored files that are missing, damaged (--verify) or held by no item; "
+                           "exit 1 if any, while the service runs or not")
+    check.add_argument("--verify", action="store_true", help="read each stored file an item names and hash it: "
+                       "finds files damaged on disk (reads the whole store, at --rate)")
+    check.add_argument("--rate", type=float, default=100.0, metavar="MB_PER_S", help="with --verify, read at most "
+                       "this many MB a second, so the service keeps its disk (default 100; 0: no bound)")
+    check.add_argument("--remove-orphans", action="store_true", help="remove the stored files no item holds, as a "
+                       "deletion does (no row is changed)")
+    check.add_argument("--json", action="store_true", help="print the report as JSON, for scripts")
+    check.add_argument("--data-dir", type=Path, default=None, help="the service's data directory (default "
+                       "$XDG_DATA_HOME/clapq, or ~/.local/share/clapq), unless DATABASE_URL is set")
+    check.set_defaults(func=cmd_check)
     keys = sub.add_parser("keys", help="API keys").add_subparsers(dest="keys_command", required=True)
     create = keys.add_parser("create", help="print a new API key for a tenant (created if new)")
     create.add_argument("--tenant", required=True, type=lambda raw: _utf8(raw, "the tenant name"),
@@ -780,6 +814,9 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--retry-failed", action="store_true", help="send again the files that failed before for a "
                         "reason in their bytes (not decodable, no audio, too long), which are otherwise left out "
                         "until their bytes change")
+    upload.add_argument("--resend", action="store_true", help="send the files the library holds too: their stored "
+                        "copies are written anew (mends those `clapq check` finds missing or damaged; their items and "
+                        "vectors stay as they are)")
     upload.add_argument("--moved-from", type=Path, metavar="OLD", help="the folder's path before it was itself "
                         "moved or renamed (where `clapq upload` sent its files from): its files in the library become "
                         "this folder's, so that their renames are followed and `clapq delete --gone-from` finds those "

@@ -523,12 +523,13 @@ class Known(NamedTuple):
     asked: bool  # whether the server answered (one older than /known holds what it holds, unsaid)
 
 
-def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool = False) -> Known:
+def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool = False, resend: bool = False) -> Known:
     """Which files of `batch` the library holds already, asked by digest (nothing sent). Files it holds as
     failed for a reason in their bytes are not sent again (`failed`) unless `retry_failed`: a folder uploaded
     every night sent its broken files at every run, each decoded again (a file that hangs its decoder held one
     for CLAPQ_DECODE_TIMEOUT_S) and told as a new failure, exit 1 (helper-74). Their bytes changed, they are
-    other bytes, and sent."""
+    other bytes, and sent. With `resend`, the files the library holds are sent too (their stored copies are
+    written anew: what mends one `clapq check` finds missing or damaged)."""
     digests: dict[Path, str | None] = {}
     for p in batch:
         try:
@@ -550,7 +551,7 @@ def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool
               if digests[p] in failed_before}
     # a file failed in its bytes is held too, so that its renames are followed as any held file's (helper-77)
     ids = {**{d: f.get("item_id") for d, f in answer.get("failed", {}).items() if isinstance(f, dict)}, **ids}
-    return Known([p for p in batch if digests[p] not in known and p not in failed],
+    return Known([p for p in batch if (resend or digests[p] not in known) and p not in failed],
                  {p: (jobs.get(digests[p]), items.get(digests[p])) for p in batch if digests[p] in pending}, digests,
                  {p: (ids[digests[p]], sent_from[digests[p]]) for p in batch
                   if isinstance(ids.get(digests[p]), str) and isinstance(sent_from.get(digests[p]), dict)}, failed,
@@ -691,11 +692,12 @@ def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> tuple
 
 
 def upload_folder(client: Client, folder: Path, library: str, wait: bool = True, only: list[Path] | None = None,
-                  retry_failed: bool = False, moved_from: Path | None = None) -> int:
+                  retry_failed: bool = False, moved_from: Path | None = None, resend: bool = False) -> int:
     """Upload the audio files under `folder`, or only the files `only` names (in `folder`), and by default
     wait for their jobs; returns the command's exit code. Files the library holds as failed for a reason in
     their bytes are sent again only with `retry_failed` (not_known). `moved_from`: the folder's path before it
-    was moved or renamed, whose files become this folder's (_taken_over)."""
+    was moved or renamed, whose files become this folder's (_taken_over). `resend`: the files the library holds
+    are sent too (not_known)."""
     listing = Listing(only) if only is not None else audio_files(folder)
     paths, other = listing.audio, listing.other
     if listing.hidden:
@@ -762,6 +764,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     first: dict[str, str] = {}
     held_copies: list[str] = []
     by_another: list[str] = []  # files whose bytes another upload put into the library while this one sent them
+    resent: list[str] = []  # files the library held, sent again with `resend`
     unasked = False  # a server older than /known was asked which files its library holds: all were sent
     failed_before: list[str] = []  # files not sent as the library holds them failed for a reason in their bytes
     # held files whose item's path is gone from the folder, or that take this folder: (item, old path, new path,
@@ -793,7 +796,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             yield from paths
             return
         for group in batches(paths, *cut_at):
-            new, pending, digests, held, failed, answered = not_known(client, lib["id"], group, retry_failed)
+            new, pending, digests, held, failed, answered = not_known(client, lib["id"], group, retry_failed, resend)
             unasked = unasked or not answered
             skipped += len(group) - len(new) - len(failed)
             unfinished += len(pending)
@@ -830,7 +833,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                     # as a run again would: once the API answers, the files it took before the cut are not sent
                     # again (their job is waited for), only the rest
                     print(f"{exc.code}; asking which of them the library holds, to send the rest", file=sys.stderr)
-                    new, pending, _, _, failed_here, answered = not_known(client, lib["id"], batch, retry_failed)
+                    new, pending, _, _, failed_here, answered = not_known(client, lib["id"], batch, retry_failed, resend)
                     unasked = unasked or not answered
                     skipped += len(batch) - len(new) - len(failed_here)
                     unfinished += len(pending)
@@ -851,7 +854,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             job_bytes.append(nbytes)
             for it, p in zip(answer["items"], batch):
                 rel = p.relative_to(folder).as_posix()
-                if "duplicate_of" in it and it["duplicate_of"] not in where and not unasked:
+                if "duplicate_of" in it and it["duplicate_of"] not in where and resend:
+                    # held already, sent on purpose: its stored copy written anew
+                    where[it["duplicate_of"]] = rel
+                    resent.append(printable(rel))
+                elif "duplicate_of" in it and it["duplicate_of"] not in where and not unasked:
                     # bytes the library got after this run asked (or after it created the library): another
                     # upload sent them meanwhile, as two runs of one folder at once do. Told as "had the same
                     # bytes as another (= a file in the library)", every file of the folder (helper-91)
@@ -930,6 +937,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         print(f"{n_files(len(renamed))} renamed or moved since {'it was' if len(renamed) == 1 else 'they were'} "
               f"sent: {'its path' if len(renamed) == 1 else 'their paths'} in the library updated: {_some(renamed)}",
               file=sys.stderr)
+    if resent:
+        n = len(resent)
+        print(f"{n_files(n)} the library held already {'was' if n == 1 else 'were'} sent again (--resend): "
+              f"{'its stored copy' if n == 1 else 'their stored copies'} written anew: {_some(resent)}", file=sys.stderr)
     if by_another:
         n = len(by_another)
         print(f"{n_files(n)} {'was' if n == 1 else 'were'} sent by another upload into this library while this one "
@@ -958,7 +969,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
               "could not be read (listed above): any audio in them was not sent", file=sys.stderr)
     print(json.dumps({"library_id": lib["id"], "jobs": jobs, "earlier_jobs": resumed, "files": found, "skipped": skipped,
                       "not_sent": len(refused), "unreadable": len(listing.closed), "duplicates": copies,
-                      "by_another": len(by_another), "renamed": len(renamed), "failed": failed, "failed_before": len(failed_before),
+                      "by_another": len(by_another), "resent": len(resent), "renamed": len(renamed), "failed": failed, "failed_before": len(failed_before),
                       "cancelled": cancelled}))
     return 1 if failed or refused or cancelled or listing.closed else 0
 

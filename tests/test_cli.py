@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -3703,3 +3704,138 @@ def test_a_running_service_backed_up_is_restored_elsewhere_with_the_same_results
                       files=[("files", (new.name, new.read_bytes(), "audio/wav"))])
     assert _wait_job(base, h, r.json()["job_id"])["counts"]["done"] == 1
     assert requests.get(f"{base}/v1/libraries/{lib['id']}", headers=h, timeout=10).json()["item_count"] == 6
+
+
+def _check(tiny_model, data_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "clapq.cli", "check", *flags, "--data-dir", str(data_dir)],
+                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+
+
+def test_check_finds_missing_damaged_and_unheld_stored_files_and_mends_them(tmp_path, tiny_model, up_runner):
+    """README "Checking the stored files": `clapq check` while `clapq up` runs lists the items whose stored file
+    was removed by hand, with --verify those whose file no longer hashes to its name (a byte flipped), and the
+    stored files no item holds (one dropped into the store), never the file of an upload between its move into
+    place and its rows' commit; --remove-orphans removes those no item holds, and `clapq upload --resend` writes
+    a missing or damaged copy anew. Nothing told an operator before: a search returned such an item, and its
+    download or re-embed failed (helper-99)."""
+    from sqlalchemy import text
+
+    from clapq.embedded import EmbeddedPostgres
+
+    data = tmp_path / "a"
+    up = up_runner(data)
+    key = up.wait_ready()
+    base, h = f"http://127.0.0.1:{up.port}", {"Authorization": f"Bearer {key}"}
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "l"}, headers=h, timeout=30).json()
+    folder = tmp_path / "music"
+    folder.mkdir()
+    files = [write(folder / f"f{i}.wav", 1.0 + i / 2, 22_050, 1, freq=200 * (i + 1), seed=i) for i in range(4)]
+    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=60,
+                      files=[("files", (p.name, p.read_bytes(), "audio/wav")) for p in files])
+    assert _wait_job(base, h, r.json()["job_id"])["counts"]["done"] == 4
+    ids = {x["filename"]: x["id"] for x in r.json()["items"]}
+    out = _check(tiny_model, data, "--verify")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "checked 4 items and 4 stored files" in out.stdout and "agree" in out.stdout, out.stdout
+
+    def at(p: Path) -> Path:
+        d = file_sha256(p)
+        return data / "blobs" / d[:2] / d[2:4] / d
+
+    at(files[0]).unlink()  # removed by hand, a lost disk
+    damaged = bytearray(at(files[1]).read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01  # bit rot: same size, other bytes
+    at(files[1]).write_bytes(bytes(damaged))
+    stray = write(tmp_path / "stray.wav", 0.5, 22_050, 1, freq=999, seed=7)  # left by a crash, no row
+    at(stray).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(stray, at(stray))
+    (data / "blobs" / "notes.txt").write_text("an operator's")
+
+    # an upload between its file's move into place and its rows' commit: held there, as its commit waits on a
+    # lock of its blob_reclaims row (taken off the queue with the rows' commit)
+    flight = write(tmp_path / "flight.wav", 0.7, 22_050, 1, freq=555, seed=8)
+    pg = EmbeddedPostgres(data / "pg")  # the running one's, shared
+    url = pg.start()
+    from clapq.db import get_engine
+
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO blob_reclaims (sha256) VALUES (:s)"), {"s": file_sha256(flight)})
+    holder = engine.connect()
+    holder.execute(text("SELECT 1 FROM blob_reclaims WHERE sha256 = :s FOR UPDATE"), {"s": file_sha256(flight)})
+    import threading
+
+    answers: list = []
+    sender = threading.Thread(target=lambda: answers.append(requests.post(
+        f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=300,
+        files=[("files", (flight.name, flight.read_bytes(), "audio/wav"))])))
+    checking = None
+    try:
+        sender.start()
+        deadline = time.monotonic() + 60
+        while not at(flight).is_file():  # moved into place, its rows not committed
+            assert time.monotonic() < deadline and sender.is_alive()
+            time.sleep(0.1)
+        checking = subprocess.Popen([sys.executable, "-m", "clapq.cli", "check", "--verify", "--json", "--data-dir",
+                                     str(data)], env=_env(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True)
+
+        def waiting_on_the_blob_lock() -> bool:
+            with engine.connect() as conn:
+                return bool(conn.scalar(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")))
+
+        while not waiting_on_the_blob_lock():  # the check waits for the upload's commit, before it says anything
+            assert time.monotonic() < deadline and checking.poll() is None, checking.communicate()
+            time.sleep(0.1)
+    finally:
+        holder.rollback()
+        holder.close()
+        sender.join(120)
+    assert answers and answers[0].status_code == 202, answers
+    stdout, stderr = checking.communicate(timeout=300)
+    assert checking.returncode == 1, stdout + stderr
+    report = json.loads(stdout)
+    assert report["items"] == 5 and report["stored_files"] == 5  # the upload's and the stray one in
+    assert [(e["sha256"], [(i["id"], i["library"], i["filename"]) for i in e["items"]]) for e in report["missing"]] \
+        == [(file_sha256(files[0]), [(ids["f0.wav"], "l", "f0.wav")])]
+    assert [(e["sha256"], e["hashes_to"], [i["filename"] for i in e["items"]]) for e in report["damaged"]] \
+        == [(file_sha256(files[1]), hashlib.sha256(damaged).hexdigest(), ["f1.wav"])]
+    # the upload's file is not one no item holds: only the stray one is
+    assert report["orphans"] == [{"sha256": file_sha256(stray), "bytes": stray.stat().st_size,
+                                  "queued_for_removal": False}]
+    assert report["other_files"] == [{"path": "notes.txt", "bytes": 13}]
+    assert _wait_job(base, h, answers[0].json()["job_id"])["counts"]["done"] == 1
+
+    # the words: each item by its library and file, and what to do
+    out = _check(tiny_model, data)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"item {ids['f0.wav']}: library 'l' of tenant " in out.stdout, out.stdout
+    assert "--resend" in out.stdout and "--remove-orphans` removes it" in out.stdout, out.stdout
+    assert "damaged" not in out.stdout  # not read without --verify
+
+    out = _check(tiny_model, data, "--remove-orphans")
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert re.search(r"no item holds 1 stored file \([\d.]+ kB\), removed now", out.stdout), out.stdout
+    assert not at(stray).exists() and (data / "blobs" / "notes.txt").exists()  # not clapq's: left as it is
+
+    # `clapq upload` leaves out the files the library holds; --resend writes their stored copies anew
+    cli = [sys.executable, "-m", "clapq.cli"]
+    for flags in ([], ["--resend"]):
+        sent = subprocess.run(cli + ["upload", str(folder), "--library", "l", "--url", base, "--key", key, *flags],
+                              env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        if not flags:
+            assert "all 4 files are in the library already" in sent.stderr and not at(files[0]).exists(), sent.stderr
+    assert json.loads(sent.stdout)["resent"] == 4 and "written anew" in sent.stderr, sent.stdout + sent.stderr
+    assert "another upload" not in sent.stderr, sent.stderr
+    (data / "blobs" / "notes.txt").unlink()
+    out = _check(tiny_model, data, "--verify")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "checked 5 items and 5 stored files" in out.stdout and "agree" in out.stdout, out.stdout
+    for name in ("f0.wav", "f1.wav"):
+        got = requests.get(f"{base}/v1/items/{ids[name]}/audio", headers=h, timeout=30)
+        assert got.status_code == 200 and got.content == (folder / name).read_bytes()
+    with engine.connect() as conn:  # no item, and no row of them, was changed into another
+        assert conn.scalar(text("SELECT count(*) FROM items WHERE status = 'done'")) == 5
+    engine.dispose()
+    pg.stop()
