@@ -724,6 +724,17 @@ def _client_args(p: argparse.ArgumentParser, library_help: str | None, default=N
                    "$XDG_DATA_HOME/clapq, or ~/.local/share/clapq)")
 
 
+def _rate(raw: str) -> float:
+    """`clapq check --rate`: MB a second, 0 or more, or argparse's usage error naming the option."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):  # NaN too
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a rate: give MB a second, 0 (no bound) or more")
+    return value
+
+
 def _howmany(raw: str, what: str = "results") -> int:
     """-k (and `clapq jobs --limit`): a whole number, 1 or more, said before the API is asked."""
     if not raw.isdigit() or int(raw) < 1:
@@ -782,7 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "exit 1 if any, while the service runs or not")
     check.add_argument("--verify", action="store_true", help="read each stored file an item names and hash it: "
                        "finds files damaged on disk (reads the whole store, at --rate)")
-    check.add_argument("--rate", type=float, default=100.0, metavar="MB_PER_S", help="with --verify, read at most "
+    check.add_argument("--rate", type=_rate, default=100.0, metavar="MB_PER_S", help="with --verify, read at most "
                        "this many MB a second, so the service keeps its disk (default 100; 0: no bound)")
     check.add_argument("--remove-orphans", action="store_true", help="remove the stored files no item holds, as a "
                        "deletion does (no row is changed)")

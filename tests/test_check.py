@@ -1,0 +1,72 @@
+"""`clapq check --verify`: how it reads the store (a bounded pace, its progress, a file that cannot be read).
+The cases of a running service (a file removed, damaged, held by none, in flight) are in test_cli.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from clapq import check as checking
+from clapq.blobs import BlobStore
+from tests.audio import write
+from tests.conftest import auth
+from tests.test_e2e import upload
+
+
+def _stored(client, key, tmp_path, n: int, seed: int) -> dict[str, str]:
+    """n new files uploaded (not embedded: no worker is needed to store them); {filename: sha256}."""
+    lib = client.post("/v1/libraries", json={"name": f"check-{seed}"}, headers=auth(key)).get_json()["id"]
+    paths = [write(tmp_path / f"c{seed}-{i}.wav", 1.0 + i, 22_050, 1, freq=300 + 50 * i, seed=seed + i)
+             for i in range(n)]
+    r = upload(client, key, lib, paths)
+    assert r.status_code == 202, r.get_json()
+    return {it["filename"]: client.get(f"/v1/items/{it['id']}", headers=auth(key)).get_json()["sha256"]
+            for it in r.get_json()["items"]}
+
+
+def test_verify_reads_at_its_rate_and_says_how_far_it_is(client, new_key, settings, tmp_path, monkeypatch):
+    """A --verify of a large store reads at most --rate bytes a second (it waits for the rest) and says how far
+    it is every PROGRESS_S; here every block, and the waits it asks for recorded instead of slept."""
+    shas = _stored(client, new_key(), tmp_path, 3, seed=40)
+    store = BlobStore(settings.blob_dir)
+    total = sum(store.path_for(s).stat().st_size for s in shas.values())
+    said, waits = [], []
+    monkeypatch.setattr(checking, "PROGRESS_S", 0)
+    monkeypatch.setattr(checking.time, "sleep", waits.append)
+    report = checking.check(settings.database_url, settings.blob_dir, verify=True, rate=1.0, say=said.append)
+    assert report["verified"] and not report["damaged"], report
+    assert said and all(line.startswith("verified ") and " stored files (" in line for line in said), said
+    # at 1 byte a second, the wait asked for after the last block is for about every byte read (less the time
+    # the reading took)
+    assert len(waits) >= 3 and max(waits) > total / 2, (waits, total)
+    waits.clear()
+    checking.check(settings.database_url, settings.blob_dir, verify=True, rate=0, say=said.append)
+    assert waits == []  # 0: no bound
+
+
+def test_a_stored_file_that_cannot_be_read_is_damaged(client, new_key, settings, env, tmp_path, eio_library):
+    """A stored file whose read fails partway (EIO: a failing disk; real read errors, from an LD_PRELOAD library)
+    is listed as damaged, saying why, and the check goes on to the other files, where it stopped at the first
+    such file with the error alone."""
+    from tests import eio
+
+    shas = _stored(client, new_key(), tmp_path, 2, seed=50)
+    store = BlobStore(settings.blob_dir)
+    bad, good = shas["c50-0.wav"], shas["c50-1.wav"]
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "check", "--verify", "--json"], capture_output=True,
+                         text=True, timeout=300, env={**env, **eio.env(eio_library, [store.path_for(bad)])})
+    report = json.loads(out.stdout)
+    assert out.returncode == 1, out.stderr
+    damaged = {e["sha256"]: e for e in report["damaged"]}
+    assert damaged[bad]["hashes_to"] == "not readable (Input/output error)", damaged
+    assert [i["filename"] for i in damaged[bad]["items"]] == ["c50-0.wav"]
+    assert good not in damaged
+
+
+def test_a_rate_that_is_no_rate_is_a_usage_error(env):
+    """--rate -1 read as no bound (a negative wait is none), and 'nan' the same: said, before anything is read."""
+    for raw in ("-1", "nan", "fast"):
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "check", "--verify", "--rate", raw],
+                             capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 2 and f"{raw!r} is not a rate: give MB a second" in out.stderr, out.stderr
