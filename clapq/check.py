@@ -23,6 +23,7 @@ from clapq.blobs import BLOB_LOCK, RECLAIM_CHUNK, BlobStore, hash_file
 
 HEX = set("0123456789abcdef")
 PROGRESS_S = 5.0  # how often a --verify of a large store says how far it is
+ORPHANS_SHOWN = 20  # the files no item holds named in words (nothing to mend in them; --json names all)
 
 
 def _is_digest(name: str) -> bool:
@@ -247,7 +248,9 @@ def describe(report: dict, blob_dir: Path) -> list[str]:
                      + (", removed now" if done == len(report["orphans"]) else f", {done} of them removed now" if done
                         else f": `clapq check --remove-orphans` removes {'it' if len(report['orphans']) == 1 else 'them'}")
                      + ":")
-        lines.extend(f"  {o['sha256']} ({_mb(o['bytes'])})" for o in report["orphans"])
+        lines.extend(f"  {o['sha256']} ({_mb(o['bytes'])})" for o in report["orphans"][:ORPHANS_SHOWN])
+        if len(report["orphans"]) > ORPHANS_SHOWN:
+            lines.append(f"  and {len(report['orphans']) - ORPHANS_SHOWN} more (--json lists every one)")
     if report["other_files"]:
         n = len(report["other_files"])
         lines.append(f"{n} file{'s' if n != 1 else ''} in the store that clapq did not write there (not named "

@@ -70,3 +70,29 @@ def test_a_rate_that_is_no_rate_is_a_usage_error(env):
         out = subprocess.run([sys.executable, "-m", "clapq.cli", "check", "--verify", "--rate", raw],
                              capture_output=True, text=True, timeout=60, env=env)
         assert out.returncode == 2 and f"{raw!r} is not a rate: give MB a second" in out.stderr, out.stderr
+
+
+def test_many_files_no_item_holds_are_counted_and_the_first_named(settings):
+    """21 stray files in the store: the words name the first ORPHANS_SHOWN and count the rest (20,000 of them,
+    left by a crash, were 20,000 lines with nothing in them to mend), --json lists every one."""
+    import hashlib
+
+    store, strays = BlobStore(settings.blob_dir), []
+    try:
+        for i in range(21):
+            data = f"stray {i}".encode()
+            sha = hashlib.sha256(data).hexdigest()
+            store.path_for(sha).parent.mkdir(parents=True, exist_ok=True)
+            store.path_for(sha).write_bytes(data)
+            strays.append(sha)
+        report = checking.check(settings.database_url, settings.blob_dir)
+        assert set(strays) <= {o["sha256"] for o in report["orphans"]} and not report["ok"]
+        lines = checking.describe(report, settings.blob_dir)
+        unheld = {o["sha256"] for o in report["orphans"]}
+        named = [line for line in lines if line.startswith("  ") and line.split()[0] in unheld]
+        assert len(named) == checking.ORPHANS_SHOWN == 20, lines
+        more = len(report["orphans"]) - 20
+        assert f"  and {more} more (--json lists every one)" in lines, lines
+    finally:
+        for sha in strays:
+            store.path_for(sha).unlink()
