@@ -205,7 +205,7 @@ def check(url: str, blob_dir: Path, verify: bool = False, remove_orphans: bool =
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.1f} kB"
+    return f"{n / 1e6:,.1f} MB" if n >= 100_000 else f"{n / 1e3:,.1f} kB" if n >= 1000 else f"{n} B"
 
 
 def _files(n: int) -> str:
