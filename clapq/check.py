@@ -193,6 +193,7 @@ def check(url: str, blob_dir: Path, verify: bool = False, remove_orphans: bool =
         # orphans removed here no longer disagree
         "ok": not (missing or damaged or other) and removed == len(orphans), "verified": verify, "items": items,
         "stored_files": len(stored), "stored_bytes": sum(stored.values()),
+        "named_files": len(named),
         "missing": [entry(sha) for sha in missing],
         "damaged": [entry(sha, bytes=stored.get(sha, 0), hashes_to=got) for sha, got in damaged],
         "orphans": [{"sha256": sha, "bytes": stored.get(sha, 0), "queued_for_removal": queued}
@@ -223,6 +224,9 @@ def describe(report: dict, blob_dir: Path) -> list[str]:
                 + (f" (sent from {i['path']!r} in its folder)" if i["path"] and i["path"] != i["filename"] else "")
                 + f", {i['status']}" for i in e["items"]]
 
+    if report["missing"] and len(report["missing"]) == report["named_files"] > 1:
+        lines.append(f"none of the {report['named_files']} stored files that items hold is in {blob_dir}: is it this "
+                     "service's store (CLAPQ_BLOB_DIR, or the data directory's blobs/)? If it is, every file was lost")
     if report["missing"]:
         n = sum(len(e["items"]) for e in report["missing"])
         lines.append(f"missing: {_files(len(report['missing']))} that {n} item{'s hold' if n != 1 else ' holds'} "

@@ -96,3 +96,16 @@ def test_many_files_no_item_holds_are_counted_and_the_first_named(settings):
     finally:
         for sha in strays:
             store.path_for(sha).unlink()
+
+
+def test_a_store_that_holds_none_of_the_items_files_is_asked_about(client, new_key, env, tmp_path):
+    """CLAPQ_BLOB_DIR set to another folder than the service's: every item's file is missing, which is said
+    first, before the list, as a store that may not be this database's."""
+    _stored(client, new_key(), tmp_path, 2, seed=60)
+    other = tmp_path / "other-blobs"
+    other.mkdir()
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "check"], capture_output=True, text=True, timeout=120,
+                         env={**env, "CLAPQ_BLOB_DIR": str(other)})
+    assert out.returncode == 1, out.stderr
+    first = out.stdout.splitlines()[1]
+    assert first.startswith("none of the ") and f"is in {other}: is it this service's store" in first, out.stdout
