@@ -7,7 +7,7 @@ import re
 import unicodedata
 import uuid
 
-from flask import Blueprint, g
+from flask import Blueprint, current_app, g
 from sqlalchemy import and_, delete, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 
@@ -163,6 +163,10 @@ def known_files(lib_id: str):
     ).all()
     failed = [r for r in rows if r.status == "failed"]
     rows = [r for r in rows if r.status != "failed"]
+    # held, but its stored file gone from the disk (removed by hand, a lost disk: `clapq check` says so): sent
+    # again, it is written anew, and its item goes on as it was (a stat a digest, ~10 ms for 10,000)
+    store = current_app.extensions["clapq_blobs"]
+    missing = sorted({r.sha256 for r in rows if not store.exists(r.sha256)})
     # `pending`: the known ones not embedded yet (queued or running), e.g. after an upload cut short
     pending = [r for r in rows if r.status in ("queued", "running")]
     return {"known": sorted({r.sha256 for r in rows}), "pending": sorted(r.sha256 for r in pending),
@@ -176,7 +180,8 @@ def known_files(lib_id: str):
             # stayed at its old path, which --gone-from took for a rename not told yet, at every run (helper-77)
             "sent_from": {r.sha256: {"path": r.path, **({"folder": r.folder} if isinstance(r.folder, str) else {})}
                           for r in rows + failed if isinstance(r.path, str)},
-            "failed": {r.sha256: {"item_id": str(r.id), "error": r.error} for r in failed}}
+            "failed": {r.sha256: {"item_id": str(r.id), "error": r.error} for r in failed},
+            "missing": missing}
 
 
 def _moves(body) -> list[tuple]:

@@ -196,10 +196,12 @@ SPEC = {
                              "those of them not embedded yet (pending_jobs, pending_items: the job and item of "
                              "each); items: each known one's item; sent_from: its metadata.path and metadata.folder, "
                              "where it has a path (and each failed one's); failed: those of the rest that failed for a reason in their "
-                             "bytes, each with its item_id and error (sending them again retries them)", _obj(
+                             "bytes, each with its item_id and error (sending them again retries them); missing: "
+                             "those known whose stored file is gone from the server's disk (sending them again "
+                             "writes it anew)", _obj(
                                  known=_list(_STR), pending=_list(_STR), pending_jobs={"type": "object"},
                                  pending_items={"type": "object"}, items={"type": "object"},
-                                 sent_from={"type": "object"}, failed={"type": "object"}))}},
+                                 sent_from={"type": "object"}, failed={"type": "object"}, missing=_list(_STR)))}},
         "/v1/libraries/{library_id}/moves": {"post": {
             "parameters": [_path_id("library_id")],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {

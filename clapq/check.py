@@ -243,7 +243,8 @@ def describe(report: dict, blob_dir: Path) -> list[str]:
             lines.extend(held_by(e))
     if report["missing"] or report["damaged"]:
         lines.append("  to mend one, send the same file again into one of its libraries: `clapq upload FILE --library "
-                     "LIBRARY --resend` writes its stored copy anew (its item stays, with its vectors)")
+                     "LIBRARY --resend` writes its stored copy anew (its item stays, with its vectors); a missing one, "
+                     "`clapq upload` of its folder sends again by itself")
     if report["orphans"]:
         queued = sum(q for o in report["orphans"] if (q := o["queued_for_removal"]))
         done = report["orphans_removed"]

@@ -521,6 +521,7 @@ class Known(NamedTuple):
     held: dict[Path, tuple[str, dict]]  # held: the item, and where it was sent from ({"path", "folder"} as said)
     failed: dict[Path, str]  # held as failed for a reason in their bytes, not sent again: why each failed
     asked: bool  # whether the server answered (one older than /known holds what it holds, unsaid)
+    lost: set  # held, but their stored copies gone from the server's disk: sent, and so written anew
 
 
 def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool = False, resend: bool = False) -> Known:
@@ -529,7 +530,8 @@ def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool
     every night sent its broken files at every run, each decoded again (a file that hangs its decoder held one
     for CLAPQ_DECODE_TIMEOUT_S) and told as a new failure, exit 1 (helper-74). Their bytes changed, they are
     other bytes, and sent. With `resend`, the files the library holds are sent too (their stored copies are
-    written anew: what mends one `clapq check` finds missing or damaged)."""
+    written anew: what mends one `clapq check` finds missing or damaged); without, those whose stored copies the
+    server says are gone from its disk (`missing`): an upload of the folder again mends them."""
     digests: dict[Path, str | None] = {}
     for p in batch:
         try:
@@ -551,11 +553,12 @@ def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool
               if digests[p] in failed_before}
     # a file failed in its bytes is held too, so that its renames are followed as any held file's (helper-77)
     ids = {**{d: f.get("item_id") for d, f in answer.get("failed", {}).items() if isinstance(f, dict)}, **ids}
-    return Known([p for p in batch if (resend or digests[p] not in known) and p not in failed],
+    lost = {p for p in batch if digests[p] in set(answer.get("missing", ())) and p not in failed}
+    return Known([p for p in batch if (resend or digests[p] not in known or p in lost) and p not in failed],
                  {p: (jobs.get(digests[p]), items.get(digests[p])) for p in batch if digests[p] in pending}, digests,
                  {p: (ids[digests[p]], sent_from[digests[p]]) for p in batch
                   if isinstance(ids.get(digests[p]), str) and isinstance(sent_from.get(digests[p]), dict)}, failed,
-                 answered)
+                 answered, lost)
 
 
 def stored_path(rel: str) -> str:
@@ -765,6 +768,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     held_copies: list[str] = []
     by_another: list[str] = []  # files whose bytes another upload put into the library while this one sent them
     resent: list[str] = []  # files the library held, sent again with `resend`
+    mending: set[Path] = set()  # files the library holds whose stored copies are gone from the server's disk
+    mended: list[str] = []  # those of them sent, their stored copies written anew
     unasked = False  # a server older than /known was asked which files its library holds: all were sent
     failed_before: list[str] = []  # files not sent as the library holds them failed for a reason in their bytes
     # held files whose item's path is gone from the folder, or that take this folder: (item, old path, new path,
@@ -796,7 +801,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             yield from paths
             return
         for group in batches(paths, *cut_at):
-            new, pending, digests, held, failed, answered = not_known(client, lib["id"], group, retry_failed, resend)
+            new, pending, digests, held, failed, answered, lost = not_known(client, lib["id"], group, retry_failed,
+                                                                            resend)
+            mending.update(lost)
             unasked = unasked or not answered
             skipped += len(group) - len(new) - len(failed)
             unfinished += len(pending)
@@ -833,7 +840,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                     # as a run again would: once the API answers, the files it took before the cut are not sent
                     # again (their job is waited for), only the rest
                     print(f"{exc.code}; asking which of them the library holds, to send the rest", file=sys.stderr)
-                    new, pending, _, _, failed_here, answered = not_known(client, lib["id"], batch, retry_failed, resend)
+                    new, pending, _, _, failed_here, answered, lost = not_known(client, lib["id"], batch, retry_failed,
+                                                                                resend)
+                    mending.update(lost)
                     unasked = unasked or not answered
                     skipped += len(batch) - len(new) - len(failed_here)
                     unfinished += len(pending)
@@ -854,10 +863,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             job_bytes.append(nbytes)
             for it, p in zip(answer["items"], batch):
                 rel = p.relative_to(folder).as_posix()
-                if "duplicate_of" in it and it["duplicate_of"] not in where and resend:
+                if "duplicate_of" in it and it["duplicate_of"] not in where and (resend or p in mending):
                     # held already, sent on purpose: its stored copy written anew
                     where[it["duplicate_of"]] = rel
-                    resent.append(printable(rel))
+                    (resent if resend else mended).append(printable(rel))
                 elif "duplicate_of" in it and it["duplicate_of"] not in where and not unasked:
                     # bytes the library got after this run asked (or after it created the library): another
                     # upload sent them meanwhile, as two runs of one folder at once do. Told as "had the same
@@ -941,6 +950,12 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         n = len(resent)
         print(f"{n_files(n)} the library held already {'was' if n == 1 else 'were'} sent again (--resend): "
               f"{'its stored copy' if n == 1 else 'their stored copies'} written anew: {_some(resent)}", file=sys.stderr)
+    if mended:
+        n = len(mended)
+        print(f"{n_files(n)} the library held {'was' if n == 1 else 'were'} sent again, as the server had lost "
+              f"{'its stored copy' if n == 1 else 'their stored copies'} (gone from its disk; `clapq check` lists "
+              f"such files): written anew, {'its item' if n == 1 else 'their items'} kept: {_some(mended)}",
+              file=sys.stderr)
     if by_another:
         n = len(by_another)
         print(f"{n_files(n)} {'was' if n == 1 else 'were'} sent by another upload into this library while this one "
@@ -969,7 +984,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
               "could not be read (listed above): any audio in them was not sent", file=sys.stderr)
     print(json.dumps({"library_id": lib["id"], "jobs": jobs, "earlier_jobs": resumed, "files": found, "skipped": skipped,
                       "not_sent": len(refused), "unreadable": len(listing.closed), "duplicates": copies,
-                      "by_another": len(by_another), "resent": len(resent), "renamed": len(renamed), "failed": failed, "failed_before": len(failed_before),
+                      "by_another": len(by_another), "resent": len(resent), "mended": len(mended), "renamed": len(renamed), "failed": failed, "failed_before": len(failed_before),
                       "cancelled": cancelled}))
     return 1 if failed or refused or cancelled or listing.closed else 0
 

@@ -3818,14 +3818,21 @@ def test_check_finds_missing_damaged_and_unheld_stored_files_and_mends_them(tmp_
     assert re.search(r"no item holds 1 stored file \([\d.]+ kB\), removed now", out.stdout), out.stdout
     assert not at(stray).exists() and (data / "blobs" / "notes.txt").exists()  # not clapq's: left as it is
 
-    # `clapq upload` leaves out the files the library holds; --resend writes their stored copies anew
+    # `clapq upload` sends again the file whose stored copy the server lost, and leaves out the rest the library
+    # holds (it left out that one too, and only --resend, which sends every file, mended it); --resend writes
+    # every stored copy anew, the damaged one's too, which no upload can tell without reading it
     cli = [sys.executable, "-m", "clapq.cli"]
     for flags in ([], ["--resend"]):
         sent = subprocess.run(cli + ["upload", str(folder), "--library", "l", "--url", base, "--key", key, *flags],
                               env=_env(tiny_model), capture_output=True, text=True, timeout=300)
         assert sent.returncode == 0, sent.stdout + sent.stderr
         if not flags:
-            assert "all 4 files are in the library already" in sent.stderr and not at(files[0]).exists(), sent.stderr
+            summary = json.loads(sent.stdout)
+            assert summary["mended"] == 1 and summary["skipped"] == 3 and summary["resent"] == 0, sent.stdout
+            assert re.search(r"1 file the library held was sent again, as the server had lost its stored copy "
+                             r"\(gone from its disk; .*\): written anew, its item kept: f0\.wav", sent.stderr), sent.stderr
+            assert at(files[0]).read_bytes() == files[0].read_bytes() and at(files[1]).read_bytes() == bytes(damaged)
+            assert requests.get(f"{base}/v1/items/{ids['f0.wav']}", headers=h, timeout=30).json()["status"] == "done"
     assert json.loads(sent.stdout)["resent"] == 4 and "written anew" in sent.stderr, sent.stdout + sent.stderr
     assert "another upload" not in sent.stderr, sent.stderr
     (data / "blobs" / "notes.txt").unlink()
