@@ -99,8 +99,6 @@ def _stored(root: Path) -> list[str]:
 def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, say=print) -> dict:
     """Back up the database at `url` and the store at `blob_dir` into the new folder `dest`; returns the
     manifest. The folder appears whole or not at all (it is written as DEST.partial, then renamed)."""
-    from clapq.db import get_engine
-
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise BackupError(f"{dest} exists already and is not an empty folder: give a new one")
@@ -109,6 +107,22 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
     store, work = BlobStore(blob_dir), dest.with_name(dest.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)  # an earlier backup cut short
     work.mkdir(mode=0o700, parents=True)
+    try:
+        return _write(url, store, blob_dir, dest, work, key_file, say)
+    except BaseException as exc:
+        # a backup that failed (a full disk, pg_dump's error, Ctrl-C) left DEST.partial, as much as fit on a disk
+        # it kept full
+        shutil.rmtree(work, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise BackupError(f"backing up into {dest} failed: {exc.strerror or exc}; nothing of the backup is "
+                              "kept") from exc
+        raise
+
+
+def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, key_file: Path | None, say) -> dict:
+    """backup()'s work, into the new folder `work` (DEST.partial), renamed `dest` once whole."""
+    from clapq.db import get_engine
+
     copy = work / "blobs"
     copy.mkdir(mode=0o700)
     # 1. every stored file, while uploads and deletions go on (the long part)
@@ -135,7 +149,6 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
         finally:
             lock.execute(text("SELECT pg_advisory_unlock_shared(:k)"), {"k": BLOB_LOCK})
         if missing and len(missing) == len(named):
-            shutil.rmtree(work, ignore_errors=True)
             raise BackupError(f"none of the {len(named)} stored files that items hold is in {blob_dir} "
                               "(CLAPQ_BLOB_DIR): it is not this database's store")
         if missing:  # lost before this backup (its items fail, "the stored copy is missing"): the rest is kept

@@ -3846,3 +3846,23 @@ def test_check_finds_missing_damaged_and_unheld_stored_files_and_mends_them(tmp_
         assert conn.scalar(text("SELECT count(*) FROM items WHERE status = 'done'")) == 5
     engine.dispose()
     pg.stop()
+
+
+def test_a_backup_that_fills_its_disk_leaves_nothing_behind(settings, small_disk, tmp_path):
+    """A backup cut short by a full disk (its stored files larger than the disk it is written to) left
+    DEST.partial, as much of the backup as fit, on that full disk, and said only 'No space left on device' with
+    the path of a temporary file in it: the disk stayed full until someone found the folder. Now nothing of it
+    is kept, and the sentence says so."""
+    import random
+
+    from clapq.backup import BackupError, backup
+    from clapq.blobs import BlobStore
+
+    store = BlobStore(tmp_path / "blobs")
+    for seed in range(3):  # 1.2 MB where 1 MiB fits
+        store.put_bytes(random.Random(seed).randbytes(400_000))
+    with pytest.raises(BackupError) as caught:
+        backup(settings.database_url, store.root, small_disk / "bk", say=lambda m: None)
+    assert re.search(r"No space left on device.*nothing of the backup is kept", str(caught.value)), caught.value
+    assert sorted(p.name for p in small_disk.iterdir()) == []
+    assert os.statvfs(small_disk).f_bfree == os.statvfs(small_disk).f_blocks
