@@ -905,5 +905,6 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     if start_dir := os.environ.pop(START_DIR, None):  # a role of `clapq up`, started in CODE_ROOT
-        os.chdir(start_dir)
+        with contextlib.suppress(OSError):  # removed since `up` started: it stays there, as where it was gone at start
+            os.chdir(start_dir)
     main()

@@ -466,6 +466,32 @@ def test_up_run_in_a_directory_since_removed_starts(tmp_path, tiny_model, up_run
     assert r.status_code == 200 and "Traceback" not in up.log.read_text(), up.log.read_text()[-3000:]
 
 
+def test_a_role_started_again_after_its_directory_was_removed_stays_where_it_started(tmp_path, tiny_model, up_runner):
+    """README: where the directory `clapq up` was run in is removed meanwhile, its roles stay where they started. One
+    removed after `up` started (a temporary folder, a checkout deleted in another terminal) made every role `up` started
+    again (an API killed by the OOM killer, one stopped by an upgrade in place) fail at once on going back to it
+    (FileNotFoundError), and after three tries `up` stopped everything."""
+    here = tmp_path / "here"
+    here.mkdir()
+    up = up_runner(tmp_path / "data", cwd=here)
+    key = up.wait_ready()
+    here.rmdir()
+    (api,) = [c for c in psutil.Process(up.proc.pid).children() if c.cmdline()[-1:] == ["api"]]
+    api.kill()
+    base, deadline = f"http://127.0.0.1:{up.port}", time.monotonic() + 120
+    while "clapq: `clapq api` was killed by signal 9; starting it again" not in up.log.read_text():
+        assert time.monotonic() < deadline and up.proc.poll() is None, up.log.read_text()[-3000:]
+        time.sleep(0.3)
+    while True:
+        assert time.monotonic() < deadline and up.proc.poll() is None, up.log.read_text()[-3000:]
+        with contextlib.suppress(requests.ConnectionError, requests.Timeout):
+            r = requests.get(f"{base}/v1/libraries", headers={"Authorization": f"Bearer {key}"}, timeout=5)
+            if r.status_code == 200 and "Listening at" in up.log.read_text().rsplit("starting it again", 1)[1]:
+                break
+        time.sleep(0.3)
+    assert "Traceback" not in up.log.read_text(), up.log.read_text()[-3000:]
+
+
 def test_a_killed_up_takes_its_processes_with_it(tmp_path, tiny_model, up_runner):
     """`kill -9` of `clapq up`: its worker, beat, API and Redis stop too (before, they ran on as orphans,
     a second `clapq up` started beside them, and a dead embedded Redis went unnoticed). Then it starts
