@@ -10,6 +10,7 @@ snapshot names can be removed while the lock is held, as its removal would hold 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -25,6 +26,7 @@ from clapq.blobs import BLOB_LOCK, BlobStore
 
 FORMAT = 1
 DUMP, MANIFEST, KEY = "clapq.dump", "backup.json", "api_key"
+INSIDE = ".clapq-backup.partial"  # the work folder of a backup into a folder that exists (empty)
 
 
 class BackupError(RuntimeError):
@@ -100,11 +102,14 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
     """Back up the database at `url` and the store at `blob_dir` into the new folder `dest`; returns the
     manifest. The folder appears whole or not at all (it is written as DEST.partial, then renamed)."""
     dest = Path(dest)
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+    if dest.exists() and (not dest.is_dir() or any(p.name != INSIDE for p in dest.iterdir())):
         raise BackupError(f"{dest} exists already and is not an empty folder: give a new one")
     if not Path(blob_dir).is_dir():
         raise BackupError(f"no stored files at {blob_dir} (CLAPQ_BLOB_DIR): nothing of this service to back up")
-    store, work = BlobStore(blob_dir), dest.with_name(dest.name + ".partial")
+    # written beside DEST, then renamed; a folder that exists may be a disk's mount point, which a rename cannot
+    # replace (and the disk beside it is another): written in it, then moved up
+    store = BlobStore(blob_dir)
+    work = dest / INSIDE if dest.is_dir() else dest.with_name(dest.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)  # an earlier backup cut short
     work.mkdir(mode=0o700, parents=True)
     try:
@@ -113,6 +118,11 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
         # a backup that failed (a full disk, pg_dump's error, Ctrl-C) left DEST.partial, as much as fit on a disk
         # it kept full
         shutil.rmtree(work, ignore_errors=True)
+        if work.parent == dest:  # what was moved up already
+            for name in (MANIFEST, DUMP, KEY, "blobs"):
+                shutil.rmtree(dest / name, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    (dest / name).unlink()
         if isinstance(exc, OSError):
             raise BackupError(f"backing up into {dest} failed: {exc.strerror or exc}; nothing of the backup is "
                               "kept") from exc
@@ -120,7 +130,7 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
 
 
 def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, key_file: Path | None, say) -> dict:
-    """backup()'s work, into the new folder `work` (DEST.partial), renamed `dest` once whole."""
+    """backup()'s work, into the new folder `work` (DEST.partial, or DEST/INSIDE), made `dest` once whole."""
     from clapq.db import get_engine
 
     copy = work / "blobs"
@@ -174,7 +184,12 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
         os.chmod(work / KEY, 0o600)
         manifest["api_key"] = True
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(work, dest)  # over an empty folder too
+    if work.parent == dest:
+        for name in sorted(os.listdir(work), key=lambda n: n == MANIFEST):  # the manifest last: a backup once there
+            os.replace(work / name, dest / name)
+        work.rmdir()
+    else:
+        os.replace(work, dest)
     say(f"backed up {items} items and their {len(keep)} stored files ({manifest['file_bytes'] / 1e6:.1f} MB) "
         f"into {dest}")
     return manifest

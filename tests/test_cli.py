@@ -3887,8 +3887,25 @@ def test_a_backup_that_fills_its_disk_leaves_nothing_behind(settings, small_disk
     store = BlobStore(tmp_path / "blobs")
     for seed in range(3):  # 1.2 MB where 1 MiB fits
         store.put_bytes(random.Random(seed).randbytes(400_000))
-    with pytest.raises(BackupError) as caught:
-        backup(settings.database_url, store.root, small_disk / "bk", say=lambda m: None)
-    assert re.search(r"No space left on device.*nothing of the backup is kept", str(caught.value)), caught.value
-    assert sorted(p.name for p in small_disk.iterdir()) == []
-    assert os.statvfs(small_disk).f_bfree == os.statvfs(small_disk).f_blocks
+    for dest in (small_disk / "bk", small_disk):  # a new folder; the disk's own, empty
+        with pytest.raises(BackupError) as caught:
+            backup(settings.database_url, store.root, dest, say=lambda m: None)
+        assert re.search(r"No space left on device.*nothing of the backup is kept", str(caught.value)), caught.value
+        assert sorted(p.name for p in small_disk.iterdir()) == []
+        assert os.statvfs(small_disk).f_bfree == os.statvfs(small_disk).f_blocks
+
+
+def test_a_backup_into_an_empty_disk_s_mount_point_is_written_on_that_disk(settings, small_disk, tmp_path):
+    """README: `clapq backup DEST` takes a new or empty folder. An empty one that is a disk's mount point (a USB disk at
+    /mnt/backup, the commonest place for a backup) was written beside it, as /mnt/backup.partial on the disk that holds
+    /mnt, then renamed over the mount point, which rename(2) refuses: every such backup failed once it had copied
+    everything ('Device or resource busy'), onto the wrong disk. It is written in the folder now, its manifest last."""
+    from clapq.backup import backup, read_manifest
+    from clapq.blobs import BlobStore
+
+    store = BlobStore(tmp_path / "blobs")
+    store.put_bytes(b"not one of the database's files")
+    manifest = backup(settings.database_url, store.root, small_disk, say=lambda m: None)
+    assert read_manifest(small_disk) == manifest
+    assert sorted(p.name for p in small_disk.iterdir()) == ["backup.json", "blobs", "clapq.dump"]
+    assert not (small_disk.parent / "small.partial").exists()
