@@ -23,6 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from clapq.blobs import BLOB_LOCK, BlobStore
+from clapq.db import newer_revision
 
 FORMAT = 1
 DUMP, MANIFEST, KEY = "clapq.dump", "backup.json", "api_key"
@@ -166,6 +167,7 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
                 f"{'are' if len(missing) != 1 else 'is'} missing from {blob_dir} (the first: {missing[0]}), as "
                 "they are in the service: backed up without them")
         items = snap.scalar(text("SELECT count(*) FROM items"))
+        schema = list(snap.scalars(text("SELECT version_num FROM alembic_version")))
         # 3. the database as that snapshot has it (pg_dump takes it over: the same rows)
         target, env = _libpq(url)
         _run([pg_tool("pg_dump"), "--format=custom", "--no-owner", "--no-privileges", f"--snapshot={snapshot}",
@@ -177,7 +179,7 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
         if sha not in keep:
             _at(copy, sha).unlink()
     manifest = {"format": FORMAT, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "items": items, "files": len(keep), "missing_files": len(missing),
+                "items": items, "files": len(keep), "missing_files": len(missing), "schema": schema,
                 "file_bytes": sum(_at(copy, sha).stat().st_size for sha in keep), "api_key": False}
     if key_file is not None and key_file.is_file():
         shutil.copyfile(key_file, work / KEY)
@@ -205,6 +207,11 @@ def read_manifest(src: Path) -> dict:
     if manifest.get("format") != FORMAT or not (src / DUMP).is_file():
         raise BackupError(f"{src} is not a backup this clapq can read (format {manifest.get('format')!r}, "
                           f"{DUMP} {'there' if (src / DUMP).is_file() else 'missing'})")
+    # a newer clapq's (older backups say nothing): restored, its rows were in before the migration refused them
+    newer, head = newer_revision(manifest.get("schema") or [])
+    if newer:
+        raise BackupError(f"{src} is a backup of a newer clapq (schema revision {newer}; this version knows up to "
+                          f"{head}): restore it with that version or a newer one; nothing was restored")
     return manifest
 
 

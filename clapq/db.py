@@ -269,6 +269,20 @@ def migrate(url: str) -> None:
 MIGRATE_LOCK = 0x636C617071  # "clapq": the advisory lock `migrate` holds
 
 
+def newer_revision(revisions) -> tuple[str | None, str]:
+    """The first of these schema revisions (a backup's) that this clapq's migrations do not know, a newer clapq's,
+    or None; and the newest this one knows."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    import migrations
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    scripts = ScriptDirectory.from_config(cfg)
+    return next((r for r in revisions if not _known_revision(scripts, r)), None), scripts.get_current_head()
+
+
 def _known_revision(scripts, rev: str) -> bool:
     from alembic.util import CommandError
 

@@ -3909,3 +3909,31 @@ def test_a_backup_into_an_empty_disk_s_mount_point_is_written_on_that_disk(setti
     assert read_manifest(small_disk) == manifest
     assert sorted(p.name for p in small_disk.iterdir()) == ["backup.json", "blobs", "clapq.dump"]
     assert not (small_disk.parent / "small.partial").exists()
+
+
+def test_a_backup_of_a_newer_clapq_is_refused_before_anything_is_restored(settings, tiny_model, tmp_path):
+    """A backup made by a newer clapq (its schema migrated past what this version knows: a machine moved to with an
+    older checkout) was restored, files and rows, and only then did the migration refuse it, 'the database was
+    migrated by a newer clapq ...; nothing was changed', where the new data directory held it all (and not the
+    owner's key): a data directory this clapq cannot start, that a second restore refuses as used. The backup
+    records its schema revision now, and a restore refuses one this clapq does not know before it touches
+    anything."""
+    from sqlalchemy import text
+
+    from clapq.backup import backup
+    from clapq.blobs import BlobStore
+
+    with session_scope(settings.database_url) as s:
+        real = s.scalar(text("SELECT version_num FROM alembic_version"))
+        s.execute(text("UPDATE alembic_version SET version_num = 'f00dfacef00d'"))  # as a newer clapq leaves it
+    try:
+        backup(settings.database_url, BlobStore(tmp_path / "blobs").root, tmp_path / "bk", say=lambda m: None)
+    finally:
+        with session_scope(settings.database_url) as s:
+            s.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": real})
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "restore", str(tmp_path / "bk"), "--data-dir",
+                          str(tmp_path / "new")], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert re.search(r"is a backup of a newer clapq \(schema revision f00dfacef00d; this version knows up to "
+                     r"\w+\): restore it with that version or a newer one; nothing was restored", out.stderr), out.stderr
+    assert not (tmp_path / "new").exists()
