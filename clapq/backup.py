@@ -4,7 +4,7 @@ Copying a data directory while `clapq up` runs is no backup: Postgres's files, c
 of different moments, and the stored files are of others again. A backup here is a pg_dump of the database
 (one snapshot) and the stored files its rows name, every one of them, so a restore holds no row without
 its file. The files are copied first, without a lock, while the service goes on; then, under the shared
-BLOB_LOCK that uploads hold too (deletions wait for it, uploads do not), the snapshot is taken and the
+BLOB_LOCK that uploads hold too (deletions wait for it, and uploads behind a waiting deletion), the snapshot is taken and the
 files its rows name that the first copy lacked (uploads meanwhile) are copied: no file a row of the
 snapshot names can be removed while the lock is held, as its removal would hold the lock exclusively."""
 
