@@ -330,9 +330,12 @@ def cmd_restore(args) -> None:
             stop()
         if lock is not None:
             lock.close()
-    where = f"--data-dir {data_dir}" if not settings.database_url else "DATABASE_URL and CLAPQ_BLOB_DIR"
-    print(f"restored: start it with `clapq up {where}`" if not settings.database_url else
-          f"restored into {where}: start the service on them", file=sys.stderr)
+    if not settings.database_url:
+        print(f"restored: start it with `clapq up --data-dir {data_dir}`", file=sys.stderr)
+    else:  # CLAPQ_BLOB_DIR unset, the files are in the default data directory, which a service may not use
+        default = "" if os.environ.get("CLAPQ_BLOB_DIR") else " (the default: CLAPQ_BLOB_DIR is not set)"
+        print(f"restored into DATABASE_URL and {settings.blob_dir}{default}: start the service on them, with "
+              f"CLAPQ_BLOB_DIR={settings.blob_dir}", file=sys.stderr)
 
 
 def _utc(t) -> str:

@@ -3937,3 +3937,29 @@ def test_a_backup_of_a_newer_clapq_is_refused_before_anything_is_restored(settin
     assert re.search(r"is a backup of a newer clapq \(schema revision f00dfacef00d; this version knows up to "
                      r"\w+\): restore it with that version or a newer one; nothing was restored", out.stderr), out.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_restore_into_an_own_postgres_says_where_the_stored_files_went(settings, tiny_model, tmp_path):
+    """`clapq restore` with DATABASE_URL but not CLAPQ_BLOB_DIR put the stored files in the default data directory's
+    blobs/ and said 'restored into DATABASE_URL and CLAPQ_BLOB_DIR: start the service on them', where CLAPQ_BLOB_DIR
+    named nothing: a service started with its own (compose's /data/blobs) had rows without files. It names the
+    folder now, and that it is the default."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    from clapq.backup import backup
+    from clapq.blobs import BlobStore
+
+    backup(settings.database_url, BlobStore(settings.blob_dir).root, tmp_path / "bk", say=lambda m: None)
+    with contextlib.closing(psycopg2.connect(settings.database_url.replace("+psycopg2", ""))) as c:
+        c.autocommit = True
+        c.cursor().execute("CREATE DATABASE restored_here")
+    target = make_url(settings.database_url).set(database="restored_here").render_as_string(hide_password=False)
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "restore", str(tmp_path / "bk")],
+                         env=_env(tiny_model, DATABASE_URL=target, XDG_DATA_HOME=str(tmp_path / "xdg")),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    blobs = tmp_path / "xdg" / "clapq" / "blobs"
+    assert f"restored into DATABASE_URL and {blobs} (the default: CLAPQ_BLOB_DIR is not set): start the service " \
+           f"on them, with CLAPQ_BLOB_DIR={blobs}" in out.stderr, out.stderr
+    assert blobs.is_dir()
