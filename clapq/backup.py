@@ -92,10 +92,21 @@ def _at(root: Path, sha: str) -> Path:
 
 
 def _stored(root: Path) -> list[str]:
-    """The digests of the files in a store (ROOT/ab/cd/<sha256>), its temporary uploads left out."""
+    """The digests of the files in a store (ROOT/ab/cd/<sha256>), its temporary uploads left out. A shard folder
+    gone when its turn comes (a deletion removes the one its last file leaves) held nothing to back up."""
+    def listed(folder: Path) -> list[os.DirEntry]:
+        try:
+            with os.scandir(folder) as entries:
+                return list(entries)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
     found = []
-    for shard in root.glob("[0-9a-f][0-9a-f]/[0-9a-f][0-9a-f]"):
-        found.extend(p.name for p in shard.iterdir() if len(p.name) == 64 and p.is_file())
+    for top in listed(root):
+        if len(top.name) == 2 and all(c in "0123456789abcdef" for c in top.name):
+            for shard in listed(Path(top.path)):
+                if len(shard.name) == 2 and all(c in "0123456789abcdef" for c in shard.name):
+                    found.extend(e.name for e in listed(Path(shard.path)) if len(e.name) == 64 and e.is_file())
     return found
 
 
