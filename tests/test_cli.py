@@ -3650,6 +3650,37 @@ def test_a_data_directory_copied_as_root_while_it_ran_starts_its_own_postgres(tm
         sleeper.wait()
 
 
+def test_a_copy_of_a_running_data_directory_stops_its_own_postgres(tmp_path):
+    """A copy taken while `clapq up` ran holds the original's postmaster.pid, set aside as a copy's, and its list of
+    the processes holding the server (pgserver's .handle_pids.json), the original's `clapq up` and children: alive,
+    so they were kept, and when the copy's last process let go its server was not the last holder's to stop. The
+    copy's `clapq up` stopped (Ctrl-C) and left its Postgres running on the copy for good. Where the pid file is set
+    aside, no process holds that server: the list goes too. Here a sleep stands for the original's processes."""
+    from clapq.embedded import EmbeddedPostgres
+
+    original = EmbeddedPostgres(tmp_path / "a" / "pg")
+    original.start()
+    original.stop()
+    (tmp_path / "b").mkdir()
+    subprocess.run(["cp", "-r", str(tmp_path / "a" / "pg"), str(tmp_path / "b" / "pg")], check=True)
+    original.start()
+    sleeper = subprocess.Popen(["sleep", "300"])
+    try:
+        copied = tmp_path / "b" / "pg"
+        shutil.copyfile(tmp_path / "a" / "pg" / "postmaster.pid", copied / "postmaster.pid")  # as a copy taken now
+        (copied / ".handle_pids.json").write_text(json.dumps([sleeper.pid]))
+        copy = EmbeddedPostgres(copied)
+        copy.start()
+        started = int((copied / "postmaster.pid").read_text().split()[0])
+        copy.stop()
+        assert not psutil.pid_exists(started) or psutil.Process(started).status() == psutil.STATUS_ZOMBIE, \
+            "the copy's Postgres still runs"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        original.stop()
+
+
 def test_a_running_service_backed_up_is_restored_elsewhere_with_the_same_results(tmp_path, tiny_model, up_runner):
     """README "Backups and moving": `clapq backup DEST` while `clapq up` runs, `clapq restore DEST --data-dir NEW`,
     then `clapq up --data-dir NEW` serves the same items, search results (ids and scores), jobs and owner key, and
