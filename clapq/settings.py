@@ -166,12 +166,14 @@ class Settings:
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
         env = dict(os.environ if env is None else env)
-        data_dir = Path(overrides.pop("data_dir", None) or env.get("CLAPQ_DATA_DIR") or default_data_dir())
+        # ~ as the home directory, as `clapq up` and pgserver take it: the shell leaves it after '=' (--data-dir=~/d)
+        # and in an env file; `clapq restore` made a folder '~' here, then failed (helper-98)
+        data_dir = Path(overrides.pop("data_dir", None) or env.get("CLAPQ_DATA_DIR") or default_data_dir()).expanduser()
         values = dict(
             database_url=env.get("DATABASE_URL") or None,
             redis_url=env.get("REDIS_URL") or None,
             data_dir=data_dir,
-            blob_dir=Path(env.get("CLAPQ_BLOB_DIR") or data_dir / "blobs"),
+            blob_dir=Path(env.get("CLAPQ_BLOB_DIR") or data_dir / "blobs").expanduser(),
             disk_reserve_mb=_auto_int(env, "CLAPQ_DISK_RESERVE_MB", 0),
             model=env.get("CLAPQ_MODEL") or DEFAULT_MODEL,
             device=env.get("CLAPQ_DEVICE") or "auto",

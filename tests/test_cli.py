@@ -4011,3 +4011,22 @@ def test_a_backup_goes_on_past_a_shard_folder_a_deletion_removed_as_it_was_liste
     (store.root / "ff" / "ee").symlink_to(tmp_path / "removed")
     manifest = backup(settings.database_url, store.root, tmp_path / "bk", say=lambda m: None)
     assert manifest["missing_files"] == 0 and (tmp_path / "bk" / "backup.json").is_file()
+
+
+def test_a_restore_given_a_data_dir_with_a_tilde_goes_where_clapq_up_looks(settings, tiny_model, tmp_path):
+    """`clapq up --data-dir=~/d` (the shell leaves a ~ after '=' as it is; so does an env file's CLAPQ_DATA_DIR)
+    serves $HOME/d, but `clapq restore BK --data-dir=~/d` made a folder named '~' in the working directory, then
+    failed, 'Parent directory of pgdata does not exist: $HOME/d' (pgserver expands it). Every command takes ~ as
+    the home directory now, as `clapq up` did."""
+    from clapq.backup import backup
+    from clapq.blobs import BlobStore
+
+    backup(settings.database_url, BlobStore(settings.blob_dir).root, tmp_path / "bk", say=lambda m: None)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "cwd").mkdir()
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "restore", str(tmp_path / "bk"), "--data-dir=~/d"],
+                         env=_env(tiny_model, HOME=str(tmp_path / "home")), cwd=tmp_path / "cwd",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"start it with `clapq up --data-dir {tmp_path / 'home' / 'd'}`" in out.stderr, out.stderr
+    assert (tmp_path / "home" / "d" / "pg").is_dir() and list((tmp_path / "cwd").iterdir()) == []
