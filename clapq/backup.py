@@ -183,6 +183,7 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
         target, env = _libpq(url)
         _run([pg_tool("pg_dump"), "--format=custom", "--no-owner", "--no-privileges", f"--snapshot={snapshot}",
               f"--file={work / DUMP}", f"--dbname={target}"], env, "pg_dump")
+        os.chmod(work / DUMP, 0o600)  # the keys' hashes, every name and tag: in a folder that exists, its mode is kept
         snap.rollback()
     # files deleted since the first pass, or that no row held: not part of this backup
     keep = set(named) - set(missing)

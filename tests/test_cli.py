@@ -3940,6 +3940,9 @@ def test_a_backup_into_an_empty_disk_s_mount_point_is_written_on_that_disk(setti
     assert read_manifest(small_disk) == manifest
     assert sorted(p.name for p in small_disk.iterdir()) == ["backup.json", "blobs", "clapq.dump"]
     assert not (small_disk.parent / "small.partial").exists()
+    # the folder keeps its own mode (a disk's root: 0755 here), so the dump is the owner's alone itself, as blobs/ is
+    os.chmod(small_disk, 0o755)
+    assert [oct(os.stat(small_disk / name).st_mode & 0o777) for name in ("clapq.dump", "blobs")] == ["0o600", "0o700"]
 
 
 def test_a_backup_of_a_newer_clapq_is_refused_before_anything_is_restored(settings, tiny_model, tmp_path):
