@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from sqlalchemy import text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from clapq.blobs import BLOB_LOCK, BlobStore
 from clapq.db import newer_revision
@@ -60,7 +60,9 @@ def _libpq(url: str) -> tuple[str, dict[str, str]]:
     env = dict(os.environ)
     if u.password:
         env["PGPASSWORD"] = u.password
-    return u.set(drivername="postgresql", password=None).render_as_string(hide_password=False), env
+    # built again: URL.set(password=None) keeps the password (None is "not given" there), and it was on the line
+    bare = URL.create("postgresql", u.username, None, u.host, u.port, u.database, u.query)
+    return bare.render_as_string(hide_password=False), env
 
 
 def _run(argv: list[str], env: dict[str, str], what: str) -> None:

@@ -4033,3 +4033,14 @@ def test_a_restore_given_a_data_dir_with_a_tilde_goes_where_clapq_up_looks(setti
     assert out.returncode == 0, out.stderr
     assert f"start it with `clapq up --data-dir {tmp_path / 'home' / 'd'}`" in out.stderr, out.stderr
     assert (tmp_path / "home" / "d" / "pg").is_dir() and list((tmp_path / "cwd").iterdir()) == []
+
+
+def test_pg_dump_and_pg_restore_are_not_given_the_password_on_their_command_line():
+    """clapq backup/restore of your own Postgres: the password goes to pg_dump/pg_restore in PGPASSWORD, as a
+    command line is what `ps` shows every account on the machine. SQLAlchemy's URL.set(password=None) leaves a
+    password as it is (None means 'not given' there), so DATABASE_URL's password was on their command line,
+    `--dbname=postgresql://clapq:secret@db/clapq`, for the whole dump."""
+    from clapq.backup import _libpq
+
+    target, env = _libpq("postgresql+psycopg2://clapq:p%40ss%2Fw@db.example:5433/clapq?sslmode=require")
+    assert target == "postgresql://clapq@db.example:5433/clapq?sslmode=require" and env["PGPASSWORD"] == "p@ss/w"
