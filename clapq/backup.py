@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import json
 import os
 import shutil
@@ -72,18 +73,26 @@ def _run(argv: list[str], env: dict[str, str], what: str) -> None:
         raise BackupError(f"{what} failed: {why}")
 
 
-def _copy_blob(src: Path, dst: Path) -> int:
+def _copy_blob(src: Path, dst: Path, check: bool = False) -> int:
     """Copy one stored file (a temporary name, then renamed: a copy cut short is never taken for whole);
-    returns its bytes, 0 where dst is there already (its name is its content's sha256)."""
+    returns its bytes, 0 where dst is there already (its name is its content's sha256). `check`: its bytes are
+    those its name says, or it is not copied (a backup's file changed since: bit rot, an edit by hand)."""
     if dst.is_file():
         return 0
     dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     part = dst.with_name(dst.name + ".part")
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    digest = hashlib.sha256()
     with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
+        while check and (chunk := f.read(4 << 20)):
+            digest.update(chunk)
+            out.write(chunk)
         shutil.copyfileobj(f, out, 4 << 20)
         out.flush()
         os.fsync(out.fileno())
+    if check and digest.hexdigest() != dst.name:
+        part.unlink()
+        raise BackupError(f"its stored file {dst.name} is damaged (its bytes are no longer those it was stored as)")
     os.replace(part, dst)
     return dst.stat().st_size
 
@@ -245,7 +254,10 @@ def restore(src: Path, url: str, blob_dir: Path, say=print) -> dict:
     store, copied = BlobStore(blob_dir), 0
     for sha in _stored(src / "blobs"):
         copied += 1
-        _copy_blob(_at(src / "blobs", sha), store.path_for(sha))
+        try:
+            _copy_blob(_at(src / "blobs", sha), store.path_for(sha), check=True)
+        except BackupError as exc:
+            raise BackupError(f"{src} cannot be restored: {exc}; nothing was restored into the database") from None
     if copied != manifest["files"]:
         raise BackupError(f"{src} holds {copied} stored files of the {manifest['files']} it was made with: it is "
                           "incomplete; nothing was restored into the database")

@@ -4044,3 +4044,29 @@ def test_pg_dump_and_pg_restore_are_not_given_the_password_on_their_command_line
 
     target, env = _libpq("postgresql+psycopg2://clapq:p%40ss%2Fw@db.example:5433/clapq?sslmode=require")
     assert target == "postgresql://clapq@db.example:5433/clapq?sslmode=require" and env["PGPASSWORD"] == "p@ss/w"
+
+
+def test_a_backup_whose_stored_file_was_damaged_is_not_restored(settings, tiny_model, tmp_path):
+    """A backup's stored file changed since it was written (bit rot on the backup disk, a file edited by hand) was
+    restored as it was, under the name of bytes it no longer holds: an item whose audio is not what it searches
+    as, and nothing would tell. Each file's bytes are checked against its name (their sha256) as it is restored
+    now, and a damaged one stops the restore before the rows, naming it."""
+    import hashlib
+
+    from clapq.backup import backup
+    from clapq.blobs import BlobStore
+
+    backup(settings.database_url, BlobStore(settings.blob_dir).root, tmp_path / "bk", say=lambda m: None)
+    sha = hashlib.sha256(b"the bytes an item holds").hexdigest()
+    damaged = tmp_path / "bk" / "blobs" / sha[:2] / sha[2:4] / sha
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"the bytes an item holds, bit-rotted")
+    manifest = json.loads((tmp_path / "bk" / "backup.json").read_text())
+    (tmp_path / "bk" / "backup.json").write_text(json.dumps({**manifest, "files": manifest["files"] + 1}))
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "restore", str(tmp_path / "bk"), "--data-dir",
+                          str(tmp_path / "new")], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert f"its stored file {sha} is damaged (its bytes are no longer those it was stored as)" in out.stderr, \
+        out.stderr
+    assert "nothing was restored into the database" in out.stderr, out.stderr
+    assert not (tmp_path / "new" / "blobs" / sha[:2] / sha[2:4] / sha).exists()
