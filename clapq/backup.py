@@ -225,8 +225,8 @@ def read_manifest(src: Path) -> dict:
     try:
         manifest = json.loads((src / MANIFEST).read_text())
     except (OSError, ValueError):
-        raise BackupError(f"{src} is not a clapq backup (no readable {MANIFEST}; a backup cut short is left as "
-                          "DEST.partial)") from None
+        raise BackupError(f"{src} is not a clapq backup (no readable {MANIFEST}, which a backup writes last: one cut "
+                          "short has none)") from None
     if manifest.get("format") != FORMAT or not (src / DUMP).is_file():
         raise BackupError(f"{src} is not a backup this clapq can read (format {manifest.get('format')!r}, "
                           f"{DUMP} {'there' if (src / DUMP).is_file() else 'missing'})")

@@ -4070,3 +4070,16 @@ def test_a_backup_whose_stored_file_was_damaged_is_not_restored(settings, tiny_m
         out.stderr
     assert "nothing was restored into the database" in out.stderr, out.stderr
     assert not (tmp_path / "new" / "blobs" / sha[:2] / sha[2:4] / sha).exists()
+
+
+def test_a_backup_cut_short_in_its_folder_is_not_restored_and_said_so(tiny_model, tmp_path):
+    """A backup into a folder that exists, cut short (the machine lost power), leaves DEST/.clapq-backup.partial and
+    no backup.json; `clapq restore DEST` said 'a backup cut short is left as DEST.partial', a folder that is not
+    there. It says the backup has no backup.json, which a backup writes last, so it was cut short."""
+    (tmp_path / "bk" / ".clapq-backup.partial" / "blobs").mkdir(parents=True)
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "restore", str(tmp_path / "bk"), "--data-dir",
+                          str(tmp_path / "new")], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert (f"{tmp_path / 'bk'} is not a clapq backup (no readable backup.json, which a backup writes last: one cut "
+            "short has none)") in out.stderr, out.stderr
+    assert not (tmp_path / "new").exists()
