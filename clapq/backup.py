@@ -183,7 +183,8 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
             lock.execute(text("SELECT pg_advisory_unlock_shared(:k)"), {"k": BLOB_LOCK})
         if missing and len(missing) == len(named):
             raise BackupError(f"none of the {len(named)} stored files that items hold is in {blob_dir} "
-                              "(CLAPQ_BLOB_DIR): it is not this database's store")
+                              "(CLAPQ_BLOB_DIR): it is not this database's store, or it lost every one (`clapq "
+                              "check` lists them)")
         if missing:  # lost before this backup (its items fail, "the stored copy is missing"): the rest is kept
             say(f"warning: {len(missing)} stored file{'s' if len(missing) != 1 else ''} that items hold "
                 f"{'are' if len(missing) != 1 else 'is'} missing from {blob_dir} (the first: {missing[0]}), as "

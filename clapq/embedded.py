@@ -147,8 +147,10 @@ class EmbeddedPostgres:
         user = ensure_user_exists("pgserver")
         for top, dirs, files in os.walk(self.pgdata):
             for path in [top] + [os.path.join(top, name) for name in dirs + files]:
-                if os.lstat(path).st_uid != user.pw_uid:
-                    os.lchown(path, user.pw_uid, -1)
+                # a running server's (one `clapq up` shares) removes files meanwhile: a WAL segment recycled
+                with contextlib.suppress(FileNotFoundError):
+                    if os.lstat(path).st_uid != user.pw_uid:
+                        os.lchown(path, user.pw_uid, -1)
 
     def gone(self) -> str | None:
         """Why the server is not running (its postmaster has exited), or None while it runs."""
