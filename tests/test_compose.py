@@ -49,12 +49,13 @@ def test_compose_services_and_commands():
 
 
 def _variables_read() -> set[str]:
-    """Every CLAPQ_* environment variable the code reads (CLAPQ_PROCESS is set by the CLI itself)."""
+    """Every CLAPQ_* environment variable the code reads (CLAPQ_PROCESS and CLAPQ_START_DIR are set by the CLI
+    itself, for the processes it starts)."""
     names = set()
     for pkg in ("clapq", "api", "worker"):
         for path in (ROOT / pkg).glob("*.py"):
             names |= set(re.findall(r'"(CLAPQ_[A-Z0-9_]+)"', path.read_text()))
-    return names - {"CLAPQ_PROCESS"}
+    return names - {"CLAPQ_PROCESS", "CLAPQ_START_DIR"}
 
 
 def test_every_setting_is_documented_and_compose_sets_only_real_ones():
