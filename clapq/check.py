@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -213,8 +214,10 @@ def _files(n: int) -> str:
     return f"{n} stored file{'' if n == 1 else 's'}"
 
 
-def describe(report: dict, blob_dir: Path) -> list[str]:
-    """The report as lines a person reads."""
+def describe(report: dict, blob_dir: Path, data_dir: Path | None = None) -> list[str]:
+    """The report as lines a person reads. data_dir: the --data-dir the check was given, which the commands it
+    advises take too (without it they would reach the default data directory's service, or none)."""
+    also = f" --data-dir {shlex.quote(str(data_dir))}" if data_dir is not None else ""
     lines = [f"checked {report['items']} items and {_files(report['stored_files'])} ({_mb(report['stored_bytes'])}) "
              f"in {blob_dir}" + ("; each stored file an item names was read and hashed" if report["verified"]
                                  else " (not read: --verify reads each file and hashes it)")]
@@ -243,15 +246,16 @@ def describe(report: dict, blob_dir: Path) -> list[str]:
             lines.extend(held_by(e))
     if report["missing"] or report["damaged"]:
         lines.append("  to mend one, send the same file again into one of its libraries: `clapq upload FILE --library "
-                     "LIBRARY --resend` writes its stored copy anew (its item stays, with its vectors); a missing one, "
-                     "`clapq upload` of its folder sends again by itself")
+                     f"LIBRARY --resend{also}` writes its stored copy anew (its item stays, with its vectors); a "
+                     "missing one, `clapq upload` of its folder sends again by itself")
     if report["orphans"]:
         queued = sum(q for o in report["orphans"] if (q := o["queued_for_removal"]))
         done = report["orphans_removed"]
         lines.append(f"no item holds {_files(len(report['orphans']))} ({_mb(report['orphan_bytes'])})"
                      + (f", {queued} of them queued for removal by the maintenance loop" if queued else "")
                      + (", removed now" if done == len(report["orphans"]) else f", {done} of them removed now" if done
-                        else f": `clapq check --remove-orphans` removes {'it' if len(report['orphans']) == 1 else 'them'}")
+                        else f": `clapq check --remove-orphans{also}` removes "
+                             f"{'it' if len(report['orphans']) == 1 else 'them'}")
                      + ":")
         lines.extend(f"  {o['sha256']} ({_mb(o['bytes'])})" for o in report["orphans"][:ORPHANS_SHOWN])
         if len(report["orphans"]) > ORPHANS_SHOWN:

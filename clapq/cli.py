@@ -298,7 +298,7 @@ def cmd_check(args) -> None:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print("\n".join(describe(report, settings.blob_dir)))
+        print("\n".join(describe(report, settings.blob_dir, args.data_dir)))
     sys.exit(0 if report["ok"] else 1)
 
 

@@ -3867,7 +3867,10 @@ def test_check_finds_missing_damaged_and_unheld_stored_files_and_mends_them(tmp_
     out = _check(tiny_model, data)
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"item {ids['f0.wav']}: library 'l' of tenant " in out.stdout, out.stdout
-    assert "--resend" in out.stdout and "--remove-orphans` removes it" in out.stdout, out.stdout
+    # its commands take the --data-dir it was given, as the default one's service is not this one (they said
+    # `clapq check --remove-orphans`, which checked another store)
+    assert f"--resend --data-dir {data}`" in out.stdout, out.stdout
+    assert f"`clapq check --remove-orphans --data-dir {data}` removes it" in out.stdout, out.stdout
     assert "damaged" not in out.stdout  # not read without --verify
 
     out = _check(tiny_model, data, "--remove-orphans")
