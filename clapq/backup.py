@@ -121,9 +121,11 @@ def _stored(root: Path) -> list[str]:
     return found
 
 
-def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, say=print) -> dict:
+def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, say=print,
+           check: str = "clapq check") -> dict:
     """Back up the database at `url` and the store at `blob_dir` into the new folder `dest`; returns the
-    manifest. The folder appears whole or not at all (it is written as DEST.partial, then renamed)."""
+    manifest. The folder appears whole or not at all (it is written as DEST.partial, then renamed). check: the
+    command that lists the stored files found missing, as the user runs it (with its --data-dir)."""
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(p.name != INSIDE for p in dest.iterdir())):
         raise BackupError(f"{dest} exists already and is not an empty folder: give a new one")
@@ -136,7 +138,7 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
     shutil.rmtree(work, ignore_errors=True)  # an earlier backup cut short
     work.mkdir(mode=0o700, parents=True)
     try:
-        return _write(url, store, blob_dir, dest, work, key_file, say)
+        return _write(url, store, blob_dir, dest, work, key_file, say, check)
     except BaseException as exc:
         # a backup that failed (a full disk, pg_dump's error, Ctrl-C) left DEST.partial, as much as fit on a disk
         # it kept full
@@ -152,7 +154,8 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
         raise
 
 
-def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, key_file: Path | None, say) -> dict:
+def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, key_file: Path | None, say,
+           check: str) -> dict:
     """backup()'s work, into the new folder `work` (DEST.partial, or DEST/INSIDE), made `dest` once whole."""
     from clapq.db import get_engine
 
@@ -188,7 +191,8 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
         if missing:  # lost before this backup (its items fail, "the stored copy is missing"): the rest is kept
             say(f"warning: {len(missing)} stored file{'s' if len(missing) != 1 else ''} that items hold "
                 f"{'are' if len(missing) != 1 else 'is'} missing from {blob_dir} (the first: {missing[0]}), as "
-                "they are in the service: backed up without them")
+                f"they are in the service: backed up without them; `{check}` names their items and how to mend "
+                "them, and a backup after that holds them")
         items = snap.scalar(text("SELECT count(*) FROM items"))
         schema = list(snap.scalars(text("SELECT version_num FROM alembic_version")))
         # 3. the database as that snapshot has it (pg_dump takes it over: the same rows)

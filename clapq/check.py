@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shlex
 import time
 from pathlib import Path
 
@@ -214,10 +213,9 @@ def _files(n: int) -> str:
     return f"{n} stored file{'' if n == 1 else 's'}"
 
 
-def describe(report: dict, blob_dir: Path, data_dir: Path | None = None) -> list[str]:
-    """The report as lines a person reads. data_dir: the --data-dir the check was given, which the commands it
+def describe(report: dict, blob_dir: Path, also: str = "") -> list[str]:
+    """The report as lines a person reads. also: the --data-dir the check was given, which the commands it
     advises take too (without it they would reach the default data directory's service, or none)."""
-    also = f" --data-dir {shlex.quote(str(data_dir))}" if data_dir is not None else ""
     lines = [f"checked {report['items']} items and {_files(report['stored_files'])} ({_mb(report['stored_bytes'])}) "
              f"in {blob_dir}" + ("; each stored file an item names was read and hashed" if report["verified"]
                                  else " (not read: --verify reads each file and hashes it)")]

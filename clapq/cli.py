@@ -9,6 +9,7 @@ import fcntl
 import json
 import importlib
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -267,13 +268,20 @@ def cmd_keys_create(args) -> None:
     _with_keys(args, lambda s: create_key(s, args.tenant))
 
 
+def _data_dir_flag(args) -> str:
+    """" --data-dir DIR" where the command was given one, for the commands its words advise: without it they
+    would reach the default data directory's service, or none."""
+    return f" --data-dir {shlex.quote(str(args.data_dir))}" if args.data_dir is not None else ""
+
+
 def cmd_backup(args) -> None:
     from clapq.backup import BackupError, backup
 
     settings, stack, url = _service_data(args, " (and CLAPQ_BLOB_DIR to its stored files)")
     try:
         key = None if settings.database_url else settings.data_dir / "api_key"
-        backup(url, settings.blob_dir, args.dest, key_file=key, say=lambda m: print(m, file=sys.stderr))
+        backup(url, settings.blob_dir, args.dest, key_file=key, say=lambda m: print(m, file=sys.stderr),
+               check=f"clapq check{_data_dir_flag(args)}")
     except (BackupError, OSError) as exc:
         _fail(str(exc), 1)
     finally:
@@ -298,7 +306,7 @@ def cmd_check(args) -> None:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print("\n".join(describe(report, settings.blob_dir, args.data_dir)))
+        print("\n".join(describe(report, settings.blob_dir, _data_dir_flag(args))))
     sys.exit(0 if report["ok"] else 1)
 
 

@@ -3725,6 +3725,9 @@ def test_a_running_service_backed_up_is_restored_elsewhere_with_the_same_results
                          env=_env(tiny_model), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert re.search(r"warning: 1 stored file that items hold is missing from .*backed up without them", out.stderr)
+    # and what to do about it, with the command's --data-dir (it named a digest, and nothing to run)
+    assert f"backed up without them; `clapq check --data-dir {tmp_path / 'a'}` names their items and how to mend them" \
+        in out.stderr, out.stderr
     assert "backed up 4 items and their 3 stored files" in out.stderr, out.stderr
     for p in stored[1:]:
         p.unlink()
