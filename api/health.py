@@ -14,6 +14,7 @@ from flask import Blueprint, current_app
 from sqlalchemy import text
 
 import worker
+from api.jobs import NO_WORKER, NO_WORKER_UP
 from api.models_info import registered_model_id
 from clapq.checkpoint import ModelUnavailable, resolve, unchanged
 from clapq.db import get_engine
@@ -113,8 +114,9 @@ def readyz():
 
     def workers() -> str:  # a warning, as embedding's is: search and uploads go on without one (a stopped
         # worker took the API out of service, while a stopped model process left it ready, helper-54)
-        return "ok" if live_workers(celery) else ("warning: no live worker (start `clapq worker`); uploads wait "
-                                                 "queued until one runs")
+        if live_workers(celery):
+            return "ok"
+        return "warning: " + (NO_WORKER_UP if settings.under_up else NO_WORKER).replace("the files", "uploads")
 
     def model() -> str:
         try:

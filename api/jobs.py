@@ -38,6 +38,10 @@ def job_status(counts: dict, cancelled: bool) -> str:
 
 REDIS_AWAY = "Redis does not answer: no file is handed to a worker until it does"
 NO_WORKER = "no live worker (start `clapq worker`): the files wait queued until one runs"
+# under `clapq up`, which starts its worker (and again where it ends): told to start one, a user would run a
+# second beside it
+NO_WORKER_UP = ("no live worker yet: `clapq up` starts its worker, and starts it again where it ended (its log "
+                "says why); the files wait queued until it runs")
 
 
 def why_waiting(model_id: int) -> str | None:
@@ -52,7 +56,7 @@ def why_waiting(model_id: int) -> str | None:
     if served:
         return None
     if not live:
-        return NO_WORKER
+        return NO_WORKER_UP if current_app.config["CLAPQ"].under_up else NO_WORKER
     model = describe(model_id)
     # a hung worker (stopped, or stuck in a call) was told as "another model, or still loading it" (helper-71)
     return (f"no live worker serves this library's model (model {model_id}, {model['name']}): workers whose "

@@ -525,7 +525,7 @@ def cmd_up(args) -> None:
         blob_dir = settings.blob_dir.expanduser().resolve() if os.environ.get("CLAPQ_BLOB_DIR") else data_dir / "blobs"
         env = dict(os.environ, DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_DATA_DIR=str(data_dir),
                    CLAPQ_BLOB_DIR=str(blob_dir), CLAPQ_MODEL=settings.model, CLAPQ_HOST=args.host,
-                   CLAPQ_PORT=str(args.port))
+                   CLAPQ_PORT=str(args.port), CLAPQ_UP="1")
         with contextlib.suppress(OSError):  # where it was removed, the roles stay in CODE_ROOT
             env[START_DIR] = os.getcwd()
         exe = [sys.executable, "-m", "clapq.cli"]

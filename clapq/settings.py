@@ -162,6 +162,8 @@ class Settings:
     rate_limit: str  # "" for none
     # what /metrics takes as `Authorization: Bearer`; "" for none (the default: Prometheus scrapes it with no key)
     metrics_token: str = dataclasses.field(default="", repr=False)
+    # a role `clapq up` started (it sets CLAPQ_UP): its worker is up's to start, not the user's
+    under_up: bool = False
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -250,6 +252,7 @@ class Settings:
             # requests per API key, shared by every API process through Redis (api.ratelimit)
             rate_limit=_rate_limit(env),
             metrics_token=(env.get("CLAPQ_METRICS_TOKEN") or "").strip(),
+            under_up=env.get("CLAPQ_UP") == "1",
         )
         values.update(overrides)
         if values["heartbeat_s"] >= values["stale_after_s"]:

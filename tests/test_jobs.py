@@ -699,6 +699,7 @@ def test_a_job_that_cannot_move_says_why(client, new_key, settings, serving_work
     from api import create_app
     from api.jobs import NO_WORKER, REDIS_AWAY
     from clapq.db import session_scope
+    from clapq.settings import Settings
 
     key = new_key()
     lib = client.post("/v1/libraries", json={"name": "stuck"}, headers=auth(key)).get_json()
@@ -718,6 +719,14 @@ def test_a_job_that_cannot_move_says_why(client, new_key, settings, serving_work
     # no worker at all: a queue (another Redis database) no worker listens to
     no_worker = dataclasses.replace(settings, redis_url=settings.redis_url.rsplit("/", 1)[0] + "/7")
     assert seen(create_app(no_worker).test_client()) == (NO_WORKER, None)
+    # under `clapq up` (CLAPQ_UP, which it sets for its roles), whose worker is starting or starting again: not
+    # told to start one (it said "start `clapq worker`", which would run a second beside up's), nor is /readyz
+    under_up = create_app(Settings.from_env({"CLAPQ_UP": "1"}, **{
+        f.name: getattr(no_worker, f.name) for f in dataclasses.fields(Settings) if f.name != "under_up"}))
+    why, eta = seen(under_up.test_client())
+    assert eta is None and why.startswith("no live worker yet: `clapq up` starts its worker") and "start `" not in why
+    ready = under_up.test_client().get("/readyz").get_json()["checks"]["workers"]
+    assert ready.startswith("warning: no live worker yet: `clapq up` starts its worker"), ready
     # Redis away: nothing is handed out
     assert seen(create_app(dataclasses.replace(settings, redis_url="redis://127.0.0.1:9/0")).test_client()) == \
         (REDIS_AWAY, None)
