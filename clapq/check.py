@@ -246,6 +246,13 @@ def describe(report: dict, blob_dir: Path, also: str = "") -> list[str]:
         lines.append("  to mend one, send the same file again into one of its libraries: `clapq upload FILE --library "
                      f"LIBRARY --resend{also}` writes its stored copy anew (its item stays, with its vectors); a "
                      "missing one, `clapq upload` of its folder sends again by itself")
+        troubled = report["missing"] + report["damaged"]
+        if any(i["status"] == "failed" for e in troubled for i in e["items"]):
+            # neither of those sends a file that failed for its bytes (`clapq upload` asks /known, which names it
+            # as failed): only a retry does, which writes its stored copy anew as any upload of its bytes
+            lines.append("  a failed one, which `clapq upload` leaves out as failed before: `clapq upload FILE "
+                         f"--library LIBRARY --retry-failed{also}` sends it again (retried, its stored copy written "
+                         f"anew), or `clapq delete ITEM --library LIBRARY{also}` deletes it")
     if report["orphans"]:
         queued = sum(q for o in report["orphans"] if (q := o["queued_for_removal"]))
         done = report["orphans_removed"]

@@ -114,3 +114,30 @@ def test_a_store_that_holds_none_of_the_items_files_is_asked_about(client, new_k
     assert out.returncode == 1, out.stderr
     first = out.stdout.splitlines()[1]
     assert first.startswith("none of the ") and f"is in {other}: is it this service's store" in first, out.stdout
+
+
+def test_a_failed_file_whose_stored_copy_is_missing_is_told_how_to_send_it(client, new_key, settings, env,
+                                                                          tmp_path):
+    """A failed item (its bytes not audio) whose stored copy is gone: the advice that mends the others, `clapq upload`
+    of its folder or with --resend, leaves it out as failed before, so the check names --retry-failed for it (found
+    by hand: check listed it again after both)."""
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+
+    sha = _stored(client, new_key(), tmp_path, 1, seed=70)["c70-0.wav"]
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE items SET status = 'failed', error = 'not a readable audio file' WHERE sha256 = :s"),
+                  {"s": sha})
+    stored = BlobStore(settings.blob_dir).path_for(sha)
+    kept = stored.read_bytes()
+    stored.unlink()
+    try:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "check"], capture_output=True, text=True,
+                             timeout=120, env=env)
+    finally:
+        stored.write_bytes(kept)
+    assert out.returncode == 1, out.stderr
+    assert "'c70-0.wav', failed" in out.stdout, out.stdout
+    assert ("a failed one, which `clapq upload` leaves out as failed before: `clapq upload FILE --library LIBRARY "
+            "--retry-failed` sends it again") in out.stdout, out.stdout
