@@ -243,10 +243,11 @@ def read_manifest(src: Path) -> dict:
     return manifest
 
 
-def restore(src: Path, url: str, blob_dir: Path, say=print) -> dict:
+def restore(src: Path, url: str, blob_dir: Path, say=print, check: str = "clapq check") -> dict:
     """Restore a backup into the database at `url`, which must hold no clapq tables, and the store at
     `blob_dir`. The files go first, then the rows in one transaction: a restore cut short leaves files
-    no row holds (space only, and the next restore takes them as they are), never a row without its file."""
+    no row holds (space only, and the next restore takes them as they are), never a row without its file.
+    check: the command that lists the stored files the backup lacked, as the user runs it (with its --data-dir)."""
     from clapq.db import get_engine
 
     src = Path(src)
@@ -270,4 +271,8 @@ def restore(src: Path, url: str, blob_dir: Path, say=print) -> dict:
     _run([pg_tool("pg_restore"), "--no-owner", "--no-privileges", "--exit-on-error", "--single-transaction",
           f"--dbname={target}", str(src / DUMP)], env, "pg_restore")
     say(f"restored {manifest['items']} items and their {copied} stored files, backed up at {manifest['created_at']}")
+    if lost := manifest.get("missing_files"):  # its warning was the backup's, said to whoever ran it, then
+        say(f"warning: {lost} stored file{'s' if lost != 1 else ''} that items hold {'were' if lost != 1 else 'was'} "
+            f"missing from the service when it was backed up, and {'are' if lost != 1 else 'is'} missing here too: "
+            f"`{check}` names their items and how to mend them")
     return manifest

@@ -326,7 +326,8 @@ def cmd_restore(args) -> None:
     stack: list = []
     try:
         url = _database_url(settings, data_dir, stack)
-        restore(args.backup, url, settings.blob_dir, say=lambda m: print(m, file=sys.stderr))
+        restore(args.backup, url, settings.blob_dir, say=lambda m: print(m, file=sys.stderr),
+                check=f"clapq check{_data_dir_flag(args)}")
         _migrate(url)  # a backup of an earlier clapq: brought to this one's schema
         if manifest.get("api_key") and not settings.database_url and not (data_dir / KEY).exists():
             shutil.copyfile(args.backup / KEY, data_dir / KEY)  # the owner's key goes on working

@@ -3729,6 +3729,13 @@ def test_a_running_service_backed_up_is_restored_elsewhere_with_the_same_results
     assert f"backed up without them; `clapq check --data-dir {tmp_path / 'a'}` names their items and how to mend them" \
         in out.stderr, out.stderr
     assert "backed up 4 items and their 3 stored files" in out.stderr, out.stderr
+    # its restore says so too (it said only 'restored 4 items and their 3 stored files'), where the user who
+    # restores it may not be the one who saw the backup's warning
+    out = subprocess.run(cli + ["restore", str(tmp_path / "backup-lost"), "--data-dir", str(tmp_path / "c")],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert ("warning: 1 stored file that items hold was missing from the service when it was backed up, and is "
+            f"missing here too: `clapq check --data-dir {tmp_path / 'c'}` names their items") in out.stderr, out.stderr
     for p in stored[1:]:
         p.unlink()
     out = subprocess.run(cli + ["backup", str(tmp_path / "backup-none"), "--data-dir", str(tmp_path / "a")],
