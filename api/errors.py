@@ -8,7 +8,7 @@ import os
 import re
 from decimal import Decimal
 
-from flask import Flask, current_app, g, jsonify, request
+from flask import Flask, current_app, g, has_app_context, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import exc as orm_exc
@@ -44,7 +44,10 @@ def code_changed(what: str, why: str | None = None) -> ApiError:
     ImportError, a TypeError) and a wrong answer at worst; the process is to be restarted, to run the new throughout."""
     why = why or ("clapq's code changed on disk since the API started (upgraded in place?), and what it would load now "
                   "is other code than the API runs; the API must be restarted")
-    return ApiError(503, "code_changed", f"{what}: {why} (ask the API's operator)")
+    # under `clapq up` whoever reads this runs the API: restarting up is what starts it on the new code
+    up = has_app_context() and current_app.config["CLAPQ"].under_up
+    return ApiError(503, "code_changed", f"{what}: {why} ("
+                    + ("restart `clapq up`: Ctrl-C, then start it again" if up else "ask the API's operator") + ")")
 
 
 MAX_DEPTH = 32  # nesting of JSON a client sends: metadata, filters; deeper is a mistake or an attack

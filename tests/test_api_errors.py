@@ -1408,9 +1408,10 @@ def test_a_search_clip_whose_decoding_fails_for_no_reason_in_its_bytes_is_a_503(
     assert r.status_code == 200, r.get_json()
 
 
-def api_of_a_copy(start_api, tmp_path, monkeypatch, before=None) -> tuple[Path, str]:
+def api_of_a_copy(start_api, tmp_path, monkeypatch, before=None, **env) -> tuple[Path, str]:
     """`clapq api` running a copy of the code (the `clapq`, `worker` and `api` packages), which a test may change as an
-    upgrade in place would: the copy's folder, and the API's URL. `before(folder)` changes the copy before it starts."""
+    upgrade in place would: the copy's folder, and the API's URL. `before(folder)` changes the copy before it starts;
+    `env`, more of the API's environment."""
     import shutil
 
     import clapq
@@ -1423,7 +1424,7 @@ def api_of_a_copy(start_api, tmp_path, monkeypatch, before=None) -> tuple[Path, 
         before(code)
     monkeypatch.chdir(tmp_path)  # `python -m` looks in the working directory first
     # one gunicorn process, so that each request meets the one the test looks at
-    return code, start_api(PYTHONPATH=str(code), CLAPQ_API_WORKERS="1")
+    return code, start_api(PYTHONPATH=str(code), CLAPQ_API_WORKERS="1", **env)
 
 
 def test_an_api_upgraded_in_place_answers_a_search_clip_503_to_restart(start_api, new_key, tmp_path, monkeypatch):
@@ -1455,6 +1456,25 @@ def test_an_api_upgraded_in_place_answers_a_search_clip_503_to_restart(start_api
         assert r.status_code == 503, r.text
         e = r.json()["error"]
         assert e["code"] == "code_changed" and "the API must be restarted" in e["message"], e
+        assert e["message"].endswith("(ask the API's operator)"), e
+
+
+def test_under_clapq_up_a_search_clip_of_an_api_upgraded_in_place_says_to_restart_up(start_api, new_key, tmp_path,
+                                                                                      monkeypatch):
+    """Under `clapq up` (CLAPQ_UP, which it sets for its roles) whoever reads the 503 `code_changed` runs the API:
+    it said "(ask the API's operator)" to the operator, and now says how, restarting `clapq up` (found by hand,
+    `clapq search --like` after an upgrade in place under a running `clapq up`)."""
+    from tests.audio import write
+
+    code, base = api_of_a_copy(start_api, tmp_path, monkeypatch, CLAPQ_UP="1")
+    h = auth(new_key())
+    lib_id = requests.post(f"{base}/v1/libraries", json={"name": "upgraded-up"}, headers=h, timeout=30).json()["id"]
+    with open(code / "worker" / "audio.py", "a") as f:
+        f.write("\n# a newer version\n")
+    r = requests.post(f"{base}/v1/search", data={"library_id": lib_id}, headers=h, timeout=120,
+                      files={"audio": ("q.wav", write(tmp_path / "q.wav", 2.0, 48_000).read_bytes())})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "code_changed", r.text
+    assert r.json()["error"]["message"].endswith("(restart `clapq up`: Ctrl-C, then start it again)"), r.text
 
 
 @pytest.mark.parametrize("package", ["clapq", "api"])
