@@ -3939,7 +3939,31 @@ def test_a_backup_that_fills_its_disk_leaves_nothing_behind(settings, small_disk
         assert os.statvfs(small_disk).f_bfree == os.statvfs(small_disk).f_blocks
 
 
-def test_a_backup_into_an_empty_disk_s_mount_point_is_written_on_that_disk(settings, small_disk, tmp_path):
+@pytest.fixture()
+def own_database(settings):
+    """A new database of its own, migrated, on the tests' Postgres: a backup of the shared one names the stored files
+    of every test that ran before (which a test's own store lacks: 'none of the N stored files ... is in')."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from clapq.db import get_engine, migrate, normalise_url
+
+    admin = create_engine(normalise_url(settings.database_url), isolation_level="AUTOCOMMIT")
+    name = f"bk_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    url = make_url(normalise_url(settings.database_url)).set(database=name).render_as_string(hide_password=False)
+    try:
+        migrate(url)
+        yield url
+    finally:
+        get_engine(url).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+def test_a_backup_into_an_empty_disk_s_mount_point_is_written_on_that_disk(own_database, small_disk, tmp_path):
     """README: `clapq backup DEST` takes a new or empty folder. An empty one that is a disk's mount point (a USB disk at
     /mnt/backup, the commonest place for a backup) was written beside it, as /mnt/backup.partial on the disk that holds
     /mnt, then renamed over the mount point, which rename(2) refuses: every such backup failed once it had copied
@@ -3949,7 +3973,7 @@ def test_a_backup_into_an_empty_disk_s_mount_point_is_written_on_that_disk(setti
 
     store = BlobStore(tmp_path / "blobs")
     store.put_bytes(b"not one of the database's files")
-    manifest = backup(settings.database_url, store.root, small_disk, say=lambda m: None)
+    manifest = backup(own_database, store.root, small_disk, say=lambda m: None)
     assert read_manifest(small_disk) == manifest
     assert sorted(p.name for p in small_disk.iterdir()) == ["backup.json", "blobs", "clapq.dump"]
     assert not (small_disk.parent / "small.partial").exists()
@@ -3958,7 +3982,7 @@ def test_a_backup_into_an_empty_disk_s_mount_point_is_written_on_that_disk(setti
     assert [oct(os.stat(small_disk / name).st_mode & 0o777) for name in ("clapq.dump", "blobs")] == ["0o600", "0o700"]
 
 
-def test_a_backup_of_a_newer_clapq_is_refused_before_anything_is_restored(settings, tiny_model, tmp_path):
+def test_a_backup_of_a_newer_clapq_is_refused_before_anything_is_restored(own_database, tiny_model, tmp_path):
     """A backup made by a newer clapq (its schema migrated past what this version knows: a machine moved to with an
     older checkout) was restored, files and rows, and only then did the migration refuse it, 'the database was
     migrated by a newer clapq ...; nothing was changed', where the new data directory held it all (and not the
@@ -3970,14 +3994,9 @@ def test_a_backup_of_a_newer_clapq_is_refused_before_anything_is_restored(settin
     from clapq.backup import backup
     from clapq.blobs import BlobStore
 
-    with session_scope(settings.database_url) as s:
-        real = s.scalar(text("SELECT version_num FROM alembic_version"))
+    with session_scope(own_database) as s:
         s.execute(text("UPDATE alembic_version SET version_num = 'f00dfacef00d'"))  # as a newer clapq leaves it
-    try:
-        backup(settings.database_url, BlobStore(tmp_path / "blobs").root, tmp_path / "bk", say=lambda m: None)
-    finally:
-        with session_scope(settings.database_url) as s:
-            s.execute(text("UPDATE alembic_version SET version_num = :v"), {"v": real})
+    backup(own_database, BlobStore(tmp_path / "blobs").root, tmp_path / "bk", say=lambda m: None)
     out = subprocess.run([sys.executable, "-m", "clapq.cli", "restore", str(tmp_path / "bk"), "--data-dir",
                           str(tmp_path / "new")], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr
@@ -4012,7 +4031,7 @@ def test_a_restore_into_an_own_postgres_says_where_the_stored_files_went(setting
     assert blobs.is_dir()
 
 
-def test_a_backup_goes_on_past_a_shard_folder_a_deletion_removed_as_it_was_listed(settings, tmp_path):
+def test_a_backup_goes_on_past_a_shard_folder_a_deletion_removed_as_it_was_listed(own_database, tmp_path):
     """The first pass lists the store's shard folders (ROOT/ab/cd), then each one's files; a deletion meanwhile
     removes a shard folder its last file leaves empty (most hold one file up to tens of thousands of files), and
     one listed just before it went failed the whole backup, 'No such file or directory' (likely during a library's
@@ -4025,7 +4044,7 @@ def test_a_backup_goes_on_past_a_shard_folder_a_deletion_removed_as_it_was_liste
     store.put_bytes(b"a file no row holds")
     (store.root / "ff").mkdir()
     (store.root / "ff" / "ee").symlink_to(tmp_path / "removed")
-    manifest = backup(settings.database_url, store.root, tmp_path / "bk", say=lambda m: None)
+    manifest = backup(own_database, store.root, tmp_path / "bk", say=lambda m: None)
     assert manifest["missing_files"] == 0 and (tmp_path / "bk" / "backup.json").is_file()
 
 

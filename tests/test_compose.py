@@ -49,13 +49,13 @@ def test_compose_services_and_commands():
 
 
 def _variables_read() -> set[str]:
-    """Every CLAPQ_* environment variable the code reads (CLAPQ_PROCESS and CLAPQ_START_DIR are set by the CLI
-    itself, for the processes it starts)."""
+    """Every CLAPQ_* environment variable the code reads (CLAPQ_PROCESS, CLAPQ_START_DIR and CLAPQ_UP are set by
+    the CLI itself, for the processes it starts)."""
     names = set()
     for pkg in ("clapq", "api", "worker"):
         for path in (ROOT / pkg).glob("*.py"):
             names |= set(re.findall(r'"(CLAPQ_[A-Z0-9_]+)"', path.read_text()))
-    return names - {"CLAPQ_PROCESS", "CLAPQ_START_DIR"}
+    return names - {"CLAPQ_PROCESS", "CLAPQ_START_DIR", "CLAPQ_UP"}
 
 
 def test_every_setting_is_documented_and_compose_sets_only_real_ones():
