@@ -321,8 +321,12 @@ def cmd_restore(args) -> None:
     data_dir = settings.data_dir
     lock = None
     if not settings.database_url:  # a `clapq up` on the data directory restored into: refused
+        if data_dir.exists() and not data_dir.is_dir():  # was a FileExistsError traceback
+            _fail(f"--data-dir {data_dir} is a file: restore into a new folder (`clapq up --data-dir` it then)", 1)
         data_dir.mkdir(parents=True, exist_ok=True)
-        lock = _lock_data_dir(data_dir)
+        # its words were up's, "or give this one its own --data-dir", and a usage error's exit status
+        lock = _lock_data_dir(data_dir, "though a restore goes into a new data directory, not one with clapq's data",
+                              1)
     stack: list = []
     try:
         url = _database_url(settings, data_dir, stack)
@@ -456,10 +460,11 @@ def _terminate(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
             p.wait()
 
 
-def _lock_data_dir(data_dir: Path):
+def _lock_data_dir(data_dir: Path, instead: str = "or give this one its own --data-dir", code: int = 2):
     """One `clapq up` per data directory: a second would start its own Redis and workers on the same
     Postgres, Redis files and blobs. The children it starts hold the lock too (pass_fds), so it is free
-    only when this process and every one of them has ended (they die with it: die_with_parent)."""
+    only when this process and every one of them has ended (they die with it: die_with_parent). `instead`: what
+    else the user may do, said after "stop it first"."""
     f = open(data_dir / "clapq-up.lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -467,7 +472,7 @@ def _lock_data_dir(data_dir: Path):
         f.seek(0)
         holder = f.read().strip() or "?"
         _fail(f"another `clapq up` (pid {holder}), or processes it started, are using {data_dir}; stop it first, "
-              "or give this one its own --data-dir")
+              f"{instead}", code)
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")

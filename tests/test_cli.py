@@ -3751,8 +3751,17 @@ def test_a_running_service_backed_up_is_restored_elsewhere_with_the_same_results
     twice = subprocess.run(cli + ["restore", str(tmp_path / "backup"), "--data-dir", str(tmp_path / "b")],
                            env=_env(tiny_model), capture_output=True, text=True, timeout=120)
     assert twice.returncode == 1 and "holds clapq's tables already" in twice.stderr, twice.stderr
+    (tmp_path / "a-file").write_text("")
+    onto_file = subprocess.run(cli + ["restore", str(tmp_path / "backup"), "--data-dir", str(tmp_path / "a-file")],
+                               env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert onto_file.returncode == 1 and "is a file: restore into a new folder" in onto_file.stderr, onto_file.stderr
+    assert "Traceback" not in onto_file.stderr
     up = up_runner(tmp_path / "b")
     assert up.wait_ready() == key  # the owner's key, and its file, came along
+    running = subprocess.run(cli + ["restore", str(tmp_path / "backup"), "--data-dir", str(tmp_path / "b")],
+                             env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert running.returncode == 1 and "stop it first, though a restore goes into a new data directory" in \
+        running.stderr, running.stderr
     base = f"http://127.0.0.1:{up.port}"
     assert state(base) == before
     from sqlalchemy import text
