@@ -149,7 +149,7 @@ def test_known_lists_only_held_bytes_of_this_library(client, lib, new_key, worke
                                                           "processing input)"}}
     assert r.status_code == 200 and r.get_json() == {"known": digests[:1], "pending": [], "pending_jobs": {},
                                                      "pending_items": {}, "items": {digests[0]: good_id}, "sent_from": {},
-                                                     "failed": failed}, r.get_json()
+                                                     "failed": failed, "missing": []}, r.get_json()
     # the path in its folder `clapq upload` keeps in the metadata, for a folder uploaded again after a rename
     assert client.patch(f"/v1/items/{good_id}", json={"metadata": {"path": "sub/good.wav", "folder": "/srv/x"}},
                         headers=auth(key)).status_code == 200
@@ -165,7 +165,8 @@ def test_known_lists_only_held_bytes_of_this_library(client, lib, new_key, worke
                   .values(status="done"))
     assert r.get_json() == {"known": digests[:1], "pending": digests[:1], "pending_jobs": {digests[0]: job["job_id"]},
                             "pending_items": {digests[0]: good_id}, "items": {digests[0]: good_id},
-                            "sent_from": {digests[0]: {"path": "sub/good.wav", "folder": "/srv/x"}}, "failed": failed}
+                            "sent_from": {digests[0]: {"path": "sub/good.wav", "folder": "/srv/x"}}, "failed": failed,
+                            "missing": []}
     # a failure that was not the file's (a worker lost on it at each try, so its attempts ran out; or one from
     # before the worker said whose it was): not named, so `clapq upload` sends it again, a retry
     for fault in (False, None):
