@@ -226,19 +226,13 @@ def migrate(url: str) -> None:
     (a migration changed after it ran, as 0009 was: helper-34), is a RuntimeError with a sentence, before
     any process serves a request, not a 500 on every request that touches it."""
     from alembic import command
-    from alembic.config import Config
     from alembic.migration import MigrationContext
-    from alembic.script import ScriptDirectory
     from sqlalchemy import select
     from sqlalchemy.exc import ProgrammingError
 
-    import migrations
     from clapq.models import Base
 
-    cfg = Config()
-    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
-    scripts = ScriptDirectory.from_config(cfg)
+    cfg, scripts = _migrations(url)
     engine = get_engine(url)
     # one migration at a time: two at once on a new database (compose's `migrate` beside a `clapq keys create`,
     # two machines started together) raced, and one failed with a duplicate key in pg_type, which stopped the
@@ -272,6 +266,12 @@ MIGRATE_LOCK = 0x636C617071  # "clapq": the advisory lock `migrate` holds
 def newer_revision(revisions) -> tuple[str | None, str]:
     """The first of these schema revisions (a backup's) that this clapq's migrations do not know, a newer clapq's,
     or None; and the newest this one knows."""
+    _, scripts = _migrations()
+    return next((r for r in revisions if not _known_revision(scripts, r)), None), scripts.get_current_head()
+
+
+def _migrations(url: str | None = None):
+    """Alembic's config of clapq's migrations (on the database at `url`, where given) and their scripts."""
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 
@@ -279,8 +279,9 @@ def newer_revision(revisions) -> tuple[str | None, str]:
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
-    scripts = ScriptDirectory.from_config(cfg)
-    return next((r for r in revisions if not _known_revision(scripts, r)), None), scripts.get_current_head()
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", normalise_url(url).replace("%", "%%"))
+    return cfg, ScriptDirectory.from_config(cfg)
 
 
 def _known_revision(scripts, rev: str) -> bool:
