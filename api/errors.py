@@ -295,8 +295,13 @@ def uncompressed_body() -> None:
                        "compressing it (and without that header)", {"Accept-Encoding": "identity"})
 
 
+def error_body(status: int, code: str, message: str) -> dict:
+    """The envelope every error is said in (api.gunicorn_errors writes it for gunicorn's own refusals)."""
+    return {"error": {"code": code, "message": message, "status": status}}
+
+
 def envelope(status: int, code: str, message: str, headers: dict | None = None):
-    response = jsonify({"error": {"code": code, "message": message, "status": status}})
+    response = jsonify(error_body(status, code, message))
     response.status_code = status
     for k, v in (headers or {}).items():
         response.headers[k] = v
@@ -305,13 +310,18 @@ def envelope(status: int, code: str, message: str, headers: dict | None = None):
 
 _CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
           409: "conflict", 413: "payload_too_large", 415: "unsupported_media_type",
-          429: "too_many_requests", 503: "unavailable", 507: "insufficient_storage"}
+          429: "too_many_requests", 500: "internal_error", 503: "unavailable", 507: "insufficient_storage"}
+
+
+def error_code(status: int, name: str) -> str:
+    """Our short code for a status, else its name in snake case ("Requested Range Not Satisfiable" ->
+    "requested_range_not_satisfiable", "URI Too Long" -> "uri_too_long")."""
+    return _CODES.get(status) or re.sub(r"[^a-z0-9]+", "_", (name or "error").lower()).strip("_")
 
 
 def _code(e: HTTPException) -> str:
-    """Our short code for werkzeug's error, else its name in snake case ("Requested Range Not Satisfiable" ->
-    "requested_range_not_satisfiable")."""
-    return _CODES.get(e.code or 500) or re.sub(r"[^a-z0-9]+", "_", (e.name or "error").lower()).strip("_")
+    """error_code of werkzeug's error."""
+    return error_code(e.code or 500, e.name)
 
 
 def _too_large(app: Flask) -> str:

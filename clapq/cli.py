@@ -121,6 +121,9 @@ def cmd_api(args) -> None:
         made = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="clapq-api-metrics-")
     argv = ["gunicorn", "api.wsgi:app", "--bind", host_port(host, port), "--workers", str(workers),
             "--threads", str(threads), "--timeout", "300",
+            # gunicorn's own refusals (a malformed request, a line or headers over its limits) in the API's JSON
+            # envelope; the class gunicorn itself picks for this many threads (sync for one), as a subclass
+            "--worker-class", f"api.gunicorn_errors.JsonError{'Thread' if threads > 1 else 'Sync'}Worker",
             "--graceful-timeout", "20", "--access-logfile", "-",
             # the longest request line gunicorn takes (its maximum but for none at all): a GET search of
             # ~900 characters outside ASCII (9 bytes each, percent-encoded), 8,000 in ASCII; POST takes any

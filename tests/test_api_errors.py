@@ -598,6 +598,53 @@ def test_a_broken_chunked_body_is_a_400_in_json(start_api, new_key):
     assert listed["item_count"] == 0, listed
 
 
+@pytest.mark.parametrize("threads", ["4", "1"])  # gunicorn's gthread worker, and its sync one
+def test_requests_gunicorn_refuses_itself_are_answered_in_the_envelope(start_api, threads):
+    """Against gunicorn: a request it cannot parse, or over its limits, never reaches the app, and was answered with
+    an HTML page (`<title>Bad Request</title>`). Each is the envelope now, at the status gunicorn picks, with a
+    sentence that says what to change, and the connection closed."""
+    import socket
+    from urllib.parse import urlsplit
+
+    base = urlsplit(start_api(CLAPQ_API_WORKERS="1", CLAPQ_API_THREADS=threads))
+
+    def answer(raw: bytes) -> tuple[int, dict, dict]:
+        with socket.create_connection((base.hostname, base.port), timeout=30) as sock:
+            sock.sendall(raw)
+            got = b""
+            while chunk := sock.recv(65536):  # to the end: the connection is closed after it
+                got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        assert headers.get("content-type") == "application/json", got[:300]
+        assert int(headers["content-length"]) == len(body) and headers["connection"] == "close", got[:300]
+        return int(lines[0].split()[1]), json.loads(body), headers
+
+    cases = [
+        # a header over 8,190 bytes, and more than 100 headers
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n", 431,
+         "request_header_fields_too_large", "more than 100 header fields, or one over 8190 bytes, and was not read"),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(120)) + b"\r\n", 431,
+         "request_header_fields_too_large", "more than 100 header fields, or one over 8190 bytes, and was not read"),
+        # a GET search's line over 8,190 bytes
+        (b"GET /v1/search?q=" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "uri_too_long",
+         "the request line (method, path and query string) is longer than 8190 bytes, and was not read; send long "
+         "parameters in a POST's JSON body (POST /v1/search takes a search's)"),
+        (b"POST /v1/libraries HTTP/1.1\r\nHost: x\r\nContent-Length: lots\r\n\r\n", 400, "bad_request",
+         "the request is not valid HTTP, and was not read: Invalid HTTP Header: 'CONTENT-LENGTH'"),
+        (b"POST /v1/libraries HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400,
+         "bad_request", "the request is not valid HTTP, and was not read: Invalid HTTP Header: 'CONTENT-LENGTH'"),
+        (b"HELLO THERE\r\n\r\n", 400, "bad_request", "the request is not valid HTTP, and was not read: "),
+    ]
+    for raw, status, code, words in cases:
+        got, body, _ = answer(raw)
+        assert (got, body["error"]["code"], body["error"]["status"]) == (status, code, status), (raw[:60], body)
+        assert set(body) == {"error"} and words in body["error"]["message"], (raw[:60], body)
+    # the client's bytes shown back are cut short: not 9,000 of them
+    assert len(answer(b"GET /" + b"a" * 8000 + b" HTTP/9.9\r\n\r\n")[1]["error"]["message"]) < 400
+
+
 def test_metrics_count_the_requests_of_every_api_process(start_api, tmp_path):
     """`clapq api` runs several gunicorn processes; each scrape of /metrics was answered by one of them, with
     its own requests only, so a counter went down from one scrape to the next (1068, 830, 1069). Every
