@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import tempfile
 import threading
 import time
 from concurrent.futures import Future
@@ -20,6 +22,7 @@ from clapq.checkpoint import ModelUnavailable, resolve, unchanged
 from clapq.db import get_engine
 from clapq.presence import TTL_S, beat_alive, live_workers, serving
 from clapq.queue import redis_client
+from clapq.settings import Settings
 
 bp = Blueprint("health", __name__)
 log = logging.getLogger(__name__)
@@ -75,16 +78,39 @@ def _run(checks: dict[str, Callable[[], str]], where: tuple) -> dict[str, str]:
     return out
 
 
-# an absolute path on this machine: a checkpoint's directory, the Hugging Face cache (not a hub id, "laion/...")
+# an absolute path on this machine: a checkpoint's directory, the Hugging Face cache (not a hub id, "laion/..."),
+# to a space; and what follows a path known to the server (_known_paths) to a space, but for a sentence's last stop
 _PATH = re.compile(r"(?<![\w.~:-])/[^\s'\"`()]+")
+_REST = r"[^\s'\"`()]*(?<![.,;:])"
 _told: set[str] = set()
 
 
-def _unplaced(why: str) -> str:
+def _known_paths(settings: Settings) -> list[str]:
+    """The paths this server is configured with, as a sentence may write them (given, with ~ expanded, resolved),
+    longest first: each is hidden whole, spaces and all, where the pattern above stops at a space ("/tmp/my
+    data/clap" was said as "<path> data/clap")."""
+    given = [str(settings.data_dir), str(settings.blob_dir), str(settings.scratch_dir), tempfile.gettempdir(),
+             os.path.expanduser("~")]
+    given += [os.environ[k] for k in ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME")
+              if os.environ.get(k)]
+    if settings.model.startswith(("/", "~", ".")):  # a directory, not a hub id
+        given.append(settings.model)
+    known = set()
+    for path in given:
+        for form in (path, os.path.expanduser(path), os.path.realpath(os.path.expanduser(path))):
+            if len(form.rstrip("/")) > 1:  # never "/" (or "~" unexpanded: the home of a user with none)
+                known.add(form.rstrip("/"))
+    return sorted(known, key=len, reverse=True)
+
+
+def _unplaced(why: str, known: list[str] = ()) -> str:
     """A check's sentence as /readyz, which takes no key, says it: without the server's paths, which its log
     gives (once a sentence a process, as probes come every few seconds). The model's sentences named its
-    checkpoint's directory to whoever asked."""
-    shown = _PATH.sub("<path>", why)
+    checkpoint's directory to whoever asked. `known`: paths hidden whole first (_known_paths)."""
+    shown = why
+    for path in known:
+        shown = re.sub(r"(?<![\w.~:/-])" + re.escape(path) + _REST, "<path>", shown)
+    shown = _PATH.sub("<path>", shown)
     if shown != why:
         if why not in _told:
             _told.add(why)
@@ -122,7 +148,7 @@ def readyz():
         try:
             unchanged(resolve(settings.model))
         except ModelUnavailable as exc:
-            return f"error: {_unplaced(str(exc))}"
+            return f"error: {_unplaced(str(exc), _known_paths(settings))}"
         return "ok"
 
     def maintenance() -> str:

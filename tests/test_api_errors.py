@@ -818,6 +818,33 @@ def test_health_metrics_and_openapi(client, worker, app):
     assert spec["openapi"].startswith("3.") and "/v1/search" in spec["paths"]
 
 
+def test_readyz_hides_paths_with_spaces_whole(env, tmp_path, caplog):
+    """/readyz takes no key, so it says why the model cannot be loaded without the server's paths ("<path>"); a
+    path with a space was hidden only up to it: a model in the data directory /tmp/.../my data/clap model was said
+    as "<path> data/clap model". The paths the server is configured with are hidden whole; the log names them."""
+    import logging
+
+    from api import create_app
+    from clapq.settings import Settings
+
+    data = tmp_path / "my data"
+    model = data / "models" / "clap model"
+    client = create_app(Settings.from_env({**env, "CLAPQ_DATA_DIR": str(data), "CLAPQ_MODEL": str(model)})).test_client()
+    with caplog.at_level(logging.WARNING, logger="api.health"):
+        ready = client.get("/readyz")
+    said = ready.get_json()["checks"]["model"]
+    assert ready.status_code == 503 and "data" not in said and "model'" not in said and "clap model" not in said, said
+    assert said.startswith("error: directory <path> does not exist. cannot load the CLAP model '<path>'. Point"), said
+    assert said.endswith("(the API's log names the paths)"), said
+    assert any(f"directory {model} does not exist" in r.getMessage() for r in caplog.records), caplog.records
+    # a sentence's last stop is its own, not the path's; a path the server does not know is hidden up to a space
+    from api.health import _known_paths, _unplaced
+
+    known = _known_paths(Settings.from_env({**env, "CLAPQ_DATA_DIR": str(data), "CLAPQ_MODEL": str(model)}))
+    assert _unplaced(f"no weights in {model}. Or in /elsewhere/x.", known) == (
+        "no weights in <path>. Or in <path> (the API's log names the paths)")
+
+
 def test_the_api_description_bounds_k_as_this_service_does(settings, client, new_key):
     """/openapi.json said k at most 1000 and offset at most 10,000 whatever CLAPQ_MAX_K was: under CLAPQ_MAX_K=50 a
     client checking its requests by the schema sent k=100, which the API refuses (and under a larger one refused a
