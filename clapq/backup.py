@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import shutil
@@ -23,7 +22,7 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 
-from clapq.blobs import BLOB_LOCK, BlobStore
+from clapq.blobs import BLOB_LOCK, BlobStore, hash_file, path_in, scan
 from clapq.db import newer_revision
 
 FORMAT = 1
@@ -73,52 +72,28 @@ def _run(argv: list[str], env: dict[str, str], what: str) -> None:
         raise BackupError(f"{what} failed: {why}")
 
 
-def _copy_blob(src: Path, dst: Path, check: bool = False) -> int:
+def _copy_blob(src: Path, dst: Path, check: bool = False) -> bool:
     """Copy one stored file (a temporary name, then renamed: a copy cut short is never taken for whole);
-    returns its bytes, 0 where dst is there already (its name is its content's sha256). `check`: its bytes are
-    those its name says, or it is not copied (a backup's file changed since: bit rot, an edit by hand)."""
+    returns whether it did, False where dst is there already (its name is its content's sha256). `check`: its
+    bytes are those its name says, or it is not copied (a backup's file changed since: bit rot, an edit by hand)."""
     if dst.is_file():
-        return 0
+        return False
     dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     part = dst.with_name(dst.name + ".part")
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    digest = hashlib.sha256()
-    with open(src, "rb") as f, os.fdopen(fd, "wb") as out:
-        while check and (chunk := f.read(4 << 20)):
-            digest.update(chunk)
-            out.write(chunk)
-        shutil.copyfileobj(f, out, 4 << 20)
+    with os.fdopen(fd, "wb") as out:
+        if check:
+            got = hash_file(src, out=out).hexdigest()
+        else:
+            with open(src, "rb") as f:
+                shutil.copyfileobj(f, out, 4 << 20)
         out.flush()
         os.fsync(out.fileno())
-    if check and digest.hexdigest() != dst.name:
+    if check and got != dst.name:
         part.unlink()
         raise BackupError(f"its stored file {dst.name} is damaged (its bytes are no longer those it was stored as)")
     os.replace(part, dst)
-    return dst.stat().st_size
-
-
-def _at(root: Path, sha: str) -> Path:
-    """Where a store's layout keeps this file (BlobStore.path_for), in a backup's copy too."""
-    return root / sha[:2] / sha[2:4] / sha
-
-
-def _stored(root: Path) -> list[str]:
-    """The digests of the files in a store (ROOT/ab/cd/<sha256>), its temporary uploads left out. A shard folder
-    gone when its turn comes (a deletion removes the one its last file leaves) held nothing to back up."""
-    def listed(folder: Path) -> list[os.DirEntry]:
-        try:
-            with os.scandir(folder) as entries:
-                return list(entries)
-        except (FileNotFoundError, NotADirectoryError):
-            return []
-
-    found = []
-    for top in listed(root):
-        if len(top.name) == 2 and all(c in "0123456789abcdef" for c in top.name):
-            for shard in listed(Path(top.path)):
-                if len(shard.name) == 2 and all(c in "0123456789abcdef" for c in shard.name):
-                    found.extend(e.name for e in listed(Path(shard.path)) if len(e.name) == 64 and e.is_file())
-    return found
+    return True
 
 
 def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, say=print,
@@ -162,9 +137,9 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
     copy = work / "blobs"
     copy.mkdir(mode=0o700)
     # 1. every stored file, while uploads and deletions go on (the long part)
-    for sha in _stored(store.root):
+    for sha in scan(store.root)[0]:
         try:
-            _copy_blob(store.path_for(sha), _at(copy, sha))
+            _copy_blob(store.path_for(sha), path_in(copy, sha))
         except FileNotFoundError:  # deleted meanwhile: the snapshot will not name it
             pass
     engine = get_engine(url)
@@ -179,7 +154,7 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
             missing = []
             for sha in named:
                 try:
-                    _copy_blob(store.path_for(sha), _at(copy, sha))
+                    _copy_blob(store.path_for(sha), path_in(copy, sha))
                 except FileNotFoundError:
                     missing.append(sha)
         finally:
@@ -203,12 +178,12 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
         snap.rollback()
     # files deleted since the first pass, or that no row held: not part of this backup
     keep = set(named) - set(missing)
-    for sha in _stored(copy):
+    for sha in scan(copy)[0]:
         if sha not in keep:
-            _at(copy, sha).unlink()
+            path_in(copy, sha).unlink()
     manifest = {"format": FORMAT, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "items": items, "files": len(keep), "missing_files": len(missing), "schema": schema,
-                "file_bytes": sum(_at(copy, sha).stat().st_size for sha in keep), "api_key": False}
+                "file_bytes": sum(path_in(copy, sha).stat().st_size for sha in keep), "api_key": False}
     if key_file is not None and key_file.is_file():
         shutil.copyfile(key_file, work / KEY)
         os.chmod(work / KEY, 0o600)
@@ -258,10 +233,10 @@ def restore(src: Path, url: str, blob_dir: Path, say=print, check: str = "clapq 
             raise BackupError("the database restored into holds clapq's tables already: restore into a new data "
                               "directory, or an empty database")
     store, copied = BlobStore(blob_dir), 0
-    for sha in _stored(src / "blobs"):
+    for sha in scan(src / "blobs")[0]:
         copied += 1
         try:
-            _copy_blob(_at(src / "blobs", sha), store.path_for(sha), check=True)
+            _copy_blob(path_in(src / "blobs", sha), store.path_for(sha), check=True)
         except BackupError as exc:
             raise BackupError(f"{src} cannot be restored: {exc}; nothing was restored into the database") from None
     if copied != manifest["files"]:

@@ -9,7 +9,7 @@ import os
 import tempfile
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -22,12 +22,15 @@ from clapq.threads import one_thread
 log = logging.getLogger(__name__)
 
 
-def hash_file(path: Path | str, h=None):
-    """Feed a file's bytes, 4 MiB at a time, into `h` (a new sha256 if None); returns `h`."""
+def hash_file(path: Path | str, h=None, out: BinaryIO | None = None):
+    """Feed a file's bytes, 4 MiB at a time, into `h` (a new sha256 if None), and write them to `out` too
+    where given (a copy checked as it is made, read once); returns `h`."""
     h = hashlib.sha256() if h is None else h
     with open(path, "rb") as f:
         while block := f.read(1 << 22):
             h.update(block)
+            if out is not None:
+                out.write(block)
     return h
 
 
@@ -80,6 +83,54 @@ BLOB_LOCK = 0x636C6170_71626C62  # "clapqblb"
 
 RECLAIM_CHUNK = 1000  # blobs checked and unlinked per hold of the exclusive lock: uploads wait no longer
 STALE_UPLOAD_S = 24 * 3600  # a temporary upload file untouched this long was left by a killed API process
+TMP = "tmp"  # ROOT/tmp: uploads being received (BlobWriter), no stored file
+HEX = frozenset("0123456789abcdef")
+
+
+def is_digest(name: str) -> bool:
+    """A sha256 as the store names its files: 64 lowercase hex digits."""
+    return len(name) == 64 and set(name) <= HEX
+
+
+def path_in(root: Path | str, sha256: str) -> Path:
+    """Where a store at `root` keeps the file of this digest, ROOT/ab/cd/<sha256>; a backup's copy of a store
+    is laid out the same. A digest that is none never reaches a path."""
+    if not is_digest(sha256):
+        raise ValueError("not a sha256 hex digest")
+    return Path(root) / sha256[:2] / sha256[2:4] / sha256
+
+
+def scan(root: Path | str) -> tuple[dict[str, int], list[tuple[str, int]]]:
+    """The files of a store at `root` (or of a backup's copy of one): {digest: bytes} of those at their place
+    (ROOT/ab/cd/<sha256>), and (path in the store, bytes) of every other file in it (a stray, a copy cut short),
+    temporary uploads (ROOT/tmp) left out: requests write them, and the maintenance loop removes those a killed
+    API process left. A folder gone when its turn comes (a deletion removes the shard its last file leaves)
+    held nothing."""
+    root = Path(root)
+    stored, other = {}, []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        rel = here.relative_to(root).parts
+        if not rel:
+            dirnames[:] = [d for d in dirnames if d != TMP]
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = here / name
+            try:
+                size = path.lstat().st_size
+            except FileNotFoundError:  # removed meanwhile
+                continue
+            if len(rel) == 2 and is_digest(name) and name[:2] == rel[0] and name[2:4] == rel[1] and path.is_file():
+                stored[name] = size
+            else:
+                other.append((str(path.relative_to(root)), size))
+    return stored, other
+
+
+def chunks(seq: list[str], size: int = RECLAIM_CHUNK) -> Iterator[list[str]]:
+    """`seq` a RECLAIM_CHUNK (or `size`) at a time: what one hold of BLOB_LOCK takes."""
+    for start in range(0, len(seq), size):
+        yield seq[start:start + size]
 
 
 class BlobWriter:
@@ -218,7 +269,7 @@ class BlobStore:
         self.root = Path(root)
         if not self.root.is_dir():  # the library's audio and which files it holds are its owner's alone
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.tmp_dir = self.root / "tmp"
+        self.tmp_dir = self.root / TMP
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.reserve_bytes = reserve_bytes  # what uploads leave free on its disk (disk_reserve)
 
@@ -230,9 +281,7 @@ class BlobStore:
             raise kept_free(self.reserve_bytes)
 
     def path_for(self, sha256: str) -> Path:
-        if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-            raise ValueError("not a sha256 hex digest")
-        return self.root / sha256[:2] / sha256[2:4] / sha256
+        return path_in(self.root, sha256)
 
     def exists(self, sha256: str) -> bool:
         return self.path_for(sha256).is_file()
@@ -307,10 +356,10 @@ def reclaim(engine: Engine, store: BlobStore, shas: Iterable[str]) -> int:
     Each chunk is one transaction: its queue rows are taken and its files unlinked, then it commits. A
     crash before the commit leaves the rows queued, and unlinking a file already gone is a no-op, so a
     later pass (`reclaim_queued`) finishes the chunk."""
-    unique, removed = sorted(set(shas)), 0
-    for start in range(0, len(unique), RECLAIM_CHUNK):
+    removed = 0
+    for chunk in chunks(sorted(set(shas))):
         with engine.begin() as conn:
-            removed += _reclaim_chunk(conn, store, unique[start:start + RECLAIM_CHUNK])
+            removed += _reclaim_chunk(conn, store, chunk)
     return removed
 
 

@@ -13,50 +13,15 @@ is between its rename and its commit), as the reclaim path removes one."""
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from pathlib import Path
 
 from sqlalchemy import text
 
-from clapq.blobs import BLOB_LOCK, RECLAIM_CHUNK, BlobStore, hash_file
+from clapq.blobs import BLOB_LOCK, BlobStore, chunks, hash_file, scan
 
-HEX = set("0123456789abcdef")
 PROGRESS_S = 5.0  # how often a --verify of a large store says how far it is
 ORPHANS_SHOWN = 20  # the files no item holds named in words (nothing to mend in them; --json names all)
-
-
-def _is_digest(name: str) -> bool:
-    return len(name) == 64 and set(name) <= HEX
-
-
-def scan(store: BlobStore) -> tuple[dict[str, int], list[tuple[str, int]]]:
-    """The store's files: {digest: bytes} of those at their place (ROOT/ab/cd/<sha256>), and (path, bytes) of
-    every other file in it (a stray, a copy cut short), temporary uploads (ROOT/tmp) left out: requests write
-    them, and the maintenance loop removes those a killed API process left."""
-    stored, other = {}, []
-    for dirpath, dirnames, filenames in os.walk(store.root):
-        here = Path(dirpath)
-        rel = here.relative_to(store.root).parts
-        if not rel:
-            dirnames[:] = [d for d in dirnames if d != store.tmp_dir.name]
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = here / name
-            try:
-                size = path.lstat().st_size
-            except FileNotFoundError:  # removed meanwhile
-                continue
-            if len(rel) == 2 and _is_digest(name) and name[:2] == rel[0] and name[2:4] == rel[1] and path.is_file():
-                stored[name] = size
-            else:
-                other.append((str(path.relative_to(store.root)), size))
-    return stored, other
-
-
-def _chunks(seq: list[str]):
-    for start in range(0, len(seq), RECLAIM_CHUNK):
-        yield seq[start:start + RECLAIM_CHUNK]
 
 
 def _held(conn, shas: list[str]) -> set[str]:
@@ -68,7 +33,7 @@ def _confirm_missing(engine, store: BlobStore, candidates: list[str]) -> list[st
     """Those of `candidates` that an item names and whose file is not there, under the shared BLOB_LOCK: no
     removal runs meanwhile, and every committed item's file was in place before its commit."""
     missing = []
-    for chunk in _chunks(sorted(candidates)):
+    for chunk in chunks(sorted(candidates)):
         with engine.begin() as conn:
             conn.execute(text("SELECT pg_advisory_xact_lock_shared(:k)"), {"k": BLOB_LOCK})
             missing.extend(sha for sha in sorted(_held(conn, chunk)) if not store.exists(sha))
@@ -82,7 +47,7 @@ def _orphans(engine, store: BlobStore, candidates: list[str], remove: bool) -> t
     request. With `remove`, they are unlinked there, as the reclaim path does; returns them, and how many
     were removed."""
     found, removed = [], 0
-    for chunk in _chunks(sorted(candidates)):
+    for chunk in chunks(sorted(candidates)):
         with engine.begin() as conn:
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": BLOB_LOCK})
             held = _held(conn, chunk)
@@ -176,7 +141,7 @@ def check(url: str, blob_dir: Path, verify: bool = False, remove_orphans: bool =
 
     engine = get_engine(url)
     store = BlobStore(blob_dir)
-    stored, other = scan(store)
+    stored, other = scan(store.root)
     with engine.connect() as conn:
         named = set(conn.scalars(text("SELECT DISTINCT sha256 FROM items")))
     missing = _confirm_missing(engine, store, sorted(named - set(stored)))
