@@ -73,26 +73,30 @@ def _run(argv: list[str], env: dict[str, str], what: str) -> None:
 
 
 def _copy_blob(src: Path, dst: Path, check: bool = False) -> bool:
-    """Copy one stored file (a temporary name, then renamed: a copy cut short is never taken for whole);
-    returns whether it did, False where dst is there already (its name is its content's sha256). `check`: its
-    bytes are those its name says, or it is not copied (a backup's file changed since: bit rot, an edit by hand)."""
+    """Copy one stored file (a temporary name, then renamed: a copy cut short is never taken for whole, and is
+    removed, whatever stopped it: an error, Ctrl-C); returns whether it did, False where dst is there already
+    (its name is its content's sha256). `check`: its bytes are those its name says, or it is not copied (a
+    backup's file changed since: bit rot, an edit by hand)."""
     if dst.is_file():
         return False
     dst.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     part = dst.with_name(dst.name + ".part")
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as out:
-        if check:
-            got = hash_file(src, out=out).hexdigest()
-        else:
-            with open(src, "rb") as f:
-                shutil.copyfileobj(f, out, 4 << 20)
-        out.flush()
-        os.fsync(out.fileno())
-    if check and got != dst.name:
-        part.unlink()
-        raise BackupError(f"its stored file {dst.name} is damaged (its bytes are no longer those it was stored as)")
-    os.replace(part, dst)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            if check:
+                got = hash_file(src, out=out).hexdigest()
+            else:
+                with open(src, "rb") as f:
+                    shutil.copyfileobj(f, out, 4 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        if check and got != dst.name:
+            raise BackupError(f"its stored file {dst.name} is damaged (its bytes are no longer those it was stored as)")
+        os.replace(part, dst)
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
     return True
 
 
@@ -232,13 +236,24 @@ def restore(src: Path, url: str, blob_dir: Path, say=print, check: str = "clapq 
                             "IS NOT NULL")):
             raise BackupError("the database restored into holds clapq's tables already: restore into a new data "
                               "directory, or an empty database")
-    store, copied = BlobStore(blob_dir), 0
+    store, copied, new = BlobStore(blob_dir), 0, 0
     for sha in scan(src / "blobs")[0]:
         copied += 1
         try:
-            _copy_blob(path_in(src / "blobs", sha), store.path_for(sha), check=True)
-        except BackupError as exc:
-            raise BackupError(f"{src} cannot be restored: {exc}; nothing was restored into the database") from None
+            new += _copy_blob(path_in(src / "blobs", sha), store.path_for(sha), check=True)
+        except BaseException as exc:
+            # a file cut short is removed (_copy_blob); those copied before it are whole, and stay
+            left = (f"{new} stored file{'s' if new != 1 else ''} copied whole into {store.root} before it stopped, "
+                    f"which no row holds (a restore into the same place takes {'it' if new == 1 else 'them'} as "
+                    f"{'it is' if new == 1 else 'they are'})")
+            if isinstance(exc, BackupError):
+                raise BackupError(f"{src} cannot be restored: {exc}; {left}; nothing was restored into the "
+                                  "database") from None
+            if isinstance(exc, OSError):
+                raise BackupError(f"{src} cannot be restored: copying its stored file {sha} failed "
+                                  f"({exc.strerror or exc}); {left}; nothing was restored into the database") from exc
+            say(f"restore stopped: {left}; nothing was restored into the database")
+            raise
     if copied != manifest["files"]:
         raise BackupError(f"{src} holds {copied} stored files of the {manifest['files']} it was made with: it is "
                           "incomplete; nothing was restored into the database")

@@ -4113,6 +4113,44 @@ def test_a_backup_whose_stored_file_was_damaged_is_not_restored(settings, tiny_m
     assert not (tmp_path / "new" / "blobs" / sha[:2] / sha[2:4] / sha).exists()
 
 
+def test_a_restore_cut_short_mid_copy_leaves_no_half_written_file_and_says_what_it_left(settings, tiny_model,
+                                                                                       eio_library, tmp_path):
+    """A restore whose copy of a stored file stopped partway (a read error of the backup's disk here; an exception
+    or Ctrl-C the same) left `<sha256>.part` in the store restored into, half a file that `clapq check` then
+    listed as a file clapq did not write, and said only 'Input/output error'. The part is removed now, and the
+    sentence names what is left: the files copied whole before it, which no row holds."""
+    import random
+
+    from clapq.backup import backup
+    from clapq.blobs import BlobStore, path_in, scan
+    from tests import eio
+
+    backup(settings.database_url, BlobStore(settings.blob_dir).root, tmp_path / "bk", say=lambda m: None)
+    before = json.loads((tmp_path / "bk" / "backup.json").read_text())
+    files = sorted((hashlib.sha256(data).hexdigest(), data)
+                   for data in (random.Random(seed).randbytes(300_000) for seed in range(2)))
+    for sha, data in files:  # two files more in the backup, as if its rows named them
+        path_in(tmp_path / "bk" / "blobs", sha).parent.mkdir(parents=True, exist_ok=True)
+        path_in(tmp_path / "bk" / "blobs", sha).write_bytes(data)
+    (tmp_path / "bk" / "backup.json").write_text(json.dumps({**before, "files": before["files"] + 2}))
+    cut = path_in(tmp_path / "bk" / "blobs", files[1][0])  # the second copied: its read fails halfway
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "restore", str(tmp_path / "bk"), "--data-dir",
+                          str(tmp_path / "new")], env={**_env(tiny_model), **eio.env(eio_library, [cut])},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    restored = tmp_path / "new" / "blobs"
+    # the files before it, in the order they are copied, are there whole, and nothing else
+    whole = sorted(sha for sha in scan(tmp_path / "bk" / "blobs")[0] if sha < files[1][0])
+    assert sorted(p.name for p in restored.rglob("*") if p.is_file()) == whole, "a half-written file is left"
+    assert all(file_sha256(path_in(restored, sha)) == sha for sha in whole)
+    assert f"cannot be restored: copying its stored file {files[1][0]} failed (Input/output error)" in out.stderr, \
+        out.stderr
+    copied = len(whole)
+    assert (f"{copied} stored file{'s' if copied != 1 else ''} copied whole into {restored} before it stopped, "
+            "which no row holds") in out.stderr, out.stderr
+    assert "nothing was restored into the database" in out.stderr, out.stderr
+
+
 def test_a_backup_cut_short_in_its_folder_is_not_restored_and_said_so(tiny_model, tmp_path):
     """A backup into a folder that exists, cut short (the machine lost power), leaves DEST/.clapq-backup.partial and
     no backup.json; `clapq restore DEST` said 'a backup cut short is left as DEST.partial', a folder that is not
