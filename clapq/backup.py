@@ -22,12 +22,13 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 
-from clapq.blobs import BLOB_LOCK, BlobStore, hash_file, path_in, scan
+from clapq.blobs import BLOB_LOCK, BlobStore, fsync_dir, hash_file, path_in, scan
 from clapq.db import newer_revision
 
 FORMAT = 1
 DUMP, MANIFEST, KEY = "clapq.dump", "backup.json", "api_key"
 INSIDE = ".clapq-backup.partial"  # the work folder of a backup into a folder that exists (empty)
+MOVING = "moving.json"  # in INSIDE while its parts move up into DEST: their names
 
 
 class BackupError(RuntimeError):
@@ -106,6 +107,8 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
     manifest. The folder appears whole or not at all (it is written as DEST.partial, then renamed). check: the
     command that lists the stored files found missing, as the user runs it (with its --data-dir)."""
     dest = Path(dest)
+    if dest.is_dir():
+        _clear_cut_short(dest, say)
     if dest.exists() and (not dest.is_dir() or any(p.name != INSIDE for p in dest.iterdir())):
         raise BackupError(f"{dest} exists already and is not an empty folder: give a new one")
     if not Path(blob_dir).is_dir():
@@ -124,13 +127,35 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
         shutil.rmtree(work, ignore_errors=True)
         if work.parent == dest:  # what was moved up already
             for name in (MANIFEST, DUMP, KEY, "blobs"):
-                shutil.rmtree(dest / name, ignore_errors=True)
-                with contextlib.suppress(OSError):
-                    (dest / name).unlink()
+                _remove(dest / name)
         if isinstance(exc, OSError):
             raise BackupError(f"backing up into {dest} failed: {exc.strerror or exc}; nothing of the backup is "
                               "kept") from exc
         raise
+
+
+def _remove(path: Path) -> None:
+    """A file or a folder, gone (or never there)."""
+    shutil.rmtree(path, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _clear_cut_short(dest: Path, say) -> None:
+    """Remove what a backup into the folder `dest`, killed while it moved its parts up (a power cut, SIGKILL: no
+    cleanup ran), left beside its work folder: the parts that folder names as moving. Anything else there (a
+    backup.json, moved last: a whole backup; a file of the user's) leaves the folder as it is."""
+    try:
+        moving = set(json.loads((dest / INSIDE / MOVING).read_text()))
+    except (OSError, ValueError):
+        return
+    left = {p.name for p in dest.iterdir()} - {INSIDE}
+    if not left or MANIFEST in left or not left <= moving:
+        return
+    for name in sorted(left):
+        _remove(dest / name)
+    say(f"removed what a backup into {dest} cut short had moved there ({', '.join(sorted(left))}), with no "
+        f"{MANIFEST}: no backup")
 
 
 def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, key_file: Path | None, say,
@@ -194,8 +219,17 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
         manifest["api_key"] = True
     (work / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     if work.parent == dest:
-        for name in sorted(os.listdir(work), key=lambda n: n == MANIFEST):  # the manifest last: a backup once there
+        names = sorted(os.listdir(work), key=lambda n: n == MANIFEST)  # the manifest last: a backup once there
+        # named first, on disk before any moves: a backup killed between two moves leaves parts in DEST that the
+        # next one knows for its own (_clear_cut_short)
+        with open(work / MOVING, "w") as f:
+            json.dump(names, f)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(work)
+        for name in names:
             os.replace(work / name, dest / name)
+        (work / MOVING).unlink()
         work.rmdir()
     else:
         os.replace(work, dest)

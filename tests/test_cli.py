@@ -3991,6 +3991,53 @@ def test_a_backup_into_an_empty_disk_s_mount_point_is_written_on_that_disk(own_d
     assert [oct(os.stat(small_disk / name).st_mode & 0o777) for name in ("clapq.dump", "blobs")] == ["0o600", "0o700"]
 
 
+def test_a_backup_killed_while_moving_its_parts_into_its_folder_is_cleared_by_the_next(own_database, tmp_path):
+    """A backup into a folder that exists (empty: a disk's mount point) is written in DEST/.clapq-backup.partial and
+    its parts moved up, backup.json last. Killed between two moves (a power cut, SIGKILL: no cleanup runs), it left
+    parts beside the partial folder and no backup.json, and every later `clapq backup DEST` refused the folder as
+    not empty, where the user had put nothing. The next backup recognises what a backup moved up (the partial
+    folder names them while they move) and clears it; a file of the user's beside them stops it, nothing deleted."""
+    from clapq.backup import INSIDE, BackupError, backup, read_manifest
+    from clapq.blobs import BlobStore
+
+    store = BlobStore(tmp_path / "blobs")
+    store.put_bytes(b"a stored file")
+    dest = tmp_path / "disk"
+    dest.mkdir()
+    killed = ("import os, sys\n"
+              "from pathlib import Path\n"
+              "from clapq.backup import backup\n"
+              "real, dest = os.replace, Path(sys.argv[3])\n"
+              "def replace(src, dst):\n"
+              "    real(src, dst)\n"
+              "    if Path(dst).parent == dest:  # the first part moved up: killed, as by a power cut\n"
+              "        os._exit(9)\n"
+              "os.replace = replace\n"
+              "backup(sys.argv[1], Path(sys.argv[2]), dest, say=lambda m: None)\n")
+
+    def kill_while_moving() -> None:
+        out = subprocess.run([sys.executable, "-c", killed, own_database, str(store.root), str(dest)],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 9, out.stderr
+        assert INSIDE in os.listdir(dest) and len(os.listdir(dest)) == 2 and "backup.json" not in os.listdir(dest)
+
+    kill_while_moving()
+    said: list[str] = []
+    manifest = backup(own_database, store.root, dest, say=said.append)
+    assert read_manifest(dest) == manifest
+    assert sorted(os.listdir(dest)) == ["backup.json", "blobs", "clapq.dump"]
+    assert any("cut short" in line and str(dest) in line for line in said), said
+    # a file of the user's beside what was left: the folder is not the backup's to clear
+    for name in os.listdir(dest):
+        shutil.rmtree(dest / name) if (dest / name).is_dir() else (dest / name).unlink()
+    kill_while_moving()
+    (dest / "notes.txt").write_text("the user's")
+    left = sorted(os.listdir(dest))
+    with pytest.raises(BackupError, match="exists already and is not an empty folder"):
+        backup(own_database, store.root, dest, say=lambda m: None)
+    assert sorted(os.listdir(dest)) == left and (dest / "notes.txt").read_text() == "the user's"
+
+
 def test_a_backup_of_a_newer_clapq_is_refused_before_anything_is_restored(own_database, tiny_model, tmp_path):
     """A backup made by a newer clapq (its schema migrated past what this version knows: a machine moved to with an
     older checkout) was restored, files and rows, and only then did the migration refuse it, 'the database was
