@@ -23,6 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 
 from clapq.blobs import BLOB_LOCK, BlobStore, fsync_dir, hash_file, path_in, scan
+from clapq.check import not_its_store
 from clapq.db import newer_revision
 
 FORMAT = 1
@@ -188,7 +189,7 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
                     missing.append(sha)
         finally:
             lock.execute(text("SELECT pg_advisory_unlock_shared(:k)"), {"k": BLOB_LOCK})
-        if missing and len(missing) == len(named):
+        if not_its_store(len(named), len(missing)):
             raise BackupError(f"none of the {len(named)} stored files that items hold is in {blob_dir} "
                               "(CLAPQ_BLOB_DIR): it is not this database's store, or it lost every one (`clapq "
                               "check` lists them)")

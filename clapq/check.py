@@ -24,6 +24,13 @@ PROGRESS_S = 5.0  # how often a --verify of a large store says how far it is
 ORPHANS_SHOWN = 20  # the files no item holds named in words (nothing to mend in them; --json names all)
 
 
+def not_its_store(named: int, missing: int) -> bool:
+    """Whether a store that lacks `missing` of the `named` files items hold is likely not their store at all
+    (CLAPQ_BLOB_DIR another folder than the service's): none of several there. A one-item service whose one
+    file was lost lacks all of them too: one file lost, which is said as such."""
+    return missing == named > 1
+
+
 def _held(conn, shas: list[str]) -> set[str]:
     return set(conn.scalars(text("SELECT DISTINCT sha256 FROM items WHERE sha256 = ANY(CAST(:s AS text[]))"),
                             {"s": shas}))
@@ -190,7 +197,7 @@ def describe(report: dict, blob_dir: Path, also: str = "") -> list[str]:
                 + (f" (sent from {i['path']!r} in its folder)" if i["path"] and i["path"] != i["filename"] else "")
                 + f", {i['status']}" for i in e["items"]]
 
-    if report["missing"] and len(report["missing"]) == report["named_files"] > 1:
+    if not_its_store(report["named_files"], len(report["missing"])):
         lines.append(f"none of the {report['named_files']} stored files that items hold is in {blob_dir}: is it this "
                      "service's store (CLAPQ_BLOB_DIR, or the data directory's blobs/)? If it is, every file was lost")
     if report["missing"]:

@@ -4038,6 +4038,33 @@ def test_a_backup_killed_while_moving_its_parts_into_its_folder_is_cleared_by_th
     assert sorted(os.listdir(dest)) == left and (dest / "notes.txt").read_text() == "the user's"
 
 
+def test_a_one_item_service_whose_only_stored_file_is_lost_is_backed_up_with_a_warning(own_database, tmp_path):
+    """README "Backups and moving": a backup refuses a store that holds none of the files items name as not the
+    database's store, which it took from a one-item service whose only stored file was lost: 'none of the 1
+    stored files ... is in', no backup of its database at all. One file missing is one file lost (a warning, the
+    rest backed up); the refusal is for several missing, none there, as `clapq check` asks."""
+    from clapq.backup import BackupError, backup
+    from clapq.blobs import BlobStore
+    from clapq.models import Item
+    from tests.conftest import job_of_own
+
+    store = BlobStore(tmp_path / "blobs")
+    with session_scope(own_database) as s:
+        tenant, _, lib, job = job_of_own(s, f"one-{uuid.uuid4()}")
+        s.add(Item(tenant_id=tenant.id, library_id=lib.id, job_id=job.id, filename="only.wav", size_bytes=9,
+                   sha256=hashlib.sha256(b"lost file").hexdigest()))
+    said: list[str] = []
+    manifest = backup(own_database, store.root, tmp_path / "bk", say=said.append)
+    assert manifest["items"] == 1 and manifest["files"] == 0 and manifest["missing_files"] == 1, manifest
+    assert any(line.startswith("warning: 1 stored file that items hold is missing from") for line in said), said
+    with session_scope(own_database) as s:  # two, both missing: not this database's store, as before
+        s.add(Item(tenant_id=tenant.id, library_id=lib.id, job_id=job.id, filename="other.wav", size_bytes=10,
+                   sha256=hashlib.sha256(b"other file").hexdigest()))
+    with pytest.raises(BackupError, match="none of the 2 stored files that items hold is in"):
+        backup(own_database, store.root, tmp_path / "bk2", say=lambda m: None)
+    assert not (tmp_path / "bk2").exists()
+
+
 def test_a_backup_of_a_newer_clapq_is_refused_before_anything_is_restored(own_database, tiny_model, tmp_path):
     """A backup made by a newer clapq (its schema migrated past what this version knows: a machine moved to with an
     older checkout) was restored, files and rows, and only then did the migration refuse it, 'the database was
