@@ -7,8 +7,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+import requests
+
 from clapq import check as checking
-from clapq.blobs import BlobStore
+from clapq.blobs import BlobStore, file_sha256
 from tests.audio import write
 from tests.conftest import auth
 from tests.test_e2e import upload
@@ -141,3 +144,45 @@ def test_a_failed_file_whose_stored_copy_is_missing_is_told_how_to_send_it(clien
     assert "'c70-0.wav', failed" in out.stdout, out.stdout
     assert ("a failed one, which `clapq upload` leaves out as failed before: `clapq upload FILE --library LIBRARY "
             "--retry-failed` sends it again") in out.stdout, out.stdout
+
+
+
+def test_a_download_of_a_damaged_stored_file_is_cut_off_not_a_good_looking_whole(client, new_key, settings,
+                                                                                  start_api, tmp_path):
+    """A stored file whose bytes no longer hash to its name (bit rot: a byte flipped) was downloaded whole, a 200
+    with the uploaded file's ETag (its sha256) and length: damaged bytes that looked like the good ones, and only
+    `clapq check --verify` could tell. A download of the whole file is hashed as it goes out now, and its last
+    block held back until the hash is known: where it is not the name, the connection is cut there (the client
+    sees a body shorter than its Content-Length, never a whole 200), and the API's log says which file and to run
+    `clapq check --verify`. The good file beside it, and a range of the damaged one, are served as before."""
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "damaged-download"}, headers=auth(key)).get_json()["id"]
+    paths = [write(tmp_path / f"d{i}.wav", 3.0, 22_050, 1, freq=300 + 50 * i, seed=80 + i) for i in range(2)]
+    r = upload(client, key, lib, paths)
+    assert r.status_code == 202, r.get_json()
+    ids = {it["filename"]: it["id"] for it in r.get_json()["items"]}
+    bad = BlobStore(settings.blob_dir).path_for(file_sha256(paths[0]))
+    damaged = bytearray(paths[0].read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01  # same size, one bit other
+    base, h = start_api(), auth(key)
+    bad.write_bytes(bytes(damaged))
+    try:
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):  # urllib3: IncompleteRead
+            got = requests.get(f"{base}/v1/items/{ids['d0.wav']}/audio", headers=h, timeout=60)
+            pytest.fail(f"a whole answer: {got.status_code}, {len(got.content)} of {len(damaged)} bytes, "
+                        f"{'the damaged ones' if got.content == bytes(damaged) else 'others'}")
+        # a range of it is not hashed (that would read the whole file for a few bytes): served as stored
+        part = requests.get(f"{base}/v1/items/{ids['d0.wav']}/audio", headers={**h, "Range": "bytes=0-99"}, timeout=60)
+        assert part.status_code == 206 and part.content == bytes(damaged[:100])
+        # the whole file as a range (as a browser's player asks) is hashed as a 200 is
+        with pytest.raises(requests.exceptions.ChunkedEncodingError):
+            requests.get(f"{base}/v1/items/{ids['d0.wav']}/audio", headers={**h, "Range": "bytes=0-"}, timeout=60)
+    finally:
+        bad.write_bytes(paths[0].read_bytes())
+    good = requests.get(f"{base}/v1/items/{ids['d1.wav']}/audio", headers=h, timeout=60)
+    assert good.status_code == 200 and good.content == paths[1].read_bytes()
+    whole = requests.get(f"{base}/v1/items/{ids['d0.wav']}/audio", headers=h, timeout=60)  # mended
+    assert whole.status_code == 200 and whole.content == paths[0].read_bytes()
+    log = (tmp_path / "api0.log").read_text()
+    assert f"the stored file {file_sha256(paths[0])} of item {ids['d0.wav']} is damaged" in log, log[-3000:]
+    assert "run `clapq check --verify`" in log, log[-3000:]
