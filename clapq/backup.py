@@ -167,10 +167,14 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
     copy = work / "blobs"
     copy.mkdir(mode=0o700)
     # 1. every stored file, while uploads and deletions go on (the long part)
+    # each checked against its name as it is copied: a damaged one copied as it was made a backup that no restore
+    # takes (a restore checks every file)
     for sha in scan(store.root)[0]:
         try:
-            _copy_blob(store.path_for(sha), path_in(copy, sha))
+            _copy_blob(store.path_for(sha), path_in(copy, sha), check=True)
         except FileNotFoundError:  # deleted meanwhile: the snapshot will not name it
+            pass
+        except BackupError:  # damaged: the second pass, for the files the snapshot names, says so
             pass
     engine = get_engine(url)
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as lock, \
@@ -181,12 +185,14 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
             # ...so every file the snapshot's rows name is there, and is copied if the first pass lacked it
             snapshot = snap.scalar(text("SELECT pg_export_snapshot()"))
             named = list(snap.scalars(text("SELECT DISTINCT sha256 FROM items")))
-            missing = []
+            missing, damaged = [], []
             for sha in named:
                 try:
-                    _copy_blob(store.path_for(sha), path_in(copy, sha))
+                    _copy_blob(store.path_for(sha), path_in(copy, sha), check=True)
                 except FileNotFoundError:
                     missing.append(sha)
+                except BackupError:
+                    damaged.append(sha)
         finally:
             lock.execute(text("SELECT pg_advisory_unlock_shared(:k)"), {"k": BLOB_LOCK})
         if not_its_store(len(named), len(missing)):
@@ -198,6 +204,12 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
                 f"{'are' if len(missing) != 1 else 'is'} missing from {blob_dir} (the first: {missing[0]}), as "
                 f"they are in the service: backed up without them; `{check}` names their items and how to mend "
                 "them, and a backup after that holds them")
+        if damaged:  # as good as lost (a download of one is cut off, its re-embed reads other audio): the same
+            say(f"warning: {len(damaged)} stored file{'s' if len(damaged) != 1 else ''} that items hold "
+                f"{'are' if len(damaged) != 1 else 'is'} damaged in {blob_dir} (the first: {damaged[0]}): "
+                f"{'their bytes no longer hash to their names' if len(damaged) != 1 else 'its bytes no longer hash to its name'}, "
+                f"so backed up without {'them' if len(damaged) != 1 else 'it'}; `{check} --verify` names their items "
+                "and how to mend them, and a backup after that holds them")
         items = snap.scalar(text("SELECT count(*) FROM items"))
         schema = list(snap.scalars(text("SELECT version_num FROM alembic_version")))
         # 3. the database as that snapshot has it (pg_dump takes it over: the same rows)
@@ -207,12 +219,13 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
         os.chmod(work / DUMP, 0o600)  # the keys' hashes, every name and tag: in a folder that exists, its mode is kept
         snap.rollback()
     # files deleted since the first pass, or that no row held: not part of this backup
-    keep = set(named) - set(missing)
+    keep = set(named) - set(missing) - set(damaged)
     for sha in scan(copy)[0]:
         if sha not in keep:
             path_in(copy, sha).unlink()
     manifest = {"format": FORMAT, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-                "items": items, "files": len(keep), "missing_files": len(missing), "schema": schema,
+                "items": items, "files": len(keep), "missing_files": len(missing) + len(damaged),
+                "damaged_files": len(damaged), "schema": schema,
                 "file_bytes": sum(path_in(copy, sha).stat().st_size for sha in keep), "api_key": False}
     if key_file is not None and key_file.is_file():
         shutil.copyfile(key_file, work / KEY)
@@ -297,7 +310,9 @@ def restore(src: Path, url: str, blob_dir: Path, say=print, check: str = "clapq 
           f"--dbname={target}", str(src / DUMP)], env, "pg_restore")
     say(f"restored {manifest['items']} items and their {copied} stored files, backed up at {manifest['created_at']}")
     if lost := manifest.get("missing_files"):  # its warning was the backup's, said to whoever ran it, then
+        damaged = manifest.get("damaged_files", 0)  # of them; none in a backup of an earlier clapq
         say(f"warning: {lost} stored file{'s' if lost != 1 else ''} that items hold {'were' if lost != 1 else 'was'} "
-            f"missing from the service when it was backed up, and {'are' if lost != 1 else 'is'} missing here too: "
-            f"`{check}` names their items and how to mend them")
+            "missing from the service when it was backed up"
+            + (" (damaged there)" if damaged == lost else f" ({damaged} of them damaged there)" if damaged else "")
+            + f", and {'are' if lost != 1 else 'is'} missing here too: `{check}` names their items and how to mend them")
     return manifest

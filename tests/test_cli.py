@@ -4065,6 +4065,40 @@ def test_a_one_item_service_whose_only_stored_file_is_lost_is_backed_up_with_a_w
     assert not (tmp_path / "bk2").exists()
 
 
+def test_a_stored_file_damaged_in_the_service_is_left_out_of_its_backup_which_restores(own_database, tiny_model,
+                                                                                      tmp_path):
+    """A stored file damaged in the service (bit rot: its bytes no longer its sha256) was copied into the backup as
+    it was, and the restore, which checks every file against its name, refused the whole backup for it: 'cannot
+    be restored: its stored file ... is damaged'. A service with one such file made backups that none could
+    restore, and said nothing as it made them. The backup checks each file as it copies it now: a damaged one is
+    left out, as a lost one is, with a warning that points to `clapq check --verify`, and the rest restores."""
+    from clapq.backup import backup
+    from clapq.blobs import BlobStore, path_in
+    from clapq.models import Item
+    from tests.conftest import job_of_own
+
+    store = BlobStore(tmp_path / "blobs")
+    good = store.put_bytes(b"a good stored file")
+    rotten = hashlib.sha256(b"a stored file, as uploaded").hexdigest()
+    path_in(store.root, rotten).parent.mkdir(parents=True, exist_ok=True)
+    path_in(store.root, rotten).write_bytes(b"a stored file, as rotted")
+    with session_scope(own_database) as s:
+        tenant, _, lib, job = job_of_own(s, f"rot-{uuid.uuid4()}")
+        s.add_all([Item(tenant_id=tenant.id, library_id=lib.id, job_id=job.id, filename=f"{sha}.wav", size_bytes=1,
+                        sha256=sha) for sha in (good, rotten)])
+    said: list[str] = []
+    manifest = backup(own_database, store.root, tmp_path / "bk", say=said.append, check="clapq check")
+    assert manifest["files"] == 1 and manifest["damaged_files"] == 1 and manifest["missing_files"] == 1, manifest
+    assert any(line.startswith(f"warning: 1 stored file that items hold is damaged in {store.root}") and rotten in line
+               and "`clapq check --verify` names their items" in line for line in said), said
+    assert sorted(p.name for p in (tmp_path / "bk" / "blobs").rglob("*") if p.is_file()) == [good]
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "restore", str(tmp_path / "bk"), "--data-dir",
+                          str(tmp_path / "new")], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "warning: 1 stored file that items hold was missing from the service when it was backed up (damaged " \
+           "there), and is missing here too" in out.stderr, out.stderr
+
+
 def test_a_backup_of_a_newer_clapq_is_refused_before_anything_is_restored(own_database, tiny_model, tmp_path):
     """A backup made by a newer clapq (its schema migrated past what this version knows: a machine moved to with an
     older checkout) was restored, files and rows, and only then did the migration refuse it, 'the database was
