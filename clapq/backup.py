@@ -293,7 +293,7 @@ def restore(src: Path, url: str, blob_dir: Path, say=print, check: str = "clapq 
             # a file cut short is removed (_copy_blob); those copied before it are whole, and stay
             left = (f"{new} stored file{'s' if new != 1 else ''} copied whole into {store.root} before it stopped, "
                     f"which no row holds (a restore into the same place takes {'it' if new == 1 else 'them'} as "
-                    f"{'it is' if new == 1 else 'they are'})")
+                    f"{'it is' if new == 1 else 'they are'})" if new else f"no stored file copied into {store.root}")
             if isinstance(exc, BackupError):
                 raise BackupError(f"{src} cannot be restored: {exc}; {left}; nothing was restored into the "
                                   "database") from None

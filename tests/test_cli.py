@@ -4206,18 +4206,20 @@ def test_a_backup_whose_stored_file_was_damaged_is_not_restored(settings, tiny_m
     from clapq.blobs import BlobStore
 
     backup(settings.database_url, BlobStore(settings.blob_dir).root, tmp_path / "bk", say=lambda m: None)
+    before = json.loads((tmp_path / "bk" / "backup.json").read_text())
     sha = hashlib.sha256(b"the bytes an item holds").hexdigest()
     damaged = tmp_path / "bk" / "blobs" / sha[:2] / sha[2:4] / sha
     damaged.parent.mkdir(parents=True)
     damaged.write_bytes(b"the bytes an item holds, bit-rotted")
-    manifest = json.loads((tmp_path / "bk" / "backup.json").read_text())
-    (tmp_path / "bk" / "backup.json").write_text(json.dumps({**manifest, "files": manifest["files"] + 1}))
+    (tmp_path / "bk" / "backup.json").write_text(json.dumps({**before, "files": before["files"] + 1}))
     out = subprocess.run([sys.executable, "-m", "clapq.cli", "restore", str(tmp_path / "bk"), "--data-dir",
                           str(tmp_path / "new")], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr
     assert f"its stored file {sha} is damaged (its bytes are no longer those it was stored as)" in out.stderr, \
         out.stderr
     assert "nothing was restored into the database" in out.stderr, out.stderr
+    if not before["files"]:  # the first it copied: nothing left (it said '0 stored files copied whole ...')
+        assert f"no stored file copied into {tmp_path / 'new' / 'blobs'}; nothing was restored" in out.stderr, out.stderr
     assert not (tmp_path / "new" / "blobs" / sha[:2] / sha[2:4] / sha).exists()
 
 
