@@ -764,16 +764,32 @@ def _howmany(raw: str, what: str = "results") -> int:
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with a hint for search words that begin with '-' (`clapq search -hum` said "ignored explicit
-    argument"), and one for an option given before the command (`clapq --data-dir DIR upload`)."""
+    argument"), one for an option given before the command (`clapq --data-dir DIR upload`), one for a file
+    named like an option, and one for `clapq upload *.wav`."""
+
+    argv: list[str] = []  # the command line, for the commands' own parsers too, which report its errors
 
     def parse_args(self, args=None, namespace=None):
-        self._argv = list(sys.argv[1:] if args is None else args)
-        return super().parse_args(args, namespace)
+        _Parser.argv = list(sys.argv[1:] if args is None else args)
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:  # as argparse says it, and where the shell gave `clapq upload` several files, why
+            message = "unrecognized arguments: " + " ".join(extra)
+            if getattr(parsed, "command", None) == "upload" and all(os.path.lexists(a) for a in extra):
+                message += (f" (`clapq upload` takes one folder or one file, and was given {len(extra) + 1}: "
+                            "`clapq upload FOLDER` sends every audio file under it)")
+            self.error(message)
+        return parsed
 
     def error(self, message: str):
         if self.prog.endswith(" search") and "argument -h/--help" in message:  # `-hum`, `-high hiss`
             message += " (words that begin with '-' go after '--': clapq search --library L -- '-80 dB hum')"
-        argv = getattr(self, "_argv", [])
+        argv = _Parser.argv
+        # a file named like an option: `clapq upload -take1.wav` said "the following arguments are required:
+        # folder|file", of a command given one
+        dashed = next((a for a in argv if a.startswith("-") and a not in ("-", "--") and os.path.lexists(a)), None)
+        if dashed is not None:
+            message += (f" ({dashed} is read as an option: give a file or folder whose name begins with '-' as "
+                        f"./{dashed})")
         if self.prog == "clapq" and argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
             # `clapq --data-dir DIR upload ...` said only "invalid choice: 'DIR'" (helper-71)
             option = argv[0].split("=", 1)[0]

@@ -2908,6 +2908,30 @@ def test_a_server_that_is_not_clapq_is_said_so_not_a_traceback(tmp_path, tiny_mo
         server.shutdown()
 
 
+def test_a_file_named_like_an_option_and_several_files_to_upload_are_said_how_to_give(tiny_model, tmp_path):
+    """`clapq upload -take1.wav` said "the following arguments are required: folder|file", of a command given
+    a file, and `clapq upload *.wav` only "unrecognized arguments: b.wav": each now says how to give them."""
+    for name in ("-take1.wav", "a.wav", "b.wav"):
+        (tmp_path / name).write_bytes(b"RIFF")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *args], env=_env(tiny_model), cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    out = run("upload", "-take1.wav", "--library", "x")
+    assert out.returncode == 2 and "(-take1.wav is read as an option: give a file or folder whose name begins " \
+        "with '-' as ./-take1.wav)" in out.stderr, out.stderr
+    out = run("search", "--like", "-take1.wav", "--library", "x")
+    assert out.returncode == 2 and "give a file or folder whose name begins with '-' as ./-take1.wav" in \
+        out.stderr, out.stderr
+    out = run("upload", "a.wav", "b.wav", "--library", "x")
+    assert out.returncode == 2 and "unrecognized arguments: b.wav (`clapq upload` takes one folder or one file, " \
+        "and was given 2: `clapq upload FOLDER` sends every audio file under it)" in out.stderr, out.stderr
+    out = run("upload", "a.wav", "--library", "x", "--yes")  # not files: only argparse's words
+    assert out.returncode == 2 and out.stderr.splitlines()[-1] == "clapq: error: unrecognized arguments: --yes", \
+        out.stderr
+
+
 def test_search_and_delete_arguments_are_read_as_a_user_means_them(tiny_model, tmp_path):
     """`--k 5` was taken for `--key 5` (argparse's abbreviations); `clapq search -hum` said only "ignored
     explicit argument 'um'"; `--like` a file that does not exist said "is not a file"; `-k 0` went to the
