@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import dataclasses
 import datetime
+import errno
 import functools
 import hashlib
 import json
@@ -355,6 +356,14 @@ def _size(p: Path) -> int:
         return 0
 
 
+def _unread(exc: OSError) -> str:
+    """Why a file listed to send is not sent: one removed or moved meanwhile said "cannot be read (No such file
+    or directory)", as if its permissions were to blame."""
+    if isinstance(exc, FileNotFoundError):
+        return "gone since the upload began (removed or moved meanwhile)"
+    return f"cannot be read ({exc.strerror or exc})"
+
+
 def wire_name(name: str) -> str:
     """The name a file goes by in a request: one the API reads back exactly as sent, so that 'metadata'
     finds its file. A name that is not UTF-8 (bytes of another encoding) shows U+FFFD where they were; a
@@ -385,7 +394,7 @@ def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
         try:
             return _Sized(p, files.enter_context(open(p, "rb")))
         except OSError as exc:  # gone, or no longer readable, since it was listed
-            raise Changed(p, f"cannot be read ({exc.strerror or exc})") from None
+            raise Changed(p, _unread(exc)) from None
 
     with contextlib.ExitStack() as files:
         yield _Body(MultipartEncoder(fields=[("metadata", meta)] + [
@@ -660,9 +669,9 @@ def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path]
         try:
             size = p.stat().st_size
             if not os.access(p, os.R_OK):
-                raise PermissionError("permission denied")
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
         except OSError as exc:
-            refused.append(f"{name}: cannot be read ({exc.strerror or exc})")
+            refused.append(f"{name}: {_unread(exc)}")
             continue
         if size > most:
             too_big[p] = (f"{name}: {size / 1e6:,.1f} MB, larger than this server takes ({most / 1e6:,.1f} MB; "

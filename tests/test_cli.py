@@ -1465,7 +1465,8 @@ def test_a_file_gone_before_its_request_is_left_out_and_the_rest_sent(tmp_path, 
     with fake_api(answer, bodies) as url:
         p = _upload(tmp_path, url, tiny_model)
         out, err = p.communicate(timeout=60)
-    assert p.returncode == 1 and "not sent: b.wav: cannot be read (No such file or directory)" in err, (out, err)
+    assert p.returncode == 1 and "not sent: b.wav: gone since the upload began (removed or moved meanwhile)" in err, \
+        (out, err)
     assert json.loads(out)["not_sent"] == 1 and "uploaded 2 files (job job1)" in err, (out, err)
     [sent] = [body for method, path, body in bodies if path.endswith("/batches")]
     assert b'filename="a.wav"' in sent and b'filename="c.wav"' in sent and b'filename="b.wav"' not in sent
@@ -1918,7 +1919,7 @@ def test_ordinary_mishaps_are_sentences_not_tracebacks(tmp_path, tiny_model):
         _, err = p.communicate(timeout=120)
         assert p.returncode == 1 and "Traceback" not in err, err
         # that file is named, and left out (it stopped the whole upload before)
-        assert "not sent: c128.wav: cannot be read (No such file or directory)" in err, err
+        assert "not sent: c128.wav: gone since the upload began (removed or moved meanwhile)" in err, err
         assert "1 file not sent (listed above as 'not sent')" in err, err
 
 
@@ -2518,6 +2519,38 @@ def test_names_swapped_or_given_to_new_bytes_move_their_paths_and_odd_names_stay
     assert sorted(i["filename"] for i in items) == ["a.wav", "b2.wav", "lat\ufffd.wav", "take-1.wav", "take.wav"]
 
 
+def test_a_file_removed_while_the_upload_runs_is_said_gone_not_unreadable(start_api, new_key, tmp_path, monkeypatch,
+                                                                         capsys):
+    """A file removed (or moved away) after the folder was looked through, here while the real API was asked
+    which files the library holds, was "not sent: b.wav: cannot be read (No such file or directory)", as if
+    its permissions were to blame; it is said gone since the upload began. The rest is sent, and the command
+    exits 1 (not all it found was sent), as before."""
+    from clapq import client as c
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    base, key = start_api(), new_key()
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i, name in enumerate("abc"):
+        write(folder / f"{name}.wav", 0.3, seed=80 + i)
+    api = c.Client(base, key)
+    api.library("gone-meanwhile")  # not created by the upload: it asks which files the library holds
+    real = c.Client.call
+
+    def call(self, method, path, *args, **kw):
+        answer = real(self, method, path, *args, **kw)
+        if path.endswith("/known") and (folder / "b.wav").exists():
+            (folder / "b.wav").unlink()
+        return answer
+
+    monkeypatch.setattr(c.Client, "call", call)
+    assert c.upload_folder(api, folder, "gone-meanwhile", wait=False) == 1
+    out, err = capsys.readouterr()
+    assert "not sent: b.wav: gone since the upload began (removed or moved meanwhile)" in err.splitlines(), err
+    assert "cannot be read" not in err, err
+    assert json.loads(out)["not_sent"] == 1 and "uploaded 2 files" in err, (out, err)
+
+
 def test_files_gone_from_the_folder_are_deleted_on_request_and_renamed_ones_kept(start_api, new_key, tmp_path,
                                                                                    tiny_model):
     """Files deleted from a folder stay in the library, and their ids were to be found by hand (helper-57).
@@ -3016,7 +3049,7 @@ def test_files_the_api_cannot_take_are_named_not_sent(tmp_path):
     assert sendable == [ok] and list(too_big) == [big]
     assert too_big[big].startswith("big.wav: 0.0 MB, larger than this server takes") and "CLAPQ_MAX_FILE_BYTES" in \
         too_big[big]
-    assert refused == ["gone.wav: cannot be read (No such file or directory)"]
+    assert refused == ["gone.wav: gone since the upload began (removed or moved meanwhile)"]
     # requests are cut to the server's file count and size, with room for the multipart around the files
     assert [len(b) for b in client.batches([ok] * 5, max_files=2)] == [2, 2, 1]
     assert [len(b) for b in client.batches([ok] * 5, max_bytes=client.REQUEST_OVERHEAD + 2 * (100 + 1024))] == \
