@@ -37,6 +37,10 @@ AUDIO_SUFFIXES = {".wav", ".wave", ".bwf", ".rf64", ".flac", ".aif", ".aiff", ".
                   ".eac3", ".dts", ".amr", ".3gp", ".3g2", ".wv", ".ape", ".tta", ".mka", ".mp4", ".mkv", ".webm",
                   ".mov", ".w64", ".au", ".snd", ".voc", ".gsm", ".weba", ".m4v", ".avi", ".mpg", ".mpeg",
                   ".m2ts", ".wmv", ".asf", ".flv", ".mxf", ".ogv", ".vob", ".dv"}
+# folders Windows keeps on a drive, left out as hidden ones are (Windows hides them; Linux and macOS show them):
+# its recycle bin, of deleted files (each beside a record of it named with its extension: "$I8K2Z1F.flac"),
+# and its system data (restore points, the search index), which a user's account may not read
+SYSTEM_FOLDERS = {"$recycle.bin", "system volume information"}
 # A multiple of the worker's batch (16 windows on a CPU) and of its task size (16 files): a task's last
 # batch is padded to full size, so with short files a request of 100 would leave its last batch 3/4
 # padding.
@@ -418,6 +422,7 @@ class Listing:
 
     audio: list[Path]  # regular files (or links to them) named as audio, in path order
     hidden: int = 0  # audio files under names starting with "." (macOS's "._x.wav", trash folders)
+    system: list[str] = dataclasses.field(default_factory=list)  # SYSTEM_FOLDERS found, not looked into
     other: Counter = dataclasses.field(default_factory=Counter)  # other files, by suffix
     unreadable: list[str] = dataclasses.field(default_factory=list)  # named as audio but no file: broken links, pipes
     linked: list[str] = dataclasses.field(default_factory=list)  # links to folders, not followed (a loop, a drive)
@@ -450,6 +455,9 @@ def audio_files(folder: Path) -> Listing:
             try:
                 if any(part.startswith(".") for part in rel.parts):
                     found.hidden += p.is_file() and suffix in AUDIO_SUFFIXES
+                elif name in dirs and name.casefold() in SYSTEM_FOLDERS:  # a Windows drive's recycle bin
+                    # was sent as the user's files, and its records of them failed, exit 1 (helper-104)
+                    found.system.append(rel.as_posix())
                 elif name in dirs:
                     if p.is_symlink():  # os.walk does not go in
                         found.linked.append(rel.as_posix())
@@ -463,13 +471,14 @@ def audio_files(folder: Path) -> Listing:
             except OSError as exc:  # in a folder that can be listed but not entered
                 if suffix in AUDIO_SUFFIXES:
                     found.closed.append(f"{rel.as_posix()} ({exc.strerror or exc})")
+        dirs[:] = [d for d in dirs if d.casefold() not in SYSTEM_FOLDERS]
     # a link to a file of the folder would store the file under the link's name when the link sorts first
     # (and read as the file being a copy of its link): the file is sent under its own name, once
     own = {p.resolve(): p for p in found.audio if not p.is_symlink()}
     found.aliases = [f"{p.relative_to(folder).as_posix()} → {own[p.resolve()].relative_to(folder).as_posix()}"
                      for p in found.audio if p.is_symlink() and p.resolve() in own]
     found.audio = [p for p in found.audio if not p.is_symlink() or p.resolve() not in own]
-    for names in (found.audio, found.unreadable, found.linked, found.closed, found.aliases):
+    for names in (found.audio, found.unreadable, found.linked, found.closed, found.aliases, found.system):
         names.sort()
     return found
 
@@ -714,6 +723,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     paths, other = listing.audio, listing.other
     if listing.hidden:
         print(f"left out {n_files(listing.hidden)} with hidden names (starting with '.')", file=sys.stderr)
+    if listing.system:
+        print(f"left out the folders Windows keeps on a drive (its recycle bin, of deleted files, and its system "
+              f"data): {_some([printable(x) for x in listing.system])}", file=sys.stderr)
     if other:
         kinds = ", ".join(f"{s} ×{n}" if n > 1 else s for s, n in other.most_common(8))
         print(f"left out {n_files(sum(other.values()))} not named as audio ({kinds}{', …' if len(other) > 8 else ''})",

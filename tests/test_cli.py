@@ -2551,6 +2551,30 @@ def test_a_file_removed_while_the_upload_runs_is_said_gone_not_unreadable(start_
     assert json.loads(out)["not_sent"] == 1 and "uploaded 2 files" in err, (out, err)
 
 
+def test_a_windows_drives_recycle_bin_and_system_folder_are_left_out(start_api, new_key, tmp_path, tiny_model):
+    """A drive used on Windows, uploaded whole: its recycle bin's deleted files were sent into the library as
+    the user's sounds, and Windows's record of each (named with the deleted file's extension) failed, exit 1.
+    `$RECYCLE.BIN` and `System Volume Information` are left out, named, as hidden folders are."""
+    base, key = start_api(), new_key()
+    drive = tmp_path / "drive"
+    bin_ = drive / "$RECYCLE.BIN" / "S-1-5-21-3623811015-3361044348-30300820-1013"
+    for d in (drive / "Music", bin_, drive / "System Volume Information"):
+        d.mkdir(parents=True)
+    write(drive / "Music" / "song.wav", 0.3, seed=90)
+    write(bin_ / "$R8K2Z1F.wav", 0.3, seed=91)  # a file deleted on Windows
+    (bin_ / "$I8K2Z1F.wav").write_bytes(b"\x02" + bytes(543))  # Windows's record of it
+    (drive / "System Volume Information" / "IndexerVolumeGuid").write_bytes(b"{x}")
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(drive), "--library", "drive", "--url", base,
+                          "--key", key, "--no-wait"], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and json.loads(out.stdout)["files"] == 1, out.stdout + out.stderr
+    assert "left out the folders Windows keeps on a drive (its recycle bin, of deleted files, and its system data): " \
+        "$RECYCLE.BIN, System Volume Information" in out.stderr.splitlines(), out.stderr
+    assert "not named as audio" not in out.stderr, out.stderr  # the system folder's files are not looked at
+    items = requests.get(f"{base}/v1/libraries/{json.loads(out.stdout)['library_id']}/items",
+                         headers={"Authorization": f"Bearer {key}"}, timeout=30).json()["items"]
+    assert [i["metadata"]["path"] for i in items] == ["Music/song.wav"], items
+
+
 def test_files_gone_from_the_folder_are_deleted_on_request_and_renamed_ones_kept(start_api, new_key, tmp_path,
                                                                                    tiny_model):
     """Files deleted from a folder stay in the library, and their ids were to be found by hand (helper-57).
