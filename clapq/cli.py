@@ -629,6 +629,22 @@ def _kind(path: Path) -> str:
         _fail(f"cannot read {path}: {exc.strerror or exc}")
 
 
+def _nothing_at(path: Path) -> str:
+    """Why a path names nothing: a broken link (a file moved, a drive not mounted) was said "does not exist",
+    of a name `ls` shows."""
+    from clapq.client import printable
+
+    if not path.is_symlink():
+        return f"{path} does not exist"
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # a loop of links
+        return f"{path} is a link that leads back to itself (a loop of links)"
+    except OSError:
+        pass
+    return f"{path} is a broken link: it points to {printable(os.readlink(path))}, which does not exist"
+
+
 def cmd_upload(args) -> None:
     from clapq.client import connect, upload_folder
 
@@ -641,7 +657,7 @@ def cmd_upload(args) -> None:
     elif kind == "other":
         _fail(f"{args.folder} is neither a folder nor a file (a pipe or a device)")
     else:
-        _fail(f"{args.folder} does not exist")
+        _fail(_nothing_at(args.folder))
     if args.moved_from is not None and only is not None:
         _fail("--moved-from takes a folder: the folder uploaded, as it was named before it was moved or renamed")
     raise SystemExit(upload_folder(connect(args.url, args.key, settings.data_dir), folder, args.library,
@@ -660,7 +676,7 @@ def cmd_search(args) -> None:
         _fail("the words to search for are empty; give words to search for, or --like FILE to search by a sound")
     kind = None if args.like is None else _kind(args.like)
     if kind == "none":
-        _fail(f"{args.like} does not exist")
+        _fail(_nothing_at(args.like))
     if kind in ("folder", "other"):
         _fail(f"{args.like} is {'a folder' if kind == 'folder' else 'a pipe or a device'}, not a sound file")
     settings = Settings.from_env(data_dir=args.data_dir)

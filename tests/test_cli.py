@@ -1607,6 +1607,26 @@ def test_one_file_can_be_uploaded_without_its_folder(tmp_path, tiny_model):
     assert p.returncode == 2 and err.strip().endswith("nowhere.wav does not exist"), err
 
 
+def test_a_broken_link_given_to_upload_or_search_is_said_a_broken_link(tmp_path, tiny_model):
+    """`clapq upload take.wav` of a link whose file was moved (or on a drive not mounted) said "take.wav does not
+    exist", of a name `ls` shows; a loop of links the same. Each now says what it is."""
+    (tmp_path / "take.wav").symlink_to("moved/take.wav")
+    (tmp_path / "a.wav").symlink_to("b.wav")
+    (tmp_path / "b.wav").symlink_to("a.wav")
+
+    def run(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", *args, "--library", "x", "--url", "http://127.0.0.1:9",
+                              "--key", "cq_x"], env=_env(tiny_model), cwd=tmp_path, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 2, out.stderr
+        return out.stderr.strip()
+
+    said = "clapq: take.wav is a broken link: it points to moved/take.wav, which does not exist"
+    assert run("upload", "take.wav") == said and run("search", "--like", "take.wav") == said
+    assert run("upload", "a.wav") == "clapq: a.wav is a link that leads back to itself (a loop of links)"
+    assert run("upload", "nowhere.wav") == "clapq: nowhere.wav does not exist"
+
+
 def test_a_failed_file_names_its_copies_and_counts_them(tmp_path, tiny_model):
     """A file that failed, with a copy of its bytes in the same request and another in a later one: the
     failure is listed once (both jobs report the one item), with both copies named, and the summary
