@@ -37,10 +37,12 @@ AUDIO_SUFFIXES = {".wav", ".wave", ".bwf", ".rf64", ".flac", ".aif", ".aiff", ".
                   ".eac3", ".dts", ".amr", ".3gp", ".3g2", ".wv", ".ape", ".tta", ".mka", ".mp4", ".mkv", ".webm",
                   ".mov", ".w64", ".au", ".snd", ".voc", ".gsm", ".weba", ".m4v", ".avi", ".mpg", ".mpeg",
                   ".m2ts", ".wmv", ".asf", ".flv", ".mxf", ".ogv", ".vob", ".dv"}
-# folders Windows keeps on a drive, left out as hidden ones are (Windows hides them; Linux and macOS show them):
-# its recycle bin, of deleted files (each beside a record of it named with its extension: "$I8K2Z1F.flac"),
-# and its system data (restore points, the search index), which a user's account may not read
-SYSTEM_FOLDERS = {"$recycle.bin", "system volume information"}
+# folders a system keeps among the user's, left out as hidden ones are (where they were made, they are hidden
+# or not shown; over a network share or on a drive moved to another machine, they are plain folders): the
+# recycle bins of deleted files of Windows (each beside a record of it named with its extension:
+# "$I8K2Z1F.flac"), Synology and QNAP NAS shares, and their own data (Windows's restore points and search index,
+# which a user's account may not read; Synology's indexes and thumbnails, a folder named as each file)
+SYSTEM_FOLDERS = {"$recycle.bin", "system volume information", "#recycle", "@recycle", "@eadir"}
 # A multiple of the worker's batch (16 windows on a CPU) and of its task size (16 files): a task's last
 # batch is padded to full size, so with short files a request of 100 would leave its last batch 3/4
 # padding.
@@ -724,8 +726,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     if listing.hidden:
         print(f"left out {n_files(listing.hidden)} with hidden names (starting with '.')", file=sys.stderr)
     if listing.system:
-        print(f"left out the folders Windows keeps on a drive (its recycle bin, of deleted files, and its system "
-              f"data): {_some([printable(x) for x in listing.system])}", file=sys.stderr)
+        print(f"left out the recycle bins and system folders that Windows and NAS systems keep (deleted files, and "
+              f"their own data): {_some([printable(x) for x in listing.system])}", file=sys.stderr)
     if other:
         kinds = ", ".join(f"{s} ×{n}" if n > 1 else s for s, n in other.most_common(8))
         print(f"left out {n_files(sum(other.values()))} not named as audio ({kinds}{', …' if len(other) > 8 else ''})",

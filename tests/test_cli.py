@@ -2574,7 +2574,8 @@ def test_a_file_removed_while_the_upload_runs_is_said_gone_not_unreadable(start_
 def test_a_windows_drives_recycle_bin_and_system_folder_are_left_out(start_api, new_key, tmp_path, tiny_model):
     """A drive used on Windows, uploaded whole: its recycle bin's deleted files were sent into the library as
     the user's sounds, and Windows's record of each (named with the deleted file's extension) failed, exit 1.
-    `$RECYCLE.BIN` and `System Volume Information` are left out, named, as hidden folders are."""
+    `$RECYCLE.BIN` and `System Volume Information` are left out, named, as hidden folders are, and so is a
+    Synology share's recycle bin, `#recycle`."""
     base, key = start_api(), new_key()
     drive = tmp_path / "drive"
     bin_ = drive / "$RECYCLE.BIN" / "S-1-5-21-3623811015-3361044348-30300820-1013"
@@ -2584,11 +2585,13 @@ def test_a_windows_drives_recycle_bin_and_system_folder_are_left_out(start_api, 
     write(bin_ / "$R8K2Z1F.wav", 0.3, seed=91)  # a file deleted on Windows
     (bin_ / "$I8K2Z1F.wav").write_bytes(b"\x02" + bytes(543))  # Windows's record of it
     (drive / "System Volume Information" / "IndexerVolumeGuid").write_bytes(b"{x}")
+    (drive / "Music" / "#recycle").mkdir()
+    write(drive / "Music" / "#recycle" / "old take.wav", 0.3, seed=92)
     out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(drive), "--library", "drive", "--url", base,
                           "--key", key, "--no-wait"], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and json.loads(out.stdout)["files"] == 1, out.stdout + out.stderr
-    assert "left out the folders Windows keeps on a drive (its recycle bin, of deleted files, and its system data): " \
-        "$RECYCLE.BIN, System Volume Information" in out.stderr.splitlines(), out.stderr
+    assert "left out the recycle bins and system folders that Windows and NAS systems keep (deleted files, and their " \
+        "own data): $RECYCLE.BIN, Music/#recycle, System Volume Information" in out.stderr.splitlines(), out.stderr
     assert "not named as audio" not in out.stderr, out.stderr  # the system folder's files are not looked at
     items = requests.get(f"{base}/v1/libraries/{json.loads(out.stdout)['library_id']}/items",
                          headers={"Authorization": f"Bearer {key}"}, timeout=30).json()["items"]
