@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 import sys
 import time
 import unicodedata
@@ -328,9 +329,9 @@ class Changed(Exception):
     or of another size (a file still being written). Not an OSError: it passes through requests as it is,
     and the connection it was sent on is closed (the API drops the request)."""
 
-    def __init__(self, path: Path, why: str) -> None:
+    def __init__(self, path: Path, why: str, unopened: bool = False) -> None:
         super().__init__(f"{path}: {why}")
-        self.path, self.why = path, why
+        self.path, self.why, self.unopened = path, why, unopened  # unopened: gone, or not readable
 
 
 class _Sized:
@@ -400,7 +401,7 @@ def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
         try:
             return _Sized(p, files.enter_context(open(p, "rb")))
         except OSError as exc:  # gone, or no longer readable, since it was listed
-            raise Changed(p, _unread(exc)) from None
+            raise Changed(p, _unread(exc), unopened=True) from None
 
     with contextlib.ExitStack() as files:
         yield _Body(MultipartEncoder(fields=[("metadata", meta)] + [
@@ -692,13 +693,25 @@ def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path]
     return ok, too_big, refused
 
 
-def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> tuple[dict | None, list[Path], list[str]]:
+def _identity(folder: Path) -> int | None:
+    """Which file system the folder a path names is on (None: no folder is there): a drive unmounted leaves its
+    mount point on another. Not its inode, which FUSE file systems (sshfs) may number anew between looks."""
+    try:
+        st = folder.stat()
+    except OSError:
+        return None
+    return st.st_dev if stat.S_ISDIR(st.st_mode) else None
+
+
+def _send(client: Client, lib_id: str, folder: Path, batch: list[Path],
+          since: int | None = None) -> tuple[dict | None, list[Path], list[str]]:
     """POST one batch; while the API is busy (429: its backlog is full) or down for now (502-504, or not
     answering before the request was sent), wait as it asks and send again. A connection lost while the
     batch was being sent ends the command (an API that refuses a body over its limit also cuts it); run
     again, it sends only what the library does not hold. A file gone, unreadable or changing size since it
-    was listed (one still being written) is left out, and the rest sent again without it. Returns the
-    answer (None if no file was left to send), the files it holds, and a sentence for each left out."""
+    was listed (one still being written) is left out, and the rest sent again without it; where the folder
+    itself is gone (no longer the folder `since` names), the command stops. Returns the answer (None if no
+    file was left to send), the files it holds, and a sentence for each left out."""
     def attempt() -> dict:
         with multipart_body(folder, batch) as body:
             return client.call("POST", f"/v1/libraries/{lib_id}/batches", data=body,
@@ -709,6 +722,11 @@ def _send(client: Client, lib_id: str, folder: Path, batch: list[Path]) -> tuple
         try:
             return patiently(attempt), batch, left_out
         except Changed as exc:
+            if exc.unopened and since is not None and _identity(folder) != since:
+                # moved or renamed, or its drive unmounted or unplugged (where it cannot be looked at: None): each
+                # file left was "not sent", one line each, to the end of a folder of thousands (helper-104)
+                raise SystemExit(f"clapq: {folder} is gone since the upload began (moved or renamed, or its drive "
+                                 "unmounted): no more of its files can be sent") from None
             batch.remove(exc.path)
             left_out.append(f"{wire_name(exc.path.relative_to(folder).as_posix())}: {exc.why}")
     return None, batch, left_out
@@ -721,6 +739,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     their bytes are sent again only with `retry_failed` (not_known). `moved_from`: the folder's path before it
     was moved or renamed, whose files become this folder's (_taken_over). `resend`: the files the library holds
     are sent too (not_known)."""
+    since = _identity(folder)  # which folder it is: one moved away or unmounted meanwhile stops the command
     listing = Listing(only) if only is not None else audio_files(folder)
     paths, other = listing.audio, listing.other
     if listing.hidden:
@@ -855,7 +874,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             in_flight = len(batch)
             for cut in range(MAX_CUTS + 1):
                 try:
-                    answer, batch, left_out = _send(client, lib["id"], folder, batch)
+                    answer, batch, left_out = _send(client, lib["id"], folder, batch, since)
                     break
                 except Cut as exc:  # an API restarting (`clapq up` starts a crashed one again) closed it
                     if cut == MAX_CUTS:

@@ -2598,6 +2598,37 @@ def test_a_windows_drives_recycle_bin_and_system_folder_are_left_out(start_api, 
     assert [i["metadata"]["path"] for i in items] == ["Music/song.wav"], items
 
 
+def test_a_folder_moved_away_while_it_is_uploaded_stops_the_upload(start_api, new_key, tmp_path, monkeypatch, capsys):
+    """The folder itself moved away (or its drive unmounted) after its first request: each file left was said
+    "not sent" on a line of its own, thousands of them, and the command went on to its end. It stops at the
+    first, saying the folder is gone, what was uploaded and that running it again sends the rest."""
+    from clapq import client as c
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    base, key = start_api(CLAPQ_MAX_FILES_PER_BATCH="2"), new_key()
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i, name in enumerate("abcdef"):
+        write(folder / f"{name}.wav", 0.3, seed=100 + i)
+    real = c.Client.call
+
+    def call(self, method, path, *args, **kw):
+        answer = real(self, method, path, *args, **kw)
+        if path.endswith("/batches") and folder.exists():
+            folder.rename(tmp_path / "away")
+        return answer
+
+    monkeypatch.setattr(c.Client, "call", call)
+    with pytest.raises(SystemExit) as stopped:
+        c.upload_folder(c.Client(base, key), folder, "moved-away", wait=False)
+    out, err = capsys.readouterr()
+    assert stopped.value.code == 1 and out == "", (out, err)
+    assert f"clapq: {folder} is gone since the upload began (moved or renamed, or its drive unmounted): no more of " \
+        "its files can be sent" in err.splitlines(), err
+    assert "clapq: 2 of 6 files were uploaded (jobs " in err and "run the same command again for the rest" in err, err
+    assert "not sent:" not in err, err
+
+
 def test_files_gone_from_the_folder_are_deleted_on_request_and_renamed_ones_kept(start_api, new_key, tmp_path,
                                                                                    tiny_model):
     """Files deleted from a folder stay in the library, and their ids were to be found by hand (helper-57).
