@@ -781,7 +781,7 @@ def _howmany(raw: str, what: str = "results") -> int:
 class _Parser(argparse.ArgumentParser):
     """argparse, with a hint for search words that begin with '-' (`clapq search -hum` said "ignored explicit
     argument"), one for an option given before the command (`clapq --data-dir DIR upload`), one for a file
-    named like an option, and one for `clapq upload *.wav`."""
+    named like an option, one for `clapq upload *.wav`, and one for words to search for not in quotes."""
 
     argv: list[str] = []  # the command line, for the commands' own parsers too, which report its errors
 
@@ -793,6 +793,10 @@ class _Parser(argparse.ArgumentParser):
             if getattr(parsed, "command", None) == "upload" and all(os.path.lexists(a) for a in extra):
                 message += (f" (`clapq upload` takes one folder or one file, and was given {len(extra) + 1}: "
                             "`clapq upload FOLDER` sends every audio file under it)")
+            elif getattr(parsed, "command", None) == "search" and parsed.text and not any(
+                    a.startswith("-") for a in extra):  # `clapq search rain on a roof`
+                words = shlex.quote(" ".join([parsed.text, *extra]))
+                message += f" (the words to search for go in quotes, as one: clapq search {words} ...)"
             self.error(message)
         return parsed
 

@@ -3021,7 +3021,8 @@ def test_a_server_that_is_not_clapq_is_said_so_not_a_traceback(tmp_path, tiny_mo
 
 def test_a_file_named_like_an_option_and_several_files_to_upload_are_said_how_to_give(tiny_model, tmp_path):
     """`clapq upload -take1.wav` said "the following arguments are required: folder|file", of a command given
-    a file, and `clapq upload *.wav` only "unrecognized arguments: b.wav": each now says how to give them."""
+    a file, `clapq upload *.wav` only "unrecognized arguments: b.wav", and `clapq search rain on a roof`
+    "unrecognized arguments: on a roof": each now says how to give them."""
     for name in ("-take1.wav", "a.wav", "b.wav"):
         (tmp_path / name).write_bytes(b"RIFF")
 
@@ -3038,6 +3039,9 @@ def test_a_file_named_like_an_option_and_several_files_to_upload_are_said_how_to
     out = run("upload", "a.wav", "b.wav", "--library", "x")
     assert out.returncode == 2 and "unrecognized arguments: b.wav (`clapq upload` takes one folder or one file, " \
         "and was given 2: `clapq upload FOLDER` sends every audio file under it)" in out.stderr, out.stderr
+    out = run("search", "rain", "on", "a", "roof", "--library", "x")
+    assert out.returncode == 2 and "unrecognized arguments: on a roof (the words to search for go in quotes, as " \
+        "one: clapq search 'rain on a roof' ...)" in out.stderr, out.stderr
     out = run("upload", "a.wav", "--library", "x", "--yes")  # not files: only argparse's words
     assert out.returncode == 2 and out.stderr.splitlines()[-1] == "clapq: error: unrecognized arguments: --yes", \
         out.stderr
