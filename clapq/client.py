@@ -426,6 +426,7 @@ class Listing:
     audio: list[Path]  # regular files (or links to them) named as audio, in path order
     hidden: int = 0  # audio files under names starting with "." (macOS's "._x.wav", trash folders)
     system: list[str] = dataclasses.field(default_factory=list)  # SYSTEM_FOLDERS found, not looked into
+    projects: list[str] = dataclasses.field(default_factory=list)  # Audacity projects' data folders, not looked into
     other: Counter = dataclasses.field(default_factory=Counter)  # other files, by suffix
     unreadable: list[str] = dataclasses.field(default_factory=list)  # named as audio but no file: broken links, pipes
     linked: list[str] = dataclasses.field(default_factory=list)  # links to folders, not followed (a loop, a drive)
@@ -451,6 +452,9 @@ def audio_files(folder: Path) -> Listing:
 
     for top, dirs, files in os.walk(folder, onerror=unreadable):
         base = Path(top)
+        # an Audacity 2 project (song.aup) keeps its audio beside it in song_data/e00/d00/*.au, blocks of a few
+        # seconds each: they were sent as thousands of sounds of their own (helper-104)
+        blocks = {d for d in dirs if d.endswith("_data") and d[: -len("_data")] + ".aup" in files}
         for name in dirs + files:
             p = base / name
             rel = p.relative_to(folder)
@@ -461,6 +465,8 @@ def audio_files(folder: Path) -> Listing:
                 elif name in dirs and name.casefold() in SYSTEM_FOLDERS:  # a Windows drive's recycle bin
                     # was sent as the user's files, and its records of them failed, exit 1 (helper-104)
                     found.system.append(rel.as_posix())
+                elif name in blocks and not p.is_symlink():
+                    found.projects.append(rel.as_posix())
                 elif name in dirs:
                     if p.is_symlink():  # os.walk does not go in
                         found.linked.append(rel.as_posix())
@@ -474,14 +480,15 @@ def audio_files(folder: Path) -> Listing:
             except OSError as exc:  # in a folder that can be listed but not entered
                 if suffix in AUDIO_SUFFIXES:
                     found.closed.append(f"{rel.as_posix()} ({exc.strerror or exc})")
-        dirs[:] = [d for d in dirs if d.casefold() not in SYSTEM_FOLDERS]
+        dirs[:] = [d for d in dirs if d.casefold() not in SYSTEM_FOLDERS and d not in blocks]
     # a link to a file of the folder would store the file under the link's name when the link sorts first
     # (and read as the file being a copy of its link): the file is sent under its own name, once
     own = {p.resolve(): p for p in found.audio if not p.is_symlink()}
     found.aliases = [f"{p.relative_to(folder).as_posix()} → {own[p.resolve()].relative_to(folder).as_posix()}"
                      for p in found.audio if p.is_symlink() and p.resolve() in own]
     found.audio = [p for p in found.audio if not p.is_symlink() or p.resolve() not in own]
-    for names in (found.audio, found.unreadable, found.linked, found.closed, found.aliases, found.system):
+    for names in (found.audio, found.unreadable, found.linked, found.closed, found.aliases, found.system,
+                  found.projects):
         names.sort()
     return found
 
@@ -747,6 +754,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     if listing.system:
         print(f"left out the recycle bins and system folders that Windows and NAS systems keep (deleted files, and "
               f"their own data): {_some([printable(x) for x in listing.system])}", file=sys.stderr)
+    if listing.projects:
+        print(f"left out the data folders of Audacity projects (their audio in pieces of a few seconds each, not "
+              f"sounds of their own: export a project to upload its sound): "
+              f"{_some([printable(x) for x in listing.projects])}", file=sys.stderr)
     if other:
         kinds = ", ".join(f"{s} ×{n}" if n > 1 else s for s, n in other.most_common(8))
         print(f"left out {n_files(sum(other.values()))} not named as audio ({kinds}{', …' if len(other) > 8 else ''})",

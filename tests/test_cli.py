@@ -2598,6 +2598,30 @@ def test_a_windows_drives_recycle_bin_and_system_folder_are_left_out(start_api, 
     assert [i["metadata"]["path"] for i in items] == ["Music/song.wav"], items
 
 
+def test_an_audacity_projects_blocks_are_not_sent_as_sounds(start_api, new_key, tmp_path, tiny_model):
+    """An Audacity 2 project keeps its audio beside it, song.aup's in song_data/e00/d00/*.au, blocks of a few
+    seconds each: a folder holding one sent them (thousands, for an hour's project) as sounds of their own. Such a
+    folder is left out, named; a folder named so with no project beside it is sent as any other."""
+    base, key = start_api(), new_key()
+    folder = tmp_path / "f"
+    blocks = folder / "proj" / "song_data" / "e00" / "d00"
+    blocks.mkdir(parents=True)
+    (folder / "proj" / "song.aup").write_text("<project/>")
+    for i in range(3):
+        write(blocks / f"e000000{i}.au", 0.3, seed=110 + i)
+    write(folder / "keep.wav", 0.3, seed=113)
+    (folder / "field_data").mkdir()
+    write(folder / "field_data" / "wind.wav", 0.3, seed=114)
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "aup", "--url", base,
+                          "--key", key, "--no-wait"], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and json.loads(out.stdout)["files"] == 2, out.stdout + out.stderr
+    assert "left out the data folders of Audacity projects (their audio in pieces of a few seconds each, not sounds " \
+        "of their own: export a project to upload its sound): proj/song_data" in out.stderr.splitlines(), out.stderr
+    items = requests.get(f"{base}/v1/libraries/{json.loads(out.stdout)['library_id']}/items",
+                         headers={"Authorization": f"Bearer {key}"}, timeout=30).json()["items"]
+    assert sorted(i["metadata"]["path"] for i in items) == ["field_data/wind.wav", "keep.wav"], items
+
+
 def test_a_folder_moved_away_while_it_is_uploaded_stops_the_upload(start_api, new_key, tmp_path, monkeypatch, capsys):
     """The folder itself moved away (or its drive unmounted) after its first request: each file left was said
     "not sent" on a line of its own, thousands of them, and the command went on to its end. It stops at the
