@@ -32,12 +32,13 @@ from clapq.digests import Digests
 T = TypeVar("T")
 
 # what libsndfile or FFmpeg (PyAV) decode, by the names files of those formats go by; video files for their
-# audio track (not .ts and .mts, as often TypeScript)
+# audio track (not .ts and .mts, as often TypeScript); DSD in DSF and DSDIFF (a folder of them was "no audio
+# files", helper-104)
 AUDIO_SUFFIXES = {".wav", ".wave", ".bwf", ".rf64", ".flac", ".aif", ".aiff", ".aifc", ".ogg", ".oga", ".opus",
                   ".spx", ".mp3", ".mp2", ".mpga", ".m4a", ".m4b", ".m4r", ".aac", ".alac", ".caf", ".wma", ".ac3",
                   ".eac3", ".dts", ".amr", ".3gp", ".3g2", ".wv", ".ape", ".tta", ".mka", ".mp4", ".mkv", ".webm",
                   ".mov", ".w64", ".au", ".snd", ".voc", ".gsm", ".weba", ".m4v", ".avi", ".mpg", ".mpeg",
-                  ".m2ts", ".wmv", ".asf", ".flv", ".mxf", ".ogv", ".vob", ".dv"}
+                  ".m2ts", ".wmv", ".asf", ".flv", ".mxf", ".ogv", ".vob", ".dv", ".dsf", ".dff"}
 # folders a system keeps among the user's, left out as hidden ones are (where they were made, they are hidden
 # or not shown; over a network share or on a drive moved to another machine, they are plain folders): the
 # recycle bins of deleted files of Windows (each beside a record of it named with its extension:

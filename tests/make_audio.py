@@ -207,3 +207,29 @@ def png_bytes(width: int = 8, height: int = 8) -> bytes:
                     for y in range(height))
     return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
             + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def dsd_bytes(container: str, seconds: float = 0.2, freq: float = 440.0) -> bytes:
+    """A mono DSD64 tone (2.8224 MHz, one bit a sample, from a first-order sigma-delta modulator) in a DSF
+    ("dsf") or DSDIFF ("dff") file, written by hand: FFmpeg reads both, and writes neither."""
+    rate = 2_822_400
+    x = 0.5 * np.sin(2 * np.pi * freq * np.arange(int(rate * seconds)) / rate)
+    bits, acc, y = np.empty(len(x), dtype=np.uint8), 0.0, 0.0
+    for i, v in enumerate(x.tolist()):
+        acc += v - y
+        bits[i], y = (1, 1.0) if acc >= 0 else (0, -1.0)
+    if container == "dsf":  # little-endian chunks; the bits of each byte least significant first, in 4096-byte blocks
+        data = np.packbits(bits, bitorder="little").tobytes()
+        data += bytes(-len(data) % 4096)
+        fmt = b"fmt " + struct.pack("<QIIIIIIQII", 52, 1, 0, 1, 1, rate, 1, len(bits), 4096, 0)
+        body = fmt + b"data" + struct.pack("<Q", 12 + len(data)) + data
+        return b"DSD " + struct.pack("<QQQ", 28, 28 + len(body), 0) + body
+
+    def chunk(kind: bytes, body: bytes) -> bytes:  # big-endian, padded to an even size
+        return kind + struct.pack(">Q", len(body)) + body + bytes(len(body) % 2)
+
+    prop = (b"SND " + chunk(b"FS  ", struct.pack(">I", rate)) + chunk(b"CHNL", struct.pack(">H", 1) + b"C   ")
+            + chunk(b"CMPR", b"DSD " + bytes([14]) + b"not compressed" + b"\0"))
+    body = (b"DSD " + chunk(b"FVER", struct.pack(">I", 0x01050000)) + chunk(b"PROP", prop)
+            + chunk(b"DSD ", np.packbits(bits, bitorder="big").tobytes()))
+    return b"FRM8" + struct.pack(">Q", len(body)) + body
