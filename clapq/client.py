@@ -747,8 +747,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     their bytes are sent again only with `retry_failed` (not_known). `moved_from`: the folder's path before it
     was moved or renamed, whose files become this folder's (_taken_over). `resend`: the files the library holds
     are sent too (not_known)."""
-    since = _identity(folder)  # which folder it is: one moved away or unmounted meanwhile stops the command
     listing = Listing(only) if only is not None else audio_files(folder)
+    # which folder it is, once listed (an automounted one is mounted by then): one moved away or unmounted
+    # meanwhile stops the command
+    since = _identity(folder)
     paths, other = listing.audio, listing.other
     if listing.hidden:
         print(f"left out {n_files(listing.hidden)} with hidden names (starting with '.')", file=sys.stderr)
