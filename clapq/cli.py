@@ -8,6 +8,7 @@ import datetime
 import fcntl
 import json
 import importlib
+import io
 import os
 import shlex
 import shutil
@@ -947,6 +948,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # a name the terminal's encoding cannot show (an emoji under LANG=C or PYTHONIOENCODING=ascii) is written
+    # escaped, as stderr writes it: it was a UnicodeEncodeError traceback in the middle of a search's results
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="backslashreplace")
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -1118,6 +1118,23 @@ def test_search_output_lines_up_and_stops_quietly_in_a_pipe(tiny_model):
     assert line == rows[0] + "\n" and first.returncode == 141 and err == "", (first.returncode, err)
 
 
+def test_names_a_terminal_cannot_show_are_written_escaped(tiny_model):
+    """A result named with an emoji, printed where stdout's encoding is ASCII (LANG=C, PYTHONIOENCODING=ascii):
+    a UnicodeEncodeError traceback in the middle of the results (helper-104); now the name, escaped."""
+    def answer(method, path):
+        if path == "/v1/libraries":
+            return 200, {"libraries": [{"id": "lib1", "name": "x", "item_count": 1}]}, {}
+        return 200, {"results": [{"item_id": "i1", "library_id": "lib1", "filename": "rain \U0001f327.wav",
+                                  "metadata": {}, "score": 0.5, "segment": {"start_s": 0.0, "end_s": 10.0}}]}, {}
+
+    with fake_api(answer) as url:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "x", "--url", url,
+                              "--key", "cq_x"], env={**_env(tiny_model), "PYTHONIOENCODING": "ascii"},
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert "rain \\U0001f327.wav" in out.stdout, out.stdout
+
+
 def test_a_failed_file_is_named_by_its_path_in_the_folder(tmp_path, tiny_model):
     """Two files of one base name in different folders: the one that failed is named by its path, as it
     was sent, not by the base name the server keeps (which would not say which of the two it was)."""
