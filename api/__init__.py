@@ -9,6 +9,11 @@ from clapq.room import disk_reserve
 from clapq.queue import make_celery
 from clapq.settings import Settings
 
+# what an API process forked on other code than its master's says as it stops (api.wsgi), and its master on a
+# `kill -HUP` then (clapq.cli)
+CODE_CHANGED = ("clapq: the code on disk changed since this API started (clapq upgraded in place?): a process it starts "
+                "now would run the new API on the old code; stopping, to be started again on the new")
+
 
 def create_app(settings: Settings | None = None) -> Flask:
     from api import (auth, batches, db, errors, health, items, jobs, libraries, metrics, openapi, ratelimit, search,

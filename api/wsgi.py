@@ -13,9 +13,9 @@ import worker
 if worker.code_on_disk() != worker.CODE:
     from gunicorn.errors import AppImportError
 
-    raise AppImportError("clapq: the code on disk changed since this API started (clapq upgraded in place?): a "
-                         "process it starts now would run the new API on the old code; stopping, to be started again "
-                         "on the new")
+    from api import CODE_CHANGED
+
+    raise AppImportError(CODE_CHANGED)
 
 from api import create_app
 from api.uploads import QuietClientTimeouts

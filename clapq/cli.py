@@ -132,7 +132,13 @@ def cmd_api(args) -> None:
             # gunicorn's runtime-control socket lives at one path per user ($HOME/.gunicorn/gunicorn.ctl),
             # which two services on one machine (or `make up` beside `make test`) would share; unused here
             "--no-control-socket"]
-    from gunicorn.app.wsgiapp import run
+    from gunicorn.app.wsgiapp import WSGIApplication
+    from gunicorn.errors import HaltServer
+
+    class API(WSGIApplication):
+        def load_config(self) -> None:  # again at each `kill -HUP`
+            super().load_config()
+            self.cfg.set("on_reload", _stop_on_new_code)
 
     # taken here, in gunicorn's master, before it forks a process: each one it forks, now or after one died, holds
     # the code on disk to what the master runs (api.wsgi), and its searches to it (api.query.loaded). The `api`
@@ -144,13 +150,32 @@ def cmd_api(args) -> None:
     sys.argv = argv
     master = os.getpid()
     try:
-        run()
+        API("%(prog)s [OPTIONS] [APP_MODULE]").run()
+    except HaltServer as exc:
+        # halting, gunicorn reaps the rest, and a second process that failed to load (both forked again after a crash,
+        # on new code: api.wsgi) raised this again there, a traceback; each one has said why
+        raise SystemExit(exc.exit_status) from None
     finally:
         # gunicorn's worker processes are forked inside run() and leave it through here too (sys.exit): only
         # the master, at its end, removes the folder its workers share (a worker replaced meanwhile would
         # find it gone and fail to boot, which stops the master)
         if made is not None and os.getpid() == master:
             shutil.rmtree(made, ignore_errors=True)
+
+
+def _stop_on_new_code(arbiter) -> None:
+    """gunicorn's on_reload: a `kill -HUP` of its master forks all its processes again, each of which refused the new
+    code on disk (api.wsgi), and the master, halting on the first, met the second as it stopped the rest: a traceback
+    of gunicorn's, exit 1. Where the code changed, the master stops first, as a process forked then would, for
+    `clapq up` (or the supervisor) to start it again on the new code."""
+    import worker
+    from gunicorn.errors import HaltServer
+
+    from api import CODE_CHANGED
+
+    if worker.code_on_disk() != worker.CODE:
+        print(CODE_CHANGED, file=sys.stderr, flush=True)
+        raise HaltServer("the code on disk changed since this API started", arbiter.APP_LOAD_ERROR)
 
 
 OPEN_FILES = 65_536  # the soft limit of open files clapq api asks for, at least
@@ -517,7 +542,8 @@ def cmd_up(args) -> None:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGHUP, _on_signal)  # the terminal closed: stop as for Ctrl-C (Postgres too)
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:  # `nohup clapq up`: it runs on once the terminal closes
+        signal.signal(signal.SIGHUP, _on_signal)  # the terminal closed: stop as for Ctrl-C (Postgres too)
     watch: list = []  # the embedded servers: (name, why it is gone or None, how to start it again or None)
     try:
         db_url = _database_url(settings, data_dir, stack, watch)
@@ -607,7 +633,8 @@ def cmd_up(args) -> None:
         _terminate(list(reversed(procs)), grace=20.0 + claim_window_s(settings.claim_for_s, "cuda"))
         for stop in reversed(stack):
             stop()
-        print("clapq stopped", file=sys.stderr)
+        with contextlib.suppress(OSError):  # the terminal closed (SIGHUP): it cannot be written to (EIO), nor read
+            print("clapq stopped", file=sys.stderr)
 
 
 def cmd_beat(args) -> None:

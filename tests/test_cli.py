@@ -55,7 +55,7 @@ def _leftovers(data_dir: Path) -> list[str]:
 
 class Up:
     def __init__(self, data_dir: Path, env: dict[str, str], log: Path, cwd: Path | None = None,
-                 cwd_removed: bool = False) -> None:
+                 cwd_removed: bool = False, nohup: bool = False) -> None:
         self.port = free_port()
         self.log = log
         self.out = open(log, "ab")
@@ -65,8 +65,9 @@ class Up:
         cli = (["-m", "clapq.cli"] if cwd is None
                else ["-c", "import os, sys; del sys.path[0]; " + ("os.rmdir(os.getcwd()); " if cwd_removed else "")
                      + "from clapq.cli import main; main()"])
-        self.proc = subprocess.Popen([sys.executable, *cli, "up", "--data-dir", str(data_dir),
-                                      "--port", str(self.port)], env=env, stdout=self.out, cwd=cwd,
+        # `nohup`: SIGHUP ignored, as `nohup clapq up` starts it
+        self.proc = subprocess.Popen([*(["nohup"] if nohup else []), sys.executable, *cli, "up", "--data-dir",
+                                      str(data_dir), "--port", str(self.port)], env=env, stdout=self.out, cwd=cwd,
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
 
     def wait_ready(self, timeout: float = 120.0) -> str:
@@ -95,9 +96,9 @@ class Up:
 def up_runner(tmp_path, tiny_model):
     started: list[Up] = []
 
-    def start(data_dir: Path, cwd: Path | None = None, cwd_removed: bool = False, **env: str) -> Up:
+    def start(data_dir: Path, cwd: Path | None = None, cwd_removed: bool = False, nohup: bool = False, **env: str) -> Up:
         u = Up(data_dir, _env(tiny_model, CLAPQ_MAX_REQUEST_BYTES=str(16 << 20), **env),
-               tmp_path / f"up{len(started)}.log", cwd, cwd_removed)
+               tmp_path / f"up{len(started)}.log", cwd, cwd_removed, nohup)
         started.append(u)
         return u
 
@@ -545,6 +546,106 @@ def test_a_killed_up_takes_its_processes_with_it(tmp_path, tiny_model, up_runner
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and _leftovers(data_dir):
         time.sleep(0.5)
+    assert _leftovers(data_dir) == []
+
+
+def _copy_of_the_code(tmp_path: Path) -> Path:
+    """A copy of clapq's `clapq`, `worker` and `api` packages, which a test changes as an upgrade in place would; a
+    `clapq up` started in `tmp_path` with PYTHONPATH the copy runs it (its roles start in the copy's folder)."""
+    import api
+    import clapq
+    import worker
+
+    code = tmp_path / "code"
+    for pkg in (clapq, worker, api):
+        shutil.copytree(Path(pkg.__file__).parent, code / pkg.__name__, ignore=shutil.ignore_patterns("__pycache__"))
+    return code
+
+
+def _wait_log(up: Up, since: int, *wanted: str, timeout: float = 120.0) -> str:
+    """up's log from character `since` on, once it holds one of `wanted`."""
+    deadline = time.monotonic() + timeout
+    while not any(w in (text := up.log.read_text(errors="replace")[since:]) for w in wanted):
+        assert time.monotonic() < deadline and up.proc.poll() is None, text[-3000:]
+        time.sleep(0.2)
+    return text
+
+
+def _api_again(up: Up, since: int, key: str, timeout: float = 120.0) -> str:
+    """up's log from `since`, once an API started after that answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = _wait_log(up, since, "Listening at", timeout=max(1.0, deadline - time.monotonic()))
+        with contextlib.suppress(requests.ConnectionError, requests.Timeout):
+            if requests.get(f"http://127.0.0.1:{up.port}/v1/libraries", headers={"Authorization": f"Bearer {key}"},
+                            timeout=5).status_code == 200:
+                return up.log.read_text(errors="replace")[since:]
+        assert time.monotonic() < deadline, text[-3000:]
+        time.sleep(0.3)
+
+
+def test_a_hup_to_the_api_after_an_upgrade_in_place_stops_it_in_a_line_and_up_starts_it_on_the_new_code(
+        tmp_path, tiny_model, up_runner):
+    """`kill -HUP` of the API's gunicorn master after clapq was upgraded in place under it: gunicorn forked all its
+    processes again, each refused the new code and said so, and the master, halting on the first, met the second as
+    it stopped the rest, a traceback of gunicorn's (exit 1). Now the master stops first, in one line, forks nothing
+    on the new code, and `clapq up` starts the API again on it. A HUP to `clapq up` then stops everything, with
+    nothing left running (ps)."""
+    code = _copy_of_the_code(tmp_path)
+    data_dir = tmp_path / "data"
+    up = up_runner(data_dir, cwd=tmp_path, PYTHONPATH=str(code), CLAPQ_API_WORKERS="3")
+    key = up.wait_ready()
+    (api,) = [c for c in psutil.Process(up.proc.pid).children() if c.cmdline()[-1:] == ["api"]]
+    with open(code / "api" / "search.py", "a") as f:
+        f.write("\n# a newer version\n")
+    since = len(up.log.read_text(errors="replace"))
+    api.send_signal(signal.SIGHUP)
+    log = _api_again(up, since, key)
+    stopped, again = log.split("clapq: `clapq api` exited with 4; starting it again", 1)
+    assert stopped.count("clapq: the code on disk changed since this API started (clapq upgraded in place?)") == 1, \
+        log[-3000:]
+    assert "Booting worker" not in stopped and "Traceback" not in up.log.read_text(), log[-3000:]
+    assert requests.get(f"http://127.0.0.1:{up.port}/readyz", timeout=30).json()["checks"]["code"] == "ok"
+    assert up.stop(signal.SIGHUP) == 0  # the terminal closed
+    assert _leftovers(data_dir) == []
+    assert "Traceback" not in up.log.read_text()
+
+
+def test_a_closed_terminal_stops_up_cleanly_and_nohup_keeps_it(tmp_path, tiny_model, up_runner):
+    """The terminal `clapq up` runs in closes (SIGHUP): everything stopped, but `up` could not say "clapq stopped" on
+    it (EIO), a traceback and exit 1. Now exit 0, nothing left running. `nohup clapq up` (SIGHUP ignored) stopped all
+    the same, its handler put in place of the ignore: it now runs on, and still starts again what ends."""
+    import pty
+
+    data_dir = tmp_path / "data"
+    pid, fd = pty.fork()
+    if pid == 0:  # a terminal's session: `up` its controlling process, as a shell's foreground job is
+        try:
+            os.execve(sys.executable, [sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(data_dir), "--port",
+                                       str(free_port())], _env(tiny_model))
+        finally:
+            os._exit(127)
+    out, deadline = b"", time.monotonic() + 120
+    while b"Ctrl-C stops everything" not in out:
+        assert time.monotonic() < deadline, out.decode(errors="replace")[-3000:]
+        if select.select([fd], [], [], 1)[0]:
+            try:
+                out += os.read(fd, 65536)
+            except OSError:  # it ended
+                break
+    os.close(fd)  # the terminal closes: its controlling process gets SIGHUP, and writes to it fail
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")[-3000:]
+    assert _leftovers(data_dir) == []
+
+    up = up_runner(data_dir, nohup=True)
+    up.wait_ready()
+    up.proc.send_signal(signal.SIGHUP)
+    (api,) = [c for c in psutil.Process(up.proc.pid).children() if c.cmdline()[-1:] == ["api"]]
+    api.kill()  # `up` still minds its roles: it did not stop on the HUP
+    _wait_log(up, 0, "clapq: `clapq api` was killed by signal 9; starting it again")
+    assert up.proc.poll() is None and "clapq stopped" not in up.log.read_text()
+    assert up.stop() == 0
     assert _leftovers(data_dir) == []
 
 
