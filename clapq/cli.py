@@ -510,6 +510,29 @@ def _lock_data_dir(data_dir: Path, instead: str = "or give this one its own --da
 
 
 MAX_RESTARTS, RESTART_WINDOW_S = 3, 300  # `clapq up` starts a child that ends again, up to 3 times in 5 minutes
+SETTLE_S, SETTLE_MOST_S = 2.0, 60.0  # a role is started again once the code changing on disk has stayed the same
+
+
+def _settled_code(started_on: str, stop) -> str:
+    """The code on disk (worker.code_on_disk) a role of `clapq up` is to start again on, once it has stayed the same
+    for SETTLE_S where it is not `started_on`, the code the roles started on (or for at most SETTLE_MOST_S; not once
+    stop() says Ctrl-C came): one that ends as clapq is upgraded in place (a worker stops on its next task, an API
+    on `kill -HUP`) was started again in the middle of the `git pull` or `pip install -U`, took the half-changed
+    tree for its code, and answered 503 code_changed (the API) or stopped again (a worker) once the rest came."""
+    from worker import code_on_disk
+
+    now = code_on_disk()
+    if now == started_on:
+        return now
+    print(f"clapq: clapq's code changed on disk (upgraded in place?); starting it again once that has stayed the same "
+          f"for {SETTLE_S:g} s", file=sys.stderr, flush=True)
+    deadline = time.monotonic() + SETTLE_MOST_S
+    while not stop() and time.monotonic() < deadline:
+        time.sleep(SETTLE_S)
+        then, now = now, code_on_disk()
+        if now == then:
+            break
+    return now
 
 
 def _port_free(host: str, port: int) -> None:
@@ -581,6 +604,9 @@ def cmd_up(args) -> None:
             return subprocess.Popen(exe + [role], env=own, stdin=subprocess.DEVNULL, start_new_session=True,
                                     preexec_fn=die_with_parent, pass_fds=(lock.fileno(),), cwd=CODE_ROOT)
 
+        from worker import code_on_disk
+
+        code = code_on_disk()  # what the roles start on
         procs.extend(start(role) for role in ("worker", "beat", "api"))
         host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(args.host, args.host)
         base = f"http://{host_port(host, args.port)}"
@@ -617,6 +643,9 @@ def cmd_up(args) -> None:
                     # the files it held waited CLAPQ_STALE_AFTER_S (2 minutes, the job's ETA growing: helper-88);
                     # no other worker runs on this `up`'s embedded database, and its own are dead now
                     _hand_back_after_worker(db_url)
+                code = _settled_code(code, lambda: stopping["flag"])
+                if stopping["flag"]:
+                    break
                 procs[i] = start(p.args[-1])
             for name, gone, restart in watch:
                 if why := gone():

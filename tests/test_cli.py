@@ -611,6 +611,32 @@ def test_a_hup_to_the_api_after_an_upgrade_in_place_stops_it_in_a_line_and_up_st
     assert "Traceback" not in up.log.read_text()
 
 
+def test_an_api_started_again_in_the_middle_of_an_upgrade_in_place_waits_for_the_code_to_settle(
+        tmp_path, tiny_model, up_runner):
+    """An API `clapq up` started again (here it was killed) while clapq was upgraded in place (`git pull` changing
+    one file, then another) took the half-changed tree for its code, and answered 503 code_changed to what loaded
+    code, until started again by hand. `up` now starts it once the code on disk has stayed the same for a while."""
+    code = _copy_of_the_code(tmp_path)
+    up = up_runner(tmp_path / "data", cwd=tmp_path, PYTHONPATH=str(code), CLAPQ_PRELOAD_TEXT="0")
+    key = up.wait_ready()
+    base, h = f"http://127.0.0.1:{up.port}", {"Authorization": f"Bearer {key}"}
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "upgraded"}, headers=h, timeout=30).json()
+    (api,) = [c for c in psutil.Process(up.proc.pid).children() if c.cmdline()[-1:] == ["api"]]
+    with open(code / "api" / "search.py", "a") as f:  # the first file of the upgrade
+        f.write("\n# a newer version\n")
+    since = len(up.log.read_text(errors="replace"))
+    api.kill()
+    # `up` waits for the code to settle (before: it started the API at once, and it listened on the half-changed code)
+    _wait_log(up, since, "once that has stayed the same for 2 s", "Listening at")
+    with open(code / "clapq" / "clap.py", "a") as f:  # and the next
+        f.write("\n# a newer version\n")
+    _api_again(up, since, key)
+    assert requests.get(f"{base}/readyz", timeout=30).json()["checks"]["code"] == "ok"
+    r = requests.post(f"{base}/v1/search", json={"library_id": lib["id"], "text": "a dog barking"}, headers=h,
+                      timeout=120)
+    assert r.status_code == 200, r.text
+
+
 def test_a_closed_terminal_stops_up_cleanly_and_nohup_keeps_it(tmp_path, tiny_model, up_runner):
     """The terminal `clapq up` runs in closes (SIGHUP): everything stopped, but `up` could not say "clapq stopped" on
     it (EIO), a traceback and exit 1. Now exit 0, nothing left running. `nohup clapq up` (SIGHUP ignored) stopped all
