@@ -207,7 +207,9 @@ class EmbeddedRedis:
             f.write(f"requirepass {self.password}\n")
         args = [exe, str(conf), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.data_dir),
                 "--appendonly", "yes", "--save", "", "--daemonize", "no", "--loglevel", "warning",
-                "--logfile", str(self.data_dir / "redis.log")]
+                "--logfile", str(self.data_dir / "redis.log"),
+                # while it runs: the disk it writes to keeps room for it (clapq.room.disk_reserve)
+                "--pidfile", str(self.data_dir / "redis.pid")]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout

@@ -1361,13 +1361,15 @@ def test_a_full_upload_area_is_a_507_for_uploads_and_clip_searches(settings, new
     assert r.status_code == 202, r.get_json()
 
 
-def test_uploads_leave_the_last_megabytes_of_a_disk_they_share_with_the_embedded_postgres(settings, new_key,
+def test_uploads_leave_the_last_megabytes_of_a_disk_they_share_with_the_embedded_postgres(settings, services, new_key,
                                                                                           small_disk, tmp_path):
     """Uploads filled the data directory's disk to its last byte, and then its embedded Postgres could not write and
     stopped, and `clapq up` with it (helper-88: a 400 MB data directory filled by an upload). Where the embedded
-    Postgres or Redis (the data directory's pg/ or redis/) shares the stored files' disk, uploads leave
+    Postgres or Redis (the data directory's pg/ or redis/) runs on the stored files' disk, uploads leave
     CLAPQ_DISK_RESERVE_MB (auto: 128 MB) free: here a 1 MiB disk, so a 1 KB file is refused, 507 saying so, and
-    leaves no file; on a disk of their own, or with the reserve set to 0, the same upload is taken."""
+    leaves no file; on a disk of their own, or with the reserve set to 0, the same upload is taken. So it is where
+    the pg/ and redis/ there are an earlier `clapq up`'s, no server running (DATABASE_URL and REDIS_URL name others):
+    they kept the disk's last 128 MB from uploads all the same."""
     import dataclasses
 
     from api import create_app
@@ -1376,6 +1378,9 @@ def test_uploads_leave_the_last_megabytes_of_a_disk_they_share_with_the_embedded
 
     data = small_disk / "data"
     (data / "pg").mkdir(parents=True)
+    (data / "redis").mkdir()
+    # the embedded servers running say so (the suite's, in the data directory of their own)
+    assert disk_reserve(services["base"] / "blobs", services["base"], None) == 128 << 20
     key = new_key()
     small = b"RIFF" + bytes(1000)
 
@@ -1385,6 +1390,14 @@ def test_uploads_leave_the_last_megabytes_of_a_disk_they_share_with_the_embedded
         return c.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                       data={"files": [(io.BytesIO(small), "small.wav")]})
 
+    # an earlier `clapq up`'s, stopped: nothing kept (a stale pid file, a process gone, is not a server either)
+    (data / "pg" / "postmaster.pid").write_text("999999999\n/var/lib/postgresql\n")
+    assert disk_reserve(data / "blobs", data, None) == 0
+    assert upload(data_dir=data, blob_dir=data / "blobs", disk_reserve_mb=None).status_code == 202
+    import shutil
+
+    shutil.rmtree(data / "blobs")
+    (data / "redis" / "redis.pid").write_text(f"{os.getpid()}\n")  # a Redis that runs
     assert disk_reserve(data / "blobs", data, None) == 128 << 20
     e = err(upload(data_dir=data, blob_dir=data / "blobs", disk_reserve_mb=None), 507)
     assert re.fullmatch(r"the upload area is full \([01]\.\d MB free, the last 128 MB of which are kept free for the "
@@ -1394,6 +1407,7 @@ def test_uploads_leave_the_last_megabytes_of_a_disk_they_share_with_the_embedded
     # the database on another disk: nothing kept
     elsewhere = tmp_path / "elsewhere"
     (elsewhere / "redis").mkdir(parents=True)
+    (elsewhere / "redis" / "redis.pid").write_text(f"{os.getpid()}\n")
     assert disk_reserve(data / "blobs", elsewhere, None) == 0
     assert upload(data_dir=elsewhere, blob_dir=data / "blobs", disk_reserve_mb=None).status_code == 202
     assert upload(data_dir=data, blob_dir=data / "blobs", disk_reserve_mb=0).status_code == 202
