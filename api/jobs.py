@@ -249,6 +249,9 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
     if remaining and own_finished and first_start is not None and waiting is None:
         elapsed = (now - max(filter(None, (first_start, job.retried_at)))).total_seconds()
         eta = round(left * max(elapsed, 0.0) / own_finished, 1)
+    finished = last_finish
+    if job.gone_ended_at is not None:  # files of it deleted since: their ends count, no earlier than the job began
+        finished = max(filter(None, (last_finish, job.gone_ended_at, job.created_at)))
     out = {
         "id": str(job.id),
         "library_id": str(job.library_id),
@@ -258,7 +261,7 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         "eta_s": eta,
         "waiting": waiting,
         "created_at": job.created_at.isoformat() if job.created_at else None,
-        "finished_at": last_finish.isoformat() if last_finish is not None and not remaining else None,
+        "finished_at": finished.isoformat() if finished is not None and not remaining else None,
     }
     if with_errors:
         copied = _copied(job) if recorded else []

@@ -123,7 +123,8 @@ SPEC = {
                 "eta_s": {"type": ["number", "null"], "description": "seconds left at the pace so far; null before "
                                                                      "there is a pace, at the end, and while `waiting`"},
                 "waiting": _WAITING, "created_at": _WHEN,
-                "finished_at": _WHEN,
+                "finished_at": {**_WHEN, "description": "when its last file ended (one deleted before it ended: at "
+                                                        "its deletion); null while any is queued or running"},
                 "errors": {**_list(_obj(item_id=_ID, filename=_STR, error={"type": ["string", "null"]})),
                            "description": "the first 100 failed files (one job's answer: its GET, cancel and retry; "
                                           "not in GET /v1/jobs)"},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import current_app, g
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import case, delete, func, literal_column, select, union_all, update
 from sqlalchemy.orm import Session
 
 from api.db import db
@@ -22,8 +22,10 @@ def delete_items(session: Session, where, commit: bool = True) -> dict:
     cascade) and commit; returns the digest of each one's bytes by its id (those this statement removed: not
     those another request deleted first), the digests for `reclaim` (the trigger of migration 0007 queued them
     in the same transaction; not committed where `commit` is false). A copy another job recorded of a deleted item stops
-    counting in that job. A worker embedding one of them at this moment writes nothing for it
-    (worker.store locks the items it writes); the caller then calls announce_gone, so that it stops soon."""
+    counting in that job. Each job they (or copies of them) were in keeps when they ended, or now for those that had
+    not (Job.gone_ended_at): one all of whose files went has finished then. A worker embedding one of them at this
+    moment writes nothing for it (worker.store locks the items it writes); the caller then calls announce_gone, so
+    that it stops soon."""
     # the rows locked first, in id order, the order a worker's vector write locks its items in
     # (worker.store): a library's DELETE alone took them in its scan's order, and a write holding a later
     # one while it waited on an earlier one was a deadlock, rolled back as a 503 for the deletion
@@ -31,10 +33,18 @@ def delete_items(session: Session, where, commit: bool = True) -> dict:
         select(Item.id).where(where).order_by(Item.id).with_for_update().subquery()))
     # one statement: the copies are counted from the rows this DELETE removed, so two requests deleting
     # the same item at once uncount its copies once (the second one's DELETE finds nothing to remove)
-    gone = delete(Item).where(where).returning(Item.id, Item.sha256).cte("gone")
-    copies = (select(JobDuplicate.job_id, func.sum(JobDuplicate.copies).label("n"))
-              .join(gone, JobDuplicate.item_id == gone.c.id).group_by(JobDuplicate.job_id).subquery("copies"))
-    uncount = (update(Job).where(Job.id == copies.c.job_id).values(duplicates=Job.duplicates - copies.c.n)
+    ended = case((Item.status.in_(("queued", "running")), func.now()),
+                 else_=func.coalesce(Item.finished_at, func.now()))
+    gone = delete(Item).where(where).returning(Item.id, Item.sha256, Item.job_id, ended.label("ended")).cte("gone")
+    # each job once (a row updated twice in one statement takes one of the two): its own items, and its copies
+    touched = union_all(select(gone.c.job_id, literal_column("0").label("n"), gone.c.ended),
+                        select(JobDuplicate.job_id, JobDuplicate.copies, gone.c.ended)
+                        .join(gone, JobDuplicate.item_id == gone.c.id)).subquery("touched")
+    per_job = (select(touched.c.job_id, func.sum(touched.c.n).label("n"), func.max(touched.c.ended).label("ended"))
+            .group_by(touched.c.job_id).subquery("per_job"))
+    uncount = (update(Job).where(Job.id == per_job.c.job_id)
+               .values(duplicates=Job.duplicates - per_job.c.n,
+                       gone_ended_at=func.greatest(Job.gone_ended_at, per_job.c.ended))
                .returning(Job.id).cte("uncount"))
     shas = dict(session.execute(select(gone.c.id, gone.c.sha256).add_cte(uncount)).all())
     if commit:

@@ -94,6 +94,9 @@ class Job(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     # its last retry: the ETA counts the pace from then on (migration 0009)
     retried_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
+    # the latest end of its files (and copies) since deleted, their deletion where they had not ended: when a job
+    # all of whose files went finished (api.removal, migration 0014)
+    gone_ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class JobDuplicate(Base):

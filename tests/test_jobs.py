@@ -872,3 +872,44 @@ def _behind_others_or_unsent(client, settings, celery, key, backlog_lib, lib) ->
         "model), and the maintenance loop that sends them made no pass lately (start `clapq beat`)"), got
     beat_done(celery, 1)
     assert client.get(f"/v1/jobs/{unsent}", headers=auth(key)).get_json()["waiting"] is None
+
+
+def test_a_job_whose_files_were_deleted_keeps_when_it_finished(client, new_key, settings):
+    """A job all of whose files were deleted was listed `done` 0/0/0 with `finished_at` null, as if it had never
+    ended: its finish time was its files', which went with them. Now a job finished when its last file ended, deleted
+    since or not; one whose last files to go were deleted before they ended (queued), when they were deleted; and so
+    for a job's copies of files deleted. Listed, each says the same."""
+    import datetime
+
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "emptied"}, headers=auth(key)).get_json()["id"]
+    ended, ids = job_rows(settings, lib, [("a", 1000, "done"), ("b", 1000, "failed")], finished_s=50, job_age_s=200)
+    queued, qids = job_rows(settings, lib, [("q", 1000, "queued")], job_age_s=200)
+    half, hids = job_rows(settings, lib, [("d", 1000, "done"), ("r", 1000, "queued")], finished_s=50, job_age_s=200)
+    copy, _ = job_rows(settings, lib, [])  # its one file a copy of "a"
+    with session_scope(settings.database_url) as s:
+        s.execute(text("INSERT INTO job_duplicates (job_id, item_id, copies) VALUES (:j, :i, 1)"),
+                  {"j": copy, "i": ids["a"]})
+        s.execute(text("UPDATE jobs SET duplicates = 1 WHERE id = :j"), {"j": copy})
+        now = s.execute(text("SELECT now()")).scalar()
+
+    def job(j) -> dict:
+        return client.get(f"/v1/jobs/{j}", headers=auth(key)).get_json()
+
+    before = {j: job(j)["finished_at"] for j in (ended, copy)}
+    assert all(before.values()) and job(queued)["finished_at"] is None and job(half)["finished_at"] is None
+    for i in [*ids.values(), *qids.values(), hids["r"]]:
+        assert client.delete(f"/v1/items/{i}", headers=auth(key)).status_code == 200
+    listed = {j["id"]: j for j in client.get("/v1/jobs", headers=auth(key)).get_json()["jobs"]}
+    for j in (ended, queued, half, copy):
+        got = job(j)
+        assert got["status"] == "done" and got["finished_at"] is not None, got
+        assert listed[str(j)]["finished_at"] == got["finished_at"], (listed[str(j)], got)
+    assert job(ended)["finished_at"] == before[ended] and job(copy)["finished_at"] == before[copy]
+    assert job(ended)["counts"]["total"] == 0 and job(copy)["counts"]["total"] == 0
+    for j in (queued, half):  # ended by the deletion
+        assert datetime.datetime.fromisoformat(job(j)["finished_at"]) >= now, job(j)

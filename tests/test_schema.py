@@ -202,8 +202,9 @@ LANDED = {
     "0011_items_without_a_message.py": "bcb3623eab3c8b63",
     "0012_tenant_waiting_index.py": "fc83a84af1df56f3",
     "0013_items_failed_in_file.py": "1d65bfda867aa9f6",
+    "0014_jobs_gone_ended_at.py": "70701017b587ae7f",
 }
-HEAD = "0013"
+HEAD = "0014"
 
 
 def test_landed_migrations_are_never_changed():
