@@ -96,7 +96,8 @@ class Up:
 def up_runner(tmp_path, tiny_model):
     started: list[Up] = []
 
-    def start(data_dir: Path, cwd: Path | None = None, cwd_removed: bool = False, nohup: bool = False, **env: str) -> Up:
+    def start(data_dir: Path, cwd: Path | None = None, cwd_removed: bool = False, nohup: bool = False,
+              **env: str) -> Up:
         u = Up(data_dir, _env(tiny_model, CLAPQ_MAX_REQUEST_BYTES=str(16 << 20), **env),
                tmp_path / f"up{len(started)}.log", cwd, cwd_removed, nohup)
         started.append(u)
@@ -661,7 +662,8 @@ def test_a_closed_terminal_stops_up_cleanly_and_nohup_keeps_it(tmp_path, tiny_mo
                 break
     os.close(fd)  # the terminal closes: its controlling process gets SIGHUP, and writes to it fail
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, out.decode(errors="replace")[-3000:]
+    code = os.waitstatus_to_exitcode(status)
+    assert code == 0, (code, out.decode(errors="replace")[-3000:])
     assert _leftovers(data_dir) == []
 
     up = up_runner(data_dir, nohup=True)
