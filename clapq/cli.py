@@ -547,9 +547,35 @@ def _port_free(host: str, port: int) -> None:
               "using it; stop it, or pass --port")
 
 
+class _Unfailing:
+    """`clapq up`'s stdout or stderr: where the terminal it writes to closes (SIGHUP), every write fails (EIO), the
+    one in progress when the signal came too, and a line cut off so was a traceback and exit 1 while everything
+    stopped. What cannot be written is dropped, and the stream is pointed at nothing from then on (what its buffer
+    kept would fail again at exit, where a stdout that cannot be flushed is exit 120): there is no one to read it."""
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError:
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+            return len(text)
+
+    def flush(self) -> None:
+        with contextlib.suppress(OSError):
+            self._stream.flush()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
 def cmd_up(args) -> None:
     from clapq.embedded import EmbeddedRedis, die_with_parent
 
+    sys.stdout, sys.stderr = _Unfailing(sys.stdout), _Unfailing(sys.stderr)
     settings = Settings.from_env(data_dir=args.data_dir)
     _check_model(settings)
     data_dir = settings.data_dir.expanduser().resolve()
@@ -662,8 +688,7 @@ def cmd_up(args) -> None:
         _terminate(list(reversed(procs)), grace=20.0 + claim_window_s(settings.claim_for_s, "cuda"))
         for stop in reversed(stack):
             stop()
-        with contextlib.suppress(OSError):  # the terminal closed (SIGHUP): it cannot be written to (EIO), nor read
-            print("clapq stopped", file=sys.stderr)
+        print("clapq stopped", file=sys.stderr)
 
 
 def cmd_beat(args) -> None:

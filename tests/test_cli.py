@@ -653,7 +653,7 @@ def test_a_closed_terminal_stops_up_cleanly_and_nohup_keeps_it(tmp_path, tiny_mo
         finally:
             os._exit(127)
     out, deadline = b"", time.monotonic() + 120
-    while b"Ctrl-C stops everything.\r\n" not in out:  # the whole line: a print cut off by the close is an EIO
+    while b"Ctrl-C stops" not in out:  # closed mid-line too: the print cut off by it met EIO (a traceback, exit 1)
         assert time.monotonic() < deadline, out.decode(errors="replace")[-3000:]
         if select.select([fd], [], [], 1)[0]:
             try:
