@@ -659,7 +659,13 @@ def cmd_up(args) -> None:
                 if p.poll() is None:
                     continue
                 how = f"was killed by signal {-p.returncode}" if p.returncode < 0 else f"exited with {p.returncode}"
-                again(f"`clapq {p.args[-1]}`", how)
+                if code_on_disk() != code:  # clapq upgraded in place: a worker stops on its next task, an API
+                    # on `kill -HUP`; each step of an upgrade done in several (edits, pulls) counted as a crash,
+                    # and the fourth in 5 minutes stopped everything (helper-104)
+                    print(f"clapq: `clapq {p.args[-1]}` {how} after clapq's code changed on disk (not counted as a "
+                          "crash)", file=sys.stderr, flush=True)
+                else:
+                    again(f"`clapq {p.args[-1]}`", how)
                 # what it started and left behind goes first (its own process group): a gunicorn worker still
                 # serving a request when its master was killed held the port, so every new API failed to bind
                 # and `up` stopped everything after four tries in seconds

@@ -636,6 +636,17 @@ def test_an_api_started_again_in_the_middle_of_an_upgrade_in_place_waits_for_the
     r = requests.post(f"{base}/v1/search", json={"library_id": lib["id"], "text": "a dog barking"}, headers=h,
                       timeout=120)
     assert r.status_code == 200, r.text
+    # an upgrade done in steps (edits, pulls): each role that ends on new code is no crash. Before, the 4th end in
+    # 5 minutes stopped everything (helper-104)
+    for step in range(3):
+        (api,) = [c for c in psutil.Process(up.proc.pid).children() if c.cmdline()[-1:] == ["api"]]
+        with open(code / "api" / "search.py", "a") as f:
+            f.write(f"\n# step {step}\n")
+        since = len(up.log.read_text(errors="replace"))
+        api.kill()
+        text = _api_again(up, since, key)
+        assert "not counted as a crash" in text, text[-3000:]
+    assert up.proc.poll() is None and "stopping everything" not in up.log.read_text(errors="replace")
 
 
 def test_a_closed_terminal_stops_up_cleanly_and_nohup_keeps_it(tmp_path, tiny_model, up_runner):
