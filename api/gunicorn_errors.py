@@ -5,17 +5,29 @@ its limits) never reaches the app: gunicorn answered it with a short HTML page, 
 is `{"error": {"code", "message", "status"}}` (api.errors). gunicorn has no setting for that page (its issue 993):
 its Worker.handle_error picks the status, logs the request and writes the page through gunicorn.util.write_error,
 its only caller. Each worker process replaces that writer with one that writes the envelope, and keeps gunicorn's
-status, its logging and its closing of the connection. `clapq api` names these classes (--worker-class)."""
+status, its logging and its closing of the connection. `clapq api` names these classes (--worker-class).
+
+A download of a damaged stored file (api.items) is cut off by raising DamagedFile from its body, once the app
+has logged why in one line: gunicorn logged it again, "Error handling request" and a traceback repeating the
+line. The worker drops gunicorn's record of that one exception, and keeps its cut (or its 500, where nothing
+was sent yet)."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 from gunicorn.workers.sync import SyncWorker
 
 from api.errors import error_body, error_code
+from api.items import DamagedFile
+
+
+def _not_logged_yet(record: logging.LogRecord) -> bool:
+    """gunicorn's record of a request that failed, but for a DamagedFile: the app logged that one already."""
+    return not (record.exc_info and isinstance(record.exc_info[1], DamagedFile))
 
 
 class JsonErrors:
@@ -24,6 +36,7 @@ class JsonErrors:
     def init_process(self) -> None:
         # in the worker process, after the fork: the master writes no answer
         util.write_error = self.write_error
+        self.log.error_log.addFilter(_not_logged_yet)
         super().init_process()
 
     def write_error(self, sock, status_int: int, reason: str, mesg: str) -> None:

@@ -154,7 +154,8 @@ def test_a_download_of_a_damaged_stored_file_is_cut_off_not_a_good_looking_whole
     `clapq check --verify` could tell. A download of the whole file is hashed as it goes out now, and its last
     block held back until the hash is known: where it is not the name, the connection is cut there (the client
     sees a body shorter than its Content-Length, never a whole 200), and the API's log says which file and to run
-    `clapq check --verify`. The good file beside it, and a range of the damaged one, are served as before."""
+    `clapq check --verify`, in one line (gunicorn's "Error handling request" and a traceback repeated it). The good
+    file beside it, and a range of the damaged one, are served as before."""
     key = new_key()
     lib = client.post("/v1/libraries", json={"name": "damaged-download"}, headers=auth(key)).get_json()["id"]
     paths = [write(tmp_path / f"d{i}.wav", 3.0, 22_050, 1, freq=300 + 50 * i, seed=80 + i) for i in range(2)]
@@ -186,3 +187,5 @@ def test_a_download_of_a_damaged_stored_file_is_cut_off_not_a_good_looking_whole
     log = (tmp_path / "api0.log").read_text()
     assert f"the stored file {file_sha256(paths[0])} of item {ids['d0.wav']} is damaged" in log, log[-3000:]
     assert "run `clapq check --verify`" in log, log[-3000:]
+    # clapq's line alone: gunicorn logged the cut again, "Error handling request" and a traceback repeating it
+    assert "Error handling request" not in log and "Traceback" not in log, log[-3000:]
