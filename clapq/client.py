@@ -677,6 +677,44 @@ def _gone(folder: Path, rel: str) -> bool:
     return False
 
 
+def _gone_folder(folder: Path, p: Path) -> Path | None:
+    """The outermost subfolder of `folder` above the file `p` that is gone (removed, moved or renamed since the
+    folder was listed), relative to `folder`; None where every folder above it is there."""
+    for sub in reversed(p.relative_to(folder).parents[:-1]):
+        if _gone(folder, sub.as_posix()):
+            return sub
+    return None
+
+
+def _folder_gone(folder: Path) -> SystemExit:
+    # each file left was "not sent", one line each, to the end of a folder of thousands (helper-104)
+    return SystemExit(f"clapq: {folder} is gone since the upload began (moved or renamed, or its drive unmounted): no "
+                      "more of its files can be sent")
+
+
+def _present(folder: Path, batch: list[Path], since: int | None) -> tuple[list[Path], list[str], Counter]:
+    """The files of a request still there, looked at before it is said to be sent: a request whose files were all
+    gone was "uploading 2 files (0 bytes)", just before the command stopped as its folder was gone. A file gone
+    is left out, with a sentence, or counted by the subfolder gone with it (`_send`'s `lost`); the folder
+    itself gone stops the command."""
+    here, left_out, lost = [], [], Counter()
+    for p in batch:
+        try:
+            p.stat()
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            if since is not None and _identity(folder) != since:
+                raise _folder_gone(folder) from None
+            if (sub := _gone_folder(folder, p)) is not None:
+                lost[sub.as_posix()] += 1
+            else:
+                left_out.append(f"{wire_name(p.relative_to(folder).as_posix())}: {_unread(exc)}")
+            continue
+        except OSError:  # sent, its request says why it is not
+            pass
+        here.append(p)
+    return here, left_out, lost
+
+
 def _sendable(paths: list[Path], folder: Path, limits: dict) -> tuple[list[Path], dict[Path, str], list[str]]:
     """The files the API can take; those over its per-file or per-request size limit (sent, it would refuse the
     whole request, every time the command runs), each with the sentence that says so; and a sentence for each
@@ -712,32 +750,37 @@ def _identity(folder: Path) -> int | None:
 
 
 def _send(client: Client, lib_id: str, folder: Path, batch: list[Path],
-          since: int | None = None) -> tuple[dict | None, list[Path], list[str]]:
+          since: int | None = None) -> tuple[dict | None, list[Path], list[str], Counter]:
     """POST one batch; while the API is busy (429: its backlog is full) or down for now (502-504, or not
     answering before the request was sent), wait as it asks and send again. A connection lost while the
     batch was being sent ends the command (an API that refuses a body over its limit also cuts it); run
     again, it sends only what the library does not hold. A file gone, unreadable or changing size since it
     was listed (one still being written) is left out, and the rest sent again without it; where the folder
-    itself is gone (no longer the folder `since` names), the command stops. Returns the answer (None if no
-    file was left to send), the files it holds, and a sentence for each left out."""
+    itself is gone (no longer the folder `since` names), the command stops; where a subfolder is gone, all its
+    files are left out at once. Returns the answer (None if no file was left to send), the files it holds, a
+    sentence for each left out, and how many files of each subfolder gone were left out (by its path)."""
     def attempt() -> dict:
         with multipart_body(folder, batch) as body:
             return client.call("POST", f"/v1/libraries/{lib_id}/batches", data=body,
                                headers={"Content-Type": body.content_type}, allow_redirects=False)
 
-    batch, left_out = list(batch), []
+    batch, left_out, lost = list(batch), [], Counter()
     while batch:
         try:
-            return patiently(attempt), batch, left_out
+            return patiently(attempt), batch, left_out, lost
         except Changed as exc:
             if exc.unopened and since is not None and _identity(folder) != since:
-                # moved or renamed, or its drive unmounted or unplugged (where it cannot be looked at: None): each
-                # file left was "not sent", one line each, to the end of a folder of thousands (helper-104)
-                raise SystemExit(f"clapq: {folder} is gone since the upload began (moved or renamed, or its drive "
-                                 "unmounted): no more of its files can be sent") from None
+                # moved or renamed, or its drive unmounted or unplugged (where it cannot be looked at: None)
+                raise _folder_gone(folder) from None
+            if exc.unopened and (sub := _gone_folder(folder, exc.path)) is not None:
+                # its files each "not sent" on a line of their own, each after a request sent again without it
+                gone = [p for p in batch if p.is_relative_to(folder / sub)]
+                batch = [p for p in batch if p not in gone]
+                lost[sub.as_posix()] += len(gone)
+                continue
             batch.remove(exc.path)
             left_out.append(f"{wire_name(exc.path.relative_to(folder).as_posix())}: {exc.why}")
-    return None, batch, left_out
+    return None, batch, left_out, lost
 
 
 def upload_folder(client: Client, folder: Path, library: str, wait: bool = True, only: list[Path] | None = None,
@@ -789,10 +832,18 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     paths, too_big, unreadable = _sendable(paths, folder, limits)
     refused: list[str] = []
 
+    lost: Counter = Counter()  # files of subfolders gone since the upload began, by the subfolder's path
+
     def not_sent(lines) -> None:
         for line in lines:
             print(f"not sent: {line}", file=sys.stderr)
             refused.append(line)
+
+    def tell_lost() -> None:
+        """One line a subfolder gone meanwhile, not one a file of it (a folder of thousands moved away)."""
+        for sub, n in lost.items():
+            print(f"not sent: {printable(sub)}/: gone since the upload began (removed or moved meanwhile), "
+                  f"{'its file' if n == 1 else f'its {n} files'}", file=sys.stderr)
 
     # where nothing can be sent, as above: no library is created for nothing
     not_sent(unreadable + ([] if paths else list(too_big.values())))
@@ -883,12 +934,17 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
 
     try:
         for batch in batches(to_send(), *cut_at):
+            batch, left_out, gone = _present(folder, batch, since)
+            not_sent(left_out)
+            lost.update(gone)
+            if not batch:
+                continue
             # said before the request, which on a slow network takes minutes: the command is not stuck
             print(f"uploading {n_files(len(batch))} ({_megabytes(sum(map(_size, batch)))})", file=sys.stderr)
             in_flight = len(batch)
             for cut in range(MAX_CUTS + 1):
                 try:
-                    answer, batch, left_out = _send(client, lib["id"], folder, batch, since)
+                    answer, batch, left_out, gone = _send(client, lib["id"], folder, batch, since)
                     break
                 except Cut as exc:  # an API restarting (`clapq up` starts a crashed one again) closed it
                     if cut == MAX_CUTS:
@@ -904,7 +960,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                     unfinished += len(pending)
                     held_by_jobs(pending)
                     failed_before.extend(printable(p.relative_to(folder).as_posix()) for p in failed_here)
-                    answer, batch, left_out = None, new, []
+                    answer, batch, left_out, gone = None, new, [], Counter()
                     if not batch:
                         break
                     print(f"uploading {n_files(len(batch))} again ({_megabytes(sum(map(_size, batch)))})",
@@ -912,6 +968,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                     in_flight = len(batch)
             in_flight = 0
             not_sent(left_out)
+            lost.update(gone)
             if answer is None:
                 continue
             nbytes = sum(map(_size, batch))
@@ -936,6 +993,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             sent += len(batch)
             print(f"uploaded {n_files(len(batch))} (job {jobs[-1]})", file=sys.stderr)
     except (SystemExit, KeyboardInterrupt, OSError) as exc:
+        tell_lost()
         ctrl_c = isinstance(exc, KeyboardInterrupt)
         if isinstance(exc, OSError):  # a file went away, or stopped being readable, since the listing
             exc = SystemExit(f"clapq: cannot read {exc.filename}: {exc.strerror or exc}")
@@ -965,6 +1023,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         if ctrl_c:
             raise SystemExit(130) from None
         raise exc from None
+    tell_lost()
     # an earlier run's jobs still embedding files of this folder (a wait stopped with Ctrl-C, an upload cut
     # short): waited for as well, so that running the command again shows them to the end
     resumed = [j for j in earlier if j not in jobs] if wait else []
@@ -1033,16 +1092,17 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         print(f"clapq: stopped waiting; the uploaded files are still being embedded (jobs {_some(waited)}: "
               "run the same command again to wait for them, or `clapq jobs wait JOB`)", file=sys.stderr)
         raise SystemExit(130) from None
-    if refused:
-        print(f"{n_files(len(refused))} not sent (listed above as 'not sent')", file=sys.stderr)
+    unsent = len(refused) + sum(lost.values())
+    if unsent:
+        print(f"{n_files(unsent)} not sent (listed above as 'not sent')", file=sys.stderr)
     if listing.closed:  # the audio in them was never looked for: the command did not do all it was asked (helper-42)
         print(f"{len(listing.closed)} {'folder or file' if len(listing.closed) == 1 else 'folders or files'} "
               "could not be read (listed above): any audio in them was not sent", file=sys.stderr)
     print(json.dumps({"library_id": lib["id"], "jobs": jobs, "earlier_jobs": resumed, "files": found, "skipped": skipped,
-                      "not_sent": len(refused), "unreadable": len(listing.closed), "duplicates": copies,
+                      "not_sent": unsent, "unreadable": len(listing.closed), "duplicates": copies,
                       "by_another": len(by_another), "resent": len(resent), "mended": len(mended), "renamed": len(renamed), "failed": failed, "failed_before": len(failed_before),
                       "cancelled": cancelled}))
-    return 1 if failed or refused or cancelled or listing.closed else 0
+    return 1 if failed or unsent or cancelled or listing.closed else 0
 
 
 def _taken_over(client: Client, lib: dict, folder: Path, moved_from: Path, first: dict[str, str], where: Where,

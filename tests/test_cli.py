@@ -2830,6 +2830,45 @@ def test_a_folder_moved_away_while_it_is_uploaded_stops_the_upload(start_api, ne
         "its files can be sent" in err.splitlines(), err
     assert "clapq: 2 of 6 files were uploaded (jobs " in err and "run the same command again for the rest" in err, err
     assert "not sent:" not in err, err
+    # the request after the move is not said to be sent: it was "uploading 2 files (0 bytes)" just before the stop
+    assert [line for line in err.splitlines() if line.startswith("uploading ")] == ["uploading 2 files (58 kB)"], err
+
+
+def test_a_subfolder_moved_away_while_it_is_uploaded_is_one_line(start_api, new_key, tmp_path, monkeypatch, capsys):
+    """A subfolder moved away (or removed) after the upload's first request: each of its files was "not sent" on a
+    line of its own (thousands, for a folder of an album's worth), each after a request sent again without it,
+    and its requests were "uploading 2 files (0 bytes)". It is one line for the subfolder, with its count of
+    files; the rest is sent, and the command exits 1 (not all it found was sent)."""
+    from clapq import client as c
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    base, key = start_api(CLAPQ_MAX_FILES_PER_BATCH="2"), new_key()
+    folder = tmp_path / "f"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    for i, name in enumerate(["a.wav", "sub/b.wav", "sub/c.wav", "sub/deeper/d.wav", "sub/e.wav", "z.wav"]):
+        write(folder / name, 0.3, seed=120 + i)
+    real = c.Client.call
+
+    def call(self, method, path, *args, **kw):
+        answer = real(self, method, path, *args, **kw)
+        if path.endswith("/batches") and (folder / "sub").exists():
+            (folder / "sub").rename(tmp_path / "away")
+        return answer
+
+    monkeypatch.setattr(c.Client, "call", call)
+    assert c.upload_folder(c.Client(base, key), folder, "sub-moved-away", wait=False) == 1
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert [line for line in lines if line.startswith("not sent:")] == \
+        ["not sent: sub/: gone since the upload began (removed or moved meanwhile), its 3 files"], err
+    assert "3 files not sent (listed above as 'not sent')" in lines, err
+    # its files left in a request are not counted as sent, nor their 0 bytes
+    assert [line for line in lines if line.startswith("uploading ")] == \
+        ["uploading 2 files (58 kB)", "uploading 1 file (29 kB)"], err
+    assert json.loads(out)["not_sent"] == 3, out
+    items = requests.get(f"{base}/v1/libraries/{json.loads(out)['library_id']}/items",
+                         headers={"Authorization": f"Bearer {key}"}, timeout=30).json()["items"]
+    assert sorted(i["metadata"]["path"] for i in items) == ["a.wav", "sub/b.wav", "z.wav"], items
 
 
 def test_files_gone_from_the_folder_are_deleted_on_request_and_renamed_ones_kept(start_api, new_key, tmp_path,
