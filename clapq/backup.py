@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import os
 import shutil
@@ -108,31 +109,80 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
     manifest. The folder appears whole or not at all (it is written as DEST.partial, then renamed). check: the
     command that lists the stored files found missing, as the user runs it (with its --data-dir)."""
     dest = Path(dest)
-    if dest.is_dir():
-        _clear_cut_short(dest, say)
-    if dest.exists() and (not dest.is_dir() or any(p.name != INSIDE for p in dest.iterdir())):
+    if dest.exists() and not dest.is_dir():
         raise BackupError(f"{dest} exists already and is not an empty folder: give a new one")
     if not Path(blob_dir).is_dir():
         raise BackupError(f"no stored files at {blob_dir} (CLAPQ_BLOB_DIR): nothing of this service to back up")
-    # written beside DEST, then renamed; a folder that exists may be a disk's mount point, which a rename cannot
-    # replace (and the disk beside it is another): written in it, then moved up
     store = BlobStore(blob_dir)
-    work = dest / INSIDE if dest.is_dir() else dest.with_name(dest.name + ".partial")
-    shutil.rmtree(work, ignore_errors=True)  # an earlier backup cut short
-    work.mkdir(mode=0o700, parents=True)
-    try:
-        return _write(url, store, blob_dir, dest, work, key_file, say, check)
-    except BaseException as exc:
-        # a backup that failed (a full disk, pg_dump's error, Ctrl-C) left DEST.partial, as much as fit on a disk
-        # it kept full
-        shutil.rmtree(work, ignore_errors=True)
-        if work.parent == dest:  # what was moved up already
-            for name in (MANIFEST, DUMP, KEY, "blobs"):
+    with contextlib.ExitStack() as held:
+        work = _claim(dest, say, held)
+        moved: list[str] = []  # the parts moved up into DEST, where it is written in DEST
+        try:
+            return _write(url, store, blob_dir, dest, work, key_file, say, check, moved)
+        except BaseException as exc:
+            # a backup that failed (a full disk, pg_dump's error, Ctrl-C) left DEST.partial, as much as fit on a disk
+            # it kept full. Only its own: the work folder is this backup's while it holds its lock
+            shutil.rmtree(work, ignore_errors=True)
+            for name in moved:
                 _remove(dest / name)
-        if isinstance(exc, OSError):
-            raise BackupError(f"backing up into {dest} failed: {exc.strerror or exc}; nothing of the backup is "
-                              "kept") from exc
+            if isinstance(exc, OSError):
+                raise BackupError(f"backing up into {dest} failed: {exc.strerror or exc}; nothing of the backup is "
+                                  "kept") from exc
+            raise
+
+
+def _locked(folder: Path, wait: bool = False) -> int | None:
+    """A descriptor of the folder holding an exclusive flock on it, or None where another process holds one (and
+    not `wait`). A flock ends with its process, however it ends: a backup killed leaves no lock behind."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
         raise
+    return fd
+
+
+def _claim(dest: Path, say, held: contextlib.ExitStack) -> Path:
+    """The backup's work folder, new and empty, locked for as long as `held` is: a second backup into the same
+    place removed the first's work folder as an earlier one's cut short, mid-copy, and wrote its own there. Written
+    beside DEST, then renamed; a folder that exists may be a disk's mount point, which a rename cannot replace
+    (and the disk beside it is another): written in it, then moved up, DEST itself locked."""
+    busy = BackupError(f"another backup into {dest} is running (its work folder is in use): wait for it to end, "
+                       "or back up into another folder")
+    if dest.is_dir():
+        if (fd := _locked(dest)) is None:
+            raise busy
+        held.callback(os.close, fd)
+        _clear_cut_short(dest, say)
+        if any(p.name != INSIDE for p in dest.iterdir()):
+            raise BackupError(f"{dest} exists already and is not an empty folder: give a new one")
+        work = dest / INSIDE
+        shutil.rmtree(work, ignore_errors=True)  # an earlier backup cut short
+        work.mkdir(mode=0o700)
+        return work
+    work = dest.with_name(dest.name + ".partial")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # the folder it is in locked a moment, while the work folder is looked at and made: another backup into DEST
+    # finds it made and locked, never between the two
+    parent = _locked(dest.parent, wait=True)
+    try:
+        if dest.exists():  # made meanwhile, as a backup into it ended
+            raise BackupError(f"{dest} exists already (made while this backup began): give a new one")
+        if work.is_dir():
+            if (fd := _locked(work)) is None:
+                raise busy
+            os.close(fd)
+            shutil.rmtree(work, ignore_errors=True)  # an earlier backup cut short
+        work.mkdir(mode=0o700)
+        # kept to the end: renamed to DEST, the folder stays locked until the backup returns
+        held.callback(os.close, _locked(work))
+    finally:
+        os.close(parent)
+    return work
 
 
 def _remove(path: Path) -> None:
@@ -160,8 +210,9 @@ def _clear_cut_short(dest: Path, say) -> None:
 
 
 def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, key_file: Path | None, say,
-           check: str) -> dict:
-    """backup()'s work, into the new folder `work` (DEST.partial, or DEST/INSIDE), made `dest` once whole."""
+           check: str, moved: list[str]) -> dict:
+    """backup()'s work, into the new folder `work` (DEST.partial, or DEST/INSIDE), made `dest` once whole.
+    `moved`: the names of the parts it moved up into DEST, as it moves them."""
     from clapq.db import get_engine
 
     copy = work / "blobs"
@@ -242,6 +293,7 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
             os.fsync(f.fileno())
         fsync_dir(work)
         for name in names:
+            moved.append(name)  # before: interrupted just after the move, it is taken back too
             os.replace(work / name, dest / name)
         (work / MOVING).unlink()
         work.rmdir()

@@ -4419,6 +4419,53 @@ def test_a_backup_killed_while_moving_its_parts_into_its_folder_is_cleared_by_th
     assert sorted(os.listdir(dest)) == left and (dest / "notes.txt").read_text() == "the user's"
 
 
+def test_a_second_backup_into_the_same_place_is_refused_while_the_first_runs(own_database, tmp_path, monkeypatch):
+    """Two `clapq backup DEST` at once (a cron job and a hand's, or two at once into one empty folder): each began by
+    removing the work folder (DEST.partial, DEST/.clapq-backup.partial) as an earlier backup's cut short, so the
+    second removed the first's mid-copy and wrote its own there. The second is refused at once now, saying why,
+    and the first goes on to a whole backup; one killed leaves no lock (a flock ends with its process: the
+    moving-parts test's killed backup is cleared by the next)."""
+    import threading
+
+    from clapq import backup as backing
+    from clapq.backup import BackupError, backup, read_manifest
+    from clapq.blobs import BlobStore
+
+    store = BlobStore(tmp_path / "blobs")
+    store.put_bytes(b"a stored file")
+    real, copying, go_on = backing._copy_blob, threading.Event(), threading.Event()
+
+    def copy_blob(*args, **kw):
+        if threading.current_thread().name == "first":  # the first backup, mid-copy until the second has tried
+            copying.set()
+            assert go_on.wait(60)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(backing, "_copy_blob", copy_blob)
+    (tmp_path / "empty").mkdir()
+    for dest in (tmp_path / "new", tmp_path / "empty"):
+        copying.clear(), go_on.clear()
+        first: dict = {}
+        thread = threading.Thread(name="first", target=lambda: first.update(
+            manifest=backup(own_database, store.root, dest, say=lambda m: None)))
+        thread.start()
+        try:
+            assert copying.wait(60)
+            with pytest.raises(BackupError) as caught:
+                backup(own_database, store.root, dest, say=lambda m: None)
+            assert str(caught.value) == (f"another backup into {dest} is running (its work folder is in use): wait "
+                                         "for it to end, or back up into another folder")
+        finally:
+            go_on.set()
+            thread.join(60)
+        assert read_manifest(dest) == first["manifest"] and first["manifest"]["files"] == 0, first
+        assert sorted(os.listdir(dest)) == ["backup.json", "blobs", "clapq.dump"]
+        assert not (tmp_path / "new.partial").exists()
+        with pytest.raises(BackupError, match="exists already and is not an empty folder"):  # once it is whole
+            backup(own_database, store.root, dest, say=lambda m: None)
+        assert read_manifest(dest) == first["manifest"]
+
+
 def test_a_one_item_service_whose_only_stored_file_is_lost_is_backed_up_with_a_warning(own_database, tmp_path):
     """README "Backups and moving": a backup refuses a store that holds none of the files items name as not the
     database's store, which it took from a one-item service whose only stored file was lost: 'none of the 1
