@@ -38,7 +38,8 @@ AUDIO_SUFFIXES = {".wav", ".wave", ".bwf", ".rf64", ".flac", ".aif", ".aiff", ".
                   ".spx", ".mp3", ".mp2", ".mpga", ".m4a", ".m4b", ".m4r", ".aac", ".alac", ".caf", ".wma", ".ac3",
                   ".eac3", ".dts", ".amr", ".3gp", ".3g2", ".wv", ".ape", ".tta", ".mka", ".mp4", ".mkv", ".webm",
                   ".mov", ".w64", ".au", ".snd", ".voc", ".gsm", ".weba", ".m4v", ".avi", ".mpg", ".mpeg",
-                  ".m2ts", ".wmv", ".asf", ".flv", ".mxf", ".ogv", ".vob", ".dv", ".dsf", ".dff"}
+                  ".m2ts", ".wmv", ".asf", ".flv", ".mxf", ".ogv", ".vob", ".dv", ".dsf", ".dff",
+                  ".shn"}
 # folders a system keeps among the user's, left out as hidden ones are (where they were made, they are hidden
 # or not shown; over a network share or on a drive moved to another machine, they are plain folders): the
 # recycle bins of deleted files of Windows (each beside a record of it named with its extension:

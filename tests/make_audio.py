@@ -233,3 +233,37 @@ def dsd_bytes(container: str, seconds: float = 0.2, freq: float = 440.0) -> byte
     body = (b"DSD " + chunk(b"FVER", struct.pack(">I", 0x01050000)) + chunk(b"PROP", prop)
             + chunk(b"DSD ", np.packbits(bits, bitorder="big").tobytes()))
     return b"FRM8" + struct.pack(">Q", len(body)) + body
+
+
+def shn_bytes(seconds: float = 0.5, rate: int = 22_050, freq: float = 440.0) -> bytes:
+    """A mono 16-bit tone in Shorten (.shn, version 2), written by hand: FFmpeg reads it, and writes it not. Its
+    stream is Rice codes, most significant bit first: a WAV header kept verbatim (where the decoder finds the
+    rate), then blocks of 256 samples coded as they are (DIFF0: no prediction), and QUIT."""
+    x = np.round(tone(seconds, rate, freq=freq)[:, 0] * 32767).astype(np.int64)
+    x = np.concatenate([x, np.zeros(-len(x) % 256, dtype=np.int64)])
+    bits: list[str] = []
+
+    def rice(v: int, k: int) -> None:  # unsigned: the quotient in zeros ended by a one, then k bits
+        bits.append("0" * (v >> k) + "1" + (format(v & ((1 << k) - 1), f"0{k}b") if k else ""))
+
+    def uint(v: int) -> None:  # a header's number: its own width first
+        k = v.bit_length()
+        rice(k, 2)
+        rice(v, k)
+
+    for v in (5, 1, 256, 0, 0, 0):  # signed 16-bit little-endian, channels, block size, max LPC order, means, skip
+        uint(v)
+    header = wav_bytes(np.zeros((0, 1), dtype=np.float32), rate)[:44]
+    rice(9, 2)  # VERBATIM
+    rice(len(header), 5)
+    for b in header:
+        rice(b, 8)
+    for block in x.reshape(-1, 256).tolist():
+        rice(0, 2)  # DIFF0
+        rice(15, 3)  # the residuals' Rice parameter, less one (signed: its sign in the low bit)
+        for v in block:
+            rice(2 * v if v >= 0 else -2 * v - 1, 16)
+    rice(4, 2)  # QUIT
+    stream = "".join(bits)
+    stream += "0" * (-len(stream) % 8)
+    return b"ajkg\x02" + int(stream, 2).to_bytes(len(stream) // 8, "big")

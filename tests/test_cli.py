@@ -2756,25 +2756,41 @@ def test_a_windows_drives_recycle_bin_and_system_folder_are_left_out(start_api, 
     assert [i["metadata"]["path"] for i in items] == ["Music/song.wav"], items
 
 
+def _uploaded_and_embedded(folder: Path, files: dict[str, bytes], base: str, key: str, tiny_model) -> list[dict]:
+    """`clapq upload` of a folder of these files, waited for: its items, once it ends with all of them sent."""
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", folder.name, "--url",
+                          base, "--key", key], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    summary = json.loads(out.stdout)
+    assert summary["files"] == len(files) and summary["failed"] == 0, out.stdout + out.stderr
+    return requests.get(f"{base}/v1/libraries/{summary['library_id']}/items",
+                        headers={"Authorization": f"Bearer {key}"}, timeout=30).json()["items"]
+
+
 def test_dsd_files_are_sent_and_embedded(start_api, new_key, worker, tmp_path, tiny_model):
     """A folder of DSD recordings (.dsf, .dff), which FFmpeg decodes, was "no audio files under ... (looked for
     ...)", every file "not named as audio": they are sent, and embedded."""
     from tests.make_audio import dsd_bytes
 
-    base, key = start_api(), new_key()
-    folder = tmp_path / "dsd"
-    folder.mkdir()
-    (folder / "tone.dsf").write_bytes(dsd_bytes("dsf"))
-    (folder / "tone.dff").write_bytes(dsd_bytes("dff", freq=660.0))
-    out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "dsd", "--url", base,
-                          "--key", key], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    summary = json.loads(out.stdout)
-    assert summary["files"] == 2 and summary["failed"] == 0, out.stdout + out.stderr
-    items = requests.get(f"{base}/v1/libraries/{summary['library_id']}/items",
-                         headers={"Authorization": f"Bearer {key}"}, timeout=30).json()["items"]
+    items = _uploaded_and_embedded(tmp_path / "dsd", {"tone.dsf": dsd_bytes("dsf"),
+                                                      "tone.dff": dsd_bytes("dff", freq=660.0)},
+                                   start_api(), new_key(), tiny_model)
     assert sorted((i["filename"], i["format"], i["status"]) for i in items) == \
         [("tone.dff", "iff", "done"), ("tone.dsf", "dsf", "done")], items
+
+
+def test_shorten_files_are_sent_and_embedded(start_api, new_key, worker, tmp_path, tiny_model):
+    """A folder of Shorten files (.shn, lossless, common in old live-recording archives), which FFmpeg decodes, was
+    "no audio files under ... (looked for ...)", every file "not named as audio": they are sent, and embedded."""
+    from tests.make_audio import shn_bytes
+
+    items = _uploaded_and_embedded(tmp_path / "shn", {"d1t01.shn": shn_bytes(), "d1t02.shn": shn_bytes(freq=660.0)},
+                                   start_api(), new_key(), tiny_model)
+    assert sorted((i["filename"], i["format"], i["sample_rate"], i["status"]) for i in items) == \
+        [("d1t01.shn", "shn", 22_050, "done"), ("d1t02.shn", "shn", 22_050, "done")], items
 
 
 def test_an_audacity_projects_blocks_are_not_sent_as_sounds(start_api, new_key, tmp_path, tiny_model):
