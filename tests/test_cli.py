@@ -2887,6 +2887,37 @@ def test_a_subfolder_moved_away_while_it_is_uploaded_is_one_line(start_api, new_
     assert sorted(i["metadata"]["path"] for i in items) == ["a.wav", "sub/b.wav", "z.wav"], items
 
 
+def test_a_subfolder_moved_away_as_its_request_is_made_is_one_line(start_api, new_key, tmp_path, monkeypatch, capsys):
+    """The subfolder moved away after a request's files were looked at, before they were opened to be sent: each
+    of its files in the request was left out on a line of its own, the request made again without each. All of
+    them are left out at once, in the one line that counts its files, the rest of the request sent."""
+    from clapq import client as c
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    base, key = start_api(CLAPQ_MAX_FILES_PER_BATCH="4"), new_key()
+    folder = tmp_path / "f"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    for i, name in enumerate(["a.wav", "sub/b.wav", "sub/c.wav", "sub/deeper/d.wav", "sub/e.wav", "z.wav"]):
+        write(folder / name, 0.3, seed=130 + i)
+    real = c._present
+
+    def present(*args):
+        here = real(*args)
+        if (folder / "sub").exists():
+            (folder / "sub").rename(tmp_path / "away")
+        return here
+
+    monkeypatch.setattr(c, "_present", present)
+    assert c.upload_folder(c.Client(base, key), folder, "sub-moved-as-sent", wait=False) == 1
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert [line for line in lines if line.startswith("not sent:")] == \
+        ["not sent: sub/: gone since the upload began (removed or moved meanwhile), its 4 files"], err
+    assert [line for line in lines if line.startswith("uploaded ")] == [
+        f"uploaded 1 file (job {job})" for job in json.loads(out)["jobs"]], err
+    assert json.loads(out)["not_sent"] == 4 and len(json.loads(out)["jobs"]) == 2, out
+
+
 def test_files_gone_from_the_folder_are_deleted_on_request_and_renamed_ones_kept(start_api, new_key, tmp_path,
                                                                                    tiny_model):
     """Files deleted from a folder stay in the library, and their ids were to be found by hand (helper-57).
