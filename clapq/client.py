@@ -833,7 +833,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     paths, too_big, unreadable = _sendable(paths, folder, limits)
     refused: list[str] = []
 
-    lost: Counter = Counter()  # files of subfolders gone since the upload began, by the subfolder's path
+    gone_folders: Counter = Counter()  # files of subfolders gone since the upload began, by the subfolder's path
 
     def not_sent(lines) -> None:
         for line in lines:
@@ -842,7 +842,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
 
     def tell_lost() -> None:
         """One line a subfolder gone meanwhile, not one a file of it (a folder of thousands moved away)."""
-        for sub, n in lost.items():
+        for sub, n in gone_folders.items():
             print(f"not sent: {printable(sub)}/: gone since the upload began (removed or moved meanwhile), "
                   f"{'its file' if n == 1 else f'its {n} files'}", file=sys.stderr)
 
@@ -937,7 +937,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         for batch in batches(to_send(), *cut_at):
             batch, left_out, gone = _present(folder, batch, since)
             not_sent(left_out)
-            lost.update(gone)
+            gone_folders.update(gone)
             if not batch:
                 continue
             # said before the request, which on a slow network takes minutes: the command is not stuck
@@ -969,7 +969,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                     in_flight = len(batch)
             in_flight = 0
             not_sent(left_out)
-            lost.update(gone)
+            gone_folders.update(gone)
             if answer is None:
                 continue
             nbytes = sum(map(_size, batch))
@@ -1093,7 +1093,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         print(f"clapq: stopped waiting; the uploaded files are still being embedded (jobs {_some(waited)}: "
               "run the same command again to wait for them, or `clapq jobs wait JOB`)", file=sys.stderr)
         raise SystemExit(130) from None
-    unsent = len(refused) + sum(lost.values())
+    unsent = len(refused) + sum(gone_folders.values())
     if unsent:
         print(f"{n_files(unsent)} not sent (listed above as 'not sent')", file=sys.stderr)
     if listing.closed:  # the audio in them was never looked for: the command did not do all it was asked (helper-42)
