@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import os
@@ -140,6 +141,11 @@ def _locked(folder: Path, wait: bool = False) -> int | None:
     except BlockingIOError:
         os.close(fd)
         return None
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return fd  # a file system that takes no locks (some network shares): backed up unlocked, as before
+        os.close(fd)
+        raise
     except BaseException:
         os.close(fd)
         raise
