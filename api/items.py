@@ -229,20 +229,25 @@ class DamagedFile(RuntimeError):
     """A stored file whose bytes, sent, did not hash to its name (no OSError: gunicorn takes those for the client's)."""
 
 
+DOWNLOAD_BLOCK = 1 << 20  # what a verified download reads and sends at a time
+
+
 class _Verified:
     """The body of a download of a whole stored file, hashed as it goes out, its last block held back until the
     hash is known: a damaged copy (bit rot, an edit by hand) was sent whole, with its item's ETag, and looked like
     the uploaded bytes. Where the hash is not the file's name, the block is not sent and the server cuts the
     connection (nothing sent yet: a 500), so the client has a body shorter than its Content-Length, never a whole
-    200. Read as the file wrapper reads it, a block at a time: memory stays bounded. A range of part of the file is
-    not hashed (it would read the whole file for a few bytes)."""
+    200. Read from the file in blocks of DOWNLOAD_BLOCK: the 8 KiB blocks of the file wrapper it replaces, each a
+    Python loop and a send, cost a 200 MB download 6 times the CPU of the sendfile it had before (0.25 s to 0.04 s),
+    where the hash alone is about half of that; memory stays two blocks. A range of part of the file is not hashed
+    (it would read the whole file for a few bytes)."""
 
-    def __init__(self, body, item: Item) -> None:
-        self._body, self._sha256, self._item_id = body, item.sha256, str(item.id)
+    def __init__(self, file, body, item: Item) -> None:
+        self._file, self._body, self._sha256, self._item_id = file, body, item.sha256, str(item.id)
 
     def __iter__(self):
         h, held = hashlib.sha256(), None
-        for block in self._body:
+        while block := self._file.read(DOWNLOAD_BLOCK):
             if held:
                 yield held
             h.update(block)
@@ -257,7 +262,8 @@ class _Verified:
             yield held
 
     def close(self) -> None:
-        if hasattr(self._body, "close"):
+        self._file.close()
+        if hasattr(self._body, "close"):  # send_file's own open of the file, not read
             self._body.close()
 
 
@@ -285,7 +291,12 @@ def get_audio(item_id: str):
     whole = response.status_code == 200 or (response.status_code == 206 and response.content_range.start == 0
                                             and response.content_range.stop == st.st_size)
     if whole and response.response is not None:
-        response.response = _Verified(response.response, item)
+        try:
+            file = path.open("rb", buffering=0)  # unbuffered: each read a block, not copied through a buffer
+        except FileNotFoundError:  # deleted since send_file opened it
+            response.close()
+            raise not_found("audio") from None
+        response.response = _Verified(file, response.response, item)
     response.headers["Content-Disposition"] = attachment(item.filename, str(item.id))
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"

@@ -10,6 +10,7 @@ import sys
 import pytest
 import requests
 
+from api.items import DOWNLOAD_BLOCK
 from clapq import check as checking
 from clapq.blobs import BlobStore, file_sha256
 from tests.audio import write
@@ -158,9 +159,11 @@ def test_a_download_of_a_damaged_stored_file_is_cut_off_not_a_good_looking_whole
     file beside it, and a range of the damaged one, are served as before."""
     key = new_key()
     lib = client.post("/v1/libraries", json={"name": "damaged-download"}, headers=auth(key)).get_json()["id"]
-    paths = [write(tmp_path / f"d{i}.wav", 3.0, 22_050, 1, freq=300 + 50 * i, seed=80 + i) for i in range(2)]
-    small = write(tmp_path / "d2.wav", 0.1, 22_050, 1, freq=500, seed=82)  # one block of the file's reads
-    r = upload(client, key, lib, paths + [small])
+    # d0 longer than a block (api.items.DOWNLOAD_BLOCK), so that blocks of it are sent before the hash is known
+    paths = [write(tmp_path / f"d{i}.wav", s, 22_050, 1, freq=300 + 50 * i, seed=80 + i)
+             for i, s in enumerate((30.0, 3.0, 3.0))]
+    assert paths[0].stat().st_size > DOWNLOAD_BLOCK > paths[2].stat().st_size
+    r = upload(client, key, lib, paths)
     assert r.status_code == 202, r.get_json()
     ids = {it["filename"]: it["id"] for it in r.get_json()["items"]}
     bad = BlobStore(settings.blob_dir).path_for(file_sha256(paths[0]))
@@ -168,12 +171,12 @@ def test_a_download_of_a_damaged_stored_file_is_cut_off_not_a_good_looking_whole
     damaged[len(damaged) // 2] ^= 0x01  # same size, one bit other
     base, h = start_api(), auth(key)
     bad.write_bytes(bytes(damaged))
-    small_at = BlobStore(settings.blob_dir).path_for(file_sha256(small))
-    small_at.write_bytes(small.read_bytes()[:-1] + bytes([small.read_bytes()[-1] ^ 1]))
+    small = BlobStore(settings.blob_dir).path_for(file_sha256(paths[2]))
+    small.write_bytes(paths[1].read_bytes())  # d2's stored file has d1's bytes: no longer its name
     try:
-        # damaged in its only block: nothing was sent when the hash was known, a 500
+        # a file of one block: nothing sent before the hash is known, so a 500, no bytes of it
         got = requests.get(f"{base}/v1/items/{ids['d2.wav']}/audio", headers=h, timeout=60)
-        assert got.status_code == 500 and got.json()["error"]["code"] == "internal_error", got.text
+        assert got.status_code == 500 and got.json()["error"]["code"] == "internal_error", (got.status_code, got.text)
         with pytest.raises(requests.exceptions.ChunkedEncodingError):  # urllib3: IncompleteRead
             got = requests.get(f"{base}/v1/items/{ids['d0.wav']}/audio", headers=h, timeout=60)
             pytest.fail(f"a whole answer: {got.status_code}, {len(got.content)} of {len(damaged)} bytes, "
@@ -186,7 +189,7 @@ def test_a_download_of_a_damaged_stored_file_is_cut_off_not_a_good_looking_whole
             requests.get(f"{base}/v1/items/{ids['d0.wav']}/audio", headers={**h, "Range": "bytes=0-"}, timeout=60)
     finally:
         bad.write_bytes(paths[0].read_bytes())
-        small_at.write_bytes(small.read_bytes())
+        small.write_bytes(paths[2].read_bytes())
     good = requests.get(f"{base}/v1/items/{ids['d1.wav']}/audio", headers=h, timeout=60)
     assert good.status_code == 200 and good.content == paths[1].read_bytes()
     whole = requests.get(f"{base}/v1/items/{ids['d0.wav']}/audio", headers=h, timeout=60)  # mended
