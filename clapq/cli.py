@@ -634,6 +634,9 @@ def cmd_up(args) -> None:
 
         code = code_on_disk()  # what the roles start on
         procs.extend(start(role) for role in ("worker", "beat", "api"))
+        # each role's own: one started again on new code leaves the others on the old, and a worker that stopped on
+        # the new code after the API was started again on it was counted a crash
+        started_on = [code] * len(procs)
         host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(args.host, args.host)
         base = f"http://{host_port(host, args.port)}"
         if not _wait_http(base + "/healthz", procs, lambda: stopping["flag"]):
@@ -659,7 +662,7 @@ def cmd_up(args) -> None:
                 if p.poll() is None:
                     continue
                 how = f"was killed by signal {-p.returncode}" if p.returncode < 0 else f"exited with {p.returncode}"
-                if code_on_disk() != code:  # clapq upgraded in place: a worker stops on its next task, an API
+                if code_on_disk() != started_on[i]:  # clapq upgraded in place: a worker stops on its next task, an API
                     # on `kill -HUP`; each step of an upgrade done in several (edits, pulls) counted as a crash,
                     # and the fourth in 5 minutes stopped everything (helper-104)
                     print(f"clapq: `clapq {p.args[-1]}` {how} after clapq's code changed on disk (not counted as a "
@@ -675,7 +678,7 @@ def cmd_up(args) -> None:
                     # the files it held waited CLAPQ_STALE_AFTER_S (2 minutes, the job's ETA growing: helper-88);
                     # no other worker runs on this `up`'s embedded database, and its own are dead now
                     _hand_back_after_worker(db_url)
-                code = _settled_code(code, lambda: stopping["flag"])
+                started_on[i] = _settled_code(started_on[i], lambda: stopping["flag"])
                 if stopping["flag"]:
                     break
                 procs[i] = start(p.args[-1])

@@ -572,6 +572,16 @@ def _wait_log(up: Up, since: int, *wanted: str, timeout: float = 120.0) -> str:
     return text
 
 
+def _roles(up: Up, role: str) -> list[psutil.Process]:
+    """The processes of `role` (api, worker, beat) `up` runs now: not one that has ended and waits to be reaped."""
+    found = []
+    for c in psutil.Process(up.proc.pid).children():
+        with contextlib.suppress(psutil.Error):  # a zombie's cmdline, or one gone meanwhile
+            if c.status() != psutil.STATUS_ZOMBIE and c.cmdline()[-1:] == [role]:
+                found.append(c)
+    return found
+
+
 def _api_again(up: Up, since: int, key: str, timeout: float = 120.0) -> str:
     """up's log from `since`, once an API started after that answers."""
     deadline = time.monotonic() + timeout
@@ -640,13 +650,34 @@ def test_an_api_started_again_in_the_middle_of_an_upgrade_in_place_waits_for_the
     # an upgrade done in steps (edits, pulls): each role that ends on new code is no crash. Before, the 4th end in
     # 5 minutes stopped everything (helper-104)
     for step in range(3):
-        (api,) = [c for c in psutil.Process(up.proc.pid).children() if c.cmdline()[-1:] == ["api"]]
+        (api,) = _roles(up, "api")
         with open(code / "api" / "search.py", "a") as f:
             f.write(f"\n# step {step}\n")
         since = len(up.log.read_text(errors="replace"))
         api.kill()
         text = _api_again(up, since, key)
         assert "not counted as a crash" in text, text[-3000:]
+    # a worker still on the code before ends once the API was started again on the new (as it stops on its next
+    # task): no crash either (before: counted, the code on disk being what the API was last started on). Killed
+    # while `up` waits for the code to settle before starting the API: `up` sees it end after that
+    for step in range(5):
+        with open(code / "api" / "search.py", "a") as f:
+            f.write(f"\n# and step {step}\n")
+        changed = time.time()
+        apis, workers = _roles(up, "api"), _roles(up, "worker")
+        if len(apis) == 1 and len(workers) == 1 and workers[0].create_time() < changed:
+            break
+        time.sleep(3)  # one of them starting again: the next step
+    else:
+        pytest.fail("no API and worker both running on the code before, 5 times")
+    since = len(up.log.read_text(errors="replace"))
+    apis[0].kill()
+    _wait_log(up, since, "once that has stayed the same for 2 s")
+    with contextlib.suppress(psutil.NoSuchProcess):  # it stopped itself meanwhile: the same for `up`
+        workers[0].kill()
+    text = _wait_log(up, since, "`clapq worker` was killed", "`clapq worker` exited")
+    (ended,) = [line for line in text.splitlines() if "`clapq worker`" in line]
+    assert "after clapq's code changed on disk (not counted as a crash)" in ended, text[-3000:]
     assert up.proc.poll() is None and "stopping everything" not in up.log.read_text(errors="replace")
 
 
