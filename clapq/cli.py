@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import errno
 import fcntl
 import json
 import importlib
@@ -728,11 +729,12 @@ def _nothing_at(path: Path) -> str:
     if not path.is_symlink():
         return f"{path} does not exist"
     try:
-        path.resolve(strict=True)
-    except RuntimeError:  # a loop of links
-        return f"{path} is a link that leads back to itself (a loop of links)"
-    except OSError:
-        pass
+        os.stat(path)
+    except OSError as exc:
+        # a loop of links, told by the system's error: pathlib's resolve(strict=True) raises RuntimeError for one
+        # before Python 3.13, an OSError (ELOOP) from then on, which was said as a broken link
+        if exc.errno == errno.ELOOP:
+            return f"{path} is a link that leads back to itself (a loop of links)"
     return f"{path} is a broken link: it points to {printable(os.readlink(path))}, which does not exist"
 
 
