@@ -551,8 +551,13 @@ def _port_free(host: str, port: int) -> None:
 class _Unfailing:
     """`clapq up`'s stdout or stderr: where the terminal it writes to closes (SIGHUP), every write fails (EIO), the
     one in progress when the signal came too, and a line cut off so was a traceback and exit 1 while everything
-    stopped. What cannot be written is dropped, and the stream is pointed at nothing from then on (what its buffer
-    kept would fail again at exit, where a stdout that cannot be flushed is exit 120): there is no one to read it."""
+    stopped. What cannot be written is dropped; where no one can read it any more (the terminal closed, the pipe's
+    reader gone) the stream is pointed at nothing from then on (what its buffer kept would fail again at exit, where
+    a stdout that cannot be flushed is exit 120). Another error (a log file's disk full for a while) leaves it where
+    it is: pointed at nothing, up's later lines and the roles it started again (which take its stdout and stderr)
+    wrote there even once the disk had room again."""
+
+    GONE = (errno.EIO, errno.EPIPE)
 
     def __init__(self, stream) -> None:
         self._stream = stream
@@ -560,9 +565,14 @@ class _Unfailing:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except OSError:
-            with contextlib.suppress(OSError, ValueError):
-                os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except OSError as exc:
+            if exc.errno in self.GONE:
+                with contextlib.suppress(OSError, ValueError):
+                    null = os.open(os.devnull, os.O_WRONLY)
+                    try:
+                        os.dup2(null, self._stream.fileno())
+                    finally:
+                        os.close(null)
             return len(text)
 
     def flush(self) -> None:

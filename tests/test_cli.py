@@ -720,6 +720,29 @@ def test_a_closed_terminal_stops_up_cleanly_and_nohup_keeps_it(tmp_path, tiny_mo
     assert _leftovers(data_dir) == []
 
 
+def test_up_output_on_a_disk_full_for_a_while_is_written_there_once_it_has_room(small_disk):
+    """`clapq up > up.log` on a disk full for a while: its first write that failed (ENOSPC) pointed its stdout (and
+    so that of every role it started again, which takes it) at /dev/null for good, and its lines and the roles' logs
+    went nowhere once the disk had room again. Only a terminal closed (EIO) or a pipe's reader gone (EPIPE) does so
+    now; a line that cannot be written is still dropped, no traceback."""
+    from clapq.cli import _Unfailing
+
+    log, filler = small_disk / "up.log", small_disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    with contextlib.suppress(OSError):  # the disk full
+        while os.write(fd, b"\0" * 65536):
+            pass
+    os.close(fd)
+    with open(log, "w", buffering=1) as stream:  # line-buffered: each line written as it comes, as to a terminal
+        out = _Unfailing(stream)
+        assert out.write("clapq is up: http://127.0.0.1:8000\n") == 35  # dropped, said written
+        filler.unlink()
+        out.write("clapq: `clapq api` exited with 1; starting it again\n")
+        out.flush()
+        assert os.readlink(f"/proc/self/fd/{stream.fileno()}") == str(log)  # before: /dev/null
+    assert "clapq: `clapq api` exited with 1; starting it again\n" in log.read_text()
+
+
 def test_an_api_killed_mid_request_is_started_again(tmp_path, tiny_model, up_runner):
     """`clapq api` (gunicorn's master) killed while one of its workers serves a slow upload: the orphaned worker
     held the port, every new API failed to bind, and after four tries in seconds `up` stopped everything. What
