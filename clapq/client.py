@@ -1309,6 +1309,19 @@ def _span(s: float) -> str:
             else f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min")
 
 
+def json_line(obj) -> str:
+    """What --json prints: UTF-8 text where stdout's encoding takes it, else with JSON's own escapes (\\ud83c\\udf27),
+    which every JSON reader reads back. Where the terminal's encoding could not show a name (LANG=C,
+    PYTHONIOENCODING=ascii), the escaping of clapq.cli.main wrote Python's \\U0001f327 into it, which no JSON reader
+    takes (json.loads: "Invalid \\escape")."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode(getattr(sys.stdout, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):  # a name not UTF-8 (a surrogate) too
+        return json.dumps(obj)
+    return text
+
+
 def printable(name: str) -> str:
     """A path as one line of output: characters that would break or colour the line (a newline or a tab in a
     file name, an escape sequence) as Python writes them in a string, `\\n`. Joiners stay as they are: the
@@ -1463,7 +1476,7 @@ def list_libraries(client: Client, as_json: bool = False) -> None:
     answer. A new user found the names of their libraries only in the error of a wrong `--library` (helper-71)."""
     libs = client.call("GET", "/v1/libraries")["libraries"]
     if as_json:
-        print(json.dumps(libs, ensure_ascii=False))
+        print(json_line(libs))
         return
     if not libs:
         print("no libraries yet: `clapq upload FOLDER --library NAME` makes one", file=sys.stderr)
@@ -1508,7 +1521,7 @@ def list_jobs(client: Client, limit: int = 20, as_json: bool = False) -> None:
         if not (cursor := page.get("next_cursor")):
             break
     if as_json:
-        print(json.dumps(jobs, ensure_ascii=False))
+        print(json_line(jobs))
         return
     if not jobs:
         print("no jobs yet: `clapq upload FOLDER --library NAME` makes one", file=sys.stderr)
@@ -1566,7 +1579,7 @@ def show_job(client: Client, job: str, everything: bool = False, as_json: bool =
         if everything:  # as the API gives `errors`, read from the job's listing of failed items, to its end
             state["errors"] = [{"item_id": i["id"], "filename": i["filename"], "error": i["error"]}
                                for i in _job_items(client, job, "failed")]
-        print(json.dumps(state, ensure_ascii=False))
+        print(json_line(state))
         return
     lib = client.call("GET", f"/v1/libraries/{urllib.parse.quote(state['library_id'], safe='')}", missing_ok=True)
     print(f"job {state['id']}: {state['status']}, library "
@@ -1657,7 +1670,7 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
     else:
         res = client.call("POST", "/v1/search", json={"library_id": lib["id"], "text": text, "k": k}, repeatable=True)
     if as_json:
-        print(json.dumps(res, ensure_ascii=False))
+        print(json_line(res))
     for r in res["results"] if not as_json else ():
         span = r.get("segment") or {}
         at = f"  {_seconds(span['start_s'])}-{_seconds(span['end_s'])} s" if "start_s" in span else ""

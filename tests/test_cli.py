@@ -1328,6 +1328,13 @@ def test_names_a_terminal_cannot_show_are_written_escaped(tiny_model):
                              capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
     assert "rain \\U0001f327.wav" in out.stdout, out.stdout
+    # --json in JSON's escapes, which a JSON reader reads back (before: Python's \U0001f327, "Invalid \escape")
+    with fake_api(answer) as url:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "x", "--url", url,
+                              "--key", "cq_x", "--json"], env={**_env(tiny_model), "PYTHONIOENCODING": "ascii"},
+                             capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    assert json.loads(out.stdout)["results"][0]["filename"] == "rain \U0001f327.wav", out.stdout
 
 
 def test_a_failed_file_is_named_by_its_path_in_the_folder(tmp_path, tiny_model):
