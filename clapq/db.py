@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -248,7 +249,7 @@ def migrate(url: str) -> None:
                                f"version knows up to {scripts.get_current_head()}); nothing was changed: run that "
                                "newer version, or first downgrade the schema with it (alembic downgrade "
                                f"{scripts.get_current_head()})")
-        command.upgrade(cfg, "head")
+        _upgrade_between_queries(cfg, command)
     with engine.connect() as conn:
         for table in Base.metadata.sorted_tables:
             try:
@@ -261,6 +262,33 @@ def migrate(url: str) -> None:
 
 
 MIGRATE_LOCK = 0x636C617071  # "clapq": the advisory lock `migrate` holds
+MIGRATE_LOCK_WAIT_MS = 5000  # how long a migration waits for a table's lock before it lets go and tries again
+MIGRATE_SAY_EVERY_S = 30.0
+
+
+def _upgrade_between_queries(cfg, command) -> None:
+    """Alembic's upgrade to head, waiting MIGRATE_LOCK_WAIT_MS at most for each lock it takes, and tried again
+    (the whole of it: one transaction) until it gets them. A migration's ALTER TABLE waits for every query on its
+    table to end (a long one, a backup's pg_dump of all of them), and meanwhile every other query on that table
+    queued behind it: a migration run beside a serving API (compose's one-shot `migrate`) held uploads and job pages
+    for as long (helper-105). Now they run between its tries."""
+    from sqlalchemy.exc import OperationalError
+
+    cfg.attributes["lock_timeout_ms"] = MIGRATE_LOCK_WAIT_MS
+    said = None
+    while True:
+        try:
+            command.upgrade(cfg, "head")
+            return
+        except OperationalError as exc:
+            if getattr(exc.orig, "pgcode", None) != "55P03":  # lock_not_available
+                raise
+            if said is None or time.monotonic() - said >= MIGRATE_SAY_EVERY_S:
+                said = time.monotonic()
+                print("clapq: migrating the schema waits for other sessions to let go of a table it changes (a long "
+                      f"query, a backup's pg_dump): it takes its locks {MIGRATE_LOCK_WAIT_MS / 1000:g} s at most at "
+                      "a time, so queries run between its tries; trying again", file=sys.stderr, flush=True)
+            time.sleep(1.0)
 
 
 def newer_revision(revisions) -> tuple[str | None, str]:

@@ -19,6 +19,8 @@ def run_migrations_online() -> None:
     with engine.connect() as connection:
         context.configure(connection=connection, target_metadata=Base.metadata)
         with context.begin_transaction():
+            if wait_ms := config.attributes.get("lock_timeout_ms"):  # clapq.db.migrate's, which tries again
+                connection.exec_driver_sql(f"SET LOCAL lock_timeout = {int(wait_ms)}")
             context.run_migrations()
     engine.dispose()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,54 @@ def test_migration_0005_counts_the_windows_of_stored_vectors(scratch):
         assert "WHERE" not in conn.scalar(text(
             "SELECT indexdef FROM pg_indexes WHERE indexname = 'ix_embeddings_vector_hnsw'"))
         assert conn.scalar(text("SELECT count(*) FROM embeddings")) == 2
+
+
+def test_a_migration_waiting_for_a_table_lets_its_queries_run(scratch, capfd):
+    """A migration's ALTER TABLE waits for every open transaction on its table (a long query, a backup's pg_dump),
+    and every query on that table queued behind it meanwhile: run beside a serving API (compose's `migrate`), it
+    held uploads and job pages for as long (helper-105). clapq's migrate now waits for a lock a few seconds at a
+    time and tries again, so a query on the table runs while it waits; it ends once the table is let go."""
+    import threading
+
+    from alembic import command
+
+    from clapq.db import migrate
+
+    url, cfg, engine = scratch
+    command.upgrade(cfg, "0013")  # 0014 alters jobs
+    blocker = engine.connect()
+    blocker.execute(text("SELECT 1 FROM jobs LIMIT 1"))  # an open transaction holding jobs (ACCESS SHARE)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            migrate(url)
+        except BaseException as exc:  # noqa: BLE001 - said by the test
+            failed.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        with engine.connect() as look:  # the migration waits for jobs' lock
+            for _ in range(600):
+                if look.scalar(text("SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                                    "WHERE c.relname = 'jobs' AND NOT l.granted")):
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"the migration never waited for jobs: {failed}")
+        with engine.connect() as query:  # a query of the service's, meanwhile: before, it queued behind the ALTER
+            query.execute(text("SET statement_timeout = '60s'"))
+            assert query.scalar(text("SELECT count(*) FROM jobs")) == 0
+        assert t.is_alive() and not failed, failed  # still waiting: the blocker holds jobs
+    finally:
+        blocker.rollback()
+        blocker.close()
+    t.join(120)
+    assert not t.is_alive() and not failed, failed
+    with engine.connect() as conn:
+        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == HEAD
+    assert "waits for other sessions to let go of a table" in capfd.readouterr().err
 
 
 def test_a_database_whose_0009_lacked_job_retries_is_repaired(scratch):
