@@ -45,6 +45,7 @@ class JsonErrors:
         code, message = error_code(status_int, reason), self.sentence(status_int, mesg)
         body = json.dumps(error_body(status_int, code, message), separators=(",", ":")).encode()  # as Flask writes it
         head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+                f"X-Content-Type-Options: nosniff\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n")
         util.write_nonblock(sock, head.encode("latin-1") + body)
 

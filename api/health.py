@@ -98,7 +98,9 @@ def _known_paths(settings: Settings) -> list[str]:
     known = set()
     for path in given:
         for form in (path, os.path.expanduser(path), os.path.realpath(os.path.expanduser(path))):
-            if len(form.rstrip("/")) > 1:  # never "/" (or "~" unexpanded: the home of a user with none)
+            # never "/" (or "~" unexpanded: the home of a user with none), nor a bare relative one (CLAPQ_DATA_DIR=data:
+            # the word "data" anywhere in a sentence was hidden; its resolved form stands for it)
+            if len(form.rstrip("/")) > 1 and form.startswith(("/", "~", ".")):
                 known.add(form.rstrip("/"))
     return sorted(known, key=len, reverse=True)
 

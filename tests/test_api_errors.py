@@ -618,6 +618,7 @@ def test_requests_gunicorn_refuses_itself_are_answered_in_the_envelope(start_api
         lines = head.decode("latin-1").split("\r\n")
         headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
         assert headers.get("content-type") == "application/json", got[:300]
+        assert headers.get("x-content-type-options") == "nosniff", got[:300]  # it shows the client's bytes
         assert int(headers["content-length"]) == len(body) and headers["connection"] == "close", got[:300]
         return int(lines[0].split()[1]), json.loads(body), headers
 
@@ -843,6 +844,9 @@ def test_readyz_hides_paths_with_spaces_whole(env, tmp_path, caplog):
     known = _known_paths(Settings.from_env({**env, "CLAPQ_DATA_DIR": str(data), "CLAPQ_MODEL": str(model)}))
     assert _unplaced(f"no weights in {model}. Or in /elsewhere/x.", known) == (
         "no weights in <path>. Or in <path> (the API's log names the paths)")
+    # a data directory given relative: its word alone is no path (it was hidden anywhere in a sentence: helper-105)
+    relative = _known_paths(Settings.from_env({**env, "CLAPQ_DATA_DIR": "data", "CLAPQ_MODEL": str(model)}))
+    assert _unplaced("the model's data is not there", relative) == "the model's data is not there"
 
 
 def test_the_api_description_bounds_k_as_this_service_does(settings, client, new_key):
