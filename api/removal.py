@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from flask import current_app, g
-from sqlalchemy import case, delete, func, literal_column, select, union_all, update
+from sqlalchemy import case, delete, func, literal_column, select, union, union_all, update
 from sqlalchemy.orm import Session
 
 from api.db import db
@@ -31,6 +31,16 @@ def delete_items(session: Session, where, commit: bool = True) -> dict:
     # one while it waited on an earlier one was a deadlock, rolled back as a 503 for the deletion
     session.execute(select(func.count()).select_from(
         select(Item.id).where(where).order_by(Item.id).with_for_update().subquery()))
+    # then the rows of the jobs it updates, in id order (FOR NO KEY UPDATE, as its UPDATE takes): the UPDATE
+    # alone took them in its plan's order (the scan of jobs, or the hash of its per-job sums, sized by the
+    # deletion's estimate), so a few files' deletion beside a library's or a bulk one of the same jobs could each
+    # hold a job the other waited on: a deadlock, a 503 for one (helper-107). Items first, as a job's cancel and
+    # retry lock theirs before the job's row; its items locked, which jobs they and their copies are in is settled
+    held = select(Item.id).where(where)
+    session.execute(select(func.count()).select_from(
+        select(Job.id).where(Job.id.in_(union(select(Item.job_id).where(where),
+                                              select(JobDuplicate.job_id).where(JobDuplicate.item_id.in_(held)))))
+        .order_by(Job.id).with_for_update(key_share=True).subquery()))
     # one statement: the copies are counted from the rows this DELETE removed, so two requests deleting
     # the same item at once uncount its copies once (the second one's DELETE finds nothing to remove)
     ended = case((Item.status.in_(("queued", "running")), func.now()),

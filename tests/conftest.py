@@ -294,28 +294,31 @@ def just_before(database_url: str, matches: Callable[[str], bool], then: Callabl
         event.remove(engine, "before_cursor_execute", before)
 
 
-def wait_for_a_lock_wait(engine, why: object = "no statement waited on a lock", timeout: float = 30.0) -> None:
-    """Until a connection of this database waits on a lock (the statement's text shows late). Each look is a
-    transaction of its own: pg_stat_activity is read once a transaction, so a wait begun later went unseen."""
+def wait_for_a_lock_wait(engine, why: object = "no statement waited on a lock", timeout: float = 30.0,
+                         waiting: int = 1) -> None:
+    """Until a connection of this database waits on a lock (`waiting`: that many; the statement's text shows late).
+    Each look is a transaction of its own: pg_stat_activity is read once a transaction, so a wait begun later went
+    unseen."""
     from sqlalchemy import text
 
     deadline = time.monotonic() + timeout
     with engine.connect() as look:
-        while not look.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                   "AND datname = current_database()")):
+        while look.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                               "AND datname = current_database()")) < waiting:
             assert time.monotonic() < deadline, why
             look.rollback()
             time.sleep(0.05)
 
 
-def row_lockable(engine, item_id, mode: str = "UPDATE") -> bool:
-    """Whether another connection could lock the item's row in `mode` now (tried without waiting)."""
+def row_lockable(engine, item_id, mode: str = "UPDATE", table: str = "items") -> bool:
+    """Whether another connection could lock the item's row (or the `table` row's of that id) in `mode` now
+    (tried without waiting)."""
     from sqlalchemy import text
     from sqlalchemy.exc import OperationalError
 
     with engine.connect() as probe:
         try:
-            probe.execute(text(f"SELECT 1 FROM items WHERE id = :i FOR {mode} NOWAIT"), {"i": item_id})
+            probe.execute(text(f"SELECT 1 FROM {table} WHERE id = :i FOR {mode} NOWAIT"), {"i": item_id})
             return True
         except OperationalError as exc:
             assert "could not obtain lock" in str(exc)

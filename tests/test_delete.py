@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from api import create_app
 from clapq.blobs import BLOB_LOCK, BlobStore, file_sha256
 from clapq.db import get_engine, session_scope
-from clapq.models import Embedding, Item, Segment
+from clapq.models import Embedding, Item, Job, Segment
 from tests.audio import write
 from tests.conftest import auth, just_before, row_lockable, wait_for_a_lock_wait, wait_job
 from tests.test_e2e import upload
@@ -763,6 +763,65 @@ def test_a_deletion_and_a_vector_write_lock_files_in_one_order(settings):
         assert not errors and not thread.is_alive()
     with session_scope(settings.database_url) as s:
         assert s.scalar(select(func.count()).select_from(Item).where(Item.library_id == lib_id)) == 0
+
+
+def test_two_deletions_of_files_of_the_same_jobs_lock_the_jobs_in_one_order(settings):
+    """A deletion updates the row of every job its files (or copies of them) are in, and its UPDATE took them in
+    its plan's order: the scan of jobs, or the hash of its per-job sums, sized by the deletion's estimate, so a
+    deletion of a few files and one of many files of the same jobs took them in different orders, and each could
+    hold a job the other waited on: a deadlock, which Postgres broke by failing one (a 503 database_conflict).
+    Now they lock them in id order, after their files. Eight jobs (inserted in reverse id order, their tables
+    analyzed, as on a live service), each with one file of the small deletion and 40 of the large; for each job,
+    a third connection holds its row while the small deletion waits on it (holding no job above it) and the
+    large one starts; then both go, and neither fails."""
+    from api.removal import delete_items
+    from tests.conftest import job_of_own
+
+    jobs = [uuid.UUID(int=(k + 1) << 100) for k in range(8)]
+    few, many = [], []
+    with session_scope(settings.database_url) as s:
+        tenant, _, lib, _ = job_of_own(s, "job-lock-order-test")
+        for job in reversed(jobs):  # the heap in reverse id order
+            s.add(Job(id=job, tenant_id=tenant.id, library_id=lib.id))
+            s.flush()
+        for n, (job, side) in enumerate((j, side) for j in jobs for side in [few] + [many] * 40):
+            side.append(uuid.uuid4())
+            s.add(Item(id=side[-1], tenant_id=tenant.id, library_id=lib.id, job_id=job, sha256=f"{n:064x}",
+                       filename=f"{n}.wav", size_bytes=1, status="done"))
+    engine = get_engine(settings.database_url)
+    with engine.connect() as c:
+        c.execute(text("ANALYZE jobs, items, job_duplicates"))
+        c.commit()
+
+    errors = []
+
+    def started(ids) -> threading.Thread:  # their deletion, rolled back (each round deletes the same files)
+        def run() -> None:
+            try:
+                with session_scope(settings.database_url) as s:
+                    delete_items(s, Item.id.in_(ids), commit=False)
+                    s.rollback()
+            except Exception as exc:  # said by the assertions below
+                errors.append(exc)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        return thread
+
+    for held in jobs:
+        with engine.connect() as holder:
+            holder.execute(text("SELECT 1 FROM jobs WHERE id = :i FOR NO KEY UPDATE"), {"i": held})
+            threads = [started(few)]
+            wait_for_a_lock_wait(engine, errors)
+            assert [j for j in jobs if j > held and not row_lockable(engine, j, "NO KEY UPDATE", "jobs")] == []
+            threads.append(started(many))
+            wait_for_a_lock_wait(engine, errors, waiting=2)
+            holder.rollback()
+        for t in threads:
+            t.join(30)
+        assert not errors and not any(t.is_alive() for t in threads), (jobs.index(held), errors)
+    with session_scope(settings.database_url) as s:
+        assert s.scalar(select(func.count()).select_from(Item).where(Item.library_id == lib.id)) == 8 * 41
 
 
 def test_reads_of_an_item_deleted_while_they_run_are_not_500s(client, new_key, worker, settings, tmp_path):
