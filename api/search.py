@@ -15,7 +15,12 @@ from urllib.parse import parse_qsl
 
 from flask import Blueprint, current_app, g, request
 from sqlalchemy import and_, case, cast, func, literal, or_, select, text, tuple_
-from sqlalchemy.dialects.postgresql import JSONB, distinct_on
+from sqlalchemy.dialects.postgresql import JSONB
+
+try:
+    from sqlalchemy.dialects.postgresql import distinct_on
+except ImportError:  # SQLAlchemy 2.0, which Python 3.10 gets (2.1 takes 3.11): its Select.distinct(col) says the same
+    distinct_on = None
 
 from api.db import db, time_limit
 from api.errors import (ApiError, bad_request, check_text, given_once, json_body, parse_json, refuse_unknown,
@@ -543,7 +548,8 @@ def _best_per_item(session, matches, want: int) -> list:
     """Each item's best window among every row of `matches`, the `want` best items first (no index)."""
     g.exact_fallback = True
     every = matches.cte("matches").prefix_with("MATERIALIZED")
-    per_item = select(every).ext(distinct_on(every.c.item_id)).order_by(every.c.item_id, every.c.d).subquery()
+    one = select(every).ext(distinct_on(every.c.item_id)) if distinct_on else select(every).distinct(every.c.item_id)
+    per_item = one.order_by(every.c.item_id, every.c.d).subquery()
     rows = session.execute(select(per_item).order_by(per_item.c.d, per_item.c.item_id).limit(want)).all()
     session.rollback()
     return rows
