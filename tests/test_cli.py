@@ -2911,6 +2911,15 @@ def test_a_folder_moved_away_while_it_is_uploaded_stops_the_upload(start_api, ne
     assert [line for line in err.splitlines() if line.startswith("uploading ")] == ["uploading 2 files (58 kB)"], err
 
 
+def _folder_with_a_subfolder(tmp_path: Path, seed: int) -> Path:
+    """tmp_path/f: a.wav and z.wav beside sub/ (b, c, e and deeper/d.wav), short clips, for the subfolder-gone tests."""
+    folder = tmp_path / "f"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    for i, name in enumerate(["a.wav", "sub/b.wav", "sub/c.wav", "sub/deeper/d.wav", "sub/e.wav", "z.wav"]):
+        write(folder / name, 0.3, seed=seed + i)
+    return folder
+
+
 def test_a_subfolder_moved_away_while_it_is_uploaded_is_one_line(start_api, new_key, tmp_path, monkeypatch, capsys):
     """A subfolder moved away (or removed) after the upload's first request: each of its files was "not sent" on a
     line of its own (thousands, for a folder of an album's worth), each after a request sent again without it,
@@ -2920,10 +2929,7 @@ def test_a_subfolder_moved_away_while_it_is_uploaded_is_one_line(start_api, new_
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     base, key = start_api(CLAPQ_MAX_FILES_PER_BATCH="2"), new_key()
-    folder = tmp_path / "f"
-    (folder / "sub" / "deeper").mkdir(parents=True)
-    for i, name in enumerate(["a.wav", "sub/b.wav", "sub/c.wav", "sub/deeper/d.wav", "sub/e.wav", "z.wav"]):
-        write(folder / name, 0.3, seed=120 + i)
+    folder = _folder_with_a_subfolder(tmp_path, seed=120)
     real = c.Client.call
 
     def call(self, method, path, *args, **kw):
@@ -2956,10 +2962,7 @@ def test_a_subfolder_moved_away_as_its_request_is_made_is_one_line(start_api, ne
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     base, key = start_api(CLAPQ_MAX_FILES_PER_BATCH="4"), new_key()
-    folder = tmp_path / "f"
-    (folder / "sub" / "deeper").mkdir(parents=True)
-    for i, name in enumerate(["a.wav", "sub/b.wav", "sub/c.wav", "sub/deeper/d.wav", "sub/e.wav", "z.wav"]):
-        write(folder / name, 0.3, seed=130 + i)
+    folder = _folder_with_a_subfolder(tmp_path, seed=130)
     real = c._present
 
     def present(*args):
