@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import difflib
 import errno
 import fcntl
 import json
@@ -887,9 +888,11 @@ class _Parser(argparse.ArgumentParser):
     named like an option, one for `clapq upload *.wav`, and one for words to search for not in quotes."""
 
     argv: list[str] = []  # the command line, for the commands' own parsers too, which report its errors
+    top: argparse.ArgumentParser | None = None  # `clapq`'s parser, whose commands' options a misspelt one is told by
 
     def parse_args(self, args=None, namespace=None):
         _Parser.argv = list(sys.argv[1:] if args is None else args)
+        _Parser.top = self
         parsed, extra = self.parse_known_args(args, namespace)
         if extra:  # as argparse says it, and where the shell gave `clapq upload` several files, why
             message = "unrecognized arguments: " + " ".join(extra)
@@ -922,7 +925,27 @@ class _Parser(argparse.ArgumentParser):
             if command == "keys":  # `clapq keys list --data-dir DIR`
                 command += " " + next((a for a in argv[at + 1:] if a in ("create", "list", "revoke")), "list")
             message += f" (options go after the command: `clapq {command} {option} ...`)"
-        super().error(message)
+        super().error(message + _misspelt(_Parser.top or self, argv))
+
+
+def _misspelt(top: argparse.ArgumentParser, argv: list[str]) -> str:
+    """" (--libary is not an option of `clapq search`: did you mean --library?)" for the first long option given
+    after the command that none of its options begins with (argparse takes a prefix) and that is close to one:
+    `clapq search rain --libary field` said only "the following arguments are required: --library", of a command
+    given it, and `--no-wiat` only "unrecognized arguments" (helper-108). Empty where there is none."""
+    parser, rest = top, list(argv)
+    while (sub := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)) is not None:
+        at = next((i for i, a in enumerate(rest) if a in sub.choices), None)  # down to `clapq jobs show`'s own
+        if at is None:
+            break
+        parser, rest = sub.choices[rest[at]], rest[at + 1:]
+    options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    for arg in rest[:rest.index("--")] if "--" in rest else rest:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and len(name) > 2 and not any(o.startswith(name) for o in options):
+            if meant := difflib.get_close_matches(name, options, n=1, cutoff=0.75):
+                return f" ({name} is not an option of `{parser.prog}`: did you mean {meant[0]}?)"
+    return ""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3399,6 +3399,35 @@ def test_a_file_named_like_an_option_and_several_files_to_upload_are_said_how_to
         out.stderr
 
 
+def test_a_misspelt_option_is_said_with_the_option_meant(tiny_model, tmp_path):
+    """`clapq search rain --libary field` said only "the following arguments are required: --library", of a
+    command given it, `--no-wiat` only "unrecognized arguments", and `clapq jobs --limt 3` "invalid choice: '3'":
+    each now names the option meant, of the command it was given to (helper-108)."""
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *args], env=_env(tiny_model), capture_output=True,
+                              text=True, timeout=60)
+
+    for args, said in ((("search", "rain", "--libary", "field"), "the following arguments are required: --library "
+                        "(--libary is not an option of `clapq search`: did you mean --library?)"),
+                       (("upload", str(tmp_path), "--library", "x", "--no-wiat"), "unrecognized arguments: --no-wiat "
+                        "(--no-wiat is not an option of `clapq upload`: did you mean --no-wait?)"),
+                       (("jobs", "show", str(uuid.uuid4()), "--jsno"), "(--jsno is not an option of `clapq jobs show`: "
+                        "did you mean --json?)"),
+                       (("jobs", "--limt", "3"), "(--limt is not an option of `clapq jobs`: did you mean --limit?)"),
+                       (("keys", "create", "--tenent=bob"), "(--tenent is not an option of `clapq keys create`: did "
+                        "you mean --tenant?)")):
+        out = run(*args)
+        assert out.returncode == 2 and said in out.stderr.splitlines()[-1], (args, out.stderr)
+    # an option far from every one is left to argparse's words; one shortened as argparse takes it is no typo;
+    # words after '--' are words
+    out = run("upload", str(tmp_path), "--library", "x", "--yes")
+    assert out.returncode == 2 and out.stderr.splitlines()[-1] == "clapq: error: unrecognized arguments: --yes", \
+        out.stderr
+    out = run("search", "--lib", "x", "--url", "http://127.0.0.1:9", "--key", "cq_x", "--", "--libary")
+    assert out.returncode == 1 and "did you mean" not in out.stderr and "cannot reach the clapq API" in out.stderr, \
+        out.stderr
+
+
 def test_search_and_delete_arguments_are_read_as_a_user_means_them(tiny_model, tmp_path):
     """`--k 5` was taken for `--key 5` (argparse's abbreviations); `clapq search -hum` said only "ignored
     explicit argument 'um'"; `--like` a file that does not exist said "is not a file"; `-k 0` went to the
