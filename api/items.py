@@ -16,7 +16,7 @@ from sqlalchemy import select
 from werkzeug.http import http_date, parse_date, parse_etags, parse_range_header
 
 from api.db import db
-from api.errors import ApiError, bad_request, check_metadata, json_body, not_found, takes_query
+from api.errors import ApiError, bad_request, check_metadata, json_body, not_found, refuse_unknown, takes_query
 from api.lookup import owned, owned_item, refreshed
 from api.models_info import describe
 from api.query import item_vector
@@ -105,9 +105,12 @@ def patch_item(item_id: str):
     replaced only if the item has not changed since (else 412), so that an edit made by someone else
     between that GET and this PATCH is not overwritten (the row is locked from the check to the commit)."""
     body = json_body()
-    if not isinstance(body, dict) or set(body) != {"metadata"} or not isinstance(body["metadata"], dict):
-        raise bad_request('send a JSON object like {"metadata": {"category": "rain"}} (the metadata replaces '
-                          "what the item has; {} clears it)")
+    example = ('send a JSON object like {"metadata": {"category": "rain"}} (the metadata replaces what the item '
+               "has; {} clears it)")
+    if isinstance(body, dict):  # a misspelt "metdata", or a "filename" sent to rename it, named (helper-108)
+        refuse_unknown(body, {"metadata"}, "PATCH /v1/items/<id>", "it takes 'metadata' only: " + example)
+    if not isinstance(body, dict) or not isinstance(body.get("metadata"), dict):
+        raise bad_request(example)
     check_metadata(body["metadata"], "'metadata'")
     item = owned(Item, item_id, "item", lock=True)
     # the item's ETag, for the preconditions given (most PATCHes give none)

@@ -163,6 +163,13 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model, setting
     for body in ({"metadata": [1]}, {"tag": "b"}, {"metadata": {}, "filename": "x"}, None):
         r = client.patch(f"/v1/items/{ids[name]}", json=body, headers=auth(key))
         assert r.status_code == 400 and "metadata" in r.get_json()["error"]["message"], body
+    # a key it does not take is named, as every other JSON body's is (was only "send a JSON object like ...",
+    # which did not say that a "filename" sent beside the metadata, or a misspelt "metdata", was the matter)
+    for body, key_sent in (({"metadata": {}, "filename": "x"}, "filename"), ({"metdata": {"tag": "c"}}, "metdata")):
+        r = client.patch(f"/v1/items/{ids[name]}", json=body, headers=auth(key))
+        assert r.status_code == 400 and r.get_json()["error"]["message"].startswith(
+            f"the body has {key_sent!r}, which PATCH /v1/items/<id> does not take; it takes 'metadata' only"), \
+            r.get_json()
     r = client.patch(f"/v1/items/{ids[name]}", json={"metadata": {"notes": "x" * (16 << 10)}}, headers=auth(key))
     assert r.status_code == 413 and r.get_json()["error"]["code"] == "metadata_too_large", r.get_json()
     assert client.get(f"/v1/items/{ids[name]}", headers=auth(key)).get_json()["metadata"] == {"tag": "b"}
