@@ -545,8 +545,14 @@ def _port_free(host: str, port: int) -> None:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn: a port in TIME_WAIT is free
             s.bind(addr)
     except OSError as exc:
-        _fail(f"cannot serve on {host_port(host, port)} ({exc.strerror or exc}): another `clapq up` or server may be "
-              "using it; stop it, or pass --port")
+        # only a port in use is another server's: a --host mistyped (an address not this machine's, a name that
+        # does not resolve) was told to stop another server or pass --port (helper-108)
+        if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+            why = (f"{host!r} is not an address of this machine: pass --host with one of its addresses (127.0.0.1, "
+                   "the default, serves this machine only; 0.0.0.0 serves other machines too)")
+        else:
+            why = "another `clapq up` or server may be using it; stop it, or pass --port"
+        _fail(f"cannot serve on {host_port(host, port)} ({exc.strerror or exc}): {why}")
 
 
 class _Unfailing:

@@ -993,6 +993,15 @@ def test_a_database_that_cannot_be_used_and_a_busy_port_are_sentences(tmp_path, 
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert f"cannot serve on 127.0.0.1:{taken}" in out.stderr and "--port" in out.stderr, out.stderr
     assert not (tmp_path / "e" / "pg").exists()  # refused before anything was started
+    # a --host that is not this machine's (an address of TEST-NET-1, a name that does not resolve) is said so:
+    # it was told to stop another server or pass --port (helper-108)
+    for host in ("192.0.2.1", "no-such-host.invalid"):
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(tmp_path / "e"), "--host",
+                              host, "--port", str(free_port())], env=_env(tiny_model), capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 2 and f"{host!r} is not an address of this machine: pass --host with one of its " \
+            "addresses" in out.stderr and "another `clapq up`" not in out.stderr, out.stderr[-3000:]
+    assert not (tmp_path / "e" / "pg").exists()
     # a port that is no port, or no API processes: a sentence (a traceback from bind; a gunicorn that
     # listened and never answered)
     out = subprocess.run([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(tmp_path / "f"), "--port",
