@@ -1677,6 +1677,16 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
         print(f"{r['score']:7.4f}  {shown_name(r)}  {r['item_id']}{at}")  # 7: a negative score lines up
     if not res["results"]:
         print(f"no results: {_why_empty(client, lib)}", file=sys.stderr)
+    elif pending := _still_to_embed(client, lib):  # results, of the files embedded so far (helper-108)
+        print(f"library {lib['name']!r} has {n_files(pending)} still to embed, not searched yet; search again once "
+              f"{'it is' if pending == 1 else 'they are'}", file=sys.stderr)
+
+
+def _still_to_embed(client: Client, lib: dict) -> int:
+    """How many files of `lib` are queued or running: a search right after `clapq upload --no-wait` found only
+    those embedded so far, and said nothing of the rest."""
+    counts = client.call("GET", f"/v1/libraries/{lib['id']}").get("counts") or {}  # none on a server before counts
+    return counts.get("queued", 0) + counts.get("running", 0)
 
 
 def _seconds(t: float) -> str:

@@ -1295,6 +1295,40 @@ def test_a_search_that_finds_nothing_while_files_are_queued_says_so(tiny_model):
     assert "no results: library 'x' has 3 files still to embed; search again once they are" in out.stderr, out.stderr
 
 
+def test_a_search_that_finds_some_while_files_are_queued_says_the_rest_are_not_searched_yet(
+        start_api, new_key, worker, settings, tmp_path, tiny_model):
+    """A search right after `clapq upload --no-wait` found the files embedded so far and said nothing of the
+    rest, as if the library were searched whole (helper-108): it now says how many are still to embed. The
+    queued file is a row as an upload writes it, tried once already so that no worker's task claims it."""
+    from clapq.models import Item, Job, Library
+
+    base, key = start_api(), new_key()
+    folder = tmp_path / "partly"
+    folder.mkdir()
+    write(folder / "a.wav", 0.5, seed=91)
+
+    def clapq(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *args, "--url", base, "--key", key],
+                              env=_env(tiny_model), capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+
+    assert clapq("upload", str(folder), "--library", "partly").returncode == 0
+    out = clapq("search", "tone", "--library", "partly")
+    assert out.returncode == 0 and "a.wav" in out.stdout and out.stderr == "", out
+    lib = json.loads(clapq("libraries", "--json").stdout)[0]["id"]
+    with session_scope(settings.database_url) as s:
+        tenant = s.get(Library, lib).tenant_id
+        job = Job(tenant_id=tenant, library_id=lib)
+        s.add(job)
+        s.flush()
+        s.add(Item(tenant_id=tenant, library_id=lib, job_id=job.id, sha256="d" * 64, filename="b.wav", size_bytes=1,
+                   status="queued", attempts=1))
+    out = clapq("search", "tone", "--library", "partly")
+    assert out.returncode == 0 and "a.wav" in out.stdout, out
+    assert out.stderr == "library 'partly' has 1 file still to embed, not searched yet; search again once it is\n", \
+        out.stderr
+
+
 def test_search_output_lines_up_and_stops_quietly_in_a_pipe(tiny_model):
     """`clapq search ... | head -1`: the reader stops early, which was a BrokenPipeError traceback; a negative
     score put its row out of line; a time of 10790.123 s printed as 10790.1 (6 significant figures)."""
