@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import dataclasses
 import datetime
+import difflib
 import errno
 import functools
 import hashlib
@@ -244,10 +245,17 @@ class Client:
                              f"`clapq upload DIR --library {name!r}` creates it")
         try:
             made = self.call("POST", "/v1/libraries", json={"name": name})
-            # said, since a name typed in other capitals than an existing library's makes a second library
+            # said, since a name typed in other capitals than an existing library's makes a second library, and
+            # so does a misspelt one (`--library feild` beside "field"), whose upload sends the whole folder again
+            # into a new library (helper-108)
             alike = [lib["name"] for lib in libs if lib["name"].casefold() == name.casefold()]
+            folded = {lib["name"].casefold(): lib["name"] for lib in libs}
+            close = [] if alike else [folded[n] for n in difflib.get_close_matches(name.casefold(), folded, 3, 0.75)]
             print(f"created library {name!r}" + (f" (beside {_some([repr(x) for x in alike])}: names differ by case)"
-                                                  if alike else ""), file=sys.stderr)
+                                                  if alike else
+                                                  f" (beside {_some([repr(x) for x in close])}, a name close to it: if "
+                                                  "you meant that library, stop with Ctrl-C and give its name)"
+                                                  if close else ""), file=sys.stderr)
             return {**made, "created": True}  # by this command: no file of it can be in there yet
         except SystemExit as exc:
             # 409: another upload created it since the look above

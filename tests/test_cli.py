@@ -2602,6 +2602,25 @@ def test_files_gone_from_a_folder_are_deleted_on_a_server_older_than_deletions(t
         ("POST", "/v1/libraries/lib1/deletions"), ("DELETE", f"/v1/items/{gone}")], bodies
 
 
+def test_a_library_created_beside_one_of_a_close_name_says_so(start_api, new_key, capsys):
+    """`clapq upload DIR --library feild` beside a library "field" made a second library and sent the whole
+    folder into it, said only as "created library 'feild'" (helper-108): it now names the library of the close
+    name. A name far from every one is said as before."""
+    from clapq.client import Client
+
+    base, key = start_api(), new_key()
+    for name in ("field", "podcasts"):
+        assert requests.post(f"{base}/v1/libraries", json={"name": name}, headers={"Authorization": f"Bearer {key}"},
+                             timeout=30).status_code == 201
+    assert Client(base, key).library("feild")["name"] == "feild"
+    assert capsys.readouterr().err == "created library 'feild' (beside 'field', a name close to it: if you meant " \
+        "that library, stop with Ctrl-C and give its name)\n"
+    assert Client(base, key).library("rain")["name"] == "rain"
+    assert capsys.readouterr().err == "created library 'rain'\n"
+    assert Client(base, key).library("feild")["name"] == "feild"  # there now: found, nothing said
+    assert capsys.readouterr().err == ""
+
+
 def test_a_library_created_is_said_and_so_is_one_named_alike(capsys):
     """A library created by an upload is said, and one whose name differs from an existing one's only by
     case says so: `--library Basic` beside "basic" is a second library, which went unsaid."""
