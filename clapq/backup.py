@@ -116,7 +116,11 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
         raise BackupError(f"no stored files at {blob_dir} (CLAPQ_BLOB_DIR): nothing of this service to back up")
     store = BlobStore(blob_dir)
     with contextlib.ExitStack() as held:
-        work = _claim(dest, say, held)
+        try:
+            work = _claim(dest, say, held)
+        except OSError as exc:  # a folder it cannot write in: was "[Errno 13] Permission denied: 'DEST.partial'"
+            raise BackupError(f"cannot write the backup into {dest}: {exc.strerror or exc}"
+                              f"{f' ({exc.filename})' if exc.filename else ''}; nothing was written") from exc
         moved: list[str] = []  # the parts moved up into DEST, where it is written in DEST
         try:
             return _write(url, store, blob_dir, dest, work, key_file, say, check, moved)

@@ -71,24 +71,74 @@ def _check_model(settings: Settings) -> None:
             _fail((r.stderr.strip().splitlines() or ["cannot check CLAPQ_DEVICE and CLAPQ_PRECISION"])[-1])
 
 
+def _where(url: str) -> str:
+    """The database URL as a sentence may show it (no password); one that is not a PostgreSQL URL is a RuntimeError
+    with a sentence: a mysql:// one was a ModuleNotFoundError traceback (helper-109)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        u = make_url(url)
+        where = u.render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):  # their messages repeat the URL, password and all
+        raise RuntimeError("DATABASE_URL is not a database URL like postgresql://user:password@host:5432/clapq "
+                           "(its port, host or name cannot be read)") from None
+    if u.drivername not in ("postgresql", "postgres", "postgresql+psycopg2"):  # clapq.db.normalise_url's
+        raise RuntimeError(f"DATABASE_URL is not a PostgreSQL URL like postgresql://user:password@host:5432/clapq "
+                           f"(it begins {u.drivername}://)")
+    return where
+
+
+def _why(exc: Exception) -> str:
+    """The first line of a database error's own words (SQLAlchemy's add the statement and a link)."""
+    why = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return why[0] if why else type(exc).__name__
+
+
 def _migrate(url: str) -> None:
     """Bring the schema up to date; a database that cannot be reached, parsed or changed (no right to
     create the vector extension, say) is a RuntimeError with a sentence, not a traceback."""
-    from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
 
     from clapq.db import migrate
 
-    try:
-        where = make_url(url).render_as_string(hide_password=True)
-    except (SQLAlchemyError, ValueError):  # their messages repeat the URL, password and all
-        raise RuntimeError("DATABASE_URL is not a database URL like postgresql://user:password@host:5432/clapq "
-                           "(its port, host or name cannot be read)") from None
+    where = _where(url)
     try:
         migrate(url)
     except SQLAlchemyError as exc:
-        why = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        raise RuntimeError(f"cannot set up the database at {where}: {why[0] if why else type(exc).__name__}") from None
+        raise RuntimeError(f"cannot set up the database at {where}: {_why(exc)}") from None
+
+
+def _clapq_database(url: str, tables: bool = True) -> None:
+    """A RuntimeError with a sentence where the service's database cannot be reached, or holds no clapq tables
+    (`tables`; DATABASE_URL naming another database): `clapq check`, `backup` and `restore` met both as a traceback,
+    an OperationalError or 'relation "items" does not exist' (helper-109)."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from clapq.db import get_engine
+
+    where = _where(url)
+    try:
+        with get_engine(url).connect() as conn:
+            ours = conn.scalar(text("SELECT to_regclass('public.items') IS NOT NULL"))
+    except SQLAlchemyError as exc:
+        raise RuntimeError(f"cannot reach the database at {where}: {_why(exc)}") from None
+    if tables and not ours:
+        raise RuntimeError(f"the database at {where} holds no clapq tables: it is not the service's database "
+                           "(DATABASE_URL), or no `clapq migrate` has run on it")
+
+
+def _make_data_dir(data_dir: Path, instead: str) -> None:
+    """The data directory, made where it is not there yet. One that cannot be (a file of that name, a disk mounted
+    read-only or not at all, a folder of another user's) was a traceback from `clapq up` and `clapq restore`
+    (helper-109); it is a sentence now."""
+    if data_dir.exists() and not data_dir.is_dir():  # was a FileExistsError traceback
+        _fail(f"the data directory {data_dir} is a file: {instead}", 1)
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _fail(f"cannot make the data directory {data_dir}: {exc.strerror or exc}", 1)
 
 
 def cmd_migrate(args) -> None:
@@ -310,10 +360,11 @@ def cmd_backup(args) -> None:
 
     settings, stack, url = _service_data(args, " (and CLAPQ_BLOB_DIR to its stored files)")
     try:
+        _clapq_database(url)
         key = None if settings.database_url else settings.data_dir / "api_key"
         backup(url, settings.blob_dir, args.dest, key_file=key, say=lambda m: print(m, file=sys.stderr),
                check=f"clapq check{_data_dir_flag(args)}")
-    except (BackupError, OSError) as exc:
+    except (BackupError, RuntimeError, OSError) as exc:
         _fail(str(exc), 1)
     finally:
         for stop in reversed(stack):
@@ -327,9 +378,10 @@ def cmd_check(args) -> None:
     try:
         if not settings.blob_dir.is_dir():
             _fail(f"no stored files at {settings.blob_dir} (CLAPQ_BLOB_DIR): not this service's store", 1)
+        _clapq_database(url)
         report = check(url, settings.blob_dir, verify=args.verify, remove_orphans=args.remove_orphans,
                        rate=args.rate * 1e6, say=lambda m: print(m, file=sys.stderr, flush=True))
-    except OSError as exc:
+    except (RuntimeError, OSError) as exc:
         _fail(str(exc), 1)
     finally:
         for stop in reversed(stack):
@@ -352,15 +404,14 @@ def cmd_restore(args) -> None:
     data_dir = settings.data_dir
     lock = None
     if not settings.database_url:  # a `clapq up` on the data directory restored into: refused
-        if data_dir.exists() and not data_dir.is_dir():  # was a FileExistsError traceback
-            _fail(f"--data-dir {data_dir} is a file: restore into a new folder (`clapq up --data-dir` it then)", 1)
-        data_dir.mkdir(parents=True, exist_ok=True)
+        _make_data_dir(data_dir, "restore into a new folder (`clapq up --data-dir` it then)")
         # its words were up's, "or give this one its own --data-dir", and a usage error's exit status
         lock = _lock_data_dir(data_dir, "though a restore goes into a new data directory, not one with clapq's data",
                               1)
     stack: list = []
     try:
         url = _database_url(settings, data_dir, stack)
+        _clapq_database(url, tables=False)  # restore() refuses one that holds them
         restore(args.backup, url, settings.blob_dir, say=lambda m: print(m, file=sys.stderr),
                 check=f"clapq check{_data_dir_flag(args)}")
         _migrate(url)  # a backup of an earlier clapq: brought to this one's schema
@@ -597,7 +648,7 @@ def cmd_up(args) -> None:
     settings = Settings.from_env(data_dir=args.data_dir)
     _check_model(settings)
     data_dir = settings.data_dir.expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    _make_data_dir(data_dir, "give `clapq up` a folder, new or its own, with --data-dir")
     lock = _lock_data_dir(data_dir)
     _port_free(args.host, args.port)
     stack: list = [lock.close]  # released last, when everything else has stopped

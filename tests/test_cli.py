@@ -4777,6 +4777,74 @@ def test_a_restore_into_an_own_postgres_says_where_the_stored_files_went(setting
     assert blobs.is_dir()
 
 
+def test_a_backup_or_data_directory_where_nothing_can_be_written_is_a_sentence(settings, tiny_model, tmp_path):
+    """An operator's slips, each a traceback before (helper-109): `clapq backup` into a place it cannot write (a
+    disk not mounted, a folder of another user's, a read-only mount) said only "[Errno 30] Read-only file system:
+    'DEST.partial'" (here "[Errno 17] File exists: 'PARENT'"), a name the operator never gave; `clapq restore` and `clapq up` given a --data-dir that cannot
+    be made printed a NotADirectoryError (or PermissionError) traceback. Each is one sentence now, naming what was
+    given, and leaves nothing behind. A file stands for the place here, as root may write anywhere else."""
+    from clapq.backup import backup
+    from clapq.blobs import BlobStore
+
+    backup(settings.database_url, BlobStore(settings.blob_dir).root, tmp_path / "bk", say=lambda m: None)
+    (tmp_path / "a-file").write_text("")
+    nowhere = tmp_path / "a-file" / "sub"
+    cli = [sys.executable, "-m", "clapq.cli"]
+    out = subprocess.run(cli + ["backup", str(nowhere)],
+                         env=_env(tiny_model, DATABASE_URL=settings.database_url, CLAPQ_BLOB_DIR=str(settings.blob_dir)),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith(f"clapq: cannot write the backup into {nowhere}: ") and \
+        out.stderr.rstrip().endswith("; nothing was written"), out.stderr
+    for command in (["restore", str(tmp_path / "bk")], ["up", "--port", str(free_port())]):
+        out = subprocess.run(cli + command + ["--data-dir", str(nowhere)], env=_env(tiny_model),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, (command, out.stderr)
+        assert out.stderr.startswith(f"clapq: cannot make the data directory {nowhere}: "), (command, out.stderr)
+    assert (tmp_path / "a-file").read_text() == "" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "bk"]
+
+
+def test_a_database_url_that_is_not_the_service_s_database_is_a_sentence(settings, tiny_model, tmp_path):
+    """DATABASE_URL set wrong (no server there, a database without clapq's tables, another kind of database): `clapq
+    check`, `clapq backup` and `clapq restore` printed a traceback, an OperationalError, 'relation "items" does not
+    exist' or a ModuleNotFoundError for MySQLdb, and `clapq migrate` the last (helper-109). Each says what is wrong
+    with the URL now, its password left out, and writes nothing."""
+    import psycopg2
+    from sqlalchemy.engine import make_url
+
+    from clapq.backup import backup
+    from clapq.blobs import BlobStore
+
+    backup(settings.database_url, BlobStore(settings.blob_dir).root, tmp_path / "bk", say=lambda m: None)
+    with contextlib.closing(psycopg2.connect(settings.database_url.replace("+psycopg2", ""))) as c:
+        c.autocommit = True
+        c.cursor().execute("CREATE DATABASE not_clapq")
+    other = make_url(settings.database_url).set(database="not_clapq").render_as_string(hide_password=False)
+    (tmp_path / "blobs").mkdir()
+    cli = [sys.executable, "-m", "clapq.cli"]
+    commands = (["check"], ["backup", str(tmp_path / "new-bk")], ["restore", str(tmp_path / "bk")], ["migrate"])
+    for url, said in (("postgresql://clapq:s3cret@127.0.0.1:9/clapq",
+                       r"cannot (reach|set up) the database at postgresql://clapq:\*\*\*@127\.0\.0\.1:9/clapq: "
+                       r'connection to server at "127\.0\.0\.1", port 9 failed'),
+                      ("mysql://clapq:s3cret@127.0.0.1/clapq",
+                       r"DATABASE_URL is not a PostgreSQL URL like postgresql://user:password@host:5432/clapq "
+                       r"\(it begins mysql://\)")):
+        for command in commands:
+            out = subprocess.run(cli + command, env=_env(tiny_model, DATABASE_URL=url, CLAPQ_BLOB_DIR=str(tmp_path / "blobs")),
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 1 and "Traceback" not in out.stderr and "s3cret" not in out.stderr, \
+                (command, out.stderr)
+            assert re.fullmatch(f"clapq: {said}.*\n", out.stderr), (command, out.stderr)
+    for command in commands[:2]:
+        out = subprocess.run(cli + command, env=_env(tiny_model, DATABASE_URL=other, CLAPQ_BLOB_DIR=str(tmp_path / "blobs")),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, (command, out.stderr)
+        assert re.fullmatch(r"clapq: the database at \S+/not_clapq\S* holds no clapq tables: it is not the service's "
+                            r"database \(DATABASE_URL\), or no `clapq migrate` has run on it\n", out.stderr), \
+            (command, out.stderr)
+    assert not (tmp_path / "new-bk").exists() and list((tmp_path / "blobs").iterdir()) == []
+
+
 def test_a_backup_goes_on_past_a_shard_folder_a_deletion_removed_as_it_was_listed(own_database, tmp_path):
     """The first pass lists the store's shard folders (ROOT/ab/cd), then each one's files; a deletion meanwhile
     removes a shard folder its last file leaves empty (most hold one file up to tens of thousands of files), and
