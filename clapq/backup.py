@@ -114,6 +114,11 @@ def backup(url: str, blob_dir: Path, dest: Path, key_file: Path | None = None, s
         raise BackupError(f"{dest} exists already and is not an empty folder: give a new one")
     if not Path(blob_dir).is_dir():
         raise BackupError(f"no stored files at {blob_dir} (CLAPQ_BLOB_DIR): nothing of this service to back up")
+    if Path(os.path.realpath(dest)).is_relative_to(os.path.realpath(blob_dir)):
+        # was taken: every file of it was then one `clapq check` listed as not clapq's, exit 1, for good
+        raise BackupError(f"{dest} is inside the stored files' folder it backs up, {blob_dir} (CLAPQ_BLOB_DIR): "
+                          "`clapq check` would take the backup's files for strays in the store, and it would go "
+                          "with the store; give a folder elsewhere (on another disk at best)")
     store = BlobStore(blob_dir)
     with contextlib.ExitStack() as held:
         try:

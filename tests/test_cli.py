@@ -4862,6 +4862,27 @@ def test_a_backup_goes_on_past_a_shard_folder_a_deletion_removed_as_it_was_liste
     assert manifest["missing_files"] == 0 and (tmp_path / "bk" / "backup.json").is_file()
 
 
+def test_a_backup_into_the_store_it_backs_up_is_refused(own_database, tmp_path):
+    """`clapq backup DIR/blobs/bk` (a slip of the path, or a link into the store) was taken: the backup's every file
+    was then one `clapq check` listed as not clapq's in the store, exit 1 for good, never removed, and the backup
+    went with the store it was meant to outlive (helper-109). It is refused now, through a link too, writing
+    nothing."""
+    from clapq.backup import BackupError, backup
+    from clapq.blobs import BlobStore, scan
+
+    store = BlobStore(tmp_path / "blobs")
+    store.put_bytes(b"a stored file")
+    before = scan(store.root)
+    (tmp_path / "link").symlink_to(store.root)
+    for dest in (store.root / "bk", tmp_path / "link" / "backups" / "today"):
+        with pytest.raises(BackupError) as caught:
+            backup(own_database, store.root, dest, say=lambda m: None)
+        assert f"{dest} is inside the stored files' folder it backs up, {store.root} (CLAPQ_BLOB_DIR)" in \
+            str(caught.value), caught.value
+    assert scan(store.root) == before and not any((store.root / n).exists() for n in ("bk", "bk.partial", "backups"))
+    backup(own_database, store.root, tmp_path / "bk", say=lambda m: None)  # beside it: taken
+
+
 def test_a_restore_given_a_data_dir_with_a_tilde_goes_where_clapq_up_looks(settings, tiny_model, tmp_path):
     """`clapq up --data-dir=~/d` (the shell leaves a ~ after '=' as it is; so does an env file's CLAPQ_DATA_DIR)
     serves $HOME/d, but `clapq restore BK --data-dir=~/d` made a folder named '~' in the working directory, then
