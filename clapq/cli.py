@@ -425,7 +425,13 @@ def cmd_restore(args) -> None:
             stop()
         if lock is not None:
             lock.close()
-    if not settings.database_url:
+    if not settings.database_url and os.environ.get("CLAPQ_BLOB_DIR"):
+        # the files are not in the data directory, where a `clapq up --data-dir` without it looks: every item's
+        # stored file missing (it said to start it so, helper-109)
+        blobs = shlex.quote(str(settings.blob_dir.resolve()))
+        print(f"restored into {data_dir}, its stored files into {blobs} (CLAPQ_BLOB_DIR): start it with "
+              f"`CLAPQ_BLOB_DIR={blobs} clapq up --data-dir {shlex.quote(str(data_dir))}`", file=sys.stderr)
+    elif not settings.database_url:
         print(f"restored: start it with `clapq up --data-dir {data_dir}`", file=sys.stderr)
     else:  # CLAPQ_BLOB_DIR unset, the files are in the default data directory, which a service may not use
         default = "" if os.environ.get("CLAPQ_BLOB_DIR") else " (the default: CLAPQ_BLOB_DIR is not set)"

@@ -4777,6 +4777,25 @@ def test_a_restore_into_an_own_postgres_says_where_the_stored_files_went(setting
     assert blobs.is_dir()
 
 
+def test_a_restore_into_a_data_dir_with_its_own_blob_dir_says_to_start_it_with_that_blob_dir(settings, tiny_model,
+                                                                                              tmp_path):
+    """`clapq restore BK --data-dir D` with CLAPQ_BLOB_DIR set (and no DATABASE_URL) puts the rows in D's embedded
+    Postgres and the stored files in CLAPQ_BLOB_DIR, then said "restored: start it with `clapq up --data-dir D`":
+    started so, from a shell without CLAPQ_BLOB_DIR, the service looked in D/blobs, which does not exist, and every
+    item's stored file was missing (helper-109). It names the folder now, in the command it gives."""
+    from clapq.backup import backup
+    from clapq.blobs import BlobStore
+
+    backup(settings.database_url, BlobStore(settings.blob_dir).root, tmp_path / "bk", say=lambda m: None)
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "restore", str(tmp_path / "bk"), "--data-dir",
+                          str(tmp_path / "d")], env=_env(tiny_model, CLAPQ_BLOB_DIR=str(tmp_path / "files")),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"start it with `CLAPQ_BLOB_DIR={tmp_path / 'files'} clapq up --data-dir {tmp_path / 'd'}`" in out.stderr, \
+        out.stderr
+    assert (tmp_path / "files").is_dir() and not (tmp_path / "d" / "blobs").exists()
+
+
 def test_a_backup_or_data_directory_where_nothing_can_be_written_is_a_sentence(settings, tiny_model, tmp_path):
     """An operator's slips, each a traceback before (helper-109): `clapq backup` into a place it cannot write (a
     disk not mounted, a folder of another user's, a read-only mount) said only "[Errno 30] Read-only file system:
