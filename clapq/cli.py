@@ -280,10 +280,27 @@ def _whole(name: str, default: str, lo: int, hi: int) -> int:
     return value
 
 
+def _check_scratch(root: Path) -> None:
+    """A scratch folder the worker cannot make or write in (a read-only mount, another user's, a path under a
+    file) stops it at start with a sentence. It started, and every task then failed on it, "OSError: [Errno 30]
+    Read-only file system", leaving its files `running` until CLAPQ_STALE_AFTER_S, sent again, failing again,
+    while /readyz said ready and `clapq upload` said "a worker stopped?" (helper-109)."""
+    import tempfile
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".check-"):
+            pass
+    except OSError as exc:
+        _fail(f"CLAPQ_SCRATCH_DIR {root} cannot be written ({exc.strerror or exc}): workers decode each file into "
+              "it; give a folder this user can write, on a disk with room for the decoded audio", 1)
+
+
 def cmd_worker(args) -> None:
     os.environ["CLAPQ_PROCESS"] = "clapq-worker"
     settings = Settings.from_env().require_urls()
     _check_model(settings)
+    _check_scratch(settings.scratch_dir)
     if settings.worker_nice > 0:  # the pool children inherit it
         os.nice(settings.worker_nice)
     from worker.celery_app import app

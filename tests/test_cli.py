@@ -4796,6 +4796,28 @@ def test_a_restore_into_a_data_dir_with_its_own_blob_dir_says_to_start_it_with_t
     assert (tmp_path / "files").is_dir() and not (tmp_path / "d" / "blobs").exists()
 
 
+def test_a_worker_whose_scratch_folder_cannot_be_written_stops_at_start_saying_so(settings, tiny_model, tmp_path):
+    """CLAPQ_SCRATCH_DIR set to a folder the worker cannot make or write (a read-only mount, another user's, a path
+    under a file): the worker started, and every task failed, "OSError: [Errno 30] Read-only file system" in the log
+    only, its files left `running` until CLAPQ_STALE_AFTER_S, sent again and failing again, with /readyz ready and
+    `clapq upload` saying "a worker stopped?" (helper-109). It stops at start now, with a sentence naming the
+    variable, as for a model it cannot load, so `clapq up` (or the supervisor) shows why."""
+    (tmp_path / "a-file").write_text("")
+    scratch = tmp_path / "a-file" / "scratch"
+    proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "worker"], start_new_session=True,
+                            env=_env(tiny_model, DATABASE_URL=settings.database_url, REDIS_URL=settings.redis_url,
+                                     CLAPQ_SCRATCH_DIR=str(scratch)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"the worker is still running:\n{err[-2000:]}") from None
+    assert proc.returncode == 1, err
+    assert err.startswith(f"clapq: CLAPQ_SCRATCH_DIR {scratch} cannot be written (") and "Traceback" not in err, err
+
+
 def test_a_backup_or_data_directory_where_nothing_can_be_written_is_a_sentence(settings, tiny_model, tmp_path):
     """An operator's slips, each a traceback before (helper-109): `clapq backup` into a place it cannot write (a
     disk not mounted, a folder of another user's, a read-only mount) said only "[Errno 30] Read-only file system:
