@@ -877,6 +877,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     theirs: set[str] = set()
     job_bytes: list[int] = []  # what each job was sent: its weight in the share shown while waiting
     copies_of: dict[str, list[str]] = {}  # item id -> the paths of the copies sent of its bytes
+    sent_items: dict[str, list[tuple[str, str]]] = {}  # job -> (item, path) of each file it was sent, copies too
     where: dict[str, str] = {}  # item id -> the file's path in the folder (the server keeps its base name)
     # copies not sent, since the library holds their bytes: named as the server names the copies it is sent,
     # so that a folder says the same of its copies on every run (digest -> its first path in the folder)
@@ -985,6 +986,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             job_bytes.append(nbytes)
             for it, p in zip(answer["items"], batch):
                 rel = p.relative_to(folder).as_posix()
+                sent_items.setdefault(jobs[-1], []).append((it.get("duplicate_of") or it["id"], rel))
                 if "duplicate_of" in it and it["duplicate_of"] not in where and (resend or p in mending):
                     # held already, sent on purpose: its stored copy written anew
                     where[it["duplicate_of"]] = rel
@@ -1093,8 +1095,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
               f"stored once: {_some(said)}", file=sys.stderr)
     waited = jobs + resumed
     try:
-        failed, cancelled = (_wait(client, waited, job_bytes + [earlier[j] for j in resumed], where, copies_of,
-                                   only={j: theirs for j in resumed}) if wait and waited else (0, 0))
+        failed, cancelled, deleted = (_wait(client, waited, job_bytes + [earlier[j] for j in resumed], where,
+                                            copies_of, only={j: theirs for j in resumed}, sent=sent_items)
+                                      if wait and waited else (0, 0, 0))
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # after the progress line
@@ -1110,7 +1113,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     print(json.dumps({"library_id": lib["id"], "jobs": jobs, "earlier_jobs": resumed, "files": found, "skipped": skipped,
                       "not_sent": unsent, "unreadable": len(listing.closed), "duplicates": copies,
                       "by_another": len(by_another), "resent": len(resent), "mended": len(mended), "renamed": len(renamed), "failed": failed, "failed_before": len(failed_before),
-                      "cancelled": cancelled}))
+                      "cancelled": cancelled, "deleted": deleted}))
     return 1 if failed or unsent or cancelled or listing.closed else 0
 
 
@@ -1403,13 +1406,16 @@ LOG_EVERY_S = 30.0  # the most often `clapq upload` writes a line of progress to
 
 def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str, str],
           copies_of: dict[str, list[str]], only: dict[str, set] | None = None, listed: bool = False,
-          again: str = "run this upload again to send them") -> tuple[int, int]:
+          again: str = "run this upload again to send them",
+          sent: dict[str, list[tuple[str, str]]] | None = None) -> tuple[int, int, int]:
     """Wait for the jobs (`job_bytes`: what each was sent), showing progress; list the files that failed
     (by their path in the folder, `where`: item id -> path, with the copies of its bytes sent beside it,
     `copies_of`: item id -> paths; of a job in `only`, just the items it names; `listed`: each by the path its
     item keeps, read from the job's listing of failed items), and say which jobs were cancelled meanwhile
     (from elsewhere: the API or another terminal), with `again` (what sends their files again; `{job}`: the
-    job's id); returns the numbers of files failed, copies included, and cancelled."""
+    job's id); and which files of a job in `sent` (job -> (item, path) of each file the job was sent) were
+    deleted while it waited (from the API or another terminal): they ended in no state, and were said in none
+    (helper-110). Returns the numbers of files failed, copies included, cancelled and deleted."""
     only = only or {}
     # on a terminal one line that updates in place; in a log, a line each time the tenth of the work done
     # moves (a long file moves the share long before the count), or the count, at most once a LOG_EVERY_S:
@@ -1476,7 +1482,25 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
             cancelled += n
             print(f"cancelled: {n_files(n)} of job {job} not embedded (the job was "
                   f"cancelled); {again.format(job=job)}", file=sys.stderr)
-    return failed, cancelled
+    deleted = 0
+    for job, s in zip(jobs, states):
+        if gone := _deleted_meanwhile(client, job, s, (sent or {}).get(job, [])):
+            deleted += len(gone)
+            print(f"deleted: {n_files(len(gone))} of job {job} deleted from the library while the upload waited (from "
+                  f"the API or another terminal): {_some([printable(g) for g in gone])}; a run of this upload again "
+                  f"sends {'it' if len(gone) == 1 else 'them'} again", file=sys.stderr)
+    return failed, cancelled, deleted
+
+
+def _deleted_meanwhile(client: Client, job: str, state: dict, sent: list[tuple[str, str]]) -> list[str]:
+    """The paths of the files `sent` to the job (item, path each) whose items were deleted since: the job counts
+    fewer files than it was sent. Its listing holds the items it still counts; one that is not there may also have
+    moved to another job (a retry elsewhere of a failed file), and is deleted only where it is gone."""
+    if not sent or state["counts"]["total"] >= len(sent):
+        return []
+    kept = {i["id"] for i in _items(client, f"/v1/jobs/{urllib.parse.quote(job, safe='')}/items")}
+    gone = {item for item in {item for item, _ in sent} - kept if client.item(item)[0] is None}
+    return [rel for item, rel in sent if item in gone]
 
 
 def list_libraries(client: Client, as_json: bool = False) -> None:
@@ -1631,7 +1655,7 @@ def wait_job(client: Client, job: str) -> int:
         if lib is not None:
             _not_for_another_model(lib, client.limits(), state["counts"]["queued"] + state["counts"]["running"])
     try:
-        failed, cancelled = _wait(client, [state["id"]], [1], {}, {}, listed=True,
+        failed, cancelled, _ = _wait(client, [state["id"]], [1], {}, {}, listed=True,
                                   again="`clapq jobs retry {job}` queues them again")
     except KeyboardInterrupt:
         if sys.stderr.isatty():

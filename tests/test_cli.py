@@ -1906,7 +1906,12 @@ def test_a_failed_file_names_its_copies_and_counts_them(tmp_path, tiny_model):
                                                          {"id": "i1", "filename": "b.wav", "duplicate_of": "i1"}]}, {}
             return 202, {"job_id": "job2", "items": [{"id": "i1", "filename": "c.wav", "duplicate_of": "i1"}]}, {}
         error = [{"item_id": "i1", "filename": "a.wav", "error": "not a readable audio file"}]
-        return 200, {"status": "done_with_errors", "progress": 1.0, "counts": {"done": 0, "failed": 1, "total": 1}, "errors": error}, {}
+        if "/items" in path:
+            return 200, {"items": [{"id": "i1", "filename": "a.wav", "status": "failed", **error[0]}],
+                         "next_cursor": None}, {}
+        n = 2 if path.startswith("/v1/jobs/job1") else 1  # a job counts each file it was sent, copies too
+        return 200, {"status": "done_with_errors", "progress": 1.0, "counts": {"done": 0, "failed": n, "total": n},
+                     "errors": error}, {}
 
     for name in ("a.wav", "b.wav", "c.wav"):
         (tmp_path / name).write_bytes(b"not audio, the same bytes")
@@ -2288,7 +2293,7 @@ def test_a_long_wait_writes_a_line_to_a_log_at_each_tenth_and_at_most_every_30_s
                      "counts": {"done": done - (done == 200), "failed": int(done == 200), "total": 200}}, {}
 
     with fake_api(answer) as url:
-        assert c._wait(c.Client(url, "cq_x"), ["j1"], [1000], {"i1": "a/x.wav"}, {}) == (1, 0)
+        assert c._wait(c.Client(url, "cq_x"), ["j1"], [1000], {"i1": "a/x.wav"}, {}) == (1, 0, 0)
     lines = [line for line in capsys.readouterr().err.splitlines() if "files processed" in line]
     assert lines[-1] == "200/200 files processed (100%)" and 10 <= len(lines) <= 14, lines
     assert [int(line.split("(")[1].split("%")[0]) // 10 for line in lines[:3]] == [0, 1, 2], lines
@@ -3774,6 +3779,49 @@ def test_an_upload_that_only_waits_for_files_of_another_model_says_so(start_api,
                             env=env, capture_output=True, text=True, timeout=120)
     assert waited.returncode == 1 and waited.stderr.startswith(
         f"clapq: library 'retired' is bound to model {other} (retired), and this service runs model "), waited.stderr
+
+
+def test_files_deleted_while_the_upload_waits_are_said_and_counted(start_api, new_key, tmp_path, tiny_model):
+    """Files of the upload deleted from the library (the API, another terminal) while `clapq upload` waits for
+    them: they were said nowhere, and the summary left them out ("files": 4, one cancelled, none failed or not
+    sent, after "0/1 files processed"), so files sent were silently not in the library (helper-110's messy
+    folder: 60 items, 64 of 1,345 files). Now each is named, and counted as `deleted`. The files stay queued here, as the API runs
+    a model no worker serves, until the rest of the job is cancelled."""
+    from tests.test_engine import another_model
+
+    base, key = start_api(CLAPQ_MODEL=str(another_model(tiny_model, tmp_path))), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    folder = tmp_path / "take"
+    folder.mkdir()
+    for i, name in enumerate(("a.wav", "b.wav", "c.wav")):
+        write(folder / name, 0.5, seed=1100 + i)
+    (folder / "sub").mkdir()
+    write(folder / "sub" / "copy of a.wav", 0.5, seed=1100)
+    p = subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "racy", "--url",
+                          base, "--key", key], env=_env(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        said = []
+        while not (said and said[-1].startswith("uploaded 4 files (job ")):
+            said.append(p.stderr.readline())
+            assert said[-1], said
+        job = said[-1].split("(job ")[1].rstrip(")\n")
+        lib = requests.get(f"{base}/v1/jobs/{job}", headers=h, timeout=30).json()["library_id"]
+        items = {i["metadata"]["path"]: i["id"] for i in
+                 requests.get(f"{base}/v1/libraries/{lib}/items", headers=h, timeout=30).json()["items"]}
+        r = requests.post(f"{base}/v1/libraries/{lib}/deletions", headers=h, timeout=30,
+                          json={"item_ids": [items["a.wav"], items["b.wav"]]})
+        assert r.status_code == 200 and r.json()["deleted"]["items"] == 2, r.text
+        assert requests.post(f"{base}/v1/jobs/{job}/cancel", headers=h, timeout=30).status_code == 200
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert p.returncode == 1, err  # for the cancelled file, as before
+    assert "cancelled: 1 file of job " in err, err
+    assert (f"deleted: 3 files of job {job} deleted from the library while the upload waited (from the API or "
+            "another terminal): a.wav, b.wav, sub/copy of a.wav; a run of this upload again sends them again") in err, err
+    summary = json.loads(out)
+    assert (summary["files"], summary["cancelled"], summary["deleted"], summary["failed"]) == (4, 1, 3, 0), summary
 
 
 def test_a_folder_is_sent_whole_where_the_shell_allows_few_open_files(start_api, new_key, tmp_path, tiny_model):
