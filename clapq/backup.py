@@ -266,10 +266,12 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
                               "(CLAPQ_BLOB_DIR): it is not this database's store, or it lost every one (`clapq "
                               "check` lists them)")
         if missing:  # lost before this backup (its items fail, "the stored copy is missing"): the rest is kept
-            say(f"warning: {len(missing)} stored file{'s' if len(missing) != 1 else ''} that items hold "
-                f"{'are' if len(missing) != 1 else 'is'} missing from {blob_dir} (the first: {missing[0]}), as "
-                f"they are in the service: backed up without them; `{check}` names their items and how to mend "
-                "them, and a backup after that holds them")
+            one = len(missing) == 1
+            say(f"warning: {len(missing)} stored file{'' if one else 's'} that items hold {'is' if one else 'are'} "
+                f"missing from {blob_dir} ({'its name' if one else 'the first'}: {missing[0]}), as "
+                f"{'it is' if one else 'they are'} in the service: backed up without {'it' if one else 'them'}; "
+                f"`{check}` names {'its' if one else 'their'} items and how to mend them, and a backup after that "
+                f"holds {'it' if one else 'them'}")
         if damaged:  # as good as lost (a download of one is cut off, its re-embed reads other audio): the same
             say(f"warning: {len(damaged)} stored file{'s' if len(damaged) != 1 else ''} that items hold "
                 f"{'are' if len(damaged) != 1 else 'is'} damaged in {blob_dir} (the first: {damaged[0]}): "

@@ -4354,10 +4354,11 @@ def test_a_running_service_backed_up_is_restored_elsewhere_with_the_same_results
     out = subprocess.run(cli + ["backup", str(tmp_path / "backup-lost"), "--data-dir", str(tmp_path / "a")],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert re.search(r"warning: 1 stored file that items hold is missing from .*backed up without them", out.stderr)
+    assert re.search(r"warning: 1 stored file that items hold is missing from .* \(its name: [0-9a-f]{64}\), as it is "
+                     r"in the service: backed up without it;", out.stderr), out.stderr
     # and what to do about it, with the command's --data-dir (it named a digest, and nothing to run)
-    assert f"backed up without them; `clapq check --data-dir {tmp_path / 'a'}` names their items and how to mend them" \
-        in out.stderr, out.stderr
+    assert f"backed up without it; `clapq check --data-dir {tmp_path / 'a'}` names its items and how to mend them, " \
+        "and a backup after that holds it" in out.stderr, out.stderr
     assert "backed up 4 items and their 3 stored files" in out.stderr, out.stderr
     # its restore says so too (it said only 'restored 4 items and their 3 stored files'), where the user who
     # restores it may not be the one who saw the backup's warning
