@@ -895,8 +895,11 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     on_disk = Where(folder, listing.audio)
     elsewhere: set = set()  # held files sent from another folder, at the same path here
 
-    def held_by_jobs(pending: dict[Path, tuple[str | None, str | None]]) -> None:
-        """Held files not embedded yet: their jobs are waited for too, and their failures told by these paths."""
+    def held_by_jobs(pending: dict[Path, tuple[str | None, str | None]]) -> int:
+        """Held files not embedded yet: their jobs are waited for too, and their failures told by these paths.
+        Returns how many are not in this run's own jobs: the rest are copies of files it sent in an earlier request,
+        said as copies, and were said as "not embedded yet: `clapq search` finds them once they are" too, as if
+        the command would not wait for them, while it waits for its jobs (helper-110)."""
         for p, (job, item) in pending.items():
             # a copy of a file this run sent in an earlier request is told as a copy (above), and
             # a failure of that file by the path that was sent
@@ -904,6 +907,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                 earlier[job] = earlier.get(job, 0) + _size(p)
                 where.setdefault(item, p.relative_to(folder).as_posix())
                 theirs.add(item)
+        return sum(job is None or job not in jobs for job, _ in pending.values())
     cut_at = (min(files_open_at_once(), limits.get("max_files_per_batch") or BATCH_FILES),
               min(BATCH_BYTES, limits.get("max_request_bytes") or BATCH_BYTES))
 
@@ -923,8 +927,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             mending.update(lost)
             unasked = unasked or not answered
             skipped += len(group) - len(new) - len(failed)
-            unfinished += len(pending)
-            held_by_jobs(pending)
+            unfinished += held_by_jobs(pending)
             failed_before.extend(printable(p.relative_to(folder).as_posix()) for p in failed)
             sending = set(new)
             for p in group:
@@ -967,8 +970,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                     mending.update(lost)
                     unasked = unasked or not answered
                     skipped += len(batch) - len(new) - len(failed_here)
-                    unfinished += len(pending)
-                    held_by_jobs(pending)
+                    unfinished += held_by_jobs(pending)
                     failed_before.extend(printable(p.relative_to(folder).as_posix()) for p in failed_here)
                     answer, batch, left_out, gone = None, new, [], Counter()
                     if not batch:

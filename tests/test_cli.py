@@ -3824,6 +3824,42 @@ def test_files_deleted_while_the_upload_waits_are_said_and_counted(start_api, ne
     assert (summary["files"], summary["cancelled"], summary["deleted"], summary["failed"]) == (4, 1, 3, 0), summary
 
 
+def test_copies_of_files_this_upload_sent_are_not_said_to_be_left_unwaited(start_api, new_key, tmp_path, tiny_model):
+    """A copy whose original this run sent in an earlier request is held, queued in this run's own job, when the
+    library is asked about it: it was said as "1 of them not embedded yet: `clapq search` finds them once they
+    are", as if the command would not wait for it, while it waits for its job (helper-110's second run of a
+    messy folder: "5 of them"). The API runs a model no worker serves, so the files stay queued, and takes one
+    file a request, so the copy, two files behind its original (the files are asked about a request ahead), is
+    asked about after its original was sent."""
+    from tests.test_engine import another_model
+
+    base = start_api(CLAPQ_MODEL=str(another_model(tiny_model, tmp_path)), CLAPQ_MAX_FILES_PER_BATCH="1")
+    key = new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    assert requests.post(f"{base}/v1/libraries", json={"name": "copies"}, headers=h, timeout=30).status_code == 201
+    folder = tmp_path / "take"
+    folder.mkdir()
+    write(folder / "a.wav", 0.5, seed=1110)
+    write(folder / "b.wav", 0.5, seed=1111)
+    shutil.copy(folder / "a.wav", folder / "c.wav")
+    p = subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "copies", "--url",
+                          base, "--key", key], env=_env(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        said = []
+        while not (said and said[-1].startswith("1 file had the same bytes as another")):
+            said.append(p.stderr.readline())
+            assert said[-1], said
+        for job in [line.split("(job ")[1].rstrip(")\n") for line in said if line.startswith("uploaded 1 file (job ")]:
+            assert requests.post(f"{base}/v1/jobs/{job}/cancel", headers=h, timeout=30).status_code == 200
+        out, err = p.communicate(timeout=120)
+    finally:
+        p.kill()
+    assert "1 of 3 files is in the library already: not sent again\n" in said, said
+    assert said[-1] == "1 file had the same bytes as another and is stored once: c.wav (= a.wav)\n", said
+    assert err.count("cancelled: 1 file of job ") == 2 and json.loads(out)["skipped"] == 1, (out, err)
+
+
 def test_a_folder_is_sent_whole_where_the_shell_allows_few_open_files(start_api, new_key, tmp_path, tiny_model):
     """`clapq upload` holds every file of a request open while it streams them, up to 128 files. Under a soft
     limit of open files below that (`ulimit -n 128`, or 256 where the interpreter and libraries hold more),
