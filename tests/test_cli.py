@@ -1295,6 +1295,42 @@ def test_a_search_that_finds_nothing_while_files_are_queued_says_so(tiny_model):
     assert "no results: library 'x' has 3 files still to embed; search again once they are" in out.stderr, out.stderr
 
 
+def test_an_upload_with_nothing_to_send_into_a_library_of_another_model_says_so(start_api, new_key, worker, settings,
+                                                                                 tmp_path, tiny_model):
+    """A folder uploaded once, run again after the service's CLAPQ_MODEL changed: nothing to send, and it said
+    only that the files were in the library already, exit 0, where the search that follows answered 409
+    (helper-108). It now says that the library is bound to another model, and where it is searched. The
+    library is made another model's as a service of that model would have left it: its row names that model."""
+    from sqlalchemy import update
+
+    from clapq.models import EmbeddingModel, Library
+
+    base, key = start_api(), new_key()
+    folder = tmp_path / "old"
+    folder.mkdir()
+    write(folder / "a.wav", 0.5, seed=92)
+
+    def clapq(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *args, "--url", base, "--key", key],
+                              env=_env(tiny_model), capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+
+    first = clapq("upload", str(folder), "--library", "old")
+    assert first.returncode == 0 and "bound to model" not in first.stderr, first.stderr
+    lib = json.loads(first.stdout)["library_id"]
+    with session_scope(settings.database_url) as s:
+        other = EmbeddingModel(name="/srv/other-clap", weights_sha256=uuid.uuid4().hex * 2, dim=512)
+        s.add(other)
+        s.flush()
+        s.execute(update(Library).where(Library.id == lib).values(model_id=other.id))
+        other_id = other.id
+    out = clapq("upload", str(folder), "--library", "old")
+    assert out.returncode == 0 and json.loads(out.stdout)["skipped"] == 1, out
+    assert f"library 'old' is bound to model {other_id} (/srv/other-clap), not the one this service runs (model " \
+        in out.stderr and "and here a search of it is refused (409)" in out.stderr, out.stderr
+    assert "POST /v1/search failed (409): library 'old'" in clapq("search", "tone", "--library", "old").stderr
+
+
 def test_a_search_that_finds_some_while_files_are_queued_says_the_rest_are_not_searched_yet(
         start_api, new_key, worker, settings, tmp_path, tiny_model):
     """A search right after `clapq upload --no-wait` found the files embedded so far and said nothing of the
