@@ -12,7 +12,8 @@ from flask import Flask, current_app, g, has_app_context, jsonify, request
 from flask.json.provider import DefaultJSONProvider
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import exc as orm_exc
-from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound, RequestEntityTooLarge
+from werkzeug.exceptions import (HTTPException, MethodNotAllowed, NotFound, RequestedRangeNotSatisfiable,
+                                 RequestEntityTooLarge)
 
 from clapq.blobs import StorageFull, StorageUnwritable
 from clapq.checkpoint import ModelUnavailable
@@ -409,6 +410,11 @@ def register(app: Flask) -> None:
         takes = ", ".join(sorted(set(getattr(e, "valid_methods", None) or ()) - {"HEAD", "OPTIONS"}))
         if isinstance(e, MethodNotAllowed) and takes:  # werkzeug's words name neither method
             message = f"{request.path[:200]!r} does not take {request.method[:20]}; it takes {takes}"
+        if isinstance(e, RequestedRangeNotSatisfiable) and e.length is not None:  # werkzeug's words: "The server
+            # cannot provide the requested range.", of a download whose size the client may not know (helper-108)
+            within = f" (bytes 0-{e.length - 1}); ask for a range within them," if e.length else ";"
+            message = (f"the range asked for ({request.headers.get('Range', '')[:100]}) begins past the end of the "
+                       f"file, which has {e.length} bytes{within} or send no Range for the whole file")
         # what the status needs beside the body: Allow on a 405, Content-Range on a 416, WWW-Authenticate
         headers = {k: v for k, v in e.get_headers() if k.lower() not in ("content-type", "content-length")}
         return envelope(e.code or 500, _code(e), message, headers)

@@ -1171,6 +1171,9 @@ def test_limits_and_which_413(client, lib, settings):
     r = client.get(f"/v1/items/{item}/audio", headers={**auth(key), "Range": "bytes=100-200"})
     e = err(r, 416)
     assert e["code"] == "requested_range_not_satisfiable" and r.headers["Content-Range"] == "bytes */16", r.headers
+    # said in words a person can act on (was werkzeug's "The server cannot provide the requested range.")
+    assert e["message"] == "the range asked for (bytes=100-200) begins past the end of the file, which has 16 bytes " \
+        "(bytes 0-15); ask for a range within them, or send no Range for the whole file", e
     r = client.get(f"/v1/items/{item}/audio", headers={**auth(key), "Range": "bytes=2-5"})
     assert r.status_code == 206 and r.data == b"FF 1" and r.headers["Content-Range"] == "bytes 2-5/16"
     # a unit that is not bytes, a header that does not parse, several ranges: ignored, the whole file
