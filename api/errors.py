@@ -412,9 +412,9 @@ def register(app: Flask) -> None:
             message = f"{request.path[:200]!r} does not take {request.method[:20]}; it takes {takes}"
         if isinstance(e, RequestedRangeNotSatisfiable) and e.length is not None:  # werkzeug's words: "The server
             # cannot provide the requested range.", of a download whose size the client may not know (helper-108)
-            within = f" (bytes 0-{e.length - 1}); ask for a range within them," if e.length else ";"
+            within = f" (bytes 0-{e.length - 1}); ask for a range within them, or" if e.length else ";"
             message = (f"the range asked for ({request.headers.get('Range', '')[:100]}) begins past the end of the "
-                       f"file, which has {e.length} bytes{within} or send no Range for the whole file")
+                       f"file, which has {e.length} bytes{within} send no Range for the whole file")
         # what the status needs beside the body: Allow on a 405, Content-Range on a 416, WWW-Authenticate
         headers = {k: v for k, v in e.get_headers() if k.lower() not in ("content-type", "content-length")}
         return envelope(e.code or 500, _code(e), message, headers)
