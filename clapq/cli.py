@@ -983,7 +983,10 @@ class _Parser(argparse.ArgumentParser):
                     a.startswith("-") for a in extra):  # `clapq search rain on a roof`
                 words = shlex.quote(" ".join([parsed.text, *extra]))
                 message += f" (the words to search for go in quotes, as one: clapq search {words} ...)"
-            self.error(message)
+            # with the command's usage, not clapq's list of commands (but for an option given before the command,
+            # which clapq's own error says where to put)
+            before = _Parser.argv[:1] and _Parser.argv[0].startswith("--")
+            (self if before else _command_parser(self, _Parser.argv)[0]).error(message)
         return parsed
 
     def error(self, message: str):
@@ -1008,17 +1011,24 @@ class _Parser(argparse.ArgumentParser):
         super().error(message + _misspelt(_Parser.top or self, argv))
 
 
+def _command_parser(top: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The parser of the command `argv` gives (`clapq jobs show`'s, down through commands of commands), and the
+    words after its name; `top` and all of `argv` where none is given."""
+    parser, rest = top, list(argv)
+    while (sub := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)) is not None:
+        at = next((i for i, a in enumerate(rest) if a in sub.choices), None)
+        if at is None:
+            break
+        parser, rest = sub.choices[rest[at]], rest[at + 1:]
+    return parser, rest
+
+
 def _misspelt(top: argparse.ArgumentParser, argv: list[str]) -> str:
     """" (--libary is not an option of `clapq search`: did you mean --library?)" for the first long option given
     after the command that none of its options begins with (argparse takes a prefix) and that is close to one:
     `clapq search rain --libary field` said only "the following arguments are required: --library", of a command
     given it, and `--no-wiat` only "unrecognized arguments" (helper-108). Empty where there is none."""
-    parser, rest = top, list(argv)
-    while (sub := next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)) is not None:
-        at = next((i for i, a in enumerate(rest) if a in sub.choices), None)  # down to `clapq jobs show`'s own
-        if at is None:
-            break
-        parser, rest = sub.choices[rest[at]], rest[at + 1:]
+    parser, rest = _command_parser(top, argv)
     options = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
     for arg in rest[:rest.index("--")] if "--" in rest else rest:
         name = arg.split("=", 1)[0]

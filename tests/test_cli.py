@@ -3497,9 +3497,10 @@ def test_a_file_named_like_an_option_and_several_files_to_upload_are_said_how_to
     out = run("search", "rain", "on", "a", "roof", "--library", "x")
     assert out.returncode == 2 and "unrecognized arguments: on a roof (the words to search for go in quotes, as " \
         "one: clapq search 'rain on a roof' ...)" in out.stderr, out.stderr
-    out = run("upload", "a.wav", "--library", "x", "--yes")  # not files: only argparse's words
-    assert out.returncode == 2 and out.stderr.splitlines()[-1] == "clapq: error: unrecognized arguments: --yes", \
+    out = run("upload", "a.wav", "--library", "x", "--yes")  # not files: only argparse's words, with the command's usage
+    assert out.returncode == 2 and out.stderr.splitlines()[-1] == "clapq upload: error: unrecognized arguments: --yes", \
         out.stderr
+    assert out.stderr.startswith("usage: clapq upload "), out.stderr  # was clapq's, its list of commands
 
 
 def test_a_misspelt_option_is_said_with_the_option_meant(tiny_model, tmp_path):
@@ -3524,7 +3525,7 @@ def test_a_misspelt_option_is_said_with_the_option_meant(tiny_model, tmp_path):
     # an option far from every one is left to argparse's words; one shortened as argparse takes it is no typo;
     # words after '--' are words
     out = run("upload", str(tmp_path), "--library", "x", "--yes")
-    assert out.returncode == 2 and out.stderr.splitlines()[-1] == "clapq: error: unrecognized arguments: --yes", \
+    assert out.returncode == 2 and out.stderr.splitlines()[-1] == "clapq upload: error: unrecognized arguments: --yes", \
         out.stderr
     out = run("search", "--lib", "x", "--url", "http://127.0.0.1:9", "--key", "cq_x", "--", "--libary")
     assert out.returncode == 1 and "did you mean" not in out.stderr and "cannot reach the clapq API" in out.stderr, \
