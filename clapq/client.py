@@ -1698,6 +1698,8 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
     the API's answer as it came, one JSON object (a path with spaces moved the id's column, helper-57)."""
     lib = client.library(library, create=False)  # a misspelt name is an error, not a new empty library
     if like is not None:
+        _short_enough(client, like)
+
         def attempt() -> dict:
             try:
                 f = open(like, "rb")
@@ -1721,6 +1723,28 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
     elif pending := _still_to_embed(client, lib):  # results, of the files embedded so far (helper-108)
         print(f"library {lib['name']!r} has {n_files(pending)} still to embed, not searched yet; search again once "
               f"{'it is' if pending == 1 else 'they are'}", file=sys.stderr)
+
+
+def _short_enough(client: Client, clip: Path) -> None:
+    """Refuse a clip whose header says it lasts longer than the API takes for a search (`max_clip_s`), before it is
+    sent: a 15-minute WAV, 317 MB, went whole to the API before its 400 (helper-108). Only where the header's length
+    is exact, as the API refuses one by it (worker.audio.exact_frames: WAV, AIFF and the like); other formats, and
+    a server without the limit, are left to the API."""
+    limit = client.limits().get("max_clip_s")
+    if not limit:
+        return
+    try:
+        import soundfile
+
+        from worker.audio import exact_frames
+
+        with soundfile.SoundFile(str(clip)) as f:
+            frames, rate = exact_frames(f), f.samplerate
+    except (RuntimeError, OSError, TypeError):  # a format libsndfile does not read, or no file: the API's to say
+        return
+    if rate > 0 and frames > limit * rate:
+        raise SystemExit(f"clapq: {printable(str(clip))} lasts {frames / rate:.0f} s, longer than {limit} s, the "
+                         "limit for a search clip: search with a part of it (nothing was sent)")
 
 
 def _still_to_embed(client: Client, lib: dict) -> int:

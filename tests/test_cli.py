@@ -1331,6 +1331,32 @@ def test_an_upload_with_nothing_to_send_into_a_library_of_another_model_says_so(
     assert "POST /v1/search failed (409): library 'old'" in clapq("search", "tone", "--library", "old").stderr
 
 
+def test_a_search_clip_stated_longer_than_the_limit_is_refused_before_it_is_sent(start_api, new_key, tmp_path,
+                                                                                 tiny_model):
+    """`clapq search --like` of a 15-minute WAV sent all of its 317 MB before the API's 400 (helper-108). A clip whose
+    header gives its exact length (WAV) over `max_clip_s` is refused before it is sent now; one whose header's length
+    is an estimate (FLAC) is still sent, and the API refuses it by decoding, as before."""
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    assert requests.post(f"{base}/v1/libraries", json={"name": "long"}, headers=h, timeout=30).status_code == 201
+    limit = requests.get(f"{base}/v1/limits", headers=h, timeout=30).json()["max_clip_s"]
+
+    def like(path: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", "search", "--like", str(path), "--library", "long",
+                               "--url", base, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
+                              timeout=300)
+
+    wav = write(tmp_path / "long.wav", limit + 1, 8_000)
+    out = like(wav)
+    assert out.returncode == 1 and out.stderr == f"clapq: {wav} lasts {limit + 1} s, longer than {limit} s, the " \
+        "limit for a search clip: search with a part of it (nothing was sent)\n", out.stderr
+    out = like(write(tmp_path / "long.flac", limit + 1, 8_000))
+    assert out.returncode == 1 and f"the 'audio' clip lasts longer than {limit} s, the limit for a search clip; " \
+        "send a part of it" in out.stderr, out.stderr
+    out = like(write(tmp_path / "short.wav", 2, 8_000))  # within it: searched
+    assert out.returncode == 0 and "no results" in out.stderr, out.stderr
+
+
 def test_a_search_that_finds_some_while_files_are_queued_says_the_rest_are_not_searched_yet(
         start_api, new_key, worker, settings, tmp_path, tiny_model):
     """A search right after `clapq upload --no-wait` found the files embedded so far and said nothing of the
