@@ -121,7 +121,9 @@ def _clapq_database(url: str, tables: bool = True) -> None:
     where = _where(url)
     try:
         with get_engine(url).connect() as conn:
-            ours = conn.scalar(text("SELECT to_regclass('public.items') IS NOT NULL"))
+            # where the service's own statements find them: its connection's search_path (a database whose
+            # clapq tables are in a schema of their own, `ALTER DATABASE ... SET search_path`), not only public's
+            ours = conn.scalar(text("SELECT to_regclass('items') IS NOT NULL"))
     except SQLAlchemyError as exc:
         raise RuntimeError(f"cannot reach the database at {where}: {_why(exc)}") from None
     if tables and not ours:

@@ -5034,6 +5034,45 @@ def test_a_database_url_that_is_not_the_service_s_database_is_a_sentence(setting
     assert not (tmp_path / "new-bk").exists() and list((tmp_path / "blobs").iterdir()) == []
 
 
+def test_a_database_whose_clapq_tables_are_in_a_schema_of_their_own_is_checked_and_backed_up(settings, tiny_model,
+                                                                                                tmp_path):
+    """A DATABASE_URL whose clapq tables live in a schema of their own (`ALTER DATABASE ... SET search_path = clapq`,
+    so `clapq migrate` made them there, and every statement of the service finds them): `clapq check` and `clapq
+    backup` looked for them in `public` alone, and refused it as "holds no clapq tables: it is not the service's
+    database", a working service they had checked and backed up before that look (helper-111)."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from clapq.db import get_engine, migrate, normalise_url
+
+    admin = create_engine(normalise_url(settings.database_url), isolation_level="AUTOCOMMIT")
+    name = f"sp_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    url = make_url(normalise_url(settings.database_url)).set(database=name).render_as_string(hide_password=False)
+    try:
+        with create_engine(url, isolation_level="AUTOCOMMIT").connect() as conn:
+            conn.execute(text("CREATE SCHEMA clapq"))
+            conn.execute(text(f"ALTER DATABASE {name} SET search_path = clapq"))
+        migrate(url)
+        with get_engine(url).connect() as conn:
+            assert conn.scalar(text("SELECT to_regclass('public.items')")) is None
+            assert conn.scalar(text("SELECT to_regclass('items')::text")) == "items"
+        (tmp_path / "blobs").mkdir()
+        env = _env(tiny_model, DATABASE_URL=url, CLAPQ_BLOB_DIR=str(tmp_path / "blobs"))
+        cli = [sys.executable, "-m", "clapq.cli"]
+        out = subprocess.run(cli + ["check"], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "the database and the stored files agree" in out.stdout, out.stderr
+        out = subprocess.run(cli + ["backup", str(tmp_path / "bk")], env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0 and (tmp_path / "bk" / "backup.json").is_file(), out.stderr
+    finally:
+        get_engine(url).dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        admin.dispose()
+
+
 def test_a_backup_goes_on_past_a_shard_folder_a_deletion_removed_as_it_was_listed(own_database, tmp_path):
     """The first pass lists the store's shard folders (ROOT/ab/cd), then each one's files; a deletion meanwhile
     removes a shard folder its last file leaves empty (most hold one file up to tens of thousands of files), and
