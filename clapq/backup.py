@@ -349,7 +349,10 @@ def restore(src: Path, url: str, blob_dir: Path, say=print, check: str = "clapq 
     src = Path(src)
     manifest = read_manifest(src)
     with get_engine(url).connect() as conn:
+        # in public, or where the connection's search_path finds them (a schema of their own, `ALTER DATABASE ...
+        # SET search_path`): those were taken, their files copied in, and pg_restore then failed on the schema
         if conn.scalar(text("SELECT to_regclass('public.items') IS NOT NULL OR to_regclass('public.alembic_version') "
+                            "IS NOT NULL OR to_regclass('items') IS NOT NULL OR to_regclass('alembic_version') "
                             "IS NOT NULL")):
             raise BackupError("the database restored into holds clapq's tables already: restore into a new data "
                               "directory, or an empty database")

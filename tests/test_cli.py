@@ -5039,7 +5039,8 @@ def test_a_database_whose_clapq_tables_are_in_a_schema_of_their_own_is_checked_a
     """A DATABASE_URL whose clapq tables live in a schema of their own (`ALTER DATABASE ... SET search_path = clapq`,
     so `clapq migrate` made them there, and every statement of the service finds them): `clapq check` and `clapq
     backup` looked for them in `public` alone, and refused it as "holds no clapq tables: it is not the service's
-    database", a working service they had checked and backed up before that look (helper-111)."""
+    database", a working service they had checked and backed up before that look (helper-111). And `clapq restore`
+    into it, looking in `public` alone too, copied the backup's files into its store before pg_restore failed."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
@@ -5066,6 +5067,20 @@ def test_a_database_whose_clapq_tables_are_in_a_schema_of_their_own_is_checked_a
         out = subprocess.run(cli + ["backup", str(tmp_path / "bk")], env=env, capture_output=True, text=True,
                              timeout=120)
         assert out.returncode == 0 and (tmp_path / "bk" / "backup.json").is_file(), out.stderr
+        # and a restore into it is refused before anything is touched, as into one whose tables are in public
+        # (it copied the backup's files into the store, then pg_restore failed: "CREATE SCHEMA clapq")
+        from clapq.blobs import BlobStore, scan
+
+        BlobStore(settings.blob_dir).put_bytes(b"a stored file of the service backed up")
+        out = subprocess.run(cli + ["backup", str(tmp_path / "other-bk")], env=_env(
+            tiny_model, DATABASE_URL=settings.database_url, CLAPQ_BLOB_DIR=str(settings.blob_dir)),
+            capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        before = scan(tmp_path / "blobs")
+        out = subprocess.run(cli + ["restore", str(tmp_path / "other-bk")], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 1 and "holds clapq's tables already" in out.stderr, out.stderr
+        assert scan(tmp_path / "blobs") == before and not before[0], "the restore wrote into the service's store"
     finally:
         get_engine(url).dispose()
         with admin.connect() as conn:
