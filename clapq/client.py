@@ -1750,7 +1750,9 @@ def _short_enough(client: Client, clip: Path) -> None:
 def _still_to_embed(client: Client, lib: dict) -> int:
     """How many files of `lib` are queued or running: a search right after `clapq upload --no-wait` found only
     those embedded so far, and said nothing of the rest."""
-    counts = client.call("GET", f"/v1/libraries/{lib['id']}").get("counts") or {}  # none on a server before counts
+    # none on a server before counts; no library where it was deleted since the search answered (another terminal's
+    # `clapq delete --yes`): its 404 made a search that had printed its results exit 1 (helper-111)
+    counts = (client.call("GET", f"/v1/libraries/{lib['id']}", missing_ok=True) or {}).get("counts") or {}
     return counts.get("queued", 0) + counts.get("running", 0)
 
 

@@ -1391,6 +1391,27 @@ def test_a_search_that_finds_some_while_files_are_queued_says_the_rest_are_not_s
         out.stderr
 
 
+def test_a_search_whose_library_is_deleted_as_it_answers_prints_its_results_and_exits_0(tiny_model):
+    """After a search that found some, `clapq search` asks the library's counts to say how many files are still to
+    embed (helper-108). A library deleted between the two (another terminal's `clapq delete --yes`) made that look a
+    404: the results printed, then "clapq: ... not found" and exit 1, a search that had succeeded. The stand-in API
+    answers as the real one does in that moment: the search's results, then 404 for the library."""
+    lib = {"id": "0b1c2d3e-1111-2222-3333-444455556666", "name": "field", "item_count": 1, "model": None}
+
+    def answer(method, path):
+        if method == "GET" and path == "/v1/libraries":
+            return 200, {"libraries": [lib]}, {}
+        if method == "POST" and path == "/v1/search":
+            return 200, {"results": [{"item_id": "i1", "library_id": lib["id"], "filename": "rain.wav", "metadata": {},
+                                      "score": 0.5, "segment": {"start_s": 0.0, "end_s": 10.0}}], "plan": "exact"}, {}
+        return 404, {"error": {"code": "not_found", "message": "library not found", "status": 404}}, {}
+
+    with fake_api(answer) as url:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "rain", "--library", "field", "--url", url,
+                              "--key", "cq_x"], env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "rain.wav" in out.stdout and out.stderr == "", out
+
+
 def test_search_output_lines_up_and_stops_quietly_in_a_pipe(tiny_model):
     """`clapq search ... | head -1`: the reader stops early, which was a BrokenPipeError traceback; a negative
     score put its row out of line; a time of 10790.123 s printed as 10790.1 (6 significant figures)."""
