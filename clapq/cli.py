@@ -135,7 +135,9 @@ def _make_data_dir(data_dir: Path, instead: str) -> None:
     """The data directory, made where it is not there yet. One that cannot be (a file of that name, a disk mounted
     read-only or not at all, a folder of another user's) was a traceback from `clapq up` and `clapq restore`
     (helper-109); it is a sentence now."""
-    if data_dir.exists() and not data_dir.is_dir():  # was a FileExistsError traceback
+    # os.path's, which say False where the path cannot be looked at (a folder of another user's): pathlib's raised
+    # PermissionError, a traceback, before Python 3.12 (helper-111)
+    if os.path.lexists(data_dir) and not os.path.isdir(data_dir):  # was a FileExistsError traceback
         _fail(f"the data directory {data_dir} is a file: {instead}", 1)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -286,14 +288,22 @@ def _check_scratch(root: Path) -> None:
     """A scratch folder the worker cannot make or write in (a read-only mount, another user's, a path under a
     file) stops it at start with a sentence. It started, and every task then failed on it, "OSError: [Errno 30]
     Read-only file system", leaving its files `running` until CLAPQ_STALE_AFTER_S, sent again, failing again,
-    while /readyz said ready and `clapq upload` said "a worker stopped?" (helper-109)."""
+    while /readyz said ready and `clapq upload` said "a worker stopped?" (helper-109). A disk full for now is no
+    reason to stop (under `clapq up`, a worker started again on it at each end would stop the whole service after
+    its third try, helper-111): the worker starts, saying so, and each file waits for room as it is decoded."""
     import tempfile
 
+    if os.path.lexists(root) and not os.path.isdir(root):
+        _fail(f"CLAPQ_SCRATCH_DIR {root} is a file, not a folder: workers decode each file into it; give a folder", 1)
     try:
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=root, prefix=".check-"):
             pass
     except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"clapq: warning: CLAPQ_SCRATCH_DIR {root} has no room now ({exc.strerror}): files wait for room "
+                  "as they are decoded, and go back to the queue where none comes", file=sys.stderr, flush=True)
+            return
         _fail(f"CLAPQ_SCRATCH_DIR {root} cannot be written ({exc.strerror or exc}): workers decode each file into "
               "it; give a folder this user can write, on a disk with room for the decoded audio", 1)
 

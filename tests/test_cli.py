@@ -4985,6 +4985,45 @@ def test_a_worker_whose_scratch_folder_cannot_be_written_stops_at_start_saying_s
         raise AssertionError(f"the worker is still running:\n{err[-2000:]}") from None
     assert proc.returncode == 1, err
     assert err.startswith(f"clapq: CLAPQ_SCRATCH_DIR {scratch} cannot be written (") and "Traceback" not in err, err
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "worker"], capture_output=True, text=True, timeout=60,
+                         env=_env(tiny_model, DATABASE_URL=settings.database_url, REDIS_URL=settings.redis_url,
+                                  CLAPQ_SCRATCH_DIR=str(tmp_path / "a-file")))
+    assert out.returncode == 1 and out.stderr.startswith(f"clapq: CLAPQ_SCRATCH_DIR {tmp_path / 'a-file'} is a file, "
+                                                         "not a folder"), out.stderr  # was "(File exists)"
+
+
+def test_a_worker_whose_scratch_disk_is_full_for_now_starts_and_says_so(settings, tiny_model, tmp_path):
+    """A scratch disk full for now (here: no file can be made on it) is no reason for a worker not to start: each
+    file waits for room as it is decoded. The check at start stopped it (helper-111), and under `clapq up`, a worker
+    started again on it at each end would stop the whole service, search included, after its third try."""
+    full = tmp_path / "full"
+    full.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,nr_inodes=8", "tmpfs", str(full)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.decode(errors='replace').strip()}")
+    proc = None
+    try:
+        with contextlib.suppress(OSError):  # every inode taken: no file, no folder can be made on it
+            for i in range(64):
+                (full / f"f{i}").touch()
+        log = tmp_path / "worker.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "worker"], start_new_session=True,
+                                    env=_env(tiny_model, DATABASE_URL=settings.database_url,
+                                             REDIS_URL=settings.redis_url, CLAPQ_SCRATCH_DIR=str(full / "scratch")),
+                                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 240
+        while b" ready." not in log.read_bytes():  # Celery's line once the worker takes tasks
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.3)
+        said = log.read_text(errors="replace")
+        assert f"clapq: warning: CLAPQ_SCRATCH_DIR {full / 'scratch'} has no room now (No space left on device): " \
+            "files wait for room as they are decoded" in said, said
+    finally:
+        if proc is not None and proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        subprocess.run(["umount", "-l", str(full)], check=False)
 
 
 def test_a_backup_or_data_directory_where_nothing_can_be_written_is_a_sentence(settings, tiny_model, tmp_path):
