@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import shlex
 import stat
 import sys
 import time
@@ -249,12 +250,17 @@ class Client:
             # so does a misspelt one (`--library feild` beside "field"), whose upload sends the whole folder again
             # into a new library (helper-108)
             alike = [lib["name"] for lib in libs if lib["name"].casefold() == name.casefold()]
-            folded = {lib["name"].casefold(): lib["name"] for lib in libs}
-            close = [] if alike else [folded[n] for n in difflib.get_close_matches(name.casefold(), folded, 3, 0.75)]
+            folded = [lib["name"].casefold() for lib in libs]
+            near = set(difflib.get_close_matches(name.casefold(), folded, 3, 0.75)) if not alike else set()
+            close = [lib["name"] for lib in libs if lib["name"].casefold() in near]  # names differing by case, each
+            one = len(close) == 1
             print(f"created library {name!r}" + (f" (beside {_some([repr(x) for x in alike])}: names differ by case)"
                                                   if alike else
-                                                  f" (beside {_some([repr(x) for x in close])}, a name close to it: if "
-                                                  "you meant that library, stop with Ctrl-C and give its name)"
+                                                  f" (beside {_some([repr(x) for x in close])}, "
+                                                  f"{'a name' if one else 'names'} close to it: if you meant "
+                                                  f"{'that library' if one else 'one of those'}, stop with Ctrl-C "
+                                                  f"and give its name; `clapq delete --library {shlex.quote(name)} "
+                                                  "--yes` removes this new one)"
                                                   if close else ""), file=sys.stderr)
             return {**made, "created": True}  # by this command: no file of it can be in there yet
         except SystemExit as exc:

@@ -2702,11 +2702,19 @@ def test_a_library_created_beside_one_of_a_close_name_says_so(start_api, new_key
                              timeout=30).status_code == 201
     assert Client(base, key).library("feild")["name"] == "feild"
     assert capsys.readouterr().err == "created library 'feild' (beside 'field', a name close to it: if you meant " \
-        "that library, stop with Ctrl-C and give its name)\n"
+        "that library, stop with Ctrl-C and give its name; `clapq delete --library feild --yes` removes this new one)\n"
     assert Client(base, key).library("rain")["name"] == "rain"
     assert capsys.readouterr().err == "created library 'rain'\n"
     assert Client(base, key).library("feild")["name"] == "feild"  # there now: found, nothing said
     assert capsys.readouterr().err == ""
+    # several close names, two of them differing by case, are each named (two by case were one)
+    for name in ("take1", "Take1", "take2"):
+        assert requests.post(f"{base}/v1/libraries", json={"name": name}, headers={"Authorization": f"Bearer {key}"},
+                             timeout=30).status_code == 201
+    assert Client(base, key).library("take3")["name"] == "take3"
+    assert capsys.readouterr().err == "created library 'take3' (beside 'take1', 'Take1', 'take2', names close to " \
+        "it: if you meant one of those, stop with Ctrl-C and give its name; `clapq delete --library take3 --yes` " \
+        "removes this new one)\n"
 
 
 def test_a_library_created_is_said_and_so_is_one_named_alike(capsys):
