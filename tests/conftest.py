@@ -31,11 +31,21 @@ def _interrupted(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _ignored(signum, frame):
+    pass
+
+
 def pytest_configure(config):
     # `make test` stops a suite that runs past its limit with SIGTERM (`timeout`), as do CI runners and
     # users: made a KeyboardInterrupt, on which pytest tears the fixtures down, so their finalizers stop
     # every Postgres, Redis, worker and `clapq up` they started instead of leaving them running
     signal.signal(signal.SIGTERM, _interrupted)
+    # a suite started with SIGINT or SIGHUP ignored (`nohup make test`, `make test &` from a script) passed that
+    # on to every `clapq` it started, which then ran on through the Ctrl-C and the closed terminal its tests
+    # send: a handler that does nothing keeps the suite running as asked, and is reset to the default at exec
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_IGN:
+            signal.signal(sig, _ignored)
     # where `clapq upload` keeps the digests of the files it read (clapq.digests): the suite's own, not the
     # user's ~/.cache
     os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="clapq-test-cache-")
