@@ -1060,12 +1060,12 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         held = ("the file is" if found == 1 else f"all {found} files are" if skipped == found
                 else f"{skipped} of {found} files {'is' if skipped == 1 else 'are'}")
         print(f"{held} in the library already{still}: not sent again", file=sys.stderr)
-    ours, theirs = limits.get("model") or {}, lib.get("model") or {}
-    if not jobs and ours.get("id") is not None and theirs.get("id") not in (None, ours["id"]):
+    served, bound = limits.get("model") or {}, lib.get("model") or {}  # (`theirs` is the earlier jobs' items)
+    if not jobs and served.get("id") is not None and bound.get("id") not in (None, served["id"]):
         # nothing to send into a library of another model than the service runs: it ended well and said nothing,
         # and the search that follows answered 409 (helper-108)
-        print(f"library {lib['name']!r} is bound to model {theirs['id']} ({theirs.get('name')}), not the one this "
-              f"service runs (model {ours['id']}, {ours.get('name')}): it is searched only where its model runs "
+        print(f"library {lib['name']!r} is bound to model {bound['id']} ({bound.get('name')}), not the one this "
+              f"service runs (model {served['id']}, {served.get('name')}): it is searched only where its model runs "
               "(CLAPQ_MODEL), and here a search of it is refused (409)", file=sys.stderr)
     if failed_before:  # not told as new failures, nor failing the command: each was told when it failed
         n = len(failed_before)
