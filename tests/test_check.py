@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -130,9 +131,16 @@ def test_a_failed_file_whose_stored_copy_is_missing_is_told_how_to_send_it(clien
     from clapq.db import session_scope
 
     sha = _stored(client, new_key(), tmp_path, 1, seed=70)["c70-0.wav"]
-    with session_scope(settings.database_url) as s:
-        s.execute(text("UPDATE items SET status = 'failed', error = 'not a readable audio file' WHERE sha256 = :s"),
-                  {"s": sha})
+    # not while a worker embeds it (one of the suite's may be running): its write marks the file done, whatever
+    # was set meanwhile (the clean-clone run of session 36 lost that race); queued, a worker no longer claims it
+    deadline = time.monotonic() + 120
+    while True:
+        with session_scope(settings.database_url) as s:
+            if s.execute(text("UPDATE items SET status = 'failed', error = 'not a readable audio file' "
+                              "WHERE sha256 = :s AND status <> 'running'"), {"s": sha}).rowcount:
+                break
+        assert time.monotonic() < deadline, "the file is still being embedded"
+        time.sleep(0.2)
     stored = BlobStore(settings.blob_dir).path_for(sha)
     kept = stored.read_bytes()
     stored.unlink()
