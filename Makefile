@@ -3,8 +3,8 @@ VENV  ?= .venv
 PY    := $(VENV)/bin/python
 # The CPU build is on disk on our machines; on a GPU box use e.g. TORCH="torch==2.13.0 --index-url ..."
 TORCH ?= torch==2.13.0
-# The whole suite must finish (or be killed) inside CI's 90 minutes, with room for the install: it took 20 min
-# on an AVX512 VM and about 2.5 times as long on session 36's AVX2-only VM, close to the 60 min this was before.
+# The whole suite must finish (or be killed) inside CI's 90 minutes, with room for the install: it took 20.5 min
+# on session 35's AVX512 VM and 38.6 min on session 36's AVX2-only VM, where a loaded run nears the old 60.
 TEST_TIMEOUT ?= 4800
 
 .PHONY: up test install clean

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.parse
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -1295,6 +1296,16 @@ def test_a_search_that_finds_nothing_while_files_are_queued_says_so(tiny_model):
     assert "no results: library 'x' has 3 files still to embed; search again once they are" in out.stderr, out.stderr
 
 
+def _commands_at(base: str, key: str, tiny_model) -> Callable[..., subprocess.CompletedProcess]:
+    """`clapq COMMAND ...` run against the API at `base` with `key`, its output captured, no terminal to ask at."""
+    def clapq(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *args, "--url", base, "--key", key],
+                              env=_env(tiny_model), capture_output=True, text=True, timeout=300,
+                              stdin=subprocess.DEVNULL)
+
+    return clapq
+
+
 def test_an_upload_with_nothing_to_send_into_a_library_of_another_model_says_so(start_api, new_key, worker, settings,
                                                                                  tmp_path, tiny_model):
     """A folder uploaded once, run again after the service's CLAPQ_MODEL changed: nothing to send, and it said
@@ -1310,11 +1321,7 @@ def test_an_upload_with_nothing_to_send_into_a_library_of_another_model_says_so(
     folder.mkdir()
     write(folder / "a.wav", 0.5, seed=92)
 
-    def clapq(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "clapq.cli", *args, "--url", base, "--key", key],
-                              env=_env(tiny_model), capture_output=True, text=True, timeout=300,
-                              stdin=subprocess.DEVNULL)
-
+    clapq = _commands_at(base, key, tiny_model)
     first = clapq("upload", str(folder), "--library", "old")
     assert first.returncode == 0 and "bound to model" not in first.stderr, first.stderr
     lib = json.loads(first.stdout)["library_id"]
@@ -1369,11 +1376,7 @@ def test_a_search_that_finds_some_while_files_are_queued_says_the_rest_are_not_s
     folder.mkdir()
     write(folder / "a.wav", 0.5, seed=91)
 
-    def clapq(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "clapq.cli", *args, "--url", base, "--key", key],
-                              env=_env(tiny_model), capture_output=True, text=True, timeout=300,
-                              stdin=subprocess.DEVNULL)
-
+    clapq = _commands_at(base, key, tiny_model)
     assert clapq("upload", str(folder), "--library", "partly").returncode == 0
     out = clapq("search", "tone", "--library", "partly")
     assert out.returncode == 0 and "a.wav" in out.stdout and out.stderr == "", out
@@ -3873,6 +3876,22 @@ def test_an_upload_that_only_waits_for_files_of_another_model_says_so(start_api,
         f"clapq: library 'retired' is bound to model {other} (retired), and this service runs model "), waited.stderr
 
 
+def _upload_with_key(folder: Path, library: str, base: str, key: str, tiny_model) -> subprocess.Popen:
+    """`clapq upload FOLDER --library LIBRARY` against the API at `base`, its stdout and stderr read by the test."""
+    return subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", library, "--url",
+                             base, "--key", key], env=_env(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _stderr_until(p: subprocess.Popen, prefix: str) -> list[str]:
+    """The lines `p` writes to stderr up to the first that begins with `prefix`, which it must write."""
+    said: list[str] = []
+    while not (said and said[-1].startswith(prefix)):
+        said.append(p.stderr.readline())
+        assert said[-1], said
+    return said
+
+
 def test_files_deleted_while_the_upload_waits_are_said_and_counted(start_api, new_key, tmp_path, tiny_model):
     """Files of the upload deleted from the library (the API, another terminal) while `clapq upload` waits for
     them: they were said nowhere, and the summary left them out ("files": 4, one cancelled, none failed or not
@@ -3889,14 +3908,9 @@ def test_files_deleted_while_the_upload_waits_are_said_and_counted(start_api, ne
         write(folder / name, 0.5, seed=1100 + i)
     (folder / "sub").mkdir()
     write(folder / "sub" / "copy of a.wav", 0.5, seed=1100)
-    p = subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "racy", "--url",
-                          base, "--key", key], env=_env(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p = _upload_with_key(folder, "racy", base, key, tiny_model)
     try:
-        said = []
-        while not (said and said[-1].startswith("uploaded 4 files (job ")):
-            said.append(p.stderr.readline())
-            assert said[-1], said
+        said = _stderr_until(p, "uploaded 4 files (job ")
         job = said[-1].split("(job ")[1].rstrip(")\n")
         lib = requests.get(f"{base}/v1/jobs/{job}", headers=h, timeout=30).json()["library_id"]
         items = {i["metadata"]["path"]: i["id"] for i in
@@ -3934,14 +3948,9 @@ def test_copies_of_files_this_upload_sent_are_not_said_to_be_left_unwaited(start
     write(folder / "a.wav", 0.5, seed=1110)
     write(folder / "b.wav", 0.5, seed=1111)
     shutil.copy(folder / "a.wav", folder / "c.wav")
-    p = subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "copies", "--url",
-                          base, "--key", key], env=_env(tiny_model), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p = _upload_with_key(folder, "copies", base, key, tiny_model)
     try:
-        said = []
-        while not (said and said[-1].startswith("1 file had the same bytes as another")):
-            said.append(p.stderr.readline())
-            assert said[-1], said
+        said = _stderr_until(p, "1 file had the same bytes as another")
         for job in [line.split("(job ")[1].rstrip(")\n") for line in said if line.startswith("uploaded 1 file (job ")]:
             assert requests.post(f"{base}/v1/jobs/{job}/cancel", headers=h, timeout=30).status_code == 200
         out, err = p.communicate(timeout=120)
@@ -4707,28 +4716,37 @@ def test_a_backup_that_fills_its_disk_leaves_nothing_behind(settings, small_disk
         assert os.statvfs(small_disk).f_bfree == os.statvfs(small_disk).f_blocks
 
 
-@pytest.fixture()
-def own_database(settings):
-    """A new database of its own, migrated, on the tests' Postgres: a backup of the shared one names the stored files
-    of every test that ran before (which a test's own store lacks: 'none of the N stored files ... is in')."""
+@contextlib.contextmanager
+def _new_database(settings, prefix: str) -> Iterator[tuple[str, str]]:
+    """A new, empty database on the tests' Postgres, its name and URL; dropped afterwards."""
     from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
-    from clapq.db import get_engine, migrate, normalise_url
+    from clapq.db import get_engine, normalise_url
 
     admin = create_engine(normalise_url(settings.database_url), isolation_level="AUTOCOMMIT")
-    name = f"bk_{uuid.uuid4().hex[:8]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with admin.connect() as conn:
         conn.execute(text(f"CREATE DATABASE {name}"))
     url = make_url(normalise_url(settings.database_url)).set(database=name).render_as_string(hide_password=False)
     try:
-        migrate(url)
-        yield url
+        yield name, url
     finally:
         get_engine(url).dispose()
         with admin.connect() as conn:
             conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         admin.dispose()
+
+
+@pytest.fixture()
+def own_database(settings):
+    """A new database of its own, migrated, on the tests' Postgres: a backup of the shared one names the stored files
+    of every test that ran before (which a test's own store lacks: 'none of the N stored files ... is in')."""
+    from clapq.db import migrate
+
+    with _new_database(settings, "bk") as (_, url):
+        migrate(url)
+        yield url
 
 
 def test_a_backup_into_an_empty_disk_s_mount_point_is_written_on_that_disk(own_database, small_disk, tmp_path):
@@ -5110,16 +5128,10 @@ def test_a_database_whose_clapq_tables_are_in_a_schema_of_their_own_is_checked_a
     database", a working service they had checked and backed up before that look (helper-111). And `clapq restore`
     into it, looking in `public` alone too, copied the backup's files into its store before pg_restore failed."""
     from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
 
-    from clapq.db import get_engine, migrate, normalise_url
+    from clapq.db import get_engine, migrate
 
-    admin = create_engine(normalise_url(settings.database_url), isolation_level="AUTOCOMMIT")
-    name = f"sp_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    url = make_url(normalise_url(settings.database_url)).set(database=name).render_as_string(hide_password=False)
-    try:
+    with _new_database(settings, "sp") as (name, url):
         with create_engine(url, isolation_level="AUTOCOMMIT").connect() as conn:
             conn.execute(text("CREATE SCHEMA clapq"))
             conn.execute(text(f"ALTER DATABASE {name} SET search_path = clapq"))
@@ -5149,11 +5161,6 @@ def test_a_database_whose_clapq_tables_are_in_a_schema_of_their_own_is_checked_a
                              timeout=300)
         assert out.returncode == 1 and "holds clapq's tables already" in out.stderr, out.stderr
         assert scan(tmp_path / "blobs") == before and not before[0], "the restore wrote into the service's store"
-    finally:
-        get_engine(url).dispose()
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-        admin.dispose()
 
 
 def test_a_backup_goes_on_past_a_shard_folder_a_deletion_removed_as_it_was_listed(own_database, tmp_path):

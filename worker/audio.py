@@ -297,6 +297,8 @@ def exact_frames(f) -> int:
     0 where the header's count is an estimate or none (MP3, FLAC, Ogg). A file stated longer than a limit is refused
     by it before it is read (here, and by `clapq search --like` before it is sent)."""
     return f.frames if f.format in EXACT_LENGTH and f.subtype in EXACT_SUBTYPES else 0
+
+
 MP3_FRAME = 1152  # samples of an MPEG-1 Layer III frame: a read ending more short of the stated length stopped
 
 
