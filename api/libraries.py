@@ -11,8 +11,8 @@ from flask import Blueprint, current_app, g
 from sqlalchemy import and_, delete, func, or_, select, text
 from sqlalchemy.exc import IntegrityError
 
-from api.batches import RETRIED_ON_REUPLOAD
-from api.db import db
+from api.batches import RETRIED_ON_REUPLOAD, backpressure
+from api.db import db, lane_room, send_committed
 from api.errors import (MAX_METADATA_BYTES, ApiError, bad_request, json_body, metadata_bytes, refuse_unknown,
                         shows_nothing, takes_query)
 from api.jobs import STATES, items_page, why_waiting
@@ -20,7 +20,8 @@ from api.lookup import owned, refreshed
 from api.models_info import describe, serving_model_id
 from api.removal import announce_gone, delete_items, released
 from api.uploads import display_name
-from clapq.models import Item, Library
+from clapq.blobs import BLOB_LOCK
+from clapq.models import Item, Job, Library
 
 bp = Blueprint("libraries", __name__)
 
@@ -39,12 +40,13 @@ def library_json(lib: Library, item_count: int | None = None) -> dict:
     return out
 
 
-@bp.post("/libraries")
-def create_library():
-    body = json_body()
+def _new_library(body, what: str, example: str) -> Library:
+    """A library of the model this service runs, named by `body` (a JSON object: its 'name'), added to the
+    request's session and flushed, or a 400 saying what is wrong with the body or the name, or a 409 where the
+    tenant has one of that name. `what` takes the body; `example`: such a body."""
     if not isinstance(body, dict):
-        raise bad_request("send a JSON object like {\"name\": \"my sounds\"}")
-    refuse_unknown(body, {"name"}, "a library", "it takes 'name'")
+        raise bad_request(f"send a JSON object like {example}")
+    refuse_unknown(body, {"name"}, what, f"it takes 'name' ({example})")
     name = body.get("name")
     if not isinstance(name, str) or len(name) > 200 or not any(
             unicodedata.category(c)[0] in "LNPS" and not shows_nothing(c) for c in name):
@@ -74,10 +76,17 @@ def create_library():
     lib = Library(tenant_id=g.tenant_id, name=name, model_id=serving_model_id())
     session.add(lib)
     try:
-        session.commit()
+        session.flush()
     except IntegrityError:
         session.rollback()
         raise exists from None  # made meanwhile by another request
+    return lib
+
+
+@bp.post("/libraries")
+def create_library():
+    lib = _new_library(json_body(), "a library", '{"name": "my sounds"}')
+    db().commit()
     return library_json(refreshed(lib, "library"), 0), 201
 
 
@@ -127,6 +136,55 @@ def delete_library(lib_id: str):
     if shas:
         announce_gone()
     return {"deleted": {"library": str(lib.id), "items": len(shas), "stored_files": released(shas)}}
+
+
+@bp.post("/libraries/<lib_id>/reembed")
+def reembed_library(lib_id: str):
+    """A new library, of the model this service runs, holding this library's files, queued to be embedded: how a
+    library moves to another model (CLAPQ_MODEL changed, where its vectors are never compared with the new
+    model's). The files are the same stored copies (content-addressed: nothing is copied on disk), with their
+    names and metadata, in the same order; this library is left as it was, for its owner to delete once the new
+    one is embedded. Its cancelled files are left out, and those that failed for a reason in their bytes come
+    failed, with their reason, rather than decoded again (`POST /v1/jobs/<id>/retry` tries them)."""
+    src = owned(Library, lib_id, "library")
+    session = db()
+    lib = _new_library(json_body(), "a re-embed", '{"name": "my sounds, new model"}')
+    if src.model_id == lib.model_id:
+        session.rollback()
+        raise ApiError(409, "same_model", f"library {src.name!r} is of the model this service runs "
+                       f"({describe(src.model_id)['name']}): embedded again, its files would give the same vectors")
+    backpressure(current_app.config["CLAPQ"])  # as an upload: nothing is queued over the backlog's bounds
+    job = Job(tenant_id=g.tenant_id, library_id=lib.id, kind="reembed")
+    session.add(job)
+    session.flush()
+    # the stored copies stay while this commits: a deletion of the source's files meanwhile queues their removal,
+    # which waits for this transaction (the exclusive BLOB_LOCK) and then finds the new items holding them
+    session.execute(select(func.pg_advisory_xact_lock_shared(BLOB_LOCK)))
+    source = session.scalars(select(Item.id).where(Item.library_id == src.id, Item.status != "cancelled")
+                             .order_by(Item.created_at, Item.id)).all()
+    # ids that sort as the source's files did, so listings show them in its order; one statement, whatever the
+    # number of files (arrays, not a parameter a value). A file deleted since the look above is left out
+    made = session.execute(text(
+        "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, metadata, status, error, "
+        "failed_in_file, finished_at) "
+        "SELECT n.id, s.tenant_id, :lib, :job, s.sha256, s.filename, s.size_bytes, s.metadata, "
+        "CASE WHEN f.failed THEN 'failed' ELSE 'queued' END, CASE WHEN f.failed THEN s.error END, "
+        "CASE WHEN f.failed THEN true END, CASE WHEN f.failed THEN now() END "
+        "FROM unnest(CAST(:ids AS uuid[]), CAST(:src AS uuid[])) AS n(id, src) JOIN items s ON s.id = n.src "
+        "CROSS JOIN LATERAL (SELECT s.status = 'failed' AND s.failed_in_file IS TRUE AS failed) f "
+        "WHERE s.status <> 'cancelled' RETURNING id, status"),
+        {"lib": lib.id, "job": job.id, "ids": sorted(uuid.uuid4() for _ in source), "src": source}).all()
+    if not made:
+        session.rollback()
+        raise ApiError(409, "conflict", f"library {src.name!r} has no files to re-embed (none, or only cancelled "
+                       "ones)")
+    queued = sorted(r.id for r in made if r.status == "queued")
+    left_out = session.scalar(select(func.count()).where(Item.library_id == src.id, Item.status == "cancelled"))
+    fast = lane_room(queued)
+    session.commit()
+    send_committed(queued, fast, job_id=str(job.id))
+    return {"job_id": str(job.id), "library": library_json(refreshed(lib, "library"), len(made)),
+            "queued": len(queued), "failed": len(made) - len(queued), "cancelled_left_out": left_out}, 202
 
 
 @bp.get("/libraries/<lib_id>/items")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shlex
 
 from flask import current_app
 
@@ -41,7 +42,9 @@ def served_model_for(*libs, whose: str = "") -> int:
         raise ApiError(409, "model_mismatch", f"{whose}library {other.name!r} ({other.id}) was embedded with "
                        f"another model ({describe(other.model_id)['name']}) than this service runs "
                        f"({describe(model_id)['name']}, CLAPQ_MODEL); vectors of two models are never compared: "
-                       "run the library's model, or create a new library")
+                       "run the library's model, or re-embed its files into a new library of this one "
+                       f"(POST /v1/libraries/{other.id}/reembed; `clapq reembed --library {shlex.quote(other.name)} "
+                       "--into NEW`)")
     return model_id
 
 

@@ -187,6 +187,21 @@ SPEC = {
                                                            "before"},
                 metadata_ignored={"type": "boolean", "description": "a copy's metadata, not stored"}))), "202"),
                           "409": _ERR, "413": _ERR, "415": _ERR, "507": _ERR}}},
+        "/v1/libraries/{library_id}/reembed": {"post": {
+            "description": "a new library, of the model this service runs, holding this library's files (the same "
+                           "stored copies, names, metadata and order), queued to be embedded; this library is left as "
+                           "it was. Its cancelled files are left out, and those failed for a reason in their bytes "
+                           "come failed, with their reason",
+            "parameters": [_path_id("library_id")],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["name"], "additionalProperties": False,
+                "properties": {"name": {"type": "string", "maxLength": 200,
+                                        "description": "the new library's"}}}}}},
+            "responses": {**_ok("accepted: the job embedding them, the new library, and its files queued, failed "
+                                "(for a reason in their bytes) and left out (cancelled)", _obj(
+                                    job_id=_ID, library=_LIBRARY, queued=_INT, failed=_INT, cancelled_left_out=_INT),
+                                "202"),
+                          "409": _ERR, "429": _ERR}}},
         "/v1/libraries/{library_id}/known": {"post": {
             "parameters": [_path_id("library_id")],
             "requestBody": {"required": True, "content": {"application/json": {"schema": {

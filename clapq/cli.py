@@ -899,6 +899,14 @@ def cmd_delete(args) -> None:
     raise SystemExit(delete(client, args.library, args.items, yes=args.yes))
 
 
+def cmd_reembed(args) -> None:
+    from clapq.client import connect, reembed
+
+    settings = Settings.from_env(data_dir=args.data_dir)
+    raise SystemExit(reembed(connect(args.url, args.key, settings.data_dir), args.library, args.into,
+                             wait=not args.no_wait))
+
+
 def cmd_jobs(args) -> None:
     from clapq.client import cancel_job, connect, list_jobs, retry_job, show_job, wait_job
 
@@ -1143,6 +1151,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "without asking")
     _client_args(rm, "library name or id")
     rm.set_defaults(func=cmd_delete)
+    again = sub.add_parser("reembed", help="embed a library's files again with the model this service runs, into a "
+                           "new library (after CLAPQ_MODEL changed); the library stays as it is, and waits for the job")
+    again.add_argument("--into", required=True, type=_library_name, metavar="NEW",
+                       help="the new library's name (a name you have no library of)")
+    again.add_argument("--no-wait", action="store_true", help="return once its files are queued, without waiting "
+                       "for them to be embedded (`clapq jobs wait JOB` waits later)")
+    _client_args(again, "the library to embed again: its name or id")
+    again.set_defaults(func=cmd_reembed)
     jobs = sub.add_parser("jobs", help="list your latest jobs (each upload request is one), newest first; `clapq jobs "
                           "show|wait|cancel|retry JOB` for one of them")
     jobs.add_argument("--limit", type=lambda raw: _howmany(raw, "jobs"), default=20, help="how many of the latest jobs (default 20)")

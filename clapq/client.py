@@ -1310,7 +1310,8 @@ def _not_for_another_model(lib: dict, limits: dict, unfinished: int) -> None:
     raise SystemExit(f"clapq: library {lib['name']!r} is bound to model {theirs['id']} ({theirs.get('name')}), and "
                      f"this service runs model {ours['id']} ({ours.get('name')}): its {n_files(unfinished)} not "
                      "embedded yet wait for a worker of the library's model, and it takes no new files; run the "
-                     "library's model (CLAPQ_MODEL) to finish them, or upload into another library")
+                     "library's model (CLAPQ_MODEL) to finish them, or embed its files with this one into a new "
+                     f"library: `clapq reembed --library {shlex.quote(lib['name'])} --into NEW`")
 
 
 def time_left(elapsed_s: float, gained: float, left: float, still_s: float = 0.0) -> str:
@@ -1680,6 +1681,33 @@ def wait_job(client: Client, job: str) -> int:
     state = _job(client, job)
     print(f"job {state['id']}: {state['status']}: {_counted(state['counts'])}")
     return 1 if failed or cancelled else 0
+
+
+def reembed(client: Client, library: str, into: str, wait: bool = True) -> int:
+    """`clapq reembed`: the library's files into a new library `into` of the model the service runs (POST
+    /v1/libraries/<id>/reembed), then, with `wait`, its job followed to its end as `clapq jobs wait` does (and its
+    exit status); the library re-embedded stays as it was."""
+    lib = client.library(library, create=False)
+    made = client.call("POST", f"/v1/libraries/{urllib.parse.quote(lib['id'], safe='')}/reembed",
+                       json={"name": unicodedata.normalize("NFC", into.strip())})
+    new, job = made["library"], made["job_id"]
+    print(f"created library {printable(new['name'])!r} ({new['id']}) of model {new['model']['id']} "
+          f"({printable(new['model']['name'])}): {n_files(made['queued'])} of {printable(lib['name'])!r} queued to be "
+          f"embedded (job {job})", file=sys.stderr)
+    if made["failed"]:
+        print(f"{n_files(made['failed'])} that failed in {printable(lib['name'])!r} for a reason in their bytes "
+              f"{'comes' if made['failed'] == 1 else 'come'} failed, with that reason (`clapq jobs retry {job}` tries "
+              f"{'it' if made['failed'] == 1 else 'them'} again)", file=sys.stderr)
+    if made["cancelled_left_out"]:
+        print(f"left out: {n_files(made['cancelled_left_out'])} cancelled in {printable(lib['name'])!r}",
+              file=sys.stderr)
+    if not wait:
+        print(json_line({"library_id": new["id"], "job_id": job}))
+        return 0
+    code = wait_job(client, job)
+    print(f"{printable(lib['name'])!r} is left as it was: `clapq delete --library {shlex.quote(lib['name'])}` "
+          "deletes it (the files stay stored for the new library)", file=sys.stderr)
+    return code
 
 
 def cancel_job(client: Client, job: str) -> None:

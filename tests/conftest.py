@@ -355,6 +355,20 @@ def job_of_own(s, model_name: str) -> tuple:
     return tenant, model, lib, job
 
 
+def retire(database_url: str, lib_id: str) -> int:
+    """As if library `lib_id` had been embedded by a model this service no longer runs (CLAPQ_MODEL changed): a
+    model row of its own (named 'retired') holds the library and its vectors. Returns the model's id."""
+    from sqlalchemy import text
+
+    with session_scope(database_url) as s:
+        other = s.execute(text("INSERT INTO models (name, weights_sha256, dim) VALUES ('retired', :w, 512) "
+                               "RETURNING id"), {"w": uuid.uuid4().hex * 2}).scalar()
+        for table in ("libraries", "embeddings", "segments"):
+            col = "id" if table == "libraries" else "library_id"
+            s.execute(text(f"UPDATE {table} SET model_id = :m WHERE {col} = :l"), {"m": other, "l": lib_id})
+    return other
+
+
 def queued_of_an_unserved_model(database_url: str, n: int) -> list:
     """`n` queued files, long silent, of a library bound to a model no worker runs (what a service whose
     CLAPQ_MODEL changed keeps of the old one); their blobs are never read."""

@@ -3866,14 +3866,28 @@ def test_an_upload_that_only_waits_for_files_of_another_model_says_so(start_api,
     assert again.stderr.strip().endswith(
         f"clapq: library 'retired' is bound to model {other} (retired), and this service runs model "
         f"{limits['model']['id']} ({tiny_model}): its 2 files not embedded yet wait for a worker of the library's "
-        "model, and it takes no new files; run the library's model (CLAPQ_MODEL) to finish them, or upload into "
-        "another library"), again.stderr[-3000:]
+        "model, and it takes no new files; run the library's model (CLAPQ_MODEL) to finish them, or embed its files "
+        "with this one into a new library: `clapq reembed --library retired --into NEW`"), again.stderr[-3000:]
     # and `clapq jobs wait` of their job, which waited as the upload did (helper-72)
     job = json.loads(first.stdout)["jobs"][0]
     waited = subprocess.run([sys.executable, "-m", "clapq.cli", "jobs", "wait", job, "--url", base, "--key", key],
                             env=env, capture_output=True, text=True, timeout=120)
     assert waited.returncode == 1 and waited.stderr.startswith(
         f"clapq: library 'retired' is bound to model {other} (retired), and this service runs model "), waited.stderr
+    # which `clapq reembed` does: a new library of the service's model, its files embedded there, the old one kept
+    moved = subprocess.run([sys.executable, "-m", "clapq.cli", "reembed", "--library", "retired", "--into", "current",
+                            "--url", base, "--key", key], env=env, capture_output=True, text=True, timeout=300)
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert f"of model {limits['model']['id']} ({tiny_model}): 2 files of 'retired' queued to be embedded (job " in \
+        moved.stderr and "'retired' is left as it was: `clapq delete --library retired` deletes it" in moved.stderr, \
+        moved.stderr[-3000:]
+    assert re.fullmatch(r"job \S+: done: 2 done\n", moved.stdout), moved.stdout
+    libs = {x["name"]: x for x in requests.get(f"{base}/v1/libraries", headers={"Authorization": f"Bearer {key}"},
+                                               timeout=30).json()["libraries"]}
+    assert libs["current"]["item_count"] == 2 and libs["retired"]["item_count"] == 2, libs
+    again = subprocess.run([sys.executable, "-m", "clapq.cli", "reembed", "--library", "current", "--into", "x",
+                            "--url", base, "--key", key], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "is of the model this service runs" in again.stderr, again.stderr
 
 
 def _upload_with_key(folder: Path, library: str, base: str, key: str, tiny_model) -> subprocess.Popen:

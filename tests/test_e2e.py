@@ -10,7 +10,7 @@ import pytest
 from clapq.blobs import BlobStore
 from tests.audio import write
 from tests.reference import audio_48k, load_reference, reference_embed
-from tests.conftest import auth, wait_job
+from tests.conftest import auth, retire, wait_job
 
 # name, seconds, rate, channels, soundfile subtype
 BATCH = [
@@ -281,7 +281,7 @@ def _described(spec: dict, schema: dict | None, value, where: str) -> list[str]:
     return missing
 
 
-def test_the_api_description_names_what_the_api_answers(client, new_key, worker, tmp_path):
+def test_the_api_description_names_what_the_api_answers(client, new_key, worker, settings, tmp_path):
     """/openapi.json against the answers of a real session: every status answered is one the operation lists,
     and every field of a JSON answer is one its schema names, of the type it gives (helper-52: search results
     lacked library_id and the window's times, Item, Library and Job fields the API gives, and several
@@ -341,8 +341,16 @@ def test_the_api_description_names_what_the_api_answers(client, new_key, worker,
                 f"/v1/libraries/{lib['id']}/classify", f"/v1/items/{item}/classify")),
             ("POST", f"/v1/libraries/{lib['id']}/deletions",
              {"json": {"item_ids": [up["items"][0]["id"], "5f1c0000-0000-4000-8000-00000000dead"]}}),
+            ("POST", f"/v1/libraries/{lib['id']}/reembed", {"json": {"name": "again"}}),  # 409: the served model
             ("DELETE", f"/v1/items/{item}", {}), ("DELETE", f"/v1/libraries/{lib['id']}", {})):
         call(method, path, **kwargs)
+    # a library of another model, embedded again into a new one (tests.test_reembed)
+    old = call("POST", "/v1/libraries", json={"name": "described, old"}).get_json()
+    up = call("POST", f"/v1/libraries/{old['id']}/batches", content_type="multipart/form-data",
+              data={"files": [(io.BytesIO(paths[0].read_bytes()), "o.wav")]}).get_json()
+    assert wait_job(client, key, up["job_id"])["status"] == "done"
+    retire(settings.database_url, old["id"])
+    assert call("POST", f"/v1/libraries/{old['id']}/reembed", json={"name": "described, new"}).status_code == 202
     assert client.get("/static/x.txt").get_json()["error"]["message"].startswith("no endpoint")  # Flask's: none
     assert problems == [], "\n".join(problems)
     # and every operation is one of them

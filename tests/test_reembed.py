@@ -1,0 +1,118 @@
+"""A library of another model than the service runs, embedded again into a new library of its model
+(POST /v1/libraries/<id>/reembed): the same stored files, names, metadata and order; the old library untouched."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import uuid
+
+import numpy as np
+from sqlalchemy import text
+
+from api import create_app
+from clapq.db import session_scope
+from tests.audio import write
+from tests.conftest import auth, retire, wait_job
+from tests.test_api_errors import err
+
+
+def _file_row(settings, lib_id: str, filename: str, size: int, status: str) -> None:
+    """A file of the library in `status`, in a job of its own, whose bytes the store does not hold."""
+    with session_scope(settings.database_url) as s:
+        s.execute(text("WITH j AS (INSERT INTO jobs (id, tenant_id, library_id, kind) SELECT gen_random_uuid(), "
+                       "tenant_id, id, 'upload' FROM libraries WHERE id = :l RETURNING id, tenant_id, library_id) "
+                       "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, status) "
+                       "SELECT gen_random_uuid(), tenant_id, library_id, id, :h, :f, :n, :s FROM j"),
+                  {"l": lib_id, "h": uuid.uuid4().hex * 2, "f": filename, "n": size, "s": status})
+
+
+def _vector(client, key: str, item: str) -> np.ndarray:
+    r = client.get(f"/v1/items/{item}/embedding", headers=auth(key))
+    assert r.status_code == 200, r.get_json()
+    return np.asarray(r.get_json()["vector"], dtype=np.float32)
+
+
+def test_a_library_of_a_retired_model_is_embedded_again_into_a_new_one(client, new_key, serving_worker, settings,
+                                                                       tmp_path):
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "field"}, headers=auth(key)).get_json()["id"]
+    files = {name: write(tmp_path / name, secs, seed=seed).read_bytes()
+             for name, secs, seed in (("rain.wav", 0.6, 61), ("long.wav", 12.0, 62), ("dog.wav", 0.4, 63))}
+    files["broken.wav"] = b"RIFF not a wav file at all" * 10
+    meta = {"rain.wav": {"path": "a/rain.wav", "take": 3}}
+    r = client.post(f"/v1/libraries/{lib}/batches", headers=auth(key), content_type="multipart/form-data",
+                    data={"files": [(io.BytesIO(b), n) for n, b in files.items()],
+                          "metadata": '{"rain.wav": {"path": "a/rain.wav", "take": 3}}'})
+    assert r.status_code == 202, r.get_json()
+    old_items = {e["filename"]: e["id"] for e in r.get_json()["items"]}
+    assert wait_job(client, key, r.get_json()["job_id"])["status"] == "done_with_errors"
+    # a cancelled file: queued, then cancelled (a job of its own, held in the queue's first place by nothing)
+    quiet = write(tmp_path / "quiet.wav", 0.5, seed=64).read_bytes()
+    _file_row(settings, lib, "quiet.wav", len(quiet), "cancelled")
+    before = {n: _vector(client, key, i) for n, i in old_items.items() if n != "broken.wav"}
+    other = retire(settings.database_url, lib)
+    assert err(client.post("/v1/search", json={"library_id": lib, "text": "rain"}, headers=auth(key)),
+               409)["message"].endswith(f"(POST /v1/libraries/{lib}/reembed; `clapq reembed --library field "
+                                        "--into NEW`)")
+
+    r = client.post(f"/v1/libraries/{lib}/reembed", json={"name": "field, new model"}, headers=auth(key))
+    assert r.status_code == 202, r.get_json()
+    made = r.get_json()
+    new = made["library"]
+    assert new["name"] == "field, new model" and new["model"]["id"] != other and new["item_count"] == 4, made
+    assert (made["queued"], made["failed"], made["cancelled_left_out"]) == (3, 1, 1), made
+    state = wait_job(client, key, made["job_id"])
+    assert state["status"] == "done_with_errors" and state["counts"]["done"] == 3, state
+    assert state["counts"]["failed"] == 1 and state["errors"][0]["filename"] == "broken.wav", state
+    items = client.get(f"/v1/libraries/{new['id']}/items", headers=auth(key)).get_json()["items"]
+    # the same files, in the order they were uploaded, with their metadata; the cancelled one left out
+    assert [i["filename"] for i in items] == ["rain.wav", "long.wav", "dog.wav", "broken.wav"], items
+    assert items[0]["metadata"] == meta["rain.wav"] and items[0]["job_id"] == made["job_id"], items[0]
+    assert items[3]["status"] == "failed" and items[3]["error"], items[3]
+    for item in items[:3]:  # embedded anew (the same weights here): the vectors the files gave before
+        assert item["status"] == "done" and item["duration_s"] is not None, item
+        assert np.array_equal(_vector(client, key, item["id"]), before[item["filename"]]), item["filename"]
+    segments = client.get(f"/v1/items/{items[1]['id']}/segments", headers=auth(key)).get_json()
+    assert [(s["start_s"], s["end_s"]) for s in segments["segments"]] == [(0.0, 10.0), (2.0, 12.0)], segments
+    found = client.post("/v1/search", json={"library_id": new["id"], "text": "rain", "k": 5}, headers=auth(key))
+    assert found.status_code == 200 and len(found.get_json()["results"]) == 3, found.get_json()
+    # the old library as it was, still of its model
+    old = client.get(f"/v1/libraries/{lib}", headers=auth(key)).get_json()
+    assert old["model"]["id"] == other and old["counts"] == {"queued": 0, "running": 0, "done": 3, "failed": 1,
+                                                             "cancelled": 1}, old
+    # deleted, it leaves the stored files the new library holds: each still downloads whole
+    gone = client.delete(f"/v1/libraries/{lib}", headers=auth(key)).get_json()["deleted"]
+    assert gone["items"] == 5 and gone["stored_files"] == 1, gone  # the cancelled file's bytes, held by no other
+    for item in items:
+        r = client.get(f"/v1/items/{item['id']}/audio", headers=auth(key))
+        assert r.status_code == 200 and r.data == files[item["filename"]], item["filename"]
+
+
+def test_a_reembed_that_cannot_be_says_why(client, new_key, settings, tmp_path):
+    key, stranger = new_key(), new_key()
+    lib = client.post("/v1/libraries", json={"name": "ours"}, headers=auth(key)).get_json()["id"]
+    e = err(client.post(f"/v1/libraries/{lib}/reembed", json={"name": "again"}, headers=auth(key)), 409)
+    assert e["code"] == "same_model" and e["message"].startswith("library 'ours' is of the model this service runs"), e
+    retire(settings.database_url, lib)
+    e = err(client.post(f"/v1/libraries/{lib}/reembed", json={"name": "again"}, headers=auth(key)), 409)
+    assert e["message"] == "library 'ours' has no files to re-embed (none, or only cancelled ones)", e
+    for body, said in (({}, "'name' must be a string"), ({"name": "x", "model": "y"}, "which a re-embed does not take"),
+                       ([], "send a JSON object like"), ({"name": " "}, "'name' must be a string")):
+        assert said in err(client.post(f"/v1/libraries/{lib}/reembed", json=body, headers=auth(key)),
+                           400)["message"], body
+    assert "already exists" in err(client.post(f"/v1/libraries/{lib}/reembed", json={"name": "ours"},
+                                               headers=auth(key)), 409)["message"]
+    # another tenant's library is none of theirs
+    assert err(client.post(f"/v1/libraries/{lib}/reembed", json={"name": "mine"}, headers=auth(stranger)),
+               404)["code"] == "not_found"
+    # over the backlog's bound, as an upload would be: a 429, and no library made (a file of the library, not
+    # embedded yet by its model, is the backlog here)
+    _file_row(settings, lib, "a.wav", 1, "queued")
+    busy = create_app(dataclasses.replace(settings, max_pending=1, max_pending_per_tenant=1)).test_client()
+    e = err(busy.post(f"/v1/libraries/{lib}/reembed", json={"name": "later"}, headers=auth(key)), 429)
+    assert e["code"] == "busy" and "1 of your files is waiting to be embedded" in e["message"], e
+    # nothing was made by any of these
+    names = [x["name"] for x in client.get("/v1/libraries", headers=auth(key)).get_json()["libraries"]]
+    assert names == ["ours"], names
+    assert client.delete(f"/v1/libraries/{lib}", headers=auth(key)).status_code == 200
