@@ -8,13 +8,13 @@ import unicodedata
 import uuid
 
 from flask import Blueprint, current_app, g
-from sqlalchemy import and_, delete, func, or_, select, text
+from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from api.batches import RETRIED_ON_REUPLOAD, backpressure
 from api.db import db, lane_room, send_committed
-from api.errors import (MAX_METADATA_BYTES, ApiError, bad_request, json_body, metadata_bytes, refuse_unknown,
-                        shows_nothing, takes_query)
+from api.errors import (MAX_METADATA_BYTES, ApiError, bad_request, json_body, metadata_bytes, not_found,
+                        refuse_unknown, shows_nothing, takes_query)
 from api.jobs import STATES, items_page, why_waiting
 from api.lookup import owned, refreshed
 from api.models_info import describe, serving_model_id
@@ -40,10 +40,9 @@ def library_json(lib: Library, item_count: int | None = None) -> dict:
     return out
 
 
-def _new_library(body, what: str, example: str) -> Library:
-    """A library of the model this service runs, named by `body` (a JSON object: its 'name'), added to the
-    request's session and flushed, or a 400 saying what is wrong with the body or the name, or a 409 where the
-    tenant has one of that name. `what` takes the body; `example`: such a body."""
+def _library_name(body, what: str, example: str) -> str:
+    """The library name `body` gives (a JSON object: its 'name'), as it is stored, or a 400 saying what is wrong
+    with the body or the name. `what` takes the body; `example`: such a body."""
     if not isinstance(body, dict):
         raise bad_request(f"send a JSON object like {example}")
     refuse_unknown(body, {"name"}, what, f"it takes 'name' ({example})")
@@ -67,12 +66,26 @@ def _new_library(body, what: str, example: str) -> Library:
         raise bad_request("'name' must not be a library id (a UUID): names and ids are both ways to name a library")
     # stored in NFC: "Café" typed, and "Café" taken from a macOS folder name (e + combining accent), are
     # one name, not two libraries that look the same; one made before this rule is matched the same way
-    name = unicodedata.normalize("NFC", name.strip())
-    session = db()
+    return unicodedata.normalize("NFC", name.strip())
+
+
+def _name_free(name: str, but: uuid.UUID | None = None) -> ApiError:
+    """The 409 for a name the tenant has a library of (other than `but`), raised where it has one; else returned,
+    for the caller to raise where its write finds one made meanwhile (the unique constraint)."""
     exists = ApiError(409, "conflict", f"a library named {name!r} already exists")
-    taken = session.scalars(select(Library.name).where(Library.tenant_id == g.tenant_id))
+    taken = db().scalars(select(Library.name).where(Library.tenant_id == g.tenant_id,
+                                                    *([Library.id != but] if but is not None else [])))
     if any(unicodedata.normalize("NFC", other) == name for other in taken):
         raise exists
+    return exists
+
+
+def _new_library(body, what: str, example: str) -> Library:
+    """A library of the model this service runs, named by `body` (_library_name), added to the request's session
+    and flushed, or a 409 where the tenant has one of that name."""
+    name = _library_name(body, what, example)
+    exists = _name_free(name)
+    session = db()
     lib = Library(tenant_id=g.tenant_id, name=name, model_id=serving_model_id())
     session.add(lib)
     try:
@@ -108,7 +121,33 @@ def list_libraries():
 @bp.get("/libraries/<lib_id>")
 def get_library(lib_id: str):
     """The library, with its items counted by status: how much of it search can find."""
+    return _with_counts(owned(Library, lib_id, "library"))
+
+
+@bp.patch("/libraries/<lib_id>")
+def rename_library(lib_id: str):
+    """A new name for the library (as a new library's: 409 where the tenant has one of that name); its files, jobs
+    and vectors stay as they are. The answer is the library as GET gives it."""
     lib = owned(Library, lib_id, "library")
+    name = _library_name(json_body(), "a library's PATCH", '{"name": "my sounds"}')
+    exists = _name_free(name, but=lib.id)
+    session = db()
+    try:
+        # the row's lock is taken by the UPDATE (not FOR UPDATE, which an upload inserting its files would wait on);
+        # a deletion committed meanwhile leaves no row, said as a GET then says it
+        renamed = session.execute(update(Library).where(Library.id == lib.id).values(name=name)).rowcount
+    except IntegrityError:
+        session.rollback()
+        raise exists from None  # taken meanwhile by another request
+    if not renamed:
+        session.rollback()
+        raise not_found("library")
+    session.commit()
+    return _with_counts(refreshed(lib, "library"))
+
+
+def _with_counts(lib: Library) -> dict:
+    """The library as GET gives it: with its files counted by status, and why those still to embed do not move."""
     counts = dict.fromkeys(STATES, 0) | dict(db().execute(
         select(Item.status, func.count()).where(Item.library_id == lib.id).group_by(Item.status)).all())
     # why its files still to embed cannot move (api.jobs.why_waiting), null while they can or there are none

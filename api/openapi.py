@@ -167,6 +167,11 @@ SPEC = {
         "/v1/libraries/{library_id}": {
             "get": {"parameters": [_path_id("library_id")],
                     "responses": _ok("the library", _LIBRARY)},
+            "patch": {"parameters": [_path_id("library_id")],
+                      "requestBody": {"required": True, "content": {"application/json": {"schema": {
+                          "type": "object", "required": ["name"], "additionalProperties": False,
+                          "properties": {"name": {"type": "string", "maxLength": 200}}}}}},
+                      "responses": {**_ok("renamed: the library as GET gives it", _LIBRARY), "409": _ERR}},
             "delete": {"parameters": [_path_id("library_id")],
                        "responses": _ok("deleted: the library, its jobs, items and vectors; stored_files: "
                                         "its files whose bytes none of your other items holds", DELETED)}},

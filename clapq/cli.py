@@ -881,10 +881,14 @@ def cmd_search(args) -> None:
 
 
 def cmd_libraries(args) -> None:
-    from clapq.client import connect, list_libraries
+    from clapq.client import connect, list_libraries, rename_library
 
     settings = Settings.from_env(data_dir=args.data_dir)
-    list_libraries(connect(args.url, args.key, settings.data_dir), as_json=args.json)
+    client = connect(args.url, args.key, settings.data_dir)
+    if args.libraries_command == "rename":
+        rename_library(client, args.library, args.name)
+    else:
+        list_libraries(client, as_json=args.json)
 
 
 def cmd_delete(args) -> None:
@@ -1136,10 +1140,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "result, its metadata too), for scripts")
     _client_args(search, "library name or id")
     search.set_defaults(func=cmd_search)
-    libraries = sub.add_parser("libraries", help="list your libraries: the files each holds, its id and its name")
+    libraries = sub.add_parser("libraries", help="list your libraries: the files each holds, its id and its name; "
+                               "`clapq libraries rename LIBRARY NEW` renames one")
     libraries.add_argument("--json", action="store_true", help="print the API's answer as JSON, for scripts")
     _client_args(libraries, None)
     libraries.set_defaults(func=cmd_libraries)
+    named = libraries.add_subparsers(dest="libraries_command", metavar="{rename}")
+    rename = named.add_parser("rename", help="give a library a new name (its files, jobs and vectors stay)")
+    rename.add_argument("library", type=_library_name, metavar="LIBRARY", help="the library: its name or id")
+    rename.add_argument("name", type=_library_name, metavar="NEW", help="its new name")
+    _client_args(rename, None, default=argparse.SUPPRESS)
     rm = sub.add_parser("delete", help="delete files of a library (by item id, or those gone from a folder), or the "
                         "whole library")
     rm.add_argument("items", nargs="*", metavar="ITEM", help="item ids, as `clapq search` prints them; none: the "
@@ -1181,7 +1191,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("job", type=_job_id, metavar="JOB", help=job_help)
         _client_args(command, None, default=argparse.SUPPRESS)
     # each command's --help says what it is (`clapq migrate --help` showed a bare usage line, helper-71)
-    for action in (sub, keys, one):
+    for action in (sub, keys, one, named):
         for choice in action._choices_actions:
             parser = action.choices[choice.dest]
             parser.description = choice.help[0].upper() + choice.help[1:] + "."

@@ -1535,9 +1535,18 @@ def list_libraries(client: Client, as_json: bool = False) -> None:
     for lib in libs:
         model = lib.get("model") or {}
         other = (f"  (model {model['id']} ({printable(str(model.get('name')))}), not the one this service runs: "
-                 "it is searched and takes files only where that model runs)"
+                 "it is searched and takes files only where that model runs; `clapq reembed --library "
+                 f"{printable(shlex.quote(lib['name']))} --into NEW` embeds its files with this one)"
                  if serving is not None and model.get("id") not in (None, serving) else "")
         print(f"{lib['item_count']:>8}  {lib['id']}  {printable(lib['name'])}{other}")
+
+
+def rename_library(client: Client, library: str, name: str) -> None:
+    """`clapq libraries rename`: a new name for a library (its files, jobs and vectors stay)."""
+    lib = client.library(library, create=False)
+    got = client.call("PATCH", f"/v1/libraries/{urllib.parse.quote(lib['id'], safe='')}",
+                      json={"name": unicodedata.normalize("NFC", name.strip())})
+    print(f"renamed library {printable(lib['name'])!r} ({lib['id']}) to {printable(got['name'])!r}")
 
 
 FAILED_SHOWN = 20  # the failed files `clapq jobs show` lists without --all: a screenful, with the counts above it

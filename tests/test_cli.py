@@ -4144,7 +4144,17 @@ def test_clapq_libraries_lists_the_callers_libraries(start_api, new_key, tiny_mo
     assert out.returncode == 0 and out.stdout.splitlines() == [
         f"       0  {made[0]['id']}  field recordings",
         f"       0  {made[1]['id']}  foley  (model {retired} (retired), not the one this service runs: it is searched "
-        "and takes files only where that model runs)"], out.stdout + out.stderr
+        "and takes files only where that model runs; `clapq reembed --library foley --into NEW` embeds its files with "
+        "this one)"], out.stdout + out.stderr
+    # renamed, by name or id; a name taken is the API's sentence, exit 1
+    out = libraries(key, "rename", "foley", "foley, old")
+    assert out.returncode == 0 and out.stdout == f"renamed library 'foley' ({made[1]['id']}) to 'foley, old'\n", \
+        out.stdout + out.stderr
+    out = libraries(key, "rename", made[1]["id"], "field recordings")
+    assert out.returncode == 1 and out.stderr.endswith("failed (409): a library named 'field recordings' already "
+                                                       "exists\n"), out.stderr
+    out = libraries(key)
+    assert [line.strip().split("  ")[2] for line in out.stdout.splitlines()] == ["field recordings", "foley, old"], out.stdout
 
 
 def _jobs(base: str, key: str, tiny_model, *args: str) -> subprocess.CompletedProcess:

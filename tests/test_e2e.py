@@ -320,6 +320,7 @@ def test_the_api_description_names_what_the_api_answers(client, new_key, worker,
     assert wait_job(client, key, job)["status"] == "done"
     for method, path, kwargs in (
             ("GET", "/v1/libraries", {}), ("GET", f"/v1/libraries/{lib['id']}", {}),
+            ("PATCH", f"/v1/libraries/{lib['id']}", {"json": {"name": "described"}}),
             ("GET", f"/v1/libraries/{lib['id']}/items", {}), ("GET", "/v1/jobs", {}), ("GET", f"/v1/jobs/{job}", {}),
             ("GET", f"/v1/jobs/{job}/items", {}), ("GET", f"/v1/items/{item}", {}),
             ("PATCH", f"/v1/items/{item}", {"json": {"metadata": {"tag": "b"}}}),

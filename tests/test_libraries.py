@@ -1,5 +1,6 @@
-"""A library of another model than the service runs, embedded again into a new library of its model
-(POST /v1/libraries/<id>/reembed): the same stored files, names, metadata and order; the old library untouched."""
+"""A library renamed (PATCH /v1/libraries/<id>), and a library of another model than the service runs embedded again
+into a new library of its model (POST /v1/libraries/<id>/reembed): the same stored files, names, metadata and order;
+the old library untouched."""
 
 from __future__ import annotations
 
@@ -116,3 +117,37 @@ def test_a_reembed_that_cannot_be_says_why(client, new_key, settings, tmp_path):
     names = [x["name"] for x in client.get("/v1/libraries", headers=auth(key)).get_json()["libraries"]]
     assert names == ["ours"], names
     assert client.delete(f"/v1/libraries/{lib}", headers=auth(key)).status_code == 200
+
+
+def test_a_library_is_renamed_and_keeps_its_files(client, new_key, serving_worker, tmp_path):
+    key, stranger = new_key(), new_key()
+    lib = client.post("/v1/libraries", json={"name": "feild"}, headers=auth(key)).get_json()["id"]
+    other = client.post("/v1/libraries", json={"name": "sfx"}, headers=auth(key)).get_json()["id"]
+    wav = write(tmp_path / "a.wav", 0.5, seed=71).read_bytes()
+    r = client.post(f"/v1/libraries/{lib}/batches", headers=auth(key), content_type="multipart/form-data",
+                    data={"files": (io.BytesIO(wav), "a.wav")})
+    assert wait_job(client, key, r.get_json()["job_id"])["status"] == "done"
+    r = client.patch(f"/v1/libraries/{lib}", json={"name": " Field — Café "}, headers=auth(key))
+    assert r.status_code == 200, r.get_json()
+    got = r.get_json()
+    assert got["name"] == "Field — Caf\u00e9" and got["id"] == lib and got["counts"]["done"] == 1, got
+    assert got == client.get(f"/v1/libraries/{lib}", headers=auth(key)).get_json()
+    # its files and vectors stay: searched under its new name as before
+    found = client.post("/v1/search", json={"library_id": lib, "text": "tone"}, headers=auth(key)).get_json()
+    assert [x["filename"] for x in found["results"]] == ["a.wav"], found
+    # its own name, written another way in Unicode (e + combining accent), is no conflict; nor another case of it
+    assert client.patch(f"/v1/libraries/{lib}", json={"name": "Field — Cafe\u0301"},
+                        headers=auth(key)).get_json()["name"] == "Field — Caf\u00e9"
+    assert client.patch(f"/v1/libraries/{lib}", json={"name": "field"}, headers=auth(key)).get_json()["name"] == "field"
+    e = err(client.patch(f"/v1/libraries/{lib}", json={"name": "sfx"}, headers=auth(key)), 409)
+    assert e["message"] == "a library named 'sfx' already exists", e
+    for body, said in (({}, "'name' must be a string"), ({"name": "x\ty"}, "control characters"),
+                       ({"name": "x", "model": "y"}, "which a library's PATCH does not take"),
+                       ({"name": str(uuid.uuid4())}, "must not be a library id")):
+        assert said in err(client.patch(f"/v1/libraries/{lib}", json=body, headers=auth(key)), 400)["message"], body
+    assert err(client.patch(f"/v1/libraries/{lib}", json={"name": "mine"}, headers=auth(stranger)),
+               404)["code"] == "not_found"
+    names = sorted(x["name"] for x in client.get("/v1/libraries", headers=auth(key)).get_json()["libraries"])
+    assert names == ["field", "sfx"], names
+    assert client.delete(f"/v1/libraries/{other}", headers=auth(key)).status_code == 200
+    assert err(client.patch(f"/v1/libraries/{other}", json={"name": "gone"}, headers=auth(key)), 404)
