@@ -25,7 +25,13 @@ up: $(VENV)/.installed
 # (its embedded Postgres and Redis live there): in pytest's shared /tmp/pytest-of-$USER, a run prunes all
 # but the newest three, and so would delete the data of a run still going on the same machine. Kept when
 # a test fails, for a look, for a week.
+# tests/test_web.py drives Debian's Chromium (never a downloaded browser): installed here where it is missing and
+# apt-get can (as root); elsewhere that test is skipped, saying so
 test: $(VENV)/.installed
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { export DEBIAN_FRONTEND=noninteractive; timeout 600 apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { timeout 300 apt-get update -q >/dev/null 2>&1 && timeout 600 apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "no Chromium (apt-get install chromium): tests/test_web.py will be skipped" >&2
 	@find "$${TMPDIR:-/tmp}" -maxdepth 1 -name 'clapq-test.*' -mtime +7 -exec rm -rf {} + 2>/dev/null || true
 	@rc=0; base=$$(mktemp -d "$${TMPDIR:-/tmp}/clapq-test.XXXXXX"); \
 	timeout -k 60 $(TEST_TIMEOUT) $(PY) -m pytest --basetemp="$$base/pytest" $(PYTEST_ARGS) || rc=$$?; \

@@ -17,7 +17,7 @@ CODE_CHANGED = ("clapq: the code on disk changed since this API started (clapq u
 
 def create_app(settings: Settings | None = None) -> Flask:
     from api import (auth, batches, db, errors, health, items, jobs, libraries, metrics, openapi, ratelimit, search,
-                     tagging)
+                     tagging, web)
     from api.uploads import StreamingRequest, finish_bodies
 
     settings = (settings or Settings.from_env()).require_urls()
@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(openapi.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(web.bp)
     metrics.register(app)
     return app
 

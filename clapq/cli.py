@@ -747,7 +747,8 @@ def cmd_up(args) -> None:
             return  # Ctrl-C during start-up: the finally below stops what has started
         # where the client commands given this data directory find it (clapq.client.connect), as they find its key
         (data_dir / "url").write_text(base + "\n")
-        print(f"clapq is up: {base}\nAPI key: {key}\ndata: {data_dir}\nCtrl-C stops everything.", flush=True)
+        print(f"clapq is up: {base}\nAPI key: {key}\ndata: {data_dir}\nsearch page: {base}/ (give it the key once)\n"
+              "Ctrl-C stops everything.", flush=True)
         exits: dict[str, list[float]] = {}
 
         def again(what: str, how: str) -> None:

@@ -1,0 +1,207 @@
+"use strict";
+// clapq's search page (served at / by api.web): a client of the HTTP API like any other, with the key in the
+// Authorization header. Every name it shows is set as text (textContent), never parsed as HTML.
+
+const $ = (id) => document.getElementById(id);
+const KEY = "clapq.key";
+const LIBRARY = "clapq.library";
+let key = "";
+let heard = null; // the object URL of the file being played
+
+function say(text, error = false) {
+  const status = $("status");
+  status.textContent = text;
+  status.className = error ? "error" : "";
+}
+
+function failed(error) {
+  say(error.message, true);
+}
+
+async function answer(r) {
+  if (r.status === 401) {
+    throw new Error("the API does not take this key (unknown or revoked): paste the one `clapq up` or "
+                    + "`clapq keys create` printed");
+  }
+  if (r.ok) return r;
+  let message = `${r.status} ${r.statusText}`;
+  try {
+    message = (await r.json()).error.message || message;
+  } catch (e) { /* not the API's envelope */ }
+  throw new Error(message);
+}
+
+async function call(method, path, body) {
+  const headers = { Authorization: `Bearer ${key}` };
+  let payload = body;
+  if (body !== undefined && !(body instanceof FormData)) {
+    headers["Content-Type"] = "application/json";
+    payload = JSON.stringify(body);
+  }
+  let r;
+  try {
+    r = await fetch(path, { method, headers, body: payload });
+  } catch (e) {
+    throw new Error(`the API did not answer (${e.message}): is clapq still running?`);
+  }
+  return (await answer(r)).json();
+}
+
+function files(n) {
+  return `${n.toLocaleString("en")} ${n === 1 ? "file" : "files"}`;
+}
+
+function seconds(s) {
+  return Number(s).toFixed(1).replace(/\.0$/, "");
+}
+
+async function useKey(given) {
+  key = given;
+  const [listed, limits] = await Promise.all([call("GET", "/v1/libraries"), call("GET", "/v1/limits")]);
+  localStorage.setItem(KEY, key);
+  $("key").value = "";
+  $("key").placeholder = `${key.slice(0, 10)}…`;
+  $("forget").hidden = false;
+  const served = limits.model ? limits.model.id : null;
+  const select = $("library");
+  select.replaceChildren();
+  for (const lib of listed.libraries) {
+    const option = document.createElement("option");
+    option.value = lib.id;
+    const other = served !== null && lib.model && lib.model.id !== served;
+    option.textContent = `${lib.name} (${files(lib.item_count)})`
+      + (other ? ": of another model than this service runs (`clapq reembed` it)" : "");
+    option.disabled = other;
+    select.append(option);
+  }
+  const last = localStorage.getItem(LIBRARY);
+  if (last && [...select.options].some((o) => o.value === last && !o.disabled)) select.value = last;
+  $("search-form").hidden = false;
+  if (!listed.libraries.length) {
+    say("no libraries yet: `clapq upload FOLDER --library NAME` makes one");
+  } else {
+    say(`${listed.libraries.length === 1 ? "1 library" : `${listed.libraries.length} libraries`}; `
+        + "search one by words or by a sound");
+  }
+}
+
+function row(result) {
+  const tr = document.createElement("tr");
+  const span = result.segment || result;
+  const name = typeof (result.metadata || {}).path === "string" ? result.metadata.path : result.filename;
+  const cells = [result.score.toFixed(4), name, `${seconds(span.start_s)}–${seconds(span.end_s)} s`];
+  for (const [i, text] of cells.entries()) {
+    const td = document.createElement("td");
+    td.className = ["score", "file", "window"][i];
+    td.textContent = text;
+    tr.append(td);
+  }
+  const actions = document.createElement("td");
+  actions.className = "actions";
+  const playButton = document.createElement("button");
+  playButton.type = "button";
+  playButton.textContent = "Play";
+  playButton.addEventListener("click", () => play(result.item_id, name, span.start_s).catch(failed));
+  const likeButton = document.createElement("button");
+  likeButton.type = "button";
+  likeButton.textContent = "More like this";
+  likeButton.addEventListener("click", () => search({ item_id: result.item_id }, `sounds like ${name}`).catch(failed));
+  actions.append(playButton, " ", likeButton);
+  tr.append(actions);
+  return tr;
+}
+
+async function search(query, what) {
+  const library_id = $("library").value;
+  if (!library_id) throw new Error("no library to search: `clapq upload FOLDER --library NAME` makes one");
+  localStorage.setItem(LIBRARY, library_id);
+  const k = Number($("k").value);
+  say(`searching for ${what}…`);
+  let found;
+  if (query.clip) {
+    const form = new FormData();
+    form.append("library_id", library_id);
+    form.append("k", String(k));
+    form.append("audio", query.clip);
+    found = await call("POST", "/v1/search", form);
+  } else {
+    found = await call("POST", "/v1/search", { library_id, k, ...query });
+  }
+  const body = $("results").tBodies[0];
+  body.replaceChildren(...found.results.map(row));
+  $("results").hidden = !found.results.length;
+  const library = $("library").selectedOptions[0].textContent;
+  say(found.results.length ? `${found.results.length} best for ${what} in ${library}`
+    : `nothing found for ${what} in ${library}: its files may not be embedded yet (\`clapq jobs\`)`);
+}
+
+async function play(itemId, name, startS) {
+  say(`loading ${name}…`);
+  let r;
+  try {
+    r = await fetch(`/v1/items/${encodeURIComponent(itemId)}/audio`, { headers: { Authorization: `Bearer ${key}` } });
+  } catch (e) {
+    throw new Error(`the API did not answer (${e.message}): is clapq still running?`);
+  }
+  const blob = await (await answer(r)).blob();
+  if (heard) URL.revokeObjectURL(heard);
+  heard = URL.createObjectURL(blob);
+  const player = $("player");
+  player.hidden = false;
+  player.dataset.item = itemId;
+  player.addEventListener("loadedmetadata", () => {
+    player.currentTime = Number(startS);
+    player.play().catch(() => {}); // a browser may refuse to start sound on its own: its controls can
+  }, { once: true });
+  player.addEventListener("error", () => say(`${name}: this browser cannot play its format (download it with `
+                                             + "`curl` or the API)", true), { once: true });
+  player.src = heard;
+  say(`${name}, from ${seconds(startS)} s`);
+}
+
+function start() {
+  $("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const given = $("key").value.trim();
+    if (!given) {
+      say("paste the API key `clapq up` printed (API key: cq_...)", true);
+      return;
+    }
+    useKey(given).catch(failed);
+  });
+  $("forget").addEventListener("click", () => {
+    localStorage.removeItem(KEY);
+    key = "";
+    $("key").placeholder = "cq_...";
+    $("forget").hidden = true;
+    $("search-form").hidden = true;
+    $("results").hidden = true;
+    say("key forgotten");
+  });
+  $("search-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const clip = $("clip").files[0];
+    const text = $("text").value.trim();
+    if (clip) {
+      search({ clip }, `the sound of ${clip.name}`).catch(failed).finally(() => { $("clip").value = ""; });
+    } else if (text) {
+      search({ text }, `“${text}”`).catch(failed);
+    } else {
+      say("type words to search for, or choose a sound file", true);
+    }
+  });
+  // a key given in the address (http://host:8000/#key=cq_...) is used and taken out of it at once
+  const given = new URLSearchParams(location.hash.slice(1)).get("key");
+  if (given) history.replaceState(null, "", location.pathname);
+  const stored = given || localStorage.getItem(KEY);
+  if (stored) {
+    useKey(stored).catch((error) => {
+      localStorage.removeItem(KEY);
+      failed(error);
+    });
+  } else {
+    say("paste the API key `clapq up` printed (API key: cq_...)");
+  }
+}
+
+start();

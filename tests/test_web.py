@@ -1,0 +1,118 @@
+"""The search page at / in a real browser (Debian's Chromium, driven by Playwright) against `clapq api` and the
+suite's worker: a key is asked for and kept, a library searched by words, by a sound and by one of its files, a result
+played from its window; names are shown as text, never as HTML."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.audio import write
+from tests.test_cli import _wait_job
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no Chromium here: `make test` installs Debian's "
+                                "(apt-get install chromium) where it runs as root on Debian")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            yield launched
+        finally:
+            launched.close()
+
+
+def test_the_search_page_searches_plays_and_shows_names_as_text(start_api, new_key, worker, browser, tmp_path):
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)  # the API's first text search loads its text tower, on a busy machine
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "sfx <i>"}, headers=h, timeout=30).json()
+    names = ["hum.wav", "<img src=x onerror=alert(1)>.wav", "chirp.wav"]
+    paths = [write(tmp_path / f"f{i}.wav", secs, freq=freq, seed=80 + i)
+             for i, (secs, freq) in enumerate(((1.0, 110.0), (12.0, 880.0), (0.7, 3000.0)))]
+    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=60,
+                      files=[("files", (n, p.read_bytes(), "audio/wav")) for n, p in zip(names, paths)])
+    assert r.status_code == 202, r.text
+    assert _wait_job(base, h, r.json()["job_id"])["status"] == "done"
+
+    page = browser.new_page()
+    dialogs = []
+    page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+    answer = page.goto(base + "/")
+    assert answer.status == 200 and answer.headers["content-type"] == "text/html; charset=utf-8"
+    assert "script-src 'self'" in answer.headers["content-security-policy"], answer.headers
+    status = page.locator("#status")
+    assert "paste the API key" in status.text_content()
+    # a wrong key is said so, and nothing is shown
+    page.fill("#key", "cq_" + "x" * 43)
+    page.click("text=Use key")
+    expect(status).to_have_class("error")  # (the page's policy allows no eval: Playwright's waits by locator)
+    assert "does not take this key" in status.text_content() and page.locator("#search-form").is_hidden()
+
+    page.fill("#key", key)
+    page.click("text=Use key")
+    page.wait_for_selector("#search-form", state="visible")
+    assert page.locator("#library option").all_text_contents() == ["sfx <i> (3 files)"]
+    rows = page.locator("#results tbody tr")
+
+    def files() -> list[str]:
+        return rows.locator("td.file").all_text_contents()
+
+    page.fill("#text", "a low hum")
+    page.click("#search-form button[type=submit]")
+    expect(rows).to_have_count(3)
+    assert sorted(files()) == sorted(names) and "3 best for “a low hum” in sfx <i>" in status.text_content()
+    assert page.locator("#results img").count() == 0 and dialogs == []  # the name shown as text
+    windows = dict(zip(files(), rows.locator("td.window").all_text_contents()))
+    assert windows["hum.wav"] == "0–1 s" and windows["chirp.wav"] == "0–0.7 s", windows
+
+    # by a sound: the file itself comes first, at a score of about 1
+    page.set_input_files("#clip", str(paths[2]))
+    page.click("#search-form button[type=submit]")
+    expect(status).to_have_text(re.compile(r"^3 best for the sound of f2\.wav in "))
+    assert files()[0] == "chirp.wav" and float(rows.locator("td.score").first.text_content()) > 0.99, files()
+
+    # more like one of them: the others, not itself
+    rows.filter(has_text="hum.wav").locator("text=More like this").click()
+    expect(rows).to_have_count(2)
+    assert sorted(files()) == sorted(names[1:])
+
+    # played from the window that matched: fetched with the key, as the browser's own player cannot send it
+    long_row = rows.filter(has_text=".wav").filter(has_text="onerror")
+    start = float(long_row.locator("td.window").text_content().split("–")[0])
+    long_row.locator("text=Play").click()
+    deadline = time.monotonic() + 30
+    while (player := page.eval_on_selector("#player", "p => ({src: p.src, error: p.error, ready: p.readyState, "
+                                           "t: p.currentTime, d: p.duration})"))["ready"] < 1:
+        assert time.monotonic() < deadline and player["error"] is None, player
+        time.sleep(0.1)
+    assert player["src"].startswith("blob:") and player["error"] is None, player
+    assert abs(player["d"] - 12.0) < 0.05 and abs(player["t"] - start) < 0.5, (player, start)
+    assert dialogs == []
+
+    # the key is kept: the page opened again needs none
+    page.reload()
+    page.wait_for_selector("#search-form", state="visible")
+    page.click("text=Forget key")
+    assert page.locator("#search-form").is_hidden() and status.text_content() == "key forgotten"
+    # given in the address, it is used and taken out of the address
+    other = browser.new_page()
+    other.goto(f"{base}/#key={key}")
+    other.wait_for_selector("#search-form", state="visible")
+    assert "#" not in other.url and other.evaluate("localStorage.getItem('clapq.key')") == key
+    other.close()
+    page.close()
