@@ -214,7 +214,7 @@ def reembed_library(lib_id: str):
         "WHERE s.status <> 'cancelled' RETURNING id, status"),
         {"lib": lib.id, "job": job.id, "ids": sorted(uuid.uuid4() for _ in source), "src": source}).all()
     if not made:
-        session.rollback()
+        session.rollback()  # src read again below: deleted meanwhile, it is the 404 "deleted while it ran" (api.errors)
         raise ApiError(409, "conflict", f"library {src.name!r} has no files to re-embed (none, or only cancelled "
                        "ones)")
     queued = sorted(r.id for r in made if r.status == "queued")

@@ -5,16 +5,20 @@ the old library untouched."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
+import threading
+import time
 import uuid
 
 import numpy as np
 from sqlalchemy import text
 
 from api import create_app
-from clapq.db import session_scope
+from clapq.blobs import BlobStore
+from clapq.db import get_engine, session_scope
 from tests.audio import write
-from tests.conftest import auth, retire, wait_job
+from tests.conftest import auth, just_before, retire, wait_job
 from tests.test_api_errors import err
 
 
@@ -151,3 +155,86 @@ def test_a_library_is_renamed_and_keeps_its_files(client, new_key, serving_worke
     assert names == ["field", "sfx"], names
     assert client.delete(f"/v1/libraries/{other}", headers=auth(key)).status_code == 200
     assert err(client.patch(f"/v1/libraries/{other}", json={"name": "gone"}, headers=auth(key)), 404)
+
+
+def _deleted_meanwhile(app, settings, key: str, lib: str, at) -> tuple[list, tuple[int, dict]]:
+    """The library of other model `lib`, re-embedded into 'moved', and deleted by another request (DELETE
+    /v1/libraries/<id>, in a thread) that commits just before the re-embed's first statement `at` matches:
+    [the deletion's answer] and the re-embed's answer (status, JSON), the deletion ended. The
+    deletion's removal of the stored files waits for the re-embed's transaction (its shared BLOB_LOCK) or,
+    were it not held, ends at once; `then` returns in either case, with the deletion committed."""
+    engine = get_engine(settings.database_url)
+    deleted: list = []
+    deleter = threading.Thread(target=lambda: deleted.append(
+        app.test_client().delete(f"/v1/libraries/{lib}", headers=auth(key))))
+
+    def delete_it() -> None:
+        deleter.start()
+        deadline = time.monotonic() + 30
+        with engine.connect() as look:  # the exclusive lock of the removal waiting, or the deletion done
+            while deleter.is_alive() and not look.scalar(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = "
+                    "current_database() AND query LIKE 'SELECT pg_advisory_xact_lock(%'")):
+                assert time.monotonic() < deadline, "the deletion neither ended nor waited for the re-embed"
+                look.rollback()
+                time.sleep(0.05)
+            look.rollback()
+            assert look.scalar(text("SELECT count(*) FROM libraries WHERE id = :l"), {"l": lib}) == 0
+
+    client = app.test_client()
+    with just_before(settings.database_url, at, delete_it) as met:
+        r = client.post(f"/v1/libraries/{lib}/reembed", json={"name": "moved"}, headers=auth(key))
+    deleter.join(60)
+    assert met and not deleter.is_alive() and deleted, (met, deleted)
+    return deleted, (r.status_code, r.get_json())
+
+
+def _retired_library(client, key: str, settings, tmp_path, seeds) -> tuple[str, dict]:
+    """A library of files embedded, then bound to a model the service no longer runs: its id, and
+    {filename: bytes}."""
+    lib = client.post("/v1/libraries", json={"name": "old"}, headers=auth(key)).get_json()["id"]
+    files = {f"{seed}.wav": write(tmp_path / f"{seed}.wav", 0.5, seed=seed).read_bytes() for seed in seeds}
+    r = client.post(f"/v1/libraries/{lib}/batches", headers=auth(key), content_type="multipart/form-data",
+                    data={"files": [(io.BytesIO(b), n) for n, b in files.items()]})
+    assert r.status_code == 202 and wait_job(client, key, r.get_json()["job_id"])["status"] == "done", r.get_json()
+    retire(settings.database_url, lib)
+    return lib, files
+
+
+def test_a_deletion_of_the_library_committed_while_it_is_reembedded_leaves_the_new_ones_files(
+        app, client, new_key, serving_worker, settings, tmp_path):
+    """The library re-embedded is deleted, and the deletion commits, after the re-embed has copied its files
+    (the INSERT of the new items ran) and before it commits: the deletion's removal of their stored files waits
+    for the re-embed's transaction (the shared BLOB_LOCK it holds) and then finds the new items holding them.
+    Every file of the new library is on disk, embeds, and downloads whole; the deletion says that no stored file
+    left the tenant's libraries."""
+    key = new_key()
+    lib, files = _retired_library(client, key, settings, tmp_path, (91, 92, 93))
+    # the lane's lock: the last statement before the commit (after the copy, and the count of cancelled files)
+    deleted, (status, made) = _deleted_meanwhile(app, settings, key, lib, lambda sql: "hashtext(" in sql)
+    assert status == 202 and made["queued"] == 3, made
+    store = BlobStore(settings.blob_dir)
+    items = client.get(f"/v1/libraries/{made['library']['id']}/items", headers=auth(key)).get_json()["items"]
+    assert sorted(i["filename"] for i in items) == sorted(files), items
+    assert [i["filename"] for i in items if not store.exists(i["sha256"])] == [], "stored files removed"
+    assert deleted[0].status_code == 200, deleted[0].get_json()
+    assert deleted[0].get_json()["deleted"] == {"library": lib, "items": 3, "stored_files": 0}, deleted[0].get_json()
+    assert wait_job(client, key, made["job_id"])["status"] == "done"
+    for item in items:
+        r = client.get(f"/v1/items/{item['id']}/audio", headers=auth(key))
+        assert r.status_code == 200 and r.data == files[item["filename"]], item["filename"]
+
+
+def test_a_reembed_of_a_library_deleted_before_it_copied_its_files_makes_nothing(app, client, new_key,
+                                                                                   serving_worker, settings, tmp_path):
+    """The deletion commits after the re-embed read the library's files and before its copy of them: the copy
+    finds none, and the re-embed answers 404 (the library is gone, as a moment later), making no library; the
+    deletion's removal, which waited for it, then removes the stored files no item holds."""
+    key = new_key()
+    lib, files = _retired_library(client, key, settings, tmp_path, (94, 95))
+    deleted, (status, made) = _deleted_meanwhile(
+        app, settings, key, lib, lambda sql: sql.lstrip().startswith("INSERT INTO items") and "unnest(" in sql)
+    assert status == 404 and made["error"]["code"] == "not_found", made
+    assert deleted[0].get_json()["deleted"] == {"library": lib, "items": 2, "stored_files": 2}, deleted[0].get_json()
+    assert client.get("/v1/libraries", headers=auth(key)).get_json()["libraries"] == []
+    assert not any(BlobStore(settings.blob_dir).exists(hashlib.sha256(b).hexdigest()) for b in files.values())
