@@ -1695,7 +1695,7 @@ def wait_job(client: Client, job: str) -> int:
 def reembed(client: Client, library: str, into: str, wait: bool = True) -> int:
     """`clapq reembed`: the library's files into a new library `into` of the model the service runs (POST
     /v1/libraries/<id>/reembed), then, with `wait`, its job followed to its end as `clapq jobs wait` does (and its
-    exit status); the library re-embedded stays as it was."""
+    exit status, but for the files that came failed); the library re-embedded stays as it was."""
     lib = client.library(library, create=False)
     made = client.call("POST", f"/v1/libraries/{urllib.parse.quote(lib['id'], safe='')}/reembed",
                        json={"name": unicodedata.normalize("NFC", into.strip())})
@@ -1714,6 +1714,12 @@ def reembed(client: Client, library: str, into: str, wait: bool = True) -> int:
         print(json_line({"library_id": new["id"], "job_id": job}))
         return 0
     code = wait_job(client, job)
+    if code and made["failed"] and not _job(client, job)["counts"]["cancelled"] and not any(
+            i["attempts"] for i in _job_items(client, job, "failed")):
+        # failed only where the library re-embedded had: said above, they do not fail the command, as `clapq upload`
+        # does not fail for the files it does not send again (failed before), so `&& clapq delete` can follow. One
+        # a worker tried (a file that came queued, or one retried) counts
+        code = 0
     print(f"{printable(lib['name'])!r} is left as it was: `clapq delete --library {shlex.quote(lib['name'])}` "
           "deletes it (the files stay stored for the new library)", file=sys.stderr)
     return code

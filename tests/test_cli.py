@@ -3890,6 +3890,48 @@ def test_an_upload_that_only_waits_for_files_of_another_model_says_so(start_api,
     assert again.returncode == 1 and "is of the model this service runs" in again.stderr, again.stderr
 
 
+def test_a_reembed_fails_only_for_files_that_fail_anew(start_api, new_key, settings, tmp_path, tiny_model, worker):
+    """`clapq reembed` of a library that holds a file failed for a reason in its bytes: the file comes failed
+    into the new library, said so, and the command exits 0 once the rest is embedded (it exited 1 at every
+    re-embed of such a library, though nothing new had failed, as `clapq upload` does not for the files it does
+    not send again: `clapq reembed ... && clapq delete --library OLD` never went on). A file that fails in the
+    new library (its stored copy lost) is an exit 1."""
+    from clapq.blobs import BlobStore
+    from tests.conftest import retire
+
+    base, key = start_api(), new_key()
+    env, h = _env(tiny_model), {"Authorization": f"Bearer {key}"}
+
+    def retired(name: str, files: dict[str, bytes]) -> str:
+        folder = tmp_path / name
+        folder.mkdir()
+        for filename, data in files.items():
+            (folder / filename).write_bytes(data)
+        up = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", name, "--no-wait",
+                             "--url", base, "--key", key], env=env, capture_output=True, text=True, timeout=120)
+        assert up.returncode == 0, up.stderr[-3000:]
+        _wait_job(base, h, json.loads(up.stdout)["jobs"][0])
+        retire(settings.database_url, json.loads(up.stdout)["library_id"])
+        return name
+
+    def reembed(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", "reembed", "--library", name, "--into",
+                               f"{name}, now", "--url", base, "--key", key], env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    good = write(tmp_path / "good.wav", 0.5, seed=47).read_bytes()
+    moved = reembed(retired("with a broken file", {"good.wav": good, "broken.wav": b"RIFF not a wav" * 20}))
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert "1 file that failed in 'with a broken file' for a reason in their bytes comes failed" in moved.stderr, \
+        moved.stderr[-3000:]
+    assert re.fullmatch(r"job \S+: done_with_errors: 1 done, 1 failed\n", moved.stdout), moved.stdout
+    lost = write(tmp_path / "lost.wav", 0.5, seed=48).read_bytes()
+    name = retired("with a lost file", {"lost.wav": lost})
+    assert BlobStore(settings.blob_dir).remove(hashlib.sha256(lost).hexdigest())
+    moved = reembed(name)
+    assert moved.returncode == 1 and "failed: lost.wav (item " in moved.stderr, moved.stderr[-3000:]
+    assert re.fullmatch(r"job \S+: failed: 1 failed\n", moved.stdout), moved.stdout
+
 def _upload_with_key(folder: Path, library: str, base: str, key: str, tiny_model) -> subprocess.Popen:
     """`clapq upload FOLDER --library LIBRARY` against the API at `base`, its stdout and stderr read by the test."""
     return subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", library, "--url",
