@@ -80,18 +80,21 @@ def _uncovered(session, digests: list[str]) -> set[str]:
     return left
 
 
-def backpressure(settings) -> None:
+def backpressure(settings, besides=None) -> None:
     """Refuse new work while the backlog is over its bound, rather than let the queue grow without limit,
     and while the caller's own files waiting are over a tenant's share of it: one tenant's uploads filled
     the whole backlog, and every other tenant's got 429s until it drained (helper-35). The backlog's size
     is not said: it counts every tenant's files. The caller's own are counted only where the whole
     backlog reaches a tenant's share: at 200,000 waiting, the whole count reads the index of waiting rows
     (4.5 ms), and a tenant's own 2.7 ms (a light one) to 24 ms (one holding most: it reads their rows;
-    benchmarks/backpressure.py)."""
+    benchmarks/backpressure.py). `besides`: the id of a library of the caller's whose files waiting are not
+    counted (a re-embed's: of a model the service no longer runs, they wait for no worker of it, and the
+    re-embed is their way out; counted, a library of a tenant's share of them could never be re-embedded)."""
     waiting = Item.status.in_(("queued", "running"))
-    total = db().scalar(select(func.count()).where(waiting))
+    left_out = 0 if besides is None else db().scalar(select(func.count()).where(waiting, Item.library_id == besides))
+    total = db().scalar(select(func.count()).where(waiting)) - left_out
     if total >= settings.max_pending_per_tenant:
-        own = db().scalar(select(func.count()).where(waiting, Item.tenant_id == g.tenant_id))
+        own = db().scalar(select(func.count()).where(waiting, Item.tenant_id == g.tenant_id)) - left_out
         if own >= settings.max_pending_per_tenant:
             raise ApiError(429, "busy", f"{own} of your files {'is' if own == 1 else 'are'} waiting to be embedded "
                            f"(at most {settings.max_pending_per_tenant} a tenant, CLAPQ_MAX_PENDING_PER_TENANT); "

@@ -192,7 +192,8 @@ def reembed_library(lib_id: str):
         session.rollback()
         raise ApiError(409, "same_model", f"library {src.name!r} is of the model this service runs "
                        f"({describe(src.model_id)['name']}): embedded again, its files would give the same vectors")
-    backpressure(current_app.config["CLAPQ"])  # as an upload: nothing is queued over the backlog's bounds
+    # as an upload: nothing is queued over the backlog's bounds, the files of `src` waiting for its model aside
+    backpressure(current_app.config["CLAPQ"], besides=src.id)
     job = Job(tenant_id=g.tenant_id, library_id=lib.id, kind="reembed")
     session.add(job)
     session.flush()
