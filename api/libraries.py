@@ -197,9 +197,6 @@ def reembed_library(lib_id: str):
     job = Job(tenant_id=g.tenant_id, library_id=lib.id, kind="reembed")
     session.add(job)
     session.flush()
-    # the stored copies stay while this commits: a deletion of the source's files meanwhile queues their removal,
-    # which waits for this transaction (the exclusive BLOB_LOCK) and then finds the new items holding them
-    session.execute(select(func.pg_advisory_xact_lock_shared(BLOB_LOCK)))
     source = session.scalars(select(Item.id).where(Item.library_id == src.id, Item.status != "cancelled")
                              .order_by(Item.created_at, Item.id)).all()
     # ids that sort as the source's files did, so listings show them in its order; one statement, whatever the
@@ -212,7 +209,7 @@ def reembed_library(lib_id: str):
         "CASE WHEN f.failed THEN true END, CASE WHEN f.failed THEN now() END "
         "FROM unnest(CAST(:ids AS uuid[]), CAST(:src AS uuid[])) AS n(id, src) JOIN items s ON s.id = n.src "
         "CROSS JOIN LATERAL (SELECT s.status = 'failed' AND s.failed_in_file IS TRUE AS failed) f "
-        "WHERE s.status <> 'cancelled' RETURNING id, status"),
+        "WHERE s.status <> 'cancelled' RETURNING id, status, sha256"),
         {"lib": lib.id, "job": job.id, "ids": sorted(uuid.uuid4() for _ in source), "src": source}).all()
     if not made:
         session.rollback()  # src read again below: deleted meanwhile, it is the 404 "deleted while it ran" (api.errors)
@@ -220,11 +217,33 @@ def reembed_library(lib_id: str):
                        "ones)")
     queued = sorted(r.id for r in made if r.status == "queued")
     left_out = session.scalar(select(func.count()).where(Item.library_id == src.id, Item.status == "cancelled"))
+    # the stored copies stay once this commits: from here to the commit, the shared BLOB_LOCK holds off every
+    # removal (clapq.blobs.reclaim, `clapq check --fix`: exclusive), and a removal after it finds the new items.
+    # Taken after the copy, not before it: held through the copy (2.5 s for 20,000 files), a removal waiting for it
+    # held up every upload and deletion that came after that removal, of any tenant
+    session.execute(select(func.pg_advisory_xact_lock_shared(BLOB_LOCK)))
+    if _removed_meanwhile(lib.id, [r.sha256 for r in made]):
+        session.rollback()
+        raise ApiError(503, "conflict", f"files of library {src.name!r} were being deleted at the same moment; "
+                       "nothing was made; send the re-embed again", {"Retry-After": "1"})
     fast = lane_room(queued)
     session.commit()
     send_committed(queued, fast, job_id=str(job.id))
     return {"job_id": str(job.id), "library": library_json(refreshed(lib, "library"), len(made)),
             "queued": len(queued), "failed": len(made) - len(queued), "cancelled_left_out": left_out}, 202
+
+
+def _removed_meanwhile(lib_id, shas: list[str]) -> bool:
+    """Whether the stored copy of one of `shas`, which the new library `lib_id`'s items name (not committed), was
+    removed after the copy read the item it came from: that item deleted, and the removal run, before this
+    transaction took the shared BLOB_LOCK. Those another item holds stay (their removal waits for the lock, then
+    finds the new items); the others must be on disk now, and stay so while the lock is held (normally none: each
+    is its source item's)."""
+    alone = db().scalars(text("SELECT d.sha FROM unnest(CAST(:s AS text[])) AS d(sha) WHERE NOT EXISTS "
+                              "(SELECT 1 FROM items i WHERE i.sha256 = d.sha AND i.library_id <> :l)"),
+                         {"s": shas, "l": lib_id}).all()
+    store = current_app.extensions["clapq_blobs"]
+    return not all(store.exists(sha) for sha in alone)
 
 
 @bp.get("/libraries/<lib_id>/items")
