@@ -1163,7 +1163,7 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(rm, "library name or id")
     rm.set_defaults(func=cmd_delete)
     again = sub.add_parser("reembed", help="embed a library's files again with the model this service runs, into a "
-                           "new library (after CLAPQ_MODEL changed); the library stays as it is, and waits for the job")
+                           "new library (after CLAPQ_MODEL changed), and wait for them; the library stays as it is")
     again.add_argument("--into", required=True, type=_library_name, metavar="NEW",
                        help="the new library's name (a name you have no library of)")
     again.add_argument("--no-wait", action="store_true", help="return once its files are queued, without waiting "
