@@ -1697,8 +1697,16 @@ def reembed(client: Client, library: str, into: str, wait: bool = True) -> int:
     /v1/libraries/<id>/reembed), then, with `wait`, its job followed to its end as `clapq jobs wait` does (and its
     exit status, but for the files that came failed); the library re-embedded stays as it was."""
     lib = client.library(library, create=False)
-    made = client.call("POST", f"/v1/libraries/{urllib.parse.quote(lib['id'], safe='')}/reembed",
-                       json={"name": unicodedata.normalize("NFC", into.strip())})
+    into = unicodedata.normalize("NFC", into.strip())
+    try:
+        made = client.call("POST", f"/v1/libraries/{urllib.parse.quote(lib['id'], safe='')}/reembed",
+                           json={"name": into})
+    except SystemExit as exc:
+        if "failed (409): a library named" not in str(exc.code):
+            raise
+        # run again after a Ctrl-C, whose re-embed goes on: its job is what to follow, not a new library
+        raise SystemExit(f"{exc.code}; if an earlier `clapq reembed` made it, its job goes on (`clapq jobs` lists it, "
+                         "`clapq jobs wait JOB` follows it); else give --into another name") from None
     new, job = made["library"], made["job_id"]
     print(f"created library {printable(new['name'])!r} ({new['id']}) of model {new['model']['id']} "
           f"({printable(new['model']['name'])}): {n_files(made['queued'])} of {printable(lib['name'])!r} queued to be "

@@ -3888,6 +3888,12 @@ def test_an_upload_that_only_waits_for_files_of_another_model_says_so(start_api,
     again = subprocess.run([sys.executable, "-m", "clapq.cli", "reembed", "--library", "current", "--into", "x",
                             "--url", base, "--key", key], env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 1 and "is of the model this service runs" in again.stderr, again.stderr
+    # the same command again (after a Ctrl-C stopped its wait, say): the job to follow is named, not a new library
+    again = subprocess.run([sys.executable, "-m", "clapq.cli", "reembed", "--library", "retired", "--into", "current",
+                            "--url", base, "--key", key], env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and again.stderr.endswith(
+        "a library named 'current' already exists; if an earlier `clapq reembed` made it, its job goes on (`clapq "
+        "jobs` lists it, `clapq jobs wait JOB` follows it); else give --into another name\n"), again.stderr
 
 
 def test_a_reembed_fails_only_for_files_that_fail_anew(start_api, new_key, settings, tmp_path, tiny_model, worker):
