@@ -3931,12 +3931,13 @@ def test_a_reembed_fails_only_for_files_that_fail_anew(start_api, new_key, setti
     assert "1 file that failed in 'with a broken file' for a reason in their bytes comes failed" in moved.stderr, \
         moved.stderr[-3000:]
     assert re.fullmatch(r"job \S+: done_with_errors: 1 done, 1 failed\n", moved.stdout), moved.stdout
-    lost = write(tmp_path / "lost.wav", 0.5, seed=48).read_bytes()
+    lost = write(tmp_path / "lost.wav", 0.5, freq=1239.0, seed=48).read_bytes()  # bytes no other test holds
     name = retired("with a lost file", {"lost.wav": lost})
     assert BlobStore(settings.blob_dir).remove(hashlib.sha256(lost).hexdigest())
     moved = reembed(name)
     assert moved.returncode == 1 and "failed: lost.wav (item " in moved.stderr, moved.stderr[-3000:]
     assert re.fullmatch(r"job \S+: failed: 1 failed\n", moved.stdout), moved.stdout
+
 
 def _upload_with_key(folder: Path, library: str, base: str, key: str, tiny_model) -> subprocess.Popen:
     """`clapq upload FOLDER --library LIBRARY` against the API at `base`, its stdout and stderr read by the test."""

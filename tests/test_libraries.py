@@ -203,9 +203,11 @@ def _deleted_meanwhile(app, settings, key: str, lib: str, at, gone: tuple[str, s
 
 def _retired_library(client, key: str, settings, tmp_path, seeds) -> tuple[str, dict]:
     """A library of files embedded, then bound to a model the service no longer runs: its id, and
-    {filename: bytes}."""
+    {filename: bytes}. Bytes of their own (a tone no other test writes): stored files are shared by every item
+    that holds the same bytes, and a file of 0.5 s of seed 94 that another test had uploaded stayed on disk where
+    this module's test looked for its removal (in the whole suite, not alone)."""
     lib = client.post("/v1/libraries", json={"name": "old"}, headers=auth(key)).get_json()["id"]
-    files = {f"{seed}.wav": write(tmp_path / f"{seed}.wav", 0.5, seed=seed).read_bytes() for seed in seeds}
+    files = {f"{seed}.wav": write(tmp_path / f"{seed}.wav", 0.5, freq=1237.0, seed=seed).read_bytes() for seed in seeds}
     r = client.post(f"/v1/libraries/{lib}/batches", headers=auth(key), content_type="multipart/form-data",
                     data={"files": [(io.BytesIO(b), n) for n, b in files.items()]})
     assert r.status_code == 202 and wait_job(client, key, r.get_json()["job_id"])["status"] == "done", r.get_json()
