@@ -7,10 +7,14 @@ from __future__ import annotations
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import requests
+from sqlalchemy import text
+
+from clapq.db import session_scope
 
 from tests.audio import write
 from tests.test_cli import _wait_job
@@ -34,7 +38,8 @@ def browser():
             launched.close()
 
 
-def test_the_search_page_searches_plays_and_shows_names_as_text(start_api, new_key, worker, browser, tmp_path):
+def test_the_search_page_searches_plays_and_shows_names_as_text(start_api, new_key, worker, browser, settings,
+                                                                tmp_path):
     from playwright.sync_api import expect
 
     expect.set_options(timeout=90_000)  # the API's first text search loads its text tower, on a busy machine
@@ -103,6 +108,22 @@ def test_the_search_page_searches_plays_and_shows_names_as_text(start_api, new_k
     assert player["src"].startswith("blob:") and player["error"] is None, player
     assert abs(player["d"] - 12.0) < 0.05 and abs(player["t"] - start) < 0.5, (player, start)
     assert dialogs == []
+
+    # a file of the library not embedded yet is said, as `clapq search` says it (a row with no task, taken out after)
+    with session_scope(settings.database_url) as s:
+        pending = s.execute(text(
+            "WITH j AS (INSERT INTO jobs (id, tenant_id, library_id, kind) SELECT gen_random_uuid(), tenant_id, id, "
+            "'upload' FROM libraries WHERE id = :l RETURNING id, tenant_id, library_id) INSERT INTO items (id, "
+            "tenant_id, library_id, job_id, sha256, filename, size_bytes, status) SELECT gen_random_uuid(), tenant_id, "
+            "library_id, id, :h, 'later.wav', 1, 'queued' FROM j RETURNING id"),
+            {"l": lib["id"], "h": uuid.uuid4().hex * 2}).scalar()
+    try:
+        page.fill("#text", "a low hum")
+        page.click("#search-form button[type=submit]")
+        expect(status).to_contain_text("in sfx <i> (3 files); 1 file of it still to be embedded")
+    finally:
+        with session_scope(settings.database_url) as s:
+            s.execute(text("UPDATE items SET status = 'cancelled' WHERE id = :i"), {"i": pending})
 
     # the key is kept: the page opened again needs none
     page.reload()

@@ -131,8 +131,12 @@ async function search(query, what) {
   body.replaceChildren(...found.results.map(row));
   $("results").hidden = !found.results.length;
   const library = $("library").selectedOptions[0].textContent;
-  say(found.results.length ? `${found.results.length} best for ${what} in ${library}`
-    : `nothing found for ${what} in ${library}: its files may not be embedded yet (\`clapq jobs\`)`);
+  // files not embedded yet are not found: said, with why they do not move where the service knows (as `clapq search`)
+  const { counts, waiting } = await call("GET", `/v1/libraries/${encodeURIComponent(library_id)}`);
+  const left = counts.queued + counts.running;
+  const still = left ? `; ${files(left)} of it still to be embedded${waiting ? ` (${waiting})` : ""}` : "";
+  say((found.results.length ? `${found.results.length} best for ${what} in ${library}`
+    : `nothing found for ${what} in ${library}`) + still);
 }
 
 async function play(itemId, name, startS) {
