@@ -31,20 +31,25 @@ async function answer(r) {
   throw new Error(message);
 }
 
+// a request with the key, answered (`answer`) or said as the API not answering
+async function send(path, init) {
+  let r;
+  try {
+    r = await fetch(path, { ...init, headers: { Authorization: `Bearer ${key}`, ...(init.headers || {}) } });
+  } catch (e) {
+    throw new Error(`the API did not answer (${e.message}): is clapq still running?`);
+  }
+  return answer(r);
+}
+
 async function call(method, path, body) {
-  const headers = { Authorization: `Bearer ${key}` };
+  const headers = {};
   let payload = body;
   if (body !== undefined && !(body instanceof FormData)) {
     headers["Content-Type"] = "application/json";
     payload = JSON.stringify(body);
   }
-  let r;
-  try {
-    r = await fetch(path, { method, headers, body: payload });
-  } catch (e) {
-    throw new Error(`the API did not answer (${e.message}): is clapq still running?`);
-  }
-  return (await answer(r)).json();
+  return (await send(path, { method, headers, body: payload })).json();
 }
 
 function files(n) {
@@ -141,13 +146,7 @@ async function search(query, what) {
 
 async function play(itemId, name, startS) {
   say(`loading ${name}…`);
-  let r;
-  try {
-    r = await fetch(`/v1/items/${encodeURIComponent(itemId)}/audio`, { headers: { Authorization: `Bearer ${key}` } });
-  } catch (e) {
-    throw new Error(`the API did not answer (${e.message}): is clapq still running?`);
-  }
-  const blob = await (await answer(r)).blob();
+  const blob = await (await send(`/v1/items/${encodeURIComponent(itemId)}/audio`, {})).blob();
   if (heard) URL.revokeObjectURL(heard);
   heard = URL.createObjectURL(blob);
   const player = $("player");
