@@ -476,12 +476,14 @@ def _best_first(session, matches, distance, n: int, exact: bool, max_d: float | 
     (helper-32). Above ef_search 200 it starts choosing exact scans of large libraries (48 ms instead of
     2.5 ms at 100k, benchmarks/search_scale.md). The settings go in one round trip.
 
-    On the index plan `max_d` (min_score) is applied to the rows the walk gives, not in SQL: the walk
-    is best first, so the rows are the same, and a walk that stops short is then told from a search
-    that found all there are. Where the walk stops short of n rows (hnsw.max_scan_tuples, a library
-    that is a small share of the index) and more rows match (counted up to n, without distances), every
-    matching row is compared instead (helper-32, helper-33), or with `complete=False` the caller is
-    told (`short`). Either way the search says plan "exact"."""
+    On the index plan `max_d` (min_score) is applied to the rows the walk gives, not in SQL, so that a
+    walk that stops short is told from a search that found all there are. Where the walk stops short of
+    n rows (hnsw.max_scan_tuples, a library that is a small share of the index) and more rows match
+    (counted up to n, without distances), every matching row is compared instead (helper-32, helper-33),
+    or with `complete=False` the caller is told (`short`). Either way the search says plan "exact". That
+    holds when the short walk also gave rows past max_d: it had not reached every row within it (a
+    library's best rows unreached in a walk as long as the graph, its rows 15 of 18: tests/test_search.py
+    at 3,500 to 10,000 tuples), though its rows come best first."""
     if exact:
         every = _within(matches, distance, max_d).cte("matches").prefix_with("MATERIALIZED")
         # equal distances (silent files, one recording in two formats) in one order whatever `k` and
@@ -501,8 +503,7 @@ def _best_first(session, matches, distance, n: int, exact: bool, max_d: float | 
     else:  # in the walk's order where the run of equal distances is too long to read
         rows = _ties_settled(session, matches, distance, rows[:n]) or rows[:n]
     kept = rows if max_d is None else [r for r in rows if r.d <= max_d]
-    if len(rows) < n and (max_d is None or len(kept) == len(rows)) and session.scalar(
-            select(func.count()).select_from(matches.limit(n).subquery())) > len(rows):
+    if len(rows) < n and session.scalar(select(func.count()).select_from(matches.limit(n).subquery())) > len(rows):
         g.exact_fallback = True
         if complete:
             return _best_first(session, matches, distance, n, True, max_d)
