@@ -11,7 +11,7 @@ from flask import Blueprint, current_app, g, request
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
-from api.db import db, lane_room, send_committed
+from api.db import db, in_the_queue, lane_room, send_committed
 from api.errors import ApiError, bad_request, check_metadata, given_once, parse_json
 from api.lookup import owned
 from api.models_info import describe, served_model_for, serving_model_id
@@ -19,7 +19,7 @@ from api.query import MAX_CLIP_S
 from api.search import MAX_FILTER_KEYS, MAX_FILTER_VALUES
 from api.uploads import display_name
 from clapq.blobs import BLOB_LOCK, unqueue_reclaim
-from clapq.models import BlobReclaim, Item, Job, JobDuplicate, Library, requeued
+from clapq.models import WAITING_FOR_MODEL, BlobReclaim, Item, Job, JobDuplicate, Library, requeued
 
 bp = Blueprint("batches", __name__)
 
@@ -91,10 +91,15 @@ def backpressure(settings, besides=None) -> None:
     counted (a re-embed's: of a model the service no longer runs, they wait for no worker of it, and the
     re-embed is their way out; counted, a library of a tenant's share of them could never be re-embedded)."""
     waiting = Item.status.in_(("queued", "running"))
-    left_out = 0 if besides is None else db().scalar(select(func.count()).where(waiting, Item.library_id == besides))
+    left_out = 0 if besides is None else db().scalar(
+        select(func.count()).where(waiting, in_the_queue(), Item.library_id == besides))
     total = db().scalar(select(func.count()).where(waiting)) - left_out
+    if total >= min(settings.max_pending, settings.max_pending_per_tenant):
+        # files parked for a worker of another model hold no place in the queue (ix_items_no_message): counted,
+        # a tenant whose CLAPQ_MODEL changed with a share of files queued could upload nothing more
+        total -= db().scalar(select(func.count()).where(Item.status == "queued", Item.claimed_by == WAITING_FOR_MODEL))
     if total >= settings.max_pending_per_tenant:
-        own = db().scalar(select(func.count()).where(waiting, Item.tenant_id == g.tenant_id)) - left_out
+        own = db().scalar(select(func.count()).where(waiting, in_the_queue(), Item.tenant_id == g.tenant_id)) - left_out
         if own >= settings.max_pending_per_tenant:
             raise ApiError(429, "busy", f"{own} of your files {'is' if own == 1 else 'are'} waiting to be embedded "
                            f"(at most {settings.max_pending_per_tenant} a tenant, CLAPQ_MAX_PENDING_PER_TENANT); "

@@ -50,6 +50,12 @@ def close_db(exc: BaseException | None = None) -> None:
 LANE_LOCK = 0x636C616E  # "clan"
 
 
+def in_the_queue():
+    """Of files waiting (queued or running), those that hold a place in the queue: not those parked for a worker
+    of another model than any serves (clapq.models.WAITING_FOR_MODEL), which wait for no worker here."""
+    return or_(Item.claimed_by.is_(None), Item.claimed_by != WAITING_FOR_MODEL)
+
+
 def lane_room(item_ids: list) -> int:
     """How many of `item_ids`, which this request's transaction queues, go in the queue's first lane: as many as
     keep the tenant's files waiting under FAST_LANE_TASKS tasks' worth, the rest going in the bulk lane
@@ -65,7 +71,7 @@ def lane_room(item_ids: list) -> int:
     # than the limit had the whole table read: helper-49). Files parked for a worker of another model hold no
     # place in the queue: counted, they sent all the tenant's uploads to the bulk lane (helper-49)
     waiting = (select(Item.id).where(Item.status.in_(("queued", "running")), Item.tenant_id == g.tenant_id,
-                                     or_(Item.claimed_by.is_(None), Item.claimed_by != WAITING_FOR_MODEL))
+                                     in_the_queue())
                .limit(lane + len(item_ids)).subquery())
     return max(0, lane - (session.scalar(select(func.count()).select_from(waiting)) - len(item_ids)))
 

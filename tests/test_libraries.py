@@ -17,6 +17,7 @@ from sqlalchemy import text
 from api import create_app
 from clapq.blobs import BLOB_LOCK, BlobStore
 from clapq.db import get_engine, session_scope
+from clapq.models import WAITING_FOR_MODEL
 from tests.audio import write
 from tests.conftest import auth, just_before, retire, wait_job
 from tests.test_api_errors import err
@@ -130,6 +131,44 @@ def test_a_reembed_that_cannot_be_says_why(client, new_key, settings, tmp_path):
     assert r.status_code == 202 and r.get_json()["queued"] == 1, r.get_json()
     for made in (r.get_json()["library"]["id"], lib):
         assert client.delete(f"/v1/libraries/{made}", headers=auth(key)).status_code == 200
+
+
+def test_files_parked_for_a_retired_model_do_not_hold_back_uploads(client, new_key, settings):
+    """Files of a library of another model than the service runs, parked for a worker of it (what a worker does with
+    their tasks once CLAPQ_MODEL changed), hold no place in the queue: counted, a tenant with a share of them got 429
+    for every upload into a library of the new model, told its files were waiting to be embedded. A file waiting
+    for this service's workers still counts, against the tenant's share and the service's bound."""
+    key = new_key()
+    old = client.post("/v1/libraries", json={"name": "old model"}, headers=auth(key)).get_json()["id"]
+    new = client.post("/v1/libraries", json={"name": "new model"}, headers=auth(key)).get_json()["id"]
+    retire(settings.database_url, old)
+    _file_row(settings, old, "parked.wav", 1, "queued")
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE items SET claimed_by = :m WHERE library_id = :l"), {"m": WAITING_FOR_MODEL, "l": old})
+
+    def send(app, name):
+        return app.post(f"/v1/libraries/{new}/batches", headers=auth(key), content_type="multipart/form-data",
+                        data={"files": [(io.BytesIO(b"not audio " + name.encode()), name)]})
+
+    with session_scope(settings.database_url) as s:  # other tests' files waiting, this service's workers' to embed
+        others = s.execute(text("SELECT count(*) FROM items WHERE status IN ('queued', 'running') "
+                                "AND claimed_by IS DISTINCT FROM :m"), {"m": WAITING_FOR_MODEL}).scalar()
+    tenant, service = {"max_pending": 10**9, "max_pending_per_tenant": 1}, {"max_pending": others + 1,
+                                                                           "max_pending_per_tenant": 10**9}
+    try:
+        for bounds in (tenant, service):
+            busy = create_app(dataclasses.replace(settings, **bounds)).test_client()
+            r = send(busy, "a.wav")
+            assert r.status_code == 202, (bounds, r.get_json())
+            assert client.post(f"/v1/jobs/{r.get_json()['job_id']}/cancel", headers=auth(key)).status_code in (200, 409)
+        _file_row(settings, new, "waiting.wav", 1, "queued")
+        for bounds, said in ((tenant, "1 of your files is waiting"),
+                             (service, f"the service has {others + 1} files or more waiting")):
+            busy = create_app(dataclasses.replace(settings, **bounds)).test_client()
+            assert said in err(send(busy, "b.wav"), 429)["message"], bounds
+    finally:
+        for lib in (old, new):
+            assert client.delete(f"/v1/libraries/{lib}", headers=auth(key)).status_code == 200
 
 
 def test_a_library_is_renamed_and_keeps_its_files(client, new_key, serving_worker, tmp_path):
