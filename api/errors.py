@@ -259,6 +259,24 @@ def given_once(fields, where: str) -> None:
         raise bad_request(f"{where} gives {twice[0]!r} more than once; give it once")
 
 
+def integer(raw, name: str, lo: int, hi: int, default: int) -> int:
+    """`raw` (from a query string, a form or JSON) as an integer from lo to hi; `default` where it is not given."""
+    if raw is None or raw == "":
+        return default
+    if isinstance(raw, bool) or isinstance(raw, float) and raw != int(raw) or \
+            isinstance(raw, str) and not raw.strip().lstrip("+-").isdigit():
+        raise bad_request(f"'{name}' must be an integer")
+    if isinstance(raw, str) and len(raw.strip().lstrip("+-").lstrip("0")) > len(str(hi)):  # int() refuses 4,301
+        raise bad_request(f"'{name}' must be between {lo} and {hi}")                        # digits as no integer
+    try:
+        v = int(raw)
+    except (TypeError, ValueError):
+        raise bad_request(f"'{name}' must be an integer") from None
+    if not lo <= v <= hi:
+        raise bad_request(f"'{name}' must be between {lo} and {hi}")
+    return v
+
+
 def takes_query(*names: str):
     """Decorator: the query parameters a view reads (plain_query refuses others); `None` for a view that
     checks its own (search, which reads the same fields from a query string, a form or JSON)."""

@@ -16,7 +16,9 @@ from sqlalchemy import select
 from werkzeug.http import http_date, parse_date, parse_etags, parse_range_header
 
 from api.db import db
-from api.errors import ApiError, bad_request, check_metadata, json_body, not_found, refuse_unknown, takes_query
+from api.auth import audio_link
+from api.errors import (ApiError, bad_request, check_metadata, integer, json_body, not_found, refuse_unknown,
+                        takes_query)
 from api.lookup import owned, owned_item, refreshed
 from api.models_info import describe
 from api.query import item_vector
@@ -270,8 +272,27 @@ class _Verified:
             self._body.close()
 
 
+LINK_DEFAULT_S, LINK_MOST_S = 3600, 7 * 24 * 3600
+
+
+@bp.post("/items/<item_id>/audio-link")
+@takes_query("expires_in_s")
+def make_audio_link(item_id: str):
+    """A URL of the item's audio that needs no Authorization header: for an <audio> element (the search page's
+    player), which streams it with range requests and seeks, where fetching it with the key read a whole 2-hour
+    recording into the browser before a note played. It opens this item's audio only, until it expires
+    (`expires_in_s`, an hour unless given) or the key that asked for it is revoked."""
+    item = owned(Item, item_id, "item")
+    lasts = integer(request.args.get("expires_in_s"), "expires_in_s", 1, LINK_MOST_S, LINK_DEFAULT_S)
+    token, expires = audio_link(str(item.id), lasts)
+    return {"url": f"/v1/items/{item.id}/audio?link={token}",
+            "expires_at": dt.datetime.fromtimestamp(expires, dt.timezone.utc).isoformat()}
+
+
 @bp.get("/items/<item_id>/audio")
+@takes_query("link")
 def get_audio(item_id: str):
+    """The stored file, as uploaded; with the caller's key, or `?link=` from POST /v1/items/<id>/audio-link."""
     item = owned(Item, item_id, "item")
     path = BlobStore(current_app.config["CLAPQ"].blob_dir).path_for(item.sha256)
     if not path.is_file():

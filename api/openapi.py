@@ -320,8 +320,17 @@ SPEC = {
             "responses": _ok("the item's windows: index, start_s, end_s (and vector)", _obj(
                 item_id=_ID, status=_STR, model=_MODEL,
                 segments=_list(_obj(index=_INT, start_s=_NUM, end_s=_NUM, vector=_list(_NUM)))))}},
+        "/v1/items/{item_id}/audio-link": {"post": {"parameters": [
+            _path_id("item_id"),
+            {"name": "expires_in_s", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 604800},
+             "description": "how long the link works (3600 unless given)"}],
+            "responses": _ok("a URL of the item's audio that needs no key (for an <audio> element), relative to the "
+                             "API's root, and when it expires; it stops working too when the key is revoked",
+                             _obj(url=_STR, expires_at=_STR))}},
         "/v1/items/{item_id}/audio": {"get": {"parameters": [
             _path_id("item_id"),
+            {"name": "link", "in": "query", "required": False, "schema": {"type": "string"},
+             "description": "instead of the Authorization header: a link's, from POST /v1/items/{item_id}/audio-link"},
             {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"},
              "description": "one range, `bytes=first-last`; another unit or several ranges are ignored"},
             *({"name": h, "in": "header", "required": False, "schema": {"type": "string"}}

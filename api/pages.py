@@ -9,20 +9,13 @@ import uuid
 from flask import request
 from sqlalchemy import and_, or_
 
-from api.errors import bad_request
+from api.errors import bad_request, integer
 
 MAX_LIMIT = 500
 
 
 def limit_arg(default: int = 50) -> int:
-    raw = request.args.get("limit", default)
-    try:
-        n = int(raw)
-    except (TypeError, ValueError):
-        raise bad_request("'limit' must be an integer") from None
-    if not 1 <= n <= MAX_LIMIT:
-        raise bad_request(f"'limit' must be between 1 and {MAX_LIMIT}")
-    return n
+    return integer(request.args.get("limit"), "limit", 1, MAX_LIMIT, default)
 
 
 def encode_cursor(created_at: dt.datetime, row_id: uuid.UUID) -> str:

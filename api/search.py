@@ -23,8 +23,8 @@ except ImportError:  # SQLAlchemy 2.0, which Python 3.10 gets (2.1 takes 3.11): 
     distinct_on = None
 
 from api.db import db, time_limit
-from api.errors import (ApiError, bad_request, check_text, given_once, json_body, parse_json, refuse_unknown,
-                        sent_as_json, shows_nothing, small_body, takes_query)
+from api.errors import (ApiError, bad_request, check_text, given_once, integer, json_body, parse_json,
+                        refuse_unknown, sent_as_json, shows_nothing, small_body, takes_query)
 from api.lookup import owned, parse_id
 from api.models_info import describe, served_model_for
 from api.query import audio_vector, item_vector, text_vectors
@@ -46,23 +46,6 @@ def _server_timing(response):
     if "server_timing" in g:
         response.headers["Server-Timing"] = g.server_timing
     return response
-
-
-def _int(raw, name: str, lo: int, hi: int, default: int) -> int:
-    if raw is None or raw == "":
-        return default
-    if isinstance(raw, bool) or isinstance(raw, float) and raw != int(raw) or \
-            isinstance(raw, str) and not raw.strip().lstrip("+-").isdigit():
-        raise bad_request(f"'{name}' must be an integer")
-    if isinstance(raw, str) and len(raw.strip().lstrip("+-").lstrip("0")) > len(str(hi)):  # int() refuses 4,301
-        raise bad_request(f"'{name}' must be between {lo} and {hi}")                        # digits as no integer
-    try:
-        v = int(raw)
-    except (TypeError, ValueError):
-        raise bad_request(f"'{name}' must be an integer") from None
-    if not lo <= v <= hi:
-        raise bad_request(f"'{name}' must be between {lo} and {hi}")
-    return v
 
 
 OPTIONS = ("item_id", "k", "offset", "min_score", "mode", "filter")  # read as given, from any source
@@ -264,8 +247,8 @@ def search():
     # which one, of several (helper-52: "library not found" left the caller to try each)
     libs = [owned(Library, i, f"library {i[:64]!r}") for i in unique.values()]
     model_id = served_model_for(*libs)
-    k = _int(p.get("k"), "k", 1, settings.max_k, 10)
-    offset = _int(p.get("offset"), "offset", 0, 10 * settings.max_k, 0)
+    k = integer(p.get("k"), "k", 1, settings.max_k, 10)
+    offset = integer(p.get("offset"), "offset", 0, 10 * settings.max_k, 0)
     # left out or empty: items; 0 or false is not a mode (`or` read them as left out)
     mode = "items" if p.get("mode") in (None, "") else p.get("mode")
     if mode not in ("items", "segments"):

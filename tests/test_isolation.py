@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 
 import pytest
@@ -251,3 +252,65 @@ def test_every_endpoint_answers_another_tenants_ids_as_unknown_ones(client, app,
                                                                   "status": 404}}), r.get_json()
     assert {p: client.get(p, headers=auth(a)).get_json() for p in before} == before
     assert client.get(f"/v1/jobs/{up['job_id']}", headers=auth(a)).get_json()["status"] == "done"
+
+
+def test_an_audio_link_opens_its_items_audio_and_nothing_else(client, new_key, worker, files, settings):
+    """POST /v1/items/<id>/audio-link: a URL of the item's audio that needs no key, for an <audio> element (the
+    search page's player, which fetched the whole file with the key before it played a note of it). It opens that
+    item's audio, by range too, and nothing else: not another item's, not another route, not once it expired, not
+    once its key was revoked or the item deleted."""
+    import base64
+    import time
+
+    from clapq.db import session_scope
+    from clapq.keys import create_key, revoke_key
+
+    with session_scope(settings.database_url) as s:
+        key = create_key(s, "linking")
+    other = new_key()
+    lib = client.post("/v1/libraries", json={"name": "linked"}, headers=auth(key)).get_json()
+    up = upload(client, key, lib["id"], files[:2]).get_json()
+    assert wait_job(client, key, up["job_id"])["status"] == "done"
+    item, second = (i["id"] for i in up["items"])
+    r = client.post(f"/v1/items/{item}/audio-link", headers=auth(key))
+    assert r.status_code == 200, r.get_json()
+    url, expires = r.get_json()["url"], dt.datetime.fromisoformat(r.get_json()["expires_at"])
+    assert url.startswith(f"/v1/items/{item}/audio?link=")
+    assert abs((expires - dt.datetime.now(dt.timezone.utc)).total_seconds() - 3600) < 60, expires
+    whole = files[0].read_bytes()
+    r = client.get(url)
+    assert r.status_code == 200 and r.data == whole and r.headers["Content-Type"] == "audio/wav"
+    r = client.get(url, headers={"Range": "bytes=100-199"})
+    assert r.status_code == 206 and r.data == whole[100:200]
+    link = url.partition("?link=")[2]
+
+    def refused(path: str, said: str, code: int = 401) -> None:
+        r = client.get(path)
+        assert r.status_code == code and said in r.get_json()["error"]["message"], (path, r.get_json())
+
+    # another item's audio, another route of this one, a link changed by a character, or no link at all
+    refused(f"/v1/items/{second}/audio?link={link}", "this audio link is not valid: not one this service made for "
+                                                     "this item, or the API key that asked for it was revoked")
+    refused(f"/v1/items/{item}?link={link}", "missing or invalid API key")
+    refused(f"/v1/items/{item}/segments?link={link}", "missing or invalid API key")
+    changed = link[:-3] + ("A" if link[-3] != "A" else "B") + link[-2:]
+    refused(f"/v1/items/{item}/audio?link={changed}", "this audio link is not valid")
+    for bad in ("", "x", "!!!", base64.urlsafe_b64encode(b"\0" * 60).decode()):
+        refused(f"/v1/items/{item}/audio?link={bad}", "this audio link is not valid")
+    # another tenant's item is none of theirs to link; the length of a link is bounded
+    assert client.post(f"/v1/items/{item}/audio-link", headers=auth(other)).status_code == 404
+    for given, said in (("0", "between 1 and 604800"), ("604801", "between 1 and 604800"), ("soon", "an integer")):
+        r = client.post(f"/v1/items/{item}/audio-link?expires_in_s={given}", headers=auth(key))
+        assert r.status_code == 400 and said in r.get_json()["error"]["message"], r.get_json()
+    # expired
+    short = client.post(f"/v1/items/{item}/audio-link?expires_in_s=1", headers=auth(key)).get_json()["url"]
+    time.sleep(2.1)
+    refused(short, "this audio link expired")
+    assert client.get(url).status_code == 200
+    # the item deleted: its link finds nothing; the key revoked: none of its links open
+    second_url = client.post(f"/v1/items/{second}/audio-link", headers=auth(key)).get_json()["url"]
+    assert client.delete(f"/v1/items/{second}", headers=auth(key)).status_code == 200
+    refused(second_url, "item not found", 404)
+    with session_scope(settings.database_url) as s:
+        revoke_key(s, key)
+    refused(url, "the API key that asked for it was revoked")

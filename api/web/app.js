@@ -6,7 +6,6 @@ const $ = (id) => document.getElementById(id);
 const KEY = "clapq.key";
 const LIBRARY = "clapq.library";
 let key = "";
-let heard = null; // the object URL of the file being played
 
 function say(text, error = false) {
   const status = $("status");
@@ -146,9 +145,8 @@ async function search(query, what) {
 
 async function play(itemId, name, startS) {
   say(`loading ${name}…`);
-  const blob = await (await send(`/v1/items/${encodeURIComponent(itemId)}/audio`, {})).blob();
-  if (heard) URL.revokeObjectURL(heard);
-  heard = URL.createObjectURL(blob);
+  // a link the player streams (range requests: it reads what it plays, and seeks), as it cannot send the key
+  const { url } = await call("POST", `/v1/items/${encodeURIComponent(itemId)}/audio-link`);
   const player = $("player");
   player.hidden = false;
   player.dataset.item = itemId;
@@ -158,7 +156,7 @@ async function play(itemId, name, startS) {
   }, { once: true });
   player.addEventListener("error", () => say(`${name}: this browser cannot play its format (download it with `
                                              + "`curl` or the API)", true), { once: true });
-  player.src = heard;
+  player.src = url;
   say(`${name}, from ${seconds(startS)} s`);
 }
 
