@@ -38,6 +38,17 @@ def browser():
             launched.close()
 
 
+def _loaded(page) -> dict:
+    """The page's player once it has read its file's duration (wait_for_function's eval is what the page's CSP
+    forbids): its src, error, readyState, currentTime and duration."""
+    deadline = time.monotonic() + 30
+    while (player := page.eval_on_selector("#player", "p => ({src: p.src, error: p.error, ready: p.readyState, "
+                                           "t: p.currentTime, d: p.duration})"))["ready"] < 1:
+        assert time.monotonic() < deadline and player["error"] is None, player
+        time.sleep(0.1)
+    return player
+
+
 def test_the_search_page_searches_plays_and_shows_names_as_text(start_api, new_key, worker, browser, settings,
                                                                 tmp_path):
     from playwright.sync_api import expect
@@ -102,11 +113,7 @@ def test_the_search_page_searches_plays_and_shows_names_as_text(start_api, new_k
     long_row = rows.filter(has_text=".wav").filter(has_text="onerror")
     start = float(long_row.locator("td.window").text_content().split("–")[0])
     long_row.locator("text=Play").click()
-    deadline = time.monotonic() + 30
-    while (player := page.eval_on_selector("#player", "p => ({src: p.src, error: p.error, ready: p.readyState, "
-                                           "t: p.currentTime, d: p.duration})"))["ready"] < 1:
-        assert time.monotonic() < deadline and player["error"] is None, player
-        time.sleep(0.1)
+    player = _loaded(page)
     assert re.fullmatch(rf"{re.escape(base)}/v1/items/[0-9a-f-]+/audio\?link=[\w-]+", player["src"]), player
     assert heard and all(url == player["src"] and rng and rng.startswith("bytes=") for url, rng in heard), heard
     assert abs(player["d"] - 12.0) < 0.05 and abs(player["t"] - start) < 0.5, (player, start)
@@ -140,3 +147,20 @@ def test_the_search_page_searches_plays_and_shows_names_as_text(start_api, new_k
     assert "#" not in other.url and other.evaluate("localStorage.getItem('clapq.key')") == key
     other.close()
     page.close()
+
+    # served under a path by a proxy (/sub/ to the API's /, as nginx's `location /sub/ { proxy_pass .../; }`): the
+    # page asks for everything under that path, where it asked for /v1/... and /app.js at the host's root
+    sub, asked = browser.new_page(), []
+    sub.route(f"{base}/**", lambda route: (asked.append(route.request.url), route.fulfill(
+        response=route.fetch(url=route.request.url.replace("/sub/", "/", 1))) if route.request.url.startswith(
+            f"{base}/sub/") else route.fulfill(status=404, body="not under /sub/")))
+    sub.goto(f"{base}/sub/#key={key}")
+    sub.wait_for_selector("#search-form", state="visible")
+    sub.fill("#text", "a low hum")
+    sub.click("#search-form button[type=submit]")
+    expect(sub.locator("#status")).to_have_text(re.compile(r"^3 best for "))
+    sub.locator("#results tbody tr").first.locator("text=Play").click()
+    player = _loaded(sub)
+    assert player["src"].startswith(f"{base}/sub/v1/items/"), player
+    assert asked and all(url.startswith(f"{base}/sub/") for url in asked), asked
+    sub.close()

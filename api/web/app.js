@@ -3,6 +3,9 @@
 // Authorization header. Every name it shows is set as text (textContent), never parsed as HTML.
 
 const $ = (id) => document.getElementById(id);
+// the API's root is where this page is served: `/`, or the path a proxy serves clapq under (`/clapq/`)
+const ROOT = new URL(".", location.href);
+const at = (path) => new URL(path.replace(/^\//, ""), ROOT).href;
 const KEY = "clapq.key";
 const LIBRARY = "clapq.library";
 let key = "";
@@ -34,7 +37,7 @@ async function answer(r) {
 async function send(path, init) {
   let r;
   try {
-    r = await fetch(path, { ...init, headers: { Authorization: `Bearer ${key}`, ...(init.headers || {}) } });
+    r = await fetch(at(path), { ...init, headers: { Authorization: `Bearer ${key}`, ...(init.headers || {}) } });
   } catch (e) {
     throw new Error(`the API did not answer (${e.message}): is clapq still running?`);
   }
@@ -156,7 +159,7 @@ async function play(itemId, name, startS) {
   }, { once: true });
   player.addEventListener("error", () => say(`${name}: this browser cannot play its format (download it with `
                                              + "`curl` or the API)", true), { once: true });
-  player.src = url;
+  player.src = at(url);
   say(`${name}, from ${seconds(startS)} s`);
 }
 
