@@ -195,7 +195,8 @@ class Client:
                 raise Busy(f"clapq: {method} {path}: the API is unavailable for now ({msg})", _retry_after(r, 5.0),
                            outage=True)
             if r.status_code == 404 and msg.startswith("no endpoint "):  # --url http://host:8000/v1
-                msg += f"; check --url (or CLAPQ_URL): the API's address, with no path ({self.url} now)"
+                msg += (f"; check --url (or CLAPQ_URL): the address of the API's root, without /v1 ({self.url} now; "
+                        "behind a proxy that serves it under a path, that path, such as https://host/clapq)")
             if r.status_code == 412 and code == "precondition_failed":
                 raise Stale(f"clapq: {method} {path}: {msg}")
             if r.status_code == 401 and code == "unauthorized" and self.stopped is not None and not self.key_of_stopped:

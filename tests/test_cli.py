@@ -231,6 +231,10 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     out = subprocess.run(cli + ["search", " ", "--library", "folder lib", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "the words to search for are empty" in out.stderr, out.stderr
+    out = subprocess.run(cli + ["libraries", "--url", f"{base}/v1", "--key", key], env=_env(tiny_model),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and f"the address of the API's root, without /v1 ({base}/v1 now;" in out.stderr, \
+        (out.returncode, out.stderr)
     # the same folder again with one file more: only the new one is sent
     write(folder / "rain" / "light.ogg", 1.0, 44_100, 2, freq=1500, seed=9)
     out = subprocess.run(cli + ["upload", str(folder), "--library", "folder lib", "--url", base, "--key", key],
