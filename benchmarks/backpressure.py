@@ -12,7 +12,8 @@ once, and the caller's own count alone, for a light tenant and the heavy one; an
 the count of every item by state that each /metrics scrape runs; and the bounded count of the caller's
 own that picks the lane of an upload's tasks (session 26), for a light, the heavy and an idle tenant (one
 with 5% more items, all embedded, nothing waiting), with migration 0012's index of each tenant's waiting
-files and without it.
+files and without it; and (session 38) the count of files parked for a worker of another model, which a
+fourth tenant's waiting files are.
 
 Prints a table and writes JSON to benchmarks/results/backpressure_<ITEMS>.json.
 """
@@ -31,20 +32,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import MACHINE, save  # noqa: E402
 from benchmarks.search_scale import connect, log  # noqa: E402
+from clapq.models import WAITING_FOR_MODEL  # noqa: E402
 
 WHOLE = "SELECT count(*) FROM items WHERE status IN ('queued', 'running')"
 BOTH = ("SELECT count(*), count(*) FILTER (WHERE tenant_id = %(t)s) FROM items "
         "WHERE status IN ('queued', 'running')")
-OWN = "SELECT count(*) FROM items WHERE status IN ('queued', 'running') AND tenant_id = %(t)s"
+# since session 38, files parked for a worker of another model are left out of the caller's own, and counted on
+# their own (ix_items_no_message) to be taken from the whole where it reaches a bound
+PARKED_AS = f"'{WAITING_FOR_MODEL}'"
+OWN = ("SELECT count(*) FROM items WHERE status IN ('queued', 'running') AND tenant_id = %(t)s "
+       f"AND (claimed_by IS NULL OR claimed_by != {PARKED_AS})")
+PARKED = f"SELECT count(*) FROM items WHERE status = 'queued' AND claimed_by = {PARKED_AS}"
 # which lane an upload's tasks go in (api/db.py lane_room, since session 26): the caller's files waiting,
 # counted up to 4 tasks of 16 and the upload's own 32, files parked for a worker of another model left out
 LANE = ("SELECT count(*) FROM (SELECT id FROM items WHERE status IN ('queued', 'running') AND tenant_id = %(t)s "
-        "AND (claimed_by IS NULL OR claimed_by != 'waiting for a worker of its model') LIMIT 96) AS waiting")
+        f"AND (claimed_by IS NULL OR claimed_by != {PARKED_AS}) LIMIT 96) AS waiting")
 # what each /metrics scrape runs (api/metrics.py), on the same table: every item, by state
 BY_STATE = "SELECT status, count(*) FROM items GROUP BY status"
 QUERIES = {"whole": (WHOLE, None), "both_light_tenant": (BOTH, 1), "both_heavy_tenant": (BOTH, 0),
            "own_light_tenant": (OWN, 1), "own_heavy_tenant": (OWN, 0), "lane_light_tenant": (LANE, 1),
-           "lane_heavy_tenant": (LANE, 0), "lane_idle_tenant": (LANE, 4), "metrics_by_state": (BY_STATE, None)}
+           "lane_heavy_tenant": (LANE, 0), "lane_idle_tenant": (LANE, 4), "parked": (PARKED, None),
+           "metrics_by_state": (BY_STATE, None)}
 
 LANE_NAMES = [name for name, (sql, _) in QUERIES.items() if sql is LANE]
 
@@ -103,6 +111,9 @@ def main() -> int:
                     "encode(sha256(convert_to(%(t)s::text || g::text, 'UTF8')), 'hex'), 'f.wav', 1700000, "
                     "CASE WHEN g <= %(w)s THEN 'queued' ELSE 'done' END, now(), now() "
                     "FROM generate_series(1, %(n)s) g", {"t": tenant, "l": lib, "j": job, "w": waiting, "n": n})
+            # tenant 3's files waiting are parked for a worker of another model (its CLAPQ_MODEL changed)
+            cur.execute(f"UPDATE items SET claimed_by = {PARKED_AS} WHERE tenant_id = %s AND status = 'queued'",
+                        (tenants[3][0],))
             cur.execute("VACUUM ANALYZE items")
             log(f"{args.items} items, {args.pending} waiting, loaded in {time.perf_counter() - t0:.0f} s")
             res = {"items": args.items, "pending": args.pending, "rounds": args.rounds,
