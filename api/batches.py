@@ -86,8 +86,8 @@ def backpressure(settings, besides=None) -> None:
     the whole backlog, and every other tenant's got 429s until it drained (helper-35). The backlog's size
     is not said: it counts every tenant's files. The caller's own are counted only where the whole
     backlog reaches a tenant's share: at 200,000 waiting, the whole count reads the index of waiting rows
-    (4.5 ms), and a tenant's own 2.7 ms (a light one) to 24 ms (one holding most: it reads their rows;
-    benchmarks/backpressure.py). `besides`: the id of a library of the caller's whose files waiting are not
+    (4–7 ms), a tenant's own 0.7 ms (a light one) to 11 ms (one holding most), index-only, and 10,000 files
+    parked for another model 0.45 ms (benchmarks/backpressure.py, session 38). `besides`: the id of a library of the caller's whose files waiting are not
     counted (a re-embed's: of a model the service no longer runs, they wait for no worker of it, and the
     re-embed is their way out; counted, a library of a tenant's share of them could never be re-embedded)."""
     waiting = Item.status.in_(("queued", "running"))
