@@ -272,6 +272,27 @@ class _Verified:
             self._body.close()
 
 
+class _Part:
+    """The body of a range of part of a stored file, read from the range's first byte in blocks of DOWNLOAD_BLOCK.
+    Werkzeug's own skips to the range by reading where its file wrapper cannot seek, and gunicorn's
+    (wsgi.file_wrapper) cannot: every byte before the range was read and thrown away, 8 KiB at a time (a browser's
+    player seeking to minute 13 of a 20-minute FLAC read 62 MB from the disk to send 30 MB)."""
+
+    def __init__(self, file, body, start: int, stop: int) -> None:
+        self._file, self._body, self._start, self._left = file, body, start, stop - start
+
+    def __iter__(self):
+        self._file.seek(self._start)
+        while self._left > 0 and (block := self._file.read(min(DOWNLOAD_BLOCK, self._left))):
+            self._left -= len(block)
+            yield block
+
+    def close(self) -> None:
+        self._file.close()
+        if hasattr(self._body, "close"):
+            self._body.close()
+
+
 LINK_DEFAULT_S, LINK_MOST_S = 3600, 7 * 24 * 3600
 
 
@@ -314,13 +335,14 @@ def get_audio(item_id: str):
                          last_modified=_modified(item))
     whole = response.status_code == 200 or (response.status_code == 206 and response.content_range.start == 0
                                             and response.content_range.stop == st.st_size)
-    if whole and response.response is not None:
+    if (whole or response.status_code == 206) and response.response is not None:
         try:
             file = path.open("rb", buffering=0)  # unbuffered: each read a block, not copied through a buffer
         except FileNotFoundError:  # deleted since send_file opened it
             response.close()
             raise not_found("audio") from None
-        response.response = _Verified(file, response.response, item)
+        response.response = _Verified(file, response.response, item) if whole else _Part(
+            file, response.response, response.content_range.start, response.content_range.stop)
     response.headers["Content-Disposition"] = attachment(item.filename, str(item.id))
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
