@@ -297,6 +297,14 @@ def test_an_audio_link_opens_its_items_audio_and_nothing_else(client, new_key, w
     refused(f"/v1/items/{item}/audio?link={changed}", "this audio link is not valid")
     for bad in ("", "x", "!!!", base64.urlsafe_b64encode(b"\0" * 60).decode()):
         refused(f"/v1/items/{item}/audio?link={bad}", "this audio link is not valid")
+    # one spelling of a link: not with its padding, nor another last character that decodes to the same bytes, nor
+    # characters the decoder leaves out (each opened the audio)
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(link[-1])
+    assert base64.urlsafe_b64decode(link[:-1] + alphabet[last ^ 1] + "=") == base64.urlsafe_b64decode(link + "=")
+    for spelt in (link + "=", link + "==", link[:-1] + alphabet[last ^ 1], link[:-1] + alphabet[last ^ 3],
+                  link[:4] + "!!!!" + link[4:], link[:4] + "%0A" + link[4:] + "="):
+        refused(f"/v1/items/{item}/audio?link={spelt}", "this audio link is not valid")
     # another tenant's item is none of theirs to link; the length of a link is bounded
     assert client.post(f"/v1/items/{item}/audio-link", headers=auth(other)).status_code == 404
     for given, said in (("0", "between 1 and 604800"), ("604801", "between 1 and 604800"), ("soon", "an integer")):
