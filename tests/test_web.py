@@ -163,4 +163,81 @@ def test_the_search_page_searches_plays_and_shows_names_as_text(start_api, new_k
     player = _loaded(sub)
     assert player["src"].startswith(f"{base}/sub/v1/items/"), player
     assert asked and all(url.startswith(f"{base}/sub/") for url in asked), asked
+    sub.unroute_all(behavior="ignoreErrors")  # a fetch of the player's still going: its fulfil failed the next page
     sub.close()
+
+
+def _unread(page, duration: float) -> float:
+    """A time the page's player has not read: the middle of the longest stretch it has not."""
+    read = page.eval_on_selector("#player", "p => Array.from({length: p.buffered.length}, "
+                                            "(_, i) => [p.buffered.start(i), p.buffered.end(i)])")
+    gaps = [(b - a, (a + b) / 2) for a, b in zip([0] + [e for _, e in read], [s for s, _ in read] + [duration])]
+    assert max(gaps)[0] > 60, read
+    return max(gaps)[1]
+
+
+def _playing(page, ready) -> dict:
+    """The page's player once `ready(its state)`, as _loaded's, while the page says no error (where the player
+    meets one on the way, a link expired, the page goes on)."""
+    deadline = time.monotonic() + 60
+    while not ready(player := page.eval_on_selector("#player", "p => ({src: p.src, error: p.error, ready: "
+                                                    "p.readyState, t: p.currentTime})")):
+        status = page.locator("#status")
+        assert time.monotonic() < deadline and status.get_attribute("class") != "error", (player, status.text_content())
+        time.sleep(0.2)
+    return player
+
+
+def test_the_player_goes_on_where_its_link_expired(start_api, new_key, worker, browser, tmp_path):
+    """An audio link lasts an hour: a long file played, or paused, past it was refused at the player's next range
+    (a seek, or reading on), and the page said "this browser cannot play its format" of a file it had been
+    playing. It asks for a new link then, and plays on from where it was; a link refused for another reason (the
+    file deleted meanwhile) is said in the API's words, and a file the browser cannot decode as before."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "long"}, headers=h, timeout=30).json()
+    # 10 minutes, 19 MB: more than the player reads ahead of where it plays
+    path = write(tmp_path / "long.wav", 600.0, 16_000, freq=500.0, seed=5)
+    aiff = write(tmp_path / "short.aiff", 2.0, 16_000, freq=700.0, seed=6)  # a format Chromium does not play
+    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=60,
+                      files=[("files", (p.name, p.read_bytes(), "audio/wav")) for p in (path, aiff)])
+    assert r.status_code == 202, r.text
+    assert _wait_job(base, h, r.json()["job_id"])["status"] == "done"
+    item = r.json()["items"][0]["id"]
+
+    page, links, heard = browser.new_page(), [], []
+    # links that last 5 s, not an hour
+    page.route("**/audio-link", lambda route: (links.append(route.request.url), route.continue_(
+        url=route.request.url + "?expires_in_s=5")))
+    page.on("response", lambda a: heard.append(a.status) if "/audio?" in a.url else None)
+    page.goto(f"{base}/#key={key}")
+    page.wait_for_selector("#search-form", state="visible")
+    page.fill("#text", "a tone")
+    page.click("#search-form button[type=submit]")
+    status = page.locator("#status")
+    expect(status).to_have_text(re.compile(r"^2 best for "))
+    rows = page.locator("#results tbody tr")
+    rows.filter(has_text="long.wav").locator("text=Play").click()
+    _playing(page, lambda p: p["ready"] >= 1 and p["error"] is None)
+    time.sleep(6)  # its link has expired
+    old, to = page.eval_on_selector("#player", "p => p.src"), _unread(page, 600.0)
+    page.eval_on_selector("#player", f"p => {{ p.currentTime = {to}; }}")  # a range asked for with the old link
+    player = _playing(page, lambda p: p["src"] != old and p["ready"] >= 1 and p["error"] is None and p["t"] > to - 1)
+    assert 401 in heard and len(links) >= 2, (heard, links)
+    assert abs(player["t"] - to) < 5, (player, to)
+
+    # a file the browser cannot decode is said so, as before
+    rows.filter(has_text="short.aiff").locator("text=Play").click()
+    expect(status).to_have_text("short.aiff: this browser cannot play its format (download it with `curl` or the API)")
+
+    # the file deleted: its link is refused, said as the API says it
+    rows.filter(has_text="long.wav").locator("text=Play").click()
+    _playing(page, lambda p: p["ready"] >= 1 and p["error"] is None)
+    assert requests.delete(f"{base}/v1/items/{item}", headers=h, timeout=30).status_code == 200
+    page.eval_on_selector("#player", f"p => {{ p.currentTime = {_unread(page, 600.0)}; }}")
+    expect(status).to_have_class("error")
+    assert status.text_content() == "long.wav: item not found", status.text_content()
+    page.close()

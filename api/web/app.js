@@ -146,24 +146,78 @@ async function search(query, what) {
     : `nothing found for ${what} in ${library}`) + still);
 }
 
+// what the player plays ({itemId, name, at: the time it plays from once it has read the file's duration}), and the
+// file whose link was asked for last (a click on another while one is asked for plays the other)
+let playing = null;
+let asked = null;
+
+// a link to the item's audio that the player streams (range requests: it reads what it plays, and seeks), as it
+// cannot send the key; it expires in an hour
+async function link(itemId) {
+  return at((await call("POST", `/v1/items/${encodeURIComponent(itemId)}/audio-link`)).url);
+}
+
 async function play(itemId, name, startS) {
   say(`loading ${name}…`);
-  // a link the player streams (range requests: it reads what it plays, and seeks), as it cannot send the key
-  const { url } = await call("POST", `/v1/items/${encodeURIComponent(itemId)}/audio-link`);
+  const now = { itemId, name, at: Number(startS) };
+  asked = now;
+  const src = await link(itemId);
+  if (asked !== now) return;
+  playing = now;
   const player = $("player");
   player.hidden = false;
   player.dataset.item = itemId;
-  player.addEventListener("loadedmetadata", () => {
-    player.currentTime = Number(startS);
-    player.play().catch(() => {}); // a browser may refuse to start sound on its own: its controls can
-  }, { once: true });
-  player.addEventListener("error", () => say(`${name}: this browser cannot play its format (download it with `
-                                             + "`curl` or the API)", true), { once: true });
-  player.src = at(url);
+  player.src = src;
   say(`${name}, from ${seconds(startS)} s`);
 }
 
+function started() {
+  const player = $("player");
+  if (!playing) return;
+  player.currentTime = playing.at;
+  playing.renewed = false;
+  player.play().catch(() => {}); // a browser may refuse to start sound on its own: its controls can
+}
+
+// the player could not read or play its file: where the API refuses its link because it expired (a file played
+// or paused past its hour), a new link, and on from where it was; where it refuses it for another reason (the
+// file deleted meanwhile), the API's words; where it does not answer, that; else the file's format
+async function unplayable() {
+  const player = $("player");
+  const now = playing;
+  if (!now) return;
+  let r = null;
+  try {
+    r = await fetch(player.src, { headers: { Range: "bytes=0-0" } });
+  } catch (e) { /* said below */ }
+  if (playing !== now) return;
+  if (r && r.status === 401 && !now.renewed) {
+    now.renewed = true; // until the new link plays: one refused again is said
+    now.at = player.currentTime;
+    try {
+      const src = await link(now.itemId);
+      if (playing === now) player.src = src;
+    } catch (e) {
+      if (playing === now) say(`${now.name}: ${e.message}`, true);
+    }
+    return;
+  }
+  let why = "this browser cannot play its format (download it with `curl` or the API)";
+  if (!r) {
+    why = "the API did not answer: is clapq still running?";
+  } else if (!r.ok) {
+    try {
+      why = (await r.json()).error.message;
+    } catch (e) {
+      why = `${r.status} ${r.statusText}`;
+    }
+  }
+  if (playing === now) say(`${now.name}: ${why}`, true);
+}
+
 function start() {
+  $("player").addEventListener("loadedmetadata", started);
+  $("player").addEventListener("error", () => unplayable().catch(failed));
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const given = $("key").value.trim();
