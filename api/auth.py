@@ -10,7 +10,7 @@ import struct
 import time
 import uuid
 
-from flask import g, request
+from flask import current_app, g, request
 from sqlalchemy import select
 
 from api.db import db
@@ -42,10 +42,14 @@ def require_tenant() -> None:
 
 
 def _mac(key_hash: str, item_id: str, key_id: bytes, expires: int) -> bytes:
-    """Signed with the key's stored hash (only the database holds it): a link is as good as its key, and no
-    better, so it stops working when the key is revoked, and it opens one item."""
-    message = b"clapq audio link\0" + item_id.strip().lower().encode() + b"\0" + _LINK.pack(key_id, expires)
-    return hmac.new(bytes.fromhex(key_hash), message, hashlib.sha256).digest()[:_MAC_BYTES]
+    """Signed with the key's stored hash, so a link is as good as its key and no better (it stops working when the
+    key is revoked), and with a secret kept beside the stored files (clapq.blobs.BlobStore.secret), not in the
+    database: what reads the database alone (a leaked backup of it, a read-only login) makes no link, as it finds
+    no key. It opens one item."""
+    secret = current_app.extensions["clapq_blobs"].secret()
+    message = (b"clapq audio link\0" + bytes.fromhex(key_hash) + item_id.strip().lower().encode() + b"\0"
+               + _LINK.pack(key_id, expires))
+    return hmac.new(secret, message, hashlib.sha256).digest()[:_MAC_BYTES]
 
 
 def audio_link(item_id: str, lasts_s: int) -> tuple[str, int]:

@@ -84,6 +84,7 @@ BLOB_LOCK = 0x636C6170_71626C62  # "clapqblb"
 RECLAIM_CHUNK = 1000  # blobs checked and unlinked per hold of the exclusive lock: uploads wait no longer
 STALE_UPLOAD_S = 24 * 3600  # a temporary upload file untouched this long was left by a killed API process
 TMP = "tmp"  # ROOT/tmp: uploads being received (BlobWriter), no stored file
+SECRET, SECRET_BYTES = ".link-secret", 32  # ROOT/.link-secret: what audio links are signed with (BlobStore.secret)
 HEX = frozenset("0123456789abcdef")
 
 
@@ -113,6 +114,7 @@ def scan(root: Path | str) -> tuple[dict[str, int], list[tuple[str, int]]]:
         rel = here.relative_to(root).parts
         if not rel:
             dirnames[:] = [d for d in dirnames if d != TMP]
+            filenames = [f for f in filenames if not f.startswith(SECRET)]  # BlobStore.secret's
         dirnames.sort()
         for name in sorted(filenames):
             path = here / name
@@ -301,6 +303,33 @@ class BlobStore:
             except OSError:  # not empty
                 break
         return True
+
+    def secret(self) -> bytes:
+        """32 random bytes kept beside the stored files (ROOT/.link-secret, the owner's alone), made by the first
+        process that asks: what the API signs audio links with, beside the key's stored hash, so that reading the
+        database (a backup of it, a read-only login) makes no link. Every API process reads this folder, and only
+        they and the workers do. Read at each use: removed, it is made again, and every link made before stops."""
+        path = self.root / SECRET
+        for _ in range(2):
+            try:
+                got = path.read_bytes()
+                if len(got) == SECRET_BYTES:
+                    return got
+                path.unlink(missing_ok=True)  # cut short by hand: made again
+            except FileNotFoundError:
+                pass
+            fd, tmp = tempfile.mkstemp(prefix=SECRET + ".", dir=self.root)  # 0600
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(os.urandom(SECRET_BYTES))
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.link(tmp, path)  # two processes at once: one's is kept, and both read it
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
+        return path.read_bytes()
 
     def writer(self) -> BlobWriter:
         return BlobWriter(self)

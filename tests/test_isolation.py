@@ -262,6 +262,7 @@ def test_an_audio_link_opens_its_items_audio_and_nothing_else(client, new_key, w
     import base64
     import time
 
+    from clapq.blobs import scan
     from clapq.db import session_scope
     from clapq.keys import create_key, revoke_key
 
@@ -315,6 +316,15 @@ def test_an_audio_link_opens_its_items_audio_and_nothing_else(client, new_key, w
     time.sleep(2.1)
     refused(short, "this audio link expired")
     assert client.get(url).status_code == 200
+    # signed with a secret kept beside the stored files, not in the database (which holds the key's hash): made
+    # again when removed, and every link made before stops; the store's check takes it for no stray
+    secret = settings.blob_dir / ".link-secret"
+    assert secret.is_file() and secret.stat().st_mode & 0o777 == 0o600 and len(secret.read_bytes()) == 32
+    assert [p for p, _ in scan(settings.blob_dir)[1] if ".link-secret" in p] == []
+    secret.unlink()
+    refused(url, "this audio link is not valid")
+    url = client.post(f"/v1/items/{item}/audio-link", headers=auth(key)).get_json()["url"]
+    assert client.get(url).status_code == 200 and secret.is_file()
     # the item deleted: its link finds nothing; the key revoked: none of its links open
     second_url = client.post(f"/v1/items/{second}/audio-link", headers=auth(key)).get_json()["url"]
     assert client.delete(f"/v1/items/{second}", headers=auth(key)).status_code == 200
