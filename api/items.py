@@ -346,4 +346,6 @@ def get_audio(item_id: str):
     response.headers["Content-Disposition"] = attachment(item.filename, str(item.id))
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Content-Security-Policy"] = "default-src 'none'; sandbox"
+    # a tenant's file: no shared cache keeps it (a request by link sends no Authorization, which alone kept them off)
+    response.headers["Cache-Control"] = "private, no-cache"
     return response

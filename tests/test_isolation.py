@@ -281,6 +281,7 @@ def test_an_audio_link_opens_its_items_audio_and_nothing_else(client, new_key, w
     whole = files[0].read_bytes()
     r = client.get(url)
     assert r.status_code == 200 and r.data == whole and r.headers["Content-Type"] == "audio/wav"
+    assert r.headers["Cache-Control"] == "private, no-cache"  # no shared cache keeps it for others
     r = client.get(url, headers={"Range": "bytes=100-199"})
     assert r.status_code == 206 and r.data == whole[100:200]
     link = url.partition("?link=")[2]
