@@ -87,9 +87,10 @@ def backpressure(settings, besides=None) -> None:
     is not said: it counts every tenant's files. The caller's own are counted only where the whole
     backlog reaches a tenant's share: at 200,000 waiting, the whole count reads the index of waiting rows
     (4–7 ms), a tenant's own 0.7 ms (a light one) to 11 ms (one holding most), index-only, and 10,000 files
-    parked for another model 0.45 ms (benchmarks/backpressure.py, session 38). `besides`: the id of a library of the caller's whose files waiting are not
-    counted (a re-embed's: of a model the service no longer runs, they wait for no worker of it, and the
-    re-embed is their way out; counted, a library of a tenant's share of them could never be re-embedded)."""
+    parked for another model 0.45 ms (benchmarks/backpressure.py, session 38). `besides`: the id of a library
+    of the caller's whose files waiting are not counted (a re-embed's: of a model the service no longer runs,
+    they wait for no worker of it, and the re-embed is their way out; counted, a library of a tenant's share
+    of them could never be re-embedded)."""
     waiting = Item.status.in_(("queued", "running"))
     left_out = 0 if besides is None else db().scalar(
         select(func.count()).where(waiting, in_the_queue(), Item.library_id == besides))

@@ -23,7 +23,6 @@ from api.lookup import owned, owned_item, refreshed
 from api.models_info import describe
 from api.query import item_vector
 from api.removal import announce_gone, delete_items, released
-from clapq.blobs import BlobStore
 from clapq.models import Item, Library, Segment
 from worker.windows import span_json
 
@@ -315,7 +314,7 @@ def make_audio_link(item_id: str):
 def get_audio(item_id: str):
     """The stored file, as uploaded; with the caller's key, or `?link=` from POST /v1/items/<id>/audio-link."""
     item = owned(Item, item_id, "item")
-    path = BlobStore(current_app.config["CLAPQ"].blob_dir).path_for(item.sha256)
+    path = current_app.extensions["clapq_blobs"].path_for(item.sha256)  # the app's, not one made each request
     if not path.is_file():
         raise not_found("audio")
     st = path.stat()  # once, for the range

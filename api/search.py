@@ -466,7 +466,7 @@ def _best_first(session, matches, distance, n: int, exact: bool, max_d: float | 
     or with `complete=False` the caller is told (`short`). Either way the search says plan "exact". That
     holds when the short walk also gave rows past max_d: it had not reached every row within it (a
     library's best rows unreached in a walk as long as the graph, its rows 15 of 18: tests/test_search.py
-    at 3,500 to 10,000 tuples), though its rows come best first."""
+    at 3,000 to 30,000 tuples), though its rows come best first."""
     if exact:
         every = _within(matches, distance, max_d).cte("matches").prefix_with("MATERIALIZED")
         # equal distances (silent files, one recording in two formats) in one order whatever `k` and

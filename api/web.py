@@ -13,8 +13,8 @@ bp = Blueprint("web", __name__)
 
 FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
          "/app.css": ("app.css", "text/css; charset=utf-8")}  # path: (file in api/web, its type)
-# the page runs its own script and style only, talks to this origin only, plays its audio links (api.items), and is shown
-# in no frame of another site
+# the page runs its own script and style only, talks to this origin only, plays its audio links (api.items), and is
+# shown in no frame of another site
 POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; media-src 'self'; "
           "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 

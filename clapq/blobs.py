@@ -310,25 +310,25 @@ class BlobStore:
         database (a backup of it, a read-only login) makes no link. Every API process reads this folder, and only
         they and the workers do. Read at each use: removed, it is made again, and every link made before stops."""
         path = self.root / SECRET
-        for _ in range(2):
-            try:
-                got = path.read_bytes()
-                if len(got) == SECRET_BYTES:
-                    return got
-                path.unlink(missing_ok=True)  # cut short by hand: made again
-            except FileNotFoundError:
-                pass
-            fd, tmp = tempfile.mkstemp(prefix=SECRET + ".", dir=self.root)  # 0600
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(os.urandom(SECRET_BYTES))
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.link(tmp, path)  # two processes at once: one's is kept, and both read it
-            except FileExistsError:
-                pass
-            finally:
-                os.unlink(tmp)
+        try:
+            got = path.read_bytes()
+        except FileNotFoundError:
+            got = None
+        if got is not None and len(got) == SECRET_BYTES:
+            return got
+        if got is not None:
+            path.unlink(missing_ok=True)  # cut short by hand: made again
+        fd, tmp = tempfile.mkstemp(prefix=SECRET + ".", dir=self.root)  # 0600
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(SECRET_BYTES))
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)  # two processes at once: one's is kept, and both read it
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
         return path.read_bytes()
 
     def writer(self) -> BlobWriter:
