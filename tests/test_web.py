@@ -241,3 +241,47 @@ def test_the_player_goes_on_where_its_link_expired(start_api, new_key, worker, b
     expect(status).to_have_class("error")
     assert status.text_content() == "long.wav: item not found", status.text_content()
     page.close()
+
+
+def test_a_kept_key_is_forgotten_only_where_the_api_refuses_it(start_api, browser, settings):
+    """The page keeps the key in the browser's storage, and forgot it whatever failed as the page opened: a 503
+    (its database restarting), a proxy's 502, or an API gone between the page and its first requests, and the
+    page opened again once the API was back said "paste the API key". Only a key the API refuses (401) goes."""
+    from playwright.sync_api import expect
+
+    from clapq.db import session_scope
+    from clapq.keys import create_key, revoke_key
+
+    expect.set_options(timeout=60_000)
+    base = start_api()
+    with session_scope(settings.database_url) as s:
+        key = create_key(s, f"kept-{uuid.uuid4().hex[:8]}")
+    page = browser.new_page()
+    page.goto(f"{base}/#key={key}")
+    page.wait_for_selector("#search-form", state="visible")
+    status = page.locator("#status")
+
+    def stored():
+        return page.evaluate("localStorage.getItem('clapq.key')")
+
+    # clapq stopped, then starting (its database not up yet): said, and the key kept
+    for answer, said in ((lambda route: route.abort(), "the API did not answer"),
+                         (lambda route: route.fulfill(status=503, content_type="application/json", body=(
+                             '{"error": {"code": "database_unavailable", "message": "the database is not '
+                             'answering", "status": 503}}')), "the database is not answering")):
+        page.route(f"{base}/v1/**", answer)
+        page.reload()
+        expect(status).to_have_class("error")
+        assert said in status.text_content() and stored() == key, (status.text_content(), stored())
+        page.unroute(f"{base}/v1/**")
+    # back: the page opened again needs no key
+    page.reload()
+    page.wait_for_selector("#search-form", state="visible")
+    assert stored() == key
+    # revoked: refused, and forgotten
+    with session_scope(settings.database_url) as s:
+        revoke_key(s, key)
+    page.reload()
+    expect(status).to_have_class("error")
+    assert "does not take this key" in status.text_content() and stored() is None, status.text_content()
+    page.close()

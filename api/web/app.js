@@ -22,8 +22,10 @@ function failed(error) {
 
 async function answer(r) {
   if (r.status === 401) {
-    throw new Error("the API does not take this key (unknown or revoked): paste the one `clapq up` or "
-                    + "`clapq keys create` printed");
+    const refused = new Error("the API does not take this key (unknown or revoked): paste the one `clapq up` or "
+                              + "`clapq keys create` printed");
+    refused.status = 401;
+    throw refused;
   }
   if (r.ok) return r;
   let message = `${r.status} ${r.statusText}`;
@@ -254,7 +256,8 @@ function start() {
   const stored = given || localStorage.getItem(KEY);
   if (stored) {
     useKey(stored).catch((error) => {
-      localStorage.removeItem(KEY);
+      // forgotten only where the API refuses it: not where it did not answer (clapq stopped) or answered 503
+      if (error.status === 401) localStorage.removeItem(KEY);
       failed(error);
     });
   } else {
