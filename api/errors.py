@@ -301,6 +301,15 @@ def plain_query() -> None:
                           "not take" + (f"; it takes {', '.join(sorted(takes))}" if takes else "; it takes none"))
 
 
+def no_body(instead: str = "send it with none") -> None:
+    """Refuse a body sent to an operation that reads none: what it held would be ignored, and the answer quietly
+    other than asked for, as a query parameter a view does not read (plain_query): `-d '{"expires_in_s": 5}'` to
+    an audio link made one of an hour. Told by its length, unread; an empty one (Content-Length: 0) is none."""
+    if request.content_length or request.headers.get("Transfer-Encoding"):
+        raise bad_request(f"{request.method} {request.url_rule.rule} reads no body, so what it held would be "
+                          f"ignored: {instead}")
+
+
 def uncompressed_body() -> None:
     """before_request hook for /v1: a body sent compressed (`Content-Encoding: gzip`, as some HTTP clients and
     proxies send one) is a 415. The API reads bodies as they come: gzipped JSON was told "send a JSON object

@@ -17,8 +17,8 @@ from werkzeug.http import http_date, parse_date, parse_etags, parse_range_header
 
 from api.db import db
 from api.auth import audio_link
-from api.errors import (ApiError, bad_request, check_metadata, integer, json_body, not_found, refuse_unknown,
-                        takes_query)
+from api.errors import (ApiError, bad_request, check_metadata, integer, json_body, no_body, not_found,
+                        refuse_unknown, takes_query)
 from api.lookup import owned, owned_item, refreshed
 from api.models_info import describe
 from api.query import item_vector
@@ -302,6 +302,7 @@ def make_audio_link(item_id: str):
     player), which streams it with range requests and seeks, where fetching it with the key read a whole 2-hour
     recording into the browser before a note played. It opens this item's audio only, until it expires
     (`expires_in_s`, an hour unless given) or the key that asked for it is revoked."""
+    no_body("give expires_in_s in the query string (?expires_in_s=60)")
     item = owned(Item, item_id, "item")
     lasts = integer(request.args.get("expires_in_s"), "expires_in_s", 1, LINK_MOST_S, LINK_DEFAULT_S)
     token, expires = audio_link(str(item.id), lasts)

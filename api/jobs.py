@@ -7,7 +7,7 @@ from sqlalchemy import and_, case, delete, func, or_, select, update
 
 from api.batches import backpressure
 from api.db import db, lane_room, send_committed
-from api.errors import ApiError, bad_request, takes_query
+from api.errors import ApiError, bad_request, no_body, takes_query
 from api.items import item_json
 from api.lookup import owned
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
@@ -328,6 +328,7 @@ def cancel_job(job_id: str):
     second (api.removal.announce_gone; at its next heartbeat if that message is lost) and, once the
     batch it is running ends, runs no more of its windows; a file whose vectors it
     writes before that ends done (whole, never half-written)."""
+    no_body()
     job = owned(Job, job_id, "job")
     session = db()
     stopping = and_(Item.job_id == job.id, Item.status.in_(("queued", "running")))
@@ -357,6 +358,7 @@ def retry_job(job_id: str):
     copy this job holds of a file another job uploaded first, where that file failed or that job's cancel
     stopped it, is retried too: the item moves to this job, as uploading the file again would move it,
     so this job reports how it ends (and the other job's cancel no longer stops it)."""
+    no_body()
     job = owned(Job, job_id, "job")
     session = db()
     # a library bound to another model than this service runs: its files would fail again, each for that

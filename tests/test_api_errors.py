@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import io
 import json
@@ -1120,6 +1121,31 @@ def test_a_query_parameter_an_endpoint_does_not_take_is_refused(client, lib):
     for url in (f"/v1/libraries/{lib_id}/items?status=queued&limit=5", "/v1/jobs?limit=2",
                 f"/v1/items/{item}/segments?vectors=1"):
         assert client.get(url, headers=auth(key)).status_code in (200, 409), url
+
+
+def test_a_body_an_operation_does_not_read_is_refused(client, lib):
+    """POST /v1/items/<id>/audio-link takes its `expires_in_s` in the query string and read no body: sent as every
+    other POST's parameters are, `-d '{"expires_in_s": 5}'`, it was ignored, and the link lasted an hour. Refused
+    (and a job's cancel and retry, which read none either, as `{"item_ids": [...]}` cancelled the whole job),
+    saying where it goes; a POST with no body, or an empty one, is answered as before."""
+    key, lib_id = lib
+    r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                    data={"files": (io.BytesIO(b"RIFF kept"), "a.wav")})
+    item, job = r.get_json()["items"][0]["id"], r.get_json()["job_id"]
+    link = f"/v1/items/{item}/audio-link"
+    for body in ({"json": {"expires_in_s": 5}}, {"data": "expires_in_s=5"}, {"data": "{}"}):
+        e = err(client.post(link, headers=auth(key), **body), 400)
+        assert e["message"] == ("POST /v1/items/<item_id>/audio-link reads no body, so what it held would be "
+                                "ignored: give expires_in_s in the query string (?expires_in_s=60)"), e
+    for action in ("cancel", "retry"):
+        e = err(client.post(f"/v1/jobs/{job}/{action}", headers=auth(key), json={"item_ids": [item]}), 400)
+        assert e["message"] == (f"POST /v1/jobs/<job_id>/{action} reads no body, so what it held would be "
+                                "ignored: send it with none"), e
+    for body in ({}, {"data": b""}):
+        r = client.post(f"{link}?expires_in_s=5", headers=auth(key), **body)
+        assert r.status_code == 200, r.get_json()
+        expires = dt.datetime.fromisoformat(r.get_json()["expires_at"])
+        assert (expires - dt.datetime.now(dt.timezone.utc)).total_seconds() < 10, expires
 
 
 def test_library_names_must_show_something(client, new_key):
