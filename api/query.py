@@ -17,6 +17,7 @@ import worker
 from api.db import db
 from api.errors import ApiError, bad_request, code_changed, not_found
 from api.lookup import owned_item
+from api.uploads import display_name
 from api.models_info import serving_checkpoint
 from clapq.blobs import FULL
 from clapq.queue import best_effort
@@ -144,6 +145,13 @@ MAX_CLIP_S = 600  # seconds of a clip sent to search (GET /v1/limits)
 DECODE_RETRY_AFTER_S = 5  # a clip whose decoding failed for no reason in its bytes: sent again after this
 
 
+def _clip(upload) -> str:
+    """The clip as an error names it: by its file's name where the client sent one (`clapq search --like`, the
+    search page), as a user who sent several clips one after the other, or a script, knows which was refused."""
+    name = display_name(upload.filename) if upload.filename else ""
+    return f"the 'audio' clip {name!r}" if name else "the 'audio' clip"
+
+
 def audio_vector(upload) -> np.ndarray:
     """Embed an uploaded clip like a stored item: decoded in a killable child, windows, normalised mean. Where the
     API's temporary folder cannot hold the clip or its samples, a 507 (full) or 503, not a 500."""
@@ -152,7 +160,7 @@ def audio_vector(upload) -> np.ndarray:
     except OSError as exc:  # the API's temporary folder (TMPDIR) full or not writable, the clip's copy unreadable
         full = exc.errno in FULL
         raise ApiError(507 if full else 503, "insufficient_storage" if full else "unavailable",
-                       f"the 'audio' clip could not be kept while it is searched: the API's temporary folder "
+                       f"{_clip(upload)} could not be kept while it is searched: the API's temporary folder "
                        f"(TMPDIR, {tempfile.gettempdir()}) {'is full' if full else 'failed'} "
                        f"({exc.strerror or exc}); try again later", {"Retry-After": str(DECODE_RETRY_AFTER_S)}) from None
 
@@ -170,20 +178,20 @@ def _clip_vector(upload) -> np.ndarray:
         except CodeChanged as exc:  # no wait mends it: the operator's to restart (the client stops on it)
             why = ("clapq's code changed on disk since the API started (upgraded in place?), and a decoder started "
                    "now would run other code than the API's; the API must be restarted" if exc.upgraded else exc)
-            raise code_changed("the 'audio' clip cannot be decoded here", str(why)) from None
+            raise code_changed(f"{_clip(upload)} cannot be decoded here", str(why)) from None
         except TooLong:
-            raise bad_request(f"the 'audio' clip lasts longer than {MAX_CLIP_S} s, the limit for a search clip; "
+            raise bad_request(f"{_clip(upload)} lasts longer than {MAX_CLIP_S} s, the limit for a search clip; "
                               "send a part of it") from None
         except ScratchTooSmall:  # the worker's words name its scratch disk; here it is the API's temporary folder
-            raise ApiError(507, "insufficient_storage", "the 'audio' clip's decoded samples are larger than the "
+            raise ApiError(507, "insufficient_storage", f"{_clip(upload)}'s decoded samples are larger than the "
                            f"whole of the API's temporary folder (TMPDIR, {tempfile.gettempdir()}); send a shorter "
                            "clip, or ask the operator for a larger folder") from None
         except DecodeError as exc:
             if not exc.in_file:  # the machine's (a decoder given no time, or killed from outside): the clip may do
-                raise ApiError(503, "decoder_unavailable", f"the 'audio' clip could not be decoded now ({exc}); "
+                raise ApiError(503, "decoder_unavailable", f"{_clip(upload)} could not be decoded now ({exc}); "
                                f"send it again in {DECODE_RETRY_AFTER_S} s",
                                {"Retry-After": str(DECODE_RETRY_AFTER_S)}) from None
-            raise bad_request(f"the 'audio' clip could not be decoded: {exc}") from None
+            raise bad_request(f"{_clip(upload)} could not be decoded: {exc}") from None
         emb = current_app.extensions.setdefault("clapq_audio_embedder", {})
         if "e" not in emb:
             embedder = loaded("worker.embedder", "the 'audio' clip cannot be embedded here").AudioEmbedder

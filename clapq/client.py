@@ -1836,9 +1836,22 @@ def _why_empty(client: Client, lib: dict) -> str:
     if counts.get("done"):  # embedded meanwhile
         return f"library {name} has files embedded since; search again"
     failed, cancelled = counts.get("failed", 0), counts.get("cancelled", 0)
-    why = [f"{n_files(failed)} failed (GET /v1/libraries/{lib['id']}/items?status=failed says why)"] if failed else []
+    why = [_failed_said(client, lib, failed)] if failed else []
     why += [f"{n_files(cancelled)} cancelled (upload them again to embed them)"] if cancelled else []
     return f"none of the files of library {name} could be embedded: {' and '.join(why)}"
+
+
+def _failed_said(client: Client, lib: dict, failed: int) -> str:
+    """`failed` files of `lib` said with the first one's path and reason, and the command that lists the rest (it
+    was an endpoint of the API to GET, which a user of the command line does not have at hand; helper-115)."""
+    first = client.call("GET", f"/v1/libraries/{lib['id']}/items", params={"status": "failed", "limit": 1})["items"]
+    if not first:  # retried or deleted meanwhile
+        return f"{n_files(failed)} failed"
+    said = f"{shown_name(first[0])}: {printable(first[0].get('error') or 'no reason given')}"
+    if failed == 1:
+        return f"1 file failed ({said})"
+    return (f"{n_files(failed)} failed, such as {said} (`clapq jobs show {first[0]['job_id']} --all` lists its job's; "
+            "`clapq jobs` the others)")
 
 
 def _confirmed(question: str, yes: bool, otherwise: str) -> bool:

@@ -237,7 +237,7 @@ def test_text_postgres_cannot_store_is_refused_not_a_500(client, lib, tmp_path):
     assert r.status_code == 200 and r.get_json()["results"] == [], r.get_json()
     assert err(form(no_file, q=""), 400)["message"].startswith("give exactly one of")
     assert err(form(no_file.replace(b'filename=""', b'filename="a.wav"'), q=""), 400)["message"] == \
-        "the 'audio' clip could not be decoded: the file is empty (0 bytes)"
+        "the 'audio' clip 'a.wav' could not be decoded: the file is empty (0 bytes)"
     # and so is one of letters or marks that show nothing: a variation selector, Hangul fillers (they were searched
     # for, a page of results for a query that showed nothing); an emoji with its selector is something
     for q in ("\u200b", "\ufe0f", " \u3164\u3164 ", "\u115f\u1160", "\U000e0100\u034f", "\u2800"):
@@ -386,7 +386,12 @@ def test_search_validation(client, lib, settings, tmp_path):
     long_clip = write(tmp_path / "long.wav", 601.0, 8_000).read_bytes()
     e = err(client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
                         data={"library_id": lib_id, "audio": (io.BytesIO(long_clip), "long.wav")}), 400)
-    assert e["message"] == "the 'audio' clip lasts longer than 600 s, the limit for a search clip; send a part of it"
+    assert e["message"] == "the 'audio' clip 'long.wav' lasts longer than 600 s, the limit for a search clip; send a " \
+        "part of it"
+    # named as display_name gives it: its folders and control characters go; with no name, the part is named
+    e = err(client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
+                        data={"library_id": lib_id, "audio": (io.BytesIO(b"not audio"), "takes/day\x1b1.wav")}), 400)
+    assert e["message"].startswith("the 'audio' clip 'day1.wav' could not be decoded: "), e
     e = err(client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
                         data={"files": [(io.BytesIO(clip), "a.wav")], "metadata": ['{"a.wav": {}}', '{}']}), 400)
     assert e["message"] == "the form gives 'metadata' more than once; give it once", e

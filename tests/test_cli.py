@@ -318,12 +318,21 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     out = subprocess.run(cli + ["search", "rain", "--library", "broken", "--url", base, "--key", key],
                          env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout == ""
-    assert "no results: none of the files of library 'broken' could be embedded: 1 file failed (GET /v1/libraries/" \
-        in out.stderr and "/items?status=failed says why)" in out.stderr, out.stderr
+    assert "no results: none of the files of library 'broken' could be embedded: 1 file failed (broken.wav: " \
+        in out.stderr, out.stderr
+    (tmp_path / "broken too.wav").write_bytes(b"RIFF" + b"\1" * 60)
+    out = subprocess.run(cli + ["upload", str(tmp_path / "broken too.wav"), "--library", "broken", "--url", base,
+                                "--key", key], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    job = json.loads(out.stdout)["jobs"][0]
+    out = subprocess.run(cli + ["search", "rain", "--library", "broken", "--url", base, "--key", key],
+                         env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert "could be embedded: 2 files failed, such as broken.wav: " in out.stderr, out.stderr
+    assert "`clapq jobs show " in out.stderr and " --all` lists its job's; `clapq jobs` the others)" in out.stderr
+    assert job not in out.stderr  # the first file's job, not the second's
     broken = [x for x in requests.get(f"{base}/v1/libraries", headers=h, timeout=10).json()["libraries"]
               if x["name"] == "broken"][0]
     got = requests.get(f"{base}/v1/libraries/{broken['id']}", headers=h, timeout=10).json()
-    assert got["item_count"] == 1 and got["counts"] == {"queued": 0, "running": 0, "done": 0, "failed": 1,
+    assert got["item_count"] == 2 and got["counts"] == {"queued": 0, "running": 0, "done": 0, "failed": 2,
                                                         "cancelled": 0}, got
     assert requests.delete(f"{base}/v1/libraries/{broken['id']}", headers=h, timeout=30).ok
 
@@ -1362,8 +1371,8 @@ def test_a_search_clip_stated_longer_than_the_limit_is_refused_before_it_is_sent
     assert out.returncode == 1 and out.stderr == f"clapq: {wav} lasts {limit + 1} s, longer than {limit} s, the " \
         "limit for a search clip: search with a part of it (nothing was sent)\n", out.stderr
     out = like(write(tmp_path / "long.flac", limit + 1, 8_000))
-    assert out.returncode == 1 and f"the 'audio' clip lasts longer than {limit} s, the limit for a search clip; " \
-        "send a part of it" in out.stderr, out.stderr
+    assert out.returncode == 1 and f"the 'audio' clip 'long.flac' lasts longer than {limit} s, the limit for a " \
+        "search clip; send a part of it" in out.stderr, out.stderr
     out = like(write(tmp_path / "short.wav", 2, 8_000))  # within it: searched
     assert out.returncode == 0 and "no results" in out.stderr, out.stderr
 
