@@ -57,7 +57,7 @@ def item_json(item: Item) -> dict:
         "filename": item.filename, "sha256": item.sha256, "size_bytes": item.size_bytes,
         "duration_s": item.duration_s, "sample_rate": item.sample_rate, "channels": item.channels,
         "format": item.audio_format, "metadata": item.meta or {}, "status": item.status,
-        "error": item.error, "attempts": item.attempts, "progress": _progress(item),
+        "error": item.error, "attempts": item.attempts, "warning": item.warning, "progress": _progress(item),
         "created_at": item.created_at.isoformat() if item.created_at else None,
     }
 

@@ -273,6 +273,11 @@ def job_json(job: Job, with_errors: bool = True) -> dict:
         ).all()
         out["errors"] = [{"item_id": str(r.id), "filename": r.filename, "error": _stopped_copy(r, job) or r.error}
                          for r in errors]
+        # its files embedded as far as they could be read (cut short): few, found by their own index
+        warned = session.execute(
+            select(Item.id, Item.filename, Item.warning).where(Item.job_id == job.id, Item.warning.is_not(None))
+            .order_by(Item.created_at, Item.id).limit(MAX_ERRORS_SHOWN))
+        out["warnings"] = [{"item_id": str(r.id), "filename": r.filename, "warning": r.warning} for r in warned]
     return out
 
 

@@ -128,6 +128,9 @@ SPEC = {
                 "errors": {**_list(_obj(item_id=_ID, filename=_STR, error={"type": ["string", "null"]})),
                            "description": "the first 100 failed files (one job's answer: its GET, cancel and retry; "
                                           "not in GET /v1/jobs)"},
+                "warnings": {**_list(_obj(item_id=_ID, filename=_STR, warning=_STR)),
+                             "description": "the first 100 of its files embedded as far as they could be read, each "
+                                            "with the item's `warning` (where `errors` is given)"},
                 "requeued": {"type": "integer", "description": "a retry's answer: the files queued again"}}},
             "Item": {"type": "object", "properties": {
                 "id": _ID, "library_id": _ID, "job_id": _ID, "filename": {"type": "string"},
@@ -137,6 +140,8 @@ SPEC = {
                 "metadata": {"type": "object"},
                 "status": {"enum": ["queued", "running", "done", "failed", "cancelled"]},
                 "error": {"type": ["string", "null"]}, "attempts": {"type": "integer"},
+                "warning": {"type": ["string", "null"], "description": "of a file embedded as far as it could be "
+                                                                       "read: why (cut short, as its header says)"},
                 "progress": {"type": ["number", "null"]}, "created_at": _WHEN}},
         },
         "responses": {"Error": {"description": "error envelope", "content": {

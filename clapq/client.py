@@ -1111,9 +1111,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
               f"stored once: {_some(said)}", file=sys.stderr)
     waited = jobs + resumed
     try:
-        failed, cancelled, deleted = (_wait(client, waited, job_bytes + [earlier[j] for j in resumed], where,
-                                            copies_of, only={j: theirs for j in resumed}, sent=sent_items)
-                                      if wait and waited else (0, 0, 0))
+        failed, cancelled, deleted, in_part = (
+            _wait(client, waited, job_bytes + [earlier[j] for j in resumed], where, copies_of,
+                  only={j: theirs for j in resumed}, sent=sent_items) if wait and waited else (0, 0, 0, 0))
     except KeyboardInterrupt:
         if sys.stderr.isatty():
             print(file=sys.stderr)  # after the progress line
@@ -1129,7 +1129,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     print(json.dumps({"library_id": lib["id"], "jobs": jobs, "earlier_jobs": resumed, "files": found, "skipped": skipped,
                       "not_sent": unsent, "unreadable": len(listing.closed), "duplicates": copies,
                       "by_another": len(by_another), "resent": len(resent), "mended": len(mended), "renamed": len(renamed), "failed": failed, "failed_before": len(failed_before),
-                      "cancelled": cancelled, "deleted": deleted}))
+                      "cancelled": cancelled, "deleted": deleted, "in_part": in_part}))
     return 1 if failed or unsent or cancelled or listing.closed else 0
 
 
@@ -1397,6 +1397,11 @@ def failed_line(name: str, item_id: str, error: str | None, also: list[str] = ()
     return f"failed: {printable(name)} (item {item_id}): {printable(error or 'no reason recorded')}{same}"
 
 
+def in_part_line(name: str, item_id: str, warning: str) -> str:
+    """A file embedded as far as it could be read (cut short), as `clapq upload` and `clapq jobs` list it."""
+    return f"in part: {printable(name)} (item {item_id}): {printable(warning)}"
+
+
 def progress_line(done: int, total: int, share: float, left: str = "") -> str:
     """Files processed and the share of the bytes embedded, as `clapq upload` and `clapq jobs` say them; `left`:
     ", about 4 min left" or ", no progress for 3 min" (`time_left`)."""
@@ -1432,7 +1437,8 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
     (from elsewhere: the API or another terminal), with `again` (what sends their files again; `{job}`: the
     job's id); and which files of a job in `sent` (job -> (item, path) of each file the job was sent) were
     deleted while it waited (from the API or another terminal): they ended in no state, and were said in none
-    (helper-110). Returns the numbers of files failed, copies included, cancelled and deleted."""
+    (helper-110), and which files were embedded only in part (cut short: the job's `warnings`, its first 100).
+    Returns the numbers of files failed, copies included, cancelled, deleted and embedded in part."""
     only = only or {}
     # on a terminal one line that updates in place; in a log, a line each time the tenth of the work done
     # moves (a long file moves the share long before the count), or the count, at most once a LOG_EVERY_S:
@@ -1490,6 +1496,13 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
                 name, also = also[0], also[1:]  # which this run sent copies: named by the first of them
             print(failed_line(name or e["filename"], e["item_id"], e["error"], also), file=sys.stderr)
             failed += 1 + len(also)
+    in_part = 0
+    for job, s in zip(jobs, states):
+        for w in s.get("warnings") or ():  # a server before warnings gives none
+            if job in only and w["item_id"] not in only[job]:
+                continue
+            print(in_part_line(where.get(w["item_id"]) or w["filename"], w["item_id"], w["warning"]), file=sys.stderr)
+            in_part += 1
     cancelled = 0
     for job, s in zip(jobs, states):
         n = s["counts"].get("cancelled", 0)
@@ -1506,7 +1519,7 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
             print(f"deleted: {n_files(len(gone))} of job {job} deleted from the library while the upload waited (from "
                   f"the API or another terminal): {_some([printable(g) for g in gone])}; a run of this upload again "
                   f"sends {'it' if len(gone) == 1 else 'them'} again", file=sys.stderr)
-    return failed, cancelled, deleted
+    return failed, cancelled, deleted, in_part
 
 
 def _deleted_meanwhile(client: Client, job: str, state: dict, sent: list[tuple[str, str]]) -> list[str]:
@@ -1650,8 +1663,15 @@ def show_job(client: Client, job: str, everything: bool = False, as_json: bool =
     print(f"{progress_line(c['done'] + c['failed'], c['total'], state['progress'], left)}: {_counted(c)}")
     if state.get("waiting"):
         print(f"waiting: {printable(state['waiting'])}")
-    if not c["failed"]:
-        return
+    if c["failed"]:
+        _show_failed(client, job, state, everything)
+    for w in state.get("warnings") or ():
+        print(in_part_line(w["filename"], w["item_id"], w["warning"]))
+
+
+def _show_failed(client: Client, job: str, state: dict, everything: bool) -> None:
+    """`clapq jobs show`'s failed files: the first FAILED_SHOWN and how many more, or with `everything` all."""
+    c = state["counts"]
     # by the listing of failed items, which names each by its path in the folder it was sent from; a page of
     # FAILED_SHOWN + 1 tells whether there are more, without reading 5,000 of them
     failures = _job_items(client, job, "failed", page_size=500 if everything else FAILED_SHOWN + 1)
@@ -1681,7 +1701,7 @@ def wait_job(client: Client, job: str) -> int:
         if lib is not None:
             _not_for_another_model(lib, client.limits(), state["counts"]["queued"] + state["counts"]["running"])
     try:
-        failed, cancelled, _ = _wait(client, [state["id"]], [1], {}, {}, listed=True,
+        failed, cancelled, _, _ = _wait(client, [state["id"]], [1], {}, {}, listed=True,
                                   again="`clapq jobs retry {job}` queues them again")
     except KeyboardInterrupt:
         if sys.stderr.isatty():

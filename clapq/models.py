@@ -129,6 +129,8 @@ class Item(Base):
         Index("ix_items_sha256", "sha256"),
         # a library's items, paged
         Index("ix_items_library_created", "library_id", "created_at", "id"),
+        # a job's files with a warning, listed at each poll of the job (migration 0015)
+        Index("ix_items_job_warned", "job_id", "created_at", "id", postgresql_where="warning IS NOT NULL"),
     )
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=_uuid)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
@@ -144,6 +146,8 @@ class Item(Base):
     # on it): the same bytes would fail again, so `clapq upload` does not send them again unasked. False or NULL:
     # the worker's fault, or not known (workers lost, attempts used up; failures before migration 0013)
     failed_in_file: Mapped[bool | None] = mapped_column(Boolean)
+    # of a file embedded as far as it could be read: why (cut short: worker.audio.cut_short; migration 0015)
+    warning: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # the Celery task that holds the item; a redelivery of that same task may take it back at once
     claimed_by: Mapped[str | None] = mapped_column(String(64))
@@ -180,8 +184,8 @@ def park(session, ids: list, mark: str) -> None:
 def requeued(job_id: uuid.UUID) -> dict:
     """An item's columns when a user sends it again, into `job_id` (a job's retry, or an upload of the
     same bytes after it failed): fresh attempts, nothing left of the tries before."""
-    return dict(job_id=job_id, status="queued", attempts=0, error=None, failed_in_file=None, finished_at=None,
-                claimed_by=None, progress=None, updated_at=func.now())
+    return dict(job_id=job_id, status="queued", attempts=0, error=None, failed_in_file=None, warning=None,
+                finished_at=None, claimed_by=None, progress=None, updated_at=func.now())
 
 
 # Denser than pgvector's defaults (16 / 64): recall@10 0.98 instead of 0.956 at 1M segments for

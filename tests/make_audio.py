@@ -113,9 +113,10 @@ def write_soundfile(path: Path, data: np.ndarray, rate: int, fmt: str, subtype: 
 
 
 def write_av(path: Path, data: np.ndarray, rate: int, container: str, codec: str, sample_fmt: str, *,
-             video: str | None = None, bit_rate: int | None = None) -> Path:
+             video: str | None = None, bit_rate: int | None = None, options: dict | None = None) -> Path:
     """Encode (frames, channels) float samples with FFmpeg's `codec` into `container`, plus an
-    optional tiny (16x16, 5 fps) video stream so the audio is not the file's only stream."""
+    optional tiny (16x16, 5 fps) video stream so the audio is not the file's only stream; `options`: the muxer's
+    (`{"movflags": "faststart"}`: an MP4's index before its audio)."""
     import av
 
     for c in (codec, video):
@@ -123,7 +124,7 @@ def write_av(path: Path, data: np.ndarray, rate: int, container: str, codec: str
             raise Unavailable(f"this PyAV/FFmpeg build has no {c} encoder")
     frames, channels = data.shape
     layout = {1: "mono", 2: "stereo"}[channels]
-    with av.open(str(path), "w", format=container) as out:
+    with av.open(str(path), "w", format=container, options=options or {}) as out:
         a = out.add_stream(codec, rate=rate, layout=layout)
         a.format = sample_fmt
         if bit_rate:

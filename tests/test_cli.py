@@ -5401,3 +5401,38 @@ def test_a_backup_cut_short_in_its_folder_is_not_restored_and_said_so(tiny_model
     assert (f"{tmp_path / 'bk'} is not a clapq backup (no readable backup.json, which a backup writes last: one cut "
             "short has none)") in out.stderr, out.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_a_file_cut_short_is_embedded_as_far_as_it_reads_and_said_so(start_api, new_key, worker, tmp_path, tiny_model):
+    """A copy that stopped halfway (its FLAC header states 12 s, 5.9 s are there) was embedded as a whole file
+    would be, `done`, its duration the only trace (helper-115). Now the item keeps why (`warning`), its job lists
+    it (`warnings`), and `clapq upload` and `clapq jobs show` name it ("in part: ..."); the upload still exits 0,
+    the file being embedded as far as it reads. A whole file of the same upload has no warning."""
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    folder = tmp_path / "takes"
+    (folder / "sub").mkdir(parents=True)
+    write(folder / "whole.flac", 12.0, 44_100, seed=1200)
+    data = write(tmp_path / "cut.flac", 12.0, 44_100, seed=1201).read_bytes()
+    (folder / "sub" / "cut.flac").write_bytes(data[: len(data) // 2])
+    p = _upload_with_key(folder, "cut", base, key, tiny_model)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    summary = json.loads(out)
+    assert (summary["files"], summary["failed"], summary["in_part"]) == (2, 0, 1), summary
+    said = re.findall(r"^in part: sub/cut\.flac \(item ([0-9a-f-]{36})\): (.*)$", err, re.M)
+    assert len(said) == 1, err
+    item_id, warning = said[0]
+    assert re.fullmatch(r"only \d\.\d s of the 12\.0 s its header states could be read \(the file is cut short or "
+                        r"damaged there\); those were embedded", warning), warning
+    item = requests.get(f"{base}/v1/items/{item_id}", headers=h, timeout=30).json()
+    assert item["status"] == "done" and item["warning"] == warning and 4 < item["duration_s"] < 8, item
+    assert warning.startswith(f"only {item['duration_s']:.1f} s "), (warning, item)
+    job = requests.get(f"{base}/v1/jobs/{summary['jobs'][0]}", headers=h, timeout=30).json()
+    assert job["status"] == "done" and job["errors"] == [], job
+    assert job["warnings"] == [{"item_id": item_id, "filename": "cut.flac", "warning": warning}], job
+    others = requests.get(f"{base}/v1/libraries/{summary['library_id']}/items", headers=h, timeout=30).json()["items"]
+    assert [(i["filename"], i["warning"]) for i in others if i["id"] != item_id] == [("whole.flac", None)], others
+    shown = subprocess.run([sys.executable, "-m", "clapq.cli", "jobs", "show", summary["jobs"][0], "--url", base,
+                            "--key", key], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0 and f"in part: cut.flac (item {item_id}): {warning}\n" in shown.stdout, shown

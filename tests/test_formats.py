@@ -80,6 +80,7 @@ def check_decoded(fmt, samples: np.ndarray, info: audio.AudioInfo) -> None:
     assert info.duration_s == pytest.approx(SECONDS, abs=slack), info
     # 48 kHz output: as many samples as the original duration says (soxr rounds)
     assert abs(samples.shape[0] - info.duration_s * audio.TARGET_RATE) <= 2
+    assert info.warning == "", info  # a whole file is not said to be cut short
 
     # the dominant frequency survives (FFT bin = 0.67 Hz for 1.5 s)
     spectrum = np.abs(np.fft.rfft(samples * np.hanning(len(samples))))
@@ -682,6 +683,80 @@ def test_an_mp4_cut_before_its_index_says_so(tmp_path):
     with pytest.raises(audio.DecodeError, match=r"^an MP4/M4A file without its index \(no 'moov' box\)"):
         audio.decode(cut)
     assert audio.decode(blob_copy(path, tmp_path))[1].duration_s == pytest.approx(3.0, abs=0.01)
+
+
+CUT_SHORT = ["wav_s16", "wav_s24", "wavex_s24", "wav_ulaw", "flac_s16", "aiff_s16", "mp3", "m4a_aac", "m4a_alac",
+             "mp4_aac_video"]
+
+
+@pytest.mark.parametrize("name", CUT_SHORT)
+def test_a_file_cut_short_is_read_to_the_cut_and_said_so(name, tmp_path):
+    """A copy or download that stopped halfway: its header still states the whole length. What is there is read
+    (and embedded), and the file is said to be cut short, where it was done without a word, its duration_s the
+    only trace (helper-115: a FLAC of 12 s stored as 5.9 s, an MP3 of 6 s as 1.9 s). Formats whose header states
+    no length (Ogg) have nothing to go by; an MP4/M4A is cut after its index ('moov' first, as phones write it)."""
+    from tests.make_audio import write_av
+
+    fmt = FORMATS[name]
+    if fmt.av is not None and fmt.av[0] in ("ipod", "mp4"):
+        container, codec, sample_fmt, video = fmt.av
+        path = write_av(tmp_path / f"whole.{fmt.ext}", tone_and_chirp(12.0, fmt.rate, fmt.channels), fmt.rate,
+                        container, codec, sample_fmt, video=video, options={"movflags": "faststart"})
+    else:
+        path = make(name, tmp_path, 12.0)
+    whole = audio.decode(blob_copy(path, tmp_path))[1]
+    assert whole.warning == "" and whole.duration_s == pytest.approx(12.0, abs=LOSSY_SLACK_S), whole
+    data = path.read_bytes()
+    (tmp_path / "cut").write_bytes(data[: len(data) // 2])
+    samples, info = audio.decode(tmp_path / "cut")
+    assert 4.0 < info.duration_s < 8.0 and abs(samples.shape[0] - info.duration_s * audio.TARGET_RATE) <= 2, info
+    assert info.warning == (f"only {info.duration_s:.1f} s of the 12.0 s its header states could be read (the file "
+                            "is cut short or damaged there); those were embedded"), info
+    streamed, _ = audio.decode_to_file(tmp_path / "cut", tmp_path / "out.f32")
+    assert streamed.warning == info.warning  # as the worker's decoder gives it
+
+
+def test_an_mp3_is_said_cut_short_only_by_the_frames_its_xing_header_counts(tmp_path):
+    """An MP3's length is its Xing (Info, VBRI) header's frame count where it has one, else libsndfile's estimate
+    from the file's size and its first frame's bitrate: a VBR file of 30 s without the header (quiet first, so its
+    first frame is of a low rate) was estimated at 42 s, and said to be cut short. Without the header nothing is
+    said, cut or not; with it, behind an ID3 tag, a cut file is said to be cut."""
+    rate = 44_100
+    x = np.concatenate([np.zeros((10 * rate, 2), np.float32),
+                        np.random.default_rng(3).normal(0, 0.3, (20 * rate, 2)).astype(np.float32)])
+    sf.write(tmp_path / "vbr.mp3", x, rate, format="MP3", subtype="MPEG_LAYER_III", bitrate_mode="VARIABLE",
+             compression_level=0.0)
+    data = (tmp_path / "vbr.mp3").read_bytes()
+    at = data.find(b"Xing")
+    assert 0 < at < 200, at
+    bare = data[:at] + bytes(4) + data[at + 4:]  # the header's tag gone: a frame like any other
+    tagged = _id3(3000) + data
+    for name, body, said in [("bare", bare, False), ("bare_cut", bare[: len(bare) * 2 // 3], False),
+                             ("tagged", tagged, False), ("tagged_cut", tagged[: len(tagged) * 2 // 3], True)]:
+        (tmp_path / name).write_bytes(body)
+        _, info = audio.decode(tmp_path / name)
+        assert info.warning.startswith("only ") is said and info.duration_s > 15, (name, info)
+
+
+@pytest.mark.parametrize("claimed", [0xFFFFFFFF, 0x7FFFF000, 0])
+def test_a_wav_whose_sizes_a_streaming_writer_left_unknown_is_not_said_to_be_cut_short(claimed, tmp_path):
+    """A WAV written to a pipe or by a recorder that could not go back to its header (sizes 0xFFFFFFFF, sox's
+    0x7FFFF000, or 0) holds what it holds: nothing was cut."""
+    from tests.make_audio import wav_claiming
+
+    (tmp_path / "streamed").write_bytes(wav_claiming(tone_and_chirp(2.0, 16_000, 1), 16_000, claimed))
+    _, info = audio.decode(tmp_path / "streamed")
+    assert info.duration_s == pytest.approx(2.0, abs=1e-3) and info.warning == "", info
+
+
+def test_an_ogg_cut_short_is_read_to_the_cut_without_a_word(tmp_path):
+    """Ogg states no length in a header (only its last page's position): a cut one is read as what it holds, and
+    nothing says it was cut (README says so)."""
+    path = make("ogg_vorbis", tmp_path, 12.0)
+    data = path.read_bytes()
+    (tmp_path / "cut").write_bytes(data[: len(data) // 2])
+    _, info = audio.decode(tmp_path / "cut")
+    assert 4.0 < info.duration_s < 8.0 and info.warning == "", info
 
 
 def _id3(size: int) -> bytes:

@@ -252,8 +252,9 @@ LANDED = {
     "0012_tenant_waiting_index.py": "fc83a84af1df56f3",
     "0013_items_failed_in_file.py": "1d65bfda867aa9f6",
     "0014_jobs_gone_ended_at.py": "70701017b587ae7f",
+    "0015_items_warning.py": "eb848585021ea396",
 }
-HEAD = "0014"
+HEAD = "0015"
 
 
 def test_landed_migrations_are_never_changed():

@@ -9,6 +9,7 @@ import functools
 import io
 import itertools
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -164,6 +165,10 @@ class AudioInfo:
     # the frames the header gives, where it gives them exactly (uncompressed WAV, AIFF and the like): a file
     # over the length limit fails before it is decoded (it decoded up to the limit: 2.7 GB of scratch)
     stated_frames: int = 0
+    # the frames the header says the file holds, exact or estimated, where it says (0: nothing to go by), and what
+    # was said of a file that ended well short of it (cut short or damaged: only what was read is embedded)
+    header_frames: int = 0
+    warning: str = ""
 
     @property
     def duration_s(self) -> float:
@@ -242,6 +247,7 @@ def _soundfile_blocks(path: Path, info: AudioInfo) -> Iterator[np.ndarray] | Non
         return _or_empty(blocks)
     info.sample_rate, info.channels, info.format = f.samplerate, f.channels, f.format.lower()
     info.stated_frames = exact_frames(f)
+    info.header_frames = header_frames(f)
     # 16-bit PCM, the commonest kind: read the integers and scale them here. libsndfile's own float
     # conversion multiplies by 2**-15 too, so the values are bit for bit the same, at half the cost
     # (0.8 against 1.9 ms for 10 s of 44.1 kHz stereo); anything else is converted by libsndfile.
@@ -297,6 +303,63 @@ def exact_frames(f) -> int:
     0 where the header's count is an estimate or none (MP3, FLAC, Ogg). A file stated longer than a limit is refused
     by it before it is read (here, and by `clapq search --like` before it is sent)."""
     return f.frames if f.format in EXACT_LENGTH and f.subtype in EXACT_SUBTYPES else 0
+
+
+SAMPLE_BYTES = {"PCM_S8": 1, "PCM_U8": 1, "ULAW": 1, "ALAW": 1, "PCM_16": 2, "PCM_24": 3, "PCM_32": 4, "FLOAT": 4,
+                "DOUBLE": 8}
+PLACEHOLDER_BYTES = 0x7F000000  # a data size this large or larger is a streaming writer's "unknown" (0xFFFFFFFF...)
+
+
+def header_frames(f) -> int:
+    """The frames the header of a file libsndfile opened (`f`) says it holds, to tell a file cut short (a copy or
+    download that stopped) from a whole one: FLAC's STREAMINFO; an MP3's Xing header, where it has one (else
+    libsndfile estimates the length from the file's size and its first frame's bitrate, which a cut file's size
+    matches and a VBR file's first frame misleads: 30 s estimated at 42 s); for WAV and AIFF the data size or frame
+    count the header gives, which libsndfile reports in its log only (its own count stops at the file's end). 0
+    where the header gives nothing to go by (a streaming writer's placeholder size)."""
+    if f.format == "FLAC" or f.format == "MP3" and _mp3_counts_its_frames(f.name):
+        return f.frames if 0 < f.frames < SF_COUNT_MAX else 0
+    if f.format not in EXACT_LENGTH or f.subtype not in SAMPLE_BYTES:
+        return 0
+    log = f.extra_info
+    if f.format in ("WAV", "WAVEX") and (m := re.search(r"^data : (\d+) \(should be \d+\)", log, re.M)):
+        stated = int(m.group(1))
+        return stated // (SAMPLE_BYTES[f.subtype] * f.channels) if stated < PLACEHOLDER_BYTES else 0
+    if f.format == "AIFF" and (m := re.search(r"Frame count read from 'COMM' chunk \((\d+)\)", log)):
+        return int(m.group(1))
+    return f.frames
+
+
+def _mp3_counts_its_frames(path) -> bool:
+    """Whether an MP3's first frame is a Xing, Info or VBRI header, which counts the file's frames: libsndfile's
+    length is then the encoder's count, else its estimate from the file's size and the first frame's bitrate."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(10)
+            skip = 0
+            if head[:3] == b"ID3" and len(head) == 10:  # an ID3v2 tag first: its size, 7 bits a byte
+                skip = 10 + sum((b & 0x7F) << (7 * (3 - i)) for i, b in enumerate(head[6:10])) + (
+                    10 if head[5] & 0x10 else 0)
+            f.seek(skip)
+            data = f.read(65_536)
+    except OSError:
+        return False
+    sync = re.search(rb"\xff[\xe0-\xff]", data)  # the first frame's header
+    # the tag sits after the first frame's side information, at most 36 bytes in: within the first 200
+    return sync is not None and any(t in data[sync.start() : sync.start() + 200] for t in (b"Xing", b"Info", b"VBRI"))
+
+
+SHORT_BY_S = 0.5  # a file that ends this much (or 1%) short of its header's length is said to be cut short
+
+
+def cut_short(info: AudioInfo) -> str:
+    """What to say of a file read to its end well short of the length its header states, else ''."""
+    if not info.header_frames or not info.sample_rate:
+        return ""
+    if info.header_frames - info.frames <= max(SHORT_BY_S * info.sample_rate, 0.01 * info.header_frames):
+        return ""
+    return (f"only {info.frames / info.sample_rate:.1f} s of the {info.header_frames / info.sample_rate:.1f} s its "
+            "header states could be read (the file is cut short or damaged there); those were embedded")
 
 
 MP3_FRAME = 1152  # samples of an MPEG-1 Layer III frame: a read ending more short of the stated length stopped
@@ -445,6 +508,8 @@ def _av_blocks(path: Path, info: AudioInfo, hint: str | None = None) -> Iterator
     if (stream.codec_context.name in AAC_CODECS and exact and stream.duration is not None
             and stream.time_base is not None):
         stated = int(round(float(stream.duration * stream.time_base) * info.sample_rate))
+    if exact and stream.duration is not None and stream.time_base is not None:  # to tell a file cut short (cut_short)
+        info.header_frames = int(round(float(stream.duration * stream.time_base) * info.sample_rate))
 
     filled = [0]  # frames of silence decoded() put in gaps: beside the stated length, not padding to cut
 
@@ -813,6 +878,7 @@ def stream(path: Path | str, info: AudioInfo, *, max_duration_s: float | None = 
             yield tail
     if info.frames == 0 or produced == 0:
         raise DecodeError("the file contains no audio samples")
+    info.warning = cut_short(info)
 
 
 def decode(path: Path | str, *, max_duration_s: float | None = None,

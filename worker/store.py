@@ -186,8 +186,8 @@ WITH seg_in AS (
 ), item_in AS (
     SELECT t.* FROM unnest(CAST(:item AS uuid[]), CAST(:library AS uuid[]), CAST(:windows AS int[]),
                            CAST(:pooled AS text[]), CAST(:duration AS float8[]), CAST(:sample_rate AS int[]),
-                           CAST(:channels AS int[]), CAST(:format AS text[]))
-           AS t(item_id, library_id, windows, pooled, duration_s, sample_rate, channels, audio_format)
+                           CAST(:channels AS int[]), CAST(:format AS text[]), CAST(:warning AS text[]))
+           AS t(item_id, library_id, windows, pooled, duration_s, sample_rate, channels, audio_format, warning)
     JOIN locked ON locked.id = t.item_id
 ), seg AS (
     INSERT INTO segments (item_id, model_id, library_id, window_index, start_s, end_s, vector)
@@ -209,7 +209,7 @@ WITH seg_in AS (
 ), done AS (
     UPDATE items SET status = 'done', error = NULL, finished_at = now(), updated_at = now(),
                      duration_s = i.duration_s, sample_rate = i.sample_rate, channels = i.channels,
-                     audio_format = i.audio_format
+                     audio_format = i.audio_format, warning = NULLIF(i.warning, '')
     FROM item_in i WHERE items.id = i.item_id
     RETURNING 1
 )
@@ -233,7 +233,8 @@ def write_items(session: Session, finished: list[tuple[Claimed, object, list[tup
     if len(models) != 1:
         raise ValueError(f"one batch write serves one model, got {sorted(models)}")
     seg = dict(seg_item=[], seg_index=[], seg_start=[], seg_end=[], seg_vector=[])
-    per_item = dict(item=[], library=[], windows=[], pooled=[], duration=[], sample_rate=[], channels=[], format=[])
+    per_item = dict(item=[], library=[], windows=[], pooled=[], duration=[], sample_rate=[], channels=[], format=[],
+                    warning=[])
     for item, info, item_spans, vectors in finished:
         for i, ((start, end), vec) in enumerate(zip(item_spans, vectors, strict=True)):
             seg["seg_item"].append(str(item.id))
@@ -249,5 +250,6 @@ def write_items(session: Session, finished: list[tuple[Claimed, object, list[tup
         per_item["sample_rate"].append(info.sample_rate)
         per_item["channels"].append(info.channels)
         per_item["format"].append(info.format[:32])
+        per_item["warning"].append(info.warning[:2000])
     row = session.execute(_WRITE_BATCH, dict(model=models.pop(), **seg, **per_item)).one()
     return row.segments
