@@ -683,9 +683,15 @@ def cmd_up(args) -> None:
     settings = Settings.from_env(data_dir=args.data_dir)
     _check_model(settings)
     data_dir = settings.data_dir.expanduser().resolve()
+    # a new one is made only once the port and host are taken: refused, it was left behind (empty but for the
+    # lock file). One there already is locked first, so that a second `up` on it says which `up` holds it.
+    new = not os.path.lexists(data_dir)
+    if new:
+        _port_free(args.host, args.port)
     _make_data_dir(data_dir, "give `clapq up` a folder, new or its own, with --data-dir")
     lock = _lock_data_dir(data_dir)
-    _port_free(args.host, args.port)
+    if not new:
+        _port_free(args.host, args.port)
     stack: list = [lock.close]  # released last, when everything else has stopped
     procs: list[subprocess.Popen] = []
     stopping = {"flag": False}

@@ -981,7 +981,9 @@ def test_a_key_needs_a_tenant_name(tmp_path, tiny_model):
 def test_a_database_that_cannot_be_used_and_a_busy_port_are_sentences(tmp_path, tiny_model):
     """DATABASE_URL that refuses connections or does not parse: `clapq migrate`, `keys create` and `up`
     say which database and why (password hidden), no traceback. A port something already listens on:
-    `clapq up` refuses it before starting anything (another server's /healthz would have answered ours)."""
+    `clapq up` refuses it before starting anything (another server's /healthz would have answered ours), and leaves
+    no data directory it made (one was left behind, empty but for its lock file), nor one of its parents; one that
+    was there before stays as it was."""
     import socket
 
     port = free_port()  # nothing listens there
@@ -997,16 +999,21 @@ def test_a_database_that_cannot_be_used_and_a_busy_port_are_sentences(tmp_path, 
                                  timeout=120)
             assert out.returncode == 1 and "Traceback" not in out.stderr, (cmd, out.stderr[-3000:])
             assert why in out.stderr and "secret" not in out.stderr, (cmd, out.stderr[-3000:])
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "notes" / "a.txt").write_text("kept")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         taken = busy.getsockname()[1]
-        out = subprocess.run([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(tmp_path / "e"), "--host",
-                              "127.0.0.1", "--port", str(taken)], env=_env(tiny_model),
-                             capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert f"cannot serve on 127.0.0.1:{taken}" in out.stderr and "--port" in out.stderr, out.stderr
-    assert not (tmp_path / "e" / "pg").exists()  # refused before anything was started
+        for data_dir in (tmp_path / "e", tmp_path / "x" / "new", mine):
+            out = subprocess.run([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(data_dir), "--host",
+                                  "127.0.0.1", "--port", str(taken)], env=_env(tiny_model),
+                                 capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+            assert f"cannot serve on 127.0.0.1:{taken}" in out.stderr and "--port" in out.stderr, out.stderr
+    assert not (tmp_path / "e").exists() and not (tmp_path / "x").exists()  # refused before anything was made
+    assert (mine / "notes" / "a.txt").read_text() == "kept" and not (mine / "pg").exists()
     # a --host that is not this machine's (an address of TEST-NET-1, a name that does not resolve) is said so:
     # it was told to stop another server or pass --port (helper-108)
     for host in ("192.0.2.1", "no-such-host.invalid"):
@@ -1015,7 +1022,7 @@ def test_a_database_that_cannot_be_used_and_a_busy_port_are_sentences(tmp_path, 
                              timeout=120)
         assert out.returncode == 2 and f"{host!r} is not an address of this machine: pass --host with one of its " \
             "addresses" in out.stderr and "another `clapq up`" not in out.stderr, out.stderr[-3000:]
-    assert not (tmp_path / "e" / "pg").exists()
+    assert not (tmp_path / "e").exists()
     # a port that is no port, or no API processes: a sentence (a traceback from bind; a gunicorn that
     # listened and never answered)
     out = subprocess.run([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(tmp_path / "f"), "--port",
