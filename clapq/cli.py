@@ -960,6 +960,13 @@ def _library_name(raw: str) -> str:
     return _utf8(raw, "the library name")
 
 
+def _new_library_name(raw: str) -> str:
+    """`libraries rename`'s NEW, not empty: it was asked for as "a library name or id", which a new name never is."""
+    if not raw.strip():
+        raise argparse.ArgumentTypeError("the new name is empty: give the name the library is to have")
+    return _utf8(raw, "the new name")
+
+
 def _client_args(p: argparse.ArgumentParser, library_help: str | None, default=None) -> None:
     """--library (where `library_help` is given), --url, --key and --data-dir; `default`: what each of the last three
     is when not given (argparse.SUPPRESS for a subcommand's, so that the same option given to its parent command,
@@ -1155,7 +1162,7 @@ def build_parser() -> argparse.ArgumentParser:
     named = libraries.add_subparsers(dest="libraries_command", metavar="{rename}")
     rename = named.add_parser("rename", help="give a library a new name (its files, jobs and vectors stay)")
     rename.add_argument("library", type=_library_name, metavar="LIBRARY", help="the library: its name or id")
-    rename.add_argument("name", type=_library_name, metavar="NEW", help="its new name")
+    rename.add_argument("name", type=_new_library_name, metavar="NEW", help="its new name")
     _client_args(rename, None, default=argparse.SUPPRESS)
     rm = sub.add_parser("delete", help="delete files of a library (by item id, or those gone from a folder), or the "
                         "whole library")

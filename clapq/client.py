@@ -1558,8 +1558,11 @@ def list_libraries(client: Client, as_json: bool = False) -> None:
 def rename_library(client: Client, library: str, name: str) -> None:
     """`clapq libraries rename`: a new name for a library (its files, jobs and vectors stay)."""
     lib = client.library(library, create=False)
-    got = client.call("PATCH", f"/v1/libraries/{urllib.parse.quote(lib['id'], safe='')}",
-                      json={"name": unicodedata.normalize("NFC", name.strip())})
+    name = unicodedata.normalize("NFC", name.strip())
+    if name == unicodedata.normalize("NFC", lib["name"]):  # as the API stores and compares names: it said "renamed"
+        print(f"library {printable(lib['name'])!r} ({lib['id']}) has that name already: nothing renamed")
+        return
+    got = client.call("PATCH", f"/v1/libraries/{urllib.parse.quote(lib['id'], safe='')}", json={"name": name})
     print(f"renamed library {printable(lib['name'])!r} ({lib['id']}) to {printable(got['name'])!r}")
 
 

@@ -4222,6 +4222,15 @@ def test_clapq_libraries_lists_the_callers_libraries(start_api, new_key, tiny_mo
         f"       0  {made[1]['id']}  foley  (model {retired} (retired), not the one this service runs: it is searched "
         "and takes files only where that model runs; `clapq reembed --library foley --into NEW` embeds its files with "
         "this one)"], out.stdout + out.stderr
+    # an empty new name is said so (it was "give a library name or id": an id is never a new name), and the name a
+    # library has already is said so, exit 0 (it was "renamed library 'foley' (...) to 'foley'")
+    out = libraries(key, "rename", "foley", " ")
+    assert out.returncode == 2 and "argument NEW: the new name is empty: give the name the library is to have" in \
+        out.stderr and "library name or id" not in out.stderr, out.stderr
+    for given in ("foley", made[1]["id"]):
+        out = libraries(key, "rename", given, " foley")
+        assert out.returncode == 0 and out.stdout == f"library 'foley' ({made[1]['id']}) has that name already: " \
+            "nothing renamed\n", out.stdout + out.stderr
     # renamed, by name or id; a name taken is the API's sentence, exit 1
     out = libraries(key, "rename", "foley", "foley, old")
     assert out.returncode == 0 and out.stdout == f"renamed library 'foley' ({made[1]['id']}) to 'foley, old'\n", \
