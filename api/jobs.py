@@ -39,9 +39,11 @@ def job_status(counts: dict, cancelled: bool) -> str:
 REDIS_AWAY = "Redis does not answer: no file is handed to a worker until it does"
 NO_WORKER = "no live worker (start `clapq worker`): the files wait queued until one runs"
 # under `clapq up`, which starts its worker (and again where it ends): told to start one, a user would run a
-# second beside it
-NO_WORKER_UP = ("no live worker yet: `clapq up` starts its worker, and starts it again where it ended (its log "
-                "says why); the files wait queued until it runs")
+# second beside it. A worker that stopped answering (hung, or stopped with SIGSTOP) looks the same once its
+# heartbeats have expired (30 s): said too, as "yet" alone read as one that would start by itself (helper-115)
+NO_WORKER_UP = ("no live worker: `clapq up`'s worker is starting, or was started again after it ended (its log says "
+                "why), or has stopped answering (hung: see its log, and run `clapq up` again); the files wait queued "
+                "until it runs")
 
 
 def why_waiting(model_id: int) -> str | None:

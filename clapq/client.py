@@ -826,8 +826,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
               file=sys.stderr)
     if listing.unreadable:
         n = len(listing.unreadable)
-        print(f"left out {n} named as audio that {'is' if n == 1 else 'are'} not a file (a broken link, a pipe, "
-              f"a device): {_some([printable(x) for x in listing.unreadable])}", file=sys.stderr)
+        print(f"left out {n} {'entry' if n == 1 else 'entries'} with an audio file's name that "
+              f"{'is' if n == 1 else 'are'} not a file (a broken link, a pipe, a device): "
+              f"{_some([printable(x) for x in listing.unreadable])}", file=sys.stderr)
     if listing.linked:
         n = len(listing.linked)
         links = _some([printable(x) for x in listing.linked])

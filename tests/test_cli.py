@@ -192,7 +192,8 @@ def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     assert "\r" not in out.stderr and progress and progress[-1] == "3/3 files processed (100%)", out.stderr
     assert out.stderr.splitlines()[:4] == [
         "left out 1 file not named as audio (.txt)",
-        "left out 2 named as audio that are not a file (a broken link, a pipe, a device): gone.wav, pipe.wav",
+        "left out 2 entries with an audio file's name that are not a file (a broken link, a pipe, a device): gone.wav, "
+        "pipe.wav",
         "not followed: 1 link to a folder (rain/loop); upload the folder it points to on its own",
         "left out 1 link to files of this folder, which are sent under their own names: a link.flac → "
         "rain/heavy.flac"], out.stderr

@@ -724,9 +724,10 @@ def test_a_job_that_cannot_move_says_why(client, new_key, settings, serving_work
     under_up = create_app(Settings.from_env({"CLAPQ_UP": "1"}, **{
         f.name: getattr(no_worker, f.name) for f in dataclasses.fields(Settings) if f.name != "under_up"}))
     why, eta = seen(under_up.test_client())
-    assert eta is None and why.startswith("no live worker yet: `clapq up` starts its worker") and "start `" not in why
+    assert eta is None and why.startswith("no live worker: `clapq up`'s worker is starting, or was started again "
+                                          "after it ended") and "start `" not in why and "stopped answering" in why
     ready = under_up.test_client().get("/readyz").get_json()["checks"]["workers"]
-    assert ready.startswith("warning: no live worker yet: `clapq up` starts its worker"), ready
+    assert ready.startswith("warning: no live worker: `clapq up`'s worker is starting"), ready
     # Redis away: nothing is handed out
     assert seen(create_app(dataclasses.replace(settings, redis_url="redis://127.0.0.1:9/0")).test_client()) == \
         (REDIS_AWAY, None)
