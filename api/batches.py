@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 import time
+import unicodedata
 import uuid
 from collections import Counter
 
@@ -27,7 +29,10 @@ bp = Blueprint("batches", __name__)
 RETRIED_ON_REUPLOAD = ("failed", "cancelled")
 
 
-def _metadata_field(filenames: set[str]) -> dict:
+def _metadata_field(raw_names: list[str]) -> dict:
+    """The metadata of each file, by its part's name as sent (those with none left out). A key is the part's
+    filename in either Unicode form: "Café.wav" typed (NFC) for a part named as a macOS folder spells it (NFD)
+    was refused as naming no file, with a name that looked like the file's (helper-118)."""
     given_once(request.form, "the form")  # 'metadata' twice would be read as the first, silently
     raw = request.form.get("metadata")
     if "metadata" in request.files:  # sent as a file, as `curl -F metadata=@meta.json` sends it
@@ -40,14 +45,28 @@ def _metadata_field(filenames: set[str]) -> dict:
         meta = parse_json(raw, "'metadata'")
     except ValueError as exc:
         raise bad_request(f"'metadata' is not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or not all(isinstance(v, dict) for v in meta.values()):
+    if not isinstance(meta, dict):
         raise bad_request("'metadata' must be a JSON object mapping filename -> object")
-    unknown = sorted(set(meta) - filenames)
+    keys: dict[str, str] = {}  # each key in NFC -> the key as sent
+    for name, value in meta.items():
+        if not isinstance(value, dict):
+            raise bad_request(f"'metadata' of {display_name(name)!r} must be an object (of key: value), "
+                              f"not {json.dumps(value)[:40]}")
+        if (same := unicodedata.normalize("NFC", name)) in keys:
+            raise bad_request(f"'metadata' names {same!r} twice (its accents written in two ways); name each file once")
+        keys[same] = name
+    sent = {unicodedata.normalize("NFC", part): part for part in raw_names}
+    unknown = sorted(keys[k] for k in keys if k not in sent)
     if unknown:
-        raise bad_request(f"'metadata' names files not in this batch: {unknown[:5]}")
+        # a part sent with its folders ("sub/b.wav") keyed by the name the API shows for it ("b.wav")
+        within = next((part for k in sorted(keys) if k not in sent for nfc, part in sent.items()
+                       if nfc.replace("\\", "/").rsplit("/", 1)[-1] == k), None)
+        hint = "" if within is None else (f" (the batch has {within!r}: metadata is keyed by each part's filename "
+                                          "as sent, its folders included)")
+        raise bad_request(f"'metadata' names files not in this batch: {unknown[:5]}{hint}")
     for name, value in meta.items():
         check_metadata(value, f"'metadata' of {display_name(name)!r}")
-    return meta
+    return {part: meta[keys[nfc]] for part in raw_names if (nfc := unicodedata.normalize("NFC", part)) in keys}
 
 
 def _read_text(part, what: str) -> str:
@@ -157,7 +176,7 @@ def upload_batch(lib_id: str):
         raise ApiError(413, "too_many_files", f"{len(files)} files in one batch; the limit is "
                        f"{settings.max_files_per_batch} (CLAPQ_MAX_FILES_PER_BATCH)")
     raw_names = [f.filename or "" for f in files]
-    meta = _metadata_field(set(raw_names))
+    meta = _metadata_field(raw_names)
     too_big = [n for f, n in zip(files, raw_names) if f.stream.size > settings.max_file_bytes]
     if too_big:
         raise ApiError(413, "file_too_large", f"{display_name(too_big[0])!r} is larger than the per-file limit "

@@ -88,6 +88,37 @@ def test_upload_validation(client, lib, settings):
     assert str(settings.max_files_per_batch) in e["message"]
 
 
+def test_upload_metadata_is_keyed_by_the_name_however_its_accents_are_written(client, lib):
+    """A batch's metadata keyed "Café.wav" as typed (NFC), for a part named as a macOS folder spells it (NFD: e
+    and a combining accent), was a 400 "'metadata' names files not in this batch: ['Café.wav']", a name that
+    looks like the file's (helper-118); names are one name in either form, as a library's, a query's and a
+    filter's are. A key that is a part's name without its folders says the part's name; a file's metadata that is
+    not an object names the file."""
+    key, lib_id = lib
+    url = f"/v1/libraries/{lib_id}/batches"
+
+    def send(files, meta):
+        parts = [(io.BytesIO(data), name) for name, data in files]
+        return client.post(url, headers=auth(key), content_type="multipart/form-data",
+                           data={"files": parts, "metadata": json.dumps(meta)})
+
+    r = send([("Cafe\u0301.wav", b"RIFF nfd"), ("Fe\u0301te.wav", b"RIFF nfd 2")],
+             {"Caf\u00e9.wav": {"place": "caf\u00e9"}, "Fe\u0301te.wav": {"n": 2}})
+    assert r.status_code == 202, r.get_json()
+    got = {i["filename"]: client.get(f"/v1/items/{i['id']}", headers=auth(key)).get_json()["metadata"]
+           for i in r.get_json()["items"]}
+    assert got == {"Caf\u00e9.wav": {"place": "caf\u00e9"}, "F\u00e9te.wav": {"n": 2}}, got
+    # one name given twice, once in each form: which was meant cannot be told
+    e = err(send([("Caf\u00e9.wav", b"RIFF x")], {"Caf\u00e9.wav": {"a": 1}, "Cafe\u0301.wav": {"a": 2}}), 400)
+    assert e["message"] == "'metadata' names 'Caf\u00e9.wav' twice (its accents written in two ways); name each file " \
+        "once", e
+    e = err(send([("sub/b.wav", b"RIFF y")], {"b.wav": {}}), 400)
+    assert e["message"] == "'metadata' names files not in this batch: ['b.wav'] (the batch has 'sub/b.wav': metadata " \
+        "is keyed by each part's filename as sent, its folders included)", e
+    e = err(send([("a.wav", b"RIFF z")], {"a.wav": 5}), 400)
+    assert e["message"] == "'metadata' of 'a.wav' must be an object (of key: value), not 5", e
+
+
 def test_an_upload_reads_every_part_it_is_sent_or_says_why_not(client, lib):
     """Parts under other names were dropped unseen (a second file sent as 'file', a 'tags' field, metadata
     sent as a file as `curl -F metadata=@meta.json` sends it), and a body cut short or without its boundary
