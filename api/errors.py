@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import unicodedata
 from decimal import Decimal
 
 from flask import Flask, current_app, g, has_app_context, jsonify, request
@@ -135,6 +136,14 @@ def shows_nothing(c: str) -> bool:
     searched for (its arbitrary vector gave a page of results), and a library of such a name looked nameless."""
     return (c in "\u034f\u115f\u1160\u17b4\u17b5\u180b\u180c\u180d\u180f\u2800\u3164\uffa0"
             or "\ufe00" <= c <= "\ufe0f" or "\U000e0100" <= c <= "\U000e01ef")
+
+
+def nothing_to_show(text: str) -> bool:
+    """Whether `text` holds only spaces, control and format characters (a zero-width space) and those that show
+    nothing: nothing to embed, whose arbitrary vector still scores (a private-use character is something: an icon
+    font's). A query or a classify label of them alone is refused."""
+    return all((kind := unicodedata.category(c))[0] == "Z" or kind in ("Cc", "Cf", "Cs", "Cn") or shows_nothing(c)
+               for c in text)
 
 
 MAX_INT_DIGITS = 4300  # of an integer in JSON a client sends: Python's int_max_str_digits, which int() keeps to

@@ -24,7 +24,7 @@ except ImportError:  # SQLAlchemy 2.0, which Python 3.10 gets (2.1 takes 3.11): 
 
 from api.db import db, time_limit
 from api.errors import (ApiError, bad_request, check_text, given_once, integer, json_body, parse_json,
-                        refuse_unknown, sent_as_json, shows_nothing, small_body, takes_query)
+                        nothing_to_show, refuse_unknown, sent_as_json, small_body, takes_query)
 from api.lookup import owned, parse_id
 from api.models_info import describe, served_model_for
 from api.query import audio_vector, item_vector, text_vectors
@@ -282,9 +282,7 @@ def search():
     else:
         if not isinstance(q, str) or not q.strip():
             raise bad_request("the query text must be a non-empty string")
-        # a zero-width space alone: nothing to search for (a private-use character is something: an icon font's)
-        if all((kind := unicodedata.category(c))[0] == "Z" or kind in ("Cc", "Cf", "Cs", "Cn") or shows_nothing(c)
-               for c in q):
+        if nothing_to_show(q):  # a zero-width space alone: nothing to search for
             raise bad_request("the query text has no visible characters")
         q = unicodedata.normalize("NFC", q)  # as it is embedded (text_vectors): an accent is one character
         if len(q) > settings.max_query_chars:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import unicodedata
 
 import numpy as np
@@ -9,7 +10,7 @@ from flask import Blueprint, current_app, g, request
 from sqlalchemy import select
 
 from api.db import db, time_limit
-from api.errors import bad_request, json_body, refuse_unknown, takes_query
+from api.errors import bad_request, json_body, nothing_to_show, refuse_unknown, takes_query
 from api.lookup import owned
 from api.models_info import served_model_for
 from api.pages import after_cursor, cursor_arg, limit_arg, page_of
@@ -31,8 +32,17 @@ def _labels() -> tuple[list[str], np.ndarray, int]:
     refuse_unknown(body, {"labels", "template", "top"}, "classify",
                    "it takes 'labels', 'template' and 'top' (a library's are paged with ?limit= and ?cursor=)")
     labels = body.get("labels")
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x.strip() for x in labels):
+    if not isinstance(labels, list) or not labels:
         raise bad_request("'labels' must be a non-empty list of strings")
+    # which label, and why: a blank one among 200 was "'labels' must be a non-empty list of strings", and one of
+    # characters that show nothing was scored by the arbitrary vector a query of them is refused for (helper-118)
+    for i, label in enumerate(labels):
+        if not isinstance(label, str):
+            raise bad_request(f"label {i} is {json.dumps(label)[:40]}, not a string")
+        if not label.strip():
+            raise bad_request(f"label {i} is empty")
+        if nothing_to_show(label):
+            raise bad_request(f"label {i} has no visible characters")
     if len(labels) > MAX_LABELS:
         raise bad_request(f"{len(labels)} labels; the limit is {MAX_LABELS}")
     most = current_app.config["CLAPQ"].max_query_chars  # a label is embedded as a query is

@@ -663,7 +663,14 @@ def test_classify_and_duplicates(client, lib, tiny_model):
                           ({"labels": ["dog", "rain", " dog "]}, "'labels' has 'dog' more than once"),
                           ({"labels": ["caf\u00e9", "cafe\u0301"]}, "'labels' has 'caf\u00e9' more than once"),
                           ({"labels": labels, "template": "{label}" + "x" * 500},
-                           "'template' is 507 characters; the limit is 500")):
+                           "'template' is 507 characters; the limit is 500"),
+                          # helper-118: a label that shows nothing was scored as a label, by the arbitrary vector
+                          # a query of it is refused for, and a blank or not-text one among others was "'labels'
+                          # must be a non-empty list of strings", not saying which
+                          ({"labels": ["rain", "\u200b"]}, "label 1 has no visible characters"),
+                          ({"labels": ["rain", "\u3164 \u2800"]}, "label 1 has no visible characters"),
+                          ({"labels": ["rain", "dog", " "]}, "label 2 is empty"),
+                          ({"labels": ["rain", 5]}, "label 1 is 5, not a string")):
         r = client.post(f"/v1/libraries/{lib['a']}/classify", json=body, headers=h)
         assert r.status_code == 400 and r.get_json()["error"]["message"].startswith(message), r.get_json()
     page = client.post(f"/v1/libraries/{lib['a']}/classify?limit=2", json={"labels": labels}, headers=h).get_json()
