@@ -9,15 +9,21 @@ from sqlalchemy import select
 from sqlalchemy.exc import InvalidRequestError
 
 from api.db import db
-from api.errors import not_found
+from api.errors import ApiError, not_found
 from clapq.models import Item, Library
 
 
 def parse_id(raw: str | None, what: str) -> uuid.UUID:
+    """A 404 for what is no id, as for an unknown one, that says it is none: `clapq` takes a library's name or id,
+    the API ids only, and a search with library_id=field, beside a library listed as 'field', was "library 'field'
+    not found" (helper-118)."""
     try:
         return uuid.UUID(str(raw))
     except (ValueError, TypeError, AttributeError):
-        raise not_found(what) from None
+        where = (": GET /v1/libraries gives each library's beside its name" if what == "library"
+                 else ", as the API gives them")
+        shown = str(raw)[:64]
+        raise ApiError(404, "not_found", f"{what} not found: {shown!r} is not an id (ids are UUIDs{where})") from None
 
 
 def owned(model, raw_id: str | None, what: str, lock: bool = False):

@@ -243,7 +243,7 @@ def search():
     # one id, in a 16 MiB body, took 18 s of an API process and as long a statement (helper-55)
     unique: dict = {}
     for i in lib_ids:
-        unique.setdefault(parse_id(i, f"library {i[:64]!r}"), i)
+        unique.setdefault(parse_id(i, "library"), i)
     # which one, of several (helper-52: "library not found" left the caller to try each)
     libs = [owned(Library, i, f"library {i[:64]!r}") for i in unique.values()]
     model_id = served_model_for(*libs)

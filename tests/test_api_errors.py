@@ -67,6 +67,23 @@ def test_library_validation(client, new_key):
     err(client.delete("/v1/libraries", headers=auth(key)), 405)
 
 
+def test_a_name_where_an_id_goes_is_said_to_be_no_id(client, new_key):
+    """`clapq` takes a library's name or id, the API ids only: a search with library_id=field, beside a library
+    listed as 'field', was "library 'field' not found" (helper-118), and /v1/libraries/field "library not found".
+    Still a 404, as for an unknown id, saying that it is no id and where ids are."""
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "field"}, headers=auth(key)).get_json()
+    said = ("library not found: 'field' is not an id (ids are UUIDs: GET /v1/libraries gives each library's beside "
+            "its name)")
+    for r in (client.get("/v1/search", query_string={"library_id": "field", "q": "rain"}, headers=auth(key)),
+              client.post("/v1/search", json={"library_ids": [lib["id"], "field"], "q": "rain"}, headers=auth(key)),
+              client.get("/v1/libraries/field/items", headers=auth(key))):
+        assert err(r, 404)["message"] == said
+    e = err(client.get("/v1/jobs/last", headers=auth(key)), 404)
+    assert e["message"] == "job not found: 'last' is not an id (ids are UUIDs, as the API gives them)", e
+    assert err(client.get(f"/v1/libraries/{uuid.uuid4()}", headers=auth(key)), 404)["message"] == "library not found"
+
+
 def test_upload_validation(client, lib, settings):
     key, lib_id = lib
     url = f"/v1/libraries/{lib_id}/batches"
