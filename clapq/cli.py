@@ -71,6 +71,19 @@ def _check_model(settings: Settings) -> None:
             _fail((r.stderr.strip().splitlines() or ["cannot check CLAPQ_DEVICE and CLAPQ_PRECISION"])[-1])
 
 
+def _schema_served(settings: Settings) -> None:
+    """Stop with a sentence, before anything starts, where the database's schema is older than this clapq reads
+    (clapq.db.not_migrated): `clapq api`, `worker` and `beat` started before `clapq migrate` ran on it."""
+    from clapq.db import not_migrated
+
+    try:
+        _where(settings.database_url)
+    except RuntimeError as exc:
+        _fail(str(exc), 1)
+    if why := not_migrated(settings.database_url):
+        _fail(why, 1)
+
+
 def _where(url: str) -> str:
     """The database URL as a sentence may show it (no password); one that is not a PostgreSQL URL is a RuntimeError
     with a sentence: a mysql:// one was a ModuleNotFoundError traceback (helper-109)."""
@@ -163,6 +176,7 @@ def cmd_api(args) -> None:
     os.environ["CLAPQ_PROCESS"] = "clapq-api"
     settings = Settings.from_env().require_urls()
     _check_model(settings)
+    _schema_served(settings)
     host = os.environ.get("CLAPQ_HOST", "0.0.0.0")
     port = _whole("CLAPQ_PORT", "8000", 1, 65535)
     workers = _whole("CLAPQ_API_WORKERS", "2", 1, 256)
@@ -313,6 +327,7 @@ def cmd_worker(args) -> None:
     settings = Settings.from_env().require_urls()
     _check_model(settings)
     _check_scratch(settings.scratch_dir)
+    _schema_served(settings)
     if settings.worker_nice > 0:  # the pool children inherit it
         os.nice(settings.worker_nice)
     from worker.celery_app import app
@@ -814,6 +829,7 @@ def cmd_up(args) -> None:
 def cmd_beat(args) -> None:
     os.environ["CLAPQ_PROCESS"] = "clapq-beat"
     settings = Settings.from_env().require_urls()
+    _schema_served(settings)
     from clapq import logs
 
     logs.configure(settings.log_level)

@@ -298,6 +298,35 @@ def newer_revision(revisions) -> tuple[str | None, str]:
     return next((r for r in revisions if not _known_revision(scripts, r)), None), scripts.get_current_head()
 
 
+def not_migrated(url: str) -> str | None:
+    """Why this clapq cannot serve the database at `url`: its schema is older than this version's migrations (the
+    new code started before `clapq migrate`), or it has none; else None, and None where the database does not
+    answer (the process starts and waits for it, as before). Started on a schema one migration behind, the API
+    answered 500 to every job's page and the workers' tasks failed on the column it lacked, while /readyz said
+    ready (helper-117). A newer clapq's schema is served: an earlier version's workers run on it while a rolling
+    upgrade goes on."""
+    from alembic.migration import MigrationContext
+    from sqlalchemy.exc import SQLAlchemyError
+
+    _, scripts = _migrations()
+    engine = get_engine(url)
+    try:
+        with engine.connect() as conn:
+            current = set(MigrationContext.configure(conn).get_current_heads())
+    except SQLAlchemyError:
+        return None
+    finally:
+        engine.dispose()  # a process that forks next (gunicorn, Celery) hands its children no open connection
+    heads = set(scripts.get_heads())
+    if current == heads or any(not _known_revision(scripts, rev) for rev in current):
+        return None
+    if not current:
+        return ("the database holds no clapq tables: it is not the service's database (DATABASE_URL), or no "
+                "`clapq migrate` has run on it")
+    return (f"the database's schema is at revision {', '.join(sorted(current))}, older than this clapq's "
+            f"({', '.join(sorted(heads))}): run `clapq migrate` with this version first (README, Upgrading)")
+
+
 def _migrations(url: str | None = None):
     """Alembic's config of clapq's migrations (on the database at `url`, where given) and their scripts."""
     from alembic.config import Config

@@ -234,6 +234,51 @@ def test_a_schema_this_version_cannot_read_is_a_sentence_and_is_left_as_it_is(sc
         migrate(url)
 
 
+def test_the_services_processes_stop_on_a_schema_older_than_theirs(scratch, env):
+    """`clapq api`, `worker` and `beat` started on a database one migration behind them (the new code started
+    before `clapq migrate`: by hand after an upgrade in place, a machine of a rolling upgrade brought up first)
+    ran: the API answered 500 to every job's page and the workers' tasks failed on the column they lacked, while
+    /readyz said ready (helper-117). Each stops at once with a sentence saying to migrate, and so on a database
+    with no clapq tables. A newer clapq's schema is served (an earlier version's workers during a rolling
+    upgrade), and so is a database that does not answer (the process waits for it, as before)."""
+    import subprocess
+    import sys
+
+    from alembic import command
+
+    from clapq.db import _migrations, not_migrated
+    from clapq.embedded import free_port
+
+    url, cfg, engine = scratch
+    # a Redis database no test's worker reads: a worker started here took no other test's task
+    run_env = {**env, "DATABASE_URL": url, "REDIS_URL": env["REDIS_URL"].rsplit("/", 1)[0] + "/13",
+               "CLAPQ_PORT": str(free_port())}
+
+    def refusals() -> list:
+        out = []
+        for role in ("api", "worker", "beat"):
+            r = subprocess.run([sys.executable, "-m", "clapq.cli", role], env=run_env, capture_output=True,
+                               text=True, timeout=60)
+            out.append((role, r.returncode, r.stderr.strip()))
+        return out
+
+    assert refusals() == [(role, 1, "clapq: the database holds no clapq tables: it is not the service's database "
+                           "(DATABASE_URL), or no `clapq migrate` has run on it") for role in ("api", "worker", "beat")]
+    before = _migrations()[1].get_revision(HEAD).down_revision
+    command.upgrade(cfg, before)
+    assert refusals() == [(role, 1, f"clapq: the database's schema is at revision {before}, older than this clapq's "
+                           f"({HEAD}): run `clapq migrate` with this version first (README, Upgrading)")
+                          for role in ("api", "worker", "beat")]
+    with engine.begin() as conn:
+        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == before  # nothing changed
+    command.upgrade(cfg, "head")
+    assert not_migrated(url) is None
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    assert not_migrated(url) is None
+    assert not_migrated("postgresql://clapq@127.0.0.1:1/clapq") is None
+
+
 # Every migration on main, by the start of its file's sha256. Once a migration has landed, databases have
 # run it, and a change to it never reaches them (0009 was changed minutes after it landed: helper-34). A
 # fix is a new migration; a new one is added here as it lands.
