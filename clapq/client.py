@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shlex
 import stat
 import sys
@@ -1427,6 +1428,12 @@ def _items(client: Client, path: str, page_size: int = 500, **params) -> Iterato
 LOG_EVERY_S = 30.0  # the most often `clapq upload` writes a line of progress to a log (not a terminal)
 
 
+def _gist(why: str | None) -> str | None:
+    """A job's reason to wait without its figures: "not heard from for 45 s ... in about 75 s" counts its seconds,
+    and is the same reason a second later (helper-117: written again at every poll, a line a second)."""
+    return why and re.sub(r"\d[\d,.]*", "#", why)
+
+
 def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str, str],
           copies_of: dict[str, list[str]], only: dict[str, set] | None = None, listed: bool = False,
           again: str = "run this upload again to send them",
@@ -1450,7 +1457,9 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
     moved = [time.monotonic(), None]  # when the share last changed, and to what
     # why nothing can move, as the server says (a job's `waiting`): said instead of a pace, which told "about
     # 5 min left" while no worker could embed the files (helper-69)
-    waiting, said = [None], [None]  # and, on a terminal, the reason last written on a line of its own
+    # and, on a terminal, the reason last written on a line of its own, and when: one whose figures alone changed
+    # (the seconds a dead worker's files have not been heard from) is written again at most once a LOG_EVERY_S
+    waiting, said = [None], [None, 0.0]
 
     def progress(done: int, total: int, share: float) -> None:
         now = time.monotonic()
@@ -1465,16 +1474,18 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
             # the reason on a line of its own, once: longer than the terminal is wide, the line updated in place
             # wraps, and each update would leave a line behind. Once also where it comes and goes (a job behind
             # another tenant's between its own tasks): it was written again at each return (helper-70)
-            if waiting[0] and waiting[0] != said[0]:
+            if waiting[0] and waiting[0] != said[0] and (_gist(waiting[0]) != _gist(said[0])
+                                                         or now - said[1] >= LOG_EVERY_S):
                 print(f"\r\x1b[Kwaiting: {waiting[0]}", file=sys.stderr)
-                said[0] = waiting[0]
+                said[:] = [waiting[0], now]
             line += "; waiting (see above)" if waiting[0] else ""
             print(f"\r{line}\x1b[K", end="", file=sys.stderr)  # the rest of a longer line before it cleared
             return
         if waiting[0]:
             line += f"; waiting: {waiting[0]}"
         if shown[0] is None or (done, int(share * 10), waiting[0]) != shown[0] and (
-                int(share * 10) != shown[0][1] or waiting[0] != shown[0][2] or now - shown[1] >= LOG_EVERY_S):
+                int(share * 10) != shown[0][1] or _gist(waiting[0]) != _gist(shown[0][2])
+                or now - shown[1] >= LOG_EVERY_S):
             print(line, file=sys.stderr)
             shown[:], unsaid[0] = [(done, int(share * 10), waiting[0]), now], None
         elif (done, int(share * 10), waiting[0]) != shown[0]:

@@ -4098,17 +4098,7 @@ def test_an_upload_no_worker_can_embed_says_why_it_waits(start_api, new_key, env
     proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "idle", "--url",
                              base, "--key", key], env=_env(tiny_model), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    said, deadline = [], time.monotonic() + 120
-    try:
-        while not any("waiting:" in line for line in said) and time.monotonic() < deadline:
-            if select.select([proc.stderr], [], [], 1.0)[0]:
-                line = proc.stderr.readline()
-                if not line:
-                    break
-                said.append(line.rstrip("\n"))
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    said = _stderr_lines(proc, 120, lambda said: any("waiting:" in line for line in said))
     assert f"0/2 files processed (0%); waiting: {NO_WORKER}" in said, said
     # again at a terminal: it sends nothing (the library holds both) and waits for the first run's files
     main, tty = pty.openpty()
@@ -4125,6 +4115,63 @@ def test_an_upload_no_worker_can_embed_says_why_it_waits(start_api, new_key, env
     out = seen.decode(errors="replace")
     assert out.count(f"waiting: {NO_WORKER}") == 1, out
     assert out.count("\r0/2 files processed (0%); waiting (see above)\x1b[K") >= 3, out
+
+
+def test_a_reason_to_wait_that_counts_its_seconds_is_not_written_at_every_poll(start_api, new_key, settings,
+                                                                              serving_worker, tiny_model):
+    """A worker killed mid-job: its job waits for the maintenance loop, saying its running files have not been
+    heard from "for 45 s ... in about 75 s", a count that moves every second. `clapq upload` (and `clapq jobs
+    wait`) wrote that reason again at each poll, as a new one: in a log a line a second, and at a terminal a line
+    a second above the one updated in place, for the two minutes the files wait (helper-117: 75 lines). A reason
+    whose figures alone changed is written again at most once a LOG_EVERY_S."""
+    import pty
+
+    from sqlalchemy import text
+
+    from tests.test_jobs import job_rows
+
+    base, key = start_api(), new_key()
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "killed"}, headers={"Authorization": f"Bearer {key}"},
+                        timeout=30).json()
+    job, ids = job_rows(settings, lib["id"], [("a", 1_000_000, "done"), ("b", 1_000_000, "running")])
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE items SET updated_at = now() - make_interval(secs => :s) WHERE id = :i"),
+                  {"s": 3 * settings.heartbeat_s + 5, "i": ids["b"]})
+    said = "waiting: its running file has not been heard from for "
+    cmd = [sys.executable, "-m", "clapq.cli", "jobs", "wait", str(job), "--url", base, "--key", key]
+    proc = subprocess.Popen(cmd, env=_env(tiny_model), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    lines = _stderr_lines(proc, 8)
+    assert sum(said in line for line in lines) == 1, lines
+    main, tty = pty.openpty()
+    proc = subprocess.Popen(cmd, env=_env(tiny_model), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=tty, start_new_session=True)
+    seen, deadline = b"", time.monotonic() + 8
+    try:
+        while time.monotonic() < deadline:
+            if select.select([main], [], [], 0.5)[0]:
+                seen += os.read(main, 4096)
+    finally:
+        _stop_at_terminal(proc, main, tty)
+    out = seen.decode(errors="replace")
+    assert out.count(said) == 1 and out.count("; waiting (see above)") >= 4, out
+
+
+def _stderr_lines(proc, seconds: float, enough: Callable[[list], bool] = lambda lines: False) -> list[str]:
+    """The lines a `clapq` run (started in a session of its own, its stderr a text pipe) writes for `seconds`, or
+    until they are `enough`; then it is killed."""
+    lines, deadline = [], time.monotonic() + seconds
+    try:
+        while not enough(lines) and time.monotonic() < deadline:
+            if select.select([proc.stderr], [], [], 0.5)[0]:
+                line = proc.stderr.readline()
+                if not line:
+                    break
+                lines.append(line.rstrip("\n"))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return lines
 
 
 def _stop_at_terminal(proc, main: int, tty: int) -> None:
