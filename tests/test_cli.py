@@ -2407,7 +2407,7 @@ def test_a_long_wait_writes_a_line_to_a_log_at_each_tenth_and_at_most_every_30_s
                      "counts": {"done": done - (done == 200), "failed": int(done == 200), "total": 200}}, {}
 
     with fake_api(answer) as url:
-        assert c._wait(c.Client(url, "cq_x"), ["j1"], [1000], {"i1": "a/x.wav"}, {}) == (1, 0, 0)
+        assert c._wait(c.Client(url, "cq_x"), ["j1"], [1000], {"i1": "a/x.wav"}, {}) == (1, 0, 0, 0)
     lines = [line for line in capsys.readouterr().err.splitlines() if "files processed" in line]
     assert lines[-1] == "200/200 files processed (100%)" and 10 <= len(lines) <= 14, lines
     assert [int(line.split("(")[1].split("%")[0]) // 10 for line in lines[:3]] == [0, 1, 2], lines
