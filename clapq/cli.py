@@ -196,6 +196,8 @@ def cmd_api(args) -> None:
             # envelope; the class gunicorn itself picks for this many threads (sync for one), as a subclass
             "--worker-class", f"api.gunicorn_errors.JsonError{'Thread' if threads > 1 else 'Sync'}Worker",
             "--graceful-timeout", "20", "--access-logfile", "-",
+            # an audio link's token, which opens a tenant's file without a key, is not written in it
+            "--logger-class", "api.gunicorn_log.HiddenLinkLogger",
             # the longest request line gunicorn takes (its maximum but for none at all): a GET search of
             # ~900 characters outside ASCII (9 bytes each, percent-encoded), 8,000 in ASCII; POST takes any
             "--limit-request-line", "8190",

@@ -333,3 +333,32 @@ def test_an_audio_link_opens_its_items_audio_and_nothing_else(client, new_key, w
     with session_scope(settings.database_url) as s:
         revoke_key(s, key)
     refused(url, "the API key that asked for it was revoked")
+
+
+def test_an_audio_link_is_not_written_in_the_apis_log(start_api, new_key, files, tmp_path):
+    """gunicorn's access log wrote each request line whole: an audio link's token, which opens the item's audio
+    without a key until it expires (an hour, up to 7 days), was in `clapq api`'s output for whoever reads its logs
+    (helper-117). The line is written with the token as `***`, for a link that opens the file and one refused."""
+    import time
+
+    import requests
+
+    base, key = start_api(), new_key()
+    headers = {"Authorization": f"Bearer {key}"}
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "logged"}, headers=headers, timeout=30).json()
+    with open(files[0], "rb") as f:
+        up = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=headers,
+                           files=[("files", (files[0].name, f))], timeout=60).json()
+    item = up["items"][0]["id"]
+    url = requests.post(f"{base}/v1/items/{item}/audio-link", headers=headers, timeout=30).json()["url"]
+    token = url.partition("?link=")[2]
+    assert requests.get(base + url, headers={"Range": "bytes=0-99"}, timeout=30).status_code == 206
+    assert requests.get(f"{base}/v1/items/{item}/audio?x=1&link={token[::-1]}", timeout=30).status_code == 401
+    log = tmp_path / "api0.log"
+    deadline = time.monotonic() + 10  # each process writes its line once it has answered
+    while log.read_text().count("/audio?") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    out = log.read_text()
+    assert token not in out and token[::-1] not in out, out[-3000:]
+    assert f'"GET /v1/items/{item}/audio?link=*** HTTP/1.1" 206' in out, out[-3000:]
+    assert f'"GET /v1/items/{item}/audio?x=1&link=*** HTTP/1.1" 401' in out, out[-3000:]
