@@ -161,8 +161,18 @@ def _filters(raw) -> list:
                           f"{MAX_FILTER_VALUES}")
     for key, want in metadata.items():
         if isinstance(want, dict):
-            if set(want) != {"in"} or not isinstance(want["in"], list) or not want["in"]:
-                raise bad_request(f"metadata filter on {key!r}: use a value or {{\"in\": [values]}}")
+            # which way it is not one: "use a value or {"in": [values]}" alone, for {"in": []} or {"in": "a"}, left
+            # the caller to guess (helper-118)
+            if set(want) != {"in"}:
+                keys = ", ".join(map(repr, sorted(want)[:5])) or "none"
+                raise bad_request(f"metadata filter on {key!r}: use a value or {{\"in\": [values]}}; an object takes "
+                                  f"'in' alone (a value is never an object), not {keys}")
+            if not isinstance(want["in"], list):
+                raise bad_request(f"metadata filter on {key!r}: 'in' takes a list of values, not "
+                                  f"{json.dumps(want['in'])[:40]}")
+            if not want["in"]:
+                raise bad_request(f"metadata filter on {key!r}: 'in' is an empty list, which no file matches; give it "
+                                  "one value or more")
             for v in want["in"]:
                 _one_value(key, v)
             conds.append(or_(*[c for v in want["in"] for c in _has(key, v)]))

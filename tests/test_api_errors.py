@@ -1034,7 +1034,10 @@ def test_a_search_is_bounded_by_its_filter_and_its_time(client, lib, settings):
     # every list (helper-52)
     for value, said in (({"in": [1, {"x": 1}]}, "not an object"), ([], "an empty list would match every list"),
                         ({"in": ["a", []]}, "an empty list would match every list"), ([{}], "not an object"),
-                        (["a", []], "an empty list would match every list")):
+                        (["a", []], "an empty list would match every list"),
+                        ({"in": []}, "'in' is an empty list, which no file matches"),
+                        ({"in": "a"}, "'in' takes a list of values, not \"a\""),
+                        ({"any": ["a"]}, "an object takes 'in' alone (a value is never an object), not 'any'")):
         e = err(client.post("/v1/search", json={"library_id": lib_id, "text": "r", "filter": {"metadata": {"t": value}}},
                             headers=auth(key)), 400)
         assert e["message"].startswith("metadata filter on 't': ") and said in e["message"], e
