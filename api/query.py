@@ -17,8 +17,8 @@ import worker
 from api.db import db
 from api.errors import ApiError, bad_request, code_changed, not_found
 from api.lookup import owned_item
-from api.uploads import display_name
 from api.models_info import serving_checkpoint
+from api.uploads import display_name
 from clapq.blobs import FULL
 from clapq.queue import best_effort
 from clapq.models import Embedding, Item

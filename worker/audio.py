@@ -500,16 +500,14 @@ def _av_blocks(path: Path, info: AudioInfo, hint: str | None = None) -> Iterator
     if not info.sample_rate or not info.channels:
         container.close()
         raise DecodeError("the audio stream has no sample rate or channel count")
-    # what the container says the stream holds: AAC's last frame is decoded whole, up to 1,024 frames of
-    # padding past it (a 10.0 s clip would last 10.008 s and get two windows), which is cut to this. Only
-    # MP4/MOV state it exactly (sample tables, edit lists); a raw ADTS .aac's duration is a bitrate guess
-    stated = None
-    exact = {"mov", "mp4"} & set((container.format.name or "").split(","))
-    if (stream.codec_context.name in AAC_CODECS and exact and stream.duration is not None
+    # what the container says the stream holds, which tells a file cut short (cut_short); AAC's last frame is
+    # decoded whole, up to 1,024 frames of padding past it (a 10.0 s clip would last 10.008 s and get two
+    # windows), which is cut to this. Only MP4/MOV state it exactly (sample tables, edit lists); a raw ADTS
+    # .aac's duration is a bitrate guess
+    if ({"mov", "mp4"} & set((container.format.name or "").split(",")) and stream.duration is not None
             and stream.time_base is not None):
-        stated = int(round(float(stream.duration * stream.time_base) * info.sample_rate))
-    if exact and stream.duration is not None and stream.time_base is not None:  # to tell a file cut short (cut_short)
         info.header_frames = int(round(float(stream.duration * stream.time_base) * info.sample_rate))
+    stated = info.header_frames if stream.codec_context.name in AAC_CODECS else None
 
     filled = [0]  # frames of silence decoded() put in gaps: beside the stated length, not padding to cut
 
