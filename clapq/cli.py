@@ -334,8 +334,14 @@ def cmd_worker(args) -> None:
         os.nice(settings.worker_nice)
     from worker.celery_app import app
 
+    from clapq import logs
+
+    logs.configure(settings.log_level)  # Celery's setup_logging does it again; a warning at its start is logged
+    # Celery's banner is loose text on stdout; in JSON its facts are in the records that follow (the broker
+    # connected to, "ready")
+    quiet = ["--quiet"] if logs.log_format() == "json" else []
     # the node name has this process's id: two workers on one host were both clapq@host.0 (helper-41)
-    app.worker_main(["worker", "--loglevel", settings.log_level, "--pool", "prefork",
+    app.worker_main([*quiet, "worker", "--loglevel", settings.log_level, "--pool", "prefork",
                      "--concurrency", str(settings.worker_concurrency), "--queues", "embed",
                      "--without-gossip", "--without-mingle", "--hostname",
                      f"clapq@{os.uname().nodename}.{os.getpid()}"])

@@ -74,14 +74,23 @@ def _plain(value) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def configure(level: str = "INFO", fmt: str | None = None) -> None:
-    """JSON to stderr by default; CLAPQ_LOG_FORMAT=text for people reading a terminal."""
+def log_format(fmt: str | None = None) -> str:
+    """"json" (the default) or "text", from `fmt` or CLAPQ_LOG_FORMAT; anything else stops the process."""
     fmt = (fmt or os.environ.get("CLAPQ_LOG_FORMAT") or "json").strip().lower()
     if fmt not in ("json", "text"):
         raise SystemExit(f"clapq: CLAPQ_LOG_FORMAT must be json or text, got {fmt!r}")
+    return fmt
+
+
+def configure(level: str = "INFO", fmt: str | None = None) -> None:
+    """JSON to stderr by default; CLAPQ_LOG_FORMAT=text for people reading a terminal. Python's warnings (a
+    library's deprecation, Celery's warning about running as root) go through it too, each one record, where
+    they were loose lines among the JSON ones."""
+    fmt = log_format(fmt)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)

@@ -17,6 +17,7 @@ def restore_root():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def test_text_and_json_logs_carry_the_extras(capsys, restore_root):
@@ -38,3 +39,24 @@ def test_text_and_json_logs_carry_the_extras(capsys, restore_root):
     record = json.loads(capsys.readouterr().err)
     assert (record["msg"], record["device"], record["precision"], record["level"]) == (
         "model loaded", "cpu", "bf16", "info")
+
+
+def test_a_workers_output_is_json_lines_but_celerys_word_at_a_signal(env, tmp_path):
+    """`clapq worker` printed Celery's banner (15 lines of ASCII art and settings) on stdout and, run as root as in a
+    container, Celery's SecurityWarning as 8 loose lines, among its JSON records: a log shipper parsing JSON drops
+    them or stores them unparsed. The banner is left out in JSON (what it said is in the records: the broker, ready)
+    and a warning is a record. Celery's own print as it is told to stop ("worker: Warm shutdown") stays."""
+    import os
+    import signal
+
+    from tests.conftest import WorkerProcess
+
+    w = WorkerProcess(env, tmp_path / "worker.log").start()
+    w.stop(signal.SIGTERM)
+    lines = [line for line in w.output().splitlines() if line.strip()]
+    loose = [line for line in lines if not line.startswith("{")]
+    assert loose == ["worker: Warm shutdown (MainProcess)"], w.output()[-3000:]
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert any(r["logger"] == "celery.apps.worker" and r["msg"].endswith(" ready.") for r in records), records
+    if os.geteuid() == 0:  # Celery warns a worker run as root
+        assert any(r["logger"] == "py.warnings" and "SecurityWarning" in r["msg"] for r in records), records
