@@ -744,6 +744,10 @@ def cmd_up(args) -> None:
         env = dict(os.environ, DATABASE_URL=db_url, REDIS_URL=redis_url, CLAPQ_DATA_DIR=str(data_dir),
                    CLAPQ_BLOB_DIR=str(blob_dir), CLAPQ_MODEL=settings.model, CLAPQ_HOST=args.host,
                    CLAPQ_PORT=str(args.port), CLAPQ_UP="1")
+        if not os.environ.get("CLAPQ_LOG_FORMAT") and os.isatty(2):
+            # a person reads its roles' lines: in a terminal, each request and each record as a line of text,
+            # where JSON (for a log collector, and where the output goes to a file) was a screenful of braces
+            env["CLAPQ_LOG_FORMAT"] = "text"
         with contextlib.suppress(OSError):  # where it was removed, the roles stay in CODE_ROOT
             env[START_DIR] = os.getcwd()
         exe = [sys.executable, "-m", "clapq.cli"]

@@ -119,6 +119,47 @@ def _wait_job(base, h, job_id, timeout=120):
     raise AssertionError(job)
 
 
+def test_up_in_a_terminal_writes_its_roles_logs_as_text(tmp_path, tiny_model):
+    """`clapq up` run by a person, in a terminal: its roles wrote JSON records (every request of the search page one
+    line of braces and quotes). In a terminal they are text; where the output is not one (a file, a log collector,
+    every other test here) they stay JSON, and CLAPQ_LOG_FORMAT still decides where it is set."""
+    import pty
+
+    main, other = pty.openpty()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "up", "--data-dir", str(tmp_path / "data"),
+                             "--port", str(port)], env=_env(tiny_model), stdout=other, stderr=other,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    os.close(other)
+    out = b""
+
+    def read(until, timeout: float) -> None:
+        nonlocal out
+        deadline = time.monotonic() + timeout
+        while not until() and time.monotonic() < deadline:
+            if select.select([main], [], [], 0.2)[0]:
+                try:
+                    out += os.read(main, 65536)
+                except OSError:  # every writer gone: it has ended
+                    return
+    try:
+        read(lambda: b"clapq is up" in out and b" ready." in out, 120)
+        assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        read(lambda: b"/healthz" in out, 10)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        read(lambda: proc.poll() is not None, 90)  # read on: a full terminal would hold its writers
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        os.close(main)
+    text = out.decode(errors="replace")
+    lines = text.splitlines()
+    assert not [line for line in lines if line.lstrip().startswith('{"')], text[-3000:]
+    assert any(re.search(r" INFO celery\.apps\.worker: clapq@\S+ ready\.", line) for line in lines), text[-3000:]
+    assert any(re.search(r'"GET /healthz HTTP/1\.1" 200', line) for line in lines), text[-3000:]
+
+
 def test_up_serves_persists_and_stops(tmp_path, tiny_model, up_runner):
     data_dir = tmp_path / "data"
     up = up_runner(data_dir)
