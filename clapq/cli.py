@@ -108,16 +108,17 @@ def _why(exc: Exception) -> str:
     return why[0] if why else type(exc).__name__
 
 
-def _migrate(url: str) -> None:
-    """Bring the schema up to date; a database that cannot be reached, parsed or changed (no right to
-    create the vector extension, say) is a RuntimeError with a sentence, not a traceback."""
+def _migrate(url: str) -> tuple[str | None, str]:
+    """Bring the schema up to date; its revisions before and after (clapq.db.migrate). A database that cannot be
+    reached, parsed or changed (no right to create the vector extension, say) is a RuntimeError with a sentence,
+    not a traceback."""
     from sqlalchemy.exc import SQLAlchemyError
 
     from clapq.db import migrate
 
     where = _where(url)
     try:
-        migrate(url)
+        return migrate(url)
     except SQLAlchemyError as exc:
         raise RuntimeError(f"cannot set up the database at {where}: {_why(exc)}") from None
 
@@ -158,13 +159,22 @@ def _make_data_dir(data_dir: Path, instead: str) -> None:
         _fail(f"cannot make the data directory {data_dir}: {exc.strerror or exc}", 1)
 
 
+def _migrated(before: str | None, after: str) -> str:
+    """What a migration did, in words: a deploy script's log said "migrations applied" whether it applied any."""
+    if before is None:
+        return f"a database with no clapq tables: schema created, at revision {after}"
+    if before == after:
+        return f"schema already at revision {after}, this clapq's newest: nothing to apply"
+    return f"schema migrated from revision {before} to {after}"
+
+
 def cmd_migrate(args) -> None:
     try:
         # Postgres alone: a migration run by hand (README, Upgrading) was refused without a REDIS_URL it never used
-        _migrate(Settings.from_env().require_urls(redis=False).database_url)
+        said = _migrated(*_migrate(Settings.from_env().require_urls(redis=False).database_url))
     except RuntimeError as exc:
         _fail(str(exc), 1)
-    print("migrations applied", file=sys.stderr)
+    print(said, file=sys.stderr)
 
 
 def host_port(host: str, port) -> str:

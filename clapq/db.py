@@ -221,11 +221,13 @@ def session_scope(url: str) -> Iterator[Session]:
         session.close()
 
 
-def migrate(url: str) -> None:
+def migrate(url: str) -> tuple[str | None, str]:
     """Bring the schema to the newest migration (idempotent), then check that every table and column the
-    models map is there. A database a newer clapq migrated, or whose schema lacks what this version reads
-    (a migration changed after it ran, as 0009 was: helper-34), is a RuntimeError with a sentence, before
-    any process serves a request, not a 500 on every request that touches it."""
+    models map is there; returns the schema's revision before (None: a database with no clapq tables) and after,
+    which `clapq migrate` says (it said "migrations applied" whether it applied any or none). A database a newer
+    clapq migrated, or whose schema lacks what this version reads (a migration changed after it ran, as 0009
+    was: helper-34), is a RuntimeError with a sentence, before any process serves a request, not a 500 on every
+    request that touches it."""
     from alembic import command
     from alembic.migration import MigrationContext
     from sqlalchemy import select
@@ -251,6 +253,7 @@ def migrate(url: str) -> None:
                                f"{scripts.get_current_head()})")
         _upgrade_between_queries(cfg, command)
     with engine.connect() as conn:
+        after = MigrationContext.configure(conn).get_current_heads()
         for table in Base.metadata.sorted_tables:
             try:
                 conn.execute(select(*table.c).limit(0))
@@ -259,6 +262,7 @@ def migrate(url: str) -> None:
                 raise RuntimeError(f"the database's schema is not the one this clapq reads ({why}), though its "
                                    f"migrations stand at {scripts.get_current_head()}: it was made by a development "
                                    "version whose migrations changed after they ran") from None
+    return (", ".join(sorted(current)) or None), ", ".join(sorted(after))
 
 
 MIGRATE_LOCK = 0x636C617071  # "clapq": the advisory lock `migrate` holds

@@ -200,7 +200,31 @@ def test_clapq_migrate_needs_only_the_database(scratch):
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     r = subprocess.run([sys.executable, "-m", "clapq.cli", "migrate"], env={**env, "DATABASE_URL": url},
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stderr.strip().endswith("migrations applied"), r.stderr[-3000:]
+    assert r.returncode == 0 and r.stderr.strip().endswith(f"schema created, at revision {HEAD}"), r.stderr[-3000:]
+    with engine.begin() as conn:
+        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == HEAD
+
+
+def test_clapq_migrate_says_the_revisions_before_and_after(scratch):
+    """`clapq migrate` said "migrations applied" on a database at the newest revision as on one two behind it: a
+    deploy script's log told nothing of what it did (helper-119). It says the revision before and after."""
+    import subprocess
+    import sys
+
+    from alembic import command
+
+    url, cfg, engine = scratch
+    env = {**os.environ, "DATABASE_URL": url}
+
+    def clapq_migrate() -> str:
+        r = subprocess.run([sys.executable, "-m", "clapq.cli", "migrate"], env=env, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0 and r.stdout == "", r.stderr[-3000:]
+        return r.stderr
+
+    command.upgrade(cfg, "0013")
+    assert clapq_migrate() == f"schema migrated from revision 0013 to {HEAD}\n"
+    assert clapq_migrate() == f"schema already at revision {HEAD}, this clapq's newest: nothing to apply\n"
     with engine.begin() as conn:
         assert conn.scalar(text("SELECT version_num FROM alembic_version")) == HEAD
 
