@@ -387,12 +387,23 @@ def _service_data(args, also: str = ""):
 
 
 def _with_keys(args, work) -> None:
-    """work(session) on the service's database (_service_data), migrated first; what it returns is printed."""
-    from clapq.db import session_scope
+    """work(session) on the service's database (_service_data); what it returns is printed. DATABASE_URL's schema is
+    the operator's to migrate (`clapq migrate`, compose's one-shot): one older than this clapq's stops a key's
+    command as it stops `clapq api` (clapq.db.not_migrated), where `clapq keys list` migrated it, unsaid, beside the
+    services of the older version (a migration may block writes for minutes: 0003) (helper-119). A data
+    directory's embedded database, which no `clapq migrate` reaches, is migrated first, as `clapq up` does at its
+    start, and that is said."""
+    from clapq.db import not_migrated, session_scope
 
     settings, stack, url = _service_data(args)
     try:
-        _migrate(url)
+        if settings.database_url:
+            _clapq_database(url)
+            if why := not_migrated(url):
+                raise RuntimeError(why)
+        elif (done := _migrate(url))[0] != done[1]:
+            print(f"clapq: the database of {settings.data_dir}: {_migrated(*done)} (as `clapq up` does at its "
+                  "start)", file=sys.stderr)
         with session_scope(url) as s:
             out = work(s)
         print(out)

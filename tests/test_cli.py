@@ -1030,8 +1030,8 @@ def test_a_database_that_cannot_be_used_and_a_busy_port_are_sentences(tmp_path, 
 
     port = free_port()  # nothing listens there
     for url, why in ((f"postgresql://clapq:secret@127.0.0.1:{port}/x",
-                      f"clapq: cannot set up the database at postgresql://clapq:***@127.0.0.1:{port}/x: "
-                      "connection to server at"),
+                      # `keys` cannot reach it, `migrate` and `up` cannot set it up
+                      f" the database at postgresql://clapq:***@127.0.0.1:{port}/x: connection to server at"),
                      ("postgresql://clapq:secret@127.0.0.1:notaport/x",
                       "clapq: DATABASE_URL is not a database URL like postgresql://")):
         env = _env(tiny_model, DATABASE_URL=url, REDIS_URL="redis://127.0.0.1:1/0")

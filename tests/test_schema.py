@@ -303,6 +303,70 @@ def test_the_services_processes_stop_on_a_schema_older_than_theirs(scratch, env)
     assert not_migrated("postgresql://clapq@127.0.0.1:1/clapq") is None
 
 
+def test_keys_on_an_older_schema_stop_or_say_they_migrated(scratch, env, tmp_path):
+    """`clapq keys list` (create, revoke) migrated the database it was given, unsaid: run with a new version's
+    CLI against DATABASE_URL, it moved the schema under the services of the older one (a migration may block writes
+    for minutes), where `clapq api` stops and says to run `clapq migrate` (helper-119). On DATABASE_URL a key's
+    command now stops as the API does and changes nothing; a newer clapq's schema is served (an earlier version's
+    CLI during a rolling upgrade). A data directory's embedded database, which no `clapq migrate` reaches, is
+    migrated as `clapq up` would at its start, and that is said."""
+    import subprocess
+    import sys
+
+    from alembic import command
+    from alembic.config import Config
+
+    import migrations
+    from clapq.db import _migrations, normalise_url
+    from clapq.embedded import EmbeddedPostgres
+
+    url, cfg, engine = scratch
+    run_env = {k: v for k, v in env.items() if k not in ("DATABASE_URL", "CLAPQ_DATA_DIR")}
+
+    def keys(*cmd, **extra) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", "keys", *cmd], env={**run_env, **extra},
+                              capture_output=True, text=True, timeout=120)
+
+    def revision() -> str:
+        with engine.connect() as conn:
+            return conn.scalar(text("SELECT version_num FROM alembic_version"))
+
+    before = _migrations()[1].get_revision(HEAD).down_revision
+    blank = keys("create", "--tenant", "t", DATABASE_URL=url)
+    assert blank.returncode == 1 and blank.stdout == "" and "holds no clapq tables" in blank.stderr, blank.stderr
+    command.upgrade(cfg, before)
+    for cmd in (("list",), ("create", "--tenant", "t"), ("revoke", "cq_abcdefgh")):
+        out = keys(*cmd, DATABASE_URL=url)
+        assert (out.returncode, out.stdout, out.stderr) == (
+            1, "", f"clapq: the database's schema is at revision {before}, older than this clapq's ({HEAD}): run "
+                   "`clapq migrate` with this version first (README, Upgrading)\n"), cmd
+        assert revision() == before
+    command.upgrade(cfg, "head")
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    out = keys("create", "--tenant", "t", DATABASE_URL=url)
+    assert out.returncode == 0 and out.stdout.startswith("cq_") and out.stderr == "", out.stderr
+    assert revision() == "0099"
+
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(tmp_path, 0o755)
+    pg = EmbeddedPostgres(data / "pg")
+    try:
+        old = Config()
+        old.set_main_option("script_location", str(Path(migrations.__file__).parent))
+        old.set_main_option("sqlalchemy.url", normalise_url(pg.start()).replace("%", "%%"))
+        command.upgrade(old, before)
+    finally:
+        pg.stop()
+    out = keys("create", "--tenant", "t", "--data-dir", str(data))
+    assert out.returncode == 0 and out.stdout.startswith("cq_"), out.stderr
+    assert out.stderr == (f"clapq: the database of {data}: schema migrated from revision {before} to {HEAD} (as "
+                          "`clapq up` does at its start)\n")
+    out = keys("list", "--data-dir", str(data))
+    assert out.returncode == 0 and out.stderr == "" and out.stdout.count("active") == 1, out
+
+
 # Every migration on main, by the start of its file's sha256. Once a migration has landed, databases have
 # run it, and a change to it never reaches them (0009 was changed minutes after it landed: helper-34). A
 # fix is a new migration; a new one is added here as it lands.
