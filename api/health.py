@@ -20,7 +20,7 @@ from api.jobs import NO_WORKER, NO_WORKER_UP
 from api.models_info import registered_model_id
 from clapq.checkpoint import ModelUnavailable, resolve, unchanged
 from clapq.db import get_engine
-from clapq.presence import TTL_S, beat_alive, live_workers, serving
+from clapq.presence import TTL_S, beat_alive, beat_failing, live_workers, serving
 from clapq.queue import redis_client
 from clapq.settings import Settings
 
@@ -154,7 +154,14 @@ def readyz():
         return "ok"
 
     def maintenance() -> str:
-        return "ok" if beat_alive(celery) else "warning: the maintenance loop made no pass lately (start `clapq beat`)"
+        client = redis_client(celery)
+        if beat_alive(celery, client):
+            return "ok"
+        if failing := beat_failing(client):  # it runs: "start `clapq beat`" sent the operator to start another
+            return (f"warning: the maintenance loop (`clapq beat`) runs, but its passes have failed for "
+                    f"{failing[0]:.0f} s ({failing[1]}): files a dead worker left, or whose task Redis did not take, "
+                    "are not sent again until one goes through")
+        return "warning: the maintenance loop made no pass lately (start `clapq beat`)"
 
     def embedding() -> str:  # workers of another CLAPQ_MODEL than the API's leave every upload queued
         ckpt = resolve(settings.model)

@@ -118,13 +118,41 @@ def unserve(app) -> None:
 BEAT_KEY = "clapq:beat"
 
 
+# ... and this after a pass that failed (Postgres away): while its passes fail it runs, and /readyz said to start it
+# (helper-119)
+BEAT_FAILING_KEY = "clapq:beat-failing"
+
+
 def beat_done(app, interval_s: float) -> None:
     """Said by the maintenance loop after a pass: alive for three intervals (and half a minute more)."""
-    redis_client(app).set(BEAT_KEY, str(time.time()), ex=int(3 * interval_s + 30))
+    pipe = redis_client(app).pipeline(transaction=False)
+    pipe.set(BEAT_KEY, str(time.time()), ex=int(3 * interval_s + 30))
+    pipe.delete(BEAT_FAILING_KEY)
+    pipe.execute()
+
+
+def beat_failed(app, interval_s: float, why: str) -> None:
+    """Said by the maintenance loop after a pass that failed (`why`, in words that name no server): when its passes
+    began to fail (Redis's clock), kept as long as beat_done's mark would be."""
+    client = redis_client(app)
+    ttl = int(3 * interval_s + 30)
+    pipe = client.pipeline(transaction=False)
+    pipe.set(BEAT_FAILING_KEY, json.dumps({"since": _now(client), "why": why}), nx=True, ex=ttl)
+    pipe.expire(BEAT_FAILING_KEY, ttl)
+    pipe.execute()
 
 
 def beat_alive(app, client=None) -> bool:
     return bool((client or redis_client(app)).exists(BEAT_KEY))
+
+
+def beat_failing(client) -> tuple[float, str] | None:
+    """(for how many seconds, why) a maintenance loop that runs has had its passes fail; None where none said so."""
+    raw = client.get(BEAT_FAILING_KEY)
+    if raw is None:
+        return None
+    said = json.loads(raw)
+    return max(0.0, _now(client) - said["since"]), said["why"]
 
 
 def live_workers(app, client=None) -> int:

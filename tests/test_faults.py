@@ -1087,13 +1087,22 @@ def test_the_beat_removes_files_no_item_holds(stack):
 
 def test_a_beat_whose_sweeps_fail_is_not_said_alive(stack):
     """`clapq beat` with a Postgres that refuses it: every sweep fails, and the maintenance loop is not said
-    alive (the key was set after each pass whatever its sweep did, so /readyz said ok, helper-44). Each
-    failure is one line saying why (it was a traceback at every pass of each of its three loops)."""
+    alive (the key was set after each pass whatever its sweep did, so /readyz said ok, helper-44), nor dead:
+    /readyz said "made no pass lately (start `clapq beat`)" of a beat that ran, through a Postgres outage
+    (helper-119); it says that it runs, for how long its passes have failed and which part, not the server's
+    address (it takes no key). Each failure is one line saying why (it was a traceback at every pass of each of its
+    three loops)."""
+    import re
+
     beat = Beat({**stack["env"], "DATABASE_URL": "postgresql://clapq@127.0.0.1:1/clapq"}, stack["tmp"] / "beat.log")
     try:
         wait_until(lambda: (stack["tmp"] / "beat.log").read_text().count("sweep failed") >= 3, 60, "three sweeps")
         checks = stack["client"].get("/readyz").get_json()["checks"]
-        assert checks["maintenance"].startswith("warning: the maintenance loop made no pass lately"), checks
+        assert re.fullmatch(r"warning: the maintenance loop \(`clapq beat`\) runs, but its passes have failed for "
+                            r"[1-9][0-9]* s \(it cannot use Postgres; its log says why\): files a dead worker left, or "
+                            r"whose task Redis did not take, are not sent again until one goes through",
+                            checks["maintenance"]), checks
+        assert checks["postgres"] == "ok"  # the API's: only the beat's is refused
         # an outage is a line a pass that says why, not a traceback a pass
         log = (stack["tmp"] / "beat.log").read_text()
         assert "sweep failed: connection to server at" in log and "Traceback" not in log, log[-3000:]

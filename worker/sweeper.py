@@ -3,6 +3,7 @@ stored files that no item holds any more, and rebuild a vector index after a lar
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -16,7 +17,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from clapq.blobs import BlobStore, reclaim_queued, remove_stale_uploads
 from clapq.db import get_engine, session_scope
 from clapq.models import NO_MESSAGE, NOT_SENT, WAITING_FOR_MODEL, EmbeddingModel, Item, Library, park
-from clapq.presence import beat_done, serving
+from clapq.presence import beat_done, beat_failed, serving
 from clapq.queue import FAST_LANE_TASKS, NotSent, enqueue_items, lift_bulk, make_celery, queued_tasks, redis_client
 from clapq.settings import Settings
 from worker.store import silent_for
@@ -237,6 +238,15 @@ def _every(interval_s: int, steps: dict) -> None:
         time.sleep(interval_s)
 
 
+def _failing(exc: Exception) -> str:
+    """Why a pass failed, as /readyz (which takes no key) may say it: the part, not its server's address."""
+    if isinstance(exc, (OperationalError, InterfaceError)):
+        return "it cannot use Postgres; its log says why"
+    if isinstance(exc, (RedisDown, RedisSilent, BrokerError)):
+        return "it cannot use Redis; its log says why"
+    return f"{type(exc).__name__}, which its log says"
+
+
 def run_forever(settings: Settings) -> None:
     app = make_celery(settings, sender=True)
     log.info("sweeper started", extra={"interval_s": settings.sweep_interval_s})
@@ -246,7 +256,12 @@ def run_forever(settings: Settings) -> None:
     sweeps = Sweeps(settings, app)
 
     def sweep() -> None:  # said alive only after a sweep that went through (every sweep failing said ok, helper-44)
-        sweeps()
+        try:
+            sweeps()
+        except Exception as exc:  # said failing, not dead: /readyz told to start the beat that ran (helper-119)
+            with contextlib.suppress(Exception):
+                beat_failed(app, settings.sweep_interval_s, _failing(exc))
+            raise
         try:
             beat_done(app, settings.sweep_interval_s)
         except Exception as exc:  # Redis away: /readyz says so itself
