@@ -45,18 +45,32 @@ def test_a_workers_output_is_json_lines_but_celerys_word_at_a_signal(env, tmp_pa
     """`clapq worker` printed Celery's banner (15 lines of ASCII art and settings) on stdout and, run as root as in a
     container, Celery's SecurityWarning as 8 loose lines, among its JSON records: a log shipper parsing JSON drops
     them or stores them unparsed. The banner is left out in JSON (what it said is in the records: the broker, ready)
-    and a warning is a record. Celery's own print as it is told to stop ("worker: Warm shutdown") stays."""
+    and a warning is a record, as is billiard's line for a pool process that died (killed here, as by the OOM
+    killer), which was loose too. Celery's own print as it is told to stop ("worker: Warm shutdown") stays."""
     import os
     import signal
+    import time
+
+    import psutil
 
     from tests.conftest import WorkerProcess
 
     w = WorkerProcess(env, tmp_path / "worker.log").start()
-    w.stop(signal.SIGTERM)
+    try:
+        child = psutil.Process(w.proc.pid).children()[0]
+        child.kill()  # the OOM killer
+        deadline = time.monotonic() + 30
+        while f"pid:{child.pid} exited with" not in w.output():
+            assert time.monotonic() < deadline, w.output()[-3000:]
+            time.sleep(0.2)
+    finally:
+        w.stop(signal.SIGTERM)
     lines = [line for line in w.output().splitlines() if line.strip()]
     loose = [line for line in lines if not line.startswith("{")]
     assert loose == ["worker: Warm shutdown (MainProcess)"], w.output()[-3000:]
     records = [json.loads(line) for line in lines if line.startswith("{")]
     assert any(r["logger"] == "celery.apps.worker" and r["msg"].endswith(" ready.") for r in records), records
+    died = [r["msg"] for r in records if r["logger"] == "multiprocessing"]
+    assert f"pid:{child.pid} exited with 'signal 9 (SIGKILL)'" in died[0], died
     if os.geteuid() == 0:  # Celery warns a worker run as root
         assert any(r["logger"] == "py.warnings" and "SecurityWarning" in r["msg"] for r in records), records

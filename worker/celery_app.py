@@ -1,5 +1,7 @@
 """Worker entry module: `celery -A worker.celery_app worker` (what `clapq worker` runs)."""
 
+import logging
+
 from celery.signals import setup_logging, worker_ready, worker_shutdown
 
 from clapq import logs
@@ -13,7 +15,17 @@ app.autodiscover_tasks(["worker"], related_name="tasks", force=True)
 
 @setup_logging.connect
 def _logging(**_) -> None:
+    from celery.utils.log import get_multiprocessing_logger
+
     logs.configure(settings.log_level)
+    # billiard's logger (a pool process that died: "Process 'ForkPoolWorker-1' pid:N exited with 'signal 9'") has
+    # no handler of its own once this receiver replaces Celery's set-up, and wrote through Python's last resort, a
+    # loose line among the JSON: through the root's handler it is a record like the rest. Its errors only, as
+    # Celery's own set-up keeps (its info is each child's start)
+    mp = get_multiprocessing_logger()
+    if mp is not None:
+        mp.propagate = True
+        mp.setLevel(logging.ERROR)
 
 
 @worker_ready.connect
