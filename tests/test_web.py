@@ -285,3 +285,54 @@ def test_a_kept_key_is_forgotten_only_where_the_api_refuses_it(start_api, browse
     expect(status).to_have_class("error")
     assert "does not take this key" in status.text_content() and stored() is None, status.text_content()
     page.close()
+
+
+def _library(base: str, h: dict, name: str, files: list[tuple[str, bytes]]) -> dict:
+    """A library of these (name, bytes) files, its job ended."""
+    lib = requests.post(f"{base}/v1/libraries", json={"name": name}, headers=h, timeout=30).json()
+    if files:
+        r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=60,
+                          files=[("files", (n, b, "audio/wav")) for n, b in files])
+        assert r.status_code == 202, r.text
+        _wait_job(base, h, r.json()["job_id"])
+    return lib
+
+
+def _searched(page, base: str, key: str, library: str, words: str):
+    """The page opened with the key, `library` chosen and searched for `words`: its status locator, once said."""
+    from playwright.sync_api import expect
+
+    page.goto(f"{base}/#key={key}")
+    page.wait_for_selector("#search-form", state="visible")
+    page.select_option("#library", label=library)
+    page.fill("#text", words)
+    page.click("#search-form button[type=submit]")
+    status = page.locator("#status")
+    expect(status).not_to_have_text(re.compile("^searching"))
+    return status
+
+
+def test_a_phone_sized_page_shows_each_file_name_whole_on_its_lines(start_api, new_key, worker, browser, tmp_path):
+    """On a phone's width (375 px) the table's file column got what the score, the window and the two buttons
+    (kept on one line) left it, 42 px: a name such as "rain/session 1/rain_040.wav" came three letters a line,
+    eight lines of a row. There, a result is two lines: its name across the page, then its score, window and
+    buttons."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    name = "dawn chorus at the fen, take 2.wav"
+    _library(base, h, "field", [(name, write(tmp_path / "d.wav", 1.0, freq=2000.0, seed=3).read_bytes())])
+    page = browser.new_page(viewport={"width": 375, "height": 740})
+    _searched(page, base, key, "field (1 file)", "birds")
+    cell = page.locator("#results td.file")
+    expect(cell).to_have_text(name)
+    table, box = page.locator("#results").bounding_box(), cell.bounding_box()
+    line = float(cell.evaluate("c => parseFloat(getComputedStyle(c).lineHeight)"))
+    assert box["width"] > 0.8 * table["width"] and box["height"] < 2.5 * line, (box, table, line)
+    assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+    for button in ("Play", "More like this"):  # still there, on the page
+        b = page.locator("#results").get_by_role("button", name=button).bounding_box()
+        assert b and b["x"] >= 0 and b["x"] + b["width"] <= 375, (button, b)
+    page.close()
