@@ -312,6 +312,54 @@ def _searched(page, base: str, key: str, library: str, words: str):
     return status
 
 
+def test_another_library_chosen_takes_the_results_of_the_last_away(start_api, new_key, worker, browser, tmp_path):
+    """The results of a search stayed under the library chosen after it, with the status still naming the library
+    searched: the rows looked like the new library's, and "More like this" on one searched the new library by a file
+    of the old (seen: "nothing found for sounds like rain_040.wav in allbad"). Choosing another library takes them
+    away and says which is chosen, as does using another key (another tenant's libraries), and a search answered
+    after either is not shown; nor was the status of one answered after, which named the library chosen since."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    tones = [(f"tone{i}.wav", write(tmp_path / f"t{i}.wav", 1.0, freq=300.0 * (i + 1), seed=i).read_bytes())
+             for i in range(2)]
+    _library(base, h, "tones", tones)
+    _library(base, h, "empty", [])
+    page = browser.new_page()
+    status = _searched(page, base, key, "tones (2 files)", "a tone")
+    rows = page.locator("#results tbody tr")
+    expect(rows).to_have_count(2)
+    page.select_option("#library", label="empty (0 files)")
+    expect(page.locator("#results")).to_be_hidden()
+    assert rows.count() == 0 and status.text_content() == "empty (0 files): search it by words or by a sound", \
+        status.text_content()
+    # a search answered after another library was chosen: its results are not shown under it
+    held = []
+    page.route("**/v1/search", lambda route: held.append(route))
+    page.select_option("#library", label="tones (2 files)")
+    page.click("#search-form button[type=submit]")
+    while not held:
+        page.wait_for_timeout(100)
+    page.select_option("#library", label="empty (0 files)")
+    with page.expect_response("**/v1/search"):
+        held[0].continue_()
+    page.unroute("**/v1/search")
+    page.wait_for_timeout(1000)  # its answer read, and the library's asked for, where it was shown
+    assert rows.count() == 0 and status.text_content() == "empty (0 files): search it by words or by a sound", \
+        status.text_content()
+    # back, searched again; then another tenant's key: its libraries, none of the results
+    page.select_option("#library", label="tones (2 files)")
+    page.click("#search-form button[type=submit]")
+    expect(rows).to_have_count(2)
+    page.fill("#key", new_key())
+    page.click("text=Use key")
+    expect(status).to_have_text("no libraries yet: `clapq upload FOLDER --library NAME` makes one")
+    assert page.locator("#results").is_hidden() and rows.count() == 0
+    page.close()
+
+
 def test_a_phone_sized_page_shows_each_file_name_whole_on_its_lines(start_api, new_key, worker, browser, tmp_path):
     """On a phone's width (375 px) the table's file column got what the score, the window and the two buttons
     (kept on one line) left it, 42 px: a name such as "rain/session 1/rain_040.wav" came three letters a line,

@@ -64,6 +64,16 @@ function seconds(s) {
   return Number(s).toFixed(1).replace(/\.0$/, "");
 }
 
+// the search whose results the table may show: one begun later, another library chosen or another key used take
+// the place of one still waiting for its answer
+let searching = 0;
+
+function cleared() {
+  searching += 1;
+  $("results").tBodies[0].replaceChildren();
+  $("results").hidden = true;
+}
+
 async function useKey(given) {
   key = given;
   const [listed, limits] = await Promise.all([call("GET", "/v1/libraries"), call("GET", "/v1/limits")]);
@@ -85,6 +95,7 @@ async function useKey(given) {
   }
   const last = localStorage.getItem(LIBRARY);
   if (last && [...select.options].some((o) => o.value === last && !o.disabled)) select.value = last;
+  cleared(); // another key's results were left beside its own libraries
   $("search-form").hidden = false;
   if (!listed.libraries.length) {
     say("no libraries yet: `clapq upload FOLDER --library NAME` makes one");
@@ -124,7 +135,9 @@ async function search(query, what) {
   const library_id = $("library").value;
   if (!library_id) throw new Error("no library to search: `clapq upload FOLDER --library NAME` makes one");
   localStorage.setItem(LIBRARY, library_id);
+  const library = $("library").selectedOptions[0].textContent;
   const k = Number($("k").value);
+  const mine = ++searching;
   say(`searching for ${what}…`);
   let found;
   if (query.clip) {
@@ -136,12 +149,13 @@ async function search(query, what) {
   } else {
     found = await call("POST", "/v1/search", { library_id, k, ...query });
   }
+  if (mine !== searching) return;
   const body = $("results").tBodies[0];
   body.replaceChildren(...found.results.map(row));
   $("results").hidden = !found.results.length;
-  const library = $("library").selectedOptions[0].textContent;
   // files not embedded yet are not found: said, with why they do not move where the service knows (as `clapq search`)
   const { counts, waiting } = await call("GET", `/v1/libraries/${encodeURIComponent(library_id)}`);
+  if (mine !== searching) return;
   const left = counts.queued + counts.running;
   const still = left ? `; ${files(left)} of it still to be embedded${waiting ? ` (${waiting})` : ""}` : "";
   say((found.results.length ? `${found.results.length} best for ${what} in ${library}`
@@ -220,6 +234,10 @@ async function unplayable() {
 function start() {
   $("player").addEventListener("loadedmetadata", started);
   $("player").addEventListener("error", () => unplayable().catch(failed));
+  $("library").addEventListener("change", () => {
+    cleared();
+    say(`${$("library").selectedOptions[0].textContent}: search it by words or by a sound`);
+  });
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const given = $("key").value.trim();
