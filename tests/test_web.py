@@ -308,8 +308,34 @@ def _searched(page, base: str, key: str, library: str, words: str):
     page.fill("#text", words)
     page.click("#search-form button[type=submit]")
     status = page.locator("#status")
-    expect(status).not_to_have_text(re.compile("^searching"))
+    expect(status).not_to_have_text(re.compile("^searching"), timeout=90_000)  # the text tower loaded first
     return status
+
+
+def test_a_library_whose_files_all_failed_says_why_nothing_is_found(start_api, new_key, worker, browser):
+    """A library of files that all failed to embed was searched as any other: "nothing found for “rain” in broken (2
+    files)", and nothing said that none of its files could be searched. It says so as `clapq search` does: the first
+    one's name and why, and the command that lists the rest."""
+    from playwright.sync_api import expect
+
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    lib = _library(base, h, "broken", [(f"bad{i}.wav", b"RIFF" + bytes([i]) * 60) for i in range(2)])
+    _library(base, h, "lone", [("lone.wav", b"")])
+    job = requests.get(f"{base}/v1/libraries/{lib['id']}/items", headers=h, timeout=30).json()["items"][0]["job_id"]
+    page = browser.new_page()
+    status = _searched(page, base, key, "broken (2 files)", "rain")
+    said = status.text_content()
+    assert said.startswith("nothing found for “rain” in broken (2 files): none of its files could be embedded: 2 "
+                           "files failed, such as bad"), said
+    assert f"(`clapq jobs show {job} --all` lists its job's" in said, said
+    assert status.get_attribute("class") == "error" and page.locator("#results").is_hidden()
+    page.select_option("#library", label="lone (1 file)")
+    page.click("#search-form button[type=submit]")
+    expect(status).to_have_text(re.compile("^nothing found"), timeout=60_000)
+    assert status.text_content() == ("nothing found for “rain” in lone (1 file): none of its files could be embedded: "
+                                     "1 file failed (lone.wav: the file is empty (0 bytes))"), status.text_content()
+    page.close()
 
 
 def test_another_library_chosen_takes_the_results_of_the_last_away(start_api, new_key, worker, browser, tmp_path):

@@ -64,6 +64,11 @@ function seconds(s) {
   return Number(s).toFixed(1).replace(/\.0$/, "");
 }
 
+// a file as `clapq search` names it: its path in the folder it was uploaded from, where it has one
+function shown(item) {
+  return typeof (item.metadata || {}).path === "string" ? item.metadata.path : item.filename;
+}
+
 // the search whose results the table may show: one begun later, another library chosen or another key used take
 // the place of one still waiting for its answer
 let searching = 0;
@@ -108,7 +113,7 @@ async function useKey(given) {
 function row(result) {
   const tr = document.createElement("tr");
   const span = result.segment || result;
-  const name = typeof (result.metadata || {}).path === "string" ? result.metadata.path : result.filename;
+  const name = shown(result);
   const cells = [result.score.toFixed(4), name, `${seconds(span.start_s)}–${seconds(span.end_s)} s`];
   for (const [i, text] of cells.entries()) {
     const td = document.createElement("td");
@@ -129,6 +134,26 @@ function row(result) {
   actions.append(playButton, " ", likeButton);
   tr.append(actions);
   return tr;
+}
+
+// why a library none of whose files could be embedded (all failed or cancelled) has nothing to find, as `clapq
+// search` says it; "" where some are embedded or still on their way
+async function noneEmbedded(libraryId, counts) {
+  if (counts.done || counts.queued || counts.running || !(counts.failed || counts.cancelled)) return "";
+  const why = [];
+  if (counts.failed) {
+    const path = `/v1/libraries/${encodeURIComponent(libraryId)}/items?status=failed&limit=1`;
+    const [first] = (await call("GET", path)).items;
+    if (!first) {
+      why.push(`${files(counts.failed)} failed`);
+    } else {
+      const said = `${shown(first)}: ${first.error || "no reason given"}`;
+      why.push(counts.failed === 1 ? `1 file failed (${said})` : `${files(counts.failed)} failed, such as ${said} `
+        + `(\`clapq jobs show ${first.job_id} --all\` lists its job's; \`clapq jobs\` the others)`);
+    }
+  }
+  if (counts.cancelled) why.push(`${files(counts.cancelled)} cancelled (upload them again to embed them)`);
+  return `none of its files could be embedded: ${why.join(" and ")}`;
 }
 
 async function search(query, what) {
@@ -155,11 +180,12 @@ async function search(query, what) {
   $("results").hidden = !found.results.length;
   // files not embedded yet are not found: said, with why they do not move where the service knows (as `clapq search`)
   const { counts, waiting } = await call("GET", `/v1/libraries/${encodeURIComponent(library_id)}`);
+  const none = found.results.length ? "" : await noneEmbedded(library_id, counts);
   if (mine !== searching) return;
   const left = counts.queued + counts.running;
   const still = left ? `; ${files(left)} of it still to be embedded${waiting ? ` (${waiting})` : ""}` : "";
   say((found.results.length ? `${found.results.length} best for ${what} in ${library}`
-    : `nothing found for ${what} in ${library}`) + still);
+    : `nothing found for ${what} in ${library}`) + (none ? `: ${none}` : still), Boolean(none));
 }
 
 // what the player plays ({itemId, name, at: the time it plays from once it has read the file's duration}), and the
