@@ -410,3 +410,54 @@ def test_a_phone_sized_page_shows_each_file_name_whole_on_its_lines(start_api, n
         b = page.locator("#results").get_by_role("button", name=button).bounding_box()
         assert b and b["x"] >= 0 and b["x"] + b["width"] <= 375, (button, b)
     page.close()
+
+
+def test_words_or_a_sound_whichever_given_last_and_a_key_refused_midway(start_api, new_key, worker, browser,
+                                                                       settings, tmp_path):
+    """Three things the page got wrong (helper-121): a sound file chosen after words were typed was searched and the
+    words left aside unsaid, and words typed while a sound's search ran searched that sound again (the file stayed
+    chosen until its answer came); a key pasted wrong over the one in use was sent from then on, each search refused;
+    and the key in use, revoked meanwhile, stayed in the browser's storage (README: a 401 forgets it) with the page
+    going on sending it. Whichever of words and a sound was given last is searched; a key pasted wrong leaves the one
+    in use; a key refused midway is forgotten, the page asking for one, its player stopped."""
+    from playwright.sync_api import expect
+
+    from clapq.keys import revoke_key
+
+    expect.set_options(timeout=90_000)
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    clip = write(tmp_path / "knock.wav", 1.0, freq=500.0, seed=3)
+    _library(base, h, "sounds", [("knock.wav", clip.read_bytes())])
+    page = browser.new_page()
+    status = _searched(page, base, key, "sounds (1 file)", "a knock")
+    assert status.text_content().startswith("1 best for “a knock” in sounds"), status.text_content()
+    # a file chosen after words: the words go; words typed after a file: the file goes
+    page.fill("#text", "wood")
+    page.set_input_files("#clip", str(clip))
+    assert page.input_value("#text") == ""
+    page.fill("#text", "metal")
+    assert page.eval_on_selector("#clip", "c => c.files.length") == 0
+    page.set_input_files("#clip", str(clip))
+    page.click("#search-form button[type=submit]")
+    assert page.eval_on_selector("#clip", "c => c.files.length") == 0  # taken as its search begins
+    expect(status).to_have_text(re.compile("^1 best for the sound of knock.wav in sounds"))
+    page.fill("#text", "metal")
+    page.click("#search-form button[type=submit]")
+    expect(status).to_have_text(re.compile("^1 best for “metal” in sounds"))
+    # a wrong key pasted over the one in use: refused, and the one in use goes on
+    page.fill("#key", "cq_not-a-key")
+    page.click("text=Use key")
+    expect(status).to_have_text("the API does not take the key pasted (unknown or revoked): the one in use stays")
+    page.click("#search-form button[type=submit]")
+    expect(status).to_have_text(re.compile("^1 best for “metal” in sounds"))
+    assert page.evaluate("localStorage.getItem('clapq.key')") == key
+    # the key in use revoked: the next search is refused, and the key forgotten
+    with session_scope(settings.database_url) as s:
+        revoke_key(s, key)
+    page.click("#search-form button[type=submit]")
+    expect(status).to_have_class("error")
+    assert "does not take this key" in status.text_content(), status.text_content()
+    assert page.evaluate("localStorage.getItem('clapq.key')") is None
+    assert page.locator("#search-form").is_hidden() and page.locator("#forget").is_hidden()
+    page.close()

@@ -16,7 +16,22 @@ function say(text, error = false) {
   status.className = error ? "error" : "";
 }
 
+// the page without a key: asked for one, nothing of the last key's left on it (its results, its file playing)
+function forget() {
+  localStorage.removeItem(KEY);
+  key = "";
+  $("key").placeholder = "cq_...";
+  $("forget").hidden = true;
+  $("search-form").hidden = true;
+  $("results").hidden = true;
+  $("player").pause();
+  $("player").hidden = true;
+}
+
 function failed(error) {
+  // the key in use refused (revoked meanwhile): forgotten, as at the page's start, where it stayed in the browser's
+  // storage and the page went on sending it
+  if (error.status === 401) forget();
   say(error.message, true);
 }
 
@@ -80,8 +95,19 @@ function cleared() {
 }
 
 async function useKey(given) {
+  const before = key;
   key = given;
-  const [listed, limits] = await Promise.all([call("GET", "/v1/libraries"), call("GET", "/v1/limits")]);
+  let listed, limits;
+  try {
+    [listed, limits] = await Promise.all([call("GET", "/v1/libraries"), call("GET", "/v1/limits")]);
+  } catch (error) {
+    if (!before) throw error;
+    // a key pasted over one in use and not taken: that one goes on, where the page sent the new one from then on
+    key = before;
+    if (error.status === 401) throw new Error("the API does not take the key pasted (unknown or revoked): the one "
+                                              + "in use stays");
+    throw error;
+  }
   localStorage.setItem(KEY, key);
   $("key").value = "";
   $("key").placeholder = `${key.slice(0, 10)}…`;
@@ -274,20 +300,20 @@ function start() {
     useKey(given).catch(failed);
   });
   $("forget").addEventListener("click", () => {
-    localStorage.removeItem(KEY);
-    key = "";
-    $("key").placeholder = "cq_...";
-    $("forget").hidden = true;
-    $("search-form").hidden = true;
-    $("results").hidden = true;
+    forget();
     say("key forgotten");
   });
+  // words or a sound, whichever was given last: a file chosen after words were typed was searched and the words
+  // left aside unsaid, and words typed while a sound's search ran searched that sound again
+  $("clip").addEventListener("change", () => { if ($("clip").files.length) $("text").value = ""; });
+  $("text").addEventListener("input", () => { $("clip").value = ""; });
   $("search-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const clip = $("clip").files[0];
     const text = $("text").value.trim();
     if (clip) {
-      search({ clip }, `the sound of ${clip.name}`).catch(failed).finally(() => { $("clip").value = ""; });
+      $("clip").value = "";
+      search({ clip }, `the sound of ${clip.name}`).catch(failed);
     } else if (text) {
       search({ text }, `“${text}”`).catch(failed);
     } else {
@@ -299,11 +325,8 @@ function start() {
   if (given) history.replaceState(null, "", location.pathname);
   const stored = given || localStorage.getItem(KEY);
   if (stored) {
-    useKey(stored).catch((error) => {
-      // forgotten only where the API refuses it: not where it did not answer (clapq stopped) or answered 503
-      if (error.status === 401) localStorage.removeItem(KEY);
-      failed(error);
-    });
+    // forgotten only where the API refuses it (failed): not where it did not answer (clapq stopped) or answered 503
+    useKey(stored).catch(failed);
   } else {
     say("paste the API key `clapq up` printed (API key: cq_...)");
   }
