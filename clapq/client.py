@@ -1831,7 +1831,8 @@ def _short_enough(client: Client, clip: Path) -> None:
 
         from worker.audio import exact_frames
 
-        with soundfile.SoundFile(str(clip)) as f:
+        # by its bytes: a name that is not UTF-8 (`caf\xe9.wav`), as str, was a UnicodeEncodeError in soundfile
+        with soundfile.SoundFile(os.fsencode(clip)) as f:
             frames, rate = exact_frames(f), f.samplerate
     except (RuntimeError, OSError, TypeError):  # a format libsndfile does not read, or no file: the API's to say
         return

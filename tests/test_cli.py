@@ -1424,6 +1424,13 @@ def test_a_search_clip_stated_longer_than_the_limit_is_refused_before_it_is_sent
         "search clip; send a part of it" in out.stderr, out.stderr
     out = like(write(tmp_path / "short.wav", 2, 8_000))  # within it: searched
     assert out.returncode == 0 and "no results" in out.stderr, out.stderr
+    # a name that is not UTF-8 (a Latin-1 "café" from an old drive) was a UnicodeEncodeError traceback, exit 1
+    odd = wav.rename(tmp_path / os.fsdecode(b"caf\xe9.wav"))
+    out = like(odd)
+    assert out.returncode == 1 and out.stderr == f"clapq: {tmp_path}/caf\\xe9.wav lasts {limit + 1} s, longer than " \
+        f"{limit} s, the limit for a search clip: search with a part of it (nothing was sent)\n", out.stderr
+    out = like(write(tmp_path / "short.wav", 2, 8_000).rename(tmp_path / os.fsdecode(b"d\xe9j\xe0.wav")))
+    assert out.returncode == 0 and "no results" in out.stderr, out.stderr
 
 
 def test_a_search_that_finds_some_while_files_are_queued_says_the_rest_are_not_searched_yet(
