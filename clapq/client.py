@@ -327,6 +327,7 @@ class _Body:
     def __init__(self, encoder: MultipartEncoder) -> None:
         self.encoder, self.content_type = encoder, encoder.content_type
         self._buf, self._pos = b"", 0
+        self.parts: list[_Sized] = []  # the files it sends
 
     def __len__(self) -> int:  # requests sends it as Content-Length
         return self.encoder.len
@@ -359,8 +360,10 @@ class _Sized:
     Either raises Changed. `len` is what is left to send, as requests_toolbelt reads it."""
 
     def __init__(self, path: Path, f) -> None:
-        self.path, self.f = path, f
-        self.size = self.len = os.fstat(f.fileno()).st_size
+        self.path, self.f, self.opened_ns = path, f, time.time_ns()
+        self.opened = os.fstat(f.fileno())
+        self.size = self.len = self.opened.st_size
+        self.sha256 = hashlib.sha256()  # of the bytes sent, kept as the file's digest once they all were (kept)
 
     def read(self, n: int | None = -1) -> bytes:
         n = self.len if n is None or n < 0 else min(n, self.len)
@@ -370,7 +373,15 @@ class _Sized:
             raise Changed(self.path, f"it shrank while it was being sent (from {self.size:,} bytes)")
         if not self.len and n and os.fstat(self.f.fileno()).st_size != self.size:
             raise Changed(self.path, f"it grew while it was being sent (from {self.size:,} bytes)")
+        self.sha256.update(data)
         return data
+
+    def kept(self) -> None:
+        """Keep the digest of the file, sent whole, in the cache of digests (clapq.digests) as a read of it would
+        be: an upload into a new library asks nothing and read no digest, so the run after read the whole folder
+        again, and could not tell the files changed in place since (helper-120)."""
+        if not self.len:
+            _cache().sent(self.path, self.sha256.hexdigest(), self.opened, self.opened_ns)
 
 
 def _size(p: Path) -> int:
@@ -422,8 +433,11 @@ def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
             raise Changed(p, _unread(exc), unopened=True) from None
 
     with contextlib.ExitStack() as files:
-        yield _Body(MultipartEncoder(fields=[("metadata", meta)] + [
-            ("files", (n, opened(p), "application/octet-stream")) for n, p in zip(names, batch)]))
+        parts = [opened(p) for p in batch]
+        body = _Body(MultipartEncoder(fields=[("metadata", meta)] + [
+            ("files", (n, part, "application/octet-stream")) for n, part in zip(names, parts)]))
+        body.parts = parts
+        yield body
 
 
 def n_files(n: int) -> str:
@@ -568,6 +582,9 @@ class Known(NamedTuple):
     failed: dict[Path, str]  # held as failed for a reason in their bytes, not sent again: why each failed
     asked: bool  # whether the server answered (one older than /known holds what it holds, unsaid)
     lost: set  # held, but their stored copies gone from the server's disk: sent, and so written anew
+    # changed since a run before read them, whose bytes then the library holds: (that digest, where the item of
+    # those bytes was sent from, {"path", "folder"} as said)
+    earlier: dict[Path, tuple[str, dict]]
 
 
 def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool = False, resend: bool = False) -> Known:
@@ -584,8 +601,11 @@ def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool
             digests[p] = file_digest(p)
         except OSError:  # gone or unreadable since it was listed: its request leaves it out, saying why
             digests[p] = None
+    # the digest a run before kept for each file that changed since (clapq.digests), asked about too: a file
+    # changed in place is other bytes, sent as a new file, and the library keeps its earlier version (helper-120)
+    before = {p: b for p in batch if digests[p] is not None and (b := _cache().earlier(p)) not in (None, digests[p])}
     # a server older than /known answers 404 (a library gone since the lookup fails on the upload itself)
-    asked = sorted({d for d in digests.values() if d is not None})
+    asked = sorted({d for d in digests.values() if d is not None} | set(before.values()))
     # not followed if redirected, as the upload that follows would not be: said at once, with where to
     answer = client.call("POST", f"/v1/libraries/{lib_id}/known", json={"sha256": asked}, missing_ok=True,
                          allow_redirects=False, repeatable=True)
@@ -604,7 +624,8 @@ def not_known(client: Client, lib_id: str, batch: list[Path], retry_failed: bool
                  {p: (jobs.get(digests[p]), items.get(digests[p])) for p in batch if digests[p] in pending}, digests,
                  {p: (ids[digests[p]], sent_from[digests[p]]) for p in batch
                   if isinstance(ids.get(digests[p]), str) and isinstance(sent_from.get(digests[p]), dict)}, failed,
-                 answered, lost)
+                 answered, lost,
+                 {p: (b, sent_from[b]) for p, b in before.items() if b in known and isinstance(sent_from.get(b), dict)})
 
 
 def stored_path(rel: str) -> str:
@@ -778,8 +799,11 @@ def _send(client: Client, lib_id: str, folder: Path, batch: list[Path],
     sentence for each left out, and how many files of each subfolder gone were left out (by its path)."""
     def attempt() -> dict:
         with multipart_body(folder, batch) as body:
-            return client.call("POST", f"/v1/libraries/{lib_id}/batches", data=body,
-                               headers={"Content-Type": body.content_type}, allow_redirects=False)
+            answer = client.call("POST", f"/v1/libraries/{lib_id}/batches", data=body,
+                                 headers={"Content-Type": body.content_type}, allow_redirects=False)
+            for part in body.parts:
+                part.kept()
+            return answer
 
     batch, left_out, lost = list(batch), [], Counter()
     while batch:
@@ -903,6 +927,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     moved: list[tuple] = []
     on_disk = Where(folder, listing.audio)
     elsewhere: set = set()  # held files sent from another folder, at the same path here
+    versions: dict[Path, tuple[str, dict]] = {}  # files changed since a run before: Known.earlier
 
     def held_by_jobs(pending: dict[Path, tuple[str | None, str | None]]) -> int:
         """Held files not embedded yet: their jobs are waited for too, and their failures told by these paths.
@@ -931,8 +956,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             yield from paths
             return
         for group in batches(paths, *cut_at):
-            new, pending, digests, held, failed, answered, lost = not_known(client, lib["id"], group, retry_failed,
-                                                                            resend)
+            new, pending, digests, held, failed, answered, lost, prior = not_known(client, lib["id"], group,
+                                                                                   retry_failed, resend)
             mending.update(lost)
             unasked = unasked or not answered
             skipped += len(group) - len(new) - len(failed)
@@ -951,6 +976,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             if only is None:  # one file sent on its own is not its folder's layout: its path stays
                 on_disk.digests.update((q, d) for q, d in digests.items() if d is not None)
                 moved.extend(_moved(folder, held, first, digests, on_disk, elsewhere))
+                versions.update(prior)
             not_sent([too_big[p] for p in new if p in too_big])
             yield from (p for p in new if p not in too_big)
 
@@ -974,8 +1000,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                     # as a run again would: once the API answers, the files it took before the cut are not sent
                     # again (their job is waited for), only the rest
                     print(f"{exc.code}; asking which of them the library holds, to send the rest", file=sys.stderr)
-                    new, pending, _, _, failed_here, answered, lost = not_known(client, lib["id"], batch, retry_failed,
-                                                                                resend)
+                    new, pending, _, _, failed_here, answered, lost, _ = not_known(client, lib["id"], batch,
+                                                                                   retry_failed, resend)
                     mending.update(lost)
                     unasked = unasked or not answered
                     skipped += len(batch) - len(new) - len(failed_here)
@@ -1090,6 +1116,16 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         print(f"{n_files(len(renamed))} renamed or moved since {'it was' if len(renamed) == 1 else 'they were'} "
               f"sent: {'its path' if len(renamed) == 1 else 'their paths'} in the library updated: {_some(renamed)}",
               file=sys.stderr)
+    changed = _changed_in_place(folder, versions, on_disk)
+    if changed:
+        n = len(changed)
+        command = (f"clapq delete --gone-from {printable(shlex.quote(str(folder)))} --library "
+                   f"{printable(shlex.quote(lib['name']))}")
+        print(f"{n_files(n)} changed in place since {'it was' if n == 1 else 'they were'} sent (other bytes at the "
+              f"same path: re-exported, replaced or fixed): the library still holds {'its' if n == 1 else 'their'} "
+              f"earlier {'version' if n == 1 else 'versions'}, which searches find under "
+              f"{'that path' if n == 1 else 'those paths'} too, until `{command}` deletes "
+              f"{'it' if n == 1 else 'them'}: {_some(changed)}", file=sys.stderr)
     if resent:
         n = len(resent)
         print(f"{n_files(n)} the library held already {'was' if n == 1 else 'were'} sent again (--resend): "
@@ -1130,9 +1166,24 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
               "could not be read (listed above): any audio in them was not sent", file=sys.stderr)
     print(json.dumps({"library_id": lib["id"], "jobs": jobs, "earlier_jobs": resumed, "files": found, "skipped": skipped,
                       "not_sent": unsent, "unreadable": len(listing.closed), "duplicates": copies,
-                      "by_another": len(by_another), "resent": len(resent), "mended": len(mended), "renamed": len(renamed), "failed": failed, "failed_before": len(failed_before),
-                      "cancelled": cancelled, "deleted": deleted, "in_part": in_part}))
+                      "by_another": len(by_another), "resent": len(resent), "mended": len(mended),
+                      "renamed": len(renamed), "changed": len(changed), "failed": failed,
+                      "failed_before": len(failed_before), "cancelled": cancelled, "deleted": deleted,
+                      "in_part": in_part}))
     return 1 if failed or unsent or cancelled or listing.closed else 0
+
+
+def _changed_in_place(folder: Path, versions: dict[Path, tuple[str, dict]], where: Where) -> list[str]:
+    """The paths of the files changed in place whose earlier version, sent from that very path of this folder, the
+    library still holds (`versions`: Known.earlier of each file, `where`: the folder's digests): other bytes at a
+    path are sent as a new file, and the earlier version's item stayed, found by searches beside the new one under
+    one path, with nothing said; `clapq delete --gone-from` is what deletes it (helper-120). Those earlier bytes
+    still in the folder are not: their item went with them (renamed or moved). Known only where a run before kept
+    the file's digest (clapq.digests)."""
+    root, here = folder_id(folder), set(where.digests.values())
+    return sorted(printable(sent["path"]) for p, (old, sent) in versions.items()
+                  if old not in here and sent.get("folder") == root
+                  and sent.get("path") == stored_path(p.relative_to(folder).as_posix()))
 
 
 def _taken_over(client: Client, lib: dict, folder: Path, moved_from: Path, first: dict[str, str], where: Where,

@@ -1,5 +1,6 @@
-"""The sha256 of files `clapq upload` and `clapq delete --gone-from` read, kept between runs by what the file
-system says of each file, so that a folder uploaded again reads only the files that changed.
+"""The sha256 of files `clapq upload` and `clapq delete --gone-from` read (or `clapq upload` sends, hashed as they
+go: Digests.sent), kept between runs by what the file system says of each file, so that a folder uploaded again
+reads only the files that changed.
 
 A run again asked the library about every file by its digest, and so read every byte of the folder at every
 run: a nightly upload of 250 GB with nothing new read 250 GB (helper-65). A digest is kept for a file's
@@ -52,6 +53,8 @@ class Digests:
         # included, and another run (another folder) waited 5 s for it and then read every file (helper-68)
         self.kept: dict[bytes, tuple[str, str]] = {}  # path: (stat, sha256)
         self.used: set[bytes] = set()
+        # path: the digest a run before kept for it, where this run found the file changed since (earlier)
+        self.before: dict[bytes, str] = {}
         self.since = time.monotonic()
         self.kinds: dict[int, str | None] = {}
         self.today = int(time.time() // 86400)
@@ -92,6 +95,22 @@ class Digests:
             return self._look(p)[0]
         return None
 
+    def sent(self, p: Path, digest: str, opened: os.stat_result, opened_ns: int) -> None:
+        """Keep the digest of a file read whole elsewhere (`clapq upload` sending it), as a read here would keep
+        it: where the file is still as it was when it was opened (`opened`: its fstat then, at `opened_ns`), and
+        had settled by then."""
+        with contextlib.suppress(OSError):
+            _, key, fsid, stat = self._look(p)
+            if key is not None and stat == _stat(opened, fsid) and opened_ns - opened.st_ctime_ns > SETTLE_S * 1e9:
+                self.kept[key] = (stat, digest)
+                self._written()
+
+    def earlier(self, p: Path) -> str | None:
+        """The digest a run before kept for this path, where this run found the file changed since it was kept
+        (its bytes, or only its times: compare it with the file's digest now); None where none was kept, or the
+        file is as it was. Known once the file has been looked at (its digest asked for)."""
+        return self.before.get(os.fsencode(os.path.abspath(p)))
+
     def _look(self, p: Path) -> tuple[str | None, bytes | None, int, str]:
         """The digest kept for the file as it is now (None where none is), and its key, file system id and
         stat as kept (key None: none is kept for this file, whose digest is read at every run)."""
@@ -117,8 +136,10 @@ class Digests:
             if row is not None and row[0] == stat and row[2] != self.today:
                 self.used.add(key)
                 self._written()
-        if row is not None and row[0] == stat and _SHA256.fullmatch(row[1] if isinstance(row[1], str) else ""):
-            return row[1], key, fsid, stat
+        if row is not None and _SHA256.fullmatch(row[1] if isinstance(row[1], str) else ""):
+            if row[0] == stat:
+                return row[1], key, fsid, stat
+            self.before.setdefault(key, row[1])
         return None, key, fsid, stat
 
     def kind(self, dev: int) -> str | None:

@@ -1358,12 +1358,15 @@ def test_a_search_that_finds_nothing_while_files_are_queued_says_so(tiny_model):
     assert "no results: library 'x' has 3 files still to embed; search again once they are" in out.stderr, out.stderr
 
 
-def _commands_at(base: str, key: str, tiny_model) -> Callable[..., subprocess.CompletedProcess]:
-    """`clapq COMMAND ...` run against the API at `base` with `key`, its output captured, no terminal to ask at."""
+def _commands_at(base: str, key: str, tiny_model, library: str | None = None,
+                 cache: Path | None = None) -> Callable[..., subprocess.CompletedProcess]:
+    """`clapq COMMAND ...` run against the API at `base` with `key`, its output captured, no terminal to ask at;
+    with `--library library` where given, and its digests kept under `cache` (XDG_CACHE_HOME) where given."""
     def clapq(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "clapq.cli", *args, "--url", base, "--key", key],
-                              env=_env(tiny_model), capture_output=True, text=True, timeout=300,
-                              stdin=subprocess.DEVNULL)
+        return subprocess.run([sys.executable, "-m", "clapq.cli", *args, *(("--library", library) if library else ()),
+                               "--url", base, "--key", key],
+                              env=_env(tiny_model, **({"XDG_CACHE_HOME": str(cache)} if cache else {})),
+                              capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
 
     return clapq
 
@@ -3456,6 +3459,62 @@ def test_delete_gone_from_deletes_the_earlier_version_of_a_file_changed_in_place
                        ("same.wav", "done", True), ("source.wav", "done", True)]
     out = clapq("delete", "--gone-from", str(folder), "--yes")
     assert out.returncode == 0 and out.stdout.startswith("nothing to delete: every file"), out
+
+
+def test_an_upload_says_which_files_changed_in_place_and_that_their_earlier_versions_stay(start_api, new_key, worker,
+                                                                                         tmp_path, tiny_model):
+    """A mix re-exported over its file, uploaded again: its new bytes were sent as a new file and the item of its
+    earlier version stayed, so a search found both under one path with no way to tell which is current, and the
+    upload said only "uploading 1 file" (helper-120). It now names the files changed in place whose earlier version
+    the library still holds, and the command that deletes them, once: by the digest the run before kept for each
+    path (clapq.digests), asked about with the rest. A file replaced by a copy of another is one (nothing sent); a
+    file whose earlier bytes are elsewhere in the folder (renamed, then a new file at its name) is not, nor one
+    only touched. The first run, into a new library, asks nothing and read no digest, so its run again read every
+    file, and knew nothing of them before: it keeps the digests of the files it sends, hashed as they are sent."""
+    from clapq import digests
+
+    folder, cache = tmp_path / "My Sounds", tmp_path / "cache"
+    folder.mkdir()
+    names = ["mix.wav", "copied.wav", "source.wav", "old.wav", "touched.wav"]
+    for i, name in enumerate(names):
+        write(folder / name, 0.5, seed=150 + i)
+    time.sleep(2.1)  # written more than SETTLE_S before the first run reads them: their digests are kept
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    clapq = _commands_at(base, key, tiny_model, library="mixes", cache=cache)
+
+    def paths() -> list[str]:
+        lib = requests.get(f"{base}/v1/libraries", headers=h, timeout=30).json()["libraries"][0]["id"]
+        got = requests.get(f"{base}/v1/libraries/{lib}/items?limit=100", headers=h, timeout=30).json()["items"]
+        return sorted(i["metadata"]["path"] for i in got)
+
+    out = clapq("upload", str(folder))
+    assert out.returncode == 0 and json.loads(out.stdout)["changed"] == 0 and "changed in place" not in out.stderr, out
+    kept = digests.Digests(cache / "clapq" / "digests.sqlite3")
+    assert [kept.kept_digest(folder / n) for n in names] == [file_sha256(folder / n) for n in names]
+    kept.close()
+    write(folder / "mix.wav", 0.8, seed=160)  # the new mix
+    shutil.copyfile(folder / "source.wav", folder / "copied.wav")
+    (folder / "old.wav").rename(folder / "renamed.wav")
+    write(folder / "old.wav", 0.5, seed=161)
+    os.utime(folder / "touched.wav")
+    time.sleep(2.1)  # as a change made minutes before the run: the new digests are kept, and the change said once
+    out = clapq("upload", str(folder))
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert (summary["changed"], summary["renamed"], summary["skipped"]) == (2, 1, 4), out
+    assert "2 files changed in place since they were sent (other bytes at the same path: re-exported, replaced or " \
+        "fixed): the library still holds their earlier versions, which searches find under those paths too, until " \
+        f"`clapq delete --gone-from '{folder}' --library mixes` deletes them: copied.wav, mix.wav\n" in out.stderr, \
+        out.stderr
+    assert paths() == ["copied.wav", "mix.wav", "mix.wav", "old.wav", "renamed.wav", "source.wav", "touched.wav"]
+    out = clapq("upload", str(folder))  # said once, at the run that found the change
+    assert out.returncode == 0 and json.loads(out.stdout)["changed"] == 0 and "changed in place" not in out.stderr, out
+    out = clapq("delete", "--gone-from", str(folder), "--yes")
+    assert out.returncode == 0, out
+    assert sorted(line.split(" (")[0] for line in out.stdout.splitlines()) == ["deleted copied.wav",
+                                                                               "deleted mix.wav"], out.stdout
+    assert paths() == ["mix.wav", "old.wav", "renamed.wav", "source.wav", "touched.wav"]
 
 
 def test_a_file_that_failed_in_its_bytes_is_followed_when_renamed(start_api, new_key, worker, tmp_path, tiny_model):
