@@ -2050,14 +2050,14 @@ DELETIONS_PER_REQUEST = 1000  # item ids in one POST /v1/libraries/<id>/deletion
 MANY = 10  # files deleted past which a line at the end counts them
 
 
-def _delete_items(client: Client, lib: dict, items: list[dict]) -> list[dict]:
+def _delete_items(client: Client, lib: dict, items: list[dict], paths: list[str] | None = None) -> list[dict]:
     """Delete these items of the library (each a dict with its "id", as a listing gives them), a thousand
     a request (POST /deletions: a DELETE a file took 53 s for 500 files, helper-73), each deleted one said on
     stdout as before, `deleted NAME (ID)`, and past MANY files how many on stderr at the end. Returns those
     that named no item of the library (deleted meanwhile, another library's, unknown); where a request was sent
     again after its connection was lost, its ids found no more are returned marked "maybe_deleted": the first
     try may have deleted them, its answer lost. A server without /deletions (an older one) gets a GET and a
-    DELETE a file, as before."""
+    DELETE a file, as before. `paths` gets the path in its folder of each file deleted that has one."""
     missing, deleted, kept = [], 0, 0
     for start in range(0, len(items), DELETIONS_PER_REQUEST):
         part = items[start:start + DELETIONS_PER_REQUEST]
@@ -2075,7 +2075,7 @@ def _delete_items(client: Client, lib: dict, items: list[dict]) -> list[dict]:
         answer = patiently(post)
         if answer is None:  # an older server (or the library deleted meanwhile: each item is then gone too)
             for item in items[start:]:
-                got = _delete_item(client, lib, item)
+                got = _delete_item(client, lib, item, paths)
                 if got is None:
                     missing.append(item)
                 else:
@@ -2083,6 +2083,8 @@ def _delete_items(client: Client, lib: dict, items: list[dict]) -> list[dict]:
             break
         for f in answer["deleted"]["files"]:
             print(f"deleted {shown_name({'filename': f['filename'], 'metadata': {'path': f['path']}})} ({f['id']})")
+            if paths is not None and isinstance(f["path"], str):
+                paths.append(printable(f["path"]))
         deleted += answer["deleted"]["items"]
         kept += answer["deleted"]["items"] - answer["deleted"]["stored_files"]
         lost = set(answer["not_found"])
@@ -2094,7 +2096,7 @@ def _delete_items(client: Client, lib: dict, items: list[dict]) -> list[dict]:
     return missing
 
 
-def _delete_item(client: Client, lib: dict, item: dict) -> dict | None:
+def _delete_item(client: Client, lib: dict, item: dict, paths: list[str] | None = None) -> dict | None:
     """One item of the library deleted through DELETE /v1/items/<id> (a server without /deletions), said on
     stdout; its answer's `deleted`, or None where it is no item of the library (gone, or another's). An id
     alone is looked up first (a DELETE would take another library's item); a listing's item is not."""
@@ -2106,6 +2108,8 @@ def _delete_item(client: Client, lib: dict, item: dict) -> dict | None:
     if answer is None:
         return None
     print(f"deleted {shown_name(got)} ({got['id']})")
+    if paths is not None and isinstance((got.get("metadata") or {}).get("path"), str):
+        paths.append(printable(got["metadata"]["path"]))
     return answer["deleted"]
 
 
@@ -2127,7 +2131,8 @@ def delete(client: Client, library: str, items: list[str], yes: bool = False) ->
     # id names no item, and is not sent
     given = list(dict.fromkeys(_as_id(i) or i for i in items))
     missing = [i for i in given if _as_id(i) is None]
-    for item in _delete_items(client, lib, [{"id": i} for i in given if _as_id(i)]):
+    sent: list[str] = []  # the deleted files `clapq upload` sent from a folder (metadata.path)
+    for item in _delete_items(client, lib, [{"id": i} for i in given if _as_id(i)], sent):
         if item.get("maybe_deleted"):  # gone now, whichever: not an id to correct, so not a failure
             print(f"clapq: {item['id']} is no item of library {lib['name']!r} now: the connection was lost while "
                   "it was being deleted, and the try whose answer was lost may have deleted it (or it was not "
@@ -2144,6 +2149,12 @@ def delete(client: Client, library: str, items: list[str], yes: bool = False) ->
             elsewhere = f"; it is in library {other['name']!r}" if isinstance(other, dict) else ""
         print(f"clapq: no item {raw!r} in library {lib['name']!r} (give item ids as `clapq search` prints "
               f"them){elsewhere}", file=sys.stderr)
+    if sent:  # a take deleted as junk came back with the next nightly upload, with nothing said (helper-120)
+        it, one = ("it", True) if len(sent) == 1 else ("them", False)
+        print(f"{'1 file deleted was' if one else f'{len(sent)} files deleted were'} sent by `clapq upload` from a "
+              f"folder: the next upload of that folder sends {it} again where {'it is' if one else 'they are'} still "
+              f"there (delete or move {it} out of the folder too, to keep {it} out of the library): {_some(sent)}",
+              file=sys.stderr)
     return 1 if missing else 0
 
 

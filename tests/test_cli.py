@@ -3278,6 +3278,40 @@ def test_files_gone_from_the_folder_are_deleted_on_request_and_renamed_ones_kept
     assert out.returncode == 1 and "not both" in out.stderr, out.stderr
 
 
+def test_deleting_files_an_upload_sent_says_that_the_next_upload_sends_them_again(start_api, new_key, tmp_path,
+                                                                                  tiny_model):
+    """A take deleted as junk by its id (`clapq delete ID`), its file left in the folder: the next `clapq upload` of
+    the folder sent it again ("uploading 1 file"), and it was back in the library, with nothing said at either end
+    (helper-120). The deletion now says so of the files it deleted that `clapq upload` sent from a folder (their
+    metadata.path), naming them; not of a file sent otherwise (the API, without a path)."""
+    base, key = start_api(), new_key()
+    folder = tmp_path / "takes"
+    folder.mkdir()
+    for i in range(3):
+        write(folder / f"take {i}.wav", 0.5, seed=170 + i)
+    clapq = _commands_at(base, key, tiny_model, library="takes")
+    out = clapq("upload", str(folder), "--no-wait")
+    assert out.returncode == 0, out
+    h, lib = {"Authorization": f"Bearer {key}"}, json.loads(out.stdout)["library_id"]
+    posted = requests.post(f"{base}/v1/libraries/{lib}/batches", headers=h, timeout=30,
+                           files={"files": ("api.wav", write(tmp_path / "api.wav", 0.5, seed=175).read_bytes())})
+    assert posted.status_code == 202, posted.text
+    items = requests.get(f"{base}/v1/libraries/{lib}/items", headers=h, timeout=30).json()["items"]
+    ids = {(i["metadata"] or {}).get("path", i["filename"]): i["id"] for i in items}
+    out = clapq("delete", ids["take 1.wav"])
+    assert out.returncode == 0 and out.stdout == f"deleted take 1.wav ({ids['take 1.wav']})\n", out
+    assert out.stderr == "1 file deleted was sent by `clapq upload` from a folder: the next upload of that folder " \
+        "sends it again where it is still there (delete or move it out of the folder too, to keep it out of the " \
+        "library): take 1.wav\n", out.stderr
+    out = clapq("delete", ids["take 0.wav"], ids["api.wav"], ids["take 2.wav"])
+    assert out.returncode == 0 and out.stdout.count("deleted ") == 3, out
+    assert out.stderr.startswith("2 files deleted were sent by `clapq upload` from a folder: the next upload of that "
+                                 "folder sends them again where they are still there") and \
+        out.stderr.endswith(": take 0.wav, take 2.wav\n"), out.stderr
+    out = clapq("upload", str(folder), "--no-wait")  # what it said: they are back
+    assert out.returncode == 0 and "uploading 3 files" in out.stderr, out.stderr
+
+
 def test_thousands_of_files_gone_from_the_folder_are_deleted_a_thousand_a_request(start_api, new_key, settings,
                                                                                   tmp_path, tiny_model):
     """`clapq delete --gone-from` sent a DELETE a file: 500 files gone from a folder took 53 s (helper-73). It
