@@ -238,7 +238,8 @@ def upload_batch(lib_id: str):
     for raw, name, sha in zip(raw_names, names, shas):
         old = existing.get(sha)
         item_id = created[sha] if old is None else old.id
-        entry = {"id": str(item_id), "filename": name}
+        # its bytes' sha256: `clapq upload` keeps it for the file it sent, where it hashed each file as it sent it
+        entry = {"id": str(item_id), "filename": name, "sha256": sha}
         # what the item's metadata is now: this batch's for a new or retried file, if it sent any
         kept = rows[sha]["meta"] if old is None or (old.id in retried and rows[sha]["meta"]) else (old.meta or {})
         if sha in seen:  # the same bytes twice in this batch

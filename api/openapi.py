@@ -191,7 +191,8 @@ SPEC = {
                     "metadata": {"type": "string", "description": "JSON object: filename -> object (at most "
                                  "16 KiB of JSON a file)"}}}}}},
             "responses": {**_ok("accepted: the job, and each file's item", _obj(job_id=_ID, items=_list(_obj(
-                id=_ID, filename=_STR, status={"enum": ["queued", "running", "done", "failed", "cancelled"]},
+                id=_ID, filename=_STR, sha256={"type": "string", "description": "of the bytes received"},
+                status={"enum": ["queued", "running", "done", "failed", "cancelled"]},
                 duplicate_of={**_ID, "description": "the item holding the same bytes (this one)"},
                 retry_of={"type": "string", "description": "a failed or cancelled file sent again: its status "
                                                            "before"},

@@ -98,7 +98,9 @@ class Digests:
     def sent(self, p: Path, digest: str, opened: os.stat_result, opened_ns: int) -> None:
         """Keep the digest of a file read whole elsewhere (`clapq upload` sending it), as a read here would keep
         it: where the file is still as it was when it was opened (`opened`: its fstat then, at `opened_ns`), and
-        had settled by then."""
+        had settled by then. A `digest` that is not one (lowercase hex sha256) is not kept."""
+        if not _SHA256.fullmatch(digest):
+            return
         with contextlib.suppress(OSError):
             _, key, fsid, stat = self._look(p)
             if key is not None and stat == _stat(opened, fsid) and opened_ns - opened.st_ctime_ns > SETTLE_S * 1e9:

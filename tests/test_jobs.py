@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import io
 import json
 import re
@@ -94,10 +95,11 @@ def test_uploading_a_failed_file_again_retries_it_in_the_new_job(client, new_key
                          data={"files": [(io.BytesIO(p.read_bytes()), p.name) for p in (bad, good, bad)],
                                "metadata": json.dumps({"broken.wav": {"take": 2}})}).get_json()
     retried, dup, again = second["items"]
-    assert retried == {"id": bad_id, "filename": "broken.wav", "status": "queued", "retry_of": "failed"}
+    sha = hashlib.sha256(bad.read_bytes()).hexdigest()  # each file's, of the bytes received
+    assert retried == {"id": bad_id, "filename": "broken.wav", "sha256": sha, "status": "queued", "retry_of": "failed"}
     assert dup["duplicate_of"] == first["items"][1]["id"] and dup["status"] == "done"
     # the same bytes twice in one batch: one retry, then a duplicate of it
-    assert again == {"id": bad_id, "filename": "broken.wav", "status": "queued", "duplicate_of": bad_id}
+    assert again == {"id": bad_id, "filename": "broken.wav", "sha256": sha, "status": "queued", "duplicate_of": bad_id}
     job = wait_job(client, key, second["job_id"])
     assert job["status"] == "done_with_errors", job
     # both copies of the broken file failed: the retried one, and its copy in the same batch
