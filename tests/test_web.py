@@ -461,3 +461,42 @@ def test_words_or_a_sound_whichever_given_last_and_a_key_refused_midway(start_ap
     assert page.evaluate("localStorage.getItem('clapq.key')") is None
     assert page.locator("#search-form").is_hidden() and page.locator("#forget").is_hidden()
     page.close()
+
+
+
+def _sounds(start_api, new_key, browser, tmp_path):
+    """A page of a new key's, its library of one file searched: (page, status, key)."""
+    base, key = start_api(), new_key()
+    clip = write(tmp_path / "knock.wav", 1.0, freq=500.0, seed=3)
+    _library(base, {"Authorization": f"Bearer {key}"}, "sounds", [("knock.wav", clip.read_bytes())])
+    page = browser.new_page()
+    status = _searched(page, base, key, "sounds (1 file)", "a knock")
+    assert status.text_content().startswith("1 best for “a knock” in sounds"), status.text_content()
+    return page, status, key
+
+
+def test_a_key_pasted_is_not_sent_before_the_api_takes_it(start_api, new_key, worker, browser, tmp_path):
+    """A key pasted over the one in use was the page's from the moment "Use key" was clicked: a search (or a file
+    played) while the API was asked about it sent the pasted key, and where the API refused it, that 401 forgot the
+    key in use (README: a key pasted wrong leaves it in use). Until the API takes it, the key in use is sent."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    page, status, key = _sounds(start_api, new_key, browser, tmp_path)
+    held = []  # the API's answers about the key pasted, held while a search goes
+    for path in ("**/v1/libraries", "**/v1/limits"):
+        page.route(path, lambda route: held.append(route))
+    page.fill("#key", "cq_not-a-key")
+    page.click("text=Use key")
+    while len(held) < 2:
+        page.wait_for_timeout(100)
+    page.fill("#text", "metal")
+    page.click("#search-form button[type=submit]")
+    expect(status).to_have_text(re.compile("^1 best for “metal” in sounds"))
+    for route in held:
+        route.continue_()
+    expect(status).to_have_text("the API does not take the key pasted (unknown or revoked): the one in use stays")
+    assert page.evaluate("localStorage.getItem('clapq.key')") == key
+    assert page.locator("#search-form").is_visible() and page.locator("#forget").is_visible()
+    page.close()
+

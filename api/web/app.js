@@ -50,25 +50,26 @@ async function answer(r) {
   throw new Error(message);
 }
 
-// a request with the key, answered (`answer`) or said as the API not answering
-async function send(path, init) {
+// a request with the key in use (or `as`, a key pasted and not taken yet), answered (`answer`) or said as the API
+// not answering
+async function send(path, init, as = key) {
   let r;
   try {
-    r = await fetch(at(path), { ...init, headers: { Authorization: `Bearer ${key}`, ...(init.headers || {}) } });
+    r = await fetch(at(path), { ...init, headers: { Authorization: `Bearer ${as}`, ...(init.headers || {}) } });
   } catch (e) {
     throw new Error(`the API did not answer (${e.message}): is clapq still running?`);
   }
   return answer(r);
 }
 
-async function call(method, path, body) {
+async function call(method, path, body, as = key) {
   const headers = {};
   let payload = body;
   if (body !== undefined && !(body instanceof FormData)) {
     headers["Content-Type"] = "application/json";
     payload = JSON.stringify(body);
   }
-  return (await send(path, { method, headers, body: payload })).json();
+  return (await send(path, { method, headers, body: payload }, as)).json();
 }
 
 function files(n) {
@@ -95,19 +96,20 @@ function cleared() {
 }
 
 async function useKey(given) {
-  const before = key;
-  key = given;
   let listed, limits;
   try {
-    [listed, limits] = await Promise.all([call("GET", "/v1/libraries"), call("GET", "/v1/limits")]);
+    // the key in use until the API takes this one: a search or a file played meanwhile sent the key pasted, and
+    // where that was refused, its 401 forgot the key in use
+    [listed, limits] = await Promise.all([call("GET", "/v1/libraries", undefined, given),
+                                          call("GET", "/v1/limits", undefined, given)]);
   } catch (error) {
-    if (!before) throw error;
+    if (!key) throw error;
     // a key pasted over one in use and not taken: that one goes on, where the page sent the new one from then on
-    key = before;
     if (error.status === 401) throw new Error("the API does not take the key pasted (unknown or revoked): the one "
                                               + "in use stays");
     throw error;
   }
+  key = given;
   localStorage.setItem(KEY, key);
   $("key").value = "";
   $("key").placeholder = `${key.slice(0, 10)}…`;
