@@ -500,3 +500,31 @@ def test_a_key_pasted_is_not_sent_before_the_api_takes_it(start_api, new_key, wo
     assert page.locator("#search-form").is_visible() and page.locator("#forget").is_visible()
     page.close()
 
+
+def test_a_key_forgotten_midway_takes_the_answers_on_their_way_away(start_api, new_key, worker, browser, tmp_path):
+    """"Forget key" while a search's answer and a file's link were on their way: the answers came after, the search's
+    filled the table of the key forgotten (and, the page asking for the library's counts with no key, the status said
+    in red that the API refused the key), and the link played its file. Neither is shown now, nor played."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    page, status, _ = _sounds(start_api, new_key, browser, tmp_path)
+    rows = page.locator("#results tbody tr")
+    expect(rows).to_have_count(1)
+    held = []
+    page.route("**/audio-link", lambda route: held.append(route))
+    page.route("**/v1/search", lambda route: held.append(route))
+    page.locator("#results").get_by_role("button", name="Play").click()
+    page.click("#search-form button[type=submit]")
+    while len(held) < 2:
+        page.wait_for_timeout(100)
+    page.click("#forget")
+    expect(status).to_have_text("key forgotten")
+    for route in held:
+        with page.expect_response(route.request.url):
+            route.continue_()
+    page.wait_for_timeout(1000)  # the answers read, and the library's counts asked for, where the search went on
+    assert status.text_content() == "key forgotten" and status.get_attribute("class") == "", status.text_content()
+    assert rows.count() == 0 and page.locator("#results").is_hidden() and page.locator("#player").is_hidden()
+    assert page.eval_on_selector("#player", "p => p.getAttribute('src')") is None
+    page.close()

@@ -16,14 +16,18 @@ function say(text, error = false) {
   status.className = error ? "error" : "";
 }
 
-// the page without a key: asked for one, nothing of the last key's left on it (its results, its file playing)
+// the page without a key: asked for one, nothing of the last key's left on it (its results, its file playing), nor
+// to come (a search's answer or a file's link on its way filled the table or played after, and the search's next
+// request, sent with no key, said in red that the API refused it)
 function forget() {
   localStorage.removeItem(KEY);
   key = "";
   $("key").placeholder = "cq_...";
   $("forget").hidden = true;
   $("search-form").hidden = true;
-  $("results").hidden = true;
+  cleared();
+  asked = null;
+  playing = null;
   $("player").pause();
   $("player").hidden = true;
 }
