@@ -528,3 +528,28 @@ def test_a_key_forgotten_midway_takes_the_answers_on_their_way_away(start_api, n
     assert rows.count() == 0 and page.locator("#results").is_hidden() and page.locator("#player").is_hidden()
     assert page.eval_on_selector("#player", "p => p.getAttribute('src')") is None
     page.close()
+
+
+def test_a_key_revoked_while_a_file_plays_is_forgotten(start_api, new_key, worker, browser, settings, tmp_path):
+    """The key revoked while a file played: its link refused, the page asked for another, and that 401 was said (in
+    red, "paste the one `clapq up` ... printed") with the key left in the browser's storage and sent on, where README
+    has every 401 forget it, as the page opens or later. It is forgotten, as a search refused is."""
+    from playwright.sync_api import expect
+
+    from clapq.keys import revoke_key
+
+    expect.set_options(timeout=90_000)
+    page, status, key = _sounds(start_api, new_key, browser, tmp_path)
+    page.locator("#results").get_by_role("button", name="Play").click()
+    _loaded(page)
+    with session_scope(settings.database_url) as s:
+        revoke_key(s, key)
+    # the file read again, as a player does past its hour or in a long file (routed: not from the browser's cache),
+    # its link refused with the key, and a new one asked for
+    page.route("**/audio?*", lambda route: route.continue_())
+    page.eval_on_selector("#player", "p => p.load()")
+    expect(status).to_have_class("error")
+    assert status.text_content().startswith("knock.wav: the API does not take this key"), status.text_content()
+    assert page.evaluate("localStorage.getItem('clapq.key')") is None
+    assert page.locator("#search-form").is_hidden() and page.locator("#player").is_hidden()
+    page.close()

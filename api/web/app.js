@@ -272,7 +272,10 @@ async function unplayable() {
       const src = await link(now.itemId);
       if (playing === now) player.src = src;
     } catch (e) {
-      if (playing === now) say(`${now.name}: ${e.message}`, true);
+      if (playing !== now) return;
+      // the key revoked meanwhile: forgotten, as any 401 of the page's (it was said, and sent on)
+      if (e.status === 401) forget();
+      say(`${now.name}: ${e.message}`, true);
     }
     return;
   }
