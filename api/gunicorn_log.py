@@ -29,9 +29,10 @@ class HiddenLinkLogger(Logger):
     def setup(self, cfg) -> None:
         super().setup(cfg)
         self.json = logs.log_format() == "json"
-        if self.json:
+        if self.json:  # gunicorn's own handlers: those of an operator's log config keep their format
             for handler in self.error_log.handlers + self.access_log.handlers:
-                handler.setFormatter(logs.JsonFormatter())
+                if getattr(handler, "_gunicorn", False):
+                    handler.setFormatter(logs.JsonFormatter())
 
     def atoms(self, resp, req, environ, request_time) -> dict:
         atoms = super().atoms(resp, req, environ, request_time)
