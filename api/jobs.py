@@ -129,14 +129,24 @@ def _job_waiting(job: Job, counts: dict, unsent: int, oldest_queued, last_end, n
 
     # workers busy with other files (where none is, its files are not behind any: a message on its way, or one
     # lost, which the maintenance loop sends again), and files queued before its own waiting for them (by when they
-    # were queued, updated_at)
+    # were queued, updated_at), or none: its own are the first queued, and wait for the files the workers took
+    # before them. A long recording holds its worker until it is embedded whole (minutes on a CPU), and a few
+    # clips uploaded behind it stood queued at 0% with no reason, "no progress for 2 min", where the service knew
     if counts["queued"] and not counts["running"] and oldest_queued is not None and now is not None and (
             now - max(filter(None, (last_end, oldest_queued)))).total_seconds() >= BEHIND_AFTER_S:
         running, first = _ahead(model_id)
-        if running - {job.id} and first is not None and first[0] != job.id and first[1] < oldest_queued:
-            return ("none of its files is being embedded: the workers are on files queued before them (the "
-                    "queue's order: README, Operations)")
+        if running - {job.id} and first is not None:
+            if first[0] != job.id and first[1] < oldest_queued:
+                return ("none of its files is being embedded: the workers are on files queued before them (the "
+                        "queue's order: README, Operations)")
+            if first[0] == job.id:
+                return BEHIND_RUNNING
     return None
+
+
+BEHIND_RUNNING = ("none of its files is being embedded: the workers are still on files of other jobs, taken before "
+                  "its own (one long recording keeps a worker until it is embedded whole; the queue's order: README, "
+                  "Operations)")
 
 
 def _ahead(model_id: int) -> tuple[set, tuple | None]:

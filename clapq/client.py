@@ -1517,7 +1517,10 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
 
     def progress(done: int, total: int, share: float) -> None:
         now = time.monotonic()
-        first[:] = first or [now, share]  # the pace is measured from the first look
+        # the pace is measured from the first look, or from the last while the files waited (behind another job's
+        # long recording, for a worker): files that took a second after 2 minutes behind one were "about 7 min left"
+        if not first or waiting[0]:
+            first[:] = [now, share]
         if share != moved[1]:
             moved[:] = [now, share]
         left = time_left(now - first[0], share - first[1], 1.0 - share, now - moved[0])

@@ -4258,6 +4258,48 @@ def test_an_upload_no_worker_can_embed_says_why_it_waits(start_api, new_key, env
     assert out.count("\r0/2 files processed (0%); waiting (see above)\x1b[K") >= 3, out
 
 
+def test_the_time_left_after_a_wait_is_at_the_pace_since_the_files_moved(tiny_model):
+    """Clips queued behind another job's long recording: `clapq upload` (and `clapq jobs wait`) measured its pace
+    from its first look, the wait behind the recording included, and once the clips moved said "1/4 files
+    processed (19%, about 7 min left)" of files that took a second more. The pace is measured from the last look
+    at which the job was waiting. A stand-in API: waiting for 10 s, then 30%, at 20 s 60% (about 7 s left at the
+    pace since the wait; 13 s at the pace since the start), then done."""
+    lib, model = "0b1c2d3e-1111-2222-3333-444455556666", {"id": 1, "name": "m", "weights_sha256": "x", "dim": 512}
+    job, start = "9a8b7c6d-1111-2222-3333-444455556666", time.monotonic()
+
+    def state() -> dict:
+        t = time.monotonic() - start
+        status, share = ("queued", 0.0) if t < 10 else ("running", 0.3) if t < 20 else ("running", 0.6) \
+            if t < 22 else ("done", 1.0)
+        counts = {"queued": 4 if t < 10 else 0, "running": 4 if 10 <= t < 22 else 0, "done": 4 if t >= 22 else 0,
+                  "failed": 0, "cancelled": 0, "total": 4, "duplicates": 0}
+        return {"id": job, "library_id": lib, "status": status, "counts": counts, "progress": share, "eta_s": None,
+                "waiting": "behind a long recording" if t < 10 else None, "errors": [], "warnings": [],
+                "created_at": "2026-12-07T12:00:00+00:00", "finished_at": None}
+
+    def answer(method, path):
+        if path.startswith(f"/v1/jobs/{job}/items"):
+            return 200, {"items": [], "next_cursor": None}, {}
+        if path.startswith(f"/v1/jobs/{job}"):
+            return 200, state(), {}
+        if path.startswith(f"/v1/libraries/{lib}"):
+            return 200, {"id": lib, "name": "clips", "item_count": 4, "model": model}, {}
+        if path.startswith("/v1/limits"):
+            return 200, {"model": model}, {}
+        return 404, {"error": {"code": "not_found", "message": "not found", "status": 404}}, {}
+
+    with fake_api(answer) as url:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "jobs", "wait", job, "--url", url, "--key", "cq_x"],
+                             env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    lines = out.stderr.splitlines()
+    assert out.returncode == 0 and "0/4 files processed (0%); waiting: behind a long recording" in lines, out
+    # at 30%, a second after the wait: no pace yet (it said "about 23 s left", at the pace since the first look)
+    assert "0/4 files processed (30%)" in lines, lines
+    sixty = r"0/4 files processed \(60%, about (\d+) s left\)"
+    left = [int(m[1]) for line in lines if (m := re.fullmatch(sixty, line))]
+    assert len(left) == 1 and left[0] <= 10, lines
+
+
 def test_a_reason_to_wait_that_counts_its_seconds_is_not_written_at_every_poll(start_api, new_key, settings,
                                                                               serving_worker, tiny_model):
     """A worker killed mid-job: its job waits for the maintenance loop, saying its running files have not been

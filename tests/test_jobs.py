@@ -877,6 +877,58 @@ def _behind_others_or_unsent(client, settings, celery, key, backlog_lib, lib) ->
     assert client.get(f"/v1/jobs/{unsent}", headers=auth(key)).get_json()["waiting"] is None
 
 
+def test_a_job_queued_behind_a_long_recording_being_embedded_says_so(client, new_key, settings, app):
+    """A few clips uploaded while the worker embeds another job's long recording, queued before them and now the
+    only file running (minutes on a CPU: 2 min for 3 hours with the tiny model at a batch of one): the clips' job
+    stood `queued` at 0%, its `waiting` null and its ETA null, and `clapq upload` said "no progress for 2 min"
+    with no reason, as if something hung. Behind only files being embedded (none queued before its own) it says
+    so, as behind queued ones; once the recording is embedded, its files are next, not behind any. (A model of
+    the test's own, which this process says it serves as a worker does: no other test's files are of it.)"""
+    from sqlalchemy import text
+
+    from api.jobs import BEHIND_RUNNING
+    from clapq.db import session_scope
+    from clapq.presence import serve, unserve
+
+    celery = app.extensions["clapq_celery"]
+    key = new_key()
+    lib = client.post("/v1/libraries", json={"name": "sets and clips"}, headers=auth(key)).get_json()
+    with session_scope(settings.database_url) as s:
+        model = s.execute(text("INSERT INTO models (name, weights_sha256, dim) VALUES ('own', :w, 512) RETURNING id"),
+                          {"w": uuid.uuid4().hex * 2}).scalar()
+        s.execute(text("UPDATE libraries SET model_id = :m WHERE id = :l"), {"m": model, "l": lib["id"]})
+    serve(celery, model)
+    try:
+        long_job, long_ids = job_rows(settings, lib["id"], [("set", 600_000_000, "running")], job_age_s=60)
+        clips, _ = job_rows(settings, lib["id"], [(f"clip{i}", 1_000_000, "queued") for i in range(3)])
+        got = client.get(f"/v1/jobs/{clips}", headers=auth(key)).get_json()
+        assert got["waiting"] is None, got  # just queued: the worker may take them at any moment
+        with session_scope(settings.database_url) as s:  # queued 40 s ago; the recording's heartbeat is fresh
+            s.execute(text("UPDATE items SET updated_at = now() - interval '40 seconds' WHERE job_id = :j"),
+                      {"j": clips})
+        listed = client.get("/v1/jobs", headers=auth(key)).get_json()["jobs"]
+        for got in (client.get(f"/v1/jobs/{clips}", headers=auth(key)).get_json(),
+                    next(j for j in listed if j["id"] == str(clips))):
+            assert got["status"] == "queued" and got["eta_s"] is None and got["waiting"] == BEHIND_RUNNING, got
+        # the recording's own job is moving, not waiting
+        assert client.get(f"/v1/jobs/{long_job}", headers=auth(key)).get_json()["waiting"] is None
+        # a job queued after the clips is behind them, queued before its own
+        later, _ = job_rows(settings, lib["id"], [("later", 1_000_000, "queued")])
+        with session_scope(settings.database_url) as s:
+            s.execute(text("UPDATE items SET updated_at = now() - interval '35 seconds' WHERE job_id = :j"),
+                      {"j": later})
+        assert client.get(f"/v1/jobs/{later}", headers=auth(key)).get_json()["waiting"] == (
+            "none of its files is being embedded: the workers are on files queued before them (the queue's order: "
+            "README, Operations)")
+        # the recording embedded: the clips are next (a worker takes them now), not behind any
+        with session_scope(settings.database_url) as s:
+            s.execute(text("UPDATE items SET status = 'done', finished_at = now() - interval '35 seconds' "
+                           "WHERE id = :i"), {"i": long_ids["set"]})
+        assert client.get(f"/v1/jobs/{clips}", headers=auth(key)).get_json()["waiting"] is None
+    finally:
+        unserve(celery)
+
+
 def test_a_job_whose_files_were_deleted_keeps_when_it_finished(client, new_key, settings):
     """A job all of whose files were deleted was listed `done` 0/0/0 with `finished_at` null, as if it had never
     ended: its finish time was its files', which went with them. Now a job finished when its last file ended, deleted
