@@ -562,6 +562,63 @@ def _hand_back_running(url: str, whose: str = "left running when clapq last stop
               file=sys.stderr, flush=True)
 
 
+def _being_embedded(heartbeat_s: int) -> tuple:
+    """The running files of the embedded database whose worker was heard from lately (three heartbeats): those
+    its live worker is on. One whose worker died before (killed for memory on it) is not among them."""
+    from sqlalchemy import func
+
+    from clapq.models import Item
+
+    return (Item.status == "running",
+            Item.updated_at >= func.now() - func.make_interval(0, 0, 0, 0, 0, 0, 3 * heartbeat_s))
+
+
+def _stopping_worker(url: str, heartbeat_s: int, grace: float) -> None:
+    """As `clapq up` stops a worker that is embedding files, say what it waits for: the worker ends its task first
+    (a long recording's, past the grace), where `up` said nothing for those 30 s."""
+    from sqlalchemy import func, select
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from clapq.db import session_scope
+    from clapq.models import Item
+
+    try:
+        with session_scope(url) as s:
+            n = s.scalar(select(func.count()).select_from(Item).where(*_being_embedded(heartbeat_s)))
+    except SQLAlchemyError:  # Postgres away: nothing to say of them
+        return
+    if n:
+        print(f"clapq: stopping: the worker ends the task it is on first (up to {grace:.0f} s); a file it has not "
+              "finished by then (a long recording) is embedded again from its start when clapq next starts",
+              file=sys.stderr, flush=True)
+
+
+def _hand_back_stopped(url: str, heartbeat_s: int) -> None:
+    """The files `clapq up`'s worker was still embedding when `up` stopped it, as it was told to stop (Ctrl-C,
+    SIGTERM, its terminal closed): a try the stop cut short, not the file's, is given back (attempts), and they are
+    dated back for the next start's first pass. Each stop counted a try, and a 3-hour recording being embedded
+    across three restarts failed for good, "gave up after 3 attempts; last error: worker lost" (its embedding
+    takes minutes on a CPU, past the stop's grace). A file whose worker died on it before the stop (killed for
+    memory) keeps its try: its worker was not heard from lately, or `up` dated it back as it started another."""
+    from sqlalchemy import func, update
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from clapq.db import session_scope
+    from clapq.models import Item
+
+    try:
+        with session_scope(url) as s:
+            n = s.execute(update(Item).where(*_being_embedded(heartbeat_s)).values(
+                attempts=func.greatest(Item.attempts - 1, 0),
+                updated_at=datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc))).rowcount
+    except SQLAlchemyError:  # Postgres away: the next start hands them back, their tries counted
+        return
+    if n:
+        print(f"clapq: {n} file{'s' if n != 1 else ''} the worker was embedding go{'es' if n == 1 else ''} back to "
+              "the queue, to be embedded again from the start when clapq next starts (a try its stop cut short is not "
+              "counted against CLAPQ_MAX_ATTEMPTS)", file=sys.stderr, flush=True)
+
+
 def _hand_back_after_worker(url: str) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -737,6 +794,7 @@ def cmd_up(args) -> None:
     if not new:
         _port_free(args.host, args.port)
     stack: list = [lock.close]  # released last, when everything else has stopped
+    db_url = None
     procs: list[subprocess.Popen] = []
     stopping = {"flag": False}
 
@@ -852,8 +910,16 @@ def cmd_up(args) -> None:
         print(f"clapq: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
-        # the worker finishes its task first: about a batch, plus claiming later files (on a GPU, at auto)
-        _terminate(list(reversed(procs)), grace=20.0 + claim_window_s(settings.claim_for_s, "cuda"))
+        # the worker finishes its task first: about a batch, plus claiming later files (on a GPU, at auto); a long
+        # file's task, its whole length. Told to stop (not stopping for a role that keeps ending, whose files count)
+        grace = 20.0 + claim_window_s(settings.claim_for_s, "cuda")
+        ours = stopping["flag"] and db_url is not None and not settings.database_url and any(
+            p.args[-1] == "worker" and p.poll() is None for p in procs)
+        if ours:
+            _stopping_worker(db_url, settings.heartbeat_s, grace)
+        _terminate(list(reversed(procs)), grace=grace)
+        if ours:
+            _hand_back_stopped(db_url, settings.heartbeat_s)
         for stop in reversed(stack):
             stop()
         print("clapq stopped", file=sys.stderr)

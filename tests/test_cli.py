@@ -883,6 +883,47 @@ def test_files_left_running_by_the_last_up_are_queued_again_at_start(tmp_path, t
     assert _wait_job(base2, h, r["job_id"], timeout=300)["status"] == "done"
 
 
+def test_a_long_file_up_is_stopped_on_keeps_its_tries(tmp_path, tiny_model, up_runner):
+    """`clapq up` stopped (Ctrl-C) while its worker embeds a long recording, past the stop's grace: the file is
+    embedded again from its start at the next start, and that try was counted, so a 3-hour FLAC being embedded
+    across three restarts failed for good, "gave up after 3 attempts; last error: worker lost" (found by hand:
+    CLAPQ_BATCH_SIZE=1, stopped at 5-8% each time). The stop now gives that try back, and says what it waits for
+    and what becomes of the file. (Four hours, the longest a file may be, at a batch of one: 35 to 90 s of the
+    tiny model on 2 cores, past the 20 s grace.)"""
+    from tests.audio import long_silence
+
+    data_dir = tmp_path / "data"
+    env = dict(CLAPQ_STALE_AFTER_S="3600", CLAPQ_BATCH_SIZE="1", CLAPQ_LANES="1", CLAPQ_CLAIM_FOR_S="0")
+    up = up_runner(data_dir, **env)
+    key = up.wait_ready()
+    base, h = f"http://127.0.0.1:{up.port}", {"Authorization": f"Bearer {key}"}
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "sets"}, headers=h, timeout=30).json()
+    f = long_silence(tmp_path / "set.flac", 240, rate=8_000)
+    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=120,
+                      files=[("files", (f.name, f.read_bytes(), "audio/flac"))]).json()
+    item, deadline = r["items"][0]["id"], time.monotonic() + 120
+    while not (got := requests.get(f"{base}/v1/items/{item}", headers=h, timeout=10).json())["progress"]:
+        assert time.monotonic() < deadline and got["status"] in ("queued", "running"), got
+        time.sleep(0.2)
+    assert got["attempts"] == 1, got
+    assert up.stop() == 0
+    log = up.log.read_text()
+    assert "clapq: stopping: the worker ends the task it is on first (up to 20 s); a file it has not finished by " \
+           "then (a long recording) is embedded again from its start when clapq next starts" in log, log[-3000:]
+    assert "clapq: 1 file the worker was embedding goes back to the queue, to be embedded again from the start " \
+           "when clapq next starts (a try its stop cut short is not counted against CLAPQ_MAX_ATTEMPTS)" in log, \
+           log[-3000:]
+    up2 = up_runner(data_dir, **env)
+    up2.wait_ready()
+    base2, deadline = f"http://127.0.0.1:{up2.port}", time.monotonic() + 120
+    assert "clapq: 1 file left running when clapq last stopped goes back to the queue" in up2.log.read_text()
+    while not (got := requests.get(f"{base2}/v1/items/{item}", headers=h, timeout=10).json())["progress"]:
+        assert time.monotonic() < deadline and got["status"] in ("queued", "running"), got
+        time.sleep(0.2)
+    assert got["attempts"] == 1, got  # this try alone: the one the stop cut short was given back (it was 2)
+    requests.post(f"{base2}/v1/jobs/{r['job_id']}/cancel", headers=h, timeout=30)  # so that up2 stops at once
+
+
 def test_files_of_a_worker_that_ended_are_queued_again_at_once(tmp_path, tiny_model, up_runner):
     """The worker of a running `clapq up` killed while it embeds a file: `up` started another, and the file
     stayed `running` until CLAPQ_STALE_AFTER_S passed (2 minutes by default, the job's ETA growing meanwhile;
