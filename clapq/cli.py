@@ -544,21 +544,28 @@ def cmd_keys_revoke(args) -> None:
     _with_keys(args, revoke)
 
 
-def _hand_back_running(url: str, whose: str = "left running when clapq last stopped") -> None:
+def _hand_back_running(url: str, whose: str = "left running when clapq last stopped", heartbeat_s: int | None = None,
+                       then: str = "") -> None:
     """Files the last `clapq up` left running (stopped or killed before its worker finished them) are
     stranded: no worker of this data directory runs yet. Dated back, they are what the maintenance loop's
     first pass, as beat starts, queues again (one a task, as a lost worker's are), where they waited
-    CLAPQ_STALE_AFTER_S with the new worker idle. So are those of a worker of this `up` that ended."""
-    from sqlalchemy import update
+    CLAPQ_STALE_AFTER_S with the new worker idle. So are those of a worker of this `up` that ended.
+    With `heartbeat_s`, those alone its live worker was on (_being_embedded), each given back the try `up`'s own
+    stop cut short (_hand_back_stopped). `then` follows the line that says how many."""
+    from sqlalchemy import func, update
 
     from clapq.db import session_scope
     from clapq.models import Item
 
+    which = [Item.status == "running"]
+    values = {"updated_at": datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)}
+    if heartbeat_s is not None:
+        which = _being_embedded(heartbeat_s)
+        values["attempts"] = func.greatest(Item.attempts - 1, 0)
     with session_scope(url) as s:
-        n = s.execute(update(Item).where(Item.status == "running")
-                      .values(updated_at=datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc))).rowcount
+        n = s.execute(update(Item).where(*which).values(**values)).rowcount
     if n:
-        print(f"clapq: {n} file{'s' if n != 1 else ''} {whose} go{'es' if n == 1 else ''} back to the queue",
+        print(f"clapq: {n} file{'s' if n != 1 else ''} {whose} go{'es' if n == 1 else ''} back to the queue{then}",
               file=sys.stderr, flush=True)
 
 
@@ -600,23 +607,14 @@ def _hand_back_stopped(url: str, heartbeat_s: int) -> None:
     across three restarts failed for good, "gave up after 3 attempts; last error: worker lost" (its embedding
     takes minutes on a CPU, past the stop's grace). A file whose worker died on it before the stop (killed for
     memory) keeps its try: its worker was not heard from lately, or `up` dated it back as it started another."""
-    from sqlalchemy import func, update
     from sqlalchemy.exc import SQLAlchemyError
 
-    from clapq.db import session_scope
-    from clapq.models import Item
-
     try:
-        with session_scope(url) as s:
-            n = s.execute(update(Item).where(*_being_embedded(heartbeat_s)).values(
-                attempts=func.greatest(Item.attempts - 1, 0),
-                updated_at=datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc))).rowcount
+        _hand_back_running(url, "the worker was embedding", heartbeat_s,
+                           then=", to be embedded again from the start when clapq next starts (a try its stop cut "
+                                "short is not counted against CLAPQ_MAX_ATTEMPTS)")
     except SQLAlchemyError:  # Postgres away: the next start hands them back, their tries counted
-        return
-    if n:
-        print(f"clapq: {n} file{'s' if n != 1 else ''} the worker was embedding go{'es' if n == 1 else ''} back to "
-              "the queue, to be embedded again from the start when clapq next starts (a try its stop cut short is not "
-              "counted against CLAPQ_MAX_ATTEMPTS)", file=sys.stderr, flush=True)
+        pass
 
 
 def _hand_back_after_worker(url: str) -> None:
