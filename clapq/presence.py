@@ -123,10 +123,15 @@ BEAT_KEY = "clapq:beat"
 BEAT_FAILING_KEY = "clapq:beat-failing"
 
 
+def _beat_ttl(interval_s: float) -> int:
+    """How long a pass's mark (done or failed) stands: three intervals and half a minute more."""
+    return int(3 * interval_s + 30)
+
+
 def beat_done(app, interval_s: float) -> None:
     """Said by the maintenance loop after a pass: alive for three intervals (and half a minute more)."""
     pipe = redis_client(app).pipeline(transaction=False)
-    pipe.set(BEAT_KEY, str(time.time()), ex=int(3 * interval_s + 30))
+    pipe.set(BEAT_KEY, str(time.time()), ex=_beat_ttl(interval_s))
     pipe.delete(BEAT_FAILING_KEY)
     pipe.execute()
 
@@ -135,7 +140,7 @@ def beat_failed(app, interval_s: float, why: str) -> None:
     """Said by the maintenance loop after a pass that failed (`why`, in words that name no server): when its passes
     began to fail (Redis's clock), kept as long as beat_done's mark would be."""
     client = redis_client(app)
-    ttl = int(3 * interval_s + 30)
+    ttl = _beat_ttl(interval_s)
     pipe = client.pipeline(transaction=False)
     pipe.set(BEAT_FAILING_KEY, json.dumps({"since": _now(client), "why": why}), nx=True, ex=ttl)
     pipe.expire(BEAT_FAILING_KEY, ttl)
