@@ -273,9 +273,9 @@ async function unplayable() {
       if (playing === now) player.src = src;
     } catch (e) {
       if (playing !== now) return;
-      // the key revoked meanwhile: forgotten, as any 401 of the page's (it was said, and sent on)
-      if (e.status === 401) forget();
-      say(`${now.name}: ${e.message}`, true);
+      // said by failed(), which forgets a key the API refuses (revoked meanwhile), as any 401 of the page's
+      e.message = `${now.name}: ${e.message}`;
+      failed(e);
     }
     return;
   }
