@@ -581,8 +581,9 @@ def _being_embedded(heartbeat_s: int) -> tuple:
 
 
 def _stopping_worker(url: str, heartbeat_s: int, grace: float) -> None:
-    """As `clapq up` stops a worker that is embedding files, say what it waits for: the worker ends its task first
-    (a long recording's, past the grace), where `up` said nothing for those 30 s."""
+    """As `clapq up` stops a worker that is embedding files, say what it waits for and what becomes of them: the
+    worker's task writes what it finished and hands back the rest within seconds (worker.stopping), where `up`
+    said nothing for the 30 s a long recording's task ran on past."""
     from sqlalchemy import func, select
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -595,8 +596,8 @@ def _stopping_worker(url: str, heartbeat_s: int, grace: float) -> None:
     except SQLAlchemyError:  # Postgres away: nothing to say of them
         return
     if n:
-        print(f"clapq: stopping: the worker ends the task it is on first (up to {grace:.0f} s); a file it has not "
-              "finished by then (a long recording) is embedded again from its start when clapq next starts",
+        print(f"clapq: stopping: the worker stops within seconds (up to {grace:.0f} s), keeping the files it "
+              "finished; one it has not (a long recording) is embedded again from its start when clapq next starts",
               file=sys.stderr, flush=True)
 
 
@@ -908,8 +909,10 @@ def cmd_up(args) -> None:
         print(f"clapq: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     finally:
-        # the worker finishes its task first: about a batch, plus claiming later files (on a GPU, at auto); a long
-        # file's task, its whole length. Told to stop (not stopping for a role that keeps ending, whose files count)
+        # the worker's task writes what it finished and hands back the rest within seconds (worker.stopping); the
+        # grace is for a batch in flight, and claiming later files (on a GPU, at auto). A worker still on a file past
+        # it is killed, and that try given back below. Told to stop (not stopping for a role that keeps ending, whose
+        # files count)
         grace = 20.0 + claim_window_s(settings.claim_for_s, "cuda")
         ours = stopping["flag"] and db_url is not None and not settings.database_url and any(
             p.args[-1] == "worker" and p.poll() is None for p in procs)

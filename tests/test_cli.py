@@ -887,9 +887,10 @@ def test_a_long_file_up_is_stopped_on_keeps_its_tries(tmp_path, tiny_model, up_r
     """`clapq up` stopped (Ctrl-C) while its worker embeds a long recording, past the stop's grace: the file is
     embedded again from its start at the next start, and that try was counted, so a 3-hour FLAC being embedded
     across three restarts failed for good, "gave up after 3 attempts; last error: worker lost" (found by hand:
-    CLAPQ_BATCH_SIZE=1, stopped at 5-8% each time). The stop now gives that try back, and says what it waits for
-    and what becomes of the file. (Four hours, the longest a file may be, at a batch of one: 35 to 90 s of the
-    tiny model on 2 cores, past the 20 s grace.)"""
+    CLAPQ_BATCH_SIZE=1, stopped at 5-8% each time). `up` then gave that try back after it killed the worker; now
+    the worker's task hands the file back itself within seconds (worker.stopping), that try not counted, and `up`
+    says what it waits for and what becomes of the file. (Four hours, the longest a file may be, at a batch of
+    one: 35 to 90 s of the tiny model on 2 cores, past the 20 s grace.)"""
     from tests.audio import long_silence
 
     data_dir = tmp_path / "data"
@@ -908,15 +909,16 @@ def test_a_long_file_up_is_stopped_on_keeps_its_tries(tmp_path, tiny_model, up_r
     assert got["attempts"] == 1, got
     assert up.stop() == 0
     log = up.log.read_text()
-    assert "clapq: stopping: the worker ends the task it is on first (up to 20 s); a file it has not finished by " \
-           "then (a long recording) is embedded again from its start when clapq next starts" in log, log[-3000:]
-    assert "clapq: 1 file the worker was embedding goes back to the queue, to be embedded again from the start " \
-           "when clapq next starts (a try its stop cut short is not counted against CLAPQ_MAX_ATTEMPTS)" in log, \
-           log[-3000:]
+    assert "clapq: stopping: the worker stops within seconds (up to 20 s), keeping the files it finished; one it " \
+           "has not (a long recording) is embedded again from its start when clapq next starts" in log, log[-3000:]
+    # the worker's task handed it back (before: it ran on, was killed past the grace, and `up` gave the try back)
+    handed = [json.loads(line) for line in log.splitlines() if '"the worker is stopping: files not' in line]
+    assert [r["count"] for r in handed] == [1], log[-3000:]
+    assert "goes back to the queue" not in log.split("clapq: stopping:", 1)[1], log[-3000:]
     up2 = up_runner(data_dir, **env)
     up2.wait_ready()
     base2, deadline = f"http://127.0.0.1:{up2.port}", time.monotonic() + 120
-    assert "clapq: 1 file left running when clapq last stopped goes back to the queue" in up2.log.read_text()
+    assert "left running when clapq last stopped" not in up2.log.read_text()  # it was queued, not left running
     while not (got := requests.get(f"{base2}/v1/items/{item}", headers=h, timeout=10).json())["progress"]:
         assert time.monotonic() < deadline and got["status"] in ("queued", "running"), got
         time.sleep(0.2)

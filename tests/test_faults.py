@@ -193,6 +193,40 @@ def test_sigterm_worker_keeps_finished_work(stack):
     assert_exactly_once(stack, job_id, 120)
 
 
+def test_a_worker_told_to_stop_hands_back_a_long_file_within_seconds(stack):
+    """SIGTERM to the worker's main process alone, as `docker compose stop` sends it, while it embeds a 4-hour
+    recording (a batch of one: a minute or more of the tiny model). Celery's warm shutdown let its task run on to
+    the file's end, past any supervisor's grace (Compose's 60 s, `clapq up`'s 30), which killed it: the file
+    embedded again from its start and that try counted, "worker lost" (or here, where nothing kills it, the
+    file finished before the worker stopped). Now the task stops within seconds and hands the file back, queued,
+    its try given back and saying why; the next worker embeds it whole, on its first counted try."""
+    from tests.audio import long_silence
+
+    w = WorkerProcess({**stack["env"], "CLAPQ_BATCH_SIZE": "1", "CLAPQ_DECODE_TIMEOUT_S": "600"},
+                      stack["tmp"] / "worker-long.log").start()
+    stack["workers"].append(w)
+    with session_scope(stack["settings"].database_url) as s:
+        from clapq.keys import create_key
+
+        key = create_key(s, f"faults-{uuid.uuid4().hex[:8]}")
+    c = stack["client"]
+    lib = c.post("/v1/libraries", json={"name": "sets"}, headers=auth(key)).get_json()
+    f = long_silence(stack["tmp"] / "set.flac", 240, rate=8_000)
+    r = c.post(f"/v1/libraries/{lib['id']}/batches", headers=auth(key), content_type="multipart/form-data",
+               data={"files": [(io.BytesIO(f.read_bytes()), "set.flac")]}).get_json()
+    item = r["items"][0]["id"]
+    wait_until(lambda: c.get(f"/v1/items/{item}", headers=auth(key)).get_json()["progress"], 120,
+               lambda: f"the recording to be part-way: {logs_tail(stack)}")
+    os.kill(w.proc.pid, signal.SIGTERM)  # the main process alone: its pool child hears it from there
+    w.proc.wait(180)
+    got = c.get(f"/v1/items/{item}", headers=auth(key)).get_json()
+    assert got["status"] == "queued" and got["attempts"] == 0, (got, logs_tail(stack))  # before: done, attempts 1
+    assert "the worker stopped before it finished the file" in got["error"], got
+    stack["worker"]()
+    assert wait_finished(stack, key, r["job_id"], timeout=600)["status"] == "done"
+    assert c.get(f"/v1/items/{item}", headers=auth(key)).get_json()["attempts"] == 1
+
+
 def test_a_task_run_twice_at_once_changes_nothing(stack):
     """A task still running when the broker hands its message out again (past the visibility timeout) runs a
     second time, under the same task id, beside the first. Here every task of a 41-file job is sent twice

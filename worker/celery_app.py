@@ -2,11 +2,12 @@
 
 import logging
 
-from celery.signals import setup_logging, worker_ready, worker_shutdown
+from celery.signals import setup_logging, worker_ready, worker_shutdown, worker_shutting_down
 
 from clapq import logs
 from clapq.queue import make_celery
 from clapq.settings import Settings
+from worker import stopping
 
 settings = Settings.from_env()
 app = make_celery(settings)
@@ -33,6 +34,13 @@ def _announce(sender=None, **_) -> None:
     from clapq.presence import start
 
     start(app, sender.hostname if sender is not None else "worker")
+
+
+@worker_shutting_down.connect
+def _stop_tasks(**_) -> None:
+    """A warm shutdown's start (SIGTERM, Ctrl-C): the pool children's tasks hand back what they have not finished
+    within seconds, where a long recording's ran on past the supervisor's grace and was killed (worker.stopping)."""
+    stopping.tell()
 
 
 @worker_shutdown.connect

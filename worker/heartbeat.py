@@ -64,13 +64,16 @@ def listening(redis_url: str) -> threading.Event:
 @contextlib.contextmanager
 def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: float,
             on_gone: Callable[[set[uuid.UUID]], None] | None = None,
-            redis_url: str | None = None, progress: dict[uuid.UUID, float] | None = None) -> Iterator[None]:
+            redis_url: str | None = None, progress: dict[uuid.UUID, float] | None = None,
+            on_stop: Callable[[], None] | None = None) -> Iterator[None]:
     """Beat for `ids` every `interval_s`, and at once when the API announces deleted or cancelled files
     on `redis_url`; `on_gone(ids)` hears of those the task no longer holds (deleted meanwhile, or taken
     by another task), so it can stop working on them. Each beat records `progress` (item id -> share of
     its windows embedded, which the task updates as it goes) for the items it names; between beats, every
     PROGRESS_EVERY_S, the shares that moved are recorded too (those rows alone): a job's progress follows a
-    long file closely."""
+    long file closely. `on_stop()` is called once, within PROGRESS_EVERY_S, after the worker is told to stop
+    (worker.stopping)."""
+    from worker import stopping
     from worker.store import heartbeat
 
     stop, wake = threading.Event(), threading.Event()
@@ -79,6 +82,7 @@ def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: floa
 
     def loop() -> None:
         last, written = time.monotonic(), {}  # the last full beat; the shares recorded so far
+        told = False  # on_stop called
         while True:
             woken = wake.wait(max(0.0, min(last + interval_s - time.monotonic(), PROGRESS_EVERY_S)))
             if woken:  # at most one such beat a MIN_GAP_S
@@ -86,6 +90,9 @@ def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: floa
             wake.clear()
             if stop.is_set():
                 return
+            if on_stop is not None and not told and stopping.told():
+                told = True
+                on_stop()
             full = woken or time.monotonic() - last >= interval_s
             shares = dict(progress) if progress else {}  # a copy, taken whole: the task edits it as it goes
             moved = {i: p for i, p in shares.items() if written.get(i) != p}

@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 # attempts bounding the retries) instead of 8 backoffs
 TRANSIENT = (OperationalError, InterfaceError, ConnectionError)
 
+class WorkerStopped(Exception):
+    """Why a file its worker's stop cut short went back to the queue (worker.stopping)."""
+
+    def __init__(self) -> None:
+        super().__init__("the worker stopped before it finished the file; embedded again from its start (not "
+                         "counted as a try)")
+
+
 OTHER_MODEL_REST_S = 5  # how long a worker rests after it was sent only files of another model's library
 
 # Celery's own retry of a task (autoretry_for TRANSIENT) is told from the same message handed back after its
@@ -381,6 +389,8 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
     spare = settings.batch_size if first_try else 0
 
     def claim_more(rows: int) -> list:
+        if stopped:  # the worker is stopping: it takes no more files
+            return []
         try:
             with session_scope(settings.database_url) as s:
                 got = store.claim_more(s, model_id, settings.max_attempts, task_id, settings.stale_after_s, rows)
@@ -392,17 +402,18 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
         counts["claimed"] += len(got)
         return got
 
-    def hand_back(item_ids: set, exc: BaseException, charge: bool, wait: bool = True) -> None:
-        """Put these files back in the queue and send each off again alone, after the sweeper's usual
-        wait (CLAPQ_STALE_AFTER_S) unless not `wait`: a machine-wide fault (a full disk) does not use up every
-        file's attempts in seconds. Best effort: where Postgres or Redis is what failed, the sweeper finds them."""
+    def hand_back(item_ids: set, exc: BaseException, charge: bool, wait: bool = True, per_task: int = 1) -> None:
+        """Put these files back in the queue and send each off again alone (or `per_task` together), after the
+        sweeper's usual wait (CLAPQ_STALE_AFTER_S) unless not `wait`: a machine-wide fault (a full disk) does not
+        use up every file's attempts in seconds. Best effort: where Postgres or Redis is what failed, the sweeper
+        finds them."""
         if not item_ids:
             return
         try:
             with session_scope(settings.database_url) as s:
-                released = store.release(s, list(item_ids), f"worker error: {type(exc).__name__}: {exc}", task_id,
-                                         charge=charge)
-            enqueue_items(self.app, released, 1, countdown=settings.stale_after_s if wait else None)
+                why = str(exc) if isinstance(exc, WorkerStopped) else f"worker error: {type(exc).__name__}: {exc}"
+                released = store.release(s, list(item_ids), why, task_id, charge=charge)
+            enqueue_items(self.app, released, per_task, countdown=settings.stale_after_s if wait else None)
         except Exception:
             log.exception("handing files back failed; the sweeper will find them", extra={"count": len(item_ids)})
 
@@ -449,12 +460,20 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
         dropped.update(ids)
         held.difference_update(ids)
 
+    # the worker told to stop (worker.stopping): every file not finished is dropped as a gone one is, within
+    # about a second, and handed back below, where a long recording's task ran on past the stop's grace
+    stopped: set = set()
+
+    def on_stop() -> None:
+        stopped.update(list(held))
+        dropped.update(stopped)
+
     # a long file's share of windows embedded, which the heartbeat records every 2 s: its job's progress
     # moves before the file ends (GET /v1/jobs/<id>)
     progress: dict = {}
     try:
         with beating(settings.database_url, held, task_id, settings.heartbeat_s, on_gone=on_gone,
-                     redis_url=settings.redis_url, progress=progress):
+                     redis_url=settings.redis_url, progress=progress, on_stop=on_stop):
             pipeline.run(claimed, blobs, decoders, embedder, opts, on_done, on_failed,
                          on_batch=lambda n, secs: metrics.record_batch(self.app, n, secs), top_up=top_up, more=more,
                          dropped=dropped, progress=progress)
@@ -493,4 +512,10 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
         # acked as failed and the borrowed files' own found nothing to do
         hand_back(held, exc, charge=True)
         raise
+    if stopped and held:
+        # not the files' doing: this try is not counted, and they go back at once, together as they were sent
+        hand_back(held, WorkerStopped(), charge=False, wait=False, per_task=settings.items_per_task)
+        log.info("the worker is stopping: files not finished go back to the queue, this try not counted",
+                 extra={"count": len(held), "task_id": task_id})
+        return {**counts, "handed_back": len(held)}
     return counts
