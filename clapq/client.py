@@ -1889,13 +1889,30 @@ def _short_enough(client: Client, clip: Path) -> None:
         from worker.audio import exact_frames
 
         # by its bytes: a name that is not UTF-8 (`caf\xe9.wav`), as str, was a UnicodeEncodeError in soundfile
-        with soundfile.SoundFile(os.fsencode(clip)) as f:
+        with _codec_notes_unsaid(), soundfile.SoundFile(os.fsencode(clip)) as f:
             frames, rate = exact_frames(f), f.samplerate
     except (RuntimeError, OSError, TypeError):  # a format libsndfile does not read, or no file: the API's to say
         return
     if rate > 0 and frames > limit * rate:
         raise SystemExit(f"clapq: {printable(str(clip))} lasts {frames / rate:.0f} s, longer than {limit} s, the "
                          "limit for a search clip: search with a part of it (nothing was sent)")
+
+
+@contextlib.contextmanager
+def _codec_notes_unsaid() -> Iterator[None]:
+    """Nothing on stderr (fd 2) meanwhile: libsndfile's libmpg123 writes there itself as it opens a file named .mp3
+    that is not MP3 ("Note: Illegal Audio-MPEG-Header 0x00000000 at offset 2996.", "Note: Trying to resync..."),
+    three lines before the API's sentence on the clip (helper-125). The API decodes the clip and says what is wrong
+    with it; the length looked at here is only to spare sending a clip it would refuse."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _still_to_embed(client: Client, lib: dict) -> int:

@@ -1479,6 +1479,26 @@ def test_a_search_clip_stated_longer_than_the_limit_is_refused_before_it_is_sent
     assert out.returncode == 0 and "no results" in out.stderr, out.stderr
 
 
+def test_a_search_clip_named_mp3_that_is_not_mp3_is_said_in_one_sentence(start_api, new_key, tmp_path, tiny_model):
+    """`clapq search --like broken.mp3`, a file named .mp3 that is not MP3: libmpg123, which libsndfile runs as the
+    client looks at the clip's length, wrote three lines of its own ("Note: Illegal Audio-MPEG-Header 0x00000000 at
+    offset 2996.", "Note: Trying to resync...", "Note: Hit end of (available) data during resync.") before the API's
+    sentence (helper-125). Now the API's sentence alone; a WAV stated too long is still refused before it is sent."""
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    assert requests.post(f"{base}/v1/libraries", json={"name": "x"}, headers=h, timeout=30).status_code == 201
+    clapq = _commands_at(base, key, tiny_model, library="x")
+    broken = tmp_path / "broken.mp3"
+    broken.write_bytes(b"this is not an mp3 file at all" * 100)
+    out = clapq("search", "--like", str(broken))
+    assert out.returncode == 1 and out.stderr == "clapq: POST /v1/search failed (400): the 'audio' clip 'broken.mp3' " \
+        "could not be decoded: not a readable audio file (Invalid data found when processing input)\n", out.stderr
+    limit = requests.get(f"{base}/v1/limits", headers=h, timeout=30).json()["max_clip_s"]
+    wav = write(tmp_path / "long.wav", limit + 1, 8_000)
+    out = clapq("search", "--like", str(wav))
+    assert out.returncode == 1 and out.stderr.startswith(f"clapq: {wav} lasts {limit + 1} s, longer than"), out.stderr
+
+
 def test_a_search_that_finds_some_while_files_are_queued_says_the_rest_are_not_searched_yet(
         start_api, new_key, worker, settings, tmp_path, tiny_model):
     """A search right after `clapq upload --no-wait` found the files embedded so far and said nothing of the
