@@ -1000,7 +1000,7 @@ def cmd_search(args) -> None:
         _fail(f"{args.like} is {'a folder' if kind == 'folder' else 'a pipe or a device'}, not a sound file")
     settings = Settings.from_env(data_dir=args.data_dir)
     search(connect(args.url, args.key, settings.data_dir), args.library, args.text, args.k, like=args.like,
-           as_json=args.json)
+           as_json=args.json, offset=args.offset, windows=args.windows)
 
 
 def cmd_libraries(args) -> None:
@@ -1107,6 +1107,14 @@ def _rate(raw: str) -> float:
     if not 0 <= value < float("inf"):  # NaN too
         raise argparse.ArgumentTypeError(f"{raw!r} is not a rate: give MB a second, 0 (no bound) or more")
     return value
+
+
+def _skipped(raw: str) -> int:
+    """`clapq search --offset`: a whole number, 0 or more, said before the API is asked."""
+    if not raw.isdigit():
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of results to leave out: give a whole number, 0 "
+                                         "or more")
+    return int(raw)
 
 
 def _howmany(raw: str, what: str = "results") -> int:
@@ -1266,6 +1274,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--like", type=Path, metavar="FILE", help="a sound: find the files that sound most like it")
     # `--k 5` too: argparse took it for the start of --key, and the key was "5" (helper-42)
     search.add_argument("-k", "--k", type=_howmany, default=10, help="how many results (default 10)")
+    search.add_argument("--windows", action="store_true", help="every matching 10 s window, best first, several of "
+                        "one file where they match (the moments of a long recording), not a file's best alone")
+    search.add_argument("--offset", type=_skipped, default=0, metavar="N", help="leave out the first N results: "
+                        "the next page of -k K is --offset K (default 0)")
     search.add_argument("--json", action="store_true", help="print the API's answer as JSON (every field of each "
                         "result, its metadata too), for scripts")
     _client_args(search, "library name or id")

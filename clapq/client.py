@@ -1842,11 +1842,16 @@ def retry_job(client: Client, job: str) -> None:
 
 
 def search(client: Client, library: str, text: str | None, k: int, like: Path | None = None,
-           as_json: bool = False) -> None:
+           as_json: bool = False, offset: int = 0, windows: bool = False) -> None:
     """Print the best matches for words, or for a sound (`like`): score, file (by its path in the folder
     it was uploaded from, where it has one), item id and the best-matching window of the file; `as_json`:
-    the API's answer as it came, one JSON object (a path with spaces moved the id's column, helper-57)."""
+    the API's answer as it came, one JSON object (a path with spaces moved the id's column, helper-57).
+    `windows`: every matching window, several of one file (the API's segments mode), where a file's best alone
+    left the other moments of a long recording unfound; `offset`: the results after the first `offset`, the next
+    page (helper-125). Each is sent only where given, as to a server before them."""
     lib = client.library(library, create=False)  # a misspelt name is an error, not a new empty library
+    fields = {"library_id": lib["id"], "k": k, **({"offset": offset} if offset else {}),
+              **({"mode": "segments"} if windows else {})}
     if like is not None:
         _short_enough(client, like)
 
@@ -1856,19 +1861,22 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
             except OSError as exc:
                 raise SystemExit(f"clapq: cannot read {like}: {exc.strerror or exc}") from None
             with f:
-                return client.call("POST", "/v1/search", data={"library_id": lib["id"], "k": str(k)}, repeatable=True,
+                return client.call("POST", "/v1/search", data={n: str(v) for n, v in fields.items()},
+                                   repeatable=True,
                                    files={"audio": (wire_name(like.name), f, "application/octet-stream")})
 
         res = patiently(attempt)  # the clip is read again for each try
     else:
-        res = client.call("POST", "/v1/search", json={"library_id": lib["id"], "text": text, "k": k}, repeatable=True)
+        res = client.call("POST", "/v1/search", json={**fields, "text": text}, repeatable=True)
     if as_json:
         print(json_line(res))
     for r in res["results"] if not as_json else ():
-        span = r.get("segment") or {}
+        span = r if windows else r.get("segment") or {}  # a window's own times, in segments mode
         at = f"  {_seconds(span['start_s'])}-{_seconds(span['end_s'])} s" if "start_s" in span else ""
         print(f"{r['score']:7.4f}  {shown_name(r)}  {r['item_id']}{at}")  # 7: a negative score lines up
-    if not res["results"]:
+    if not res["results"] and offset:  # paged past the last: the library's state is no reason
+        print(f"no results past the first {offset}: this search has no more", file=sys.stderr)
+    elif not res["results"]:
         print(f"no results: {_why_empty(client, lib)}", file=sys.stderr)
     elif pending := _still_to_embed(client, lib):  # results, of the files embedded so far (helper-108)
         print(f"library {lib['name']!r} has {n_files(pending)} still to embed, not searched yet; search again once "

@@ -1536,6 +1536,39 @@ def test_a_search_that_finds_some_while_files_are_queued_says_the_rest_are_not_s
             s.execute(update(Item).where(Item.id == queued.id).values(status="cancelled"))
 
 
+def test_a_search_lists_every_matching_window_and_pages_on(start_api, new_key, worker, tmp_path, tiny_model):
+    """`clapq search` printed each file's best window alone, the first -k: the other moments of a long recording,
+    and the results past the first page, were to be had only from the API (helper-125). `--windows` lists the
+    windows (mode segments), each with its own times; `--offset N` leaves out the first N, so pages joined are the
+    search's whole list; a page past the last says so, not why the library has no results."""
+    base, key = start_api(), new_key()
+    folder = tmp_path / "recordings"
+    folder.mkdir()
+    write(folder / "long.flac", 60, 8_000, freq=300, seed=3)
+    write(folder / "short.wav", 2, 8_000, freq=900, seed=4)
+    clapq = _commands_at(base, key, tiny_model)
+    assert clapq("upload", str(folder), "--library", "rec").returncode == 0
+    lib = json.loads(clapq("libraries", "--json").stdout)[0]["id"]
+    want = requests.post(f"{base}/v1/search", json={"library_id": lib, "text": "a low hum", "k": 6,
+                                                    "mode": "segments"},
+                         headers={"Authorization": f"Bearer {key}"}, timeout=60).json()["results"]
+    assert sum(r["filename"] == "long.flac" for r in want) >= 5, want  # several moments of one file
+
+    def rows(*args: str) -> list[tuple[str, str, str]]:
+        out = clapq("search", "a low hum", "--library", "rec", *args)
+        assert out.returncode == 0 and out.stderr == "", out
+        return [(line.split()[1], line.split()[2], line.split()[3]) for line in out.stdout.splitlines()]
+
+    said = [(r["filename"], r["item_id"], f"{r['start_s']:g}-{r['end_s']:g}") for r in want]
+    assert rows("--windows", "-k", "6") == said
+    assert rows("--windows", "-k", "3") + rows("--windows", "-k", "3", "--offset", "3") == said
+    files = rows("-k", "1") + rows("-k", "1", "--offset", "1")  # files, one line each, paged too
+    assert sorted(name for name, _, _ in files) == ["long.flac", "short.wav"], files
+    out = clapq("search", "a low hum", "--library", "rec", "--offset", "2")
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == "no results past the first 2: this search has " \
+        "no more\n", out
+
+
 def test_a_search_whose_library_is_deleted_as_it_answers_prints_its_results_and_exits_0(tiny_model):
     """After a search that found some, `clapq search` asks the library's counts to say how many files are still to
     embed (helper-108). A library deleted between the two (another terminal's `clapq delete --yes`) made that look a
