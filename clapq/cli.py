@@ -989,8 +989,11 @@ def cmd_search(args) -> None:
 
     if args.text is not None and args.like is not None:
         _fail("give either words to search for or --like FILE (a sound), not both")
-    if args.text is None and args.like is None:
-        _fail("give words to search for, or --like FILE to search by a sound")
+    if args.like_item is not None and (args.text is not None or args.like is not None):
+        _fail("give --like-item ITEM (a file of your libraries) alone, without words or --like FILE")
+    if args.text is None and args.like is None and args.like_item is None:
+        _fail("give words to search for, or --like FILE to search by a sound, or --like-item ITEM by a file of your "
+              "libraries")
     if args.text is not None and not args.text.strip():  # `clapq search ""`, an empty variable
         _fail("the words to search for are empty; give words to search for, or --like FILE to search by a sound")
     kind = None if args.like is None else _kind(args.like)
@@ -1000,7 +1003,7 @@ def cmd_search(args) -> None:
         _fail(f"{args.like} is {'a folder' if kind == 'folder' else 'a pipe or a device'}, not a sound file")
     settings = Settings.from_env(data_dir=args.data_dir)
     search(connect(args.url, args.key, settings.data_dir), args.library, args.text, args.k, like=args.like,
-           as_json=args.json, offset=args.offset, windows=args.windows)
+           as_json=args.json, offset=args.offset, windows=args.windows, item=args.like_item)
 
 
 def cmd_libraries(args) -> None:
@@ -1107,6 +1110,14 @@ def _rate(raw: str) -> float:
     if not 0 <= value < float("inf"):  # NaN too
         raise argparse.ArgumentTypeError(f"{raw!r} is not a rate: give MB a second, 0 (no bound) or more")
     return value
+
+
+def _item_id(raw: str) -> str:
+    """`clapq search --like-item`: an item id (in any form a UUID takes), or argparse's usage error, as _job_id."""
+    with contextlib.suppress(ValueError):
+        return str(uuid.UUID(raw.strip()))
+    raise argparse.ArgumentTypeError(f"{raw!r} is not an item id: give one as `clapq search` prints it (like "
+                                     "0b1c2d3e-...), not a file (--like FILE)")
 
 
 def _skipped(raw: str) -> int:
@@ -1272,6 +1283,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("text", nargs="?", type=lambda raw: _utf8(raw, "the words to search for"),
                         help="what to look for, in words")
     search.add_argument("--like", type=Path, metavar="FILE", help="a sound: find the files that sound most like it")
+    search.add_argument("--like-item", type=_item_id, metavar="ITEM", help="a file of your libraries, by the item id "
+                        "search prints: find the files that sound most like it (it is left out)")
     # `--k 5` too: argparse took it for the start of --key, and the key was "5" (helper-42)
     search.add_argument("-k", "--k", type=_howmany, default=10, help="how many results (default 10)")
     search.add_argument("--windows", action="store_true", help="every matching 10 s window, best first, several of "

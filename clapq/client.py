@@ -1842,8 +1842,10 @@ def retry_job(client: Client, job: str) -> None:
 
 
 def search(client: Client, library: str, text: str | None, k: int, like: Path | None = None,
-           as_json: bool = False, offset: int = 0, windows: bool = False) -> None:
-    """Print the best matches for words, or for a sound (`like`): score, file (by its path in the folder
+           as_json: bool = False, offset: int = 0, windows: bool = False, item: str | None = None) -> None:
+    """Print the best matches for words, for a sound (`like`) or for a file of the tenant's libraries (`item`, by
+    its id: the API's "more like this", which the search page had and the command line not, and the one way to
+    search by a recording longer than a clip may be): score, file (by its path in the folder
     it was uploaded from, where it has one), item id and the best-matching window of the file; `as_json`:
     the API's answer as it came, one JSON object (a path with spaces moved the id's column, helper-57).
     `windows`: every matching window, several of one file (the API's segments mode), where a file's best alone
@@ -1867,7 +1869,8 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
 
         res = patiently(attempt)  # the clip is read again for each try
     else:
-        res = client.call("POST", "/v1/search", json={**fields, "text": text}, repeatable=True)
+        res = client.call("POST", "/v1/search", json={**fields, **({"text": text} if item is None else
+                                                                     {"item_id": item})}, repeatable=True)
     if as_json:
         print(json_line(res))
     for r in res["results"] if not as_json else ():

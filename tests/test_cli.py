@@ -1569,6 +1569,35 @@ def test_a_search_lists_every_matching_window_and_pages_on(start_api, new_key, w
         "no more\n", out
 
 
+def test_a_search_by_a_file_of_the_library_takes_its_item_id(start_api, new_key, worker, tmp_path, tiny_model):
+    """The search page searched by a file of the library ("More like this") and the API by an `item_id`; `clapq
+    search` only by words or a clip sent (`--like FILE`, at most 600 s: a long recording could not be searched by),
+    so a script holding the item ids `--json` gave had no way (helper-125). `--like-item ITEM` searches by the
+    file, left out of its results; an id that is not one is a usage error, and one of no file of yours is said."""
+    base, key = start_api(), new_key()
+    folder = tmp_path / "takes"
+    folder.mkdir()
+    for n, freq in enumerate((300, 320, 1800)):
+        write(folder / f"take{n}.wav", 3, 8_000, freq=freq, seed=n)
+    clapq = _commands_at(base, key, tiny_model)
+    assert clapq("upload", str(folder), "--library", "takes").returncode == 0
+    found = json.loads(clapq("search", "a tone", "--library", "takes", "--json").stdout)["results"]
+    item = next(r["item_id"] for r in found if r["filename"] == "take0.wav")
+    want = requests.post(f"{base}/v1/search", json={"library_id": found[0]["library_id"], "item_id": item},
+                         headers={"Authorization": f"Bearer {key}"}, timeout=60).json()["results"]
+    out = clapq("search", "--like-item", item, "--library", "takes")
+    assert out.returncode == 0 and out.stderr == "", out
+    assert [line.split()[1:3] for line in out.stdout.splitlines()] == [[r["filename"], r["item_id"]] for r in want]
+    assert sorted(r["filename"] for r in want) == ["take1.wav", "take2.wav"], want  # the file itself left out
+    out = clapq("search", "--like-item", "take0.wav", "--library", "takes")
+    assert out.returncode == 2 and "'take0.wav' is not an item id: give one as `clapq search` prints it" in \
+        out.stderr, out.stderr
+    out = clapq("search", "--like-item", str(uuid.uuid4()), "--library", "takes")
+    assert out.returncode == 1 and out.stderr == "clapq: POST /v1/search failed (404): item not found\n", out.stderr
+    out = clapq("search", "a tone", "--like-item", item, "--library", "takes")
+    assert out.returncode == 2 and "give --like-item ITEM (a file of your libraries) alone" in out.stderr, out.stderr
+
+
 def test_a_search_whose_library_is_deleted_as_it_answers_prints_its_results_and_exits_0(tiny_model):
     """After a search that found some, `clapq search` asks the library's counts to say how many files are still to
     embed (helper-108). A library deleted between the two (another terminal's `clapq delete --yes`) made that look a
