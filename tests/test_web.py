@@ -553,3 +553,22 @@ def test_a_key_revoked_while_a_file_plays_is_forgotten(start_api, new_key, worke
     assert page.evaluate("localStorage.getItem('clapq.key')") is None
     assert page.locator("#search-form").is_hidden() and page.locator("#player").is_hidden()
     page.close()
+
+
+def test_a_search_refused_takes_the_last_ones_results_away(start_api, new_key, worker, browser, tmp_path):
+    """A search by a file that is not audio was refused, said in red, and the last search's results stayed under that
+    error, as if they were this search's. A refused search takes them away."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    page, status, _ = _sounds(start_api, new_key, browser, tmp_path)
+    rows = page.locator("#results tbody tr")
+    expect(rows).to_have_count(1)
+    (broken := tmp_path / "broken.wav").write_bytes(b"this is not audio at all " * 40)
+    page.set_input_files("#clip", str(broken))
+    page.click("#search-form button[type=submit]")
+    expect(status).to_have_class("error")
+    assert status.text_content().startswith("the 'audio' clip 'broken.wav' could not be decoded"), \
+        status.text_content()
+    assert rows.count() == 0 and page.locator("#results").is_hidden()
+    page.close()

@@ -197,14 +197,22 @@ async function search(query, what) {
   const mine = ++searching;
   say(`searching for ${what}…`);
   let found;
-  if (query.clip) {
-    const form = new FormData();
-    form.append("library_id", library_id);
-    form.append("k", String(k));
-    form.append("audio", query.clip);
-    found = await call("POST", "/v1/search", form);
-  } else {
-    found = await call("POST", "/v1/search", { library_id, k, ...query });
+  try {
+    if (query.clip) {
+      const form = new FormData();
+      form.append("library_id", library_id);
+      form.append("k", String(k));
+      form.append("audio", query.clip);
+      found = await call("POST", "/v1/search", form);
+    } else {
+      found = await call("POST", "/v1/search", { library_id, k, ...query });
+    }
+  } catch (error) {
+    // one begun since (or another library, another key) is what the page shows: this one's error is not said
+    if (mine !== searching) return;
+    // refused (a sound that is not audio, a 503): the last search's results were left under its error, as if its own
+    cleared();
+    throw error;
   }
   if (mine !== searching) return;
   const body = $("results").tBodies[0];
