@@ -572,3 +572,25 @@ def test_a_search_refused_takes_the_last_ones_results_away(start_api, new_key, w
         status.text_content()
     assert rows.count() == 0 and page.locator("#results").is_hidden()
     page.close()
+
+
+def test_a_long_query_is_said_short_and_breaks_no_line(start_api, new_key, worker, browser, tmp_path):
+    """The status line said the whole query searched for: 1,000 letters of one word made the page 8,900 px wide (at
+    1,000), and 200 words filled eight lines of it above the results. It says the first 80 characters, and a word
+    longer than its line breaks, on a phone's width too."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    page, status, _ = _sounds(start_api, new_key, browser, tmp_path)
+    line = float(status.evaluate("s => parseFloat(getComputedStyle(s).lineHeight)"))
+    for width in (1000, 375):
+        page.set_viewport_size({"width": width, "height": 740})
+        for words, said in (("x" * 1000, "“" + "x" * 79 + "…”"), ("rain " * 200, "“" + "rain " * 15 + "rain…”")):
+            page.fill("#text", words)
+            page.click("#search-form button[type=submit]")
+            expect(status).to_have_text(f"1 best for {said} in sounds (1 file)")
+            assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth"), \
+                (width, page.evaluate("document.documentElement.scrollWidth"))
+            assert status.bounding_box()["height"] < (2.5 if width == 1000 else 4.5) * line, (width, said)
+            assert page.input_value("#text") == words  # the whole query stays in its box
+    page.close()

@@ -84,6 +84,15 @@ function seconds(s) {
   return Number(s).toFixed(1).replace(/\.0$/, "");
 }
 
+// words searched for, as the status line says them: their first 80 characters (the whole stay in their box), where a
+// query of 1,000 filled eight lines of it above the results
+const QUOTED_MOST = 80;
+
+function quoted(text) {
+  const chars = [...text]; // by characters, never half a pair of UTF-16 surrogates
+  return `“${chars.length > QUOTED_MOST ? `${chars.slice(0, QUOTED_MOST - 1).join("").trimEnd()}…` : text}”`;
+}
+
 // a file as `clapq search` names it: its path in the folder it was uploaded from, where it has one
 function shown(item) {
   return typeof (item.metadata || {}).path === "string" ? item.metadata.path : item.filename;
@@ -332,7 +341,7 @@ function start() {
       $("clip").value = "";
       search({ clip }, `the sound of ${clip.name}`).catch(failed);
     } else if (text) {
-      search({ text }, `“${text}”`).catch(failed);
+      search({ text }, quoted(text)).catch(failed);
     } else {
       say("type words to search for, or choose a sound file", true);
     }
