@@ -594,3 +594,42 @@ def test_a_long_query_is_said_short_and_breaks_no_line(start_api, new_key, worke
             assert status.bounding_box()["height"] < (2.5 if width == 1000 else 4.5) * line, (width, said)
             assert page.input_value("#text") == words  # the whole query stays in its box
     page.close()
+
+
+def test_a_search_shows_its_results_page_by_page(start_api, new_key, worker, browser, tmp_path):
+    """A search showed the first 10 to 100 results, and no more: in a library of hundreds of files, those past them
+    could not be seen (the API takes an offset). Next and Previous show the pages after and before, of as many, by
+    words and by a sound, Next offered while there are more. The numbers of results offered are none over the
+    service's max_k, where each search was refused with max_k set under the 20 chosen."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    base, key = start_api(CLAPQ_MAX_K="15"), new_key()
+    names = [f"tone{i:02d}.wav" for i in range(25)]
+    _library(base, {"Authorization": f"Bearer {key}"}, "tones", [
+        (n, write(tmp_path / n, 0.5, 16_000, freq=200.0 + 90 * i, seed=i).read_bytes()) for i, n in enumerate(names)])
+    page = browser.new_page()
+    status = _searched(page, base, key, "tones (25 files)", "a tone")
+    assert page.locator("#k option").all_text_contents() == ["10", "15"] and page.input_value("#k") == "15"
+    rows = page.locator("#results tbody tr")
+    previous, following = page.locator("#previous"), page.locator("#next")
+    for query, what in ((None, "“a tone”"), (tmp_path / names[3], "the sound of tone03.wav")):
+        if query:
+            page.set_input_files("#clip", str(query))
+            page.click("#search-form button[type=submit]")
+        expect(status).to_have_text(f"15 best for {what} in tones (25 files)")
+        first = rows.locator("td.file").all_text_contents()
+        assert len(first) == 15 and previous.is_disabled() and following.is_enabled()
+        following.click()
+        expect(status).to_have_text(f"results 16–25 for {what} in tones (25 files)")
+        second = rows.locator("td.file").all_text_contents()
+        assert sorted(first + second) == names, (first, second)
+        assert following.is_disabled() and previous.is_enabled()
+        previous.click()
+        expect(status).to_have_text(f"15 best for {what} in tones (25 files)")
+        assert rows.locator("td.file").all_text_contents() == first
+    # another library chosen: no pages of the last one's
+    page.select_option("#library", label="tones (25 files)")
+    page.dispatch_event("#library", "change")
+    assert page.locator("#pages").is_hidden()
+    page.close()

@@ -9,6 +9,7 @@ const at = (path) => new URL(path.replace(/^\//, ""), ROOT).href;
 const KEY = "clapq.key";
 const LIBRARY = "clapq.library";
 let key = "";
+let maxK = 1000; // the most results a search gives (GET /v1/limits' max_k), and its offset 10 times that
 
 function say(text, error = false) {
   const status = $("status");
@@ -101,11 +102,26 @@ function shown(item) {
 // the search whose results the table may show: one begun later, another library chosen or another key used take
 // the place of one still waiting for its answer
 let searching = 0;
+// the search the table shows, for its pages ({query, what, k, offset}); null where it shows none
+let paged = null;
 
 function cleared() {
   searching += 1;
   $("results").tBodies[0].replaceChildren();
   $("results").hidden = true;
+  $("pages").hidden = true;
+  paged = null;
+}
+
+// the numbers of results a page offers, none over what the service gives (max_k), where each search was refused with
+// max_k set under the 20 chosen
+function sizes() {
+  const select = $("k");
+  const was = Number(select.value) || 20;
+  const offered = [...new Set([10, 20, 50, 100].map((n) => Math.min(n, maxK)))];
+  select.replaceChildren(...offered.map((n) => new Option(String(n), String(n))));
+  const fit = offered.filter((n) => n <= was);
+  select.value = String(fit.length ? fit[fit.length - 1] : offered[0]);
 }
 
 async function useKey(given) {
@@ -127,6 +143,8 @@ async function useKey(given) {
   $("key").value = "";
   $("key").placeholder = `${key.slice(0, 10)}…`;
   $("forget").hidden = false;
+  maxK = limits.max_k || maxK;
+  sizes();
   const served = limits.model ? limits.model.id : null;
   const select = $("library");
   select.replaceChildren();
@@ -197,24 +215,26 @@ async function noneEmbedded(libraryId, counts) {
   return `none of its files could be embedded: ${why.join(" and ")}`;
 }
 
-async function search(query, what) {
+// a page of `k` results from `offset`, where a search showed its first `k` (100 at most) and none past them, in a
+// library of hundreds of files
+async function search(query, what, offset = 0, k = Number($("k").value)) {
   const library_id = $("library").value;
   if (!library_id) throw new Error("no library to search: `clapq upload FOLDER --library NAME` makes one");
   localStorage.setItem(LIBRARY, library_id);
   const library = $("library").selectedOptions[0].textContent;
-  const k = Number($("k").value);
   const mine = ++searching;
   say(`searching for ${what}…`);
+  // one result past the page, where the API gives that many, says whether there is a next page
+  const fields = { library_id, k: Math.min(k + 1, maxK), offset };
   let found;
   try {
     if (query.clip) {
       const form = new FormData();
-      form.append("library_id", library_id);
-      form.append("k", String(k));
+      for (const [name, value] of Object.entries(fields)) form.append(name, String(value));
       form.append("audio", query.clip);
       found = await call("POST", "/v1/search", form);
     } else {
-      found = await call("POST", "/v1/search", { library_id, k, ...query });
+      found = await call("POST", "/v1/search", { ...fields, ...query });
     }
   } catch (error) {
     // one begun since (or another library, another key) is what the page shows: this one's error is not said
@@ -224,17 +244,37 @@ async function search(query, what) {
     throw error;
   }
   if (mine !== searching) return;
+  const results = found.results.slice(0, k);
   const body = $("results").tBodies[0];
-  body.replaceChildren(...found.results.map(row));
-  $("results").hidden = !found.results.length;
+  body.replaceChildren(...results.map(row));
+  $("results").hidden = !results.length;
+  // a next page where the API gave more (or a whole page, asked for max_k) and takes its offset (10 × max_k at most)
+  const more = (found.results.length > k || (fields.k === k && results.length === k)) && offset + k <= 10 * maxK;
+  paged = { query, what, k, offset };
+  $("previous").disabled = offset === 0;
+  $("next").disabled = !more;
+  $("pages").hidden = !offset && !more;
   // files not embedded yet are not found: said, with why they do not move where the service knows (as `clapq search`)
   const { counts, waiting } = await call("GET", `/v1/libraries/${encodeURIComponent(library_id)}`);
-  const none = found.results.length ? "" : await noneEmbedded(library_id, counts);
+  const none = found.results.length || offset ? "" : await noneEmbedded(library_id, counts);
   if (mine !== searching) return;
   const left = counts.queued + counts.running;
   const still = left ? `; ${files(left)} of it still to be embedded${waiting ? ` (${waiting})` : ""}` : "";
-  say((found.results.length ? `${found.results.length} best for ${what} in ${library}`
-    : `nothing found for ${what} in ${library}`) + (none ? `: ${none}` : still), Boolean(none));
+  let said = `${results.length} best for ${what} in ${library}`;
+  if (!results.length) {
+    said = `nothing found for ${what} in ${library}${offset ? ` past the first ${offset}` : ""}`;
+  } else if (offset) {
+    said = `results ${offset + 1}–${offset + results.length} for ${what} in ${library}`;
+  }
+  say(said + (none ? `: ${none}` : still), Boolean(none));
+}
+
+// the page before or after the one shown, of as many results, said from its top
+function turn(by) {
+  if (!paged) return;
+  const { query, what, k, offset } = paged;
+  search(query, what, Math.max(0, offset + by * k), k).then(() => $("status").scrollIntoView({ block: "nearest" }),
+                                                          failed);
 }
 
 // what the player plays ({itemId, name, at: the time it plays from once it has read the file's duration}), and the
@@ -312,6 +352,8 @@ async function unplayable() {
 function start() {
   $("player").addEventListener("loadedmetadata", started);
   $("player").addEventListener("error", () => unplayable().catch(failed));
+  $("previous").addEventListener("click", () => turn(-1));
+  $("next").addEventListener("click", () => turn(1));
   $("library").addEventListener("change", () => {
     cleared();
     say(`${$("library").selectedOptions[0].textContent}: search it by words or by a sound`);
