@@ -1875,7 +1875,7 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
         print(json_line(res))
     for r in res["results"] if not as_json else ():
         span = r if windows else r.get("segment") or {}  # a window's own times, in segments mode
-        at = f"  {_seconds(span['start_s'])}-{_seconds(span['end_s'])} s" if "start_s" in span else ""
+        at = f"  {_window(span['start_s'], span['end_s'])}" if "start_s" in span else ""
         print(f"{r['score']:7.4f}  {shown_name(r)}  {r['item_id']}{at}")  # 7: a negative score lines up
     if not res["results"] and offset:  # paged past the last: the library's state is no reason
         print(f"no results past the first {offset}: this search has no more", file=sys.stderr)
@@ -1938,6 +1938,22 @@ def _still_to_embed(client: Client, lib: dict) -> int:
 def _seconds(t: float) -> str:
     """A time (the API gives microseconds) to the millisecond, without trailing zeros: 10790.123, 5, 12.5."""
     return f"{t:.3f}".rstrip("0").rstrip(".")
+
+
+def _window(start: float, end: float) -> str:
+    """A result's window: in seconds within a file's first minute ("15-25 s"); past it as a clock, m:ss or h:mm:ss,
+    to the millisecond ("1:02:05-1:02:15", "2:59:50.123-3:00:00"), where "3725-3735 s" in a 2-hour recording was
+    to be worked out before a player could be sent there."""
+    if end <= 60:
+        return f"{_seconds(start)}-{_seconds(end)} s"
+    return f"{_clock(start, end >= 3600)}-{_clock(end, end >= 3600)}"  # one form for both: 0:59:55-1:00:05
+
+
+def _clock(t: float, hours: bool) -> str:
+    h, ms = divmod(round(t * 1000), 3_600_000)
+    m, ms = divmod(ms, 60_000)
+    secs = f"{ms / 1000:06.3f}".rstrip("0").rstrip(".")
+    return f"{h}:{m:02d}:{secs}" if hours else f"{m}:{secs}"
 
 
 def _why_empty(client: Client, lib: dict) -> str:

@@ -1621,7 +1621,8 @@ def test_a_search_whose_library_is_deleted_as_it_answers_prints_its_results_and_
 
 def test_search_output_lines_up_and_stops_quietly_in_a_pipe(tiny_model):
     """`clapq search ... | head -1`: the reader stops early, which was a BrokenPipeError traceback; a negative
-    score put its row out of line; a time of 10790.123 s printed as 10790.1 (6 significant figures)."""
+    score put its row out of line; a time of 10790.123 s printed as 10790.1 (6 significant figures), and now, past a
+    file's first minute, as a clock, as a player seeks ("10790.123-10800 s" was to be worked out)."""
     many = [{"item_id": f"i{n}", "library_id": "lib1", "filename": f"{'long name ' * 8}{n}.wav", "metadata": {},
              "score": -0.01 if n == 1 else 0.5, "segment": {"start_s": 10790.123, "end_s": 10800.0}}
             for n in range(3000)]  # more than a pipe holds, so the writer is still writing when head exits
@@ -1640,9 +1641,17 @@ def test_search_output_lines_up_and_stops_quietly_in_a_pipe(tiny_model):
         err = first.stderr.read()
         first.wait(60)
     rows = whole.stdout.splitlines()
-    assert whole.returncode == 0 and rows[0].endswith("  10790.123-10800 s"), rows[0]
+    assert whole.returncode == 0 and rows[0].endswith("  2:59:50.123-3:00:00"), rows[0]
     assert rows[1].index("long name") == rows[0].index("long name") and rows[1].startswith("-0.0100"), rows[:2]
     assert line == rows[0] + "\n" and first.returncode == 141 and err == "", (first.returncode, err)
+
+
+def test_a_window_past_a_files_first_minute_is_a_clock():
+    """One form within a window, the hours where its end has them; within the first minute, seconds as before."""
+    from clapq.client import _window
+
+    assert [_window(*w) for w in [(0, 0.5), (50, 60), (55, 65), (3595, 3605), (3725, 3735.25)]] == \
+        ["0-0.5 s", "50-60 s", "0:55-1:05", "0:59:55-1:00:05", "1:02:05-1:02:15.25"]
 
 
 def test_names_a_terminal_cannot_show_are_written_escaped(tiny_model):
