@@ -24,7 +24,7 @@ from pathlib import Path
 from sqlalchemy import text
 from sqlalchemy.engine import URL, make_url
 
-from clapq.blobs import BLOB_LOCK, BlobStore, fsync_dir, hash_file, path_in, scan
+from clapq.blobs import BLOB_LOCK, SECRET, BlobStore, fsync_dir, hash_file, path_in, scan
 from clapq.check import not_its_store
 from clapq.db import newer_revision
 
@@ -285,6 +285,9 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
         _run([pg_tool("pg_dump"), "--format=custom", "--no-owner", "--no-privileges", f"--snapshot={snapshot}",
               f"--file={work / DUMP}", f"--dbname={target}"], env, "pg_dump")
         os.chmod(work / DUMP, 0o600)  # the keys' hashes, every name and tag: in a folder that exists, its mode is kept
+        # its bytes, as a restore checks them first: a byte changed in its plain parts (a function's body) restored
+        # without a word, and one in its compressed data failed pg_restore only after every stored file was copied
+        dump_sha256 = hash_file(work / DUMP).hexdigest()
         snap.rollback()
     # files deleted since the first pass, or that no row held: not part of this backup
     keep = set(named) - set(missing) - set(damaged)
@@ -293,7 +296,7 @@ def _write(url: str, store: BlobStore, blob_dir: Path, dest: Path, work: Path, k
             path_in(copy, sha).unlink()
     manifest = {"format": FORMAT, "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 "items": items, "files": len(keep), "missing_files": len(missing) + len(damaged),
-                "damaged_files": len(damaged), "schema": schema,
+                "damaged_files": len(damaged), "schema": schema, "dump_sha256": dump_sha256,
                 "file_bytes": sum(path_in(copy, sha).stat().st_size for sha in keep), "api_key": False}
     if key_file is not None and key_file.is_file():
         shutil.copyfile(key_file, work / KEY)
@@ -339,15 +342,66 @@ def read_manifest(src: Path) -> dict:
     return manifest
 
 
-def restore(src: Path, url: str, blob_dir: Path, say=print, check: str = "clapq check") -> dict:
+def _not_its_own(src: Path, blob_dir: Path, data_dir: Path | None) -> str | None:
+    """Why the store restored into is another's, or None: a store shared by two services loses files, each one's
+    deletion removing a stored file the other's items still hold (a restore with CLAPQ_BLOB_DIR still set to a
+    running service's, the folder it said to start the restored one with: that service lost every file the restored
+    one's deletions removed). `data_dir`: the data directory the rows go into (None for DATABASE_URL's)."""
+    root = Path(os.path.realpath(blob_dir))
+    if root.is_relative_to(os.path.realpath(src)):
+        return f"inside the backup restored, {src}"
+    owner = root.parent
+    if (owner / "pg").is_dir() and (data_dir is None or owner != Path(os.path.realpath(data_dir))):
+        return f"the stored files' folder of the data directory {owner}, which holds a service's database"
+    if not root.is_dir():
+        return None
+    if (root / SECRET).is_file():  # only an API writes it, as it signs its first audio link
+        return f"a service's store: it holds the {SECRET} an API signs its audio links with"
+    ours = set(scan(src / "blobs")[0])
+    # a restore into the same place that stopped (an error, Ctrl-C) left files of the backup only: taken as they are
+    if others := [sha for sha in scan(root)[0] if sha not in ours]:
+        return (f"a service's store, or another backup's: it holds {len(others)} stored file"
+                f"{'s' if len(others) != 1 else ''} this backup does not (the first: {others[0]})")
+    return None
+
+
+def ready_to_restore(src: Path, blob_dir: Path, data_dir: Path | None = None) -> dict:
+    """The backup's manifest, once the backup and the store it goes into are fit for a restore, which writes nothing
+    before: its dump whole (its sha256 the one the backup wrote, where it wrote one), and the store no other service's
+    (_not_its_own). A BackupError, with a sentence, where not."""
+    src = Path(src)
+    manifest = read_manifest(src)
+    if (want := manifest.get("dump_sha256")) and hash_file(src / DUMP).hexdigest() != want:
+        raise BackupError(f"{src} cannot be restored: its {DUMP} is damaged or cut short (its bytes are no longer "
+                          "those the backup wrote: their sha256 differs from its backup.json's); nothing was "
+                          "restored: restore another backup (or a copy of this one made before it was damaged)")
+    if why := _not_its_own(src, blob_dir, data_dir):
+        raise BackupError(f"the stored files' folder restored into, {blob_dir} (CLAPQ_BLOB_DIR), is {why}; the "
+                          "restored service would use those very files, and a deletion in either would remove files the "
+                          "other still holds; nothing was restored: restore into a new (or empty) folder, "
+                          "CLAPQ_BLOB_DIR unset (the data directory's blobs/) or set to a new one")
+    return manifest
+
+
+def _left(new: int, root: Path) -> str:
+    return (f"{new} stored file{'s' if new != 1 else ''} copied whole into {root} before it stopped, which no row "
+            f"holds (a restore into the same place takes {'it' if new == 1 else 'them'} as "
+            f"{'it is' if new == 1 else 'they are'})" if new else f"no stored file copied into {root}")
+
+
+def restore(src: Path, url: str, blob_dir: Path, say=print, check: str = "clapq check",
+            data_dir: Path | None = None, manifest: dict | None = None) -> dict:
     """Restore a backup into the database at `url`, which must hold no clapq tables, and the store at
-    `blob_dir`. The files go first, then the rows in one transaction: a restore cut short leaves files
-    no row holds (space only, and the next restore takes them as they are), never a row without its file.
-    check: the command that lists the stored files the backup lacked, as the user runs it (with its --data-dir)."""
+    `blob_dir`, which must be no other service's (ready_to_restore; `manifest`: its answer, where the caller asked
+    already; `data_dir`: the data directory whose database `url` is, None for DATABASE_URL's). The files go first,
+    then the rows in one transaction: a restore cut short leaves files no row holds (space only, and the next
+    restore takes them as they are), never a row without its file. check: the command that lists the stored files
+    the backup lacked, as the user runs it (with its --data-dir)."""
     from clapq.db import get_engine
 
     src = Path(src)
-    manifest = read_manifest(src)
+    if manifest is None:
+        manifest = ready_to_restore(src, blob_dir, data_dir)
     with get_engine(url).connect() as conn:
         # in public, or where the connection's search_path finds them (a schema of their own, `ALTER DATABASE ...
         # SET search_path`): those were taken, their files copied in, and pg_restore then failed on the schema
@@ -363,9 +417,7 @@ def restore(src: Path, url: str, blob_dir: Path, say=print, check: str = "clapq 
             new += _copy_blob(path_in(src / "blobs", sha), store.path_for(sha), check=True)
         except BaseException as exc:
             # a file cut short is removed (_copy_blob); those copied before it are whole, and stay
-            left = (f"{new} stored file{'s' if new != 1 else ''} copied whole into {store.root} before it stopped, "
-                    f"which no row holds (a restore into the same place takes {'it' if new == 1 else 'them'} as "
-                    f"{'it is' if new == 1 else 'they are'})" if new else f"no stored file copied into {store.root}")
+            left = _left(new, store.root)
             if isinstance(exc, BackupError):
                 raise BackupError(f"{src} cannot be restored: {exc}; {left}; nothing was restored into the "
                                   "database") from None
@@ -378,8 +430,13 @@ def restore(src: Path, url: str, blob_dir: Path, say=print, check: str = "clapq 
         raise BackupError(f"{src} holds {copied} stored files of the {manifest['files']} it was made with: it is "
                           "incomplete; nothing was restored into the database")
     target, env = _libpq(url)
-    _run([pg_tool("pg_restore"), "--no-owner", "--no-privileges", "--exit-on-error", "--single-transaction",
-          f"--dbname={target}", str(src / DUMP)], env, "pg_restore")
+    try:
+        _run([pg_tool("pg_restore"), "--no-owner", "--no-privileges", "--exit-on-error", "--single-transaction",
+              f"--dbname={target}", str(src / DUMP)], env, "pg_restore")
+    except BackupError as exc:  # its one transaction rolled back: the files alone are there
+        raise BackupError(f"{src} cannot be restored: {exc}; nothing was restored into the database (its rows go "
+                          f"in one transaction); the stored files it copied ({copied}) are in {store.root}, which no row "
+                          "holds (a restore into the same place takes them as they are)") from None
     say(f"restored {manifest['items']} items and their {copied} stored files, backed up at {manifest['created_at']}")
     if lost := manifest.get("missing_files"):  # its warning was the backup's, said to whoever ran it, then
         damaged = manifest.get("damaged_files", 0)  # of them; none in a backup of an earlier clapq

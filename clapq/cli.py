@@ -467,14 +467,14 @@ def cmd_check(args) -> None:
 
 
 def cmd_restore(args) -> None:
-    from clapq.backup import KEY, BackupError, read_manifest, restore
+    from clapq.backup import KEY, BackupError, ready_to_restore, restore
 
     settings = Settings.from_env(data_dir=args.data_dir)
-    try:
-        manifest = read_manifest(args.backup)
+    data_dir = settings.data_dir
+    try:  # before anything is made: the backup whole, and a store no other service uses
+        manifest = ready_to_restore(args.backup, settings.blob_dir, None if settings.database_url else data_dir)
     except BackupError as exc:
         _fail(str(exc), 1)
-    data_dir = settings.data_dir
     lock = None
     if not settings.database_url:  # a `clapq up` on the data directory restored into: refused
         _make_data_dir(data_dir, "restore into a new folder (`clapq up --data-dir` it then)")
@@ -486,7 +486,7 @@ def cmd_restore(args) -> None:
         url = _database_url(settings, data_dir, stack)
         _clapq_database(url, tables=False)  # restore() refuses one that holds them
         restore(args.backup, url, settings.blob_dir, say=lambda m: print(m, file=sys.stderr),
-                check=f"clapq check{_data_dir_flag(args)}")
+                check=f"clapq check{_data_dir_flag(args)}", manifest=manifest)
         _migrate(url)  # a backup of an earlier clapq: brought to this one's schema
         if manifest.get("api_key") and not settings.database_url and not (data_dir / KEY).exists():
             shutil.copyfile(args.backup / KEY, data_dir / KEY)  # the owner's key goes on working

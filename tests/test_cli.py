@@ -5733,6 +5733,104 @@ def test_a_backup_whose_stored_file_was_damaged_is_not_restored(settings, tiny_m
     assert not (tmp_path / "new" / "blobs" / sha[:2] / sha[2:4] / sha).exists()
 
 
+def _backup_of_one_file(own_database, tmp_path, data: bytes) -> tuple[Path, str]:
+    """A backup (tmp_path/bk) of a service of one item, whose stored file holds `data`; and that file's sha256."""
+    from clapq.backup import backup
+    from clapq.blobs import BlobStore
+    from clapq.models import Item
+    from tests.conftest import job_of_own
+
+    store = BlobStore(tmp_path / "service-blobs")
+    sha = store.put_bytes(data)
+    with session_scope(own_database) as s:
+        tenant, _, lib, job = job_of_own(s, f"one-{uuid.uuid4()}")
+        s.add(Item(tenant_id=tenant.id, library_id=lib.id, job_id=job.id, filename="one.wav", size_bytes=len(data),
+                   sha256=sha))
+    backup(own_database, store.root, tmp_path / "bk", say=lambda m: None)
+    return tmp_path / "bk", sha
+
+
+def test_a_restore_into_another_service_s_store_is_refused_writing_nothing(own_database, tiny_model, tmp_path):
+    """`clapq restore BK --data-dir NEW` with CLAPQ_BLOB_DIR still set to a running service's store (exported for that
+    service; the data directory's blobs/ of another) copied the backup's files into that store, and said to start the
+    restored service on it. Two services then shared one store: a library deleted in the restored one (`clapq delete
+    --library alpha --yes`, 30 files) removed 30 stored files the running one's items held, which `clapq check` of
+    it then listed as missing, their downloads failing. A restore refuses now, before it makes anything, a store
+    that is another data directory's blobs/, that holds stored files the backup does not, that an API served links
+    from, or that is inside the backup itself; a store holding only files of the backup (a restore into the same
+    place that stopped) is taken as before."""
+    from clapq.blobs import SECRET, BlobStore, path_in, scan
+
+    bk, sha = _backup_of_one_file(own_database, tmp_path, b"the one stored file of the service backed up")
+    live = tmp_path / "live"  # a `clapq up` data directory: its Postgres and its store
+    (live / "pg").mkdir(parents=True)
+    BlobStore(live / "blobs").put_bytes(b"a stored file of the live service")
+    other = BlobStore(tmp_path / "other-store")  # CLAPQ_BLOB_DIR of a service with its own Postgres
+    other.put_bytes(b"a stored file of another service")
+    served = BlobStore(tmp_path / "served")  # one whose files are the backup's, served by an API
+    served.secret()
+    cli = [sys.executable, "-m", "clapq.cli", "restore", str(bk), "--data-dir", str(tmp_path / "new")]
+    for store, why in ((live / "blobs", f"the stored files' folder of the data directory {live}, which holds a "
+                                        "service's database"),
+                       (other.root, "a service's store, or another backup's: it holds 1 stored file this backup "
+                                    "does not (the first: "),
+                       (served.root, f"a service's store: it holds the {SECRET} an API signs its audio links with"),
+                       (bk / "blobs", f"inside the backup restored, {bk}")):
+        before = scan(store)
+        out = subprocess.run(cli, env=_env(tiny_model, CLAPQ_BLOB_DIR=str(store)), capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, (store, out.stderr)
+        assert out.stderr.startswith(f"clapq: the stored files' folder restored into, {store} (CLAPQ_BLOB_DIR), is "
+                                     f"{why}"), (store, out.stderr)
+        assert "a deletion in either would remove files the other still holds; nothing was restored: restore into a " \
+            "new (or empty) folder, CLAPQ_BLOB_DIR unset (the data directory's blobs/) or set to a new one" in \
+            out.stderr, out.stderr
+        assert scan(store) == before and not (tmp_path / "new").exists(), store
+    # a store that holds only files of this backup (a restore into it that stopped) is restored into
+    again = BlobStore(tmp_path / "again")
+    path_in(again.root, sha).parent.mkdir(parents=True)
+    shutil.copyfile(path_in(bk / "blobs", sha), path_in(again.root, sha))
+    out = subprocess.run(cli, env=_env(tiny_model, CLAPQ_BLOB_DIR=str(again.root)), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "restored 1 items and their 1 stored files" in out.stderr, out.stderr
+
+
+def test_a_damaged_or_cut_short_dump_is_refused_before_anything_is_restored(own_database, tiny_model, tmp_path):
+    """A backup's clapq.dump changed since it was written (bit rot on the backup's disk, a copy of the backup cut
+    short) had nothing to be checked against: one byte changed in its plain parts (here a trigger function's body,
+    `pg_advisory_xact_loc_shared`) was restored without a word, a service whose deletions then fail; one cut short
+    failed only in pg_restore, after every stored file was copied, saying 'pg_restore failed: ... could not read
+    from input file: end of file' and nothing of what it left. The backup records its dump's sha256 now, and a
+    restore checks it before it makes anything; a backup of an earlier clapq (none recorded) whose pg_restore fails
+    says that no row was restored, and where the files it copied are."""
+    bk, _ = _backup_of_one_file(own_database, tmp_path, b"a stored file")
+    manifest = json.loads((bk / "backup.json").read_text())
+    assert manifest["dump_sha256"] == file_sha256(bk / "clapq.dump"), manifest
+    whole = (bk / "clapq.dump").read_bytes()
+    word = b"pg_advisory_xact_lock_shared"
+    assert word in whole
+    cli = [sys.executable, "-m", "clapq.cli", "restore", str(bk), "--data-dir", str(tmp_path / "new")]
+    for damaged in (whole.replace(word, b"pg_advisory_xact_locZ_shared", 1), whole[: len(whole) // 2]):
+        (bk / "clapq.dump").write_bytes(damaged)
+        out = subprocess.run(cli, env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert f"clapq: {bk} cannot be restored: its clapq.dump is damaged or cut short (its bytes are no longer " \
+            "those the backup wrote: their sha256 differs from its backup.json's); nothing was restored: restore " \
+            "another backup" in out.stderr, out.stderr
+        assert not (tmp_path / "new").exists()
+    # an earlier clapq's backup, cut short: pg_restore fails, and the restore says what it left
+    (bk / "backup.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "dump_sha256"}))
+    out = subprocess.run(cli, env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"clapq: {bk} cannot be restored: pg_restore failed: " in out.stderr, out.stderr
+    assert f"; nothing was restored into the database (its rows go in one transaction); the stored files it copied (1) " \
+        f"are in {tmp_path / 'new' / 'blobs'}, which no row holds (a restore into the same place takes them as they are)" \
+        in out.stderr, out.stderr
+    (bk / "clapq.dump").write_bytes(whole)  # the backup whole again: restored into the same place
+    out = subprocess.run(cli, env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "restored 1 items and their 1 stored files" in out.stderr, out.stderr
+
+
 def test_a_restore_cut_short_mid_copy_leaves_no_half_written_file_and_says_what_it_left(settings, tiny_model,
                                                                                        eio_library, tmp_path):
     """A restore whose copy of a stored file stopped partway (a read error of the backup's disk here; an exception
