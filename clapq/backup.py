@@ -365,22 +365,40 @@ def _not_its_own(src: Path, blob_dir: Path, data_dir: Path | None) -> str | None
     return None
 
 
-def ready_to_restore(src: Path, blob_dir: Path, data_dir: Path | None = None) -> dict:
+def refuse_shared_store(src: Path, blob_dir: Path, data_dir: Path | None = None) -> None:
+    """A BackupError, with a sentence, where the store restored into is another service's (_not_its_own)."""
+    if why := _not_its_own(Path(src), blob_dir, data_dir):
+        raise BackupError(f"the stored files' folder restored into, {blob_dir} (CLAPQ_BLOB_DIR), is {why}; the "
+                          "restored service would use those very files, and a deletion in either would remove files the "
+                          "other still holds; nothing was restored: restore into a new (or empty) folder, "
+                          "CLAPQ_BLOB_DIR unset (the data directory's blobs/) or set to a new one")
+
+
+def ready_to_restore(src: Path, blob_dir: Path, data_dir: Path | None = None, store: bool = True) -> dict:
     """The backup's manifest, once the backup and the store it goes into are fit for a restore, which writes nothing
-    before: its dump whole (its sha256 the one the backup wrote, where it wrote one), and the store no other service's
-    (_not_its_own). A BackupError, with a sentence, where not."""
+    before: its dump whole (its sha256 the one the backup wrote, where it wrote one), and (`store`) the store no other
+    service's (refuse_shared_store). A BackupError, with a sentence, where not."""
     src = Path(src)
     manifest = read_manifest(src)
     if (want := manifest.get("dump_sha256")) and hash_file(src / DUMP).hexdigest() != want:
         raise BackupError(f"{src} cannot be restored: its {DUMP} is damaged or cut short (its bytes are no longer "
                           "those the backup wrote: their sha256 differs from its backup.json's); nothing was "
                           "restored: restore another backup (or a copy of this one made before it was damaged)")
-    if why := _not_its_own(src, blob_dir, data_dir):
-        raise BackupError(f"the stored files' folder restored into, {blob_dir} (CLAPQ_BLOB_DIR), is {why}; the "
-                          "restored service would use those very files, and a deletion in either would remove files the "
-                          "other still holds; nothing was restored: restore into a new (or empty) folder, "
-                          "CLAPQ_BLOB_DIR unset (the data directory's blobs/) or set to a new one")
+    if store:
+        refuse_shared_store(src, blob_dir, data_dir)
     return manifest
+
+
+def holds_clapq_tables(url: str) -> bool:
+    """Whether the database holds clapq's tables: in public, or where the connection's search_path finds them (a
+    schema of their own, `ALTER DATABASE ... SET search_path`): a restore into those was taken, their files copied
+    in, and pg_restore then failed on the schema."""
+    from clapq.db import get_engine
+
+    with get_engine(url).connect() as conn:
+        return bool(conn.scalar(text("SELECT to_regclass('public.items') IS NOT NULL OR to_regclass("
+                                     "'public.alembic_version') IS NOT NULL OR to_regclass('items') IS NOT NULL OR "
+                                     "to_regclass('alembic_version') IS NOT NULL")))
 
 
 def _left(new: int, root: Path) -> str:
@@ -397,19 +415,12 @@ def restore(src: Path, url: str, blob_dir: Path, say=print, check: str = "clapq 
     then the rows in one transaction: a restore cut short leaves files no row holds (space only, and the next
     restore takes them as they are), never a row without its file. check: the command that lists the stored files
     the backup lacked, as the user runs it (with its --data-dir)."""
-    from clapq.db import get_engine
-
     src = Path(src)
     if manifest is None:
         manifest = ready_to_restore(src, blob_dir, data_dir)
-    with get_engine(url).connect() as conn:
-        # in public, or where the connection's search_path finds them (a schema of their own, `ALTER DATABASE ...
-        # SET search_path`): those were taken, their files copied in, and pg_restore then failed on the schema
-        if conn.scalar(text("SELECT to_regclass('public.items') IS NOT NULL OR to_regclass('public.alembic_version') "
-                            "IS NOT NULL OR to_regclass('items') IS NOT NULL OR to_regclass('alembic_version') "
-                            "IS NOT NULL")):
-            raise BackupError("the database restored into holds clapq's tables already: restore into a new data "
-                              "directory, or an empty database")
+    if holds_clapq_tables(url):
+        raise BackupError("the database restored into holds clapq's tables already: restore into a new data "
+                          "directory, or an empty database")
     store, copied, new = BlobStore(blob_dir), 0, 0
     for sha in scan(src / "blobs")[0]:
         copied += 1

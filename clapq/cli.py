@@ -466,25 +466,43 @@ def cmd_check(args) -> None:
     sys.exit(0 if report["ok"] else 1)
 
 
+def _in_its_place(backup: Path, data_dir: Path) -> str:
+    """How to put a backup in the place of a data directory's data, which a restore never writes over (helper-126:
+    a restore onto a running service's said "stop it first", and, stopped, it was refused all the same)."""
+    new, old = (shlex.quote(f"{data_dir}{end}") for end in (".restored", ".before-restore"))
+    here = shlex.quote(str(data_dir))
+    return (f"a restore goes into a new data directory, and leaves this one as it is. To put the backup in its place: "
+            f"`clapq restore {shlex.quote(str(backup))} --data-dir {new}`, then, `clapq up` stopped, `mv {here} {old} "
+            f"&& mv {new} {here}` (its data as it is now kept in {old})")
+
+
 def cmd_restore(args) -> None:
-    from clapq.backup import KEY, BackupError, ready_to_restore, restore
+    from clapq.backup import KEY, BackupError, holds_clapq_tables, ready_to_restore, refuse_shared_store, restore
 
     settings = Settings.from_env(data_dir=args.data_dir)
     data_dir = settings.data_dir
+    # a clapq data directory already (or one a restore that failed made): whether it holds a service's data is said
+    # first, its database asked, before its store is taken for another service's
+    ours = not settings.database_url and (data_dir / "pg").is_dir()
     try:  # before anything is made: the backup whole, and a store no other service uses
-        manifest = ready_to_restore(args.backup, settings.blob_dir, None if settings.database_url else data_dir)
+        manifest = ready_to_restore(args.backup, settings.blob_dir, None if settings.database_url else data_dir,
+                                    store=not ours)
     except BackupError as exc:
         _fail(str(exc), 1)
     lock = None
     if not settings.database_url:  # a `clapq up` on the data directory restored into: refused
         _make_data_dir(data_dir, "restore into a new folder (`clapq up --data-dir` it then)")
-        # its words were up's, "or give this one its own --data-dir", and a usage error's exit status
-        lock = _lock_data_dir(data_dir, "though a restore goes into a new data directory, not one with clapq's data",
-                              1)
+        lock = _lock_data_dir(data_dir, code=1, busy=lambda pid: f"{data_dir} is the data directory of a running "
+                              f"`clapq up` (pid {pid}), which holds its data: {_in_its_place(args.backup, data_dir)}")
     stack: list = []
     try:
         url = _database_url(settings, data_dir, stack)
         _clapq_database(url, tables=False)  # restore() refuses one that holds them
+        if ours and holds_clapq_tables(url):
+            raise RuntimeError(f"{data_dir} holds a clapq service's data already (its database has clapq's tables); "
+                               f"nothing in it was touched: {_in_its_place(args.backup, data_dir)}")
+        if ours:
+            refuse_shared_store(args.backup, settings.blob_dir, data_dir)
         restore(args.backup, url, settings.blob_dir, say=lambda m: print(m, file=sys.stderr),
                 check=f"clapq check{_data_dir_flag(args)}", manifest=manifest)
         _migrate(url)  # a backup of an earlier clapq: brought to this one's schema
@@ -677,19 +695,21 @@ def _terminate(procs: list[subprocess.Popen], grace: float = 20.0) -> None:
             p.wait()
 
 
-def _lock_data_dir(data_dir: Path, instead: str = "or give this one its own --data-dir", code: int = 2):
+def _lock_data_dir(data_dir: Path, instead: str = "or give this one its own --data-dir", code: int = 2,
+                   busy=None):
     """One `clapq up` per data directory: a second would start its own Redis and workers on the same
     Postgres, Redis files and blobs. The children it starts hold the lock too (pass_fds), so it is free
     only when this process and every one of them has ended (they die with it: die_with_parent). `instead`: what
-    else the user may do, said after "stop it first"."""
+    else the user may do, said after "stop it first"; `busy(pid)`: the whole sentence instead, where stopping it
+    is not what to do."""
     f = open(data_dir / "clapq-up.lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         f.seek(0)
         holder = f.read().strip() or "?"
-        _fail(f"another `clapq up` (pid {holder}), or processes it started, are using {data_dir}; stop it first, "
-              f"{instead}", code)
+        _fail(busy(holder) if busy else f"another `clapq up` (pid {holder}), or processes it started, are using "
+              f"{data_dir}; stop it first, {instead}", code)
     f.seek(0)
     f.truncate()
     f.write(f"{os.getpid()}\n")

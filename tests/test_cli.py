@@ -8,6 +8,7 @@ import json
 import os
 import re
 import select
+import shlex
 import shutil
 import signal
 import subprocess
@@ -4992,7 +4993,16 @@ def test_a_running_service_backed_up_is_restored_elsewhere_with_the_same_results
     assert f"start it with `clapq up --data-dir {tmp_path / 'b'}`" in out.stderr, out.stderr
     twice = subprocess.run(cli + ["restore", str(tmp_path / "backup"), "--data-dir", str(tmp_path / "b")],
                            env=_env(tiny_model), capture_output=True, text=True, timeout=120)
-    assert twice.returncode == 1 and "holds clapq's tables already" in twice.stderr, twice.stderr
+    # what to do where the backup is to take a data directory's place: a restore onto it is refused, running or not
+    # (running, it said "stop it first", and, stopped, "holds clapq's tables already: restore into a new data
+    # directory", and no more), and how to put it there is said, the data as it is kept (helper-126)
+    b, b_new, b_old = (shlex.quote(f"{tmp_path / 'b'}{end}") for end in ("", ".restored", ".before-restore"))
+    in_its_place = (f"a restore goes into a new data directory, and leaves this one as it is. To put the backup in its "
+                    f"place: `clapq restore {shlex.quote(str(tmp_path / 'backup'))} --data-dir {b_new}`, then, `clapq "
+                    f"up` stopped, `mv {b} {b_old} && mv {b_new} {b}` (its data as it is now kept in {b_old})\n")
+    assert twice.returncode == 1 and twice.stderr.endswith(
+        f"clapq: {tmp_path / 'b'} holds a clapq service's data already (its database has clapq's tables); nothing in "
+        f"it was touched: {in_its_place}"), twice.stderr
     (tmp_path / "a-file").write_text("")
     onto_file = subprocess.run(cli + ["restore", str(tmp_path / "backup"), "--data-dir", str(tmp_path / "a-file")],
                                env=_env(tiny_model), capture_output=True, text=True, timeout=120)
@@ -5002,8 +5012,9 @@ def test_a_running_service_backed_up_is_restored_elsewhere_with_the_same_results
     assert up.wait_ready() == key  # the owner's key, and its file, came along
     running = subprocess.run(cli + ["restore", str(tmp_path / "backup"), "--data-dir", str(tmp_path / "b")],
                              env=_env(tiny_model), capture_output=True, text=True, timeout=120)
-    assert running.returncode == 1 and "stop it first, though a restore goes into a new data directory" in \
-        running.stderr, running.stderr
+    assert running.returncode == 1 and re.fullmatch(
+        rf"clapq: {re.escape(str(tmp_path / 'b'))} is the data directory of a running `clapq up` \(pid \d+\), which "
+        rf"holds its data: {re.escape(in_its_place)}", running.stderr), running.stderr
     base = f"http://127.0.0.1:{up.port}"
     assert state(base) == before
     from sqlalchemy import text
