@@ -81,6 +81,11 @@ class Stale(SystemExit):
     """412: the item changed since the ETag sent in If-Match was read; read it again."""
 
 
+class KeyRefused(SystemExit):
+    """401: the API takes the key no more (revoked while the command ran) or never did. What a command sent
+    before stays its tenant's, which another key of the tenant reaches."""
+
+
 class Cut(SystemExit):
     """The connection to an API that had answered before was lost while a request that cannot simply be sent
     again (an upload's) was on its way: the API restarted, or refused a body over its size limit. The API may
@@ -213,7 +218,7 @@ class Client:
                                  "address it served last. Start it again (`clapq up --data-dir "
                                  f"{self.stopped}` with the --port it had), or pass --url and --key")
             if r.status_code == 401 and code == "unauthorized":  # the API's words are for HTTP clients
-                raise SystemExit(f"clapq: {method} {path}: the API does not take this key (unknown or revoked): pass "
+                raise KeyRefused(f"clapq: {method} {path}: the API does not take this key (unknown or revoked): pass "
                                  "the one `clapq up` or `clapq keys create` printed, with --key or CLAPQ_API_KEY")
             raise SystemExit(f"clapq: {method} {path} failed ({r.status_code}): {msg}")
         try:
@@ -1048,6 +1053,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         ctrl_c = isinstance(exc, KeyboardInterrupt)
         if isinstance(exc, OSError):  # a file went away, or stopped being readable, since the listing
             exc = SystemExit(f"clapq: cannot read {exc.filename}: {exc.strerror or exc}")
+        refused_key = isinstance(exc, KeyRefused)
         # a 404 of the upload: its library may have been deleted meanwhile
         was_404 = isinstance(exc, SystemExit) and isinstance(exc.code, str) and "failed (404)" in exc.code
         if isinstance(exc, SystemExit) and isinstance(exc.code, str):
@@ -1063,9 +1069,12 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             raise SystemExit(1) from None
         if jobs:  # say what is already in, and that running the command again resumes
             held = f", {skipped} were in the library already" if skipped else ""
+            # with the key refused (revoked meanwhile), the same command is refused again: it needs another key
+            again = (f"; they are being embedded, as the tenant's: {_AGAIN_WITH_A_KEY} for the rest"
+                     if refused_key else "; run the same command again for the rest")
             print(f"clapq: {'interrupted; ' if ctrl_c else ''}{sent} of {found} files were uploaded (jobs "
-                  f"{_some(jobs)}{held}){maybe}; run the same command again for the rest: files the library "
-                  "holds already are not sent again", file=sys.stderr)
+                  f"{_some(jobs)}{held}){maybe}{again}: files the library holds already are not sent again",
+                  file=sys.stderr)
         elif ctrl_c and in_flight:
             print(f"clapq: interrupted while sending {n_files(in_flight)}, which may be stored already; run the same "
                   "command again: files the library holds are not sent again", file=sys.stderr)
@@ -1161,6 +1170,15 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         print(f"clapq: stopped waiting; the uploaded files are still being embedded (jobs {_some(waited)}: "
               "run the same command again to wait for them, or `clapq jobs wait JOB`)", file=sys.stderr)
         raise SystemExit(130) from None
+    except KeyRefused as exc:
+        # the key revoked while the command waited: the 401's sentence alone left it unsaid whether the files
+        # sent were lost; they are the tenant's, embedded whatever became of the key
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+        print(exc.code, file=sys.stderr)
+        print(f"clapq: stopped waiting; the uploaded files are the tenant's and still being embedded (jobs "
+              f"{_some(waited)}): `clapq jobs wait JOB` {_ANOTHER_KEY} follows them", file=sys.stderr)
+        raise SystemExit(1) from None
     unsent = len(refused) + sum(gone_folders.values())
     if unsent:
         print(f"{n_files(unsent)} not sent (listed above as 'not sent')", file=sys.stderr)
@@ -1291,6 +1309,12 @@ def _patch_paths(client: Client, root: str, moved: list[tuple]) -> set[str]:
                 changed.add(item)
             break
     return changed
+
+
+# what a command whose key was refused midway (revoked) advises: the same command with the key it had is refused
+_ANOTHER_KEY = ("with another key of the tenant (--key or CLAPQ_API_KEY; `clapq keys create --tenant NAME` makes "
+                "one)")
+_AGAIN_WITH_A_KEY = f"run the same command again {_ANOTHER_KEY}"
 
 
 def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, float], None] | None = None,

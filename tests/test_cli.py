@@ -1791,8 +1791,9 @@ def test_a_job_cancelled_while_the_upload_waits_is_said_and_fails_the_command(tm
 def test_a_library_deleted_while_the_files_are_sent_is_said_without_advice_to_resume(tmp_path, tiny_model, refusal):
     """The library deleted between two of the command's requests (404): it says so, and that nothing of this
     run is kept, not "N files were uploaded; run the same command again for the rest" (helper-36). Another
-    refusal (a key revoked meanwhile, 401) asks nothing more and keeps that advice (helper-37: the look at
-    the library was refused too, and its sentence replaced the advice)."""
+    refusal (a key revoked meanwhile, 401) asks nothing more (helper-37: the look at the library was refused too, and
+    its sentence replaced the advice), and advises the same command with another key of the tenant: with its own,
+    revoked, the same command is refused again (helper-127)."""
     def answer(method, path):
         if path == "/v1/limits":
             return 200, {"max_files_per_batch": 1}, {}
@@ -1821,7 +1822,9 @@ def test_a_library_deleted_while_the_files_are_sent_is_said_without_advice_to_re
         assert "run the same command again" not in err and asked == ["/v1/libraries/lib1/batches", "/v1/libraries/lib1"]
     else:
         assert err.count("the API does not take this key") == 1 and asked == ["/v1/libraries/lib1/batches"], err
-        assert "clapq: 1 of 2 files were uploaded (jobs job1); run the same command again for the rest" in err, err
+        assert ("clapq: 1 of 2 files were uploaded (jobs job1); they are being embedded, as the tenant's: run the same "
+                "command again with another key of the tenant (--key or CLAPQ_API_KEY; `clapq keys create --tenant "
+                "NAME` makes one) for the rest: files the library holds already are not sent again") in err, err
 
 
 def test_an_empty_library_this_command_did_not_create_is_asked_what_it_holds(tmp_path, tiny_model):
@@ -4295,6 +4298,40 @@ def test_files_deleted_while_the_upload_waits_are_said_and_counted(start_api, ne
             "another terminal): a.wav, b.wav, sub/copy of a.wav; a run of this upload again sends them again") in err, err
     summary = json.loads(out)
     assert (summary["files"], summary["cancelled"], summary["deleted"], summary["failed"]) == (4, 1, 3, 0), summary
+
+
+def test_a_key_revoked_while_the_upload_waits_says_its_files_are_in(start_api, new_key, settings, tmp_path,
+                                                                     tiny_model):
+    """A key revoked (`clapq keys revoke`) while `clapq upload` waits for its files: it said only "the API does not
+    take this key (unknown or revoked)", exit 1, so whoever ran it could not tell whether the files sent were lost
+    (helper-127: a team member's key revoked during a 4-file upload, the files embedded meanwhile). They are the
+    tenant's and are embedded whatever became of the key: it says so, with the jobs, and how to follow them. The
+    files stay queued here, as the API runs a model no worker serves."""
+    from clapq.keys import create_key, revoke_key
+    from tests.test_engine import another_model
+
+    base, key = start_api(CLAPQ_MODEL=str(another_model(tiny_model, tmp_path))), new_key()
+    folder = tmp_path / "take"
+    folder.mkdir()
+    for i in range(2):
+        write(folder / f"{i}.wav", 0.5, seed=1270 + i)
+    p = _upload_with_key(folder, "team", base, key, tiny_model)
+    try:
+        said = _stderr_until(p, "uploaded 2 files (job ")
+        job = said[-1].split("(job ")[1].rstrip(")\n")
+        with session_scope(settings.database_url) as s:
+            tenant = revoke_key(s, key)[1]
+            other = create_key(s, tenant)
+        out, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 1 and out == "", (out, err)
+    assert "the API does not take this key (unknown or revoked)" in err, err
+    assert (f"clapq: stopped waiting; the uploaded files are the tenant's and still being embedded (jobs {job}): "
+            "`clapq jobs wait JOB` with another key of the tenant (--key or CLAPQ_API_KEY; `clapq keys create "
+            "--tenant NAME` makes one) follows them") in err, err
+    r = requests.get(f"{base}/v1/jobs/{job}", headers={"Authorization": f"Bearer {other}"}, timeout=30)
+    assert r.status_code == 200 and r.json()["counts"]["queued"] == 2, r.text
 
 
 def test_copies_of_files_this_upload_sent_are_not_said_to_be_left_unwaited(start_api, new_key, tmp_path, tiny_model):
