@@ -415,11 +415,17 @@ def _with_keys(args, work) -> None:
 
 
 def cmd_keys_create(args) -> None:
-    from clapq.keys import create_key
+    from clapq.keys import create_key_said
 
     if not args.tenant.strip():
         _fail("--tenant needs a name")
-    _with_keys(args, lambda s: create_key(s, args.tenant))
+
+    def create(s) -> str:
+        key, said = create_key_said(s, args.tenant)
+        print(f"clapq: {said}", file=sys.stderr)  # stdout holds the key alone, for scripts
+        return key
+
+    _with_keys(args, create)
 
 
 def _data_dir_flag(args) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import secrets
 
@@ -30,6 +31,31 @@ def create_key(session: Session, tenant_name: str) -> str:
     session.add(ApiKey(tenant_id=tenant.id, key_hash=hash_key(key), prefix=key[:PREFIX_CHARS]))
     session.flush()
     return key
+
+
+def create_key_said(session: Session, tenant_name: str) -> tuple[str, str]:
+    """create_key, and a sentence for whoever runs `clapq keys create`: whether the tenant is new, naming the
+    tenants of a name close to it, or has keys already, and how `clapq keys list` shows this one. A misspelt
+    `--tenant` made a tenant of its own, unsaid, whose key saw none of the team's libraries and jobs; and two
+    people's keys of one tenant were told apart in `keys list` only by starts that `keys create` never showed
+    (helper-127)."""
+    active = func.count(ApiKey.id).filter(ApiKey.revoked_at.is_(None))
+    before = {name: n for name, n in session.execute(
+        select(Tenant.name, active).outerjoin(ApiKey, ApiKey.tenant_id == Tenant.id).group_by(Tenant.name))}
+    key = create_key(session, tenant_name)
+    shown = f"`clapq keys list` shows this key as {key[:PREFIX_CHARS]}…"
+    if tenant_name in before:
+        n = before[tenant_name]
+        others = f"{n} other active key{'s' if n != 1 else ''}" if n else "no other active key"
+        return key, (f"a key of tenant {tenant_name!r}, which has {others}: each of its keys reaches the same "
+                     f"libraries and jobs; {shown}")
+    folded = {name.strip().casefold(): name for name in before}
+    near = difflib.get_close_matches(tenant_name.strip().casefold(), folded, 3, 0.75)
+    close = ", ".join(repr(folded[n]) for n in near)
+    beside = (f" (beside {close}, a name close to it: if you meant {'that tenant' if len(near) == 1 else 'one of those'}"
+              f", revoke this key, `clapq keys revoke {key[:PREFIX_CHARS]}`, and give its name)" if near else "")
+    return key, (f"new tenant {tenant_name!r}{beside}: its keys reach its own libraries and jobs only, none of "
+                 f"another tenant's; {shown}")
 
 
 def tenant_for_key(session: Session, key: str) -> Tenant | None:

@@ -1064,6 +1064,41 @@ def test_a_key_needs_a_tenant_name(tmp_path, tiny_model):
     assert not (tmp_path / "pg").exists()  # refused before anything was started
 
 
+def test_a_new_key_says_whether_its_tenant_is_new_and_how_keys_list_shows_it(settings, tiny_model):
+    """Keys for a team (helper-127): `keys create --tenant` printed the key alone, whether the tenant was the team's
+    or a new one. A misspelt or recapitalised name made a tenant of its own, unsaid, whose key saw none of the
+    team's libraries and jobs (its upload made a second 'field' no one else saw), and the team's keys were told
+    apart in `keys list` only by starts no command had shown. Now it says which, on stderr, the key alone on
+    stdout as before."""
+    from clapq.keys import revoke_key
+
+    team = f"studio-{uuid.uuid4().hex[:8]}"
+
+    def create(tenant: str) -> tuple[str, str]:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "keys", "create", "--tenant", tenant],
+                             env=_env(tiny_model, DATABASE_URL=settings.database_url), capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0 and re.fullmatch(r"cq_[\w-]{43}\n", out.stdout), (out.stdout, out.stderr)
+        return out.stdout.strip(), out.stderr
+
+    alice, said = create(team)
+    assert said == (f"clapq: new tenant {team!r}: its keys reach its own libraries and jobs only, none of another "
+                    f"tenant's; `clapq keys list` shows this key as {alice[:10]}…\n"), said
+    bob, said = create(team)
+    assert said == (f"clapq: a key of tenant {team!r}, which has 1 other active key: each of its keys reaches the same "
+                    f"libraries and jobs; `clapq keys list` shows this key as {bob[:10]}…\n"), said
+    with session_scope(settings.database_url) as s:
+        revoke_key(s, alice)
+        revoke_key(s, bob)
+    carol, said = create(team)
+    assert f"a key of tenant {team!r}, which has no other active key: " in said, said
+    for typo in (team.capitalize(), team.replace("studio", "studoi")):
+        key, said = create(typo)
+        assert said.startswith(
+            f"clapq: new tenant {typo!r} (beside {team!r}, a name close to it: if you meant that tenant, revoke this "
+            f"key, `clapq keys revoke {key[:10]}`, and give its name): its keys reach its own libraries"), said
+
+
 def test_a_database_that_cannot_be_used_and_a_busy_port_are_sentences(tmp_path, tiny_model):
     """DATABASE_URL that refuses connections or does not parse: `clapq migrate`, `keys create` and `up`
     say which database and why (password hidden), no traceback. A port something already listens on:
