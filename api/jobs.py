@@ -137,8 +137,14 @@ def _job_waiting(job: Job, counts: dict, unsent: int, oldest_queued, last_end, n
         running, first = _ahead(model_id)
         if running - {job.id} and first is not None:
             if first[0] != job.id and first[1] < oldest_queued:
-                return ("none of its files is being embedded: the workers are on files queued before them (the "
-                        "queue's order: README, Operations)")
+                # the tenant's own files queued before (its other jobs', which a tenant's files follow in the order
+                # sent): a team member's few files behind a colleague's backlog, or one's own, were told only "files
+                # queued before them", read as another tenant's, for the backlog's whole length (helper-127)
+                own = sum(n for j, queued, n in _own_queued(model_id) if j != job.id and queued < oldest_queued)
+                return ("none of its files is being embedded: the workers are on files queued before them"
+                        + (f", {own:,} of them this tenant's own, of its other jobs (a tenant's files are embedded in "
+                           "the order they were sent: `clapq jobs` lists them)" if own else "")
+                        + " (the queue's order: README, Operations)")
             if first[0] == job.id:
                 return BEHIND_RUNNING
     return None
@@ -165,6 +171,21 @@ def _ahead(model_id: int) -> tuple[set, tuple | None]:
             .where(Item.status == "queued", or_(Item.claimed_by.is_(None), Item.claimed_by.not_in(NO_MESSAGE)))
             .order_by(Item.updated_at).limit(1)).first() if running else None
         seen[model_id] = (running, first and tuple(first))
+    return seen[model_id]
+
+
+def _own_queued(model_id: int) -> list:
+    """Of the caller's tenant's queued files of `model_id` with a task: each job's, when its first was queued
+    (updated_at), and how many. Asked once per request and model, through ix_items_tenant_waiting (a tenant has
+    at most CLAPQ_MAX_PENDING_PER_TENANT and a batch waiting), as _ahead is."""
+    seen = g.setdefault("own_queued", {})
+    if model_id not in seen:
+        seen[model_id] = db().execute(
+            select(Item.job_id, func.min(Item.updated_at), func.count())
+            .join(Library, Library.id == Item.library_id)
+            .where(Item.tenant_id == g.tenant_id, Item.status == "queued", Library.model_id == model_id,
+                   or_(Item.claimed_by.is_(None), Item.claimed_by.not_in(NO_MESSAGE)))
+            .group_by(Item.job_id)).all()
     return seen[model_id]
 
 

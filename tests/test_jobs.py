@@ -858,7 +858,12 @@ def _behind_others_or_unsent(client, settings, celery, key, backlog_lib, lib) ->
         listed = client.get("/v1/jobs", headers=auth(key)).get_json()["jobs"]
     finally:
         event.remove(Engine, "before_cursor_execute", count)
-    assert [j["waiting"] for j in listed] == [got["waiting"]] * 5 and len(across) <= 2, (listed, across)
+    # each behind the tenant's own jobs queued before it (the newest behind 4 of its files), and the backlog's
+    own = ("none of its files is being embedded: the workers are on files queued before them, {} of them this "
+           "tenant's own, of its other jobs (a tenant's files are embedded in the order they were sent: `clapq jobs` "
+           "lists them) (the queue's order: README, Operations)")
+    assert [j["waiting"] for j in listed] == [own.format(n) for n in (4, 3, 2, 1)] + [got["waiting"]], listed
+    assert len(across) <= 3, across  # which files are ahead, and which of them are the tenant's own
     # the backlog is through, and no file of the model is being embedded: its files are next (a message on its
     # way), not behind any
     with session_scope(settings.database_url) as s:
@@ -875,6 +880,54 @@ def _behind_others_or_unsent(client, settings, celery, key, backlog_lib, lib) ->
         "model), and the maintenance loop that sends them made no pass lately (start `clapq beat`)"), got
     beat_done(celery, 1)
     assert client.get(f"/v1/jobs/{unsent}", headers=auth(key)).get_json()["waiting"] is None
+
+
+def test_a_job_behind_its_own_tenants_backlog_says_how_many_of_the_files_ahead_are_its_own(client, new_key, settings,
+                                                                                           app):
+    """A team sharing one server, two of them with keys of one tenant (helper-127): one's few files, uploaded behind
+    the other's backlog of 896, waited for all of it, as a tenant's files go in the order sent (and one person's
+    3 files behind their own backlog of 1,700 waited 6 minutes), told only "the workers are on files queued before
+    them", read as another tenant's backlog, where `clapq jobs` listed the tenant's jobs in the way. It now says
+    how many of those files are the tenant's own; another tenant's queued before them are not counted, nor said.
+    (A model of the test's own, which this process says it serves as a worker does: no other test's files are of
+    it.)"""
+    from sqlalchemy import text
+
+    from clapq.db import session_scope
+    from clapq.presence import serve, unserve
+
+    celery = app.extensions["clapq_celery"]
+    team = f"team-{uuid.uuid4().hex[:8]}"
+    alice, bob, other = new_key(team), new_key(team), new_key()
+    libs = [client.post("/v1/libraries", json={"name": name}, headers=auth(k)).get_json()
+            for name, k in (("big", alice), ("small", bob), ("theirs", other))]
+    with session_scope(settings.database_url) as s:
+        model = s.execute(text("INSERT INTO models (name, weights_sha256, dim) VALUES ('own', :w, 512) RETURNING id"),
+                          {"w": uuid.uuid4().hex * 2}).scalar()
+        s.execute(text("UPDATE libraries SET model_id = :m WHERE id IN (:a, :b, :c)"),
+                  {"m": model, "a": libs[0]["id"], "b": libs[1]["id"], "c": libs[2]["id"]})
+    serve(celery, model)
+    try:
+        # the other tenant's file being embedded and two queued, first; then alice's backlog; then bob's files
+        theirs, _ = job_rows(settings, libs[2]["id"], [("busy", 10, "running"), ("t0", 10, "queued"),
+                                                       ("t1", 10, "queued")], job_age_s=120)
+        backlog, _ = job_rows(settings, libs[0]["id"], [(f"b{i}", 10, "queued") for i in range(5)], job_age_s=90)
+        few, _ = job_rows(settings, libs[1]["id"], [("a", 10, "queued"), ("b", 10, "queued")], job_age_s=40)
+        with session_scope(settings.database_url) as s:
+            for job, age in ((theirs, 120), (backlog, 90), (few, 40)):
+                s.execute(text("UPDATE items SET updated_at = now() - make_interval(secs => :a) WHERE job_id = :j"),
+                          {"a": age, "j": job})
+        behind = "none of its files is being embedded: the workers are on files queued before them"
+        order = " (the queue's order: README, Operations)"
+        for key in (bob, alice):  # the tenant's keys alike
+            got = client.get(f"/v1/jobs/{few}", headers=auth(key)).get_json()
+            assert got["eta_s"] is None and got["waiting"] == (
+                f"{behind}, 5 of them this tenant's own, of its other jobs (a tenant's files are embedded in the "
+                f"order they were sent: `clapq jobs` lists them){order}"), got
+        # the backlog itself is behind the other tenant's files only, which are not told
+        assert client.get(f"/v1/jobs/{backlog}", headers=auth(alice)).get_json()["waiting"] == behind + order
+    finally:
+        unserve(celery)
 
 
 def test_a_job_queued_behind_a_long_recording_being_embedded_says_so(client, new_key, settings, app):
@@ -912,14 +965,15 @@ def test_a_job_queued_behind_a_long_recording_being_embedded_says_so(client, new
             assert got["status"] == "queued" and got["eta_s"] is None and got["waiting"] == BEHIND_RUNNING, got
         # the recording's own job is moving, not waiting
         assert client.get(f"/v1/jobs/{long_job}", headers=auth(key)).get_json()["waiting"] is None
-        # a job queued after the clips is behind them, queued before its own
+        # a job queued after the clips is behind them, queued before its own (the tenant's own, which it says)
         later, _ = job_rows(settings, lib["id"], [("later", 1_000_000, "queued")])
         with session_scope(settings.database_url) as s:
             s.execute(text("UPDATE items SET updated_at = now() - interval '35 seconds' WHERE job_id = :j"),
                       {"j": later})
         assert client.get(f"/v1/jobs/{later}", headers=auth(key)).get_json()["waiting"] == (
-            "none of its files is being embedded: the workers are on files queued before them (the queue's order: "
-            "README, Operations)")
+            "none of its files is being embedded: the workers are on files queued before them, 3 of them this "
+            "tenant's own, of its other jobs (a tenant's files are embedded in the order they were sent: `clapq jobs` "
+            "lists them) (the queue's order: README, Operations)")
         # the recording embedded: the clips are next (a worker takes them now), not behind any
         with session_scope(settings.database_url) as s:
             s.execute(text("UPDATE items SET status = 'done', finished_at = now() - interval '35 seconds' "
