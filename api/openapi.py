@@ -90,8 +90,9 @@ DELETED = _obj(deleted=_obj(item=_ID, library=_ID, items=_INT, stored_files=_INT
 _WAITING = {"type": ["string", "null"], "description": "why its files still to embed do not move: no live worker, "
             "none serving the library's model (CLAPQ_MODEL changed, a worker still loading it, or one that hangs), or Redis not "
             "answering; of a job also files with no task in the queue while the maintenance loop made no pass "
-            "lately, none of its files being embedded while the workers are on files queued before them (saying how many "
-            "of those are the tenant's own, of its other jobs) or on other jobs' files taken before its own, or all it "
+            "lately, none of its files being embedded while the workers are on files queued before them (saying how "
+            "many of those are the tenant's own, of its other jobs) or on other jobs' files taken before its own, or "
+            "all it "
             "has left running with no heartbeat lately (a worker stopped mid-file); null "
             "while they move, or when none is left"}
 _ITEM, _JOB, _LIBRARY = ({"$ref": f"#/components/schemas/{n}"} for n in ("Item", "Job", "Library"))

@@ -49,11 +49,15 @@ def create_key_said(session: Session, tenant_name: str) -> tuple[str, str]:
         others = f"{n} other active key{'s' if n != 1 else ''}" if n else "no other active key"
         return key, (f"a key of tenant {tenant_name!r}, which has {others}: each of its keys reaches the same "
                      f"libraries and jobs; {shown}")
-    folded = {name.strip().casefold(): name for name in before}
-    near = difflib.get_close_matches(tenant_name.strip().casefold(), folded, 3, 0.75)
-    close = ", ".join(repr(folded[n]) for n in near)
-    beside = (f" (beside {close}, a name close to it: if you meant {'that tenant' if len(near) == 1 else 'one of those'}"
-              f", revoke this key, `clapq keys revoke {key[:PREFIX_CHARS]}`, and give its name)" if near else "")
+    folded: dict[str, list[str]] = {}  # names that differ by case or spaces alone are each named
+    for name in sorted(before):
+        folded.setdefault(name.strip().casefold(), []).append(name)
+    near = [name for n in difflib.get_close_matches(tenant_name.strip().casefold(), folded, 3, 0.75)
+            for name in folded[n]]
+    one = len(near) == 1
+    beside = (f" (beside {', '.join(map(repr, near))}, {'a name' if one else 'names'} close to it: if you meant "
+              f"{'that tenant' if one else 'one of those'}, revoke this key, `clapq keys revoke {key[:PREFIX_CHARS]}`, "
+              "and give its name)" if near else "")
     return key, (f"new tenant {tenant_name!r}{beside}: its keys reach its own libraries and jobs only, none of "
                  f"another tenant's; {shown}")
 
