@@ -150,9 +150,11 @@ def _job_waiting(job: Job, counts: dict, unsent: int, oldest_queued, last_end, n
     return None
 
 
+# said where the workers' files are a backlog's as well as a long recording's (helper-127 saw it while they ended the
+# tenant's own backlog, where "one long recording keeps a worker" was the example it gave)
 BEHIND_RUNNING = ("none of its files is being embedded: the workers are still on files of other jobs, taken before "
-                  "its own (one long recording keeps a worker until it is embedded whole; the queue's order: README, "
-                  "Operations)")
+                  "its own (a worker ends the files it took before it takes more; a long recording, once it is "
+                  "embedded whole; the queue's order: README, Operations)")
 
 
 def _ahead(model_id: int) -> tuple[set, tuple | None]:
