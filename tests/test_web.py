@@ -633,3 +633,52 @@ def test_a_search_shows_its_results_page_by_page(start_api, new_key, worker, bro
     page.dispatch_event("#library", "change")
     assert page.locator("#pages").is_hidden()
     page.close()
+
+
+def test_every_matching_window_of_a_long_recording_is_offered(start_api, new_key, worker, browser, tmp_path):
+    """The page showed each file's best window alone (the API's items mode): in a library of long recordings, their
+    other moments could not be seen, where `clapq search --windows` and the API's segments mode list every matching
+    window, several of one file. "Show: every matching window" lists them, as the API gives them, page by page;
+    chosen with results shown, it shows that search's again."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    lib = _library(base, h, "field", [
+        ("rec.wav", write(tmp_path / "rec.wav", 75.0, 16_000, freq=400.0, seed=1).read_bytes()),
+        ("chirp.wav", write(tmp_path / "chirp.wav", 30.0, 16_000, freq=2500.0, seed=2).read_bytes())])
+    page = browser.new_page()
+    status = _searched(page, base, key, "field (2 files)", "a hum")
+    rows = page.locator("#results tbody tr")
+    expect(status).to_have_text(re.compile("^2 best for “a hum” in field"))
+    assert sorted(rows.locator("td.file").all_text_contents()) == ["chirp.wav", "rec.wav"]
+
+    page.select_option("#k", "10")
+    page.select_option("#mode", label="every matching window")  # the search shown, again
+    expect(status).to_have_text(re.compile("^10 best windows for “a hum” in field"))
+    api = requests.post(f"{base}/v1/search", headers=h, timeout=60, json={
+        "library_id": lib["id"], "text": "a hum", "k": 20, "mode": "segments"}).json()["results"]
+    assert len(api) == 19 and sum(r["filename"] == "rec.wav" for r in api) == 14, api  # 10 s windows, 5 s apart
+
+    def shown() -> list[tuple[str, str]]:
+        return list(zip(rows.locator("td.file").all_text_contents(), rows.locator("td.window").all_text_contents()))
+
+    def said(results) -> list[tuple[str, str]]:
+        return [(r["filename"], f"{r['start_s']:g}–{r['end_s']:g} s") for r in results]
+
+    assert shown() == said(api[:10]), (shown(), api)
+    page.click("#next")
+    expect(status).to_have_text(re.compile("^windows 11–19 for “a hum” in field"))
+    assert shown() == said(api[10:20]), (shown(), api)
+    # a new search, and "More like this", list windows too
+    page.click("#search-form button[type=submit]")
+    expect(status).to_have_text(re.compile("^10 best windows for “a hum” in field"))
+    rows.filter(has_text="rec.wav").first.locator("text=More like this").click()
+    expect(status).to_have_text(re.compile("^5 best windows for sounds like rec.wav in field"))
+    assert rows.locator("td.file").all_text_contents() == ["chirp.wav"] * 5
+    # and back to each file's best
+    page.select_option("#mode", label="each file's best window")
+    expect(status).to_have_text(re.compile("^1 best for sounds like rec.wav in field"))
+    assert rows.locator("td.file").all_text_contents() == ["chirp.wav"]
+    page.close()

@@ -216,8 +216,9 @@ async function noneEmbedded(libraryId, counts) {
 }
 
 // a page of `k` results from `offset`, where a search showed its first `k` (100 at most) and none past them, in a
-// library of hundreds of files
-async function search(query, what, offset = 0, k = Number($("k").value)) {
+// library of hundreds of files; `mode` "segments": every matching window, several of one file (the API's mode), where
+// each file's best window alone left a long recording's other moments unseen
+async function search(query, what, offset = 0, k = Number($("k").value), mode = $("mode").value) {
   const library_id = $("library").value;
   if (!library_id) throw new Error("no library to search: `clapq upload FOLDER --library NAME` makes one");
   localStorage.setItem(LIBRARY, library_id);
@@ -225,7 +226,7 @@ async function search(query, what, offset = 0, k = Number($("k").value)) {
   const mine = ++searching;
   say(`searching for ${what}…`);
   // one result past the page, where the API gives that many, says whether there is a next page
-  const fields = { library_id, k: Math.min(k + 1, maxK), offset };
+  const fields = { library_id, k: Math.min(k + 1, maxK), offset, ...(mode === "segments" ? { mode } : {}) };
   let found;
   try {
     if (query.clip) {
@@ -250,7 +251,7 @@ async function search(query, what, offset = 0, k = Number($("k").value)) {
   $("results").hidden = !results.length;
   // a next page where the API gave more (or a whole page, asked for max_k) and takes its offset (10 × max_k at most)
   const more = (found.results.length > k || (fields.k === k && results.length === k)) && offset + k <= 10 * maxK;
-  paged = { query, what, k, offset };
+  paged = { query, what, k, offset, mode };
   $("previous").disabled = offset === 0;
   $("next").disabled = !more;
   $("pages").hidden = !offset && !more;
@@ -260,11 +261,12 @@ async function search(query, what, offset = 0, k = Number($("k").value)) {
   if (mine !== searching) return;
   const left = counts.queued + counts.running;
   const still = left ? `; ${files(left)} of it still to be embedded${waiting ? ` (${waiting})` : ""}` : "";
-  let said = `${results.length} best for ${what} in ${library}`;
+  const windows = mode !== "segments" ? "" : results.length === 1 ? " window" : " windows";
+  let said = `${results.length} best${windows} for ${what} in ${library}`;
   if (!results.length) {
     said = `nothing found for ${what} in ${library}${offset ? ` past the first ${offset}` : ""}`;
   } else if (offset) {
-    said = `results ${offset + 1}–${offset + results.length} for ${what} in ${library}`;
+    said = `${windows ? "windows" : "results"} ${offset + 1}–${offset + results.length} for ${what} in ${library}`;
   }
   say(said + (none ? `: ${none}` : still), Boolean(none));
 }
@@ -272,9 +274,9 @@ async function search(query, what, offset = 0, k = Number($("k").value)) {
 // the page before or after the one shown, of as many results, said from its top
 function turn(by) {
   if (!paged) return;
-  const { query, what, k, offset } = paged;
-  search(query, what, Math.max(0, offset + by * k), k).then(() => $("status").scrollIntoView({ block: "nearest" }),
-                                                          failed);
+  const { query, what, k, offset, mode } = paged;
+  search(query, what, Math.max(0, offset + by * k), k, mode)
+    .then(() => $("status").scrollIntoView({ block: "nearest" }), failed);
 }
 
 // what the player plays ({itemId, name, at: the time it plays from once it has read the file's duration}), and the
@@ -354,6 +356,10 @@ function start() {
   $("player").addEventListener("error", () => unplayable().catch(failed));
   $("previous").addEventListener("click", () => turn(-1));
   $("next").addEventListener("click", () => turn(1));
+  // the search shown, again from its first page, as the choice made shows it
+  $("mode").addEventListener("change", () => {
+    if (paged) search(paged.query, paged.what).catch(failed);
+  });
   $("library").addEventListener("change", () => {
     cleared();
     say(`${$("library").selectedOptions[0].textContent}: search it by words or by a sound`);
