@@ -665,7 +665,7 @@ def test_every_matching_window_of_a_long_recording_is_offered(start_api, new_key
         return list(zip(rows.locator("td.file").all_text_contents(), rows.locator("td.window").all_text_contents()))
 
     def said(results) -> list[tuple[str, str]]:
-        return [(r["filename"], f"{r['start_s']:g}–{r['end_s']:g} s") for r in results]
+        return [(r["filename"], _window(r)) for r in results]
 
     assert shown() == said(api[:10]), (shown(), api)
     page.click("#next")
@@ -681,4 +681,65 @@ def test_every_matching_window_of_a_long_recording_is_offered(start_api, new_key
     page.select_option("#mode", label="each file's best window")
     expect(status).to_have_text(re.compile("^1 best for sounds like rec.wav in field"))
     assert rows.locator("td.file").all_text_contents() == ["chirp.wav"]
+    page.close()
+
+
+def _window(r: dict) -> str:
+    """A result's window as the page shows it (of whole seconds): seconds within a file's first minute, past it a
+    clock."""
+    def clock(t: float, hours: bool) -> str:
+        h, rest = divmod(round(t), 3600)
+        return f"{h}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+    a, b = r["start_s"], r["end_s"]
+    return f"{a:g}–{b:g} s" if b <= 60 else f"{clock(a, b >= 3600)}–{clock(b, b >= 3600)}"
+
+
+def _late_tone(path: Path, silent_s: float, tone_s: float, rate: int = 8_000) -> Path:
+    """A FLAC of `silent_s` of silence, then `tone_s` of a 500 Hz tone: an hour of it is a few KB."""
+    import numpy as np
+    import soundfile as sf
+
+    from tests.audio import signal
+
+    with sf.SoundFile(str(path), "w", rate, 1, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(int(silent_s // 10)):
+            f.write(np.zeros(rate * 10, dtype=np.float32))
+        f.write(signal(tone_s, rate, freq=500.0, seed=7)[:, 0])
+    return path
+
+
+def test_a_window_past_a_files_first_minute_is_shown_as_a_clock(start_api, new_key, worker, browser, tmp_path):
+    """A window of a long recording was shown in seconds, "3605–3615 s", to be worked out before one could find it in
+    a player. Past a file's first minute it is a clock, m:ss or h:mm:ss (1:00:05–1:00:15), as `clapq search` prints
+    it, and so is the time a result is played from; within the first minute, seconds as before."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    lib = _library(base, h, "long", [("hour.flac", _late_tone(tmp_path / "hour.flac", 3600, 30).read_bytes()),
+                                     ("minute.flac", _late_tone(tmp_path / "minute.flac", 60, 30).read_bytes())])
+    clip = write(tmp_path / "tone.wav", 8.0, 8_000, freq=500.0, seed=8)
+    page = browser.new_page()
+    status = _searched(page, base, key, "long (2 files)", "a tone")
+    page.select_option("#mode", label="every matching window")
+    page.set_input_files("#clip", str(clip))
+    page.click("#search-form button[type=submit]")
+    expect(status).to_have_text(re.compile("^20 best windows for the sound of tone.wav in long"))
+    rows = page.locator("#results tbody tr")
+    with clip.open("rb") as f:
+        api = requests.post(f"{base}/v1/search", headers=h, timeout=60, files={"audio": ("tone.wav", f)},
+                            data={"library_id": lib["id"], "k": "20", "mode": "segments"}).json()["results"]
+
+    shown = list(zip(rows.locator("td.file").all_text_contents(), rows.locator("td.window").all_text_contents()))
+    # the first 14, of the tone and next to it (the windows of silence after them score the same, in any order)
+    assert len(shown) == 20 and shown[:14] == [(r["filename"], _window(r)) for r in api[:14]], (shown, api)
+    for form in ("1:00:05–1:00:15", "0:59:55–1:00:05", "1:05–1:15", "0:55–1:05", "50–60 s"):  # each, both ends
+        assert form in [w for _, w in shown[:14]], shown
+    # played from its window, said as a clock
+    row = rows.filter(has_text="hour.flac").filter(has_text="1:00:05–1:00:15")
+    row.locator("text=Play").click()
+    expect(status).to_have_text("hour.flac, from 1:00:05")
+    assert abs(_loaded(page)["t"] - 3605) < 0.5
     page.close()

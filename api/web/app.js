@@ -85,6 +85,29 @@ function seconds(s) {
   return Number(s).toFixed(1).replace(/\.0$/, "");
 }
 
+// a time in a file past its first minute as a clock, m:ss or h:mm:ss to the tenth (1:02:05, 2:59:50.5), where
+// "3725–3735 s" in a long recording was to be worked out before a player could be sent there
+function clock(s, hours) {
+  const tenths = Math.round(Number(s) * 10);
+  const h = Math.floor(tenths / 36000);
+  const m = Math.floor((hours ? tenths % 36000 : tenths) / 600); // 0:59:59.96 an hour, 60:00 without one
+  const secs = String(Math.floor((tenths % 600) / 10)).padStart(2, "0") + (tenths % 10 ? `.${tenths % 10}` : "");
+  return hours ? `${h}:${String(m).padStart(2, "0")}:${secs}` : `${m}:${secs}`;
+}
+
+// a result's window as `clapq search` says it: seconds within a file's first minute (15–25 s), past it a clock, one
+// form for both ends (0:59:55–1:00:05)
+function spanned(start, end) {
+  if (Number(end) <= 60) return `${seconds(start)}–${seconds(end)} s`;
+  const hours = Math.round(Number(end) * 10) >= 36000;
+  return `${clock(start, hours)}–${clock(end, hours)}`;
+}
+
+// the time a window starts at, as the window says it (spanned)
+function moment(start, end) {
+  return spanned(start, end).split("–")[0] + (Number(end) <= 60 ? " s" : "");
+}
+
 // words searched for, as the status line says them: their first 80 characters (the whole stay in their box), where a
 // query of 1,000 filled eight lines of it above the results
 const QUOTED_MOST = 80;
@@ -173,7 +196,7 @@ function row(result) {
   const tr = document.createElement("tr");
   const span = result.segment || result;
   const name = shown(result);
-  const cells = [result.score.toFixed(4), name, `${seconds(span.start_s)}–${seconds(span.end_s)} s`];
+  const cells = [result.score.toFixed(4), name, spanned(span.start_s, span.end_s)];
   for (const [i, text] of cells.entries()) {
     const td = document.createElement("td");
     td.className = ["score", "file", "window"][i];
@@ -185,7 +208,7 @@ function row(result) {
   const playButton = document.createElement("button");
   playButton.type = "button";
   playButton.textContent = "Play";
-  playButton.addEventListener("click", () => play(result.item_id, name, span.start_s).catch(failed));
+  playButton.addEventListener("click", () => play(result.item_id, name, span).catch(failed));
   const likeButton = document.createElement("button");
   likeButton.type = "button";
   likeButton.textContent = "More like this";
@@ -290,7 +313,7 @@ async function link(itemId) {
   return at((await call("POST", `/v1/items/${encodeURIComponent(itemId)}/audio-link`)).url);
 }
 
-async function play(itemId, name, startS) {
+async function play(itemId, name, { start_s: startS, end_s: endS }) {
   say(`loading ${name}…`);
   const now = { itemId, name, at: Number(startS) };
   asked = now;
@@ -301,7 +324,7 @@ async function play(itemId, name, startS) {
   player.hidden = false;
   player.dataset.item = itemId;
   player.src = src;
-  say(`${name}, from ${seconds(startS)} s`);
+  say(`${name}, from ${moment(startS, endS)}`);
 }
 
 function started() {
