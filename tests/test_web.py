@@ -743,3 +743,71 @@ def test_a_window_past_a_files_first_minute_is_shown_as_a_clock(start_api, new_k
     expect(status).to_have_text("hour.flac, from 1:00:05")
     assert abs(_loaded(page)["t"] - 3605) < 0.5
     page.close()
+
+
+def test_back_and_forward_show_the_searches_before_and_after(start_api, new_key, worker, browser, tmp_path):
+    """A search did not change the page's address: Back after a search, or after "More like this", left the page and
+    its results. Each search shown is an entry of the page's history, in its address (never the key): Back and
+    Forward show the searches before and after, by words, by a file of the library and by a sound, a page turned,
+    and the page before its first search; the address, opened with a key, shows its search."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    tones = [(f"tone{i}.wav", write(tmp_path / f"t{i}.wav", 1.0, freq=300.0 * (i + 1), seed=i).read_bytes())
+             for i in range(12)]
+    lib = _library(base, h, "tones", tones)
+    page = browser.new_page()
+    page.goto("about:blank")
+    status = _searched(page, base, key, "tones (12 files)", "a tone")
+    rows = page.locator("#results tbody tr")
+    expect(status).to_have_text("12 best for “a tone” in tones (12 files)")
+    assert "text=a+tone" in page.url, page.url
+    assert key not in page.url
+    words = rows.locator("td.file").all_text_contents()
+    rows.filter(has_text="tone3.wav").locator("text=More like this").click()
+    expect(status).to_have_text("11 best for sounds like tone3.wav in tones (12 files)")
+    like = rows.locator("td.file").all_text_contents()
+    page.select_option("#k", "10")
+    page.set_input_files("#clip", str(tmp_path / "t5.wav"))
+    page.click("#search-form button[type=submit]")
+    expect(status).to_have_text("10 best for the sound of t5.wav in tones (12 files)")
+    page.click("#next")
+    expect(status).to_have_text("results 11–12 for the sound of t5.wav in tones (12 files)")
+
+    for said in ("10 best for the sound of t5.wav", "11 best for sounds like tone3.wav", "12 best for “a tone”"):
+        page.go_back()
+        expect(status).to_have_text(f"{said} in tones (12 files)")
+    assert rows.locator("td.file").all_text_contents() == words and page.input_value("#text") == "a tone"
+    page.go_back()  # the page before its first search: on the page, with no results
+    expect(page.locator("#results")).to_be_hidden()
+    assert page.url == f"{base}/" and status.text_content() == "tones (12 files): search it by words or by a sound"
+    page.go_forward()
+    expect(status).to_have_text("12 best for “a tone” in tones (12 files)")
+    page.go_forward()
+    expect(status).to_have_text("11 best for sounds like tone3.wav in tones (12 files)")
+    assert rows.locator("td.file").all_text_contents() == like
+    page.go_forward()
+    expect(status).to_have_text("10 best for the sound of t5.wav in tones (12 files)")
+    # the page opened again holds no sound chosen: said so
+    page.go_forward()
+    expect(status).to_have_text("results 11–12 for the sound of t5.wav in tones (12 files)")
+    page.reload()
+    expect(status).to_have_class("error")
+    assert status.text_content().startswith("the sound of t5.wav: the page holds a sound chosen only until"), \
+        status.text_content()
+    page.go_back()
+    page.go_back()
+    expect(status).to_have_text("11 best for sounds like tone3.wav in tones (12 files)")
+    address = page.url
+    page.close()
+
+    # the address opened elsewhere, the key pasted: its search, the file named from the API
+    other = browser.new_page()
+    other.goto(address)
+    other.fill("#key", key)
+    other.click("text=Use key")
+    expect(other.locator("#status")).to_have_text("11 best for sounds like tone3.wav in tones (12 files)")
+    assert f"library={lib['id']}" in other.url and key not in other.url
+    other.close()

@@ -241,7 +241,7 @@ async function noneEmbedded(libraryId, counts) {
 // a page of `k` results from `offset`, where a search showed its first `k` (100 at most) and none past them, in a
 // library of hundreds of files; `mode` "segments": every matching window, several of one file (the API's mode), where
 // each file's best window alone left a long recording's other moments unseen
-async function search(query, what, offset = 0, k = Number($("k").value), mode = $("mode").value) {
+async function search(query, what, offset = 0, k = Number($("k").value), mode = $("mode").value, how = "push") {
   const library_id = $("library").value;
   if (!library_id) throw new Error("no library to search: `clapq upload FOLDER --library NAME` makes one");
   localStorage.setItem(LIBRARY, library_id);
@@ -275,6 +275,7 @@ async function search(query, what, offset = 0, k = Number($("k").value), mode = 
   // a next page where the API gave more (or a whole page, asked for max_k) and takes its offset (10 × max_k at most)
   const more = (found.results.length > k || (fields.k === k && results.length === k)) && offset + k <= 10 * maxK;
   paged = { query, what, k, offset, mode };
+  remember(entry(paged, library_id), how);
   $("previous").disabled = offset === 0;
   $("next").disabled = !more;
   $("pages").hidden = !offset && !more;
@@ -300,6 +301,105 @@ function turn(by) {
   const { query, what, k, offset, mode } = paged;
   search(query, what, Math.max(0, offset + by * k), k, mode)
     .then(() => $("status").scrollIntoView({ block: "nearest" }), failed);
+}
+
+// each search shown is an entry of the page's history, in its address: Back and Forward show the one before and
+// after, where Back left the page and its results. The address holds the library, the words or the file searched by,
+// the page and what is shown (`#library=ID&text=rain&k=20&offset=20&mode=segments`), never the key; a sound chosen,
+// which an address cannot hold, is held by the page (`clip=TOKEN`) until it is closed or opened again.
+const clips = new Map();
+const PAGE = Math.random().toString(36).slice(2, 10); // a token of another page's (opened again) is none of these
+let chosen = 0;
+
+function entry({ query, what, k, offset, mode }, library) {
+  const e = { library, k, offset, mode, what };
+  if (query.clip) {
+    if (!query.token) clips.set(query.token = `${PAGE}-${++chosen}`, query.clip);
+    e.clip = query.token;
+  } else if (query.item_id) {
+    e.item = query.item_id;
+  } else {
+    e.text = query.text;
+  }
+  return e;
+}
+
+function remember(e, how) {
+  const p = new URLSearchParams({ library: e.library });
+  for (const name of ["text", "item", "clip"]) if (e[name] !== undefined) p.set(name, e[name]);
+  p.set("k", String(e.k));
+  if (e.offset) p.set("offset", String(e.offset));
+  if (e.mode === "segments") p.set("mode", e.mode);
+  const url = `#${p}`;
+  if (how === "push" && url !== location.hash) history.pushState({ search: e }, "", url);
+  else if (how) history.replaceState({ search: e }, "", url);
+}
+
+// an entry of no search (another library chosen, another key): Back shows the search before it
+function unremembered(how = "push") {
+  const bare = location.pathname + location.search;
+  if (how === "push" && history.state && history.state.search) history.pushState(null, "", bare);
+  else if (how !== "push" && location.hash) history.replaceState(null, "", bare);
+}
+
+// the search of the address, as given there (a link, the page opened again)
+function addressed() {
+  const p = new URLSearchParams(location.hash.slice(1));
+  if (!p.get("library") || !["text", "item", "clip"].some((name) => p.get(name))) return null;
+  const e = { library: p.get("library"), k: Number(p.get("k")), offset: Number(p.get("offset")), mode: p.get("mode") };
+  for (const name of ["text", "item", "clip"]) if (p.get(name)) e[name] = p.get(name);
+  return e;
+}
+
+// the search of the history's entry shown again (Back, Forward, the page opened again); an entry of none: the page
+// as before it
+async function restore() {
+  const e = (history.state && history.state.search) || addressed();
+  const option = e && [...$("library").options].find((o) => o.value === e.library && !o.disabled);
+  if (!option) {
+    // a library of another key's (a link of another's), or none: the page as a key leaves it
+    if (e) unremembered("replace");
+    if (paged) {
+      cleared();
+      say(`${$("library").selectedOptions[0].textContent}: search it by words or by a sound`);
+    }
+    return;
+  }
+  $("library").value = e.library;
+  const mode = e.mode === "segments" ? "segments" : "items";
+  $("mode").value = mode;
+  const k = Math.min(Math.max(1, Math.floor(e.k) || Number($("k").value)), maxK);
+  if ([...$("k").options].some((o) => Number(o.value) === k)) $("k").value = String(k);
+  const offset = Math.min(Math.max(0, Math.floor(e.offset) || 0), 10 * maxK);
+  if (e.text) {
+    $("text").value = e.text;
+    $("clip").value = "";
+  }
+  let query;
+  let what = e.what;
+  if (e.clip) {
+    const clip = clips.get(e.clip);
+    if (!clip) {
+      cleared();
+      say(`${what || "the sound searched for"}: the page holds a sound chosen only until it is opened again; choose `
+          + "it again", true);
+      return;
+    }
+    query = { clip, token: e.clip };
+  } else if (e.item) {
+    query = { item_id: e.item };
+    if (!what) {
+      try {
+        what = `sounds like ${shown(await call("GET", `/v1/items/${encodeURIComponent(e.item)}`))}`;
+      } catch (error) {
+        if (error.status === 401) throw error;
+        what = "sounds like a file"; // the search says why, where the item is none of this key's
+      }
+    }
+  } else {
+    query = { text: e.text };
+  }
+  await search(query, what || quoted(e.text), offset, k, mode, "replace");
 }
 
 // what the player plays ({itemId, name, at: the time it plays from once it has read the file's duration}), and the
@@ -379,12 +479,16 @@ function start() {
   $("player").addEventListener("error", () => unplayable().catch(failed));
   $("previous").addEventListener("click", () => turn(-1));
   $("next").addEventListener("click", () => turn(1));
+  window.addEventListener("popstate", () => {
+    if (key) restore().catch(failed);
+  });
   // the search shown, again from its first page, as the choice made shows it
   $("mode").addEventListener("change", () => {
     if (paged) search(paged.query, paged.what).catch(failed);
   });
   $("library").addEventListener("change", () => {
     cleared();
+    unremembered();
     say(`${$("library").selectedOptions[0].textContent}: search it by words or by a sound`);
   });
   $("key-form").addEventListener("submit", (event) => {
@@ -394,10 +498,11 @@ function start() {
       say("paste the API key `clapq up` printed (API key: cq_...)", true);
       return;
     }
-    useKey(given).catch(failed);
+    useKey(given).then(restore).catch(failed);
   });
   $("forget").addEventListener("click", () => {
     forget();
+    unremembered("replace");
     say("key forgotten");
   });
   // words or a sound, whichever was given last: a file chosen after words were typed was searched and the words
@@ -423,7 +528,7 @@ function start() {
   const stored = given || localStorage.getItem(KEY);
   if (stored) {
     // forgotten only where the API refuses it (failed): not where it did not answer (clapq stopped) or answered 503
-    useKey(stored).catch(failed);
+    useKey(stored).then(restore).catch(failed);
   } else {
     say("paste the API key `clapq up` printed (API key: cq_...)");
   }
