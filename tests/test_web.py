@@ -577,7 +577,8 @@ def test_a_search_refused_takes_the_last_ones_results_away(start_api, new_key, w
 def test_a_long_query_is_said_short_and_breaks_no_line(start_api, new_key, worker, browser, tmp_path):
     """The status line said the whole query searched for: 1,000 letters of one word made the page 8,900 px wide (at
     1,000), and 200 words filled eight lines of it above the results. It says the first 80 characters, and a word
-    longer than its line breaks, on a phone's width too."""
+    longer than its line breaks, on a phone's width too. A query longer than the service takes is the API's to refuse,
+    where the box cut it short."""
     from playwright.sync_api import expect
 
     expect.set_options(timeout=90_000)
@@ -593,6 +594,12 @@ def test_a_long_query_is_said_short_and_breaks_no_line(start_api, new_key, worke
                 (width, page.evaluate("document.documentElement.scrollWidth"))
             assert status.bounding_box()["height"] < (2.5 if width == 1000 else 4.5) * line, (width, said)
             assert page.input_value("#text") == words  # the whole query stays in its box
+    # past the service's max_query_chars the API says so: the box cut a paste at 1,000 characters, whatever the
+    # service's limit, and the words cut short were searched for unsaid
+    page.fill("#text", "rain " * 240)
+    page.click("#search-form button[type=submit]")
+    expect(status).to_contain_text("the query is 1199 characters; the limit is 1000")
+    assert page.input_value("#text") == "rain " * 240 and page.locator("#results").is_hidden()
     page.close()
 
 
