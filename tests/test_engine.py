@@ -489,6 +489,36 @@ print(result.state, result.result, round(time.monotonic() - began))
         assert sorted(s.get(Item, uuid.UUID(i)).attempts for i in ids) == [1, 1, 1]
 
 
+def test_a_task_begun_after_its_worker_was_told_to_stop_takes_no_file(client, new_key, worker, settings, env,
+                                                                     tmp_path):
+    """A task its pool child starts once the worker's warm shutdown has begun (worker.stopping told: a message
+    handed to the child as the stop came) claimed its files, a try counted, and, a first try, went on claiming
+    queued files of later tasks (CLAPQ_CLAIM_FOR_S) until its heartbeat heard of the stop, up to 2 s later; a
+    claim that came while it held no file unfinished went on for the whole window, as the stop was read from the
+    files it held then. Now its message goes back untouched, and no file is taken."""
+    from clapq.db import session_scope
+    from clapq.models import Item
+    from clapq.queue import enqueue_items, make_celery
+
+    key = new_key()
+    job_id, ids = queued_files(client, key, settings, tmp_path, "told to stop",
+                               [(f"t{i}.wav", 1.0, 120 + i) for i in range(3)])
+    code = f"""
+from worker import stopping
+stopping.tell()  # as the worker's main process does as its warm shutdown begins
+result = tasks.embed_items.apply(args=[{ids[:1]!r}])
+print(result.state)
+"""
+    r = in_a_worker_process({**env, "CLAPQ_CLAIM_FOR_S": "30", "CLAPQ_HEARTBEAT_S": "1"}, code)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert job_status(settings, job_id) == {"queued": 3}, (r.stdout, r.stderr[-3000:])  # before: {'done': 3}
+    with session_scope(settings.database_url) as s:
+        assert [s.get(Item, uuid.UUID(i)).attempts for i in ids] == [0, 0, 0]
+    enqueue_items(make_celery(settings), ids, 4)  # as the message put back would be, to the next worker
+    done = wait_job(client, key, job_id, timeout=240)
+    assert done["status"] == "done" and done["counts"]["done"] == 3, done
+
+
 def test_a_file_handed_back_for_scratch_again_and_again_is_counted_in_the_end(settings):
     """A file whose decoded audio never fits the scratch disk went round uncounted for ever (helper-44): each
     file goes back uncounted SCRATCH_FREE_TRIES times in a day, then its tries count, and it fails in the

@@ -24,7 +24,7 @@ from clapq.db import session_scope
 from clapq.queue import EMBED_QUEUE, EMBED_TASK, best_effort, enqueue_items, send_or_mark
 from clapq.room import disk_reserve
 from clapq.settings import Settings, claim_window_s
-from worker import CodeChanged
+from worker import CodeChanged, stopping
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,11 @@ def embed_items(self, item_ids: list[str]) -> dict:
     except Exception as exc:  # nothing was claimed: the message goes back for a worker that can run it
         _cannot_run(exc)
         raise Reject(f"cannot run here: {exc}", requeue=True) from exc
+    if stopping.told():
+        # begun once its worker's warm shutdown had (a message handed to the pool child as the stop came): it
+        # claimed its files, a try counted, and took later tasks' until its heartbeat heard of the stop. Its message
+        # goes back untouched, for the next worker
+        raise Reject("the worker is stopping", requeue=True)
     ids = [uuid.UUID(i) for i in item_ids]
     retry = _marked_retry(self.app, task_id, self.request.retries)
     try:
@@ -389,7 +394,9 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
     spare = settings.batch_size if first_try else 0
 
     def claim_more(rows: int) -> list:
-        if stopped:  # the worker is stopping: it takes no more files
+        # the worker is stopping: it takes no more files. Asked of the flag itself, not of the files on_stop found
+        # held: told while it held none unfinished (a claim on its way), it claimed on for the whole window
+        if stopping.told():
             return []
         try:
             with session_scope(settings.database_url) as s:
