@@ -1968,9 +1968,11 @@ def _window(start: float, end: float) -> str:
     """A result's window: in seconds within a file's first minute ("15-25 s"); past it as a clock, m:ss or h:mm:ss,
     to the millisecond ("1:02:05-1:02:15", "2:59:50.123-3:00:00"), where "3725-3735 s" in a 2-hour recording was
     to be worked out before a player could be sent there."""
-    if end <= 60:
+    # by the millisecond each is said to: an end of 3599.9996 s, said 1:00:00, without its hour was "59:50-0:00"
+    if round(end * 1000) <= 60_000:
         return f"{_seconds(start)}-{_seconds(end)} s"
-    return f"{_clock(start, end >= 3600)}-{_clock(end, end >= 3600)}"  # one form for both: 0:59:55-1:00:05
+    hours = round(end * 1000) >= 3_600_000
+    return f"{_clock(start, hours)}-{_clock(end, hours)}"  # one form for both: 0:59:55-1:00:05
 
 
 def _clock(t: float, hours: bool) -> str:

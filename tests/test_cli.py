@@ -1692,6 +1692,9 @@ def test_a_window_past_a_files_first_minute_is_a_clock():
 
     assert [_window(*w) for w in [(0, 0.5), (50, 60), (55, 65), (3595, 3605), (3725, 3735.25)]] == \
         ["0-0.5 s", "50-60 s", "0:55-1:05", "0:59:55-1:00:05", "1:02:05-1:02:15.25"]
+    # an end within half a millisecond of the hour (a recording a sample short of it) is said as the hour it
+    # rounds to, its start in the same form: "59:50-0:00" dropped the hour; so of the minute
+    assert [_window(*w) for w in [(3590, 3599.9996), (50, 60.0004)]] == ["0:59:50-1:00:00", "50-60 s"]
 
 
 def test_names_a_terminal_cannot_show_are_written_escaped(tiny_model):
