@@ -446,8 +446,9 @@ def restore(src: Path, url: str, blob_dir: Path, say=print, check: str = "clapq 
               f"--dbname={target}", str(src / DUMP)], env, "pg_restore")
     except BackupError as exc:  # its one transaction rolled back: the files alone are there
         raise BackupError(f"{src} cannot be restored: {exc}; nothing was restored into the database (its rows go "
-                          f"in one transaction); the stored files it copied ({copied}) are in {store.root}, which no row "
-                          "holds (a restore into the same place takes them as they are)") from None
+                          f"in one transaction); the backup's {copied} stored files ({new} copied now, the rest there "
+                          f"before) are in {store.root}, which no row holds (a restore into the same place takes them "
+                          "as they are)") from None
     say(f"restored {manifest['items']} items and their {copied} stored files, backed up at {manifest['created_at']}")
     if lost := manifest.get("missing_files"):  # its warning was the backup's, said to whoever ran it, then
         damaged = manifest.get("damaged_files", 0)  # of them; none in a backup of an earlier clapq

@@ -5913,9 +5913,9 @@ def test_a_damaged_or_cut_short_dump_is_refused_before_anything_is_restored(own_
     out = subprocess.run(cli, env=_env(tiny_model), capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert f"clapq: {bk} cannot be restored: pg_restore failed: " in out.stderr, out.stderr
-    assert f"; nothing was restored into the database (its rows go in one transaction); the stored files it copied (1) " \
-        f"are in {tmp_path / 'new' / 'blobs'}, which no row holds (a restore into the same place takes them as they are)" \
-        in out.stderr, out.stderr
+    assert "; nothing was restored into the database (its rows go in one transaction); the backup's 1 stored files (1 " \
+        f"copied now, the rest there before) are in {tmp_path / 'new' / 'blobs'}, which no row holds (a restore into " \
+        "the same place takes them as they are)" in out.stderr, out.stderr
     (bk / "clapq.dump").write_bytes(whole)  # the backup whole again: restored into the same place
     out = subprocess.run(cli, env=_env(tiny_model), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "restored 1 items and their 1 stored files" in out.stderr, out.stderr
