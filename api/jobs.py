@@ -177,17 +177,18 @@ def _ahead(model_id: int) -> tuple[set, tuple | None]:
 
 
 def _own_queued(model_id: int) -> list:
-    """Of the caller's tenant's queued files of `model_id` with a task: each job's, when its first was queued
-    (updated_at), and how many. Asked once per request and model, through ix_items_tenant_waiting (a tenant has
+    """Of the caller's tenant's queued files of `model_id` with a task: by job and when they were queued
+    (updated_at: a batch's files at once, those queued again later apart, which a job's first alone counted as
+    before another's), how many. Asked once per request and model, through ix_items_tenant_waiting (a tenant has
     at most CLAPQ_MAX_PENDING_PER_TENANT and a batch waiting), as _ahead is."""
     seen = g.setdefault("own_queued", {})
     if model_id not in seen:
         seen[model_id] = db().execute(
-            select(Item.job_id, func.min(Item.updated_at), func.count())
+            select(Item.job_id, Item.updated_at, func.count())
             .join(Library, Library.id == Item.library_id)
             .where(Item.tenant_id == g.tenant_id, Item.status == "queued", Library.model_id == model_id,
                    or_(Item.claimed_by.is_(None), Item.claimed_by.not_in(NO_MESSAGE)))
-            .group_by(Item.job_id)).all()
+            .group_by(Item.job_id, Item.updated_at)).all()
     return seen[model_id]
 
 

@@ -924,6 +924,14 @@ def test_a_job_behind_its_own_tenants_backlog_says_how_many_of_the_files_ahead_a
             assert got["eta_s"] is None and got["waiting"] == (
                 f"{behind}, 5 of them this tenant's own, of its other jobs (a tenant's files are embedded in the "
                 f"order they were sent: `clapq jobs` lists them){order}"), got
+        # two of the backlog's files queued again since (a worker's hand-back): behind the few, not before them
+        # (helper-129: a job's first file alone was compared, and all 5 were counted)
+        with session_scope(settings.database_url) as s:
+            s.execute(text("UPDATE items SET updated_at = now() - interval '10 seconds' WHERE id IN (SELECT id FROM "
+                           "items WHERE job_id = :j ORDER BY id LIMIT 2)"), {"j": backlog})
+        got = client.get(f"/v1/jobs/{few}", headers=auth(bob)).get_json()
+        assert got["waiting"] == (f"{behind}, 3 of them this tenant's own, of its other jobs (a tenant's files are "
+                                  f"embedded in the order they were sent: `clapq jobs` lists them){order}"), got
         # the backlog itself is behind the other tenant's files only, which are not told
         assert client.get(f"/v1/jobs/{backlog}", headers=auth(alice)).get_json()["waiting"] == behind + order
     finally:
