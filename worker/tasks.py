@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 # attempts bounding the retries) instead of 8 backoffs
 TRANSIENT = (OperationalError, InterfaceError, ConnectionError)
 
+
 class WorkerStopped(Exception):
     """Why a file its worker's stop cut short went back to the queue (worker.stopping)."""
 
@@ -469,11 +470,8 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
 
     # the worker told to stop (worker.stopping): every file not finished is dropped as a gone one is, within
     # about a second, and handed back below, where a long recording's task ran on past the stop's grace
-    stopped: set = set()
-
     def on_stop() -> None:
-        stopped.update(list(held))
-        dropped.update(stopped)
+        dropped.update(list(held))
 
     # a long file's share of windows embedded, which the heartbeat records every 2 s: its job's progress
     # moves before the file ends (GET /v1/jobs/<id>)
@@ -519,8 +517,9 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
         # acked as failed and the borrowed files' own found nothing to do
         hand_back(held, exc, charge=True)
         raise
-    if stopped and held:
-        # not the files' doing: this try is not counted, and they go back at once, together as they were sent
+    if held and stopping.told():
+        # files left unfinished by a run that ended are those the stop dropped (a gone one leaves `held`). Not the
+        # files' doing: this try is not counted, and they go back at once, together as they were sent
         hand_back(held, WorkerStopped(), charge=False, wait=False, per_task=settings.items_per_task)
         log.info("the worker is stopping: files not finished go back to the queue, this try not counted",
                  extra={"count": len(held), "task_id": task_id})
