@@ -1078,13 +1078,16 @@ def cmd_jobs(args) -> None:
         (cancel_job if args.jobs_command == "cancel" else retry_job)(client, args.job)
 
 
-def _job_id(raw: str) -> str:
-    """A job id (in any form a UUID takes), or argparse's usage error, before the API is asked."""
+def _an_id(raw: str, what: str) -> str:
+    """An id (in any form a UUID takes), or argparse's usage error, "RAW is not WHAT", before the API is asked."""
     try:
         return str(uuid.UUID(raw.strip()))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a job id: give one as `clapq jobs` or `clapq upload` "
-                                         "prints it (like 0b1c2d3e-...)") from None
+        raise argparse.ArgumentTypeError(f"{raw!r} is not {what}") from None
+
+
+def _job_id(raw: str) -> str:
+    return _an_id(raw, "a job id: give one as `clapq jobs` or `clapq upload` prints it (like 0b1c2d3e-...)")
 
 
 def _utf8(raw: str, what: str) -> str:
@@ -1139,25 +1142,20 @@ def _rate(raw: str) -> float:
 
 
 def _item_id(raw: str) -> str:
-    """`clapq search --like-item`: an item id (in any form a UUID takes), or argparse's usage error, as _job_id."""
-    with contextlib.suppress(ValueError):
-        return str(uuid.UUID(raw.strip()))
-    raise argparse.ArgumentTypeError(f"{raw!r} is not an item id: give one as `clapq search` prints it (like "
-                                     "0b1c2d3e-...), not a file (--like FILE)")
+    """`clapq search --like-item`."""
+    return _an_id(raw, "an item id: give one as `clapq search` prints it (like 0b1c2d3e-...), not a file (--like "
+                       "FILE)")
 
 
 def _skipped(raw: str) -> int:
-    """`clapq search --offset`: a whole number, 0 or more, said before the API is asked."""
-    if not raw.isdigit():
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of results to leave out: give a whole number, 0 "
-                                         "or more")
-    return int(raw)
+    """`clapq search --offset`."""
+    return _howmany(raw, "results to leave out", least=0)
 
 
-def _howmany(raw: str, what: str = "results") -> int:
-    """-k (and `clapq jobs --limit`): a whole number, 1 or more, said before the API is asked."""
-    if not raw.isdigit() or int(raw) < 1:
-        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of {what}: give a whole number, 1 or more")
+def _howmany(raw: str, what: str = "results", least: int = 1) -> int:
+    """-k (and `clapq jobs --limit`): a whole number, `least` or more, said before the API is asked."""
+    if not raw.isdigit() or int(raw) < least:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of {what}: give a whole number, {least} or more")
     return int(raw)
 
 
