@@ -423,13 +423,15 @@ def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
     each file as a 'files' part. The files are closed on leaving."""
     rel = [p.relative_to(folder).as_posix() for p in batch]
     names: list[str] = []
+    taken: set[str] = set()  # as the API reads a name, in NFC: "Café" of a Mac's folder (NFD) is Linux's "Café"
     for r in rel:  # two names that become one (café/cafè not in UTF-8, "a\\b" and "a_b"): the second is "a~2.wav"
         name, n = wire_name(r), 1
-        while name in names:
+        while unicodedata.normalize("NFC", name) in taken:
             n += 1
             stem, dot, ext = wire_name(r).rpartition(".")
             name = f"{stem}~{n}.{ext}" if dot else f"{ext}~{n}"
         names.append(name)
+        taken.add(unicodedata.normalize("NFC", name))
     root = folder_id(folder)  # which folder the paths are in: a rename is told within it only
     meta = json.dumps({n: {"path": stored_path(r), "folder": root} for n, r in zip(names, rel)})
     def opened(p: Path) -> _Sized:

@@ -3005,29 +3005,46 @@ def test_names_a_multipart_form_cannot_carry_still_reach_the_api_with_their_path
     """File names with a line break, a backslash, "%22" or bytes that are not UTF-8: `clapq upload` sends
     a name the API reads back as sent, so the batch's 'metadata' finds every file (before, the API refused
     the batch, on every run) and each item keeps its real path."""
-    from clapq import client as cli_client
-    from tests.conftest import auth
-
     real = ["new\nline.wav", "back\\slash.wav", "100%22.wav", 'q"uote.wav', "100% rain.wav",
             os.fsdecode(b"caf\xe9.wav"), "sub/tab\there.wav",
             "back_slash.wav", os.fsdecode(b"caf\xe8.wav")]  # the same names once sent as above: made distinct
-    (tmp_path / "sub").mkdir()
+    items, stored = _one_request_of(client, new_key(), tmp_path, real)
+    assert stored == [n.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for n in real]
+    assert [i["filename"] for i in items][:3] == ["new_line.wav", "back_slash.wav", "100_.wav"]
+    assert "caf\ufffd.wav" in [i["filename"] for i in items] and "caf\ufffd~2.wav" in [i["filename"] for i in items]
+
+
+def test_names_that_differ_only_in_how_their_accents_are_written_go_in_one_request(client, new_key, tmp_path):
+    """"Café.wav" typed on Linux (NFC) beside "Café.wav" copied from a Mac (NFD, "e" + U+0301) are two files, whose
+    names the API reads as one: the request holding both was refused (400 "'metadata' names 'Café.wav' twice"), and
+    `clapq upload` stopped there, at every run, none of the folder's later files sent (helper-134). The second is
+    sent as "Café~2.wav"; each item keeps its own path, as the folder spells it."""
+    real = ["Caf\u00e9.wav", "Cafe\u0301.wav", "F\u00eate/a.wav", "Fe\u0302te/a.wav"]
+    items, stored = _one_request_of(client, new_key(), tmp_path, real)
+    assert [i["filename"] for i in items] == ["Caf\u00e9.wav", "Caf\u00e9~2.wav", "a.wav", "a~2.wav"], items
+    assert stored == real, stored
+
+
+def _one_request_of(client, key: str, folder: Path, names: list[str]) -> tuple[list[dict], list[str]]:
+    """Files of these names (not audio) in `folder`, sent into a new library in one request as `clapq upload`
+    builds it: the batch's items, and the path each keeps in its metadata."""
+    from clapq import client as cli_client
+    from tests.conftest import auth
+
     paths = []
-    for i, name in enumerate(real):
-        p = tmp_path / name
+    for i, name in enumerate(names):
+        p = folder / name
+        p.parent.mkdir(exist_ok=True)
         p.write_bytes(b"RIFF not audio %d" % i)
         paths.append(p)
-    key = new_key()
-    lib = client.post("/v1/libraries", json={"name": "odd names"}, headers=auth(key)).get_json()["id"]
-    with cli_client.multipart_body(tmp_path, paths) as body:
+    lib = client.post("/v1/libraries", json={"name": "names"}, headers=auth(key)).get_json()["id"]
+    with cli_client.multipart_body(folder, paths) as body:
         r = client.post(f"/v1/libraries/{lib}/batches", data=body.read(), content_type=body.content_type,
                         headers=auth(key))
     assert r.status_code == 202, r.get_json()
     items = r.get_json()["items"]
-    stored = [client.get(f"/v1/items/{i['id']}", headers=auth(key)).get_json()["metadata"]["path"] for i in items]
-    assert stored == [n.encode("utf-8", "surrogateescape").decode("utf-8", "replace") for n in real]
-    assert [i["filename"] for i in items][:3] == ["new_line.wav", "back_slash.wav", "100_.wav"]
-    assert "caf\ufffd.wav" in [i["filename"] for i in items] and "caf\ufffd~2.wav" in [i["filename"] for i in items]
+    return items, [client.get(f"/v1/items/{i['id']}", headers=auth(key)).get_json()["metadata"]["path"]
+                   for i in items]
 
 
 def test_a_path_update_never_overwrites_an_edit_made_meanwhile(start_api, new_key, worker, tmp_path):
