@@ -488,6 +488,8 @@ def audio_files(folder: Path) -> Listing:
                 raise SystemExit(f"clapq: cannot read {folder}: {exc.strerror or exc}")
             if where.name == "lost+found" and where.parent.is_mount():  # every ext4 drive's, for root only: a
                 return  # drive uploaded whole would fail at every run for it (helper-43)
+            if _hidden(where.relative_to(folder)):  # left out whatever it holds: a drive's .Trashes, another
+                return  # user's .Trash-1000 failed every run, "any audio in them was not sent" (helper-134)
             found.closed.append(f"{where.relative_to(folder).as_posix()} ({exc.strerror or exc})")
 
     for top, dirs, files in os.walk(folder, onerror=unreadable):
@@ -500,7 +502,7 @@ def audio_files(folder: Path) -> Listing:
             rel = p.relative_to(folder)
             suffix = p.suffix.lower()
             try:
-                if any(part.startswith(".") for part in rel.parts):
+                if _hidden(rel):
                     found.hidden += p.is_file() and suffix in AUDIO_SUFFIXES
                 elif name in dirs and name.casefold() in SYSTEM_FOLDERS:  # a Windows drive's recycle bin
                     # was sent as the user's files, and its records of them failed, exit 1 (helper-104)
@@ -518,7 +520,7 @@ def audio_files(folder: Path) -> Listing:
                 else:
                     found.other[suffix or "(no suffix)"] += 1
             except OSError as exc:  # in a folder that can be listed but not entered
-                if suffix in AUDIO_SUFFIXES:
+                if suffix in AUDIO_SUFFIXES and not _hidden(rel):
                     found.closed.append(f"{rel.as_posix()} ({exc.strerror or exc})")
         dirs[:] = [d for d in dirs if d.casefold() not in SYSTEM_FOLDERS and d not in blocks]
     # a link to a file of the folder would store the file under the link's name when the link sorts first
@@ -531,6 +533,11 @@ def audio_files(folder: Path) -> Listing:
                   found.projects):
         names.sort()
     return found
+
+
+def _hidden(rel: Path) -> bool:
+    """Whether a path in the folder is hidden, or in a hidden folder: `clapq upload` leaves it out."""
+    return any(part.startswith(".") for part in rel.parts)
 
 
 def _some(names: list[str], most: int = 10) -> str:

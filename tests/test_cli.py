@@ -2149,6 +2149,36 @@ def test_folders_and_files_that_cannot_be_read_are_said_not_tracebacks(tmp_path,
         (tmp_path / "locked").chmod(0o755)
 
 
+def test_hidden_folders_that_cannot_be_read_are_left_out_as_any_hidden_ones(start_api, new_key, tmp_path, tiny_model):
+    """A drive a Mac has used keeps `.Trashes` and `.Spotlight-V100`, and a Linux desktop another user's
+    `.Trash-1000`, which the user uploading cannot read: hidden folders, left out whatever they hold, were
+    named as folders that cannot be read, "any audio in them was not sent", and the upload exited 1, at every
+    run (helper-134). Not run as root, whom no mode stops (setpriv drops its right to read anything)."""
+    base, key = start_api(), new_key()
+    drive = tmp_path / "drive"
+    (drive / "Music").mkdir(parents=True)
+    write(drive / "Music" / "a.wav", 0.5, seed=1340)
+    for hidden in (".Trash-1000", ".Spotlight-V100", ".fseventsd"):
+        (drive / hidden).mkdir()
+        write(drive / hidden / "x.wav", 0.3, seed=1341)
+    (drive / ".Trash-1000").chmod(0)  # cannot be listed
+    (drive / ".Spotlight-V100").chmod(0o444)  # listed, but its files cannot be looked at
+    unprivileged = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--inh-caps",
+                    "-dac_override,-dac_read_search", sys.executable, "-m", "clapq.cli"]
+    try:
+        p = subprocess.run(unprivileged + ["upload", str(drive), "--library", "drive", "--url", base, "--key", key,
+                                           "--no-wait"], env=_env(tiny_model), capture_output=True, text=True,
+                           timeout=300)
+    finally:
+        for hidden in (".Trash-1000", ".Spotlight-V100"):
+            (drive / hidden).chmod(0o755)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout)
+    assert (summary["files"], summary["unreadable"], summary["not_sent"]) == (1, 0, 0), summary
+    assert "cannot be read" not in p.stderr and "could not be read" not in p.stderr, p.stderr
+    assert "left out 1 file with hidden names (starting with '.')" in p.stderr.splitlines(), p.stderr
+
+
 def test_ctrl_d_at_the_delete_question_deletes_nothing(tiny_model):
     """`clapq delete --library x` at a terminal asks first; Ctrl-D (no answer) is "no", not an EOFError
     traceback."""
