@@ -1491,6 +1491,17 @@ def in_part_line(name: str, item_id: str, warning: str) -> str:
     return f"in part: {printable(name)} (item {item_id}): {printable(warning)}"
 
 
+def _warned_path(client: Client, warned: dict, where: dict[str, str], listed: bool) -> str:
+    """The path of a file a job's `warnings` name (embedded in part), as its failed files are named: by `where`
+    (item id -> path), or where `listed`, by the path its item keeps; a job's warnings give its base name only,
+    which `clapq jobs show` and `clapq jobs wait` printed ("in part: 01.flac" of which album, helper-134)."""
+    path = where.get(warned["item_id"])
+    if path is None and listed:
+        item, _ = client.item(warned["item_id"])
+        path = _path_of(item) if item else None
+    return path or warned["filename"]
+
+
 def progress_line(done: int, total: int, share: float, left: str = "") -> str:
     """Files processed and the share of the bytes embedded, as `clapq upload` and `clapq jobs` say them; `left`:
     ", about 4 min left" or ", no progress for 3 min" (`time_left`)."""
@@ -1603,7 +1614,7 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
         for w in s.get("warnings") or ():  # a server before warnings gives none
             if job in only and w["item_id"] not in only[job]:
                 continue
-            print(in_part_line(where.get(w["item_id"]) or w["filename"], w["item_id"], w["warning"]), file=sys.stderr)
+            print(in_part_line(_warned_path(client, w, where, listed), w["item_id"], w["warning"]), file=sys.stderr)
             in_part += 1
     cancelled = 0
     for job, s in zip(jobs, states):
@@ -1771,7 +1782,7 @@ def show_job(client: Client, job: str, everything: bool = False, as_json: bool =
     if c["failed"]:
         _show_failed(client, job, state, everything)
     for w in state.get("warnings") or ():
-        print(in_part_line(w["filename"], w["item_id"], w["warning"]))
+        print(in_part_line(_warned_path(client, w, {}, True), w["item_id"], w["warning"]))
 
 
 def _show_failed(client: Client, job: str, state: dict, everything: bool) -> None:

@@ -6049,6 +6049,10 @@ def test_a_file_cut_short_is_embedded_as_far_as_it_reads_and_said_so(start_api, 
     assert job["warnings"] == [{"item_id": item_id, "filename": "cut.flac", "warning": warning}], job
     others = requests.get(f"{base}/v1/libraries/{summary['library_id']}/items", headers=h, timeout=30).json()["items"]
     assert [(i["filename"], i["warning"]) for i in others if i["id"] != item_id] == [("whole.flac", None)], others
+    # named by its path in the folder, as the upload names it: "in part: cut.flac" was of which folder's cut.flac
     shown = subprocess.run([sys.executable, "-m", "clapq.cli", "jobs", "show", summary["jobs"][0], "--url", base,
                             "--key", key], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0 and f"in part: cut.flac (item {item_id}): {warning}\n" in shown.stdout, shown
+    assert shown.returncode == 0 and f"in part: sub/cut.flac (item {item_id}): {warning}\n" in shown.stdout, shown
+    waited = subprocess.run([sys.executable, "-m", "clapq.cli", "jobs", "wait", summary["jobs"][0], "--url", base,
+                             "--key", key], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert waited.returncode == 0 and f"in part: sub/cut.flac (item {item_id}): {warning}\n" in waited.stderr, waited
