@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     v1.before_request(ratelimit.check_request)  # before any handler reads a body
     v1.before_request(errors.plain_query)
     v1.before_request(errors.uncompressed_body)  # before any handler reads a body
+    v1.before_request(errors.bodiless)
     for module in (libraries, batches, jobs, items, search, tagging):
         v1.register_blueprint(module.bp)
     app.register_blueprint(v1)

@@ -319,11 +319,25 @@ def no_body(instead: str = "send it with none") -> None:
                           f"ignored: {instead}")
 
 
+def bodiless() -> None:
+    """before_request hook for /v1: a body sent with a GET, HEAD or DELETE, which none of them reads, is a 400, as
+    no_body refuses one sent to a POST that reads none: `requests.get(url, json={"k": 5})` searched with k 10, and
+    a bulk deletion guessed as `DELETE /v1/libraries/<id>` with `{"item_ids": [...]}` deleted the whole library."""
+    if request.method not in ("GET", "HEAD", "DELETE") or request.url_rule is None:
+        return
+    if request.method == "DELETE" and request.url_rule.rule == "/v1/libraries/<lib_id>":
+        no_body("it deletes the whole library, every file in it; to delete some of its files, POST their ids to "
+                '/v1/libraries/<id>/deletions ({"item_ids": [...]})')
+    elif request.url_rule.rule == "/v1/search":
+        no_body("give its fields in the query string, or POST the JSON body to /v1/search")
+    no_body("send it with none" if request.method == "DELETE" else "give its parameters in the query string")
+
+
 def uncompressed_body() -> None:
     """before_request hook for /v1: a body sent compressed (`Content-Encoding: gzip`, as some HTTP clients and
     proxies send one) is a 415. The API reads bodies as they come: gzipped JSON was told "send a JSON object
     like ...", a gzipped upload "the form could not be read", and plain JSON labelled gzip was taken. Only where a
-    body is sent (POST, PATCH: a GET's or a DELETE's is never read)."""
+    body is read (POST, PATCH: a GET's or a DELETE's is refused, by bodiless)."""
     codings = [c.strip() for c in request.headers.get("Content-Encoding", "").split(",") if c.strip()]
     if request.method in ("POST", "PATCH") and any(c.lower() != "identity" for c in codings) and (
             request.content_length or request.headers.get("Transfer-Encoding")):

@@ -819,8 +819,9 @@ def test_a_compressed_body_is_a_415_not_read_as_if_plain(client, new_key):
     r = client.post("/v1/search", data=search, content_type="application/json",
                     headers={**auth(key), "Content-Encoding": "identity"})
     assert r.status_code == 200 and r.get_json()["results"] == [], r.get_json()
-    assert client.get("/v1/search", query_string={"library_id": lib_id, "q": "rain"}, data=gzip.compress(b"x"),
-                      headers={**auth(key), "Content-Encoding": "gzip"}).status_code == 200  # a body never read
+    e = err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "rain"}, data=gzip.compress(b"x"),
+                       headers={**auth(key), "Content-Encoding": "gzip"}), 400)  # a body never read: refused as one
+    assert e["message"].startswith("GET /v1/search reads no body"), e
 
 
 def test_health_metrics_and_openapi(client, worker, app):
@@ -1202,6 +1203,35 @@ def test_a_body_an_operation_does_not_read_is_refused(client, lib):
         assert r.status_code == 200, r.get_json()
         expires = dt.datetime.fromisoformat(r.get_json()["expires_at"])
         assert (expires - dt.datetime.now(dt.timezone.utc)).total_seconds() < 10, expires
+
+
+def test_a_body_sent_with_a_get_or_a_delete_is_refused(client, lib):
+    """A GET's or a DELETE's body was never read, so what it held was ignored, unsaid: `DELETE
+    /v1/libraries/<id>` with `{"item_ids": [...]}`, a bulk deletion as other APIs take one, deleted the whole
+    library, and `requests.get(url, json={...})` searched with the defaults. Each is a 400 that says where it
+    goes (nothing deleted); with no body, or an empty one, each is answered as before."""
+    key, lib_id = lib
+    r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                    data={"files": [(io.BytesIO(b"RIFF one"), "a.wav"), (io.BytesIO(b"RIFF two"), "b.wav")]})
+    item, other = (i["id"] for i in r.get_json()["items"])
+    e = err(client.delete(f"/v1/libraries/{lib_id}", headers=auth(key), json={"item_ids": [item]}), 400)
+    assert e["message"] == ("DELETE /v1/libraries/<lib_id> reads no body, so what it held would be ignored: it "
+                            "deletes the whole library, every file in it; to delete some of its files, POST their "
+                            'ids to /v1/libraries/<id>/deletions ({"item_ids": [...]})'), e
+    e = err(client.delete(f"/v1/items/{item}", headers=auth(key), data="force"), 400)
+    assert e["message"] == "DELETE /v1/items/<item_id> reads no body, so what it held would be ignored: send it " \
+                           "with none", e
+    assert client.get(f"/v1/libraries/{lib_id}", headers=auth(key)).get_json()["item_count"] == 2  # none deleted
+    e = err(client.get("/v1/search", headers=auth(key), json={"library_id": lib_id, "text": "rain", "k": 1}), 400)
+    assert e["message"] == ("GET /v1/search reads no body, so what it held would be ignored: give its fields in "
+                            "the query string, or POST the JSON body to /v1/search"), e
+    e = err(client.get("/v1/jobs", headers=auth(key), json={"limit": 1}), 400)
+    assert e["message"] == ("GET /v1/jobs reads no body, so what it held would be ignored: give its parameters in "
+                            "the query string"), e
+    assert client.get("/v1/jobs", headers=auth(key), data=b"").status_code == 200
+    assert client.delete(f"/v1/items/{item}", headers=auth(key), data=b"").status_code == 200
+    assert client.delete(f"/v1/libraries/{lib_id}", headers=auth(key)).get_json()["deleted"]["items"] == 1
+    assert client.get(f"/v1/items/{other}", headers=auth(key)).status_code == 404
 
 
 def test_library_names_must_show_something(client, new_key):
