@@ -164,8 +164,10 @@ def upload_batch(lib_id: str):
     files = request.files.getlist("files")  # a full upload area raises StorageFull: a 507 (api.errors)
     # a part under another name would be dropped unseen ('file' for 'files', a 'tags' field)
     other = sorted(k or "" for k in (set(request.files) | set(request.form)) - {"files", "metadata"})
-    if request.form.getlist("files"):  # `curl -F files=x.wav` (no @): the name as text, not the file
-        raise bad_request("a 'files' part came as a text field, not a file (with curl: -F files=@path)")
+    if request.form.getlist("files"):  # `curl -F files=x.wav` (no @): the name as text, not the file; a part with
+        # no filename (requests' `files=[("files", (None, data))]`): the file's bytes as text
+        raise bad_request("a 'files' part came as a text field, not a file: give it a filename (with curl: "
+                          "-F files=@path)")
     if other:
         which = f"a part {other[0]!r}" if other[0] else "a part with no name"
         raise bad_request(f"the form has {which}, which an upload does not take: send each file as a part named "

@@ -56,7 +56,8 @@ def _known(names, where: str, files=()) -> None:
     """Refuse a field search does not take: a misspelt one ("filters", "limit") would otherwise be ignored,
     and the results would quietly be other than asked for."""
     if "audio" in names and where == "the form":  # `curl -F audio=clip.wav` (no @): the name as text, not the clip
-        raise bad_request("'audio' came as a text field, not a file (with curl: -F audio=@clip.wav)")
+        raise bad_request("'audio' came as a text field, not a file: give it a filename (with curl: "
+                          "-F audio=@clip.wav)")
     if "audio" in names:  # base64 in JSON, a name in a query string: "came as a text field" named no form
         raise bad_request(f"{where} has 'audio': a clip goes as a file of a multipart form, POST /v1/search (with curl: "
                           "-F audio=@clip.wav)")

@@ -47,7 +47,10 @@ class StreamingRequest(Request):
             # filter matched nothing and an upload's metadata was stored changed, silently (a URL-encoded form's
             # bytes are checked by search, the one endpoint that takes one: api.search._utf8)
             for name, value in self.form.items(multi=True):
-                if "\ufffd" in value:
+                # a part of the names files come in, sent with no filename (requests' `files=[("files", (None,
+                # data))]`), is a text field of the file's bytes: its endpoint says it came as one, where this said
+                # that its text was not UTF-8
+                if "\ufffd" in value and name not in ("files", "audio"):
                     raise BadRequest(f"the form's field {name!r} holds U+FFFD (the replacement character): its text "
                                      "was not UTF-8, or was damaged before it was sent; send text as UTF-8")
 

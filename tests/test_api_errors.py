@@ -149,7 +149,8 @@ def test_an_upload_reads_every_part_it_is_sent_or_says_why_not(client, lib):
     # `curl -F files=c.wav` (no @) sends the name as text: said, not dropped beside the real file
     e = err(client.post(url, headers=auth(key), content_type="multipart/form-data",
                         data={"files": [(io.BytesIO(b"RIFF1"), "a.wav"), "c.wav"]}), 400)
-    assert e["message"] == "a 'files' part came as a text field, not a file (with curl: -F files=@path)", e
+    assert e["message"] == "a 'files' part came as a text field, not a file: give it a filename (with curl: " \
+                           "-F files=@path)", e
     meta = io.BytesIO(json.dumps({"a.wav": {"tags": ["foley"]}}).encode())
     r = client.post(url, headers=auth(key), content_type="multipart/form-data",
                     data={"files": (io.BytesIO(b"RIFF meta as a file"), "a.wav"), "metadata": (meta, "meta.json")})
@@ -344,6 +345,14 @@ def test_every_multipart_text_field_that_is_not_utf8_is_refused(client, lib, set
     assert r.status_code == 202, r.get_json()
     item = client.get(f"/v1/items/{r.get_json()['items'][0]['id']}", headers=auth(key)).get_json()
     assert item["metadata"] == {"place": "caf\u00e9"}
+    # a file sent as a part with no filename, as requests' `files=[("files", (None, data))]` sends it, is a text
+    # field of its bytes: it was told its text was not UTF-8 ("holds U+FFFD"), of an audio file
+    e = err(client.post(url, **form([("files", wav)])), 400)
+    assert e["message"] == "a 'files' part came as a text field, not a file: give it a filename (with curl: " \
+                           "-F files=@path)", e
+    e = err(client.post("/v1/search", **form([("library_id", lib_id.encode()), ("audio", wav)])), 400)
+    assert e["message"] == "'audio' came as a text field, not a file: give it a filename (with curl: " \
+                           "-F audio=@clip.wav)", e
 
 
 def test_filenames_are_sanitised(client, lib):
@@ -1142,7 +1151,8 @@ def test_get_search_takes_what_post_takes(client, lib):
     assert "'clip'; the clip goes in 'audio'" in e["message"], e
     e = err(client.post("/v1/search", headers=auth(key), content_type="multipart/form-data",
                         data={"library_id": lib_id, "audio": "clip.wav"}), 400)
-    assert e["message"] == "'audio' came as a text field, not a file (with curl: -F audio=@clip.wav)", e
+    assert e["message"] == "'audio' came as a text field, not a file: give it a filename (with curl: " \
+                           "-F audio=@clip.wav)", e
     # in JSON (base64) or a query string it was told it "came as a text field", as if a form had been sent
     for r, where in ((client.post("/v1/search", json={"library_id": lib_id, "audio": "UklGRg=="}, headers=auth(key)),
                       "the JSON body"),
