@@ -438,6 +438,18 @@ def _room(folder, reserved: int = 0) -> str:
     return f" ({st.f_bavail * st.f_frsize / 1e6:.1f} MB free, {why})"
 
 
+def _routed(app: Flask, path: str) -> bool:
+    """Whether `path` is one of the API's, for any method: a path given with a trailing '/', as many web frameworks
+    write theirs, was told only "GET /openapi.json lists the API's paths", where the path was right but for it."""
+    try:
+        app.create_url_adapter(request).match(path, method=request.method)
+    except NotFound:
+        return False
+    except HTTPException:  # another method's path (405), or a redirect werkzeug would make
+        return True
+    return True
+
+
 def register(app: Flask) -> None:
     @app.errorhandler(ApiError)
     def _api_error(e: ApiError):
@@ -457,6 +469,8 @@ def register(app: Flask) -> None:
                 # (told of GET /v1/items too, helper-57, where the path is the API's but for its last part)
                 message = (f"no endpoint {request.path[:200]!r}: the API's paths begin /v1/ right after its address "
                            "(GET /openapi.json lists them)")
+            if (bare := request.path.rstrip("/")) and bare != request.path and _routed(app, bare):
+                message = f"no endpoint {request.path[:200]!r}: the path is {bare[:200]!r}, with no '/' at its end"
         takes = ", ".join(sorted(set(getattr(e, "valid_methods", None) or ()) - {"HEAD", "OPTIONS"}))
         if isinstance(e, MethodNotAllowed) and takes:  # werkzeug's words name neither method
             message = f"{request.path[:200]!r} does not take {request.method[:20]}; it takes {takes}"

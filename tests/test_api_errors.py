@@ -1959,6 +1959,14 @@ def test_a_path_no_endpoint_has_is_said_so(client, new_key):
     e = err(client.get("/api/v1/libraries", headers=auth(new_key())), 404)
     assert "the API's paths begin /v1/ right after its address" in e["message"], e
     assert err(client.get(f"/v1/items/{uuid.uuid4()}", headers=auth(new_key())), 404)["message"] == "item not found"
+    # a path with a trailing '/', as many web frameworks write theirs, names the path without it
+    key = new_key()
+    for method, path in (("post", "/v1/libraries/"), ("get", f"/v1/jobs/{uuid.uuid4()}/"), ("get", "/healthz/"),
+                         ("delete", f"/v1/items/{uuid.uuid4()}//")):
+        e = err(getattr(client, method)(path, headers=auth(key)), 404)
+        assert e["message"] == f"no endpoint {path!r}: the path is {path.rstrip('/')!r}, with no '/' at its end", e
+    e = err(client.get("/v1/nothing/", headers=auth(key)), 404)
+    assert e["message"] == "no endpoint '/v1/nothing/': GET /openapi.json lists the API's paths", e
 
 
 def test_a_slow_but_steady_reader_gets_the_whole_answer(start_api, new_key):
