@@ -313,8 +313,9 @@ def plain_query() -> None:
 def no_body(instead: str = "send it with none") -> None:
     """Refuse a body sent to an operation that reads none: what it held would be ignored, and the answer quietly
     other than asked for, as a query parameter a view does not read (plain_query): `-d '{"expires_in_s": 5}'` to
-    an audio link made one of an hour. Told by its length, unread; an empty one (Content-Length: 0) is none."""
-    if request.content_length or request.headers.get("Transfer-Encoding"):
+    an audio link made one of an hour. Told by its length, unread; an empty one (Content-Length: 0, or chunked with
+    no byte in it, as some clients send a DELETE's) is none."""
+    if request.content_length or request.headers.get("Transfer-Encoding") and request.stream.read(1):
         raise bad_request(f"{request.method} {request.url_rule.rule} reads no body, so what it held would be "
                           f"ignored: {instead}")
 

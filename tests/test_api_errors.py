@@ -1239,7 +1239,11 @@ def test_a_body_sent_with_a_get_or_a_delete_is_refused(client, lib):
     assert e["message"] == ("GET /v1/jobs reads no body, so what it held would be ignored: give its parameters in "
                             "the query string"), e
     assert client.get("/v1/jobs", headers=auth(key), data=b"").status_code == 200
-    assert client.delete(f"/v1/items/{item}", headers=auth(key), data=b"").status_code == 200
+    chunked = {"headers": {**auth(key), "Transfer-Encoding": "chunked"},
+               "environ_overrides": {"wsgi.input_terminated": True}}
+    e = err(client.delete(f"/v1/items/{item}", input_stream=io.BytesIO(b"{}"), **chunked), 400)
+    assert e["message"].startswith("DELETE /v1/items/<item_id> reads no body"), e
+    assert client.delete(f"/v1/items/{item}", input_stream=io.BytesIO(b""), **chunked).status_code == 200
     assert client.delete(f"/v1/libraries/{lib_id}", headers=auth(key)).get_json()["deleted"]["items"] == 1
     assert client.get(f"/v1/items/{other}", headers=auth(key)).status_code == 404
 
