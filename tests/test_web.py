@@ -603,6 +603,14 @@ def test_a_long_query_is_said_short_and_breaks_no_line(start_api, new_key, worke
     page.close()
 
 
+def _tones(base: str, key: str, tmp_path: Path, count: int) -> list[str]:
+    """A library "tones" of `count` half-second tones, each of its own pitch, embedded: their names."""
+    names = [f"tone{i:02d}.wav" for i in range(count)]
+    _library(base, {"Authorization": f"Bearer {key}"}, "tones", [
+        (n, write(tmp_path / n, 0.5, 16_000, freq=200.0 + 90 * i, seed=i).read_bytes()) for i, n in enumerate(names)])
+    return names
+
+
 def test_a_search_shows_its_results_page_by_page(start_api, new_key, worker, browser, tmp_path):
     """A search showed the first 10 to 100 results, and no more: in a library of hundreds of files, those past them
     could not be seen (the API takes an offset). Next and Previous show the pages after and before, of as many, by
@@ -612,9 +620,7 @@ def test_a_search_shows_its_results_page_by_page(start_api, new_key, worker, bro
 
     expect.set_options(timeout=90_000)
     base, key = start_api(CLAPQ_MAX_K="15"), new_key()
-    names = [f"tone{i:02d}.wav" for i in range(25)]
-    _library(base, {"Authorization": f"Bearer {key}"}, "tones", [
-        (n, write(tmp_path / n, 0.5, 16_000, freq=200.0 + 90 * i, seed=i).read_bytes()) for i, n in enumerate(names)])
+    names = _tones(base, key, tmp_path, 25)
     page = browser.new_page()
     status = _searched(page, base, key, "tones (25 files)", "a tone")
     assert page.locator("#k option").all_text_contents() == ["10", "15"] and page.input_value("#k") == "15"
@@ -818,3 +824,55 @@ def test_back_and_forward_show_the_searches_before_and_after(start_api, new_key,
     expect(other.locator("#status")).to_have_text("11 best for sounds like tone3.wav in tones (12 files)")
     assert f"library={lib['id']}" in other.url and key not in other.url
     other.close()
+
+
+def _focused(page) -> str:
+    """Where the keyboard is: the focused element's tag, id and text."""
+    return page.evaluate("(e => `${e.tagName}#${e.id} ${e.textContent.trim().slice(0, 60)}`)(document.activeElement)")
+
+
+def test_the_keyboard_keeps_its_place_after_more_like_this_and_a_page_turned(start_api, new_key, worker, browser,
+                                                                              tmp_path):
+    """"More like this", Next and Previous, pressed with the keyboard, sent its focus to the page's top: the button
+    pressed was taken away with its row, or disabled on the last page (seen with clapq up, tiny model: after More
+    like this, and after Next to the last page, the focus was on <body>), and a screen reader's next Tab began again
+    at the key's box. Focus goes to the results' heading, which says the results shown; Tab from there is the first
+    result's. Nothing found, focus goes to the status that says so."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    base, key = start_api(CLAPQ_MAX_K="15"), new_key()
+    _tones(base, key, tmp_path, 20)
+    page = browser.new_page()
+    status = _searched(page, base, key, "tones (20 files)", "a tone")
+    expect(status).to_have_text("15 best for “a tone” in tones (20 files)")
+    rows = page.locator("#results tbody tr")
+    heading = page.locator("#found")
+    rows.nth(3).locator("text=More like this").focus()
+    page.keyboard.press("Enter")
+    expect(status).to_have_text(re.compile("^15 best for sounds like tone"))
+    expect(heading).to_be_focused()
+    assert heading.text_content() == "Results 1–15" and page.locator("#results").get_attribute(
+        "aria-labelledby") == "found", heading.text_content()
+    page.keyboard.press("Tab")
+    assert _focused(page).startswith("BUTTON# Play"), _focused(page)
+    page.locator("#next").focus()
+    page.keyboard.press("Enter")  # the last page: Next disabled
+    expect(status).to_have_text(re.compile("^results 16–19 for sounds like tone"))
+    expect(heading).to_be_focused()
+    assert heading.text_content() == "Results 16–19"
+    page.keyboard.press("Tab")
+    assert _focused(page).startswith("BUTTON# Play"), _focused(page)
+    page.locator("#previous").focus()
+    page.keyboard.press("Space")
+    expect(status).to_have_text(re.compile("^15 best for sounds like tone"))
+    expect(heading).to_be_focused()
+    # the search refused: the status that says why has the focus
+    page.route("**/v1/search", lambda route: route.fulfill(status=503, content_type="application/json", body=(
+        '{"error": {"code": "database_unavailable", "message": "the database is not answering", "status": 503}}')))
+    rows.first.locator("text=More like this").focus()
+    page.keyboard.press("Enter")
+    expect(status).to_have_text("the database is not answering")
+    expect(status).to_be_focused()
+    page.close()
+

@@ -212,7 +212,8 @@ function row(result) {
   const likeButton = document.createElement("button");
   likeButton.type = "button";
   likeButton.textContent = "More like this";
-  likeButton.addEventListener("click", () => search({ item_id: result.item_id }, `sounds like ${name}`).catch(failed));
+  likeButton.addEventListener("click", () => kept(likeButton, search({ item_id: result.item_id },
+                                                                    `sounds like ${name}`)));
   actions.append(playButton, " ", likeButton);
   tr.append(actions);
   return tr;
@@ -271,6 +272,7 @@ async function search(query, what, offset = 0, k = Number($("k").value), mode = 
   const results = found.results.slice(0, k);
   const body = $("results").tBodies[0];
   body.replaceChildren(...results.map(row));
+  $("found").textContent = `${mode === "segments" ? "Windows" : "Results"} ${offset + 1}–${offset + results.length}`;
   $("results").hidden = !results.length;
   // a next page where the API gave more (or a whole page, asked for max_k) and takes its offset (10 × max_k at most)
   const more = (found.results.length > k || (fields.k === k && results.length === k)) && offset + k <= 10 * maxK;
@@ -293,14 +295,31 @@ async function search(query, what, offset = 0, k = Number($("k").value), mode = 
     said = `${windows ? "windows" : "results"} ${offset + 1}–${offset + results.length} for ${what} in ${library}`;
   }
   say(said + (none ? `: ${none}` : still), Boolean(none));
+  return true;
+}
+
+// a search begun from a button it takes away (a result's "More like this", its row replaced; Next or Previous,
+// disabled on the first or last page): the keyboard's place fell to the page's top, and a screen reader's next Tab
+// began again at the key's box. It goes to the results' heading (Tab from there is the first result's), or to the
+// status where none are shown (nothing found, the search refused), unless it was put elsewhere meanwhile
+function kept(button, searched) {
+  const here = () => [button, document.body, null].includes(document.activeElement);
+  searched.then((shown) => {
+    if (!shown || !here()) return;
+    $("status").scrollIntoView({ block: "nearest" });
+    ($("results").hidden ? $("status") : $("found")).focus();
+  }, (error) => {
+    const was = here();
+    failed(error);
+    if (was) $("status").focus();
+  });
 }
 
 // the page before or after the one shown, of as many results, said from its top
 function turn(by) {
   if (!paged) return;
   const { query, what, k, offset, mode } = paged;
-  search(query, what, Math.max(0, offset + by * k), k, mode)
-    .then(() => $("status").scrollIntoView({ block: "nearest" }), failed);
+  kept($(by < 0 ? "previous" : "next"), search(query, what, Math.max(0, offset + by * k), k, mode));
 }
 
 // each search shown is an entry of the page's history, in its address: Back and Forward show the one before and
