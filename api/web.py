@@ -1,6 +1,6 @@
-"""The search page: a page of static HTML, CSS and JavaScript at / that searches through the HTTP API like any other
-client (the API key in the Authorization header, which the page asks for and keeps in the browser's storage). The
-files are read once; no key is needed for them, as they hold nothing of any tenant's."""
+"""The search page: a page of static HTML, CSS and JavaScript (and its icon) at / that searches through the HTTP API
+like any other client (the API key in the Authorization header, which the page asks for and keeps in the browser's
+storage). The files are read once; no key is needed for them, as they hold nothing of any tenant's."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from flask import Blueprint, Response
 bp = Blueprint("web", __name__)
 
 FILES = {"/": ("index.html", "text/html; charset=utf-8"), "/app.js": ("app.js", "text/javascript; charset=utf-8"),
-         "/app.css": ("app.css", "text/css; charset=utf-8")}  # path: (file in api/web, its type)
+         "/app.css": ("app.css", "text/css; charset=utf-8"),
+         "/icon.svg": ("icon.svg", "image/svg+xml")}  # path: (file in api/web, its type)
 # the page runs its own script and style only, talks to this origin only, plays its audio links (api.items), and is
 # shown in no frame of another site
 POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; media-src 'self'; "
