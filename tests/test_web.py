@@ -903,3 +903,35 @@ def test_the_page_says_no_error_in_the_console(start_api, new_key, worker, brows
     assert icon == f"{base}/icon.svg" and r.status_code == 200 and r.headers["content-type"] == "image/svg+xml", r
     assert r.headers["content-security-policy"] and r.content.startswith(b"<svg"), r.headers
     page.close()
+
+
+def test_a_screen_reader_hears_which_file_each_button_and_the_player_is_of(start_api, new_key, worker, browser,
+                                                                           tmp_path):
+    """Each result's buttons were named "Play" and "More like this" alone, and the player nothing (Chromium's
+    accessibility tree: an Audio of no name): a screen reader tabbing through 20 results heard "Play, button" 20
+    times, not which file or window, and on the player, not what it held. Each button names its file (Play, its
+    window too: several windows of one file are several rows), the visible words first; the player, the file and
+    window it plays."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    base, key = start_api(), new_key()
+    _library(base, {"Authorization": f"Bearer {key}"}, "field", [
+        ("rec.wav", write(tmp_path / "rec.wav", 30.0, 16_000, freq=400.0, seed=1).read_bytes())])
+    page = browser.new_page()
+    status = _searched(page, base, key, "field (1 file)", "a hum")
+    page.select_option("#mode", label="every matching window")
+    expect(status).to_have_text(re.compile("^5 best windows for “a hum” in field"))
+    rows = page.locator("#results tbody tr")
+    windows = rows.locator("td.window").all_text_contents()
+    assert len(set(windows)) == 5, windows
+    for i, window in enumerate(windows):
+        row = rows.nth(i)
+        expect(row.get_by_role("button", name=f"Play rec.wav, {window}", exact=True)).to_have_count(1)
+        expect(row.get_by_role("button", name="More like this: rec.wav", exact=True)).to_have_count(1)
+    rows.nth(1).get_by_role("button", name="Play").press("Enter")
+    _loaded(page)
+    tree = page.context.new_cdp_session(page).send("Accessibility.getFullAXTree")["nodes"]
+    players = [n.get("name", {}).get("value") for n in tree if n.get("role", {}).get("value") == "Audio"]
+    assert players == [f"rec.wav, {windows[1]}"], players
+    page.close()

@@ -196,7 +196,8 @@ function row(result) {
   const tr = document.createElement("tr");
   const span = result.segment || result;
   const name = shown(result);
-  const cells = [result.score.toFixed(4), name, spanned(span.start_s, span.end_s)];
+  const when = spanned(span.start_s, span.end_s);
+  const cells = [result.score.toFixed(4), name, when];
   for (const [i, text] of cells.entries()) {
     const td = document.createElement("td");
     td.className = ["score", "file", "window"][i];
@@ -208,10 +209,14 @@ function row(result) {
   const playButton = document.createElement("button");
   playButton.type = "button";
   playButton.textContent = "Play";
+  // named by its file and window, as a screen reader says a button alone ("Play", twenty times in a table), the
+  // words shown first
+  playButton.setAttribute("aria-label", `Play ${name}, ${when}`);
   playButton.addEventListener("click", () => play(result.item_id, name, span).catch(failed));
   const likeButton = document.createElement("button");
   likeButton.type = "button";
   likeButton.textContent = "More like this";
+  likeButton.setAttribute("aria-label", `More like this: ${name}`);
   likeButton.addEventListener("click", () => kept(likeButton, search({ item_id: result.item_id },
                                                                     `sounds like ${name}`)));
   actions.append(playButton, " ", likeButton);
@@ -442,6 +447,7 @@ async function play(itemId, name, { start_s: startS, end_s: endS }) {
   const player = $("player");
   player.hidden = false;
   player.dataset.item = itemId;
+  player.setAttribute("aria-label", `${name}, ${spanned(startS, endS)}`); // what a screen reader says it holds
   player.src = src;
   say(`${name}, from ${moment(startS, endS)}`);
 }
