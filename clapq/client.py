@@ -20,7 +20,7 @@ import time
 import unicodedata
 import urllib.parse
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -64,6 +64,11 @@ MAX_CUTS = 3  # an upload request cut off this many times in a row (a proxy's sm
 
 
 OUTAGE_WAIT_S = 600  # how long a command keeps trying while the API, or its database, is down
+# waiting for jobs: at most this share of each of the key's CLAPQ_RATE_LIMIT, the rest left to the user's other
+# requests; asked once a poll's seconds while the jobs move, and as seldom as a fifth of the time nothing has
+# moved, up to MAX_POLL_S, while they do not
+WAIT_SHARE, MAX_POLL_S = 0.5, 10.0
+_PERIOD_S = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "month": 30 * 86400, "year": 360 * 86400}
 
 
 class Busy(SystemExit):
@@ -128,6 +133,8 @@ class Client:
         self.reached = False  # the API has answered once: from then on, no answer is an outage, not a typo
         self.stopped: Path | None = None  # the data directory whose address this is, where its `up` is not running
         self.key_of_stopped = False  # whether the key is that data directory's too (not --key, CLAPQ_API_KEY)
+        self.rates: list[tuple[int, float]] = []  # the key's CLAPQ_RATE_LIMIT (requests, seconds), once limits() asked
+        self.sent: deque[float] = deque(maxlen=100_000)  # when each request of this command was sent (monotonic)
 
     def call(self, method: str, path: str, missing_ok: bool = False, **kw) -> dict | None:
         """The JSON answer; any failure is a SystemExit with a sentence. `missing_ok`: a 404 is None. While
@@ -148,6 +155,7 @@ class Client:
         """The JSON answer (`etag`: with the answer's ETag header), or None for a 404 with `missing_ok`.
         `repeatable`: a POST that changes nothing when sent twice (a look-up, a search, a conditional
         update), asked again as a GET is when a restart cuts its connection."""
+        self.sent.append(time.monotonic())
         try:
             # 10 s to connect (a wrong host fails fast), 10 minutes for an answer (a large upload's)
             r = self.s.request(method, self.url + path, **{"timeout": (10, 600), **kw})
@@ -287,9 +295,30 @@ class Client:
         return by_name or next((lib for lib in libs if lib["id"] == _as_id(name)), None), libs
 
     def limits(self) -> dict:
-        """What the API takes (GET /v1/limits; an older server without it: {})."""
+        """What the API takes (GET /v1/limits; an older server without it: {}). Its `rate_limit` is kept for
+        `pace`."""
         answer = self.call("GET", "/v1/limits", missing_ok=True)
-        return answer if isinstance(answer, dict) else {}
+        answer = answer if isinstance(answer, dict) else {}
+        self.rates = _rates(answer.get("rate_limit"))
+        return answer
+
+    def pace(self, share: float = WAIT_SHARE) -> None:
+        """Sleep until one more request keeps this command's requests within `share` of each of the key's
+        limits, in any stretch of the limit's length (the API's moving window), its own earlier requests (an
+        upload's batches) counted. A wait that asked twice a second met 429s at a CLAPQ_RATE_LIMIT under 120 a
+        minute, and spent the budget of the user's other scripts of the key (helper-131)."""
+        for amount, period in self.rates:
+            allowed = max(1, int(amount * share))
+            while len(self.sent) >= allowed and (late := self.sent[-allowed] + period - time.monotonic()) > 0:
+                time.sleep(late)
+
+
+def _rates(spoken: object) -> list[tuple[int, float]]:
+    """The limits of /v1/limits' `rate_limit` as (requests, seconds): "1200 requests per minute; 10 requests
+    per 5 seconds" (api.ratelimit._spoken). None (no limit), or a form this client does not read: []."""
+    found = re.findall(r"(\d+) requests? per (?:(\d+) )?(second|minute|hour|day|month|year)s?",
+                       spoken if isinstance(spoken, str) else "")
+    return [(int(n), int(k or 1) * _PERIOD_S[unit]) for n, k, unit in found if int(n) > 0]
 
 
 def _as_id(name: str) -> str | None:
@@ -1333,12 +1362,16 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
     once, then once a `poll_s` the oldest that has not ended, and one behind it, in turn (when one has ended
     the next is asked at once): a folder of 100 jobs costs the API two requests a second while it waits, not
     100, the counts move as the workers go through the jobs in order, and every job's counts move, whichever
-    ends first. `progress(processed, total, share)` after each look:
-    files processed, of all, and the share of the work done: the jobs' own `progress` (by bytes, which
-    moves while a long file is embedded), each weighed by `weights` (the bytes sent; else its files). `why(reason)`
-    before each `progress`: why the files still to embed cannot move (a job's `waiting`: no live worker, none of
-    the library's model, Redis away), or None while they can."""
+    ends first. While nothing moves (files behind another tenant's backlog, a long recording's), it asks as
+    seldom as a fifth of the time since something did (up to MAX_POLL_S), and never past WAIT_SHARE of the
+    key's rate limit (`Client.pace`): a wait at a limit of 60 a minute met 429s within 30 s (helper-131).
+    `progress(processed, total, share)` after each look: files processed, of all, and the share of the work
+    done: the jobs' own `progress` (by bytes, which moves while a long file is embedded), each weighed by
+    `weights` (the bytes sent; else its files). `why(reason)` before each `progress`: why the files still to
+    embed cannot move (a job's `waiting`: no live worker, none of the library's model, Redis away), or None
+    while they can."""
     def look(job: str) -> dict:
+        client.pace()
         state = client.call("GET", f"/v1/jobs/{job}", missing_ok=True)
         if state is None:  # deleted with its library while we waited
             raise SystemExit(f"clapq: job {job} is gone: its library was deleted while the upload waited for it; "
@@ -1347,6 +1380,7 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
 
     states = [look(j) for j in jobs]
     after, rechecked = 0, set()
+    moved = time.monotonic()  # when a look last found a job other than it was
     while True:
         if why is not None:  # the first unfinished job's (a server of an earlier version does not say)
             why(next((s.get("waiting") for s in states if s["status"] in ("queued", "running")), None))
@@ -1369,7 +1403,8 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
             if not any(states[i]["status"] in ("queued", "running") for i in again):
                 return states
             continue
-        time.sleep(poll_s)
+        before = [_moving(s) for s in states]
+        time.sleep(min(MAX_POLL_S, max(poll_s, (time.monotonic() - moved) / 5)))
         # the oldest job that has not ended, and the next ones at once while they have: workers take the
         # files in the order they were sent, so that is where the counts move (asked only in turn, each of a
         # folder's 200 jobs was looked at every 200 s: "20%" shown for two minutes while half was done,
@@ -1387,6 +1422,13 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
             after = i + 1
             if states[i]["status"] in ("queued", "running"):
                 break
+        if [_moving(s) for s in states] != before:
+            moved = time.monotonic()
+
+
+def _moving(state: dict) -> tuple:
+    """What of a job's state tells it moved: not its ETA, nor the seconds a reason to wait counts."""
+    return state["status"], state["counts"], state["progress"], _gist(state.get("waiting"))
 
 
 def _not_for_another_model(lib: dict, limits: dict, unfinished: int) -> None:

@@ -7,9 +7,11 @@ import dataclasses
 import io
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import requests
@@ -140,3 +142,62 @@ def test_no_limit_and_the_default(settings, new_key):
     assert settings.rate_limit == "1200/minute"
     client, key = create_app(dataclasses.replace(settings, rate_limit="")).test_client(), new_key()
     assert client.get("/v1/limits", headers=auth(key)).get_json()["rate_limit"] is None
+
+
+def test_a_wait_asks_less_while_nothing_moves_and_keeps_within_half_the_limit(start_api, new_key, settings,
+                                                                             tiny_model):
+    """`clapq jobs wait` (and `clapq upload`, which waits the same way) on a job whose file does not move, its
+    requests counted by the API's own rate-limit counter. At 600 a minute it asked once a second (33 requests to
+    the end, 15 from its 12th s to its 27th); it now asks as seldom as a fifth of the time nothing has moved
+    (20; 5), and still sees the job end within seconds. At 8 a minute it used the key's whole limit within 8 s
+    and met a 429 (said on stderr); it now keeps to half of it, leaving the rest to the key's other requests
+    (helper-131)."""
+    from limits import parse_many
+    from limits.storage import RedisStorage
+    from limits.strategies import MovingWindowRateLimiter
+    from sqlalchemy import text
+
+    from clapq.keys import hash_key
+    from clapq.queue import make_celery, redis_client
+    from tests.test_jobs import job_rows
+
+    pool = redis_client(make_celery(settings), quick=True).connection_pool
+    counter = MovingWindowRateLimiter(RedisStorage("redis://", connection_pool=pool, key_prefix="clapq:rate"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLAPQ_") and k not in ("DATABASE_URL",
+                                                                                          "REDIS_URL")}
+    env.update(CLAPQ_MODEL=str(tiny_model), PYTHONPATH=str(ROOT))
+
+    def waiting(rate_limit: str) -> tuple[subprocess.Popen, str, dict[str, object]]:
+        base, key = start_api(rate_limit), new_key()
+        lib = requests.post(f"{base}/v1/libraries", json={"name": "still"}, headers=auth(key), timeout=30).json()
+        job, ids = job_rows(settings, lib["id"], [("a", 1_000_000, "running")])
+        proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "jobs", "wait", str(job), "--url", base, "--key",
+                                 key], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        return proc, key, ids
+
+    def used(rate_limit: str, key: str) -> int:  # the library's creation left out
+        limit = parse_many(rate_limit)[0]
+        return limit.amount - counter.get_window_stats(limit, hash_key(key)[:32]).remaining - 1
+
+    proc, key, ids = waiting("600/minute")
+    time.sleep(12)
+    before = used("600/minute", key)
+    time.sleep(15)
+    asked = used("600/minute", key) - before  # once a second before: 15
+    assert asked <= 8, (before, asked)
+    with session_scope(settings.database_url) as s:
+        s.execute(text("UPDATE items SET status = 'done', finished_at = now() WHERE id = :i"), {"i": ids["a"]})
+    try:
+        out, err = proc.communicate(timeout=10)  # its poll at most a fifth of the ~27 s still apart
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0 and ": done: 1 done" in out, (out, err)
+    assert used("600/minute", key) <= 24, (used("600/minute", key), err)
+
+    proc, key, _ = waiting("8/minute")
+    time.sleep(12)
+    os.killpg(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate()
+    assert used("8/minute", key) <= 4 and "CLAPQ_RATE_LIMIT" not in err, (used("8/minute", key), err)
