@@ -38,16 +38,21 @@ def create_key_said(session: Session, tenant_name: str) -> tuple[str, str]:
     tenants of a name close to it, or has keys already, and how `clapq keys list` shows this one. A misspelt
     `--tenant` made a tenant of its own, unsaid, whose key saw none of the team's libraries and jobs; and two
     people's keys of one tenant were told apart in `keys list` only by starts that `keys create` never showed
-    (helper-127)."""
+    (helper-127). Spaces around the name are dropped, and said (`--tenant " studio"` made a tenant other than
+    "studio", helper-131), unless a tenant has that very name (made before): its keys are made as before."""
     active = func.count(ApiKey.id).filter(ApiKey.revoked_at.is_(None))
     before = {name: n for name, n in session.execute(
         select(Tenant.name, active).outerjoin(ApiKey, ApiKey.tenant_id == Tenant.id).group_by(Tenant.name))}
+    given, trimmed = tenant_name, ""
+    if tenant_name not in before and tenant_name.strip() != tenant_name:
+        tenant_name = tenant_name.strip()
+        trimmed = f"--tenant {given!r} taken as {tenant_name!r}, without the spaces around it; "
     key = create_key(session, tenant_name)
     shown = f"`clapq keys list` shows this key as {key[:PREFIX_CHARS]}…"
     if tenant_name in before:
         n = before[tenant_name]
         others = f"{n} other active key{'s' if n != 1 else ''}" if n else "no other active key"
-        return key, (f"a key of tenant {tenant_name!r}, which has {others}: each of its keys reaches the same "
+        return key, (f"{trimmed}a key of tenant {tenant_name!r}, which has {others}: each of its keys reaches the same "
                      f"libraries and jobs; {shown}")
     folded: dict[str, list[str]] = {}  # names that differ by case or spaces alone are each named
     for name in sorted(before):
@@ -58,8 +63,8 @@ def create_key_said(session: Session, tenant_name: str) -> tuple[str, str]:
     beside = (f" (beside {', '.join(map(repr, near))}, {'a name' if one else 'names'} close to it: if you meant "
               f"{'that tenant' if one else 'one of those'}, revoke this key, `clapq keys revoke {key[:PREFIX_CHARS]}`, "
               "and give its name)" if near else "")
-    return key, (f"new tenant {tenant_name!r}{beside}: its keys reach its own libraries and jobs only, none of "
-                 f"another tenant's; {shown}")
+    return key, (f"{trimmed}new tenant {tenant_name!r}{beside}: its keys reach its own libraries and jobs only, none "
+                 f"of another tenant's; {shown}")
 
 
 def tenant_for_key(session: Session, key: str) -> Tenant | None:

@@ -1103,6 +1103,39 @@ def test_a_new_key_says_whether_its_tenant_is_new_and_how_keys_list_shows_it(set
         f"those, revoke this key, `clapq keys revoke {key[:10]}`, and give its name): its keys reach its own"), said
 
 
+def test_spaces_around_a_tenant_name_are_dropped_and_said(settings, tiny_model):
+    """`keys create --tenant " studio"` made a tenant " studio" beside "studio", whose keys reached none of the
+    team's libraries, named only as a close name (helper-131). The spaces are dropped now, and said; a tenant whose
+    name has them (made before) keeps its keys, and `--tenant` of that very name still makes keys for it."""
+    from clapq.keys import create_key, tenant_for_key
+
+    team, old = f"studio-{uuid.uuid4().hex[:8]}", f" old-{uuid.uuid4().hex[:8]} "
+    with session_scope(settings.database_url) as s:
+        old_key = create_key(s, old)
+
+    def create(tenant: str) -> tuple[str, str]:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "keys", "create", "--tenant", tenant],
+                             env=_env(tiny_model, DATABASE_URL=settings.database_url), capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        with session_scope(settings.database_url) as s:
+            return tenant_for_key(s, out.stdout.strip()).name, out.stderr
+
+    assert create(team)[0] == team
+    tenant, said = create(f" {team}\t")
+    assert tenant == team and said.startswith(
+        f"clapq: --tenant {f' {team}{chr(9)}'!r} taken as {team!r}, without the spaces around it; a key of tenant "
+        f"{team!r}, which has 1 other active key:"), said
+    tenant, said = create(f"  new-{team} ")
+    assert tenant == f"new-{team}" and said.startswith(
+        f"clapq: --tenant {f'  new-{team} '!r} taken as {f'new-{team}'!r}, without the spaces around it; new tenant "
+        f"{f'new-{team}'!r}"), said
+    tenant, said = create(old)
+    assert tenant == old and said.startswith(f"clapq: a key of tenant {old!r}, which has 1 other active key"), said
+    with session_scope(settings.database_url) as s:
+        assert tenant_for_key(s, old_key).name == old
+
+
 def test_a_database_that_cannot_be_used_and_a_busy_port_are_sentences(tmp_path, tiny_model):
     """DATABASE_URL that refuses connections or does not parse: `clapq migrate`, `keys create` and `up`
     say which database and why (password hidden), no traceback. A port something already listens on:
