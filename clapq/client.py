@@ -265,9 +265,7 @@ class Client:
             # so does a misspelt one (`--library feild` beside "field"), whose upload sends the whole folder again
             # into a new library (helper-108)
             alike = [lib["name"] for lib in libs if lib["name"].casefold() == name.casefold()]
-            folded = [lib["name"].casefold() for lib in libs]
-            near = set(difflib.get_close_matches(name.casefold(), folded, 3, 0.75)) if not alike else set()
-            close = [lib["name"] for lib in libs if lib["name"].casefold() in near]  # names differing by case, each
+            close = [] if alike else close_names(name, [lib["name"] for lib in libs])
             one = len(close) == 1
             print(f"created library {name!r}" + (f" (beside {_some([repr(x) for x in alike])}: names differ by case)"
                                                   if alike else
@@ -319,6 +317,16 @@ def _rates(spoken: object) -> list[tuple[int, float]]:
     found = re.findall(r"(\d+) requests? per (?:(\d+) )?(second|minute|hour|day|month|year)s?",
                        spoken if isinstance(spoken, str) else "")
     return [(int(n), int(k or 1) * _PERIOD_S[unit]) for n, k, unit in found if int(n) > 0]
+
+
+def close_names(name: str, names: list[str]) -> list[str]:
+    """Those of `names`, in their order, that a typo or other capitals of `name` would be: compared casefolded and
+    without surrounding spaces, the forms among difflib's three closest to it (0.75 or more alike), and each name
+    of such a form (names that differ by case or spaces alone are each named). A new library's (`clapq upload
+    --library`) and a new tenant's (`clapq keys create`)."""
+    folded = sorted({n.strip().casefold() for n in names})
+    near = set(difflib.get_close_matches(name.strip().casefold(), folded, 3, 0.75))
+    return [n for n in names if n.strip().casefold() in near]
 
 
 def _as_id(name: str) -> str | None:

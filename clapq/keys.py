@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import secrets
 
@@ -40,6 +39,8 @@ def create_key_said(session: Session, tenant_name: str) -> tuple[str, str]:
     people's keys of one tenant were told apart in `keys list` only by starts that `keys create` never showed
     (helper-127). Spaces around the name are dropped, and said (`--tenant " studio"` made a tenant other than
     "studio", helper-131), unless a tenant has that very name (made before): its keys are made as before."""
+    from clapq.client import close_names
+
     active = func.count(ApiKey.id).filter(ApiKey.revoked_at.is_(None))
     before = {name: n for name, n in session.execute(
         select(Tenant.name, active).outerjoin(ApiKey, ApiKey.tenant_id == Tenant.id).group_by(Tenant.name))}
@@ -54,11 +55,7 @@ def create_key_said(session: Session, tenant_name: str) -> tuple[str, str]:
         others = f"{n} other active key{'s' if n != 1 else ''}" if n else "no other active key"
         return key, (f"{trimmed}a key of tenant {tenant_name!r}, which has {others}: each of its keys reaches the same "
                      f"libraries and jobs; {shown}")
-    folded: dict[str, list[str]] = {}  # names that differ by case or spaces alone are each named
-    for name in sorted(before):
-        folded.setdefault(name.strip().casefold(), []).append(name)
-    near = [name for n in difflib.get_close_matches(tenant_name.strip().casefold(), folded, 3, 0.75)
-            for name in folded[n]]
+    near = close_names(tenant_name, sorted(before))
     one = len(near) == 1
     beside = (f" (beside {', '.join(map(repr, near))}, {'a name' if one else 'names'} close to it: if you meant "
               f"{'that tenant' if one else 'one of those'}, revoke this key, `clapq keys revoke {key[:PREFIX_CHARS]}`, "
