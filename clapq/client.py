@@ -110,9 +110,15 @@ def patiently(attempt: Callable[[], T]) -> T:
             if down_since is not None and now - down_since >= OUTAGE_WAIT_S:
                 raise SystemExit(f"{busy.code}; gave up after trying for {OUTAGE_WAIT_S / 60:g} minutes") from None
             if busy.code != said:
-                print(f"{busy.code}; trying again in {busy.retry_after_s:.0f} s (Ctrl-C stops)", file=sys.stderr)
+                say(f"{busy.code}; trying again in {busy.retry_after_s:.0f} s (Ctrl-C stops)")
                 said = busy.code
             time.sleep(busy.retry_after_s)
+
+
+def say(line: str) -> None:
+    """A line on stderr; at a terminal, in the place of the line of progress a wait updates there (written again at
+    its next look), where it was written on at its end: "816/2000 files processed (40%)clapq: GET ..." (helper-131)."""
+    print(("\r\x1b[K" if sys.stderr.isatty() else "") + line, file=sys.stderr)
 
 
 def _retry_after(r: requests.Response, default: float) -> float:
@@ -133,7 +139,10 @@ class Client:
         self.reached = False  # the API has answered once: from then on, no answer is an outage, not a typo
         self.stopped: Path | None = None  # the data directory whose address this is, where its `up` is not running
         self.key_of_stopped = False  # whether the key is that data directory's too (not --key, CLAPQ_API_KEY)
-        self.rates: list[tuple[int, float]] = []  # the key's CLAPQ_RATE_LIMIT (requests, seconds), once limits() asked
+        # the key's CLAPQ_RATE_LIMIT (requests, seconds, as the API says it), once limits() asked; whether pace() said
+        # it waits
+        self.rates: list[tuple[int, float, str]] = []
+        self.paced = False
         self.sent: deque[float] = deque(maxlen=100_000)  # when each request of this command was sent (monotonic)
 
     def call(self, method: str, path: str, missing_ok: bool = False, **kw) -> dict | None:
@@ -300,23 +309,29 @@ class Client:
         self.rates = _rates(answer.get("rate_limit"))
         return answer
 
-    def pace(self, share: float = WAIT_SHARE) -> None:
+    def pace(self, doing: str, share: float = WAIT_SHARE) -> None:
         """Sleep until one more request keeps this command's requests within `share` of each of the key's
         limits, in any stretch of the limit's length (the API's moving window), its own earlier requests (an
         upload's batches) counted. A wait that asked twice a second met 429s at a CLAPQ_RATE_LIMIT under 120 a
-        minute, and spent the budget of the user's other scripts of the key (helper-131)."""
-        for amount, period in self.rates:
+        minute, and spent the budget of the user's other scripts of the key (helper-131). A sleep of 5 s or more
+        is said, once a command, as what it holds back (`doing`): after an upload's batches, the wait was still
+        for as long as half a minute."""
+        for amount, period, spoken in self.rates:
             allowed = max(1, int(amount * share))
             while len(self.sent) >= allowed and (late := self.sent[-allowed] + period - time.monotonic()) > 0:
+                if late >= 5 and not self.paced:
+                    say(f"clapq: waiting {late:.0f} s before {doing}: this command keeps to {allowed} of the {spoken} "
+                        "this key may send (CLAPQ_RATE_LIMIT), leaving the rest to its other uses")
+                    self.paced = True
                 time.sleep(late)
 
 
-def _rates(spoken: object) -> list[tuple[int, float]]:
-    """The limits of /v1/limits' `rate_limit` as (requests, seconds): "1200 requests per minute; 10 requests
+def _rates(spoken: object) -> list[tuple[int, float, str]]:
+    """The limits of /v1/limits' `rate_limit` as (requests, seconds, words): "1200 requests per minute; 10 requests
     per 5 seconds" (api.ratelimit._spoken). None (no limit), or a form this client does not read: []."""
-    found = re.findall(r"(\d+) requests? per (?:(\d+) )?(second|minute|hour|day|month|year)s?",
-                       spoken if isinstance(spoken, str) else "")
-    return [(int(n), int(k or 1) * _PERIOD_S[unit]) for n, k, unit in found if int(n) > 0]
+    found = re.finditer(r"(\d+) requests? per (?:(\d+) )?(second|minute|hour|day|month|year)s?",
+                        spoken if isinstance(spoken, str) else "")
+    return [(int(m[1]), int(m[2] or 1) * _PERIOD_S[m[3]], m[0]) for m in found if int(m[1]) > 0]
 
 
 def close_names(name: str, names: list[str]) -> list[str]:
@@ -1379,7 +1394,7 @@ def watch_jobs(client: Client, jobs: list[str], progress: Callable[[int, int, fl
     embed cannot move (a job's `waiting`: no live worker, none of the library's model, Redis away), or None
     while they can."""
     def look(job: str) -> dict:
-        client.pace()
+        client.pace("asking about the jobs")
         state = client.call("GET", f"/v1/jobs/{job}", missing_ok=True)
         if state is None:  # deleted with its library while we waited
             raise SystemExit(f"clapq: job {job} is gone: its library was deleted while the upload waited for it; "

@@ -4634,6 +4634,59 @@ def test_a_reason_to_wait_that_counts_its_seconds_is_not_written_at_every_poll(s
     assert out.count(said) == 1 and out.count("; waiting (see above)") >= 4, out
 
 
+def test_a_retry_said_during_a_wait_at_a_terminal_takes_the_progress_lines_place(tiny_model):
+    """At a terminal a wait's line of progress is updated in place, with no newline; a 503 (or 429) met meanwhile
+    was written on at its end, "0/4 files processed (50%)clapq: GET ...: the API is unavailable" (helper-131). It
+    now clears that line first, and the progress is written again below it."""
+    import pty
+
+    lib, model = "0b1c2d3e-1111-2222-3333-444455556677", {"id": 1, "name": "m", "weights_sha256": "x", "dim": 512}
+    job, looks = "9a8b7c6d-1111-2222-3333-444455556677", [0]
+
+    def answer(method, path):
+        if path.startswith(f"/v1/jobs/{job}/items"):
+            return 200, {"items": [], "next_cursor": None}, {}
+        if path.startswith(f"/v1/jobs/{job}"):
+            looks[0] += 1
+            if looks[0] == 4:
+                return 503, {"error": {"code": "unavailable", "message": "restarting", "status": 503}}, \
+                    {"Retry-After": "1"}
+            ended = looks[0] > 5
+            counts = {"queued": 0, "running": 0 if ended else 4, "done": 4 if ended else 0, "failed": 0,
+                      "cancelled": 0, "total": 4, "duplicates": 0}
+            return 200, {"id": job, "library_id": lib, "status": "done" if ended else "running", "counts": counts,
+                         "progress": 1.0 if ended else 0.5, "eta_s": None, "waiting": None, "errors": [],
+                         "warnings": [], "created_at": "2026-12-07T12:00:00+00:00", "finished_at": None}, {}
+        if path.startswith(f"/v1/libraries/{lib}"):
+            return 200, {"id": lib, "name": "clips", "item_count": 4, "model": model}, {}
+        if path.startswith("/v1/limits"):
+            return 200, {"model": model}, {}
+        return 404, {"error": {"code": "not_found", "message": "not found", "status": 404}}, {}
+
+    main, tty = pty.openpty()
+    with fake_api(answer) as url:
+        proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "jobs", "wait", job, "--url", url, "--key",
+                                 "cq_x"], env=_env(tiny_model), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=tty, start_new_session=True)
+        seen, deadline = b"", time.monotonic() + 30
+        try:
+            while proc.poll() is None and time.monotonic() < deadline:
+                if select.select([main], [], [], 0.5)[0]:
+                    seen += os.read(main, 4096)
+            while select.select([main], [], [], 0.5)[0]:
+                seen += os.read(main, 4096)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # it ended
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            os.close(main)
+            os.close(tty)
+    out = seen.decode(errors="replace")
+    said = f"clapq: GET /v1/jobs/{job}: the API is unavailable for now (restarting); trying again in 1 s"
+    assert proc.returncode == 0 and f"\r\x1b[K{said}" in out and "%)clapq" not in out, out
+    assert "\r4/4 files processed (100%)" in out.split(said)[1], out
+
+
 def _stderr_lines(proc, seconds: float, enough: Callable[[list], bool] = lambda lines: False) -> list[str]:
     """The lines a `clapq` run (started in a session of its own, its stderr a text pipe) writes for `seconds`, or
     until they are `enough`; then it is killed."""
