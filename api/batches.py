@@ -142,6 +142,7 @@ def limits():
             "max_filter_values": MAX_FILTER_VALUES, "search_timeout_s": s.search_timeout_s or None,
             "max_deletions": MAX_DELETIONS, "client_timeout_s": s.client_timeout_s or None,
             "rate_limit": current_app.extensions["clapq_rate_limit"].describe(),
+            "rate_limits": current_app.extensions["clapq_rate_limit"].windows(),
             # the model it runs: a library bound to another answers 409 model_mismatch, and its files not embedded
             # yet wait for a worker of their model (`clapq upload` says so rather than wait, helper-63)
             "model": describe(serving_model_id())}

@@ -271,6 +271,11 @@ SPEC = {
                                  "(CLAPQ_CLIENT_TIMEOUT_S); null: for ever"},
             "rate_limit": {"type": ["string", "null"], "description": "requests per API key (CLAPQ_RATE_LIMIT), "
                            "such as '1200 requests per minute'; over it, 429 with Retry-After; null: no limit"},
+            "rate_limits": {"type": "array", "description": "the same limits as numbers, [] where there is none: "
+                            "at most `requests` in any `seconds` (`said`: its words in `rate_limit`)",
+                            "items": {"type": "object", "properties": {"requests": {"type": "integer"},
+                                                                      "seconds": {"type": "integer"},
+                                                                      "said": {"type": "string"}}}},
             "model": {**_MODEL, "description": "the model this service runs (CLAPQ_MODEL): a library bound to "
                       "another answers 409 model_mismatch"}}})}},
         "/v1/jobs": {"get": {"parameters": PAGE, "responses": _ok("the tenant's jobs, newest first (without their "

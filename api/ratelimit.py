@@ -63,6 +63,11 @@ class KeyRateLimit:
     def describe(self) -> str | None:
         return "; ".join(_spoken(i) for i in self.items) or None
 
+    def windows(self) -> list[dict]:
+        """Each limit as numbers, for a client to keep within (`clapq`'s waits do): read from `describe`'s words,
+        a client would break on any change of their wording."""
+        return [{"requests": i.amount, "seconds": i.get_expiry(), "said": _spoken(i)} for i in self.items]
+
 
 def _spoken(item: RateLimitItem) -> str:
     """'1200 requests per minute', '10 requests per 5 seconds'."""

@@ -68,7 +68,6 @@ OUTAGE_WAIT_S = 600  # how long a command keeps trying while the API, or its dat
 # requests; asked once a poll's seconds while the jobs move, and as seldom as a fifth of the time nothing has
 # moved, up to MAX_POLL_S, while they do not
 WAIT_SHARE, MAX_POLL_S = 0.5, 10.0
-_PERIOD_S = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "month": 30 * 86400, "year": 360 * 86400}
 
 
 class Busy(SystemExit):
@@ -302,11 +301,11 @@ class Client:
         return by_name or next((lib for lib in libs if lib["id"] == _as_id(name)), None), libs
 
     def limits(self) -> dict:
-        """What the API takes (GET /v1/limits; an older server without it: {}). Its `rate_limit` is kept for
+        """What the API takes (GET /v1/limits; an older server without it: {}). Its `rate_limits` are kept for
         `pace`."""
         answer = self.call("GET", "/v1/limits", missing_ok=True)
         answer = answer if isinstance(answer, dict) else {}
-        self.rates = _rates(answer.get("rate_limit"))
+        self.rates = _rates(answer.get("rate_limits"))
         return answer
 
     def pace(self, doing: str, share: float = WAIT_SHARE) -> None:
@@ -326,12 +325,11 @@ class Client:
                 time.sleep(late)
 
 
-def _rates(spoken: object) -> list[tuple[int, float, str]]:
-    """The limits of /v1/limits' `rate_limit` as (requests, seconds, words): "1200 requests per minute; 10 requests
-    per 5 seconds" (api.ratelimit._spoken). None (no limit), or a form this client does not read: []."""
-    found = re.finditer(r"(\d+) requests? per (?:(\d+) )?(second|minute|hour|day|month|year)s?",
-                        spoken if isinstance(spoken, str) else "")
-    return [(int(m[1]), int(m[2] or 1) * _PERIOD_S[m[3]], m[0]) for m in found if int(m[1]) > 0]
+def _rates(limits: object) -> list[tuple[int, float, str]]:
+    """/v1/limits' `rate_limits` as (requests, seconds, words); [] where there is none, or from a server before the
+    field (which only said its limit in words, `rate_limit`)."""
+    return [(int(r["requests"]), float(r["seconds"]), str(r.get("said") or f"{r['requests']} requests"))
+            for r in limits or () if isinstance(r, dict) and r.get("requests") and r.get("seconds")]
 
 
 def close_names(name: str, names: list[str]) -> list[str]:

@@ -1286,6 +1286,7 @@ def test_limits_and_which_413(client, lib, settings):
         "max_request_bytes": settings.max_request_bytes, "max_duration_s": settings.max_duration_s, "max_clip_s": 600,
         "max_query_chars": settings.max_query_chars, "max_filter_keys": 32, "max_filter_values": 256,
         "search_timeout_s": 60, "max_k": settings.max_k, "rate_limit": "1200 requests per minute",
+        "rate_limits": [{"requests": 1200, "seconds": 60, "said": "1200 requests per minute"}],
         "max_deletions": 1000, "client_timeout_s": settings.client_timeout_s or None,
         "model": client.get(f"/v1/libraries/{lib_id}", headers=auth(key)).get_json()["model"]}
     fields = {f"f{i}": "x" for i in range(settings.max_files_per_batch + 20)}
