@@ -108,19 +108,28 @@ def _why(exc: Exception) -> str:
     return why[0] if why else type(exc).__name__
 
 
-def _migrate(url: str) -> tuple[str | None, str]:
-    """Bring the schema up to date; its revisions before and after (clapq.db.migrate). A database that cannot be
-    reached, parsed or changed (no right to create the vector extension, say) is a RuntimeError with a sentence,
-    not a traceback."""
+def _migrate(url: str, data_dir: Path | None = None, starting=None) -> tuple[str | None, str]:
+    """Bring the schema up to date; its revisions before and after (clapq.db.migrate; `starting` is its). A database
+    that cannot be reached, parsed or changed (no right to create the vector extension, say) is a RuntimeError with
+    a sentence, not a traceback. The embedded database of `data_dir` that a newer clapq migrated is said as what
+    can be done there: no `alembic downgrade` reaches it (that takes a DATABASE_URL), so it is that version, or
+    a copy made before the upgrade (helper-130)."""
     from sqlalchemy.exc import SQLAlchemyError
 
-    from clapq.db import migrate
+    from clapq.db import NewerSchema, migrate
 
     where = _where(url)
     try:
-        return migrate(url)
+        return migrate(url, starting)
     except SQLAlchemyError as exc:
         raise RuntimeError(f"cannot set up the database at {where}: {_why(exc)}") from None
+    except NewerSchema as exc:
+        if data_dir is None:
+            raise
+        raise RuntimeError(f"the data directory {data_dir} was migrated by a newer clapq (schema revision "
+                           f"{exc.revision}; this version knows up to {exc.head}); nothing was changed: run that "
+                           "newer version on it. This one opens a copy of the data directory, or a `clapq backup`, "
+                           "made before that upgrade (README, Upgrading)") from None
 
 
 def _clapq_database(url: str, tables: bool = True) -> None:
@@ -401,7 +410,7 @@ def _with_keys(args, work) -> None:
             _clapq_database(url)
             if why := not_migrated(url):
                 raise RuntimeError(why)
-        elif (done := _migrate(url))[0] != done[1]:
+        elif (done := _migrate(url, settings.data_dir))[0] != done[1]:
             print(f"clapq: the database of {settings.data_dir}: {_migrated(*done)} (as `clapq up` does at its "
                   "start)", file=sys.stderr)
         with session_scope(url) as s:
@@ -566,6 +575,23 @@ def cmd_keys_revoke(args) -> None:
         return f"revoked {key.prefix}… of tenant {tenant!r}: requests with it get 401 from now on"
 
     _with_keys(args, revoke)
+
+
+def _migrate_up(url: str, data_dir: Path | None) -> None:
+    """`clapq up`'s migration, said where it applies any: on an earlier clapq's data (`git pull`, `make up`) it
+    migrated unsaid, so nothing told the operator that the data was now an upgraded one, which an earlier clapq no
+    longer opens, nor what `up` was doing through a migration of minutes (0003's) (helper-130). `data_dir`: its
+    embedded database's, None for DATABASE_URL's."""
+    where = f"the database of {data_dir}: " if data_dir is not None else "DATABASE_URL's database: "
+
+    def starting(before: str, head: str) -> None:
+        print(f"clapq: {where}migrating its schema from revision {before} to {head}, this clapq's (on a large library "
+              "this can take minutes: README, Upgrading)", file=sys.stderr, flush=True)
+
+    before, after = _migrate(url, data_dir, starting)
+    if before is not None and before != after:
+        print(f"clapq: {where}{_migrated(before, after)}"
+              f"{'; an earlier clapq no longer opens it' if data_dir is not None else ''}", file=sys.stderr, flush=True)
 
 
 def _hand_back_running(url: str, whose: str = "left running when clapq last stopped", heartbeat_s: int | None = None,
@@ -839,7 +865,7 @@ def cmd_up(args) -> None:
             redis_url = redis.start()
             stack.append(redis.stop)
             watch.append(("the embedded Redis", redis.gone, redis.start))  # the same port: every process's REDIS_URL stays right
-        _migrate(db_url)
+        _migrate_up(db_url, None if settings.database_url else data_dir)
         if not settings.database_url:  # the embedded database is this `up`'s alone, and none of its workers runs yet
             _hand_back_running(db_url)
         key = _default_key(db_url, data_dir)

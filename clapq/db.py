@@ -8,7 +8,7 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg2
@@ -221,13 +221,25 @@ def session_scope(url: str) -> Iterator[Session]:
         session.close()
 
 
-def migrate(url: str) -> tuple[str | None, str]:
+class NewerSchema(RuntimeError):
+    """A database a newer clapq migrated (`revision`, which this one's migrations do not know; `head`, the newest
+    they do): nothing in it was changed."""
+
+    def __init__(self, revision: str, head: str) -> None:
+        super().__init__(f"the database was migrated by a newer clapq (schema revision {revision}; this version knows "
+                         f"up to {head}); nothing was changed: run that newer version, or first downgrade the schema "
+                         f"with it (alembic downgrade {head})")
+        self.revision, self.head = revision, head
+
+
+def migrate(url: str, starting: Callable[[str, str], None] | None = None) -> tuple[str | None, str]:
     """Bring the schema to the newest migration (idempotent), then check that every table and column the
     models map is there; returns the schema's revision before (None: a database with no clapq tables) and after,
-    which `clapq migrate` says (it said "migrations applied" whether it applied any or none). A database a newer
-    clapq migrated, or whose schema lacks what this version reads (a migration changed after it ran, as 0009
-    was: helper-34), is a RuntimeError with a sentence, before any process serves a request, not a 500 on every
-    request that touches it."""
+    which `clapq migrate` says (it said "migrations applied" whether it applied any or none). `starting(before,
+    head)` is called before migrations are applied to a database that has clapq's tables. A database a newer
+    clapq migrated (NewerSchema), or whose schema lacks what this version reads (a migration changed after it ran,
+    as 0009 was: helper-34), is a RuntimeError with a sentence, before any process serves a request, not a 500 on
+    every request that touches it."""
     from alembic import command
     from alembic.migration import MigrationContext
     from sqlalchemy import select
@@ -247,10 +259,9 @@ def migrate(url: str) -> tuple[str | None, str]:
             current = MigrationContext.configure(conn).get_current_heads()
         unknown = [rev for rev in current if not _known_revision(scripts, rev)]
         if unknown:
-            raise RuntimeError(f"the database was migrated by a newer clapq (schema revision {unknown[0]}; this "
-                               f"version knows up to {scripts.get_current_head()}); nothing was changed: run that "
-                               "newer version, or first downgrade the schema with it (alembic downgrade "
-                               f"{scripts.get_current_head()})")
+            raise NewerSchema(unknown[0], scripts.get_current_head())
+        if starting is not None and current and set(current) != set(scripts.get_heads()):
+            starting(", ".join(sorted(current)), ", ".join(sorted(scripts.get_heads())))
         _upgrade_between_queries(cfg, command)
     with engine.connect() as conn:
         after = MigrationContext.configure(conn).get_current_heads()

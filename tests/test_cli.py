@@ -6142,3 +6142,72 @@ def test_a_file_cut_short_is_embedded_as_far_as_it_reads_and_said_so(start_api, 
     waited = subprocess.run([sys.executable, "-m", "clapq.cli", "jobs", "wait", summary["jobs"][0], "--url", base,
                              "--key", key], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
     assert waited.returncode == 0 and f"in part: sub/cut.flac (item {item_id}): {warning}\n" in waited.stderr, waited
+
+
+def test_up_says_it_migrates_its_data_directory_and_what_a_newer_ones_takes(tmp_path, up_runner):
+    """`clapq up` on the data directory of an earlier clapq (an upgrade: `git pull`, `make up`) migrated its schema
+    unsaid, from 0006 to 0015 on one made on 2026-12-04 (helper-130): nothing told the operator that the data was now
+    an upgraded one, which an earlier clapq no longer opens, nor, on a migration of minutes (0003's), what `up` was
+    doing. It says so as it begins and once done. On a data directory a newer clapq migrated, it said to run
+    `alembic downgrade`, which needs a DATABASE_URL that an embedded database has none of; it says what can be run
+    there, and changes nothing."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    import migrations
+    from clapq.db import _migrations, normalise_url
+    from clapq.embedded import EmbeddedPostgres
+
+    scripts = _migrations()[1]
+    head = scripts.get_current_head()
+    before = scripts.get_revision(head).down_revision
+    data = tmp_path / "data"
+    data.mkdir()
+    os.chmod(tmp_path, 0o755)
+
+    def on_embedded(work):
+        pg = EmbeddedPostgres(data / "pg")
+        try:
+            url = normalise_url(pg.start())
+            engine = create_engine(url)
+            try:
+                return work(url, engine)
+            finally:
+                engine.dispose()
+        finally:
+            pg.stop()
+
+    def to_before(url, engine):
+        cfg = Config()
+        cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+        command.upgrade(cfg, before)
+
+    on_embedded(to_before)
+    up = up_runner(data)
+    up.wait_ready()
+    log = up.log.read_text()
+    assert (f"clapq: the database of {data}: migrating its schema from revision {before} to {head}, this clapq's "
+            "(on a large library this can take minutes: README, Upgrading)\n"
+            f"clapq: the database of {data}: schema migrated from revision {before} to {head}; an earlier clapq no "
+            "longer opens it\n") in log, log[-3000:]
+    assert up.stop() == 0
+
+    def to_newer(url, engine):
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+
+    on_embedded(to_newer)
+    up = up_runner(data)
+    assert up.proc.wait(120) == 1
+    log = up.log.read_text()
+    assert (f"clapq: the data directory {data} was migrated by a newer clapq (schema revision 0099; this version "
+            f"knows up to {head}); nothing was changed: run that newer version on it. This one opens a copy of the "
+            "data directory, or a `clapq backup`, made before that upgrade (README, Upgrading)\n") in log, log[-3000:]
+    assert "alembic" not in log
+    def revision(url, engine):
+        with engine.connect() as conn:
+            return conn.scalar(text("SELECT version_num FROM alembic_version"))
+
+    assert on_embedded(revision) == "0099"
