@@ -775,6 +775,24 @@ def _settled_code(started_on: str, stop) -> str:
     return now
 
 
+def _migrate_on_new_code(env: dict, data_dir: Path | None) -> bool:
+    """The database migrated by the code now on disk (`clapq migrate` run on it), before `clapq up` starts a role
+    again on it: upgraded in place (`git pull`) to a version with a migration, each role started again on the new code
+    stopped on the schema older than its own, saying to run `clapq migrate` (which no embedded database is reached
+    by), and the worker's fourth end in 5 minutes stopped everything (helper-130). `up`'s own code is the old, so the
+    new code's command does it; what it says is said with the data directory. Whether it succeeded: one that failed
+    (a DATABASE_URL not answering for a while) is tried again as the next role starts, which meanwhile waits for its
+    database or stops on its schema, as before."""
+    where = f"the database of {data_dir}: " if data_dir is not None else "DATABASE_URL's database: "
+    proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "migrate"], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=CODE_ROOT)
+    for line in proc.stderr:
+        line = line.rstrip("\n").removeprefix("clapq: ")
+        if not line.startswith("schema already at revision"):
+            print(f"clapq: {where}{line} (clapq's code changed on disk)", file=sys.stderr, flush=True)
+    return proc.wait() == 0
+
+
 def _port_free(host: str, port: int) -> None:
     """Refuse a port something listens on already (another `clapq up`): its /healthz would answer ours."""
     try:
@@ -904,6 +922,7 @@ def cmd_up(args) -> None:
         # each role's own: one started again on new code leaves the others on the old, and a worker that stopped on
         # the new code after the API was started again on it was counted a crash
         started_on = [code] * len(procs)
+        migrated_on = code  # the code the database was last migrated by (_migrate_on_new_code)
         host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(args.host, args.host)
         base = f"http://{host_port(host, args.port)}"
         if not _wait_http(base + "/healthz", procs, lambda: stopping["flag"]):
@@ -947,6 +966,9 @@ def cmd_up(args) -> None:
                     # no other worker runs on this `up`'s embedded database, and its own are dead now
                     _hand_back_after_worker(db_url)
                 started_on[i] = _settled_code(started_on[i], lambda: stopping["flag"])
+                if started_on[i] != migrated_on and not stopping["flag"] and \
+                        _migrate_on_new_code(env, None if settings.database_url else data_dir):
+                    migrated_on = started_on[i]
                 if stopping["flag"]:
                     break
                 procs[i] = start(p.args[-1])

@@ -6211,3 +6211,42 @@ def test_up_says_it_migrates_its_data_directory_and_what_a_newer_ones_takes(tmp_
             return conn.scalar(text("SELECT version_num FROM alembic_version"))
 
     assert on_embedded(revision) == "0099"
+
+
+def test_up_upgraded_in_place_to_a_version_with_a_migration_migrates_and_goes_on(tmp_path, tiny_model, up_runner):
+    """clapq upgraded in place under a running `clapq up` (`git pull`) to a version with a new migration: each role
+    started again on the new code stopped on the schema older than its own, saying to run `clapq migrate`, which no
+    embedded database is reached by, and the worker's fourth end in 5 minutes stopped everything (helper-130). `up`
+    now has the new code migrate the database before it starts a role again on it, and says so; files uploaded then
+    are embedded."""
+    import migrations
+    from clapq.db import _migrations
+
+    head = _migrations()[1].get_current_head()
+    code = _copy_of_the_code(tmp_path)
+    shutil.copytree(Path(migrations.__file__).parent, code / "migrations", ignore=shutil.ignore_patterns("__pycache__"))
+    data_dir = tmp_path / "data"
+    up = up_runner(data_dir, cwd=tmp_path, PYTHONPATH=str(code))
+    key = up.wait_ready()
+    base, h = f"http://127.0.0.1:{up.port}", {"Authorization": f"Bearer {key}"}
+    (code / "migrations" / "versions" / "0099_a_newer_version.py").write_text(
+        f'"""A newer version\'s migration."""\n\nimport sqlalchemy as sa\nfrom alembic import op\n\n'
+        f'revision = "0099"\ndown_revision = "{head}"\nbranch_labels = None\ndepends_on = None\n\n\n'
+        'def upgrade() -> None:\n    op.add_column("items", sa.Column("newer", sa.Text(), nullable=True))\n\n\n'
+        'def downgrade() -> None:\n    op.drop_column("items", "newer")\n')
+    with open(code / "clapq" / "models.py", "a") as f:
+        f.write("\n# a newer version\n")
+    since = len(up.log.read_text(errors="replace"))
+    (worker,) = _roles(up, "worker")
+    worker.kill()
+    text = _wait_log(up, since, f"schema migrated from revision {head} to 0099")
+    assert f"clapq: the database of {data_dir}: schema migrated from revision {head} to 0099 (clapq's code changed " \
+           "on disk)\n" in text, text[-3000:]
+    lib = requests.post(f"{base}/v1/libraries", json={"name": "after"}, headers=h, timeout=30).json()
+    f = write(tmp_path / "a.wav", 1.0)
+    r = requests.post(f"{base}/v1/libraries/{lib['id']}/batches", headers=h, timeout=60,
+                      files=[("files", (f.name, f.read_bytes(), "audio/wav"))])
+    assert _wait_job(base, h, r.json()["job_id"], timeout=180)["status"] == "done"
+    text = up.log.read_text(errors="replace")[since:]
+    assert "older than this clapq's" not in text and "stopping everything" not in text and up.proc.poll() is None, \
+        text[-3000:]
