@@ -46,9 +46,13 @@ AUDIO_SUFFIXES = {".wav", ".wave", ".bwf", ".rf64", ".flac", ".aif", ".aiff", ".
 # folders a system keeps among the user's, left out as hidden ones are (where they were made, they are hidden
 # or not shown; over a network share or on a drive moved to another machine, they are plain folders): the
 # recycle bins of deleted files of Windows (each beside a record of it named with its extension:
-# "$I8K2Z1F.flac"), Synology and QNAP NAS shares, and their own data (Windows's restore points and search index,
-# which a user's account may not read; Synology's indexes and thumbnails, a folder named as each file)
-SYSTEM_FOLDERS = {"$recycle.bin", "system volume information", "#recycle", "@recycle", "@eadir"}
+# "$I8K2Z1F.flac"), Synology and QNAP NAS shares and macOS's file sharing (AFP), the snapshots of Synology and
+# QNAP shares (an earlier copy of the whole share each, sent as the user's files again under other paths), and
+# their own data (Windows's restore points and search index, which a user's account may not read; Synology's
+# indexes and thumbnails, a folder named as each file beside every folder; macOS's files being written). Only by
+# the names those systems give them, their marks included: a user's own "recycle" or "Snapshots" is sent
+SYSTEM_FOLDERS = {"$recycle.bin", "system volume information", "#recycle", "@recycle", "@eadir", "#snapshot",
+                  "@recently-snapshot", "network trash folder", "temporary items"}
 # A multiple of the worker's batch (16 windows on a CPU) and of its task size (16 files): a task's last
 # batch is padded to full size, so with short files a request of 100 would leave its last batch 3/4
 # padding.
@@ -590,6 +594,14 @@ def _hidden(rel: Path) -> bool:
     return any(part.startswith(".") for part in rel.parts)
 
 
+def _system(paths: list[str]) -> str:
+    """SYSTEM_FOLDERS found, by path; a name found more than once by its name and count: Synology's @eaDir is
+    beside every folder of a share, and a share of 300 folders was named as 10 @eaDir and "290 more"."""
+    names = Counter(p.rsplit("/", 1)[-1] for p in paths)
+    once = [p for p in paths if names[p.rsplit("/", 1)[-1]] == 1]
+    return _some([printable(p) for p in once] + [f"{printable(n)} ×{k}" for n, k in sorted(names.items()) if k > 1])
+
+
 def _some(names: list[str], most: int = 10) -> str:
     return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
@@ -906,8 +918,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     if listing.hidden:
         print(f"left out {n_files(listing.hidden)} with hidden names (starting with '.')", file=sys.stderr)
     if listing.system:
-        print(f"left out the recycle bins and system folders that Windows and NAS systems keep (deleted files, and "
-              f"their own data): {_some([printable(x) for x in listing.system])}", file=sys.stderr)
+        print(f"left out the recycle bins, snapshots and system folders that Windows, macOS and NAS systems keep "
+              f"(deleted files, earlier copies of the share, and their own data): {_system(listing.system)}",
+              file=sys.stderr)
     if listing.projects:
         print(f"left out the data folders of Audacity projects (their audio in pieces of a few seconds each, not "
               f"sounds of their own: export a project to upload its sound): "

@@ -3308,12 +3308,40 @@ def test_a_windows_drives_recycle_bin_and_system_folder_are_left_out(start_api, 
     out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(drive), "--library", "drive", "--url", base,
                           "--key", key, "--no-wait"], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and json.loads(out.stdout)["files"] == 1, out.stdout + out.stderr
-    assert "left out the recycle bins and system folders that Windows and NAS systems keep (deleted files, and their " \
-        "own data): $RECYCLE.BIN, Music/#recycle, System Volume Information" in out.stderr.splitlines(), out.stderr
+    assert "left out the recycle bins, snapshots and system folders that Windows, macOS and NAS systems keep (deleted " \
+        "files, earlier copies of the share, and their own data): $RECYCLE.BIN, Music/#recycle, System Volume " \
+        "Information" in out.stderr.splitlines(), out.stderr
     assert "not named as audio" not in out.stderr, out.stderr  # the system folder's files are not looked at
     items = requests.get(f"{base}/v1/libraries/{json.loads(out.stdout)['library_id']}/items",
                          headers={"Authorization": f"Bearer {key}"}, timeout=30).json()["items"]
     assert [i["metadata"]["path"] for i in items] == ["Music/song.wav"], items
+
+
+def test_nas_snapshots_trash_and_index_folders_are_left_out(start_api, new_key, tmp_path, tiny_model):
+    """A Synology or QNAP share, or a Mac's shared folder, uploaded whole over the network: its snapshots (an
+    earlier copy of the whole share each), recycle bins, thumbnails and macOS's trash and files being written
+    were sent as the user's sounds. They are left out, named (Synology's @eaDir, beside every folder, by its name
+    and count); the user's own folders of ordinary names ("recycle", "Snapshots", "eaDir") are sent."""
+    base, key = start_api(), new_key()
+    share = tmp_path / "share"
+    own = ["Music/song.wav", "Field/rain.wav", "recycle/r.wav", "Snapshots/s.wav", "eaDir/e.wav",
+           "Temporary/t.wav"]
+    system = ["#snapshot/GMT+00_2026-12-01-00-00/Music/old.wav", "#recycle/gone.wav", "Music/@eaDir/song.wav/x.wav",
+              "Field/@eaDir/rain.wav/x.wav", "@Recently-Snapshot/GMT+00_2026-12-01_0000/Music/older.wav",
+              "@Recycle/binned.wav", ".@__thumb/song.wav", "Network Trash Folder/trashed.wav",
+              "Temporary Items/folders.501/copying.wav"]
+    for i, rel in enumerate(own + system):
+        (share / rel).parent.mkdir(parents=True, exist_ok=True)
+        write(share / rel, 0.3, seed=300 + i)
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(share), "--library", "share", "--url", base,
+                          "--key", key, "--no-wait"], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and json.loads(out.stdout)["files"] == len(own), out.stdout + out.stderr
+    assert "left out the recycle bins, snapshots and system folders that Windows, macOS and NAS systems keep (deleted " \
+        "files, earlier copies of the share, and their own data): #recycle, #snapshot, @Recently-Snapshot, @Recycle, " \
+        "Network Trash Folder, Temporary Items, @eaDir ×2" in out.stderr.splitlines(), out.stderr
+    items = requests.get(f"{base}/v1/libraries/{json.loads(out.stdout)['library_id']}/items",
+                         headers={"Authorization": f"Bearer {key}"}, timeout=30).json()["items"]
+    assert sorted(i["metadata"]["path"] for i in items) == sorted(own), items
 
 
 def _uploaded_and_embedded(folder: Path, files: dict[str, bytes], base: str, key: str, tiny_model) -> list[dict]:
