@@ -1128,6 +1128,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
         refused_key = isinstance(exc, KeyRefused)
         # a 404 of the upload: its library may have been deleted meanwhile
         was_404 = isinstance(exc, SystemExit) and isinstance(exc.code, str) and "failed (404)" in exc.code
+        # the API answered a request with a refusal (a full upload area's 507, a proxy's 413): it is over, and
+        # took nothing (not a timeout or a cut connection, whose request may still be stored)
+        refused = (isinstance(exc, SystemExit) and not refused_key and not was_404 and isinstance(exc.code, str)
+                   and re.search(r" failed \([45]\d\d\)", exc.code) is not None)
         if isinstance(exc, SystemExit) and isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)  # why first, then what is in and how to go on
             exc = SystemExit(1)
@@ -1139,6 +1143,8 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             print(f"clapq: library {lib['name']!r} was deleted while the upload ran; nothing of this run is kept in "
                   "it", file=sys.stderr)
             raise SystemExit(1) from None
+        if refused and not jobs and lib.get("created"):
+            _remove_if_empty(client, lib)
         if jobs:  # say what is already in, and that running the command again resumes
             held = f", {skipped} were in the library already" if skipped else ""
             # with the key refused (revoked meanwhile), the same command is refused again: it needs another key
@@ -1318,6 +1324,31 @@ def _taken_over(client: Client, lib: dict, folder: Path, moved_from: Path, first
         print(f"{n_files(before)} sent from {moved_from} {'was' if before == 1 else 'were'} made this folder's "
               "meanwhile, by another `clapq upload --moved-from` at the same time", file=sys.stderr)
     return ids
+
+
+def _remove_if_empty(client: Client, lib: dict) -> None:
+    """Delete the library this upload created, once its first request was refused, where it is still empty: it
+    was left behind, listed by `clapq libraries` with 0 files (helper-135). One that holds files is kept: another
+    upload into the name (run in another terminal) found it and sent its files meanwhile. Its emptiness is asked
+    just before the delete, whose answer counts the files it deleted: one such upload that committed in between
+    is said so. Asked once each, with no waiting through an outage."""
+    name, where = lib["name"], f"/v1/libraries/{urllib.parse.quote(lib['id'], safe='')}"
+    try:
+        now = client._call("GET", where, missing_ok=True)
+        if now is None:
+            return
+        if now.get("item_count", 0):
+            print(f"clapq: kept library {name!r}, which this upload created: another upload put "
+                  f"{n_files(now['item_count'])} into it meanwhile", file=sys.stderr)
+            return
+        gone = (client._call("DELETE", where, missing_ok=True) or {}).get("deleted", {}).get("items", 0)
+    except (SystemExit, Busy) as exc:
+        print(f"clapq: library {name!r}, which this upload created, holds nothing and could not be removed "
+              f"({exc.code}): `clapq delete --library {shlex.quote(name)} --yes` removes it", file=sys.stderr)
+        return
+    print(f"clapq: removed library {name!r}, which this upload created: nothing was uploaded into it"
+          + (f" (but {n_files(gone)} another upload sent into it at that moment, deleted with it: run that upload "
+             "again)" if gone else ""), file=sys.stderr)
 
 
 def _library_gone(client: Client, lib_id: str) -> bool:

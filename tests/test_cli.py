@@ -3344,6 +3344,50 @@ def test_nas_snapshots_trash_and_index_folders_are_left_out(start_api, new_key, 
     assert sorted(i["metadata"]["path"] for i in items) == sorted(own), items
 
 
+def test_a_first_upload_refused_removes_the_library_it_created(start_api, new_key, tmp_path, tiny_model, monkeypatch,
+                                                               capsys):
+    """A first upload whose first request the API refuses (here its upload area full: a 507) left behind the
+    library it created, listed by `clapq libraries` with 0 files. It is removed, saying so; one that another
+    upload into the name (another terminal's, here through a server that takes files) put files into meanwhile
+    is kept, and said so."""
+    from clapq import client as c
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    full, key = start_api(CLAPQ_DISK_RESERVE_MB=str(1 << 30)), new_key()  # more than any disk has: all refused
+    folder, other = tmp_path / "f", tmp_path / "other"
+    for i, p in enumerate([folder / "a.wav", folder / "b.wav", other / "c.wav"]):
+        p.parent.mkdir(exist_ok=True)
+        write(p, 0.3, seed=400 + i)
+
+    def names() -> dict[str, int]:
+        libs = requests.get(f"{full}/v1/libraries", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+        return {lib["name"]: lib["item_count"] for lib in libs["libraries"]}
+
+    out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "first", "--url", full,
+                          "--key", key, "--no-wait"], env=_env(tiny_model), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "failed (507)" in out.stderr, out.stdout + out.stderr
+    assert "created library 'first'" in out.stderr.splitlines(), out.stderr
+    assert "clapq: removed library 'first', which this upload created: nothing was uploaded into it" in \
+        out.stderr.splitlines(), out.stderr
+    assert "first" not in names()
+
+    ok, api, real, raced = start_api(), c.Client(full, key), c.Client.call, []
+
+    def call(self, method, path, *args, **kw):
+        if self is api and path.endswith("/batches") and not raced:  # another upload into the name, meanwhile
+            raced.append(c.upload_folder(c.Client(ok, key), other, "first", wait=False))
+        return real(self, method, path, *args, **kw)
+
+    monkeypatch.setattr(c.Client, "call", call)
+    with pytest.raises(SystemExit) as stopped:
+        c.upload_folder(api, folder, "first", wait=False)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and raced == [0] and "failed (507)" in err, err
+    assert "clapq: kept library 'first', which this upload created: another upload put 1 file into it meanwhile" in \
+        err.splitlines(), err
+    assert names()["first"] == 1
+
+
 def _uploaded_and_embedded(folder: Path, files: dict[str, bytes], base: str, key: str, tiny_model) -> list[dict]:
     """`clapq upload` of a folder of these files, waited for: its items, once it ends with all of them sent."""
     folder.mkdir()
