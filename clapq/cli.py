@@ -1039,13 +1039,15 @@ def _nothing_at(path: Path) -> str:
 
 
 def cmd_upload(args) -> None:
-    from clapq.client import connect, upload_folder
+    from clapq.client import apple_double, connect, upload_folder
 
     settings = Settings.from_env(data_dir=args.data_dir)
     kind = _kind(args.folder)
     if kind == "folder":
         folder, only = args.folder, None
-    elif kind == "file":  # one file, as it is named: sent whatever its suffix
+    elif kind == "file":  # one file, as it is named: sent whatever its suffix, unless its bytes are macOS's metadata
+        if (what := apple_double(args.folder)) is not None:
+            _fail(f"{what}; nothing was uploaded", 1)
         folder, only = args.folder.parent, [args.folder]
     elif kind == "other":
         _fail(f"{args.folder} is neither a folder nor a file (a pipe or a device)")

@@ -589,6 +589,31 @@ def audio_files(folder: Path) -> Listing:
     return found
 
 
+APPLE_DOUBLE = b"\x00\x05\x16\x07"  # how an AppleDouble file begins
+
+
+def apple_double(p: Path) -> str | None:
+    """What a file given on its own is where it is macOS's metadata of another file, not audio: an AppleDouble
+    file, "._x.flac", which a Mac writes beside each file it puts on a drive or share that cannot hold a file's
+    Finder information and extended attributes. Sent, it failed as "not a readable audio file (Invalid data found
+    when processing input)" (helper-135); a folder's are left out, hidden. Told by its bytes, so a file of that
+    name that is audio is sent. None where it is none (or cannot be read: the upload says why)."""
+    try:
+        with open(p, "rb", buffering=0) as f:
+            if f.read(len(APPLE_DOUBLE)) != APPLE_DOUBLE:
+                return None
+    except OSError:
+        return None
+    of = p.with_name(p.name[2:]) if p.name.startswith("._") and len(p.name) > 2 else None
+    if of is None:
+        return (f"{printable(str(p))} is macOS metadata of a file (an AppleDouble file: its Finder information and "
+                "extended attributes, which a Mac writes beside a file it copies to a drive or share), not audio")
+    upload = f"upload {printable(str(of))} itself" if of.is_file() else f"{printable(of.name)} is not beside it"
+    return (f"{printable(str(p))} is macOS metadata beside {printable(of.name)} (an AppleDouble file: its Finder "
+            f"information and extended attributes, which a Mac writes beside each file it copies to a drive or share), "
+            f"not audio: {upload}")
+
+
 def _hidden(rel: Path) -> bool:
     """Whether a path in the folder is hidden, or in a hidden folder: `clapq upload` leaves it out."""
     return any(part.startswith(".") for part in rel.parts)

@@ -3388,6 +3388,35 @@ def test_a_first_upload_refused_removes_the_library_it_created(start_api, new_ke
     assert names()["first"] == 1
 
 
+def test_a_macos_appledouble_file_given_on_its_own_is_said_to_be_metadata(start_api, new_key, tmp_path, tiny_model):
+    """`clapq upload ._x.flac`, the AppleDouble file a Mac writes beside x.flac on a drive it copies to (a folder's
+    are left out, hidden), was sent and failed as "not a readable audio file (Invalid data found when processing
+    input)". It is said to be macOS's metadata beside x.flac, not audio, and nothing is sent or created (exit 1).
+    Told by its bytes: a file of such a name that is audio is sent, as any file given on its own."""
+    base, key = start_api(), new_key()
+    write(tmp_path / "x.flac", 0.3, seed=410)
+    entries = b"\x00\x00\x00\x09\x00\x00\x00\x32\x00\x00\x0e\xb0" + b"\x00\x00\x00\x02\x00\x00\x0e\xe2\x00\x00\x01\x1e"
+    header = b"\x00\x05\x16\x07\x00\x02\x00\x00" + b"Mac OS X        " + b"\x00\x02" + entries
+    (tmp_path / "._x.flac").write_bytes(header + b"ATTR" + bytes(4096 - len(header) - 4))
+    write(tmp_path / "._y.wav", 0.3, seed=411)  # audio, named as macOS's metadata
+
+    def upload(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(tmp_path / name), "--library", "mac",
+                               "--url", base, "--key", key, "--no-wait"], env=_env(tiny_model), capture_output=True,
+                              text=True, timeout=300)
+
+    out = upload("._x.flac")
+    assert out.returncode == 1 and out.stdout == "", out.stdout + out.stderr
+    assert out.stderr.splitlines() == [
+        f"clapq: {tmp_path / '._x.flac'} is macOS metadata beside x.flac (an AppleDouble file: its Finder information "
+        "and extended attributes, which a Mac writes beside each file it copies to a drive or share), not audio: "
+        f"upload {tmp_path / 'x.flac'} itself; nothing was uploaded"], out.stderr
+    libs = requests.get(f"{base}/v1/libraries", headers={"Authorization": f"Bearer {key}"}, timeout=30).json()
+    assert libs["libraries"] == [], libs
+    out = upload("._y.wav")
+    assert out.returncode == 0 and json.loads(out.stdout)["files"] == 1, out.stdout + out.stderr
+
+
 def _uploaded_and_embedded(folder: Path, files: dict[str, bytes], base: str, key: str, tiny_model) -> list[dict]:
     """`clapq upload` of a folder of these files, waited for: its items, once it ends with all of them sent."""
     folder.mkdir()
