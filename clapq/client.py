@@ -452,11 +452,33 @@ def _size(p: Path) -> int:
         return 0
 
 
+class NotAFile(OSError):
+    """What is at a file's path is no longer a regular file (open_file)."""
+
+
+def open_file(p: Path):
+    """The file opened to read (binary, buffered), where it is still a regular file. One replaced by a pipe since
+    it was listed (a FIFO made at its path) made `clapq upload` wait for a writer for ever, as it hashed or sent it
+    (helper-135): opened without waiting (O_NONBLOCK) and looked at (fstat), it is NotAFile, which names it."""
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotAFile(errno.EINVAL, "no longer a file: a pipe, a device or a folder is in its place since it "
+                           "was listed", str(p))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _unread(exc: OSError) -> str:
     """Why a file listed to send is not sent: one removed or moved meanwhile said "cannot be read (No such file
     or directory)", as if its permissions were to blame."""
     if isinstance(exc, FileNotFoundError):
         return "gone since the upload began (removed or moved meanwhile)"
+    if isinstance(exc, NotAFile):
+        return exc.strerror
     return f"cannot be read ({exc.strerror or exc})"
 
 
@@ -490,7 +512,7 @@ def multipart_body(folder: Path, batch: list[Path]) -> Iterator[_Body]:
     meta = json.dumps({n: {"path": stored_path(r), "folder": root} for n, r in zip(names, rel)})
     def opened(p: Path) -> _Sized:
         try:
-            return _Sized(p, files.enter_context(open(p, "rb")))
+            return _Sized(p, files.enter_context(open_file(p)))
         except OSError as exc:  # gone, or no longer readable, since it was listed
             raise Changed(p, _unread(exc), unopened=True) from None
 
@@ -599,7 +621,7 @@ def apple_double(p: Path) -> str | None:
     when processing input)" (helper-135); a folder's are left out, hidden. Told by its bytes, so a file of that
     name that is audio is sent. None where it is none (or cannot be read: the upload says why)."""
     try:
-        with open(p, "rb", buffering=0) as f:
+        with open_file(p) as f:
             if f.read(len(APPLE_DOUBLE)) != APPLE_DOUBLE:
                 return None
     except OSError:
@@ -671,7 +693,12 @@ def _cache() -> Digests:
 
 def file_digest(p: Path) -> str:
     """A file's sha256 (OSError where it cannot be read), read from the file only where it changed since a run
-    before read it (clapq.digests)."""
+    before read it (clapq.digests). A file to read that is no longer a regular file is NotAFile: a pipe, opened
+    to be read, waited for a writer for ever (a pipe made at its path in the moment between this look and the
+    read still would). Looked at only where it is read: one open more a file, over a network share a round trip."""
+    if (kept := _cache().kept_digest(p)) is not None:
+        return kept
+    open_file(p).close()
     return _cache()(p)
 
 

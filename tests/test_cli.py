@@ -3257,6 +3257,21 @@ def test_names_swapped_or_given_to_new_bytes_move_their_paths_and_odd_names_stay
     assert sorted(i["filename"] for i in items) == ["a.wav", "b2.wav", "lat\ufffd.wav", "take-1.wav", "take.wav"]
 
 
+def _three_files_and_a_library(base: str, key: str, tmp_path: Path, monkeypatch, library: str, seed: int):
+    """A client, and a folder of a.wav, b.wav and c.wav to upload into `library`, made already: not created by the
+    upload, which hashes the files to ask which of them the library holds (digests kept under tmp_path)."""
+    from clapq import client as c
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i, name in enumerate("abc"):
+        write(folder / f"{name}.wav", 0.3, seed=seed + i)
+    api = c.Client(base, key)
+    api.library(library)
+    return api, folder
+
+
 def test_a_file_removed_while_the_upload_runs_is_said_gone_not_unreadable(start_api, new_key, tmp_path, monkeypatch,
                                                                          capsys):
     """A file removed (or moved away) after the folder was looked through, here while the real API was asked
@@ -3265,14 +3280,7 @@ def test_a_file_removed_while_the_upload_runs_is_said_gone_not_unreadable(start_
     exits 1 (not all it found was sent), as before."""
     from clapq import client as c
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    base, key = start_api(), new_key()
-    folder = tmp_path / "f"
-    folder.mkdir()
-    for i, name in enumerate("abc"):
-        write(folder / f"{name}.wav", 0.3, seed=80 + i)
-    api = c.Client(base, key)
-    api.library("gone-meanwhile")  # not created by the upload: it asks which files the library holds
+    api, folder = _three_files_and_a_library(start_api(), new_key(), tmp_path, monkeypatch, "gone-meanwhile", 80)
     real = c.Client.call
 
     def call(self, method, path, *args, **kw):
@@ -3286,6 +3294,48 @@ def test_a_file_removed_while_the_upload_runs_is_said_gone_not_unreadable(start_
     out, err = capsys.readouterr()
     assert "not sent: b.wav: gone since the upload began (removed or moved meanwhile)" in err.splitlines(), err
     assert "cannot be read" not in err, err
+    assert json.loads(out)["not_sent"] == 1 and "uploaded 2 files" in err, (out, err)
+
+
+def test_a_file_replaced_by_a_pipe_while_the_upload_runs_is_named_not_waited_on(start_api, new_key, tmp_path,
+                                                                                 monkeypatch, capsys):
+    """A file replaced by a FIFO after the folder was listed (here while the library was looked up): `clapq
+    upload` opened it to hash it, and then to send it, and waited for a writer for ever. It is named, not sent,
+    and the rest is sent (exit 1, as for a file gone meanwhile). A watcher opens the pipe for writing where a
+    reader waits on it (which lets that reader go on), and says so."""
+    import threading
+
+    from clapq import client as c
+
+    api, folder = _three_files_and_a_library(start_api(), new_key(), tmp_path, monkeypatch, "piped", 420)
+    real, pipe, done, waited = c.Client.call, folder / "b.wav", threading.Event(), []
+
+    def call(self, method, path, *args, **kw):
+        if path == "/v1/libraries" and pipe.is_file():
+            pipe.unlink()
+            os.mkfifo(pipe)
+        return real(self, method, path, *args, **kw)
+
+    def watch() -> None:
+        while not done.wait(5):
+            try:
+                os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # ENXIO while no reader has it open
+            except OSError:
+                continue
+            waited.append(True)
+
+    monkeypatch.setattr(c.Client, "call", call)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        code = c.upload_folder(api, folder, "piped", wait=False)
+    finally:
+        done.set()
+        watcher.join()
+    out, err = capsys.readouterr()
+    assert not waited, err
+    assert code == 1 and "not sent: b.wav: no longer a file: a pipe, a device or a folder is in its place since it " \
+        "was listed" in err.splitlines(), err
     assert json.loads(out)["not_sent"] == 1 and "uploaded 2 files" in err, (out, err)
 
 
