@@ -7,7 +7,7 @@ import re
 import unicodedata
 import uuid
 
-from flask import Blueprint, current_app, g
+from flask import Blueprint, current_app, g, request
 from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
@@ -156,9 +156,25 @@ def _with_counts(lib: Library) -> dict:
 
 
 @bp.delete("/libraries/<lib_id>")
+@takes_query("if_empty")
 def delete_library(lib_id: str):
-    """The library, its jobs, items and vectors, at once; the stored files no other item holds, after."""
+    """The library, its jobs, items and vectors, at once; the stored files no other item holds, after. With
+    `?if_empty=1`, only a library that holds no file, told under its row's lock, which waits for an upload
+    committing into it: a 409 where it holds any (`clapq upload` removes the library it made for an upload the API
+    refused, and another upload into the name may have put files in meanwhile: helper-135's check and delete, two
+    requests, would have deleted those)."""
     lib = owned(Library, lib_id, "library")
+    flag = request.args.get("if_empty", "0").strip().lower()
+    if flag not in ("0", "1", "true", "false", "yes", "no", ""):
+        raise bad_request(f"'if_empty' is {flag[:20]!r}; use if_empty=1 to delete the library only where it holds "
+                          "no file, or leave it out")
+    if flag in ("1", "true", "yes"):
+        db().execute(select(Library.id).where(Library.id == lib.id).with_for_update())
+        if held := db().scalar(select(func.count()).select_from(Item).where(Item.library_id == lib.id)):
+            db().rollback()
+            raise ApiError(409, "library_not_empty", f"library {lib.name!r} holds {held} file"
+                           f"{'s' if held != 1 else ''}, so it was not deleted (if_empty=1); without if_empty, "
+                           "DELETE deletes it with its files")
     # its items first, then the library: a worker writing vectors locks items before the library (its
     # foreign keys), so taking them in the same order cannot deadlock with it
     shas = list(delete_items(db(), Item.library_id == lib.id).values())

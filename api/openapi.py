@@ -179,9 +179,12 @@ SPEC = {
                           "type": "object", "required": ["name"], "additionalProperties": False,
                           "properties": {"name": {"type": "string", "maxLength": 200}}}}}},
                       "responses": {**_ok("renamed: the library as GET gives it", _LIBRARY), "409": _ERR}},
-            "delete": {"parameters": [_path_id("library_id")],
-                       "responses": _ok("deleted: the library, its jobs, items and vectors; stored_files: "
-                                        "its files whose bytes none of your other items holds", DELETED)}},
+            "delete": {"parameters": [_path_id("library_id"), {
+                           "name": "if_empty", "in": "query", "schema": {"type": "string", "enum": ["0", "1"]},
+                           "description": "1: only where it holds no file (a 409 library_not_empty where it does)"}],
+                       "responses": {**_ok("deleted: the library, its jobs, items and vectors; stored_files: "
+                                           "its files whose bytes none of your other items holds", DELETED),
+                                     "409": _ERR}}},
         "/v1/libraries/{library_id}/items": {"get": {"parameters": [_path_id("library_id"), *ITEM_PAGE],
                                                      "responses": _ok("a page of the library's items, oldest first",
                                                                       _page("items", _ITEM))}},

@@ -1381,26 +1381,21 @@ def _taken_over(client: Client, lib: dict, folder: Path, moved_from: Path, first
 def _remove_if_empty(client: Client, lib: dict) -> None:
     """Delete the library this upload created, once its first request was refused, where it is still empty: it
     was left behind, listed by `clapq libraries` with 0 files (helper-135). One that holds files is kept: another
-    upload into the name (run in another terminal) found it and sent its files meanwhile. Its emptiness is asked
-    just before the delete, whose answer counts the files it deleted: one such upload that committed in between
-    is said so. Asked once each, with no waiting through an outage."""
+    upload into the name (run in another terminal) found it and sent its files meanwhile. The API tells that under
+    the library's lock (`?if_empty=1`: a 409 where it holds any), so such an upload's files are never deleted with
+    it. Asked once, with no waiting through an outage."""
     name, where = lib["name"], f"/v1/libraries/{urllib.parse.quote(lib['id'], safe='')}"
     try:
-        now = client._call("GET", where, missing_ok=True)
-        if now is None:
-            return
-        if now.get("item_count", 0):
-            print(f"clapq: kept library {name!r}, which this upload created: another upload put "
-                  f"{n_files(now['item_count'])} into it meanwhile", file=sys.stderr)
-            return
-        gone = (client._call("DELETE", where, missing_ok=True) or {}).get("deleted", {}).get("items", 0)
+        client._call("DELETE", where + "?if_empty=1", missing_ok=True)
     except (SystemExit, Busy) as exc:
-        print(f"clapq: library {name!r}, which this upload created, holds nothing and could not be removed "
-              f"({exc.code}): `clapq delete --library {shlex.quote(name)} --yes` removes it", file=sys.stderr)
+        if isinstance(exc.code, str) and " failed (409): " in exc.code:
+            print(f"clapq: kept library {name!r}, which this upload created: another upload put files into it "
+                  "meanwhile", file=sys.stderr)
+        else:
+            print(f"clapq: library {name!r}, which this upload created, holds nothing and could not be removed "
+                  f"({exc.code}): `clapq delete --library {shlex.quote(name)} --yes` removes it", file=sys.stderr)
         return
-    print(f"clapq: removed library {name!r}, which this upload created: nothing was uploaded into it"
-          + (f" (but {n_files(gone)} another upload sent into it at that moment, deleted with it: run that upload "
-             "again)" if gone else ""), file=sys.stderr)
+    print(f"clapq: removed library {name!r}, which this upload created: nothing was uploaded into it", file=sys.stderr)
 
 
 def _library_gone(client: Client, lib_id: str) -> bool:

@@ -19,7 +19,7 @@ from clapq.blobs import BLOB_LOCK, BlobStore
 from clapq.db import get_engine, session_scope
 from clapq.models import WAITING_FOR_MODEL
 from tests.audio import write
-from tests.conftest import auth, just_before, retire, wait_job
+from tests.conftest import auth, just_before, retire, wait_for_a_lock_wait, wait_job
 from tests.test_api_errors import err
 
 
@@ -252,6 +252,40 @@ def _retired_library(client, key: str, settings, tmp_path, seeds) -> tuple[str, 
     assert r.status_code == 202 and wait_job(client, key, r.get_json()["job_id"])["status"] == "done", r.get_json()
     retire(settings.database_url, lib)
     return lib, files
+
+
+def test_a_library_deleted_if_empty_is_kept_where_an_upload_commits_into_it_meanwhile(client, new_key, settings):
+    """`DELETE /v1/libraries/<id>?if_empty=1` (how `clapq upload` removes the library it made for a first request
+    the API refused): an upload into it whose rows are in but not committed as the deletion asks is waited for, and
+    the library, holding its file now, is kept (409 library_not_empty); a check and a delete of two requests would
+    have deleted that file with it (helper-135). An empty one is deleted; a value other than a yes or no is a 400."""
+    key = new_key()
+    made = [client.post("/v1/libraries", headers=auth(key), json={"name": f"maybe {n}"}).get_json()["id"]
+            for n in (1, 2)]
+    e = err(client.delete(f"/v1/libraries/{made[0]}?if_empty=perhaps", headers=auth(key)), 400)
+    assert "if_empty=1" in e["message"], e
+    engine = get_engine(settings.database_url)
+    with engine.connect() as upload:
+        upload.execute(text("WITH j AS (INSERT INTO jobs (id, tenant_id, library_id, kind) SELECT gen_random_uuid(), "
+                            "tenant_id, id, 'upload' FROM libraries WHERE id = :l RETURNING id, tenant_id, library_id) "
+                            "INSERT INTO items (id, tenant_id, library_id, job_id, sha256, filename, size_bytes, "
+                            "status) SELECT gen_random_uuid(), tenant_id, library_id, id, :h, 'late.wav', 10, 'queued' "
+                            "FROM j"), {"l": made[0], "h": uuid.uuid4().hex * 2})
+        answer: list = []
+        asked = threading.Thread(target=lambda: answer.append(
+            client.delete(f"/v1/libraries/{made[0]}?if_empty=1", headers=auth(key))), daemon=True)
+        asked.start()
+        wait_for_a_lock_wait(engine, "the deletion did not wait for the upload committing into the library")
+        upload.commit()
+    asked.join(60)
+    e = err(answer[0], 409)
+    assert e["code"] == "library_not_empty" and "holds 1 file," in e["message"], e
+    kept = client.get(f"/v1/libraries/{made[0]}", headers=auth(key)).get_json()
+    assert kept["item_count"] == 1, kept
+    r = client.delete(f"/v1/libraries/{made[1]}?if_empty=1", headers=auth(key))
+    assert r.status_code == 200 and r.get_json()["deleted"] == {"library": made[1], "items": 0, "stored_files": 0}, \
+        r.get_json()
+    client.delete(f"/v1/libraries/{made[0]}", headers=auth(key))
 
 
 def test_a_deletion_of_the_library_committed_while_it_is_reembedded_leaves_the_new_ones_files(
