@@ -1034,6 +1034,50 @@ def test_files_whose_worker_died_while_their_model_had_none_go_once_one_serves(s
         broker.delete(*lanes())
 
 
+def test_the_sweeper_says_why_and_which_files_it_sends_again(stack, caplog):
+    """Each reason files are sent again is its own log line, naming them and their jobs: after a worker killed mid-file,
+    Redis restarted empty and an upload whose tasks Redis did not take, the log said "re-enqueued stranded items"
+    with a count alone, the same for all three (helper-136, clapq run as separate processes)."""
+    import logging
+
+    from clapq import presence
+    from clapq.models import NOT_SENT
+    from clapq.queue import make_celery
+    from tests.conftest import job_of_own
+    from worker.sweeper import sweep_once
+
+    settings = stack["settings"]
+    with session_scope(settings.database_url) as s:
+        tenant, model, lib, j = job_of_own(s, f"said-{uuid.uuid4()}")
+        kinds = [("running", 1, "dead-task")] * 2 + [("queued", 0, NOT_SENT)] + [("queued", 0, None)] * 3
+        items = [Item(tenant_id=tenant.id, library_id=lib.id, job_id=j.id, sha256=uuid.uuid4().hex * 2,
+                      filename=f"f{i}.wav", size_bytes=1, status=status, attempts=tries, claimed_by=by)
+                 for i, (status, tries, by) in enumerate(kinds)]
+        s.add_all(items)
+        s.flush()
+        s.execute(text("UPDATE items SET updated_at = now() - interval '1 hour' WHERE job_id = :j"), {"j": j.id})
+        ids, model_id, job_id = [str(i.id) for i in items], model.id, str(j.id)
+    app = make_celery(settings)
+    broker = redis.Redis.from_url(settings.redis_url)
+    presence.serve(app, model_id)
+    try:
+        wait_until(lambda: presence.serving(broker, {model_id}), 10, "the model said served")
+        with caplog.at_level(logging.WARNING, logger="worker.sweeper"):
+            assert sweep_once(settings, app) == 6
+    finally:
+        presence.unserve(app)
+        broker.delete(*lanes())
+    said = {r.reason: r for r in caplog.records if r.name == "worker.sweeper" and hasattr(r, "reason")}
+    assert set(said) == {"worker lost", "no task", "task lost"}, [r.getMessage() for r in caplog.records]
+    assert [said["worker lost"].count, said["no task"].count, said["task lost"].count] == [2, 1, 3]
+    assert sorted(said["worker lost"].item_ids) == sorted(ids[:2]) and said["no task"].item_ids == [ids[2]]
+    assert sorted(said["task lost"].item_ids) == sorted(ids[3:])
+    assert all(r.job_ids == [job_id] for r in said.values())
+    assert "went silent for over 4 s (CLAPQ_STALE_AFTER_S)" in said["worker lost"].getMessage()
+    assert "that try counts" in said["worker lost"].getMessage()
+    assert "Redis restarted empty" in said["task lost"].getMessage()
+
+
 def failing_sends(app, after: int):
     """`app` whose Redis refuses every task sent after the first `after` (a connection lost mid-send)."""
     import redis as redis_py

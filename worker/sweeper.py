@@ -47,7 +47,8 @@ def sweep_once(settings: Settings, app, pause: tuple | None = None) -> int:
 
         def pick(*where) -> list:  # the longest silent first (ix_items_pending): of more than a pass takes,
             # the oldest files, not any
-            return s.execute(select(Item.id, Item.attempts, Library.model_id, Item.tenant_id, Item.created_at)
+            return s.execute(select(Item.id, Item.attempts, Library.model_id, Item.tenant_id, Item.created_at,
+                                    Item.job_id, Item.claimed_by)
                              .join(Library, Library.id == Item.library_id).where(*where)
                              .order_by(Item.updated_at, Item.id).limit(PICK_MOST)
                              .with_for_update(of=Item, skip_locked=True)).all()
@@ -99,11 +100,33 @@ def sweep_once(settings: Settings, app, pause: tuple | None = None) -> int:
     if lift_bulk(client):
         log.info("the bulk lane's oldest task moved to the first lane, which other files kept busy")
     if sent:
-        log.warning("re-enqueued stranded items", extra={"count": len(sent)})
+        _said(settings, lost, parked, orphans, served)
     if waiting:
         log.warning("files whose worker is gone wait for a worker of their model, which none running serves; they "
                     "are sent as soon as one does", extra={"count": len(waiting)})
     return len(sent)
+
+
+def _said(settings: Settings, lost: list, parked: list, orphans: list, served) -> None:
+    """One line for each reason files were sent again, naming them and their jobs: a count alone ("re-enqueued
+    stranded items", count 1) was all the log said after a worker was killed mid-file, after Redis restarted empty
+    and after an upload's tasks were not taken, so the operator could not tell which happened, nor to which files
+    (helper-136)."""
+    why = {"worker lost": (lost, f"whose worker went silent for over {settings.stale_after_s} s "
+                                 "(CLAPQ_STALE_AFTER_S): killed, crashed or cut off mid-file; that try counts "
+                                 "(attempts), and each goes in a task of its own"),
+           "no task": ([r for r in parked if r.claimed_by == NOT_SENT],
+                       "whose task Redis did not take as they were uploaded or sent again (it was away)"),
+           "model served": ([r for r in parked if r.claimed_by != NOT_SENT],
+                            "that waited for a worker of their model, which one now serves"),
+           "task lost": (orphans, "queued with no task in Redis, which held none: Redis restarted empty (its data "
+                                  "lost) or lost their messages")}
+    for reason, (rows, words) in why.items():
+        rows = [r for r in rows if r.model_id in served]
+        if rows:
+            log.warning(f"re-enqueued stranded items: {len(rows)} file{'s' if len(rows) > 1 else ''} {words}",
+                        extra={"count": len(rows), "reason": reason, "item_ids": [str(r.id) for r in rows[:10]],
+                               "job_ids": sorted({str(r.job_id) for r in rows})[:10]})
 
 
 def _beside(pause: tuple | None, settings: Settings) -> list:
