@@ -10,6 +10,8 @@ import threading
 import time
 import uuid
 
+from redis.exceptions import RedisError
+
 from clapq.queue import redis_client
 
 log = logging.getLogger(__name__)
@@ -24,14 +26,27 @@ def _key(hostname: str) -> str:
     return f"{PREFIX}{hostname}:{os.getpid()}"
 
 
-def _keep(step, interval_s: float, name: str, stop: threading.Event) -> None:
+def _keep(step, interval_s: float, name: str, stop: threading.Event, meaning: str) -> None:
     """Run `step` now and every `interval_s` in a daemon thread, until `stop` is set; a Redis that is away
-    lets the key expire, which is what it then says."""
+    lets the key expire, which is what it then says. Its failing is said once, in a line, and its answering again
+    once: each failed step was a warning with a traceback, "presence update failed" and "serving update failed",
+    two every 10 s for each worker process for as long as Redis was down, which said neither what failed nor what
+    it meant (helper-136: a 30 s Redis outage, 6 tracebacks a worker among Celery's own reconnection lines)."""
     def loop() -> None:
+        failing = False
         while True:
             try:
                 step()
-            except Exception:
+                if failing:
+                    failing = False
+                    log.info(f"Redis answers again: this worker process tells it {name} again")
+            except RedisError as exc:
+                if not failing:
+                    failing = True
+                    log.warning(f"this worker process cannot tell Redis {name} ({type(exc).__name__}: "
+                                f"{str(exc).strip() or 'no detail'}): {meaning}; tried again every {interval_s:g} s, "
+                                "said again once it answers")
+            except Exception:  # not Redis's: a fault of this code, each one with its traceback
                 log.warning("%s update failed", name, exc_info=True)
             if stop.wait(interval_s):
                 return
@@ -42,7 +57,8 @@ def _keep(step, interval_s: float, name: str, stop: threading.Event) -> None:
 def start(app, hostname: str, interval_s: float = 10.0) -> None:
     _state["key"] = _key(hostname)
     info = json.dumps({"hostname": hostname, "pid": os.getpid(), "started": time.time()})
-    _keep(lambda: redis_client(app).set(_state["key"], info, ex=TTL_S), interval_s, "presence", _stop)
+    _keep(lambda: redis_client(app).set(_state["key"], info, ex=TTL_S), interval_s, "that it is alive", _stop,
+          "until it does, /readyz and clapq_workers_live do not count it (its tasks still run)")
 
 
 # Which models the live workers embed: a sorted set per model, each worker process (the pool child that loaded
@@ -80,7 +96,9 @@ def serve(app, model_id: int, interval_s: float = 10.0) -> None:
         pipe.expire(key, TTL_S)
         pipe.execute()
 
-    _keep(step, interval_s, "serving", mine["stop"])
+    _keep(step, interval_s, f"that it serves model {model_id}", mine["stop"],
+          "past 30 s the maintenance loop takes no worker to serve it, and sends none of its files that a dead "
+          "worker left or that wait for a worker")
 
 
 def serving(client, models) -> set[int]:

@@ -1078,6 +1078,36 @@ def test_the_sweeper_says_why_and_which_files_it_sends_again(stack, caplog):
     assert "Redis restarted empty" in said["task lost"].getMessage()
 
 
+def test_a_worker_says_once_that_redis_does_not_take_its_presence_and_once_that_it_does_again(stack, caplog):
+    """A worker process tells Redis every few seconds that it serves its model; while Redis was down each try was a
+    warning with a traceback, "serving update failed", for as long as it was down, saying neither what failed nor
+    what it meant (helper-136). Now one line says it and what it costs, and one that Redis answers again."""
+    import logging
+
+    from clapq import presence
+    from clapq.queue import make_celery
+
+    settings = stack["settings"]
+    app = make_celery(settings)
+    stack["redis"].stop()
+    with caplog.at_level(logging.INFO, logger="clapq.presence"):
+        presence.serve(app, 987654, interval_s=0.1)
+        try:
+            time.sleep(1.5)  # ~15 tries
+            stack["redis"].start()  # the same port and password, empty
+            broker = redis.Redis.from_url(settings.redis_url)
+            wait_until(lambda: presence.serving(broker, {987654}), 10, "the model said served again")
+        finally:
+            presence.unserve(app)
+    said = [r for r in caplog.records if r.name == "clapq.presence"]
+    assert len(said) == 2 and [r.levelname for r in said] == ["WARNING", "INFO"], [r.getMessage() for r in said]
+    assert not said[0].exc_info
+    assert said[0].getMessage().startswith("this worker process cannot tell Redis that it serves model 987654 "
+                                           "(ConnectionError: "), said[0].getMessage()
+    assert "the maintenance loop takes no worker to serve it" in said[0].getMessage()
+    assert said[1].getMessage() == "Redis answers again: this worker process tells it that it serves model 987654 again"
+
+
 def failing_sends(app, after: int):
     """`app` whose Redis refuses every task sent after the first `after` (a connection lost mid-send)."""
     import redis as redis_py
