@@ -1007,8 +1007,13 @@ def cmd_beat(args) -> None:
     from clapq import logs
 
     logs.configure(settings.log_level)
-    from worker.sweeper import run_forever
+    from worker.sweeper import STOP, run_forever
 
+    # the first process of a container (compose's `clapq beat`, Kubernetes) has no default action for SIGTERM: the
+    # beat ran on through `docker compose stop` until it was killed 10 s later, "Exited (137)" (helper-136); and
+    # Ctrl-C in a terminal was a KeyboardInterrupt's traceback. Either now ends it after the step it is in, exit 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: STOP.set())
     run_forever(settings)
 
 

@@ -1108,6 +1108,38 @@ def test_a_worker_says_once_that_redis_does_not_take_its_presence_and_once_that_
     assert said[1].getMessage() == "Redis answers again: this worker process tells it that it serves model 987654 again"
 
 
+def test_beat_as_a_containers_first_process_stops_on_sigterm(stack):
+    """`docker compose stop` sends SIGTERM to the container's first process, which has no default action for it:
+    `clapq beat` ran on until Docker killed it 10 s later, "Exited (137)" (helper-136, in a PID namespace of its own
+    as in a container). It now ends after the step it is in, exit 0, saying so."""
+    import psutil
+
+    if not shutil.which("unshare"):
+        pytest.skip("no unshare(1) to give the beat a PID namespace of its own")
+    log_path = stack["tmp"] / "beat-pid1.log"
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", sys.executable, "-m", "clapq.cli",
+                                 "beat"], env=stack["env"], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_until(lambda: proc.poll() is not None or "sweeper started" in log_path.read_text(errors="replace"), 60,
+                   lambda: log_path.read_text(errors="replace"))
+        if proc.poll() is not None:
+            pytest.skip(f"unshare --pid refused here: {log_path.read_text(errors='replace')[-500:]}")
+        (beat,) = psutil.Process(proc.pid).children()
+        started = time.monotonic()
+        beat.send_signal(signal.SIGTERM)
+        assert proc.wait(8) == 0, log_path.read_text(errors="replace")
+        assert time.monotonic() - started < 5
+        said = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+        assert said[-1]["msg"].startswith("the maintenance loop stopped, as it was told to"), said[-1]
+        assert said[-1]["pid"] == 1  # the first process of its namespace, as in a container
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def failing_sends(app, after: int):
     """`app` whose Redis refuses every task sent after the first `after` (a connection lost mid-send)."""
     import redis as redis_py

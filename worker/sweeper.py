@@ -248,9 +248,15 @@ def repair_indexes(settings: Settings, dead_share: float = DEAD_SHARE) -> list[s
 OUTAGES = (OperationalError, InterfaceError, RedisDown, RedisSilent, BrokerError)
 
 
+# set by `clapq beat` on SIGTERM or SIGINT (clapq.cli.cmd_beat): each loop ends after the step it is in
+STOP = threading.Event()
+
+
 def _every(interval_s: int, steps: dict) -> None:
-    while True:
+    while not STOP.is_set():
         for name, step in steps.items():
+            if STOP.is_set():
+                return
             try:
                 step()
             except OUTAGES as exc:  # keep going through transient outages
@@ -258,7 +264,7 @@ def _every(interval_s: int, steps: dict) -> None:
                 log.warning(f"{name} failed: {why[0] if why else type(exc).__name__}; tried again in {interval_s} s")
             except Exception:
                 log.exception(f"{name} failed")
-        time.sleep(interval_s)
+        STOP.wait(interval_s)
 
 
 def _failing(exc: Exception) -> str:
@@ -291,3 +297,4 @@ def run_forever(settings: Settings) -> None:
             log.warning("could not record in Redis that the maintenance loop is alive (%s)", exc)
 
     _every(settings.sweep_interval_s, {"sweep": sweep, "blob removal": lambda: collect_blobs(settings)})
+    log.info("the maintenance loop stopped, as it was told to (SIGTERM or Ctrl-C), after its step in progress")
