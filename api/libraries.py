@@ -168,7 +168,8 @@ def delete_library(lib_id: str):
     if flag not in ("0", "1", "true", "false", "yes", "no", ""):
         raise bad_request(f"'if_empty' is {flag[:20]!r}; use if_empty=1 to delete the library only where it holds "
                           "no file, or leave it out")
-    if flag in ("1", "true", "yes"):
+    if_empty = flag in ("1", "true", "yes")
+    if if_empty:
         db().execute(select(Library.id).where(Library.id == lib.id).with_for_update())
         if held := db().scalar(select(func.count()).select_from(Item).where(Item.library_id == lib.id)):
             db().rollback()
@@ -176,8 +177,10 @@ def delete_library(lib_id: str):
                            f"{'s' if held != 1 else ''}, so it was not deleted (if_empty=1); without if_empty, "
                            "DELETE deletes it with its files")
     # its items first, then the library: a worker writing vectors locks items before the library (its
-    # foreign keys), so taking them in the same order cannot deadlock with it
-    shas = list(delete_items(db(), Item.library_id == lib.id).values())
+    # foreign keys), so taking them in the same order cannot deadlock with it. With if_empty, none, under the lock
+    # kept to the end: committed here, it let go, and an upload committing before the pass below had its files
+    # deleted with the library
+    shas = list(delete_items(db(), Item.library_id == lib.id, commit=not if_empty).values())
     # an upload committing into it meanwhile: the library's row locked, which waits for an upload whose job or
     # items are in and not committed (their foreign keys' lock), then its items deleted again, so that they
     # are counted too: they went by cascade, unsaid ("deleted library 'L': 0 files" while 128 went, helper-91).

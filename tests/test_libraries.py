@@ -288,6 +288,55 @@ def test_a_library_deleted_if_empty_is_kept_where_an_upload_commits_into_it_mean
     client.delete(f"/v1/libraries/{made[0]}", headers=auth(key))
 
 
+def test_an_upload_into_a_library_being_deleted_if_empty_is_refused_not_deleted_with_it(client, new_key, settings):
+    """`?if_empty=1` found the library empty under its row's lock, then deleted as a DELETE without it does: whose
+    first pass committed, letting the lock go, before its second took it again, and an upload that committed in that
+    moment had its file deleted with the library (200, "items": 1). The lock is held from the look to the end: the
+    upload waits for it and then finds no library (its insert refused), and nothing of it is deleted."""
+    from sqlalchemy.exc import IntegrityError
+
+    key = new_key()
+    lib_id = client.post("/v1/libraries", headers=auth(key), json={"name": "empty"}).get_json()["id"]
+    engine, seen, upload = get_engine(settings.database_url), [], []
+
+    def insert() -> None:
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("WITH j AS (INSERT INTO jobs (id, tenant_id, library_id, kind) SELECT "
+                                  "gen_random_uuid(), tenant_id, id, 'upload' FROM libraries WHERE id = :l RETURNING "
+                                  "id, tenant_id, library_id) INSERT INTO items (id, tenant_id, library_id, job_id, "
+                                  "sha256, filename, size_bytes, status) SELECT gen_random_uuid(), tenant_id, "
+                                  "library_id, id, :h, 'late.wav', 10, 'queued' FROM j"),
+                             {"l": lib_id, "h": uuid.uuid4().hex * 2})
+            upload.append("committed")
+        except IntegrityError as exc:  # the library gone under it
+            upload.append(exc)
+
+    def upload_meanwhile() -> None:  # until it has committed, or waits on the deletion's lock
+        threading.Thread(target=insert, daemon=True).start()
+        deadline = time.monotonic() + 30
+        with engine.connect() as look:
+            while not upload and not look.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type "
+                                                      "= 'Lock' AND datname = current_database()")):
+                assert time.monotonic() < deadline, "the upload neither committed nor waited"
+                look.rollback()
+                time.sleep(0.05)
+
+    def second_library_lock(sql: str) -> bool:  # the deletion's library lock after its look and first pass
+        if "FROM libraries" in sql and sql.rstrip().endswith("FOR UPDATE"):
+            seen.append(sql)
+        return len(seen) == 2
+
+    with just_before(settings.database_url, second_library_lock, upload_meanwhile) as met:
+        r = client.delete(f"/v1/libraries/{lib_id}?if_empty=1", headers=auth(key))
+    deadline = time.monotonic() + 30
+    while not upload and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert met and r.status_code == 200, (met, r.get_json())
+    assert r.get_json()["deleted"] == {"library": lib_id, "items": 0, "stored_files": 0}, r.get_json()
+    assert len(upload) == 1 and isinstance(upload[0], IntegrityError), upload
+
+
 def test_a_deletion_of_the_library_committed_while_it_is_reembedded_leaves_the_new_ones_files(
         app, client, new_key, serving_worker, settings, tmp_path):
     """The library re-embedded is deleted, and the deletion commits, after the re-embed has copied its files
