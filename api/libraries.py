@@ -165,7 +165,10 @@ def delete_library(lib_id: str):
     requests, would have deleted those)."""
     lib = owned(Library, lib_id, "library")
     flag = request.args.get("if_empty", "0").strip().lower()
-    if flag not in ("0", "1", "true", "false", "yes", "no", ""):
+    if not flag:  # `?if_empty`, written as a flag: read as no, it deleted the library with its files
+        raise bad_request("'if_empty' has no value; use if_empty=1 to delete the library only where it holds no "
+                          "file, or leave it out")
+    if flag not in ("0", "1", "true", "false", "yes", "no"):
         raise bad_request(f"'if_empty' is {flag[:20]!r}; use if_empty=1 to delete the library only where it holds "
                           "no file, or leave it out")
     if_empty = flag in ("1", "true", "yes")

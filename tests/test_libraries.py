@@ -258,7 +258,8 @@ def test_a_library_deleted_if_empty_is_kept_where_an_upload_commits_into_it_mean
     """`DELETE /v1/libraries/<id>?if_empty=1` (how `clapq upload` removes the library it made for a first request
     the API refused): an upload into it whose rows are in but not committed as the deletion asks is waited for, and
     the library, holding its file now, is kept (409 library_not_empty); a check and a delete of two requests would
-    have deleted that file with it (helper-135). An empty one is deleted; a value other than a yes or no is a 400."""
+    have deleted that file with it (helper-135). An empty one is deleted; a value other than a yes or no, or none, is
+    a 400."""
     key = new_key()
     made = [client.post("/v1/libraries", headers=auth(key), json={"name": f"maybe {n}"}).get_json()["id"]
             for n in (1, 2)]
@@ -280,6 +281,11 @@ def test_a_library_deleted_if_empty_is_kept_where_an_upload_commits_into_it_mean
     asked.join(60)
     e = err(answer[0], 409)
     assert e["code"] == "library_not_empty" and "holds 1 file," in e["message"], e
+    # given with no value, as a flag (`?if_empty`): it was read as 0, and deleted the library with its file
+    for bare in ("if_empty", "if_empty=", "if_empty=%20"):
+        e = err(client.delete(f"/v1/libraries/{made[0]}?{bare}", headers=auth(key)), 400)
+        assert e["message"] == ("'if_empty' has no value; use if_empty=1 to delete the library only where it holds "
+                                "no file, or leave it out"), e
     kept = client.get(f"/v1/libraries/{made[0]}", headers=auth(key)).get_json()
     assert kept["item_count"] == 1, kept
     r = client.delete(f"/v1/libraries/{made[1]}?if_empty=1", headers=auth(key))
