@@ -1391,9 +1391,10 @@ def _remove_if_empty(client: Client, lib: dict) -> None:
         if isinstance(exc.code, str) and " failed (409): " in exc.code:
             print(f"clapq: kept library {name!r}, which this upload created: another upload put files into it "
                   "meanwhile", file=sys.stderr)
-        else:
-            print(f"clapq: library {name!r}, which this upload created, holds nothing and could not be removed "
-                  f"({exc.code}): `clapq delete --library {shlex.quote(name)} --yes` removes it", file=sys.stderr)
+        else:  # unasked whether it holds any: another upload's files, which `clapq delete` would delete too
+            print(f"clapq: library {name!r}, which this upload created, was not removed ({exc.code}): nothing of this "
+                  "upload is in it, but another upload into the name may be: where `clapq libraries` lists it with 0 "
+                  f"files, `clapq delete --library {shlex.quote(name)} --yes` removes it", file=sys.stderr)
         return
     print(f"clapq: removed library {name!r}, which this upload created: nothing was uploaded into it", file=sys.stderr)
 

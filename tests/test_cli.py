@@ -3438,6 +3438,30 @@ def test_a_first_upload_refused_removes_the_library_it_created(start_api, new_ke
     assert names()["first"] == 1
 
 
+def test_a_created_library_not_removed_is_not_said_to_hold_nothing(capsys):
+    """The removal of a library an upload created (`?if_empty=1`) that fails other than by a 409, here an API of an
+    earlier version, which takes no if_empty (400): it said the library "holds nothing" and to delete it with
+    `clapq delete --library NAME --yes`, where nothing had told whether it held anything (since e2b5c3b no look is
+    made), and another upload into the name may have put files in it, which that command deletes."""
+    from clapq import client as c
+
+    lib = "0b1c2d3e-1111-2222-3333-444455556677"
+
+    def answer(method, path):
+        if method == "DELETE" and path == f"/v1/libraries/{lib}?if_empty=1":
+            return 400, {"error": {"code": "bad_request", "status": 400, "message": "the query string has "
+                                   "'if_empty', which DELETE /v1/libraries/<lib_id> does not take; it takes none"}}, {}
+        return 404, {"error": {"code": "not_found", "message": "not found", "status": 404}}, {}
+
+    with fake_api(answer) as url:
+        c._remove_if_empty(c.Client(url, "cq_x"), {"id": lib, "name": "new one"})
+    err = capsys.readouterr().err
+    assert "holds nothing" not in err, err
+    assert err.startswith("clapq: library 'new one', which this upload created, was not removed (clapq: DELETE "), err
+    assert err.endswith(": nothing of this upload is in it, but another upload into the name may be: where `clapq "
+                        "libraries` lists it with 0 files, `clapq delete --library 'new one' --yes` removes it\n"), err
+
+
 def test_a_macos_appledouble_file_given_on_its_own_is_said_to_be_metadata(start_api, new_key, tmp_path, tiny_model):
     """`clapq upload ._x.flac`, the AppleDouble file a Mac writes beside x.flac on a drive it copies to (a folder's
     are left out, hidden), was sent and failed as "not a readable audio file (Invalid data found when processing
