@@ -331,7 +331,8 @@ def bodiless() -> None:
                 '/v1/libraries/<id>/deletions ({"item_ids": [...]})')
     elif request.url_rule.rule == "/v1/search":
         no_body("give its fields in the query string, or POST the JSON body to /v1/search")
-    no_body("send it with none" if request.method == "DELETE" else "give its parameters in the query string")
+    else:
+        no_body("send it with none" if request.method == "DELETE" else "give its parameters in the query string")
 
 
 def uncompressed_body() -> None:

@@ -1386,7 +1386,8 @@ def _remove_if_empty(client: Client, lib: dict) -> None:
     it. Asked once, with no waiting through an outage."""
     name, where = lib["name"], f"/v1/libraries/{urllib.parse.quote(lib['id'], safe='')}"
     try:
-        client._call("DELETE", where + "?if_empty=1", missing_ok=True)
+        if client._call("DELETE", where + "?if_empty=1", missing_ok=True) is None:
+            return  # gone already: deleted meanwhile (`clapq delete`, another terminal), which said so there
     except (SystemExit, Busy) as exc:
         if isinstance(exc.code, str) and " failed (409): " in exc.code:
             print(f"clapq: kept library {name!r}, which this upload created: another upload put files into it "
