@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.after_request(_release_replaced_after_sending)
 
     v1 = Blueprint("v1", __name__, url_prefix="/v1")
+    v1.before_request(errors.options)  # a browser's CORS preflight carries no key
     v1.before_request(auth.require_tenant)
     v1.before_request(ratelimit.check_request)  # before any handler reads a body
     v1.before_request(errors.plain_query)

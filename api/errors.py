@@ -335,6 +335,27 @@ def bodiless() -> None:
         no_body("send it with none" if request.method == "DELETE" else "give its parameters in the query string")
 
 
+def options():
+    """before_request hook for /v1, ahead of the key's check: an OPTIONS request is a 204 with `Allow`, the methods
+    its path takes, where Flask answered an empty 200 labelled text/html. A browser's CORS preflight (a page of
+    another origin about to send a request with the key) carries no key: it was a 401 "missing or invalid API key",
+    of a page that held a right one. The API allows no other origin (it sends no Access-Control-Allow-Origin: a key
+    in a page's script is anyone's who opens the page), so a preflight is a 403 that says so, which a browser's
+    developer tools show beside its "CORS" error."""
+    if request.method != "OPTIONS" or request.url_rule is None:  # no such path: its 404
+        return None
+    if "Access-Control-Request-Method" in request.headers:
+        origin = request.headers.get("Origin", "")[:100]
+        raise ApiError(403, "cross_origin_not_allowed", f"a browser asked whether a page of {origin or 'another'!r} "
+                       f"may call this API (a CORS preflight): the API allows no other origin; call it from a "
+                       f"server of yours, or serve the page from the API's own origin ({request.host_url[:100]}), "
+                       "as the API's search page is")
+    response = current_app.response_class(status=204)
+    del response.headers["Content-Type"]  # no body, so no type: not the text/html Flask's was labelled
+    response.allow.update(current_app.create_url_adapter(request).allowed_methods())
+    return response
+
+
 def uncompressed_body() -> None:
     """before_request hook for /v1: a body sent compressed (`Content-Encoding: gzip`, as some HTTP clients and
     proxies send one) is a 415. The API reads bodies as they come: gzipped JSON was told "send a JSON object

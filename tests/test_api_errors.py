@@ -2060,3 +2060,27 @@ def test_metrics_take_the_token_where_one_is_set(settings, new_key):
     assert client.get("/healthz").status_code == client.get("/openapi.json").status_code == 200
     assert client.get("/readyz").status_code != 401
     assert "s3cret" not in repr(app.config["CLAPQ"])  # a settings object logged or printed does not show it
+
+
+def test_options_is_said_in_headers_and_a_cors_preflight_is_refused_in_json(client, new_key):
+    """OPTIONS was Flask's empty 200 labelled text/html, and a browser's CORS preflight (no key: a page of another
+    origin about to send one) a 401 "missing or invalid API key", though the page held a right one. OPTIONS is a
+    204 with the path's methods in Allow, key or none; a preflight a 403 that says the API allows no other origin."""
+    key = new_key()
+    for headers in (auth(key), {}):
+        r = client.options("/v1/libraries", headers=headers)
+        assert r.status_code == 204 and r.data == b"" and "Content-Type" not in r.headers, (r.status_code, r.headers)
+        assert set(r.headers["Allow"].split(", ")) == {"GET", "HEAD", "POST", "OPTIONS"}, r.headers
+    r = client.options(f"/v1/items/{uuid.uuid4()}", headers=auth(key))
+    assert r.status_code == 204 and set(r.headers["Allow"].split(", ")) == {"GET", "HEAD", "PATCH", "DELETE",
+                                                                             "OPTIONS"}, r.headers
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    e = err(client.options("/v1/search", headers=preflight), 403)
+    assert e["code"] == "cross_origin_not_allowed" and e["message"] == (
+        "a browser asked whether a page of 'https://app.example' may call this API (a CORS preflight): the API "
+        "allows no other origin; call it from a server of yours, or serve the page from the API's own origin "
+        "(http://localhost/), as the API's search page is"), e
+    r = client.options("/v1/search", headers=preflight)
+    assert not any(h.lower().startswith("access-control-allow") for h in r.headers.keys()), r.headers
+    assert err(client.options("/v1/nothing", headers=preflight), 404)["message"].startswith("no endpoint '/v1/nothing'")
