@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
 from api.db import db, in_the_queue, lane_room, send_committed
-from api.errors import ApiError, bad_request, check_metadata, given_once, parse_json
+from api.errors import ApiError, bad_request, check_metadata, given_once, not_json, parse_json
 from api.lookup import owned
 from api.models_info import describe, served_model_for, serving_model_id
 from api.query import MAX_CLIP_S
@@ -44,7 +44,7 @@ def _metadata_field(raw_names: list[str]) -> dict:
     try:
         meta = parse_json(raw, "'metadata'")
     except ValueError as exc:
-        raise bad_request(f"'metadata' is not valid JSON: {exc}") from None
+        raise not_json("metadata", raw, exc) from None
     if not isinstance(meta, dict):
         raise bad_request("'metadata' must be a JSON object mapping filename -> object")
     keys: dict[str, str] = {}  # each key in NFC -> the key as sent

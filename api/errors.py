@@ -261,11 +261,36 @@ class ClientJSON(DefaultJSONProvider):
 REPEATABLE = frozenset({"library_id", "library_ids"})
 
 
+# the fields of a form or a query string that hold JSON text (a search's, an upload's)
+JSON_FIELDS = ("filter", "metadata")
+
+
+def _as_keys(name: str) -> str:
+    return (f"a dict given as a form field's value, as in requests.post(url, data={{{name!r}: {{...}}}}), is sent as "
+            "its keys alone: send json.dumps of it")
+
+
 def given_once(fields, where: str) -> None:
-    """Refuse a field (of a query string or a form: a werkzeug MultiDict) given more than once."""
+    """Refuse a field (of a query string or a form: a werkzeug MultiDict) given more than once. A JSON field that
+    came as several values none of which is a JSON object is a dict's keys, as `requests` sends a dict given as a
+    form field's value: those values are quoted, and what to send said."""
     twice = sorted({k for k in fields if k not in REPEATABLE and len(fields.getlist(k)) > 1})
     if twice:
+        values = [v for v in fields.getlist(twice[0]) if isinstance(v, str)]
+        if twice[0] in JSON_FIELDS and len(values) > 1 and not any(v.lstrip().startswith("{") for v in values):
+            came = ", ".join(repr(v[:40]) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+            raise bad_request(f"{where} gives {twice[0]!r} more than once ({came}); give it once, as JSON text: "
+                              + _as_keys(twice[0]))
         raise bad_request(f"{where} gives {twice[0]!r} more than once; give it once")
+
+
+def not_json(name: str, raw: str, exc: ValueError, instead: str = "") -> ApiError:
+    """A 400 for a field of JSON text that does not parse, quoting what came (its first 80 characters): 'filter'
+    sent as `requests.post(url, data={'filter': {"metadata": {...}}})` came as "metadata", the dict's key alone,
+    and was told only "'filter' is not valid JSON"."""
+    came = repr(raw[:80]) + ("..." if len(raw) > 80 else "")
+    return bad_request(f"{name!r} is not valid JSON ({exc}): it came as {came}; give it as JSON text "
+                       f"({_as_keys(name)}){instead}")
 
 
 def integer(raw, name: str, lo: int, hi: int, default: int) -> int:

@@ -24,7 +24,7 @@ except ImportError:  # SQLAlchemy 2.0, which Python 3.10 gets (2.1 takes 3.11): 
 
 from api.db import db, time_limit
 from api.errors import (ApiError, bad_request, check_text, given_once, integer, json_body, parse_json,
-                        nothing_to_show, refuse_unknown, sent_as_json, small_body, takes_query)
+                        not_json, nothing_to_show, refuse_unknown, sent_as_json, small_body, takes_query)
 from api.lookup import owned, parse_id
 from api.models_info import describe, served_model_for
 from api.query import audio_vector, item_vector, text_vectors
@@ -143,8 +143,8 @@ def _filters(raw) -> list:
     if isinstance(raw, str):
         try:
             raw = parse_json(raw, "'filter'")
-        except ValueError:
-            raise bad_request("'filter' is not valid JSON") from None
+        except ValueError as exc:
+            raise not_json("filter", raw, exc, ", or send the whole search as a JSON body") from None
     if not isinstance(raw, dict) or set(raw) - {"metadata", "duration_s"}:
         raise bad_request("'filter' may have 'metadata' and 'duration_s'")
     conds = []

@@ -2084,3 +2084,42 @@ def test_options_is_said_in_headers_and_a_cors_preflight_is_refused_in_json(clie
     r = client.options("/v1/search", headers=preflight)
     assert not any(h.lower().startswith("access-control-allow") for h in r.headers.keys()), r.headers
     assert err(client.options("/v1/nothing", headers=preflight), 404)["message"].startswith("no endpoint '/v1/nothing'")
+
+
+def test_a_json_field_that_does_not_parse_is_quoted_as_it_came(client, lib):
+    """`requests.post(url, data={'filter': {...}})` sends a dict's keys alone: 'filter' came as "metadata" and was
+    told "'filter' is not valid JSON", and an upload's 'metadata' so, with nothing to show that only a key came. What
+    came is quoted, and what to send said; a dict of two keys came as the field twice, whose values are quoted too."""
+    key, lib_id = lib
+
+    def sent(**kwargs):  # the body and type requests makes of them
+        p = requests.Request("POST", "http://api/", **kwargs).prepare()
+        return {"data": p.body, "content_type": p.headers["Content-Type"], "headers": auth(key)}
+
+    e = err(client.post("/v1/search", **sent(data={"library_id": lib_id, "q": "rain",
+                                                   "filter": {"metadata": {"genre": "rock"}}})), 400)
+    assert e["message"] == ("'filter' is not valid JSON (Expecting value: line 1 column 1 (char 0)): it came as "
+                            "'metadata'; give it as JSON text (a dict given as a form field's value, as in "
+                            "requests.post(url, data={'filter': {...}}), is sent as its keys alone: send json.dumps "
+                            "of it), or send the whole search as a JSON body"), e
+    e = err(client.get("/v1/search", query_string={"library_id": lib_id, "q": "rain", "filter": "{genre: " + "x" * 90},
+                       headers=auth(key)), 400)
+    assert f"it came as '{{genre: {'x' * 72}'...; give it as JSON text" in e["message"], e
+    e = err(client.post("/v1/search", **sent(data={"library_id": lib_id, "q": "rain",
+                                                   "filter": {"metadata": {}, "duration_s": {"min": 1}}})), 400)
+    assert e["message"] == ("the form gives 'filter' more than once ('metadata', 'duration_s'); give it once, as JSON "
+                            "text: a dict given as a form field's value, as in requests.post(url, data={'filter': "
+                            "{...}}), is sent as its keys alone: send json.dumps of it"), e
+    batch = f"/v1/libraries/{lib_id}/batches"
+    e = err(client.post(batch, **sent(files=[("files", ("a.wav", b"RIFF a"))],
+                                      data={"metadata": {"a.wav": {"tags": ["x"]}}})), 400)
+    assert e["message"].startswith("'metadata' is not valid JSON (Expecting value: line 1 column 1 (char 0)): it came "
+                                   "as 'a.wav'; give it as JSON text (a dict given as a form field's value, as in "
+                                   "requests.post(url, data={'metadata': {...}}), is sent as its keys alone"), e
+    e = err(client.post(batch, **sent(files=[("files", ("a.wav", b"RIFF a")), ("files", ("b.wav", b"RIFF b"))],
+                                      data={"metadata": {"a.wav": {}, "b.wav": {}}})), 400)
+    assert e["message"].startswith("the form gives 'metadata' more than once ('a.wav', 'b.wav'); give it once, as "
+                                   "JSON text"), e
+    assert client.get(f"/v1/libraries/{lib_id}", headers=auth(key)).get_json()["item_count"] == 0
+    r = client.post(batch, **sent(files=[("files", ("a.wav", b"RIFF a"))], data={"metadata": json.dumps({"a.wav": {}})}))
+    assert r.status_code == 202, r.get_json()
