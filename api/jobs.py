@@ -338,7 +338,7 @@ def items_page(where, job: Job | None = None) -> dict:
     """The items `where` selects, oldest first, paged by `limit` + `cursor` and narrowed by `?status=`. In a
     `job`'s listing each item stands as the job's counts take it: a copy of a file another job uploaded
     first and then cancelled is failed here (with why), as this job's retry would queue it again."""
-    status = request.args.get("status")
+    status = request.args.get("status") or None  # `status=` empty narrows nothing, as `limit=` takes the default
     if status is not None and status not in STATES:
         raise bad_request(f"'status' must be one of {', '.join(STATES)}")
     limit, cursor = limit_arg(100), cursor_arg()

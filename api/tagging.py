@@ -107,8 +107,8 @@ def classify_item(item_id: str):
 @takes_query("threshold", "limit")
 def duplicates(item_id: str):
     """Exact copies (same sha256) in any of the caller's libraries, and items within `threshold` cosine."""
-    try:
-        threshold = float(request.args.get("threshold", 0.95))
+    try:  # `threshold=` empty is the default, as `limit=` is
+        threshold = float(request.args.get("threshold") or 0.95)
     except ValueError:
         raise bad_request("'threshold' must be a number between -1 and 1") from None
     if not -1.0 <= threshold <= 1.0:

@@ -2123,3 +2123,29 @@ def test_a_json_field_that_does_not_parse_is_quoted_as_it_came(client, lib):
     assert client.get(f"/v1/libraries/{lib_id}", headers=auth(key)).get_json()["item_count"] == 0
     r = client.post(batch, **sent(files=[("files", ("a.wav", b"RIFF a"))], data={"metadata": json.dumps({"a.wav": {}})}))
     assert r.status_code == 202, r.get_json()
+
+
+def test_an_optional_query_parameter_given_empty_is_as_if_left_out(client, lib):
+    """`limit=` and `k=` took their defaults, but `status=` (as a page's select of "any status" sends it) was a 400
+    "'status' must be one of ...", and `threshold=` one too: each optional parameter given empty is now as if it
+    were not given."""
+    key, lib_id = lib
+    r = client.post(f"/v1/libraries/{lib_id}/batches", headers=auth(key), content_type="multipart/form-data",
+                    data={"files": [(io.BytesIO(b"RIFF one"), "a.wav"), (io.BytesIO(b"RIFF two"), "b.wav")]})
+    job, items = r.get_json()["job_id"], [i["id"] for i in r.get_json()["items"]]
+    for path in (f"/v1/libraries/{lib_id}/items", f"/v1/jobs/{job}/items"):
+        for query in ("status=", "status=&limit=&cursor=", ""):
+            r = client.get(f"{path}?{query}", headers=auth(key))
+            assert r.status_code == 200 and [i["id"] for i in r.get_json()["items"]] == items, (path, query, r.data)
+        assert client.get(f"{path}?status=done", headers=auth(key)).get_json()["items"] == []
+        assert "'status' must be one of" in err(client.get(f"{path}?status=dnoe", headers=auth(key)), 400)["message"]
+    # the default threshold, then the item's own 409: it is not embedded (no worker here)
+    assert err(client.get(f"/v1/items/{items[0]}/duplicates?threshold=&limit=", headers=auth(key)),
+               409)["code"] == "not_embedded"
+    assert "'threshold' must be a number" in err(client.get(f"/v1/items/{items[0]}/duplicates?threshold=x",
+                                                            headers=auth(key)), 400)["message"]
+    r = client.post(f"/v1/items/{items[0]}/audio-link?expires_in_s=", headers=auth(key))
+    assert r.status_code == 200, r.data
+    r = client.get(f"/v1/search?library_id={lib_id}&q=rain&k=&offset=&min_score=&mode=&filter=&item_id=",
+                   headers=auth(key))
+    assert r.status_code == 200 and r.get_json()["k"] == 10, r.data
