@@ -2679,6 +2679,39 @@ def test_waiting_on_many_jobs_shows_them_end_as_the_workers_go():
     assert asked[0] <= n + 3 * n, asked  # about two requests a poll, one more for each job as it ends
 
 
+def test_waiting_for_an_earlier_runs_jobs_too_follows_the_oldest_first():
+    """A run again of a folder whose first run was stopped halfway waits for its own jobs and for the first
+    run's still embedding, which it lists after its own, while the workers end the first run's first: the files
+    processed shown are never more than two jobs behind those done. Asked in the list's order, its own first job,
+    queued behind the others, was the one asked about at each poll and the first run's in turn, one a poll:
+    20,000 files stopped at 12,000 sent and run again showed "3184/15008 files processed (20%)" and "none of its
+    files is being embedded" for minutes while thousands were (helper-138)."""
+    from clapq.client import Client, watch_jobs
+
+    n, asked = 40, [0]
+    made = {f"j{k}": f"2026-12-07T19:{k:02d}:00.000000+00:00" for k in range(1, n + 1)}  # j1 the oldest
+
+    def ended(k: int) -> bool:  # job k (from 1) ends at the API's (n + 2k)th answer: the oldest first
+        return asked[0] >= n + 2 * k
+
+    def answer(method, path):
+        asked[0] += 1
+        job = path.rsplit("/", 1)[-1]
+        end = ended(int(job[1:]))
+        return 200, {"status": "done" if end else "queued", "errors": [], "progress": float(end),
+                     "counts": {"done": int(end), "failed": 0, "total": 1}, "created_at": made[job]}, {}
+
+    lags = []
+    listed = [f"j{k}" for k in range(n // 2 + 1, n + 1)] + [f"j{k}" for k in range(1, n // 2 + 1)]  # its own first
+    with fake_api(answer) as url:
+        states = watch_jobs(Client(url, "cq_x"), listed,
+                            lambda done, total, share: lags.append(sum(map(ended, range(1, n + 1))) - done),
+                            poll_s=0.01)
+    assert [s["created_at"] for s in states] == [made[j] for j in listed]  # in the order asked for
+    assert lags[-1] == 0 and max(lags) <= 2, lags
+    assert asked[0] <= n + 3 * n, asked
+
+
 def test_a_long_wait_writes_a_line_to_a_log_at_each_tenth_and_at_most_every_30_s(monkeypatch, capsys):
     """Waiting with its stderr not a terminal (a log), `clapq upload` writes a line of progress at each tenth
     of the work done, and at most once a LOG_EVERY_S as the count moves, and the last count at the end. It
