@@ -34,6 +34,9 @@ def test_compose_services_and_commands():
     assert services["migrate"]["restart"] == "no"
     for name in ("api", "worker", "beat"):
         assert services[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    # the api's stop grace outlasts gunicorn's own for requests in flight (Docker's default 10 s cut them off)
+    graceful = int(re.search(r'"--graceful-timeout", "(\d+)"', (ROOT / "clapq" / "cli.py").read_text())[1])
+    assert int(services["api"]["stop_grace_period"].rstrip("s")) > graceful, services["api"]
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     # every volume a clapq service mounts is a directory the image makes and gives to its user (a named
