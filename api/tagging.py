@@ -55,12 +55,13 @@ def _labels() -> tuple[list[str], np.ndarray, int]:
         if (same := unicodedata.normalize("NFC", label.strip())) in seen:
             raise bad_request(f"'labels' has {same!r} more than once; give each label once")
         seen.add(same)
-    template = body.get("template", DEFAULT_TEMPLATE)
+    # null is as if left out, as in a search's body ("k": null is its default): "top": null was a 400
+    template = DEFAULT_TEMPLATE if body.get("template") is None else body["template"]
     if not isinstance(template, str) or "{label}" not in template:
         raise bad_request("'template' must be a string containing '{label}'")
     if len(template) > MAX_TEMPLATE_CHARS:  # it was told to contain '{label}', which it did (helper-52)
         raise bad_request(f"'template' is {len(template)} characters; the limit is {MAX_TEMPLATE_CHARS}")
-    top = body.get("top", 3)
+    top = 3 if body.get("top") is None else body["top"]
     if not isinstance(top, int) or isinstance(top, bool) or top < 1:
         raise bad_request("'top' must be a whole number, 1 or more (over the number of labels gives them all)")
     # the top 3 of 2 labels are both, as when `top` is left out
