@@ -39,7 +39,11 @@ class StreamingRequest(Request):
     def _load_form_data(self) -> None:
         try:
             super()._load_form_data()
-        except ValueError as exc:  # cut short, no boundary, a part's headers not UTF-8: the client's to fix
+        except UnicodeDecodeError as exc:  # a part's headers, its filename most often (curl -F of a Latin-1 name)
+            near = bytes(exc.object[max(0, exc.start - 40):exc.end + 20])  # the bytes around the first not UTF-8
+            raise BadRequest(f"the form could not be read: a part's headers are not UTF-8 ({near!r}); "
+                             "send each file's name (and each field's) as UTF-8") from None
+        except ValueError as exc:  # cut short, no boundary: the client's to fix
             raise BadRequest(f"the form could not be read ({exc}): send multipart/form-data as a client library "
                              "writes it, whole, with its boundary in the Content-Type") from None
         if self.mimetype == "multipart/form-data":

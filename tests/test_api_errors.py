@@ -168,6 +168,12 @@ def test_an_upload_reads_every_part_it_is_sent_or_says_why_not(client, lib):
                         (part + b"\r\n--b--\r\n", "multipart/form-data")):  # no boundary given
         e = err(client.post(url, headers=auth(key), data=body, content_type=ctype), 400)
         assert e["message"].startswith("the form could not be read ("), e
+    # a file's name in Latin-1 (curl -F of a name from an old disk): werkzeug's "'utf-8' codec can't decode" said
+    # neither which part nor what to send (h139)
+    latin = b'--b\r\nContent-Disposition: form-data; name="files"; filename="caf\xe9.wav"\r\n\r\nRIFF\r\n--b--\r\n'
+    e = err(client.post(url, headers=auth(key), data=latin, content_type="multipart/form-data; boundary=b"), 400)
+    assert e["message"].startswith("the form could not be read: a part's headers are not UTF-8 (") and \
+        e["message"].endswith("send each file's name (and each field's) as UTF-8"), e
     r = client.post(url, headers=auth(key), data=part + b"\r\n--b--\r\n",
                     content_type="Multipart/Form-Data; boundary=b")
     assert r.status_code == 202 and [i["filename"] for i in r.get_json()["items"]] == ["c.wav"], r.get_json()
