@@ -311,6 +311,24 @@ def integer(raw, name: str, lo: int, hi: int, default: int) -> int:
     return v
 
 
+def yes_no(name: str, use: str, bare: bool | None = False) -> bool:
+    """Query parameter `name` as yes (1, true, yes) or no (0, false, no), in any case; no where it is left out.
+    `bare` is what an empty value (`?name=`, or `?name` alone) means, None where that is a 400: a flag written
+    bare, read as no, would do the opposite of what its sender meant (`?if_empty` deleted a library with its
+    files). `use` says what to send instead, in the 400."""
+    flag = request.args.get(name)
+    if flag is None:
+        return False
+    flag = flag.strip().lower()
+    if not flag and bare is not None:
+        return bare
+    if flag in ("1", "true", "yes"):
+        return True
+    if flag in ("0", "false", "no"):
+        return False
+    raise bad_request(f"'{name}' has no value; {use}" if not flag else f"'{name}' is {flag[:20]!r}; {use}")
+
+
 def takes_query(*names: str):
     """Decorator: the query parameters a view reads (plain_query refuses others); `None` for a view that
     checks its own (search, which reads the same fields from a query string, a form or JSON)."""

@@ -18,7 +18,7 @@ from werkzeug.http import http_date, parse_date, parse_etags, parse_range_header
 from api.db import db
 from api.auth import audio_link
 from api.errors import (ApiError, bad_request, check_metadata, integer, json_body, no_body, not_found,
-                        refuse_unknown, takes_query)
+                        refuse_unknown, takes_query, yes_no)
 from api.lookup import owned, owned_item, refreshed
 from api.models_info import describe
 from api.query import item_vector
@@ -165,10 +165,7 @@ def get_embedding(item_id: str):
 def get_segments(item_id: str):
     """The item's embedded windows, in time order; `?vectors=1` includes each vector (for export)."""
     item, lib = owned_item(item_id)
-    flag = request.args.get("vectors", "0").strip().lower()
-    if flag not in ("0", "1", "true", "false", "yes", "no", ""):
-        raise bad_request(f"'vectors' is {flag[:20]!r}; use vectors=1 to include each vector, or leave it out")
-    with_vectors = flag in ("1", "true", "yes")
+    with_vectors = yes_no("vectors", "use vectors=1 to include each vector, or leave it out")
     cols = [Segment.window_index, Segment.start_s, Segment.end_s] + ([Segment.vector] if with_vectors else [])
     rows = db().execute(select(*cols).where(Segment.item_id == item.id, Segment.model_id == lib.model_id)
                         .order_by(Segment.window_index)).all()

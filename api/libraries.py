@@ -7,14 +7,14 @@ import re
 import unicodedata
 import uuid
 
-from flask import Blueprint, current_app, g, request
+from flask import Blueprint, current_app, g
 from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from api.batches import RETRIED_ON_REUPLOAD, backpressure
 from api.db import db, lane_room, send_committed
 from api.errors import (MAX_METADATA_BYTES, ApiError, bad_request, json_body, metadata_bytes, not_found,
-                        refuse_unknown, shows_nothing, takes_query)
+                        refuse_unknown, shows_nothing, takes_query, yes_no)
 from api.jobs import STATES, items_page, why_waiting
 from api.lookup import owned, refreshed
 from api.models_info import describe, serving_model_id
@@ -164,14 +164,9 @@ def delete_library(lib_id: str):
     refused, and another upload into the name may have put files in meanwhile: helper-135's check and delete, two
     requests, would have deleted those)."""
     lib = owned(Library, lib_id, "library")
-    flag = request.args.get("if_empty", "0").strip().lower()
-    if not flag:  # `?if_empty`, written as a flag: read as no, it deleted the library with its files
-        raise bad_request("'if_empty' has no value; use if_empty=1 to delete the library only where it holds no "
-                          "file, or leave it out")
-    if flag not in ("0", "1", "true", "false", "yes", "no"):
-        raise bad_request(f"'if_empty' is {flag[:20]!r}; use if_empty=1 to delete the library only where it holds "
-                          "no file, or leave it out")
-    if_empty = flag in ("1", "true", "yes")
+    # `?if_empty`, written as a flag, is a 400: read as no, it deleted the library with its files
+    if_empty = yes_no("if_empty", "use if_empty=1 to delete the library only where it holds no file, or leave it out",
+                      bare=None)
     if if_empty:
         db().execute(select(Library.id).where(Library.id == lib.id).with_for_update())
         if held := db().scalar(select(func.count()).select_from(Item).where(Item.library_id == lib.id)):

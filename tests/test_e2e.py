@@ -103,8 +103,11 @@ def test_upload_poll_search(client, new_key, worker, corpus, tiny_model, setting
         best[name] = max((float(qvec @ np.array(sg["vector"], dtype=np.float32)), sg["start_s"], sg["end_s"])
                          for sg in segs)
     expected = sorted(((b[0], n) for n, b in best.items()), reverse=True)
-    plain = client.get(f"/v1/items/{ids[name]}/segments?vectors=no", headers=auth(key)).get_json()["segments"]
-    assert plain and not any("vector" in sg for sg in plain)
+    for no in ("no", "", "False"):  # an empty value is a no, as a left-out one (api.errors.yes_no)
+        plain = client.get(f"/v1/items/{ids[name]}/segments?vectors={no}", headers=auth(key)).get_json()["segments"]
+        assert plain and not any("vector" in sg for sg in plain), no
+    assert "vector" in client.get(f"/v1/items/{ids[name]}/segments?vectors=YES", headers=auth(key)).get_json()[
+        "segments"][0]
     r = client.get(f"/v1/items/{ids[name]}/segments?vectors=2", headers=auth(key))  # not a yes or a no: said
     assert r.status_code == 400 and "vectors=1" in r.get_json()["error"]["message"], r.get_json()
     res = client.get("/v1/search", query_string={"library_id": lib["id"], "q": "a calm sine tone", "k": 3},
