@@ -353,12 +353,20 @@ def plain_query() -> None:
                           "not take" + (f"; it takes {', '.join(sorted(takes))}" if takes else "; it takes none"))
 
 
+def _sent_body(peek: bool = False) -> bool:
+    """Whether the request comes with a body: told by its length, or by its being chunked (Transfer-Encoding), and
+    with `peek`, a chunked one only where a first byte comes (read, where it is not read after: a chunked body
+    with no byte in it is none, as some clients send a DELETE's)."""
+    return bool(request.content_length or request.headers.get("Transfer-Encoding") and (
+        not peek or request.stream.read(1)))
+
+
 def no_body(instead: str = "send it with none") -> None:
     """Refuse a body sent to an operation that reads none: what it held would be ignored, and the answer quietly
     other than asked for, as a query parameter a view does not read (plain_query): `-d '{"expires_in_s": 5}'` to
     an audio link made one of an hour. Told by its length, unread; an empty one (Content-Length: 0, or chunked with
     no byte in it, as some clients send a DELETE's) is none."""
-    if request.content_length or request.headers.get("Transfer-Encoding") and request.stream.read(1):
+    if _sent_body(peek=True):
         raise bad_request(f"{request.method} {request.url_rule.rule} reads no body, so what it held would be "
                           f"ignored: {instead}")
 
@@ -405,8 +413,7 @@ def uncompressed_body() -> None:
     like ...", a gzipped upload "the form could not be read", and plain JSON labelled gzip was taken. Only where a
     body is read (POST, PATCH: a GET's or a DELETE's is refused, by bodiless)."""
     codings = [c.strip() for c in request.headers.get("Content-Encoding", "").split(",") if c.strip()]
-    if request.method in ("POST", "PATCH") and any(c.lower() != "identity" for c in codings) and (
-            request.content_length or request.headers.get("Transfer-Encoding")):
+    if request.method in ("POST", "PATCH") and any(c.lower() != "identity" for c in codings) and _sent_body():
         raise ApiError(415, "unsupported_media_type", f"the body is sent with Content-Encoding: "
                        f"{', '.join(codings)[:80]}; the API takes bodies uncompressed only: send it without "
                        "compressing it (and without that header)", {"Accept-Encoding": "identity"})
