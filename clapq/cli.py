@@ -411,8 +411,8 @@ def _with_keys(args, work) -> None:
             if why := not_migrated(url):
                 raise RuntimeError(why)
         elif (done := _migrate(url, settings.data_dir))[0] != done[1]:
-            print(f"clapq: the database of {settings.data_dir}: {_migrated(*done)} (as `clapq up` does at its "
-                  "start)", file=sys.stderr)
+            print(f"clapq: {_whose_database(settings.data_dir)}{_migrated(*done)} (as `clapq up` does at its start)",
+                  file=sys.stderr)
         with session_scope(url) as s:
             out = work(s)
         print(out)
@@ -577,12 +577,18 @@ def cmd_keys_revoke(args) -> None:
     _with_keys(args, revoke)
 
 
+def _whose_database(data_dir: Path | None) -> str:
+    """How a migration's line names the database it migrated: a data directory's embedded one, or (None)
+    DATABASE_URL's."""
+    return f"the database of {data_dir}: " if data_dir is not None else "DATABASE_URL's database: "
+
+
 def _migrate_up(url: str, data_dir: Path | None) -> None:
     """`clapq up`'s migration, said where it applies any: on an earlier clapq's data (`git pull`, `make up`) it
     migrated unsaid, so nothing told the operator that the data was now an upgraded one, which an earlier clapq no
     longer opens, nor what `up` was doing through a migration of minutes (0003's) (helper-130). `data_dir`: its
     embedded database's, None for DATABASE_URL's."""
-    where = f"the database of {data_dir}: " if data_dir is not None else "DATABASE_URL's database: "
+    where = _whose_database(data_dir)
 
     def starting(before: str, head: str) -> None:
         print(f"clapq: {where}migrating its schema from revision {before} to {head}, this clapq's (on a large library "
@@ -783,7 +789,7 @@ def _migrate_on_new_code(env: dict, data_dir: Path | None) -> bool:
     new code's command does it; what it says is said with the data directory. Whether it succeeded: one that failed
     (a DATABASE_URL not answering for a while) is tried again as the next role starts, which meanwhile waits for its
     database or stops on its schema, as before."""
-    where = f"the database of {data_dir}: " if data_dir is not None else "DATABASE_URL's database: "
+    where = _whose_database(data_dir)
     proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "migrate"], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=CODE_ROOT)
     for line in proc.stderr:
