@@ -6,6 +6,7 @@ import errno
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import time
 import weakref
@@ -22,11 +23,32 @@ from clapq.threads import one_thread
 log = logging.getLogger(__name__)
 
 
+class NotAFile(OSError):
+    """What is at a file's path is no longer a regular file (open_file)."""
+
+
+def open_file(p: Path | str):
+    """The file opened to read (binary, buffered), where it is still a regular file. One replaced by a pipe since
+    it was listed (a FIFO made at its path) made `clapq upload` wait for a writer for ever, as it hashed or sent it
+    (helper-135): opened without waiting (O_NONBLOCK) and looked at (fstat), it is NotAFile, which names it. What
+    is hashed is opened here (hash_file), so the look and the read are of one open file."""
+    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotAFile(errno.EINVAL, "no longer a file: a pipe, a device or a folder is in its place since it "
+                           "was listed", str(p))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def hash_file(path: Path | str, h=None, out: BinaryIO | None = None):
     """Feed a file's bytes, 4 MiB at a time, into `h` (a new sha256 if None), and write them to `out` too
     where given (a copy checked as it is made, read once); returns `h`."""
     h = hashlib.sha256() if h is None else h
-    with open(path, "rb") as f:
+    with open_file(path) as f:
         while block := f.read(1 << 22):
             h.update(block)
             if out is not None:

@@ -29,7 +29,7 @@ import requests
 from requests_toolbelt import MultipartEncoder
 from urllib3.exceptions import NewConnectionError
 
-from clapq.blobs import file_sha256
+from clapq.blobs import NotAFile, file_sha256, open_file
 from clapq.digests import Digests
 
 T = TypeVar("T")
@@ -452,26 +452,6 @@ def _size(p: Path) -> int:
         return 0
 
 
-class NotAFile(OSError):
-    """What is at a file's path is no longer a regular file (open_file)."""
-
-
-def open_file(p: Path):
-    """The file opened to read (binary, buffered), where it is still a regular file. One replaced by a pipe since
-    it was listed (a FIFO made at its path) made `clapq upload` wait for a writer for ever, as it hashed or sent it
-    (helper-135): opened without waiting (O_NONBLOCK) and looked at (fstat), it is NotAFile, which names it."""
-    fd = os.open(p, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise NotAFile(errno.EINVAL, "no longer a file: a pipe, a device or a folder is in its place since it "
-                           "was listed", str(p))
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def _unread(exc: OSError) -> str:
     """Why a file listed to send is not sent: one removed or moved meanwhile said "cannot be read (No such file
     or directory)", as if its permissions were to blame."""
@@ -693,12 +673,10 @@ def _cache() -> Digests:
 
 def file_digest(p: Path) -> str:
     """A file's sha256 (OSError where it cannot be read), read from the file only where it changed since a run
-    before read it (clapq.digests). A file to read that is no longer a regular file is NotAFile: a pipe, opened
-    to be read, waited for a writer for ever (a pipe made at its path in the moment between this look and the
-    read still would). Looked at only where it is read: one open more a file, over a network share a round trip."""
+    before read it (clapq.digests). A file to read that is no longer a regular file is NotAFile (clapq.blobs'
+    open_file, which reads it): a pipe, opened to be read, waited for a writer for ever."""
     if (kept := _cache().kept_digest(p)) is not None:
         return kept
-    open_file(p).close()
     return _cache()(p)
 
 

@@ -278,3 +278,36 @@ def test_the_cache_is_made_readable_by_its_user_only(tmp_path, monkeypatch):
         0o755, 0o700, 0o700, 0o600)
     reads = reading(monkeypatch)
     assert d.Digests()(f) == file_sha256(f) and reads == []  # kept, in the file of that mode
+
+
+def test_a_pipe_where_a_file_was_is_said_not_waited_on(tmp_path):
+    """A FIFO at a file's path when it is hashed (made there since the folder was listed): the read waited for a
+    writer for ever. `clapq upload` looked first with an open of its own, and closed it, and a pipe made between
+    that look and the read still hung it; the read's own open looks now (clapq.blobs.open_file), and the cache
+    keeps nothing for it."""
+    import os
+    import threading
+
+    from clapq.blobs import NotAFile
+
+    pipe = tmp_path / "b.wav"
+    os.mkfifo(pipe)
+    cache, got = d.Digests(tmp_path / "digests.sqlite3"), []
+
+    def read() -> None:
+        try:
+            got.append(cache(pipe))
+        except OSError as exc:
+            got.append(exc)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(20)
+    if reader.is_alive():
+        os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # let the waiting reader go, to end the test
+        reader.join(20)
+        raise AssertionError("the digest waited on the pipe for a writer")
+    assert isinstance(got[0], NotAFile) and "no longer a file: a pipe" in str(got[0]), got
+    pipe.unlink()
+    pipe.write_bytes(b"A" * 1000)
+    assert cache(pipe) == file_sha256(pipe)
