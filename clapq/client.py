@@ -1014,6 +1014,9 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     else:
         not_sent(too_big.values())
     jobs, sent, skipped, unfinished, in_flight = [], 0, 0, 0, 0
+    # files of requests whose connection was cut before their answer came: those the library was then found to
+    # hold (the API stored them), and those it could not be asked about (a server before /known)
+    cut_stored, cut_unasked = 0, 0
     # files an earlier run left queued or running: their jobs are waited for too (job -> their bytes), and
     # of those jobs only these files' failures are told (`theirs`: a job may hold another folder's files)
     earlier: dict[str, int] = {}
@@ -1110,8 +1113,10 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                     # as a run again would: once the API answers, the files it took before the cut are not sent
                     # again (their job is waited for), only the rest
                     print(f"{exc.code}; asking which of them the library holds, to send the rest", file=sys.stderr)
-                    new, pending, _, _, failed_here, answered, lost, _ = not_known(client, lib["id"], batch,
-                                                                                   retry_failed, resend)
+                    new, pending, _, held_here, failed_here, answered, lost, _ = not_known(client, lib["id"], batch,
+                                                                                           retry_failed, resend)
+                    cut_stored += sum(p in held_here or p not in new for p in batch) if answered else 0
+                    cut_unasked += 0 if answered else len(batch)
                     mending.update(lost)
                     unasked = unasked or not answered
                     skipped += len(batch) - len(new) - len(failed_here)
@@ -1174,7 +1179,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                   "it", file=sys.stderr)
             raise SystemExit(1) from None
         if refused and not jobs and lib.get("created"):
-            _remove_if_empty(client, lib)
+            _remove_if_empty(client, lib, cut_stored, cut_unasked)
         if jobs:  # say what is already in, and that running the command again resumes
             held = f", {skipped} were in the library already" if skipped else ""
             # with the key refused (revoked meanwhile), the same command is refused again: it needs another key
@@ -1356,24 +1361,41 @@ def _taken_over(client: Client, lib: dict, folder: Path, moved_from: Path, first
     return ids
 
 
-def _remove_if_empty(client: Client, lib: dict) -> None:
+def _remove_if_empty(client: Client, lib: dict, stored: int = 0, unasked: int = 0) -> None:
     """Delete the library this upload created, once its first request was refused, where it is still empty: it
     was left behind, listed by `clapq libraries` with 0 files (helper-135). One that holds files is kept: another
     upload into the name (run in another terminal) found it and sent its files meanwhile. The API tells that under
     the library's lock (`?if_empty=1`: a 409 where it holds any), so such an upload's files are never deleted with
-    it. Asked once, with no waiting through an outage."""
+    it. Asked once, with no waiting through an outage. `stored`: files of this upload the library was found to hold
+    after the connection of their request was cut before its answer came (the API had stored them); `unasked`: such
+    files it could not be asked about (a server before /known). Those were said to be another upload's, "another
+    upload put files into it", where they were this one's (helper-141): one that holds them is kept, unasked."""
     name, where = lib["name"], f"/v1/libraries/{urllib.parse.quote(lib['id'], safe='')}"
+    again = "; run the same command again for the rest: files the library holds already are not sent again"
+    if stored:
+        print(f"clapq: kept library {name!r}, which this upload created: it holds {n_files(stored)} of this upload, "
+              f"which the API stored from a request whose connection was cut before its answer came{again}",
+              file=sys.stderr)
+        return
+    # sent, and not known to be stored or not: they may be what the library holds
+    theirs = (f"{n_files(unasked)} this upload sent in a request whose connection was cut before its answer came, "
+              "which the API may have stored (this server does not say which files a library holds)")
     try:
         if client._call("DELETE", where + "?if_empty=1", missing_ok=True) is None:
             return  # gone already: deleted meanwhile (`clapq delete`, another terminal), which said so there
     except (SystemExit, Busy) as exc:
         if isinstance(exc.code, str) and " failed (409): " in exc.code:
-            print(f"clapq: kept library {name!r}, which this upload created: another upload put files into it "
-                  "meanwhile", file=sys.stderr)
+            print(f"clapq: kept library {name!r}, which this upload created: "
+                  + (f"it holds files: the {theirs}, or another upload's{again}" if unasked else
+                     "another upload put files into it meanwhile"), file=sys.stderr)
         else:  # unasked whether it holds any: another upload's files, which `clapq delete` would delete too
-            print(f"clapq: library {name!r}, which this upload created, was not removed ({exc.code}): nothing of this "
-                  "upload is in it, but another upload into the name may be: where `clapq libraries` lists it with 0 "
-                  f"files, `clapq delete --library {shlex.quote(name)} --yes` removes it", file=sys.stderr)
+            print(f"clapq: library {name!r}, which this upload created, was not removed ({exc.code}): "
+                  + (f"it may hold the {theirs}, and another upload into the name may have put files into it"
+                     f"{again}" if unasked else
+                     "nothing of this upload is in it, but another upload into the name may be: where `clapq "
+                     "libraries` lists it with 0 files, `clapq delete --library "
+                     f"{shlex.quote(name)} --yes` removes it"),
+                  file=sys.stderr)
         return
     print(f"clapq: removed library {name!r}, which this upload created: nothing was uploaded into it", file=sys.stderr)
 

@@ -1332,7 +1332,6 @@ def fake_api(answer, bodies: list | None = None, port: int = 0):
     None for a request that is never answered, or "drop" to close the connection without an answer. Request bodies are read, and kept in `bodies` as
     (method, path, body) if given."""
     import http.server
-    import threading
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def reply(self, method: str) -> None:
@@ -1366,7 +1365,17 @@ def fake_api(answer, bodies: list | None = None, port: int = 0):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    with _serving(Handler, port) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _serving(handler, port: int = 0) -> Iterator[str]:
+    """An HTTP server of `handler` on a port (a free one: 0), in a thread; its URL."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -1374,6 +1383,46 @@ def fake_api(answer, bodies: list | None = None, port: int = 0):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def _proxy(base: str, decide: Callable[[str, str, bytes], object]) -> Iterator[str]:
+    """A proxy in front of the API at `base`, on a free port: each request goes on to the API as it came, unless
+    `decide(method, path, body)` gives "cut" (it goes on, and its answer is dropped: the connection is closed
+    without one, as a restart or a network's fault cuts it after the API has done what it asked) or (status, body,
+    headers) (answered by the proxy, as a proxy's size limit or a 503 does)."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def reply(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            got = decide(self.command, self.path, body)
+            if got is not None and got != "cut":
+                status, text, headers = got
+                answer, sent = text.encode(), {"Content-Length": str(len(text.encode())), **headers}
+            else:
+                r = requests.request(self.command, base + self.path, data=body, timeout=120, headers={
+                    k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")})
+                if got == "cut":
+                    self.close_connection = True
+                    return
+                status, answer = r.status_code, r.content
+                sent = {k: v for k, v in r.headers.items()
+                        if k.lower() not in ("connection", "transfer-encoding", "content-encoding", "content-length")}
+                sent["Content-Length"] = str(len(answer))
+            self.send_response(status)
+            for k, v in sent.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(answer)
+
+        do_GET = do_POST = do_DELETE = do_PATCH = reply
+
+        def log_message(self, *args):
+            pass
+
+    with _serving(Handler) as url:
+        yield url
 
 
 def _upload(folder: Path, url: str, tiny_model, library: str = "x", **popen) -> subprocess.Popen:
@@ -3493,6 +3542,47 @@ def test_a_created_library_not_removed_is_not_said_to_hold_nothing(capsys):
     assert err.startswith("clapq: library 'new one', which this upload created, was not removed (clapq: DELETE "), err
     assert err.endswith(": nothing of this upload is in it, but another upload into the name may be: where `clapq "
                         "libraries` lists it with 0 files, `clapq delete --library 'new one' --yes` removes it\n"), err
+
+
+def test_a_first_upload_whose_cut_request_was_stored_keeps_the_library_as_holding_its_own_files(
+        start_api, new_key, tmp_path, tiny_model):
+    """A first upload (it creates the library) whose first request's connection was cut after the API stored its
+    files, and whose next request was refused (here a proxy's size limit, 413): its removal of the library it made
+    found files in it and said "another upload put files into it meanwhile", where they were its own, from the cut
+    request (helper-141). It knows them (asked after the cut which the library holds): the library is kept, said to
+    hold them, and a run again sends the rest."""
+    base, key = start_api(CLAPQ_MAX_FILES_PER_BATCH="1"), new_key()  # a request a file
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i, name in enumerate(("a.wav", "b.wav")):
+        write(folder / name, 0.3, seed=1410 + i)
+    batches = []
+
+    def decide(method, path, body):
+        if method == "POST" and path.endswith("/batches"):
+            batches.append(path)
+            return "cut" if len(batches) == 1 else (413, "<html>413 Request Entity Too Large</html>",
+                                                    {"Content-Type": "text/html"})
+        return None
+
+    env = _env(tiny_model, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    with _proxy(base, decide) as url:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "first", "--url",
+                              url, "--key", key, "--no-wait"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "failed (413)" in out.stderr and len(batches) == 2, out.stderr
+    assert "another upload" not in out.stderr, out.stderr
+    assert ("clapq: kept library 'first', which this upload created: it holds 1 file of this upload, which the API "
+            "stored from a request whose connection was cut before its answer came; run the same command again for "
+            "the rest: files the library holds already are not sent again") in out.stderr.splitlines(), out.stderr
+    h = {"Authorization": f"Bearer {key}"}
+    lib = next(x for x in requests.get(f"{base}/v1/libraries", headers=h, timeout=30).json()["libraries"]
+               if x["name"] == "first")
+    items = requests.get(f"{base}/v1/libraries/{lib['id']}/items", headers=h, timeout=30).json()["items"]
+    assert [i["metadata"]["path"] for i in items] == ["a.wav"], items
+    again = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "first", "--url",
+                            base, "--key", key, "--no-wait"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert (json.loads(again.stdout)["skipped"], json.loads(again.stdout)["jobs"] != []) == (1, True), again.stdout
 
 
 def test_a_macos_appledouble_file_given_on_its_own_is_said_to_be_metadata(start_api, new_key, tmp_path, tiny_model):
