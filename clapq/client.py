@@ -1654,15 +1654,37 @@ def in_part_line(name: str, item_id: str, warning: str) -> str:
     return f"in part: {printable(name)} (item {item_id}): {printable(warning)}"
 
 
-def _warned_path(client: Client, warned: dict, where: dict[str, str], listed: bool) -> str:
-    """The path of a file a job's `warnings` name (embedded in part), as its failed files are named: by `where`
-    (item id -> path), or where `listed`, by the path its item keeps; a job's warnings give its base name only,
-    which `clapq jobs show` and `clapq jobs wait` printed ("in part: 01.flac" of which album, helper-134)."""
-    path = where.get(warned["item_id"])
-    if path is None and listed:
-        item, _ = client.item(warned["item_id"])
-        path = _path_of(item) if item else None
-    return path or warned["filename"]
+def _warned_paths(client: Client, job: str, state: dict, where: dict[str, str], listed: bool) -> dict[str, str]:
+    """The paths of the files a job's `warnings` name (embedded in part), by item id, as its failed files are named:
+    by `where` (item id -> path), or where `listed`, by the path each item keeps; a job's warnings give its base name
+    only, which `clapq jobs show` and `clapq jobs wait` printed ("in part: 01.flac" of which album, helper-134).
+    Those items are read from the job's listing of done items, to the last of them, where that takes fewer requests
+    than a GET an item (of up to 100: a job's `warnings` hold its first 100), else one by one; each request kept to
+    `Client.pace`: a GET an item, unpaced, went over a key's CLAPQ_RATE_LIMIT of 20 a minute with 12 such files, and
+    `clapq jobs show` waited out the 429 for most of a minute (helper-141). A file not found is named by its base
+    name, as the warning gives it."""
+    warned = [w["item_id"] for w in state.get("warnings") or ()]
+    paths = {i: where[i] for i in warned if i in where}
+    missing = [i for i in warned if i not in paths]
+    if not listed or not missing:
+        return paths
+    doing = "looking up the paths of the files embedded in part"
+    if not client.rates:
+        client.limits()
+    if -(-state["counts"].get("done", 0) // LISTED_PER_PAGE) < len(missing):
+        wanted = set(missing)
+        for item in _job_items(client, job, "done", pace=doing):
+            if item["id"] in wanted:
+                paths[item["id"]] = _path_of(item)
+                wanted.discard(item["id"])
+                if not wanted:
+                    break
+    for i in (i for i in missing if i not in paths):  # one not in that listing (retried since, or deleted)
+        client.pace(doing)
+        item, _ = client.item(i)
+        if item:
+            paths[i] = _path_of(item)
+    return paths
 
 
 def progress_line(done: int, total: int, share: float, left: str = "") -> str:
@@ -1671,15 +1693,23 @@ def progress_line(done: int, total: int, share: float, left: str = "") -> str:
     return f"{done}/{total} files processed ({int(share * 100 + 1e-6)}%{left})"  # 0.29 is 29, 0.9999 still 99
 
 
-def _job_items(client: Client, job: str, status: str, page_size: int = 500) -> Iterator[dict]:
+LISTED_PER_PAGE = 500  # the most items a listing gives a request (api.pages)
+
+
+def _job_items(client: Client, job: str, status: str, page_size: int = LISTED_PER_PAGE,
+               pace: str | None = None) -> Iterator[dict]:
     """A job's items in this state, page by page."""
-    return _items(client, f"/v1/jobs/{urllib.parse.quote(job, safe='')}/items", page_size, status=status)
+    return _items(client, f"/v1/jobs/{urllib.parse.quote(job, safe='')}/items", page_size, pace, status=status)
 
 
-def _items(client: Client, path: str, page_size: int = 500, **params) -> Iterator[dict]:
-    """A listing of items (a job's, a library's), page by page (`page_size` items a request, at most 500)."""
+def _items(client: Client, path: str, page_size: int = LISTED_PER_PAGE, pace: str | None = None,
+           **params) -> Iterator[dict]:
+    """A listing of items (a job's, a library's), page by page (`page_size` items a request, at most 500); `pace`:
+    each request kept to `Client.pace`, as what it holds back."""
     cursor = None
     while True:
+        if pace is not None:
+            client.pace(pace)
         page = client.call("GET", path, params={**params, "limit": page_size, **({"cursor": cursor} if cursor else {})})
         yield from page["items"]
         if not (cursor := page.get("next_cursor")):
@@ -1774,10 +1804,11 @@ def _wait(client: Client, jobs: list[str], job_bytes: list[int], where: dict[str
             failed += 1 + len(also)
     in_part = 0
     for job, s in zip(jobs, states):
+        if job in only:
+            s = {**s, "warnings": [w for w in s.get("warnings") or () if w["item_id"] in only[job]]}
+        paths = _warned_paths(client, job, s, where, listed)
         for w in s.get("warnings") or ():  # a server before warnings gives none
-            if job in only and w["item_id"] not in only[job]:
-                continue
-            print(in_part_line(_warned_path(client, w, where, listed), w["item_id"], w["warning"]), file=sys.stderr)
+            print(in_part_line(paths.get(w["item_id"], w["filename"]), w["item_id"], w["warning"]), file=sys.stderr)
             in_part += 1
     cancelled = 0
     for job, s in zip(jobs, states):
@@ -1944,8 +1975,9 @@ def show_job(client: Client, job: str, everything: bool = False, as_json: bool =
         print(f"waiting: {printable(state['waiting'])}")
     if c["failed"]:
         _show_failed(client, job, state, everything)
+    paths = _warned_paths(client, state["id"], state, {}, True)
     for w in state.get("warnings") or ():
-        print(in_part_line(_warned_path(client, w, {}, True), w["item_id"], w["warning"]))
+        print(in_part_line(paths.get(w["item_id"], w["filename"]), w["item_id"], w["warning"]))
 
 
 def _show_failed(client: Client, job: str, state: dict, everything: bool) -> None:

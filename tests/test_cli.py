@@ -6442,6 +6442,67 @@ def test_a_file_cut_short_is_embedded_as_far_as_it_reads_and_said_so(start_api, 
     assert waited.returncode == 0 and f"in part: sub/cut.flac (item {item_id}): {warning}\n" in waited.stderr, waited
 
 
+def test_the_paths_of_files_embedded_in_part_are_read_in_one_listing_within_the_keys_rate(
+        start_api, new_key, worker, tmp_path, tiny_model):
+    """`clapq jobs show` and `clapq jobs wait` name each file embedded in part by its path in the folder: they asked
+    for each one's item, a GET a file (up to 100), unpaced; at a CLAPQ_RATE_LIMIT of 10 a minute, 12 such files met
+    a 429 and the command waited most of a minute (helper-141). They are read from the job's listing, one request
+    here, each request kept to half of the key's limit."""
+    tenant = f"t-{uuid.uuid4().hex[:8]}"
+    base, key, other = start_api(), new_key(tenant), new_key(tenant)
+    folder = tmp_path / "takes"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(12):
+        data = write(tmp_path / "whole.flac", 2.0, 44_100, seed=1420 + i).read_bytes()
+        (folder / "sub" / f"cut{i:02}.flac").write_bytes(data[: len(data) // 2])
+    p = _upload_with_key(folder, "cut", base, key, tiny_model)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and json.loads(out)["in_part"] == 12, err
+    job = json.loads(out)["jobs"][0]
+    limited = start_api(rate_limit="10/minute")
+    for cmd, k in (("show", key), ("wait", other)):  # a key each: the limit is a key's
+        t0 = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "clapq.cli", "jobs", cmd, job, "--url", limited, "--key", k],
+                              env=_env(tiny_model), capture_output=True, text=True, timeout=180)
+        said = re.findall(r"^in part: (\S+) \(item ", done.stdout + done.stderr, re.M)
+        assert done.returncode == 0 and said == [f"sub/cut{i:02}.flac" for i in range(12)], done
+        assert "trying again" not in done.stderr and time.monotonic() - t0 < 30, done.stderr
+
+
+def test_a_429_while_the_paths_of_files_embedded_in_part_are_read_is_waited_out(tiny_model):
+    """The listing `clapq jobs show` reads the paths of a job's files embedded in part from, answered 429 (the key's
+    other uses spent its limit): the command waits as the answer says and goes on, naming each by its path."""
+    job, lib = "0b1c2d3e-1111-2222-3333-444455556677", "0b1c2d3e-1111-2222-3333-444455556678"
+    ids = [f"0b1c2d3e-1111-2222-3333-{i:012}" for i in range(3)]
+    asked = []
+
+    def answer(method, path):
+        asked.append(path)
+        if path == f"/v1/jobs/{job}":
+            return 200, {"id": job, "library_id": lib, "status": "done", "progress": 1.0, "errors": [],
+                         "counts": {"done": 3, "failed": 0, "running": 0, "queued": 0, "cancelled": 0, "total": 3},
+                         "warnings": [{"item_id": i, "filename": f"{n}.flac", "warning": "cut short"}
+                                      for n, i in enumerate(ids)]}, {}
+        if path == f"/v1/libraries/{lib}":
+            return 200, {"id": lib, "name": "takes"}, {}
+        if path == "/v1/limits":
+            return 200, {"rate_limits": [{"requests": 1200, "seconds": 60}]}, {}
+        if path.startswith(f"/v1/jobs/{job}/items?") and asked.count(path) == 1:
+            return 429, {"error": {"code": "rate_limited", "status": 429, "message": "over the limit; try again"}}, {
+                "Retry-After": "1"}
+        if path.startswith(f"/v1/jobs/{job}/items?"):
+            return 200, {"items": [{"id": i, "filename": f"{n}.flac", "metadata": {"path": f"album {n}/{n}.flac"}}
+                                   for n, i in enumerate(ids)], "next_cursor": None}, {}
+        return 404, {"error": {"code": "not_found", "status": 404, "message": "not found"}}, {}
+
+    with fake_api(answer) as url:
+        out = subprocess.run([sys.executable, "-m", "clapq.cli", "jobs", "show", job, "--url", url, "--key", "cq_x"],
+                             env=_env(tiny_model), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "trying again in 1 s" in out.stderr, out
+    assert re.findall(r"^in part: (.*) \(item ", out.stdout, re.M) == [f"album {n}/{n}.flac" for n in range(3)], out
+    assert not [p for p in asked if p.startswith("/v1/items/")], asked
+
+
 def test_up_says_it_migrates_its_data_directory_and_what_a_newer_ones_takes(tmp_path, up_runner):
     """`clapq up` on the data directory of an earlier clapq (an upgrade: `git pull`, `make up`) migrated its schema
     unsaid, from 0006 to 0015 on one made on 2026-12-04 (helper-130): nothing told the operator that the data was now
