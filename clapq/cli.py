@@ -16,6 +16,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -1032,6 +1033,14 @@ def _kind(path: Path) -> str:
         _fail(f"cannot read {path}: {exc.strerror or exc}")
 
 
+def _a_pipe(path: Path) -> bool:
+    """Whether a path is a pipe: `<(ffmpeg ...)`, `/dev/stdin` at the end of a `|`, a named pipe."""
+    try:
+        return stat.S_ISFIFO(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
 def _nothing_at(path: Path) -> str:
     """Why a path names nothing: a broken link (a file moved, a drive not mounted) was said "does not exist",
     of a name `ls` shows."""
@@ -1086,8 +1095,8 @@ def cmd_search(args) -> None:
     kind = None if args.like is None else _kind(args.like)
     if kind == "none":
         _fail(_nothing_at(args.like))
-    if kind in ("folder", "other"):
-        _fail(f"{args.like} is {'a folder' if kind == 'folder' else 'a pipe or a device'}, not a sound file")
+    if kind == "folder" or kind == "other" and not _a_pipe(args.like):  # a pipe is read once (`--like <(ffmpeg ...)`)
+        _fail(f"{args.like} is {'a folder' if kind == 'folder' else 'a device or a socket'}, not a sound file")
     settings = Settings.from_env(data_dir=args.data_dir)
     search(connect(args.url, args.key, settings.data_dir), args.library, args.text, args.k, like=args.like,
            as_json=args.json, offset=args.offset, windows=args.windows, item=args.like_item)

@@ -10,6 +10,7 @@ import difflib
 import errno
 import functools
 import hashlib
+import io
 import json
 import os
 import re
@@ -64,6 +65,7 @@ REQUEST_OVERHEAD, PART_OVERHEAD = 4096, 1024
 # the files it holds open while it streams them
 SPARE_FDS = 32
 MAX_BUSY_WAIT_S = 300
+MAX_REQUEST_BYTES = 2 << 30  # the API's CLAPQ_MAX_REQUEST_BYTES by default, where it does not say its own
 MAX_CUTS = 3  # an upload request cut off this many times in a row (a proxy's smaller size limit) stops the command
 
 
@@ -2094,11 +2096,13 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
     fields = {"library_id": lib["id"], "k": k, **({"offset": offset} if offset else {}),
               **({"mode": "segments"} if windows else {})}
     if like is not None:
-        _short_enough(client, like)
+        limits = client.limits()
+        clip = None if _regular(like) else _read_once(like, limits)
+        _short_enough(limits, like, clip)
 
         def attempt() -> dict:
             try:
-                f = open(like, "rb")
+                f = open(like, "rb") if clip is None else io.BytesIO(clip)
             except OSError as exc:
                 raise SystemExit(f"clapq: cannot read {like}: {exc.strerror or exc}") from None
             with f:
@@ -2106,7 +2110,7 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
                                    repeatable=True,
                                    files={"audio": (wire_name(like.name), f, "application/octet-stream")})
 
-        res = patiently(attempt)  # the clip is read again for each try
+        res = patiently(attempt)  # a file is read again for each try; a pipe's bytes, read once, sent again
     else:
         res = client.call("POST", "/v1/search", json={**fields, **({"text": text} if item is None else
                                                                      {"item_id": item})}, repeatable=True)
@@ -2125,12 +2129,38 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
               f"{'it is' if pending == 1 else 'they are'}", file=sys.stderr)
 
 
-def _short_enough(client: Client, clip: Path) -> None:
+def _regular(path: Path) -> bool:
+    """Whether a path is a regular file (one that can be read again), not a pipe (`--like <(ffmpeg ...)`)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:  # opening it says why
+        return True
+
+
+def _read_once(clip: Path, limits: dict) -> bytes:
+    """A clip given as a pipe (`clapq search --like <(ffmpeg ...)`, `--like /dev/stdin`), read whole, once: it can
+    be read only once, and a search sent again (a 503, a connection a restart cut) sent what was left of it,
+    nothing (helper-141). At most what the API takes in a request (`max_request_bytes`, else its default), less
+    the form around the clip: more is refused before anything is sent."""
+    most = (limits.get("max_request_bytes") or MAX_REQUEST_BYTES) - REQUEST_OVERHEAD - PART_OVERHEAD
+    try:
+        with open(clip, "rb") as f:
+            data = f.read(most + 1)
+    except OSError as exc:
+        raise SystemExit(f"clapq: cannot read {clip}: {exc.strerror or exc}") from None
+    if len(data) > most:
+        raise SystemExit(f"clapq: {printable(str(clip))} gives more than {most / 1e6:,.1f} MB, more than this server "
+                         "takes in a search (CLAPQ_MAX_REQUEST_BYTES there): search with a part of it (nothing was "
+                         "sent)")
+    return data
+
+
+def _short_enough(limits: dict, clip: Path, data: bytes | None = None) -> None:
     """Refuse a clip whose header says it lasts longer than the API takes for a search (`max_clip_s`), before it is
     sent: a 15-minute WAV, 317 MB, went whole to the API before its 400 (helper-108). Only where the header's length
     is exact, as the API refuses one by it (worker.audio.exact_frames: WAV, AIFF and the like); other formats, and
-    a server without the limit, are left to the API."""
-    limit = client.limits().get("max_clip_s")
+    a server without the limit, are left to the API. `data`: the clip's bytes, where they were read (a pipe's)."""
+    limit = limits.get("max_clip_s")
     if not limit:
         return
     try:
@@ -2139,7 +2169,7 @@ def _short_enough(client: Client, clip: Path) -> None:
         from worker.audio import exact_frames
 
         # by its bytes: a name that is not UTF-8 (`caf\xe9.wav`), as str, was a UnicodeEncodeError in soundfile
-        with _codec_notes_unsaid(), soundfile.SoundFile(os.fsencode(clip)) as f:
+        with _codec_notes_unsaid(), soundfile.SoundFile(os.fsencode(clip) if data is None else io.BytesIO(data)) as f:
             frames, rate = exact_frames(f), f.samplerate
     except (RuntimeError, OSError, TypeError):  # a format libsndfile does not read, or no file: the API's to say
         return

@@ -1621,6 +1621,37 @@ def test_a_search_clip_named_mp3_that_is_not_mp3_is_said_in_one_sentence(start_a
     assert out.returncode == 1 and out.stderr.startswith(f"clapq: {wav} lasts {limit + 1} s, longer than"), out.stderr
 
 
+def test_a_search_clip_from_a_pipe_is_read_once_and_sent_again_as_it_was(start_api, new_key, tmp_path, tiny_model):
+    """`clapq search --like <(ffmpeg ...)`: a pipe was refused ("a pipe or a device, not a sound file"), and the
+    search's tries each opened its path again, where a pipe gives its bytes once: a search sent again (here after a
+    503) would send nothing (helper-141). A pipe's bytes are read once, within what the API takes in a request, and
+    each try sends them; a device is still refused."""
+    base, key = start_api(), new_key()
+    requests.post(f"{base}/v1/libraries", json={"name": "piped"}, headers={"Authorization": f"Bearer {key}"},
+                  timeout=30).raise_for_status()
+    clip = write(tmp_path / "clip.wav", 2.0, seed=1412).read_bytes()
+    searches = []
+
+    def decide(method, path, body):
+        if method == "POST" and path == "/v1/search":
+            searches.append(body)
+            if len(searches) == 1:
+                return 503, json.dumps({"error": {"code": "unavailable", "status": 503, "message": "restarting"}}), {
+                    "Content-Type": "application/json", "Retry-After": "1"}
+        return None
+
+    with _proxy(base, decide) as url:
+        out = subprocess.run(["bash", "-c", f"exec {shlex.quote(sys.executable)} -m clapq.cli search --like <(cat "
+                              f"{shlex.quote(str(tmp_path / 'clip.wav'))}) --library piped --url {url} --key {key}"],
+                             env=_env(tiny_model), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "no results" in out.stderr, out.stderr
+    assert len(searches) == 2 and all(clip in body for body in searches), [len(b) for b in searches]
+    device = subprocess.run([sys.executable, "-m", "clapq.cli", "search", "--like", "/dev/null", "--library", "piped",
+                             "--url", base, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
+                            timeout=60)
+    assert device.returncode == 2 and "/dev/null is a device or a socket, not a sound file" in device.stderr, device
+
+
 def test_a_search_that_finds_some_while_files_are_queued_says_the_rest_are_not_searched_yet(
         start_api, new_key, worker, settings, tmp_path, tiny_model):
     """A search right after `clapq upload --no-wait` found the files embedded so far and said nothing of the
