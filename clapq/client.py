@@ -51,9 +51,14 @@ AUDIO_SUFFIXES = {".wav", ".wave", ".bwf", ".rf64", ".flac", ".aif", ".aiff", ".
 # QNAP shares (an earlier copy of the whole share each, sent as the user's files again under other paths), and
 # their own data (Windows's restore points and search index, which a user's account may not read; Synology's
 # indexes and thumbnails, a folder named as each file beside every folder; macOS's files being written). Only by
-# the names those systems give them, their marks included: a user's own "recycle" or "Snapshots" is sent
+# the names those systems give them, their marks included: a user's own "recycle" or "Snapshots" is sent. Those
+# left out at any depth, as a drive's or share's top may be below the folder uploaded (a folder of mounted drives,
+# a NAS's folder of shares: "Music/#recycle"), and no user's folder goes by such a name
 SYSTEM_FOLDERS = {"$recycle.bin", "system volume information", "#recycle", "@recycle", "@eadir", "#snapshot",
-                  "@recently-snapshot", "network trash folder", "temporary items"}
+                  "@recently-snapshot"}
+# macOS's, at the top of a share (AFP) only, by plain words that a user's own folder may go by too ("Session/Temporary
+# Items" was left out, its audio unsent, helper-141): left out only at the top of the folder uploaded
+SHARE_TOP_FOLDERS = {"network trash folder", "temporary items"}
 # A multiple of the worker's batch (16 windows on a CPU) and of its task size (16 files): a task's last
 # batch is padded to full size, so with short files a request of 100 would leave its last batch 3/4
 # padding.
@@ -523,7 +528,7 @@ class Listing:
 
     audio: list[Path]  # regular files (or links to them) named as audio, in path order
     hidden: int = 0  # audio files under names starting with "." (macOS's "._x.wav", trash folders)
-    system: list[str] = dataclasses.field(default_factory=list)  # SYSTEM_FOLDERS found, not looked into
+    system: list[str] = dataclasses.field(default_factory=list)  # system folders (_system_folder), not looked into
     projects: list[str] = dataclasses.field(default_factory=list)  # Audacity projects' data folders, not looked into
     other: Counter = dataclasses.field(default_factory=Counter)  # other files, by suffix
     unreadable: list[str] = dataclasses.field(default_factory=list)  # named as audio but no file: broken links, pipes
@@ -562,8 +567,8 @@ def audio_files(folder: Path) -> Listing:
             try:
                 if _hidden(rel):
                     found.hidden += p.is_file() and suffix in AUDIO_SUFFIXES
-                elif name in dirs and name.casefold() in SYSTEM_FOLDERS:  # a Windows drive's recycle bin
-                    # was sent as the user's files, and its records of them failed, exit 1 (helper-104)
+                elif name in dirs and _system_folder(rel):  # a Windows drive's recycle bin was sent as the
+                    # user's files, and its records of them failed, exit 1 (helper-104)
                     found.system.append(rel.as_posix())
                 elif name in blocks and not p.is_symlink():
                     found.projects.append(rel.as_posix())
@@ -580,7 +585,7 @@ def audio_files(folder: Path) -> Listing:
             except OSError as exc:  # in a folder that can be listed but not entered
                 if suffix in AUDIO_SUFFIXES and not _hidden(rel):
                     found.closed.append(f"{rel.as_posix()} ({exc.strerror or exc})")
-        dirs[:] = [d for d in dirs if d.casefold() not in SYSTEM_FOLDERS and d not in blocks]
+        dirs[:] = [d for d in dirs if not _system_folder((base / d).relative_to(folder)) and d not in blocks]
     # a link to a file of the folder would store the file under the link's name when the link sorts first
     # (and read as the file being a copy of its link): the file is sent under its own name, once
     own = {p.resolve(): p for p in found.audio if not p.is_symlink()}
@@ -618,13 +623,20 @@ def apple_double(p: Path) -> str | None:
             f"not audio: {upload}")
 
 
+def _system_folder(rel: Path) -> bool:
+    """Whether a folder, by its path in the folder uploaded, is one a system keeps (SYSTEM_FOLDERS, and
+    SHARE_TOP_FOLDERS at the top): left out, named."""
+    name = rel.name.casefold()
+    return name in SYSTEM_FOLDERS or name in SHARE_TOP_FOLDERS and len(rel.parts) == 1
+
+
 def _hidden(rel: Path) -> bool:
     """Whether a path in the folder is hidden, or in a hidden folder: `clapq upload` leaves it out."""
     return any(part.startswith(".") for part in rel.parts)
 
 
 def _system(paths: list[str]) -> str:
-    """SYSTEM_FOLDERS found, by path; a name found more than once by its name and count: Synology's @eaDir is
+    """The system folders found, by path; a name found more than once by its name and count: Synology's @eaDir is
     beside every folder of a share, and a share of 300 folders was named as 10 @eaDir and "290 more"."""
     names = Counter(p.rsplit("/", 1)[-1] for p in paths)
     once = [p for p in paths if names[p.rsplit("/", 1)[-1]] == 1]

@@ -3484,11 +3484,13 @@ def test_nas_snapshots_trash_and_index_folders_are_left_out(start_api, new_key, 
     """A Synology or QNAP share, or a Mac's shared folder, uploaded whole over the network: its snapshots (an
     earlier copy of the whole share each), recycle bins, thumbnails and macOS's trash and files being written
     were sent as the user's sounds. They are left out, named (Synology's @eaDir, beside every folder, by its name
-    and count); the user's own folders of ordinary names ("recycle", "Snapshots", "eaDir") are sent."""
+    and count); the user's own folders of ordinary names ("recycle", "Snapshots", "eaDir") are sent, and so are
+    macOS's names that are plain words below the top, where a share has none: "Session/Temporary Items" was left
+    out (helper-141)."""
     base, key = start_api(), new_key()
     share = tmp_path / "share"
     own = ["Music/song.wav", "Field/rain.wav", "recycle/r.wav", "Snapshots/s.wav", "eaDir/e.wav",
-           "Temporary/t.wav"]
+           "Temporary/t.wav", "Session/Temporary Items/take.wav", "Field/Network Trash Folder/n.wav"]
     system = ["#snapshot/GMT+00_2026-12-01-00-00/Music/old.wav", "#recycle/gone.wav", "Music/@eaDir/song.wav/x.wav",
               "Field/@eaDir/rain.wav/x.wav", "@Recently-Snapshot/GMT+00_2026-12-01_0000/Music/older.wav",
               "@Recycle/binned.wav", ".@__thumb/song.wav", "Network Trash Folder/trashed.wav",
