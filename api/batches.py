@@ -13,7 +13,7 @@ from flask import Blueprint, current_app, g, request
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 
-from api.db import db, in_the_queue, lane_room, send_committed
+from api.db import db, lane_room, send_committed
 from api.errors import ApiError, bad_request, check_metadata, given_once, not_json, parse_json
 from api.lookup import owned
 from api.models_info import describe, served_model_for, serving_model_id
@@ -22,6 +22,7 @@ from api.search import MAX_FILTER_KEYS, MAX_FILTER_VALUES
 from api.uploads import display_name
 from clapq.blobs import BLOB_LOCK, unqueue_reclaim
 from clapq.models import WAITING_FOR_MODEL, BlobReclaim, Item, Job, JobDuplicate, Library, requeued
+from clapq.queue import in_the_queue
 
 bp = Blueprint("batches", __name__)
 

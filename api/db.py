@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from flask import current_app, g
-from sqlalchemy import Text, cast, event, func, or_, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from clapq.db import get_engine
-from clapq.models import WAITING_FOR_MODEL, Item
-from clapq.queue import FAST_LANE_TASKS, send_or_mark
+from clapq.queue import first_lane_room, send_or_mark
 
 
 def db() -> Session:
@@ -44,36 +43,13 @@ def close_db(exc: BaseException | None = None) -> None:
         session.close()
 
 
-# Two uploads of one tenant at once each counted the other's files, committed first, as waiting before its own,
-# and both went in the bulk lane (helper-50): each upload counts, under this lock of its tenant, just before its
-# commit, which releases it. Postgres keeps advisory locks of two int4 keys apart from those of one bigint.
-LANE_LOCK = 0x636C616E  # "clan"
-
-
-def in_the_queue():
-    """Of files waiting (queued or running), those that hold a place in the queue: not those parked for a worker
-    of another model than any serves (clapq.models.WAITING_FOR_MODEL), which wait for no worker here."""
-    return or_(Item.claimed_by.is_(None), Item.claimed_by != WAITING_FOR_MODEL)
-
-
 def lane_room(item_ids: list) -> int:
-    """How many of `item_ids`, which this request's transaction queues, go in the queue's first lane: as many as
-    keep the tenant's files waiting under FAST_LANE_TASKS tasks' worth, the rest going in the bulk lane
-    (clapq.queue.BULK_PRIORITY), behind other tenants' first files. Call it last before the commit: it holds a
-    lock of the tenant until then."""
+    """How many of `item_ids`, which this request's transaction queues, go in the queue's first lane; the rest are
+    marked as in the bulk lane (clapq.queue.first_lane_room). Call it last before the commit: it holds a lock of
+    the tenant until then."""
     if not item_ids:
         return 0
-    session = db()
-    lane = FAST_LANE_TASKS * current_app.config["CLAPQ"].items_per_task
-    session.execute(select(func.pg_advisory_xact_lock(LANE_LOCK, func.hashtext(cast(g.tenant_id, Text)))))
-    # the tenant's files waiting, these included, counted up to what decides (a tenant with 100,000 waiting is
-    # not counted whole at each upload), through ix_items_tenant_waiting (without it, a tenant with fewer waiting
-    # than the limit had the whole table read: helper-49). Files parked for a worker of another model hold no
-    # place in the queue: counted, they sent all the tenant's uploads to the bulk lane (helper-49)
-    waiting = (select(Item.id).where(Item.status.in_(("queued", "running")), Item.tenant_id == g.tenant_id,
-                                     in_the_queue())
-               .limit(lane + len(item_ids)).subquery())
-    return max(0, lane - (session.scalar(select(func.count()).select_from(waiting)) - len(item_ids)))
+    return first_lane_room(db(), g.tenant_id, item_ids, current_app.config["CLAPQ"].items_per_task)
 
 
 def send_committed(item_ids: list, fast: int, **log_extra) -> None:

@@ -172,6 +172,10 @@ class Item(Base):
 WAITING_FOR_MODEL = "waiting for a worker of its model"
 NOT_SENT = "not sent: Redis did not take its task"
 NO_MESSAGE = (WAITING_FOR_MODEL, NOT_SENT)
+# claimed_by of a queued file whose task went in the queue's bulk lane (clapq.queue.first_lane_room): while one of a
+# tenant's files is so marked, its next files go in the bulk lane too, behind it. A message holds it (not one of
+# NO_MESSAGE), and a worker's claim replaces the mark, in the same UPDATE that takes the file
+IN_BULK_LANE = "its task went in the bulk lane"
 
 
 def park(session, ids: list, mark: str) -> None:

@@ -27,10 +27,16 @@ EMBED_QUEUE = "embed"
 # Two lanes in the one queue. kombu's Redis transport keeps a list per priority step (0, 3, 6, 9: EMBED_QUEUE
 # for 0, then EMBED_QUEUE + its separator + the step), and a worker takes from the lower steps first. A
 # tenant's first files waiting (FAST_LANE_TASKS tasks' worth) go in the first lane, its files beyond those in
-# BULK_PRIORITY's: a few files uploaded behind another tenant's 10,000 wait for a few tasks, not for all of
-# them. Every other send (the sweeper's, a worker's hand-back) goes in the first lane: it is overdue work.
+# BULK_PRIORITY's, and so do all its files sent while any of its files waits there (first_lane_room): a few files
+# uploaded behind another tenant's 10,000 wait for a few tasks, not for all of them, and no upload of a tenant
+# goes ahead of its own files in the bulk lane. Every other send (a dead worker's files, a worker's hand-back, a
+# retry) goes in the first lane: it is overdue work.
 BULK_PRIORITY = 6
 FAST_LANE_TASKS = 4
+# Two sends of one tenant's files at once each counted the other's files, committed first, as waiting before its own,
+# and both went in the bulk lane (helper-50): each counts, under this lock of its tenant, just before its commit,
+# which releases it. Postgres keeps advisory locks of two int4 keys apart from those of one bigint.
+LANE_LOCK = 0x636C616E  # "clan"
 
 # Longer than any task may run (hard limit below), so Redis never hands a
 # running task to a second worker; a duplicate would be harmless anyway.
@@ -175,6 +181,71 @@ def queued_tasks(client: redis.Redis) -> int:
     return sum(pipe.execute())
 
 
+def in_the_queue():
+    """Of files waiting (queued or running), those that hold a place in the queue: not those parked for a worker
+    of another model than any serves (clapq.models.WAITING_FOR_MODEL), which wait for no worker here."""
+    from sqlalchemy import or_
+
+    from clapq.models import WAITING_FOR_MODEL, Item
+
+    return or_(Item.claimed_by.is_(None), Item.claimed_by != WAITING_FOR_MODEL)
+
+
+def first_lane_room(session, tenant_id, item_ids: list, per_task: int) -> int:
+    """How many of `item_ids`, queued files of the tenant that this transaction sends (in this order, `per_task` a
+    task), go in the queue's first lane (enqueue_items' `fast`), and the rest marked as in the bulk lane
+    (clapq.models.IN_BULK_LANE). Call it last before the commit: it holds a lock of the tenant until then.
+
+    The invariant: no file of a tenant goes in a lane ahead of an earlier file of the same tenant still waiting in
+    the bulk lane. So the first lane takes as many as keep the tenant's files waiting under FAST_LANE_TASKS tasks'
+    worth, and none while any of its files waiting is marked: once workers ran a tenant's first files, its next
+    upload went in the first lane, ahead of its own older files in the bulk lane (helper-50). Which waiting files
+    are in the bulk lane is known from Postgres, not Redis: the mark is written in the transaction that queues the
+    file, before its task is sent, and the claim that takes it replaces it (worker.store.claim sets claimed_by).
+    A Redis that loses its data leaves marks on files no task holds: the tenant's next files go in the bulk lane
+    meanwhile (later, not lost), and the sweeper, sending those files again, decides their lanes here anew. A
+    worker that dies had claimed its files (unmarked: they are sent again in the first lane, as overdue), or had
+    not yet, and the message goes back to the lane it came from, its files still marked. A mark
+    outlives its file's place in the bulk lane only while the sweeper's lift_bulk has moved its task to the first
+    lane and no worker took it yet: the tenant's next files then wait in the bulk lane, which is later than
+    needed, never out of order."""
+    from sqlalchemy import Text, cast, func, select, update
+
+    from clapq.models import IN_BULK_LANE, Item
+
+    if not item_ids:
+        return 0
+    lane = FAST_LANE_TASKS * per_task
+    session.execute(select(func.pg_advisory_xact_lock(LANE_LOCK, func.hashtext(cast(tenant_id, Text)))))
+    # the tenant's files waiting, these included, counted up to what decides (a tenant with 100,000 waiting is
+    # not counted whole at each upload), index-only through ix_items_tenant_waiting (without it, a tenant with fewer
+    # waiting than the limit had the whole table read: helper-49). Files parked for a worker of another model hold
+    # no place in the queue: counted, they sent all the tenant's uploads to the bulk lane (helper-49). Where fewer
+    # than the limit wait, all are seen, and so is any mark; where more, none goes in the first lane anyway
+    waiting = (select(Item.claimed_by).where(Item.status.in_(("queued", "running")), Item.tenant_id == tenant_id,
+                                             in_the_queue())
+               .limit(lane + len(item_ids)).subquery())
+    counted, marked = session.execute(select(func.count(), func.count().filter(waiting.c.claimed_by == IN_BULK_LANE))
+                                      .select_from(waiting)).one()
+    fast = 0 if marked else max(0, lane - (counted - len(item_ids)))
+    bulk = bulk_part(item_ids, per_task, fast)
+    if bulk:
+        session.execute(update(Item).where(Item.id.in_(bulk), Item.status == "queued").values(claimed_by=IN_BULK_LANE))
+    return fast
+
+
+def bulk_part(item_ids: list, per_task: int, fast: int | None) -> list:
+    """Those of `item_ids` that enqueue_items sends in the bulk lane: the chunks that begin at `fast` or later."""
+    if fast is None:
+        return []
+    per_task = max(1, per_task)
+    return list(item_ids[_first_lane_chunks(fast, per_task) * per_task:])
+
+
+def _first_lane_chunks(fast: int, per_task: int) -> int:
+    return -(-fast // per_task)  # those that begin within the first `fast`
+
+
 def enqueue_committed(app: Celery, item_ids: list, per_task: int, fast: int | None = None,
                       countdown: float | None = None, **log_extra) -> list:
     """Send committed items' tasks if Redis takes them now (`fast`, `countdown`: see enqueue_items); returns those
@@ -238,8 +309,9 @@ def enqueue_items(app: Celery, item_ids: list, per_task: int, countdown: float |
     None. A failure raises NotSent, naming the items not sent."""
     per_task = max(1, per_task)
     parts = chunks(list(item_ids), per_task)
+    first = len(parts) if fast is None else _first_lane_chunks(fast, per_task)
     for n, chunk in enumerate(parts):
-        bulk = fast is not None and n * per_task >= fast
+        bulk = n >= first
         try:
             app.send_task(EMBED_TASK, args=[[str(i) for i in chunk]], queue=EMBED_QUEUE, countdown=countdown,
                           priority=BULK_PRIORITY if bulk else None)

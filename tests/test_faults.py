@@ -371,14 +371,15 @@ def test_files_parked_for_another_model_do_not_send_a_tenants_uploads_to_the_bul
 def test_a_lost_backlog_the_sweeper_sends_again_keeps_its_lanes(stack):
     """A Redis that lost its data: the sweeper sends a tenant's never-tried files as an upload would, its first
     FAST_LANE_TASKS tasks' worth in the first lane and the rest in the bulk lane. All in the first, another
-    tenant's 3 files went behind all 96 (helper-49)."""
+    tenant's 3 files went behind all 96 (helper-49). Those it sends in the bulk lane are marked as in it, as an
+    upload's are, so the tenant's next upload goes behind them."""
     from clapq import presence
-    from clapq.models import Library
+    from clapq.models import IN_BULK_LANE, Library
     from clapq.queue import make_celery
     from worker.sweeper import sweep_once
 
     broker = redis.Redis.from_url(stack["redis"].url)
-    _, lib_a, big = start_job(stack, 96)
+    key_a, lib_a, big = start_job(stack, 96)
     broker.delete(*lanes())
     with session_scope(stack["settings"].database_url) as s:
         # files earlier tests left queued or running (their private Redis gone, or rows written with no task) would be
@@ -396,6 +397,16 @@ def test_a_lost_backlog_the_sweeper_sends_again_keeps_its_lanes(stack):
         assert [broker.llen(k) for k in lanes()] == [5, 0, 7, 0]
         start_job(stack, 3, first=500)
         assert [broker.llen(k) for k in lanes()] == [6, 0, 7, 0]
+        with session_scope(stack["settings"].database_url) as s:
+            marked = s.scalars(select(Item.id).where(Item.job_id == uuid.UUID(big), Item.claimed_by == IN_BULK_LANE))
+            assert sorted(map(str, marked)) == sorted(files_in_order(stack, big)[32:])
+            # as if workers ran all but A's last 16, in the bulk lane: A's next 3 go behind those
+            s.execute(text("UPDATE items SET status = 'done' WHERE id = ANY(CAST(:ids AS uuid[]))"),
+                      {"ids": files_in_order(stack, big)[:80]})
+        r = stack["client"].post(f"/v1/libraries/{lib_a}/batches", headers=auth(key_a),
+                                 data={"files": make_batch(3, first=300)}, content_type="multipart/form-data")
+        assert r.status_code == 202, r.get_json()
+        assert [broker.llen(k) for k in lanes()] == [6, 0, 8, 0]  # unmarked: [7, 0, 7, 0]
     finally:
         presence.unserve(app)
         broker.delete(*lanes())
@@ -547,31 +558,53 @@ def test_two_uploads_of_a_tenant_at_once_still_put_its_first_files_in_the_first_
                       {"l": lib["id"]})
 
 
-@pytest.mark.xfail(strict=True, reason="known, README 'Order.' says so (helper-50): an upload's files go in the first "
-                   "lane while the tenant's older ones still wait in the bulk lane; the API does not know which of a "
-                   "tenant's waiting files are in the bulk lane")
 def test_a_tenants_next_upload_does_not_overtake_its_files_in_the_bulk_lane(stack):
-    """A uploads 48 (4 tasks in the first lane, 2 in the bulk); workers run its first 4. It now has 16 waiting,
-    so its next 8 go in the first lane, ahead of its own 16 older ones, which wait in the bulk lane behind every
-    other tenant's first files (a task a pass, clapq.queue.lift_bulk)."""
+    """A uploads 48 (4 tasks in the first lane, 2 in the bulk); workers run its first 4. It had 16 waiting, so its
+    next 8 went in the first lane, ahead of its own 16 older ones, which waited in the bulk lane behind every
+    other tenant's first files (a task a pass, clapq.queue.lift_bulk; helper-50). They go in the bulk lane, behind
+    them, while any of A's files is marked as in it; once a worker's claim took those, A's next go in the first
+    lane again."""
+    from clapq.models import IN_BULK_LANE, Library
+    from worker.store import claim
+
     broker = redis.Redis.from_url(stack["redis"].url)
     key, lib, old = start_job(stack, 48)
     assert [broker.llen(k) for k in lanes()] == [4, 0, 2, 0]
     taken = [task_files(broker.rpop(lanes()[0])) for _ in range(4)]
+    other = old  # B's job, once it has one
+
+    def marked() -> int:
+        with session_scope(stack["settings"].database_url) as s:
+            return s.scalar(select(func.count()).where(Item.library_id == uuid.UUID(lib), Item.status == "queued",
+                                                       Item.claimed_by == IN_BULK_LANE))
+
     try:
         with session_scope(stack["settings"].database_url) as s:  # as if a worker ran A's first 4 tasks
             s.execute(text("UPDATE items SET status = 'done' WHERE id = ANY(CAST(:ids AS uuid[]))"),
                       {"ids": [i for t in taken for i in t]})
+        assert marked() == 16
         _, _, other = start_job(stack, 3, first=800)  # another tenant's first files: the first lane is busy
         r = stack["client"].post(f"/v1/libraries/{lib}/batches", headers=auth(key),
                                  data={"files": make_batch(8, first=600)}, content_type="multipart/form-data")
         assert r.status_code == 202, r.get_json()
         assert [broker.llen(k) for k in lanes()] == [1, 0, 3, 0]  # before: [2, 0, 2, 0]
+        assert marked() == 24
+        # the bulk lane's tasks, A's in the order it sent them, taken by a worker's claim: A's 24 running, none marked
+        bulk = [task_files(broker.rpop(lanes()[2])) for _ in range(3)]
+        assert bulk[2] == [i["id"] for i in r.get_json()["items"]]
+        with session_scope(stack["settings"].database_url) as s:
+            model_id = s.scalar(select(Library.model_id).where(Library.id == uuid.UUID(lib)))
+            got = claim(s, [uuid.UUID(i) for t in bulk for i in t], model_id, 3, "task-of-a-worker", 60)
+        assert len(got) == 24 and marked() == 0
+        r = stack["client"].post(f"/v1/libraries/{lib}/batches", headers=auth(key),
+                                 data={"files": make_batch(8, first=650)}, content_type="multipart/form-data")
+        assert r.status_code == 202, r.get_json()
+        assert [broker.llen(k) for k in lanes()] == [2, 0, 0, 0]  # 24 waiting: room for 8 in the first lane
     finally:
         broker.delete(*lanes())
         with session_scope(stack["settings"].database_url) as s:
-            s.execute(text("UPDATE items SET status = 'cancelled' WHERE status = 'queued' AND library_id = :l"),
-                      {"l": lib})
+            s.execute(text("UPDATE items SET status = 'cancelled' WHERE status IN ('queued', 'running') "
+                           "AND (library_id = :l OR job_id = :o)"), {"l": lib, "o": other})
 
 
 def test_a_redis_that_hangs_holds_no_request(stack):

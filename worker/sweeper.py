@@ -18,7 +18,8 @@ from clapq.blobs import BlobStore, reclaim_queued, remove_stale_uploads
 from clapq.db import get_engine, session_scope
 from clapq.models import NO_MESSAGE, NOT_SENT, WAITING_FOR_MODEL, EmbeddingModel, Item, Library, park
 from clapq.presence import beat_done, beat_failed, serving
-from clapq.queue import FAST_LANE_TASKS, NotSent, enqueue_items, lift_bulk, make_celery, queued_tasks, redis_client
+from clapq.queue import (NotSent, enqueue_items, first_lane_room, lift_bulk, make_celery, queued_tasks,
+                         redis_client)
 from clapq.settings import Settings
 from worker.store import silent_for
 
@@ -75,16 +76,19 @@ def sweep_once(settings: Settings, app, pause: tuple | None = None) -> int:
                       .values(status="queued", progress=None, updated_at=func.now(), claimed_by=WAITING_FOR_MODEL,
                               error="worker lost (its process died); no running worker serves this library's model, "
                                     "so it waits for one"))
-    # Files tried before (a dead worker's) go one per task, in the first lane: if one of them is what kills
-    # workers, it can only take itself down from now on, and its attempts run out while the others finish.
-    # Those never tried (a Redis that lost its data, an upload's unsent tasks) go as an upload's do, each
-    # tenant's first FAST_LANE_TASKS tasks' worth in the first lane and the rest in the bulk lane: all in the
-    # first, a lost backlog of 10,000 went ahead of every other tenant's next upload (helper-49).
-    fresh: dict = {}
-    for r in sorted((r for r in sent if not r.attempts), key=lambda r: (r.created_at, r.id)):
-        fresh.setdefault(r.tenant_id, []).append(r.id)
-    unsent, groups = [], [([r.id for r in sent if r.attempts], 1, None)]
-    groups += [(ids, settings.items_per_task, FAST_LANE_TASKS * settings.items_per_task) for ids in fresh.values()]
+        # Files tried before (a dead worker's) go one per task, in the first lane: if one of them is what kills
+        # workers, it can only take itself down from now on, and its attempts run out while the others finish.
+        # Those never tried (a Redis that lost its data, an upload's unsent tasks) go as an upload's do, counted
+        # with their tenant's files waiting, before the commit (clapq.queue.first_lane_room): all in the first, a
+        # lost backlog of 10,000 went ahead of every other tenant's next upload (helper-49). Tenants in one order,
+        # so that two beats take their locks alike
+        fresh: dict = {}
+        for r in sorted((r for r in sent if not r.attempts), key=lambda r: (r.created_at, r.id)):
+            fresh.setdefault(r.tenant_id, []).append(r.id)
+        groups = [([r.id for r in sent if r.attempts], 1, None)]
+        groups += [(ids, settings.items_per_task, first_lane_room(s, tenant, ids, settings.items_per_task))
+                   for tenant, ids in sorted(fresh.items())]
+    unsent = []
     for n, (ids, per_task, fast) in enumerate(groups):
         try:
             enqueue_items(app, ids, per_task, fast=fast)
