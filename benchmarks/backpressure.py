@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.report import MACHINE, save  # noqa: E402
 from benchmarks.search_scale import connect, log  # noqa: E402
-from clapq.models import WAITING_FOR_MODEL  # noqa: E402
+from clapq.models import IN_BULK_LANE, WAITING_FOR_MODEL  # noqa: E402
 
 WHOLE = "SELECT count(*) FROM items WHERE status IN ('queued', 'running')"
 BOTH = ("SELECT count(*), count(*) FILTER (WHERE tenant_id = %(t)s) FROM items "
@@ -43,10 +43,12 @@ PARKED_AS = f"'{WAITING_FOR_MODEL}'"
 OWN = ("SELECT count(*) FROM items WHERE status IN ('queued', 'running') AND tenant_id = %(t)s "
        f"AND (claimed_by IS NULL OR claimed_by != {PARKED_AS})")
 PARKED = f"SELECT count(*) FROM items WHERE status = 'queued' AND claimed_by = {PARKED_AS}"
-# which lane an upload's tasks go in (api/db.py lane_room, since session 26): the caller's files waiting,
-# counted up to 4 tasks of 16 and the upload's own 32, files parked for a worker of another model left out
-LANE = ("SELECT count(*) FROM (SELECT id FROM items WHERE status IN ('queued', 'running') AND tenant_id = %(t)s "
-        f"AND (claimed_by IS NULL OR claimed_by != {PARKED_AS}) LIMIT 96) AS waiting")
+# which lane an upload's tasks go in (clapq.queue.first_lane_room, since session 43; api/db.py lane_room before):
+# the caller's files waiting, counted up to 4 tasks of 16 and the upload's own 32, files parked for a worker of
+# another model left out, and of those how many are marked as in the bulk lane
+LANE = (f"SELECT count(*), count(*) FILTER (WHERE claimed_by = '{IN_BULK_LANE}') FROM (SELECT claimed_by FROM items "
+        f"WHERE status IN ('queued', 'running') AND tenant_id = %(t)s AND (claimed_by IS NULL OR claimed_by != "
+        f"{PARKED_AS}) LIMIT 96) AS waiting")
 # what each /metrics scrape runs (api/metrics.py), on the same table: every item, by state
 BY_STATE = "SELECT status, count(*) FROM items GROUP BY status"
 QUERIES = {"whole": (WHOLE, None), "both_light_tenant": (BOTH, 1), "both_heavy_tenant": (BOTH, 0),
