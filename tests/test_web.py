@@ -951,3 +951,40 @@ def test_a_screen_reader_hears_every_column_of_the_results(start_api, new_key, w
     assert _named(page, "columnheader") == ["score", "file", "window", "actions"], _named(page, "columnheader")
     assert page.locator("#results th .unseen").bounding_box()["width"] <= 1
     page.close()
+
+def test_an_error_is_said_at_once_and_the_rest_politely(start_api, new_key, worker, browser, tmp_path):
+    """The status line, role=status, said everything politely, errors too: a search refused, a 429, the API not
+    answering were heard by a screen reader after whatever it was reading, or not at all. An error is said in an
+    alert (role=alert), at once; what the page does or found politely, as before, on the same line."""
+    from playwright.sync_api import expect
+
+    expect.set_options(timeout=90_000)
+    page, status, _ = _sounds(start_api, new_key, browser, tmp_path)
+    polite, alert = page.get_by_role("status"), page.get_by_role("alert")
+    expect(polite).to_have_text(re.compile("^1 best for “a knock” in sounds"))
+    expect(alert).to_have_text("")
+    refusals = (
+        (lambda route: route.fulfill(status=429, content_type="application/json", headers={"Retry-After": "3"}, body=(
+            '{"error": {"code": "rate_limited", "message": "too many requests: retry in 3 s", "status": 429}}')),
+         "too many requests: retry in 3 s"),
+        (lambda route: route.fulfill(status=503, content_type="application/json", body=(
+            '{"error": {"code": "database_unavailable", "message": "the database is not answering", "status": '
+            '503}}')), "the database is not answering"),
+        (lambda route: route.abort(), "the API did not answer"))
+    for answer, said in refusals:
+        page.route("**/v1/search", answer)
+        page.click("#search-form button[type=submit]")
+        expect(alert).to_contain_text(said)
+        expect(polite).to_have_text("")  # the line shows the error alone
+        assert status.get_attribute("class") == "error" and said in status.text_content(), status.text_content()
+        page.unroute("**/v1/search")
+    page.fill("#text", "")
+    page.click("#search-form button[type=submit]")
+    expect(alert).to_have_text("type words to search for, or choose a sound file")
+    page.fill("#text", "metal")
+    page.click("#search-form button[type=submit]")
+    expect(polite).to_have_text(re.compile("^1 best for “metal” in sounds"))
+    expect(alert).to_have_text("")
+    assert status.get_attribute("class") == "", status.text_content()
+    page.close()
+

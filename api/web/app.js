@@ -11,10 +11,12 @@ const LIBRARY = "clapq.library";
 let key = "";
 let maxK = 1000; // the most results a search gives (GET /v1/limits' max_k), and its offset 10 times that
 
+// the status line: an error in its alert (a screen reader says it at once), anything else in its polite part, the
+// other emptied, so that the line shows the one said last
 function say(text, error = false) {
-  const status = $("status");
-  status.textContent = text;
-  status.className = error ? "error" : "";
+  $("said").textContent = error ? "" : text;
+  $("alarm").textContent = error ? text : "";
+  $("status").className = error ? "error" : "";
 }
 
 // the page without a key: asked for one, nothing of the last key's left on it (its results, its file playing), nor
