@@ -952,6 +952,7 @@ def test_a_screen_reader_hears_every_column_of_the_results(start_api, new_key, w
     assert page.locator("#results th .unseen").bounding_box()["width"] <= 1
     page.close()
 
+
 def test_an_error_is_said_at_once_and_the_rest_politely(start_api, new_key, worker, browser, tmp_path):
     """The status line, role=status, said everything politely, errors too: a search refused, a 429, the API not
     answering were heard by a screen reader after whatever it was reading, or not at all. An error is said in an
@@ -988,3 +989,32 @@ def test_an_error_is_said_at_once_and_the_rest_politely(start_api, new_key, work
     assert status.get_attribute("class") == "", status.text_content()
     page.close()
 
+
+def test_a_key_forgotten_leaves_the_keyboard_on_the_keys_box(start_api, new_key, worker, browser, settings, tmp_path):
+    """Forget key pressed with the keyboard hid itself with the search, and the focus fell to the page's end: the
+    next Tab left the page (walked in Chromium: Tab after Forget key focused <body> again), and the key's box, all
+    there was left to go to, was above. A key refused midway ("More like this" with the key revoked) left it on the
+    status, from which Tab left the page too. Either way the focus goes to the key's box."""
+    from playwright.sync_api import expect
+
+    from clapq.keys import revoke_key
+
+    expect.set_options(timeout=90_000)
+    page, status, key = _sounds(start_api, new_key, browser, tmp_path)
+    page.locator("#forget").focus()
+    page.keyboard.press("Enter")
+    expect(status).to_have_text("key forgotten")
+    expect(page.locator("#key")).to_be_focused()
+    page.keyboard.type(key)
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#search-form", state="visible")
+    page.click("#search-form button[type=submit]")
+    expect(status).to_have_text(re.compile("^1 best for “a knock” in sounds"))
+    with session_scope(settings.database_url) as s:
+        revoke_key(s, key)
+    page.locator("#results").get_by_role("button", name="More like this").press("Enter")
+    expect(status).to_contain_text("does not take this key")
+    expect(page.locator("#key")).to_be_focused()
+    page.keyboard.press("Tab")
+    assert _focused(page) == "BUTTON# Use key", _focused(page)
+    page.close()

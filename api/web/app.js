@@ -21,8 +21,12 @@ function say(text, error = false) {
 
 // the page without a key: asked for one, nothing of the last key's left on it (its results, its file playing), nor
 // to come (a search's answer or a file's link on its way filled the table or played after, and the search's next
-// request, sent with no key, said in red that the API refused it)
+// request, sent with no key, said in red that the API refused it). The keyboard's place, where it was on what goes
+// (Forget key itself, a result's button, the search's box) or lost already, goes to the key's box: it fell to the
+// page's end, and the next Tab left the page, with nothing of it to go to but the key's box above
 function forget() {
+  const lost = document.activeElement === document.body || ["forget", "search-form", "results", "pages", "player"]
+    .some((id) => $(id).contains(document.activeElement));
   localStorage.removeItem(KEY);
   key = "";
   $("key").placeholder = "cq_...";
@@ -33,6 +37,7 @@ function forget() {
   playing = null;
   $("player").pause();
   $("player").hidden = true;
+  if (lost) $("key").focus();
 }
 
 function failed(error) {
@@ -318,7 +323,7 @@ function kept(button, searched) {
   }, (error) => {
     const was = here();
     failed(error);
-    if (was) $("status").focus();
+    if (was && here()) $("status").focus(); // not where the key refused (a 401) put it on the key's box
   });
 }
 
