@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 
 from flask import Blueprint, current_app
 
@@ -146,8 +147,15 @@ SPEC = {
                                                                        "read: why (cut short, as its header says)"},
                 "progress": {"type": ["number", "null"]}, "created_at": _WHEN}},
         },
-        "responses": {"Error": {"description": "error envelope", "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
+        "responses": {
+            "Error": {"description": "error envelope", "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}},
+            "Allowed": {"description": "the methods the path takes, in Allow; no body", "headers": {"Allow": {
+                "schema": {"type": "string"}, "description": "such as 'GET, HEAD, OPTIONS, POST'"}}},
+            "CrossOrigin": {"description": "a browser's CORS preflight (Access-Control-Request-Method sent): "
+                            "cross_origin_not_allowed, as the API allows no other origin (it sends no "
+                            "Access-Control-Allow-Origin)", "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
     },
     "paths": {
         "/healthz": {"get": {"security": [], "responses": {"200": {"description": "alive", "content": {
@@ -392,6 +400,18 @@ for _ops in SPEC["paths"].values():
             _op["responses"].update({"408": _ERR, "413": _ERR})
         if _method in ("post", "patch"):
             _op["responses"]["415"] = _ERR
+
+# OPTIONS of a /v1 path is answered ahead of the key's check (api.errors.options), whatever its ids name: a 204 with
+# the path's methods in Allow, key or none, and a browser's CORS preflight a 403; none of it was described, so a
+# client or a proxy's rules written from this description did not know either answer
+for _path, _ops in SPEC["paths"].items():
+    if _path.startswith("/v1/"):
+        _ops["options"] = {"security": [], "parameters": [
+            *(_path_id(name) for name in re.findall(r"\{(\w+)\}", _path)),
+            {"name": "Access-Control-Request-Method", "in": "header", "required": False, "schema": _STR,
+             "description": "sent by a browser asking whether a page of another origin may call the API: a 403"}],
+            "responses": {"204": {"$ref": "#/components/responses/Allowed"},
+                          "403": {"$ref": "#/components/responses/CrossOrigin"}}}
 
 
 @functools.lru_cache(maxsize=4)

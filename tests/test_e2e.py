@@ -297,8 +297,8 @@ def test_the_api_description_names_what_the_api_answers(client, new_key, worker,
     seen, problems = set(), []
 
     def call(method: str, path: str, **kwargs):
-        r = client.open(path.split("?")[0], method=method, headers=h, query_string=path.partition("?")[2] or None,
-                        **kwargs)
+        r = client.open(path.split("?")[0], method=method, headers={**h, **kwargs.pop("headers", {})},
+                        query_string=path.partition("?")[2] or None, **kwargs)
         template = next((t for t in spec["paths"] if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", t),
                                                                   path.split("?")[0])), None)
         op = spec["paths"].get(template, {}).get(method.lower())
@@ -357,6 +357,16 @@ def test_the_api_description_names_what_the_api_answers(client, new_key, worker,
     retire(settings.database_url, old["id"])
     assert call("POST", f"/v1/libraries/{old['id']}/reembed", json={"name": "described, new"}).status_code == 202
     assert client.get("/static/x.txt").get_json()["error"]["message"].startswith("no endpoint")  # Flask's: none
+    # OPTIONS of each /v1 path (api.errors.options): a 204 whose Allow names the methods described, and a browser's
+    # CORS preflight a 403 (helper-143: neither was described)
+    ids = {"library_id": lib["id"], "job_id": job, "item_id": item}
+    for template, ops in spec["paths"].items():
+        if template.startswith("/v1/"):
+            path = re.sub(r"\{(\w+)\}", lambda m: ids[m[1]], template)
+            allowed = set(call("OPTIONS", path).headers.get("Allow", "").split(", ")) - {"HEAD"}
+            assert allowed == {m.upper() for m in ops}, (template, allowed)
+            preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+            assert call("OPTIONS", path, headers=preflight).get_json()["error"]["code"] == "cross_origin_not_allowed"
     assert problems == [], "\n".join(problems)
     # and every operation is one of them
     assert {(t, m.upper()) for t, ops in spec["paths"].items() for m in ops} - seen == set()
