@@ -13,14 +13,15 @@ from concurrent.futures import TimeoutError as NoAnswer
 from typing import Callable
 
 from flask import Blueprint, current_app
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 import worker
 from api.jobs import NO_WORKER, NO_WORKER_UP
 from api.models_info import registered_model_id
 from clapq.checkpoint import ModelUnavailable, resolve, unchanged
-from clapq.db import get_engine
-from clapq.presence import TTL_S, beat_alive, beat_failing, live_workers, serving
+from clapq.db import get_engine, session_scope
+from clapq.models import EmbeddingModel
+from clapq.presence import TTL_S, beat_alive, beat_failing, live_workers, served_models, serving
 from clapq.queue import redis_client
 from clapq.settings import Settings
 
@@ -121,6 +122,27 @@ def _unplaced(why: str, known: list[str] = ()) -> str:
     return shown
 
 
+def _model_id(settings: Settings) -> int:
+    """The id of the model this API serves (registered once a process)."""
+    ckpt = resolve(settings.model)
+    return registered_model_id(ckpt.name, ckpt.weights_sha256, settings.database_url)
+
+
+def _named(models: dict[int, int], url: str) -> str:
+    """Models as "model 3 (laion/clap-htsat-unfused), model 5 (my-clap)": with their names where Postgres answers."""
+    try:
+        with session_scope(url) as s:
+            names = dict(s.execute(select(EmbeddingModel.id, EmbeddingModel.name)
+                                   .where(EmbeddingModel.id.in_(models))).all())
+    except Exception:  # noqa: BLE001 - the ids say enough; the postgres check says why
+        names = {}
+
+    def shown(name: str) -> str:  # a checkpoint's directory by its last part: /readyz takes no key
+        return os.path.basename(name.rstrip("/")) if name.startswith(("/", "~", ".")) else name
+
+    return ", ".join(f"model {m}" + (f" ({shown(names[m])})" if m in names else "") for m in sorted(models))
+
+
 @bp.get("/healthz")
 def healthz():
     return {"status": "ok"}
@@ -142,9 +164,22 @@ def readyz():
 
     def workers() -> str:  # a warning, as embedding's is: search and uploads go on without one (a stopped
         # worker took the API out of service, while a stopped model process left it ready, helper-54)
-        if live_workers(celery):
+        # Ready to have uploads embedded is a live worker of this API's model: it said ok where the only one alive
+        # served another (another CLAPQ_MODEL), and every upload waited queued (helper-142)
+        client, model_id = redis_client(celery), _model_id(settings)
+        if serving(client, {model_id}):
             return "ok"
-        return "warning: " + (NO_WORKER_UP if settings.under_up else NO_WORKER).replace("the files", "uploads")
+        if not (live := live_workers(celery, client)):
+            return "warning: " + (NO_WORKER_UP if settings.under_up else NO_WORKER).replace("the files", "uploads")
+        one = live == 1
+        alive = ("the only live worker does not serve" if one else f"none of the {live} live workers serves") + \
+            f" this service's model (model {model_id})"
+        if others := served_models(client):
+            return (f"warning: {alive}: {'it serves' if one else 'they serve'} {_named(others, settings.database_url)}"
+                    f"{'' if one else ' only'} (a CLAPQ_MODEL not the API's){'' if one else ', or still load theirs'}; "
+                    f"uploads wait queued until a worker of model {model_id} runs")
+        return (f"warning: {alive} yet: {'it is' if one else 'they are'} still loading a model, hung, or of another "
+                "CLAPQ_MODEL (see the worker's log); uploads wait queued until one serves it")
 
     def model() -> str:
         try:
@@ -164,8 +199,7 @@ def readyz():
         return "warning: the maintenance loop made no pass lately (start `clapq beat`)"
 
     def embedding() -> str:  # workers of another CLAPQ_MODEL than the API's leave every upload queued
-        ckpt = resolve(settings.model)
-        model_id = registered_model_id(ckpt.name, ckpt.weights_sha256, settings.database_url)
+        model_id = _model_id(settings)
         if serving(redis_client(celery), {model_id}):
             return "ok"
         return (f"warning: no process holding this service's model (model {model_id}) has said so for "

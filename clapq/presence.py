@@ -110,6 +110,21 @@ def serving(client, models) -> set[int]:
     return {m for m, n in zip(models, pipe.execute()) if n}
 
 
+def served_models(client) -> dict[int, int]:
+    """Every model some live worker serves, with how many processes serve it: /readyz says which a service's
+    live workers serve where none serves its own."""
+    now, keys = _now(client), sorted(client.scan_iter(match=SERVING.format(model="*"), count=100))
+    pipe = client.pipeline(transaction=False)
+    for k in keys:
+        pipe.zcount(k, now, "+inf")
+    models = {}
+    for k, n in zip(keys, pipe.execute()):
+        tail = (k.decode() if isinstance(k, bytes) else k).rsplit(":", 1)[1]
+        if n and tail.isdigit():
+            models[int(tail)] = n
+    return models
+
+
 def stop(app) -> None:
     _stop.set()
     if "key" in _state:

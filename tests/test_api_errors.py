@@ -889,6 +889,55 @@ def test_health_metrics_and_openapi(client, worker, app):
     assert spec["openapi"].startswith("3.") and "/v1/search" in spec["paths"]
 
 
+def test_readyz_workers_are_workers_of_the_apis_model(app, settings, env, tiny_model, tmp_path):
+    """/readyz's workers check said ok while the only live worker served another model than the API's (another
+    CLAPQ_MODEL), whose uploads all waited queued. It is ok once a live worker serves the API's model, and says
+    which model the live workers serve where none does. Real workers, on a Redis database of their own."""
+    from api import create_app
+    from api.models_info import registered_model_id
+    from clapq.checkpoint import resolve
+    from clapq.presence import served_models
+    from clapq.queue import redis_client
+    from tests.conftest import WorkerProcess
+    from tests.test_engine import another_model
+
+    own = {**env, "REDIS_URL": env["REDIS_URL"].rsplit("/", 1)[0] + "/10"}
+    api = create_app(dataclasses.replace(settings, redis_url=own["REDIS_URL"]))
+    client, redis = api.test_client(), redis_client(api.extensions["clapq_celery"])
+    ckpt = resolve(settings.model)
+    model = registered_model_id(ckpt.name, ckpt.weights_sha256, settings.database_url)
+
+    def served_once(n: int) -> dict:
+        deadline = time.monotonic() + 90
+        while len(got := served_models(redis)) < n:
+            assert time.monotonic() < deadline, got
+            time.sleep(0.2)
+        return got
+
+    other = WorkerProcess({**own, "CLAPQ_MODEL": str(another_model(tiny_model, tmp_path))},
+                          tmp_path / "other.log").start()
+    mine = None
+    try:
+        (others,) = served_once(1)
+        assert others != model
+        checks = client.get("/readyz").get_json()["checks"]
+        assert checks["workers"] == (f"warning: the only live worker does not serve this service's model (model "
+                                     f"{model}): it serves model {others} (other-model) (a CLAPQ_MODEL not the "
+                                     f"API's); uploads wait queued until a worker of model {model} runs"), checks
+        assert checks["embedding"].startswith("warning: no process holding this service's model"), checks
+        mine = WorkerProcess(own, tmp_path / "mine.log").start()
+        assert set(served_once(2)) == {model, others}
+        checks = client.get("/readyz").get_json()["checks"]
+        assert checks["workers"] == checks["embedding"] == "ok", checks
+        mine.stop()
+        checks = client.get("/readyz").get_json()["checks"]
+        assert checks["workers"].startswith("warning: the only live worker does not serve"), checks
+    finally:
+        for w in (other, mine):
+            if w is not None:
+                w.stop()
+
+
 def test_readyz_hides_paths_with_spaces_whole(env, tmp_path, caplog):
     """/readyz takes no key, so it says why the model cannot be loaded without the server's paths ("<path>"); a
     path with a space was hidden only up to it: a model in the data directory /tmp/.../my data/clap model was said
