@@ -167,6 +167,12 @@ class StateCollector:
             c = CounterMetricFamily(f"clapq_{name[:-6]}", help_)
             c.add_metric([], m.get(name, 0.0))
             yield c
+        resent = CounterMetricFamily("clapq_files_resent", "Files sent to the queue again, by why: by the maintenance "
+                                     "loop (worker_lost, task_lost, no_task, model_served) or handed back by a worker",
+                                     labels=["reason"])
+        for reason in metrics.RESENT_REASONS:
+            resent.add_metric([reason], m.get(f"resent_{reason}", 0.0))
+        yield resent
         h = HistogramMetricFamily("clapq_embed_batch_seconds", "Model time per batch of windows")
         buckets = [(str(b), m.get(f"batch_le_{b}", 0.0)) for b in metrics.BATCH_BUCKETS]
         buckets.append(("+Inf", m.get("batches_total", 0.0)))

@@ -270,14 +270,14 @@ def enqueue_committed(app: Celery, item_ids: list, per_task: int, fast: int | No
 
 
 def send_or_mark(app: Celery, database_url: str, item_ids: list, per_task: int, fast: int | None = None,
-                 countdown: float | None = None, **log_extra) -> None:
-    """Send the tasks of these committed, queued files (`fast`, `countdown`: see enqueue_items). Those Redis does
-    not take are marked as having no message (clapq.models.NOT_SENT), and the sweeper sends them at its next pass,
-    whatever the queue holds; unmarked, they waited CLAPQ_STALE_AFTER_S and an empty queue. A failed mark
-    leaves them to that."""
+                 countdown: float | None = None, **log_extra) -> int:
+    """Send the tasks of these committed, queued files (`fast`, `countdown`: see enqueue_items); how many were sent.
+    Those Redis does not take are marked as having no message (clapq.models.NOT_SENT), and the sweeper sends them at
+    its next pass, whatever the queue holds; unmarked, they waited CLAPQ_STALE_AFTER_S and an empty queue. A failed
+    mark leaves them to that."""
     unsent = enqueue_committed(app, item_ids, per_task, fast=fast, countdown=countdown, **log_extra)
     if not unsent:
-        return
+        return len(item_ids)
     from clapq.db import session_scope
     from clapq.models import NOT_SENT, park
 
@@ -287,6 +287,7 @@ def send_or_mark(app: Celery, database_url: str, item_ids: list, per_task: int, 
     except Exception:
         log.warning("could not mark the files whose tasks were not sent; the sweeper finds them later",
                     exc_info=True, extra=log_extra)
+    return len(item_ids) - len(unsent)
 
 
 def chunks(ids: list, size: int) -> list[list]:

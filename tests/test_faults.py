@@ -225,6 +225,7 @@ def test_a_worker_told_to_stop_hands_back_a_long_file_within_seconds(stack):
     got = c.get(f"/v1/items/{item}", headers=auth(key)).get_json()
     assert got["status"] == "queued" and got["attempts"] == 0, (got, logs_tail(stack))  # before: done, attempts 1
     assert "the worker stopped before it finished the file" in got["error"], got
+    assert resent_counted(stack) == {"worker_stopped": 1}  # counted in /metrics, as the worker handed it back
     stack["workers"].append(WorkerProcess(long_env, stack["tmp"] / "worker-long-next.log").start())
     taken = wait_until(lambda: (g := c.get(f"/v1/items/{item}", headers=auth(key)).get_json())["progress"] and g,
                        180, lambda: f"the recording to be taken again: {logs_tail(stack)}")
@@ -1109,6 +1110,33 @@ def test_the_sweeper_says_why_and_which_files_it_sends_again(stack, caplog):
     assert "went silent for over 4 s (CLAPQ_STALE_AFTER_S)" in said["worker lost"].getMessage()
     assert "that try counts" in said["worker lost"].getMessage()
     assert "Redis restarted empty" in said["task lost"].getMessage()
+    # and counted, by the same reasons, in /metrics (the stack's own Redis: these alone)
+    assert resent_counted(stack) == {"worker_lost": 2, "no_task": 1, "task_lost": 3}
+
+
+def resent_counted(st) -> dict[str, float]:
+    """clapq_files_resent_total's reasons that are not 0, as the stack's API's /metrics says them."""
+    body = st["client"].get("/metrics").get_data(as_text=True)
+    counted = {m[1]: float(m[2]) for m in re.finditer(r'^clapq_files_resent_total\{reason="(\w+)"\} (\S+)$', body, re.M)}
+    assert len(counted) == 12, body
+    return {k: v for k, v in counted.items() if v}
+
+
+def test_files_a_dead_worker_left_are_counted_as_sent_again(stack):
+    """Files sent again showed only in the log (a line at each pass): the maintenance loop's resends, and the files a
+    worker hands back, are counted in /metrics by why (clapq_files_resent_total), across processes (in Redis). A
+    worker killed mid-job: the real `clapq beat` sends its running files again, each counted once, worker_lost."""
+    key, job_id = job_under_way(stack, 40, 4)
+    stack["workers"][-1].stop(signal.SIGKILL)
+    with session_scope(stack["settings"].database_url) as s:
+        running = s.scalar(select(func.count()).select_from(Item).where(Item.job_id == uuid.UUID(job_id),
+                                                                         Item.status == "running"))
+    assert running, job(stack, key, job_id)
+    wait_until(lambda: resent_counted(stack).get("worker_lost") == running, 60,
+               lambda: f"{running} files counted as sent again: {resent_counted(stack)}{logs_tail(stack)}")
+    stack["worker"]()
+    assert wait_finished(stack, key, job_id)["status"] == "done"
+    assert resent_counted(stack)["worker_lost"] == running
 
 
 def test_a_worker_says_once_that_redis_does_not_take_its_presence_and_once_that_it_does_again(stack, caplog):

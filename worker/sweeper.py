@@ -14,6 +14,7 @@ from redis.exceptions import ConnectionError as RedisDown
 from redis.exceptions import TimeoutError as RedisSilent
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
+from clapq import metrics
 from clapq.blobs import BlobStore, reclaim_queued, remove_stale_uploads
 from clapq.db import get_engine, session_scope
 from clapq.models import NO_MESSAGE, NOT_SENT, WAITING_FOR_MODEL, EmbeddingModel, Item, Library, park
@@ -95,6 +96,7 @@ def sweep_once(settings: Settings, app, pause: tuple | None = None) -> int:
         except NotSent as exc:  # marked again, so that a later pass sends them (unmarked, they waited as orphans)
             unsent = exc.ids + [i for later, _, _ in groups[n + 1:] for i in later]
             break
+    _count_resent(app, lost, parked, orphans, served, set(unsent))
     if unsent:
         with session_scope(settings.database_url) as s:
             park(s, unsent, NOT_SENT)
@@ -111,20 +113,33 @@ def sweep_once(settings: Settings, app, pause: tuple | None = None) -> int:
     return len(sent)
 
 
+def _by_reason(lost: list, parked: list, orphans: list) -> dict[str, list]:
+    """The files a pass sends again, by why (clapq.metrics.RESENT_REASONS; _said's words for each)."""
+    return {"worker_lost": lost, "no_task": [r for r in parked if r.claimed_by == NOT_SENT],
+            "model_served": [r for r in parked if r.claimed_by != NOT_SENT], "task_lost": orphans}
+
+
+def _count_resent(app, lost: list, parked: list, orphans: list, served, unsent: set) -> None:
+    """Count in /metrics (clapq_files_resent_total) the files this pass sent, by why; not those Redis did not take,
+    which the next pass sends (and counts)."""
+    for reason, rows in _by_reason(lost, parked, orphans).items():
+        metrics.record_resent(app, reason, sum(1 for r in rows if r.model_id in served and r.id not in unsent))
+
+
 def _said(settings: Settings, lost: list, parked: list, orphans: list, served) -> None:
     """One line for each reason files were sent again, naming them and their jobs: a count alone ("re-enqueued
     stranded items", count 1) was all the log said after a worker was killed mid-file, after Redis restarted empty
     and after an upload's tasks were not taken, so the operator could not tell which happened, nor to which files
     (helper-136)."""
-    why = {"worker lost": (lost, f"whose worker went silent for over {settings.stale_after_s} s "
-                                 "(CLAPQ_STALE_AFTER_S): killed, crashed or cut off mid-file; that try counts "
-                                 "(attempts), and each goes in a task of its own"),
-           "no task": ([r for r in parked if r.claimed_by == NOT_SENT],
-                       "whose task Redis did not take as they were uploaded or sent again (it was away)"),
-           "model served": ([r for r in parked if r.claimed_by != NOT_SENT],
-                            "that waited for a worker of their model, which one now serves"),
-           "task lost": (orphans, "queued with no task in Redis, which held none: Redis restarted empty (its data "
-                                  "lost) or lost their messages")}
+    rows_of = _by_reason(lost, parked, orphans)
+    why = {"worker lost": (rows_of["worker_lost"], f"whose worker went silent for over {settings.stale_after_s} s "
+                           "(CLAPQ_STALE_AFTER_S): killed, crashed or cut off mid-file; that try counts "
+                           "(attempts), and each goes in a task of its own"),
+           "no task": (rows_of["no_task"], "whose task Redis did not take as they were uploaded or sent again (it "
+                       "was away)"),
+           "model served": (rows_of["model_served"], "that waited for a worker of their model, which one now serves"),
+           "task lost": (rows_of["task_lost"], "queued with no task in Redis, which held none: Redis restarted empty "
+                         "(its data lost) or lost their messages")}
     for reason, (rows, words) in why.items():
         rows = [r for r in rows if r.model_id in served]
         if rows:

@@ -129,7 +129,7 @@ def _leave_for_their_workers(app, database_url: str, model_id: int, left: list, 
         log.error("this worker serves model %d, and %d files it was sent are of libraries bound to another model: "
                   "sent again for a worker of theirs (is this worker's CLAPQ_MODEL the service's?)", model_id,
                   len(again), extra={"item_ids": [str(i) for i in again[:10]]})
-        send_or_mark(app, database_url, again, len(again))
+        metrics.record_resent(app, "other_model", send_or_mark(app, database_url, again, len(again)))
         if rest:
             time.sleep(OTHER_MODEL_REST_S)
 
@@ -310,7 +310,8 @@ def embed_items(self, item_ids: list[str]) -> dict:
         raise
     try:
         if alone:
-            send_or_mark(self.app, settings.database_url, alone, 1)
+            metrics.record_resent(self.app, "database_away" if retry else "process_died",
+                                  send_or_mark(self.app, settings.database_url, alone, 1))
             if retry:  # the try before could not hand back the files it had taken from later tasks
                 log.info("files this task had taken from later tasks go on one per task", extra={"count": len(alone)})
             else:
@@ -319,7 +320,8 @@ def embed_items(self, item_ids: list[str]) -> dict:
             # skipped while another transaction held them (a second upload of the same files deciding whether
             # they are a retry): acked with this message, they waited as orphans for CLAPQ_STALE_AFTER_S and an
             # empty queue. Sent again, a moment later, when that transaction has ended
-            send_or_mark(self.app, settings.database_url, locked, settings.items_per_task, countdown=LOCKED_AGAIN_S)
+            metrics.record_resent(self.app, "locked", send_or_mark(self.app, settings.database_url, locked,
+                                                                   settings.items_per_task, countdown=LOCKED_AGAIN_S))
             log.info("files of this task another transaction held locked are sent again", extra={"count": len(locked)})
         if other_model:  # after those: this may rest a moment
             _leave_for_their_workers(self.app, settings.database_url, model_id, other_model, rest=not claimed)
@@ -410,11 +412,12 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
         counts["claimed"] += len(got)
         return got
 
-    def hand_back(item_ids: set, exc: BaseException, charge: bool, wait: bool = True, per_task: int = 1) -> None:
+    def hand_back(item_ids: set, exc: BaseException, charge: bool, reason: str, wait: bool = True,
+                  per_task: int = 1) -> None:
         """Put these files back in the queue and send each off again alone (or `per_task` together), after the
         sweeper's usual wait (CLAPQ_STALE_AFTER_S) unless not `wait`: a machine-wide fault (a full disk) does not
-        use up every file's attempts in seconds. Best effort: where Postgres or Redis is what failed, the sweeper
-        finds them."""
+        use up every file's attempts in seconds; counted in /metrics under `reason` (clapq.metrics.RESENT_REASONS).
+        Best effort: where Postgres or Redis is what failed, the sweeper finds them."""
         if not item_ids:
             return
         try:
@@ -422,6 +425,7 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
                 why = str(exc) if isinstance(exc, WorkerStopped) else f"worker error: {type(exc).__name__}: {exc}"
                 released = store.release(s, list(item_ids), why, task_id, charge=charge)
             enqueue_items(self.app, released, per_task, countdown=settings.stale_after_s if wait else None)
+            metrics.record_resent(self.app, reason, len(released))
         except Exception:
             log.exception("handing files back failed; the sweeper will find them", extra={"count": len(item_ids)})
 
@@ -485,7 +489,7 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
     except TRANSIENT as exc:
         # Celery runs this task again with its own files (the writes are idempotent); the files it took
         # from later tasks, whose messages are spent, go back now, this try not counted against them
-        hand_back(held - set(ids), exc, charge=False)
+        hand_back(held - set(ids), exc, charge=False, reason="database_away")
         _mark_retry(self.app, task_id, self.request.retries + 1)
         raise
     except CodeChanged as exc:
@@ -494,7 +498,7 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
         # counted, at once (another worker, or this one restarted, takes them), and the worker stops, so that
         # its supervisor starts it again on the new code (its task messages go back to the queue)
         _cannot_run(exc)
-        hand_back(held, exc, charge=False, wait=False)
+        hand_back(held, exc, charge=False, reason="code_changed", wait=False)
         return {**counts, "handed_back": len(held)}
     except ScratchError as exc:
         # this machine's disk, not the files: they go back with this try not counted (they used up their
@@ -503,8 +507,8 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
         # worker rests before its next task, which would meet the same disk (it took task after task, faster
         # than the healthy workers)
         free = _scratch_free(self.app, held)
-        hand_back(free, exc, charge=False)
-        hand_back(held - free, exc, charge=True)
+        hand_back(free, exc, charge=False, reason="scratch_full")
+        hand_back(held - free, exc, charge=True, reason="scratch_full")
         rest = min(SCRATCH_REST_S, settings.stale_after_s)
         log.error("cannot write decoded audio to the scratch directory (%s): the task's files go back to the "
                   "queue (%d with this try not counted, %d that went back so %d times already with it counted), "
@@ -515,12 +519,13 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
     except Exception as exc:
         # every file it held goes back, this try counted (attempts bound the retries); this message is
         # acked as failed and the borrowed files' own found nothing to do
-        hand_back(held, exc, charge=True)
+        hand_back(held, exc, charge=True, reason="worker_error")
         raise
     if held and stopping.told():
         # files left unfinished by a run that ended are those the stop dropped (a gone one leaves `held`). Not the
         # files' doing: this try is not counted, and they go back at once, together as they were sent
-        hand_back(held, WorkerStopped(), charge=False, wait=False, per_task=settings.items_per_task)
+        hand_back(held, WorkerStopped(), charge=False, reason="worker_stopped", wait=False,
+                  per_task=settings.items_per_task)
         log.info("the worker is stopping: files not finished go back to the queue, this try not counted",
                  extra={"count": len(held), "task_id": task_id})
         return {**counts, "handed_back": len(held)}
