@@ -728,6 +728,36 @@ def test_a_postgres_that_hangs_holds_no_request(services, tiny_model, tmp_path, 
         pg.stop()
 
 
+def a_job_with_a_pipe(services, tiny_model, tmp_path, url: str, redis_url: str, n: int, pipe_at: int, **extra):
+    """On a migrated Postgres of a test's own (`url`) and its Redis: a job of `n` files committed with no task sent,
+    the stored file of the `pipe_at`-th (in filename order) a pipe nobody writes to, whose decoding gives up after
+    CLAPQ_DECODE_TIMEOUT_S (5 s); (env, st, key, job id, item ids in filename order)."""
+    from api import create_app
+    from clapq.blobs import BlobStore
+    from clapq.db import migrate
+    from clapq.keys import create_key
+    from clapq.settings import Settings
+
+    migrate(url)
+    env = make_env(services, tiny_model, tmp_path / "blobs", DATABASE_URL=url, REDIS_URL=redis_url,
+                   **{"CLAPQ_HEARTBEAT_S": "1", "CLAPQ_DECODE_TIMEOUT_S": "5", "CLAPQ_RATE_LIMIT": "", **extra})
+    settings = Settings.from_env(env)
+    st = {"settings": settings, "client": create_app(settings).test_client(), "tmp": tmp_path}
+    with session_scope(url) as s:
+        key = create_key(s, "away")
+    lib = st["client"].post("/v1/libraries", json={"name": "away"}, headers=auth(key)).get_json()
+    paused = create_app(dataclasses.replace(settings, redis_url="redis://127.0.0.1:9/0")).test_client()
+    r = paused.post(f"/v1/libraries/{lib['id']}/batches", headers=auth(key), data={"files": make_batch(n)},
+                    content_type="multipart/form-data")  # committed, its tasks not sent
+    job_id = r.get_json()["job_id"]
+    with session_scope(url) as s:
+        items = s.scalars(select(Item).where(Item.job_id == uuid.UUID(job_id)).order_by(Item.filename)).all()
+        ids, pipe = [str(i.id) for i in items], BlobStore(settings.blob_dir).path_for(items[pipe_at].sha256)
+    pipe.unlink()
+    os.mkfifo(pipe)
+    return env, st, key, job_id, ids
+
+
 def test_a_postgres_away_across_celerys_retries_counts_no_try(services, tiny_model, tmp_path):
     """Postgres stops answering while a task is under way. The task's next write gives up (a passing fault)
     and Celery runs it again, and again while Postgres stays away. No try is counted for that: a retry whose
@@ -739,12 +769,7 @@ def test_a_postgres_away_across_celerys_retries_counts_no_try(services, tiny_mod
     that (its batch, the pipe's failure) meets the stopped Postgres."""
     import psutil
 
-    from api import create_app
-    from clapq.blobs import BlobStore
-    from clapq.db import migrate
     from clapq.embedded import EmbeddedPostgres
-    from clapq.keys import create_key
-    from clapq.settings import Settings
 
     pg, broker = EmbeddedPostgres(tmp_path / "pg"), EmbeddedRedis(tmp_path / "redis")
     url = pg.start()  # a Postgres of its own: the suite's must keep answering the other tests
@@ -752,24 +777,9 @@ def test_a_postgres_away_across_celerys_retries_counts_no_try(services, tiny_mod
     stopped: list = []
     worker = None
     try:
-        migrate(url)
-        env = make_env(services, tiny_model, tmp_path / "blobs", DATABASE_URL=url, REDIS_URL=broker.url,
-                       CLAPQ_DB_STALL_S="1", CLAPQ_HEARTBEAT_S="1", CLAPQ_ITEMS_PER_TASK="8",
-                       CLAPQ_DECODE_TIMEOUT_S="5", CLAPQ_RATE_LIMIT="")
-        settings = Settings.from_env(env)
-        st = {"settings": settings, "client": create_app(settings).test_client(), "tmp": tmp_path}
-        with session_scope(url) as s:
-            key = create_key(s, "away")
-        lib = st["client"].post("/v1/libraries", json={"name": "away"}, headers=auth(key)).get_json()
-        paused = create_app(dataclasses.replace(settings, redis_url="redis://127.0.0.1:9/0")).test_client()
-        r = paused.post(f"/v1/libraries/{lib['id']}/batches", headers=auth(key), data={"files": make_batch(8)},
-                        content_type="multipart/form-data")  # committed, its task not sent
-        job_id = r.get_json()["job_id"]
-        with session_scope(url) as s:
-            items = s.scalars(select(Item).where(Item.job_id == uuid.UUID(job_id)).order_by(Item.filename)).all()
-            ids, pipe = [str(i.id) for i in items], BlobStore(settings.blob_dir).path_for(items[0].sha256)
-        pipe.unlink()
-        os.mkfifo(pipe)
+        env, st, key, job_id, ids = a_job_with_a_pipe(services, tiny_model, tmp_path, url, broker.url, 8, 0,
+                                                      CLAPQ_DB_STALL_S="1", CLAPQ_ITEMS_PER_TASK="8")
+        settings = st["settings"]
         worker = WorkerProcess(env, tmp_path / "worker.log").start()
         from clapq.queue import EMBED_TASK, make_celery
 
@@ -808,6 +818,50 @@ def test_a_postgres_away_across_celerys_retries_counts_no_try(services, tiny_mod
         for proc in stopped:
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGCONT)
+        if worker is not None:
+            worker.stop(signal.SIGKILL)
+        broker.stop()
+        pg.stop()
+
+
+def test_files_a_task_cannot_hand_back_while_postgres_restarts_are_one_line_each(services, tiny_model, tmp_path):
+    """A Postgres restart under a task that holds files of later tasks: the task's write fails, and so does its
+    hand-back of those files, which Celery's retry of the task then mends. Each such failure was logged "handing files
+    back failed" with a full traceback; a connection error is one line, saying what mends it (other errors keep
+    their traceback). A worker against a Postgres of its own, stopped and started: the task's own three files fill
+    three rows of a four-row batch, which takes a fourth file from a later task, a pipe that nobody writes to, whose
+    decoding gives up after CLAPQ_DECODE_TIMEOUT_S (5 s): its failure meets the stopped Postgres."""
+    from clapq.embedded import EmbeddedPostgres
+    from clapq.queue import EMBED_TASK, make_celery
+
+    pg, broker = EmbeddedPostgres(tmp_path / "pg"), EmbeddedRedis(tmp_path / "redis")
+    url = pg.start()  # a Postgres of its own, stopped below
+    broker.start()
+    worker = None
+    try:
+        env, st, key, job_id, ids = a_job_with_a_pipe(services, tiny_model, tmp_path, url, broker.url, 4, 3,
+                                                      CLAPQ_ITEMS_PER_TASK="3", CLAPQ_BATCH_SIZE="4")
+        worker = WorkerProcess(env, tmp_path / "worker.log").start()
+        make_celery(st["settings"]).send_task(EMBED_TASK, args=[ids[:3]], queue=EMBED_QUEUE)
+
+        def borrowed() -> bool:
+            with session_scope(url) as s:
+                return s.scalar(select(Item.status).where(Item.id == uuid.UUID(ids[3]))) == "running"
+
+        wait_until(borrowed, 60, lambda: f"the later task's file taken: {worker.output()[-3000:]}")
+        pg.stop()
+        wait_until(lambda: "embed_items[" in worker.output() and " retry: Retry in" in worker.output(), 60,
+                   lambda: f"the task's retry: {worker.output()[-3000:]}")
+        pg.start()
+        final = wait_finished(st, key, job_id, timeout=180)
+        assert final["counts"]["done"] == 3, final
+        said = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
+        failed = [r for r in said if "back failed" in r["msg"]]
+        assert [r["msg"].split(" (")[0] for r in failed] == ["handing 1 file back failed, the database did not answer"], \
+            failed
+        assert failed[0]["msg"].endswith("): Celery's retry of this task hands them back"), failed
+        assert failed[0]["level"] == "warning" and "exc" not in failed[0], failed  # one line: no traceback
+    finally:
         if worker is not None:
             worker.stop(signal.SIGKILL)
         broker.stop()

@@ -21,7 +21,7 @@ from clapq import metrics, presence
 from clapq.blobs import BlobStore
 from clapq.checkpoint import register_model, resolve
 from clapq.db import session_scope
-from clapq.queue import EMBED_QUEUE, EMBED_TASK, best_effort, enqueue_items, send_or_mark
+from clapq.queue import EMBED_QUEUE, EMBED_TASK, best_effort, send_or_mark
 from clapq.room import disk_reserve
 from clapq.settings import Settings, claim_window_s
 from worker import CodeChanged, stopping
@@ -413,21 +413,34 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
         return got
 
     def hand_back(item_ids: set, exc: BaseException, charge: bool, reason: str, wait: bool = True,
-                  per_task: int = 1) -> None:
+                  per_task: int = 1, retried: bool = False) -> None:
         """Put these files back in the queue and send each off again alone (or `per_task` together), after the
         sweeper's usual wait (CLAPQ_STALE_AFTER_S) unless not `wait`: a machine-wide fault (a full disk) does not
         use up every file's attempts in seconds; counted in /metrics under `reason` (clapq.metrics.RESENT_REASONS).
-        Best effort: where Postgres or Redis is what failed, the sweeper finds them."""
+        Best effort: where Postgres is what failed, Celery's retry of this task hands them back (`retried`), or else
+        the sweeper finds them; tasks Redis does not take are marked for the sweeper's next pass (send_or_mark)."""
         if not item_ids:
             return
         try:
             with session_scope(settings.database_url) as s:
                 why = str(exc) if isinstance(exc, WorkerStopped) else f"worker error: {type(exc).__name__}: {exc}"
                 released = store.release(s, list(item_ids), why, task_id, charge=charge)
-            enqueue_items(self.app, released, per_task, countdown=settings.stale_after_s if wait else None)
-            metrics.record_resent(self.app, reason, len(released))
-        except Exception:
+        except TRANSIENT as fault:
+            # Postgres away (a restart): expected, and mended. One line: a full traceback at each task that held
+            # borrowed files, among Celery's own retry lines, read as a fault of clapq's (helper-142)
+            said = str(getattr(fault, "orig", None) or fault).strip().splitlines()
+            mended = ("Celery's retry of this task hands them back" if retried else "the maintenance loop sends them "
+                      f"again once they have been silent {settings.stale_after_s} s (CLAPQ_STALE_AFTER_S)")
+            log.warning(f"handing {len(item_ids)} file{'s' if len(item_ids) > 1 else ''} back failed, the database "
+                        f"did not answer ({type(fault).__name__}: {said[0] if said else 'no detail'}): {mended}",
+                        extra={"count": len(item_ids), "task_id": task_id})
+            return
+        except Exception:  # not a passing fault: a fault of this code, with its traceback
             log.exception("handing files back failed; the sweeper will find them", extra={"count": len(item_ids)})
+            return
+        sent = send_or_mark(self.app, settings.database_url, released, per_task,
+                            countdown=settings.stale_after_s if wait else None)
+        metrics.record_resent(self.app, reason, sent)
 
     def more() -> list:
         # not while tasks wait in the queue's first lane: claiming ahead takes the oldest files, a bulk
@@ -489,7 +502,7 @@ def _embed(self, ids: list, task_id: str, settings, embedder, model_id: int, dec
     except TRANSIENT as exc:
         # Celery runs this task again with its own files (the writes are idempotent); the files it took
         # from later tasks, whose messages are spent, go back now, this try not counted against them
-        hand_back(held - set(ids), exc, charge=False, reason="database_away")
+        hand_back(held - set(ids), exc, charge=False, reason="database_away", retried=True)
         _mark_retry(self.app, task_id, self.request.retries + 1)
         raise
     except CodeChanged as exc:
