@@ -861,6 +861,10 @@ def test_files_a_task_cannot_hand_back_while_postgres_restarts_are_one_line_each
             failed
         assert failed[0]["msg"].endswith("): Celery's retry of this task hands them back"), failed
         assert failed[0]["level"] == "warning" and "exc" not in failed[0], failed  # one line: no traceback
+        # and its heartbeats, which failed each second with a traceback: said once, and once when one goes through
+        beats = [r["msg"].split(" (")[0] for r in said if r["logger"] == "worker.heartbeat"]
+        assert beats[:1] == ["this task's heartbeat failed, the database did not answer"], beats
+        assert not [r for r in said if r["logger"] == "worker.heartbeat" and "exc" in r], beats
     finally:
         if worker is not None:
             worker.stop(signal.SIGKILL)

@@ -9,6 +9,8 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterator
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+
 from clapq.db import session_scope
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: floa
     def loop() -> None:
         last, written = time.monotonic(), {}  # the last full beat; the shares recorded so far
         told = False  # on_stop called
+        failing = False  # beats fail while the database does not answer (said once, and once when one goes through)
         while True:
             woken = wake.wait(max(0.0, min(last + interval_s - time.monotonic(), PROGRESS_EVERY_S)))
             if woken:  # at most one such beat a MIN_GAP_S
@@ -110,8 +113,19 @@ def beating(url: str, ids: Collection[uuid.UUID], task_id: str, interval_s: floa
                     named = list(ids) if full else list(moved)
                     gone = heartbeat(s, named, task_id, shares if full else moved)
                 written.update(moved)
+                if failing:
+                    failing = False
+                    log.info("this task's heartbeats go through again", extra={"task_id": task_id})
                 if gone and on_gone is not None:
                     on_gone(gone)
+            except (OperationalError, InterfaceError) as exc:  # Postgres away (a restart): a line, not a traceback
+                # at each beat, every second of the outage (helper-142)
+                if not failing:
+                    failing = True
+                    said = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+                    log.warning(f"this task's heartbeat failed, the database did not answer ({type(exc).__name__}: "
+                                f"{said[0] if said else 'no detail'}): tried again every beat, said again once one "
+                                "goes through", extra={"task_id": task_id, "count": len(ids)})
             except Exception:  # a missed beat only risks a harmless duplicate run
                 log.warning("heartbeat failed", exc_info=True)
 
