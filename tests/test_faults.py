@@ -857,8 +857,8 @@ def test_files_a_task_cannot_hand_back_while_postgres_restarts_are_one_line_each
         assert final["counts"]["done"] == 3, final
         said = [json.loads(line) for line in worker.output().splitlines() if line.startswith("{")]
         failed = [r for r in said if "back failed" in r["msg"]]
-        assert [r["msg"].split(" (")[0] for r in failed] == ["handing 1 file back failed, the database did not answer"], \
-            failed
+        assert [r["msg"].split(" (")[0] for r in failed] == [
+            "handing 1 file back failed, the database did not answer"], failed
         assert failed[0]["msg"].endswith("): Celery's retry of this task hands them back"), failed
         assert failed[0]["level"] == "warning" and "exc" not in failed[0], failed  # one line: no traceback
         # and its heartbeats, which failed each second with a traceback: said once, and once when one goes through
@@ -1175,7 +1175,8 @@ def test_the_sweeper_says_why_and_which_files_it_sends_again(stack, caplog):
 def resent_counted(st) -> dict[str, float]:
     """clapq_files_resent_total's reasons that are not 0, as the stack's API's /metrics says them."""
     body = st["client"].get("/metrics").get_data(as_text=True)
-    counted = {m[1]: float(m[2]) for m in re.finditer(r'^clapq_files_resent_total\{reason="(\w+)"\} (\S+)$', body, re.M)}
+    counted = {m[1]: float(m[2])
+               for m in re.finditer(r'^clapq_files_resent_total\{reason="(\w+)"\} (\S+)$', body, re.M)}
     assert len(counted) == 12, body
     return {k: v for k, v in counted.items() if v}
 
