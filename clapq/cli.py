@@ -782,6 +782,11 @@ def _settled_code(started_on: str, stop) -> str:
     return now
 
 
+MIGRATING_SAY_AFTER_S = 10.0  # `up` says that the new code's migration runs on, after this long and then every minute
+MIGRATING_SAY_EVERY_S = 60.0
+MIGRATING_STOP_S = 10.0  # how long a migration told to stop has to end before it is killed
+
+
 def _migrate_on_new_code(env: dict, data_dir: Path | None) -> bool:
     """The database migrated by the code now on disk (`clapq migrate` run on it), before `clapq up` starts a role
     again on it: upgraded in place (`git pull`) to a version with a migration, each role started again on the new code
@@ -789,15 +794,76 @@ def _migrate_on_new_code(env: dict, data_dir: Path | None) -> bool:
     by), and the worker's fourth end in 5 minutes stopped everything (helper-130). `up`'s own code is the old, so the
     new code's command does it; what it says is said with the data directory. Whether it succeeded: one that failed
     (a DATABASE_URL not answering for a while) is tried again as the next role starts, which meanwhile waits for its
-    database or stops on its schema, as before."""
+    database or stops on its schema, as before.
+
+    It had no time limit, and said nothing while it ran: a migration waiting for a table's lock (a long query, a
+    backup's pg_dump) held `up`, and a SIGTERM or Ctrl-C to `up` waited for it (helper-142). A signal that stops `up`
+    now stops it at once (its migrations are one transaction, which Postgres rolls back as its connection closes: the
+    schema stays as it was), and `up` says every minute, from MIGRATING_SAY_AFTER_S on, that it still runs."""
+    import threading
+
+    from clapq.embedded import die_with_parent
+
     where = _whose_database(data_dir)
-    proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "migrate"], env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=CODE_ROOT)
-    for line in proc.stderr:
-        line = line.rstrip("\n").removeprefix("clapq: ")
-        if not line.startswith("schema already at revision"):
-            print(f"clapq: {where}{line} (clapq's code changed on disk)", file=sys.stderr, flush=True)
-    return proc.wait() == 0
+    told: list[int] = []
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+
+    def on_signal(signum, frame) -> None:  # heard here, and by `up`'s own handler, which then stops everything
+        told.append(signum)
+        if callable(prev := before[signum]):
+            prev(signum, frame)
+
+    for sig, prev in before.items():
+        if sig != signal.SIGHUP or prev != signal.SIG_IGN:  # `nohup clapq up` runs on once the terminal closes
+            signal.signal(sig, on_signal)
+    try:
+        # a session of its own: a Ctrl-C in the terminal reaches `up` alone, which stops it (the migration's own
+        # KeyboardInterrupt was a traceback); and it ends with `up`, killed or not
+        proc = subprocess.Popen([sys.executable, "-m", "clapq.cli", "migrate"], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=CODE_ROOT,
+                                start_new_session=True, preexec_fn=die_with_parent)
+
+        def forward() -> None:
+            for line in proc.stderr:
+                line = line.rstrip("\n").removeprefix("clapq: ")
+                if not line.startswith("schema already at revision"):
+                    print(f"clapq: {where}{line} (clapq's code changed on disk)", file=sys.stderr, flush=True)
+
+        reader = threading.Thread(target=forward, name="migrate-lines", daemon=True)
+        reader.start()
+        began = time.monotonic()
+        say_at = began + MIGRATING_SAY_AFTER_S
+        while proc.poll() is None:
+            if told:
+                ran = time.monotonic() - began
+                proc.terminate()
+                try:
+                    proc.wait(MIGRATING_STOP_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                reader.join(5)
+                if proc.returncode == 0:  # it ended by itself first: its line said so
+                    return True
+                print(f"clapq: {where}told to stop: stopped the new code's migration, which had run for {ran:.0f} s; "
+                      "its transaction is rolled back, and the schema stays as it was (the new code migrates it when "
+                      "`clapq up` starts again)", file=sys.stderr, flush=True)
+                return False
+            if time.monotonic() >= say_at:
+                say_at += MIGRATING_SAY_EVERY_S
+                print(f"clapq: {where}the new code's migration (`clapq migrate`) has run for "
+                      f"{time.monotonic() - began:.0f} s; the roles that ended start again once it is done (a large "
+                      "library's can take minutes: README, Upgrading). Ctrl-C or SIGTERM stops it with `clapq up`, "
+                      "its transaction rolled back",
+                      file=sys.stderr, flush=True)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(0.2)
+        reader.join(5)
+        return proc.returncode == 0
+    finally:
+        for sig, prev in before.items():
+            if signal.getsignal(sig) is on_signal:
+                signal.signal(sig, prev)
 
 
 def _port_free(host: str, port: int) -> None:

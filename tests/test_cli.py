@@ -6605,6 +6605,18 @@ def test_up_says_it_migrates_its_data_directory_and_what_a_newer_ones_takes(tmp_
     assert on_embedded(revision) == "0099"
 
 
+def _a_newer_version(code: Path, head: str) -> None:
+    """The copy of the code (_copy_of_the_code, with its migrations) upgraded in place to a version whose migration
+    0099 adds a column to items."""
+    (code / "migrations" / "versions" / "0099_a_newer_version.py").write_text(
+        f'"""A newer version\'s migration."""\n\nimport sqlalchemy as sa\nfrom alembic import op\n\n'
+        f'revision = "0099"\ndown_revision = "{head}"\nbranch_labels = None\ndepends_on = None\n\n\n'
+        'def upgrade() -> None:\n    op.add_column("items", sa.Column("newer", sa.Text(), nullable=True))\n\n\n'
+        'def downgrade() -> None:\n    op.drop_column("items", "newer")\n')
+    with open(code / "clapq" / "models.py", "a") as f:
+        f.write("\n# a newer version\n")
+
+
 def test_up_upgraded_in_place_to_a_version_with_a_migration_migrates_and_goes_on(tmp_path, tiny_model, up_runner):
     """clapq upgraded in place under a running `clapq up` (`git pull`) to a version with a new migration: each role
     started again on the new code stopped on the schema older than its own, saying to run `clapq migrate`, which no
@@ -6621,13 +6633,7 @@ def test_up_upgraded_in_place_to_a_version_with_a_migration_migrates_and_goes_on
     up = up_runner(data_dir, cwd=tmp_path, PYTHONPATH=str(code))
     key = up.wait_ready()
     base, h = f"http://127.0.0.1:{up.port}", {"Authorization": f"Bearer {key}"}
-    (code / "migrations" / "versions" / "0099_a_newer_version.py").write_text(
-        f'"""A newer version\'s migration."""\n\nimport sqlalchemy as sa\nfrom alembic import op\n\n'
-        f'revision = "0099"\ndown_revision = "{head}"\nbranch_labels = None\ndepends_on = None\n\n\n'
-        'def upgrade() -> None:\n    op.add_column("items", sa.Column("newer", sa.Text(), nullable=True))\n\n\n'
-        'def downgrade() -> None:\n    op.drop_column("items", "newer")\n')
-    with open(code / "clapq" / "models.py", "a") as f:
-        f.write("\n# a newer version\n")
+    _a_newer_version(code, head)
     since = len(up.log.read_text(errors="replace"))
     (worker,) = _roles(up, "worker")
     worker.kill()
@@ -6642,3 +6648,54 @@ def test_up_upgraded_in_place_to_a_version_with_a_migration_migrates_and_goes_on
     text = up.log.read_text(errors="replace")[since:]
     assert "older than this clapq's" not in text and "stopping everything" not in text and up.proc.poll() is None, \
         text[-3000:]
+
+
+def test_up_told_to_stop_stops_a_migration_of_new_code_that_waits_for_a_lock(tmp_path, tiny_model, up_runner):
+    """The new code's migration under a running `clapq up` (upgraded in place) had no time limit and said nothing
+    while it ran: one that waits for a table's lock (a long query, a backup's pg_dump) held `up`, and a SIGTERM to
+    `up` waited for it too, as long as the lock was held. `up` says that it runs on after MIGRATING_SAY_AFTER_S, and
+    a SIGTERM stops it at once: its transaction is rolled back, the schema stays at the old revision."""
+    import migrations
+    from sqlalchemy import text as sql
+
+    from clapq.db import _migrations, get_engine
+    from clapq.embedded import EmbeddedPostgres
+
+    head = _migrations()[1].get_current_head()
+    code = _copy_of_the_code(tmp_path)
+    shutil.copytree(Path(migrations.__file__).parent, code / "migrations", ignore=shutil.ignore_patterns("__pycache__"))
+    data_dir = tmp_path / "data"
+    up = up_runner(data_dir, cwd=tmp_path, PYTHONPATH=str(code))
+    up.wait_ready()
+    pg = EmbeddedPostgres(data_dir / "pg")  # the running one's, shared
+    engine = get_engine(pg.start())
+    holder = engine.connect()
+    try:
+        holder.execute(sql("SELECT 1 FROM items LIMIT 1"))  # its lock on items, held until this transaction ends
+        _a_newer_version(code, head)
+        since = len(up.log.read_text(errors="replace"))
+        (worker,) = _roles(up, "worker")
+        worker.kill()
+        log = _wait_log(up, since, "the new code's migration (`clapq migrate`) has run for ", timeout=90)
+        assert f"clapq: the database of {data_dir}: migrating the schema waits for other sessions to let go of a " \
+               "table it changes" in log, log[-3000:]  # the migration's own line, which `up` passes on
+        assert re.search(rf"clapq: the database of {re.escape(str(data_dir))}: the new code's migration \(`clapq "
+                         r"migrate`\) has run for 1\d s; the roles that ended start again once it is done", log), \
+            log[-3000:]
+        told = time.monotonic()
+        up.proc.send_signal(signal.SIGTERM)
+        up.proc.wait(60)  # before: it waited for the migration, for as long as the lock was held
+        took = time.monotonic() - told
+        log = up.log.read_text(errors="replace")[since:]
+        assert took < 30 and f"clapq: the database of {data_dir}: told to stop: stopped the new code's migration" \
+            in log and "its transaction is rolled back, and the schema stays as it was" in log, (took, log[-3000:])
+        assert "clapq stopped" in log and "Traceback" not in log, log[-3000:]
+        assert not [p for p in _leftovers(data_dir) if "clapq.cli migrate" in p]
+        holder.rollback()
+        assert holder.scalar(sql("SELECT version_num FROM alembic_version")) == head
+        assert holder.scalar(sql("SELECT count(*) FROM information_schema.columns WHERE table_name = 'items' "
+                                 "AND column_name = 'newer'")) == 0
+    finally:
+        holder.close()
+        engine.dispose()
+        pg.stop()
