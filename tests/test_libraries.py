@@ -15,6 +15,7 @@ import numpy as np
 from sqlalchemy import text
 
 from api import create_app
+from api.removal import reclaimed
 from clapq.blobs import BLOB_LOCK, BlobStore
 from clapq.db import get_engine, session_scope
 from clapq.models import WAITING_FOR_MODEL
@@ -379,6 +380,7 @@ def test_a_reembed_of_a_library_deleted_before_it_copied_its_files_makes_nothing
     assert status == 404 and made["error"]["code"] == "not_found", made
     assert deleted[0].get_json()["deleted"] == {"library": lib, "items": 2, "stored_files": 2}, deleted[0].get_json()
     assert client.get("/v1/libraries", headers=auth(key)).get_json()["libraries"] == []
+    reclaimed(30)  # removed after the answer
     assert not any(BlobStore(settings.blob_dir).exists(hashlib.sha256(b).hexdigest()) for b in files.values())
 
 

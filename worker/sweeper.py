@@ -26,8 +26,8 @@ from worker.store import silent_for
 
 log = logging.getLogger(__name__)
 
-# the API removes a deletion's files right after its commit; what is queued longer was left by a crash
-# or a race (clapq.models.BlobReclaim)
+# the API removes a deletion's files right after its commit (a library's on a thread of its own, after its answer:
+# api.removal.reclaim_later); what is queued longer was left by a crash or a race (clapq.models.BlobReclaim)
 RECLAIM_AFTER_S = 60
 
 VECTOR_INDEXES = (("segments", "ix_segments_vector_hnsw"), ("embeddings", "ix_embeddings_vector_hnsw"))
