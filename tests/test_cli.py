@@ -3553,6 +3553,35 @@ def test_a_first_upload_refused_removes_the_library_it_created(start_api, new_ke
     assert names()["first"] == 1
 
 
+def test_deleting_a_large_library_says_so_before_it_is_sent(capsys):
+    """`clapq delete --library L --yes` of a library of 19,000 files said nothing until the API answered (13 s, once
+    72 s, in session 42's walk), as if it hung: it says "deleting library 'L' (N files)…" on stderr before its
+    request, from SAY_DELETING files; a small library's deletion says only what was deleted."""
+    from clapq import client as c
+
+    said_before = []
+
+    def answer(method, path):
+        if method == "GET" and path.startswith("/v1/libraries"):
+            return 200, {"libraries": [{"id": "0b1c2d3e-1111-2222-3333-444455556677", "name": "big",
+                                        "item_count": 19_000},
+                                       {"id": "0b1c2d3e-1111-2222-3333-444455556678", "name": "small",
+                                        "item_count": 3}]}, {}
+        if method == "DELETE":
+            said_before.append(capsys.readouterr().err)
+            n = 19_000 if path.endswith("677") else 3
+            return 200, {"deleted": {"library": path.rsplit("/", 1)[1], "items": n, "stored_files": n}}, {}
+        return 404, {"error": {"code": "not_found", "message": "not found", "status": 404}}, {}
+
+    with fake_api(answer) as url:
+        assert c.delete(c.Client(url, "cq_x"), "big", [], yes=True) == 0
+        assert said_before == ["deleting library 'big' (19000 files)…\n"], said_before
+        assert capsys.readouterr().out == "deleted library 'big': 19000 files\n"
+        assert c.delete(c.Client(url, "cq_x"), "small", [], yes=True) == 0
+        assert said_before[1:] == [""], said_before
+        assert capsys.readouterr().out == "deleted library 'small': 3 files\n"
+
+
 def test_a_created_library_not_removed_is_not_said_to_hold_nothing(capsys):
     """The removal of a library an upload created (`?if_empty=1`) that fails other than by a 409, here an API of an
     earlier version, which takes no if_empty (400): it said the library "holds nothing" and to delete it with
