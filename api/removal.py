@@ -81,15 +81,17 @@ def released(shas: list[str], later: bool = False) -> int:
     answer: `reclaim_later`), and how many of the digests no item of the caller's tenant holds any more, the
     `stored_files` a deletion answers: the caller's files whose bytes left its libraries. Not how many files
     left the disk: a file is shared by every item of its bytes, in any tenant's library, and that count told a
-    tenant whether another one holds a file (helper-35)."""
-    if later:
-        reclaim_later(shas)
-    else:
+    tenant whether another one holds a file (helper-35). With `later`, those to be removed: the count does not
+    wait for an upload (or re-embed) of the same bytes committing at that moment, which keeps them on disk, as
+    the removal in the request did (it waited for such an upload's blob lock)."""
+    if not later:
         removed = reclaim(shas)
         if removed:
             log.info("stored files removed", extra={"files": removed})
     held = set(db().scalars(select(Item.sha256).where(Item.tenant_id == g.tenant_id,
                                                       Item.sha256 == any_(cast(sorted(set(shas)), ARRAY(Text))))))
+    if later:  # counted first: what the tenant's committed items hold now, not after uploads the removal waits for
+        reclaim_later(shas)
     return len(set(shas) - held)
 
 

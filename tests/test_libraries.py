@@ -349,8 +349,9 @@ def test_a_deletion_of_the_library_committed_while_it_is_reembedded_leaves_the_n
     """The library re-embedded is deleted, and the deletion commits, after the re-embed has copied its files
     (the INSERT of the new items ran) and before it commits: the deletion's removal of their stored files waits
     for the re-embed's transaction (the shared BLOB_LOCK it holds) and then finds the new items holding them.
-    Every file of the new library is on disk, embeds, and downloads whole; the deletion says that no stored file
-    left the tenant's libraries."""
+    Every file of the new library is on disk, embeds, and downloads whole. The deletion answers before that
+    removal (api.removal.reclaim_later), while the copies are not committed: its `stored_files` counts the 3 files
+    that no item of the tenant held once it committed (it said 0 when it waited for the re-embed)."""
     key = new_key()
     lib, files = _retired_library(client, key, settings, tmp_path, (91, 92, 93))
     # the lane's lock: the last statement before the commit (after the copy, and the count of cancelled files)
@@ -361,7 +362,9 @@ def test_a_deletion_of_the_library_committed_while_it_is_reembedded_leaves_the_n
     assert sorted(i["filename"] for i in items) == sorted(files), items
     assert [i["filename"] for i in items if not store.exists(i["sha256"])] == [], "stored files removed"
     assert deleted[0].status_code == 200, deleted[0].get_json()
-    assert deleted[0].get_json()["deleted"] == {"library": lib, "items": 3, "stored_files": 0}, deleted[0].get_json()
+    assert deleted[0].get_json()["deleted"] == {"library": lib, "items": 3, "stored_files": 3}, deleted[0].get_json()
+    reclaimed(30)
+    assert [i["filename"] for i in items if not store.exists(i["sha256"])] == [], "stored files removed"
     assert wait_job(client, key, made["job_id"])["status"] == "done"
     for item in items:
         r = client.get(f"/v1/items/{item['id']}/audio", headers=auth(key))
