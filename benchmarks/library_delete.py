@@ -67,7 +67,7 @@ def kind(statement: str) -> str:
         return "sql: library row lock"
     if s.startswith("DELETE FROM libraries"):
         return "sql: library delete"
-    if "items.tenant_id" in s and "items.sha256 IN" in s:
+    if "items.tenant_id" in s and ("items.sha256 IN" in s or "items.sha256 = ANY" in s):
         return "sql: stored_files tenant look"
     return "sql: other"
 
