@@ -43,13 +43,13 @@ def close_db(exc: BaseException | None = None) -> None:
         session.close()
 
 
-def lane_room(item_ids: list) -> int:
+def lane_room(item_ids: list, premarked: bool = False) -> int:
     """How many of `item_ids`, which this request's transaction queues, go in the queue's first lane; the rest are
-    marked as in the bulk lane (clapq.queue.first_lane_room). Call it last before the commit: it holds a lock of
-    the tenant until then."""
+    marked as in the bulk lane (clapq.queue.first_lane_room, `premarked` too). Call it last before the commit: it
+    holds a lock of the tenant until then."""
     if not item_ids:
         return 0
-    return first_lane_room(db(), g.tenant_id, item_ids, current_app.config["CLAPQ"].items_per_task)
+    return first_lane_room(db(), g.tenant_id, item_ids, current_app.config["CLAPQ"].items_per_task, premarked)
 
 
 def send_committed(item_ids: list, fast: int, **log_extra) -> None:

@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+import types
 from collections.abc import Iterator
 
 import kombu.exceptions
@@ -191,10 +192,19 @@ def in_the_queue():
     return or_(Item.claimed_by.is_(None), Item.claimed_by != WAITING_FOR_MODEL)
 
 
-def first_lane_room(session, tenant_id, item_ids: list, per_task: int) -> int:
+def first_lane_files(per_task: int) -> int:
+    """The most files of one send that go in the queue's first lane (first_lane_room): those after go in the bulk
+    lane whatever waits."""
+    return FAST_LANE_TASKS * max(1, per_task)
+
+
+def first_lane_room(session, tenant_id, item_ids: list, per_task: int, premarked: bool = False) -> int:
     """How many of `item_ids`, queued files of the tenant that this transaction sends (in this order, `per_task` a
     task), go in the queue's first lane (enqueue_items' `fast`), and the rest marked as in the bulk lane
     (clapq.models.IN_BULK_LANE). Call it last before the commit: it holds a lock of the tenant until then.
+    `premarked`: the caller's insert marked those after the first first_lane_files(per_task) already (they go in
+    the bulk lane whatever is decided here), so that only the first are written again: marked here, the 200,000
+    files of a re-embed were each written twice, 17-31 s (benchmarks/reembed.py).
 
     The invariant: no file of a tenant goes in a lane ahead of an earlier file of the same tenant still waiting in
     the bulk lane. So the first lane takes as many as keep the tenant's files waiting under FAST_LANE_TASKS tasks'
@@ -209,13 +219,15 @@ def first_lane_room(session, tenant_id, item_ids: list, per_task: int) -> int:
     outlives its file's place in the bulk lane only while the sweeper's lift_bulk has moved its task to the first
     lane and no worker took it yet: the tenant's next files then wait in the bulk lane, which is later than
     needed, never out of order."""
-    from sqlalchemy import Text, cast, func, select, update
+    from sqlalchemy import Text, any_, cast, func, select, update
+    from sqlalchemy.dialects.postgresql import ARRAY
 
     from clapq.models import IN_BULK_LANE, Item
 
     if not item_ids:
         return 0
-    lane = FAST_LANE_TASKS * per_task
+    per_task = max(1, per_task)
+    lane = first_lane_files(per_task)
     session.execute(select(func.pg_advisory_xact_lock(LANE_LOCK, func.hashtext(cast(tenant_id, Text)))))
     # the tenant's files waiting, these included, counted up to what decides (a tenant with 100,000 waiting is
     # not counted whole at each upload), index-only through ix_items_tenant_waiting (without it, a tenant with fewer
@@ -227,10 +239,16 @@ def first_lane_room(session, tenant_id, item_ids: list, per_task: int) -> int:
                .limit(lane + len(item_ids)).subquery())
     counted, marked = session.execute(select(func.count(), func.count().filter(waiting.c.claimed_by == IN_BULK_LANE))
                                       .select_from(waiting)).one()
-    fast = 0 if marked else max(0, lane - (counted - len(item_ids)))
+    if premarked:  # not the caller's own marks; where not all of them are seen, more than `lane` wait: fast is 0
+        marked -= len(item_ids) - min(lane, len(item_ids))
+    fast = 0 if marked > 0 else max(0, lane - (counted - len(item_ids)))
     bulk = bulk_part(item_ids, per_task, fast)
+    if premarked:
+        bulk = bulk[:max(0, lane - (len(item_ids) - len(bulk)))]
     if bulk:
-        session.execute(update(Item).where(Item.id.in_(bulk), Item.status == "queued").values(claimed_by=IN_BULK_LANE))
+        # one array, not a bound value an id: IN of 200,000 ids took 17 s of a re-embed (benchmarks/reembed.py)
+        session.execute(update(Item).where(Item.id == any_(cast(bulk, ARRAY(Item.id.type))), Item.status == "queued")
+                        .values(claimed_by=IN_BULK_LANE))
     return fast
 
 
@@ -311,14 +329,44 @@ def enqueue_items(app: Celery, item_ids: list, per_task: int, countdown: float |
     per_task = max(1, per_task)
     parts = chunks(list(item_ids), per_task)
     first = len(parts) if fast is None else _first_lane_chunks(fast, per_task)
-    for n, chunk in enumerate(parts):
-        bulk = n >= first
-        try:
-            app.send_task(EMBED_TASK, args=[[str(i) for i in chunk]], queue=EMBED_QUEUE, countdown=countdown,
-                          priority=BULK_PRIORITY if bulk else None)
-        except Exception as exc:
-            raise NotSent([i for part in parts[n:] for i in part]) from exc
+    sent = 0  # the tasks Redis has taken: a failed pipeline may have taken some of the rest too (sent again, a
+    # task finds its files claimed or done: harmless)
+    try:
+        with app.producer_or_acquire() as producer, _pipelined(producer) as batch:
+            for n, chunk in enumerate(parts):
+                if n > sent and n % SEND_BATCH == 0:
+                    batch.flush()
+                    sent = n
+                try:
+                    app.send_task(EMBED_TASK, args=[[str(i) for i in chunk]], queue=EMBED_QUEUE, countdown=countdown,
+                                  priority=BULK_PRIORITY if n >= first else None, producer=producer)
+                except Exception:  # those before it go, as they did sent one by one
+                    batch.flush()
+                    sent = n
+                    raise
+            batch.flush()
+            sent = len(parts)
+    except Exception as exc:  # a failed pipeline's own error (kombu's BatchPublishError) is said as Redis's
+        if sent < len(parts):
+            cause = exc.__cause__ if isinstance(exc, _BATCH_FAILED) and exc.__cause__ is not None else exc
+            raise NotSent([i for part in parts[sent:] for i in part]) from cause
     return len(parts)
+
+
+# Tasks sent in one pipeline to Redis (kombu 5.7's Producer.batch; a task a round trip with an older kombu): a
+# task a round trip, a re-embed of 200,000 files (12,500 tasks) spent 8 s sending them (benchmarks/reembed.py)
+SEND_BATCH = 1000
+
+
+def _pipelined(producer):
+    """The producer's publishes buffered and sent to Redis at each flush and at the end (an error discards what
+    was not sent), or one by one where kombu has no batches."""
+    batch = getattr(producer, "batch", None)
+    return batch(max_size=SEND_BATCH * 4) if batch is not None else contextlib.nullcontext(_ONE_BY_ONE)
+
+
+_ONE_BY_ONE = types.SimpleNamespace(flush=lambda: None)
+_BATCH_FAILED = getattr(kombu.exceptions, "BatchPublishError", ())
 
 
 def announce_items_gone(app: Celery) -> None:
