@@ -37,10 +37,12 @@ def _announce(sender=None, **_) -> None:
 
 
 @worker_shutting_down.connect
-def _stop_tasks(**_) -> None:
+def _stop_tasks(how=None, **_) -> None:
     """A warm shutdown's start (SIGTERM, Ctrl-C): the pool children's tasks hand back what they have not finished
-    within seconds, where a long recording's ran on past the supervisor's grace and was killed (worker.stopping)."""
-    stopping.tell()
+    within seconds, where a long recording's ran on past the supervisor's grace and was killed (worker.stopping).
+    Also a cold one's (SIGQUIT, a second Ctrl-C): a pool child sent the same SIGTERM as this process (systemd's
+    default KillMode) leaves it to a warm shutdown, not to a cold one (worker.stopping.defer_group_stop)."""
+    stopping.tell(warm=how == "Warm")
 
 
 @worker_shutdown.connect

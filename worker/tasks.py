@@ -11,6 +11,7 @@ import threading
 import time
 import uuid
 
+from billiard.process import current_process
 from celery import shared_task
 from celery.exceptions import Reject
 from celery.signals import worker_process_init, worker_process_shutdown
@@ -216,8 +217,6 @@ def _cannot_run(exc: BaseException) -> None:
     restart policy) shows it, or starts it again on the code now there, instead of a worker that takes message
     after message and drops them while the files wait as `queued` with no error. Celery's warm shutdown puts
     back the messages it holds."""
-    from billiard.process import current_process
-
     if isinstance(exc, CodeChanged) and not exc.upgraded:
         log.critical("%s; stopping this worker", exc)
     elif isinstance(exc, CodeChanged):
@@ -283,6 +282,8 @@ def _retire(**_) -> None:
 def embed_items(self, item_ids: list[str]) -> dict:
     """Embed a chunk of items; safe to run twice (unique keys + upserts)."""
     task_id = self.request.id or "local"
+    if current_process().name.startswith("ForkPoolWorker"):  # not a task run in-process (tests, eager)
+        stopping.defer_group_stop()
     try:
         settings, embedder, model_id, decoders = _runtime()
         presence.serve(self.app, model_id)  # where the warm-up failed (tasks run in-process do none)
