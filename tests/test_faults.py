@@ -193,6 +193,19 @@ def test_sigterm_worker_keeps_finished_work(stack):
     assert_exactly_once(stack, job_id, 120)
 
 
+def upload_one(stack, path: Path, library: str) -> tuple[str, str, str]:
+    """(key, library id, item id) of `path` uploaded alone, by a new tenant into a new library."""
+    with session_scope(stack["settings"].database_url) as s:
+        from clapq.keys import create_key
+
+        key = create_key(s, f"faults-{uuid.uuid4().hex[:8]}")
+    c = stack["client"]
+    lib = c.post("/v1/libraries", json={"name": library}, headers=auth(key)).get_json()
+    r = c.post(f"/v1/libraries/{lib['id']}/batches", headers=auth(key), content_type="multipart/form-data",
+               data={"files": [(io.BytesIO(path.read_bytes()), path.name)]}).get_json()
+    return key, lib["id"], r["items"][0]["id"]
+
+
 @pytest.mark.parametrize("group", [False, True], ids=["main process", "process group"])
 def test_a_worker_told_to_stop_hands_back_a_long_file_within_seconds(stack, group):
     """SIGTERM to the worker's main process alone, as `docker compose stop` sends it, while it embeds a 4-hour
@@ -211,16 +224,8 @@ def test_a_worker_told_to_stop_hands_back_a_long_file_within_seconds(stack, grou
     long_env = {**stack["env"], "CLAPQ_BATCH_SIZE": "1", "CLAPQ_DECODE_TIMEOUT_S": "600"}
     w = WorkerProcess(long_env, stack["tmp"] / "worker-long.log").start()
     stack["workers"].append(w)
-    with session_scope(stack["settings"].database_url) as s:
-        from clapq.keys import create_key
-
-        key = create_key(s, f"faults-{uuid.uuid4().hex[:8]}")
+    key, lib, item = upload_one(stack, long_silence(stack["tmp"] / "set.flac", 240, rate=8_000), "sets")
     c = stack["client"]
-    lib = c.post("/v1/libraries", json={"name": "sets"}, headers=auth(key)).get_json()
-    f = long_silence(stack["tmp"] / "set.flac", 240, rate=8_000)
-    r = c.post(f"/v1/libraries/{lib['id']}/batches", headers=auth(key), content_type="multipart/form-data",
-               data={"files": [(io.BytesIO(f.read_bytes()), "set.flac")]}).get_json()
-    item = r["items"][0]["id"]
     wait_until(lambda: c.get(f"/v1/items/{item}", headers=auth(key)).get_json()["progress"], 120,
                lambda: f"the recording to be part-way: {logs_tail(stack)}")
     if group:  # the main process, its pool child and the decoders it started, each sent SIGTERM at once
@@ -236,7 +241,7 @@ def test_a_worker_told_to_stop_hands_back_a_long_file_within_seconds(stack, grou
     taken = wait_until(lambda: (g := c.get(f"/v1/items/{item}", headers=auth(key)).get_json())["progress"] and g,
                        180, lambda: f"the recording to be taken again: {logs_tail(stack)}")
     assert taken["status"] == "running" and taken["attempts"] == 1, taken
-    assert c.delete(f"/v1/libraries/{lib['id']}", headers=auth(key)).status_code == 200
+    assert c.delete(f"/v1/libraries/{lib}", headers=auth(key)).status_code == 200
 
 
     def windows_kept() -> int:
@@ -244,6 +249,37 @@ def test_a_worker_told_to_stop_hands_back_a_long_file_within_seconds(stack, grou
             return s.scalar(select(func.count()).select_from(Segment).where(Segment.item_id == uuid.UUID(item)))
 
     wait_until(lambda: windows_kept() == 0, 30, "no window of the recording kept")  # it stopped within seconds
+
+
+def test_a_sigterm_to_the_whole_worker_while_a_file_decodes_leaves_its_decoder_to_the_task(stack):
+    """SIGTERM to every process of the worker at once (systemd's default KillMode) while a long file is being
+    decoded: the decoder child died of it, and the task, handing the file back for the stop, first started it
+    again in a new decoder ("decoder died (signal 15); trying the file again in a new one"). Now the decoder is
+    left to the task, which ends it; the file goes back to the queue, its try not counted."""
+    import psutil
+
+    from tests.audio import long_silence
+
+    env = {**stack["env"], "CLAPQ_BATCH_SIZE": "1", "CLAPQ_DECODE_TIMEOUT_S": "600", "CLAPQ_DECODE_CPU_S": "600"}
+    w = WorkerProcess(env, stack["tmp"] / "worker-decoding.log").start()
+    stack["workers"].append(w)
+    # minutes of a core to decode
+    key, lib, item = upload_one(stack, long_silence(stack["tmp"] / "long.flac", 120, rate=192_000), "decoding")
+    c = stack["client"]
+
+    def decoding():
+        for p in psutil.Process(w.proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if "worker.decoder" in p.cmdline() and p.cpu_times().user > 1:
+                    return p
+
+    wait_until(decoding, 120, lambda: f"the file to be decoding: {logs_tail(stack)}")
+    os.killpg(w.proc.pid, signal.SIGTERM)
+    w.proc.wait(60)
+    got = c.get(f"/v1/items/{item}", headers=auth(key)).get_json()
+    assert got["status"] == "queued" and got["attempts"] == 0, (got, logs_tail(stack))
+    assert "decoder died" not in w.output(), w.output()[-3000:]  # before: "decoder died (signal 15)"
+    assert c.delete(f"/v1/libraries/{lib}", headers=auth(key)).status_code == 200
 
 
 def test_a_task_run_twice_at_once_changes_nothing(stack):

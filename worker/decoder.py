@@ -340,5 +340,11 @@ def get_pool(size: int) -> DecoderPool:
 if __name__ == "__main__":
     from clapq.malloc import keep_freed_memory
 
+    # a SIGTERM sent to every process of the worker at once (systemd's default KillMode) killed this child
+    # mid-file, its parent's task starting the file again in a new one ("decoder died (signal 15)") while that
+    # task was handing it back for the worker's stop. Its parent ends it (SIGKILL, or EOF on its socket), as it
+    # already is left by Ctrl-C: SIGINT comes ignored from the pool child
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
     keep_freed_memory()  # each file's sample buffers reuse the last one's pages
     _child(Connection(int(sys.argv[1])), sys.argv[2] if sys.argv[2:] else None)
