@@ -44,9 +44,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     # leaves no temporary file behind
     app.teardown_request(lambda exc: request.discard_uploads())
     app.after_request(_release_replaced_after_sending)
+    # OPTIONS of any path, ahead of /v1's key check (a browser's CORS preflight carries no key): /healthz's was
+    # Flask's empty 200 labelled text/html, where /v1's was a 204 (helper-143)
+    app.before_request(errors.options)
 
     v1 = Blueprint("v1", __name__, url_prefix="/v1")
-    v1.before_request(errors.options)  # a browser's CORS preflight carries no key
     v1.before_request(auth.require_tenant)
     v1.before_request(ratelimit.check_request)  # before any handler reads a body
     v1.before_request(errors.plain_query)

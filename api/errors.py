@@ -387,7 +387,7 @@ def bodiless() -> None:
 
 
 def options():
-    """before_request hook for /v1, ahead of the key's check: an OPTIONS request is a 204 with `Allow`, the methods
+    """before_request hook for every path, ahead of /v1's key check: an OPTIONS request is a 204 with `Allow`, the methods
     its path takes, where Flask answered an empty 200 labelled text/html. A browser's CORS preflight (a page of
     another origin about to send a request with the key) carries no key: it was a 401 "missing or invalid API key",
     of a page that held a right one. The API allows no other origin (it sends no Access-Control-Allow-Origin: a key

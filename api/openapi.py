@@ -401,17 +401,16 @@ for _ops in SPEC["paths"].values():
         if _method in ("post", "patch"):
             _op["responses"]["415"] = _ERR
 
-# OPTIONS of a /v1 path is answered ahead of the key's check (api.errors.options), whatever its ids name: a 204 with
+# OPTIONS of any path is answered ahead of the key's check (api.errors.options), whatever its ids name: a 204 with
 # the path's methods in Allow, key or none, and a browser's CORS preflight a 403; none of it was described, so a
 # client or a proxy's rules written from this description did not know either answer
 for _path, _ops in SPEC["paths"].items():
-    if _path.startswith("/v1/"):
-        _ops["options"] = {"security": [], "parameters": [
-            *(_path_id(name) for name in re.findall(r"\{(\w+)\}", _path)),
-            {"name": "Access-Control-Request-Method", "in": "header", "required": False, "schema": _STR,
-             "description": "sent by a browser asking whether a page of another origin may call the API: a 403"}],
-            "responses": {"204": {"$ref": "#/components/responses/Allowed"},
-                          "403": {"$ref": "#/components/responses/CrossOrigin"}}}
+    _ops["options"] = {"security": [], "parameters": [
+        *(_path_id(name) for name in re.findall(r"\{(\w+)\}", _path)),
+        {"name": "Access-Control-Request-Method", "in": "header", "required": False, "schema": _STR,
+         "description": "sent by a browser asking whether a page of another origin may call the API: a 403"}],
+        "responses": {"204": {"$ref": "#/components/responses/Allowed"},
+                      "403": {"$ref": "#/components/responses/CrossOrigin"}}}
 
 
 @functools.lru_cache(maxsize=4)
