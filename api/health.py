@@ -17,7 +17,7 @@ from sqlalchemy import select, text
 
 import worker
 from api.jobs import NO_WORKER, NO_WORKER_UP
-from api.models_info import registered_model_id
+from api.models_info import model_id_of
 from clapq.checkpoint import ModelUnavailable, resolve, unchanged
 from clapq.db import get_engine, session_scope
 from clapq.models import EmbeddingModel
@@ -79,6 +79,20 @@ def _run(checks: dict[str, Callable[[], str]], where: tuple) -> dict[str, str]:
     return out
 
 
+def _once(ask: Callable[[], object]) -> Callable[[], object]:
+    """`ask`, answered once, for the first of the threads that call it; the others wait for that answer (an
+    exception is not kept: the next asks again). Two checks of one probe that need the same answer."""
+    lock, answer = threading.Lock(), []
+
+    def answered() -> object:
+        with lock:
+            if not answer:
+                answer.append(ask())
+            return answer[0]
+
+    return answered
+
+
 # an absolute path on this machine: a checkpoint's directory, the Hugging Face cache (not a hub id, "laion/..."),
 # to a space; and what follows a path known to the server (_known_paths) to a space, but for a sentence's last stop
 _PATH = re.compile(r"(?<![\w.~:-])/[^\s'\"`()]+")
@@ -122,12 +136,6 @@ def _unplaced(why: str, known: list[str] = ()) -> str:
     return shown
 
 
-def _model_id(settings: Settings) -> int:
-    """The id of the model this API serves (registered once a process)."""
-    ckpt = resolve(settings.model)
-    return registered_model_id(ckpt.name, ckpt.weights_sha256, settings.database_url)
-
-
 def _named(models: dict[int, int], url: str) -> str:
     """Models as "model 3 (laion/clap-htsat-unfused), model 5 (my-clap)": with their names where Postgres answers."""
     try:
@@ -162,12 +170,17 @@ def readyz():
         redis_client(celery).ping()
         return "ok"
 
+    @_once
+    def served() -> tuple[int, object, bool]:  # asked by workers and embedding: one look a probe
+        model_id, client = model_id_of(settings), redis_client(celery)
+        return model_id, client, serving(client, {model_id})
+
     def workers() -> str:  # a warning, as embedding's is: search and uploads go on without one (a stopped
         # worker took the API out of service, while a stopped model process left it ready, helper-54)
         # Ready to have uploads embedded is a live worker of this API's model: it said ok where the only one alive
         # served another (another CLAPQ_MODEL), and every upload waited queued (helper-142)
-        client, model_id = redis_client(celery), _model_id(settings)
-        if serving(client, {model_id}):
+        model_id, client, ok = served()
+        if ok:
             return "ok"
         if not (live := live_workers(celery, client)):
             return "warning: " + (NO_WORKER_UP if settings.under_up else NO_WORKER).replace("the files", "uploads")
@@ -199,8 +212,8 @@ def readyz():
         return "warning: the maintenance loop made no pass lately (start `clapq beat`)"
 
     def embedding() -> str:  # workers of another CLAPQ_MODEL than the API's leave every upload queued
-        model_id = _model_id(settings)
-        if serving(redis_client(celery), {model_id}):
+        model_id, _, ok = served()
+        if ok:
             return "ok"
         return (f"warning: no process holding this service's model (model {model_id}) has said so for "
                 f"{TTL_S} s: a worker still loading it, one that hangs, or workers whose CLAPQ_MODEL is not the "

@@ -12,6 +12,7 @@ from api.errors import ApiError
 from clapq.checkpoint import Checkpoint, ModelUnavailable, register_model, resolve
 from clapq.db import session_scope
 from clapq.models import EmbeddingModel
+from clapq.settings import Settings
 
 
 def serving_checkpoint() -> Checkpoint:
@@ -27,9 +28,17 @@ def registered_model_id(name: str, weights_sha256: str, url: str) -> int:
         return register_model(s, resolve(name))
 
 
+def model_id_of(settings: Settings, ckpt: Checkpoint | None = None) -> int:
+    """The id of the model `settings` name (CLAPQ_MODEL; `ckpt`: its checkpoint, resolved already), registered
+    once a process; ModelUnavailable where it is not there. Needs no request: /readyz's checks ask it in threads
+    of their own."""
+    ckpt = ckpt or resolve(settings.model)
+    return registered_model_id(ckpt.name, ckpt.weights_sha256, settings.database_url)
+
+
 def serving_model_id() -> int:
-    ckpt = serving_checkpoint()
-    return registered_model_id(ckpt.name, ckpt.weights_sha256, current_app.config["CLAPQ"].database_url)
+    """The id of the model this API serves; a 503 model_unavailable where its checkpoint is not there."""
+    return model_id_of(current_app.config["CLAPQ"], serving_checkpoint())
 
 
 def served_model_for(*libs, whose: str = "") -> int:
