@@ -12,9 +12,9 @@ from sqlalchemy.orm import Session
 from api.db import db
 from clapq import blobs
 from clapq.db import get_engine
-from clapq.threads import one_thread
 from clapq.models import Item, Job, JobDuplicate
 from clapq.queue import announce_items_gone
+from clapq.threads import one_thread
 
 log = logging.getLogger(__name__)
 
