@@ -1091,20 +1091,17 @@ def cmd_beat(args) -> None:
 
 
 def _kind(path: Path) -> str:
-    """"folder", "file", "other" (a pipe, a device) or "none"; a path that cannot be looked at (in a folder
-    this user may not enter) is said so, not a traceback."""
+    """"folder", "file", "pipe" (`<(ffmpeg ...)`, `/dev/stdin` at the end of a `|`, a named pipe), "other" (a
+    device, a socket) or "none" (as pathlib's exists() says none: a broken link, a loop of links), by one look;
+    a path that cannot be looked at (in a folder this user may not enter) is said so, not a traceback."""
     try:
-        return "folder" if path.is_dir() else "file" if path.is_file() else "other" if path.exists() else "none"
+        mode = os.stat(path).st_mode
     except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP):
+            return "none"
         _fail(f"cannot read {path}: {exc.strerror or exc}")
-
-
-def _a_pipe(path: Path) -> bool:
-    """Whether a path is a pipe: `<(ffmpeg ...)`, `/dev/stdin` at the end of a `|`, a named pipe."""
-    try:
-        return stat.S_ISFIFO(os.stat(path).st_mode)
-    except OSError:
-        return False
+    return ("folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "pipe" if stat.S_ISFIFO(mode)
+            else "other")
 
 
 def _nothing_at(path: Path) -> str:
@@ -1135,7 +1132,7 @@ def cmd_upload(args) -> None:
         if (what := apple_double(args.folder)) is not None:
             _fail(f"{what}; nothing was uploaded", 1)
         folder, only = args.folder.parent, [args.folder]
-    elif kind == "other":
+    elif kind in ("pipe", "other"):
         _fail(f"{args.folder} is neither a folder nor a file (a pipe or a device)")
     else:
         _fail(_nothing_at(args.folder))
@@ -1161,11 +1158,11 @@ def cmd_search(args) -> None:
     kind = None if args.like is None else _kind(args.like)
     if kind == "none":
         _fail(_nothing_at(args.like))
-    if kind == "folder" or kind == "other" and not _a_pipe(args.like):  # a pipe is read once (`--like <(ffmpeg ...)`)
+    if kind in ("folder", "other"):  # a pipe is read once (`--like <(ffmpeg ...)`)
         _fail(f"{args.like} is {'a folder' if kind == 'folder' else 'a device or a socket'}, not a sound file")
     settings = Settings.from_env(data_dir=args.data_dir)
     search(connect(args.url, args.key, settings.data_dir), args.library, args.text, args.k, like=args.like,
-           as_json=args.json, offset=args.offset, windows=args.windows, item=args.like_item)
+           as_json=args.json, offset=args.offset, windows=args.windows, item=args.like_item, pipe=kind == "pipe")
 
 
 def cmd_libraries(args) -> None:

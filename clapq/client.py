@@ -2095,7 +2095,8 @@ def retry_job(client: Client, job: str) -> None:
 
 
 def search(client: Client, library: str, text: str | None, k: int, like: Path | None = None,
-           as_json: bool = False, offset: int = 0, windows: bool = False, item: str | None = None) -> None:
+           as_json: bool = False, offset: int = 0, windows: bool = False, item: str | None = None,
+           pipe: bool = False) -> None:
     """Print the best matches for words, for a sound (`like`) or for a file of the tenant's libraries (`item`, by
     its id: the API's "more like this", which the search page had and the command line not, and the one way to
     search by a recording longer than a clip may be): score, file (by its path in the folder
@@ -2103,13 +2104,14 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
     the API's answer as it came, one JSON object (a path with spaces moved the id's column, helper-57).
     `windows`: every matching window, several of one file (the API's segments mode), where a file's best alone
     left the other moments of a long recording unfound; `offset`: the results after the first `offset`, the next
-    page (helper-125). Each is sent only where given, as to a server before them."""
+    page (helper-125). Each is sent only where given, as to a server before them. `pipe`: `like` is a pipe, read
+    once (`_read_once`), where a file is read again for each try."""
     lib = client.library(library, create=False)  # a misspelt name is an error, not a new empty library
     fields = {"library_id": lib["id"], "k": k, **({"offset": offset} if offset else {}),
               **({"mode": "segments"} if windows else {})}
     if like is not None:
         limits = client.limits()
-        clip = None if _regular(like) else _read_once(like, limits)
+        clip = _read_once(like, limits) if pipe else None
         _short_enough(limits, like, clip)
 
         def attempt() -> dict:
@@ -2139,14 +2141,6 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
     elif pending := _still_to_embed(client, lib):  # results, of the files embedded so far (helper-108)
         print(f"library {lib['name']!r} has {n_files(pending)} still to embed, not searched yet; search again once "
               f"{'it is' if pending == 1 else 'they are'}", file=sys.stderr)
-
-
-def _regular(path: Path) -> bool:
-    """Whether a path is a regular file (one that can be read again), not a pipe (`--like <(ffmpeg ...)`)."""
-    try:
-        return stat.S_ISREG(os.stat(path).st_mode)
-    except OSError:  # opening it says why
-        return True
 
 
 def _read_once(clip: Path, limits: dict) -> bytes:
