@@ -7,7 +7,6 @@ import logging
 import os
 import threading
 import time
-import types
 from collections.abc import Iterator
 
 import kombu.exceptions
@@ -332,7 +331,7 @@ def enqueue_items(app: Celery, item_ids: list, per_task: int, countdown: float |
     sent = 0  # the tasks Redis has taken: a failed pipeline may have taken some of the rest too (sent again, a
     # task finds its files claimed or done: harmless)
     try:
-        with app.producer_or_acquire() as producer, _pipelined(producer) as batch:
+        with app.producer_or_acquire() as producer, producer.batch(max_size=SEND_BATCH * 4) as batch:
             for n, chunk in enumerate(parts):
                 if n > sent and n % SEND_BATCH == 0:
                     batch.flush()
@@ -348,25 +347,16 @@ def enqueue_items(app: Celery, item_ids: list, per_task: int, countdown: float |
             sent = len(parts)
     except Exception as exc:  # a failed pipeline's own error (kombu's BatchPublishError) is said as Redis's
         if sent < len(parts):
-            cause = exc.__cause__ if isinstance(exc, _BATCH_FAILED) and exc.__cause__ is not None else exc
+            batched = isinstance(exc, kombu.exceptions.BatchPublishError) and exc.__cause__ is not None
+            cause = exc.__cause__ if batched else exc
             raise NotSent([i for part in parts[sent:] for i in part]) from cause
     return len(parts)
 
 
-# Tasks sent in one pipeline to Redis (kombu 5.7's Producer.batch; a task a round trip with an older kombu): a
-# task a round trip, a re-embed of 200,000 files (12,500 tasks) spent 8 s sending them (benchmarks/reembed.py)
+# Tasks sent in pipelines to Redis (kombu 5.7's Producer.batch: publishes buffered, sent at each flush and at the
+# end; an error discards what was not sent): a task a round trip, a re-embed of 200,000 files (12,500 tasks) spent
+# 8 s sending them (benchmarks/reembed.py)
 SEND_BATCH = 1000
-
-
-def _pipelined(producer):
-    """The producer's publishes buffered and sent to Redis at each flush and at the end (an error discards what
-    was not sent), or one by one where kombu has no batches."""
-    batch = getattr(producer, "batch", None)
-    return batch(max_size=SEND_BATCH * 4) if batch is not None else contextlib.nullcontext(_ONE_BY_ONE)
-
-
-_ONE_BY_ONE = types.SimpleNamespace(flush=lambda: None)
-_BATCH_FAILED = getattr(kombu.exceptions, "BatchPublishError", ())
 
 
 def announce_items_gone(app: Celery) -> None:
