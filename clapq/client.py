@@ -1031,6 +1031,7 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
     # files of requests whose connection was cut before their answer came: those the library was then found to
     # hold (the API stored them), and those it could not be asked about (a server before /known)
     cut_stored, cut_unasked = 0, 0
+    cut_sent = 0  # of the files counted in `sent`, those stored by requests whose connection was cut
     # files an earlier run left queued or running: their jobs are waited for too (job -> their bytes), and
     # of those jobs only these files' failures are told (`theirs`: a job may hold another folder's files)
     earlier: dict[str, int] = {}
@@ -1069,6 +1070,34 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                 where.setdefault(item, p.relative_to(folder).as_posix())
                 theirs.add(item)
         return sum(job is None or job not in jobs for job, _ in pending.values())
+
+    def stored_before_cut(stored: list[Path], known: Known) -> None:
+        """Files of a request whose connection was cut that the API had stored (the library holds them, asked
+        after the cut): this run's, counted as uploaded by it. They were said to be "in the library already",
+        their job "of an earlier upload", and counted as `skipped`, as if a run before had sent them. Their job
+        (where the server names it: they are not embedded yet) is one of this run's jobs, waited for as the
+        others, their failures told by these paths."""
+        nonlocal sent, cut_sent
+        told: list[str] = []
+        for p in stored:
+            job, item = known.pending.get(p, (None, None))
+            item = item or known.held.get(p, (None,))[0]  # embedded already: the item, with no job said
+            rel = p.relative_to(folder).as_posix()
+            if job is not None and job not in jobs:
+                jobs.append(job)
+                job_bytes.append(0)
+                told.append(job)
+            if job is not None:
+                job_bytes[jobs.index(job)] += _size(p)
+                sent_items.setdefault(job, []).append((item, rel))
+            if item in where:  # the same bytes as a file sent before it: one item for both
+                copies_of.setdefault(item, []).append(rel)
+            elif item is not None:
+                where[item] = rel
+        sent, cut_sent = sent + len(stored), cut_sent + len(stored)
+        print(f"the API stored {n_files(len(stored))} before the connection was cut"
+              f"{f' (job {_some(told)})' if len(told) == 1 else f' (jobs {_some(told)})' if told else ''}: not sent "
+              "again", file=sys.stderr)
     cut_at = (min(files_open_at_once(), limits.get("max_files_per_batch") or BATCH_FILES),
               min(BATCH_BYTES, limits.get("max_request_bytes") or BATCH_BYTES))
 
@@ -1127,14 +1156,18 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
                     # as a run again would: once the API answers, the files it took before the cut are not sent
                     # again (their job is waited for), only the rest
                     print(f"{exc.code}; asking which of them the library holds, to send the rest", file=sys.stderr)
-                    new, pending, _, held_here, failed_here, answered, lost, _ = not_known(client, lib["id"], batch,
-                                                                                           retry_failed, resend)
+                    known = not_known(client, lib["id"], batch, retry_failed, resend)
+                    new, pending, held_here, failed_here, answered = (known.new, known.pending, known.held,
+                                                                      known.failed, known.asked)
                     cut_stored += sum(p in held_here or p not in new for p in batch) if answered else 0
                     cut_unasked += 0 if answered else len(batch)
-                    mending.update(lost)
+                    mending.update(known.lost)
                     unasked = unasked or not answered
-                    skipped += len(batch) - len(new) - len(failed_here)
-                    unfinished += held_by_jobs(pending)
+                    # what the library holds of a request it was not asked about before is what the cut one stored
+                    if stored := [p for p in batch if p not in new and p not in failed_here]:
+                        stored_before_cut(stored, known)
+                    # those held that are sent again (`resend`): waited for as an earlier run's, as before
+                    unfinished += held_by_jobs({p: v for p, v in pending.items() if p not in stored})
                     failed_before.extend(printable(p.relative_to(folder).as_posix()) for p in failed_here)
                     answer, batch, left_out, gone = None, new, [], Counter()
                     if not batch:
@@ -1192,15 +1225,16 @@ def upload_folder(client: Client, folder: Path, library: str, wait: bool = True,
             print(f"clapq: library {lib['name']!r} was deleted while the upload ran; nothing of this run is kept in "
                   "it", file=sys.stderr)
             raise SystemExit(1) from None
-        if refused and not jobs and lib.get("created"):
+        if refused and sent == cut_sent and lib.get("created"):  # no request of it answered
             _remove_if_empty(client, lib, cut_stored, cut_unasked)
-        if jobs:  # say what is already in, and that running the command again resumes
-            held = f", {skipped} were in the library already" if skipped else ""
+        elif sent:  # say what is already in, and that running the command again resumes
+            held = ", ".join([f"jobs {_some(jobs)}"] * bool(jobs) + [f"{skipped} were in the library already"]
+                             * bool(skipped))
             # with the key refused (revoked meanwhile), the same command is refused again: it needs another key
             again = (f"; they are being embedded, as the tenant's: {_AGAIN_WITH_A_KEY} for the rest"
                      if refused_key else "; run the same command again for the rest")
-            print(f"clapq: {'interrupted; ' if ctrl_c else ''}{sent} of {found} files were uploaded (jobs "
-                  f"{_some(jobs)}{held}){maybe}{again}: files the library holds already are not sent again",
+            print(f"clapq: {'interrupted; ' if ctrl_c else ''}{sent} of {found} files were uploaded"
+                  f"{f' ({held})' if held else ''}{maybe}{again}: files the library holds already are not sent again",
                   file=sys.stderr)
         elif ctrl_c and in_flight:
             print(f"clapq: interrupted while sending {n_files(in_flight)}, which may be stored already; run the same "

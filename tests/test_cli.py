@@ -2544,7 +2544,10 @@ def test_an_upload_cut_off_by_a_restart_sends_what_the_api_did_not_take(tmp_path
         p = _upload(tmp_path, url, tiny_model)
         out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and len(posts) == 1, err
-    assert json.loads(out)["earlier_jobs"] == ["job0"] and "again (" not in err, (err, out)
+    # (this run's job, not an earlier run's: its files were said to be "in the library already", helper-148)
+    got = json.loads(out)
+    assert (got["jobs"], got["earlier_jobs"], got["skipped"]) == (["job0"], [], 0) and "again (" not in err, (err, out)
+    assert "the API stored 2 files before the connection was cut (job job0): not sent again" in err.splitlines(), err
     # cut off at every try: stops, saying how to go on
     posts.clear(), knowns.clear()
     took.update(first=False, always_cut=True)
@@ -3645,6 +3648,55 @@ def test_a_first_upload_whose_cut_request_was_stored_keeps_the_library_as_holdin
                             base, "--key", key, "--no-wait"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert (json.loads(again.stdout)["skipped"], json.loads(again.stdout)["jobs"] != []) == (1, True), again.stdout
+
+
+def test_files_a_cut_request_stored_are_this_uploads_and_their_job_is_waited_for(start_api, new_key, env, tmp_path,
+                                                                               tiny_model):
+    """A request whose connection was cut after the API stored its files (its job made, its answer lost): the
+    command asked which of them the library holds and sent the rest, but told the stored ones as "1 of 2 files is
+    in the library already (... in job J of an earlier upload: waiting for it too): not sent again", `skipped` 1,
+    as if an earlier run had sent them. They are this run's: uploaded, their job one of its `jobs`, and waited for.
+    No worker takes the jobs (a Redis database of its own) until the command sends its second request, after it
+    asked: the cut request's files are still queued then, in a job the command never heard of."""
+    from tests.conftest import WorkerProcess
+
+    own = {**env, "REDIS_URL": env["REDIS_URL"].rsplit("/", 1)[0] + "/11"}
+    base, key = start_api(CLAPQ_MAX_FILES_PER_BATCH="1", REDIS_URL=own["REDIS_URL"]), new_key()  # a request a file
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i, name in enumerate(("a.wav", "b.wav")):
+        write(folder / name, 0.3, seed=1480 + i)
+    batches, workers = [], []
+
+    def decide(method, path, body):
+        if method == "POST" and path.endswith("/batches"):
+            batches.append(path)
+            if len(batches) == 1:
+                return "cut"
+            workers.append(WorkerProcess(own, tmp_path / "worker.log").start())
+        return None
+
+    try:
+        with _proxy(base, decide) as url:
+            out = subprocess.run([sys.executable, "-m", "clapq.cli", "upload", str(folder), "--library", "cut",
+                                  "--url", url, "--key", key], env=_env(tiny_model), capture_output=True, text=True,
+                                 timeout=300)
+    finally:
+        for w in workers:
+            w.stop()
+    assert out.returncode == 0 and len(batches) == 2 and len(workers) == 1, out.stderr
+    got = json.loads(out.stdout)
+    assert (got["skipped"], len(got["jobs"]), got["earlier_jobs"]) == (0, 2, []), (got, out.stderr)
+    assert "in the library already" not in out.stderr and "earlier upload" not in out.stderr, out.stderr
+    cut_job, b_job = got["jobs"]
+    lines = out.stderr.splitlines()
+    assert f"the API stored 1 file before the connection was cut (job {cut_job}): not sent again" in lines, lines
+    assert f"uploaded 1 file (job {b_job})" in lines, lines
+    # the wait covered the cut request's job: both files are embedded once the command ends
+    h = {"Authorization": f"Bearer {key}"}
+    items = requests.get(f"{base}/v1/libraries/{got['library_id']}/items", headers=h, timeout=30).json()["items"]
+    assert sorted((i["metadata"]["path"], i["status"], i["job_id"]) for i in items) == [
+        ("a.wav", "done", cut_job), ("b.wav", "done", b_job)], items
 
 
 def test_a_macos_appledouble_file_given_on_its_own_is_said_to_be_metadata(start_api, new_key, tmp_path, tiny_model):
