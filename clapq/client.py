@@ -2145,18 +2145,18 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
               **({"mode": "segments"} if windows else {})}
     if like is not None:
         limits = client.limits()
-        clip = _read_once(like, limits) if pipe else None
-        _short_enough(limits, like, clip)
+        said, sent_as = _clip_names(like, pipe)
+        clip = _read_once(like, said, limits) if pipe else None
+        _short_enough(limits, like, said, clip)
 
         def attempt() -> dict:
             try:
                 f = open(like, "rb") if clip is None else io.BytesIO(clip)
             except OSError as exc:
-                raise SystemExit(f"clapq: cannot read {like}: {exc.strerror or exc}") from None
+                raise SystemExit(f"clapq: cannot read {said}: {exc.strerror or exc}") from None
             with f:
                 return client.call("POST", "/v1/search", data={n: str(v) for n, v in fields.items()},
-                                   repeatable=True,
-                                   files={"audio": (wire_name(like.name), f, "application/octet-stream")})
+                                   repeatable=True, files={"audio": (sent_as, f, "application/octet-stream")})
 
         res = patiently(attempt)  # a file is read again for each try; a pipe's bytes, read once, sent again
     else:
@@ -2177,29 +2177,47 @@ def search(client: Client, library: str, text: str | None, k: int, like: Path | 
               f"{'it is' if pending == 1 else 'they are'}", file=sys.stderr)
 
 
-def _read_once(clip: Path, limits: dict) -> bytes:
+def _clip_names(clip: Path, pipe: bool) -> tuple[str, str]:
+    """A --like clip's name in the command's messages and the name it is sent by (which the API's refusals say): a
+    file's path, and its base name. A pipe the shell gives as a descriptor (`--like <(ffmpeg ...)`: /dev/fd/63) was
+    sent as "63", a number the user never saw, said back as "the 'audio' clip '63' could not be decoded": it is
+    "the pipe given to --like", or "standard input" where it is the command's (`... | clapq search --like
+    /dev/fd/0`), in both. A named pipe (mkfifo) goes by its own name, as a file."""
+    if pipe and (clip.name.isdigit() and clip.parent.name == "fd" or clip.name == "stdin"):
+        try:
+            stdin = os.path.samestat(os.stat(clip), os.fstat(0))
+        except OSError:  # no standard input (closed), or the pipe gone meanwhile: read and said then
+            stdin = False
+        name = "standard input" if stdin else "the pipe given to --like"
+        return name, name
+    return printable(str(clip)), wire_name(clip.name)
+
+
+def _read_once(clip: Path, said: str, limits: dict) -> bytes:
     """A clip given as a pipe (`clapq search --like <(ffmpeg ...)`, `--like /dev/stdin`), read whole, once: it can
     be read only once, and a search sent again (a 503, a connection a restart cut) sent what was left of it,
     nothing (helper-141). At most what the API takes in a request (`max_request_bytes`, else its default), less
-    the form around the clip: more is refused before anything is sent."""
+    the form around the clip: more is refused before anything is sent. `said`: its name in messages
+    (_clip_names)."""
     most = (limits.get("max_request_bytes") or MAX_REQUEST_BYTES) - REQUEST_OVERHEAD - PART_OVERHEAD
     try:
         with open(clip, "rb") as f:
             data = f.read(most + 1)
     except OSError as exc:
-        raise SystemExit(f"clapq: cannot read {clip}: {exc.strerror or exc}") from None
+        raise SystemExit(f"clapq: cannot read {said}: {exc.strerror or exc}") from None
     if len(data) > most:
-        raise SystemExit(f"clapq: {printable(str(clip))} gives more than {most / 1e6:,.1f} MB, more than this server "
+        raise SystemExit(f"clapq: {said} gives more than {most / 1e6:,.1f} MB, more than this server "
                          "takes in a search (CLAPQ_MAX_REQUEST_BYTES there): search with a part of it (nothing was "
                          "sent)")
     return data
 
 
-def _short_enough(limits: dict, clip: Path, data: bytes | None = None) -> None:
+def _short_enough(limits: dict, clip: Path, said: str, data: bytes | None = None) -> None:
     """Refuse a clip whose header says it lasts longer than the API takes for a search (`max_clip_s`), before it is
     sent: a 15-minute WAV, 317 MB, went whole to the API before its 400 (helper-108). Only where the header's length
     is exact, as the API refuses one by it (worker.audio.exact_frames: WAV, AIFF and the like); other formats, and
-    a server without the limit, are left to the API. `data`: the clip's bytes, where they were read (a pipe's)."""
+    a server without the limit, are left to the API. `said`: its name in messages (_clip_names); `data`: the clip's
+    bytes, where they were read (a pipe's)."""
     limit = limits.get("max_clip_s")
     if not limit:
         return
@@ -2214,7 +2232,7 @@ def _short_enough(limits: dict, clip: Path, data: bytes | None = None) -> None:
     except (RuntimeError, OSError, TypeError):  # a format libsndfile does not read, or no file: the API's to say
         return
     if rate > 0 and frames > limit * rate:
-        raise SystemExit(f"clapq: {printable(str(clip))} lasts {frames / rate:.0f} s, longer than {limit} s, the "
+        raise SystemExit(f"clapq: {said} lasts {frames / rate:.0f} s, longer than {limit} s, the "
                          "limit for a search clip: search with a part of it (nothing was sent)")
 
 

@@ -1652,6 +1652,39 @@ def test_a_search_clip_from_a_pipe_is_read_once_and_sent_again_as_it_was(start_a
     assert device.returncode == 2 and "/dev/null is a device or a socket, not a sound file" in device.stderr, device
 
 
+def test_a_search_clip_from_a_pipe_is_named_as_the_pipe_given_not_by_its_descriptor(start_api, new_key, tmp_path,
+                                                                                    tiny_model):
+    """`clapq search --like <(cat clip)` sent its clip named "63", the last part of the /dev/fd/63 the shell gave,
+    and the API's refusal named it so: "the 'audio' clip '63' could not be decoded"; the command's own refusals said
+    "/dev/fd/63". A pipe of a descriptor goes by "the pipe given to --like", or by "standard input" where it is
+    the command's (`... | clapq search --like /dev/fd/0`), in both; a named pipe (mkfifo) by its own name."""
+    base, key = start_api(), new_key()
+    h = {"Authorization": f"Bearer {key}"}
+    requests.post(f"{base}/v1/libraries", json={"name": "piped"}, headers=h, timeout=30).raise_for_status()
+    limit = requests.get(f"{base}/v1/limits", headers=h, timeout=30).json()["max_clip_s"]
+    (tmp_path / "notes.txt").write_text("not a sound\n" * 100)
+    write(tmp_path / "long.wav", limit + 1, 8_000)
+
+    def like(arg: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "-c", f"{arg.replace('CLAPQ', shlex.quote(sys.executable) + ' -m clapq.cli')} "
+                               f"--library piped --url {base} --key {key}"], env=_env(tiny_model), capture_output=True,
+                              text=True, timeout=120, cwd=tmp_path)
+
+    out = like("CLAPQ search --like <(cat notes.txt)")
+    assert out.returncode == 1 and "POST /v1/search failed (400): the 'audio' clip 'the pipe given to --like' could " \
+        "not be decoded: " in out.stderr and "'63'" not in out.stderr, out.stderr
+    out = like("cat notes.txt | CLAPQ search --like /dev/fd/0")
+    assert out.returncode == 1 and "failed (400): the 'audio' clip 'standard input' could not be decoded: " \
+        in out.stderr, out.stderr
+    out = like("CLAPQ search --like <(cat long.wav)")  # refused before it is sent, as a file is
+    assert out.returncode == 1 and out.stderr == f"clapq: the pipe given to --like lasts {limit + 1} s, longer than " \
+        f"{limit} s, the limit for a search clip: search with a part of it (nothing was sent)\n", out.stderr
+    os.mkfifo(tmp_path / "take.wav")
+    out = like("cat notes.txt > take.wav & CLAPQ search --like take.wav")
+    assert out.returncode == 1 and "failed (400): the 'audio' clip 'take.wav' could not be decoded: " in out.stderr, \
+        out.stderr
+
+
 def test_a_search_that_finds_some_while_files_are_queued_says_the_rest_are_not_searched_yet(
         start_api, new_key, worker, settings, tmp_path, tiny_model):
     """A search right after `clapq upload --no-wait` found the files embedded so far and said nothing of the
