@@ -6385,10 +6385,13 @@ def test_a_backup_whose_stored_file_was_damaged_is_not_restored(settings, tiny_m
 
     backup(settings.database_url, BlobStore(settings.blob_dir).root, tmp_path / "bk", say=lambda m: None)
     before = json.loads((tmp_path / "bk" / "backup.json").read_text())
-    sha = hashlib.sha256(b"the bytes an item holds").hexdigest()
+    # bytes of this test alone: the service's store is the session's, and another test's file of the same bytes
+    # was in the backup already (CI: FileExistsError on its shard folder)
+    held = f"the bytes an item holds ({uuid.uuid4()})".encode()
+    sha = hashlib.sha256(held).hexdigest()
     damaged = tmp_path / "bk" / "blobs" / sha[:2] / sha[2:4] / sha
-    damaged.parent.mkdir(parents=True)
-    damaged.write_bytes(b"the bytes an item holds, bit-rotted")
+    damaged.parent.mkdir(parents=True, exist_ok=True)
+    damaged.write_bytes(held + b", bit-rotted")
     (tmp_path / "bk" / "backup.json").write_text(json.dumps({**before, "files": before["files"] + 1}))
     out = subprocess.run([sys.executable, "-m", "clapq.cli", "restore", str(tmp_path / "bk"), "--data-dir",
                           str(tmp_path / "new")], env=_env(tiny_model), capture_output=True, text=True, timeout=120)
