@@ -6793,9 +6793,11 @@ def test_up_told_to_stop_stops_a_migration_of_new_code_that_waits_for_a_lock(tmp
         since = len(up.log.read_text(errors="replace"))
         (worker,) = _roles(up, "worker")
         worker.kill()
-        log = _wait_log(up, since, "the new code's migration (`clapq migrate`) has run for ", timeout=90)
-        assert f"clapq: the database of {data_dir}: migrating the schema waits for other sessions to let go of a " \
-               "table it changes" in log, log[-3000:]  # the migration's own line, which `up` passes on
+        _wait_log(up, since, "the new code's migration (`clapq migrate`) has run for ", timeout=90)
+        # the migration's own line, which `up` passes on: said once its first try waited MIGRATE_LOCK_WAIT_MS (5 s)
+        # from its start, which a loaded machine may have slowed past `up`'s line at 10 s
+        log = _wait_log(up, since, f"clapq: the database of {data_dir}: migrating the schema waits for other sessions "
+                        "to let go of a table it changes", timeout=60)
         assert re.search(rf"clapq: the database of {re.escape(str(data_dir))}: the new code's migration \(`clapq "
                          r"migrate`\) has run for 1\d s; the roles that ended start again once it is done", log), \
             log[-3000:]
