@@ -2597,7 +2597,7 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
     how to resume, exit 130. Ctrl-C while waiting for the jobs: they go on, and the command says so."""
     import threading
 
-    posted, polled = threading.Event(), threading.Event()
+    posted, second, polled = threading.Event(), threading.Event(), threading.Event()
 
     def answer(method, path):
         if path == "/v1/libraries":
@@ -2608,6 +2608,7 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
             polled.set()
             return 200, {"status": "running", "progress": 0.0, "counts": {"done": 0, "failed": 0, "total": 1}, "errors": []}, {}
         if posted.is_set():  # the second upload request: never answered
+            second.set()
             return None
         posted.set()
         return 202, {"job_id": "job1", "items": []}, {}
@@ -2629,7 +2630,9 @@ def test_ctrl_c_says_what_was_uploaded_and_how_to_resume(tmp_path, tiny_model):
         clip = write(two / "c000.wav", 0.05, 8_000).read_bytes()
         for i in range(1, 129):  # 129 files: 128 in the first request, 1 in the second
             (two / f"c{i:03d}.wav").write_bytes(clip + bytes([i]))
-        rc, err = interrupted(two, posted)
+        # once the second request has come (set at the first's, the signal could reach a loaded client before
+        # that request's answer: "interrupted while sending 128 files")
+        rc, err = interrupted(two, second)
         assert rc == 130 and "Traceback" not in err, err
         assert ("clapq: interrupted; 128 of 129 files were uploaded (jobs job1); the 1 file being sent when it "
                 "stopped may be stored as well; run the same command again") in err, err
