@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import io
 import json
 import os
@@ -876,8 +877,11 @@ def test_files_a_task_cannot_hand_back_while_postgres_restarts_are_one_line_each
     hand-back of those files, which Celery's retry of the task then mends. Each such failure was logged "handing files
     back failed" with a full traceback; a connection error is one line, saying what mends it (other errors keep
     their traceback). A worker against a Postgres of its own, stopped and started: the task's own three files fill
-    three rows of a four-row batch, which takes a fourth file from a later task, a pipe that nobody writes to, whose
-    decoding gives up after CLAPQ_DECODE_TIMEOUT_S (5 s): its failure meets the stopped Postgres."""
+    three rows of a four-row batch, which takes a fourth file from a later task, a pipe whose decoding waits for a
+    writer: the test ends it once Postgres is stopped and a heartbeat met that, and its failure meets the stopped
+    Postgres. (It was left to CLAPQ_DECODE_TIMEOUT_S, 5 s from the claim, which a test process a few seconds late
+    to stop Postgres let pass first.)"""
+    from clapq.blobs import BlobStore
     from clapq.embedded import EmbeddedPostgres
     from clapq.queue import EMBED_TASK, make_celery
 
@@ -887,7 +891,10 @@ def test_files_a_task_cannot_hand_back_while_postgres_restarts_are_one_line_each
     worker = None
     try:
         env, st, key, job_id, ids = a_job_with_a_pipe(services, tiny_model, tmp_path, url, broker.url, 4, 3,
-                                                      CLAPQ_ITEMS_PER_TASK="3", CLAPQ_BATCH_SIZE="4")
+                                                      CLAPQ_ITEMS_PER_TASK="3", CLAPQ_BATCH_SIZE="4",
+                                                      CLAPQ_DECODE_TIMEOUT_S="600")
+        with session_scope(url) as s:
+            pipe = BlobStore(st["settings"].blob_dir).path_for(s.get(Item, uuid.UUID(ids[3])).sha256)
         worker = WorkerProcess(env, tmp_path / "worker.log").start()
         make_celery(st["settings"]).send_task(EMBED_TASK, args=[ids[:3]], queue=EMBED_QUEUE)
 
@@ -895,10 +902,22 @@ def test_files_a_task_cannot_hand_back_while_postgres_restarts_are_one_line_each
             with session_scope(url) as s:
                 return s.scalar(select(Item.status).where(Item.id == uuid.UUID(ids[3]))) == "running"
 
+        def retried() -> bool:
+            # whoever has the pipe open to read sees its end (a decoder tries a file more than one way, each
+            # opening it again): its decoding fails
+            try:
+                os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError as exc:  # ENXIO: no reader now
+                assert exc.errno == errno.ENXIO, exc
+            return "embed_items[" in worker.output() and " retry: Retry in" in worker.output()
+
         wait_until(borrowed, 60, lambda: f"the later task's file taken: {worker.output()[-3000:]}")
         pg.stop()
-        wait_until(lambda: "embed_items[" in worker.output() and " retry: Retry in" in worker.output(), 60,
-                   lambda: f"the task's retry: {worker.output()[-3000:]}")
+        wait_until(lambda: "this task's heartbeat failed" in worker.output(), 60,
+                   lambda: f"a heartbeat to meet the stopped Postgres: {worker.output()[-3000:]}")
+        wait_until(retried, 60, lambda: f"the task's retry: {worker.output()[-3000:]}")
+        pipe.unlink()
+        pipe.write_bytes(b"not a sound")  # its next decoding, once it is handed back, fails at once too
         pg.start()
         final = wait_finished(st, key, job_id, timeout=180)
         assert final["counts"]["done"] == 3, final
